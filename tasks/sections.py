@@ -1,0 +1,290 @@
+"""Split a 10-K into its Items.
+
+A 10-K arrives as inline-XBRL HTML, plain HTML, a complete-submission SGML `.txt` holding several documents,
+or 1990s plain text, in UTF-8 or cp1252. Every format is first flattened into text lines (one paragraph or
+one table row per line); the Item headings are then found among the lines that *start* with "Item N", so an
+in-text "see Item 8" never splits an Item. The table of contents lists every heading once more before the
+body; of all ordered chains of headings we keep the longest, and of those the latest, which is the body's.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import warnings as _warnings
+
+from bs4 import BeautifulSoup, Comment, Doctype, NavigableString, ProcessingInstruction, Tag, XMLParsedAsHTMLWarning
+
+from tasks.io import read_bytes
+
+# Inline XBRL is XHTML; the lxml HTML parser reads it fine and much faster than an XML parser with namespaces.
+_warnings.filterwarnings("ignore", category=XMLParsedAsHTMLWarning)
+
+ITEM_ORDER = [
+    "1", "1A", "1B", "1C", "2", "3", "4", "5", "6", "7", "7A", "8",
+    "9", "9A", "9B", "9C", "10", "11", "12", "13", "14", "15", "16",
+]  # fmt: skip
+_RANK = {key: i for i, key in enumerate(ITEM_ORDER)}
+TableMode = Literal["rows", "drop"]
+
+_BLOCK_TAGS = frozenset(
+    "p div br tr li ul ol h1 h2 h3 h4 h5 h6 section article center pre blockquote hr title dd dt dl "
+    "caption page".split()
+)
+_SKIP_TAGS = frozenset(["script", "style", "head", "ix:header", "xbrl", "noscript"])
+_HTML_SNIFF = re.compile(r"<\s*(html|body|div|p|table|font|br)\b", re.I)
+_DOCUMENT = re.compile(r"<DOCUMENT>(.*?)</DOCUMENT>", re.S | re.I)
+_DOC_TYPE = re.compile(r"<TYPE>\s*([^\s<]+)", re.I)
+_DOC_TEXT = re.compile(r"<TEXT>(.*?)(?:</TEXT>|$)", re.S | re.I)
+_FORM_IN_TEXT = re.compile(r"\bFORM\s+(10-K(?:405|SB|T)?(?:/A)?)\b", re.I)
+_HEADING = re.compile(
+    r"^(?:part\s+[ivx]+\s*[,.:\-\u2013\u2014]?\s*)?items?\s*(\d{1,2}\s*[a-c]?)\b\s*(?![a-z])(.*)$", re.I
+)
+_CROSS_REF_TAIL = re.compile(r"^(?:of\b|in\b|and\b|to\b|,|\)|through\b|above\b|below\b|herein\b)", re.I)
+_PAGE_FURNITURE = re.compile(
+    r"^(?:table of contents|index|\(?(?:page\s+)?[-\u2013\u2014]?\s*(?:\d{1,3}|[ivxlc]{1,6})\s*[-\u2013\u2014]?\)?"
+    r"|[a-z0-9.,&' ]{0,60}\|\s*\d{4} form 10-k\s*\|\s*\d{1,3})$",
+    re.I,
+)
+_PART_LINE = re.compile(r"^part\s+[ivx]+\b.{0,80}$", re.I)
+_SIGNATURES = re.compile(r"^signatures?$", re.I)
+_BY_REFERENCE = re.compile(
+    r"incorporated\s+(?:herein\s+)?by\s+reference|is\s+(?:included|contained|set\s+forth)\s+in\s+(?:the\s+|our\s+)?"
+    r"(?:\d{4}\s+)?(?:annual\s+report|proxy\s+statement)|exhibit\s+13",
+    re.I,
+)
+_STUB_CHARS = 1500  # an Item this short that points elsewhere is a stub, not content
+
+
+@dataclass
+class Item:
+    text: str
+    status: Literal["ok", "incorporated_by_reference", "not_found"]
+    reason: str | None = None
+
+    def to_dict(self) -> dict:
+        d = {"text": self.text, "status": self.status}
+        if self.reason:
+            d["reason"] = self.reason
+        return d
+
+
+@dataclass
+class ParsedFiling:
+    path: str
+    form: str
+    items: dict[str, Item]
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "path": self.path,
+            "form": self.form,
+            "items": {k: v.to_dict() for k, v in self.items.items()},
+            "warnings": self.warnings,
+        }
+
+
+def decode(raw: bytes, warnings: list[str]) -> str:
+    """Decode filing bytes: UTF-8 when valid, else cp1252 (what pre-2010 EDGAR filers mostly wrote)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        warnings.append(f"not valid UTF-8 (byte {err.start}); decoded as cp1252")
+        return raw.decode("cp1252", errors="replace")
+
+
+def select_documents(text: str) -> tuple[str, str | None, list[tuple[str, str]]]:
+    """From a complete-submission SGML file, pick the 10-K body; return (body, form, [(type, body) exhibits])."""
+    docs = []
+    for match in _DOCUMENT.finditer(text):
+        chunk = match.group(1)
+        type_match = _DOC_TYPE.search(chunk)
+        body_match = _DOC_TEXT.search(chunk)
+        docs.append(((type_match.group(1).upper() if type_match else ""), body_match.group(1) if body_match else chunk))
+    main = next(((t, b) for t, b in docs if t.startswith("10-K")), None)
+    if main is None:
+        return text, None, []
+    return main[1], main[0], [(t, b) for t, b in docs if t.startswith("EX-13")]
+
+
+def _cell_text(cell: Tag) -> str:
+    parts: list[str] = []
+    _walk(cell, parts, "rows")
+    return " ".join(" ".join(parts).split())
+
+
+def _render_table(table: Tag, out: list[str], tables: TableMode) -> None:
+    if tables == "drop":
+        return
+    for row in table.find_all("tr"):
+        cells = [_cell_text(c) for c in row.find_all(["td", "th"], recursive=False)]
+        merged: list[str] = []
+        for cell in cells:
+            if not cell:
+                continue
+            if merged and (cell in {")", "%", ")%", "%)"} or merged[-1] in {"$", "(", "$(", "($"}):
+                merged[-1] = merged[-1] + cell  # "$" | "386,064" and "12" | "%" are one value
+            else:
+                merged.append(cell)
+        if merged:
+            out.append("\n" + " | ".join(merged) + "\n")
+
+
+def _walk(node: Tag, out: list[str], tables: TableMode) -> None:
+    for child in node.children:
+        if isinstance(child, NavigableString):
+            if not isinstance(child, (Comment, Doctype, ProcessingInstruction)):
+                out.append(str(child))
+            continue
+        if not isinstance(child, Tag):
+            continue
+        name = child.name
+        if name in _SKIP_TAGS:
+            continue
+        style = child.get("style")
+        if style and "display:none" in style.replace(" ", "").lower():
+            continue
+        if name == "table":
+            _render_table(child, out, tables)
+            continue
+        if name in _BLOCK_TAGS:
+            out.append("\n")
+            _walk(child, out, tables)
+            out.append("\n")
+        else:
+            _walk(child, out, tables)
+
+
+def _plain_paragraphs(body: str) -> list[str]:
+    """Plain text: blank lines separate paragraphs and hard-wrapped lines are joined back, except that a line
+    that looks like an Item heading always starts a paragraph (1990s filers often left no blank line after it)."""
+    paragraphs: list[str] = []
+    current: list[str] = []
+    for line in body.replace("\r", "").split("\n"):
+        stripped = line.strip()
+        if not stripped or _HEADING.match(stripped) or _PART_LINE.match(stripped):
+            if current:
+                paragraphs.append(" ".join(current))
+            current = []
+            if stripped:
+                paragraphs.append(stripped)
+            continue
+        current.append(stripped)
+    if current:
+        paragraphs.append(" ".join(current))
+    return paragraphs
+
+
+def to_lines(body: str, tables: TableMode = "rows") -> list[str]:
+    """Flatten an HTML or plain-text document into non-empty, whitespace-normalized lines."""
+    if _HTML_SNIFF.search(body[:200_000]):
+        soup = BeautifulSoup(body, "lxml")
+        parts: list[str] = []
+        _walk(soup, parts, tables)
+        raw_lines = "".join(parts).split("\n")
+    else:
+        raw_lines = _plain_paragraphs(body)
+    lines = []
+    for line in raw_lines:
+        line = " ".join(line.replace("\xa0", " ").split())
+        if line and not _PAGE_FURNITURE.match(line):
+            lines.append(line)
+    return lines
+
+
+def find_headings(lines: list[str]) -> dict[str, int]:
+    """Map Item key -> index of its body heading line (longest, then latest, ordered chain of headings)."""
+    cands: list[tuple[int, int]] = []  # (line index, rank)
+    for i, line in enumerate(lines):
+        match = _HEADING.match(line[:300])
+        if not match:
+            continue
+        key = match.group(1).replace(" ", "").upper()
+        tail = match.group(2).lstrip(" .:-\u2013\u2014")
+        if key in _RANK and not _CROSS_REF_TAIL.match(tail):
+            cands.append((i, _RANK[key]))
+    # dp[i] = (chain length, sum of line indices, previous candidate) of the best chain ending at candidate i.
+    dp: list[tuple[int, int, int]] = []
+    for i, (pos, rank) in enumerate(cands):
+        best = (1, pos, -1)
+        for j in range(i):
+            if cands[j][1] < rank and cands[j][0] < pos:
+                length, total, _ = dp[j]
+                best = max(best, (length + 1, total + pos, j))
+        dp.append(best)
+    if not dp:
+        return {}
+    i = max(range(len(dp)), key=lambda k: dp[k][:2])
+    chosen: dict[str, int] = {}
+    while i >= 0:
+        pos, rank = cands[i]
+        chosen[ITEM_ORDER[rank]] = pos
+        i = dp[i][2]
+    return dict(sorted(chosen.items(), key=lambda kv: kv[1]))
+
+
+def _item_body(lines: list[str], start: int, end: int) -> str:
+    heading = _HEADING.match(lines[start])
+    first = lines[start]
+    body = lines[start + 1 : end]
+    if heading and len(first) > 200:  # heading and text share one line (plain-text filings)
+        body = [heading.group(2)] + body
+    while body and _PART_LINE.match(body[-1]):
+        body.pop()
+    for k, line in enumerate(body):
+        if _SIGNATURES.match(line):
+            body = body[:k]
+            break
+    return "\n".join(body).strip()
+
+
+def split_items(lines: list[str]) -> dict[str, Item]:
+    """Cut lines into Items at their body headings and classify each."""
+    headings = find_headings(lines)
+    order = list(headings.items())
+    items: dict[str, Item] = {}
+    for n, (key, start) in enumerate(order):
+        end = order[n + 1][1] if n + 1 < len(order) else len(lines)
+        text = _item_body(lines, start, end)
+        if not text:
+            items[key] = Item("", "not_found", "heading found but no text under it")
+        elif len(text) < _STUB_CHARS and _BY_REFERENCE.search(text):
+            items[key] = Item(text, "incorporated_by_reference", "short Item that points to another document")
+        else:
+            items[key] = Item(text, "ok")
+    for key in ITEM_ORDER:
+        items.setdefault(key, Item("", "not_found", f"no 'Item {key}' heading found in the document body"))
+    return {k: items[k] for k in ITEM_ORDER}
+
+
+def detect_form(text: str) -> str | None:
+    match = re.search(r"CONFORMED SUBMISSION TYPE:\s*(\S+)", text[:20_000])
+    if match:
+        return match.group(1).upper()
+    match = re.search(r'name="dei:DocumentType"[^>]*>\s*(?:<[^>]+>\s*)*([^<\s]+)', text[:400_000])
+    if match:
+        return match.group(1).upper()
+    match = _FORM_IN_TEXT.search(re.sub(r"<[^>]+>|&nbsp;|&#160;", " ", text[:100_000]))
+    return match.group(1).upper() if match else None
+
+
+def parse_filing(path: Path, tables: TableMode = "rows") -> ParsedFiling:
+    """Parse one filing file (plain or .gz) into Items."""
+    warnings: list[str] = []
+    text = decode(read_bytes(path), warnings)
+    form = detect_form(text)
+    body, doc_form, _exhibits = select_documents(text)
+    form = doc_form or form
+    if form is None:
+        warnings.append("form type not found in the document; assumed 10-K")
+        form = "10-K"
+    lines = to_lines(body, tables)
+    items = split_items(lines)
+    missing = [k for k in ("1", "7") if items[k].status == "not_found"]
+    if missing:
+        warnings.append(f"Items {', '.join(missing)} not found")
+    return ParsedFiling(str(path), form, items, warnings)

@@ -1,0 +1,103 @@
+"""Stage 2: parse each filing into Items and split them: Item 7 (MD&A) validates, every other Item trains."""
+
+from __future__ import annotations
+
+import hashlib
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+from edgar_tune.config import ParseConfig
+from tasks.download import primary_file
+from tasks.io import atomic_dir, atomic_write_json, write_jsonl
+from tasks.sections import ParsedFiling, parse_filing
+
+
+def _parse_one(args: tuple[str, str]) -> ParsedFiling:
+    path, tables = args
+    return parse_filing(Path(path), tables)  # type: ignore[arg-type]
+
+
+def parse_all(paths: list[Path], tables: str, workers: int | None = None) -> list[ParsedFiling]:
+    """Parse filings, several at a time on a process pool when there are several."""
+    jobs = [(str(p), tables) for p in paths]
+    if len(jobs) < 2 or workers == 1:
+        return [_parse_one(j) for j in jobs]
+    with ProcessPoolExecutor(max_workers=min(workers or 2, len(jobs))) as pool:
+        return list(pool.map(_parse_one, jobs))
+
+
+def build_split(filings: list[dict], parsed: list[ParsedFiling], cfg: ParseConfig) -> tuple[list, list, dict]:
+    """Return (train rows, validation rows, data report); rows carry ticker, fiscal year, item, accession."""
+    train, val, report_filings = [], [], []
+    for filing, doc in zip(filings, parsed, strict=True):
+        meta = {k: filing[k] for k in ("ticker", "fiscal_year", "accession")}
+        meta["form"] = filing["form"]
+        per_item = {}
+        for key, item in doc.items.items():
+            per_item[key] = {"status": item.status, "chars": len(item.text)}
+            if item.status != "ok":  # stubs that point elsewhere and missing Items never enter either set
+                continue
+            paragraphs = [p for p in item.text.split("\n") if len(p) >= cfg.min_paragraph_chars]
+            row = dict(meta, item=key, paragraphs=paragraphs)
+            (val if key in cfg.val_items else train).append(row)
+        report_filings.append(dict(meta, items=per_item, warnings=doc.warnings))
+    removed = _drop_shared_paragraphs(train, val)
+    train = [_finish(r) for r in train if r["paragraphs"]]
+    val = [_finish(r) for r in val]
+    report = {
+        "filings": report_filings,
+        "train_documents": len(train),
+        "val_documents": len(val),
+        "train_chars": sum(len(r["text"]) for r in train),
+        "val_chars": sum(len(r["text"]) for r in val),
+        "paragraphs_removed_from_train_as_in_val": removed,
+        "val_items": cfg.val_items,
+    }
+    return train, val, report
+
+
+def _drop_shared_paragraphs(train: list[dict], val: list[dict]) -> int:
+    """Remove from training every paragraph that also appears verbatim in validation; return the count."""
+    held_out = {p for row in val for p in row["paragraphs"]}
+    removed = 0
+    for row in train:
+        kept = [p for p in row["paragraphs"] if p not in held_out]
+        removed += len(row["paragraphs"]) - len(kept)
+        row["paragraphs"] = kept
+    return removed
+
+
+def _finish(row: dict) -> dict:
+    paragraphs = row.pop("paragraphs")
+    return dict(row, text="\n".join(paragraphs))
+
+
+def text_sha256(rows: list[dict]) -> str:
+    digest = hashlib.sha256()
+    for r in rows:
+        digest.update(r["text"].encode("utf-8"))
+        digest.update(b"\x00")
+    return digest.hexdigest()
+
+
+def write_parse_stage(out: Path, filings: list[dict], cfg: ParseConfig) -> dict:
+    """Parse, split and write `train.jsonl`, `val.jsonl`, `sections.jsonl` and `report.json` atomically."""
+    parsed = parse_all([primary_file(f) for f in filings], cfg.tables)
+    train, val, report = build_split(filings, parsed, cfg)
+    if not val:
+        raise ValueError(
+            f"no validation text: none of the filings has an Item {'/'.join(cfg.val_items)} with body text "
+            "(see the report's statuses); add filings or change `parse.val_items`"
+        )
+    if not train:
+        raise ValueError("no training text: every Item was missing or held out; add filings")
+    report["train_sha256"], report["val_sha256"] = text_sha256(train), text_sha256(val)
+    with atomic_dir(out) as tmp:
+        write_jsonl(tmp / "train.jsonl", train)
+        write_jsonl(tmp / "val.jsonl", val)
+        write_jsonl(tmp / "sections.jsonl", [
+            dict(f, **{k: f[k] for k in ("ticker", "fiscal_year", "accession")}, parsed=p.to_dict())
+            for f, p in zip(filings, parsed, strict=True)
+        ])  # fmt: skip
+        atomic_write_json(tmp / "report.json", report)
+    return report

@@ -1,0 +1,85 @@
+"""The six pipeline stages as Prefect tasks.
+
+Each reads its inputs from the run folder and publishes its own subfolder atomically, so any stage can be
+rerun on its own from what the stages before it left.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from edgar_tune.config import DataConfig, EvalConfig, ParseConfig, PipelineConfig, TrainConfig
+from tasks.io import atomic_dir, atomic_write_json
+
+DOWNLOAD, PARSE, TOKENIZE, TRAIN, EVALUATE, REGISTER = (
+    "01_download", "02_parse", "03_tokenize", "04_train", "05_evaluate", "06_register",
+)  # fmt: skip
+
+
+@task(name="download_filings", cache_policy=NO_CACHE)
+def download_filings(run_dir: Path, cfg: DataConfig) -> dict:
+    """Fetch (or locate) the 10-K filings and write the run's filing manifest."""
+    from tasks.download import gather_filings
+
+    filings, skipped = gather_filings(cfg)
+    with atomic_dir(run_dir / DOWNLOAD) as tmp:
+        atomic_write_json(tmp / "manifest.json", {"source": cfg.source, "filings": filings, "skipped": skipped})
+    return {"filings": len(filings), "skipped": len(skipped)}
+
+
+@task(name="extract_sections", cache_policy=NO_CACHE)
+def extract_sections(run_dir: Path, cfg: ParseConfig) -> dict:
+    """Split each filing into Items; Item 7 (MD&A) validates, the rest trains."""
+    import json
+
+    from tasks.split import write_parse_stage
+
+    filings = json.loads((run_dir / DOWNLOAD / "manifest.json").read_text())["filings"]
+    report = write_parse_stage(run_dir / PARSE, filings, cfg)
+    return {k: v for k, v in report.items() if k != "filings"}
+
+
+@task(name="pack_blocks", cache_policy=NO_CACHE)
+def pack_blocks(run_dir: Path, cfg: PipelineConfig) -> dict:
+    """Resolve the base model, tokenize the split and pack training text into blocks."""
+    from tasks.blocks import write_tokenize_stage
+
+    return write_tokenize_stage(run_dir / TOKENIZE, run_dir / PARSE, cfg)
+
+
+@task(name="finetune_model", cache_policy=NO_CACHE)
+def finetune_model(run_dir: Path, cfg: TrainConfig) -> dict:
+    """Fine-tune with LoRA or in full on the packed blocks."""
+    from tasks.finetune import write_train_stage
+
+    return write_train_stage(run_dir / TRAIN, run_dir / TOKENIZE, cfg)
+
+
+@task(name="evaluate_perplexity", cache_policy=NO_CACHE)
+def evaluate_perplexity(run_dir: Path, cfg: EvalConfig, finetuned: bool) -> dict:
+    """Perplexity on the held-out MD&A, of the base model or of the fine-tuned one."""
+    import json
+
+    from tasks.perplexity import write_eval
+
+    weights = None
+    if finetuned:
+        stats = json.loads((run_dir / TRAIN / "stats.json").read_text())
+        weights = run_dir / TRAIN / stats["weights"]
+    out = run_dir / EVALUATE / ("finetuned.json" if finetuned else "base.json")
+    result = write_eval(out, run_dir / TOKENIZE, cfg, weights)
+    return {k: result[k] for k in ("perplexity", "tokens", "seconds")}
+
+
+@task(name="register_model", cache_policy=NO_CACHE)
+def register_model(run_dir: Path, cfg: PipelineConfig, flow_run_id: str | None) -> dict:
+    """Log the run to MLflow, register the model and set its alias."""
+    from tasks.registry import register_run
+
+    result = register_run(run_dir, run_dir.parent, cfg, flow_run_id)
+    with atomic_dir(run_dir / REGISTER) as tmp:
+        atomic_write_json(tmp / "registration.json", result)
+    return result
