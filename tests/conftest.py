@@ -1,0 +1,57 @@
+"""Shared fixtures: an isolated environment per test session and the loopback EDGAR server."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+_SESSION_TMP = Path(tempfile.mkdtemp(prefix="edgar-tune-tests-"))
+
+# Set before anything imports Prefect or MLflow: no telemetry, no hub, state kept out of the user's home.
+os.environ.update(
+    PREFECT_HOME=str(_SESSION_TMP / "prefect"),
+    PREFECT_SERVER_ANALYTICS_ENABLED="false",
+    PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120",
+    MLFLOW_DISABLE_TELEMETRY="true",
+    DO_NOT_TRACK="1",
+    HF_HUB_OFFLINE="1",
+    TOKENIZERS_PARALLELISM="false",
+    EDGAR_TUNE_CACHE=str(_SESSION_TMP / "cache"),
+)
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+os.environ.pop("PREFECT_API_URL", None)
+os.environ.pop("EDGAR_IDENTITY", None)
+
+
+@pytest.fixture(scope="session")
+def edgar_server():
+    """The loopback EDGAR: (FakeEdgar, base URL). Started once per test session."""
+    from tests import edgar_server as es
+
+    server, edgar, base = es.start()
+    yield edgar, base
+    server.shutdown()
+
+
+@pytest.fixture
+def edgar(edgar_server, monkeypatch):
+    """Point sec-edgar-downloader's base URLs (and only those) at the loopback EDGAR."""
+    from sec_edgar_downloader import _orchestrator, _sec_gateway
+
+    fake, base = edgar_server
+    fake.reset()
+    monkeypatch.setattr(_sec_gateway, "URL_CIK_MAPPING", f"{base}/files/company_tickers_exchange.json")
+    monkeypatch.setattr(_orchestrator, "URL_SUBMISSIONS", f"{base}/submissions/{{submission}}")
+    monkeypatch.setattr(_orchestrator, "URL_FILING", f"{base}/Archives/edgar/data/{{cik}}/{{acc_num_no_dash}}/{{document}}")
+    yield fake
+    fake.reset()
+
+
+@pytest.fixture(scope="session")
+def amzn_files() -> list[Path]:
+    root = REPO / "data" / "sec-edgar-filings" / "AMZN" / "10-K"
+    return sorted(root.glob("*/primary-document.html.gz"))

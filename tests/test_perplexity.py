@@ -1,0 +1,62 @@
+"""Stage 5: the sliding-window perplexity equals a direct computation, and every token is scored once."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from edgar_tune.config import ModelConfig
+from tasks.models import build_tiny_llama, load_causal_lm
+from tasks.perplexity import cap_documents, document_nll, windows
+
+
+@pytest.mark.parametrize(("n", "length", "stride"), [(10, 4, 2), (100, 32, 32), (5, 8, 3), (33, 16, 5), (2, 4, 4)])
+def test_windows_score_every_token_once(n, length, stride):
+    scored = []
+    for begin, end, first in windows(n, length, stride):
+        assert end - begin <= length and begin < first <= end
+        scored.extend(range(first, end))
+    assert scored == list(range(1, n))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny") / "model"
+    texts = ["Net sales increased 22% to $469.8 billion in 2021. Operating income was $24.9 billion."] * 20
+    build_tiny_llama(out, texts, ModelConfig(name="tiny-llama", tiny_vocab_size=300), seed=0)
+    return load_causal_lm(str(out)).eval()
+
+
+def test_single_window_equals_direct_cross_entropy(tiny):
+    ids = list(range(3, 40))
+    nll, count = document_nll(tiny, ids, max_length=64, stride=32, dev="cpu")
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        direct = F.cross_entropy(tiny(input_ids=x).logits[0, :-1], x[0, 1:], reduction="sum").item()
+    assert count == len(ids) - 1
+    assert nll == pytest.approx(direct, rel=1e-5)
+
+
+def test_sliding_window_equals_per_token_direct_computation(tiny):
+    ids = [int(i) for i in torch.randint(0, 290, (50,), generator=torch.Generator().manual_seed(0))]
+    max_length, stride = 16, 6
+    nll, count = document_nll(tiny, ids, max_length, stride, dev="cpu")
+    # Direct: each token t >= 1 is predicted from the window the method gives it, one forward per token.
+    expected = 0.0
+    for begin, end, first in windows(len(ids), max_length, stride):
+        for t in range(first, end):
+            ctx = torch.tensor([ids[begin:t]])
+            with torch.no_grad():
+                logp = torch.log_softmax(tiny(input_ids=ctx).logits[0, -1].double(), -1)
+            expected -= logp[ids[t]].item()
+    assert count == len(ids) - 1
+    assert nll == pytest.approx(expected, rel=1e-4)
+    assert math.isfinite(math.exp(nll / count))
+
+
+def test_cap_documents_keeps_the_first_tokens():
+    assert cap_documents([[1] * 5, [2] * 5], 7) == [[1] * 5, [2] * 2]
+    assert cap_documents([[1] * 5], -1) == [[1] * 5]

@@ -1,0 +1,78 @@
+"""The whole flow, end to end, through the CLI: embedded Prefect, real tiny model, MLflow sqlite registry."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SUMMARY_KEYS = {
+    "ppl_before", "ppl_after", "train_tokens", "val_tokens", "filings", "mlflow_tracking_uri", "registered_model",
+    "model_version", "model_alias", "engine", "zero_stage", "world_size", "gradient_checkpointing", "device",
+    "prefect_flow_run_id",
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> tuple[Path, dict]:
+    runs = tmp_path_factory.mktemp("runs")
+    env = dict(os.environ, PREFECT_HOME=str(runs / ".prefect"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "edgar_tune.cli", "run", "--preset", "tiny", "--out", str(runs / "latest")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "edgar-tune run summary" in proc.stdout + proc.stderr
+    return runs, json.loads((runs / "latest" / "summary.json").read_text())
+
+
+def test_summary_has_every_key_and_perplexity_fell(tiny_run):
+    _, s = tiny_run
+    assert SUMMARY_KEYS <= set(s)
+    assert s["ppl_after"] < s["ppl_before"]
+    assert s["engine"] == "hf-trainer" and s["world_size"] == 1 and s["gradient_checkpointing"] is True
+    assert s["device"] == "cpu" and s["prefect_flow_run_id"]
+    assert [(f["ticker"], f["form"], f["fiscal_year"]) for f in s["filings"]] == [("AMZN", "10-K", 2020), ("AMZN", "10-K", 2021)]
+    assert s["val_tokens"] > 10_000 and s["train_tokens"] > s["val_tokens"]
+
+
+def test_every_stage_left_its_artifacts(tiny_run):
+    runs, _ = tiny_run
+    run = runs / "latest"
+    for rel in ["01_download/manifest.json", "02_parse/train.jsonl", "02_parse/val.jsonl", "02_parse/report.json",
+                "03_tokenize/stats.json", "03_tokenize/train", "04_train/adapter/adapter_model.safetensors",
+                "04_train/loss.jsonl", "05_evaluate/base.json", "05_evaluate/finetuned.json",
+                "06_register/registration.json", "config.yaml"]:  # fmt: skip
+        assert (run / rel).exists(), rel
+    assert not list(run.rglob(".*.tmp")), "a temp file or folder was left behind"
+
+
+def test_mlflow_has_the_version_alias_metrics_and_plots(tiny_run):
+    import mlflow
+
+    runs, s = tiny_run
+    assert s["mlflow_tracking_uri"] == f"sqlite:///{runs / 'mlflow.db'}"
+    client = mlflow.MlflowClient(s["mlflow_tracking_uri"])
+    version = client.get_model_version_by_alias(s["registered_model"], s["model_alias"])
+    assert str(version.version) == s["model_version"] and s["model_alias"] == "champion"
+    assert version.tags["base_model"] == "tiny-llama" and len(version.tags["data_sha256"]) == 64
+    run = client.get_run(version.run_id)
+    assert run.data.metrics["ppl_after"] == pytest.approx(s["ppl_after"])
+    assert len(client.get_metric_history(run.info.run_id, "train_loss")) == s["train_steps"]
+    plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert plots == {"plots/loss_curve.png", "plots/perplexity_before_after.png"}
+
+
+def test_registered_model_loads_as_pyfunc_and_generates(tiny_run):
+    import mlflow
+
+    _, s = tiny_run
+    mlflow.set_tracking_uri(s["mlflow_tracking_uri"])
+    model = mlflow.pyfunc.load_model(f"models:/{s['registered_model']}@champion")
+    out = model.predict({"prompt": ["Net sales increased"]}, params={"max_new_tokens": 5})
+    assert len(out) == 1 and isinstance(out[0], str)
