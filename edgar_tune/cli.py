@@ -25,15 +25,13 @@ def _set_env_defaults() -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from edgar_tune.config import load_config
+    from edgar_tune.config import load_config, parse_overrides
 
-    load_config(args.preset, args.set)  # fail on bad keys before Prefect starts
+    overrides = parse_overrides(args.set)
+    load_config(args.preset, overrides)  # fail on bad keys before Prefect starts
     from flows.pipeline import edgar_tune_pipeline
 
-    pairs = dict(item.split("=", 1) for item in args.set)
-    from edgar_tune.config import _parse_value
-
-    edgar_tune_pipeline(preset=args.preset, out_dir=args.out, overrides={k: _parse_value(v) for k, v in pairs.items()})
+    edgar_tune_pipeline(preset=args.preset, out_dir=args.out, overrides=overrides)
     return 0
 
 
@@ -111,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     _set_env_defaults()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call otherwise
     args = build_parser().parse_args(argv)
     from edgar_tune.config import ConfigError
     from tasks.download import EdgarError

@@ -201,6 +201,17 @@ def _parse_value(raw: str) -> Any:
     return value
 
 
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`["train.learning_rate=1e-4", ...]` -> `{"train.learning_rate": 0.0001, ...}`."""
+    pairs = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override `{item}` must look like key=value, e.g. train.learning_rate=1e-4")
+        key, value = item.split("=", 1)
+        pairs[key.strip()] = _parse_value(value.strip())
+    return pairs
+
+
 def preset_path(name: str) -> Path:
     path = Path(name)
     if path.suffix in {".yaml", ".yml"} and path.exists():
@@ -233,13 +244,7 @@ def load_config(preset: str = "demo", overrides: dict[str, Any] | list[str] | No
     raw = yaml.safe_load(preset_path(preset).read_text()) or {}
     raw["preset"] = Path(preset).stem
     if isinstance(overrides, list):
-        pairs = {}
-        for item in overrides:
-            if "=" not in item:
-                raise ConfigError(f"override `{item}` must look like key=value, e.g. train.learning_rate=1e-4")
-            key, value = item.split("=", 1)
-            pairs[key.strip()] = _parse_value(value.strip())
-        overrides = pairs
+        overrides = parse_overrides(overrides)
     for key, value in (overrides or {}).items():
         section, name = _resolve_key(key).split(".", 1)
         raw.setdefault(section, {})[name] = value

@@ -50,8 +50,11 @@ def edgar_tune_pipeline(
     before = timed("evaluate_before", evaluate_perplexity, run_dir, cfg.eval, False)
     train = timed("train", finetune_model, run_dir, cfg.train)
     after = timed("evaluate_after", evaluate_perplexity, run_dir, cfg.eval, True)
-    reg = timed("register", register_model, run_dir, cfg, str(flow_run.id) if flow_run.id else None)
-    summary = build_summary(run_dir, cfg.preset, tok, before, train, after, reg, timings)
+    flow_run_id = str(flow_run.id) if flow_run.id else None
+    reg = timed("register", register_model, run_dir, cfg, flow_run_id)
+    summary = build_summary(run_dir, cfg.preset, tok, before, train, after, reg, timings) | {
+        "prefect_flow_run_id": flow_run_id
+    }
     atomic_write_json(run_dir / "summary.json", summary)
     print(format_summary(summary))
     return summary
@@ -85,7 +88,6 @@ def build_summary(run_dir: Path, preset: str, tok: dict, before: dict, train: di
         "dtype": train["dtype"],
         "device": train["device"],
         "train_steps": train["steps"],
-        "prefect_flow_run_id": reg.get("prefect_flow_run_id") or (str(flow_run.id) if flow_run.id else None),
         "seconds": timings,
         "total_seconds": round(sum(timings.values()), 1),
         "weights": str(run_dir / TRAIN / train["weights"]),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from itertools import chain
 from pathlib import Path
@@ -21,6 +22,13 @@ def block_length(requested: int, model_dir: str) -> int:
 
     max_pos = getattr(AutoConfig.from_pretrained(model_dir), "max_position_embeddings", None) or 1024
     return min(1024, max_pos)
+
+
+def _fingerprint(key: str, rows: list[dict]) -> str:
+    digest = hashlib.sha256(key.encode())
+    for row in rows:
+        digest.update(row["text"].encode("utf-8"))
+    return digest.hexdigest()[:32]
 
 
 def pack(token_lists: list[list[int]], length: int) -> tuple[list[list[int]], int]:
@@ -48,10 +56,16 @@ def write_tokenize_stage(out: Path, parse_dir: Path, cfg: PipelineConfig) -> dic
             ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
             return {"input_ids": [x + [eos] for x in ids]}
 
-        train_tok = Dataset.from_list(train_rows).map(encode, batched=True, desc="tokenize train")
+        # An explicit fingerprint: hashing the closure (and the tokenizer in it) is slow and prints bytecode.
+        key = f"{base}|{length}|{len(tokenizer)}"
+        train_tok = Dataset.from_list(train_rows).map(
+            encode, batched=True, desc="tokenize train", new_fingerprint=_fingerprint(key, train_rows)
+        )
         blocks, dropped = pack(train_tok["input_ids"], length)
         Dataset.from_dict({"input_ids": blocks}).save_to_disk(tmp / "train")
-        val_tok = Dataset.from_list(val_rows).map(encode, batched=True, desc="tokenize validation")
+        val_tok = Dataset.from_list(val_rows).map(
+            encode, batched=True, desc="tokenize validation", new_fingerprint=_fingerprint(key, val_rows)
+        )
         val_tok.remove_columns(["text"]).save_to_disk(tmp / "val")
         stats = {
             "base_model": base_ref,

@@ -25,7 +25,7 @@ from sec_edgar_downloader import _sec_gateway as sed_gateway
 from sec_edgar_downloader._types import DownloadMetadata
 
 from edgar_tune.config import REPO_ROOT, DataConfig
-from tasks.io import atomic_write_bytes, atomic_write_json, sha256_file
+from tasks.io import atomic_write_bytes, atomic_write_json, cache_dir, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +42,6 @@ class EdgarError(RuntimeError):
 class NotFoundOnEdgar(EdgarError):
     """EDGAR answered 404."""
 
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("EDGAR_TUNE_CACHE", Path.home() / ".cache" / "edgar-tune"))
 
 
 def resolve_identity(identity: str | None) -> str:

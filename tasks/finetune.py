@@ -50,12 +50,18 @@ def _select_blocks(tokenize_dir: Path, cfg: TrainConfig):
     blocks = load_from_disk(str(tokenize_dir / "train"))
     if cfg.max_train_samples > 0 and cfg.max_train_samples < len(blocks):
         blocks = blocks.shuffle(seed=cfg.train_data_split_seed).select(range(cfg.max_train_samples))
-    return blocks.map(lambda b: {"labels": b["input_ids"]}, batched=True, desc="labels")
+    return blocks
+
+
+def causal_lm_collate(features: list[dict]) -> dict:
+    """Stack packed blocks; labels are the inputs (the model shifts them), no padding needed."""
+    input_ids = torch.tensor([f["input_ids"] for f in features], dtype=torch.long)
+    return {"input_ids": input_ids, "labels": input_ids.clone()}
 
 
 def write_train_stage(out: Path, tokenize_dir: Path, cfg: TrainConfig) -> dict:
     """Train and write the adapter (or full weights), the tokenizer and the loss history atomically."""
-    from transformers import Trainer, TrainingArguments, default_data_collator
+    from transformers import Trainer, TrainingArguments
 
     base = base_model_path(tokenize_dir)
     blocks = _select_blocks(tokenize_dir, cfg)
@@ -92,7 +98,7 @@ def write_train_stage(out: Path, tokenize_dir: Path, cfg: TrainConfig) -> dict:
             dataloader_num_workers=0,
             disable_tqdm=False,
         )
-        trainer = Trainer(model=model, args=args, train_dataset=blocks, data_collator=default_data_collator)
+        trainer = Trainer(model=model, args=args, train_dataset=blocks, data_collator=causal_lm_collate)
         start = time.perf_counter()
         result = trainer.train()
         seconds = time.perf_counter() - start

@@ -18,6 +18,11 @@ from pathlib import Path
 from typing import Any
 
 
+def cache_dir() -> Path:
+    """Where converted models and EDGAR downloads are kept across runs ($EDGAR_TUNE_CACHE)."""
+    return Path(os.environ.get("EDGAR_TUNE_CACHE", Path.home() / ".cache" / "edgar-tune"))
+
+
 def read_bytes(path: Path) -> bytes:
     """Read a file, transparently decompressing a `.gz` one."""
     data = Path(path).read_bytes()

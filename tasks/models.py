@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from edgar_tune.config import ModelConfig
-from tasks.io import atomic_dir
+from tasks.io import atomic_dir, cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -20,9 +20,6 @@ TINY = "tiny-llama"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _COMPLETE = "_COMPLETE"
 
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("EDGAR_TUNE_CACHE", Path.home() / ".cache" / "edgar-tune"))
 
 
 def smollm2_dir() -> Path:

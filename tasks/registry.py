@@ -77,7 +77,12 @@ def _plots(tmp: Path, losses: list[dict], before: dict, after: dict) -> list[Pat
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in losses], [r["loss"] for r in losses], label="training loss")
+    steps, values = [r["step"] for r in losses], [r["loss"] for r in losses]
+    ax.plot(steps, values, alpha=0.35, label="training loss (per step)")
+    window = max(1, len(values) // 10)  # blocks differ a lot (tables vs prose): show the trend too
+    smooth = [sum(values[max(0, i - window + 1) : i + 1]) / len(values[max(0, i - window + 1) : i + 1])
+              for i in range(len(values))]  # fmt: skip
+    ax.plot(steps, smooth, label=f"moving average ({window} steps)")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.set_title("Training loss")
@@ -96,7 +101,8 @@ def _plots(tmp: Path, losses: list[dict], before: dict, after: dict) -> list[Pat
     ax.set_xticks(list(x), names)
     ax.set_ylabel("perplexity on held-out MD&A")
     ax.set_title("Validation perplexity (Item 7, MD&A)")
-    ax.legend()
+    ax.set_ylim(0, max(b + a) * 1.25)
+    ax.legend(loc="upper center", ncols=2)
     fig.tight_layout()
     fig.savefig(tmp / "perplexity_before_after.png", dpi=110)
     plt.close(fig)
