@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -129,8 +130,6 @@ def write_train_stage(out: Path, tokenize_dir: Path, cfg: TrainConfig) -> dict:
             "device": device(),
             "dtype": "float32",
         }
-        import shutil
-
         shutil.rmtree(tmp / "trainer", ignore_errors=True)
         atomic_write_json(tmp / "stats.json", stats)
     return stats

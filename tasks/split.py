@@ -95,9 +95,6 @@ def write_parse_stage(out: Path, filings: list[dict], cfg: ParseConfig) -> dict:
     with atomic_dir(out) as tmp:
         write_jsonl(tmp / "train.jsonl", train)
         write_jsonl(tmp / "val.jsonl", val)
-        write_jsonl(tmp / "sections.jsonl", [
-            dict(f, **{k: f[k] for k in ("ticker", "fiscal_year", "accession")}, parsed=p.to_dict())
-            for f, p in zip(filings, parsed, strict=True)
-        ])  # fmt: skip
+        write_jsonl(tmp / "sections.jsonl", [dict(f, parsed=p.to_dict()) for f, p in zip(filings, parsed, strict=True)])
         atomic_write_json(tmp / "report.json", report)
     return report
