@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -11,11 +10,8 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 from edgar_tune.config import load_config
-from tasks.io import atomic_write_json, atomic_write_text
+from tasks.io import DOWNLOAD, TOKENIZE, TRAIN, atomic_write_json, atomic_write_text, read_json
 from tasks.stages import (
-    DOWNLOAD,
-    TOKENIZE,
-    TRAIN,
     download_filings,
     evaluate_perplexity,
     extract_sections,
@@ -62,7 +58,7 @@ def edgar_tune_pipeline(
 
 def build_summary(run_dir: Path, preset: str, tok: dict, before: dict, train: dict, after: dict, reg: dict,
                   timings: dict) -> dict:  # fmt: skip
-    manifest = json.loads((run_dir / DOWNLOAD / "manifest.json").read_text())
+    manifest = read_json(run_dir / DOWNLOAD / "manifest.json")
     filings = [{k: f[k] for k in ("ticker", "form", "fiscal_year", "accession")} for f in manifest["filings"]]
     return {
         "preset": preset,
@@ -74,7 +70,7 @@ def build_summary(run_dir: Path, preset: str, tok: dict, before: dict, train: di
         "train_tokens_seen": train["train_tokens_seen"],
         "val_tokens": after["tokens"],
         "filings": filings,
-        "base_model": json.loads((run_dir / TOKENIZE / "stats.json").read_text())["base_model"],
+        "base_model": read_json(run_dir / TOKENIZE / "stats.json")["base_model"],
         "mlflow_tracking_uri": reg["tracking_uri"],
         "mlflow_run_id": reg["mlflow_run_id"],
         "registered_model": reg["registered_model"],

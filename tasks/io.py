@@ -18,6 +18,16 @@ from pathlib import Path
 from typing import Any
 
 
+# The run folder's layout: one subfolder per stage, each published atomically by its stage.
+DOWNLOAD, PARSE, TOKENIZE, TRAIN, EVALUATE, REGISTER = (
+    "01_download", "02_parse", "03_tokenize", "04_train", "05_evaluate", "06_register",
+)  # fmt: skip
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
 def cache_dir() -> Path:
     """Where converted models and EDGAR downloads are kept across runs ($EDGAR_TUNE_CACHE)."""
     return Path(os.environ.get("EDGAR_TUNE_CACHE", Path.home() / ".cache" / "edgar-tune"))

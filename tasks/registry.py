@@ -19,7 +19,7 @@ import mlflow
 import mlflow.pyfunc
 
 from edgar_tune.config import REPO_ROOT, PipelineConfig, flat_params
-from tasks.io import read_jsonl
+from tasks.io import EVALUATE, PARSE, TOKENIZE, TRAIN, read_json, read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -136,19 +136,19 @@ def register_run(run_dir: Path, runs_root: Path, cfg: PipelineConfig, flow_run_i
     uri = tracking_uri(cfg.registry.tracking_uri, runs_root)
     mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient(uri)
-    report = json.loads((run_dir / "02_parse" / "report.json").read_text())
-    tok_stats = json.loads((run_dir / "03_tokenize" / "stats.json").read_text())
-    train_stats = json.loads((run_dir / "04_train" / "stats.json").read_text())
-    before = json.loads((run_dir / "05_evaluate" / "base.json").read_text())
-    after = json.loads((run_dir / "05_evaluate" / "finetuned.json").read_text())
-    losses = read_jsonl(run_dir / "04_train" / "loss.jsonl")
+    report = read_json(run_dir / PARSE / "report.json")
+    tok_stats = read_json(run_dir / TOKENIZE / "stats.json")
+    train_stats = read_json(run_dir / TRAIN / "stats.json")
+    before = read_json(run_dir / EVALUATE / "base.json")
+    after = read_json(run_dir / EVALUATE / "finetuned.json")
+    losses = read_jsonl(run_dir / TRAIN / "loss.jsonl")
     filings = [{k: f[k] for k in ("ticker", "form", "fiscal_year", "accession")} for f in report["filings"]]
     exp_id = _experiment_id(client, cfg.registry.experiment, runs_root, uri)
-    weights_dir = run_dir / "04_train" / train_stats["weights"]
+    weights_dir = run_dir / TRAIN / train_stats["weights"]
     base_ref = cfg.model.name
     artifacts = {"weights": str(weights_dir)}
     if tok_stats["base_model"]["kind"] == "run_local" and train_stats["weights"] == "adapter":
-        artifacts["base"] = str(run_dir / "03_tokenize" / tok_stats["base_model"]["path"])
+        artifacts["base"] = str(run_dir / TOKENIZE / tok_stats["base_model"]["path"])
     tags = {"base_model": base_ref, "data_sha256": report["train_sha256"], "val_sha256": report["val_sha256"],
             "git_commit": git_commit(), "filings": json.dumps(filings),
             "val_perplexity": repr(after["perplexity"]), "prefect_flow_run_id": str(flow_run_id)}  # fmt: skip

@@ -12,11 +12,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from edgar_tune.config import DataConfig, EvalConfig, ParseConfig, PipelineConfig, TrainConfig
-from tasks.io import atomic_dir, atomic_write_json
-
-DOWNLOAD, PARSE, TOKENIZE, TRAIN, EVALUATE, REGISTER = (
-    "01_download", "02_parse", "03_tokenize", "04_train", "05_evaluate", "06_register",
-)  # fmt: skip
+from tasks.io import DOWNLOAD, EVALUATE, PARSE, REGISTER, TOKENIZE, TRAIN, atomic_dir, atomic_write_json, read_json
 
 
 @task(name="download_filings", cache_policy=NO_CACHE)
@@ -33,11 +29,9 @@ def download_filings(run_dir: Path, cfg: DataConfig) -> dict:
 @task(name="extract_sections", cache_policy=NO_CACHE)
 def extract_sections(run_dir: Path, cfg: ParseConfig) -> dict:
     """Split each filing into Items; Item 7 (MD&A) validates, the rest trains."""
-    import json
-
     from tasks.split import write_parse_stage
 
-    filings = json.loads((run_dir / DOWNLOAD / "manifest.json").read_text())["filings"]
+    filings = read_json(run_dir / DOWNLOAD / "manifest.json")["filings"]
     report = write_parse_stage(run_dir / PARSE, filings, cfg)
     return {k: v for k, v in report.items() if k != "filings"}
 
@@ -61,13 +55,11 @@ def finetune_model(run_dir: Path, cfg: TrainConfig) -> dict:
 @task(name="evaluate_perplexity", cache_policy=NO_CACHE)
 def evaluate_perplexity(run_dir: Path, cfg: EvalConfig, finetuned: bool) -> dict:
     """Perplexity on the held-out MD&A, of the base model or of the fine-tuned one."""
-    import json
-
     from tasks.perplexity import write_eval
 
     weights = None
     if finetuned:
-        stats = json.loads((run_dir / TRAIN / "stats.json").read_text())
+        stats = read_json(run_dir / TRAIN / "stats.json")
         weights = run_dir / TRAIN / stats["weights"]
     out = run_dir / EVALUATE / ("finetuned.json" if finetuned else "base.json")
     result = write_eval(out, run_dir / TOKENIZE, cfg, weights)
