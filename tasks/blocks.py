@@ -10,7 +10,7 @@ from pathlib import Path
 from datasets import Dataset
 
 from edgar_tune.config import PipelineConfig
-from tasks.io import atomic_dir, atomic_write_json, read_jsonl
+from tasks.io import atomic_dir, atomic_write_json, atomic_write_text, read_json, read_jsonl
 from tasks.models import TINY, load_tokenizer, resolve_base_model
 
 
@@ -36,6 +36,37 @@ def pack(token_lists: list[list[int]], length: int) -> tuple[list[list[int]], in
     flat = list(chain.from_iterable(token_lists))
     n = len(flat) // length
     return [flat[i * length : (i + 1) * length] for i in range(n)], len(flat) - n * length
+
+
+def data_report(parse_report: dict, rows: list[dict], token_lists: list[list[int]]) -> dict:
+    """The parse report with the tokens each Item of each filing contributes (after the train/val dedupe)."""
+    tokens: dict[tuple[str, str], int] = {}
+    for row, ids in zip(rows, token_lists, strict=True):
+        tokens[(row["accession"], row["item"])] = len(ids) - 1  # without the EOS appended per document
+    report = json.loads(json.dumps(parse_report))
+    for filing in report["filings"]:
+        for key, item in filing["items"].items():
+            item["tokens"] = tokens.get((filing["accession"], key), 0)
+        filing["train_tokens"] = sum(i["tokens"] for k, i in filing["items"].items() if k not in report["val_items"])
+        filing["val_tokens"] = sum(i["tokens"] for k, i in filing["items"].items() if k in report["val_items"])
+    return report
+
+
+def report_markdown(report: dict) -> str:
+    """A readable table: characters and tokens per Item per filing, with each Item's status and the warnings."""
+    lines = ["| ticker | FY | accession | item | status | chars | tokens | set |", "|---|---|---|---|---|---:|---:|---|"]
+    for f in report["filings"]:
+        for key, item in f["items"].items():
+            if item["status"] == "not_found" and not item["chars"]:
+                continue
+            role = "val" if key in report["val_items"] else "train"
+            role = role if item["status"] == "ok" else "-"
+            lines.append(f"| {f['ticker']} | {f['fiscal_year']} | {f['accession']} | {key} | {item['status']} "
+                         f"| {item['chars']:,} | {item['tokens']:,} | {role} |")  # fmt: skip
+    warnings = [f"- {f['ticker']} FY{f['fiscal_year']}: {w}" for f in report["filings"] for w in f["warnings"]]
+    removed = report["paragraphs_removed_from_train_as_in_val"]
+    tail = [f"\nParagraphs removed from training because they also appear in validation: {removed}"]
+    return "\n".join(lines + tail + (["\nWarnings:", *warnings] if warnings else [])) + "\n"
 
 
 def write_tokenize_stage(out: Path, parse_dir: Path, cfg: PipelineConfig) -> dict:
@@ -87,6 +118,10 @@ def write_tokenize_stage(out: Path, parse_dir: Path, cfg: PipelineConfig) -> dic
                 "`tokenize.max_input_length` or add filings"
             )
         atomic_write_json(tmp / "stats.json", stats)
+        report = data_report(read_json(parse_dir / "report.json"), train_rows + val_rows,
+                             list(train_tok["input_ids"]) + list(val_tok["input_ids"]))  # fmt: skip
+        atomic_write_json(tmp / "data_report.json", report)
+        atomic_write_text(tmp / "data_report.md", report_markdown(report))
     return stats
 
 

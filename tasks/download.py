@@ -281,6 +281,13 @@ def primary_file(filing: dict) -> Path:
     return Path(filing["root"]) / files.get("primary_document", files.get("full_submission"))
 
 
+def submission_file(filing: dict) -> Path | None:
+    """The complete-submission `.txt` (with every exhibit) when the filing has one on disk."""
+    rel = filing["files"].get("full_submission")
+    path = Path(filing["root"]) / rel if rel else None
+    return path if path is not None and path.exists() else None
+
+
 def gather_filings(cfg: DataConfig) -> tuple[list[dict], list[dict]]:
     """Resolve `data.source` into the list of filings (and the ones skipped with a reason)."""
     if cfg.source == "bundled":

@@ -163,7 +163,8 @@ def register_run(run_dir: Path, runs_root: Path, cfg: PipelineConfig, flow_run_i
         with tempfile.TemporaryDirectory() as tmp:
             for png in _plots(Path(tmp), losses, before, after):
                 mlflow.log_artifact(str(png), artifact_path="plots")
-        mlflow.log_dict(report, "data/report.json")
+        mlflow.log_dict(read_json(run_dir / TOKENIZE / "data_report.json"), "data/report.json")
+        mlflow.log_text((run_dir / TOKENIZE / "data_report.md").read_text(), "data/report.md")
         mlflow.log_dict({"before": before, "after": after}, "eval/perplexity.json")
         info = mlflow.pyfunc.log_model(
             name="model",

@@ -10,6 +10,7 @@ body; of all ordered chains of headings we keep the longest, and of those the la
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -57,6 +58,26 @@ _BY_REFERENCE = re.compile(
     re.I,
 )
 _STUB_CHARS = 1500  # an Item this short that points elsewhere is a stub, not content
+_OMITTED = re.compile(
+    r"^(?:\(?not\s+applicable\)?|none|omitted|\[?reserved\]?|not\s+required)\b|\bnot\s+required\s+to\s+(?:provide|"
+    r"include|disclose)|\bis\s+not\s+applicable\b|\bnot\s+required\s+for\s+smaller\s+reporting",
+    re.I,
+)
+_OMITTED_CHARS = 300  # "Not applicable." or "As a smaller reporting company, we are not required to ..."
+_CONNECTOR_END = re.compile(r"(?:\b(?:and|of|the|for|on|in|to|or)|[,&\-])$", re.I)
+# MD&A inside an annual report to shareholders (EX-13): its heading, and the headings that follow it there.
+_MDNA_HEADING = re.compile(
+    r"^(?:item\s*7\s*[.:\-\u2013\u2014]?\s*)?management[\u2019']?s\s+discussion\s+and\s+analysis\b", re.I
+)
+_MDNA_HEADING_TAIL = re.compile(r"^(?:of\s+)?(?:financial\s+condition\s+)?(?:and\s+)?results\s+of\s+operations\W*$", re.I)
+_MDNA_END = re.compile(
+    r"^(?:report\s+of\s+(?:independent|management)|independent\s+(?:auditors?|accountants?)[\u2019']?s?[\u2019']?\s+"
+    r"report|consolidated\s+(?:balance\s+sheets?|statements?\s+of)|statements?\s+of\s+(?:consolidated\s+)?"
+    r"(?:income|operations|earnings|financial\s+(?:position|condition)|cash\s+flows)|quantitative\s+and\s+"
+    r"qualitative\s+disclosures?|selected\s+(?:consolidated\s+)?financial\s+data|management[\u2019']?s\s+report|"
+    r"responsibility\s+for\s+financial)",
+    re.I,
+)
 
 
 @dataclass
@@ -134,11 +155,12 @@ def _render_table(table: Tag, out: list[str], tables: TableMode) -> None:
             out.append("\n" + " | ".join(merged) + "\n")
 
 
-def _walk(node: Tag, out: list[str], tables: TableMode) -> None:
+def _walk(node: Tag, out: list[str], tables: TableMode, pre: bool = False) -> None:
     for child in node.children:
         if isinstance(child, NavigableString):
             if not isinstance(child, (Comment, Doctype, ProcessingInstruction)):
-                out.append(str(child))
+                # In HTML a newline inside text is a space; only <pre> keeps its line breaks.
+                out.append(str(child) if pre else str(child).replace("\n", " "))
             continue
         if not isinstance(child, Tag):
             continue
@@ -153,10 +175,10 @@ def _walk(node: Tag, out: list[str], tables: TableMode) -> None:
             continue
         if name in _BLOCK_TAGS:
             out.append("\n")
-            _walk(child, out, tables)
+            _walk(child, out, tables, pre or name == "pre")
             out.append("\n")
         else:
-            _walk(child, out, tables)
+            _walk(child, out, tables, pre)
 
 
 def _plain_paragraphs(body: str) -> list[str]:
@@ -164,14 +186,22 @@ def _plain_paragraphs(body: str) -> list[str]:
     that looks like an Item heading always starts a paragraph (1990s filers often left no blank line after it)."""
     paragraphs: list[str] = []
     current: list[str] = []
+    in_heading = False  # a wrapped heading goes on: "Item 7. Management's Discussion ... Condition" / "and Results"
     for line in body.replace("\r", "").split("\n"):
         stripped = line.strip()
+        if in_heading and stripped and len(stripped) < 100 and (
+            stripped[0].islower() or _CONNECTOR_END.search(paragraphs[-1])
+        ):
+            paragraphs[-1] = f"{paragraphs[-1]} {stripped}"
+            continue
+        in_heading = False
         if not stripped or _HEADING.match(stripped) or _PART_LINE.match(stripped):
             if current:
                 paragraphs.append(" ".join(current))
             current = []
             if stripped:
                 paragraphs.append(stripped)
+                in_heading = True
             continue
         current.append(stripped)
     if current:
@@ -254,6 +284,8 @@ def split_items(lines: list[str]) -> dict[str, Item]:
             items[key] = Item("", "not_found", "heading found but no text under it")
         elif len(text) < _STUB_CHARS and _BY_REFERENCE.search(text):
             items[key] = Item(text, "incorporated_by_reference", "short Item that points to another document")
+        elif len(text) < _OMITTED_CHARS and _OMITTED.search(text):
+            items[key] = Item(text, "not_found", "the filing says this Item does not apply to it")
         else:
             items[key] = Item(text, "ok")
     for key in ITEM_ORDER:
@@ -272,18 +304,73 @@ def detect_form(text: str) -> str | None:
     return match.group(1).upper() if match else None
 
 
-def parse_filing(path: Path, tables: TableMode = "rows") -> ParsedFiling:
-    """Parse one filing file (plain or .gz) into Items."""
+def unwrap_fixed_width(text: str, warnings: list[str]) -> str:
+    """Undo a re-wrap at a fixed width that ignores words and tags ("Conso" / "lidated", "<p styl" / "e=").
+
+    Some copies of EDGAR documents are cut into lines of exactly N characters; when most long lines have one
+    length, the line breaks after lines of that length are artefacts and are removed.
+    """
+    lines = text.replace("\r\n", "\n").split("\n")
+    widths = Counter(len(line) for line in lines if len(line) >= 200)
+    if not widths:
+        return text
+    width, count = widths.most_common(1)[0]
+    if count < 0.5 * len(lines):
+        return text
+    warnings.append(f"lines were hard-wrapped at {width} characters; re-joined")
+    return "".join(line if len(line) == width else line + "\n" for line in lines)
+
+
+def mdna_from_exhibit(lines: list[str]) -> str:
+    """The MD&A section of an annual report to shareholders (EX-13): from its heading to the next
+    financial-statement heading; of several headings (a contents page lists it too), the longest section."""
+    best = ""
+    for i, line in enumerate(lines):
+        if len(line) > 200 or not _MDNA_HEADING.match(line) or line[-1].isdigit():  # contents: ends in a page
+            continue
+        start = i + 1
+        while start < len(lines) and _MDNA_HEADING_TAIL.match(lines[start]):
+            start += 1
+        end = next((j for j in range(start, len(lines)) if len(lines[j]) <= 200 and _MDNA_END.match(lines[j])),
+                   len(lines))  # fmt: skip
+        text = "\n".join(lines[start:end]).strip()
+        if len(text) > len(best):
+            best = text
+    return best
+
+
+def _mdna_from_ex13(items: dict[str, Item], exhibits: list[tuple[str, str]], tables: TableMode,
+                    warnings: list[str]) -> None:  # fmt: skip
+    """When Item 7 is incorporated by reference to the annual report (EX-13), take the MD&A from there."""
+    for doc_type, body in exhibits:
+        mdna = mdna_from_exhibit(to_lines(unwrap_fixed_width(body, warnings), tables))
+        if len(mdna) >= _STUB_CHARS:
+            items["7"] = Item(mdna, "ok", f"incorporated by reference; taken from the {doc_type} exhibit")
+            warnings.append(f"Item 7 taken from {doc_type} (annual report to shareholders)")
+            return
+    warnings.append("Item 7 is incorporated by reference, but no EX-13 with an MD&A section is in the submission")
+
+
+def parse_filing(path: Path, tables: TableMode = "rows", submission: Path | None = None) -> ParsedFiling:
+    """Parse one filing file (plain or .gz) into Items.
+
+    `submission` is the filing's complete-submission `.txt`, read only for its EX-13 when `path` is a primary
+    document whose Item 7 is incorporated by reference.
+    """
     warnings: list[str] = []
     text = decode(read_bytes(path), warnings)
     form = detect_form(text)
-    body, doc_form, _exhibits = select_documents(text)
+    body, doc_form, exhibits = select_documents(text)
     form = doc_form or form
     if form is None:
         warnings.append("form type not found in the document; assumed 10-K")
         form = "10-K"
-    lines = to_lines(body, tables)
+    lines = to_lines(unwrap_fixed_width(body, warnings), tables)
     items = split_items(lines)
+    if items["7"].status == "incorporated_by_reference":
+        if not exhibits and submission is not None and Path(submission) != Path(path):
+            exhibits = select_documents(decode(read_bytes(submission), []))[2]
+        _mdna_from_ex13(items, exhibits, tables, warnings)
     missing = [k for k in ("1", "7") if items[k].status == "not_found"]
     if missing:
         warnings.append(f"Items {', '.join(missing)} not found")

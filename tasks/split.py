@@ -7,19 +7,24 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from edgar_tune.config import ParseConfig
-from tasks.download import primary_file
+from tasks.download import primary_file, submission_file
 from tasks.io import atomic_dir, atomic_write_json, write_jsonl
 from tasks.sections import ParsedFiling, parse_filing
 
 
-def _parse_one(args: tuple[str, str]) -> ParsedFiling:
-    path, tables = args
-    return parse_filing(Path(path), tables)  # type: ignore[arg-type]
+def _parse_one(args: tuple[str, str | None, str]) -> ParsedFiling:
+    path, submission, tables = args
+    return parse_filing(Path(path), tables, Path(submission) if submission else None)  # type: ignore[arg-type]
 
 
-def parse_all(paths: list[Path], tables: str, workers: int | None = None) -> list[ParsedFiling]:
-    """Parse filings, several at a time on a process pool when there are several."""
-    jobs = [(str(p), tables) for p in paths]
+def parse_all(paths: list[Path], tables: str, workers: int | None = None,
+              submissions: list[Path | None] | None = None) -> list[ParsedFiling]:  # fmt: skip
+    """Parse filings, several at a time on a process pool when there are several.
+
+    `submissions` are the filings' complete-submission files, read for EX-13 when Item 7 points there.
+    """
+    subs = submissions or [None] * len(paths)
+    jobs = [(str(p), str(s) if s else None, tables) for p, s in zip(paths, subs, strict=True)]
     if len(jobs) < 2 or workers == 1:
         return [_parse_one(j) for j in jobs]
     with ProcessPoolExecutor(max_workers=min(workers or 2, len(jobs))) as pool:
@@ -82,7 +87,7 @@ def text_sha256(rows: list[dict]) -> str:
 
 def write_parse_stage(out: Path, filings: list[dict], cfg: ParseConfig) -> dict:
     """Parse, split and write `train.jsonl`, `val.jsonl`, `sections.jsonl` and `report.json` atomically."""
-    parsed = parse_all([primary_file(f) for f in filings], cfg.tables)
+    parsed = parse_all([primary_file(f) for f in filings], cfg.tables, submissions=[submission_file(f) for f in filings])
     train, val, report = build_split(filings, parsed, cfg)
     if not val:
         raise ValueError(

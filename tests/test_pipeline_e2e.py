@@ -45,11 +45,22 @@ def test_every_stage_left_its_artifacts(tiny_run):
     runs, _ = tiny_run
     run = runs / "latest"
     for rel in ["01_download/manifest.json", "02_parse/train.jsonl", "02_parse/val.jsonl", "02_parse/report.json",
-                "03_tokenize/stats.json", "03_tokenize/train", "04_train/adapter/adapter_model.safetensors",
+                "03_tokenize/stats.json", "03_tokenize/train", "03_tokenize/data_report.md", "04_train/adapter/adapter_model.safetensors",
                 "04_train/loss.jsonl", "05_evaluate/base.json", "05_evaluate/finetuned.json",
                 "06_register/registration.json", "config.yaml"]:  # fmt: skip
         assert (run / rel).exists(), rel
     assert not list(run.rglob(".*.tmp")), "a temp file or folder was left behind"
+
+
+def test_data_report_counts_characters_and_tokens_per_item(tiny_run):
+    runs, s = tiny_run
+    report = json.loads((runs / "latest" / "03_tokenize" / "data_report.json").read_text())
+    for filing in report["filings"]:
+        assert filing["items"]["7"]["tokens"] == filing["val_tokens"] > 0
+        assert filing["items"]["1A"]["chars"] > 40_000 and filing["items"]["1A"]["tokens"] > 5_000
+        assert filing["items"]["11"]["tokens"] == 0  # a stub pointing to the proxy statement
+    assert sum(f["val_tokens"] for f in report["filings"]) == s["val_tokens"]  # tokens scored = text tokens
+    assert "| AMZN | 2021 | 0001018724-22-000005 | 7 | ok |" in (runs / "latest" / "03_tokenize" / "data_report.md").read_text()
 
 
 def test_mlflow_has_the_version_alias_metrics_and_plots(tiny_run):
@@ -66,6 +77,8 @@ def test_mlflow_has_the_version_alias_metrics_and_plots(tiny_run):
     assert len(client.get_metric_history(run.info.run_id, "train_loss")) == s["train_steps"]
     plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     assert plots == {"plots/loss_curve.png", "plots/perplexity_before_after.png"}
+    data = {a.path for a in client.list_artifacts(run.info.run_id, "data")}
+    assert data == {"data/report.json", "data/report.md"}
 
 
 def test_registered_model_loads_as_pyfunc_and_generates(tiny_run):
