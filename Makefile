@@ -28,5 +28,13 @@ demo: model
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# Bench-only dependencies (edgartools), constrained to the tested lock so nothing else moves.
+$(VENV)/.bench: $(STAMP) requirements-bench.txt
+	$(BIN)/python -m pip install -q -r requirements-bench.txt -c requirements.lock
+	touch $@
+
+bench-parse: $(VENV)/.bench
+	$(BIN)/python bench/parse.py
+
 clean:
 	rm -rf runs .prefect

@@ -25,7 +25,7 @@ from sec_edgar_downloader import _sec_gateway as sed_gateway
 from sec_edgar_downloader._types import DownloadMetadata
 
 from edgar_tune.config import REPO_ROOT, DataConfig
-from tasks.io import atomic_write_bytes, atomic_write_json, cache_dir, sha256_file
+from tasks.io import atomic_write_bytes, atomic_write_json, cache_dir, remove_stale_temps, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,8 @@ class EdgarClient:
             self.requests_sent += 1
             try:
                 resp = self.session.get(url, timeout=self.timeout)
-            except (requests.ConnectionError, requests.Timeout) as err:
+            except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as err:
+                # ChunkedEncodingError: the body stopped short of its Content-Length (a cut connection)
                 reason, wait = f"{type(err).__name__}: {err}", self.backoff * 2**attempt
             else:
                 if resp.status_code == 200:
@@ -250,15 +251,16 @@ def download_edgar(cfg: DataConfig, dest: Path, client: EdgarClient | None = Non
 
 def _fetch_filing(client: EdgarClient, root: Path, ticker: str, cik: str, row: dict, year: int) -> dict:
     acc = row["accessionNumber"]
-    todo = sed_orchestrator.get_to_download(cik, acc, row["primaryDocument"])
+    todo = sed_orchestrator.get_to_download(cik, acc, row.get("primaryDocument") or "")
     meta = DownloadMetadata(download_folder=root.parent, form="10-K", cik=cik, ticker=ticker)
     primary_name = f"{sed_constants.PRIMARY_DOC_FILENAME_STEM}{todo.details_doc_suffix}"
+    wanted = [("full_submission", todo.raw_filing_uri, sed_constants.FILING_FULL_SUBMISSION_FILENAME)]
+    if row.get("primaryDocument"):  # filings from before 2001 have none: the submission .txt is the document
+        wanted.append(("primary_document", todo.primary_doc_uri, primary_name))
     files = {}
-    for kind, url, name in (
-        ("full_submission", todo.raw_filing_uri, sed_constants.FILING_FULL_SUBMISSION_FILENAME),
-        ("primary_document", todo.primary_doc_uri, primary_name),
-    ):
+    for kind, url, name in wanted:
         path = sed_orchestrator.get_save_location(meta, acc, name)
+        remove_stale_temps(path)  # left by a process killed while writing
         if not path.exists():
             atomic_write_bytes(path, client.get(url))
         files[kind] = str(path.relative_to(root))

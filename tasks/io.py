@@ -65,6 +65,12 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def remove_stale_temps(path: Path) -> None:
+    """Delete the temp siblings `atomic_write_bytes` leaves when its process is killed mid-write."""
+    for stale in Path(path).parent.glob(f".{Path(path).name}.*.tmp"):
+        stale.unlink(missing_ok=True)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 

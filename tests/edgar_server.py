@@ -1,9 +1,9 @@
 """A loopback HTTP server that plays SEC EDGAR with real filings, and can misbehave on request.
 
 It serves EDGAR's three endpoints in their real shapes: the ticker list (a real 2023 copy), submissions JSON
-(built from Tesla's real response, with Amazon's filings in the `filings.recent` arrays), and the Archives
-documents (the real Amazon 10-Ks bundled in data/). Faults are queued per path: an HTTP status with headers and
-body, a slow answer, or a dropped connection.
+(built from Tesla's real response, with each company's filings in the `filings.recent` arrays), and the Archives
+documents: the real filings in data/ (Amazon, Apple 1996, eBay, Meta, TGFIN). Faults are queued per path: an HTTP status with headers and
+body, a slow answer, a dropped connection, or a body cut off half way.
 """
 
 from __future__ import annotations
@@ -32,27 +32,55 @@ AMZN_ROWS = [
     ("0001018724-20-000004", "10-K", "amzn-20191231x10k.htm", "2020-01-31", "2019-12-31"),
 ]
 HAVE = {"0001018724-21-000004", "0001018724-22-000005"}  # the filings whose documents we carry
+FILINGS = REPO / "data" / "edgar" / "filings"
+
+# The other real filings the repo carries, each behind its company's submissions JSON:
+# (CIK, company, tickers, accession, form, primary document, filed, period of report, file in data/edgar/filings).
+# Pre-2001 filings have no primary document on EDGAR (an empty `primaryDocument`): only the `.txt` submission.
+# CIGF5 is not served: its CIK is not recorded with the fixture.
+OTHERS = [
+    ("0000320193", "APPLE COMPUTER INC", ["AAPL"], "0000320193-96-000023", "10-K", "", "1996-12-19", "1996-09-27",
+     "AAPL_10-K_1996.txt.gz"),
+    ("0001065088", "EBAY INC", ["EBAY"], "0001065088-21-000006", "10-K", "ebay1231202010-k.htm", "2021-02-04",
+     "2020-12-31", "EBAY_10-K_2020.htm.gz"),
+    ("0001326801", "Meta Platforms, Inc.", ["META"], "0001326801-25-000017", "10-K", "meta-20241231.htm",
+     "2025-01-30", "2024-12-31", "META_10-K_2025.html.gz"),
+    ("0000876134", "TGFIN HOLDINGS INC", [], "0001010412-10-000078", "10-K", "tgfin10k123109040610finaldra.htm",
+     "2010-04-06", "2009-12-31", "TGFIN_10-K_2009.txt.gz"),
+]  # fmt: skip
 
 
 def _gz_json(name: str) -> dict:
     return json.loads(gzip.decompress((API / f"{name}.gz").read_bytes()))
 
 
-def amzn_submissions() -> dict:
-    """Tesla's real submissions response with its identity and filings swapped for Amazon's."""
+def submissions(cik: str, name: str, tickers: list[str], filing_rows: list[tuple]) -> dict:
+    """Tesla's real submissions response with its identity and filings swapped for another company's."""
     doc = copy.deepcopy(_gz_json("CIK0001318605.json"))
-    doc.update(cik=AMZN_CIK.lstrip("0"), name="AMAZON COM INC", tickers=["AMZN"], exchanges=["Nasdaq"],
-               fiscalYearEnd="1231")  # fmt: skip
+    doc.update(cik=cik.lstrip("0"), name=name, tickers=tickers, exchanges=["Nasdaq"] * len(tickers))
     recent = doc["filings"]["recent"]
     template = {k: v[0] for k, v in recent.items()}
     rows = []
-    for acc, form, primary, filed, period in AMZN_ROWS:
+    for acc, form, primary, filed, period in filing_rows:
         row = dict(template, accessionNumber=acc, form=form, primaryDocument=primary, filingDate=filed,
                    reportDate=period, acceptanceDateTime=f"{filed}T12:00:00.000Z", primaryDocDescription=form)  # fmt: skip
         rows.append(row)
     doc["filings"]["recent"] = {k: [r[k] for r in rows] for k in template}
     doc["filings"]["files"] = []
     return doc
+
+
+def amzn_submissions() -> dict:
+    return submissions(AMZN_CIK, "AMAZON COM INC", ["AMZN"], AMZN_ROWS)
+
+
+def ten_k_document(sgml: bytes) -> tuple[str, bytes]:
+    """(file name, body) of the 10-K document inside a complete submission."""
+    text = sgml.decode("latin-1")
+    start = text.index("<TYPE>10-K")
+    name = text[text.index("<FILENAME>", start) + 10 :].split("\n", 1)[0].strip()
+    body = text[text.index("<TEXT>", start) + 6 : text.index("</TEXT>", start)]
+    return name, body.strip("\n").encode("latin-1")
 
 
 def full_submission(acc: str, primary: bytes, filename: str, filed: str, period: str) -> bytes:
@@ -86,6 +114,22 @@ class FakeEdgar:
             base = f"/Archives/edgar/data/{AMZN_CIK.lstrip('0')}/{acc.replace('-', '')}"
             self.routes[f"{base}/{primary}"] = doc
             self.routes[f"{base}/{acc}.txt"] = full_submission(acc, doc, primary, filed, period)
+        for cik, name, tickers, acc, form, primary, filed, period, file in OTHERS:
+            self.add_company(cik, name, tickers, [(acc, form, primary, filed, period)])
+            raw = gzip.decompress((FILINGS / file).read_bytes())
+            base = f"/Archives/edgar/data/{cik.lstrip('0')}/{acc.replace('-', '')}"
+            if file.endswith(".txt.gz"):  # the file is the complete submission
+                self.routes[f"{base}/{acc}.txt"] = raw
+                if primary:
+                    self.routes[f"{base}/{primary}"] = ten_k_document(raw)[1]
+            else:
+                self.routes[f"{base}/{primary}"] = raw
+                self.routes[f"{base}/{acc}.txt"] = full_submission(acc, raw, primary, filed, period)
+
+        self._initial_routes = dict(self.routes)
+
+    def add_company(self, cik: str, name: str, tickers: list[str], rows: list[tuple]) -> None:
+        self.routes[f"/submissions/CIK{cik}.json"] = json.dumps(submissions(cik, name, tickers, rows)).encode()
 
     def fail(self, path_part: str, *faults: dict) -> None:
         """Queue faults for the next requests whose path contains `path_part`."""
@@ -96,6 +140,7 @@ class FakeEdgar:
         with self.lock:
             self.faults.clear()
             self.requests.clear()
+            self.routes = dict(self._initial_routes)
 
     def take_fault(self, path: str) -> dict | None:
         with self.lock:
@@ -127,6 +172,15 @@ def _handler(edgar: FakeEdgar):
             body = edgar.routes.get(self.path)
             if body is None:
                 return self._send(404, b"Not Found", {})
+            if fault and "truncate" in fault:  # promise the whole body, send a part, then hang or hang up
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body[: len(body) // 2])
+                self.wfile.flush()
+                time.sleep(fault["truncate"])
+                self.close_connection = True
+                return
             self._send(200, body, {"Content-Type": "application/json" if self.path.endswith(".json") else "text/html"})
 
         def _send(self, status: int, body: bytes, headers: dict) -> None:

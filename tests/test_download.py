@@ -4,11 +4,30 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
 from edgar_tune.config import DataConfig
-from tasks.download import BUNDLED_DIR, EdgarClient, EdgarError, collect_local, download_edgar, gather_filings
+from tasks.download import (
+    BUNDLED_DIR,
+    EdgarClient,
+    EdgarError,
+    collect_local,
+    download_edgar,
+    gather_filings,
+    primary_file,
+)
+from tasks.sections import parse_filing
+
+REPO = Path(__file__).resolve().parent.parent
+FILINGS = REPO / "data" / "edgar" / "filings"
 
 IDENTITY = "Edgar Tune Tests tests@example.com"
 
@@ -99,3 +118,70 @@ def test_downloaded_folder_works_as_a_local_source(edgar, tmp_path):
 def test_unknown_ticker_names_the_fix(edgar, tmp_path):
     with pytest.raises(EdgarError, match="give its CIK"):
         download_edgar(DataConfig(source="edgar", tickers=["NOPE1"], fiscal_years=[2020]), tmp_path, _client())
+
+
+def test_every_era_downloads_and_parses(edgar, tmp_path):
+    """1996 plain text (no primary document on EDGAR), 2009 SGML by CIK, and two inline-XBRL filings."""
+    cfg = DataConfig(source="edgar", tickers=["AAPL", "EBAY", "META", "876134"], fiscal_years=[1996, 2009, 2020, 2024])
+    filings, _ = download_edgar(cfg, tmp_path, _client())
+    got = {(f["ticker"], f["fiscal_year"]): f for f in filings}
+    assert set(got) == {("AAPL", 1996), ("EBAY", 2020), ("META", 2024), ("876134", 2009)}
+    assert set(got[("AAPL", 1996)]["files"]) == {"full_submission"}  # 1996: the .txt is the document
+    assert got[("876134", 2009)]["cik"] == "0000876134"
+    for f in filings:
+        doc = parse_filing(primary_file(f))
+        assert doc.items["7"].status == "ok" and len(doc.items["7"].text) > 5_000, (f["ticker"], doc.warnings)
+    assert not any(p.endswith("/") for _, p, _ in edgar.requests), "asked EDGAR for an empty document name"
+
+
+def test_10k405_is_taken_as_a_10k(edgar, tmp_path):
+    from tests.edgar_server import OTHERS
+
+    cik, name, tickers, acc, _form, primary, filed, period, _ = OTHERS[0]
+    edgar.add_company(cik, name, tickers, [(acc, "10-K405", primary, filed, period)])  # the same filing, as 10-K405
+    filings, _ = download_edgar(DataConfig(source="edgar", tickers=["AAPL"], fiscal_years=[1996]), tmp_path, _client())
+    assert [(f["form"], f["filed_form"]) for f in filings] == [("10-K", "10-K405")]
+
+
+def test_body_cut_off_half_way_is_retried(edgar, tmp_path):
+    edgar.fail("ebay1231202010-k.htm", {"truncate": 0})
+    filings, _ = download_edgar(DataConfig(source="edgar", tickers=["EBAY"], fiscal_years=[2020]), tmp_path, _client())
+    path = Path(filings[0]["root"]) / filings[0]["files"]["primary_document"]
+    assert path.read_bytes() == gzip.decompress((FILINGS / "EBAY_10-K_2020.htm.gz").read_bytes())
+    assert sum("ebay1231202010-k.htm" in p for _, p, _ in edgar.requests) == 2
+
+
+def test_concurrent_downloads_share_one_rate_limit(edgar, tmp_path):
+    """Four downloads on four threads (as Prefect runs concurrent tasks) stay at or under 10 requests/s in total."""
+    jobs = [("AAPL", 1996), ("EBAY", 2020), ("META", 2024), ("AMZN", 2021)]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        done = list(pool.map(lambda j: download_edgar(DataConfig(source="edgar", tickers=[j[0]], fiscal_years=[j[1]]),
+                                                      tmp_path / j[0], _client()), jobs))  # fmt: skip
+    assert all(len(filings) == 1 for filings, _ in done)
+    times = sorted(t for t, _, _ in edgar.requests)
+    assert len(times) >= 15
+    # any 11 consecutive requests span at least ~1 s (a few ms of slack for the loopback's own scheduling)
+    assert min(b - a for a, b in zip(times, times[10:])) >= 0.95
+
+
+def test_killed_download_leaves_no_partial_file_and_the_rerun_fetches_it(edgar_server, edgar, tmp_path):
+    _, base = edgar_server
+    primary = "ebay1231202010-k.htm"
+    edgar.fail(primary, {"truncate": 30})  # half the body, then the server hangs: the client is mid-download
+    child = subprocess.Popen([sys.executable, "-m", "tests.download_child", base, str(tmp_path), "EBAY", "2020"],
+                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not any(primary in p for _, p, _ in edgar.requests):
+        assert time.monotonic() < deadline and child.poll() is None, "the child never asked for the document"
+        time.sleep(0.05)
+    time.sleep(0.5)
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    folder = tmp_path / "sec-edgar-filings" / "EBAY" / "10-K" / "0001065088-21-000006"
+    assert sorted(p.name for p in folder.iterdir()) == ["full-submission.txt"]  # complete, and nothing else
+    edgar.reset()
+    filings, _ = download_edgar(DataConfig(source="edgar", tickers=["EBAY"], fiscal_years=[2020]), tmp_path, _client())
+    path = Path(filings[0]["root"]) / filings[0]["files"]["primary_document"]
+    assert path.read_bytes() == gzip.decompress((FILINGS / "EBAY_10-K_2020.htm.gz").read_bytes())
+    fetched = [p for _, p, _ in edgar.requests if "/Archives/" in p]
+    assert len(fetched) == 1 and primary in fetched[0]  # the finished full submission was kept, not fetched again
