@@ -12,7 +12,8 @@ two tools at the same number of workers.
 
 "Items right" checks Items 1, 1A and 7 of every filing against the pins in tests/test_sections.py, which were
 read off the documents themselves: the status, the first words of the body and the length band. For
-edgartools the heading line that starts its section text is skipped before comparing.
+edgartools the "Table of Contents" page header and the heading line that start its section texts are skipped
+before comparing, so only the body counts.
 """
 
 from __future__ import annotations
@@ -62,7 +63,10 @@ def run_edgartools(path: Path) -> dict[str, str]:
         item = (getattr(section, "item", None) or "").upper()
         if item:
             text = section.text() or ""
-            found[item] = text.split("\n", 1)[1].strip() if text.lower().startswith("item") and "\n" in text else text
+            lines = text.strip().split("\n")
+            while lines and (not lines[0].strip() or re.match(r"(?i)table of contents$|item\s*\d", lines[0].strip())):
+                lines.pop(0)  # its sections start with the page header and the heading: not counted against it
+            found[item] = "\n".join(lines).strip()
     return found
 
 
