@@ -160,8 +160,10 @@ def test_concurrent_downloads_share_one_rate_limit(edgar, tmp_path):
     assert all(len(filings) == 1 for filings, _ in done)
     times = sorted(t for t, _, _ in edgar.requests)
     assert len(times) >= 15
-    # any 11 consecutive requests span at least ~1 s (a few ms of slack for the loopback's own scheduling)
-    assert min(b - a for a, b in zip(times, times[10:])) >= 0.95
+    assert (len(times) - 1) / (times[-1] - times[0]) <= 10.5  # the whole run: 10/s, give or take one late arrival
+    # Any 11 consecutive arrivals span about 1 s. The limiter spaces the sends 0.1 s apart; on a loaded 2-core
+    # machine a thread can be paused between its slot and its send, so arrivals get some slack.
+    assert min(b - a for a, b in zip(times, times[10:])) >= 0.8
 
 
 def test_killed_download_leaves_no_partial_file_and_the_rerun_fetches_it(edgar_server, edgar, tmp_path):
