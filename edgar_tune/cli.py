@@ -28,6 +28,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from edgar_tune.config import load_config, parse_overrides
 
     overrides = parse_overrides(args.set)
+    for key in ("deepspeed", "nproc", "hostfile"):
+        if getattr(args, key) is not None:
+            overrides[f"train.{key}"] = getattr(args, key)
     load_config(args.preset, overrides)  # fail on bad keys before Prefect starts
     from flows.pipeline import edgar_tune_pipeline
 
@@ -90,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default="runs/latest", help="run folder; summary.json is written there")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config key, e.g. --set train.learning_rate=1e-4 (see `edgar-tune keys`)")  # fmt: skip
+    run.add_argument("--deepspeed", metavar="zero2|zero3|zero3-offload|PATH.json",
+                     help="train with DeepSpeed ZeRO (same as --set train.deepspeed=...)")  # fmt: skip
+    run.add_argument("--nproc", type=int, help="training processes through the DeepSpeed launcher (train.nproc)")
+    run.add_argument("--hostfile", help="DeepSpeed hostfile for multi-node training (train.hostfile)")
     run.set_defaults(fn=cmd_run)
     sections = sub.add_parser("sections", help="split 10-K files into Items and print them")
     sections.add_argument("files", nargs="+")

@@ -17,6 +17,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 PRESETS_DIR = REPO_ROOT / "configs" / "presets"
 
 
+DEEPSPEED_PRESETS = ("zero2", "zero3", "zero3-offload")  # configs/deepspeed/NAME.json
+
+
 class ConfigError(ValueError):
     """A configuration problem; the message names the key and what to change."""
 
@@ -124,6 +127,31 @@ class TrainConfig(_Section):
     seed: int = Field(10, description="Seed for weights init, dropout and data order.")
     train_data_split_seed: int = Field(0, description="Seed for the order of training blocks.")
     logging_steps: int = Field(1, ge=1, description="Log training loss every N steps.")
+    deepspeed: str | None = Field(
+        None,
+        description="DeepSpeed ZeRO config: zero2, zero3, zero3-offload (configs/deepspeed/) or a path to a JSON file.",
+    )
+    nproc: int = Field(1, ge=1, description="Training processes on this node (DeepSpeed launcher; one per GPU).")
+    hostfile: str | None = Field(None, description="DeepSpeed hostfile for multi-node training (with `deepspeed`).")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="auto: bf16 on GPUs that have it, else fp16 on GPU; fp32 on CPU."
+    )
+
+    @field_validator("deepspeed")
+    @classmethod
+    def _known_deepspeed(cls, value: str | None) -> str | None:
+        if value is None or value in DEEPSPEED_PRESETS or value.endswith(".json"):
+            return value
+        raise ValueError(f"must be one of {', '.join(DEEPSPEED_PRESETS)} or a path to a DeepSpeed JSON config")
+
+    @model_validator(mode="after")
+    def _launcher_needs_deepspeed(self) -> TrainConfig:
+        if (self.nproc > 1 or self.hostfile) and not self.deepspeed:
+            raise ValueError(
+                "train.nproc > 1 and train.hostfile run through the DeepSpeed launcher: also set train.deepspeed "
+                "(zero2, zero3, zero3-offload or a JSON path)"
+            )
+        return self
 
 
 class EvalConfig(_Section):

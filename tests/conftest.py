@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -55,3 +58,22 @@ def edgar(edgar_server, monkeypatch):
 def amzn_files() -> list[Path]:
     root = REPO / "data" / "sec-edgar-filings" / "AMZN" / "10-K"
     return sorted(root.glob("*/primary-document.html.gz"))
+
+
+def run_cli(runs: Path, *args: str, timeout: int = 900) -> dict:
+    """`edgar-tune run --preset tiny ARGS` in a subprocess with its own Prefect home; returns summary.json."""
+    env = dict(os.environ, PREFECT_HOME=str(runs / ".prefect"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "edgar_tune.cli", "run", "--preset", "tiny", "--out", str(runs / "latest"), *args],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "edgar-tune run summary" in proc.stdout + proc.stderr
+    return json.loads((runs / "latest" / "summary.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> tuple[Path, dict]:
+    """The plain (no DeepSpeed) tiny run, shared by the end-to-end and DeepSpeed tests."""
+    runs = tmp_path_factory.mktemp("runs")
+    return runs, run_cli(runs)

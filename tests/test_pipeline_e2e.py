@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,19 +13,6 @@ SUMMARY_KEYS = {
     "model_version", "model_alias", "engine", "zero_stage", "world_size", "gradient_checkpointing", "device",
     "prefect_flow_run_id",
 }  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory) -> tuple[Path, dict]:
-    runs = tmp_path_factory.mktemp("runs")
-    env = dict(os.environ, PREFECT_HOME=str(runs / ".prefect"))
-    proc = subprocess.run(
-        [sys.executable, "-m", "edgar_tune.cli", "run", "--preset", "tiny", "--out", str(runs / "latest")],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    assert "edgar-tune run summary" in proc.stdout + proc.stderr
-    return runs, json.loads((runs / "latest" / "summary.json").read_text())
 
 
 def test_summary_has_every_key_and_perplexity_fell(tiny_run):
