@@ -172,7 +172,9 @@ def train(tmp: Path, tokenize_dir: Path, cfg: TrainConfig) -> dict:
         disable_tqdm=False,
     )
     torch.manual_seed(cfg.seed)
-    model = load_causal_lm(base)
+    # Under DeepSpeed bf16/fp16 the engine keeps fp32 master weights itself: load the base in half precision.
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision) if cfg.deepspeed else None
+    model = load_causal_lm(base, dtype=half or torch.float32)
     if cfg.mode == "lora":
         from peft import LoraConfig, get_peft_model
 
