@@ -81,16 +81,19 @@ def resolve_precision(requested: str) -> str:
     return requested
 
 
-def _single_process_dist_env() -> None:
-    """DeepSpeed wants a process group even for one process; without these variables it looks for MPI."""
+def _free_port() -> int:
     import socket
 
-    if "RANK" in os.environ:
-        return
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        return sock.getsockname()[1]
+
+
+def _single_process_dist_env() -> None:
+    """DeepSpeed wants a process group even for one process; without these variables it looks for MPI."""
+    if "RANK" not in os.environ:
+        port = str(_free_port())
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
 
 
 def _prepare_deepspeed() -> None:
@@ -116,13 +119,10 @@ def write_train_stage(out: Path, tokenize_dir: Path, cfg: TrainConfig) -> dict:
 
 
 def _launch(tmp: Path, tokenize_dir: Path, cfg: TrainConfig) -> None:
-    import socket
     import subprocess
     import sys
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = _free_port()
     where = ["--hostfile", cfg.hostfile] if cfg.hostfile else ["--num_gpus", str(cfg.nproc)]
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", *where, "--master_port", str(port),
            "--module", "tasks.train_worker", "--out", str(tmp), "--tokenize-dir", str(tokenize_dir),
