@@ -138,9 +138,12 @@ def _cell_text(cell: Tag) -> str:
     return " ".join(" ".join(parts).split())
 
 
+_HEADING_ROW = re.compile(r"^\s*(part\s+[ivx]+|item\s+\d)", re.IGNORECASE)
+
+
 def _render_table(table: Tag, out: list[str], tables: TableMode) -> None:
-    if tables == "drop":
-        return
+    # `drop` removes tabular data but keeps rows that are Part/Item headings: many filings (Amazon's among
+    # them) lay their headings out as one-row tables, and dropping those would lose every Item boundary.
     for row in table.find_all("tr"):
         cells = [_cell_text(c) for c in row.find_all(["td", "th"], recursive=False)]
         merged: list[str] = []
@@ -151,8 +154,8 @@ def _render_table(table: Tag, out: list[str], tables: TableMode) -> None:
                 merged[-1] = merged[-1] + cell  # "$" | "386,064" and "12" | "%" are one value
             else:
                 merged.append(cell)
-        if merged:
-            out.append("\n" + " | ".join(merged) + "\n")
+        if merged and (tables == "rows" or _HEADING_ROW.match(" ".join(merged))):
+            out.append("\n" + (" | " if tables == "rows" else " ").join(merged) + "\n")
 
 
 def _walk(node: Tag, out: list[str], tables: TableMode, pre: bool = False) -> None:

@@ -70,6 +70,18 @@ def test_items_of_every_real_filing(parsed, path, item, status, first, band):
     assert band[0] <= len(got.text) <= band[1]
 
 
+@pytest.mark.parametrize("path", list(dict.fromkeys(row[0] for row in EXPECTED)), ids=lambda p: p.name)
+def test_dropping_tables_keeps_every_item_boundary(parsed, path):
+    # Amazon lays its Item headings out as one-row tables: `drop` must keep those rows, or no Item is found.
+    dropped, rows = parse_filing(path, "drop"), parsed[path]
+    found = {k for k, v in rows.items.items() if v.status != "not_found"}
+    assert {k for k, v in dropped.items.items() if v.status != "not_found"} == found
+    for key in ("1", "1A", "7"):
+        assert dropped.items[key].status == rows.items[key].status
+        assert len(dropped.items[key].text) <= len(rows.items[key].text)
+    assert dropped.items["7"].text[:60] == rows.items["7"].text[:60]
+
+
 def test_amazon_part_iii_items_are_stubs_pointing_to_the_proxy(amzn):
     for doc in amzn.values():
         assert doc.items["11"].status == "incorporated_by_reference"
