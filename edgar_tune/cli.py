@@ -31,10 +31,55 @@ def cmd_run(args: argparse.Namespace) -> int:
     for key in ("deepspeed", "nproc", "hostfile"):
         if getattr(args, key) is not None:
             overrides[f"train.{key}"] = getattr(args, key)
-    load_config(args.preset, overrides)  # fail on bad keys before Prefect starts
+    cfg = load_config(args.preset, overrides)  # fail on bad keys before Prefect starts
+    from tasks.finetune import preflight
+
+    preflight(cfg.train)  # and on an engine this machine cannot run
     from flows.pipeline import edgar_tune_pipeline
 
     edgar_tune_pipeline(preset=args.preset, out_dir=args.out, overrides=overrides)
+    return 0
+
+
+STAGES = ("download", "parse", "tokenize", "evaluate-base", "train", "evaluate", "register")
+
+
+def cmd_stage(args: argparse.Namespace) -> int:
+    """Rerun one stage of an existing run folder from what the stages before it left (no Prefect server)."""
+    from edgar_tune.config import load_run_config
+    from tasks import stages
+
+    run_dir = Path(args.run).resolve()
+    cfg = load_run_config(run_dir, args.set)
+    calls = {
+        "download": lambda: stages.download_filings.fn(run_dir, cfg.data),
+        "parse": lambda: stages.extract_sections.fn(run_dir, cfg),
+        "tokenize": lambda: stages.pack_blocks.fn(run_dir, cfg),
+        "evaluate-base": lambda: stages.evaluate_perplexity.fn(run_dir, cfg.eval, False),
+        "train": lambda: stages.finetune_model.fn(run_dir, cfg.train, cfg.eval),
+        "evaluate": lambda: stages.evaluate_perplexity.fn(run_dir, cfg.eval, True),
+        "register": lambda: stages.register_model.fn(run_dir, cfg, None),
+    }
+    result = calls[args.name]()
+    print(json.dumps({k: v for k, v in result.items() if k != "memory_plan"}, indent=2, default=str))
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Print the memory plan for a model and settings without running anything (no GPU needed)."""
+    from tasks import memory
+
+    shape = memory.model_shape(args.model, args.mode, args.lora_r, None)
+    quant = {"none": None, "int8": "int8", "int4": "nf4"}[args.quantization]
+    kw = dict(nproc=args.nproc, seq=args.seq, batch=args.batch, mode=args.mode, precision=args.precision,
+              quantization=quant, gradient_checkpointing=not args.no_gradient_checkpointing)  # fmt: skip
+    rows = memory.plan(shape, budget_gb=args.gpu_memory_gb, options=memory.OPTIONS + ("fsdp",), **kw)
+    context = (f"{shape.params / 1e6:,.1f}M params, {args.mode}"
+               + (f" r={args.lora_r} ({shape.lora_params / 1e6:.2f}M trained)" if args.mode == "lora" else "")
+               + f", {args.batch}x{args.seq} tokens, {args.precision}, {args.nproc} process(es)")  # fmt: skip
+    print(memory.format_plan(rows, "", args.gpu_memory_gb, context))
+    if not any(r.fits for r in rows):
+        print("nothing fits; try " + memory.suggestion(rows, shape, budget_gb=args.gpu_memory_gb, **kw))
     return 0
 
 
@@ -98,6 +143,23 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--nproc", type=int, help="training processes through the DeepSpeed launcher (train.nproc)")
     run.add_argument("--hostfile", help="DeepSpeed hostfile for multi-node training (train.hostfile)")
     run.set_defaults(fn=cmd_run)
+    stage = sub.add_parser("stage", help="rerun one stage of a run folder (resumes training from its checkpoints)")
+    stage.add_argument("name", choices=STAGES)
+    stage.add_argument("--run", required=True, help="the run folder (has config.yaml)")
+    stage.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    stage.set_defaults(fn=cmd_stage)
+    plan = sub.add_parser("plan", help="memory per GPU for each ZeRO stage, before renting the GPUs")
+    plan.add_argument("--model", required=True, help="local folder or hub id (only its config.json is read)")
+    plan.add_argument("--seq", type=int, default=2048)
+    plan.add_argument("--batch", type=int, default=1, help="per-device micro-batch")
+    plan.add_argument("--nproc", type=int, default=1, help="GPUs in total")
+    plan.add_argument("--mode", choices=["lora", "full"], default="lora")
+    plan.add_argument("--lora-r", type=int, default=8)
+    plan.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16")
+    plan.add_argument("--quantization", choices=["none", "int8", "int4"], default="none")
+    plan.add_argument("--gpu-memory-gb", type=float, default=80.0)
+    plan.add_argument("--no-gradient-checkpointing", action="store_true")
+    plan.set_defaults(fn=cmd_plan)
     sections = sub.add_parser("sections", help="split 10-K files into Items and print them")
     sections.add_argument("files", nargs="+")
     fmt = sections.add_mutually_exclusive_group()

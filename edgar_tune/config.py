@@ -18,6 +18,21 @@ PRESETS_DIR = REPO_ROOT / "configs" / "presets"
 
 
 DEEPSPEED_PRESETS = ("zero2", "zero3", "zero3-offload")  # configs/deepspeed/NAME.json
+TEXT_SUFFIXES = (".txt", ".csv", ".json", ".jsonl")
+
+
+def text_source_kind(source: str) -> str | None:
+    """`file` or `folder` when `data.source` names TXT/CSV/JSON/JSONL data, else None (10-K sources)."""
+    if source in ("bundled", "edgar"):
+        return None
+    path = Path(source).expanduser()
+    if path.suffix.lower() in TEXT_SUFFIXES:
+        return "file"
+    if path.is_dir() and not (path / "sec-edgar-filings").is_dir() and any(
+        f.suffix.lower() in TEXT_SUFFIXES for f in path.iterdir()
+    ):
+        return "folder"
+    return None
 
 
 class ConfigError(ValueError):
@@ -44,6 +59,28 @@ class DataConfig(_Section):
     download_dir: str | None = Field(
         None, description="Where EDGAR downloads are kept across runs; default $EDGAR_TUNE_CACHE/edgar."
     )
+    validation: str | None = Field(
+        None,
+        description="Text sources only: a validation file or folder (same formats). Without one, "
+        "`validation_split_ratio` of the training rows is held out.",
+    )
+    validation_split_ratio: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="Text sources without `data.validation`: fraction of rows held out (default 0.2, as "
+        "JumpStart). 10-K runs hold out `parse.val_items` (Item 7, the MD&A) instead.",
+    )
+    template: str | None = Field(
+        None,
+        description="Instruction tuning: template.json with `prompt` and `completion` format strings; default: "
+        "template.json next to the data, else JumpStart's default (instruction/context/response).",
+    )
+
+    @property
+    def is_text(self) -> bool:
+        """TXT/CSV/JSON/JSONL files (domain adaptation or instruction tuning) rather than 10-K filings."""
+        return text_source_kind(self.source) is not None
 
     @field_validator("tickers")
     @classmethod
@@ -103,15 +140,19 @@ class TokenizeConfig(_Section):
 
 
 class TrainConfig(_Section):
-    """Fine-tuning hyperparameters (JumpStart's names where it has one)."""
+    """Fine-tuning hyperparameters (JumpStart's names and meanings where it has one)."""
 
     mode: Literal["lora", "full"] = Field("lora", description="LoRA adapters or full fine-tuning.")
+    instruction_tuned: bool = Field(
+        False, description="Train on prompt/completion pairs (JSONL + template.json), loss on completions only."
+    )
     epoch: float = Field(1.0, gt=0, description="Passes over the training blocks.")
     max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1: run all epochs).")
     learning_rate: float = Field(1e-4, gt=0, lt=1, description="Peak learning rate.")
     per_device_train_batch_size: int = Field(1, ge=1, description="Blocks per device per micro-batch.")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0: off).")
     warmup: float = Field(0.0, ge=0, lt=1, description="Fraction of steps for linear warmup.")
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
         "linear", description="Learning-rate schedule after warmup."
@@ -122,19 +163,60 @@ class TrainConfig(_Section):
     lora_target_modules: list[str] | None = Field(
         None, description="Module names to adapt; default chosen per architecture."
     )
+    int8_quantization: bool = Field(
+        False, description="Load the frozen base in 8-bit (bitsandbytes, CUDA only) and train LoRA on it."
+    )
+    int4_quantization: bool = Field(
+        False, description="Load the frozen base in 4-bit NF4 (QLoRA; bitsandbytes, CUDA only)."
+    )
+    enable_fsdp: bool = Field(
+        False,
+        description="Shard with PyTorch FSDP (CUDA only; `nproc` processes through torchrun) instead of DeepSpeed.",
+    )
     max_train_samples: int = Field(-1, description="Use at most this many training blocks (-1: all).")
+    eval_steps: int = Field(
+        20, ge=0, description="Validation loss every N optimizer steps (0: none during training)."
+    )
+    early_stopping_patience: int = Field(
+        3, ge=0, description="Stop after this many evaluations without improvement (0: never stop early)."
+    )
+    early_stopping_threshold: float = Field(
+        0.0, ge=0, description="How much the validation loss must fall to count as an improvement."
+    )
+    load_best_model_at_end: bool = Field(
+        True, description="Publish the checkpoint with the lowest validation loss rather than the last one."
+    )
+    save_steps: int = Field(
+        -1,
+        ge=-1,
+        description="Checkpoint every N optimizer steps (-1: at every evaluation, or once per epoch when eval_steps=0; "
+        "0: never).",
+    )
+    save_total_limit: int = Field(2, ge=1, description="Checkpoints kept (the best one is always kept).")
+    resume: bool = Field(
+        True, description="Resume from the last complete checkpoint of an interrupted run of this stage."
+    )
+    keep_checkpoints: bool = Field(False, description="Keep the checkpoints folder after the stage succeeds.")
     gradient_checkpointing: bool = Field(True, description="Recompute activations in backward to save memory.")
     seed: int = Field(10, description="Seed for weights init, dropout and data order.")
-    train_data_split_seed: int = Field(0, description="Seed for the order of training blocks.")
+    train_data_split_seed: int = Field(
+        0, description="Seed for the train/validation split of text data and the choice of `max_train_samples`."
+    )
     logging_steps: int = Field(1, ge=1, description="Log training loss every N steps.")
     deepspeed: str | None = Field(
         None,
         description="DeepSpeed ZeRO config: zero2, zero3, zero3-offload (configs/deepspeed/) or a path to a JSON file.",
     )
-    nproc: int = Field(1, ge=1, description="Training processes on this node (DeepSpeed launcher; one per GPU).")
+    nproc: int = Field(1, ge=1, description="Training processes on this node (one per GPU).")
     hostfile: str | None = Field(None, description="DeepSpeed hostfile for multi-node training (with `deepspeed`).")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="auto: bf16 on GPUs that have it, else fp16 on GPU; fp32 on CPU."
+    )
+    memory_check: Literal["refuse", "warn", "off"] = Field(
+        "refuse", description="When the memory plan says the run cannot fit: refuse before loading, warn, or skip."
+    )
+    memory_budget_gb: float | None = Field(
+        None, gt=0, description="Memory per device the plan must fit in (default: the GPU's, or this host's RAM)."
     )
 
     @field_validator("deepspeed")
@@ -144,13 +226,56 @@ class TrainConfig(_Section):
             return value
         raise ValueError(f"must be one of {', '.join(DEEPSPEED_PRESETS)} or a path to a DeepSpeed JSON config")
 
+    @property
+    def quantization(self) -> str | None:
+        return "int8" if self.int8_quantization else "nf4" if self.int4_quantization else None
+
+    def save_plan(self) -> tuple[str, int]:
+        """The Trainer's (save_strategy, save_steps) from `save_steps` and `eval_steps`."""
+        if self.save_steps == -1:
+            return ("steps", self.eval_steps) if self.eval_steps else ("epoch", 0)
+        return ("steps", self.save_steps) if self.save_steps > 0 else ("no", 0)
+
     @model_validator(mode="after")
-    def _launcher_needs_deepspeed(self) -> TrainConfig:
-        if (self.nproc > 1 or self.hostfile) and not self.deepspeed:
-            raise ValueError(
-                "train.nproc > 1 and train.hostfile run through the DeepSpeed launcher: also set train.deepspeed "
-                "(zero2, zero3, zero3-offload or a JSON path)"
+    def _combinations(self) -> TrainConfig:
+        refuse = []
+        if (self.nproc > 1 or self.hostfile) and not (self.deepspeed or self.enable_fsdp):
+            refuse.append(
+                "train.nproc > 1 and train.hostfile run several processes: also set train.deepspeed (zero2, zero3, "
+                "zero3-offload or a JSON path) or train.enable_fsdp=true"
             )
+        if self.hostfile and self.enable_fsdp:
+            refuse.append("train.hostfile is DeepSpeed's launcher; with train.enable_fsdp start torchrun on each node")
+        if self.int8_quantization and self.int4_quantization:
+            refuse.append("train.int8_quantization and train.int4_quantization: choose one")
+        if self.int8_quantization and self.enable_fsdp:
+            refuse.append(
+                "train.int8_quantization with train.enable_fsdp: FSDP cannot shard bitsandbytes int8 weights "
+                "(JumpStart refuses this too); turn one off"
+            )
+        if self.enable_fsdp and self.deepspeed:
+            refuse.append("train.enable_fsdp with train.deepspeed: choose one sharding engine")
+        if self.quantization and self.mode == "full":
+            refuse.append(
+                f"train.{self.quantization.replace('nf4', 'int4')}_quantization with train.mode=full: quantized "
+                "weights are frozen; use train.mode=lora"
+            )
+        if self.quantization and self.deepspeed and self.deepspeed != "zero2":
+            refuse.append(
+                f"train.{self.quantization.replace('nf4', 'int4')}_quantization with train.deepspeed="
+                f"{self.deepspeed}: ZeRO-3 cannot partition bitsandbytes weights; use train.deepspeed=zero2 or none"
+            )
+        if self.early_stopping_patience and not self.eval_steps:
+            refuse.append("train.early_stopping_patience needs train.eval_steps > 0 (it watches validation loss)")
+        if self.load_best_model_at_end and self.eval_steps:
+            strategy, every = self.save_plan()
+            if strategy != "steps" or every % self.eval_steps:
+                refuse.append(
+                    f"train.load_best_model_at_end needs a checkpoint at every evaluation: train.save_steps ({every}) "
+                    f"must be a multiple of train.eval_steps ({self.eval_steps}); leave save_steps=-1"
+                )
+        if refuse:
+            raise ValueError("; ".join(refuse))
         return self
 
 
@@ -159,8 +284,14 @@ class EvalConfig(_Section):
 
     max_length: int = Field(-1, description="Window length for scoring; -1: the tokenize block length.")
     stride: int = Field(-1, description="Tokens advanced per window; -1: half the window.")
-    max_val_samples: int = Field(-1, description="Score at most this many validation tokens (-1: all).")
-    per_device_eval_batch_size: int = Field(1, ge=1, description="Windows per forward pass.")
+    max_val_samples: int = Field(
+        -1,
+        description="Validate on at most this many blocks of the held-out text (examples when instruction-tuned), "
+        "in the final perplexity and during training (-1: all).",
+    )
+    per_device_eval_batch_size: int = Field(
+        1, ge=1, description="Windows per forward pass, in the final perplexity and in training's validation."
+    )
 
 
 class RegisterConfig(_Section):
@@ -189,6 +320,24 @@ class PipelineConfig(_Section):
     def _combinations(self) -> PipelineConfig:
         if self.eval.stride > 0 and self.eval.max_length > 0 and self.eval.stride > self.eval.max_length:
             raise ValueError("`eval.stride` must not exceed `eval.max_length` (tokens would go unscored)")
+        kind = text_source_kind(self.data.source)
+        if self.data.validation_split_ratio is not None and kind is None:
+            raise ValueError(
+                "`data.validation_split_ratio` applies to TXT/CSV/JSON sources; 10-K runs hold out "
+                "`parse.val_items` (Item 7, the MD&A). Remove the key."
+            )
+        if self.data.validation and kind is None:
+            raise ValueError("`data.validation` applies to TXT/CSV/JSON sources; 10-K runs hold out `parse.val_items`")
+        if self.train.instruction_tuned:
+            if kind is None:
+                raise ValueError(
+                    "`train.instruction_tuned` needs `data.source` to be a JSONL file (or a folder of them) of "
+                    "prompt/completion records, with a template.json"
+                )
+            if kind == "file" and not self.data.source.lower().endswith(".jsonl"):
+                raise ValueError(f"`train.instruction_tuned` reads JSONL; `data.source` is {self.data.source!r}")
+        if self.data.template and not self.train.instruction_tuned:
+            raise ValueError("`data.template` is for instruction tuning; also set `train.instruction_tuned=true`")
         return self
 
 
@@ -258,8 +407,10 @@ def _validation_message(err: ValidationError) -> str:
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             lines.append(f"unknown config key `{loc}`")
+        elif not loc or isinstance(e.get("input"), dict):  # a combination of keys: the message names them
+            lines.append(msg)
         else:
-            lines.append(f"`{loc}`: {msg} (got {e.get('input')!r})" if loc else msg)
+            lines.append(f"`{loc}`: {msg} (got {e.get('input')!r})")
     return "invalid configuration: " + "; ".join(lines)
 
 
@@ -271,6 +422,18 @@ def load_config(preset: str = "demo", overrides: dict[str, Any] | list[str] | No
     """
     raw = yaml.safe_load(preset_path(preset).read_text()) or {}
     raw["preset"] = Path(preset).stem
+    return config_from_dict(raw, overrides)
+
+
+def load_run_config(run_dir: Path, overrides: dict[str, Any] | list[str] | None = None) -> PipelineConfig:
+    """The config a run folder was made with (its config.yaml), plus overrides; for rerunning one stage."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.exists():
+        raise ConfigError(f"{path} does not exist; give the folder of a run (`edgar-tune run --out DIR`)")
+    return config_from_dict(yaml.safe_load(path.read_text()) or {}, overrides)
+
+
+def config_from_dict(raw: dict, overrides: dict[str, Any] | list[str] | None = None) -> PipelineConfig:
     if isinstance(overrides, list):
         overrides = parse_overrides(overrides)
     for key, value in (overrides or {}).items():

@@ -10,6 +10,7 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 from edgar_tune.config import load_config
+from tasks.finetune import memory_plan, preflight
 from tasks.io import DOWNLOAD, TOKENIZE, TRAIN, atomic_write_json, atomic_write_text, read_json
 from tasks.stages import (
     download_filings,
@@ -29,6 +30,7 @@ def edgar_tune_pipeline(
     import yaml
 
     cfg = load_config(preset, overrides or {})
+    precision = preflight(cfg.train)  # a GPU-only engine on a CPU machine fails here, not after the data stages
     run_dir = Path(out_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.model_dump(), sort_keys=False))
@@ -41,10 +43,11 @@ def edgar_tune_pipeline(
         return result
 
     timed("download", download_filings, run_dir, cfg.data)
-    timed("parse", extract_sections, run_dir, cfg.parse)
+    timed("parse", extract_sections, run_dir, cfg)
     tok = timed("tokenize", pack_blocks, run_dir, cfg)
+    memory_plan(run_dir / TOKENIZE, cfg.train, precision)  # a run that cannot fit stops before any model runs
     before = timed("evaluate_before", evaluate_perplexity, run_dir, cfg.eval, False)
-    train = timed("train", finetune_model, run_dir, cfg.train)
+    train = timed("train", finetune_model, run_dir, cfg.train, cfg.eval)
     after = timed("evaluate_after", evaluate_perplexity, run_dir, cfg.eval, True)
     flow_run_id = str(flow_run.id) if flow_run.id else None
     reg = timed("register", register_model, run_dir, cfg, flow_run_id)
@@ -70,6 +73,7 @@ def build_summary(run_dir: Path, preset: str, tok: dict, before: dict, train: di
         "train_tokens_seen": train["train_tokens_seen"],
         "val_tokens": after["tokens"],
         "filings": filings,
+        "data_files": [f["path"] for f in manifest.get("files", [])],
         "base_model": read_json(run_dir / TOKENIZE / "stats.json")["base_model"],
         "mlflow_tracking_uri": reg["tracking_uri"],
         "mlflow_run_id": reg["mlflow_run_id"],
@@ -84,6 +88,12 @@ def build_summary(run_dir: Path, preset: str, tok: dict, before: dict, train: di
         "dtype": train["dtype"],
         "device": train["device"],
         "train_steps": train["steps"],
+        "resumed_from_step": train.get("resumed_from_step"),
+        "best_step": train.get("best_step"),
+        "stopped_early": train.get("stopped_early"),
+        "quantization": train.get("quantization"),
+        "memory_estimate_gb": train.get("memory_plan", {}).get("estimate_gb"),
+        "peak_memory_gb": train.get("peak_memory_gb"),
         "seconds": timings,
         "total_seconds": round(sum(timings.values()), 1),
         "weights": str(run_dir / TRAIN / train["weights"]),
@@ -91,7 +101,8 @@ def build_summary(run_dir: Path, preset: str, tok: dict, before: dict, train: di
 
 
 def format_summary(s: dict) -> str:
-    filings = ", ".join(f"{f['ticker']} {f['form']} FY{f['fiscal_year']}" for f in s["filings"])
+    filings = ", ".join(f"{f['ticker']} {f['form']} FY{f['fiscal_year']}" for f in s["filings"]) or ", ".join(
+        Path(p).name for p in s["data_files"])  # fmt: skip
     stages = "  ".join(f"{k} {v:.0f}s" for k, v in s["seconds"].items())
     return "\n".join([
         "",

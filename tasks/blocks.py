@@ -69,12 +69,38 @@ def report_markdown(report: dict) -> str:
     return "\n".join(lines + tail + (["\nWarnings:", *warnings] if warnings else [])) + "\n"
 
 
+def encode_instructions(rows: list[dict], tokenizer, length: int) -> tuple[dict, int]:
+    """Prompt + completion + EOS per example, the prompt's labels -100 (no loss); cut to `length` tokens.
+
+    Returns the columns and the number of examples whose completion was cut.
+    """
+    prompts = tokenizer([r["prompt"] for r in rows], add_special_tokens=False)["input_ids"]
+    completions = tokenizer([r["completion"] for r in rows], add_special_tokens=False)["input_ids"]
+    ids, labels, cut = [], [], 0
+    for p, c in zip(prompts, completions, strict=True):
+        full = p + c + [tokenizer.eos_token_id]
+        cut += len(full) > length
+        ids.append(full[:length])
+        labels.append(([-100] * len(p) + c + [tokenizer.eos_token_id])[:length])
+    if all(all(x == -100 for x in lab) for lab in labels):
+        raise ValueError(f"every prompt fills the {length}-token window; raise `tokenize.max_input_length`")
+    return {"input_ids": ids, "labels": labels}, cut
+
+
+def row_meta(row: dict) -> dict:
+    """What identifies a document or example in reports (ticker/FY/accession/Item, or file/row)."""
+    return {k: v for k, v in row.items() if k not in ("text", "prompt", "completion", "input_ids", "labels")}
+
+
 def write_tokenize_stage(out: Path, parse_dir: Path, cfg: PipelineConfig) -> dict:
-    """Write `train/` (packed blocks) and `val/` (one token list per held-out MD&A) datasets, plus stats."""
+    """Write `train/` (packed blocks, or instruction examples), `val/` (one token list per held-out document)
+    and `val_blocks/` (the held-out text as blocks, for the validation loss during training), plus stats."""
     train_rows, val_rows = read_jsonl(parse_dir / "train.jsonl"), read_jsonl(parse_dir / "val.jsonl")
+    instruction = cfg.train.instruction_tuned
     with atomic_dir(out) as tmp:
         # The tiny model's tokenizer is trained on this run's training text (never on the validation text).
-        base = resolve_base_model(cfg.model, tmp, (r["text"] for r in train_rows), cfg.train.seed)
+        texts = (r["text"] if "text" in r else r["prompt"] + r["completion"] for r in train_rows)
+        base = resolve_base_model(cfg.model, tmp, texts, cfg.train.seed)
         if cfg.model.name == TINY:
             base_ref = {"kind": "run_local", "path": TINY}
         else:
@@ -89,39 +115,70 @@ def write_tokenize_stage(out: Path, parse_dir: Path, cfg: PipelineConfig) -> dic
 
         # An explicit fingerprint: hashing the closure (and the tokenizer in it) is slow and prints bytecode.
         key = f"{base}|{length}|{len(tokenizer)}"
-        train_tok = Dataset.from_list(train_rows).map(
-            encode, batched=True, desc="tokenize train", new_fingerprint=_fingerprint(key, train_rows)
-        )
-        blocks, dropped = pack(train_tok["input_ids"], length)
-        Dataset.from_dict({"input_ids": blocks}).save_to_disk(tmp / "train")
-        val_tok = Dataset.from_list(val_rows).map(
-            encode, batched=True, desc="tokenize validation", new_fingerprint=_fingerprint(key, val_rows)
-        )
-        val_tok.remove_columns(["text"]).save_to_disk(tmp / "val")
+        extra = {}
+        if instruction:
+            train_cols, cut = encode_instructions(train_rows, tokenizer, length)
+            val_cols, val_cut = encode_instructions(val_rows, tokenizer, length)
+            Dataset.from_dict(train_cols).save_to_disk(tmp / "train")
+            val_tok = Dataset.from_list([row_meta(r) for r in val_rows]).add_column("input_ids", val_cols["input_ids"])
+            val_tok = val_tok.add_column("labels", val_cols["labels"])
+            val_tok.save_to_disk(tmp / "val")
+            val_tok.select_columns(["input_ids", "labels"]).save_to_disk(tmp / "val_blocks")
+            n_train, train_tokens, dropped = len(train_cols["input_ids"]), sum(map(len, train_cols["input_ids"])), 0
+            val_tokens = sum(sum(x != -100 for x in lab) for lab in val_cols["labels"])
+            extra = {"examples_cut_to_length": {"train": cut, "val": val_cut},
+                     "completion_tokens_train": sum(sum(x != -100 for x in lab) for lab in train_cols["labels"])}  # fmt: skip
+            train_ids, val_ids = train_cols["input_ids"], val_cols["input_ids"]
+        else:
+            train_tok = Dataset.from_list(train_rows).map(
+                encode, batched=True, desc="tokenize train", new_fingerprint=_fingerprint(key, train_rows)
+            )
+            blocks, dropped = pack(train_tok["input_ids"], length)
+            Dataset.from_dict({"input_ids": blocks}).save_to_disk(tmp / "train")
+            val_tok = Dataset.from_list(val_rows).map(
+                encode, batched=True, desc="tokenize validation", new_fingerprint=_fingerprint(key, val_rows)
+            )
+            val_tok = val_tok.remove_columns(["text"])
+            val_tok.save_to_disk(tmp / "val")
+            val_blocks, _ = pack(val_tok["input_ids"], length)
+            if not val_blocks:  # less held-out text than one block: validate on all of it
+                val_blocks = [list(chain.from_iterable(val_tok["input_ids"]))]
+            Dataset.from_dict({"input_ids": val_blocks}).save_to_disk(tmp / "val_blocks")
+            n_train, train_tokens = len(blocks), len(blocks) * length
+            val_tokens = sum(len(x) for x in val_tok["input_ids"])
+            train_ids, val_ids = list(train_tok["input_ids"]), list(val_tok["input_ids"])
         stats = {
             "base_model": base_ref,
             "block_length": length,
-            "train_blocks": len(blocks),
-            "train_tokens": len(blocks) * length,
+            "kind": "instruction" if instruction else "text",
+            "train_blocks": n_train,
+            "train_tokens": train_tokens,
             "train_tokens_dropped_at_end": dropped,
-            "val_documents": len(val_tok),
-            "val_tokens": sum(len(x) for x in val_tok["input_ids"]),
+            "val_documents": len(val_rows),
+            "val_tokens": val_tokens,
             "val_tokens_per_document": [
-                {k: r[k] for k in ("ticker", "fiscal_year", "accession")} | {"tokens": len(ids)}
-                for r, ids in zip(val_rows, val_tok["input_ids"], strict=True)
+                row_meta(r) | {"tokens": len(ids)} for r, ids in zip(val_rows, val_ids, strict=True)
             ],
             "tokenizer_vocab": len(tokenizer),
-        }
-        if not blocks:
+        } | extra
+        if not n_train:
             raise ValueError(
                 f"training text has {dropped} tokens, fewer than one block of {length}; lower "
-                "`tokenize.max_input_length` or add filings"
+                "`tokenize.max_input_length` or add data"
             )
         atomic_write_json(tmp / "stats.json", stats)
-        report = data_report(read_json(parse_dir / "report.json"), train_rows + val_rows,
-                             list(train_tok["input_ids"]) + list(val_tok["input_ids"]))  # fmt: skip
+        parse_report = read_json(parse_dir / "report.json")
+        if "filings" in parse_report:
+            report = data_report(parse_report, train_rows + val_rows, train_ids + val_ids)
+            markdown = report_markdown(report)
+        else:
+            report = parse_report | {"train_tokens": train_tokens, "val_tokens": val_tokens}
+            markdown = "| set | rows | chars | tokens |\n|---|---:|---:|---:|\n" + "".join(
+                f"| {s} | {report[f'{s}_documents']:,} | {report[f'{s}_chars']:,} | {report[f'{s}_tokens']:,} |\n"
+                for s in ("train", "val")
+            ) + f"\nFiles: {', '.join(report['files'])}\nValidation: {report['validation']}\n"
         atomic_write_json(tmp / "data_report.json", report)
-        atomic_write_text(tmp / "data_report.md", report_markdown(report))
+        atomic_write_text(tmp / "data_report.md", markdown)
     return stats
 
 

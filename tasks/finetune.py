@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 import os
@@ -12,8 +13,10 @@ from pathlib import Path
 import torch
 from datasets import load_from_disk
 
-from edgar_tune.config import DEEPSPEED_PRESETS, REPO_ROOT, TrainConfig
+from edgar_tune.config import DEEPSPEED_PRESETS, REPO_ROOT, ConfigError, EvalConfig, TrainConfig
 from tasks.blocks import base_model_path
+from tasks.checkpoints import checkpoint_step, resume_settings, trainer_class
+from tasks.checkpoints import prepare as prepare_checkpoints
 from tasks.io import atomic_dir, atomic_write_json, read_json, write_jsonl
 from tasks.models import device, load_causal_lm, load_tokenizer
 
@@ -55,10 +58,31 @@ def _select_blocks(tokenize_dir: Path, cfg: TrainConfig):
     return blocks
 
 
-def causal_lm_collate(features: list[dict]) -> dict:
-    """Stack packed blocks; labels are the inputs (the model shifts them), no padding needed."""
-    input_ids = torch.tensor([f["input_ids"] for f in features], dtype=torch.long)
-    return {"input_ids": input_ids, "labels": input_ids.clone()}
+def validation_blocks(tokenize_dir: Path, max_val_samples: int):
+    """The held-out text as blocks (or instruction examples) for the validation loss during training."""
+    val = load_from_disk(str(tokenize_dir / "val_blocks"))
+    return val.select(range(max_val_samples)) if 0 < max_val_samples < len(val) else val
+
+
+class CausalLMCollator:
+    """Packed blocks are stacked (labels = inputs; the model shifts them). Instruction examples come with
+    labels (-100 on the prompt) and different lengths: they are right-padded, padding masked out of the loss."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad = pad_token_id
+
+    def __call__(self, features: list[dict]) -> dict:
+        if "labels" not in features[0]:
+            input_ids = torch.tensor([f["input_ids"] for f in features], dtype=torch.long)
+            return {"input_ids": input_ids, "labels": input_ids.clone()}
+        width = max(len(f["input_ids"]) for f in features)
+        ids = torch.full((len(features), width), self.pad, dtype=torch.long)
+        labels = torch.full((len(features), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(features), width), dtype=torch.long)
+        for i, f in enumerate(features):
+            n = len(f["input_ids"])
+            ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(f["input_ids"]), torch.tensor(f["labels"]), 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
 def deepspeed_config_path(name: str) -> Path:
@@ -103,41 +127,194 @@ def _prepare_deepspeed() -> None:
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
-def write_train_stage(out: Path, tokenize_dir: Path, cfg: TrainConfig) -> dict:
-    """Train and write the adapter (or full weights), the tokenizer and the loss history atomically.
+def preflight(cfg: TrainConfig) -> str:
+    """Check, before anything runs, that this machine can run the engine asked for; return the precision.
 
-    One process trains here; `train.nproc` > 1 or a hostfile runs `tasks.train_worker` under the DeepSpeed
-    launcher, which writes into the same temp folder.
+    Raises:
+        ConfigError: naming the key to change. Nothing else is ever run under the requested engine's name.
     """
+    on_gpu = device() == "cuda"
+    if cfg.quantization:
+        key = "train.int8_quantization" if cfg.int8_quantization else "train.int4_quantization"
+        if not on_gpu:
+            raise ConfigError(
+                f"{key}=true loads the base through bitsandbytes, which needs a CUDA GPU, and this machine has none. "
+                f"Set {key}=false to train unquantized in fp32 on the CPU."
+            )
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ConfigError(f"{key}=true needs bitsandbytes: `pip install 'bitsandbytes>=0.45'`, or set {key}=false")
+    if cfg.enable_fsdp and not on_gpu:
+        raise ConfigError(
+            "train.enable_fsdp=true needs CUDA GPUs (on the CPU the Trainer would run plain data parallel under the "
+            "FSDP name). On the CPU set train.deepspeed=zero3, which shards the same states."
+        )
+    if cfg.deepspeed and importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError(f"train.deepspeed={cfg.deepspeed} needs DeepSpeed: `pip install deepspeed` (see README)")
+    if on_gpu and not cfg.hostfile and cfg.nproc > torch.cuda.device_count():
+        raise ConfigError(f"train.nproc={cfg.nproc} but this node has {torch.cuda.device_count()} GPU(s); lower it")
+    try:
+        return resolve_precision(cfg.precision)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def engine_option(cfg: TrainConfig) -> str:
+    """The memory plan's row for this config: none, zero2, zero3, zero3-offload or fsdp."""
+    if cfg.enable_fsdp:
+        return "fsdp"
+    if not cfg.deepspeed:
+        return "none"
+    if cfg.deepspeed in DEEPSPEED_PRESETS:
+        return cfg.deepspeed
+    zero = read_json(deepspeed_config_path(cfg.deepspeed)).get("zero_optimization", {})
+    if zero.get("stage", 0) >= 3:
+        return "zero3-offload" if zero.get("offload_param") else "zero3"
+    return "zero2"
+
+
+def world_size(cfg: TrainConfig) -> int:
+    """Processes over all nodes: `nproc`, or the slots of the hostfile's hosts."""
+    if not cfg.hostfile:
+        return cfg.nproc
+    slots = [int(part.split("=")[1]) for line in Path(cfg.hostfile).read_text().splitlines()
+             for part in line.split() if part.startswith("slots=")]  # fmt: skip
+    return sum(slots) or cfg.nproc
+
+
+def memory_plan(tokenize_dir: Path, cfg: TrainConfig, precision: str) -> dict:
+    """Estimate peak memory per device for every engine option; refuse (or warn) when this run's cannot fit."""
+    from tasks import memory
+
+    stats = read_json(tokenize_dir / "stats.json")
+    shape = memory.model_shape(base_model_path(tokenize_dir), cfg.mode, cfg.lora_r, cfg.lora_target_modules)
+    world = world_size(cfg)
+    budget, where = (cfg.memory_budget_gb, "train.memory_budget_gb") if cfg.memory_budget_gb else memory.device_budget_gb(cfg.nproc)
+    kw = dict(nproc=world, seq=stats["block_length"], batch=cfg.per_device_train_batch_size, mode=cfg.mode,
+              precision=precision, quantization=cfg.quantization, gradient_checkpointing=cfg.gradient_checkpointing)  # fmt: skip
+    chosen = engine_option(cfg)
+    options = memory.OPTIONS + (("fsdp",) if chosen == "fsdp" else ())
+    rows = memory.plan(shape, budget_gb=budget, options=options, **kw)
+    context = (f"{shape.params / 1e6:,.1f}M params, {cfg.mode}"
+               + (f" r={cfg.lora_r} ({shape.lora_params / 1e6:.2f}M trained)" if cfg.mode == "lora" else "")
+               + f", {kw['batch']}x{kw['seq']} tokens, {precision}, {world} process(es), {where}")  # fmt: skip
+    table = memory.format_plan(rows, chosen, budget, context)
+    log.info("\n%s", table)
+    mine = next(r for r in rows if r.option == chosen)
+    if not mine.fits and cfg.memory_check != "off":
+        advice = memory.suggestion(rows, shape, budget_gb=budget, options=options, **kw)
+        message = (f"{table}\nthis run needs about {mine.total:.1f} GB per device and {budget:.1f} GB is there "
+                   f"({memory.HEADROOM:.0%} usable). Try {advice}; or set train.memory_check=warn to run anyway.")  # fmt: skip
+        if cfg.memory_check == "refuse":
+            raise ConfigError(message)
+        log.warning(message)
+    return {"budget_gb": budget, "budget_from": where, "engine": chosen, "estimate_gb": mine.total,
+            "rows": memory.as_json(rows), "shape": vars(shape)}  # fmt: skip
+
+
+def checkpoints_dir(out: Path) -> Path:
+    return out.with_name(f"{out.name}.checkpoints")
+
+
+def write_train_stage(out: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfig) -> dict:
+    """Train and publish the adapter (or full weights), tokenizer, loss history and stats atomically.
+
+    Checkpoints go to `04_train.checkpoints/`; a rerun after a crash resumes from the last complete one. One
+    process trains here; `train.nproc` > 1 or a hostfile runs `tasks.train_worker` under the DeepSpeed launcher
+    (torchrun for FSDP), writing into the same temp folder.
+    """
+    precision = preflight(cfg)
+    plan = memory_plan(tokenize_dir, cfg, precision)
+    ckpts = checkpoints_dir(out)
+    settings = resume_settings(cfg.model_dump(), eval_cfg.model_dump(), read_json(tokenize_dir / "stats.json"), world_size(cfg))
+    try:
+        resume_from = prepare_checkpoints(ckpts, settings, cfg.resume)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     with atomic_dir(out) as tmp:
         if cfg.nproc > 1 or cfg.hostfile:
-            _launch(tmp, tokenize_dir, cfg)
+            _launch(tmp, tokenize_dir, cfg, eval_cfg, ckpts, resume_from)
             stats = read_json(tmp / "stats.json")
         else:
-            stats = train(tmp, tokenize_dir, cfg)
+            stats = train(tmp, tokenize_dir, cfg, eval_cfg, ckpts, resume_from)
+        stats["memory_plan"] = plan
+        atomic_write_json(tmp / "stats.json", stats)
+    if not cfg.keep_checkpoints:
+        shutil.rmtree(ckpts, ignore_errors=True)
     return stats
 
 
-def _launch(tmp: Path, tokenize_dir: Path, cfg: TrainConfig) -> None:
+def _launch(tmp: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfig, ckpts: Path,
+            resume_from: Path | None) -> None:  # fmt: skip
     import subprocess
     import sys
 
-    port = _free_port()
-    where = ["--hostfile", cfg.hostfile] if cfg.hostfile else ["--num_gpus", str(cfg.nproc)]
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", *where, "--master_port", str(port),
-           "--module", "tasks.train_worker", "--out", str(tmp), "--tokenize-dir", str(tokenize_dir),
-           "--config", cfg.model_dump_json()]  # fmt: skip
-    log.info("launching %d training processes: %s", cfg.nproc, " ".join(cmd[:8]))
+    port = str(_free_port())
+    if cfg.enable_fsdp:
+        launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(cfg.nproc), "--master_port", port]
+    else:
+        where = ["--hostfile", cfg.hostfile] if cfg.hostfile else ["--num_gpus", str(cfg.nproc)]
+        launcher = ["-m", "deepspeed.launcher.runner", *where, "--master_port", port]
+    cmd = [sys.executable, *launcher, "--module", "tasks.train_worker", "--out", str(tmp),
+           "--tokenize-dir", str(tokenize_dir), "--checkpoints", str(ckpts), "--config", cfg.model_dump_json(),
+           "--eval-config", eval_cfg.model_dump_json()]  # fmt: skip
+    if resume_from:
+        cmd += ["--resume-from", str(resume_from)]
+    log.info("launching %d training processes: %s", cfg.nproc, " ".join(cmd[:9]))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if proc.returncode != 0 or not (tmp / "stats.json").exists():
         tail = "\n".join(proc.stdout.splitlines()[-40:])
-        raise RuntimeError(f"DeepSpeed launcher exited with {proc.returncode}; the last lines:\n{tail}")
+        raise RuntimeError(f"training launcher exited with {proc.returncode}; the last lines:\n{tail}")
 
 
-def train(tmp: Path, tokenize_dir: Path, cfg: TrainConfig) -> dict:
+def _load_model(base: str, cfg: TrainConfig, precision: str):
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if not cfg.quantization:
+        # Under DeepSpeed bf16/fp16 the engine keeps fp32 master weights itself: load the base in half precision.
+        return load_causal_lm(base, dtype=half if (cfg.deepspeed and half) else torch.float32)
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    if cfg.int8_quantization:
+        quant = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=half)  # fmt: skip
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    model = AutoModelForCausalLM.from_pretrained(base, quantization_config=quant, dtype=half, device_map={"": local})
+    kinds = {type(m).__name__ for m in model.modules()}
+    if not kinds & {"Linear8bitLt", "Linear4bit"}:
+        raise RuntimeError(f"asked for {cfg.quantization} but bitsandbytes quantized no layer of {base}")
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+                                           gradient_checkpointing_kwargs={"use_reentrant": False})  # fmt: skip
+
+
+def _checkpointing_args(on: bool) -> dict:
+    """Gradient checkpointing under its name in this transformers (`activation_checkpointing` from 5.2x)."""
+    from dataclasses import fields
+
+    from transformers import TrainingArguments
+
+    name = "activation_checkpointing" if "activation_checkpointing" in {f.name for f in fields(TrainingArguments)} else "gradient_checkpointing"
+    return {name: on, f"{name}_kwargs": {"use_reentrant": False} if on else None}
+
+
+def _check_engine(trainer, cfg: TrainConfig) -> None:
+    """What runs is what was asked for: never plain training under DeepSpeed's or FSDP's name."""
+    if bool(cfg.deepspeed) != trainer.is_deepspeed_enabled:
+        raise RuntimeError(f"train.deepspeed={cfg.deepspeed!r} but the Trainer's DeepSpeed is {trainer.is_deepspeed_enabled}")
+    if cfg.enable_fsdp:
+        from accelerate.utils import DistributedType
+
+        kind = trainer.accelerator.state.distributed_type
+        if not trainer.is_fsdp_enabled or kind != DistributedType.FSDP:
+            raise RuntimeError(f"train.enable_fsdp=true but the Trainer runs {kind}; refusing to train under FSDP's name")
+
+
+def train(tmp: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfig, ckpts: Path,
+          resume_from: Path | None = None) -> dict:  # fmt: skip
     """Train in this process (one of `WORLD_SIZE` under a launcher); rank 0 writes the results into `tmp`."""
-    from transformers import Trainer, TrainingArguments
+    from transformers import EarlyStoppingCallback, TrainingArguments
 
     precision = resolve_precision(cfg.precision)
     ds_config = None
@@ -145,36 +322,50 @@ def train(tmp: Path, tokenize_dir: Path, cfg: TrainConfig) -> dict:
         ds_config = str(deepspeed_config_path(cfg.deepspeed))
         _single_process_dist_env()
         _prepare_deepspeed()
+    if cfg.enable_fsdp:
+        _single_process_dist_env()
     base = base_model_path(tokenize_dir)
     blocks = _select_blocks(tokenize_dir, cfg)
+    evaluate = cfg.eval_steps > 0
+    eval_set = validation_blocks(tokenize_dir, eval_cfg.max_val_samples) if evaluate else None
+    save_strategy, save_steps = cfg.save_plan()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     args = TrainingArguments(
-        output_dir=str(tmp / "trainer"),
+        output_dir=str(ckpts),
         num_train_epochs=cfg.epoch,
         max_steps=cfg.max_steps,
         learning_rate=cfg.learning_rate,
         per_device_train_batch_size=cfg.per_device_train_batch_size,
+        per_device_eval_batch_size=eval_cfg.per_device_eval_batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         weight_decay=cfg.weight_decay,
-        warmup_steps=round(cfg.warmup * total_steps(len(blocks), cfg, int(os.environ.get("WORLD_SIZE", "1")))),
+        max_grad_norm=cfg.max_grad_norm,
+        warmup_steps=round(cfg.warmup * total_steps(len(blocks), cfg, world)),
         lr_scheduler_type=cfg.lr_scheduler,
         logging_steps=cfg.logging_steps,
-        save_strategy="no",
+        eval_strategy="steps" if evaluate else "no",
+        eval_steps=cfg.eval_steps or None,
+        save_strategy=save_strategy,
+        save_steps=save_steps or 500,
+        save_total_limit=cfg.save_total_limit,
+        load_best_model_at_end=evaluate and cfg.load_best_model_at_end,
+        metric_for_best_model="eval_loss" if evaluate else None,
+        greater_is_better=False if evaluate else None,
         report_to=[],
         seed=cfg.seed,
         data_seed=cfg.train_data_split_seed,
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        **_checkpointing_args(cfg.gradient_checkpointing),
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         deepspeed=ds_config,  # before the model is built: ZeRO-3 then builds it sharded
+        fsdp="full_shard auto_wrap" if cfg.enable_fsdp else "",
+        fsdp_config={"use_orig_params": True} if cfg.enable_fsdp else None,
         use_cpu=device() == "cpu",
         dataloader_num_workers=0,
         disable_tqdm=False,
     )
     torch.manual_seed(cfg.seed)
-    # Under DeepSpeed bf16/fp16 the engine keeps fp32 master weights itself: load the base in half precision.
-    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision) if cfg.deepspeed else None
-    model = load_causal_lm(base, dtype=half or torch.float32)
+    model = _load_model(base, cfg, precision)
     if cfg.mode == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -183,11 +374,17 @@ def train(tmp: Path, tokenize_dir: Path, cfg: TrainConfig) -> dict:
                           target_modules=targets, task_type="CAUSAL_LM")  # fmt: skip
         model = get_peft_model(model, lora)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    trainer = Trainer(model=model, args=args, train_dataset=blocks, data_collator=causal_lm_collate)
-    if bool(cfg.deepspeed) != trainer.is_deepspeed_enabled:
-        raise RuntimeError(f"train.deepspeed={cfg.deepspeed!r} but the Trainer's DeepSpeed is {trainer.is_deepspeed_enabled}")
+    tokenizer = load_tokenizer(base)
+    callbacks = []
+    if evaluate and cfg.early_stopping_patience:
+        callbacks.append(EarlyStoppingCallback(cfg.early_stopping_patience, cfg.early_stopping_threshold))
+    trainer = trainer_class()(model=model, args=args, train_dataset=blocks, eval_dataset=eval_set,
+                              data_collator=CausalLMCollator(tokenizer.pad_token_id), callbacks=callbacks)  # fmt: skip
+    _check_engine(trainer, cfg)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     seconds = time.perf_counter() - start
     zero_stage = trainer.model_wrapped.zero_optimization_stage() if cfg.deepspeed else None
     history = [h for h in trainer.state.log_history if "loss" in h]
@@ -195,33 +392,43 @@ def train(tmp: Path, tokenize_dir: Path, cfg: TrainConfig) -> dict:
     if not losses or not all(math.isfinite(x) for x in losses):
         raise FloatingPointError(f"training loss is not finite ({losses[-3:]}); lower `train.learning_rate`")
     weights = "adapter" if cfg.mode == "lora" else "model"
-    trainer.save_model(str(tmp / weights))  # every rank: ZeRO-3 gathers the shards for rank 0 to write
+    trainer.save_model(str(tmp / weights))  # every rank: ZeRO-3 and FSDP gather the shards for rank 0 to write
     if not trainer.is_world_process_zero():
         return {}
     (tmp / weights / "training_args.bin").unlink(missing_ok=True)
-    load_tokenizer(base).save_pretrained(tmp / weights)
+    tokenizer.save_pretrained(tmp / weights)
     write_jsonl(tmp / "loss.jsonl", [{"step": h["step"], "loss": h["loss"], "learning_rate": h.get(
         "learning_rate"), "epoch": h.get("epoch")} for h in history])  # fmt: skip
-    world = trainer.args.world_size
+    val_history = [{"step": h["step"], "val_loss": h["eval_loss"]} for h in trainer.state.log_history if "eval_loss" in h]
+    write_jsonl(tmp / "val_loss.jsonl", val_history)
+    state = trainer.state
+    planned = total_steps(len(blocks), cfg, trainer.args.world_size)
     stats = {
         "mode": cfg.mode,
         "weights": weights,
-        "steps": trainer.state.global_step,
+        "steps": state.global_step,
+        "planned_steps": planned,
+        "stopped_early": bool(callbacks) and state.global_step < planned,
+        "resumed_from_step": checkpoint_step(resume_from) if resume_from else None,
+        "best_step": state.best_global_step,
+        "best_val_loss": state.best_metric,
+        "published": "best" if args.load_best_model_at_end and state.best_global_step else "last",
         "train_blocks": len(blocks),
-        "train_tokens_seen": trainer.state.global_step * cfg.per_device_train_batch_size
-        * cfg.gradient_accumulation_steps * world * len(blocks[0]["input_ids"]),
+        "train_tokens_seen": state.global_step * cfg.per_device_train_batch_size
+        * cfg.gradient_accumulation_steps * trainer.args.world_size * len(blocks[0]["input_ids"]),
         "trainable_parameters": trainable,
         "final_loss": losses[-1],
         "train_loss": result.training_loss,
         "seconds": seconds,
-        "engine": "deepspeed" if cfg.deepspeed else "hf-trainer",
+        "engine": "deepspeed" if cfg.deepspeed else "fsdp" if cfg.enable_fsdp else "hf-trainer",
         "deepspeed_config": cfg.deepspeed,
         "zero_stage": zero_stage,
-        "world_size": world,
+        "world_size": trainer.args.world_size,
         "gradient_checkpointing": cfg.gradient_checkpointing,
+        "quantization": cfg.quantization,
         "device": device(),
         "dtype": {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[precision],
+        "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None,
     }
-    shutil.rmtree(tmp / "trainer", ignore_errors=True)
     atomic_write_json(tmp / "stats.json", stats)
     return stats

@@ -40,17 +40,31 @@ def windows(n_tokens: int, max_length: int, stride: int) -> list[tuple[int, int,
 
 
 @torch.no_grad()
-def document_nll(model, ids: list[int], max_length: int, stride: int, dev: str) -> tuple[float, int]:
-    """Sum of negative log-likelihoods (nats) and number of tokens scored, for one document."""
+def document_nll(model, ids: list[int], max_length: int, stride: int, dev: str, batch_size: int = 1) -> tuple[float, int]:
+    """Sum of negative log-likelihoods (nats) and number of tokens scored, for one document.
+
+    Windows of equal length go through the model `batch_size` at a time; the sums do not depend on it.
+    """
     total, count = 0.0, 0
-    for begin, end, first in windows(len(ids), max_length, stride):
-        window = torch.tensor(ids[begin:end], device=dev).unsqueeze(0)
-        logits = model(input_ids=window).logits[0].float()
-        # logits at position t predict token t+1; score targets first..end-1.
-        targets = window[0, first - begin :]
-        preds = logits[first - begin - 1 : end - begin - 1]
-        total += F.cross_entropy(preds, targets, reduction="sum").item()
-        count += targets.numel()
+    spans = windows(len(ids), max_length, stride)
+    i = 0
+    while i < len(spans):
+        width = spans[i][1] - spans[i][0]
+        group = [spans[i]]
+        while len(group) < batch_size and i + len(group) < len(spans):
+            nxt = spans[i + len(group)]
+            if nxt[1] - nxt[0] != width:
+                break
+            group.append(nxt)
+        i += len(group)
+        batch = torch.tensor([ids[b:e] for b, e, _ in group], device=dev)
+        logits = model(input_ids=batch).logits.float()
+        for row, (begin, end, first) in enumerate(group):
+            # logits at position t predict token t+1; score targets first..end-1.
+            targets = batch[row, first - begin :]
+            preds = logits[row, first - begin - 1 : end - begin - 1]
+            total += F.cross_entropy(preds, targets, reduction="sum").item()
+            count += targets.numel()
     return total, count
 
 
@@ -67,27 +81,54 @@ def cap_documents(docs: list[list[int]], max_tokens: int) -> list[list[int]]:
     return out
 
 
+@torch.no_grad()
+def example_nll(model, ids: list[int], labels: list[int], dev: str) -> tuple[float, int]:
+    """NLL of an instruction example's completion tokens (labels != -100), the prompt as context only."""
+    x = torch.tensor(ids, device=dev).unsqueeze(0)
+    y = torch.tensor(labels, device=dev)
+    logits = model(input_ids=x).logits[0, :-1].float()
+    targets = y[1:]
+    keep = targets != -100
+    return F.cross_entropy(logits[keep], targets[keep], reduction="sum").item(), int(keep.sum())
+
+
 def evaluate_model(model, val, cfg: EvalConfig, block_length: int, label: str) -> dict:
-    """Per-document and token-weighted overall perplexity."""
+    """Per-document (or per-example) and token-weighted overall perplexity.
+
+    `eval.max_val_samples` caps the text scored: that many blocks of held-out tokens, or that many instruction
+    examples, whose completions alone are scored.
+    """
+    from tasks.blocks import row_meta
+
     max_length = cfg.max_length if cfg.max_length > 0 else block_length
     stride = cfg.stride if cfg.stride > 0 else max(1, max_length // 2)
     if stride > max_length:
         raise ValueError(f"`eval.stride` ({stride}) exceeds the window ({max_length}); tokens would go unscored")
     dev = device()
     model.to(dev).eval()
-    docs = cap_documents(list(val["input_ids"]), cfg.max_val_samples)
+    instruction = "labels" in val.column_names
+    if instruction:
+        n = len(val) if cfg.max_val_samples < 0 else min(len(val), cfg.max_val_samples)
+        docs = list(val["input_ids"][:n])
+    else:
+        cap = cfg.max_val_samples * block_length if cfg.max_val_samples > 0 else -1
+        docs = cap_documents(list(val["input_ids"]), cap)
     per_doc, nll, count = [], 0.0, 0
     start = time.perf_counter()
     for i, ids in enumerate(tqdm(docs, desc=f"perplexity ({label})", unit="doc")):
-        doc_nll, doc_count = document_nll(model, ids, max_length, stride, dev)
+        if instruction:
+            doc_nll, doc_count = example_nll(model, ids, val[i]["labels"], dev)
+        else:
+            doc_nll, doc_count = document_nll(model, ids, max_length, stride, dev, cfg.per_device_eval_batch_size)
         nll, count = nll + doc_nll, count + doc_count
-        meta = {k: val[i][k] for k in ("ticker", "fiscal_year", "accession", "item")}
+        meta = row_meta(val[i])
         per_doc.append(meta | {"tokens": doc_count, "nll": doc_nll, "perplexity": _ppl(doc_nll, doc_count)})
     ppl = _ppl(nll, count)
     if not math.isfinite(ppl):
         raise FloatingPointError(f"{label} perplexity is {ppl}: the model produced NaN/inf; nothing registered")
     return {"perplexity": ppl, "nll": nll, "tokens": count, "max_length": max_length, "stride": stride,
-            "documents": per_doc, "seconds": time.perf_counter() - start}  # fmt: skip
+            "scored": "completion tokens" if instruction else "all tokens", "documents": per_doc,
+            "seconds": time.perf_counter() - start}  # fmt: skip
 
 
 def _ppl(nll: float, count: int) -> float:

@@ -70,7 +70,7 @@ class EdgarTuneLM(mlflow.pyfunc.PythonModel):
         return out
 
 
-def _plots(tmp: Path, losses: list[dict], before: dict, after: dict) -> list[Path]:
+def _plots(tmp: Path, losses: list[dict], before: dict, after: dict, val_losses: list[dict]) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -83,6 +83,8 @@ def _plots(tmp: Path, losses: list[dict], before: dict, after: dict) -> list[Pat
     smooth = [sum(values[max(0, i - window + 1) : i + 1]) / len(values[max(0, i - window + 1) : i + 1])
               for i in range(len(values))]  # fmt: skip
     ax.plot(steps, smooth, label=f"moving average ({window} steps)")
+    if val_losses:
+        ax.plot([r["step"] for r in val_losses], [r["val_loss"] for r in val_losses], "o-", label="validation loss")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.set_title("Training loss")
@@ -91,16 +93,18 @@ def _plots(tmp: Path, losses: list[dict], before: dict, after: dict) -> list[Pat
     fig.savefig(tmp / "loss_curve.png", dpi=110)
     plt.close(fig)
 
-    names = [f"{d['ticker']} FY{d['fiscal_year']}" for d in before["documents"]] + ["overall"]
-    b = [d["perplexity"] for d in before["documents"]] + [before["perplexity"]]
-    a = [d["perplexity"] for d in after["documents"]] + [after["perplexity"]]
+    filings = all("ticker" in d for d in before["documents"])  # 10-Ks: one bar per MD&A; users' text: overall
+    per_doc = before["documents"] if filings else []
+    names = [f"{d['ticker']} FY{d['fiscal_year']}" for d in per_doc] + ["overall"]
+    b = [d["perplexity"] for d in per_doc] + [before["perplexity"]]
+    a = [d["perplexity"] for d in after["documents"]][: len(per_doc)] + [after["perplexity"]]
     fig, ax = plt.subplots(figsize=(7, 4))
     x = range(len(names))
     ax.bar([i - 0.2 for i in x], b, width=0.4, label="before fine-tuning")
     ax.bar([i + 0.2 for i in x], a, width=0.4, label="after fine-tuning")
     ax.set_xticks(list(x), names)
-    ax.set_ylabel("perplexity on held-out MD&A")
-    ax.set_title("Validation perplexity (Item 7, MD&A)")
+    ax.set_ylabel("perplexity on held-out MD&A" if filings else "perplexity on held-out text")
+    ax.set_title("Validation perplexity (Item 7, MD&A)" if filings else "Validation perplexity")
     ax.set_ylim(0, max(b + a) * 1.25)
     ax.legend(loc="upper center", ncols=2)
     fig.tight_layout()
@@ -142,7 +146,7 @@ def register_run(run_dir: Path, runs_root: Path, cfg: PipelineConfig, flow_run_i
     before = read_json(run_dir / EVALUATE / "base.json")
     after = read_json(run_dir / EVALUATE / "finetuned.json")
     losses = read_jsonl(run_dir / TRAIN / "loss.jsonl")
-    filings = [{k: f[k] for k in ("ticker", "form", "fiscal_year", "accession")} for f in report["filings"]]
+    filings = [{k: f[k] for k in ("ticker", "form", "fiscal_year", "accession")} for f in report.get("filings", [])]
     exp_id = _experiment_id(client, cfg.registry.experiment, runs_root, uri)
     weights_dir = run_dir / TRAIN / train_stats["weights"]
     base_ref = cfg.model.name
@@ -160,8 +164,12 @@ def register_run(run_dir: Path, runs_root: Path, cfg: PipelineConfig, flow_run_i
                             "train_seconds": train_stats["seconds"]})  # fmt: skip
         for row in losses:
             mlflow.log_metric("train_loss", row["loss"], step=int(row["step"]))
+        val_file = run_dir / TRAIN / "val_loss.jsonl"
+        val_losses = read_jsonl(val_file) if val_file.exists() else []
+        for row in val_losses:
+            mlflow.log_metric("val_loss", row["val_loss"], step=int(row["step"]))
         with tempfile.TemporaryDirectory() as tmp:
-            for png in _plots(Path(tmp), losses, before, after):
+            for png in _plots(Path(tmp), losses, before, after, val_losses):
                 mlflow.log_artifact(str(png), artifact_path="plots")
         mlflow.log_dict(read_json(run_dir / TOKENIZE / "data_report.json"), "data/report.json")
         mlflow.log_text((run_dir / TOKENIZE / "data_report.md").read_text(), "data/report.md")

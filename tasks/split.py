@@ -6,7 +6,7 @@ import hashlib
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from edgar_tune.config import ParseConfig
+from edgar_tune.config import ParseConfig, PipelineConfig
 from tasks.download import primary_file, submission_file
 from tasks.io import atomic_dir, atomic_write_json, write_jsonl
 from tasks.sections import ParsedFiling, parse_filing
@@ -78,11 +78,29 @@ def _finish(row: dict) -> dict:
 
 
 def text_sha256(rows: list[dict]) -> str:
+    """Hash of the text of the rows (10-K Items, text rows, or instruction prompt + completion)."""
     digest = hashlib.sha256()
     for r in rows:
-        digest.update(r["text"].encode("utf-8"))
-        digest.update(b"\x00")
+        for key in ("text", "prompt", "completion"):
+            if key in r:
+                digest.update(r[key].encode("utf-8"))
+                digest.update(b"\x00")
     return digest.hexdigest()
+
+
+def write_text_parse_stage(out: Path, cfg: PipelineConfig) -> dict:
+    """Users' TXT/CSV/JSON (or instruction JSONL) rows, split into training and validation."""
+    from tasks.textdata import build_text_split
+
+    train, val, report = build_text_split(cfg)
+    if not val or not train:
+        raise ValueError(f"the split left {len(train)} training and {len(val)} validation rows; add data")
+    report["train_sha256"], report["val_sha256"] = text_sha256(train), text_sha256(val)
+    with atomic_dir(out) as tmp:
+        write_jsonl(tmp / "train.jsonl", train)
+        write_jsonl(tmp / "val.jsonl", val)
+        atomic_write_json(tmp / "report.json", report)
+    return report
 
 
 def write_parse_stage(out: Path, filings: list[dict], cfg: ParseConfig) -> dict:

@@ -11,13 +11,22 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from edgar_tune.config import DataConfig, EvalConfig, ParseConfig, PipelineConfig, TrainConfig
+from edgar_tune.config import DataConfig, EvalConfig, PipelineConfig, TrainConfig
 from tasks.io import DOWNLOAD, EVALUATE, PARSE, REGISTER, TOKENIZE, TRAIN, atomic_dir, atomic_write_json, read_json
 
 
 @task(name="download_filings", cache_policy=NO_CACHE)
 def download_filings(run_dir: Path, cfg: DataConfig) -> dict:
     """Fetch (or locate) the 10-K filings and write the run's filing manifest."""
+    if cfg.is_text:  # users' own TXT/CSV/JSON/JSONL: record what will be read, byte for byte
+        from tasks.textdata import data_files, describe_files
+
+        files = describe_files(data_files(cfg.source))
+        if cfg.validation:
+            files += [f | {"role": "validation"} for f in describe_files(data_files(cfg.validation))]
+        with atomic_dir(run_dir / DOWNLOAD) as tmp:
+            atomic_write_json(tmp / "manifest.json", {"source": cfg.source, "filings": [], "files": files, "skipped": []})
+        return {"files": len(files)}
     from tasks.download import gather_filings
 
     filings, skipped = gather_filings(cfg)
@@ -27,12 +36,14 @@ def download_filings(run_dir: Path, cfg: DataConfig) -> dict:
 
 
 @task(name="extract_sections", cache_policy=NO_CACHE)
-def extract_sections(run_dir: Path, cfg: ParseConfig) -> dict:
-    """Split each filing into Items; Item 7 (MD&A) validates, the rest trains."""
-    from tasks.split import write_parse_stage
+def extract_sections(run_dir: Path, cfg: PipelineConfig) -> dict:
+    """Split each filing into Items (Item 7, the MD&A, validates; the rest trains), or split users' text rows."""
+    from tasks.split import write_parse_stage, write_text_parse_stage
 
+    if cfg.data.is_text:
+        return write_text_parse_stage(run_dir / PARSE, cfg)
     filings = read_json(run_dir / DOWNLOAD / "manifest.json")["filings"]
-    report = write_parse_stage(run_dir / PARSE, filings, cfg)
+    report = write_parse_stage(run_dir / PARSE, filings, cfg.parse)
     return {k: v for k, v in report.items() if k != "filings"}
 
 
@@ -45,11 +56,11 @@ def pack_blocks(run_dir: Path, cfg: PipelineConfig) -> dict:
 
 
 @task(name="finetune_model", cache_policy=NO_CACHE)
-def finetune_model(run_dir: Path, cfg: TrainConfig) -> dict:
-    """Fine-tune with LoRA or in full on the packed blocks."""
+def finetune_model(run_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfig) -> dict:
+    """Fine-tune with LoRA or in full; resumes from the last complete checkpoint of an interrupted run."""
     from tasks.finetune import write_train_stage
 
-    return write_train_stage(run_dir / TRAIN, run_dir / TOKENIZE, cfg)
+    return write_train_stage(run_dir / TRAIN, run_dir / TOKENIZE, cfg, eval_cfg)
 
 
 @task(name="evaluate_perplexity", cache_policy=NO_CACHE)

@@ -74,3 +74,63 @@ def test_cli_rejects_a_bad_key_before_starting_anything():
                           capture_output=True, text=True, cwd=REPO, timeout=120)  # fmt: skip
     assert proc.returncode == 2
     assert "unknown config key `lora_rank`" in proc.stderr
+
+
+JUMPSTART_KEYS = [
+    "epoch", "learning_rate", "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+    "weight_decay", "max_input_length", "max_train_samples", "max_val_samples", "validation_split_ratio",
+    "train_data_split_seed", "lora_r", "lora_alpha", "lora_dropout", "int8_quantization", "enable_fsdp",
+    "instruction_tuned", "eval_steps", "seed", "warmup", "lr_scheduler", "early_stopping_patience",
+    "early_stopping_threshold", "load_best_model_at_end",
+]  # fmt: skip
+
+
+def test_every_jumpstart_hyperparameter_is_a_bare_key():
+    from edgar_tune.config import all_keys
+
+    keys = all_keys()
+    assert [k for k in JUMPSTART_KEYS if k not in keys] == []
+    cfg = load_config("tiny")
+    assert cfg.tokenize.max_input_length == 128 and load_config("tiny", ["max_input_length=-1"]).tokenize.max_input_length == -1
+    assert (cfg.train.early_stopping_patience, cfg.train.early_stopping_threshold, cfg.train.seed) == (3, 0.0, 10)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        (["int8_quantization=true", "enable_fsdp=true"], ["train.int8_quantization", "train.enable_fsdp"]),
+        (["int8_quantization=true", "int4_quantization=true"], ["train.int8_quantization", "train.int4_quantization"]),
+        (["int4_quantization=true", "mode=full"], ["train.int4_quantization", "train.mode=full"]),
+        (["int8_quantization=true", "deepspeed=zero3"], ["train.int8_quantization", "train.deepspeed=zero3"]),
+        (["enable_fsdp=true", "deepspeed=zero2"], ["train.enable_fsdp", "train.deepspeed"]),
+        (["nproc=2"], ["train.nproc", "train.deepspeed", "train.enable_fsdp"]),
+        (["eval_steps=0"], ["train.early_stopping_patience", "train.eval_steps"]),
+        (["save_steps=30"], ["train.load_best_model_at_end", "train.save_steps", "train.eval_steps"]),
+        (["validation_split_ratio=0.1"], ["data.validation_split_ratio", "parse.val_items"]),
+        (["instruction_tuned=true"], ["train.instruction_tuned", "data.source"]),
+        (["data.template=t.json"], ["data.template", "train.instruction_tuned"]),
+    ],
+)
+def test_invalid_combinations_are_refused_naming_the_keys(overrides, named):
+    with pytest.raises(ConfigError) as err:
+        load_config("tiny", overrides)
+    for key in named:
+        assert key in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["int8_quantization=true"], "train.int8_quantization=true loads the base through bitsandbytes, which needs a CUDA GPU"),
+        (["int4_quantization=true"], "Set train.int4_quantization=false"),
+        (["enable_fsdp=true"], "train.enable_fsdp=true needs CUDA GPUs"),
+        (["precision=bf16"], "train.precision=bf16 needs a GPU"),
+    ],
+)
+def test_gpu_only_engines_fail_on_the_cpu_before_anything_runs(overrides, message):
+    proc = subprocess.run([sys.executable, "-m", "edgar_tune.cli", "run", "--preset", "tiny",
+                           *[a for o in overrides for a in ("--set", o)]],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message in proc.stderr
+    assert "Starting temporary server" not in proc.stderr + proc.stdout  # refused before Prefect started

@@ -60,3 +60,24 @@ def test_sliding_window_equals_per_token_direct_computation(tiny):
 def test_cap_documents_keeps_the_first_tokens():
     assert cap_documents([[1] * 5, [2] * 5], 7) == [[1] * 5, [2] * 2]
     assert cap_documents([[1] * 5], -1) == [[1] * 5]
+
+
+@pytest.mark.parametrize("batch_size", [2, 3, 8])
+def test_batched_windows_give_the_same_nll(tiny, batch_size):
+    ids = [int(i) for i in torch.randint(0, 290, (90,), generator=torch.Generator().manual_seed(1))]
+    one = document_nll(tiny, ids, 16, 6, dev="cpu")
+    many = document_nll(tiny, ids, 16, 6, dev="cpu", batch_size=batch_size)
+    assert many[1] == one[1] and many[0] == pytest.approx(one[0], rel=1e-5)
+
+
+def test_instruction_examples_score_only_the_completion(tiny):
+    from tasks.perplexity import example_nll
+
+    prompt, completion = list(range(3, 20)), list(range(40, 52))
+    ids, labels = prompt + completion, [-100] * len(prompt) + completion
+    nll, count = example_nll(tiny, ids, labels, "cpu")
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        per_token = F.cross_entropy(tiny(input_ids=x).logits[0, :-1], x[0, 1:], reduction="none")
+    assert count == len(completion)
+    assert nll == pytest.approx(per_token[len(prompt) - 1 :].sum().item(), rel=1e-5)

@@ -1,0 +1,159 @@
+"""Atomic, resumable training checkpoints.
+
+A checkpoint is written whole into `tmp-checkpoint-N` beside the others, fsynced, renamed to `checkpoint-N`,
+and only then given its `COMPLETE` marker. A folder without the marker is what a killed process left: it is
+never resumed from, and is reported. Weights are uncompressed safetensors (the Trainer's `save_model`);
+optimizer, scheduler and RNG state are the Trainer's (or DeepSpeed's) own files next to them.
+
+The checkpoints folder of a stage (`04_train.checkpoints/`) also holds `run.json`, the settings the
+checkpoints were made with; resuming under different settings is refused, naming the keys that differ.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+from tasks.io import atomic_write_json, read_json
+
+log = logging.getLogger(__name__)
+
+MARKER = "COMPLETE"
+RUN_META = "run.json"
+_STEP = re.compile(r"^checkpoint-(\d+)$")
+# Settings that do not change what is computed, so a run may resume with them changed.
+RESUME_NEUTRAL = {"logging_steps", "resume", "keep_checkpoints", "memory_check", "memory_budget_gb", "save_total_limit"}
+
+
+def checkpoint_step(path: Path) -> int | None:
+    match = _STEP.match(path.name)
+    return int(match.group(1)) if match else None
+
+
+def complete_checkpoints(folder: Path) -> list[Path]:
+    """`checkpoint-N` folders with their marker, oldest first; incomplete ones are skipped with a warning."""
+    found = sorted((p for p in Path(folder).glob("checkpoint-*") if checkpoint_step(p) is not None), key=checkpoint_step)
+    complete = []
+    for path in found:
+        if (path / MARKER).is_file():
+            complete.append(path)
+        else:
+            log.warning("skipping %s: no %s marker (its writer was interrupted)", path, MARKER)
+    for tmp in Path(folder).glob("tmp-checkpoint-*"):
+        log.warning("skipping %s: a checkpoint that was never finished", tmp)
+    return complete
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    done = complete_checkpoints(folder)
+    return done[-1] if done else None
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish_checkpoint(staging: Path, final: Path, step: int) -> None:
+    """Rename a fully written staging folder into place, then write its completion marker last."""
+    _fsync_tree(staging)
+    if final.exists():  # a leftover of an interrupted run at this same step
+        shutil.rmtree(final)
+    os.replace(staging, final)
+    (final / MARKER).write_text(f"step {step}\n")
+
+
+def prepare(folder: Path, settings: dict, resume: bool) -> Path | None:
+    """Get the checkpoints folder ready; return the checkpoint to resume from, if any.
+
+    Raises:
+        ValueError: resuming under settings other than the checkpoints' own; names the keys that differ.
+    """
+    folder = Path(folder)
+    meta = folder / RUN_META
+    if folder.exists() and not resume:
+        aside = folder.with_name(f"{folder.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(folder, aside)  # nothing already written is lost
+        log.warning("train.resume=false: earlier checkpoints moved to %s", aside)
+    last = latest_checkpoint(folder) if folder.exists() else None
+    if last is not None and meta.exists():
+        before = read_json(meta)
+        differ = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
+        if differ:
+            changes = ", ".join(f"{k}: {before.get(k)!r} -> {settings.get(k)!r}" for k in differ)
+            raise ValueError(
+                f"{folder} holds checkpoints of an interrupted run made with other settings ({changes}). Set them "
+                "back to resume, or set train.resume=false to start over (the checkpoints are kept aside)."
+            )
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(meta, settings)
+    if last is not None:
+        log.info("resuming from %s", last)
+    return last
+
+
+def resume_settings(train: dict, eval_: dict, tokenize_stats: dict, world_size: int) -> dict:
+    """What must match for a resumed run to continue the same trajectory."""
+    settings = {f"train.{k}": v for k, v in train.items() if k not in RESUME_NEUTRAL}
+    settings |= {f"eval.{k}": v for k, v in eval_.items() if k in ("max_val_samples", "per_device_eval_batch_size")}
+    settings |= {"data.train_blocks": tokenize_stats["train_blocks"], "data.block_length": tokenize_stats["block_length"],
+                 "data.base_model": tokenize_stats["base_model"], "world_size": world_size}  # fmt: skip
+    return settings
+
+
+def trainer_class():
+    """The Trainer, with checkpoints written atomically."""
+    from transformers import Trainer
+    from transformers.trainer import TRAINER_STATE_NAME
+    from transformers.trainer_callback import ExportableState
+    from transformers.trainer_utils import rotate_checkpoints
+
+    class AtomicCheckpointTrainer(Trainer):
+        def _save_checkpoint(self, model, trial) -> None:
+            # Trainer._save_checkpoint, with every file written into a staging sibling first.
+            step = self.state.global_step
+            run_dir = Path(self._get_output_dir(trial=trial))
+            final, staging = run_dir / f"checkpoint-{step}", run_dir / f"tmp-checkpoint-{step}"
+            if self.args.should_save:
+                shutil.rmtree(staging, ignore_errors=True)
+            self.accelerator.wait_for_everyone()
+            if self.hp_search_backend is None and trial is None:
+                self.store_flos()
+            self.save_model(str(staging), _internal_call=True)
+            if not self.args.save_only_model:
+                self._save_optimizer_and_scheduler(str(staging))
+                self._save_scaler(str(staging))
+                self._save_rng_state(str(staging))
+            if self.args.should_save:
+                callbacks = [cb for cb in self.callback_handler.callbacks + [self.control] if isinstance(cb, ExportableState)]
+                for cb in callbacks:
+                    name = cb.__class__.__name__
+                    if isinstance(self.state.stateful_callbacks[name], list):
+                        self.state.stateful_callbacks[name].append(cb.state())
+                    else:
+                        self.state.stateful_callbacks[name] = cb.state()
+                self.state.save_to_json(str(staging / TRAINER_STATE_NAME))
+            self.accelerator.wait_for_everyone()  # every rank's shards are in staging
+            if self.args.should_save:
+                publish_checkpoint(staging, final, step)
+            self.accelerator.wait_for_everyone()
+            if self.state.best_global_step:
+                best = run_dir / f"checkpoint-{self.state.best_global_step}"
+                if best.exists():
+                    self.state.best_model_checkpoint = str(best)
+            if self.args.should_save:
+                rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
+                                   best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)  # fmt: skip
+
+    return AtomicCheckpointTrainer

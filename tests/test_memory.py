@@ -1,0 +1,98 @@
+"""The memory planner: its model-state terms are the ZeRO paper's formulas; parameter counts come from the
+model's real config on the meta device; a run that cannot fit is refused before anything loads."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tasks.memory import GB, ModelShape, estimate, model_shape, zero_model_states
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize(("stage", "paper_gb"), [(0, 120.0), (1, 31.4), (2, 16.6), (3, 1.9)])
+def test_model_states_match_the_zero_paper(stage, paper_gb):
+    # ZeRO paper, Figure 1: a 7.5B-parameter model, 64-way data parallel, mixed-precision Adam (K = 12).
+    assert zero_model_states(7.5e9, 64, stage) / GB == pytest.approx(paper_gb, abs=0.05)
+
+
+SHAPE = ModelShape(params=6_738_415_616, lora_params=19_988_480, layers=32, hidden=4096, vocab=32000,
+                   largest_layer_params=202_383_360)  # fmt: skip
+
+
+@pytest.mark.parametrize(("option", "stage", "n"), [("none", 0, 1), ("zero2", 2, 1), ("zero2", 2, 8), ("zero3", 3, 1),
+                                                 ("zero3", 3, 8)])  # fmt: skip
+def test_full_finetuning_states_are_the_papers_terms(option, stage, n):
+    row = estimate(SHAPE, option=option, nproc=n, seq=2048, batch=1, mode="full", precision="bf16")
+    assert row.trained_states * GB == pytest.approx(zero_model_states(SHAPE.params, n, stage))
+
+
+@pytest.mark.parametrize("n", [1, 4])
+def test_lora_freezes_the_base_to_its_weights(n):
+    z2 = estimate(SHAPE, option="zero2", nproc=n, seq=2048, batch=1, mode="lora", precision="bf16")
+    z3 = estimate(SHAPE, option="zero3", nproc=n, seq=2048, batch=1, mode="lora", precision="bf16")
+    assert z2.frozen_weights * GB == pytest.approx(2 * SHAPE.params)  # bf16 base on every device
+    assert z2.trained_states * GB == pytest.approx(zero_model_states(SHAPE.lora_params, n, 2))
+    gathered = 2 * SHAPE.largest_layer_params * 2
+    assert z3.frozen_weights * GB == pytest.approx(2 * SHAPE.params / n + gathered)
+    nf4 = estimate(SHAPE, option="zero2", nproc=n, seq=2048, batch=1, mode="lora", precision="bf16", quantization="nf4")
+    assert nf4.frozen_weights < z2.frozen_weights / 3
+
+
+def test_fp32_adam_is_16_bytes_per_parameter():
+    row = estimate(SHAPE, option="none", nproc=1, seq=8, batch=1, mode="full", precision="fp32")
+    assert row.trained_states * GB == pytest.approx(16 * SHAPE.params)  # 4 weights + 4 grads + 8 Adam
+
+
+def test_offload_moves_the_states_to_the_host():
+    row = estimate(SHAPE, option="zero3-offload", nproc=1, seq=2048, batch=1, mode="full", precision="bf16")
+    assert row.trained_states == 0 and row.host * GB == pytest.approx(16 * SHAPE.params)
+
+
+def _llama2_7b(tmp_path: Path) -> Path:
+    from transformers import LlamaConfig
+
+    folder = tmp_path / "llama-2-7b-shape"
+    LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096).save_pretrained(folder)  # fmt: skip
+    return folder
+
+
+def test_parameter_counts_come_from_the_config_without_weights(tmp_path):
+    shape = model_shape(str(_llama2_7b(tmp_path)), "lora", 8, None)
+    assert shape.params == 6_738_415_616  # Llama-2-7B
+    assert shape.lora_params == 19_988_480  # r=8 on q,k,v,o,gate,up,down of 32 layers
+    assert (shape.layers, shape.hidden, shape.vocab) == (32, 4096, 32000)
+
+
+def test_a_run_that_cannot_fit_is_refused_before_loading_anything(tiny_run, tmp_path):
+    runs, _ = tiny_run
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(runs / "latest" / "config.yaml", run / "config.yaml")
+    shutil.copytree(runs / "latest" / "03_tokenize", run / "03_tokenize")
+    cmd = [sys.executable, "-m", "edgar_tune.cli", "stage", "train", "--run", str(run), "--set", "memory_budget_gb=0.001"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "memory plan per device" in proc.stderr and "train.memory_check=warn" in proc.stderr
+    assert "Try " in proc.stderr
+    assert not (run / "04_train").exists() and not (run / "04_train.checkpoints").exists()
+    stats = json.loads((runs / "latest" / "04_train" / "stats.json").read_text())
+    plan = stats["memory_plan"]
+    assert plan["engine"] == "none" and plan["estimate_gb"] > 0 and plan["budget_from"] == "cpu"
+
+
+def test_plan_command_prints_every_engine_from_the_config_alone(tmp_path):
+    folder = _llama2_7b(tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "edgar_tune.cli", "plan", "--model", str(folder), "--seq", "2048"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = {line.split()[0]: line.split() for line in proc.stdout.splitlines()[2:]}
+    assert set(lines) == {"none", "zero2", "zero3", "zero3-offload", "fsdp"}
+    assert lines["zero2"][1] == "13.48" and lines["zero3"][-1] == "yes"  # 2 bytes x 6.74B frozen bf16 weights

@@ -1,0 +1,113 @@
+"""Checkpoints and resume: a training process is SIGKILLed, rerun, and must continue the same trajectory.
+
+The train stage runs as `edgar-tune stage train` in a subprocess on a copy of the tiny run's tokenized data.
+The kill is a real SIGKILL once checkpoint-40 is complete; the rerun must skip an incomplete checkpoint, resume
+from step 40 and log the same loss at every step as an uninterrupted run (same step, LR, RNG, data order).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tasks.checkpoints import MARKER, complete_checkpoints, latest_checkpoint, publish_checkpoint
+
+REPO = Path(__file__).resolve().parent.parent
+SETTINGS = ["max_steps=100", "lora_dropout=0.1", "max_val_samples=16", "eval_steps=20", "keep_checkpoints=true"]
+
+
+def _run_copy(tiny_run, dest: Path) -> Path:
+    runs, _ = tiny_run
+    dest.mkdir(parents=True)
+    shutil.copy(runs / "latest" / "config.yaml", dest / "config.yaml")
+    shutil.copytree(runs / "latest" / "03_tokenize", dest / "03_tokenize")
+    return dest
+
+
+def _stage_cmd(run: Path, extra: list[str]) -> list[str]:
+    sets = [a for s in SETTINGS + extra for a in ("--set", s)]
+    return [sys.executable, "-m", "edgar_tune.cli", "stage", "train", "--run", str(run), *sets]
+
+
+def _train(run: Path, extra: list[str]) -> subprocess.CompletedProcess:
+    proc = subprocess.run(_stage_cmd(run, extra), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+def _losses(run: Path) -> list[tuple[int, float, float]]:
+    rows = [json.loads(line) for line in (run / "04_train" / "loss.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"], r["learning_rate"]) for r in rows]
+
+
+@pytest.mark.parametrize("engine", [[], ["deepspeed=zero2"]], ids=["lora", "lora-zero2"])
+def test_sigkilled_training_resumes_on_the_same_trajectory(tiny_run, tmp_path, engine):
+    reference = _run_copy(tiny_run, tmp_path / "reference")
+    _train(reference, engine)
+
+    run = _run_copy(tiny_run, tmp_path / "killed")
+    ckpts = run / "04_train.checkpoints"
+    proc = subprocess.Popen(_stage_cmd(run, engine), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (ckpts / "checkpoint-40" / MARKER).exists():
+        assert proc.poll() is None, "training ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    assert not (run / "04_train").exists(), "a killed stage must not publish"
+    # What a kill between the rename and the marker leaves: a checkpoint folder without its marker.
+    shutil.rmtree(ckpts / "checkpoint-60", ignore_errors=True)
+    shutil.copytree(ckpts / "checkpoint-40", ckpts / "checkpoint-60")
+    (ckpts / "checkpoint-60" / MARKER).unlink()
+
+    resumed = _train(run, engine)
+    log = resumed.stdout + resumed.stderr
+    assert "skipping" in log and "checkpoint-60" in log
+    stats = json.loads((run / "04_train" / "stats.json").read_text())
+    assert stats["resumed_from_step"] == 40 and stats["steps"] == 100
+    if engine:
+        assert (stats["engine"], stats["zero_stage"]) == ("deepspeed", 2)
+    ours, theirs = _losses(run), _losses(reference)
+    assert [s for s, _, _ in ours] == [s for s, _, _ in theirs] == list(range(1, 101))
+    for (step, loss, lr), (_, ref_loss, ref_lr) in zip(ours, theirs, strict=True):
+        assert lr == pytest.approx(ref_lr, rel=1e-9), step
+        assert loss == pytest.approx(ref_loss, rel=1e-5, abs=1e-6), step
+    assert not list(run.glob(".*.tmp")), "the killed writer's temp folder was not cleaned up"
+
+
+def test_resuming_under_other_settings_is_refused_and_a_fresh_start_keeps_them_aside(tiny_run, tmp_path):
+    run = _run_copy(tiny_run, tmp_path / "run")
+    ckpts = run / "04_train.checkpoints"
+    _train(run, ["max_steps=20"])  # keep_checkpoints: leaves checkpoint-20 as an interrupted run would
+    assert (ckpts / "checkpoint-20" / MARKER).exists()
+    proc = subprocess.run(_stage_cmd(run, ["max_steps=20", "learning_rate=0.001"]), cwd=REPO, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 2
+    assert "train.learning_rate: 0.003 -> 0.001" in proc.stderr and "train.resume=false" in proc.stderr
+    _train(run, ["max_steps=20", "learning_rate=0.001", "resume=false"])
+    aside = list(tmp_path.joinpath("run").glob("04_train.checkpoints.old-*"))
+    assert len(aside) == 1 and (aside[0] / "checkpoint-20" / MARKER).exists()
+    assert json.loads((run / "04_train" / "stats.json").read_text())["resumed_from_step"] is None
+
+
+def test_checkpoint_is_published_by_rename_then_marker(tmp_path):
+    staging = tmp_path / "tmp-checkpoint-5"
+    staging.mkdir()
+    (staging / "adapter_model.safetensors").write_bytes(b"x" * 100)
+    final = tmp_path / "checkpoint-5"
+    publish_checkpoint(staging, final, 5)
+    assert not staging.exists() and (final / MARKER).read_text() == "step 5\n"
+    # Unfinished ones are never resumed from: no marker, or still in staging.
+    (tmp_path / "checkpoint-9").mkdir()
+    (tmp_path / "tmp-checkpoint-12").mkdir()
+    assert complete_checkpoints(tmp_path) == [final]
+    assert latest_checkpoint(tmp_path) == final

@@ -1,0 +1,120 @@
+"""Users' own data in JumpStart's formats: TXT/CSV/JSON domain adaptation, JSONL instruction tuning.
+
+The rows are real paragraphs of Amazon's bundled 10-Ks, written out in each format.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from edgar_tune.config import ConfigError, load_config
+from tasks.textdata import JUMPSTART_TEMPLATE, read_texts, render, split_rows
+from tests.conftest import run_cli
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def paragraphs(amzn_files) -> list[str]:
+    from tasks.sections import parse_filing
+
+    doc = parse_filing(amzn_files[0], "drop")
+    text = doc.items["1"].text + "\n" + doc.items["1A"].text
+    return [p for p in text.split("\n") if len(p) > 200]
+
+
+def test_csv_uses_the_text_column_else_the_first(tmp_path, paragraphs):
+    with_text = tmp_path / "a.csv"
+    with open(with_text, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "text"])
+        w.writerows([[i, p] for i, p in enumerate(paragraphs[:5])])
+    assert read_texts(with_text) == paragraphs[:5]
+    first = tmp_path / "b.csv"
+    with open(first, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["body", "id"])
+        w.writerows([[p, i] for i, p in enumerate(paragraphs[:5])])
+    assert read_texts(first) == paragraphs[:5]
+
+
+def test_json_lines_json_array_and_txt_paragraphs(tmp_path, paragraphs):
+    lines = tmp_path / "a.json"
+    lines.write_text("".join(json.dumps({"text": p, "n": 1}) + "\n" for p in paragraphs[:4]))
+    array = tmp_path / "b.json"
+    array.write_text(json.dumps([{"body": p} for p in paragraphs[:4]]))
+    txt = tmp_path / "c.txt"
+    txt.write_text("\n\n".join(paragraphs[:4]) + "\n")
+    assert read_texts(lines) == read_texts(array) == read_texts(txt) == paragraphs[:4]
+    bad = tmp_path / "d.json"
+    bad.write_text('{"text": "ok"}\n{"text": broken}\n')
+    with pytest.raises(ValueError, match="line 2: not valid JSON"):
+        read_texts(bad)
+
+
+def test_split_holds_out_the_ratio_with_its_seed():
+    rows = [{"text": str(i)} for i in range(50)]
+    train, val = split_rows(rows, 0.2, seed=0)
+    assert len(val) == 10 and len(train) == 40 and not {r["text"] for r in train} & {r["text"] for r in val}
+    assert split_rows(rows, 0.2, seed=0) == (train, val) and split_rows(rows, 0.2, seed=1) != (train, val)
+
+
+def test_jumpstart_default_template_and_a_missing_field():
+    out = render(JUMPSTART_TEMPLATE, {"instruction": "Summarize.", "context": "Net sales rose.", "response": "Up."}, "x")
+    assert out["prompt"].endswith("### Instruction:\nSummarize.\n\n### Input:\nNet sales rose.\n\n")
+    assert out["completion"] == " Up."
+    with pytest.raises(ValueError, match=r"field \{response\}"):
+        render(JUMPSTART_TEMPLATE, {"instruction": "a", "context": "b"}, "data.jsonl, record 3")
+
+
+def test_prompt_tokens_are_masked_out_of_the_loss(tiny_run):
+    from tasks.blocks import encode_instructions
+    from tasks.models import load_tokenizer
+
+    runs, _ = tiny_run
+    tok = load_tokenizer(str(runs / "latest" / "03_tokenize" / "tiny-llama"))
+    rows = [{"prompt": "### Instruction:\nWhat were net sales?\n\n", "completion": " Net sales were $386.1 billion."}]
+    cols, cut = encode_instructions(rows, tok, 128)
+    prompt_len = len(tok(rows[0]["prompt"], add_special_tokens=False)["input_ids"])
+    ids, labels = cols["input_ids"][0], cols["labels"][0]
+    assert labels[:prompt_len] == [-100] * prompt_len
+    assert labels[prompt_len:] == ids[prompt_len:] and ids[-1] == tok.eos_token_id and cut == 0
+    assert tok.decode(ids[prompt_len:-1]) == rows[0]["completion"]
+
+
+def test_domain_adaptation_from_a_csv_end_to_end(tmp_path, paragraphs):
+    data = tmp_path / "amzn.csv"
+    with open(data, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["text"])
+        w.writerows([[p] for p in paragraphs])
+    s = run_cli(tmp_path, "--set", f"data.source={data}", "--set", "validation_split_ratio=0.25", "--set", "max_steps=30")
+    assert s["filings"] == [] and s["data_files"] == [str(data)]
+    assert s["ppl_after"] < s["ppl_before"]
+    report = json.loads((tmp_path / "latest" / "02_parse" / "report.json").read_text())
+    assert report["kind"] == "text" and report["val_documents"] == round(0.25 * len(paragraphs))
+
+
+def test_instruction_tuning_from_jsonl_end_to_end(tmp_path, paragraphs):
+    data = tmp_path / "continue.jsonl"
+    records = [{"instruction": "Continue this passage from Amazon's 10-K.", "context": a[:400], "response": b[:300]}
+               for a, b in zip(paragraphs, paragraphs[1:], strict=False)]  # fmt: skip
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    s = run_cli(tmp_path, "--set", f"data.source={data}", "--set", "instruction_tuned=true", "--set", "max_steps=30",
+                "--set", "max_input_length=256", "--set", "per_device_train_batch_size=4")  # fmt: skip
+    assert s["ppl_after"] < s["ppl_before"]
+    run = tmp_path / "latest"
+    assert json.loads((run / "02_parse" / "report.json").read_text())["template"] == "jumpstart-default"
+    after = json.loads((run / "05_evaluate" / "finetuned.json").read_text())
+    assert after["scored"] == "completion tokens"
+    tok_stats = json.loads((run / "03_tokenize" / "stats.json").read_text())
+    assert tok_stats["kind"] == "instruction" and after["tokens"] == tok_stats["val_tokens"]
+
+
+def test_instruction_tuning_needs_jsonl():
+    with pytest.raises(ConfigError, match="reads JSONL"):
+        load_config("tiny", ["data.source=notes.csv", "instruction_tuned=true"])
