@@ -55,9 +55,9 @@ def cmd_stage(args: argparse.Namespace) -> int:
         "download": lambda: stages.download_filings.fn(run_dir, cfg.data),
         "parse": lambda: stages.extract_sections.fn(run_dir, cfg),
         "tokenize": lambda: stages.pack_blocks.fn(run_dir, cfg),
-        "evaluate-base": lambda: stages.evaluate_perplexity.fn(run_dir, cfg.eval, False),
+        "evaluate-base": lambda: stages.evaluate_perplexity.fn(run_dir, cfg.eval, False, cfg.generate),
         "train": lambda: stages.finetune_model.fn(run_dir, cfg.train, cfg.eval),
-        "evaluate": lambda: stages.evaluate_perplexity.fn(run_dir, cfg.eval, True),
+        "evaluate": lambda: stages.evaluate_perplexity.fn(run_dir, cfg.eval, True, cfg.generate),
         "register": lambda: stages.register_model.fn(run_dir, cfg, None),
     }
     result = calls[args.name]()

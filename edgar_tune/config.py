@@ -294,6 +294,29 @@ class EvalConfig(_Section):
     )
 
 
+class GenerateConfig(_Section):
+    """Generation samples before and after fine-tuning (JumpStart's prompts and sampling settings)."""
+
+    enabled: bool = Field(True, description="Generate the samples and log them side by side to MLflow.")
+    prompts: list[str] = Field(
+        ["This Form 10-K report shows that", "We serve consumers through", "Our vision is",
+         "This year we particularly focus on"],
+        description="Prompts run through both models (JumpStart's 10-K examples).",
+    )  # fmt: skip
+    company_questions: list[str] = Field(
+        ["What drives sales growth at {company}?"],
+        description="Asked once per company of the run; {company} is its name (`company_names`) or ticker.",
+    )
+    company_names: dict[str, str] = Field({"AMZN": "Amazon"}, description="Ticker -> name used in the questions.")
+    max_length: int = Field(400, ge=2, description="Total tokens, prompt included (JumpStart's max_length).")
+    do_sample: bool = Field(True, description="Sample (true) or greedy decoding.")
+    top_k: int = Field(250, ge=0, description="Sample among the k most likely tokens (0: no limit).")
+    top_p: float = Field(0.8, gt=0, le=1, description="Nucleus sampling mass.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
+    num_return_sequences: int = Field(1, ge=1, description="Samples per prompt.")
+    sampling_seed: int = Field(0, description="Seed of the draws; the same for the base and the fine-tuned model.")
+
+
 class RegisterConfig(_Section):
     """Where the model is registered."""
 
@@ -314,6 +337,7 @@ class PipelineConfig(_Section):
     tokenize: TokenizeConfig = TokenizeConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    generate: GenerateConfig = GenerateConfig()
     registry: RegisterConfig = RegisterConfig()
 
     @model_validator(mode="after")

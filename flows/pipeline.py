@@ -46,9 +46,9 @@ def edgar_tune_pipeline(
     timed("parse", extract_sections, run_dir, cfg)
     tok = timed("tokenize", pack_blocks, run_dir, cfg)
     memory_plan(run_dir / TOKENIZE, cfg.train, precision)  # a run that cannot fit stops before any model runs
-    before = timed("evaluate_before", evaluate_perplexity, run_dir, cfg.eval, False)
+    before = timed("evaluate_before", evaluate_perplexity, run_dir, cfg.eval, False, cfg.generate)
     train = timed("train", finetune_model, run_dir, cfg.train, cfg.eval)
-    after = timed("evaluate_after", evaluate_perplexity, run_dir, cfg.eval, True)
+    after = timed("evaluate_after", evaluate_perplexity, run_dir, cfg.eval, True, cfg.generate)
     flow_run_id = str(flow_run.id) if flow_run.id else None
     reg = timed("register", register_model, run_dir, cfg, flow_run_id)
     summary = build_summary(run_dir, cfg.preset, tok, before, train, after, reg, timings) | {

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from datasets import load_from_disk
 from tqdm.auto import tqdm
 
-from edgar_tune.config import EvalConfig
+from edgar_tune.config import EvalConfig, GenerateConfig
 from tasks.blocks import base_model_path
 from tasks.io import atomic_write_json
 from tasks.models import device, load_causal_lm
@@ -135,8 +135,12 @@ def _ppl(nll: float, count: int) -> float:
     return math.exp(nll / count) if count else float("nan")
 
 
-def write_eval(out_file: Path, tokenize_dir: Path, cfg: EvalConfig, adapter_or_model: Path | None) -> dict:
-    """Score the base model (no weights given) or the fine-tuned one, and write the result atomically."""
+def write_eval(out_file: Path, tokenize_dir: Path, cfg: EvalConfig, adapter_or_model: Path | None,
+               gen: GenerateConfig | None = None, companies: list[str] | None = None) -> dict:  # fmt: skip
+    """Score the base model (no weights given) or the fine-tuned one, and write the result atomically.
+
+    With `gen`, the same model then generates the samples, written beside as `*.samples.json`.
+    """
     stats = json.loads((tokenize_dir / "stats.json").read_text())
     base = base_model_path(tokenize_dir)
     if adapter_or_model is None:
@@ -147,4 +151,9 @@ def write_eval(out_file: Path, tokenize_dir: Path, cfg: EvalConfig, adapter_or_m
         model, label = load_causal_lm(str(adapter_or_model)), "fine-tuned"
     result = evaluate_model(model, load_from_disk(str(tokenize_dir / "val")), cfg, stats["block_length"], label)
     atomic_write_json(out_file, result)
+    if gen is not None and gen.enabled:
+        from tasks.generate import prompts_for, write_samples
+
+        prompts = prompts_for(gen, companies or [])
+        write_samples(out_file.with_suffix(".samples.json"), model, base, prompts, gen, label)
     return result

@@ -7,6 +7,7 @@ ships whole because it exists only inside its run folder.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -127,6 +128,8 @@ def _promote(client, name: str, version: str, ppl: float, val_sha: str) -> str:
         current = client.get_model_version_by_alias(name, CHAMPION)
     except mlflow.exceptions.MlflowException:
         current = None
+    if current is not None and str(current.version) == str(version):
+        return CHAMPION  # a retried registration of the champion itself
     beats = current is None or (
         current.tags.get("val_sha256") == val_sha and ppl < float(current.tags.get("val_perplexity", "inf"))
     )
@@ -135,8 +138,34 @@ def _promote(client, name: str, version: str, ppl: float, val_sha: str) -> str:
     return alias
 
 
+RUN_KEY = "edgar_tune.run_key"
+
+
+def run_key(run_dir: Path, weights_dir: Path) -> str:
+    """What identifies one registration: the run folder and the exact weights it publishes."""
+    from tasks.io import sha256_file
+
+    digest = hashlib.sha256(str(run_dir.resolve()).encode())
+    for path in sorted(p for p in weights_dir.rglob("*") if p.is_file()):
+        digest.update(path.name.encode() + sha256_file(path).encode())
+    return digest.hexdigest()
+
+
+def _registered_before(client, exp_id: str, name: str, key: str) -> tuple[str, str] | None:
+    """(run id, version) of an earlier registration of the same weights, e.g. by a retried task."""
+    for run in client.search_runs([exp_id], filter_string=f"tags.`{RUN_KEY}` = '{key}'"):
+        for version in client.search_model_versions(f"run_id = '{run.info.run_id}'"):
+            if version.name == name:
+                return run.info.run_id, str(version.version)
+    return None
+
+
 def register_run(run_dir: Path, runs_root: Path, cfg: PipelineConfig, flow_run_id: str | None) -> dict:
-    """Log params, metrics, plots and the data report; register the model; set its alias."""
+    """Log params, metrics, plots and the data report; register the model; set its alias.
+
+    Idempotent: a retry that finds a version registered from the same run folder and weights (the run key tag)
+    returns that version instead of creating a second one.
+    """
     uri = tracking_uri(cfg.registry.tracking_uri, runs_root)
     mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient(uri)
@@ -153,9 +182,16 @@ def register_run(run_dir: Path, runs_root: Path, cfg: PipelineConfig, flow_run_i
     artifacts = {"weights": str(weights_dir)}
     if tok_stats["base_model"]["kind"] == "run_local" and train_stats["weights"] == "adapter":
         artifacts["base"] = str(run_dir / TOKENIZE / tok_stats["base_model"]["path"])
+    key = run_key(run_dir, weights_dir)
     tags = {"base_model": base_ref, "data_sha256": report["train_sha256"], "val_sha256": report["val_sha256"],
             "git_commit": git_commit(), "filings": json.dumps(filings),
-            "val_perplexity": repr(after["perplexity"]), "prefect_flow_run_id": str(flow_run_id)}  # fmt: skip
+            "val_perplexity": repr(after["perplexity"]), "prefect_flow_run_id": str(flow_run_id), RUN_KEY: key}  # fmt: skip
+    name = cfg.registry.model_name
+    earlier = _registered_before(client, exp_id, name, key)
+    if earlier is not None:
+        run_id, version = earlier
+        log.info("already registered as %s version %s (run %s); not registering again", name, version, run_id)
+        return _finish(client, name, version, tags, after["perplexity"], report["val_sha256"], uri, run_id)
     with mlflow.start_run(experiment_id=exp_id, run_name=f"{cfg.preset}-{run_dir.name}") as run:
         mlflow.set_tags({k: v for k, v in tags.items() if k != "val_perplexity"} | {"mlflow.source.git.commit": tags["git_commit"]})
         mlflow.log_params({k: json.dumps(v) if isinstance(v, list | dict) else v for k, v in flat_params(cfg).items()})
@@ -174,6 +210,12 @@ def register_run(run_dir: Path, runs_root: Path, cfg: PipelineConfig, flow_run_i
         mlflow.log_dict(read_json(run_dir / TOKENIZE / "data_report.json"), "data/report.json")
         mlflow.log_text((run_dir / TOKENIZE / "data_report.md").read_text(), "data/report.md")
         mlflow.log_dict({"before": before, "after": after}, "eval/perplexity.json")
+        samples = [run_dir / EVALUATE / f"{n}.samples.json" for n in ("base", "finetuned")]
+        if all(p.exists() for p in samples):
+            from tasks.generate import side_by_side
+
+            base_rows, tuned_rows = (read_json(p)["rows"] for p in samples)
+            mlflow.log_table(side_by_side(base_rows, tuned_rows), artifact_file="eval/generations.json")
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=EdgarTuneLM(),
@@ -184,9 +226,12 @@ def register_run(run_dir: Path, runs_root: Path, cfg: PipelineConfig, flow_run_i
             registered_model_name=cfg.registry.model_name,
         )
         version = str(info.registered_model_version)
-    name = cfg.registry.model_name
+    return _finish(client, name, version, tags, after["perplexity"], report["val_sha256"], uri, run.info.run_id)
+
+
+def _finish(client, name: str, version: str, tags: dict, ppl: float, val_sha: str, uri: str, run_id: str) -> dict:
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
-    alias = _promote(client, name, version, after["perplexity"], report["val_sha256"])
+    alias = _promote(client, name, version, ppl, val_sha)
     return {"tracking_uri": uri, "registered_model": name, "model_version": version, "model_alias": alias,
-            "mlflow_run_id": run.info.run_id, "model_uri": f"models:/{name}/{version}"}  # fmt: skip
+            "mlflow_run_id": run_id, "model_uri": f"models:/{name}/{version}"}  # fmt: skip

@@ -11,7 +11,7 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from edgar_tune.config import DataConfig, EvalConfig, PipelineConfig, TrainConfig
+from edgar_tune.config import DataConfig, EvalConfig, GenerateConfig, PipelineConfig, TrainConfig
 from tasks.io import DOWNLOAD, EVALUATE, PARSE, REGISTER, TOKENIZE, TRAIN, atomic_dir, atomic_write_json, read_json
 
 
@@ -64,8 +64,8 @@ def finetune_model(run_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfig) -> dic
 
 
 @task(name="evaluate_perplexity", cache_policy=NO_CACHE)
-def evaluate_perplexity(run_dir: Path, cfg: EvalConfig, finetuned: bool) -> dict:
-    """Perplexity on the held-out MD&A, of the base model or of the fine-tuned one."""
+def evaluate_perplexity(run_dir: Path, cfg: EvalConfig, finetuned: bool, gen: GenerateConfig | None = None) -> dict:
+    """Perplexity on the held-out MD&A, of the base model or of the fine-tuned one; then generation samples."""
     from tasks.perplexity import write_eval
 
     weights = None
@@ -73,7 +73,11 @@ def evaluate_perplexity(run_dir: Path, cfg: EvalConfig, finetuned: bool) -> dict
         stats = read_json(run_dir / TRAIN / "stats.json")
         weights = run_dir / TRAIN / stats["weights"]
     out = run_dir / EVALUATE / ("finetuned.json" if finetuned else "base.json")
-    result = write_eval(out, run_dir / TOKENIZE, cfg, weights)
+    companies = []
+    if gen is not None:
+        filings = read_json(run_dir / DOWNLOAD / "manifest.json")["filings"]
+        companies = [gen.company_names.get(t, t) for t in dict.fromkeys(f["ticker"] for f in filings)]
+    result = write_eval(out, run_dir / TOKENIZE, cfg, weights, gen, companies)
     return {k: result[k] for k in ("perplexity", "tokens", "seconds")}
 
 

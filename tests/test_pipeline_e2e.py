@@ -73,3 +73,47 @@ def test_registered_model_loads_as_pyfunc_and_generates(tiny_run):
     model = mlflow.pyfunc.load_model(f"models:/{s['registered_model']}@champion")
     out = model.predict({"prompt": ["Net sales increased"]}, params={"max_new_tokens": 5})
     assert len(out) == 1 and isinstance(out[0], str)
+
+
+def test_generation_samples_are_logged_side_by_side(tiny_run):
+    import mlflow
+
+    runs, s = tiny_run
+    base = json.loads((runs / "latest" / "05_evaluate" / "base.samples.json").read_text())
+    prompts = [r["prompt"] for r in base["rows"]]
+    assert prompts[:2] == ["This Form 10-K report shows that", "We serve consumers through"]
+    assert "What drives sales growth at Amazon?" in prompts
+    assert base["settings"]["top_k"] == 250 and base["settings"]["top_p"] == 0.8 and base["settings"]["do_sample"]
+    client = mlflow.MlflowClient(s["mlflow_tracking_uri"])
+    local = client.download_artifacts(s["mlflow_run_id"], "eval/generations.json", str(runs / "dl"))
+    table = json.loads(Path(local).read_text())
+    assert table["columns"] == ["prompt", "sample", "base_model", "fine_tuned"]
+    assert [row[0] for row in table["data"]] == prompts
+    assert sum(row[2] != row[3] for row in table["data"]) >= 1  # the fine-tuning changed what the model writes
+
+
+def test_validation_loss_per_step_is_a_metric(tiny_run):
+    import mlflow
+
+    runs, s = tiny_run
+    client = mlflow.MlflowClient(s["mlflow_tracking_uri"])
+    history = client.get_metric_history(s["mlflow_run_id"], "val_loss")
+    assert [m.step for m in history] == [20, 40, 60]
+
+
+def test_a_retried_registration_returns_the_same_version(tiny_run):
+    import subprocess
+    import sys
+
+    import mlflow
+
+    runs, s = tiny_run
+    client = mlflow.MlflowClient(s["mlflow_tracking_uri"])
+    before = len(client.search_model_versions(f"name = '{s['registered_model']}'"))
+    proc = subprocess.run([sys.executable, "-m", "edgar_tune.cli", "stage", "register", "--run", str(runs / "latest")],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    again = json.loads(proc.stdout[proc.stdout.index("{") :])
+    assert (again["model_version"], again["mlflow_run_id"]) == (s["model_version"], s["mlflow_run_id"])
+    assert again["model_alias"] == s["model_alias"] == "champion"
+    assert len(client.search_model_versions(f"name = '{s['registered_model']}'")) == before
