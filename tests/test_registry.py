@@ -22,12 +22,12 @@ def test_champion_moves_only_on_lower_perplexity_on_the_same_validation_data(tmp
     assert _promote(client, "m", v1, 10.0, "mdna-a") == CHAMPION
     v2 = version(12.0, "mdna-a")  # worse: challenger, the champion stays
     assert _promote(client, "m", v2, 12.0, "mdna-a") == CHALLENGER
-    assert client.str(client.get_model_version_by_alias("m", CHAMPION).version) == v1
+    assert str(client.get_model_version_by_alias("m", CHAMPION).version) == v1
     v3 = version(8.0, "mdna-a")  # better on the same data: takes the champion alias
     assert _promote(client, "m", v3, 8.0, "mdna-a") == CHAMPION
-    assert client.str(client.get_model_version_by_alias("m", CHAMPION).version) == v3
+    assert str(client.get_model_version_by_alias("m", CHAMPION).version) == v3
     v4 = version(2.0, "mdna-b")  # lower, but on other validation text: not comparable, so challenger
     assert _promote(client, "m", v4, 2.0, "mdna-b") == CHALLENGER
-    assert client.str(client.get_model_version_by_alias("m", CHAMPION).version) == v3
+    assert str(client.get_model_version_by_alias("m", CHAMPION).version) == v3
     assert _promote(client, "m", v3, 8.0, "mdna-a") == CHAMPION  # a retry of the champion keeps it
-    assert client.str(client.get_model_version_by_alias("m", CHALLENGER).version) == v4
+    assert str(client.get_model_version_by_alias("m", CHALLENGER).version) == v4
