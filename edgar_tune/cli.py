@@ -83,6 +83,23 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Load a registered version (base + adapter) from MLflow and generate from a prompt."""
+    import mlflow
+
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('runs/mlflow.db').resolve()}"
+    mlflow.set_tracking_uri(uri)
+    try:
+        model = mlflow.pyfunc.load_model(args.model)
+    except mlflow.exceptions.MlflowException as err:
+        print(f"edgar-tune: error: cannot load {args.model} from {uri}: {err.message}", file=sys.stderr)
+        return 2
+    for prompt in args.prompt:
+        text = model.predict({"prompt": [prompt]}, params={"max_new_tokens": args.max_new_tokens})[0]
+        print(f"{prompt}{text}" if not args.json else json.dumps({"prompt": prompt, "generated": text}))
+    return 0
+
+
 def cmd_sections(args: argparse.Namespace) -> int:
     from tasks.sections import parse_filing
 
@@ -148,6 +165,13 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("--run", required=True, help="the run folder (has config.yaml)")
     stage.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     stage.set_defaults(fn=cmd_stage)
+    gen = sub.add_parser("generate", help="generate with a registered version: models:/NAME@ALIAS or models:/NAME/N")
+    gen.add_argument("--model", required=True, help="e.g. models:/edgar-tune-10k@champion")
+    gen.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
+    gen.add_argument("--max-new-tokens", type=int, default=60)
+    gen.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///runs/mlflow.db")
+    gen.add_argument("--json", action="store_true", help="one JSON object per prompt")
+    gen.set_defaults(fn=cmd_generate)
     plan = sub.add_parser("plan", help="memory per GPU for each ZeRO stage, before renting the GPUs")
     plan.add_argument("--model", required=True, help="local folder or hub id (only its config.json is read)")
     plan.add_argument("--seq", type=int, default=2048)
@@ -188,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, EdgarError, FileNotFoundError) as err:
         print(f"edgar-tune: error: {err}", file=sys.stderr)
         return 2
+    except FloatingPointError as err:  # NaN/inf loss or perplexity: the run stops before registering
+        print(f"edgar-tune: failed: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -59,7 +59,12 @@ class EdgarTuneLM(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input, params: dict[str, Any] | None = None) -> list[str]:
         import torch
 
-        prompts = list(model_input["prompt"]) if hasattr(model_input, "columns") else list(model_input)
+        if isinstance(model_input, str):
+            prompts = [model_input]
+        elif hasattr(model_input, "columns") or isinstance(model_input, dict):  # DataFrame or {"prompt": [...]}
+            prompts = [str(p) for p in model_input["prompt"]]
+        else:
+            prompts = [str(p) for p in model_input]
         params = params or {}
         out = []
         for prompt in prompts:
@@ -69,6 +74,15 @@ class EdgarTuneLM(mlflow.pyfunc.PythonModel):
                                           do_sample=False, pad_token_id=self.tokenizer.pad_token_id)  # fmt: skip
             out.append(self.tokenizer.decode(gen[0][ids["input_ids"].shape[1] :], skip_special_tokens=True))
         return out
+
+
+def _signature():
+    """A `prompt` column in, generated text out, `max_new_tokens` as a request parameter (also when served)."""
+    import pandas as pd
+    from mlflow.models import infer_signature
+
+    return infer_signature(pd.DataFrame({"prompt": ["This Form 10-K report shows that"]}), ["text"],
+                           params={"max_new_tokens": 40})  # fmt: skip
 
 
 def _plots(tmp: Path, losses: list[dict], before: dict, after: dict, val_losses: list[dict]) -> list[Path]:
@@ -224,6 +238,7 @@ def register_run(run_dir: Path, runs_root: Path, cfg: PipelineConfig, flow_run_i
             code_paths=[str(REPO_ROOT / "tasks"), str(REPO_ROOT / "edgar_tune")],
             pip_requirements=["torch", "transformers", "peft", "safetensors", "mlflow", "pyyaml", "pydantic"],
             registered_model_name=cfg.registry.model_name,
+            signature=_signature(),
         )
         version = str(info.registered_model_version)
     return _finish(client, name, version, tags, after["perplexity"], report["val_sha256"], uri, run.info.run_id)

@@ -60,9 +60,9 @@ def amzn_files() -> list[Path]:
     return sorted(root.glob("*/primary-document.html.gz"))
 
 
-def run_cli(runs: Path, *args: str, timeout: int = 900) -> dict:
+def run_cli(runs: Path, *args: str, timeout: int = 900, env: dict | None = None) -> dict:
     """`edgar-tune run --preset tiny ARGS` in a subprocess with its own Prefect home; returns summary.json."""
-    env = dict(os.environ, PREFECT_HOME=str(runs / ".prefect"))
+    env = dict(os.environ, PREFECT_HOME=str(runs / ".prefect"), **(env or {}))
     proc = subprocess.run(
         [sys.executable, "-m", "edgar_tune.cli", "run", "--preset", "tiny", "--out", str(runs / "latest"), *args],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
@@ -70,6 +70,31 @@ def run_cli(runs: Path, *args: str, timeout: int = 900) -> dict:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert "edgar-tune run summary" in proc.stdout + proc.stderr
     return json.loads((runs / "latest" / "summary.json").read_text())
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_http(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
+    """Poll `url` until it answers 200; fail early if the server process died."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"server exited with {proc.returncode}"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer in {timeout} s")
 
 
 @pytest.fixture(scope="session")

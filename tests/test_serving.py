@@ -1,0 +1,105 @@
+"""Loading and serving registered versions: `edgar-tune generate`, `mlflow models serve` on loopback, and the
+whole pipeline against a real `mlflow server` reached through MLFLOW_TRACKING_URI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+from tests.conftest import free_port, run_cli, wait_http
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def test_generate_command_loads_base_and_adapter_from_the_registry(tiny_run):
+    _, s = tiny_run
+    uri = f"models:/{s['registered_model']}@{s['model_alias']}"
+    proc = subprocess.run([sys.executable, "-m", "edgar_tune.cli", "generate", "--model", uri, "--prompt",
+                           "Net sales increased", "--prompt", "We serve consumers through", "--max-new-tokens", "6",
+                           "--json", "--tracking-uri", s["mlflow_tracking_uri"]],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert [r["prompt"] for r in rows] == ["Net sales increased", "We serve consumers through"]
+    assert all(isinstance(r["generated"], str) and r["generated"] for r in rows)
+    missing = subprocess.run([sys.executable, "-m", "edgar_tune.cli", "generate", "--model", "models:/nope@champion",
+                              "--prompt", "x", "--tracking-uri", s["mlflow_tracking_uri"]],
+                             cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert missing.returncode == 2 and "cannot load models:/nope@champion" in missing.stderr
+
+
+def test_mlflow_models_serve_answers_a_prompt(tiny_run, tmp_path):
+    _, s = tiny_run
+    port = free_port()
+    # mlflow starts `uvicorn` by name: the venv's bin must be on PATH, as in an activated venv.
+    env = dict(os.environ, MLFLOW_TRACKING_URI=s["mlflow_tracking_uri"], PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    cmd = [str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{s['registered_model']}@champion",
+           "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/ping", proc)
+        body = {"dataframe_records": [{"prompt": "Net sales increased"}], "params": {"max_new_tokens": 5}}
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})  # fmt: skip
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            answer = json.loads(resp.read())
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert len(answer["predictions"]) == 1 and isinstance(answer["predictions"][0], str)
+
+
+def test_pipeline_registers_on_a_remote_tracking_server(tmp_path):
+    import mlflow
+
+    port = free_port()
+    server_env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    cmd = [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+           "--artifacts-destination", str(tmp_path / "server-artifacts"), "--host", "127.0.0.1", "--port", str(port),
+           "--workers", "1"]  # fmt: skip
+    server = subprocess.Popen(cmd, cwd=tmp_path, env=server_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{uri}/health", server)
+        # A full fine-tune this time: the version must hold the trained weights themselves.
+        s = run_cli(tmp_path, "--set", "max_steps=10", "--set", "mode=full", "--set", "generate.enabled=false",
+                    env={"MLFLOW_TRACKING_URI": uri})  # fmt: skip
+        assert s["mlflow_tracking_uri"] == uri and s["mode"] == "full"
+        client = mlflow.MlflowClient(uri)
+        version = client.get_model_version_by_alias(s["registered_model"], s["model_alias"])
+        assert str(version.version) == s["model_version"] and version.tags["base_model"] == "tiny-llama"
+        names = {a.path for a in client.list_artifacts(s["mlflow_run_id"], "plots")}
+        assert "plots/loss_curve.png" in names
+        assert not (tmp_path / "mlflow.db").exists()  # nothing fell back to a local store
+        stored = tmp_path / "server-artifacts"
+        assert list(stored.rglob("MLmodel")), "the model went to the server's artifact store"
+        assert list(stored.rglob("model.safetensors")) and not list(stored.rglob("adapter_model.safetensors"))
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_nan_perplexity_fails_before_anything_is_registered(tiny_run, tmp_path):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    runs, _ = tiny_run
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(runs / "latest" / "config.yaml", run / "config.yaml")
+    for stage in ("01_download", "03_tokenize", "04_train"):
+        shutil.copytree(runs / "latest" / stage, run / stage)
+    weights = run / "04_train" / "adapter" / "adapter_model.safetensors"
+    save_file({k: torch.full_like(v, float("nan")) for k, v in load_file(weights).items()}, weights)
+    proc = subprocess.run([sys.executable, "-m", "edgar_tune.cli", "stage", "evaluate", "--run", str(run)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "fine-tuned perplexity is nan" in proc.stderr and "nothing registered" in proc.stderr
+    assert not (run / "05_evaluate" / "finetuned.json").exists()
