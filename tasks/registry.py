@@ -155,14 +155,11 @@ def _promote(client, name: str, version: str, ppl: float, val_sha: str) -> str:
 RUN_KEY = "edgar_tune.run_key"
 
 
-def run_key(run_dir: Path, weights_dir: Path) -> str:
-    """What identifies one registration: the run folder and the exact weights it publishes."""
-    from tasks.io import sha256_file
-
-    digest = hashlib.sha256(str(run_dir.resolve()).encode())
-    for path in sorted(p for p in weights_dir.rglob("*") if p.is_file()):
-        digest.update(path.name.encode() + sha256_file(path).encode())
-    return digest.hexdigest()
+def run_key(run_dir: Path) -> str:
+    """What identifies one registration: the run folder and the training that published its weights (the train
+    stage's stats.json is written once per training, so a retrained stage gets a new key)."""
+    stats = (run_dir / TRAIN / "stats.json").read_bytes()
+    return hashlib.sha256(str(run_dir.resolve()).encode() + b"\0" + stats).hexdigest()
 
 
 def _registered_before(client, exp_id: str, name: str, key: str) -> tuple[str, str] | None:
@@ -196,8 +193,11 @@ def register_run(run_dir: Path, runs_root: Path, cfg: PipelineConfig, flow_run_i
     artifacts = {"weights": str(weights_dir)}
     if tok_stats["base_model"]["kind"] == "run_local" and train_stats["weights"] == "adapter":
         artifacts["base"] = str(run_dir / TOKENIZE / tok_stats["base_model"]["path"])
-    key = run_key(run_dir, weights_dir)
-    tags = {"base_model": base_ref, "data_sha256": report["train_sha256"], "val_sha256": report["val_sha256"],
+    key = run_key(run_dir)
+    # data_sha256 covers the training and the validation text; val_sha256 alone is what the promotion gate compares.
+    data_sha = hashlib.sha256(f"{report['train_sha256']}:{report['val_sha256']}".encode()).hexdigest()
+    tags = {"base_model": base_ref, "data_sha256": data_sha, "train_sha256": report["train_sha256"],
+            "val_sha256": report["val_sha256"],
             "git_commit": git_commit(), "filings": json.dumps(filings),
             "val_perplexity": repr(after["perplexity"]), "prefect_flow_run_id": str(flow_run_id), RUN_KEY: key}  # fmt: skip
     name = cfg.registry.model_name

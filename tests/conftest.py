@@ -73,11 +73,9 @@ def run_cli(runs: Path, *args: str, timeout: int = 900, env: dict | None = None)
 
 
 def free_port() -> int:
-    import socket
+    from tasks.finetune import _free_port
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return _free_port()
 
 
 def wait_http(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:

@@ -56,6 +56,12 @@ def test_mlflow_has_the_version_alias_metrics_and_plots(tiny_run):
     version = client.get_model_version_by_alias(s["registered_model"], s["model_alias"])
     assert str(version.version) == s["model_version"] and s["model_alias"] == "champion"
     assert version.tags["base_model"] == "tiny-llama" and len(version.tags["data_sha256"]) == 64
+    import hashlib
+
+    report = json.loads((runs / "latest" / "02_parse" / "report.json").read_text())
+    both = f"{report['train_sha256']}:{report['val_sha256']}".encode()
+    assert version.tags["data_sha256"] == hashlib.sha256(both).hexdigest()  # training and validation text
+    assert json.loads(version.tags["filings"])[0]["accession"] == "0001018724-21-000004"
     run = client.get_run(version.run_id)
     assert run.data.metrics["ppl_after"] == pytest.approx(s["ppl_after"])
     assert len(client.get_metric_history(run.info.run_id, "train_loss")) == s["train_steps"]
