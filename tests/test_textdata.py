@@ -27,18 +27,18 @@ def paragraphs(amzn_files) -> list[str]:
     return [p for p in text.split("\n") if len(p) > 200]
 
 
+def _write_csv(path: Path, header: list[str], rows: list[list]) -> Path:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
 def test_csv_uses_the_text_column_else_the_first(tmp_path, paragraphs):
-    with_text = tmp_path / "a.csv"
-    with open(with_text, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["id", "text"])
-        w.writerows([[i, p] for i, p in enumerate(paragraphs[:5])])
+    with_text = _write_csv(tmp_path / "a.csv", ["id", "text"], [[i, p] for i, p in enumerate(paragraphs[:5])])
     assert read_texts(with_text) == paragraphs[:5]
-    first = tmp_path / "b.csv"
-    with open(first, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["body", "id"])
-        w.writerows([[p, i] for i, p in enumerate(paragraphs[:5])])
+    first = _write_csv(tmp_path / "b.csv", ["body", "id"], [[p, i] for i, p in enumerate(paragraphs[:5])])
     assert read_texts(first) == paragraphs[:5]
 
 
@@ -87,11 +87,7 @@ def test_prompt_tokens_are_masked_out_of_the_loss(tiny_run):
 
 
 def test_domain_adaptation_from_a_csv_end_to_end(tmp_path, paragraphs):
-    data = tmp_path / "amzn.csv"
-    with open(data, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["text"])
-        w.writerows([[p] for p in paragraphs])
+    data = _write_csv(tmp_path / "amzn.csv", ["text"], [[p] for p in paragraphs])
     s = run_cli(tmp_path, "--set", f"data.source={data}", "--set", "validation_split_ratio=0.25", "--set", "max_steps=30")
     assert s["filings"] == [] and s["data_files"] == [str(data)]
     assert s["ppl_after"] < s["ppl_before"]
