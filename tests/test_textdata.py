@@ -24,7 +24,9 @@ def paragraphs(amzn_files) -> list[str]:
 
     doc = parse_filing(amzn_files[0], "drop")
     text = doc.items["1"].text + "\n" + doc.items["1A"].text
-    return [p for p in text.split("\n") if len(p) > 200]
+    paragraphs = [p for p in text.split("\n") if len(p) > 200]
+    assert len(paragraphs) > 50  # so no test below can pass on an empty list
+    return paragraphs
 
 
 def _write_csv(path: Path, header: list[str], rows: list[list]) -> Path:
