@@ -35,9 +35,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from tasks.finetune import preflight
 
     preflight(cfg.train)  # and on an engine this machine cannot run
+    from edgar_tune.config import RunParameters
     from flows.pipeline import edgar_tune_pipeline
 
-    edgar_tune_pipeline(preset=args.preset, out_dir=args.out, overrides=overrides)
+    edgar_tune_pipeline(RunParameters(preset=args.preset, out_dir=args.out, overrides=overrides))
     return 0
 
 

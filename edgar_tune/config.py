@@ -476,3 +476,47 @@ def flat_params(cfg: PipelineConfig) -> dict[str, Any]:
         for key, value in getattr(cfg, section).model_dump().items():
             out[f"{section}.{key}"] = value
     return out
+
+
+_RUN_PARAMETER_KEYS = {
+    "tickers": "data.tickers", "fiscal_years": "data.fiscal_years", "source": "data.source", "model": "model.name",
+    "mode": "train.mode", "deepspeed": "train.deepspeed", "nproc": "train.nproc", "epoch": "train.epoch",
+    "max_steps": "train.max_steps", "learning_rate": "train.learning_rate", "lora_r": "train.lora_r",
+    "lora_alpha": "train.lora_alpha", "lora_dropout": "train.lora_dropout",
+}  # fmt: skip
+
+
+class RunParameters(BaseModel):
+    """The flow's parameters, as the Prefect UI shows them: a form with types, defaults and descriptions.
+
+    Empty fields keep the preset's value; `overrides` takes any other config key (`edgar-tune keys`).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    preset: str = Field("demo", description="Preset (configs/presets/NAME.yaml): demo, tiny, or a YAML path.")
+    out_dir: str = Field("runs/latest", description="Run folder; summary.json is written there.")
+    tickers: list[str] | None = Field(None, description="Tickers or CIKs (data.tickers).")
+    fiscal_years: list[int] | None = Field(None, description="Fiscal years of the 10-Ks (data.fiscal_years).")
+    source: str | None = Field(None, description="bundled, edgar, a filings folder or a TXT/CSV/JSON/JSONL file.")
+    model: str | None = Field(None, description="smollm2-135m, tiny-llama, a local folder or a hub id.")
+    mode: Literal["lora", "full"] | None = Field(None, description="LoRA adapters or full fine-tuning.")
+    deepspeed: Literal["zero2", "zero3", "zero3-offload"] | None = Field(None, description="DeepSpeed ZeRO stage.")
+    nproc: int | None = Field(None, ge=1, description="Training processes (GPUs) on the node.")
+    epoch: float | None = Field(None, gt=0, description="Passes over the training blocks.")
+    max_steps: int | None = Field(None, description="Stop after this many optimizer steps (-1: all epochs).")
+    learning_rate: float | None = Field(None, gt=0, lt=1, description="Peak learning rate.")
+    lora_r: int | None = Field(None, ge=1, description="LoRA rank.")
+    lora_alpha: int | None = Field(None, ge=1, description="LoRA scaling numerator.")
+    lora_dropout: float | None = Field(None, ge=0, lt=1, description="Dropout on the LoRA path.")
+    overrides: dict[str, Any] = Field(
+        default_factory=dict, description="Any other config key -> value, e.g. {\"train.warmup\": 0.05}."
+    )
+
+    def config_overrides(self) -> dict[str, Any]:
+        """The set fields as config keys, then `overrides` (which wins where both name a key)."""
+        out = {key: getattr(self, name) for name, key in _RUN_PARAMETER_KEYS.items() if getattr(self, name) is not None}
+        return out | dict(self.overrides)
+
+    def load(self) -> PipelineConfig:
+        return load_config(self.preset, self.config_overrides())

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
 
 from prefect import flow
 from prefect.runtime import flow_run
 
-from edgar_tune.config import load_config
+from edgar_tune.config import RunParameters
 from tasks.finetune import memory_plan, preflight
 from tasks.io import DOWNLOAD, TOKENIZE, TRAIN, atomic_write_json, atomic_write_text, read_json
 from tasks.stages import (
@@ -23,14 +22,13 @@ from tasks.stages import (
 
 
 @flow(name="edgar-tune", log_prints=True)
-def edgar_tune_pipeline(
-    preset: str = "demo", out_dir: str = "runs/latest", overrides: dict[str, Any] | None = None
-) -> dict:
+def edgar_tune_pipeline(params: RunParameters = RunParameters()) -> dict:  # noqa: B008 (never mutated)
     """Domain-adapt a causal LM to 10-K filings and register it; returns the run summary."""
     import yaml
 
-    cfg = load_config(preset, overrides or {})
+    cfg = params.load()
     precision = preflight(cfg.train)  # a GPU-only engine on a CPU machine fails here, not after the data stages
+    out_dir = params.out_dir
     run_dir = Path(out_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.model_dump(), sort_keys=False))

@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def test_deployments_point_at_the_flow_with_its_parameters():
-    from edgar_tune.config import load_config
+    from edgar_tune.config import RunParameters
 
     spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
     names = {d["name"] for d in spec["deployments"]}
@@ -21,7 +21,7 @@ def test_deployments_point_at_the_flow_with_its_parameters():
         path, func = dep["entrypoint"].split(":")
         flow = getattr(importlib.import_module(path.removesuffix(".py").replace("/", ".")), func)
         assert set(dep["parameters"]) <= set(inspect.signature(flow.fn).parameters)
-        load_config(dep["parameters"]["preset"], dep["parameters"].get("overrides"))  # overrides are valid keys
+        RunParameters.model_validate(dep["parameters"]["params"]).load()  # typed, and every key is valid
         assert dep["work_pool"]["name"] == "edgar-tune"
 
 
@@ -37,3 +37,21 @@ def test_cron_schedule_is_valid_and_has_a_timezone():
             assert sched["timezone"]
             nxt = next(CronSim(sched["cron"], datetime(2026, 1, 1)))
             assert nxt.month == 3 and nxt.weekday() == 0 and nxt.hour == 6
+
+
+def test_flow_parameters_are_one_typed_model_with_descriptions():
+    from edgar_tune.config import ConfigError, RunParameters
+    from flows.pipeline import edgar_tune_pipeline
+
+    schema = edgar_tune_pipeline.parameters.model_dump()
+    assert list(schema["properties"]) == ["params"]
+    fields = RunParameters.model_json_schema()["properties"]
+    for name in ("preset", "tickers", "fiscal_years", "model", "deepspeed", "lora_r", "epoch", "learning_rate"):
+        assert fields[name].get("description"), name
+    assert set(fields["deepspeed"]["anyOf"][0]["enum"]) == {"zero2", "zero3", "zero3-offload"}
+    cfg = RunParameters(preset="tiny", tickers=["msft"], lora_r=4, overrides={"train.warmup": 0.1}).load()
+    assert (cfg.data.tickers, cfg.train.lora_r, cfg.train.warmup, cfg.train.lora_alpha) == (["MSFT"], 4, 0.1, 32)
+    import pytest
+
+    with pytest.raises(ConfigError, match="train.learnin_rate"):
+        RunParameters(overrides={"train.learnin_rate": 1}).load()
