@@ -75,9 +75,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     kw = dict(nproc=args.nproc, seq=args.seq, batch=args.batch, mode=args.mode, precision=args.precision,
               quantization=quant, gradient_checkpointing=not args.no_gradient_checkpointing)  # fmt: skip
     rows = memory.plan(shape, budget_gb=args.gpu_memory_gb, options=memory.OPTIONS + ("fsdp",), **kw)
-    context = (f"{shape.params / 1e6:,.1f}M params, {args.mode}"
-               + (f" r={args.lora_r} ({shape.lora_params / 1e6:.2f}M trained)" if args.mode == "lora" else "")
-               + f", {args.batch}x{args.seq} tokens, {args.precision}, {args.nproc} process(es)")  # fmt: skip
+    context = memory.describe(shape, mode=args.mode, lora_r=args.lora_r, batch=args.batch, seq=args.seq,
+                              precision=args.precision, nproc=args.nproc)  # fmt: skip
     print(memory.format_plan(rows, "", args.gpu_memory_gb, context))
     if not any(r.fits for r in rows):
         print("nothing fits; try " + memory.suggestion(rows, shape, budget_gb=args.gpu_memory_gb, **kw))

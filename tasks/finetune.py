@@ -194,9 +194,8 @@ def memory_plan(tokenize_dir: Path, cfg: TrainConfig, precision: str) -> dict:
     chosen = engine_option(cfg)
     options = memory.OPTIONS + (("fsdp",) if chosen == "fsdp" else ())
     rows = memory.plan(shape, budget_gb=budget, options=options, **kw)
-    context = (f"{shape.params / 1e6:,.1f}M params, {cfg.mode}"
-               + (f" r={cfg.lora_r} ({shape.lora_params / 1e6:.2f}M trained)" if cfg.mode == "lora" else "")
-               + f", {kw['batch']}x{kw['seq']} tokens, {precision}, {world} process(es), {where}")  # fmt: skip
+    context = memory.describe(shape, mode=cfg.mode, lora_r=cfg.lora_r, batch=kw["batch"], seq=kw["seq"],
+                              precision=precision, nproc=world) + f", {where}"  # fmt: skip
     table = memory.format_plan(rows, chosen, budget, context)
     log.info("\n%s", table)
     mine = next(r for r in rows if r.option == chosen)

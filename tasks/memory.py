@@ -131,6 +131,12 @@ def plan(shape: ModelShape, *, nproc: int, seq: int, batch: int, mode: str, prec
     return rows
 
 
+def describe(shape: ModelShape, *, mode: str, lora_r: int, batch: int, seq: int, precision: str, nproc: int) -> str:
+    """The plan's heading: what is being planned for."""
+    lora = f" r={lora_r} ({shape.lora_params / 1e6:.2f}M trained)" if mode == "lora" else ""
+    return f"{shape.params / 1e6:,.1f}M params, {mode}{lora}, {batch}x{seq} tokens, {precision}, {nproc} process(es)"
+
+
 def format_plan(rows: list[Estimate], chosen: str, budget_gb: float, context: str) -> str:
     lines = [
         f"memory plan per device ({context}; budget {budget_gb:.1f} GB, {HEADROOM:.0%} usable)",
