@@ -230,11 +230,8 @@ def write_train_stage(out: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg:
     except ValueError as err:
         raise ConfigError(str(err)) from None
     with atomic_dir(out) as tmp:
-        if cfg.nproc > 1 or cfg.hostfile:
-            _launch(tmp, tokenize_dir, cfg, eval_cfg, ckpts, resume_from)
-            stats = read_json(tmp / "stats.json")
-        else:
-            stats = train(tmp, tokenize_dir, cfg, eval_cfg, ckpts, resume_from)
+        _launch(tmp, tokenize_dir, cfg, eval_cfg, ckpts, resume_from, plan)
+        stats = read_json(tmp / "stats.json")
         stats["memory_plan"] = plan
         atomic_write_json(tmp / "stats.json", stats)
     if not cfg.keep_checkpoints:
@@ -242,28 +239,78 @@ def write_train_stage(out: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg:
     return stats
 
 
+class TrainingCrashed(RuntimeError):
+    """The training process died; the message says how, and where the next run resumes."""
+
+
 def _launch(tmp: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfig, ckpts: Path,
-            resume_from: Path | None) -> None:  # fmt: skip
+            resume_from: Path | None, plan: dict | None = None) -> None:  # fmt: skip
+    """Train in child processes: one plain process, or `train.nproc` under the DeepSpeed launcher (torchrun
+    for FSDP). A child of its own, so that a crash (the OOM killer's SIGKILL, a segfault in a kernel) fails
+    this stage with a message instead of taking the flow run down with it."""
+    import collections
     import subprocess
     import sys
 
-    port = str(_free_port())
+    module = ["--module", "tasks.train_worker"]
     if cfg.enable_fsdp:
-        launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(cfg.nproc), "--master_port", port]
-    else:
+        port = str(_free_port())
+        launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(cfg.nproc), "--master_port", port, *module]
+    elif cfg.nproc > 1 or cfg.hostfile:
         where = ["--hostfile", cfg.hostfile] if cfg.hostfile else ["--num_gpus", str(cfg.nproc)]
-        launcher = ["-m", "deepspeed.launcher.runner", *where, "--master_port", port]
-    cmd = [sys.executable, *launcher, "--module", "tasks.train_worker", "--out", str(tmp),
-           "--tokenize-dir", str(tokenize_dir), "--checkpoints", str(ckpts), "--config", cfg.model_dump_json(),
-           "--eval-config", eval_cfg.model_dump_json()]  # fmt: skip
+        launcher = ["-m", "deepspeed.launcher.runner", *where, "--master_port", str(_free_port()), *module]
+    else:
+        launcher = ["-m", "tasks.train_worker"]
+    cmd = [sys.executable, *launcher, "--out", str(tmp), "--tokenize-dir", str(tokenize_dir), "--checkpoints",
+           str(ckpts), "--config", cfg.model_dump_json(), "--eval-config", eval_cfg.model_dump_json()]  # fmt: skip
     if resume_from:
         cmd += ["--resume-from", str(resume_from)]
-    log.info("launching %d training processes: %s", cfg.nproc, " ".join(cmd[:9]))
+    log.info("launching %d training process(es): %s", cfg.nproc, " ".join(cmd[: cmd.index("--out")]))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    tail: collections.deque[bytes] = collections.deque(maxlen=400)
+    with subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          preexec_fn=_die_with_parent) as proc:  # fmt: skip
+        for chunk in iter(lambda: proc.stdout.read1(1 << 14), b""):  # progress bars pass through as they are
+            sys.stderr.buffer.write(chunk)
+            sys.stderr.flush()
+            tail.append(chunk)
     if proc.returncode != 0 or not (tmp / "stats.json").exists():
-        tail = "\n".join(proc.stdout.splitlines()[-40:])
-        raise RuntimeError(f"training launcher exited with {proc.returncode}; the last lines:\n{tail}")
+        lines = b"".join(tail).decode("utf-8", "replace").replace("\r", "\n").splitlines()
+        raise TrainingCrashed(crash_message(proc.returncode, ckpts, cfg, plan, [x for x in lines if x.strip()][-25:]))
+
+
+def crash_message(returncode: int, ckpts: Path, cfg: TrainConfig, plan: dict | None, tail: list[str]) -> str:
+    """What happened to the training process, and what the next run will do about it."""
+    import signal
+
+    from tasks.checkpoints import latest_checkpoint
+
+    if returncode < 0:
+        name = signal.Signals(-returncode).name
+        how = f"the training process was killed by {name} (signal {-returncode})"
+        if -returncode == signal.SIGKILL:
+            estimate = f"; this run's memory plan estimated {plan['estimate_gb']} GB per device" if plan else ""
+            how += (" - on Linux usually the out-of-memory killer (see `dmesg`)" + estimate + "; lower "
+                    "train.per_device_train_batch_size or tokenize.max_input_length, or use a ZeRO offload engine")
+    else:
+        how = f"the training process exited with status {returncode}"
+    last = latest_checkpoint(ckpts) if ckpts.exists() else None
+    if last is not None:
+        nxt = f"The next run (or Retry in the Prefect UI) resumes from {last.name} in {ckpts}."
+    else:
+        nxt = (f"No checkpoint was complete (train.save_steps={cfg.save_steps}), so the next run starts over.")
+    return f"{how}. {nxt}\nIts last output lines:\n" + "\n".join(tail)
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL it when the parent dies, so a killed run leaves no orphaned trainer."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:  # not Linux: the child outlives a SIGKILLed parent, as any process would
+        pass
 
 
 def _load_model(base: str, cfg: TrainConfig, precision: str):
