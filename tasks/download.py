@@ -8,13 +8,14 @@ layer is ours because the library's has no timeout, no retry and writes files no
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,22 @@ BUNDLED_DIR = REPO_ROOT / "data" / "sec-edgar-filings"
 MANIFEST = "manifest.json"
 TEN_K_FORMS = {"10-K": "10-K", "10-K405": "10-K"}  # 10-K405 is a 10-K with a box ticked (until 2002)
 _IDENTITY = re.compile(r"^\S.*\s\S+@\S+\.\S+$")
+
+
+SEC_URL_ENV = "EDGAR_TUNE_SEC_URL"
+
+
+def edgar_urls() -> tuple[str, str, str]:
+    """sec-edgar-downloader's (ticker map, submissions, filing) URL templates, read at call time.
+
+    $EDGAR_TUNE_SEC_URL points all three at one mirror or proxy that serves EDGAR's paths (`/files/...`,
+    `/submissions/...`, `/Archives/...`); unset, they are the library's own (www.sec.gov and data.sec.gov).
+    """
+    base = os.environ.get(SEC_URL_ENV, "").rstrip("/")
+    if not base:
+        return sed_gateway.URL_CIK_MAPPING, sed_orchestrator.URL_SUBMISSIONS, sed_orchestrator.URL_FILING
+    return (f"{base}/files/company_tickers_exchange.json", f"{base}/submissions/{{submission}}",
+            f"{base}/Archives/edgar/data/{{cik}}/{{acc_num_no_dash}}/{{document}}")  # fmt: skip
 
 
 class EdgarError(RuntimeError):
@@ -79,6 +96,33 @@ class RateLimiter:
 
 _LIMITER = RateLimiter(10.0)  # SEC fair access: 10 requests/s per user, all machines together
 
+# Inside a Prefect run, every request also takes a slot of this global rate limit on the Prefect server, so runs
+# on all workers together stay under SEC's 10 requests/s. Created on first use with 1 slot that frees at 10/s;
+# lower it in the UI (Concurrency -> Global) when something else shares your SEC quota, and every run obeys.
+EDGAR_RATE_LIMIT = "sec-edgar"
+EDGAR_RATE_PER_SECOND = 10.0
+
+
+def prefect_rate_limit() -> Callable[[], None] | None:
+    """The Prefect-wide EDGAR rate limit when running in a flow or task run, else None (this process's only)."""
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    if FlowRunContext.get() is None and TaskRunContext.get() is None:
+        return None
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.concurrency.sync import rate_limit
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(EDGAR_RATE_LIMIT)
+        except ObjectNotFound:
+            with contextlib.suppress(ObjectAlreadyExists):  # another run created it first
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(
+                    name=EDGAR_RATE_LIMIT, limit=1, slot_decay_per_second=EDGAR_RATE_PER_SECOND))  # fmt: skip
+    return lambda: rate_limit(EDGAR_RATE_LIMIT, timeout_seconds=600, strict=True)
+
 
 @dataclass
 class EdgarClient:
@@ -88,6 +132,7 @@ class EdgarClient:
     timeout: float = 30.0
     max_retries: int = 5
     backoff: float = 1.0
+    shared_limit: Callable[[], None] | None = None  # e.g. prefect_rate_limit(): taken before every request
 
     def __post_init__(self) -> None:
         self.session = requests.Session()
@@ -97,6 +142,8 @@ class EdgarClient:
     def get(self, url: str) -> bytes:
         for attempt in range(self.max_retries + 1):
             _LIMITER.acquire()
+            if self.shared_limit is not None:
+                self.shared_limit()
             self.requests_sent += 1
             try:
                 resp = self.session.get(url, timeout=self.timeout)
@@ -176,7 +223,7 @@ def _cik_for(client: EdgarClient, ticker: str, mapping: dict[str, str] | None) -
     if ticker.isdigit():
         return ticker.zfill(sed_constants.CIK_LENGTH), mapping
     if mapping is None:
-        data = client.get_json(sed_gateway.URL_CIK_MAPPING)
+        data = client.get_json(edgar_urls()[0])
         cik_i, ticker_i = data["fields"].index("cik"), data["fields"].index("ticker")
         mapping = {str(row[ticker_i]).upper(): str(row[cik_i]).zfill(sed_constants.CIK_LENGTH) for row in data["data"]}
     if ticker not in mapping:
@@ -186,7 +233,8 @@ def _cik_for(client: EdgarClient, ticker: str, mapping: dict[str, str] | None) -
 
 def _submissions(client: EdgarClient, cik: str) -> Iterable[dict]:
     """Every filing row of a company, from `filings.recent` and the older pages in `filings.files`."""
-    url = sed_orchestrator.URL_SUBMISSIONS.format(submission=sed_constants.SUBMISSION_FILE_FORMAT.format(cik=cik))
+    submissions_url = edgar_urls()[1]
+    url = submissions_url.format(submission=sed_constants.SUBMISSION_FILE_FORMAT.format(cik=cik))
     first = client.get_json(url)
     pages = [first["filings"]["recent"]]
     pages_left = [p["name"] for p in first["filings"].get("files", [])]
@@ -196,7 +244,7 @@ def _submissions(client: EdgarClient, cik: str) -> Iterable[dict]:
         for values in zip(*(page[k] for k in keys), strict=True):
             yield dict(zip(keys, values, strict=True))
         if not pages and pages_left:
-            pages.append(client.get_json(sed_orchestrator.URL_SUBMISSIONS.format(submission=pages_left.pop(0))))
+            pages.append(client.get_json(submissions_url.format(submission=pages_left.pop(0))))
 
 
 def fiscal_year_of(row: dict) -> int:
@@ -211,7 +259,7 @@ def download_edgar(cfg: DataConfig, dest: Path, client: EdgarClient | None = Non
 
     A rerun whose filings are all on disk sends no request at all.
     """
-    client = client or EdgarClient(resolve_identity(cfg.edgar_identity))
+    client = client or EdgarClient(resolve_identity(cfg.edgar_identity), shared_limit=prefect_rate_limit())
     root = Path(dest) / sed_constants.ROOT_SAVE_FOLDER_NAME
     known = _read_manifest(root)
     have = {(f["ticker"], f["fiscal_year"]) for f in known if all((root / p).exists() for p in f["files"].values())}
@@ -239,11 +287,12 @@ def download_edgar(cfg: DataConfig, dest: Path, client: EdgarClient | None = Non
                 found.add(year)
             except NotFoundOnEdgar as err:
                 skipped.append({"ticker": ticker, "fiscal_year": year, "form": form,
-                                "accession": row["accessionNumber"], "reason": str(err)})
+                                "accession": row["accessionNumber"], "reason": str(err), "recheck": True})
             _write_manifest(root, filings)
         recorded = {s["fiscal_year"] for s in skipped if s["ticker"] == ticker and s["form"] in TEN_K_FORMS}
         for year in sorted(set(wanted) - found - recorded):
-            skipped.append({"ticker": ticker, "fiscal_year": year, "form": "10-K", "reason": "no 10-K on EDGAR"})
+            skipped.append({"ticker": ticker, "fiscal_year": year, "form": "10-K", "reason": "no 10-K on EDGAR",
+                            "recheck": True})  # fmt: skip
     _write_manifest(root, filings)
     chosen = sorted(_select(filings, cfg.tickers, cfg.fiscal_years), key=lambda f: (f["ticker"], f["fiscal_year"]))
     return [dict(f, root=str(root)) for f in chosen], skipped
@@ -254,9 +303,14 @@ def _fetch_filing(client: EdgarClient, root: Path, ticker: str, cik: str, row: d
     todo = sed_orchestrator.get_to_download(cik, acc, row.get("primaryDocument") or "")
     meta = DownloadMetadata(download_folder=root.parent, form="10-K", cik=cik, ticker=ticker)
     primary_name = f"{sed_constants.PRIMARY_DOC_FILENAME_STEM}{todo.details_doc_suffix}"
-    wanted = [("full_submission", todo.raw_filing_uri, sed_constants.FILING_FULL_SUBMISSION_FILENAME)]
+    filing_url = edgar_urls()[2]  # the library's URL_FILING, or the mirror's
+
+    def url(document: str) -> str:
+        return filing_url.format(cik=cik.lstrip("0"), acc_num_no_dash=acc.replace("-", ""), document=document)
+
+    wanted = [("full_submission", url(f"{acc}.txt"), sed_constants.FILING_FULL_SUBMISSION_FILENAME)]
     if row.get("primaryDocument"):  # filings from before 2001 have none: the submission .txt is the document
-        wanted.append(("primary_document", todo.primary_doc_uri, primary_name))
+        wanted.append(("primary_document", url(row["primaryDocument"].rsplit("/")[-1]), primary_name))
     files = {}
     for kind, url, name in wanted:
         path = sed_orchestrator.get_save_location(meta, acc, name)
