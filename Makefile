@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 export EDGAR_TUNE_CACHE ?= $(HOME)/.cache/edgar-tune
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 
-.PHONY: setup model demo test bench-parse clean
+.PHONY: setup model demo test test-slow bench-parse server deploy worker clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,24 @@ demo: model
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# What `make test` leaves out for time: the real SmolLM2 demo end to end, resume under ZeRO-2 on the CPU.
+test-slow: model
+	$(BIN)/python -m pytest -q -m slow
+
+# A local Prefect server, the deployments of prefect.yaml and a process worker (see README "Prefect in production").
+PREFECT_PORT ?= 4200
+PREFECT_API := http://127.0.0.1:$(PREFECT_PORT)/api
+
+server: $(STAMP)
+	PREFECT_SERVER_UI_API_URL=$(PREFECT_API) $(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
+
+deploy: $(STAMP)
+	PREFECT_API_URL=$(PREFECT_API) $(BIN)/prefect work-pool create edgar-tune --type process --overwrite
+	PREFECT_API_URL=$(PREFECT_API) $(BIN)/prefect --no-prompt deploy --all
+
+worker: model
+	PREFECT_API_URL=$(PREFECT_API) $(BIN)/prefect worker start --pool edgar-tune
 
 # Bench-only dependencies (edgartools), constrained to the tested lock so nothing else moves.
 $(VENV)/.bench: $(STAMP) requirements-bench.txt

@@ -42,16 +42,27 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-STAGES = ("download", "parse", "tokenize", "evaluate-base", "train", "evaluate", "register")
+STAGES = ("download", "parse", "tokenize", "evaluate-base", "train", "evaluate", "register")  # tasks.cache.STAGES
+
+
+def cmd_rerun(args: argparse.Namespace) -> int:
+    """Recompute one stage of a run (folder, s3:// URL or flow-run id) and what depends on it, as a flow run."""
+    from edgar_tune.config import parse_overrides
+    from flows.pipeline import edgar_tune_rerun
+
+    edgar_tune_rerun(args.name, args.run, parse_overrides(args.set) or None)
+    return 0
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
-    """Rerun one stage of an existing run folder from what the stages before it left (no Prefect server)."""
+    """Run one stage of a local run folder in this process, without Prefect and without its dependents."""
     from edgar_tune.config import load_run_config
     from tasks import stages
+    from tasks.cache import forget
 
     run_dir = Path(args.run).resolve()
     cfg = load_run_config(run_dir, args.set)
+    forget(run_dir, args.name)  # what it writes was not made under the recorded key: the next run redoes it
     calls = {
         "download": lambda: stages.download_filings.fn(run_dir, cfg.data),
         "parse": lambda: stages.extract_sections.fn(run_dir, cfg),
@@ -160,7 +171,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--nproc", type=int, help="training processes through the DeepSpeed launcher (train.nproc)")
     run.add_argument("--hostfile", help="DeepSpeed hostfile for multi-node training (train.hostfile)")
     run.set_defaults(fn=cmd_run)
-    stage = sub.add_parser("stage", help="rerun one stage of a run folder (resumes training from its checkpoints)")
+    rerun = sub.add_parser("rerun", help="recompute one stage of a run, then every stage that depends on it")
+    rerun.add_argument("name", choices=STAGES, metavar="STAGE", help=", ".join(STAGES))
+    rerun.add_argument("--run", required=True, help="run folder, s3:// run URL, or the run's Prefect flow-run id")
+    rerun.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="change a config key first (recorded in the run's config.yaml)")  # fmt: skip
+    rerun.set_defaults(fn=cmd_rerun)
+    stage = sub.add_parser("stage", help="run one stage of a local run folder in-process: no Prefect, no dependents")
     stage.add_argument("name", choices=STAGES)
     stage.add_argument("--run", required=True, help="the run folder (has config.yaml)")
     stage.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")

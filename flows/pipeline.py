@@ -1,16 +1,27 @@
-"""The edgar-tune flow: download -> parse -> tokenize -> fine-tune -> evaluate (before/after) -> register."""
+"""The edgar-tune flows.
+
+`edgar-tune`: download -> parse -> tokenize -> evaluate the base -> fine-tune -> evaluate -> register. Every
+stage is cached on what it reads (tasks/cache.py), so a run with the same parameters is all `Cached`, a change
+to a training hyperparameter reuses the data stages, and the UI's Retry of a failed run redoes only the stage
+that failed and those after it.
+
+`edgar-tune-rerun`: recompute one stage of an existing run from its recorded config (config.yaml), then every
+stage that depends on it; nothing upstream runs.
+"""
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Literal
 
 from prefect import flow
 from prefect.runtime import flow_run
 
-from edgar_tune.config import RunParameters
+from edgar_tune.config import ConfigError, PipelineConfig, RunParameters, load_run_config
+from tasks.cache import OUTPUTS, STAGES, config_view, downstream, is_current, record, stage_key
 from tasks.finetune import memory_plan, preflight
-from tasks.io import DOWNLOAD, TOKENIZE, TRAIN, atomic_write_json, atomic_write_text, read_json
+from tasks.io import DOWNLOAD, EVALUATE, REGISTER, TOKENIZE, TRAIN, atomic_write_json, atomic_write_text, read_json
 from tasks.stages import (
     download_filings,
     evaluate_perplexity,
@@ -19,47 +30,129 @@ from tasks.stages import (
     pack_blocks,
     register_model,
 )
+from tasks.storage import RunFolder
+
+Stage = Literal["download", "parse", "tokenize", "evaluate-base", "train", "evaluate", "register"]
 
 
 @flow(name="edgar-tune", log_prints=True)
 def edgar_tune_pipeline(params: RunParameters = RunParameters()) -> dict:  # noqa: B008 (never mutated)
     """Domain-adapt a causal LM to 10-K filings and register it; returns the run summary."""
+    cfg = params.load()
+    return run_stages(RunFolder.open(params.out_dir), cfg, STAGES)
+
+
+@flow(name="edgar-tune-rerun", log_prints=True)
+def edgar_tune_rerun(stage: Stage, run: str, overrides: dict | None = None) -> dict:
+    """Recompute one stage of a run from its recorded config, then every stage that depends on it.
+
+    Args:
+        stage: The stage to recompute; the stages after it that depend on it are recomputed too.
+        run: The run folder, its s3:// URL, or the Prefect flow-run id of the edgar-tune run.
+        overrides: Config keys to change first, e.g. {"train.learning_rate": 1e-4}; recorded in config.yaml.
+    """
+    folder = RunFolder.open(resolve_run(run))
+    folder.pull(["config.yaml"])
+    cfg = load_run_config(folder.local, overrides)
+    return run_stages(folder, cfg, downstream(stage), force=True)
+
+
+def resolve_run(run: str) -> str:
+    """A run folder or URL as given, or the `out_dir` parameter of the edgar-tune flow run with that id."""
+    import uuid
+
+    try:
+        run_id = uuid.UUID(run)
+    except ValueError:
+        return run
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        fr = client.read_flow_run(run_id)
+    params = fr.parameters.get("params")
+    if params is None:
+        raise ConfigError(f"flow run {run} is not an edgar-tune pipeline run (it has no `params`); give the run folder")
+    out_dir = RunParameters.model_validate(params).out_dir
+    if "://" not in out_dir and not Path(out_dir).is_absolute() and not Path(out_dir).exists():
+        raise ConfigError(f"flow run {run} wrote to {out_dir!r} relative to its worker's folder, which is not "
+                          f"here ({Path.cwd()}); run from there or give the run folder")  # fmt: skip
+    return out_dir
+
+
+def run_stages(folder: RunFolder, cfg: PipelineConfig, todo: tuple[str, ...] | list[str], force: bool = False) -> dict:
+    """Run the stages in `todo` (pipeline order) in `folder`; the others must have left their outputs.
+
+    `force` recomputes every stage in `todo`; otherwise a stage whose key is unchanged and whose outputs are
+    still in the folder is `Cached`.
+    """
     import yaml
 
-    cfg = params.load()
-    precision = preflight(cfg.train)  # a GPU-only engine on a CPU machine fails here, not after the data stages
-    out_dir = params.out_dir
-    run_dir = Path(out_dir).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = folder.local
+    precision = preflight(cfg.train) if "train" in todo else None  # a GPU-only engine fails here, not after data
+    skipped = [s for s in STAGES if s not in todo]
+    folder.pull([OUTPUTS[s].split("/")[0] for s in skipped] + [f".stages/{s}.json" for s in skipped])
+    for s in skipped:
+        if not (run_dir / OUTPUTS[s]).exists():
+            first = next(t for t in STAGES if t in todo)
+            raise ConfigError(f"{folder.ref} has no {OUTPUTS[s]}, which `{first}` needs; rerun from `{s}` "
+                              f"(edgar-tune rerun {s} --run {folder.ref})")  # fmt: skip
     atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.model_dump(), sort_keys=False))
-    timings: dict[str, float] = {}
-
-    def timed(name: str, fn, *args):
-        start = time.perf_counter()
-        result = fn(*args)
-        timings[name] = round(time.perf_counter() - start, 1)
-        return result
-
-    timed("download", download_filings, run_dir, cfg.data)
-    timed("parse", extract_sections, run_dir, cfg)
-    tok = timed("tokenize", pack_blocks, run_dir, cfg)
-    memory_plan(run_dir / TOKENIZE, cfg.train, precision)  # a run that cannot fit stops before any model runs
-    before = timed("evaluate_before", evaluate_perplexity, run_dir, cfg.eval, False, cfg.generate)
-    train = timed("train", finetune_model, run_dir, cfg.train, cfg.eval)
-    after = timed("evaluate_after", evaluate_perplexity, run_dir, cfg.eval, True, cfg.generate)
+    folder.push(["config.yaml"])
     flow_run_id = str(flow_run.id) if flow_run.id else None
-    reg = timed("register", register_model, run_dir, cfg, flow_run_id)
-    summary = build_summary(run_dir, cfg.preset, tok, before, train, after, reg, timings) | {
-        "prefect_flow_run_id": flow_run_id
-    }
+    timings: dict[str, float] = {}
+    states: dict[str, str] = {s: "skipped" for s in skipped}
+    for stage in [s for s in STAGES if s in todo]:
+        if stage == "evaluate-base" and "train" in todo:  # a run that cannot fit stops before any model runs
+            memory_plan(run_dir / TOKENIZE, cfg.train, precision)
+        start = time.perf_counter()
+        states[stage] = _run_stage(folder, cfg, stage, force, flow_run_id)
+        timings[stage] = round(time.perf_counter() - start, 1)
+    summary = build_summary(run_dir, cfg.preset, timings, flow_run_id) | {"stages": states, "run": folder.ref}
     atomic_write_json(run_dir / "summary.json", summary)
+    folder.push(["summary.json"])
     print(format_summary(summary))
     return summary
 
 
-def build_summary(run_dir: Path, preset: str, tok: dict, before: dict, train: dict, after: dict, reg: dict,
-                  timings: dict) -> dict:  # fmt: skip
+def _run_stage(folder: RunFolder, cfg: PipelineConfig, stage: str, force: bool, flow_run_id: str | None) -> str:
+    """Run (or find cached) one stage; return its Prefect state name (Completed or Cached)."""
+    run_dir = folder.local
+    folder.pull([f".stages/{stage}.json", OUTPUTS[stage].split("/")[0]])
+    view = config_view(cfg, stage)
+    key = stage_key(stage, folder.ref, run_dir, cfg)
+    fresh = force or not is_current(run_dir, stage, key) or (stage == "download" and _recheck_edgar(run_dir))
+    task, args = {
+        "download": (download_filings, (run_dir, view.data)),
+        "parse": (extract_sections, (run_dir, view)),
+        "tokenize": (pack_blocks, (run_dir, view)),
+        "evaluate-base": (evaluate_perplexity, (run_dir, view.eval, False, view.generate)),
+        "train": (finetune_model, (run_dir, view.train, view.eval)),
+        "evaluate": (evaluate_perplexity, (run_dir, view.eval, True, view.generate)),
+        "register": (register_model, (run_dir, view, flow_run_id)),
+    }[stage]
+    options = {"refresh_cache": fresh, "task_run_name": stage} | folder.result_storage()
+    state = task.with_options(**options)(*args, cache_key=key, return_state=True)
+    state.result()  # raises the stage's error, so the flow run fails with it
+    if state.name != "Cached":
+        record(run_dir, stage, key)
+        folder.push([OUTPUTS[stage].split("/")[0], f".stages/{stage}.json"])
+    return state.name
+
+
+def _recheck_edgar(run_dir: Path) -> bool:
+    """The last download found some filing missing on EDGAR (not filed yet, or 404): ask EDGAR again."""
+    manifest = run_dir / DOWNLOAD / "manifest.json"
+    return manifest.exists() and any(s.get("recheck") for s in read_json(manifest).get("skipped", []))
+
+
+def build_summary(run_dir: Path, preset: str, timings: dict, flow_run_id: str | None) -> dict:
+    """The run's figures, read from its stage folders (so a rerun of one stage summarises the whole run)."""
     manifest = read_json(run_dir / DOWNLOAD / "manifest.json")
+    tok = read_json(run_dir / TOKENIZE / "stats.json")
+    train = read_json(run_dir / TRAIN / "stats.json")
+    before = read_json(run_dir / EVALUATE / "base.json")
+    after = read_json(run_dir / EVALUATE / "finetuned.json")
+    reg = read_json(run_dir / REGISTER / "registration.json")
     filings = [{k: f[k] for k in ("ticker", "form", "fiscal_year", "accession")} for f in manifest["filings"]]
     return {
         "preset": preset,
@@ -72,7 +165,7 @@ def build_summary(run_dir: Path, preset: str, tok: dict, before: dict, train: di
         "val_tokens": after["tokens"],
         "filings": filings,
         "data_files": [f["path"] for f in manifest.get("files", [])],
-        "base_model": read_json(run_dir / TOKENIZE / "stats.json")["base_model"],
+        "base_model": tok["base_model"],
         "mlflow_tracking_uri": reg["tracking_uri"],
         "mlflow_run_id": reg["mlflow_run_id"],
         "registered_model": reg["registered_model"],
@@ -95,6 +188,7 @@ def build_summary(run_dir: Path, preset: str, tok: dict, before: dict, train: di
         "seconds": timings,
         "total_seconds": round(sum(timings.values()), 1),
         "weights": str(run_dir / TRAIN / train["weights"]),
+        "prefect_flow_run_id": flow_run_id,
     }
 
 
@@ -102,6 +196,8 @@ def format_summary(s: dict) -> str:
     filings = ", ".join(f"{f['ticker']} {f['form']} FY{f['fiscal_year']}" for f in s["filings"]) or ", ".join(
         Path(p).name for p in s["data_files"])  # fmt: skip
     stages = "  ".join(f"{k} {v:.0f}s" for k, v in s["seconds"].items())
+    cached = [k for k, v in s["stages"].items() if v == "Cached"]
+    skipped = [k for k, v in s["stages"].items() if v == "skipped"]
     return "\n".join([
         "",
         "edgar-tune run summary",
@@ -115,6 +211,7 @@ def format_summary(s: dict) -> str:
         f"  registered        {s['registered_model']} v{s['model_version']} @{s['model_alias']}",
         f"  MLflow            {s['mlflow_tracking_uri']}",
         f"  time              {s['total_seconds']:.0f}s  ({stages})",
-        f"  summary           {s['run_dir']}/summary.json",
+        f"  cached            {', '.join(cached) or 'none'}" + (f"; not rerun: {', '.join(skipped)}" if skipped else ""),
+        f"  summary           {s['run']}/summary.json",
         "",
     ])  # fmt: skip

@@ -1,7 +1,9 @@
 """The six pipeline stages as Prefect tasks.
 
 Each reads its inputs from the run folder and publishes its own subfolder atomically, so any stage can be
-rerun on its own from what the stages before it left.
+rerun on its own from what the stages before it left. Results are persisted under the `cache_key` the flow
+computes (tasks.cache.stage_key: config read, artifacts read, code version), so a run with the same inputs
+finds them `Cached`; `cache_key=None` (a plain call) caches nothing.
 """
 
 from __future__ import annotations
@@ -9,14 +11,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from edgar_tune.config import DataConfig, EvalConfig, GenerateConfig, PipelineConfig, TrainConfig
+from tasks.cache import StageKey
 from tasks.io import DOWNLOAD, EVALUATE, PARSE, REGISTER, TOKENIZE, TRAIN, atomic_dir, atomic_write_json, read_json
 
 
-@task(name="download_filings", cache_policy=NO_CACHE)
-def download_filings(run_dir: Path, cfg: DataConfig) -> dict:
+@task(name="download_filings", cache_policy=StageKey(), persist_result=True, result_serializer="json")
+def download_filings(run_dir: Path, cfg: DataConfig, cache_key: str | None = None) -> dict:
     """Fetch (or locate) the 10-K filings and write the run's filing manifest."""
     if cfg.is_text:  # users' own TXT/CSV/JSON/JSONL: record what will be read, byte for byte
         from tasks.textdata import data_files, describe_files
@@ -35,8 +37,8 @@ def download_filings(run_dir: Path, cfg: DataConfig) -> dict:
     return {"filings": len(filings), "skipped": len(skipped)}
 
 
-@task(name="extract_sections", cache_policy=NO_CACHE)
-def extract_sections(run_dir: Path, cfg: PipelineConfig) -> dict:
+@task(name="extract_sections", cache_policy=StageKey(), persist_result=True, result_serializer="json")
+def extract_sections(run_dir: Path, cfg: PipelineConfig, cache_key: str | None = None) -> dict:
     """Split each filing into Items (Item 7, the MD&A, validates; the rest trains), or split users' text rows."""
     from tasks.split import write_parse_stage, write_text_parse_stage
 
@@ -47,24 +49,25 @@ def extract_sections(run_dir: Path, cfg: PipelineConfig) -> dict:
     return {k: v for k, v in report.items() if k != "filings"}
 
 
-@task(name="pack_blocks", cache_policy=NO_CACHE)
-def pack_blocks(run_dir: Path, cfg: PipelineConfig) -> dict:
+@task(name="pack_blocks", cache_policy=StageKey(), persist_result=True, result_serializer="json")
+def pack_blocks(run_dir: Path, cfg: PipelineConfig, cache_key: str | None = None) -> dict:
     """Resolve the base model, tokenize the split and pack training text into blocks."""
     from tasks.blocks import write_tokenize_stage
 
     return write_tokenize_stage(run_dir / TOKENIZE, run_dir / PARSE, cfg)
 
 
-@task(name="finetune_model", cache_policy=NO_CACHE)
-def finetune_model(run_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfig) -> dict:
+@task(name="finetune_model", cache_policy=StageKey(), persist_result=True, result_serializer="json")
+def finetune_model(run_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfig, cache_key: str | None = None) -> dict:
     """Fine-tune with LoRA or in full; resumes from the last complete checkpoint of an interrupted run."""
     from tasks.finetune import write_train_stage
 
     return write_train_stage(run_dir / TRAIN, run_dir / TOKENIZE, cfg, eval_cfg)
 
 
-@task(name="evaluate_perplexity", cache_policy=NO_CACHE)
-def evaluate_perplexity(run_dir: Path, cfg: EvalConfig, finetuned: bool, gen: GenerateConfig | None = None) -> dict:
+@task(name="evaluate_perplexity", cache_policy=StageKey(), persist_result=True, result_serializer="json")
+def evaluate_perplexity(run_dir: Path, cfg: EvalConfig, finetuned: bool, gen: GenerateConfig | None = None,
+                        cache_key: str | None = None) -> dict:  # fmt: skip
     """Perplexity on the held-out MD&A, of the base model or of the fine-tuned one; then generation samples."""
     from tasks.perplexity import write_eval
 
@@ -81,8 +84,9 @@ def evaluate_perplexity(run_dir: Path, cfg: EvalConfig, finetuned: bool, gen: Ge
     return {k: result[k] for k in ("perplexity", "tokens", "seconds")}
 
 
-@task(name="register_model", cache_policy=NO_CACHE)
-def register_model(run_dir: Path, cfg: PipelineConfig, flow_run_id: str | None) -> dict:
+@task(name="register_model", cache_policy=StageKey(), persist_result=True, result_serializer="json")
+def register_model(run_dir: Path, cfg: PipelineConfig, flow_run_id: str | None,
+                   cache_key: str | None = None) -> dict:  # fmt: skip
     """Log the run to MLflow, register the model and set its alias."""
     from tasks.registry import register_run
 

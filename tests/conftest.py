@@ -100,3 +100,29 @@ def tiny_run(tmp_path_factory) -> tuple[Path, dict]:
     """The plain (no DeepSpeed) tiny run, shared by the end-to-end and DeepSpeed tests."""
     runs = tmp_path_factory.mktemp("runs")
     return runs, run_cli(runs)
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """A real Prefect server on loopback, started once per test session: yields the env its clients need."""
+    import signal
+
+    home = tmp_path_factory.mktemp("prefect-server")
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_SERVER_UI_API_URL=api,
+               PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="2")  # fmt: skip
+    log = open(home / "server.log", "wb")  # noqa: SIM115 (closed at teardown)
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
+                             "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)  # fmt: skip
+    try:
+        wait_http(f"{api}/health", proc, timeout=180)
+        yield {"PREFECT_API_URL": api}
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)  # the whole group: SIGTERM to the parent leaves a child on the port
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()

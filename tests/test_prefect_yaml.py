@@ -16,12 +16,13 @@ def test_deployments_point_at_the_flow_with_its_parameters():
 
     spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
     names = {d["name"] for d in spec["deployments"]}
-    assert {"after-10k-season", "on-demand"} <= names
+    assert {"after-10k-season", "on-demand", "rerun"} <= names
     for dep in spec["deployments"]:
         path, func = dep["entrypoint"].split(":")
         flow = getattr(importlib.import_module(path.removesuffix(".py").replace("/", ".")), func)
-        assert set(dep["parameters"]) <= set(inspect.signature(flow.fn).parameters)
-        RunParameters.model_validate(dep["parameters"]["params"]).load()  # typed, and every key is valid
+        assert set(dep.get("parameters", {})) <= set(inspect.signature(flow.fn).parameters)
+        if "params" in dep.get("parameters", {}):
+            RunParameters.model_validate(dep["parameters"]["params"]).load()  # typed, and every key is valid
         assert dep["work_pool"]["name"] == "edgar-tune"
 
 
@@ -55,3 +56,16 @@ def test_flow_parameters_are_one_typed_model_with_descriptions():
 
     with pytest.raises(ConfigError, match="train.learnin_rate"):
         RunParameters(overrides={"train.learnin_rate": 1}).load()
+
+
+def test_rerun_flow_offers_the_stages_and_each_reruns_its_dependents():
+    from flows.pipeline import edgar_tune_rerun
+    from tasks.cache import STAGES, downstream
+
+    schema = edgar_tune_rerun.parameters.model_dump()
+    assert set(schema["required"]) == {"stage", "run"}
+    assert tuple(schema["properties"]["stage"]["enum"]) == STAGES
+    assert downstream("train") == ["train", "evaluate", "register"]
+    assert downstream("evaluate-base") == ["evaluate-base", "register"]
+    assert downstream("tokenize") == ["tokenize", "evaluate-base", "train", "evaluate", "register"]
+    assert downstream("download") == list(STAGES)

@@ -48,7 +48,7 @@ def _losses(run: Path) -> list[tuple[int, float, float]]:
     return [(r["step"], r["loss"], r["learning_rate"]) for r in rows]
 
 
-@pytest.mark.parametrize("engine", [[], ["deepspeed=zero2"]], ids=["lora", "lora-zero2"])
+@pytest.mark.parametrize("engine", [[], pytest.param(["deepspeed=zero2"], marks=pytest.mark.slow)], ids=["lora", "lora-zero2"])
 def test_sigkilled_training_resumes_on_the_same_trajectory(tiny_run, tmp_path, engine):
     reference = _run_copy(tiny_run, tmp_path / "reference")
     _train(reference, engine)

@@ -1,0 +1,204 @@
+"""Stage cache keys: what a stage reads (its config, the artifacts of the stages before it) and its code version.
+
+A stage's key is the sha256 of
+- the part of the config it reads (`STAGE_CONFIG`; the task receives exactly that view, nothing more),
+- the content of the stage folders it reads (`READS`),
+- its code version: the source of its modules (`CODE`) and the versions of the libraries that compute it.
+
+Prefect persists each stage's result under its key, so a second run with the same inputs is `Cached` without
+executing. A record alone is not enough to skip a stage: the run folder must still hold the outputs that the
+record describes. After a stage runs, its key is stamped into the run folder (`.stages/STAGE.json`); a stage
+whose stamp is missing, stale (another run wrote the folder since) or whose outputs are gone is recomputed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from functools import cache
+from importlib import metadata
+from pathlib import Path
+
+from prefect.cache_policies import CachePolicy
+from prefect.context import TaskRunContext
+
+from edgar_tune.config import REPO_ROOT, PipelineConfig
+from tasks.io import DOWNLOAD, EVALUATE, PARSE, REGISTER, TOKENIZE, TRAIN, atomic_write_json, read_json
+
+# The stages in order, with the stages each one needs (its upstream).
+STAGES = ("download", "parse", "tokenize", "evaluate-base", "train", "evaluate", "register")
+NEEDS = {
+    "download": (),
+    "parse": ("download",),
+    "tokenize": ("parse",),
+    "evaluate-base": ("tokenize",),
+    "train": ("tokenize",),
+    "evaluate": ("tokenize", "train"),
+    "register": ("parse", "tokenize", "train", "evaluate-base", "evaluate"),
+}
+# The stage folders whose content goes into the key.
+READS = {
+    "download": (),
+    "parse": (DOWNLOAD,),
+    "tokenize": (PARSE,),
+    "evaluate-base": (DOWNLOAD, TOKENIZE),  # the manifest names the companies the samples ask about
+    "train": (TOKENIZE,),
+    "evaluate": (DOWNLOAD, TOKENIZE, TRAIN),
+    "register": (PARSE, TOKENIZE, TRAIN, EVALUATE),
+}
+# What must still be in the run folder for a cached result to stand.
+OUTPUTS = {
+    "download": f"{DOWNLOAD}/manifest.json",
+    "parse": f"{PARSE}/report.json",
+    "tokenize": f"{TOKENIZE}/stats.json",
+    "evaluate-base": f"{EVALUATE}/base.json",
+    "train": f"{TRAIN}/stats.json",
+    "evaluate": f"{EVALUATE}/finetuned.json",
+    "register": f"{REGISTER}/registration.json",
+}
+# The config each stage reads: whole sections, or single keys of a section.
+STAGE_CONFIG = {
+    "download": ("data",),
+    "parse": ("data", "parse", "train.instruction_tuned", "train.train_data_split_seed"),
+    "tokenize": ("data", "parse", "model", "tokenize", "train.seed", "train.instruction_tuned",
+                 "train.train_data_split_seed"),  # fmt: skip
+    "evaluate-base": ("eval", "generate"),
+    "train": ("train", "eval"),
+    "evaluate": ("eval", "generate"),
+    "register": ("preset", "data", "parse", "model", "tokenize", "train", "eval", "generate", "registry"),
+}
+_MODEL_CODE = ("tasks/models.py", "tasks/blocks.py")
+CODE = {
+    "download": ("tasks/download.py", "tasks/textdata.py"),
+    "parse": ("tasks/split.py", "tasks/sections.py", "tasks/textdata.py"),
+    "tokenize": ("tasks/textdata.py", *_MODEL_CODE),
+    "evaluate-base": ("tasks/perplexity.py", "tasks/generate.py", *_MODEL_CODE),
+    "train": ("tasks/finetune.py", "tasks/train_worker.py", "tasks/checkpoints.py", "tasks/memory.py", "kernels",
+              *_MODEL_CODE),  # fmt: skip
+    "evaluate": ("tasks/perplexity.py", "tasks/generate.py", *_MODEL_CODE),
+    "register": ("tasks/registry.py",),
+}
+_LIBS = {
+    "download": ("sec-edgar-downloader", "requests"),
+    "parse": ("beautifulsoup4", "lxml"),
+    "tokenize": ("tokenizers", "transformers", "datasets"),
+    "evaluate-base": ("torch", "transformers", "peft"),
+    "train": ("torch", "transformers", "peft", "deepspeed", "accelerate", "bitsandbytes"),
+    "evaluate": ("torch", "transformers", "peft"),
+    "register": ("mlflow",),
+}
+
+
+def downstream(stage: str) -> list[str]:
+    """`stage` and every stage that depends on it, in pipeline order."""
+    out = {stage}
+    for s in STAGES:  # NEEDS only points backwards, so one pass in order closes the set
+        if out & set(NEEDS[s]):
+            out.add(s)
+    return [s for s in STAGES if s in out]
+
+
+def config_view(cfg: PipelineConfig, stage: str) -> PipelineConfig:
+    """The config with only what `stage` reads; everything else at its default (so it cannot leak in unkeyed)."""
+    keep = STAGE_CONFIG[stage]
+    parts = {}
+    for name, field in PipelineConfig.model_fields.items():
+        value = getattr(cfg, name)
+        if name in keep:
+            parts[name] = value
+        elif singles := [k.split(".", 1)[1] for k in keep if k.startswith(f"{name}.")]:
+            parts[name] = type(value).model_construct(**{k: getattr(value, k) for k in singles})
+        else:
+            parts[name] = field.get_default(call_default_factory=True)
+    return PipelineConfig.model_construct(**parts)
+
+
+def _hash_file(path: Path, digest: hashlib._Hash) -> None:
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+
+
+def folder_digest(folder: Path) -> str:
+    """sha256 over every file of a folder (relative path and bytes), in sorted order; "absent" if missing.
+
+    The download manifest is hashed without the filings' `root` (where this machine keeps them): the filings
+    are identified by their sha256, so another worker's copy of the same filings gives the same digest.
+    """
+    folder = Path(folder)
+    if not folder.exists():
+        return "absent"
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(folder)).encode() + b"\x00")
+        if folder.name == DOWNLOAD and path.name == "manifest.json":
+            manifest = read_json(path)
+            manifest["filings"] = [{k: v for k, v in f.items() if k != "root"} for f in manifest["filings"]]
+            digest.update(json.dumps(manifest, sort_keys=True).encode())
+        else:
+            _hash_file(path, digest)
+    return digest.hexdigest()
+
+
+@cache
+def code_version(stage: str) -> str:
+    """sha256 of the stage's source files and the versions of the libraries it runs on."""
+    digest = hashlib.sha256()
+    for rel in CODE[stage]:
+        path = REPO_ROOT / rel
+        for f in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
+            digest.update(str(f.relative_to(REPO_ROOT)).encode() + b"\x00")
+            _hash_file(f, digest)
+    for lib in _LIBS[stage]:
+        try:
+            digest.update(f"{lib}=={metadata.version(lib)}".encode())
+        except metadata.PackageNotFoundError:
+            digest.update(f"{lib} absent".encode())
+    return digest.hexdigest()[:16]
+
+
+def stage_key(stage: str, run_ref: str, run_dir: Path, cfg: PipelineConfig) -> str:
+    """The cache key of `stage` in the run `run_ref` (its folder or URL), read from `run_dir` as it is now."""
+    parts = {
+        "stage": stage,
+        "run": run_ref,
+        "config": config_view(cfg, stage).model_dump(mode="json"),
+        "reads": {name: folder_digest(run_dir / name) for name in READS[stage]},
+        "code": code_version(stage),
+    }
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return f"edgar-tune-{stage}-{hashlib.sha256(blob).hexdigest()}"
+
+
+def _stamp(run_dir: Path, stage: str) -> Path:
+    return Path(run_dir) / ".stages" / f"{stage}.json"
+
+
+def is_current(run_dir: Path, stage: str, key: str) -> bool:
+    """The run folder holds the outputs that `key`'s record describes (so a cached result may stand)."""
+    stamp = _stamp(run_dir, stage)
+    if not stamp.exists() or not (Path(run_dir) / OUTPUTS[stage]).exists():
+        return False
+    if stage == "download" and not _filings_on_disk(Path(run_dir) / OUTPUTS[stage]):
+        return False  # the manifest names filings this machine does not have (another worker downloaded them)
+    return read_json(stamp).get("key") == key
+
+
+def _filings_on_disk(manifest: Path) -> bool:
+    return all(Path(f["root"], rel).exists() for f in read_json(manifest)["filings"] for rel in f["files"].values())
+
+
+def record(run_dir: Path, stage: str, key: str) -> None:
+    atomic_write_json(_stamp(run_dir, stage), {"stage": stage, "key": key})
+
+
+def forget(run_dir: Path, stage: str) -> None:
+    """The stage's outputs are about to change outside the flow: its cached result no longer describes them."""
+    _stamp(run_dir, stage).unlink(missing_ok=True)
+
+
+class StageKey(CachePolicy):
+    """Cache on the `cache_key` argument the flow computed with `stage_key` (no key: no caching)."""
+
+    def compute_key(self, task_ctx: TaskRunContext, inputs: dict, flow_parameters: dict, **kwargs) -> str | None:
+        return inputs.get("cache_key")

@@ -1,0 +1,118 @@
+"""Where a run lives: a local folder (the default) or an `s3://` URL shared by several workers.
+
+Stages always read and write a local folder. For an `s3://` run that folder is a working copy under
+$EDGAR_TUNE_CACHE/runs/, and the run's truth is the bucket:
+- after a stage runs, its folder is uploaded under a new version prefix (`NAME@VERSION/...`), then the
+  pointer object `NAME.json` (one atomic PUT) is switched to it, then older versions are deleted; a reader
+  never sees half a folder;
+- before a stage needs a folder, the working copy is brought to the pointer's version.
+Prefect's persisted results for an `s3://` run go to `.prefect-results/` beside the run, so a worker that
+picks up a retried run finds the cache that another worker wrote. Credentials and endpoint come from the usual
+AWS settings (AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, ...), read by s3fs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tasks.io import atomic_dir, atomic_write_bytes, cache_dir, sha256_file
+
+RESULTS = ".prefect-results"
+
+
+@dataclass
+class RunFolder:
+    ref: str  # what the user gave: a folder, or an s3:// URL
+    local: Path  # where the stages read and write
+    remote: str | None = None  # the s3:// URL, or None for a local run
+    _results: object = field(default=None, repr=False)  # the saved RemoteFileSystem block, once made
+
+    @classmethod
+    def open(cls, ref: str) -> RunFolder:
+        ref = str(ref)
+        if ref.startswith("s3://"):
+            ref = ref.rstrip("/")
+            name = f"{hashlib.sha256(ref.encode()).hexdigest()[:12]}-{ref.rsplit('/', 1)[-1]}"
+            local = cache_dir() / "runs" / name
+            local.mkdir(parents=True, exist_ok=True)
+            return cls(ref, local, ref)
+        if "://" in ref:
+            raise ValueError(f"run folder {ref!r}: only local folders and s3:// URLs are supported")
+        local = Path(ref).resolve()
+        local.mkdir(parents=True, exist_ok=True)
+        return cls(str(local), local)
+
+    # -- Prefect results ---------------------------------------------------------------------------------------
+    def result_storage(self) -> dict:
+        """`with_options` for the stage tasks: results beside an s3:// run; Prefect's default storage otherwise."""
+        if self.remote is None:
+            return {}
+        if self._results is None:
+            from prefect.filesystems import RemoteFileSystem
+
+            basepath = f"{self.remote.rsplit('/', 1)[0]}/{RESULTS}"
+            self._results = RemoteFileSystem(basepath=basepath)
+            self._results.save(f"edgar-tune-results-{hashlib.sha256(basepath.encode()).hexdigest()[:12]}", overwrite=True)
+        return {"result_storage": self._results}
+
+    # -- sync ---------------------------------------------------------------------------------------------------
+    def _fs(self):
+        import s3fs
+
+        return s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False)  # other workers write too
+
+    def push(self, names: list[str]) -> None:
+        """Publish these files or folders of the working copy to the bucket (no-op for a local run)."""
+        if self.remote is None:
+            return
+        fs = self._fs()
+        for name in names:
+            path = self.local / name
+            if path.is_file():
+                fs.pipe_file(f"{self.remote}/{name}", path.read_bytes())
+            elif path.is_dir():
+                self._push_dir(fs, name, path)
+
+    def _push_dir(self, fs, name: str, path: Path) -> None:
+        files = {str(p.relative_to(path)): sha256_file(p) for p in sorted(path.rglob("*")) if p.is_file()}
+        version = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
+        pointer = f"{self.remote}/{name}.json"
+        old = json.loads(fs.cat_file(pointer)) if fs.exists(pointer) else None
+        if old is None or old["version"] != version:
+            prefix = f"{self.remote}/{name}@{version}"
+            for rel in files:
+                fs.put_file(str(path / rel), f"{prefix}/{rel}")
+            fs.pipe_file(pointer, json.dumps({"version": version, "files": files}).encode())
+            if old is not None:
+                fs.rm(f"{self.remote}/{name}@{old['version']}", recursive=True)
+        atomic_write_bytes(self._pulled(name), version.encode())
+
+    def pull(self, names: list[str]) -> None:
+        """Bring these files or folders of the working copy to the bucket's version (no-op for a local run)."""
+        if self.remote is None:
+            return
+        fs = self._fs()
+        for name in dict.fromkeys(names):
+            pointer = f"{self.remote}/{name}.json"
+            if fs.exists(pointer):
+                self._pull_dir(fs, name, json.loads(fs.cat_file(pointer)))
+            elif fs.exists(f"{self.remote}/{name}"):
+                atomic_write_bytes(self.local / name, fs.cat_file(f"{self.remote}/{name}"))
+
+    def _pull_dir(self, fs, name: str, pointer: dict) -> None:
+        mark = self._pulled(name)
+        if (self.local / name).is_dir() and mark.exists() and mark.read_text() == pointer["version"]:
+            return
+        with atomic_dir(self.local / name) as tmp:
+            for rel, digest in pointer["files"].items():
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                fs.get_file(f"{self.remote}/{name}@{pointer['version']}/{rel}", str(tmp / rel))
+                if sha256_file(tmp / rel) != digest:
+                    raise OSError(f"{self.remote}/{name}@{pointer['version']}/{rel} does not match its pointer")
+        atomic_write_bytes(mark, pointer["version"].encode())
+
+    def _pulled(self, name: str) -> Path:
+        return self.local / ".synced" / f"{name.replace('/', '_')}.version"

@@ -1,0 +1,222 @@
+"""edgar-tune on a real Prefect server: deployments from prefect.yaml, a process worker, runs created the way
+the UI creates them, stage caching across runs, the UI's Retry after a training crash, reruns, and the shared
+EDGAR rate limit.
+
+The server is started once per test session (conftest.prefect_server); the worker runs the flow in its own
+processes, which reach the loopback EDGAR through $EDGAR_TUNE_SEC_URL (a base URL, nothing else replaced).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import httpx
+import pytest
+
+from tests.conftest import REPO
+
+PREFECT = str(Path(sys.executable).parent / "prefect")
+IDENTITY = "Edgar Tune Tests tests@example.com"
+DATA_STAGES = ["download", "parse", "tokenize", "evaluate-base"]
+MODEL_STAGES = ["train", "evaluate", "register"]
+TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+class Api:
+    """The REST calls the Prefect UI makes."""
+
+    def __init__(self, url: str) -> None:
+        self.http = httpx.Client(base_url=url, timeout=30)
+
+    def post(self, path: str, body: dict | None = None):
+        resp = self.http.post(path, json=body or {})
+        assert resp.status_code < 300, resp.text
+        return resp.json() if resp.content else None
+
+    def deployment(self, name: str) -> dict:
+        found = self.post("/deployments/filter", {"deployments": {"name": {"any_": [name]}}})
+        assert len(found) == 1, found
+        return found[0]
+
+    def custom_run(self, params: dict) -> str:
+        """The UI's "Custom run" of the on-demand deployment."""
+        dep = self.deployment("on-demand")
+        return self.post(f"/deployments/{dep['id']}/create_flow_run", {"parameters": {"params": params}})["id"]
+
+    def wait(self, run_id: str, timeout: float = 600, states: set[str] = TERMINAL) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            run = self.http.get(f"/flow_runs/{run_id}").json()
+            if run["state"]["type"] in states:
+                return run
+            time.sleep(1)
+        raise TimeoutError(f"flow run {run_id} still {run['state']['type']} after {timeout} s")
+
+    def stage_states(self, run_id: str) -> dict[str, list[str]]:
+        """Task-run state names by stage, oldest first (a retried run has two attempts at some stages)."""
+        runs = self.post("/task_runs/filter", {"flow_runs": {"id": {"any_": [run_id]}}, "sort": "EXPECTED_START_TIME_ASC"})
+        out: dict[str, list[str]] = {}
+        for tr in runs:
+            out.setdefault(tr["name"], []).append(tr["state"]["name"])
+        return out
+
+
+@pytest.fixture(scope="module")
+def deployed(prefect_server, edgar_server, tmp_path_factory):
+    """Both deployments of prefect.yaml deployed to the server, and a process worker serving the pool."""
+    _, base = edgar_server
+    home = tmp_path_factory.mktemp("worker")
+    env = dict(os.environ, **prefect_server, PREFECT_HOME=str(home / "prefect"), EDGAR_TUNE_SEC_URL=base,
+               EDGAR_IDENTITY=IDENTITY, PREFECT_WORKER_QUERY_SECONDS="1", PREFECT_WORKER_PREFETCH_SECONDS="0")  # fmt: skip
+    for cmd in ([PREFECT, "work-pool", "create", "edgar-tune", "--type", "process"],
+                [PREFECT, "--no-prompt", "deploy", "--all"]):  # fmt: skip
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    log = open(home / "worker.log", "wb")  # noqa: SIM115 (closed at teardown)
+    worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "edgar-tune"], cwd=REPO, env=env, stdout=log,
+                              stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    try:
+        yield Api(prefect_server["PREFECT_API_URL"]), env, home
+    finally:
+        os.killpg(worker.pid, signal.SIGINT)
+        try:
+            worker.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(worker.pid, signal.SIGKILL)
+        log.close()
+
+
+def _params(out: Path, **extra) -> dict:
+    return {"preset": "tiny", "out_dir": str(out), "source": "edgar", "tickers": ["AMZN"],
+            "fiscal_years": [2020, 2021]} | extra  # fmt: skip
+
+
+def _log_tail(home: Path) -> str:
+    return (home / "worker.log").read_text(errors="replace")[-6000:]
+
+
+def test_deployments_from_prefect_yaml_and_the_cron_schedule_produces_runs(deployed):
+    api, _, _ = deployed
+    season = api.deployment("after-10k-season")
+    assert season["work_pool_name"] == "edgar-tune" and api.deployment("on-demand")["work_pool_name"] == "edgar-tune"
+    assert season["parameter_openapi_schema"]["properties"]["params"]  # the typed form the UI renders
+    deadline = time.monotonic() + 60
+    while True:
+        scheduled = api.post("/flow_runs/filter", {"deployments": {"id": {"any_": [season["id"]]}},
+                                                   "flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}}})  # fmt: skip
+        if scheduled or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert scheduled, "the scheduler made no run from the cron schedule"
+    for run in scheduled:
+        when = datetime.fromisoformat(run["expected_start_time"]).astimezone(ZoneInfo("America/New_York"))
+        assert (when.weekday(), when.hour, when.minute) == (0, 6, 0) and when.month in (3, 4), when
+        assert run["parameters"]["params"]["source"] == "edgar"
+
+
+def test_same_parameters_twice_is_all_cached_and_a_new_learning_rate_reuses_the_data(deployed, edgar, tmp_path):
+    api, _, home = deployed
+    first = api.wait(api.custom_run(_params(tmp_path / "run")))
+    assert first["state"]["type"] == "COMPLETED", _log_tail(home)
+    assert api.stage_states(first["id"]) == {s: ["Completed"] for s in DATA_STAGES + MODEL_STAGES}
+    assert any("/Archives/" in p for _, p, _ in edgar.requests)
+    trained = (tmp_path / "run" / "04_train" / "stats.json").stat().st_mtime_ns
+
+    edgar.reset()
+    second = api.wait(api.custom_run(_params(tmp_path / "run")))
+    assert second["state"]["type"] == "COMPLETED", _log_tail(home)
+    assert api.stage_states(second["id"]) == {s: ["Cached"] for s in DATA_STAGES + MODEL_STAGES}
+    assert edgar.requests == []  # not one HTTP call to EDGAR
+    assert (tmp_path / "run" / "04_train" / "stats.json").stat().st_mtime_ns == trained  # no training
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["prefect_flow_run_id"] == second["id"] and set(summary["stages"].values()) == {"Cached"}
+
+    third = api.wait(api.custom_run(_params(tmp_path / "run", learning_rate=0.001)))
+    assert third["state"]["type"] == "COMPLETED", _log_tail(home)
+    states = api.stage_states(third["id"])
+    assert {s: states[s] for s in DATA_STAGES} == {s: ["Cached"] for s in DATA_STAGES}
+    assert {s: states[s] for s in MODEL_STAGES} == {s: ["Completed"] for s in MODEL_STAGES}
+    assert edgar.requests == []
+
+    # `edgar-tune rerun STAGE --run FLOW_RUN_ID`: that stage and its dependents, nothing upstream.
+    env = dict(os.environ, PREFECT_API_URL=api.http.base_url.__str__().rstrip("/"))
+    proc = subprocess.run([sys.executable, "-m", "edgar_tune.cli", "rerun", "evaluate-base", "--run", third["id"]],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["stages"] == {"download": "skipped", "parse": "skipped", "tokenize": "skipped",
+                                 "evaluate-base": "Completed", "train": "skipped", "evaluate": "skipped",
+                                 "register": "Completed"}  # fmt: skip
+    rerun_states = api.stage_states(summary["prefect_flow_run_id"])
+    assert rerun_states == {"evaluate-base": ["Completed"], "register": ["Completed"]}
+
+
+def _train_worker_pid(run: Path) -> int | None:
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"tasks.train_worker" in cmd and any(str(run).encode() in c for c in cmd):
+            return int(proc.name)
+    return None
+
+
+def test_training_crash_fails_the_run_and_the_ui_retry_resumes_only_what_failed(deployed, tmp_path):
+    api, _, home = deployed
+    run = tmp_path / "run"
+    params = _params(run, source="bundled", overrides={"train.save_steps": 20})
+    run_id = api.custom_run(params)
+    marker = run / "04_train.checkpoints" / "checkpoint-20" / "COMPLETE"
+    deadline = time.monotonic() + 300
+    while not marker.exists():
+        assert time.monotonic() < deadline, _log_tail(home)
+        if int(time.monotonic() * 20) % 20 == 0:
+            assert api.http.get(f"/flow_runs/{run_id}").json()["state"]["type"] not in TERMINAL, _log_tail(home)
+        time.sleep(0.05)
+    pid = _train_worker_pid(run)
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)  # what the OOM killer does
+    failed = api.wait(run_id)
+    assert failed["state"]["type"] == "FAILED", failed["state"]
+    message = failed["state"]["message"]
+    assert "killed by SIGKILL" in message and "out-of-memory" in message and "resumes from checkpoint-" in message
+
+    # The UI's Retry: the same flow run back to Scheduled/AwaitingRetry; the worker runs it again.
+    api.post(f"/flow_runs/{run_id}/set_state", {"state": {"type": "SCHEDULED", "name": "AwaitingRetry"}, "force": True})
+    done = api.wait(run_id)
+    assert done["state"]["type"] == "COMPLETED", _log_tail(home)
+    states = api.stage_states(run_id)
+    for stage in DATA_STAGES:  # ran once, then found in the cache
+        assert states[stage] == ["Completed", "Cached"], (stage, states)
+    assert states["train"] == ["Failed", "Completed"]
+    assert states["evaluate"] == states["register"] == ["Completed"]
+    stats = json.loads((run / "04_train" / "stats.json").read_text())
+    assert stats["resumed_from_step"] >= 20 and stats["steps"] == 60
+
+
+def test_concurrent_runs_share_the_prefect_edgar_rate_limit(deployed, edgar_server, edgar, tmp_path):
+    api, env, _ = deployed
+    _, base = edgar_server
+    jobs = [("AAPL", 1996), ("EBAY", 2020), ("META", 2024), ("AMZN", 2021)]
+    procs = [subprocess.Popen([sys.executable, "-m", "tests.download_child", base, str(tmp_path / t), t, str(y),
+                               "--flow"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for t, y in jobs]  # fmt: skip
+    for p in procs:
+        out = p.communicate(timeout=300)[0].decode(errors="replace")
+        assert p.returncode == 0, out[-3000:]
+    limit = api.http.get("/v2/concurrency_limits/sec-edgar").json()
+    assert (limit["limit"], limit["slot_decay_per_second"]) == (1, 10.0)
+    times = sorted(t for t, _, _ in edgar.requests)
+    assert len(times) >= 15
+    # Four processes, each limited to 10/s on its own, would send up to 40/s; the shared limit keeps all of them
+    # together near 10/s: any 11 consecutive arrivals span about 1 s (some slack for a loaded 2-core machine).
+    assert min(b - a for a, b in zip(times, times[10:])) >= 0.8
