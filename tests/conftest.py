@@ -61,7 +61,10 @@ def amzn_files() -> list[Path]:
 
 
 def run_cli(runs: Path, *args: str, timeout: int = 900, env: dict | None = None) -> dict:
-    """`edgar-tune run --preset tiny ARGS` in a subprocess with its own Prefect home; returns summary.json."""
+    """`edgar-tune run --preset tiny ARGS` in a subprocess with its own Prefect home; returns summary.json.
+
+    Without PREFECT_API_URL in `env` the run starts its own embedded Prefect (as `make demo` does, ~10 s);
+    tests that only need a Prefect pass the session's server (`env=prefect_server`)."""
     env = dict(os.environ, PREFECT_HOME=str(runs / ".prefect"), **(env or {}))
     proc = subprocess.run(
         [sys.executable, "-m", "edgar_tune.cli", "run", "--preset", "tiny", "--out", str(runs / "latest"), *args],

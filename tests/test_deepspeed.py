@@ -8,17 +8,17 @@ from edgar_tune.config import ConfigError, load_config
 from tests.conftest import run_cli
 
 
-def test_zero2_in_one_process_matches_the_plain_run(tiny_run, tmp_path):
+def test_zero2_in_one_process_matches_the_plain_run(tiny_run, tmp_path, prefect_server):
     _, plain = tiny_run
-    s = run_cli(tmp_path, "--deepspeed", "zero2")
+    s = run_cli(tmp_path, "--deepspeed", "zero2", env=prefect_server)
     assert (s["engine"], s["zero_stage"], s["world_size"], s["dtype"]) == ("deepspeed", 2, 1, "float32")
     assert s["gradient_checkpointing"] is True
     assert s["ppl_after"] == pytest.approx(plain["ppl_after"], rel=0.02)
     assert plain["engine"] == "hf-trainer" and plain["zero_stage"] is None
 
 
-def test_zero3_over_two_processes(tmp_path):
-    s = run_cli(tmp_path, "--deepspeed", "zero3", "--nproc", "2")
+def test_zero3_over_two_processes(tmp_path, prefect_server):
+    s = run_cli(tmp_path, "--deepspeed", "zero3", "--nproc", "2", env=prefect_server)
     assert (s["engine"], s["zero_stage"], s["world_size"]) == ("deepspeed", 3, 2)
     assert s["ppl_after"] < s["ppl_before"]
     assert (tmp_path / "latest" / "04_train" / "adapter" / "adapter_model.safetensors").stat().st_size > 10_000

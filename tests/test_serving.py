@@ -54,7 +54,7 @@ def test_mlflow_models_serve_answers_a_prompt(tiny_run, tmp_path):
     assert len(answer["predictions"]) == 1 and isinstance(answer["predictions"][0], str)
 
 
-def test_pipeline_registers_on_a_remote_tracking_server(tmp_path):
+def test_pipeline_registers_on_a_remote_tracking_server(tmp_path, prefect_server):
     import mlflow
 
     port = free_port()
@@ -68,7 +68,7 @@ def test_pipeline_registers_on_a_remote_tracking_server(tmp_path):
         wait_http(f"{uri}/health", server)
         # A full fine-tune this time: the version must hold the trained weights themselves.
         s = run_cli(tmp_path, "--set", "max_steps=10", "--set", "mode=full", "--set", "generate.enabled=false",
-                    env={"MLFLOW_TRACKING_URI": uri})  # fmt: skip
+                    env={"MLFLOW_TRACKING_URI": uri} | prefect_server)  # fmt: skip
         assert s["mlflow_tracking_uri"] == uri and s["mode"] == "full"
         client = mlflow.MlflowClient(uri)
         version = client.get_model_version_by_alias(s["registered_model"], s["model_alias"])

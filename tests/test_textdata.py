@@ -88,22 +88,23 @@ def test_prompt_tokens_are_masked_out_of_the_loss(tiny_run):
     assert tok.decode(ids[prompt_len:-1]) == rows[0]["completion"]
 
 
-def test_domain_adaptation_from_a_csv_end_to_end(tmp_path, paragraphs):
+def test_domain_adaptation_from_a_csv_end_to_end(tmp_path, paragraphs, prefect_server):
     data = _write_csv(tmp_path / "amzn.csv", ["text"], [[p] for p in paragraphs])
-    s = run_cli(tmp_path, "--set", f"data.source={data}", "--set", "validation_split_ratio=0.25", "--set", "max_steps=30")
+    s = run_cli(tmp_path, "--set", f"data.source={data}", "--set", "validation_split_ratio=0.25", "--set", "max_steps=30",
+                env=prefect_server)  # fmt: skip
     assert s["filings"] == [] and s["data_files"] == [str(data)]
     assert s["ppl_after"] < s["ppl_before"]
     report = json.loads((tmp_path / "latest" / "02_parse" / "report.json").read_text())
     assert report["kind"] == "text" and report["val_documents"] == round(0.25 * len(paragraphs))
 
 
-def test_instruction_tuning_from_jsonl_end_to_end(tmp_path, paragraphs):
+def test_instruction_tuning_from_jsonl_end_to_end(tmp_path, paragraphs, prefect_server):
     data = tmp_path / "continue.jsonl"
     records = [{"instruction": "Continue this passage from Amazon's 10-K.", "context": a[:400], "response": b[:300]}
                for a, b in zip(paragraphs, paragraphs[1:], strict=False)]  # fmt: skip
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
     s = run_cli(tmp_path, "--set", f"data.source={data}", "--set", "instruction_tuned=true", "--set", "max_steps=30",
-                "--set", "max_input_length=256", "--set", "per_device_train_batch_size=4")  # fmt: skip
+                "--set", "max_input_length=256", "--set", "per_device_train_batch_size=4", env=prefect_server)  # fmt: skip
     assert s["ppl_after"] < s["ppl_before"]
     run = tmp_path / "latest"
     assert json.loads((run / "02_parse" / "report.json").read_text())["template"] == "jumpstart-default"
