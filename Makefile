@@ -25,7 +25,12 @@ model: $(STAMP)
 demo: model
 	$(BIN)/edgar-tune run --preset demo --out runs/latest
 
-test: $(STAMP)
+# The kernel tests run the Triton kernel on the CPU under TRITON_INTERPRET=1; a CUDA torch brings its own Triton.
+$(VENV)/.triton: $(STAMP)
+	$(BIN)/python -c "import triton" 2>/dev/null || $(BIN)/python -m pip install -q --no-deps triton==3.9.0
+	touch $@
+
+test: $(STAMP) $(VENV)/.triton
 	$(BIN)/python -m pytest -q
 
 # What `make test` leaves out for time: the real SmolLM2 demo end to end, resume under ZeRO-2 on the CPU.

@@ -138,11 +138,17 @@ def main() -> None:
               f"{r['steps']:>5} {r['tokens_per_s']:>9.0f} {r['peak_mem_gb']:>8.2f} {r['planned_gb']:>8.2f} "
               f"{r['train_seconds'] / r['steps']:>7.2f}")  # fmt: skip
     record = {"date": dt.date.today().isoformat(), "device": device, "torch": torch.__version__, "rows": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
+    write_result(args.out, "engine", device, record)
+
+
+def write_result(out: Path, what: str, device: str, record) -> Path:
+    """Write bench/results/<date>-[<what>-]<device>.json and say where."""
+    out.mkdir(parents=True, exist_ok=True)
     slug = device.lower().replace(" ", "-")
-    path = args.out / f"{record['date']}-engine-{slug}.json"
+    path = out / f"{dt.date.today().isoformat()}-{what + '-' if what else ''}{slug}.json"
     path.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {path}")
+    return path
 
 
 if __name__ == "__main__":

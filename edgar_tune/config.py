@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PRESETS_DIR = REPO_ROOT / "configs" / "presets"
@@ -41,6 +41,14 @@ class ConfigError(ValueError):
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _kernel_choice(value: Any) -> Any:
+    """`off`/`on` reach us as YAML booleans (`--set fused_linear_ce=off`): false is off, true is auto."""
+    return {False: "off", True: "auto"}.get(value, value) if isinstance(value, bool) else value
+
+
+KernelChoice = Annotated[Literal["off", "auto", "torch", "triton"], BeforeValidator(_kernel_choice)]
 
 
 class DataConfig(_Section):
@@ -198,6 +206,10 @@ class TrainConfig(_Section):
     )
     keep_checkpoints: bool = Field(False, description="Keep the checkpoints folder after the stage succeeds.")
     gradient_checkpointing: bool = Field(True, description="Recompute activations in backward to save memory.")
+    fused_linear_ce: KernelChoice = Field(
+        "auto", description="The loss from hidden states and the LM head chunk by chunk, never the full logits "
+        "(kernels/): auto = Triton on GPUs, chunked PyTorch on the CPU; off = the model's own loss.",
+    )
     seed: int = Field(10, description="Seed for weights init, dropout and data order.")
     train_data_split_seed: int = Field(
         0, description="Seed for the train/validation split of text data and the choice of `max_train_samples`."
@@ -291,6 +303,10 @@ class EvalConfig(_Section):
     )
     per_device_eval_batch_size: int = Field(
         1, ge=1, description="Windows per forward pass, in the final perplexity and in training's validation."
+    )
+    fused_linear_ce: KernelChoice = Field(
+        "auto", description="Score windows from hidden states and the LM head chunk by chunk, never the full "
+        "logits (kernels/): auto = Triton on GPUs, chunked PyTorch on the CPU; off = materialized logits.",
     )
 
 

@@ -72,19 +72,19 @@ CODE = {
     "download": ("tasks/download.py", "tasks/textdata.py"),
     "parse": ("tasks/split.py", "tasks/sections.py", "tasks/textdata.py"),
     "tokenize": ("tasks/textdata.py", *_MODEL_CODE),
-    "evaluate-base": ("tasks/perplexity.py", "tasks/generate.py", *_MODEL_CODE),
+    "evaluate-base": ("tasks/perplexity.py", "tasks/generate.py", "kernels", *_MODEL_CODE),
     "train": ("tasks/finetune.py", "tasks/train_worker.py", "tasks/checkpoints.py", "tasks/memory.py", "kernels",
               *_MODEL_CODE),  # fmt: skip
-    "evaluate": ("tasks/perplexity.py", "tasks/generate.py", *_MODEL_CODE),
+    "evaluate": ("tasks/perplexity.py", "tasks/generate.py", "kernels", *_MODEL_CODE),
     "register": ("tasks/registry.py",),
 }
 _LIBS = {
     "download": ("sec-edgar-downloader", "requests"),
     "parse": ("beautifulsoup4", "lxml"),
     "tokenize": ("tokenizers", "transformers", "datasets"),
-    "evaluate-base": ("torch", "transformers", "peft"),
-    "train": ("torch", "transformers", "peft", "deepspeed", "accelerate", "bitsandbytes"),
-    "evaluate": ("torch", "transformers", "peft"),
+    "evaluate-base": ("torch", "transformers", "peft", "triton"),
+    "train": ("torch", "transformers", "peft", "deepspeed", "accelerate", "bitsandbytes", "triton"),
+    "evaluate": ("torch", "transformers", "peft", "triton"),
     "register": ("mlflow",),
 }
 

@@ -120,6 +120,24 @@ def trainer_class():
     from transformers.trainer_utils import rotate_checkpoints
 
     class AtomicCheckpointTrainer(Trainer):
+        fused_linear_ce = "off"  # set per run from train.fused_linear_ce
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            """With the fused kernel: the Trainer's causal-LM loss, same normalisation, without the logits."""
+            if self.fused_linear_ce == "off" or return_outputs or "labels" not in inputs:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            from kernels.hf import causal_lm_loss
+
+            inputs = dict(inputs)
+            labels = inputs.pop("labels")
+            if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
+                loss = causal_lm_loss(model, labels=labels, reduction="sum", backend=self.fused_linear_ce, **inputs)
+                loss = loss / num_items_in_batch
+                if self.args.average_tokens_across_devices:
+                    loss = loss * (self.accelerator.num_processes if self.args.n_gpu <= 1 else self.args.n_gpu)
+                return loss
+            return causal_lm_loss(model, labels=labels, backend=self.fused_linear_ce, **inputs)
+
         def _save_checkpoint(self, model, trial) -> None:
             # Trainer._save_checkpoint, with every file written into a staging sibling first.
             step = self.state.global_step

@@ -18,6 +18,7 @@ from tasks.blocks import base_model_path
 from tasks.checkpoints import checkpoint_step, resume_settings, trainer_class
 from tasks.checkpoints import prepare as prepare_checkpoints
 from tasks.io import atomic_dir, atomic_write_json, read_json, write_jsonl
+from kernels.hf import resolve_backend
 from tasks.models import device, load_causal_lm, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -153,6 +154,7 @@ def preflight(cfg: TrainConfig) -> str:
     if on_gpu and not cfg.hostfile and cfg.nproc > torch.cuda.device_count():
         raise ConfigError(f"train.nproc={cfg.nproc} but this node has {torch.cuda.device_count()} GPU(s); lower it")
     try:
+        resolve_backend(cfg.fused_linear_ce, "train.fused_linear_ce", cfg.enable_fsdp)
         return resolve_precision(cfg.precision)
     except ValueError as err:
         raise ConfigError(str(err)) from None
@@ -426,6 +428,7 @@ def train(tmp: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfig,
         callbacks.append(EarlyStoppingCallback(cfg.early_stopping_patience, cfg.early_stopping_threshold))
     trainer = trainer_class()(model=model, args=args, train_dataset=blocks, eval_dataset=eval_set,
                               data_collator=CausalLMCollator(tokenizer.pad_token_id), callbacks=callbacks)  # fmt: skip
+    trainer.fused_linear_ce = resolve_backend(cfg.fused_linear_ce, "train.fused_linear_ce", cfg.enable_fsdp)
     _check_engine(trainer, cfg)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -472,6 +475,7 @@ def train(tmp: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfig,
         "zero_stage": zero_stage,
         "world_size": trainer.args.world_size,
         "gradient_checkpointing": cfg.gradient_checkpointing,
+        "loss_kernel": trainer.fused_linear_ce,
         "quantization": cfg.quantization,
         "device": device(),
         "dtype": {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[precision],

@@ -18,6 +18,8 @@ from datasets import load_from_disk
 from tqdm.auto import tqdm
 
 from edgar_tune.config import EvalConfig, GenerateConfig
+from kernels.fused_linear_ce import IGNORE_INDEX
+from kernels.hf import causal_lm_loss, resolve_backend
 from tasks.blocks import base_model_path
 from tasks.io import atomic_write_json
 from tasks.models import device, load_causal_lm
@@ -40,7 +42,8 @@ def windows(n_tokens: int, max_length: int, stride: int) -> list[tuple[int, int,
 
 
 @torch.no_grad()
-def document_nll(model, ids: list[int], max_length: int, stride: int, dev: str, batch_size: int = 1) -> tuple[float, int]:
+def document_nll(model, ids: list[int], max_length: int, stride: int, dev: str, batch_size: int = 1,
+                 kernel: str = "off") -> tuple[float, int]:  # fmt: skip
     """Sum of negative log-likelihoods (nats) and number of tokens scored, for one document.
 
     Windows of equal length go through the model `batch_size` at a time; the sums do not depend on it.
@@ -58,6 +61,13 @@ def document_nll(model, ids: list[int], max_length: int, stride: int, dev: str, 
             group.append(nxt)
         i += len(group)
         batch = torch.tensor([ids[b:e] for b, e, _ in group], device=dev)
+        if kernel != "off":  # the same sums from hidden states, without the window x vocab logits
+            labels = batch.clone()
+            for row, (begin, _, first) in enumerate(group):
+                labels[row, : first - begin] = IGNORE_INDEX  # context only; scored from first on
+            total += causal_lm_loss(model, batch, labels, reduction="sum", backend=kernel).item()
+            count += int((labels[:, 1:] != IGNORE_INDEX).sum())
+            continue
         logits = model(input_ids=batch).logits.float()
         for row, (begin, end, first) in enumerate(group):
             # logits at position t predict token t+1; score targets first..end-1.
@@ -82,10 +92,13 @@ def cap_documents(docs: list[list[int]], max_tokens: int) -> list[list[int]]:
 
 
 @torch.no_grad()
-def example_nll(model, ids: list[int], labels: list[int], dev: str) -> tuple[float, int]:
+def example_nll(model, ids: list[int], labels: list[int], dev: str, kernel: str = "off") -> tuple[float, int]:
     """NLL of an instruction example's completion tokens (labels != -100), the prompt as context only."""
     x = torch.tensor(ids, device=dev).unsqueeze(0)
     y = torch.tensor(labels, device=dev)
+    if kernel != "off":
+        nll = causal_lm_loss(model, x, y.unsqueeze(0), reduction="sum", backend=kernel).item()
+        return nll, int((y[1:] != IGNORE_INDEX).sum())
     logits = model(input_ids=x).logits[0, :-1].float()
     targets = y[1:]
     keep = targets != -100
@@ -104,6 +117,7 @@ def evaluate_model(model, val, cfg: EvalConfig, block_length: int, label: str) -
     stride = cfg.stride if cfg.stride > 0 else max(1, max_length // 2)
     if stride > max_length:
         raise ValueError(f"`eval.stride` ({stride}) exceeds the window ({max_length}); tokens would go unscored")
+    kernel = resolve_backend(cfg.fused_linear_ce, "eval.fused_linear_ce")
     dev = device()
     model.to(dev).eval()
     instruction = "labels" in val.column_names
@@ -117,9 +131,10 @@ def evaluate_model(model, val, cfg: EvalConfig, block_length: int, label: str) -
     start = time.perf_counter()
     for i, ids in enumerate(tqdm(docs, desc=f"perplexity ({label})", unit="doc")):
         if instruction:
-            doc_nll, doc_count = example_nll(model, ids, val[i]["labels"], dev)
+            doc_nll, doc_count = example_nll(model, ids, val[i]["labels"], dev, kernel)
         else:
-            doc_nll, doc_count = document_nll(model, ids, max_length, stride, dev, cfg.per_device_eval_batch_size)
+            doc_nll, doc_count = document_nll(model, ids, max_length, stride, dev, cfg.per_device_eval_batch_size,
+                                              kernel)  # fmt: skip
         nll, count = nll + doc_nll, count + doc_count
         meta = row_meta(val[i])
         per_doc.append(meta | {"tokens": doc_count, "nll": doc_nll, "perplexity": _ppl(doc_nll, doc_count)})
@@ -127,7 +142,7 @@ def evaluate_model(model, val, cfg: EvalConfig, block_length: int, label: str) -
     if not math.isfinite(ppl):
         raise FloatingPointError(f"{label} perplexity is {ppl}: the model produced NaN/inf; nothing registered")
     return {"perplexity": ppl, "nll": nll, "tokens": count, "max_length": max_length, "stride": stride,
-            "scored": "completion tokens" if instruction else "all tokens", "documents": per_doc,
+            "scored": "completion tokens" if instruction else "all tokens", "loss_kernel": kernel, "documents": per_doc,
             "seconds": time.perf_counter() - start}  # fmt: skip
 
 

@@ -1,0 +1,230 @@
+"""Training and perplexity throughput: this engine against the JumpStart-style baseline, same run, same device.
+
+    python bench/train_throughput.py                     # on a GPU: both models, a table, bench/results/*.json
+    python bench/train_throughput.py --only smollm2-135m
+    python bench/train_throughput.py --smoke             # on the CPU, tiny shapes: checks the script runs
+
+- Baseline: the plain HF `Trainer` + peft LoRA + gradient checkpointing, loss from materialized logits (the
+  model's own loss), as JumpStart's scripts train (`train.fused_linear_ce=off`).
+- Ours: the same `tasks.finetune.train` with this engine's options on (today: the fused linear + cross-entropy,
+  kernels/). Each option is also measured on its own in the `ablation` rows.
+- Data: the real packed 10-K blocks (Amazon's FY2020-21 training text from data/, SmolLM2's tokenizer), sequence
+  length 2048, LoRA r=8 on JumpStart's targets (q_proj, v_proj), bf16. The Llama-2-7B-shaped model has random
+  weights (speed does not depend on their values) and takes the same token ids modulo its 32000 words.
+- Reported: tokens/s, peak GPU memory, MFU = tokens/s x (6N + 12 L d T) / peak bf16 FLOP/s, with N the model's
+  parameters, L layers, d hidden size, T sequence length. LoRA does less work than 6N assumes (no weight
+  gradients for the frozen base, about 4N), so this MFU understates the hardware's use; it is the usual convention.
+- Perplexity evaluation: windows of 2048 tokens scored with materialized logits and with the fused kernel.
+
+Each measurement runs in its own process, so one's peak memory does not leak into the next.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from bench.gpu_engine import SHAPES, write_result  # noqa: E402
+
+MODELS = {"smollm2-135m": ("smollm2", 4), "llama-2-7b": ("random", 1)}  # name: (weights, per-device batch)
+OPTIONS = {"fused_linear_ce": ("off", "auto")}  # option: (baseline value, ours)
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
+
+
+def peak_flops(device: str) -> float | None:
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in device), None)
+
+
+def tenk_texts() -> list[str]:
+    """Amazon's FY2020-21 10-K training text (every Item but the MD&A), from data/."""
+    from edgar_tune.config import DataConfig, ParseConfig
+    from tasks.download import gather_filings, primary_file, submission_file
+    from tasks.split import build_split, parse_all
+
+    filings, _ = gather_filings(DataConfig(source="bundled", tickers=["AMZN"], fiscal_years=[2020, 2021]))
+    parsed = parse_all([primary_file(f) for f in filings], "rows", submissions=[submission_file(f) for f in filings])
+    train, _, _ = build_split(filings, parsed, ParseConfig())
+    return [row["text"] for row in train]
+
+
+def build_tokenize_dir(root: Path, model: str, seq: int, n_blocks: int, smoke: bool) -> Path:
+    """A stage-3 folder: the model (SmolLM2's real weights, random ones of a shape, or the tiny test Llama) and
+    the packed 10-K blocks."""
+    from datasets import Dataset
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
+
+    from edgar_tune.config import ModelConfig
+    from tasks.models import build_tiny_llama, load_tokenizer, smollm2_dir
+
+    texts = tenk_texts()
+    if smoke:
+        base = build_tiny_llama(root / "base", texts, ModelConfig(name="tiny-llama"), 0)
+    elif MODELS[model][0] == "smollm2":
+        base = smollm2_dir()
+    else:
+        base = root / "base"
+        with torch.device("cuda"):
+            AutoModelForCausalLM.from_config(LlamaConfig(**SHAPES[model]), dtype=torch.bfloat16).save_pretrained(base)
+        load_tokenizer(str(smollm2_dir())).save_pretrained(base)
+    vocab = AutoConfig.from_pretrained(base).vocab_size
+    tokenizer = load_tokenizer(str(base))
+    ids: list[int] = []
+    for text in texts:
+        ids += tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]
+        if len(ids) >= seq * n_blocks:
+            break
+    ids = [i % vocab for i in ids]  # SmolLM2's ids on the 32000-word Llama-2 shape: the work is the same
+    blocks = [ids[i * seq : (i + 1) * seq] for i in range(len(ids) // seq)]
+    blocks = (blocks * (n_blocks // max(len(blocks), 1) + 1))[:n_blocks]
+    tok = root / "tok"
+    Dataset.from_dict({"input_ids": blocks}).save_to_disk(tok / "train")
+    Dataset.from_dict({"input_ids": [sum(blocks[:8], [])]}).save_to_disk(tok / "val")
+    stats = {"base_model": {"kind": "path_or_hub", "path": str(base)}, "block_length": seq, "train_blocks": n_blocks}
+    (tok / "stats.json").write_text(json.dumps(stats))
+    return tok
+
+
+def measure_train(tok: Path, settings: dict, steps: int, batch: int, smoke: bool) -> dict:
+    from edgar_tune.config import EvalConfig, TrainConfig
+    from tasks.finetune import train
+
+    cfg = TrainConfig(mode="lora", lora_r=8, lora_alpha=16, lora_target_modules=["q_proj", "v_proj"],
+                      max_steps=steps, per_device_train_batch_size=batch, learning_rate=1e-4,
+                      precision="fp32" if smoke else "bf16", logging_steps=1, eval_steps=0,
+                      early_stopping_patience=0, load_best_model_at_end=False, save_steps=0, memory_check="off",
+                      **settings)  # fmt: skip
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
+        stats = train(Path(tmp) / "out", tok, cfg, EvalConfig(), Path(tmp) / "ckpt")
+    return {"tokens_per_s": stats["train_tokens_seen"] / stats["seconds"], "peak_mem_gb": _peak_gb(),
+            "loss_kernel": stats["loss_kernel"], "final_loss": stats["final_loss"], "steps": stats["steps"]}  # fmt: skip
+
+
+def measure_eval(tok: Path, kernel: str, seq: int) -> dict:
+    from datasets import load_from_disk
+
+    from tasks.blocks import base_model_path
+    from tasks.models import device, load_causal_lm
+    from tasks.perplexity import document_nll
+
+    dev = device()
+    model = load_causal_lm(str(base_model_path(tok)), dtype=torch.bfloat16 if dev == "cuda" else torch.float32).to(dev).eval()
+    ids = list(load_from_disk(str(tok / "val"))["input_ids"][0])
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    with torch.no_grad():
+        nll, count = document_nll(model, ids, seq, seq, dev, 4, kernel)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    return {"tokens_per_s": count / seconds, "peak_mem_gb": _peak_gb(), "nll_per_token": nll / count}
+
+
+def _peak_gb() -> float | None:
+    return torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None
+
+
+def flops_per_token(model: str, seq: int, smoke: bool, base: Path) -> float:
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
+
+    config = AutoConfig.from_pretrained(base) if smoke else LlamaConfig(**SHAPES[model])
+    with torch.device("meta"):
+        n = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    return 6 * n + 12 * config.num_hidden_layers * config.hidden_size * seq
+
+
+def job(args: argparse.Namespace) -> dict:
+    """One measurement (in its own process): `args.job` is train:NAME or eval:KERNEL."""
+    kind, name = args.job.split(":", 1)
+    tok = Path(args.tok)
+    if kind == "eval":
+        return measure_eval(tok, name, args.seq)
+    settings = {k: (ours if k == name or name == "ours" else base) for k, (base, ours) in OPTIONS.items()}
+    return measure_train(tok, settings, args.steps, args.batch, args.smoke)
+
+
+def run_job(args: argparse.Namespace, tok: Path, spec: str, batch: int) -> dict:
+    if args.smoke:  # one process is enough to check the script
+        ns = argparse.Namespace(**vars(args) | {"job": spec, "tok": str(tok), "batch": batch})
+        return job(ns)
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        cmd = [sys.executable, __file__, "--job", spec, "--tok", str(tok), "--seq", str(args.seq), "--steps",
+               str(args.steps), "--batch", str(batch), "--row", f.name]  # fmt: skip
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        if proc.returncode != 0:
+            tail = "\n".join(proc.stdout.splitlines()[-25:])
+            raise RuntimeError(f"{spec} failed (exit {proc.returncode}):\n{tail}")
+        return json.loads(Path(f.name).read_text())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", choices=list(MODELS))
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, 3 steps: does the script run")
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    ap.add_argument("--job", help=argparse.SUPPRESS)
+    ap.add_argument("--tok", help=argparse.SUPPRESS)
+    ap.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
+    ap.add_argument("--row", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.job:
+        args.row.write_text(json.dumps(job(args)))
+        return
+    if args.smoke:
+        args.seq, args.steps = 128, 3
+    elif not torch.cuda.is_available():
+        sys.exit("bench/train_throughput.py measures GPUs; on the CPU run it with --smoke")
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    rows = []
+    for model, (_, batch) in MODELS.items():
+        if args.only not in (None, model) or (args.smoke and model != "smollm2-135m"):
+            continue
+        batch = 2 if args.smoke else batch
+        with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
+            tok = build_tokenize_dir(Path(tmp), model, args.seq, max(args.steps * batch, 8), args.smoke)
+            base = run_job(args, tok, "train:baseline", batch)
+            ours = run_job(args, tok, "train:ours", batch)
+            ablation = {opt: run_job(args, tok, f"train:{opt}", batch) for opt in OPTIONS if len(OPTIONS) > 1}
+            ev = {k: run_job(args, tok, f"eval:{k}", batch) for k in ("off", "auto")}
+            fpt = flops_per_token(model, args.seq, args.smoke, Path(json.loads((tok / "stats.json").read_text())["base_model"]["path"]))
+        peak = peak_flops(device)
+        rows.append({
+            "device": device, "model": "tiny-llama (smoke)" if args.smoke else model, "seq_len": args.seq, "batch": batch, "steps": args.steps,
+            "baseline": {k: base[k] for k in ("tokens_per_s", "peak_mem_gb")},
+            "ours": {k: ours[k] for k in ("tokens_per_s", "peak_mem_gb")} | {"loss_kernel": ours["loss_kernel"]},
+            "speedup": ours["tokens_per_s"] / base["tokens_per_s"],
+            "memory_ratio": (ours["peak_mem_gb"] / base["peak_mem_gb"]) if base["peak_mem_gb"] else None,
+            "mfu": {"baseline": base["tokens_per_s"] * fpt / peak, "ours": ours["tokens_per_s"] * fpt / peak} if peak else None,
+            "flops_per_token": fpt, "ablation": ablation,
+            "eval": {"materialized": ev["off"], "fused": ev["auto"]},
+        })  # fmt: skip
+    print(f"\n{device}, torch {torch.__version__}, seq {args.seq}, {args.steps} steps, LoRA r=8 (q_proj, v_proj)")
+    print(f"{'model':<14} {'run':<10} {'tokens/s':>10} {'peak GB':>8} {'MFU':>6}   {'eval tok/s':>10} {'eval GB':>8}")
+    for r in rows:
+        for name, key in (("baseline", "materialized"), ("ours", "fused")):
+            mfu = f"{r['mfu'][name]:.1%}" if r["mfu"] else "-"
+            mem, emem = r[name]["peak_mem_gb"], r["eval"][key]["peak_mem_gb"]
+            print(f"{r['model']:<14} {name:<10} {r[name]['tokens_per_s']:>10.0f} {mem or 0:>8.2f} {mfu:>6}   "
+                  f"{r['eval'][key]['tokens_per_s']:>10.0f} {emem or 0:>8.2f}")  # fmt: skip
+        ratio = f"{r['memory_ratio']:.2f}x" if r["memory_ratio"] else "-"
+        print(f"{'':<14} ours/base  {r['speedup']:>9.2f}x {ratio:>8}")
+    write_result(args.out, "", device, rows)  # the issue's name: <date>-<device>.json
+
+
+if __name__ == "__main__":
+    main()

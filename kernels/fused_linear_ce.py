@@ -1,0 +1,152 @@
+"""Fused linear + cross-entropy: the loss of an LM head without the tokens x vocab logits.
+
+`fused_linear_cross_entropy(hidden, weight, labels)` equals
+`F.cross_entropy((hidden @ weight.T + bias).float().view(-1, V), labels.view(-1), ignore_index=..., reduction=...)`
+but computes it `chunk_size` tokens at a time. The gradients for `hidden` (and `weight`/`bias` when they require
+grad) are computed in the same pass, chunk by chunk, so neither the forward nor the backward ever holds more than
+chunk_size x V logits: for 8 x 2048 tokens and a 128k vocabulary, 8.6 GB of fp32 logits (and as much again for
+their gradient) become one chunk of about the size of the hidden states.
+
+Per chunk: the logits come from one matmul (fp32 accumulation, fp32 result); the loss rows and the gradient
+(softmax - onehot, written over the logits in place) come from `rows`: the Triton kernel on GPUs
+(kernels/triton_ce.py), or the plain-PyTorch `torch_rows` here, which is the CPU path and the reference.
+
+Conventions:
+- `shift=True` drops the last position's hidden state and the first label (logits at t predict token t+1), as
+  HF causal LMs do inside their loss.
+- Accumulation is in fp32 whatever the input dtype; gradients come back in the inputs' dtypes.
+- `reduction="mean"` divides by the number of non-ignored targets (none: loss 0, not NaN); `"sum"` is what
+  perplexity needs (a sum of NLL over windows, with the count kept apart).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+IGNORE_INDEX = -100
+Rows = Callable[[torch.Tensor, torch.Tensor, int, float, bool], torch.Tensor]
+
+
+def torch_rows(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, scale: float, grad: bool) -> torch.Tensor:
+    """Summed NLL of the fp32 `logits` rows; with `grad`, overwrite `logits` with d(scale * sum)/d(logits)."""
+    keep = labels != ignore_index
+    target = torch.where(keep, labels, 0)
+    lse = torch.logsumexp(logits, dim=-1)
+    loss = torch.where(keep, lse - logits.gather(1, target[:, None]).squeeze(1), 0.0).sum()
+    if grad:
+        logits.sub_(lse[:, None]).exp_()
+        logits[torch.arange(len(labels), device=labels.device), target] -= 1.0
+        logits.mul_((keep.float() * scale)[:, None])
+    return loss
+
+
+def default_chunk_size(n_tokens: int, vocab: int, hidden_size: int, cuda: bool = True) -> int:
+    """Tokens per chunk. On GPUs one chunk of logits is about as large as the hidden states (Liger's rule); on
+    the CPU 1024 tokens, where bigger matmuls win (SmolLM2's head, 4096 tokens: 1024-token chunks 3.7 s a step
+    and 1.0 GB peak, 64-token chunks 5.1 s and 0.5 GB, materialized logits 4.5 s and 2.7 GB)."""
+    if not cuda:
+        return max(1, min(n_tokens, 1024))
+    chunks = math.ceil(vocab / hidden_size)
+    return max(1, min(n_tokens, 1 << max(0, math.ceil(math.log2(math.ceil(n_tokens / chunks))))))
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, ignore_index, reduction, chunk_size, rows):  # noqa: ANN001
+        n = hidden.shape[0]
+        valid = int((labels != ignore_index).sum())
+        scale = 1.0 / max(valid, 1) if reduction == "mean" else 1.0
+        want_h, want_w = hidden.requires_grad, weight.requires_grad
+        want_b = bias is not None and bias.requires_grad
+        grad_h = torch.empty_like(hidden) if want_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if want_b else None
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        chunk = chunk_size or default_chunk_size(n, weight.shape[0], weight.shape[1], hidden.is_cuda)
+        for start in range(0, n, chunk):
+            h = hidden[start : start + chunk]
+            logits = torch.mm(h, weight.T).float() if h.dtype == torch.float32 else _mm_fp32(h, weight)
+            if bias is not None:
+                logits += bias.float()
+            loss += rows(logits, labels[start : start + chunk], ignore_index, scale, want_h or want_w or want_b)
+            g = logits  # now d loss / d logits, already scaled
+            if want_h:  # on GPUs in the weights' dtype (tensor cores), on the CPU in fp32
+                gw_ = (g.to(weight.dtype), weight) if g.is_cuda else (g, weight.float())
+                grad_h[start : start + chunk] = torch.mm(*gw_).to(hidden.dtype)
+            if want_w:
+                grad_w += torch.mm(g.T, h.float())
+            if want_b:
+                grad_b += g.sum(0)
+        saved = [t if t is not None else torch.empty(0) for t in (grad_h, grad_w, grad_b)]
+        ctx.save_for_backward(*saved)
+        ctx.wanted = (want_h, want_w, want_b)
+        ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
+        return loss * scale
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: ANN001
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        want_h, want_w, want_b = ctx.wanted
+        gh = grad_h * grad_out.to(grad_h.dtype) if want_h else None
+        gw = (grad_w * grad_out).to(ctx.dtypes[0]) if want_w else None
+        gb = (grad_b * grad_out).to(ctx.dtypes[1]) if want_b else None
+        return gh, gw, gb, None, None, None, None, None
+
+
+def _mm_fp32(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 matmul with fp32 accumulation and an fp32 result (no rounding of the logits to half)."""
+    if h.is_cuda:
+        return torch.mm(h, weight.T, out_dtype=torch.float32) if _has_out_dtype() else torch.mm(h, weight.T).float()
+    return torch.mm(h.float(), weight.float().T)  # CPU half matmuls are slow and round: compute in fp32
+
+
+def _has_out_dtype() -> bool:
+    import inspect
+
+    try:
+        return "out_dtype" in inspect.signature(torch.mm).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                               bias: torch.Tensor | None = None, *, ignore_index: int = IGNORE_INDEX,
+                               reduction: str = "mean", shift: bool = False, chunk_size: int | None = None,
+                               backend: str = "auto") -> torch.Tensor:  # fmt: skip
+    """Cross-entropy of `hidden @ weight.T (+ bias)` against `labels`, chunk by chunk (see the module doc).
+
+    backend: "triton" (CUDA tensors, or any under TRITON_INTERPRET=1), "torch" (the chunked PyTorch rows), or
+    "auto" (Triton on CUDA when it is installed, else torch). Asking for Triton where it cannot run raises; it
+    never falls back.
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', not {reduction!r}")
+    if hidden.shape[-1] != weight.shape[-1]:
+        raise ValueError(f"hidden size {hidden.shape[-1]} does not match the LM head's {weight.shape[-1]}")
+    if shift:
+        hidden, labels = hidden[..., :-1, :], labels[..., 1:]
+    h, y = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+    if h.shape[0] != y.shape[0]:
+        raise ValueError(f"{h.shape[0]} hidden states but {y.shape[0]} labels")
+    rows = resolve_rows(backend, h)
+    return _LinearCrossEntropy.apply(h, weight, bias, y, ignore_index, reduction, chunk_size, rows)
+
+
+def resolve_rows(backend: str, sample: torch.Tensor) -> Rows:
+    """The per-chunk loss/gradient function for `backend` on `sample`'s device."""
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"backend must be auto, triton or torch, not {backend!r}")
+    if backend == "torch" or (backend == "auto" and not (sample.is_cuda and triton_available())):
+        return torch_rows
+    from kernels.triton_ce import triton_rows  # raises ImportError without Triton: no silent fallback
+
+    return triton_rows
+
+
+def triton_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None

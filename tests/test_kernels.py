@@ -1,0 +1,200 @@
+"""kernels/: the fused linear + cross-entropy against F.cross_entropy on materialized logits (`pytest -k kernel`).
+
+Both backends: the chunked PyTorch rows, and the Triton kernel (on a GPU, or on the CPU under TRITON_INTERPRET=1,
+which the tests set when there is no GPU; `make test` installs Triton for it).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton.jit runs: the kernel on CPU tensors
+
+from kernels.fused_linear_ce import IGNORE_INDEX, fused_linear_cross_entropy, triton_available
+
+TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 2e-2), torch.float16: (5e-3, 5e-3)}
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_triton = pytest.mark.skipif(not triton_available(), reason="Triton is not installed (make test installs it)")
+BACKENDS = ["torch", pytest.param("triton", marks=needs_triton)]
+
+
+def _reference(hidden, weight, labels, reduction, shift, bias=None):
+    logits = hidden.float() @ weight.float().T + (bias.float() if bias is not None else 0)
+    if shift:
+        logits, labels = logits[..., :-1, :], labels[..., 1:]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX,
+                           reduction=reduction)  # fmt: skip
+
+
+def _inputs(shape, dtype, seed=0, ignore_frac=0.2, hidden_size=64):
+    batch, seq, vocab = shape
+    g = torch.Generator().manual_seed(seed)
+    hidden = (torch.randn(batch, seq, hidden_size, generator=g) * 2).to(DEVICE, dtype).requires_grad_()
+    weight = (torch.randn(vocab, hidden_size, generator=g) * 0.05).to(DEVICE, dtype).requires_grad_()
+    labels = torch.randint(0, vocab, (batch, seq), generator=g)
+    labels[torch.rand(batch, seq, generator=g) < ignore_frac] = IGNORE_INDEX
+    return hidden, weight, labels.to(DEVICE)
+
+
+def _check(shape, dtype, reduction, shift, backend, chunk_size=100, bias=False):
+    hidden, weight, labels = _inputs(shape, dtype)
+    b = (torch.randn(shape[2]) * 0.1).to(DEVICE, dtype).requires_grad_() if bias else None
+    params = (hidden, weight) + ((b,) if bias else ())
+    ours = fused_linear_cross_entropy(hidden, weight, labels, b, reduction=reduction, shift=shift,
+                                      chunk_size=chunk_size, backend=backend)  # fmt: skip
+    got = torch.autograd.grad(ours, params)
+    ref = _reference(hidden, weight, labels, reduction, shift, b)
+    want = torch.autograd.grad(ref, params)
+    atol, rtol = TOL[dtype]
+    n = shape[0] * shape[1]
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours, ref.float(), atol=atol * (n if reduction == "sum" else 1), rtol=rtol)
+    for g, w, p in zip(got, want, params, strict=True):
+        assert g.dtype == p.dtype
+        torch.testing.assert_close(g.float(), w.float(), atol=atol * 10, rtol=rtol)
+
+
+CASES = [  # (batch, seq, vocab): vocabularies that are not multiples of any block, a prime, a tiny one
+    pytest.param((2, 37, 1000), id="2x37x1000"),
+    pytest.param((1, 5, 7), id="1x5x7"),
+    pytest.param((2, 19, 5003), id="2x19x5003"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("shift", [False, True], ids=["unshifted", "shifted"])
+@pytest.mark.parametrize("shape", CASES)
+def test_kernel_matches_materialized_logits(shape, shift, reduction, dtype, backend):
+    if backend == "triton" and dtype != torch.float32 and not torch.cuda.is_available() and (shift or reduction == "sum"):
+        pytest.skip("the interpreter is slow: half-precision inputs once per shape on the CPU; all on a GPU")
+    _check(shape, dtype, reduction, shift, backend)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.skipif(
+    not (torch.cuda.is_available() and triton_available()), reason="minutes under the Triton interpreter"))])
+def test_kernel_at_a_llama_vocabulary(backend):
+    """The issue's shape: 3 x 423 tokens over Llama-2's 32000 words (one chunk per 128 tokens)."""
+    _check((3, 423, 32000), torch.float32, "mean", True, backend, chunk_size=128)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kernel_with_an_lm_head_bias(backend):
+    """GPT-J's LM head has a bias."""
+    _check((2, 13, 301), torch.float32, "mean", True, backend, bias=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kernel_all_ignored_gives_zero_not_nan(backend):
+    hidden, weight, labels = _inputs((2, 9, 50), torch.float32)
+    labels[:] = IGNORE_INDEX
+    loss = fused_linear_cross_entropy(hidden, weight, labels, backend=backend)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.count_nonzero(hidden.grad) == 0
+
+
+def test_kernel_frozen_head_gets_no_gradient_and_the_upstream_gradient_scales():
+    hidden, weight, labels = _inputs((2, 11, 97), torch.float32)
+    weight = weight.detach()
+    (3 * fused_linear_cross_entropy(hidden, weight, labels, chunk_size=4, backend="torch")).backward()
+    ref_h = hidden.detach().clone().requires_grad_()
+    (3 * _reference(ref_h, weight, labels, "mean", False)).backward()
+    torch.testing.assert_close(hidden.grad, ref_h.grad)
+
+
+def test_kernel_refuses_what_it_cannot_do():
+    hidden, weight, labels = _inputs((1, 4, 10), torch.float32)
+    with pytest.raises(ValueError, match="reduction"):
+        fused_linear_cross_entropy(hidden, weight, labels, reduction="none")
+    with pytest.raises(ValueError, match="hidden size"):
+        fused_linear_cross_entropy(hidden, weight[:, :3], labels)
+    with pytest.raises(ValueError, match="backend"):
+        fused_linear_cross_entropy(hidden, weight, labels, backend="cuda")
+
+
+# -- inside the engine: perplexity windows and training -------------------------------------------------------
+
+
+def test_kernel_perplexity_equals_materialized_logits(tiny_run):
+    from datasets import load_from_disk
+
+    from tasks.blocks import base_model_path
+    from tasks.models import load_causal_lm
+    from tasks.perplexity import document_nll, example_nll
+
+    runs, _ = tiny_run
+    tok = runs / "latest" / "03_tokenize"
+    model = load_causal_lm(str(base_model_path(tok)), dtype=torch.float32).eval()
+    ids = list(load_from_disk(str(tok / "val"))["input_ids"][0][:700])
+    for batch_size in (1, 3):  # windows of equal length batched together, and the shorter last one
+        off = document_nll(model, ids, 128, 48, "cpu", batch_size, "off")
+        fused = document_nll(model, ids, 128, 48, "cpu", batch_size, "torch")
+        assert fused[1] == off[1] and fused[0] == pytest.approx(off[0], rel=1e-5)
+    labels = [IGNORE_INDEX] * 40 + ids[40:90]
+    off, fused = example_nll(model, ids[:90], labels, "cpu", "off"), example_nll(model, ids[:90], labels, "cpu", "torch")
+    assert fused[1] == off[1] == 50 and fused[0] == pytest.approx(off[0], rel=1e-5)
+
+
+def test_kernel_training_follows_the_same_loss_curve(tiny_run, tmp_path):
+    """The same 30 steps with the fused loss and with the model's own: the same loss at every step."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    runs, _ = tiny_run
+    curves = {}
+    for kernel in ("off", "torch"):
+        run = tmp_path / kernel
+        run.mkdir()
+        shutil.copy(runs / "latest" / "config.yaml", run / "config.yaml")
+        shutil.copytree(runs / "latest" / "03_tokenize", run / "03_tokenize")
+        cmd = [sys.executable, "-m", "edgar_tune.cli", "stage", "train", "--run", str(run), "--set", "max_steps=30", "--set", "logging_steps=1",
+               "--set", f"train.fused_linear_ce={kernel}"]  # fmt: skip
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        assert json.loads((run / "04_train" / "stats.json").read_text())["loss_kernel"] == kernel
+        curves[kernel] = [json.loads(x)["loss"] for x in (run / "04_train" / "loss.jsonl").read_text().splitlines()]
+    assert len(curves["off"]) == 30
+    assert curves["torch"] == pytest.approx(curves["off"], rel=2e-4)
+
+
+def test_kernel_throughput_bench_runs_on_the_cpu(tmp_path):
+    """bench/train_throughput.py --smoke: the GPU benchmark's code path end to end, on the tiny test model."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    proc = subprocess.run([sys.executable, "bench/train_throughput.py", "--smoke", "--out", str(tmp_path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    [path] = tmp_path.glob("*-cpu.json")
+    [row] = json.loads(path.read_text())
+    assert {"device", "model", "seq_len", "baseline", "ours", "mfu"} <= set(row)
+    assert row["ours"]["loss_kernel"] == "torch" and row["baseline"]["tokens_per_s"] > 0
+    assert row["eval"]["fused"]["nll_per_token"] == pytest.approx(row["eval"]["materialized"]["nll_per_token"], rel=1e-4)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU machine's refusals")
+def test_kernel_choice_resolves_or_is_refused_before_anything_runs():
+    from edgar_tune.config import ConfigError, load_config
+    from kernels.hf import resolve_backend
+    from tasks.finetune import preflight
+
+    assert resolve_backend("auto") == "torch" and resolve_backend("off") == "off"
+    assert resolve_backend("auto", fsdp=True) == "off"  # the head is a shard under FSDP
+    with pytest.raises(ValueError, match="enable_fsdp"):
+        resolve_backend("torch", fsdp=True)
+    with pytest.raises(ConfigError, match="train.fused_linear_ce=triton needs a CUDA GPU"):
+        preflight(load_config("tiny", {"train.fused_linear_ce": "triton"}).train)
+    assert load_config("tiny", {"train.fused_linear_ce": False}).train.fused_linear_ce == "off"  # YAML's `off`
