@@ -17,7 +17,12 @@ from tasks.cache import StageKey
 from tasks.io import DOWNLOAD, EVALUATE, PARSE, REGISTER, TOKENIZE, TRAIN, atomic_dir, atomic_write_json, read_json
 
 
-@task(name="download_filings", cache_policy=StageKey(), persist_result=True, result_serializer="json")
+def stage_task(name: str):
+    """A pipeline stage: cached on the flow's `cache_key`, its result persisted (JSON) for later runs."""
+    return task(name=name, cache_policy=StageKey(), persist_result=True, result_serializer="json")
+
+
+@stage_task("download_filings")
 def download_filings(run_dir: Path, cfg: DataConfig, cache_key: str | None = None) -> dict:
     """Fetch (or locate) the 10-K filings and write the run's filing manifest."""
     if cfg.is_text:  # users' own TXT/CSV/JSON/JSONL: record what will be read, byte for byte
@@ -37,7 +42,7 @@ def download_filings(run_dir: Path, cfg: DataConfig, cache_key: str | None = Non
     return {"filings": len(filings), "skipped": len(skipped)}
 
 
-@task(name="extract_sections", cache_policy=StageKey(), persist_result=True, result_serializer="json")
+@stage_task("extract_sections")
 def extract_sections(run_dir: Path, cfg: PipelineConfig, cache_key: str | None = None) -> dict:
     """Split each filing into Items (Item 7, the MD&A, validates; the rest trains), or split users' text rows."""
     from tasks.split import write_parse_stage, write_text_parse_stage
@@ -49,7 +54,7 @@ def extract_sections(run_dir: Path, cfg: PipelineConfig, cache_key: str | None =
     return {k: v for k, v in report.items() if k != "filings"}
 
 
-@task(name="pack_blocks", cache_policy=StageKey(), persist_result=True, result_serializer="json")
+@stage_task("pack_blocks")
 def pack_blocks(run_dir: Path, cfg: PipelineConfig, cache_key: str | None = None) -> dict:
     """Resolve the base model, tokenize the split and pack training text into blocks."""
     from tasks.blocks import write_tokenize_stage
@@ -57,7 +62,7 @@ def pack_blocks(run_dir: Path, cfg: PipelineConfig, cache_key: str | None = None
     return write_tokenize_stage(run_dir / TOKENIZE, run_dir / PARSE, cfg)
 
 
-@task(name="finetune_model", cache_policy=StageKey(), persist_result=True, result_serializer="json")
+@stage_task("finetune_model")
 def finetune_model(run_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfig, cache_key: str | None = None) -> dict:
     """Fine-tune with LoRA or in full; resumes from the last complete checkpoint of an interrupted run."""
     from tasks.finetune import write_train_stage
@@ -65,7 +70,7 @@ def finetune_model(run_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfig, cache_
     return write_train_stage(run_dir / TRAIN, run_dir / TOKENIZE, cfg, eval_cfg)
 
 
-@task(name="evaluate_perplexity", cache_policy=StageKey(), persist_result=True, result_serializer="json")
+@stage_task("evaluate_perplexity")
 def evaluate_perplexity(run_dir: Path, cfg: EvalConfig, finetuned: bool, gen: GenerateConfig | None = None,
                         cache_key: str | None = None) -> dict:  # fmt: skip
     """Perplexity on the held-out MD&A, of the base model or of the fine-tuned one; then generation samples."""
@@ -84,7 +89,7 @@ def evaluate_perplexity(run_dir: Path, cfg: EvalConfig, finetuned: bool, gen: Ge
     return {k: result[k] for k in ("perplexity", "tokens", "seconds")}
 
 
-@task(name="register_model", cache_policy=StageKey(), persist_result=True, result_serializer="json")
+@stage_task("register_model")
 def register_model(run_dir: Path, cfg: PipelineConfig, flow_run_id: str | None,
                    cache_key: str | None = None) -> dict:  # fmt: skip
     """Log the run to MLflow, register the model and set its alias."""
