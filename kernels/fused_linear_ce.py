@@ -43,14 +43,20 @@ def torch_rows(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, sc
     return loss
 
 
+CHUNK_BYTES = 1 << 28  # fp32 logits of one chunk on a GPU: 256 MiB
+
+
 def default_chunk_size(n_tokens: int, vocab: int, hidden_size: int, cuda: bool = True) -> int:
-    """Tokens per chunk. On GPUs one chunk of logits is about as large as the hidden states (Liger's rule); on
-    the CPU 1024 tokens, where bigger matmuls win (SmolLM2's head, 4096 tokens: 1024-token chunks 3.7 s a step
-    and 1.0 GB peak, 64-token chunks 5.1 s and 0.5 GB, materialized logits 4.5 s and 2.7 GB)."""
+    """Tokens per chunk: on GPUs the largest power of two whose fp32 logits fit in 256 MiB (1024 tokens at
+    SmolLM2's 49152 words, 2048 at Llama-2's 32000, 512 at Llama-3's 128256). Liger's rule (chunk logits as
+    large as the hidden states) gave SmolLM2's head 128-token chunks and 64 launches of small matmuls: 21 ms for
+    4 x 2048 tokens against 11 ms materialized on an H100. On the CPU 1024 tokens (SmolLM2's head, 4096
+    tokens: 1024-token chunks 3.7 s a step and 1.0 GB peak, 64-token chunks 5.1 s and 0.5 GB, materialized
+    logits 4.5 s and 2.7 GB)."""
     if not cuda:
         return max(1, min(n_tokens, 1024))
-    chunks = math.ceil(vocab / hidden_size)
-    return max(1, min(n_tokens, 1 << max(0, math.ceil(math.log2(math.ceil(n_tokens / chunks))))))
+    fit = max(64, 1 << int(math.log2(max(1, CHUNK_BYTES // (4 * vocab)))))
+    return max(1, min(n_tokens, fit))
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -71,15 +77,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
             logits = torch.mm(h, weight.T).float() if h.dtype == torch.float32 else _mm_fp32(h, weight)
             if bias is not None:
                 logits += bias.float()
-            loss += rows(logits, labels[start : start + chunk], ignore_index, scale, want_h or want_w or want_b)
-            g = logits  # now d loss / d logits, already scaled
+            # The reduction's scale (1 / tokens for a mean) is applied after the matmuls: softmax - onehot,
+            # scaled first, underflows in fp16 (1e-5 probabilities / 3000 tokens).
+            loss += rows(logits, labels[start : start + chunk], ignore_index, 1.0, want_h or want_w or want_b)
+            g = logits  # now d sum / d logits
             if want_h:  # on GPUs in the weights' dtype (tensor cores), on the CPU in fp32
                 gw_ = (g.to(weight.dtype), weight) if g.is_cuda else (g, weight.float())
-                grad_h[start : start + chunk] = torch.mm(*gw_).to(hidden.dtype)
+                grad_h[start : start + chunk] = (torch.mm(*gw_).float() * scale).to(hidden.dtype)
             if want_w:
-                grad_w += torch.mm(g.T, h.float())
+                grad_w.add_(torch.mm(g.T, h.float()), alpha=scale)
             if want_b:
-                grad_b += g.sum(0)
+                grad_b.add_(g.sum(0), alpha=scale)
         saved = [t if t is not None else torch.empty(0) for t in (grad_h, grad_w, grad_b)]
         ctx.save_for_backward(*saved)
         ctx.wanted = (want_h, want_w, want_b)
