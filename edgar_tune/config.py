@@ -210,6 +210,19 @@ class TrainConfig(_Section):
         "auto", description="The loss from hidden states and the LM head chunk by chunk, never the full logits "
         "(kernels/): auto = Triton on GPUs, chunked PyTorch on the CPU; off = the model's own loss.",
     )
+    lora_half_base: bool = Field(
+        True, description="LoRA in bf16/fp16 without DeepSpeed or FSDP: keep the frozen base weights in that "
+        "precision (the adapters stay fp32). false: an fp32 base under autocast, as plain HF scripts load it "
+        "(twice the weights' memory).",
+    )
+    torch_compile: bool = Field(
+        False, description="Compile the model with torch.compile (inductor): fuses the norms, rotary embeddings, "
+        "activations and LoRA paths into fewer kernels; the first steps pay the compile time.",
+    )
+    document_mask: bool = Field(
+        False, description="Packed blocks: restart position ids after each end-of-document token, so no token "
+        "attends across documents (the model builds the block-diagonal mask).",
+    )
     seed: int = Field(10, description="Seed for weights init, dropout and data order.")
     train_data_split_seed: int = Field(
         0, description="Seed for the train/validation split of text data and the choice of `max_train_samples`."

@@ -96,15 +96,17 @@ def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tens
     check_supported(lm)
     head = lm.get_output_embeddings()
     name = next(n for n, m in lm.named_children() if m is head)
-    record = _RecordHidden()
+    record = lm.__dict__.setdefault("_edgar_record_hidden", _RecordHidden())  # one per model: torch.compile's
+    record.hidden = None                                                        # guards see the same module
     setattr(lm, name, record)
     try:
         model(input_ids=input_ids, **inputs)
     finally:
         setattr(lm, name, head)
-    if record.hidden is None:
+    hidden, record.hidden = record.hidden, None
+    if hidden is None:
         raise RuntimeError(f"{type(lm).__name__}'s forward never called its LM head ({name})")
     with _gathered(head.weight):
-        return fused_linear_cross_entropy(record.hidden, head.weight, labels, getattr(head, "bias", None),
+        return fused_linear_cross_entropy(hidden, head.weight, labels, getattr(head, "bias", None),
                                           ignore_index=ignore_index, reduction=reduction, shift=True,
                                           backend=backend)  # fmt: skip

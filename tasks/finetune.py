@@ -69,13 +69,17 @@ class CausalLMCollator:
     """Packed blocks are stacked (labels = inputs; the model shifts them). Instruction examples come with
     labels (-100 on the prompt) and different lengths: they are right-padded, padding masked out of the loss."""
 
-    def __init__(self, pad_token_id: int):
+    def __init__(self, pad_token_id: int, document_eos: int | None = None):
         self.pad = pad_token_id
+        self.eos = document_eos
 
     def __call__(self, features: list[dict]) -> dict:
         if "labels" not in features[0]:
             input_ids = torch.tensor([f["input_ids"] for f in features], dtype=torch.long)
-            return {"input_ids": input_ids, "labels": input_ids.clone()}
+            batch = {"input_ids": input_ids, "labels": input_ids.clone()}
+            if self.eos is not None:
+                batch["position_ids"] = document_positions(input_ids, self.eos)
+            return batch
         width = max(len(f["input_ids"]) for f in features)
         ids = torch.full((len(features), width), self.pad, dtype=torch.long)
         labels = torch.full((len(features), width), -100, dtype=torch.long)
@@ -84,6 +88,51 @@ class CausalLMCollator:
             n = len(f["input_ids"])
             ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(f["input_ids"]), torch.tensor(f["labels"]), 1
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def document_positions(input_ids: torch.Tensor, eos: int) -> torch.Tensor:
+    """Position ids that restart at 0 after every `eos`: [a a eos b b] -> [0 1 2 0 1]. Given position ids and no
+    attention mask, transformers' causal LMs mask attention to each packed document."""
+    n = input_ids.shape[-1]
+    idx = torch.arange(n).expand_as(input_ids)
+    after_eos = torch.zeros_like(input_ids, dtype=torch.bool)
+    after_eos[:, 1:] = input_ids[:, :-1] == eos
+    start = torch.where(after_eos, idx, 0).cummax(-1).values
+    return idx - start
+
+
+def step_timer():
+    """A Trainer callback that times each optimizer step (device synchronized), for a steady-state tokens/s that
+    leaves out the first steps' warm-up and compilation."""
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self) -> None:
+            self.seconds: list[float] = []
+            self._start = 0.0
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            _sync()
+            self._start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            _sync()
+            self.seconds.append(time.perf_counter() - self._start)
+
+    return StepTimer()
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def steady_step_seconds(seconds: list[float], warmup: int = 3) -> float | None:
+    """Median step time after the first `warmup` steps (all steps when there are too few)."""
+    import statistics
+
+    rest = seconds[warmup:] if len(seconds) > warmup + 1 else seconds
+    return statistics.median(rest) if rest else None
 
 
 def deepspeed_config_path(name: str) -> Path:
@@ -315,11 +364,17 @@ def _die_with_parent() -> None:
         pass
 
 
+def half_base(cfg: TrainConfig) -> bool:
+    """Whether the base loads in the training precision when that is bf16/fp16: under DeepSpeed (the engine keeps
+    fp32 master weights itself), and for LoRA's frozen base (`train.lora_half_base`; FSDP needs one dtype per
+    flat parameter, so not under FSDP). Otherwise fp32 weights under autocast."""
+    return bool(cfg.deepspeed) or (cfg.mode == "lora" and cfg.lora_half_base and not cfg.enable_fsdp)
+
+
 def _load_model(base: str, cfg: TrainConfig, precision: str):
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     if not cfg.quantization:
-        # Under DeepSpeed bf16/fp16 the engine keeps fp32 master weights itself: load the base in half precision.
-        return load_causal_lm(base, dtype=half if (cfg.deepspeed and half) else torch.float32)
+        return load_causal_lm(base, dtype=half if half and half_base(cfg) else torch.float32)
     from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -410,10 +465,14 @@ def train(tmp: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfig,
         fsdp_config={"use_orig_params": True} if cfg.enable_fsdp else None,
         use_cpu=device() == "cpu",
         dataloader_num_workers=0,
+        torch_compile=cfg.torch_compile,
         disable_tqdm=False,
     )
     torch.manual_seed(cfg.seed)
     model = _load_model(base, cfg, precision)
+    # Training never reads a KV cache; building one costs memory and stops transformers from masking packed
+    # documents (it reads position ids as packing only without a cache).
+    model.config.use_cache = False
     if cfg.mode == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -423,11 +482,12 @@ def train(tmp: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfig,
         model = get_peft_model(model, lora)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     tokenizer = load_tokenizer(base)
-    callbacks = []
+    callbacks, timer = [], step_timer()
     if evaluate and cfg.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(cfg.early_stopping_patience, cfg.early_stopping_threshold))
+    collator = CausalLMCollator(tokenizer.pad_token_id, tokenizer.eos_token_id if cfg.document_mask else None)
     trainer = trainer_class()(model=model, args=args, train_dataset=blocks, eval_dataset=eval_set,
-                              data_collator=CausalLMCollator(tokenizer.pad_token_id), callbacks=callbacks)  # fmt: skip
+                              data_collator=collator, callbacks=callbacks + [timer])  # fmt: skip
     trainer.fused_linear_ce = resolve_backend(cfg.fused_linear_ce, "train.fused_linear_ce", cfg.enable_fsdp)
     _check_engine(trainer, cfg)
     if torch.cuda.is_available():
@@ -451,6 +511,9 @@ def train(tmp: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfig,
     val_history = [{"step": h["step"], "val_loss": h["eval_loss"]} for h in trainer.state.log_history if "eval_loss" in h]
     write_jsonl(tmp / "val_loss.jsonl", val_history)
     state = trainer.state
+    tokens_per_step = (cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * trainer.args.world_size
+                       * len(blocks[0]["input_ids"]))  # fmt: skip
+    steady = steady_step_seconds(timer.seconds)
     planned = total_steps(len(blocks), cfg, trainer.args.world_size)
     stats = {
         "mode": cfg.mode,
@@ -463,8 +526,9 @@ def train(tmp: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfig,
         "best_val_loss": state.best_metric,
         "published": "best" if args.load_best_model_at_end and state.best_global_step else "last",
         "train_blocks": len(blocks),
-        "train_tokens_seen": state.global_step * cfg.per_device_train_batch_size
-        * cfg.gradient_accumulation_steps * trainer.args.world_size * len(blocks[0]["input_ids"]),
+        "train_tokens_seen": state.global_step * tokens_per_step,
+        "step_seconds": steady,
+        "tokens_per_s": tokens_per_step / steady if steady else None,
         "trainable_parameters": trainable,
         "final_loss": losses[-1],
         # The Trainer's own average divides a resumed run's loss by all steps; the logged history is whole.
@@ -476,6 +540,10 @@ def train(tmp: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfig,
         "world_size": trainer.args.world_size,
         "gradient_checkpointing": cfg.gradient_checkpointing,
         "loss_kernel": trainer.fused_linear_ce,
+        "torch_compile": cfg.torch_compile,
+        "base_dtype": str(next(p for p in model.parameters() if not p.requires_grad).dtype).split(".")[-1]
+        if cfg.mode == "lora" else None,
+        "document_mask": cfg.document_mask,
         "quantization": cfg.quantization,
         "device": device(),
         "dtype": {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[precision],
