@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -129,3 +130,39 @@ def prefect_server(tmp_path_factory):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
         log.close()
+
+
+def train_variants(tiny_run, tmp_path: Path, variants: dict[str, dict], steps: int = 6) -> dict:
+    """The train stage's function (`tasks.finetune.train`, in this process) for `steps` steps on the tiny run's
+    blocks that span documents, once per variant of train settings: {name: (stats, losses)}."""
+    from edgar_tune.config import EvalConfig, TrainConfig
+    from tasks.finetune import train
+
+    runs, _ = tiny_run
+    tok = tmp_path / "03_tokenize"
+    _blocks_that_span_documents(runs / "latest" / "03_tokenize", tok)
+    out = {}
+    for name, settings in variants.items():
+        cfg = TrainConfig(mode="lora", max_steps=steps, logging_steps=1, eval_steps=0, early_stopping_patience=0,
+                          load_best_model_at_end=False, save_steps=0, memory_check="off", **settings)  # fmt: skip
+        stats = train(tmp_path / name, tok, cfg, EvalConfig(), tmp_path / f"{name}.ckpt")
+        losses = [json.loads(x)["loss"] for x in (tmp_path / name / "loss.jsonl").read_text().splitlines()]
+        out[name] = stats, losses
+    return out
+
+
+def _blocks_that_span_documents(src: Path, dst: Path) -> None:
+    """A copy of a tokenize stage keeping only the blocks with an end-of-document inside (most of the tiny run's
+    128-token blocks lie inside one Item), so that the document mask has something to mask."""
+    from datasets import load_from_disk
+
+    from tasks.blocks import base_model_path
+    from tasks.models import load_tokenizer
+
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("train"))
+    eos = load_tokenizer(str(base_model_path(src))).eos_token_id
+    blocks = load_from_disk(str(src / "train")).filter(lambda row: eos in row["input_ids"][:-1])
+    assert len(blocks) >= 8
+    blocks.save_to_disk(str(dst / "train"))
+    stats = json.loads((dst / "stats.json").read_text())
+    (dst / "stats.json").write_text(json.dumps(stats | {"train_blocks": len(blocks)}))

@@ -142,29 +142,14 @@ def test_kernel_perplexity_equals_materialized_logits(tiny_run):
 
 
 def test_kernel_training_follows_the_same_loss_curve(tiny_run, tmp_path):
-    """The same 30 steps with the fused loss and with the model's own: the same loss at every step."""
-    import json
-    import shutil
-    import subprocess
-    import sys
+    """The same 30 steps of the train stage with the fused loss and with the model's own: the same loss at every
+    step, and the run records which loss ran."""
+    from tests.conftest import train_variants
 
-    from tests.conftest import REPO
-
-    runs, _ = tiny_run
-    curves = {}
-    for kernel in ("off", "torch"):
-        run = tmp_path / kernel
-        run.mkdir()
-        shutil.copy(runs / "latest" / "config.yaml", run / "config.yaml")
-        shutil.copytree(runs / "latest" / "03_tokenize", run / "03_tokenize")
-        cmd = [sys.executable, "-m", "edgar_tune.cli", "stage", "train", "--run", str(run), "--set", "max_steps=30", "--set", "logging_steps=1",
-               "--set", f"train.fused_linear_ce={kernel}"]  # fmt: skip
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-        assert json.loads((run / "04_train" / "stats.json").read_text())["loss_kernel"] == kernel
-        curves[kernel] = [json.loads(x)["loss"] for x in (run / "04_train" / "loss.jsonl").read_text().splitlines()]
-    assert len(curves["off"]) == 30
-    assert curves["torch"] == pytest.approx(curves["off"], rel=2e-4)
+    out = train_variants(tiny_run, tmp_path, {k: {"fused_linear_ce": k} for k in ("off", "torch")}, steps=30)
+    assert [out[k][0]["loss_kernel"] for k in ("off", "torch")] == ["off", "torch"]
+    assert len(out["off"][1]) == 30
+    assert out["torch"][1] == pytest.approx(out["off"][1], rel=2e-4)
 
 
 def test_kernel_throughput_bench_runs_on_the_cpu(tmp_path):
