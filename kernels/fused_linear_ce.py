@@ -21,6 +21,7 @@ Conventions:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -111,7 +112,8 @@ def _mm_fp32(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.mm(h.float(), weight.float().T)  # CPU half matmuls are slow and round: compute in fp32
 
 
-def _has_out_dtype() -> bool:
+@functools.cache
+def _has_out_dtype() -> bool:  # asked once per chunk: cached
     import inspect
 
     try:

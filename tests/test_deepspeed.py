@@ -17,6 +17,7 @@ def test_zero2_in_one_process_matches_the_plain_run(tiny_run, tmp_path, prefect_
     assert plain["engine"] == "hf-trainer" and plain["zero_stage"] is None
 
 
+@pytest.mark.slow  # about 100 s on 2 cores: make test-slow (ZeRO-2 in one process stays in make test)
 def test_zero3_over_two_processes(tmp_path, prefect_server):
     s = run_cli(tmp_path, "--deepspeed", "zero3", "--nproc", "2", env=prefect_server)
     assert (s["engine"], s["zero_stage"], s["world_size"]) == ("deepspeed", 3, 2)

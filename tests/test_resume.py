@@ -48,7 +48,10 @@ def _losses(run: Path) -> list[tuple[int, float, float]]:
     return [(r["step"], r["loss"], r["learning_rate"]) for r in rows]
 
 
-@pytest.mark.parametrize("engine", [[], pytest.param(["deepspeed=zero2"], marks=pytest.mark.slow)], ids=["lora", "lora-zero2"])
+# Both slow (make test-slow): `make test` keeps to 20 minutes; its Prefect crash + Retry test resumes from a
+# checkpoint after a real SIGKILL, these check the loss at every step too.
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", [[], ["deepspeed=zero2"]], ids=["lora", "lora-zero2"])
 def test_sigkilled_training_resumes_on_the_same_trajectory(tiny_run, tmp_path, engine):
     reference = _run_copy(tiny_run, tmp_path / "reference")
     _train(reference, engine)
@@ -84,6 +87,7 @@ def test_sigkilled_training_resumes_on_the_same_trajectory(tiny_run, tmp_path, e
     assert not list(run.glob(".*.tmp")), "the killed writer's temp folder was not cleaned up"
 
 
+@pytest.mark.slow  # about a minute: make test-slow
 def test_resuming_under_other_settings_is_refused_and_a_fresh_start_keeps_them_aside(tiny_run, tmp_path):
     run = _run_copy(tiny_run, tmp_path / "run")
     ckpts = run / "04_train.checkpoints"

@@ -88,6 +88,7 @@ def test_prompt_tokens_are_masked_out_of_the_loss(tiny_run):
     assert tok.decode(ids[prompt_len:-1]) == rows[0]["completion"]
 
 
+@pytest.mark.slow  # make test-slow; the JSONL end-to-end run and the CSV/TXT/JSON readers' tests stay in make test
 def test_domain_adaptation_from_a_csv_end_to_end(tmp_path, paragraphs, prefect_server):
     data = _write_csv(tmp_path / "amzn.csv", ["text"], [[p] for p in paragraphs])
     s = run_cli(tmp_path, "--set", f"data.source={data}", "--set", "validation_split_ratio=0.25", "--set", "max_steps=30",
