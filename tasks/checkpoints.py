@@ -123,8 +123,11 @@ def trainer_class():
         fused_linear_ce = "off"  # set per run from train.fused_linear_ce
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            """With the fused kernel: the Trainer's causal-LM loss, same normalisation, without the logits."""
-            if self.fused_linear_ce == "off" or return_outputs or "labels" not in inputs:
+            """With the fused kernel: the Trainer's causal-LM loss, same normalisation, without the logits. The
+            validation loss during training (eval_steps) asks for outputs too; it only keeps the loss (no
+            compute_metrics: the Trainer's evaluate passes prediction_loss_only), so it gets the loss alone."""
+            wants_logits = return_outputs and self.compute_metrics is not None
+            if self.fused_linear_ce == "off" or wants_logits or "labels" not in inputs:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             from kernels.hf import causal_lm_loss
 
@@ -135,8 +138,9 @@ def trainer_class():
                 loss = loss / num_items_in_batch
                 if self.args.average_tokens_across_devices:
                     loss = loss * (self.accelerator.num_processes if self.args.n_gpu <= 1 else self.args.n_gpu)
-                return loss
-            return causal_lm_loss(model, labels=labels, backend=self.fused_linear_ce, **inputs)
+            else:
+                loss = causal_lm_loss(model, labels=labels, backend=self.fused_linear_ce, **inputs)
+            return (loss, {"loss": loss}) if return_outputs else loss
 
         def _save_checkpoint(self, model, trial) -> None:
             # Trainer._save_checkpoint, with every file written into a staging sibling first.

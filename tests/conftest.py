@@ -132,9 +132,10 @@ def prefect_server(tmp_path_factory):
         log.close()
 
 
-def train_variants(tiny_run, tmp_path: Path, variants: dict[str, dict], steps: int = 6) -> dict:
+def train_variants(tiny_run, tmp_path: Path, variants: dict[str, dict], steps: int = 6, max_val_samples: int = 16) -> dict:
     """The train stage's function (`tasks.finetune.train`, in this process) for `steps` steps on the tiny run's
-    blocks that span documents, once per variant of train settings: {name: (stats, losses)}."""
+    blocks that span documents, once per variant of train settings: {name: (stats, losses)}. Validation
+    (eval_steps in a variant) scores `max_val_samples` held-out blocks."""
     from edgar_tune.config import EvalConfig, TrainConfig
     from tasks.finetune import train
 
@@ -143,9 +144,10 @@ def train_variants(tiny_run, tmp_path: Path, variants: dict[str, dict], steps: i
     _blocks_that_span_documents(runs / "latest" / "03_tokenize", tok)
     out = {}
     for name, settings in variants.items():
-        cfg = TrainConfig(mode="lora", max_steps=steps, logging_steps=1, eval_steps=0, early_stopping_patience=0,
-                          load_best_model_at_end=False, save_steps=0, memory_check="off", **settings)  # fmt: skip
-        stats = train(tmp_path / name, tok, cfg, EvalConfig(), tmp_path / f"{name}.ckpt")
+        defaults = dict(mode="lora", max_steps=steps, logging_steps=1, eval_steps=0, early_stopping_patience=0,
+                        load_best_model_at_end=False, save_steps=0, memory_check="off")  # fmt: skip
+        cfg = TrainConfig(**defaults | settings)
+        stats = train(tmp_path / name, tok, cfg, EvalConfig(max_val_samples=max_val_samples), tmp_path / f"{name}.ckpt")
         losses = [json.loads(x)["loss"] for x in (tmp_path / name / "loss.jsonl").read_text().splitlines()]
         out[name] = stats, losses
     return out

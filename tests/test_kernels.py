@@ -143,13 +143,20 @@ def test_kernel_perplexity_equals_materialized_logits(tiny_run):
 
 def test_kernel_training_follows_the_same_loss_curve(tiny_run, tmp_path):
     """The same 30 steps of the train stage with the fused loss and with the model's own: the same loss at every
-    step, and the run records which loss ran."""
+    step, the same validation loss every 10 (which the fused loss computes too), and the run records which loss
+    ran."""
+    import json
+
     from tests.conftest import train_variants
 
-    out = train_variants(tiny_run, tmp_path, {k: {"fused_linear_ce": k} for k in ("off", "torch")}, steps=30)
+    variants = {k: {"fused_linear_ce": k, "eval_steps": 10} for k in ("off", "torch")}
+    out = train_variants(tiny_run, tmp_path, variants, steps=30)
     assert [out[k][0]["loss_kernel"] for k in ("off", "torch")] == ["off", "torch"]
     assert len(out["off"][1]) == 30
     assert out["torch"][1] == pytest.approx(out["off"][1], rel=2e-4)
+    val = {k: [json.loads(x)["val_loss"] for x in (tmp_path / k / "val_loss.jsonl").read_text().splitlines()]
+           for k in variants}  # fmt: skip
+    assert len(val["off"]) == 3 and val["torch"] == pytest.approx(val["off"], rel=2e-4)
 
 
 def test_kernel_throughput_bench_runs_on_the_cpu(tmp_path):
