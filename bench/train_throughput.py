@@ -10,7 +10,9 @@
   (kernels/, `train.fused_linear_ce`), the frozen LoRA base in bf16 instead of fp32 under autocast
   (`train.lora_half_base`), torch.compile (`train.torch_compile`: inductor fuses RMSNorm, RoPE, SwiGLU
   and the LoRA paths), and packing without cross-document attention (`train.document_mask`). Each option is also
-  measured alone on top of the baseline in the `ablation` rows; `--ours` picks the set.
+  measured alone on top of the baseline in the `ablation` rows; `--ours` picks the set. `--checkpoint-sweep
+  0.5,0` adds rows of ours with only that fraction of the layers recomputed in backward
+  (`train.checkpoint_layers`): less recompute for more memory.
 - tokens/s is the steady state: the median step time after the first 3 steps (warm-up, compilation), device
   synchronized at each step; the rows also keep the average over all steps.
 - Data: the real packed 10-K blocks (Amazon's FY2020-21 training text from data/, SmolLM2's tokenizer), sequence
@@ -199,8 +201,11 @@ def job(args: argparse.Namespace) -> dict:
     tok = Path(args.tok)
     if kind == "eval":
         return measure_eval(tok, name, args.seq)
+    name, _, fraction = name.partition("@")  # ours@0.5: ours with half the layers recomputed
     chosen = args.ours.split(",") if name == "ours" else [name] if name in OPTIONS else []
     settings = {k: (ours if k in chosen else base) for k, (base, ours) in OPTIONS.items()}
+    if fraction:
+        settings["checkpoint_layers"] = float(fraction)
     return measure_train(tok, settings, args.steps, args.batch, args.smoke)
 
 
@@ -226,6 +231,8 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, 5 steps: does the script run")
     ap.add_argument("--ours", default=",".join(OPTIONS), help="the options 'ours' turns on (comma-separated)")
     ap.add_argument("--no-ablation", action="store_true", help="skip the one-option-at-a-time rows")
+    ap.add_argument("--checkpoint-sweep", default="", help="also run ours with these fractions of layers recomputed "
+                    "(train.checkpoint_layers), comma-separated, e.g. 0.75,0.5,0")  # fmt: skip
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     ap.add_argument("--prepare", type=Path, help="write the tokenizer, config and 10-K token ids here, and stop")
     ap.add_argument("--data", type=Path, help="run from a --prepare folder (random weights for both models)")
@@ -257,6 +264,7 @@ def main() -> None:
             ours = run_job(args, tok, "train:ours", batch)
             ablation = {} if args.no_ablation or args.smoke else {
                 opt: run_job(args, tok, f"train:{opt}", batch) for opt in OPTIONS}
+            sweep = {f: run_job(args, tok, f"train:ours@{f}", batch) for f in filter(None, args.checkpoint_sweep.split(","))}
             ev = {k: run_job(args, tok, f"eval:{k}", batch) for k in ("off", "auto")}
             fpt = flops_per_token(args.seq, Path(json.loads((tok / "stats.json").read_text())["base_model"]["path"]))
         peak = peak_flops(device)
@@ -270,7 +278,7 @@ def main() -> None:
             "speedup": ours["tokens_per_s"] / base["tokens_per_s"],
             "memory_ratio": (ours["peak_mem_gb"] / base["peak_mem_gb"]) if base["peak_mem_gb"] else None,
             "mfu": {"baseline": base["tokens_per_s"] * fpt / peak, "ours": ours["tokens_per_s"] * fpt / peak} if peak else None,
-            "flops_per_token": fpt, "ablation": ablation,
+            "flops_per_token": fpt, "ablation": ablation, "checkpoint_sweep": sweep,
             "eval": {"materialized": ev["off"], "fused": ev["auto"]},
         })  # fmt: skip
         write_result(args.out, "", device, rows)  # after each model: a later one's failure keeps this one
@@ -284,9 +292,11 @@ def main() -> None:
                   f"{r['eval'][key]['tokens_per_s']:>10.0f} {emem or 0:>8.2f}")  # fmt: skip
         ratio = f"{r['memory_ratio']:.2f}x" if r["memory_ratio"] else "-"
         print(f"{'':<14} ours/base  {r['speedup']:>9.2f}x {ratio:>8}")
-        for opt, row in r["ablation"].items():
+        extra = [(f"+{opt}", row) for opt, row in r["ablation"].items()]
+        extra += [(f"ours@{f} layers", row) for f, row in r["checkpoint_sweep"].items()]
+        for label, row in extra:  # each against the baseline
             mem = row["peak_mem_gb"] / r["baseline"]["peak_mem_gb"] if r["baseline"]["peak_mem_gb"] else 0
-            print(f"{'':<14} +{opt:<16} {row['tokens_per_s'] / r['baseline']['tokens_per_s']:>5.2f}x {mem:>7.2f}x")
+            print(f"{'':<14} {label:<17} {row['tokens_per_s'] / r['baseline']['tokens_per_s']:>5.2f}x {mem:>7.2f}x")
 
 
 if __name__ == "__main__":

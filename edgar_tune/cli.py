@@ -84,7 +84,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     shape = memory.model_shape(args.model, args.mode, args.lora_r, None)
     quant = {"none": None, "int8": "int8", "int4": "nf4"}[args.quantization]
     kw = dict(nproc=args.nproc, seq=args.seq, batch=args.batch, mode=args.mode, precision=args.precision,
-              quantization=quant, gradient_checkpointing=not args.no_gradient_checkpointing)  # fmt: skip
+              quantization=quant, gradient_checkpointing=not args.no_gradient_checkpointing,
+              checkpoint_layers=args.checkpoint_layers, fused_loss=not args.materialized_logits,
+              half_base=not args.fp32_base)  # fmt: skip
     rows = memory.plan(shape, budget_gb=args.gpu_memory_gb, options=memory.OPTIONS + ("fsdp",), **kw)
     context = memory.describe(shape, mode=args.mode, lora_r=args.lora_r, batch=args.batch, seq=args.seq,
                               precision=args.precision, nproc=args.nproc)  # fmt: skip
@@ -200,6 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--quantization", choices=["none", "int8", "int4"], default="none")
     plan.add_argument("--gpu-memory-gb", type=float, default=80.0)
     plan.add_argument("--no-gradient-checkpointing", action="store_true")
+    plan.add_argument("--checkpoint-layers", type=float, default=1.0,
+                      help="fraction of layers recomputed (train.checkpoint_layers)")
+    plan.add_argument("--materialized-logits", action="store_true", help="train.fused_linear_ce=off")
+    plan.add_argument("--fp32-base", action="store_true", help="train.lora_half_base=false")
     plan.set_defaults(fn=cmd_plan)
     sections = sub.add_parser("sections", help="split 10-K files into Items and print them")
     sections.add_argument("files", nargs="+")

@@ -206,6 +206,11 @@ class TrainConfig(_Section):
     )
     keep_checkpoints: bool = Field(False, description="Keep the checkpoints folder after the stage succeeds.")
     gradient_checkpointing: bool = Field(True, description="Recompute activations in backward to save memory.")
+    checkpoint_layers: float = Field(
+        1.0, ge=0, le=1, description="With gradient_checkpointing: the fraction of transformer layers recomputed in "
+        "backward, evenly spaced (1: all; 0.5: every other layer, less recompute for more memory; 0: none). The "
+        "memory plan counts the layers kept whole.",
+    )
     fused_linear_ce: KernelChoice = Field(
         "auto", description="The loss from hidden states and the LM head chunk by chunk, never the full logits "
         "(kernels/): auto = Triton on GPUs, chunked PyTorch on the CPU; off = the model's own loss.",
@@ -289,6 +294,12 @@ class TrainConfig(_Section):
             refuse.append(
                 f"train.{self.quantization.replace('nf4', 'int4')}_quantization with train.deepspeed="
                 f"{self.deepspeed}: ZeRO-3 cannot partition bitsandbytes weights; use train.deepspeed=zero2 or none"
+            )
+        if self.checkpoint_layers < 1 and not self.gradient_checkpointing:
+            refuse.append(
+                f"train.checkpoint_layers={self.checkpoint_layers} chooses layers to recompute, but "
+                "train.gradient_checkpointing=false recomputes none: set gradient_checkpointing=true, or leave "
+                "checkpoint_layers at 1"
             )
         if self.early_stopping_patience and not self.eval_steps:
             refuse.append("train.early_stopping_patience needs train.eval_steps > 0 (it watches validation loss)")

@@ -124,6 +124,42 @@ def step_timer():
     return StepTimer()
 
 
+def select_checkpointed_layers(model: torch.nn.Module, fraction: float) -> tuple[int, int]:
+    """Keep gradient checkpointing on `fraction` of the transformer layers, evenly spaced, and turn it off on the
+    rest (whose activations then stay in memory through backward). Returns (checkpointed layers, layers). Newer
+    transformers (5.2x) take `every_n_layers`, which only gives 1/n of the layers; this takes any fraction, and
+    runs on every transformers with per-layer checkpointing (GradientCheckpointingLayer).
+
+    Raises:
+        ValueError: when checkpointing is not on, or the model has no per-layer checkpointing to choose from.
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not any(m.gradient_checkpointing for m in layers):
+        raise ValueError(f"train.checkpoint_layers={fraction}: gradient checkpointing is not on in "
+                         f"{type(model).__name__}'s layers (train.gradient_checkpointing=true turns it on)")  # fmt: skip
+    for i, layer in enumerate(layers):  # layer i is checkpointed when it crosses the next multiple of 1/fraction
+        layer.gradient_checkpointing = math.floor((i + 1) * fraction) > math.floor(i * fraction)
+    return sum(m.gradient_checkpointing for m in layers), len(layers)
+
+
+def selective_checkpointing(fraction: float):
+    """A Trainer callback that applies `select_checkpointed_layers` once the Trainer has turned checkpointing on
+    for every layer (at the start of training, before the first forward)."""
+    from transformers import TrainerCallback
+
+    class SelectiveCheckpointing(TrainerCallback):
+        checkpointed: tuple[int, int] | None = None
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            self.checkpointed = select_checkpointed_layers(model, fraction)
+            log.info("gradient checkpointing on %d of %d layers (train.checkpoint_layers=%s)",
+                     *self.checkpointed, fraction)
+
+    return SelectiveCheckpointing()
+
+
 def _sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -242,8 +278,11 @@ def memory_plan(tokenize_dir: Path, cfg: TrainConfig, precision: str) -> dict:
     shape = memory.model_shape(base_model_path(tokenize_dir), cfg.mode, cfg.lora_r, cfg.lora_target_modules)
     world = world_size(cfg)
     budget, where = (cfg.memory_budget_gb, "train.memory_budget_gb") if cfg.memory_budget_gb else memory.device_budget_gb(cfg.nproc)
+    fused = resolve_backend(cfg.fused_linear_ce, "train.fused_linear_ce", cfg.enable_fsdp) != "off"
     kw = dict(nproc=world, seq=stats["block_length"], batch=cfg.per_device_train_batch_size, mode=cfg.mode,
-              precision=precision, quantization=cfg.quantization, gradient_checkpointing=cfg.gradient_checkpointing)  # fmt: skip
+              precision=precision, quantization=cfg.quantization, gradient_checkpointing=cfg.gradient_checkpointing,
+              checkpoint_layers=cfg.checkpoint_layers, half_base=cfg.lora_half_base,
+              fused_loss=fused)  # fmt: skip
     chosen = engine_option(cfg)
     options = memory.OPTIONS + (("fsdp",) if chosen == "fsdp" else ())
     rows = memory.plan(shape, budget_gb=budget, options=options, **kw)
@@ -484,12 +523,16 @@ def train(tmp: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfig,
         model = get_peft_model(model, lora)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     tokenizer = load_tokenizer(base)
-    callbacks, timer = [], step_timer()
-    if evaluate and cfg.early_stopping_patience:
+    timer, callbacks = step_timer(), []
+    early_stopping = bool(evaluate and cfg.early_stopping_patience)
+    if early_stopping:
         callbacks.append(EarlyStoppingCallback(cfg.early_stopping_patience, cfg.early_stopping_threshold))
+    selective = None
+    if cfg.gradient_checkpointing and cfg.checkpoint_layers < 1:
+        callbacks.append(selective := selective_checkpointing(cfg.checkpoint_layers))
     collator = CausalLMCollator(tokenizer.pad_token_id, tokenizer.eos_token_id if cfg.document_mask else None)
     trainer = trainer_class()(model=model, args=args, train_dataset=blocks, eval_dataset=eval_set,
-                              data_collator=collator, callbacks=callbacks + [timer])  # fmt: skip
+                              data_collator=collator, callbacks=[timer, *callbacks])  # fmt: skip
     trainer.fused_linear_ce = resolve_backend(cfg.fused_linear_ce, "train.fused_linear_ce", cfg.enable_fsdp)
     _check_engine(trainer, cfg)
     if torch.cuda.is_available():
@@ -522,7 +565,7 @@ def train(tmp: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfig,
         "weights": weights,
         "steps": state.global_step,
         "planned_steps": planned,
-        "stopped_early": bool(callbacks) and state.global_step < planned,
+        "stopped_early": early_stopping and state.global_step < planned,
         "resumed_from_step": checkpoint_step(resume_from) if resume_from else None,
         "best_step": state.best_global_step,
         "best_val_loss": state.best_metric,
@@ -541,6 +584,8 @@ def train(tmp: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfig,
         "zero_stage": zero_stage,
         "world_size": trainer.args.world_size,
         "gradient_checkpointing": cfg.gradient_checkpointing,
+        "checkpointed_layers": "{}/{}".format(*selective.checkpointed) if selective
+        else "all" if cfg.gradient_checkpointing else "none",
         "loss_kernel": trainer.fused_linear_ce,
         "torch_compile": cfg.torch_compile,
         "base_dtype": str(next(p for p in model.parameters() if not p.requires_grad).dtype).split(".")[-1]

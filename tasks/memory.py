@@ -13,14 +13,19 @@ LoRA freezes the base: its Ψ_base parameters cost only their weights (partition
 gradient and optimizer terms apply to the adapters' Ψ_lora. In fp32 (the CPU) weights and gradients take 4
 bytes and K = 8 (the weights are the master copy). 8-bit and NF4 bases take 1 and about 0.56 bytes per weight.
 
-Activations, with gradient checkpointing, are each layer's input (b·s·h per layer), one layer recomputed in
-full (about 17·b·s·h values, Korthikanti et al. 2022, with fused attention) and the logits, which the loss
-upcasts to fp32 (b·s·V values in the compute dtype plus about 10 bytes each for the fp32 log-softmax and its
-gradient). ZeRO-3 also holds the gathered weights of the layer being computed and the one being prefetched.
-Quantized bases run their hidden states and logits in fp32 (peft upcasts the unquantized weights).
+Activations, with gradient checkpointing, are each recomputed layer's input (b·s·h per layer), one layer
+recomputed in full (about 17·b·s·h values, Korthikanti et al. 2022, with fused attention), and 17·b·s·h for
+each layer kept whole (`train.checkpoint_layers` < 1, or no checkpointing). The loss: with materialized logits,
+which the loss upcasts to fp32, b·s·V values in the compute dtype plus about 10 bytes each for the fp32
+log-softmax and its gradient; with the fused loss (kernels/), the hidden states' gradient and one chunk of fp32
+logits with its compute-dtype copy. ZeRO-3 also holds the gathered weights of the layer being computed and the
+one being prefetched. Quantized bases run their hidden states and logits in fp32 (peft upcasts the unquantized
+weights). A LoRA base is in the compute dtype under DeepSpeed and with `train.lora_half_base`, fp32 otherwise.
 
 Measured against this on an H100 (bench/RESULTS.md): from -4% to +14% of the measured peak, except 8-bit
-bases, which bitsandbytes' LLM.int8 makes about 22% heavier than this model says (known gap).
+bases, which bitsandbytes' LLM.int8 makes about 22% heavier than this model says (known gap), and SmolLM2 with
+every speed option on (1.03 GB planned, 1.29 measured: small models' fixed costs, such as the CUDA libraries'
+workspaces, are not modelled). tests/test_memory.py checks the plan against bench/results' measured peaks.
 """
 
 from __future__ import annotations
@@ -79,15 +84,23 @@ class Estimate:
 
 
 def estimate(shape: ModelShape, *, option: str, nproc: int, seq: int, batch: int, mode: str, precision: str,
-             quantization: str | None = None, gradient_checkpointing: bool = True) -> Estimate:  # fmt: skip
-    """Peak memory per device for one engine option: `none`, `zero2`, `zero3`, `zero3-offload` or `fsdp`."""
+             quantization: str | None = None, gradient_checkpointing: bool = True, checkpoint_layers: float = 1.0,
+             fused_loss: bool = False, half_base: bool = True) -> Estimate:  # fmt: skip
+    """Peak memory per device for one engine option: `none`, `zero2`, `zero3`, `zero3-offload` or `fsdp`.
+
+    checkpoint_layers: the fraction of layers recomputed (the others keep their activations); fused_loss: the
+    loss from kernels/ (one chunk of logits instead of all); half_base: a LoRA base in the compute dtype (false:
+    fp32 weights under autocast, as `train.lora_half_base=false` loads it; DeepSpeed's engines always hold it in
+    the compute dtype, FSDP always in fp32)."""
     mixed = precision in ("bf16", "fp16")
     # peft's prepare_model_for_kbit_training upcasts every unquantized weight (norms, embeddings) to fp32, so
     # a quantized model's hidden states and logits are fp32 whatever the training precision.
     act_bytes = 2 if mixed and not quantization else 4
     k = _ADAM_K["mixed" if mixed else "fp32"]
     grad_bytes = 2 if mixed else 4
-    base_bytes = _WEIGHT_BYTES[quantization] if quantization else act_bytes
+    # DeepSpeed keeps the base in the compute dtype; FSDP needs fp32 (one dtype per flat parameter)
+    half = option.startswith("zero") or (half_base and option != "fsdp")
+    base_bytes = _WEIGHT_BYTES[quantization] if quantization else act_bytes if half else 4
     trainable = shape.lora_params if mode == "lora" else shape.params
     frozen = shape.params if mode == "lora" else 0  # the LoRA base: weights only
     stage = {"none": 0, "zero2": 2, "zero3": 3, "zero3-offload": 3, "fsdp": 3}[option]
@@ -106,11 +119,17 @@ def estimate(shape: ModelShape, *, option: str, nproc: int, seq: int, batch: int
     if stage == 3:  # gathered working set: the layer being computed and the one being prefetched
         weights += 2 * shape.largest_layer_params * base_bytes
     tokens = batch * seq
-    if gradient_checkpointing:
-        acts = tokens * shape.hidden * act_bytes * (shape.layers + 17)
+    recomputed = round(shape.layers * checkpoint_layers) if gradient_checkpointing else 0
+    whole = shape.layers - recomputed  # layers whose activations stay through backward
+    # recomputed layers keep their input; one of them is recomputed at a time
+    acts = tokens * shape.hidden * act_bytes * (recomputed + (17 if recomputed else 0) + 17 * whole)
+    if fused_loss:  # the hidden states' gradient, and one chunk of fp32 logits with its compute-dtype copy
+        from kernels.fused_linear_ce import default_chunk_size
+
+        chunk = default_chunk_size(tokens, shape.vocab, shape.hidden)
+        logits = tokens * shape.hidden * act_bytes + chunk * shape.vocab * (4 + act_bytes)
     else:
-        acts = tokens * shape.hidden * act_bytes * 17 * shape.layers
-    logits = tokens * shape.vocab * (act_bytes + _LOGIT_EXTRA_BYTES)
+        logits = tokens * shape.vocab * (act_bytes + _LOGIT_EXTRA_BYTES)
     total = weights + states + acts + logits
     return Estimate(option, weights / GB, states / GB, acts / GB, logits / GB, total / GB, host / GB)
 
@@ -119,13 +138,14 @@ OPTIONS = ("none", "zero2", "zero3", "zero3-offload")
 
 
 def plan(shape: ModelShape, *, nproc: int, seq: int, batch: int, mode: str, precision: str, quantization: str | None,
-         gradient_checkpointing: bool, budget_gb: float, options=OPTIONS) -> list[Estimate]:  # fmt: skip
+         gradient_checkpointing: bool, budget_gb: float, options=OPTIONS, **kw) -> list[Estimate]:  # fmt: skip
+    """`estimate` for each engine option (kw: its other keywords), with whether it fits the budget."""
     rows = []
     for option in options:
         if (quantization and option.startswith("zero3")) or (option == "none" and nproc > 1):
             continue  # refused by the config: ZeRO-3 cannot partition bitsandbytes weights
         row = estimate(shape, option=option, nproc=nproc, seq=seq, batch=batch, mode=mode, precision=precision,
-                       quantization=quantization, gradient_checkpointing=gradient_checkpointing)  # fmt: skip
+                       quantization=quantization, gradient_checkpointing=gradient_checkpointing, **kw)  # fmt: skip
         row.fits = row.total <= budget_gb * HEADROOM
         rows.append(row)
     return rows

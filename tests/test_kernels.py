@@ -168,6 +168,7 @@ def test_kernel_throughput_bench_runs_on_the_cpu(tmp_path):
     from tests.conftest import REPO
 
     proc = subprocess.run([sys.executable, "bench/train_throughput.py", "--smoke", "--ours", "fused_linear_ce,document_mask",
+                           "--checkpoint-sweep", "0.5",
                            "--out", str(tmp_path)], cwd=REPO,
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -175,6 +176,7 @@ def test_kernel_throughput_bench_runs_on_the_cpu(tmp_path):
     [row] = json.loads(path.read_text())
     assert {"device", "model", "seq_len", "baseline", "ours", "mfu"} <= set(row)
     assert row["ours"]["loss_kernel"] == "torch" and row["baseline"]["tokens_per_s"] > 0
+    assert row["checkpoint_sweep"]["0.5"]["settings"]["checkpoint_layers"] == 0.5
     assert row["eval"]["fused"]["nll_per_token"] == pytest.approx(row["eval"]["materialized"]["nll_per_token"], rel=1e-4)
 
 

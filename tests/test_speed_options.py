@@ -1,6 +1,6 @@
 """The training engine's speed options besides the loss kernel: packing without cross-document attention
-(`train.document_mask`) and `train.torch_compile`. Their speed is measured in bench/train_throughput.py; here,
-that they compute what they claim."""
+(`train.document_mask`), `train.torch_compile` and selective gradient checkpointing (`train.checkpoint_layers`).
+Their speed is measured in bench/train_throughput.py; here, that they compute what they claim."""
 
 from __future__ import annotations
 
@@ -64,3 +64,61 @@ def test_torch_compile_trains_the_eager_losses(tiny_run, tmp_path):
     out = train_variants(tiny_run, tmp_path, {"eager": {}, "compiled": {"torch_compile": True}})
     assert out["compiled"][0]["torch_compile"] is True and out["eager"][0]["torch_compile"] is False
     assert out["compiled"][1] == pytest.approx(out["eager"][1], rel=2e-3)
+
+
+def _lora_grads(base: str, fraction: float | None, ids: torch.Tensor) -> tuple[dict, list[int]]:
+    """One forward and backward of a LoRA model (dropout 0.1) with checkpointing on `fraction` of the layers
+    (None: off): the adapters' gradients and how often each layer's MLP ran."""
+    from peft import LoraConfig, get_peft_model
+
+    from tasks.finetune import select_checkpointed_layers
+    from tasks.models import load_causal_lm
+
+    torch.manual_seed(0)
+    model = load_causal_lm(base)
+    model.config.use_cache = False
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["q_proj", "v_proj"]))
+    if fraction is not None:
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable({"use_reentrant": False})
+        select_checkpointed_layers(model, fraction)
+    layers = model.get_base_model().model.layers
+    runs = [0] * len(layers)
+    for i, layer in enumerate(layers):
+        layer.mlp.register_forward_pre_hook(lambda *_, i=i: runs.__setitem__(i, runs[i] + 1))
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}, runs
+
+
+def test_checkpoint_layers_recomputes_only_the_chosen_layers(tiny_run):
+    """checkpoint_layers=0.5: every other layer runs again in backward, the others once; the gradients (LoRA
+    dropout included) are those of full checkpointing and of none."""
+    from tasks.blocks import base_model_path
+
+    runs, _ = tiny_run
+    base = str(base_model_path(runs / "latest" / "03_tokenize"))
+    ids = torch.randint(5, 500, (2, 64), generator=torch.Generator().manual_seed(1))
+    none, once = _lora_grads(base, None, ids)
+    full, twice = _lora_grads(base, 1.0, ids)
+    half, mixed = _lora_grads(base, 0.5, ids)
+    n = len(once)
+    assert once == [1] * n and twice == [2] * n
+    assert mixed == [2 if i % 2 else 1 for i in range(n)] and n >= 2
+    for name in none:
+        torch.testing.assert_close(full[name], none[name], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(half[name], none[name], rtol=1e-5, atol=1e-7)
+
+
+def test_checkpoint_layers_in_training_and_its_refusals(tiny_run, tmp_path):
+    """The train stage with half the layers recomputed: the losses of full checkpointing, and the run says how many
+    layers it recomputed. Asking for recompute with checkpointing off is refused, naming both keys."""
+    from edgar_tune.config import ConfigError, load_config
+
+    out = train_variants(tiny_run, tmp_path, {"all": {}, "half": {"checkpoint_layers": 0.5}}, steps=4)
+    layers = int(out["half"][0]["checkpointed_layers"].split("/")[1])
+    assert out["half"][0]["checkpointed_layers"] == f"{layers // 2}/{layers}"
+    assert out["all"][0]["checkpointed_layers"] == "all"
+    assert out["half"][1] == pytest.approx(out["all"][1], rel=1e-5)
+    with pytest.raises(ConfigError, match="train.gradient_checkpointing=false recomputes none"):
+        load_config("tiny", {"train.checkpoint_layers": 0.5, "train.gradient_checkpointing": False})
