@@ -9,7 +9,10 @@
 - Ours: the same `tasks.finetune.train` with this engine's options on: the fused linear + cross-entropy
   (kernels/, `train.fused_linear_ce`), the frozen LoRA base in bf16 instead of fp32 under autocast
   (`train.lora_half_base`), torch.compile (`train.torch_compile`: inductor fuses RMSNorm, RoPE, SwiGLU
-  and the LoRA paths), and packing without cross-document attention (`train.document_mask`). Each option is also
+  and the LoRA paths), packing without cross-document attention (`train.document_mask`), and two dataloader
+  processes collating the next batches off the critical path (`train.dataloader_num_workers`). Flex attention
+  (`train.attention=flex_attention`: document masks as block masks) is measured alone and joins ours with
+  `--ours ...,attention`. Each option is also
   measured alone on top of the baseline in the `ablation` rows; `--ours` picks the set. `--checkpoint-sweep
   0.5,0` adds rows of ours with only that fraction of the layers recomputed in backward
   (`train.checkpoint_layers`): less recompute for more memory.
@@ -51,7 +54,10 @@ OPTIONS = {  # option: (baseline value, ours)
     "lora_half_base": (False, True),
     "torch_compile": (False, True),
     "document_mask": (False, True),
+    "attention": ("sdpa", "flex_attention"),  # not in ours until measured on a GPU
+    "dataloader_num_workers": (0, 2),
 }
+OURS = ("fused_linear_ce", "lora_half_base", "torch_compile", "document_mask", "dataloader_num_workers")
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
 
 
@@ -229,7 +235,8 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, 5 steps: does the script run")
-    ap.add_argument("--ours", default=",".join(OPTIONS), help="the options 'ours' turns on (comma-separated)")
+    ap.add_argument("--ours", default=",".join(OURS), help=f"the options 'ours' turns on, comma-separated, from "
+                    f"{', '.join(OPTIONS)}")  # fmt: skip
     ap.add_argument("--no-ablation", action="store_true", help="skip the one-option-at-a-time rows")
     ap.add_argument("--checkpoint-sweep", default="", help="also run ours with these fractions of layers recomputed "
                     "(train.checkpoint_layers), comma-separated, e.g. 0.75,0.5,0")  # fmt: skip

@@ -228,6 +228,16 @@ class TrainConfig(_Section):
         False, description="Packed blocks: restart position ids after each end-of-document token, so no token "
         "attends across documents (the model builds the block-diagonal mask).",
     )
+    dataloader_num_workers: int = Field(
+        -1, ge=-1, description="Processes that read and collate the next batches while the device trains (-1: 2 on "
+        "GPUs, 0 on the CPU, where they would take cores from training).",
+    )
+    attention: Literal["sdpa", "flex_attention", "flash_attention_2", "eager"] = Field(
+        "sdpa", description="The attention kernel in training (transformers' attn_implementation): sdpa (PyTorch's "
+        "fused attention; with document_mask it gets a dense mask), flex_attention (document masks as block-sparse "
+        "masks that skip cross-document blocks; compiles its kernel on first use; GPUs only), flash_attention_2 (needs the "
+        "flash-attn package and a CUDA GPU; packed documents run as variable-length sequences), eager.",
+    )
     seed: int = Field(10, description="Seed for weights init, dropout and data order.")
     train_data_split_seed: int = Field(
         0, description="Seed for the train/validation split of text data and the choice of `max_train_samples`."

@@ -130,11 +130,16 @@ def load_tokenizer(name: str):
     return tokenizer
 
 
-def load_causal_lm(name: str, adapter: str | None = None, dtype: torch.dtype = torch.float32):
-    """Load a base model, plus a LoRA adapter folder when given."""
+def load_causal_lm(name: str, adapter: str | None = None, dtype: torch.dtype = torch.float32,
+                   attention: str | None = None):  # fmt: skip
+    """Load a base model, plus a LoRA adapter folder when given; `attention`: an attn_implementation (None: the
+    model's default), refused if the model comes back with another."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+    chosen = {"attn_implementation": attention} if attention else {}
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **chosen)
+    if attention and model.config._attn_implementation != attention:
+        raise RuntimeError(f"asked for attention={attention} but {name} loaded {model.config._attn_implementation}")
     if adapter:
         from peft import PeftModel
 

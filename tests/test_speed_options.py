@@ -23,13 +23,15 @@ def test_document_positions_restart_after_each_end_of_document():
     assert "position_ids" not in CausalLMCollator(pad_token_id=0)([{"input_ids": [5, 0, 6, 6]}])
 
 
-def test_document_mask_keeps_each_packed_document_to_itself(tiny_run):
-    """A block [doc A, eos, doc B]: with restarted position ids, doc B's logits are those of doc B alone."""
+@pytest.mark.parametrize("attention", ["sdpa", pytest.param("flex_attention", marks=pytest.mark.slow)])  # flex: 30 s
+def test_document_mask_keeps_each_packed_document_to_itself(tiny_run, attention):      # of compiling on the CPU
+    """A block [doc A, eos, doc B]: with restarted position ids, doc B's logits are those of doc B alone, with
+    PyTorch's sdpa (a dense mask) and with flex attention (a block mask)."""
     from tasks.blocks import base_model_path
     from tasks.models import load_causal_lm
 
     runs, _ = tiny_run
-    model = load_causal_lm(str(base_model_path(runs / "latest" / "03_tokenize"))).eval()
+    model = load_causal_lm(str(base_model_path(runs / "latest" / "03_tokenize")), attention=attention).eval()
     eos = model.config.eos_token_id if isinstance(model.config.eos_token_id, int) else model.config.eos_token_id[0]
     g = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size
@@ -122,3 +124,38 @@ def test_checkpoint_layers_in_training_and_its_refusals(tiny_run, tmp_path):
     assert out["half"][1] == pytest.approx(out["all"][1], rel=1e-5)
     with pytest.raises(ConfigError, match="train.gradient_checkpointing=false recomputes none"):
         load_config("tiny", {"train.checkpoint_layers": 0.5, "train.gradient_checkpointing": False})
+
+
+def test_attention_kernel_is_what_training_ran_and_flash_attention_is_refused_without_it(tiny_run, tmp_path):
+    """train.attention reaches the model (eager attention trains the sdpa losses); flash_attention_2 on a machine
+    without a GPU or flash-attn, and flex_attention on the CPU (no backward there), are refused before anything
+    runs."""
+    from edgar_tune.config import ConfigError, load_config
+    from tasks.finetune import preflight
+
+    out = train_variants(tiny_run, tmp_path, {"sdpa": {}, "eager": {"attention": "eager"}}, steps=3)
+    assert [out[k][0]["attention"] for k in ("sdpa", "eager")] == ["sdpa", "eager"]
+    assert out["eager"][1] == pytest.approx(out["sdpa"][1], rel=1e-4)
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="train.attention=flash_attention_2 needs a CUDA GPU"):
+            preflight(load_config("tiny", {"train.attention": "flash_attention_2"}).train)
+        with pytest.raises(ConfigError, match="FlexAttention has no backward on the CPU"):
+            preflight(load_config("tiny", {"train.attention": "flex_attention"}).train)
+
+
+def test_dataloader_workers_feed_the_same_batches(tiny_run, tmp_path):
+    """Batches collated in a worker process (the GPU default) train the losses of the main process's batches."""
+    from tasks.finetune import dataloader_workers
+
+    out = train_variants(tiny_run, tmp_path, {"main": {}, "worker": {"dataloader_num_workers": 1}}, steps=4)
+    assert out["worker"][0]["dataloader_num_workers"] == 1 and out["main"][0]["dataloader_num_workers"] == 0
+    assert out["worker"][1] == pytest.approx(out["main"][1], rel=1e-6)
+    assert dataloader_workers(-1) == (2 if torch.cuda.is_available() else 0) and dataloader_workers(3) == 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention has no backward on the CPU")
+def test_flex_attention_trains_the_sdpa_losses_under_the_document_mask(tiny_run, tmp_path):
+    masked = {"document_mask": True}
+    out = train_variants(tiny_run, tmp_path, {"sdpa": masked, "flex": masked | {"attention": "flex_attention"}}, steps=3)
+    assert out["flex"][0]["attention"] == "flex_attention"
+    assert out["flex"][1] == pytest.approx(out["sdpa"][1], rel=1e-4)
