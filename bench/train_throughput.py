@@ -11,8 +11,8 @@
   (`train.lora_half_base`), torch.compile (`train.torch_compile`: inductor fuses RMSNorm, RoPE, SwiGLU
   and the LoRA paths), packing without cross-document attention (`train.document_mask`), and two dataloader
   processes collating the next batches off the critical path (`train.dataloader_num_workers`). Flex attention
-  (`train.attention=flex_attention`: document masks as block masks) is measured alone and joins ours with
-  `--ours ...,attention`. Each option is also
+  (`train.attention=flex_attention`: document masks as block masks) and the Triton RMSNorm and SwiGLU
+  (`train.fused_layers`) are measured alone and join ours with `--ours ...,attention,fused_layers`. Each option is also
   measured alone on top of the baseline in the `ablation` rows; `--ours` picks the set. `--checkpoint-sweep
   0.5,0` adds rows of ours with only that fraction of the layers recomputed in backward
   (`train.checkpoint_layers`): less recompute for more memory.
@@ -55,6 +55,7 @@ OPTIONS = {  # option: (baseline value, ours)
     "torch_compile": (False, True),
     "document_mask": (False, True),
     "attention": ("sdpa", "flex_attention"),  # not in ours until measured on a GPU
+    "fused_layers": ("off", "auto"),  # not in ours until measured on a GPU
     "dataloader_num_workers": (0, 2),
 }
 OURS = ("fused_linear_ce", "lora_half_base", "torch_compile", "document_mask", "dataloader_num_workers")

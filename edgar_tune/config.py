@@ -220,6 +220,11 @@ class TrainConfig(_Section):
         "precision (the adapters stay fp32). false: an fp32 base under autocast, as plain HF scripts load it "
         "(twice the weights' memory).",
     )
+    fused_layers: KernelChoice = Field(
+        "off", description="Triton RMSNorm and SwiGLU (kernels/triton_layers.py) in Llama-family blocks: one kernel "
+        "each way instead of several, and no saved silu(gate). auto = Triton on GPUs, the model's own PyTorch on the "
+        "CPU; off = the model's own.",
+    )
     torch_compile: bool = Field(
         False, description="Compile the model with torch.compile (inductor): fuses the norms, rotary embeddings, "
         "activations and LoRA paths into fewer kernels; the first steps pay the compile time.",

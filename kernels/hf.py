@@ -35,8 +35,8 @@ def resolve_backend(choice: str, key: str = "fused_linear_ce", fsdp: bool = Fals
                          f"set {key}=auto or off, or train with DeepSpeed")  # fmt: skip
     gpu = torch.cuda.is_available() and triton_available()
     if choice == "triton" and not gpu:
-        raise ValueError(f"{key}=triton needs a CUDA GPU and Triton; use {key}=auto (the chunked PyTorch "
-                         "kernel on the CPU) or off")  # fmt: skip
+        raise ValueError(f"{key}=triton needs a CUDA GPU and Triton; use {key}=auto (PyTorch on the CPU) "
+                         "or off")  # fmt: skip
     if choice == "auto":
         return "triton" if gpu else "torch"
     return choice
@@ -110,3 +110,43 @@ def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tens
         return fused_linear_cross_entropy(hidden, head.weight, labels, getattr(head, "bias", None),
                                           ignore_index=ignore_index, reduction=reduction, shift=True,
                                           backend=backend)  # fmt: skip
+
+
+_SILU = ("SiLU", "SiLUActivation")  # torch's, and transformers' ACT2FN["silu"]
+
+
+def _rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    from kernels.triton_layers import rms_norm
+
+    return rms_norm(hidden_states, self.weight, self.variance_epsilon)
+
+
+def _swiglu_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
+    from kernels.triton_layers import swiglu
+
+    return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+def fuse_layers(model: nn.Module) -> dict[str, int]:
+    """Swap the Triton RMSNorm and SwiGLU (kernels/triton_layers.py) into the Llama-family modules of `model`
+    (through peft and DeepSpeed wrappers; LoRA layers on the projections stay as they are). Matches
+    `*RMSNorm` modules computing `weight * normalized` (a `variance_epsilon`, no offset: Gemma's `1 + weight`
+    is left alone) and MLPs with gate/up/down projections and a SiLU. Returns how many of each it swapped.
+
+    Raises:
+        ValueError: when nothing matched: the model is not one this fuses, and nothing runs under its name.
+    """
+    counts = {"rms_norm": 0, "swiglu": 0}
+    for module in causal_lm_of(model).modules():
+        kind = type(module).__name__
+        if kind.endswith("RMSNorm") and hasattr(module, "variance_epsilon") and "Gemma" not in kind:
+            module.forward = _rms_norm_forward.__get__(module)
+            counts["rms_norm"] += 1
+        elif all(hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj")) and type(
+                getattr(module, "act_fn", None)).__name__ in _SILU:  # fmt: skip
+            module.forward = _swiglu_mlp_forward.__get__(module)
+            counts["swiglu"] += 1
+    if not any(counts.values()):
+        raise ValueError(f"train.fused_layers: {type(causal_lm_of(model)).__name__} has no Llama-style RMSNorm or "
+                         "SwiGLU MLP to fuse; set train.fused_layers=off")  # fmt: skip
+    return counts

@@ -18,7 +18,7 @@ from tasks.blocks import base_model_path
 from tasks.checkpoints import checkpoint_step, resume_settings, trainer_class
 from tasks.checkpoints import prepare as prepare_checkpoints
 from tasks.io import atomic_dir, atomic_write_json, read_json, write_jsonl
-from kernels.hf import causal_lm_of, resolve_backend
+from kernels.hf import causal_lm_of, fuse_layers, resolve_backend
 from tasks.models import device, load_causal_lm, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -254,6 +254,7 @@ def preflight(cfg: TrainConfig) -> str:
         raise ConfigError(f"train.nproc={cfg.nproc} but this node has {torch.cuda.device_count()} GPU(s); lower it")
     try:
         resolve_backend(cfg.fused_linear_ce, "train.fused_linear_ce", cfg.enable_fsdp)
+        resolve_backend(cfg.fused_layers, "train.fused_layers")
         return resolve_precision(cfg.precision)
     except ValueError as err:
         raise ConfigError(str(err)) from None
@@ -529,6 +530,10 @@ def train(tmp: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfig,
     # Training never reads a KV cache; building one costs memory and stops transformers from masking packed
     # documents (it reads position ids as packing only without a cache).
     model.config.use_cache = False
+    fused_layers = "off"
+    if resolve_backend(cfg.fused_layers, "train.fused_layers") == "triton":
+        fused_layers = fuse_layers(model)
+        log.info("train.fused_layers: Triton RMSNorm x%(rms_norm)d, SwiGLU x%(swiglu)d", fused_layers)
     if cfg.mode == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -603,6 +608,7 @@ def train(tmp: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfig,
         else "all" if cfg.gradient_checkpointing else "none",
         "loss_kernel": trainer.fused_linear_ce,
         "torch_compile": cfg.torch_compile,
+        "fused_layers": fused_layers,
         "base_dtype": str(next(p for p in model.parameters() if not p.requires_grad).dtype).split(".")[-1]
         if cfg.mode == "lora" else None,
         "document_mask": cfg.document_mask,

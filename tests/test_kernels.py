@@ -1,4 +1,5 @@
-"""kernels/: the fused linear + cross-entropy against F.cross_entropy on materialized logits (`pytest -k kernel`).
+"""kernels/: the fused linear + cross-entropy against F.cross_entropy on materialized logits, and the Triton
+RMSNorm and SwiGLU against the modules they replace (`pytest -k kernel`).
 
 Both backends: the chunked PyTorch rows, and the Triton kernel (on a GPU, or on the CPU under TRITON_INTERPRET=1,
 which the tests set when there is no GPU; `make test` installs Triton for it).
@@ -193,3 +194,81 @@ def test_kernel_choice_resolves_or_is_refused_before_anything_runs():
     with pytest.raises(ConfigError, match="train.fused_linear_ce=triton needs a CUDA GPU"):
         preflight(load_config("tiny", {"train.fused_linear_ce": "triton"}).train)
     assert load_config("tiny", {"train.fused_linear_ce": False}).train.fused_linear_ce == "off"  # YAML's `off`
+    with pytest.raises(ConfigError, match="train.fused_layers=triton needs a CUDA GPU"):
+        preflight(load_config("tiny", {"train.fused_layers": "triton"}).train)
+
+
+# The Triton RMSNorm and SwiGLU (kernels/triton_layers.py, `train.fused_layers`) against the modules they replace.
+LAYER_TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 2e-2), torch.float16: (2e-3, 2e-3)}
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", [(3, 7, 100), (1, 5, 576)], ids=["3x7x100", "1x5x576"])
+def test_kernel_rms_norm_matches_llama_rms_norm(shape, dtype):
+    """Output, input gradient and (for full fine-tuning) weight gradient of LlamaRMSNorm, for widths that are not
+    powers of two; fp32 statistics whatever the dtype."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from kernels.triton_layers import rms_norm
+
+    g = torch.Generator().manual_seed(0)
+    norm = LlamaRMSNorm(shape[-1], eps=1e-5).to(DEVICE, dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(shape[-1], generator=g))
+    x = (torch.randn(shape, generator=g) * 3).to(DEVICE, dtype).requires_grad_()
+    dy = torch.randn(shape, generator=g).to(DEVICE, dtype)
+    want = norm(x)
+    got = rms_norm(x, norm.weight, norm.variance_epsilon)
+    assert got.dtype == want.dtype
+    atol, rtol = LAYER_TOL[dtype]
+    torch.testing.assert_close(got, want, atol=atol * 4, rtol=rtol)
+    for a, b in zip(torch.autograd.grad(got, (x, norm.weight), dy), torch.autograd.grad(want, (x, norm.weight), dy)):
+        torch.testing.assert_close(a.float(), b.float(), atol=atol * 4 * float(b.abs().max()), rtol=rtol)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_kernel_swiglu_matches_silu_times_up(dtype):
+    from kernels.triton_layers import swiglu
+
+    g = torch.Generator().manual_seed(0)
+    gate, up = [(torch.randn(2, 9, 1537, generator=g) * 3).to(DEVICE, dtype).requires_grad_() for _ in range(2)]
+    dy = torch.randn(2, 9, 1537, generator=g).to(DEVICE, dtype)
+    want = F.silu(gate) * up
+    got = swiglu(gate, up)
+    atol, rtol = LAYER_TOL[dtype]
+    torch.testing.assert_close(got, want, atol=atol * 4, rtol=rtol)
+    for a, b in zip(torch.autograd.grad(got, (gate, up), dy), torch.autograd.grad(want, (gate, up), dy)):
+        torch.testing.assert_close(a, b, atol=atol * 4 * float(b.abs().max()), rtol=rtol)
+
+
+@needs_triton
+def test_kernel_fused_layers_in_a_lora_llama():
+    """fuse_layers swaps every RMSNorm and SwiGLU MLP of a Llama (under peft): same logits and adapter gradients;
+    a model with neither (GPT-2: LayerNorm, GELU) is refused instead of running unfused under the name."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+    from kernels.hf import fuse_layers
+
+    config = LlamaConfig(hidden_size=48, intermediate_size=136, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=300)  # fmt: skip
+    ids = torch.randint(0, 300, (2, 11), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    runs = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config).to(DEVICE)
+        counts = fuse_layers(model) if fused else None
+        lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj", "up_proj"], init_lora_weights=False)
+        model = get_peft_model(model, lora)
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        runs.append((out.logits, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}, counts))
+    assert runs[1][2] == {"rms_norm": 5, "swiglu": 2}  # two per layer and the final norm; one MLP per layer
+    assert model.get_base_model().model.layers[0].mlp.forward.__name__ == "_swiglu_mlp_forward"
+    torch.testing.assert_close(runs[1][0], runs[0][0], atol=1e-5, rtol=1e-5)
+    for name, grad in runs[0][1].items():
+        torch.testing.assert_close(runs[1][1][name], grad, atol=1e-6, rtol=1e-4)
+    with pytest.raises(ValueError, match="no Llama-style RMSNorm or SwiGLU"):
+        fuse_layers(AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100)))
