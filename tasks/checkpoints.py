@@ -91,7 +91,8 @@ def prepare(folder: Path, settings: dict, resume: bool) -> Path | None:
         log.warning("train.resume=false: earlier checkpoints moved to %s", aside)
     last = latest_checkpoint(folder) if folder.exists() else None
     if last is not None and meta.exists():
-        before = read_json(meta)
+        # settings made neutral since those checkpoints were written do not count either
+        before = {k: v for k, v in read_json(meta).items() if k.removeprefix("train.") not in RESUME_NEUTRAL}
         differ = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
         if differ:
             changes = ", ".join(f"{k}: {before.get(k)!r} -> {settings.get(k)!r}" for k in differ)

@@ -115,3 +115,18 @@ def test_checkpoint_is_published_by_rename_then_marker(tmp_path):
     (tmp_path / "tmp-checkpoint-12").mkdir()
     assert complete_checkpoints(tmp_path) == [final]
     assert latest_checkpoint(tmp_path) == final
+
+
+def test_resume_allows_the_settings_that_leave_the_trajectory_alone(tmp_path):
+    """Checkpointing and dataloader settings may change on resume (a run that ran out of memory recomputes more
+    layers), also against checkpoints written when they still counted; the learning rate may not."""
+    from tasks.checkpoints import prepare
+
+    folder = tmp_path / "ckpts"
+    old = {"train.learning_rate": 0.003, "train.gradient_checkpointing": False, "train.checkpoint_layers": 1.0}
+    assert prepare(folder, old, resume=True) is None
+    (folder / "checkpoint-5").mkdir()
+    (folder / "checkpoint-5" / MARKER).write_text("step 5\n")  # a complete checkpoint of that run
+    assert prepare(folder, {"train.learning_rate": 0.003}, resume=True) == folder / "checkpoint-5"
+    with pytest.raises(ValueError, match="train.learning_rate: 0.003 -> 0.001"):
+        prepare(folder, {"train.learning_rate": 0.001}, resume=True)
