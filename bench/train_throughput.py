@@ -272,7 +272,8 @@ def main() -> None:
             ours = run_job(args, tok, "train:ours", batch)
             ablation = {} if args.no_ablation or args.smoke else {
                 opt: run_job(args, tok, f"train:{opt}", batch) for opt in OPTIONS}
-            sweep = {f: run_job(args, tok, f"train:ours@{f}", batch) for f in filter(None, args.checkpoint_sweep.split(","))}
+            fractions = [f for f in args.checkpoint_sweep.split(",") if f]
+            sweep = {f: run_job(args, tok, f"train:ours@{f}", batch) for f in fractions}
             ev = {k: run_job(args, tok, f"eval:{k}", batch) for k in ("off", "auto")}
             fpt = flops_per_token(args.seq, Path(json.loads((tok / "stats.json").read_text())["base_model"]["path"]))
         peak = peak_flops(device)

@@ -240,8 +240,8 @@ class TrainConfig(_Section):
     attention: Literal["sdpa", "flex_attention", "flash_attention_2", "eager"] = Field(
         "sdpa", description="The attention kernel in training (transformers' attn_implementation): sdpa (PyTorch's "
         "fused attention; with document_mask it gets a dense mask), flex_attention (document masks as block-sparse "
-        "masks that skip cross-document blocks; compiles its kernel on first use; GPUs only), flash_attention_2 (needs the "
-        "flash-attn package and a CUDA GPU; packed documents run as variable-length sequences), eager.",
+        "masks that skip cross-document blocks; compiles its kernel on first use; GPUs only), flash_attention_2 "
+        "(needs the flash-attn package and a CUDA GPU; packed documents run as variable-length sequences), eager.",
     )
     seed: int = Field(10, description="Seed for weights init, dropout and data order.")
     train_data_split_seed: int = Field(

@@ -25,7 +25,6 @@ log = logging.getLogger(__name__)
 MARKER = "COMPLETE"
 RUN_META = "run.json"
 _STEP = re.compile(r"^checkpoint-(\d+)$")
-# Settings that do not change what is computed, so a run may resume with them changed.
 # Settings a resumed run may change: they leave the trajectory as it was (recomputing activations gives the same
 # numbers, RNG state included, so a run that ran out of memory can resume with more of them recomputed).
 RESUME_NEUTRAL = {"logging_steps", "resume", "keep_checkpoints", "memory_check", "memory_budget_gb", "save_total_limit",

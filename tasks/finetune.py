@@ -138,7 +138,7 @@ def select_checkpointed_layers(model: torch.nn.Module, fraction: float) -> tuple
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     if not any(m.gradient_checkpointing for m in layers):
         raise ValueError(f"train.checkpoint_layers={fraction}: gradient checkpointing is not on in "
-                         f"{type(model).__name__}'s layers (train.gradient_checkpointing=true turns it on)")  # fmt: skip
+                         f"{type(model).__name__}'s layers (train.gradient_checkpointing=true turns it on)")
     for i, layer in enumerate(layers):  # layer i is checkpointed when it crosses the next multiple of 1/fraction
         layer.gradient_checkpointing = math.floor((i + 1) * fraction) > math.floor(i * fraction)
     return sum(m.gradient_checkpointing for m in layers), len(layers)
@@ -243,8 +243,8 @@ def preflight(cfg: TrainConfig) -> str:
             "FSDP name). On the CPU set train.deepspeed=zero3, which shards the same states."
         )
     if cfg.attention == "flash_attention_2" and not (on_gpu and importlib.util.find_spec("flash_attn")):
-        raise ConfigError("train.attention=flash_attention_2 needs a CUDA GPU and the flash-attn package "
-                          "(`pip install flash-attn`); set train.attention=sdpa, or flex_attention for document masks")  # fmt: skip
+        raise ConfigError("train.attention=flash_attention_2 needs a CUDA GPU and the flash-attn package (`pip "
+                          "install flash-attn`); set train.attention=sdpa, or flex_attention for document masks")
     if cfg.attention == "flex_attention" and not on_gpu:
         raise ConfigError("train.attention=flex_attention: PyTorch's FlexAttention has no backward on the CPU; "
                           "set train.attention=sdpa (document_mask works with it too)")  # fmt: skip

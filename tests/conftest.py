@@ -132,7 +132,8 @@ def prefect_server(tmp_path_factory):
         log.close()
 
 
-def train_variants(tiny_run, tmp_path: Path, variants: dict[str, dict], steps: int = 6, max_val_samples: int = 16) -> dict:
+def train_variants(tiny_run, tmp_path: Path, variants: dict[str, dict], steps: int = 6,
+                   max_val_samples: int = 16) -> dict:  # fmt: skip
     """The train stage's function (`tasks.finetune.train`, in this process) for `steps` steps on the tiny run's
     blocks that span documents, once per variant of train settings: {name: (stats, losses)}. Validation
     (eval_steps in a variant) scores `max_val_samples` held-out blocks."""

@@ -156,6 +156,7 @@ def test_dataloader_workers_feed_the_same_batches(tiny_run, tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention has no backward on the CPU")
 def test_flex_attention_trains_the_sdpa_losses_under_the_document_mask(tiny_run, tmp_path):
     masked = {"document_mask": True}
-    out = train_variants(tiny_run, tmp_path, {"sdpa": masked, "flex": masked | {"attention": "flex_attention"}}, steps=3)
+    flex = masked | {"attention": "flex_attention"}
+    out = train_variants(tiny_run, tmp_path, {"sdpa": masked, "flex": flex}, steps=3)
     assert out["flex"][0]["attention"] == "flex_attention"
     assert out["flex"][1] == pytest.approx(out["sdpa"][1], rel=1e-4)
