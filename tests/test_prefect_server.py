@@ -36,10 +36,22 @@ class Api:
     def __init__(self, url: str) -> None:
         self.http = httpx.Client(base_url=url, timeout=30)
 
-    def post(self, path: str, body: dict | None = None):
-        resp = self.http.post(path, json=body or {})
+    def request(self, method: str, path: str, **kw):
+        """One call, retried on 503 as Prefect's own client does: the server answers 503 for errors worth retrying
+        (a SQLite database locked by a worker's writes)."""
+        for attempt in range(6):
+            resp = self.http.request(method, path, **kw)
+            if resp.status_code != 503:
+                break
+            time.sleep(0.5 * 2**attempt)
         assert resp.status_code < 300, resp.text
         return resp.json() if resp.content else None
+
+    def post(self, path: str, body: dict | None = None):
+        return self.request("POST", path, json=body or {})
+
+    def get(self, path: str):
+        return self.request("GET", path)
 
     def deployment(self, name: str) -> dict:
         found = self.post("/deployments/filter", {"deployments": {"name": {"any_": [name]}}})
@@ -54,7 +66,7 @@ class Api:
     def wait(self, run_id: str, timeout: float = 600, states: set[str] = TERMINAL) -> dict:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            run = self.http.get(f"/flow_runs/{run_id}").json()
+            run = self.get(f"/flow_runs/{run_id}")
             if run["state"]["type"] in states:
                 return run
             time.sleep(1)
@@ -180,7 +192,7 @@ def test_training_crash_fails_the_run_and_the_ui_retry_resumes_only_what_failed(
     while not marker.exists():
         assert time.monotonic() < deadline, _log_tail(home)
         if int(time.monotonic() * 20) % 20 == 0:
-            assert api.http.get(f"/flow_runs/{run_id}").json()["state"]["type"] not in TERMINAL, _log_tail(home)
+            assert api.get(f"/flow_runs/{run_id}")["state"]["type"] not in TERMINAL, _log_tail(home)
         time.sleep(0.05)
     pid = _train_worker_pid(run)
     assert pid is not None
@@ -213,7 +225,7 @@ def test_concurrent_runs_share_the_prefect_edgar_rate_limit(deployed, edgar_serv
     for p in procs:
         out = p.communicate(timeout=300)[0].decode(errors="replace")
         assert p.returncode == 0, out[-3000:]
-    limit = api.http.get("/v2/concurrency_limits/sec-edgar").json()
+    limit = api.get("/v2/concurrency_limits/sec-edgar")
     assert (limit["limit"], limit["slot_decay_per_second"]) == (1, 10.0)
     times = sorted(t for t, _, _ in edgar.requests)
     assert len(times) >= 15
