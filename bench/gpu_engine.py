@@ -141,6 +141,17 @@ def main() -> None:
     write_result(args.out, "engine", device, record)
 
 
+def kernel_bench_args(doc: str, script: str) -> argparse.Namespace:
+    """The command line of a GPU-only kernel benchmark (`--out`); exits where there is no GPU, seeds otherwise."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit(f"bench/{script} measures a GPU; on the CPU run `pytest -k kernel`")
+    torch.manual_seed(0)
+    return args
+
+
 def write_result(out: Path, what: str, device: str, record) -> Path:
     """Write bench/results/<date>-[<what>-]<device>.json and say where."""
     out.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,6 @@ leaves for the backward (what every un-recomputed layer holds), `peak GB` the pe
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from bench.gpu_engine import write_result  # noqa: E402
+from bench.gpu_engine import kernel_bench_args, write_result  # noqa: E402
 from bench.loss_kernel import _rel  # noqa: E402
 from kernels.triton_layers import rms_norm, swiglu  # noqa: E402
 
@@ -102,12 +101,7 @@ def time_op(model: str, kind: str, method: str) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
-    args = ap.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("bench/layer_kernels.py measures a GPU; on the CPU run `pytest -k kernel`")
-    torch.manual_seed(0)
+    args = kernel_bench_args(__doc__, "layer_kernels.py")
     checks = [check(kind, dtype) for kind in ("rms_norm", "swiglu") for dtype in LIMIT]
     timings = [time_op(m, k, how) for m in WIDTHS for k in ("rms_norm", "swiglu") for how in ("eager", "triton")]
     device = torch.cuda.get_device_name()

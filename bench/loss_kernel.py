@@ -14,7 +14,6 @@ Median of triton.testing.do_bench; peak is `max_memory_allocated` above the inpu
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import sys
 from pathlib import Path
@@ -25,7 +24,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from bench.gpu_engine import write_result  # noqa: E402
+from bench.gpu_engine import kernel_bench_args, write_result  # noqa: E402
 from kernels.fused_linear_ce import IGNORE_INDEX, fused_linear_cross_entropy  # noqa: E402
 
 CHECKS = [(3, 423, 32000, 64), (2, 1000, 49152, 576), (1, 257, 5003, 128), (2, 2048, 128256, 256)]  # B, T, V, d
@@ -95,12 +94,7 @@ def time_loss(name: str, shape, method: str) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
-    args = ap.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("bench/loss_kernel.py measures a GPU; on the CPU run `pytest -k kernel`")
-    torch.manual_seed(0)
+    args = kernel_bench_args(__doc__, "loss_kernel.py")
     checks = [check(s, dt_, red, be) for s in CHECKS for dt_ in LIMIT for red in ("mean", "sum")
               for be in ("triton", "torch")]  # fmt: skip
     bad = [c for c in checks if not c["ok"]]
