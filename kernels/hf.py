@@ -115,18 +115,6 @@ def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tens
 _SILU = ("SiLU", "SiLUActivation")  # torch's, and transformers' ACT2FN["silu"]
 
 
-def _rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-    from kernels.triton_layers import rms_norm
-
-    return rms_norm(hidden_states, self.weight, self.variance_epsilon)
-
-
-def _swiglu_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
-    from kernels.triton_layers import swiglu
-
-    return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
-
-
 def fuse_layers(model: nn.Module) -> dict[str, int]:
     """Swap the Triton RMSNorm and SwiGLU (kernels/triton_layers.py) into the Llama-family modules of `model`
     (through peft and DeepSpeed wrappers; LoRA layers on the projections stay as they are). Matches
@@ -136,6 +124,14 @@ def fuse_layers(model: nn.Module) -> dict[str, int]:
     Raises:
         ValueError: when nothing matched: the model is not one this fuses, and nothing runs under its name.
     """
+    from kernels.triton_layers import rms_norm, swiglu  # imported here once, not in every forward
+
+    def _rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return rms_norm(hidden_states, self.weight, self.variance_epsilon)
+
+    def _swiglu_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
     counts = {"rms_norm": 0, "swiglu": 0}
     for module in causal_lm_of(model).modules():
         kind = type(module).__name__

@@ -49,11 +49,15 @@ def _ce_rows_kernel(logits_ptr, stride, labels_ptr, loss_ptr, n_cols, ignore_ind
             tl.store(logits_ptr + cols, g, mask=cols < n_cols)
 
 
+def require_triton_device(t: torch.Tensor, what: str, fix: str) -> None:
+    """Triton kernels run on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (the tests without a GPU)."""
+    if not t.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(f"the Triton {what} kernel needs CUDA tensors (or TRITON_INTERPRET=1); {fix}")
+
+
 def triton_rows(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, scale: float, grad: bool) -> torch.Tensor:
     """Same contract as kernels.fused_linear_ce.torch_rows: summed NLL; with `grad`, the gradient in place."""
-    if not logits.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError("the Triton cross-entropy kernel needs CUDA tensors (or TRITON_INTERPRET=1); "
-                           "on the CPU use the torch backend")  # fmt: skip
+    require_triton_device(logits, "cross-entropy", "on the CPU use the torch backend")
     if logits.dtype != torch.float32 or logits.stride(1) != 1:
         raise ValueError("the Triton rows kernel takes contiguous fp32 logits rows")
     n_rows, n_cols = logits.shape

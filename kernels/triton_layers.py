@@ -13,17 +13,15 @@ TRITON_INTERPRET=1 (how the tests run them without a GPU). `kernels.hf.fuse_laye
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from kernels.triton_ce import require_triton_device
+
 
 def _check_device(t: torch.Tensor, what: str) -> None:
-    if not t.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError(f"the Triton {what} kernel needs CUDA tensors (or TRITON_INTERPRET=1); on the CPU set "
-                           "train.fused_layers=off")  # fmt: skip
+    require_triton_device(t, what, "on the CPU set train.fused_layers=off")
 
 
 @triton.jit
