@@ -28,7 +28,7 @@ _STEP = re.compile(r"^checkpoint-(\d+)$")
 # Settings a resumed run may change: they leave the trajectory as it was (recomputing activations gives the same
 # numbers, RNG state included, so a run that ran out of memory can resume with more of them recomputed).
 RESUME_NEUTRAL = {"logging_steps", "resume", "keep_checkpoints", "memory_check", "memory_budget_gb", "save_total_limit",
-                  "gradient_checkpointing", "checkpoint_layers", "dataloader_num_workers"}  # fmt: skip
+                  "gradient_checkpointing", "checkpoint_layers", "dataloader_num_workers", "lean_lora"}  # fmt: skip
 
 
 def checkpoint_step(path: Path) -> int | None:

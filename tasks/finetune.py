@@ -19,6 +19,7 @@ from tasks.checkpoints import checkpoint_step, resume_settings, trainer_class
 from tasks.checkpoints import prepare as prepare_checkpoints
 from tasks.io import atomic_dir, atomic_write_json, read_json, write_jsonl
 from kernels.hf import causal_lm_of, fuse_layers, resolve_backend
+from kernels.lora import lean_lora
 from tasks.models import device, load_causal_lm, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -541,6 +542,8 @@ def train(tmp: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfig,
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                           target_modules=targets, task_type="CAUSAL_LM")  # fmt: skip
         model = get_peft_model(model, lora)
+        if cfg.lean_lora:
+            log.info("train.lean_lora: %d LoRA projections keep their input once", lean_lora(model))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     tokenizer = load_tokenizer(base)
     timer, callbacks = step_timer(), []
@@ -609,6 +612,7 @@ def train(tmp: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfig,
         "loss_kernel": trainer.fused_linear_ce,
         "torch_compile": cfg.torch_compile,
         "fused_layers": fused_layers,
+        "lean_lora": cfg.lean_lora and cfg.mode == "lora",
         "base_dtype": str(next(p for p in model.parameters() if not p.requires_grad).dtype).split(".")[-1]
         if cfg.mode == "lora" else None,
         "document_mask": cfg.document_mask,

@@ -14,8 +14,12 @@ gradient and optimizer terms apply to the adapters' Ψ_lora. In fp32 (the CPU) w
 bytes and K = 8 (the weights are the master copy). 8-bit and NF4 bases take 1 and about 0.56 bytes per weight.
 
 Activations, with gradient checkpointing, are each recomputed layer's input (b·s·h per layer), one layer
-recomputed in full (about 17·b·s·h values, Korthikanti et al. 2022, with fused attention), and 17·b·s·h for
-each layer kept whole (`train.checkpoint_layers` < 1, or no checkpointing). The loss: with materialized logits,
+recomputed in full, and one layer's activations for each layer kept whole (`train.checkpoint_layers` < 1, or no
+checkpointing; then one more layer's worth is backward's working space). A layer's activations are about
+17·b·s·h values (Korthikanti et al. 2022, with fused attention), except for LoRA on a Llama-style base in the
+compute dtype, where `lora_layer_bytes` counts what autograd keeps tensor by tensor: a frozen projection keeps
+no input, and what the adapters keep depends on `train.lean_lora`; counted against saved-tensor hooks in
+tests/test_memory.py. The loss: with materialized logits,
 which the loss upcasts to fp32, b·s·V values in the compute dtype plus about 10 bytes each for the fp32
 log-softmax and its gradient; with the fused loss (kernels/), the hidden states' gradient and one chunk of fp32
 logits with its compute-dtype copy. ZeRO-3 also holds the gathered weights of the layer being computed and the
@@ -53,6 +57,45 @@ class ModelShape:
     vocab: int
     largest_layer_params: int  # one transformer block: what ZeRO-3 gathers at a time
     embedding_params: int = 0  # input and output embeddings: bitsandbytes leaves them unquantized
+    # for lora_layer_bytes (0 / empty: not a Llama-style block, the 17-values rule applies)
+    intermediate: int = 0  # the MLP's width
+    kv_hidden: int = 0  # key/value heads x head size
+    heads: int = 0
+    lora_r: int = 0
+    lora_targets: tuple[str, ...] = ()  # the adapted projections of one layer
+
+
+# Which tensor each Llama-style projection reads: projections that read the same one share what they keep of it.
+_INPUT_OF = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "o_proj": "attn_out",
+             "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "mlp_mid"}  # fmt: skip
+
+
+def lora_layer_bytes(shape: ModelShape, *, act_bytes: int, compiled: bool, lean: bool, dropout: float,
+                     mask_bytes: int = 1) -> float | None:  # fmt: skip
+    """Bytes per token one Llama-style layer keeps for backward under LoRA with a frozen base in the compute dtype
+    (None where the shape is not one). Frozen projections keep no input. Tensor by tensor:
+
+    - each RMSNorm: its input (eager LlamaRMSNorm keeps the fp32 copy it normalizes; compiled or Triton-fused,
+      the input itself) and 1/rms per token;
+    - attention: q, k, v and the output, and the log-sum-exp per head;
+    - the MLP: gate and up (and eagerly silu(gate) too);
+    - each adapter: lora_A's output (fp32, r values). With `lean` (kernels/lora.py), each input once per group
+      of projections reading it, in the compute dtype (o_proj's is the attention output, kept already); with peft, per projection an fp32 copy of the input and,
+      with dropout, the mask (`mask_bytes`: 1 for CUDA's bool mask; 4 for eager PyTorch's on the CPU).
+    """
+    if not shape.intermediate or any(t not in _INPUT_OF for t in shape.lora_targets):
+        return None
+    h, inter = shape.hidden, shape.intermediate
+    norm = (act_bytes if compiled else 4) * h + 4
+    attention = act_bytes * (2 * h + 2 * shape.kv_hidden) + 4 * shape.heads
+    mlp = (2 if compiled else 3) * act_bytes * inter
+    width = {"attn_in": h, "attn_out": h, "mlp_in": h, "mlp_mid": inter}
+    adapters = 4 * shape.lora_r * len(shape.lora_targets)
+    if lean:  # o_proj reads the attention's output, which attention keeps already (fused kernels' b,s,h,d layout)
+        adapters += sum(act_bytes * width[g] for g in {_INPUT_OF[t] for t in shape.lora_targets} - {"attn_out"})
+    else:
+        adapters += sum((4 + (mask_bytes if dropout else 0)) * width[_INPUT_OF[t]] for t in shape.lora_targets)
+    return 2 * norm + attention + mlp + adapters
 
 
 def zero_model_states(psi: float, n: int, stage: int, k: int = 12, weight_bytes: float = 2, grad_bytes: float = 2) -> float:
@@ -85,13 +128,15 @@ class Estimate:
 
 def estimate(shape: ModelShape, *, option: str, nproc: int, seq: int, batch: int, mode: str, precision: str,
              quantization: str | None = None, gradient_checkpointing: bool = True, checkpoint_layers: float = 1.0,
-             fused_loss: bool = False, half_base: bool = True) -> Estimate:  # fmt: skip
+             fused_loss: bool = False, half_base: bool = True, compiled: bool = False, lean_lora: bool = False,
+             lora_dropout: float = 0.0) -> Estimate:  # fmt: skip
     """Peak memory per device for one engine option: `none`, `zero2`, `zero3`, `zero3-offload` or `fsdp`.
 
     checkpoint_layers: the fraction of layers recomputed (the others keep their activations); fused_loss: the
     loss from kernels/ (one chunk of logits instead of all); half_base: a LoRA base in the compute dtype (false:
     fp32 weights under autocast, as `train.lora_half_base=false` loads it; DeepSpeed's engines always hold it in
-    the compute dtype, FSDP always in fp32)."""
+    the compute dtype, FSDP always in fp32); compiled: torch.compile or the Triton layers (`train.torch_compile`,
+    `train.fused_layers`), whose norms and MLPs keep less; lean_lora and lora_dropout: see `lora_layer_bytes`."""
     mixed = precision in ("bf16", "fp16")
     # peft's prepare_model_for_kbit_training upcasts every unquantized weight (norms, embeddings) to fp32, so
     # a quantized model's hidden states and logits are fp32 whatever the training precision.
@@ -121,8 +166,13 @@ def estimate(shape: ModelShape, *, option: str, nproc: int, seq: int, batch: int
     tokens = batch * seq
     recomputed = round(shape.layers * checkpoint_layers) if gradient_checkpointing else 0
     whole = shape.layers - recomputed  # layers whose activations stay through backward
-    # recomputed layers keep their input; one of them is recomputed at a time
-    acts = tokens * shape.hidden * act_bytes * (recomputed + (17 if recomputed else 0) + 17 * whole)
+    layer = None
+    if mode == "lora" and half and not quantization:
+        layer = lora_layer_bytes(shape, act_bytes=act_bytes, compiled=compiled, lean=lean_lora, dropout=lora_dropout)
+    if layer is None:
+        layer = 17 * shape.hidden * act_bytes
+    # recomputed layers keep their input; one layer at a time is recomputed, or is backward's working space
+    acts = tokens * (shape.hidden * act_bytes * recomputed + layer * (1 + whole))
     if fused_loss:  # the hidden states' gradient, and one chunk of fp32 logits with its compute-dtype copy
         from kernels.fused_linear_ce import default_chunk_size
 
@@ -178,7 +228,7 @@ def model_shape(model_dir: str, mode: str, lora_r: int, targets: list[str] | Non
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     params = sum(p.numel() for p in model.parameters())
-    lora = 0
+    lora, wanted = 0, set()
     if mode == "lora":
         from tasks.finetune import lora_targets
 
@@ -195,7 +245,14 @@ def model_shape(model_dir: str, mode: str, lora_r: int, targets: list[str] | Non
     tied = output is None or output.weight is model.get_input_embeddings().weight
     embeddings = embed + (0 if tied else output.weight.numel())
     per_layer = (params - embeddings) // max(1, layers)
-    return ModelShape(params, lora, layers, hidden, config.vocab_size, per_layer, embeddings)
+    heads = getattr(text, "num_attention_heads", 0) or 0
+    head_dim = getattr(text, "head_dim", None) or (hidden // heads if heads else 0)
+    adapted = tuple(sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                            if ".layers.0." in name and name.rsplit(".", 1)[-1] in wanted}))  if mode == "lora" else ()  # fmt: skip
+    return ModelShape(params, lora, layers, hidden, config.vocab_size, per_layer, embeddings,
+                      intermediate=getattr(text, "intermediate_size", 0) or 0,
+                      kv_hidden=(getattr(text, "num_key_value_heads", None) or heads) * head_dim, heads=heads,
+                      lora_r=lora_r if mode == "lora" else 0, lora_targets=adapted)  # fmt: skip
 
 
 def device_budget_gb(nproc: int) -> tuple[float, str]:
@@ -225,6 +282,28 @@ def suggestion(rows: list[Estimate], shape: ModelShape, **kw) -> str:
             return (f"train.per_device_train_batch_size={batch} with train.gradient_accumulation_steps x{accum}"
                     + (f" and train.deepspeed={ok[0]}" if ok[0] != "none" else ""))  # fmt: skip
     return "more devices (train.nproc), train.int4_quantization=true, or a shorter tokenize.max_input_length"
+
+
+def fit(shape: ModelShape, *, budget_gb: float, batch: int, **kw) -> list[dict]:
+    """The settings that fit `budget_gb` (in full: apply HEADROOM first for a device's memory), fastest first.
+
+    For each micro-batch that divides `batch` (the rest becomes gradient accumulation: the same optimizer steps),
+    the fewest recomputed layers that fit. Ranked by the work per token, forward 2 + backward (2 with a frozen
+    LoRA base, 4 in full) + 2 for each recomputed share, then by the larger micro-batch (fewer, larger matmuls).
+    kw: `estimate`'s other keywords, engine option included."""
+    kw = {k: v for k, v in kw.items() if k not in ("gradient_checkpointing", "checkpoint_layers")}
+    rows = []
+    for micro in (m for m in range(batch, 0, -1) if batch % m == 0):
+        for k in range(shape.layers + 1):
+            fraction = k / shape.layers
+            row = estimate(shape, batch=micro, gradient_checkpointing=k > 0, checkpoint_layers=fraction or 1.0, **kw)
+            if row.total <= budget_gb:
+                work = 2 + (2 if kw.get("mode") == "lora" else 4) + 2 * fraction
+                rows.append({"per_device_train_batch_size": micro, "gradient_accumulation_steps": batch // micro,
+                             "gradient_checkpointing": k > 0, "checkpoint_layers": fraction if k else 1.0,
+                             "recomputed_layers": k, "planned_gb": row.total, "work": work})  # fmt: skip
+                break
+    return sorted(rows, key=lambda r: (r["work"], -r["per_device_train_batch_size"]))
 
 
 def as_json(rows: list[Estimate]) -> list[dict]:

@@ -272,3 +272,88 @@ def test_kernel_fused_layers_in_a_lora_llama():
         torch.testing.assert_close(runs[1][1][name], grad, atol=1e-6, rtol=1e-4)
     with pytest.raises(ValueError, match="no Llama-style RMSNorm or SwiGLU"):
         fuse_layers(AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100)))
+
+
+# train.lean_lora (kernels/lora.py): LoRA's down projection keeping its input once and no dropout mask.
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_kernel_lean_lora_down_is_dropout_then_matmul(dtype):
+    """lora_down against `dropout(x.to(fp32)) @ a.T` with the same mask, values and both gradients; the mask
+    backward draws again from the seed is the forward's (else the gradients would not match)."""
+    from kernels.lora import _keep, lora_down
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 7, 40, dtype=dtype, device=DEVICE, requires_grad=True)
+    a = torch.randn(4, 40, device=DEVICE, requires_grad=True)
+    grad = torch.randn(3, 7, 4, device=DEVICE)
+    torch.manual_seed(5)
+    lora_down(x, a, 0.3).backward(grad)
+    torch.manual_seed(5)  # the seed lora_down drew, from the same generator state
+    keep = _keep(x, 0.3, torch.randint(0, 2**62, (1,)))
+    assert 0.5 < keep.float().mean() < 0.9
+    x2, a2 = x.detach().clone().requires_grad_(), a.detach().clone().requires_grad_()
+    y2 = (x2.float() * keep / 0.7) @ a2.t()
+    y2.backward(grad)
+    torch.manual_seed(5)
+    torch.testing.assert_close(lora_down(x, a, 0.3), y2)
+    torch.testing.assert_close(x.grad, x2.grad)
+    torch.testing.assert_close(a.grad, a2.grad)
+    with pytest.raises(ValueError, match=r"dropout probability must be in \[0, 1\)"):
+        lora_down(x, a, 1.0)
+
+
+def test_kernel_lean_lora_matches_peft_without_dropout():
+    """Without dropout the lean adapters are peft's math: the same loss and adapter gradients on a LoRA Llama with
+    adapters on q, v (one shared input), o and down; with adapters disabled, peft's own path runs."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from kernels.lora import lean_lora
+
+    config = LlamaConfig(hidden_size=48, intermediate_size=136, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=300)  # fmt: skip
+    ids = torch.randint(0, 300, (2, 11), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    runs = []
+    for lean in (False, True):
+        torch.manual_seed(0)
+        lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"], init_lora_weights=False)
+        model = get_peft_model(AutoModelForCausalLM.from_config(config).to(DEVICE), lora)
+        assert (lean_lora(model) if lean else 8) == 8  # four projections in each of two layers
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        with model.disable_adapter():
+            plain = model(input_ids=ids, labels=ids).loss
+        runs.append((loss, plain, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    torch.testing.assert_close(runs[1][0], runs[0][0])
+    torch.testing.assert_close(runs[1][1], runs[0][1])
+    for name, grad in runs[0][2].items():
+        torch.testing.assert_close(runs[1][2][name], grad)
+
+
+def test_kernel_lean_lora_refuses_what_it_does_not_compute():
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from edgar_tune.config import load_config
+    from kernels.lora import lean_lora
+
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                         vocab_size=100)  # fmt: skip
+    dora = get_peft_model(AutoModelForCausalLM.from_config(config), LoraConfig(r=2, use_dora=True, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match=r"LoRA variant .*set train.lean_lora=false"):
+        lean_lora(dora)
+    with pytest.raises(ValueError, match="no LoRA linear layers"):
+        lean_lora(AutoModelForCausalLM.from_config(config))
+    with pytest.raises(ValueError, match="train.lean_lora changes LoRA adapters, and train.mode=full"):
+        load_config("tiny", {"train.mode": "full", "train.lean_lora": True})
+
+
+def test_kernel_lean_lora_trains_the_peft_losses(tiny_run, tmp_path):
+    """The train stage with train.lean_lora: the same losses as peft's adapters (the tiny preset has no LoRA
+    dropout, so the values are the same), and the stats say so."""
+    from tests.conftest import train_variants
+
+    out = train_variants(tiny_run, tmp_path, {"peft": {}, "lean": {"lean_lora": True}}, steps=4)
+    assert out["lean"][0]["lean_lora"] is True and out["peft"][0]["lean_lora"] is False
+    assert out["lean"][1] == pytest.approx(out["peft"][1], rel=1e-4)  # fp32 sums in another order

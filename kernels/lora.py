@@ -1,0 +1,131 @@
+"""LoRA's down projection that keeps less for backward: the input once, in its own dtype, and no dropout mask.
+
+peft computes `lora_B(lora_A(dropout(x.to(fp32)))) * scaling` for each adapted projection. With a frozen base,
+autograd then keeps, per projection, the fp32 copy of the dropped input (4 bytes a value, for lora_A's weight
+gradient) and the dropout mask (1 byte a value): q_proj and v_proj of one Llama layer keep 10 bytes per token per
+hidden unit, a third of everything the layer keeps (measured with saved-tensor hooks; tasks/memory.py).
+
+`lora_down(x, a, p)` is `dropout(x.to(a.dtype), p) @ a.T` as one autograd function that keeps `x` itself (the
+projections of a layer that read the same input share it: q, k and v read one tensor) and a seed: backward draws
+the same dropout mask again from the seed. The values are peft's, exactly: the fp32 copy of a bf16 tensor is the
+same numbers. The masks differ from peft's only in which random numbers they are.
+
+Forward and backward are custom ops (`edgar_tune::lora_down_forward`, `..._backward`), opaque to torch.compile, so
+a compiled layer stays one graph (the compiler cannot trace a seeded generator) and keeps what this keeps.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+_GENERATORS: dict[torch.device, torch.Generator] = {}
+
+
+def _keep(x: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
+    """The dropout mask (True: kept) for `x`'s shape, drawn from `seed`: the same seed gives the same mask."""
+    gen = _GENERATORS.get(x.device)
+    if gen is None:
+        gen = _GENERATORS[x.device] = torch.Generator(device=x.device)
+    gen.manual_seed(int(seed.item()))
+    return torch.rand(x.shape, generator=gen, device=x.device) >= p
+
+
+@torch.library.custom_op("edgar_tune::lora_down_forward", mutates_args=())
+def lora_down_forward(x: torch.Tensor, a: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
+    xd = x.to(a.dtype)
+    if p:
+        xd = xd * _keep(x, p, seed) * (1 / (1 - p))
+    return xd @ a.t()
+
+
+@lora_down_forward.register_fake
+def _(x: torch.Tensor, a: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], a.shape[0]), dtype=a.dtype)
+
+
+# Backward is one op of its own that reads the incoming gradient: the compiler then runs it in backward. Separate
+# ops drawing the mask from x and the seed alone would be moved into the forward, and their results kept.
+@torch.library.custom_op("edgar_tune::lora_down_backward", mutates_args=())
+def lora_down_backward(grad: torch.Tensor, x: torch.Tensor, a: torch.Tensor, p: float, seed: torch.Tensor,
+                       need_x: bool) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    scale = _keep(x, p, seed) * (1 / (1 - p)) if p else None  # the forward's mask, drawn again
+    grad = grad.to(a.dtype)
+    grad_x = x.new_empty(0)
+    if need_x:
+        grad_x = grad @ a
+        grad_x = (grad_x if scale is None else grad_x * scale).to(x.dtype)
+    xd = x.to(a.dtype) if scale is None else x.to(a.dtype) * scale
+    grad_a = grad.reshape(-1, grad.shape[-1]).t() @ xd.reshape(-1, xd.shape[-1])
+    return grad_x, grad_a
+
+
+@lora_down_backward.register_fake
+def _(grad, x, a, p, seed, need_x):
+    return (torch.empty_like(x) if need_x else x.new_empty(0)), torch.empty_like(a)
+
+
+class _LoraDown(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, a: torch.Tensor, p: float) -> torch.Tensor:
+        # a seed per call from the default CPU generator: reproducible under torch.manual_seed, no device sync
+        seed = torch.randint(0, 2**62, (1,)) if p else torch.zeros(1, dtype=torch.int64)
+        ctx.save_for_backward(x, a, seed)
+        ctx.p = p
+        return lora_down_forward(x, a, p, seed)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, a, seed = ctx.saved_tensors
+        grad_x, grad_a = lora_down_backward(grad, x, a, ctx.p, seed, ctx.needs_input_grad[0])
+        return (grad_x if ctx.needs_input_grad[0] else None), grad_a, None
+
+
+def lora_down(x: torch.Tensor, a: torch.Tensor, p: float = 0.0) -> torch.Tensor:
+    """`dropout(x.to(a.dtype), p) @ a.T` (`a`: lora_A's weight, r x in), keeping `x` and a seed for backward."""
+    if not 0 <= p < 1:
+        raise ValueError(f"dropout probability must be in [0, 1), not {p}")
+    return _LoraDown.apply(x, a, p)
+
+
+def _lean_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """peft's `lora.Linear.forward` for plain LoRA adapters, with the down projection from `lora_down`."""
+    if self.disable_adapters or self.merged or kwargs.get("adapter_names") is not None:
+        return self._edgar_peft_forward(x, *args, **kwargs)  # no adapter math to change: peft's own path
+    result = self.base_layer(x, *args, **kwargs)
+    dtype = result.dtype
+    for name in self.active_adapters:
+        if name not in self.lora_A:
+            continue
+        lora_A, lora_B, dropout = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
+        p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+        result = result + lora_B(lora_down(x, lora_A.weight, p)) * self.scaling[name]
+    return result.to(dtype)
+
+
+def lean_lora(model: nn.Module) -> int:
+    """Route every plain LoRA linear layer of a peft `model` through `lora_down`; returns how many.
+
+    Raises:
+        ValueError: a LoRA variant (DoRA), a bias on lora_A, or a dropout other than nn.Dropout, whose math this
+            does not reproduce; or no LoRA linear layer at all.
+    """
+    from peft.tuners.lora import Linear
+
+    count = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, Linear):
+            continue
+        problems = [f"a LoRA variant ({type(v).__name__})" for v in getattr(module, "lora_variant", {}).values()]
+        problems += [f"lora_A with a bias ({k})" for k, a in module.lora_A.items() if a.bias is not None]
+        problems += [f"dropout {type(d).__name__}" for d in module.lora_dropout.values()
+                     if not isinstance(d, (nn.Dropout, nn.Identity))]  # fmt: skip
+        if problems:
+            raise ValueError(f"train.lean_lora: {name} has {', '.join(problems)}, which lean_lora does not "
+                             "compute; set train.lean_lora=false")  # fmt: skip
+        module._edgar_peft_forward = module.forward
+        module.forward = _lean_forward.__get__(module)
+        count += 1
+    if not count:
+        raise ValueError("train.lean_lora: the model has no LoRA linear layers; set train.lean_lora=false")
+    return count
