@@ -81,18 +81,46 @@ def cmd_plan(args: argparse.Namespace) -> int:
     """Print the memory plan for a model and settings without running anything (no GPU needed)."""
     from tasks import memory
 
-    shape = memory.model_shape(args.model, args.mode, args.lora_r, None)
+    targets = args.lora_targets.split(",") if args.lora_targets else None
+    shape = memory.model_shape(args.model, args.mode, args.lora_r, targets)
     quant = {"none": None, "int8": "int8", "int4": "nf4"}[args.quantization]
     kw = dict(nproc=args.nproc, seq=args.seq, batch=args.batch, mode=args.mode, precision=args.precision,
               quantization=quant, gradient_checkpointing=not args.no_gradient_checkpointing,
               checkpoint_layers=args.checkpoint_layers, fused_loss=not args.materialized_logits,
-              half_base=not args.fp32_base)  # fmt: skip
+              half_base=not args.fp32_base, compiled=args.compiled, lean_lora=args.lean_lora,
+              lora_dropout=args.lora_dropout)  # fmt: skip
+    if args.fit:
+        return _print_fit(memory, shape, args, kw)
     rows = memory.plan(shape, budget_gb=args.gpu_memory_gb, options=memory.OPTIONS + ("fsdp",), **kw)
     context = memory.describe(shape, mode=args.mode, lora_r=args.lora_r, batch=args.batch, seq=args.seq,
                               precision=args.precision, nproc=args.nproc)  # fmt: skip
     print(memory.format_plan(rows, "", args.gpu_memory_gb, context))
     if not any(r.fits for r in rows):
         print("nothing fits; try " + memory.suggestion(rows, shape, budget_gb=args.gpu_memory_gb, **kw))
+    return 0
+
+
+def _print_fit(memory, shape, args: argparse.Namespace, kw: dict) -> int:
+    """`plan --fit`: the micro-batch and recomputed layers that fit, least work first, for engine option none
+    (one process) or the ZeRO stage given."""
+    budget = args.gpu_memory_gb * memory.HEADROOM
+    option = args.engine
+    rows = memory.fit(shape, budget_gb=budget, **dict(kw, option=option))
+    print(f"settings that fit {budget:.1f} GB ({args.gpu_memory_gb:.1f} GB, {memory.HEADROOM:.0%} usable), engine "
+          f"{option}, {args.batch} sequences per device per optimizer step; least work first")  # fmt: skip
+    print(f"  {'micro-batch':>11} {'accumulate':>10} {'recomputed':>11} {'work':>6} {'planned GB':>11}")
+    for r in rows:
+        print(f"  {r['per_device_train_batch_size']:>11} {r['gradient_accumulation_steps']:>10} "
+              f"{r['recomputed_layers']:>5}/{shape.layers:<5} {r['work']:>6.2f} {r['planned_gb']:>11.2f}")  # fmt: skip
+    if not rows:
+        print("nothing fits; try " + memory.suggestion(memory.plan(shape, budget_gb=args.gpu_memory_gb, **kw), shape,
+                                                        budget_gb=args.gpu_memory_gb, **kw))  # fmt: skip
+        return 1
+    best = rows[0]
+    print(f"train.per_device_train_batch_size={best['per_device_train_batch_size']} "
+          f"train.gradient_accumulation_steps={best['gradient_accumulation_steps']} "
+          f"train.gradient_checkpointing={str(best['gradient_checkpointing']).lower()} "
+          f"train.checkpoint_layers={best['checkpoint_layers']:.4g}")  # fmt: skip
     return 0
 
 
@@ -206,6 +234,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help="fraction of layers recomputed (train.checkpoint_layers)")
     plan.add_argument("--materialized-logits", action="store_true", help="train.fused_linear_ce=off")
     plan.add_argument("--fp32-base", action="store_true", help="train.lora_half_base=false")
+    plan.add_argument("--lora-targets", help="comma-separated (default: the model family's, as train uses)")
+    plan.add_argument("--lora-dropout", type=float, default=0.05)
+    plan.add_argument("--lean-lora", action="store_true", help="train.lean_lora=true")
+    plan.add_argument("--compiled", action="store_true", help="train.torch_compile=true or train.fused_layers")
+    plan.add_argument("--fit", action="store_true", help="list the micro-batches (--batch sequences per optimizer "
+                      "step, the rest accumulated) and recomputed layers that fit --gpu-memory-gb, least work first")
+    plan.add_argument("--engine", choices=["none", "zero2", "zero3", "zero3-offload", "fsdp"], default="none",
+                      help="with --fit: the engine option to fit")  # fmt: skip
     plan.set_defaults(fn=cmd_plan)
     sections = sub.add_parser("sections", help="split 10-K files into Items and print them")
     sections.add_argument("files", nargs="+")

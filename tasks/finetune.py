@@ -295,8 +295,9 @@ def memory_plan(tokenize_dir: Path, cfg: TrainConfig, precision: str) -> dict:
     fused = resolve_backend(cfg.fused_linear_ce, "train.fused_linear_ce", cfg.enable_fsdp) != "off"
     kw = dict(nproc=world, seq=stats["block_length"], batch=cfg.per_device_train_batch_size, mode=cfg.mode,
               precision=precision, quantization=cfg.quantization, gradient_checkpointing=cfg.gradient_checkpointing,
-              checkpoint_layers=cfg.checkpoint_layers, half_base=cfg.lora_half_base,
-              fused_loss=fused)  # fmt: skip
+              checkpoint_layers=cfg.checkpoint_layers, half_base=cfg.lora_half_base, fused_loss=fused,
+              compiled=cfg.torch_compile or resolve_backend(cfg.fused_layers, "train.fused_layers") == "triton",
+              lean_lora=cfg.lean_lora, lora_dropout=cfg.lora_dropout)  # fmt: skip
     chosen = engine_option(cfg)
     options = memory.OPTIONS + (("fsdp",) if chosen == "fsdp" else ())
     rows = memory.plan(shape, budget_gb=budget, options=options, **kw)

@@ -98,6 +98,25 @@ def test_plan_command_prints_every_engine_from_the_config_alone(tmp_path):
     assert lines["zero2"][1] == "13.48" and lines["zero3"][-1] == "yes"  # 2 bytes x 6.74B frozen bf16 weights
 
 
+def test_plan_fit_prints_the_settings_to_train_with(tmp_path):
+    """`plan --fit` on the 7B config with a 22 GB GPU: rows of micro-batch and recomputed layers, and the train
+    settings of the first, which `fit` ranks first (least work)."""
+    from tasks.memory import HEADROOM, fit
+
+    folder = _llama2_7b(tmp_path)
+    flags = ["--batch", "4", "--lora-targets", "q_proj,v_proj", "--lean-lora", "--compiled", "--gpu-memory-gb", "22"]
+    proc = subprocess.run([sys.executable, "-m", "edgar_tune.cli", "plan", "--model", str(folder), "--fit", *flags],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    shape = model_shape(str(folder), "lora", 8, ["q_proj", "v_proj"])
+    [best, *_] = fit(shape, budget_gb=22 * HEADROOM, batch=4, option="none", nproc=1, seq=2048, mode="lora",
+                     precision="bf16", fused_loss=True, compiled=True, lean_lora=True, lora_dropout=0.05)  # fmt: skip
+    assert best["per_device_train_batch_size"] == 1 and 0 < best["checkpoint_layers"] < 0.5
+    assert proc.stdout.splitlines()[-1] == (
+        f"train.per_device_train_batch_size=1 train.gradient_accumulation_steps=4 train.gradient_checkpointing=true "
+        f"train.checkpoint_layers={best['checkpoint_layers']:.4g}")  # fmt: skip
+
+
 def test_recomputing_fewer_layers_costs_their_activations():
     kw = dict(option="none", nproc=1, seq=2048, batch=4, mode="lora", precision="bf16")
     acts = [estimate(SHAPE, **kw, checkpoint_layers=f).activations for f in (1.0, 0.75, 0.5, 0.0)]
