@@ -229,6 +229,13 @@ def preflight(cfg: TrainConfig) -> str:
         ConfigError: naming the key to change. Nothing else is ever run under the requested engine's name.
     """
     on_gpu = device() == "cuda"
+    if cfg.lean_lora:
+        sharded = "train.enable_fsdp" if cfg.enable_fsdp else (
+            f"train.deepspeed={cfg.deepspeed}" if cfg.deepspeed and engine_option(cfg).startswith("zero3") else None)
+        if sharded or cfg.quantization:  # ZeRO-3 and FSDP gather lora_A's weight around the module's own call,
+            what = sharded or "a quantized base (peft's 8-bit/4-bit LoRA layers)"  # which lean_lora does not make
+            raise ConfigError(f"train.lean_lora is not supported with {what}; set train.lean_lora=false "
+                              "(ZeRO-2 and a single process work)")  # fmt: skip
     if cfg.quantization:
         key = "train.int8_quantization" if cfg.int8_quantization else "train.int4_quantization"
         if not on_gpu:

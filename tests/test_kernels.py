@@ -350,6 +350,12 @@ def test_kernel_lean_lora_refuses_what_it_does_not_compute():
         lean_lora(AutoModelForCausalLM.from_config(config))
     with pytest.raises(ValueError, match="train.lean_lora changes LoRA adapters, and train.mode=full"):
         load_config("tiny", {"train.mode": "full", "train.lean_lora": True})
+    from edgar_tune.config import ConfigError
+    from tasks.finetune import preflight
+
+    for setting in ({"train.deepspeed": "zero3"}, {"train.deepspeed": "zero3-offload"}):
+        with pytest.raises(ConfigError, match=r"lean_lora is not supported with train.deepspeed=zero3"):
+            preflight(load_config("tiny", {"train.lean_lora": True, **setting}).train)
 
 
 def test_kernel_lean_lora_trains_the_peft_losses(tiny_run, tmp_path):
