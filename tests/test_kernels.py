@@ -246,18 +246,25 @@ def test_kernel_swiglu_matches_silu_times_up(dtype):
         torch.testing.assert_close(a, b, atol=atol * 4 * float(b.abs().max()), rtol=rtol)
 
 
+def _small_llama():
+    """A 2-layer Llama config with grouped-query attention and odd widths, and a batch of token ids for it."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(hidden_size=48, intermediate_size=136, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=300)  # fmt: skip
+    return config, torch.randint(0, 300, (2, 11), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+
+
 @needs_triton
 def test_kernel_fused_layers_in_a_lora_llama():
     """fuse_layers swaps every RMSNorm and SwiGLU MLP of a Llama (under peft): same logits and adapter gradients;
     a model with neither (GPT-2: LayerNorm, GELU) is refused instead of running unfused under the name."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+    from transformers import AutoModelForCausalLM, GPT2Config
 
     from kernels.hf import fuse_layers
 
-    config = LlamaConfig(hidden_size=48, intermediate_size=136, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=300)  # fmt: skip
-    ids = torch.randint(0, 300, (2, 11), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    config, ids = _small_llama()
     runs = []
     for fused in (False, True):
         torch.manual_seed(0)
@@ -310,13 +317,11 @@ def test_kernel_lean_lora_matches_peft_without_dropout():
     """Without dropout the lean adapters are peft's math: the same loss and adapter gradients on a LoRA Llama with
     adapters on q, v (one shared input), o and down; with adapters disabled, peft's own path runs."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM
 
     from kernels.lora import lean_lora
 
-    config = LlamaConfig(hidden_size=48, intermediate_size=136, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=300)  # fmt: skip
-    ids = torch.randint(0, 300, (2, 11), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    config, ids = _small_llama()
     runs = []
     for lean in (False, True):
         torch.manual_seed(0)
