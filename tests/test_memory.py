@@ -157,56 +157,20 @@ def test_the_plan_is_close_to_the_peaks_measured_on_an_h100(tmp_path):
             assert abs(planned - measured) <= max(0.06 * measured, 0.3), (row["model"], run, planned, measured)
 
 
-def _saved_bytes_per_layer(lean: bool, dropout: float, targets: list[str]) -> tuple[float, ModelShape]:
-    """Bytes per token that autograd keeps for layer 1 of a 2-layer bf16 LoRA Llama (GQA), by saved-tensor hooks."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from kernels.lora import lean_lora
-
-    config = LlamaConfig(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=300, attn_implementation="sdpa")  # fmt: skip
-    torch.manual_seed(0)
-    model = get_peft_model(LlamaForCausalLM(config).to(torch.bfloat16),
-                           LoraConfig(r=4, lora_dropout=dropout, target_modules=targets))  # fmt: skip
-    for p in model.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()  # fp32 adapters on a bf16 base, as train.lora_half_base loads them
-    if lean:
-        lean_lora(model)
-    model.train()
-    before = {p.untyped_storage().data_ptr() for p in model.parameters()}  # and what layer 0 kept: RoPE's cos, sin
-    where, kept = ["outside"], {}
-    layer = model.get_base_model().model.layers[1]
-    layer.register_forward_pre_hook(lambda *_: where.__setitem__(0, "layer"))
-    layer.register_forward_hook(lambda *_: where.__setitem__(0, "outside"))
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if where[0] == "layer" and storage.data_ptr() not in before:
-            kept[storage.data_ptr()] = storage.nbytes()
-        elif where[0] == "outside":
-            before.add(storage.data_ptr())
-        return t
-
-    tokens = 2 * 24
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(input_ids=torch.randint(0, 300, (2, 24)), labels=torch.randint(0, 300, (2, 24)), use_cache=False)
-    folder = Path(__import__("tempfile").mkdtemp())
-    config.save_pretrained(folder)
-    shape = model_shape(str(folder), "lora", 4, targets)
-    shutil.rmtree(folder)
-    return sum(kept.values()) / tokens, shape
-
-
 @pytest.mark.parametrize(("lean", "dropout"), [(False, 0.0), (True, 0.0), (True, 0.1), (False, 0.1)])
 def test_the_plan_counts_what_a_lora_layer_keeps(lean, dropout):
     """`lora_layer_bytes` against what autograd really keeps (saved-tensor hooks), tensor for tensor, for peft's
     adapters and for train.lean_lora, on every kind of projection input (q/v share one; o, down their own)."""
     from tasks.memory import lora_layer_bytes
 
-    measured, shape = _saved_bytes_per_layer(lean, dropout, ["q_proj", "v_proj", "o_proj", "down_proj"])
+    from transformers import LlamaConfig
+
+    from bench.saved_activations import saved_bytes_per_token
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=300, attn_implementation="sdpa")  # fmt: skip
+    measured, shape = saved_bytes_per_token(config, ["q_proj", "v_proj", "o_proj", "down_proj"], r=4,
+                                            dropout=dropout, lean=lean, tokens=48)  # fmt: skip
     assert shape.lora_targets == ("down_proj", "o_proj", "q_proj", "v_proj") and shape.kv_hidden == 32
     # eager PyTorch's dropout on the CPU keeps a mask of the input's dtype (fp32 here); CUDA's keeps bools
     planned = lora_layer_bytes(shape, act_bytes=2, compiled=False, lean=lean, dropout=dropout, mask_bytes=4)
