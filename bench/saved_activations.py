@@ -4,8 +4,8 @@
     python bench/saved_activations.py --no-compile --tokens 64
 
 A 2-layer Llama at Llama-2-7B's widths (hidden 4096, MLP 11008, 32 heads) with a bf16 base and fp32 LoRA adapters
-(r=8, dropout 0.05, on q_proj and v_proj, JumpStart's targets), as `train.lora_half_base` trains it. One forward
-runs under saved-tensor hooks, which count the distinct storages that autograd keeps for layer 1's backward
+(r=8, dropout 0.05, on q_proj and v_proj, JumpStart's targets) under bf16 autocast, as the Trainer trains it with
+`train.lora_half_base`. Forwards run under saved-tensor hooks, which count the distinct storages that autograd keeps for layer 1's backward
 (neither parameters nor what an earlier layer kept already, such as RoPE's cos and sin). The memory plan's count
 (`tasks.memory.lora_layer_bytes`) is printed beside each. Bytes per token per hidden unit do not depend on the
 sequence length or on the device, except eager PyTorch's dropout mask: fp32 on the CPU, bool on CUDA.
@@ -28,8 +28,10 @@ from bench.gpu_engine import SHAPES, write_result  # noqa: E402
 
 def saved_bytes_per_token(config, targets: list[str], *, r: int, dropout: float, lean: bool, tokens: int,
                           compile: bool = False) -> tuple[float, object]:  # fmt: skip
-    """Bytes per token that autograd keeps for layer 1 of a bf16 LoRA Llama with fp32 adapters, and the model's
-    `tasks.memory.ModelShape` for the plan."""
+    """Bytes per token that autograd keeps for layer 1 of a bf16 LoRA Llama with fp32 adapters under bf16 autocast
+    (as the Trainer trains it), and the model's `tasks.memory.ModelShape` for the plan. Measured at `tokens` and
+    twice as many: the difference leaves out what does not grow with the tokens (autocast's bf16 copies of the
+    adapters' weights, lean_lora's seeds)."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
 
@@ -48,27 +50,32 @@ def saved_bytes_per_token(config, targets: list[str], *, r: int, dropout: float,
     layers = model.get_base_model().model.layers
     if compile:  # the layers' forward compiled, their hooks below left outside the compiled code
         for layer in layers:
-            layer.forward = torch.compile(layer.forward)
-    before = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    where, kept = ["outside"], {}
+            layer.forward = torch.compile(layer.forward, dynamic=False)
+    where = ["outside"]
     layers[1].register_forward_pre_hook(lambda *_: where.__setitem__(0, "layer"))
     layers[1].register_forward_hook(lambda *_: where.__setitem__(0, "outside"))
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
+        storage = t.untyped_storage()  # `before` and `kept`: the current count's, below
         if where[0] == "layer" and storage.data_ptr() not in before:
             kept[storage.data_ptr()] = storage.nbytes()
         elif where[0] == "outside":
             before.add(storage.data_ptr())
         return t
 
-    ids = torch.randint(0, config.vocab_size, (1, tokens))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(input_ids=ids, labels=ids, use_cache=False)
+    totals = []
+    for n in (tokens, 2 * tokens):
+        before = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        where[0], kept = "outside", {}
+        ids = torch.randint(0, config.vocab_size, (1, n))
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        totals.append(sum(kept.values()))
+        del loss  # frees what was kept before the next count
     with tempfile.TemporaryDirectory() as folder:
         config.save_pretrained(folder)
         shape = model_shape(folder, "lora", r, targets)
-    return sum(kept.values()) / tokens, shape
+    return (totals[1] - totals[0]) / tokens, shape
 
 
 def main() -> None:
@@ -89,7 +96,7 @@ def main() -> None:
             measured, shape = saved_bytes_per_token(config, ["q_proj", "v_proj"], r=8, dropout=0.05, lean=lean,
                                                     tokens=args.tokens, compile=compiled)  # fmt: skip
             planned = lora_layer_bytes(shape, act_bytes=2, compiled=compiled, lean=lean, dropout=0.05,
-                                       mask_bytes=1 if compiled else 4)  # fmt: skip
+                                       mask_bytes=1 if compiled else 4, matmul_bytes=2, cast=True)  # fmt: skip
             rows.append({"adapters": "lean_lora" if lean else "peft", "compiled": compiled, "tokens": args.tokens,
                          "bytes_per_token_per_hidden": measured / shape.hidden,
                          "planned_bytes_per_token_per_hidden": planned / shape.hidden,

@@ -1,11 +1,13 @@
 """LoRA's down projection that keeps less for backward: the input once, in its own dtype, and no dropout mask.
 
 peft computes `lora_B(lora_A(dropout(x.to(fp32)))) * scaling` for each adapted projection. With a frozen base,
-autograd then keeps, per projection, the fp32 copy of the dropped input (4 bytes a value, for lora_A's weight
-gradient) and the dropout mask (1 byte a value): q_proj and v_proj of one Llama layer keep 10 bytes per token per
-hidden unit, a third of everything the layer keeps (measured with saved-tensor hooks; tasks/memory.py).
+autograd then keeps, per projection, the input of lora_A (for its weight gradient: under the Trainer's bf16
+autocast a bf16 copy of the dropped input, 2 bytes a value; fp32 without autocast) and the dropout mask (1 byte a
+value on CUDA): q_proj and v_proj of one Llama layer keep 6 bytes per token per hidden unit under autocast
+(bench/saved_activations.py measures it; tasks/memory.py counts it).
 
-`lora_down(x, a, p)` is `dropout(x.to(a.dtype), p) @ a.T` as one autograd function that keeps `x` itself (the
+`lora_down(x, a, p)` is `dropout(x.to(a.dtype), p) @ a.T` (in the autocast dtype under autocast, as peft's
+lora_A runs there) as one autograd function that keeps `x` itself (the
 projections of a layer that read the same input share it: q, k and v read one tensor) and a seed: backward draws
 the same dropout mask again from the seed. The values are peft's, exactly: the fp32 copy of a bf16 tensor is the
 same numbers. The masks differ from peft's only in which random numbers they are.
@@ -32,16 +34,17 @@ def _keep(x: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
 
 
 @torch.library.custom_op("edgar_tune::lora_down_forward", mutates_args=())
-def lora_down_forward(x: torch.Tensor, a: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
-    xd = x.to(a.dtype)
-    if p:
-        xd = xd * _keep(x, p, seed) * (1 / (1 - p))
-    return xd @ a.t()
+def lora_down_forward(x: torch.Tensor, a: torch.Tensor, p: float, seed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    with torch.autocast(x.device.type, enabled=False):  # `dtype` says what autocast would have done
+        xd = x.to(a.dtype)
+        if p:
+            xd = xd * _keep(x, p, seed) * (1 / (1 - p))
+        return xd.to(dtype) @ a.to(dtype).t()
 
 
 @lora_down_forward.register_fake
-def _(x: torch.Tensor, a: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
-    return x.new_empty((*x.shape[:-1], a.shape[0]), dtype=a.dtype)
+def _(x: torch.Tensor, a: torch.Tensor, p: float, seed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], a.shape[0]), dtype=dtype)
 
 
 # Backward is one op of its own that reads the incoming gradient: the compiler then runs it in backward. Separate
@@ -50,7 +53,7 @@ def _(x: torch.Tensor, a: torch.Tensor, p: float, seed: torch.Tensor) -> torch.T
 def lora_down_backward(grad: torch.Tensor, x: torch.Tensor, a: torch.Tensor, p: float, seed: torch.Tensor,
                        need_x: bool) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     scale = _keep(x, p, seed) * (1 / (1 - p)) if p else None  # the forward's mask, drawn again
-    grad = grad.to(a.dtype)
+    grad = grad.to(a.dtype)  # gradients in the adapters' dtype (fp32 under lora_half_base)
     grad_x = x.new_empty(0)
     if need_x:
         grad_x = grad @ a
@@ -72,7 +75,10 @@ class _LoraDown(torch.autograd.Function):
         seed = torch.randint(0, 2**62, (1,)) if p else torch.zeros(1, dtype=torch.int64)
         ctx.save_for_backward(x, a, seed)
         ctx.p = p
-        return lora_down_forward(x, a, p, seed)
+        # Under autocast (the Trainer's bf16/fp16) peft's lora_A runs in the autocast dtype: so does this
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else a.dtype
+        return lora_down_forward(x, a, p, seed, dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):

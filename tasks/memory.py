@@ -71,7 +71,7 @@ _INPUT_OF = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "o_p
 
 
 def lora_layer_bytes(shape: ModelShape, *, act_bytes: int, compiled: bool, lean: bool, dropout: float,
-                     mask_bytes: int = 1, adapter_bytes: int = 4) -> float | None:  # fmt: skip
+                     mask_bytes: int = 1, matmul_bytes: int = 2, cast: bool = True) -> float | None:  # fmt: skip
     """Bytes per token one Llama-style layer keeps for backward under LoRA with a frozen base in the compute dtype
     (None where the shape is not one). Frozen projections keep no input. Tensor by tensor:
 
@@ -80,10 +80,12 @@ def lora_layer_bytes(shape: ModelShape, *, act_bytes: int, compiled: bool, lean:
     - attention: q, k, v and the output, and the log-sum-exp per head;
     - the MLP: gate and up (and eagerly silu(gate) too);
     - each adapter: lora_A's output (r values). With `lean` (kernels/lora.py), each input once per group of
-      projections reading it, in the compute dtype (o_proj's is the attention output, kept already); with peft,
-      per projection a copy of the input in the adapters' dtype and, with dropout, the mask (`mask_bytes`: 1 for
-      CUDA's bool mask; 4 for eager PyTorch's on the CPU). `adapter_bytes`: 4 for fp32 adapters (lora_half_base);
-      DeepSpeed casts them to the compute dtype, and peft's copy is then the input itself.
+      projections reading it, in the compute dtype (o_proj's is the attention output, kept already). With peft,
+      per projection lora_A's input in its matmul's dtype (`matmul_bytes`: the compute dtype under the Trainer's
+      autocast and DeepSpeed, 4 for fp32 adapters without autocast) and, with dropout, the mask (`mask_bytes`: 1
+      for CUDA's bool mask; 4 for eager PyTorch's on the CPU). `cast`: peft casts the input to the adapters'
+      dtype (fp32 adapters on a half base; false under DeepSpeed and in fp32), so without dropout each projection
+      still keeps a copy of its own.
     """
     if not shape.intermediate or any(t not in _INPUT_OF for t in shape.lora_targets):
         return None
@@ -92,13 +94,13 @@ def lora_layer_bytes(shape: ModelShape, *, act_bytes: int, compiled: bool, lean:
     attention = act_bytes * (2 * h + 2 * shape.kv_hidden) + 4 * shape.heads
     mlp = (2 if compiled else 3) * act_bytes * inter
     width = {"attn_in": h, "attn_out": h, "mlp_in": h, "mlp_mid": inter}
-    adapters = adapter_bytes * shape.lora_r * len(shape.lora_targets)
+    adapters = matmul_bytes * shape.lora_r * len(shape.lora_targets)
     # the input itself, once per group of projections reading it (o_proj's is the attention output, kept already)
     shared = sum(act_bytes * width[g] for g in {_INPUT_OF[t] for t in shape.lora_targets} - {"attn_out"})
-    if lean or (adapter_bytes == act_bytes and not dropout):  # peft without a copy or dropout keeps the input too
+    if lean or not (cast or dropout):  # peft without a cast or dropout keeps the input itself too
         adapters += shared
-    else:  # per projection: the copy in the adapters' dtype (or dropout's output), and the mask
-        per_value = adapter_bytes + (mask_bytes if dropout else 0)
+    else:  # per projection: lora_A's own input (a cast copy or dropout's output), and the mask
+        per_value = matmul_bytes + (mask_bytes if dropout else 0)
         adapters += sum(per_value * width[_INPUT_OF[t]] for t in shape.lora_targets)
     return 2 * norm + attention + mlp + adapters
 
@@ -173,8 +175,9 @@ def estimate(shape: ModelShape, *, option: str, nproc: int, seq: int, batch: int
     whole = shape.layers - recomputed  # layers whose activations stay through backward
     layer = None
     if mode == "lora" and half and not quantization:
+        # the Trainer trains bf16/fp16 under autocast, adapters in fp32; DeepSpeed casts the adapters instead
         layer = lora_layer_bytes(shape, act_bytes=act_bytes, compiled=compiled, lean=lean_lora, dropout=lora_dropout,
-                                 adapter_bytes=act_bytes if option.startswith("zero") else 4)  # fmt: skip
+                                 matmul_bytes=act_bytes, cast=mixed and not option.startswith("zero"))  # fmt: skip
     if layer is None:
         layer = 17 * shape.hidden * act_bytes
     # recomputed layers keep their input; one layer at a time is recomputed, or is backward's working space
