@@ -371,3 +371,34 @@ def test_kernel_lean_lora_trains_the_peft_losses(tiny_run, tmp_path):
     out = train_variants(tiny_run, tmp_path, {"peft": {}, "lean": {"lean_lora": True}}, steps=4)
     assert out["lean"][0]["lean_lora"] is True and out["peft"][0]["lean_lora"] is False
     assert out["lean"][1] == pytest.approx(out["peft"][1], rel=1e-4)  # fp32 sums in another order
+
+
+def test_kernel_lean_lora_under_autocast_is_peft_under_autocast():
+    """The Trainer trains bf16 under autocast, where peft's lora_A runs in bf16: lean_lora's matmul does too (the
+    same loss), and its gradients, computed in the adapters' fp32, stay within bf16's precision of peft's."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from kernels.lora import lean_lora
+
+    config, ids = _small_llama()
+    torch.manual_seed(0)
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    peft_model = get_peft_model(AutoModelForCausalLM.from_config(config).to(DEVICE, torch.bfloat16), lora)
+    for p in peft_model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()  # fp32 adapters on a bf16 base: train.lora_half_base
+    lean_model = copy.deepcopy(peft_model)
+    lean_lora(lean_model)
+    runs = []
+    for model in (peft_model, lean_model):
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        runs.append((loss, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    assert runs[1][0].item() == runs[0][0].item()
+    for name, grad in runs[0][1].items():
+        assert grad.dtype == runs[1][1][name].dtype == torch.float32
+        torch.testing.assert_close(runs[1][1][name], grad, rtol=2e-2, atol=2e-2 * grad.abs().max().item())
