@@ -168,7 +168,7 @@ def test_kernel_throughput_bench_runs_on_the_cpu(tmp_path):
 
     from tests.conftest import REPO
 
-    proc = subprocess.run([sys.executable, "bench/train_throughput.py", "--smoke", "--ours", "fused_linear_ce,document_mask",
+    proc = subprocess.run([sys.executable, "bench/train_throughput.py", "--smoke", "--ours", "fused_linear_ce,document_mask,lean_lora",
                            "--checkpoint-sweep", "0.5", "--fit", "0.9",
                            "--out", str(tmp_path)], cwd=REPO,
                           capture_output=True, text=True, timeout=600)  # fmt: skip
@@ -178,6 +178,7 @@ def test_kernel_throughput_bench_runs_on_the_cpu(tmp_path):
     assert {"device", "model", "seq_len", "baseline", "ours", "mfu"} <= set(row)
     assert row["ours"]["loss_kernel"] == "torch" and row["baseline"]["tokens_per_s"] > 0
     assert row["checkpoint_sweep"]["0.5"]["settings"]["checkpoint_layers"] == 0.5
+    assert row["runs"]["ours"]["settings"]["lean_lora"] is True
     fitted = row["ours"]["fitted"]  # fitted to 0.9 x the plan of the baseline: the plan's pick ran
     assert row["runs"]["ours"]["settings"]["gradient_accumulation_steps"] == fitted["gradient_accumulation_steps"]
     assert fitted["per_device_train_batch_size"] * fitted["gradient_accumulation_steps"] == row["batch"]
