@@ -168,9 +168,9 @@ def test_kernel_throughput_bench_runs_on_the_cpu(tmp_path):
 
     from tests.conftest import REPO
 
-    proc = subprocess.run([sys.executable, "bench/train_throughput.py", "--smoke", "--ours", "fused_linear_ce,document_mask,lean_lora",
-                           "--checkpoint-sweep", "0.5", "--fit", "0.9",
-                           "--out", str(tmp_path)], cwd=REPO,
+    proc = subprocess.run([sys.executable, "bench/train_throughput.py", "--smoke",
+                           "--ours", "fused_linear_ce,document_mask,lean_lora", "--checkpoint-sweep", "0.5",
+                           "--fit", "0.9", "--out", str(tmp_path)], cwd=REPO,
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     [path] = tmp_path.glob("*-cpu.json")
