@@ -5,7 +5,8 @@
 
 A 2-layer Llama at Llama-2-7B's widths (hidden 4096, MLP 11008, 32 heads) with a bf16 base and fp32 LoRA adapters
 (r=8, dropout 0.05, on q_proj and v_proj, JumpStart's targets) under bf16 autocast, as the Trainer trains it with
-`train.lora_half_base`. Forwards run under saved-tensor hooks, which count the distinct storages that autograd keeps for layer 1's backward
+`train.lora_half_base`. Forwards run under saved-tensor hooks, which count the distinct storages that autograd
+keeps for layer 1's backward
 (neither parameters nor what an earlier layer kept already, such as RoPE's cos and sin). The memory plan's count
 (`tasks.memory.lora_layer_bytes`) is printed beside each. Bytes per token per hidden unit do not depend on the
 sequence length or on the device, except eager PyTorch's dropout mask: fp32 on the CPU, bool on CUDA.
@@ -110,7 +111,8 @@ def main() -> None:
               f"{row['bytes_per_token_per_hidden']:>18.2f} {row['planned_bytes_per_token_per_hidden']:>7.2f} "
               f"{row['layer_gb_at_4x2048']:>23.2f}")  # fmt: skip
     for compiled in sorted({r["compiled"] for r in rows}):
-        peft, lean = (next(r for r in rows if r["compiled"] == compiled and r["adapters"] == a) for a in ("peft", "lean_lora"))
+        peft, lean = (next(r for r in rows if r["compiled"] == compiled and r["adapters"] == a)
+                      for a in ("peft", "lean_lora"))  # fmt: skip
         print(f"lean_lora / peft, {'compiled' if compiled else 'eager'}: "
               f"{lean['bytes_per_token_per_hidden'] / peft['bytes_per_token_per_hidden']:.2f}x")
 

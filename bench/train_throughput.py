@@ -217,8 +217,9 @@ def planned_baseline_gb(tok: Path, args: argparse.Namespace, batch: int) -> floa
     from tasks.blocks import base_model_path
 
     shape = memory.model_shape(str(base_model_path(tok)), "lora", 8, ["q_proj", "v_proj"])
-    return memory.estimate(shape, option="none", nproc=1, seq=args.seq, batch=batch, mode="lora",
-                           precision="fp32" if args.smoke else "bf16", half_base=False, lora_dropout=0.05).total  # fmt: skip
+    precision = "fp32" if args.smoke else "bf16"
+    return memory.estimate(shape, option="none", nproc=1, seq=args.seq, batch=batch, mode="lora", precision=precision,
+                           half_base=False, lora_dropout=0.05).total  # fmt: skip
 
 
 def fit_ours(tok: Path, args: argparse.Namespace, batch: int, reference_gb: float) -> dict:
@@ -240,9 +241,10 @@ def fit_ours(tok: Path, args: argparse.Namespace, batch: int, reference_gb: floa
     best = rows[0]
     print(f"ours fitted to {args.fit} x {reference_gb:.2f} GB (plan budget {budget:.2f} GB): micro-batch "
           f"{best['per_device_train_batch_size']} x {best['gradient_accumulation_steps']}, "
-          f"{best['recomputed_layers']}/{shape.layers} layers recomputed, planned {best['planned_gb']:.2f} GB", flush=True)  # fmt: skip
-    return {k: best[k] for k in ("per_device_train_batch_size", "gradient_accumulation_steps",
-                                 "gradient_checkpointing", "checkpoint_layers")} | {"planned_gb": best["planned_gb"]}  # fmt: skip
+          f"{best['recomputed_layers']}/{shape.layers} layers recomputed, planned {best['planned_gb']:.2f} GB",
+          flush=True)  # fmt: skip
+    keys = ("per_device_train_batch_size", "gradient_accumulation_steps", "gradient_checkpointing", "checkpoint_layers")
+    return {k: best[k] for k in keys} | {"planned_gb": best["planned_gb"]}
 
 
 def job(args: argparse.Namespace) -> dict:
@@ -267,7 +269,8 @@ def run_job(args: argparse.Namespace, tok: Path, spec: str, batch: int, fitted: 
         return job(ns)
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         cmd = [sys.executable, __file__, "--job", spec, "--tok", str(tok), "--seq", str(args.seq), "--steps",
-               str(args.steps), "--batch", str(batch), "--ours", args.ours, "--row", f.name, "--fitted", fitted]  # fmt: skip
+               str(args.steps), "--batch", str(batch), "--ours", args.ours, "--row", f.name,
+               "--fitted", fitted]  # fmt: skip
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         if proc.returncode != 0:
             tail = "\n".join(proc.stdout.splitlines()[-25:])

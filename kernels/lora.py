@@ -34,7 +34,8 @@ def _keep(x: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
 
 
 @torch.library.custom_op("edgar_tune::lora_down_forward", mutates_args=())
-def lora_down_forward(x: torch.Tensor, a: torch.Tensor, p: float, seed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def lora_down_forward(x: torch.Tensor, a: torch.Tensor, p: float, seed: torch.Tensor,
+                      dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
     with torch.autocast(x.device.type, enabled=False):  # `dtype` says what autocast would have done
         xd = x.to(a.dtype)
         if p:

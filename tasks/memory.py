@@ -256,8 +256,8 @@ def model_shape(model_dir: str, mode: str, lora_r: int, targets: list[str] | Non
     per_layer = (params - embeddings) // max(1, layers)
     heads = getattr(text, "num_attention_heads", 0) or 0
     head_dim = getattr(text, "head_dim", None) or (hidden // heads if heads else 0)
-    adapted = tuple(sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                            if ".layers.0." in name and name.rsplit(".", 1)[-1] in wanted}))  if mode == "lora" else ()  # fmt: skip
+    in_layer_0 = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if ".layers.0." in name}
+    adapted = tuple(sorted(in_layer_0 & wanted))
     return ModelShape(params, lora, layers, hidden, config.vocab_size, per_layer, embeddings,
                       intermediate=getattr(text, "intermediate_size", 0) or 0,
                       kv_hidden=(getattr(text, "num_key_value_heads", None) or heads) * head_dim, heads=heads,

@@ -349,7 +349,8 @@ def test_kernel_lean_lora_refuses_what_it_does_not_compute():
 
     config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                          vocab_size=100)  # fmt: skip
-    dora = get_peft_model(AutoModelForCausalLM.from_config(config), LoraConfig(r=2, use_dora=True, target_modules=["q_proj"]))
+    dora = LoraConfig(r=2, use_dora=True, target_modules=["q_proj"])
+    dora = get_peft_model(AutoModelForCausalLM.from_config(config), dora)
     with pytest.raises(ValueError, match=r"LoRA variant .*set train.lean_lora=false"):
         lean_lora(dora)
     with pytest.raises(ValueError, match="no LoRA linear layers"):
