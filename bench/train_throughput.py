@@ -212,34 +212,26 @@ def flops_per_token(seq: int, base: Path) -> float:
     return 6 * n + 12 * config.num_hidden_layers * config.hidden_size * seq
 
 
-def planned_baseline_gb(tok: Path, args: argparse.Namespace, batch: int) -> float:
-    from tasks import memory
-    from tasks.blocks import base_model_path
-
-    shape = memory.model_shape(str(base_model_path(tok)), "lora", 8, ["q_proj", "v_proj"])
-    precision = "fp32" if args.smoke else "bf16"
-    return memory.estimate(shape, option="none", nproc=1, seq=args.seq, batch=batch, mode="lora", precision=precision,
-                           half_base=False, lora_dropout=0.05).total  # fmt: skip
-
-
-def fit_ours(tok: Path, args: argparse.Namespace, batch: int, reference_gb: float) -> dict:
+def fit_ours(tok: Path, args: argparse.Namespace, batch: int, baseline_gb: float | None) -> dict:
     """The micro-batch, gradient accumulation and recomputed layers for ours that the memory plan (tasks/memory.py)
-    says fit `args.fit` x `reference_gb` (the baseline's peak), least recompute first; the optimizer's batch stays
-    `batch` sequences."""
+    says fit `args.fit` x the baseline's peak (`baseline_gb`, measured; None on the CPU, where the plan of the
+    baseline stands in), least recompute first; the optimizer's batch stays `batch` sequences."""
     from tasks import memory
     from tasks.blocks import base_model_path
 
     chosen = args.ours.split(",")
     shape = memory.model_shape(str(base_model_path(tok)), "lora", 8, ["q_proj", "v_proj"])
-    budget = args.fit * reference_gb * PLAN_MARGIN
-    rows = memory.fit(shape, budget_gb=budget, batch=batch, option="none", nproc=1, seq=args.seq, mode="lora",
-                      precision="fp32" if args.smoke else "bf16", fused_loss="fused_linear_ce" in chosen,
-                      half_base="lora_half_base" in chosen, lora_dropout=0.05, lean_lora="lean_lora" in chosen,
-                      compiled=bool({"torch_compile", "fused_layers"} & set(chosen)))  # fmt: skip
+    kw = dict(option="none", nproc=1, seq=args.seq, mode="lora", precision="fp32" if args.smoke else "bf16",
+              lora_dropout=0.05)  # fmt: skip
+    reference = baseline_gb or memory.estimate(shape, batch=batch, half_base=False, **kw).total
+    budget = args.fit * reference * PLAN_MARGIN
+    rows = memory.fit(shape, budget_gb=budget, batch=batch, fused_loss="fused_linear_ce" in chosen,
+                      half_base="lora_half_base" in chosen, lean_lora="lean_lora" in chosen,
+                      compiled=bool({"torch_compile", "fused_layers"} & set(chosen)), **kw)  # fmt: skip
     if not rows:
         raise SystemExit(f"--fit {args.fit}: nothing fits {budget:.2f} GB by the memory plan; lower the target")
     best = rows[0]
-    print(f"ours fitted to {args.fit} x {reference_gb:.2f} GB (plan budget {budget:.2f} GB): micro-batch "
+    print(f"ours fitted to {args.fit} x {reference:.2f} GB (plan budget {budget:.2f} GB): micro-batch "
           f"{best['per_device_train_batch_size']} x {best['gradient_accumulation_steps']}, "
           f"{best['recomputed_layers']}/{shape.layers} layers recomputed, planned {best['planned_gb']:.2f} GB",
           flush=True)  # fmt: skip
@@ -323,9 +315,8 @@ def main() -> None:
                                               args.data)  # fmt: skip
             base = run_job(args, tok, "train:baseline", batch)
             fitted = None
-            if args.fit:  # on the CPU (--smoke) nothing measures the peak: fit to the plan of the baseline instead
-                reference = base["peak_mem_gb"] or planned_baseline_gb(tok, args, batch)
-                fitted = fit_ours(tok, args, batch, reference)
+            if args.fit:
+                fitted = fit_ours(tok, args, batch, base["peak_mem_gb"])
             ours = run_job(args, tok, "train:ours", batch, fitted)
             ablation = {} if args.no_ablation or args.smoke else {
                 opt: run_job(args, tok, f"train:{opt}", batch) for opt in OPTIONS}
