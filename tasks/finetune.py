@@ -18,6 +18,7 @@ from tasks.blocks import base_model_path
 from tasks.checkpoints import checkpoint_step, resume_settings, trainer_class
 from tasks.checkpoints import prepare as prepare_checkpoints
 from tasks.io import atomic_dir, atomic_write_json, read_json, write_jsonl
+from tasks.memory import recomputed_layers
 from kernels.hf import causal_lm_of, fuse_layers, resolve_backend
 from kernels.lora import lean_lora
 from tasks.models import device, load_causal_lm, load_tokenizer
@@ -140,8 +141,8 @@ def select_checkpointed_layers(model: torch.nn.Module, fraction: float) -> tuple
     if not any(m.gradient_checkpointing for m in layers):
         raise ValueError(f"train.checkpoint_layers={fraction}: gradient checkpointing is not on in "
                          f"{type(model).__name__}'s layers (train.gradient_checkpointing=true turns it on)")
-    for i, layer in enumerate(layers):  # layer i is checkpointed when it crosses the next multiple of 1/fraction
-        layer.gradient_checkpointing = math.floor((i + 1) * fraction) > math.floor(i * fraction)
+    for layer, recomputed in zip(layers, recomputed_layers(len(layers), fraction)):
+        layer.gradient_checkpointing = recomputed
     return sum(m.gradient_checkpointing for m in layers), len(layers)
 
 

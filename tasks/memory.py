@@ -119,6 +119,14 @@ def zero_model_states(psi: float, n: int, stage: int, k: int = 12, weight_bytes:
     raise ValueError(f"ZeRO stage {stage} does not exist (0-3)")
 
 
+def recomputed_layers(layers: int, fraction: float) -> list[bool]:
+    """Which of `layers` layers gradient checkpointing recomputes at `train.checkpoint_layers=fraction`:
+    round(fraction x layers) of them, evenly spaced, in integers (k/n in floating point can fall short of a
+    whole layer). The one rule for the plan and the engine."""
+    k = round(layers * fraction)
+    return [(i + 1) * k // layers > i * k // layers for i in range(layers)]
+
+
 @dataclass
 class Estimate:
     """One row of the plan, in GB per device (and on the host, for offload)."""
@@ -171,7 +179,7 @@ def estimate(shape: ModelShape, *, option: str, nproc: int, seq: int, batch: int
     if stage == 3:  # gathered working set: the layer being computed and the one being prefetched
         weights += 2 * shape.largest_layer_params * base_bytes
     tokens = batch * seq
-    recomputed = round(shape.layers * checkpoint_layers) if gradient_checkpointing else 0
+    recomputed = sum(recomputed_layers(shape.layers, checkpoint_layers)) if gradient_checkpointing else 0
     whole = shape.layers - recomputed  # layers whose activations stay through backward
     layer = None
     if mode == "lora" and half and not quantization:

@@ -126,6 +126,28 @@ def test_recomputing_fewer_layers_costs_their_activations():
     assert acts[-1] == pytest.approx(estimate(SHAPE, **kw, gradient_checkpointing=False).activations)
 
 
+def test_the_engine_recomputes_the_layers_the_plan_counts():
+    """`checkpoint_layers=k/n` recomputes k layers in the engine and in the plan, for every k of every depth to 128
+    (k/n in floating point falls short of k layers for 235 of them: 3/47 checkpointed 2)."""
+    from torch import nn
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    from tasks.finetune import select_checkpointed_layers
+    from tasks.memory import recomputed_layers
+
+    assert all(sum(recomputed_layers(n, k / n)) == k for n in range(1, 129) for k in range(n + 1))
+    model = nn.ModuleList(GradientCheckpointingLayer() for _ in range(47))
+    for layer in model:
+        layer.gradient_checkpointing = True
+    assert select_checkpointed_layers(model, 3 / 47) == (3, 47)
+    assert [i for i, layer in enumerate(model) if layer.gradient_checkpointing] == [15, 31, 46]
+    shape = ModelShape(params=1, lora_params=1, layers=47, hidden=64, vocab=100, largest_layer_params=1)
+    kw = dict(option="none", nproc=1, seq=16, batch=1, mode="lora", precision="bf16")
+    one = estimate(shape, **kw, checkpoint_layers=1 / 47).activations - estimate(shape, **kw).activations
+    assert estimate(shape, **kw, checkpoint_layers=3 / 47).activations == pytest.approx(
+        estimate(shape, **kw).activations + 44 * one / 46)
+
+
 def test_the_fused_loss_holds_one_chunk_of_logits_and_an_fp32_base_doubles_the_weights():
     kw = dict(option="none", nproc=1, seq=2048, batch=4, mode="lora", precision="bf16")
     materialized, fused = estimate(SHAPE, **kw).logits, estimate(SHAPE, **kw, fused_loss=True).logits
