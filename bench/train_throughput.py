@@ -17,10 +17,11 @@
   0.5,0` adds rows of ours with only that fraction of the layers recomputed in backward
   (`train.checkpoint_layers`): less recompute for more memory. LoRA's down projection keeps its input once
   (`train.lean_lora`).
-- `--fit 0.6` (the default): ours trains the same optimizer batch, but at the micro-batch (the rest as gradient
-  accumulation) and with the fewest recomputed layers that the memory plan (tasks/memory.py `fit`) says fit
-  0.6 x the baseline's measured peak, with a 7% margin for the plan's error. A frozen base costs the same at any
-  micro-batch while activations shrink with it, so a smaller micro-batch buys layers that skip the recompute.
+- `--fit 0.6` (the default): ours trains with `train.memory_fit` and `train.memory_budget_gb` = 0.6 x the baseline's
+  measured peak: the same optimizer batch, but at the micro-batch (the rest as gradient accumulation) and with the
+  fewest recomputed layers that the memory plan (tasks/memory.py `fit`) says fit the budget's usable 92%
+  (`tasks.memory.HEADROOM`, a margin for the plan's error). A frozen base costs the same at any micro-batch while
+  activations shrink with it, so a smaller micro-batch buys layers that skip the recompute.
   `--fit 0` runs ours at the baseline's batch with every layer recomputed; the sweep rows always do.
 - tokens/s is the steady state: the median step time after the first 3 steps (warm-up, compilation), device
   synchronized at each step; the rows also keep the average over all steps.
@@ -66,7 +67,6 @@ OPTIONS = {  # option: (baseline value, ours)
     "lean_lora": (False, True),
 }
 OURS = ("fused_linear_ce", "lora_half_base", "torch_compile", "document_mask", "dataloader_num_workers", "lean_lora")
-PLAN_MARGIN = 0.93  # the plan fell 2-5% short of the peaks measured on an H100: fit under 93% of the target
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
 
 
@@ -159,22 +159,24 @@ def build_tokenize_dir(root: Path, model: str, seq: int, n_blocks: int, smoke: b
 
 def measure_train(tok: Path, settings: dict, steps: int, batch: int, smoke: bool) -> dict:
     from edgar_tune.config import EvalConfig, TrainConfig
-    from tasks.finetune import train
+    from tasks.finetune import FIT_KEYS, fit_memory, train
 
-    settings = dict(settings)
-    batch = settings.pop("per_device_train_batch_size", batch)  # a fitted run: micro-batch x accumulation
     cfg = TrainConfig(mode="lora", lora_r=8, lora_alpha=32, lora_dropout=0.05, lora_target_modules=["q_proj", "v_proj"],
                       max_steps=steps, per_device_train_batch_size=batch, learning_rate=1e-4,
                       precision="fp32" if smoke else "bf16", logging_steps=1, eval_steps=0,
                       early_stopping_patience=0, load_best_model_at_end=False, save_steps=0, memory_check="off",
                       **settings)  # fmt: skip
+    cfg, fitted = fit_memory(tok, cfg, cfg.precision)  # train.memory_fit, as the train stage applies it
+    if fitted and fitted["planned_gb"] is None:
+        raise SystemExit(f"--fit: nothing fits {cfg.memory_budget_gb:.2f} GB by the memory plan; raise the target")
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
         stats = train(Path(tmp) / "out", tok, cfg, EvalConfig(), Path(tmp) / "ckpt")
     return {"tokens_per_s": stats["tokens_per_s"], "peak_mem_gb": _peak_gb(), "step_seconds": stats["step_seconds"],
             "tokens_per_s_all_steps": stats["train_tokens_seen"] / stats["seconds"], "settings": settings,
-            "loss_kernel": stats["loss_kernel"], "final_loss": stats["final_loss"], "steps": stats["steps"]}  # fmt: skip
+            "loss_kernel": stats["loss_kernel"], "final_loss": stats["final_loss"], "steps": stats["steps"],
+            "fitted": fitted, "trained": {k: getattr(cfg, k) for k in FIT_KEYS}}  # fmt: skip
 
 
 def measure_eval(tok: Path, kernel: str, seq: int) -> dict:
@@ -212,31 +214,18 @@ def flops_per_token(seq: int, base: Path) -> float:
     return 6 * n + 12 * config.num_hidden_layers * config.hidden_size * seq
 
 
-def fit_ours(tok: Path, args: argparse.Namespace, batch: int, baseline_gb: float | None) -> dict:
-    """The micro-batch, gradient accumulation and recomputed layers for ours that the memory plan (tasks/memory.py)
-    says fit `args.fit` x the baseline's peak (`baseline_gb`, measured; None on the CPU, where the plan of the
-    baseline stands in), least recompute first; the optimizer's batch stays `batch` sequences."""
+def fit_budget(tok: Path, args: argparse.Namespace, batch: int, baseline_gb: float | None) -> dict:
+    """Ours's settings for `--fit`: `train.memory_fit` in `args.fit` x the baseline's peak (`baseline_gb`, measured;
+    None on the CPU, where the plan of the baseline stands in)."""
     from tasks import memory
     from tasks.blocks import base_model_path
 
-    chosen = args.ours.split(",")
-    shape = memory.model_shape(str(base_model_path(tok)), "lora", 8, ["q_proj", "v_proj"])
-    kw = dict(option="none", nproc=1, seq=args.seq, mode="lora", precision="fp32" if args.smoke else "bf16",
-              lora_dropout=0.05)  # fmt: skip
-    reference = baseline_gb or memory.estimate(shape, batch=batch, half_base=False, **kw).total
-    budget = args.fit * reference * PLAN_MARGIN
-    rows = memory.fit(shape, budget_gb=budget, batch=batch, fused_loss="fused_linear_ce" in chosen,
-                      half_base="lora_half_base" in chosen, lean_lora="lean_lora" in chosen,
-                      compiled=bool({"torch_compile", "fused_layers"} & set(chosen)), **kw)  # fmt: skip
-    if not rows:
-        raise SystemExit(f"--fit {args.fit}: nothing fits {budget:.2f} GB by the memory plan; lower the target")
-    best = rows[0]
-    print(f"ours fitted to {args.fit} x {reference:.2f} GB (plan budget {budget:.2f} GB): micro-batch "
-          f"{best['per_device_train_batch_size']} x {best['gradient_accumulation_steps']}, "
-          f"{best['recomputed_layers']}/{shape.layers} layers recomputed, planned {best['planned_gb']:.2f} GB",
-          flush=True)  # fmt: skip
-    keys = ("per_device_train_batch_size", "gradient_accumulation_steps", "gradient_checkpointing", "checkpoint_layers")
-    return {k: best[k] for k in keys} | {"planned_gb": best["planned_gb"]}
+    if baseline_gb is None:
+        shape = memory.model_shape(str(base_model_path(tok)), "lora", 8, ["q_proj", "v_proj"])
+        baseline_gb = memory.estimate(shape, option="none", nproc=1, seq=args.seq, batch=batch, mode="lora",
+                                      precision="fp32" if args.smoke else "bf16", half_base=False,
+                                      lora_dropout=0.05).total  # fmt: skip
+    return {"memory_fit": True, "memory_budget_gb": args.fit * baseline_gb}
 
 
 def job(args: argparse.Namespace) -> dict:
@@ -250,12 +239,13 @@ def job(args: argparse.Namespace) -> dict:
     settings = {k: (ours if k in chosen else base) for k, (base, ours) in OPTIONS.items()}
     if fraction:
         settings["checkpoint_layers"] = float(fraction)
-    settings |= {k: v for k, v in json.loads(args.fitted or "{}").items() if k != "planned_gb"}
+    settings |= json.loads(args.fitted or "{}")
     return measure_train(tok, settings, args.steps, args.batch, args.smoke)
 
 
-def run_job(args: argparse.Namespace, tok: Path, spec: str, batch: int, fitted: dict | None = None) -> dict:
-    fitted = json.dumps(fitted or {})
+def run_job(args: argparse.Namespace, tok: Path, spec: str, batch: int, extra: dict | None = None) -> dict:
+    """One job in its own process (in this one with --smoke); `extra`: train settings on top of the job's."""
+    fitted = json.dumps(extra or {})
     if args.smoke:  # one process is enough to check the script
         ns = argparse.Namespace(**vars(args) | {"job": spec, "tok": str(tok), "batch": batch, "fitted": fitted})
         return job(ns)
@@ -314,10 +304,8 @@ def main() -> None:
             tok, weights = build_tokenize_dir(Path(tmp), model, args.seq, max(args.steps * batch, 8), args.smoke,
                                               args.data)  # fmt: skip
             base = run_job(args, tok, "train:baseline", batch)
-            fitted = None
-            if args.fit:
-                fitted = fit_ours(tok, args, batch, base["peak_mem_gb"])
-            ours = run_job(args, tok, "train:ours", batch, fitted)
+            fit = fit_budget(tok, args, batch, base["peak_mem_gb"]) if args.fit else None
+            ours = run_job(args, tok, "train:ours", batch, fit)
             ablation = {} if args.no_ablation or args.smoke else {
                 opt: run_job(args, tok, f"train:{opt}", batch) for opt in OPTIONS}
             fractions = [f for f in args.checkpoint_sweep.split(",") if f]
@@ -331,7 +319,7 @@ def main() -> None:
             "baseline": {k: base[k] for k in ("tokens_per_s", "peak_mem_gb")},
             "ours": {k: ours[k] for k in ("tokens_per_s", "peak_mem_gb")} | {"options": args.ours.split(","),
                                                                              "loss_kernel": ours["loss_kernel"],
-                                                                             "fitted": fitted},
+                                                                             "fitted": ours["fitted"]},
             "runs": {"baseline": base, "ours": ours},
             "speedup": ours["tokens_per_s"] / base["tokens_per_s"],
             "memory_ratio": (ours["peak_mem_gb"] / base["peak_mem_gb"]) if base["peak_mem_gb"] else None,
@@ -353,7 +341,8 @@ def main() -> None:
         if r["ours"]["fitted"]:
             f = r["ours"]["fitted"]
             print(f"{'':<14} (ours: micro-batch {f['per_device_train_batch_size']} x {f['gradient_accumulation_steps']} "
-                  f"accumulated, checkpoint_layers {f['checkpoint_layers']:.4g}, planned {f['planned_gb']:.2f} GB)")  # fmt: skip
+                  f"accumulated, {f['recomputed_layers']}/{f['layers']} layers recomputed, planned "
+                  f"{f['planned_gb']:.2f} of {f['budget_gb']:.2f} GB)")  # fmt: skip
         extra = [(f"+{opt}", row) for opt, row in r["ablation"].items()]
         extra += [(f"ours@{f} layers", row) for f, row in r["checkpoint_sweep"].items()]
         for label, row in extra:  # each against the baseline

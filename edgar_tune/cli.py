@@ -113,8 +113,7 @@ def _print_fit(memory, shape, args: argparse.Namespace, kw: dict) -> int:
         print(f"  {r['per_device_train_batch_size']:>11} {r['gradient_accumulation_steps']:>10} "
               f"{r['recomputed_layers']:>5}/{shape.layers:<5} {r['work']:>6.2f} {r['planned_gb']:>11.2f}")  # fmt: skip
     if not rows:
-        print("nothing fits; try " + memory.suggestion(memory.plan(shape, budget_gb=args.gpu_memory_gb, **kw), shape,
-                                                        budget_gb=args.gpu_memory_gb, **kw))  # fmt: skip
+        print("nothing fits; try " + memory.unfit_advice(shape, budget_gb=args.gpu_memory_gb, **kw))
         return 1
     best = rows[0]
     print(f"train.per_device_train_batch_size={best['per_device_train_batch_size']} "

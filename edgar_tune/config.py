@@ -269,6 +269,12 @@ class TrainConfig(_Section):
     memory_budget_gb: float | None = Field(
         None, gt=0, description="Memory per device the plan must fit in (default: the GPU's, or this host's RAM)."
     )
+    memory_fit: bool = Field(
+        False, description="Let the memory plan choose the micro-batch and the recomputed layers: the optimizer "
+        "batch stays per_device_train_batch_size x gradient_accumulation_steps, split into the micro-batch and "
+        "fewest recomputed layers (gradient_checkpointing, checkpoint_layers) that fit memory_budget_gb, least "
+        "work first. Those four keys are then the plan's; the train stage's stats say what it chose.",
+    )
 
     @field_validator("deepspeed")
     @classmethod

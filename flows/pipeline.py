@@ -20,7 +20,7 @@ from prefect.runtime import flow_run
 
 from edgar_tune.config import ConfigError, PipelineConfig, RunParameters, load_run_config
 from tasks.cache import OUTPUTS, STAGES, config_view, downstream, is_current, record, stage_key
-from tasks.finetune import memory_plan, preflight
+from tasks.finetune import plan_training, preflight
 from tasks.io import DOWNLOAD, EVALUATE, REGISTER, TOKENIZE, TRAIN, atomic_write_json, atomic_write_text, read_json
 from tasks.stages import (
     download_filings,
@@ -103,7 +103,7 @@ def run_stages(folder: RunFolder, cfg: PipelineConfig, todo: tuple[str, ...] | l
     states: dict[str, str] = {s: "skipped" for s in skipped}
     for stage in [s for s in STAGES if s in todo]:
         if stage == "evaluate-base" and "train" in todo:  # a run that cannot fit stops before any model runs
-            memory_plan(run_dir / TOKENIZE, cfg.train, precision)
+            plan_training(run_dir / TOKENIZE, cfg.train, precision)
         start = time.perf_counter()
         states[stage] = _run_stage(folder, cfg, stage, force, flow_run_id)
         timings[stage] = round(time.perf_counter() - start, 1)

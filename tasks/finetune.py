@@ -292,20 +292,75 @@ def world_size(cfg: TrainConfig) -> int:
     return sum(slots) or cfg.nproc
 
 
-def memory_plan(tokenize_dir: Path, cfg: TrainConfig, precision: str) -> dict:
-    """Estimate peak memory per device for every engine option; refuse (or warn) when this run's cannot fit."""
+def plan_inputs(tokenize_dir: Path, cfg: TrainConfig, precision: str) -> tuple:
+    """The memory plan's model shape, this run's budget per device (GB, and where it came from) and its keywords."""
     from tasks import memory
 
     stats = read_json(tokenize_dir / "stats.json")
     shape = memory.model_shape(base_model_path(tokenize_dir), cfg.mode, cfg.lora_r, cfg.lora_target_modules)
-    world = world_size(cfg)
     budget, where = (cfg.memory_budget_gb, "train.memory_budget_gb") if cfg.memory_budget_gb else memory.device_budget_gb(cfg.nproc)
     fused = resolve_backend(cfg.fused_linear_ce, "train.fused_linear_ce", cfg.enable_fsdp) != "off"
-    kw = dict(nproc=world, seq=stats["block_length"], batch=cfg.per_device_train_batch_size, mode=cfg.mode,
+    kw = dict(nproc=world_size(cfg), seq=stats["block_length"], batch=cfg.per_device_train_batch_size, mode=cfg.mode,
               precision=precision, quantization=cfg.quantization, gradient_checkpointing=cfg.gradient_checkpointing,
               checkpoint_layers=cfg.checkpoint_layers, half_base=cfg.lora_half_base, fused_loss=fused,
               compiled=cfg.torch_compile or resolve_backend(cfg.fused_layers, "train.fused_layers") == "triton",
               lean_lora=cfg.lean_lora, lora_dropout=cfg.lora_dropout)  # fmt: skip
+    return shape, budget, where, kw
+
+
+FIT_KEYS = ("per_device_train_batch_size", "gradient_accumulation_steps", "gradient_checkpointing", "checkpoint_layers")
+
+
+def fit_memory(tokenize_dir: Path, cfg: TrainConfig, precision: str) -> tuple[TrainConfig, dict | None]:
+    """`train.memory_fit`: the config with the micro-batch, gradient accumulation and recomputed layers that the
+    memory plan fits in the budget, least work first (`tasks.memory.fit`), and what was chosen. The optimizer batch
+    per device (micro-batch x accumulation) stays what the config asked for. Without memory_fit: the config as is.
+
+    Raises:
+        ConfigError: when nothing fits, not even micro-batch 1 with every layer recomputed (with memory_check=refuse;
+            otherwise that setting runs, with a warning).
+    """
+    if not cfg.memory_fit:
+        return cfg, None
+    from tasks import memory
+
+    shape, budget, where, kw = plan_inputs(tokenize_dir, cfg, precision)
+    batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+    rows = memory.fit(shape, budget_gb=budget * memory.HEADROOM, **dict(kw, batch=batch, option=engine_option(cfg)))
+    if rows:
+        best = rows[0]
+    else:
+        message = (f"train.memory_fit: nothing fits {budget:.1f} GB per device ({where}, {memory.HEADROOM:.0%} usable) "
+                   f"by the memory plan, not even micro-batch 1 with every layer recomputed; try "
+                   f"{memory.unfit_advice(shape, budget_gb=budget, options=memory.OPTIONS, **kw)}")  # fmt: skip
+        if cfg.memory_check == "refuse":
+            raise ConfigError(message)
+        log.warning("%s. Running at micro-batch 1 with every layer recomputed (train.memory_check=%s).", message,
+                    cfg.memory_check)  # fmt: skip
+        best = {"per_device_train_batch_size": 1, "gradient_accumulation_steps": batch,
+                "gradient_checkpointing": True, "checkpoint_layers": 1.0, "recomputed_layers": shape.layers,
+                "planned_gb": None, "work": None}  # fmt: skip
+    log.info("train.memory_fit: micro-batch %d x %d accumulated, %d of %d layers recomputed; planned %s GB of %.1f GB "
+             "per device (%s, %.0f%% usable)", best["per_device_train_batch_size"], best["gradient_accumulation_steps"],
+             best["recomputed_layers"], shape.layers, best["planned_gb"] and round(best["planned_gb"], 2), budget,
+             where, 100 * memory.HEADROOM)  # fmt: skip
+    chosen = dict(best, layers=shape.layers, budget_gb=budget, budget_from=where)
+    return cfg.model_copy(update={k: best[k] for k in FIT_KEYS}), chosen
+
+
+def plan_training(tokenize_dir: Path, cfg: TrainConfig, precision: str) -> tuple[TrainConfig, dict]:
+    """`fit_memory`, then `memory_plan` for the config it returns: the config to train, and the plan (what
+    memory_fit chose under "fit")."""
+    cfg, fitted = fit_memory(tokenize_dir, cfg, precision)
+    return cfg, memory_plan(tokenize_dir, cfg, precision) | {"fit": fitted}
+
+
+def memory_plan(tokenize_dir: Path, cfg: TrainConfig, precision: str) -> dict:
+    """Estimate peak memory per device for every engine option; refuse (or warn) when this run's cannot fit."""
+    from tasks import memory
+
+    shape, budget, where, kw = plan_inputs(tokenize_dir, cfg, precision)
+    world = kw["nproc"]
     chosen = engine_option(cfg)
     options = memory.OPTIONS + (("fsdp",) if chosen == "fsdp" else ())
     rows = memory.plan(shape, budget_gb=budget, options=options, **kw)
@@ -337,9 +392,11 @@ def write_train_stage(out: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg:
     (torchrun for FSDP), writing into the same temp folder.
     """
     precision = preflight(cfg)
-    plan = memory_plan(tokenize_dir, cfg, precision)
+    asked = cfg  # resuming compares what was asked for: memory_fit may split the batch otherwise on another device
+    cfg, plan = plan_training(tokenize_dir, cfg, precision)
     ckpts = checkpoints_dir(out)
-    settings = resume_settings(cfg.model_dump(), eval_cfg.model_dump(), read_json(tokenize_dir / "stats.json"), world_size(cfg))
+    settings = resume_settings(asked.model_dump(), eval_cfg.model_dump(), read_json(tokenize_dir / "stats.json"),
+                               world_size(cfg))  # fmt: skip
     try:
         resume_from = prepare_checkpoints(ckpts, settings, cfg.resume)
     except ValueError as err:
@@ -615,6 +672,8 @@ def train(tmp: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfig,
         "deepspeed_config": cfg.deepspeed,
         "zero_stage": zero_stage,
         "world_size": trainer.args.world_size,
+        "per_device_train_batch_size": cfg.per_device_train_batch_size,
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
         "gradient_checkpointing": cfg.gradient_checkpointing,
         "checkpointed_layers": "{}/{}".format(*selective.checkpointed) if selective
         else "all" if cfg.gradient_checkpointing else "none",

@@ -301,6 +301,13 @@ def suggestion(rows: list[Estimate], shape: ModelShape, **kw) -> str:
     return "more devices (train.nproc), train.int4_quantization=true, or a shorter tokenize.max_input_length"
 
 
+def unfit_advice(shape: ModelShape, *, budget_gb: float, options=OPTIONS, **kw) -> str:
+    """What to try when `fit` finds nothing for one engine: an engine that fits at micro-batch 1 with every layer
+    recomputed, else more devices, a 4-bit base or shorter blocks. kw: `plan`'s other keywords."""
+    kw = dict(kw, batch=1, gradient_checkpointing=True, checkpoint_layers=1.0)
+    return suggestion(plan(shape, budget_gb=budget_gb, options=options, **kw), shape, budget_gb=budget_gb, **kw)
+
+
 def fit(shape: ModelShape, *, budget_gb: float, batch: int, **kw) -> list[dict]:
     """The settings that fit `budget_gb` (in full: apply HEADROOM first for a device's memory), fastest first.
 

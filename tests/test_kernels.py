@@ -179,8 +179,9 @@ def test_kernel_throughput_bench_runs_on_the_cpu(tmp_path):
     assert row["ours"]["loss_kernel"] == "torch" and row["baseline"]["tokens_per_s"] > 0
     assert row["checkpoint_sweep"]["0.5"]["settings"]["checkpoint_layers"] == 0.5
     assert row["runs"]["ours"]["settings"]["lean_lora"] is True
-    fitted = row["ours"]["fitted"]  # fitted to 0.9 x the plan of the baseline: the plan's pick ran
-    assert row["runs"]["ours"]["settings"]["gradient_accumulation_steps"] == fitted["gradient_accumulation_steps"]
+    fitted = row["ours"]["fitted"]  # train.memory_fit to 0.9 x the plan of the baseline: the plan's pick ran
+    assert row["runs"]["ours"]["settings"]["memory_fit"] is True and fitted["budget_from"] == "train.memory_budget_gb"
+    assert row["runs"]["ours"]["trained"] == {k: fitted[k] for k in row["runs"]["ours"]["trained"]}
     assert fitted["per_device_train_batch_size"] * fitted["gradient_accumulation_steps"] == row["batch"]
     assert row["eval"]["fused"]["nll_per_token"] == pytest.approx(row["eval"]["materialized"]["nll_per_token"], rel=1e-4)
 

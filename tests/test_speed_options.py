@@ -4,6 +4,8 @@ Their speed is measured in bench/train_throughput.py; here, that they compute wh
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -124,6 +126,47 @@ def test_checkpoint_layers_in_training_and_its_refusals(tiny_run, tmp_path):
     assert out["half"][1] == pytest.approx(out["all"][1], rel=1e-5)
     with pytest.raises(ConfigError, match="train.gradient_checkpointing=false recomputes none"):
         load_config("tiny", {"train.checkpoint_layers": 0.5, "train.gradient_checkpointing": False})
+
+
+def test_memory_fit_splits_the_batch_to_fit_the_budget(tiny_run, tmp_path):
+    """train.memory_fit with a budget that the plan says holds 2 blocks without recompute but not 4: the stage
+    trains micro-batch 2 x 2 accumulated without checkpointing, the losses of 4 x 1 with every layer recomputed,
+    and says what it chose. With no budget that fits, it refuses, naming what to try, or (memory_check=warn) runs at
+    micro-batch 1 with every layer recomputed."""
+    from edgar_tune.config import ConfigError, EvalConfig, TrainConfig
+    from tasks import memory
+    from tasks.finetune import fit_memory, plan_inputs, write_train_stage
+
+    train_variants(tiny_run, tmp_path, {})  # the tokenize stage of blocks that span documents, in tmp_path
+    tok = tmp_path / "03_tokenize"
+    settings = dict(mode="lora", lora_dropout=0.0, max_steps=4, per_device_train_batch_size=4, logging_steps=1,
+                    eval_steps=0, early_stopping_patience=0, load_best_model_at_end=False, save_steps=0)  # fmt: skip
+    asked = TrainConfig(**settings)
+    shape, _, _, kw = plan_inputs(tok, asked, "fp32")
+    kw |= dict(option="none", gradient_checkpointing=False)
+    need = {b: memory.estimate(shape, **dict(kw, batch=b)).total for b in (2, 4)}
+    budget = need[2] / memory.HEADROOM * 1.001
+    assert need[4] > budget * memory.HEADROOM
+
+    runs = {}
+    for name, extra in {"asked": {}, "fitted": {"memory_fit": True, "memory_budget_gb": budget}}.items():
+        write_train_stage(tmp_path / name, tok, TrainConfig(**settings | extra), EvalConfig(max_val_samples=4))
+        stats = json.loads((tmp_path / name / "stats.json").read_text())
+        runs[name] = stats, [json.loads(x)["loss"] for x in (tmp_path / name / "loss.jsonl").read_text().splitlines()]
+    (fitted, fitted_losses), (plain, plain_losses) = runs["fitted"], runs["asked"]
+    assert (fitted["per_device_train_batch_size"], fitted["gradient_accumulation_steps"]) == (2, 2)
+    assert fitted["checkpointed_layers"] == "none" and plain["checkpointed_layers"] == "all"
+    assert fitted["memory_plan"]["fit"]["planned_gb"] == pytest.approx(need[2])
+    assert fitted["memory_plan"]["fit"]["budget_from"] == "train.memory_budget_gb"
+    assert plain["memory_plan"]["fit"] is None
+    assert fitted_losses == pytest.approx(plain_losses, rel=1e-4)
+
+    starved = TrainConfig(**settings | {"memory_fit": True, "memory_budget_gb": need[2] / 100})
+    with pytest.raises(ConfigError, match=r"train.memory_fit: nothing fits .* not even micro-batch 1 .*; try "):
+        fit_memory(tok, starved, "fp32")
+    warned, chosen = fit_memory(tok, starved.model_copy(update={"memory_check": "warn"}), "fp32")
+    assert (warned.per_device_train_batch_size, warned.gradient_accumulation_steps) == (1, 4)
+    assert warned.gradient_checkpointing and warned.checkpoint_layers == 1.0 and chosen["planned_gb"] is None
 
 
 def test_attention_kernel_is_what_training_ran_and_flash_attention_is_refused_without_it(tiny_run, tmp_path):
