@@ -153,11 +153,14 @@ def kernel_bench_args(doc: str, script: str) -> argparse.Namespace:
 
 
 def write_result(out: Path, what: str, device: str, record) -> Path:
-    """Write bench/results/<date>-[<what>-]<device>.json and say where."""
+    """Write bench/results/<date>-[<what>-]<device>.json (atomically: a run killed mid-write keeps the last one)
+    and say where."""
+    from tasks.io import atomic_write_json
+
     out.mkdir(parents=True, exist_ok=True)
     slug = device.lower().replace(" ", "-")
     path = out / f"{dt.date.today().isoformat()}-{what + '-' if what else ''}{slug}.json"
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    atomic_write_json(path, record)
     print(f"wrote {path}")
     return path
 

@@ -34,7 +34,9 @@
   gradients for the frozen base, about 4N), so this MFU understates the hardware's use; it is the usual convention.
 - Perplexity evaluation: windows of 2048 tokens scored with materialized logits and with the fused kernel.
 
-Each measurement runs in its own process, so one's peak memory does not leak into the next.
+Each measurement runs in its own process, so one's peak memory does not leak into the next. The JSON is rewritten
+after each one (baseline and ours first, then the evaluations, the sweep and the ablation), so a run cut short
+keeps what it measured; a job that fails is kept as its error, the others still run, and the script exits 1.
 """
 
 from __future__ import annotations
@@ -295,7 +297,7 @@ def main() -> None:
     elif not torch.cuda.is_available():
         sys.exit("bench/train_throughput.py measures GPUs; on the CPU run it with --smoke")
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    rows = []
+    rows, failed = [], []
     for model, (_, batch) in MODELS.items():
         if args.only not in (None, model) or (args.smoke and model != "smollm2-135m"):
             continue
@@ -306,36 +308,45 @@ def main() -> None:
             base = run_job(args, tok, "train:baseline", batch)
             fit = fit_budget(tok, args, batch, base["peak_mem_gb"]) if args.fit else None
             ours = run_job(args, tok, "train:ours", batch, fit)
-            ablation = {} if args.no_ablation or args.smoke else {
-                opt: run_job(args, tok, f"train:{opt}", batch) for opt in OPTIONS}
-            fractions = [f for f in args.checkpoint_sweep.split(",") if f]
-            sweep = {f: run_job(args, tok, f"train:ours@{f}", batch) for f in fractions}
-            ev = {k: run_job(args, tok, f"eval:{k}", batch) for k in ("off", "auto")}
             fpt = flops_per_token(args.seq, Path(json.loads((tok / "stats.json").read_text())["base_model"]["path"]))
-        peak = peak_flops(device)
-        rows.append({
-            "device": device, "model": "tiny-llama (smoke)" if args.smoke else model, "weights": weights,
-            "seq_len": args.seq, "batch": batch, "steps": args.steps,
-            "baseline": {k: base[k] for k in ("tokens_per_s", "peak_mem_gb")},
-            "ours": {k: ours[k] for k in ("tokens_per_s", "peak_mem_gb")} | {"options": args.ours.split(","),
-                                                                             "loss_kernel": ours["loss_kernel"],
-                                                                             "fitted": ours["fitted"]},
-            "runs": {"baseline": base, "ours": ours},
-            "speedup": ours["tokens_per_s"] / base["tokens_per_s"],
-            "memory_ratio": (ours["peak_mem_gb"] / base["peak_mem_gb"]) if base["peak_mem_gb"] else None,
-            "mfu": {"baseline": base["tokens_per_s"] * fpt / peak, "ours": ours["tokens_per_s"] * fpt / peak} if peak else None,
-            "flops_per_token": fpt, "ablation": ablation, "checkpoint_sweep": sweep,
-            "eval": {"materialized": ev["off"], "fused": ev["auto"]},
-        })  # fmt: skip
-        write_result(args.out, "", device, rows)  # after each model: a later one's failure keeps this one
+            peak = peak_flops(device)
+            row = {
+                "device": device, "model": "tiny-llama (smoke)" if args.smoke else model, "weights": weights,
+                "seq_len": args.seq, "batch": batch, "steps": args.steps,
+                "baseline": {k: base[k] for k in ("tokens_per_s", "peak_mem_gb")},
+                "ours": {k: ours[k] for k in ("tokens_per_s", "peak_mem_gb")} | {
+                    "options": args.ours.split(","), "loss_kernel": ours["loss_kernel"], "fitted": ours["fitted"]},
+                "runs": {"baseline": base, "ours": ours},
+                "speedup": ours["tokens_per_s"] / base["tokens_per_s"],
+                "memory_ratio": (ours["peak_mem_gb"] / base["peak_mem_gb"]) if base["peak_mem_gb"] else None,
+                "mfu": {"baseline": base["tokens_per_s"] * fpt / peak, "ours": ours["tokens_per_s"] * fpt / peak}
+                if peak else None,
+                "flops_per_token": fpt, "eval": {}, "checkpoint_sweep": {}, "ablation": {},
+            }  # fmt: skip
+            rows.append(row)
+            # The rest in order of cost, the JSON rewritten after each: a run cut short (a 10-minute device call)
+            # keeps everything measured before it.
+            jobs = [("eval", name, f"eval:{kernel}") for name, kernel in (("materialized", "off"), ("fused", "auto"))]
+            jobs += [("checkpoint_sweep", f, f"train:ours@{f}") for f in args.checkpoint_sweep.split(",") if f]
+            jobs += [] if args.no_ablation or args.smoke else [("ablation", opt, f"train:{opt}") for opt in OPTIONS]
+            write_result(args.out, "", device, rows)
+            for section, name, spec in jobs:
+                try:
+                    row[section][name] = run_job(args, tok, spec, batch)
+                except Exception as err:  # one option failing (out of memory, say) keeps the other rows; exits 1
+                    print(err, flush=True)
+                    row[section][name] = {"error": str(err)}
+                    failed.append(spec)
+                write_result(args.out, "", device, rows)
     print(f"\n{device}, torch {torch.__version__}, seq {args.seq}, {args.steps} steps, LoRA r=8 (q_proj, v_proj)")
     print(f"{'model':<14} {'run':<10} {'tokens/s':>10} {'peak GB':>8} {'MFU':>6}   {'eval tok/s':>10} {'eval GB':>8}")
     for r in rows:
         for name, key in (("baseline", "materialized"), ("ours", "fused")):
             mfu = f"{r['mfu'][name]:.1%}" if r["mfu"] else "-"
-            mem, emem = r[name]["peak_mem_gb"], r["eval"][key]["peak_mem_gb"]
-            print(f"{r['model']:<14} {name:<10} {r[name]['tokens_per_s']:>10.0f} {mem or 0:>8.2f} {mfu:>6}   "
-                  f"{r['eval'][key]['tokens_per_s']:>10.0f} {emem or 0:>8.2f}")  # fmt: skip
+            ev = r["eval"][key]
+            evals = f"{ev['tokens_per_s']:>10.0f} {ev['peak_mem_gb'] or 0:>8.2f}" if "error" not in ev else "failed"
+            print(f"{r['model']:<14} {name:<10} {r[name]['tokens_per_s']:>10.0f} {r[name]['peak_mem_gb'] or 0:>8.2f} "
+                  f"{mfu:>6}   {evals}")  # fmt: skip
         ratio = f"{r['memory_ratio']:.2f}x" if r["memory_ratio"] else "-"
         print(f"{'':<14} ours/base  {r['speedup']:>9.2f}x {ratio:>8}")
         if r["ours"]["fitted"]:
@@ -345,9 +356,14 @@ def main() -> None:
                   f"{f['planned_gb']:.2f} of {f['budget_gb']:.2f} GB)")  # fmt: skip
         extra = [(f"+{opt}", row) for opt, row in r["ablation"].items()]
         extra += [(f"ours@{f} layers", row) for f, row in r["checkpoint_sweep"].items()]
-        for label, row in extra:  # each against the baseline
-            mem = row["peak_mem_gb"] / r["baseline"]["peak_mem_gb"] if r["baseline"]["peak_mem_gb"] else 0
-            print(f"{'':<14} {label:<17} {row['tokens_per_s'] / r['baseline']['tokens_per_s']:>5.2f}x {mem:>7.2f}x")
+        for label, other in extra:  # each against the baseline
+            if "error" in other:
+                print(f"{'':<14} {label:<17} failed")
+                continue
+            mem = other["peak_mem_gb"] / r["baseline"]["peak_mem_gb"] if r["baseline"]["peak_mem_gb"] else 0
+            print(f"{'':<14} {label:<17} {other['tokens_per_s'] / r['baseline']['tokens_per_s']:>5.2f}x {mem:>7.2f}x")
+    if failed:
+        sys.exit(f"failed: {', '.join(failed)} (their errors are in the JSON and above)")
 
 
 if __name__ == "__main__":

@@ -161,7 +161,9 @@ def test_kernel_training_follows_the_same_loss_curve(tiny_run, tmp_path):
 
 
 def test_kernel_throughput_bench_runs_on_the_cpu(tmp_path):
-    """bench/train_throughput.py --smoke: the GPU benchmark's code path end to end, on the tiny test model."""
+    """bench/train_throughput.py --smoke: the GPU benchmark's code path end to end, on the tiny test model. A job
+    that fails (a sweep row asking for 2x the layers) is kept in the JSON as its error, the rest runs, and the
+    script exits 1 naming it."""
     import json
     import subprocess
     import sys
@@ -169,12 +171,14 @@ def test_kernel_throughput_bench_runs_on_the_cpu(tmp_path):
     from tests.conftest import REPO
 
     proc = subprocess.run([sys.executable, "bench/train_throughput.py", "--smoke",
-                           "--ours", "fused_linear_ce,document_mask,lean_lora", "--checkpoint-sweep", "0.5",
+                           "--ours", "fused_linear_ce,document_mask,lean_lora", "--checkpoint-sweep", "2,0.5",
                            "--fit", "0.9", "--out", str(tmp_path)], cwd=REPO,
                           capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert proc.stderr.splitlines()[-1].startswith("failed: train:ours@2 ")
     [path] = tmp_path.glob("*-cpu.json")
     [row] = json.loads(path.read_text())
+    assert "checkpoint_layers" in row["checkpoint_sweep"]["2"]["error"]
     assert {"device", "model", "seq_len", "baseline", "ours", "mfu"} <= set(row)
     assert row["ours"]["loss_kernel"] == "torch" and row["baseline"]["tokens_per_s"] > 0
     assert row["checkpoint_sweep"]["0.5"]["settings"]["checkpoint_layers"] == 0.5
