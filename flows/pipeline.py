@@ -175,6 +175,9 @@ def build_summary(run_dir: Path, preset: str, timings: dict, flow_run_id: str | 
         "zero_stage": train["zero_stage"],
         "world_size": train["world_size"],
         "gradient_checkpointing": train["gradient_checkpointing"],
+        "micro_batch": train.get("per_device_train_batch_size"),
+        "gradient_accumulation_steps": train.get("gradient_accumulation_steps"),
+        "memory_fit": train.get("memory_plan", {}).get("fit"),
         "mode": train["mode"],
         "dtype": train["dtype"],
         "device": train["device"],
@@ -204,8 +207,10 @@ def format_summary(s: dict) -> str:
         f"  filings           {filings}",
         f"  tokens            train {s['train_tokens']:,} (seen {s['train_tokens_seen']:,}), "
         f"held-out MD&A {s['val_tokens']:,}",
-        f"  training          {s['mode']} on {s['device']}, {s['engine']}, {s['train_steps']} steps, "
-        f"gradient checkpointing {'on' if s['gradient_checkpointing'] else 'off'}",
+        f"  training          {s['mode']} on {s['device']}, {s['engine']}, {s['train_steps']} steps"
+        + (f" of micro-batch {s['micro_batch']} x {s['gradient_accumulation_steps']}" if s["micro_batch"] else "")
+        + f", gradient checkpointing {'on' if s['gradient_checkpointing'] else 'off'}"
+        + (" (chosen by train.memory_fit)" if s["memory_fit"] else ""),
         f"  perplexity        before {s['ppl_before']:.3f}  ->  after {s['ppl_after']:.3f}  "
         f"({s['ppl_change_pct']:+.1f}%)",
         f"  registered        {s['registered_model']} v{s['model_version']} @{s['model_alias']}",

@@ -209,6 +209,11 @@ def register_run(run_dir: Path, runs_root: Path, cfg: PipelineConfig, flow_run_i
     with mlflow.start_run(experiment_id=exp_id, run_name=f"{cfg.preset}-{run_dir.name}") as run:
         mlflow.set_tags({k: v for k, v in tags.items() if k != "val_perplexity"} | {"mlflow.source.git.commit": tags["git_commit"]})
         mlflow.log_params({k: json.dumps(v) if isinstance(v, list | dict) else v for k, v in flat_params(cfg).items()})
+        fitted = train_stats.get("memory_plan", {}).get("fit")
+        if fitted:  # what train.memory_fit chose, beside what the run asked for
+            keys = ("per_device_train_batch_size", "gradient_accumulation_steps", "recomputed_layers", "planned_gb",
+                    "budget_gb")  # fmt: skip
+            mlflow.log_params({f"memory_fit.{k}": fitted[k] for k in keys})
         mlflow.log_metrics({"ppl_before": before["perplexity"], "ppl_after": after["perplexity"],
                             "train_tokens": tok_stats["train_tokens"], "val_tokens": after["tokens"],
                             "train_seconds": train_stats["seconds"]})  # fmt: skip

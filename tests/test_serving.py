@@ -66,11 +66,16 @@ def test_pipeline_registers_on_a_remote_tracking_server(tmp_path, prefect_server
     uri = f"http://127.0.0.1:{port}"
     try:
         wait_http(f"{uri}/health", server)
-        # A full fine-tune this time: the version must hold the trained weights themselves.
+        # A full fine-tune this time: the version must hold the trained weights themselves. memory_fit chooses the
+        # micro-batch and checkpointing (in this host's RAM: all 8 blocks at once, nothing recomputed).
         s = run_cli(tmp_path, "--set", "max_steps=10", "--set", "mode=full", "--set", "generate.enabled=false",
-                    env={"MLFLOW_TRACKING_URI": uri} | prefect_server)  # fmt: skip
+                    "--set", "memory_fit=true", env={"MLFLOW_TRACKING_URI": uri} | prefect_server)  # fmt: skip
         assert s["mlflow_tracking_uri"] == uri and s["mode"] == "full"
+        assert (s["micro_batch"], s["gradient_accumulation_steps"], s["gradient_checkpointing"]) == (8, 1, False)
         client = mlflow.MlflowClient(uri)
+        params = client.get_run(s["mlflow_run_id"]).data.params
+        assert params["train.memory_fit"] == "True" and params["memory_fit.recomputed_layers"] == "0"
+        assert params["memory_fit.per_device_train_batch_size"] == "8"
         version = client.get_model_version_by_alias(s["registered_model"], s["model_alias"])
         assert str(version.version) == s["model_version"] and version.tags["base_model"] == "tiny-llama"
         names = {a.path for a in client.list_artifacts(s["mlflow_run_id"], "plots")}
