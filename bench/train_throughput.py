@@ -241,20 +241,20 @@ def job(args: argparse.Namespace) -> dict:
     settings = {k: (ours if k in chosen else base) for k, (base, ours) in OPTIONS.items()}
     if fraction:
         settings["checkpoint_layers"] = float(fraction)
-    settings |= json.loads(args.fitted or "{}")
+    settings |= json.loads(args.extra or "{}")
     return measure_train(tok, settings, args.steps, args.batch, args.smoke)
 
 
 def run_job(args: argparse.Namespace, tok: Path, spec: str, batch: int, extra: dict | None = None) -> dict:
     """One job in its own process (in this one with --smoke); `extra`: train settings on top of the job's."""
-    fitted = json.dumps(extra or {})
+    extra_json = json.dumps(extra or {})
     if args.smoke:  # one process is enough to check the script
-        ns = argparse.Namespace(**vars(args) | {"job": spec, "tok": str(tok), "batch": batch, "fitted": fitted})
+        ns = argparse.Namespace(**vars(args) | {"job": spec, "tok": str(tok), "batch": batch, "extra": extra_json})
         return job(ns)
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         cmd = [sys.executable, __file__, "--job", spec, "--tok", str(tok), "--seq", str(args.seq), "--steps",
                str(args.steps), "--batch", str(batch), "--ours", args.ours, "--row", f.name,
-               "--fitted", fitted]  # fmt: skip
+               "--extra", extra_json]  # fmt: skip
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         if proc.returncode != 0:
             tail = "\n".join(proc.stdout.splitlines()[-25:])
@@ -284,7 +284,7 @@ def main() -> None:
     ap.add_argument("--tok", help=argparse.SUPPRESS)
     ap.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--row", type=Path, help=argparse.SUPPRESS)
-    ap.add_argument("--fitted", help=argparse.SUPPRESS)
+    ap.add_argument("--extra", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.job:
         args.row.write_text(json.dumps(job(args)))
@@ -354,8 +354,8 @@ def main() -> None:
             print(f"{'':<14} (ours: micro-batch {f['per_device_train_batch_size']} x {f['gradient_accumulation_steps']} "
                   f"accumulated, {f['recomputed_layers']}/{f['layers']} layers recomputed, planned "
                   f"{f['planned_gb']:.2f} of {f['budget_gb']:.2f} GB)")  # fmt: skip
-        extra = [(f"+{opt}", row) for opt, row in r["ablation"].items()]
-        extra += [(f"ours@{f} layers", row) for f, row in r["checkpoint_sweep"].items()]
+        extra = [(f"+{opt}", rec) for opt, rec in r["ablation"].items()]
+        extra += [(f"ours@{f} layers", rec) for f, rec in r["checkpoint_sweep"].items()]
         for label, other in extra:  # each against the baseline
             if "error" in other:
                 print(f"{'':<14} {label:<17} failed")
