@@ -349,8 +349,9 @@ def test_kernel_lean_lora_refuses_what_it_does_not_compute():
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from edgar_tune.config import load_config
+    from edgar_tune.config import ConfigError, load_config
     from kernels.lora import lean_lora
+    from tasks.finetune import preflight
 
     config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                          vocab_size=100)  # fmt: skip
@@ -362,9 +363,6 @@ def test_kernel_lean_lora_refuses_what_it_does_not_compute():
         lean_lora(AutoModelForCausalLM.from_config(config))
     with pytest.raises(ValueError, match="train.lean_lora changes LoRA adapters, and train.mode=full"):
         load_config("tiny", {"train.mode": "full", "train.lean_lora": True})
-    from edgar_tune.config import ConfigError
-    from tasks.finetune import preflight
-
     for setting in ({"train.deepspeed": "zero3"}, {"train.deepspeed": "zero3-offload"}):
         with pytest.raises(ConfigError, match=r"lean_lora is not supported with train.deepspeed=zero3"):
             preflight(load_config("tiny", {"train.lean_lora": True, **setting}).train)

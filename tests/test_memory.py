@@ -24,6 +24,9 @@ def test_model_states_match_the_zero_paper(stage, paper_gb):
 
 SHAPE = ModelShape(params=6_738_415_616, lora_params=19_988_480, layers=32, hidden=4096, vocab=32000,
                    largest_layer_params=202_383_360)  # fmt: skip
+# Llama-2-7B with LoRA r=8 on q_proj and v_proj (JumpStart's targets): the shape the layer count needs
+LLAMA2_7B_QV = ModelShape(6_738_415_616, 4_194_304, 32, 4096, 32000, 202_383_488, intermediate=11008, kv_hidden=4096,
+                          heads=32, lora_r=8, lora_targets=("q_proj", "v_proj"))  # fmt: skip
 
 
 @pytest.mark.parametrize(("option", "stage", "n"), [("none", 0, 1), ("zero2", 2, 1), ("zero2", 2, 8), ("zero3", 3, 1),
@@ -183,18 +186,16 @@ def test_the_plan_is_close_to_the_peaks_measured_on_an_h100(tmp_path):
 def test_the_plan_counts_what_a_lora_layer_keeps(lean, dropout):
     """`lora_layer_bytes` against what autograd really keeps (saved-tensor hooks), tensor for tensor, for peft's
     adapters and for train.lean_lora, on every kind of projection input (q/v share one; o, down their own)."""
-    from tasks.memory import lora_layer_bytes
-
     from transformers import LlamaConfig
 
     from bench.saved_activations import saved_bytes_per_token
+    from tasks.memory import lora_layer_bytes
 
     config = LlamaConfig(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=300, attn_implementation="sdpa")  # fmt: skip
     measured, shape = saved_bytes_per_token(config, ["q_proj", "v_proj", "o_proj", "down_proj"], r=4,
                                             dropout=dropout, lean=lean, tokens=48)  # fmt: skip
     assert shape.lora_targets == ("down_proj", "o_proj", "q_proj", "v_proj") and shape.kv_hidden == 32
-    # eager PyTorch's dropout on the CPU keeps a mask of the input's dtype (fp32 here); CUDA's keeps bools
     # under the Trainer's bf16 autocast; eager PyTorch's dropout on the CPU keeps an fp32 mask, CUDA's bools
     planned = lora_layer_bytes(shape, act_bytes=2, compiled=False, lean=lean, dropout=dropout, mask_bytes=4,
                                matmul_bytes=2, cast=True)  # fmt: skip
@@ -207,8 +208,7 @@ def test_lean_lora_keeps_a_seventh_less_of_a_compiled_7b_layer():
     measured them with hooks on the CPU (about 7 minutes: too slow for the suite)."""
     from tasks.memory import lora_layer_bytes
 
-    shape = ModelShape(6_738_415_616, 4_194_304, 32, 4096, 32000, 202_383_488, intermediate=11008, kv_hidden=4096,
-                       heads=32, lora_r=8, lora_targets=("q_proj", "v_proj"))  # fmt: skip
+    shape = LLAMA2_7B_QV
     per_h = {lean: lora_layer_bytes(shape, act_bytes=2, compiled=True, lean=lean, dropout=0.05) / 4096
              for lean in (False, True)}  # fmt: skip
     assert per_h == {False: pytest.approx(28.79, abs=0.005), True: pytest.approx(24.79, abs=0.005)}
@@ -219,8 +219,7 @@ def test_fit_finds_the_least_recompute_for_each_micro_batch():
     layers kept whole comes first; every row fits, and one layer fewer recomputed would not."""
     from tasks.memory import fit
 
-    shape = ModelShape(6_738_415_616, 4_194_304, 32, 4096, 32000, 202_383_488, intermediate=11008, kv_hidden=4096,
-                       heads=32, lora_r=8, lora_targets=("q_proj", "v_proj"))  # fmt: skip
+    shape = LLAMA2_7B_QV
     kw = dict(option="none", nproc=1, seq=2048, mode="lora", precision="bf16", fused_loss=True, compiled=True,
               lean_lora=True, lora_dropout=0.05)  # fmt: skip
     rows = fit(shape, budget_gb=19.9, batch=4, **kw)
