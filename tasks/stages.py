@@ -18,8 +18,12 @@ from tasks.io import DOWNLOAD, EVALUATE, PARSE, REGISTER, TOKENIZE, TRAIN, atomi
 
 
 def stage_task(name: str):
-    """A pipeline stage: cached on the flow's `cache_key`, its result persisted (JSON) for later runs."""
-    return task(name=name, cache_policy=StageKey(), persist_result=True, result_serializer="json")
+    """A pipeline stage: cached on the flow's `cache_key`, its result persisted (JSON) for later runs.
+
+    Stages log through `logging`, never `print`. The flow's `log_prints` is off inside them because libraries
+    print to a captured stdout: dill (under `datasets`' fingerprints) reads a function's globals from
+    `dis.dis` output, which Prefect would otherwise send to the run's log as bytecode."""
+    return task(name=name, cache_policy=StageKey(), persist_result=True, result_serializer="json", log_prints=False)
 
 
 @stage_task("download_filings")
