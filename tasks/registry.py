@@ -76,6 +76,18 @@ class EdgarTuneLM(mlflow.pyfunc.PythonModel):
         return out
 
 
+# What the pyfunc imports when it loads and generates; pinned to the versions that trained and registered it.
+SERVING_PACKAGES = ("torch", "transformers", "peft", "safetensors", "mlflow", "pyyaml", "pydantic")
+
+
+def pip_requirements() -> list[str]:
+    """`name==version` for each serving package as installed here, without local labels such as `+cpu`:
+    a served copy loads the adapter with the transformers and peft it was saved with."""
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name).split('+')[0]}" for name in SERVING_PACKAGES]
+
+
 def _signature():
     """A `prompt` column in, generated text out, `max_new_tokens` as a request parameter (also when served)."""
     import pandas as pd
@@ -241,7 +253,7 @@ def register_run(run_dir: Path, runs_root: Path, cfg: PipelineConfig, flow_run_i
             artifacts=artifacts,
             model_config={"base_model": base_ref, "weights": train_stats["weights"]},
             code_paths=[str(REPO_ROOT / "tasks"), str(REPO_ROOT / "edgar_tune")],
-            pip_requirements=["torch", "transformers", "peft", "safetensors", "mlflow", "pyyaml", "pydantic"],
+            pip_requirements=pip_requirements(),
             registered_model_name=cfg.registry.model_name,
             signature=_signature(),
         )

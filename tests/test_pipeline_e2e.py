@@ -79,6 +79,12 @@ def test_registered_model_loads_as_pyfunc_and_generates(tiny_run):
     model = mlflow.pyfunc.load_model(f"models:/{s['registered_model']}@champion")
     out = model.predict({"prompt": ["Net sales increased"]}, params={"max_new_tokens": 5})
     assert len(out) == 1 and isinstance(out[0], str)
+    # A served copy installs the transformers and peft that saved the adapter, not whatever is newest.
+    from importlib.metadata import version
+
+    deps = Path(mlflow.pyfunc.get_model_dependencies(f"models:/{s['registered_model']}@champion")).read_text()
+    for name in ("transformers", "peft", "torch"):
+        assert f"{name}=={version(name).split('+')[0]}" in deps.split(), deps
 
 
 def test_generation_samples_are_logged_side_by_side(tiny_run):
