@@ -11,7 +11,7 @@
   (`train.lora_half_base`), torch.compile (`train.torch_compile`: inductor fuses RMSNorm, RoPE, SwiGLU
   and the LoRA paths), packing without cross-document attention (`train.document_mask`), and two dataloader
   processes collating the next batches off the critical path (`train.dataloader_num_workers`). Flex attention
-  (`train.attention=flex_attention`: document masks as block masks) and the Triton RMSNorm and SwiGLU
+  (`train.attention=flex_attention`: document masks as block masks) and the Triton RMSNorm, SwiGLU and RoPE
   (`train.fused_layers`) are measured alone and join ours with `--ours ...,attention,fused_layers`. Each option is also
   measured alone on top of the baseline in the `ablation` rows; `--ours` picks the set. `--checkpoint-sweep
   0.5,0` adds rows of ours with only that fraction of the layers recomputed in backward

@@ -227,9 +227,9 @@ class TrainConfig(_Section):
         "token per hidden unit of a Llama layer instead of 28.79). Same values; other random masks.",
     )
     fused_layers: KernelChoice = Field(
-        "off", description="Triton RMSNorm and SwiGLU (kernels/triton_layers.py) in Llama-family blocks: one kernel "
-        "each way instead of several, and no saved silu(gate). auto = Triton on GPUs, the model's own PyTorch on the "
-        "CPU; off = the model's own.",
+        "off", description="Triton RMSNorm, SwiGLU and rotary embedding (kernels/triton_layers.py) in Llama-family "
+        "blocks: one kernel each way instead of several, and no saved silu(gate). auto = Triton on GPUs, the model's "
+        "own PyTorch on the CPU; off = the model's own.",
     )
     torch_compile: bool = Field(
         False, description="Compile the model with torch.compile (inductor): fuses the norms, rotary embeddings, "

@@ -9,6 +9,8 @@ tokens x vocab logits never exist, in the forward or the backward.
 from __future__ import annotations
 
 import contextlib
+import inspect
+import types
 
 import torch
 from torch import nn
@@ -115,16 +117,43 @@ def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tens
 _SILU = ("SiLU", "SiLUActivation")  # torch's, and transformers' ACT2FN["silu"]
 
 
+def _same_code(a, b) -> bool:  # noqa: ANN001
+    a, b = inspect.unwrap(a), inspect.unwrap(b)
+    return all(getattr(a.__code__, f) == getattr(b.__code__, f) for f in ("co_code", "co_names", "co_varnames")) and (
+        a.__defaults__ == b.__defaults__)  # fmt: skip
+
+
+def _rope_forward(forward, rope):  # noqa: ANN001
+    """An attention class's forward reading `rope` where it reads `apply_rotary_pos_emb`, or None when that forward
+    does not call Llama's `apply_rotary_pos_emb` (other models' rotations differ: partial, interleaved)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as llama_rope
+
+    if not inspect.isfunction(forward) or hasattr(forward, "__wrapped__"):
+        return None
+    original = forward.__globals__.get("apply_rotary_pos_emb")
+    if "apply_rotary_pos_emb" not in forward.__code__.co_names or not inspect.isfunction(original):
+        return None
+    if not _same_code(original, llama_rope):
+        return None
+    # The same code with its module's globals but that one name: the module itself stays as it is.
+    glob = dict(forward.__globals__, apply_rotary_pos_emb=rope)
+    fused = types.FunctionType(forward.__code__, glob, forward.__name__, forward.__defaults__, forward.__closure__)
+    fused.__kwdefaults__ = forward.__kwdefaults__
+    return fused
+
+
 def fuse_layers(model: nn.Module) -> dict[str, int]:
-    """Swap the Triton RMSNorm and SwiGLU (kernels/triton_layers.py) into the Llama-family modules of `model`
-    (through peft and DeepSpeed wrappers; LoRA layers on the projections stay as they are). Matches
-    `*RMSNorm` modules computing `weight * normalized` (a `variance_epsilon`, no offset: Gemma's `1 + weight`
-    is left alone) and MLPs with gate/up/down projections and a SiLU. Returns how many of each it swapped.
+    """Swap the Triton RMSNorm, SwiGLU and rotary embedding (kernels/triton_layers.py) into the Llama-family
+    modules of `model` (through peft and DeepSpeed wrappers; LoRA layers on the projections stay as they are).
+    Matches `*RMSNorm` modules computing `weight * normalized` (a `variance_epsilon`, no offset: Gemma's
+    `1 + weight` is left alone), MLPs with gate/up/down projections and a SiLU, and attention modules whose forward
+    calls a rotation with the code of Llama's `apply_rotary_pos_emb` (Llama, Mistral, Qwen2, ...; the module's own
+    function is untouched, the swap is per module). Returns how many of each it swapped.
 
     Raises:
         ValueError: when nothing matched: the model is not one this fuses, and nothing runs under its name.
     """
-    from kernels.triton_layers import rms_norm, swiglu  # imported here once, not in every forward
+    from kernels.triton_layers import rms_norm, rope, swiglu  # imported here once, not in every forward
 
     def _rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return rms_norm(hidden_states, self.weight, self.variance_epsilon)
@@ -132,7 +161,8 @@ def fuse_layers(model: nn.Module) -> dict[str, int]:
     def _swiglu_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
-    counts = {"rms_norm": 0, "swiglu": 0}
+    counts = {"rms_norm": 0, "swiglu": 0, "rope": 0}
+    rope_forwards: dict = {}  # one fused forward per attention class
     for module in causal_lm_of(model).modules():
         kind = type(module).__name__
         if kind.endswith("RMSNorm") and hasattr(module, "variance_epsilon") and "Gemma" not in kind:
@@ -142,7 +172,14 @@ def fuse_layers(model: nn.Module) -> dict[str, int]:
                 getattr(module, "act_fn", None)).__name__ in _SILU:  # fmt: skip
             module.forward = _swiglu_mlp_forward.__get__(module)
             counts["swiglu"] += 1
+        elif all(hasattr(module, a) for a in ("q_proj", "k_proj", "o_proj")):
+            cls = type(module)
+            if cls not in rope_forwards:
+                rope_forwards[cls] = _rope_forward(cls.forward, rope)
+            if rope_forwards[cls] is not None:
+                module.forward = rope_forwards[cls].__get__(module)
+                counts["rope"] += 1
     if not any(counts.values()):
-        raise ValueError(f"train.fused_layers: {type(causal_lm_of(model)).__name__} has no Llama-style RMSNorm or "
-                         "SwiGLU MLP to fuse; set train.fused_layers=off")  # fmt: skip
+        raise ValueError(f"train.fused_layers: {type(causal_lm_of(model)).__name__} has no Llama-style RMSNorm, "
+                         "SwiGLU MLP or rotary embedding to fuse; set train.fused_layers=off")  # fmt: skip
     return counts

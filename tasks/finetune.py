@@ -600,7 +600,8 @@ def train(tmp: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfig,
     fused_layers = "off"
     if resolve_backend(cfg.fused_layers, "train.fused_layers") == "triton":
         fused_layers = fuse_layers(model)
-        log.info("train.fused_layers: Triton RMSNorm x%(rms_norm)d, SwiGLU x%(swiglu)d", fused_layers)
+        log.info("train.fused_layers: Triton RMSNorm x%(rms_norm)d, SwiGLU x%(swiglu)d, rotary embedding x%(rope)d",
+                 fused_layers)
     if cfg.mode == "lora":
         from peft import LoraConfig, get_peft_model
 

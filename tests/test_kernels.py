@@ -1,5 +1,5 @@
 """kernels/: the fused linear + cross-entropy against F.cross_entropy on materialized logits, and the Triton
-RMSNorm and SwiGLU against the modules they replace (`pytest -k kernel`).
+RMSNorm, SwiGLU and rotary embedding against the modules they replace (`pytest -k kernel`).
 
 Both backends: the chunked PyTorch rows, and the Triton kernel (on a GPU, or on the CPU under TRITON_INTERPRET=1,
 which the tests set when there is no GPU; `make test` installs Triton for it).
@@ -207,7 +207,8 @@ def test_kernel_choice_resolves_or_is_refused_before_anything_runs():
         preflight(load_config("tiny", {"train.fused_layers": "triton"}).train)
 
 
-# The Triton RMSNorm and SwiGLU (kernels/triton_layers.py, `train.fused_layers`) against the modules they replace.
+# The Triton RMSNorm, SwiGLU and rotary embedding (kernels/triton_layers.py, `train.fused_layers`) against the
+# modules they replace.
 LAYER_TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 2e-2), torch.float16: (2e-3, 2e-3)}
 
 
@@ -252,6 +253,44 @@ def test_kernel_swiglu_matches_silu_times_up(dtype):
         torch.testing.assert_close(a, b, atol=atol * 4 * float(b.abs().max()), rtol=rtol)
 
 
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shared_positions", [True, False], ids=["cos-batch-1", "cos-per-row"])
+def test_kernel_rope_matches_apply_rotary_pos_emb(dtype, shared_positions):
+    """q and k as attention has them (transposed views of the projections), grouped-query heads, an odd head count
+    and a half head size that is not a power of two: outputs, their layout, and both gradients; k frozen too."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+    from kernels.triton_layers import rope
+
+    b, hq, hk, s, d = 2, 6, 2, 7, 20
+    g = torch.Generator().manual_seed(0)
+    q0, k0 = [(torch.randn(b, s, h * d, generator=g)).to(DEVICE, dtype).requires_grad_() for h in (hq, hk)]
+    rot = LlamaRotaryEmbedding(LlamaConfig(hidden_size=hq * d, num_attention_heads=hq, num_key_value_heads=hk,
+                                           head_dim=d, max_position_embeddings=64)).to(DEVICE)  # fmt: skip
+    pos = torch.arange(s, device=DEVICE)[None] + (0 if shared_positions else torch.tensor([[0], [5]], device=DEVICE))
+    cos, sin = rot(q0, pos)
+    assert cos.shape[0] == (1 if shared_positions else b)
+
+    def heads(x, h):
+        return x.view(b, s, h, d).transpose(1, 2)
+
+    want = apply_rotary_pos_emb(heads(q0, hq), heads(k0, hk), cos, sin)
+    got = rope(heads(q0, hq), heads(k0, hk), cos, sin)
+    atol, rtol = LAYER_TOL[dtype]
+    for a, w in zip(got, want, strict=True):
+        assert a.dtype == w.dtype and a.shape == w.shape and a.stride() == w.stride()
+        torch.testing.assert_close(a, w, atol=atol * 4, rtol=rtol)
+    dy = [torch.randn(w.shape, generator=g).to(DEVICE, dtype) for w in want]
+    want_grads = torch.autograd.grad(want, (q0, k0), dy)
+    for a, w in zip(torch.autograd.grad(got, (q0, k0), dy), want_grads, strict=True):
+        torch.testing.assert_close(a, w, atol=atol * 4, rtol=rtol)
+    q1 = q0.detach().requires_grad_()  # k frozen: only q's gradient is computed
+    (gq,) = torch.autograd.grad(rope(heads(q1, hq), heads(k0.detach(), hk), cos, sin)[0], q1, dy[0])
+    torch.testing.assert_close(gq, want_grads[0], atol=atol * 4, rtol=rtol)
+
+
 def _small_llama():
     """A 2-layer Llama config with grouped-query attention and odd widths, and a batch of token ids for it."""
     from transformers import LlamaConfig
@@ -263,8 +302,9 @@ def _small_llama():
 
 @needs_triton
 def test_kernel_fused_layers_in_a_lora_llama():
-    """fuse_layers swaps every RMSNorm and SwiGLU MLP of a Llama (under peft): same logits and adapter gradients;
-    a model with neither (GPT-2: LayerNorm, GELU) is refused instead of running unfused under the name."""
+    """fuse_layers swaps every RMSNorm, SwiGLU MLP and rotation of a Llama (under peft): same logits and adapter
+    gradients; a model with none of them (GPT-2: LayerNorm, GELU; GPT-NeoX: a partial rotation) is refused instead of
+    running unfused under the name."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, GPT2Config
 
@@ -281,13 +321,24 @@ def test_kernel_fused_layers_in_a_lora_llama():
         out = model(input_ids=ids, labels=ids)
         out.loss.backward()
         runs.append((out.logits, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}, counts))
-    assert runs[1][2] == {"rms_norm": 5, "swiglu": 2}  # two per layer and the final norm; one MLP per layer
-    assert model.get_base_model().model.layers[0].mlp.forward.__name__ == "_swiglu_mlp_forward"
+    assert runs[1][2] == {"rms_norm": 5, "swiglu": 2, "rope": 2}  # two norms a layer and the final one; one MLP
+    layer = model.get_base_model().model.layers[0]
+    assert layer.mlp.forward.__name__ == "_swiglu_mlp_forward"
+    assert layer.self_attn.forward.__globals__["apply_rotary_pos_emb"].__name__ == "rope"
+    import transformers.models.llama.modeling_llama as llama
+
+    assert llama.apply_rotary_pos_emb.__name__ == "apply_rotary_pos_emb"  # per module: the library is untouched
     torch.testing.assert_close(runs[1][0], runs[0][0], atol=1e-5, rtol=1e-5)
     for name, grad in runs[0][1].items():
         torch.testing.assert_close(runs[1][1][name], grad, atol=1e-6, rtol=1e-4)
-    with pytest.raises(ValueError, match="no Llama-style RMSNorm or SwiGLU"):
+    with pytest.raises(ValueError, match="no Llama-style RMSNorm, SwiGLU MLP or rotary embedding"):
         fuse_layers(AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100)))
+    from transformers import GPTNeoXConfig
+
+    with pytest.raises(ValueError, match="no Llama-style"):  # its rotation is partial: not Llama's code, not swapped
+        fuse_layers(AutoModelForCausalLM.from_config(GPTNeoXConfig(hidden_size=32, num_hidden_layers=1,
+                                                                   num_attention_heads=2, intermediate_size=64,
+                                                                   vocab_size=100)))  # fmt: skip
 
 
 # train.lean_lora (kernels/lora.py): LoRA's down projection keeping its input once and no dropout mask.
