@@ -183,6 +183,8 @@ def _run_rope(q, k, cos, sin, backward: bool):  # noqa: ANN001
     b, _, seq, dim = ref.shape
     if dim % 2:
         raise ValueError(f"rotary embeddings need an even head size, got {dim}")
+    if q is not None and k is not None and (k.shape[0], k.shape[2], k.shape[3]) != (b, seq, dim):
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} differ in batch, sequence or head size")
     cos, sin = cos.contiguous(), sin.contiguous()
     if cos.shape != sin.shape or cos.shape[1:] != (seq, dim) or cos.shape[0] not in (1, b):
         raise ValueError(f"cos/sin {tuple(cos.shape)} do not match q/k of batch {b}, sequence {seq}, head size {dim}")
