@@ -70,7 +70,7 @@ def _rope_inputs(heads: tuple, dtype, batch: int, seq: int):
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
     nq, nk, size = heads
-    q, k = [(torch.randn(batch, seq, n * size, device="cuda")).to(dtype).requires_grad_() for n in (nq, nk)]
+    q, k = [torch.randn(batch, seq, n * size, device="cuda").to(dtype).requires_grad_() for n in (nq, nk)]
     rot = LlamaRotaryEmbedding(LlamaConfig(hidden_size=nq * size, num_attention_heads=nq, num_key_value_heads=nk,
                                            head_dim=size, max_position_embeddings=seq)).to("cuda")  # fmt: skip
     cos, sin = rot(q, torch.arange(seq, device="cuda")[None])

@@ -131,9 +131,8 @@ def _rope_forward(forward, rope):  # noqa: ANN001
     if not inspect.isfunction(forward) or hasattr(forward, "__wrapped__"):
         return None
     original = forward.__globals__.get("apply_rotary_pos_emb")
-    if "apply_rotary_pos_emb" not in forward.__code__.co_names or not inspect.isfunction(original):
-        return None
-    if not _same_code(original, llama_rope):
+    if "apply_rotary_pos_emb" not in forward.__code__.co_names or not inspect.isfunction(original) or not _same_code(
+            original, llama_rope):  # fmt: skip
         return None
     # The same code with its module's globals but that one name: the module itself stays as it is.
     glob = dict(forward.__globals__, apply_rotary_pos_emb=rope)

@@ -257,8 +257,8 @@ def test_kernel_swiglu_matches_silu_times_up(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("shared_positions", [True, False], ids=["cos-batch-1", "cos-per-row"])
 def test_kernel_rope_matches_apply_rotary_pos_emb(dtype, shared_positions):
-    """q and k as attention has them (transposed views of the projections), grouped-query heads, an odd head count
-    and a half head size that is not a power of two: outputs, their layout, and both gradients; k frozen too."""
+    """q and k as attention has them (transposed views of the projections), grouped-query heads, a head count that is not a
+    power of two and a half head size that is not a power of two: outputs, their layout, and both gradients; k frozen too."""
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
@@ -266,7 +266,7 @@ def test_kernel_rope_matches_apply_rotary_pos_emb(dtype, shared_positions):
 
     b, hq, hk, s, d = 2, 6, 2, 7, 20
     g = torch.Generator().manual_seed(0)
-    q0, k0 = [(torch.randn(b, s, h * d, generator=g)).to(DEVICE, dtype).requires_grad_() for h in (hq, hk)]
+    q0, k0 = [torch.randn(b, s, h * d, generator=g).to(DEVICE, dtype).requires_grad_() for h in (hq, hk)]
     rot = LlamaRotaryEmbedding(LlamaConfig(hidden_size=hq * d, num_attention_heads=hq, num_key_value_heads=hk,
                                            head_dim=d, max_position_embeddings=64)).to(DEVICE)  # fmt: skip
     pos = torch.arange(s, device=DEVICE)[None] + (0 if shared_positions else torch.tensor([[0], [5]], device=DEVICE))
