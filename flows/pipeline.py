@@ -102,7 +102,8 @@ def run_stages(folder: RunFolder, cfg: PipelineConfig, todo: tuple[str, ...] | l
     timings: dict[str, float] = {}
     states: dict[str, str] = {s: "skipped" for s in skipped}
     for stage in [s for s in STAGES if s in todo]:
-        if stage == "evaluate-base" and "train" in todo:  # a run that cannot fit stops before any model runs
+        # A run that cannot fit stops before any model runs; one whose training is cached has nothing to plan.
+        if stage == "evaluate-base" and "train" in todo and _must_run(folder, cfg, "train", force)[0]:
             plan_training(run_dir / TOKENIZE, cfg.train, precision)
         start = time.perf_counter()
         states[stage] = _run_stage(folder, cfg, stage, force, flow_run_id)
@@ -117,10 +118,8 @@ def run_stages(folder: RunFolder, cfg: PipelineConfig, todo: tuple[str, ...] | l
 def _run_stage(folder: RunFolder, cfg: PipelineConfig, stage: str, force: bool, flow_run_id: str | None) -> str:
     """Run (or find cached) one stage; return its Prefect state name (Completed or Cached)."""
     run_dir = folder.local
-    folder.pull([f".stages/{stage}.json", OUTPUTS[stage].split("/")[0]])
+    fresh, key = _must_run(folder, cfg, stage, force)
     view = config_view(cfg, stage)
-    key = stage_key(stage, folder.ref, run_dir, cfg)
-    fresh = force or not is_current(run_dir, stage, key) or (stage == "download" and _recheck_edgar(run_dir))
     task, args = {
         "download": (download_filings, (run_dir, view.data)),
         "parse": (extract_sections, (run_dir, view)),
@@ -137,6 +136,15 @@ def _run_stage(folder: RunFolder, cfg: PipelineConfig, stage: str, force: bool, 
         record(run_dir, stage, key)
         folder.push([OUTPUTS[stage].split("/")[0], f".stages/{stage}.json"])
     return state.name
+
+
+def _must_run(folder: RunFolder, cfg: PipelineConfig, stage: str, force: bool) -> tuple[bool, str]:
+    """Whether `stage` must run rather than stand as cached (its inputs are final), and its cache key."""
+    run_dir = folder.local
+    folder.pull([f".stages/{stage}.json", OUTPUTS[stage].split("/")[0]])
+    key = stage_key(stage, folder.ref, run_dir, cfg)
+    fresh = force or not is_current(run_dir, stage, key) or (stage == "download" and _recheck_edgar(run_dir))
+    return fresh, key
 
 
 def _recheck_edgar(run_dir: Path) -> bool:

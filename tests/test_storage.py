@@ -45,7 +45,8 @@ def test_s3_run_is_shared_by_workers_through_the_bucket(s3, prefect_server, tmp_
     fs, aws = s3
     url = "s3://edgar-runs/runs/amzn"
     first = dict(os.environ, **aws, **prefect_server, EDGAR_TUNE_CACHE=str(tmp_path / "worker1"))
-    _run(first, "run", "--preset", "tiny", "--out", url)
+    proc = _run(first, "run", "--preset", "tiny", "--out", url)
+    assert "memory plan per device" in proc.stdout + proc.stderr
     summary = json.loads(fs.cat_file(f"{url}/summary.json"))
     assert summary["run"] == url and set(summary["stages"].values()) == {"Completed"}
     pointer = json.loads(fs.cat_file(f"{url}/04_train.json"))
@@ -56,9 +57,10 @@ def test_s3_run_is_shared_by_workers_through_the_bucket(s3, prefect_server, tmp_
 
     # A second worker, nothing on its disk: every stage is found in the bucket and Prefect's S3 results.
     second = dict(first, EDGAR_TUNE_CACHE=str(tmp_path / "worker2"))
-    _run(second, "run", "--preset", "tiny", "--out", url)
+    proc = _run(second, "run", "--preset", "tiny", "--out", url)
     summary = json.loads(fs.cat_file(f"{url}/summary.json"))
     assert set(summary["stages"].values()) == {"Cached"}, summary["stages"]
+    assert "memory plan per device" not in proc.stdout + proc.stderr  # training is cached: nothing to plan
     assert summary["run_dir"].startswith(str(tmp_path / "worker2"))  # its own working copy, pulled from S3
 
     # Rerunning one stage there publishes a new version of that folder and drops the old one.
