@@ -24,6 +24,7 @@ from kernels.lora import lean_lora
 from tasks.models import device, load_causal_lm, load_tokenizer
 
 log = logging.getLogger(__name__)
+_PLANS_LOGGED: set[tuple[str | None, str]] = set()  # (flow run id, plan table): the flow's early check, then the stage
 
 # LoRA targets per architecture (config.model_type): attention and MLP projections, as JumpStart's scripts
 # and the QLoRA paper adapt every linear layer of the blocks.
@@ -367,7 +368,12 @@ def memory_plan(tokenize_dir: Path, cfg: TrainConfig, precision: str) -> dict:
     context = memory.describe(shape, mode=cfg.mode, lora_r=cfg.lora_r, batch=kw["batch"], seq=kw["seq"],
                               precision=precision, nproc=world) + f", {where}"  # fmt: skip
     table = memory.format_plan(rows, chosen, budget, context)
-    log.info("\n%s", table)
+    shown = (_flow_run_id(), table)
+    if shown in _PLANS_LOGGED:
+        log.info("memory plan per device: as above")
+    else:
+        log.info("\n%s", table)
+        _PLANS_LOGGED.add(shown)
     mine = next(r for r in rows if r.option == chosen)
     if not mine.fits and cfg.memory_check != "off":
         advice = memory.suggestion(rows, shape, budget_gb=budget, options=options, **kw)
@@ -378,6 +384,12 @@ def memory_plan(tokenize_dir: Path, cfg: TrainConfig, precision: str) -> dict:
         log.warning(message)
     return {"budget_gb": budget, "budget_from": where, "engine": chosen, "estimate_gb": mine.total,
             "rows": memory.as_json(rows), "shape": vars(shape)}  # fmt: skip
+
+
+def _flow_run_id() -> str | None:
+    from prefect.runtime import flow_run
+
+    return flow_run.get_id()
 
 
 def checkpoints_dir(out: Path) -> Path:
