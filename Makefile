@@ -19,7 +19,8 @@ $(STAMP): requirements.lock requirements-nodeps.txt pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install --no-compile -r requirements.lock
 	$(BIN)/python -m pip install --no-compile --no-deps -r requirements-nodeps.txt
-	$(BIN)/python -m compileall -qq -j 0 $$($(BIN)/python -c "import sysconfig; print(sysconfig.get_path('purelib'))") || true
+	$(BIN)/python -m compileall -qq -j 0 \
+	  $$($(BIN)/python -c "import sysconfig; print(sysconfig.get_path('purelib'))") || true
 	$(BIN)/python -m pip install --no-deps -e .
 	touch $(STAMP)
 
