@@ -101,12 +101,15 @@ def run_stages(folder: RunFolder, cfg: PipelineConfig, todo: tuple[str, ...] | l
     flow_run_id = str(flow_run.id) if flow_run.id else None
     timings: dict[str, float] = {}
     states: dict[str, str] = {s: "skipped" for s in skipped}
+    decided: dict[str, tuple[bool, str]] = {}
     for stage in [s for s in STAGES if s in todo]:
         # A run that cannot fit stops before any model runs; one whose training is cached has nothing to plan.
-        if stage == "evaluate-base" and "train" in todo and _must_run(folder, cfg, "train", force)[0]:
-            plan_training(run_dir / TOKENIZE, cfg.train, precision)
+        if stage == "evaluate-base" and "train" in todo:
+            decided["train"] = _must_run(folder, cfg, "train", force)  # its one input, tokenize, is final
+            if decided["train"][0]:
+                plan_training(run_dir / TOKENIZE, cfg.train, precision)
         start = time.perf_counter()
-        states[stage] = _run_stage(folder, cfg, stage, force, flow_run_id)
+        states[stage] = _run_stage(folder, cfg, stage, force, flow_run_id, decided.get(stage))
         timings[stage] = round(time.perf_counter() - start, 1)
     summary = build_summary(run_dir, cfg.preset, timings, flow_run_id) | {"stages": states, "run": folder.ref}
     atomic_write_json(run_dir / "summary.json", summary)
@@ -115,10 +118,12 @@ def run_stages(folder: RunFolder, cfg: PipelineConfig, todo: tuple[str, ...] | l
     return summary
 
 
-def _run_stage(folder: RunFolder, cfg: PipelineConfig, stage: str, force: bool, flow_run_id: str | None) -> str:
-    """Run (or find cached) one stage; return its Prefect state name (Completed or Cached)."""
+def _run_stage(folder: RunFolder, cfg: PipelineConfig, stage: str, force: bool, flow_run_id: str | None,
+               decided: tuple[bool, str] | None = None) -> str:  # fmt: skip
+    """Run (or find cached) one stage; return its Prefect state name (Completed or Cached). `decided`: what
+    `_must_run` already said of it in this run."""
     run_dir = folder.local
-    fresh, key = _must_run(folder, cfg, stage, force)
+    fresh, key = decided or _must_run(folder, cfg, stage, force)
     view = config_view(cfg, stage)
     task, args = {
         "download": (download_filings, (run_dir, view.data)),
