@@ -10,7 +10,7 @@ export PREFECT_HOME ?= $(CURDIR)/.prefect
 
 setup: $(STAMP)
 
-# pip byte-compiles on one core; compileall uses them all (111 s for both steps here, against pip's 149-193 s).
+# pip byte-compiles on one core; compileall uses them all (111-124 s for both steps here, against pip's 149-203 s).
 # The bytecode must be written at install: with PYTHONDONTWRITEBYTECODE set, as on CI, every process would compile
 # torch again on import (30 s instead of 14). -qq: a few test files written for newer Pythons do not compile, as
 # under pip.
