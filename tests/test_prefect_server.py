@@ -27,6 +27,7 @@ PREFECT = str(Path(sys.executable).parent / "prefect")
 IDENTITY = "Edgar Tune Tests tests@example.com"
 DATA_STAGES = ["download", "parse", "tokenize", "evaluate-base"]
 MODEL_STAGES = ["train", "evaluate", "register"]
+ALL_STAGES = DATA_STAGES + MODEL_STAGES
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 
@@ -72,13 +73,21 @@ class Api:
             time.sleep(1)
         raise TimeoutError(f"flow run {run_id} still {run['state']['type']} after {timeout} s")
 
-    def stage_states(self, run_id: str) -> dict[str, list[str]]:
-        """Task-run state names by stage, oldest first (a retried run has two attempts at some stages)."""
-        runs = self.post("/task_runs/filter", {"flow_runs": {"id": {"any_": [run_id]}}, "sort": "EXPECTED_START_TIME_ASC"})
-        out: dict[str, list[str]] = {}
-        for tr in runs:
-            out.setdefault(tr["name"], []).append(tr["state"]["name"])
-        return out
+    def stage_states(self, run_id: str, stages: list[str], timeout: float = 60) -> dict[str, list[str]]:
+        """Task-run state names by stage, oldest first (a retried run has two attempts at some stages), once every
+        one of `stages` has a task run and every task run is final. Task-run states reach the server as events,
+        after the flow run's own state: an all-cached run is COMPLETED before its last stages are recorded."""
+        deadline = time.monotonic() + timeout
+        while True:
+            runs = self.post("/task_runs/filter", {"flow_runs": {"id": {"any_": [run_id]}},
+                                                   "sort": "EXPECTED_START_TIME_ASC"})  # fmt: skip
+            out: dict[str, list[str]] = {}
+            for tr in runs:
+                out.setdefault(tr["name"], []).append(tr["state"]["name"])
+            settled = set(stages) <= set(out) and all(tr["state"]["type"] in TERMINAL for tr in runs)
+            if settled or time.monotonic() > deadline:
+                return out
+            time.sleep(0.5)
 
 
 @pytest.fixture(scope="module")
@@ -138,14 +147,14 @@ def test_same_parameters_twice_is_all_cached_and_a_new_learning_rate_reuses_the_
     api, _, home = deployed
     first = api.wait(api.custom_run(_params(tmp_path / "run")))
     assert first["state"]["type"] == "COMPLETED", _log_tail(home)
-    assert api.stage_states(first["id"]) == {s: ["Completed"] for s in DATA_STAGES + MODEL_STAGES}
+    assert api.stage_states(first["id"], ALL_STAGES) == {s: ["Completed"] for s in ALL_STAGES}
     assert any("/Archives/" in p for _, p, _ in edgar.requests)
     trained = (tmp_path / "run" / "04_train" / "stats.json").stat().st_mtime_ns
 
     edgar.reset()
     second = api.wait(api.custom_run(_params(tmp_path / "run")))
     assert second["state"]["type"] == "COMPLETED", _log_tail(home)
-    assert api.stage_states(second["id"]) == {s: ["Cached"] for s in DATA_STAGES + MODEL_STAGES}
+    assert api.stage_states(second["id"], ALL_STAGES) == {s: ["Cached"] for s in ALL_STAGES}
     assert edgar.requests == []  # not one HTTP call to EDGAR
     assert (tmp_path / "run" / "04_train" / "stats.json").stat().st_mtime_ns == trained  # no training
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
@@ -153,7 +162,7 @@ def test_same_parameters_twice_is_all_cached_and_a_new_learning_rate_reuses_the_
 
     third = api.wait(api.custom_run(_params(tmp_path / "run", learning_rate=0.001)))
     assert third["state"]["type"] == "COMPLETED", _log_tail(home)
-    states = api.stage_states(third["id"])
+    states = api.stage_states(third["id"], ALL_STAGES)
     assert {s: states[s] for s in DATA_STAGES} == {s: ["Cached"] for s in DATA_STAGES}
     assert {s: states[s] for s in MODEL_STAGES} == {s: ["Completed"] for s in MODEL_STAGES}
     assert edgar.requests == []
@@ -167,7 +176,7 @@ def test_same_parameters_twice_is_all_cached_and_a_new_learning_rate_reuses_the_
     assert summary["stages"] == {"download": "skipped", "parse": "skipped", "tokenize": "skipped",
                                  "evaluate-base": "Completed", "train": "skipped", "evaluate": "skipped",
                                  "register": "Completed"}  # fmt: skip
-    rerun_states = api.stage_states(summary["prefect_flow_run_id"])
+    rerun_states = api.stage_states(summary["prefect_flow_run_id"], ["evaluate-base", "register"])
     assert rerun_states == {"evaluate-base": ["Completed"], "register": ["Completed"]}
 
 
@@ -206,7 +215,7 @@ def test_training_crash_fails_the_run_and_the_ui_retry_resumes_only_what_failed(
     api.post(f"/flow_runs/{run_id}/set_state", {"state": {"type": "SCHEDULED", "name": "AwaitingRetry"}, "force": True})
     done = api.wait(run_id)
     assert done["state"]["type"] == "COMPLETED", _log_tail(home)
-    states = api.stage_states(run_id)
+    states = api.stage_states(run_id, ALL_STAGES)
     for stage in DATA_STAGES:  # ran once, then found in the cache
         assert states[stage] == ["Completed", "Cached"], (stage, states)
     assert states["train"] == ["Failed", "Completed"]
