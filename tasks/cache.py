@@ -2,7 +2,7 @@
 
 A stage's key is the sha256 of
 - the part of the config it reads (`STAGE_CONFIG`; the task receives exactly that view, nothing more),
-- the content of the stage folders it reads (`READS`),
+- the content of the stage folders it reads (`READS`; each file's sha256, remembered by `FileDigests`),
 - its code version: the source of its modules (`CODE`) and the versions of the libraries that compute it.
 
 Prefect persists each stage's result under its key, so a second run with the same inputs is `Cached` without
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from functools import cache
 from importlib import metadata
 from pathlib import Path
@@ -23,7 +24,7 @@ from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
 
 from edgar_tune.config import REPO_ROOT, PipelineConfig
-from tasks.io import DOWNLOAD, EVALUATE, PARSE, REGISTER, TOKENIZE, TRAIN, atomic_write_json, read_json
+from tasks.io import DOWNLOAD, EVALUATE, PARSE, REGISTER, TOKENIZE, TRAIN, atomic_write_json, read_json, sha256_file
 
 # The stages in order, with the stages each one needs (its upstream).
 STAGES = ("download", "parse", "tokenize", "evaluate-base", "train", "evaluate", "register")
@@ -113,14 +114,51 @@ def config_view(cfg: PipelineConfig, stage: str) -> PipelineConfig:
     return PipelineConfig.model_construct(**parts)
 
 
-def _hash_file(path: Path, digest: hashlib._Hash) -> None:
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
+# A file changed within this many seconds may change again inside its timestamps' resolution: it is not memoized.
+_SETTLED_NS = 2_000_000_000
 
 
-def folder_digest(folder: Path) -> str:
-    """sha256 over every file of a folder (relative path and bytes), in sorted order; "absent" if missing.
+class FileDigests:
+    """sha256 of files, remembered in a JSON memo by (size, mtime, ctime, inode) so an unchanged file is read once.
+
+    Fully fine-tuned weights run to tens of GB (GPT-J 6B: 24 GB in fp32), and evaluate and register both read
+    them: without the memo every run, all-cached or not, re-reads them. An edit always moves ctime (no file API
+    can set it back), an atomic rewrite moves the inode, and a file whose stamps are younger than `_SETTLED_NS` is
+    hashed again every time (as git does with its index), so a remembered digest stands only for bytes that have
+    not changed since they were read.
+    """
+
+    def __init__(self, memo: Path | None = None):
+        self.memo = memo
+        self.entries: dict[str, dict] = {}
+        if memo is not None and memo.exists():
+            try:
+                self.entries = read_json(memo)
+            except (OSError, ValueError):
+                self.entries = {}  # a damaged memo only costs a re-read
+        self.changed = False
+
+    def __call__(self, path: Path) -> str:
+        st = path.stat()
+        stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+        name = str(path.resolve())
+        if (entry := self.entries.get(name)) and entry["stat"] == stamp:
+            return entry["sha256"]
+        sha = sha256_file(path)
+        if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > _SETTLED_NS:
+            self.entries[name] = {"stat": stamp, "sha256": sha}
+            self.changed = True
+        return sha
+
+    def save(self) -> None:
+        if self.memo is not None and self.changed:
+            atomic_write_json(self.memo, self.entries)
+            self.changed = False
+
+
+def folder_digest(folder: Path, files: FileDigests | None = None) -> str:
+    """sha256 over every file of a folder (relative path and the sha256 of its bytes), in sorted order; "absent" if
+    the folder is missing. `files` hashes each file (a memo of earlier reads; none: read every byte).
 
     The download manifest is hashed without the filings' `root` (where this machine keeps them): the filings
     are identified by their sha256, so another worker's copy of the same filings gives the same digest.
@@ -128,6 +166,7 @@ def folder_digest(folder: Path) -> str:
     folder = Path(folder)
     if not folder.exists():
         return "absent"
+    files = files or FileDigests()
     digest = hashlib.sha256()
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         digest.update(str(path.relative_to(folder)).encode() + b"\x00")
@@ -136,7 +175,7 @@ def folder_digest(folder: Path) -> str:
             manifest["filings"] = [{k: v for k, v in f.items() if k != "root"} for f in manifest["filings"]]
             digest.update(json.dumps(manifest, sort_keys=True).encode())
         else:
-            _hash_file(path, digest)
+            digest.update(files(path).encode())
     return digest.hexdigest()
 
 
@@ -148,7 +187,7 @@ def code_version(stage: str) -> str:
         path = REPO_ROOT / rel
         for f in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
             digest.update(str(f.relative_to(REPO_ROOT)).encode() + b"\x00")
-            _hash_file(f, digest)
+            digest.update(sha256_file(f).encode())
     for lib in _LIBS[stage]:
         try:
             digest.update(f"{lib}=={metadata.version(lib)}".encode())
@@ -159,13 +198,15 @@ def code_version(stage: str) -> str:
 
 def stage_key(stage: str, run_ref: str, run_dir: Path, cfg: PipelineConfig) -> str:
     """The cache key of `stage` in the run `run_ref` (its folder or URL), read from `run_dir` as it is now."""
+    files = FileDigests(Path(run_dir) / ".stages" / "digests.json")
     parts = {
         "stage": stage,
         "run": run_ref,
         "config": config_view(cfg, stage).model_dump(mode="json"),
-        "reads": {name: folder_digest(run_dir / name) for name in READS[stage]},
+        "reads": {name: folder_digest(run_dir / name, files) for name in READS[stage]},
         "code": code_version(stage),
     }
+    files.save()
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
     return f"edgar-tune-{stage}-{hashlib.sha256(blob).hexdigest()}"
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 
 from edgar_tune.config import REPO_ROOT, load_config
-from tasks.cache import CODE, STAGES, config_view, folder_digest, is_current, record, stage_key
-from tasks.io import DOWNLOAD
+from tasks import cache
+from tasks.cache import CODE, STAGES, FileDigests, config_view, folder_digest, is_current, record, stage_key
+from tasks.io import DOWNLOAD, sha256_file
 
 
 def _keys(run_dir: Path, **overrides) -> dict[str, str]:
@@ -55,3 +58,36 @@ def test_a_stamp_stands_only_with_its_outputs_and_its_key(tmp_path):
     (tmp_path / "04_train").mkdir()
     (tmp_path / "04_train" / "stats.json").write_text("{}")
     assert is_current(tmp_path, "train", "k1") and not is_current(tmp_path, "train", "k2")
+
+
+def test_the_digest_memo_rereads_a_file_that_changed_and_only_that(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    (run / "04_train").mkdir(parents=True)
+    weights = run / "04_train" / "model.safetensors"
+    weights.write_bytes(b"a" * 4096)
+    (run / "04_train" / "stats.json").write_text("{}")
+    memo = run / ".stages" / "digests.json"
+    plain = folder_digest(run / "04_train")
+    # a file written just now may still change within its timestamps' resolution: it is hashed but not remembered
+    assert _keys(run)["evaluate"] and not memo.exists()
+    monkeypatch.setattr(cache, "_SETTLED_NS", 0)
+    first = _keys(run)
+    entries = json.loads(memo.read_text())
+    assert entries[str(weights.resolve())]["sha256"] == sha256_file(weights)
+    assert folder_digest(run / "04_train", FileDigests(memo)) == plain  # the memo gives what reading gives
+    # a remembered file whose stamps are unchanged is not read again: its remembered digest is what counts
+    entries[str(weights.resolve())]["sha256"] = "0" * 64
+    memo.write_text(json.dumps(entries))
+    assert folder_digest(run / "04_train", FileDigests(memo)) != plain
+    memo.unlink()
+    assert _keys(run) == first
+    # an edit in place, same size, with the old mtime put back, still moves the key (ctime moves)
+    stat = weights.stat()
+    time.sleep(0.05)  # past the file system's timestamp tick (the memo's settling time does this outside tests)
+    with open(weights, "r+b") as f:
+        f.write(b"b")
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    moved = _keys(run)
+    assert moved["evaluate"] != first["evaluate"] and moved["register"] != first["register"]
+    assert moved["train"] == first["train"]  # train reads 03_tokenize, not its own folder
+    assert folder_digest(run / "04_train") == folder_digest(run / "04_train", FileDigests(memo)) != plain
