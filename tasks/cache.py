@@ -77,7 +77,7 @@ CODE = {
     "train": ("tasks/finetune.py", "tasks/train_worker.py", "tasks/checkpoints.py", "tasks/memory.py", "kernels",
               *_MODEL_CODE),  # fmt: skip
     "evaluate": ("tasks/perplexity.py", "tasks/generate.py", "kernels", *_MODEL_CODE),
-    "register": ("tasks/registry.py",),
+    "register": ("tasks/registry.py", "tasks/pyfunc_model.py"),
 }
 _LIBS = {
     "download": ("sec-edgar-downloader", "requests"),

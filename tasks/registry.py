@@ -25,6 +25,8 @@ from tasks.io import EVALUATE, PARSE, TOKENIZE, TRAIN, read_json, read_jsonl
 log = logging.getLogger(__name__)
 
 CHAMPION, CHALLENGER = "champion", "challenger"
+# The registered model's code (MLflow models-from-code); its version carries `tasks/` and `edgar_tune/` beside it.
+MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
 
 
 def tracking_uri(cfg_uri: str | None, runs_root: Path) -> str:
@@ -41,7 +43,10 @@ def git_commit() -> str:
 
 
 class EdgarTuneLM(mlflow.pyfunc.PythonModel):
-    """pyfunc: base model + adapter (or full weights); input a DataFrame with a `prompt` column."""
+    """pyfunc: base model + adapter (or full weights); input a DataFrame with a `prompt` column.
+
+    Registered as source through `MODEL_CODE`. Versions registered before that hold a pickle of this class by
+    its name here, so it stays in this module."""
 
     def load_context(self, context) -> None:
         from tasks.models import load_causal_lm, load_tokenizer, resolve_base_ref
@@ -249,7 +254,7 @@ def register_run(run_dir: Path, runs_root: Path, cfg: PipelineConfig, flow_run_i
             mlflow.log_table(side_by_side(base_rows, tuned_rows), artifact_file="eval/generations.json")
         info = mlflow.pyfunc.log_model(
             name="model",
-            python_model=EdgarTuneLM(),
+            python_model=str(MODEL_CODE),  # logged as source: loading a version unpickles nothing
             artifacts=artifacts,
             model_config={"base_model": base_ref, "weights": train_stats["weights"]},
             code_paths=[str(REPO_ROOT / "tasks"), str(REPO_ROOT / "edgar_tune")],

@@ -33,6 +33,32 @@ def test_generate_command_loads_base_and_adapter_from_the_registry(tiny_run):
     assert missing.returncode == 2 and "cannot load models:/nope@champion" in missing.stderr
 
 
+def test_a_version_holds_source_not_a_pickle_and_pickled_older_versions_still_load(tiny_run, tmp_path):
+    import mlflow
+    import yaml
+
+    from tasks.registry import EdgarTuneLM
+
+    runs, s = tiny_run
+    mlflow.set_tracking_uri(s["mlflow_tracking_uri"])
+    uri = f"models:/{s['registered_model']}/{s['model_version']}"
+    local = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(tmp_path / "v")))
+    flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
+    assert flavor["loader_module"] == "mlflow.pyfunc.loaders.code_model" and (local / "pyfunc_model.py").exists()
+    assert not list(local.rglob("*.pkl"))
+    # Versions registered before held a cloudpickle of tasks.registry.EdgarTuneLM: they load with today's code.
+    run = runs / "latest"
+    artifacts = {"weights": str(run / "04_train" / "adapter"), "base": str(run / "03_tokenize" / "tiny-llama")}
+    with mlflow.start_run():
+        old = mlflow.pyfunc.log_model(name="model", python_model=EdgarTuneLM(), artifacts=artifacts,
+                                      model_config={"base_model": "tiny-llama", "weights": "adapter"},
+                                      pip_requirements=["mlflow"])  # fmt: skip
+    assert list(Path(mlflow.artifacts.download_artifacts(old.model_uri, dst_path=str(tmp_path / "o"))).rglob("*.pkl"))
+    for model_uri in (uri, old.model_uri):
+        out = mlflow.pyfunc.load_model(model_uri).predict({"prompt": ["Net sales increased"]}, {"max_new_tokens": 4})
+        assert len(out) == 1 and isinstance(out[0], str)
+
+
 def test_mlflow_models_serve_answers_a_prompt(tiny_run, tmp_path):
     _, s = tiny_run
     port = free_port()
