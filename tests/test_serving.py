@@ -49,7 +49,8 @@ def test_a_version_holds_source_not_a_pickle_and_pickled_older_versions_still_lo
     # Versions registered before held a cloudpickle of tasks.registry.EdgarTuneLM: they load with today's code.
     run = runs / "latest"
     artifacts = {"weights": str(run / "04_train" / "adapter"), "base": str(run / "03_tokenize" / "tiny-llama")}
-    with mlflow.start_run():
+    exp = mlflow.MlflowClient().create_experiment("pickled", artifact_location=(tmp_path / "pickled").as_uri())
+    with mlflow.start_run(experiment_id=exp):
         old = mlflow.pyfunc.log_model(name="model", python_model=EdgarTuneLM(), artifacts=artifacts,
                                       model_config={"base_model": "tiny-llama", "weights": "adapter"},
                                       pip_requirements=["mlflow"])  # fmt: skip
