@@ -58,14 +58,17 @@ def total_steps(n_blocks: int, cfg: TrainConfig, world_size: int = 1) -> int:
 def _select_blocks(tokenize_dir: Path, cfg: TrainConfig):
     blocks = load_from_disk(str(tokenize_dir / "train"))
     if cfg.max_train_samples > 0 and cfg.max_train_samples < len(blocks):
-        blocks = blocks.shuffle(seed=cfg.train_data_split_seed).select(range(cfg.max_train_samples))
+        # keep_in_memory: otherwise datasets writes the shuffle's index into 03_tokenize, changing the folder (and
+        # the cache key) of a stage that has finished, so every later run would train again
+        blocks = blocks.shuffle(seed=cfg.train_data_split_seed, keep_in_memory=True)
+        blocks = blocks.select(range(cfg.max_train_samples), keep_in_memory=True)
     return blocks
 
 
 def validation_blocks(tokenize_dir: Path, max_val_samples: int):
     """The held-out text as blocks (or instruction examples) for the validation loss during training."""
     val = load_from_disk(str(tokenize_dir / "val_blocks"))
-    return val.select(range(max_val_samples)) if 0 < max_val_samples < len(val) else val
+    return val.select(range(max_val_samples), keep_in_memory=True) if 0 < max_val_samples < len(val) else val
 
 
 class CausalLMCollator:

@@ -22,3 +22,21 @@ def test_block_length_follows_jumpstart_rule(tmp_path):
     LlamaConfig(max_position_embeddings=512).save_pretrained(tmp_path)
     assert block_length(-1, str(tmp_path)) == 512
     assert block_length(256, str(tmp_path)) == 256
+
+
+def test_max_train_samples_draws_blocks_without_writing_into_the_tokenize_folder(tmp_path):
+    # datasets writes a shuffle's index into the dataset's folder unless told not to: 03_tokenize would change
+    # under its own cache key, so every later run would see new inputs and train again.
+    from datasets import Dataset
+
+    from edgar_tune.config import TrainConfig
+    from tasks.cache import folder_digest
+    from tasks.finetune import _select_blocks
+
+    Dataset.from_dict({"input_ids": [[i] * 4 for i in range(50)]}).save_to_disk(str(tmp_path / "train"))
+    before = (sorted(p.name for p in (tmp_path / "train").iterdir()), folder_digest(tmp_path))
+    cfg = TrainConfig(max_train_samples=10, train_data_split_seed=3)
+    picked = [row["input_ids"][0] for row in _select_blocks(tmp_path, cfg)]
+    assert len(set(picked)) == 10 and picked == [row["input_ids"][0] for row in _select_blocks(tmp_path, cfg)]
+    assert picked != list(range(10))  # drawn at random, with the seed
+    assert (sorted(p.name for p in (tmp_path / "train").iterdir()), folder_digest(tmp_path)) == before
