@@ -11,6 +11,7 @@ stage that depends on it; nothing upstream runs.
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Literal
@@ -19,7 +20,17 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 from edgar_tune.config import ConfigError, PipelineConfig, RunParameters, load_run_config
-from tasks.cache import OUTPUTS, STAGES, config_view, downstream, is_current, record, stage_key
+from tasks.cache import (
+    OUTPUTS,
+    STAGES,
+    changed,
+    config_view,
+    downstream,
+    is_current,
+    read_stamps,
+    record,
+    stage_key,
+)
 from tasks.finetune import plan_training, preflight
 from tasks.io import DOWNLOAD, EVALUATE, REGISTER, TOKENIZE, TRAIN, atomic_write_json, atomic_write_text, read_json
 from tasks.stages import (
@@ -31,6 +42,8 @@ from tasks.stages import (
     register_model,
 )
 from tasks.storage import RunFolder
+
+log = logging.getLogger(__name__)
 
 Stage = Literal["download", "parse", "tokenize", "evaluate-base", "train", "evaluate", "register"]
 
@@ -135,8 +148,13 @@ def _run_stage(folder: RunFolder, cfg: PipelineConfig, stage: str, force: bool, 
         "register": (register_model, (run_dir, view, flow_run_id)),
     }[stage]
     options = {"refresh_cache": fresh, "task_run_name": stage} | folder.result_storage()
+    inputs = read_stamps(run_dir, stage)
     state = task.with_options(**options)(*args, cache_key=key, return_state=True)
     state.result()  # raises the stage's error, so the flow run fails with it
+    if touched := changed(inputs, read_stamps(run_dir, stage)):
+        shown = ", ".join(touched[:5]) + (f" and {len(touched) - 5} more" if len(touched) > 5 else "")
+        log.error("stage %s changed files in the folders it only reads (%s): its cache key no longer describes "
+                  "them, so the next run will redo it. This is a bug in edgar-tune; please report it.", stage, shown)
     if state.name != "Cached":
         record(run_dir, stage, key)
         folder.push([OUTPUTS[stage].split("/")[0], f".stages/{stage}.json"])

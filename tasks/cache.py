@@ -211,6 +211,23 @@ def stage_key(stage: str, run_ref: str, run_dir: Path, cfg: PipelineConfig) -> s
     return f"edgar-tune-{stage}-{hashlib.sha256(blob).hexdigest()}"
 
 
+def read_stamps(run_dir: Path, stage: str) -> dict[str, tuple[int, int, int]]:
+    """(size, mtime, inode) of every file in the folders `stage` reads: taken before and after it runs, they
+    show a stage that wrote into its inputs (its recorded key would then never match again)."""
+    out = {}
+    for name in READS[stage]:
+        for path in sorted((Path(run_dir) / name).rglob("*")):
+            if path.is_file():
+                st = path.stat()
+                out[str(path.relative_to(run_dir))] = (st.st_size, st.st_mtime_ns, st.st_ino)
+    return out
+
+
+def changed(before: dict, after: dict) -> list[str]:
+    """The files added, removed or rewritten between two `read_stamps`."""
+    return sorted(name for name in before.keys() | after.keys() if before.get(name) != after.get(name))
+
+
 def _stamp(run_dir: Path, stage: str) -> Path:
     return Path(run_dir) / ".stages" / f"{stage}.json"
 

@@ -75,6 +75,7 @@ def run_cli(runs: Path, *args: str, timeout: int = 900, env: dict | None = None)
     assert "edgar-tune run summary" in proc.stdout + proc.stderr
     assert "LOAD_GLOBAL" not in proc.stdout + proc.stderr, "a library's captured bytecode reached the run's log"
     assert (proc.stdout + proc.stderr).count("memory plan per device (") <= 1, "the same plan printed twice"
+    assert "in the folders it only reads" not in proc.stdout + proc.stderr, "a stage changed its inputs"
     return json.loads((runs / "latest" / "summary.json").read_text())
 
 

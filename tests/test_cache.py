@@ -9,7 +9,18 @@ from pathlib import Path
 
 from edgar_tune.config import REPO_ROOT, load_config
 from tasks import cache
-from tasks.cache import CODE, STAGES, FileDigests, config_view, folder_digest, is_current, record, stage_key
+from tasks.cache import (
+    CODE,
+    STAGES,
+    FileDigests,
+    changed,
+    config_view,
+    folder_digest,
+    is_current,
+    read_stamps,
+    record,
+    stage_key,
+)
 from tasks.io import DOWNLOAD, sha256_file
 
 
@@ -91,3 +102,18 @@ def test_the_digest_memo_rereads_a_file_that_changed_and_only_that(tmp_path, mon
     assert moved["evaluate"] != first["evaluate"] and moved["register"] != first["register"]
     assert moved["train"] == first["train"]  # train reads 03_tokenize, not its own folder
     assert folder_digest(run / "04_train") == folder_digest(run / "04_train", FileDigests(memo)) != plain
+
+
+def test_read_stamps_show_a_stage_that_changed_what_it_reads(tmp_path):
+    (tmp_path / "03_tokenize" / "train").mkdir(parents=True)
+    shard = tmp_path / "03_tokenize" / "train" / "data-00000-of-00001.arrow"
+    shard.write_bytes(b"x" * 64)
+    (tmp_path / "04_train").mkdir()
+    before = read_stamps(tmp_path, "train")
+    (tmp_path / "04_train" / "stats.json").write_text("{}")  # its own output: not an input
+    assert changed(before, read_stamps(tmp_path, "train")) == []
+    (tmp_path / "03_tokenize" / "train" / "cache-f161d2487399086b.arrow").write_bytes(b"index")  # what datasets did
+    shard.unlink()
+    shard.write_bytes(b"y" * 64)  # rewritten: another inode
+    assert changed(before, read_stamps(tmp_path, "train")) == [
+        "03_tokenize/train/cache-f161d2487399086b.arrow", "03_tokenize/train/data-00000-of-00001.arrow"]  # fmt: skip
