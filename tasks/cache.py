@@ -118,6 +118,12 @@ def config_view(cfg: PipelineConfig, stage: str) -> PipelineConfig:
 _SETTLED_NS = 2_000_000_000
 
 
+def file_stamp(path: Path) -> tuple[int, int, int, int]:
+    """(size, mtime, ctime, inode): what moves when a file's bytes are edited in place or replaced."""
+    st = Path(path).stat()
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
+
+
 class FileDigests:
     """sha256 of files, remembered in a JSON memo by (size, mtime, ctime, inode) so an unchanged file is read once.
 
@@ -139,13 +145,12 @@ class FileDigests:
         self.changed = False
 
     def __call__(self, path: Path) -> str:
-        st = path.stat()
-        stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+        stamp = file_stamp(path)
         name = str(path.resolve())
-        if (entry := self.entries.get(name)) and entry["stat"] == stamp:
+        if (entry := self.entries.get(name)) and entry["stat"] == list(stamp):
             return entry["sha256"]
         sha = sha256_file(path)
-        if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > _SETTLED_NS:
+        if time.time_ns() - max(stamp[1], stamp[2]) > _SETTLED_NS:
             self.entries[name] = {"stat": stamp, "sha256": sha}
             self.changed = True
         return sha
@@ -211,16 +216,11 @@ def stage_key(stage: str, run_ref: str, run_dir: Path, cfg: PipelineConfig) -> s
     return f"edgar-tune-{stage}-{hashlib.sha256(blob).hexdigest()}"
 
 
-def read_stamps(run_dir: Path, stage: str) -> dict[str, tuple[int, int, int]]:
-    """(size, mtime, inode) of every file in the folders `stage` reads: taken before and after it runs, they
-    show a stage that wrote into its inputs (its recorded key would then never match again)."""
-    out = {}
-    for name in READS[stage]:
-        for path in sorted((Path(run_dir) / name).rglob("*")):
-            if path.is_file():
-                st = path.stat()
-                out[str(path.relative_to(run_dir))] = (st.st_size, st.st_mtime_ns, st.st_ino)
-    return out
+def read_stamps(run_dir: Path, stage: str) -> dict[str, tuple[int, int, int, int]]:
+    """`file_stamp` of every file in the folders `stage` reads: taken before and after it runs, they show a stage
+    that changed its inputs (its recorded key would then never match again)."""
+    files = (p for name in READS[stage] for p in (Path(run_dir) / name).rglob("*") if p.is_file())
+    return {str(p.relative_to(run_dir)): file_stamp(p) for p in files}
 
 
 def changed(before: dict, after: dict) -> list[str]:
