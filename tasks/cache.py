@@ -156,7 +156,12 @@ class FileDigests:
         return sha
 
     def save(self) -> None:
-        if self.memo is not None and self.changed:
+        """Write the memo if it gained entries or holds files that are gone (deleted checkpoints, a retrained run)."""
+        if self.memo is None:
+            return
+        kept = {name: entry for name, entry in self.entries.items() if Path(name).is_file()}
+        if self.changed or len(kept) < len(self.entries):
+            self.entries = kept
             atomic_write_json(self.memo, self.entries)
             self.changed = False
 

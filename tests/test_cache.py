@@ -102,6 +102,10 @@ def test_the_digest_memo_rereads_a_file_that_changed_and_only_that(tmp_path, mon
     assert moved["evaluate"] != first["evaluate"] and moved["register"] != first["register"]
     assert moved["train"] == first["train"]  # train reads 03_tokenize, not its own folder
     assert folder_digest(run / "04_train") == folder_digest(run / "04_train", FileDigests(memo)) != plain
+    # a file that is gone leaves the memo at the next key, so it does not grow with every retrained run
+    weights.unlink()
+    _keys(run)
+    assert str(weights.resolve()) not in json.loads(memo.read_text())
 
 
 def test_read_stamps_show_a_stage_that_changed_what_it_reads(tmp_path):
