@@ -37,7 +37,7 @@ $(VENV)/.triton: $(STAMP)
 	touch $@
 
 test: $(STAMP) $(VENV)/.triton
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=12  # the slowest tests, to keep the suite under 20 minutes
 
 # What `make test` leaves out for time: the real SmolLM2 demo end to end, resume under ZeRO-2 on the CPU.
 test-slow: model

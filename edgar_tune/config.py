@@ -60,7 +60,16 @@ class DataConfig(_Section):
         "or a folder in sec-edgar-downloader layout (`.../sec-edgar-filings/TICKER/10-K/ACCESSION/`).",
     )
     tickers: list[str] = Field(["AMZN"], description="Tickers or CIKs to take filings for.")
-    fiscal_years: list[int] = Field([2020, 2021], description="Fiscal years (of the period the 10-K reports).")
+    fiscal_years: list[int] = Field(
+        [2020, 2021], description="Fiscal years (of the period the 10-K reports); not used with `latest_years`."
+    )
+    latest_years: int | None = Field(
+        None,
+        ge=1,
+        le=40,
+        description="Instead of `fiscal_years`: each ticker's N most recent fiscal years with a 10-K, asked of the "
+        "source at every run, so a scheduled run picks up a new 10-K the season it is filed.",
+    )
     edgar_identity: str | None = Field(
         None, description="'Name email@domain' sent as the SEC User-Agent; defaults to $EDGAR_IDENTITY."
     )
@@ -96,6 +105,13 @@ class DataConfig(_Section):
         if not v:
             raise ValueError("give at least one ticker or CIK")
         return [t.strip().upper() for t in v]
+
+    @model_validator(mode="after")
+    def _latest_needs_filings(self) -> DataConfig:
+        if self.latest_years is not None and self.is_text:
+            raise ValueError(f"`latest_years` picks 10-K filings by fiscal year; {self.source!r} is a text source: "
+                             "unset `data.latest_years`")  # fmt: skip
+        return self
 
     @field_validator("fiscal_years")
     @classmethod
@@ -549,7 +565,8 @@ def flat_params(cfg: PipelineConfig) -> dict[str, Any]:
 
 
 _RUN_PARAMETER_KEYS = {
-    "tickers": "data.tickers", "fiscal_years": "data.fiscal_years", "source": "data.source", "model": "model.name",
+    "tickers": "data.tickers", "fiscal_years": "data.fiscal_years", "latest_years": "data.latest_years",
+    "source": "data.source", "model": "model.name",
     "mode": "train.mode", "deepspeed": "train.deepspeed", "nproc": "train.nproc", "epoch": "train.epoch",
     "max_steps": "train.max_steps", "learning_rate": "train.learning_rate", "lora_r": "train.lora_r",
     "lora_alpha": "train.lora_alpha", "lora_dropout": "train.lora_dropout",
@@ -568,6 +585,13 @@ class RunParameters(BaseModel):
     out_dir: str = Field("runs/latest", description="Run folder; summary.json is written there.")
     tickers: list[str] | None = Field(None, description="Tickers or CIKs (data.tickers).")
     fiscal_years: list[int] | None = Field(None, description="Fiscal years of the 10-Ks (data.fiscal_years).")
+    latest_years: int | None = Field(
+        None,
+        ge=1,
+        le=40,
+        description="Or each ticker's N most recent fiscal years, asked of EDGAR at every run (data.latest_years): "
+        "what a schedule wants.",
+    )
     source: str | None = Field(None, description="bundled, edgar, a filings folder or a TXT/CSV/JSON/JSONL file.")
     model: str | None = Field(None, description="smollm2-135m, tiny-llama, a local folder or a hub id.")
     mode: Literal["lora", "full"] | None = Field(None, description="LoRA adapters or full fine-tuning.")
@@ -583,9 +607,17 @@ class RunParameters(BaseModel):
         default_factory=dict, description="Any other config key -> value, e.g. {\"train.warmup\": 0.05}."
     )
 
+    @model_validator(mode="after")
+    def _one_way_to_pick_years(self) -> RunParameters:
+        if self.fiscal_years is not None and self.latest_years is not None:
+            raise ValueError("give `fiscal_years` or `latest_years`, not both: `latest_years` replaces the list")
+        return self
+
     def config_overrides(self) -> dict[str, Any]:
         """The set fields as config keys, then `overrides` (which wins where both name a key)."""
         out = {key: getattr(self, name) for name, key in _RUN_PARAMETER_KEYS.items() if getattr(self, name) is not None}
+        if self.fiscal_years is not None:  # named years win over a preset's `latest_years`
+            out.setdefault("data.latest_years", None)
         return out | dict(self.overrides)
 
     def load(self) -> PipelineConfig:

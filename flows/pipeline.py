@@ -166,12 +166,16 @@ def _must_run(folder: RunFolder, cfg: PipelineConfig, stage: str, force: bool) -
     run_dir = folder.local
     folder.pull([f".stages/{stage}.json", OUTPUTS[stage].split("/")[0]])
     key = stage_key(stage, folder.ref, run_dir, cfg)
-    fresh = force or not is_current(run_dir, stage, key) or (stage == "download" and _recheck_edgar(run_dir))
+    fresh = force or not is_current(run_dir, stage, key) or (stage == "download" and _ask_again(run_dir, cfg))
     return fresh, key
 
 
-def _recheck_edgar(run_dir: Path) -> bool:
-    """The last download found some filing missing on EDGAR (not filed yet, or 404): ask EDGAR again."""
+def _ask_again(run_dir: Path, cfg: PipelineConfig) -> bool:
+    """Whether the download must ask its source again though its key is unchanged: `data.latest_years` (which
+    years are the latest changes when a 10-K is filed), or the last download found some filing missing on EDGAR
+    (not filed yet, or 404). If the answer is the same, the manifest is too, and every later stage stays cached."""
+    if cfg.data.latest_years is not None:
+        return True
     manifest = run_dir / DOWNLOAD / "manifest.json"
     return manifest.exists() and any(s.get("recheck") for s in read_json(manifest).get("skipped", []))
 

@@ -192,17 +192,27 @@ def _read_manifest(folder: Path) -> list[dict]:
     return json.loads(path.read_text())["filings"] if path.exists() else []
 
 
-def _select(filings: Iterable[dict], tickers: list[str], years: list[int]) -> list[dict]:
-    return [
-        f
-        for f in filings
-        if (f["ticker"] in tickers or f["cik"].lstrip("0") in [t.lstrip("0") for t in tickers])
-        and f["fiscal_year"] in years
-    ]
+def _select(filings: Iterable[dict], tickers: list[str], years: list[int], latest: int | None = None) -> list[dict]:
+    """The filings of `tickers` for `years`; with `latest`, each ticker's `latest` most recent fiscal years."""
+    ciks = [t.lstrip("0") for t in tickers]
+    mine = [f for f in filings if f["ticker"] in tickers or f["cik"].lstrip("0") in ciks]
+    if latest is None:
+        return [f for f in mine if f["fiscal_year"] in years]
+    keep = set()
+    for ticker in {f["ticker"] for f in mine}:
+        own = {f["fiscal_year"] for f in mine if f["ticker"] == ticker}
+        keep |= {(ticker, y) for y in sorted(own, reverse=True)[:latest]}
+    return [f for f in mine if (f["ticker"], f["fiscal_year"]) in keep]
 
 
-def collect_local(folder: Path, tickers: list[str], years: list[int]) -> list[dict]:
-    """Filings from a sec-edgar-downloader folder that carries a manifest (bundled data, earlier downloads)."""
+def latest_fiscal_years(rows: Iterable[dict], n: int) -> set[int]:
+    """The `n` most recent fiscal years among 10-K rows that have an original (not amended) 10-K."""
+    return set(sorted({fiscal_year_of(r) for r in rows if r["form"] in TEN_K_FORMS}, reverse=True)[:n])
+
+
+def collect_local(folder: Path, tickers: list[str], years: list[int], latest: int | None = None) -> list[dict]:
+    """Filings from a sec-edgar-downloader folder that carries a manifest (bundled data, earlier downloads);
+    `latest`: each ticker's `latest` most recent fiscal years in it, instead of `years`."""
     folder = Path(folder)
     if folder.name != sed_constants.ROOT_SAVE_FOLDER_NAME and (folder / sed_constants.ROOT_SAVE_FOLDER_NAME).is_dir():
         folder = folder / sed_constants.ROOT_SAVE_FOLDER_NAME
@@ -211,7 +221,7 @@ def collect_local(folder: Path, tickers: list[str], years: list[int]) -> list[di
             f"{folder} has no {MANIFEST}; point `data.source` at a folder written by `edgar-tune` (or the "
             "bundled data), or use `data.source=edgar`"
         )
-    chosen = _select(_read_manifest(folder), tickers, years)
+    chosen = _select(_read_manifest(folder), tickers, years, latest)
     for f in chosen:
         for rel in f["files"].values():
             if not (folder / rel).exists():
@@ -232,7 +242,8 @@ def _cik_for(client: EdgarClient, ticker: str, mapping: dict[str, str] | None) -
 
 
 def _submissions(client: EdgarClient, cik: str) -> Iterable[dict]:
-    """Every filing row of a company, from `filings.recent` and the older pages in `filings.files`."""
+    """Every filing row of a company, newest first: `filings.recent`, then the older pages in `filings.files`,
+    each fetched only when the rows before it have been read."""
     submissions_url = edgar_urls()[1]
     url = submissions_url.format(submission=sed_constants.SUBMISSION_FILE_FORMAT.format(cik=cik))
     first = client.get_json(url)
@@ -247,6 +258,21 @@ def _submissions(client: EdgarClient, cik: str) -> Iterable[dict]:
             pages.append(client.get_json(submissions_url.format(submission=pages_left.pop(0))))
 
 
+def _ten_k_rows(client: EdgarClient, cik: str, latest: int | None) -> list[dict]:
+    """A company's 10-K rows (amendments too), newest first. With `latest`, they stop at the first row older than
+    its `latest` most recent fiscal years with a 10-K, so older pages of its filings are not fetched."""
+    rows: list[dict] = []
+    for row in _submissions(client, cik):
+        if not row["form"].startswith("10-K"):
+            continue
+        if latest is not None:
+            years = latest_fiscal_years(rows, latest)
+            if len(years) == latest and fiscal_year_of(row) < min(years):
+                break
+        rows.append(row)
+    return rows
+
+
 def fiscal_year_of(row: dict) -> int:
     """The fiscal year a 10-K reports: the year of its period end (reportDate), else the year before filing."""
     if row.get("reportDate"):
@@ -257,7 +283,9 @@ def fiscal_year_of(row: dict) -> int:
 def download_edgar(cfg: DataConfig, dest: Path, client: EdgarClient | None = None) -> tuple[list[dict], list[dict]]:
     """Download the selected 10-Ks into `dest` (sec-edgar-downloader layout); return (filings, skipped).
 
-    A rerun whose filings are all on disk sends no request at all.
+    A rerun whose `fiscal_years` are all on disk sends no request at all. With `latest_years`, every run asks
+    EDGAR which fiscal years are the latest (one request a company, more only for companies with pages of
+    filings) and downloads only what it does not have.
     """
     client = client or EdgarClient(resolve_identity(cfg.edgar_identity), shared_limit=prefect_rate_limit())
     root = Path(dest) / sed_constants.ROOT_SAVE_FOLDER_NAME
@@ -265,22 +293,29 @@ def download_edgar(cfg: DataConfig, dest: Path, client: EdgarClient | None = Non
     have = {(f["ticker"], f["fiscal_year"]) for f in known if all((root / p).exists() for p in f["files"].values())}
     filings = [f for f in known if (f["ticker"], f["fiscal_year"]) in have]
     skipped: list[dict] = []
+    chosen: set[tuple[str, int]] = set()
     mapping = None
     for ticker in cfg.tickers:
-        wanted = [y for y in cfg.fiscal_years if (ticker, y) not in have]
-        if not wanted:
+        if cfg.latest_years is None and all((ticker, y) in have for y in cfg.fiscal_years):
+            chosen |= {(ticker, y) for y in cfg.fiscal_years}
             continue
         cik, mapping = _cik_for(client, ticker, mapping)
+        rows = _ten_k_rows(client, cik, cfg.latest_years)
+        years = set(cfg.fiscal_years) if cfg.latest_years is None else latest_fiscal_years(rows, cfg.latest_years)
+        chosen |= {(ticker, y) for y in years}
         found: set[int] = set()
-        for row in _submissions(client, cik):
+        for row in rows:
             form, year = row["form"], fiscal_year_of(row)
-            if year not in wanted or not form.startswith("10-K"):
+            if year not in years:
                 continue
             if form not in TEN_K_FORMS:  # 10-K/A and friends: amendments never overwrite the original
                 skipped.append({"ticker": ticker, "fiscal_year": year, "form": form,
                                 "accession": row["accessionNumber"], "reason": "amendment; skipped by policy"})
                 continue
-            if year in found:  # submissions are newest first; a second 10-K for a year is a re-filing
+            if year in found:  # rows are newest first; a second 10-K for a year is a re-filing
+                continue
+            if (ticker, year) in have:
+                found.add(year)
                 continue
             try:
                 filings.append(_fetch_filing(client, root, ticker, cik, row, year))
@@ -290,12 +325,13 @@ def download_edgar(cfg: DataConfig, dest: Path, client: EdgarClient | None = Non
                                 "accession": row["accessionNumber"], "reason": str(err), "recheck": True})
             _write_manifest(root, filings)
         recorded = {s["fiscal_year"] for s in skipped if s["ticker"] == ticker and s["form"] in TEN_K_FORMS}
-        for year in sorted(set(wanted) - found - recorded):
+        for year in sorted(years - found - recorded - {y for t, y in have if t == ticker}):
             skipped.append({"ticker": ticker, "fiscal_year": year, "form": "10-K", "reason": "no 10-K on EDGAR",
                             "recheck": True})  # fmt: skip
     _write_manifest(root, filings)
-    chosen = sorted(_select(filings, cfg.tickers, cfg.fiscal_years), key=lambda f: (f["ticker"], f["fiscal_year"]))
-    return [dict(f, root=str(root)) for f in chosen], skipped
+    picked = sorted((f for f in filings if (f["ticker"], f["fiscal_year"]) in chosen),
+                    key=lambda f: (f["ticker"], f["fiscal_year"]))  # fmt: skip
+    return [dict(f, root=str(root)) for f in picked], skipped
 
 
 def _fetch_filing(client: EdgarClient, root: Path, ticker: str, cik: str, row: dict, year: int) -> dict:
@@ -347,20 +383,28 @@ def submission_file(filing: dict) -> Path | None:
 def gather_filings(cfg: DataConfig) -> tuple[list[dict], list[dict]]:
     """Resolve `data.source` into the list of filings (and the ones skipped with a reason)."""
     if cfg.source == "bundled":
-        filings, skipped = collect_local(BUNDLED_DIR, cfg.tickers, cfg.fiscal_years), []
+        filings, skipped = collect_local(BUNDLED_DIR, cfg.tickers, cfg.fiscal_years, cfg.latest_years), []
     elif cfg.source == "edgar":
         dest = Path(cfg.download_dir) if cfg.download_dir else cache_dir() / "edgar"
         filings, skipped = download_edgar(cfg, dest)
     else:
-        filings, skipped = collect_local(Path(cfg.source), cfg.tickers, cfg.fiscal_years), []
+        filings, skipped = collect_local(Path(cfg.source), cfg.tickers, cfg.fiscal_years, cfg.latest_years), []
+    wanted = "the latest " + (f"{cfg.latest_years} fiscal years" if cfg.latest_years > 1 else "fiscal year") \
+        if cfg.latest_years else f"fiscal years {cfg.fiscal_years}"  # fmt: skip
+    if not filings:
+        raise FileNotFoundError(
+            f"no 10-K found for tickers {cfg.tickers} and {wanted} in `data.source` = {cfg.source!r}; change "
+            "`data.tickers`, `data.fiscal_years`/`data.latest_years` or the source"
+        )
+    if cfg.latest_years:
+        for t in cfg.tickers:
+            years = [f["fiscal_year"] for f in filings if t in (f["ticker"], f["cik"].lstrip("0"))]
+            log.info("%s: %s are FY%s (data.latest_years=%d; data.fiscal_years is not used)", t, wanted,
+                     ", FY".join(map(str, years)) or " none", cfg.latest_years)  # fmt: skip
+        return filings, skipped
     have = {(f["ticker"], f["fiscal_year"]) for f in filings}
     for t in cfg.tickers:
         for y in cfg.fiscal_years:
             if (t, y) not in have and not any(s["ticker"] == t and s["fiscal_year"] == y for s in skipped):
                 skipped.append({"ticker": t, "fiscal_year": y, "form": "10-K", "reason": f"not in {cfg.source}"})
-    if not filings:
-        raise FileNotFoundError(
-            f"no 10-K found for tickers {cfg.tickers} and fiscal years {cfg.fiscal_years} in `data.source` "
-            f"= {cfg.source!r}; change `data.tickers`/`data.fiscal_years` or the source"
-        )
     return filings, skipped

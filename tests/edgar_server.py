@@ -131,6 +131,19 @@ class FakeEdgar:
     def add_company(self, cik: str, name: str, tickers: list[str], rows: list[tuple]) -> None:
         self.routes[f"/submissions/CIK{cik}.json"] = json.dumps(submissions(cik, name, tickers, rows)).encode()
 
+    def amzn_as_of(self, day: str, paged: bool = False) -> None:
+        """Amazon's submissions as EDGAR served them on `day` (the rows filed before it). `paged`: the oldest row
+        on a second page named in `filings.files`, as EDGAR pages a long history."""
+        rows = [r for r in AMZN_ROWS if r[3] < day]
+        doc = submissions(AMZN_CIK, "AMAZON COM INC", ["AMZN"], rows[:-1] if paged else rows)
+        if paged:
+            page = f"CIK{AMZN_CIK}-submissions-001.json"
+            doc["filings"]["files"] = [{"name": page, "filingCount": 1, "filingFrom": rows[-1][3],
+                                        "filingTo": rows[-1][3]}]  # fmt: skip
+            older = submissions(AMZN_CIK, "AMAZON COM INC", ["AMZN"], rows[-1:])["filings"]["recent"]
+            self.routes[f"/submissions/{page}"] = json.dumps(older).encode()
+        self.routes[f"/submissions/CIK{AMZN_CIK}.json"] = json.dumps(doc).encode()
+
     def fail(self, path_part: str, *faults: dict) -> None:
         """Queue faults for the next requests whose path contains `path_part`."""
         with self.lock:

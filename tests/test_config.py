@@ -109,6 +109,7 @@ def test_every_jumpstart_hyperparameter_is_a_bare_key():
         (["validation_split_ratio=0.1"], ["data.validation_split_ratio", "parse.val_items"]),
         (["instruction_tuned=true"], ["train.instruction_tuned", "data.source"]),
         (["data.template=t.json"], ["data.template", "train.instruction_tuned"]),
+        (["latest_years=2", "source=notes.csv"], ["data.latest_years"]),
     ],
 )
 def test_invalid_combinations_are_refused_naming_the_keys(overrides, named):

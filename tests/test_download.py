@@ -187,3 +187,41 @@ def test_killed_download_leaves_no_partial_file_and_the_rerun_fetches_it(edgar_s
     assert path.read_bytes() == gzip.decompress((FILINGS / "EBAY_10-K_2020.htm.gz").read_bytes())
     fetched = [p for _, p, _ in edgar.requests if "/Archives/" in p]
     assert len(fetched) == 1 and primary in fetched[0]  # the finished full submission was kept, not fetched again
+
+
+def test_latest_years_follow_edgar_as_10ks_are_filed(edgar, tmp_path):
+    """`latest_years` asks EDGAR at every run: Amazon's FY2021 10-K appears on 2022-02-04 and is the latest from
+    then on. What is on disk is never fetched again; an older page of filings is read only until a 10-K older
+    than the latest years shows (the rows are newest first, and amendments are filed after their original)."""
+    def archives() -> list[str]:
+        return [p.rsplit("/", 1)[-1] for _, p, _ in edgar.requests if "/Archives/" in p]
+
+    latest = DataConfig(source="edgar", tickers=["AMZN"], latest_years=1)
+    edgar.amzn_as_of("2022-01-01", paged=True)
+    filings, skipped = download_edgar(latest, tmp_path, _client())
+    assert [f["fiscal_year"] for f in filings] == [2020]
+    assert [(s["fiscal_year"], s["form"]) for s in skipped] == [(2020, "10-K/A")]  # the amendment, never taken
+
+    edgar.requests.clear()
+    edgar.amzn_as_of("2022-03-01", paged=True)  # the FY2021 10-K is filed
+    filings, _ = download_edgar(latest, tmp_path, _client())
+    assert [f["fiscal_year"] for f in filings] == [2021]
+    assert sorted(archives()) == ["0001018724-22-000005.txt", "amzn-20211231.htm"]  # only the new filing
+    assert not any("submissions-001" in p for _, p, _ in edgar.requests)  # FY2020's 10-K on page 1 ends the search
+
+    edgar.requests.clear()
+    two = DataConfig(source="edgar", tickers=["AMZN"], latest_years=2)
+    filings, _ = download_edgar(two, tmp_path, _client())
+    assert [f["fiscal_year"] for f in filings] == [2020, 2021] and archives() == []  # both on disk already
+
+    # three years reach the older page; FY2019's documents are not on the loopback EDGAR, so it is recorded
+    filings, skipped = download_edgar(DataConfig(source="edgar", tickers=["AMZN"], latest_years=3), tmp_path, _client())
+    assert [f["fiscal_year"] for f in filings] == [2020, 2021]
+    assert any("submissions-001" in p for _, p, _ in edgar.requests)
+    assert any(s["fiscal_year"] == 2019 and "404" in s["reason"] for s in skipped)
+
+
+def test_latest_years_of_a_local_source():
+    assert [f["fiscal_year"] for f in collect_local(BUNDLED_DIR, ["AMZN"], [], latest=1)] == [2021]
+    filings, skipped = gather_filings(DataConfig(source="bundled", tickers=["AMZN"], latest_years=5))
+    assert [f["fiscal_year"] for f in filings] == [2020, 2021] and skipped == []

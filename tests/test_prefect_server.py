@@ -183,6 +183,42 @@ def test_same_parameters_twice_is_all_cached_and_a_new_learning_rate_reuses_the_
     assert rerun_states == {"evaluate-base": ["Completed"], "register": ["Completed"]}
 
 
+def test_the_season_schedule_retrains_when_a_10k_is_filed_and_only_then(deployed, edgar, tmp_path):
+    """The after-10k-season deployment with its own parameters (each ticker's latest fiscal years, asked of EDGAR
+    at every run), on the tiny model: a run before Amazon files its FY2021 10-K, one after, and one more."""
+    api, _, home = deployed
+    season = api.deployment("after-10k-season")
+    params = season["parameters"]["params"] | {"preset": "tiny", "out_dir": str(tmp_path / "run"),
+                                               "overrides": {"max_steps": 10}}  # fmt: skip
+    assert params["latest_years"] == 2 and "fiscal_years" not in params
+
+    def run() -> tuple[dict, dict]:
+        made = api.post(f"/deployments/{season['id']}/create_flow_run", {"parameters": {"params": params}})
+        done = api.wait(made["id"])
+        assert done["state"]["type"] == "COMPLETED", _log_tail(home)
+        summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+        return api.stage_states(done["id"], ALL_STAGES), summary
+
+    edgar.amzn_as_of("2022-01-01")  # FY2020 and FY2019 are the latest; FY2019's documents are not on this EDGAR
+    states, first = run()
+    assert states == {s: ["Completed"] for s in ALL_STAGES}
+    assert [f["fiscal_year"] for f in first["filings"]] == [2020] and first["model_version"] == "1"
+
+    edgar.amzn_as_of("2022-03-01")  # Amazon files its FY2021 10-K
+    edgar.requests.clear()
+    states, second = run()
+    assert states == {s: ["Completed"] for s in ALL_STAGES}
+    assert [f["fiscal_year"] for f in second["filings"]] == [2020, 2021] and second["model_version"] == "2"
+    assert sorted(p.rsplit("/", 1)[-1] for _, p, _ in edgar.requests if "/Archives/" in p) == [
+        "0001018724-22-000005.txt", "amzn-20211231.htm"]  # fmt: skip
+
+    edgar.requests.clear()  # nothing new on EDGAR: one look at the filings, nothing fetched, nothing retrained
+    states, third = run()
+    assert states == {"download": ["Completed"]} | {s: ["Cached"] for s in ALL_STAGES[1:]}
+    assert [p for _, p, _ in edgar.requests if "/Archives/" in p] == []
+    assert third["model_version"] == "2" and third["ppl_after"] == second["ppl_after"]
+
+
 def _train_worker_pid(run: Path) -> int | None:
     for proc in Path("/proc").iterdir():
         try:

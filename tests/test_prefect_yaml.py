@@ -58,6 +58,26 @@ def test_flow_parameters_are_one_typed_model_with_descriptions():
         RunParameters(overrides={"train.learnin_rate": 1}).load()
 
 
+def test_the_schedule_follows_the_latest_10ks_and_named_years_win_over_a_presets_latest(tmp_path):
+    import pytest
+    from pydantic import ValidationError
+
+    from edgar_tune.config import RunParameters
+
+    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    season = next(d for d in spec["deployments"] if d["name"] == "after-10k-season")
+    cfg = RunParameters.model_validate(season["parameters"]["params"]).load()
+    assert cfg.data.source == "edgar" and cfg.data.latest_years  # not a fixed list of years that goes stale
+    with pytest.raises(ValidationError, match="not both"):
+        RunParameters(fiscal_years=[2020], latest_years=1)
+    preset = yaml.safe_load((REPO / "configs" / "presets" / "tiny.yaml").read_text())
+    preset["data"]["latest_years"] = 2
+    (tmp_path / "latest.yaml").write_text(yaml.safe_dump(preset))
+    assert RunParameters(preset=str(tmp_path / "latest.yaml")).load().data.latest_years == 2
+    cfg = RunParameters(preset=str(tmp_path / "latest.yaml"), fiscal_years=[2021]).load()
+    assert (cfg.data.fiscal_years, cfg.data.latest_years) == ([2021], None)
+
+
 def test_rerun_flow_offers_the_stages_and_each_reruns_its_dependents():
     from flows.pipeline import edgar_tune_rerun
     from tasks.cache import STAGES, downstream
