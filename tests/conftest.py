@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -14,6 +15,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 _SESSION_TMP = Path(tempfile.mkdtemp(prefix="edgar-tune-tests-"))
+# Registered before Prefect is imported, so it runs after Prefect's own exit handlers stop its server.
+atexit.register(shutil.rmtree, _SESSION_TMP, ignore_errors=True)
 
 # Set before anything imports Prefect or MLflow: no telemetry, no hub, state kept out of the user's home.
 os.environ.update(
