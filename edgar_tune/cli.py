@@ -24,6 +24,20 @@ def _set_env_defaults() -> None:
         os.environ.setdefault(key, value)
 
 
+def _make_prefect_home() -> None:
+    """Prefect makes PREFECT_HOME but not its parents. Without them the embedded server cannot open its database,
+    and a run waits out the startup timeout (120 s) before a connection error that does not name the folder."""
+    from edgar_tune.config import ConfigError
+
+    home = os.environ.get("PREFECT_HOME")
+    if home:
+        try:
+            Path(home).expanduser().mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ConfigError(f"PREFECT_HOME={home} cannot be made ({err.strerror}): point PREFECT_HOME at a "
+                              "folder this user can write, or unset it for ~/.prefect") from err  # fmt: skip
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from edgar_tune.config import load_config, parse_overrides
 
@@ -266,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     from tasks.download import EdgarError
 
     try:
+        _make_prefect_home()
         return args.fn(args)
     except (ConfigError, EdgarError, FileNotFoundError) as err:
         print(f"edgar-tune: error: {err}", file=sys.stderr)

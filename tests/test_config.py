@@ -85,6 +85,19 @@ JUMPSTART_KEYS = [
 ]  # fmt: skip
 
 
+def test_prefect_home_is_made_with_its_parents_or_named(tmp_path, monkeypatch):
+    from edgar_tune.cli import main
+
+    home = tmp_path / "a" / "b" / ".prefect"  # Prefect makes only the last folder: its server then cannot start
+    monkeypatch.setenv("PREFECT_HOME", str(home))
+    assert main(["presets"]) == 0 and home.is_dir()
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "file" / ".prefect"))
+    proc = subprocess.run([sys.executable, "-m", "edgar_tune.cli", "run", "--preset", "tiny"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 2 and "PREFECT_HOME=" in proc.stderr and "cannot be made" in proc.stderr, proc.stderr
+
+
 def test_every_jumpstart_hyperparameter_is_a_bare_key():
     from edgar_tune.config import all_keys
 
