@@ -10,11 +10,11 @@ export PREFECT_HOME ?= $(CURDIR)/.prefect
 
 setup: $(STAMP)
 
-# Bytecode is written on first import, of what is imported: a third of the 25,000 files installed (after `make test`). pip would
-# compile all of them on one core (149-203 s with the install here), compileall on every core (63 s on 2). Python
-# writes the bytecode only where PYTHONDONTWRITEBYTECODE is unset (it is set on this project's CI): with it, every
-# process would compile torch again on import (30 s instead of 14). So make's commands run without it; the bytecode
-# goes into .venv and the repo's ignored __pycache__ folders.
+# Bytecode is written on first import, of what is imported: a third of the 25,000 files installed (after
+# `make test`). pip would compile all of them on one core (149-203 s with the install here), compileall on every
+# core (63 s on 2). Python writes the bytecode only where PYTHONDONTWRITEBYTECODE is unset (it is set on this
+# project's CI): with it, every process would compile torch again on import (30 s instead of 14). So make's
+# commands run without it; the bytecode goes into .venv and the repo's ignored __pycache__ folders.
 unexport PYTHONDONTWRITEBYTECODE
 
 $(STAMP): requirements.lock requirements-nodeps.txt pyproject.toml
