@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 export EDGAR_TUNE_CACHE ?= $(HOME)/.cache/edgar-tune
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 
-.PHONY: setup model demo test test-slow bench-parse server deploy worker clean
+.PHONY: setup model demo test test-slow bench-parse gpu-carry server deploy worker clean
 
 setup: $(STAMP)
 
@@ -65,6 +65,20 @@ $(VENV)/.bench: $(STAMP) requirements-bench.txt
 
 bench-parse: $(VENV)/.bench
 	$(BIN)/python bench/parse.py
+
+# What a bare GPU machine with torch, transformers, peft and triton (the device image; no internet) needs for
+# bench/train_throughput.py and the kernel tests: wheels of the lock's versions in .whl/ (pure Python, or built for
+# CPython 3.12 on x86-64) and the 10-K token ids with SmolLM2's tokenizer and config in .benchdata/tt (a few MB).
+# There: pip install --no-index --no-deps --target DIR .whl/*.whl, then `--data .benchdata/tt` (bench/RESULTS.md).
+GPU_WHEELS := datasets dill multiprocess hjson pydantic pydantic_core annotated-types typing-inspection
+gpu-carry: model
+	rm -rf .whl && mkdir .whl
+	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+	  $$(for w in $(GPU_WHEELS); do grep -i "^$$w==" requirements.lock; done)
+	$(BIN)/python -m pip wheel -q --no-deps -w .whl $$(grep -i '^deepspeed==' requirements.lock)  # sdist only
+	$(BIN)/python bench/train_throughput.py --prepare .benchdata/tt
+	du -sh .whl .benchdata
 
 clean:
 	rm -rf runs .prefect
