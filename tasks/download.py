@@ -194,15 +194,14 @@ def _read_manifest(folder: Path) -> list[dict]:
 
 def _select(filings: Iterable[dict], tickers: list[str], years: list[int], latest: int | None = None) -> list[dict]:
     """The filings of `tickers` for `years`; with `latest`, each ticker's `latest` most recent fiscal years."""
-    ciks = [t.lstrip("0") for t in tickers]
-    mine = [f for f in filings if f["ticker"] in tickers or f["cik"].lstrip("0") in ciks]
+    mine = [f for f in filings if any(_is_company(f, t) for t in tickers)]
     if latest is None:
         return [f for f in mine if f["fiscal_year"] in years]
     keep = set()
-    for ticker in {f["ticker"] for f in mine}:
-        own = {f["fiscal_year"] for f in mine if f["ticker"] == ticker}
-        keep |= {(ticker, y) for y in sorted(own, reverse=True)[:latest]}
-    return [f for f in mine if (f["ticker"], f["fiscal_year"]) in keep]
+    for cik in {f["cik"] for f in mine}:
+        own = {f["fiscal_year"] for f in mine if f["cik"] == cik}
+        keep |= {(cik, y) for y in sorted(own, reverse=True)[:latest]}
+    return [f for f in mine if (f["cik"], f["fiscal_year"]) in keep]
 
 
 def latest_fiscal_years(rows: Iterable[dict], n: int) -> set[int]:
@@ -289,20 +288,23 @@ def download_edgar(cfg: DataConfig, dest: Path, client: EdgarClient | None = Non
     """
     client = client or EdgarClient(resolve_identity(cfg.edgar_identity), shared_limit=prefect_rate_limit())
     root = Path(dest) / sed_constants.ROOT_SAVE_FOLDER_NAME
-    known = _read_manifest(root)
-    have = {(f["ticker"], f["fiscal_year"]) for f in known if all((root / p).exists() for p in f["files"].values())}
-    filings = [f for f in known if (f["ticker"], f["fiscal_year"]) in have]
+    # A company is its CIK: asked for as `AMZN` and as `1018724`, its filings are downloaded once, into the folder
+    # of the name it was first asked by.
+    filings = [f for f in _read_manifest(root) if all((root / p).exists() for p in f["files"].values())]
+    have = {(f["cik"], f["fiscal_year"]) for f in filings}
     skipped: list[dict] = []
     chosen: set[tuple[str, int]] = set()
     mapping = None
     for ticker in cfg.tickers:
-        if cfg.latest_years is None and all((ticker, y) in have for y in cfg.fiscal_years):
-            chosen |= {(ticker, y) for y in cfg.fiscal_years}
+        cik = _cik_on_disk(ticker, filings)
+        if cfg.latest_years is None and cik and all((cik, y) in have for y in cfg.fiscal_years):
+            chosen |= {(cik, y) for y in cfg.fiscal_years}
             continue
         cik, mapping = _cik_for(client, ticker, mapping)
+        name = next((f["ticker"] for f in filings if f["cik"] == cik), ticker)  # one folder a company
         rows = _ten_k_rows(client, cik, cfg.latest_years)
         years = set(cfg.fiscal_years) if cfg.latest_years is None else latest_fiscal_years(rows, cfg.latest_years)
-        chosen |= {(ticker, y) for y in years}
+        chosen |= {(cik, y) for y in years}
         found: set[int] = set()
         for row in rows:
             form, year = row["form"], fiscal_year_of(row)
@@ -314,24 +316,35 @@ def download_edgar(cfg: DataConfig, dest: Path, client: EdgarClient | None = Non
                 continue
             if year in found:  # rows are newest first; a second 10-K for a year is a re-filing
                 continue
-            if (ticker, year) in have:
+            if (cik, year) in have:
                 found.add(year)
                 continue
             try:
-                filings.append(_fetch_filing(client, root, ticker, cik, row, year))
+                filings.append(_fetch_filing(client, root, name, cik, row, year))
+                have.add((cik, year))
                 found.add(year)
             except NotFoundOnEdgar as err:
                 skipped.append({"ticker": ticker, "fiscal_year": year, "form": form,
                                 "accession": row["accessionNumber"], "reason": str(err), "recheck": True})
             _write_manifest(root, filings)
         recorded = {s["fiscal_year"] for s in skipped if s["ticker"] == ticker and s["form"] in TEN_K_FORMS}
-        for year in sorted(years - found - recorded - {y for t, y in have if t == ticker}):
+        held = {y for c, y in have if c == cik}
+        for year in sorted(years - found - recorded - held):
             skipped.append({"ticker": ticker, "fiscal_year": year, "form": "10-K", "reason": "no 10-K on EDGAR",
                             "recheck": True})  # fmt: skip
+        if cfg.latest_years:
+            _log_latest(ticker, years & held, cfg.latest_years)
     _write_manifest(root, filings)
-    picked = sorted((f for f in filings if (f["ticker"], f["fiscal_year"]) in chosen),
+    picked = sorted((f for f in filings if (f["cik"], f["fiscal_year"]) in chosen),
                     key=lambda f: (f["ticker"], f["fiscal_year"]))  # fmt: skip
     return [dict(f, root=str(root)) for f in picked], skipped
+
+
+def _cik_on_disk(ticker: str, filings: list[dict]) -> str | None:
+    """The CIK of `ticker` without asking EDGAR: a CIK is its own; a ticker's is on its downloaded filings."""
+    if ticker.isdigit():
+        return ticker.zfill(sed_constants.CIK_LENGTH)
+    return next((f["cik"] for f in filings if f["ticker"] == ticker), None)
 
 
 def _fetch_filing(client: EdgarClient, root: Path, ticker: str, cik: str, row: dict, year: int) -> dict:
@@ -382,29 +395,33 @@ def submission_file(filing: dict) -> Path | None:
 
 def gather_filings(cfg: DataConfig) -> tuple[list[dict], list[dict]]:
     """Resolve `data.source` into the list of filings (and the ones skipped with a reason)."""
-    if cfg.source == "bundled":
-        filings, skipped = collect_local(BUNDLED_DIR, cfg.tickers, cfg.fiscal_years, cfg.latest_years), []
-    elif cfg.source == "edgar":
+    if cfg.source == "edgar":  # reports each ticker's missing years itself
         dest = Path(cfg.download_dir) if cfg.download_dir else cache_dir() / "edgar"
         filings, skipped = download_edgar(cfg, dest)
     else:
-        filings, skipped = collect_local(Path(cfg.source), cfg.tickers, cfg.fiscal_years, cfg.latest_years), []
-    wanted = "the latest " + (f"{cfg.latest_years} fiscal years" if cfg.latest_years > 1 else "fiscal year") \
-        if cfg.latest_years else f"fiscal years {cfg.fiscal_years}"  # fmt: skip
+        folder = BUNDLED_DIR if cfg.source == "bundled" else Path(cfg.source)
+        filings, skipped = collect_local(folder, cfg.tickers, cfg.fiscal_years, cfg.latest_years), []
+        for t in cfg.tickers:
+            years = sorted(f["fiscal_year"] for f in filings if _is_company(f, t))
+            if cfg.latest_years:
+                _log_latest(t, years, cfg.latest_years)
+            skipped += [{"ticker": t, "fiscal_year": y, "form": "10-K", "reason": f"not in {cfg.source}"}
+                        for y in ([] if cfg.latest_years else cfg.fiscal_years) if y not in years]  # fmt: skip
     if not filings:
+        n = cfg.latest_years
+        wanted = f"the latest {n} fiscal year(s)" if n else f"fiscal years {cfg.fiscal_years}"
         raise FileNotFoundError(
             f"no 10-K found for tickers {cfg.tickers} and {wanted} in `data.source` = {cfg.source!r}; change "
             "`data.tickers`, `data.fiscal_years`/`data.latest_years` or the source"
         )
-    if cfg.latest_years:
-        for t in cfg.tickers:
-            years = [f["fiscal_year"] for f in filings if t in (f["ticker"], f["cik"].lstrip("0"))]
-            log.info("%s: %s are FY%s (data.latest_years=%d; data.fiscal_years is not used)", t, wanted,
-                     ", FY".join(map(str, years)) or " none", cfg.latest_years)  # fmt: skip
-        return filings, skipped
-    have = {(f["ticker"], f["fiscal_year"]) for f in filings}
-    for t in cfg.tickers:
-        for y in cfg.fiscal_years:
-            if (t, y) not in have and not any(s["ticker"] == t and s["fiscal_year"] == y for s in skipped):
-                skipped.append({"ticker": t, "fiscal_year": y, "form": "10-K", "reason": f"not in {cfg.source}"})
     return filings, skipped
+
+
+def _is_company(filing: dict, ticker: str) -> bool:
+    """Whether `ticker` (a ticker or a CIK, with or without leading zeros) names the company of `filing`."""
+    return ticker == filing["ticker"] or ticker.isdigit() and ticker.lstrip("0") == filing["cik"].lstrip("0")
+
+
+def _log_latest(ticker: str, years: Iterable[int], n: int) -> None:
+    log.info("%s: the latest %d fiscal year(s) are FY%s (data.latest_years=%d; data.fiscal_years is not used)",
+             ticker, n, ", FY".join(map(str, sorted(years))) or " none", n)  # fmt: skip

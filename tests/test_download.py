@@ -115,6 +115,27 @@ def test_downloaded_folder_works_as_a_local_source(edgar, tmp_path):
     assert filings[0]["accession"] == "0001018724-21-000004"
 
 
+def test_a_company_asked_by_ticker_and_by_cik_is_downloaded_once(edgar, tmp_path):
+    """A company is its CIK: `AMZN`, then `1018724` (in another run, then in the same run), fetch one filing once."""
+    def archives() -> list[str]:
+        return [p for _, p, _ in edgar.requests if "/Archives/" in p]
+
+    amzn = DataConfig(source="edgar", tickers=["AMZN"], fiscal_years=[2021])
+    by_ticker, _ = download_edgar(amzn, tmp_path, _client())
+    assert len(archives()) == 2  # the full submission and the primary document
+    edgar.requests.clear()
+    by_cik, skipped = download_edgar(DataConfig(source="edgar", tickers=["0001018724"], fiscal_years=[2021]), tmp_path,
+                                     _client())  # fmt: skip
+    assert by_cik == by_ticker and skipped == [] and edgar.requests == []  # known on disk: no request at all
+    both = DataConfig(source="edgar", tickers=["1018724", "AMZN"], fiscal_years=[2020, 2021])
+    filings, _ = download_edgar(both, tmp_path, _client())
+    assert [(f["ticker"], f["fiscal_year"]) for f in filings] == [("AMZN", 2020), ("AMZN", 2021)]
+    assert len(archives()) == 2  # FY2020 once, under the name it was first asked by
+    assert sorted(p.name for p in (tmp_path / "sec-edgar-filings").iterdir()) == ["AMZN", "manifest.json"]
+    local, skipped = gather_filings(DataConfig(source=str(tmp_path), tickers=["1018724"], fiscal_years=[2020, 2021]))
+    assert [f["fiscal_year"] for f in local] == [2020, 2021] and skipped == []
+
+
 def test_unknown_ticker_names_the_fix(edgar, tmp_path):
     with pytest.raises(EdgarError, match="give its CIK"):
         download_edgar(DataConfig(source="edgar", tickers=["NOPE1"], fiscal_years=[2020]), tmp_path, _client())
