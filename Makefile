@@ -69,7 +69,8 @@ bench-parse: $(VENV)/.bench
 # What a bare GPU machine with torch, transformers, peft and triton (the device image; no internet) needs for
 # bench/train_throughput.py and the kernel tests: wheels of the lock's versions in .whl/ (pure Python, or built for
 # CPython 3.12 on x86-64) and the 10-K token ids with SmolLM2's tokenizer and config in .benchdata/tt (a few MB).
-# There: pip install --no-index --no-deps --target DIR .whl/*.whl, then `--data .benchdata/tt` (bench/RESULTS.md).
+# There: pip install --no-index --no-deps --target DIR .whl/*.whl, then `--data .benchdata/tt` (bench/RESULTS.md);
+# bench/gpu_session.sh does it all in one device call.
 GPU_WHEELS := datasets dill multiprocess hjson pydantic pydantic_core annotated-types typing-inspection
 gpu-carry: model
 	rm -rf .whl && mkdir .whl
