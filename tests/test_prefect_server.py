@@ -108,8 +108,8 @@ def deployed(prefect_server, edgar_server, tmp_path_factory):
         yield Api(prefect_server["PREFECT_API_URL"]), env, home
     finally:
         os.killpg(worker.pid, signal.SIGINT)
-        try:
-            worker.wait(timeout=30)
+        try:  # it stops in 1-3 s; once in a whole suite it sat out the 30 s this waited then
+            worker.wait(timeout=10)
         except subprocess.TimeoutExpired:
             os.killpg(worker.pid, signal.SIGKILL)
         log.close()
