@@ -190,6 +190,15 @@ def test_kernel_throughput_bench_runs_on_the_cpu(tmp_path):
     assert row["eval"]["fused"]["nll_per_token"] == pytest.approx(row["eval"]["materialized"]["nll_per_token"], rel=1e-4)
 
 
+def test_kernel_bench_mfu_takes_each_cards_own_peak():
+    """MFU's denominator: an H100 PCIe or NVL card is not counted at the SXM card's 989 TFLOP/s."""
+    from bench.train_throughput import peak_flops
+
+    names = ["NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe", "NVIDIA H100 NVL", "NVIDIA H200", "NVIDIA H200 NVL",
+             "NVIDIA A100-SXM4-80GB", "Tesla T4"]  # fmt: skip
+    assert [peak_flops(n) for n in names] == [989e12, 756e12, 835e12, 989e12, 835e12, 312e12, None]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU machine's refusals")
 def test_kernel_choice_resolves_or_is_refused_before_anything_runs():
     from edgar_tune.config import ConfigError, load_config
