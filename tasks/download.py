@@ -405,8 +405,9 @@ def gather_filings(cfg: DataConfig) -> tuple[list[dict], list[dict]]:
             years = sorted(f["fiscal_year"] for f in filings if _is_company(f, t))
             if cfg.latest_years:
                 _log_latest(t, years, cfg.latest_years)
-            skipped += [{"ticker": t, "fiscal_year": y, "form": "10-K", "reason": f"not in {cfg.source}"}
-                        for y in ([] if cfg.latest_years else cfg.fiscal_years) if y not in years]  # fmt: skip
+            else:
+                skipped += [{"ticker": t, "fiscal_year": y, "form": "10-K", "reason": f"not in {cfg.source}"}
+                            for y in cfg.fiscal_years if y not in years]  # fmt: skip
     if not filings:
         n = cfg.latest_years
         wanted = f"the latest {n} fiscal year(s)" if n else f"fiscal years {cfg.fiscal_years}"
