@@ -78,7 +78,12 @@ def resolve_identity(identity: str | None) -> str:
 
 
 class RateLimiter:
-    """At most `rate` acquisitions per second across all threads of this process."""
+    """At most `rate` acquisitions per second across all threads of this process.
+
+    A slot is granted only to a thread that is running when it comes due, and the next one is due `1/rate` after
+    that grant. Booking slots ahead instead lets a process pause (a garbage collection, a long C call) release every
+    slot that fell due during the pause at once, and SEC sees a burst.
+    """
 
     def __init__(self, rate: float) -> None:
         self.interval = 1.0 / rate
@@ -86,11 +91,13 @@ class RateLimiter:
         self._lock = threading.Lock()
 
     def acquire(self) -> None:
-        with self._lock:
-            now = time.monotonic()
-            wait = self._next - now
-            self._next = max(now, self._next) + self.interval
-        if wait > 0:
+        while True:
+            with self._lock:
+                now = time.monotonic()
+                if now >= self._next:
+                    self._next = now + self.interval
+                    return
+                wait = self._next - now
             time.sleep(wait)
 
 

@@ -19,6 +19,7 @@ from tasks.download import (
     BUNDLED_DIR,
     EdgarClient,
     EdgarError,
+    RateLimiter,
     collect_local,
     download_edgar,
     gather_filings,
@@ -185,6 +186,35 @@ def test_concurrent_downloads_share_one_rate_limit(edgar, tmp_path):
     # Any 11 consecutive arrivals span about 1 s. The limiter spaces the sends 0.1 s apart; on a loaded 2-core
     # machine a thread can be paused between its slot and its send, so arrivals get some slack.
     assert min(b - a for a, b in zip(times, times[10:])) >= 0.8
+
+
+def test_rate_limiter_sends_no_burst_after_the_process_pauses():
+    """A process pause (here the main thread holds the GIL for 0.5 s, as a long garbage collection does) lets
+    five slots fall due. They are granted one by one afterwards, 0.1 s apart, not all at once."""
+    limiter, grants = RateLimiter(10.0), []
+
+    def worker() -> None:
+        for _ in range(4):
+            limiter.acquire()
+            grants.append(time.monotonic())
+
+    interval = sys.getswitchinterval()
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(worker) for _ in range(4)]
+        time.sleep(0.35)
+        sys.setswitchinterval(5.0)  # no other thread runs until this one blocks
+        try:
+            end = time.monotonic() + 0.5
+            while time.monotonic() < end:
+                pass
+        finally:
+            sys.setswitchinterval(interval)
+        for f in futures:
+            f.result()
+    grants.sort()
+    assert len(grants) == 16
+    # 0.1 s apart, give or take a thread woken a little late: any 5 consecutive grants span about 0.4 s
+    assert min(b - a for a, b in zip(grants, grants[4:])) >= 0.3, [round(t - grants[0], 3) for t in grants]
 
 
 def test_killed_download_leaves_no_partial_file_and_the_rerun_fetches_it(edgar_server, edgar, tmp_path):
