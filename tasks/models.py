@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -14,6 +15,10 @@ from edgar_tune.config import ModelConfig
 from tasks.io import atomic_dir, cache_dir
 
 log = logging.getLogger(__name__)
+
+# peft reads `model.is_gradient_checkpointing`, which transformers 5 renamed: the warning is about peft's code, and
+# nothing a user of this pipeline can change (the Trainer side already passes `activation_checkpointing`).
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 SMOLLM2 = "smollm2-135m"
 TINY = "tiny-llama"
