@@ -47,8 +47,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             overrides[f"train.{key}"] = getattr(args, key)
     cfg = load_config(args.preset, overrides)  # fail on bad keys before Prefect starts
     from tasks.finetune import preflight
+    from tasks.models import check_model_name
 
     preflight(cfg.train)  # and on an engine this machine cannot run
+    check_model_name(cfg.model.name)  # or a model that is not here
     from edgar_tune.config import RunParameters
     from flows.pipeline import edgar_tune_pipeline
 

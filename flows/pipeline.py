@@ -33,6 +33,7 @@ from tasks.cache import (
 )
 from tasks.finetune import plan_training, preflight
 from tasks.io import DOWNLOAD, EVALUATE, REGISTER, TOKENIZE, TRAIN, atomic_write_json, atomic_write_text, read_json
+from tasks.models import check_model_name
 from tasks.stages import (
     download_filings,
     evaluate_perplexity,
@@ -102,6 +103,8 @@ def run_stages(folder: RunFolder, cfg: PipelineConfig, todo: tuple[str, ...] | l
 
     run_dir = folder.local
     precision = preflight(cfg.train) if "train" in todo else None  # a GPU-only engine fails here, not after data
+    if "tokenize" in todo:  # the one stage that reads `model.name`; the later ones load what it resolved
+        check_model_name(cfg.model.name)
     skipped = [s for s in STAGES if s not in todo]
     folder.pull([OUTPUTS[s].split("/")[0] for s in skipped] + [f".stages/{s}.json" for s in skipped])
     for s in skipped:

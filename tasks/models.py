@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from edgar_tune.config import ModelConfig
+from edgar_tune.config import ConfigError, ModelConfig
 from tasks.io import atomic_dir, cache_dir
 
 log = logging.getLogger(__name__)
@@ -96,23 +96,34 @@ def build_tiny_llama(out: Path, texts: Iterable[str], cfg: ModelConfig, seed: in
     return out
 
 
+def check_model_name(name: str) -> None:
+    """Refuse a `model.name` that names no model here: a run checks it before its first stage, not at tokenize.
+
+    Raises:
+        ConfigError: a folder without config.json, or a name that is no built-in, folder or hub id.
+    """
+    if name in (SMOLLM2, TINY):
+        return
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise ConfigError(f"`model.name` = {name!r} is a folder without config.json; point it at a folder "
+                              "that `save_pretrained` wrote")  # fmt: skip
+        return
+    if name.count("/") != 1 or name.startswith(("/", ".", "~")):
+        raise ConfigError(f"`model.name` = {name!r} is neither `{SMOLLM2}`, `{TINY}`, an existing folder, nor a hub "
+                          "id like `EleutherAI/gpt-j-6b`")  # fmt: skip
+
+
 def resolve_base_model(cfg: ModelConfig, work_dir: Path, texts: Iterable[str], seed: int) -> str:
     """Return what `from_pretrained` should load: a local folder, or a hub id (users have internet)."""
     if cfg.name == SMOLLM2:
         return str(smollm2_dir())
     if cfg.name == TINY:
         return str(build_tiny_llama(work_dir / TINY, texts, cfg, seed))
+    check_model_name(cfg.name)
     path = Path(cfg.name).expanduser()
-    if path.exists():
-        if not (path / "config.json").exists():
-            raise FileNotFoundError(f"`model.name` = {cfg.name!r} is a folder without config.json")
-        return str(path.resolve())
-    if cfg.name.count("/") != 1:
-        raise ValueError(
-            f"`model.name` = {cfg.name!r} is neither `{SMOLLM2}`, `{TINY}`, an existing folder, nor a hub id "
-            "like `EleutherAI/gpt-j-6b`"
-        )
-    return cfg.name
+    return str(path.resolve()) if path.exists() else cfg.name
 
 
 def resolve_base_ref(name: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -130,6 +131,38 @@ def test_invalid_combinations_are_refused_naming_the_keys(overrides, named):
         load_config("tiny", overrides)
     for key in named:
         assert key in str(err.value)
+
+
+def _no_model(tmp_path: Path) -> list[tuple[str, str]]:
+    empty = tmp_path / "empty-model"
+    empty.mkdir()
+    return [("/nonexistent/model", "is neither `smollm2-135m`, `tiny-llama`, an existing folder, nor a hub id"),
+            ("./models/mine", "is neither"),  # a relative path that is not there is no hub id either
+            (str(empty), "is a folder without config.json")]  # fmt: skip
+
+
+def test_a_model_that_is_not_here_is_refused_before_prefect_starts(tmp_path):
+    for name, message in _no_model(tmp_path):
+        proc = subprocess.run([sys.executable, "-m", "edgar_tune.cli", "run", "--preset", "tiny", "--out",
+                               str(tmp_path / "run"), "--set", f"model.name={name}"],
+                              capture_output=True, text=True, cwd=REPO, timeout=120)  # fmt: skip
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert message in proc.stderr and "`model.name`" in proc.stderr
+        assert "Starting temporary server" not in proc.stderr + proc.stdout
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_flow_run_with_a_model_that_is_not_here_fails_before_it_downloads(tmp_path, prefect_server):
+    """A run triggered from the Prefect UI skips the CLI's checks: the flow makes the same one before its first
+    stage, not at tokenize after the download and parse."""
+    code = ("import sys; from edgar_tune.config import RunParameters; from flows.pipeline import edgar_tune_pipeline;"
+            " edgar_tune_pipeline(RunParameters(preset='tiny', out_dir=sys.argv[1],"
+            " overrides={'model.name': '/nonexistent/model'}))")  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run")], capture_output=True, text=True,
+                          cwd=REPO, timeout=180, env={**os.environ, **prefect_server})  # fmt: skip
+    assert proc.returncode != 0
+    assert "`model.name` = '/nonexistent/model' is neither" in proc.stderr + proc.stdout
+    assert not list((tmp_path / "run").rglob("01_download*")), sorted((tmp_path / "run").rglob("*"))
 
 
 @pytest.mark.parametrize(
