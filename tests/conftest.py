@@ -6,6 +6,7 @@ import atexit
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -32,6 +33,12 @@ os.environ.update(
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("PREFECT_API_URL", None)
 os.environ.pop("EDGAR_IDENTITY", None)
+
+# A suite started in the background by a non-interactive shell (`make test &`, some CI runners) has SIGINT ignored,
+# and every server and worker it starts would inherit that: the Prefect worker, stopped with SIGINT, then ignores
+# it and is killed after its grace period. A caught signal is back to its default in a child after exec.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")

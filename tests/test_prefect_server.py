@@ -108,7 +108,7 @@ def deployed(prefect_server, edgar_server, tmp_path_factory):
         yield Api(prefect_server["PREFECT_API_URL"]), env, home
     finally:
         os.killpg(worker.pid, signal.SIGINT)
-        try:  # it stops in 1-3 s; once in a whole suite it sat out the 30 s this waited then
+        try:  # it stops in 1-3 s (if it inherited SIGINT ignored it never did: see conftest.py)
             worker.wait(timeout=10)
         except subprocess.TimeoutExpired:
             os.killpg(worker.pid, signal.SIGKILL)
