@@ -152,6 +152,23 @@ def test_a_model_that_is_not_here_is_refused_before_prefect_starts(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_rerun_of_a_missing_folder_or_with_a_bad_key_is_refused_before_prefect_starts(tmp_path):
+    import yaml
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump(load_config("tiny").model_dump()))
+    for folder, setting, message in [(tmp_path / "nope", [], "config.yaml does not exist; give the folder of a run"),
+                                     (run, ["--set", "nonsense.key=1"], "unknown config key `nonsense.key`"),
+                                     (run, ["--set", "train.epoch=0"], "`train.epoch`")]:  # fmt: skip
+        proc = subprocess.run([sys.executable, "-m", "edgar_tune.cli", "rerun", "train", "--run", str(folder),
+                               *setting], capture_output=True, text=True, cwd=REPO, timeout=120)  # fmt: skip
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert message in proc.stderr
+        assert "Starting temporary server" not in proc.stderr + proc.stdout
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml"]
+
+
 def test_a_flow_run_with_a_model_that_is_not_here_fails_before_it_downloads(tmp_path, prefect_server):
     """A run triggered from the Prefect UI skips the CLI's checks: the flow makes the same one before its first
     stage, not at tokenize after the download and parse."""
