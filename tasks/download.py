@@ -302,7 +302,8 @@ def download_edgar(cfg: DataConfig, dest: Path, client: EdgarClient | None = Non
     skipped: list[dict] = []
     chosen: set[tuple[str, int]] = set()
     mapping = None
-    for ticker in cfg.tickers:
+    fetched, fetched_bytes, start = 0, 0, time.monotonic()
+    for i, ticker in enumerate(cfg.tickers, 1):
         cik = _cik_on_disk(ticker, filings)
         if cfg.latest_years is None and cik and all((cik, y) in have for y in cfg.fiscal_years):
             chosen |= {(cik, y) for y in cfg.fiscal_years}
@@ -330,6 +331,11 @@ def download_edgar(cfg: DataConfig, dest: Path, client: EdgarClient | None = Non
                 filings.append(_fetch_filing(client, root, name, cik, row, year))
                 have.add((cik, year))
                 found.add(year)
+                fetched += 1
+                fetched_bytes += sum((root / p).stat().st_size for p in filings[-1]["files"].values())
+                log.info("downloaded %s %s FY%s (%s): company %d of %d, %d filing(s) and %.1f MB in %.0f s so far",
+                         ticker, form, year, row["accessionNumber"], i, len(cfg.tickers), fetched,
+                         fetched_bytes / 1e6, time.monotonic() - start)  # fmt: skip
             except NotFoundOnEdgar as err:
                 skipped.append({"ticker": ticker, "fiscal_year": year, "form": form,
                                 "accession": row["accessionNumber"], "reason": str(err), "recheck": True})
@@ -342,6 +348,9 @@ def download_edgar(cfg: DataConfig, dest: Path, client: EdgarClient | None = Non
         if cfg.latest_years:
             _log_latest(ticker, years & held, cfg.latest_years)
     _write_manifest(root, filings)
+    if fetched:
+        log.info("EDGAR: %d filing(s), %.1f MB, in %.0f s (%d request(s) at most 10/s)", fetched, fetched_bytes / 1e6,
+                 time.monotonic() - start, client.requests_sent)  # fmt: skip
     picked = sorted((f for f in filings if (f["cik"], f["fiscal_year"]) in chosen),
                     key=lambda f: (f["ticker"], f["fiscal_year"]))  # fmt: skip
     return [dict(f, root=str(root)) for f in picked], skipped
@@ -374,7 +383,6 @@ def _fetch_filing(client: EdgarClient, root: Path, ticker: str, cik: str, row: d
         if not path.exists():
             atomic_write_bytes(path, client.get(url))
         files[kind] = str(path.relative_to(root))
-    log.info("downloaded %s %s FY%s (%s)", ticker, row["form"], year, acc)
     return {
         "ticker": ticker, "cik": cik, "form": TEN_K_FORMS[row["form"]], "filed_form": row["form"],
         "fiscal_year": year, "accession": acc, "filing_date": row.get("filingDate"),

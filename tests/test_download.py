@@ -142,10 +142,15 @@ def test_unknown_ticker_names_the_fix(edgar, tmp_path):
         download_edgar(DataConfig(source="edgar", tickers=["NOPE1"], fiscal_years=[2020]), tmp_path, _client())
 
 
-def test_every_era_downloads_and_parses(edgar, tmp_path):
+def test_every_era_downloads_and_parses(edgar, tmp_path, caplog):
     """1996 plain text (no primary document on EDGAR), 2009 SGML by CIK, and two inline-XBRL filings."""
     cfg = DataConfig(source="edgar", tickers=["AAPL", "EBAY", "META", "876134"], fiscal_years=[1996, 2009, 2020, 2024])
-    filings, _ = download_edgar(cfg, tmp_path, _client())
+    with caplog.at_level("INFO", logger="tasks.download"):
+        filings, _ = download_edgar(cfg, tmp_path, _client())
+    progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("downloaded ")]
+    assert [m.split(": ")[1].split(",")[0] for m in progress] == [f"company {i} of 4" for i in range(1, 5)]
+    assert "4 filing(s) and" in progress[-1]
+    assert any(r.getMessage().startswith("EDGAR: 4 filing(s), ") for r in caplog.records)
     got = {(f["ticker"], f["fiscal_year"]): f for f in filings}
     assert set(got) == {("AAPL", 1996), ("EBAY", 2020), ("META", 2024), ("876134", 2009)}
     assert set(got[("AAPL", 1996)]["files"]) == {"full_submission"}  # 1996: the .txt is the document
