@@ -23,12 +23,15 @@ def parse_all(paths: list[Path], tables: str, workers: int | None = None,
 
     `submissions` are the filings' complete-submission files, read for EX-13 when Item 7 points there.
     """
+    from tqdm.auto import tqdm
+
     subs = submissions or [None] * len(paths)
     jobs = [(str(p), str(s) if s else None, tables) for p, s in zip(paths, subs, strict=True)]
+    bar = {"total": len(jobs), "desc": "parse", "unit": "filing", "disable": len(jobs) < 2}
     if len(jobs) < 2 or workers == 1:
-        return [_parse_one(j) for j in jobs]
+        return list(tqdm(map(_parse_one, jobs), **bar))
     with ProcessPoolExecutor(max_workers=min(workers or 2, len(jobs))) as pool:
-        return list(pool.map(_parse_one, jobs))
+        return list(tqdm(pool.map(_parse_one, jobs), **bar))
 
 
 def build_split(filings: list[dict], parsed: list[ParsedFiling], cfg: ParseConfig) -> tuple[list, list, dict]:
