@@ -63,16 +63,11 @@ STAGES = ("download", "parse", "tokenize", "evaluate-base", "train", "evaluate",
 
 def cmd_rerun(args: argparse.Namespace) -> int:
     """Recompute one stage of a run (folder, s3:// URL or flow-run id) and what depends on it, as a flow run."""
-    import uuid
-
-    from edgar_tune.config import load_run_config, parse_overrides
+    from edgar_tune.config import flow_run_id, load_run_config, parse_overrides
 
     overrides = parse_overrides(args.set) or None
-    try:
-        uuid.UUID(args.run)
-    except ValueError:
-        if "://" not in args.run:  # a local folder: a missing run or a bad key fails before Prefect starts
-            load_run_config(Path(args.run), overrides)
+    if flow_run_id(args.run) is None and "://" not in args.run:  # a local folder: fails here, before Prefect starts
+        load_run_config(Path(args.run), overrides)
     from flows.pipeline import edgar_tune_rerun
 
     edgar_tune_rerun(args.name, args.run, overrides)

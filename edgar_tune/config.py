@@ -7,6 +7,7 @@ bare (`learning_rate=1e-4`, the name SageMaker JumpStart uses). Every error name
 from __future__ import annotations
 
 import difflib
+import uuid
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -533,6 +534,14 @@ def load_config(preset: str = "demo", overrides: dict[str, Any] | list[str] | No
     raw = yaml.safe_load(preset_path(preset).read_text()) or {}
     raw["preset"] = Path(preset).stem
     return config_from_dict(raw, overrides)
+
+
+def flow_run_id(run: str) -> uuid.UUID | None:
+    """`run` as a Prefect flow-run id, or None when it names a run folder or URL."""
+    try:
+        return uuid.UUID(run)
+    except ValueError:
+        return None
 
 
 def load_run_config(run_dir: Path, overrides: dict[str, Any] | list[str] | None = None) -> PipelineConfig:

@@ -19,7 +19,7 @@ from typing import Literal
 from prefect import flow
 from prefect.runtime import flow_run
 
-from edgar_tune.config import ConfigError, PipelineConfig, RunParameters, load_run_config
+from edgar_tune.config import ConfigError, PipelineConfig, RunParameters, flow_run_id, load_run_config
 from tasks.cache import (
     OUTPUTS,
     STAGES,
@@ -73,11 +73,8 @@ def edgar_tune_rerun(stage: Stage, run: str, overrides: dict | None = None) -> d
 
 def resolve_run(run: str) -> str:
     """A run folder or URL as given, or the `out_dir` parameter of the edgar-tune flow run with that id."""
-    import uuid
-
-    try:
-        run_id = uuid.UUID(run)
-    except ValueError:
+    run_id = flow_run_id(run)
+    if run_id is None:
         return run
     from prefect.client.orchestration import get_client
 
