@@ -62,12 +62,14 @@ def default_chunk_size(n_tokens: int, vocab: int, hidden_size: int, cuda: bool =
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, ignore_index, reduction, chunk_size, rows):  # noqa: ANN001
+    def forward(ctx, hidden, weight, bias, labels, ignore_index, reduction, chunk_size, rows, grad):  # noqa: ANN001
         n = hidden.shape[0]
         valid = int((labels != ignore_index).sum())
         scale = 1.0 / max(valid, 1) if reduction == "mean" else 1.0
-        want_h, want_w = hidden.requires_grad, weight.requires_grad
-        want_b = bias is not None and bias.requires_grad
+        # `grad`: autograd was on at the call (inside forward it is always off). Under no_grad (perplexity) a
+        # model's head still has requires_grad, and its gradient would cost two more matmuls per chunk.
+        want_h, want_w = grad and hidden.requires_grad, grad and weight.requires_grad
+        want_b = grad and bias is not None and bias.requires_grad
         grad_h = torch.empty_like(hidden) if want_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if want_b else None
@@ -102,7 +104,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         gh = grad_h * grad_out.to(grad_h.dtype) if want_h else None
         gw = (grad_w * grad_out).to(ctx.dtypes[0]) if want_w else None
         gb = (grad_b * grad_out).to(ctx.dtypes[1]) if want_b else None
-        return gh, gw, gb, None, None, None, None, None
+        return gh, gw, gb, None, None, None, None, None, None
 
 
 def _mm_fp32(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -142,7 +144,8 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     if h.shape[0] != y.shape[0]:
         raise ValueError(f"{h.shape[0]} hidden states but {y.shape[0]} labels")
     rows = resolve_rows(backend, h)
-    return _LinearCrossEntropy.apply(h, weight, bias, y, ignore_index, reduction, chunk_size, rows)
+    return _LinearCrossEntropy.apply(h, weight, bias, y, ignore_index, reduction, chunk_size, rows,
+                                     torch.is_grad_enabled())  # fmt: skip
 
 
 def resolve_rows(backend: str, sample: torch.Tensor) -> Rows:

@@ -109,6 +109,21 @@ def test_kernel_frozen_head_gets_no_gradient_and_the_upstream_gradient_scales():
     torch.testing.assert_close(hidden.grad, ref_h.grad)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kernel_under_no_grad_does_only_the_logits_matmul(backend):
+    """Perplexity scores under no_grad a model whose head still has requires_grad: the kernel computes the logits
+    and their loss, not the gradients (before, it did two matmuls more per chunk: 0.8x materialized on the CPU)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    (batch, seq, vocab), hidden_size = (2, 37, 1000), 64
+    hidden, weight, labels = _inputs((batch, seq, vocab), torch.float32, hidden_size=hidden_size)
+    with torch.no_grad(), FlopCounterMode(display=False) as flops:
+        loss = fused_linear_cross_entropy(hidden, weight, labels, reduction="sum", chunk_size=16, backend=backend)
+    assert flops.get_total_flops() == 2 * batch * seq * vocab * hidden_size
+    assert not loss.requires_grad
+    torch.testing.assert_close(loss, _reference(hidden, weight, labels, "sum", False).detach(), rtol=1e-5, atol=1e-3)
+
+
 def test_kernel_refuses_what_it_cannot_do():
     hidden, weight, labels = _inputs((1, 4, 10), torch.float32)
     with pytest.raises(ValueError, match="reduction"):
