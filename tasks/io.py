@@ -48,12 +48,25 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def umask() -> int:
+    """This process's umask, read without changing it (Linux's /proc), else by setting it and putting it back."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to a temp sibling, fsync it, then rename it over `path`."""
+    """Write `data` to a temp sibling, fsync it, then rename it over `path`. The file gets the permissions the
+    umask gives a new file (mkstemp's own are 0600: nobody else could read a run folder)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -88,12 +101,28 @@ def read_jsonl(path: Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def umask_modes(root: Path) -> None:
+    """Give a folder and everything in it the permissions the umask gives new folders and files (executables keep
+    their x bits), as if plain `mkdir` and `open` had made them. mkdtemp makes 0700, and safetensors 0.8 writes every
+    weights file 0600 (safetensors/safetensors#782): another user, a container or a serving process could not read
+    a stage's adapter."""
+    mask = umask()
+    for folder, _, files in os.walk(root):
+        os.chmod(folder, 0o777 & ~mask)
+        for name in files:
+            file = os.path.join(folder, name)
+            if not os.path.islink(file):
+                executable = os.lstat(file).st_mode & 0o111
+                os.chmod(file, (0o777 if executable else 0o666) & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: Path) -> Iterator[Path]:
     """Yield a temp sibling folder; on success it replaces `path` whole, on error it is removed.
 
     The old folder is renamed aside before the new one moves in and deleted afterwards, so at every instant
-    `path` is either the complete old folder or the complete new one.
+    `path` is either the complete old folder or the complete new one. Everything in it is published with the
+    permissions the umask gives (`umask_modes`).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -103,6 +132,7 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
         yield tmp
+        umask_modes(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import stat
 from pathlib import Path
 
 import pytest
+
+from tasks.io import umask
 
 REPO = Path(__file__).resolve().parent.parent
 SUMMARY_KEYS = {
@@ -34,6 +37,9 @@ def test_every_stage_left_its_artifacts(tiny_run):
                 "06_register/registration.json", "config.yaml"]:  # fmt: skip
         assert (run / rel).exists(), rel
     assert not list(run.rglob(".*.tmp")), "a temp file or folder was left behind"
+    mask = umask()  # readable by whoever the umask lets read: not mkstemp's 0600 or mkdtemp's 0700
+    for path in [run, *run.rglob("*")]:
+        assert stat.S_IMODE(path.stat().st_mode) == (0o777 if path.is_dir() else 0o666) & ~mask, path
 
 
 def test_data_report_counts_characters_and_tokens_per_item(tiny_run):

@@ -1,0 +1,36 @@
+"""tasks/io.py: atomic writes publish with the permissions the umask gives, as a plain `open` or `mkdir` would,
+whatever the library that wrote a file inside a stage folder chose."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from tasks.io import atomic_dir, atomic_write_json, umask
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077, 0o002], ids=oct)
+def test_atomic_writes_get_the_umasks_permissions(tmp_path, mask):
+    """A run folder is read by others (a teammate, an MLflow server, a worker under another user): a published file
+    or stage folder gets 0666 or 0777 less the umask, not mkstemp's 0600, mkdtemp's 0700 or safetensors' 0600."""
+    old = os.umask(mask)
+    try:
+        assert umask() == mask
+        atomic_write_json(tmp_path / "a.json", {"a": 1})
+        atomic_write_json(tmp_path / "a.json", {"a": 2})  # a rewrite too
+        with atomic_dir(tmp_path / "stage") as tmp:
+            (tmp / "adapter").mkdir()
+            save_file({"w": torch.zeros(2)}, tmp / "adapter" / "adapter_model.safetensors")  # 0600 in 0.8
+            (tmp / "run.sh").write_text("#!/bin/sh\n")
+            (tmp / "run.sh").chmod(0o700)
+    finally:
+        os.umask(old)
+    stage = tmp_path / "stage"
+    modes = {p.relative_to(tmp_path).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in [stage, *stage.rglob("*")]}
+    assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o666 & ~mask
+    assert modes == {"stage": 0o777 & ~mask, "stage/adapter": 0o777 & ~mask, "stage/run.sh": 0o777 & ~mask,
+                     "stage/adapter/adapter_model.safetensors": 0o666 & ~mask}  # fmt: skip
