@@ -222,7 +222,11 @@ class TrainConfig(_Section):
         True, description="Resume from the last complete checkpoint of an interrupted run of this stage."
     )
     keep_checkpoints: bool = Field(False, description="Keep the checkpoints folder after the stage succeeds.")
-    gradient_checkpointing: bool = Field(True, description="Recompute activations in backward to save memory.")
+    gradient_checkpointing: bool | Literal["auto"] = Field(
+        "auto", description="Recompute activations in backward to save memory. auto: on GPUs; on the CPU only when "
+        "the memory plan says the run does not fit without it (there RAM is rarely short, and recomputing costs a "
+        "third more time per step: bench/RESULTS.md). The train stage's stats say what ran.",
+    )
     checkpoint_layers: float = Field(
         1.0, ge=0, le=1, description="With gradient_checkpointing: the fraction of transformer layers recomputed in "
         "backward, evenly spaced (1: all; 0.5: every other layer, less recompute for more memory; 0: none). The "
@@ -342,11 +346,12 @@ class TrainConfig(_Section):
                 f"train.{self.quantization.replace('nf4', 'int4')}_quantization with train.deepspeed="
                 f"{self.deepspeed}: ZeRO-3 cannot partition bitsandbytes weights; use train.deepspeed=zero2 or none"
             )
-        if self.checkpoint_layers < 1 and not self.gradient_checkpointing:
+        if self.checkpoint_layers < 1 and self.gradient_checkpointing is not True:
             refuse.append(
                 f"train.checkpoint_layers={self.checkpoint_layers} chooses layers to recompute, but "
-                "train.gradient_checkpointing=false recomputes none: set gradient_checkpointing=true, or leave "
-                "checkpoint_layers at 1"
+                f"train.gradient_checkpointing={str(self.gradient_checkpointing).lower()} "
+                f"{'recomputes none' if self.gradient_checkpointing is False else 'may recompute none (on the CPU)'}: "
+                "set gradient_checkpointing=true, or leave checkpoint_layers at 1"
             )
         if self.early_stopping_patience and not self.eval_steps:
             refuse.append("train.early_stopping_patience needs train.eval_steps > 0 (it watches validation loss)")

@@ -352,10 +352,29 @@ def fit_memory(tokenize_dir: Path, cfg: TrainConfig, precision: str) -> tuple[Tr
     return cfg.model_copy(update={k: best[k] for k in FIT_KEYS}), chosen
 
 
+def resolve_checkpointing(tokenize_dir: Path, cfg: TrainConfig, precision: str) -> TrainConfig:
+    """`train.gradient_checkpointing=auto` made true or false: on GPUs, on; on the CPU, off when the memory plan fits
+    the run without it, in this host's RAM (there recomputing costs a third more time per step and buys memory
+    that is rarely short), on otherwise. A config that says true or false is returned as it is."""
+    if cfg.gradient_checkpointing != "auto":
+        return cfg
+    on, why = True, "on a GPU"
+    if device() != "cuda":
+        from tasks import memory
+
+        shape, budget, where, kw = plan_inputs(tokenize_dir, cfg, precision)
+        need = memory.estimate(shape, option=engine_option(cfg), **dict(kw, gradient_checkpointing=False)).total
+        on = need > budget * memory.HEADROOM
+        why = (f"on the CPU: without it the memory plan needs {need:.1f} GB per process of {budget:.1f} GB ({where}, "
+               f"{memory.HEADROOM:.0%} usable)")  # fmt: skip
+    log.info("train.gradient_checkpointing=auto: %s %s", "on" if on else "off", why)
+    return cfg.model_copy(update={"gradient_checkpointing": on})
+
+
 def plan_training(tokenize_dir: Path, cfg: TrainConfig, precision: str) -> tuple[TrainConfig, dict]:
-    """`fit_memory`, then `memory_plan` for the config it returns: the config to train, and the plan (what
-    memory_fit chose under "fit")."""
-    cfg, fitted = fit_memory(tokenize_dir, cfg, precision)
+    """`resolve_checkpointing` and `fit_memory`, then `memory_plan` for the config they return: the config to
+    train, and the plan (what memory_fit chose under "fit")."""
+    cfg, fitted = fit_memory(tokenize_dir, resolve_checkpointing(tokenize_dir, cfg, precision), precision)
     return cfg, memory_plan(tokenize_dir, cfg, precision) | {"fit": fitted}
 
 
@@ -557,6 +576,7 @@ def train(tmp: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfig,
     from transformers import EarlyStoppingCallback, TrainingArguments
 
     precision = resolve_precision(cfg.precision)
+    cfg = resolve_checkpointing(tokenize_dir, cfg, precision)  # the train stage resolved it; a direct call may not
     ds_config = None
     if cfg.deepspeed:
         ds_config = str(deepspeed_config_path(cfg.deepspeed))

@@ -115,17 +115,45 @@ def test_checkpoint_layers_recomputes_only_the_chosen_layers(tiny_run):
 
 
 def test_checkpoint_layers_in_training_and_its_refusals(tiny_run, tmp_path):
-    """The train stage with half the layers recomputed: the losses of full checkpointing, and the run says how many
-    layers it recomputed. Asking for recompute with checkpointing off is refused, naming both keys."""
+    """The train stage with half the layers recomputed, and with gradient_checkpointing=auto (the default), which on
+    this CPU with RAM to spare recomputes none: the losses of full checkpointing, and the run says how many layers
+    it recomputed. Asking for recompute with checkpointing off (or auto) is refused, naming both keys."""
     from edgar_tune.config import ConfigError, load_config
 
-    out = train_variants(tiny_run, tmp_path, {"all": {}, "half": {"checkpoint_layers": 0.5}}, steps=4)
+    on = {"gradient_checkpointing": True}
+    out = train_variants(tiny_run, tmp_path, {"all": on, "half": on | {"checkpoint_layers": 0.5}, "auto": {}}, steps=4)
     layers = int(out["half"][0]["checkpointed_layers"].split("/")[1])
     assert out["half"][0]["checkpointed_layers"] == f"{layers // 2}/{layers}"
     assert out["all"][0]["checkpointed_layers"] == "all"
+    assert out["auto"][0]["checkpointed_layers"] == "none" and out["auto"][0]["gradient_checkpointing"] is False
     assert out["half"][1] == pytest.approx(out["all"][1], rel=1e-5)
+    assert out["auto"][1] == pytest.approx(out["all"][1], rel=1e-5)
     with pytest.raises(ConfigError, match="train.gradient_checkpointing=false recomputes none"):
         load_config("tiny", {"train.checkpoint_layers": 0.5, "train.gradient_checkpointing": False})
+    with pytest.raises(ConfigError, match="train.gradient_checkpointing=auto may recompute none"):
+        load_config("demo", {"train.checkpoint_layers": 0.5})
+
+
+def test_gradient_checkpointing_auto_turns_on_when_the_plan_needs_it(tiny_run, tmp_path):
+    """gradient_checkpointing=auto on the CPU: off while the memory plan fits the run without it in the budget, on
+    when it does not (the budget 1% short of that need); true and false are taken as they are."""
+    from edgar_tune.config import TrainConfig
+    from tasks import memory
+    from tasks.finetune import plan_inputs, resolve_checkpointing
+
+    train_variants(tiny_run, tmp_path, {})  # the tokenize stage, in tmp_path
+    tok = tmp_path / "03_tokenize"
+    auto = TrainConfig(mode="lora", per_device_train_batch_size=4)
+    shape, _, _, kw = plan_inputs(tok, auto, "fp32")
+    need = memory.estimate(shape, option="none", **dict(kw, gradient_checkpointing=False)).total
+    budgets = {"fits": need / memory.HEADROOM * 1.01, "short": need / memory.HEADROOM * 0.99}
+    chosen = {name: resolve_checkpointing(tok, auto.model_copy(update={"memory_budget_gb": gb}), "fp32")
+              for name, gb in budgets.items()}  # fmt: skip
+    assert chosen["fits"].gradient_checkpointing is False and chosen["short"].gradient_checkpointing is True
+    assert resolve_checkpointing(tok, auto, "fp32").gradient_checkpointing is False  # this host's RAM
+    for asked in (True, False):
+        cfg = auto.model_copy(update={"gradient_checkpointing": asked, "memory_budget_gb": budgets["short"]})
+        assert resolve_checkpointing(tok, cfg, "fp32").gradient_checkpointing is asked
 
 
 def test_memory_fit_splits_the_batch_to_fit_the_budget(tiny_run, tmp_path):
@@ -140,7 +168,8 @@ def test_memory_fit_splits_the_batch_to_fit_the_budget(tiny_run, tmp_path):
     train_variants(tiny_run, tmp_path, {})  # the tokenize stage of blocks that span documents, in tmp_path
     tok = tmp_path / "03_tokenize"
     settings = dict(mode="lora", lora_dropout=0.0, max_steps=4, per_device_train_batch_size=4, logging_steps=1,
-                    eval_steps=0, early_stopping_patience=0, load_best_model_at_end=False, save_steps=0)  # fmt: skip
+                    eval_steps=0, early_stopping_patience=0, load_best_model_at_end=False, save_steps=0,
+                    gradient_checkpointing=True)  # fmt: skip
     asked = TrainConfig(**settings)
     shape, _, _, kw = plan_inputs(tok, asked, "fp32")
     kw |= dict(option="none", gradient_checkpointing=False)
