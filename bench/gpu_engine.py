@@ -22,6 +22,9 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
+import platform
+import re
 import sys
 import tempfile
 import time
@@ -150,6 +153,11 @@ def kernel_bench_args(doc: str, script: str) -> argparse.Namespace:
         sys.exit(f"bench/{script} measures a GPU; on the CPU run `pytest -k kernel`")
     torch.manual_seed(0)
     return args
+
+
+def cpu_host() -> str:
+    """A CPU host as the results' file names know it (x86-64-2cpu)."""
+    return re.sub(r"[^a-z0-9]+", "-", f"{platform.machine()}-{os.cpu_count()}cpu".lower())
 
 
 def write_result(out: Path, what: str, device: str, record) -> Path:

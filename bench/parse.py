@@ -33,6 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.gpu_engine import cpu_host  # noqa: E402
 from tasks.io import read_bytes  # noqa: E402
 from tasks.sections import decode, parse_filing, select_documents  # noqa: E402
 from tests.test_sections import EXPECTED  # noqa: E402  (the hand-read pins)
@@ -156,8 +157,7 @@ def main() -> None:
         "rows": rows,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    host = re.sub(r"[^a-z0-9]+", "-", f"{platform.machine()}-{os.cpu_count()}cpu".lower())
-    path = args.out / f"{record['date']}-parse-{host}.json"
+    path = args.out / f"{record['date']}-parse-{cpu_host()}.json"
     path.write_text(json.dumps(record, indent=2) + "\n")
     print(f"\nwrote {path.relative_to(REPO)}")
 
