@@ -18,7 +18,7 @@ import shutil
 import time
 from pathlib import Path
 
-from tasks.io import atomic_write_json, read_json
+from tasks.io import atomic_write_json, read_json, umask_modes
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,9 @@ def _fsync_tree(root: Path) -> None:
 
 
 def publish_checkpoint(staging: Path, final: Path, step: int) -> None:
-    """Rename a fully written staging folder into place, then write its completion marker last."""
+    """Rename a fully written staging folder into place, then write its completion marker last. Its files get the
+    umask's permissions (`umask_modes`: safetensors writes weights 0600), so kept checkpoints read as the run does."""
+    umask_modes(staging)
     _fsync_tree(staging)
     if final.exists():  # a leftover of an interrupted run at this same step
         shutil.rmtree(final)

@@ -104,12 +104,17 @@ def test_resuming_under_other_settings_is_refused_and_a_fresh_start_keeps_them_a
 
 
 def test_checkpoint_is_published_by_rename_then_marker(tmp_path):
+    """Published by rename, then the marker; with the permissions the umask gives (safetensors 0.8 writes 0600)."""
+    from tasks.io import umask
+
     staging = tmp_path / "tmp-checkpoint-5"
     staging.mkdir()
     (staging / "adapter_model.safetensors").write_bytes(b"x" * 100)
+    (staging / "adapter_model.safetensors").chmod(0o600)
     final = tmp_path / "checkpoint-5"
     publish_checkpoint(staging, final, 5)
     assert not staging.exists() and (final / MARKER).read_text() == "step 5\n"
+    assert (final / "adapter_model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask()
     # Unfinished ones are never resumed from: no marker, or still in staging.
     (tmp_path / "checkpoint-9").mkdir()
     (tmp_path / "tmp-checkpoint-12").mkdir()
