@@ -111,8 +111,10 @@ def check_model_name(name: str) -> None:
                               "that `save_pretrained` wrote")  # fmt: skip
         return
     if name.count("/") != 1 or name.startswith(("/", ".", "~")):
+        bare = "" if "/" in name else (" (hub ids name their organisation; the hub's old bare names have one now: "
+                                       "`openai-community/gpt2` for `gpt2`)")  # fmt: skip
         raise ConfigError(f"`model.name` = {name!r} is neither `{SMOLLM2}`, `{TINY}`, an existing folder, nor a hub "
-                          "id like `EleutherAI/gpt-j-6b`")  # fmt: skip
+                          f"id like `EleutherAI/gpt-j-6b`{bare}")  # fmt: skip
 
 
 def resolve_base_model(cfg: ModelConfig, work_dir: Path, texts: Iterable[str], seed: int) -> str:

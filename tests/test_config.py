@@ -141,6 +141,16 @@ def _no_model(tmp_path: Path) -> list[tuple[str, str]]:
             (str(empty), "is a folder without config.json")]  # fmt: skip
 
 
+def test_a_bare_hub_name_is_refused_naming_its_organisation():
+    """`gpt2` could be a folder that is not here or the hub's old name for `openai-community/gpt2`: refused, saying
+    the second, so a typo in a folder name never goes to the hub."""
+    from tasks.models import check_model_name
+
+    with pytest.raises(ConfigError, match="hub ids name their organisation.*`openai-community/gpt2` for `gpt2`"):
+        check_model_name("gpt2")
+    check_model_name("openai-community/gpt2")  # a hub id: checked by the hub when the run loads it
+
+
 def test_a_model_that_is_not_here_is_refused_before_prefect_starts(tmp_path):
     for name, message in _no_model(tmp_path):
         proc = subprocess.run([sys.executable, "-m", "edgar_tune.cli", "run", "--preset", "tiny", "--out",
