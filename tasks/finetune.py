@@ -24,7 +24,7 @@ from kernels.lora import lean_lora
 from tasks.models import device, load_causal_lm, load_tokenizer
 
 log = logging.getLogger(__name__)
-_PLANS_LOGGED: set[tuple[str | None, str]] = set()  # (flow run id, plan table): the flow's early check, then the stage
+_PLANS_LOGGED: set[tuple[str | None, str]] = set()  # (flow run id, message): the flow's early check, then the stage
 
 # LoRA targets per architecture (config.model_type): attention and MLP projections, as JumpStart's scripts
 # and the QLoRA paper adapt every linear layer of the blocks.
@@ -367,7 +367,7 @@ def resolve_checkpointing(tokenize_dir: Path, cfg: TrainConfig, precision: str) 
         on = need > budget * memory.HEADROOM
         why = (f"on the CPU: without it the memory plan needs {need:.1f} GB per process of {budget:.1f} GB ({where}, "
                f"{memory.HEADROOM:.0%} usable)")  # fmt: skip
-    log.info("train.gradient_checkpointing=auto: %s %s", "on" if on else "off", why)
+    _log_once(f"train.gradient_checkpointing=auto: {'on' if on else 'off'} {why}")
     return cfg.model_copy(update={"gradient_checkpointing": on})
 
 
@@ -390,12 +390,7 @@ def memory_plan(tokenize_dir: Path, cfg: TrainConfig, precision: str) -> dict:
     context = memory.describe(shape, mode=cfg.mode, lora_r=cfg.lora_r, batch=kw["batch"], seq=kw["seq"],
                               precision=precision, nproc=world) + f", {where}"  # fmt: skip
     table = memory.format_plan(rows, chosen, budget, context)
-    shown = (_flow_run_id(), table)
-    if shown in _PLANS_LOGGED:
-        log.info("memory plan per device: as above")
-    else:
-        log.info("\n%s", table)
-        _PLANS_LOGGED.add(shown)
+    _log_once(f"\n{table}", again="memory plan per device: as above")
     mine = next(r for r in rows if r.option == chosen)
     if not mine.fits and cfg.memory_check != "off":
         advice = memory.suggestion(rows, shape, budget_gb=budget, options=options, **kw)
@@ -406,6 +401,17 @@ def memory_plan(tokenize_dir: Path, cfg: TrainConfig, precision: str) -> dict:
         log.warning(message)
     return {"budget_gb": budget, "budget_from": where, "engine": chosen, "estimate_gb": mine.total,
             "rows": memory.as_json(rows), "shape": vars(shape)}  # fmt: skip
+
+
+def _log_once(message: str, again: str | None = None) -> None:
+    """Log what planning found once per flow run: the flow plans the run before its first model stage and the train
+    stage plans it again. `again`: what to say the next times."""
+    shown = (_flow_run_id(), message)
+    if shown not in _PLANS_LOGGED:
+        log.info("%s", message)
+        _PLANS_LOGGED.add(shown)
+    elif again:
+        log.info(again)
 
 
 def _flow_run_id() -> str | None:
