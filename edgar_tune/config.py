@@ -417,6 +417,12 @@ class RegisterConfig(_Section):
     )
     experiment: str = Field("edgar-tune", description="MLflow experiment name.")
     model_name: str = Field("edgar-tune-10k", description="Registered model name.")
+    rescore_champion: bool = Field(
+        True,
+        description="When the champion was scored on other validation text (an earlier year's MD&A), score it on "
+        "this run's before deciding which is champion (models with another tokenizer are not compared). false: "
+        "the new version is the challenger until someone promotes it.",
+    )
 
 
 class PipelineConfig(_Section):

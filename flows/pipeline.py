@@ -206,6 +206,7 @@ def build_summary(run_dir: Path, preset: str, timings: dict, flow_run_id: str | 
         "registered_model": reg["registered_model"],
         "model_version": reg["model_version"],
         "model_alias": reg["model_alias"],
+        "champion_comparison": reg.get("champion_comparison"),
         "engine": train["engine"],
         "zero_stage": train["zero_stage"],
         "world_size": train["world_size"],
@@ -230,6 +231,15 @@ def build_summary(run_dir: Path, preset: str, timings: dict, flow_run_id: str | 
     }
 
 
+def _compared(c: dict | None) -> str:
+    """What the new version was measured against, for the summary's `registered` line."""
+    if not c or "version" not in c:
+        return ""
+    if c["perplexity"] is None:
+        return f" (not compared with champion v{c['version']}: {c['basis']})"
+    return f" (champion v{c['version']}: {c['perplexity']:.3f}, {c['basis']})"
+
+
 def format_summary(s: dict) -> str:
     filings = ", ".join(f"{f['ticker']} {f['form']} FY{f['fiscal_year']}" for f in s["filings"]) or ", ".join(
         Path(p).name for p in s["data_files"])  # fmt: skip
@@ -248,7 +258,8 @@ def format_summary(s: dict) -> str:
         + (" (chosen by train.memory_fit)" if s["memory_fit"] else ""),
         f"  perplexity        before {s['ppl_before']:.3f}  ->  after {s['ppl_after']:.3f}  "
         f"({s['ppl_change_pct']:+.1f}%)",
-        f"  registered        {s['registered_model']} v{s['model_version']} @{s['model_alias']}",
+        f"  registered        {s['registered_model']} v{s['model_version']} @{s['model_alias']}"
+        + _compared(s["champion_comparison"]),
         f"  MLflow            {s['mlflow_tracking_uri']}",
         f"  time              {s['total_seconds']:.0f}s  ({stages})",
         f"  cached            {', '.join(cached) or 'none'}" + (f"; not rerun: {', '.join(skipped)}" if skipped else ""),

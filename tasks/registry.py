@@ -14,12 +14,14 @@ import os
 import subprocess
 import tempfile
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import mlflow
 import mlflow.pyfunc
+import yaml
 
-from edgar_tune.config import REPO_ROOT, PipelineConfig, flat_params
+from edgar_tune.config import REPO_ROOT, EvalConfig, PipelineConfig, flat_params
 from tasks.io import EVALUATE, PARSE, TOKENIZE, TRAIN, read_json, read_jsonl
 
 log = logging.getLogger(__name__)
@@ -49,16 +51,10 @@ class EdgarTuneLM(mlflow.pyfunc.PythonModel):
     its name here, so it stays in this module."""
 
     def load_context(self, context) -> None:
-        from tasks.models import load_causal_lm, load_tokenizer, resolve_base_ref
+        from tasks.models import load_tokenizer
 
-        cfg = context.model_config
-        weights = context.artifacts["weights"]
-        if cfg["weights"] == "adapter":
-            base = context.artifacts.get("base") or resolve_base_ref(cfg["base_model"])
-            self.model = load_causal_lm(base, adapter=weights)
-        else:
-            self.model = load_causal_lm(weights)
-        self.tokenizer = load_tokenizer(weights)
+        self.model = load_registered(context.artifacts, context.model_config)
+        self.tokenizer = load_tokenizer(context.artifacts["weights"])
         self.model.eval()
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None) -> list[str]:
@@ -79,6 +75,17 @@ class EdgarTuneLM(mlflow.pyfunc.PythonModel):
                                           do_sample=False, pad_token_id=self.tokenizer.pad_token_id)  # fmt: skip
             out.append(self.tokenizer.decode(gen[0][ids["input_ids"].shape[1] :], skip_special_tokens=True))
         return out
+
+
+def load_registered(artifacts: dict[str, str], config: dict[str, str]):
+    """A registered version's model from its artifacts' local paths and its model config: the base (carried, else
+    by its `base_model` name) plus the adapter, or the full weights."""
+    from tasks.models import load_causal_lm, resolve_base_ref
+
+    if config["weights"] == "adapter":
+        base = artifacts.get("base") or resolve_base_ref(config["base_model"])
+        return load_causal_lm(base, adapter=artifacts["weights"])
+    return load_causal_lm(artifacts["weights"])
 
 
 # What the pyfunc imports when it loads and generates; pinned to the versions that trained and registered it.
@@ -153,20 +160,104 @@ def _experiment_id(client, name: str, runs_root: Path, uri: str) -> str:
     return client.create_experiment(name, artifact_location=location)
 
 
-def _promote(client, name: str, version: str, ppl: float, val_sha: str) -> str:
-    """`champion` moves only to a version with lower perplexity on the same validation data."""
+def scoring(result: dict) -> str:
+    """How a perplexity was scored, beside the validation text it was scored on: two scores compare only if both
+    match (a longer window or a cap on the tokens scored changes the number)."""
+    return f"window {result['max_length']}, stride {result['stride']}, {result['tokens']} tokens"
+
+
+def promote(client, name: str, version: str, ppl: float, val_sha: str, how: str = "",
+             rescore: Callable[[Any], tuple[float | None, str]] | None = None) -> dict:  # fmt: skip
+    """Set `champion` on `version` if its perplexity is lower than the champion's on the same validation tokens,
+    scored the same way (`how`); else `challenger`. Returns the alias and what was compared.
+
+    A champion scored on other validation text (last year's MD&A, before a new 10-K came) is scored again on this
+    run's by `rescore(champion_version) -> (perplexity or None, why)`; that score is kept as a tag of the champion
+    version, so a retry does not score it twice. Without `rescore` such a version stays the challenger."""
     try:
         current = client.get_model_version_by_alias(name, CHAMPION)
     except mlflow.exceptions.MlflowException:
         current = None
-    if current is not None and str(current.version) == str(version):
-        return CHAMPION  # a retried registration of the champion itself
-    beats = current is None or (
-        current.tags.get("val_sha256") == val_sha and ppl < float(current.tags.get("val_perplexity", "inf"))
-    )
-    alias = CHAMPION if beats else CHALLENGER
+    if current is not None and str(current.version) == str(version):  # a retried registration of the champion itself
+        mine = client.get_model_version(name, version).tags.get(COMPARISON)
+        return {"alias": CHAMPION, "compared": json.loads(mine) if mine else {"basis": "already the champion"}}
+    if current is None:
+        alias, compared = CHAMPION, {"basis": "no champion before"}
+    else:
+        score, basis = _champion_score(client, name, current, val_sha, how, rescore)
+        compared = {"version": str(current.version), "perplexity": score, "basis": basis}
+        alias = CHAMPION if score is not None and ppl < score else CHALLENGER
+    client.set_model_version_tag(name, version, COMPARISON, json.dumps(compared))
     client.set_registered_model_alias(name, alias, version)
-    return alias
+    return {"alias": alias, "compared": compared}
+
+
+COMPARISON = "champion_comparison"  # version tag: the champion it was compared with, and on what
+
+
+def _champion_score(client, name: str, current, val_sha: str, how: str,
+                    rescore: Callable[[Any], tuple[float | None, str]] | None) -> tuple[float | None, str]:  # fmt: skip
+    tags = current.tags
+    if tags.get("val_sha256") == val_sha and tags.get("val_scoring", how) == how:
+        return float(tags.get("val_perplexity", "inf")), "same validation data"
+    key = "val_perplexity." + hashlib.sha256(f"{val_sha}|{how}".encode()).hexdigest()[:16]
+    if key in tags:
+        return float(tags[key]), "rescored on this run's validation data"
+    if rescore is None:
+        return None, "it was scored on other validation data, and registry.rescore_champion is false"
+    log.info("champion %s v%s was scored on other validation data; scoring it on this run's (%s)", name,
+             current.version, how)  # fmt: skip
+    score, why = rescore(current)
+    if score is not None:
+        client.set_model_version_tag(name, current.version, key, repr(score))
+    return score, why
+
+
+def same_tokenizer(a, b) -> bool:
+    """Whether two tokenizers turn text into the same ids: the same vocabulary and, for fast tokenizers, the same
+    normalizer, pre-tokenizer and model (merges). Perplexities per token compare only then."""
+    if a.get_vocab() != b.get_vocab():
+        return False
+    fast_a, fast_b = getattr(a, "backend_tokenizer", None), getattr(b, "backend_tokenizer", None)
+    if fast_a is None or fast_b is None:
+        return type(a) is type(b)
+    ja, jb = json.loads(fast_a.to_str()), json.loads(fast_b.to_str())
+    return all(ja.get(k) == jb.get(k) for k in ("normalizer", "pre_tokenizer", "model", "added_tokens"))
+
+
+def score_version(name: str, version: str, tokenize_dir: Path, eval_cfg: EvalConfig) -> tuple[float | None, str]:
+    """Perplexity of registered version `version` on a run's validation blocks, scored as the run scored its own
+    model (tasks.perplexity.evaluate_model, `eval_cfg`); None and why when its tokenizer is not the run's."""
+    try:
+        return _score_version(name, version, tokenize_dir, eval_cfg)
+    except Exception as e:  # the new version is registered, without an alias, until this works or is switched off
+        raise RuntimeError(
+            f"could not score champion {name} v{version} on this run's validation data: {type(e).__name__}: {e}. "
+            "Fix that and rerun the register stage, or set registry.rescore_champion=false to register this run's "
+            "model as the challenger without comparing it"
+        ) from e
+
+
+def _score_version(name: str, version: str, tokenize_dir: Path, eval_cfg: EvalConfig) -> tuple[float | None, str]:
+    from datasets import load_from_disk
+
+    from tasks.blocks import base_model_path
+    from tasks.models import load_tokenizer
+    from tasks.perplexity import evaluate_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=tmp))
+        flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
+        artifacts = {k: str(local / v["path"]) for k, v in flavor["artifacts"].items()}
+        if not same_tokenizer(load_tokenizer(artifacts["weights"]), load_tokenizer(base_model_path(tokenize_dir))):
+            base = flavor["config"]["base_model"]
+            return None, (f"its tokenizer (base {base}) is not this run's, so their perplexities per token are in "
+                          "different units")  # fmt: skip
+        model = load_registered(artifacts, flavor["config"])
+        block_length = read_json(tokenize_dir / "stats.json")["block_length"]
+        val = load_from_disk(str(tokenize_dir / "val"))
+        result = evaluate_model(model, val, eval_cfg, block_length, f"champion v{version}")
+    return result["perplexity"], "rescored on this run's validation data"
 
 
 RUN_KEY = "edgar_tune.run_key"
@@ -216,13 +307,18 @@ def register_run(run_dir: Path, runs_root: Path, cfg: PipelineConfig, flow_run_i
     tags = {"base_model": base_ref, "data_sha256": data_sha, "train_sha256": report["train_sha256"],
             "val_sha256": report["val_sha256"],
             "git_commit": git_commit(), "filings": json.dumps(filings),
-            "val_perplexity": repr(after["perplexity"]), "prefect_flow_run_id": str(flow_run_id), RUN_KEY: key}  # fmt: skip
+            "val_perplexity": repr(after["perplexity"]), "val_scoring": scoring(after),
+            "prefect_flow_run_id": str(flow_run_id), RUN_KEY: key}  # fmt: skip
     name = cfg.registry.model_name
+    rescore = None
+    if cfg.registry.rescore_champion:
+        def rescore(champion) -> tuple[float | None, str]:
+            return score_version(name, str(champion.version), run_dir / TOKENIZE, cfg.eval)
     earlier = _registered_before(client, exp_id, name, key)
     if earlier is not None:
         run_id, version = earlier
         log.info("already registered as %s version %s (run %s); not registering again", name, version, run_id)
-        return _finish(client, name, version, tags, after["perplexity"], report["val_sha256"], uri, run_id)
+        return _finish(client, name, version, tags, after, uri, run_id, rescore)
     with mlflow.start_run(experiment_id=exp_id, run_name=f"{cfg.preset}-{run_dir.name}") as run:
         mlflow.set_tags({k: v for k, v in tags.items() if k != "val_perplexity"} | {"mlflow.source.git.commit": tags["git_commit"]})
         mlflow.log_params({k: json.dumps(v) if isinstance(v, list | dict) else v for k, v in flat_params(cfg).items()})
@@ -263,12 +359,17 @@ def register_run(run_dir: Path, runs_root: Path, cfg: PipelineConfig, flow_run_i
             signature=_signature(),
         )
         version = str(info.registered_model_version)
-    return _finish(client, name, version, tags, after["perplexity"], report["val_sha256"], uri, run.info.run_id)
+    return _finish(client, name, version, tags, after, uri, run.info.run_id, rescore)
 
 
-def _finish(client, name: str, version: str, tags: dict, ppl: float, val_sha: str, uri: str, run_id: str) -> dict:
+def _finish(client, name: str, version: str, tags: dict, after: dict, uri: str, run_id: str, rescore) -> dict:
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
-    alias = _promote(client, name, version, ppl, val_sha)
-    return {"tracking_uri": uri, "registered_model": name, "model_version": version, "model_alias": alias,
-            "mlflow_run_id": run_id, "model_uri": f"models:/{name}/{version}"}  # fmt: skip
+    promoted = promote(client, name, version, after["perplexity"], tags["val_sha256"], tags["val_scoring"], rescore)
+    compared = promoted["compared"]
+    if compared.get("perplexity") is not None:
+        client.log_metric(run_id, "champion_ppl_on_this_val", compared["perplexity"])
+    log.info("registered %s v%s as %s (perplexity %.4f; champion before: %s)", name, version, promoted["alias"],
+             after["perplexity"], compared)  # fmt: skip
+    return {"tracking_uri": uri, "registered_model": name, "model_version": version, "model_alias": promoted["alias"],
+            "champion_comparison": compared, "mlflow_run_id": run_id, "model_uri": f"models:/{name}/{version}"}  # fmt: skip

@@ -1,33 +1,120 @@
 """Promotion is gated on a real MLflow store (sqlite): `champion` moves only to a version with lower perplexity
-on the same validation data; otherwise the new version is the `challenger`."""
+on the same validation tokens; otherwise the new version is the `challenger`. A champion scored on other
+validation text (last year's MD&A) is scored again, for real, on the new run's."""
 
 from __future__ import annotations
 
+import json
+import shutil
+import subprocess
+import sys
+
 import mlflow
+import pytest
+
+from tests.conftest import REPO, run_cli
 
 
 def test_champion_moves_only_on_lower_perplexity_on_the_same_validation_data(tmp_path):
-    from tasks.registry import CHALLENGER, CHAMPION, _promote
+    from tasks.registry import CHALLENGER, CHAMPION, promote
 
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     client.create_registered_model("m")
 
-    def version(ppl: float, val_sha: str) -> str:
+    def version(ppl: float, val_sha: str, how: str = "window 128") -> str:
         v = client.create_model_version("m", source=(tmp_path / "weights").as_uri()).version
-        client.set_model_version_tag("m", v, "val_sha256", val_sha)
-        client.set_model_version_tag("m", v, "val_perplexity", repr(ppl))
+        for key, value in {"val_sha256": val_sha, "val_perplexity": repr(ppl), "val_scoring": how}.items():
+            client.set_model_version_tag("m", v, key, value)
         return str(v)
 
+    def alias(v: str, ppl: float, val_sha: str, how: str = "window 128", rescore=None) -> str:
+        return promote(client, "m", v, ppl, val_sha, how, rescore)["alias"]
+
     v1 = version(10.0, "mdna-a")
-    assert _promote(client, "m", v1, 10.0, "mdna-a") == CHAMPION
+    assert alias(v1, 10.0, "mdna-a") == CHAMPION
     v2 = version(12.0, "mdna-a")  # worse: challenger, the champion stays
-    assert _promote(client, "m", v2, 12.0, "mdna-a") == CHALLENGER
+    assert alias(v2, 12.0, "mdna-a") == CHALLENGER
     assert str(client.get_model_version_by_alias("m", CHAMPION).version) == v1
     v3 = version(8.0, "mdna-a")  # better on the same data: takes the champion alias
-    assert _promote(client, "m", v3, 8.0, "mdna-a") == CHAMPION
+    assert alias(v3, 8.0, "mdna-a") == CHAMPION
     assert str(client.get_model_version_by_alias("m", CHAMPION).version) == v3
-    v4 = version(2.0, "mdna-b")  # lower, but on other validation text: not comparable, so challenger
-    assert _promote(client, "m", v4, 2.0, "mdna-b") == CHALLENGER
+    v4 = version(2.0, "mdna-b")  # lower, but on other validation text and nothing rescores: challenger
+    assert alias(v4, 2.0, "mdna-b") == CHALLENGER
+    compared = json.loads(client.get_model_version("m", v4).tags["champion_comparison"])
+    assert compared == {"version": v3, "perplexity": None,
+                        "basis": "it was scored on other validation data, and registry.rescore_champion is false"}
     assert str(client.get_model_version_by_alias("m", CHAMPION).version) == v3
-    assert _promote(client, "m", v3, 8.0, "mdna-a") == CHAMPION  # a retry of the champion keeps it
+    assert alias(v3, 8.0, "mdna-a") == CHAMPION  # a retry of the champion keeps it
     assert str(client.get_model_version_by_alias("m", CHALLENGER).version) == v4
+    # The same text scored another way (a longer window) is rescored too; the score is kept on the champion.
+    calls = []
+
+    def rescore(champion) -> tuple[float, str]:
+        calls.append(str(champion.version))
+        return 7.5, "rescored on this run's validation data"
+
+    v5 = version(7.0, "mdna-a", "window 256")
+    assert alias(v5, 7.0, "mdna-a", "window 256", rescore) == CHAMPION and calls == [v3]
+    v6 = version(7.2, "mdna-a", "window 256")  # v5 was scored that way: compared directly, no rescoring
+    assert alias(v6, 7.2, "mdna-a", "window 256", rescore) == CHALLENGER and calls == [v3]
+    assert alias(v6, 7.2, "mdna-c", "window 256", lambda c: (None, "its tokenizer is not this run's")) == CHALLENGER
+
+
+def test_tokenizers_compare_equal_only_when_they_make_the_same_ids(tiny_run, tmp_path):
+    from edgar_tune.config import ModelConfig
+    from tasks.models import build_tiny_llama, load_tokenizer
+    from tasks.registry import same_tokenizer
+
+    runs, _ = tiny_run
+    ours = runs / "latest" / "03_tokenize" / "tiny-llama"
+    shutil.copytree(ours, tmp_path / "copy")
+    assert same_tokenizer(load_tokenizer(str(ours)), load_tokenizer(str(tmp_path / "copy")))
+    texts = ["Net sales increased 22% to $470.0 billion, driven by North America and AWS."] * 50
+    other = build_tiny_llama(tmp_path / "other", texts, ModelConfig(name="tiny-llama", tiny_vocab_size=300), seed=0)
+    assert not same_tokenizer(load_tokenizer(str(ours)), load_tokenizer(str(other)))
+
+
+def test_a_new_10k_rescores_the_champion_on_the_new_mdna(tiny_run, prefect_server, tmp_path):
+    """The scheduled run's case: a new fiscal year changes the held-out MD&A, so the champion's recorded perplexity
+    (on last year's) says nothing about the new version. The register stage downloads the champion from MLflow,
+    scores it on this run's validation blocks and promotes whichever is lower; a retry reuses that score."""
+    from datasets import load_from_disk
+
+    from edgar_tune.config import EvalConfig
+    from tasks.perplexity import evaluate_model
+
+    runs, _ = tiny_run
+    base = tmp_path / "base"  # a local base model folder with a fixed tokenizer, as a user's own checkpoint would be
+    shutil.copytree(runs / "latest" / "03_tokenize" / "tiny-llama", base)
+    common = ("--set", f"model.name={base}", "--set", "data.fiscal_years=[2020]")
+    first = run_cli(tmp_path, *common, "--set", "max_steps=2", env=prefect_server)
+    assert first["model_alias"] == "champion" and first["champion_comparison"] == {"basis": "no champion before"}
+    # Next year: same folder (as the scheduled deployment's), FY2021 alone, trained for longer.
+    common = ("--set", f"model.name={base}", "--set", "data.fiscal_years=[2021]")
+    second = run_cli(tmp_path, *common, "--set", "max_steps=30", env=prefect_server)
+    compared = second["champion_comparison"]
+    assert compared["version"] == first["model_version"] and compared["basis"] == "rescored on this run's validation data"
+    # The champion's score, recomputed here through MLflow's own loader on the new run's validation blocks.
+    mlflow.set_tracking_uri(second["mlflow_tracking_uri"])
+    champion = mlflow.pyfunc.load_model(f"models:/{first['registered_model']}/{first['model_version']}")
+    tokenize = tmp_path / "latest" / "03_tokenize"
+    block = json.loads((tokenize / "stats.json").read_text())["block_length"]
+    eval_cfg = EvalConfig(max_length=128, stride=64, per_device_eval_batch_size=8)
+    again = evaluate_model(champion.unwrap_python_model().model, load_from_disk(str(tokenize / "val")), eval_cfg,
+                           block, "champion")  # fmt: skip
+    assert compared["perplexity"] == pytest.approx(again["perplexity"], rel=1e-6)
+    assert again["tokens"] == second["val_tokens"]
+    # 30 steps on FY2021's text beat 2 steps on FY2020's, on FY2021's MD&A: the new version takes the alias.
+    assert second["ppl_after"] < compared["perplexity"] and second["model_alias"] == "champion"
+    client = mlflow.MlflowClient(second["mlflow_tracking_uri"])
+    first_tags = client.get_model_version(first["registered_model"], first["model_version"]).tags
+    assert [k for k in first_tags if k.startswith("val_perplexity.")], first_tags
+    run = client.get_run(second["mlflow_run_id"])
+    assert run.data.metrics["champion_ppl_on_this_val"] == pytest.approx(compared["perplexity"])
+    # A retried registration compares nothing again and reports the same comparison.
+    proc = subprocess.run([sys.executable, "-m", "edgar_tune.cli", "stage", "register", "--run",
+                           str(tmp_path / "latest")], cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    retry = json.loads(proc.stdout[proc.stdout.index("{") :])
+    assert retry["model_version"] == second["model_version"] and retry["champion_comparison"] == compared
+    assert "scoring it on this run's" not in proc.stdout + proc.stderr
