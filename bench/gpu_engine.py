@@ -22,9 +22,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
-import platform
-import re
 import sys
 import tempfile
 import time
@@ -34,6 +31,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
+
+from bench.common import write_result  # noqa: E402
 
 SHAPES = {
     "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
@@ -153,24 +152,6 @@ def kernel_bench_args(doc: str, script: str) -> argparse.Namespace:
         sys.exit(f"bench/{script} measures a GPU; on the CPU run `pytest -k kernel`")
     torch.manual_seed(0)
     return args
-
-
-def cpu_host() -> str:
-    """A CPU host as the results' file names know it (x86-64-2cpu)."""
-    return re.sub(r"[^a-z0-9]+", "-", f"{platform.machine()}-{os.cpu_count()}cpu".lower())
-
-
-def write_result(out: Path, what: str, device: str, record) -> Path:
-    """Write bench/results/<date>-[<what>-]<device>.json (atomically: a run killed mid-write keeps the last one)
-    and say where."""
-    from tasks.io import atomic_write_json
-
-    out.mkdir(parents=True, exist_ok=True)
-    slug = device.lower().replace(" ", "-")
-    path = out / f"{dt.date.today().isoformat()}-{what + '-' if what else ''}{slug}.json"
-    atomic_write_json(path, record)
-    print(f"wrote {path}")
-    return path
 
 
 if __name__ == "__main__":

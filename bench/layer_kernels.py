@@ -24,7 +24,8 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from bench.gpu_engine import kernel_bench_args, write_result  # noqa: E402
+from bench.common import write_result  # noqa: E402
+from bench.gpu_engine import kernel_bench_args  # noqa: E402
 from bench.loss_kernel import _rel  # noqa: E402
 from kernels.triton_layers import rms_norm, rope, swiglu  # noqa: E402
 

@@ -24,7 +24,8 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from bench.gpu_engine import kernel_bench_args, write_result  # noqa: E402
+from bench.common import write_result  # noqa: E402
+from bench.gpu_engine import kernel_bench_args  # noqa: E402
 from kernels.fused_linear_ce import IGNORE_INDEX, fused_linear_cross_entropy  # noqa: E402
 
 CHECKS = [(3, 423, 32000, 64), (2, 1000, 49152, 576), (1, 257, 5003, 128), (2, 2048, 128256, 256)]  # B, T, V, d

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import platform
 import re
@@ -33,7 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.gpu_engine import cpu_host  # noqa: E402
+from bench.common import cpu_host, write_result  # noqa: E402
 from tasks.io import read_bytes  # noqa: E402
 from tasks.sections import decode, parse_filing, select_documents  # noqa: E402
 from tests.test_sections import EXPECTED  # noqa: E402  (the hand-read pins)
@@ -156,10 +155,8 @@ def main() -> None:
         "rounds": args.rounds,
         "rows": rows,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{record['date']}-parse-{cpu_host()}.json"
-    path.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"\nwrote {path.relative_to(REPO)}")
+    print()
+    write_result(args.out, "parse", cpu_host(), record)
 
 
 if __name__ == "__main__":

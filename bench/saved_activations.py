@@ -24,7 +24,8 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from bench.gpu_engine import SHAPES, write_result  # noqa: E402
+from bench.common import write_result  # noqa: E402
+from bench.gpu_engine import SHAPES  # noqa: E402
 
 
 def saved_bytes_per_token(config, targets: list[str], *, r: int, dropout: float, lean: bool, tokens: int,

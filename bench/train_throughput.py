@@ -62,7 +62,8 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from bench.gpu_engine import SHAPES, cpu_host, write_result  # noqa: E402
+from bench.common import cpu_host, write_result  # noqa: E402
+from bench.gpu_engine import SHAPES  # noqa: E402
 
 MODELS = {"smollm2-135m": ("smollm2", 4), "llama-2-7b": ("random", 4)}  # name: (weights, per-device batch)
 OPTIONS = {  # option: (baseline value, ours)

@@ -312,8 +312,7 @@ def register_run(run_dir: Path, runs_root: Path, cfg: PipelineConfig, flow_run_i
     name = cfg.registry.model_name
     rescore = None
     if cfg.registry.rescore_champion:
-        def rescore(champion) -> tuple[float | None, str]:
-            return score_version(name, str(champion.version), run_dir / TOKENIZE, cfg.eval)
+        rescore = lambda champion: score_version(name, str(champion.version), run_dir / TOKENIZE, cfg.eval)  # noqa: E731
     earlier = _registered_before(client, exp_id, name, key)
     if earlier is not None:
         run_id, version = earlier
