@@ -38,7 +38,7 @@ step() {
 
 step kernel_tests 120 python3 -m pytest -q --noconftest -p no:cacheprovider tests/test_kernels.py \
   -k "matches or vocabulary or bias or ignored or frozen or refuses or rms_norm or swiglu or rope or fused_layers \
-or lean_lora_down or under_autocast"
+or lean_lora_down or under_autocast or no_grad or mfu"
 step llama-2-7b 400 python3 bench/train_throughput.py --only llama-2-7b --data .benchdata/tt --no-ablation --steps 10 \
   --checkpoint-sweep 1 --out "$OUT"
 step smollm2-135m 240 python3 bench/train_throughput.py --only smollm2-135m --data .benchdata/tt --no-ablation \
