@@ -14,7 +14,8 @@ import os
 import subprocess
 import tempfile
 from pathlib import Path
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import mlflow
@@ -286,7 +287,24 @@ def register_run(run_dir: Path, runs_root: Path, cfg: PipelineConfig, flow_run_i
     returns that version instead of creating a second one.
     """
     uri = tracking_uri(cfg.registry.tracking_uri, runs_root)
+    with tracking_at(uri):
+        return _register(run_dir, cfg, flow_run_id, runs_root, uri)
+
+
+@contextmanager
+def tracking_at(uri: str) -> Iterator[None]:
+    """MLflow's fluent API on `uri`, then as it was. `mlflow.set_tracking_uri` also exports MLFLOW_TRACKING_URI,
+    which `tracking_uri` reads as the user's choice: left set, the next run in this process (a notebook's, a test's)
+    would register into this run's store."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before)  # None unsets it again
+
+
+def _register(run_dir: Path, cfg: PipelineConfig, flow_run_id: str | None, runs_root: Path, uri: str) -> dict:
     client = mlflow.MlflowClient(uri)
     report = read_json(run_dir / PARSE / "report.json")
     tok_stats = read_json(run_dir / TOKENIZE / "stats.json")

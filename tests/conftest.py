@@ -112,6 +112,18 @@ def wait_http(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
     raise TimeoutError(f"{url} did not answer in {timeout} s")
 
 
+@pytest.fixture(autouse=True)
+def _mlflow_tracking_uri_as_it_was():
+    """A test that points mlflow at a run's store (mlflow.set_tracking_uri, which also exports MLFLOW_TRACKING_URI)
+    leaves it as it found it: the runs later tests start would take the variable for the user's store."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if os.environ.get("MLFLOW_TRACKING_URI") != before:
+        import mlflow
+
+        mlflow.set_tracking_uri(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> tuple[Path, dict]:
     """The plain (no DeepSpeed) tiny run, shared by the end-to-end and DeepSpeed tests."""

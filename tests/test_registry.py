@@ -5,6 +5,7 @@ validation text (last year's MD&A) is scored again, for real, on the new run's."
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -82,6 +83,7 @@ def test_a_new_10k_rescores_the_champion_on_the_new_mdna(tiny_run, prefect_serve
 
     from edgar_tune.config import EvalConfig
     from tasks.perplexity import evaluate_model
+    from tasks.registry import tracking_at
 
     runs, _ = tiny_run
     base = tmp_path / "base"  # a local base model folder with a fixed tokenizer, as a user's own checkpoint would be
@@ -95,8 +97,8 @@ def test_a_new_10k_rescores_the_champion_on_the_new_mdna(tiny_run, prefect_serve
     compared = second["champion_comparison"]
     assert compared["version"] == first["model_version"] and compared["basis"] == "rescored on this run's validation data"
     # The champion's score, recomputed here through MLflow's own loader on the new run's validation blocks.
-    mlflow.set_tracking_uri(second["mlflow_tracking_uri"])
-    champion = mlflow.pyfunc.load_model(f"models:/{first['registered_model']}/{first['model_version']}")
+    with tracking_at(second["mlflow_tracking_uri"]):
+        champion = mlflow.pyfunc.load_model(f"models:/{first['registered_model']}/{first['model_version']}")
     tokenize = tmp_path / "latest" / "03_tokenize"
     block = json.loads((tokenize / "stats.json").read_text())["block_length"]
     eval_cfg = EvalConfig(max_length=128, stride=64, per_device_eval_batch_size=8)
@@ -118,3 +120,19 @@ def test_a_new_10k_rescores_the_champion_on_the_new_mdna(tiny_run, prefect_serve
     retry = json.loads(proc.stdout[proc.stdout.index("{") :])
     assert retry["model_version"] == second["model_version"] and retry["champion_comparison"] == compared
     assert "scoring it on this run's" not in proc.stdout + proc.stderr
+
+
+def test_a_registration_leaves_mlflow_tracking_uri_as_it_was(tiny_run, monkeypatch):
+    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI, which a run reads as the user's store: a registration in
+    this process (a notebook's) must not leave it set, or the next run here would register into this run's store."""
+    from edgar_tune.config import load_run_config
+    from tasks.registry import register_run
+
+    runs, s = tiny_run
+    run = runs / "latest"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    again = register_run(run, runs, load_run_config(run), None)  # a retry: finds the version it registered
+    assert again["model_version"] == s["model_version"] and "MLFLOW_TRACKING_URI" not in os.environ
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", s["mlflow_tracking_uri"])
+    assert register_run(run, runs, load_run_config(run), None)["model_version"] == s["model_version"]
+    assert os.environ["MLFLOW_TRACKING_URI"] == s["mlflow_tracking_uri"]
