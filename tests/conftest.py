@@ -112,16 +112,32 @@ def wait_http(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
     raise TimeoutError(f"{url} did not answer in {timeout} s")
 
 
+OUR_PACKAGES = ("tasks", "edgar_tune", "kernels", "flows")
+
+
 @pytest.fixture(autouse=True)
-def _mlflow_tracking_uri_as_it_was():
-    """A test that points mlflow at a run's store (mlflow.set_tracking_uri, which also exports MLFLOW_TRACKING_URI)
-    leaves it as it found it: the runs later tests start would take the variable for the user's store."""
-    before = os.environ.get("MLFLOW_TRACKING_URI")
+def _process_as_it_was():
+    """What a test changes in this process and later tests would inherit, put back:
+    - mlflow.set_tracking_uri (a test reading a run's store) also exports MLFLOW_TRACKING_URI, which the runs later
+      tests start would take for the user's store;
+    - mlflow.pyfunc.load_model of a registered version puts the version's copy of `tasks/` and `edgar_tune/` first
+      on sys.path and drops these modules from sys.modules, so later imports load the copies, whose REPO_ROOT has
+      no presets."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    path = list(sys.path)
+    ours = {k: m for k, m in sys.modules.items() if k.split(".")[0] in OUR_PACKAGES}  # the repo's own, by now
     yield
-    if os.environ.get("MLFLOW_TRACKING_URI") != before:
+    if os.environ.get("MLFLOW_TRACKING_URI") != uri:
         import mlflow
 
-        mlflow.set_tracking_uri(before)
+        mlflow.set_tracking_uri(uri)
+    if sys.path != path:
+        sys.path[:] = path
+        copies = [k for k, m in sys.modules.items() if k.split(".")[0] in OUR_PACKAGES
+                  and not str(getattr(m, "__file__", None) or REPO).startswith(str(REPO))]  # fmt: skip
+        for name in copies:
+            del sys.modules[name]
+        sys.modules.update(ours)
 
 
 @pytest.fixture(scope="session")
