@@ -13,9 +13,9 @@ import logging
 import os
 import subprocess
 import tempfile
-from pathlib import Path
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -194,6 +194,7 @@ def promote(client, name: str, version: str, ppl: float, val_sha: str, how: str 
 
 
 COMPARISON = "champion_comparison"  # version tag: the champion it was compared with, and on what
+RESCORED = "rescored on this run's validation data"
 
 
 def _champion_score(client, name: str, current, val_sha: str, how: str,
@@ -203,7 +204,7 @@ def _champion_score(client, name: str, current, val_sha: str, how: str,
         return float(tags.get("val_perplexity", "inf")), "same validation data"
     key = "val_perplexity." + hashlib.sha256(f"{val_sha}|{how}".encode()).hexdigest()[:16]
     if key in tags:
-        return float(tags[key]), "rescored on this run's validation data"
+        return float(tags[key]), RESCORED
     if rescore is None:
         return None, "it was scored on other validation data, and registry.rescore_champion is false"
     log.info("champion %s v%s was scored on other validation data; scoring it on this run's (%s)", name,
@@ -258,7 +259,7 @@ def _score_version(name: str, version: str, tokenize_dir: Path, eval_cfg: EvalCo
         block_length = read_json(tokenize_dir / "stats.json")["block_length"]
         val = load_from_disk(str(tokenize_dir / "val"))
         result = evaluate_model(model, val, eval_cfg, block_length, f"champion v{version}")
-    return result["perplexity"], "rescored on this run's validation data"
+    return result["perplexity"], RESCORED
 
 
 RUN_KEY = "edgar_tune.run_key"
