@@ -134,7 +134,7 @@ def _process_as_it_was():
     if sys.path != path:
         sys.path[:] = path
         copies = [k for k, m in sys.modules.items() if k.split(".")[0] in OUR_PACKAGES
-                  and not str(getattr(m, "__file__", None) or REPO).startswith(str(REPO))]  # fmt: skip
+                  and not Path(getattr(m, "__file__", None) or REPO).resolve().is_relative_to(REPO)]  # fmt: skip
         for name in copies:
             del sys.modules[name]
         sys.modules.update(ours)
