@@ -195,6 +195,7 @@ def promote(client, name: str, version: str, ppl: float, val_sha: str, how: str 
 
 COMPARISON = "champion_comparison"  # version tag: the champion it was compared with, and on what
 RESCORED = "rescored on this run's validation data"
+CHAMPION_METRIC = "champion_ppl_on_this_val"  # the new run's metric: the champion's perplexity on its validation data
 
 
 def _champion_score(client, name: str, current, val_sha: str, how: str,
@@ -385,8 +386,8 @@ def _finish(client, name: str, version: str, tags: dict, after: dict, uri: str, 
         client.set_model_version_tag(name, version, key, value)
     promoted = promote(client, name, version, after["perplexity"], tags["val_sha256"], tags["val_scoring"], rescore)
     compared = promoted["compared"]
-    if compared.get("perplexity") is not None:
-        client.log_metric(run_id, "champion_ppl_on_this_val", compared["perplexity"])
+    if compared.get("perplexity") is not None and CHAMPION_METRIC not in client.get_run(run_id).data.metrics:
+        client.log_metric(run_id, CHAMPION_METRIC, compared["perplexity"])  # once: a retry finds it logged
     log.info("registered %s v%s as %s (perplexity %.4f; champion before: %s)", name, version, promoted["alias"],
              after["perplexity"], compared)  # fmt: skip
     return {"tracking_uri": uri, "registered_model": name, "model_version": version, "model_alias": promoted["alias"],

@@ -120,6 +120,7 @@ def test_a_new_10k_rescores_the_champion_on_the_new_mdna(tiny_run, prefect_serve
     retry = json.loads(proc.stdout[proc.stdout.index("{") :])
     assert retry["model_version"] == second["model_version"] and retry["champion_comparison"] == compared
     assert "scoring it on this run's" not in proc.stdout + proc.stderr
+    assert len(client.get_metric_history(second["mlflow_run_id"], "champion_ppl_on_this_val")) == 1
 
 
 def test_a_registration_leaves_mlflow_tracking_uri_as_it_was(tiny_run, monkeypatch):
