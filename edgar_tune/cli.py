@@ -102,7 +102,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from tasks import memory
 
     targets = args.lora_targets.split(",") if args.lora_targets else None
-    shape = memory.model_shape(args.model, args.mode, args.lora_r, targets)
+    shape = memory.model_shape(_plan_model(args.model), args.mode, args.lora_r, targets)
     quant = {"none": None, "int8": "int8", "int4": "nf4"}[args.quantization]
     kw = dict(nproc=args.nproc, seq=args.seq, batch=args.batch, mode=args.mode, precision=args.precision,
               quantization=quant, gradient_checkpointing=not args.no_gradient_checkpointing,
@@ -118,6 +118,36 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if not any(r.fits for r in rows):
         print("nothing fits; try " + memory.suggestion(rows, shape, budget_gb=args.gpu_memory_gb, **kw))
     return 0
+
+
+def _plan_model(name: str) -> str:
+    """`plan --model`: where its config.json is read from, with the built-in names resolved as a run resolves them.
+
+    Raises:
+        ConfigError: tiny-llama (built from each run's text), or a name that is no model, or a hub id whose config
+            cannot be fetched.
+    """
+    from edgar_tune.config import ConfigError
+    from tasks.models import SMOLLM2, TINY, check_model_name, smollm2_dir
+
+    if name == SMOLLM2:
+        return str(smollm2_dir())
+    if name == TINY:
+        raise ConfigError(f"`{TINY}` is built from each run's own text; plan a run's copy of it: "
+                          f"--model RUN/03_tokenize/{TINY}")  # fmt: skip
+    check_model_name(name)
+    if Path(name).expanduser().exists():
+        return name
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(name)
+    except OSError as err:
+        first = str(err).strip().splitlines()[0]
+        raise ConfigError(f"cannot read the config of hub model {name} ({first}); check the id and the connection "
+                          "(gated models need `huggingface-cli login`), or give a local folder with its config.json"
+                          ) from err  # fmt: skip
+    return name
 
 
 def _print_fit(memory, shape, args: argparse.Namespace, kw: dict) -> int:
@@ -239,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt")
     gen.set_defaults(fn=cmd_generate)
     plan = sub.add_parser("plan", help="memory per GPU for each ZeRO stage, before renting the GPUs")
-    plan.add_argument("--model", required=True, help="local folder or hub id (only its config.json is read)")
+    plan.add_argument("--model", required=True,
+                      help="local folder, hub id (only its config.json is read), or smollm2-135m")
     plan.add_argument("--seq", type=int, default=2048)
     plan.add_argument("--batch", type=int, default=1, help="per-device micro-batch")
     plan.add_argument("--nproc", type=int, default=1, help="GPUs in total")
@@ -281,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     _set_env_defaults()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call otherwise
+    logging.getLogger("pyrate_limiter").setLevel(logging.WARNING)  # a line at import of sec-edgar-downloader
     args = build_parser().parse_args(argv)
     from edgar_tune.config import ConfigError
     from tasks.download import EdgarError

@@ -32,7 +32,9 @@ from tasks.cache import (
     stage_key,
 )
 from tasks.finetune import plan_training, preflight
-from tasks.io import DOWNLOAD, EVALUATE, REGISTER, TOKENIZE, TRAIN, atomic_write_json, atomic_write_text, read_json
+from tasks.io import (
+    DOWNLOAD, EVALUATE, PARSE, REGISTER, TOKENIZE, TRAIN, atomic_write_json, atomic_write_text, read_json,
+)  # fmt: skip
 from tasks.models import check_model_name
 from tasks.stages import (
     download_filings,
@@ -198,6 +200,7 @@ def build_summary(run_dir: Path, preset: str, timings: dict, flow_run_id: str | 
         "train_tokens": tok["train_tokens"],
         "train_tokens_seen": train["train_tokens_seen"],
         "val_tokens": after["tokens"],
+        "validation": validation_label(read_json(run_dir / PARSE / "report.json"), tok),
         "filings": filings,
         "data_files": [f["path"] for f in manifest.get("files", [])],
         "base_model": tok["base_model"],
@@ -231,6 +234,18 @@ def build_summary(run_dir: Path, preset: str, timings: dict, flow_run_id: str | 
     }
 
 
+def validation_label(parse_report: dict, tok_stats: dict) -> str:
+    """What the validation perplexity was measured on, in words: the held-out Items of the 10-Ks, or the user's
+    held-out rows (and for instruction tuning, only their completions are scored)."""
+    if "val_items" in parse_report:
+        items = parse_report["val_items"]
+        return "held-out Item 7 (MD&A)" if items == ["7"] else "held-out Items " + ", ".join(items)
+    n = tok_stats["val_documents"]
+    rows = f"{n} held-out {'example' if tok_stats['kind'] == 'instruction' else 'row'}{'s' if n != 1 else ''}"
+    scored = "completion tokens of " if tok_stats["kind"] == "instruction" else ""
+    return f"{scored}{rows} ({parse_report['validation']})"
+
+
 def _compared(c: dict | None) -> str:
     """What the new version was measured against, for the summary's `registered` line."""
     if not c or "version" not in c:
@@ -249,9 +264,9 @@ def format_summary(s: dict) -> str:
     return "\n".join([
         "",
         "edgar-tune run summary",
-        f"  filings           {filings}",
+        f"  {'filings' if s['filings'] else 'data':<18}{filings}",
         f"  tokens            train {s['train_tokens']:,} (seen {s['train_tokens_seen']:,}), "
-        f"held-out MD&A {s['val_tokens']:,}",
+        f"validation {s['val_tokens']:,}: {s.get('validation', 'held-out Item 7 (MD&A)')}",
         f"  training          {s['mode']} on {s['device']}, {s['engine']}, {s['train_steps']} steps"
         + (f" of micro-batch {s['micro_batch']} x {s['gradient_accumulation_steps']}" if s["micro_batch"] else "")
         + f", gradient checkpointing {'on' if s['gradient_checkpointing'] else 'off'}"

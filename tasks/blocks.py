@@ -125,10 +125,11 @@ def write_tokenize_stage(out: Path, parse_dir: Path, cfg: PipelineConfig) -> dic
             val_tok.save_to_disk(tmp / "val")
             val_tok.select_columns(["input_ids", "labels"]).save_to_disk(tmp / "val_blocks")
             n_train, train_tokens, dropped = len(train_cols["input_ids"]), sum(map(len, train_cols["input_ids"])), 0
-            val_tokens = sum(sum(x != -100 for x in lab) for lab in val_cols["labels"])
             extra = {"examples_cut_to_length": {"train": cut, "val": val_cut},
                      "completion_tokens_train": sum(sum(x != -100 for x in lab) for lab in train_cols["labels"])}  # fmt: skip
             train_ids, val_ids = train_cols["input_ids"], val_cols["input_ids"]
+            val_scored = [{"scored_tokens": sum(x != -100 for x in lab)} for lab in val_cols["labels"]]
+            val_tokens = sum(d["scored_tokens"] for d in val_scored)  # the prompts are not scored
         else:
             train_tok = Dataset.from_list(train_rows).map(
                 encode, batched=True, desc="tokenize train", new_fingerprint=_fingerprint(key, train_rows)
@@ -147,6 +148,7 @@ def write_tokenize_stage(out: Path, parse_dir: Path, cfg: PipelineConfig) -> dic
             n_train, train_tokens = len(blocks), len(blocks) * length
             val_tokens = sum(len(x) for x in val_tok["input_ids"])
             train_ids, val_ids = list(train_tok["input_ids"]), list(val_tok["input_ids"])
+            val_scored = [{}] * len(val_ids)  # every token is scored
         stats = {
             "base_model": base_ref,
             "block_length": length,
@@ -157,7 +159,8 @@ def write_tokenize_stage(out: Path, parse_dir: Path, cfg: PipelineConfig) -> dic
             "val_documents": len(val_rows),
             "val_tokens": val_tokens,
             "val_tokens_per_document": [
-                row_meta(r) | {"tokens": len(ids)} for r, ids in zip(val_rows, val_ids, strict=True)
+                row_meta(r) | {"tokens": len(ids)} | scored
+                for r, ids, scored in zip(val_rows, val_ids, val_scored, strict=True)
             ],
             "tokenizer_vocab": len(tokenizer),
         } | extra

@@ -101,6 +101,17 @@ def test_plan_command_prints_every_engine_from_the_config_alone(tmp_path):
     assert lines["zero2"][1] == "13.48" and lines["zero3"][-1] == "yes"  # 2 bytes x 6.74B frozen bf16 weights
 
 
+@pytest.mark.parametrize(("model", "says"), [
+    ("tiny-llama", "plan a run's copy of it: --model RUN/03_tokenize/tiny-llama"),
+    ("meta-llama/Llama-2-7b-hf", "cannot read the config of hub model meta-llama/Llama-2-7b-hf"),  # hub offline here
+    ("gpt2", "`openai-community/gpt2` for `gpt2`"),
+])  # fmt: skip
+def test_plan_names_a_model_it_cannot_read_in_one_line(model, says):
+    proc = subprocess.run([sys.executable, "-m", "edgar_tune.cli", "plan", "--model", model],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 2 and says in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
 def test_plan_fit_prints_the_settings_to_train_with(tmp_path):
     """`plan --fit` on the 7B config with a 22 GB GPU: rows of micro-batch and recomputed layers, and the train
     settings of the first, which `fit` ranks first (least work)."""

@@ -19,6 +19,8 @@ SUMMARY_KEYS = {
 
 
 def test_summary_has_every_key_and_perplexity_fell(tiny_run):
+    from flows.pipeline import format_summary
+
     _, s = tiny_run
     assert SUMMARY_KEYS <= set(s)
     assert s["ppl_after"] < s["ppl_before"]
@@ -26,6 +28,10 @@ def test_summary_has_every_key_and_perplexity_fell(tiny_run):
     assert s["device"] == "cpu" and s["prefect_flow_run_id"]
     assert [(f["ticker"], f["form"], f["fiscal_year"]) for f in s["filings"]] == [("AMZN", "10-K", 2020), ("AMZN", "10-K", 2021)]
     assert s["val_tokens"] > 10_000 and s["train_tokens"] > s["val_tokens"]
+    assert s["validation"] == "held-out Item 7 (MD&A)"
+    lines = format_summary(s).splitlines()
+    assert lines[2].split() == ["filings", "AMZN", "10-K", "FY2020,", "AMZN", "10-K", "FY2021"]
+    assert lines[3].endswith(f"validation {s['val_tokens']:,}: held-out Item 7 (MD&A)")
 
 
 def test_every_stage_left_its_artifacts(tiny_run):

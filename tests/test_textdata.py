@@ -100,6 +100,8 @@ def test_domain_adaptation_from_a_csv_end_to_end(tmp_path, paragraphs, prefect_s
 
 
 def test_instruction_tuning_from_jsonl_end_to_end(tmp_path, paragraphs, prefect_server):
+    from flows.pipeline import format_summary
+
     data = tmp_path / "continue.jsonl"
     records = [{"instruction": "Continue this passage from Amazon's 10-K.", "context": a[:400], "response": b[:300]}
                for a, b in zip(paragraphs, paragraphs[1:], strict=False)]  # fmt: skip
@@ -113,6 +115,13 @@ def test_instruction_tuning_from_jsonl_end_to_end(tmp_path, paragraphs, prefect_
     assert after["scored"] == "completion tokens"
     tok_stats = json.loads((run / "03_tokenize" / "stats.json").read_text())
     assert tok_stats["kind"] == "instruction" and after["tokens"] == tok_stats["val_tokens"]
+    docs = tok_stats["val_tokens_per_document"]  # whole examples, and the completion tokens scored of each
+    assert sum(d["scored_tokens"] for d in docs) == tok_stats["val_tokens"]
+    assert all(0 < d["scored_tokens"] < d["tokens"] for d in docs)
+    assert s["validation"] == (f"completion tokens of {len(docs)} held-out examples "
+                               "(validation_split_ratio=0.2, train_data_split_seed=0)")  # fmt: skip
+    assert f"validation {s['val_tokens']:,}: completion tokens of" in format_summary(s)
+    assert format_summary(s).splitlines()[2].split() == ["data", "continue.jsonl"]
 
 
 def test_instruction_tuning_needs_jsonl():
