@@ -79,10 +79,10 @@ def cmd_stage(args: argparse.Namespace) -> int:
     from edgar_tune.config import load_run_config
     from tasks import stages
     from tasks.cache import forget
+    from tasks.storage import RunFolder
 
     run_dir = Path(args.run).resolve()
     cfg = load_run_config(run_dir, args.set)
-    forget(run_dir, args.name)  # what it writes was not made under the recorded key: the next run redoes it
     calls = {
         "download": lambda: stages.download_filings.fn(run_dir, cfg.data),
         "parse": lambda: stages.extract_sections.fn(run_dir, cfg),
@@ -92,7 +92,9 @@ def cmd_stage(args: argparse.Namespace) -> int:
         "evaluate": lambda: stages.evaluate_perplexity.fn(run_dir, cfg.eval, True, cfg.generate),
         "register": lambda: stages.register_model.fn(run_dir, cfg, None),
     }
-    result = calls[args.name]()
+    with RunFolder.open(str(run_dir)).lock(stage=args.name):  # not while a run works in the folder
+        forget(run_dir, args.name)  # what it writes was not made under the recorded key: the next run redoes it
+        result = calls[args.name]()
     print(json.dumps({k: v for k, v in result.items() if k != "memory_plan"}, indent=2, default=str))
     return 0
 

@@ -96,8 +96,14 @@ def run_stages(folder: RunFolder, cfg: PipelineConfig, todo: tuple[str, ...] | l
     """Run the stages in `todo` (pipeline order) in `folder`; the others must have left their outputs.
 
     `force` recomputes every stage in `todo`; otherwise a stage whose key is unchanged and whose outputs are
-    still in the folder is `Cached`.
+    still in the folder is `Cached`. The folder is held for the whole run: a second run or rerun of the same folder
+    fails at once, naming the first, before it writes anything.
     """
+    with folder.lock(flow_run=flow_run.name, flow_run_id=str(flow_run.id) if flow_run.id else None):
+        return _run_stages(folder, cfg, todo, force)
+
+
+def _run_stages(folder: RunFolder, cfg: PipelineConfig, todo: tuple[str, ...] | list[str], force: bool) -> dict:
     import yaml
 
     run_dir = folder.local

@@ -8,7 +8,6 @@ layer is ours because the library's has no timeout, no retry and writes files no
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -116,18 +115,11 @@ def prefect_rate_limit() -> Callable[[], None] | None:
 
     if FlowRunContext.get() is None and TaskRunContext.get() is None:
         return None
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
     from prefect.concurrency.sync import rate_limit
-    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
-    with get_client(sync_client=True) as client:
-        try:
-            client.read_global_concurrency_limit_by_name(EDGAR_RATE_LIMIT)
-        except ObjectNotFound:
-            with contextlib.suppress(ObjectAlreadyExists):  # another run created it first
-                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(
-                    name=EDGAR_RATE_LIMIT, limit=1, slot_decay_per_second=EDGAR_RATE_PER_SECOND))  # fmt: skip
+    from tasks.limits import ensure_limit
+
+    ensure_limit(EDGAR_RATE_LIMIT, 1, slot_decay_per_second=EDGAR_RATE_PER_SECOND)
     return lambda: rate_limit(EDGAR_RATE_LIMIT, timeout_seconds=600, strict=True)
 
 

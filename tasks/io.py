@@ -10,13 +10,18 @@ import contextlib
 import gzip
 import hashlib
 import json
+import logging
 import os
 import shutil
+import socket
+import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+log = logging.getLogger(__name__)
 
 # The run folder's layout: one subfolder per stage, each published atomically by its stage.
 DOWNLOAD, PARSE, TOKENIZE, TRAIN, EVALUATE, REGISTER = (
@@ -144,3 +149,61 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     os.replace(tmp, path)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+class Busy(OSError):
+    """Another process holds the lock at `path`; `holder` is what it wrote about itself when it took it."""
+
+    def __init__(self, path: Path, holder: dict):
+        super().__init__(f"{path} is held by {describe_holder(holder)}")
+        self.path, self.holder = path, holder
+
+
+def describe_holder(holder: dict) -> str:
+    run = f"flow run {holder['flow_run']!r}, " if holder.get("flow_run") else ""
+    return f"{run}pid {holder.get('pid', '?')} on {holder.get('host', '?')} since {holder.get('since', '?')}"
+
+
+def holder_info(**extra: Any) -> dict:
+    """Who takes a lock: this process, this host, now, and its command line (the file a later taker reads)."""
+    since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    command = " ".join(sys.argv)[:300]
+    return {"pid": os.getpid(), "host": socket.gethostname(), "since": since, "command": command} | extra
+
+
+@contextlib.contextmanager
+def held(path: Path, holder: dict, wait: bool = False, log_every: float = 60.0) -> Iterator[None]:
+    """Hold an exclusive lock on the file `path` (made if missing) for the `with` block.
+
+    It excludes other processes on this host, and on other hosts where the file system's flock works (NFSv4,
+    Lustre, local disks). The kernel drops the lock when its process ends however it ends (the OOM killer's
+    SIGKILL too), so a killed holder never leaves it stale. The holder writes `holder` into the file for whoever
+    finds it taken. `wait=False` raises `Busy` at once; `wait=True` waits, logging who holds it every `log_every` s.
+    """
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~umask())
+    try:
+        logged = None
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                try:
+                    other = json.loads(path.read_text() or "{}")
+                except (OSError, ValueError):  # being written this instant
+                    other = {}
+                if not wait:
+                    raise Busy(path, other) from None
+                if logged is None or time.monotonic() - logged >= log_every:
+                    log.info("waiting for %s, held by %s", path, describe_holder(other))
+                    logged = time.monotonic()
+                time.sleep(0.2)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(holder).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # drops the lock

@@ -23,7 +23,7 @@ import mlflow.pyfunc
 import yaml
 
 from edgar_tune.config import REPO_ROOT, EvalConfig, PipelineConfig, flat_params
-from tasks.io import EVALUATE, PARSE, TOKENIZE, TRAIN, read_json, read_jsonl
+from tasks.io import EVALUATE, PARSE, TOKENIZE, TRAIN, held, holder_info, read_json, read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -289,8 +289,21 @@ def register_run(run_dir: Path, runs_root: Path, cfg: PipelineConfig, flow_run_i
     returns that version instead of creating a second one.
     """
     uri = tracking_uri(cfg.registry.tracking_uri, runs_root)
-    with tracking_at(uri):
+    with one_writer(uri, run_dir), tracking_at(uri):
         return _register(run_dir, cfg, flow_run_id, runs_root, uri)
+
+
+@contextmanager
+def one_writer(uri: str, run_dir: Path) -> Iterator[None]:
+    """Registrations into one sqlite store, one at a time: two processes creating a new store at once both run
+    its migrations, and one fails (`duplicate column name`); two registering at once would both read the same
+    champion before either moves the alias. They wait for each other (a lock file beside the database)."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    db = Path(uri.removeprefix("sqlite:///"))
+    with held(db.with_name(db.name + ".lock"), holder_info(run=str(run_dir)), wait=True):
+        yield
 
 
 @contextmanager

@@ -7,20 +7,25 @@ $EDGAR_TUNE_CACHE/runs/, and the run's truth is the bucket:
   never sees half a folder;
 - before a stage needs a folder, the working copy is brought to the pointer's version.
 Prefect's persisted results for an `s3://` run go to `.prefect-results/` beside the run, so a worker that
-picks up a retried run finds the cache that another worker wrote. Credentials and endpoint come from the usual
+picks up a retried run finds the cache that another worker wrote. One run or rerun works in a run at a time
+(`RunFolder.lock`): a lock file in the folder, and for an `s3://` run a slot on the Prefect server too. Credentials and endpoint come from the usual
 AWS settings (AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, ...), read by s3fs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tasks.io import atomic_dir, atomic_write_bytes, cache_dir, sha256_file
+from tasks.io import Busy, atomic_dir, atomic_write_bytes, cache_dir, describe_holder, held, holder_info, sha256_file
 
 RESULTS = ".prefect-results"
+LOCK = ".lock"  # in the run folder (an s3:// run's working copy): held while a run or rerun works in it
+RUN_LEASE_S = 300  # an s3:// run's slot on the Prefect server, renewed while held
 
 
 @dataclass
@@ -44,6 +49,50 @@ class RunFolder:
         local = Path(ref).resolve()
         local.mkdir(parents=True, exist_ok=True)
         return cls(str(local), local)
+
+    # -- one run at a time ---------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self, **about: str | None) -> Iterator[None]:
+        """Hold the folder for one run or rerun: two in one folder would overwrite each other's stages, remove each
+        other's half-written ones, and evaluate or register the other's weights under their own settings.
+
+        Raises:
+            ConfigError: another process holds it; the message names it (flow run, pid, host, since when).
+        """
+        from edgar_tune.config import ConfigError
+
+        advice = ("two runs in one folder would overwrite each other's stages. Wait for it to end (then Retry this "
+                  "run: its finished stages are Cached), or give this run another out_dir")  # fmt: skip
+        with contextlib.ExitStack() as stack:
+            try:
+                stack.enter_context(held(self.local / LOCK, holder_info(run=self.ref, **about)))
+            except Busy as err:
+                raise ConfigError(f"run folder {self.ref} is in use by another run "
+                                  f"({describe_holder(err.holder)}); {advice}") from None  # fmt: skip
+            if self.remote is not None:
+                self._hold_across_workers(stack, advice)
+            yield
+
+    def _hold_across_workers(self, stack: contextlib.ExitStack, advice: str) -> None:
+        """An s3:// run is shared through the bucket, so workers on other hosts are not excluded by this host's
+        lock file. They share the Prefect server: the run also takes the one slot of a global concurrency limit
+        named after its URL, as a lease that a thread renews while the run holds it and the server frees
+        `RUN_LEASE_S` after a holder that died without releasing it."""
+        from prefect.concurrency.asyncio import ConcurrencySlotAcquisitionError
+        from prefect.concurrency.sync import concurrency
+
+        from edgar_tune.config import ConfigError
+        from tasks.limits import ensure_limit
+
+        name = f"edgar-tune-run-{hashlib.sha256(self.remote.encode()).hexdigest()[:12]}"
+        ensure_limit(name, 1)
+        try:
+            stack.enter_context(concurrency(name, occupy=1, max_retries=0, strict=True, lease_duration=RUN_LEASE_S,
+                                            raise_on_lease_renewal_failure=False))  # fmt: skip
+        except ConcurrencySlotAcquisitionError as err:  # the server answered 423 Locked: the slot is taken
+            raise ConfigError(f"run {self.ref} is in use by a run on another worker: it holds the Prefect global "
+                              f"concurrency limit {name} ({err}; a worker that died frees it within "
+                              f"{RUN_LEASE_S // 60} minutes); {advice}") from None  # fmt: skip
 
     # -- Prefect results ---------------------------------------------------------------------------------------
     def result_storage(self) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import shutil
@@ -10,6 +11,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -210,3 +212,19 @@ def _blocks_that_span_documents(src: Path, dst: Path) -> None:
     blocks.save_to_disk(str(dst / "train"))
     stats = json.loads((dst / "stats.json").read_text())
     (dst / "stats.json").write_text(json.dumps(stats | {"train_blocks": len(blocks)}))
+
+
+@contextlib.contextmanager
+def run_held(run: str, flow_run: str, env: dict | None = None) -> Iterator[subprocess.Popen]:
+    """Another process holds the run (folder or s3:// URL) as a run in it would, until the block ends: it releases
+    when its stdin closes."""
+    proc = subprocess.Popen([sys.executable, "-m", "tests.lock_holder", run, flow_run], cwd=REPO,
+                            env=dict(os.environ, **(env or {})), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        line = proc.stdout.readline()
+        assert line == "held\n", line + proc.stderr.read()
+        yield proc
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=60)

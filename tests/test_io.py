@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
+import time
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from tasks.io import atomic_dir, atomic_write_json, umask
+from tasks.io import Busy, atomic_dir, atomic_write_json, held, holder_info, umask
+from tests.conftest import run_held
 
 
 @pytest.mark.parametrize("mask", [0o022, 0o077, 0o002], ids=oct)
@@ -34,3 +37,26 @@ def test_atomic_writes_get_the_umasks_permissions(tmp_path, mask):
     assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o666 & ~mask
     assert modes == {"stage": 0o777 & ~mask, "stage/adapter": 0o777 & ~mask, "stage/run.sh": 0o777 & ~mask,
                      "stage/adapter/adapter_model.safetensors": 0o666 & ~mask}  # fmt: skip
+
+
+def test_a_held_folder_names_its_holder_and_a_killed_holder_leaves_no_lock(tmp_path):
+    """A second taker is refused at once with what the holder wrote (its flow run, pid, host, since); the kernel
+    drops the lock of a holder killed by SIGKILL (the OOM killer's way), so no stale lock stops the next run."""
+    lock = tmp_path / ".lock"  # where RunFolder.lock holds a run folder
+    with run_held(str(tmp_path), "first") as holder:
+        with pytest.raises(Busy) as err, held(lock, holder_info()):
+            pass
+        assert (err.value.holder["pid"], err.value.holder["flow_run"]) == (holder.pid, "first")
+        assert f"flow run 'first', pid {holder.pid} on " in str(err.value)
+        holder.kill()
+        holder.wait(timeout=30)
+        with held(lock, holder_info(flow_run="second")):
+            assert '"flow_run": "second"' in lock.read_text()
+
+
+def test_a_waiting_taker_gets_the_lock_when_its_holder_lets_go(tmp_path):
+    with run_held(str(tmp_path), "first") as holder:
+        threading.Timer(1.0, holder.stdin.close).start()
+        start = time.monotonic()
+        with held(tmp_path / ".lock", holder_info(), wait=True):
+            assert time.monotonic() - start >= 0.9

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from tasks.io import umask
+from tests.conftest import run_held
 
 REPO = Path(__file__).resolve().parent.parent
 SUMMARY_KEYS = {
@@ -156,3 +161,23 @@ def test_the_demo_moves_smollm2_as_the_readme_says(tmp_path):
     assert s["val_tokens"] == 21_894 and s["train_tokens_seen"] == 48 * 512 and s["train_steps"] == 48
     assert s["gradient_checkpointing"] is False and s["device"] == "cpu" and s["mode"] == "lora"
     assert s["model_alias"] == "champion" and s["base_model"]["path"].endswith("models/smollm2-135m")
+
+
+def test_a_run_into_a_folder_in_use_fails_at_once_and_writes_nothing(tiny_run, prefect_server, tmp_path):
+    """Two runs in one folder (two Custom runs of `on-demand`, which share `runs/on-demand`) overwrote each other's
+    stages, and one could evaluate and register the other's weights under its own settings. The second run, a
+    rerun or a `stage` of the same folder now fails before it writes anything, naming the run that holds it."""
+    runs, _ = tiny_run
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(runs / "latest" / "config.yaml", run / "config.yaml")
+    env = dict(os.environ, **prefect_server)
+    commands = [["run", "--preset", "tiny", "--out", str(run)], ["rerun", "train", "--run", str(run)],
+                ["stage", "tokenize", "--run", str(run)]]  # fmt: skip
+    with run_held(str(run), "season-run") as holder:
+        for args in commands:
+            proc = subprocess.run([sys.executable, "-m", "edgar_tune.cli", *args], cwd=REPO, env=env,
+                                  capture_output=True, text=True, timeout=300)  # fmt: skip
+            assert proc.returncode == 2, proc.stderr[-3000:]
+            assert f"run folder {run} is in use by another run (flow run 'season-run', pid {holder.pid}" in proc.stderr
+    assert sorted(p.name for p in run.iterdir()) == [".lock", "config.yaml"]

@@ -137,3 +137,22 @@ def test_a_registration_leaves_mlflow_tracking_uri_as_it_was(tiny_run, monkeypat
     monkeypatch.setenv("MLFLOW_TRACKING_URI", s["mlflow_tracking_uri"])
     assert register_run(run, runs, load_run_config(run), None)["model_version"] == s["model_version"]
     assert os.environ["MLFLOW_TRACKING_URI"] == s["mlflow_tracking_uri"]
+
+
+def test_two_runs_registering_into_a_new_sqlite_store_at_once_both_register(tiny_run, tmp_path):
+    """Two runs beside each other share `runs/mlflow.db` (the scheduled and the on-demand deployment do). Two
+    processes creating its tables at once both run MLflow's migrations, and one failed (`duplicate column name:
+    step`, seen here); the registrations now take turns on a lock file beside the database, and both register."""
+    runs, _ = tiny_run
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    procs = []
+    for name in ("a", "b"):
+        shutil.copytree(runs / "latest", tmp_path / name)  # another folder: another run key, another version
+        procs.append(subprocess.Popen([sys.executable, "-m", "edgar_tune.cli", "stage", "register", "--run",
+                                       str(tmp_path / name), "--set", f"registry.tracking_uri={uri}"], cwd=REPO,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))  # fmt: skip
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(err[-3000:] for _, err in outs)
+    versions = {json.loads(out)["model_version"] for out, _ in outs}
+    assert versions == {"1", "2"}
+    assert len(mlflow.MlflowClient(uri).search_model_versions("name = 'edgar-tune-10k'")) == 2

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, run_held
 
 
 @pytest.fixture(scope="module")
@@ -71,3 +71,21 @@ def test_s3_run_is_shared_by_workers_through_the_bucket(s3, prefect_server, tmp_
     assert after != before  # the new scores carry new timings
     assert [p.rsplit("/", 1)[-1] for p in fs.ls(url) if "/05_evaluate@" in p] == [f"05_evaluate@{after}"]
     assert json.loads(fs.cat_file(f"{url}/summary.json"))["stages"]["evaluate"] == "Completed"
+
+
+def test_an_s3_run_in_use_refuses_a_worker_on_another_host(s3, prefect_server, tmp_path):
+    """Workers share an s3:// run through the bucket, each in its own working copy, so one host's lock file does
+    not stop another host: the run's slot on the Prefect server does. A worker (its own cache: another host) is
+    refused while the first holds the run, before it writes to the bucket, and takes it once the first lets go."""
+    fs, aws = s3
+    url = "s3://edgar-runs/runs/held"
+    worker = {**aws, **prefect_server}
+    with run_held(url, "worker-1", env=dict(worker, EDGAR_TUNE_CACHE=str(tmp_path / "worker1"))):
+        env = dict(os.environ, **worker, EDGAR_TUNE_CACHE=str(tmp_path / "worker2"))
+        proc = subprocess.run([sys.executable, "-m", "edgar_tune.cli", "run", "--preset", "tiny", "--out", url],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert f"run {url} is in use by a run on another worker" in proc.stderr and "423 Locked" in proc.stderr
+        assert not fs.exists(url)
+    with run_held(url, "worker-2", env=dict(worker, EDGAR_TUNE_CACHE=str(tmp_path / "worker2"))):
+        pass
