@@ -8,8 +8,8 @@ $EDGAR_TUNE_CACHE/runs/, and the run's truth is the bucket:
 - before a stage needs a folder, the working copy is brought to the pointer's version.
 Prefect's persisted results for an `s3://` run go to `.prefect-results/` beside the run, so a worker that
 picks up a retried run finds the cache that another worker wrote. One run or rerun works in a run at a time
-(`RunFolder.lock`): a lock file in the folder, and for an `s3://` run a slot on the Prefect server too. Credentials and endpoint come from the usual
-AWS settings (AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, ...), read by s3fs.
+(`RunFolder.lock`): a lock file in the folder, and for an `s3://` run a slot on the Prefect server too.
+Credentials and endpoint come from the usual AWS settings (AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, ...), read by s3fs.
 """
 
 from __future__ import annotations
