@@ -14,7 +14,7 @@ import os
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -293,16 +293,44 @@ def register_run(run_dir: Path, runs_root: Path, cfg: PipelineConfig, flow_run_i
         return _register(run_dir, cfg, flow_run_id, runs_root, uri)
 
 
+REGISTRY_WAIT_S = 3600  # a registration waits this long for the one before it into the same tracking server
+
+
 @contextmanager
 def one_writer(uri: str, run_dir: Path) -> Iterator[None]:
-    """Registrations into one sqlite store, one at a time: two processes creating a new store at once both run
-    its migrations, and one fails (`duplicate column name`); two registering at once would both read the same
-    champion before either moves the alias. They wait for each other (a lock file beside the database)."""
-    if not uri.startswith("sqlite:///"):
+    """Registrations into one store, one at a time. Two registering at once would both read the same champion
+    (and rescore it, for minutes on a large model) before either moves the alias, and the later one could take
+    `champion` from a better version. Into a new sqlite store, two processes at once both ran its migrations and
+    one failed (`duplicate column name`).
+
+    A sqlite store: a lock file beside the database. Another store (a tracking server), from a Prefect run: the one
+    slot of a Prefect global concurrency limit named after the URI, which every worker shares. Each waits for the
+    one before it (`REGISTRY_WAIT_S` at most for a tracking server)."""
+    if uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///"))
+        with held(db.with_name(db.name + ".lock"), holder_info(run=str(run_dir)), wait=True):
+            yield
+        return
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    if FlowRunContext.get() is None and TaskRunContext.get() is None:  # `edgar-tune stage register`: no Prefect
         yield
         return
-    db = Path(uri.removeprefix("sqlite:///"))
-    with held(db.with_name(db.name + ".lock"), holder_info(run=str(run_dir)), wait=True):
+    from prefect.concurrency.sync import concurrency
+
+    from tasks.limits import ensure_limit
+
+    name = f"edgar-tune-registry-{hashlib.sha256(uri.encode()).hexdigest()[:12]}"
+    ensure_limit(name, 1)
+    log.info("registering into %s: taking the Prefect global concurrency limit %s", uri, name)
+    with ExitStack() as stack:
+        try:
+            stack.enter_context(concurrency(name, occupy=1, timeout_seconds=REGISTRY_WAIT_S, strict=True,
+                                            lease_duration=300, raise_on_lease_renewal_failure=False))  # fmt: skip
+        except TimeoutError as err:
+            raise RuntimeError(f"waited {REGISTRY_WAIT_S} s for another registration into {uri} to end (it holds "
+                               f"the Prefect global concurrency limit {name}); rerun `register` once it has, or "
+                               "free its slot in the UI (Concurrency -> Global) if it is gone") from err  # fmt: skip
         yield
 
 

@@ -215,16 +215,25 @@ def _blocks_that_span_documents(src: Path, dst: Path) -> None:
 
 
 @contextlib.contextmanager
-def run_held(run: str, flow_run: str, env: dict | None = None) -> Iterator[subprocess.Popen]:
-    """Another process holds the run (folder or s3:// URL) as a run in it would, until the block ends: it releases
-    when its stdin closes."""
-    proc = subprocess.Popen([sys.executable, "-m", "tests.lock_holder", run, flow_run], cwd=REPO,
+def held_elsewhere(*args: str, env: dict | None = None) -> Iterator[subprocess.Popen]:
+    """Another process holds what `tests/lock_holder.py ARGS` names (a run, or a store's registrations) until the
+    block ends: it lets go when its stdin closes."""
+    proc = subprocess.Popen([sys.executable, "-m", "tests.lock_holder", *args], cwd=REPO,
                             env=dict(os.environ, **(env or {})), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
     try:
-        line = proc.stdout.readline()
-        assert line == "held\n", line + proc.stderr.read()
+        seen = []
+        for line in proc.stdout:  # Prefect's log lines come first when it holds from a flow run
+            seen.append(line)
+            if line == "held\n":
+                break
+        assert seen and seen[-1] == "held\n", "".join(seen)[-3000:]
         yield proc
     finally:
         proc.stdin.close()
         proc.wait(timeout=60)
+
+
+def run_held(run: str, flow_run: str, env: dict | None = None) -> contextlib.AbstractContextManager[subprocess.Popen]:
+    """Another process holds the run (a folder or s3:// URL) as a run in it would."""
+    return held_elsewhere("run", run, flow_run, env=env)

@@ -1,13 +1,37 @@
-"""Hold a run folder as a run does, in its own process (another run, another worker): `python -m tests.lock_holder
-RUN [FLOW_RUN_NAME]` takes `RunFolder.open(RUN).lock()`, prints `held` and keeps it until its stdin closes."""
+"""Hold what a run holds, in a process of its own (another run, another worker), until its stdin closes:
+
+    python -m tests.lock_holder run RUN FLOW_RUN_NAME    # a run folder or s3:// run, as a run in it does
+    python -m tests.lock_holder registry TRACKING_URI     # a store's registrations, as a registering flow run does
+
+It prints `held` once it holds.
+"""
 
 from __future__ import annotations
 
 import sys
+from contextlib import AbstractContextManager
+from pathlib import Path
 
+from prefect import flow
+
+from tasks.registry import one_writer
 from tasks.storage import RunFolder
 
-if __name__ == "__main__":
-    with RunFolder.open(sys.argv[1]).lock(flow_run=sys.argv[2] if len(sys.argv) > 2 else None):
+
+def hold(lock: AbstractContextManager) -> None:
+    with lock:
         print("held", flush=True)
         sys.stdin.read()
+
+
+@flow(name="hold-registry")
+def hold_registry(uri: str) -> None:
+    hold(one_writer(uri, Path.cwd()))
+
+
+if __name__ == "__main__":
+    kind, target, *rest = sys.argv[1:]
+    if kind == "run":
+        hold(RunFolder.open(target).lock(flow_run=rest[0]))
+    else:
+        hold_registry(target)

@@ -3,14 +3,18 @@ whole pipeline against a real `mlflow server` reached through MLFLOW_TRACKING_UR
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
+import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
-from tests.conftest import free_port, run_cli, wait_http
+from tests.conftest import free_port, held_elsewhere, run_cli, wait_http
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -81,18 +85,28 @@ def test_mlflow_models_serve_answers_a_prompt(tiny_run, tmp_path):
     assert len(answer["predictions"]) == 1 and isinstance(answer["predictions"][0], str)
 
 
-def test_pipeline_registers_on_a_remote_tracking_server(tmp_path, prefect_server):
-    import mlflow
-
+@contextlib.contextmanager
+def mlflow_server(folder: Path) -> Iterator[str]:
+    """A real `mlflow server` on loopback with its store and artifacts in `folder`: yields its URI."""
     port = free_port()
     server_env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-    cmd = [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-           "--artifacts-destination", str(tmp_path / "server-artifacts"), "--host", "127.0.0.1", "--port", str(port),
+    cmd = [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
+           "--artifacts-destination", str(folder / "server-artifacts"), "--host", "127.0.0.1", "--port", str(port),
            "--workers", "1"]  # fmt: skip
-    server = subprocess.Popen(cmd, cwd=tmp_path, env=server_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(cmd, cwd=folder, env=server_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     uri = f"http://127.0.0.1:{port}"
     try:
         wait_http(f"{uri}/health", server)
+        yield uri
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_pipeline_registers_on_a_remote_tracking_server(tmp_path, prefect_server):
+    import mlflow
+
+    with mlflow_server(tmp_path) as uri:
         # A full fine-tune this time: the version must hold the trained weights themselves. memory_fit chooses the
         # micro-batch and checkpointing (in this host's RAM: all 8 blocks at once, nothing recomputed).
         s = run_cli(tmp_path, "--set", "max_steps=10", "--set", "mode=full", "--set", "generate.enabled=false",
@@ -111,14 +125,40 @@ def test_pipeline_registers_on_a_remote_tracking_server(tmp_path, prefect_server
         stored = tmp_path / "server-artifacts"
         assert list(stored.rglob("MLmodel")), "the model went to the server's artifact store"
         assert list(stored.rglob("model.safetensors")) and not list(stored.rglob("adapter_model.safetensors"))
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+
+
+def test_a_registration_waits_for_the_one_before_it_on_a_tracking_server(tiny_run, tmp_path, prefect_server):
+    """Two registrations into one tracking server at once would both read the same champion (and rescore it, for
+    minutes on a large model) before either moves the alias: the later could take `champion` from a better version.
+    From Prefect runs they take turns on a global concurrency limit named after the URI. Here another flow run holds
+    it: the rerun of `register` reaches it and waits, creating nothing in MLflow, and registers once it is free."""
+    import mlflow
+
+    runs, _ = tiny_run
+    run = tmp_path / "run"
+    shutil.copytree(runs / "latest", run)
+    with mlflow_server(tmp_path) as uri:
+        env = dict(os.environ, **prefect_server, MLFLOW_TRACKING_URI=uri)
+        with held_elsewhere("registry", uri, env=env):
+            proc = subprocess.Popen([sys.executable, "-m", "edgar_tune.cli", "rerun", "register", "--run", str(run)],
+                                    cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+            lines = []
+            for line in proc.stdout:
+                lines.append(line)
+                if "taking the Prefect global concurrency limit edgar-tune-registry-" in line:
+                    break
+            else:
+                raise AssertionError("".join(lines)[-3000:])
+            time.sleep(10)  # a registration without the wait is done in 3-5 s here
+            assert proc.poll() is None and mlflow.MlflowClient(uri).search_registered_models() == []
+            released = time.time()
+        out = proc.communicate(timeout=300)[0]
+        assert proc.returncode == 0, out[-3000:]
+        version = mlflow.MlflowClient(uri).get_model_version("edgar-tune-10k", "1")
+        assert version.creation_timestamp / 1000 >= released
 
 
 def test_nan_perplexity_fails_before_anything_is_registered(tiny_run, tmp_path):
-    import shutil
-
     import torch
     from safetensors.torch import load_file, save_file
 
