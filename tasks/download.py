@@ -25,7 +25,9 @@ from sec_edgar_downloader import _sec_gateway as sed_gateway
 from sec_edgar_downloader._types import DownloadMetadata
 
 from edgar_tune.config import REPO_ROOT, DataConfig
-from tasks.io import atomic_write_bytes, atomic_write_json, cache_dir, remove_stale_temps, sha256_file
+from tasks.io import (
+    atomic_write_bytes, atomic_write_json, cache_dir, held, holder_info, remove_stale_temps, sha256_file,
+)  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -286,7 +288,14 @@ def download_edgar(cfg: DataConfig, dest: Path, client: EdgarClient | None = Non
     filings) and downloads only what it does not have.
     """
     client = client or EdgarClient(resolve_identity(cfg.edgar_identity), shared_limit=prefect_rate_limit())
-    root = Path(dest) / sed_constants.ROOT_SAVE_FOLDER_NAME
+    # Runs share the cache and its manifest: downloading into it at once, each would write back its own view of the
+    # manifest (the last one dropping the other's companies) and could remove the other's half-written file as a
+    # stale temp. They take turns; their requests share one 10/s limit anyway.
+    with held(Path(dest) / ".download.lock", holder_info(tickers=cfg.tickers), wait=True):
+        return _download(cfg, Path(dest) / sed_constants.ROOT_SAVE_FOLDER_NAME, client)
+
+
+def _download(cfg: DataConfig, root: Path, client: EdgarClient) -> tuple[list[dict], list[dict]]:
     # A company is its CIK: asked for as `AMZN` and as `1018724`, its filings are downloaded once, into the folder
     # of the name it was first asked by.
     filings = [f for f in _read_manifest(root) if all((root / p).exists() for p in f["files"].values())]

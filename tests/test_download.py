@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -191,6 +192,20 @@ def test_concurrent_downloads_share_one_rate_limit(edgar, tmp_path):
     # Any 11 consecutive arrivals span about 1 s. The limiter spaces the sends 0.1 s apart; on a loaded 2-core
     # machine a thread can be paused between its slot and its send, so arrivals get some slack.
     assert min(b - a for a, b in zip(times, times[10:])) >= 0.8
+
+
+def test_two_downloads_into_one_cache_at_once_keep_both_companies(edgar_server, edgar, tmp_path):
+    """Runs share the download cache (`data.download_dir`, default ~/.cache/edgar-tune/edgar) and its manifest. Two
+    processes downloading into it at once each read the manifest at their start and wrote their own view back after
+    every filing, so the last writer dropped the other's company (seen here: only one of the two was left), and the
+    next run asked EDGAR for it again. They now take turns on the cache."""
+    _, base = edgar_server
+    procs = [subprocess.Popen([sys.executable, "-m", "tests.download_child", base, str(tmp_path), ticker, "2020"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for ticker in ("AMZN", "EBAY")]  # fmt: skip
+    outs = [p.communicate(timeout=300)[0].decode(errors="replace") for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outs)
+    manifest = json.loads((tmp_path / "sec-edgar-filings" / "manifest.json").read_text())["filings"]
+    assert sorted((f["ticker"], f["fiscal_year"]) for f in manifest) == [("AMZN", 2020), ("EBAY", 2020)]
 
 
 def test_rate_limiter_sends_no_burst_after_the_process_pauses():
