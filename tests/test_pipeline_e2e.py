@@ -181,3 +181,20 @@ def test_a_run_into_a_folder_in_use_fails_at_once_and_writes_nothing(tiny_run, p
             assert proc.returncode == 2, proc.stderr[-3000:]
             assert f"run folder {run} is in use by another run (flow run 'season-run', pid {holder.pid}" in proc.stderr
     assert sorted(p.name for p in run.iterdir()) == [".lock", "config.yaml"]
+
+
+@pytest.mark.slow  # two processes converting SmolLM2 from its GGUF: about a minute on 2 cores (make test-slow)
+def test_two_first_runs_at_once_convert_smollm2_once(tmp_path):
+    """Two first runs on a machine (a demo and a test run) both needed the converted SmolLM2: both converted, and
+    the later `atomic_dir` removed the other's half-written folder as a stale temp. The second now waits for the
+    first and takes its folder."""
+    env = dict(os.environ, EDGAR_TUNE_CACHE=str(tmp_path / "cache"))
+    procs = [subprocess.Popen([sys.executable, "-m", "edgar_tune.cli", "prepare-model"], cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]  # fmt: skip
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outs)
+    assert sum(o.count("converting SmolLM2-135M-Instruct.Q4_1.gguf") for o in outs) == 1
+    assert sum("waiting for " in o for o in outs) == 1
+    folder = tmp_path / "cache" / "models" / "smollm2-135m"
+    assert (folder / "_COMPLETE").exists() and (folder / "model.safetensors").exists()
+    assert not list(folder.parent.glob(".smollm2-135m.*.tmp"))
