@@ -243,8 +243,8 @@ def build_summary(run_dir: Path, preset: str, timings: dict, flow_run_id: str | 
 def validation_label(parse_report: dict, tok_stats: dict) -> str:
     """What the validation perplexity was measured on, in words: the held-out Items of the 10-Ks, or the user's
     held-out rows (and for instruction tuning, only their completions are scored)."""
-    if "val_items" in parse_report:
-        items = parse_report["val_items"]
+    if "filings" in parse_report:  # 10-Ks
+        items = parse_report.get("val_items", ["7"])
         return "held-out Item 7 (MD&A)" if items == ["7"] else "held-out Items " + ", ".join(items)
     n = tok_stats["val_documents"]
     rows = f"{n} held-out {'example' if tok_stats['kind'] == 'instruction' else 'row'}{'s' if n != 1 else ''}"

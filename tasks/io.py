@@ -1,7 +1,8 @@
-"""Atomic file and folder writes, and reading of plain or gzip-compressed files.
+"""Atomic file and folder writes, reading of plain or gzip-compressed files, and locks between processes.
 
 Every stage publishes its outputs through these helpers, so a process killed mid-write leaves either the old
-artifact or none, never a truncated one.
+artifact or none, never a truncated one. What several runs share (a run folder, the EDGAR cache, a sqlite MLflow
+store, the converted SmolLM2) has one writer at a time through `held`.
 """
 
 from __future__ import annotations
@@ -184,14 +185,14 @@ def held(path: Path, holder: dict, wait: bool = False, log_every: float = 60.0) 
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~umask())
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)  # less the umask, as every file this project writes
     try:
         logged = None
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
-            except BlockingIOError:
+            except BlockingIOError:  # taken
                 try:
                     other = json.loads(path.read_text() or "{}")
                 except (OSError, ValueError):  # being written this instant
@@ -202,6 +203,9 @@ def held(path: Path, holder: dict, wait: bool = False, log_every: float = 60.0) 
                     log.info("waiting for %s, held by %s", path, describe_holder(other))
                     logged = time.monotonic()
                 time.sleep(0.2)
+            except OSError as err:  # ENOLCK, EOPNOTSUPP: NFS without its lock daemon, some FUSE mounts
+                raise OSError(err.errno, f"cannot lock {path} ({err.strerror}): keep run folders, the EDGAR cache "
+                              "and sqlite stores on a file system with file locks (a local disk, NFSv4)") from err
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(holder).encode(), 0)
         yield
