@@ -113,13 +113,11 @@ EDGAR_RATE_PER_SECOND = 10.0
 
 def prefect_rate_limit() -> Callable[[], None] | None:
     """The Prefect-wide EDGAR rate limit when running in a flow or task run, else None (this process's only)."""
-    from prefect.context import FlowRunContext, TaskRunContext
+    from tasks.limits import ensure_limit, in_prefect_run
 
-    if FlowRunContext.get() is None and TaskRunContext.get() is None:
+    if not in_prefect_run():
         return None
     from prefect.concurrency.sync import rate_limit
-
-    from tasks.limits import ensure_limit
 
     ensure_limit(EDGAR_RATE_LIMIT, 1, slot_decay_per_second=EDGAR_RATE_PER_SECOND)
     return lambda: rate_limit(EDGAR_RATE_LIMIT, timeout_seconds=600, strict=True)

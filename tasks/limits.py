@@ -13,6 +13,13 @@ from __future__ import annotations
 import contextlib
 
 
+def in_prefect_run() -> bool:
+    """Whether this code runs inside a Prefect flow or task run (so a Prefect server is there to hold limits)."""
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    return FlowRunContext.get() is not None or TaskRunContext.get() is not None
+
+
 def ensure_limit(name: str, limit: int, **settings: float) -> None:
     """Create the global concurrency limit `name` unless it exists (another run may create it at the same time)."""
     from prefect.client.orchestration import get_client

@@ -311,14 +311,12 @@ def one_writer(uri: str, run_dir: Path) -> Iterator[None]:
         with held(db.with_name(db.name + ".lock"), holder_info(run=str(run_dir)), wait=True):
             yield
         return
-    from prefect.context import FlowRunContext, TaskRunContext
+    from tasks.limits import ensure_limit, in_prefect_run
 
-    if FlowRunContext.get() is None and TaskRunContext.get() is None:  # `edgar-tune stage register`: no Prefect
+    if not in_prefect_run():  # `edgar-tune stage register`: no Prefect
         yield
         return
     from prefect.concurrency.sync import concurrency
-
-    from tasks.limits import ensure_limit
 
     name = f"edgar-tune-registry-{hashlib.sha256(uri.encode()).hexdigest()[:12]}"
     ensure_limit(name, 1)
