@@ -104,7 +104,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from tasks import memory
 
     targets = args.lora_targets.split(",") if args.lora_targets else None
-    shape = memory.model_shape(_plan_model(args.model), args.mode, args.lora_r, targets)
+    try:
+        shape = memory.model_shape(_plan_model(args.model), args.mode, args.lora_r, targets)
+    except OSError as err:  # a hub id whose config.json cannot be fetched
+        from edgar_tune.config import ConfigError
+
+        first = str(err).strip().splitlines()[0]
+        raise ConfigError(f"cannot read the config of {args.model} ({first}); check the hub id and the connection "
+                          "(gated models need `huggingface-cli login`), or give a local folder with its config.json"
+                          ) from err  # fmt: skip
     quant = {"none": None, "int8": "int8", "int4": "nf4"}[args.quantization]
     kw = dict(nproc=args.nproc, seq=args.seq, batch=args.batch, mode=args.mode, precision=args.precision,
               quantization=quant, gradient_checkpointing=not args.no_gradient_checkpointing,
@@ -126,8 +134,7 @@ def _plan_model(name: str) -> str:
     """`plan --model`: where its config.json is read from, with the built-in names resolved as a run resolves them.
 
     Raises:
-        ConfigError: tiny-llama (built from each run's text), or a name that is no model, or a hub id whose config
-            cannot be fetched.
+        ConfigError: tiny-llama (built from each run's text), or a name that is no model.
     """
     from edgar_tune.config import ConfigError
     from tasks.models import SMOLLM2, TINY, check_model_name, smollm2_dir
@@ -138,17 +145,6 @@ def _plan_model(name: str) -> str:
         raise ConfigError(f"`{TINY}` is built from each run's own text; plan a run's copy of it: "
                           f"--model RUN/03_tokenize/{TINY}")  # fmt: skip
     check_model_name(name)
-    if Path(name).expanduser().exists():
-        return name
-    from transformers import AutoConfig
-
-    try:
-        AutoConfig.from_pretrained(name)
-    except OSError as err:
-        first = str(err).strip().splitlines()[0]
-        raise ConfigError(f"cannot read the config of hub model {name} ({first}); check the id and the connection "
-                          "(gated models need `huggingface-cli login`), or give a local folder with its config.json"
-                          ) from err  # fmt: skip
     return name
 
 
