@@ -172,6 +172,14 @@ def holder_info(**extra: Any) -> dict:
     return {"pid": os.getpid(), "host": socket.gethostname(), "since": since, "command": command} | extra
 
 
+def _holder(path: Path) -> dict:
+    """What the holder of the lock at `path` wrote about itself (nothing if it is writing it this instant)."""
+    try:
+        return json.loads(path.read_text() or "{}")
+    except (OSError, ValueError):
+        return {}
+
+
 @contextlib.contextmanager
 def held(path: Path, holder: dict, wait: bool = False, log_every: float = 60.0) -> Iterator[None]:
     """Hold an exclusive lock on the file `path` (made if missing) for the `with` block.
@@ -193,14 +201,10 @@ def held(path: Path, holder: dict, wait: bool = False, log_every: float = 60.0) 
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:  # taken
-                try:
-                    other = json.loads(path.read_text() or "{}")
-                except (OSError, ValueError):  # being written this instant
-                    other = {}
                 if not wait:
-                    raise Busy(path, other) from None
+                    raise Busy(path, _holder(path)) from None
                 if logged is None or time.monotonic() - logged >= log_every:
-                    log.info("waiting for %s, held by %s", path, describe_holder(other))
+                    log.info("waiting for %s, held by %s", path, describe_holder(_holder(path)))
                     logged = time.monotonic()
                 time.sleep(0.2)
             except OSError as err:  # ENOLCK, EOPNOTSUPP: NFS without its lock daemon, some FUSE mounts

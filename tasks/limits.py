@@ -13,6 +13,10 @@ They show in the UI under Concurrency -> Global, where they can be changed.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+from collections.abc import Iterator
+
+SLOT_LEASE_S = 300  # a held slot is a lease: renewed while held, freed this long after a holder that died
 
 
 def in_prefect_run() -> bool:
@@ -34,3 +38,26 @@ def ensure_limit(name: str, limit: int, **settings: float) -> None:
         except ObjectNotFound:
             with contextlib.suppress(ObjectAlreadyExists):  # another run created it first
                 client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=limit, **settings))
+
+
+def slot_name(prefix: str, key: str) -> str:
+    """A limit's name for one shared thing (an s3:// run, a tracking URI): the prefix and a hash of the key."""
+    return f"{prefix}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+@contextlib.contextmanager
+def slot(name: str, wait_s: float | None) -> Iterator[None]:
+    """Hold the one slot of the limit `name` (made if missing) for the `with` block, as a lease that a thread renews
+    while it is held; a renewal that fails does not stop the work.
+
+    Raises:
+        ConcurrencySlotAcquisitionError: `wait_s` None and the slot is taken (the server answers 423 Locked).
+        TimeoutError: the slot stayed taken for `wait_s` seconds.
+    """
+    from prefect.concurrency.sync import concurrency
+
+    ensure_limit(name, 1)
+    wait = {"max_retries": 0} if wait_s is None else {"timeout_seconds": wait_s}
+    with concurrency(name, occupy=1, strict=True, lease_duration=SLOT_LEASE_S, raise_on_lease_renewal_failure=False,
+                     **wait):  # fmt: skip
+        yield

@@ -311,20 +311,16 @@ def one_writer(uri: str, run_dir: Path) -> Iterator[None]:
         with held(db.with_name(db.name + ".lock"), holder_info(run=str(run_dir)), wait=True):
             yield
         return
-    from tasks.limits import ensure_limit, in_prefect_run
+    from tasks.limits import in_prefect_run, slot, slot_name
 
     if not in_prefect_run():  # `edgar-tune stage register`: no Prefect
         yield
         return
-    from prefect.concurrency.sync import concurrency
-
-    name = f"edgar-tune-registry-{hashlib.sha256(uri.encode()).hexdigest()[:12]}"
-    ensure_limit(name, 1)
+    name = slot_name("edgar-tune-registry", uri)
     log.info("registering into %s: taking the Prefect global concurrency limit %s", uri, name)
     with ExitStack() as stack:
         try:
-            stack.enter_context(concurrency(name, occupy=1, timeout_seconds=REGISTRY_WAIT_S, strict=True,
-                                            lease_duration=300, raise_on_lease_renewal_failure=False))  # fmt: skip
+            stack.enter_context(slot(name, wait_s=REGISTRY_WAIT_S))
         except TimeoutError as err:
             raise RuntimeError(f"waited {REGISTRY_WAIT_S} s for another registration into {uri} to end (it holds "
                                f"the Prefect global concurrency limit {name}); rerun `register` once it has, or "

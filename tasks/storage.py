@@ -25,7 +25,6 @@ from tasks.io import Busy, atomic_dir, atomic_write_bytes, cache_dir, describe_h
 
 RESULTS = ".prefect-results"
 LOCK = ".lock"  # in the run folder (an s3:// run's working copy): held while a run or rerun works in it
-RUN_LEASE_S = 300  # an s3:// run's slot on the Prefect server, renewed while held
 
 
 @dataclass
@@ -77,22 +76,19 @@ class RunFolder:
         """An s3:// run is shared through the bucket, so workers on other hosts are not excluded by this host's
         lock file. They share the Prefect server: the run also takes the one slot of a global concurrency limit
         named after its URL, as a lease that a thread renews while the run holds it and the server frees
-        `RUN_LEASE_S` after a holder that died without releasing it."""
+        `SLOT_LEASE_S` after a holder that died without releasing it."""
         from prefect.concurrency.asyncio import ConcurrencySlotAcquisitionError
-        from prefect.concurrency.sync import concurrency
 
         from edgar_tune.config import ConfigError
-        from tasks.limits import ensure_limit
+        from tasks.limits import SLOT_LEASE_S, slot, slot_name
 
-        name = f"edgar-tune-run-{hashlib.sha256(self.remote.encode()).hexdigest()[:12]}"
-        ensure_limit(name, 1)
+        name = slot_name("edgar-tune-run", self.remote)
         try:
-            stack.enter_context(concurrency(name, occupy=1, max_retries=0, strict=True, lease_duration=RUN_LEASE_S,
-                                            raise_on_lease_renewal_failure=False))  # fmt: skip
+            stack.enter_context(slot(name, wait_s=None))
         except ConcurrencySlotAcquisitionError as err:  # the server answered 423 Locked: the slot is taken
             raise ConfigError(f"run {self.ref} is in use by a run on another worker: it holds the Prefect global "
                               f"concurrency limit {name} ({err}; a worker that died frees it within "
-                              f"{RUN_LEASE_S // 60} minutes); {advice}") from None  # fmt: skip
+                              f"{SLOT_LEASE_S // 60} minutes); {advice}") from None  # fmt: skip
 
     # -- Prefect results ---------------------------------------------------------------------------------------
     def result_storage(self) -> dict:
