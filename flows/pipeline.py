@@ -180,9 +180,10 @@ def _must_run(folder: RunFolder, cfg: PipelineConfig, stage: str, force: bool) -
 
 def _ask_again(run_dir: Path, cfg: PipelineConfig) -> bool:
     """Whether the download must ask its source again though its key is unchanged: `data.latest_years` (which
-    years are the latest changes when a 10-K is filed), or the last download found some filing missing on EDGAR
-    (not filed yet, or 404). If the answer is the same, the manifest is too, and every later stage stays cached."""
-    if cfg.data.latest_years is not None:
+    years are the latest changes when a 10-K is filed), the last download found some filing missing on EDGAR
+    (not filed yet, or 404), or the source is the user's own files (edited in place under the same name). If the
+    answer is the same, the manifest is too, and every later stage stays cached."""
+    if cfg.data.latest_years is not None or cfg.data.is_text:
         return True
     manifest = run_dir / DOWNLOAD / "manifest.json"
     return manifest.exists() and any(s.get("recheck") for s in read_json(manifest).get("skipped", []))

@@ -91,11 +91,12 @@ def text_sha256(rows: list[dict]) -> str:
     return digest.hexdigest()
 
 
-def write_text_parse_stage(out: Path, cfg: PipelineConfig) -> dict:
-    """Users' TXT/CSV/JSON (or instruction JSONL) rows, split into training and validation."""
+def write_text_parse_stage(out: Path, cfg: PipelineConfig, recorded: list[dict]) -> dict:
+    """Users' TXT/CSV/JSON (or instruction JSONL) rows, split into training and validation, from the files the
+    download stage `recorded`."""
     from tasks.textdata import build_text_split
 
-    train, val, report = build_text_split(cfg)
+    train, val, report = build_text_split(cfg, recorded)
     if not val or not train:
         raise ValueError(f"the split left {len(train)} training and {len(val)} validation rows; add data")
     report["train_sha256"], report["val_sha256"] = text_sha256(train), text_sha256(val)

@@ -29,12 +29,11 @@ def stage_task(name: str):
 @stage_task("download_filings")
 def download_filings(run_dir: Path, cfg: DataConfig, cache_key: str | None = None) -> dict:
     """Fetch (or locate) the 10-K filings and write the run's filing manifest."""
-    if cfg.is_text:  # users' own TXT/CSV/JSON/JSONL: record what will be read, byte for byte
-        from tasks.textdata import data_files, describe_files
+    if cfg.is_text:  # users' own TXT/CSV/JSON/JSONL: record what will be read, byte for byte (at every run)
+        from tasks.textdata import describe_source, log_changes
 
-        files = describe_files(data_files(cfg.source))
-        if cfg.validation:
-            files += [f | {"role": "validation"} for f in describe_files(data_files(cfg.validation))]
+        files = describe_source(cfg)
+        log_changes(run_dir / DOWNLOAD / "manifest.json", files)
         with atomic_dir(run_dir / DOWNLOAD) as tmp:
             atomic_write_json(tmp / "manifest.json", {"source": cfg.source, "filings": [], "files": files, "skipped": []})
         return {"files": len(files)}
@@ -52,7 +51,7 @@ def extract_sections(run_dir: Path, cfg: PipelineConfig, cache_key: str | None =
     from tasks.split import write_parse_stage, write_text_parse_stage
 
     if cfg.data.is_text:
-        return write_text_parse_stage(run_dir / PARSE, cfg)
+        return write_text_parse_stage(run_dir / PARSE, cfg, read_json(run_dir / DOWNLOAD / "manifest.json")["files"])
     filings = read_json(run_dir / DOWNLOAD / "manifest.json")["filings"]
     report = write_parse_stage(run_dir / PARSE, filings, cfg.parse)
     return {k: v for k, v in report.items() if k != "filings"}

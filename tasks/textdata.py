@@ -9,18 +9,27 @@ default is used: the instruction/context/response fields of the Dolly format.
 
 Without `data.validation`, `data.validation_split_ratio` (default 0.2) of the rows is held out, chosen with
 `train.train_data_split_seed`.
+
+The download stage records every file a run reads (data, validation data, template) with its sha256
+(`describe_source`), at every run; the parse stage reads exactly those bytes (`recorded_bytes`). So an edited file
+is read again by the next run, and a file edited between the two stages stops the parse instead of training on
+data that no stage recorded.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
+import logging
 import random
 from pathlib import Path
 
-from edgar_tune.config import TEXT_SUFFIXES, ConfigError, PipelineConfig
-from tasks.io import read_bytes, sha256_file
+from edgar_tune.config import TEXT_SUFFIXES, ConfigError, DataConfig, PipelineConfig
+from tasks.io import read_bytes, read_json, sha256_file
+
+log = logging.getLogger(__name__)
 
 DEFAULT_VALIDATION_SPLIT_RATIO = 0.2
 JUMPSTART_TEMPLATE = {
@@ -44,8 +53,55 @@ def data_files(source: str) -> list[Path]:
     return files
 
 
-def describe_files(files: list[Path]) -> list[dict]:
-    return [{"path": str(p.resolve()), "bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in files]
+def describe_source(cfg: DataConfig) -> list[dict]:
+    """Every file a text run reads, with its size and sha256 and its `role`: `train` (`data.source`), `validation`
+    (`data.validation`) and `template` (`data.template`, else a template.json next to the data, if there is one)."""
+    files = data_files(cfg.source)
+    roles = [(files, "train")]
+    if cfg.validation:
+        roles.append((data_files(cfg.validation), "validation"))
+    template = template_file(cfg, files[0])
+    if template is not None:
+        roles.append(([template], "template"))
+    return [{"path": str(p.resolve()), "bytes": p.stat().st_size, "sha256": sha256_file(p), "role": role}
+            for paths, role in roles for p in paths]  # fmt: skip
+
+
+def log_changes(manifest: Path, files: list[dict]) -> None:
+    """Log the files that are new, changed or gone since the run's last download (why later stages run again)."""
+    if not manifest.exists():
+        return
+    before = {f["path"]: f for f in read_json(manifest).get("files", [])}
+    now = {f["path"]: f for f in files}
+    for path, f in now.items():
+        if path not in before:
+            log.info("%s (%s) is new since this run's last download", path, f.get("role", "train"))
+        elif before[path]["sha256"] != f["sha256"]:
+            log.info("%s changed since this run's last download (%s -> %s bytes); the stages that read it run again",
+                     path, f"{before[path]['bytes']:,}", f"{f['bytes']:,}")  # fmt: skip
+    for path in before.keys() - now.keys():
+        log.info("%s is no longer read (it was at this run's last download)", path)
+
+
+class SourceChanged(ValueError):
+    """A file changed between the download stage that recorded it and the stage that reads it."""
+
+
+def recorded_bytes(entry: dict) -> bytes:
+    """The bytes of a file the download stage recorded, checked against its sha256 there."""
+    path = Path(entry["path"])
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise SourceChanged(f"{path} is gone since the download stage recorded it; put it back, or rerun from the "
+                            "download stage (`edgar-tune rerun download --run RUN`) to train without it") from None
+    if (digest := hashlib.sha256(raw).hexdigest()) != entry["sha256"]:
+        raise SourceChanged(
+            f"{path} changed after the download stage recorded it (sha256 {entry['sha256'][:12]}, now "
+            f"{digest[:12]}). Rerun from the download stage (`edgar-tune rerun download --run RUN`, or run the "
+            "pipeline again) so that every stage reads the same data"
+        )
+    return raw
 
 
 def _text_column(columns: list[str], where: Path) -> str:
@@ -54,9 +110,9 @@ def _text_column(columns: list[str], where: Path) -> str:
     return "text" if "text" in columns else columns[0]
 
 
-def read_records(path: Path) -> list[dict]:
-    """Rows of a CSV or JSON/JSONL file as dicts, in order."""
-    raw = read_bytes(path).decode("utf-8-sig")
+def read_records(path: Path, data: bytes | None = None) -> list[dict]:
+    """Rows of a CSV or JSON/JSONL file (or its bytes, `data`) as dicts, in order."""
+    raw = (read_bytes(path) if data is None else data).decode("utf-8-sig")
     suffix = path.suffix.lower()
     if suffix == ".csv":
         return list(csv.DictReader(io.StringIO(raw)))
@@ -77,31 +133,43 @@ def read_records(path: Path) -> list[dict]:
     return rows
 
 
-def read_texts(path: Path) -> list[str]:
-    """Domain-adaptation rows of one file: TXT paragraphs, or the `text` (else first) column of CSV/JSON."""
+def read_texts(path: Path, data: bytes | None = None) -> list[str]:
+    """Domain-adaptation rows of one file (or its bytes, `data`): TXT paragraphs, or the `text` (else first) column
+    of CSV/JSON."""
     if path.suffix.lower() == ".txt":
-        raw = read_bytes(path).decode("utf-8-sig").replace("\r\n", "\n")
+        raw = (read_bytes(path) if data is None else data).decode("utf-8-sig").replace("\r\n", "\n")
         return [p.strip() for p in raw.split("\n\n") if p.strip()]
-    records = read_records(path)
+    records = read_records(path, data)
     if not records:
         return []
     column = _text_column(list(records[0]), path)
     return [str(r.get(column) or "").strip() for r in records if str(r.get(column) or "").strip()]
 
 
-def load_template(cfg: PipelineConfig, files: list[Path]) -> tuple[dict, str]:
-    """The instruction template and where it came from."""
-    candidates = [Path(cfg.data.template)] if cfg.data.template else [files[0].parent / "template.json"]
-    for path in candidates:
-        if path.is_file():
-            template = json.loads(path.read_text())
-            missing = {"prompt", "completion"} - set(template)
-            if missing:
-                raise ConfigError(f"{path} needs `prompt` and `completion` format strings; missing {sorted(missing)}")
-            return template, str(path.resolve())
-        if cfg.data.template:
-            raise FileNotFoundError(f"`data.template` = {cfg.data.template!r} does not exist")
-    return JUMPSTART_TEMPLATE, "jumpstart-default"
+def template_file(cfg: DataConfig, first: Path) -> Path | None:
+    """`data.template`, else a template.json next to the first data file, if there is one."""
+    if cfg.template:
+        path = Path(cfg.template).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"`data.template` = {cfg.template!r} does not exist")
+        return path
+    path = first.parent / "template.json"
+    return path if path.is_file() else None
+
+
+def load_template(entry: dict | None) -> tuple[dict, str]:
+    """The instruction template recorded by the download stage (else JumpStart's default) and where it came from."""
+    if entry is None:
+        return JUMPSTART_TEMPLATE, "jumpstart-default"
+    path = entry["path"]
+    try:
+        template = json.loads(recorded_bytes(entry))
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path} is not valid JSON ({err.msg}, line {err.lineno}); fix the template") from None
+    missing = {"prompt", "completion"} - set(template) if isinstance(template, dict) else {"prompt", "completion"}
+    if missing:
+        raise ConfigError(f"{path} needs `prompt` and `completion` format strings; missing {sorted(missing)}")
+    return template, path
 
 
 def render(template: dict, record: dict, where: str) -> dict:
@@ -115,14 +183,15 @@ def render(template: dict, record: dict, where: str) -> dict:
         ) from None
 
 
-def _rows(files: list[Path], instruction: bool, template: dict | None) -> list[dict]:
+def _rows(files: list[dict], instruction: bool, template: dict | None) -> list[dict]:
     rows = []
-    for path in files:
+    for entry in files:
+        path, data = Path(entry["path"]), recorded_bytes(entry)
         if instruction:
-            for n, record in enumerate(read_records(path), 1):
+            for n, record in enumerate(read_records(path, data), 1):
                 rows.append({"source": path.name, "row": n} | render(template, record, f"{path}, record {n}"))
         else:
-            rows.extend({"source": path.name, "row": n, "text": t} for n, t in enumerate(read_texts(path), 1))
+            rows.extend({"source": path.name, "row": n, "text": t} for n, t in enumerate(read_texts(path, data), 1))
     return rows
 
 
@@ -138,16 +207,16 @@ def split_rows(rows: list[dict], ratio: float, seed: int) -> tuple[list[dict], l
     return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
 
 
-def build_text_split(cfg: PipelineConfig) -> tuple[list[dict], list[dict], dict]:
-    """(train rows, validation rows, report) for a text source."""
+def build_text_split(cfg: PipelineConfig, recorded: list[dict]) -> tuple[list[dict], list[dict], dict]:
+    """(train rows, validation rows, report) for a text source, from the files the download stage `recorded`."""
     instruction = cfg.train.instruction_tuned
-    files = data_files(cfg.data.source)
-    template, template_from = load_template(cfg, files) if instruction else (None, None)
+    role = lambda r: [f for f in recorded if f.get("role", "train") == r]  # noqa: E731
+    files, val_files, templates = role("train"), role("validation"), role("template")
+    template, template_from = load_template(templates[0] if templates else None) if instruction else (None, None)
     rows = _rows(files, instruction, template)
     if not rows:
         raise ValueError(f"`data.source` = {cfg.data.source!r} has no rows of text")
     if cfg.data.validation:
-        val_files = data_files(cfg.data.validation)
         train, val = rows, _rows(val_files, instruction, template)
         how = f"data.validation ({len(val_files)} file(s))"
     else:
@@ -158,7 +227,7 @@ def build_text_split(cfg: PipelineConfig) -> tuple[list[dict], list[dict], dict]
         lambda rs: sum(len(r["text"]) for r in rs))  # fmt: skip
     report = {
         "kind": "instruction" if instruction else "text",
-        "files": [str(p) for p in files],
+        "files": [f["path"] for f in files],
         "validation": how,
         "template": template_from,
         "train_documents": len(train),

@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 
 from edgar_tune.config import ConfigError, load_config
-from tasks.textdata import JUMPSTART_TEMPLATE, read_texts, render, split_rows
+from flows.pipeline import _ask_again
+from tasks.stages import download_filings, extract_sections  # imports Prefect, which sets up logging, before caplog
+from tasks.textdata import JUMPSTART_TEMPLATE, SourceChanged, read_texts, render, split_rows
 from tests.conftest import run_cli
 
 REPO = Path(__file__).resolve().parent.parent
@@ -88,6 +90,42 @@ def test_prompt_tokens_are_masked_out_of_the_loss(tiny_run):
     assert tok.decode(ids[prompt_len:-1]) == rows[0]["completion"]
 
 
+def test_an_edited_source_is_read_again_and_never_half(tmp_path, paragraphs, caplog):
+    """The user's files are described (sha256) by the download stage at every run, and the parse stage reads only
+    those bytes. Before, a CSV edited in place under the same name left every stage `Cached` on the old rows."""
+    data, template = tmp_path / "data" / "qa.jsonl", tmp_path / "data" / "template.json"
+    data.parent.mkdir()
+    data.write_text("".join(json.dumps({"q": p[:80], "a": p[80:160]}) + "\n" for p in paragraphs[:10]))
+    template.write_text(json.dumps({"prompt": "Q: {q}\n", "completion": "A: {a}"}))
+    cfg = load_config("tiny", [f"data.source={data}", "instruction_tuned=true"])
+    run = tmp_path / "run"
+    assert _ask_again(run, cfg), "a text source must be described again at every run"
+    download_filings.fn(run, cfg.data)
+    manifest = json.loads((run / "01_download" / "manifest.json").read_text())
+    assert [(Path(f["path"]).name, f["role"]) for f in manifest["files"]] == [("qa.jsonl", "train"),
+                                                                              ("template.json", "template")]
+    assert extract_sections.fn(run, cfg)["train_documents"] == 8
+
+    with open(data, "a") as f:  # edited in place, under the same name, after the download stage
+        f.write("".join(json.dumps({"q": p[:80], "a": p[80:160]}) + "\n" for p in paragraphs[10:20]))
+    with pytest.raises(SourceChanged, match=r"qa.jsonl changed after the download stage recorded it .* rerun download"):
+        extract_sections.fn(run, cfg)
+    with caplog.at_level("INFO", logger="tasks.textdata"):
+        download_filings.fn(run, cfg.data)
+    assert "qa.jsonl changed since this run's last download" in caplog.text
+    assert extract_sections.fn(run, cfg)["train_documents"] == 16
+
+    template.write_text(json.dumps({"prompt": "Question: {q}\n", "completion": "Answer: {a}"}))
+    with pytest.raises(SourceChanged, match="template.json changed"):
+        extract_sections.fn(run, cfg)
+    download_filings.fn(run, cfg.data)
+    extract_sections.fn(run, cfg)
+    assert json.loads((run / "02_parse" / "train.jsonl").read_text().splitlines()[0])["prompt"].startswith("Question:")
+    data.unlink()
+    with pytest.raises(SourceChanged, match="qa.jsonl is gone since the download stage recorded it"):
+        extract_sections.fn(run, cfg)
+
+
 @pytest.mark.slow  # make test-slow; the JSONL end-to-end run and the CSV/TXT/JSON readers' tests stay in make test
 def test_domain_adaptation_from_a_csv_end_to_end(tmp_path, paragraphs, prefect_server):
     data = _write_csv(tmp_path / "amzn.csv", ["text"], [[p] for p in paragraphs])
@@ -122,6 +160,11 @@ def test_instruction_tuning_from_jsonl_end_to_end(tmp_path, paragraphs, prefect_
                                "(validation_split_ratio=0.2, train_data_split_seed=0)")  # fmt: skip
     assert f"validation {s['val_tokens']:,}: completion tokens of" in format_summary(s)
     assert format_summary(s).splitlines()[2].split() == ["data", "continue.jsonl"]
+    # The same data again: the download stage describes the file again (it could have been edited under the same
+    # name); its manifest is the same, so everything after it stays cached.
+    again = run_cli(tmp_path, "--set", f"data.source={data}", "--set", "instruction_tuned=true", "--set", "max_steps=30",
+                    "--set", "max_input_length=256", "--set", "per_device_train_batch_size=4", env=prefect_server)  # fmt: skip
+    assert again["stages"].pop("download") == "Completed" and set(again["stages"].values()) == {"Cached"}
 
 
 def test_instruction_tuning_needs_jsonl():
