@@ -26,6 +26,8 @@ def text_source_kind(source: str) -> str | None:
     """`file` or `folder` when `data.source` names TXT/CSV/JSON/JSONL data, else None (10-K sources)."""
     if source in ("bundled", "edgar"):
         return None
+    if source.startswith("s3://"):  # your own text in a bucket, as JumpStart's training channel (10-Ks: `edgar`)
+        return "file" if Path(source).suffix.lower() in TEXT_SUFFIXES else "folder"
     path = Path(source).expanduser()
     if path.suffix.lower() in TEXT_SUFFIXES:
         return "file"
@@ -58,7 +60,8 @@ class DataConfig(_Section):
     source: str = Field(
         "bundled",
         description="`bundled` (Amazon's FY2020-21 10-Ks in data/), `edgar` (download from SEC EDGAR), "
-        "or a folder in sec-edgar-downloader layout (`.../sec-edgar-filings/TICKER/10-K/ACCESSION/`).",
+        "a folder in sec-edgar-downloader layout (`.../sec-edgar-filings/TICKER/10-K/ACCESSION/`), or your own "
+        "TXT/CSV/JSON/JSONL: a file, a folder of them, or an s3:// object or prefix.",
     )
     tickers: list[str] = Field(["AMZN"], description="Tickers or CIKs to take filings for.")
     fiscal_years: list[int] = Field(
@@ -79,7 +82,8 @@ class DataConfig(_Section):
     )
     validation: str | None = Field(
         None,
-        description="Text sources only: a validation file or folder (same formats). Without one, "
+        description="Text sources only: a validation file or folder, or an s3:// object or prefix (same formats). "
+        "Without one, "
         "`validation_split_ratio` of the training rows is held out.",
     )
     validation_split_ratio: float | None = Field(

@@ -27,6 +27,13 @@ RESULTS = ".prefect-results"
 LOCK = ".lock"  # in the run folder (an s3:// run's working copy): held while a run or rerun works in it
 
 
+def s3_fs():
+    """An s3fs file system that caches no listing: other workers (and users) write to the same buckets."""
+    import s3fs
+
+    return s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False)
+
+
 @dataclass
 class RunFolder:
     ref: str  # what the user gave: a folder, or an s3:// URL
@@ -105,9 +112,7 @@ class RunFolder:
 
     # -- sync ---------------------------------------------------------------------------------------------------
     def _fs(self):
-        import s3fs
-
-        return s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False)  # other workers write too
+        return s3_fs()
 
     def push(self, names: list[str]) -> None:
         """Publish these files or folders of the working copy to the bucket (no-op for a local run)."""

@@ -27,7 +27,7 @@ import random
 from pathlib import Path
 
 from edgar_tune.config import TEXT_SUFFIXES, ConfigError, DataConfig, PipelineConfig
-from tasks.io import read_bytes, read_json, sha256_file
+from tasks.io import atomic_write_bytes, cache_dir, read_bytes, read_json, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -40,39 +40,109 @@ JUMPSTART_TEMPLATE = {
 }
 
 
-def data_files(source: str) -> list[Path]:
-    """The files of a text source: the file itself, or the data files of a folder (template.json excluded)."""
+def data_files(source: str, key: str = "data.source") -> list[str]:
+    """The files of a text source (paths, or s3:// URLs): the file itself, or the data files of a folder or S3
+    prefix, one level deep (template.json excluded)."""
+    if is_s3(source):
+        return _s3_files(source, key)
     path = Path(source).expanduser()
     if path.is_file():
-        return [path]
+        return [str(path)]
     if not path.exists():
-        raise FileNotFoundError(f"`data.source` = {source!r} does not exist")
+        raise FileNotFoundError(f"`{key}` = {source!r} does not exist")
     files = sorted(p for p in path.iterdir() if p.suffix.lower() in TEXT_SUFFIXES and p.name != "template.json")
     if not files:
-        raise FileNotFoundError(f"`data.source` = {source!r} has no .txt, .csv, .json or .jsonl files")
-    return files
+        raise FileNotFoundError(f"`{key}` = {source!r} has no .txt, .csv, .json or .jsonl files")
+    return [str(p) for p in files]
 
 
 def describe_source(cfg: DataConfig) -> list[dict]:
     """Every file a text run reads, with its size and sha256 and its `role`: `train` (`data.source`), `validation`
-    (`data.validation`) and `template` (`data.template`, else a template.json next to the data, if there is one)."""
+    (`data.validation`) and `template` (`data.template`, else a template.json next to the data, if there is one).
+    An s3:// file is described by its copy in the cache (`path`) and its URL (`url`)."""
     files = data_files(cfg.source)
     roles = [(files, "train")]
     if cfg.validation:
-        roles.append((data_files(cfg.validation), "validation"))
+        roles.append((data_files(cfg.validation, "data.validation"), "validation"))
     template = template_file(cfg, files[0])
     if template is not None:
         roles.append(([template], "template"))
-    return [{"path": str(p.resolve()), "bytes": p.stat().st_size, "sha256": sha256_file(p), "role": role}
-            for paths, role in roles for p in paths]  # fmt: skip
+    return [_describe(where, role) for wheres, role in roles for where in wheres]
+
+
+def _describe(where: str, role: str) -> dict:
+    """A file's `path`, or an s3:// object's `url` (its copy in this machine's cache is not recorded: other workers
+    keep theirs elsewhere, and the manifest must not differ by worker), with size, sha256 and role."""
+    if is_s3(where):
+        path, at = fetch_s3(where), {"url": where}
+    else:
+        path = Path(where).expanduser().resolve()
+        at = {"path": str(path)}
+    return at | {"bytes": path.stat().st_size, "sha256": sha256_file(path), "role": role}
+
+
+def location(entry: dict) -> str:
+    """Where a recorded file is: its s3:// URL or its path."""
+    return entry.get("url") or entry["path"]
+
+
+# -- s3:// sources: JumpStart's training channel ------------------------------------------------------------------
+def is_s3(where: str) -> bool:
+    return str(where).startswith("s3://")
+
+
+def _s3_files(source: str, key: str) -> list[str]:
+    from tasks.storage import s3_fs
+
+    fs = s3_fs()
+    if Path(source).suffix.lower() in TEXT_SUFFIXES:
+        if not fs.isfile(source):
+            raise FileNotFoundError(f"`{key}` = {source!r} is not an object in that bucket (or these credentials "
+                                    "cannot read it)")  # fmt: skip
+        return [source]
+    prefix = source.rstrip("/")
+    found = sorted(o["name"] for o in fs.ls(prefix, detail=True) if o["type"] == "file") if fs.isdir(prefix) else []
+    files = [f"s3://{o}" for o in found if Path(o).suffix.lower() in TEXT_SUFFIXES and Path(o).name != "template.json"]
+    if not files:
+        raise FileNotFoundError(
+            f"`{key}` = {source!r} has no .txt, .csv, .json or .jsonl objects directly under it (s3:// sources are "
+            "your own text; 10-K filings come from `edgar`, `bundled` or a local folder)"
+        )
+    return files
+
+
+def fetch_s3(url: str) -> Path:
+    """The local copy of an s3:// object, in $EDGAR_TUNE_CACHE/data/s3/BUCKET/KEY: fetched again only when its
+    ETag or size changed, written atomically, with a progress bar for large objects."""
+    import time
+
+    from tqdm.auto import tqdm
+
+    from tasks.storage import s3_fs
+
+    fs = s3_fs()
+    info = fs.info(url)
+    tag = f"{info.get('ETag', '')}:{info['size']}"
+    local = cache_dir() / "data" / "s3" / url[len("s3://"):]
+    stamp = local.with_name(local.name + ".etag")
+    if local.is_file() and stamp.is_file() and stamp.read_text() == tag:
+        return local
+    start = time.monotonic()
+    with fs.open(url, "rb", block_size=1 << 23) as src, tqdm(total=info["size"], unit="B", unit_scale=True,
+                                                          desc=f"fetch {Path(url).name}",
+                                                          disable=info["size"] < 1 << 26) as bar:  # fmt: skip
+        atomic_write_bytes(local, (bar.update(len(c)) or c for c in iter(lambda: src.read(1 << 23), b"")))
+    atomic_write_bytes(stamp, tag.encode())
+    log.info("fetched %s (%s bytes) in %.1f s", url, f"{info['size']:,}", time.monotonic() - start)
+    return local
 
 
 def log_changes(manifest: Path, files: list[dict]) -> None:
     """Log the files that are new, changed or gone since the run's last download (why later stages run again)."""
     if not manifest.exists():
         return
-    before = {f["path"]: f for f in read_json(manifest).get("files", [])}
-    now = {f["path"]: f for f in files}
+    before = {location(f): f for f in read_json(manifest).get("files", [])}
+    now = {location(f): f for f in files}
     for path, f in now.items():
         if path not in before:
             log.info("%s (%s) is new since this run's last download", path, f.get("role", "train"))
@@ -88,16 +158,17 @@ class SourceChanged(ValueError):
 
 
 def recorded_bytes(entry: dict) -> bytes:
-    """The bytes of a file the download stage recorded, checked against its sha256 there."""
-    path = Path(entry["path"])
+    """The bytes of a file the download stage recorded, checked against its sha256 there (an s3:// object from
+    this machine's copy, fetched again if the object changed or this worker has none)."""
     try:
-        raw = path.read_bytes()
+        raw = (fetch_s3(entry["url"]) if entry.get("url") else Path(entry["path"])).read_bytes()
     except FileNotFoundError:
-        raise SourceChanged(f"{path} is gone since the download stage recorded it; put it back, or rerun from the "
-                            "download stage (`edgar-tune rerun download --run RUN`) to train without it") from None
+        raise SourceChanged(f"{location(entry)} is gone since the download stage recorded it; put it back, or "
+                            "rerun from the download stage (`edgar-tune rerun download --run RUN`) to train without "
+                            "it") from None  # fmt: skip
     if (digest := hashlib.sha256(raw).hexdigest()) != entry["sha256"]:
         raise SourceChanged(
-            f"{path} changed after the download stage recorded it (sha256 {entry['sha256'][:12]}, now "
+            f"{location(entry)} changed after the download stage recorded it (sha256 {entry['sha256'][:12]}, now "
             f"{digest[:12]}). Rerun from the download stage (`edgar-tune rerun download --run RUN`, or run the "
             "pipeline again) so that every stage reads the same data"
         )
@@ -146,22 +217,30 @@ def read_texts(path: Path, data: bytes | None = None) -> list[str]:
     return [str(r.get(column) or "").strip() for r in records if str(r.get(column) or "").strip()]
 
 
-def template_file(cfg: DataConfig, first: Path) -> Path | None:
-    """`data.template`, else a template.json next to the first data file, if there is one."""
+def template_file(cfg: DataConfig, first: str) -> str | None:
+    """`data.template`, else a template.json next to the first data file (a path or an s3:// URL), if there is one."""
     if cfg.template:
-        path = Path(cfg.template).expanduser()
-        if not path.is_file():
+        if not (_s3_exists(cfg.template) if is_s3(cfg.template) else Path(cfg.template).expanduser().is_file()):
             raise FileNotFoundError(f"`data.template` = {cfg.template!r} does not exist")
-        return path
-    path = first.parent / "template.json"
-    return path if path.is_file() else None
+        return cfg.template
+    if is_s3(first):
+        beside = first.rsplit("/", 1)[0] + "/template.json"
+        return beside if _s3_exists(beside) else None
+    beside = Path(first).parent / "template.json"
+    return str(beside) if beside.is_file() else None
+
+
+def _s3_exists(url: str) -> bool:
+    from tasks.storage import s3_fs
+
+    return s3_fs().isfile(url)
 
 
 def load_template(entry: dict | None) -> tuple[dict, str]:
     """The instruction template recorded by the download stage (else JumpStart's default) and where it came from."""
     if entry is None:
         return JUMPSTART_TEMPLATE, "jumpstart-default"
-    path = entry["path"]
+    path = location(entry)
     try:
         template = json.loads(recorded_bytes(entry))
     except json.JSONDecodeError as err:
@@ -186,7 +265,7 @@ def render(template: dict, record: dict, where: str) -> dict:
 def _rows(files: list[dict], instruction: bool, template: dict | None) -> list[dict]:
     rows = []
     for entry in files:
-        path, data = Path(entry["path"]), recorded_bytes(entry)
+        path, data = Path(location(entry)), recorded_bytes(entry)
         if instruction:
             for n, record in enumerate(read_records(path, data), 1):
                 rows.append({"source": path.name, "row": n} | render(template, record, f"{path}, record {n}"))
@@ -227,7 +306,7 @@ def build_text_split(cfg: PipelineConfig, recorded: list[dict]) -> tuple[list[di
         lambda rs: sum(len(r["text"]) for r in rs))  # fmt: skip
     report = {
         "kind": "instruction" if instruction else "text",
-        "files": [f["path"] for f in files],
+        "files": [location(f) for f in files],
         "validation": how,
         "template": template_from,
         "train_documents": len(train),

@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 
+from edgar_tune.config import load_config
+from tasks.sections import parse_filing
+from tasks.stages import download_filings, extract_sections  # imports Prefect, which sets up logging, before caplog
+from tasks.textdata import SourceChanged, data_files
 from tests.conftest import REPO, run_held
 
 
@@ -89,3 +94,65 @@ def test_an_s3_run_in_use_refuses_a_worker_on_another_host(s3, prefect_server, t
         assert not fs.exists(url)
     with run_held(url, "worker-2", env=dict(worker, EDGAR_TUNE_CACHE=str(tmp_path / "worker2"))):
         pass
+
+
+def test_text_data_from_an_s3_prefix(s3, prefect_server, tmp_path, amzn_files, monkeypatch, caplog):
+    """JumpStart's training channel: instruction JSONL and its template.json under an s3:// prefix. The download
+    stage copies each object into the cache once (again only when its ETag changes) and records its sha256; a
+    worker without the copy fetches it by URL and still reads only the recorded bytes."""
+    fs, aws = s3
+    doc = parse_filing(amzn_files[0], "drop")
+    paragraphs = [p for p in doc.items["1A"].text.split("\n") if len(p) > 200]
+
+    def jsonl(n: int) -> bytes:
+        return "".join(json.dumps({"q": p[:100], "a": p[100:300]}) + "\n" for p in paragraphs[:n]).encode()
+
+    fs.mkdir("edgar-data")
+    fs.pipe_file("edgar-data/qa/train.jsonl", jsonl(20))
+    fs.pipe_file("edgar-data/qa/template.json", json.dumps({"prompt": "Q: {q}\n", "completion": "A: {a}"}).encode())
+    fs.pipe_file("edgar-data/qa/README.md", b"not data")
+    fs.pipe_file("edgar-data/qa/old/train.jsonl", jsonl(3))  # one level deep, as a local folder
+
+    # End to end through the CLI: the summary names the object, not the cache's copy.
+    env = dict(os.environ, **aws, **prefect_server, EDGAR_TUNE_CACHE=str(tmp_path / "cli"))
+    _run(env, "run", "--preset", "tiny", "--out", str(tmp_path / "run"), "--set", "data.source=s3://edgar-data/qa/",
+         "--set", "instruction_tuned=true", "--set", "max_steps=4", "--set", "max_input_length=128")  # fmt: skip
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["data_files"] == ["s3://edgar-data/qa/train.jsonl"] and summary["val_tokens"] > 0
+    report = json.loads((tmp_path / "run" / "02_parse" / "report.json").read_text())
+    assert report["template"] == "s3://edgar-data/qa/template.json"
+    assert (tmp_path / "cli" / "data" / "s3" / "edgar-data" / "qa" / "train.jsonl").is_file()  # the cache's copy
+    assert report["train_documents"] + report["val_documents"] == 20
+
+    # The stages themselves: fetched once, again when the object changes; another worker fetches by URL.
+    monkeypatch.setenv("EDGAR_TUNE_CACHE", str(tmp_path / "worker1"))
+    cfg = load_config("tiny", ["data.source=s3://edgar-data/qa/", "instruction_tuned=true"])
+    run = tmp_path / "stages"
+    with caplog.at_level("INFO", logger="tasks.textdata"):
+        download_filings.fn(run, cfg.data)
+        assert caplog.text.count("fetched s3://edgar-data/qa/") == 2  # train.jsonl and template.json
+        caplog.clear()
+        download_filings.fn(run, cfg.data)
+        assert "fetched" not in caplog.text  # unchanged ETags: the copies stand
+        fs.pipe_file("edgar-data/qa/train.jsonl", jsonl(30))
+        download_filings.fn(run, cfg.data)
+        assert "fetched s3://edgar-data/qa/train.jsonl" in caplog.text and "train.jsonl changed since" in caplog.text
+    files = json.loads((run / "01_download" / "manifest.json").read_text())["files"]
+    assert [(f["url"], f["role"]) for f in files] == [("s3://edgar-data/qa/train.jsonl", "train"),
+                                                      ("s3://edgar-data/qa/template.json", "template")]
+    assert not any("path" in f for f in files)  # each worker keeps its copies elsewhere: the manifest is the same
+    assert extract_sections.fn(run, cfg)["train_documents"] == 24
+
+    shutil.rmtree(tmp_path / "worker1")  # another worker, with nothing in its cache, reruns the parse stage
+    monkeypatch.setenv("EDGAR_TUNE_CACHE", str(tmp_path / "worker2"))
+    assert extract_sections.fn(run, cfg)["train_documents"] == 24
+    assert (tmp_path / "worker2" / "data" / "s3" / "edgar-data" / "qa" / "train.jsonl").is_file()
+    fs.pipe_file("edgar-data/qa/train.jsonl", jsonl(10))  # changed in the bucket after the download stage
+    shutil.rmtree(tmp_path / "worker2")
+    with pytest.raises(SourceChanged, match="s3://edgar-data/qa/train.jsonl changed after the download stage"):
+        extract_sections.fn(run, cfg)
+
+    with pytest.raises(FileNotFoundError, match=r"has no \.txt, \.csv, \.json or \.jsonl objects directly under it"):
+        data_files("s3://edgar-data/nothing/")
+    with pytest.raises(FileNotFoundError, match="`data.validation` = .* is not an object in that bucket"):
+        data_files("s3://edgar-data/qa/val.jsonl", "data.validation")
