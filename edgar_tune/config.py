@@ -616,7 +616,9 @@ class RunParameters(BaseModel):
         description="Or each ticker's N most recent fiscal years, asked of EDGAR at every run (data.latest_years): "
         "what a schedule wants.",
     )
-    source: str | None = Field(None, description="bundled, edgar, a filings folder or a TXT/CSV/JSON/JSONL file.")
+    source: str | None = Field(
+        None, description="bundled, edgar, a filings folder, or a TXT/CSV/JSON/JSONL file or folder (or s3:// URL)."
+    )
     model: str | None = Field(None, description="smollm2-135m, tiny-llama, a local folder or a hub id.")
     mode: Literal["lora", "full"] | None = Field(None, description="LoRA adapters or full fine-tuning.")
     deepspeed: Literal["zero2", "zero3", "zero3-offload"] | None = Field(None, description="DeepSpeed ZeRO stage.")
