@@ -13,6 +13,7 @@ import logging
 import os
 import subprocess
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 
 import mlflow
 import mlflow.pyfunc
+import pandas as pd
 import yaml
 
 from edgar_tune.config import REPO_ROOT, EvalConfig, PipelineConfig, flat_params
@@ -58,7 +60,9 @@ class EdgarTuneLM(mlflow.pyfunc.PythonModel):
         self.tokenizer = load_tokenizer(context.artifacts["weights"])
         self.model.eval()
 
-    def predict(self, context, model_input, params: dict[str, Any] | None = None) -> list[str]:
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> list[str]:
+        """Generate a completion for each prompt: the `prompt` column (the signature turns a dict or records into
+        it); a plain string or list of strings also works when called directly."""
         import torch
 
         if isinstance(model_input, str):
@@ -402,16 +406,18 @@ def _register(run_dir: Path, cfg: PipelineConfig, flow_run_id: str | None, runs_
 
             base_rows, tuned_rows = (read_json(p)["rows"] for p in samples)
             mlflow.log_table(side_by_side(base_rows, tuned_rows), artifact_file="eval/generations.json")
-        info = mlflow.pyfunc.log_model(
-            name="model",
-            python_model=str(MODEL_CODE),  # logged as source: loading a version unpickles nothing
-            artifacts=artifacts,
-            model_config={"base_model": base_ref, "weights": train_stats["weights"]},
-            code_paths=[str(REPO_ROOT / "tasks"), str(REPO_ROOT / "edgar_tune")],
-            pip_requirements=pip_requirements(),
-            registered_model_name=cfg.registry.model_name,
-            signature=_signature(),
-        )
+        with warnings.catch_warnings():  # an input example would make MLflow load the model and generate with it
+            warnings.filterwarnings("ignore", message=".*An input example was not provided")  # now, at every run
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=str(MODEL_CODE),  # logged as source: loading a version unpickles nothing
+                artifacts=artifacts,
+                model_config={"base_model": base_ref, "weights": train_stats["weights"]},
+                code_paths=[str(REPO_ROOT / "tasks"), str(REPO_ROOT / "edgar_tune")],
+                pip_requirements=pip_requirements(),
+                registered_model_name=cfg.registry.model_name,
+                signature=_signature(),
+            )
         version = str(info.registered_model_version)
     return _finish(client, name, version, tags, after, uri, run.info.run_id, rescore)
 
