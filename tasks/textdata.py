@@ -18,12 +18,14 @@ data that no stage recorded.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
 import json
 import logging
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 from edgar_tune.config import TEXT_SUFFIXES, ConfigError, DataConfig, PipelineConfig
@@ -74,7 +76,7 @@ def _describe(where: str, role: str) -> dict:
     """A file's `path`, or an s3:// object's `url` (its copy in this machine's cache is not recorded: other workers
     keep theirs elsewhere, and the manifest must not differ by worker), with size, sha256 and role."""
     if is_s3(where):
-        path, at = fetch_s3(where), {"url": where}
+        path, at = fetch_s3(where, ROLE_KEY[role]), {"url": where}
     else:
         path = Path(where).expanduser().resolve()
         at = {"path": str(path)}
@@ -91,7 +93,25 @@ def is_s3(where: str) -> bool:
     return str(where).startswith("s3://")
 
 
+@contextlib.contextmanager
+def _s3_access(url: str, key: str) -> Iterator[None]:
+    """Turn S3's credential and permission errors into one that names the key and what to set."""
+    from botocore.exceptions import BotoCoreError
+
+    try:
+        yield
+    except (PermissionError, BotoCoreError) as err:
+        raise ConfigError(f"`{key}` = {url!r}: {type(err).__name__}: {err}. Give credentials that can read it "
+                          "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or an instance role; "
+                          "AWS_ENDPOINT_URL for S3-compatible stores)") from None  # fmt: skip
+
+
 def _s3_files(source: str, key: str) -> list[str]:
+    with _s3_access(source, key):
+        return _s3_list(source, key)
+
+
+def _s3_list(source: str, key: str) -> list[str]:
     from tasks.storage import s3_fs
 
     fs = s3_fs()
@@ -111,7 +131,10 @@ def _s3_files(source: str, key: str) -> list[str]:
     return files
 
 
-def fetch_s3(url: str) -> Path:
+ROLE_KEY = {"train": "data.source", "validation": "data.validation", "template": "data.template"}
+
+
+def fetch_s3(url: str, key: str = "data.source") -> Path:
     """The local copy of an s3:// object, in $EDGAR_TUNE_CACHE/data/s3/BUCKET/KEY: fetched again only when its
     ETag or size changed, written atomically, with a progress bar for large objects."""
     import time
@@ -121,7 +144,8 @@ def fetch_s3(url: str) -> Path:
     from tasks.storage import s3_fs
 
     fs = s3_fs()
-    info = fs.info(url)
+    with _s3_access(url, key):
+        info = fs.info(url)
     tag = f"{info.get('ETag', '')}:{info['size']}"
     local = cache_dir() / "data" / "s3" / url[len("s3://"):]
     stamp = local.with_name(local.name + ".etag")
@@ -161,7 +185,8 @@ def recorded_bytes(entry: dict) -> bytes:
     """The bytes of a file the download stage recorded, checked against its sha256 there (an s3:// object from
     this machine's copy, fetched again if the object changed or this worker has none)."""
     try:
-        raw = (fetch_s3(entry["url"]) if entry.get("url") else Path(entry["path"])).read_bytes()
+        url, key = entry.get("url"), ROLE_KEY[entry.get("role", "train")]
+        raw = (fetch_s3(url, key) if url else Path(entry["path"])).read_bytes()
     except FileNotFoundError:
         raise SourceChanged(f"{location(entry)} is gone since the download stage recorded it; put it back, or "
                             "rerun from the download stage (`edgar-tune rerun download --run RUN`) to train without "
@@ -233,7 +258,8 @@ def template_file(cfg: DataConfig, first: str) -> str | None:
 def _s3_exists(url: str) -> bool:
     from tasks.storage import s3_fs
 
-    return s3_fs().isfile(url)
+    with _s3_access(url, "data.template"):
+        return s3_fs().isfile(url)
 
 
 def load_template(entry: dict | None) -> tuple[dict, str]:

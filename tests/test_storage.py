@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from edgar_tune.config import load_config
+from edgar_tune.config import ConfigError, load_config
 from tasks.sections import parse_filing
 from tasks.stages import download_filings, extract_sections  # imports Prefect, which sets up logging, before caplog
 from tasks.textdata import SourceChanged, data_files
@@ -156,3 +156,10 @@ def test_text_data_from_an_s3_prefix(s3, prefect_server, tmp_path, amzn_files, m
         data_files("s3://edgar-data/nothing/")
     with pytest.raises(FileNotFoundError, match="`data.validation` = .* is not an object in that bucket"):
         data_files("s3://edgar-data/qa/val.jsonl", "data.validation")
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    with pytest.raises(ConfigError, match="`data.source` = 's3://edgar-data/qa/': NoCredentialsError: .* AWS_PROFILE"):
+        data_files("s3://edgar-data/qa/")
