@@ -206,9 +206,20 @@ def _text_column(columns: list[str], where: Path) -> str:
     return "text" if "text" in columns else columns[0]
 
 
+def _text(path: Path, data: bytes | None) -> str:
+    """A data file's text: UTF-8 (a byte-order mark is dropped); anything else is refused with where it broke."""
+    raw = read_bytes(path) if data is None else data
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise ValueError(f"{path}, line {line}: not UTF-8 (byte 0x{raw[err.start]:02x} at offset {err.start}); save "
+                         "the file as UTF-8") from None  # fmt: skip
+
+
 def read_records(path: Path, data: bytes | None = None) -> list[dict]:
     """Rows of a CSV or JSON/JSONL file (or its bytes, `data`) as dicts, in order."""
-    raw = (read_bytes(path) if data is None else data).decode("utf-8-sig")
+    raw = _text(path, data)
     suffix = path.suffix.lower()
     if suffix == ".csv":
         return list(csv.DictReader(io.StringIO(raw)))
@@ -233,7 +244,7 @@ def read_texts(path: Path, data: bytes | None = None) -> list[str]:
     """Domain-adaptation rows of one file (or its bytes, `data`): TXT paragraphs, or the `text` (else first) column
     of CSV/JSON."""
     if path.suffix.lower() == ".txt":
-        raw = (read_bytes(path) if data is None else data).decode("utf-8-sig").replace("\r\n", "\n")
+        raw = _text(path, data).replace("\r\n", "\n")
         return [p.strip() for p in raw.split("\n\n") if p.strip()]
     records = read_records(path, data)
     if not records:

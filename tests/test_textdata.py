@@ -58,6 +58,10 @@ def test_json_lines_json_array_and_txt_paragraphs(tmp_path, paragraphs):
     bad.write_text('{"text": "ok"}\n{"text": broken}\n')
     with pytest.raises(ValueError, match="line 2: not valid JSON"):
         read_texts(bad)
+    latin1 = tmp_path / "e.csv"
+    latin1.write_bytes("text\nNet sales rose.\nCaf\u00e9 revenue fell.\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"e.csv, line 3: not UTF-8 \(byte 0xe9 at offset 24\); save the file as"):
+        read_texts(latin1)
 
 
 def test_split_holds_out_the_ratio_with_its_seed():
