@@ -61,7 +61,7 @@ def data_files(source: str, key: str = "data.source") -> list[str]:
 def describe_source(cfg: DataConfig) -> list[dict]:
     """Every file a text run reads, with its size and sha256 and its `role`: `train` (`data.source`), `validation`
     (`data.validation`) and `template` (`data.template`, else a template.json next to the data, if there is one).
-    An s3:// file is described by its copy in the cache (`path`) and its URL (`url`)."""
+    An s3:// object is fetched into the cache and described by its URL (`url`) instead of a `path`."""
     files = data_files(cfg.source)
     roles = [(files, "train")]
     if cfg.validation:
