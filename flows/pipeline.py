@@ -183,10 +183,24 @@ def _ask_again(run_dir: Path, cfg: PipelineConfig) -> bool:
     years are the latest changes when a 10-K is filed), the last download found some filing missing on EDGAR
     (not filed yet, or 404), or the source is the user's own files (edited in place under the same name). If the
     answer is the same, the manifest is too, and every later stage stays cached."""
-    if cfg.data.latest_years is not None or cfg.data.is_text:
+    if cfg.data.latest_years is not None:
         return True
+    if cfg.data.is_text:
+        return _text_source_here(cfg)
     manifest = run_dir / DOWNLOAD / "manifest.json"
     return manifest.exists() and any(s.get("recheck") for s in read_json(manifest).get("skipped", []))
+
+
+def _text_source_here(cfg: PipelineConfig) -> bool:
+    """Whether this machine can read a text source to describe it again. A worker on another host that resumes an
+    `s3://` run may not have a local `data.source`: the run's recorded download stands there, and a stage that
+    must read the files stops with where they are."""
+    where = [w for w in (cfg.data.source, cfg.data.validation) if w and "://" not in w]
+    missing = [w for w in where if not Path(w).expanduser().exists()]
+    if missing:
+        log.warning("%s is not on this machine: the run's recorded download stage stands (the data cannot be "
+                    "checked for edits here)", " and ".join(missing))  # fmt: skip
+    return not missing
 
 
 def build_summary(run_dir: Path, preset: str, timings: dict, flow_run_id: str | None) -> dict:

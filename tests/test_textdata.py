@@ -128,6 +128,7 @@ def test_an_edited_source_is_read_again_and_never_half(tmp_path, paragraphs, cap
     data.unlink()
     with pytest.raises(SourceChanged, match="qa.jsonl is gone since the download stage recorded it"):
         extract_sections.fn(run, cfg)
+    assert not _ask_again(run, cfg)  # as on another host resuming an s3:// run: the recorded download stands
 
 
 @pytest.mark.slow  # make test-slow; the JSONL end-to-end run and the CSV/TXT/JSON readers' tests stay in make test
