@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from edgar_tune.config import TEXT_SUFFIXES, ConfigError, DataConfig, PipelineConfig
-from tasks.io import atomic_write_bytes, cache_dir, read_bytes, read_json, sha256_file
+from tasks.io import atomic_write_bytes, cache_dir, held, holder_info, read_bytes, read_json, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,8 @@ ROLE_KEY = {"train": "data.source", "validation": "data.validation", "template":
 
 def fetch_s3(url: str, key: str = "data.source") -> Path:
     """The local copy of an s3:// object, in $EDGAR_TUNE_CACHE/data/s3/BUCKET/KEY: fetched again only when its
-    ETag or size changed, written atomically, with a progress bar for large objects."""
+    ETag or size changed, written atomically, with a progress bar for large objects. Runs that share the cache
+    take turns per object, so a copy and its ETag stamp always belong together."""
     import time
 
     from tqdm.auto import tqdm
@@ -144,19 +145,20 @@ def fetch_s3(url: str, key: str = "data.source") -> Path:
     from tasks.storage import s3_fs
 
     fs = s3_fs()
-    with _s3_access(url, key):
-        info = fs.info(url)
-    tag = f"{info.get('ETag', '')}:{info['size']}"
     local = cache_dir() / "data" / "s3" / url[len("s3://"):]
     stamp = local.with_name(local.name + ".etag")
-    if local.is_file() and stamp.is_file() and stamp.read_text() == tag:
-        return local
-    start = time.monotonic()
-    with fs.open(url, "rb", block_size=1 << 23) as src, tqdm(total=info["size"], unit="B", unit_scale=True,
-                                                          desc=f"fetch {Path(url).name}",
-                                                          disable=info["size"] < 1 << 26) as bar:  # fmt: skip
-        atomic_write_bytes(local, (bar.update(len(c)) or c for c in iter(lambda: src.read(1 << 23), b"")))
-    atomic_write_bytes(stamp, tag.encode())
+    with held(local.with_name(local.name + ".lock"), holder_info(fetching=url), wait=True):
+        with _s3_access(url, key):
+            info = fs.info(url)
+        tag = f"{info.get('ETag', '')}:{info['size']}"
+        if local.is_file() and stamp.is_file() and stamp.read_text() == tag:
+            return local
+        start = time.monotonic()
+        with fs.open(url, "rb", block_size=1 << 23) as src, tqdm(total=info["size"], unit="B", unit_scale=True,
+                                                              desc=f"fetch {Path(url).name}",
+                                                              disable=info["size"] < 1 << 26) as bar:  # fmt: skip
+            atomic_write_bytes(local, (bar.update(len(c)) or c for c in iter(lambda: src.read(1 << 23), b"")))
+        atomic_write_bytes(stamp, tag.encode())
     log.info("fetched %s (%s bytes) in %.1f s", url, f"{info['size']:,}", time.monotonic() - start)
     return local
 
