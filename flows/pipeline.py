@@ -45,6 +45,7 @@ from tasks.stages import (
     register_model,
 )
 from tasks.storage import RunFolder
+from tasks.textdata import location
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +224,7 @@ def build_summary(run_dir: Path, preset: str, timings: dict, flow_run_id: str | 
         "val_tokens": after["tokens"],
         "validation": validation_label(read_json(run_dir / PARSE / "report.json"), tok),
         "filings": filings,
-        "data_files": [f.get("url") or f["path"] for f in manifest.get("files", []) if f.get("role") != "template"],
+        "data_files": [location(f) for f in manifest.get("files", []) if f.get("role") != "template"],
         "base_model": tok["base_model"],
         "mlflow_tracking_uri": reg["tracking_uri"],
         "mlflow_run_id": reg["mlflow_run_id"],
