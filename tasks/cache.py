@@ -166,6 +166,12 @@ class FileDigests:
             self.changed = False
 
 
+def run_digests(run_dir: Path) -> FileDigests:
+    """The run folder's memo of file digests (`.stages/digests.json`): the stage keys and the download stage's
+    description of users' text files hash through it."""
+    return FileDigests(Path(run_dir) / ".stages" / "digests.json")
+
+
 def folder_digest(folder: Path, files: FileDigests | None = None) -> str:
     """sha256 over every file of a folder (relative path and the sha256 of its bytes), in sorted order; "absent" if
     the folder is missing. `files` hashes each file (a memo of earlier reads; none: read every byte).
@@ -208,7 +214,7 @@ def code_version(stage: str) -> str:
 
 def stage_key(stage: str, run_ref: str, run_dir: Path, cfg: PipelineConfig) -> str:
     """The cache key of `stage` in the run `run_ref` (its folder or URL), read from `run_dir` as it is now."""
-    files = FileDigests(Path(run_dir) / ".stages" / "digests.json")
+    files = run_digests(run_dir)
     parts = {
         "stage": stage,
         "run": run_ref,

@@ -30,9 +30,12 @@ def stage_task(name: str):
 def download_filings(run_dir: Path, cfg: DataConfig, cache_key: str | None = None) -> dict:
     """Fetch (or locate) the 10-K filings and write the run's filing manifest."""
     if cfg.is_text:  # users' own TXT/CSV/JSON/JSONL: record what will be read, byte for byte (at every run)
+        from tasks.cache import run_digests
         from tasks.textdata import describe_source, log_changes
 
-        files = describe_source(cfg)
+        digests = run_digests(run_dir)  # a file unchanged since the last run is not read again
+        files = describe_source(cfg, digests)
+        digests.save()
         log_changes(run_dir / DOWNLOAD / "manifest.json", files)
         with atomic_dir(run_dir / DOWNLOAD) as tmp:
             atomic_write_json(tmp / "manifest.json", {"source": cfg.source, "filings": [], "files": files, "skipped": []})

@@ -25,7 +25,7 @@ import io
 import json
 import logging
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from edgar_tune.config import TEXT_SUFFIXES, ConfigError, DataConfig, PipelineConfig
@@ -52,16 +52,23 @@ def data_files(source: str, key: str = "data.source") -> list[str]:
         return [str(path)]
     if not path.exists():
         raise FileNotFoundError(f"`{key}` = {source!r} does not exist")
-    files = sorted(p for p in path.iterdir() if p.suffix.lower() in TEXT_SUFFIXES and p.name != "template.json")
+    files = sorted(p for p in path.iterdir() if _is_data(p.name))
     if not files:
         raise FileNotFoundError(f"`{key}` = {source!r} has no .txt, .csv, .json or .jsonl files")
     return [str(p) for p in files]
 
 
-def describe_source(cfg: DataConfig) -> list[dict]:
+def _is_data(name: str) -> bool:
+    """Whether a file in a data folder (or under an S3 prefix) is data: TXT/CSV/JSON/JSONL, not the template."""
+    return Path(name).suffix.lower() in TEXT_SUFFIXES and Path(name).name != "template.json"
+
+
+def describe_source(cfg: DataConfig, digest: Callable[[Path], str] = sha256_file) -> list[dict]:
     """Every file a text run reads, with its size and sha256 and its `role`: `train` (`data.source`), `validation`
     (`data.validation`) and `template` (`data.template`, else a template.json next to the data, if there is one).
-    An s3:// object is fetched into the cache and described by its URL (`url`) instead of a `path`."""
+    An s3:// object is fetched into the cache and described by its URL (`url`) instead of a `path`. `digest`
+    hashes a file: the download stage passes the run's memo (tasks.cache.FileDigests), so a file unchanged since
+    the last run is not read again."""
     files = data_files(cfg.source)
     roles = [(files, "train")]
     if cfg.validation:
@@ -69,10 +76,10 @@ def describe_source(cfg: DataConfig) -> list[dict]:
     template = template_file(cfg, files[0])
     if template is not None:
         roles.append(([template], "template"))
-    return [_describe(where, role) for wheres, role in roles for where in wheres]
+    return [_describe(where, role, digest) for wheres, role in roles for where in wheres]
 
 
-def _describe(where: str, role: str) -> dict:
+def _describe(where: str, role: str, digest: Callable[[Path], str]) -> dict:
     """A file's `path`, or an s3:// object's `url` (its copy in this machine's cache is not recorded: other workers
     keep theirs elsewhere, and the manifest must not differ by worker), with size, sha256 and role."""
     if is_s3(where):
@@ -80,7 +87,7 @@ def _describe(where: str, role: str) -> dict:
     else:
         path = Path(where).expanduser().resolve()
         at = {"path": str(path)}
-    return at | {"bytes": path.stat().st_size, "sha256": sha256_file(path), "role": role}
+    return at | {"bytes": path.stat().st_size, "sha256": digest(path), "role": role}
 
 
 def location(entry: dict) -> str:
@@ -107,22 +114,18 @@ def _s3_access(url: str, key: str) -> Iterator[None]:
 
 
 def _s3_files(source: str, key: str) -> list[str]:
-    with _s3_access(source, key):
-        return _s3_list(source, key)
-
-
-def _s3_list(source: str, key: str) -> list[str]:
     from tasks.storage import s3_fs
 
     fs = s3_fs()
-    if Path(source).suffix.lower() in TEXT_SUFFIXES:
-        if not fs.isfile(source):
-            raise FileNotFoundError(f"`{key}` = {source!r} is not an object in that bucket (or these credentials "
-                                    "cannot read it)")  # fmt: skip
-        return [source]
-    prefix = source.rstrip("/")
-    found = sorted(o["name"] for o in fs.ls(prefix, detail=True) if o["type"] == "file") if fs.isdir(prefix) else []
-    files = [f"s3://{o}" for o in found if Path(o).suffix.lower() in TEXT_SUFFIXES and Path(o).name != "template.json"]
+    with _s3_access(source, key):
+        if Path(source).suffix.lower() in TEXT_SUFFIXES:
+            if not fs.isfile(source):
+                raise FileNotFoundError(f"`{key}` = {source!r} is not an object in that bucket (or these "
+                                        "credentials cannot read it)")  # fmt: skip
+            return [source]
+        prefix = source.rstrip("/")
+        found = [o["name"] for o in fs.ls(prefix, detail=True) if o["type"] == "file"] if fs.isdir(prefix) else []
+    files = [f"s3://{o}" for o in sorted(found) if _is_data(o)]
     if not files:
         raise FileNotFoundError(
             f"`{key}` = {source!r} has no .txt, .csv, .json or .jsonl objects directly under it (s3:// sources are "
