@@ -35,16 +35,26 @@ class Api:
     """The REST calls the Prefect UI makes."""
 
     def __init__(self, url: str) -> None:
-        self.http = httpx.Client(base_url=url, timeout=30)
+        # Longer than SQLite's 60 s busy timeout in Prefect's server: a write can wait that long for the lock.
+        self.http = httpx.Client(base_url=url, timeout=90)
 
     def request(self, method: str, path: str, **kw):
         """One call, retried on 503 as Prefect's own client does: the server answers 503 for errors worth retrying
-        (a SQLite database locked by a worker's writes)."""
-        for attempt in range(6):
-            resp = self.http.request(method, path, **kw)
-            if resp.status_code != 503:
+        (a SQLite database locked by a worker's writes). Prefect's server on SQLite sometimes holds the lock for
+        its whole 60 s busy timeout (PrefectHQ/prefect#10188): the retries cover two minutes, and reads (GETs and
+        filters) are also retried when the server has not answered in time."""
+        reads = method == "GET" or path.endswith("/filter")
+        deadline = time.monotonic() + 150
+        for attempt in range(20):
+            try:
+                resp = self.http.request(method, path, **kw)
+            except httpx.TimeoutException:
+                if not reads or time.monotonic() > deadline:
+                    raise
+                continue
+            if resp.status_code != 503 or time.monotonic() > deadline:
                 break
-            time.sleep(0.5 * 2**attempt)
+            time.sleep(min(0.5 * 2**attempt, 8))
         assert resp.status_code < 300, resp.text
         return resp.json() if resp.content else None
 
@@ -73,7 +83,7 @@ class Api:
             time.sleep(1)
         raise TimeoutError(f"flow run {run_id} still {run['state']['type']} after {timeout} s")
 
-    def stage_states(self, run_id: str, stages: list[str], timeout: float = 60) -> dict[str, list[str]]:
+    def stage_states(self, run_id: str, stages: list[str], timeout: float = 180) -> dict[str, list[str]]:
         """Task-run state names by stage, oldest first (a retried run has two attempts at some stages), once every
         one of `stages` has a task run and every task run is final. Task-run states reach the server as events,
         after the flow run's own state: an all-cached run is COMPLETED before its last stages are recorded."""
@@ -82,9 +92,9 @@ class Api:
             runs = self.post("/task_runs/filter", {"flow_runs": {"id": {"any_": [run_id]}},
                                                    "sort": "EXPECTED_START_TIME_ASC"})  # fmt: skip
             out: dict[str, list[str]] = {}
-            for tr in runs:
-                out.setdefault(tr["name"], []).append(tr["state"]["name"])
-            settled = set(stages) <= set(out) and all(tr["state"]["type"] in TERMINAL for tr in runs)
+            for tr in runs:  # a task run's first event can reach the server before its state: state None
+                out.setdefault(tr["name"], []).append((tr["state"] or {}).get("name", "no state yet"))
+            settled = set(stages) <= set(out) and all((tr["state"] or {}).get("type") in TERMINAL for tr in runs)
             if settled or time.monotonic() > deadline:
                 return out
             time.sleep(0.5)
