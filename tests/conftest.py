@@ -32,6 +32,10 @@ os.environ.update(
     TOKENIZERS_PARALLELISM="false",
     EDGAR_TUNE_CACHE=str(_SESSION_TMP / "cache"),
 )
+# `make test` runs two pytest-xdist workers: each one's torch (and every process it starts) takes its share of the
+# cores, or two workers training at once would run twice as many threads as there are cores.
+if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("PREFECT_API_URL", None)
 os.environ.pop("EDGAR_IDENTITY", None)
