@@ -38,7 +38,7 @@ $(VENV)/.triton: $(STAMP)
 	touch $@
 
 # Two workers (pytest-xdist), each taking whole test files: most tests wait on servers and child processes, so two
-# at once use the cores better (12 min instead of 15 on 2 cores). TEST_WORKERS=0 runs them one at a time.
+# at once use the cores better (pytest 10 min instead of 15 on 2 cores). TEST_WORKERS=0 runs them one at a time.
 TEST_WORKERS ?= 2
 test: $(STAMP) $(VENV)/.triton
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=12  # the slowest, to keep it under 20 min
