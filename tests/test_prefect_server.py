@@ -99,6 +99,19 @@ class Api:
                 return out
             time.sleep(0.5)
 
+    def logs(self, run_id: str, until: str, timeout: float = 60) -> list[dict]:
+        """The flow run's log records in the UI's order, once one of them contains `until`: they reach the server
+        in batches, after the run's own state."""
+        deadline = time.monotonic() + timeout
+        while True:
+            out: list[dict] = []
+            query = {"logs": {"flow_run_id": {"any_": [run_id]}}, "sort": "TIMESTAMP_ASC", "limit": 200}
+            while batch := self.post("/logs/filter", query | {"offset": len(out)}):
+                out += batch
+            if any(until in r["message"] for r in out) or time.monotonic() > deadline:
+                return out
+            time.sleep(0.5)
+
 
 @pytest.fixture(scope="module")
 def deployed(prefect_server, edgar_server, tmp_path_factory):
@@ -163,6 +176,10 @@ def test_same_parameters_twice_is_all_cached_and_a_new_learning_rate_reuses_the_
     assert first["state"]["type"] == "COMPLETED", _log_tail(home)
     assert api.stage_states(first["id"], ALL_STAGES) == {s: ["Completed"] for s in ALL_STAGES}
     assert any("/Archives/" in p for _, p, _ in edgar.requests)
+    # This project's INFO lines are in the run's log in the UI, beside Prefect's own.
+    logs = [(r["name"], r["message"]) for r in api.logs(first["id"], until=" as champion (")]
+    assert any(n == "tasks.download" and m.startswith("EDGAR: 2 filing(s), ") for n, m in logs), logs
+    assert any(n == "tasks.registry" and m.startswith("registered edgar-tune-10k v") for n, m in logs), logs
     trained = (tmp_path / "run" / "04_train" / "stats.json").stat().st_mtime_ns
 
     edgar.reset()
