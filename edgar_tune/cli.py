@@ -54,7 +54,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from edgar_tune.config import RunParameters
     from flows.pipeline import edgar_tune_pipeline
 
-    edgar_tune_pipeline(RunParameters(preset=args.preset, out_dir=args.out, overrides=overrides))
+    edgar_tune_pipeline(RunParameters(preset=args.preset, out_dir=args.out, overrides=overrides,
+                                      if_busy="wait" if args.wait else "fail"))
     return 0
 
 
@@ -247,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="train with DeepSpeed ZeRO (same as --set train.deepspeed=...)")  # fmt: skip
     run.add_argument("--nproc", type=int, help="training processes through the DeepSpeed launcher (train.nproc)")
     run.add_argument("--hostfile", help="DeepSpeed hostfile for multi-node training (train.hostfile)")
+    run.add_argument("--wait", action="store_true", help="if another run works in --out, wait for it to end "
+                     "instead of failing at once (its finished stages are then Cached)")
     run.set_defaults(fn=cmd_run)
     rerun = sub.add_parser("rerun", help="recompute one stage of a run, then every stage that depends on it")
     rerun.add_argument("name", choices=STAGES, metavar="STAGE", help=", ".join(STAGES))

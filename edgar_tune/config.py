@@ -632,6 +632,11 @@ class RunParameters(BaseModel):
     overrides: dict[str, Any] = Field(
         default_factory=dict, description="Any other config key -> value, e.g. {\"train.warmup\": 0.05}."
     )
+    if_busy: Literal["fail", "wait"] = Field(
+        "fail",
+        description="When another run works in out_dir: fail at once, or wait for it to end (the stages it finished "
+        "with the same settings are then Cached here).",
+    )
 
     @model_validator(mode="after")
     def _one_way_to_pick_years(self) -> RunParameters:

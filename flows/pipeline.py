@@ -83,7 +83,7 @@ Stage = Literal["download", "parse", "tokenize", "evaluate-base", "train", "eval
 def edgar_tune_pipeline(params: RunParameters = RunParameters()) -> dict:  # noqa: B008 (never mutated)
     """Domain-adapt a causal LM to 10-K filings and register it; returns the run summary."""
     cfg = params.load()
-    return run_stages(RunFolder.open(params.out_dir), cfg, STAGES)
+    return run_stages(RunFolder.open(params.out_dir), cfg, STAGES, wait=params.if_busy == "wait")
 
 
 @flow(name="edgar-tune-rerun", log_prints=True)
@@ -120,14 +120,15 @@ def resolve_run(run: str) -> str:
     return out_dir
 
 
-def run_stages(folder: RunFolder, cfg: PipelineConfig, todo: tuple[str, ...] | list[str], force: bool = False) -> dict:
+def run_stages(folder: RunFolder, cfg: PipelineConfig, todo: tuple[str, ...] | list[str], force: bool = False,
+               wait: bool = False) -> dict:  # fmt: skip
     """Run the stages in `todo` (pipeline order) in `folder`; the others must have left their outputs.
 
     `force` recomputes every stage in `todo`; otherwise a stage whose key is unchanged and whose outputs are
     still in the folder is `Cached`. The folder is held for the whole run: a second run or rerun of the same folder
-    fails at once, naming the first, before it writes anything.
+    fails at once, naming the first, before it writes anything, or with `wait` waits for the first to end.
     """
-    with folder.lock(flow_run=flow_run.name, flow_run_id=str(flow_run.id) if flow_run.id else None):
+    with folder.lock(wait, flow_run=flow_run.name, flow_run_id=str(flow_run.id) if flow_run.id else None):
         return _run_stages(folder, cfg, todo, force)
 
 

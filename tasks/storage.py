@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,9 @@ from tasks.io import Busy, atomic_dir, atomic_write_bytes, cache_dir, describe_h
 
 RESULTS = ".prefect-results"
 LOCK = ".lock"  # in the run folder (an s3:// run's working copy): held while a run or rerun works in it
+WAIT_S = 7 * 24 * 3600  # the longest a run that waits its turn (`if_busy: wait`) waits for an s3:// run's slot
+
+log = logging.getLogger(__name__)
 
 
 def s3_fs():
@@ -58,28 +62,32 @@ class RunFolder:
 
     # -- one run at a time ---------------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def lock(self, **about: str | None) -> Iterator[None]:
+    def lock(self, wait: bool = False, **about: str | None) -> Iterator[None]:
         """Hold the folder for one run or rerun: two in one folder would overwrite each other's stages, remove each
         other's half-written ones, and evaluate or register the other's weights under their own settings.
 
+        `wait` waits for a run that holds it to end (logging who holds it every minute), as a queue would.
+
         Raises:
-            ConfigError: another process holds it; the message names it (flow run, pid, host, since when).
+            ConfigError: another process holds it and `wait` is False; the message names it (flow run, pid, host,
+                since when).
         """
         from edgar_tune.config import ConfigError
 
         advice = ("two runs in one folder would overwrite each other's stages. Wait for it to end (then Retry this "
-                  "run: its finished stages are Cached), or give this run another out_dir")  # fmt: skip
+                  "run: its finished stages are Cached), give this run another out_dir, or let it wait its turn "
+                  "(`if_busy: wait`, `edgar-tune run --wait`)")  # fmt: skip
         with contextlib.ExitStack() as stack:
             try:
-                stack.enter_context(held(self.local / LOCK, holder_info(run=self.ref, **about)))
+                stack.enter_context(held(self.local / LOCK, holder_info(run=self.ref, **about), wait=wait))
             except Busy as err:
                 raise ConfigError(f"run folder {self.ref} is in use by another run "
                                   f"({describe_holder(err.holder)}); {advice}") from None  # fmt: skip
             if self.remote is not None:
-                self._hold_across_workers(stack, advice)
+                self._hold_across_workers(stack, advice, wait)
             yield
 
-    def _hold_across_workers(self, stack: contextlib.ExitStack, advice: str) -> None:
+    def _hold_across_workers(self, stack: contextlib.ExitStack, advice: str, wait: bool) -> None:
         """An s3:// run is shared through the bucket, so workers on other hosts are not excluded by this host's
         lock file. They share the Prefect server: the run also takes the one slot of a global concurrency limit
         named after its URL, as a lease that a thread renews while the run holds it and the server frees
@@ -93,6 +101,11 @@ class RunFolder:
         try:
             stack.enter_context(slot(name, wait_s=None))
         except ConcurrencySlotAcquisitionError as err:  # the server answered 423 Locked: the slot is taken
+            if wait:
+                log.info("waiting for %s, held by a run on another worker (the Prefect global concurrency limit %s)",
+                         self.ref, name)  # fmt: skip
+                stack.enter_context(slot(name, wait_s=WAIT_S))
+                return
             raise ConfigError(f"run {self.ref} is in use by a run on another worker: it holds the Prefect global "
                               f"concurrency limit {name} ({err}; a worker that died frees it within "
                               f"{SLOT_LEASE_S // 60} minutes); {advice}") from None  # fmt: skip

@@ -8,6 +8,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -181,6 +182,28 @@ def test_a_run_into_a_folder_in_use_fails_at_once_and_writes_nothing(tiny_run, p
             assert proc.returncode == 2, proc.stderr[-3000:]
             assert f"run folder {run} is in use by another run (flow run 'season-run', pid {holder.pid}" in proc.stderr
     assert sorted(p.name for p in run.iterdir()) == [".lock", "config.yaml"]
+
+
+def test_a_run_told_to_wait_takes_the_folder_when_the_run_in_it_ends(prefect_server, tmp_path):
+    """Two Custom runs of `on-demand` share `runs/on-demand`: the deployment's `if_busy: wait` (`--wait` here) makes
+    the second wait its turn, saying for whom, and writing nothing until the first lets go."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "edgar_tune.cli", "run", "--preset", "tiny", "--out", str(run), "--wait", "--set",
+           "max_steps=2", "--set", "generate.enabled=false"]  # fmt: skip
+    with run_held(str(run), "season-run") as holder:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, **prefect_server), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        seen = []
+        for line in proc.stdout:
+            seen.append(line)
+            if "waiting for" in line:
+                break
+        assert f"held by flow run 'season-run', pid {holder.pid}" in seen[-1], "".join(seen)[-3000:]
+        time.sleep(2)
+        assert proc.poll() is None and sorted(p.name for p in run.iterdir()) == [".lock"]
+    out = "".join(seen) + proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, out[-3000:]
+    assert json.loads((run / "summary.json").read_text())["train_steps"] == 2
 
 
 @pytest.mark.slow  # two processes converting SmolLM2 from its GGUF: about a minute on 2 cores (make test-slow)

@@ -92,8 +92,20 @@ def test_an_s3_run_in_use_refuses_a_worker_on_another_host(s3, prefect_server, t
         assert proc.returncode == 2, proc.stderr[-3000:]
         assert f"run {url} is in use by a run on another worker" in proc.stderr and "423 Locked" in proc.stderr
         assert not fs.exists(url)
-    with run_held(url, "worker-2", env=dict(worker, EDGAR_TUNE_CACHE=str(tmp_path / "worker2"))):
-        pass
+        # A run told to wait its turn (`if_busy: wait`) waits for the slot, and takes it when the first lets go.
+        waiting = subprocess.Popen([sys.executable, "-m", "tests.lock_holder", "run", url, "worker-2", "wait"],
+                                   cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        seen = []
+        for line in waiting.stdout:
+            seen.append(line)
+            if line.startswith(("waiting for", "held")):
+                break
+        assert seen[-1].startswith(f"waiting for {url}, held by a run on another worker"), "".join(seen)[-3000:]
+    waiting.stdin.close()  # it lets go as soon as it holds
+    waiting.wait(timeout=300)  # what it prints after this fits in the pipe
+    out = "".join(seen) + waiting.stdout.read()
+    assert waiting.returncode == 0 and "\nheld\n" in out, out[-3000:]
 
 
 def test_text_data_from_an_s3_prefix(s3, prefect_server, tmp_path, amzn_files, monkeypatch, caplog):
