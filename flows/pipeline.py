@@ -128,7 +128,7 @@ def run_stages(folder: RunFolder, cfg: PipelineConfig, todo: tuple[str, ...] | l
     still in the folder is `Cached`. The folder is held for the whole run: a second run or rerun of the same folder
     fails at once, naming the first, before it writes anything, or with `wait` waits for the first to end.
     """
-    with folder.lock(wait, flow_run=flow_run.name, flow_run_id=str(flow_run.id) if flow_run.id else None):
+    with folder.lock(wait=wait, flow_run=flow_run.name, flow_run_id=str(flow_run.id) if flow_run.id else None):
         return _run_stages(folder, cfg, todo, force)
 
 

@@ -36,6 +36,6 @@ if __name__ == "__main__":
     ours.setLevel(logging.INFO)
     ours.addHandler(logging.StreamHandler(sys.stdout))
     if kind == "run":
-        hold(RunFolder.open(target).lock(rest[1:] == ["wait"], flow_run=rest[0]))
+        hold(RunFolder.open(target).lock(wait=rest[1:] == ["wait"], flow_run=rest[0]))
     else:
         hold_registry(target)
