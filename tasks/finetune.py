@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import math
 import os
@@ -19,6 +20,7 @@ from tasks.checkpoints import checkpoint_step, resume_settings, trainer_class
 from tasks.checkpoints import prepare as prepare_checkpoints
 from tasks.io import atomic_dir, atomic_write_json, read_json, write_jsonl
 from tasks.memory import recomputed_layers
+from tasks.progress import Progress
 from kernels.hf import causal_lm_of, fuse_layers, resolve_backend
 from kernels.lora import lean_lora
 from tasks.models import device, load_causal_lm, load_tokenizer
@@ -128,6 +130,77 @@ def step_timer():
             self._last = now
 
     return StepTimer()
+
+
+PROGRESS = "progress.jsonl"  # the training process's progress events, in the train stage's folder
+
+
+def progress_events(path: Path, tokens_per_step: int):
+    """A Trainer callback that appends the start of training and each of the Trainer's logs (loss, learning rate,
+    validation loss) to `path` as JSON lines, on rank 0, for the train stage to show (`follow_progress`)."""
+    from transformers import TrainerCallback
+
+    class ProgressEvents(TrainerCallback):
+        def _write(self, state, **event) -> None:
+            if state.is_world_process_zero:
+                event = {"step": state.global_step, "max_steps": state.max_steps, "time": time.time(),
+                         "tokens_per_step": tokens_per_step} | event  # fmt: skip
+                with path.open("a") as f:
+                    f.write(json.dumps(event) + "\n")
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._write(state, begin=True)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            keep = {k: v for k, v in (logs or {}).items() if k in ("loss", "eval_loss", "learning_rate", "grad_norm")}
+            if keep:
+                self._write(state, **keep)
+
+    return ProgressEvents()
+
+
+def follow_progress(path: Path, stop, poll_s: float = 2.0) -> None:
+    """The training process's progress events (`progress_events`) as lines in the run's log and a progress bar
+    in the Prefect UI, until `stop` (a threading.Event) is set. Runs in a thread of the train stage, in a copy of
+    its context (Prefect's run context included)."""
+    bar: Progress | None = None
+    begin: dict = {}
+    pos = 0
+    while True:
+        stopping = stop.wait(poll_s)
+        try:
+            with path.open("rb") as f:
+                f.seek(pos)
+                data = f.read()
+        except FileNotFoundError:
+            data = b""
+        data = data[: data.rfind(b"\n") + 1]  # whole lines only
+        pos += len(data)
+        for event in map(json.loads, data.splitlines()):
+            if event.get("begin"):
+                begin = event
+                bar = Progress("training", event["max_steps"], "steps", logger=log)
+                if event["step"]:
+                    log.info("training resumes at step %d of %d", event["step"], event["max_steps"])
+            elif bar is None:
+                continue
+            elif "eval_loss" in event:
+                log.info("training step %d of %d: validation loss %.4f", event["step"], event["max_steps"],
+                         event["eval_loss"])  # fmt: skip
+            elif "loss" in event:
+                seconds = event["time"] - begin["time"]
+                rate = (event["step"] - begin["step"]) / seconds if seconds > 0 else None
+                detail = f"loss {event['loss']:.4f}"
+                if event.get("learning_rate") is not None:
+                    detail += f", learning rate {event['learning_rate']:.2e}"
+                if rate:
+                    detail += f", {rate * event['tokens_per_step']:,.0f} tokens/s"
+                bar.update(event["step"], detail, rate=rate, elapsed=seconds)
+        if stopping:
+            if bar:
+                bar.close()
+            return
 
 
 def select_checkpointed_layers(model: torch.nn.Module, fraction: float) -> tuple[int, int]:
@@ -461,8 +534,10 @@ def _launch(tmp: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfi
     for FSDP). A child of its own, so that a crash (the OOM killer's SIGKILL, a segfault in a kernel) fails
     this stage with a message instead of taking the flow run down with it."""
     import collections
+    import contextvars
     import subprocess
     import sys
+    import threading
 
     module = ["--module", "tasks.train_worker"]
     if cfg.enable_fsdp:
@@ -480,12 +555,20 @@ def _launch(tmp: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfi
     log.info("launching %d training process(es): %s", cfg.nproc, " ".join(cmd[: cmd.index("--out")]))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
     tail: collections.deque[bytes] = collections.deque(maxlen=400)
-    with subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          preexec_fn=_die_with_parent) as proc:  # fmt: skip
-        for chunk in iter(lambda: proc.stdout.read1(1 << 14), b""):  # progress bars pass through as they are
-            sys.stderr.buffer.write(chunk)
-            sys.stderr.flush()
-            tail.append(chunk)
+    stop = threading.Event()
+    follower = threading.Thread(target=contextvars.copy_context().run, args=(follow_progress, tmp / PROGRESS, stop),
+                                name="training-progress", daemon=True)  # fmt: skip
+    follower.start()
+    try:
+        with subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              preexec_fn=_die_with_parent) as proc:  # fmt: skip
+            for chunk in iter(lambda: proc.stdout.read1(1 << 14), b""):  # progress bars pass through as they are
+                sys.stderr.buffer.write(chunk)
+                sys.stderr.flush()
+                tail.append(chunk)
+    finally:
+        stop.set()
+        follower.join(timeout=60)
     if proc.returncode != 0 or not (tmp / "stats.json").exists():
         lines = b"".join(tail).decode("utf-8", "replace").replace("\r", "\n").splitlines()
         raise TrainingCrashed(crash_message(proc.returncode, ckpts, cfg, plan, [x for x in lines if x.strip()][-25:]))
@@ -664,6 +747,9 @@ def train(tmp: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfig,
     collator = CausalLMCollator(tokenizer.pad_token_id, tokenizer.eos_token_id if cfg.document_mask else None)
     trainer = trainer_class()(model=model, args=args, train_dataset=blocks, eval_dataset=eval_set,
                               data_collator=collator, callbacks=[timer, *callbacks])  # fmt: skip
+    tokens_per_step = (cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * trainer.args.world_size
+                       * len(blocks[0]["input_ids"]))  # fmt: skip
+    trainer.add_callback(progress_events(tmp / PROGRESS, tokens_per_step))
     trainer.fused_linear_ce = resolve_backend(cfg.fused_linear_ce, "train.fused_linear_ce", cfg.enable_fsdp)
     _check_engine(trainer, cfg)
     if torch.cuda.is_available():
@@ -687,8 +773,6 @@ def train(tmp: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfig,
     val_history = [{"step": h["step"], "val_loss": h["eval_loss"]} for h in trainer.state.log_history if "eval_loss" in h]
     write_jsonl(tmp / "val_loss.jsonl", val_history)
     state = trainer.state
-    tokens_per_step = (cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * trainer.args.world_size
-                       * len(blocks[0]["input_ids"]))  # fmt: skip
     steady = steady_step_seconds(timer.seconds)
     planned = total_steps(len(blocks), cfg, trainer.args.world_size)
     stats = {

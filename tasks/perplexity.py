@@ -8,6 +8,7 @@ Base and fine-tuned models go through the same function.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -23,6 +24,9 @@ from kernels.hf import causal_lm_loss, resolve_backend
 from tasks.blocks import base_model_path
 from tasks.io import atomic_write_json
 from tasks.models import device, load_causal_lm
+from tasks.progress import Progress
+
+log = logging.getLogger(__name__)
 
 
 def windows(n_tokens: int, max_length: int, stride: int) -> list[tuple[int, int, int]]:
@@ -129,6 +133,7 @@ def evaluate_model(model, val, cfg: EvalConfig, block_length: int, label: str) -
         docs = cap_documents(list(val["input_ids"]), cap)
     per_doc, nll, count = [], 0.0, 0
     start = time.perf_counter()
+    bar, fed = Progress(f"perplexity ({label})", sum(map(len, docs)), "tokens", logger=log, quiet_s=30), 0
     for i, ids in enumerate(tqdm(docs, desc=f"perplexity ({label})", unit="doc")):
         if instruction:
             doc_nll, doc_count = example_nll(model, ids, val[i]["labels"], dev, kernel)
@@ -138,6 +143,8 @@ def evaluate_model(model, val, cfg: EvalConfig, block_length: int, label: str) -
         nll, count = nll + doc_nll, count + doc_count
         meta = row_meta(val[i])
         per_doc.append(meta | {"tokens": doc_count, "nll": doc_nll, "perplexity": _ppl(doc_nll, doc_count)})
+        fed += len(ids)
+        bar.update(fed, f"perplexity so far {_ppl(nll, count):.3f}")
     ppl = _ppl(nll, count)
     if not math.isfinite(ppl):
         raise FloatingPointError(f"{label} perplexity is {ppl}: the model produced NaN/inf; nothing registered")

@@ -78,7 +78,8 @@ def amzn_files() -> list[Path]:
 
 
 def run_cli(runs: Path, *args: str, timeout: int = 900, env: dict | None = None) -> dict:
-    """`edgar-tune run --preset tiny ARGS` in a subprocess with its own Prefect home; returns summary.json.
+    """`edgar-tune run --preset tiny ARGS` in a subprocess with its own Prefect home; returns summary.json, and
+    leaves what it printed in `runs/run.log`.
 
     Without PREFECT_API_URL in `env` the run starts its own embedded Prefect (as `make demo` does, ~10 s);
     tests that only need a Prefect pass the session's server (`env=prefect_server`)."""
@@ -87,6 +88,7 @@ def run_cli(runs: Path, *args: str, timeout: int = 900, env: dict | None = None)
         [sys.executable, "-m", "edgar_tune.cli", "run", "--preset", "tiny", "--out", str(runs / "latest"), *args],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
     )  # fmt: skip
+    (runs / "run.log").write_text(proc.stdout + proc.stderr)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert "edgar-tune run summary" in proc.stdout + proc.stderr
     assert "LOAD_GLOBAL" not in proc.stdout + proc.stderr, "a library's captured bytecode reached the run's log"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -52,6 +53,21 @@ def test_every_stage_left_its_artifacts(tiny_run):
     mask = umask()  # readable by whoever the umask lets read: not mkstemp's 0600 or mkdtemp's 0700
     for path in [run, *run.rglob("*")]:
         assert stat.S_IMODE(path.stat().st_mode) == (0o777 if path.is_dir() else 0o666) & ~mask, path
+
+
+def test_training_progress_reaches_the_log_with_loss_and_tokens_per_s(tiny_run):
+    """The train stage logs the training process's progress (its first step, at most every 30 s, its last step):
+    the lines a run started from the Prefect UI shows there (test_prefect_server.py)."""
+    runs, _ = tiny_run
+    train = runs / "latest" / "04_train"
+    steps = json.loads((train / "stats.json").read_text())["steps"]
+    events = [json.loads(x) for x in (train / "progress.jsonl").read_text().splitlines()]
+    assert events[0]["begin"] and events[0]["step"] == 0 and events[-1]["step"] == steps
+    out = (runs / "run.log").read_text()
+    first = re.search(r"INFO tasks.finetune: training: 1 of (\d+) steps \(\d+%\), .* left; loss [\d.]+, learning rate "
+                      r"[\d.e+-]+, [\d,]+ tokens/s", out)  # fmt: skip
+    assert first and int(first[1]) == steps, out[-3000:]
+    assert f"INFO tasks.finetune: training: {steps} of {steps} steps (100%), " in out
 
 
 def test_data_report_counts_characters_and_tokens_per_item(tiny_run):

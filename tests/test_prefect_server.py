@@ -180,6 +180,13 @@ def test_same_parameters_twice_is_all_cached_and_a_new_learning_rate_reuses_the_
     logs = [(r["name"], r["message"]) for r in api.logs(first["id"], until=" as champion (")]
     assert any(n == "tasks.download" and m.startswith("EDGAR: 2 filing(s), ") for n, m in logs), logs
     assert any(n == "tasks.registry" and m.startswith("registered edgar-tune-10k v") for n, m in logs), logs
+    # Training's progress, from the training process: in the log, and as a progress bar on the train stage.
+    assert any(n == "tasks.finetune" and m.startswith("training: 10 of 10 steps (100%), ") for n, m in logs), logs
+    bars = api.post("/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [first["id"]]},
+                                                        "type": {"any_": ["progress"]}}})  # fmt: skip
+    assert [(b["data"], b["description"].split("  \n")[0]) for b in bars] == [(100.0, "**training**")], bars
+    train_run = api.post("/task_runs/filter", {"task_runs": {"id": {"any_": [bars[0]["task_run_id"]]}}})
+    assert train_run[0]["name"] == "train", train_run
     trained = (tmp_path / "run" / "04_train" / "stats.json").stat().st_mtime_ns
 
     edgar.reset()

@@ -1,0 +1,82 @@
+"""Progress of long work where a person watching a run looks: lines in the run's log, and a progress bar in the
+Prefect UI (a progress artifact on the task run). The console keeps its tqdm bars; a run started from the UI, or
+watched there, has no console.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import time
+
+log = logging.getLogger(__name__)
+
+
+def clock(seconds: float) -> str:
+    """0:04:05 for 245 seconds."""
+    return str(datetime.timedelta(seconds=round(seconds)))
+
+
+class Progress:
+    """`what` done `done` of `total` `unit`: a log line and a progress artifact (inside a Prefect run) at the
+    first update, then at most every `every_s` seconds, and at the end. With `quiet_s`, nothing shows before that
+    many seconds: short work (scoring a small validation set) keeps its tqdm bar only. `close` shows the update
+    held back when the work ends before its total (early stopping).
+
+    Showing progress never fails the work: an artifact the server refuses is logged once, and the work goes on.
+    """
+
+    def __init__(self, what: str, total: int, unit: str, *, logger: logging.Logger = log, every_s: float = 30.0,
+                 quiet_s: float = 0.0) -> None:  # fmt: skip
+        self.what, self.total, self.unit, self.logger, self.every_s = what, max(total, 1), unit, logger, every_s
+        self.start = time.monotonic()
+        self._next = self.start + quiet_s
+        self._shown = quiet_s <= 0  # whether the end shows however soon it comes
+        self._artifact = None
+        self._broken = False
+        self._held: tuple | None = None
+
+    def update(self, done: int, detail: str = "", *, rate: float | None = None, elapsed: float | None = None) -> None:
+        """`rate` (units per second) estimates the time left, and `elapsed` is the time the work took so far, as
+        measured where it runs; by default, the time since this was made, and done / that."""
+        now = time.monotonic()
+        if now < self._next and not (done >= self.total and self._shown):
+            self._held = (done, detail, rate, elapsed)
+            return
+        self._held = None
+        self._shown = True
+        self._next = now + self.every_s
+        elapsed = elapsed if elapsed is not None else now - self.start
+        rate = rate if rate is not None else done / elapsed if elapsed > 0 else None
+        pct = 100.0 * min(done, self.total) / self.total
+        when = f"{clock(elapsed)} elapsed"
+        if done < self.total and rate:
+            when += f", about {clock((self.total - done) / rate)} left"
+        line = f"{self.what}: {done:,} of {self.total:,} {self.unit} ({pct:.0f}%), {when}"
+        self.logger.info("%s%s", line, f"; {detail}" if detail else "")
+        self.to_ui(pct, line + (f"  \n{detail}" if detail else ""))
+
+    def close(self) -> None:
+        """Show the update held back, if anything was shown before it."""
+        if self._held and self._shown:
+            self._next = 0.0
+            done, detail, rate, elapsed = self._held
+            self.update(done, detail, rate=rate, elapsed=elapsed)
+
+    def to_ui(self, pct: float, description: str) -> None:
+        """The progress bar in the Prefect UI, when inside a flow or task run."""
+        from prefect.context import FlowRunContext, TaskRunContext
+
+        if self._broken or (TaskRunContext.get() is None and FlowRunContext.get() is None):
+            return
+        from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+        try:
+            if self._artifact is None:
+                self._artifact = create_progress_artifact(pct, description=f"**{self.what}**  \n{description}")
+            else:
+                update_progress_artifact(self._artifact, pct, description=f"**{self.what}**  \n{description}")
+        except Exception as err:  # noqa: BLE001 (an unreachable server must not fail hours of training)
+            self._broken = True
+            log.warning("%s: the Prefect server took no progress update (%s: %s); the log lines go on",
+                        self.what, type(err).__name__, err)  # fmt: skip

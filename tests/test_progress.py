@@ -1,0 +1,80 @@
+"""tasks/progress.py and the train stage's progress: what a person watching a run reads in its log, at the pace a
+long run needs (the first update, then at most every `every_s`, and the end). The lines and the progress bar of a
+real run in the Prefect UI are checked in test_prefect_server.py, and on the console in test_pipeline_e2e.py."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+
+import pytest
+
+from tasks.finetune import follow_progress
+from tasks.progress import Progress, clock
+
+
+def _lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name.startswith("tasks.")]
+
+
+def test_progress_shows_the_first_update_then_every_few_seconds_and_the_end(caplog):
+    caplog.set_level(logging.INFO)
+    bar = Progress("scoring", 10, "documents", every_s=3600)
+    for done in range(1, 11):
+        bar.update(done, f"at {done}", rate=2.0, elapsed=done / 2)
+    assert _lines(caplog) == ["scoring: 1 of 10 documents (10%), 0:00:00 elapsed, about 0:00:04 left; at 1",
+                              "scoring: 10 of 10 documents (100%), 0:00:05 elapsed; at 10"]  # fmt: skip
+
+
+def test_an_update_held_back_shows_when_the_work_ends_early(caplog):
+    """Early stopping ends training before its last planned step: its last loss still reaches the log."""
+    caplog.set_level(logging.INFO)
+    bar = Progress("training", 100, "steps", every_s=3600)
+    bar.update(1, "loss 2.0", elapsed=1.0)
+    bar.update(40, "loss 1.5", elapsed=90.0, rate=0.5)
+    bar.close()
+    assert _lines(caplog)[1] == "training: 40 of 100 steps (40%), 0:01:30 elapsed, about 0:02:00 left; loss 1.5"
+
+
+def test_short_quiet_work_shows_nothing_beyond_its_tqdm_bar(caplog):
+    caplog.set_level(logging.INFO)
+    bar = Progress("perplexity (base)", 5, "tokens", quiet_s=3600)
+    for done in range(1, 6):
+        bar.update(done)
+    bar.close()
+    assert _lines(caplog) == []
+
+
+def test_clock_reads_as_hours_minutes_seconds():
+    assert (clock(0.4), clock(245), clock(3 * 3600 + 61)) == ("0:00:00", "0:04:05", "3:01:01")
+
+
+@pytest.mark.timeout(60)
+def test_the_train_stage_shows_the_training_processes_progress_as_it_comes(tmp_path, caplog):
+    """`follow_progress` reads the events the training process appends (a resumed run here), whole lines only,
+    and logs them as they come, with tokens/s from the events' own times."""
+    caplog.set_level(logging.INFO)
+    events = tmp_path / "progress.jsonl"
+    stop = threading.Event()
+    follower = threading.Thread(target=follow_progress, args=(events, stop, 0.05))
+    follower.start()
+    t0 = 1_000_000.0
+    rows = [{"step": 100, "max_steps": 300, "time": t0, "tokens_per_step": 4096, "begin": True},
+            {"step": 101, "max_steps": 300, "time": t0 + 2, "tokens_per_step": 4096, "loss": 1.25,
+             "learning_rate": 2e-4}]  # fmt: skip
+    with events.open("w") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+        f.write('{"step": 102, "max_st')  # half a line: the training process is writing it
+        f.flush()
+        time.sleep(0.3)
+        f.write('eps": 300, "time": %s, "tokens_per_step": 4096, "eval_loss": 1.5}\n' % (t0 + 5))
+    stop.set()
+    follower.join(timeout=30)
+    assert _lines(caplog) == [
+        "training resumes at step 100 of 300",
+        "training: 101 of 300 steps (34%), 0:00:02 elapsed, about 0:06:38 left; loss 1.2500, learning rate "
+        "2.00e-04, 2,048 tokens/s",
+        "training step 102 of 300: validation loss 1.5000",
+    ]
