@@ -132,7 +132,7 @@ def step_timer():
     return StepTimer()
 
 
-PROGRESS = "progress.jsonl"  # the training process's progress events, in the train stage's folder
+EVENTS = "events.jsonl"  # the training process's progress and log lines, in the train stage's folder
 
 
 def progress_events(path: Path, tokens_per_step: int):
@@ -160,8 +160,42 @@ def progress_events(path: Path, tokens_per_step: int):
     return ProgressEvents()
 
 
+class EventLog(logging.Handler):
+    """In the training process: this project's log records as events (`{"time", "log": {...}}`) in the train
+    stage's events file, for the stage to log again where the run's log is (`follow_progress`). The training
+    process has no run context of its own: its lines would reach a console at most, never the Prefect UI."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path = path
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            event = {"time": record.created, "log": {"name": record.name, "level": record.levelno,
+                                                     "message": self.format(record)}}  # fmt: skip
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a") as f:
+                f.write(json.dumps(event) + "\n")
+        except Exception:  # noqa: BLE001 (logging's own convention: report on stderr, go on)
+            self.handleError(record)
+
+
+def log_to_the_stage(events: Path) -> None:
+    """The training process's logging: this project's INFO lines and up go to the train stage through `events`
+    on rank 0; other ranks print theirs, marked with their rank (the launcher forwards their console)."""
+    rank = int(os.environ.get("RANK", "0"))
+    if rank == 0:
+        handler: logging.Handler = EventLog(events)
+    else:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter(f"[rank {rank}] %(levelname)s %(name)s: %(message)s"))
+    for name in ("tasks", "kernels", "edgar_tune"):
+        logging.getLogger(name).setLevel(logging.INFO)
+        logging.getLogger(name).addHandler(handler)
+
+
 def follow_progress(path: Path, stop, poll_s: float = 2.0) -> None:
-    """The training process's progress events (`progress_events`) as lines in the run's log and a progress bar
+    """The training process's events (`progress_events`, `EventLog`) as lines in the run's log and a progress bar
     in the Prefect UI, until `stop` (a threading.Event) is set. Runs in a thread of the train stage, in a copy of
     its context (Prefect's run context included)."""
     bar: Progress | None = None
@@ -178,7 +212,10 @@ def follow_progress(path: Path, stop, poll_s: float = 2.0) -> None:
         data = data[: data.rfind(b"\n") + 1]  # whole lines only
         pos += len(data)
         for event in map(json.loads, data.splitlines()):
-            if event.get("begin"):
+            if "log" in event:
+                record = event["log"]
+                logging.getLogger(record["name"]).log(record["level"], "%s", record["message"])
+            elif event.get("begin"):
                 begin = event
                 bar = Progress("training", event["max_steps"], "steps", logger=log)
                 if event["step"]:
@@ -556,7 +593,7 @@ def _launch(tmp: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfi
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
     tail: collections.deque[bytes] = collections.deque(maxlen=400)
     stop = threading.Event()
-    follower = threading.Thread(target=contextvars.copy_context().run, args=(follow_progress, tmp / PROGRESS, stop),
+    follower = threading.Thread(target=contextvars.copy_context().run, args=(follow_progress, tmp / EVENTS, stop),
                                 name="training-progress", daemon=True)  # fmt: skip
     follower.start()
     try:
@@ -749,7 +786,7 @@ def train(tmp: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfig,
                               data_collator=collator, callbacks=[timer, *callbacks])  # fmt: skip
     tokens_per_step = (cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * trainer.args.world_size
                        * len(blocks[0]["input_ids"]))  # fmt: skip
-    trainer.add_callback(progress_events(tmp / PROGRESS, tokens_per_step))
+    trainer.add_callback(progress_events(tmp / EVENTS, tokens_per_step))
     trainer.fused_linear_ce = resolve_backend(cfg.fused_linear_ce, "train.fused_linear_ce", cfg.enable_fsdp)
     _check_engine(trainer, cfg)
     if torch.cuda.is_available():

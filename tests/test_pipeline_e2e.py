@@ -61,7 +61,7 @@ def test_training_progress_reaches_the_log_with_loss_and_tokens_per_s(tiny_run):
     runs, _ = tiny_run
     train = runs / "latest" / "04_train"
     steps = json.loads((train / "stats.json").read_text())["steps"]
-    events = [json.loads(x) for x in (train / "progress.jsonl").read_text().splitlines()]
+    events = [e for x in (train / "events.jsonl").read_text().splitlines() if "step" in (e := json.loads(x))]
     assert events[0]["begin"] and events[0]["step"] == 0 and events[-1]["step"] == steps
     out = (runs / "run.log").read_text()
     first = re.search(r"INFO tasks.finetune: training: 1 of (\d+) steps \(\d+%\), .* left; loss [\d.]+, learning rate "

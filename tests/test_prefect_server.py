@@ -170,8 +170,8 @@ def test_same_parameters_twice_is_all_cached_and_a_new_learning_rate_reuses_the_
     api, _, home = deployed
     # 480 of the 810 blocks drawn at random, as the demo does (JumpStart's max_train_samples): drawing them must
     # leave the finished tokenize stage's folder as it was, or the second run would train again. 10 steps: what
-    # is trained does not matter here.
-    sample = {"overrides": {"max_train_samples": 480, "max_steps": 10}}
+    # is trained does not matter here. lean_lora: a line that the training process logs.
+    sample = {"overrides": {"max_train_samples": 480, "max_steps": 10, "lean_lora": True}}
     first = api.wait(api.custom_run(_params(tmp_path / "run", **sample)))
     assert first["state"]["type"] == "COMPLETED", _log_tail(home)
     assert api.stage_states(first["id"], ALL_STAGES) == {s: ["Completed"] for s in ALL_STAGES}
@@ -180,7 +180,8 @@ def test_same_parameters_twice_is_all_cached_and_a_new_learning_rate_reuses_the_
     logs = [(r["name"], r["message"]) for r in api.logs(first["id"], until=" as champion (")]
     assert any(n == "tasks.download" and m.startswith("EDGAR: 2 filing(s), ") for n, m in logs), logs
     assert any(n == "tasks.registry" and m.startswith("registered edgar-tune-10k v") for n, m in logs), logs
-    # Training's progress, from the training process: in the log, and as a progress bar on the train stage.
+    # From the training process: its own lines, its progress in the log, and a progress bar on the train stage.
+    assert any(n == "tasks.finetune" and m.startswith("train.lean_lora: ") for n, m in logs), logs
     assert any(n == "tasks.finetune" and m.startswith("training: 10 of 10 steps (100%), ") for n, m in logs), logs
     bars = api.post("/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [first["id"]]},
                                                         "type": {"any_": ["progress"]}}})  # fmt: skip

@@ -54,14 +54,16 @@ def test_clock_reads_as_hours_minutes_seconds():
 @pytest.mark.timeout(60)
 def test_the_train_stage_shows_the_training_processes_progress_as_it_comes(tmp_path, caplog):
     """`follow_progress` reads the events the training process appends (a resumed run here), whole lines only,
-    and logs them as they come, with tokens/s from the events' own times."""
+    and logs them as they come, with tokens/s from the events' own times; the training process's own log lines
+    under their own logger's name."""
     caplog.set_level(logging.INFO)
-    events = tmp_path / "progress.jsonl"
+    events = tmp_path / "events.jsonl"
     stop = threading.Event()
     follower = threading.Thread(target=follow_progress, args=(events, stop, 0.05))
     follower.start()
     t0 = 1_000_000.0
-    rows = [{"step": 100, "max_steps": 300, "time": t0, "tokens_per_step": 4096, "begin": True},
+    rows = [{"time": t0 - 9, "log": {"name": "tasks.finetune", "level": logging.INFO, "message": "a\nb"}},
+            {"step": 100, "max_steps": 300, "time": t0, "tokens_per_step": 4096, "begin": True},
             {"step": 101, "max_steps": 300, "time": t0 + 2, "tokens_per_step": 4096, "loss": 1.25,
              "learning_rate": 2e-4}]  # fmt: skip
     with events.open("w") as f:
@@ -72,9 +74,32 @@ def test_the_train_stage_shows_the_training_processes_progress_as_it_comes(tmp_p
         f.write('eps": 300, "time": %s, "tokens_per_step": 4096, "eval_loss": 1.5}\n' % (t0 + 5))
     stop.set()
     follower.join(timeout=30)
+    assert [r.name for r in caplog.records][:2] == ["tasks.finetune", "tasks.finetune"]
     assert _lines(caplog) == [
+        "a\nb",
         "training resumes at step 100 of 300",
         "training: 101 of 300 steps (34%), 0:00:02 elapsed, about 0:06:38 left; loss 1.2500, learning rate "
         "2.00e-04, 2,048 tokens/s",
         "training step 102 of 300: validation loss 1.5000",
     ]
+
+
+def test_the_training_processs_log_records_become_whole_events(tmp_path):
+    """What `tasks.train_worker` sets up on rank 0: its lines go to the events file, whole, a traceback included."""
+    from tasks.finetune import EventLog
+
+    events = tmp_path / "stage" / "events.jsonl"
+    logger = logging.getLogger("tasks.test-events")
+    handler = EventLog(events)
+    logger.addHandler(handler)
+    try:
+        logger.warning("fused %d layers", 3)
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            logger.exception("it broke")
+    finally:
+        logger.removeHandler(handler)
+    rows = [json.loads(x)["log"] for x in events.read_text().splitlines()]
+    assert rows[0] == {"name": "tasks.test-events", "level": logging.WARNING, "message": "fused 3 layers"}
+    assert rows[1]["message"].startswith("it broke\nTraceback") and "ValueError: boom" in rows[1]["message"]
