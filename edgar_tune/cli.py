@@ -71,7 +71,7 @@ def cmd_rerun(args: argparse.Namespace) -> int:
         load_run_config(Path(args.run), overrides)
     from flows.pipeline import edgar_tune_rerun
 
-    edgar_tune_rerun(args.name, args.run, overrides)
+    edgar_tune_rerun(args.name, args.run, overrides, "wait" if args.wait else "fail")
     return 0
 
 
@@ -256,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     rerun.add_argument("--run", required=True, help="run folder, s3:// run URL, or the run's Prefect flow-run id")
     rerun.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="change a config key first (recorded in the run's config.yaml)")  # fmt: skip
+    rerun.add_argument("--wait", action="store_true", help="if another run works in the run's folder, wait for it "
+                       "to end instead of failing at once (the stage is then recomputed from the config it left)")
     rerun.set_defaults(fn=cmd_rerun)
     stage = sub.add_parser("stage", help="run one stage of a local run folder in-process: no Prefect, no dependents")
     stage.add_argument("name", choices=STAGES)

@@ -87,18 +87,23 @@ def edgar_tune_pipeline(params: RunParameters = RunParameters()) -> dict:  # noq
 
 
 @flow(name="edgar-tune-rerun", log_prints=True)
-def edgar_tune_rerun(stage: Stage, run: str, overrides: dict | None = None) -> dict:
+def edgar_tune_rerun(stage: Stage, run: str, overrides: dict | None = None,
+                     if_busy: Literal["fail", "wait"] = "fail") -> dict:  # fmt: skip
     """Recompute one stage of a run from its recorded config, then every stage that depends on it.
 
     Args:
         stage: The stage to recompute; the stages after it that depend on it are recomputed too.
         run: The run folder, its s3:// URL, or the Prefect flow-run id of the edgar-tune run.
         overrides: Config keys to change first, e.g. {"train.learning_rate": 1e-4}; recorded in config.yaml.
+        if_busy: When another run works in the folder: fail at once, or wait for it to end.
     """
     folder = RunFolder.open(resolve_run(run))
     folder.pull(["config.yaml"])
-    cfg = load_run_config(folder.local, overrides)
-    return run_stages(folder, cfg, downstream(stage), force=True)
+    load_run_config(folder.local, overrides)  # a bad key fails now, not after a wait
+    with _holding(folder, if_busy == "wait"):
+        folder.pull(["config.yaml"])  # as the run that held the folder left it
+        cfg = load_run_config(folder.local, overrides)
+        return _run_stages(folder, cfg, downstream(stage), force=True)
 
 
 def resolve_run(run: str) -> str:
@@ -128,8 +133,13 @@ def run_stages(folder: RunFolder, cfg: PipelineConfig, todo: tuple[str, ...] | l
     still in the folder is `Cached`. The folder is held for the whole run: a second run or rerun of the same folder
     fails at once, naming the first, before it writes anything, or with `wait` waits for the first to end.
     """
-    with folder.lock(wait=wait, flow_run=flow_run.name, flow_run_id=str(flow_run.id) if flow_run.id else None):
+    with _holding(folder, wait):
         return _run_stages(folder, cfg, todo, force)
+
+
+def _holding(folder: RunFolder, wait: bool):
+    """The folder's lock, in this flow run's name."""
+    return folder.lock(wait=wait, flow_run=flow_run.name, flow_run_id=str(flow_run.id) if flow_run.id else None)
 
 
 def _run_stages(folder: RunFolder, cfg: PipelineConfig, todo: tuple[str, ...] | list[str], force: bool) -> dict:

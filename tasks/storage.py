@@ -76,7 +76,7 @@ class RunFolder:
 
         advice = ("two runs in one folder would overwrite each other's stages. Wait for it to end (then Retry this "
                   "run: its finished stages are Cached), give this run another out_dir, or let it wait its turn "
-                  "(`if_busy: wait`, `edgar-tune run --wait`)")  # fmt: skip
+                  "(`if_busy: wait`, `edgar-tune run --wait`, `edgar-tune rerun --wait`)")  # fmt: skip
         with contextlib.ExitStack() as stack:
             try:
                 stack.enter_context(held(self.local / LOCK, holder_info(run=self.ref, **about), wait=wait))

@@ -222,6 +222,37 @@ def test_a_run_told_to_wait_takes_the_folder_when_the_run_in_it_ends(prefect_ser
     assert json.loads((run / "summary.json").read_text())["train_steps"] == 2
 
 
+def test_a_rerun_told_to_wait_uses_the_config_the_run_before_it_left(tiny_run, prefect_server, tmp_path):
+    """`edgar-tune rerun --wait` (the rerun deployment's `if_busy: wait`) waits for the run in the folder, then
+    reads the run's config as that run left it: read before the wait, a run that changed it in between would have
+    its stages mixed with ones recomputed on the settings it replaced."""
+    import yaml
+
+    from tasks.io import atomic_write_text
+
+    runs, _ = tiny_run
+    run = tmp_path / "run"
+    shutil.copytree(runs / "latest", run)
+    cmd = [sys.executable, "-m", "edgar_tune.cli", "rerun", "register", "--run", str(run), "--wait"]
+    with run_held(str(run), "season-run"):
+        proc = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, **prefect_server), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        seen = []
+        for line in proc.stdout:
+            seen.append(line)
+            if "waiting for" in line:
+                break
+        assert "held by flow run 'season-run'" in seen[-1], "".join(seen)[-3000:]
+        cfg = yaml.safe_load((run / "config.yaml").read_text())  # the holder records its settings, as runs do
+        cfg["registry"]["model_name"] = "edgar-tune-after-the-wait"
+        atomic_write_text(run / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
+    out = "".join(seen) + proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, out[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["registered_model"] == "edgar-tune-after-the-wait"
+    assert summary["stages"]["register"] == "Completed" and summary["stages"]["train"] == "skipped"
+
+
 @pytest.mark.slow  # two processes converting SmolLM2 from its GGUF: about a minute on 2 cores (make test-slow)
 def test_two_first_runs_at_once_convert_smollm2_once(tmp_path):
     """Two first runs on a machine (a demo and a test run) both needed the converted SmolLM2: both converted, and

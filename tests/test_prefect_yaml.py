@@ -84,6 +84,7 @@ def test_rerun_flow_offers_the_stages_and_each_reruns_its_dependents():
 
     schema = edgar_tune_rerun.parameters.model_dump()
     assert set(schema["required"]) == {"stage", "run"}
+    assert schema["properties"]["if_busy"]["enum"] == ["fail", "wait"]
     assert tuple(schema["properties"]["stage"]["enum"]) == STAGES
     assert downstream("train") == ["train", "evaluate", "register"]
     assert downstream("evaluate-base") == ["evaluate-base", "register"]
