@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -194,14 +195,16 @@ def log_to_the_stage(events: Path) -> None:
         logging.getLogger(name).addHandler(handler)
 
 
-def follow_progress(path: Path, stop, poll_s: float = 2.0) -> None:
+def follow_progress(path: Path, stop, poll_s: float = 2.0, metrics=None) -> None:
     """The training process's events (`progress_events`, `EventLog`) as lines in the run's log and a progress bar
-    in the Prefect UI, until `stop` (a threading.Event) is set. Runs in a thread of the train stage, in a copy of
-    its context (Prefect's run context included)."""
+    in the Prefect UI, until `stop` (a threading.Event) is set, and, given `metrics` (tasks.registry.Metrics), as
+    MLflow metrics. Runs in a thread of the train stage, in a copy of its context (Prefect's run context
+    included)."""
     bar: Progress | None = None
     begin: dict = {}
     pos = 0
     while True:
+        rows: list[tuple[str, float, int, float]] = []
         stopping = stop.wait(poll_s)
         try:
             with path.open("rb") as f:
@@ -225,15 +228,21 @@ def follow_progress(path: Path, stop, poll_s: float = 2.0) -> None:
             elif "eval_loss" in event:
                 log.info("training step %d of %d: validation loss %.4f", event["step"], event["max_steps"],
                          event["eval_loss"])  # fmt: skip
+                rows.append(("val_loss", event["eval_loss"], event["step"], event["time"]))
             elif "loss" in event:
                 seconds = event["time"] - begin["time"]
                 rate = (event["step"] - begin["step"]) / seconds if seconds > 0 else None
                 detail = f"loss {event['loss']:.4f}"
+                rows.append(("train_loss", event["loss"], event["step"], event["time"]))
                 if event.get("learning_rate") is not None:
                     detail += f", learning rate {event['learning_rate']:.2e}"
+                    rows.append(("learning_rate", event["learning_rate"], event["step"], event["time"]))
                 if rate:
                     detail += f", {rate * event['tokens_per_step']:,.0f} tokens/s"
+                    rows.append(("tokens_per_s", rate * event["tokens_per_step"], event["step"], event["time"]))
                 bar.update(event["step"], detail, rate=rate, elapsed=seconds)
+        if rows and metrics:
+            metrics(rows)
         if stopping:
             if bar:
                 bar.close()
@@ -534,12 +543,14 @@ def checkpoints_dir(out: Path) -> Path:
     return out.with_name(f"{out.name}.checkpoints")
 
 
-def write_train_stage(out: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfig) -> dict:
+def write_train_stage(out: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfig,
+                      live=None) -> dict:  # fmt: skip
     """Train and publish the adapter (or full weights), tokenizer, loss history and stats atomically.
 
     Checkpoints go to `04_train.checkpoints/`; a rerun after a crash resumes from the last complete one. One
     process trains here; `train.nproc` > 1 or a hostfile runs `tasks.train_worker` under the DeepSpeed launcher
-    (torchrun for FSDP), writing into the same temp folder.
+    (torchrun for FSDP), writing into the same temp folder. `live`, called once the run is checked and planned,
+    gives a context of (MLflow run id, metrics logger) for the curves as they come (tasks.registry).
     """
     precision = preflight(cfg)
     asked = cfg  # resuming compares what was asked for: memory_fit may split the batch otherwise on another device
@@ -551,10 +562,11 @@ def write_train_stage(out: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg:
         resume_from = prepare_checkpoints(ckpts, settings, cfg.resume)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    with atomic_dir(out) as tmp:
-        _launch(tmp, tokenize_dir, cfg, eval_cfg, ckpts, resume_from, plan)
+    with atomic_dir(out) as tmp, (live() if live else contextlib.nullcontext((None, None))) as (run_id, metrics):
+        _launch(tmp, tokenize_dir, cfg, eval_cfg, ckpts, resume_from, plan, metrics)
         stats = read_json(tmp / "stats.json")
         stats["memory_plan"] = plan
+        stats["mlflow_run_id"] = run_id  # the register stage logs the rest into it
         atomic_write_json(tmp / "stats.json", stats)
     if not cfg.keep_checkpoints:
         shutil.rmtree(ckpts, ignore_errors=True)
@@ -566,7 +578,7 @@ class TrainingCrashed(RuntimeError):
 
 
 def _launch(tmp: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfig, ckpts: Path,
-            resume_from: Path | None, plan: dict | None = None) -> None:  # fmt: skip
+            resume_from: Path | None, plan: dict | None = None, metrics=None) -> None:  # fmt: skip
     """Train in child processes: one plain process, or `train.nproc` under the DeepSpeed launcher (torchrun
     for FSDP). A child of its own, so that a crash (the OOM killer's SIGKILL, a segfault in a kernel) fails
     this stage with a message instead of taking the flow run down with it."""
@@ -593,8 +605,8 @@ def _launch(tmp: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfi
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
     tail: collections.deque[bytes] = collections.deque(maxlen=400)
     stop = threading.Event()
-    follower = threading.Thread(target=contextvars.copy_context().run, args=(follow_progress, tmp / EVENTS, stop),
-                                name="training-progress", daemon=True)  # fmt: skip
+    follower = threading.Thread(target=contextvars.copy_context().run, name="training-progress", daemon=True,
+                                args=(follow_progress, tmp / EVENTS, stop, 2.0, metrics))  # fmt: skip
     follower.start()
     try:
         with subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

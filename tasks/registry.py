@@ -15,7 +15,7 @@ import subprocess
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ import mlflow.pyfunc
 import pandas as pd
 import yaml
 
-from edgar_tune.config import REPO_ROOT, EvalConfig, PipelineConfig, flat_params
+from edgar_tune.config import REPO_ROOT, EvalConfig, PipelineConfig, RegisterConfig, flat_params
 from tasks.io import EVALUATE, PARSE, TOKENIZE, TRAIN, held, holder_info, read_json, read_jsonl
 
 log = logging.getLogger(__name__)
@@ -297,6 +297,85 @@ def register_run(run_dir: Path, runs_root: Path, cfg: PipelineConfig, flow_run_i
         return _register(run_dir, cfg, flow_run_id, runs_root, uri)
 
 
+TRAINING_TAG = "edgar_tune.training"  # on the MLflow run that the train stage opened for its curves
+Metrics = Callable[[list[tuple[str, float, int, float]]], None]  # [(key, value, step, unix time)]
+
+
+@contextmanager
+def live_training_run(run_dir: Path, registry: RegisterConfig, run_name: str,
+                      flow_run_id: str | None) -> Iterator[tuple[str | None, Metrics | None]]:  # fmt: skip
+    """The MLflow run that the train stage opens for training's curves as they come (`train_loss`, `val_loss`,
+    `learning_rate`, `tokens_per_s` by step), so that the MLflow UI draws a run that is still training, or one that
+    crashed. Yields (run id, a function that logs metrics). The run ends FINISHED or FAILED with the training; the
+    register stage then logs the rest into it (`_continued_run`).
+
+    MLflow out of reach does not stop training: it yields (None, None) after a warning, and the curves are logged
+    at registration instead."""
+    from mlflow.entities import Metric
+
+    uri = tracking_uri(registry.tracking_uri, run_dir.parent)
+    try:
+        with _creating_store(uri, run_dir):
+            client = mlflow.MlflowClient(uri)
+            exp_id = _experiment_id(client, registry.experiment, run_dir.parent, uri)
+        run_id = client.create_run(exp_id, run_name=run_name, tags={TRAINING_TAG: "true",
+                                   "prefect_flow_run_id": str(flow_run_id)}).info.run_id  # fmt: skip
+    except Exception as err:  # noqa: BLE001 (hours of training do not wait on a tracking server)
+        log.warning("MLflow at %s opened no run for training's curves (%s: %s); they are logged at registration",
+                    uri, type(err).__name__, err)  # fmt: skip
+        yield None, None
+        return
+    log.info("training's curves go to MLflow as they come: run %s of experiment %r at %s", run_id,
+             registry.experiment, uri)  # fmt: skip
+    broken = False
+
+    def log_metrics(rows: list[tuple[str, float, int, float]]) -> None:
+        nonlocal broken
+        if broken:
+            return
+        try:
+            for i in range(0, len(rows), 1000):  # MLflow's most per batch
+                client.log_batch(run_id, metrics=[Metric(k, float(v), int(t * 1000), int(step))
+                                                  for k, v, step, t in rows[i : i + 1000]])  # fmt: skip
+        except Exception as err:  # noqa: BLE001
+            broken = True
+            log.warning("MLflow took no more of training's curves (%s: %s); they are logged at registration",
+                        type(err).__name__, err)  # fmt: skip
+
+    status = "FAILED"
+    try:
+        yield run_id, log_metrics
+        status = "FINISHED"
+    finally:
+        try:
+            client.set_terminated(run_id, status)
+        except Exception as err:  # noqa: BLE001
+            log.warning("MLflow run %s could not be marked %s (%s: %s)", run_id, status, type(err).__name__, err)
+
+
+def _creating_store(uri: str, run_dir: Path):
+    """The sqlite store's lock while this process may be the one that creates it (two creating one at once both
+    run its migrations, and one fails)."""
+    if uri.startswith("sqlite:///") and not (db := Path(uri.removeprefix("sqlite:///"))).exists():
+        return held(db.with_name(db.name + ".lock"), holder_info(run=str(run_dir)), wait=True)
+    return nullcontext()
+
+
+def _continued_run(client, run_id: str | None, exp_id: str) -> str | None:
+    """The train stage's MLflow run, when the registration can log into it: it is in this store and experiment
+    (the tracking URI may have changed since), and no version was registered from it (a second registration of
+    one training, after `rerun evaluate`, gets a run of its own)."""
+    if not run_id:
+        return None
+    try:
+        run = client.get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        return None
+    if run.info.experiment_id != exp_id or TRAINING_TAG not in run.data.tags:
+        return None
+    return None if client.search_model_versions(f"run_id = '{run_id}'") else run_id
+
+
 REGISTRY_WAIT_S = 3600  # a registration waits this long for the one before it into the same tracking server
 
 
@@ -377,7 +456,10 @@ def _register(run_dir: Path, cfg: PipelineConfig, flow_run_id: str | None, runs_
         run_id, version = earlier
         log.info("already registered as %s version %s (run %s); not registering again", name, version, run_id)
         return _finish(client, name, version, tags, after, uri, run_id, rescore)
-    with mlflow.start_run(experiment_id=exp_id, run_name=f"{cfg.preset}-{run_dir.name}") as run:
+    continued = _continued_run(client, train_stats.get("mlflow_run_id"), exp_id)
+    logged = {k: {m.step for m in client.get_metric_history(continued, k)} for k in ("train_loss", "val_loss")
+              } if continued else {"train_loss": set(), "val_loss": set()}  # fmt: skip
+    with mlflow.start_run(run_id=continued, experiment_id=exp_id, run_name=f"{cfg.preset}-{run_dir.name}") as run:
         mlflow.set_tags({k: v for k, v in tags.items() if k != "val_perplexity"} | {"mlflow.source.git.commit": tags["git_commit"]})
         mlflow.log_params({k: json.dumps(v) if isinstance(v, list | dict) else v for k, v in flat_params(cfg).items()})
         fitted = train_stats.get("memory_plan", {}).get("fit")
@@ -388,12 +470,15 @@ def _register(run_dir: Path, cfg: PipelineConfig, flow_run_id: str | None, runs_
         mlflow.log_metrics({"ppl_before": before["perplexity"], "ppl_after": after["perplexity"],
                             "train_tokens": tok_stats["train_tokens"], "val_tokens": after["tokens"],
                             "train_seconds": train_stats["seconds"]})  # fmt: skip
+        # What the train stage's run has not logged as it came: all, or the steps before a resumed training's.
         for row in losses:
-            mlflow.log_metric("train_loss", row["loss"], step=int(row["step"]))
+            if int(row["step"]) not in logged["train_loss"]:
+                mlflow.log_metric("train_loss", row["loss"], step=int(row["step"]))
         val_file = run_dir / TRAIN / "val_loss.jsonl"
         val_losses = read_jsonl(val_file) if val_file.exists() else []
         for row in val_losses:
-            mlflow.log_metric("val_loss", row["val_loss"], step=int(row["step"]))
+            if int(row["step"]) not in logged["val_loss"]:
+                mlflow.log_metric("val_loss", row["val_loss"], step=int(row["step"]))
         with tempfile.TemporaryDirectory() as tmp:
             for png in _plots(Path(tmp), losses, before, after, val_losses):
                 mlflow.log_artifact(str(png), artifact_path="plots")

@@ -98,7 +98,13 @@ def test_mlflow_has_the_version_alias_metrics_and_plots(tiny_run):
     assert json.loads(version.tags["filings"])[0]["accession"] == "0001018724-21-000004"
     run = client.get_run(version.run_id)
     assert run.data.metrics["ppl_after"] == pytest.approx(s["ppl_after"])
-    assert len(client.get_metric_history(run.info.run_id, "train_loss")) == s["train_steps"]
+    assert len(client.get_metric_history(run.info.run_id, "train_loss")) == s["train_steps"]  # each step once
+    # The run the train stage opened for its curves as they came, which the registration then completed.
+    train_stats = json.loads((runs / "latest" / "04_train" / "stats.json").read_text())
+    assert run.info.run_id == train_stats["mlflow_run_id"] and run.data.tags["edgar_tune.training"] == "true"
+    assert run.info.status == "FINISHED" and run.info.run_name == "tiny-latest"
+    for live in ("learning_rate", "tokens_per_s"):
+        assert len(client.get_metric_history(run.info.run_id, live)) == s["train_steps"], live
     plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     assert plots == {"plots/loss_curve.png", "plots/perplexity_before_after.png"}
     data = {a.path for a in client.list_artifacts(run.info.run_id, "data")}

@@ -301,6 +301,22 @@ def test_training_crash_fails_the_run_and_the_ui_retry_resumes_only_what_failed(
     stats = json.loads((run / "04_train" / "stats.json").read_text())
     assert stats["resumed_from_step"] >= 20 and stats["steps"] == 60
 
+    # MLflow drew both trainings' curves as they came: the killed one is FAILED with the steps it had made; the
+    # registration completed the resumed one's, with the steps from before the crash, each step once.
+    import mlflow
+
+    summary = json.loads((run / "summary.json").read_text())
+    client = mlflow.MlflowClient(summary["mlflow_tracking_uri"])
+    trainings = client.search_runs([client.get_experiment_by_name("edgar-tune").experiment_id],
+                                   filter_string="tags.`edgar_tune.training` = 'true'", order_by=["start_time ASC"])
+    mine = [r for r in trainings if r.data.tags["prefect_flow_run_id"] == run_id]
+    assert [r.info.status for r in mine] == ["FAILED", "FINISHED"], [(r.info.run_id, r.info.status) for r in mine]
+    killed = [m.step for m in client.get_metric_history(mine[0].info.run_id, "train_loss")]
+    assert killed and killed == sorted(set(killed)) and killed[-1] >= 20
+    assert mine[1].info.run_id == stats["mlflow_run_id"] == summary["mlflow_run_id"]
+    steps = [m.step for m in client.get_metric_history(mine[1].info.run_id, "train_loss")]
+    assert sorted(steps) == list(range(1, 61)), steps
+
 
 def test_concurrent_runs_share_the_prefect_edgar_rate_limit(deployed, edgar_server, edgar, tmp_path):
     api, env, _ = deployed
