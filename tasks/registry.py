@@ -356,9 +356,15 @@ def live_training_run(run_dir: Path, registry: RegisterConfig, run_name: str,
 def _creating_store(uri: str, run_dir: Path):
     """The sqlite store's lock while this process may be the one that creates it (two creating one at once both
     run its migrations, and one fails)."""
-    if uri.startswith("sqlite:///") and not (db := Path(uri.removeprefix("sqlite:///"))).exists():
-        return held(db.with_name(db.name + ".lock"), holder_info(run=str(run_dir)), wait=True)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        return _sqlite_lock(uri, run_dir)
     return nullcontext()
+
+
+def _sqlite_lock(uri: str, run_dir: Path):
+    """The lock file beside a sqlite store, waited for."""
+    db = Path(uri.removeprefix("sqlite:///"))
+    return held(db.with_name(db.name + ".lock"), holder_info(run=str(run_dir)), wait=True)
 
 
 def _continued_run(client, run_id: str | None, exp_id: str) -> str | None:
@@ -390,8 +396,7 @@ def one_writer(uri: str, run_dir: Path) -> Iterator[None]:
     slot of a Prefect global concurrency limit named after the URI, which every worker shares. Each waits for the
     one before it (`REGISTRY_WAIT_S` at most for a tracking server)."""
     if uri.startswith("sqlite:///"):
-        db = Path(uri.removeprefix("sqlite:///"))
-        with held(db.with_name(db.name + ".lock"), holder_info(run=str(run_dir)), wait=True):
+        with _sqlite_lock(uri, run_dir):
             yield
         return
     from tasks.limits import in_prefect_run, slot, slot_name

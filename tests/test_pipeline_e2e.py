@@ -206,6 +206,18 @@ def test_a_run_into_a_folder_in_use_fails_at_once_and_writes_nothing(tiny_run, p
     assert sorted(p.name for p in run.iterdir()) == [".lock", "config.yaml"]
 
 
+def _until_it_waits(cmd: list[str], env: dict) -> tuple[subprocess.Popen, list[str]]:
+    """The CLI started, and what it printed up to its line saying that it waits for the folder."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, **env), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if "waiting for" in line:
+            break
+    return proc, seen
+
+
 def test_a_run_told_to_wait_takes_the_folder_when_the_run_in_it_ends(prefect_server, tmp_path):
     """Two Custom runs of `on-demand` share `runs/on-demand`: the deployment's `if_busy: wait` (`--wait` here) makes
     the second wait its turn, saying for whom, and writing nothing until the first lets go."""
@@ -213,13 +225,7 @@ def test_a_run_told_to_wait_takes_the_folder_when_the_run_in_it_ends(prefect_ser
     cmd = [sys.executable, "-m", "edgar_tune.cli", "run", "--preset", "tiny", "--out", str(run), "--wait", "--set",
            "max_steps=2", "--set", "generate.enabled=false"]  # fmt: skip
     with run_held(str(run), "season-run") as holder:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, **prefect_server), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)  # fmt: skip
-        seen = []
-        for line in proc.stdout:
-            seen.append(line)
-            if "waiting for" in line:
-                break
+        proc, seen = _until_it_waits(cmd, prefect_server)
         assert f"held by flow run 'season-run', pid {holder.pid}" in seen[-1], "".join(seen)[-3000:]
         time.sleep(2)
         assert proc.poll() is None and sorted(p.name for p in run.iterdir()) == [".lock"]
@@ -241,13 +247,7 @@ def test_a_rerun_told_to_wait_uses_the_config_the_run_before_it_left(tiny_run, p
     shutil.copytree(runs / "latest", run)
     cmd = [sys.executable, "-m", "edgar_tune.cli", "rerun", "register", "--run", str(run), "--wait"]
     with run_held(str(run), "season-run"):
-        proc = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, **prefect_server), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)  # fmt: skip
-        seen = []
-        for line in proc.stdout:
-            seen.append(line)
-            if "waiting for" in line:
-                break
+        proc, seen = _until_it_waits(cmd, prefect_server)
         assert "held by flow run 'season-run'" in seen[-1], "".join(seen)[-3000:]
         cfg = yaml.safe_load((run / "config.yaml").read_text())  # the holder records its settings, as runs do
         cfg["registry"]["model_name"] = "edgar-tune-after-the-wait"
