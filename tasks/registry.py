@@ -315,6 +315,7 @@ def live_training_run(run_dir: Path, registry: RegisterConfig, run_name: str,
 
     uri = tracking_uri(registry.tracking_uri, run_dir.parent)
     try:
+        _answers(uri)
         with _creating_store(uri, run_dir):
             client = mlflow.MlflowClient(uri)
             exp_id = _experiment_id(client, registry.experiment, run_dir.parent, uri)
@@ -348,9 +349,21 @@ def live_training_run(run_dir: Path, registry: RegisterConfig, run_name: str,
         status = "FINISHED"
     finally:
         try:
-            client.set_terminated(run_id, status)
+            if not broken:  # else the registration, if it can, ends the run
+                _answers(uri)
+                client.set_terminated(run_id, status)
         except Exception as err:  # noqa: BLE001
             log.warning("MLflow run %s could not be marked %s (%s: %s)", run_id, status, type(err).__name__, err)
+
+
+def _answers(uri: str, timeout: float = 10.0) -> None:
+    """Raise at once if a tracking server does not answer at all. MLflow's own client retries a refused connection
+    with backoff for about four minutes (MLFLOW_HTTP_REQUEST_MAX_RETRIES), which training would wait through. Any
+    HTTP answer will do (a proxy's 401 too); the calls that follow say what is wrong with it."""
+    if uri.startswith(("http://", "https://")):
+        import requests
+
+        requests.head(uri, timeout=timeout, allow_redirects=False)
 
 
 def _creating_store(uri: str, run_dir: Path):

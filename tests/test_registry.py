@@ -156,3 +156,22 @@ def test_two_runs_registering_into_a_new_sqlite_store_at_once_both_register(tiny
     versions = {json.loads(out)["model_version"] for out, _ in outs}
     assert versions == {"1", "2"}
     assert len(mlflow.MlflowClient(uri).search_model_versions("name = 'edgar-tune-10k'")) == 2
+
+
+def test_training_starts_at_once_when_the_tracking_server_does_not_answer(tmp_path, caplog):
+    """MLflow's client retries a refused connection for about four minutes; the train stage's run for the live
+    curves asks once, says so, and trains (the registration later logs the curves, or says what is wrong)."""
+    import logging
+    import time
+
+    from edgar_tune.config import RegisterConfig
+    from tasks.registry import live_training_run
+    from tests.conftest import free_port
+
+    caplog.set_level(logging.WARNING, logger="tasks.registry")
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    start = time.monotonic()
+    with live_training_run(tmp_path / "run", RegisterConfig(tracking_uri=uri), "tiny-run", None) as live:
+        assert live == (None, None)
+    assert time.monotonic() - start < 10
+    assert f"MLflow at {uri} opened no run for training's curves (ConnectionError" in caplog.text

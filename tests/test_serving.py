@@ -114,7 +114,10 @@ def test_pipeline_registers_on_a_remote_tracking_server(tmp_path, prefect_server
         assert s["mlflow_tracking_uri"] == uri and s["mode"] == "full"
         assert (s["micro_batch"], s["gradient_accumulation_steps"], s["gradient_checkpointing"]) == (8, 1, False)
         client = mlflow.MlflowClient(uri)
-        params = client.get_run(s["mlflow_run_id"]).data.params
+        run = client.get_run(s["mlflow_run_id"])  # the train stage opened it on the server, for its curves
+        assert run.data.tags["edgar_tune.training"] == "true" and run.info.status == "FINISHED"
+        assert len(client.get_metric_history(run.info.run_id, "tokens_per_s")) == 10
+        params = run.data.params
         assert params["train.memory_fit"] == "True" and params["memory_fit.recomputed_layers"] == "0"
         assert params["memory_fit.per_device_train_batch_size"] == "8"
         version = client.get_model_version_by_alias(s["registered_model"], s["model_alias"])
