@@ -214,7 +214,11 @@ def follow_progress(path: Path, stop, poll_s: float = 2.0, metrics=None) -> None
             data = b""
         data = data[: data.rfind(b"\n") + 1]  # whole lines only
         pos += len(data)
-        for event in map(json.loads, data.splitlines()):
+        for line in data.splitlines():
+            try:
+                event = json.loads(line)
+            except ValueError:  # a line cut short by a crash, with another after it: the next are whole
+                continue
             if "log" in event:
                 record = event["log"]
                 logging.getLogger(record["name"]).log(record["level"], "%s", record["message"])

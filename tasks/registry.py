@@ -382,8 +382,8 @@ def _sqlite_lock(uri: str, run_dir: Path):
 
 def _continued_run(client, run_id: str | None, exp_id: str) -> str | None:
     """The train stage's MLflow run, when the registration can log into it: it is in this store and experiment
-    (the tracking URI may have changed since), and no version was registered from it (a second registration of
-    one training, after `rerun evaluate`, gets a run of its own)."""
+    (the tracking URI may have changed since), and no version was registered from it (the same training registered
+    again from a copy of its run folder gets a run of its own)."""
     if not run_id:
         return None
     try:
