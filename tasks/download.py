@@ -28,6 +28,7 @@ from edgar_tune.config import REPO_ROOT, DataConfig
 from tasks.io import (
     atomic_write_bytes, atomic_write_json, cache_dir, held, holder_info, remove_stale_temps, sha256_file,
 )  # fmt: skip
+from tasks.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -302,7 +303,9 @@ def _download(cfg: DataConfig, root: Path, client: EdgarClient) -> tuple[list[di
     chosen: set[tuple[str, int]] = set()
     mapping = None
     fetched, fetched_bytes, start = 0, 0, time.monotonic()
+    bar = Progress("EDGAR download", len(cfg.tickers), "companies", logger=None)  # a bar in the UI; lines below
     for i, ticker in enumerate(cfg.tickers, 1):
+        bar.update(i - 1, f"{fetched} filing(s), {fetched_bytes / 1e6:.1f} MB downloaded")
         cik = _cik_on_disk(ticker, filings)
         if cfg.latest_years is None and cik and all((cik, y) in have for y in cfg.fiscal_years):
             chosen |= {(cik, y) for y in cfg.fiscal_years}
@@ -347,6 +350,7 @@ def _download(cfg: DataConfig, root: Path, client: EdgarClient) -> tuple[list[di
         if cfg.latest_years:
             _log_latest(ticker, years & held, cfg.latest_years)
     _write_manifest(root, filings)
+    bar.update(len(cfg.tickers), f"{fetched} filing(s), {fetched_bytes / 1e6:.1f} MB downloaded")
     if fetched:
         log.info("EDGAR: %d filing(s), %.1f MB, in %.0f s (%d request(s) at most 10/s)", fetched, fetched_bytes / 1e6,
                  time.monotonic() - start, client.requests_sent)  # fmt: skip

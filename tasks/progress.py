@@ -18,15 +18,16 @@ def clock(seconds: float) -> str:
 
 
 class Progress:
-    """`what` done `done` of `total` `unit`: a log line and a progress artifact (inside a Prefect run) at the
-    first update, then at most every `every_s` seconds, and at the end. With `quiet_s`, nothing shows before that
+    """`what` done `done` of `total` `unit`: a log line (unless `logger` is None: work that logs its own) and a
+    progress artifact (inside a Prefect run) at the first update, then at most every `every_s` seconds, and at the
+    end. With `quiet_s`, nothing shows before that
     many seconds: short work (scoring a small validation set) keeps its tqdm bar only. `close` shows the update
     held back when the work ends before its total (early stopping).
 
     Showing progress never fails the work: an artifact the server refuses is logged once, and the work goes on.
     """
 
-    def __init__(self, what: str, total: int, unit: str, *, logger: logging.Logger = log, every_s: float = 30.0,
+    def __init__(self, what: str, total: int, unit: str, *, logger: logging.Logger | None = log, every_s: float = 30.0,
                  quiet_s: float = 0.0) -> None:  # fmt: skip
         self.what, self.total, self.unit, self.logger, self.every_s = what, max(total, 1), unit, logger, every_s
         self.start = time.monotonic()
@@ -53,7 +54,8 @@ class Progress:
         if done < self.total and rate:
             when += f", about {clock((self.total - done) / rate)} left"
         line = f"{self.what}: {done:,} of {self.total:,} {self.unit} ({pct:.0f}%), {when}"
-        self.logger.info("%s%s", line, f"; {detail}" if detail else "")
+        if self.logger:
+            self.logger.info("%s%s", line, f"; {detail}" if detail else "")
         self.to_ui(pct, line + (f"  \n{detail}" if detail else ""))
 
     def close(self) -> None:

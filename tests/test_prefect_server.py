@@ -180,14 +180,17 @@ def test_same_parameters_twice_is_all_cached_and_a_new_learning_rate_reuses_the_
     logs = [(r["name"], r["message"]) for r in api.logs(first["id"], until=" as champion (")]
     assert any(n == "tasks.download" and m.startswith("EDGAR: 2 filing(s), ") for n, m in logs), logs
     assert any(n == "tasks.registry" and m.startswith("registered edgar-tune-10k v") for n, m in logs), logs
-    # From the training process: its own lines, its progress in the log, and a progress bar on the train stage.
+    # From the training process: its own lines, its progress in the log, and a progress bar on the train stage;
+    # the download's bar on its stage.
     assert any(n == "tasks.finetune" and m.startswith("train.lean_lora: ") for n, m in logs), logs
     assert any(n == "tasks.finetune" and m.startswith("training: 10 of 10 steps (100%), ") for n, m in logs), logs
-    bars = api.post("/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [first["id"]]},
-                                                        "type": {"any_": ["progress"]}}})  # fmt: skip
-    assert [(b["data"], b["description"].split("  \n")[0]) for b in bars] == [(100.0, "**training**")], bars
-    train_run = api.post("/task_runs/filter", {"task_runs": {"id": {"any_": [bars[0]["task_run_id"]]}}})
-    assert train_run[0]["name"] == "train", train_run
+    found = api.post("/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [first["id"]]},
+                                                         "type": {"any_": ["progress"]}}})  # fmt: skip
+    bars = {b["description"].split("  \n")[0].strip("*"): b for b in found}
+    assert {k: b["data"] for k, b in bars.items()} == {"EDGAR download": 100.0, "training": 100.0}, found
+    for what, stage in (("EDGAR download", "download"), ("training", "train")):
+        task_run = api.post("/task_runs/filter", {"task_runs": {"id": {"any_": [bars[what]["task_run_id"]]}}})
+        assert task_run[0]["name"] == stage, task_run
     trained = (tmp_path / "run" / "04_train" / "stats.json").stat().st_mtime_ns
 
     edgar.reset()
