@@ -9,6 +9,8 @@ import logging
 import math
 import os
 import shutil
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -21,7 +23,7 @@ from tasks.checkpoints import checkpoint_step, resume_settings, trainer_class
 from tasks.checkpoints import prepare as prepare_checkpoints
 from tasks.io import atomic_dir, atomic_write_json, read_json, write_jsonl
 from tasks.memory import recomputed_layers
-from tasks.progress import Progress
+from tasks.progress import OwnLine, Progress
 from kernels.hf import causal_lm_of, fuse_layers, resolve_backend
 from kernels.lora import lean_lora
 from tasks.models import device, load_causal_lm, load_tokenizer
@@ -195,11 +197,13 @@ def log_to_the_stage(events: Path) -> None:
         logging.getLogger(name).addHandler(handler)
 
 
-def follow_progress(path: Path, stop, poll_s: float = 2.0, metrics=None) -> None:
+def follow_progress(path: Path, stop, poll_s: float = 2.0, metrics=None, open_line=None) -> None:
     """The training process's events (`progress_events`, `EventLog`) as lines in the run's log and a progress bar
     in the Prefect UI, until `stop` (a threading.Event) is set, and, given `metrics` (tasks.registry.Metrics), as
     MLflow metrics. Runs in a thread of the train stage, in a copy of its context (Prefect's run context
-    included)."""
+    included). `open_line` (a threading.Event) says when the training process's console output ends mid-line."""
+    open_line = open_line or threading.Event()
+    log = OwnLine(logging.getLogger(__name__), {"open": open_line})
     bar: Progress | None = None
     begin: dict = {}
     pos = 0
@@ -221,7 +225,8 @@ def follow_progress(path: Path, stop, poll_s: float = 2.0, metrics=None) -> None
                 continue
             if "log" in event:
                 record = event["log"]
-                logging.getLogger(record["name"]).log(record["level"], "%s", record["message"])
+                OwnLine(logging.getLogger(record["name"]), {"open": open_line}).log(record["level"], "%s",
+                                                                                     record["message"])  # fmt: skip
             elif event.get("begin"):
                 begin = event
                 bar = Progress("training", event["max_steps"], "steps", logger=log)
@@ -589,8 +594,6 @@ def _launch(tmp: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfi
     import collections
     import contextvars
     import subprocess
-    import sys
-    import threading
 
     module = ["--module", "tasks.train_worker"]
     if cfg.enable_fsdp:
@@ -608,9 +611,9 @@ def _launch(tmp: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfi
     log.info("launching %d training process(es): %s", cfg.nproc, " ".join(cmd[: cmd.index("--out")]))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
     tail: collections.deque[bytes] = collections.deque(maxlen=400)
-    stop = threading.Event()
+    stop, open_line = threading.Event(), threading.Event()
     follower = threading.Thread(target=contextvars.copy_context().run, name="training-progress", daemon=True,
-                                args=(follow_progress, tmp / EVENTS, stop, 2.0, metrics))  # fmt: skip
+                                args=(follow_progress, tmp / EVENTS, stop, 2.0, metrics, open_line))  # fmt: skip
     follower.start()
     try:
         with subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -618,6 +621,10 @@ def _launch(tmp: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfi
             for chunk in iter(lambda: proc.stdout.read1(1 << 14), b""):  # progress bars pass through as they are
                 sys.stderr.buffer.write(chunk)
                 sys.stderr.flush()
+                if chunk.endswith(b"\n"):
+                    open_line.clear()
+                else:
+                    open_line.set()
                 tail.append(chunk)
     finally:
         stop.set()

@@ -24,7 +24,7 @@ from kernels.hf import causal_lm_loss, resolve_backend
 from tasks.blocks import base_model_path
 from tasks.io import atomic_write_json
 from tasks.models import device, load_causal_lm
-from tasks.progress import Progress
+from tasks.progress import OwnLine, Progress
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,8 @@ def evaluate_model(model, val, cfg: EvalConfig, block_length: int, label: str) -
         docs = cap_documents(list(val["input_ids"]), cap)
     per_doc, nll, count = [], 0.0, 0
     start = time.perf_counter()
-    bar, fed = Progress(f"perplexity ({label})", sum(map(len, docs)), "tokens", logger=log, quiet_s=30), 0
+    beside_tqdm = OwnLine(log, {"open": None})
+    bar, fed = Progress(f"perplexity ({label})", sum(map(len, docs)), "tokens", logger=beside_tqdm, quiet_s=30), 0
     for i, ids in enumerate(tqdm(docs, desc=f"perplexity ({label})", unit="doc")):
         if instruction:
             doc_nll, doc_count = example_nll(model, ids, val[i]["labels"], dev, kernel)

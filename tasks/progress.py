@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import sys
 import time
 
 log = logging.getLogger(__name__)
@@ -15,6 +16,21 @@ log = logging.getLogger(__name__)
 def clock(seconds: float) -> str:
     """0:04:05 for 245 seconds."""
     return str(datetime.timedelta(seconds=round(seconds)))
+
+
+class OwnLine(logging.LoggerAdapter):
+    """A logger whose lines start on a line of their own where a tqdm bar holds the console's line open (a bar ends
+    in a carriage return). `extra["open"]`: a threading.Event set while another process's bar holds it (a line
+    breaks it once), or None for a bar of this process, open all along (it redraws below the line)."""
+
+    def log(self, level, msg, *args, **kwargs):
+        held = self.extra["open"]
+        if self.isEnabledFor(level) and (held is None or held.is_set()):
+            if held is not None:
+                held.clear()
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+        super().log(level, msg, *args, **kwargs)
 
 
 class Progress:
