@@ -89,8 +89,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
         "parse": lambda: stages.extract_sections.fn(run_dir, cfg),
         "tokenize": lambda: stages.pack_blocks.fn(run_dir, cfg),
         "evaluate-base": lambda: stages.evaluate_perplexity.fn(run_dir, cfg.eval, False, cfg.generate),
-        "train": lambda: stages.finetune_model.fn(run_dir, cfg.train, cfg.eval, cfg.registry,
-                                                  f"{cfg.preset}-{run_dir.name}"),  # fmt: skip
+        "train": lambda: stages.finetune_model.fn(run_dir, cfg.train, cfg.eval, cfg.registry, cfg.preset),
         "evaluate": lambda: stages.evaluate_perplexity.fn(run_dir, cfg.eval, True, cfg.generate),
         "register": lambda: stages.register_model.fn(run_dir, cfg, None),
     }

@@ -190,8 +190,7 @@ def _run_stage(folder: RunFolder, cfg: PipelineConfig, stage: str, force: bool, 
         "parse": (extract_sections, (run_dir, view)),
         "tokenize": (pack_blocks, (run_dir, view)),
         "evaluate-base": (evaluate_perplexity, (run_dir, view.eval, False, view.generate)),
-        "train": (finetune_model, (run_dir, view.train, view.eval, cfg.registry, f"{cfg.preset}-{run_dir.name}",
-                                   flow_run_id)),  # fmt: skip
+        "train": (finetune_model, (run_dir, view.train, view.eval, cfg.registry, cfg.preset, flow_run_id)),
         "evaluate": (evaluate_perplexity, (run_dir, view.eval, True, view.generate)),
         "register": (register_model, (run_dir, view, flow_run_id)),
     }[stage]

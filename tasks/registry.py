@@ -297,12 +297,17 @@ def register_run(run_dir: Path, runs_root: Path, cfg: PipelineConfig, flow_run_i
         return _register(run_dir, cfg, flow_run_id, runs_root, uri)
 
 
+def run_name(preset: str, run_dir: Path) -> str:
+    """The MLflow run's name: the preset and the run folder's name (`demo-latest`)."""
+    return f"{preset}-{run_dir.name}"
+
+
 TRAINING_TAG = "edgar_tune.training"  # on the MLflow run that the train stage opened for its curves
 Metrics = Callable[[list[tuple[str, float, int, float]]], None]  # [(key, value, step, unix time)]
 
 
 @contextmanager
-def live_training_run(run_dir: Path, registry: RegisterConfig, run_name: str,
+def live_training_run(run_dir: Path, registry: RegisterConfig, preset: str,
                       flow_run_id: str | None) -> Iterator[tuple[str | None, Metrics | None]]:  # fmt: skip
     """The MLflow run that the train stage opens for training's curves as they come (`train_loss`, `val_loss`,
     `learning_rate`, `tokens_per_s` by step), so that the MLflow UI draws a run that is still training, or one that
@@ -319,7 +324,7 @@ def live_training_run(run_dir: Path, registry: RegisterConfig, run_name: str,
         with _creating_store(uri, run_dir):
             client = mlflow.MlflowClient(uri)
             exp_id = _experiment_id(client, registry.experiment, run_dir.parent, uri)
-        run_id = client.create_run(exp_id, run_name=run_name, tags={TRAINING_TAG: "true",
+        run_id = client.create_run(exp_id, run_name=run_name(preset, run_dir), tags={TRAINING_TAG: "true",
                                    "prefect_flow_run_id": str(flow_run_id)}).info.run_id  # fmt: skip
     except Exception as err:  # noqa: BLE001 (hours of training do not wait on a tracking server)
         log.warning("MLflow at %s opened no run for training's curves (%s: %s); they are logged at registration",
@@ -477,7 +482,7 @@ def _register(run_dir: Path, cfg: PipelineConfig, flow_run_id: str | None, runs_
     continued = _continued_run(client, train_stats.get("mlflow_run_id"), exp_id)
     logged = {k: {m.step for m in client.get_metric_history(continued, k)} for k in ("train_loss", "val_loss")
               } if continued else {"train_loss": set(), "val_loss": set()}  # fmt: skip
-    with mlflow.start_run(run_id=continued, experiment_id=exp_id, run_name=f"{cfg.preset}-{run_dir.name}") as run:
+    with mlflow.start_run(run_id=continued, experiment_id=exp_id, run_name=run_name(cfg.preset, run_dir)) as run:
         mlflow.set_tags({k: v for k, v in tags.items() if k != "val_perplexity"} | {"mlflow.source.git.commit": tags["git_commit"]})
         mlflow.log_params({k: json.dumps(v) if isinstance(v, list | dict) else v for k, v in flat_params(cfg).items()})
         fitted = train_stats.get("memory_plan", {}).get("fit")

@@ -70,10 +70,10 @@ def pack_blocks(run_dir: Path, cfg: PipelineConfig, cache_key: str | None = None
 
 @stage_task("finetune_model")
 def finetune_model(run_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfig, registry: RegisterConfig | None = None,
-                   run_name: str = "", flow_run_id: str | None = None,
+                   preset: str = "", flow_run_id: str | None = None,
                    cache_key: str | None = None) -> dict:  # fmt: skip
     """Fine-tune with LoRA or in full; resumes from the last complete checkpoint of an interrupted run. With
-    `registry`, training's curves go to an MLflow run named `run_name` as they come (the key leaves it out: it
+    `registry`, training's curves go to the run's MLflow run as they come (the key leaves it out: it
     changes where the curves are shown, not what is trained)."""
     from tasks.finetune import write_train_stage
 
@@ -81,7 +81,7 @@ def finetune_model(run_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfig, regist
     if registry is not None:
         from tasks.registry import live_training_run
 
-        live = lambda: live_training_run(run_dir, registry, run_name or run_dir.name, flow_run_id)  # noqa: E731
+        live = lambda: live_training_run(run_dir, registry, preset, flow_run_id)  # noqa: E731
     return write_train_stage(run_dir / TRAIN, run_dir / TOKENIZE, cfg, eval_cfg, live)
 
 

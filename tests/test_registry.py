@@ -171,7 +171,7 @@ def test_training_starts_at_once_when_the_tracking_server_does_not_answer(tmp_pa
     caplog.set_level(logging.WARNING, logger="tasks.registry")
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     start = time.monotonic()
-    with live_training_run(tmp_path / "run", RegisterConfig(tracking_uri=uri), "tiny-run", None) as live:
+    with live_training_run(tmp_path / "run", RegisterConfig(tracking_uri=uri), "tiny", None) as live:
         assert live == (None, None)
     assert time.monotonic() - start < 10
     assert f"MLflow at {uri} opened no run for training's curves (ConnectionError" in caplog.text
