@@ -156,7 +156,8 @@ def progress_events(path: Path, tokens_per_step: int):
             self._write(state, begin=True)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            keep = {k: v for k, v in (logs or {}).items() if k in ("loss", "eval_loss", "learning_rate", "grad_norm")}
+            keep = {k: v for k, v in (logs or {}).items()
+                    if k in ("loss", "eval_loss", "eval_runtime", "learning_rate", "grad_norm")}  # fmt: skip
             if keep:
                 self._write(state, **keep)
 
@@ -201,11 +202,15 @@ def follow_progress(path: Path, stop, poll_s: float = 2.0, metrics=None, open_li
     """The training process's events (`progress_events`, `EventLog`) as lines in the run's log and a progress bar
     in the Prefect UI, until `stop` (a threading.Event) is set, and, given `metrics` (tasks.registry.Metrics), as
     MLflow metrics. Runs in a thread of the train stage, in a copy of its context (Prefect's run context
-    included). `open_line` (a threading.Event) says when the training process's console output ends mid-line."""
+    included). `open_line` (a threading.Event) says when the training process's console output ends mid-line.
+
+    Tokens/s is the rate since the previous loss, validation time left out; the time left is estimated from the
+    average pace since training began, validation included, as the rest of the run will have it too."""
     open_line = open_line or threading.Event()
     log = OwnLine(logging.getLogger(__name__), {"open": open_line})
     bar: Progress | None = None
     begin: dict = {}
+    last, validating = (0, 0.0), 0.0  # (step, time) of the previous loss, and the validation seconds since
     pos = 0
     while True:
         rows: list[tuple[str, float, int, float]] = []
@@ -225,10 +230,11 @@ def follow_progress(path: Path, stop, poll_s: float = 2.0, metrics=None, open_li
                 continue
             if "log" in event:
                 record = event["log"]
-                OwnLine(logging.getLogger(record["name"]), {"open": open_line}).log(record["level"], "%s",
-                                                                                     record["message"])  # fmt: skip
+                OwnLine(logging.getLogger(record["name"]), {"open": open_line}).replay(record["level"],
+                                                                                        record["message"],
+                                                                                        event["time"])  # fmt: skip
             elif event.get("begin"):
-                begin = event
+                begin, last, validating = event, (event["step"], event["time"]), 0.0
                 bar = Progress("training", event["max_steps"], "steps", logger=log)
                 if event["step"]:
                     log.info("training resumes at step %d of %d", event["step"], event["max_steps"])
@@ -238,17 +244,21 @@ def follow_progress(path: Path, stop, poll_s: float = 2.0, metrics=None, open_li
                 log.info("training step %d of %d: validation loss %.4f", event["step"], event["max_steps"],
                          event["eval_loss"])  # fmt: skip
                 rows.append(("val_loss", event["eval_loss"], event["step"], event["time"]))
+                validating += event.get("eval_runtime", 0.0)
             elif "loss" in event:
                 seconds = event["time"] - begin["time"]
                 rate = (event["step"] - begin["step"]) / seconds if seconds > 0 else None
+                training_s = event["time"] - last[1] - validating
+                window = (event["step"] - last[0]) / training_s if training_s > 0 else rate
+                last, validating = (event["step"], event["time"]), 0.0
                 detail = f"loss {event['loss']:.4f}"
                 rows.append(("train_loss", event["loss"], event["step"], event["time"]))
                 if event.get("learning_rate") is not None:
                     detail += f", learning rate {event['learning_rate']:.2e}"
                     rows.append(("learning_rate", event["learning_rate"], event["step"], event["time"]))
-                if rate:
-                    detail += f", {rate * event['tokens_per_step']:,.0f} tokens/s"
-                    rows.append(("tokens_per_s", rate * event["tokens_per_step"], event["step"], event["time"]))
+                if window:
+                    detail += f", {window * event['tokens_per_step']:,.0f} tokens/s"
+                    rows.append(("tokens_per_s", window * event["tokens_per_step"], event["step"], event["time"]))
                 bar.update(event["step"], detail, rate=rate, elapsed=seconds)
         if rows and metrics:
             metrics(rows)

@@ -24,13 +24,27 @@ class OwnLine(logging.LoggerAdapter):
     breaks it once), or None for a bar of this process, open all along (it redraws below the line)."""
 
     def log(self, level, msg, *args, **kwargs):
+        if self.isEnabledFor(level):
+            self._break_line()
+        super().log(level, msg, *args, **kwargs)
+
+    def replay(self, level: int, message: str, created: float) -> None:
+        """A line another process logged at `created` (a time.time()), logged here with that time, so that the
+        run's log (the Prefect UI's included) shows when it happened, not when it was read."""
+        if not self.isEnabledFor(level):
+            return
+        self._break_line()
+        record = self.logger.makeRecord(self.logger.name, level, "(another process)", 0, "%s", (message,), None)
+        record.created, record.msecs = created, created % 1 * 1000
+        self.logger.handle(record)
+
+    def _break_line(self) -> None:
         held = self.extra["open"]
-        if self.isEnabledFor(level) and (held is None or held.is_set()):
+        if held is None or held.is_set():
             if held is not None:
                 held.clear()
             sys.stderr.write("\n")
             sys.stderr.flush()
-        super().log(level, msg, *args, **kwargs)
 
 
 class Progress:

@@ -54,8 +54,8 @@ def test_clock_reads_as_hours_minutes_seconds():
 @pytest.mark.timeout(60)
 def test_the_train_stage_shows_the_training_processes_progress_as_it_comes(tmp_path, caplog):
     """`follow_progress` reads the events the training process appends (a resumed run here), whole lines only,
-    and logs them as they come, with tokens/s from the events' own times; the training process's own log lines
-    under their own logger's name."""
+    and logs them as they come, with tokens/s from the events' own times, validation time left out; the training
+    process's own log lines under their own logger's name, at their own time."""
     caplog.set_level(logging.INFO)
     events = tmp_path / "events.jsonl"
     stop = threading.Event()
@@ -71,16 +71,21 @@ def test_the_train_stage_shows_the_training_processes_progress_as_it_comes(tmp_p
         f.write('{"step": 102, "max_st')  # half a line: the training process is writing it
         f.flush()
         time.sleep(0.3)
-        f.write('eps": 300, "time": %s, "tokens_per_step": 4096, "eval_loss": 1.5}\n' % (t0 + 5))
+        f.write('eps": 300, "time": %s, "tokens_per_step": 4096, "eval_loss": 1.5, "eval_runtime": 2.5}\n' % (t0 + 5))
+        # 2 steps in 6 s, 2.5 s of them validating: 2 x 4096 / 3.5 tokens/s; the time left from 3 steps in 8 s
+        f.write(json.dumps({"step": 103, "max_steps": 300, "time": t0 + 8, "tokens_per_step": 4096, "loss": 1.0}))
+        f.write("\n")
     stop.set()
     follower.join(timeout=30)
     assert [r.name for r in caplog.records][:2] == ["tasks.finetune", "tasks.finetune"]
+    assert caplog.records[0].created == t0 - 9
     assert _lines(caplog) == [
         "a\nb",
         "training resumes at step 100 of 300",
         "training: 101 of 300 steps (34%), 0:00:02 elapsed, about 0:06:38 left; loss 1.2500, learning rate "
         "2.00e-04, 2,048 tokens/s",
         "training step 102 of 300: validation loss 1.5000",
+        "training: 103 of 300 steps (34%), 0:00:08 elapsed, about 0:08:45 left; loss 1.0000, 2,341 tokens/s",
     ]
 
 
