@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from itertools import chain
 from pathlib import Path
 
@@ -12,6 +13,10 @@ from datasets import Dataset
 from edgar_tune.config import PipelineConfig
 from tasks.io import atomic_dir, atomic_write_json, atomic_write_text, read_json, read_jsonl
 from tasks.models import TINY, load_tokenizer, resolve_base_model
+from tasks.progress import OwnLine, Progress
+
+log = logging.getLogger(__name__)
+QUIET_S = 30.0  # tokenizing shorter than this keeps datasets' tqdm bars only
 
 
 def block_length(requested: int, model_dir: str) -> int:
@@ -108,9 +113,16 @@ def write_tokenize_stage(out: Path, parse_dir: Path, cfg: PipelineConfig) -> dic
         tokenizer = load_tokenizer(base)
         length = block_length(cfg.tokenize.max_input_length, base)
         eos = tokenizer.eos_token_id
+        # A corpus of hundreds of companies takes minutes: lines in the run's log and a bar in the UI
+        bar = Progress("tokenize", len(train_rows) + len(val_rows), "documents", logger=OwnLine(log, {"open": None}),
+                       quiet_s=QUIET_S)  # fmt: skip
+        done = 0
 
         def encode(batch: dict) -> dict:
+            nonlocal done
             ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
+            done += len(ids)
+            bar.update(done)
             return {"input_ids": [x + [eos] for x in ids]}
 
         # An explicit fingerprint: hashing the closure (and the tokenizer in it) is slow and prints bytecode.
@@ -139,6 +151,7 @@ def write_tokenize_stage(out: Path, parse_dir: Path, cfg: PipelineConfig) -> dic
             val_tok = Dataset.from_list(val_rows).map(
                 encode, batched=True, desc="tokenize validation", new_fingerprint=_fingerprint(key, val_rows)
             )
+            bar.close()
             val_tok = val_tok.remove_columns(["text"])
             val_tok.save_to_disk(tmp / "val")
             val_blocks, _ = pack(val_tok["input_ids"], length)

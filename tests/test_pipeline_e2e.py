@@ -70,6 +70,29 @@ def test_training_progress_reaches_the_log_with_loss_and_tokens_per_s(tiny_run):
     assert f"INFO tasks.finetune: training: {steps} of {steps} steps (100%), " in out
 
 
+def test_tokenizing_a_large_corpus_shows_its_progress_and_writes_the_same_blocks(tiny_run, tmp_path, monkeypatch,
+                                                                                   caplog):  # fmt: skip
+    """Tokenizing longer than `blocks.QUIET_S` (30 s; 0 here) logs its progress by documents (and, in a run, keeps a
+    bar in the UI); the blocks are those of the run's own tokenize stage."""
+    import logging
+
+    from datasets import load_from_disk
+
+    from edgar_tune.config import load_run_config
+    from tasks import blocks
+
+    runs, _ = tiny_run
+    monkeypatch.setattr(blocks, "QUIET_S", 0.0)
+    caplog.set_level(logging.INFO, "tasks.blocks")
+    run = runs / "latest"
+    blocks.write_tokenize_stage(tmp_path / "03_tokenize", run / "02_parse", load_run_config(run))
+    n = sum(len((run / "02_parse" / f).read_text().splitlines()) for f in ("train.jsonl", "val.jsonl"))
+    lines = [r.getMessage() for r in caplog.records if r.name == "tasks.blocks"]
+    assert lines[0].startswith("tokenize: ") and lines[-1].startswith(f"tokenize: {n:,} of {n:,} documents (100%), ")
+    ours, theirs = (load_from_disk(str(d / "03_tokenize" / "train"))["input_ids"] for d in (tmp_path, run))
+    assert ours == theirs
+
+
 def test_data_report_counts_characters_and_tokens_per_item(tiny_run):
     runs, s = tiny_run
     report = json.loads((runs / "latest" / "03_tokenize" / "data_report.json").read_text())
