@@ -172,11 +172,24 @@ def _print_fit(memory, shape, args: argparse.Namespace, kw: dict) -> int:
     return 0
 
 
+def _store_uri(given: str | None) -> str:
+    """The MLflow store to read: --tracking-uri, else $MLFLOW_TRACKING_URI, else runs/mlflow.db here. A sqlite
+    store that does not exist is refused: MLflow would make an empty one, and report no models."""
+    from edgar_tune.config import ConfigError
+    from tasks.registry import tracking_uri
+
+    uri = tracking_uri(given, Path("runs"))
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise ConfigError(f"no MLflow store at {uri.removeprefix('sqlite:///')}: run this where `runs/` is, or pass "
+                          "--tracking-uri (or set MLFLOW_TRACKING_URI) to the store the runs registered in")
+    return uri
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     """Load a registered version (base + adapter) from MLflow and generate from a prompt."""
     import mlflow
 
-    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('runs/mlflow.db').resolve()}"
+    uri = _store_uri(args.tracking_uri)
     mlflow.set_tracking_uri(uri)
     try:
         model = mlflow.pyfunc.load_model(args.model)
@@ -186,6 +199,82 @@ def cmd_generate(args: argparse.Namespace) -> int:
     for prompt in args.prompt:
         text = model.predict({"prompt": [prompt]}, params={"max_new_tokens": args.max_new_tokens})[0]
         print(f"{prompt}{text}" if not args.json else json.dumps({"prompt": prompt, "generated": text}))
+    return 0
+
+
+def _filings_summary(filings: list[dict]) -> str:
+    """AMZN FY2020-2021, or 14 companies FY2015-2024."""
+    if not filings:
+        return "-"
+    tickers = sorted({f["ticker"] for f in filings})
+    years = sorted({int(f["fiscal_year"]) for f in filings})
+    span = f"FY{years[0]}" + (f"-{years[-1]}" if years[-1] != years[0] else "")
+    return f"{', '.join(tickers) if len(tickers) <= 3 else f'{len(tickers)} companies'} {span}"
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """The versions of a registered model side by side: aliases, perplexity, on which validation data."""
+    import time
+
+    import mlflow
+
+    from tasks.registry import versions
+
+    uri = _store_uri(args.tracking_uri)
+    try:
+        rows = versions(mlflow.MlflowClient(uri), args.name)
+    except LookupError as err:
+        print(f"edgar-tune: error: {uri}: {err.args[0]}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    sets: dict[tuple, str] = {}  # each validation data, by a letter, newest first
+    for r in rows:
+        sets.setdefault((r["validation"]["sha256"], r["validation"]["scoring"]), chr(ord("A") + len(sets)))
+    head = ["version", "aliases", "validation"] + [f"perplexity on {letter}" for letter in sets.values()]
+    table = [head + ["base model", "filings", "registered"]]
+    for r in rows:
+        scores = {(s["sha256"], s["scoring"]): f"{s['perplexity']:.4f}" + ("*" if s["rescored"] else "")
+                  for s in r["scores"]}  # fmt: skip
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["registered"] / 1000))
+        table.append([f"v{r['version']}", ",".join(r["aliases"]) or "-",
+                      sets[(r["validation"]["sha256"], r["validation"]["scoring"])],
+                      *[scores.get(key, "-") for key in sets], r["base_model"] or "-", _filings_summary(r["filings"]),
+                      when])  # fmt: skip
+    widths = [max(len(row[i]) for row in table) for i in range(len(head) + 3)]
+    print(f"{args.name} at {uri}: {len(rows)} version(s); perplexity on held-out MD&A, lower is better")
+    for row in table:
+        print("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    for (sha, how), letter in sets.items():
+        first = next(r for r in reversed(rows) if (r["validation"]["sha256"], r["validation"]["scoring"]) == (sha, how))
+        print(f"validation {letter}: first held out by v{first['version']} ({_filings_summary(first['filings'])}); "
+              f"sha256 {(sha or '-')[:12]}, {how or 'scoring not recorded'}")  # fmt: skip
+    print("* scored later, as the champion a newer version was compared with. Only scores in one column compare;\n"
+          "`edgar-tune promote VERSION` moves the champion alias.")
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    """Give a version an alias (champion by default), as a person decided: a rollback, a challenger kept."""
+    import mlflow
+
+    from tasks.registry import one_writer, promote_by_hand
+
+    uri = _store_uri(args.tracking_uri)
+    with one_writer(uri, Path("edgar-tune promote")):  # not in the middle of a registration's champion decision
+        try:
+            done = promote_by_hand(mlflow.MlflowClient(uri), args.name, args.version, args.alias, args.reason)
+        except LookupError as err:
+            print(f"edgar-tune: error: {uri}: {err.args[0]}", file=sys.stderr)
+            return 2
+    if done["before"] == done["version"]:
+        print(f"{args.name} v{done['version']} is already @{done['alias']}")
+    else:
+        print(f"{args.name} v{done['version']} is now @{done['alias']}"
+              + (f" (was v{done['before']})" if done["before"] else ""))  # fmt: skip
+    if done["note"]:
+        print(f"note: {done['note']}")
     return 0
 
 
@@ -271,6 +360,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///runs/mlflow.db")
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt")
     gen.set_defaults(fn=cmd_generate)
+    models = sub.add_parser("models", help="a registered model's versions side by side: aliases, perplexity, data")
+    models.add_argument("--name", default="edgar-tune-10k", help="registered model (registry.model_name)")
+    models.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///runs/mlflow.db")
+    models.add_argument("--json", action="store_true", help="the versions as JSON")
+    models.set_defaults(fn=cmd_models)
+    prom = sub.add_parser("promote", help="give a version the champion alias (or --alias), e.g. to roll back")
+    prom.add_argument("version", help="the version number (`edgar-tune models` lists them)")
+    prom.add_argument("--name", default="edgar-tune-10k", help="registered model (registry.model_name)")
+    prom.add_argument("--alias", default="champion", help="the alias to move (default champion)")
+    prom.add_argument("--reason", default="", help="why, kept in the version's promoted_by_hand tag")
+    prom.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///runs/mlflow.db")
+    prom.set_defaults(fn=cmd_promote)
     plan = sub.add_parser("plan", help="memory per GPU for each ZeRO stage, before renting the GPUs")
     plan.add_argument("--model", required=True,
                       help="local folder, hub id (only its config.json is read), or smollm2-135m")

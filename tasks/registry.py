@@ -13,6 +13,7 @@ import logging
 import os
 import subprocess
 import tempfile
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, nullcontext
@@ -207,7 +208,7 @@ def _champion_score(client, name: str, current, val_sha: str, how: str,
     tags = current.tags
     if tags.get("val_sha256") == val_sha and tags.get("val_scoring", how) == how:
         return float(tags.get("val_perplexity", "inf")), "same validation data"
-    key = "val_perplexity." + hashlib.sha256(f"{val_sha}|{how}".encode()).hexdigest()[:16]
+    key = rescored_key(val_sha, how)
     if key in tags:
         return float(tags[key]), RESCORED
     if rescore is None:
@@ -218,6 +219,90 @@ def _champion_score(client, name: str, current, val_sha: str, how: str,
     if score is not None:
         client.set_model_version_tag(name, current.version, key, repr(score))
     return score, why
+
+
+def rescored_key(val_sha: str, how: str) -> str:
+    """The champion's tag that keeps its perplexity on other validation data (`val_sha`, scored `how`)."""
+    return "val_perplexity." + hashlib.sha256(f"{val_sha}|{how}".encode()).hexdigest()[:16]
+
+
+PROMOTED = "promoted_by_hand"  # version tag: who gave it an alias by hand, when, why, and which version had it
+
+
+def versions(client, name: str) -> list[dict]:
+    """Every version of registered model `name`, newest first: its aliases, its validation data (`validation`:
+    sha256 and scoring) and its perplexities (`scores`: on its own validation data, and on others' where it was
+    rescored as a champion), for side-by-side comparison.
+
+    Raises:
+        LookupError: no registered model `name` in the store.
+    """
+    try:
+        model = client.get_registered_model(name)
+    except mlflow.exceptions.MlflowException as err:
+        known = sorted(m.name for m in client.search_registered_models())
+        raise LookupError(f"no registered model {name!r} (registry.model_name); this store has "
+                          f"{', '.join(known) or 'none'}") from err  # fmt: skip
+    aliases: dict[str, list[str]] = {}
+    for alias, version in model.aliases.items():
+        aliases.setdefault(str(version), []).append(alias)
+    rows = []
+    for v in client.search_model_versions(f"name = '{name}'"):
+        tags = v.tags
+        rows.append({"version": str(v.version), "aliases": sorted(aliases.get(str(v.version), [])),
+                     "validation": {"sha256": tags.get("val_sha256"), "scoring": tags.get("val_scoring")},
+                     "perplexity": float(tags["val_perplexity"]) if "val_perplexity" in tags else None,
+                     "base_model": tags.get("base_model"), "filings": json.loads(tags.get("filings", "[]")),
+                     "run_id": v.run_id, "registered": v.creation_timestamp,
+                     "promoted_by_hand": json.loads(tags.get(PROMOTED, "null")), "tags": tags})  # fmt: skip
+    rows.sort(key=lambda r: int(r["version"]), reverse=True)
+    known = {(r["validation"]["sha256"], r["validation"]["scoring"]) for r in rows if r["validation"]["sha256"]}
+    for row in rows:
+        tags = row.pop("tags")
+        row["scores"] = [{"sha256": sha, "scoring": how, "perplexity": float(tags[rescored_key(sha, how)]),
+                          "rescored": True} for sha, how in sorted(known) if rescored_key(sha, how) in tags]  # fmt: skip
+        if row["perplexity"] is not None:
+            row["scores"].insert(0, row["validation"] | {"perplexity": row["perplexity"], "rescored": False})
+    return rows
+
+
+def score_on(row: dict, validation: dict) -> float | None:
+    """A version's perplexity (a row of `versions`) on `validation` ({sha256, scoring}), if known."""
+    return next((s["perplexity"] for s in row["scores"]
+                 if (s["sha256"], s["scoring"]) == (validation["sha256"], validation["scoring"])), None)  # fmt: skip
+
+
+def promote_by_hand(client, name: str, version: str, alias: str = CHAMPION, reason: str = "") -> dict:
+    """Give `version` the alias `alias` (default champion), as a person decided: a rollback, or a challenger that
+    did better on a check of one's own. The version is tagged with who, when, why and which version held the alias.
+    A version promoted to champion loses the challenger alias. Returns {"version", "alias", "before", "note"}: the
+    note says when the version scored worse than the one it replaces on the same validation data.
+
+    Raises:
+        LookupError: no such registered model or version.
+    """
+    import getpass
+
+    rows = {r["version"]: r for r in versions(client, name)}
+    version = str(version)
+    if version not in rows:
+        raise LookupError(f"{name} has no version {version}; it has {', '.join(sorted(rows, key=int)) or 'none'} "
+                          f"(`edgar-tune models --name {name}` lists them)")  # fmt: skip
+    before = next((v for v, r in rows.items() if alias in r["aliases"]), None)
+    note = ""
+    if before and before != version:
+        mine, theirs = score_on(rows[version], rows[before]["validation"]), rows[before]["perplexity"]
+        if mine is not None and theirs is not None and mine > theirs:
+            note = (f"v{version}'s perplexity {mine:.4f} is higher than v{before}'s {theirs:.4f} on v{before}'s "
+                    "validation data")  # fmt: skip
+    if before != version:
+        record = {"alias": alias, "before": before, "by": getpass.getuser(), "reason": reason,
+                  "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
+        client.set_model_version_tag(name, version, PROMOTED, json.dumps(record))
+        client.set_registered_model_alias(name, alias, version)
+    if alias == CHAMPION and CHALLENGER in rows[version]["aliases"]:
+        client.delete_registered_model_alias(name, CHALLENGER)
+    return {"version": version, "alias": alias, "before": before, "note": note}
 
 
 def same_tokenizer(a, b) -> bool:

@@ -61,6 +61,57 @@ def test_champion_moves_only_on_lower_perplexity_on_the_same_validation_data(tmp
     assert alias(v6, 7.2, "mdna-c", "window 256", lambda c: (None, "its tokenizer is not this run's")) == CHALLENGER
 
 
+def test_a_person_promotes_a_version_by_hand_and_the_registry_records_who_and_why(tmp_path):
+    """`edgar-tune promote` on a real sqlite store: a rollback to an older version, a challenger made champion (it
+    loses the challenger alias), each version tagged with who did it, why, and which version held the alias; a
+    note when the promoted version scored worse on the data they share; clear errors for what does not exist."""
+    from tasks.registry import CHALLENGER, CHAMPION, PROMOTED, promote, rescored_key
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    client.create_registered_model("m")
+    for ppl, val in ((9.0, "mdna-a"), (8.0, "mdna-b"), (8.5, "mdna-b")):  # v1 champion, v2 champion, v3 challenger
+        v = client.create_model_version("m", source=(tmp_path / "weights").as_uri()).version
+        for key, value in {"val_sha256": val, "val_perplexity": repr(ppl), "val_scoring": "window 128"}.items():
+            client.set_model_version_tag("m", v, key, value)
+        promote(client, "m", str(v), ppl, val, "window 128", lambda champion: (9.5, "rescored"))
+    assert client.get_model_version("m", "1").tags[rescored_key("mdna-b", "window 128")] == "9.5"
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "edgar_tune.cli", *args, "--name", "m", "--tracking-uri", uri],
+                              cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
+
+    listed = cli("models")
+    rows = {line.split()[0]: line.split()[1:5] for line in listed.stdout.splitlines() if line.startswith("  v")}
+    assert rows.pop("version") == ["aliases", "validation", "perplexity", "on"]
+    assert rows == {"v3": ["challenger", "A", "8.5000", "-"],  # the columns: perplexity on A, on B
+                    "v2": ["champion", "A", "8.0000", "-"],
+                    "v1": ["-", "B", "9.5000*", "9.0000"]}, listed.stdout  # fmt: skip
+    assert "validation A: first held out by v2 (-); sha256 mdna-b, window 128" in listed.stdout
+    rolled = cli("promote", "1", "--reason", "v2 misreads segment tables")
+    assert rolled.returncode == 0, rolled.stderr
+    assert "m v1 is now @champion (was v2)" in rolled.stdout
+    assert "note: v1's perplexity 9.5000 is higher than v2's 8.0000 on v2's validation data" in rolled.stdout
+    assert str(client.get_model_version_by_alias("m", CHAMPION).version) == "1"
+    record = json.loads(client.get_model_version("m", "1").tags[PROMOTED])
+    assert record["alias"] == CHAMPION and record["before"] == "2" and record["reason"] == "v2 misreads segment tables"
+    kept = cli("promote", "3")  # the challenger becomes champion and is no longer the challenger
+    assert kept.returncode == 0 and "m v3 is now @champion (was v1)" in kept.stdout and "note" not in kept.stdout
+    assert client.get_registered_model("m").aliases == {CHAMPION: 3}, CHALLENGER
+    assert "m v3 is already @champion" in cli("promote", "3").stdout
+    missing = cli("promote", "7")
+    assert missing.returncode == 2 and "m has no version 7; it has 1, 2, 3" in missing.stderr
+    nothing = subprocess.run([sys.executable, "-m", "edgar_tune.cli", "models", "--name", "n", "--tracking-uri", uri],
+                             cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert nothing.returncode == 2 and "no registered model 'n' (registry.model_name); this store has m" in nothing.stderr
+    # Where no store is, nothing is made: MLflow would create an empty one, which holds no models.
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {"PYTHONPATH": str(REPO)}
+    lost = subprocess.run([sys.executable, "-m", "edgar_tune.cli", "models"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert lost.returncode == 2 and f"no MLflow store at {tmp_path / 'runs' / 'mlflow.db'}: run this where" in lost.stderr
+    assert not (tmp_path / "runs").exists()
+
+
 def test_tokenizers_compare_equal_only_when_they_make_the_same_ids(tiny_run, tmp_path):
     from edgar_tune.config import ModelConfig
     from tasks.models import build_tiny_llama, load_tokenizer
@@ -121,6 +172,15 @@ def test_a_new_10k_rescores_the_champion_on_the_new_mdna(tiny_run, prefect_serve
     assert retry["model_version"] == second["model_version"] and retry["champion_comparison"] == compared
     assert "scoring it on this run's" not in proc.stdout + proc.stderr
     assert len(client.get_metric_history(second["mlflow_run_id"], "champion_ppl_on_this_val")) == 1
+    # `edgar-tune models` shows both years side by side, each on the champion's (FY2021's) validation data.
+    proc = subprocess.run([sys.executable, "-m", "edgar_tune.cli", "models", "--tracking-uri",
+                           second["mlflow_tracking_uri"]], cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines() if line.startswith("  v")}
+    v1, v2 = f"v{first['model_version']}", f"v{second['model_version']}"
+    assert rows[v2][1:5] == ["champion", "A", f"{second['ppl_after']:.4f}", "-"]
+    assert rows[v1][1:5] == ["-", "B", f"{compared['perplexity']:.4f}*", f"{first['ppl_after']:.4f}"]
+    assert rows[v1][-4:-2] == ["AMZN", "FY2020"] and rows[v2][-4:-2] == ["AMZN", "FY2021"]
 
 
 def test_a_registration_leaves_mlflow_tracking_uri_as_it_was(tiny_run, monkeypatch):
