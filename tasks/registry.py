@@ -7,12 +7,15 @@ ships whole because it exists only inside its run folder.
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import json
 import logging
+import math
 import os
 import subprocess
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -27,6 +30,7 @@ import yaml
 
 from edgar_tune.config import REPO_ROOT, EvalConfig, PipelineConfig, RegisterConfig, flat_params
 from tasks.io import EVALUATE, PARSE, TOKENIZE, TRAIN, held, holder_info, read_json, read_jsonl
+from tasks.progress import clock
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +124,7 @@ def _plots(tmp: Path, losses: list[dict], before: dict, after: dict, val_losses:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(7, 4))
     steps, values = [r["step"] for r in losses], [r["loss"] for r in losses]
@@ -138,24 +143,72 @@ def _plots(tmp: Path, losses: list[dict], before: dict, after: dict, val_losses:
     fig.savefig(tmp / "loss_curve.png", dpi=110)
     plt.close(fig)
 
-    filings = all("ticker" in d for d in before["documents"])  # 10-Ks: one bar per MD&A; users' text: overall
-    per_doc = before["documents"] if filings else []
-    names = [f"{d['ticker']} FY{d['fiscal_year']}" for d in per_doc] + ["overall"]
-    b = [d["perplexity"] for d in per_doc] + [before["perplexity"]]
-    a = [d["perplexity"] for d in after["documents"]][: len(per_doc)] + [after["perplexity"]]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    x = range(len(names))
-    ax.bar([i - 0.2 for i in x], b, width=0.4, label="before fine-tuning")
-    ax.bar([i + 0.2 for i in x], a, width=0.4, label="after fine-tuning")
-    ax.set_xticks(list(x), names)
-    ax.set_ylabel("perplexity on held-out MD&A" if filings else "perplexity on held-out text")
-    ax.set_title("Validation perplexity (Item 7, MD&A)" if filings else "Validation perplexity")
-    ax.set_ylim(0, max(b + a) * 1.25)
-    ax.legend(loc="upper center", ncols=2)
+    kind, names, b, a = perplexity_groups(before, after)
+    fig, ax = plt.subplots(figsize=(7.0 if kind == "spread" else max(7.0, 0.45 * len(names)), 4.5))
+    unit = "perplexity on held-out MD&A" if kind != "text" else "perplexity on held-out text"
+    if kind == "spread":  # too many companies for bars: how their perplexity changed, and overall
+        change = [100 * (y / x - 1) for x, y in zip(b[:-1], a[:-1], strict=True)]
+        spread = max(change) - min(change) > 1e-6  # equal changes: one bar (numpy cannot split a zero range)
+        ax.hist(change, bins=min(40, max(10, len(change) // 5)) if spread else 1)
+        ax.axvline(100 * (a[-1] / b[-1] - 1), color="black", linestyle="--",
+                   label=f"overall: {b[-1]:.3f} -> {a[-1]:.3f} ({100 * (a[-1] / b[-1] - 1):+.1f}%)")  # fmt: skip
+        ax.set_xlabel("change in perplexity by fine-tuning (%)")
+        ax.set_ylabel("companies")
+        ax.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.set_title(f"Validation perplexity (Item 7, MD&A) of {len(change)} companies")
+        ax.legend()
+    else:
+        x = range(len(names))
+        ax.bar([i - 0.2 for i in x], b, width=0.4, label="before fine-tuning")
+        ax.bar([i + 0.2 for i in x], a, width=0.4, label="after fine-tuning")
+        ax.set_xticks(list(x), names, rotation=45 if len(names) > 6 else 0, ha="right" if len(names) > 6 else "center")
+        ax.set_ylabel(unit)
+        by = {"filings": "", "companies": ", by company", "text": ""}[kind]
+        ax.set_title(("Validation perplexity (Item 7, MD&A)" if kind != "text" else "Validation perplexity") + by)
+        ax.set_ylim(0, max(b + a) * 1.25)
+        ax.legend(loc="upper center", ncols=2)
     fig.tight_layout()
     fig.savefig(tmp / "perplexity_before_after.png", dpi=110)
     plt.close(fig)
     return [tmp / "loss_curve.png", tmp / "perplexity_before_after.png"]
+
+
+def perplexity_groups(before: dict, after: dict, most: int = 24) -> tuple[str, list[str], list[float], list[float]]:
+    """What the before/after plot compares, "overall" last: (kind, names, perplexity before, after).
+
+    kind "filings": a pair of bars per held-out MD&A (AMZN FY2021) while there are at most `most`; "companies": per
+    company, over all its years (exp of its total NLL over its tokens) while there are at most `most`; "spread":
+    per company too, for a histogram of the change; "text": users' own text, overall only."""
+    overall = (["overall"], [before["perplexity"]], [after["perplexity"]])
+    docs = list(zip(before["documents"], after["documents"], strict=True))
+    if not docs or not all("ticker" in d for d, _ in docs):
+        return ("text", *overall)
+    if len(docs) <= most:
+        names = [f"{d['ticker']} FY{d['fiscal_year']}" for d, _ in docs]
+        return ("filings", names + overall[0], [d["perplexity"] for d, _ in docs] + overall[1],
+                [d["perplexity"] for _, d in docs] + overall[2])  # fmt: skip
+    totals: dict[str, list[float]] = {}  # ticker: [nll before, nll after, tokens]
+    for d, e in docs:
+        t = totals.setdefault(d["ticker"], [0.0, 0.0, 0])
+        t[0], t[1], t[2] = t[0] + d["nll"], t[1] + e["nll"], t[2] + d["tokens"]
+    names = sorted(totals)
+    b = [math.exp(totals[n][0] / totals[n][2]) if totals[n][2] else float("nan") for n in names]
+    a = [math.exp(totals[n][1] / totals[n][2]) if totals[n][2] else float("nan") for n in names]
+    return ("companies" if len(names) <= most else "spread", names + overall[0], b + overall[1], a + overall[2])
+
+
+def per_document_table(before: dict, after: dict) -> dict[str, list]:
+    """Columns for `mlflow.log_table`: each held-out document (a filing's MD&A, or a file's row), its tokens, and
+    its perplexity before and after fine-tuning, to sort in the MLflow UI."""
+    skip = {"tokens", "nll", "perplexity", "scored_tokens"}
+    keys = [k for k in before["documents"][0] if k not in skip] if before["documents"] else []
+    table: dict[str, list] = {k: [d.get(k) for d in before["documents"]] for k in keys}
+    table["tokens"] = [d["tokens"] for d in before["documents"]]
+    table["perplexity_before"] = [d["perplexity"] for d in before["documents"]]
+    table["perplexity_after"] = [d["perplexity"] for d in after["documents"]]
+    table["change_pct"] = [round(100 * (y / x - 1), 2) if x else None
+                           for x, y in zip(table["perplexity_before"], table["perplexity_after"], strict=True)]  # fmt: skip
+    return table
 
 
 def _experiment_id(client, name: str, runs_root: Path, uri: str) -> str:
@@ -400,9 +453,7 @@ def live_training_run(run_dir: Path, registry: RegisterConfig, preset: str,
     register stage then logs the rest into it (`_continued_run`).
 
     MLflow out of reach does not stop training: it yields (None, None) after a warning, and the curves are logged
-    at registration instead."""
-    from mlflow.entities import Metric
-
+    at registration instead; one that stops answering later holds the points until it is back (`LiveMetrics`)."""
     uri = tracking_uri(registry.tracking_uri, run_dir.parent)
     try:
         _answers(uri)
@@ -418,32 +469,89 @@ def live_training_run(run_dir: Path, registry: RegisterConfig, preset: str,
         return
     log.info("training's curves go to MLflow as they come: run %s of experiment %r at %s", run_id,
              registry.experiment, uri)  # fmt: skip
-    broken = False
-
-    def log_metrics(rows: list[tuple[str, float, int, float]]) -> None:
-        nonlocal broken
-        if broken:
-            return
-        try:
-            for i in range(0, len(rows), 1000):  # MLflow's most per batch
-                client.log_batch(run_id, metrics=[Metric(k, float(v), int(t * 1000), int(step))
-                                                  for k, v, step, t in rows[i : i + 1000]])  # fmt: skip
-        except Exception as err:  # noqa: BLE001
-            broken = True
-            log.warning("MLflow took no more of training's curves (%s: %s); they are logged at registration",
-                        type(err).__name__, err)  # fmt: skip
-
+    sender = LiveMetrics(client, run_id, uri)
     status = "FAILED"
     try:
-        yield run_id, log_metrics
+        yield run_id, sender
         status = "FINISHED"
     finally:
-        try:
-            if not broken:  # else the registration, if it can, ends the run
-                _answers(uri)
+        if sender.close():  # else the registration, if it can, ends the run (a call now would wait on retries)
+            try:
                 client.set_terminated(run_id, status)
-        except Exception as err:  # noqa: BLE001
-            log.warning("MLflow run %s could not be marked %s (%s: %s)", run_id, status, type(err).__name__, err)
+            except Exception as err:  # noqa: BLE001
+                log.warning("MLflow run %s could not be marked %s (%s: %s)", run_id, status, type(err).__name__,
+                            err)  # fmt: skip
+
+
+class LiveMetrics:
+    """Sends metric points to an MLflow run from a thread of its own, so that a tracking server that is slow or
+    gone never holds up the caller (the progress lines of training). A server that stops answering is asked again
+    every `retry_s` with a quick probe, and the points held meanwhile go when it is back: a restarted server keeps
+    its curves whole. Call it with [(key, value, step, unix time)]; `close` sends what is left."""
+
+    def __init__(self, client, run_id: str, uri: str, retry_s: float = 30.0) -> None:
+        self.client, self.run_id, self.uri, self.retry_s = client, run_id, uri, retry_s
+        self.pending: list[tuple[str, float, int, float]] = []
+        self.lock, self.wake, self.stop = threading.Lock(), threading.Event(), threading.Event()
+        self.down_since: float | None = None  # the time the server stopped taking points
+        # In a copy of the caller's context: its lines reach the Prefect run's log, as the caller's do
+        self.thread = threading.Thread(target=contextvars.copy_context().run, args=(self._run,), name="mlflow-metrics",
+                                       daemon=True)  # fmt: skip
+        self.thread.start()
+
+    def __call__(self, rows: list[tuple[str, float, int, float]]) -> None:
+        with self.lock:
+            self.pending.extend(rows)
+        self.wake.set()
+
+    def close(self, timeout: float = 30.0) -> bool:
+        """Send what is held (waiting `timeout` s at most); whether the server took every point."""
+        self.stop.set()
+        self.wake.set()
+        self.thread.join(timeout)
+        with self.lock:
+            left = len(self.pending)
+        if left or self.thread.is_alive():
+            log.warning("MLflow at %s did not take the last %d point(s) of training's curves; the register stage "
+                        "logs the training and validation losses it lacks", self.uri, left)  # fmt: skip
+            return False
+        return True
+
+    def _run(self) -> None:
+        while True:
+            self.wake.wait(self.retry_s if self.down_since else None)
+            self.wake.clear()
+            stopping = self.stop.is_set()
+            if self._send() and stopping or stopping and self.down_since:
+                return
+
+    def _send(self) -> bool:
+        """Send what is pending; whether all of it went."""
+        from mlflow.entities import Metric
+
+        with self.lock:
+            rows, self.pending = self.pending, []
+        try:
+            if rows:
+                _answers(self.uri, timeout=5)  # a server gone: a quick no, not MLflow's four minutes of retries
+            while rows:
+                batch = rows[:1000]  # MLflow's most per batch
+                self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), int(t * 1000), int(step))
+                                                            for k, v, step, t in batch])  # fmt: skip
+                rows = rows[len(batch) :]
+        except Exception as err:  # noqa: BLE001 (training goes on; the points wait for the server)
+            with self.lock:
+                self.pending[:0] = rows
+            if self.down_since is None:
+                self.down_since = time.monotonic()
+                log.warning("MLflow at %s took no points of training's curves (%s: %s); holding them, and asking "
+                            "again every %.0f s", self.uri, type(err).__name__, err, self.retry_s)  # fmt: skip
+            return False
+        if self.down_since is not None:
+            log.info("MLflow at %s takes training's curves again, after %s; the points held meanwhile are sent",
+                     self.uri, clock(time.monotonic() - self.down_since))  # fmt: skip
+            self.down_since = None
+        return True
 
 
 def _answers(uri: str, timeout: float = 10.0) -> None:
@@ -593,6 +701,7 @@ def _register(run_dir: Path, cfg: PipelineConfig, flow_run_id: str | None, runs_
         mlflow.log_dict(read_json(run_dir / TOKENIZE / "data_report.json"), "data/report.json")
         mlflow.log_text((run_dir / TOKENIZE / "data_report.md").read_text(), "data/report.md")
         mlflow.log_dict({"before": before, "after": after}, "eval/perplexity.json")
+        mlflow.log_table(per_document_table(before, after), artifact_file="eval/per_document.json")
         samples = [run_dir / EVALUATE / f"{n}.samples.json" for n in ("base", "finetuned")]
         if all(p.exists() for p in samples):
             from tasks.generate import side_by_side

@@ -132,6 +132,10 @@ def test_mlflow_has_the_version_alias_metrics_and_plots(tiny_run):
     assert plots == {"plots/loss_curve.png", "plots/perplexity_before_after.png"}
     data = {a.path for a in client.list_artifacts(run.info.run_id, "data")}
     assert data == {"data/report.json", "data/report.md"}
+    logged = json.loads(Path(client.download_artifacts(run.info.run_id, "eval/per_document.json")).read_text())
+    table = [dict(zip(logged["columns"], row, strict=True)) for row in logged["data"]]
+    assert [r["ticker"] for r in table] == ["AMZN", "AMZN"] and sorted(r["fiscal_year"] for r in table) == [2020, 2021]
+    assert sum(r["perplexity_after"] for r in table) < sum(r["perplexity_before"] for r in table)
 
 
 def test_registered_model_loads_as_pyfunc_and_generates(tiny_run):

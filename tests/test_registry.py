@@ -112,6 +112,45 @@ def test_a_person_promotes_a_version_by_hand_and_the_registry_records_who_and_wh
     assert not (tmp_path / "runs").exists()
 
 
+def test_the_before_after_plot_stays_readable_from_one_filing_to_hundreds_of_companies(tmp_path):
+    """A pair of bars per MD&A while they are few; per company (its years' tokens pooled) up to 24 companies; past
+    that, a histogram of the companies' change. Each drawn, for real, by matplotlib."""
+    import math
+
+    from tasks.registry import _plots, per_document_table, perplexity_groups
+
+    def scores(companies: int, years: int, shift: float) -> dict:
+        docs = [{"ticker": f"T{c:03d}", "fiscal_year": 2015 + y, "accession": f"{c}-{y}", "tokens": 1000,
+                 "nll": 1000 * (2.0 + c / 100 - shift)} for c in range(companies) for y in range(years)]  # fmt: skip
+        for d in docs:
+            d["perplexity"] = math.exp(d["nll"] / d["tokens"])
+        nll, tokens = sum(d["nll"] for d in docs), sum(d["tokens"] for d in docs)
+        return {"perplexity": math.exp(nll / tokens), "documents": docs}
+
+    kind, names, before, after = perplexity_groups(scores(2, 2, 0), scores(2, 2, 0.5))
+    assert kind == "filings" and names == ["T000 FY2015", "T000 FY2016", "T001 FY2015", "T001 FY2016", "overall"]
+    kind, names, before, after = perplexity_groups(scores(10, 3, 0), scores(10, 3, 0.5))
+    assert kind == "companies" and names[:2] == ["T000", "T001"] and len(names) == 11
+    assert before[1] == pytest.approx(math.exp(2.01)) and after[1] == pytest.approx(math.exp(1.51))
+    kind, names, _, _ = perplexity_groups(scores(300, 2, 0), scores(300, 2, 0.5))
+    assert kind == "spread" and len(names) == 301
+    assert perplexity_groups({"perplexity": 9.0, "documents": [{"file": "a.txt", "row": 0, "tokens": 5, "nll": 1.0,
+                                                                "perplexity": 1.2}]},  # fmt: skip
+                             {"perplexity": 8.0, "documents": [{"file": "a.txt", "row": 0, "tokens": 5, "nll": 0.9,
+                                                                "perplexity": 1.1}]})[0] == "text"  # fmt: skip
+    for n, (companies, years) in enumerate(((2, 2), (10, 3), (300, 2))):
+        folder = tmp_path / str(n)
+        folder.mkdir()
+        losses = [{"step": i, "loss": 3.0 - i / 10} for i in range(1, 11)]
+        for png in _plots(folder, losses, scores(companies, years, 0), scores(companies, years, 0.5), []):
+            head = png.read_bytes()[:24]
+            assert head[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(head[16:20], "big") <= 800  # pixels wide
+    table = per_document_table(scores(2, 2, 0), scores(2, 2, 0.5))
+    assert list(table) == ["ticker", "fiscal_year", "accession", "tokens", "perplexity_before", "perplexity_after",
+                           "change_pct"]  # fmt: skip
+    assert table["change_pct"][0] == pytest.approx(100 * (math.exp(-0.5) - 1), abs=0.01)
+
+
 def test_tokenizers_compare_equal_only_when_they_make_the_same_ids(tiny_run, tmp_path):
     from edgar_tune.config import ModelConfig
     from tasks.models import build_tiny_llama, load_tokenizer

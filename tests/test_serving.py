@@ -86,9 +86,9 @@ def test_mlflow_models_serve_answers_a_prompt(tiny_run, tmp_path):
 
 
 @contextlib.contextmanager
-def mlflow_server(folder: Path) -> Iterator[str]:
+def mlflow_server(folder: Path, port: int | None = None) -> Iterator[str]:
     """A real `mlflow server` on loopback with its store and artifacts in `folder`: yields its URI."""
-    port = free_port()
+    port = port or free_port()
     server_env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     cmd = [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
            "--artifacts-destination", str(folder / "server-artifacts"), "--host", "127.0.0.1", "--port", str(port),
@@ -101,6 +101,45 @@ def mlflow_server(folder: Path) -> Iterator[str]:
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_training_curves_wait_out_a_tracking_server_restart(tmp_path, caplog):
+    """A team tracking server restarted mid-training: the points logged while it is down are held and sent once it
+    is back, and the caller (the training's progress lines) never waits on it."""
+    import logging
+    import time
+
+    import mlflow
+
+    from tasks.registry import LiveMetrics
+
+    caplog.set_level(logging.INFO, "tasks.registry")
+    port = free_port()
+
+    def steps(client, run_id: str) -> list[int]:
+        return sorted(m.step for m in client.get_metric_history(run_id, "train_loss"))
+
+    def until(what, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not what():
+            assert time.monotonic() < deadline, caplog.text[-2000:]
+            time.sleep(0.2)
+
+    with mlflow_server(tmp_path, port) as uri:
+        client = mlflow.MlflowClient(uri)
+        run_id = client.create_run(client.create_experiment("curves")).info.run_id
+        send = LiveMetrics(client, run_id, uri, retry_s=1.0)
+        send([("train_loss", 3.0, 1, time.time())])
+        until(lambda: steps(client, run_id) == [1])
+    began = time.monotonic()
+    send([("train_loss", 2.5, 2, time.time()), ("train_loss", 2.0, 3, time.time())])
+    assert time.monotonic() - began < 0.5
+    until(lambda: "took no points of training's curves" in caplog.text)
+    with mlflow_server(tmp_path, port):  # the same store, back on the same address
+        until(lambda: "takes training's curves again" in caplog.text)
+        send([("train_loss", 1.5, 4, time.time())])
+        assert send.close()
+        assert steps(client, run_id) == [1, 2, 3, 4]
 
 
 def test_pipeline_registers_on_a_remote_tracking_server(tmp_path, prefect_server):
