@@ -74,13 +74,19 @@ def report_markdown(report: dict) -> str:
     return "\n".join(lines + tail + (["\nWarnings:", *warnings] if warnings else [])) + "\n"
 
 
-def encode_instructions(rows: list[dict], tokenizer, length: int) -> tuple[dict, int]:
-    """Prompt + completion + EOS per example, the prompt's labels -100 (no loss); cut to `length` tokens.
+def encode_instructions(rows: list[dict], tokenizer, length: int, done=None) -> tuple[dict, int]:
+    """Prompt + completion + EOS per example, the prompt's labels -100 (no loss); cut to `length` tokens. `done`
+    (a function) hears how many examples are tokenized, after each thousand.
 
     Returns the columns and the number of examples whose completion was cut.
     """
-    prompts = tokenizer([r["prompt"] for r in rows], add_special_tokens=False)["input_ids"]
-    completions = tokenizer([r["completion"] for r in rows], add_special_tokens=False)["input_ids"]
+    prompts, completions = [], []
+    for i in range(0, len(rows), 1000):
+        part = rows[i : i + 1000]
+        prompts += tokenizer([r["prompt"] for r in part], add_special_tokens=False)["input_ids"]
+        completions += tokenizer([r["completion"] for r in part], add_special_tokens=False)["input_ids"]
+        if done:
+            done(len(part))
     ids, labels, cut = [], [], 0
     for p, c in zip(prompts, completions, strict=True):
         full = p + c + [tokenizer.eos_token_id]
@@ -114,23 +120,27 @@ def write_tokenize_stage(out: Path, parse_dir: Path, cfg: PipelineConfig) -> dic
         length = block_length(cfg.tokenize.max_input_length, base)
         eos = tokenizer.eos_token_id
         # A corpus of hundreds of companies takes minutes: lines in the run's log and a bar in the UI
-        bar = Progress("tokenize", len(train_rows) + len(val_rows), "documents", logger=OwnLine(log, {"open": None}),
-                       quiet_s=QUIET_S)  # fmt: skip
+        bar = Progress("tokenize", len(train_rows) + len(val_rows), "examples" if instruction else "documents",
+                       logger=OwnLine(log, {"open": None}), quiet_s=QUIET_S)  # fmt: skip
         done = 0
 
-        def encode(batch: dict) -> dict:
+        def tokenized(n: int) -> None:
             nonlocal done
-            ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
-            done += len(ids)
+            done += n
             bar.update(done)
+
+        def encode(batch: dict) -> dict:
+            ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
+            tokenized(len(ids))
             return {"input_ids": [x + [eos] for x in ids]}
 
         # An explicit fingerprint: hashing the closure (and the tokenizer in it) is slow and prints bytecode.
         key = f"{base}|{length}|{len(tokenizer)}"
         extra = {}
         if instruction:
-            train_cols, cut = encode_instructions(train_rows, tokenizer, length)
-            val_cols, val_cut = encode_instructions(val_rows, tokenizer, length)
+            train_cols, cut = encode_instructions(train_rows, tokenizer, length, tokenized)
+            val_cols, val_cut = encode_instructions(val_rows, tokenizer, length, tokenized)
+            bar.close()
             Dataset.from_dict(train_cols).save_to_disk(tmp / "train")
             val_tok = Dataset.from_list([row_meta(r) for r in val_rows]).add_column("input_ids", val_cols["input_ids"])
             val_tok = val_tok.add_column("labels", val_cols["labels"])

@@ -92,6 +92,15 @@ def test_prompt_tokens_are_masked_out_of_the_loss(tiny_run):
     assert labels[:prompt_len] == [-100] * prompt_len
     assert labels[prompt_len:] == ids[prompt_len:] and ids[-1] == tok.eos_token_id and cut == 0
     assert tok.decode(ids[prompt_len:-1]) == rows[0]["completion"]
+    # A large set is tokenized a thousand examples at a time, for the stage's progress, to the same ids.
+    many = [{"prompt": f"### Instruction:\nWhat were net sales in {2000 + i % 24}?\n\n", "completion": f" ${i}."}
+            for i in range(2500)]  # fmt: skip
+    heard: list[int] = []
+    cols, _ = encode_instructions(many, tok, 128, heard.append)
+    assert heard == [1000, 1000, 500]
+    prompts = tok([r["prompt"] for r in many], add_special_tokens=False)["input_ids"]
+    completions = tok([r["completion"] for r in many], add_special_tokens=False)["input_ids"]
+    assert cols["input_ids"] == [p + c + [tok.eos_token_id] for p, c in zip(prompts, completions, strict=True)]
 
 
 def test_an_edited_source_is_read_again_and_never_half(tmp_path, paragraphs, caplog):
