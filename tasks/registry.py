@@ -531,8 +531,9 @@ class LiveMetrics:
 
         with self.lock:
             rows, self.pending = self.pending, []
+        sending = bool(rows)
         try:
-            if rows:
+            if sending:
                 _answers(self.uri, timeout=5)  # a server gone: a quick no, not MLflow's four minutes of retries
             while rows:
                 batch = rows[:1000]  # MLflow's most per batch
@@ -547,7 +548,7 @@ class LiveMetrics:
                 log.warning("MLflow at %s took no points of training's curves (%s: %s); holding them, and asking "
                             "again every %.0f s", self.uri, type(err).__name__, err, self.retry_s)  # fmt: skip
             return False
-        if self.down_since is not None:
+        if self.down_since is not None and sending:  # only points sent say that the server is back
             log.info("MLflow at %s takes training's curves again, after %s; the points held meanwhile are sent",
                      self.uri, clock(time.monotonic() - self.down_since))  # fmt: skip
             self.down_since = None
