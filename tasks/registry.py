@@ -604,27 +604,30 @@ def one_writer(uri: str, run_dir: Path) -> Iterator[None]:
     `champion` from a better version. Into a new sqlite store, two processes at once both ran its migrations and
     one failed (`duplicate column name`).
 
-    A sqlite store: a lock file beside the database. Another store (a tracking server), from a Prefect run: the one
-    slot of a Prefect global concurrency limit named after the URI, which every worker shares. Each waits for the
-    one before it (`REGISTRY_WAIT_S` at most for a tracking server)."""
+    A sqlite store: a lock file beside the database. Another store (a tracking server), from a Prefect run or
+    wherever a Prefect server is configured (PREFECT_API_URL: `edgar-tune promote`, `edgar-tune stage register`):
+    the one slot of a Prefect global concurrency limit named after the URI, which every worker shares. Each waits
+    for the one before it (`REGISTRY_WAIT_S` at most for a tracking server)."""
     if uri.startswith("sqlite:///"):
         with _sqlite_lock(uri, run_dir):
             yield
         return
+    from prefect.settings import get_current_settings
+
     from tasks.limits import in_prefect_run, slot, slot_name
 
-    if not in_prefect_run():  # `edgar-tune stage register`: no Prefect
+    if not in_prefect_run() and not get_current_settings().api.url:  # no Prefect server to hold a limit on
         yield
         return
     name = slot_name("edgar-tune-registry", uri)
-    log.info("registering into %s: taking the Prefect global concurrency limit %s", uri, name)
+    log.info("writing to the registry at %s: taking the Prefect global concurrency limit %s", uri, name)
     with ExitStack() as stack:
         try:
             stack.enter_context(slot(name, wait_s=REGISTRY_WAIT_S))
         except TimeoutError as err:
             raise RuntimeError(f"waited {REGISTRY_WAIT_S} s for another registration into {uri} to end (it holds "
-                               f"the Prefect global concurrency limit {name}); rerun `register` once it has, or "
-                               "free its slot in the UI (Concurrency -> Global) if it is gone") from err  # fmt: skip
+                               f"the Prefect global concurrency limit {name}); try again once it has, or free its "
+                               "slot in the UI (Concurrency -> Global) if it is gone") from err  # fmt: skip
         yield
 
 

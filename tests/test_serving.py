@@ -198,6 +198,16 @@ def test_a_registration_waits_for_the_one_before_it_on_a_tracking_server(tiny_ru
         assert proc.returncode == 0, out[-3000:]
         version = mlflow.MlflowClient(uri).get_model_version("edgar-tune-10k", "1")
         assert version.creation_timestamp / 1000 >= released
+        # A promotion by hand takes the same turn: it moves no alias while a registration may be deciding one.
+        with held_elsewhere("registry", uri, env=env):
+            proc = subprocess.Popen([sys.executable, "-m", "edgar_tune.cli", "promote", "1", "--alias", "production"],
+                                    cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+            time.sleep(15)  # a promotion without the wait is done in 3-5 s here
+            assert proc.poll() is None and "production" not in mlflow.MlflowClient(uri).get_registered_model(
+                "edgar-tune-10k").aliases  # fmt: skip
+        out = proc.communicate(timeout=120)[0]
+        assert proc.returncode == 0 and "edgar-tune-10k v1 is now @production" in out, out[-3000:]
+        assert "taking the Prefect global concurrency limit edgar-tune-registry-" in out
 
 
 def test_nan_perplexity_fails_before_anything_is_registered(tiny_run, tmp_path):
