@@ -44,6 +44,11 @@ def tracking_uri(cfg_uri: str | None, runs_root: Path) -> str:
     return cfg_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(runs_root / 'mlflow.db').resolve()}"
 
 
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a sqlite store's URI (`sqlite:///PATH`); None for a tracking server."""
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
 def git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
@@ -568,14 +573,15 @@ def _answers(uri: str, timeout: float = 10.0) -> None:
 def _creating_store(uri: str, run_dir: Path):
     """The sqlite store's lock while this process may be the one that creates it (two creating one at once both
     run its migrations, and one fails)."""
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+    db = sqlite_file(uri)
+    if db is not None and not db.exists():
         return _sqlite_lock(uri, run_dir)
     return nullcontext()
 
 
 def _sqlite_lock(uri: str, run_dir: Path):
     """The lock file beside a sqlite store, waited for."""
-    db = Path(uri.removeprefix("sqlite:///"))
+    db = sqlite_file(uri)
     return held(db.with_name(db.name + ".lock"), holder_info(run=str(run_dir)), wait=True)
 
 
@@ -608,7 +614,7 @@ def one_writer(uri: str, run_dir: Path) -> Iterator[None]:
     wherever a Prefect server is configured (PREFECT_API_URL: `edgar-tune promote`, `edgar-tune stage register`):
     the one slot of a Prefect global concurrency limit named after the URI, which every worker shares. Each waits
     for the one before it (`REGISTRY_WAIT_S` at most for a tracking server)."""
-    if uri.startswith("sqlite:///"):
+    if sqlite_file(uri) is not None:
         with _sqlite_lock(uri, run_dir):
             yield
         return
