@@ -23,7 +23,7 @@ from tasks.checkpoints import checkpoint_step, resume_settings, trainer_class
 from tasks.checkpoints import prepare as prepare_checkpoints
 from tasks.io import atomic_dir, atomic_write_json, read_json, write_jsonl
 from tasks.memory import recomputed_layers
-from tasks.progress import OwnLine, Progress
+from tasks.progress import EVENTS, Curves, OwnLine, Point, Progress, whole_events
 from kernels.hf import causal_lm_of, fuse_layers, resolve_backend
 from kernels.lora import lean_lora
 from tasks.models import device, load_causal_lm, load_tokenizer
@@ -135,9 +135,6 @@ def step_timer():
     return StepTimer()
 
 
-EVENTS = "events.jsonl"  # the training process's progress and log lines, in the train stage's folder
-
-
 def progress_events(path: Path, tokens_per_step: int):
     """A Trainer callback that appends the start of training and each of the Trainer's logs (loss, learning rate,
     validation loss) to `path` as JSON lines, on rank 0, for the train stage to show (`follow_progress`)."""
@@ -204,16 +201,14 @@ def follow_progress(path: Path, stop, poll_s: float = 2.0, metrics=None, open_li
     MLflow metrics. Runs in a thread of the train stage, in a copy of its context (Prefect's run context
     included). `open_line` (a threading.Event) says when the training process's console output ends mid-line.
 
-    Tokens/s is the rate since the previous loss, validation time left out; the time left is estimated from the
-    average pace since training began, validation included, as the rest of the run will have it too."""
+    Its points, and the tokens/s and time left of its lines, are `Curves`'."""
     open_line = open_line or threading.Event()
     log = OwnLine(logging.getLogger(__name__), {"open": open_line})
     bar: Progress | None = None
-    begin: dict = {}
-    last, validating = (0, 0.0), 0.0  # (step, time) of the previous loss, and the validation seconds since
+    curves = Curves()
     pos = 0
     while True:
-        rows: list[tuple[str, float, int, float]] = []
+        rows: list[Point] = []
         stopping = stop.wait(poll_s)
         try:
             with path.open("rb") as f:
@@ -223,18 +218,15 @@ def follow_progress(path: Path, stop, poll_s: float = 2.0, metrics=None, open_li
             data = b""
         data = data[: data.rfind(b"\n") + 1]  # whole lines only
         pos += len(data)
-        for line in data.splitlines():
-            try:
-                event = json.loads(line)
-            except ValueError:  # a line cut short by a crash, with another after it: the next are whole
-                continue
+        for event in whole_events(data):
             if "log" in event:
                 record = event["log"]
                 OwnLine(logging.getLogger(record["name"]), {"open": open_line}).replay(record["level"],
                                                                                         record["message"],
                                                                                         event["time"])  # fmt: skip
-            elif event.get("begin"):
-                begin, last, validating = event, (event["step"], event["time"]), 0.0
+                continue
+            points = curves.points(event)
+            if event.get("begin"):
                 bar = Progress("training", event["max_steps"], "steps", logger=log)
                 if event["step"]:
                     log.info("training resumes at step %d of %d", event["step"], event["max_steps"])
@@ -243,23 +235,15 @@ def follow_progress(path: Path, stop, poll_s: float = 2.0, metrics=None, open_li
             elif "eval_loss" in event:
                 log.info("training step %d of %d: validation loss %.4f", event["step"], event["max_steps"],
                          event["eval_loss"])  # fmt: skip
-                rows.append(("val_loss", event["eval_loss"], event["step"], event["time"]))
-                validating += event.get("eval_runtime", 0.0)
             elif "loss" in event:
-                seconds = event["time"] - begin["time"]
-                rate = (event["step"] - begin["step"]) / seconds if seconds > 0 else None
-                training_s = event["time"] - last[1] - validating
-                window = (event["step"] - last[0]) / training_s if training_s > 0 else rate
-                last, validating = (event["step"], event["time"]), 0.0
-                detail = f"loss {event['loss']:.4f}"
-                rows.append(("train_loss", event["loss"], event["step"], event["time"]))
-                if event.get("learning_rate") is not None:
-                    detail += f", learning rate {event['learning_rate']:.2e}"
-                    rows.append(("learning_rate", event["learning_rate"], event["step"], event["time"]))
-                if window:
-                    detail += f", {window * event['tokens_per_step']:,.0f} tokens/s"
-                    rows.append(("tokens_per_s", window * event["tokens_per_step"], event["step"], event["time"]))
-                bar.update(event["step"], detail, rate=rate, elapsed=seconds)
+                got = {key: value for key, value, *_ in points}
+                detail = f"loss {got['train_loss']:.4f}"
+                if "learning_rate" in got:
+                    detail += f", learning rate {got['learning_rate']:.2e}"
+                if "tokens_per_s" in got:
+                    detail += f", {got['tokens_per_s']:,.0f} tokens/s"
+                bar.update(event["step"], detail, rate=curves.rate, elapsed=curves.elapsed(event))
+            rows += points
         if rows and metrics:
             metrics(rows)
         if stopping:

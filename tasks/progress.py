@@ -6,11 +6,19 @@ watched there, has no console.
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import sys
 import time
+from pathlib import Path
+
+from tasks.io import read_jsonl
 
 log = logging.getLogger(__name__)
+
+EVENTS = "events.jsonl"  # the training process's progress and log lines, in the train stage's folder
+Point = tuple[str, float, int, float]  # a point of a curve: (MLflow metric key, value, step, unix time)
+CURVES = ("train_loss", "learning_rate", "tokens_per_s", "val_loss")
 
 
 def clock(seconds: float) -> str:
@@ -111,3 +119,76 @@ class Progress:
             self._broken = True
             log.warning("%s: the Prefect server took no progress update (%s: %s); the log lines go on",
                         self.what, type(err).__name__, err)  # fmt: skip
+
+
+def whole_events(data: bytes) -> list[dict]:
+    """The events of an events file's whole lines (a line cut short by a crash, with another after it, is skipped:
+    the next are whole)."""
+    events = []
+    for line in data.splitlines():
+        try:
+            events.append(json.loads(line))
+        except ValueError:
+            continue
+    return events
+
+
+class Curves:
+    """Training's curves from the training process's events (tasks.finetune.progress_events): the points of
+    `CURVES`, as the train stage logs them to MLflow while training runs (`follow_progress`), and as the register
+    stage logs those a tracking server never took (`training_points`).
+
+    Tokens/s is the rate since the previous loss, validation time left out. `rate` (steps/s since training began,
+    validation included) is the pace the time left is estimated from, as the rest of the run will validate too."""
+
+    def __init__(self) -> None:
+        self.begin: dict = {}
+        self.last, self.validating = (0, 0.0), 0.0  # (step, time) of the previous loss; validation seconds since
+        self.rate: float | None = None
+
+    def points(self, event: dict) -> list[Point]:
+        if "log" in event:
+            return []
+        step, at = event["step"], event["time"]
+        if event.get("begin"):
+            self.begin, self.last, self.validating = event, (step, at), 0.0
+            return []
+        if not self.begin:
+            return []
+        if "eval_loss" in event:
+            self.validating += event.get("eval_runtime", 0.0)
+            return [("val_loss", event["eval_loss"], step, at)]
+        if "loss" not in event:
+            return []
+        seconds = self.elapsed(event)
+        self.rate = (step - self.begin["step"]) / seconds if seconds > 0 else None
+        training_s = at - self.last[1] - self.validating
+        window = (step - self.last[0]) / training_s if training_s > 0 else self.rate
+        self.last, self.validating = (step, at), 0.0
+        points = [("train_loss", event["loss"], step, at)]
+        if event.get("learning_rate") is not None:
+            points.append(("learning_rate", event["learning_rate"], step, at))
+        if window:
+            points.append(("tokens_per_s", window * event["tokens_per_step"], step, at))
+        return points
+
+    def elapsed(self, event: dict) -> float:
+        return event["time"] - self.begin["time"]
+
+
+def training_points(train_dir: Path) -> list[Point]:
+    """Every point of training's curves that a finished train stage's folder holds: those of its events file, at
+    the times they were made, and for the steps it lacks (a resumed training's steps before the crash, whose
+    events went with the crashed attempt) the losses and learning rates of the Trainer's history, at this time."""
+    events = train_dir / EVENTS
+    curves = Curves()
+    points = [p for e in whole_events(events.read_bytes() if events.exists() else b"") for p in curves.points(e)]
+    have, now = {(key, step) for key, _, step, _ in points}, time.time()
+    val = train_dir / "val_loss.jsonl"
+    history = [(r, ("train_loss", "loss"), ("learning_rate", "learning_rate")) for r in read_jsonl(train_dir /
+               "loss.jsonl")] + [(r, ("val_loss", "val_loss")) for r in (read_jsonl(val) if val.exists() else [])]  # fmt: skip
+    for row, *keys in history:
+        for key, field in keys:
+            if row.get(field) is not None and (key, int(row["step"])) not in have:
+                points.append((key, float(row[field]), int(row["step"]), now))
+    return points

@@ -30,7 +30,7 @@ import yaml
 
 from edgar_tune.config import REPO_ROOT, EvalConfig, PipelineConfig, RegisterConfig, flat_params
 from tasks.io import EVALUATE, PARSE, TOKENIZE, TRAIN, held, holder_info, read_json, read_jsonl
-from tasks.progress import clock
+from tasks.progress import CURVES, Point, clock, training_points
 
 log = logging.getLogger(__name__)
 
@@ -446,7 +446,7 @@ def run_name(preset: str, run_dir: Path) -> str:
 
 
 TRAINING_TAG = "edgar_tune.training"  # on the MLflow run that the train stage opened for its curves
-Metrics = Callable[[list[tuple[str, float, int, float]]], None]  # [(key, value, step, unix time)]
+Metrics = Callable[[list[Point]], None]
 
 
 @contextmanager
@@ -492,11 +492,11 @@ class LiveMetrics:
     """Sends metric points to an MLflow run from a thread of its own, so that a tracking server that is slow or
     gone never holds up the caller (the progress lines of training). A server that stops answering is asked again
     every `retry_s` with a quick probe, and the points held meanwhile go when it is back: a restarted server keeps
-    its curves whole. Call it with [(key, value, step, unix time)]; `close` sends what is left."""
+    its curves whole. Call it with points (key, value, step, unix time); `close` sends what is left."""
 
     def __init__(self, client, run_id: str, uri: str, retry_s: float = 30.0) -> None:
         self.client, self.run_id, self.uri, self.retry_s = client, run_id, uri, retry_s
-        self.pending: list[tuple[str, float, int, float]] = []
+        self.pending: list[Point] = []
         self.lock, self.wake, self.stop = threading.Lock(), threading.Event(), threading.Event()
         self.down_since: float | None = None  # the time the server stopped taking points
         # In a copy of the caller's context: its lines reach the Prefect run's log, as the caller's do
@@ -504,7 +504,7 @@ class LiveMetrics:
                                        daemon=True)  # fmt: skip
         self.thread.start()
 
-    def __call__(self, rows: list[tuple[str, float, int, float]]) -> None:
+    def __call__(self, rows: list[Point]) -> None:
         with self.lock:
             self.pending.extend(rows)
         self.wake.set()
@@ -518,7 +518,7 @@ class LiveMetrics:
             left = len(self.pending)
         if left or self.thread.is_alive():
             log.warning("MLflow at %s did not take the last %d point(s) of training's curves; the register stage "
-                        "logs the training and validation losses it lacks", self.uri, left)  # fmt: skip
+                        "logs the points it lacks", self.uri, left)  # fmt: skip
             return False
         return True
 
@@ -532,19 +532,13 @@ class LiveMetrics:
 
     def _send(self) -> bool:
         """Send what is pending; whether all of it went."""
-        from mlflow.entities import Metric
-
         with self.lock:
             rows, self.pending = self.pending, []
         sending = bool(rows)
         try:
             if sending:
                 _answers(self.uri, timeout=5)  # a server gone: a quick no, not MLflow's four minutes of retries
-            while rows:
-                batch = rows[:1000]  # MLflow's most per batch
-                self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), int(t * 1000), int(step))
-                                                            for k, v, step, t in batch])  # fmt: skip
-                rows = rows[len(batch) :]
+            log_points(self.client, self.run_id, rows)
         except Exception as err:  # noqa: BLE001 (training goes on; the points wait for the server)
             with self.lock:
                 self.pending[:0] = rows
@@ -558,6 +552,18 @@ class LiveMetrics:
                      self.uri, clock(time.monotonic() - self.down_since))  # fmt: skip
             self.down_since = None
         return True
+
+
+def log_points(client, run_id: str, points: list[Point]) -> None:
+    """Log curve points to an MLflow run, at their own times, in MLflow's batches of 1000 (one request each, where
+    a point at a time is one request per point). Sent points leave `points`: when a batch fails, it holds the
+    rest."""
+    from mlflow.entities import Metric
+
+    while points:
+        batch = points[:1000]
+        client.log_batch(run_id, metrics=[Metric(k, float(v), int(t * 1000), int(step)) for k, v, step, t in batch])
+        del points[: len(batch)]
 
 
 def _answers(uri: str, timeout: float = 10.0) -> None:
@@ -683,8 +689,7 @@ def _register(run_dir: Path, cfg: PipelineConfig, flow_run_id: str | None, runs_
         log.info("already registered as %s version %s (run %s); not registering again", name, version, run_id)
         return _finish(client, name, version, tags, after, uri, run_id, rescore)
     continued = _continued_run(client, train_stats.get("mlflow_run_id"), exp_id)
-    logged = {k: {m.step for m in client.get_metric_history(continued, k)} for k in ("train_loss", "val_loss")
-              } if continued else {"train_loss": set(), "val_loss": set()}  # fmt: skip
+    logged = {k: {m.step for m in client.get_metric_history(continued, k)} if continued else set() for k in CURVES}
     with mlflow.start_run(run_id=continued, experiment_id=exp_id, run_name=run_name(cfg.preset, run_dir)) as run:
         mlflow.set_tags({k: v for k, v in tags.items() if k != "val_perplexity"} | {"mlflow.source.git.commit": tags["git_commit"]})
         mlflow.log_params({k: json.dumps(v) if isinstance(v, list | dict) else v for k, v in flat_params(cfg).items()})
@@ -696,15 +701,11 @@ def _register(run_dir: Path, cfg: PipelineConfig, flow_run_id: str | None, runs_
         mlflow.log_metrics({"ppl_before": before["perplexity"], "ppl_after": after["perplexity"],
                             "train_tokens": tok_stats["train_tokens"], "val_tokens": after["tokens"],
                             "train_seconds": train_stats["seconds"]})  # fmt: skip
-        # What the train stage's run has not logged as it came: all, or the steps before a resumed training's.
-        for row in losses:
-            if int(row["step"]) not in logged["train_loss"]:
-                mlflow.log_metric("train_loss", row["loss"], step=int(row["step"]))
+        # The curves' points the train stage's run lacks: all (a tracking server that was not there), those it
+        # never took (one down at the end), or the steps before a resumed training's.
+        log_points(client, run.info.run_id, [p for p in training_points(run_dir / TRAIN) if p[2] not in logged[p[0]]])
         val_file = run_dir / TRAIN / "val_loss.jsonl"
         val_losses = read_jsonl(val_file) if val_file.exists() else []
-        for row in val_losses:
-            if int(row["step"]) not in logged["val_loss"]:
-                mlflow.log_metric("val_loss", row["val_loss"], step=int(row["step"]))
         with tempfile.TemporaryDirectory() as tmp:
             for png in _plots(Path(tmp), losses, before, after, val_losses):
                 mlflow.log_artifact(str(png), artifact_path="plots")

@@ -89,6 +89,35 @@ def test_the_train_stage_shows_the_training_processes_progress_as_it_comes(tmp_p
     ]
 
 
+def test_the_register_stage_finds_every_point_of_the_curves_in_the_train_stages_folder(tmp_path):
+    """What a tracking server never took is logged at registration: the points the follower made, at the times
+    the training made them, and for a resumed training's steps before the crash (whose events went with the
+    crashed attempt) the losses and learning rates of the Trainer's history."""
+    from tasks.io import write_jsonl
+    from tasks.progress import training_points
+
+    t0 = 1_000_000.0
+    write_jsonl(tmp_path / "events.jsonl", [
+        {"time": t0 - 1, "log": {"name": "tasks.finetune", "level": logging.INFO, "message": "fused"}},
+        {"step": 2, "max_steps": 4, "time": t0, "tokens_per_step": 1000, "begin": True},
+        {"step": 3, "max_steps": 4, "time": t0 + 2, "tokens_per_step": 1000, "loss": 1.5, "learning_rate": 1e-4},
+        {"step": 4, "max_steps": 4, "time": t0 + 6, "tokens_per_step": 1000, "eval_loss": 1.7, "eval_runtime": 3.0},
+        {"step": 4, "max_steps": 4, "time": t0 + 7, "tokens_per_step": 1000, "loss": 1.25, "learning_rate": 0.0}])
+    write_jsonl(tmp_path / "loss.jsonl", [{"step": s, "loss": 3.0 - s / 2, "learning_rate": 2e-4 / s} for s in (1, 2, 3, 4)])
+    write_jsonl(tmp_path / "val_loss.jsonl", [{"step": 2, "val_loss": 1.9}, {"step": 4, "val_loss": 1.7}])
+    before = time.time()
+    points = training_points(tmp_path)
+    at = {(key, step): (value, t) for key, value, step, t in points}
+    assert len(at) == len(points) == 12  # each point once: 7 from the events, 5 from the history
+    assert at[("train_loss", 3)] == (1.5, t0 + 2) and at[("tokens_per_s", 3)] == (500.0, t0 + 2)
+    assert at[("learning_rate", 4)] == (0.0, t0 + 7) and at[("tokens_per_s", 4)] == (500.0, t0 + 7)  # 1 step in 2 s
+    assert at[("val_loss", 4)] == (1.7, t0 + 6)
+    for key, step, value in [("train_loss", 1, 2.5), ("learning_rate", 1, 2e-4), ("train_loss", 2, 2.0),
+                             ("learning_rate", 2, 1e-4), ("val_loss", 2, 1.9)]:  # fmt: skip
+        assert at[(key, step)][0] == value and at[(key, step)][1] >= before, (key, step)
+    assert ("tokens_per_s", 2) not in at
+
+
 def test_the_training_processs_log_records_become_whole_events(tmp_path):
     """What `tasks.train_worker` sets up on rank 0: its lines go to the events file, whole, a traceback included."""
     from tasks.finetune import EventLog

@@ -196,8 +196,16 @@ def test_a_registration_waits_for_the_one_before_it_on_a_tracking_server(tiny_ru
             released = time.time()
         out = proc.communicate(timeout=300)[0]
         assert proc.returncode == 0, out[-3000:]
-        version = mlflow.MlflowClient(uri).get_model_version("edgar-tune-10k", "1")
+        client = mlflow.MlflowClient(uri)
+        version = client.get_model_version("edgar-tune-10k", "1")
         assert version.creation_timestamp / 1000 >= released
+        # The training's curves went to another store: this server gets them all, at the times training made them.
+        steps = json.loads((run / "04_train" / "stats.json").read_text())["steps"]
+        for key in ("train_loss", "learning_rate", "tokens_per_s"):
+            history = client.get_metric_history(version.run_id, key)
+            assert sorted(m.step for m in history) == list(range(1, steps + 1)), key
+            assert max(m.timestamp for m in history) / 1000 < released, key
+        assert len(client.get_metric_history(version.run_id, "val_loss")) == 3
         # A promotion by hand takes the same turn: it moves no alias while a registration may be deciding one.
         with held_elsewhere("registry", uri, env=env):
             proc = subprocess.Popen([sys.executable, "-m", "edgar_tune.cli", "promote", "1", "--alias", "production"],
