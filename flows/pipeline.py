@@ -48,7 +48,7 @@ from tasks.stages import (
     register_model,
 )
 from tasks.storage import RunFolder
-from tasks.textdata import location
+from tasks.textdata import SourceChanged, location
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +197,10 @@ def _run_stage(folder: RunFolder, cfg: PipelineConfig, stage: str, force: bool, 
     options = {"refresh_cache": fresh, "task_run_name": stage} | folder.result_storage()
     inputs = read_stamps(run_dir, stage)
     state = task.with_options(**options)(*args, cache_key=key, return_state=True)
-    state.result()  # raises the stage's error, so the flow run fails with it
+    try:
+        state.result()  # raises the stage's error, so the flow run fails with it
+    except SourceChanged as err:  # the command it gives, for this run
+        raise err.for_run(folder.ref) from None
     if touched := changed(inputs, read_stamps(run_dir, stage)):
         shown = ", ".join(touched[:5]) + (f" and {len(touched) - 5} more" if len(touched) > 5 else "")
         log.error("stage %s changed files in the folders it only reads (%s): its cache key no longer describes "

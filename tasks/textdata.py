@@ -183,7 +183,11 @@ def log_changes(manifest: Path, files: list[dict]) -> None:
 
 
 class SourceChanged(ValueError):
-    """A file changed between the download stage that recorded it and the stage that reads it."""
+    """A file changed between the download stage that recorded it and the stage that reads it. Its message names
+    the run as `RUN` until `for_run` names it as the user gave it (the flow knows it; the stage does not)."""
+
+    def for_run(self, ref: str) -> SourceChanged:
+        return SourceChanged(str(self).replace("--run RUN`", f"--run {ref}`"))
 
 
 def recorded_bytes(entry: dict) -> bytes:

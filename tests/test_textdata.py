@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -179,6 +182,15 @@ def test_instruction_tuning_from_jsonl_end_to_end(tmp_path, paragraphs, prefect_
     again = run_cli(tmp_path, "--set", f"data.source={data}", "--set", "instruction_tuned=true", "--set", "max_steps=30",
                     "--set", "max_input_length=256", "--set", "per_device_train_batch_size=4", env=prefect_server)  # fmt: skip
     assert again["stages"].pop("download") == "Completed" and set(again["stages"].values()) == {"Cached"}
+    # Edited after the download stage recorded it: a rerun of the parse stage refuses to read it, and gives the
+    # command for this run that reads it again.
+    with data.open("a") as f:
+        f.write(json.dumps(records[0]) + "\n")
+    proc = subprocess.run([sys.executable, "-m", "edgar_tune.cli", "rerun", "parse", "--run", str(run)], cwd=REPO,
+                          env=dict(os.environ, **prefect_server), capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode != 0
+    assert "continue.jsonl changed after the download stage recorded it" in proc.stderr, proc.stderr[-3000:]
+    assert f"(`edgar-tune rerun download --run {run}`, or run the pipeline again)" in proc.stderr
 
 
 def test_instruction_tuning_needs_jsonl():
