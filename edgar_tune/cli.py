@@ -226,6 +226,9 @@ def cmd_models(args: argparse.Namespace) -> int:
     except LookupError as err:
         print(f"edgar-tune: error: {uri}: {err.args[0]}", file=sys.stderr)
         return 2
+    total = len(rows)
+    if args.last > 0:  # a model registered every week has hundreds; the ones holding an alias always show
+        rows = [r for i, r in enumerate(rows) if i < args.last or r["aliases"]]
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
@@ -243,7 +246,7 @@ def cmd_models(args: argparse.Namespace) -> int:
                       *[scores.get(key, "-") for key in sets], r["base_model"] or "-", _filings_summary(r["filings"]),
                       when])  # fmt: skip
     widths = [max(len(row[i]) for row in table) for i in range(len(head) + 3)]
-    print(f"{args.name} at {uri}: {len(rows)} version(s); perplexity on held-out MD&A, lower is better")
+    print(f"{args.name} at {uri}: {total} version(s); perplexity on held-out MD&A, lower is better")
     for row in table:
         print("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
     for (sha, how), letter in sets.items():
@@ -252,6 +255,9 @@ def cmd_models(args: argparse.Namespace) -> int:
               f"sha256 {(sha or '-')[:12]}, {how or 'scoring not recorded'}")  # fmt: skip
     print("* scored later, as the champion a newer version was compared with. Only scores in one column compare;\n"
           "`edgar-tune promote VERSION` moves the champion alias.")
+    if total > len(rows):
+        print(f"{total - len(rows)} older version(s) without an alias not shown (--last {args.last}); --last 0 shows "
+              "them all")  # fmt: skip
     return 0
 
 
@@ -363,6 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="a registered model's versions side by side: aliases, perplexity, data")
     models.add_argument("--name", default="edgar-tune-10k", help="registered model (registry.model_name)")
     models.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///runs/mlflow.db")
+    models.add_argument("--last", type=int, default=20, metavar="N", help="the N newest versions and any with an "
+                        "alias (default 20; 0: all)")  # fmt: skip
     models.add_argument("--json", action="store_true", help="the versions as JSON")
     models.set_defaults(fn=cmd_models)
     prom = sub.add_parser("promote", help="give a version the champion alias (or --alias), e.g. to roll back")

@@ -88,6 +88,10 @@ def test_a_person_promotes_a_version_by_hand_and_the_registry_records_who_and_wh
                     "v2": ["champion", "A", "8.0000", "-"],
                     "v1": ["-", "B", "9.5000*", "9.0000"]}, listed.stdout  # fmt: skip
     assert "validation A: first held out by v2 (-); sha256 mdna-b, window 128" in listed.stdout
+    newest = cli("models", "--last", "1")  # the newest, and the champion, whatever its age
+    assert [line.split()[0] for line in newest.stdout.splitlines() if line.startswith("  v")] == ["version", "v3", "v2"]
+    assert "1 older version(s) without an alias not shown (--last 1); --last 0 shows them all" in newest.stdout
+    assert [r["version"] for r in json.loads(cli("models", "--last", "1", "--json").stdout)] == ["3", "2"]
     rolled = cli("promote", "1", "--reason", "v2 misreads segment tables")
     assert rolled.returncode == 0, rolled.stderr
     assert "m v1 is now @champion (was v2)" in rolled.stdout
