@@ -396,7 +396,10 @@ def _score_version(name: str, version: str, tokenize_dir: Path, eval_cfg: EvalCo
     from tasks.perplexity import evaluate_model
 
     with tempfile.TemporaryDirectory() as tmp:
+        start = time.monotonic()
         local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=tmp))
+        log.info("downloaded champion %s v%s (%.1f MB) in %s", name, version, megabytes(local),
+                 clock(time.monotonic() - start))  # fmt: skip
         flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
         artifacts = {k: str(local / v["path"]) for k, v in flavor["artifacts"].items()}
         if not same_tokenizer(load_tokenizer(artifacts["weights"]), load_tokenizer(base_model_path(tokenize_dir))):
@@ -408,6 +411,12 @@ def _score_version(name: str, version: str, tokenize_dir: Path, eval_cfg: EvalCo
         val = load_from_disk(str(tokenize_dir / "val"))
         result = evaluate_model(model, val, eval_cfg, block_length, f"champion v{version}")
     return result["perplexity"], RESCORED
+
+
+def megabytes(*paths: Path) -> float:
+    """The size of files and folders (all the files under them), in MB."""
+    files = [f for p in paths for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file()]
+    return sum(f.stat().st_size for f in files) / 1e6
 
 
 RUN_KEY = "edgar_tune.run_key"
@@ -719,6 +728,10 @@ def _register(run_dir: Path, cfg: PipelineConfig, flow_run_id: str | None, runs_
 
             base_rows, tuned_rows = (read_json(p)["rows"] for p in samples)
             mlflow.log_table(side_by_side(base_rows, tuned_rows), artifact_file="eval/generations.json")
+        size, start = megabytes(*map(Path, artifacts.values())), time.monotonic()
+        what = {"adapter": "LoRA adapter", "model": "full weights"}[train_stats["weights"]]
+        log.info("uploading the model (%s%s and tokenizer, %.1f MB) to the artifact store of MLflow run %s", what,
+                 " with its base" if "base" in artifacts else "", size, run.info.run_id)  # fmt: skip
         with warnings.catch_warnings():  # an input example would make MLflow load the model and generate with it
             warnings.filterwarnings("ignore", message=".*An input example was not provided")  # now, at every run
             info = mlflow.pyfunc.log_model(
@@ -732,6 +745,7 @@ def _register(run_dir: Path, cfg: PipelineConfig, flow_run_id: str | None, runs_
                 signature=_signature(),
             )
         version = str(info.registered_model_version)
+        log.info("uploaded and registered it as %s v%s in %s", name, version, clock(time.monotonic() - start))
     return _finish(client, name, version, tags, after, uri, run.info.run_id, rescore)
 
 

@@ -136,6 +136,10 @@ def test_mlflow_has_the_version_alias_metrics_and_plots(tiny_run):
     table = [dict(zip(logged["columns"], row, strict=True)) for row in logged["data"]]
     assert [r["ticker"] for r in table] == ["AMZN", "AMZN"] and sorted(r["fiscal_year"] for r in table) == [2020, 2021]
     assert sum(r["perplexity_after"] for r in table) < sum(r["perplexity_before"] for r in table)
+    out = (runs / "run.log").read_text()  # a 7B model's weights take minutes to upload: the log says what goes
+    assert re.search(r"uploading the model \(LoRA adapter with its base and tokenizer, [\d.]+ MB\) to the artifact "
+                     f"store of MLflow run {run.info.run_id}", out), out[-3000:]  # fmt: skip
+    assert f"uploaded and registered it as edgar-tune-10k v{s['model_version']} in 0:0" in out
 
 
 def test_registered_model_loads_as_pyfunc_and_generates(tiny_run):

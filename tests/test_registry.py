@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -190,6 +191,8 @@ def test_a_new_10k_rescores_the_champion_on_the_new_mdna(tiny_run, prefect_serve
     second = run_cli(tmp_path, *common, "--set", "max_steps=30", env=prefect_server)
     compared = second["champion_comparison"]
     assert compared["version"] == first["model_version"] and compared["basis"] == "rescored on this run's validation data"
+    log = (tmp_path / "run.log").read_text()  # a large champion takes minutes to fetch: the log says what it took
+    assert re.search(rf"downloaded champion edgar-tune-10k v{first['model_version']} \([\d.]+ MB\) in 0:0", log), log[-3000:]
     # The champion's score, recomputed here through MLflow's own loader on the new run's validation blocks.
     with tracking_at(second["mlflow_tracking_uri"]):
         champion = mlflow.pyfunc.load_model(f"models:/{first['registered_model']}/{first['model_version']}")
