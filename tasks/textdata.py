@@ -54,8 +54,19 @@ def data_files(source: str, key: str = "data.source") -> list[str]:
         raise FileNotFoundError(f"`{key}` = {source!r} does not exist")
     files = sorted(p for p in path.iterdir() if _is_data(p.name))
     if not files:
-        raise FileNotFoundError(f"`{key}` = {source!r} has no .txt, .csv, .json or .jsonl files")
+        raise FileNotFoundError(f"`{key}` = {source!r} has no .txt, .csv, .json or .jsonl files directly in it")
+    _unread_folders(source, key, [p.name for p in path.iterdir() if p.is_dir()])
     return [str(p) for p in files]
+
+
+def _unread_folders(source: str, key: str, names: list[str]) -> None:
+    """Say which subfolders of a source folder (or prefix) are not read: a source is one level deep, and files a
+    user meant to train on must not be left out without a word."""
+    shown = sorted(f"{n}/" for n in names if not n.startswith("."))
+    if shown:
+        log.warning("`%s` = %s: %s not read (a source is the data files directly in it); give a subfolder as its own "
+                    "source to train on it", key, source, ", ".join(shown[:10]) + (f" and {len(shown) - 10} more"
+                    if len(shown) > 10 else ""))  # fmt: skip
 
 
 def _is_data(name: str) -> bool:
@@ -124,13 +135,14 @@ def _s3_files(source: str, key: str) -> list[str]:
                                         "credentials cannot read it)")  # fmt: skip
             return [source]
         prefix = source.rstrip("/")
-        found = [o["name"] for o in fs.ls(prefix, detail=True) if o["type"] == "file"] if fs.isdir(prefix) else []
-    files = [f"s3://{o}" for o in sorted(found) if _is_data(o)]
+        listed = fs.ls(prefix, detail=True) if fs.isdir(prefix) else []
+    files = sorted(f"s3://{o['name']}" for o in listed if o["type"] == "file" and _is_data(o["name"]))
     if not files:
         raise FileNotFoundError(
             f"`{key}` = {source!r} has no .txt, .csv, .json or .jsonl objects directly under it (s3:// sources are "
             "your own text; 10-K filings come from `edgar`, `bundled` or a local folder)"
         )
+    _unread_folders(source, key, [o["name"].rstrip("/").rsplit("/", 1)[-1] for o in listed if o["type"] == "directory"])
     return files
 
 

@@ -143,6 +143,7 @@ def test_text_data_from_an_s3_prefix(s3, prefect_server, tmp_path, amzn_files, m
     with caplog.at_level("INFO", logger="tasks.textdata"):
         download_filings.fn(run, cfg.data)
         assert caplog.text.count("fetched s3://edgar-data/qa/") == 2  # train.jsonl and template.json
+        assert "`data.source` = s3://edgar-data/qa/: old/ not read (a source is the data files directly" in caplog.text
         caplog.clear()
         download_filings.fn(run, cfg.data)
         assert "fetched" not in caplog.text  # unchanged ETags: the copies stand

@@ -67,6 +67,22 @@ def test_json_lines_json_array_and_txt_paragraphs(tmp_path, paragraphs):
         read_texts(latin1)
 
 
+def test_a_folder_source_reads_its_own_files_and_names_the_subfolders_it_leaves(tmp_path, paragraphs, caplog):
+    from tasks.textdata import data_files
+
+    (tmp_path / "2021").mkdir()
+    (tmp_path / "2021" / "b.txt").write_text(paragraphs[1])
+    (tmp_path / ".cache").mkdir()
+    (tmp_path / "template.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="has no .txt, .csv, .json or .jsonl files directly in it"):
+        data_files(str(tmp_path))
+    (tmp_path / "a.txt").write_text(paragraphs[0])
+    with caplog.at_level("WARNING", logger="tasks.textdata"):
+        assert data_files(str(tmp_path)) == [str(tmp_path / "a.txt")]
+    assert f"`data.source` = {tmp_path}: 2021/ not read (a source is the data files directly in it); give a " in caplog.text
+    assert ".cache/" not in caplog.text
+
+
 def test_split_holds_out_the_ratio_with_its_seed():
     rows = [{"text": str(i)} for i in range(50)]
     train, val = split_rows(rows, 0.2, seed=0)
