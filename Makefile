@@ -17,8 +17,16 @@ setup: $(STAMP)
 # commands run without it; the bytecode goes into .venv and the repo's ignored __pycache__ folders.
 unexport PYTHONDONTWRITEBYTECODE
 
+# The venv is made again unless it has pip: Debian's python3 without python3-venv leaves a .venv without pip
+# behind, which every later `make` would take for a venv. Too old a Python is refused before anything is made.
 $(STAMP): requirements.lock requirements-nodeps.txt pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@if ! { test -f $(VENV)/pyvenv.cfg && $(BIN)/python -m pip --version; } >/dev/null 2>&1; then \
+	  $(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "edgar-tune needs Python 3.11 or \
+	newer; $(PYTHON) is $$($(PYTHON) --version 2>&1). Name another: make $(MAKECMDGOALS) PYTHON=python3.12" >&2; exit 1; }; \
+	  echo "$(PYTHON) -m venv $(VENV)"; rm -rf $(VENV); \
+	  $(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); echo "no venv made (above: why); make removed the half-made \
+	$(VENV), so the next make starts clean" >&2; exit 1; }; \
+	fi
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install --no-compile -r requirements.lock
 	$(BIN)/python -m pip install --no-compile --no-deps -r requirements-nodeps.txt
