@@ -22,7 +22,7 @@ unexport PYTHONDONTWRITEBYTECODE
 $(STAMP): requirements.lock requirements-nodeps.txt pyproject.toml
 	@if ! { test -f $(VENV)/pyvenv.cfg && $(BIN)/python -m pip --version; } >/dev/null 2>&1; then \
 	  $(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "edgar-tune needs Python 3.11 or \
-	newer; $(PYTHON) is $$($(PYTHON) --version 2>&1). Name another: make $(MAKECMDGOALS) PYTHON=python3.12" >&2; exit 1; }; \
+	newer; $(PYTHON) is $$($(PYTHON) --version 2>&1). Name another: make $(or $(MAKECMDGOALS),demo) PYTHON=python3.12" >&2; exit 1; }; \
 	  echo "$(PYTHON) -m venv $(VENV)"; rm -rf $(VENV); \
 	  $(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); echo "no venv made (above: why); make removed the half-made \
 	$(VENV), so the next make starts clean" >&2; exit 1; }; \
