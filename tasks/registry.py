@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import socket
 import subprocess
 import tempfile
 import threading
@@ -455,6 +456,7 @@ def run_name(preset: str, run_dir: Path) -> str:
 
 
 TRAINING_TAG = "edgar_tune.training"  # on the MLflow run that the train stage opened for its curves
+FOLDER_TAG = "edgar_tune.run_folder"  # on it too: host:path of the run folder it trained in
 Metrics = Callable[[list[Point]], None]
 
 
@@ -474,8 +476,10 @@ def live_training_run(run_dir: Path, registry: RegisterConfig, preset: str,
         with _creating_store(uri, run_dir):
             client = mlflow.MlflowClient(uri)
             exp_id = _experiment_id(client, registry.experiment, run_dir.parent, uri)
+        folder = f"{socket.gethostname()}:{run_dir.resolve()}"
+        _end_stale_trainings(client, exp_id, folder)
         run_id = client.create_run(exp_id, run_name=run_name(preset, run_dir), tags={TRAINING_TAG: "true",
-                                   "prefect_flow_run_id": str(flow_run_id)}).info.run_id  # fmt: skip
+                                   FOLDER_TAG: folder, "prefect_flow_run_id": str(flow_run_id)}).info.run_id  # fmt: skip
     except Exception as err:  # noqa: BLE001 (hours of training do not wait on a tracking server)
         log.warning("MLflow at %s opened no run for training's curves (%s: %s); they are logged at registration",
                     uri, type(err).__name__, err)  # fmt: skip
@@ -495,6 +499,19 @@ def live_training_run(run_dir: Path, registry: RegisterConfig, preset: str,
             except Exception as err:  # noqa: BLE001
                 log.warning("MLflow run %s could not be marked %s (%s: %s)", run_id, status, type(err).__name__,
                             err)  # fmt: skip
+
+
+def _end_stale_trainings(client, exp_id: str, folder: str) -> None:
+    """Mark FAILED the trainings of this run folder (`folder`, host:path) that MLflow still shows RUNNING: their
+    process died without ending them (a SIGKILL, a machine gone, a tracking server down when it ended). One training
+    works in a folder at a time (the folder's lock), so a new one in it means they are over."""
+    stale = client.search_runs([exp_id], filter_string=f"attributes.status = 'RUNNING' and tags.`{TRAINING_TAG}` = "
+                               "'true'", max_results=1000)  # fmt: skip
+    for run in stale:
+        if run.data.tags.get(FOLDER_TAG) == folder:
+            client.set_terminated(run.info.run_id, "FAILED")
+            log.info("MLflow run %s (an earlier training in this folder) still showed RUNNING; its process ended "
+                     "without ending it, so it is marked FAILED", run.info.run_id)  # fmt: skip
 
 
 class LiveMetrics:

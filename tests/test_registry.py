@@ -281,3 +281,30 @@ def test_training_starts_at_once_when_the_tracking_server_does_not_answer(tmp_pa
         assert live == (None, None)
     assert time.monotonic() - start < 10
     assert f"MLflow at {uri} opened no run for training's curves (ConnectionError" in caplog.text
+
+
+def test_a_training_ends_the_runs_its_folder_left_running_when_their_process_died(tmp_path, caplog):
+    """A training whose process was killed (SIGKILL, a machine gone) leaves its MLflow run RUNNING for ever. The
+    next training in the same folder (the Retry, a rerun) marks it FAILED; another folder's running one stands."""
+    import logging
+    import time
+
+    from edgar_tune.config import RegisterConfig
+    from tasks.registry import live_training_run
+
+    caplog.set_level(logging.INFO, logger="tasks.registry")
+    registry = RegisterConfig(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = mlflow.MlflowClient(registry.tracking_uri)
+    left = {}
+    for name in ("run", "other"):
+        with live_training_run(tmp_path / name, registry, "tiny", None) as (run_id, send):
+            send([("train_loss", 2.0, 1, time.time())])
+        client.update_run(run_id, status="RUNNING")  # as a process killed before its `finally` leaves it
+        left[name] = run_id
+    with live_training_run(tmp_path / "run", registry, "tiny", None) as (again, _):
+        assert client.get_run(left["run"]).info.status == "FAILED"
+        assert client.get_run(left["other"]).info.status == "RUNNING"
+        assert client.get_run(again).info.status == "RUNNING"
+    assert client.get_run(again).info.status == "FINISHED"
+    assert f"MLflow run {left['run']} (an earlier training in this folder) still showed RUNNING" in caplog.text
+    assert len(client.get_metric_history(left["run"], "train_loss")) == 1  # its curves stay
