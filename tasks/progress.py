@@ -184,11 +184,11 @@ def training_points(train_dir: Path) -> list[Point]:
     curves = Curves()
     points = [p for e in whole_events(events.read_bytes() if events.exists() else b"") for p in curves.points(e)]
     have, now = {(key, step) for key, _, step, _ in points}, time.time()
-    val = train_dir / "val_loss.jsonl"
-    history = [(r, ("train_loss", "loss"), ("learning_rate", "learning_rate")) for r in read_jsonl(train_dir /
-               "loss.jsonl")] + [(r, ("val_loss", "val_loss")) for r in (read_jsonl(val) if val.exists() else [])]  # fmt: skip
-    for row, *keys in history:
-        for key, field in keys:
-            if row.get(field) is not None and (key, int(row["step"])) not in have:
-                points.append((key, float(row[field]), int(row["step"]), now))
+    history = {"loss.jsonl": {"train_loss": "loss", "learning_rate": "learning_rate"},  # file: {key: its field}
+               "val_loss.jsonl": {"val_loss": "val_loss"}}  # fmt: skip
+    for name, keys in history.items():
+        for row in read_jsonl(train_dir / name) if (train_dir / name).exists() else []:
+            for key, field in keys.items():
+                if row.get(field) is not None and (key, int(row["step"])) not in have:
+                    points.append((key, float(row[field]), int(row["step"]), now))
     return points
