@@ -477,7 +477,9 @@ def live_training_run(run_dir: Path, registry: RegisterConfig, preset: str,
             client = mlflow.MlflowClient(uri)
             exp_id = _experiment_id(client, registry.experiment, run_dir.parent, uri)
         folder = f"{socket.gethostname()}:{run_dir.resolve()}"
-        _end_stale_trainings(client, exp_id, folder)
+        published = run_dir / TRAIN / "stats.json"  # the training this one replaces, if it finished
+        _end_stale_trainings(client, exp_id, folder, read_json(published).get("mlflow_run_id") if published.exists()
+                             else None)  # fmt: skip
         run_id = client.create_run(exp_id, run_name=run_name(preset, run_dir), tags={TRAINING_TAG: "true",
                                    FOLDER_TAG: folder, "prefect_flow_run_id": str(flow_run_id)}).info.run_id  # fmt: skip
     except Exception as err:  # noqa: BLE001 (hours of training do not wait on a tracking server)
@@ -501,17 +503,19 @@ def live_training_run(run_dir: Path, registry: RegisterConfig, preset: str,
                             err)  # fmt: skip
 
 
-def _end_stale_trainings(client, exp_id: str, folder: str) -> None:
-    """Mark FAILED the trainings of this run folder (`folder`, host:path) that MLflow still shows RUNNING: their
-    process died without ending them (a SIGKILL, a machine gone, a tracking server down when it ended). One training
-    works in a folder at a time (the folder's lock), so a new one in it means they are over."""
+def _end_stale_trainings(client, exp_id: str, folder: str, finished: str | None) -> None:
+    """End the runs of this run folder's trainings (`folder`, host:path) that MLflow still shows RUNNING: their
+    process died without ending them (a SIGKILL, a machine gone), or the tracking server was down when they ended.
+    One training works in a folder at a time (the folder's lock), so a new one in it means they are over. They end
+    FAILED, except `finished`, the run of the training whose weights the folder holds, which ends FINISHED."""
     stale = client.search_runs([exp_id], filter_string=f"attributes.status = 'RUNNING' and tags.`{TRAINING_TAG}` = "
                                "'true'", max_results=1000)  # fmt: skip
     for run in stale:
         if run.data.tags.get(FOLDER_TAG) == folder:
-            client.set_terminated(run.info.run_id, "FAILED")
+            status = "FINISHED" if run.info.run_id == finished else "FAILED"
+            client.set_terminated(run.info.run_id, status)
             log.info("MLflow run %s (an earlier training in this folder) still showed RUNNING; its process ended "
-                     "without ending it, so it is marked FAILED", run.info.run_id)  # fmt: skip
+                     "without ending it, so it is marked %s", run.info.run_id, status)  # fmt: skip
 
 
 class LiveMetrics:

@@ -285,7 +285,8 @@ def test_training_starts_at_once_when_the_tracking_server_does_not_answer(tmp_pa
 
 def test_a_training_ends_the_runs_its_folder_left_running_when_their_process_died(tmp_path, caplog):
     """A training whose process was killed (SIGKILL, a machine gone) leaves its MLflow run RUNNING for ever. The
-    next training in the same folder (the Retry, a rerun) marks it FAILED; another folder's running one stands."""
+    next training in the same folder (the Retry, a rerun) marks it FAILED; another folder's running one stands. One
+    that finished while the tracking server was down (its weights are the folder's) is marked FINISHED."""
     import logging
     import time
 
@@ -308,3 +309,8 @@ def test_a_training_ends_the_runs_its_folder_left_running_when_their_process_die
     assert client.get_run(again).info.status == "FINISHED"
     assert f"MLflow run {left['run']} (an earlier training in this folder) still showed RUNNING" in caplog.text
     assert len(client.get_metric_history(left["run"], "train_loss")) == 1  # its curves stay
+    (tmp_path / "run" / "04_train").mkdir(parents=True)
+    (tmp_path / "run" / "04_train" / "stats.json").write_text(json.dumps({"mlflow_run_id": again}))
+    client.update_run(again, status="RUNNING")
+    with live_training_run(tmp_path / "run", registry, "tiny", None):
+        assert client.get_run(again).info.status == "FINISHED"
