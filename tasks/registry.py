@@ -13,7 +13,6 @@ import json
 import logging
 import math
 import os
-import socket
 import subprocess
 import tempfile
 import threading
@@ -32,6 +31,7 @@ import yaml
 from edgar_tune.config import REPO_ROOT, EvalConfig, PipelineConfig, RegisterConfig, flat_params
 from tasks.io import EVALUATE, PARSE, TOKENIZE, TRAIN, held, holder_info, read_json, read_jsonl
 from tasks.progress import CURVES, Point, clock, training_points
+from tasks.storage import folder_identity
 
 log = logging.getLogger(__name__)
 
@@ -456,7 +456,7 @@ def run_name(preset: str, run_dir: Path) -> str:
 
 
 TRAINING_TAG = "edgar_tune.training"  # on the MLflow run that the train stage opened for its curves
-FOLDER_TAG = "edgar_tune.run_folder"  # on it too: host:path of the run folder it trained in
+FOLDER_TAG = "edgar_tune.run_folder"  # on it too: the run folder it trained in (tasks.storage.folder_identity)
 Metrics = Callable[[list[Point]], None]
 
 
@@ -476,7 +476,7 @@ def live_training_run(run_dir: Path, registry: RegisterConfig, preset: str,
         with _creating_store(uri, run_dir):
             client = mlflow.MlflowClient(uri)
             exp_id = _experiment_id(client, registry.experiment, run_dir.parent, uri)
-        folder = f"{socket.gethostname()}:{run_dir.resolve()}"
+        folder = folder_identity(run_dir)
         published = run_dir / TRAIN / "stats.json"  # the training this one replaces, if it finished
         _end_stale_trainings(client, exp_id, folder, read_json(published).get("mlflow_run_id") if published.exists()
                              else None)  # fmt: skip
@@ -504,7 +504,7 @@ def live_training_run(run_dir: Path, registry: RegisterConfig, preset: str,
 
 
 def _end_stale_trainings(client, exp_id: str, folder: str, finished: str | None) -> None:
-    """End the runs of this run folder's trainings (`folder`, host:path) that MLflow still shows RUNNING: their
+    """End the runs of this run folder's trainings (`folder`) that MLflow still shows RUNNING: their
     process died without ending them (a SIGKILL, a machine gone), or the tracking server was down when they ended.
     One training works in a folder at a time (the folder's lock), so a new one in it means they are over. They end
     FAILED, except `finished`, the run of the training whose weights the folder holds, which ends FINISHED."""

@@ -38,6 +38,22 @@ def s3_fs():
     return s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False)
 
 
+def _working_copies() -> Path:
+    """Where this machine keeps the working copies of s3:// runs, each named after its URL."""
+    return cache_dir() / "runs"
+
+
+def folder_identity(local: Path) -> str:
+    """The same name for a run folder from any machine: an s3:// run's working copy by its name (after its URL),
+    which every worker shares; a local folder by host and path."""
+    import socket
+
+    local = Path(local).resolve()
+    if local.parent == _working_copies().resolve():
+        return f"s3-run:{local.name}"
+    return f"{socket.gethostname()}:{local}"
+
+
 @dataclass
 class RunFolder:
     ref: str  # what the user gave: a folder, or an s3:// URL
@@ -51,7 +67,7 @@ class RunFolder:
         if ref.startswith("s3://"):
             ref = ref.rstrip("/")
             name = f"{hashlib.sha256(ref.encode()).hexdigest()[:12]}-{ref.rsplit('/', 1)[-1]}"
-            local = cache_dir() / "runs" / name
+            local = _working_copies() / name
             local.mkdir(parents=True, exist_ok=True)
             return cls(ref, local, ref)
         if "://" in ref:

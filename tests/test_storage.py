@@ -78,6 +78,24 @@ def test_s3_run_is_shared_by_workers_through_the_bucket(s3, prefect_server, tmp_
     assert json.loads(fs.cat_file(f"{url}/summary.json"))["stages"]["evaluate"] == "Completed"
 
 
+def test_a_run_folder_has_one_name_on_every_worker(tmp_path, monkeypatch):
+    """What tags a training's MLflow run with its folder (so that the next training there ends one a dead machine left
+    RUNNING): an s3:// run's working copy is named after its URL, the same on every worker; a local folder is this
+    host's path."""
+    import socket
+
+    from tasks.storage import RunFolder, folder_identity
+
+    names = set()
+    for worker in ("worker1", "worker2"):
+        monkeypatch.setenv("EDGAR_TUNE_CACHE", str(tmp_path / worker))
+        names.add(folder_identity(RunFolder.open("s3://edgar-runs/amzn/").local))
+    assert len(names) == 1 and names.pop().startswith("s3-run:") and names == set()
+    assert folder_identity(RunFolder.open("s3://edgar-runs/msft").local) != folder_identity(
+        RunFolder.open("s3://edgar-runs/amzn").local)  # fmt: skip
+    assert folder_identity(tmp_path / "run") == f"{socket.gethostname()}:{tmp_path / 'run'}"
+
+
 def test_an_s3_run_in_use_refuses_a_worker_on_another_host(s3, prefect_server, tmp_path):
     """Workers share an s3:// run through the bucket, each in its own working copy, so one host's lock file does
     not stop another host: the run's slot on the Prefect server does. A worker (its own cache: another host) is
