@@ -659,6 +659,9 @@ def one_writer(uri: str, run_dir: Path) -> Iterator[None]:
     from tasks.limits import in_prefect_run, slot, slot_name
 
     if not in_prefect_run() and not get_current_settings().api.url:  # no Prefect server to hold a limit on
+        log.warning("no Prefect server is configured (PREFECT_API_URL), so this does not wait for a registration "
+                    "into %s that may be deciding the champion now; set PREFECT_API_URL to the server the "
+                    "registrations run on to take turns with them", uri)  # fmt: skip
         yield
         return
     name = slot_name("edgar-tune-registry", uri)

@@ -314,3 +314,22 @@ def test_a_training_ends_the_runs_its_folder_left_running_when_their_process_die
     client.update_run(again, status="RUNNING")
     with live_training_run(tmp_path / "run", registry, "tiny", None):
         assert client.get_run(again).info.status == "FINISHED"
+
+
+def test_a_writer_without_a_prefect_server_says_it_takes_no_turn_on_a_tracking_server(tmp_path, monkeypatch, caplog):
+    """Registrations into a tracking server take turns on a Prefect server's concurrency limit. A promotion from a
+    machine with no Prefect server configured cannot take one, and says so rather than pass for safe."""
+    import logging
+
+    from tasks.registry import one_writer
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    caplog.set_level(logging.WARNING, logger="tasks.registry")
+    with one_writer("http://mlflow.internal:5000", tmp_path):
+        pass
+    assert "no Prefect server is configured (PREFECT_API_URL), so this does not wait for a registration into " \
+           "http://mlflow.internal:5000" in caplog.text
+    caplog.clear()
+    with one_writer(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path):  # a sqlite store: its lock file, always
+        pass
+    assert caplog.text == ""
