@@ -76,7 +76,7 @@ def report_markdown(report: dict) -> str:
 
 def encode_instructions(rows: list[dict], tokenizer, length: int, done=None) -> tuple[dict, int]:
     """Prompt + completion + EOS per example, the prompt's labels -100 (no loss); cut to `length` tokens. `done`
-    (a function) hears how many examples are tokenized, after each thousand.
+    (a function) hears the number of examples just tokenized, a thousand at a time (the last part fewer).
 
     Returns the columns and the number of examples whose completion was cut.
     """
