@@ -39,6 +39,7 @@ from tasks.io import (
     DOWNLOAD, EVALUATE, PARSE, REGISTER, TOKENIZE, TRAIN, atomic_write_json, atomic_write_text, read_json,
 )  # fmt: skip
 from tasks.models import check_model_name
+from tasks.progress import settle_bars
 from tasks.stages import (
     download_filings,
     evaluate_perplexity,
@@ -75,6 +76,7 @@ def _logs_into_the_flow_run() -> None:
 
 
 _logs_into_the_flow_run()
+settle_bars()  # a worker's console in a file or a pipe: log lines, no bar redraws (tasks.progress.console_bars)
 
 Stage = Literal["download", "parse", "tokenize", "evaluate-base", "train", "evaluate", "register"]
 

@@ -23,7 +23,7 @@ from tasks.checkpoints import checkpoint_step, resume_settings, trainer_class
 from tasks.checkpoints import prepare as prepare_checkpoints
 from tasks.io import atomic_dir, atomic_write_json, read_json, write_jsonl
 from tasks.memory import recomputed_layers
-from tasks.progress import EVENTS, Curves, OwnLine, Point, Progress, whole_events
+from tasks.progress import EVENTS, Curves, OwnLine, Point, Progress, console_bars, whole_events
 from kernels.hf import causal_lm_of, fuse_layers, resolve_backend
 from kernels.lora import lean_lora
 from tasks.models import device, load_causal_lm, load_tokenizer
@@ -768,7 +768,7 @@ def train(tmp: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfig,
         dataloader_num_workers=workers,
         dataloader_persistent_workers=workers > 0,
         torch_compile=cfg.torch_compile,
-        disable_tqdm=False,
+        disable_tqdm=not console_bars(),  # a file or a pipe: the train stage's log lines say it (follow_progress)
     )
     torch.manual_seed(cfg.seed)
     model = _load_model(base, cfg, precision)
@@ -804,6 +804,10 @@ def train(tmp: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfig,
     tokens_per_step = (cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * trainer.args.world_size
                        * len(blocks[0]["input_ids"]))  # fmt: skip
     trainer.add_callback(progress_events(tmp / EVENTS, tokens_per_step))
+    if args.disable_tqdm:  # instead of the bar, transformers prints each loss dict: the log lines have them
+        from transformers import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
     trainer.fused_linear_ce = resolve_backend(cfg.fused_linear_ce, "train.fused_linear_ce", cfg.enable_fsdp)
     _check_engine(trainer, cfg)
     if torch.cuda.is_available():

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from edgar_tune.config import GenerateConfig
 from tasks.io import atomic_write_json
 from tasks.models import device, load_tokenizer
+from tasks.progress import console_bars
 
 
 def prompts_for(cfg: GenerateConfig, companies: list[str]) -> list[str]:
@@ -29,7 +30,7 @@ def generate(model, tokenizer, prompts: list[str], cfg: GenerateConfig, label: s
     dev = device()
     model.to(dev).eval()
     rows = []
-    for i, prompt in enumerate(tqdm(prompts, desc=f"generate ({label})", unit="prompt")):
+    for i, prompt in enumerate(tqdm(prompts, desc=f"generate ({label})", unit="prompt", disable=not console_bars())):
         torch.manual_seed(cfg.sampling_seed + i)  # the same draws for the base and the fine-tuned model
         ids = tokenizer(prompt, return_tensors="pt").to(dev)
         out = model.generate(**ids, max_length=max(cfg.max_length, ids["input_ids"].shape[1] + 1),

@@ -24,7 +24,7 @@ from kernels.hf import causal_lm_loss, resolve_backend
 from tasks.blocks import base_model_path
 from tasks.io import atomic_write_json
 from tasks.models import device, load_causal_lm
-from tasks.progress import OwnLine, Progress
+from tasks.progress import OwnLine, Progress, console_bars
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ def evaluate_model(model, val, cfg: EvalConfig, block_length: int, label: str) -
     start = time.perf_counter()
     beside_tqdm = OwnLine(log, {"open": None})
     bar, fed = Progress(f"perplexity ({label})", sum(map(len, docs)), "tokens", logger=beside_tqdm, quiet_s=30), 0
-    for i, ids in enumerate(tqdm(docs, desc=f"perplexity ({label})", unit="doc")):
+    for i, ids in enumerate(tqdm(docs, desc=f"perplexity ({label})", unit="doc", disable=not console_bars())):
         if instruction:
             doc_nll, doc_count = example_nll(model, ids, val[i]["labels"], dev, kernel)
         else:

@@ -1,6 +1,6 @@
 """Progress of long work where a person watching a run looks: lines in the run's log, and a progress bar in the
-Prefect UI (a progress artifact on the task run). The console keeps its tqdm bars; a run started from the UI, or
-watched there, has no console.
+Prefect UI (a progress artifact on the task run). A terminal keeps its tqdm bars too; a console that is a file or
+a pipe (a worker's log file, `docker logs`, journald) gets the log lines only (`console_bars`).
 """
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -19,6 +20,47 @@ log = logging.getLogger(__name__)
 EVENTS = "events.jsonl"  # the training process's progress and log lines, in the train stage's folder
 Point = tuple[str, float, int, float]  # a point of a curve: (MLflow metric key, value, step, unix time)
 CURVES = ("train_loss", "learning_rate", "tokens_per_s", "val_loss")
+BARS = "EDGAR_TUNE_BARS"  # 1: tqdm bars on the console; 0: log lines only; unset: bars on a terminal only
+
+
+def console_bars() -> bool:
+    """Whether tqdm bars draw on this process's console: on a terminal, yes. In a file or a pipe every redraw of a
+    bar stays, as a line of its own (a run's 48 steps of training left 48 bar lines, each glued to a loss dict),
+    and the log lines say the same at most every 30 s. `EDGAR_TUNE_BARS` (1 or 0) decides where set; a flow sets
+    it for the processes it starts (`settle_bars`), whose console is a pipe that it passes on to its own."""
+    setting = os.environ.get(BARS)
+    return setting == "1" if setting in ("0", "1") else sys.stderr.isatty()
+
+
+def settle_bars() -> bool:
+    """Decide `console_bars` for this process and the processes it starts (the training processes inherit the
+    setting), and without bars, turn off the bars the libraries draw themselves: datasets' (map, save), the
+    Hugging Face Hub's (downloads), transformers' (loading weights) and MLflow's (artifacts). Returns the
+    decision."""
+    setting = os.environ.get(BARS)
+    if setting is not None and setting not in ("0", "1"):
+        log.warning("%s=%r is neither 1 (progress bars on the console) nor 0 (log lines only); deciding by the "
+                    "console instead (a terminal: bars)", BARS, setting)  # fmt: skip
+        del os.environ[BARS]
+    on = console_bars()
+    os.environ[BARS] = "1" if on else "0"
+    if not on:
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        for var in ("HF_DATASETS_DISABLE_PROGRESS_BARS", "HF_HUB_DISABLE_PROGRESS_BARS"):  # read at import
+            os.environ.setdefault(var, "1")
+        if "huggingface_hub" in sys.modules:  # imported already: too late for its variable
+            from huggingface_hub.utils import disable_progress_bars
+
+            disable_progress_bars()
+        if "transformers" in sys.modules:
+            from transformers.utils.logging import disable_progress_bar
+
+            disable_progress_bar()
+        if "datasets" in sys.modules:
+            from datasets.utils.tqdm import disable_progress_bars as disable_datasets_bars
+
+            disable_datasets_bars()
+    return on
 
 
 def clock(seconds: float) -> str:
@@ -48,6 +90,8 @@ class OwnLine(logging.LoggerAdapter):
 
     def _break_line(self) -> None:
         held = self.extra["open"]
+        if not console_bars():  # no bar holds the line
+            return
         if held is None or held.is_set():
             if held is not None:
                 held.clear()
@@ -59,7 +103,7 @@ class Progress:
     """`what` done `done` of `total` `unit`: a log line (unless `logger` is None: work that logs its own) and a
     progress artifact (inside a Prefect run) at the first update, then at most every `every_s` seconds, and at the
     end. With `quiet_s`, nothing shows before that many seconds: short work (scoring a small validation set) keeps
-    its tqdm bar only. `close` shows the update held back when the work ends before its total (early stopping).
+    its tqdm bar only (where one draws: `console_bars`). `close` shows the update held back when the work ends before its total (early stopping).
 
     Showing progress never fails the work: an artifact the server refuses is logged once, and the work goes on.
     """

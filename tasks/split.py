@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from edgar_tune.config import ParseConfig, PipelineConfig
 from tasks.download import primary_file, submission_file
 from tasks.io import atomic_dir, atomic_write_json, write_jsonl
+from tasks.progress import OwnLine, Progress, console_bars
 from tasks.sections import ParsedFiling, parse_filing
+
+log = logging.getLogger(__name__)
 
 
 def _parse_one(args: tuple[str, str | None, str]) -> ParsedFiling:
@@ -27,11 +31,19 @@ def parse_all(paths: list[Path], tables: str, workers: int | None = None,
 
     subs = submissions or [None] * len(paths)
     jobs = [(str(p), str(s) if s else None, tables) for p, s in zip(paths, subs, strict=True)]
-    bar = {"total": len(jobs), "desc": "parse", "unit": "filing", "disable": len(jobs) < 2}
+    # Hundreds of filings take minutes: lines in the run's log (beside the console's bar after 30 s), a bar in the UI
+    progress = Progress("parse", len(jobs), "filings", logger=OwnLine(log, {"open": None}), quiet_s=30)
+    bar = {"total": len(jobs), "desc": "parse", "unit": "filing", "disable": len(jobs) < 2 or not console_bars()}
+
+    def shown(parsed):
+        for done, doc in enumerate(tqdm(parsed, **bar), 1):
+            progress.update(done)
+            yield doc
+
     if len(jobs) < 2 or workers == 1:
-        return list(tqdm(map(_parse_one, jobs), **bar))
+        return list(shown(map(_parse_one, jobs)))
     with ProcessPoolExecutor(max_workers=min(workers or 2, len(jobs))) as pool:
-        return list(tqdm(pool.map(_parse_one, jobs), **bar))
+        return list(shown(pool.map(_parse_one, jobs)))
 
 
 def build_split(filings: list[dict], parsed: list[ParsedFiling], cfg: ParseConfig) -> tuple[list, list, dict]:

@@ -157,6 +157,7 @@ def fetch_s3(url: str, key: str = "data.source") -> Path:
 
     from tqdm.auto import tqdm
 
+    from tasks.progress import OwnLine, Progress, console_bars
     from tasks.storage import s3_fs
 
     fs = s3_fs()
@@ -168,11 +169,22 @@ def fetch_s3(url: str, key: str = "data.source") -> Path:
         tag = f"{info.get('ETag', '')}:{info['size']}"
         if local.is_file() and stamp.is_file() and stamp.read_text() == tag:
             return local
-        start = time.monotonic()
+        start, large = time.monotonic(), info["size"] >= 1 << 26  # 64 MB: a bar, and log lines after 30 s
+        lines = Progress(f"fetch {url}", info["size"] >> 20, "MB", logger=OwnLine(log, {"open": None}), quiet_s=30)
+        got = 0
+
+        def counted(chunk: bytes) -> bytes:
+            nonlocal got
+            got += len(chunk)
+            bar.update(len(chunk))
+            if large:
+                lines.update(got >> 20)
+            return chunk
+
         with fs.open(url, "rb", block_size=1 << 23) as src, tqdm(total=info["size"], unit="B", unit_scale=True,
                                                               desc=f"fetch {Path(url).name}",
-                                                              disable=info["size"] < 1 << 26) as bar:  # fmt: skip
-            atomic_write_bytes(local, (bar.update(len(c)) or c for c in iter(lambda: src.read(1 << 23), b"")))
+                                                              disable=not (large and console_bars())) as bar:  # fmt: skip
+            atomic_write_bytes(local, (counted(c) for c in iter(lambda: src.read(1 << 23), b"")))
         atomic_write_bytes(stamp, tag.encode())
     log.info("fetched %s (%s bytes) in %.1f s", url, f"{info['size']:,}", time.monotonic() - start)
     return local

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from tasks.finetune import follow_progress
-from tasks.progress import Progress, clock
+from tasks.progress import BARS, Progress, clock
 
 
 def _lines(caplog) -> list[str]:
@@ -45,6 +45,47 @@ def test_short_quiet_work_shows_nothing_beyond_its_tqdm_bar(caplog):
         bar.update(done)
     bar.close()
     assert _lines(caplog) == []
+
+
+def _decided(stderr: str, setting: str | None) -> tuple[str, str]:
+    """What `settle_bars` decides in a new process whose stderr is a terminal (a pseudo-terminal) or a pipe, with
+    EDGAR_TUNE_BARS at `setting`: (its decision and the environment it leaves its children, its stderr)."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    code = ("import os; from tasks.progress import settle_bars; on = settle_bars(); "
+            "print(on, *(os.environ.get(k) for k in ('EDGAR_TUNE_BARS', 'HF_DATASETS_DISABLE_PROGRESS_BARS', "
+            "'MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR')))")  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in (BARS, "HF_DATASETS_DISABLE_PROGRESS_BARS",
+                                                           "HF_HUB_DISABLE_PROGRESS_BARS",
+                                                           "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")}  # fmt: skip
+    if setting is not None:
+        env[BARS] = setting
+    main, other = pty.openpty() if stderr == "terminal" else os.pipe()
+    proc = subprocess.run([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=other, text=True,
+                          timeout=120)  # fmt: skip
+    os.close(other)
+    with os.fdopen(main, "rb") as f:
+        try:
+            err = f.read().decode()
+        except OSError:  # a pseudo-terminal with its other end closed reads as EIO at its end
+            err = ""
+    assert proc.returncode == 0, err
+    return proc.stdout.strip(), err
+
+
+def test_progress_bars_draw_on_a_terminal_and_log_lines_go_to_files_and_pipes():
+    """A worker's console in a file or a pipe (a log file, `docker logs`) kept every redraw of every bar, glued
+    to the Trainer's loss dicts; now it gets the log lines only, and so do the processes it starts (the
+    training process's console is a pipe its parent reads), libraries' bars included. EDGAR_TUNE_BARS decides
+    where set; a value that is neither 1 nor 0 is named, and the console decides."""
+    assert _decided("terminal", None) == ("True 1 None None", "")
+    assert _decided("pipe", None) == ("False 0 1 false", "")
+    assert _decided("pipe", "1")[0] == "True 1 None None" and _decided("terminal", "0")[0] == "False 0 1 false"
+    decision, err = _decided("pipe", "yes")
+    assert decision == "False 0 1 false" and "EDGAR_TUNE_BARS='yes' is neither 1" in err
 
 
 def test_clock_reads_as_hours_minutes_seconds():
