@@ -189,10 +189,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     """Load a registered version (base + adapter) from MLflow and generate from a prompt."""
     import mlflow
 
+    from tasks.registry import registered_files, registered_version
+
     uri = _store_uri(args.tracking_uri)
     mlflow.set_tracking_uri(uri)
     try:
-        model = mlflow.pyfunc.load_model(args.model)
+        if version := registered_version(mlflow.MlflowClient(uri), args.model):  # downloaded once, then cached
+            with registered_files(mlflow.MlflowClient(uri), *version) as local:
+                model = mlflow.pyfunc.load_model(str(local))
+        else:  # runs:/..., a folder, models:/NAME/latest: MLflow's own way, downloaded each time
+            model = mlflow.pyfunc.load_model(args.model)
     except mlflow.exceptions.MlflowException as err:
         print(f"edgar-tune: error: cannot load {args.model} from {uri}: {err.message}", file=sys.stderr)
         return 2

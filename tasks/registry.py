@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import subprocess
 import tempfile
 import threading
@@ -396,11 +397,7 @@ def _score_version(name: str, version: str, tokenize_dir: Path, eval_cfg: EvalCo
     from tasks.models import load_tokenizer
     from tasks.perplexity import evaluate_model
 
-    with tempfile.TemporaryDirectory() as tmp:
-        start = time.monotonic()
-        local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=tmp))
-        log.info("downloaded champion %s v%s (%.1f MB) in %s", name, version, megabytes(local),
-                 clock(time.monotonic() - start))  # fmt: skip
+    with registered_files(mlflow.MlflowClient(), name, version, "champion") as local:
         flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
         artifacts = {k: str(local / v["path"]) for k, v in flavor["artifacts"].items()}
         if not same_tokenizer(load_tokenizer(artifacts["weights"]), load_tokenizer(base_model_path(tokenize_dir))):
@@ -408,10 +405,66 @@ def _score_version(name: str, version: str, tokenize_dir: Path, eval_cfg: EvalCo
             return None, (f"its tokenizer (base {base}) is not this run's, so their perplexities per token are in "
                           "different units")  # fmt: skip
         model = load_registered(artifacts, flavor["config"])
-        block_length = read_json(tokenize_dir / "stats.json")["block_length"]
-        val = load_from_disk(str(tokenize_dir / "val"))
-        result = evaluate_model(model, val, eval_cfg, block_length, f"champion v{version}")
+    block_length = read_json(tokenize_dir / "stats.json")["block_length"]
+    val = load_from_disk(str(tokenize_dir / "val"))
+    result = evaluate_model(model, val, eval_cfg, block_length, f"champion v{version}")
     return result["perplexity"], RESCORED
+
+
+def registered_version(client, uri: str) -> tuple[str, str] | None:
+    """(name, version) of `models:/NAME/N` or `models:/NAME@ALIAS` (the alias read from `client`'s registry);
+    None for any other model URI."""
+    import re
+
+    if not (m := re.fullmatch(r"models:/([^/@]+)(?:/(\d+)|@([^/@]+))", uri)):
+        return None
+    name, version, alias = m.groups()
+    return name, version or str(client.get_model_version_by_alias(name, alias).version)
+
+
+KEEP_DOWNLOADS = 2  # versions of a model kept downloaded: the champion, and the one before it (a rollback)
+
+
+@contextmanager
+def registered_files(client, name: str, version: str, what: str = "") -> Iterator[Path]:
+    """The artifacts of version `version` of registered model `name` on `client`'s tracking server: downloaded
+    once into $EDGAR_TUNE_CACHE/registry, then read from there. A full fine-tune's weights are GBs, and every
+    rescoring of the champion (each run on new validation data) and every `edgar-tune generate` downloaded them
+    again. The `with` block holds the model's lock (no other process evicts or half-downloads the copy while it
+    reads it); afterwards the newest `KEEP_DOWNLOADS` versions used stay and older copies go. A copy is known by
+    its version's run and creation time too: a tracking store made again, whose v1 is another model, never reads
+    the old store's v1. `what` names it in the log ("champion")."""
+    import re
+
+    from tasks.io import cache_dir
+
+    mv = client.get_model_version(name, version)
+    store = hashlib.sha256(f"{client.tracking_uri}\0{name}".encode()).hexdigest()[:12]
+    home = cache_dir() / "registry" / f"{re.sub(r'[^A-Za-z0-9._-]+', '_', name)}-{store}"
+    made = hashlib.sha256(f"{mv.run_id}\0{mv.creation_timestamp}".encode()).hexdigest()[:8]
+    local = home / f"v{version}-{made}"
+    label = f"{what} {name} v{version}".strip()
+    with held(home / ".lock", holder_info(reading=f"models:/{name}/{version}"), wait=True):
+        if (local / "MLmodel").is_file():
+            log.info("%s: its copy downloaded before, %.1f MB in %s", label, megabytes(local), local)
+        else:
+            start = time.monotonic()
+            source = client.get_model_version_download_uri(name, version)  # where this client's registry keeps it
+            with tempfile.TemporaryDirectory(dir=home, prefix=".", suffix=".tmp", ignore_cleanup_errors=True) as tmp:
+                got = mlflow.artifacts.download_artifacts(source, dst_path=tmp, tracking_uri=client.tracking_uri)
+                shutil.rmtree(local, ignore_errors=True)  # a copy without its MLmodel: not one this wrote
+                os.replace(got, local)  # whole, or not there
+            log.info("downloaded %s (%.1f MB) in %s into %s", label, megabytes(local), clock(time.monotonic() - start),
+                     local)  # fmt: skip
+        os.utime(local)  # the newest used
+        yield local
+        for half in home.glob(".*.tmp"):  # a download killed half-way (its lock went with its process)
+            shutil.rmtree(half, ignore_errors=True)
+        for old in sorted((p for p in home.iterdir() if p.is_dir() and not p.name.startswith(".")),
+                          key=lambda p: p.stat().st_mtime, reverse=True)[KEEP_DOWNLOADS:]:  # fmt: skip
+            shutil.rmtree(old, ignore_errors=True)
+            log.info("removed the download of %s %s (the newest %d are kept)", name, old.name.split("-")[0],
+                     KEEP_DOWNLOADS)  # fmt: skip
 
 
 def megabytes(*paths: Path) -> float:

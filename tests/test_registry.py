@@ -170,6 +170,47 @@ def test_tokenizers_compare_equal_only_when_they_make_the_same_ids(tiny_run, tmp
     assert not same_tokenizer(load_tokenizer(str(ours)), load_tokenizer(str(other)))
 
 
+def test_a_registered_version_is_downloaded_once_and_the_two_newest_used_stay(tmp_path, monkeypatch, caplog):
+    """Rescoring the champion (every run on new validation data) and `edgar-tune generate` downloaded a version's
+    whole artifacts every time: GBs for a full fine-tune. A copy in the cache serves again (even with the store's
+    files gone); the two newest used stay; another store's v1 is another model."""
+    import logging
+
+    from tasks.registry import registered_files, registered_version
+
+    monkeypatch.setenv("EDGAR_TUNE_CACHE", str(tmp_path / "cache"))
+    caplog.set_level(logging.INFO, "tasks.registry")
+
+    def store(db: str, contents: list[str]) -> mlflow.MlflowClient:
+        client = mlflow.MlflowClient(f"sqlite:///{tmp_path / db}")
+        client.create_registered_model("m")
+        for i, text in enumerate(contents, 1):
+            (folder := tmp_path / f"{db}-v{i}").mkdir()
+            (folder / "MLmodel").write_text(text)
+            client.create_model_version("m", source=folder.as_uri())
+        return client
+
+    def read(client, version: str) -> str:
+        with registered_files(client, "m", version, "champion") as local:
+            return (local / "MLmodel").read_text()
+
+    client = store("a.db", ["first", "second", "third"])
+    client.set_registered_model_alias("m", "champion", "1")
+    assert registered_version(client, "models:/m@champion") == ("m", "1") == registered_version(client, "models:/m/1")
+    assert registered_version(client, "models:/m/latest") is None and registered_version(client, "runs:/x/y") is None
+    assert read(client, "1") == "first"
+    shutil.rmtree(tmp_path / "a.db-v1")  # what the tracking server holds: the cache serves without it
+    assert read(client, "1") == "first"
+    said = [r.getMessage() for r in caplog.records if r.name == "tasks.registry"]
+    assert len(said) == 2 and said[0].startswith("downloaded champion m v1 (0.0 MB) in 0:00:00 into "), said
+    assert said[1].startswith("champion m v1: its copy downloaded before, 0.0 MB in "), said
+    assert (read(client, "2"), read(client, "3")) == ("second", "third")
+    (home,) = (tmp_path / "cache" / "registry").iterdir()
+    assert sorted(p.name.split("-")[0] for p in home.iterdir() if p.is_dir()) == ["v2", "v3"]
+    assert "removed the download of m v1 (the newest 2 are kept)" in caplog.text
+    assert read(store("b.db", ["another store's"]), "1") == "another store's"
+
+
 def test_a_new_10k_rescores_the_champion_on_the_new_mdna(tiny_run, prefect_server, tmp_path):
     """The scheduled run's case: a new fiscal year changes the held-out MD&A, so the champion's recorded perplexity
     (on last year's) says nothing about the new version. The register stage downloads the champion from MLflow,

@@ -20,17 +20,18 @@ REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 
-def test_generate_command_loads_base_and_adapter_from_the_registry(tiny_run):
+def test_generate_command_loads_base_and_adapter_from_the_registry(tiny_run, tmp_path):
     _, s = tiny_run
     uri = f"models:/{s['registered_model']}@{s['model_alias']}"
     proc = subprocess.run([sys.executable, "-m", "edgar_tune.cli", "generate", "--model", uri, "--prompt",
                            "Net sales increased", "--prompt", "We serve consumers through", "--max-new-tokens", "6",
-                           "--json", "--tracking-uri", s["mlflow_tracking_uri"]],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
+                           "--json", "--tracking-uri", s["mlflow_tracking_uri"]], cwd=REPO, capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ, EDGAR_TUNE_CACHE=str(tmp_path)))  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert [r["prompt"] for r in rows] == ["Net sales increased", "We serve consumers through"]
     assert all(isinstance(r["generated"], str) and r["generated"] for r in rows)
+    assert f"downloaded {s['registered_model']} v{s['model_version']} (" in proc.stderr  # into the cache: once
     missing = subprocess.run([sys.executable, "-m", "edgar_tune.cli", "generate", "--model", "models:/nope@champion",
                               "--prompt", "x", "--tracking-uri", s["mlflow_tracking_uri"]],
                              cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
@@ -216,6 +217,14 @@ def test_a_registration_waits_for_the_one_before_it_on_a_tracking_server(tiny_ru
         out = proc.communicate(timeout=120)[0]
         assert proc.returncode == 0 and "edgar-tune-10k v1 is now @production" in out, out[-3000:]
         assert "taking the Prefect global concurrency limit edgar-tune-registry-" in out
+        # Its files, which this server keeps and serves (proxied artifacts), come down whole into the cache.
+        import yaml
+
+        from tasks.registry import registered_files
+
+        with registered_files(client, "edgar-tune-10k", "1") as local:
+            flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
+            assert all((local / a["path"]).exists() for a in flavor["artifacts"].values()), flavor
 
 
 def test_nan_perplexity_fails_before_anything_is_registered(tiny_run, tmp_path):
