@@ -160,8 +160,15 @@ def load_causal_lm(name: str, adapter: str | None = None, dtype: torch.dtype = t
     and serving compute the same function without the adapter modules' own calls (on the CPU a merged SmolLM2
     with LoRA on its seven projections generates 1.33x faster). `attention`: an attn_implementation (None: the
     model's default), refused if the model comes back with another."""
+    import time
+
     from transformers import AutoModelForCausalLM
 
+    from tasks.progress import clock
+
+    start = time.monotonic()
+    if not Path(name).expanduser().exists():  # a 7B model's first load downloads 13 GB: the log says what waits
+        log.info("loading %s from the Hugging Face Hub (or its cache, HF_HOME)", name)
     chosen = {"attn_implementation": attention} if attention else {}
     model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **chosen)
     if attention and model.config._attn_implementation != attention:
@@ -170,6 +177,8 @@ def load_causal_lm(name: str, adapter: str | None = None, dtype: torch.dtype = t
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    log.info("loaded %s%s (%.1fM parameters, %s) in %s", name, f" with the adapter {adapter}" if adapter else "",
+             model.num_parameters() / 1e6, str(dtype).removeprefix("torch."), clock(time.monotonic() - start))  # fmt: skip
     return model
 
 
