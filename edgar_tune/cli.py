@@ -194,8 +194,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     uri = _store_uri(args.tracking_uri)
     mlflow.set_tracking_uri(uri)
     try:
-        if version := registered_version(mlflow.MlflowClient(uri), args.model):  # downloaded once, then cached
-            with registered_files(mlflow.MlflowClient(uri), *version) as local:
+        client = mlflow.MlflowClient(uri)
+        if version := registered_version(client, args.model):  # downloaded once, then cached
+            with registered_files(client, *version) as local:
                 model = mlflow.pyfunc.load_model(str(local))
         else:  # runs:/..., a folder, models:/NAME/latest: MLflow's own way, downloaded each time
             model = mlflow.pyfunc.load_model(args.model)
