@@ -177,8 +177,9 @@ def load_causal_lm(name: str, adapter: str | None = None, dtype: torch.dtype = t
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    log.info("loaded %s%s (%.1fM parameters, %s) in %s", name, f" with the adapter {adapter}" if adapter else "",
-             model.num_parameters() / 1e6, str(dtype).removeprefix("torch."), clock(time.monotonic() - start))  # fmt: skip
+    with_adapter = f" with the adapter {adapter}" if adapter else ""
+    log.info("loaded %s%s (%.1fM parameters, %s) in %s", name, with_adapter, model.num_parameters() / 1e6,
+             str(dtype).removeprefix("torch."), clock(time.monotonic() - start))  # fmt: skip
     return model
 
 

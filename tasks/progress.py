@@ -103,7 +103,8 @@ class Progress:
     """`what` done `done` of `total` `unit`: a log line (unless `logger` is None: work that logs its own) and a
     progress artifact (inside a Prefect run) at the first update, then at most every `every_s` seconds, and at the
     end. With `quiet_s`, nothing shows before that many seconds: short work (scoring a small validation set) keeps
-    its tqdm bar only (where one draws: `console_bars`). `close` shows the update held back when the work ends before its total (early stopping).
+    its tqdm bar only (where one draws: `console_bars`). `close` shows the update held back when the work ends
+    before its total (early stopping).
 
     Showing progress never fails the work: an artifact the server refuses is logged once, and the work goes on.
     """

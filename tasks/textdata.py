@@ -181,9 +181,9 @@ def fetch_s3(url: str, key: str = "data.source") -> Path:
                 lines.update(got >> 20)
             return chunk
 
-        with fs.open(url, "rb", block_size=1 << 23) as src, tqdm(total=info["size"], unit="B", unit_scale=True,
-                                                              desc=f"fetch {Path(url).name}",
-                                                              disable=not (large and console_bars())) as bar:  # fmt: skip
+        shown = {"total": info["size"], "unit": "B", "unit_scale": True, "desc": f"fetch {Path(url).name}",
+                 "disable": not (large and console_bars())}  # fmt: skip
+        with fs.open(url, "rb", block_size=1 << 23) as src, tqdm(**shown) as bar:
             atomic_write_bytes(local, (counted(c) for c in iter(lambda: src.read(1 << 23), b"")))
         atomic_write_bytes(stamp, tag.encode())
     log.info("fetched %s (%s bytes) in %.1f s", url, f"{info['size']:,}", time.monotonic() - start)
