@@ -135,12 +135,21 @@ def step_timer():
     return StepTimer()
 
 
+VALIDATION_QUIET_S = 30.0  # a validation inside training shorter than this shows only its loss, after it
+
+
 def progress_events(path: Path, tokens_per_step: int):
     """A Trainer callback that appends the start of training and each of the Trainer's logs (loss, learning rate,
-    validation loss) to `path` as JSON lines, on rank 0, for the train stage to show (`follow_progress`)."""
+    validation loss) to `path` as JSON lines, on rank 0, for the train stage to show (`follow_progress`). A
+    validation longer than `VALIDATION_QUIET_S` (a 7B model over a year's MD&A: minutes) logs its progress by
+    batches meanwhile, as the stage's other long work does; its lines reach the stage as the process's own."""
     from transformers import TrainerCallback
 
     class ProgressEvents(TrainerCallback):
+        def __init__(self) -> None:
+            self.validating: Progress | None = None  # the validation running now, and its batches so far
+            self.batches = 0
+
         def _write(self, state, **event) -> None:
             if state.is_world_process_zero:
                 event = {"step": state.global_step, "max_steps": state.max_steps, "time": time.time(),
@@ -157,6 +166,20 @@ def progress_events(path: Path, tokens_per_step: int):
                     if k in ("loss", "eval_loss", "eval_runtime", "learning_rate", "grad_norm")}  # fmt: skip
             if keep:
                 self._write(state, **keep)
+
+        def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+            if not state.is_world_process_zero or eval_dataloader is None:
+                return
+            if self.validating is None:
+                what = f"training step {state.global_step:,} of {state.max_steps:,}: validation"
+                self.validating = Progress(what, len(eval_dataloader), "batches", logger=log,
+                                           quiet_s=VALIDATION_QUIET_S)  # fmt: skip
+                self.batches = 0
+            self.batches += 1
+            self.validating.update(self.batches)
+
+        def on_evaluate(self, args, state, control, **kwargs):
+            self.validating = None
 
     return ProgressEvents()
 

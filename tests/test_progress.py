@@ -130,6 +130,24 @@ def test_the_train_stage_shows_the_training_processes_progress_as_it_comes(tmp_p
     ]
 
 
+def test_a_long_validation_inside_training_shows_its_progress(tiny_run, tmp_path, caplog, monkeypatch):
+    """A validation inside training (a 7B model over a year's MD&A: minutes) logged nothing until its loss, and its
+    bar is gone from log files. Past `VALIDATION_QUIET_S` (30 s; 0 here) it logs its batches, as other long work
+    does, each validation its own: here the Trainer's, validating 16 blocks one at a time at steps 2 and 4."""
+    from tasks import finetune
+    from tests.conftest import train_variants
+
+    monkeypatch.setattr(finetune, "VALIDATION_QUIET_S", 0.0)
+    caplog.set_level(logging.INFO, "tasks.finetune")
+    train_variants(tiny_run, tmp_path, {"validated": {"eval_steps": 2}}, steps=4, max_val_samples=16)
+    assert [x.split(", 0:00")[0] for x in _lines(caplog) if ": validation: " in x] == [
+        "training step 2 of 4: validation: 1 of 16 batches (6%)",
+        "training step 2 of 4: validation: 16 of 16 batches (100%)",
+        "training step 4 of 4: validation: 1 of 16 batches (6%)",
+        "training step 4 of 4: validation: 16 of 16 batches (100%)",
+    ]
+
+
 def test_the_register_stage_finds_every_point_of_the_curves_in_the_train_stages_folder(tmp_path):
     """What a tracking server never took is logged at registration: the points the follower made, at the times
     the training made them, and for a resumed training's steps before the crash (whose events went with the
