@@ -144,6 +144,7 @@ def progress_events(path: Path, tokens_per_step: int):
     validation longer than `VALIDATION_QUIET_S` (a 7B model over a year's MD&A: minutes) logs its progress by
     batches meanwhile, as the stage's other long work does; its lines reach the stage as the process's own."""
     from transformers import TrainerCallback
+    from transformers.trainer_utils import has_length
 
     class ProgressEvents(TrainerCallback):
         def __init__(self) -> None:
@@ -168,7 +169,7 @@ def progress_events(path: Path, tokens_per_step: int):
                 self._write(state, **keep)
 
         def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
-            if not state.is_world_process_zero or eval_dataloader is None:
+            if not state.is_world_process_zero or not has_length(eval_dataloader):  # a stream: no total to show
                 return
             if self.validating is None:
                 what = f"training step {state.global_step:,} of {state.max_steps:,}: validation"
