@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -414,8 +415,6 @@ def _score_version(name: str, version: str, tokenize_dir: Path, eval_cfg: EvalCo
 def registered_version(client, uri: str) -> tuple[str, str] | None:
     """(name, version) of `models:/NAME/N` or `models:/NAME@ALIAS` (the alias read from `client`'s registry);
     None for any other model URI."""
-    import re
-
     if not (m := re.fullmatch(r"models:/([^/@]+)(?:/(\d+)|@([^/@]+))", uri)):
         return None
     name, version, alias = m.groups()
@@ -434,8 +433,6 @@ def registered_files(client, name: str, version: str, what: str = "") -> Iterato
     reads it); afterwards the newest `KEEP_DOWNLOADS` versions used stay and older copies go. A copy is known by
     its version's run and creation time too: a tracking store made again, whose v1 is another model, never reads
     the old store's v1. `what` names it in the log ("champion")."""
-    import re
-
     from tasks.io import cache_dir
 
     mv = client.get_model_version(name, version)
