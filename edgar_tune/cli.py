@@ -427,9 +427,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Lines(logging.Formatter):
+    """The console's lines. Prefect's lines about a task run name it, as Prefect's own console does: "Finished in
+    state Cached(...)" says which stage."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        name = getattr(record, "task_run_name", None)
+        if name and record.name.startswith("prefect."):  # record.message is made again by each handler's format
+            record.message = f"task run {name!r} - {record.message}"
+        return super().formatMessage(record)
+
+
 def main(argv: list[str] | None = None) -> int:
     _set_env_defaults()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from tasks.progress import settle_console
+
+    settle_console()  # before the libraries are imported: they read their bars' switches then
+    handler = logging.StreamHandler()
+    handler.setFormatter(_Lines("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call otherwise
     logging.getLogger("pyrate_limiter").setLevel(logging.WARNING)  # a line at import of sec-edgar-downloader
     args = build_parser().parse_args(argv)

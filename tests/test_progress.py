@@ -12,7 +12,7 @@ import time
 import pytest
 
 from tasks.finetune import follow_progress
-from tasks.progress import BARS, Progress, clock
+from tasks.progress import BARS, LIBRARY_BARS_OFF, Progress, clock
 
 
 def _lines(caplog) -> list[str]:
@@ -50,28 +50,38 @@ def test_short_quiet_work_shows_nothing_beyond_its_tqdm_bar(caplog):
 def _decided(stderr: str, setting: str | None) -> tuple[str, str]:
     """What `settle_bars` decides in a new process whose stderr is a terminal (a pseudo-terminal) or a pipe, with
     EDGAR_TUNE_BARS at `setting`: (its decision and the environment it leaves its children, its stderr)."""
+    import fcntl
     import os
     import pty
+    import struct
     import subprocess
     import sys
+    import termios
 
     code = ("import os; from tasks.progress import settle_bars; on = settle_bars(); "
             "print(on, *(os.environ.get(k) for k in ('EDGAR_TUNE_BARS', 'HF_DATASETS_DISABLE_PROGRESS_BARS', "
-            "'MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR')))")  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if k not in (BARS, "HF_DATASETS_DISABLE_PROGRESS_BARS",
-                                                           "HF_HUB_DISABLE_PROGRESS_BARS",
-                                                           "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")}  # fmt: skip
+            "'MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR'))); "
+            "from tqdm.auto import tqdm; [*tqdm(range(3), desc='a bar of its own')]")  # a library's own tqdm bar
+    env = {k: v for k, v in os.environ.items() if k != BARS and k not in LIBRARY_BARS_OFF}
     if setting is not None:
         env[BARS] = setting
     main, other = pty.openpty() if stderr == "terminal" else os.pipe()
+    if stderr == "terminal":  # a new pseudo-terminal is 0 columns wide: tqdm would draw its bars empty
+        fcntl.ioctl(other, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
     proc = subprocess.run([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=other, text=True,
                           timeout=120)  # fmt: skip
     os.close(other)
-    with os.fdopen(main, "rb") as f:
+    chunks = []
+    while True:
         try:
-            err = f.read().decode()
+            chunk = os.read(main, 65536)
         except OSError:  # a pseudo-terminal with its other end closed reads as EIO at its end
-            err = ""
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(main)
+    err = b"".join(chunks).decode()
     assert proc.returncode == 0, err
     return proc.stdout.strip(), err
 
@@ -81,11 +91,41 @@ def test_progress_bars_draw_on_a_terminal_and_log_lines_go_to_files_and_pipes():
     to the Trainer's loss dicts; now it gets the log lines only, and so do the processes it starts (the
     training process's console is a pipe its parent reads), libraries' bars included. EDGAR_TUNE_BARS decides
     where set; a value that is neither 1 nor 0 is named, and the console decides."""
-    assert _decided("terminal", None) == ("True 1 None None", "")
-    assert _decided("pipe", None) == ("False 0 1 false", "")
-    assert _decided("pipe", "1")[0] == "True 1 None None" and _decided("terminal", "0")[0] == "False 0 1 false"
+    decision, err = _decided("terminal", None)
+    assert decision == "True 1 None None" and "a bar of its own: 100%|" in err
+    assert _decided("pipe", None) == ("False 0 1 false", "")  # TQDM_DISABLE: no bar that tqdm draws for anyone
+    assert _decided("pipe", "1")[0] == "True 1 None None" and _decided("terminal", "0") == ("False 0 1 false", "")
     decision, err = _decided("pipe", "yes")
-    assert decision == "False 0 1 false" and "EDGAR_TUNE_BARS='yes' is neither 1" in err
+    assert decision == "False 0 1 false" and "EDGAR_TUNE_BARS='yes' is neither 1" in err and "%|" not in err
+
+
+def test_deepspeeds_cpu_notice_is_dropped_where_there_is_no_gpu(monkeypatch):
+    """Every process that loads transformers' Trainer or saves a model imports DeepSpeed, which warned "Setting
+    accelerator to CPU. If you have GPU or other accelerator, we were unable to detect it" on the console, outside
+    the run's log. Without a GPU that says nothing; where CUDA sees a device it cannot use, it stays."""
+    import torch
+    from deepspeed.accelerator import real_accelerator
+
+    from tasks.progress import _no_gpu_to_detect, settle_console
+
+    for var in (BARS, *LIBRARY_BARS_OFF):  # settle_console sets them: they are put back after the test
+        monkeypatch.delenv(var, raising=False)
+    settle_console()
+    seen: list[str] = []
+    catch = logging.Handler()
+    catch.emit = lambda record: seen.append(record.getMessage())
+    ds_log = logging.getLogger("DeepSpeed")
+    ds_log.addHandler(catch)
+    try:
+        monkeypatch.setattr(real_accelerator, "ds_accelerator", None)  # detect again, as a new process does
+        assert real_accelerator.get_accelerator().device_name() == "cpu"
+        ds_log.warning("another warning")
+    finally:
+        ds_log.removeHandler(catch)
+    assert seen == ["another warning"]
+    record = logging.LogRecord("DeepSpeed", logging.WARNING, __file__, 0, "Setting accelerator to CPU. ...", (), None)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert _no_gpu_to_detect(record)
 
 
 def test_clock_reads_as_hours_minutes_seconds():
