@@ -5,6 +5,9 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 export EDGAR_TUNE_CACHE ?= $(HOME)/.cache/edgar-tune
 export PREFECT_HOME ?= $(CURDIR)/.prefect
+# `make server` keeps the leases of its concurrency slots on disk (PREFECT_HOME), not in memory (Prefect's default):
+# a slot held across a restart of the server stayed taken for good, and every later run into its s3:// run was refused.
+export PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE ?= prefect.server.concurrency.lease_storage.filesystem
 
 .PHONY: setup model demo test test-slow bench-parse gpu-carry server deploy worker clean
 

@@ -7,7 +7,8 @@
 - `edgar-tune-registry-<hash>`: one slot per MLflow tracking server, held by a registration from a flow run, so
   two do not read the same champion at once (tasks/registry.py).
 
-They show in the UI under Concurrency -> Global, where they can be changed.
+They show in the UI under Concurrency -> Global, where they can be changed. The last two are taken on a shared
+server only (`shared_server`); without one, lock files on this host do their work.
 """
 
 from __future__ import annotations
@@ -17,6 +18,19 @@ import hashlib
 from collections.abc import Iterator
 
 SLOT_LEASE_S = 300  # a held slot is a lease: renewed while held, freed this long after a holder that died
+# Where `make server` keeps the leases: on disk (PREFECT_HOME), so a restarted server still frees a dead holder's slot.
+LEASE_STORAGE = "prefect.server.concurrency.lease_storage.filesystem"
+
+
+def shared_server() -> bool:
+    """Whether a Prefect server is configured (PREFECT_API_URL), which workers on other hosts can share.
+
+    Without one, Prefect starts an embedded server for this host's runs. Its limits exclude nobody that a lock file
+    on this host does not, and it never frees a slot whose holder was killed: its lease reaper does not run there.
+    A run killed by the OOM killer while it held one left it taken for good, and every later run was refused."""
+    from prefect.settings import get_current_settings
+
+    return bool(get_current_settings().api.url)
 
 
 def in_prefect_run() -> bool:

@@ -31,7 +31,7 @@ import pandas as pd
 import yaml
 
 from edgar_tune.config import REPO_ROOT, EvalConfig, PipelineConfig, RegisterConfig, flat_params
-from tasks.io import EVALUATE, PARSE, TOKENIZE, TRAIN, held, holder_info, read_json, read_jsonl
+from tasks.io import EVALUATE, PARSE, TOKENIZE, TRAIN, cache_dir, held, holder_info, read_json, read_jsonl
 from tasks.progress import CURVES, Point, clock, training_points
 from tasks.storage import folder_identity
 
@@ -433,8 +433,6 @@ def registered_files(client, name: str, version: str, what: str = "") -> Iterato
     reads it); afterwards the newest `KEEP_DOWNLOADS` versions used stay and older copies go. A copy is known by
     its version's run and creation time too: a tracking store made again, whose v1 is another model, never reads
     the old store's v1. `what` names it in the log ("champion")."""
-    from tasks.io import cache_dir
-
     mv = client.get_model_version(name, version)
     store = hashlib.sha256(f"{client.tracking_uri}\0{name}".encode()).hexdigest()[:12]
     home = cache_dir() / "registry" / f"{re.sub(r'[^A-Za-z0-9._-]+', '_', name)}-{store}"
@@ -696,25 +694,27 @@ def one_writer(uri: str, run_dir: Path) -> Iterator[None]:
     `champion` from a better version. Into a new sqlite store, two processes at once both ran its migrations and
     one failed (`duplicate column name`).
 
-    A sqlite store: a lock file beside the database. Another store (a tracking server), from a Prefect run or
-    wherever a Prefect server is configured (PREFECT_API_URL: `edgar-tune promote`, `edgar-tune stage register`):
-    the one slot of a Prefect global concurrency limit named after the URI, which every worker shares. Each waits
-    for the one before it (`REGISTRY_WAIT_S` at most for a tracking server)."""
+    A sqlite store: a lock file beside the database. Another store (a tracking server), wherever a Prefect server
+    is configured (PREFECT_API_URL: flow runs on workers, `edgar-tune promote`, `edgar-tune stage register`): the one
+    slot of a Prefect global concurrency limit named after the URI, which every worker shares. Without one, a lock
+    file in the cache: this host's registrations take turns. Each waits for the one before it (`REGISTRY_WAIT_S` at
+    most for a Prefect slot)."""
     if sqlite_file(uri) is not None:
         with _sqlite_lock(uri, run_dir):
             yield
         return
-    from prefect.settings import get_current_settings
+    from tasks.limits import in_prefect_run, shared_server, slot, slot_name
 
-    from tasks.limits import in_prefect_run, slot, slot_name
-
-    if not in_prefect_run() and not get_current_settings().api.url:  # no Prefect server to hold a limit on
-        log.warning("no Prefect server is configured (PREFECT_API_URL), so this does not wait for a registration "
-                    "into %s that may be deciding the champion now; set PREFECT_API_URL to the server the "
-                    "registrations run on to take turns with them", uri)  # fmt: skip
-        yield
-        return
     name = slot_name("edgar-tune-registry", uri)
+    if not shared_server():  # an embedded Prefect server's slot would stay taken after a kill (tasks.limits)
+        lock = cache_dir() / "locks" / f"{name}.lock"
+        say = log.info if in_prefect_run() else log.warning
+        say("no Prefect server is configured (PREFECT_API_URL), so registrations into %s from other hosts, which may "
+            "be deciding the champion now, are not waited for; this host's take turns through %s. Set PREFECT_API_URL "
+            "to the server the registrations run on to take turns with them", uri, lock)  # fmt: skip
+        with held(lock, holder_info(run=str(run_dir)), wait=True):
+            yield
+        return
     log.info("writing to the registry at %s: taking the Prefect global concurrency limit %s", uri, name)
     with ExitStack() as stack:
         try:

@@ -8,7 +8,7 @@ $EDGAR_TUNE_CACHE/runs/, and the run's truth is the bucket:
 - before a stage needs a folder, the working copy is brought to the pointer's version.
 Prefect's persisted results for an `s3://` run go to `.prefect-results/` beside the run, so a worker that
 picks up a retried run finds the cache that another worker wrote. One run or rerun works in a run at a time
-(`RunFolder.lock`): a lock file in the folder, and for an `s3://` run a slot on the Prefect server too.
+(`RunFolder.lock`): a lock file in the folder, and for an `s3://` run a slot on the shared Prefect server too.
 Credentials and endpoint come from the usual AWS settings (AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, ...), read by s3fs.
 """
 
@@ -107,12 +107,15 @@ class RunFolder:
         """An s3:// run is shared through the bucket, so workers on other hosts are not excluded by this host's
         lock file. They share the Prefect server: the run also takes the one slot of a global concurrency limit
         named after its URL, as a lease that a thread renews while the run holds it and the server frees
-        `SLOT_LEASE_S` after a holder that died without releasing it."""
+        `SLOT_LEASE_S` after a holder that died without releasing it. Without a shared server (PREFECT_API_URL), the
+        lock file is all: an embedded server's slot would exclude no other host, and stay taken after a kill."""
         from prefect.concurrency.asyncio import ConcurrencySlotAcquisitionError
 
         from edgar_tune.config import ConfigError
-        from tasks.limits import SLOT_LEASE_S, slot, slot_name
+        from tasks.limits import SLOT_LEASE_S, shared_server, slot, slot_name
 
+        if not shared_server():
+            return
         name = slot_name("edgar-tune-run", self.remote)
         try:
             stack.enter_context(slot(name, wait_s=None))

@@ -158,13 +158,14 @@ def tiny_run(tmp_path_factory) -> tuple[Path, dict]:
 @pytest.fixture(scope="session")
 def prefect_server(tmp_path_factory):
     """A real Prefect server on loopback, started once per test session: yields the env its clients need."""
-    import signal
+    from tasks.limits import LEASE_STORAGE
 
     home = tmp_path_factory.mktemp("prefect-server")
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_SERVER_UI_API_URL=api,
                PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="2")  # fmt: skip
+    env.setdefault("PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE", LEASE_STORAGE)  # as `make server` keeps them
     log = open(home / "server.log", "wb")  # noqa: SIM115 (closed at teardown)
     proc = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
                              "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,

@@ -359,18 +359,61 @@ def test_a_training_ends_the_runs_its_folder_left_running_when_their_process_die
 
 def test_a_writer_without_a_prefect_server_says_it_takes_no_turn_on_a_tracking_server(tmp_path, monkeypatch, caplog):
     """Registrations into a tracking server take turns on a Prefect server's concurrency limit. A promotion from a
-    machine with no Prefect server configured cannot take one, and says so rather than pass for safe."""
+    machine with no Prefect server configured cannot take turns with other hosts, and says so rather than pass for
+    safe; this host's registrations still take turns (the next test)."""
     import logging
 
     from tasks.registry import one_writer
 
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.setenv("EDGAR_TUNE_CACHE", str(tmp_path / "cache"))
     caplog.set_level(logging.WARNING, logger="tasks.registry")
     with one_writer("http://mlflow.internal:5000", tmp_path):
         pass
-    assert "no Prefect server is configured (PREFECT_API_URL), so this does not wait for a registration into " \
-           "http://mlflow.internal:5000" in caplog.text
+    assert "no Prefect server is configured (PREFECT_API_URL), so registrations into http://mlflow.internal:5000 " \
+           "from other hosts, which may be deciding the champion now, are not waited for; this host's take turns " \
+           f"through {tmp_path / 'cache' / 'locks'}" in caplog.text
     caplog.clear()
     with one_writer(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path):  # a sqlite store: its lock file, always
         pass
     assert caplog.text == ""
+
+
+@pytest.mark.timeout(300)
+def test_without_a_prefect_server_a_killed_registration_does_not_hold_the_next_one(tmp_path):
+    """CLI runs (no PREFECT_API_URL: an embedded Prefect server) registering into one tracking server took turns on
+    the embedded server's concurrency limit. Its slot stays taken after a kill: the embedded server runs no lease
+    reaper, so after an OOM kill every later registration waited an hour, then failed. They take turns through a
+    lock file, which the kernel frees however its holder ends: a second waits while the first holds, and goes on
+    at once when the first is SIGKILLed."""
+    uri = "http://127.0.0.1:9/mlflow"  # never reached: the turn is named after it
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env |= {"PREFECT_HOME": str(tmp_path / "prefect"), "EDGAR_TUNE_CACHE": str(tmp_path / "cache")}
+
+    def registration() -> subprocess.Popen:  # a flow run that holds the store's turn until its stdin closes
+        return subprocess.Popen([sys.executable, "-m", "tests.lock_holder", "registry", uri], cwd=REPO, env=env,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+
+    def until(proc: subprocess.Popen, *starts: str) -> str:
+        seen = []
+        for line in proc.stdout:
+            seen.append(line)
+            if line.startswith(starts):
+                return line
+        raise AssertionError("".join(seen)[-3000:])
+
+    first = registration()
+    assert until(first, "held") == "held\n"
+    second = registration()
+    try:
+        waiting = until(second, "waiting for", "held")
+        assert waiting.startswith(f"waiting for {tmp_path / 'cache' / 'locks'}/edgar-tune-registry-"), waiting
+        assert f"pid {first.pid} on " in waiting
+        first.kill()  # what the OOM killer does
+        first.wait(timeout=30)
+        assert until(second, "held") == "held\n"
+    finally:
+        second.stdin.close()
+        second.wait(timeout=60)
+        first.kill()
+
