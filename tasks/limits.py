@@ -4,8 +4,8 @@
   together stay under SEC's 10 requests/s (tasks/download.py).
 - `edgar-tune-run-<hash>`: one slot per `s3://` run, held by the run or rerun that works in it, so workers on other
   hosts (which share the run through the bucket, not a disk) do not work in it at once (tasks/storage.py).
-- `edgar-tune-registry-<hash>`: one slot per MLflow tracking server, held by a registration from a flow run, so
-  two do not read the same champion at once (tasks/registry.py).
+- `edgar-tune-registry-<hash>`: one slot per MLflow tracking server, held by a registration (or a promotion by
+  hand), so two do not read the same champion at once (tasks/registry.py).
 
 They show in the UI under Concurrency -> Global, where they can be changed. The last two are taken on a shared
 server only (`shared_server`); without one, lock files on this host do their work.

@@ -109,13 +109,14 @@ class RunFolder:
         named after its URL, as a lease that a thread renews while the run holds it and the server frees
         `SLOT_LEASE_S` after a holder that died without releasing it. Without a shared server (PREFECT_API_URL), the
         lock file is all: an embedded server's slot would exclude no other host, and stay taken after a kill."""
-        from prefect.concurrency.asyncio import ConcurrencySlotAcquisitionError
-
-        from edgar_tune.config import ConfigError
         from tasks.limits import SLOT_LEASE_S, shared_server, slot, slot_name
 
         if not shared_server():
             return
+        from prefect.concurrency.asyncio import ConcurrencySlotAcquisitionError
+
+        from edgar_tune.config import ConfigError
+
         name = slot_name("edgar-tune-run", self.remote)
         try:
             stack.enter_context(slot(name, wait_s=None))
