@@ -128,7 +128,10 @@ class RunFolder:
                 return
             raise ConfigError(f"run {self.ref} is in use by a run on another worker: it holds the Prefect global "
                               f"concurrency limit {name} ({err}; a worker that died frees it within "
-                              f"{SLOT_LEASE_S // 60} minutes); {advice}") from None  # fmt: skip
+                              f"{SLOT_LEASE_S // 60} minutes on a server that keeps its leases on disk, as `make "
+                              "server` does; one held across a restart of a server that keeps them in memory stays "
+                              "taken: free it in the UI, Concurrency -> Global, once no run works in it); "
+                              f"{advice}") from None  # fmt: skip
 
     # -- Prefect results ---------------------------------------------------------------------------------------
     def result_storage(self) -> dict:

@@ -109,6 +109,7 @@ def test_an_s3_run_in_use_refuses_a_worker_on_another_host(s3, prefect_server, t
                               cwd=REPO, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
         assert proc.returncode == 2, proc.stderr[-3000:]
         assert f"run {url} is in use by a run on another worker" in proc.stderr and "423 Locked" in proc.stderr
+        assert "stays taken: free it in the UI, Concurrency -> Global, once no run works in it" in proc.stderr
         assert not fs.exists(url)
         # A run told to wait its turn (`if_busy: wait`) waits for the slot, and takes it when the first lets go.
         waiting = subprocess.Popen([sys.executable, "-m", "tests.lock_holder", "run", url, "worker-2", "wait"],
