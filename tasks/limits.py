@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 from collections.abc import Iterator
+
+log = logging.getLogger(__name__)
 
 SLOT_LEASE_S = 300  # a held slot is a lease: renewed while held, freed this long after a holder that died
 # Where `make server` keeps the leases: on disk (PREFECT_HOME), so a restarted server still frees a dead holder's slot.
@@ -31,6 +34,33 @@ def shared_server() -> bool:
     from prefect.settings import get_current_settings
 
     return bool(get_current_settings().api.url)
+
+
+_checked: set[str] = set()  # the servers whose lease storage this process has read
+
+
+def _check_lease_storage() -> None:
+    """Warn, once per process and server, where the Prefect server keeps the leases of slots in memory (Prefect's
+    default): a slot held across a restart of that server stays taken for good. Its settings say so
+    (`GET /admin/settings`); a server that does not show them (Prefect Cloud) is not warned about."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        url = str(client.api_url)
+        if url in _checked:
+            return
+        _checked.add(url)
+        try:
+            answer = client.request("GET", "/admin/settings")
+            storage = answer.json()["server"]["concurrency"]["lease_storage"]
+        except Exception:  # noqa: BLE001 (no settings to read: nothing to warn about)
+            return
+    if storage.endswith(".memory"):
+        log.warning("the Prefect server at %s keeps the leases of concurrency slots in memory (%s, Prefect's "
+                    "default): a slot held across a restart of it stays taken, and the runs or registrations that "
+                    "need it are refused or wait until someone frees it in the UI. Start it with "
+                    "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE=%s, as `make server` does", url, storage,
+                    LEASE_STORAGE)  # fmt: skip
 
 
 def in_prefect_run() -> bool:
@@ -71,6 +101,7 @@ def slot(name: str, wait_s: float | None) -> Iterator[None]:
     from prefect.concurrency.sync import concurrency
 
     ensure_limit(name, 1)
+    _check_lease_storage()
     wait = {"max_retries": 0} if wait_s is None else {"timeout_seconds": wait_s}
     with concurrency(name, occupy=1, strict=True, lease_duration=SLOT_LEASE_S, raise_on_lease_renewal_failure=False,
                      **wait):  # fmt: skip

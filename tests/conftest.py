@@ -155,17 +155,18 @@ def tiny_run(tmp_path_factory) -> tuple[Path, dict]:
     return runs, run_cli(runs)
 
 
-@pytest.fixture(scope="session")
-def prefect_server(tmp_path_factory):
-    """A real Prefect server on loopback, started once per test session: yields the env its clients need."""
+@contextlib.contextmanager
+def running_prefect_server(home: Path, **settings: str) -> Iterator[dict]:
+    """A real Prefect server on loopback, its state in `home`, with `settings` (PREFECT_... variables) over those
+    of `make server`: yields the env its clients need."""
     from tasks.limits import LEASE_STORAGE
 
-    home = tmp_path_factory.mktemp("prefect-server")
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_SERVER_UI_API_URL=api,
                PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="2")  # fmt: skip
     env.setdefault("PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE", LEASE_STORAGE)  # as `make server` keeps them
+    env.update(settings)
     log = open(home / "server.log", "wb")  # noqa: SIM115 (closed at teardown)
     proc = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
                              "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -180,6 +181,13 @@ def prefect_server(tmp_path_factory):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
         log.close()
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """A real Prefect server on loopback, started once per test session: yields the env its clients need."""
+    with running_prefect_server(tmp_path_factory.mktemp("prefect-server")) as env:
+        yield env
 
 
 def train_variants(tiny_run, tmp_path: Path, variants: dict[str, dict], steps: int = 6,

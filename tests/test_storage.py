@@ -127,6 +127,34 @@ def test_an_s3_run_in_use_refuses_a_worker_on_another_host(s3, prefect_server, t
     assert waiting.returncode == 0 and "\nheld\n" in out, out[-3000:]
 
 
+def test_a_slot_on_a_server_that_keeps_its_leases_in_memory_says_so(prefect_server, tmp_path, monkeypatch, caplog):
+    """A Prefect server keeps the leases of slots in memory unless told otherwise: a slot held across a restart of
+    it stays taken for good, and every run into that s3:// run is refused (measured: README, Prefect in
+    production). The first slot a process takes on such a server warns, naming the setting; `make server`'s (and
+    this suite's) keeps them on disk and is not warned about."""
+    import logging
+
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from tasks import limits
+    from tests.conftest import running_prefect_server
+
+    monkeypatch.setattr(limits, "_checked", set())
+    caplog.set_level(logging.WARNING, logger="tasks.limits")
+    memory = "prefect.server.concurrency.lease_storage.memory"
+    with running_prefect_server(tmp_path, PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE=memory) as default:
+        for i, server in enumerate((default, prefect_server, default)):
+            with temporary_settings({PREFECT_API_URL: server["PREFECT_API_URL"]}):
+                with limits.slot(f"edgar-tune-run-leases-{i}", wait_s=None):  # a slot is let go in the background
+                    pass
+    warned = [r.getMessage() for r in caplog.records if r.name == "tasks.limits"]
+    assert len(warned) == 1, warned  # once per process and server
+    assert warned[0].startswith(f"the Prefect server at {default['PREFECT_API_URL']}/ keeps the leases of "
+                                f"concurrency slots in memory ({memory}, Prefect's default): a slot held across a "
+                                "restart of it stays taken")  # fmt: skip
+    assert f"PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE={limits.LEASE_STORAGE}, as `make server` does" in warned[0]
+
+
 def test_text_data_from_an_s3_prefix(s3, prefect_server, tmp_path, amzn_files, monkeypatch, caplog):
     """JumpStart's training channel: instruction JSONL and its template.json under an s3:// prefix. The download
     stage copies each object into the cache once (again only when its ETag changes) and records its sha256; a
