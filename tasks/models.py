@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import importlib.util
 import logging
+import threading
 import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
 
 from edgar_tune.config import ConfigError, ModelConfig
 from tasks.io import atomic_dir, cache_dir, held, holder_info, megabytes
-from tasks.progress import clock
+from tasks.progress import Progress, clock
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +162,65 @@ def load_tokenizer(name: str):
     return tokenizer
 
 
+@contextlib.contextmanager
+def from_hub(name: str) -> Iterator[dict]:
+    """The keyword arguments that make `from_pretrained(name, ...)` show its download's progress: a hub id's first
+    load downloads GBs (Llama-2-7B's weights are 13.5 GB), and a worker's log file has no bar. The log says what
+    waits, then, for a download that lasts over 10 s, how far it is every 30 s (in MB, with the rate and the time
+    left) and its end, and inside a Prefect run the UI shows a progress bar. A local folder or a load from the hub's
+    cache shows nothing more. Hugging Face Hub's own bar still draws on a terminal."""
+    if Path(name).expanduser().exists():
+        yield {}
+        return
+    log.info("loading %s from the Hugging Face Hub (or its cache, HF_HOME)", name)
+    progress = Progress(f"download {name}", 1, "MB", logger=log, quiet_s=10.0)
+    bars = _download_bars(progress)
+    try:
+        yield {"tqdm_class": bars}
+    finally:
+        progress.close()
+
+
+def _download_bars(progress: Progress) -> type:
+    """A tqdm class for huggingface_hub's downloads that adds their bytes up into `progress`: one bar for a file,
+    or for a sharded checkpoint's snapshot the bar of the bytes written (its total grows as each shard starts),
+    not the one of network bytes nor the one counting files. Shards download on threads: the updates take turns,
+    in the Prefect context of the load (for the UI's bar)."""
+    from huggingface_hub.utils import tqdm as hub_tqdm
+
+    bars: list = []
+    turn = threading.Lock()
+    context = contextvars.copy_context()
+    began: list[float] = []
+
+    def show() -> None:
+        done, total = sum(b.bytes for b in bars), sum(b.total or 0 for b in bars)
+        progress.total = max(round(total / 1e6), 1)
+        seconds = time.monotonic() - began[0]
+        rate = (done - sum(b.initial_bytes for b in bars)) / seconds if seconds > 0 else 0.0
+        progress.update(round(done / 1e6), f"{rate / 1e6:.1f} MB/s", rate=rate / 1e6 or None)
+
+    class Bar(hub_tqdm):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.bytes = self.initial_bytes = kwargs.get("initial") or 0  # a resumed file's bytes already there
+            self.counted = kwargs.get("unit") == "B" and not str(kwargs.get("name") or "").endswith(".transfer")
+            if self.counted:
+                with turn:
+                    began[:] = began or [time.monotonic()]
+                    bars.append(self)
+
+        def update(self, n: float | None = 1) -> bool | None:
+            shown = super().update(n)  # a disabled bar (no terminal) counts nothing: the bytes are counted here
+            if self.counted:
+                with turn:
+                    self.bytes += n or 0
+                    context.run(show)
+            return shown
+
+    return Bar
+
+
 def load_causal_lm(name: str, adapter: str | None = None, dtype: torch.dtype = torch.float32,
                    attention: str | None = None):  # fmt: skip
     """Load a base model, plus a LoRA adapter folder when given, merged into the base's weights: scoring, sampling
@@ -168,10 +230,9 @@ def load_causal_lm(name: str, adapter: str | None = None, dtype: torch.dtype = t
     from transformers import AutoModelForCausalLM
 
     start = time.monotonic()
-    if not Path(name).expanduser().exists():  # a 7B model's first load downloads 13 GB: the log says what waits
-        log.info("loading %s from the Hugging Face Hub (or its cache, HF_HOME)", name)
     chosen = {"attn_implementation": attention} if attention else {}
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **chosen)
+    with from_hub(name) as hub:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **chosen, **hub)
     if attention and model.config._attn_implementation != attention:
         raise RuntimeError(f"asked for attention={attention} but {name} loaded {model.config._attn_implementation}")
     if adapter:

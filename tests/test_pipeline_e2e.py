@@ -117,6 +117,82 @@ def test_a_hub_id_loads_through_the_hubs_cache_and_the_log_says_what_waits(tiny_
     assert re.search(r"loaded edgar-tune/tiny \(0\.\dM parameters, float32\) in 0:00:0\d", proc.stderr), proc.stderr
 
 
+_HUB_LOADS = """
+import flows.pipeline  # noqa: F401 (as in a flow run's process: no bars on a pipe, this project's lines in the log)
+from prefect import flow, task
+from prefect.runtime import flow_run
+from transformers import AutoModelForCausalLM  # noqa: F401 (before the threads: two first imports of it race)
+
+from tasks.models import load_causal_lm
+
+load = task(load_causal_lm)
+
+
+@flow
+def loads():
+    print("FLOW RUN", flow_run.id)
+    for done in [load.submit("edgar-tune/whole"), load.submit("edgar-tune/sharded")]:  # on two threads at once
+        done.result()
+    load("edgar-tune/whole")  # from the hub's cache now
+
+
+loads()
+"""
+
+
+def test_a_hub_download_shows_its_progress_in_the_log_and_the_ui(tiny_run, prefect_server, tmp_path):
+    """A hub id's first load downloads GBs (Llama-2-7B: 13.5 GB), with no bar in a worker's log file. Downloaded from
+    a loopback server playing the Hugging Face Hub (HF_ENDPOINT, the only thing patched), a 46 MB model in one file
+    and the same in three shards (on threads, a connection each), each at about 3.5 MB/s: past 10 s the log says
+    how far each download is, at what rate, and its end; each task run has a progress bar in the UI. A load from
+    the hub's cache downloads nothing and says so by saying nothing."""
+    import httpx
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.hub_server import Hub, serve
+
+    runs, _ = tiny_run
+    tiny = runs / "latest" / "03_tokenize" / "tiny-llama"
+    config = LlamaConfig.from_pretrained(tiny)
+    config.update(dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
+                       num_key_value_heads=8, head_dim=64))  # fmt: skip
+    model = LlamaForCausalLM(config)
+    for name, shard in (("whole", "1GB"), ("sharded", "20MB")):
+        model.save_pretrained(tmp_path / name, max_shard_size=shard)
+    hub = Hub({"edgar-tune/whole": tmp_path / "whole", "edgar-tune/sharded": tmp_path / "sharded"},
+              rates={"edgar-tune/whole": 3.5e6, "edgar-tune/sharded": 1.5e6})  # fmt: skip
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) == 3
+    server, url = serve(hub)
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env.update(prefect_server, HF_ENDPOINT=url, HF_HUB_CACHE=str(tmp_path / "cache"), EDGAR_TUNE_BARS="0")
+    try:
+        proc = subprocess.run([sys.executable, "-c", _HUB_LOADS], cwd=REPO, capture_output=True, text=True,
+                              timeout=300, env=env)  # fmt: skip
+    finally:
+        server.shutdown()
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    for repo in ("whole", "sharded"):
+        lines = re.findall(rf"download edgar-tune/{repo}: (\d+) of 46 MB \((\d+)%\), (0:00:\d\d) elapsed(.*)", out)
+        assert len(lines) >= 2, out[-3000:]
+        (done, pct, after, rest), *_, end = lines
+        assert 0 < int(done) < 46 and int(pct) < 100 and after >= "0:00:10", lines  # quiet for the first 10 s
+        assert re.fullmatch(r", about 0:00:\d\d left; \d\.\d MB/s", rest), lines
+        assert end[:2] == ("46", "100") and re.fullmatch(r"; \d\.\d MB/s", end[3]), lines
+        weights = [p for m, p in hub.requests if m == "GET" and p.endswith(".safetensors") and f"/{repo}/" in p]
+        assert len(weights) == (1 if repo == "whole" else 3), hub.requests  # the third load: from the cache
+    assert out.count("loading edgar-tune/whole from the Hugging Face Hub") == 2
+    assert len(re.findall(r"loaded edgar-tune/whole \(11\.\dM parameters, float32\) in 0:00:", out)) == 2, out
+    assert "Fetching 3 files" not in out and "it/s]" not in out  # no bar of the hub's in a log that is a pipe
+
+    flow_run_id = re.search(r"FLOW RUN (\S+)", out)[1]
+    api = prefect_server["PREFECT_API_URL"]
+    found = httpx.post(f"{api}/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [flow_run_id]},
+                                                                      "type": {"any_": ["progress"]}}}).json()  # fmt: skip
+    bars = {b["description"].split("  \n")[0].strip("*"): b["data"] for b in found}
+    assert bars == {"download edgar-tune/whole": 100.0, "download edgar-tune/sharded": 100.0}, found
+
+
 def test_data_report_counts_characters_and_tokens_per_item(tiny_run):
     runs, s = tiny_run
     report = json.loads((runs / "latest" / "03_tokenize" / "data_report.json").read_text())

@@ -1,0 +1,110 @@
+"""A loopback HTTP server that plays the Hugging Face Hub for model folders, as huggingface_hub downloads from it.
+
+It serves the Hub's endpoints in the shapes huggingface_hub 2.x reads: a file's metadata (HEAD .../resolve/REV/FILE
+with the commit, ETag and size headers), its bytes (GET, with Range for a resumed download), a repo's revision
+(GET /api/models/REPO[/revision/REV], its files as `siblings`), its files' listing (GET /api/models/REPO/tree/REV; no folders), and 404s carrying `X-Error-Code` as the Hub sends them
+(EntryNotFound for a missing file). A repo given a rate streams its files over 1 MB at that many bytes per second on
+each connection, so that a download lasts long enough for its progress to show. Point huggingface_hub at it with HF_ENDPOINT: the only thing a test patches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+CHUNK = 64 * 1024
+SLOW_OVER = 1 << 20
+
+
+class Hub:
+    """The repos served (`repo id -> folder`), the requests seen, and the pace of large files (`rates`: repo id ->
+    bytes per second and connection)."""
+
+    def __init__(self, repos: dict[str, Path], rates: dict[str, float] | None = None) -> None:
+        self.repos = {repo: Path(folder) for repo, folder in repos.items()}
+        self.rates = rates or {}
+        self.requests: list[tuple[str, str]] = []
+        self.lock = threading.Lock()
+
+    def commit(self, repo: str) -> str:
+        """A 40-hex commit of the folder's file names and sizes (changes when the folder does)."""
+        files = sorted((p.name, p.stat().st_size) for p in self.repos[repo].iterdir() if p.is_file())
+        return hashlib.sha1(json.dumps(files).encode()).hexdigest()
+
+
+def _handler(hub: Hub) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args) -> None:
+            pass
+
+        def do_HEAD(self) -> None:
+            self._answer(body=False)
+
+        def do_GET(self) -> None:
+            self._answer(body=True)
+
+        def _answer(self, body: bool) -> None:
+            path = self.path.split("?")[0]
+            with hub.lock:
+                hub.requests.append((self.command, path))
+            api = re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/revision/([^/]+))?", path)
+            if api and api[1] in hub.repos:
+                repo = api[1]
+                files = sorted(p.name for p in hub.repos[repo].iterdir() if p.is_file())
+                doc = {"id": repo, "modelId": repo, "sha": hub.commit(repo), "private": False, "gated": False,
+                       "siblings": [{"rfilename": f} for f in files]}  # fmt: skip
+                return self._send(200, json.dumps(doc).encode(), {"Content-Type": "application/json"}, body)
+            tree = re.fullmatch(r"/api/models/([^/]+/[^/]+)/tree/([^/]+)(/.+)?", path)
+            if tree and tree[1] in hub.repos:
+                if tree[3]:  # a folder of the repo: these repos have none
+                    return self._send(404, b"Entry not found", {"X-Error-Code": "EntryNotFound"}, body)
+                entries = [{"type": "file", "path": p.name, "size": p.stat().st_size,
+                            "oid": hashlib.sha1(p.read_bytes()).hexdigest()}
+                           for p in sorted(hub.repos[tree[1]].iterdir()) if p.is_file()]  # fmt: skip
+                return self._send(200, json.dumps(entries).encode(), {"Content-Type": "application/json"}, body)
+            resolve = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
+            if not resolve or resolve[1] not in hub.repos:
+                return self._send(404, b"Repository not found", {"X-Error-Code": "RepoNotFound"}, body)
+            repo, file = resolve[1], hub.repos[resolve[1]] / resolve[3]
+            headers = {"X-Repo-Commit": hub.commit(repo)}
+            if not file.is_file():
+                return self._send(404, b"Entry not found", {**headers, "X-Error-Code": "EntryNotFound"}, body)
+            data = file.read_bytes()
+            headers["ETag"] = f'"{hashlib.sha256(data).hexdigest()}"'
+            pace = hub.rates.get(repo) if len(data) > SLOW_OVER else None
+            wanted = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", ""))
+            if wanted and body:
+                start = int(wanted[1])
+                headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
+                return self._send(206, data[start:], headers, body, pace)
+            self._send(200, data, headers, body, pace)
+
+        def _send(self, status: int, data: bytes, headers: dict, body: bool, pace: float | None = None) -> None:
+            self.send_response(status)
+            for key, value in headers.items():
+                self.send_header(key, value)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            if not body:
+                return
+            for at in range(0, len(data), CHUNK):
+                self.wfile.write(data[at : at + CHUNK])
+                if pace:
+                    time.sleep(CHUNK / pace)
+
+    return Handler
+
+
+def serve(hub: Hub) -> tuple[ThreadingHTTPServer, str]:
+    """Start serving `hub` on a free loopback port; returns the server and its base URL (for HF_ENDPOINT)."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(hub))
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
