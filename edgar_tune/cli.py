@@ -446,7 +446,8 @@ def main(argv: list[str] | None = None) -> int:
     handler = logging.StreamHandler()
     handler.setFormatter(_Lines("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=logging.INFO, handlers=[handler])
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call otherwise
+    for name in ("httpx", "httpx2"):  # a line per Prefect API call, per Hugging Face Hub request otherwise
+        logging.getLogger(name).setLevel(logging.WARNING)
     logging.getLogger("pyrate_limiter").setLevel(logging.WARNING)  # a line at import of sec-edgar-downloader
     args = build_parser().parse_args(argv)
     from edgar_tune.config import ConfigError

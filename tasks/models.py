@@ -129,6 +129,45 @@ def check_model_name(name: str) -> None:
                                        "`openai-community/gpt2` for `gpt2`)")  # fmt: skip
         raise ConfigError(f"`model.name` = {name!r} is neither `{SMOLLM2}`, `{TINY}`, an existing folder, nor a hub "
                           f"id like `EleutherAI/gpt-j-6b`{bare}")  # fmt: skip
+    check_hub_model(name)
+
+
+def check_hub_model(name: str) -> None:
+    """Refuse a hub id that the run could not load, before it downloads and parses filings for minutes: one request
+    to the Hugging Face Hub for its config.json's metadata, with this machine's token, as the load's first is. A
+    gated model whose terms the token's account has not accepted, a repo that is not there (or private), or one
+    without config.json is refused, saying what to do. Where the hub cannot be asked (HF_HUB_OFFLINE, no network,
+    an error of its own), the hub's cache must hold the model, as the load will need it to.
+
+    Raises:
+        ConfigError: saying which of these it is, and what to change.
+    """
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+    from huggingface_hub.errors import GatedRepoError, RemoteEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        get_hf_file_metadata(hf_hub_url(name, "config.json"))
+        return
+    except GatedRepoError:
+        raise ConfigError(f"`model.name` = {name!r} is gated on the Hugging Face Hub and this machine's token does not "
+                          f"open it: accept its terms at https://huggingface.co/{name} while logged in, then give "
+                          "this machine that account's token (`hf auth login`, or HF_TOKEN in the worker's "
+                          "environment)") from None  # fmt: skip
+    except RepositoryNotFoundError:
+        raise ConfigError(f"`model.name` = {name!r} is no model on the Hugging Face Hub: check its spelling at "
+                          f"https://huggingface.co/{name} (a private one needs its account's token: `hf auth "
+                          "login`, or HF_TOKEN)") from None  # fmt: skip
+    except RemoteEntryNotFoundError:
+        raise ConfigError(f"`model.name` = {name!r} on the Hugging Face Hub has no config.json: it is no transformers "
+                          "model (GGUF or adapter-only repos are not); name its base model instead") from None
+    except Exception as err:  # noqa: BLE001 (offline, unreachable, the hub's own 5xx: the cache decides)
+        unasked = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        log.info("%s: the Hugging Face Hub could not be asked (%s); loading it from the hub's cache", name, unasked)
+        return
+    raise ConfigError(f"`model.name` = {name!r} is not in the Hugging Face Hub's cache (HF_HUB_CACHE), and the hub "
+                      f"could not be asked ({unasked}): download it once where the hub can be reached (`hf download "
+                      f"{name}`), or let this machine reach it (HF_HUB_OFFLINE unset, network to HF_ENDPOINT)")  # fmt: skip
 
 
 def resolve_base_model(cfg: ModelConfig, work_dir: Path, texts: Iterable[str], seed: int) -> str:

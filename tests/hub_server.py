@@ -3,7 +3,7 @@
 It serves the Hub's endpoints in the shapes huggingface_hub 2.x reads: a file's metadata (HEAD .../resolve/REV/FILE
 with the commit, ETag and size headers), its bytes (GET, with Range for a resumed download), a repo's revision
 (GET /api/models/REPO[/revision/REV], its files as `siblings`), its files' listing (GET /api/models/REPO/tree/REV; no folders), and 404s carrying `X-Error-Code` as the Hub sends them
-(EntryNotFound for a missing file). A repo given a rate streams its files over 1 MB at that many bytes per second on
+(EntryNotFound for a missing file, GatedRepo for a gated repo's file). A repo given a rate streams its files over 1 MB at that many bytes per second on
 each connection, so that a download lasts long enough for its progress to show. Point huggingface_hub at it with HF_ENDPOINT: the only thing a test patches.
 """
 
@@ -22,12 +22,13 @@ SLOW_OVER = 1 << 20
 
 
 class Hub:
-    """The repos served (`repo id -> folder`), the requests seen, and the pace of large files (`rates`: repo id ->
-    bytes per second and connection)."""
+    """The repos served (`repo id -> folder`), the requests seen, the pace of large files (`rates`: repo id -> bytes
+    per second and connection), and the gated repos, whose files this machine's token (none) does not open."""
 
-    def __init__(self, repos: dict[str, Path], rates: dict[str, float] | None = None) -> None:
+    def __init__(self, repos: dict[str, Path], rates: dict[str, float] | None = None,
+                 gated: tuple[str, ...] = ()) -> None:  # fmt: skip
         self.repos = {repo: Path(folder) for repo, folder in repos.items()}
-        self.rates = rates or {}
+        self.rates, self.gated = rates or {}, set(gated)
         self.requests: list[tuple[str, str]] = []
         self.lock = threading.Lock()
 
@@ -73,6 +74,9 @@ def _handler(hub: Hub) -> type[BaseHTTPRequestHandler]:
             if not resolve or resolve[1] not in hub.repos:
                 return self._send(404, b"Repository not found", {"X-Error-Code": "RepoNotFound"}, body)
             repo, file = resolve[1], hub.repos[resolve[1]] / resolve[3]
+            if repo in hub.gated:  # as the Hub answers a request without a token that has accepted the terms
+                return self._send(401, b"Access to model is restricted", {"X-Error-Code": "GatedRepo",
+                                  "X-Error-Message": f"Access to model {repo} is restricted."}, body)  # fmt: skip
             headers = {"X-Repo-Commit": hub.commit(repo)}
             if not file.is_file():
                 return self._send(404, b"Entry not found", {**headers, "X-Error-Code": "EntryNotFound"}, body)

@@ -148,7 +148,59 @@ def test_a_bare_hub_name_is_refused_naming_its_organisation():
 
     with pytest.raises(ConfigError, match="hub ids name their organisation.*`openai-community/gpt2` for `gpt2`"):
         check_model_name("gpt2")
-    check_model_name("openai-community/gpt2")  # a hub id: checked by the hub when the run loads it
+    with pytest.raises(ConfigError, match=r"openai-community/gpt2' is not in the Hugging Face Hub's cache .*Offline"):
+        check_model_name("openai-community/gpt2")  # a hub id: asked of the hub (offline here) or found in its cache
+
+
+_HUB_CHECKS = """
+import sys
+
+from edgar_tune.cli import main
+from edgar_tune.config import ConfigError
+from tasks.models import check_model_name
+
+assert main(["plan", "--model", "edgar-tune/tiny", "--seq", "256"]) == 0
+for name in sys.argv[1:]:
+    try:
+        check_model_name(name)
+    except ConfigError as err:
+        print("refused:", err)
+"""
+
+
+def test_a_hub_id_the_run_could_not_load_is_refused_before_its_first_stage(tmp_path):
+    """A hub id is asked of the hub (a loopback server playing the Hugging Face Hub here, HF_ENDPOINT the only thing
+    patched) before the run downloads and parses filings: a gated model this machine's token does not open, a repo
+    that is not there, and one without config.json are refused, each saying what to do; a model that is there
+    plans. The CLI's console has no line per HTTP request (huggingface_hub's httpx2 logs each at INFO)."""
+    from transformers import LlamaConfig
+
+    from tests.hub_server import Hub, serve
+
+    LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                vocab_size=2048).save_pretrained(tmp_path / "tiny")  # fmt: skip
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+    hub = Hub({"edgar-tune/tiny": tmp_path / "tiny", "edgar-tune/gated": tmp_path / "tiny",
+               "edgar-tune/adapter": tmp_path / "adapter"}, gated=("edgar-tune/gated",))  # fmt: skip
+    server, url = serve(hub)
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    try:
+        proc = subprocess.run([sys.executable, "-c", _HUB_CHECKS, "edgar-tune/gated", "edgar-tune/missing",
+                               "edgar-tune/adapter"], cwd=REPO, capture_output=True, text=True, timeout=120,
+                              env=dict(env, HF_ENDPOINT=url, HF_HUB_CACHE=str(tmp_path / "cache")))  # fmt: skip
+    finally:
+        server.shutdown()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    refused = [line for line in proc.stdout.splitlines() if line.startswith("refused:")]
+    assert len(refused) == 3, proc.stdout
+    assert "'edgar-tune/gated' is gated on the Hugging Face Hub" in refused[0]
+    assert "accept its terms at https://huggingface.co/edgar-tune/gated" in refused[0] and "hf auth login" in refused[0]
+    assert "'edgar-tune/missing' is no model on the Hugging Face Hub: check its spelling" in refused[1]
+    assert "'edgar-tune/adapter' on the Hugging Face Hub has no config.json" in refused[2]
+    assert "zero3" in proc.stdout  # the plan of the model that is there
+    assert "HTTP Request" not in proc.stderr, proc.stderr[-3000:]
+    assert ("HEAD", "/edgar-tune/gated/resolve/main/config.json") in hub.requests
 
 
 def test_a_model_that_is_not_here_is_refused_before_prefect_starts(tmp_path):

@@ -103,7 +103,7 @@ def test_plan_command_prints_every_engine_from_the_config_alone(tmp_path):
 
 @pytest.mark.parametrize(("model", "says"), [
     ("tiny-llama", "plan a run's copy of it: --model RUN/03_tokenize/tiny-llama"),
-    ("meta-llama/Llama-2-7b-hf", "cannot read the config of meta-llama/Llama-2-7b-hf"),  # hub offline here
+    ("meta-llama/Llama-2-7b-hf", "'meta-llama/Llama-2-7b-hf' is not in the Hugging Face Hub's cache"),  # offline
     ("gpt2", "`openai-community/gpt2` for `gpt2`"),
 ])  # fmt: skip
 def test_plan_names_a_model_it_cannot_read_in_one_line(model, says):

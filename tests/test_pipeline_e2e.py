@@ -101,18 +101,22 @@ def test_tokenizing_a_large_corpus_shows_its_progress_and_writes_the_same_blocks
 
 def test_a_hub_id_loads_through_the_hubs_cache_and_the_log_says_what_waits(tiny_run, tmp_path):
     """A hub id (as users give `meta-llama/Llama-2-7b-hf`) loads through huggingface_hub, here from its cache laid
-    out as a download leaves it (offline, as these machines are). Its first load downloads GBs with no bar in a
-    worker's log file: a line says what waits, and another what loaded, in what time."""
+    out as a download leaves it (offline, as these machines are): the check before a run's first stage lets it by,
+    saying so. Its first load downloads GBs with no bar in a worker's log file: a line says what waits, and another
+    what loaded, in what time."""
     runs, _ = tiny_run
     snapshot = tmp_path / "hub" / "models--edgar-tune--tiny" / "snapshots" / "0123abc"
     shutil.copytree(runs / "latest" / "03_tokenize" / "tiny-llama", snapshot)
     (snapshot.parents[1] / "refs").mkdir()
     (snapshot.parents[1] / "refs" / "main").write_text("0123abc")
-    code = "from tasks.models import load_causal_lm; load_causal_lm('edgar-tune/tiny')"
+    code = ("from tasks.models import check_model_name, load_causal_lm; check_model_name('edgar-tune/tiny'); "
+            "load_causal_lm('edgar-tune/tiny')")  # fmt: skip
     proc = subprocess.run([sys.executable, "-c", f"import logging; logging.basicConfig(level=logging.INFO); {code}"],
                           cwd=REPO, capture_output=True, text=True, timeout=120,
                           env=dict(os.environ, HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_OFFLINE="1"))  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert ("edgar-tune/tiny: the Hugging Face Hub could not be asked (OfflineModeIsEnabled: Cannot reach "
+            in proc.stderr) and "; loading it from the hub's cache" in proc.stderr  # fmt: skip
     assert "loading edgar-tune/tiny from the Hugging Face Hub (or its cache, HF_HOME)" in proc.stderr
     assert re.search(r"loaded edgar-tune/tiny \(0\.\dM parameters, float32\) in 0:00:0\d", proc.stderr), proc.stderr
 
