@@ -166,8 +166,9 @@ def check_hub_model(name: str) -> None:
         log.info("%s: the Hugging Face Hub could not be asked (%s); loading it from the hub's cache", name, unasked)
         return
     raise ConfigError(f"`model.name` = {name!r} is not in the Hugging Face Hub's cache (HF_HUB_CACHE), and the hub "
-                      f"could not be asked ({unasked}): download it once where the hub can be reached (`hf download "
-                      f"{name}`), or let this machine reach it (HF_HUB_OFFLINE unset, network to HF_ENDPOINT)")  # fmt: skip
+                      f"could not be asked ({unasked}): download it once where the hub can be reached (`hf "
+                      f"download {name}`), or let this machine reach it (HF_HUB_OFFLINE unset, network to "
+                      "HF_ENDPOINT)")  # fmt: skip
 
 
 def resolve_base_model(cfg: ModelConfig, work_dir: Path, texts: Iterable[str], seed: int) -> str:

@@ -2,9 +2,11 @@
 
 It serves the Hub's endpoints in the shapes huggingface_hub 2.x reads: a file's metadata (HEAD .../resolve/REV/FILE
 with the commit, ETag and size headers), its bytes (GET, with Range for a resumed download), a repo's revision
-(GET /api/models/REPO[/revision/REV], its files as `siblings`), its files' listing (GET /api/models/REPO/tree/REV; no folders), and 404s carrying `X-Error-Code` as the Hub sends them
-(EntryNotFound for a missing file, GatedRepo for a gated repo's file). A repo given a rate streams its files over 1 MB at that many bytes per second on
-each connection, so that a download lasts long enough for its progress to show. Point huggingface_hub at it with HF_ENDPOINT: the only thing a test patches.
+(GET /api/models/REPO[/revision/REV], its files as `siblings`), its files' listing (GET
+/api/models/REPO/tree/REV; no folders), and 404s carrying `X-Error-Code` as the Hub sends them (EntryNotFound for
+a missing file; a 401 with GatedRepo for a gated repo's file). A repo given a rate streams its files over 1 MB at
+that many bytes per second on each connection, so that a download lasts long enough for its progress to show.
+Point huggingface_hub at it with HF_ENDPOINT: the only thing a test patches.
 """
 
 from __future__ import annotations
