@@ -112,7 +112,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
         first = str(err).strip().splitlines()[0]
         raise ConfigError(f"cannot read the config of {args.model} ({first}); check the hub id and the connection "
-                          "(gated models need `huggingface-cli login`), or give a local folder with its config.json"
+                          "(gated models need `hf auth login`), or give a local folder with its config.json"
                           ) from err  # fmt: skip
     quant = {"none": None, "int8": "int8", "int4": "nf4"}[args.quantization]
     kw = dict(nproc=args.nproc, seq=args.seq, batch=args.batch, mode=args.mode, precision=args.precision,
