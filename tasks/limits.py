@@ -2,13 +2,12 @@
 
 - `sec-edgar`: a rate limit (1 slot that frees at 10/s) that every EDGAR request takes, so runs on all workers
   together stay under SEC's 10 requests/s (tasks/download.py).
-- `edgar-tune-run-<hash>`: one slot per `s3://` run, held by the run or rerun that works in it, so workers on other
-  hosts (which share the run through the bucket, not a disk) do not work in it at once (tasks/storage.py).
 - `edgar-tune-registry-<hash>`: one slot per MLflow tracking server, held by a registration (or a promotion by
   hand), so two do not read the same champion at once (tasks/registry.py).
 
-They show in the UI under Concurrency -> Global, where they can be changed. The last two are taken on a shared
-server only (`shared_server`); without one, lock files on this host do their work.
+They show in the UI under Concurrency -> Global, where they can be changed. The second is taken on a shared server
+only (`shared_server`); without one, a lock file on this host does its work. (An `s3://` run is held through a
+lease in its bucket, which every host that works in it reaches: tasks/storage.py.)
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ $EDGAR_TUNE_CACHE/runs/, and the run's truth is the bucket:
 - before a stage needs a folder, the working copy is brought to the pointer's version.
 Prefect's persisted results for an `s3://` run go to `.prefect-results/` beside the run, so a worker that
 picks up a retried run finds the cache that another worker wrote. One run or rerun works in a run at a time
-(`RunFolder.lock`): a lock file in the folder, and for an `s3://` run a slot on the shared Prefect server too.
+(`RunFolder.lock`): a lock file in the folder, and for an `s3://` run a lease in the bucket too (`BucketLease`).
 Credentials and endpoint come from the usual AWS settings (AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, ...), read by s3fs.
 """
 
@@ -18,7 +18,12 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
+import threading
+import time
+import uuid
 from collections.abc import Iterator
+from email.utils import parsedate_to_datetime
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +31,9 @@ from tasks.io import Busy, atomic_dir, atomic_write_bytes, cache_dir, describe_h
 
 RESULTS = ".prefect-results"
 LOCK = ".lock"  # in the run folder (an s3:// run's working copy): held while a run or rerun works in it
-WAIT_S = 7 * 24 * 3600  # the longest a run that waits its turn (`if_busy: wait`) waits for an s3:// run's slot
+WAIT_S = 7 * 24 * 3600  # the longest a run that waits its turn (`if_busy: wait`) waits for an s3:// run's lease
+LEASE = ".lease.json"  # in an s3:// run's prefix: the run that works in it, while it does
+LEASE_S = "EDGAR_TUNE_S3_LEASE_S"  # how long a lease outlives its last renewal (default 300 s; renewed every fifth)
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +67,7 @@ class RunFolder:
     local: Path  # where the stages read and write
     remote: str | None = None  # the s3:// URL, or None for a local run
     _results: object = field(default=None, repr=False)  # the saved RemoteFileSystem block, once made
+    _lease: BucketLease | None = field(default=None, repr=False)  # an s3:// run's, while held
 
     @classmethod
     def open(cls, ref: str) -> RunFolder:
@@ -93,45 +101,33 @@ class RunFolder:
         advice = ("two runs in one folder would overwrite each other's stages. Wait for it to end (then Retry this "
                   "run: its finished stages are Cached), give this run another out_dir, or let it wait its turn "
                   "(`if_busy: wait`, `edgar-tune run --wait`, `edgar-tune rerun --wait`)")  # fmt: skip
+        holder = holder_info(run=self.ref, **about)
         with contextlib.ExitStack() as stack:
             try:
-                stack.enter_context(held(self.local / LOCK, holder_info(run=self.ref, **about), wait=wait))
+                stack.enter_context(held(self.local / LOCK, holder, wait=wait))
             except Busy as err:
                 raise ConfigError(f"run folder {self.ref} is in use by another run "
                                   f"({describe_holder(err.holder)}); {advice}") from None  # fmt: skip
             if self.remote is not None:
-                self._hold_across_workers(stack, advice, wait)
+                self._hold_across_workers(stack, advice, wait, holder)
             yield
 
-    def _hold_across_workers(self, stack: contextlib.ExitStack, advice: str, wait: bool) -> None:
+    def _hold_across_workers(self, stack: contextlib.ExitStack, advice: str, wait: bool, holder: dict) -> None:
         """An s3:// run is shared through the bucket, so workers on other hosts are not excluded by this host's
-        lock file. They share the Prefect server: the run also takes the one slot of a global concurrency limit
-        named after its URL, as a lease that a thread renews while the run holds it and the server frees
-        `SLOT_LEASE_S` after a holder that died without releasing it. Without a shared server (PREFECT_API_URL), the
-        lock file is all: an embedded server's slot would exclude no other host, and stay taken after a kill."""
-        from tasks.limits import SLOT_LEASE_S, shared_server, slot, slot_name
-
-        if not shared_server():
-            return
-        from prefect.concurrency.asyncio import ConcurrencySlotAcquisitionError
-
+        lock file: the run also holds its lease in the bucket (`BucketLease`), which every host that can run in it
+        can reach, with or without a shared Prefect server."""
         from edgar_tune.config import ConfigError
 
-        name = slot_name("edgar-tune-run", self.remote)
+        lease = BucketLease(self._fs(), self.remote, holder)
         try:
-            stack.enter_context(slot(name, wait_s=None))
-        except ConcurrencySlotAcquisitionError as err:  # the server answered 423 Locked: the slot is taken
-            if wait:
-                log.info("waiting for %s, held by a run on another worker (the Prefect global concurrency limit %s)",
-                         self.ref, name)  # fmt: skip
-                stack.enter_context(slot(name, wait_s=WAIT_S))
-                return
-            raise ConfigError(f"run {self.ref} is in use by a run on another worker: it holds the Prefect global "
-                              f"concurrency limit {name} ({err}; a worker that died frees it within "
-                              f"{SLOT_LEASE_S // 60} minutes on a server that keeps its leases on disk, as `make "
-                              "server` does; one held across a restart of a server that keeps them in memory stays "
-                              "taken: free it in the UI, Concurrency -> Global, once no run works in it); "
-                              f"{advice}") from None  # fmt: skip
+            stack.enter_context(lease.held(wait=wait))
+        except Busy as err:
+            raise ConfigError(f"run {self.ref} is in use by a run on another host ({describe_holder(err.holder)}; its "
+                              f"lease {lease.url} was renewed {err.holder['renewed_s_ago']:.0f} s ago, and frees "
+                              f"{lease.lease_s:.0f} s after a renewal that does not come, as when its holder was "
+                              f"killed); {advice}") from None  # fmt: skip
+        self._lease = lease
+        stack.callback(setattr, self, "_lease", None)
 
     # -- Prefect results ---------------------------------------------------------------------------------------
     def result_storage(self) -> dict:
@@ -154,6 +150,8 @@ class RunFolder:
         """Publish these files or folders of the working copy to the bucket (no-op for a local run)."""
         if self.remote is None:
             return
+        if self._lease is not None:
+            self._lease.check()
         fs = self._fs()
         for name in names:
             path = self.local / name
@@ -202,3 +200,169 @@ class RunFolder:
 
     def _pulled(self, name: str) -> Path:
         return self.local / ".synced" / f"{name.replace('/', '_')}.version"
+
+
+class BucketLease:
+    """One run at a time in an s3:// run, among all the hosts that reach its bucket: the object `URL/.lease.json`,
+    made only where it is not (a conditional PUT, `If-None-Match: *`), renewed by a thread every fifth of its
+    `lease_s` while the run works (`If-Match` its last ETag), and deleted when the run ends. A lease not renewed
+    for `lease_s` (300 s; EDGAR_TUNE_S3_LEASE_S), as when its holder was SIGKILLed, is taken over by the next run,
+    which logs whose it was; ages are read on the store's clock (its Last-Modified and Date), so the hosts' clocks
+    do not matter. A holder whose lease was taken over (it stalled past `lease_s`) stops before its next upload
+    (`check`). A store that ignores conditional writes is found out at the first lease, and warned about: there,
+    the lease excludes no other host."""
+
+    def __init__(self, fs, url: str, holder: dict) -> None:
+        self.fs, self.url, self.holder = fs, f"{url}/{LEASE}", holder
+        self.bucket, self.key, _ = fs.split_path(self.url)
+        self.lease_s = float(os.environ.get(LEASE_S) or 300)
+        self.token, self.etag, self.renewals = uuid.uuid4().hex, "", 0
+        self.lost: str | None = None
+        self._stop = threading.Event()
+        self._began: float | None = None  # when this run first asked for it
+        self._seen: tuple[str, float] | None = None  # (ETag, first seen) of a held lease, for a store without Date
+
+    def _body(self) -> bytes:
+        return json.dumps({**self.holder, "token": self.token, "renewals": self.renewals}).encode()
+
+    def _put(self, **condition: str) -> str:
+        return self.fs.call_s3("put_object", Bucket=self.bucket, Key=self.key, Body=self._body(), **condition)["ETag"]
+
+    @contextlib.contextmanager
+    def held(self, wait: bool) -> Iterator[None]:
+        """Hold the lease for the block. `wait`: wait for the run that holds it to end, logging who every minute.
+
+        Raises:
+            Busy: another run holds it and `wait` is False (its `holder` says who, and `renewed_s_ago`).
+        """
+        logged = None
+        while not self._take():
+            holder = self._holder()
+            if holder is None:
+                continue  # let go of between the two requests
+            if not wait:
+                raise Busy(Path(self.url), holder)
+            if time.monotonic() - (logged or -60) >= 60:
+                log.info("waiting for %s, held by a run on another host (%s)", self.url.rsplit("/", 1)[0],
+                         describe_holder(holder))  # fmt: skip
+                logged = time.monotonic()
+            if time.monotonic() - (self._began or time.monotonic()) > WAIT_S:
+                raise TimeoutError(f"waited {WAIT_S / 86400:.0f} days for {self.url}")
+            time.sleep(min(5.0, self.lease_s / 5))
+        renewer = threading.Thread(target=self._renew, name="s3-lease", daemon=True)
+        renewer.start()
+        try:
+            yield
+        finally:
+            self._stop.set()
+            renewer.join()
+            self._let_go()
+
+    def _take(self) -> bool:
+        """Make the lease, or take over one that has not been renewed for `lease_s`; False if it is held."""
+        self._began = self._began or time.monotonic()
+        try:
+            self.etag = self._put(IfNoneMatch="*")
+        except FileExistsError:  # 412 on If-None-Match
+            return self._take_over()
+        except OSError as err:
+            if _lost_race(err):  # 409 ConditionalRequestConflict: another PUT of it raced this one
+                return False
+            raise
+        self._probe()
+        return True
+
+    def _probe(self) -> None:
+        """A second `If-None-Match: *` PUT must be refused now that the lease is there: a store that takes it
+        ignores conditional writes, and two hosts could hold one run there."""
+        try:
+            self.etag = self._put(IfNoneMatch="*")
+        except (FileExistsError, OSError):
+            return
+        log.warning("the S3 store of %s ignores conditional writes (If-None-Match): its lease excludes no run on "
+                    "another host, so give each host's runs their own s3:// URLs there (AWS S3, MinIO and R2 "
+                    "honour them)", self.url)  # fmt: skip
+
+    def _take_over(self) -> bool:
+        head = self._head()
+        if head is None:
+            return False  # let go of since: the next PUT makes it
+        etag, age = head
+        if age < self.lease_s:
+            return False
+        old = self._holder() or {}
+        try:
+            self.etag = self._put(IfMatch=etag)
+        except OSError as err:
+            if _lost_race(err):  # another run took it over first, or it was let go of
+                return False
+            raise
+        log.warning("took over the lease of %s from a run that stopped renewing it %.0f s ago (%s): it ended without "
+                    "letting go, as a killed run does", self.url.rsplit("/", 1)[0], age,
+                    describe_holder(old) if old else "holder unknown")  # fmt: skip
+        return True
+
+    def _head(self) -> tuple[str, float] | None:
+        """The lease's ETag and its age in seconds, on the store's clock; None if there is none."""
+        try:
+            head = self.fs.call_s3("head_object", Bucket=self.bucket, Key=self.key)
+        except FileNotFoundError:
+            return None
+        date = head.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+        if date:
+            return head["ETag"], (parsedate_to_datetime(date) - head["LastModified"]).total_seconds()
+        if self._seen is None or self._seen[0] != head["ETag"]:  # no Date header: time since it last changed, here
+            self._seen = (head["ETag"], time.monotonic())
+        return head["ETag"], time.monotonic() - self._seen[1]
+
+    def _holder(self) -> dict | None:
+        try:
+            holder = json.loads(self.fs.cat_file(self.url))
+        except FileNotFoundError:
+            return None
+        head = self._head()
+        holder["renewed_s_ago"] = head[1] if head else 0.0
+        return holder
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.lease_s / 5):
+            self.renewals += 1
+            try:
+                self.etag = self._put(IfMatch=self.etag)
+            except OSError as err:
+                if _lost_race(err):
+                    holder = self._holder()
+                    self.lost = (f"the lease of {self.url} was taken over by another run "
+                                 f"({describe_holder(holder) if holder else 'now let go of'}) after this one did "
+                                 f"not renew it for {self.lease_s:.0f} s")  # fmt: skip
+                    log.error("%s: this run stops before its next upload", self.lost)
+                    return
+                log.warning("could not renew the lease of %s (%s); trying again in %.0f s", self.url, err,
+                            self.lease_s / 5)  # fmt: skip
+
+    def check(self) -> None:
+        """Raise if the lease was taken over: another run works in the run now, and this one must not write."""
+        if self.lost:
+            raise RuntimeError(f"{self.lost}; this run stopped so that two runs do not write one run")
+
+    def _let_go(self) -> None:
+        if self.lost:
+            return
+        try:
+            head = self._head()
+            if head is not None and head[0] == self.etag:
+                self.fs.call_s3("delete_object", Bucket=self.bucket, Key=self.key)
+        except OSError as err:
+            log.warning("could not delete the lease %s (%s): the next run takes it over %.0f s after its last "
+                        "renewal", self.url, err, self.lease_s)  # fmt: skip
+
+
+def _lost_race(err: OSError) -> bool:
+    """Whether a conditional PUT of a lease failed on its condition (another run changed or removed it first)."""
+    return isinstance(err, FileNotFoundError) or _s3_code(err) in ("PreconditionFailed", "ConditionalRequestConflict")
+
+
+def _s3_code(err: BaseException) -> str | None:
+    """The S3 error code behind an error s3fs translated (`PreconditionFailed`, ...)."""
+    cause = err.__cause__
+    return getattr(cause, "response", {}).get("Error", {}).get("Code") if cause is not None else None

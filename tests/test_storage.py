@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -60,6 +62,7 @@ def test_s3_run_is_shared_by_workers_through_the_bucket(s3, prefect_server, tmp_
     assert {p.rsplit("/", 1)[-1] for p in fs.ls(url)} >= {"config.yaml", "01_download.json", "05_evaluate.json",
                                                           "06_register.json", "summary.json", ".stages"}  # fmt: skip
     assert any(p.rsplit("/", 1)[-1].startswith("edgar-tune-train-") for p in fs.ls("edgar-runs/runs/.prefect-results"))
+    assert not fs.exists(f"{url}/.lease.json")  # held while the run worked, let go of at its end
 
     # A second worker, nothing on its disk: every stage is found in the bucket and Prefect's S3 results.
     second = dict(first, EDGAR_TUNE_CACHE=str(tmp_path / "worker2"))
@@ -96,22 +99,24 @@ def test_a_run_folder_has_one_name_on_every_worker(tmp_path, monkeypatch):
     assert folder_identity(tmp_path / "run") == f"{socket.gethostname()}:{tmp_path / 'run'}"
 
 
-def test_an_s3_run_in_use_refuses_a_worker_on_another_host(s3, prefect_server, tmp_path):
+def test_an_s3_run_in_use_refuses_a_worker_on_another_host(s3, tmp_path):
     """Workers share an s3:// run through the bucket, each in its own working copy, so one host's lock file does
-    not stop another host: the run's slot on the Prefect server does. A worker (its own cache: another host) is
-    refused while the first holds the run, before it writes to the bucket, and takes it once the first lets go."""
+    not stop another host: the run's lease in the bucket does, with no Prefect server that the hosts share. A run
+    on another host (its own cache) is refused while the first holds the run, before it writes to the bucket, and
+    a run told to wait its turn takes it once the first lets go."""
     fs, aws = s3
     url = "s3://edgar-runs/runs/held"
-    worker = {**aws, **prefect_server}
-    with run_held(url, "worker-1", env=dict(worker, EDGAR_TUNE_CACHE=str(tmp_path / "worker1"))):
-        env = dict(os.environ, **worker, EDGAR_TUNE_CACHE=str(tmp_path / "worker2"))
+    with run_held(url, "worker-1", env=dict(aws, EDGAR_TUNE_CACHE=str(tmp_path / "worker1"))):
+        assert fs.find(url) == ["edgar-runs/runs/held/.lease.json"]
+        env = dict(os.environ, **aws, EDGAR_TUNE_CACHE=str(tmp_path / "worker2"))
         proc = subprocess.run([sys.executable, "-m", "edgar_tune.cli", "run", "--preset", "tiny", "--out", url],
                               cwd=REPO, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
         assert proc.returncode == 2, proc.stderr[-3000:]
-        assert f"run {url} is in use by a run on another worker" in proc.stderr and "423 Locked" in proc.stderr
-        assert "stays taken: free it in the UI, Concurrency -> Global, once no run works in it" in proc.stderr
-        assert not fs.exists(url)
-        # A run told to wait its turn (`if_busy: wait`) waits for the slot, and takes it when the first lets go.
+        assert f"run {url} is in use by a run on another host (flow run 'worker-1', pid " in proc.stderr
+        assert f"its lease {url}/.lease.json was renewed " in proc.stderr
+        assert "as when its holder was killed" in proc.stderr
+        assert fs.find(url) == ["edgar-runs/runs/held/.lease.json"]  # nothing written beside it
+        # A run told to wait its turn (`if_busy: wait`) waits for the lease, and takes it when the first lets go.
         waiting = subprocess.Popen([sys.executable, "-m", "tests.lock_holder", "run", url, "worker-2", "wait"],
                                    cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, text=True)  # fmt: skip
@@ -120,11 +125,61 @@ def test_an_s3_run_in_use_refuses_a_worker_on_another_host(s3, prefect_server, t
             seen.append(line)
             if line.startswith(("waiting for", "held")):
                 break
-        assert seen[-1].startswith(f"waiting for {url}, held by a run on another worker"), "".join(seen)[-3000:]
+        assert seen[-1].startswith(f"waiting for {url}, held by a run on another host (flow run 'worker-1', pid "), (
+            "".join(seen)[-3000:])
     waiting.stdin.close()  # it lets go as soon as it holds
     waiting.wait(timeout=300)  # what it prints after this fits in the pipe
     out = "".join(seen) + waiting.stdout.read()
     assert waiting.returncode == 0 and "\nheld\n" in out, out[-3000:]
+    assert not fs.exists(f"{url}/.lease.json")  # let go of
+
+
+def test_an_s3_runs_lease_outlives_a_killed_or_stalled_holder_by_its_lease_time(s3, tmp_path):
+    """A run SIGKILLed (the OOM killer) or stalled (SIGSTOP: a frozen VM) stops renewing its lease: the next run
+    takes it over once it is `EDGAR_TUNE_S3_LEASE_S` old (3 s here), saying whose it was. The stalled one, woken,
+    finds its lease gone and stops before its next upload, and leaves the new holder's lease alone as it ends."""
+    fs, aws = s3
+    url = "s3://edgar-runs/runs/leased"
+    lease = f"{url}/.lease.json"
+
+    def holder(name: str) -> subprocess.Popen:
+        env = dict(os.environ, **aws, EDGAR_TUNE_CACHE=str(tmp_path / name), EDGAR_TUNE_S3_LEASE_S="3")
+        return subprocess.Popen([sys.executable, "-m", "tests.lock_holder", "run", url, name, "wait"], cwd=REPO,
+                                env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)  # fmt: skip
+
+    def until_held(proc: subprocess.Popen) -> str:
+        seen = []
+        for line in proc.stdout:
+            seen.append(line)
+            if line == "held\n":
+                return "".join(seen)
+        raise AssertionError("".join(seen)[-3000:])
+
+    stalled = holder("stalled")
+    until_held(stalled)
+    os.kill(stalled.pid, signal.SIGSTOP)
+    taker = holder("taker")
+    out = until_held(taker)
+    assert re.search(rf"took over the lease of {url} from a run that stopped renewing it \d+ s ago \(flow run "
+                     r"'stalled', pid \d+ on .+\): it ended without letting go, as a killed run does", out), out
+    assert json.loads(fs.cat_file(lease))["flow_run"] == "taker"
+    os.kill(stalled.pid, signal.SIGCONT)
+    line = stalled.stdout.readline()  # its next renewal finds the lease taken
+    assert line.startswith(f"the lease of {lease} was taken over by another run (flow run 'taker', pid "), line
+    assert line.rstrip().endswith("after this one did not renew it for 3 s: this run stops before its next upload")
+    stalled.stdin.close()
+    assert stalled.wait(timeout=60) == 0
+    assert json.loads(fs.cat_file(lease))["flow_run"] == "taker"  # the stalled one did not delete it
+
+    taker.kill()  # SIGKILL: no renewal, no delete
+    taker.wait()
+    after = holder("after")
+    out = until_held(after)
+    assert "took over the lease" in out and "(flow run 'taker', pid " in out, out
+    after.stdin.close()
+    assert after.wait(timeout=60) == 0
+    assert not fs.exists(lease)
 
 
 def test_a_slot_on_a_server_that_keeps_its_leases_in_memory_says_so(prefect_server, tmp_path, monkeypatch, caplog):
