@@ -277,7 +277,7 @@ class BucketLease:
         ignores conditional writes, and two hosts could hold one run there."""
         try:
             self.etag = self._put(IfNoneMatch="*")
-        except (FileExistsError, OSError):
+        except OSError:  # 412 (or 409, a PUT racing it): refused, as it must be
             return
         log.warning("the S3 store of %s ignores conditional writes (If-None-Match): its lease excludes no run on "
                     "another host, so give each host's runs their own s3:// URLs there (AWS S3, MinIO and R2 "
@@ -329,8 +329,8 @@ class BucketLease:
             self.renewals += 1
             try:
                 self.etag = self._put(IfMatch=self.etag)
-            except OSError as err:
-                if _lost_race(err):
+            except Exception as err:  # noqa: BLE001 (the store unreachable for a while: the lease lasts lease_s)
+                if isinstance(err, OSError) and _lost_race(err):
                     holder = self._holder()
                     self.lost = (f"the lease of {self.url} was taken over by another run "
                                  f"({describe_holder(holder) if holder else 'now let go of'}) after this one did "
