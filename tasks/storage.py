@@ -23,8 +23,8 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from email.utils import parsedate_to_datetime
 from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 
 from tasks.io import Busy, atomic_dir, atomic_write_bytes, cache_dir, describe_holder, held, holder_info, sha256_file
@@ -139,7 +139,8 @@ class RunFolder:
 
             basepath = f"{self.remote.rsplit('/', 1)[0]}/{RESULTS}"
             self._results = RemoteFileSystem(basepath=basepath)
-            self._results.save(f"edgar-tune-results-{hashlib.sha256(basepath.encode()).hexdigest()[:12]}", overwrite=True)
+            block = f"edgar-tune-results-{hashlib.sha256(basepath.encode()).hexdigest()[:12]}"
+            self._results.save(block, overwrite=True)
         return {"result_storage": self._results}
 
     # -- sync ---------------------------------------------------------------------------------------------------
@@ -215,7 +216,7 @@ class BucketLease:
     def __init__(self, fs, url: str, holder: dict) -> None:
         self.fs, self.url, self.holder = fs, f"{url}/{LEASE}", holder
         self.bucket, self.key, _ = fs.split_path(self.url)
-        self.lease_s = float(os.environ.get(LEASE_S) or 300)
+        self.lease_s = _lease_s()
         self.token, self.etag, self.renewals = uuid.uuid4().hex, "", 0
         self.lost: str | None = None
         self._stop = threading.Event()
@@ -355,6 +356,21 @@ class BucketLease:
         except OSError as err:
             log.warning("could not delete the lease %s (%s): the next run takes it over %.0f s after its last "
                         "renewal", self.url, err, self.lease_s)  # fmt: skip
+
+
+def _lease_s() -> float:
+    """EDGAR_TUNE_S3_LEASE_S, or 300 s."""
+    from edgar_tune.config import ConfigError
+
+    value = os.environ.get(LEASE_S) or "300"
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = 0.0
+    if not seconds > 0:
+        raise ConfigError(f"{LEASE_S}={value!r}: give the seconds an s3:// run's lease outlives its last renewal "
+                          "(300 by default; it is renewed every fifth of that)")  # fmt: skip
+    return seconds
 
 
 def _lost_race(err: OSError) -> bool:
