@@ -229,20 +229,32 @@ def _blocks_that_span_documents(src: Path, dst: Path) -> None:
     (dst / "stats.json").write_text(json.dumps(stats | {"train_blocks": len(blocks)}))
 
 
-@contextlib.contextmanager
-def held_elsewhere(*args: str, env: dict | None = None) -> Iterator[subprocess.Popen]:
-    """Another process holds what `tests/lock_holder.py ARGS` names (a run, or a store's registrations) until the
-    block ends: it lets go when its stdin closes."""
-    proc = subprocess.Popen([sys.executable, "-m", "tests.lock_holder", *args], cwd=REPO,
+def lock_holder(*args: str, env: dict | None = None) -> subprocess.Popen:
+    """Start `tests/lock_holder.py ARGS` (a run, or a store's registrations), its output on a pipe; it lets go of
+    what it holds when its stdin closes."""
+    return subprocess.Popen([sys.executable, "-m", "tests.lock_holder", *args], cwd=REPO,
                             env=dict(os.environ, **(env or {})), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)  # fmt: skip
+
+
+def lines_until(proc: subprocess.Popen, *starts: str) -> list[str]:
+    """The lines `proc` printed up to the first that starts with one of `starts`, that one included (a
+    `lock_holder`'s: this project's log lines, Prefect's when it holds from a flow run, then `held`); fails with
+    what it printed if it ends before."""
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith(starts):
+            return seen
+    raise AssertionError("".join(seen)[-3000:])
+
+
+@contextlib.contextmanager
+def held_elsewhere(*args: str, env: dict | None = None) -> Iterator[subprocess.Popen]:
+    """Another process holds what `tests/lock_holder.py ARGS` names until the block ends."""
+    proc = lock_holder(*args, env=env)
     try:
-        seen = []
-        for line in proc.stdout:  # Prefect's log lines come first when it holds from a flow run
-            seen.append(line)
-            if line == "held\n":
-                break
-        assert seen and seen[-1] == "held\n", "".join(seen)[-3000:]
+        assert lines_until(proc, "held")[-1] == "held\n"
         yield proc
     finally:
         proc.stdin.close()

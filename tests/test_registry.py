@@ -14,7 +14,7 @@ import sys
 import mlflow
 import pytest
 
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, lines_until, lock_holder, run_cli
 
 
 def test_champion_moves_only_on_lower_perplexity_on_the_same_validation_data(tmp_path):
@@ -387,20 +387,14 @@ def test_without_a_prefect_server_a_killed_registration_does_not_hold_the_next_o
     lock file, which the kernel frees however its holder ends: a second waits while the first holds, and goes on
     at once when the first is SIGKILLed."""
     uri = "http://127.0.0.1:9/mlflow"  # never reached: the turn is named after it
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    env |= {"PREFECT_HOME": str(tmp_path / "prefect"), "EDGAR_TUNE_CACHE": str(tmp_path / "cache")}
+    assert "PREFECT_API_URL" not in os.environ  # (tests/conftest.py): each holder starts an embedded server
+    env = {"PREFECT_HOME": str(tmp_path / "prefect"), "EDGAR_TUNE_CACHE": str(tmp_path / "cache")}
 
     def registration() -> subprocess.Popen:  # a flow run that holds the store's turn until its stdin closes
-        return subprocess.Popen([sys.executable, "-m", "tests.lock_holder", "registry", uri], cwd=REPO, env=env,
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        return lock_holder("registry", uri, env=env)
 
     def until(proc: subprocess.Popen, *starts: str) -> str:
-        seen = []
-        for line in proc.stdout:
-            seen.append(line)
-            if line.startswith(starts):
-                return line
-        raise AssertionError("".join(seen)[-3000:])
+        return lines_until(proc, *starts)[-1]
 
     first = registration()
     assert until(first, "held") == "held\n"

@@ -17,7 +17,7 @@ from edgar_tune.config import ConfigError, load_config
 from tasks.sections import parse_filing
 from tasks.stages import download_filings, extract_sections  # imports Prefect, which sets up logging, before caplog
 from tasks.textdata import SourceChanged, data_files
-from tests.conftest import REPO, run_held
+from tests.conftest import REPO, lines_until, lock_holder, run_held
 
 
 @pytest.fixture(scope="module")
@@ -117,14 +117,8 @@ def test_an_s3_run_in_use_refuses_a_worker_on_another_host(s3, tmp_path):
         assert "as when its holder was killed" in proc.stderr
         assert fs.find(url) == ["edgar-runs/runs/held/.lease.json"]  # nothing written beside it
         # A run told to wait its turn (`if_busy: wait`) waits for the lease, and takes it when the first lets go.
-        waiting = subprocess.Popen([sys.executable, "-m", "tests.lock_holder", "run", url, "worker-2", "wait"],
-                                   cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, text=True)  # fmt: skip
-        seen = []
-        for line in waiting.stdout:
-            seen.append(line)
-            if line.startswith(("waiting for", "held")):
-                break
+        waiting = lock_holder("run", url, "worker-2", "wait", env=env)
+        seen = lines_until(waiting, "waiting for", "held")
         assert seen[-1].startswith(f"waiting for {url}, held by a run on another host (flow run 'worker-1', pid "), (
             "".join(seen)[-3000:])
     waiting.stdin.close()  # it lets go as soon as it holds
@@ -142,25 +136,18 @@ def test_an_s3_runs_lease_outlives_a_killed_or_stalled_holder_by_its_lease_time(
     url = "s3://edgar-runs/runs/leased"
     lease = f"{url}/.lease.json"
 
-    def holder(name: str) -> subprocess.Popen:
-        env = dict(os.environ, **aws, EDGAR_TUNE_CACHE=str(tmp_path / name), EDGAR_TUNE_S3_LEASE_S="3")
-        return subprocess.Popen([sys.executable, "-m", "tests.lock_holder", "run", url, name, "wait"], cwd=REPO,
-                                env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True)  # fmt: skip
+    def held_lines(proc: subprocess.Popen) -> str:
+        return "".join(lines_until(proc, "held"))
 
-    def until_held(proc: subprocess.Popen) -> str:
-        seen = []
-        for line in proc.stdout:
-            seen.append(line)
-            if line == "held\n":
-                return "".join(seen)
-        raise AssertionError("".join(seen)[-3000:])
+    def holder(name: str) -> subprocess.Popen:  # on a host of its own (its own cache), waiting its turn
+        return lock_holder("run", url, name, "wait", env=dict(aws, EDGAR_TUNE_CACHE=str(tmp_path / name),
+                                                              EDGAR_TUNE_S3_LEASE_S="3"))  # fmt: skip
 
     stalled = holder("stalled")
-    until_held(stalled)
+    held_lines(stalled)
     os.kill(stalled.pid, signal.SIGSTOP)
     taker = holder("taker")
-    out = until_held(taker)
+    out = held_lines(taker)
     assert re.search(rf"took over the lease of {url} from a run that stopped renewing it \d+ s ago \(flow run "
                      r"'stalled', pid \d+ on .+\): it ended without letting go, as a killed run does", out), out
     assert json.loads(fs.cat_file(lease))["flow_run"] == "taker"
@@ -175,7 +162,7 @@ def test_an_s3_runs_lease_outlives_a_killed_or_stalled_holder_by_its_lease_time(
     taker.kill()  # SIGKILL: no renewal, no delete
     taker.wait()
     after = holder("after")
-    out = until_held(after)
+    out = held_lines(after)
     assert "took over the lease" in out and "(flow run 'taker', pid " in out, out
     after.stdin.close()
     assert after.wait(timeout=60) == 0
