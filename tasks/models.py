@@ -110,11 +110,14 @@ def build_tiny_llama(out: Path, texts: Iterable[str], cfg: ModelConfig, seed: in
     return out
 
 
-def check_model_name(name: str) -> None:
+def check_model_name(name: str, ask_hub: bool = True) -> None:
     """Refuse a `model.name` that names no model here: a run checks it before its first stage, not at tokenize.
+    A hub id is asked of the hub too (`check_hub_model`), unless `ask_hub` is False: the tokenize stage, whose run
+    asked before its first stage, and whose load asks again.
 
     Raises:
-        ConfigError: a folder without config.json, or a name that is no built-in, folder or hub id.
+        ConfigError: a folder without config.json, a name that is no built-in, folder or hub id, or a hub id that
+            the run could not load (`check_hub_model`).
     """
     if name in (SMOLLM2, TINY):
         return
@@ -129,7 +132,8 @@ def check_model_name(name: str) -> None:
                                        "`openai-community/gpt2` for `gpt2`)")  # fmt: skip
         raise ConfigError(f"`model.name` = {name!r} is neither `{SMOLLM2}`, `{TINY}`, an existing folder, nor a hub "
                           f"id like `EleutherAI/gpt-j-6b`{bare}")  # fmt: skip
-    check_hub_model(name)
+    if ask_hub:
+        check_hub_model(name)
 
 
 def check_hub_model(name: str) -> None:
@@ -177,7 +181,7 @@ def resolve_base_model(cfg: ModelConfig, work_dir: Path, texts: Iterable[str], s
         return str(smollm2_dir())
     if cfg.name == TINY:
         return str(build_tiny_llama(work_dir / TINY, texts, cfg, seed))
-    check_model_name(cfg.name)
+    check_model_name(cfg.name, ask_hub=False)
     path = Path(cfg.name).expanduser()
     return str(path.resolve()) if path.exists() else cfg.name
 
