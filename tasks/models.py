@@ -217,12 +217,45 @@ def from_hub(name: str) -> Iterator[dict]:
         yield {}
         return
     log.info("loading %s from the Hugging Face Hub (or its cache, HF_HOME)", name)
+    _sweep_killed_downloads(name)
     progress = Progress(f"download {name}", 1, "MB", logger=log, quiet_s=10.0)
     bars = _download_bars(progress)
     try:
         yield {"tqdm_class": bars}
     finally:
         progress.close()
+
+
+def _sweep_killed_downloads(name: str) -> None:
+    """Remove what killed downloads of the hub id `name` left in the hub's cache. huggingface_hub 2.x downloads each
+    file into `blobs/<etag>.<random>.incomplete` and deletes it when the download fails, but not when its process is
+    killed (the OOM killer, the SIGTERM of a cancelled flow run, a restarted worker), and no later download reuses
+    it: a 7B model's first load killed at 90% left 12 GB for good. Such a file goes once no process downloads that
+    blob (huggingface_hub holds `.locks/<repo>/<etag>.lock` while it does); the log says how much was freed."""
+    from filelock import FileLock, Timeout
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    cache, repo = Path(constants.HF_HUB_CACHE), repo_folder_name(repo_id=name, repo_type="model")
+    freed, left = 0, sorted((cache / repo / "blobs").glob("*.incomplete"))
+    for part in left:
+        path = cache / ".locks" / repo / f"{part.name.split('.')[0]}.lock"  # its etag's
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(path, mode=0o664)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            continue  # a process downloads it now
+        try:
+            freed += part.stat().st_size
+            part.unlink()
+        except FileNotFoundError:
+            pass
+        finally:
+            lock.release()
+    if freed:
+        log.info("removed %.0f MB left in the Hugging Face Hub's cache by downloads of %s that were killed",
+                 freed / 1e6, name)  # fmt: skip
 
 
 def _download_bars(progress: Progress) -> type:

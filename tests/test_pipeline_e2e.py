@@ -197,6 +197,64 @@ def test_a_hub_download_shows_its_progress_in_the_log_and_the_ui(tiny_run, prefe
     assert bars == {"download edgar-tune/whole": 100.0, "download edgar-tune/sharded": 100.0}, found
 
 
+_HUB_LOAD = ("from tasks.progress import settle_console; settle_console(); import logging; "
+             "logging.basicConfig(level=logging.INFO); logging.getLogger('httpx2').setLevel(logging.WARNING); "
+             "from tasks.models import load_causal_lm; load_causal_lm('edgar-tune/whole')")  # fmt: skip
+
+
+def test_a_killed_hub_download_leaves_nothing_once_the_model_loads_again(tmp_path):
+    """huggingface_hub 2.x never resumes a download in another process, and leaves the partial file of one whose
+    process was killed in its cache for good (12 GB for a 7B model killed at 90%). The next load of that model
+    removes it, and says how much it freed; the partial file of a download running now in another process is left
+    alone (removing it failed that download): both loads end with the model, and nothing partial is left."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.hub_server import Hub, serve
+
+    LlamaForCausalLM(LlamaConfig(vocab_size=2048, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
+                                 num_attention_heads=8, num_key_value_heads=8, head_dim=64)).save_pretrained(
+        tmp_path / "whole")  # fmt: skip
+    hub = Hub({"edgar-tune/whole": tmp_path / "whole"}, rates={"edgar-tune/whole": 2.5e6})  # 20 s for its 50 MB
+    server, url = serve(hub)
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env.update(HF_ENDPOINT=url, HF_HUB_CACHE=str(tmp_path / "cache"), EDGAR_TUNE_BARS="0")
+    blobs = tmp_path / "cache" / "models--edgar-tune--whole" / "blobs"
+
+    def load() -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", _HUB_LOAD], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)  # fmt: skip
+
+    def partial(size: int, other_than: str = "") -> str:  # a partial file with `size` bytes in it, once there is one
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            found = [p.name for p in blobs.glob("*.incomplete") if p.name != other_than and p.stat().st_size >= size]
+            if found:
+                return found[0]
+            time.sleep(0.05)
+        raise AssertionError(sorted(blobs.glob("*")))
+
+    try:
+        killed = load()
+        left = partial(10_000_000)
+        killed.kill()  # what the OOM killer does
+        killed.wait(timeout=30)
+        size = (blobs / left).stat().st_size
+        first = load()
+        partial(0, other_than=left)  # the first downloads now, into a partial file of its own
+        second = load()  # while the first downloads: waits for it (huggingface_hub's lock)
+        out_first, _ = first.communicate(timeout=180)
+        out_second, _ = second.communicate(timeout=180)
+    finally:
+        server.shutdown()
+    assert first.returncode == 0 and second.returncode == 0, out_first[-3000:] + out_second[-3000:]
+    assert (f"removed {size / 1e6:.0f} MB left in the Hugging Face Hub's cache by downloads of edgar-tune/whole that "
+            "were killed") in out_first, out_first[-3000:]  # fmt: skip
+    assert "removed" not in out_second, out_second[-3000:]
+    assert not list(blobs.glob("*.incomplete"))
+    weights = [p for m, p in hub.requests if m == "GET" and p.endswith("model.safetensors")]
+    assert len(weights) == 2, hub.requests  # the killed download's, and the first's; the second's from the cache
+
+
 def test_data_report_counts_characters_and_tokens_per_item(tiny_run):
     runs, s = tiny_run
     report = json.loads((runs / "latest" / "03_tokenize" / "data_report.json").read_text())
