@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import threading
 import time
@@ -114,3 +115,23 @@ def serve(hub: Hub) -> tuple[ThreadingHTTPServer, str]:
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+def client_env(url: str, cache: Path, **extra: str) -> dict:
+    """The environment of a process that asks the loopback hub at `url`, with `cache` as its hub cache: this
+    process's, online again (the suite sets HF_HUB_OFFLINE), with HF_ENDPOINT pointed at it; `extra` on top."""
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    return env | {"HF_ENDPOINT": url, "HF_HUB_CACHE": str(cache), **extra}
+
+
+def random_llama(folder: Path, *shard_sizes: str) -> None:
+    """A Llama of 11.5M parameters with random weights (46 MB in fp32, tied embeddings, 2,048 tokens) saved in
+    `folder`, or in `folder/SIZE` for each of `shard_sizes` (`save_pretrained`'s max_shard_size): what a download
+    test serves, large enough to last a while at a served rate."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=2048, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
+                                         num_attention_heads=8, num_key_value_heads=8, head_dim=64,
+                                         tie_word_embeddings=True))  # fmt: skip
+    for size in shard_sizes or ("",):
+        model.save_pretrained(Path(folder) / size, **({"max_shard_size": size} if size else {}))

@@ -175,7 +175,7 @@ def test_a_hub_id_the_run_could_not_load_is_refused_before_its_first_stage(tmp_p
     plans. The CLI's console has no line per HTTP request (huggingface_hub's httpx2 logs each at INFO)."""
     from transformers import LlamaConfig
 
-    from tests.hub_server import Hub, serve
+    from tests.hub_server import Hub, client_env, serve
 
     LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                 vocab_size=2048).save_pretrained(tmp_path / "tiny")  # fmt: skip
@@ -184,11 +184,10 @@ def test_a_hub_id_the_run_could_not_load_is_refused_before_its_first_stage(tmp_p
     hub = Hub({"edgar-tune/tiny": tmp_path / "tiny", "edgar-tune/gated": tmp_path / "tiny",
                "edgar-tune/adapter": tmp_path / "adapter"}, gated=("edgar-tune/gated",))  # fmt: skip
     server, url = serve(hub)
-    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
     try:
         proc = subprocess.run([sys.executable, "-c", _HUB_CHECKS, "edgar-tune/gated", "edgar-tune/missing",
                                "edgar-tune/adapter"], cwd=REPO, capture_output=True, text=True, timeout=120,
-                              env=dict(env, HF_ENDPOINT=url, HF_HUB_CACHE=str(tmp_path / "cache")))  # fmt: skip
+                              env=client_env(url, tmp_path / "cache"))  # fmt: skip
     finally:
         server.shutdown()
     assert proc.returncode == 0, proc.stderr[-3000:]

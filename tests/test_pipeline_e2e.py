@@ -144,31 +144,22 @@ loads()
 """
 
 
-def test_a_hub_download_shows_its_progress_in_the_log_and_the_ui(tiny_run, prefect_server, tmp_path):
+def test_a_hub_download_shows_its_progress_in_the_log_and_the_ui(prefect_server, tmp_path):
     """A hub id's first load downloads GBs (Llama-2-7B: 13.5 GB), with no bar in a worker's log file. Downloaded from
     a loopback server playing the Hugging Face Hub (HF_ENDPOINT, the only thing patched), a 46 MB model in one file
     and the same in three shards (on threads, a connection each), each at about 3.5 MB/s: past 10 s the log says
     how far each download is, at what rate, and its end; each task run has a progress bar in the UI. A load from
     the hub's cache downloads nothing and says so by saying nothing."""
     import httpx
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tests.hub_server import Hub, serve
+    from tests.hub_server import Hub, client_env, random_llama, serve
 
-    runs, _ = tiny_run
-    tiny = runs / "latest" / "03_tokenize" / "tiny-llama"
-    config = LlamaConfig.from_pretrained(tiny)
-    config.update(dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
-                       num_key_value_heads=8, head_dim=64))  # fmt: skip
-    model = LlamaForCausalLM(config)
-    for name, shard in (("whole", "1GB"), ("sharded", "20MB")):
-        model.save_pretrained(tmp_path / name, max_shard_size=shard)
-    hub = Hub({"edgar-tune/whole": tmp_path / "whole", "edgar-tune/sharded": tmp_path / "sharded"},
+    random_llama(tmp_path, "1GB", "20MB")  # in one file, and in three shards
+    hub = Hub({"edgar-tune/whole": tmp_path / "1GB", "edgar-tune/sharded": tmp_path / "20MB"},
               rates={"edgar-tune/whole": 3.5e6, "edgar-tune/sharded": 1.5e6})  # fmt: skip
-    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) == 3
+    assert len(list((tmp_path / "20MB").glob("*.safetensors"))) == 3
     server, url = serve(hub)
-    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
-    env.update(prefect_server, HF_ENDPOINT=url, HF_HUB_CACHE=str(tmp_path / "cache"), EDGAR_TUNE_BARS="0")
+    env = client_env(url, tmp_path / "cache", EDGAR_TUNE_BARS="0", **prefect_server)
     try:
         proc = subprocess.run([sys.executable, "-c", _HUB_LOADS], cwd=REPO, capture_output=True, text=True,
                               timeout=300, env=env)  # fmt: skip
@@ -207,17 +198,12 @@ def test_a_killed_hub_download_leaves_nothing_once_the_model_loads_again(tmp_pat
     process was killed in its cache for good (12 GB for a 7B model killed at 90%). The next load of that model
     removes it, and says how much it freed; the partial file of a download running now in another process is left
     alone (removing it failed that download): both loads end with the model, and nothing partial is left."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tests.hub_server import Hub, client_env, random_llama, serve
 
-    from tests.hub_server import Hub, serve
-
-    LlamaForCausalLM(LlamaConfig(vocab_size=2048, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
-                                 num_attention_heads=8, num_key_value_heads=8, head_dim=64)).save_pretrained(
-        tmp_path / "whole")  # fmt: skip
-    hub = Hub({"edgar-tune/whole": tmp_path / "whole"}, rates={"edgar-tune/whole": 2.5e6})  # 20 s for its 50 MB
+    random_llama(tmp_path / "whole")
+    hub = Hub({"edgar-tune/whole": tmp_path / "whole"}, rates={"edgar-tune/whole": 2.5e6})  # 18 s for its 46 MB
     server, url = serve(hub)
-    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
-    env.update(HF_ENDPOINT=url, HF_HUB_CACHE=str(tmp_path / "cache"), EDGAR_TUNE_BARS="0")
+    env = client_env(url, tmp_path / "cache", EDGAR_TUNE_BARS="0")
     blobs = tmp_path / "cache" / "models--edgar-tune--whole" / "blobs"
 
     def load() -> subprocess.Popen:
