@@ -84,8 +84,10 @@ bench-parse: $(VENV)/.bench
 # bench/train_throughput.py and the kernel tests: wheels of the lock's versions in .whl/ (pure Python, or built for
 # CPython 3.12 on x86-64) and the 10-K token ids with SmolLM2's tokenizer and config in .benchdata/tt (a few MB).
 # There: pip install --no-index --no-deps --target DIR .whl/*.whl, then `--data .benchdata/tt` (bench/RESULTS.md);
-# bench/gpu_session.sh does it all in one device call.
-GPU_WHEELS := datasets dill multiprocess hjson pydantic pydantic_core annotated-types typing-inspection
+# bench/gpu_session.sh does it all in one device call. transformers, peft and tokenizers travel too, at the lock's
+# versions: the image's (transformers 5.17 when last read) are older than those the suite here tests.
+GPU_WHEELS := datasets dill multiprocess hjson pydantic pydantic_core annotated-types typing-inspection \
+  transformers peft tokenizers regex
 gpu-carry: model
 	rm -rf .whl && mkdir .whl
 	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

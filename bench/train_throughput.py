@@ -262,7 +262,8 @@ def job(args: argparse.Namespace) -> dict:
     if kind == "eval":
         return measure_eval(tok, name, args.seq)
     name, _, fraction = name.partition("@")  # ours@0.5: ours with half the layers recomputed
-    chosen = args.ours.split(",") if name == "ours" else [name] if name in OPTIONS else []
+    name, *added = name.split("+")  # ours+attention: ours with flex attention too
+    chosen = args.ours.split(",") + added if name == "ours" else [name] if name in OPTIONS else []
     settings = {k: (ours if k in chosen else base) for k, (base, ours) in OPTIONS.items()}
     if fraction:
         settings |= {"gradient_checkpointing": True, "checkpoint_layers": float(fraction)}
@@ -298,6 +299,9 @@ def main() -> None:
     ap.add_argument("--no-ablation", action="store_true", help="skip the one-option-at-a-time rows")
     ap.add_argument("--checkpoint-sweep", default="", help="also run ours with these fractions of layers recomputed "
                     "(train.checkpoint_layers), comma-separated, e.g. 0.75,0.5,0")  # fmt: skip
+    ap.add_argument("--variants", default="", help="also run ours with these options added (fitted as ours is), "
+                    "comma-separated, options of one variant joined by +, e.g. attention,attention+fused_layers; "
+                    "they run right after ours")  # fmt: skip
     ap.add_argument("--fit", type=float, help="run ours at the micro-batch (with gradient accumulation: the same "
                     "optimizer batch) and fraction of recomputed layers the memory plan says fit this fraction of "
                     "the baseline's measured peak, least recompute first (0: the baseline's batch and "
@@ -320,6 +324,9 @@ def main() -> None:
         return
     kind = "cuda" if torch.cuda.is_available() else "cpu"
     args.ours = args.ours or ",".join(OURS if kind == "cuda" else OURS_CPU)
+    variants = [v for v in args.variants.split(",") if v]
+    if unknown := {o for v in variants for o in v.split("+")} - set(OPTIONS):
+        ap.error(f"--variants: {', '.join(sorted(unknown))} is no option; the options are {', '.join(OPTIONS)}")
     defaults = {"smoke": (128, 5, 0.0), "cpu": (512, 10, 0.0), "cuda": (2048, 20, 0.6)}["smoke" if args.smoke else kind]
     args.seq, args.steps = (args.seq or defaults[0], args.steps or defaults[1]) if not args.smoke else defaults[:2]
     args.fit = defaults[2] if args.fit is None else args.fit
@@ -349,19 +356,22 @@ def main() -> None:
                 "memory_ratio": (ours["peak_mem_gb"] / base["peak_mem_gb"]) if base["peak_mem_gb"] else None,
                 "mfu": {"baseline": base["tokens_per_s"] * fpt / peak, "ours": ours["tokens_per_s"] * fpt / peak}
                 if peak else None,
-                "flops_per_token": fpt, "peak_flops": peak, "eval": {}, "checkpoint_sweep": {}, "ablation": {},
+                "flops_per_token": fpt, "peak_flops": peak, "variants": {}, "eval": {}, "checkpoint_sweep": {},
+                "ablation": {},
             }  # fmt: skip
             rows.append(row)
             # The rest in order of cost, the JSON rewritten after each: a run cut short (a 10-minute device call)
             # keeps everything measured before it.
-            jobs = [("eval", name, f"eval:{kernel}") for name, kernel in (("materialized", "off"), ("fused", "auto"))]
-            jobs += [("checkpoint_sweep", f, f"train:ours@{f}") for f in args.checkpoint_sweep.split(",") if f]
-            jobs += [] if args.no_ablation or args.smoke else [("ablation", opt, f"train:{opt}") for opt in OPTIONS
-                                                               if opt not in NO_OP[kind]]  # fmt: skip
+            jobs = [("variants", v, f"train:ours+{v}", fit) for v in variants]
+            jobs += [("eval", name, f"eval:{kernel}", None) for name, kernel in (("materialized", "off"),
+                                                                                 ("fused", "auto"))]  # fmt: skip
+            jobs += [("checkpoint_sweep", f, f"train:ours@{f}", None) for f in args.checkpoint_sweep.split(",") if f]
+            jobs += [] if args.no_ablation or args.smoke else [("ablation", opt, f"train:{opt}", None)
+                                                               for opt in OPTIONS if opt not in NO_OP[kind]]
             write_result(args.out, "", device, rows)
-            for section, name, spec in jobs:
+            for section, name, spec, extra in jobs:
                 try:
-                    row[section][name] = run_job(args, tok, spec, batch)
+                    row[section][name] = run_job(args, tok, spec, batch, extra)
                 except Exception as err:  # one option failing (out of memory, say) keeps the other rows; exits 1
                     print(err, flush=True)
                     row[section][name] = {"error": str(err)}
@@ -373,7 +383,7 @@ def main() -> None:
     for r in rows:
         for name, key in (("baseline", "materialized"), ("ours", "fused")):
             mfu = f"{r['mfu'][name]:.1%}" if r["mfu"] else "-"
-            ev = r["eval"][key]
+            ev = r["eval"].get(key, {"error": "not run"})
             evals = f"{ev['tokens_per_s']:>10.0f} {ev['peak_mem_gb'] or 0:>8.2f}" if "error" not in ev else "failed"
             print(f"{r['model']:<14} {name:<10} {r[name]['tokens_per_s']:>10.0f} {r[name]['peak_mem_gb'] or 0:>8.2f} "
                   f"{mfu:>6}   {evals}")  # fmt: skip
@@ -384,7 +394,8 @@ def main() -> None:
             print(f"{'':<14} (ours: micro-batch {f['per_device_train_batch_size']} x {f['gradient_accumulation_steps']} "
                   f"accumulated, {f['recomputed_layers']}/{f['layers']} layers recomputed, planned "
                   f"{f['planned_gb']:.2f} of {f['budget_gb']:.2f} GB)")  # fmt: skip
-        extra = [(f"+{opt}", rec) for opt, rec in r["ablation"].items()]
+        extra = [(f"ours+{v}", rec) for v, rec in r["variants"].items()]
+        extra += [(f"+{opt}", rec) for opt, rec in r["ablation"].items()]
         extra += [(f"ours@{f} layers", rec) for f, rec in r["checkpoint_sweep"].items()]
         for label, other in extra:  # each against the baseline
             if "error" in other:

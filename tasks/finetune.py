@@ -561,6 +561,8 @@ def _log_once(message: str, again: str | None = None) -> None:
 
 
 def _flow_run_id() -> str | None:
+    if "prefect" not in sys.modules:  # no flow run without it (a benchmark, a notebook): not imported for nothing
+        return None
     from prefect.runtime import flow_run
 
     return flow_run.get_id()

@@ -178,7 +178,7 @@ def test_kernel_training_follows_the_same_loss_curve(tiny_run, tmp_path):
 def test_kernel_throughput_bench_runs_on_the_cpu(tmp_path):
     """bench/train_throughput.py --smoke: the GPU benchmark's code path end to end, on the tiny test model. A job
     that fails (a sweep row asking for 2x the layers) is kept in the JSON as its error, the rest runs, and the
-    script exits 1 naming it."""
+    script exits 1 naming it. A variant (ours with an option added) is fitted as ours is."""
     import json
     import subprocess
     import sys
@@ -187,6 +187,7 @@ def test_kernel_throughput_bench_runs_on_the_cpu(tmp_path):
 
     proc = subprocess.run([sys.executable, "bench/train_throughput.py", "--smoke",
                            "--ours", "fused_linear_ce,document_mask,lean_lora", "--checkpoint-sweep", "2,0.5",
+                           "--variants", "dataloader_num_workers",
                            "--fit", "0.9", "--out", str(tmp_path)], cwd=REPO,
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -198,6 +199,8 @@ def test_kernel_throughput_bench_runs_on_the_cpu(tmp_path):
     assert row["ours"]["loss_kernel"] == "torch" and row["baseline"]["tokens_per_s"] > 0
     assert row["checkpoint_sweep"]["0.5"]["settings"]["checkpoint_layers"] == 0.5
     assert row["runs"]["ours"]["settings"]["lean_lora"] is True
+    variant = row["variants"]["dataloader_num_workers"]["settings"]
+    assert variant["dataloader_num_workers"] == 2 and variant["lean_lora"] is True and variant["memory_fit"] is True
     fitted = row["ours"]["fitted"]  # train.memory_fit to 0.9 x the plan of the baseline: the plan's pick ran
     assert row["runs"]["ours"]["settings"]["memory_fit"] is True and fitted["budget_from"] == "train.memory_budget_gb"
     assert row["runs"]["ours"]["trained"] == {k: fitted[k] for k in row["runs"]["ours"]["trained"]}
