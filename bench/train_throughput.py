@@ -41,8 +41,9 @@ options that do nothing on the CPU (`NO_OP`).
 - Perplexity evaluation: windows of 2048 tokens scored with materialized logits and with the fused kernel.
 
 Each measurement runs in its own process, so one's peak memory does not leak into the next. The JSON is rewritten
-after each one (baseline and ours first, then the evaluations, the sweep and the ablation), so a run cut short
-keeps what it measured; a job that fails is kept as its error, the others still run, and the script exits 1.
+after each one (baseline and ours first, then the variants, the sweep, the evaluations and the ablation), so a run
+cut short keeps what it measured; a job that fails is kept as its error, the others still run, and the script exits
+1. Each job's wall time (process start and compilation included) is printed as it ends and kept as `job_seconds`.
 """
 
 from __future__ import annotations
@@ -272,8 +273,17 @@ def job(args: argparse.Namespace) -> dict:
 
 
 def run_job(args: argparse.Namespace, tok: Path, spec: str, batch: int, extra: dict | None = None) -> dict:
-    """One job in its own process (in this one with --smoke); `extra`: train settings on top of the job's."""
-    extra_json = json.dumps(extra or {})
+    """One job in its own process (in this one with --smoke); `extra`: train settings on top of the job's. Its
+    wall time, process start and compilation included, goes into its record and a line, for planning a device
+    call's time (a 7B ours row compiled for about 150 s on an H200)."""
+    start = time.monotonic()
+    record = _run_job(args, tok, spec, batch, json.dumps(extra or {}))
+    record["job_seconds"] = time.monotonic() - start
+    print(f"{spec}: {record['job_seconds']:.0f} s", flush=True)
+    return record
+
+
+def _run_job(args: argparse.Namespace, tok: Path, spec: str, batch: int, extra_json: str) -> dict:
     if args.smoke:  # one process is enough to check the script
         ns = argparse.Namespace(**vars(args) | {"job": spec, "tok": str(tok), "batch": batch, "extra": extra_json})
         return job(ns)
@@ -360,12 +370,12 @@ def main() -> None:
                 "ablation": {},
             }  # fmt: skip
             rows.append(row)
-            # The rest in order of cost, the JSON rewritten after each: a run cut short (a 10-minute device call)
-            # keeps everything measured before it.
+            # The rest, most wanted first, the JSON rewritten after each: a run cut short (a 10-minute device
+            # call) keeps everything measured before it.
             jobs = [("variants", v, f"train:ours+{v}", fit) for v in variants]
+            jobs += [("checkpoint_sweep", f, f"train:ours@{f}", None) for f in args.checkpoint_sweep.split(",") if f]
             jobs += [("eval", name, f"eval:{kernel}", None) for name, kernel in (("materialized", "off"),
                                                                                  ("fused", "auto"))]  # fmt: skip
-            jobs += [("checkpoint_sweep", f, f"train:ours@{f}", None) for f in args.checkpoint_sweep.split(",") if f]
             jobs += [] if args.no_ablation or args.smoke else [("ablation", opt, f"train:{opt}", None)
                                                                for opt in OPTIONS if opt not in NO_OP[kind]]
             write_result(args.out, "", device, rows)

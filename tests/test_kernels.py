@@ -198,7 +198,8 @@ def test_kernel_throughput_bench_runs_on_the_cpu(tmp_path):
     assert {"device", "model", "seq_len", "baseline", "ours", "mfu"} <= set(row)
     assert row["ours"]["loss_kernel"] == "torch" and row["baseline"]["tokens_per_s"] > 0
     assert row["checkpoint_sweep"]["0.5"]["settings"]["checkpoint_layers"] == 0.5
-    assert row["runs"]["ours"]["settings"]["lean_lora"] is True
+    assert row["runs"]["ours"]["settings"]["lean_lora"] is True and row["runs"]["ours"]["job_seconds"] > 0
+    assert "train:ours: " in proc.stdout  # each job's time, as it ends
     variant = row["variants"]["dataloader_num_workers"]["settings"]
     assert variant["dataloader_num_workers"] == 2 and variant["lean_lora"] is True and variant["memory_fit"] is True
     fitted = row["ours"]["fitted"]  # train.memory_fit to 0.9 x the plan of the baseline: the plan's pick ran
