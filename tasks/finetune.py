@@ -454,7 +454,8 @@ def plan_inputs(tokenize_dir: Path, cfg: TrainConfig, precision: str) -> tuple:
               precision=precision, quantization=cfg.quantization, gradient_checkpointing=cfg.gradient_checkpointing,
               checkpoint_layers=cfg.checkpoint_layers, half_base=cfg.lora_half_base, fused_loss=fused,
               compiled=cfg.torch_compile or resolve_backend(cfg.fused_layers, "train.fused_layers") == "triton",
-              lean_lora=cfg.lean_lora, lora_dropout=cfg.lora_dropout)  # fmt: skip
+              lean_lora=cfg.lean_lora, lora_dropout=cfg.lora_dropout,
+              dense_mask=cfg.document_mask and cfg.attention == "sdpa")  # fmt: skip
     return shape, budget, where, kw
 
 

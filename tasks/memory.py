@@ -26,9 +26,9 @@ logits with its compute-dtype copy. ZeRO-3 also holds the gathered weights of th
 one being prefetched. Quantized bases run their hidden states and logits in fp32 (peft upcasts the unquantized
 weights). A LoRA base is in the compute dtype under DeepSpeed and with `train.lora_half_base`, fp32 otherwise.
 
-Measured against this on an H100 (bench/RESULTS.md): from -4% to +14% of the measured peak, except 8-bit
-bases, which bitsandbytes' LLM.int8 makes about 22% heavier than this model says (known gap), and SmolLM2 with
-every speed option on (1.03 GB planned, 1.29 measured: small models' fixed costs, such as the CUDA libraries'
+Measured against this on an H100 and an H200 (bench/RESULTS.md): from -4% to +14% of the measured peak, except
+8-bit bases, which bitsandbytes' LLM.int8 makes about 22% heavier than this model says (known gap), and SmolLM2,
+whose every row peaked 0.25 to 0.31 GB above the plan (small models' fixed costs, such as the CUDA libraries'
 workspaces, are not modelled). tests/test_memory.py checks the plan against bench/results' measured peaks.
 """
 
@@ -144,14 +144,19 @@ class Estimate:
 def estimate(shape: ModelShape, *, option: str, nproc: int, seq: int, batch: int, mode: str, precision: str,
              quantization: str | None = None, gradient_checkpointing: bool = True, checkpoint_layers: float = 1.0,
              fused_loss: bool = False, half_base: bool = True, compiled: bool = False, lean_lora: bool = False,
-             lora_dropout: float = 0.0) -> Estimate:  # fmt: skip
+             lora_dropout: float = 0.0, dense_mask: bool = False) -> Estimate:  # fmt: skip
     """Peak memory per device for one engine option: `none`, `zero2`, `zero3`, `zero3-offload` or `fsdp`.
 
     checkpoint_layers: the fraction of layers recomputed (the others keep their activations); fused_loss: the
     loss from kernels/ (one chunk of logits instead of all); half_base: a LoRA base in the compute dtype (false:
     fp32 weights under autocast, as `train.lora_half_base=false` loads it; DeepSpeed's engines always hold it in
     the compute dtype, FSDP always in fp32); compiled: torch.compile or the Triton layers (`train.torch_compile`,
-    `train.fused_layers`), whose norms and MLPs keep less; lean_lora and lora_dropout: see `lora_layer_bytes`."""
+    `train.fused_layers`), whose norms and MLPs keep less; lean_lora and lora_dropout: see `lora_layer_bytes`;
+    dense_mask: the document mask reaches sdpa as a dense b x 1 x s x s boolean mask (`train.document_mask` with
+    `train.attention=sdpa`). Every layer kept whole then keeps its own additive copy in the compute dtype, and, with
+    grouped-query attention, keys and values repeated to every head (transformers passes GQA to sdpa only without
+    a mask): counted against saved-tensor hooks in tests/test_memory.py. On an H200, SmolLM2 (30 layers, 9 heads
+    on 3 key-value heads) at 2 x 2048 tokens peaked 1.0 GB higher than planned without this; it counts 0.69 GB."""
     mixed = precision in ("bf16", "fp16")
     # peft's prepare_model_for_kbit_training upcasts every unquantized weight (norms, embeddings) to fp32, so
     # a quantized model's hidden states and logits are fp32 whatever the training precision.
@@ -190,6 +195,9 @@ def estimate(shape: ModelShape, *, option: str, nproc: int, seq: int, batch: int
         layer = 17 * shape.hidden * act_bytes
     # recomputed layers keep their input; one layer at a time is recomputed, or is backward's working space
     acts = tokens * (shape.hidden * act_bytes * recomputed + layer * (1 + whole))
+    if dense_mask:  # in each layer kept whole, and in the one being recomputed
+        repeated_kv = 2 * max(shape.hidden - shape.kv_hidden, 0) if shape.kv_hidden else 0
+        acts += tokens * (seq + repeated_kv) * act_bytes * (whole + (1 if recomputed else 0))
     if fused_loss:  # the hidden states' gradient, and one chunk of fp32 logits with its compute-dtype copy
         from kernels.fused_linear_ce import default_chunk_size
 
