@@ -119,7 +119,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
               quantization=quant, gradient_checkpointing=not args.no_gradient_checkpointing,
               checkpoint_layers=args.checkpoint_layers, fused_loss=not args.materialized_logits,
               half_base=not args.fp32_base, compiled=args.compiled, lean_lora=args.lean_lora,
-              lora_dropout=args.lora_dropout)  # fmt: skip
+              lora_dropout=args.lora_dropout, dense_mask=args.document_mask)  # fmt: skip
     if args.fit:
         return _print_fit(memory, shape, args, kw)
     rows = memory.plan(shape, budget_gb=args.gpu_memory_gb, options=memory.OPTIONS + ("fsdp",), **kw)
@@ -407,6 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--lora-dropout", type=float, default=0.05)
     plan.add_argument("--lean-lora", action="store_true", help="train.lean_lora=true")
     plan.add_argument("--compiled", action="store_true", help="train.torch_compile=true or train.fused_layers")
+    plan.add_argument("--document-mask", action="store_true", help="train.document_mask=true with "
+                      "train.attention=sdpa: every layer kept whole keeps a dense mask")  # fmt: skip
     plan.add_argument("--fit", action="store_true", help="list the micro-batches (--batch sequences per optimizer "
                       "step, the rest accumulated) and recomputed layers that fit --gpu-memory-gb, least work first")
     plan.add_argument("--engine", choices=["none", "zero2", "zero3", "zero3-offload", "fsdp"], default="none",

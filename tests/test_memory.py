@@ -114,18 +114,23 @@ def test_plan_names_a_model_it_cannot_read_in_one_line(model, says):
 
 def test_plan_fit_prints_the_settings_to_train_with(tmp_path):
     """`plan --fit` on the 7B config with a 22 GB GPU: rows of micro-batch and recomputed layers, and the train
-    settings of the first, which `fit` ranks first (least work)."""
+    settings of the first, which `fit` ranks first (least work). The document mask's dense copies per layer cost
+    a recomputed layer more."""
     from tasks.memory import HEADROOM, fit
 
     folder = _llama2_7b(tmp_path)
-    flags = ["--batch", "4", "--lora-targets", "q_proj,v_proj", "--lean-lora", "--compiled", "--gpu-memory-gb", "22"]
+    flags = ["--batch", "4", "--lora-targets", "q_proj,v_proj", "--lean-lora", "--compiled", "--gpu-memory-gb", "22",
+             "--document-mask"]  # fmt: skip
     proc = subprocess.run([sys.executable, "-m", "edgar_tune.cli", "plan", "--model", str(folder), "--fit", *flags],
                           cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     shape = model_shape(str(folder), "lora", 8, ["q_proj", "v_proj"])
-    [best, *_] = fit(shape, budget_gb=22 * HEADROOM, batch=4, option="none", nproc=1, seq=2048, mode="lora",
-                     precision="bf16", fused_loss=True, compiled=True, lean_lora=True, lora_dropout=0.05)  # fmt: skip
+    kw = dict(batch=4, option="none", nproc=1, seq=2048, mode="lora", precision="bf16", fused_loss=True, compiled=True,
+              lean_lora=True, lora_dropout=0.05)  # fmt: skip
+    [best, *_] = fit(shape, budget_gb=22 * HEADROOM, dense_mask=True, **kw)
+    [unmasked, *_] = fit(shape, budget_gb=22 * HEADROOM, **kw)
     assert best["per_device_train_batch_size"] == 1 and 0 < best["checkpoint_layers"] < 0.5
+    assert best["recomputed_layers"] > unmasked["recomputed_layers"]
     assert proc.stdout.splitlines()[-1] == (
         f"train.per_device_train_batch_size=1 train.gradient_accumulation_steps=4 train.gradient_checkpointing=true "
         f"train.checkpoint_layers={best['checkpoint_layers']:.4g}")  # fmt: skip
