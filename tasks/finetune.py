@@ -26,7 +26,7 @@ from tasks.memory import recomputed_layers
 from tasks.progress import EVENTS, Curves, OwnLine, Point, Progress, console_bars, whole_events
 from kernels.hf import causal_lm_of, fuse_layers, resolve_backend
 from kernels.lora import lean_lora
-from tasks.models import device, from_hub, load_causal_lm, load_tokenizer
+from tasks.models import building_alone, device, from_hub, load_causal_lm, load_tokenizer
 
 log = logging.getLogger(__name__)
 _PLANS_LOGGED: set[tuple[str | None, str]] = set()  # (flow run id, message): the flow's early check, then the stage
@@ -709,7 +709,7 @@ def _load_model(base: str, cfg: TrainConfig, precision: str):
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                    bnb_4bit_compute_dtype=half)  # fmt: skip
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    with from_hub(base) as hub:
+    with building_alone(base), from_hub(base) as hub:
         model = AutoModelForCausalLM.from_pretrained(base, quantization_config=quant, dtype=half,
                                                      device_map={"": local}, attn_implementation=cfg.attention, **hub)
     kinds = {type(m).__name__ for m in model.modules()}

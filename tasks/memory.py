@@ -249,8 +249,10 @@ def model_shape(model_dir: str, mode: str, lora_r: int, targets: list[str] | Non
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from tasks.models import building
+
     config = AutoConfig.from_pretrained(model_dir)
-    with torch.device("meta"):
+    with torch.device("meta"), building:
         model = AutoModelForCausalLM.from_config(config)
     params = sum(p.numel() for p in model.parameters())
     lora, wanted = 0, set()

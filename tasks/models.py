@@ -20,6 +20,23 @@ from tasks.progress import Progress, clock
 
 log = logging.getLogger(__name__)
 
+# transformers builds a model with process-wide functions swapped for no-ops (`PreTrainedModel.tie_weights`, torch's
+# init functions; transformers#44940): two builds on two threads at once leave one model's lm_head untied and random,
+# and can leave the no-op in place for every later load of the process. Models are built one at a time here.
+building = threading.RLock()
+
+
+@contextlib.contextmanager
+def building_alone(name: str) -> Iterator[None]:
+    """Hold `building` to load `name` (its download included), saying so when another thread's load comes first."""
+    if not building.acquire(blocking=False):
+        log.info("loading %s waits for the model another thread of this process is loading", name)
+        building.acquire()
+    try:
+        yield
+    finally:
+        building.release()
+
 # peft reads `model.is_gradient_checkpointing`, which transformers 5 renamed: the warning is about peft's code, and
 # nothing a user of this pipeline can change (the Trainer side already passes `activation_checkpointing`).
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
@@ -56,12 +73,13 @@ def _convert_smollm2(wheel_dir: Path, out: Path) -> None:
     log.info("converting %s from GGUF to safetensors (once; ~40 s) into %s", _SMOLLM2_GGUF, out)
     start = time.monotonic()
     tokenizer = AutoTokenizer.from_pretrained(wheel_dir, gguf_file=_SMOLLM2_GGUF)
-    gguf_model = AutoModelForCausalLM.from_pretrained(wheel_dir, gguf_file=_SMOLLM2_GGUF, dtype=torch.float32)
-    config = gguf_model.config
-    # save_pretrained refuses a GGUF-loaded model; rebuild a plain one with the dequantized weights.
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with building:
+        gguf_model = AutoModelForCausalLM.from_pretrained(wheel_dir, gguf_file=_SMOLLM2_GGUF, dtype=torch.float32)
+        config = gguf_model.config
+        # save_pretrained refuses a GGUF-loaded model; rebuild a plain one with the dequantized weights.
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(gguf_model.state_dict())
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
@@ -102,7 +120,8 @@ def build_tiny_llama(out: Path, texts: Iterable[str], cfg: ModelConfig, seed: in
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=True,
     )
-    model = LlamaForCausalLM(config)
+    with building:
+        model = LlamaForCausalLM(config)
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -308,14 +327,15 @@ def load_causal_lm(name: str, adapter: str | None = None, dtype: torch.dtype = t
 
     start = time.monotonic()
     chosen = {"attn_implementation": attention} if attention else {}
-    with from_hub(name) as hub:
+    with building_alone(name), from_hub(name) as hub:
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **chosen, **hub)
     if attention and model.config._attn_implementation != attention:
         raise RuntimeError(f"asked for attention={attention} but {name} loaded {model.config._attn_implementation}")
     if adapter:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+        with building:
+            model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     with_adapter = f" with the adapter {adapter}" if adapter else ""
     log.info("loaded %s%s (%.1fM parameters, %s) in %s", name, with_adapter, model.num_parameters() / 1e6,
              str(dtype).removeprefix("torch."), clock(time.monotonic() - start))  # fmt: skip

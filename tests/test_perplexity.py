@@ -30,6 +30,26 @@ def tiny(tmp_path_factory):
     return load_causal_lm(str(out)).eval()
 
 
+def test_loads_on_threads_at_once_keep_each_models_head_tied(tmp_path):
+    """transformers builds a model with `PreTrainedModel.tie_weights` swapped for a no-op, process-wide: four loads
+    of a tied model on four threads at once left 37 to 40 of 40 models with a random, untied lm_head, and the no-op
+    in place for every later load. Loads take turns: each model's head is its embedding, and so is a later one's."""
+    import threading
+
+    from transformers.modeling_utils import PreTrainedModel
+
+    out = build_tiny_llama(tmp_path / "model", ["Net sales increased 22%."] * 20,
+                           ModelConfig(name="tiny-llama", tiny_vocab_size=300), seed=0)  # fmt: skip
+    models = []
+    for _ in range(5):
+        threads = [threading.Thread(target=lambda: models.append(load_causal_lm(str(out)))) for _ in range(4)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+    models.append(load_causal_lm(str(out)))
+    assert len(models) == 21 and PreTrainedModel.tie_weights.__name__ == "tie_weights"
+    assert all(m.lm_head.weight is m.model.embed_tokens.weight for m in models)
+
+
 def test_single_window_equals_direct_cross_entropy(tiny):
     ids = list(range(3, 40))
     nll, count = document_nll(tiny, ids, max_length=64, stride=32, dev="cpu")
