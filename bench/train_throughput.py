@@ -18,7 +18,9 @@ options that do nothing on the CPU (`NO_OP`).
   and the LoRA paths), packing without cross-document attention (`train.document_mask`), and two dataloader
   processes collating the next batches off the critical path (`train.dataloader_num_workers`). Flex attention
   (`train.attention=flex_attention`: document masks as block masks) and the Triton RMSNorm, SwiGLU and RoPE
-  (`train.fused_layers`) are measured alone and join ours with `--ours ...,attention,fused_layers`. Each option is also
+  (`train.fused_layers`) are measured alone and join ours with `--ours ...,attention,fused_layers`; `varlen`
+  (`train.attention=varlen`: each packed document its own sequence in PyTorch's flash kernel, no mask) joins
+  ours the same way or as a variant. Each option is also
   measured alone on top of the baseline in the `ablation` rows; `--ours` picks the set. `--checkpoint-sweep
   0.5,0` adds rows of ours with only that fraction of the layers recomputed in backward
   (`train.checkpoint_layers`): less recompute for more memory. LoRA's down projection keeps its input once
@@ -78,6 +80,9 @@ OPTIONS = {  # option: (baseline value, ours)
     "lean_lora": (False, True),
     "gradient_checkpointing": (True, "auto"),  # auto: on GPUs (as the baseline); on the CPU, off when RAM allows
 }
+# Options that set another option's key to another value: ours+varlen trains ours with train.attention=varlen
+# (PyTorch's flash kernel over each packed document, kernels/varlen.py); not in ours until measured on a GPU.
+VALUES = {"varlen": ("attention", "varlen")}
 OURS = ("fused_linear_ce", "lora_half_base", "torch_compile", "document_mask", "dataloader_num_workers", "lean_lora")
 # On the CPU, ours is what `make demo` trains with: the engine's defaults there. torch.compile pays for its minutes
 # of compiling only in long runs, and the document mask is a choice about the data, not speed: the ablation rows
@@ -266,6 +271,7 @@ def job(args: argparse.Namespace) -> dict:
     name, *added = name.split("+")  # ours+attention: ours with flex attention too
     chosen = args.ours.split(",") + added if name == "ours" else [name] if name in OPTIONS else []
     settings = {k: (ours if k in chosen else base) for k, (base, ours) in OPTIONS.items()}
+    settings |= dict(VALUES[o] for o in chosen if o in VALUES)
     if fraction:
         settings |= {"gradient_checkpointing": True, "checkpoint_layers": float(fraction)}
     settings |= json.loads(args.extra or "{}")
@@ -304,7 +310,8 @@ def main() -> None:
     ap.add_argument("--seq", type=int, help="tokens per block (default: 2048 on GPUs; 512, the demo's, on the CPU)")
     ap.add_argument("--steps", type=int, help="training steps per run (default: 20 on GPUs, 10 on the CPU)")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, 5 steps: does the script run")
-    ap.add_argument("--ours", help=f"the options 'ours' turns on, comma-separated, from {', '.join(OPTIONS)} "
+    ap.add_argument("--ours", help="the options 'ours' turns on, comma-separated, from "
+                    f"{', '.join([*OPTIONS, *VALUES])} "
                     f"(default: {', '.join(OURS)} on GPUs; {', '.join(OURS_CPU)} on the CPU)")  # fmt: skip
     ap.add_argument("--no-ablation", action="store_true", help="skip the one-option-at-a-time rows")
     ap.add_argument("--checkpoint-sweep", default="", help="also run ours with these fractions of layers recomputed "
@@ -335,8 +342,10 @@ def main() -> None:
     kind = "cuda" if torch.cuda.is_available() else "cpu"
     args.ours = args.ours or ",".join(OURS if kind == "cuda" else OURS_CPU)
     variants = [v for v in args.variants.split(",") if v]
-    if unknown := {o for v in variants for o in v.split("+")} - set(OPTIONS):
-        ap.error(f"--variants: {', '.join(sorted(unknown))} is no option; the options are {', '.join(OPTIONS)}")
+    known = [*OPTIONS, *VALUES]
+    for flag, names in (("--variants", {o for v in variants for o in v.split("+")}), ("--ours", args.ours.split(","))):
+        if unknown := set(names) - set(known):
+            ap.error(f"{flag}: {', '.join(sorted(unknown))} is no option; the options are {', '.join(known)}")
     defaults = {"smoke": (128, 5, 0.0), "cpu": (512, 10, 0.0), "cuda": (2048, 20, 0.6)}["smoke" if args.smoke else kind]
     args.seq, args.steps = (args.seq or defaults[0], args.steps or defaults[1]) if not args.smoke else defaults[:2]
     args.fit = defaults[2] if args.fit is None else args.fit

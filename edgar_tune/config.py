@@ -268,11 +268,13 @@ class TrainConfig(_Section):
         -1, ge=-1, description="Processes that read and collate the next batches while the device trains (-1: 2 on "
         "GPUs, 0 on the CPU, where they would take cores from training).",
     )
-    attention: Literal["sdpa", "flex_attention", "flash_attention_2", "eager"] = Field(
+    attention: Literal["sdpa", "varlen", "flex_attention", "flash_attention_2", "eager"] = Field(
         "sdpa", description="The attention kernel in training (transformers' attn_implementation): sdpa (PyTorch's "
-        "fused attention; with document_mask it gets a dense mask), flex_attention (document masks as block-sparse "
-        "masks that skip cross-document blocks; compiles its kernel on first use; GPUs only), flash_attention_2 "
-        "(needs the flash-attn package and a CUDA GPU; packed documents run as variable-length sequences), eager.",
+        "fused attention; with document_mask it gets a dense mask), varlen (PyTorch's flash kernel with each packed "
+        "document as its own sequence: no mask, no repeated key-value heads; PyTorch >= 2.10, CUDA GPUs, bf16/fp16), "
+        "flex_attention (document masks as block-sparse masks that skip cross-document blocks; compiles its kernel "
+        "on first use; GPUs only), flash_attention_2 (needs the flash-attn package and a CUDA GPU; packed documents "
+        "run as variable-length sequences), eager.",
     )
     seed: int = Field(10, description="Seed for weights init, dropout and data order.")
     train_data_split_seed: int = Field(

@@ -80,11 +80,24 @@ class CausalLMCollator:
     """Packed blocks are stacked (labels = inputs; the model shifts them). Instruction examples come with
     labels (-100 on the prompt) and different lengths: they are right-padded, padding masked out of the loss."""
 
-    def __init__(self, pad_token_id: int, document_eos: int | None = None):
+    def __init__(self, pad_token_id: int, document_eos: int | None = None, ragged: bool = False):
         self.pad = pad_token_id
         self.eos = document_eos
+        self.ragged = ragged
 
     def __call__(self, features: list[dict]) -> dict:
+        batch = self._collate(features)
+        if self.ragged:  # train.attention=varlen: where each document (or row) starts, once a batch, off the GPU
+            from kernels.varlen import document_bounds
+
+            ids = batch["input_ids"]
+            positions = batch.get("position_ids", torch.arange(ids.shape[1]).expand_as(ids))
+            bounds, longest = document_bounds(positions)
+            batch |= {"cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds, "max_length_q": longest,
+                      "max_length_k": longest}  # fmt: skip
+        return batch
+
+    def _collate(self, features: list[dict]) -> dict:
         if "labels" not in features[0]:
             input_ids = torch.tensor([f["input_ids"] for f in features], dtype=torch.long)
             batch = {"input_ids": input_ids, "labels": input_ids.clone()}
@@ -407,6 +420,15 @@ def preflight(cfg: TrainConfig) -> str:
     if cfg.attention == "flex_attention" and not on_gpu:
         raise ConfigError("train.attention=flex_attention: PyTorch's FlexAttention has no backward on the CPU; "
                           "set train.attention=sdpa (document_mask works with it too)")  # fmt: skip
+    if cfg.attention == "varlen":
+        from kernels import varlen
+
+        if why := varlen.available():
+            raise ConfigError(f"train.attention=varlen: {why}; set train.attention=sdpa (document_mask works with it "
+                              "too)")  # fmt: skip
+        if cfg.precision == "fp32":
+            raise ConfigError("train.attention=varlen runs the flash kernel in bf16 or fp16, not fp32; set "
+                              "train.precision=auto (or bf16/fp16), or train.attention=sdpa")  # fmt: skip
     if cfg.deepspeed and importlib.util.find_spec("deepspeed") is None:
         raise ConfigError(f"train.deepspeed={cfg.deepspeed} needs DeepSpeed: `pip install deepspeed` (see README)")
     if on_gpu and not cfg.hostfile and cfg.nproc > torch.cuda.device_count():
@@ -698,6 +720,10 @@ def half_base(cfg: TrainConfig) -> bool:
 
 def _load_model(base: str, cfg: TrainConfig, precision: str):
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if cfg.attention == "varlen":
+        from kernels import varlen
+
+        varlen.register()
     if not cfg.quantization:
         return load_causal_lm(base, dtype=half if half and half_base(cfg) else torch.float32, attention=cfg.attention)
     from peft import prepare_model_for_kbit_training
@@ -826,7 +852,8 @@ def train(tmp: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfig,
     selective = None
     if cfg.gradient_checkpointing and cfg.checkpoint_layers < 1:
         callbacks.append(selective := selective_checkpointing(cfg.checkpoint_layers))
-    collator = CausalLMCollator(tokenizer.pad_token_id, tokenizer.eos_token_id if cfg.document_mask else None)
+    collator = CausalLMCollator(tokenizer.pad_token_id, tokenizer.eos_token_id if cfg.document_mask else None,
+                                ragged=cfg.attention == "varlen")  # fmt: skip
     trainer = trainer_class()(model=model, args=args, train_dataset=blocks, eval_dataset=eval_set,
                               data_collator=collator, callbacks=[timer, *callbacks])  # fmt: skip
     tokens_per_step = (cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * trainer.args.world_size

@@ -7,6 +7,7 @@ which the tests set when there is no GPU; `make test` installs Triton for it).
 
 from __future__ import annotations
 
+import copy
 import os
 
 import pytest
@@ -486,3 +487,69 @@ def test_kernel_lean_lora_under_autocast_is_peft_under_autocast():
     for name, grad in runs[0][1].items():
         assert grad.dtype == runs[1][1][name].dtype == torch.float32
         torch.testing.assert_close(runs[1][1][name], grad, rtol=2e-2, atol=2e-2 * grad.abs().max().item())
+
+
+def _per_document_sdpa(query, key, value, bounds, longest, scale):
+    """The reference of kernels.varlen's flash call: causal sdpa over each document alone, keys and values at
+    their own head count (enable_gqa)."""
+    out = torch.empty_like(query)
+    edges = bounds.tolist()
+    assert longest == max(b - a for a, b in zip(edges, edges[1:]))
+    for a, b in zip(edges, edges[1:]):
+        q, k, v = (t[a:b].transpose(0, 1) for t in (query, key, value))
+        out[a:b] = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True).transpose(0, 1)
+    return out
+
+
+def test_varlen_attention_matches_the_document_masked_sdpa(monkeypatch):
+    """`train.attention=varlen` computes what sdpa computes under the document mask (restarted position ids, a
+    dense mask): the loss, the logits and every gradient of a Llama with grouped-query attention (4 heads on 2
+    key-value heads, which reach the kernel unrepeated), on batches from the collator (document bounds computed
+    there), and from position ids alone; rows without either are plain causal rows. On a GPU this runs PyTorch's
+    flash kernel; on the CPU, which has none, the per-document sdpa above stands in for that one call, and the
+    test checks everything around it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kernels import varlen
+    from tasks.finetune import CausalLMCollator
+
+    calls = []
+    kernel = varlen._KERNEL if DEVICE == "cuda" else _per_document_sdpa
+    monkeypatch.setattr(varlen, "_KERNEL", lambda *a: calls.append((a[1].shape, a[3].tolist(), a[4])) or kernel(*a))
+    varlen.register()
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+    torch.manual_seed(0)
+    dense = LlamaForCausalLM(config).to(DEVICE, torch.bfloat16)
+    dense.set_attn_implementation("sdpa")
+    ragged = LlamaForCausalLM(copy.deepcopy(config)).to(DEVICE, torch.bfloat16)  # its own attention setting
+    ragged.load_state_dict(dense.state_dict())
+    ragged.set_attn_implementation("varlen")
+    assert (dense.config._attn_implementation, ragged.config._attn_implementation) == ("sdpa", "varlen")
+    eos = 1
+    ids = torch.randint(5, 256, (3, 32), generator=torch.Generator().manual_seed(1))
+    ids[0, [6, 20]] = eos  # three documents, one row with a document ending on the last token, one with none
+    ids[1, 31] = eos
+    batch = CausalLMCollator(0, eos, ragged=True)([{"input_ids": row} for row in ids.tolist()])
+    assert batch["cu_seq_lens_q"].tolist() == [0, 7, 21, 32, 64, 96] and batch["max_length_q"] == 32
+    batch = {k: v.to(DEVICE) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def run(model, **inputs):
+        model.zero_grad()
+        out = model(**inputs, use_cache=False)
+        out.loss.backward()
+        return out.loss.float(), out.logits.float(), {n: p.grad.float() for n, p in model.named_parameters()}
+
+    want = run(dense, input_ids=batch["input_ids"], labels=batch["labels"], position_ids=batch["position_ids"])
+    for inputs in (batch, {k: batch[k] for k in ("input_ids", "labels", "position_ids")}):
+        got = run(ragged, **inputs)
+        torch.testing.assert_close(got[0], want[0], atol=1e-2, rtol=1e-2)
+        torch.testing.assert_close(got[1], want[1], atol=5e-2, rtol=5e-2)
+        for name, grad in want[2].items():
+            torch.testing.assert_close(got[2][name], grad, atol=5e-2, rtol=5e-2, msg=name)
+    assert len(calls) == 4 and all(c == ((96, 2, 16), [0, 7, 21, 32, 64, 96], 32) for c in calls), calls
+    plain = run(dense, input_ids=batch["input_ids"], labels=batch["labels"])
+    rows = run(ragged, input_ids=batch["input_ids"], labels=batch["labels"])
+    torch.testing.assert_close(rows[1], plain[1], atol=5e-2, rtol=5e-2)
+    assert calls[-1][1:] == ([0, 32, 64, 96], 32)
+    assert (plain[1] - want[1]).abs().max() > 0.1  # the document mask changed the logits it had to

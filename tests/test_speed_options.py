@@ -200,8 +200,8 @@ def test_memory_fit_splits_the_batch_to_fit_the_budget(tiny_run, tmp_path):
 
 def test_attention_kernel_is_what_training_ran_and_flash_attention_is_refused_without_it(tiny_run, tmp_path):
     """train.attention reaches the model (eager attention trains the sdpa losses); flash_attention_2 on a machine
-    without a GPU or flash-attn, and flex_attention on the CPU (no backward there), are refused before anything
-    runs."""
+    without a GPU or flash-attn, flex_attention and varlen on the CPU (no backward there, no flash kernel), and
+    varlen in fp32, are refused before anything runs."""
     from edgar_tune.config import ConfigError, load_config
     from tasks.finetune import preflight
 
@@ -213,6 +213,12 @@ def test_attention_kernel_is_what_training_ran_and_flash_attention_is_refused_wi
             preflight(load_config("tiny", {"train.attention": "flash_attention_2"}).train)
         with pytest.raises(ConfigError, match="FlexAttention has no backward on the CPU"):
             preflight(load_config("tiny", {"train.attention": "flex_attention"}).train)
+        with pytest.raises(ConfigError, match="train.attention=varlen: it runs PyTorch's flash kernel, which needs a "
+                                              "CUDA GPU; set train.attention=sdpa"):  # fmt: skip
+            preflight(load_config("tiny", {"train.attention": "varlen"}).train)
+    else:
+        with pytest.raises(ConfigError, match="train.attention=varlen runs the flash kernel in bf16 or fp16, not fp32"):
+            preflight(load_config("tiny", {"train.attention": "varlen", "train.precision": "fp32"}).train)
 
 
 def test_dataloader_workers_feed_the_same_batches(tiny_run, tmp_path):
@@ -223,6 +229,14 @@ def test_dataloader_workers_feed_the_same_batches(tiny_run, tmp_path):
     assert out["worker"][0]["dataloader_num_workers"] == 1 and out["main"][0]["dataloader_num_workers"] == 0
     assert out["worker"][1] == pytest.approx(out["main"][1], rel=1e-6)
     assert dataloader_workers(-1) == (2 if torch.cuda.is_available() else 0) and dataloader_workers(3) == 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="PyTorch's flash kernel needs a CUDA GPU")
+def test_varlen_attention_trains_the_sdpa_losses_under_the_document_mask(tiny_run, tmp_path):
+    masked = {"document_mask": True}
+    out = train_variants(tiny_run, tmp_path, {"sdpa": masked, "varlen": masked | {"attention": "varlen"}}, steps=3)
+    assert out["varlen"][0]["attention"] == "varlen"
+    assert out["varlen"][1] == pytest.approx(out["sdpa"][1], rel=2e-2)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention has no backward on the CPU")
