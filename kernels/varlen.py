@@ -12,6 +12,7 @@ causal attention never lets a real token see the padding after it, and padding i
 from __future__ import annotations
 
 import inspect
+import logging
 
 import torch
 
@@ -41,19 +42,21 @@ def document_bounds(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     return bounds, int((bounds[1:] - bounds[:-1]).max())
 
 
+_CAUSAL: dict = {}  # varlen_attn's causal flag, read once by register(): window_size=(-1, 0) in 2.11 and later,
+_SCALED = True      # is_causal in earlier signatures; and whether it takes `scale`
+
+
 def _flash(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bounds: torch.Tensor, longest: int,
            scale: float | None) -> torch.Tensor:  # fmt: skip
-    """Causal attention within each [bounds[i], bounds[i+1]) of total x heads x dim tensors, in PyTorch's kernel.
-    Its causal flag is `is_causal` in 2.10-2.11 and `window_size=(-1, 0)` from 2.12."""
+    """Causal attention within each [bounds[i], bounds[i+1]) of total x heads x dim tensors, in PyTorch's flash
+    kernel (keys and values may have fewer heads: grouped-query attention)."""
     from torch.nn.attention.varlen import varlen_attn
 
-    params = inspect.signature(varlen_attn).parameters
-    causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
-    scaled = {"scale": scale} if "scale" in params else {}
-    if not scaled and scale is not None and abs(scale - query.shape[-1] ** -0.5) > 1e-6:
+    if not _SCALED and scale is not None and abs(scale - query.shape[-1] ** -0.5) > 1e-6:
         raise RuntimeError(f"varlen attention: this PyTorch's varlen_attn has no `scale`, and the model asks for "
                            f"{scale} (not 1/sqrt(head_dim)); set train.attention=sdpa")  # fmt: skip
-    return varlen_attn(query, key, value, bounds, bounds, longest, longest, **causal, **scaled)
+    scaled = {"scale": scale} if _SCALED else {}
+    return varlen_attn(query, key, value, bounds, bounds, longest, longest, **_CAUSAL, **scaled)
 
 
 def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -93,6 +96,15 @@ _KERNEL = _flash  # tests on the CPU swap in a per-document sdpa to check everyt
 def register() -> None:
     """Make `attn_implementation="varlen"` known to transformers. No mask function is registered with it:
     transformers then builds no mask at all for this implementation."""
+    global _SCALED
     from transformers import AttentionInterface
 
     AttentionInterface.register(NAME, attention_forward)
+    if available() is None:  # read here, not in the traced forward (torch.compile)
+        from torch.nn.attention.varlen import varlen_attn
+
+        params = inspect.signature(varlen_attn).parameters
+        _CAUSAL.clear()
+        _CAUSAL.update({"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True})
+        _SCALED = "scale" in params
+        logging.getLogger(varlen_attn.__module__).setLevel(logging.WARNING)  # an INFO line at every call
