@@ -13,6 +13,8 @@
 # 3. the Llama-2-7B shape: the baseline and ours with varlen attention, fitted to 0.6x the baseline's peak (the
 #    issue's target; ours without varlen ran 1.32x at 0.54x on 2026-11-30, after about 150 s of compilation);
 # 4. if time is left: the 7B's ours at the baseline's batch of 4 with every layer recomputed (what the fit gains).
+# Steps 2 and 3 profile each run's step 6 (train.profile_step): the GPU's busy share of the step, its kernel launches
+# and top kernels go into the JSON, to say why micro-batch 1 lost a fifth of the throughput per FLOP on the 7B.
 set -u
 BUDGET=${1:-560}
 OUT=${OUT:-/tmp/gpu-session}
@@ -54,9 +56,9 @@ step kernel_tests 90 python3 -m pytest -q -rfE --noconftest -p no:cacheprovider 
 or lean_lora_down or under_autocast or no_grad or mfu or varlen"
 EAGER=fused_linear_ce,lora_half_base,document_mask,dataloader_num_workers,lean_lora
 step smollm2-135m 170 python3 bench/train_throughput.py --only smollm2-135m --data .benchdata/tt --no-ablation \
-  --steps 10 --ours "$EAGER" --variants varlen,attention --out "$OUT/smollm2-135m"
+  --steps 10 --ours "$EAGER" --variants varlen,attention --profile 6 --out "$OUT/smollm2-135m"
 step llama-2-7b 330 python3 bench/train_throughput.py --only llama-2-7b --data .benchdata/tt --no-ablation --steps 10 \
-  --ours "$EAGER,torch_compile,varlen" --out "$OUT/llama-2-7b"
+  --ours "$EAGER,torch_compile,varlen" --profile 6 --out "$OUT/llama-2-7b"
 step llama-2-7b-sweep 240 python3 bench/train_throughput.py --only llama-2-7b --data .benchdata/tt --no-ablation \
   --steps 10 --checkpoint-sweep 1 --out "$OUT/llama-2-7b-sweep"
 

@@ -206,7 +206,8 @@ def measure_train(tok: Path, settings: dict, steps: int, batch: int) -> dict:
     return {"tokens_per_s": stats["tokens_per_s"], "peak_mem_gb": _peak_gb(), "step_seconds": stats["step_seconds"],
             "tokens_per_s_all_steps": stats["train_tokens_seen"] / stats["seconds"], "settings": settings,
             "loss_kernel": stats["loss_kernel"], "final_loss": stats["final_loss"], "steps": stats["steps"],
-            "fitted": fitted, "trained": {k: getattr(cfg, k) for k in FIT_KEYS}}  # fmt: skip
+            "fitted": fitted, "trained": {k: getattr(cfg, k) for k in FIT_KEYS},
+            "profile": stats["profile"]}  # fmt: skip
 
 
 def measure_eval(tok: Path, kernel: str, seq: int) -> dict:
@@ -283,9 +284,12 @@ def run_job(args: argparse.Namespace, tok: Path, spec: str, batch: int, extra: d
     wall time, process start and compilation included, goes into its record and a line, for planning a device
     call's time (a 7B ours row compiled for about 150 s on an H200)."""
     start = time.monotonic()
-    record = _run_job(args, tok, spec, batch, json.dumps(extra or {}))
+    profiled = {"profile_step": args.profile} if args.profile and spec.startswith("train:") else {}
+    record = _run_job(args, tok, spec, batch, json.dumps((extra or {}) | profiled))
     record["job_seconds"] = time.monotonic() - start
-    print(f"{spec}: {record['job_seconds']:.0f} s", flush=True)
+    busy = (record.get("profile") or {}).get("device_busy_share")
+    print(f"{spec}: {record['job_seconds']:.0f} s" + (f"; GPU busy {busy:.0%} of the profiled step" if busy else ""),
+          flush=True)  # fmt: skip
     return record
 
 
@@ -324,6 +328,8 @@ def main() -> None:
                     "the baseline's measured peak, least recompute first (0: the baseline's batch and "
                     "gradient_checkpointing as ours sets it; default: 0.6 on GPUs, 0 on the CPU, where memory is "
                     "not what is short)")  # fmt: skip
+    ap.add_argument("--profile", type=int, default=0, help="profile this optimizer step of every training run "
+                    "(train.profile_step): the GPU's busy share, kernel launches and top ops go into its record")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     ap.add_argument("--prepare", type=Path, help="write the tokenizer, config and 10-K token ids here, and stop")
     ap.add_argument("--data", type=Path, help="run from a --prepare folder (random weights for both models)")

@@ -281,6 +281,12 @@ class TrainConfig(_Section):
         0, description="Seed for the train/validation split of text data and the choice of `max_train_samples`."
     )
     logging_steps: int = Field(1, ge=1, description="Log training loss every N steps.")
+    profile_step: int = Field(
+        0, ge=0, description="Profile this optimizer step (1-based) with torch.profiler: the train stage's profile/ "
+        "gets a Chrome trace (Perfetto) and summary.json (the GPU's busy share of the step, kernel launches, the ops "
+        "that took the most time), logged to MLflow. Pick one after the warm-up and torch.compile's compilation; "
+        "0: off.",
+    )
     deepspeed: str | None = Field(
         None,
         description="DeepSpeed ZeRO config: zero2, zero3, zero3-offload (configs/deepspeed/) or a path to a JSON file.",

@@ -787,6 +787,9 @@ def train(tmp: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfig,
     eval_set = validation_blocks(tokenize_dir, eval_cfg.max_val_samples) if evaluate else None
     save_strategy, save_steps = cfg.save_plan()
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.profile_step > (steps := total_steps(len(blocks), cfg, world)):
+        raise ConfigError(f"train.profile_step={cfg.profile_step} but this run trains {steps} steps; profile one of "
+                          "them (after the first few: warm-up and compilation) or set train.profile_step=0")  # fmt: skip
     workers = dataloader_workers(cfg.dataloader_num_workers)
     args = TrainingArguments(
         output_dir=str(ckpts),
@@ -852,6 +855,11 @@ def train(tmp: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfig,
     selective = None
     if cfg.gradient_checkpointing and cfg.checkpoint_layers < 1:
         callbacks.append(selective := selective_checkpointing(cfg.checkpoint_layers))
+    profiler = None
+    if cfg.profile_step:
+        from tasks.profile import step_profiler
+
+        callbacks.append(profiler := step_profiler(cfg.profile_step, tmp / "profile"))
     collator = CausalLMCollator(tokenizer.pad_token_id, tokenizer.eos_token_id if cfg.document_mask else None,
                                 ragged=cfg.attention == "varlen")  # fmt: skip
     trainer = trainer_class()(model=model, args=args, train_dataset=blocks, eval_dataset=eval_set,
@@ -929,6 +937,7 @@ def train(tmp: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfig,
         "device": device(),
         "dtype": {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[precision],
         "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None,
+        "profile": profiler.summary if profiler else None,
     }
     atomic_write_json(tmp / "stats.json", stats)
     return stats

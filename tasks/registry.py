@@ -791,6 +791,8 @@ def _register(run_dir: Path, cfg: PipelineConfig, flow_run_id: str | None, runs_
         mlflow.log_dict(read_json(run_dir / TOKENIZE / "data_report.json"), "data/report.json")
         mlflow.log_text((run_dir / TOKENIZE / "data_report.md").read_text(), "data/report.md")
         mlflow.log_dict({"before": before, "after": after}, "eval/perplexity.json")
+        if (run_dir / TRAIN / "profile").is_dir():  # train.profile_step's trace and summary
+            mlflow.log_artifacts(str(run_dir / TRAIN / "profile"), artifact_path="profile")
         mlflow.log_table(per_document_table(before, after), artifact_file="eval/per_document.json")
         samples = [run_dir / EVALUATE / f"{n}.samples.json" for n in ("base", "finetuned")]
         if all(p.exists() for p in samples):

@@ -150,9 +150,9 @@ def _process_as_it_was():
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> tuple[Path, dict]:
-    """The plain (no DeepSpeed) tiny run, shared by the end-to-end and DeepSpeed tests."""
+    """The plain (no DeepSpeed) tiny run, shared by the end-to-end and DeepSpeed tests; it profiles its step 30."""
     runs = tmp_path_factory.mktemp("runs")
-    return runs, run_cli(runs)
+    return runs, run_cli(runs, "--set", "train.profile_step=30")
 
 
 @contextlib.contextmanager

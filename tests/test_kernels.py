@@ -188,7 +188,7 @@ def test_kernel_throughput_bench_runs_on_the_cpu(tmp_path):
 
     proc = subprocess.run([sys.executable, "bench/train_throughput.py", "--smoke",
                            "--ours", "fused_linear_ce,document_mask,lean_lora", "--checkpoint-sweep", "2,0.5",
-                           "--variants", "dataloader_num_workers",
+                           "--variants", "dataloader_num_workers", "--profile", "3",
                            "--fit", "0.9", "--out", str(tmp_path)], cwd=REPO,
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -201,6 +201,7 @@ def test_kernel_throughput_bench_runs_on_the_cpu(tmp_path):
     assert row["checkpoint_sweep"]["0.5"]["settings"]["checkpoint_layers"] == 0.5
     assert row["runs"]["ours"]["settings"]["lean_lora"] is True and row["runs"]["ours"]["job_seconds"] > 0
     assert "train:ours: " in proc.stdout  # each job's time, as it ends
+    assert row["runs"]["ours"]["profile"]["step"] == 3 and row["runs"]["baseline"]["profile"]["top"]  # --profile: every run
     variant = row["variants"]["dataloader_num_workers"]["settings"]
     assert variant["dataloader_num_workers"] == 2 and variant["lean_lora"] is True and variant["memory_fit"] is True
     fitted = row["ours"]["fitted"]  # train.memory_fit to 0.9 x the plan of the baseline: the plan's pick ran

@@ -284,6 +284,8 @@ def test_mlflow_has_the_version_alias_metrics_and_plots(tiny_run):
     assert plots == {"plots/loss_curve.png", "plots/perplexity_before_after.png"}
     data = {a.path for a in client.list_artifacts(run.info.run_id, "data")}
     assert data == {"data/report.json", "data/report.md"}
+    profile = {a.path for a in client.list_artifacts(run.info.run_id, "profile")}  # train.profile_step=30
+    assert profile == {"profile/summary.json", "profile/trace.json.gz"} and train_stats["profile"]["step"] == 30
     logged = json.loads(Path(client.download_artifacts(run.info.run_id, "eval/per_document.json")).read_text())
     table = [dict(zip(logged["columns"], row, strict=True)) for row in logged["data"]]
     assert [r["ticker"] for r in table] == ["AMZN", "AMZN"] and sorted(r["fiscal_year"] for r in table) == [2020, 2021]
@@ -292,6 +294,7 @@ def test_mlflow_has_the_version_alias_metrics_and_plots(tiny_run):
     assert re.search(r"uploading the model \(LoRA adapter with its base and tokenizer, [\d.]+ MB\) to the artifact "
                      f"store of MLflow run {run.info.run_id}", out), out[-3000:]  # fmt: skip
     assert f"uploaded and registered it as edgar-tune-10k v{s['model_version']} in 0:0" in out
+    assert re.search(r"profiled step: [\d.]+ s; top ops by self CPU time:\n +self ms +calls +op\n", out), out[-3000:]
 
 
 def test_registered_model_loads_as_pyfunc_and_generates(tiny_run):

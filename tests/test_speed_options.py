@@ -246,3 +246,30 @@ def test_flex_attention_trains_the_sdpa_losses_under_the_document_mask(tiny_run,
     out = train_variants(tiny_run, tmp_path, {"sdpa": masked, "flex": flex}, steps=3)
     assert out["flex"][0]["attention"] == "flex_attention"
     assert out["flex"][1] == pytest.approx(out["sdpa"][1], rel=1e-4)
+
+
+def test_profile_step_writes_a_trace_and_a_summary_of_that_step(tiny_run, tmp_path):
+    """train.profile_step profiles that one optimizer step: profile/ gets a gzipped Chrome trace of the step and a
+    summary (wall time, the ops that took the most time; on a GPU the kernels' busy share), also in the stats. A
+    step past the run's last is refused before the model loads."""
+    import gzip
+
+    from edgar_tune.config import ConfigError
+    from tasks.profile import busy_seconds
+
+    out = train_variants(tiny_run, tmp_path, {"plain": {}, "profiled": {"profile_step": 2}}, steps=3)
+    stats, losses = out["profiled"]
+    assert losses == pytest.approx(out["plain"][1], rel=1e-6) and out["plain"][0]["profile"] is None
+    summary = json.loads((tmp_path / "profiled" / "profile" / "summary.json").read_text())
+    assert stats["profile"] == summary and summary["step"] == 2 and 0 < summary["wall_s"] < 60
+    assert len(summary["top"]) == 15 and summary["top"][0]["self_ms"] >= summary["top"][-1]["self_ms"] > 0
+    on_gpu = torch.cuda.is_available()
+    assert (summary["device_busy_s"] is not None) == on_gpu and summary["top_by"].startswith("self device" if on_gpu
+                                                                                          else "self CPU")  # fmt: skip
+    trace = json.loads(gzip.decompress((tmp_path / "profiled" / "profile" / "trace.json.gz").read_bytes()))
+    names = {e.get("name", "") for e in trace["traceEvents"]}
+    assert any("linear" in n or "mm" in n for n in names), sorted(names)[:50]
+    assert sorted(p.name for p in (tmp_path / "profiled" / "profile").iterdir()) == ["summary.json", "trace.json.gz"]
+    assert busy_seconds([(0, 10), (5, 20), (30, 40), (32, 35)]) == pytest.approx(30e-6)
+    with pytest.raises(ConfigError, match=r"train.profile_step=9 but this run trains 3 steps"):
+        train_variants(tiny_run, tmp_path / "late", {"late": {"profile_step": 9}}, steps=3)
