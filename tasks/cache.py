@@ -74,8 +74,8 @@ CODE = {
     "parse": ("tasks/split.py", "tasks/sections.py", "tasks/textdata.py"),
     "tokenize": ("tasks/textdata.py", *_MODEL_CODE),
     "evaluate-base": ("tasks/perplexity.py", "tasks/generate.py", "kernels", *_MODEL_CODE),
-    "train": ("tasks/finetune.py", "tasks/train_worker.py", "tasks/checkpoints.py", "tasks/memory.py", "kernels",
-              *_MODEL_CODE),  # fmt: skip
+    "train": ("tasks/finetune.py", "tasks/train_worker.py", "tasks/checkpoints.py", "tasks/memory.py",
+              "tasks/profile.py", "kernels", *_MODEL_CODE),  # fmt: skip
     "evaluate": ("tasks/perplexity.py", "tasks/generate.py", "kernels", *_MODEL_CODE),
     "register": ("tasks/registry.py", "tasks/pyfunc_model.py"),
 }
