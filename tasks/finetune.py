@@ -24,6 +24,7 @@ from tasks.checkpoints import prepare as prepare_checkpoints
 from tasks.io import atomic_dir, atomic_write_json, read_json, write_jsonl
 from tasks.memory import recomputed_layers
 from tasks.progress import EVENTS, Curves, OwnLine, Point, Progress, console_bars, whole_events
+from tasks.profile import sync
 from kernels.hf import causal_lm_of, fuse_layers, resolve_backend
 from kernels.lora import lean_lora
 from tasks.models import building_alone, device, from_hub, load_causal_lm, load_tokenizer
@@ -136,11 +137,11 @@ def step_timer():
             self._last = 0.0
 
         def on_train_begin(self, args, state, control, **kwargs):
-            _sync()
+            sync()
             self._last = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
-            _sync()
+            sync()
             now = time.perf_counter()
             self.seconds.append(now - self._last)
             self._last = now
@@ -323,11 +324,6 @@ def selective_checkpointing(fraction: float):
                      *self.checkpointed, fraction)
 
     return SelectiveCheckpointing()
-
-
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def dataloader_workers(requested: int) -> int:

@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 TOP = 15  # ops in the summary
 
 
-def _sync() -> None:
+def sync() -> None:
+    """Wait for the GPU's queued work, if there is a GPU: step timers and the profiler time whole steps."""
     if torch.cuda.is_available():
         torch.cuda.synchronize()
 
@@ -93,7 +94,7 @@ def step_profiler(step: int, out: Path):
             activities = [torch.profiler.ProfilerActivity.CPU]
             if torch.cuda.is_available():
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
-            _sync()
+            sync()
             self._prof = torch.profiler.profile(activities=activities)
             self._prof.__enter__()
             self._start = time.perf_counter()
@@ -101,7 +102,7 @@ def step_profiler(step: int, out: Path):
         def on_step_end(self, args, state, control, **kwargs):
             if self._prof is None:
                 return
-            _sync()
+            sync()
             wall = time.perf_counter() - self._start
             prof, self._prof = self._prof, None
             prof.__exit__(None, None, None)
