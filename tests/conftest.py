@@ -231,10 +231,17 @@ def _blocks_that_span_documents(src: Path, dst: Path) -> None:
 
 def lock_holder(*args: str, env: dict | None = None) -> subprocess.Popen:
     """Start `tests/lock_holder.py ARGS` (a run, or a store's registrations), its output on a pipe; it lets go of
-    what it holds when its stdin closes."""
+    what it holds when its stdin closes. It leads a process group of its own (`kill_group`)."""
     return subprocess.Popen([sys.executable, "-m", "tests.lock_holder", *args], cwd=REPO,
                             env=dict(os.environ, **(env or {})), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL what is left of `proc`'s process group: a SIGKILLed flow run's embedded Prefect server (a uvicorn
+    child) outlives it, holding its port, until then."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def lines_until(proc: subprocess.Popen, *starts: str) -> list[str]:

@@ -14,7 +14,7 @@ import sys
 import mlflow
 import pytest
 
-from tests.conftest import REPO, lines_until, lock_holder, run_cli
+from tests.conftest import REPO, kill_group, lines_until, lock_holder, run_cli
 
 
 def test_champion_moves_only_on_lower_perplexity_on_the_same_validation_data(tmp_path):
@@ -409,5 +409,6 @@ def test_without_a_prefect_server_a_killed_registration_does_not_hold_the_next_o
     finally:
         second.stdin.close()
         second.wait(timeout=60)
-        first.kill()
+        kill_group(first)  # and the embedded Prefect server the SIGKILL left behind
+        kill_group(second)
 
