@@ -27,7 +27,7 @@ from tasks.progress import EVENTS, Curves, OwnLine, Point, Progress, console_bar
 from tasks.profile import sync
 from kernels.hf import causal_lm_of, fuse_layers, resolve_backend
 from kernels.lora import lean_lora
-from tasks.models import building_alone, device, from_hub, load_causal_lm, load_tokenizer
+from tasks.models import building, building_alone, device, from_hub, load_causal_lm, load_tokenizer
 
 log = logging.getLogger(__name__)
 _PLANS_LOGGED: set[tuple[str | None, str]] = set()  # (flow run id, message): the flow's early check, then the stage
@@ -722,8 +722,9 @@ def _load_model(base: str, cfg: TrainConfig, precision: str):
         varlen.register()
     if not cfg.quantization:
         return load_causal_lm(base, dtype=half if half and half_base(cfg) else torch.float32, attention=cfg.attention)
-    from peft import prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    with building:  # transformers' lazy names, imported on one thread at a time
+        from peft import prepare_model_for_kbit_training
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     if cfg.int8_quantization:
         quant = BitsAndBytesConfig(load_in_8bit=True)

@@ -22,7 +22,8 @@ log = logging.getLogger(__name__)
 
 # transformers builds a model with process-wide functions swapped for no-ops (`PreTrainedModel.tie_weights`, torch's
 # init functions; transformers#44940): two builds on two threads at once leave one model's lm_head untied and random,
-# and can leave the no-op in place for every later load of the process. Models are built one at a time here.
+# and can leave the no-op in place for every later load of the process. And two threads' first imports from its lazy
+# module at once fail ("cannot import name 'AutoModelForCausalLM'"). Models are imported and built one at a time.
 building = threading.RLock()
 
 
@@ -215,7 +216,8 @@ def resolve_base_ref(name: str) -> str:
 
 
 def load_tokenizer(name: str):
-    from transformers import AutoTokenizer
+    with building:  # the first import of transformers' lazy names, on any thread
+        from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(name)
     if tokenizer.eos_token_id is None:
@@ -323,18 +325,18 @@ def load_causal_lm(name: str, adapter: str | None = None, dtype: torch.dtype = t
     and serving compute the same function without the adapter modules' own calls (on the CPU a merged SmolLM2
     with LoRA on its seven projections generates 1.33x faster). `attention`: an attn_implementation (None: the
     model's default), refused if the model comes back with another."""
-    from transformers import AutoModelForCausalLM
-
     start = time.monotonic()
     chosen = {"attn_implementation": attention} if attention else {}
     with building_alone(name), from_hub(name) as hub:
+        from transformers import AutoModelForCausalLM
+
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **chosen, **hub)
     if attention and model.config._attn_implementation != attention:
         raise RuntimeError(f"asked for attention={attention} but {name} loaded {model.config._attn_implementation}")
     if adapter:
-        from peft import PeftModel
-
         with building:
+            from peft import PeftModel
+
             model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     with_adapter = f" with the adapter {adapter}" if adapter else ""
     log.info("loaded %s%s (%.1fM parameters, %s) in %s", name, with_adapter, model.num_parameters() / 1e6,

@@ -33,8 +33,14 @@ def tiny(tmp_path_factory):
 def test_loads_on_threads_at_once_keep_each_models_head_tied(tmp_path):
     """transformers builds a model with `PreTrainedModel.tie_weights` swapped for a no-op, process-wide: four loads
     of a tied model on four threads at once left 37 to 40 of 40 models with a random, untied lm_head, and the no-op
-    in place for every later load. Loads take turns: each model's head is its embedding, and so is a later one's."""
+    in place for every later load. Loads take turns: each model's head is its embedding, and so is a later one's.
+    In a fresh process, where the threads also import transformers' lazy names first (2 of 4 failed with
+    "cannot import name 'AutoModelForCausalLM'"), all four load."""
+    import subprocess
+    import sys
     import threading
+
+    from tests.conftest import REPO
 
     from transformers.modeling_utils import PreTrainedModel
 
@@ -48,6 +54,23 @@ def test_loads_on_threads_at_once_keep_each_models_head_tied(tmp_path):
     models.append(load_causal_lm(str(out)))
     assert len(models) == 21 and PreTrainedModel.tie_weights.__name__ == "tie_weights"
     assert all(m.lm_head.weight is m.model.embed_tokens.weight for m in models)
+    fresh = f"""
+import threading
+from tasks.models import load_causal_lm
+loaded, failed = [], []
+def load():
+    try:
+        loaded.append(load_causal_lm({str(out)!r}))
+    except Exception as err:
+        failed.append(repr(err))
+threads = [threading.Thread(target=load) for _ in range(4)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+print(len(loaded), failed, all(m.lm_head.weight is m.model.embed_tokens.weight for m in loaded))
+"""
+    proc = subprocess.run([sys.executable, "-c", fresh], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.splitlines()[-1] == "4 [] True", proc.stdout[-2000:]
 
 
 def test_single_window_equals_direct_cross_entropy(tiny):

@@ -125,7 +125,6 @@ _HUB_LOADS = """
 import flows.pipeline  # noqa: F401 (as in a flow run's process: no bars on a pipe, this project's lines in the log)
 from prefect import flow, task
 from prefect.runtime import flow_run
-from transformers import AutoModelForCausalLM  # noqa: F401 (before the threads: two first imports of it race)
 
 from tasks.models import load_causal_lm
 
