@@ -40,9 +40,9 @@ def test_loads_on_threads_at_once_keep_each_models_head_tied(tmp_path):
     import sys
     import threading
 
-    from tests.conftest import REPO
-
     from transformers.modeling_utils import PreTrainedModel
+
+    from tests.conftest import REPO
 
     out = build_tiny_llama(tmp_path / "model", ["Net sales increased 22%."] * 20,
                            ModelConfig(name="tiny-llama", tiny_vocab_size=300), seed=0)  # fmt: skip
