@@ -24,8 +24,9 @@ from tasks.checkpoints import prepare as prepare_checkpoints
 from tasks.io import atomic_dir, atomic_write_json, read_json, write_jsonl
 from tasks.memory import recomputed_layers
 from tasks.progress import EVENTS, Curves, OwnLine, Point, Progress, console_bars, whole_events
-from tasks.profile import sync
+from tasks.profile import step_profiler, sync
 from kernels.hf import causal_lm_of, fuse_layers, resolve_backend
+from kernels import varlen
 from kernels.lora import lean_lora
 from tasks.models import building, building_alone, device, from_hub, load_causal_lm, load_tokenizer
 
@@ -89,11 +90,9 @@ class CausalLMCollator:
     def __call__(self, features: list[dict]) -> dict:
         batch = self._collate(features)
         if self.ragged:  # train.attention=varlen: where each document (or row) starts, once a batch, off the GPU
-            from kernels.varlen import document_bounds
-
             ids = batch["input_ids"]
             positions = batch.get("position_ids", torch.arange(ids.shape[1]).expand_as(ids))
-            bounds, longest = document_bounds(positions)
+            bounds, longest = varlen.document_bounds(positions)
             batch |= {"cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds, "max_length_q": longest,
                       "max_length_k": longest}  # fmt: skip
         return batch
@@ -417,8 +416,6 @@ def preflight(cfg: TrainConfig) -> str:
         raise ConfigError("train.attention=flex_attention: PyTorch's FlexAttention has no backward on the CPU; "
                           "set train.attention=sdpa (document_mask works with it too)")  # fmt: skip
     if cfg.attention == "varlen":
-        from kernels import varlen
-
         if why := varlen.available():
             raise ConfigError(f"train.attention=varlen: {why}; set train.attention=sdpa (document_mask works with it "
                               "too)")  # fmt: skip
@@ -717,8 +714,6 @@ def half_base(cfg: TrainConfig) -> bool:
 def _load_model(base: str, cfg: TrainConfig, precision: str):
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     if cfg.attention == "varlen":
-        from kernels import varlen
-
         varlen.register()
     if not cfg.quantization:
         return load_causal_lm(base, dtype=half if half and half_base(cfg) else torch.float32, attention=cfg.attention)
@@ -854,8 +849,6 @@ def train(tmp: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfig,
         callbacks.append(selective := selective_checkpointing(cfg.checkpoint_layers))
     profiler = None
     if cfg.profile_step:
-        from tasks.profile import step_profiler
-
         callbacks.append(profiler := step_profiler(cfg.profile_step, tmp / "profile"))
     collator = CausalLMCollator(tokenizer.pad_token_id, tokenizer.eos_token_id if cfg.document_mask else None,
                                 ragged=cfg.attention == "varlen")  # fmt: skip
