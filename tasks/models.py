@@ -69,7 +69,8 @@ def smollm2_dir() -> Path:
 
 
 def _convert_smollm2(wheel_dir: Path, out: Path) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    with building:  # transformers' lazy names, imported on one thread at a time
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s from GGUF to safetensors (once; ~40 s) into %s", _SMOLLM2_GGUF, out)
     start = time.monotonic()
@@ -93,7 +94,9 @@ def _convert_smollm2(wheel_dir: Path, out: Path) -> None:
 def build_tiny_llama(out: Path, texts: Iterable[str], cfg: ModelConfig, seed: int) -> Path:
     """A 2-layer Llama with a byte-level BPE trained on `texts`: a real model, built in about a second."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    with building:  # transformers' lazy names, imported on one thread at a time
+        from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     bpe = Tokenizer(models.BPE(unk_token=None))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
