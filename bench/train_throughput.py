@@ -82,7 +82,8 @@ OPTIONS = {  # option: (baseline value, ours)
 }
 # Options that set another option's key to another value: ours+varlen trains ours with train.attention=varlen
 # (PyTorch's flash kernel over each packed document, kernels/varlen.py); not in ours until measured on a GPU.
-VALUES = {"varlen": ("attention", "varlen")}
+# ours+fp8_base: LoRA's frozen base as FP8 matmuls (kernels/fp8.py): lossy, so a variant until measured.
+VALUES = {"varlen": ("attention", "varlen"), "fp8_base": ("fp8_base", True)}
 OURS = ("fused_linear_ce", "lora_half_base", "torch_compile", "document_mask", "dataloader_num_workers", "lean_lora")
 # On the CPU, ours is what `make demo` trains with: the engine's defaults there. torch.compile pays for its minutes
 # of compiling only in long runs, and the document mask is a choice about the data, not speed: the ablation rows
@@ -206,6 +207,7 @@ def measure_train(tok: Path, settings: dict, steps: int, batch: int) -> dict:
     return {"tokens_per_s": stats["tokens_per_s"], "peak_mem_gb": _peak_gb(), "step_seconds": stats["step_seconds"],
             "tokens_per_s_all_steps": stats["train_tokens_seen"] / stats["seconds"], "settings": settings,
             "loss_kernel": stats["loss_kernel"], "final_loss": stats["final_loss"], "steps": stats["steps"],
+            "attention": stats["attention"], "fp8_base_layers": stats["fp8_base_layers"],
             "fitted": fitted, "trained": {k: getattr(cfg, k) for k in FIT_KEYS},
             "profile": stats["profile"]}  # fmt: skip
 

@@ -119,7 +119,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
               quantization=quant, gradient_checkpointing=not args.no_gradient_checkpointing,
               checkpoint_layers=args.checkpoint_layers, fused_loss=not args.materialized_logits,
               half_base=not args.fp32_base, compiled=args.compiled, lean_lora=args.lean_lora,
-              lora_dropout=args.lora_dropout, dense_mask=args.document_mask)  # fmt: skip
+              lora_dropout=args.lora_dropout, dense_mask=args.document_mask, fp8_base=args.fp8_base)  # fmt: skip
     if args.fit:
         return _print_fit(memory, shape, args, kw)
     rows = memory.plan(shape, budget_gb=args.gpu_memory_gb, options=memory.OPTIONS + ("fsdp",), **kw)
@@ -150,17 +150,19 @@ def _plan_model(name: str) -> str:
 
 
 def _print_fit(memory, shape, args: argparse.Namespace, kw: dict) -> int:
-    """`plan --fit`: the micro-batch and recomputed layers that fit, least work first, for engine option none
+    """`plan --fit`: the micro-batch and recomputed layers that fit, fastest first, for engine option none
     (one process) or the ZeRO stage given."""
     budget = args.gpu_memory_gb * memory.HEADROOM
     option = args.engine
     rows = memory.fit(shape, budget_gb=budget, **dict(kw, option=option))
     print(f"settings that fit {budget:.1f} GB ({args.gpu_memory_gb:.1f} GB, {memory.HEADROOM:.0%} usable), engine "
-          f"{option}, {args.batch} sequences per device per optimizer step; least work first")  # fmt: skip
-    print(f"  {'micro-batch':>11} {'accumulate':>10} {'recomputed':>11} {'work':>6} {'planned GB':>11}")
+          f"{option}, {args.batch} sequences per device per optimizer step; fastest first (time: work per token "
+          "over the micro-batch's efficiency, tasks/memory.py)")  # fmt: skip
+    print(f"  {'micro-batch':>11} {'accumulate':>10} {'recomputed':>11} {'work':>6} {'time':>6} {'planned GB':>11}")
     for r in rows:
         print(f"  {r['per_device_train_batch_size']:>11} {r['gradient_accumulation_steps']:>10} "
-              f"{r['recomputed_layers']:>5}/{shape.layers:<5} {r['work']:>6.2f} {r['planned_gb']:>11.2f}")  # fmt: skip
+              f"{r['recomputed_layers']:>5}/{shape.layers:<5} {r['work']:>6.2f} {r['time']:>6.2f} "
+              f"{r['planned_gb']:>11.2f}")  # fmt: skip
     if not rows:
         print("nothing fits; try " + memory.unfit_advice(shape, budget_gb=args.gpu_memory_gb, **kw))
         return 1
@@ -406,11 +408,12 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--lora-targets", help="comma-separated (default: the model family's, as train uses)")
     plan.add_argument("--lora-dropout", type=float, default=0.05)
     plan.add_argument("--lean-lora", action="store_true", help="train.lean_lora=true")
+    plan.add_argument("--fp8-base", action="store_true", help="train.fp8_base=true: LoRA's frozen block layers in FP8")
     plan.add_argument("--compiled", action="store_true", help="train.torch_compile=true or train.fused_layers")
     plan.add_argument("--document-mask", action="store_true", help="train.document_mask=true with "
                       "train.attention=sdpa: every layer kept whole keeps a dense mask")  # fmt: skip
     plan.add_argument("--fit", action="store_true", help="list the micro-batches (--batch sequences per optimizer "
-                      "step, the rest accumulated) and recomputed layers that fit --gpu-memory-gb, least work first")
+                      "step, the rest accumulated) and recomputed layers that fit --gpu-memory-gb, fastest first")
     plan.add_argument("--engine", choices=["none", "zero2", "zero3", "zero3-offload", "fsdp"], default="none",
                       help="with --fit: the engine option to fit")  # fmt: skip
     plan.set_defaults(fn=cmd_plan)

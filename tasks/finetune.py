@@ -26,7 +26,7 @@ from tasks.memory import recomputed_layers
 from tasks.progress import EVENTS, Curves, OwnLine, Point, Progress, console_bars, whole_events
 from tasks.profile import step_profiler, sync
 from kernels.hf import causal_lm_of, fuse_layers, resolve_backend
-from kernels import varlen
+from kernels import fp8, varlen
 from kernels.lora import lean_lora
 from tasks.models import building, building_alone, device, from_hub, load_causal_lm, load_tokenizer
 
@@ -347,6 +347,9 @@ def deepspeed_config_path(name: str) -> Path:
     return path
 
 
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
 def resolve_precision(requested: str) -> str:
     """auto: bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU. Half precision on CPU is refused."""
     on_gpu = device() == "cuda"
@@ -429,9 +432,12 @@ def preflight(cfg: TrainConfig) -> str:
     try:
         resolve_backend(cfg.fused_linear_ce, "train.fused_linear_ce", cfg.enable_fsdp)
         resolve_backend(cfg.fused_layers, "train.fused_layers")
-        return resolve_precision(cfg.precision)
+        precision = resolve_precision(cfg.precision)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    if cfg.fp8_base and (why := fp8.available(device(), DTYPES[precision])):
+        raise ConfigError(f"train.fp8_base: {why}; set train.fp8_base=false")
+    return precision
 
 
 def engine_option(cfg: TrainConfig) -> str:
@@ -470,7 +476,7 @@ def plan_inputs(tokenize_dir: Path, cfg: TrainConfig, precision: str) -> tuple:
               checkpoint_layers=cfg.checkpoint_layers, half_base=cfg.lora_half_base, fused_loss=fused,
               compiled=cfg.torch_compile or resolve_backend(cfg.fused_layers, "train.fused_layers") == "triton",
               lean_lora=cfg.lean_lora, lora_dropout=cfg.lora_dropout,
-              dense_mask=cfg.document_mask and cfg.attention == "sdpa")  # fmt: skip
+              dense_mask=cfg.document_mask and cfg.attention == "sdpa", fp8_base=cfg.fp8_base)  # fmt: skip
     return shape, budget, where, kw
 
 
@@ -479,8 +485,9 @@ FIT_KEYS = ("per_device_train_batch_size", "gradient_accumulation_steps", "gradi
 
 def fit_memory(tokenize_dir: Path, cfg: TrainConfig, precision: str) -> tuple[TrainConfig, dict | None]:
     """`train.memory_fit`: the config with the micro-batch, gradient accumulation and recomputed layers that the
-    memory plan fits in the budget, least work first (`tasks.memory.fit`), and what was chosen. The optimizer batch
-    per device (micro-batch x accumulation) stays what the config asked for. Without memory_fit: the config as is.
+    memory plan fits in the budget, fastest first by its count of work (`tasks.memory.fit`), and what was chosen.
+    The optimizer batch per device (micro-batch x accumulation) stays what the config asked for. Without
+    memory_fit: the config as is.
 
     Raises:
         ConfigError: when nothing fits, not even micro-batch 1 with every layer recomputed (with memory_check=refuse;
@@ -505,7 +512,7 @@ def fit_memory(tokenize_dir: Path, cfg: TrainConfig, precision: str) -> tuple[Tr
                     cfg.memory_check)  # fmt: skip
         best = {"per_device_train_batch_size": 1, "gradient_accumulation_steps": batch,
                 "gradient_checkpointing": True, "checkpoint_layers": 1.0, "recomputed_layers": shape.layers,
-                "planned_gb": None, "work": None}  # fmt: skip
+                "planned_gb": None, "work": None, "time": None}  # fmt: skip
     log.info("train.memory_fit: micro-batch %d x %d accumulated, %d of %d layers recomputed; planned %s GB of %.1f GB "
              "per device (%s, %.0f%% usable)", best["per_device_train_batch_size"], best["gradient_accumulation_steps"],
              best["recomputed_layers"], shape.layers, best["planned_gb"] and round(best["planned_gb"], 2), budget,
@@ -838,6 +845,13 @@ def train(tmp: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfig,
         model = get_peft_model(model, lora)
         if cfg.lean_lora:
             log.info("train.lean_lora: %d LoRA projections keep their input once", lean_lora(model))
+    fp8_layers = 0
+    if cfg.fp8_base:  # on the GPU it trains on: quantizing a 7B base on the CPU takes minutes
+        try:
+            fp8_layers = fp8.fp8_base(model, "cuda" if device() == "cuda" else None)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        log.info("train.fp8_base: %d frozen linear layers run FP8 matmuls (e4m3, a scale per row)", fp8_layers)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     tokenizer = load_tokenizer(base)
     timer, callbacks = step_timer(), []
@@ -918,6 +932,7 @@ def train(tmp: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfig,
         "torch_compile": cfg.torch_compile,
         "fused_layers": fused_layers,
         "lean_lora": cfg.lean_lora and cfg.mode == "lora",
+        "fp8_base_layers": fp8_layers,
         "base_dtype": str(next(p for p in model.parameters() if not p.requires_grad).dtype).split(".")[-1]
         if cfg.mode == "lora" else None,
         "document_mask": cfg.document_mask,

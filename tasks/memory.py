@@ -44,6 +44,12 @@ _WEIGHT_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "int8": 1, "nf4": 0.5625}  # N
 # gradient, partly overlapping (10 bytes matched the measured peak of SmolLM2's 49k vocabulary within 1%).
 _LOGIT_EXTRA_BYTES = 10
 HEADROOM = 0.92  # CUDA context, allocator fragmentation and temporary buffers take the rest
+# What a micro-batch's size costs in throughput per FLOP, for `fit`: t tokens per micro-batch run at efficiency
+# t / (t + SMALL_BATCH_TOKENS). One measurement sets it: the Llama-2-7B shape's micro-batch 1 (2048 tokens) did 0.79x
+# the work per second of micro-batch 4 (8192 tokens) (bench/RESULTS.md: 41.7% against 52.7% of the peak in work
+# done, an H200 and an H100), which gives 800 tokens. Kernel launches and the small matmuls' lower occupancy cost
+# smaller models more; `bench/train_throughput.py --checkpoint-sweep` measures it in one run.
+SMALL_BATCH_TOKENS = 800
 
 
 @dataclass(frozen=True)
@@ -144,7 +150,7 @@ class Estimate:
 def estimate(shape: ModelShape, *, option: str, nproc: int, seq: int, batch: int, mode: str, precision: str,
              quantization: str | None = None, gradient_checkpointing: bool = True, checkpoint_layers: float = 1.0,
              fused_loss: bool = False, half_base: bool = True, compiled: bool = False, lean_lora: bool = False,
-             lora_dropout: float = 0.0, dense_mask: bool = False) -> Estimate:  # fmt: skip
+             lora_dropout: float = 0.0, dense_mask: bool = False, fp8_base: bool = False) -> Estimate:  # fmt: skip
     """Peak memory per device for one engine option: `none`, `zero2`, `zero3`, `zero3-offload` or `fsdp`.
 
     checkpoint_layers: the fraction of layers recomputed (the others keep their activations); fused_loss: the
@@ -156,7 +162,11 @@ def estimate(shape: ModelShape, *, option: str, nproc: int, seq: int, batch: int
     `train.attention=sdpa`). Every layer kept whole then keeps its own additive copy in the compute dtype, and, with
     grouped-query attention, keys and values repeated to every head (transformers passes GQA to sdpa only without
     a mask): counted against saved-tensor hooks in tests/test_memory.py. On an H200, SmolLM2 (30 layers, 9 heads
-    on 3 key-value heads) at 2 x 2048 tokens peaked 1.0 GB higher than planned without this; it counts 0.69 GB."""
+    on 3 key-value heads) at 2 x 2048 tokens peaked 1.0 GB higher than planned without this; it counts 0.69 GB.
+    fp8_base: LoRA's frozen block layers as e4m3 weights (kernels/fp8.py, `train.fp8_base`): 1 byte a weight (the
+    scales, 4 bytes per output row, and the norms' weights are rounding), the embeddings and LM head as before; a
+    layer keeps for backward what a frozen bf16 layer keeps. Backward's transient: one projection's output gradient
+    scaled in fp32 and its e4m3 copy (eager; compiled, the e4m3 copy alone), and one weight transposed."""
     mixed = precision in ("bf16", "fp16")
     # peft's prepare_model_for_kbit_training upcasts every unquantized weight (norms, embeddings) to fp32, so
     # a quantized model's hidden states and logits are fp32 whatever the training precision.
@@ -181,6 +191,9 @@ def estimate(shape: ModelShape, *, option: str, nproc: int, seq: int, batch: int
         # The adapters' (or full model's) weights, gradients and Adam state, partitioned as the paper says.
         states = zero_model_states(trainable, n, stage, k, act_bytes, grad_bytes)
         host = 0.0
+    fp8 = fp8_base and mode == "lora" and not quantization and stage == 0
+    if fp8:
+        weights = (frozen - shape.embedding_params) + shape.embedding_params * base_bytes
     if stage == 3:  # gathered working set: the layer being computed and the one being prefetched
         weights += 2 * shape.largest_layer_params * base_bytes
     tokens = batch * seq
@@ -195,6 +208,9 @@ def estimate(shape: ModelShape, *, option: str, nproc: int, seq: int, batch: int
         layer = 17 * shape.hidden * act_bytes
     # recomputed layers keep their input; one layer at a time is recomputed, or is backward's working space
     acts = tokens * (shape.hidden * act_bytes * recomputed + layer * (1 + whole))
+    if fp8:
+        widest = max(shape.intermediate, shape.hidden)
+        acts += tokens * widest * (1 if compiled else 5) + widest * shape.hidden
     if dense_mask:  # in each layer kept whole, and in the one being recomputed
         repeated_kv = 2 * max(shape.hidden - shape.kv_hidden, 0) if shape.kv_hidden else 0
         acts += tokens * (seq + repeated_kv) * act_bytes * (whole + (1 if recomputed else 0))
@@ -322,9 +338,10 @@ def fit(shape: ModelShape, *, budget_gb: float, batch: int, **kw) -> list[dict]:
     """The settings that fit `budget_gb` (in full: apply HEADROOM first for a device's memory), fastest first.
 
     For each micro-batch that divides `batch` (the rest becomes gradient accumulation: the same optimizer steps),
-    the fewest recomputed layers that fit. Ranked by the work per token, forward 2 + backward (2 with a frozen
-    LoRA base, 4 in full) + 2 for each recomputed share, then by the larger micro-batch (fewer, larger matmuls).
-    kw: `estimate`'s other keywords, engine option included."""
+    the fewest recomputed layers that fit. `work` per token is forward 2 + backward (2 with a frozen LoRA base, 4
+    in full) + 2 for each recomputed share; `time` is the work over the micro-batch's efficiency (see
+    SMALL_BATCH_TOKENS): ranked by time, then by the larger micro-batch. kw: `estimate`'s other keywords, engine
+    option and `seq` included."""
     kw = {k: v for k, v in kw.items() if k not in ("gradient_checkpointing", "checkpoint_layers")}
     rows = []
     for micro in (m for m in range(batch, 0, -1) if batch % m == 0):
@@ -333,11 +350,13 @@ def fit(shape: ModelShape, *, budget_gb: float, batch: int, **kw) -> list[dict]:
             row = estimate(shape, batch=micro, gradient_checkpointing=k > 0, checkpoint_layers=fraction or 1.0, **kw)
             if row.total <= budget_gb:
                 work = 2 + (2 if kw.get("mode") == "lora" else 4) + 2 * fraction
+                tokens = micro * kw["seq"]
                 rows.append({"per_device_train_batch_size": micro, "gradient_accumulation_steps": batch // micro,
                              "gradient_checkpointing": k > 0, "checkpoint_layers": fraction if k else 1.0,
-                             "recomputed_layers": k, "planned_gb": row.total, "work": work})  # fmt: skip
+                             "recomputed_layers": k, "planned_gb": row.total, "work": work,
+                             "time": work * (tokens + SMALL_BATCH_TOKENS) / tokens})  # fmt: skip
                 break
-    return sorted(rows, key=lambda r: (r["work"], -r["per_device_train_batch_size"]))
+    return sorted(rows, key=lambda r: (r["time"], -r["per_device_train_batch_size"]))
 
 
 def as_json(rows: list[Estimate]) -> list[dict]:

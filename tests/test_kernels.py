@@ -179,7 +179,7 @@ def test_kernel_training_follows_the_same_loss_curve(tiny_run, tmp_path):
 def test_kernel_throughput_bench_runs_on_the_cpu(tmp_path):
     """bench/train_throughput.py --smoke: the GPU benchmark's code path end to end, on the tiny test model. A job
     that fails (a sweep row asking for 2x the layers) is kept in the JSON as its error, the rest runs, and the
-    script exits 1 naming it. A variant (ours with an option added) is fitted as ours is."""
+    script exits 1 naming it. A variant (ours with an option added, here an FP8 base) is fitted as ours is."""
     import json
     import subprocess
     import sys
@@ -188,7 +188,7 @@ def test_kernel_throughput_bench_runs_on_the_cpu(tmp_path):
 
     proc = subprocess.run([sys.executable, "bench/train_throughput.py", "--smoke",
                            "--ours", "fused_linear_ce,document_mask,lean_lora", "--checkpoint-sweep", "2,0.5",
-                           "--variants", "dataloader_num_workers", "--profile", "3",
+                           "--variants", "dataloader_num_workers,fp8_base", "--profile", "3",
                            "--fit", "0.9", "--out", str(tmp_path)], cwd=REPO,
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -204,6 +204,9 @@ def test_kernel_throughput_bench_runs_on_the_cpu(tmp_path):
     assert row["runs"]["ours"]["profile"]["step"] == 3 and row["runs"]["baseline"]["profile"]["top"]  # --profile: every run
     variant = row["variants"]["dataloader_num_workers"]["settings"]
     assert variant["dataloader_num_workers"] == 2 and variant["lean_lora"] is True and variant["memory_fit"] is True
+    fp8 = row["variants"]["fp8_base"]
+    assert fp8["settings"]["fp8_base"] is True and fp8["fp8_base_layers"] == 14
+    assert row["runs"]["ours"]["fp8_base_layers"] == 0
     fitted = row["ours"]["fitted"]  # train.memory_fit to 0.9 x the plan of the baseline: the plan's pick ran
     assert row["runs"]["ours"]["settings"]["memory_fit"] is True and fitted["budget_from"] == "train.memory_budget_gb"
     assert row["runs"]["ours"]["trained"] == {k: fitted[k] for k in row["runs"]["ours"]["trained"]}
@@ -554,3 +557,150 @@ def test_varlen_attention_matches_the_document_masked_sdpa(monkeypatch):
     torch.testing.assert_close(rows[1], plain[1], atol=5e-2, rtol=5e-2)
     assert calls[-1][1:] == ([0, 32, 64, 96], 32)
     assert (plain[1] - want[1]).abs().max() > 0.1  # the document mask changed the logits it had to
+
+
+FP8_DTYPES = [torch.bfloat16] if DEVICE == "cuda" else [torch.float32, torch.bfloat16]  # CUDA's FP8 matmul: bf16 out
+needs_fp8 = pytest.mark.skipif(DEVICE == "cuda" and torch.cuda.get_device_capability() < (8, 9),
+                               reason="FP8 matmuls need compute capability 8.9+")  # fmt: skip
+
+
+@needs_fp8
+@pytest.mark.parametrize("dtype", FP8_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(3, 7, 96, 48), (1, 300, 160, 32)], ids=["3x7x96-48", "1x300x160-32"])
+def test_kernel_fp8_linear_is_the_e4m3_matmul_of_its_scaled_rows(shape, dtype):
+    """kernels/fp8.py's layer computes exactly (to fp32 accumulation) the matmul of its e4m3 rows times their
+    scales, forward and backward, which is within e4m3's precision of the layer it replaces; an all-zero input row
+    gives zeros, not NaN, and it returns what the layer returned (the autocast dtype under autocast)."""
+    from torch import nn
+
+    from kernels.fp8 import Fp8Linear, quantize_rows
+
+    b, s, k, n = shape
+    torch.manual_seed(0)
+    linear = nn.Linear(k, n, bias=True, dtype=dtype, device=DEVICE).requires_grad_(False)
+    layer = Fp8Linear(linear)
+    assert layer.weight_fp8.dtype == torch.float8_e4m3fn and layer.weight_scale.shape == (1, n)
+    x = torch.randn(b, s, k, dtype=dtype, device=DEVICE)
+    x[0, 1] = 0
+    x.requires_grad_(True)
+    y = layer(x)
+    assert y.dtype == dtype and y.shape == (b, s, n) and y.isfinite().all() and (y[0, 1] == linear.bias).all()
+    xq, sx = quantize_rows(x.detach().reshape(-1, k))
+    w = layer.dequantized().double()
+    want = ((xq.double() * sx.double()) @ w.t()).reshape(b, s, n) + linear.bias.double()
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(y.double(), want, rtol=tol, atol=tol * want.abs().max().item())
+    exact = linear(x.detach())
+    assert 0.005 < ((y - exact).float().norm() / exact.float().norm()).item() < 0.06  # FP8 indeed, and close
+
+    dy = torch.randn_like(y)
+    (dx,) = torch.autograd.grad(y, x, dy)
+    gq, sg = quantize_rows(dy.reshape(-1, n).double() * layer.weight_scale.double())
+    want_dx = ((gq.double() * sg.double()) @ layer.weight_fp8.double()).reshape(b, s, k)
+    torch.testing.assert_close(dx.double(), want_dx, rtol=tol, atol=tol * want_dx.abs().max().item())
+    exact_dx = dy.float() @ linear.weight.float()
+    assert ((dx.float() - exact_dx).norm() / exact_dx.norm()).item() < 0.06
+    if DEVICE == "cuda" or dtype == torch.float32:
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            assert Fp8Linear(nn.Linear(k, n, dtype=torch.float32, device=DEVICE))(x.float()).dtype == torch.bfloat16
+
+
+def test_kernel_fp8_base_swaps_the_frozen_layers_of_a_peft_llama():
+    """fp8_base on a LoRA Llama: every frozen projection of every block (peft's base layers too) becomes FP8 and
+    its high-precision weight is gone; the LM head, the embeddings and the adapters stay; the loss is within e4m3's
+    precision of the original's and the adapters' gradients point the same way. Odd widths and a model with
+    nothing frozen are refused, saying what to change."""
+    from peft import LoraConfig, get_peft_model
+    from torch import nn
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from kernels.fp8 import Fp8Linear, fp8_base
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=300)  # fmt: skip
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    runs = []
+    for fp8 in (False, True):
+        torch.manual_seed(0)
+        lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        model = get_peft_model(AutoModelForCausalLM.from_config(config).to(DEVICE, torch.bfloat16), lora)
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        if fp8:
+            before = sum(p.numel() for p in model.parameters())
+            assert fp8_base(model) == 14  # 7 projections in each of 2 layers
+            layers = [m for m in model.modules() if isinstance(m, Fp8Linear)]
+            assert sum(m.weight_fp8.numel() for m in layers) == before - sum(p.numel() for p in model.parameters())
+            assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
+            head = model.get_output_embeddings()
+            assert not any(type(m) is nn.Linear and not m.weight.requires_grad and m is not head
+                           for m in model.modules())  # fmt: skip
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        runs.append((loss.item(), torch.cat([p.grad.flatten() for n, p in sorted(model.named_parameters())
+                                              if p.requires_grad])))  # fmt: skip
+    assert runs[1][0] == pytest.approx(runs[0][0], rel=0.02)
+    assert F.cosine_similarity(runs[1][1].float(), runs[0][1].float(), dim=0).item() > 0.98
+
+    odd = nn.Sequential(nn.Linear(16, 20), nn.Linear(20, 16)).requires_grad_(False)
+    with pytest.raises(ValueError, match=r"multiples of 16, and 2 frozen layers .*0 \(16 -> 20\).*fp8_base=false"):
+        fp8_base(odd)
+    with pytest.raises(ValueError, match="no frozen linear layers; set train.fp8_base=false"):
+        fp8_base(nn.Sequential(nn.Linear(16, 16)))
+
+
+def test_kernel_fp8_base_is_refused_where_it_would_not_stay_fp8():
+    """train.fp8_base with full fine-tuning, a bitsandbytes base, DeepSpeed or FSDP: refused by the config, each
+    naming the key to change; on a GPU before Ada or in fp16, refused before anything loads."""
+    from edgar_tune.config import ConfigError, load_config
+    from tasks.finetune import preflight
+
+    for setting, said in [({"train.mode": "full"}, "train.mode=full trains every weight"),
+                          ({"train.int4_quantization": True}, "with train.int4_quantization"),
+                          ({"train.deepspeed": "zero2"}, "with train.deepspeed=zero2: DeepSpeed casts"),
+                          ({"train.enable_fsdp": True}, "with train.enable_fsdp")]:  # fmt: skip
+        with pytest.raises(ValueError, match=said + ".*train.fp8_base=false"):
+            load_config("tiny", {"train.fp8_base": True, **setting})
+    if DEVICE == "cpu":
+        assert preflight(load_config("tiny", {"train.fp8_base": True}).train) == "fp32"
+    elif torch.cuda.get_device_capability() >= (8, 9):
+        with pytest.raises(ConfigError, match="returns bf16, and this run computes in torch.float16"):
+            preflight(load_config("tiny", {"train.fp8_base": True, "train.precision": "fp16"}).train)
+
+
+def test_kernel_fp8_base_trains_within_e4m3_of_the_plain_losses(tiny_run, tmp_path):
+    """The train stage with train.fp8_base (alone and with lean_lora): the loss curve follows the plain base's
+    within e4m3's precision and falls as far, and the stats say how many layers ran FP8."""
+    from tests.conftest import train_variants
+
+    variants = {"plain": {}, "fp8": {"fp8_base": True}, "fp8+lean": {"fp8_base": True, "lean_lora": True}}
+    out = train_variants(tiny_run, tmp_path, {k: v | {"learning_rate": 3e-3} for k, v in variants.items()}, steps=12)
+    assert out["plain"][0]["fp8_base_layers"] == 0
+    assert out["fp8"][0]["fp8_base_layers"] == out["fp8+lean"][0]["fp8_base_layers"] == 7 * 2  # the tiny preset's
+    plain = out["plain"][1]
+    for name in ("fp8", "fp8+lean"):
+        assert out[name][1] == pytest.approx(plain, rel=0.03), name
+        assert out[name][1][-1] < out[name][1][0] - 0.5 * (plain[0] - plain[-1])
+    assert plain[-1] < plain[0] - 0.1, plain
+
+
+@needs_fp8
+def test_kernel_fp8_linear_compiles_into_one_graph_with_the_eager_values():
+    """train.torch_compile with train.fp8_base: the layer traces whole (fullgraph), quantization and the FP8
+    matmul in the graph, and computes what eager computes, forward and backward."""
+    from torch import nn
+
+    from kernels.fp8 import Fp8Linear
+
+    torch.manual_seed(0)
+    dtype = FP8_DTYPES[-1]
+    layer = Fp8Linear(nn.Linear(64, 32, dtype=dtype, device=DEVICE).requires_grad_(False))
+    x = torch.randn(4, 10, 64, dtype=dtype, device=DEVICE, requires_grad=True)
+    dy = torch.randn(4, 10, 32, dtype=dtype, device=DEVICE)
+    want = layer(x)
+    (want_dx,) = torch.autograd.grad(want, x, dy)
+    got = torch.compile(layer, fullgraph=True)(x)
+    (got_dx,) = torch.autograd.grad(got, x, dy)
+    tol = 1e-2  # inductor may round a scale differently by an ulp, and one e4m3 value with it
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol * want.abs().max().item())
+    torch.testing.assert_close(got_dx, want_dx, rtol=tol, atol=tol * want_dx.abs().max().item())

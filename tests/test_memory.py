@@ -296,3 +296,39 @@ def test_fit_finds_the_least_recompute_for_each_micro_batch():
                         checkpoint_layers=fewer or 1.0, **kw)  # fmt: skip
         assert over.total > 19.9
     assert fit(shape, budget_gb=10, batch=4, **kw) == []  # the bf16 base alone is 13.5 GB
+
+
+def test_an_fp8_base_counts_a_byte_a_block_weight_and_frees_room_to_recompute_less(tmp_path):
+    """train.fp8_base: the plan's frozen weights are what the layers of kernels/fp8.py hold on a LoRA Llama (within
+    the per-row scales and norms it rounds away), and on the 7B shape the freed 6.5 GB keep layers whole."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from kernels.fp8 import Fp8Linear, fp8_base
+    from tasks.memory import fit
+
+    folder = tmp_path / "small"
+    LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=500, tie_word_embeddings=False).save_pretrained(folder)  # fmt: skip
+    shape = model_shape(str(folder), "lora", 4, ["q_proj", "v_proj"])
+    kw = dict(option="none", nproc=1, seq=64, batch=1, mode="lora", precision="bf16", fused_loss=True)
+    model = AutoModelForCausalLM.from_config(LlamaConfig.from_pretrained(folder), dtype=torch.bfloat16)
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    fp8_base(model)
+    held = sum(b.numel() * b.element_size() for m in model.modules() if isinstance(m, Fp8Linear) for b in m.buffers())
+    held += sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
+    planned = estimate(shape, **kw, fp8_base=True).frozen_weights * GB
+    assert planned == pytest.approx(held, rel=0.03)
+    assert estimate(shape, **kw).frozen_weights * GB > 1.6 * planned
+
+    big = model_shape(str(_llama2_7b(tmp_path)), "lora", 8, ["q_proj", "v_proj"])
+    kw = dict(option="none", nproc=1, seq=2048, mode="lora", precision="bf16", fused_loss=True, compiled=True,
+              lean_lora=True, lora_dropout=0.05)  # fmt: skip
+    assert estimate(big, batch=4, **kw, fp8_base=True).frozen_weights == pytest.approx(7.0, abs=0.05)
+    budget = 0.6 * 34.91 * 0.92  # 0.6x the baseline's measured peak (bench/RESULTS.md), with the headroom
+    plain = {r["per_device_train_batch_size"]: r["recomputed_layers"]
+             for r in fit(big, budget_gb=budget, batch=4, **kw)}  # fmt: skip
+    fp8 = {r["per_device_train_batch_size"]: r["recomputed_layers"]
+           for r in fit(big, budget_gb=budget, batch=4, **kw, fp8_base=True)}  # fmt: skip
+    assert fp8[4] <= plain[4] - 8 and fp8[1] == 0, (plain, fp8)
