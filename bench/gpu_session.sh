@@ -8,6 +8,7 @@
 #
 # 1. the kernel tests on the GPU (correct before fast; 29 s on an H200 on 2026-11-30), with train.attention=varlen's
 #    flash kernel and train.fp8_base's FP8 matmuls on a GPU for the first time;
+#    Then bench/fp8_linear.py: one 7B layer's projections in FP8 against bf16, eager and compiled (about 60 s);
 # 2. the Llama-2-7B shape, the target: the baseline and ours with varlen attention and an FP8 base, fitted
 #    to 0.6x the baseline's peak (ours without either ran 1.32x at 0.54x on 2026-11-30, after about 150 s of
 #    compilation). Whatever of varlen and fp8_base failed its kernel tests in step 1 is left out of ours, and
@@ -65,6 +66,7 @@ for engine in varlen fp8; do
     NEW="$NEW,$([ $engine = fp8 ] && echo fp8_base || echo $engine)"
   fi
 done
+[[ $NEW == *fp8_base* ]] && step fp8_linear 75 python3 bench/fp8_linear.py --out "$OUT"
 step llama-2-7b 330 python3 bench/train_throughput.py --only llama-2-7b --data .benchdata/tt --no-ablation --steps 10 \
   --ours "$EAGER,torch_compile$NEW" --profile 6 --out "$OUT/llama-2-7b"
 VARIANTS=$(echo "${NEW#,},attention" | sed 's/^,//')
@@ -76,6 +78,7 @@ step smollm2-135m 150 python3 bench/train_throughput.py --only smollm2-135m --da
 
 echo; cat "$OUT/fallback.txt" 2>/dev/null; tail -n 1 "$LOGS/device.txt"; cat "$OUT/steps.txt"
 grep -E "^(FAILED|ERROR) " "$LOGS/kernel_tests.log" | cut -c1-200 | head -n 20; tail -n 1 "$LOGS/kernel_tests.log"
+[ -f "$LOGS/fp8_linear.log" ] && { echo "== fp8_linear"; tail -n 12 "$LOGS/fp8_linear.log" | cut -c1-200; }
 for m in llama-2-7b smollm2-135m llama-2-7b-bf16-base; do
   [ -f "$LOGS/$m.log" ] && { echo "== $m"; grep -v -e "^\s*$" "$LOGS/$m.log" | tail -n 16 | cut -c1-300; }
 done

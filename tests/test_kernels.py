@@ -704,3 +704,21 @@ def test_kernel_fp8_linear_compiles_into_one_graph_with_the_eager_values():
     tol = 1e-2  # inductor may round a scale differently by an ulp, and one e4m3 value with it
     torch.testing.assert_close(got, want, rtol=tol, atol=tol * want.abs().max().item())
     torch.testing.assert_close(got_dx, want_dx, rtol=tol, atol=tol * want_dx.abs().max().item())
+
+
+def test_kernel_fp8_bench_runs_on_the_cpu(tmp_path):
+    """bench/fp8_linear.py --smoke: the GPU benchmark of an FP8 base layer end to end at tiny widths; its rows carry
+    the FP8 layer's error against the plain one, which is e4m3's, not zero."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    proc = subprocess.run([sys.executable, "bench/fp8_linear.py", "--smoke", "--out", str(tmp_path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    [path] = tmp_path.glob("*-fp8-smoke-*.json")
+    rows = json.loads(path.read_text())["rows"]
+    assert [(r["tokens"], r["kind"]) for r in rows] == [(32, "plain"), (32, "fp8"), (64, "plain"), (64, "fp8")]
+    assert all(0.005 < r["out_error"] < 0.06 and 0.005 < r["grad_error"] < 0.06 for r in rows if r["kind"] == "fp8")
