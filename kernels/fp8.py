@@ -95,7 +95,9 @@ class Fp8Linear(nn.Module):
 
 
 def available(device: torch.device | str, dtype: torch.dtype) -> str | None:
-    """Why FP8 matmuls returning `dtype` cannot run on `device`, or None: the op itself is tried on a tiny input."""
+    """Why FP8 matmuls returning `dtype` cannot run on `device`, or None. On a GPU from its compute capability alone:
+    the processes that ask (the CLI, the flow) launch the training process and would otherwise hold a CUDA context
+    and cached blocks of its memory for the whole run. On the CPU the op itself is tried on a tiny input."""
     device = torch.device(device)
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
@@ -104,6 +106,7 @@ def available(device: torch.device | str, dtype: torch.dtype) -> str | None:
                     f"is {major}.{minor} ({torch.cuda.get_device_name(device)})")  # fmt: skip
         if dtype != torch.bfloat16:
             return f"PyTorch's row-scaled FP8 matmul on CUDA returns bf16, and this run computes in {dtype}"
+        return None
     try:
         layer = Fp8Linear(nn.Linear(32, 16, bias=False, dtype=dtype, device=device))
         x = torch.randn(4, 32, dtype=dtype, device=device, requires_grad=True)
