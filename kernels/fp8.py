@@ -14,6 +14,10 @@ W_q with its rows along the contraction (the FP8 matmul takes both operands K-ma
 fly, one layer at a time (4096 x 11008 bytes for a Llama-2-7B MLP projection: under 0.2 ms on an H100), rather
 than holding a second copy.
 
+Inputs and gradients are quantized by one Triton kernel per call on GPUs (kernels/triton_fp8.py; eager PyTorch
+would make six passes over fp32 copies, about as much memory traffic as the FP8 matmul saves), by inductor's fused
+code under torch.compile, and by PyTorch's ops on the CPU: the same values each way.
+
 This is lossy: e4m3 keeps 3 mantissa bits, about 2-3% relative error per matmul after accumulation. The adapters,
 their matmuls, the norms, attention, the embeddings, the LM head and the loss stay in the training precision, and
 the saved adapter is applied to the original weights when the pipeline evaluates and serves it. The forward
@@ -25,13 +29,28 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kernels.fused_linear_ce import triton_available
+
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = torch.finfo(E4M3).max  # 448
 _EPS = 1e-12  # an all-zero row gets scale 1e-12 / 448 and quantizes to zeros
 
 
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q, scale) with q = x / scale in e4m3 and one fp32 scale per row of the 2-D `x` (shape rows x 1)."""
+def quantize_rows(x: torch.Tensor, col: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, scale): the 2-D `x` (times `col`, an fp32 factor per column, if given) over one fp32 scale per row
+    (shape rows x 1), in e4m3. On CUDA outside torch.compile the Triton kernel (kernels/triton_fp8.py) computes
+    it in one pass; compiled, inductor fuses these PyTorch ops itself; on the CPU they run as they are."""
+    if x.is_cuda and not torch.compiler.is_compiling() and triton_available():
+        from kernels.triton_fp8 import quantize_rows_triton
+
+        return quantize_rows_triton(x, col, _EPS, E4M3_MAX)
+    return quantize_rows_torch(x, col)
+
+
+def quantize_rows_torch(x: torch.Tensor, col: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize_rows` in PyTorch ops: the reference, and what torch.compile fuses."""
+    if col is not None:
+        x = x.float() * col
     amax = x.abs().amax(dim=-1, keepdim=True).float()
     scale = amax.clamp(min=_EPS) / E4M3_MAX
     q = (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
@@ -61,7 +80,7 @@ class _Fp8Matmul(torch.autograd.Function):
         if not ctx.needs_input_grad[0]:
             return None, None, None, None
         rows = grad.reshape(-1, grad.shape[-1])
-        gq, sg = quantize_rows(rows.float() * scale)  # the weight's row scales sit on the contraction
+        gq, sg = quantize_rows(rows, scale)  # the weight's row scales sit on the contraction
         ones = torch.ones(1, weight.shape[1], dtype=torch.float32, device=weight.device)
         dx = torch._scaled_mm(gq, weight.t().contiguous().t(), scale_a=sg, scale_b=ones, out_dtype=ctx.dtype)
         return dx.reshape(*grad.shape[:-1], weight.shape[1]), None, None, None
@@ -75,7 +94,7 @@ class Fp8Linear(nn.Module):
         weight = linear.weight.detach().to(device or linear.weight.device)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.dtype = weight.dtype  # what the layer returned: it returns the same
-        q, scale = quantize_rows(weight)
+        q, scale = quantize_rows_torch(weight)  # once per layer: PyTorch's ops, not a kernel, need no speed
         self.register_buffer("weight_fp8", q)
         self.register_buffer("weight_scale", scale.t().contiguous())  # 1 x out_features
         bias = linear.bias

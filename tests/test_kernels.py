@@ -722,3 +722,27 @@ def test_kernel_fp8_bench_runs_on_the_cpu(tmp_path):
     rows = json.loads(path.read_text())["rows"]
     assert [(r["tokens"], r["kind"]) for r in rows] == [(32, "plain"), (32, "fp8"), (64, "plain"), (64, "fp8")]
     assert all(0.005 < r["out_error"] < 0.06 and 0.005 < r["grad_error"] < 0.06 for r in rows if r["kind"] == "fp8")
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_kernel_triton_row_quantizer_matches_torch(dtype):
+    """kernels/triton_fp8.py, the one-pass quantizer of an FP8 base's inputs and gradients on GPUs: the same scales
+    and the same e4m3 values as PyTorch's ops (kernels.fp8.quantize_rows_torch), with and without a factor per
+    column, over rows wider than a tile, an all-zero row, values down to e4m3's subnormals and values that round up
+    to a power of two (on the CPU under the Triton interpreter, whose own fp8 cast rounds those wrong)."""
+    from kernels.fp8 import _EPS, E4M3_MAX, quantize_rows_torch
+    from kernels.triton_fp8 import quantize_rows_triton
+
+    torch.manual_seed(0)
+    x = torch.randn(37, 1100, dtype=dtype, device=DEVICE) * 3
+    x[3] = 0
+    x[5, :50] = torch.logspace(-12, 2, 50).to(dtype)
+    x[6, :3] = torch.tensor([127.9, -31.7, 448.0])
+    col = torch.rand(1, 1100, device=DEVICE) + 0.5
+    for factor in (None, col):
+        want_q, want_s = quantize_rows_torch(x, factor)
+        got_q, got_s = quantize_rows_triton(x, factor, _EPS, E4M3_MAX)
+        assert got_q.dtype == torch.float8_e4m3fn and got_s.shape == (37, 1)
+        assert torch.equal(got_s, want_s)
+        assert torch.equal(got_q.float(), want_q.float())
