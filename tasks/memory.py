@@ -166,7 +166,8 @@ def estimate(shape: ModelShape, *, option: str, nproc: int, seq: int, batch: int
     fp8_base: LoRA's frozen block layers as e4m3 weights (kernels/fp8.py, `train.fp8_base`): 1 byte a weight (the
     scales, 4 bytes per output row, and the norms' weights are rounding), the embeddings and LM head as before; a
     layer keeps for backward what a frozen bf16 layer keeps. Backward's transient: one projection's output gradient
-    scaled in fp32 and its e4m3 copy (eager; compiled, the e4m3 copy alone), and one weight transposed."""
+    in e4m3 (on GPUs one Triton pass or inductor's fused code writes nothing else; the CPU's PyTorch ops take fp32
+    copies on the way, RAM the CPU is rarely short of), and one weight transposed."""
     mixed = precision in ("bf16", "fp16")
     # peft's prepare_model_for_kbit_training upcasts every unquantized weight (norms, embeddings) to fp32, so
     # a quantized model's hidden states and logits are fp32 whatever the training precision.
@@ -210,7 +211,7 @@ def estimate(shape: ModelShape, *, option: str, nproc: int, seq: int, batch: int
     acts = tokens * (shape.hidden * act_bytes * recomputed + layer * (1 + whole))
     if fp8:
         widest = max(shape.intermediate, shape.hidden)
-        acts += tokens * widest * (1 if compiled else 5) + widest * shape.hidden
+        acts += tokens * widest + widest * shape.hidden
     if dense_mask:  # in each layer kept whole, and in the one being recomputed
         repeated_kv = 2 * max(shape.hidden - shape.kv_hidden, 0) if shape.kv_hidden else 0
         acts += tokens * (seq + repeated_kv) * act_bytes * (whole + (1 if recomputed else 0))
