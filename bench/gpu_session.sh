@@ -68,10 +68,10 @@ for engine in varlen fp8; do
   fi
 done
 [[ $NEW == *fp8_base* ]] && step fp8_linear 75 python3 bench/fp8_linear.py --out "$OUT"
-step llama-2-7b 330 python3 bench/train_throughput.py --only llama-2-7b --data .benchdata/tt --no-ablation --steps 10 \
+step llama-2-7b 360 python3 bench/train_throughput.py --only llama-2-7b --data .benchdata/tt --no-ablation --steps 10 \
   --ours "$EAGER,torch_compile$NEW" --profile 6 --out "$OUT/llama-2-7b"
 VARIANTS=$(echo "${NEW#,},attention" | sed 's/^,//')
-step smollm2-135m 150 python3 bench/train_throughput.py --only smollm2-135m --data .benchdata/tt --no-ablation \
+step smollm2-135m 120 python3 bench/train_throughput.py --only smollm2-135m --data .benchdata/tt --no-ablation \
   --steps 10 --ours "$EAGER" --variants "$VARIANTS" --profile 6 --out "$OUT/smollm2-135m"
 [[ $NEW == *fp8_base* ]] && step llama-2-7b-bf16-base 240 python3 bench/train_throughput.py --only llama-2-7b \
   --data .benchdata/tt --no-ablation --steps 10 --ours "$EAGER,torch_compile${NEW/,fp8_base/}" --profile 6 \
