@@ -27,6 +27,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from bench.common import cpu_host, write_result  # noqa: E402
+from bench.loss_kernel import _rel  # noqa: E402
 from kernels.fp8 import Fp8Linear  # noqa: E402
 
 HIDDEN, MLP = 4096, 11008
@@ -71,10 +72,6 @@ def timed(step, smoke: bool) -> float:
     from triton.testing import do_bench
 
     return do_bench(step, warmup=25, rep=200, return_mode="median")
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def main() -> None:
