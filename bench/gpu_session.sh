@@ -7,7 +7,8 @@
 #     bash bench/gpu_session.sh 560        # seconds this call may use; the device call's timeout_s a bit above
 #
 # 1. the kernel tests on the GPU (correct before fast; 29 s on an H200 on 2026-11-30), with train.attention=varlen's
-#    flash kernel and train.fp8_base's FP8 matmuls on a GPU for the first time;
+#    flash kernel and train.fp8_base's FP8 matmuls on a GPU for the first time, and varlen under torch.compile
+#    without a recompile as the count of documents changes (each one would cost the 7B minutes);
 #    Then bench/fp8_linear.py: one 7B layer's projections in FP8 against bf16, eager and compiled (about 60 s);
 # 2. the Llama-2-7B shape, the issue's target: the baseline and ours with varlen attention and an FP8 base, fitted
 #    to 0.6x the baseline's peak (ours without either ran 1.32x at 0.54x on 2026-11-30, after about 150 s of
@@ -57,7 +58,7 @@ step() {
 step kernel_tests 90 python3 -m pytest -q -rfE --noconftest -p no:cacheprovider tests/test_kernels.py \
   -k "matches or vocabulary or bias or ignored or frozen or refuses or rms_norm or swiglu or rope or fused_layers \
 or lean_lora_down or under_autocast or no_grad or mfu or varlen or fp8_linear or fp8_base_swaps or fp8_base_is \
-or row_quantizer"
+or row_quantizer" tests/test_speed_options.py::test_varlen_attention_under_torch_compile_compiles_the_model_once
 EAGER=fused_linear_ce,lora_half_base,document_mask,dataloader_num_workers,lean_lora
 NEW=""  # the new engines that passed their kernel tests on this GPU
 for engine in varlen fp8; do

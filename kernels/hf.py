@@ -57,9 +57,15 @@ class _RecordHidden(nn.Module):
 
 
 def causal_lm_of(model: nn.Module) -> nn.Module:
-    """The transformers causal LM inside DeepSpeed/DDP (`.module`) and peft (`get_base_model()`) wrappers."""
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):
-        model = model.module
+    """The transformers causal LM inside torch.compile (`_orig_mod`), DeepSpeed/DDP (`.module`) and peft
+    (`get_base_model()`) wrappers."""
+    while True:
+        if isinstance(inner := getattr(model, "_orig_mod", None), nn.Module):
+            model = inner  # torch.compile's, which the Trainer hands its loss under train.torch_compile
+        elif isinstance(inner := getattr(model, "module", None), nn.Module):
+            model = inner
+        else:
+            break
     if hasattr(model, "get_base_model"):
         model = model.get_base_model()
     return model

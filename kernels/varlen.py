@@ -90,6 +90,17 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     return out.view(b, s, heads, dim), None
 
 
+def mark_dynamic(inputs: dict) -> None:
+    """Tell torch.compile, before a batch enters the model, that its document bounds' length changes from batch to
+    batch. Without it, dynamo compiles the model for the first batch's count of documents, again for the second's
+    (now as a dynamic size), and the collator's maximum length, were it the longest document's, again: each one
+    a full compile of forward and backward, 2.5 minutes for the 7B on an H200. Marked here, after the Trainer moved
+    the batch to the GPU (a copy, which would not carry a mark made in the collator); a no-op unless compiled."""
+    for key in ("cu_seq_lens_q", "cu_seq_lens_k"):
+        if torch.is_tensor(bounds := inputs.get(key)):
+            torch._dynamo.maybe_mark_dynamic(bounds, 0)
+
+
 _KERNEL = _flash  # tests on the CPU swap in a per-document sdpa to check everything around the kernel
 
 

@@ -131,6 +131,9 @@ def trainer_class():
             """With the fused kernel: the Trainer's causal-LM loss, same normalisation, without the logits. The
             validation loss during training (eval_steps) asks for outputs too; it only keeps the loss (no
             compute_metrics: the Trainer's evaluate passes prediction_loss_only), so it gets the loss alone."""
+            from kernels import varlen
+
+            varlen.mark_dynamic(inputs)
             wants_logits = return_outputs and self.compute_metrics is not None
             if self.fused_linear_ce == "off" or wants_logits or "labels" not in inputs:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)

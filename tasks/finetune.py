@@ -92,9 +92,11 @@ class CausalLMCollator:
         if self.ragged:  # train.attention=varlen: where each document (or row) starts, once a batch, off the GPU
             ids = batch["input_ids"]
             positions = batch.get("position_ids", torch.arange(ids.shape[1]).expand_as(ids))
-            bounds, longest = varlen.document_bounds(positions)
-            batch |= {"cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds, "max_length_q": longest,
-                      "max_length_k": longest}  # fmt: skip
+            bounds, _ = varlen.document_bounds(positions)
+            # The row's length, not the longest document's: an upper bound is all the kernel needs, and one that
+            # changes from batch to batch would make torch.compile compile the model again (see varlen.mark_dynamic)
+            width = ids.shape[1]
+            batch |= {"cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds, "max_length_q": width, "max_length_k": width}
         return batch
 
     def _collate(self, features: list[dict]) -> dict:

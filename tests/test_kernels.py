@@ -8,6 +8,7 @@ which the tests set when there is no GPU; `make test` installs Triton for it).
 from __future__ import annotations
 
 import copy
+import functools
 import os
 
 import pytest
@@ -495,14 +496,58 @@ def test_kernel_lean_lora_under_autocast_is_peft_under_autocast():
 
 def _per_document_sdpa(query, key, value, bounds, longest, scale):
     """The reference of kernels.varlen's flash call: causal sdpa over each document alone, keys and values at
-    their own head count (enable_gqa)."""
+    their own head count (enable_gqa). `longest` bounds the documents' lengths (the collator passes the row's)."""
     out = torch.empty_like(query)
     edges = bounds.tolist()
-    assert longest == max(b - a for a, b in zip(edges, edges[1:]))
+    assert longest >= max(b - a for a, b in zip(edges, edges[1:]))
     for a, b in zip(edges, edges[1:]):
         q, k, v = (t[a:b].transpose(0, 1) for t in (query, key, value))
         out[a:b] = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True).transpose(0, 1)
     return out
+
+
+@functools.cache
+def varlen_stand_in():
+    """The per-document sdpa as a custom op with a backward, for the CPU, which has no flash kernel: to
+    torch.compile it is one opaque op taking what PyTorch's varlen_attn takes (tensors, and the longest length as
+    an int), so what is traced and guarded around it is what is traced around the flash kernel on a GPU."""
+
+    @torch.library.custom_op("edgar_tests::varlen", mutates_args=())
+    def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: torch.Tensor, longest: int,
+                scale: float | None) -> torch.Tensor:  # fmt: skip
+        return _per_document_sdpa(q, k, v, bounds, longest, scale)
+
+    @torch.library.custom_op("edgar_tests::varlen_backward", mutates_args=())
+    def backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: torch.Tensor,
+                 longest: int, scale: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+        # by hand, in fp32: a custom op runs below autograd, which cannot differentiate the forward again here
+        grads = [torch.zeros_like(t, dtype=torch.float32) for t in (q, k, v)]
+        edges, groups = bounds.tolist(), q.shape[1] // k.shape[1]
+        for a, b in zip(edges, edges[1:]):
+            qd, kd, vd, gd = (t[a:b].float().transpose(0, 1) for t in (q, k, v, grad))  # heads x n x dim
+            kd, vd = kd.repeat_interleave(groups, 0), vd.repeat_interleave(groups, 0)
+            c = scale if scale is not None else q.shape[-1] ** -0.5
+            causal = torch.ones(b - a, b - a, dtype=torch.bool).tril()
+            p = torch.softmax((qd @ kd.transpose(1, 2) * c).masked_fill(~causal, float("-inf")), -1)
+            dp = gd @ vd.transpose(1, 2)
+            ds = p * (dp - (dp * p).sum(-1, keepdim=True)) * c
+            dk, dv = ((t.transpose(1, 2) @ u).unflatten(0, (-1, groups)).sum(1) for t, u in ((ds, qd), (p, gd)))
+            for g, part in zip(grads, (ds @ kd, dk, dv)):  # heads x n x dim, back to n x heads x dim
+                g[a:b] = part.transpose(0, 1)
+        return tuple(g.to(t.dtype) for g, t in zip(grads, (q, k, v)))
+
+    forward.register_fake(lambda q, k, v, bounds, longest, scale: torch.empty_like(q))
+    backward.register_fake(lambda grad, q, k, v, *_: (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)))
+
+    def setup(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:4])
+        ctx.longest, ctx.scale = inputs[4:]
+
+    def grads(ctx, grad):
+        return *backward(grad, *ctx.saved_tensors, ctx.longest, ctx.scale), None, None, None
+
+    forward.register_autograd(grads, setup_context=setup)
+    return forward
 
 
 def test_varlen_attention_matches_the_document_masked_sdpa(monkeypatch):

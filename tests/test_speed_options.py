@@ -239,6 +239,51 @@ def test_varlen_attention_trains_the_sdpa_losses_under_the_document_mask(tiny_ru
     assert out["varlen"][1] == pytest.approx(out["sdpa"][1], rel=2e-2)
 
 
+def test_varlen_attention_under_torch_compile_compiles_the_model_once(tmp_path, monkeypatch):
+    """`train.attention=varlen` with `train.torch_compile`: batches with different counts of packed documents go
+    through the Trainer's loss (tasks.checkpoints) into one compiled model, forward and backward, with the losses of
+    sdpa under the document mask. Each batch's document bounds are a tensor of their own length, and a recompile
+    of the model is a full compile of forward and backward (2.5 minutes for the 7B on a GPU); dynamo raises on any
+    recompile here. On the CPU, which has no flash kernel and where training refuses bf16, the per-document sdpa
+    as an opaque custom op (tests.test_kernels.varlen_stand_in) stands in for that one call, in a bf16 model."""
+    from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
+
+    from kernels import varlen
+    from kernels.hf import resolve_backend
+    from tasks.checkpoints import trainer_class
+    from tests.test_kernels import varlen_stand_in
+
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        monkeypatch.setattr(varlen, "available", lambda: None)
+        monkeypatch.setattr(varlen, "_KERNEL", varlen_stand_in())
+    varlen.register()
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to("cuda" if cuda else "cpu", torch.bfloat16)
+    model.set_attn_implementation("varlen")
+    args = TrainingArguments(str(tmp_path), report_to="none", use_cpu=not cuda, torch_compile=True)
+    trainer = trainer_class()(model=model, args=args)
+    trainer.fused_linear_ce = resolve_backend("auto")
+    compiled = torch.compile(model)
+    eos, collate, g = 1, CausalLMCollator(0, 1, ragged=True), torch.Generator().manual_seed(0)
+    for ends in (0, 2, 5, 1, 3):  # end-of-document tokens in a 3 x 32 batch
+        ids = torch.randint(5, 256, (3, 32), generator=g)
+        ids.view(-1)[torch.randperm(96, generator=g)[:ends]] = eos
+        batch = trainer._prepare_inputs(collate([{"input_ids": row} for row in ids.tolist()]))  # to its device
+        assert batch["max_length_q"] == 32
+        loss = trainer.compute_loss(compiled, batch)
+        loss.backward()
+        model.set_attn_implementation("sdpa")  # the same weights, eager, under the dense document mask
+        with torch.no_grad():
+            want = model(**{k: batch[k] for k in ("input_ids", "labels", "position_ids")}).loss
+        model.set_attn_implementation("varlen")
+        assert loss.item() == pytest.approx(want.item(), rel=2e-2), ends
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters())
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention has no backward on the CPU")
 def test_flex_attention_trains_the_sdpa_losses_under_the_document_mask(tiny_run, tmp_path):
     masked = {"document_mask": True}
