@@ -58,7 +58,8 @@ step() {
 step kernel_tests 90 python3 -m pytest -q -rfE --noconftest -p no:cacheprovider tests/test_kernels.py \
   -k "matches or vocabulary or bias or ignored or frozen or refuses or rms_norm or swiglu or rope or fused_layers \
 or lean_lora_down or under_autocast or no_grad or mfu or varlen or fp8_linear or fp8_base_swaps or fp8_base_is \
-or row_quantizer" tests/test_speed_options.py::test_varlen_attention_under_torch_compile_compiles_the_model_once
+or row_quantizer" \
+  tests/test_speed_options.py::test_varlen_attention_under_torch_compile_compiles_the_model_once
 EAGER=fused_linear_ce,lora_half_base,document_mask,dataloader_num_workers,lean_lora
 NEW=""  # the new engines that passed their kernel tests on this GPU
 for engine in varlen fp8; do

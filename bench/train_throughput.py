@@ -83,7 +83,9 @@ OPTIONS = {  # option: (baseline value, ours)
 # Options that set another option's key to another value: ours+varlen trains ours with train.attention=varlen
 # (PyTorch's flash kernel over each packed document, kernels/varlen.py); not in ours until measured on a GPU.
 # ours+fp8_base: LoRA's frozen base as FP8 matmuls (kernels/fp8.py): lossy, so a variant until measured.
-VALUES = {"varlen": ("attention", "varlen"), "fp8_base": ("fp8_base", True)}
+# ours+compile_model: torch.compile of the whole model (as the Trainer's torch_compile) instead of each layer.
+VALUES = {"varlen": ("attention", "varlen"), "fp8_base": ("fp8_base", True),
+          "compile_model": ("compile_scope", "model")}  # fmt: skip
 OURS = ("fused_linear_ce", "lora_half_base", "torch_compile", "document_mask", "dataloader_num_workers", "lean_lora")
 # On the CPU, ours is what `make demo` trains with: the engine's defaults there. torch.compile pays for its minutes
 # of compiling only in long runs, and the document mask is a choice about the data, not speed: the ablation rows

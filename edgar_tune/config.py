@@ -268,6 +268,12 @@ class TrainConfig(_Section):
         False, description="Compile the model with torch.compile (inductor): fuses the norms, rotary embeddings, "
         "activations and LoRA paths into fewer kernels; the first steps pay the compile time.",
     )
+    compile_scope: Literal["auto", "layers", "model"] = Field(
+        "auto", description="What train.torch_compile compiles: layers (each transformer layer in place; the layers "
+        "share one compiled graph, so the compile costs one layer's time rather than the whole model's), model "
+        "(the whole model, as the Trainer's torch_compile does), or auto: layers, except model under DeepSpeed or "
+        "FSDP, whose wrappers the Trainer compiles.",
+    )
     document_mask: bool = Field(
         False, description="Packed blocks: restart position ids after each end-of-document token, so no token "
         "attends across documents (the model builds the block-diagonal mask).",
@@ -335,6 +341,14 @@ class TrainConfig(_Section):
             return ("steps", self.eval_steps) if self.eval_steps else ("epoch", 0)
         return ("steps", self.save_steps) if self.save_steps > 0 else ("no", 0)
 
+    def compiled_scope(self) -> str | None:
+        """What train.torch_compile compiles in this run: "layers", "model", or None (not compiled)."""
+        if not self.torch_compile:
+            return None
+        if self.compile_scope == "auto":
+            return "model" if self.deepspeed or self.enable_fsdp else "layers"
+        return self.compile_scope
+
     @model_validator(mode="after")
     def _combinations(self) -> TrainConfig:
         refuse = []
@@ -360,6 +374,10 @@ class TrainConfig(_Section):
                           f"train.deepspeed={self.deepspeed}") + ": DeepSpeed casts every floating-point buffer to "
                           "the training dtype and FSDP shards flat parameters of one dtype, so the FP8 weights would "
                           "not stay FP8; train in one process without either, or set train.fp8_base=false")
+        if self.compile_scope == "layers" and (self.deepspeed or self.enable_fsdp):
+            refuse.append("train.compile_scope=layers with " + ("train.enable_fsdp" if self.enable_fsdp else
+                          f"train.deepspeed={self.deepspeed}") + ": their wrappers are compiled as the whole model; "
+                          "set train.compile_scope=model or auto")  # fmt: skip
         if self.int8_quantization and self.int4_quantization:
             refuse.append("train.int8_quantization and train.int4_quantization: choose one")
         if self.int8_quantization and self.enable_fsdp:

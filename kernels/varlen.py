@@ -94,8 +94,9 @@ def mark_dynamic(inputs: dict) -> None:
     """Tell torch.compile, before a batch enters the model, that its document bounds' length changes from batch to
     batch. Without it, dynamo compiles the model for the first batch's count of documents, again for the second's
     (now as a dynamic size), and the collator's maximum length, were it the longest document's, again: each one
-    a full compile of forward and backward, 2.5 minutes for the 7B on an H200. Marked here, after the Trainer moved
-    the batch to the GPU (a copy, which would not carry a mark made in the collator); a no-op unless compiled."""
+    a full compile of forward and backward (of the whole 7B: 2.5 minutes on an H200). Marked here, after the
+    Trainer moved the batch to the GPU (a copy, which would not carry a mark made in the collator); a no-op unless
+    compiled."""
     for key in ("cu_seq_lens_q", "cu_seq_lens_k"):
         if torch.is_tensor(bounds := inputs.get(key)):
             torch._dynamo.maybe_mark_dynamic(bounds, 0)

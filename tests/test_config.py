@@ -117,6 +117,8 @@ def test_every_jumpstart_hyperparameter_is_a_bare_key():
         (["int4_quantization=true", "mode=full"], ["train.int4_quantization", "train.mode=full"]),
         (["int8_quantization=true", "deepspeed=zero3"], ["train.int8_quantization", "train.deepspeed=zero3"]),
         (["enable_fsdp=true", "deepspeed=zero2"], ["train.enable_fsdp", "train.deepspeed"]),
+        (["compile_scope=layers", "deepspeed=zero2"], ["train.compile_scope=layers", "train.compile_scope=model"]),
+        (["compile_scope=layers", "enable_fsdp=true"], ["train.compile_scope=layers", "train.enable_fsdp"]),
         (["nproc=2"], ["train.nproc", "train.deepspeed", "train.enable_fsdp"]),
         (["eval_steps=0"], ["train.early_stopping_patience", "train.eval_steps"]),
         (["save_steps=30"], ["train.load_best_model_at_end", "train.save_steps", "train.eval_steps"]),
@@ -131,6 +133,13 @@ def test_invalid_combinations_are_refused_naming_the_keys(overrides, named):
         load_config("tiny", overrides)
     for key in named:
         assert key in str(err.value)
+
+
+def test_torch_compile_compiles_each_layer_unless_deepspeed_or_fsdp_wrap_the_model():
+    scope = {tuple(o): load_config("tiny", ["torch_compile=true", *o]).train.compiled_scope()
+             for o in ([], ["deepspeed=zero2"], ["enable_fsdp=true"], ["compile_scope=model"])}  # fmt: skip
+    assert list(scope.values()) == ["layers", "model", "model", "model"]
+    assert load_config("tiny", ["compile_scope=layers"]).train.compiled_scope() is None  # torch_compile is off
 
 
 def _no_model(tmp_path: Path) -> list[tuple[str, str]]:

@@ -4,6 +4,7 @@ Their speed is measured in bench/train_throughput.py; here, that they compute wh
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -63,10 +64,32 @@ def test_document_mask_reaches_the_model_in_training(tiny_run, tmp_path):
     assert all(s["tokens_per_s"] > 0 and s["step_seconds"] > 0 for s, _ in out.values())
 
 
+def test_torch_compile_of_each_layer_trains_the_eager_losses_in_two_graphs(tiny_run, tmp_path):
+    """train.torch_compile compiles each transformer layer in place by default (train.compile_scope=auto): the
+    layers share their compiled graphs, two here: the first layer's input needs no gradient (LoRA leaves the
+    embeddings frozen) and the others' do. The losses are the eager ones, and the saved adapter has the eager run's
+    tensor names."""
+    from safetensors import safe_open
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()  # dynamo's caches outlive a test: of earlier tests' models, in this process
+    graphs = counters["stats"]["unique_graphs"]
+    out = train_variants(tiny_run, tmp_path, {"eager": {}, "compiled": {"torch_compile": True}}, steps=4)
+    assert counters["stats"]["unique_graphs"] - graphs == 2
+    assert out["compiled"][0]["torch_compile"] is True and out["compiled"][0]["compile_scope"] == "layers"
+    assert out["eager"][0]["compile_scope"] is None
+    assert out["compiled"][1] == pytest.approx(out["eager"][1], rel=2e-3)
+    names = [sorted(safe_open(tmp_path / run / "adapter" / "adapter_model.safetensors", "pt").keys())
+             for run in ("eager", "compiled")]  # fmt: skip
+    assert names[0] == names[1] and not any("_orig_mod" in n for n in names[1])
+
+
 @pytest.mark.slow  # inductor compiles for about 40 s on this CPU
-def test_torch_compile_trains_the_eager_losses(tiny_run, tmp_path):
-    out = train_variants(tiny_run, tmp_path, {"eager": {}, "compiled": {"torch_compile": True}})
+def test_torch_compile_of_the_whole_model_trains_the_eager_losses(tiny_run, tmp_path):
+    compiled = {"torch_compile": True, "compile_scope": "model"}
+    out = train_variants(tiny_run, tmp_path, {"eager": {}, "compiled": compiled})
     assert out["compiled"][0]["torch_compile"] is True and out["eager"][0]["torch_compile"] is False
+    assert out["compiled"][0]["compile_scope"] == "model"
     assert out["compiled"][1] == pytest.approx(out["eager"][1], rel=2e-3)
 
 
@@ -239,18 +262,21 @@ def test_varlen_attention_trains_the_sdpa_losses_under_the_document_mask(tiny_ru
     assert out["varlen"][1] == pytest.approx(out["sdpa"][1], rel=2e-2)
 
 
-def test_varlen_attention_under_torch_compile_compiles_the_model_once(tmp_path, monkeypatch):
+@pytest.mark.parametrize("scope", ["layers", "model"])
+def test_varlen_attention_under_torch_compile_compiles_the_model_once(tmp_path, monkeypatch, scope):
     """`train.attention=varlen` with `train.torch_compile`: batches with different counts of packed documents go
-    through the Trainer's loss (tasks.checkpoints) into one compiled model, forward and backward, with the losses of
-    sdpa under the document mask. Each batch's document bounds are a tensor of their own length, and a recompile
-    of the model is a full compile of forward and backward (2.5 minutes for the 7B on a GPU); dynamo raises on any
-    recompile here. On the CPU, which has no flash kernel and where training refuses bf16, the per-document sdpa
-    as an opaque custom op (tests.test_kernels.varlen_stand_in) stands in for that one call, in a bf16 model."""
+    through the Trainer's loss (tasks.checkpoints) into one compiled model (each layer compiled in place, or the
+    whole model), forward and backward, with the losses of sdpa under the document mask. Each batch's document
+    bounds are a tensor of their own length, and a recompile of the model is a full compile of forward and backward
+    (2.5 minutes for the 7B on a GPU); dynamo raises on any recompile here. On the CPU, which has no flash kernel
+    and where training refuses bf16, the per-document sdpa as an opaque custom op
+    (tests.test_kernels.varlen_stand_in) stands in for that one call, in a bf16 model."""
     from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
 
     from kernels import varlen
     from kernels.hf import resolve_backend
     from tasks.checkpoints import trainer_class
+    from tasks.finetune import compile_layers
     from tests.test_kernels import varlen_stand_in
 
     cuda = torch.cuda.is_available()
@@ -258,29 +284,31 @@ def test_varlen_attention_under_torch_compile_compiles_the_model_once(tmp_path, 
         monkeypatch.setattr(varlen, "available", lambda: None)
         monkeypatch.setattr(varlen, "_KERNEL", varlen_stand_in())
     varlen.register()
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    torch._dynamo.reset()  # dynamo's caches outlive a test: of earlier tests' models, in this process
     config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).to("cuda" if cuda else "cpu", torch.bfloat16)
+    dense = copy.deepcopy(model)  # the same weights, eager, under the dense document mask
+    dense.set_attn_implementation("sdpa")
     model.set_attn_implementation("varlen")
-    args = TrainingArguments(str(tmp_path), report_to="none", use_cpu=not cuda, torch_compile=True)
-    trainer = trainer_class()(model=model, args=args)
+    trainer = trainer_class()(model=model, args=TrainingArguments(str(tmp_path), report_to="none", use_cpu=not cuda))
     trainer.fused_linear_ce = resolve_backend("auto")
-    compiled = torch.compile(model)
+    compiled = torch.compile(model) if scope == "model" else model
+    if scope == "layers":
+        assert compile_layers(model) == 2
     eos, collate, g = 1, CausalLMCollator(0, 1, ragged=True), torch.Generator().manual_seed(0)
-    for ends in (0, 2, 5, 1, 3):  # end-of-document tokens in a 3 x 32 batch
-        ids = torch.randint(5, 256, (3, 32), generator=g)
-        ids.view(-1)[torch.randperm(96, generator=g)[:ends]] = eos
-        batch = trainer._prepare_inputs(collate([{"input_ids": row} for row in ids.tolist()]))  # to its device
-        assert batch["max_length_q"] == 32
-        loss = trainer.compute_loss(compiled, batch)
-        loss.backward()
-        model.set_attn_implementation("sdpa")  # the same weights, eager, under the dense document mask
-        with torch.no_grad():
-            want = model(**{k: batch[k] for k in ("input_ids", "labels", "position_ids")}).loss
-        model.set_attn_implementation("varlen")
-        assert loss.item() == pytest.approx(want.item(), rel=2e-2), ends
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for ends in (0, 2, 5, 1, 3):  # end-of-document tokens in a 3 x 32 batch
+            ids = torch.randint(5, 256, (3, 32), generator=g)
+            ids.view(-1)[torch.randperm(96, generator=g)[:ends]] = eos
+            batch = trainer._prepare_inputs(collate([{"input_ids": row} for row in ids.tolist()]))  # to its device
+            assert batch["max_length_q"] == 32
+            loss = trainer.compute_loss(compiled, batch)
+            loss.backward()
+            with torch.no_grad():
+                want = dense(**{k: batch[k] for k in ("input_ids", "labels", "position_ids")}).loss
+            assert loss.item() == pytest.approx(want.item(), rel=2e-2), ends
     assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters())
 
 
