@@ -12,10 +12,12 @@
 #    Then bench/fp8_linear.py: one 7B layer's projections in FP8 against bf16, eager and compiled (about 60 s);
 # 2. the Llama-2-7B shape, the target: the baseline and ours with varlen attention and an FP8 base, fitted
 #    to 0.6x the baseline's peak (ours without either ran 1.32x at 0.54x on 2026-11-30, after about 150 s of
-#    compilation). Whatever of varlen and fp8_base failed its kernel tests in step 1 is left out of ours, and
-#    steps.txt says so;
+#    compiling the whole model; since 2026-12-01 train.torch_compile compiles one layer's code for all 32, about a
+#    sixth of the time on the CPU). Whatever of varlen and fp8_base failed its kernel tests in step 1 is left out of
+#    ours, and steps.txt says so;
 # 3. the SmolLM2-135M shape without torch.compile (a row in about 20 s): ours, ours with varlen attention (no dense
-#    mask, key-value heads unrepeated), ours with an FP8 base, and the two perplexity evaluations;
+#    mask, key-value heads unrepeated), ours with an FP8 base, ours compiled layer by layer (the whole model
+#    compiled ran 2.95x eager on an H100 on 2026-11-23), and the two perplexity evaluations;
 # 4. if time is left: the 7B's ours without the FP8 base (what FP8 gains in the same call).
 # Every training run profiles its step 6 (train.profile_step): the GPU's busy share of the step, its kernel launches
 # and top kernels go into the JSON, to say why micro-batch 1 lost a fifth of the throughput per FLOP on the 7B.
@@ -72,8 +74,8 @@ done
 [[ $NEW == *fp8_base* ]] && step fp8_linear 75 python3 bench/fp8_linear.py --out "$OUT"
 step llama-2-7b 360 python3 bench/train_throughput.py --only llama-2-7b --data .benchdata/tt --no-ablation --steps 10 \
   --ours "$EAGER,torch_compile$NEW" --profile 6 --out "$OUT/llama-2-7b"
-VARIANTS=$(echo "${NEW#,},attention" | sed 's/^,//')
-step smollm2-135m 120 python3 bench/train_throughput.py --only smollm2-135m --data .benchdata/tt --no-ablation \
+VARIANTS=$(echo "${NEW#,},attention,torch_compile" | sed 's/^,//')
+step smollm2-135m 150 python3 bench/train_throughput.py --only smollm2-135m --data .benchdata/tt --no-ablation \
   --steps 10 --ours "$EAGER" --variants "$VARIANTS" --profile 6 --out "$OUT/smollm2-135m"
 [[ $NEW == *fp8_base* ]] && step llama-2-7b-bf16-base 240 python3 bench/train_throughput.py --only llama-2-7b \
   --data .benchdata/tt --no-ablation --steps 10 --ours "$EAGER,torch_compile${NEW/,fp8_base/}" --profile 6 \
