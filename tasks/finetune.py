@@ -962,8 +962,9 @@ def train(tmp: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfig,
         "fused_layers": fused_layers,
         "lean_lora": cfg.lean_lora and cfg.mode == "lora",
         "fp8_base_layers": fp8_layers,
-        "base_dtype": str(next(p for p in model.parameters() if not p.requires_grad).dtype).split(".")[-1]
-        if cfg.mode == "lora" else None,
+        # the frozen blocks' weights: FP8 buffers under fp8_base (the embeddings and norms stay in the base's dtype)
+        "base_dtype": None if cfg.mode != "lora" else "float8_e4m3fn" if fp8_layers else
+        str(next(p for p in model.parameters() if not p.requires_grad).dtype).split(".")[-1],
         "document_mask": cfg.document_mask,
         "attention": causal_lm_of(model).config._attn_implementation,
         "dataloader_num_workers": workers,

@@ -721,6 +721,7 @@ def test_kernel_fp8_base_trains_within_e4m3_of_the_plain_losses(tiny_run, tmp_pa
     variants = {"plain": {}, "fp8": {"fp8_base": True}, "fp8+lean": {"fp8_base": True, "lean_lora": True}}
     out = train_variants(tiny_run, tmp_path, {k: v | {"learning_rate": 3e-3} for k, v in variants.items()}, steps=12)
     assert out["plain"][0]["fp8_base_layers"] == 0
+    assert out["plain"][0]["base_dtype"] in ("float32", "bfloat16") and out["fp8"][0]["base_dtype"] == "float8_e4m3fn"
     assert out["fp8"][0]["fp8_base_layers"] == out["fp8+lean"][0]["fp8_base_layers"] == 7 * 2  # the tiny preset's
     plain = out["plain"][1]
     for name in ("fp8", "fp8+lean"):
