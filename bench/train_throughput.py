@@ -84,8 +84,9 @@ OPTIONS = {  # option: (baseline value, ours)
 # (PyTorch's flash kernel over each packed document, kernels/varlen.py); not in ours until measured on a GPU.
 # ours+fp8_base: LoRA's frozen base as FP8 matmuls (kernels/fp8.py): lossy, so a variant until measured.
 # ours+compile_model: torch.compile of the whole model (as the Trainer's torch_compile) instead of each layer.
+# ours+bf16_base: ours with fp8_base in it, run without (what FP8 gains, next to ours, against the same baseline).
 VALUES = {"varlen": ("attention", "varlen"), "fp8_base": ("fp8_base", True),
-          "compile_model": ("compile_scope", "model")}  # fmt: skip
+          "compile_model": ("compile_scope", "model"), "bf16_base": ("fp8_base", False)}  # fmt: skip
 OURS = ("fused_linear_ce", "lora_half_base", "torch_compile", "document_mask", "dataloader_num_workers", "lean_lora")
 # On the CPU, ours is what `make demo` trains with: the engine's defaults there. torch.compile pays for its minutes
 # of compiling only in long runs, and the document mask is a choice about the data, not speed: the ablation rows
@@ -332,6 +333,7 @@ def main() -> None:
                     "the baseline's measured peak, least recompute first (0: the baseline's batch and "
                     "gradient_checkpointing as ours sets it; default: 0.6 on GPUs, 0 on the CPU, where memory is "
                     "not what is short)")  # fmt: skip
+    ap.add_argument("--no-eval", action="store_true", help="skip the two perplexity evaluations")
     ap.add_argument("--profile", type=int, default=0, help="profile this optimizer step of every training run "
                     "(train.profile_step): the GPU's busy share, kernel launches and top ops go into its record")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
@@ -393,8 +395,8 @@ def main() -> None:
             # call) keeps everything measured before it.
             jobs = [("variants", v, f"train:ours+{v}", fit) for v in variants]
             jobs += [("checkpoint_sweep", f, f"train:ours@{f}", None) for f in args.checkpoint_sweep.split(",") if f]
-            jobs += [("eval", name, f"eval:{kernel}", None) for name, kernel in (("materialized", "off"),
-                                                                                 ("fused", "auto"))]  # fmt: skip
+            jobs += [] if args.no_eval else [("eval", name, f"eval:{kernel}", None)
+                                             for name, kernel in (("materialized", "off"), ("fused", "auto"))]
             jobs += [] if args.no_ablation or args.smoke else [("ablation", opt, f"train:{opt}", None)
                                                                for opt in OPTIONS if opt not in NO_OP[kind]]
             write_result(args.out, "", device, rows)
@@ -412,8 +414,9 @@ def main() -> None:
     for r in rows:
         for name, key in (("baseline", "materialized"), ("ours", "fused")):
             mfu = f"{r['mfu'][name]:.1%}" if r["mfu"] else "-"
-            ev = r["eval"].get(key, {"error": "not run"})
-            evals = f"{ev['tokens_per_s']:>10.0f} {ev['peak_mem_gb'] or 0:>8.2f}" if "error" not in ev else "failed"
+            ev = r["eval"].get(key)
+            evals = "not run" if ev is None else "failed" if "error" in ev else \
+                f"{ev['tokens_per_s']:>10.0f} {ev['peak_mem_gb'] or 0:>8.2f}"
             print(f"{r['model']:<14} {name:<10} {r[name]['tokens_per_s']:>10.0f} {r[name]['peak_mem_gb'] or 0:>8.2f} "
                   f"{mfu:>6}   {evals}")  # fmt: skip
         ratio = f"{r['memory_ratio']:.2f}x" if r["memory_ratio"] else "-"

@@ -180,7 +180,8 @@ def test_kernel_training_follows_the_same_loss_curve(tiny_run, tmp_path):
 def test_kernel_throughput_bench_runs_on_the_cpu(tmp_path):
     """bench/train_throughput.py --smoke: the GPU benchmark's code path end to end, on the tiny test model. A job
     that fails (a sweep row asking for 2x the layers) is kept in the JSON as its error, the rest runs, and the
-    script exits 1 naming it. A variant (ours with an option added, here an FP8 base) is fitted as ours is."""
+    script exits 1 naming it. A variant (ours with an option added, here an FP8 base) is fitted as ours is; the
+    last option named wins (bf16_base takes the FP8 base out again)."""
     import json
     import subprocess
     import sys
@@ -189,7 +190,7 @@ def test_kernel_throughput_bench_runs_on_the_cpu(tmp_path):
 
     proc = subprocess.run([sys.executable, "bench/train_throughput.py", "--smoke",
                            "--ours", "fused_linear_ce,document_mask,lean_lora", "--checkpoint-sweep", "2,0.5",
-                           "--variants", "dataloader_num_workers,fp8_base", "--profile", "3",
+                           "--variants", "dataloader_num_workers,fp8_base,fp8_base+bf16_base", "--profile", "3",
                            "--fit", "0.9", "--out", str(tmp_path)], cwd=REPO,
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -207,7 +208,7 @@ def test_kernel_throughput_bench_runs_on_the_cpu(tmp_path):
     assert variant["dataloader_num_workers"] == 2 and variant["lean_lora"] is True and variant["memory_fit"] is True
     fp8 = row["variants"]["fp8_base"]
     assert fp8["settings"]["fp8_base"] is True and fp8["fp8_base_layers"] == 14
-    assert row["runs"]["ours"]["fp8_base_layers"] == 0
+    assert row["runs"]["ours"]["fp8_base_layers"] == row["variants"]["fp8_base+bf16_base"]["fp8_base_layers"] == 0
     fitted = row["ours"]["fitted"]  # train.memory_fit to 0.9 x the plan of the baseline: the plan's pick ran
     assert row["runs"]["ours"]["settings"]["memory_fit"] is True and fitted["budget_from"] == "train.memory_budget_gb"
     assert row["runs"]["ours"]["trained"] == {k: fitted[k] for k in row["runs"]["ours"]["trained"]}
