@@ -7,8 +7,8 @@
 #     bash bench/gpu_session.sh 560        # seconds this call may use; the device call's timeout_s a bit above
 #
 # 1. the kernel tests on the GPU (correct before fast; 29 s on an H200 on 2026-11-30, more now), with
-#    train.attention=varlen's flash kernel and train.fp8_base's FP8 matmuls on a GPU for the first time, and varlen under torch.compile
-#    without a recompile as the count of documents changes (each one would cost the 7B minutes);
+#    train.attention=varlen's flash kernel and train.fp8_base's FP8 matmuls on a GPU for the first time, and varlen
+#    under torch.compile without a recompile as the count of documents changes (each would cost the 7B minutes);
 #    Then bench/fp8_linear.py: one 7B layer's projections in FP8 against bf16, eager and compiled (about 60 s);
 # 2. the Llama-2-7B shape, the target: the baseline, ours with varlen attention and an FP8 base, fitted
 #    to 0.6x the baseline's peak, then ours without the FP8 base (what FP8 gains, against the same baseline). Ours
