@@ -7,7 +7,8 @@ The seven projections of one Llama-2-7B layer (q, k, v, o: 4096 -> 4096; gate, u
 4096), forward and the input's gradient (the weights frozen, as under LoRA), at 2048, 4096 and 8192 tokens (micro-
 batches 1, 2 and 4 of 2048), bf16. `eager` runs the layer's PyTorch ops as they are, `compiled` the same under
 torch.compile, which fuses the quantization of inputs and gradients into the matmuls' neighbours (8192 tokens only:
-each shape compiles anew). Median of triton.testing.do_bench. TFLOP/s counts 2 matmuls of 2·M·N·K FLOPs per
+each shape compiles anew); `exact` is eager without the forward's fast FP8 accumulation (kernels.fp8.FAST_ACCUM),
+at 8192 tokens. Median of triton.testing.do_bench. TFLOP/s counts 2 matmuls of 2·M·N·K FLOPs per
 projection. `plain` is the bf16 nn.Linear (fp32 with --smoke), `error` ||fp8 - plain|| / ||plain|| of the outputs
 and of the input gradients, the worst projection's.
 """
@@ -28,6 +29,7 @@ from torch import nn  # noqa: E402
 
 from bench.common import cpu_host, write_result  # noqa: E402
 from bench.loss_kernel import _rel  # noqa: E402
+from kernels import fp8 as fp8_kernels  # noqa: E402
 from kernels.fp8 import Fp8Linear  # noqa: E402
 
 HIDDEN, MLP = 4096, 11008
@@ -91,17 +93,21 @@ def main() -> None:
         flops = sum(2 * 2 * tokens * k * n for k, n in shapes)
         torch.manual_seed(1)
         want_outs, want_grads = step_fn(plain, tokens, device, dtype, False)()
-        runs = [("plain", plain, False), ("fp8", fp8, False)]
-        if tokens == token_counts[-1] and not args.smoke:  # the CPU compiles for minutes; tests compile the layer
-            runs.append(("fp8", fp8, True))
+        runs = [("plain", plain, "eager"), ("fp8", fp8, "eager")]
+        if tokens == token_counts[-1]:
+            runs.append(("fp8", fp8, "exact"))
+            if not args.smoke:  # the CPU compiles for minutes; tests compile the layer
+                runs.append(("fp8", fp8, "compiled"))
         base_ms = None
-        for kind, modules, compiled in runs:
+        for kind, modules, mode in runs:
             torch.manual_seed(1)
-            step = step_fn(modules, tokens, device, dtype, compiled)
+            fp8_kernels.FAST_ACCUM = mode != "exact"
+            step = step_fn(modules, tokens, device, dtype, mode == "compiled")
             outs, grads = step()
             ms = timed(step, args.smoke)
+            fp8_kernels.FAST_ACCUM = True
             base_ms = base_ms or ms
-            rows.append({"tokens": tokens, "kind": kind, "mode": "compiled" if compiled else "eager", "ms": ms,
+            rows.append({"tokens": tokens, "kind": kind, "mode": mode, "ms": ms,
                          "tflops": flops / ms / 1e9, "speed": base_ms / ms,
                          "out_error": max(_rel(o, w) for o, w in zip(outs, want_outs, strict=True)),
                          "grad_error": max(_rel(g, w) for g, w in zip(grads, want_grads, strict=True))})  # fmt: skip
