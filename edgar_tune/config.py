@@ -270,9 +270,9 @@ class TrainConfig(_Section):
     )
     compile_scope: Literal["auto", "layers", "model"] = Field(
         "auto", description="What train.torch_compile compiles: layers (each transformer layer in place; the layers "
-        "share one compiled graph, so the compile costs one layer's time rather than the whole model's), model "
-        "(the whole model, as the Trainer's torch_compile does), or auto: layers, except model under DeepSpeed or "
-        "FSDP, whose wrappers the Trainer compiles.",
+        "share their compiled graphs, so the compile costs about one layer's time rather than the whole model's), "
+        "model (the whole model, as the Trainer's torch_compile does), or auto: layers, except model under DeepSpeed "
+        "or FSDP, whose wrappers the Trainer compiles.",
     )
     document_mask: bool = Field(
         False, description="Packed blocks: restart position ids after each end-of-document token, so no token "

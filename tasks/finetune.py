@@ -314,7 +314,7 @@ def select_checkpointed_layers(model: torch.nn.Module, fraction: float) -> tuple
 def compile_layers(model: torch.nn.Module) -> int:
     """torch.compile each transformer layer in place (`train.compile_scope=layers`), as torchtune does and
     accelerate's regional compilation: the layers run the same code on their own weights, which dynamo takes as
-    inputs, so the first layer's compile serves them all. A 7B's whole-model compile took about 150 s on an H200
+    inputs, so one compile serves them all (two under LoRA: the first layer's input needs no gradient). A 7B's whole-model compile took about 150 s on an H200
     (2026-11-30), most of it tracing and compiling the same layer 32 times. The module tree and its state dict stay
     as they were (no `_orig_mod` in the keys), gradient checkpointing wraps each compiled layer, and the loss, the
     embeddings and the LM head run eagerly around them (the fused loss is its own kernel). Returns the count.
@@ -878,7 +878,7 @@ def train(tmp: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfig,
             raise ConfigError(str(err)) from None
         log.info("train.fp8_base: %d frozen linear layers run FP8 matmuls (e4m3, a scale per row)", fp8_layers)
     if cfg.compiled_scope() == "layers":  # the final modules: peft's, lean_lora's and the FP8 layers are traced
-        log.info("train.torch_compile: %d transformer layers compiled in place, one graph for all",
+        log.info("train.torch_compile: %d transformer layers compiled in place, sharing their compiled code",
                  compile_layers(model))  # fmt: skip
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     tokenizer = load_tokenizer(base)
