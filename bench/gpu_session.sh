@@ -11,11 +11,13 @@
 #    under torch.compile without a recompile as the count of documents changes (each would cost the 7B minutes);
 #    Then bench/fp8_linear.py: one 7B layer's projections in FP8 against bf16, eager and compiled (about 60 s);
 # 2. the Llama-2-7B shape, the target: the baseline, ours with varlen attention and an FP8 base, fitted
-#    to 0.6x the baseline's peak, then ours without the FP8 base (what FP8 gains, against the same baseline). Ours
-#    without either ran 1.32x at 0.54x on 2026-11-30, after about 150 s of compiling the whole model; since
-#    2026-12-01 train.torch_compile compiles one layer's code for all 32 (on the CPU, a sixth of the time). The
-#    perplexity evaluations were measured on 2026-11-30 and are skipped. Whatever of varlen and fp8_base failed its
-#    kernel tests in step 1 is left out of ours, and steps.txt says so;
+#    to 0.6x the baseline's peak, then ours without the FP8 base (what FP8 gains, against the same baseline), then
+#    ours unfitted: the baseline's micro-batch of 4, every layer recomputed (whether the fit's smaller micro-batch
+#    paid, in the same run; on 2026-11-30 it did not). Ours without either ran 1.32x at 0.54x on 2026-11-30, after
+#    about 150 s of compiling the whole model; since 2026-12-01 train.torch_compile compiles one layer's code for
+#    all 32 (on the CPU, a sixth of the time). The perplexity evaluations were measured on 2026-11-30 and are
+#    skipped. Whatever of varlen and fp8_base failed its kernel tests in step 1 is left out of ours, and steps.txt
+#    says so;
 # 3. the SmolLM2-135M shape without torch.compile (a row in about 20 s): ours, ours with varlen attention (no dense
 #    mask, key-value heads unrepeated), ours with an FP8 base, ours compiled layer by layer (the whole model
 #    compiled ran 2.95x eager on an H100 on 2026-11-23), and the two perplexity evaluations;
@@ -74,7 +76,8 @@ done
 [[ $NEW == *fp8_base* ]] && step fp8_linear 75 python3 bench/fp8_linear.py --out "$OUT"
 BF16=$([[ $NEW == *fp8_base* ]] && echo bf16_base)  # ours without the FP8 base, right after ours
 step llama-2-7b 400 python3 bench/train_throughput.py --only llama-2-7b --data .benchdata/tt --no-ablation --steps 10 \
-  --ours "$EAGER,torch_compile$NEW" --variants "$BF16" --no-eval --profile 6 --out "$OUT/llama-2-7b"
+  --ours "$EAGER,torch_compile$NEW" --variants "$BF16" --checkpoint-sweep 1 --no-eval --profile 6 \
+  --out "$OUT/llama-2-7b"
 VARIANTS=$(echo "${NEW#,},attention,torch_compile" | sed 's/^,//')
 step smollm2-135m 150 python3 bench/train_throughput.py --only smollm2-135m --data .benchdata/tt --no-ablation \
   --steps 10 --ours "$EAGER" --variants "$VARIANTS" --profile 6 --out "$OUT/smollm2-135m"
