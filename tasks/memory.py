@@ -45,11 +45,17 @@ _WEIGHT_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "int8": 1, "nf4": 0.5625}  # N
 _LOGIT_EXTRA_BYTES = 10
 HEADROOM = 0.92  # CUDA context, allocator fragmentation and temporary buffers take the rest
 # What a micro-batch's size costs in throughput per FLOP, for `fit`: t tokens per micro-batch run at efficiency
-# t / (t + SMALL_BATCH_TOKENS). One measurement sets it: the Llama-2-7B shape's micro-batch 1 (2048 tokens) did 0.79x
-# the work per second of micro-batch 4 (8192 tokens) (bench/RESULTS.md: 41.7% against 52.7% of the peak in work
-# done, an H200 and an H100), which gives 800 tokens. Kernel launches and the small matmuls' lower occupancy cost
-# smaller models more; `bench/train_throughput.py --checkpoint-sweep` measures it in one run.
+# t / (t + small), where `small` is SMALL_BATCH_TOKENS for a layer of SMALL_BATCH_LAYER_PARAMS parameters. One
+# measurement sets it: the Llama-2-7B shape's micro-batch 1 (2048 tokens) did 0.79x the work per second of
+# micro-batch 4 (8192 tokens) (bench/RESULTS.md: 41.7% against 52.7% of the peak in work done, an H200 and an H100),
+# which gives 800 tokens. What a small micro-batch loses is each layer pass's fixed cost (kernel launches, the
+# small matmuls' lower occupancy), on the 7B the time of 800 tokens' matmuls. A smaller layer does less work a token
+# for about the same fixed cost, so `small` grows as the layer's parameters shrink: about 46k tokens for
+# SmolLM2-135M's 3.5M, whose eager step was kernel launches (5% MFU on the H200, where ours at micro-batch 2 ran
+# 0.68x the baseline at 4; the document mask's dense sdpa is the other suspect). `bench/train_throughput.py
+# --checkpoint-sweep` measures it in one run.
 SMALL_BATCH_TOKENS = 800
+SMALL_BATCH_LAYER_PARAMS = 202_383_488  # a Llama-2-7B block (with its share of the final norm), as model_shape counts
 
 
 @dataclass(frozen=True)
@@ -335,15 +341,22 @@ def unfit_advice(shape: ModelShape, *, budget_gb: float, options=OPTIONS, **kw) 
     return suggestion(plan(shape, budget_gb=budget_gb, options=options, **kw), shape, budget_gb=budget_gb, **kw)
 
 
+def small_batch_tokens(shape: ModelShape) -> float:
+    """The micro-batch, in tokens, at which `shape`'s layers run at half their large-batch efficiency."""
+    return SMALL_BATCH_TOKENS * SMALL_BATCH_LAYER_PARAMS / max(shape.largest_layer_params, 1)
+
+
 def fit(shape: ModelShape, *, budget_gb: float, batch: int, **kw) -> list[dict]:
     """The settings that fit `budget_gb` (in full: apply HEADROOM first for a device's memory), fastest first.
 
     For each micro-batch that divides `batch` (the rest becomes gradient accumulation: the same optimizer steps),
     the fewest recomputed layers that fit. `work` per token is forward 2 + backward (2 with a frozen LoRA base, 4
     in full) + 2 for each recomputed share; `time` is the work over the micro-batch's efficiency (see
-    SMALL_BATCH_TOKENS): ranked by time, then by the larger micro-batch. kw: `estimate`'s other keywords, engine
-    option and `seq` included."""
+    SMALL_BATCH_TOKENS; on a small model's layers, a larger micro-batch with more recomputed can come first):
+    ranked by time, then by the larger micro-batch. kw: `estimate`'s other keywords, engine option and `seq`
+    included."""
     kw = {k: v for k, v in kw.items() if k not in ("gradient_checkpointing", "checkpoint_layers")}
+    small = small_batch_tokens(shape)
     rows = []
     for micro in (m for m in range(batch, 0, -1) if batch % m == 0):
         for k in range(shape.layers + 1):
@@ -355,7 +368,7 @@ def fit(shape: ModelShape, *, budget_gb: float, batch: int, **kw) -> list[dict]:
                 rows.append({"per_device_train_batch_size": micro, "gradient_accumulation_steps": batch // micro,
                              "gradient_checkpointing": k > 0, "checkpoint_layers": fraction if k else 1.0,
                              "recomputed_layers": k, "planned_gb": row.total, "work": work,
-                             "time": work * (tokens + SMALL_BATCH_TOKENS) / tokens})  # fmt: skip
+                             "time": work * (tokens + small) / tokens})  # fmt: skip
                 break
     return sorted(rows, key=lambda r: (r["time"], -r["per_device_train_batch_size"]))
 
