@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Issue 7's GPU checks in one device call, most wanted first, each under its share of the time left, every result
-# written under $OUT as it lands (a step cut short keeps what it measured; bench/train_throughput.py rewrites its
-# JSON after each run). Prepare here with `make gpu-carry`, then through the device tool, with .whl and .benchdata
+# Issue 7's GPU checks in one device call (and a second for what it left), most wanted first, each under its share
+# of the time left, every result written under $OUT as it lands (a step cut short keeps what it measured;
+# bench/train_throughput.py rewrites its JSON after each run). Prepare here with `make gpu-carry`, then through the device tool, with .whl and .benchdata
 # carried:
 #
 #     bash bench/gpu_session.sh 560        # seconds this call may use; the device call's timeout_s a bit above
@@ -21,18 +21,30 @@
 # 3. the SmolLM2-135M shape without torch.compile (a row in about 20 s): ours, ours with varlen attention (no dense
 #    mask, key-value heads unrepeated), ours with an FP8 base, ours compiled layer by layer (the whole model
 #    compiled ran 2.95x eager on an H100 on 2026-11-23), and the two perplexity evaluations;
+# 4. torch.compile of SmolLM2 by layer against the whole model, side by side: compile time and steady speed (the
+#    whole model ran 2.95x eager on an H100 on 2026-11-23; by layer is unmeasured on a GPU). The first call seldom
+#    reaches it: it is for the second.
 # Every training run profiles its step 6 (train.profile_step): the GPU's busy share of the step, its kernel launches
 # and top kernels go into the JSON, to say why micro-batch 1 lost a fifth of the throughput per FLOP on the 7B.
+#
+# The session's 15 device-minutes hold one 10-minute call, the machine's start and a few minutes more. A second call
+# while the machine is still warm (30 s after a call) goes on where the first stopped, in the time left (status's
+# budget_left_s): `bash bench/gpu_session.sh SECONDS` again. Each step that ran is marked under $STATE, which the
+# machine keeps between calls ($OUT is emptied before each), and is not run again; nor are the wheels installed
+# again.
 set -u
 BUDGET=${1:-560}
 OUT=${OUT:-/tmp/gpu-session}
+STATE=${GPU_SESSION_STATE:-/tmp/gpu-session-state}
 LOGS=$OUT/logs  # packed into $OUT/logs.tgz at the end: the device tool brings back 8 files at most
-mkdir -p "$LOGS" && : > "$OUT/steps.txt"
+mkdir -p "$LOGS" "$STATE" && : > "$OUT/steps.txt"
 START=$(date +%s)
 left() { echo $((BUDGET - ($(date +%s) - START))); }
 
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  > "$LOGS/pip.log" 2>&1 || { echo "the carried wheels did not install (make gpu-carry, carry .whl)"; exit 2; }
+if [ ! -e "$STATE/wheels" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    > "$LOGS/pip.log" 2>&1 || { echo "the carried wheels did not install (make gpu-carry, carry .whl)"; exit 2; }
+fi
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # The lock's transformers, peft and tokenizers travel (make gpu-carry); should they not import over the image's
 # other packages, the image's own run instead, and fallback.txt says so.
@@ -43,20 +55,29 @@ if ! python3 -c "$IMPORTS" > "$LOGS/imports.log" 2>&1; then
   rm -rf /tmp/site/transformers* /tmp/site/peft* /tmp/site/tokenizers* /tmp/site/regex*
   python3 -c "$IMPORTS" >> "$LOGS/imports.log" 2>&1 || { echo "no imports either way (imports.log)"; exit 2; }
 fi
+touch "$STATE/wheels"
 [ -d .benchdata/tt ] || { echo "no .benchdata/tt: run make gpu-carry here and carry .benchdata"; exit 2; }
 { nvidia-smi; python3 -c "import torch, transformers, peft, triton; print(torch.__version__, torch.cuda.get_device_name(),
 transformers.__version__, peft.__version__, triton.__version__)"; } > "$LOGS/device.txt" 2>&1
 
-# step NAME CAP COMMAND...: run COMMAND for at most CAP seconds or what is left, whichever is less (none below 60)
+# step NAME CAP COMMAND...: run COMMAND for at most CAP seconds or what is left, whichever is less (none below 60),
+# unless an earlier call on this machine ran it; its log is kept under $STATE too
 step() {
   local name=$1 cap=$2 t
   shift 2
+  if [ -e "$STATE/$name" ]; then
+    echo "$name: ran in an earlier call, $(cat "$STATE/$name")" | tee -a "$OUT/steps.txt"
+    return
+  fi
   t=$(left)
   ((t > cap)) && t=$cap
   if ((t < 60)); then echo "$name: skipped, $(left) s left" | tee -a "$OUT/steps.txt"; return; fi
-  local s=$(date +%s)
+  local s=$(date +%s) rc
   timeout -k 10 "$t" "$@" > "$LOGS/$name.log" 2>&1
-  echo "$name: rc $? in $(($(date +%s) - s)) s (limit $t s)" | tee -a "$OUT/steps.txt"
+  rc=$?
+  cp "$LOGS/$name.log" "$STATE/$name.log"
+  echo "rc $rc in $(($(date +%s) - s)) s (limit $t s)" > "$STATE/$name"
+  echo "$name: $(cat "$STATE/$name")" | tee -a "$OUT/steps.txt"
 }
 
 step kernel_tests 150 python3 -m pytest -q -rfE --noconftest -p no:cacheprovider tests/test_kernels.py \
@@ -67,7 +88,8 @@ or row_quantizer" \
 EAGER=fused_linear_ce,lora_half_base,document_mask,dataloader_num_workers,lean_lora
 NEW=""  # the new engines that passed their kernel tests on this GPU
 for engine in varlen fp8; do
-  if grep -qE "^(FAILED|ERROR) .*$engine" "$LOGS/kernel_tests.log" || ! grep -q passed "$LOGS/kernel_tests.log"; then
+  if grep -qsE "^(FAILED|ERROR) .*$engine" "$STATE/kernel_tests.log" || ! grep -qs passed "$STATE/kernel_tests.log"
+  then
     echo "$engine: left out of ours, its kernel tests did not pass (logs/kernel_tests.log)" | tee -a "$OUT/steps.txt"
   else
     NEW="$NEW,$([ $engine = fp8 ] && echo fp8_base || echo $engine)"
@@ -81,11 +103,13 @@ step llama-2-7b 400 python3 bench/train_throughput.py --only llama-2-7b --data .
 VARIANTS=$(echo "${NEW#,},attention,torch_compile" | sed 's/^,//')
 step smollm2-135m 150 python3 bench/train_throughput.py --only smollm2-135m --data .benchdata/tt --no-ablation \
   --steps 10 --ours "$EAGER" --variants "$VARIANTS" --profile 6 --out "$OUT/smollm2-135m"
+step smollm2-compile 170 python3 bench/train_throughput.py --only smollm2-135m --data .benchdata/tt --no-ablation \
+  --steps 10 --ours "$EAGER,torch_compile" --variants compile_model --no-eval --out "$OUT/smollm2-compile"
 
 echo; cat "$OUT/fallback.txt" 2>/dev/null; tail -n 1 "$LOGS/device.txt"; cat "$OUT/steps.txt"
-grep -E "^(FAILED|ERROR) " "$LOGS/kernel_tests.log" | cut -c1-200 | head -n 20; tail -n 1 "$LOGS/kernel_tests.log"
+grep -E "^(FAILED|ERROR) " "$STATE/kernel_tests.log" | cut -c1-200 | head -n 20; tail -n 1 "$STATE/kernel_tests.log"
 [ -f "$LOGS/fp8_linear.log" ] && { echo "== fp8_linear"; tail -n 12 "$LOGS/fp8_linear.log" | cut -c1-200; }
-for m in llama-2-7b smollm2-135m; do
+for m in llama-2-7b smollm2-135m smollm2-compile; do
   [ -f "$LOGS/$m.log" ] && { echo "== $m"; grep -v -e "^\s*$" "$LOGS/$m.log" | tail -n 16 | cut -c1-300; }
 done
 tar czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$LOGS"
