@@ -169,6 +169,51 @@ def test_an_s3_runs_lease_outlives_a_killed_or_stalled_holder_by_its_lease_time(
     assert not fs.exists(lease)
 
 
+def test_an_s3_lease_outlives_a_store_that_stops_answering_for_less_than_its_lease_time(s3, free_tcp_port,
+                                                                                        monkeypatch, caplog):
+    """The store unreachable for a while (a network blip, a restarted MinIO): the renewals that fail are logged and
+    tried again, and once it answers the run still holds its lease. Its own moto server on a port of its own,
+    stopped and started again there (moto keeps the bucket in this process)."""
+    import logging
+    import time
+
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    from tasks.storage import BucketLease
+
+    port = free_tcp_port
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False, endpoint_url=f"http://127.0.0.1:{port}",
+                           config_kwargs={"connect_timeout": 1, "retries": {"max_attempts": 1}})  # fmt: skip
+    monkeypatch.setenv("EDGAR_TUNE_S3_LEASE_S", "10")  # renewed every 2 s
+    url = "s3://edgar-runs/runs/blip"
+    lease = BucketLease(fs, url, {"flow_run": "blip"})
+    try:
+        with caplog.at_level(logging.WARNING, logger="tasks.storage"), lease.held(wait=False):
+            first = lease.etag
+            server.stop()
+            deadline = time.monotonic() + 30
+            while "could not renew the lease" not in caplog.text and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert f"could not renew the lease of {url}/.lease.json" in caplog.text
+            assert "trying again in 2 s" in caplog.text
+            server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+            server.start()
+            renewals = lease.renewals
+            while lease.renewals < renewals + 2 and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert lease.renewals >= renewals + 2 and lease.etag != first and lease.lost is None
+            lease.check()  # still its own: no error
+            other = BucketLease(fs, url, {"flow_run": "other"})
+            assert not other._take()  # held: renewed within its lease time
+            assert json.loads(fs.cat_file(f"{url}/.lease.json"))["flow_run"] == "blip"
+        assert not fs.exists(f"{url}/.lease.json")  # let go of at the end
+    finally:
+        server.stop()
+
+
 def test_a_slot_on_a_server_that_keeps_its_leases_in_memory_says_so(prefect_server, tmp_path, monkeypatch, caplog):
     """A Prefect server keeps the leases of slots in memory unless told otherwise: a slot held across a restart of
     it stays taken for good, and every run into that s3:// run is refused (measured: README, Prefect in
