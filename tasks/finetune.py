@@ -314,10 +314,12 @@ def select_checkpointed_layers(model: torch.nn.Module, fraction: float) -> tuple
 def compile_layers(model: torch.nn.Module) -> int:
     """torch.compile each transformer layer in place (`train.compile_scope=layers`), as torchtune does and
     accelerate's regional compilation: the layers run the same code on their own weights, which dynamo takes as
-    inputs, so one compile serves them all (two under LoRA: the first layer's input needs no gradient). A 7B's whole-model compile took about 150 s on an H200
-    (2026-11-30), most of it tracing and compiling the same layer 32 times. The module tree and its state dict stay
-    as they were (no `_orig_mod` in the keys), gradient checkpointing wraps each compiled layer, and the loss, the
-    embeddings and the LM head run eagerly around them (the fused loss is its own kernel). Returns the count.
+    inputs, so one compile serves them all (two under LoRA: the first layer's input needs no gradient). A 7B's
+    whole-model compile took about 150 s on an H200 (2026-11-30), most of it tracing and compiling the same layer
+    32 times. The module tree and its state dict stay as they were (no `_orig_mod` in the keys), gradient
+    checkpointing wraps each compiled layer (decided outside it, so recomputed layers and kept ones share the
+    graphs), and the loss, the embeddings and the LM head run eagerly around them (the fused loss is its own
+    kernel). Returns the count.
 
     Raises:
         ConfigError: when the model has no per-layer modules to compile (transformers' GradientCheckpointingLayer).

@@ -68,16 +68,19 @@ def test_torch_compile_of_each_layer_trains_the_eager_losses_in_two_graphs(tiny_
     """train.torch_compile compiles each transformer layer in place by default (train.compile_scope=auto): the
     layers share their compiled graphs, two here: the first layer's input needs no gradient (LoRA leaves the
     embeddings frozen) and the others' do. The losses are the eager ones, and the saved adapter has the eager run's
-    tensor names."""
+    tensor names. Trained as the fitted 7B trains on a GPU (bench/gpu_session.sh): one of the two layers recomputed
+    (checkpointing is decided outside the compiled layer, so it adds no graph), lean_lora, an FP8 base."""
     from safetensors import safe_open
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()  # dynamo's caches outlive a test: of earlier tests' models, in this process
     graphs = counters["stats"]["unique_graphs"]
-    out = train_variants(tiny_run, tmp_path, {"eager": {}, "compiled": {"torch_compile": True}}, steps=4)
+    fitted = {"gradient_checkpointing": True, "checkpoint_layers": 0.5, "lean_lora": True, "fp8_base": True}
+    out = train_variants(tiny_run, tmp_path, {"eager": fitted, "compiled": fitted | {"torch_compile": True}}, steps=4)
     assert counters["stats"]["unique_graphs"] - graphs == 2
     assert out["compiled"][0]["torch_compile"] is True and out["compiled"][0]["compile_scope"] == "layers"
     assert out["eager"][0]["compile_scope"] is None
+    assert out["compiled"][0]["checkpointed_layers"] == "1/2" and out["compiled"][0]["fp8_base_layers"] > 0
     assert out["compiled"][1] == pytest.approx(out["eager"][1], rel=2e-3)
     names = [sorted(safe_open(tmp_path / run / "adapter" / "adapter_model.safetensors", "pt").keys())
              for run in ("eager", "compiled")]  # fmt: skip
@@ -346,3 +349,4 @@ def test_profile_step_writes_a_trace_and_a_summary_of_that_step(tiny_run, tmp_pa
     assert busy_seconds([(0, 10), (5, 20), (30, 40), (32, 35)]) == pytest.approx(30e-6)
     with pytest.raises(ConfigError, match=r"train.profile_step=9 but this run trains 3 steps"):
         train_variants(tiny_run, tmp_path / "late", {"late": {"profile_step": 9}}, steps=3)
+
