@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Issue 7's GPU checks in one device call (and a second for what it left), most wanted first, each under its share
 # of the time left, every result written under $OUT as it lands (a step cut short keeps what it measured;
-# bench/train_throughput.py rewrites its JSON after each run). Prepare here with `make gpu-carry`, then through the device tool, with .whl and .benchdata
-# carried:
+# bench/train_throughput.py rewrites its JSON after each run). Prepare here with `make gpu-carry`, then through the
+# device tool, with .whl and .benchdata carried:
 #
 #     bash bench/gpu_session.sh 560        # seconds this call may use; the device call's timeout_s a bit above
 #
@@ -16,8 +16,8 @@
 #    paid, in the same run; on 2026-11-30 it did not). Ours without either ran 1.32x at 0.54x on 2026-11-30, after
 #    about 150 s of compiling the whole model; since 2026-12-01 train.torch_compile compiles one layer's code for
 #    all 32 (on the CPU, a sixth of the time). The perplexity evaluations were measured on 2026-11-30 and are
-#    skipped. Whatever of varlen and fp8_base failed its kernel tests in step 1 is left out of ours, and steps.txt
-#    says so;
+#    skipped. Whatever of varlen and fp8_base did not pass its kernel tests in step 1 (or was not reached by them)
+#    is left out of ours, and steps.txt says so;
 # 3. the SmolLM2-135M shape without torch.compile (a row in about 20 s): ours, ours with varlen attention (no dense
 #    mask, key-value heads unrepeated), ours with an FP8 base, ours compiled layer by layer (the whole model
 #    compiled ran 2.95x eager on an H100 on 2026-11-23), and the two perplexity evaluations;
@@ -80,21 +80,28 @@ step() {
   echo "$name: $(cat "$STATE/$name")" | tee -a "$OUT/steps.txt"
 }
 
-step kernel_tests 150 python3 -m pytest -q -rfE --noconftest -p no:cacheprovider tests/test_kernels.py \
+step kernel_tests 150 python3 -m pytest -v -rfE --noconftest -p no:cacheprovider tests/test_kernels.py \
   -k "matches or vocabulary or bias or ignored or frozen or refuses or rms_norm or swiglu or rope or fused_layers \
 or lean_lora_down or under_autocast or no_grad or mfu or varlen or fp8_linear or fp8_base_swaps or fp8_base_is \
 or row_quantizer" \
   tests/test_speed_options.py::test_varlen_attention_under_torch_compile_compiles_the_model_once
 EAGER=fused_linear_ce,lora_half_base,document_mask,dataloader_num_workers,lean_lora
+# passed FAIL_PATTERN TEST...: none of the tests matching FAIL_PATTERN failed, and each TEST passed (pytest -v
+# prints a line a test as it ends, so a step cut short by its cap leaves out only the engines it did not reach)
+passed() {
+  local fail=$1 t
+  shift
+  grep -qsE "^(FAILED|ERROR) .*($fail)|($fail).* (FAILED|ERROR)" "$STATE/kernel_tests.log" && return 1
+  for t in "$@"; do grep -qsE "::$t.* PASSED" "$STATE/kernel_tests.log" || return 1; done
+}
 NEW=""  # the new engines that passed their kernel tests on this GPU
-for engine in varlen fp8; do
-  if grep -qsE "^(FAILED|ERROR) .*$engine" "$STATE/kernel_tests.log" || ! grep -qs passed "$STATE/kernel_tests.log"
-  then
-    echo "$engine: left out of ours, its kernel tests did not pass (logs/kernel_tests.log)" | tee -a "$OUT/steps.txt"
-  else
-    NEW="$NEW,$([ $engine = fp8 ] && echo fp8_base || echo $engine)"
-  fi
-done
+if passed varlen test_varlen_attention_matches test_varlen_attention_under_torch_compile; then NEW="$NEW,varlen"
+else echo "varlen: left out of ours, its kernel tests did not pass (logs/kernel_tests.log)" | tee -a "$OUT/steps.txt"
+fi
+if passed "fp8|row_quantizer" test_kernel_fp8_linear_is test_kernel_fp8_base_swaps test_kernel_triton_row_quantizer
+then NEW="$NEW,fp8_base"
+else echo "fp8_base: left out of ours, its kernel tests did not pass (logs/kernel_tests.log)" | tee -a "$OUT/steps.txt"
+fi
 [[ $NEW == *fp8_base* ]] && step fp8_linear 75 python3 bench/fp8_linear.py --out "$OUT"
 BF16=$([[ $NEW == *fp8_base* ]] && echo bf16_base)  # ours without the FP8 base, right after ours
 step llama-2-7b 400 python3 bench/train_throughput.py --only llama-2-7b --data .benchdata/tt --no-ablation --steps 10 \
