@@ -349,4 +349,3 @@ def test_profile_step_writes_a_trace_and_a_summary_of_that_step(tiny_run, tmp_pa
     assert busy_seconds([(0, 10), (5, 20), (30, 40), (32, 35)]) == pytest.approx(30e-6)
     with pytest.raises(ConfigError, match=r"train.profile_step=9 but this run trains 3 steps"):
         train_variants(tiny_run, tmp_path / "late", {"late": {"profile_step": 9}}, steps=3)
-
