@@ -67,6 +67,7 @@ import torch  # noqa: E402
 
 from bench.common import cpu_host, write_result  # noqa: E402
 from bench.gpu_engine import SHAPES  # noqa: E402
+from tasks.profile import kinds_line  # noqa: E402
 
 MODELS = {"smollm2-135m": ("smollm2", 4), "llama-2-7b": ("random", 4)}  # name: (weights, per-device batch)
 OPTIONS = {  # option: (baseline value, ours)
@@ -292,9 +293,10 @@ def run_job(args: argparse.Namespace, tok: Path, spec: str, batch: int, extra: d
     profiled = {"profile_step": args.profile} if args.profile and spec.startswith("train:") else {}
     record = _run_job(args, tok, spec, batch, json.dumps((extra or {}) | profiled))
     record["job_seconds"] = time.monotonic() - start
-    busy = (record.get("profile") or {}).get("device_busy_share")
-    print(f"{spec}: {record['job_seconds']:.0f} s" + (f"; GPU busy {busy:.0%} of the profiled step" if busy else ""),
-          flush=True)  # fmt: skip
+    profile = record.get("profile") or {}
+    busy = profile.get("device_busy_share")
+    print(f"{spec}: {record['job_seconds']:.0f} s" + (f"; GPU busy {busy:.0%} of the profiled step "
+          f"({kinds_line(profile)})" if busy else ""), flush=True)  # fmt: skip
     return record
 
 

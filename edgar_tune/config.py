@@ -297,8 +297,9 @@ class TrainConfig(_Section):
     logging_steps: int = Field(1, ge=1, description="Log training loss every N steps.")
     profile_step: int = Field(
         0, ge=0, description="Profile this optimizer step (1-based) with torch.profiler: the train stage's profile/ "
-        "gets a Chrome trace (Perfetto) and summary.json (the GPU's busy share of the step, kernel launches, the ops "
-        "that took the most time), logged to MLflow. Pick one after the warm-up and torch.compile's compilation; "
+        "gets a Chrome trace (Perfetto) and summary.json (the GPU's busy share of the step, kernel launches, its time "
+        "in matmuls, attention and other kernels, the kernels (on the CPU: ops) that took the most time), logged to "
+        "MLflow. Pick one after the warm-up and torch.compile's compilation; "
         "0: off.",
     )
     deepspeed: str | None = Field(

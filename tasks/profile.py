@@ -22,6 +22,14 @@ from tasks.io import atomic_write_json
 log = logging.getLogger(__name__)
 
 TOP = 15  # ops in the summary
+# What a GPU's kernels do, by their names (first match wins; lower case): cuBLAS's (sm90_xmma_gemm_..., nvjet_...),
+# CUTLASS's (the FP8 row-scaled matmul, cutlass::gemm::...) and inductor's matmul templates (triton_tem_...); the
+# flash and memory-efficient attention kernels (pytorch_flash::flash_fwd_kernel, fmha_cutlassF_...), named before
+# matmuls because some are CUTLASS kernels too; copies and fills. The rest: elementwise, reductions, norms, the fused
+# loss and the other Triton kernels.
+KERNEL_KINDS = (("attention", ("flash", "fmha", "attention", "attn")),
+                ("matmul", ("gemm", "gemv", "xmma", "nvjet", "cublas", "triton_tem", "scaled_mm", "f8f8")),
+                ("memory", ("memcpy", "memset")))  # fmt: skip
 
 
 def sync() -> None:
@@ -42,36 +50,65 @@ def busy_seconds(intervals: list[tuple[float, float]]) -> float:
     return total / 1e6
 
 
+def kernel_kind(name: str) -> str:
+    """`KERNEL_KINDS`' name for a GPU kernel's, or "other"."""
+    low = name.lower()
+    return next((kind for kind, marks in KERNEL_KINDS if any(m in low for m in marks)), "other")
+
+
+def by_kind(kernels: list[tuple[str, float]]) -> dict[str, float]:
+    """Milliseconds of kernel time by kind, from (name, microseconds) pairs. Kernels on several streams may
+    overlap, so the kinds can add up to more than the device's busy time."""
+    out = dict.fromkeys([kind for kind, _ in KERNEL_KINDS] + ["other"], 0.0)
+    for name, us in kernels:
+        out[kernel_kind(name)] += us / 1e3
+    return out
+
+
 def summarize(prof: torch.profiler.profile, wall: float) -> dict:
-    """The profiled step in numbers: wall and device-busy seconds, kernel launches, the TOP ops by self time on
-    the device (on the CPU: by self CPU time)."""
+    """The profiled step in numbers: wall and device-busy seconds, kernel launches, the device's time by kind of
+    kernel with the idle rest, and the TOP kernels by device time (on the CPU, where there are none: the TOP ops by
+    self CPU time). Kernels only, not the PyTorch ops that launched them as well, which would count each
+    millisecond twice."""
     from torch.autograd import DeviceType
 
     kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
     busy = busy_seconds([(e.time_range.start, e.time_range.end) for e in kernels]) if kernels else None
-    on_device = bool(kernels)
-
-    def self_us(a) -> float:  # noqa: ANN001
-        return a.self_device_time_total if on_device else a.self_cpu_time_total
-
-    ops = sorted(prof.key_averages(), key=self_us, reverse=True)[:TOP]
+    if kernels:
+        ops = [a for a in prof.key_averages() if a.device_type == DeviceType.CUDA]
+        ops = sorted(ops, key=lambda a: a.self_device_time_total, reverse=True)[:TOP]
+        top = [{"op": a.key[:120], "calls": a.count, "self_ms": a.self_device_time_total / 1e3} for a in ops]
+    else:
+        ops = sorted(prof.key_averages(), key=lambda a: a.self_cpu_time_total, reverse=True)[:TOP]
+        top = [{"op": a.key[:120], "calls": a.count, "self_ms": a.self_cpu_time_total / 1e3} for a in ops]
+    kinds = by_kind([(e.name, e.time_range.end - e.time_range.start) for e in kernels]) if kernels else None
     return {
         "wall_s": wall,
         "device_busy_s": busy,
         "device_busy_share": busy / wall if busy is not None else None,
         "kernel_launches": len(kernels),
-        "top_by": "self device time" if on_device else "self CPU time",
-        "top": [{"op": a.key[:120], "calls": a.count, "self_ms": self_us(a) / 1e3} for a in ops],
+        # and `idle`: the wall time no kernel ran (launch gaps, the host's work, waits)
+        "device_ms": kinds | {"idle": (wall - busy) * 1e3} if kinds else None,
+        "top_by": "device time (kernels)" if kernels else "self CPU time",
+        "top": top,
     }
+
+
+def kinds_line(summary: dict) -> str:
+    """"matmul 61%, attention 9%, ..., idle 12%" of the profiled step's wall time, or "" without a GPU."""
+    ms = summary.get("device_ms")
+    if not ms:
+        return ""
+    return ", ".join(f"{kind} {v / (summary['wall_s'] * 1e3):.0%}" for kind, v in ms.items())
 
 
 def table(summary: dict) -> str:
     busy = ""
     if summary["device_busy_s"] is not None:
         busy = (f", the GPU busy {summary['device_busy_s']:.3f} s ({summary['device_busy_share']:.0%}) over "
-                f"{summary['kernel_launches']} kernel launches")  # fmt: skip
-    lines = [f"profiled step: {summary['wall_s']:.3f} s{busy}; top ops by {summary['top_by']}:",
-             f"  {'self ms':>9} {'calls':>7}  op"]  # fmt: skip
+                f"{summary['kernel_launches']} kernel launches ({kinds_line(summary)})")  # fmt: skip
+    lines = [f"profiled step: {summary['wall_s']:.3f} s{busy}; top {'kernels' if busy else 'ops'} by "
+             f"{summary['top_by']}:", f"  {'self ms':>9} {'calls':>7}  op"]  # fmt: skip
     lines += [f"  {t['self_ms']:>9.2f} {t['calls']:>7}  {t['op']}" for t in summary["top"]]
     return "\n".join(lines)
 

@@ -340,8 +340,9 @@ def test_profile_step_writes_a_trace_and_a_summary_of_that_step(tiny_run, tmp_pa
     assert stats["profile"] == summary and summary["step"] == 2 and 0 < summary["wall_s"] < 60
     assert len(summary["top"]) == 15 and summary["top"][0]["self_ms"] >= summary["top"][-1]["self_ms"] > 0
     on_gpu = torch.cuda.is_available()
-    assert (summary["device_busy_s"] is not None) == on_gpu and summary["top_by"].startswith("self device" if on_gpu
+    assert (summary["device_busy_s"] is not None) == on_gpu and summary["top_by"].startswith("device" if on_gpu
                                                                                           else "self CPU")  # fmt: skip
+    assert (summary["device_ms"] is not None) == on_gpu
     trace = json.loads(gzip.decompress((tmp_path / "profiled" / "profile" / "trace.json.gz").read_bytes()))
     names = {e.get("name", "") for e in trace["traceEvents"]}
     assert any("linear" in n or "mm" in n for n in names), sorted(names)[:50]
@@ -349,3 +350,29 @@ def test_profile_step_writes_a_trace_and_a_summary_of_that_step(tiny_run, tmp_pa
     assert busy_seconds([(0, 10), (5, 20), (30, 40), (32, 35)]) == pytest.approx(30e-6)
     with pytest.raises(ConfigError, match=r"train.profile_step=9 but this run trains 3 steps"):
         train_variants(tiny_run, tmp_path / "late", {"late": {"profile_step": 9}}, steps=3)
+
+
+def test_profile_sorts_a_gpus_kernels_by_what_they_do():
+    """On a GPU the profiled step's device time is split by kind of kernel, from the kernels' names (cuBLAS, CUTLASS
+    and inductor matmuls; flash and memory-efficient attention, before matmuls: some are CUTLASS kernels too), and
+    the idle rest; the bench prints it as shares of the step."""
+    from tasks.profile import by_kind, kernel_kind, kinds_line
+
+    names = {
+        "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64_warpgroupsize2x1x1_execute_segment_k": "matmul",
+        "nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NTT": "matmul",
+        "void cutlass::device_kernel<cutlass::gemm::kernel::GemmUniversal<cutlass::float_e4m3_t>>": "matmul",
+        "triton_tem_fused_mm_0": "matmul",
+        "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128, 64, 4, false>, true>": "attention",
+        "void cutlass::device_kernel<flash::FlashAttnFwdSm90<cutlass::gemm::GemmShape>>": "attention",
+        "fmha_cutlassF_bf16_aligned_64x128_rf_sm80(PyTorchMemEffAttention::AttentionKernel)": "attention",
+        "Memcpy HtoD (Pageable -> Device)": "memory",
+        "triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_0": "other",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>": "other",
+    }
+    assert {n: kernel_kind(n) for n in names} == names
+    ms = by_kind([(n, 1000.0) for n in names] + [("nvjet_tst_x", 500.0)])
+    assert ms == {"attention": 3.0, "matmul": 4.5, "memory": 1.0, "other": 2.0}
+    summary = {"wall_s": 0.02, "device_ms": ms | {"idle": 9.5}}
+    assert kinds_line(summary) == "attention 15%, matmul 22%, memory 5%, other 10%, idle 48%"
+    assert kinds_line({"wall_s": 1.0, "device_ms": None}) == ""
