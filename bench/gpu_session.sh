@@ -24,8 +24,9 @@
 # 4. torch.compile of SmolLM2 by layer against the whole model, side by side: compile time and steady speed (the
 #    whole model ran 2.95x eager on an H100 on 2026-11-23; by layer is unmeasured on a GPU). The first call seldom
 #    reaches it: it is for the second.
-# Every training run profiles its step 6 (train.profile_step): the GPU's busy share of the step, its kernel launches
-# and top kernels go into the JSON, to say why micro-batch 1 lost a fifth of the throughput per FLOP on the 7B.
+# Every training run profiles its step 6 (train.profile_step): the GPU's busy share of the step, its kernel launches,
+# its time in matmul, attention and other kernels and idle, and the top kernels go into the JSON, to say why
+# micro-batch 1 lost a fifth of the throughput per FLOP on the 7B.
 #
 # The session's 15 device-minutes hold one 10-minute call, the machine's start and a few minutes more. A second call
 # while the machine is still warm (30 s after a call) goes on where the first stopped, in the time left (status's
