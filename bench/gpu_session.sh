@@ -25,7 +25,7 @@
 #    whole model ran 2.95x eager on an H100 on 2026-11-23; by layer is unmeasured on a GPU). The first call seldom
 #    reaches it: it is for the second.
 # Every training run profiles its step 6 (train.profile_step): the GPU's busy share of the step, its kernel launches,
-# its time in matmul, attention and other kernels and idle, and the top kernels go into the JSON, to say why
+# its time in matmul, attention, loss and other kernels and idle, and the top kernels go into the JSON, to say why
 # micro-batch 1 lost a fifth of the throughput per FLOP on the 7B.
 #
 # The session's 15 device-minutes hold one 10-minute call, the machine's start and a few minutes more. A second call

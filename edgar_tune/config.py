@@ -298,9 +298,8 @@ class TrainConfig(_Section):
     profile_step: int = Field(
         0, ge=0, description="Profile this optimizer step (1-based) with torch.profiler: the train stage's profile/ "
         "gets a Chrome trace (Perfetto) and summary.json (the GPU's busy share of the step, kernel launches, its time "
-        "in matmuls, attention and other kernels, the kernels (on the CPU: ops) that took the most time), logged to "
-        "MLflow. Pick one after the warm-up and torch.compile's compilation; "
-        "0: off.",
+        "in matmuls, attention, the loss and other kernels, the kernels (on the CPU: ops) that took the most time), "
+        "logged to MLflow. Pick one after the warm-up and torch.compile's compilation; 0: off.",
     )
     deepspeed: str | None = Field(
         None,

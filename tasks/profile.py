@@ -25,9 +25,11 @@ TOP = 15  # ops in the summary
 # What a GPU's kernels do, by their names (first match wins; lower case): cuBLAS's (sm90_xmma_gemm_..., nvjet_...),
 # CUTLASS's (the FP8 row-scaled matmul, cutlass::gemm::...) and inductor's matmul templates (triton_tem_...); the
 # flash and memory-efficient attention kernels (pytorch_flash::flash_fwd_kernel, fmha_cutlassF_...), named before
-# matmuls because some are CUTLASS kernels too; copies and fills. The rest: elementwise, reductions, norms, the fused
-# loss and the other Triton kernels.
+# matmuls because some are CUTLASS kernels too; the loss's softmax over the vocabulary (PyTorch's, on materialized
+# logits, or the fused loss's Triton kernel on each chunk's); copies and fills. The rest: elementwise, reductions,
+# norms and the other Triton kernels.
 KERNEL_KINDS = (("attention", ("flash", "fmha", "attention", "attn")),
+                ("loss", ("softmax", "nll_loss", "cross_entropy", "_ce_rows")),
                 ("matmul", ("gemm", "gemv", "xmma", "nvjet", "cublas", "triton_tem", "scaled_mm", "f8f8")),
                 ("memory", ("memcpy", "memset")))  # fmt: skip
 

@@ -354,8 +354,8 @@ def test_profile_step_writes_a_trace_and_a_summary_of_that_step(tiny_run, tmp_pa
 
 def test_profile_sorts_a_gpus_kernels_by_what_they_do():
     """On a GPU the profiled step's device time is split by kind of kernel, from the kernels' names (cuBLAS, CUTLASS
-    and inductor matmuls; flash and memory-efficient attention, before matmuls: some are CUTLASS kernels too), and
-    the idle rest; the bench prints it as shares of the step."""
+    and inductor matmuls; flash and memory-efficient attention, before matmuls: some are CUTLASS kernels too; the
+    loss's softmax), and the idle rest; the bench prints it as shares of the step."""
     from tasks.profile import by_kind, kernel_kind, kinds_line
 
     names = {
@@ -367,12 +367,14 @@ def test_profile_sorts_a_gpus_kernels_by_what_they_do():
         "void cutlass::device_kernel<flash::FlashAttnFwdSm90<cutlass::gemm::GemmShape>>": "attention",
         "fmha_cutlassF_bf16_aligned_64x128_rf_sm80(PyTorchMemEffAttention::AttentionKernel)": "attention",
         "Memcpy HtoD (Pageable -> Device)": "memory",
+        "void at::native::(anonymous namespace)::cunn_SoftMaxForward<4, float, float, float, Epilogue>": "loss",
+        "_ce_rows_kernel": "loss",
         "triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_0": "other",
         "void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>": "other",
     }
     assert {n: kernel_kind(n) for n in names} == names
     ms = by_kind([(n, 1000.0) for n in names] + [("nvjet_tst_x", 500.0)])
-    assert ms == {"attention": 3.0, "matmul": 4.5, "memory": 1.0, "other": 2.0}
-    summary = {"wall_s": 0.02, "device_ms": ms | {"idle": 9.5}}
-    assert kinds_line(summary) == "attention 15%, matmul 22%, memory 5%, other 10%, idle 48%"
+    assert ms == {"attention": 3.0, "loss": 2.0, "matmul": 4.5, "memory": 1.0, "other": 2.0}
+    summary = {"wall_s": 0.02, "device_ms": ms | {"idle": 7.5}}
+    assert kinds_line(summary) == "attention 15%, loss 10%, matmul 22%, memory 5%, other 10%, idle 38%"
     assert kinds_line({"wall_s": 1.0, "device_ms": None}) == ""
