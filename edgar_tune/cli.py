@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -52,8 +53,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     preflight(cfg.train)  # and on an engine this machine cannot run
     check_model_name(cfg.model.name)  # or a model that is not here
     from edgar_tune.config import RunParameters
+    from edgar_tune.reaper import embedded_prefect
     from flows.pipeline import edgar_tune_pipeline
 
+    embedded_prefect()
     edgar_tune_pipeline(RunParameters(preset=args.preset, out_dir=args.out, overrides=overrides,
                                       if_busy="wait" if args.wait else "fail"))
     return 0
@@ -69,8 +72,10 @@ def cmd_rerun(args: argparse.Namespace) -> int:
     overrides = parse_overrides(args.set) or None
     if flow_run_id(args.run) is None and "://" not in args.run:  # a local folder: fails here, before Prefect starts
         load_run_config(Path(args.run), overrides)
+    from edgar_tune.reaper import embedded_prefect
     from flows.pipeline import edgar_tune_rerun
 
+    embedded_prefect()
     edgar_tune_rerun(args.name, args.run, overrides, "wait" if args.wait else "fail")
     return 0
 
@@ -443,8 +448,25 @@ class _Lines(logging.Formatter):
         return super().formatMessage(record)
 
 
+def _exit_on(signum: int, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     _set_env_defaults()
+    # SIGTERM (`timeout`, systemd, a scheduler) and SIGHUP (a closed terminal) would end the process where it stands,
+    # by default: exiting instead runs what a crash runs, so the flow run is marked Crashed, files being written
+    # are dropped, and the embedded Prefect server is stopped. Prefect's engine takes SIGTERM during a flow run to
+    # mark the run, then sends it again, to this handler.
+    before = {sig: signal.signal(sig, _exit_on) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        return _main(argv)
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
+def _main(argv: list[str] | None) -> int:
     from tasks.progress import settle_console
 
     settle_console()  # before the libraries are imported: they read their bars' switches then

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -194,6 +195,57 @@ def test_a_hub_download_shows_its_progress_in_the_log_and_the_ui(prefect_server,
 _HUB_LOAD = ("from tasks.progress import settle_console; settle_console(); import logging; "
              "logging.basicConfig(level=logging.INFO); logging.getLogger('httpx2').setLevel(logging.WARNING); "
              "from tasks.models import load_causal_lm; load_causal_lm('edgar-tune/whole')")  # fmt: skip
+
+
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM"])
+def test_a_killed_run_takes_its_embedded_prefect_server_with_it(tmp_path, sig):
+    """The embedded Prefect server (a uvicorn child, 230 MB) outlived a run killed by SIGKILL (the OOM killer) or
+    SIGTERM (`timeout`, systemd), holding its port, for good. Now SIGTERM ends the run as a crash does (exit
+    143, the flow run marked Crashed, the server stopped by Prefect), and after a SIGKILL the run's reaper
+    (edgar_tune/reaper.py) stops it."""
+    import signal
+
+    import httpx
+
+    env = dict(os.environ, PREFECT_HOME=str(tmp_path / ".prefect"), EDGAR_TUNE_BARS="0")
+    run = subprocess.Popen([sys.executable, "-m", "edgar_tune.cli", "run", "--preset", "tiny", "--out",
+                            str(tmp_path / "run")], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
+    seen = []
+    try:
+        for line in run.stdout:
+            seen.append(line)
+            if "Beginning flow run" in line:
+                break
+        url = re.search(r"Starting temporary server on (http://127\.0\.0\.1:\d+)", "".join(seen))
+        assert url, "".join(seen)[-3000:]
+        children = Path(f"/proc/{run.pid}/task/{run.pid}/children").read_text().split()
+        server = [int(c) for c in children if b"uvicorn" in Path(f"/proc/{c}/cmdline").read_bytes()]
+        assert len(server) == 1, children
+        assert httpx.get(f"{url[1]}/api/health").status_code == 200
+        os.kill(run.pid, getattr(signal, sig))
+        run.wait(timeout=60)
+        deadline = time.monotonic() + 30
+        while _running(server[0]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _running(server[0]), f"the embedded Prefect server (pid {server[0]}) outlived a {sig}"
+        rest = run.stdout.read()  # the server held the pipe too
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(run.pid, signal.SIGKILL)  # the server too, if it outlived the run
+    assert run.returncode == (-9 if sig == "SIGKILL" else 143), rest[-3000:]
+    if sig == "SIGTERM":
+        assert "Finished in state Crashed('Execution was aborted by a termination signal.')" in rest, rest[-3000:]
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{url[1]}/api/health")
+
+
+def _running(pid: int) -> bool:
+    """Whether process `pid` runs: a zombie (where nothing reaps orphans) has ended."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def test_a_killed_hub_download_leaves_nothing_once_the_model_loads_again(tmp_path):

@@ -1,0 +1,75 @@
+"""The embedded Prefect server ends with the command that started it, however that command ends.
+
+Without PREFECT_API_URL, a flow run starts Prefect's embedded server: a uvicorn process (about 230 MB) that
+Prefect stops at the interpreter's exit. A command killed by SIGKILL (the OOM killer, `kill -9`) never gets
+there, and the server runs on, holding its port, for good. So `edgar-tune run` and `rerun` start that server
+themselves, before the flow (Prefect's client then finds it running), and with it this module as a process of
+its own:
+
+    python -m edgar_tune.reaper COMMAND_PID SERVER_PID
+
+It waits for the command's process to end, then stops the server: SIGTERM, and SIGKILL if it is still there 5 s
+later. Both processes are held by pidfds (Linux 5.3+), so a reused PID is never signalled. When the command ends
+on its own, Prefect has stopped the server already and this finds nothing to do.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import subprocess
+import sys
+
+GRACE_S = 5.0
+_started: list[subprocess.Popen] = []  # held, so that no reaper is collected (with a warning) while it watches
+
+
+def reap(command_pid: int, server_pid: int) -> None:
+    """Wait for `command_pid` to end, then stop `server_pid` (see the module's docstring)."""
+    try:
+        server = os.pidfd_open(server_pid)
+    except ProcessLookupError:
+        return
+    try:
+        command = os.pidfd_open(command_pid)
+    except ProcessLookupError:
+        command = None  # ended before this could watch it
+    if command is not None:
+        select.select([command], [], [])  # readable once it has ended, however it did
+    for sig, wait in ((signal.SIGTERM, GRACE_S), (signal.SIGKILL, None)):
+        try:
+            signal.pidfd_send_signal(server, sig)
+        except ProcessLookupError:
+            return
+        if select.select([server], [], [], wait)[0]:
+            return
+
+
+def start(server_pid: int) -> subprocess.Popen | None:
+    """Watch this process and stop `server_pid` when it ends; None where pidfds are missing (not Linux)."""
+    if not hasattr(os, "pidfd_open") or not hasattr(signal, "pidfd_send_signal"):
+        return None
+    _started.append(subprocess.Popen([sys.executable, "-m", "edgar_tune.reaper", str(os.getpid()), str(server_pid)],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True))  # fmt: skip
+    return _started[-1]
+
+
+def embedded_prefect() -> int | None:
+    """Start Prefect's embedded server now, where a flow run would start it (no PREFECT_API_URL), with a reaper
+    that stops it when this process ends; returns the server's PID, or None where a server is configured."""
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import get_current_settings
+
+    settings = get_current_settings()
+    if settings.api.url or not settings.server.ephemeral.enabled:
+        return None
+    server = SubprocessASGIServer()  # the instance Prefect's client asks for: it finds it running
+    server.start()
+    start(server.server_process.pid)
+    return server.server_process.pid
+
+
+if __name__ == "__main__":
+    reap(int(sys.argv[1]), int(sys.argv[2]))
