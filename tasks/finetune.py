@@ -28,6 +28,7 @@ from tasks.profile import step_profiler, sync
 from kernels.hf import causal_lm_of, fuse_layers, resolve_backend
 from kernels import fp8, varlen
 from kernels.lora import lean_lora
+from kernels.masks import shared_sdpa_mask
 from tasks.models import building, building_alone, device, from_hub, load_causal_lm, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -910,7 +911,9 @@ def train(tmp: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfig,
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    # sdpa's dense masks (packed documents, padded examples): one additive mask for all layers (kernels/masks.py)
+    with shared_sdpa_mask() if cfg.attention == "sdpa" else contextlib.nullcontext():
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     seconds = time.perf_counter() - start
     zero_stage = trainer.model_wrapped.zero_optimization_stage() if cfg.deepspeed else None
     history = [h for h in trainer.state.log_history if "loss" in h]

@@ -164,11 +164,12 @@ def estimate(shape: ModelShape, *, option: str, nproc: int, seq: int, batch: int
     fp32 weights under autocast, as `train.lora_half_base=false` loads it; DeepSpeed's engines always hold it in
     the compute dtype, FSDP always in fp32); compiled: torch.compile or the Triton layers (`train.torch_compile`,
     `train.fused_layers`), whose norms and MLPs keep less; lean_lora and lora_dropout: see `lora_layer_bytes`;
-    dense_mask: the document mask reaches sdpa as a dense b x 1 x s x s boolean mask (`train.document_mask` with
-    `train.attention=sdpa`). Every layer kept whole then keeps its own additive copy in the compute dtype, and, with
-    grouped-query attention, keys and values repeated to every head (transformers passes GQA to sdpa only without
-    a mask): counted against saved-tensor hooks in tests/test_memory.py. On an H200, SmolLM2 (30 layers, 9 heads
-    on 3 key-value heads) at 2 x 2048 tokens peaked 1.0 GB higher than planned without this; it counts 0.69 GB.
+    dense_mask: the document mask reaches sdpa as a dense b x 1 x s x s mask (`train.document_mask` with
+    `train.attention=sdpa`): one additive mask in the compute dtype that every layer keeps (kernels/masks.py; left
+    to PyTorch, each layer kept its own copy), and, with grouped-query attention, in every layer kept whole the keys
+    and values repeated to every head (transformers passes GQA to sdpa only without a mask): counted against
+    saved-tensor hooks in tests/test_memory.py. On an H200, SmolLM2 (30 layers, 9 heads on 3 key-value heads) at 2 x
+    2048 tokens, its mask copied per layer, peaked 1.0 GB higher than planned without this; the count was 0.69 GB.
     fp8_base: LoRA's frozen block layers as e4m3 weights (kernels/fp8.py, `train.fp8_base`): 1 byte a weight (the
     scales, 4 bytes per output row, and the norms' weights are rounding), the embeddings and LM head as before; a
     layer keeps for backward what a frozen bf16 layer keeps. Backward's transient: one projection's output gradient
@@ -218,9 +219,9 @@ def estimate(shape: ModelShape, *, option: str, nproc: int, seq: int, batch: int
     if fp8:
         widest = max(shape.intermediate, shape.hidden)
         acts += tokens * widest + widest * shape.hidden
-    if dense_mask:  # in each layer kept whole, and in the one being recomputed
+    if dense_mask:  # the one mask; GQA's repeated heads in each layer kept whole, and in the one being recomputed
         repeated_kv = 2 * max(shape.hidden - shape.kv_hidden, 0) if shape.kv_hidden else 0
-        acts += tokens * (seq + repeated_kv) * act_bytes * (whole + (1 if recomputed else 0))
+        acts += tokens * act_bytes * (seq + repeated_kv * (whole + (1 if recomputed else 0)))
     if fused_loss:  # the hidden states' gradient, and one chunk of fp32 logits with its compute-dtype copy
         from kernels.fused_linear_ce import default_chunk_size
 
