@@ -84,8 +84,9 @@ step() {
 step kernel_tests 150 python3 -m pytest -v -rfE --noconftest -p no:cacheprovider tests/test_kernels.py \
   -k "matches or vocabulary or bias or ignored or frozen or refuses or rms_norm or swiglu or rope or fused_layers \
 or lean_lora_down or under_autocast or no_grad or mfu or varlen or fp8_linear or fp8_base_swaps or fp8_base_is \
-or row_quantizer" \
-  tests/test_speed_options.py::test_varlen_attention_under_torch_compile_compiles_the_model_once
+or row_quantizer or one_mask" \
+  tests/test_speed_options.py::test_varlen_attention_under_torch_compile_compiles_the_model_once \
+  tests/test_memory.py::test_the_plan_counts_the_one_mask_all_layers_keep_with_a_document_mask_on_sdpa
 EAGER=fused_linear_ce,lora_half_base,document_mask,dataloader_num_workers,lean_lora
 # passed FAIL_PATTERN TEST...: none of the tests matching FAIL_PATTERN failed, and each TEST passed (pytest -v
 # prints a line a test as it ends, so a step cut short by its cap leaves out only the engines it did not reach)
