@@ -382,8 +382,9 @@ def test_kernel_fused_layers_in_a_lora_llama():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_kernel_lean_lora_down_is_dropout_then_matmul(dtype):
     """lora_down against `dropout(x.to(fp32)) @ a.T` with the same mask, values and both gradients; the mask
-    backward draws again from the seed is the forward's (else the gradients would not match)."""
-    from kernels.lora import _keep, lora_down
+    backward draws again from the seed is the forward's (else the gradients would not match). The dropped input is
+    peft's to the bit, also where it is scaled in bf16 (under bf16 autocast) without peft's fp32 copy."""
+    from kernels.lora import _dropout, _dropped, lora_down
 
     torch.manual_seed(0)
     x = torch.randn(3, 7, 40, dtype=dtype, device=DEVICE, requires_grad=True)
@@ -392,8 +393,11 @@ def test_kernel_lean_lora_down_is_dropout_then_matmul(dtype):
     torch.manual_seed(5)
     lora_down(x, a, 0.3).backward(grad)
     torch.manual_seed(5)  # the seed lora_down drew, from the same generator state
-    keep = _keep(x, 0.3, torch.randint(0, 2**62, (1,)))
+    keep = ~_dropped(x, 0.3, torch.randint(0, 2**62, (1,)))
     assert 0.5 < keep.float().mean() < 0.9
+    for out in (dtype, torch.float32):  # autocast's dtype, and none
+        peft = (x.detach().float() * keep * (1 / 0.7)).to(out)  # nn.Dropout on lora_A's fp32 input, then autocast
+        assert torch.equal(_dropout(x.detach(), ~keep, 0.3, torch.float32, out), peft)
     x2, a2 = x.detach().clone().requires_grad_(), a.detach().clone().requires_grad_()
     y2 = (x2.float() * keep / 0.7) @ a2.t()
     y2.backward(grad)
