@@ -50,10 +50,11 @@ def start(server_pid: int) -> subprocess.Popen | None:
     """Watch this process and stop `server_pid` when it ends; None where pidfds are missing (not Linux)."""
     if not hasattr(os, "pidfd_open") or not hasattr(signal, "pidfd_send_signal"):
         return None
-    _started.append(subprocess.Popen([sys.executable, "-m", "edgar_tune.reaper", str(os.getpid()), str(server_pid)],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True))  # fmt: skip
-    return _started[-1]
+    reaper = subprocess.Popen([sys.executable, "-m", "edgar_tune.reaper", str(os.getpid()), str(server_pid)],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)  # fmt: skip
+    _started.append(reaper)
+    return reaper
 
 
 def embedded_prefect() -> int | None:
