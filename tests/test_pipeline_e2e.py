@@ -10,6 +10,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -224,12 +225,16 @@ def test_a_killed_run_takes_its_embedded_prefect_server_with_it(tmp_path, sig):
         assert len(server) == 1, children
         assert httpx.get(f"{url[1]}/api/health").status_code == 200
         os.kill(run.pid, getattr(signal, sig))
+        rest = []  # read on, so that the run's last lines never wait on a full pipe
+        reader = threading.Thread(target=lambda: rest.extend(run.stdout), daemon=True)
+        reader.start()
         run.wait(timeout=60)
         deadline = time.monotonic() + 30
         while _running(server[0]) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not _running(server[0]), f"the embedded Prefect server (pid {server[0]}) outlived a {sig}"
-        rest = run.stdout.read()  # the server held the pipe too
+        reader.join(timeout=30)  # the pipe ends with the server, which held it too
+        rest = "".join(rest)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(run.pid, signal.SIGKILL)  # the server too, if it outlived the run
