@@ -23,7 +23,9 @@
 #    compiled ran 2.95x eager on an H100 on 2026-11-23), and the two perplexity evaluations;
 # 4. torch.compile of SmolLM2 by layer against the whole model, side by side: compile time and steady speed (the
 #    whole model ran 2.95x eager on an H100 on 2026-11-23; by layer is unmeasured on a GPU). The first call seldom
-#    reaches it: it is for the second.
+#    reaches it: it is for the second;
+# 5. bench/lora_down.py: train.lean_lora's down projection against peft's at the 7B's and SmolLM2's widths, with
+#    dropout 0.05 and 0 (about 10 s): whether redrawing the mask in backward costs time on a GPU.
 # Every training run profiles its step 6 (train.profile_step): the GPU's busy share of the step, its kernel launches,
 # its time in matmul, attention, loss and other kernels and idle, and the top kernels go into the JSON, to say why
 # micro-batch 1 lost a fifth of the throughput per FLOP on the 7B.
@@ -121,10 +123,12 @@ step smollm2-135m 150 python3 bench/train_throughput.py --only smollm2-135m --da
   --steps 10 --ours "$EAGER" --variants "$VARIANTS" --profile 6 --out "$OUT/smollm2-135m"
 step smollm2-compile 170 python3 bench/train_throughput.py --only smollm2-135m --data .benchdata/tt --no-ablation \
   --steps 10 --ours "$EAGER,torch_compile" --variants compile_model --no-eval --out "$OUT/smollm2-compile"
+step lora_down 60 python3 bench/lora_down.py --out "$OUT"  # lean_lora's down projection against peft's
 
 echo; cat "$OUT/fallback.txt" 2>/dev/null; tail -n 1 "$LOGS/device.txt"; cat "$OUT/steps.txt"
 grep -E "^(FAILED|ERROR) " "$STATE/kernel_tests.log" | cut -c1-200 | head -n 20; tail -n 1 "$STATE/kernel_tests.log"
 [ -f "$LOGS/fp8_linear.log" ] && { echo "== fp8_linear"; tail -n 12 "$LOGS/fp8_linear.log" | cut -c1-200; }
+[ -f "$LOGS/lora_down.log" ] && { echo "== lora_down"; tail -n 11 "$LOGS/lora_down.log" | cut -c1-200; }
 for m in llama-2-7b llama-2-7b-without-new smollm2-135m smollm2-compile; do
   [ -f "$LOGS/$m.log" ] && { echo "== $m"; grep -v -e "^\s*$" "$LOGS/$m.log" | tail -n 16 | cut -c1-300; }
 done

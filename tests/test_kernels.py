@@ -777,6 +777,29 @@ def test_kernel_fp8_bench_runs_on_the_cpu(tmp_path):
     assert all(0.005 < r["out_error"] < 0.06 and 0.005 < r["grad_error"] < 0.06 for r in rows if r["kind"] == "fp8")
 
 
+def test_kernel_lora_down_bench_runs_on_the_cpu(tmp_path):
+    """bench/lora_down.py at 64 tokens: peft's and lean_lora's down projection, with dropout and without, at both
+    widths; lean_lora keeps nothing for backward but the input (which the layer holds anyway) and a seed, peft the
+    dropped input's copy (and autocast's bf16 copy of lora_A) and, with dropout, the mask (fp32 on the CPU)."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    proc = subprocess.run([sys.executable, "bench/lora_down.py", "--tokens", "64", "--out", str(tmp_path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    [path] = tmp_path.glob("*-lora-down-*.json")
+    rows = json.loads(path.read_text())["rows"]
+    assert [(r["hidden"], r["dropout"], r["kind"]) for r in rows] == [
+        (h, p, k) for h in (4096, 576) for p in (0.05, 0.0) for k in ("peft", "lean_lora")]
+    for r in rows:
+        copy = (64 * (2 + 4 * (r["dropout"] > 0)) + 8 * 2) * r["hidden"] / 1e6  # input, mask, lora_A: r=8
+        assert r["kept_mb"] == (pytest.approx(copy) if r["kind"] == "peft" else 8e-6), r  # lean_lora: a seed
+        assert r["ms"] > 0 and r["memory_mb"] > 0
+
+
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_kernel_triton_row_quantizer_matches_torch(dtype):
