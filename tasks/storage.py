@@ -211,7 +211,8 @@ class BucketLease:
     which logs whose it was; ages are read on the store's clock (its Last-Modified and Date), so the hosts' clocks
     do not matter. A holder whose lease was taken over (it stalled past `lease_s`) stops before its next upload
     (`check`). A store that ignores conditional writes is found out at the first lease, and warned about: there,
-    the lease excludes no other host."""
+    the lease excludes no other host. One that refuses them (501 NotImplemented, as some S3-compatible stores answer)
+    is warned about the same way, and the run goes on without a lease there."""
 
     def __init__(self, fs, url: str, holder: dict) -> None:
         self.fs, self.url, self.holder = fs, f"{url}/{LEASE}", holder
@@ -222,6 +223,7 @@ class BucketLease:
         self._stop = threading.Event()
         self._began: float | None = None  # when this run first asked for it
         self._seen: tuple[str, float] | None = None  # (ETag, first seen) of a held lease, for a store without Date
+        self.refused: str | None = None  # why the store takes no lease: it refuses conditional writes
 
     def _body(self) -> bytes:
         return json.dumps({**self.holder, "token": self.token, "renewals": self.renewals}).encode()
@@ -250,6 +252,9 @@ class BucketLease:
             if time.monotonic() - (self._began or time.monotonic()) > WAIT_S:
                 raise TimeoutError(f"waited {WAIT_S / 86400:.0f} days for {self.url}")
             time.sleep(min(5.0, self.lease_s / 5))
+        if self.refused:  # nothing to renew or let go of
+            yield
+            return
         renewer = threading.Thread(target=self._renew, name="s3-lease", daemon=True)
         renewer.start()
         try:
@@ -269,7 +274,13 @@ class BucketLease:
         except OSError as err:
             if _lost_race(err):  # 409 ConditionalRequestConflict: another PUT of it raced this one
                 return False
-            raise
+            if _s3_code(err) != "NotImplemented":
+                raise
+            self.refused = str(err.__cause__ or err)
+            log.warning("the S3 store of %s refuses conditional writes (If-None-Match: %s): this run holds no lease "
+                        "there, so nothing keeps a run on another host out of it; give each host's runs their own "
+                        "s3:// URLs there (AWS S3, MinIO and R2 honour them)", self.url, self.refused)  # fmt: skip
+            return True
         self._probe()
         return True
 

@@ -214,6 +214,85 @@ def test_an_s3_lease_outlives_a_store_that_stops_answering_for_less_than_its_lea
         server.stop()
 
 
+def _conditionless_store(upstream: str, refuse: bool):
+    """A loopback S3 store that ignores conditional writes, or refuses them (501 NotImplemented, as some
+    S3-compatible stores answer): moto's server behind a proxy that drops If-None-Match and If-Match, or answers
+    501 to a request that has one. Returns the server (shutdown() when done) and its URL."""
+    import http.client
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from urllib.parse import urlsplit
+
+    conditions, up = ("if-none-match", "if-match"), urlsplit(upstream)
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def _forward(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            if refuse and any(h.lower() in conditions for h in self.headers):
+                error = (b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>NotImplemented</Code><Message>A header "
+                         b"you provided implies functionality that is not implemented</Message></Error>")  # fmt: skip
+                self.send_response(501)
+                self.send_header("Content-Type", "application/xml")
+                self.send_header("Content-Length", str(len(error)))
+                self.end_headers()
+                self.wfile.write(error)
+                return
+            drop = (*conditions, "host", "expect")
+            conn = http.client.HTTPConnection(up.hostname, up.port, timeout=30)
+            conn.request(self.command, self.path, body=body or None,
+                         headers={k: v for k, v in self.headers.items() if k.lower() not in drop})  # fmt: skip
+            answer = conn.getresponse()
+            data = answer.read()
+            self.send_response(answer.status)
+            for key, value in answer.getheaders():
+                if key.lower() not in ("transfer-encoding", "connection", "content-length"):
+                    self.send_header(key, value)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(data)
+
+        do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+@pytest.mark.parametrize("refuse", [False, True], ids=["ignores", "refuses"])
+def test_a_store_without_conditional_writes_is_warned_about_and_the_run_goes_on(s3, refuse, caplog):
+    """An S3-compatible store that ignores conditional writes takes a second `If-None-Match: *` PUT of the lease:
+    the run's probe finds that out and warns that the lease keeps no other host out. One that refuses them (501)
+    failed the run with `[Errno 38] A header you provided implies functionality that is not implemented`; now it is
+    warned about the same way, and the run goes on without a lease there."""
+    import logging
+
+    import s3fs
+
+    from tasks.storage import BucketLease
+
+    fs, env = s3
+    server, url = _conditionless_store(env["AWS_ENDPOINT_URL"], refuse)
+    store = s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False, endpoint_url=url)
+    run = f"s3://edgar-runs/runs/{'refusing' if refuse else 'ignoring'}"
+    lease = BucketLease(store, run, {"flow_run": "no-conditions"})
+    try:
+        with caplog.at_level(logging.WARNING, logger="tasks.storage"), lease.held(wait=False):
+            lease.check()
+            assert fs.exists(f"{run}/.lease.json") is not refuse  # a store that refuses them took no lease
+    finally:
+        server.shutdown()
+    says = "refuses conditional writes (If-None-Match: " if refuse else "ignores conditional writes (If-None-Match)"
+    assert f"the S3 store of {run}/.lease.json {says}" in caplog.text
+    assert "give each host's runs their own s3:// URLs there" in caplog.text
+    assert not fs.exists(f"{run}/.lease.json")
+
+
 def test_a_slot_on_a_server_that_keeps_its_leases_in_memory_says_so(prefect_server, tmp_path, monkeypatch, caplog):
     """A Prefect server keeps the leases of slots in memory unless told otherwise: a slot held across a restart of
     it stays taken for good, and every run into that s3:// run is refused (measured: README, Prefect in
