@@ -224,12 +224,39 @@ class BucketLease:
         self._began: float | None = None  # when this run first asked for it
         self._seen: tuple[str, float] | None = None  # (ETag, first seen) of a held lease, for a store without Date
         self.refused: str | None = None  # why the store takes no lease: it refuses conditional writes
+        self.no_if_match = False  # the store refuses If-Match: the ETag is read before each PUT instead
 
     def _body(self) -> bytes:
         return json.dumps({**self.holder, "token": self.token, "renewals": self.renewals}).encode()
 
     def _put(self, **condition: str) -> str:
         return self.fs.call_s3("put_object", Bucket=self.bucket, Key=self.key, Body=self._body(), **condition)["ETag"]
+
+    def _put_if_match(self, etag: str) -> str:
+        """PUT the lease if its ETag is still `etag`: with If-Match, or, on a store that takes If-None-Match but
+        refuses If-Match (501 NotImplemented: AWS S3 added the two a quarter apart, and S3-compatible stores follow
+        it), by reading the ETag just before an unconditional PUT. A renewal cannot race a take-over that way (a
+        lease changes hands only once it went `lease_s` unrenewed); two take-overs of one stale lease can, and the
+        one that loses finds out at its first renewal.
+
+        Raises:
+            FileNotFoundError: the ETag is not `etag` (or there is no lease): a lost race, as a 412 is.
+        """
+        if not self.no_if_match:
+            try:
+                return self._put(IfMatch=etag)
+            except OSError as err:
+                if _s3_code(err) != "NotImplemented":
+                    raise
+                self.no_if_match = True
+                log.warning("the S3 store of %s refuses If-Match (%s): its lease is renewed and taken over by reading "
+                            "its ETag before each PUT, so two runs taking over one stale lease at once can both "
+                            "start, the later one's PUT winning (AWS S3, MinIO and R2 honour If-Match)", self.url,
+                            err.__cause__ or err)  # fmt: skip
+        head = self._head()
+        if head is None or head[0] != etag:
+            raise FileNotFoundError(f"{self.url} is no longer the lease this run knew ({etag})")
+        return self._put()
 
     @contextlib.contextmanager
     def held(self, wait: bool) -> Iterator[None]:
@@ -304,7 +331,7 @@ class BucketLease:
             return False
         old = self._holder() or {}
         try:
-            self.etag = self._put(IfMatch=etag)
+            self.etag = self._put_if_match(etag)
         except OSError as err:
             if _lost_race(err):  # another run took it over first, or it was let go of
                 return False
@@ -340,7 +367,7 @@ class BucketLease:
         while not self._stop.wait(self.lease_s / 5):
             self.renewals += 1
             try:
-                self.etag = self._put(IfMatch=self.etag)
+                self.etag = self._put_if_match(self.etag)
             except Exception as err:  # noqa: BLE001 (the store unreachable for a while: the lease lasts lease_s)
                 if isinstance(err, OSError) and _lost_race(err):
                     holder = self._holder()

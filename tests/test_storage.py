@@ -214,16 +214,16 @@ def test_an_s3_lease_outlives_a_store_that_stops_answering_for_less_than_its_lea
         server.stop()
 
 
-def _conditionless_store(upstream: str, refuse: bool):
+def _conditionless_store(upstream: str, refuse: bool, headers: tuple[str, ...] = ("if-none-match", "if-match")):
     """A loopback S3 store that ignores conditional writes, or refuses them (501 NotImplemented, as some
-    S3-compatible stores answer): moto's server behind a proxy that drops If-None-Match and If-Match, or answers
-    501 to a request that has one. Returns the server (shutdown() when done) and its URL."""
+    S3-compatible stores answer): moto's server behind a proxy that drops `headers`, or answers 501 to a request
+    that has one of them. Returns the server (shutdown() when done) and its URL."""
     import http.client
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
     from urllib.parse import urlsplit
 
-    conditions, up = ("if-none-match", "if-match"), urlsplit(upstream)
+    conditions, up = headers, urlsplit(upstream)
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -291,6 +291,46 @@ def test_a_store_without_conditional_writes_is_warned_about_and_the_run_goes_on(
     assert f"the S3 store of {run}/.lease.json {says}" in caplog.text
     assert "give each host's runs their own s3:// URLs there" in caplog.text
     assert not fs.exists(f"{run}/.lease.json")
+
+
+def test_a_store_that_refuses_if_match_renews_and_hands_over_by_reading_the_etag_first(s3, monkeypatch, caplog):
+    """A store that takes If-None-Match but refuses If-Match (501): every renewal failed ("could not renew"), so
+    after its lease time another host took over a run that was still working, and both wrote it. Now the lease is
+    renewed by reading its ETag before an unconditional PUT: renewals go through, a take-over by another run is
+    still noticed (check() stops this one), and a stale lease is still taken over."""
+    import logging
+    import time
+
+    import s3fs
+
+    from tasks.storage import BucketLease
+
+    fs, env = s3
+    monkeypatch.setenv("EDGAR_TUNE_S3_LEASE_S", "2")  # renewed every 0.4 s
+    server, url = _conditionless_store(env["AWS_ENDPOINT_URL"], refuse=True, headers=("if-match",))
+    store = s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False, endpoint_url=url)
+    run = "s3://edgar-runs/runs/no-if-match"
+    lease = BucketLease(store, run, {"flow_run": "first"})
+    try:
+        with caplog.at_level(logging.WARNING, logger="tasks.storage"), lease.held(wait=False):
+            first, deadline = lease.etag, time.monotonic() + 30
+            while lease.renewals < 3 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert lease.etag != first and lease.lost is None and "could not renew" not in caplog.text
+            assert f"the S3 store of {run}/.lease.json refuses If-Match" in caplog.text
+            fs.pipe_file(f"{run}/.lease.json", json.dumps({"flow_run": "other"}).encode())  # another run's now
+            while lease.lost is None and time.monotonic() < deadline:
+                time.sleep(0.1)
+            with pytest.raises(RuntimeError, match="taken over by another run"):
+                lease.check()
+        stale = BucketLease(store, run, {"flow_run": "stale"})
+        assert not stale._take()  # the other run's lease is fresh
+        time.sleep(2.5)  # and now it is not: the other run stopped renewing it
+        assert stale._take() and json.loads(fs.cat_file(f"{run}/.lease.json"))["flow_run"] == "stale"
+        assert "took over the lease of" in caplog.text
+        fs.rm_file(f"{run}/.lease.json")
+    finally:
+        server.shutdown()
 
 
 def test_a_slot_on_a_server_that_keeps_its_leases_in_memory_says_so(prefect_server, tmp_path, monkeypatch, caplog):
