@@ -11,6 +11,9 @@ its own:
 It waits for the command's process to end, then stops the server: SIGTERM, and SIGKILL if it is still there 5 s
 later. Both processes are held by pidfds (Linux 5.3+), so a reused PID is never signalled. When the command ends
 on its own, Prefect has stopped the server already and this finds nothing to do.
+
+A flow called from Python (a notebook, a script: `edgar_tune_pipeline(RunParameters(...))`) starts the server
+itself; the flow's first line (`watch_embedded_server`) then starts the reaper for it, once per process.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import sys
 
 GRACE_S = 5.0
 _started: list[subprocess.Popen] = []  # held, so that no reaper is collected (with a warning) while it watches
+_watched: set[int] = set()  # the server PIDs a reaper of this process watches
 
 
 def reap(command_pid: int, server_pid: int) -> None:
@@ -47,9 +51,11 @@ def reap(command_pid: int, server_pid: int) -> None:
 
 
 def start(server_pid: int) -> subprocess.Popen | None:
-    """Watch this process and stop `server_pid` when it ends; None where pidfds are missing (not Linux)."""
-    if not hasattr(os, "pidfd_open") or not hasattr(signal, "pidfd_send_signal"):
+    """Watch this process and stop `server_pid` when it ends; None where pidfds are missing (not Linux) or a reaper
+    of this process watches it already."""
+    if not hasattr(os, "pidfd_open") or not hasattr(signal, "pidfd_send_signal") or server_pid in _watched:
         return None
+    _watched.add(server_pid)
     reaper = subprocess.Popen([sys.executable, "-m", "edgar_tune.reaper", str(os.getpid()), str(server_pid)],
                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)  # fmt: skip
@@ -70,6 +76,19 @@ def embedded_prefect() -> int | None:
     server.start()
     start(server.server_process.pid)
     return server.server_process.pid
+
+
+def watch_embedded_server() -> int | None:
+    """Start a reaper for the embedded Prefect server this process runs, if it runs one that none watches yet (a
+    flow called from Python started it); returns its PID, or None where this process runs none."""
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer._instances.get(None)  # the instance of a flow run without PREFECT_API_URL
+    process = getattr(server, "server_process", None)
+    if process is None or process.poll() is not None:
+        return None
+    start(process.pid)
+    return process.pid
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from prefect.logging.handlers import APILogHandler
 from prefect.runtime import flow_run
 
 from edgar_tune.config import ConfigError, PipelineConfig, RunParameters, flow_run_id, load_run_config
+from edgar_tune.reaper import watch_embedded_server
 from tasks.cache import (
     OUTPUTS,
     STAGES,
@@ -88,6 +89,7 @@ Stage = Literal["download", "parse", "tokenize", "evaluate-base", "train", "eval
 @flow(name="edgar-tune", log_prints=True)
 def edgar_tune_pipeline(params: RunParameters = RunParameters()) -> dict:  # noqa: B008 (never mutated)
     """Domain-adapt a causal LM to 10-K filings and register it; returns the run summary."""
+    watch_embedded_server()
     cfg = params.load()
     return run_stages(RunFolder.open(params.out_dir), cfg, STAGES, wait=params.if_busy == "wait")
 
@@ -103,6 +105,7 @@ def edgar_tune_rerun(stage: Stage, run: str, overrides: dict | None = None,
         overrides: Config keys to change first, e.g. {"train.learning_rate": 1e-4}; recorded in config.yaml.
         if_busy: When another run works in the folder: fail at once, or wait for it to end.
     """
+    watch_embedded_server()
     folder = RunFolder.open(resolve_run(run))
     folder.pull(["config.yaml"])
     load_run_config(folder.local, overrides)  # a bad key fails now, not after a wait

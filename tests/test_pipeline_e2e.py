@@ -198,19 +198,26 @@ _HUB_LOAD = ("from tasks.progress import settle_console; settle_console(); impor
              "from tasks.models import load_causal_lm; load_causal_lm('edgar-tune/whole')")  # fmt: skip
 
 
-@pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM"])
-def test_a_killed_run_takes_its_embedded_prefect_server_with_it(tmp_path, sig):
+_PYTHON_RUN = ("from edgar_tune.config import RunParameters; from flows.pipeline import edgar_tune_pipeline; "
+               "edgar_tune_pipeline(RunParameters(preset='tiny', out_dir={out!r}))")
+
+
+@pytest.mark.parametrize("how,sig", [("cli", "SIGKILL"), ("cli", "SIGTERM"), ("python", "SIGKILL")])
+def test_a_killed_run_takes_its_embedded_prefect_server_with_it(tmp_path, how, sig):
     """The embedded Prefect server (a uvicorn child, 230 MB) outlived a run killed by SIGKILL (the OOM killer) or
     SIGTERM (`timeout`, systemd), holding its port, for good. Now SIGTERM ends the run as a crash does (exit
     143, the flow run marked Crashed, the server stopped by Prefect), and after a SIGKILL the run's reaper
-    (edgar_tune/reaper.py) stops it."""
+    (edgar_tune/reaper.py) stops it: started by the CLI, or by the flow itself where it is called from Python
+    (a notebook's kernel killed)."""
     import signal
 
     import httpx
 
     env = dict(os.environ, PREFECT_HOME=str(tmp_path / ".prefect"), EDGAR_TUNE_BARS="0")
-    run = subprocess.Popen([sys.executable, "-m", "edgar_tune.cli", "run", "--preset", "tiny", "--out",
-                            str(tmp_path / "run")], cwd=REPO, env=env, stdout=subprocess.PIPE,
+    out = str(tmp_path / "run")
+    command = (["-m", "edgar_tune.cli", "run", "--preset", "tiny", "--out", out] if how == "cli"
+               else ["-c", _PYTHON_RUN.format(out=out)])  # fmt: skip
+    run = subprocess.Popen([sys.executable, *command], cwd=REPO, env=env, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
     seen = []
     try:
@@ -223,6 +230,10 @@ def test_a_killed_run_takes_its_embedded_prefect_server_with_it(tmp_path, sig):
         children = Path(f"/proc/{run.pid}/task/{run.pid}/children").read_text().split()
         server = [int(c) for c in children if b"uvicorn" in Path(f"/proc/{c}/cmdline").read_bytes()]
         assert len(server) == 1, children
+        deadline = time.monotonic() + 30  # the flow's first line starts the reaper of a run called from Python
+        while not _reapers(run.pid, server[0]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(_reapers(run.pid, server[0])) == 1
         assert httpx.get(f"{url[1]}/api/health").status_code == 200
         os.kill(run.pid, getattr(signal, sig))
         rest = []  # read on, so that the run's last lines never wait on a full pipe
@@ -233,6 +244,9 @@ def test_a_killed_run_takes_its_embedded_prefect_server_with_it(tmp_path, sig):
         while _running(server[0]) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not _running(server[0]), f"the embedded Prefect server (pid {server[0]}) outlived a {sig}"
+        while _reapers(run.pid, server[0]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _reapers(run.pid, server[0]), "the reaper outlived the server it stopped"
         reader.join(timeout=30)  # the pipe ends with the server, which held it too
         rest = "".join(rest)
     finally:
@@ -243,6 +257,17 @@ def test_a_killed_run_takes_its_embedded_prefect_server_with_it(tmp_path, sig):
         assert "Finished in state Crashed('Execution was aborted by a termination signal.')" in rest, rest[-3000:]
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{url[1]}/api/health")
+
+
+def _reapers(command: int, server: int) -> list[int]:
+    """The reapers (edgar_tune/reaper.py) that watch process `command` for the server `server`."""
+    wanted = f"edgar_tune.reaper\0{command}\0{server}\0".encode()
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            if cmdline.read_bytes().endswith(wanted):
+                found.append(int(cmdline.parent.name))
+    return found
 
 
 def _running(pid: int) -> bool:
