@@ -10,7 +10,8 @@ value on CUDA): q_proj and v_proj of one Llama layer keep 6 bytes per token per 
 lora_A runs there) as one autograd function that keeps `x` itself (the
 projections of a layer that read the same input share it: q, k and v read one tensor) and a seed: backward draws
 the same dropout mask again from the seed. The values are peft's, exactly: the fp32 copy of a bf16 tensor is the
-same numbers. The masks differ from peft's only in which random numbers they are.
+same numbers. So are the gradients: backward's matmuls run in the autocast dtype too, as peft's lora_A's do under
+autocast, with no fp32 copy of the input. The masks differ from peft's only in which random numbers they are.
 
 Forward and backward are custom ops (`edgar_tune::lora_down_forward`, `..._backward`), opaque to torch.compile, so
 a compiled layer stays one graph (the compiler cannot trace a seeded generator) and keeps what this keeps.
@@ -61,22 +62,24 @@ def _(x: torch.Tensor, a: torch.Tensor, p: float, seed: torch.Tensor, dtype: tor
 # ops drawing the mask from x and the seed alone would be moved into the forward, and their results kept.
 @torch.library.custom_op("edgar_tune::lora_down_backward", mutates_args=())
 def lora_down_backward(grad: torch.Tensor, x: torch.Tensor, a: torch.Tensor, p: float, seed: torch.Tensor,
-                       need_x: bool) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    dropped = _dropped(x, p, seed) if p else None  # the forward's mask, drawn again
-    grad = grad.to(a.dtype)  # gradients in the adapters' dtype (fp32 under lora_half_base)
-    grad_x = x.new_empty(0)
-    if need_x:
-        grad_x = grad @ a
-        if dropped is not None:
-            grad_x = grad_x.mul_(1 / (1 - p)).masked_fill_(dropped, 0)
-        grad_x = grad_x.to(x.dtype)
-    xd = x.to(a.dtype) if dropped is None else _dropout(x, dropped, p, a.dtype, a.dtype)
-    grad_a = grad.reshape(-1, grad.shape[-1]).t() @ xd.reshape(-1, xd.shape[-1])
-    return grad_x, grad_a
+                       need_x: bool, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """peft's gradients: its lora_A runs in `dtype` (autocast's, else the adapter's), so both matmuls of its
+    backward do too, and the input's gradient is scaled and masked as dropout's backward does it, in the adapter's
+    dtype, then cast to the input's."""
+    with torch.autocast(x.device.type, enabled=False):
+        dropped = _dropped(x, p, seed) if p else None  # the forward's mask, drawn again
+        grad = grad.to(dtype)
+        grad_x = x.new_empty(0)
+        if need_x:
+            grad_x = grad @ a.to(dtype)
+            grad_x = grad_x.to(x.dtype) if dropped is None else _dropout(grad_x, dropped, p, a.dtype, x.dtype)
+        xd = x.to(dtype) if dropped is None else _dropout(x, dropped, p, a.dtype, dtype)
+        grad_a = (grad.reshape(-1, grad.shape[-1]).t() @ xd.reshape(-1, xd.shape[-1])).to(a.dtype)
+        return grad_x, grad_a
 
 
 @lora_down_backward.register_fake
-def _(grad, x, a, p, seed, need_x):
+def _(grad, x, a, p, seed, need_x, dtype):
     return (torch.empty_like(x) if need_x else x.new_empty(0)), torch.empty_like(a)
 
 
@@ -86,16 +89,16 @@ class _LoraDown(torch.autograd.Function):
         # a seed per call from the default CPU generator: reproducible under torch.manual_seed, no device sync
         seed = torch.randint(0, 2**62, (1,)) if p else torch.zeros(1, dtype=torch.int64)
         ctx.save_for_backward(x, a, seed)
-        ctx.p = p
         # Under autocast (the Trainer's bf16/fp16) peft's lora_A runs in the autocast dtype: so does this
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else a.dtype
+        ctx.p, ctx.dtype = p, dtype
         return lora_down_forward(x, a, p, seed, dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, a, seed = ctx.saved_tensors
-        grad_x, grad_a = lora_down_backward(grad, x, a, ctx.p, seed, ctx.needs_input_grad[0])
+        grad_x, grad_a = lora_down_backward(grad, x, a, ctx.p, seed, ctx.needs_input_grad[0], ctx.dtype)
         return (grad_x if ctx.needs_input_grad[0] else None), grad_a, None
 
 
