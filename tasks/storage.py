@@ -33,6 +33,8 @@ RESULTS = ".prefect-results"
 LOCK = ".lock"  # in the run folder (an s3:// run's working copy): held while a run or rerun works in it
 WAIT_S = 7 * 24 * 3600  # the longest a run that waits its turn (`if_busy: wait`) waits for an s3:// run's lease
 LEASE = ".lease.json"  # in an s3:// run's prefix: the run that works in it, while it does
+# On a store that refuses If-Match: how long a take-over waits before it reads the lease back (at most lease_s / 4)
+TAKE_OVER_SETTLE_S = 2.0
 LEASE_S = "EDGAR_TUNE_S3_LEASE_S"  # how long a lease outlives its last renewal (default 300 s; renewed every fifth)
 
 log = logging.getLogger(__name__)
@@ -236,8 +238,8 @@ class BucketLease:
         """PUT the lease if its ETag is still `etag`: with If-Match, or, on a store that takes If-None-Match but
         refuses If-Match (501 NotImplemented: AWS S3 added the two a quarter apart, and S3-compatible stores follow
         it), by reading the ETag just before an unconditional PUT. A renewal cannot race a take-over that way (a
-        lease changes hands only once it went `lease_s` unrenewed); two take-overs of one stale lease can, and the
-        one that loses finds out at its first renewal.
+        lease changes hands only once it went `lease_s` unrenewed); two take-overs of one stale lease can, so a
+        take-over there reads the lease back before it counts (`_took_over`).
 
         Raises:
             FileNotFoundError: the ETag is not `etag` (or there is no lease): a lost race, as a 412 is.
@@ -250,9 +252,10 @@ class BucketLease:
                     raise
                 self.no_if_match = True
                 log.warning("the S3 store of %s refuses If-Match (%s): its lease is renewed and taken over by reading "
-                            "its ETag before each PUT, so two runs taking over one stale lease at once can both "
-                            "start, the later one's PUT winning (AWS S3, MinIO and R2 honour If-Match)", self.url,
-                            err.__cause__ or err)  # fmt: skip
+                            "its ETag before each PUT, and a take-over reads it back %.1f s later, so two runs taking "
+                            "over one stale lease at once both start only if their requests are that far apart (AWS "
+                            "S3, MinIO and R2 honour If-Match)", self.url, err.__cause__ or err,
+                            self._settle_s())  # fmt: skip
         head = self._head()
         if head is None or head[0] != etag:
             raise FileNotFoundError(f"{self.url} is no longer the lease this run knew ({etag})")
@@ -336,10 +339,26 @@ class BucketLease:
             if _lost_race(err):  # another run took it over first, or it was let go of
                 return False
             raise
+        if self.no_if_match and not self._took_over():
+            return False
         log.warning("took over the lease of %s from a run that stopped renewing it %.0f s ago (%s): it ended without "
                     "letting go, as a killed run does", self.url.rsplit("/", 1)[0], age,
                     describe_holder(old) if old else "holder unknown")  # fmt: skip
         return True
+
+    def _settle_s(self) -> float:
+        return min(TAKE_OVER_SETTLE_S, self.lease_s / 4)
+
+    def _took_over(self) -> bool:
+        """After a take-over by an unconditional PUT: whether the lease is still this run's a moment later. Two runs
+        that found one stale lease at once both PUT it; the later PUT is the lease, and the other run, reading it
+        back, waits (as for a held lease) instead of starting beside it."""
+        time.sleep(self._settle_s())
+        holder = self._holder()
+        if holder is not None and holder.get("token") == self.token:
+            return True
+        log.info("another run took over the lease of %s at the same time, and holds it", self.url.rsplit("/", 1)[0])
+        return False
 
     def _head(self) -> tuple[str, float] | None:
         """The lease's ETag and its age in seconds, on the store's clock; None if there is none."""

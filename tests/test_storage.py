@@ -333,6 +333,62 @@ def test_a_store_that_refuses_if_match_renews_and_hands_over_by_reading_the_etag
         server.shutdown()
 
 
+def test_two_runs_taking_over_one_stale_lease_at_once_on_a_store_that_refuses_if_match_start_one(s3, monkeypatch,
+                                                                                                   caplog):  # fmt: skip
+    """On a store that refuses If-Match a take-over is an unconditional PUT after reading the ETag: two runs that
+    found one stale lease at once both PUT it, and both started, writing one run. Each now reads the lease back a
+    moment later (lease_s / 4 here): the later PUT holds it, and the other one is refused as by a held lease."""
+    import logging
+    import threading
+    import time
+
+    import s3fs
+
+    from tasks.storage import BucketLease, Busy
+
+    fs, env = s3
+    monkeypatch.setenv("EDGAR_TUNE_S3_LEASE_S", "2")
+    server, url = _conditionless_store(env["AWS_ENDPOINT_URL"], refuse=True, headers=("if-match",))
+    store = s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False, endpoint_url=url)
+    run = "s3://edgar-runs/runs/two-take-overs"
+    try:
+        fs.pipe_file(f"{run}/.lease.json", json.dumps({"flow_run": "killed"}).encode())  # its run was SIGKILLed
+        time.sleep(2.5)
+        leases = [BucketLease(store, run, {"flow_run": name}) for name in ("a", "b")]
+        start, both_found_it_stale, held, refused = threading.Barrier(2), threading.Barrier(2, timeout=30), [], []
+        for lease in leases:  # each one's first unconditional PUT (its take-over) waits for the other's: the race
+            def put(put=lease._put, first=[True], **condition: str) -> str:  # noqa: B006 (one list per lease)
+                if not condition and first:
+                    first.clear()
+                    both_found_it_stale.wait()
+                return put(**condition)
+
+            lease._put = put
+
+        def take(lease: BucketLease) -> None:
+            start.wait()
+            try:
+                with lease.held(wait=False):
+                    held.append(lease.holder["flow_run"])
+                    time.sleep(1.0)  # working, and renewing, while the other one decides
+            except Busy as busy:
+                refused.append(busy)
+
+        with caplog.at_level(logging.INFO, logger="tasks.storage"):
+            threads = [threading.Thread(target=take, args=(lease,)) for lease in leases]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(timeout=60)
+        assert len(held) == 1 and len(refused) == 1, (held, refused, caplog.text)
+        assert caplog.text.count("another run took over the lease of") == 1
+        assert caplog.text.count("from a run that stopped renewing it") == 1
+        assert "could not renew" not in caplog.text
+        assert not fs.exists(f"{run}/.lease.json")  # let go of by the one that held it
+    finally:
+        server.shutdown()
+
+
 def test_a_slot_on_a_server_that_keeps_its_leases_in_memory_says_so(prefect_server, tmp_path, monkeypatch, caplog):
     """A Prefect server keeps the leases of slots in memory unless told otherwise: a slot held across a restart of
     it stays taken for good, and every run into that s3:// run is refused (measured: README, Prefect in
