@@ -81,10 +81,11 @@ def embedded_prefect() -> int | None:
 def watch_embedded_server() -> int | None:
     """Start a reaper for the embedded Prefect server this process runs, if it runs one that none watches yet (a
     flow called from Python started it); returns its PID, or None where this process runs none."""
-    from prefect.server.api.server import SubprocessASGIServer
-
+    server_module = sys.modules.get("prefect.server.api.server")  # not imported: no server here (importing it
+    if server_module is None:  # would cost a worker's flow run 3.6 s)
+        return None
     # the instance of a flow run without PREFECT_API_URL (Prefect's own registry; the killed-run test checks it)
-    server = getattr(SubprocessASGIServer, "_instances", {}).get(None)
+    server = getattr(server_module.SubprocessASGIServer, "_instances", {}).get(None)
     process = getattr(server, "server_process", None)
     if process is None or process.poll() is not None:
         return None
