@@ -249,7 +249,7 @@ class TrainConfig(_Section):
         False, description="LoRA's down projection as one op (kernels/lora.py) that keeps its input once, in the "
         "compute dtype, and draws the dropout mask again in backward: peft keeps a copy of the input and a mask "
         "per adapted projection (under bf16 autocast, compiled, with LoRA on q_proj and v_proj: 24.79 bytes per "
-        "token per hidden unit of a Llama layer instead of 28.79). Same values; other random masks.",
+        "token per hidden unit of a Llama layer instead of 28.79). peft's values and gradients; other random masks.",
     )
     fp8_base: bool = Field(
         False, description="LoRA: run the frozen base's linear layers as FP8 matmuls (kernels/fp8.py): each weight "
