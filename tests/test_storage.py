@@ -217,11 +217,13 @@ def test_an_s3_lease_outlives_a_store_that_stops_answering_for_less_than_its_lea
 def _conditionless_store(upstream: str, refuse: bool, headers: tuple[str, ...] = ("if-none-match", "if-match")):
     """A loopback S3 store that ignores conditional writes, or refuses them (501 NotImplemented, as some
     S3-compatible stores answer): moto's server behind a proxy that drops `headers`, or answers 501 to a request
-    that has one of them. Returns the server (shutdown() when done) and its URL."""
+    that has one of them. Returns the server (shutdown() when done) and an s3fs filesystem on it."""
     import http.client
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
     from urllib.parse import urlsplit
+
+    import s3fs
 
     conditions, up = headers, urlsplit(upstream)
 
@@ -261,7 +263,8 @@ def _conditionless_store(upstream: str, refuse: bool, headers: tuple[str, ...] =
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server, f"http://127.0.0.1:{server.server_address[1]}"
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    return server, s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False, endpoint_url=url)
 
 
 @pytest.mark.parametrize("refuse", [False, True], ids=["ignores", "refuses"])
@@ -272,13 +275,10 @@ def test_a_store_without_conditional_writes_is_warned_about_and_the_run_goes_on(
     warned about the same way, and the run goes on without a lease there."""
     import logging
 
-    import s3fs
-
     from tasks.storage import BucketLease
 
     fs, env = s3
-    server, url = _conditionless_store(env["AWS_ENDPOINT_URL"], refuse)
-    store = s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False, endpoint_url=url)
+    server, store = _conditionless_store(env["AWS_ENDPOINT_URL"], refuse)
     run = f"s3://edgar-runs/runs/{'refusing' if refuse else 'ignoring'}"
     lease = BucketLease(store, run, {"flow_run": "no-conditions"})
     try:
@@ -301,14 +301,11 @@ def test_a_store_that_refuses_if_match_renews_and_hands_over_by_reading_the_etag
     import logging
     import time
 
-    import s3fs
-
     from tasks.storage import BucketLease
 
     fs, env = s3
     monkeypatch.setenv("EDGAR_TUNE_S3_LEASE_S", "2")  # renewed every 0.4 s
-    server, url = _conditionless_store(env["AWS_ENDPOINT_URL"], refuse=True, headers=("if-match",))
-    store = s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False, endpoint_url=url)
+    server, store = _conditionless_store(env["AWS_ENDPOINT_URL"], refuse=True, headers=("if-match",))
     run = "s3://edgar-runs/runs/no-if-match"
     lease = BucketLease(store, run, {"flow_run": "first"})
     try:
@@ -342,14 +339,11 @@ def test_two_runs_taking_over_one_stale_lease_at_once_on_a_store_that_refuses_if
     import threading
     import time
 
-    import s3fs
-
     from tasks.storage import BucketLease, Busy
 
     fs, env = s3
     monkeypatch.setenv("EDGAR_TUNE_S3_LEASE_S", "2")
-    server, url = _conditionless_store(env["AWS_ENDPOINT_URL"], refuse=True, headers=("if-match",))
-    store = s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False, endpoint_url=url)
+    server, store = _conditionless_store(env["AWS_ENDPOINT_URL"], refuse=True, headers=("if-match",))
     run = "s3://edgar-runs/runs/two-take-overs"
     try:
         fs.pipe_file(f"{run}/.lease.json", json.dumps({"flow_run": "killed"}).encode())  # its run was SIGKILLed
