@@ -106,8 +106,9 @@ if passed "fp8|row_quantizer" test_kernel_fp8_linear_is test_kernel_fp8_base_swa
 then NEW="$NEW,fp8_base"
 else echo "fp8_base: left out of ours, its kernel tests did not pass (logs/kernel_tests.log)" | tee -a "$OUT/steps.txt"
 fi
-# lean_lora is in every ours: it changed on 2026-12-01 (its dropout mask drawn as booleans), so it too must have
-# passed its kernel tests on this GPU, or it is left out of ours rather than failing every training run
+# lean_lora is in every ours: it changed on 2026-12-01 (its mask drawn as booleans, its backward in autocast's
+# dtype), so it too must have passed its kernel tests on this GPU, or it is left out of ours rather than failing
+# every training run
 if ! passed lean_lora test_kernel_lean_lora_down_is_dropout_then_matmul test_kernel_lean_lora_under_autocast; then
   EAGER=${EAGER/,lean_lora/}
   echo "lean_lora: left out of ours, its kernel tests did not pass (logs/kernel_tests.log)" | tee -a "$OUT/steps.txt"
