@@ -35,13 +35,18 @@ def _dropped(x: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
     return torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(p, generator=gen)
 
 
-def _dropout(x: torch.Tensor, dropped: torch.Tensor, p: float, work: torch.dtype,
-             dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
+def _dropout(x: torch.Tensor, dropped: torch.Tensor, p: float, work: torch.dtype, dtype: torch.dtype,
+             inplace: bool = False) -> torch.Tensor:  # fmt: skip
     """`dropout(x.to(work), p).to(dtype)`'s values (peft's: `work` is lora_A's dtype, `dtype` autocast's) in as few
     passes as give them. Where x is already in `dtype` (a bf16 input under the Trainer's bf16 autocast) it is scaled
     there: PyTorch multiplies a bf16 or fp16 tensor by a Python float in fp32 and rounds once, as the detour through
-    fp32 does, without that detour's fp32 copies of the input (four times the memory traffic)."""
-    xd = x * (1 / (1 - p)) if x.dtype == dtype else x.to(work) * (1 / (1 - p))
+    fp32 does, without that detour's fp32 copies of the input (four times the memory traffic). `inplace`: x is a
+    temporary of the caller's (backward's input gradient), scaled where it lies rather than into a new tensor."""
+    scale = 1 / (1 - p)
+    if x.dtype != dtype:
+        xd = x.to(work) * scale
+    else:
+        xd = x.mul_(scale) if inplace else x * scale
     return xd.masked_fill_(dropped, 0).to(dtype)
 
 
@@ -72,7 +77,7 @@ def lora_down_backward(grad: torch.Tensor, x: torch.Tensor, a: torch.Tensor, p: 
         grad_x = x.new_empty(0)
         if need_x:
             grad_x = grad @ a.to(dtype)
-            grad_x = grad_x.to(x.dtype) if dropped is None else _dropout(grad_x, dropped, p, a.dtype, x.dtype)
+            grad_x = grad_x.to(x.dtype) if dropped is None else _dropout(grad_x, dropped, p, a.dtype, x.dtype, True)
         xd = x.to(dtype) if dropped is None else _dropout(x, dropped, p, a.dtype, dtype)
         grad_a = (grad.reshape(-1, grad.shape[-1]).t() @ xd.reshape(-1, xd.shape[-1])).to(a.dtype)
         return grad_x, grad_a
