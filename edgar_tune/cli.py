@@ -10,6 +10,8 @@ import signal
 import sys
 from pathlib import Path
 
+from edgar_tune.signals import signal_behind
+
 # Offline-friendly defaults, set before Prefect or MLflow are imported (both read them at import).
 _ENV_DEFAULTS = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -452,24 +454,6 @@ def _exit_on(signum: int, frame) -> None:
     raise SystemExit(128 + signum)
 
 
-def _signal_behind(err: BaseException) -> int | None:
-    """The signal that began the exception chain ending in `err`, if a signal did: Prefect raises
-    TerminationSignal for a SIGTERM during a flow run, and this module's handler SystemExit(128 + signal). An
-    error raised while handling it (Prefect's crash handler of a task run not yet made raises "Task run is not
-    set") takes its place, and the process ended with status 1 as if it had failed by itself."""
-    from prefect.exceptions import TerminationSignal
-
-    seen: set[int] = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        if isinstance(err, TerminationSignal):
-            return err.signal
-        if isinstance(err, SystemExit) and err.code in (128 + signal.SIGTERM, 128 + signal.SIGHUP):
-            return err.code - 128
-        err = err.__cause__ or err.__context__
-    return None
-
-
 def main(argv: list[str] | None = None) -> int:
     _set_env_defaults()
     # SIGTERM (`timeout`, systemd, a scheduler) and SIGHUP (a closed terminal) would end the process where it stands,
@@ -480,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _main(argv)
     except Exception as err:
-        if (sig := _signal_behind(err)) is None:
+        if (sig := signal_behind(err)) is None:
             raise
         print(f"edgar-tune: stopped by {signal.Signals(sig).name}; stopping raised {type(err).__name__}: {err}",
               file=sys.stderr)  # fmt: skip

@@ -30,6 +30,7 @@ from prefect.runtime import flow_run
 
 from edgar_tune.config import ConfigError, PipelineConfig, RunParameters, flow_run_id, load_run_config
 from edgar_tune.reaper import watch_embedded_server
+from edgar_tune.signals import as_signal
 from tasks.cache import (
     OUTPUTS,
     STAGES,
@@ -205,7 +206,8 @@ def _run_stage(folder: RunFolder, cfg: PipelineConfig, stage: str, force: bool, 
     }[stage]
     options = {"refresh_cache": fresh, "task_run_name": stage} | folder.result_storage()
     inputs = read_stamps(run_dir, stage)
-    state = task.with_options(**options)(*args, cache_key=key, return_state=True)
+    with as_signal():  # a SIGTERM that Prefect's task engine turns into an error crashes the run, as any SIGTERM does
+        state = task.with_options(**options)(*args, cache_key=key, return_state=True)
     try:
         state.result()  # raises the stage's error, so the flow run fails with it
     except SourceChanged as err:  # the command it gives, for this run
