@@ -29,18 +29,25 @@ _started: list[subprocess.Popen] = []  # held, so that no reaper is collected (w
 _watched: set[int] = set()  # the server PIDs a reaper of this process watches
 
 
+def wait_for_end(pid: int) -> None:
+    """Return once process `pid` has ended, however it ended (at once if it has). Linux 5.3+ (a pidfd)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        select.select([fd], [], [])  # readable once it has ended
+    finally:
+        os.close(fd)
+
+
 def reap(command_pid: int, server_pid: int) -> None:
     """Wait for `command_pid` to end, then stop `server_pid` (see the module's docstring)."""
     try:
         server = os.pidfd_open(server_pid)
     except ProcessLookupError:
         return
-    try:
-        command = os.pidfd_open(command_pid)
-    except ProcessLookupError:
-        command = None  # ended before this could watch it
-    if command is not None:
-        select.select([command], [], [])  # readable once it has ended, however it did
+    wait_for_end(command_pid)
     for sig, wait in ((signal.SIGTERM, GRACE_S), (signal.SIGKILL, None)):
         try:
             signal.pidfd_send_signal(server, sig)

@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -149,6 +150,78 @@ def step_timer():
             self._last = now
 
     return StepTimer()
+
+
+class Stopped(SystemExit):
+    """The training process stopped on SIGTERM, with a checkpoint at the step it was in (`stop_on_sigterm`)."""
+
+
+def stop_on_sigterm():
+    """A Trainer callback that is, while training runs (`handling()`), the process's SIGTERM handler: SIGTERM (the
+    flow run ending: a cancel in the Prefect UI, `kill`, `timeout`, a spot machine's notice) ends training at the
+    end of the optimizer step it is in, with a checkpoint of that step, so the next run resumes there rather than
+    from the last `train.save_steps`. Before the first step and after the last, the process ends at once (status
+    143), as SIGTERM's default would. One process only: under a launcher, the launcher stops its ranks, which
+    could stop at different steps."""
+    from transformers import TrainerCallback
+
+    class StopOnSigterm(TrainerCallback):
+        def __init__(self) -> None:
+            self.asked = self.training = False
+
+        def handler(self, signum, frame) -> None:
+            if not self.training:
+                raise Stopped(128 + signum)
+            self.asked = True
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.training = True
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.asked and not control.should_training_stop:
+                log.warning("SIGTERM: training stops after step %d of %d, with a checkpoint of it, which the next "
+                            "run resumes from", state.global_step, state.max_steps)  # fmt: skip
+                control.should_save = control.should_training_stop = True
+
+        def on_save(self, args, state, control, **kwargs):
+            if self.asked:  # the checkpoint holds it: load_best_model_at_end's reload would be work for nobody
+                state.best_model_checkpoint = None
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.training = False
+
+        @contextlib.contextmanager
+        def handling(self):
+            before = signal.signal(signal.SIGTERM, self.handler)
+            try:
+                yield
+            finally:
+                signal.signal(signal.SIGTERM, before)
+
+    return StopOnSigterm()
+
+
+STAGE_PID = "EDGAR_TUNE_STAGE_PID"  # the train stage's process, which training processes end with
+
+
+def end_with_the_stage() -> None:
+    """In a training process (every rank): SIGTERM this process when the train stage's process that launched it
+    ends, however it ends. The stage stops its training processes itself when it can (`_stop_training`); a stage
+    killed by SIGKILL cannot, and under a launcher only the launcher dies with it (PR_SET_PDEATHSIG reaches a
+    direct child only), so the ranks would train on, on their GPUs, for nobody. One process stops at the end of
+    its step with a checkpoint (`stop_on_sigterm`); a rank ends, and its launcher then stops the others."""
+    from edgar_tune.reaper import wait_for_end
+
+    pid = os.environ.get(STAGE_PID)
+    if not pid or not hasattr(os, "pidfd_open"):
+        return
+
+    def watch() -> None:
+        wait_for_end(int(pid))
+        log.warning("the train stage's process (pid %s) ended: this training process stops", pid)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="end-with-the-stage", daemon=True).start()
 
 
 VALIDATION_QUIET_S = 30.0  # a validation inside training shorter than this shows only its loss, after it
@@ -680,29 +753,73 @@ def _launch(tmp: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfi
     if resume_from:
         cmd += ["--resume-from", str(resume_from)]
     log.info("launching %d training process(es): %s", cfg.nproc, " ".join(cmd[: cmd.index("--out")]))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
+               **{STAGE_PID: str(os.getpid())})  # fmt: skip
     tail: collections.deque[bytes] = collections.deque(maxlen=400)
     stop, open_line = threading.Event(), threading.Event()
     follower = threading.Thread(target=contextvars.copy_context().run, name="training-progress", daemon=True,
                                 args=(follow_progress, tmp / EVENTS, stop, 2.0, metrics, open_line))  # fmt: skip
     follower.start()
+
+    def relay(chunk: bytes) -> None:  # progress bars pass through as they are
+        sys.stderr.buffer.write(chunk)
+        sys.stderr.flush()
+        if chunk.endswith(b"\n"):
+            open_line.clear()
+        else:
+            open_line.set()
+        tail.append(chunk)
+
     try:
         with subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              preexec_fn=_die_with_parent) as proc:  # fmt: skip
-            for chunk in iter(lambda: proc.stdout.read1(1 << 14), b""):  # progress bars pass through as they are
-                sys.stderr.buffer.write(chunk)
-                sys.stderr.flush()
-                if chunk.endswith(b"\n"):
-                    open_line.clear()
-                else:
-                    open_line.set()
-                tail.append(chunk)
+                              preexec_fn=_die_with_parent, process_group=0) as proc:  # fmt: skip
+            try:
+                for chunk in iter(lambda: proc.stdout.read1(1 << 14), b""):
+                    relay(chunk)
+            except BaseException:  # the flow run is ending (SIGTERM, Ctrl-C): not while training runs on
+                _stop_training(proc, relay)
+                raise
     finally:
         stop.set()
         follower.join(timeout=60)
     if proc.returncode != 0 or not (tmp / "stats.json").exists():
         lines = b"".join(tail).decode("utf-8", "replace").replace("\r", "\n").splitlines()
         raise TrainingCrashed(crash_message(proc.returncode, ckpts, cfg, plan, [x for x in lines if x.strip()][-25:]))
+
+
+STOP_GRACE_S = 60.0  # how long a training process asked to stop may take to save its checkpoint
+
+
+def _stop_training(proc, relay) -> None:
+    """The flow run is ending while its training process works (a SIGTERM: a cancel in the Prefect UI, `kill`,
+    `timeout`; Ctrl-C): SIGTERM it, and wait while it saves a checkpoint of the step it is in (`stop_on_sigterm`;
+    a launcher stops its ranks), relaying what it prints, for `STOP_GRACE_S` at most; then SIGKILL it. Before,
+    leaving the `with Popen` waited for the training to finish, however long that took, and threw it away."""
+    import select
+    import subprocess
+
+    if proc.poll() is not None:
+        return
+    log.warning("stopping the training process (pid %d): a checkpoint of the step it is in, then it ends (%.0f s "
+                "at most)", proc.pid, STOP_GRACE_S)  # fmt: skip
+    _signal_group(proc, signal.SIGTERM)  # its group: a launcher, its ranks and what they started
+    deadline = time.monotonic() + STOP_GRACE_S
+    while time.monotonic() < deadline:
+        if select.select([proc.stdout], [], [], 0.5)[0]:
+            if not (chunk := proc.stdout.read1(1 << 14)):
+                break
+            relay(chunk)
+    try:
+        proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        log.warning("the training process (pid %d) did not end within %.0f s of SIGTERM: SIGKILL", proc.pid,
+                    STOP_GRACE_S)  # fmt: skip
+    _signal_group(proc, signal.SIGKILL)  # what is left of it: a launcher's ranks outlive it otherwise
+
+
+def _signal_group(proc, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, sig)
 
 
 def crash_message(returncode: int, ckpts: Path, cfg: TrainConfig, plan: dict | None, tail: list[str]) -> str:
@@ -729,12 +846,13 @@ def crash_message(returncode: int, ckpts: Path, cfg: TrainConfig, plan: dict | N
 
 
 def _die_with_parent() -> None:
-    """In the child before exec: SIGKILL it when the parent dies, so a killed run leaves no orphaned trainer."""
+    """In the child before exec: SIGTERM it when the parent dies, so a killed run leaves no orphaned trainer (one
+    process stops at the end of its step with a checkpoint, `stop_on_sigterm`; a launcher's ranks stop with
+    the stage by `end_with_the_stage`)."""
     import ctypes
-    import signal
 
     try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except OSError:  # not Linux: the child outlives a SIGKILLed parent, as any process would
         pass
 
@@ -895,6 +1013,9 @@ def train(tmp: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfig,
     profiler = None
     if cfg.profile_step:
         callbacks.append(profiler := step_profiler(cfg.profile_step, tmp / "profile"))
+    stopper = None
+    if world_size(cfg) == 1 and threading.current_thread() is threading.main_thread():
+        callbacks.append(stopper := stop_on_sigterm())
     collator = CausalLMCollator(tokenizer.pad_token_id, tokenizer.eos_token_id if cfg.document_mask else None,
                                 ragged=cfg.attention == "varlen")  # fmt: skip
     trainer = trainer_class()(model=model, args=args, train_dataset=blocks, eval_dataset=eval_set,
@@ -912,8 +1033,11 @@ def train(tmp: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfig,
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     # sdpa's dense masks (packed documents, padded examples): one additive mask for all layers (kernels/masks.py)
-    with shared_sdpa_mask() if cfg.attention == "sdpa" else contextlib.nullcontext():
+    with (shared_sdpa_mask() if cfg.attention == "sdpa" else contextlib.nullcontext(),
+          stopper.handling() if stopper else contextlib.nullcontext()):
         result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    if stopper is not None and stopper.asked:  # stopped early, with a checkpoint: nothing here is the stage's output
+        raise Stopped(128 + signal.SIGTERM)
     seconds = time.perf_counter() - start
     zero_stage = trainer.model_wrapped.zero_optimization_stage() if cfg.deepspeed else None
     history = [h for h in trainer.state.log_history if "loss" in h]

@@ -105,6 +105,97 @@ def test_resuming_under_other_settings_is_refused_and_a_fresh_start_keeps_them_a
     assert json.loads((run / "04_train" / "stats.json").read_text())["resumed_from_step"] is None
 
 
+def test_a_sigterm_stops_training_at_the_step_it_is_in_with_a_checkpoint_the_rerun_resumes_from(tiny_run, tmp_path):
+    """SIGTERM to a run whose training process works (a cancel in the Prefect UI, `kill`, `timeout`): before, the
+    stage waited for the training process, which trained on to its last step, and then threw its work away. Now
+    the stage asks it to stop (SIGTERM), and it stops at the end of the step it is in, with a checkpoint of that
+    step (not one of train.save_steps'), which the rerun resumes from. The kill comes once checkpoint-20 is
+    complete (save_steps 20), in a 100-step run."""
+    import re
+    import threading
+
+    run = _run_copy(tiny_run, tmp_path / "run")
+    ckpts = run / "04_train.checkpoints"
+    proc = subprocess.Popen(_stage_cmd(run, []), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)  # fmt: skip
+    out: list[str] = []
+    reader = threading.Thread(target=lambda: out.extend(proc.stdout), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 300
+        while not (ckpts / "checkpoint-20" / MARKER).exists():
+            assert proc.poll() is None, "".join(out)[-3000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        [trainer] = [int(c) for c in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+                     if b"tasks.train_worker" in Path(f"/proc/{c}/cmdline").read_bytes()]  # fmt: skip
+        asked = time.monotonic()
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+        took = time.monotonic() - asked
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    reader.join(timeout=30)
+    log = "".join(out)
+    assert not Path(f"/proc/{trainer}").exists(), "the training process outlived the stage"
+    stopped = re.search(r"SIGTERM: training stops after step (\d+) of 100", log)
+    assert stopped, log[-3000:]
+    step = int(stopped[1])
+    assert 20 < step < 100 and took < 60, (step, took)
+    assert (ckpts / f"checkpoint-{step}" / MARKER).exists(), sorted(p.name for p in ckpts.iterdir())
+    assert not (run / "04_train").exists(), "a stopped stage must not publish"
+
+    resumed = _train(run, [])
+    assert f"resuming from {ckpts / f'checkpoint-{step}'}" in resumed.stdout + resumed.stderr
+    stats = json.loads((run / "04_train" / "stats.json").read_text())
+    assert stats["resumed_from_step"] == step and stats["steps"] == 100
+
+
+def _descendants(pid: int) -> list[int]:
+    children = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    return children + [d for c in children for d in _descendants(c)]
+
+
+@pytest.mark.parametrize("sig", [pytest.param("SIGTERM", marks=pytest.mark.slow), "SIGKILL"])
+def test_a_stopped_or_killed_stage_leaves_no_rank_training_under_the_launcher(tiny_run, tmp_path, sig):
+    """ZeRO-3 over two processes (DeepSpeed's launcher, its launch process, two ranks), the stage stopped by
+    SIGTERM or killed by SIGKILL once training runs. Before, SIGTERM left the stage waiting on its launcher while
+    the ranks trained on to their last step, and SIGKILL took the launcher only (PR_SET_PDEATHSIG): its launch
+    process and both ranks trained on, for nobody. Now the stage stops the launcher's process group, and each
+    rank ends with the stage's process however it ends (`end_with_the_stage`). SIGTERM is in make test-slow."""
+    import re
+    import threading
+
+    run = _run_copy(tiny_run, tmp_path / "run")
+    proc = subprocess.Popen(_stage_cmd(run, ["deepspeed=zero3", "nproc=2", "max_steps=400"]), cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    seen = []
+    try:
+        for line in proc.stdout:
+            seen.append(line)
+            if re.search(r"training: \d+ of 400 steps", line):
+                break
+        tree = _descendants(proc.pid)
+        commands = {p: Path(f"/proc/{p}/cmdline").read_bytes() for p in tree}
+        ranks = [p for p, c in commands.items() if b"tasks.train_worker" in c and b"deepspeed.launcher" not in c]
+        assert len(ranks) == 2 and len(tree) >= 4, "".join(seen)[-3000:]  # the launcher, launch, two ranks
+        os.kill(proc.pid, getattr(signal, sig))
+        rest = threading.Thread(target=lambda: seen.extend(proc.stdout), daemon=True)  # a full pipe never waits
+        rest.start()
+        proc.wait(timeout=120)
+        deadline = time.monotonic() + 60
+        while (left := [p for p in tree if Path(f"/proc/{p}").exists()]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not left, f"{len(left)} of the stage's {len(tree)} training processes outlived a {sig}"
+    finally:
+        for p in _descendants(proc.pid) if proc.poll() is None else []:
+            os.kill(p, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == (-9 if sig == "SIGKILL" else 128 + signal.SIGTERM), "".join(seen)[-3000:]
+
+
 def test_checkpoint_is_published_by_rename_then_marker(tmp_path):
     """Published by rename, then the marker; with the permissions the umask gives (safetensors 0.8 writes 0600)."""
     from tasks.io import umask
