@@ -338,3 +338,33 @@ def test_concurrent_runs_share_the_prefect_edgar_rate_limit(deployed, edgar_serv
     # Four processes, each limited to 10/s on its own, would send up to 40/s; the shared limit keeps all of them
     # together near 10/s: any 11 consecutive arrivals span about 1 s (some slack for a loaded 2-core machine).
     assert min(b - a for a, b in zip(times, times[10:])) >= 0.8
+
+
+def test_a_cancel_in_the_ui_stops_the_training_with_a_checkpoint_the_retry_resumes_from(deployed, tmp_path):
+    """The UI's Cancel on a run that trains: the worker stops the flow run's process group. Before, that took the
+    training process down by SIGTERM's default, and the steps since the last checkpoint (train.save_steps) were
+    lost; now the training process has a group of its own, the train stage stops it, and it stops at the end of
+    the step it is in, with a checkpoint of that step. The run ends Cancelled either way."""
+    import re
+
+    api, _, home = deployed
+    run = tmp_path / "run"
+    run_id = api.custom_run(_params(run, source="bundled", overrides={"train.save_steps": 20, "train.max_steps": 400}))
+    marker = run / "04_train.checkpoints" / "checkpoint-20" / "COMPLETE"
+    deadline = time.monotonic() + 300
+    while not marker.exists():
+        assert time.monotonic() < deadline, _log_tail(home)
+        time.sleep(0.05)
+    pid = _train_worker_pid(run)
+    assert pid is not None
+    asked = time.monotonic()
+    api.post(f"/flow_runs/{run_id}/set_state", {"state": {"type": "CANCELLING"}, "force": True})  # the UI's Cancel
+    ended = api.wait(run_id, timeout=180)
+    took = time.monotonic() - asked
+    assert ended["state"]["type"] == "CANCELLED", (ended["state"], _log_tail(home))
+    assert not Path(f"/proc/{pid}").exists(), "the training process outlived the cancelled run"
+    logs = "\n".join(r["message"] for r in api.logs(run_id, "training stops after step"))
+    stopped = re.search(r"training stops after step (\d+) of 400", logs)
+    assert stopped and 20 < int(stopped[1]) < 400, logs[-3000:]
+    assert (run / "04_train.checkpoints" / f"checkpoint-{stopped[1]}" / "COMPLETE").exists()
+    assert took < 60, took
