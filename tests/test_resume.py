@@ -109,8 +109,8 @@ def test_a_sigterm_stops_training_at_the_step_it_is_in_with_a_checkpoint_the_rer
     """SIGTERM to a run whose training process works (a cancel in the Prefect UI, `kill`, `timeout`): before, the
     stage waited for the training process, which trained on to its last step, and then threw its work away. Now
     the stage asks it to stop (SIGTERM), and it stops at the end of the step it is in, with a checkpoint of that
-    step (not one of train.save_steps'), which the rerun resumes from. The kill comes once checkpoint-20 is
-    complete (save_steps 20), in a 100-step run."""
+    step (not one of train.save_steps'), the latest, which the rerun resumes from. The kill comes once
+    checkpoint-20 is complete (save_steps 20), in a 100-step run."""
     import re
     import threading
 
@@ -143,13 +143,9 @@ def test_a_sigterm_stops_training_at_the_step_it_is_in_with_a_checkpoint_the_rer
     assert stopped, log[-3000:]
     step = int(stopped[1])
     assert 20 < step < 100 and took < 60, (step, took)
-    assert (ckpts / f"checkpoint-{step}" / MARKER).exists(), sorted(p.name for p in ckpts.iterdir())
+    assert latest_checkpoint(ckpts) == ckpts / f"checkpoint-{step}", sorted(p.name for p in ckpts.iterdir())
     assert not (run / "04_train").exists(), "a stopped stage must not publish"
-
-    resumed = _train(run, [])
-    assert f"resuming from {ckpts / f'checkpoint-{step}'}" in resumed.stdout + resumed.stderr
-    stats = json.loads((run / "04_train" / "stats.json").read_text())
-    assert stats["resumed_from_step"] == step and stats["steps"] == 100
+    # what the rerun resumes from (resuming from a checkpoint: the tests above, and the Prefect crash + Retry test)
 
 
 def _descendants(pid: int) -> list[int]:
