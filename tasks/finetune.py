@@ -201,7 +201,7 @@ def stop_on_sigterm():
     return StopOnSigterm()
 
 
-STAGE_PID = "EDGAR_TUNE_STAGE_PID"  # the train stage's process, which training processes end with
+STAGE_PID = "EDGAR_TUNE_STAGE_PID"  # PID@HOST: the train stage's process, which training processes end with
 
 
 def end_with_the_stage() -> None:
@@ -210,11 +210,13 @@ def end_with_the_stage() -> None:
     killed by SIGKILL cannot, and under a launcher only the launcher dies with it (PR_SET_PDEATHSIG reaches a
     direct child only), so the ranks would train on, on their GPUs, for nobody. One process stops at the end of
     its step with a checkpoint (`stop_on_sigterm`); a rank ends, and its launcher then stops the others."""
+    import socket
+
     from edgar_tune.reaper import wait_for_end
 
-    pid = os.environ.get(STAGE_PID)
-    if not pid or not hasattr(os, "pidfd_open"):
-        return
+    pid, _, host = os.environ.get(STAGE_PID, "").partition("@")
+    if not pid or host != socket.gethostname() or not hasattr(os, "pidfd_open"):
+        return  # a rank on another node of a hostfile (should its launcher pass the variable on) has no such PID
 
     def watch() -> None:
         wait_for_end(int(pid))
@@ -737,6 +739,7 @@ def _launch(tmp: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfi
     this stage with a message instead of taking the flow run down with it."""
     import collections
     import contextvars
+    import socket
     import subprocess
 
     module = ["--module", "tasks.train_worker"]
@@ -754,7 +757,7 @@ def _launch(tmp: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfi
         cmd += ["--resume-from", str(resume_from)]
     log.info("launching %d training process(es): %s", cfg.nproc, " ".join(cmd[: cmd.index("--out")]))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
-               **{STAGE_PID: str(os.getpid())})  # fmt: skip
+               **{STAGE_PID: f"{os.getpid()}@{socket.gethostname()}"})  # fmt: skip
     tail: collections.deque[bytes] = collections.deque(maxlen=400)
     stop, open_line = threading.Event(), threading.Event()
     follower = threading.Thread(target=contextvars.copy_context().run, name="training-progress", daemon=True,

@@ -192,6 +192,25 @@ def test_a_stopped_or_killed_stage_leaves_no_rank_training_under_the_launcher(ti
     assert proc.returncode == (-9 if sig == "SIGKILL" else 128 + signal.SIGTERM), "".join(seen)[-3000:]
 
 
+def test_a_rank_on_another_host_does_not_watch_the_stage_pid(monkeypatch):
+    """A hostfile's launcher could pass EDGAR_TUNE_STAGE_PID on to other nodes, where that PID is not the stage's
+    (or is nobody's: the rank would stop at once). Only a rank on the stage's host watches it."""
+    import socket
+    import threading
+
+    from tasks.finetune import STAGE_PID, end_with_the_stage
+
+    def watching() -> bool:
+        return any(t.name == "end-with-the-stage" for t in threading.enumerate())
+
+    monkeypatch.setenv(STAGE_PID, "1@not-" + socket.gethostname())  # pid 1 never ends: a wrong watch stays quiet
+    end_with_the_stage()
+    assert not watching()
+    monkeypatch.setenv(STAGE_PID, f"1@{socket.gethostname()}")
+    end_with_the_stage()
+    assert watching()
+
+
 def test_checkpoint_is_published_by_rename_then_marker(tmp_path):
     """Published by rename, then the marker; with the permissions the umask gives (safetensors 0.8 writes 0600)."""
     from tasks.io import umask
