@@ -827,8 +827,6 @@ def _signal_group(proc, sig: int) -> None:
 
 def crash_message(returncode: int, ckpts: Path, cfg: TrainConfig, plan: dict | None, tail: list[str]) -> str:
     """What happened to the training process, and what the next run will do about it."""
-    import signal
-
     from tasks.checkpoints import latest_checkpoint
 
     if returncode < 0:
