@@ -208,8 +208,9 @@ def end_with_the_stage() -> None:
     """In a training process (every rank): SIGTERM this process when the train stage's process that launched it
     ends, however it ends. The stage stops its training processes itself when it can (`_stop_training`); a stage
     killed by SIGKILL cannot, and under a launcher only the launcher dies with it (PR_SET_PDEATHSIG reaches a
-    direct child only), so the ranks would train on, on their GPUs, for nobody. One process stops at the end of
-    its step with a checkpoint (`stop_on_sigterm`); a rank ends, and its launcher then stops the others."""
+    direct child only), so the ranks would train on, on their GPUs, for nobody. A rank ends (it has no handler
+    for SIGTERM), and its launcher then stops the others; a single training process is the stage's direct child,
+    killed with it already."""
     import socket
 
     from edgar_tune.reaper import wait_for_end
@@ -847,13 +848,13 @@ def crash_message(returncode: int, ckpts: Path, cfg: TrainConfig, plan: dict | N
 
 
 def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM it when the parent dies, so a killed run leaves no orphaned trainer (one
-    process stops at the end of its step with a checkpoint, `stop_on_sigterm`; a launcher's ranks stop with
-    the stage by `end_with_the_stage`)."""
+    """In the child before exec: SIGKILL it when the parent dies, so a killed run leaves no orphaned trainer (a
+    launcher's ranks end with the stage by `end_with_the_stage`). SIGKILL, not a stop request: with no stage left
+    to wait for it, a trainer saving one more checkpoint could still be writing when the rerun resumes."""
     import ctypes
 
     try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except OSError:  # not Linux: the child outlives a SIGKILLed parent, as any process would
         pass
 
