@@ -117,8 +117,21 @@ def resume_settings(train: dict, eval_: dict, tokenize_stats: dict, world_size: 
     return settings
 
 
+def _worker_ignores_sigterm(init, worker_id: int) -> None:
+    """A DataLoader worker's init: SIGTERM is not for it. A stopped run signals its training processes (and a
+    launcher, each rank's process tree), workers included: PyTorch's worker handler ends a worker that its own
+    process did not signal, and the training process then fails on "DataLoader worker ... is killed by signal"
+    in the middle of the step it should finish and checkpoint (`stop_on_sigterm`). The worker still ends with its
+    process: PyTorch's workers watch it, and the stage SIGKILLs what is left of the process group."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if init is not None:
+        init(worker_id)
+
+
 def trainer_class():
-    """The Trainer, with checkpoints written atomically."""
+    """The Trainer, with checkpoints written atomically, and DataLoader workers a SIGTERM does not end."""
     from transformers import Trainer
     from transformers.trainer import TRAINER_STATE_NAME
     from transformers.trainer_callback import ExportableState
@@ -149,6 +162,15 @@ def trainer_class():
             else:
                 loss = causal_lm_loss(model, labels=labels, backend=self.fused_linear_ce, **inputs)
             return (loss, {"loss": loss}) if return_outputs else loss
+
+        def _get_dataloader(self, *args, **kwargs):  # the training's and the validation's
+            import functools
+
+            loader = super()._get_dataloader(*args, **kwargs)
+            base = getattr(loader, "base_dataloader", loader)  # accelerate's shard wraps the DataLoader
+            if base.num_workers:
+                base.worker_init_fn = functools.partial(_worker_ignores_sigterm, base.worker_init_fn)
+            return loader
 
         def _save_checkpoint(self, model, trial) -> None:
             # Trainer._save_checkpoint, with every file written into a staging sibling first.

@@ -110,14 +110,16 @@ def test_a_sigterm_stops_training_at_the_step_it_is_in_with_a_checkpoint_the_rer
     stage waited for the training process, which trained on to its last step, and then threw its work away. Now
     the stage asks it to stop (SIGTERM), and it stops at the end of the step it is in, with a checkpoint of that
     step (not one of train.save_steps'), the latest, which the rerun resumes from. The kill comes once
-    checkpoint-20 is complete (save_steps 20), in a 100-step run."""
+    checkpoint-20 is complete (save_steps 20), in a 100-step run. With two DataLoader workers, as on GPUs by
+    default: the stage's SIGTERM once reached them too, they died, and the training process failed mid-step on
+    "DataLoader worker ... is killed by signal: Terminated" instead of saving its checkpoint."""
     import re
     import threading
 
     run = _run_copy(tiny_run, tmp_path / "run")
     ckpts = run / "04_train.checkpoints"
-    proc = subprocess.Popen(_stage_cmd(run, []), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)  # fmt: skip
+    proc = subprocess.Popen(_stage_cmd(run, ["dataloader_num_workers=2"]), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
     out: list[str] = []
     reader = threading.Thread(target=lambda: out.extend(proc.stdout), daemon=True)
     reader.start()
