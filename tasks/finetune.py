@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -160,9 +161,11 @@ def stop_on_sigterm():
     """A Trainer callback that is, while training runs (`handling()`), the process's SIGTERM handler: SIGTERM (the
     flow run ending: a cancel in the Prefect UI, `kill`, `timeout`, a spot machine's notice) ends training at the
     end of the optimizer step it is in, with a checkpoint of that step, so the next run resumes there rather than
-    from the last `train.save_steps`. Before the first step and after the last, the process ends at once (status
-    143), as SIGTERM's default would. One process only: under a launcher, the launcher stops its ranks, which
-    could stop at different steps."""
+    from the last `train.save_steps`. Under a launcher every rank has it, and the ranks agree at each step's end
+    (one all-reduce of a flag) whether any of them was asked: they stop after the same step and save its
+    checkpoint together, also when the signal reaches them at different steps, or reaches the ranks of one node
+    only. Before the first step and after the last, the process ends at once (status 143), as SIGTERM's default
+    would."""
     from transformers import TrainerCallback
 
     class StopOnSigterm(TrainerCallback):
@@ -178,9 +181,13 @@ def stop_on_sigterm():
             self.training = True
 
         def on_step_end(self, args, state, control, **kwargs):
+            if args.world_size > 1:
+                self.asked = _any_rank(self.asked, args.device)
             if self.asked and not control.should_training_stop:
-                log.warning("SIGTERM: training stops after step %d of %d, with a checkpoint of it, which the next "
-                            "run resumes from", state.global_step, state.max_steps)  # fmt: skip
+                if state.is_world_process_zero:
+                    ranks = f" on all {args.world_size} ranks" if args.world_size > 1 else ""
+                    log.warning("SIGTERM: training stops after step %d of %d%s, with a checkpoint of it, which the "
+                                "next run resumes from", state.global_step, state.max_steps, ranks)  # fmt: skip
                 control.should_save = control.should_training_stop = True
 
         def on_save(self, args, state, control, **kwargs):
@@ -201,16 +208,26 @@ def stop_on_sigterm():
     return StopOnSigterm()
 
 
+def _any_rank(flag: bool, device) -> bool:
+    """Whether `flag` is set on any rank: one all-reduce of one number (NCCL wants it on the GPU), read back."""
+    import torch.distributed as dist
+
+    both = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(both, op=dist.ReduceOp.MAX)
+    return bool(both.item())
+
+
 STAGE_PID = "EDGAR_TUNE_STAGE_PID"  # PID@HOST: the train stage's process, which training processes end with
+RANKS = "EDGAR_TUNE_RANKS"  # the folder where each training process on the stage's host leaves its PID
 
 
 def end_with_the_stage() -> None:
-    """In a training process (every rank): SIGTERM this process when the train stage's process that launched it
-    ends, however it ends. The stage stops its training processes itself when it can (`_stop_training`); a stage
-    killed by SIGKILL cannot, and under a launcher only the launcher dies with it (PR_SET_PDEATHSIG reaches a
-    direct child only), so the ranks would train on, on their GPUs, for nobody. A rank ends (it has no handler
-    for SIGTERM), and its launcher then stops the others; a single training process is the stage's direct child,
-    killed with it already."""
+    """In a training process (every rank) on the stage's host: leave its PID where the stage looks for the
+    processes to ask to stop (`_stop_training`), and end this process when the train stage's process that
+    launched it ends, however it ends. The stage stops its training processes itself when it can; a stage killed
+    by SIGKILL cannot, and under a launcher only the launcher dies with it (PR_SET_PDEATHSIG reaches a direct
+    child only), so the ranks would train on, on their GPUs, for nobody. Each rank then ends by SIGKILL, as the
+    stage did: not by a stop request, whose checkpoint could still be being written when the rerun resumes."""
     import socket
 
     from edgar_tune.reaper import wait_for_end
@@ -218,11 +235,14 @@ def end_with_the_stage() -> None:
     pid, _, host = os.environ.get(STAGE_PID, "").partition("@")
     if not pid or host != socket.gethostname() or not hasattr(os, "pidfd_open"):
         return  # a rank on another node of a hostfile (should its launcher pass the variable on) has no such PID
+    if ranks := os.environ.get(RANKS):
+        with contextlib.suppress(OSError):  # the stage has ended already: the watch below ends this process
+            Path(ranks, str(os.getpid())).touch()
 
     def watch() -> None:
         wait_for_end(int(pid))
         log.warning("the train stage's process (pid %s) ended: this training process stops", pid)
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGKILL)
 
     threading.Thread(target=watch, name="end-with-the-stage", daemon=True).start()
 
@@ -757,8 +777,9 @@ def _launch(tmp: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfi
     if resume_from:
         cmd += ["--resume-from", str(resume_from)]
     log.info("launching %d training process(es): %s", cfg.nproc, " ".join(cmd[: cmd.index("--out")]))
+    ranks = Path(tempfile.mkdtemp(prefix="edgar-tune-ranks-"))  # each training process leaves its PID there
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
-               **{STAGE_PID: f"{os.getpid()}@{socket.gethostname()}"})  # fmt: skip
+               **{STAGE_PID: f"{os.getpid()}@{socket.gethostname()}", RANKS: str(ranks)})  # fmt: skip
     tail: collections.deque[bytes] = collections.deque(maxlen=400)
     stop, open_line = threading.Event(), threading.Event()
     follower = threading.Thread(target=contextvars.copy_context().run, name="training-progress", daemon=True,
@@ -781,11 +802,12 @@ def _launch(tmp: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfi
                 for chunk in iter(lambda: proc.stdout.read1(1 << 14), b""):
                     relay(chunk)
             except BaseException:  # the flow run is ending (SIGTERM, Ctrl-C): not while training runs on
-                _stop_training(proc, relay)
+                _stop_training(proc, relay, [int(p.name) for p in ranks.iterdir()])
                 raise
     finally:
         stop.set()
         follower.join(timeout=60)
+        shutil.rmtree(ranks, ignore_errors=True)
     if proc.returncode != 0 or not (tmp / "stats.json").exists():
         lines = b"".join(tail).decode("utf-8", "replace").replace("\r", "\n").splitlines()
         raise TrainingCrashed(crash_message(proc.returncode, ckpts, cfg, plan, [x for x in lines if x.strip()][-25:]))
@@ -794,19 +816,31 @@ def _launch(tmp: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfi
 STOP_GRACE_S = 60.0  # how long a training process asked to stop may take to save its checkpoint
 
 
-def _stop_training(proc, relay) -> None:
-    """The flow run is ending while its training process works (a SIGTERM: a cancel in the Prefect UI, `kill`,
-    `timeout`; Ctrl-C): SIGTERM it, and wait while it saves a checkpoint of the step it is in (`stop_on_sigterm`;
-    a launcher stops its ranks), relaying what it prints, for `STOP_GRACE_S` at most; then SIGKILL it. Before,
-    leaving the `with Popen` waited for the training to finish, however long that took, and threw it away."""
+def _stop_training(proc, relay, ranks: list[int]) -> None:
+    """The flow run is ending while its training processes work (a SIGTERM: a cancel in the Prefect UI, `kill`,
+    `timeout`; Ctrl-C): SIGTERM them, and wait while they save a checkpoint of the step they are in
+    (`stop_on_sigterm`), relaying what they print, for `STOP_GRACE_S` at most; then SIGKILL what is left of the
+    process group. Before, leaving the `with Popen` waited for the training to finish, however long that took,
+    and threw it away.
+
+    The signal goes to the training processes that said they run (`ranks`, their PIDs), not to a launcher between
+    them and the stage: DeepSpeed's launch process would SIGKILL its ranks 30 s after passing the SIGTERM on,
+    whatever they were saving, and torchrun's agent does the same; a rank that stops ends with status 143, and its
+    launcher then ends the rest. Before any process said it runs (the launcher starting, the model loading), the
+    whole group gets it: nothing there has a step to finish."""
     import select
     import subprocess
 
     if proc.poll() is not None:
         return
-    log.warning("stopping the training process (pid %d): a checkpoint of the step it is in, then it ends (%.0f s "
-                "at most)", proc.pid, STOP_GRACE_S)  # fmt: skip
-    _signal_group(proc, signal.SIGTERM)  # its group: a launcher, its ranks and what they started
+    log.warning("stopping the training (pid %s): a checkpoint of the step it is in, then it ends (%.0f s at most)",
+                ", ".join(map(str, ranks)) if ranks else f"{proc.pid} and its group", STOP_GRACE_S)  # fmt: skip
+    if ranks:
+        for pid in ranks:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGTERM)
+    else:
+        _signal_group(proc, signal.SIGTERM)
     deadline = time.monotonic() + STOP_GRACE_S
     while time.monotonic() < deadline:
         if select.select([proc.stdout], [], [], 0.5)[0]:
@@ -1016,7 +1050,7 @@ def train(tmp: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfig,
     if cfg.profile_step:
         callbacks.append(profiler := step_profiler(cfg.profile_step, tmp / "profile"))
     stopper = None
-    if world_size(cfg) == 1 and threading.current_thread() is threading.main_thread():
+    if threading.current_thread() is threading.main_thread():
         callbacks.append(stopper := stop_on_sigterm())
     collator = CausalLMCollator(tokenizer.pad_token_id, tokenizer.eos_token_id if cfg.document_mask else None,
                                 ragged=cfg.attention == "varlen")  # fmt: skip

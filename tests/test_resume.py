@@ -155,19 +155,29 @@ def _descendants(pid: int) -> list[int]:
     return children + [d for c in children for d in _descendants(c)]
 
 
-@pytest.mark.parametrize("sig", [pytest.param("SIGTERM", marks=pytest.mark.slow), "SIGKILL"])
-def test_a_stopped_or_killed_stage_leaves_no_rank_training_under_the_launcher(tiny_run, tmp_path, sig):
-    """ZeRO-3 over two processes (DeepSpeed's launcher, its launch process, two ranks), the stage stopped by
-    SIGTERM or killed by SIGKILL once training runs. Before, SIGTERM left the stage waiting on its launcher while
-    the ranks trained on to their last step, and SIGKILL took the launcher only (PR_SET_PDEATHSIG): its launch
-    process and both ranks trained on, for nobody. Now the stage stops the launcher's process group, and each
-    rank ends with the stage's process however it ends (`end_with_the_stage`). SIGTERM is in make test-slow."""
+@pytest.mark.parametrize("how", [pytest.param("SIGTERM to the stage", marks=pytest.mark.slow), "SIGTERM to one rank",
+                                 "SIGKILL to the stage"])  # fmt: skip
+def test_ranks_under_the_launcher_stop_together_with_a_checkpoint_or_die_with_a_killed_stage(tiny_run, tmp_path, how):
+    """ZeRO-3 over two processes (DeepSpeed's launcher, its launch process, two ranks, their DataLoader workers),
+    signalled once training runs.
+    - SIGTERM to the stage: before, the stage waited on its launcher while the ranks trained on to their last
+      step; then it stopped the launcher's group, and the ranks died by SIGTERM's default, losing the steps since
+      the last checkpoint. Now the stage asks each rank to stop, and they stop after the same step with a
+      checkpoint of it (in make test-slow).
+    - SIGTERM to one rank (a spot node's notice, say, reaching one node's ranks): the ranks agree at each step's
+      end whether any was asked, so both stop after the same step and save it together; the stage then fails,
+      naming that checkpoint.
+    - SIGKILL to the stage: it took the launcher only (PR_SET_PDEATHSIG), and its launch process and both ranks
+      trained on, for nobody. Now each rank ends with the stage's process (`end_with_the_stage`), by SIGKILL:
+      no checkpoint is written while a rerun could be resuming."""
     import re
     import threading
 
     run = _run_copy(tiny_run, tmp_path / "run")
-    proc = subprocess.Popen(_stage_cmd(run, ["deepspeed=zero3", "nproc=2", "max_steps=400"]), cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    ckpts = run / "04_train.checkpoints"
+    sets = ["deepspeed=zero3", "nproc=2", "max_steps=400", "dataloader_num_workers=1"]
+    proc = subprocess.Popen(_stage_cmd(run, sets), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)  # fmt: skip
     seen = []
     try:
         for line in proc.stdout:
@@ -176,22 +186,42 @@ def test_a_stopped_or_killed_stage_leaves_no_rank_training_under_the_launcher(ti
                 break
         tree = _descendants(proc.pid)
         commands = {p: Path(f"/proc/{p}/cmdline").read_bytes() for p in tree}
-        ranks = [p for p, c in commands.items() if b"tasks.train_worker" in c and b"deepspeed.launcher" not in c]
-        assert len(ranks) == 2 and len(tree) >= 4, "".join(seen)[-3000:]  # the launcher, launch, two ranks
-        os.kill(proc.pid, getattr(signal, sig))
+        ranks = [p for p, c in commands.items() if b"tasks.train_worker" in c and b"deepspeed.launcher" not in c
+                 and b"deepspeed.launcher.launch" in commands.get(_parent(p), b"")]  # not a rank's workers
+        assert len(ranks) == 2 and len(tree) >= 6, "".join(seen)[-3000:]  # launcher, launch, 2 ranks, 2 workers
+        os.kill(max(ranks) if how == "SIGTERM to one rank" else proc.pid, getattr(signal, how.split()[0]))
         rest = threading.Thread(target=lambda: seen.extend(proc.stdout), daemon=True)  # a full pipe never waits
         rest.start()
         proc.wait(timeout=120)
         deadline = time.monotonic() + 60
         while (left := [p for p in tree if Path(f"/proc/{p}").exists()]) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert not left, f"{len(left)} of the stage's {len(tree)} training processes outlived a {sig}"
+        assert not left, f"{len(left)} of the stage's {len(tree)} training processes outlived a {how}"
+        rest.join(timeout=30)
     finally:
         for p in _descendants(proc.pid) if proc.poll() is None else []:
             os.kill(p, signal.SIGKILL)
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == (-9 if sig == "SIGKILL" else 128 + signal.SIGTERM), "".join(seen)[-3000:]
+    log = "".join(seen)
+    if how == "SIGKILL to the stage":
+        assert proc.returncode == -9
+        return
+    assert proc.returncode == (128 + signal.SIGTERM if how == "SIGTERM to the stage" else 1), log[-3000:]
+    stopped = re.search(r"SIGTERM: training stops after step (\d+) of 400 on all 2 ranks", log)
+    assert stopped, log[-3000:]
+    step = int(stopped[1])
+    last = latest_checkpoint(ckpts)
+    assert last == ckpts / f"checkpoint-{step}", sorted(p.name for p in ckpts.iterdir())
+    assert {p.name for p in last.glob("rng_state_*.pth")} == {"rng_state_0.pth", "rng_state_1.pth"}
+    assert (last / f"global_step{step}").is_dir()  # both ranks' ZeRO shards of the optimizer
+    assert not (run / "04_train").exists(), "a stopped stage must not publish"
+    if how == "SIGTERM to one rank":
+        assert f"resumes from checkpoint-{step}" in log, log[-3000:]
+
+
+def _parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
 def test_a_rank_on_another_host_does_not_watch_the_stage_pid(monkeypatch):
