@@ -130,8 +130,14 @@ def _worker_ignores_sigterm(init, worker_id: int) -> None:
         init(worker_id)
 
 
+class ValidationStopped(Exception):
+    """Raised between a validation's batches when training is asked to stop (`stop_on_sigterm`): the trainer
+    drops that validation and checkpoints the step."""
+
+
 def trainer_class():
-    """The Trainer, with checkpoints written atomically, and DataLoader workers a SIGTERM does not end."""
+    """The Trainer, with checkpoints written atomically, DataLoader workers a SIGTERM does not end, and a stop
+    request that cuts a validation inside training short."""
     from transformers import Trainer
     from transformers.trainer import TRAINER_STATE_NAME
     from transformers.trainer_callback import ExportableState
@@ -171,6 +177,20 @@ def trainer_class():
             if base.num_workers:
                 base.worker_init_fn = functools.partial(_worker_ignores_sigterm, base.worker_init_fn)
             return loader
+
+        def _maybe_log_save_evaluate(self, tr_loss, grad_norm, model, trial, *args, **kwargs) -> None:
+            try:
+                super()._maybe_log_save_evaluate(tr_loss, grad_norm, model, trial, *args, **kwargs)
+            except ValidationStopped:  # asked to stop while validating this step: minutes on a 7B, a big MD&A
+                if self.is_world_process_zero():
+                    log.warning("SIGTERM during the validation of step %d: the validation is dropped; training "
+                                "stops after step %d of %d, with a checkpoint of it, which the next run resumes "
+                                "from", *(self.state.global_step,) * 2, self.state.max_steps)  # fmt: skip
+                self._save_checkpoint(model, trial)
+                self.control = self.callback_handler.on_save(self.args, self.state, self.control)
+                # and not again at the epoch's end, which the loop reaches next
+                self.control.should_evaluate = self.control.should_save = self.control.should_log = False
+                self.control.should_training_stop = True
 
         def _save_checkpoint(self, model, trial) -> None:
             # Trainer._save_checkpoint, with every file written into a staging sibling first.

@@ -21,7 +21,7 @@ from datasets import load_from_disk
 
 from edgar_tune.config import DEEPSPEED_PRESETS, REPO_ROOT, ConfigError, EvalConfig, TrainConfig
 from tasks.blocks import base_model_path
-from tasks.checkpoints import checkpoint_step, resume_settings, trainer_class
+from tasks.checkpoints import ValidationStopped, checkpoint_step, resume_settings, trainer_class
 from tasks.checkpoints import prepare as prepare_checkpoints
 from tasks.io import atomic_dir, atomic_write_json, read_json, write_jsonl
 from tasks.memory import recomputed_layers
@@ -161,11 +161,12 @@ def stop_on_sigterm():
     """A Trainer callback that is, while training runs (`handling()`), the process's SIGTERM handler: SIGTERM (the
     flow run ending: a cancel in the Prefect UI, `kill`, `timeout`, a spot machine's notice) ends training at the
     end of the optimizer step it is in, with a checkpoint of that step, so the next run resumes there rather than
-    from the last `train.save_steps`. Under a launcher every rank has it, and the ranks agree at each step's end
-    (one all-reduce of a flag) whether any of them was asked: they stop after the same step and save its
-    checkpoint together, also when the signal reaches them at different steps, or reaches the ranks of one node
-    only. Before the first step and after the last, the process ends at once (status 143), as SIGTERM's default
-    would."""
+    from the last `train.save_steps`. During a validation inside training (minutes on a 7B) it ends at the end of
+    the batch it is in: the validation is dropped, and the step checkpointed. Under a launcher every rank has it,
+    and the ranks agree at each step's end (and each validation batch's) whether any of them was asked, by one
+    all-reduce of a flag: they stop after the same step and save its checkpoint together, also when the signal
+    reaches them at different steps, or reaches the ranks of one node only. Before the first step and after the
+    last, the process ends at once (status 143), as SIGTERM's default would."""
     from transformers import TrainerCallback
 
     class StopOnSigterm(TrainerCallback):
@@ -189,6 +190,11 @@ def stop_on_sigterm():
                     log.warning("SIGTERM: training stops after step %d of %d%s, with a checkpoint of it, which the "
                                 "next run resumes from", state.global_step, state.max_steps, ranks)  # fmt: skip
                 control.should_save = control.should_training_stop = True
+
+        def on_prediction_step(self, args, state, control, **kwargs):  # a validation inside training
+            if self.training and (_any_rank(self.asked, args.device) if args.world_size > 1 else self.asked):
+                self.asked = True
+                raise ValidationStopped  # the trainer checkpoints the step without it (tasks.checkpoints)
 
         def on_save(self, args, state, control, **kwargs):
             if self.asked:  # the checkpoint holds it: load_best_model_at_end's reload would be work for nobody

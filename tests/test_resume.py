@@ -105,27 +105,43 @@ def test_resuming_under_other_settings_is_refused_and_a_fresh_start_keeps_them_a
     assert json.loads((run / "04_train" / "stats.json").read_text())["resumed_from_step"] is None
 
 
-def test_a_sigterm_stops_training_at_the_step_it_is_in_with_a_checkpoint_the_rerun_resumes_from(tiny_run, tmp_path):
+@pytest.mark.parametrize("when", ["after a step", "during a validation"])
+def test_a_sigterm_stops_training_at_the_step_it_is_in_with_a_checkpoint_the_rerun_resumes_from(tiny_run, tmp_path,
+                                                                                                when):  # fmt: skip
     """SIGTERM to a run whose training process works (a cancel in the Prefect UI, `kill`, `timeout`): before, the
     stage waited for the training process, which trained on to its last step, and then threw its work away. Now
     the stage asks it to stop (SIGTERM), and it stops at the end of the step it is in, with a checkpoint of that
-    step (not one of train.save_steps'), the latest, which the rerun resumes from. The kill comes once
-    checkpoint-20 is complete (save_steps 20), in a 100-step run. With two DataLoader workers, as on GPUs by
-    default: the stage's SIGTERM once reached them too, they died, and the training process failed mid-step on
-    "DataLoader worker ... is killed by signal: Terminated" instead of saving its checkpoint."""
+    step (not one of train.save_steps'), the latest, which the rerun resumes from. In a 100-step run:
+    - after a step: the kill comes once checkpoint-20 is complete (save_steps 20);
+    - during a validation: the kill comes as step 20's validation starts (one window a batch, about 400 of them:
+      seconds here, minutes on a 7B). Before, the validation ran to its end, checkpoint-20 was saved, then one
+      more step and checkpoint-21; now the validation stops at the batch it is in and checkpoint-20 is the stop's.
+    With two DataLoader workers, as on GPUs by default: the stage's SIGTERM once reached them too, they died, and
+    the training process failed mid-step on "DataLoader worker ... is killed by signal: Terminated" instead of
+    saving its checkpoint."""
     import re
     import threading
 
     run = _run_copy(tiny_run, tmp_path / "run")
     ckpts = run / "04_train.checkpoints"
-    proc = subprocess.Popen(_stage_cmd(run, ["dataloader_num_workers=2"]), cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    sets = ["dataloader_num_workers=2"]
+    if when == "during a validation":
+        sets += ["max_val_samples=-1", "per_device_eval_batch_size=1"]
+    proc = subprocess.Popen(_stage_cmd(run, sets), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)  # fmt: skip
     out: list[str] = []
     reader = threading.Thread(target=lambda: out.extend(proc.stdout), daemon=True)
     reader.start()
+
+    def ready() -> bool:
+        if when == "after a step":
+            return (ckpts / "checkpoint-20" / MARKER).exists()
+        events = [json.loads(line) for f in run.glob(".04_train.*/events.jsonl") for line in f.read_text().splitlines()]
+        return any(e.get("step") == 20 and "loss" in e for e in events)  # logged as its validation starts
+
     try:
         deadline = time.monotonic() + 300
-        while not (ckpts / "checkpoint-20" / MARKER).exists():
+        while not ready():
             assert proc.poll() is None, "".join(out)[-3000:]
             assert time.monotonic() < deadline
             time.sleep(0.02)
@@ -141,10 +157,16 @@ def test_a_sigterm_stops_training_at_the_step_it_is_in_with_a_checkpoint_the_rer
     reader.join(timeout=30)
     log = "".join(out)
     assert not Path(f"/proc/{trainer}").exists(), "the training process outlived the stage"
-    stopped = re.search(r"SIGTERM: training stops after step (\d+) of 100", log)
-    assert stopped, log[-3000:]
-    step = int(stopped[1])
-    assert 20 < step < 100 and took < 60, (step, took)
+    if when == "after a step":
+        stopped = re.search(r"SIGTERM: training stops after step (\d+) of 100", log)
+        assert stopped, log[-3000:]
+        step = int(stopped[1])
+        assert 20 < step < 100, step
+    else:
+        assert "SIGTERM during the validation of step 20: the validation is dropped; training stops after step 20 " \
+               "of 100" in log, log[-3000:]  # fmt: skip
+        step = 20
+    assert took < 60, took
     assert latest_checkpoint(ckpts) == ckpts / f"checkpoint-{step}", sorted(p.name for p in ckpts.iterdir())
     assert not (run / "04_train").exists(), "a stopped stage must not publish"
     # what the rerun resumes from (resuming from a checkpoint: the tests above, and the Prefect crash + Retry test)
