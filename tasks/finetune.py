@@ -877,6 +877,9 @@ def crash_message(returncode: int, ckpts: Path, cfg: TrainConfig, plan: dict | N
             estimate = f"; this run's memory plan estimated {plan['estimate_gb']} GB per device" if plan else ""
             how += (" - on Linux usually the out-of-memory killer (see `dmesg`)" + estimate + "; lower "
                     "train.per_device_train_batch_size or tokenize.max_input_length, or use a ZeRO offload engine")
+    elif returncode == 128 + signal.SIGTERM:  # `Stopped`: asked by a signal to it, not to this run
+        how = ("the training process stopped on a SIGTERM sent to it, not to this run (a spot machine's notice to "
+               "its node, a `kill` of one rank): it stops after the step it is in, with a checkpoint of it")
     else:
         how = f"the training process exited with status {returncode}"
     last = latest_checkpoint(ckpts) if ckpts.exists() else None

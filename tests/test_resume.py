@@ -239,6 +239,7 @@ def test_ranks_under_the_launcher_stop_together_with_a_checkpoint_or_die_with_a_
     assert (last / f"global_step{step}").is_dir()  # both ranks' ZeRO shards of the optimizer
     assert not (run / "04_train").exists(), "a stopped stage must not publish"
     if how == "SIGTERM to one rank":
+        assert "the training process stopped on a SIGTERM sent to it, not to this run" in log, log[-3000:]
         assert f"resumes from checkpoint-{step}" in log, log[-3000:]
 
 
