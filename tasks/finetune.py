@@ -11,7 +11,6 @@ import os
 import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -783,7 +782,8 @@ def _launch(tmp: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfi
     if resume_from:
         cmd += ["--resume-from", str(resume_from)]
     log.info("launching %d training process(es): %s", cfg.nproc, " ".join(cmd[: cmd.index("--out")]))
-    ranks = Path(tempfile.mkdtemp(prefix="edgar-tune-ranks-"))  # each training process leaves its PID there
+    ranks = tmp / ".ranks"  # each training process leaves its PID there (gone before the stage publishes `tmp`)
+    ranks.mkdir()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
                **{STAGE_PID: f"{os.getpid()}@{socket.gethostname()}", RANKS: str(ranks)})  # fmt: skip
     tail: collections.deque[bytes] = collections.deque(maxlen=400)
