@@ -183,9 +183,10 @@ def trainer_class():
                 super()._maybe_log_save_evaluate(tr_loss, grad_norm, model, trial, *args, **kwargs)
             except ValidationStopped:  # asked to stop while validating this step: minutes on a 7B, a big MD&A
                 if self.is_world_process_zero():
+                    ranks = f" on all {self.args.world_size} ranks" if self.args.world_size > 1 else ""
                     log.warning("SIGTERM during the validation of step %d: the validation is dropped; training "
-                                "stops after step %d of %d, with a checkpoint of it, which the next run resumes "
-                                "from", *(self.state.global_step,) * 2, self.state.max_steps)  # fmt: skip
+                                "stops after step %d of %d%s, with a checkpoint of it, which the next run resumes "
+                                "from", *(self.state.global_step,) * 2, self.state.max_steps, ranks)  # fmt: skip
                 self._save_checkpoint(model, trial)
                 self.control = self.callback_handler.on_save(self.args, self.state, self.control)
                 # and not again at the epoch's end, which the loop reaches next
