@@ -130,6 +130,14 @@ def _worker_ignores_sigterm(init, worker_id: int) -> None:
         init(worker_id)
 
 
+def log_stop(how: str, state, world_size: int) -> None:
+    """On rank 0: the line that says where a stop request ends training (`stop_on_sigterm`), after `how`."""
+    if state.is_world_process_zero:
+        ranks = f" on all {world_size} ranks" if world_size > 1 else ""
+        log.warning("%s training stops after step %d of %d%s, with a checkpoint of it, which the next run resumes "
+                    "from", how, state.global_step, state.max_steps, ranks)  # fmt: skip
+
+
 class ValidationStopped(Exception):
     """Raised between a validation's batches when training is asked to stop (`stop_on_sigterm`): the trainer
     drops that validation and checkpoints the step."""
@@ -182,11 +190,8 @@ def trainer_class():
             try:
                 super()._maybe_log_save_evaluate(tr_loss, grad_norm, model, trial, *args, **kwargs)
             except ValidationStopped:  # asked to stop while validating this step: minutes on a 7B, a big MD&A
-                if self.is_world_process_zero():
-                    ranks = f" on all {self.args.world_size} ranks" if self.args.world_size > 1 else ""
-                    log.warning("SIGTERM during the validation of step %d: the validation is dropped; training "
-                                "stops after step %d of %d%s, with a checkpoint of it, which the next run resumes "
-                                "from", *(self.state.global_step,) * 2, self.state.max_steps, ranks)  # fmt: skip
+                log_stop(f"SIGTERM during the validation of step {self.state.global_step}: the validation is "
+                         "dropped;", self.state, self.args.world_size)  # fmt: skip
                 self._save_checkpoint(model, trial)
                 self.control = self.callback_handler.on_save(self.args, self.state, self.control)
                 # and not again at the epoch's end, which the loop reaches next

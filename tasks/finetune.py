@@ -20,7 +20,7 @@ from datasets import load_from_disk
 
 from edgar_tune.config import DEEPSPEED_PRESETS, REPO_ROOT, ConfigError, EvalConfig, TrainConfig
 from tasks.blocks import base_model_path
-from tasks.checkpoints import ValidationStopped, checkpoint_step, resume_settings, trainer_class
+from tasks.checkpoints import ValidationStopped, checkpoint_step, log_stop, resume_settings, trainer_class
 from tasks.checkpoints import prepare as prepare_checkpoints
 from tasks.io import atomic_dir, atomic_write_json, read_json, write_jsonl
 from tasks.memory import recomputed_layers
@@ -184,10 +184,7 @@ def stop_on_sigterm():
             if args.world_size > 1:
                 self.asked = _any_rank(self.asked, args.device)
             if self.asked and not control.should_training_stop:
-                if state.is_world_process_zero:
-                    ranks = f" on all {args.world_size} ranks" if args.world_size > 1 else ""
-                    log.warning("SIGTERM: training stops after step %d of %d%s, with a checkpoint of it, which the "
-                                "next run resumes from", state.global_step, state.max_steps, ranks)  # fmt: skip
+                log_stop("SIGTERM:", state, args.world_size)
                 control.should_save = control.should_training_stop = True
 
         def on_prediction_step(self, args, state, control, **kwargs):  # a validation inside training
