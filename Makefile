@@ -52,7 +52,7 @@ $(VENV)/.triton: $(STAMP)
 # at once use the cores better (pytest 10 min instead of 15 on 2 cores). TEST_WORKERS=0 runs them one at a time.
 TEST_WORKERS ?= 2
 test: $(STAMP) $(VENV)/.triton
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=12  # the slowest, to keep it under 20 min
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=12  # the slowest, to keep it under 20 min
 
 # What `make test` leaves out for time: the real SmolLM2 demo end to end, resume under ZeRO-2 on the CPU.
 test-slow: model
