@@ -51,9 +51,10 @@ if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
 # `make test`'s order: pytest-xdist's `--dist loadfile` hands each worker a whole file when it is almost done with
 # the one before, and by default takes the files with the most tests first. That left the 6 tests of
 # test_prefect_server.py (9 minutes) for last, on one worker, while the other had nothing left: pytest took 28
-# minutes where an even split of the work was 25 minutes a worker. The Makefile turns xdist's order off (--no-loadscope-reorder)
-# and this one takes its place: the longest files first. A file not listed yet goes first (it may be long: one long
-# file handed out last costs minutes, a short one handed out first nothing); the figures need only be roughly right.
+# minutes where an even split of the work was 25 minutes a worker. The Makefile turns xdist's order off
+# (--no-loadscope-reorder) and this one takes its place: the longest files first. A file not listed yet goes first
+# (it may be long: a long file handed out last costs minutes, a short one handed out first nothing); the figures
+# need only be roughly right.
 FILE_SECONDS = {
     "test_prefect_server": 533, "test_pipeline_e2e": 414, "test_storage": 349, "test_registry": 334,
     "test_serving": 321, "test_resume": 299, "test_kernels": 178, "test_memory": 161, "test_config": 115,
