@@ -315,8 +315,12 @@ def test_a_store_that_refuses_if_match_renews_and_hands_over_by_reading_the_etag
                 time.sleep(0.1)
             assert lease.etag != first and lease.lost is None and "could not renew" not in caplog.text
             assert f"the S3 store of {run}/.lease.json refuses If-Match" in caplog.text
-            fs.pipe_file(f"{run}/.lease.json", json.dumps({"flow_run": "other"}).encode())  # another run's now
+            # Another run's now. A real run takes over only a lease left unrenewed, never one being renewed; this
+            # write, to a fresh lease, can land between a renewal's read of the ETag and its PUT (about 10 ms every
+            # 0.4 s), which then overwrites it: written again until it holds.
             while lease.lost is None and time.monotonic() < deadline:
+                if json.loads(fs.cat_file(f"{run}/.lease.json"))["flow_run"] != "other":
+                    fs.pipe_file(f"{run}/.lease.json", json.dumps({"flow_run": "other"}).encode())
                 time.sleep(0.1)
             with pytest.raises(RuntimeError, match="taken over by another run"):
                 lease.check()
