@@ -322,10 +322,11 @@ def cmd_sections(args: argparse.Namespace) -> int:
 def cmd_keys(_: argparse.Namespace) -> int:
     from edgar_tune.config import SECTIONS, PipelineConfig
 
-    for section in SECTIONS:
-        model = PipelineConfig.model_fields[section].annotation
-        for name, field in model.model_fields.items():
-            print(f"{section}.{name:<30} default {field.default!r:<22} {field.description or ''}")
+    rows = [(f"{section}.{name}", field) for section in SECTIONS
+            for name, field in PipelineConfig.model_fields[section].annotation.model_fields.items()]  # fmt: skip
+    width = max(len(key) for key, _ in rows)
+    for key, field in rows:
+        print(f"{key:<{width}}  default {field.default!r:<22} {field.description or ''}")
     return 0
 
 

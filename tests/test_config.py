@@ -109,6 +109,16 @@ def test_every_jumpstart_hyperparameter_is_a_bare_key():
     assert (cfg.train.early_stopping_patience, cfg.train.early_stopping_threshold, cfg.train.seed) == (3, 0.0, 10)
 
 
+def test_keys_lists_every_key_with_its_default_in_one_column(capsys):
+    from edgar_tune.cli import main
+    from edgar_tune.config import all_keys
+
+    assert main(["keys"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == [k for k, dotted in all_keys().items() if k == dotted]
+    assert len({line.index("  default ") for line in lines}) == 1  # every section's keys in one column
+
+
 @pytest.mark.parametrize(
     ("overrides", "named"),
     [
