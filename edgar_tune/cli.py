@@ -320,12 +320,11 @@ def cmd_sections(args: argparse.Namespace) -> int:
 
 
 def cmd_keys(_: argparse.Namespace) -> int:
-    from edgar_tune.config import SECTIONS, PipelineConfig
+    from edgar_tune.config import key_fields
 
-    rows = [(f"{section}.{name}", field) for section in SECTIONS
-            for name, field in PipelineConfig.model_fields[section].annotation.model_fields.items()]  # fmt: skip
-    width = max(len(key) for key, _ in rows)
-    for key, field in rows:
+    fields = key_fields()
+    width = max(map(len, fields))
+    for key, field in fields.items():
         print(f"{key:<{width}}  default {field.default!r:<22} {field.description or ''}")
     return 0
 

@@ -517,9 +517,15 @@ class PipelineConfig(_Section):
 SECTIONS = [name for name, f in PipelineConfig.model_fields.items() if name != "preset"]
 
 
+def key_fields() -> dict[str, Any]:
+    """Every dotted key (`section.key`), in order, and its pydantic field (default, description)."""
+    return {f"{s}.{k}": field for s in SECTIONS
+            for k, field in PipelineConfig.model_fields[s].annotation.model_fields.items()}  # fmt: skip
+
+
 def all_keys() -> dict[str, str]:
     """Map every accepted key (dotted and, where unique, bare) to its dotted form."""
-    dotted = [f"{s}.{k}" for s in SECTIONS for k in PipelineConfig.model_fields[s].annotation.model_fields]
+    dotted = list(key_fields())
     keys = {d: d for d in dotted}
     bare: dict[str, list[str]] = {}
     for d in dotted:
