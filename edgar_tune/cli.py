@@ -313,7 +313,8 @@ def cmd_sections(args: argparse.Namespace) -> int:
             print(f"{path}  form {doc['form']}")
             for key, item in doc["items"].items():
                 first = item["text"][:60].replace("\n", " ")
-                print(f"  Item {key:<3} {item['status']:<26} {len(item['text']):>8} chars  {first}")
+                why = f"  [{item['reason']}]" if item["status"] != "ok" and item.get("reason") else ""
+                print(f"  Item {key:<3} {item['status']:<26} {len(item['text']):>8} chars  {first:<60}{why}".rstrip())
             for w in doc["warnings"]:
                 print(f"  warning: {w}")
     return 0

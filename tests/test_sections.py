@@ -151,6 +151,20 @@ def test_sections_command_prints_json_per_file():
     assert set(docs[0]) == {"path", "form", "items", "warnings"}
 
 
+def test_sections_table_says_why_an_item_was_not_taken():
+    files = [str(FILINGS / "CIGF5_10-K_2015.html.gz"), str(FILINGS / "AAPL_10-K_1996.txt.gz")]
+    out = subprocess.run([sys.executable, "-m", "edgar_tune.cli", "sections", *files],
+                         capture_output=True, text=True, check=True, cwd=REPO).stdout  # fmt: skip
+    lines = {(path, line.split()[1]): line for path, body in zip(files, out.split(files[1]), strict=True) for line in
+             body.splitlines() if line.startswith("  Item ")}  # fmt: skip
+    assert " NOT APPLICABLE " in lines[files[0], "1A"]
+    assert lines[files[0], "1A"].endswith("[the filing says this Item does not apply to it]")
+    assert lines[files[1], "1A"].endswith("[no 'Item 1A' heading found in the document body]")
+    assert lines[files[1], "3"].endswith("[short Item that points to another document]")
+    assert "[" not in lines[files[0], "1"] and "[" not in lines[files[1], "7"]  # an `ok` Item has no reason
+    assert len({line.index("[") for line in lines.values() if "[" in line}) == 1  # the reasons in one column
+
+
 def _aapl_with_mdna_in_ex13() -> tuple[str, str, int]:
     """Apple's real FY1996 10-K rearranged the way many 1990s filers filed: Item 7 says it is incorporated by
     reference to the annual report, and the MD&A text sits in an EX-13 document of the same submission.
