@@ -97,15 +97,25 @@ class EdgarTuneLM(mlflow.pyfunc.PythonModel):
         return out
 
 
-def load_registered(artifacts: dict[str, str], config: dict[str, str]):
+def version_artifacts(local: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """A downloaded version's artifacts (name -> local path: `weights`, and `base` where it carries its base) and
+    its model config (`base_model`, `weights`: adapter or model), from its MLmodel file."""
+    flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
+    return {k: str(local / v["path"]) for k, v in flavor["artifacts"].items()}, flavor["config"]
+
+
+def load_registered(artifacts: dict[str, str], config: dict[str, str], dtype=None):
     """A registered version's model from its artifacts' local paths and its model config: the base (carried, else
-    by its `base_model` name) plus the adapter, or the full weights."""
+    by its `base_model` name) plus the adapter, or the full weights; in `dtype` (default float32)."""
+    import torch
+
     from tasks.models import load_causal_lm, resolve_base_ref
 
+    dtype = dtype or torch.float32
     if config["weights"] == "adapter":
         base = artifacts.get("base") or resolve_base_ref(config["base_model"])
-        return load_causal_lm(base, adapter=artifacts["weights"])
-    return load_causal_lm(artifacts["weights"])
+        return load_causal_lm(base, adapter=artifacts["weights"], dtype=dtype)
+    return load_causal_lm(artifacts["weights"], dtype=dtype)
 
 
 # What the pyfunc imports when it loads and generates; pinned to the versions that trained and registered it.
@@ -401,13 +411,11 @@ def _score_version(name: str, version: str, tokenize_dir: Path, eval_cfg: EvalCo
     from tasks.perplexity import evaluate_model
 
     with registered_files(mlflow.MlflowClient(), name, version, "champion") as local:
-        flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
-        artifacts = {k: str(local / v["path"]) for k, v in flavor["artifacts"].items()}
+        artifacts, config = version_artifacts(local)
         if not same_tokenizer(load_tokenizer(artifacts["weights"]), load_tokenizer(base_model_path(tokenize_dir))):
-            base = flavor["config"]["base_model"]
-            return None, (f"its tokenizer (base {base}) is not this run's, so their perplexities per token are in "
-                          "different units")  # fmt: skip
-        model = load_registered(artifacts, flavor["config"])
+            return None, (f"its tokenizer (base {config['base_model']}) is not this run's, so their perplexities per "
+                          "token are in different units")  # fmt: skip
+        model = load_registered(artifacts, config)
     block_length = read_json(tokenize_dir / "stats.json")["block_length"]
     val = load_from_disk(str(tokenize_dir / "val"))
     result = evaluate_model(model, val, eval_cfg, block_length, f"champion v{version}")
