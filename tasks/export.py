@@ -1,8 +1,8 @@
 """A registered version as a folder that needs neither edgar-tune nor MLflow: `edgar-tune export`.
 
 - merged (the default): the base with the LoRA adapter merged into its weights (a full fine-tune: its weights), saved
-  as a plain transformers model (config.json, model.safetensors, the tokenizer): what `AutoModelForCausalLM`, vLLM,
-  TGI and llama.cpp's GGUF converter load. In the base's dtype unless told otherwise.
+  as a plain transformers model (config.json, model.safetensors, the tokenizer): what `AutoModelForCausalLM` loads
+  without peft, and the form vLLM, TGI and llama.cpp's GGUF converter read. In the base's dtype unless told.
 - adapter: the LoRA adapter as peft saved it, its `base_model_name_or_path` the base the version names, for peft or
   for a server that applies adapters to one shared base (vLLM's `--lora-modules`).
 
@@ -210,6 +210,6 @@ def model_card(p: dict, params: dict[str, str], smollm2: bool, folder: Path) -> 
         lines += [f'model = AutoModelForCausalLM.from_pretrained("{folder}")']
     lines += [f'tokenizer = AutoTokenizer.from_pretrained("{folder}")', "```", ""]
     if not p["adapter"]:
-        lines += [f"It is a plain transformers model: `vllm serve {folder}` serves it, and llama.cpp's "
-                  f"`convert_hf_to_gguf.py {folder}` converts it.", ""]  # fmt: skip
+        lines += [f"A plain transformers folder: the form `vllm serve {folder}` and llama.cpp's "
+                  f"`convert_hf_to_gguf.py {folder}` read.", ""]  # fmt: skip
     return "\n".join(lines)
