@@ -233,7 +233,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         if version is None:
             raise ConfigError(f"--model {args.model}: export takes a registered version, models:/NAME@ALIAS or "
                               "models:/NAME/N (`edgar-tune models` lists them)")  # fmt: skip
-        done = export_version(client, *version, Path(args.out), args.adapter, args.dtype, args.replace)
+        done = export_version(client, *version, args.out, args.adapter, args.dtype, args.replace)
     except mlflow.exceptions.MlflowException as err:
         print(f"edgar-tune: error: cannot export {args.model} from {uri}: {err.message}", file=sys.stderr)
         return 2

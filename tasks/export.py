@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import time
 from pathlib import Path
@@ -71,17 +72,20 @@ def base_dtype(base: str) -> torch.dtype:
     return DTYPES.get(named, torch.float32)
 
 
-def export_version(client, name: str, version: str, out: Path, adapter: bool = False, dtype: str = "auto",
+def export_version(client, name: str, version: str, out: str | Path, adapter: bool = False, dtype: str = "auto",
                    replace: bool = False) -> dict:  # fmt: skip
     """Write version `version` of registered model `name` (on `client`'s tracking server) into the folder `out`,
     merged or as its adapter, with a model card; returns the provenance written as `edgar_tune.json`.
 
     Raises:
-        ConfigError: `out` holds files (see `check_target`), an adapter asked of a full fine-tune or of a version
-            whose base exists only inside it, a dtype with the adapter, or an unknown dtype.
+        ConfigError: `out` is a URL or holds files (see `check_target`), an adapter asked of a full fine-tune or
+            of a version whose base exists only inside it, a dtype with the adapter, or an unknown dtype.
     """
     from tasks.models import SMOLLM2, resolve_base_ref
 
+    if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", str(out)):
+        raise ConfigError(f"--out {out}: an export is written to a local folder, whole or not at all; copy it from "
+                          "there (`aws s3 sync FOLDER s3://...`, `huggingface-cli upload ...`)")  # fmt: skip
     out = Path(out).expanduser().absolute()
     if dtype != "auto" and dtype not in DTYPES:
         raise ConfigError(f"--dtype {dtype}: one of auto, {', '.join(DTYPES)}")

@@ -330,7 +330,7 @@ def test_export_adapter_names_its_base_and_loads_with_peft(tiny_run, tmp_path, m
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoModelForCausalLM
 
-    from edgar_tune.config import REPO_ROOT
+    from edgar_tune.config import REPO_ROOT, ConfigError
     from tasks.export import export_version
     from tasks.registry import MODEL_CODE, tracking_at
 
@@ -358,5 +358,8 @@ def test_export_adapter_names_its_base_and_loads_with_peft(tiny_run, tmp_path, m
     ids = torch.arange(3, 67).reshape(2, 32)
     with torch.no_grad():
         torch.testing.assert_close(peft_model(ids).logits, merged(ids).logits, atol=1e-4, rtol=1e-4)
-    with pytest.raises(Exception, match="--dtype is for a merged export"):
+    with pytest.raises(ConfigError, match="--dtype is for a merged export"):
         export_version(client, "own-base", "1", tmp_path / "x", adapter=True, dtype="bfloat16")
+    with pytest.raises(ConfigError, match="written to a local folder"):
+        export_version(client, "own-base", "1", "s3://bucket/exports/10k")
+    assert not (REPO / "s3:").exists() and not (tmp_path / "x").exists()
