@@ -117,8 +117,11 @@ def export_version(client, name: str, version: str, out: str | Path, adapter: bo
                 atomic_write_json(tmp / "adapter_config.json", adapter_config)
                 chosen = None
             else:
-                chosen = DTYPES[dtype] if dtype != "auto" else base_dtype(source)
-                model = load_registered(artifacts, config, dtype=chosen)
+                # Merged in the dtype the weights are stored in, then cast once: merging an fp32 base loaded as
+                # bf16 rounds twice (the demo's champion: perplexity 13.044 against 13.036 merged in fp32, then cast)
+                stored = base_dtype(source)
+                chosen = DTYPES[dtype] if dtype != "auto" else stored
+                model = load_registered(artifacts, config, dtype=stored).to(chosen)
                 gb = model.num_parameters() * chosen.itemsize / 1e9
                 if (free := shutil.disk_usage(out.parent).free / 1e9) < gb * 1.05:
                     halve = ", or --dtype bfloat16" if chosen == torch.float32 else ""

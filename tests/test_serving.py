@@ -283,6 +283,8 @@ def test_export_writes_a_merged_model_that_plain_transformers_scores_as_the_regi
     """`edgar-tune export`: the champion as a plain transformers folder (no peft, no MLflow, no edgar-tune loader)
     that scores the perplexity the version was registered with; a folder with anything in it is never written
     over, an earlier export only with --replace."""
+    import safetensors.torch
+    import torch
     from transformers import AutoModelForCausalLM
 
     runs, s = tiny_run
@@ -303,13 +305,16 @@ def test_export_writes_a_merged_model_that_plain_transformers_scores_as_the_regi
     assert f'AutoModelForCausalLM.from_pretrained("{out}")' in card
 
     weights = (out / "model.safetensors").read_bytes()
+    fp32 = safetensors.torch.load(weights)
     again = _export(s, out, "--dtype", "bfloat16", cache=tmp_path / "cache")
     assert again.returncode == 2 and "holds an earlier export" in again.stderr and "--replace" in again.stderr
     assert (out / "model.safetensors").read_bytes() == weights  # untouched
     replaced = _export(s, out, "--dtype", "bfloat16", "--replace", cache=tmp_path / "cache")
     assert replaced.returncode == 0, replaced.stderr[-3000:]
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
-    assert (out / "model.safetensors").stat().st_size < 0.6 * len(weights)
+    bf16 = safetensors.torch.load_file(out / "model.safetensors")
+    assert bf16.keys() == fp32.keys() and all(bf16[k].dtype == torch.bfloat16 for k in bf16)
+    assert all(torch.equal(bf16[k], fp32[k].to(torch.bfloat16)) for k in bf16)  # merged in fp32, rounded once
 
     other = tmp_path / "mine"
     other.mkdir()
