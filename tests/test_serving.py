@@ -345,12 +345,15 @@ def test_export_adapter_names_its_base_and_loads_with_peft(tiny_run, tmp_path, m
     shutil.copytree(run / "03_tokenize" / "tiny-llama", base)  # a base model folder of one's own
     monkeypatch.setenv("EDGAR_TUNE_CACHE", str(tmp_path / "cache"))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    with tracking_at(uri), mlflow.start_run():
+    with tracking_at(uri):
+        exp = mlflow.create_experiment("own-base", artifact_location=(tmp_path / "artifacts").as_uri())
+    with tracking_at(uri), mlflow.start_run(experiment_id=exp):  # its artifacts in tmp_path, not ./mlruns
         mlflow.pyfunc.log_model(name="model", python_model=str(MODEL_CODE),
                                 artifacts={"weights": str(run / "04_train" / "adapter")},
                                 model_config={"base_model": str(base), "weights": "adapter"},
                                 code_paths=[str(REPO_ROOT / "tasks"), str(REPO_ROOT / "edgar_tune")],
                                 registered_model_name="own-base", pip_requirements=["mlflow"])  # fmt: skip
+    assert list((tmp_path / "artifacts").rglob("MLmodel"))
     client = mlflow.MlflowClient(uri)
     done = export_version(client, "own-base", "1", tmp_path / "adapter", adapter=True)
     assert done["base_model_path"] == str(base) and done["perplexity_after"] is None  # no run metrics: none shown
