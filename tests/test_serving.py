@@ -279,13 +279,18 @@ def _perplexity(model, run: Path) -> float:
     return evaluate_model(model.eval(), val, load_run_config(run).eval, block, "export")["perplexity"]
 
 
-def test_export_writes_a_merged_model_that_plain_transformers_scores_as_the_registry_did(tiny_run, tmp_path):
+def test_export_writes_a_merged_model_that_plain_transformers_scores_as_the_registry_did(tiny_run, tmp_path,
+                                                                                          monkeypatch):
     """`edgar-tune export`: the champion as a plain transformers folder (no peft, no MLflow, no edgar-tune loader)
     that scores the perplexity the version was registered with; a folder with anything in it is never written
     over, an earlier export only with --replace."""
+    import mlflow
     import safetensors.torch
     import torch
     from transformers import AutoModelForCausalLM
+
+    from edgar_tune.config import ConfigError
+    from tasks.export import export_version
 
     runs, s = tiny_run
     out = tmp_path / "export"
@@ -309,8 +314,11 @@ def test_export_writes_a_merged_model_that_plain_transformers_scores_as_the_regi
     again = _export(s, out, "--dtype", "bfloat16", cache=tmp_path / "cache")
     assert again.returncode == 2 and "holds an earlier export" in again.stderr and "--replace" in again.stderr
     assert (out / "model.safetensors").read_bytes() == weights  # untouched
-    replaced = _export(s, out, "--dtype", "bfloat16", "--replace", cache=tmp_path / "cache")
-    assert replaced.returncode == 0, replaced.stderr[-3000:]
+    # the rest in this process: the CLI's way in and out is shown above
+    monkeypatch.setenv("EDGAR_TUNE_CACHE", str(tmp_path / "cache"))
+    client = mlflow.MlflowClient(s["mlflow_tracking_uri"])
+    version = (s["registered_model"], s["model_version"])
+    export_version(client, *version, out, dtype="bfloat16", replace=True)
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     bf16 = safetensors.torch.load_file(out / "model.safetensors")
     assert bf16.keys() == fp32.keys() and all(bf16[k].dtype == torch.bfloat16 for k in bf16)
@@ -319,11 +327,11 @@ def test_export_writes_a_merged_model_that_plain_transformers_scores_as_the_regi
     other = tmp_path / "mine"
     other.mkdir()
     (other / "notes.txt").write_text("mine")
-    refused = _export(s, other, cache=tmp_path / "cache")
-    assert refused.returncode == 2 and "is not an earlier export" in refused.stderr
+    with pytest.raises(ConfigError, match="is not an earlier export"):
+        export_version(client, *version, other, replace=True)
     assert [p.name for p in other.iterdir()] == ["notes.txt"]
-    adapter = _export(s, tmp_path / "adapter", "--adapter", cache=tmp_path / "cache")
-    assert adapter.returncode == 2 and "built inside its run" in adapter.stderr  # tiny-llama's base is in the version
+    with pytest.raises(ConfigError, match="built inside its run"):  # tiny-llama's base is in the version
+        export_version(client, *version, tmp_path / "adapter", adapter=True)
     assert not (tmp_path / "adapter").exists()
 
 
