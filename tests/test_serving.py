@@ -379,3 +379,25 @@ def test_export_adapter_names_its_base_and_loads_with_peft(tiny_run, tmp_path, m
     with pytest.raises(ConfigError, match="written to a local folder"):
         export_version(client, "own-base", "1", "s3://bucket/exports/10k")
     assert not (REPO / "s3:").exists() and not (tmp_path / "x").exists()
+
+
+def test_export_card_says_what_was_held_out_and_how_it_was_tuned():
+    """The card names the held-out Items the run chose (parse.val_items), and does not speak of 10-Ks or MD&A for a
+    run on one's own text or of domain adaptation for instruction tuning."""
+    from tasks.export import model_card
+
+    p = {"registered_model": "m", "version": "3", "aliases": [], "adapter": False, "trained": "LoRA",
+         "dtype": "bfloat16", "base_model": "meta-llama/Llama-2-7b-hf", "perplexity_before": 8.0,
+         "perplexity_after": 2.5, "val_tokens": 1000, "val_scoring": "window 2048, stride 1024",
+         "filings": [{"ticker": "AMZN", "fiscal_year": 2021}, {"ticker": "AMZN", "fiscal_year": 2020}],
+         "lora_target_modules": ["q_proj", "v_proj"], "model_uri": "models:/m/3", "tracking_uri": "sqlite:///x.db",
+         "mlflow_run_id": "r", "git_commit": "c", "train_sha256": None, "val_sha256": None}  # fmt: skip
+    card = model_card(p, {"parse.val_items": '["7", "7A"]', "train.lora_r": "16"}, False, Path("/srv/m"))
+    assert card.startswith("---\nbase_model: meta-llama/Llama-2-7b-hf\n")  # a hub id: the hub links it
+    assert "tags: [edgar-tune, finance, sec-10k]" in card
+    assert "domain-adapted to SEC 10-K filings" in card and "held-out Item 7, 7A, 1,000 tokens" in card
+    assert "validated on their Item 7, 7A: AMZN FY2020, FY2021." in card and "MD&A" not in card
+    assert "| `train.lora_target_modules` | q_proj, v_proj |" in card and "| `train.lora_r` | 16 |" in card
+    own = model_card(p | {"filings": []}, {"train.instruction_tuned": "True"}, False, Path("/srv/m"))
+    assert "instruction-tuned on prompt/completion pairs" in own and "held-out text, 1,000 tokens" in own
+    assert "10-K" not in own and "Item" not in own and "tags: [edgar-tune, finance]" in own
