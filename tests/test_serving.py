@@ -336,9 +336,10 @@ def test_export_writes_a_merged_model_that_plain_transformers_scores_as_the_regi
 
 
 def test_export_adapter_names_its_base_and_loads_with_peft(tiny_run, tmp_path, monkeypatch):
-    """A version whose base is a folder (or a hub id) exports as its adapter alone; peft loads it on the base its
+    """A version whose base is a folder or a hub id exports as its adapter alone; peft loads it on the base its
     adapter_config.json names, and it computes what the merged export computes."""
     import mlflow
+    import safetensors.torch
     import torch
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoModelForCausalLM
@@ -346,6 +347,7 @@ def test_export_adapter_names_its_base_and_loads_with_peft(tiny_run, tmp_path, m
     from edgar_tune.config import REPO_ROOT, ConfigError
     from tasks.export import export_version
     from tasks.registry import MODEL_CODE, tracking_at
+    from tests.hub_server import Hub, client_env, serve
 
     runs, _ = tiny_run
     run = runs / "latest"
@@ -355,12 +357,13 @@ def test_export_adapter_names_its_base_and_loads_with_peft(tiny_run, tmp_path, m
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     with tracking_at(uri):
         exp = mlflow.create_experiment("own-base", artifact_location=(tmp_path / "artifacts").as_uri())
-    with tracking_at(uri), mlflow.start_run(experiment_id=exp):  # its artifacts in tmp_path, not ./mlruns
-        mlflow.pyfunc.log_model(name="model", python_model=str(MODEL_CODE),
-                                artifacts={"weights": str(run / "04_train" / "adapter")},
-                                model_config={"base_model": str(base), "weights": "adapter"},
-                                code_paths=[str(REPO_ROOT / "tasks"), str(REPO_ROOT / "edgar_tune")],
-                                registered_model_name="own-base", pip_requirements=["mlflow"])  # fmt: skip
+    for name, base_model in (("own-base", str(base)), ("hub-base", "edgar-tune/tiny")):
+        with tracking_at(uri), mlflow.start_run(experiment_id=exp):  # its artifacts in tmp_path, not ./mlruns
+            mlflow.pyfunc.log_model(name="model", python_model=str(MODEL_CODE),
+                                    artifacts={"weights": str(run / "04_train" / "adapter")},
+                                    model_config={"base_model": base_model, "weights": "adapter"},
+                                    code_paths=[str(REPO_ROOT / "tasks"), str(REPO_ROOT / "edgar_tune")],
+                                    registered_model_name=name, pip_requirements=["mlflow"])  # fmt: skip
     assert list((tmp_path / "artifacts").rglob("MLmodel"))
     client = mlflow.MlflowClient(uri)
     done = export_version(client, "own-base", "1", tmp_path / "adapter", adapter=True)
@@ -379,6 +382,26 @@ def test_export_adapter_names_its_base_and_loads_with_peft(tiny_run, tmp_path, m
     with pytest.raises(ConfigError, match="written to a local folder"):
         export_version(client, "own-base", "1", "s3://bucket/exports/10k")
     assert not (REPO / "s3:").exists() and not (tmp_path / "x").exists()
+
+    # The same adapter on a hub id (a loopback hub serving the base): the adapter names the id, and the merged
+    # export, which loads the base from the hub, holds the same weights as the one from the folder.
+    export_version(client, "hub-base", "1", tmp_path / "hub-adapter", adapter=True)
+    assert json.loads((tmp_path / "hub-adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+        "edgar-tune/tiny"
+    assert (tmp_path / "hub-adapter" / "README.md").read_text().startswith("---\nbase_model: edgar-tune/tiny\n")
+    server, url = serve(Hub({"edgar-tune/tiny": base}))
+    try:
+        proc = subprocess.run([sys.executable, "-m", "edgar_tune.cli", "export", "--model", "models:/hub-base/1",
+                               "--out", str(tmp_path / "hub-merged"), "--tracking-uri", uri], cwd=REPO,
+                              capture_output=True, text=True, timeout=300,
+                              env=client_env(url, tmp_path / "hub-cache", EDGAR_TUNE_CACHE=str(tmp_path / "cache")))
+    finally:
+        server.shutdown()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "loading edgar-tune/tiny from the Hugging Face Hub" in proc.stderr
+    from_hub = safetensors.torch.load_file(tmp_path / "hub-merged" / "model.safetensors")
+    from_folder = safetensors.torch.load_file(tmp_path / "merged" / "model.safetensors")
+    assert from_hub.keys() == from_folder.keys() and all(torch.equal(from_hub[k], from_folder[k]) for k in from_hub)
 
 
 def test_export_card_says_what_was_held_out_and_how_it_was_tuned():
