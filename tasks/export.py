@@ -95,48 +95,50 @@ def export_version(client, name: str, version: str, out: str | Path, adapter: bo
     mv = client.get_model_version(name, version)
     run = client.get_run(mv.run_id)
     start = time.monotonic()
-    with registered_files(client, name, version) as local:
-        artifacts, config = version_artifacts(local)
-        base_name = config["base_model"]
-        carried = "base" in artifacts  # a base built inside its run (tiny-llama): the version holds it
-        if adapter and config["weights"] != "adapter":
-            raise ConfigError(f"{name} v{version} is a full fine-tune: it has no adapter. Export it merged "
-                              "(without --adapter)")  # fmt: skip
-        if adapter and carried:
-            raise ConfigError(f"{name} v{version}'s base ({base_name}) was built inside its run and exists only in "
-                              "the version: an adapter of it loads nowhere else. Export it merged (without --adapter)")
-        full = config["weights"] != "adapter"  # its weights are the whole model: no base to load
-        base = None if full else artifacts["base"] if carried else resolve_base_ref(base_name)
-        source = artifacts["weights"] if full else base
-        with atomic_dir(out) as tmp:
+    with atomic_dir(out) as tmp:
+        with registered_files(client, name, version) as local:  # its lock held while it is read, not while written
+            artifacts, config = version_artifacts(local)
+            base_name = config["base_model"]
+            carried = "base" in artifacts  # a base built inside its run (tiny-llama): the version holds it
+            if adapter and config["weights"] != "adapter":
+                raise ConfigError(f"{name} v{version} is a full fine-tune: it has no adapter. Export it merged "
+                                  "(without --adapter)")  # fmt: skip
+            if adapter and carried:
+                raise ConfigError(f"{name} v{version}'s base ({base_name}) was built inside its run and exists only "
+                                  "in the version: an adapter of it loads nowhere else. Export it merged (without "
+                                  "--adapter)")  # fmt: skip
+            full = config["weights"] != "adapter"  # its weights are the whole model: no base to load
+            base = None if full else artifacts["base"] if carried else resolve_base_ref(base_name)
+            model = chosen = None
             if adapter:
                 for file in ADAPTER_FILES:
                     shutil.copy2(Path(artifacts["weights"]) / file, tmp / file)
-                adapter_config = json.loads((tmp / "adapter_config.json").read_text())
-                adapter_config["base_model_name_or_path"] = base  # not the folder it was trained from
-                atomic_write_json(tmp / "adapter_config.json", adapter_config)
-                chosen = None
             else:
                 # Merged in the dtype the weights are stored in, then cast once: merging an fp32 base loaded as
                 # bf16 rounds twice (the demo's champion: perplexity 13.044 against 13.036 merged in fp32, then cast)
-                stored = base_dtype(source)
+                stored = base_dtype(artifacts["weights"] if full else base)
                 chosen = DTYPES[dtype] if dtype != "auto" else stored
                 model = load_registered(artifacts, config, dtype=stored).to(chosen)
-                gb = model.num_parameters() * chosen.itemsize / 1e9
-                if (free := shutil.disk_usage(out.parent).free / 1e9) < gb * 1.05:
-                    halve = ", or --dtype bfloat16" if chosen == torch.float32 else ""
-                    raise ConfigError(f"{out.parent} has {free:.1f} GB free, and the merged weights take {gb:.1f} "
-                                      f"GB: free space there or export elsewhere{halve}. Nothing was written")
-                log.info("writing the merged model (%.2f GB in %s) to %s", gb, str(chosen).removeprefix("torch."),
-                         out)  # fmt: skip
-                model.save_pretrained(tmp)
-                del model
-            _tokenizer(artifacts["weights"]).save_pretrained(tmp)
+            tokenizer = _tokenizer(artifacts["weights"])
             provenance = _provenance(client, mv, run, base_name, base, adapter, chosen, config["weights"],
                                      Path(artifacts["weights"]))  # fmt: skip
-            atomic_write_json(tmp / PROVENANCE, provenance)
-            atomic_write_text(tmp / "README.md", model_card(provenance, run.data.params, base_name == SMOLLM2, out))
-            size = megabytes(tmp)
+        if adapter:
+            adapter_config = json.loads((tmp / "adapter_config.json").read_text())
+            adapter_config["base_model_name_or_path"] = base  # not the folder it was trained from
+            atomic_write_json(tmp / "adapter_config.json", adapter_config)
+        else:
+            gb = model.num_parameters() * chosen.itemsize / 1e9
+            if (free := shutil.disk_usage(out.parent).free / 1e9) < gb * 1.05:
+                halve = ", or --dtype bfloat16" if chosen == torch.float32 else ""
+                raise ConfigError(f"{out.parent} has {free:.1f} GB free, and the merged weights take {gb:.1f} GB: "
+                                  f"free space there or export elsewhere{halve}. Nothing was written")  # fmt: skip
+            log.info("writing the merged model (%.2f GB in %s) to %s", gb, str(chosen).removeprefix("torch."), out)
+            model.save_pretrained(tmp)
+            del model
+        tokenizer.save_pretrained(tmp)
+        atomic_write_json(tmp / PROVENANCE, provenance)
+        atomic_write_text(tmp / "README.md", model_card(provenance, run.data.params, base_name == SMOLLM2, out))
+        size = megabytes(tmp)
     log.info("exported %s v%s (%s, %.1f MB) to %s in %s", name, version, "adapter" if adapter else "merged", size,
              out, clock(time.monotonic() - start))  # fmt: skip
     return provenance
