@@ -344,7 +344,7 @@ def test_export_adapter_names_its_base_and_loads_with_peft(tiny_run, tmp_path, m
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoModelForCausalLM
 
-    from edgar_tune.config import REPO_ROOT, ConfigError
+    from edgar_tune.config import ConfigError
     from tasks.export import export_version
     from tasks.registry import MODEL_CODE, tracking_at
     from tests.hub_server import Hub, client_env, serve
@@ -359,10 +359,9 @@ def test_export_adapter_names_its_base_and_loads_with_peft(tiny_run, tmp_path, m
         exp = mlflow.create_experiment("own-base", artifact_location=(tmp_path / "artifacts").as_uri())
     for name, base_model in (("own-base", str(base)), ("hub-base", "edgar-tune/tiny")):
         with tracking_at(uri), mlflow.start_run(experiment_id=exp):  # its artifacts in tmp_path, not ./mlruns
-            mlflow.pyfunc.log_model(name="model", python_model=str(MODEL_CODE),
+            mlflow.pyfunc.log_model(name="model", python_model=str(MODEL_CODE),  # export never runs its code
                                     artifacts={"weights": str(run / "04_train" / "adapter")},
                                     model_config={"base_model": base_model, "weights": "adapter"},
-                                    code_paths=[str(REPO_ROOT / "tasks"), str(REPO_ROOT / "edgar_tune")],
                                     registered_model_name=name, pip_requirements=["mlflow"])  # fmt: skip
     assert list((tmp_path / "artifacts").rglob("MLmodel"))
     client = mlflow.MlflowClient(uri)
