@@ -329,29 +329,30 @@ def _compared(c: dict | None) -> str:
     return f" (champion v{c['version']}: {c['perplexity']:.3f}, {c['basis']})"
 
 
-def format_summary(s: dict) -> str:
+def summary_rows(s: dict) -> list[tuple[str, str]]:
+    """The run summary as (label, text) rows: the lines the run prints, and the table of its Prefect artifact."""
     filings = ", ".join(f"{f['ticker']} {f['form']} FY{f['fiscal_year']}" for f in s["filings"]) or ", ".join(
         Path(p).name for p in s["data_files"])  # fmt: skip
     stages = "  ".join(f"{k} {v:.0f}s" for k, v in s["seconds"].items())
     cached = [k for k, v in s["stages"].items() if v == "Cached"]
     skipped = [k for k, v in s["stages"].items() if v == "skipped"]
-    return "\n".join([
-        "",
-        "edgar-tune run summary",
-        f"  {'filings' if s['filings'] else 'data':<18}{filings}",
-        f"  tokens            train {s['train_tokens']:,} (seen {s['train_tokens_seen']:,}), "
-        f"validation {s['val_tokens']:,}: {s.get('validation', 'held-out Item 7 (MD&A)')}",
-        f"  training          {s['mode']} on {s['device']}, {s['engine']}, {s['train_steps']} steps"
-        + (f" of micro-batch {s['micro_batch']} x {s['gradient_accumulation_steps']}" if s["micro_batch"] else "")
-        + f", gradient checkpointing {'on' if s['gradient_checkpointing'] else 'off'}"
-        + (" (chosen by train.memory_fit)" if s["memory_fit"] else ""),
-        f"  perplexity        before {s['ppl_before']:.3f}  ->  after {s['ppl_after']:.3f}  "
-        f"({s['ppl_change_pct']:+.1f}%)",
-        f"  registered        {s['registered_model']} v{s['model_version']} @{s['model_alias']}"
-        + _compared(s["champion_comparison"]),
-        f"  MLflow            {s['mlflow_tracking_uri']}",
-        f"  time              {s['total_seconds']:.0f}s  ({stages})",
-        f"  cached            {', '.join(cached) or 'none'}" + (f"; not rerun: {', '.join(skipped)}" if skipped else ""),
-        f"  summary           {s['run']}/summary.json",
-        "",
-    ])  # fmt: skip
+    return [
+        ("filings" if s["filings"] else "data", filings),
+        ("tokens", f"train {s['train_tokens']:,} (seen {s['train_tokens_seen']:,}), "
+                   f"validation {s['val_tokens']:,}: {s.get('validation', 'held-out Item 7 (MD&A)')}"),
+        ("training", f"{s['mode']} on {s['device']}, {s['engine']}, {s['train_steps']} steps"
+         + (f" of micro-batch {s['micro_batch']} x {s['gradient_accumulation_steps']}" if s["micro_batch"] else "")
+         + f", gradient checkpointing {'on' if s['gradient_checkpointing'] else 'off'}"
+         + (" (chosen by train.memory_fit)" if s["memory_fit"] else "")),
+        ("perplexity", f"before {s['ppl_before']:.3f}  ->  after {s['ppl_after']:.3f}  ({s['ppl_change_pct']:+.1f}%)"),
+        ("registered", f"{s['registered_model']} v{s['model_version']} @{s['model_alias']}"
+         + _compared(s["champion_comparison"])),
+        ("MLflow", s["mlflow_tracking_uri"]),
+        ("time", f"{s['total_seconds']:.0f}s  ({stages})"),
+        ("cached", f"{', '.join(cached) or 'none'}" + (f"; not rerun: {', '.join(skipped)}" if skipped else "")),
+        ("summary", f"{s['run']}/summary.json"),
+    ]  # fmt: skip
+
+
+def format_summary(s: dict) -> str:
+    return "\n".join(["", "edgar-tune run summary", *(f"  {k:<18}{v}" for k, v in summary_rows(s)), ""])
