@@ -185,6 +185,10 @@ def _run_stages(folder: RunFolder, cfg: PipelineConfig, todo: tuple[str, ...] | 
     atomic_write_json(run_dir / "summary.json", summary)
     folder.push(["summary.json"])
     print(format_summary(summary))
+    if flow_run_id:  # the result on the flow run's page in the UI, and in each model's timeline of runs
+        from flows.artifacts import publish_run
+
+        publish_run(summary, run_dir)
     return summary
 
 

@@ -192,6 +192,18 @@ def test_same_parameters_twice_is_all_cached_and_a_new_learning_rate_reuses_the_
         task_run = api.post("/task_runs/filter", {"task_runs": {"id": {"any_": [bars[what]["task_run_id"]]}}})
         assert task_run[0]["name"] == stage, task_run
     trained = (tmp_path / "run" / "04_train" / "stats.json").stat().st_mtime_ns
+    # The result on the run's page in the UI: the summary, each held-out MD&A's perplexity, the data report.
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    card, table, report = _result_artifacts(api, first["id"])
+    assert card.startswith(f"**edgar-tune-10k v{summary['model_version']} @champion**: perplexity "
+                           f"{summary['ppl_before']:.3f} → {summary['ppl_after']:.3f} "
+                           f"({summary['ppl_change_pct']:+.1f}%) on held-out Item 7 (MD&A)"), card  # fmt: skip
+    assert f"| MLflow | `{summary['mlflow_tracking_uri']}` |" in card and "| cached | none |" in card, card
+    documents = json.loads((tmp_path / "run" / "05_evaluate" / "finetuned.json").read_text())["documents"]
+    assert [(r["fiscal_year"], r["item"], r["tokens"], r["perplexity_after"]) for r in table] == [
+        (d["fiscal_year"], d["item"], d["tokens"], round(d["perplexity"], 3)) for d in documents]  # fmt: skip
+    assert report == (tmp_path / "run" / "03_tokenize" / "data_report.md").read_text()
+    assert "| AMZN | 2021 | 0001018724-22-000005 | 7 | ok |" in report
 
     edgar.reset()
     second = api.wait(api.custom_run(_params(tmp_path / "run", **sample)))
@@ -201,6 +213,13 @@ def test_same_parameters_twice_is_all_cached_and_a_new_learning_rate_reuses_the_
     assert (tmp_path / "run" / "04_train" / "stats.json").stat().st_mtime_ns == trained  # no training
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["prefect_flow_run_id"] == second["id"] and set(summary["stages"].values()) == {"Cached"}
+    # in the model's timeline of runs (the UI's Artifacts page), the cached run's card beside the first one's
+    card = _result_artifacts(api, second["id"])[0]
+    assert f"| cached | {', '.join(ALL_STAGES)} |" in card, card
+    runs = {"any_": [first["id"], second["id"]]}
+    timeline = api.post("/artifacts/filter", {"artifacts": {"key": {"any_": ["edgar-tune-10k-summary"]},
+                                                            "flow_run_id": runs}})  # fmt: skip
+    assert len(timeline) == 2, timeline
 
     third = api.wait(api.custom_run(_params(tmp_path / "run", learning_rate=0.001, **sample)))
     assert third["state"]["type"] == "COMPLETED", _log_tail(home)
@@ -220,6 +239,17 @@ def test_same_parameters_twice_is_all_cached_and_a_new_learning_rate_reuses_the_
                                  "register": "Completed"}  # fmt: skip
     rerun_states = api.stage_states(summary["prefect_flow_run_id"], ["evaluate-base", "register"])
     assert rerun_states == {"evaluate-base": ["Completed"], "register": ["Completed"]}
+
+
+def _result_artifacts(api: Api, run_id: str) -> tuple[str, list[dict], str]:
+    """A flow run's result as the UI shows it: (summary markdown, per-document table rows, data report markdown)."""
+    found = api.post("/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run_id]},
+                                                         "type": {"any_": ["markdown", "table"]}}})  # fmt: skip
+    keyed = {a["key"]: a["data"] for a in found if a["key"]}
+    report = [a["data"] for a in found if not a["key"] and a["description"].startswith("data report of run ")]
+    assert set(keyed) == {"edgar-tune-10k-summary", "edgar-tune-10k-perplexity"} and len(report) == 1, found
+    table = keyed["edgar-tune-10k-perplexity"]
+    return keyed["edgar-tune-10k-summary"], json.loads(table) if isinstance(table, str) else table, report[0]
 
 
 def test_the_season_schedule_retrains_when_a_10k_is_filed_and_only_then(deployed, edgar, tmp_path):

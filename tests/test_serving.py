@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.conftest import free_port, held_elsewhere, run_cli, wait_http
@@ -170,6 +172,15 @@ def test_pipeline_registers_on_a_remote_tracking_server(tmp_path, prefect_server
         assert str(version.version) == s["model_version"] and version.tags["base_model"] == "tiny-llama"
         names = {a.path for a in client.list_artifacts(s["mlflow_run_id"], "plots")}
         assert "plots/loss_curve.png" in names
+        # The run's card in the Prefect UI links to the run and the version in this server's UI (routes its page has)
+        query = {"flow_run_id": {"any_": [s["prefect_flow_run_id"]]}, "key": {"any_": ["edgar-tune-10k-summary"]}}
+        api = prefect_server["PREFECT_API_URL"]
+        card = httpx.post(f"{api}/artifacts/filter", json={"artifacts": query}, timeout=60).json()[0]["data"]
+        assert f"[run {s['mlflow_run_id'][:8]}]({uri}/#/runs/{s['mlflow_run_id']})" in card, card
+        assert f"({uri}/#/models/edgar-tune-10k/versions/{s['model_version']})" in card, card
+        script = re.search(r'src="([^"]*/main\.[0-9a-f]+\.js)"', httpx.get(uri).text).group(1)
+        routes = httpx.get(f"{uri}/{script}").text
+        assert '"/runs/:runUuid"' in routes and '"/models/:modelName/versions/:version"' in routes
         assert not (tmp_path / "mlflow.db").exists()  # nothing fell back to a local store
         stored = tmp_path / "server-artifacts"
         assert list(stored.rglob("MLmodel")), "the model went to the server's artifact store"

@@ -1,0 +1,108 @@
+"""A run's result in the Prefect UI: artifacts on its flow run.
+
+A run started from the UI (a deployment's Custom run, a schedule) shows there what the console's summary says:
+- `<model>-summary` (markdown): perplexity before and after, the registered version and alias, what it was
+  compared with, links to the MLflow run and model version when the tracking server is a URL, time per stage.
+- `<model>-perplexity` (table): each held-out document's tokens and perplexity before and after.
+- the data report (markdown, this run only): each filing's Items, their status, characters and tokens, and which
+  set they went to.
+
+The first two are keyed by the registered model's name, so the UI's Artifacts page holds one timeline per model:
+every run that registered a version of it, scheduled or not, newest first.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from urllib.parse import quote
+
+from tasks.io import EVALUATE, TOKENIZE, read_json
+
+log = logging.getLogger(__name__)
+
+TABLE_ROWS = 500  # the per-document table's rows in the UI (instruction tuning can hold out thousands); MLflow has all
+REPORT_LINES = 2000  # the data report's lines (a hundred companies' filings are about 2,000 Items)
+
+
+def artifact_key(model: str, what: str) -> str:
+    """A Prefect artifact key (lowercase letters, digits and dashes) for `what` of the registered model `model`."""
+    return re.sub(r"[^a-z0-9]+", "-", f"{model}-{what}".lower()).strip("-")
+
+
+def mlflow_links(uri: str, run_id: str, model: str, version: str) -> str | None:
+    """Markdown links to the run and the model version in the MLflow UI, when the tracking server is a URL (a
+    sqlite or file store has no UI to link to)."""
+    if not uri.startswith(("http://", "https://")):
+        return None
+    base = uri.rstrip("/")
+    return (f"[run {run_id[:8]}]({base}/#/runs/{run_id}) · "
+            f"[{model} v{version}]({base}/#/models/{quote(model, safe='')}/versions/{version}) at {base}")  # fmt: skip
+
+
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def summary_markdown(summary: dict) -> str:
+    """The run summary as a markdown table, headed by its one line of result."""
+    from flows.pipeline import summary_rows
+
+    s = summary
+    rows = summary_rows(s)
+    links = mlflow_links(s["mlflow_tracking_uri"], s["mlflow_run_id"], s["registered_model"], s["model_version"])
+    rows = [(k, (links or f"`{v}`") if k == "MLflow" else v) for k, v in rows]
+    head = (f"**{s['registered_model']} v{s['model_version']} @{s['model_alias']}**: perplexity {s['ppl_before']:.3f} "
+            f"→ {s['ppl_after']:.3f} ({s['ppl_change_pct']:+.1f}%) on {s['validation']}")  # fmt: skip
+    table = "\n".join(f"| {k} | {_cell(v)} |" for k, v in rows)
+    return f"{head}\n\n| | |\n|---|---|\n{table}\n"
+
+
+def per_document_rows(run_dir: Path) -> list[dict]:
+    """Each held-out document's tokens and perplexity before and after, as the MLflow table has them."""
+    from tasks.registry import per_document_table
+
+    columns = per_document_table(read_json(run_dir / EVALUATE / "base.json"),
+                                 read_json(run_dir / EVALUATE / "finetuned.json"))  # fmt: skip
+    rounded = {k: [round(x, 3) if isinstance(x, float) else x for x in v] for k, v in columns.items()}
+    return [dict(zip(rounded, values, strict=True)) for values in zip(*rounded.values(), strict=True)]
+
+
+def _first_lines(text: str, most: int, what: str) -> str:
+    lines = text.splitlines()
+    if len(lines) <= most:
+        return text
+    return "\n".join(lines[:most]) + f"\n\n(the first {most} of {len(lines)} lines; all of them in {what})\n"
+
+
+def publish_run(summary: dict, run_dir: Path) -> list[str]:
+    """Create the run's artifacts on its flow run; return their keys (the data report's: its description).
+
+    A server that does not take them costs a warning: the run's result is already in its folder and in MLflow."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    model, where = summary["registered_model"], summary["run"]
+    made: list[str] = []
+    try:
+        key = artifact_key(model, "summary")
+        description = f"edgar-tune run {where}: perplexity before and after, registration"
+        create_markdown_artifact(summary_markdown(summary), key=key, description=description)
+        made.append(key)
+        rows = per_document_rows(run_dir)
+        shown = rows[:TABLE_ROWS]
+        key = artifact_key(model, "perplexity")
+        description = f"perplexity per held-out document, run {where}"
+        if len(shown) < len(rows):
+            description += f" (the first {len(shown)} of {len(rows)}; all in MLflow's eval/per_document.json)"
+        create_table_artifact(shown, key=key, description=description)
+        made.append(key)
+        report = (run_dir / TOKENIZE / "data_report.md").read_text()
+        description = f"data report of run {where}: Items, characters, tokens, and the set each went to"
+        create_markdown_artifact(_first_lines(report, REPORT_LINES, f"{where}/{TOKENIZE}/data_report.md"),
+                                 description=description)  # fmt: skip
+        made.append(description)
+    except Exception as err:  # noqa: BLE001 (whatever the API said, the result is safe on disk and in MLflow)
+        log.warning("Prefect did not take the run's artifacts (%s made): %s: %s. The result is in %s/summary.json "
+                    "and MLflow.", len(made), type(err).__name__, err, where)  # fmt: skip
+    return made
