@@ -206,6 +206,12 @@ class TrainConfig(_Section):
     eval_steps: int = Field(
         20, ge=0, description="Validation loss every N optimizer steps (0: none during training)."
     )
+    eval_blocks: int = Field(
+        -1,
+        description="Score this many held-out blocks (examples when instruction-tuned), evenly spaced over them, at "
+        "each validation during training (-1: all of them, up to eval.max_val_samples). The final perplexity is "
+        "not affected. A run warns when its validations would take over a quarter of its training time.",
+    )
     early_stopping_patience: int = Field(
         3, ge=0, description="Stop after this many evaluations without improvement (0: never stop early)."
     )
@@ -406,6 +412,11 @@ class TrainConfig(_Section):
             )
         if self.early_stopping_patience and not self.eval_steps:
             refuse.append("train.early_stopping_patience needs train.eval_steps > 0 (it watches validation loss)")
+        if self.eval_blocks == 0 or self.eval_blocks < -1:
+            refuse.append(f"train.eval_blocks={self.eval_blocks}: give a number of blocks (1 or more), or -1 for all")
+        elif self.eval_blocks > 0 and not self.eval_steps:
+            refuse.append("train.eval_blocks chooses the blocks of the validations during training, and "
+                          "train.eval_steps=0 runs none: set train.eval_steps, or leave eval_blocks at -1")  # fmt: skip
         if self.load_best_model_at_end and self.eval_steps:
             strategy, every = self.save_plan()
             if strategy != "steps" or every % self.eval_steps:

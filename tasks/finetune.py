@@ -74,10 +74,40 @@ def _select_blocks(tokenize_dir: Path, cfg: TrainConfig):
     return blocks
 
 
-def validation_blocks(tokenize_dir: Path, max_val_samples: int):
-    """The held-out text as blocks (or instruction examples) for the validation loss during training."""
+def validation_blocks(tokenize_dir: Path, max_val_samples: int, most: int = -1):
+    """The held-out text as blocks (or instruction examples) for the validation loss during training: the first
+    `max_val_samples` (eval.max_val_samples, as the final perplexity takes them), then `most` of those
+    (train.eval_blocks) evenly spaced, so that each document keeps its share."""
     val = load_from_disk(str(tokenize_dir / "val_blocks"))
-    return val.select(range(max_val_samples), keep_in_memory=True) if 0 < max_val_samples < len(val) else val
+    if 0 < max_val_samples < len(val):
+        val = val.select(range(max_val_samples), keep_in_memory=True)
+    if 0 < most < len(val):
+        val = val.select([i * len(val) // most for i in range(most)], keep_in_memory=True)
+    return val
+
+
+VALIDATION_SHARE = 0.25  # above this share of training's time spent validating, a run says how to validate less
+
+
+def validation_cost(held_out: int, cfg: TrainConfig, world: int, steps: int) -> str | None:
+    """A warning when the validations during training would take over `VALIDATION_SHARE` of its time, else None.
+
+    Held-out and trained blocks are alike (packed blocks of one length, or instruction examples from one source), so
+    their counts compare the work, in forward passes: a training step is its forward, a backward of one more (LoRA:
+    the frozen weights get no gradient) or two (full), and one more with activations recomputed."""
+    if cfg.eval_steps <= 0 or steps < cfg.eval_steps:
+        return None
+    trained = cfg.eval_steps * cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world
+    passes = 1 + (1 if cfg.mode == "lora" else 2) + (cfg.gradient_checkpointing is True)
+    share = held_out / passes / trained
+    if share <= VALIDATION_SHARE:
+        return None
+    tenth = max(1, int(0.1 * trained * passes))
+    return (f"each validation during training scores {held_out:,} held-out blocks every {cfg.eval_steps} steps, "
+            f"{held_out / trained:.1f}x the {trained:,} blocks those steps train on: about {share:.1f}x their time "
+            f"(a validation forward costs about {['half', 'a third', 'a quarter'][passes - 2]} of a training step "
+            f"here). train.eval_blocks={tenth} scores {tenth:,} of them, evenly spaced (about a tenth of the "
+            "training's time); a larger train.eval_steps validates less often. The final perplexity is not affected.")
 
 
 class CausalLMCollator:
@@ -971,12 +1001,15 @@ def train(tmp: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfig,
     base = base_model_path(tokenize_dir)
     blocks = _select_blocks(tokenize_dir, cfg)
     evaluate = cfg.eval_steps > 0
-    eval_set = validation_blocks(tokenize_dir, eval_cfg.max_val_samples) if evaluate else None
+    eval_set = validation_blocks(tokenize_dir, eval_cfg.max_val_samples, cfg.eval_blocks) if evaluate else None
     save_strategy, save_steps = cfg.save_plan()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if cfg.profile_step > (steps := total_steps(len(blocks), cfg, world)):
         raise ConfigError(f"train.profile_step={cfg.profile_step} but this run trains {steps} steps; profile one of "
                           "them (after the first few: warm-up and compilation) or set train.profile_step=0")  # fmt: skip
+    warning = validation_cost(len(eval_set), cfg, world, steps) if evaluate else None
+    if warning and os.environ.get("RANK", "0") == "0":
+        log.warning(warning)
     workers = dataloader_workers(cfg.dataloader_num_workers)
     args = TrainingArguments(
         output_dir=str(ckpts),
@@ -1110,6 +1143,7 @@ def train(tmp: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfig,
         "best_val_loss": state.best_metric,
         "published": "best" if args.load_best_model_at_end and state.best_global_step else "last",
         "train_blocks": len(blocks),
+        "validation_blocks": len(eval_set) if evaluate else 0,  # scored at each validation during training
         "train_tokens_seen": state.global_step * tokens_per_step,
         "step_seconds": steady,
         "tokens_per_s": tokens_per_step / steady if steady else None,

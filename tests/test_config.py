@@ -132,6 +132,8 @@ def test_keys_lists_every_key_with_its_default_in_one_column(capsys):
         (["nproc=2"], ["train.nproc", "train.deepspeed", "train.enable_fsdp"]),
         (["eval_steps=0"], ["train.early_stopping_patience", "train.eval_steps"]),
         (["save_steps=30"], ["train.load_best_model_at_end", "train.save_steps", "train.eval_steps"]),
+        (["eval_blocks=0"], ["train.eval_blocks=0", "-1 for all"]),
+        (["eval_steps=0", "early_stopping_patience=0", "eval_blocks=8"], ["train.eval_blocks", "train.eval_steps=0"]),
         (["validation_split_ratio=0.1"], ["data.validation_split_ratio", "parse.val_items"]),
         (["instruction_tuned=true"], ["train.instruction_tuned", "data.source"]),
         (["data.template=t.json"], ["data.template", "train.instruction_tuned"]),

@@ -378,3 +378,47 @@ def test_profile_sorts_a_gpus_kernels_by_what_they_do():
     summary = {"wall_s": 0.02, "device_ms": ms | {"idle": 7.5}}
     assert kinds_line(summary) == "attention 15%, loss 10%, matmul 22%, memory 5%, other 10%, idle 38%"
     assert kinds_line({"wall_s": 1.0, "device_ms": None}) == ""
+
+
+def test_validation_in_training_that_would_cost_more_than_a_quarter_of_it_is_named_with_the_fix(tiny_run, tmp_path,
+                                                                                                caplog):  # fmt: skip
+    """All 203 held-out blocks every 2 steps of 16 blocks would take about 6x the training's time: the run says so
+    and what to set. train.eval_blocks scores that many of them, evenly spaced over the held-out documents (after
+    eval.max_val_samples has taken its first ones), and the warning goes."""
+    import logging
+
+    from edgar_tune.config import TrainConfig
+    from tasks.finetune import validation_blocks, validation_cost
+
+    runs, _ = tiny_run
+    tok = runs / "latest" / "03_tokenize"
+    every = validation_blocks(tok, -1)["input_ids"]
+    assert validation_blocks(tok, -1, 6)["input_ids"] == [every[i * len(every) // 6] for i in range(6)]
+    assert validation_blocks(tok, 50, 5)["input_ids"] == [every[i * 10] for i in range(5)]
+
+    # 1,830 held-out blocks of 2,048 tokens (about 280 MD&As of Amazon's length), 20 steps of 4 x 2 blocks between
+    # validations, activations recomputed
+    cfg = TrainConfig(eval_steps=20, per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                      gradient_checkpointing=True)  # fmt: skip
+    said = validation_cost(1830, cfg, world=1, steps=1000)
+    assert said.startswith("each validation during training scores 1,830 held-out blocks every 20 steps, 11.4x the "
+                           "160 blocks those steps train on: about 3.8x their time (a validation forward costs about "
+                           "a third of a training step here). train.eval_blocks=48 scores 48 of them"), said
+    eight = validation_cost(1830, cfg, world=8, steps=1000)  # 8 processes: 8x the blocks trained, each validates 1/8
+    assert eight.startswith("each validation during training scores 1,830 held-out blocks every 20 steps, 1.4x the "
+                            "1,280 blocks those steps train on: about 0.5x their time"), eight  # fmt: skip
+    assert validation_cost(48, cfg, world=1, steps=1000) is None  # a tenth
+    assert "about 2.9x their time (a validation forward costs about a quarter" in validation_cost(
+        1830, cfg.model_copy(update={"mode": "full"}), world=1, steps=1000)  # fmt: skip
+    assert validation_cost(1830, cfg, world=1, steps=19) is None  # it never validates
+
+    variants = {"all": {"eval_steps": 2, "per_device_train_batch_size": 8},
+                "some": {"eval_steps": 2, "per_device_train_batch_size": 8, "eval_blocks": 4}}  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="tasks.finetune"):
+        out = train_variants(tiny_run, tmp_path, variants, steps=4, max_val_samples=-1)
+    warned = [r.getMessage() for r in caplog.records if "each validation during training" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith(f"each validation during training scores {len(every)} held-out "
+                                                     "blocks every 2 steps"), warned  # fmt: skip
+    assert "train.eval_blocks=3 " in warned[0]  # LoRA, nothing recomputed here: a forward is half a step
+    assert (out["all"][0]["validation_blocks"], out["some"][0]["validation_blocks"]) == (len(every), 4)
+    assert len((tmp_path / "some" / "val_loss.jsonl").read_text().splitlines()) == 2
