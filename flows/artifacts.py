@@ -1,4 +1,4 @@
-"""A run's result in the Prefect UI: artifacts on its flow run.
+"""A run's result in Prefect: artifacts on its flow run, and an event when it registers a version.
 
 A run started from the UI (a deployment's Custom run, a schedule) shows there what the console's summary says:
 - `<model>-summary` (markdown): perplexity before and after, the registered version and alias, what it was
@@ -9,6 +9,10 @@ A run started from the UI (a deployment's Custom run, a schedule) shows there wh
 
 The first two are keyed by the registered model's name, so the UI's Artifacts page holds one timeline per model:
 every run that registered a version of it, scheduled or not, newest first.
+
+A run whose register stage ran emits `edgar-tune.model.registered` (`REGISTERED`), its resource the registered model
+with the version and alias as labels, so an automation can act on a new champion (a notification, a deployment that
+serves or exports it) by matching `edgar-tune.alias: champion`.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from tasks.io import EVALUATE, TOKENIZE, read_json
 
 log = logging.getLogger(__name__)
 
+REGISTERED = "edgar-tune.model.registered"
 TABLE_ROWS = 500  # the per-document table's rows in the UI (instruction tuning can hold out thousands); MLflow has all
 REPORT_LINES = 2000  # the data report's lines (a hundred companies' filings are about 2,000 Items)
 
@@ -106,3 +111,26 @@ def publish_run(summary: dict, run_dir: Path) -> list[str]:
         log.warning("Prefect did not take the run's artifacts (%s made): %s: %s. The result is in %s/summary.json "
                     "and MLflow.", len(made), type(err).__name__, err, where)  # fmt: skip
     return made
+
+
+def registered_event(summary: dict) -> tuple[dict[str, str], dict]:
+    """(resource, payload) of the event that announces the version a run registered."""
+    s = summary
+    resource = {"prefect.resource.id": f"edgar-tune.model.{s['registered_model']}",
+                "prefect.resource.name": s["registered_model"], "edgar-tune.version": str(s["model_version"]),
+                "edgar-tune.alias": s["model_alias"]}  # fmt: skip
+    payload = {key: s[key] for key in ("model_version", "model_alias", "ppl_before", "ppl_after", "ppl_change_pct",
+                                       "validation", "val_tokens", "champion_comparison", "mlflow_tracking_uri",
+                                       "mlflow_run_id", "run")}  # fmt: skip
+    return resource, payload
+
+
+def announce_registration(summary: dict) -> None:
+    """Emit `REGISTERED` for the version this run registered (Prefect relates it to the flow run and deployment)."""
+    from prefect.events import emit_event
+
+    resource, payload = registered_event(summary)
+    try:
+        emit_event(REGISTERED, resource=resource, payload=payload)
+    except Exception as err:  # noqa: BLE001 (an event too large, say: the version is registered all the same)
+        log.warning("Prefect did not take the %s event: %s: %s", REGISTERED, type(err).__name__, err)

@@ -186,9 +186,11 @@ def _run_stages(folder: RunFolder, cfg: PipelineConfig, todo: tuple[str, ...] | 
     folder.push(["summary.json"])
     print(format_summary(summary))
     if flow_run_id:  # the result on the flow run's page in the UI, and in each model's timeline of runs
-        from flows.artifacts import publish_run
+        from flows.artifacts import announce_registration, publish_run
 
         publish_run(summary, run_dir)
+        if states.get("register") == "Completed":  # a version registered now, not one a cached run found
+            announce_registration(summary)
     return summary
 
 

@@ -99,6 +99,17 @@ class Api:
                 return out
             time.sleep(0.5)
 
+    def events(self, name: str, run_ids: list[str], expect: int, timeout: float = 60) -> list[dict]:
+        """The events called `name` related to these flow runs, once `expect` of them are there (events reach the
+        server's store in batches, after the run's own state) or `timeout` has passed."""
+        deadline = time.monotonic() + timeout
+        related = {"id": [f"prefect.flow-run.{r}" for r in run_ids]}
+        while True:
+            page = self.post("/events/filter", {"filter": {"event": {"name": [name]}, "related": related}, "limit": 50})
+            if len(page["events"]) >= expect or time.monotonic() > deadline:
+                return page["events"]
+            time.sleep(0.5)
+
     def logs(self, run_id: str, until: str, timeout: float = 60) -> list[dict]:
         """The flow run's log records in the UI's order, once one of them contains `until`: they reach the server
         in batches, after the run's own state."""
@@ -227,6 +238,20 @@ def test_same_parameters_twice_is_all_cached_and_a_new_learning_rate_reuses_the_
     assert {s: states[s] for s in DATA_STAGES} == {s: ["Cached"] for s in DATA_STAGES}
     assert {s: states[s] for s in MODEL_STAGES} == {s: ["Completed"] for s in MODEL_STAGES}
     assert edgar.requests == []
+    # An automation's event for each version registered (the first run's, the third's), none for the cached run's
+    third_summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    events = api.events("edgar-tune.model.registered", [first["id"], second["id"], third["id"]], expect=2)
+    by_run = {next(r["prefect.resource.id"] for r in e["related"] if r["prefect.resource.role"] == "flow-run"): e
+              for e in events}  # fmt: skip
+    assert set(by_run) == {f"prefect.flow-run.{first['id']}", f"prefect.flow-run.{third['id']}"}, events
+    event = by_run[f"prefect.flow-run.{third['id']}"]
+    assert event["resource"] == {"prefect.resource.id": "edgar-tune.model.edgar-tune-10k",
+                                 "prefect.resource.name": "edgar-tune-10k",
+                                 "edgar-tune.version": third_summary["model_version"],
+                                 "edgar-tune.alias": third_summary["model_alias"]}, event  # fmt: skip
+    assert event["payload"]["ppl_after"] == third_summary["ppl_after"]
+    assert by_run[f"prefect.flow-run.{first['id']}"]["resource"]["edgar-tune.alias"] == "champion"
+    assert any(r["prefect.resource.role"] == "deployment" for r in event["related"]), event
 
     # `edgar-tune rerun STAGE --run FLOW_RUN_ID`: that stage and its dependents, nothing upstream.
     env = dict(os.environ, PREFECT_API_URL=api.http.base_url.__str__().rstrip("/"))
