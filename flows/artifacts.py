@@ -81,19 +81,18 @@ def _first_lines(text: str, most: int, what: str) -> str:
     return "\n".join(lines[:most]) + f"\n\n(the first {most} of {len(lines)} lines; all of them in {what})\n"
 
 
-def publish_run(summary: dict, run_dir: Path) -> list[str]:
-    """Create the run's artifacts on its flow run; return their keys (the data report's: its description).
-
-    A server that does not take them costs a warning: the run's result is already in its folder and in MLflow."""
+def publish_run(summary: dict, run_dir: Path) -> None:
+    """Create the run's artifacts on its flow run. A server that does not take them costs a warning (naming how
+    many it took): the run's result is already in its folder and in MLflow."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
     model, where = summary["registered_model"], summary["run"]
-    made: list[str] = []
+    made = 0
     try:
         key = artifact_key(model, "summary")
         description = f"edgar-tune run {where}: perplexity before and after, registration"
         create_markdown_artifact(summary_markdown(summary), key=key, description=description)
-        made.append(key)
+        made += 1
         rows = per_document_rows(run_dir)
         shown = rows[:TABLE_ROWS]
         key = artifact_key(model, "perplexity")
@@ -101,16 +100,15 @@ def publish_run(summary: dict, run_dir: Path) -> list[str]:
         if len(shown) < len(rows):
             description += f" (the first {len(shown)} of {len(rows)}; all in MLflow's eval/per_document.json)"
         create_table_artifact(shown, key=key, description=description)
-        made.append(key)
+        made += 1
         report = (run_dir / TOKENIZE / "data_report.md").read_text()
         description = f"data report of run {where}: Items, characters, tokens, and the set each went to"
         create_markdown_artifact(_first_lines(report, REPORT_LINES, f"{where}/{TOKENIZE}/data_report.md"),
                                  description=description)  # fmt: skip
-        made.append(description)
+        made += 1
     except Exception as err:  # noqa: BLE001 (whatever the API said, the result is safe on disk and in MLflow)
-        log.warning("Prefect did not take the run's artifacts (%s made): %s: %s. The result is in %s/summary.json "
-                    "and MLflow.", len(made), type(err).__name__, err, where)  # fmt: skip
-    return made
+        log.warning("Prefect took %d of the run's 3 artifacts: %s: %s. The result is in %s/summary.json and MLflow.",
+                    made, type(err).__name__, err, where)  # fmt: skip
 
 
 def registered_event(summary: dict) -> tuple[dict[str, str], dict]:

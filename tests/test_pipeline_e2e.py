@@ -44,6 +44,23 @@ def test_summary_has_every_key_and_perplexity_fell(tiny_run):
     assert lines[3].endswith(f"validation {s['val_tokens']:,}: held-out Item 7 (MD&A)")
 
 
+def test_a_prefect_server_that_takes_no_artifacts_costs_a_warning_not_the_run(tiny_run):
+    """The run's artifacts go to Prefect after its result is on disk and in MLflow: a server gone by then (its port
+    closed) leaves a warning that says where the result is, and publishing returns."""
+    from tests.conftest import free_port
+
+    runs, s = tiny_run
+    code = ("import json, logging, sys; from pathlib import Path; from flows.artifacts import publish_run; "
+            "logging.basicConfig(level=logging.WARNING); "
+            "publish_run(json.loads(Path(sys.argv[1]).read_text()), Path(sys.argv[2]))")  # fmt: skip
+    env = dict(os.environ, PREFECT_API_URL=f"http://127.0.0.1:{free_port()}/api", PREFECT_CLIENT_MAX_RETRIES="0")
+    proc = subprocess.run([sys.executable, "-c", code, str(runs / "latest" / "summary.json"), str(runs / "latest")],
+                          env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Prefect took 0 of the run's 3 artifacts: ConnectError: " in proc.stderr, proc.stderr[-3000:]
+    assert f"The result is in {s['run']}/summary.json and MLflow." in proc.stderr
+
+
 def test_every_stage_left_its_artifacts(tiny_run):
     runs, _ = tiny_run
     run = runs / "latest"
