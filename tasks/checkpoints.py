@@ -78,8 +78,11 @@ def publish_checkpoint(staging: Path, final: Path, step: int) -> None:
     (final / MARKER).write_text(f"step {step}\n")
 
 
-def prepare(folder: Path, settings: dict, resume: bool) -> Path | None:
+def prepare(folder: Path, settings: dict, resume: bool, defaults: dict | None = None) -> Path | None:
     """Get the checkpoints folder ready; return the checkpoint to resume from, if any.
+
+    `defaults`: each setting's default. A setting the checkpoints' record lacks (one added to edgar-tune since they
+    were written) was at its default then: a new setting's default does what the releases before it did.
 
     Raises:
         ValueError: resuming under settings other than the checkpoints' own; names the keys that differ.
@@ -93,7 +96,8 @@ def prepare(folder: Path, settings: dict, resume: bool) -> Path | None:
     last = latest_checkpoint(folder) if folder.exists() else None
     if last is not None and meta.exists():
         # settings made neutral since those checkpoints were written do not count either
-        before = {k: v for k, v in read_json(meta).items() if k.removeprefix("train.") not in RESUME_NEUTRAL}
+        recorded = (defaults or {}) | read_json(meta)
+        before = {k: v for k, v in recorded.items() if k.removeprefix("train.") not in RESUME_NEUTRAL}
         differ = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
         if differ:
             changes = ", ".join(f"{k}: {before.get(k)!r} -> {settings.get(k)!r}" for k in differ)

@@ -764,10 +764,11 @@ def write_train_stage(out: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg:
     asked = cfg  # resuming compares what was asked for: memory_fit may split the batch otherwise on another device
     cfg, plan = plan_training(tokenize_dir, cfg, precision)
     ckpts = checkpoints_dir(out)
-    settings = resume_settings(asked.model_dump(), eval_cfg.model_dump(), read_json(tokenize_dir / "stats.json"),
-                               world_size(cfg))  # fmt: skip
+    tokenized, world = read_json(tokenize_dir / "stats.json"), world_size(cfg)
+    settings = resume_settings(asked.model_dump(), eval_cfg.model_dump(), tokenized, world)
+    defaults = resume_settings(TrainConfig().model_dump(), EvalConfig().model_dump(), tokenized, world)
     try:
-        resume_from = prepare_checkpoints(ckpts, settings, cfg.resume)
+        resume_from = prepare_checkpoints(ckpts, settings, cfg.resume, defaults)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     with atomic_dir(out) as tmp, (live() if live else contextlib.nullcontext((None, None))) as (run_id, metrics):

@@ -302,3 +302,24 @@ def test_resume_allows_the_settings_that_leave_the_trajectory_alone(tmp_path):
     assert prepare(folder, {"train.learning_rate": 0.003}, resume=True) == folder / "checkpoint-5"
     with pytest.raises(ValueError, match="train.learning_rate: 0.003 -> 0.001"):
         prepare(folder, {"train.learning_rate": 0.001}, resume=True)
+
+
+def test_checkpoints_from_before_a_setting_existed_resume_at_its_default_only(tmp_path):
+    """A setting added to edgar-tune since the checkpoints were written (train.eval_blocks, here) is missing from
+    their record: it was at its default then, so the run resumes at that default and is refused at another value.
+    The train stage's own defaults (resume_settings of the default configs) are what it compares with."""
+    from edgar_tune.config import EvalConfig, TrainConfig
+    from tasks.checkpoints import prepare, resume_settings
+
+    tokenized = {"train_blocks": 810, "block_length": 128, "base_model": {"kind": "run_local", "path": "tiny-llama"}}
+    now = resume_settings(TrainConfig().model_dump(), EvalConfig().model_dump(), tokenized, 1)
+    folder = tmp_path / "ckpts"
+    assert prepare(folder, {k: v for k, v in now.items() if k != "train.eval_blocks"}, resume=True) is None
+    (folder / "checkpoint-5").mkdir()
+    (folder / "checkpoint-5" / MARKER).write_text("step 5\n")
+    with pytest.raises(ValueError, match=r"train.eval_blocks: None -> -1"):  # what it said before the defaults
+        prepare(folder, now, resume=True)
+    later = resume_settings(TrainConfig(eval_blocks=8).model_dump(), EvalConfig().model_dump(), tokenized, 1)
+    with pytest.raises(ValueError, match=r"train.eval_blocks: -1 -> 8"):
+        prepare(folder, later, resume=True, defaults=now)
+    assert prepare(folder, now, resume=True, defaults=now) == folder / "checkpoint-5"
