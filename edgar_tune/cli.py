@@ -324,6 +324,12 @@ def cmd_promote(args: argparse.Namespace) -> int:
               + (f" (was v{done['before']})" if done["before"] else ""))  # fmt: skip
     if done["note"]:
         print(f"note: {done['note']}")
+    if done["record"]:  # the alias moved: automations on the champion (a serving deployment) are told
+        from flows.artifacts import announce_promotion
+
+        if said := announce_promotion(args.name, done, uri):
+            kind, line = said
+            print(f"{kind}: {line}", file=sys.stderr if kind == "warning" else sys.stdout)
     return 0
 
 

@@ -12,7 +12,8 @@ every run that registered a version of it, scheduled or not, newest first.
 
 A run whose register stage ran emits `edgar-tune.model.registered` (`REGISTERED`), its resource the registered model
 with the version and alias as labels, so an automation can act on a new champion (a notification, a deployment that
-serves or exports it) by matching `edgar-tune.alias: champion`.
+serves or exports it) by matching `edgar-tune.alias: champion`. `edgar-tune promote` emits `edgar-tune.model.promoted`
+(`HAND_PROMOTED`) on the same resource: a rollback by hand makes a new champion too.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from tasks.io import EVALUATE, TOKENIZE, read_json
 log = logging.getLogger(__name__)
 
 REGISTERED = "edgar-tune.model.registered"
+HAND_PROMOTED = "edgar-tune.model.promoted"
 TABLE_ROWS = 500  # the per-document table's rows in the UI (instruction tuning can hold out thousands); MLflow has all
 REPORT_LINES = 2000  # the data report's lines (a hundred companies' filings are about 2,000 Items)
 
@@ -111,12 +113,16 @@ def publish_run(summary: dict, run_dir: Path) -> None:
                     made, type(err).__name__, err, where)  # fmt: skip
 
 
+def model_resource(model: str, version: str, alias: str) -> dict[str, str]:
+    """The resource of edgar-tune's events: the registered model, labelled with a version and the alias it has now."""
+    return {"prefect.resource.id": f"edgar-tune.model.{model}", "prefect.resource.name": model,
+            "edgar-tune.version": str(version), "edgar-tune.alias": alias}  # fmt: skip
+
+
 def registered_event(summary: dict) -> tuple[dict[str, str], dict]:
     """(resource, payload) of the event that announces the version a run registered."""
     s = summary
-    resource = {"prefect.resource.id": f"edgar-tune.model.{s['registered_model']}",
-                "prefect.resource.name": s["registered_model"], "edgar-tune.version": str(s["model_version"]),
-                "edgar-tune.alias": s["model_alias"]}  # fmt: skip
+    resource = model_resource(s["registered_model"], s["model_version"], s["model_alias"])
     payload = {key: s[key] for key in ("model_version", "model_alias", "ppl_before", "ppl_after", "ppl_change_pct",
                                        "validation", "val_tokens", "champion_comparison", "mlflow_tracking_uri",
                                        "mlflow_run_id", "run")}  # fmt: skip
@@ -132,3 +138,36 @@ def announce_registration(summary: dict) -> None:
         emit_event(REGISTERED, resource=resource, payload=payload)
     except Exception as err:  # noqa: BLE001 (an event too large, say: the version is registered all the same)
         log.warning("Prefect did not take the %s event: %s: %s", REGISTERED, type(err).__name__, err)
+
+
+def announce_promotion(model: str, done: dict, uri: str) -> tuple[str, str] | None:
+    """Send `HAND_PROMOTED` for a version `edgar-tune promote` gave an alias (`done`: what
+    `tasks.registry.promote_by_hand` returned) to the Prefect server configured, and wait until it is sent. Returns
+    ("note" or "warning", a line for the console) when no event reached a server: none is configured (automations
+    run on a server only; an embedded one would start for this event and stop with it), or the server did not take
+    it. The alias has moved either way."""
+    import asyncio
+
+    from tasks.limits import shared_server
+
+    if not shared_server():
+        return "note", f"no {HAND_PROMOTED} event sent: no Prefect server is configured (PREFECT_API_URL)"
+    from prefect.events import Event
+    from prefect.events.clients import get_events_client
+
+    record = done["record"]
+    payload = {"model_version": done["version"], "model_alias": done["alias"], "before": done["before"],
+               "by": record["by"], "reason": record["reason"], "time": record["time"], "note": done["note"],
+               "mlflow_tracking_uri": uri}  # fmt: skip
+    event = Event(event=HAND_PROMOTED, resource=model_resource(model, done["version"], done["alias"]), payload=payload)
+
+    async def send() -> None:
+        async with get_events_client(reconnection_attempts=2) as client:
+            await client.emit(event)
+
+    try:
+        asyncio.run(send())
+    except Exception as err:  # noqa: BLE001 (the server is gone, say: the alias has moved all the same)
+        return "warning", (f"Prefect did not take the {HAND_PROMOTED} event ({type(err).__name__}: {err}); no "
+                           "automation saw this promotion")  # fmt: skip
+    return None

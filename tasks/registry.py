@@ -348,8 +348,9 @@ def score_on(row: dict, validation: dict) -> float | None:
 def promote_by_hand(client, name: str, version: str, alias: str = CHAMPION, reason: str = "") -> dict:
     """Give `version` the alias `alias` (default champion), as a person decided: a rollback, or a challenger that
     did better on a check of one's own. The version is tagged with who, when, why and which version held the alias.
-    A version promoted to champion loses the challenger alias. Returns {"version", "alias", "before", "note"}: the
-    note says when the version scored worse than the one it replaces on the same validation data.
+    A version promoted to champion loses the challenger alias. Returns {"version", "alias", "before", "note",
+    "record"}: the note says when the version scored worse than the one it replaces on the same validation data;
+    the record (the `promoted_by_hand` tag's) is None when the version held the alias already.
 
     Raises:
         LookupError: no such registered model or version.
@@ -362,7 +363,7 @@ def promote_by_hand(client, name: str, version: str, alias: str = CHAMPION, reas
         raise LookupError(f"{name} has no version {version}; it has {', '.join(sorted(rows, key=int)) or 'none'} "
                           f"(`edgar-tune models --name {name}` lists them)")  # fmt: skip
     before = next((v for v, r in rows.items() if alias in r["aliases"]), None)
-    note = ""
+    note, record = "", None
     if before and before != version:
         mine, theirs = score_on(rows[version], rows[before]["validation"]), rows[before]["perplexity"]
         if mine is not None and theirs is not None and mine > theirs:
@@ -375,7 +376,7 @@ def promote_by_hand(client, name: str, version: str, alias: str = CHAMPION, reas
         client.set_registered_model_alias(name, alias, version)
     if alias == CHAMPION and CHALLENGER in rows[version]["aliases"]:
         client.delete_registered_model_alias(name, CHALLENGER)
-    return {"version": version, "alias": alias, "before": before, "note": note}
+    return {"version": version, "alias": alias, "before": before, "note": note, "record": record}
 
 
 def same_tokenizer(a, b) -> bool:

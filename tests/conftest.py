@@ -213,6 +213,33 @@ def prefect_server(tmp_path_factory):
         yield env
 
 
+def readme_trigger_runs_on_a_new_champion_only(champion: dict) -> None:
+    """The deployment trigger the README shows, read by Prefect's own models, covers this event of a new champion
+    (as a Prefect server's events API returns it; Prefect's server-side matching) and not the same event of
+    another alias, and renders the version as its parameter."""
+    import re
+
+    import yaml
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
+    from prefect.server.events.schemas.automations import EventTrigger
+    from prefect.server.events.schemas.events import ReceivedEvent
+
+    readme = (REPO / "README.md").read_text()
+    snippet = re.search(r"as in a deployment trigger in `prefect.yaml`:\n\n```yaml\n(.*?)```", readme, re.S).group(1)
+    spec = yaml.safe_load(snippet)["triggers"][0]
+    deployment_only = {"name", "description", "enabled", "parameters", "job_variables", "schedule_after"}
+    dumped = DeploymentEventTrigger.model_validate(spec).model_dump(exclude=deployment_only)
+    trigger = EventTrigger.model_validate(dumped)
+    seen = ReceivedEvent.model_validate(champion)
+    assert trigger.covers(seen), (spec, champion)
+    for alias in ("challenger", "production"):
+        other = champion | {"resource": champion["resource"] | {"edgar-tune.alias": alias}}
+        assert not trigger.covers(ReceivedEvent.model_validate(other)), alias
+    rendered = ImmutableSandboxedEnvironment().from_string(spec["parameters"]["version"]).render(event=seen)
+    assert rendered == champion["resource"]["edgar-tune.version"]
+
+
 def train_variants(tiny_run, tmp_path: Path, variants: dict[str, dict], steps: int = 6,
                    max_val_samples: int = 16) -> dict:  # fmt: skip
     """The train stage's function (`tasks.finetune.train`, in this process) for `steps` steps on the tiny run's

@@ -21,7 +21,7 @@ from zoneinfo import ZoneInfo
 import httpx
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, readme_trigger_runs_on_a_new_champion_only
 
 PREFECT = str(Path(sys.executable).parent / "prefect")
 IDENTITY = "Edgar Tune Tests tests@example.com"
@@ -252,7 +252,7 @@ def test_same_parameters_twice_is_all_cached_and_a_new_learning_rate_reuses_the_
     assert event["payload"]["ppl_after"] == third_summary["ppl_after"]
     assert by_run[f"prefect.flow-run.{first['id']}"]["resource"]["edgar-tune.alias"] == "champion"
     assert any(r["prefect.resource.role"] == "deployment" for r in event["related"]), event
-    _readme_trigger_runs_on_a_new_champion_only(by_run[f"prefect.flow-run.{first['id']}"])
+    readme_trigger_runs_on_a_new_champion_only(by_run[f"prefect.flow-run.{first['id']}"])
 
     # `edgar-tune rerun STAGE --run FLOW_RUN_ID`: that stage and its dependents, nothing upstream.
     env = dict(os.environ, PREFECT_API_URL=api.http.base_url.__str__().rstrip("/"))
@@ -265,31 +265,6 @@ def test_same_parameters_twice_is_all_cached_and_a_new_learning_rate_reuses_the_
                                  "register": "Completed"}  # fmt: skip
     rerun_states = api.stage_states(summary["prefect_flow_run_id"], ["evaluate-base", "register"])
     assert rerun_states == {"evaluate-base": ["Completed"], "register": ["Completed"]}
-
-
-def _readme_trigger_runs_on_a_new_champion_only(champion: dict) -> None:
-    """The deployment trigger the README shows, read by Prefect's own models, covers the champion's event (Prefect's
-    server-side matching) and not the same event for a challenger, and renders the version as its parameter."""
-    import re
-
-    import yaml
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-    from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
-    from prefect.server.events.schemas.automations import EventTrigger
-    from prefect.server.events.schemas.events import ReceivedEvent
-
-    readme = (REPO / "README.md").read_text()
-    snippet = re.search(r"as in a deployment trigger in `prefect.yaml`:\n\n```yaml\n(.*?)```", readme, re.S).group(1)
-    spec = yaml.safe_load(snippet)["triggers"][0]
-    deployment_only = {"name", "description", "enabled", "parameters", "job_variables", "schedule_after"}
-    dumped = DeploymentEventTrigger.model_validate(spec).model_dump(exclude=deployment_only)
-    trigger = EventTrigger.model_validate(dumped)
-    seen = ReceivedEvent.model_validate(champion)
-    assert trigger.covers(seen)
-    other = champion | {"resource": champion["resource"] | {"edgar-tune.alias": "challenger"}}
-    assert not trigger.covers(ReceivedEvent.model_validate(other))
-    rendered = ImmutableSandboxedEnvironment().from_string(spec["parameters"]["version"]).render(event=seen)
-    assert rendered == champion["resource"]["edgar-tune.version"]
 
 
 def _result_artifacts(api: Api, run_id: str) -> tuple[str, list[dict], str]:

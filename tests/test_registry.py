@@ -10,11 +10,13 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 
+import httpx
 import mlflow
 import pytest
 
-from tests.conftest import REPO, kill_group, lines_until, lock_holder, run_cli
+from tests.conftest import REPO, free_port, kill_group, lines_until, lock_holder, run_cli
 
 
 def test_champion_moves_only_on_lower_perplexity_on_the_same_validation_data(tmp_path):
@@ -97,13 +99,16 @@ def test_a_person_promotes_a_version_by_hand_and_the_registry_records_who_and_wh
     assert rolled.returncode == 0, rolled.stderr
     assert "m v1 is now @champion (was v2)" in rolled.stdout
     assert "note: v1's perplexity 9.5000 is higher than v2's 8.0000 on v2's validation data" in rolled.stdout
+    assert "note: no edgar-tune.model.promoted event sent: no Prefect server is configured (PREFECT_API_URL)" in (
+        rolled.stdout)  # automations on the champion run on a server (the next test has one)
     assert str(client.get_model_version_by_alias("m", CHAMPION).version) == "1"
     record = json.loads(client.get_model_version("m", "1").tags[PROMOTED])
     assert record["alias"] == CHAMPION and record["before"] == "2" and record["reason"] == "v2 misreads segment tables"
     kept = cli("promote", "3")  # the challenger becomes champion and is no longer the challenger
-    assert kept.returncode == 0 and "m v3 is now @champion (was v1)" in kept.stdout and "note" not in kept.stdout
+    assert kept.returncode == 0 and "m v3 is now @champion (was v1)" in kept.stdout and "higher" not in kept.stdout
     assert client.get_registered_model("m").aliases == {CHAMPION: 3}, CHALLENGER
-    assert "m v3 is already @champion" in cli("promote", "3").stdout
+    again = cli("promote", "3")
+    assert "m v3 is already @champion" in again.stdout and "event" not in again.stdout  # nothing moved: no event
     missing = cli("promote", "7")
     assert missing.returncode == 2 and "m has no version 7; it has 1, 2, 3" in missing.stderr
     nothing = subprocess.run([sys.executable, "-m", "edgar_tune.cli", "models", "--name", "n", "--tracking-uri", uri],
@@ -115,6 +120,59 @@ def test_a_person_promotes_a_version_by_hand_and_the_registry_records_who_and_wh
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert lost.returncode == 2 and f"no MLflow store at {tmp_path / 'runs' / 'mlflow.db'}: run this where" in lost.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_rollback_by_hand_is_a_prefect_event_that_the_readme_trigger_acts_on(prefect_server, tmp_path):
+    """A promotion by hand makes a new champion as a registration does, so automations on the champion (a serving
+    deployment) must hear of it: `edgar-tune promote` sends `edgar-tune.model.promoted` to the Prefect server
+    configured (a real one), on the registered model's resource labelled with the version and its new alias, with
+    who, why and the version before; the README's deployment trigger covers it, and not a promotion to another
+    alias. (Without a server the console says none was sent: the test before.)"""
+    from flows.artifacts import HAND_PROMOTED
+    from tasks.registry import promote
+    from tests.conftest import readme_trigger_runs_on_a_new_champion_only
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    name = "edgar-tune-10k"  # the model of the README's trigger
+    client = mlflow.MlflowClient(uri)
+    client.create_registered_model(name)
+    for ppl in (9.0, 8.0):  # v1 champion, then v2
+        v = client.create_model_version(name, source=(tmp_path / "weights").as_uri()).version
+        for key, value in {"val_sha256": "mdna-a", "val_perplexity": repr(ppl), "val_scoring": "window 128"}.items():
+            client.set_model_version_tag(name, v, key, value)
+        promote(client, name, str(v), ppl, "mdna-a", "window 128")
+    env = dict(os.environ, **prefect_server)
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "edgar_tune.cli", "promote", *args, "--tracking-uri", uri],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+
+    rolled = cli("1", "--reason", "v2 misreads segment tables")
+    assert rolled.returncode == 0 and f"{name} v1 is now @champion (was v2)" in rolled.stdout, rolled.stderr
+    assert "event" not in rolled.stdout + rolled.stderr  # it was sent: nothing to say
+    assert cli("2", "--alias", "production").returncode == 0
+    ours: list[dict] = []
+    deadline = time.monotonic() + 60
+    while len(ours) < 2 and time.monotonic() < deadline:  # events reach the server's store in batches
+        time.sleep(0.5)
+        query = {"filter": {"event": {"name": [HAND_PROMOTED]}, "resource": {"id": [f"edgar-tune.model.{name}"]}}}
+        found = httpx.post(f"{prefect_server['PREFECT_API_URL']}/events/filter", json=query | {"limit": 50}).json()
+        ours = [e for e in found["events"] if e["payload"]["mlflow_tracking_uri"] == uri]  # other tests' promote too
+    by_alias = {e["resource"]["edgar-tune.alias"]: e for e in ours}
+    assert set(by_alias) == {"champion", "production"}, ours
+    champion = by_alias["champion"]
+    assert champion["resource"]["edgar-tune.version"] == "1" and champion["resource"]["prefect.resource.name"] == name
+    payload = champion["payload"]
+    assert (payload["model_version"], payload["before"], payload["reason"]) == ("1", "2", "v2 misreads segment tables")
+    assert payload["by"] and payload["note"].startswith("v1's perplexity 9.0000 is higher than v2's 8.0000")
+    assert by_alias["production"]["payload"]["before"] is None  # nothing held that alias
+    readme_trigger_runs_on_a_new_champion_only(champion)
+    # A server that is gone: the alias moves all the same, and the console says no automation saw it.
+    env["PREFECT_API_URL"] = f"http://127.0.0.1:{free_port()}/api"
+    unheard = cli("2")
+    assert unheard.returncode == 0 and f"{name} v2 is now @champion (was v1)" in unheard.stdout, unheard.stderr
+    assert "warning: Prefect did not take the edgar-tune.model.promoted event (" in unheard.stderr
+    assert "); no automation saw this promotion" in unheard.stderr
 
 
 def test_the_before_after_plot_stays_readable_from_one_filing_to_hundreds_of_companies(tmp_path):
