@@ -155,6 +155,10 @@ def announce_promotion(model: str, done: dict, uri: str) -> tuple[str, str] | No
     from prefect.events import Event
     from prefect.events.clients import get_events_client
 
+    from tasks.registry import sqlite_file
+
+    if (db := sqlite_file(uri)) is not None:  # the store as an automation's flow run elsewhere finds it
+        uri = f"sqlite:///{db.resolve()}"
     record = done["record"]
     payload = {"model_version": done["version"], "model_alias": done["alias"], "before": done["before"],
                "by": record["by"], "reason": record["reason"], "time": record["time"], "note": done["note"],

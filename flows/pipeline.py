@@ -18,19 +18,17 @@ from tasks.progress import settle_console
 settle_console()
 
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Literal
 
 from prefect import flow
-from prefect.exceptions import MissingContextError
-from prefect.logging.handlers import APILogHandler
 from prefect.runtime import flow_run
 
 from edgar_tune.config import ConfigError, PipelineConfig, RunParameters, flow_run_id, load_run_config
 from edgar_tune.reaper import watch_embedded_server
 from edgar_tune.signals import as_signal
+from flows.logs import logs_into_the_flow_run
 from tasks.cache import (
     OUTPUTS,
     STAGES,
@@ -61,28 +59,7 @@ from tasks.textdata import SourceChanged, location
 log = logging.getLogger(__name__)
 
 
-class _RunLogHandler(APILogHandler):
-    """Prefect's API log handler, silent outside a run (a stage run in-process by `edgar-tune stage`, a thread)."""
-
-    def handleError(self, record: logging.LogRecord) -> None:
-        if isinstance(sys.exc_info()[1], MissingContextError):
-            return
-        super().handleError(record)
-
-
-def _logs_into_the_flow_run() -> None:
-    """This project's log lines (what changed since the last download, the memory plan, the champion decision, a
-    wait for a lock) at INFO in the flow run's log in the Prefect UI and on the worker's console. Prefect's logging
-    config sends only its own loggers to the API and shows other libraries' lines from WARNING up."""
-    for name in ("tasks", "flows", "kernels", "edgar_tune"):
-        logger = logging.getLogger(name)
-        if logger.level == logging.NOTSET:
-            logger.setLevel(logging.INFO)
-        if not any(isinstance(h, APILogHandler) for h in logger.handlers):  # PREFECT_LOGGING_EXTRA_LOGGERS did it
-            logger.addHandler(_RunLogHandler())
-
-
-_logs_into_the_flow_run()
+logs_into_the_flow_run()
 
 Stage = Literal["download", "parse", "tokenize", "evaluate-base", "train", "evaluate", "register"]
 

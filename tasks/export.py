@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from edgar_tune.config import ConfigError
-from tasks.io import atomic_dir, atomic_write_json, atomic_write_text, megabytes
+from tasks.io import atomic_dir, atomic_write_json, atomic_write_text, held, holder_info, megabytes
 from tasks.progress import clock
 from tasks.registry import load_registered, registered_files, version_artifacts
 
@@ -142,6 +142,39 @@ def export_version(client, name: str, version: str, out: str | Path, adapter: bo
     log.info("exported %s v%s (%s, %.1f MB) to %s in %s", name, version, "adapter" if adapter else "merged", size,
              out, clock(time.monotonic() - start))  # fmt: skip
     return provenance
+
+
+def export_alias(client, name: str, alias: str, out: str | Path, adapter: bool = False, dtype: str = "auto") -> dict:
+    """Keep the folder `out` holding the version of `name` that has `alias` now: export it there (replacing an
+    earlier export, whole, at the end) unless `out` holds it already, in that form. The alias is read once this
+    process has the folder's lock, so exports started by two champions in a row, in either order, both end with
+    the newer one there. Returns the provenance of what `out` holds, and `exported`: whether this call wrote it.
+
+    Raises:
+        LookupError: `name` has no version with `alias`.
+        ConfigError: as `export_version`.
+    """
+    import mlflow
+
+    out = Path(out).expanduser().absolute()
+    with held(out.parent / f".{out.name}.lock", holder_info(export=f"{name}@{alias}"), wait=True):
+        try:
+            version = str(client.get_model_version_by_alias(name, alias).version)
+        except mlflow.exceptions.MlflowException as err:
+            raise LookupError(f"{name} has no version @{alias} in {client.tracking_uri}: {err.message}") from err
+        try:
+            was = json.loads((out / PROVENANCE).read_text())
+        except (OSError, ValueError):
+            was = {}
+        same = ({k: was.get(k) for k in ("registered_model", "version", "adapter", "tracking_uri")}
+                == {"registered_model": name, "version": version, "adapter": adapter,
+                    "tracking_uri": client.tracking_uri})  # fmt: skip
+        if same and (adapter or dtype in ("auto", was.get("dtype"))):
+            log.info("%s holds %s v%s (@%s) already: nothing to export", out, name, version, alias)
+            return was | {"exported": False}
+        log.info("exporting %s v%s (@%s) to %s%s", name, version, alias, out,
+                 f", in place of {read_provenance(out)}" if was else "")  # fmt: skip
+        return export_version(client, name, version, out, adapter, dtype, replace=True) | {"exported": True}
 
 
 def _tokenizer(folder: str):

@@ -213,10 +213,11 @@ def prefect_server(tmp_path_factory):
         yield env
 
 
-def readme_trigger_runs_on_a_new_champion_only(champion: dict) -> None:
-    """The deployment trigger the README shows, read by Prefect's own models, covers this event of a new champion
-    (as a Prefect server's events API returns it; Prefect's server-side matching) and not the same event of
-    another alias, and renders the version as its parameter."""
+def export_trigger_acts_on_a_new_champion_only(champion: dict) -> None:
+    """The trigger of prefect.yaml's export-champion deployment (the one the README shows), read by Prefect's own
+    models, covers this event of a new champion (as a Prefect server's events API returns it; Prefect's
+    server-side matching) and not the same event of another alias, and renders the model and the MLflow store as
+    the flow's parameters."""
     import re
 
     import yaml
@@ -225,9 +226,11 @@ def readme_trigger_runs_on_a_new_champion_only(champion: dict) -> None:
     from prefect.server.events.schemas.automations import EventTrigger
     from prefect.server.events.schemas.events import ReceivedEvent
 
+    deployments = yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]
+    spec = next(d for d in deployments if d["name"] == "export-champion")["triggers"][0]
     readme = (REPO / "README.md").read_text()
-    snippet = re.search(r"as in a deployment trigger in `prefect.yaml`:\n\n```yaml\n(.*?)```", readme, re.S).group(1)
-    spec = yaml.safe_load(snippet)["triggers"][0]
+    snippet = re.search(r"prefect.yaml's `export-champion` deployment:\n\n```yaml\n(.*?)```", readme, re.S).group(1)
+    assert yaml.safe_load(snippet)["triggers"][0] == spec  # the README shows what is deployed
     deployment_only = {"name", "description", "enabled", "parameters", "job_variables", "schedule_after"}
     dumped = DeploymentEventTrigger.model_validate(spec).model_dump(exclude=deployment_only)
     trigger = EventTrigger.model_validate(dumped)
@@ -236,8 +239,10 @@ def readme_trigger_runs_on_a_new_champion_only(champion: dict) -> None:
     for alias in ("challenger", "production"):
         other = champion | {"resource": champion["resource"] | {"edgar-tune.alias": alias}}
         assert not trigger.covers(ReceivedEvent.model_validate(other)), alias
-    rendered = ImmutableSandboxedEnvironment().from_string(spec["parameters"]["version"]).render(event=seen)
-    assert rendered == champion["resource"]["edgar-tune.version"]
+    jinja = ImmutableSandboxedEnvironment()
+    rendered = {k: jinja.from_string(v).render(event=seen) for k, v in spec["parameters"].items()}
+    assert rendered == {"model": champion["resource"]["prefect.resource.name"],
+                        "tracking_uri": champion["payload"]["mlflow_tracking_uri"]}  # fmt: skip
 
 
 def train_variants(tiny_run, tmp_path: Path, variants: dict[str, dict], steps: int = 6,

@@ -21,7 +21,7 @@ from zoneinfo import ZoneInfo
 import httpx
 import pytest
 
-from tests.conftest import REPO, readme_trigger_runs_on_a_new_champion_only
+from tests.conftest import REPO, export_trigger_acts_on_a_new_champion_only
 
 PREFECT = str(Path(sys.executable).parent / "prefect")
 IDENTITY = "Edgar Tune Tests tests@example.com"
@@ -110,6 +110,21 @@ class Api:
                 return page["events"]
             time.sleep(0.5)
 
+    def exports(self, store: str, expect: int, timeout: float = 300) -> list[dict]:
+        """The export-champion deployment's flow runs for the MLflow store `store`, oldest first, once `expect` of
+        them are there and all are final (a trigger's run is created after its event reaches the server), or
+        `timeout` has passed."""
+        dep = self.deployment("export-champion")
+        deadline = time.monotonic() + timeout
+        while True:
+            runs = self.post("/flow_runs/filter", {"deployments": {"id": {"any_": [dep["id"]]}},
+                                                   "sort": "EXPECTED_START_TIME_ASC"})  # fmt: skip
+            runs = [r for r in runs if r["parameters"].get("tracking_uri") == store]
+            final = all(r["state"]["type"] in TERMINAL for r in runs)
+            if (len(runs) >= expect and final) or time.monotonic() > deadline:
+                return runs
+            time.sleep(1)
+
     def logs(self, run_id: str, until: str, timeout: float = 60) -> list[dict]:
         """The flow run's log records in the UI's order, once one of them contains `until`: they reach the server
         in batches, after the run's own state."""
@@ -135,11 +150,15 @@ def deployed(prefect_server, edgar_server, tmp_path_factory):
                 [PREFECT, "--no-prompt", "deploy", "--all"]):  # fmt: skip
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    api = Api(prefect_server["PREFECT_API_URL"])
+    export = api.deployment("export-champion")  # its champions into this test's folder, not the checkout's exports/
+    api.request("PATCH", f"/deployments/{export['id']}",
+                json={"parameters": export["parameters"] | {"out": str(home / "exports" / "{model}" / "{alias}")}})
     log = open(home / "worker.log", "wb")  # noqa: SIM115 (closed at teardown)
     worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "edgar-tune"], cwd=REPO, env=env, stdout=log,
                               stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
     try:
-        yield Api(prefect_server["PREFECT_API_URL"]), env, home
+        yield api, env, home
     finally:
         os.killpg(worker.pid, signal.SIGINT)
         try:  # it stops in 1-3 s (if it inherited SIGINT ignored it never did: see conftest.py)
@@ -204,7 +223,7 @@ def test_same_parameters_twice_is_all_cached_and_a_new_learning_rate_reuses_the_
         assert task_run[0]["name"] == stage, task_run
     trained = (tmp_path / "run" / "04_train" / "stats.json").stat().st_mtime_ns
     # The result on the run's page in the UI: the summary, each held-out MD&A's perplexity, the data report.
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    summary = first_summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     card, table, report = _result_artifacts(api, first["id"])
     assert card.startswith(f"**edgar-tune-10k v{summary['model_version']} @champion**: perplexity "
                            f"{summary['ppl_before']:.3f} → {summary['ppl_after']:.3f} "
@@ -252,7 +271,15 @@ def test_same_parameters_twice_is_all_cached_and_a_new_learning_rate_reuses_the_
     assert event["payload"]["ppl_after"] == third_summary["ppl_after"]
     assert by_run[f"prefect.flow-run.{first['id']}"]["resource"]["edgar-tune.alias"] == "champion"
     assert any(r["prefect.resource.role"] == "deployment" for r in event["related"]), event
-    readme_trigger_runs_on_a_new_champion_only(by_run[f"prefect.flow-run.{first['id']}"])
+    export_trigger_acts_on_a_new_champion_only(by_run[f"prefect.flow-run.{first['id']}"])
+    # ... and the export-champion deployment, run by that trigger (Prefect's own) for each new champion, not for
+    # the cached run: the folder holds the champion, merged, as `edgar-tune export` writes it.
+    champions = [s for s in (first_summary, third_summary) if s["model_alias"] == "champion"]
+    store = first_summary["mlflow_tracking_uri"]
+    exports = api.exports(store, expect=len(champions))
+    assert [r["state"]["type"] for r in exports] == ["COMPLETED"] * len(champions), _log_tail(home)
+    held = json.loads((home / "exports" / "edgar-tune-10k" / "champion" / "edgar_tune.json").read_text())
+    assert (held["version"], held["tracking_uri"], held["adapter"]) == (champions[-1]["model_version"], store, False)
 
     # `edgar-tune rerun STAGE --run FLOW_RUN_ID`: that stage and its dependents, nothing upstream.
     env = dict(os.environ, PREFECT_API_URL=api.http.base_url.__str__().rstrip("/"))

@@ -16,11 +16,13 @@ def test_deployments_point_at_the_flow_with_its_parameters():
 
     spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
     names = {d["name"] for d in spec["deployments"]}
-    assert {"after-10k-season", "on-demand", "rerun"} <= names
+    assert {"after-10k-season", "on-demand", "rerun", "export-champion"} <= names
     for dep in spec["deployments"]:
         path, func = dep["entrypoint"].split(":")
         flow = getattr(importlib.import_module(path.removesuffix(".py").replace("/", ".")), func)
         assert set(dep.get("parameters", {})) <= set(inspect.signature(flow.fn).parameters)
+        for trigger in dep.get("triggers", []):  # what a trigger passes the flow run
+            assert set(trigger.get("parameters", {})) <= set(inspect.signature(flow.fn).parameters), trigger
         if "params" in dep.get("parameters", {}):
             RunParameters.model_validate(dep["parameters"]["params"]).load()  # typed, and every key is valid
         assert dep["work_pool"]["name"] == "edgar-tune"

@@ -130,7 +130,7 @@ def test_a_rollback_by_hand_is_a_prefect_event_that_the_readme_trigger_acts_on(p
     alias. (Without a server the console says none was sent: the test before.)"""
     from flows.artifacts import HAND_PROMOTED
     from tasks.registry import promote
-    from tests.conftest import readme_trigger_runs_on_a_new_champion_only
+    from tests.conftest import export_trigger_acts_on_a_new_champion_only
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     name = "edgar-tune-10k"  # the model of the README's trigger
@@ -166,7 +166,7 @@ def test_a_rollback_by_hand_is_a_prefect_event_that_the_readme_trigger_acts_on(p
     assert (payload["model_version"], payload["before"], payload["reason"]) == ("1", "2", "v2 misreads segment tables")
     assert payload["by"] and payload["note"].startswith("v1's perplexity 9.0000 is higher than v2's 8.0000")
     assert by_alias["production"]["payload"]["before"] is None  # nothing held that alias
-    readme_trigger_runs_on_a_new_champion_only(champion)
+    export_trigger_acts_on_a_new_champion_only(champion)
     # A server that is gone: the alias moves all the same, and the console says no automation saw it.
     env["PREFECT_API_URL"] = f"http://127.0.0.1:{free_port()}/api"
     unheard = cli("2")

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import sqlite3
 import subprocess
 import sys
 import time
@@ -344,6 +345,54 @@ def test_export_writes_a_merged_model_that_plain_transformers_scores_as_the_regi
     with pytest.raises(ConfigError, match="built inside its run"):  # tiny-llama's base is in the version
         export_version(client, *version, tmp_path / "adapter", adapter=True)
     assert not (tmp_path / "adapter").exists()
+
+
+def test_the_champion_folder_follows_the_alias_and_the_newer_champion_wins(tiny_run, tmp_path, monkeypatch):
+    """The export-champion flow's work (`export_alias`): the folder gets the version holding the alias, is left as
+    it is while that holds, follows the alias when it moves; the alias is read once the folder's lock is held, so
+    an export that waited for another ends with the champion of when it ran, not of when it was started."""
+    import threading
+
+    import mlflow
+
+    from flows.export import edgar_tune_export
+    from tasks.export import export_alias
+    from tasks.io import held
+    from tasks.registry import tracking_at
+
+    _, s = tiny_run
+    monkeypatch.setenv("EDGAR_TUNE_CACHE", str(tmp_path / "cache"))
+    with contextlib.closing(sqlite3.connect(s["mlflow_tracking_uri"].removeprefix("sqlite:///"))) as db:
+        with contextlib.closing(sqlite3.connect(tmp_path / "mlflow.db")) as copy:
+            db.backup(copy)  # a store of its own (its aliases move), with the run's artifacts
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    name, first = s["registered_model"], s["model_version"]
+    mv = client.get_model_version(name, first)
+    with tracking_at(client.tracking_uri):  # MLflow finds the logged model of `mv.source` in the fluent API's store
+        second = str(client.create_model_version(name, mv.source, run_id=mv.run_id, tags=mv.tags).version)
+    out = tmp_path / "exports" / name / "champion"
+    done = export_alias(client, name, "champion", out)
+    assert (done["version"], done["exported"]) == (first, True)
+    written = (out / "model.safetensors").stat().st_mtime_ns
+    assert export_alias(client, name, "champion", out)["exported"] is False  # it holds the champion already
+    assert (out / "model.safetensors").stat().st_mtime_ns == written
+    client.set_registered_model_alias(name, "champion", second)
+    done = edgar_tune_export.fn(name, "champion", str(tmp_path / "exports" / "{model}" / "{alias}"),
+                                client.tracking_uri)  # the flow's own function, as the deployment runs it
+    assert (done["version"], done["exported"]) == (second, True)
+    assert json.loads((out / "edgar_tune.json").read_text())["version"] == second
+    # An export that waits for the folder (another one writes it), during which a rollback moves the alias back.
+    results: list[dict] = []
+    with held(out.parent / ".champion.lock", {"test": "another export"}):
+        waiting = threading.Thread(target=lambda: results.append(export_alias(client, name, "champion", out)))
+        waiting.start()
+        time.sleep(1)
+        client.set_registered_model_alias(name, "champion", first)
+    waiting.join(timeout=120)
+    assert [r["version"] for r in results] == [first]
+    assert json.loads((out / "edgar_tune.json").read_text())["version"] == first
+    with pytest.raises(LookupError, match=rf"{name} has no version @production in sqlite:///"):
+        export_alias(client, name, "production", tmp_path / "prod")
 
 
 def test_export_adapter_names_its_base_and_loads_with_peft(tiny_run, tmp_path, monkeypatch):

@@ -1,0 +1,57 @@
+"""The champion as a folder to serve, kept in step with the registry: the `edgar-tune-export` flow.
+
+prefect.yaml's `export-champion` deployment runs it whenever a version becomes the champion: its trigger matches
+`edgar-tune.model.registered` (a run registered a new champion) and `edgar-tune.model.promoted` (`edgar-tune
+promote`, a rollback) labelled `edgar-tune.alias: champion`, and passes the event's model and MLflow store. So
+`exports/<model>/champion` holds the champion, merged, in the form vLLM, TGI and transformers load, with its model
+card. It is replaced whole once the new one is written; what reads it sees the old folder or the new one.
+"""
+
+from __future__ import annotations
+
+from tasks.progress import settle_console
+
+settle_console()  # before Prefect, transformers and MLflow are imported: see tasks.progress
+
+from pathlib import Path
+from typing import Literal
+
+from prefect import flow
+
+from edgar_tune.reaper import watch_embedded_server
+from flows.logs import logs_into_the_flow_run
+
+logs_into_the_flow_run()
+
+
+@flow(name="edgar-tune-export", log_prints=True)
+def edgar_tune_export(model: str = "edgar-tune-10k", alias: str = "champion", out: str = "exports/{model}/{alias}",
+                      tracking_uri: str | None = None, adapter: bool = False,
+                      dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto") -> dict:  # fmt: skip
+    """Export the version of `model` that holds `alias` into the folder `out`, unless it holds it already.
+
+    Args:
+        model: The registered model (`registry.model_name` of the runs).
+        alias: Whose version to export. It is read when the export starts, so exports started by two champions in
+            a row both end with the newer one in `out`.
+        out: The folder; `{model}` and `{alias}` are filled in. A relative path is under the worker's working
+            directory (this checkout). It holds an earlier export or nothing: other files are never written over.
+        tracking_uri: The MLflow store (the trigger passes the event's); else $MLFLOW_TRACKING_URI, else
+            runs/mlflow.db under the working directory.
+        adapter: Write the LoRA adapter alone (for a server that applies adapters to a shared base) instead of the
+            merged model.
+        dtype: The merged weights' dtype: auto (the base's), float32, bfloat16 or float16.
+    """
+    import mlflow
+
+    from tasks.export import export_alias
+    from tasks.registry import tracking_uri as store
+
+    watch_embedded_server()
+    uri = store(tracking_uri, Path("runs"))
+    folder = Path(out.format(model=model, alias=alias))
+    done = export_alias(mlflow.MlflowClient(uri), model, alias, folder, adapter, dtype)
+    what = "its adapter" if done["adapter"] else f"merged, {done['dtype']}"
+    print(f"{folder.absolute()} holds {model} v{done['version']} ({what}), @{alias} in {uri}"
+          + ("" if done["exported"] else "; it did already"))  # fmt: skip
+    return done
