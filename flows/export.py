@@ -52,6 +52,16 @@ def edgar_tune_export(model: str = "edgar-tune-10k", alias: str = "champion", ou
     folder = Path(out.format(model=model, alias=alias))
     done = export_alias(mlflow.MlflowClient(uri), model, alias, folder, adapter, dtype)
     what = "its adapter" if done["adapter"] else f"merged, {done['dtype']}"
-    print(f"{folder.absolute()} holds {model} v{done['version']} ({what}), @{alias} in {uri}"
-          + ("" if done["exported"] else "; it did already"))  # fmt: skip
+    line = f"{folder.absolute()} holds {model} v{done['version']} ({what}), @{alias} in {uri}"
+    print(line + ("" if done["written"] else "; it did already"))
+    if done["written"]:  # the UI's Artifacts page: a timeline of what the folder held, from when
+        from prefect.artifacts import create_markdown_artifact
+
+        from flows.artifacts import artifact_key
+
+        try:
+            create_markdown_artifact(f"`{line}`, exported {done['exported']}", key=artifact_key(model, "export"),
+                                     description=f"what {folder} holds")  # fmt: skip
+        except Exception as err:  # noqa: BLE001 (the folder is written all the same)
+            print(f"Prefect did not take the export's artifact: {type(err).__name__}: {err}")
     return done

@@ -148,7 +148,7 @@ def export_alias(client, name: str, alias: str, out: str | Path, adapter: bool =
     """Keep the folder `out` holding the version of `name` that has `alias` now: export it there (replacing an
     earlier export, whole, at the end) unless `out` holds it already, in that form. The alias is read once this
     process has the folder's lock, so exports started by two champions in a row, in either order, both end with
-    the newer one there. Returns the provenance of what `out` holds, and `exported`: whether this call wrote it.
+    the newer one there. Returns the provenance of what `out` holds, and `written`: whether this call wrote it.
 
     Raises:
         LookupError: `name` has no version with `alias`.
@@ -171,10 +171,10 @@ def export_alias(client, name: str, alias: str, out: str | Path, adapter: bool =
                     "tracking_uri": client.tracking_uri})  # fmt: skip
         if same and (adapter or dtype in ("auto", was.get("dtype"))):
             log.info("%s holds %s v%s (@%s) already: nothing to export", out, name, version, alias)
-            return was | {"exported": False}
+            return was | {"written": False}
         log.info("exporting %s v%s (@%s) to %s%s", name, version, alias, out,
                  f", in place of {read_provenance(out)}" if was else "")  # fmt: skip
-        return export_version(client, name, version, out, adapter, dtype, replace=True) | {"exported": True}
+        return export_version(client, name, version, out, adapter, dtype, replace=True) | {"written": True}
 
 
 def _tokenizer(folder: str):

@@ -280,6 +280,9 @@ def test_same_parameters_twice_is_all_cached_and_a_new_learning_rate_reuses_the_
     assert [r["state"]["type"] for r in exports] == ["COMPLETED"] * len(champions), _log_tail(home)
     held = json.loads((home / "exports" / "edgar-tune-10k" / "champion" / "edgar_tune.json").read_text())
     assert (held["version"], held["tracking_uri"], held["adapter"]) == (champions[-1]["model_version"], store, False)
+    cards = api.post("/artifacts/filter", {"artifacts": {"key": {"any_": ["edgar-tune-10k-export"]},
+                                                         "flow_run_id": {"any_": [r["id"] for r in exports]}}})  # fmt: skip
+    assert any(f"holds edgar-tune-10k v{held['version']} (merged, float32)" in c["data"] for c in cards), cards
 
     # `edgar-tune rerun STAGE --run FLOW_RUN_ID`: that stage and its dependents, nothing upstream.
     env = dict(os.environ, PREFECT_API_URL=api.http.base_url.__str__().rstrip("/"))

@@ -372,14 +372,14 @@ def test_the_champion_folder_follows_the_alias_and_the_newer_champion_wins(tiny_
         second = str(client.create_model_version(name, mv.source, run_id=mv.run_id, tags=mv.tags).version)
     out = tmp_path / "exports" / name / "champion"
     done = export_alias(client, name, "champion", out)
-    assert (done["version"], done["exported"]) == (first, True)
+    assert (done["version"], done["written"]) == (first, True)
     written = (out / "model.safetensors").stat().st_mtime_ns
-    assert export_alias(client, name, "champion", out)["exported"] is False  # it holds the champion already
+    assert export_alias(client, name, "champion", out)["written"] is False  # it holds the champion already
     assert (out / "model.safetensors").stat().st_mtime_ns == written
     client.set_registered_model_alias(name, "champion", second)
     done = edgar_tune_export.fn(name, "champion", str(tmp_path / "exports" / "{model}" / "{alias}"),
                                 client.tracking_uri)  # the flow's own function, as the deployment runs it
-    assert (done["version"], done["exported"]) == (second, True)
+    assert (done["version"], done["written"]) == (second, True)
     assert json.loads((out / "edgar_tune.json").read_text())["version"] == second
     # An export that waits for the folder (another one writes it), during which a rollback moves the alias back.
     results: list[dict] = []
