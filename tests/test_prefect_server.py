@@ -190,6 +190,8 @@ def test_deployments_from_prefect_yaml_and_the_cron_schedule_produces_runs(deplo
             break
         time.sleep(1)
     assert scheduled, "the scheduler made no run from the cron schedule"
+    export = api.deployment("export-champion")  # its schedule is there, off until turned on
+    assert [s["active"] for s in export["schedules"]] == [False], export["schedules"]
     for run in scheduled:
         when = datetime.fromisoformat(run["expected_start_time"]).astimezone(ZoneInfo("America/New_York"))
         assert (when.weekday(), when.hour, when.minute) == (0, 6, 0) and when.month in (3, 4), when

@@ -37,6 +37,9 @@ def test_cron_schedule_is_valid_and_has_a_timezone():
     assert scheduled
     for dep in scheduled:
         for sched in dep["schedules"]:
+            if "interval" in sched:  # export-champion's: off until a user turns it on
+                assert dep["name"] == "export-champion" and sched["active"] is False, dep
+                continue
             assert sched["timezone"]
             nxt = next(CronSim(sched["cron"], datetime(2026, 1, 1)))
             assert nxt.month == 3 and nxt.weekday() == 0 and nxt.hour == 6
