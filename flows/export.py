@@ -36,6 +36,8 @@ def edgar_tune_export(model: str = "edgar-tune-10k", alias: str = "champion", ou
             a row both end with the newer one in `out`.
         out: The folder; `{model}` and `{alias}` are filled in. A relative path is under the worker's working
             directory (this checkout). It holds an earlier export or nothing: other files are never written over.
+            Or an s3:// URL: each export under its own prefix, `OUT@v7-merged/`, and the pointer `OUT.json` (its
+            provenance and `url`) switched to it once it is whole (workers on several hosts, serving from S3).
         tracking_uri: The MLflow store (the trigger passes the event's); else $MLFLOW_TRACKING_URI, else
             runs/mlflow.db under the working directory.
         adapter: Write the LoRA adapter alone (for a server that applies adapters to a shared base) instead of the
@@ -49,19 +51,22 @@ def edgar_tune_export(model: str = "edgar-tune-10k", alias: str = "champion", ou
 
     watch_embedded_server()
     uri = store(tracking_uri, Path("runs"))
-    folder = Path(out.format(model=model, alias=alias))
-    done = export_alias(mlflow.MlflowClient(uri), model, alias, folder, adapter, dtype)
+    target = out.format(model=model, alias=alias)
+    done = export_alias(mlflow.MlflowClient(uri), model, alias, target, adapter, dtype)
+    where = f"{target}.json -> {done['url']}" if "url" in done else Path(target).absolute()
     what = "its adapter" if done["adapter"] else f"merged, {done['dtype']}"
-    line = f"{folder.absolute()} holds {model} v{done['version']} ({what}), @{alias} in {uri}"
+    line = f"{where} holds {model} v{done['version']} ({what}), @{alias} in {uri}"
     print(line + ("" if done["written"] else "; it did already"))
-    if done["written"]:  # the UI's Artifacts page: a timeline of what the folder held, from when
+    from tasks.limits import in_prefect_run
+
+    if done["written"] and in_prefect_run():  # the UI's Artifacts page: a timeline of what the folder held, from when
         from prefect.artifacts import create_markdown_artifact
 
         from flows.artifacts import artifact_key
 
         try:
             create_markdown_artifact(f"`{line}`, exported {done['exported']}", key=artifact_key(model, "export"),
-                                     description=f"what {folder} holds")  # fmt: skip
+                                     description=f"what {target} holds")  # fmt: skip
         except Exception as err:  # noqa: BLE001 (the folder is written all the same)
             print(f"Prefect did not take the export's artifact: {type(err).__name__}: {err}")
     return done

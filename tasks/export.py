@@ -73,9 +73,10 @@ def base_dtype(base: str) -> torch.dtype:
 
 
 def export_version(client, name: str, version: str, out: str | Path, adapter: bool = False, dtype: str = "auto",
-                   replace: bool = False) -> dict:  # fmt: skip
+                   replace: bool = False, stored_at: str | None = None) -> dict:  # fmt: skip
     """Write version `version` of registered model `name` (on `client`'s tracking server) into the folder `out`,
-    merged or as its adapter, with a model card; returns the provenance written as `edgar_tune.json`.
+    merged or as its adapter, with a model card; returns the provenance written as `edgar_tune.json`. `stored_at`:
+    the URL the folder is uploaded to, for the card (which then loads it from a copy named as its last part).
 
     Raises:
         ConfigError: `out` is a URL or holds files (see `check_target`), an adapter asked of a full fine-tune or
@@ -137,7 +138,8 @@ def export_version(client, name: str, version: str, out: str | Path, adapter: bo
             del model
         tokenizer.save_pretrained(tmp)
         atomic_write_json(tmp / PROVENANCE, provenance)
-        atomic_write_text(tmp / "README.md", model_card(provenance, run.data.params, base_name == SMOLLM2, out))
+        card = model_card(provenance, run.data.params, base_name == SMOLLM2, out, stored_at)
+        atomic_write_text(tmp / "README.md", card)
         size = megabytes(tmp)
     log.info("exported %s v%s (%s, %.1f MB) to %s in %s", name, version, "adapter" if adapter else "merged", size,
              out, clock(time.monotonic() - start))  # fmt: skip
@@ -145,36 +147,104 @@ def export_version(client, name: str, version: str, out: str | Path, adapter: bo
 
 
 def export_alias(client, name: str, alias: str, out: str | Path, adapter: bool = False, dtype: str = "auto") -> dict:
-    """Keep the folder `out` holding the version of `name` that has `alias` now: export it there (replacing an
-    earlier export, whole, at the end) unless `out` holds it already, in that form. The alias is read once this
-    process has the folder's lock, so exports started by two champions in a row, in either order, both end with
-    the newer one there. Returns the provenance of what `out` holds, and `written`: whether this call wrote it.
+    """Keep `out` holding the version of `name` that has `alias` now: export it there unless `out` holds it already,
+    in that form. The alias is read once this process holds `out`'s lock, so exports started by two champions in
+    a row, in either order, both end with the newer one there. Returns the provenance of what `out` holds, and
+    `written`: whether this call changed it.
+
+    `out` is a local folder (replaced whole at the end; its lock an flock beside it), or an `s3://` URL (see
+    `_export_alias_s3`).
 
     Raises:
         LookupError: `name` has no version with `alias`.
-        ConfigError: as `export_version`.
+        ConfigError: as `export_version`, or `out` a URL of another scheme.
     """
-    import mlflow
-
+    if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", str(out)):
+        if not str(out).startswith("s3://"):
+            raise ConfigError(f"out={out}: an export goes to a local folder or an s3:// URL")
+        return _export_alias_s3(client, name, alias, str(out).rstrip("/"), adapter, dtype)
     out = Path(out).expanduser().absolute()
     with held(out.parent / f".{out.name}.lock", holder_info(export=f"{name}@{alias}"), wait=True):
-        try:
-            version = str(client.get_model_version_by_alias(name, alias).version)
-        except mlflow.exceptions.MlflowException as err:
-            raise LookupError(f"{name} has no version @{alias} in {client.tracking_uri}: {err.message}") from err
+        version = _alias_version(client, name, alias)
         try:
             was = json.loads((out / PROVENANCE).read_text())
         except (OSError, ValueError):
             was = {}
-        same = ({k: was.get(k) for k in ("registered_model", "version", "adapter", "tracking_uri")}
-                == {"registered_model": name, "version": version, "adapter": adapter,
-                    "tracking_uri": client.tracking_uri})  # fmt: skip
-        if same and (adapter or dtype in ("auto", was.get("dtype"))):
+        if _holds(was, client, name, version, adapter, dtype):
             log.info("%s holds %s v%s (@%s) already: nothing to export", out, name, version, alias)
             return was | {"written": False}
         log.info("exporting %s v%s (@%s) to %s%s", name, version, alias, out,
                  f", in place of {read_provenance(out)}" if was else "")  # fmt: skip
         return export_version(client, name, version, out, adapter, dtype, replace=True) | {"written": True}
+
+
+KEEP_EXPORTS = 2  # an s3:// export's version prefixes kept: the current one, and the one before it (a rollback)
+
+
+def _export_alias_s3(client, name: str, alias: str, out: str, adapter: bool, dtype: str) -> dict:
+    """`export_alias` to S3, which has no folder to replace whole. Each export is uploaded under its own prefix,
+    `OUT@v7-merged/` (the provenance last: a prefix with `edgar_tune.json` is whole), then the pointer `OUT.json`
+    (one PUT: the provenance and `url`, the prefix) is switched to it; what reads the pointer finds a whole export.
+    The prefixes of the `KEEP_EXPORTS` newest pointers stay (a rollback to the one before is a switch of the
+    pointer, no upload), older ones are deleted. One export at a time per `out`: a lease in the bucket
+    (`OUT/.lease.json`, as an s3:// run's). The export is written locally first, under $EDGAR_TUNE_CACHE/exports/,
+    and removed once uploaded."""
+    import hashlib
+
+    from tasks.io import cache_dir
+    from tasks.storage import BucketLease, s3_fs
+
+    fs = s3_fs()
+    lease = BucketLease(fs, out, holder_info(export=f"{name}@{alias}"))
+    with lease.held(wait=True):
+        version = _alias_version(client, name, alias)
+        pointer = f"{out}.json"
+        was = json.loads(fs.cat_file(pointer)) if fs.exists(pointer) else {}
+        if _holds(was, client, name, version, adapter, dtype):
+            log.info("%s points at %s v%s (@%s) already: nothing to export", pointer, name, version, alias)
+            return was | {"written": False}
+        prefix = f"{out}@v{version}-{'adapter' if adapter else 'merged' if dtype == 'auto' else dtype}"
+        if fs.exists(f"{prefix}/{PROVENANCE}"):  # uploaded whole before (the champion before the last one)
+            done = json.loads(fs.cat_file(f"{prefix}/{PROVENANCE}"))
+            log.info("%s holds %s v%s already: %s points at it again", prefix, name, version, pointer)
+        else:
+            staging = cache_dir() / "exports" / hashlib.sha256(prefix.encode()).hexdigest()[:16]
+            try:
+                done = export_version(client, name, version, staging, adapter, dtype, replace=True, stored_at=prefix)
+                files = sorted(p for p in staging.rglob("*") if p.is_file() and p.name != PROVENANCE)
+                start = time.monotonic()
+                for f in [*files, staging / PROVENANCE]:  # the provenance last: a prefix that has it is whole
+                    lease.check()
+                    fs.put_file(str(f), f"{prefix}/{f.relative_to(staging)}")
+                log.info("uploaded %s v%s (%.1f MB) to %s in %s", name, version, megabytes(staging), prefix,
+                         clock(time.monotonic() - start))  # fmt: skip
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+        record = done | {"url": prefix, "previous": was.get("url")}
+        lease.check()
+        fs.pipe_file(pointer, json.dumps(record, indent=1).encode())
+        kept = {prefix, was.get("url")}
+        for old in fs.glob(f"{out}@*"):
+            if f"s3://{old}" not in kept:
+                log.info("removing %s, which no pointer of the last %d names", f"s3://{old}", KEEP_EXPORTS)
+                fs.rm(f"s3://{old}", recursive=True)
+        return record | {"written": True}
+
+
+def _alias_version(client, name: str, alias: str) -> str:
+    import mlflow
+
+    try:
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except mlflow.exceptions.MlflowException as err:
+        raise LookupError(f"{name} has no version @{alias} in {client.tracking_uri}: {err.message}") from err
+
+
+def _holds(was: dict, client, name: str, version: str, adapter: bool, dtype: str) -> bool:
+    """Whether an export's provenance `was` is `version` of `name` from this store, in the form asked for."""
+    same = ({k: was.get(k) for k in ("registered_model", "version", "adapter", "tracking_uri")}
+            == {"registered_model": name, "version": version, "adapter": adapter, "tracking_uri": client.tracking_uri})
+    return same and (adapter or dtype in ("auto", was.get("dtype")))
 
 
 def _tokenizer(folder: str):
@@ -205,8 +275,11 @@ def _provenance(client, mv, run, base_name: str, base: str | None, adapter: bool
     }  # fmt: skip
 
 
-def model_card(p: dict, params: dict[str, str], smollm2: bool, folder: Path) -> str:
-    """README.md of an export in `folder`: what it is, where it came from, how well it does, how to load it."""
+def model_card(p: dict, params: dict[str, str], smollm2: bool, folder: Path | str, stored_at: str | None = None) -> str:
+    """README.md of an export in `folder`: what it is, where it came from, how well it does, how to load it. An
+    export uploaded to `stored_at` (a URL) is loaded from a copy named after its last part."""
+    if stored_at:
+        folder = stored_at.rstrip("/").rsplit("/", 1)[-1]
     hub_base = "/" in p["base_model"] and not Path(p["base_model"]).expanduser().exists()  # a hub id
     front = ["---", "library_name: " + ("peft" if p["adapter"] else "transformers"), "pipeline_tag: text-generation",
              "tags: [" + ", ".join(["edgar-tune", "finance"] + ["sec-10k"] * bool(p["filings"])
@@ -247,7 +320,10 @@ def model_card(p: dict, params: dict[str, str], smollm2: bool, folder: Path) -> 
     lines += ["", "Provenance (also in `edgar_tune.json`): " + f"`{p['model_uri']}` in `{p['tracking_uri']}`, MLflow "
               f"run `{p['mlflow_run_id']}`, edgar-tune commit `{p['git_commit']}`, training text sha256 "
               f"`{(p['train_sha256'] or '-')[:16]}`, validation text sha256 `{(p['val_sha256'] or '-')[:16]}`.",
-              "", "## Load it", "", "```python"]
+              "", "## Load it", ""]
+    if stored_at:
+        lines += [f"Copy it from `{stored_at}` first: `aws s3 sync {stored_at} {folder}`.", ""]
+    lines += ["```python"]
     if p["adapter"]:
         lines += ["from peft import PeftModel", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
                   f'base = AutoModelForCausalLM.from_pretrained("{p["base_model_path"]}")',

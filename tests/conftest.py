@@ -245,6 +245,27 @@ def export_trigger_acts_on_a_new_champion_only(champion: dict) -> None:
                         "tracking_uri": champion["payload"]["mlflow_tracking_uri"]}  # fmt: skip
 
 
+def two_versions(tiny_run, tmp_path: Path) -> tuple:
+    """A copy of the tiny run's MLflow store in `tmp_path` (its aliases may move there), its registered model with
+    a second version of the same weights: (client, model name, the run's version, the second one)."""
+    import sqlite3
+
+    import mlflow
+
+    from tasks.registry import tracking_at
+
+    _, s = tiny_run
+    with contextlib.closing(sqlite3.connect(s["mlflow_tracking_uri"].removeprefix("sqlite:///"))) as db:
+        with contextlib.closing(sqlite3.connect(tmp_path / "mlflow.db")) as copy:
+            db.backup(copy)  # what the WAL holds too; the artifacts stay the run's
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    name, first = s["registered_model"], s["model_version"]
+    mv = client.get_model_version(name, first)
+    with tracking_at(client.tracking_uri):  # MLflow finds the logged model of `mv.source` in the fluent API's store
+        second = str(client.create_model_version(name, mv.source, run_id=mv.run_id, tags=mv.tags).version)
+    return client, name, first, second
+
+
 def train_variants(tiny_run, tmp_path: Path, variants: dict[str, dict], steps: int = 6,
                    max_val_samples: int = 16) -> dict:  # fmt: skip
     """The train stage's function (`tasks.finetune.train`, in this process) for `steps` steps on the tiny run's

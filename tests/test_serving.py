@@ -8,7 +8,6 @@ import json
 import os
 import re
 import shutil
-import sqlite3
 import subprocess
 import sys
 import time
@@ -353,23 +352,13 @@ def test_the_champion_folder_follows_the_alias_and_the_newer_champion_wins(tiny_
     an export that waited for another ends with the champion of when it ran, not of when it was started."""
     import threading
 
-    import mlflow
-
     from flows.export import edgar_tune_export
     from tasks.export import export_alias
     from tasks.io import held
-    from tasks.registry import tracking_at
+    from tests.conftest import two_versions
 
-    _, s = tiny_run
     monkeypatch.setenv("EDGAR_TUNE_CACHE", str(tmp_path / "cache"))
-    with contextlib.closing(sqlite3.connect(s["mlflow_tracking_uri"].removeprefix("sqlite:///"))) as db:
-        with contextlib.closing(sqlite3.connect(tmp_path / "mlflow.db")) as copy:
-            db.backup(copy)  # a store of its own (its aliases move), with the run's artifacts
-    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    name, first = s["registered_model"], s["model_version"]
-    mv = client.get_model_version(name, first)
-    with tracking_at(client.tracking_uri):  # MLflow finds the logged model of `mv.source` in the fluent API's store
-        second = str(client.create_model_version(name, mv.source, run_id=mv.run_id, tags=mv.tags).version)
+    client, name, first, second = two_versions(tiny_run, tmp_path)
     out = tmp_path / "exports" / name / "champion"
     done = export_alias(client, name, "champion", out)
     assert (done["version"], done["written"]) == (first, True)

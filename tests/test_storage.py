@@ -99,6 +99,48 @@ def test_a_run_folder_has_one_name_on_every_worker(tmp_path, monkeypatch):
     assert folder_identity(tmp_path / "run") == f"{socket.gethostname()}:{tmp_path / 'run'}"
 
 
+def test_the_champion_exported_to_s3_is_whole_wherever_its_pointer_points(s3, tiny_run, tmp_path, monkeypatch):
+    """export-champion with `out` an s3:// URL (workers on several hosts, serving from S3): each version under its
+    own prefix, the provenance uploaded last; the pointer switched to it once it is whole; the same champion again
+    uploads nothing; a rollback to the version before is a pointer switch; older prefixes are deleted."""
+    from flows.export import edgar_tune_export
+    from tasks.export import export_alias
+    from tests.conftest import two_versions
+
+    fs, _ = s3
+    monkeypatch.setenv("EDGAR_TUNE_CACHE", str(tmp_path / "cache"))
+    client, name, first, second = two_versions(tiny_run, tmp_path)
+    out = f"s3://edgar-runs/exports/{name}/champion"
+
+    def pointer() -> dict:
+        return json.loads(fs.cat_file(f"{out}.json"))
+
+    done = edgar_tune_export.fn(name, "champion", "s3://edgar-runs/exports/{model}/{alias}", client.tracking_uri)
+    assert (done["version"], done["written"], done["url"]) == (first, True, f"{out}@v{first}-merged")
+    assert pointer()["url"] == done["url"] and pointer()["version"] == first
+    files = {f.rsplit("/", 1)[-1] for f in fs.find(done["url"])}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "README.md", "edgar_tune.json"} <= files
+    card = fs.cat_file(f"{done['url']}/README.md").decode()
+    assert f"aws s3 sync {done['url']} champion@v{first}-merged" in card
+    assert f'AutoModelForCausalLM.from_pretrained("champion@v{first}-merged")' in card
+    assert not list((tmp_path / "cache" / "exports").iterdir())  # the local copy is gone once uploaded
+    assert export_alias(client, name, "champion", out)["written"] is False
+    client.set_registered_model_alias(name, "champion", second)
+    moved = export_alias(client, name, "champion", out)
+    assert (moved["version"], moved["previous"]) == (second, f"{out}@v{first}-merged")
+    assert sorted(fs.glob(f"{out}@*")) == [f"edgar-runs/exports/{name}/champion@v{v}-merged" for v in (first, second)]
+    before = fs.info(f"{out}@v{first}-merged/model.safetensors")["LastModified"]
+    client.set_registered_model_alias(name, "champion", first)  # a rollback: that prefix is there, whole
+    back = export_alias(client, name, "champion", out)
+    assert (back["version"], back["url"], pointer()["url"]) == (first, f"{out}@v{first}-merged", back["url"])
+    assert fs.info(f"{out}@v{first}-merged/model.safetensors")["LastModified"] == before  # not uploaded again
+    bf16 = export_alias(client, name, "champion", out, dtype="bfloat16")  # another form: its own prefix
+    assert bf16["url"] == f"{out}@v{first}-bfloat16" and bf16["dtype"] == "bfloat16"
+    kept = sorted(fs.glob(f"{out}@*"))  # this pointer's and the last one's
+    assert kept == [f"edgar-runs/exports/{name}/champion@v{first}-{f}" for f in ("bfloat16", "merged")], kept
+    assert not fs.exists(f"{out}/.lease.json")  # let go of
+
+
 def test_an_s3_run_in_use_refuses_a_worker_on_another_host(s3, tmp_path):
     """Workers share an s3:// run through the bucket, each in its own working copy, so one host's lock file does
     not stop another host: the run's lease in the bucket does, with no Prefect server that the hosts share. A run
