@@ -188,13 +188,15 @@ def _holder(path: Path) -> dict:
 
 
 @contextlib.contextmanager
-def held(path: Path, holder: dict, wait: bool = False, log_every: float = 60.0) -> Iterator[None]:
-    """Hold an exclusive lock on the file `path` (made if missing) for the `with` block.
+def held(path: Path, holder: dict, wait: bool = False, log_every: float = 60.0, shared: bool = False) -> Iterator[None]:
+    """Hold an exclusive lock on the file `path` (made if missing) for the `with` block; `shared`: a lock that
+    other shared holders hold at once, and that excludes an exclusive one.
 
     It excludes other processes on this host, and on other hosts where the file system's flock works (NFSv4,
     Lustre, local disks). The kernel drops the lock when its process ends however it ends (the OOM killer's
     SIGKILL too), so a killed holder never leaves it stale. The holder writes `holder` into the file for whoever
-    finds it taken. `wait=False` raises `Busy` at once; `wait=True` waits, logging who holds it every `log_every` s.
+    finds it taken (of several shared holders, the last to come). `wait=False` raises `Busy` at once; `wait=True`
+    waits, logging who holds it every `log_every` s.
     """
     import fcntl
 
@@ -205,7 +207,7 @@ def held(path: Path, holder: dict, wait: bool = False, log_every: float = 60.0) 
         logged = None
         while True:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
                 break
             except BlockingIOError:  # taken
                 if not wait:

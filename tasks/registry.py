@@ -32,7 +32,7 @@ import yaml
 
 from edgar_tune.config import REPO_ROOT, EvalConfig, PipelineConfig, RegisterConfig, flat_params
 from tasks.io import (
-    EVALUATE, PARSE, TOKENIZE, TRAIN, cache_dir, held, holder_info, megabytes, read_json, read_jsonl,
+    EVALUATE, PARSE, TOKENIZE, TRAIN, Busy, cache_dir, held, holder_info, megabytes, read_json, read_jsonl,
 )  # fmt: skip
 from tasks.progress import CURVES, Point, clock, training_points
 from tasks.storage import folder_identity
@@ -440,37 +440,58 @@ def registered_files(client, name: str, version: str, what: str = "") -> Iterato
     """The artifacts of version `version` of registered model `name` on `client`'s tracking server: downloaded
     once into $EDGAR_TUNE_CACHE/registry, then read from there. A full fine-tune's weights are GBs, and every
     rescoring of the champion (each run on new validation data) and every `edgar-tune generate` downloaded them
-    again. The `with` block holds the model's lock (no other process evicts or half-downloads the copy while it
-    reads it); afterwards the newest `KEEP_DOWNLOADS` versions used stay and older copies go. A copy is known by
-    its version's run and creation time too: a tracking store made again, whose v1 is another model, never reads
-    the old store's v1. `what` names it in the log ("champion")."""
+    again. The `with` block holds the model's lock shared: processes that read copies of the model's versions (an
+    export merging the champion, a registration rescoring it) do so at once, and none evicts or half-downloads a
+    copy meanwhile (a download and an eviction hold it alone). Afterwards, unless another process still reads, the
+    newest `KEEP_DOWNLOADS` versions used stay and older copies go. A copy is known by its version's run and
+    creation time too: a tracking store made again, whose v1 is another model, never reads the old store's v1.
+    `what` names it in the log ("champion")."""
     mv = client.get_model_version(name, version)
     store = hashlib.sha256(f"{client.tracking_uri}\0{name}".encode()).hexdigest()[:12]
     home = cache_dir() / "registry" / f"{re.sub(r'[^A-Za-z0-9._-]+', '_', name)}-{store}"
     made = hashlib.sha256(f"{mv.run_id}\0{mv.creation_timestamp}".encode()).hexdigest()[:8]
     local = home / f"v{version}-{made}"
     label = f"{what} {name} v{version}".strip()
-    with held(home / ".lock", holder_info(reading=f"models:/{name}/{version}"), wait=True):
-        if (local / "MLmodel").is_file():
-            log.info("%s: its copy downloaded before, %.1f MB in %s", label, megabytes(local), local)
-        else:
-            start = time.monotonic()
-            source = client.get_model_version_download_uri(name, version)  # where this client's registry keeps it
-            with tempfile.TemporaryDirectory(dir=home, prefix=".", suffix=".tmp", ignore_cleanup_errors=True) as tmp:
-                got = mlflow.artifacts.download_artifacts(source, dst_path=tmp, tracking_uri=client.tracking_uri)
-                shutil.rmtree(local, ignore_errors=True)  # a copy without its MLmodel: not one this wrote
-                os.replace(got, local)  # whole, or not there
-            log.info("downloaded %s (%.1f MB) in %s into %s", label, megabytes(local), clock(time.monotonic() - start),
-                     local)  # fmt: skip
-        os.utime(local)  # the newest used
-        yield local
-        for half in home.glob(".*.tmp"):  # a download killed half-way (its lock went with its process)
-            shutil.rmtree(half, ignore_errors=True)
-        for old in sorted((p for p in home.iterdir() if p.is_dir() and not p.name.startswith(".")),
-                          key=lambda p: p.stat().st_mtime, reverse=True)[KEEP_DOWNLOADS:]:  # fmt: skip
-            shutil.rmtree(old, ignore_errors=True)
-            log.info("removed the download of %s %s (the newest %d are kept)", name, old.name.split("-")[0],
-                     KEEP_DOWNLOADS)  # fmt: skip
+    lock, info = home / ".lock", holder_info(reading=f"models:/{name}/{version}")
+    fetched = False
+    for _ in range(3):  # a copy evicted between the download and the shared lock (two more downloads) is fetched again
+        with held(lock, info, wait=True, shared=True):
+            if (local / "MLmodel").is_file():
+                if not fetched:
+                    log.info("%s: its copy downloaded before, %.1f MB in %s", label, megabytes(local), local)
+                os.utime(local)  # the newest used
+                yield local
+                break
+        with held(lock, info, wait=True):  # alone: no reader of any copy, no other download
+            if not (local / "MLmodel").is_file():
+                _download(client, name, version, local, label)
+                fetched = True
+            os.utime(local)
+    else:
+        raise RuntimeError(f"the download of {label} in {local} was removed three times before it could be read: "
+                           f"other processes download this model's versions faster than {KEEP_DOWNLOADS} are kept")
+    try:
+        with held(lock, info):  # alone, or not at all: whoever reads now cleans up after
+            for half in home.glob(".*.tmp"):  # a download killed half-way (its lock went with its process)
+                shutil.rmtree(half, ignore_errors=True)
+            for old in sorted((p for p in home.iterdir() if p.is_dir() and not p.name.startswith(".")),
+                              key=lambda p: p.stat().st_mtime, reverse=True)[KEEP_DOWNLOADS:]:  # fmt: skip
+                shutil.rmtree(old, ignore_errors=True)
+                log.info("removed the download of %s %s (the newest %d are kept)", name, old.name.split("-")[0],
+                         KEEP_DOWNLOADS)  # fmt: skip
+    except Busy:
+        pass
+
+
+def _download(client, name: str, version: str, local: Path, label: str) -> None:
+    """Download the version's artifacts into `local`, whole or not at all (the caller holds the model's lock)."""
+    start = time.monotonic()
+    source = client.get_model_version_download_uri(name, version)  # where this client's registry keeps it
+    with tempfile.TemporaryDirectory(dir=local.parent, prefix=".", suffix=".tmp", ignore_cleanup_errors=True) as tmp:
+        got = mlflow.artifacts.download_artifacts(source, dst_path=tmp, tracking_uri=client.tracking_uri)
+        shutil.rmtree(local, ignore_errors=True)  # a copy without its MLmodel: not one this wrote
+        os.replace(got, local)  # whole, or not there
+    log.info("downloaded %s (%.1f MB) in %s into %s", label, megabytes(local), clock(time.monotonic() - start), local)
 
 
 RUN_KEY = "edgar_tune.run_key"

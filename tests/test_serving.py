@@ -384,6 +384,36 @@ def test_the_champion_folder_follows_the_alias_and_the_newer_champion_wins(tiny_
         export_alias(client, name, "production", tmp_path / "prod")
 
 
+def test_readers_of_a_downloaded_version_read_at_once_and_a_download_waits_for_them(tiny_run, tmp_path, monkeypatch):
+    """The champion's export (minutes of merging on a 7B) and a registration rescoring that champion both read its
+    downloaded copy: they hold the model's cache lock shared, so neither waits for the other. A download of another
+    version waits until they are done (no copy is evicted or half-written under a reader), then goes on."""
+    import threading
+
+    from tasks.registry import registered_files
+    from tests.conftest import two_versions
+
+    monkeypatch.setenv("EDGAR_TUNE_CACHE", str(tmp_path / "cache"))
+    client, name, first, second = two_versions(tiny_run, tmp_path)
+    done: dict[str, Path] = {}
+
+    def read(version: str, key: str) -> None:
+        with registered_files(client, name, version) as local:
+            done[key] = local
+
+    with registered_files(client, name, first) as reading:
+        other = threading.Thread(target=read, args=(first, "same"), daemon=True)
+        other.start()
+        other.join(timeout=60)  # held exclusively, it waited for the first reader for good
+        assert done.get("same") == reading
+        download = threading.Thread(target=read, args=(second, "download"), daemon=True)
+        download.start()
+        time.sleep(2)
+        assert "download" not in done  # it waits for the reader
+    download.join(timeout=60)
+    assert (done["download"] / "MLmodel").is_file() and done["download"] != reading
+
+
 def test_export_adapter_names_its_base_and_loads_with_peft(tiny_run, tmp_path, monkeypatch):
     """A version whose base is a folder or a hub id exports as its adapter alone; peft loads it on the base its
     adapter_config.json names, and it computes what the merged export computes."""
