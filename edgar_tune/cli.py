@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -223,25 +224,34 @@ def cmd_export(args: argparse.Namespace) -> int:
     import mlflow
 
     from edgar_tune.config import ConfigError
-    from tasks.export import export_version
+    from tasks.export import export_alias, export_version
     from tasks.registry import registered_version
 
     uri = _store_uri(args.tracking_uri)
     client = mlflow.MlflowClient(uri)
     try:
-        version = registered_version(client, args.model)
-        if version is None:
-            raise ConfigError(f"--model {args.model}: export takes a registered version, models:/NAME@ALIAS or "
-                              "models:/NAME/N (`edgar-tune models` lists them)")  # fmt: skip
-        done = export_version(client, *version, args.out, args.adapter, args.dtype, args.replace)
-    except mlflow.exceptions.MlflowException as err:
-        print(f"edgar-tune: error: cannot export {args.model} from {uri}: {err.message}", file=sys.stderr)
+        if args.out.startswith("s3://"):  # a prefix per version and a pointer that follows the alias
+            if not (alias := re.fullmatch(r"models:/([^/@]+)@([^/@]+)", args.model)):
+                raise ConfigError(f"--out {args.out}: an export to S3 follows an alias, --model models:/NAME@ALIAS "
+                                  "(its pointer OUT.json names the version that holds it), not a version number")
+            done = export_alias(client, *alias.groups(), args.out, args.adapter, args.dtype)
+        else:
+            version = registered_version(client, args.model)
+            if version is None:
+                raise ConfigError(f"--model {args.model}: export takes a registered version, models:/NAME@ALIAS or "
+                                  "models:/NAME/N (`edgar-tune models` lists them)")  # fmt: skip
+            done = export_version(client, *version, args.out, args.adapter, args.dtype, args.replace)
+    except (mlflow.exceptions.MlflowException, LookupError) as err:
+        why = err.message if isinstance(err, mlflow.exceptions.MlflowException) else err.args[0]
+        print(f"edgar-tune: error: cannot export {args.model} from {uri}: {why}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(done, indent=1))
     else:
         what = "its adapter" if done["adapter"] else f"merged, {done['dtype']}"
-        print(f"{done['registered_model']} v{done['version']} ({what}) -> {Path(args.out).expanduser().absolute()}")
+        local = Path(args.out).expanduser().absolute()
+        where = f"{done['url']} ({args.out}.json points at it)" if "url" in done else local
+        print(f"{done['registered_model']} v{done['version']} ({what}) -> {where}")
     return 0
 
 
@@ -419,7 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp = sub.add_parser("export", help="write a registered version into a folder that transformers, peft or vLLM "
                          "load without edgar-tune or MLflow: merged (default) or its LoRA adapter")  # fmt: skip
     exp.add_argument("--model", required=True, help="models:/NAME@ALIAS or models:/NAME/N")
-    exp.add_argument("--out", required=True, help="a new or empty folder (it appears whole at the end)")
+    exp.add_argument("--out", required=True, help="a new or empty folder (it appears whole at the end), or an s3:// "
+                     "URL with --model models:/NAME@ALIAS (a prefix per version, OUT.json pointing at the alias's)")
     exp.add_argument("--adapter", action="store_true", help="the LoRA adapter, for peft (default: merged weights)")
     exp.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                      help="the merged weights' dtype (auto: the base model's)")  # fmt: skip

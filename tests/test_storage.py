@@ -139,6 +139,21 @@ def test_the_champion_exported_to_s3_is_whole_wherever_its_pointer_points(s3, ti
     kept = sorted(fs.glob(f"{out}@*"))  # this pointer's and the last one's
     assert kept == [f"edgar-runs/exports/{name}/champion@v{first}-{f}" for f in ("bfloat16", "merged")], kept
     assert not fs.exists(f"{out}/.lease.json")  # let go of
+    # `edgar-tune export` to S3: an alias, with the same pointer; a version number is refused, naming what to give.
+    env = dict(os.environ, EDGAR_TUNE_CACHE=str(tmp_path / "cache"))
+
+    def cli(model: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "edgar_tune.cli", "export", "--model", model, "--out",
+                               "s3://edgar-runs/exports/cli", "--tracking-uri", client.tracking_uri],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+
+    made = cli(f"models:/{name}@champion")
+    assert made.returncode == 0, made.stderr[-3000:]
+    assert f"{name} v{first} (merged, float32) -> s3://edgar-runs/exports/cli@v{first}-merged (s3://edgar-runs/" in (
+        made.stdout)
+    assert json.loads(fs.cat_file("s3://edgar-runs/exports/cli.json"))["version"] == first
+    refused = cli(f"models:/{name}/{second}")
+    assert refused.returncode == 2 and "an export to S3 follows an alias, --model models:/NAME@ALIAS" in refused.stderr
 
 
 def test_an_s3_run_in_use_refuses_a_worker_on_another_host(s3, tmp_path):
