@@ -47,6 +47,7 @@ def edgar_tune_export(model: str = "edgar-tune-10k", alias: str = "champion", ou
     import mlflow
 
     from tasks.export import export_alias
+    from tasks.limits import in_prefect_run
     from tasks.registry import tracking_uri as store
 
     watch_embedded_server()
@@ -57,8 +58,6 @@ def edgar_tune_export(model: str = "edgar-tune-10k", alias: str = "champion", ou
     what = "its adapter" if done["adapter"] else f"merged, {done['dtype']}"
     line = f"{where} holds {model} v{done['version']} ({what}), @{alias} in {uri}"
     print(line + ("" if done["written"] else "; it did already"))
-    from tasks.limits import in_prefect_run
-
     if done["written"] and in_prefect_run():  # the UI's Artifacts page: a timeline of what the folder held, from when
         from prefect.artifacts import create_markdown_artifact
 

@@ -178,14 +178,11 @@ def export_alias(client, name: str, alias: str, out: str | Path, adapter: bool =
         return export_version(client, name, version, out, adapter, dtype, replace=True) | {"written": True}
 
 
-KEEP_EXPORTS = 2  # an s3:// export's version prefixes kept: the current one, and the one before it (a rollback)
-
-
 def _export_alias_s3(client, name: str, alias: str, out: str, adapter: bool, dtype: str) -> dict:
     """`export_alias` to S3, which has no folder to replace whole. Each export is uploaded under its own prefix,
     `OUT@v7-merged/` (the provenance last: a prefix with `edgar_tune.json` is whole), then the pointer `OUT.json`
     (one PUT: the provenance and `url`, the prefix) is switched to it; what reads the pointer finds a whole export.
-    The prefixes of the `KEEP_EXPORTS` newest pointers stay (a rollback to the one before is a switch of the
+    The prefixes the pointer names now and named before stay (a rollback to the one before is a switch of the
     pointer, no upload), older ones are deleted. One export at a time per `out`: a lease in the bucket
     (`OUT/.lease.json`, as an s3:// run's). The export is written locally first, under $EDGAR_TUNE_CACHE/exports/,
     and removed once uploaded."""
@@ -226,7 +223,7 @@ def _export_alias_s3(client, name: str, alias: str, out: str, adapter: bool, dty
         kept = {prefix, was.get("url")}
         for old in fs.glob(f"{out}@*"):
             if f"s3://{old}" not in kept:
-                log.info("removing %s, which no pointer of the last %d names", f"s3://{old}", KEEP_EXPORTS)
+                log.info("removing s3://%s, which the pointer names neither now nor before", old)
                 fs.rm(f"s3://{old}", recursive=True)
         return record | {"written": True}
 
