@@ -318,7 +318,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
     """Give a version an alias (champion by default), as a person decided: a rollback, a challenger kept."""
     import mlflow
 
-    from tasks.registry import one_writer, promote_by_hand
+    from tasks.registry import one_writer, promote_by_hand, promotion_lines
 
     uri = _store_uri(args.tracking_uri)
     with one_writer(uri, Path("edgar-tune promote")):  # not in the middle of a registration's champion decision
@@ -327,13 +327,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
         except LookupError as err:
             print(f"edgar-tune: error: {uri}: {err.args[0]}", file=sys.stderr)
             return 2
-    if done["before"] == done["version"]:
-        print(f"{args.name} v{done['version']} is already @{done['alias']}")
-    else:
-        print(f"{args.name} v{done['version']} is now @{done['alias']}"
-              + (f" (was v{done['before']})" if done["before"] else ""))  # fmt: skip
-    if done["note"]:
-        print(f"note: {done['note']}")
+    print("\n".join(promotion_lines(args.name, done)))
     if done["record"]:  # the alias moved: automations on the champion (a serving deployment) are told
         from flows.artifacts import announce_promotion
 

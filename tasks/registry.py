@@ -345,9 +345,10 @@ def score_on(row: dict, validation: dict) -> float | None:
                  if (s["sha256"], s["scoring"]) == (validation["sha256"], validation["scoring"])), None)  # fmt: skip
 
 
-def promote_by_hand(client, name: str, version: str, alias: str = CHAMPION, reason: str = "") -> dict:
+def promote_by_hand(client, name: str, version: str, alias: str = CHAMPION, reason: str = "", by: str = "") -> dict:
     """Give `version` the alias `alias` (default champion), as a person decided: a rollback, or a challenger that
-    did better on a check of one's own. The version is tagged with who, when, why and which version held the alias.
+    did better on a check of one's own. The version is tagged with who (`by`, else this process's user), when, why
+    and which version held the alias.
     A version promoted to champion loses the challenger alias. Returns {"version", "alias", "before", "note",
     "record"}: the note says when the version scored worse than the one it replaces on the same validation data;
     the record (the `promoted_by_hand` tag's) is None when the version held the alias already.
@@ -370,13 +371,23 @@ def promote_by_hand(client, name: str, version: str, alias: str = CHAMPION, reas
             note = (f"v{version}'s perplexity {mine:.4f} is higher than v{before}'s {theirs:.4f} on v{before}'s "
                     "validation data")  # fmt: skip
     if before != version:
-        record = {"alias": alias, "before": before, "by": getpass.getuser(), "reason": reason,
+        record = {"alias": alias, "before": before, "by": by or getpass.getuser(), "reason": reason,
                   "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
         client.set_model_version_tag(name, version, PROMOTED, json.dumps(record))
         client.set_registered_model_alias(name, alias, version)
     if alias == CHAMPION and CHALLENGER in rows[version]["aliases"]:
         client.delete_registered_model_alias(name, CHALLENGER)
     return {"version": version, "alias": alias, "before": before, "note": note, "record": record}
+
+
+def promotion_lines(name: str, done: dict) -> list[str]:
+    """What `promote_by_hand` did, as `edgar-tune promote` and the promote flow say it."""
+    if done["before"] == done["version"]:
+        lines = [f"{name} v{done['version']} is already @{done['alias']}"]
+    else:
+        lines = [f"{name} v{done['version']} is now @{done['alias']}"
+                 + (f" (was v{done['before']})" if done["before"] else "")]  # fmt: skip
+    return lines + ([f"note: {done['note']}"] if done["note"] else [])
 
 
 def same_tokenizer(a, b) -> bool:

@@ -285,6 +285,24 @@ def test_same_parameters_twice_is_all_cached_and_a_new_learning_rate_reuses_the_
     cards = api.post("/artifacts/filter", {"artifacts": {"key": {"any_": ["edgar-tune-10k-export"]},
                                                          "flow_run_id": {"any_": [r["id"] for r in exports]}}})  # fmt: skip
     assert any(f"holds edgar-tune-10k v{held['version']} (merged, float32)" in c["data"] for c in cards), cards
+    # A promotion from the UI (the promote deployment), of the version that is not the champion: the alias moves,
+    # the version's record names the flow run and the reason, and its event starts the export of it.
+    other = third_summary if champions[-1] is first_summary else first_summary
+    made = api.post(f"/deployments/{api.deployment('promote')['id']}/create_flow_run",
+                    {"parameters": {"version": other["model_version"], "reason": "a check of our own",
+                                    "tracking_uri": store}})  # fmt: skip
+    promoted = api.wait(made["id"])
+    assert promoted["state"]["type"] == "COMPLETED", _log_tail(home)
+    import mlflow
+
+    client = mlflow.MlflowClient(store)
+    assert str(client.get_model_version_by_alias("edgar-tune-10k", "champion").version) == other["model_version"]
+    record = json.loads(client.get_model_version("edgar-tune-10k", other["model_version"]).tags["promoted_by_hand"])
+    assert (record["by"], record["reason"]) == (f"Prefect flow run {promoted['name']}", "a check of our own"), record
+    exports = api.exports(store, expect=len(champions) + 1)
+    assert [r["state"]["type"] for r in exports] == ["COMPLETED"] * (len(champions) + 1), _log_tail(home)
+    held = json.loads((home / "exports" / "edgar-tune-10k" / "champion" / "edgar_tune.json").read_text())
+    assert held["version"] == other["model_version"]
 
     # `edgar-tune rerun STAGE --run FLOW_RUN_ID`: that stage and its dependents, nothing upstream.
     env = dict(os.environ, PREFECT_API_URL=api.http.base_url.__str__().rstrip("/"))
