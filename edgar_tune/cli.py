@@ -183,16 +183,11 @@ def _print_fit(memory, shape, args: argparse.Namespace, kw: dict) -> int:
 
 
 def _store_uri(given: str | None) -> str:
-    """The MLflow store to read: --tracking-uri, else $MLFLOW_TRACKING_URI, else runs/mlflow.db here. A sqlite
-    store that does not exist is refused: MLflow would make an empty one, and report no models."""
-    from edgar_tune.config import ConfigError
-    from tasks.registry import sqlite_file, tracking_uri
+    """The MLflow store to read: --tracking-uri, else $MLFLOW_TRACKING_URI, else runs/mlflow.db here."""
+    from tasks.registry import existing_store
 
-    uri = tracking_uri(given, Path("runs"))
-    if (db := sqlite_file(uri)) is not None and not db.is_file():
-        raise ConfigError(f"no MLflow store at {db}: run this where `runs/` is, or pass --tracking-uri (or set "
+    return existing_store(given, Path("runs"), "run this where `runs/` is, or pass --tracking-uri (or set "
                           "MLFLOW_TRACKING_URI) to the store the runs registered in")  # fmt: skip
-    return uri
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

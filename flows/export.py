@@ -48,10 +48,10 @@ def edgar_tune_export(model: str = "edgar-tune-10k", alias: str = "champion", ou
 
     from tasks.export import export_alias
     from tasks.limits import in_prefect_run
-    from tasks.registry import tracking_uri as store
+    from tasks.registry import existing_store
 
     watch_embedded_server()
-    uri = store(tracking_uri, Path("runs"))
+    uri = existing_store(tracking_uri, Path("runs"), "set tracking_uri to the store the runs registered in")
     target = out.format(model=model, alias=alias)
     done = export_alias(mlflow.MlflowClient(uri), model, alias, target, adapter, dtype)
     where = f"{target}.json -> {done['url']}" if "url" in done else Path(target).absolute()

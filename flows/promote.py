@@ -36,14 +36,10 @@ def edgar_tune_promote(version: str, reason: str = "", alias: str = "champion", 
     """
     import mlflow
 
-    from edgar_tune.config import ConfigError
     from flows.artifacts import announce_promotion
-    from tasks.registry import one_writer, promote_by_hand, promotion_lines, sqlite_file
-    from tasks.registry import tracking_uri as store
+    from tasks.registry import existing_store, one_writer, promote_by_hand, promotion_lines
 
-    uri = store(tracking_uri, Path("runs"))
-    if (db := sqlite_file(uri)) is not None and not db.is_file():  # MLflow would make an empty one
-        raise ConfigError(f"no MLflow store at {db}: set tracking_uri to the store the runs registered in")
+    uri = existing_store(tracking_uri, Path("runs"), "set tracking_uri to the store the runs registered in")
     with one_writer(uri, Path("edgar-tune-promote")):  # not in the middle of a registration's champion decision
         done = promote_by_hand(mlflow.MlflowClient(uri), model, version, alias, reason,
                                by=f"Prefect flow run {flow_run.get_name()}")  # fmt: skip

@@ -49,6 +49,17 @@ def tracking_uri(cfg_uri: str | None, runs_root: Path) -> str:
     return cfg_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(runs_root / 'mlflow.db').resolve()}"
 
 
+def existing_store(given: str | None, runs_root: Path, change: str) -> str:
+    """`tracking_uri`, for a command that reads what runs registered: a sqlite store that does not exist is refused
+    (MLflow would make an empty one, and report no models), `change` saying how to name the right one."""
+    uri = tracking_uri(given, runs_root)
+    if (db := sqlite_file(uri)) is not None and not db.is_file():
+        from edgar_tune.config import ConfigError
+
+        raise ConfigError(f"no MLflow store at {db}: {change}")
+    return uri
+
+
 def sqlite_file(uri: str) -> Path | None:
     """The database file of a sqlite store's URI (`sqlite:///PATH`); None for a tracking server."""
     return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None

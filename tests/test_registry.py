@@ -64,7 +64,7 @@ def test_champion_moves_only_on_lower_perplexity_on_the_same_validation_data(tmp
     assert alias(v6, 7.2, "mdna-c", "window 256", lambda c: (None, "its tokenizer is not this run's")) == CHALLENGER
 
 
-def test_a_person_promotes_a_version_by_hand_and_the_registry_records_who_and_why(tmp_path):
+def test_a_person_promotes_a_version_by_hand_and_the_registry_records_who_and_why(tmp_path, monkeypatch):
     """`edgar-tune promote` on a real sqlite store: a rollback to an older version, a challenger made champion (it
     loses the challenger alias), each version tagged with who did it, why, and which version held the alias; a
     note when the promoted version scored worse on the data they share; clear errors for what does not exist."""
@@ -119,6 +119,17 @@ def test_a_person_promotes_a_version_by_hand_and_the_registry_records_who_and_wh
     lost = subprocess.run([sys.executable, "-m", "edgar_tune.cli", "models"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert lost.returncode == 2 and f"no MLflow store at {tmp_path / 'runs' / 'mlflow.db'}: run this where" in lost.stderr
+    assert not (tmp_path / "runs").exists()
+
+    from edgar_tune.config import ConfigError
+    from flows.export import edgar_tune_export
+    from flows.promote import edgar_tune_promote
+
+    monkeypatch.chdir(tmp_path)  # where a worker runs the deployments, and their default store is runs/mlflow.db
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for deployed in (lambda: edgar_tune_promote.fn("1"), lambda: edgar_tune_export.fn()):
+        with pytest.raises(ConfigError, match=r"no MLflow store at .*/runs/mlflow\.db: set tracking_uri to the store"):
+            deployed()
     assert not (tmp_path / "runs").exists()
 
 
