@@ -332,6 +332,19 @@ def cmd_promote(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_relay(args: argparse.Namespace) -> int:
+    """Relay aliases moved in the MLflow UI to Prefect as edgar-tune.model.promoted, until stopped."""
+    from edgar_tune.relay import RelayError, serve
+
+    host, _, port = args.listen.rpartition(":")
+    try:
+        serve(args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", ""), host or "0.0.0.0", int(port), args.url)
+    except RelayError as err:
+        print(f"edgar-tune: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def cmd_sections(args: argparse.Namespace) -> int:
     from tasks.sections import parse_filing
 
@@ -441,6 +454,12 @@ def build_parser() -> argparse.ArgumentParser:
     prom.add_argument("--reason", default="", help="why, kept in the version's promoted_by_hand tag")
     prom.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///runs/mlflow.db")
     prom.set_defaults(fn=cmd_promote)
+    relay = sub.add_parser("relay", help="tell Prefect of aliases moved in the MLflow UI (an MLflow webhook), so "
+                           "the export-champion deployment runs on them too")  # fmt: skip
+    relay.add_argument("--tracking-uri", help="the MLflow tracking server (http...); default: $MLFLOW_TRACKING_URI")
+    relay.add_argument("--listen", default="0.0.0.0:8790", help="HOST:PORT to take MLflow's deliveries on")
+    relay.add_argument("--url", help="the address MLflow reaches the relay at (default: http://HOST:PORT/ of --listen)")
+    relay.set_defaults(fn=cmd_relay)
     plan = sub.add_parser("plan", help="memory per GPU for each ZeRO stage, before renting the GPUs")
     plan.add_argument("--model", required=True,
                       help="local folder, hub id (only its config.json is read), or smollm2-135m")

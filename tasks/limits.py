@@ -30,9 +30,14 @@ def shared_server() -> bool:
     Without one, Prefect starts an embedded server for this host's runs. Its limits exclude nobody that a lock file
     on this host does not, and it never frees a slot whose holder was killed: its lease reaper does not run there.
     A run killed by the OOM killer while it held one left it taken for good, and every later run was refused."""
+    return prefect_api() is not None
+
+
+def prefect_api() -> str | None:
+    """The configured Prefect server's API URL (PREFECT_API_URL, without a trailing slash); None without one."""
     from prefect.settings import get_current_settings
 
-    return bool(get_current_settings().api.url)
+    return (get_current_settings().api.url or "").rstrip("/") or None
 
 
 _checked: set[str] = set()  # the servers whose lease storage this process has read

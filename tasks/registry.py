@@ -278,8 +278,21 @@ def promote(client, name: str, version: str, ppl: float, val_sha: str, how: str 
         compared = {"version": str(current.version), "perplexity": score, "basis": basis}
         alias = CHAMPION if score is not None and ppl < score else CHALLENGER
     client.set_model_version_tag(name, version, COMPARISON, json.dumps(compared))
-    client.set_registered_model_alias(name, alias, version)
+    move_alias(client, name, alias, version)
     return {"alias": alias, "compared": compared}
+
+
+MOVED = "edgar_tune.alias_moved"  # version tag: the alias edgar-tune gave it last, when, and the Prefect server told
+
+
+def move_alias(client, name: str, alias: str, version: str) -> None:
+    """Give `version` the alias, tagged as edgar-tune's move and the Prefect server its own event goes to (the
+    registration's or the promotion's): `edgar-tune relay` leaves to that event the webhook MLflow sends for it."""
+    from tasks.limits import prefect_api
+
+    moved = {"alias": alias, "time": time.time(), "told": prefect_api()}
+    client.set_model_version_tag(name, version, MOVED, json.dumps(moved))
+    client.set_registered_model_alias(name, alias, version)
 
 
 COMPARISON = "champion_comparison"  # version tag: the champion it was compared with, and on what
@@ -375,20 +388,31 @@ def promote_by_hand(client, name: str, version: str, alias: str = CHAMPION, reas
         raise LookupError(f"{name} has no version {version}; it has {', '.join(sorted(rows, key=int)) or 'none'} "
                           f"(`edgar-tune models --name {name}` lists them)")  # fmt: skip
     before = next((v for v, r in rows.items() if alias in r["aliases"]), None)
-    note, record = "", None
-    if before and before != version:
-        mine, theirs = score_on(rows[version], rows[before]["validation"]), rows[before]["perplexity"]
-        if mine is not None and theirs is not None and mine > theirs:
-            note = (f"v{version}'s perplexity {mine:.4f} is higher than v{before}'s {theirs:.4f} on v{before}'s "
-                    "validation data")  # fmt: skip
+    note, record = promotion_note(rows, version, before), None
     if before != version:
-        record = {"alias": alias, "before": before, "by": by or getpass.getuser(), "reason": reason,
-                  "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
+        record = hand_record(alias, before, by or getpass.getuser(), reason)
         client.set_model_version_tag(name, version, PROMOTED, json.dumps(record))
-        client.set_registered_model_alias(name, alias, version)
+        move_alias(client, name, alias, version)
     if alias == CHAMPION and CHALLENGER in rows[version]["aliases"]:
         client.delete_registered_model_alias(name, CHALLENGER)
     return {"version": version, "alias": alias, "before": before, "note": note, "record": record}
+
+
+def hand_record(alias: str, before: str | None, by: str, reason: str) -> dict:
+    """The `promoted_by_hand` tag's record: the alias, the version that held it, who, why, and when."""
+    return {"alias": alias, "before": before, "by": by, "reason": reason,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
+
+
+def promotion_note(rows: dict[str, dict], version: str, before: str | None) -> str:
+    """A line when `version` scored worse than `before`, the version that held the alias, on before's validation
+    data (`rows`: `versions` by version number); else ""."""
+    if not before or before == version or version not in rows or before not in rows:
+        return ""
+    mine, theirs = score_on(rows[version], rows[before]["validation"]), rows[before]["perplexity"]
+    if mine is None or theirs is None or mine <= theirs:
+        return ""
+    return f"v{version}'s perplexity {mine:.4f} is higher than v{before}'s {theirs:.4f} on v{before}'s validation data"
 
 
 def promotion_lines(name: str, done: dict) -> list[str]:

@@ -1,0 +1,187 @@
+"""`edgar-tune relay`: an alias moved in the MLflow UI, told to Prefect as `edgar-tune promote` tells it.
+
+edgar-tune announces the aliases it moves (`edgar-tune.model.registered`, `edgar-tune.model.promoted`), and
+prefect.yaml's `export-champion` deployment runs on them. A person who moves `champion` in the MLflow UI, or with
+MLflow's own client, moves it without edgar-tune, and nothing ran. An MLflow tracking server (3.3+, SQL store) sends a
+webhook for it, `model_version_alias.created`, but Prefect's open-source server takes no webhooks. The relay does:
+it installs MLflow's webhook pointing at itself, checks each delivery's signature, and sends
+`edgar-tune.model.promoted` for a version edgar-tune registered to the Prefect server in PREFECT_API_URL, recording
+the move in the version's `promoted_by_hand` tag as a promotion by hand is. A move edgar-tune made itself (tagged
+`edgar_tune.alias_moved`, naming the Prefect server it tells) is left to edgar-tune's own event, so one move makes one
+export.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import logging
+import os
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+log = logging.getLogger(__name__)
+
+WEBHOOK = "edgar-tune-relay"  # the MLflow webhook's name: a restarted relay updates it rather than adding another
+EVENTS = ["model_version_alias.created"]
+SECRET_ENV = "EDGAR_TUNE_WEBHOOK_SECRET"
+MAX_AGE_S = 300  # a delivery signed longer ago than this is refused (a replayed request)
+OWN_MOVE_S = 600  # how long after edgar-tune moved an alias its marker stands for the webhook of that move
+MAX_BODY = 1 << 20
+
+
+class RelayError(RuntimeError):
+    """The relay cannot start: what to change."""
+
+
+def signed(secret: str, delivery_id: str, timestamp: str, body: bytes) -> str:
+    """MLflow's webhook signature: `v1,` and the base64 HMAC-SHA256 of `delivery_id.timestamp.body`."""
+    digest = hmac.new(secret.encode(), f"{delivery_id}.{timestamp}.".encode() + body, hashlib.sha256).digest()
+    return "v1," + base64.b64encode(digest).decode()
+
+
+def refused(secret: str, headers, body: bytes, now: float) -> str | None:
+    """Why a delivery is not MLflow's (a wrong or missing signature, or an old one); None when it is."""
+    delivery, stamp, signature = (headers.get(h) for h in ("X-MLflow-Delivery-Id", "X-MLflow-Timestamp",
+                                                            "X-MLflow-Signature"))  # fmt: skip
+    if not (delivery and stamp and signature):
+        return "unsigned (X-MLflow-Signature, X-MLflow-Timestamp and X-MLflow-Delivery-Id are required)"
+    if not hmac.compare_digest(signature, signed(secret, delivery, stamp, body)):
+        return "its signature does not match this relay's secret"
+    if not stamp.isdigit() or abs(now - int(stamp)) > MAX_AGE_S:
+        return f"signed at {stamp}, more than {MAX_AGE_S} s from now"
+    return None
+
+
+class Relay:
+    """What the relay does with one delivery: `handle(payload)` -> (HTTP status, what it did)."""
+
+    def __init__(self, tracking_uri: str, prefect_api: str):
+        import mlflow
+
+        self.uri, self.prefect_api = tracking_uri, prefect_api
+        self.client = mlflow.MlflowClient(tracking_uri)
+        self.lock = threading.Lock()  # one delivery at a time: `held` is what the next one's `before` reads
+        self.held = {(m.name, a): str(v) for m in self.client.search_registered_models() for a, v in m.aliases.items()}
+
+    def handle(self, payload: dict) -> tuple[int, str]:
+        data = payload.get("data") or {}
+        if (payload.get("entity"), payload.get("action")) != ("model_version_alias", "created"):
+            return 200, f"not relayed: {payload.get('entity')}.{payload.get('action')} is not an alias moved"
+        name, alias, version = (str(data.get(k, "")) for k in ("name", "alias", "version"))
+        with self.lock:
+            return self._moved(name, alias, version)
+
+    def _moved(self, name: str, alias: str, version: str) -> tuple[int, str]:
+        import mlflow
+
+        from flows.artifacts import announce_promotion
+        from tasks.registry import COMPARISON, MOVED, PROMOTED, hand_record, promotion_note, versions
+
+        what = f"{name} v{version} @{alias}"
+        try:
+            tags = self.client.get_model_version(name, version).tags
+        except mlflow.exceptions.MlflowException as err:  # MLflow's test delivery names an example model
+            return 200, f"not relayed: {what}: {err.message}"
+        before, self.held[name, alias] = self.held.get((name, alias)), version
+        if COMPARISON not in tags:
+            return 200, f"not relayed: {what}: a version edgar-tune did not register"
+        mine = json.loads(tags.get(MOVED) or "{}")
+        if (mine.get("alias") == alias and (mine.get("told") or "").rstrip("/") == self.prefect_api
+                and abs(time.time() - mine.get("time", 0)) < OWN_MOVE_S):  # fmt: skip
+            self.client.delete_model_version_tag(name, version, MOVED)  # a later move back to it is someone's
+            return 200, f"not relayed: {what}: moved by edgar-tune, which tells {self.prefect_api} itself"
+        record = hand_record(alias, before, "the MLflow UI or API (through edgar-tune relay)", "")
+        self.client.set_model_version_tag(name, version, PROMOTED, json.dumps(record))
+        note = promotion_note({r["version"]: r for r in versions(self.client, name)}, version, before)
+        done = {"version": version, "alias": alias, "before": before, "note": note, "record": record}
+        if said := announce_promotion(name, done, self.uri):  # MLflow retries a 502
+            return 502, f"not relayed: {what}: {said[1]}"
+        was = f"v{before}" if before else "on no version"
+        return 200, f"relayed: {what} (was {was})" + (f"; {note}" if note else "")
+
+
+def install(client, url: str, secret: str) -> str:
+    """Point MLflow's `edgar-tune-relay` webhook at `url` (made, or updated where a relay ran before), have MLflow
+    deliver a test event, and return the webhook's ID; RelayError when MLflow cannot reach the relay."""
+    import mlflow
+
+    try:
+        mine = next((w for w in client.list_webhooks() if w.name == WEBHOOK), None)
+        if mine is None:
+            mine = client.create_webhook(WEBHOOK, url, EVENTS, description="edgar-tune relay: aliases to Prefect",
+                                         secret=secret)  # fmt: skip
+        else:
+            mine = client.update_webhook(mine.webhook_id, url=url, events=EVENTS, secret=secret, status="ACTIVE")
+        test = client.test_webhook(mine.webhook_id)
+    except mlflow.exceptions.MlflowException as err:
+        raise RelayError(f"MLflow at {client.tracking_uri} refused the webhook to {url}: {err.message}. Webhooks need "
+                         "an MLflow tracking server with a SQL store; MLflow delivers to https:// addresses that "
+                         "resolve to public IPs unless the server runs with MLFLOW_WEBHOOK_ALLOWED_SCHEMES=http,https "
+                         "and MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS=true (a relay inside your network)") from err
+    if not test.success:  # not left posting every alias moved to an address that does not answer
+        client.update_webhook(mine.webhook_id, status="DISABLED")
+        raise RelayError(f"MLflow at {client.tracking_uri} could not deliver to {url} "
+                         f"({test.error_message or f'HTTP {test.response_status}: {test.response_body}'}): give "
+                         f"--url the address the MLflow server reaches this relay at (webhook {WEBHOOK} is left "
+                         "disabled)")  # fmt: skip
+    return mine.webhook_id
+
+
+def serve(tracking_uri: str, host: str, port: int, url: str | None) -> None:
+    """Relay MLflow's alias webhooks to Prefect until stopped (SIGTERM, Ctrl-C)."""
+    from tasks.limits import prefect_api
+
+    secret = os.environ.get(SECRET_ENV, "")
+    if len(secret) < 16:
+        raise RelayError(f"set {SECRET_ENV} to a secret of 16 characters or more (e.g. `openssl rand -hex 32`): "
+                         "MLflow signs each delivery with it, and the relay refuses the ones it did not sign")
+    if not (api := prefect_api()):
+        raise RelayError("set PREFECT_API_URL to the Prefect server whose automations run on edgar-tune's events "
+                         "(an embedded one would stop with each event)")  # fmt: skip
+    if not tracking_uri.startswith(("http://", "https://")):
+        raise RelayError(f"--tracking-uri {tracking_uri}: webhooks come from an MLflow tracking server "
+                         "(`mlflow server`, a SQL store), not from a store read directly")  # fmt: skip
+    relay = Relay(tracking_uri, api)
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+            length = int(self.headers.get("Content-Length") or 0)
+            if length > MAX_BODY:
+                return self._answer(413, f"refused: a body of {length} bytes")
+            body = self.rfile.read(length)
+            if why := refused(secret, self.headers, body, time.time()):
+                log.warning("refused a delivery from %s: %s", self.client_address[0], why)
+                return self._answer(401, f"refused: {why}")
+            try:
+                payload = json.loads(body)
+            except ValueError as err:
+                return self._answer(400, f"refused: not JSON ({err})")
+            status, said = relay.handle(payload)
+            (log.info if status == 200 else log.warning)("%s", said)
+            return self._answer(status, said)
+
+        def _answer(self, status: int, said: str) -> None:
+            out = json.dumps({"said": said}).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(out)))
+            self.end_headers()
+            self.wfile.write(out)
+
+        def log_message(self, format: str, *args) -> None:  # noqa: A002 (http.server's name); the lines above say it
+            pass
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    url = url or f"http://{host}:{server.server_port}/"
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        install(relay.client, url, secret)
+        log.info("relaying alias moves in %s (MLflow webhook %s -> %s) to %s as edgar-tune.model.promoted",
+                 tracking_uri, WEBHOOK, url, api)  # fmt: skip
+        threading.Event().wait()
+    finally:
+        server.shutdown()
