@@ -11,7 +11,7 @@ import signal
 import sys
 from pathlib import Path
 
-from edgar_tune.signals import signal_behind
+from edgar_tune.signals import keep_signals, signal_behind
 
 # Offline-friendly defaults, set before Prefect or MLflow are imported (both read them at import).
 _ENV_DEFAULTS = {
@@ -525,6 +525,7 @@ def main(argv: list[str] | None = None) -> int:
     # are dropped, and the embedded Prefect server is stopped. Prefect's engine takes SIGTERM during a flow run to
     # mark the run, then sends it again, to this handler.
     before = {sig: signal.signal(sig, _exit_on) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    keep_signals()  # one that lands in a finalizer is delivered again
     try:
         return _main(argv)
     except Exception as err:

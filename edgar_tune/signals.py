@@ -7,11 +7,20 @@ itself, and a script or notebook that called the flow goes on, with the signal g
 signal behind such an error; the flows call their stages `as_signal()`, which raises it again, so that the flow
 engine does what it does with any SIGTERM: it marks the run `Crashed` ("Execution was aborted by a termination
 signal") and ends the process with the signal.
+
+Python runs a signal's handler between two bytecodes of the main thread, wherever it is: in a finalizer (`__del__`,
+run by the garbage collector in the middle of an `open()`), the handler's exception is printed as "Exception ignored
+in ..." and dropped, and the run goes on as if no signal had come. A fresh clone's suite saw a SIGTERM lost so, in
+regex's `Group.__del__` while transformers was being imported (1 run in 19 signalled there, under load).
+`keep_signals` delivers such a signal again.
 """
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -43,3 +52,31 @@ def as_signal() -> Iterator[None]:
         from prefect.exceptions import TerminationSignal
 
         raise TerminationSignal(sig) from err
+
+
+_kept = False
+AGAIN_S = 0.05  # the delay of a signal delivered again (where it lands in a finalizer again, it is delivered again)
+
+
+def keep_signals() -> None:
+    """Deliver again a termination signal (SIGTERM, SIGHUP, Ctrl-C's SIGINT) whose exception Python dropped because
+    its handler ran inside a finalizer; its handler then runs again at the next bytecode outside it. Installs a
+    `sys.unraisablehook` once per process (the hook before it still prints what was dropped)."""
+    global _kept
+    if _kept:
+        return
+    _kept = True
+    before = sys.unraisablehook
+
+    def hook(unraisable) -> None:
+        before(unraisable)
+        err = unraisable.exc_value
+        sig = signal.SIGINT if isinstance(err, KeyboardInterrupt) else signal_behind(err)
+        if sig is not None:  # from another thread, once this hook has returned: here it would be dropped again
+            print(f"edgar-tune: {signal.Signals(sig).name} landed in a finalizer, which drops its exception: "
+                  "delivering it again", file=sys.stderr)  # fmt: skip
+            again = threading.Timer(AGAIN_S, os.kill, (os.getpid(), sig))
+            again.daemon = True
+            again.start()
+
+    sys.unraisablehook = hook

@@ -19,6 +19,7 @@ from typing import Literal
 from prefect import flow
 
 from edgar_tune.reaper import watch_embedded_server
+from edgar_tune.signals import keep_signals
 from flows.logs import logs_into_the_flow_run
 
 logs_into_the_flow_run()
@@ -51,6 +52,7 @@ def edgar_tune_export(model: str = "edgar-tune-10k", alias: str = "champion", ou
     from tasks.registry import existing_store
 
     watch_embedded_server()
+    keep_signals()
     uri = existing_store(tracking_uri, Path("runs"), "set tracking_uri to the store the runs registered in")
     target = out.format(model=model, alias=alias)
     done = export_alias(mlflow.MlflowClient(uri), model, alias, target, adapter, dtype)

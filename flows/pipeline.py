@@ -27,7 +27,7 @@ from prefect.runtime import flow_run
 
 from edgar_tune.config import ConfigError, PipelineConfig, RunParameters, flow_run_id, load_run_config
 from edgar_tune.reaper import watch_embedded_server
-from edgar_tune.signals import as_signal
+from edgar_tune.signals import as_signal, keep_signals
 from flows.logs import logs_into_the_flow_run
 from tasks.cache import (
     OUTPUTS,
@@ -68,6 +68,7 @@ Stage = Literal["download", "parse", "tokenize", "evaluate-base", "train", "eval
 def edgar_tune_pipeline(params: RunParameters = RunParameters()) -> dict:  # noqa: B008 (never mutated)
     """Domain-adapt a causal LM to 10-K filings and register it; returns the run summary."""
     watch_embedded_server()
+    keep_signals()  # a SIGTERM (a cancelled run, `timeout`) that lands in a finalizer is not lost
     cfg = params.load()
     return run_stages(RunFolder.open(params.out_dir), cfg, STAGES, wait=params.if_busy == "wait")
 
@@ -84,6 +85,7 @@ def edgar_tune_rerun(stage: Stage, run: str, overrides: dict | None = None,
         if_busy: When another run works in the folder: fail at once, or wait for it to end.
     """
     watch_embedded_server()
+    keep_signals()
     folder = RunFolder.open(resolve_run(run))
     folder.pull(["config.yaml"])
     load_run_config(folder.local, overrides)  # a bad key fails now, not after a wait

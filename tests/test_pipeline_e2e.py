@@ -276,6 +276,45 @@ def test_a_killed_run_takes_its_embedded_prefect_server_with_it(tmp_path, how, s
         httpx.get(f"{url[1]}/api/health")
 
 
+_FINALIZED = """
+import os, signal, sys, time
+from prefect.utilities.engine import capture_sigterm  # as the flow engine takes SIGTERM during a flow run
+from edgar_tune.signals import keep_signals
+if sys.argv[1] == "kept":
+    keep_signals()
+class Finalized:
+    def __del__(self):  # the handler runs between two of these bytecodes, as in regex's Group.__del__
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(10_000):
+            pass
+with capture_sigterm():
+    Finalized()  # dropped at once
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        pass
+    print("went on")
+"""
+
+
+def test_a_sigterm_that_lands_in_a_finalizer_still_ends_the_run():
+    """A fresh clone's suite once saw a SIGTERM sent during the tokenize stage ignored: the run went on through
+    every stage and exited 0. Its handler had run inside a finalizer (regex's `Group.__del__`, called by the
+    garbage collector during an import), where Python prints the handler's TerminationSignal as "Exception ignored"
+    and drops it. `keep_signals` (the CLI and the flows install it) delivers such a signal again, and the process
+    ends by it, as Prefect's engine ends a run on any SIGTERM."""
+    import signal
+
+    def run(mode: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", _FINALIZED, mode], cwd=REPO, capture_output=True, text=True,
+                              timeout=120)  # fmt: skip
+
+    lost, kept = run("plain"), run("kept")
+    assert lost.returncode == 0 and "went on" in lost.stdout, lost.stderr  # Python's own behavior
+    assert "Exception ignored in: <function Finalized.__del__" in lost.stderr and "TerminationSignal" in lost.stderr
+    assert kept.returncode == -signal.SIGTERM and "went on" not in kept.stdout, kept.stdout + kept.stderr
+    assert "edgar-tune: SIGTERM landed in a finalizer, which drops its exception: delivering it again" in kept.stderr
+
+
 def test_a_signal_an_error_took_the_place_of_still_sets_the_exit_status():
     """A SIGTERM that lands while Prefect makes a task run: its crash handler raises ValueError("Task run is not
     set") in place of the TerminationSignal, and the CLI ended with status 1, as if the run had failed by itself.
