@@ -13,6 +13,7 @@ import argparse
 from pathlib import Path
 
 from edgar_tune.config import EvalConfig, TrainConfig
+from edgar_tune.signals import keep_signals
 from tasks.finetune import EVENTS, end_with_the_stage, log_to_the_stage, train
 from tasks.progress import settle_console
 
@@ -29,5 +30,6 @@ if __name__ == "__main__":
     settle_console()  # the bars as its flow decided them (EDGAR_TUNE_BARS), DeepSpeed's CPU notice dropped
     log_to_the_stage(args.out / EVENTS)
     end_with_the_stage()
+    keep_signals()  # a SIGTERM before the first step or after the last that lands in a finalizer still ends it
     train(args.out, args.tokenize_dir, TrainConfig.model_validate_json(args.config),
           EvalConfig.model_validate_json(args.eval_config), args.checkpoints, args.resume_from)  # fmt: skip
