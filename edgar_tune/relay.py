@@ -26,7 +26,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 log = logging.getLogger(__name__)
 
 WEBHOOK = "edgar-tune-relay"  # the MLflow webhook's name: a restarted relay updates it rather than adding another
-EVENTS = ["model_version_alias.created"]
+EVENTS = ["model_version_alias.created", "model_version_alias.deleted"]  # deleted: what `before` reads next
 SECRET_ENV = "EDGAR_TUNE_WEBHOOK_SECRET"
 MAX_AGE_S = 300  # a delivery signed longer ago than this is refused (a replayed request)
 OWN_MOVE_S = 600  # how long after edgar-tune moved an alias its marker stands for the webhook of that move
@@ -65,17 +65,30 @@ class Relay:
         self.uri, self.prefect_api = tracking_uri, prefect_api
         self.client = mlflow.MlflowClient(tracking_uri)
         self.lock = threading.Lock()  # one delivery at a time: `held` is what the next one's `before` reads
-        self.held = {(m.name, a): str(v) for m in self.client.search_registered_models() for a, v in m.aliases.items()}
+        self.held: dict[tuple[str, str], str] = {}  # (model, alias) -> the version holding it, as last seen
+        token = None
+        while True:  # in pages of 100
+            page = self.client.search_registered_models(max_results=100, page_token=token)
+            self.held |= {(m.name, a): str(v) for m in page for a, v in m.aliases.items()}
+            if not (token := page.token):
+                break
 
     def handle(self, payload: dict) -> tuple[int, str]:
         data = payload.get("data") or {}
-        if (payload.get("entity"), payload.get("action")) != ("model_version_alias", "created"):
-            return 200, f"not relayed: {payload.get('entity')}.{payload.get('action')} is not an alias moved"
+        event = (payload.get("entity"), payload.get("action"))
         name, alias, version = (str(data.get(k, "")) for k in ("name", "alias", "version"))
         with self.lock:
-            return self._moved(name, alias, version)
+            if event == ("model_version_alias", "created"):
+                status, said = self._moved(name, alias, version, self.held.get((name, alias)))
+                if status == 200:  # else MLflow delivers it again, with the same version before
+                    self.held[name, alias] = version
+                return status, said
+            if event == ("model_version_alias", "deleted"):  # no version holds it now: nothing to export
+                gone = self.held.pop((name, alias), None)
+                return 200, f"not relayed: {name} @{alias} removed (from {f'v{gone}' if gone else 'a version'})"
+        return 200, f"not relayed: {event[0]}.{event[1]} is not an alias moved"
 
-    def _moved(self, name: str, alias: str, version: str) -> tuple[int, str]:
+    def _moved(self, name: str, alias: str, version: str, before: str | None) -> tuple[int, str]:
         import mlflow
 
         from flows.artifacts import announce_promotion
@@ -86,7 +99,6 @@ class Relay:
             tags = self.client.get_model_version(name, version).tags
         except mlflow.exceptions.MlflowException as err:  # MLflow's test delivery names an example model
             return 200, f"not relayed: {what}: {err.message}"
-        before, self.held[name, alias] = self.held.get((name, alias)), version
         if COMPARISON not in tags:
             return 200, f"not relayed: {what}: a version edgar-tune did not register"
         mine = json.loads(tags.get(MOVED) or "{}")
@@ -145,7 +157,12 @@ def serve(tracking_uri: str, host: str, port: int, url: str | None) -> None:
     if not tracking_uri.startswith(("http://", "https://")):
         raise RelayError(f"--tracking-uri {tracking_uri}: webhooks come from an MLflow tracking server "
                          "(`mlflow server`, a SQL store), not from a store read directly")  # fmt: skip
-    relay = Relay(tracking_uri, api)
+    import mlflow
+
+    try:
+        relay = Relay(tracking_uri, api)
+    except mlflow.exceptions.MlflowException as err:
+        raise RelayError(f"cannot read the registered models of {tracking_uri}: {err.message}") from err
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:  # noqa: N802 (http.server's name)
@@ -160,7 +177,11 @@ def serve(tracking_uri: str, host: str, port: int, url: str | None) -> None:
                 payload = json.loads(body)
             except ValueError as err:
                 return self._answer(400, f"refused: not JSON ({err})")
-            status, said = relay.handle(payload)
+            try:
+                status, said = relay.handle(payload)
+            except Exception as err:  # noqa: BLE001 (MLflow delivers it again: a store that did not answer)
+                log.exception("a delivery failed")
+                return self._answer(500, f"failed: {type(err).__name__}: {err}")
             (log.info if status == 200 else log.warning)("%s", said)
             return self._answer(status, said)
 
@@ -177,11 +198,23 @@ def serve(tracking_uri: str, host: str, port: int, url: str | None) -> None:
 
     server = ThreadingHTTPServer((host, port), Handler)
     url = url or f"http://{host}:{server.server_port}/"
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        install(relay.client, url, secret)
+    failed: list[RelayError] = []
+
+    def installing() -> None:  # MLflow's test delivery needs the server answering: this thread, while it serves
+        try:
+            install(relay.client, url, secret)
+        except Exception as err:  # noqa: BLE001 (said by the main thread, once the server stops)
+            failed.append(err if isinstance(err, RelayError) else
+                          RelayError(f"installing MLflow's webhook failed: {type(err).__name__}: {err}"))  # fmt: skip
+            server.shutdown()
+            return
         log.info("relaying alias moves in %s (MLflow webhook %s -> %s) to %s as edgar-tune.model.promoted",
                  tracking_uri, WEBHOOK, url, api)  # fmt: skip
-        threading.Event().wait()
+
+    threading.Thread(target=installing, daemon=True).start()
+    try:  # in the main thread, where SIGTERM's SystemExit ends it (no handshake with another thread to wait on)
+        server.serve_forever()
     finally:
-        server.shutdown()
+        server.server_close()
+    if failed:
+        raise failed[0]

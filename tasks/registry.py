@@ -354,10 +354,11 @@ def versions(client, name: str) -> list[dict]:
                      "promoted_by_hand": json.loads(tags.get(PROMOTED, "null")), "tags": tags})  # fmt: skip
     rows.sort(key=lambda r: int(r["version"]), reverse=True)
     known = {(r["validation"]["sha256"], r["validation"]["scoring"]) for r in rows if r["validation"]["sha256"]}
+    known = sorted(known, key=lambda k: (k[0], k[1] or ""))  # a version being registered may lack its scoring yet
     for row in rows:
         tags = row.pop("tags")
         row["scores"] = [{"sha256": sha, "scoring": how, "perplexity": float(tags[rescored_key(sha, how)]),
-                          "rescored": True} for sha, how in sorted(known) if rescored_key(sha, how) in tags]  # fmt: skip
+                          "rescored": True} for sha, how in known if rescored_key(sha, how) in tags]  # fmt: skip
         if row["perplexity"] is not None:
             row["scores"].insert(0, row["validation"] | {"perplexity": row["perplexity"], "rescored": False})
     return rows

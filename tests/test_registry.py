@@ -68,7 +68,7 @@ def test_a_person_promotes_a_version_by_hand_and_the_registry_records_who_and_wh
     """`edgar-tune promote` on a real sqlite store: a rollback to an older version, a challenger made champion (it
     loses the challenger alias), each version tagged with who did it, why, and which version held the alias; a
     note when the promoted version scored worse on the data they share; clear errors for what does not exist."""
-    from tasks.registry import CHALLENGER, CHAMPION, PROMOTED, promote, rescored_key
+    from tasks.registry import CHALLENGER, CHAMPION, PROMOTED, promote, rescored_key, versions
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = mlflow.MlflowClient(uri)
@@ -131,6 +131,10 @@ def test_a_person_promotes_a_version_by_hand_and_the_registry_records_who_and_wh
         with pytest.raises(ConfigError, match=r"no MLflow store at .*/runs/mlflow\.db: set tracking_uri to the store"):
             deployed()
     assert not (tmp_path / "runs").exists()
+    # A version being registered, its tags not all set yet, is listed all the same (the relay lists as it comes).
+    v = client.create_model_version("m", source=(tmp_path / "weights").as_uri()).version
+    client.set_model_version_tag("m", v, "val_sha256", "mdna-b")  # as v2 and v3, whose scoring is known
+    assert [r["scores"] for r in versions(client, "m") if r["version"] == str(v)] == [[]]
 
 
 def test_a_rollback_by_hand_is_a_prefect_event_that_the_readme_trigger_acts_on(prefect_server, tmp_path):

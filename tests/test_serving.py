@@ -252,7 +252,7 @@ def test_a_registration_waits_for_the_one_before_it_on_a_tracking_server(tiny_ru
             assert all((local / a["path"]).exists() for a in flavor["artifacts"].values()), flavor
 
 
-def test_an_alias_moved_in_the_mlflow_ui_reaches_prefect_through_the_relay(prefect_server, tmp_path, monkeypatch):
+def test_an_alias_moved_in_the_mlflow_ui_reaches_prefect_through_the_relay(prefect_server, tmp_path):
     """A champion moved in the MLflow UI (a rollback there, the registry's own page for it) moved without
     edgar-tune, so the export-champion deployment never ran. `edgar-tune relay` installs MLflow's alias webhook on
     a real tracking server and turns each signed delivery into `edgar-tune.model.promoted` on a real Prefect server,
@@ -261,6 +261,7 @@ def test_an_alias_moved_in_the_mlflow_ui_reaches_prefect_through_the_relay(prefe
     and a request MLflow did not sign is refused. A relay MLflow cannot reach, or without a secret, does not start."""
     import httpx
     import mlflow
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from edgar_tune.relay import SECRET_ENV, WEBHOOK, signed
     from flows.artifacts import HAND_PROMOTED
@@ -286,39 +287,45 @@ def test_an_alias_moved_in_the_mlflow_ui_reaches_prefect_through_the_relay(prefe
         assert "could not deliver to http://127.0.0.1:" in said and f"webhook {WEBHOOK} is left disabled" in said, said
         port = free_port()
         proc = relay("--listen", f"127.0.0.1:{port}", **{SECRET_ENV: secret})
+        # The Prefect server edgar-tune tells of the moves it makes (in this process: Prefect reads its env once).
+        tells = temporary_settings(updates={PREFECT_API_URL: prefect_server["PREFECT_API_URL"]})
         try:
-            started = _lines_with(proc, "relaying alias moves in", "edgar-tune: error")
-            assert "edgar-tune: error" not in started[-1], "".join(started)
-            name, client = "edgar-tune-10k", mlflow.MlflowClient(uri)
-            monkeypatch.setenv("PREFECT_API_URL", prefect_server["PREFECT_API_URL"])  # the server edgar-tune tells
-            client.create_registered_model(name)
-            run = client.create_run("0").info  # a tracking server takes a version's files from a run's artifacts
-            source = f"{run.artifact_uri}/model"
-            for ppl in (9.0, 8.0):  # registrations: v1 champion, then v2
-                v = client.create_model_version(name, source=source, run_id=run.run_id).version
-                tags = {"val_sha256": "mdna-a", "val_perplexity": repr(ppl), "val_scoring": "window 128"}
-                for key, value in tags.items():
-                    client.set_model_version_tag(name, v, key, value)
-                promote(client, name, str(v), ppl, "mdna-a", "window 128")
-            client.create_model_version(name, source=source, run_id=run.run_id)  # v3: not one a run registered
-            client.set_registered_model_alias(name, "champion", "1")  # the UI's rollback: the same REST call
-            client.set_registered_model_alias(name, "champion", "3")
-            lines = _lines_with(proc, f"not relayed: {name} v3")
-            said = "".join(lines)
-            assert f"not relayed: {name} v1 @champion: moved by edgar-tune, which tells" in said, said
-            assert f"not relayed: {name} v2 @champion: moved by edgar-tune" in said, said
-            assert f"relayed: {name} v1 @champion (was v2); v1's perplexity 9.0000 is higher than v2's" in said, said
-            assert "a version edgar-tune did not register" in lines[-1]
-            body = json.dumps({"entity": "model_version_alias", "action": "created",
-                               "data": {"name": name, "alias": "champion", "version": "2"}}).encode()  # fmt: skip
-            now = int(time.time())
-            for key, stamp, why in ((None, now, "unsigned"), ("not-the-secret", now, "its signature does not match"),
-                                    (secret, now - 3600, f"signed at {now - 3600}, more than")):  # fmt: skip
-                headers = {"X-MLflow-Delivery-Id": "d1", "X-MLflow-Timestamp": str(stamp)}
-                if key:
-                    headers["X-MLflow-Signature"] = signed(key, "d1", str(stamp), body)
-                answer = httpx.post(f"http://127.0.0.1:{port}/", content=body, headers=headers)
-                assert answer.status_code == 401 and answer.json()["said"].startswith(f"refused: {why}"), answer.text
+            with tells:
+                started = _lines_with(proc, "relaying alias moves in", "edgar-tune: error")
+                assert "edgar-tune: error" not in started[-1], "".join(started)
+                name, client = "edgar-tune-10k", mlflow.MlflowClient(uri)
+                client.create_registered_model(name)
+                run = client.create_run("0").info  # a tracking server takes a version's files from a run's
+                source = f"{run.artifact_uri}/model"
+                for ppl in (9.0, 8.0):  # registrations: v1 champion, then v2
+                    v = client.create_model_version(name, source=source, run_id=run.run_id).version
+                    tags = {"val_sha256": "mdna-a", "val_perplexity": repr(ppl), "val_scoring": "window 128"}
+                    for key, value in tags.items():
+                        client.set_model_version_tag(name, v, key, value)
+                    promote(client, name, str(v), ppl, "mdna-a", "window 128")
+                client.create_model_version(name, source=source, run_id=run.run_id)  # v3: not one a run registered
+                client.set_registered_model_alias(name, "champion", "1")  # the UI's rollback: the same REST call
+                client.set_registered_model_alias(name, "champion", "3")
+                client.delete_registered_model_alias(name, "champion")
+                client.set_registered_model_alias(name, "champion", "2")
+                said = "".join(_lines_with(proc, f" relayed: {name} v2 @champion (was"))
+                assert f"not relayed: {name} v1 @champion: moved by edgar-tune, which tells" in said, said
+                assert f"not relayed: {name} v2 @champion: moved by edgar-tune" in said, said
+                assert f"relayed: {name} v1 @champion (was v2); v1's perplexity 9.0000 is higher than v2's" in said
+                assert f"not relayed: {name} v3 @champion: a version edgar-tune did not register" in said, said
+                assert f"not relayed: {name} @champion removed (from v3)" in said, said
+                assert said.endswith(f"relayed: {name} v2 @champion (was on no version)\n"), said
+                body = json.dumps({"entity": "model_version_alias", "action": "created",
+                                   "data": {"name": name, "alias": "champion", "version": "2"}}).encode()  # fmt: skip
+                now = int(time.time())
+                for key, stamp, why in ((None, now, "unsigned"), ("not-the-secret", now, "its signature does not"),
+                                        (secret, now - 3600, f"signed at {now - 3600}, more than")):  # fmt: skip
+                    headers = {"X-MLflow-Delivery-Id": "d1", "X-MLflow-Timestamp": str(stamp)}
+                    if key:
+                        headers["X-MLflow-Signature"] = signed(key, "d1", str(stamp), body)
+                    answer = httpx.post(f"http://127.0.0.1:{port}/", content=body, headers=headers)
+                    assert answer.status_code == 401, answer.text
+                    assert answer.json()["said"].startswith(f"refused: {why}"), answer.text
         finally:
             proc.terminate()
             out = proc.communicate(timeout=60)[0]
@@ -328,13 +335,14 @@ def test_an_alias_moved_in_the_mlflow_ui_reaches_prefect_through_the_relay(prefe
         assert MOVED not in client.get_model_version(name, "1").tags  # spent: a later move back to v1 is relayed
     ours: list[dict] = []
     deadline = time.monotonic() + 60
-    while not ours and time.monotonic() < deadline:  # events reach the server's store in batches
+    while len(ours) < 2 and time.monotonic() < deadline:  # events reach the server's store in batches
         time.sleep(0.5)
         query = {"filter": {"event": {"name": [HAND_PROMOTED]}, "resource": {"id": [f"edgar-tune.model.{name}"]}}}
         found = httpx.post(f"{prefect_server['PREFECT_API_URL']}/events/filter", json=query | {"limit": 50}).json()
         ours = [e for e in found["events"] if e["payload"]["mlflow_tracking_uri"] == uri]
-    assert [(e["resource"]["edgar-tune.version"], e["payload"]["before"]) for e in ours] == [("1", "2")], ours
-    export_trigger_acts_on_a_new_champion_only(ours[0])
+    moves = {e["resource"]["edgar-tune.version"]: e for e in ours}
+    assert {v: e["payload"]["before"] for v, e in moves.items()} == {"1": "2", "2": None}, ours
+    export_trigger_acts_on_a_new_champion_only(moves["1"])
 
 
 def _lines_with(proc: subprocess.Popen, *parts: str) -> list[str]:
