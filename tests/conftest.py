@@ -56,8 +56,8 @@ if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
 # (it may be long: a long file handed out last costs minutes, a short one handed out first nothing); the figures
 # need only be roughly right.
 FILE_SECONDS = {
-    "test_prefect_server": 533, "test_pipeline_e2e": 414, "test_storage": 349, "test_registry": 334,
-    "test_serving": 375, "test_resume": 299, "test_kernels": 178, "test_memory": 161, "test_config": 115,
+    "test_prefect_server": 533, "test_pipeline_e2e": 430, "test_storage": 349, "test_registry": 334,
+    "test_serving": 445, "test_resume": 299, "test_kernels": 178, "test_memory": 161, "test_config": 115,
     "test_textdata": 101, "test_deepspeed": 92, "test_speed_options": 80, "test_download": 18, "test_io": 18,
     "test_perplexity": 18, "test_sections": 9, "test_progress": 3, "test_makefile": 3, "test_lora_targets": 1,
     "test_cache": 1, "test_prefect_yaml": 1, "test_blocks": 1,
@@ -211,6 +211,25 @@ def prefect_server(tmp_path_factory):
     """A real Prefect server on loopback, started once per test session: yields the env its clients need."""
     with running_prefect_server(tmp_path_factory.mktemp("prefect-server")) as env:
         yield env
+
+
+def promoted_events(api: str, model: str, tracking_uri: str, count: int) -> list[dict]:
+    """The `edgar-tune.model.promoted` events of `model` in the MLflow store `tracking_uri` (other tests' promote on
+    the same server too) that the Prefect server at `api` holds, once it holds `count` of them (within 60 s)."""
+    import time
+
+    import httpx
+
+    from flows.artifacts import HAND_PROMOTED
+
+    ours: list[dict] = []
+    deadline = time.monotonic() + 60
+    while len(ours) < count and time.monotonic() < deadline:  # events reach the server's store in batches
+        time.sleep(0.5)
+        query = {"filter": {"event": {"name": [HAND_PROMOTED]}, "resource": {"id": [f"edgar-tune.model.{model}"]}}}
+        found = httpx.post(f"{api}/events/filter", json=query | {"limit": 50}).json()
+        ours = [e for e in found["events"] if e["payload"]["mlflow_tracking_uri"] == tracking_uri]
+    return ours
 
 
 def export_trigger_acts_on_a_new_champion_only(champion: dict) -> None:

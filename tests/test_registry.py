@@ -10,9 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 
-import httpx
 import mlflow
 import pytest
 
@@ -143,9 +141,8 @@ def test_a_rollback_by_hand_is_a_prefect_event_that_the_readme_trigger_acts_on(p
     configured (a real one), on the registered model's resource labelled with the version and its new alias, with
     who, why and the version before; the README's deployment trigger covers it, and not a promotion to another
     alias. (Without a server the console says none was sent: the test before.)"""
-    from flows.artifacts import HAND_PROMOTED
     from tasks.registry import promote
-    from tests.conftest import export_trigger_acts_on_a_new_champion_only
+    from tests.conftest import export_trigger_acts_on_a_new_champion_only, promoted_events
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     name = "edgar-tune-10k"  # the model of the README's trigger
@@ -166,13 +163,7 @@ def test_a_rollback_by_hand_is_a_prefect_event_that_the_readme_trigger_acts_on(p
     assert rolled.returncode == 0 and f"{name} v1 is now @champion (was v2)" in rolled.stdout, rolled.stderr
     assert "event" not in rolled.stdout + rolled.stderr  # it was sent: nothing to say
     assert cli("2", "--alias", "production").returncode == 0
-    ours: list[dict] = []
-    deadline = time.monotonic() + 60
-    while len(ours) < 2 and time.monotonic() < deadline:  # events reach the server's store in batches
-        time.sleep(0.5)
-        query = {"filter": {"event": {"name": [HAND_PROMOTED]}, "resource": {"id": [f"edgar-tune.model.{name}"]}}}
-        found = httpx.post(f"{prefect_server['PREFECT_API_URL']}/events/filter", json=query | {"limit": 50}).json()
-        ours = [e for e in found["events"] if e["payload"]["mlflow_tracking_uri"] == uri]  # other tests' promote too
+    ours = promoted_events(prefect_server["PREFECT_API_URL"], name, uri, 2)
     by_alias = {e["resource"]["edgar-tune.alias"]: e for e in ours}
     assert set(by_alias) == {"champion", "production"}, ours
     champion = by_alias["champion"]

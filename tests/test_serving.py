@@ -259,14 +259,12 @@ def test_an_alias_moved_in_the_mlflow_ui_reaches_prefect_through_the_relay(prefe
     with the version before and the perplexity note as `edgar-tune promote` sends them; the moves edgar-tune made
     itself (a registration's) are left to its own events, a version edgar-tune did not register is not relayed,
     and a request MLflow did not sign is refused. A relay MLflow cannot reach, or without a secret, does not start."""
-    import httpx
     import mlflow
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from edgar_tune.relay import SECRET_ENV, WEBHOOK, signed
-    from flows.artifacts import HAND_PROMOTED
     from tasks.registry import MOVED, PROMOTED, promote
-    from tests.conftest import export_trigger_acts_on_a_new_champion_only
+    from tests.conftest import export_trigger_acts_on_a_new_champion_only, promoted_events
 
     secret = "relay-secret-of-the-test-0123456789"
     env = dict(os.environ, **prefect_server, EDGAR_TUNE_BARS="0")
@@ -333,13 +331,7 @@ def test_an_alias_moved_in_the_mlflow_ui_reaches_prefect_through_the_relay(prefe
         record = json.loads(client.get_model_version(name, "1").tags[PROMOTED])
         assert record["before"] == "2" and "MLflow UI" in record["by"]
         assert MOVED not in client.get_model_version(name, "1").tags  # spent: a later move back to v1 is relayed
-    ours: list[dict] = []
-    deadline = time.monotonic() + 60
-    while len(ours) < 2 and time.monotonic() < deadline:  # events reach the server's store in batches
-        time.sleep(0.5)
-        query = {"filter": {"event": {"name": [HAND_PROMOTED]}, "resource": {"id": [f"edgar-tune.model.{name}"]}}}
-        found = httpx.post(f"{prefect_server['PREFECT_API_URL']}/events/filter", json=query | {"limit": 50}).json()
-        ours = [e for e in found["events"] if e["payload"]["mlflow_tracking_uri"] == uri]
+    ours = promoted_events(prefect_server["PREFECT_API_URL"], name, uri, 2)
     moves = {e["resource"]["edgar-tune.version"]: e for e in ours}
     assert {v: e["payload"]["before"] for v, e in moves.items()} == {"1": "2", "2": None}, ours
     export_trigger_acts_on_a_new_champion_only(moves["1"])
