@@ -278,6 +278,8 @@ def test_an_alias_moved_in_the_mlflow_ui_reaches_prefect_through_the_relay(prefe
 
         unsigned = relay("--listen", f"127.0.0.1:{free_port()}")
         assert unsigned.wait(timeout=120) == 2 and f"set {SECRET_ENV} to a secret" in unsigned.stdout.read()
+        portless = relay("--listen", "relay-host", **{SECRET_ENV: secret})
+        assert portless.wait(timeout=120) == 2 and "--listen relay-host: give HOST:PORT" in portless.stdout.read()
         astray = relay("--listen", f"127.0.0.1:{free_port()}", "--url", f"http://127.0.0.1:{free_port()}/",
                        **{SECRET_ENV: secret})  # fmt: skip
         assert astray.wait(timeout=120) == 2, astray.stdout.read()
