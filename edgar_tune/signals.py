@@ -11,7 +11,7 @@ signal") and ends the process with the signal.
 Python runs a signal's handler between two bytecodes of the main thread, wherever it is: in a finalizer (`__del__`,
 run by the garbage collector in the middle of an `open()`), the handler's exception is printed as "Exception ignored
 in ..." and dropped, and the run goes on as if no signal had come. A fresh clone's suite once saw a run go on after
-its SIGTERM; a loop of signalled runs here lost 1 in 19 so, in regex's `Group.__del__` during an import of
+its SIGTERM; 33 runs signalled in a loop here lost 1 so, in regex's `Group.__del__` during an import of
 transformers. `keep_signals` delivers such a signal again.
 """
 
