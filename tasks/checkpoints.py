@@ -29,6 +29,11 @@ _STEP = re.compile(r"^checkpoint-(\d+)$")
 # numbers, RNG state included, so a run that ran out of memory can resume with more of them recomputed).
 RESUME_NEUTRAL = {"logging_steps", "resume", "keep_checkpoints", "memory_check", "memory_budget_gb", "save_total_limit",
                   "gradient_checkpointing", "checkpoint_layers", "dataloader_num_workers", "lean_lora"}  # fmt: skip
+# Settings that choose only what the validations during training score (not when they run: each validation draws
+# one number from the RNG, its DataLoader's seed, whatever it scores). Neutral too while the validation loss steers
+# nothing (no early stopping, the last checkpoint published): the advice to score fewer blocks
+# (`finetune.validation_cost`) then applies to a stopped run's rerun as well.
+VALIDATION_SET = ("train.eval_blocks", "eval.max_val_samples", "eval.per_device_eval_batch_size")
 
 
 def checkpoint_step(path: Path) -> int | None:
@@ -97,7 +102,8 @@ def prepare(folder: Path, settings: dict, resume: bool, defaults: dict | None = 
     if last is not None and meta.exists():
         # settings made neutral since those checkpoints were written do not count either
         recorded = (defaults or {}) | read_json(meta)
-        before = {k: v for k, v in recorded.items() if k.removeprefix("train.") not in RESUME_NEUTRAL}
+        before = {k: v for k, v in recorded.items() if k.removeprefix("train.") not in RESUME_NEUTRAL
+                  and (k in settings or k not in VALIDATION_SET)}  # fmt: skip
         differ = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
         if differ:
             changes = ", ".join(f"{k}: {before.get(k)!r} -> {settings.get(k)!r}" for k in differ)
@@ -113,12 +119,14 @@ def prepare(folder: Path, settings: dict, resume: bool, defaults: dict | None = 
 
 
 def resume_settings(train: dict, eval_: dict, tokenize_stats: dict, world_size: int) -> dict:
-    """What must match for a resumed run to continue the same trajectory."""
+    """What must match for a resumed run to continue the same trajectory: the settings of what its validations score
+    (`VALIDATION_SET`) only while their loss steers the training (early stopping, the best checkpoint published)."""
     settings = {f"train.{k}": v for k, v in train.items() if k not in RESUME_NEUTRAL}
     settings |= {f"eval.{k}": v for k, v in eval_.items() if k in ("max_val_samples", "per_device_eval_batch_size")}
     settings |= {"data.train_blocks": tokenize_stats["train_blocks"], "data.block_length": tokenize_stats["block_length"],
                  "data.base_model": tokenize_stats["base_model"], "world_size": world_size}  # fmt: skip
-    return settings
+    steers = train.get("eval_steps") and (train.get("early_stopping_patience") or train.get("load_best_model_at_end"))
+    return settings if steers else {k: v for k, v in settings.items() if k not in VALIDATION_SET}
 
 
 def _worker_ignores_sigterm(init, worker_id: int) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.checkpoints import MARKER, complete_checkpoints, latest_checkpoint, publish_checkpoint
+from tasks.checkpoints import MARKER, VALIDATION_SET, complete_checkpoints, latest_checkpoint, publish_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 # profile_step=0: the tiny run's config (tests/conftest.py) profiles step 30, past a 20-step run's end
@@ -53,8 +53,12 @@ def _losses(run: Path) -> list[tuple[int, float, float]]:
 # Both slow (make test-slow): `make test` keeps to 20 minutes; its Prefect crash + Retry test resumes from a
 # checkpoint after a real SIGKILL, these check the loss at every step too.
 @pytest.mark.slow
-@pytest.mark.parametrize("engine", [[], ["deepspeed=zero2"]], ids=["lora", "lora-zero2"])
-def test_sigkilled_training_resumes_on_the_same_trajectory(tiny_run, tmp_path, engine):
+@pytest.mark.parametrize("engine,on_resume", [([], []), (["deepspeed=zero2"], []),
+                                              (["early_stopping_patience=0", "load_best_model_at_end=false"],
+                                               ["eval_blocks=2"])],
+                         ids=["lora", "lora-zero2", "lora-fewer-validation-blocks"])  # fmt: skip
+def test_sigkilled_training_resumes_on_the_same_trajectory(tiny_run, tmp_path, engine, on_resume):
+    """`on_resume`: settings the rerun changes (what the validations score, while their loss steers nothing)."""
     reference = _run_copy(tiny_run, tmp_path / "reference")
     _train(reference, engine)
 
@@ -74,12 +78,12 @@ def test_sigkilled_training_resumes_on_the_same_trajectory(tiny_run, tmp_path, e
     shutil.copytree(ckpts / "checkpoint-40", ckpts / "checkpoint-60")
     (ckpts / "checkpoint-60" / MARKER).unlink()
 
-    resumed = _train(run, engine)
+    resumed = _train(run, engine + on_resume)
     log = resumed.stdout + resumed.stderr
     assert "skipping" in log and "checkpoint-60" in log
     stats = json.loads((run / "04_train" / "stats.json").read_text())
     assert stats["resumed_from_step"] == 40 and stats["steps"] == 100
-    if engine:
+    if "deepspeed=zero2" in engine:
         assert (stats["engine"], stats["zero_stage"]) == ("deepspeed", 2)
     ours, theirs = _losses(run), _losses(reference)
     assert [s for s, _, _ in ours] == [s for s, _, _ in theirs] == list(range(1, 101))
@@ -302,6 +306,47 @@ def test_resume_allows_the_settings_that_leave_the_trajectory_alone(tmp_path):
     assert prepare(folder, {"train.learning_rate": 0.003}, resume=True) == folder / "checkpoint-5"
     with pytest.raises(ValueError, match="train.learning_rate: 0.003 -> 0.001"):
         prepare(folder, {"train.learning_rate": 0.001}, resume=True)
+
+
+def test_what_the_validations_score_may_change_on_resume_while_their_loss_steers_nothing(tmp_path):
+    """The advice of a run whose validations cost too much (train.eval_blocks=N) applies to its rerun: with no early
+    stopping and the last checkpoint published, the validation set's settings may change on resume, also against
+    checkpoints that recorded them; while the validation loss picks the checkpoint or stops the run, they may not
+    (the best loss so far was measured on the other set)."""
+    from edgar_tune.config import EvalConfig, TrainConfig
+    from tasks.checkpoints import prepare, resume_settings
+
+    tokenized = {"train_blocks": 810, "block_length": 128, "base_model": {"kind": "run_local", "path": "tiny-llama"}}
+    free = {"early_stopping_patience": 0, "load_best_model_at_end": False}
+
+    def settings(train: dict, **eval_) -> dict:
+        return resume_settings(TrainConfig(**train).model_dump(), EvalConfig(**eval_).model_dump(), tokenized, 1)
+
+    defaults = settings({})
+    for i, steering in enumerate(({}, {"early_stopping_patience": 0}, {"load_best_model_at_end": False})):
+        folder = tmp_path / f"steered-{i}"
+        assert prepare(folder, settings(steering), resume=True, defaults=defaults) is None
+        (folder / "checkpoint-5").mkdir()
+        (folder / "checkpoint-5" / MARKER).write_text("step 5\n")
+        with pytest.raises(ValueError, match=r"train.eval_blocks: -1 -> 8"):
+            prepare(folder, settings(steering | {"eval_blocks": 8}), resume=True, defaults=defaults)
+
+    folder = tmp_path / "free"
+    assert prepare(folder, settings(free), resume=True, defaults=defaults) is None
+    (folder / "checkpoint-5").mkdir()
+    (folder / "checkpoint-5" / MARKER).write_text("step 5\n")
+    fewer = settings(free | {"eval_blocks": 8}, max_val_samples=64, per_device_eval_batch_size=2)
+    assert prepare(folder, fewer, resume=True, defaults=defaults) == folder / "checkpoint-5"
+    # against a record that holds them (checkpoints of a run whose validations steered, or of an older release)
+    folder = tmp_path / "recorded"
+    assert prepare(folder, settings(free) | {k: defaults[k] for k in VALIDATION_SET}, resume=True) is None
+    (folder / "checkpoint-5").mkdir()
+    (folder / "checkpoint-5" / MARKER).write_text("step 5\n")
+    assert prepare(folder, fewer, resume=True, defaults=defaults) == folder / "checkpoint-5"
+    with pytest.raises(ValueError, match=r"train.learning_rate: 0.0001 -> 0.001"):  # what training does still counts
+        prepare(folder, settings(free | {"learning_rate": 0.001}), resume=True, defaults=defaults)
+    with pytest.raises(ValueError, match=r"train.early_stopping_patience: 0 -> 3"):  # and steering it again
+        prepare(folder, settings(free | {"early_stopping_patience": 3}), resume=True, defaults=defaults)
 
 
 def test_checkpoints_from_before_a_setting_existed_resume_at_its_default_only(tmp_path):
