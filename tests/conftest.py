@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -100,6 +101,30 @@ def amzn_files() -> list[Path]:
     return sorted(root.glob("*/primary-document.html.gz"))
 
 
+_MIGRATED = _SESSION_TMP / "prefect-migrated"
+_migrating = threading.Lock()
+
+
+def migrated_prefect_home(home: Path) -> Path:
+    """`home`, made, as a PREFECT_HOME whose database is a copy of one this test process migrated once: a Prefect
+    server's first start in a new home spends 20-30 s of CPU migrating its database (0.5 s in a migrated one), and
+    the suite starts a server in a new home a dozen times. The migration is Prefect's own (`prefect server database
+    upgrade`); `make demo` on a new machine runs the one a first start makes."""
+    with _migrating:
+        if not (_MIGRATED / "prefect.db").exists():
+            tmp = _SESSION_TMP / ".prefect-migrating"
+            shutil.rmtree(tmp, ignore_errors=True)
+            prefect = str(Path(sys.executable).parent / "prefect")
+            proc = subprocess.run([prefect, "server", "database", "upgrade", "-y"], capture_output=True, text=True,
+                                  env=dict(os.environ, PREFECT_HOME=str(tmp)), timeout=600)  # fmt: skip
+            assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+            tmp.rename(_MIGRATED)
+    home.mkdir(parents=True, exist_ok=True)
+    if not (home / "prefect.db").exists():
+        shutil.copy(_MIGRATED / "prefect.db", home / "prefect.db")
+    return home
+
+
 def run_cli(runs: Path, *args: str, timeout: int = 900, env: dict | None = None) -> dict:
     """`edgar-tune run --preset tiny ARGS` in a subprocess with its own Prefect home; returns summary.json, and
     leaves what it printed in `runs/run.log`.
@@ -107,6 +132,8 @@ def run_cli(runs: Path, *args: str, timeout: int = 900, env: dict | None = None)
     Without PREFECT_API_URL in `env` the run starts its own embedded Prefect (as `make demo` does, ~10 s);
     tests that only need a Prefect pass the session's server (`env=prefect_server`)."""
     env = dict(os.environ, PREFECT_HOME=str(runs / ".prefect"), **(env or {}))
+    if "PREFECT_API_URL" not in env:
+        migrated_prefect_home(runs / ".prefect")
     proc = subprocess.run(
         [sys.executable, "-m", "edgar_tune.cli", "run", "--preset", "tiny", "--out", str(runs / "latest"), *args],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
@@ -190,6 +217,7 @@ def running_prefect_server(home: Path, **settings: str) -> Iterator[dict]:
                PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="2")  # fmt: skip
     env.setdefault("PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE", LEASE_STORAGE)  # as `make server` keeps them
     env.update(settings)
+    migrated_prefect_home(home)
     log = open(home / "server.log", "wb")  # noqa: SIM115 (closed at teardown)
     proc = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
                              "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,

@@ -18,7 +18,7 @@ import pytest
 
 from tasks.cache import STAGES
 from tasks.io import umask
-from tests.conftest import run_held
+from tests.conftest import migrated_prefect_home, run_held
 
 REPO = Path(__file__).resolve().parent.parent
 SUMMARY_KEYS = {
@@ -137,7 +137,7 @@ def test_a_hub_id_loads_through_the_hubs_cache_and_the_log_says_what_waits(tiny_
     assert ("edgar-tune/tiny: the Hugging Face Hub could not be asked (OfflineModeIsEnabled: Cannot reach "
             in proc.stderr) and "; loading it from the hub's cache" in proc.stderr  # fmt: skip
     assert "loading edgar-tune/tiny from the Hugging Face Hub (or its cache, HF_HOME)" in proc.stderr
-    assert re.search(r"loaded edgar-tune/tiny \(0\.\dM parameters, float32\) in 0:00:0\d", proc.stderr), proc.stderr
+    assert re.search(r"loaded edgar-tune/tiny \(0\.\dM parameters, float32\) in \d:\d\d:\d\d", proc.stderr), proc.stderr
 
 
 _HUB_LOADS = """
@@ -188,18 +188,20 @@ def test_a_hub_download_shows_its_progress_in_the_log_and_the_ui(prefect_server,
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
     for repo in ("whole", "sharded"):
-        lines = re.findall(rf"download edgar-tune/{repo}: (\d+) of 46 MB \((\d+)%\), (0:00:\d\d) elapsed(.*)", out)
+        # A sharded snapshot's total grows as each shard starts: on a loaded machine the first line can come before
+        # the shards' sizes are known (CI's slow hours: "0 of 1 MB (0%)" at 12 s), so its total is not checked.
+        lines = re.findall(rf"download edgar-tune/{repo}: (\d+) of (\d+) MB \((\d+)%\), ([\d:]+) elapsed(.*)", out)
         assert len(lines) >= 2, out[-3000:]
-        (done, pct, after, rest), *_, end = lines
-        assert 0 < int(done) < 46 and int(pct) < 100 and after >= "0:00:10", lines  # quiet for the first 10 s
-        assert re.fullmatch(r", about 0:00:\d\d left; \d\.\d MB/s", rest), lines
-        assert end[:2] == ("46", "100") and re.fullmatch(r"; \d\.\d MB/s", end[3]), lines
+        (_, _, pct, after, rest), *_, end = lines
+        assert int(pct) < 100 and after >= "0:00:10", lines  # quiet for the first 10 s
+        assert re.fullmatch(r", about \d:\d\d:\d\d left; \d+\.\d MB/s", rest), lines
+        assert end[:3] == ("46", "46", "100") and re.fullmatch(r"; \d\.\d MB/s", end[4]), lines
         weights = [p for m, p in hub.requests if m == "GET" and p.endswith(".safetensors") and f"/{repo}/" in p]
         assert len(weights) == (1 if repo == "whole" else 3), hub.requests  # the third load: from the cache
     assert out.count("loading edgar-tune/whole from the Hugging Face Hub") == 2
     assert len(re.findall(r"loading edgar-tune/(whole|sharded) waits for the model another thread of this process "
                           r"is loading", out)) == 1, out  # fmt: skip
-    assert len(re.findall(r"loaded edgar-tune/whole \(11\.\dM parameters, float32\) in 0:00:", out)) == 2, out
+    assert len(re.findall(r"loaded edgar-tune/whole \(11\.\dM parameters, float32\) in \d:\d\d:\d\d", out)) == 2, out
     assert "Fetching 3 files" not in out and "it/s]" not in out  # no bar of the hub's in a log that is a pipe
 
     flow_run_id = re.search(r"FLOW RUN (\S+)", out)[1]
@@ -230,7 +232,7 @@ def test_a_killed_run_takes_its_embedded_prefect_server_with_it(tmp_path, how, s
 
     import httpx
 
-    env = dict(os.environ, PREFECT_HOME=str(tmp_path / ".prefect"), EDGAR_TUNE_BARS="0")
+    env = dict(os.environ, PREFECT_HOME=str(migrated_prefect_home(tmp_path / ".prefect")), EDGAR_TUNE_BARS="0")
     out = str(tmp_path / "run")
     command = (["-m", "edgar_tune.cli", "run", "--preset", "tiny", "--out", out] if how == "cli"
                else ["-c", _PYTHON_RUN.format(out=out)])  # fmt: skip

@@ -14,7 +14,7 @@ import sys
 import mlflow
 import pytest
 
-from tests.conftest import REPO, free_port, kill_group, lines_until, lock_holder, run_cli
+from tests.conftest import REPO, free_port, kill_group, lines_until, lock_holder, migrated_prefect_home, run_cli
 
 
 def test_champion_moves_only_on_lower_perplexity_on_the_same_validation_data(tmp_path):
@@ -452,7 +452,8 @@ def test_without_a_prefect_server_a_killed_registration_does_not_hold_the_next_o
     at once when the first is SIGKILLed."""
     uri = "http://127.0.0.1:9/mlflow"  # never reached: the turn is named after it
     assert "PREFECT_API_URL" not in os.environ  # (tests/conftest.py): each holder starts an embedded server
-    env = {"PREFECT_HOME": str(tmp_path / "prefect"), "EDGAR_TUNE_CACHE": str(tmp_path / "cache")}
+    home = migrated_prefect_home(tmp_path / "prefect")
+    env = {"PREFECT_HOME": str(home), "EDGAR_TUNE_CACHE": str(tmp_path / "cache")}
 
     def registration() -> subprocess.Popen:  # a flow run that holds the store's turn until its stdin closes
         return lock_holder("registry", uri, env=env)
