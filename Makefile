@@ -54,7 +54,8 @@ TEST_WORKERS ?= 2
 test: $(STAMP) $(VENV)/.triton
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=12  # the slowest, to keep it under 20 min
 
-# What `make test` leaves out for time: the real SmolLM2 demo end to end, resume under ZeRO-2 on the CPU.
+# What `make test` leaves out for time (README, Tests): the real SmolLM2 demo end to end, resume under ZeRO-2 on the
+# CPU, and the other variants of scenarios that `make test` runs one of (another signal, another way to wait).
 test-slow: model
 	$(BIN)/python -m pytest -q -m slow
 

@@ -221,7 +221,8 @@ _PYTHON_RUN = ("from edgar_tune.config import RunParameters; from flows.pipeline
                "edgar_tune_pipeline(RunParameters(preset='tiny', out_dir={out!r}))")
 
 
-@pytest.mark.parametrize("how,sig", [("cli", "SIGKILL"), ("cli", "SIGTERM"), ("python", "SIGKILL")])
+@pytest.mark.parametrize("how,sig", [("cli", "SIGKILL"), pytest.param("cli", "SIGTERM", marks=pytest.mark.slow),
+                                     pytest.param("python", "SIGKILL", marks=pytest.mark.slow)])
 def test_a_killed_run_takes_its_embedded_prefect_server_with_it(tmp_path, how, sig):
     """The embedded Prefect server (a uvicorn child, 230 MB) outlived a run killed by SIGKILL (the OOM killer) or
     SIGTERM (`timeout`, systemd), holding its port, for good. Now SIGTERM ends the run as a crash does (exit
@@ -422,6 +423,7 @@ def _running(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_a_killed_hub_download_leaves_nothing_once_the_model_loads_again(tmp_path):
     """huggingface_hub 2.x never resumes a download in another process, and leaves the partial file of one whose
     process was killed in its cache for good (12 GB for a 7B model killed at 90%). The next load of that model
@@ -629,6 +631,7 @@ def _until_it_waits(cmd: list[str], env: dict) -> tuple[subprocess.Popen, list[s
     return proc, seen
 
 
+@pytest.mark.slow
 def test_a_run_told_to_wait_takes_the_folder_when_the_run_in_it_ends(prefect_server, tmp_path):
     """Two Custom runs of `on-demand` share `runs/on-demand`: the deployment's `if_busy: wait` (`--wait` here) makes
     the second wait its turn, saying for whom, and writing nothing until the first lets go."""

@@ -446,6 +446,7 @@ def test_concurrent_runs_share_the_prefect_edgar_rate_limit(deployed, edgar_serv
     assert min(b - a for a, b in zip(times, times[10:])) >= 0.8
 
 
+@pytest.mark.slow
 def test_a_cancel_in_the_ui_stops_the_training_with_a_checkpoint_the_retry_resumes_from(deployed, tmp_path):
     """The UI's Cancel on a run that trains: the worker stops the flow run's process group. Before, that took the
     training process down by SIGTERM's default, and the steps since the last checkpoint (train.save_steps) were

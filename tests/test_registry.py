@@ -275,6 +275,7 @@ def test_a_registered_version_is_downloaded_once_and_the_two_newest_used_stay(tm
     assert read(store("b.db", ["another store's"]), "1") == "another store's"
 
 
+@pytest.mark.slow
 def test_a_new_10k_rescores_the_champion_on_the_new_mdna(tiny_run, prefect_server, tmp_path):
     """The scheduled run's case: a new fiscal year changes the held-out MD&A, so the champion's recorded perplexity
     (on last year's) says nothing about the new version. The register stage downloads the champion from MLflow,
@@ -443,6 +444,7 @@ def test_a_writer_without_a_prefect_server_says_it_takes_no_turn_on_a_tracking_s
     assert caplog.text == ""
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_without_a_prefect_server_a_killed_registration_does_not_hold_the_next_one(tmp_path):
     """CLI runs (no PREFECT_API_URL: an embedded Prefect server) registering into one tracking server took turns on

@@ -109,7 +109,7 @@ def test_resuming_under_other_settings_is_refused_and_a_fresh_start_keeps_them_a
     assert json.loads((run / "04_train" / "stats.json").read_text())["resumed_from_step"] is None
 
 
-@pytest.mark.parametrize("when", ["after a step", "during a validation"])
+@pytest.mark.parametrize("when", ["after a step", pytest.param("during a validation", marks=pytest.mark.slow)])
 def test_a_sigterm_stops_training_at_the_step_it_is_in_with_a_checkpoint_the_rerun_resumes_from(tiny_run, tmp_path,
                                                                                                 when):  # fmt: skip
     """SIGTERM to a run whose training process works (a cancel in the Prefect UI, `kill`, `timeout`): before, the
@@ -185,7 +185,7 @@ def _descendants(pid: int) -> list[int]:
 
 
 @pytest.mark.parametrize("how", [pytest.param("SIGTERM to the stage", marks=pytest.mark.slow), "SIGTERM to one rank",
-                                 "SIGKILL to the stage"])  # fmt: skip
+                                 pytest.param("SIGKILL to the stage", marks=pytest.mark.slow)])  # fmt: skip
 def test_ranks_under_the_launcher_stop_together_with_a_checkpoint_or_die_with_a_killed_stage(tiny_run, tmp_path, how):
     """ZeRO-3 over two processes (DeepSpeed's launcher, its launch process, two ranks, their DataLoader workers),
     signalled once training runs.

@@ -195,6 +195,7 @@ def test_pipeline_registers_on_a_remote_tracking_server(tmp_path, prefect_server
     assert _perplexity(model, tmp_path / "latest") == pytest.approx(s["ppl_after"], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_a_registration_waits_for_the_one_before_it_on_a_tracking_server(tiny_run, tmp_path, prefect_server):
     """Two registrations into one tracking server at once would both read the same champion (and rescore it, for
     minutes on a large model) before either moves the alias: the later could take `champion` from a better version.

@@ -156,6 +156,7 @@ def test_the_champion_exported_to_s3_is_whole_wherever_its_pointer_points(s3, ti
     assert refused.returncode == 2 and "an export to S3 follows an alias, --model models:/NAME@ALIAS" in refused.stderr
 
 
+@pytest.mark.slow
 def test_an_s3_run_in_use_refuses_a_worker_on_another_host(s3, tmp_path):
     """Workers share an s3:// run through the bucket, each in its own working copy, so one host's lock file does
     not stop another host: the run's lease in the bucket does, with no Prefect server that the hosts share. A run
