@@ -328,6 +328,7 @@ def _result_artifacts(api: Api, run_id: str) -> tuple[str, list[dict], str]:
     return keyed["edgar-tune-10k-summary"], json.loads(table) if isinstance(table, str) else table, report[0]
 
 
+@pytest.mark.slow
 def test_the_season_schedule_retrains_when_a_10k_is_filed_and_only_then(deployed, edgar, tmp_path):
     """The after-10k-season deployment with its own parameters (each ticker's latest fiscal years, asked of EDGAR
     at every run), on the tiny model: a run before Amazon files its FY2021 10-K, one after, and one more."""
