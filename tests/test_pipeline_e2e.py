@@ -189,7 +189,7 @@ def test_a_hub_download_shows_its_progress_in_the_log_and_the_ui(prefect_server,
     assert proc.returncode == 0, out[-3000:]
     for repo in ("whole", "sharded"):
         # A sharded snapshot's total grows as each shard starts: on a loaded machine the first line can come before
-        # the shards' sizes are known (CI's slow hours: "0 of 1 MB (0%)" at 12 s), so its total is not checked.
+        # the shards' sizes are known (three xdist workers here: "0 of 1 MB (0%)" at 12 s), so its total is not checked.
         lines = re.findall(rf"download edgar-tune/{repo}: (\d+) of (\d+) MB \((\d+)%\), ([\d:]+) elapsed(.*)", out)
         assert len(lines) >= 2, out[-3000:]
         (_, _, pct, after, rest), *_, end = lines
