@@ -68,7 +68,7 @@ class RunFolder:
     ref: str  # what the user gave: a folder, or an s3:// URL
     local: Path  # where the stages read and write
     remote: str | None = None  # the s3:// URL, or None for a local run
-    _results: object = field(default=None, repr=False)  # the saved RemoteFileSystem block, once made
+    _results: object = field(default=None, repr=False)  # Prefect's result storage for the run (a path or a block)
     _lease: BucketLease | None = field(default=None, repr=False)  # an s3:// run's, while held
 
     @classmethod
@@ -133,10 +133,14 @@ class RunFolder:
 
     # -- Prefect results ---------------------------------------------------------------------------------------
     def result_storage(self) -> dict:
-        """`with_options` for the stage tasks: results beside an s3:// run; Prefect's default storage otherwise."""
-        if self.remote is None:
-            return {}
-        if self._results is None:
+        """`with_options` for the stage tasks: Prefect's results kept with the run, so that whichever Prefect home
+        runs it next (another shell, `make` against a plain `edgar-tune`, a worker) finds its finished stages
+        `Cached`: in `RUN/.stages/results/` for a local run, beside an s3:// run in its bucket. In Prefect's default
+        storage (`$PREFECT_HOME/storage`) only the home that ran a stage found its result, and every other one ran
+        the stage again, training included, over outputs the folder already held."""
+        if self._results is None and self.remote is None:
+            self._results = (self.local / ".stages" / "results").resolve()  # a path: Prefect's LocalFileSystem
+        elif self._results is None:
             from prefect.filesystems import RemoteFileSystem
 
             basepath = f"{self.remote.rsplit('/', 1)[0]}/{RESULTS}"

@@ -132,7 +132,7 @@ def run_cli(runs: Path, *args: str, timeout: int = 900, env: dict | None = None)
 
     Without PREFECT_API_URL in `env` the run starts its own embedded Prefect (as `make demo` does, ~10 s);
     tests that only need a Prefect pass the session's server (`env=prefect_server`)."""
-    env = dict(os.environ, PREFECT_HOME=str(runs / ".prefect"), **(env or {}))
+    env = {**os.environ, "PREFECT_HOME": str(runs / ".prefect"), **(env or {})}
     if "PREFECT_API_URL" not in env:
         migrated_prefect_home(runs / ".prefect")
     proc = subprocess.run(

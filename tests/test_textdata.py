@@ -194,9 +194,11 @@ def test_instruction_tuning_from_jsonl_end_to_end(tmp_path, paragraphs, prefect_
     assert f"validation {s['val_tokens']:,}: completion tokens of" in format_summary(s)
     assert format_summary(s).splitlines()[2].split() == ["data", "continue.jsonl"]
     # The same data again: the download stage describes the file again (it could have been edited under the same
-    # name); its manifest is the same, so everything after it stays cached.
+    # name); its manifest is the same, so everything after it stays cached. From another Prefect home (another
+    # shell, a worker): Prefect's results are kept with the run, not in the home that ran it.
     again = run_cli(tmp_path, "--set", f"data.source={data}", "--set", "instruction_tuned=true", "--set", "max_steps=30",
-                    "--set", "max_input_length=256", "--set", "per_device_train_batch_size=4", env=prefect_server)  # fmt: skip
+                    "--set", "max_input_length=256", "--set", "per_device_train_batch_size=4",
+                    env={**prefect_server, "PREFECT_HOME": str(tmp_path / "another-home")})  # fmt: skip
     assert again["stages"].pop("download") == "Completed" and set(again["stages"].values()) == {"Cached"}
     # Edited after the download stage recorded it: a rerun of the parse stage refuses to read it, and gives the
     # command for this run that reads it again.
