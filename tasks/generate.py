@@ -6,6 +6,7 @@ the MLflow table differ only by the fine-tuning.
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -15,7 +16,9 @@ from tqdm.auto import tqdm
 from edgar_tune.config import GenerateConfig
 from tasks.io import atomic_write_json
 from tasks.models import device, load_tokenizer
-from tasks.progress import console_bars
+from tasks.progress import OwnLine, Progress, clock, console_bars
+
+log = logging.getLogger(__name__)
 
 
 def prompts_for(cfg: GenerateConfig, companies: list[str]) -> list[str]:
@@ -30,6 +33,10 @@ def generate(model, tokenizer, prompts: list[str], cfg: GenerateConfig, label: s
     dev = device()
     model.to(dev).eval()
     rows = []
+    beside_tqdm = OwnLine(log, {"open": None})
+    beside_tqdm.info("generation samples (%s): %d prompt(s), %d sample(s) each, up to %d tokens with the prompt",
+                     label, len(prompts), cfg.num_return_sequences, cfg.max_length)  # fmt: skip
+    bar = Progress(f"generation samples ({label})", len(prompts), "prompts", logger=beside_tqdm, quiet_s=30)
     for i, prompt in enumerate(tqdm(prompts, desc=f"generate ({label})", unit="prompt", disable=not console_bars())):
         torch.manual_seed(cfg.sampling_seed + i)  # the same draws for the base and the fine-tuned model
         ids = tokenizer(prompt, return_tensors="pt").to(dev)
@@ -40,13 +47,17 @@ def generate(model, tokenizer, prompts: list[str], cfg: GenerateConfig, label: s
         for n, seq in enumerate(out):
             text = tokenizer.decode(seq[ids["input_ids"].shape[1] :], skip_special_tokens=True)
             rows.append({"prompt": prompt, "sample": n, "text": text})
+        bar.update(i + 1)
+    bar.close()
     return rows
 
 
 def write_samples(out_file: Path, model, tokenizer_dir: str, prompts: list[str], cfg: GenerateConfig, label: str) -> list[dict]:
     start = time.perf_counter()
     rows = generate(model, load_tokenizer(tokenizer_dir), prompts, cfg, label)
-    atomic_write_json(out_file, {"settings": cfg.model_dump(), "seconds": time.perf_counter() - start, "rows": rows})
+    seconds = time.perf_counter() - start
+    atomic_write_json(out_file, {"settings": cfg.model_dump(), "seconds": seconds, "rows": rows})
+    log.info("generation samples (%s): %d sample(s) in %s, written to %s", label, len(rows), clock(seconds), out_file)
     return rows
 
 

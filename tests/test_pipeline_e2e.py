@@ -549,6 +549,13 @@ def test_generation_samples_are_logged_side_by_side(tiny_run):
     assert prompts[:2] == ["This Form 10-K report shows that", "We serve consumers through"]
     assert "What drives sales growth at Amazon?" in prompts
     assert base["settings"]["top_k"] == 250 and base["settings"]["top_p"] == 0.8 and base["settings"]["do_sample"]
+    # After the perplexity's last line the stage generates (20 s of the demo's evaluate stage): the log says so
+    log = (runs / "run.log").read_text()
+    for label, name in (("base", "base"), ("fine-tuned", "finetuned")):
+        assert (f"generation samples ({label}): {len(prompts)} prompt(s), 1 sample(s) each, up to "
+                f"{base['settings']['max_length']} tokens with the prompt") in log  # fmt: skip
+        assert re.search(rf"generation samples \({label}\): {len(base['rows'])} sample\(s\) in \d+:\d\d:\d\d, "
+                         rf"written to \S+/05_evaluate/{name}\.samples\.json", log), log[-3000:]  # fmt: skip
     client = mlflow.MlflowClient(s["mlflow_tracking_uri"])
     local = client.download_artifacts(s["mlflow_run_id"], "eval/generations.json", str(runs / "dl"))
     table = json.loads(Path(local).read_text())
