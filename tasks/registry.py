@@ -898,6 +898,15 @@ def _register(run_dir: Path, cfg: PipelineConfig, flow_run_id: str | None, runs_
     return _finish(client, name, version, tags, after, uri, run.info.run_id, rescore)
 
 
+def _against(compared: dict) -> str:
+    """The registration's log line's words for `promote`'s comparison (its dict is the summary's and the tag's)."""
+    if "version" not in compared:
+        return compared["basis"]  # no champion before; already the champion
+    if compared["perplexity"] is None:
+        return f"champion v{compared['version']} not compared: {compared['basis']}"
+    return f"champion v{compared['version']}'s {compared['perplexity']:.4f}, {compared['basis']}"
+
+
 def _finish(client, name: str, version: str, tags: dict, after: dict, uri: str, run_id: str, rescore) -> dict:
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
@@ -905,7 +914,7 @@ def _finish(client, name: str, version: str, tags: dict, after: dict, uri: str, 
     compared = promoted["compared"]
     if compared.get("perplexity") is not None and CHAMPION_METRIC not in client.get_run(run_id).data.metrics:
         client.log_metric(run_id, CHAMPION_METRIC, compared["perplexity"])  # once: a retry finds it logged
-    log.info("registered %s v%s as %s (perplexity %.4f; champion before: %s)", name, version, promoted["alias"],
-             after["perplexity"], compared)  # fmt: skip
+    log.info("registered %s v%s as %s (perplexity %.4f; %s)", name, version, promoted["alias"], after["perplexity"],
+             _against(compared))  # fmt: skip
     return {"tracking_uri": uri, "registered_model": name, "model_version": version, "model_alias": promoted["alias"],
             "champion_comparison": compared, "mlflow_run_id": run_id, "model_uri": f"models:/{name}/{version}"}  # fmt: skip

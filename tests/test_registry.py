@@ -368,6 +368,11 @@ def test_two_runs_registering_into_a_new_sqlite_store_at_once_both_register(tiny
     versions = {json.loads(out)["model_version"] for out, _ in outs}
     assert versions == {"1", "2"}
     assert len(mlflow.MlflowClient(uri).search_model_versions("name = 'edgar-tune-10k'")) == 2
+    # The log says what each was compared with, in words (the first: nothing; the second: the first, same tokens)
+    said = sorted(re.search(r"registered edgar-tune-10k (v\d) as \w+ \(perplexity [\d.]+; (.*)\)$", err, re.M).groups()
+                  for _, err in outs)  # fmt: skip
+    assert said[0] == ("v1", "no champion before"), said
+    assert re.fullmatch(r"champion v1's [\d.]+, same validation data", said[1][1]) and said[1][0] == "v2", said
 
 
 def test_training_starts_at_once_when_the_tracking_server_does_not_answer(tmp_path, caplog):
