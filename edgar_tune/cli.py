@@ -531,6 +531,9 @@ def main(argv: list[str] | None = None) -> int:
     keep_signals()  # one that lands in a finalizer is delivered again
     try:
         return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C: the flow run is marked Crashed and the server stopped; no traceback
+        print("edgar-tune: interrupted (Ctrl-C)", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGINT) from None
     except Exception as err:
         if (sig := signal_behind(err)) is None:
             raise

@@ -70,17 +70,40 @@ def start(server_pid: int) -> subprocess.Popen | None:
     return reaper
 
 
+class _OwnSession:
+    """`subprocess` as Prefect's server module sees it while `embedded_prefect` starts the server: its Popen starts
+    the process in a session of its own, everything else is `subprocess`'s."""
+
+    def __getattr__(self, name: str):
+        return getattr(subprocess, name)
+
+    @staticmethod
+    def Popen(*args, **kwargs) -> subprocess.Popen:  # noqa: N802 (subprocess's name)
+        return subprocess.Popen(*args, start_new_session=True, **kwargs)
+
+
 def embedded_prefect() -> int | None:
     """Start Prefect's embedded server now, where a flow run would start it (no PREFECT_API_URL), with a reaper
-    that stops it when this process ends; returns the server's PID, or None where a server is configured."""
-    from prefect.server.api.server import SubprocessASGIServer
+    that stops it when this process ends; returns the server's PID, or None where a server is configured.
+
+    The server runs in a session of its own. In the command's process group, a signal to the whole group (Ctrl-C
+    in a terminal, `timeout`, a supervisor stopping the job) ended it at once, while the flow still had to stop
+    its training at a checkpoint and record how the run ended: the command then retried the dead server for
+    minutes (221 s after a Ctrl-C here), printed connection tracebacks, and left the flow run `Running` in
+    Prefect's database. Now the server outlives the signal, the flow records the run `Crashed`, and the server
+    stops when the command ends (Prefect's exit handler, or the reaper if the command is killed)."""
+    from prefect.server.api import server as server_module
     from prefect.settings import get_current_settings
 
     settings = get_current_settings()
     if settings.api.url or not settings.server.ephemeral.enabled:
         return None
-    server = SubprocessASGIServer()  # the instance Prefect's client asks for: it finds it running
-    server.start()
+    server = server_module.SubprocessASGIServer()  # the instance Prefect's client asks for: it finds it running
+    server_module.subprocess = _OwnSession()
+    try:
+        server.start()
+    finally:
+        server_module.subprocess = subprocess
     start(server.server_process.pid)
     return server.server_process.pid
 

@@ -221,14 +221,17 @@ _PYTHON_RUN = ("from edgar_tune.config import RunParameters; from flows.pipeline
                "edgar_tune_pipeline(RunParameters(preset='tiny', out_dir={out!r}))")
 
 
-@pytest.mark.parametrize("how,sig", [("cli", "SIGKILL"), pytest.param("cli", "SIGTERM", marks=pytest.mark.slow),
-                                     pytest.param("python", "SIGKILL", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("how,sig", [("cli", "SIGKILL"), ("cli", "SIGINT"),
+                                     pytest.param("cli", "SIGTERM", marks=pytest.mark.slow),
+                                     pytest.param("python", "SIGKILL", marks=pytest.mark.slow)])  # fmt: skip
 def test_a_killed_run_takes_its_embedded_prefect_server_with_it(tmp_path, how, sig):
     """The embedded Prefect server (a uvicorn child, 230 MB) outlived a run killed by SIGKILL (the OOM killer) or
     SIGTERM (`timeout`, systemd), holding its port, for good. Now SIGTERM ends the run as a crash does (exit
     143, the flow run marked Crashed, the server stopped by Prefect), and after a SIGKILL the run's reaper
     (edgar_tune/reaper.py) stops it: started by the CLI, or by the flow itself where it is called from Python
-    (a notebook's kernel killed)."""
+    (a notebook's kernel killed). Ctrl-C in a terminal signals the whole process group: the server, in a session
+    of its own, outlives it until the flow has marked the run Crashed (in the group, it died at once, and the run
+    retried it for minutes, with tracebacks, and left the flow run Running)."""
     import signal
 
     import httpx
@@ -255,7 +258,10 @@ def test_a_killed_run_takes_its_embedded_prefect_server_with_it(tmp_path, how, s
             time.sleep(0.05)
         assert len(_reapers(run.pid, server[0])) == 1
         assert httpx.get(f"{url[1]}/api/health").status_code == 200
-        os.kill(run.pid, getattr(signal, sig))
+        if sig == "SIGINT":  # Ctrl-C: to the terminal's foreground process group
+            os.killpg(run.pid, signal.SIGINT)
+        else:
+            os.kill(run.pid, getattr(signal, sig))
         rest = []  # read on, so that the run's last lines never wait on a full pipe
         reader = threading.Thread(target=lambda: rest.extend(run.stdout), daemon=True)
         reader.start()
@@ -272,9 +278,13 @@ def test_a_killed_run_takes_its_embedded_prefect_server_with_it(tmp_path, how, s
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(run.pid, signal.SIGKILL)  # the server too, if it outlived the run
-    assert run.returncode == (-9 if sig == "SIGKILL" else 143), rest[-3000:]
+    assert run.returncode == {"SIGKILL": -9, "SIGTERM": 143, "SIGINT": 130}[sig], rest[-3000:]
     if sig == "SIGTERM":
         assert "Finished in state Crashed('Execution was aborted by a termination signal.')" in rest, rest[-3000:]
+    if sig == "SIGINT":
+        assert "Finished in state Crashed('Execution was aborted by an interrupt signal.')" in rest, rest[-3000:]
+        assert "\nedgar-tune: interrupted (Ctrl-C)\n" in rest, rest[-3000:]
+        assert "Traceback" not in rest and "Error logging to API" not in rest, rest[-3000:]
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{url[1]}/api/health")
 
