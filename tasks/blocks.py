@@ -10,7 +10,7 @@ from pathlib import Path
 
 from datasets import Dataset
 
-from edgar_tune.config import PipelineConfig
+from edgar_tune.config import ConfigError, PipelineConfig
 from tasks.io import atomic_dir, atomic_write_json, atomic_write_text, read_json, read_jsonl
 from tasks.models import TINY, load_tokenizer, resolve_base_model
 from tasks.progress import OwnLine, Progress
@@ -20,13 +20,22 @@ QUIET_S = 30.0  # tokenizing shorter than this keeps datasets' tqdm bars only
 
 
 def block_length(requested: int, model_dir: str) -> int:
-    """JumpStart's rule: -1 means min(1024, the model's maximum context)."""
-    if requested != -1:
-        return requested
+    """JumpStart's rule: -1 means min(1024, the model's maximum context).
+
+    Raises:
+        ConfigError: a length past the model's context (`max_position_embeddings`): positions it was never trained
+            on, which train and score without an error but not as the model was made to.
+    """
     from transformers import AutoConfig
 
-    max_pos = getattr(AutoConfig.from_pretrained(model_dir), "max_position_embeddings", None) or 1024
-    return min(1024, max_pos)
+    max_pos = getattr(AutoConfig.from_pretrained(model_dir), "max_position_embeddings", None)
+    if requested == -1:
+        return min(1024, max_pos or 1024)
+    if max_pos and requested > max_pos:
+        raise ConfigError(f"tokenize.max_input_length={requested} is longer than the model's context ({max_pos} "
+                          f"positions, max_position_embeddings of {model_dir}); set it to {max_pos} or less, or -1 "
+                          "for min(1024, the context)")  # fmt: skip
+    return requested
 
 
 def _fingerprint(key: str, rows: list[dict]) -> str:
@@ -188,7 +197,7 @@ def write_tokenize_stage(out: Path, parse_dir: Path, cfg: PipelineConfig) -> dic
             "tokenizer_vocab": len(tokenizer),
         } | extra
         if not n_train:
-            raise ValueError(
+            raise ConfigError(
                 f"training text has {dropped} tokens, fewer than one block of {length}; lower "
                 "`tokenize.max_input_length` or add data"
             )

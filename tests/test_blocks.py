@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
+
+from edgar_tune.config import ConfigError
 from tasks.blocks import block_length, pack
 
 
@@ -22,6 +25,11 @@ def test_block_length_follows_jumpstart_rule(tmp_path):
     LlamaConfig(max_position_embeddings=512).save_pretrained(tmp_path)
     assert block_length(-1, str(tmp_path)) == 512
     assert block_length(256, str(tmp_path)) == 256
+    assert block_length(512, str(tmp_path)) == 512
+    # Longer than the context: positions the model never saw, refused with what to set (the CLI prints it)
+    with pytest.raises(ConfigError, match=r"tokenize.max_input_length=513 is longer than the model's context \(512 "
+                                          r"positions, .*set it to 512 or less, or -1"):  # fmt: skip
+        block_length(513, str(tmp_path))
 
 
 def test_max_train_samples_draws_blocks_without_writing_into_the_tokenize_folder(tmp_path):
