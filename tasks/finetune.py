@@ -632,7 +632,8 @@ def plan_inputs(tokenize_dir: Path, cfg: TrainConfig, precision: str) -> tuple:
               checkpoint_layers=cfg.checkpoint_layers, half_base=cfg.lora_half_base, fused_loss=fused,
               compiled=cfg.torch_compile or resolve_backend(cfg.fused_layers, "train.fused_layers") == "triton",
               lean_lora=cfg.lean_lora, lora_dropout=cfg.lora_dropout,
-              dense_mask=cfg.document_mask and cfg.attention == "sdpa", fp8_base=cfg.fp8_base)  # fmt: skip
+              dense_mask=cfg.document_mask and cfg.attention == "sdpa", fp8_base=cfg.fp8_base,
+              on_cpu=device() == "cpu")  # fmt: skip
     return shape, budget, where, kw
 
 

@@ -156,14 +156,16 @@ class Estimate:
 def estimate(shape: ModelShape, *, option: str, nproc: int, seq: int, batch: int, mode: str, precision: str,
              quantization: str | None = None, gradient_checkpointing: bool = True, checkpoint_layers: float = 1.0,
              fused_loss: bool = False, half_base: bool = True, compiled: bool = False, lean_lora: bool = False,
-             lora_dropout: float = 0.0, dense_mask: bool = False, fp8_base: bool = False) -> Estimate:  # fmt: skip
+             lora_dropout: float = 0.0, dense_mask: bool = False, fp8_base: bool = False,
+             on_cpu: bool = False) -> Estimate:  # fmt: skip
     """Peak memory per device for one engine option: `none`, `zero2`, `zero3`, `zero3-offload` or `fsdp`.
 
     checkpoint_layers: the fraction of layers recomputed (the others keep their activations); fused_loss: the
     loss from kernels/ (one chunk of logits instead of all); half_base: a LoRA base in the compute dtype (false:
     fp32 weights under autocast, as `train.lora_half_base=false` loads it; DeepSpeed's engines always hold it in
     the compute dtype, FSDP always in fp32); compiled: torch.compile or the Triton layers (`train.torch_compile`,
-    `train.fused_layers`), whose norms and MLPs keep less; lean_lora and lora_dropout: see `lora_layer_bytes`;
+    `train.fused_layers`), whose norms and MLPs keep less; lean_lora and lora_dropout: see `lora_layer_bytes`
+    (on_cpu: a training on the CPU, whose eager dropout keeps a 4-byte mask a value where CUDA's keeps 1);
     dense_mask: the document mask reaches sdpa as a dense b x 1 x s x s mask (`train.document_mask` with
     `train.attention=sdpa`): one additive mask in the compute dtype that every layer keeps (kernels/masks.py; left
     to PyTorch, each layer kept its own copy), and, with grouped-query attention, in every layer kept whole the keys
@@ -211,7 +213,8 @@ def estimate(shape: ModelShape, *, option: str, nproc: int, seq: int, batch: int
     if mode == "lora" and half and not quantization:
         # the Trainer trains bf16/fp16 under autocast, adapters in fp32; DeepSpeed casts the adapters instead
         layer = lora_layer_bytes(shape, act_bytes=act_bytes, compiled=compiled, lean=lean_lora, dropout=lora_dropout,
-                                 matmul_bytes=act_bytes, cast=mixed and not option.startswith("zero"))  # fmt: skip
+                                 mask_bytes=4 if on_cpu else 1, matmul_bytes=act_bytes,
+                                 cast=mixed and not option.startswith("zero"))  # fmt: skip
     if layer is None:
         layer = 17 * shape.hidden * act_bytes
     # recomputed layers keep their input; one layer at a time is recomputed, or is backward's working space
