@@ -288,6 +288,13 @@ class TrainConfig(_Section):
         -1, ge=-1, description="Processes that read and collate the next batches while the device trains (-1: 2 on "
         "GPUs, 0 on the CPU, where they would take cores from training).",
     )
+    cpu_allocator: Literal["auto", "system", "tcmalloc", "jemalloc"] = Field(
+        "auto", description="The C allocator the training process runs with (tasks/allocator.py), preloaded on "
+        "Linux. glibc's malloc before 2.38 leaves PyTorch's freed CPU tensors' memory unused, so a training on the "
+        "CPU peaks at 1.5x to 4.7x its tensors' memory; tcmalloc and jemalloc do not, and the memory plan counts "
+        "which runs. auto: on the CPU tcmalloc, else jemalloc, where installed, else the system's malloc; on GPUs "
+        "the system's. tcmalloc or jemalloc not installed: refused, with the command that installs it.",
+    )
     attention: Literal["sdpa", "varlen", "flex_attention", "flash_attention_2", "eager"] = Field(
         "sdpa", description="The attention kernel in training (transformers' attn_implementation): sdpa (PyTorch's "
         "fused attention; with document_mask it gets a dense mask), varlen (PyTorch's flash kernel with each packed "

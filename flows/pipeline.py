@@ -273,6 +273,7 @@ def build_summary(run_dir: Path, preset: str, timings: dict, flow_run_id: str | 
         "zero_stage": train["zero_stage"],
         "world_size": train["world_size"],
         "gradient_checkpointing": train["gradient_checkpointing"],
+        "cpu_allocator": train.get("cpu_allocator"),
         "micro_batch": train.get("per_device_train_batch_size"),
         "gradient_accumulation_steps": train.get("gradient_accumulation_steps"),
         "memory_fit": train.get("memory_plan", {}).get("fit"),
@@ -286,6 +287,7 @@ def build_summary(run_dir: Path, preset: str, timings: dict, flow_run_id: str | 
         "quantization": train.get("quantization"),
         "memory_estimate_gb": train.get("memory_plan", {}).get("estimate_gb"),
         "peak_memory_gb": train.get("peak_memory_gb"),
+        "peak_rss_gb": train.get("peak_rss_gb"),
         "seconds": timings,
         "total_seconds": round(sum(timings.values()), 1),
         "weights": str(run_dir / TRAIN / train["weights"]),
@@ -328,7 +330,8 @@ def summary_rows(s: dict) -> list[tuple[str, str]]:
         ("training", f"{s['mode']} on {s['device']}, {s['engine']}, {s['train_steps']} steps"
          + (f" of micro-batch {s['micro_batch']} x {s['gradient_accumulation_steps']}" if s["micro_batch"] else "")
          + f", gradient checkpointing {'on' if s['gradient_checkpointing'] else 'off'}"
-         + (" (chosen by train.memory_fit)" if s["memory_fit"] else "")),
+         + (" (chosen by train.memory_fit)" if s["memory_fit"] else "")
+         + (f", allocator {s['cpu_allocator']}" if s.get("cpu_allocator") and s["device"] == "cpu" else "")),
         ("perplexity", f"before {s['ppl_before']:.3f}  ->  after {s['ppl_after']:.3f}  ({s['ppl_change_pct']:+.1f}%)"),
         ("registered", f"{s['registered_model']} v{s['model_version']} @{s['model_alias']}"
          + _compared(s["champion_comparison"])),

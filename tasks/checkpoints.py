@@ -28,7 +28,8 @@ _STEP = re.compile(r"^checkpoint-(\d+)$")
 # Settings a resumed run may change: they leave the trajectory as it was (recomputing activations gives the same
 # numbers, RNG state included, so a run that ran out of memory can resume with more of them recomputed).
 RESUME_NEUTRAL = {"logging_steps", "resume", "keep_checkpoints", "memory_check", "memory_budget_gb", "save_total_limit",
-                  "gradient_checkpointing", "checkpoint_layers", "dataloader_num_workers", "lean_lora"}  # fmt: skip
+                  "gradient_checkpointing", "checkpoint_layers", "dataloader_num_workers", "lean_lora",
+                  "cpu_allocator"}  # fmt: skip
 # Settings that choose only what the validations during training score (not when they run: each validation draws
 # one number from the RNG, its DataLoader's seed, whatever it scores). Neutral too while the validation loss steers
 # nothing (no early stopping, the last checkpoint published): the advice to score fewer blocks

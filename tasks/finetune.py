@@ -19,6 +19,7 @@ import torch
 from datasets import load_from_disk
 
 from edgar_tune.config import DEEPSPEED_PRESETS, REPO_ROOT, ConfigError, EvalConfig, TrainConfig
+from tasks import allocator
 from tasks.blocks import base_model_path
 from tasks.checkpoints import ValidationStopped, checkpoint_step, log_stop, resume_settings, trainer_class
 from tasks.checkpoints import prepare as prepare_checkpoints
@@ -593,6 +594,7 @@ def preflight(cfg: TrainConfig) -> str:
         raise ConfigError(str(err)) from None
     if cfg.fp8_base and (why := fp8.available(device(), DTYPES[precision])):
         raise ConfigError(f"train.fp8_base: {why}; set train.fp8_base=false")
+    allocator.resolve(cfg.cpu_allocator, on_gpu)
     return precision
 
 
@@ -633,7 +635,8 @@ def plan_inputs(tokenize_dir: Path, cfg: TrainConfig, precision: str) -> tuple:
               compiled=cfg.torch_compile or resolve_backend(cfg.fused_layers, "train.fused_layers") == "triton",
               lean_lora=cfg.lean_lora, lora_dropout=cfg.lora_dropout,
               dense_mask=cfg.document_mask and cfg.attention == "sdpa", fp8_base=cfg.fp8_base,
-              on_cpu=device() == "cpu")  # fmt: skip
+              on_cpu=device() == "cpu",
+              allocator=allocator.resolve(cfg.cpu_allocator, device() == "cuda")[0])  # fmt: skip
     return shape, budget, where, kw
 
 
@@ -697,10 +700,23 @@ def resolve_checkpointing(tokenize_dir: Path, cfg: TrainConfig, precision: str) 
     return cfg.model_copy(update={"gradient_checkpointing": on})
 
 
+def resolve_allocator(cfg: TrainConfig) -> TrainConfig:
+    """`train.cpu_allocator=auto` made the allocator found (tasks/allocator.py), said once; the memory plan on the
+    CPU counts what it keeps."""
+    name, path = allocator.resolve(cfg.cpu_allocator, device() == "cuda")
+    if device() == "cpu" or path:
+        how = f"{name}, preloaded from {path}" if path else (
+            f"the system's malloc ({allocator.in_this_process()}), whose heap keeps freed tensors' memory: the memory "
+            f"plan counts it. tcmalloc runs in about half the memory: {allocator.INSTALL['tcmalloc']}")
+        _log_once(f"train.cpu_allocator={cfg.cpu_allocator}: {how}")
+    return cfg.model_copy(update={"cpu_allocator": name})
+
+
 def plan_training(tokenize_dir: Path, cfg: TrainConfig, precision: str) -> tuple[TrainConfig, dict]:
-    """`resolve_checkpointing` and `fit_memory`, then `memory_plan` for the config they return: the config to
-    train, and the plan (what memory_fit chose under "fit")."""
-    cfg, fitted = fit_memory(tokenize_dir, resolve_checkpointing(tokenize_dir, cfg, precision), precision)
+    """`resolve_allocator`, `resolve_checkpointing` and `fit_memory`, then `memory_plan` for the config they return:
+    the config to train, and the plan (what memory_fit chose under "fit")."""
+    cfg = resolve_checkpointing(tokenize_dir, resolve_allocator(cfg), precision)
+    cfg, fitted = fit_memory(tokenize_dir, cfg, precision)
     return cfg, memory_plan(tokenize_dir, cfg, precision) | {"fit": fitted}
 
 
@@ -776,6 +792,9 @@ def write_train_stage(out: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg:
         _launch(tmp, tokenize_dir, cfg, eval_cfg, ckpts, resume_from, plan, metrics)
         stats = read_json(tmp / "stats.json")
         stats["memory_plan"] = plan
+        if device() == "cpu" and stats.get("peak_rss_gb"):
+            log.info("the training process peaked at %.2f GB resident (%s); the memory plan said %.2f GB",
+                     stats["peak_rss_gb"], stats["cpu_allocator"], plan["estimate_gb"])  # fmt: skip
         stats["mlflow_run_id"] = run_id  # the register stage logs the rest into it
         atomic_write_json(tmp / "stats.json", stats)
     if not cfg.keep_checkpoints:
@@ -814,7 +833,8 @@ def _launch(tmp: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfi
     ranks = tmp / ".ranks"  # each training process leaves its PID there (gone before the stage publishes `tmp`)
     ranks.mkdir()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
-               **{STAGE_PID: f"{os.getpid()}@{socket.gethostname()}", RANKS: str(ranks)})  # fmt: skip
+               **{STAGE_PID: f"{os.getpid()}@{socket.gethostname()}", RANKS: str(ranks)},
+               **allocator.preload_env(*allocator.resolve(cfg.cpu_allocator, device() == "cuda")))  # fmt: skip
     tail: collections.deque[bytes] = collections.deque(maxlen=400)
     stop, open_line = threading.Event(), threading.Event()
     follower = threading.Thread(target=contextvars.copy_context().run, name="training-progress", daemon=True,
@@ -993,6 +1013,7 @@ def train(tmp: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfig,
 
     precision = resolve_precision(cfg.precision)
     cfg = resolve_checkpointing(tokenize_dir, cfg, precision)  # the train stage resolved it; a direct call may not
+    cpu_allocator = allocator.check(cfg.cpu_allocator)
     ds_config = None
     if cfg.deepspeed:
         ds_config = str(deepspeed_config_path(cfg.deepspeed))
@@ -1175,10 +1196,12 @@ def train(tmp: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfig,
         "document_mask": cfg.document_mask,
         "attention": causal_lm_of(model).config._attn_implementation,
         "dataloader_num_workers": workers,
+        "cpu_allocator": cpu_allocator,
         "quantization": cfg.quantization,
         "device": device(),
         "dtype": {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[precision],
         "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None,
+        "peak_rss_gb": allocator.peak_rss_gb(),  # this process's RAM: what the memory plan is for on the CPU
         "profile": profiler.summary if profiler else None,
     }
     atomic_write_json(tmp / "stats.json", stats)

@@ -55,6 +55,13 @@ HEADROOM = 0.92  # CUDA context, allocator fragmentation and temporary buffers t
 # 0.68x the baseline at 4; the document mask's dense sdpa is the other suspect). `bench/train_throughput.py
 # --checkpoint-sweep` measures it in one run.
 SMALL_BATCH_TOKENS = 800
+# A training on the CPU: resident memory beyond the tensors (bench/cpu_memory.py; bench/RESULTS.md, "Memory on the
+# CPU"). The training process's own (Python, PyTorch's and transformers' code, the Trainer), and the share of the
+# activations computed in forward (each layer's, kept or recomputed later) whose memory the C allocator keeps once
+# they are freed (tasks/allocator.py): glibc's heap does not reuse it for tensors of the same size. Fitted to 26
+# peaks of SmolLM2 (512 to 4096 tokens, layers kept or recomputed): the plan lands at 1.01x to 1.24x of them.
+CPU_PROCESS_GB = 0.67
+CPU_FREED_KEPT = {"system": 0.7, "tcmalloc": 0.12, "jemalloc": 0.12}
 SMALL_BATCH_LAYER_PARAMS = 202_383_488  # a Llama-2-7B block (with its share of the final norm), as model_shape counts
 
 
@@ -151,13 +158,14 @@ class Estimate:
     total: float
     host: float
     fits: bool | None = None
+    process: float = 0.0  # on the CPU: the process's own memory and what its allocator keeps of freed tensors
 
 
 def estimate(shape: ModelShape, *, option: str, nproc: int, seq: int, batch: int, mode: str, precision: str,
              quantization: str | None = None, gradient_checkpointing: bool = True, checkpoint_layers: float = 1.0,
              fused_loss: bool = False, half_base: bool = True, compiled: bool = False, lean_lora: bool = False,
              lora_dropout: float = 0.0, dense_mask: bool = False, fp8_base: bool = False,
-             on_cpu: bool = False) -> Estimate:  # fmt: skip
+             on_cpu: bool = False, allocator: str = "system") -> Estimate:  # fmt: skip
     """Peak memory per device for one engine option: `none`, `zero2`, `zero3`, `zero3-offload` or `fsdp`.
 
     checkpoint_layers: the fraction of layers recomputed (the others keep their activations); fused_loss: the
@@ -165,7 +173,8 @@ def estimate(shape: ModelShape, *, option: str, nproc: int, seq: int, batch: int
     fp32 weights under autocast, as `train.lora_half_base=false` loads it; DeepSpeed's engines always hold it in
     the compute dtype, FSDP always in fp32); compiled: torch.compile or the Triton layers (`train.torch_compile`,
     `train.fused_layers`), whose norms and MLPs keep less; lean_lora and lora_dropout: see `lora_layer_bytes`
-    (on_cpu: a training on the CPU, whose eager dropout keeps a 4-byte mask a value where CUDA's keeps 1);
+    (on_cpu: a training on the CPU, whose eager dropout keeps a 4-byte mask a value where CUDA's keeps 1, and
+    whose RAM also holds the process's code and what `allocator` keeps of freed tensors: CPU_FREED_KEPT);
     dense_mask: the document mask reaches sdpa as a dense b x 1 x s x s mask (`train.document_mask` with
     `train.attention=sdpa`): one additive mask in the compute dtype that every layer keeps (kernels/masks.py; left
     to PyTorch, each layer kept its own copy), and, with grouped-query attention, in every layer kept whole the keys
@@ -232,8 +241,12 @@ def estimate(shape: ModelShape, *, option: str, nproc: int, seq: int, batch: int
         logits = tokens * shape.hidden * act_bytes + chunk * shape.vocab * (4 + act_bytes)
     else:
         logits = tokens * shape.vocab * (act_bytes + _LOGIT_EXTRA_BYTES)
-    total = weights + states + acts + logits
-    return Estimate(option, weights / GB, states / GB, acts / GB, logits / GB, total / GB, host / GB)
+    process = 0.0
+    if on_cpu:  # forward computes every layer's activations once, whether kept or recomputed in backward
+        process = CPU_PROCESS_GB * GB + CPU_FREED_KEPT[allocator] * tokens * layer * shape.layers
+    total = weights + states + acts + logits + process
+    return Estimate(option, weights / GB, states / GB, acts / GB, logits / GB, total / GB, host / GB,
+                    process=process / GB)
 
 
 OPTIONS = ("none", "zero2", "zero3", "zero3-offload")
@@ -260,14 +273,20 @@ def describe(shape: ModelShape, *, mode: str, lora_r: int, batch: int, seq: int,
 
 
 def format_plan(rows: list[Estimate], chosen: str, budget_gb: float, context: str) -> str:
+    process = any(r.process for r in rows)  # a training on the CPU
     lines = [
         f"memory plan per device ({context}; budget {budget_gb:.1f} GB, {HEADROOM:.0%} usable)",
-        f"  {'engine':<15}{'frozen':>9}{'trained':>12}{'activations':>13}{'logits':>9}{'total':>9}{'host':>9}  fits",
-    ]
+        f"  {'engine':<15}{'frozen':>9}{'trained':>12}{'activations':>13}{'logits':>9}"
+        + (f"{'process':>9}" if process else "") + f"{'total':>9}{'host':>9}  fits",
+    ]  # fmt: skip
     for r in rows:
         mark = "  <- this run" if r.option == chosen else ""
         lines.append(f"  {r.option:<15}{r.frozen_weights:>9.2f}{r.trained_states:>12.2f}{r.activations:>13.2f}"
-                     f"{r.logits:>9.2f}{r.total:>9.2f}{r.host:>9.2f}  {'yes' if r.fits else 'NO'}{mark}")  # fmt: skip
+                     f"{r.logits:>9.2f}" + (f"{r.process:>9.2f}" if process else "")
+                     + f"{r.total:>9.2f}{r.host:>9.2f}  {'yes' if r.fits else 'NO'}{mark}")  # fmt: skip
+    if process:
+        lines.append("  process: the training process's code and what its C allocator keeps of freed tensors "
+                     "(train.cpu_allocator)")  # fmt: skip
     return "\n".join(lines)
 
 

@@ -30,12 +30,14 @@ SUMMARY_KEYS = {
 
 def test_summary_has_every_key_and_perplexity_fell(tiny_run):
     from flows.pipeline import format_summary
+    from tasks import allocator
 
     _, s = tiny_run
     assert SUMMARY_KEYS <= set(s)
     assert s["ppl_after"] < s["ppl_before"]
     assert s["engine"] == "hf-trainer" and s["world_size"] == 1 and s["gradient_checkpointing"] is True
     assert s["device"] == "cpu" and s["prefect_flow_run_id"]
+    assert s["cpu_allocator"].split()[0] == allocator.resolve("auto", on_gpu=False)[0]  # what auto found, in the child
     assert [(f["ticker"], f["form"], f["fiscal_year"]) for f in s["filings"]] == [("AMZN", "10-K", 2020), ("AMZN", "10-K", 2021)]
     assert s["val_tokens"] > 10_000 and s["train_tokens"] > s["val_tokens"]
     assert s["validation"] == "held-out Item 7 (MD&A)"

@@ -1,0 +1,103 @@
+"""Peak resident memory of a training on the CPU against its memory plan, per block length, allocator and
+gradient checkpointing.
+
+    python bench/cpu_memory.py --run runs/latest                       # after `make demo`; about 25 min on 2 cores
+    LD_LIBRARY_PATH=/path/to/libtcmalloc/folder python bench/cpu_memory.py --run runs/latest --allocators tcmalloc
+
+Each case copies the run folder, packs it again at the length (`edgar-tune stage tokenize`) and trains 2 steps
+(`edgar-tune stage train --set train.max_steps=2`) with the allocator and checkpointing asked for; the peak is the
+largest resident set of the stage's processes (the training process's: wait4), the plan the one that stage printed
+and kept in its stats (`memory_plan.estimate_gb`). tests/test_memory.py checks the plan against these peaks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench.common import cpu_host, write_result  # noqa: E402
+
+CLI = [sys.executable, "-m", "edgar_tune.cli"]
+
+
+def peak_rss_gb(cmd: list[str], log: Path) -> tuple[int, float, float]:
+    """Run `cmd`; its exit status, the largest resident set of it and its descendants (GB), and its seconds."""
+    start = time.monotonic()
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, usage.ru_maxrss * 1024 / 1e9, time.monotonic() - start
+
+
+def measure(run: Path, work: Path, seq: int, batch: int, allocator: str, checkpointing: bool) -> dict:
+    case = work / f"{allocator}-{seq}x{batch}-{'ckpt' if checkpointing else 'whole'}"
+    shutil.copytree(work / f"packed-{seq}", case)
+    sets = [f"tokenize.max_input_length={seq}", "train.max_steps=2", "train.resume=false",
+            f"train.per_device_train_batch_size={batch}", f"train.cpu_allocator={allocator}",
+            f"train.gradient_checkpointing={str(checkpointing).lower()}"]  # fmt: skip
+    cmd = [*CLI, "stage", "train", "--run", str(case)] + [a for s in sets for a in ("--set", s)]
+    code, peak, seconds = peak_rss_gb(cmd, case / "train.log")
+    if code:
+        raise SystemExit(f"{' '.join(cmd)} failed ({code}); see {case / 'train.log'}")
+    stats = json.loads((case / "04_train" / "stats.json").read_text())
+    plan = stats["memory_plan"]
+    row = {"seq_len": seq, "batch": batch, "allocator": stats["cpu_allocator"], "gradient_checkpointing": checkpointing,
+           "peak_rss_gb": round(peak, 3), "planned_gb": round(plan["estimate_gb"], 3),
+           "plan_over_peak": round(plan["estimate_gb"] / peak, 3), "step_seconds": stats.get("step_seconds"),
+           "seconds": round(seconds, 1)}  # fmt: skip
+    shutil.rmtree(case)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--run", type=Path, default=REPO / "runs" / "latest", help="a finished run folder (make demo's)")
+    ap.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096])
+    ap.add_argument("--allocators", nargs="+", default=["system", "tcmalloc"])
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    args = ap.parse_args()
+    if not (args.run / "03_tokenize").is_dir():
+        raise SystemExit(f"{args.run} has no tokenize stage: run `make demo` first, or pass --run")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="cpu-memory-") as tmp:
+        work = Path(tmp)
+        for seq in args.lengths:
+            packed = work / f"packed-{seq}"
+            shutil.copytree(args.run, packed, ignore=shutil.ignore_patterns("04_train*", "05_*", "06_*", "mlruns"))
+            subprocess.run([*CLI, "stage", "tokenize", "--run", str(packed), "--set",
+                            f"tokenize.max_input_length={seq}"], cwd=REPO, check=True, capture_output=True)  # fmt: skip
+        cases = [(seq, 1, a, ckpt) for a in args.allocators for seq in args.lengths for ckpt in (False, True)]
+        cases += [(args.lengths[0], 2, a, False) for a in args.allocators]  # the same tokens as 2 x 1 blocks
+        for seq, batch, allocator, ckpt in cases:
+            row = measure(args.run, work, seq, batch, allocator, ckpt)
+            rows.append(row)
+            print(f"{allocator:<9} {seq:>5}x{batch} {'recomputed' if ckpt else 'kept':<10} peak "
+                  f"{row['peak_rss_gb']:6.2f} GB, planned {row['planned_gb']:6.2f} GB ({row['plan_over_peak']:.2f}x)",
+                  flush=True)  # fmt: skip
+    import torch
+
+    record = {"device": cpu_host(), "torch": torch.__version__, "model": "smollm2-135m",
+              "lora": {"r": 8, "dropout": 0.05, "targets": "all seven projections"}, "precision": "fp32",
+              "fused_linear_ce": "torch", "rows": rows}  # fmt: skip
+    write_result(args.out, "cpu-memory", cpu_host(), record)
+    print(f"\n{'allocator':<22} {'tokens':>9} {'layers':<11} {'peak GB':>8} {'plan GB':>8} {'plan/peak':>10} "
+          f"{'s/step':>7}")  # fmt: skip
+    for r in rows:
+        print(f"{r['allocator']:<22} {r['seq_len']:>5}x{r['batch']:<3} "
+              f"{'recomputed' if r['gradient_checkpointing'] else 'kept':<11} {r['peak_rss_gb']:>8.2f} "
+              f"{r['planned_gb']:>8.2f} {r['plan_over_peak']:>10.2f} {r['step_seconds'] or 0:>7.1f}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
