@@ -704,10 +704,14 @@ def resolve_allocator(cfg: TrainConfig) -> TrainConfig:
     """`train.cpu_allocator=auto` made the allocator found (tasks/allocator.py), said once; the memory plan on the
     CPU counts what it keeps."""
     name, path = allocator.resolve(cfg.cpu_allocator, device() == "cuda")
-    if device() == "cpu" or path:
-        how = f"{name}, preloaded from {path}" if path else (
-            f"the system's malloc ({allocator.in_this_process()}), whose heap keeps freed tensors' memory: the memory "
-            f"plan counts it. tcmalloc runs in about half the memory: {allocator.INSTALL['tcmalloc']}")
+    if name == allocator.SYSTEM and device() == "cpu":
+        how = (f"{allocator.in_this_process()}, whose heap keeps much of freed tensors' memory: the memory plan counts "
+               f"it. tcmalloc trains in 0.5x to 0.85x the memory (bench/RESULTS.md): {allocator.INSTALL['tcmalloc']}")
+    elif name != allocator.SYSTEM:
+        how = f"{name}, preloaded from {path}" if path else f"{name}, preloaded already (LD_PRELOAD)"
+    else:
+        how = None  # a GPU's memory is the CUDA allocator's
+    if how:
         _log_once(f"train.cpu_allocator={cfg.cpu_allocator}: {how}")
     return cfg.model_copy(update={"cpu_allocator": name})
 
