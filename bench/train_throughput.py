@@ -29,7 +29,9 @@ options that do nothing on the CPU (`NO_OP`).
   measured peak: the same optimizer batch, but at the micro-batch (the rest as gradient accumulation) and with the
   fewest recomputed layers that the memory plan (tasks/memory.py `fit`) says fit the budget's usable 92%
   (`tasks.memory.HEADROOM`, a margin for the plan's error). A frozen base costs the same at any micro-batch while
-  activations shrink with it, so a smaller micro-batch buys layers that skip the recompute.
+  activations shrink with it, so a smaller micro-batch buys layers that skip the recompute. On the CPU the
+  baseline's plan stands in for its peak, and the budget is the process's own memory (`CPU_PROCESS_GB`, which no
+  setting shrinks) plus `fit` x the rest, usable in full.
   `--fit 0` runs ours at the baseline's batch with every layer recomputed; the sweep rows always do.
 - tokens/s is the steady state: the median step time after the first 3 steps (warm-up, compilation), device
   synchronized at each step; the rows also keep the average over all steps.
@@ -258,13 +260,17 @@ def flops_per_token(seq: int, base: Path) -> float:
 def fit_budget(tok: Path, args: argparse.Namespace, batch: int, baseline_gb: float) -> dict:
     """Ours's settings for `--fit`: `train.memory_fit` in `args.fit` x the baseline's peak (`baseline_gb`, measured
     on a GPU; on the CPU, whose figure is the whole process's, the plan of the baseline stands in)."""
-    from tasks import memory
+    from tasks import allocator, memory
     from tasks.blocks import base_model_path
 
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available():  # planned as ours is: on the CPU, with the allocator auto finds
         shape = memory.model_shape(str(base_model_path(tok)), "lora", 8, ["q_proj", "v_proj"])
         baseline_gb = memory.estimate(shape, option="none", nproc=1, seq=args.seq, batch=batch, mode="lora",
-                                      precision="fp32", half_base=False, lora_dropout=0.05).total  # fmt: skip
+                                      precision="fp32", half_base=False, lora_dropout=0.05, on_cpu=True,
+                                      allocator=allocator.resolve("auto", on_gpu=False)[0]).total  # fmt: skip
+        # The process's own memory does not shrink with the settings: `fit` x the rest, past the plan's headroom.
+        own = memory.CPU_PROCESS_GB
+        return {"memory_fit": True, "memory_budget_gb": (own + args.fit * (baseline_gb - own)) / memory.HEADROOM}
     return {"memory_fit": True, "memory_budget_gb": args.fit * baseline_gb}
 
 
