@@ -30,6 +30,8 @@ Measured against this on an H100 and an H200 (bench/RESULTS.md): from -4% to +14
 8-bit bases, which bitsandbytes' LLM.int8 makes about 22% heavier than this model says (known gap), and SmolLM2,
 whose every row peaked 0.25 to 0.31 GB above the plan (small models' fixed costs, such as the CUDA libraries'
 workspaces, are not modelled). tests/test_memory.py checks the plan against bench/results' measured peaks.
+A training on the CPU also counts its process's own memory and what the C allocator keeps of freed activations
+(CPU_PROCESS_GB, CPU_FREED_KEPT), checked against the peaks bench/cpu_memory.py measured.
 """
 
 from __future__ import annotations
@@ -55,14 +57,15 @@ HEADROOM = 0.92  # CUDA context, allocator fragmentation and temporary buffers t
 # 0.68x the baseline at 4; the document mask's dense sdpa is the other suspect). `bench/train_throughput.py
 # --checkpoint-sweep` measures it in one run.
 SMALL_BATCH_TOKENS = 800
+SMALL_BATCH_LAYER_PARAMS = 202_383_488  # a Llama-2-7B block (with its share of the final norm), as model_shape counts
 # A training on the CPU: resident memory beyond the tensors (bench/cpu_memory.py; bench/RESULTS.md, "Memory on the
 # CPU"). The training process's own (Python, PyTorch's and transformers' code, the Trainer), and the share of the
 # activations computed in forward (each layer's, kept or recomputed later) whose memory the C allocator keeps once
 # they are freed (tasks/allocator.py): glibc's heap does not reuse it for tensors of the same size. Fitted to 26
-# peaks of SmolLM2 (512 to 4096 tokens, layers kept or recomputed): the plan lands at 1.01x to 1.24x of them.
+# peaks of SmolLM2 (512 to 4096 tokens, layers kept or recomputed): the plan lands at 1.01x to 1.24x of them;
+# 1.86x at 8192, where glibc maps the MLP's 50 MB activations on their own and unmaps them whole.
 CPU_PROCESS_GB = 0.67
 CPU_FREED_KEPT = {"system": 0.7, "tcmalloc": 0.12, "jemalloc": 0.12}
-SMALL_BATCH_LAYER_PARAMS = 202_383_488  # a Llama-2-7B block (with its share of the final norm), as model_shape counts
 
 
 @dataclass(frozen=True)
