@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import subprocess
 import sys
@@ -243,9 +242,11 @@ def measure_eval(tok: Path, kernel: str, seq: int) -> dict:
 def _peak_gb() -> float:
     """Peak GPU memory allocated, or on the CPU the process's peak resident memory (model, activations, and the
     Python runtime and libraries, about 1 GB, which the GPU figure leaves out)."""
+    from tasks.allocator import peak_rss_gb
+
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # kB on Linux
+    return peak_rss_gb()
 
 
 def flops_per_token(seq: int, base: Path) -> float:

@@ -12,6 +12,7 @@ change to PyTorch (the training runs in a child process, `tasks.finetune._launch
 from __future__ import annotations
 
 import ctypes.util
+import functools
 import os
 import platform
 import re
@@ -47,9 +48,15 @@ def find(name: str) -> str | None:
             found = sorted(folder.glob(f"lib{lib}.so*"))
             if found:
                 return str(found[0])
-        if soname := ctypes.util.find_library(lib):  # the loader's cache (ldconfig); LD_PRELOAD takes a soname
+        if soname := _in_loader_cache(lib):
             return soname
     return None
+
+
+@functools.cache
+def _in_loader_cache(lib: str) -> str | None:
+    """ldconfig's entry for `lib` (a soname, which LD_PRELOAD takes), looked up once a process (0.1 s: a subprocess)."""
+    return ctypes.util.find_library(lib)
 
 
 def resolve(choice: str, on_gpu: bool) -> tuple[str, str | None]:
