@@ -1,7 +1,7 @@
 """Peak resident memory of a training on the CPU against its memory plan, per block length, allocator and
 gradient checkpointing.
 
-    python bench/cpu_memory.py --run runs/latest                       # after `make demo`; about 25 min on 2 cores
+    python bench/cpu_memory.py --run runs/latest                       # after `make demo`; about 45 min on 2 cores
     LD_LIBRARY_PATH=/path/to/libtcmalloc/folder python bench/cpu_memory.py --run runs/latest --allocators tcmalloc
 
 Each case copies the run folder, packs it again at the length (`edgar-tune stage tokenize`) and trains 2 steps
@@ -40,22 +40,24 @@ def peak_rss_gb(cmd: list[str], log: Path) -> tuple[int, float, float]:
     return proc.returncode, usage.ru_maxrss * 1024 / 1e9, time.monotonic() - start
 
 
-def measure(run: Path, work: Path, seq: int, batch: int, allocator: str, checkpointing: bool) -> dict:
+def measure(work: Path, seq: int, batch: int, allocator: str, checkpointing: bool) -> dict:
     case = work / f"{allocator}-{seq}x{batch}-{'ckpt' if checkpointing else 'whole'}"
     shutil.copytree(work / f"packed-{seq}", case)
-    sets = [f"tokenize.max_input_length={seq}", "train.max_steps=2", "train.resume=false",
+    sets = [f"tokenize.max_input_length={seq}", "train.max_steps=2", "train.resume=false", "train.profile_step=0",
             f"train.per_device_train_batch_size={batch}", f"train.cpu_allocator={allocator}",
             f"train.gradient_checkpointing={str(checkpointing).lower()}"]  # fmt: skip
     cmd = [*CLI, "stage", "train", "--run", str(case)] + [a for s in sets for a in ("--set", s)]
     code, peak, seconds = peak_rss_gb(cmd, case / "train.log")
     if code:
-        raise SystemExit(f"{' '.join(cmd)} failed ({code}); see {case / 'train.log'}")
+        tail = "".join((case / "train.log").read_text().splitlines(keepends=True)[-15:])
+        raise SystemExit(f"{' '.join(cmd)} failed ({code}); its log ends:\n{tail}")
     stats = json.loads((case / "04_train" / "stats.json").read_text())
     plan = stats["memory_plan"]
     row = {"seq_len": seq, "batch": batch, "allocator": stats["cpu_allocator"], "gradient_checkpointing": checkpointing,
            "peak_rss_gb": round(peak, 3), "planned_gb": round(plan["estimate_gb"], 3),
            "plan_over_peak": round(plan["estimate_gb"] / peak, 3), "step_seconds": stats.get("step_seconds"),
-           "seconds": round(seconds, 1)}  # fmt: skip
+           "seconds": round(seconds, 1), "peak_rss_training_gb": stats.get("peak_rss_gb"),
+           "trained": {k: stats[k] for k in ("mode", "dtype", "trainable_parameters", "loss_kernel")}}  # fmt: skip
     shutil.rmtree(case)
     return row
 
@@ -80,16 +82,16 @@ def main() -> None:
         cases = [(seq, 1, a, ckpt) for a in args.allocators for seq in args.lengths for ckpt in (False, True)]
         cases += [(args.lengths[0], 2, a, False) for a in args.allocators]  # the same tokens as 2 x 1 blocks
         for seq, batch, allocator, ckpt in cases:
-            row = measure(args.run, work, seq, batch, allocator, ckpt)
+            row = measure(work, seq, batch, allocator, ckpt)
             rows.append(row)
             print(f"{allocator:<9} {seq:>5}x{batch} {'recomputed' if ckpt else 'kept':<10} peak "
                   f"{row['peak_rss_gb']:6.2f} GB, planned {row['planned_gb']:6.2f} GB ({row['plan_over_peak']:.2f}x)",
                   flush=True)  # fmt: skip
     import torch
 
-    record = {"device": cpu_host(), "torch": torch.__version__, "model": "smollm2-135m",
-              "lora": {"r": 8, "dropout": 0.05, "targets": "all seven projections"}, "precision": "fp32",
-              "fused_linear_ce": "torch", "rows": rows}  # fmt: skip
+    base = json.loads((args.run / "03_tokenize" / "stats.json").read_text())["base_model"]
+    record = {"device": cpu_host(), "torch": torch.__version__, "model": Path(base["path"]).name,
+              "run": str(args.run), "rows": rows}  # fmt: skip
     write_result(args.out, "cpu-memory", cpu_host(), record)
     print(f"\n{'allocator':<22} {'tokens':>9} {'layers':<11} {'peak GB':>8} {'plan GB':>8} {'plan/peak':>10} "
           f"{'s/step':>7}")  # fmt: skip

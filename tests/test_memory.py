@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.memory import GB, ModelShape, estimate, model_shape, recomputed_layers, zero_model_states
+from tasks.memory import CPU_PROCESS_GB, GB, ModelShape, estimate, model_shape, recomputed_layers, zero_model_states
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -415,3 +415,21 @@ def test_an_fp8_base_counts_a_byte_a_block_weight_and_frees_room_to_recompute_le
     fp8 = {r["per_device_train_batch_size"]: r["recomputed_layers"]
            for r in fit(big, budget_gb=budget, batch=4, **kw, fp8_base=True)}  # fmt: skip
     assert fp8[4] <= plain[4] - 8 and fp8[1] == 0, (plain, fp8)
+
+
+def test_the_cpu_memory_bench_runs_on_a_finished_run(tiny_run, tmp_path):
+    """bench/cpu_memory.py on the tiny run at 64 tokens, the system's malloc: each case's stage trained, its peak
+    resident memory is the training process's or more (wait4 reaches the grandchild), and the plan is the stage's."""
+    runs, s = tiny_run
+    proc = subprocess.run([sys.executable, "bench/cpu_memory.py", "--run", s["run"], "--lengths", "64", "--allocators",
+                           "system", "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    [path] = tmp_path.glob("*-cpu-memory-*.json")
+    record = json.loads(path.read_text())
+    rows = record["rows"]
+    assert [(r["seq_len"], r["batch"], r["gradient_checkpointing"]) for r in rows] == [(64, 1, False), (64, 1, True),
+                                                                                       (64, 2, False)]  # fmt: skip
+    for row in rows:
+        assert row["allocator"].startswith("system") and row["peak_rss_gb"] >= row["peak_rss_training_gb"] > 0.3
+        assert row["planned_gb"] > CPU_PROCESS_GB and row["trained"]["mode"] == "lora"
+    assert record["model"] == "tiny-llama" and "plan/peak" in proc.stdout
