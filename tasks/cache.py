@@ -75,7 +75,7 @@ CODE = {
     "tokenize": ("tasks/textdata.py", *_MODEL_CODE),
     "evaluate-base": ("tasks/perplexity.py", "tasks/generate.py", "kernels", *_MODEL_CODE),
     "train": ("tasks/finetune.py", "tasks/train_worker.py", "tasks/checkpoints.py", "tasks/memory.py",
-              "tasks/profile.py", "kernels", *_MODEL_CODE),  # fmt: skip
+              "tasks/allocator.py", "tasks/profile.py", "kernels", *_MODEL_CODE),  # fmt: skip
     "evaluate": ("tasks/perplexity.py", "tasks/generate.py", "kernels", *_MODEL_CODE),
     "register": ("tasks/registry.py", "tasks/pyfunc_model.py"),
 }
