@@ -291,7 +291,7 @@ class TrainConfig(_Section):
     cpu_allocator: Literal["auto", "system", "tcmalloc", "jemalloc"] = Field(
         "auto", description="The C allocator the training process runs with (tasks/allocator.py), preloaded on "
         "Linux. glibc's malloc before 2.38 leaves PyTorch's freed CPU tensors' memory unused, so a training on the "
-        "CPU peaked at 1.5x to 4.7x what its tensors need; tcmalloc and jemalloc reuse it, and the memory plan counts "
+        "CPU peaked at 1.5x to 4.8x what its tensors need; tcmalloc and jemalloc reuse it, and the memory plan counts "
         "which runs. auto: on the CPU tcmalloc, else jemalloc, where installed, else the system's malloc; on GPUs "
         "the system's. tcmalloc or jemalloc not installed: refused, with the command that installs it.",
     )

@@ -4,7 +4,7 @@ jemalloc preloaded into it.
 PyTorch allocates a CPU tensor's memory with posix_memalign (64-byte alignment). glibc before 2.38 serves each such
 request from a free chunk at least 96 bytes larger than the tensor, so the hole a freed tensor leaves does not fit
 the next tensor of its size, and the heap grows instead: measured on this project's CPU training (glibc 2.36,
-SmolLM2-135M with LoRA), the peak resident memory was 1.5x to 4.7x the tensors' (bench/RESULTS.md), and
+SmolLM2-135M with LoRA), the peak resident memory was 1.5x to 4.8x the tensors' (bench/RESULTS.md), and
 `tasks.memory` plans for it. tcmalloc and jemalloc reuse those holes; preloading them takes effect without any
 change to PyTorch (the training runs in a child process, `tasks.finetune._launch`).
 """

@@ -62,8 +62,8 @@ SMALL_BATCH_LAYER_PARAMS = 202_383_488  # a Llama-2-7B block (with its share of 
 # CPU"). The training process's own (Python, PyTorch's and transformers' code, the Trainer), and the share of the
 # activations computed in forward (each layer's, kept or recomputed later) whose memory the C allocator keeps once
 # they are freed (tasks/allocator.py): glibc's heap does not reuse it for tensors of the same size. Fitted to 26
-# peaks of SmolLM2 (512 to 4096 tokens, layers kept or recomputed): the plan lands at 1.01x to 1.24x of them;
-# 1.86x at 8192, where glibc maps the MLP's 50 MB activations on their own and unmaps them whole.
+# peaks of SmolLM2 (512 to 4096 tokens, layers kept or recomputed): the plan lands at 1.01x to 1.21x of them;
+# 1.82x at 8192, where glibc maps the MLP's 50 MB activations on their own and unmaps them whole.
 CPU_PROCESS_GB = 0.67
 CPU_FREED_KEPT = {"system": 0.7, "tcmalloc": 0.12, "jemalloc": 0.12}
 
