@@ -56,7 +56,7 @@ def measure(work: Path, seq: int, batch: int, allocator: str, checkpointing: boo
     row = {"seq_len": seq, "batch": batch, "allocator": stats["cpu_allocator"], "gradient_checkpointing": checkpointing,
            "peak_rss_gb": round(peak, 3), "planned_gb": round(plan["estimate_gb"], 3),
            "plan_over_peak": round(plan["estimate_gb"] / peak, 3), "step_seconds": stats.get("step_seconds"),
-           "seconds": round(seconds, 1), "peak_rss_training_gb": stats.get("peak_rss_gb"),
+           "seconds": round(seconds, 1), "peak_rss_training_gb": round(stats["peak_rss_gb"], 3),
            "trained": {k: stats[k] for k in ("mode", "dtype", "trainable_parameters", "loss_kernel")}}  # fmt: skip
     shutil.rmtree(case)
     return row
