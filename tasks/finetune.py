@@ -65,6 +65,14 @@ def total_steps(n_blocks: int, cfg: TrainConfig, world_size: int = 1) -> int:
     return max(1, math.ceil(math.ceil(n_blocks / per_step) * cfg.epoch))
 
 
+def check_profile_step(n_blocks: int, cfg: TrainConfig, world_size: int = 1) -> int:
+    """`total_steps`, refusing a `train.profile_step` beyond them (the train stage checks it before the model loads)."""
+    if cfg.profile_step > (steps := total_steps(n_blocks, cfg, world_size)):
+        raise ConfigError(f"train.profile_step={cfg.profile_step} but this run trains {steps} steps; profile one of "
+                          "them (after the first few: warm-up and compilation) or set train.profile_step=0")  # fmt: skip
+    return steps
+
+
 def _select_blocks(tokenize_dir: Path, cfg: TrainConfig):
     blocks = load_from_disk(str(tokenize_dir / "train"))
     if cfg.max_train_samples > 0 and cfg.max_train_samples < len(blocks):
@@ -687,16 +695,16 @@ def resolve_checkpointing(tokenize_dir: Path, cfg: TrainConfig, precision: str) 
     that is rarely short), on otherwise. A config that says true or false is returned as it is."""
     if cfg.gradient_checkpointing != "auto":
         return cfg
-    on, why = True, "on a GPU"
+    on, why = True, ", as on every GPU"
     if device() != "cuda":
         from tasks import memory
 
         shape, budget, where, kw = plan_inputs(tokenize_dir, cfg, precision)
         need = memory.estimate(shape, option=engine_option(cfg), **dict(kw, gradient_checkpointing=False)).total
         on = need > budget * memory.HEADROOM
-        why = (f"on the CPU: without it the memory plan needs {need:.1f} GB per process of {budget:.1f} GB ({where}, "
-               f"{memory.HEADROOM:.0%} usable)")  # fmt: skip
-    _log_once(f"train.gradient_checkpointing=auto: {'on' if on else 'off'} {why}")
+        why = (f": without it the memory plan on this CPU needs {need:.1f} GB per process of {budget:.1f} GB "
+               f"({where}, {memory.HEADROOM:.0%} usable)")  # fmt: skip
+    _log_once(f"train.gradient_checkpointing=auto: {'on' if on else 'off'}{why}")
     return cfg.model_copy(update={"gradient_checkpointing": on})
 
 
@@ -717,8 +725,10 @@ def resolve_allocator(cfg: TrainConfig) -> TrainConfig:
 
 
 def plan_training(tokenize_dir: Path, cfg: TrainConfig, precision: str) -> tuple[TrainConfig, dict]:
-    """`resolve_allocator`, `resolve_checkpointing` and `fit_memory`, then `memory_plan` for the config they return:
-    the config to train, and the plan (what memory_fit chose under "fit")."""
+    """`check_profile_step`, `resolve_allocator`, `resolve_checkpointing` and `fit_memory`, then `memory_plan` for
+    the config they return: the config to train, and the plan (what memory_fit chose under "fit")."""
+    blocks = read_json(tokenize_dir / "stats.json")["train_blocks"]
+    check_profile_step(min(blocks, cfg.max_train_samples) if cfg.max_train_samples > 0 else blocks, cfg, world_size(cfg))
     cfg = resolve_checkpointing(tokenize_dir, resolve_allocator(cfg), precision)
     cfg, fitted = fit_memory(tokenize_dir, cfg, precision)
     return cfg, memory_plan(tokenize_dir, cfg, precision) | {"fit": fitted}
@@ -1031,9 +1041,7 @@ def train(tmp: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfig,
     eval_set = validation_blocks(tokenize_dir, eval_cfg.max_val_samples, cfg.eval_blocks) if evaluate else None
     save_strategy, save_steps = cfg.save_plan()
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if cfg.profile_step > (steps := total_steps(len(blocks), cfg, world)):
-        raise ConfigError(f"train.profile_step={cfg.profile_step} but this run trains {steps} steps; profile one of "
-                          "them (after the first few: warm-up and compilation) or set train.profile_step=0")  # fmt: skip
+    steps = check_profile_step(len(blocks), cfg, world)
     warning = validation_cost(len(eval_set), cfg, world, steps) if evaluate else None
     if warning and os.environ.get("RANK", "0") == "0":
         log.warning(warning)

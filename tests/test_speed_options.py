@@ -348,8 +348,19 @@ def test_profile_step_writes_a_trace_and_a_summary_of_that_step(tiny_run, tmp_pa
     assert any("linear" in n or "mm" in n for n in names), sorted(names)[:50]
     assert sorted(p.name for p in (tmp_path / "profiled" / "profile").iterdir()) == ["summary.json", "trace.json.gz"]
     assert busy_seconds([(0, 10), (5, 20), (30, 40), (32, 35)]) == pytest.approx(30e-6)
-    with pytest.raises(ConfigError, match=r"train.profile_step=9 but this run trains 3 steps"):
+    late = r"train.profile_step=9 but this run trains 3 steps"
+    with pytest.raises(ConfigError, match=late):
         train_variants(tiny_run, tmp_path / "late", {"late": {"profile_step": 9}}, steps=3)
+    # the train stage and the flow's plan refuse it before any model stage runs; max_train_samples counts
+    from edgar_tune.config import TrainConfig
+    from tasks.finetune import plan_training
+
+    with pytest.raises(ConfigError, match=late):
+        plan_training(tmp_path / "03_tokenize", TrainConfig(max_steps=3, profile_step=9), "fp32")
+    few = TrainConfig(max_train_samples=4, per_device_train_batch_size=2, profile_step=3)  # 2 steps an epoch
+    with pytest.raises(ConfigError, match=r"train.profile_step=3 but this run trains 2 steps"):
+        plan_training(tmp_path / "03_tokenize", few.model_copy(update={"epoch": 1}), "fp32")
+    assert plan_training(tmp_path / "03_tokenize", few.model_copy(update={"epoch": 2}), "fp32")[0].profile_step == 3
 
 
 def test_profile_sorts_a_gpus_kernels_by_what_they_do():
