@@ -3,6 +3,7 @@ gradient checkpointing.
 
     python bench/cpu_memory.py --run runs/latest                       # after `make demo`; about 45 min on 2 cores
     LD_LIBRARY_PATH=/path/to/libtcmalloc/folder python bench/cpu_memory.py --run runs/latest --allocators tcmalloc
+    python bench/cpu_memory.py --lengths 6144 8192 --allocators system --layers recomputed --no-pairs --name cpu-memory-long
 
 Each case copies the run folder, packs it again at the length (`edgar-tune stage tokenize`) and trains 2 steps
 (`edgar-tune stage train --set train.max_steps=2`) with the allocator and checkpointing asked for; the peak is the
@@ -40,7 +41,7 @@ def peak_rss_gb(cmd: list[str], log: Path) -> tuple[int, float, float]:
     return proc.returncode, usage.ru_maxrss * 1024 / 1e9, time.monotonic() - start
 
 
-def measure(work: Path, seq: int, batch: int, allocator: str, checkpointing: bool) -> dict:
+def measure(work: Path, seq: int, batch: int, allocator: str, checkpointing: bool) -> dict | None:
     case = work / f"{allocator}-{seq}x{batch}-{'ckpt' if checkpointing else 'whole'}"
     shutil.copytree(work / f"packed-{seq}", case)
     sets = [f"tokenize.max_input_length={seq}", "train.max_steps=2", "train.resume=false", "train.profile_step=0",
@@ -48,6 +49,11 @@ def measure(work: Path, seq: int, batch: int, allocator: str, checkpointing: boo
             f"train.gradient_checkpointing={str(checkpointing).lower()}"]  # fmt: skip
     cmd = [*CLI, "stage", "train", "--run", str(case)] + [a for s in sets for a in ("--set", s)]
     code, peak, seconds = peak_rss_gb(cmd, case / "train.log")
+    if code and "train.memory_check=warn to run anyway" in (text := (case / "train.log").read_text()):
+        print(f"{allocator:<9} {seq:>5}x{batch} {'recomputed' if checkpointing else 'kept':<10} refused: "
+              f"{text[text.index('this run needs about'):].splitlines()[0]}", flush=True)  # fmt: skip
+        shutil.rmtree(case)
+        return None  # the plan says it cannot fit this host's RAM: not run, not recorded
     if code:
         tail = "".join((case / "train.log").read_text().splitlines(keepends=True)[-15:])
         raise SystemExit(f"{' '.join(cmd)} failed ({code}); its log ends:\n{tail}")
@@ -67,6 +73,11 @@ def main() -> None:
     ap.add_argument("--run", type=Path, default=REPO / "runs" / "latest", help="a finished run folder (make demo's)")
     ap.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096])
     ap.add_argument("--allocators", nargs="+", default=["system", "tcmalloc"])
+    ap.add_argument("--layers", nargs="+", choices=["kept", "recomputed"], default=["kept", "recomputed"],
+                    help="train with every layer's activations kept, recomputed (gradient checkpointing), or both")
+    ap.add_argument("--pairs", action=argparse.BooleanOptionalAction, default=True,
+                    help="also train 2 blocks of the first length a step, kept (the same tokens as twice the length)")
+    ap.add_argument("--name", default="cpu-memory", help="the results file: bench/results/<date>-<name>-<host>.json")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = ap.parse_args()
     if not (args.run / "03_tokenize").is_dir():
@@ -79,10 +90,12 @@ def main() -> None:
             shutil.copytree(args.run, packed, ignore=shutil.ignore_patterns("04_train*", "05_*", "06_*", "mlruns"))
             subprocess.run([*CLI, "stage", "tokenize", "--run", str(packed), "--set",
                             f"tokenize.max_input_length={seq}"], cwd=REPO, check=True, capture_output=True)  # fmt: skip
-        cases = [(seq, 1, a, ckpt) for a in args.allocators for seq in args.lengths for ckpt in (False, True)]
-        cases += [(args.lengths[0], 2, a, False) for a in args.allocators]  # the same tokens as 2 x 1 blocks
+        layers = [x == "recomputed" for x in args.layers]
+        cases = [(seq, 1, a, ckpt) for a in args.allocators for seq in args.lengths for ckpt in layers]
+        cases += [(args.lengths[0], 2, a, False) for a in args.allocators if args.pairs]  # the same tokens, 2 blocks
         for seq, batch, allocator, ckpt in cases:
-            row = measure(work, seq, batch, allocator, ckpt)
+            if (row := measure(work, seq, batch, allocator, ckpt)) is None:
+                continue
             rows.append(row)
             print(f"{allocator:<9} {seq:>5}x{batch} {'recomputed' if ckpt else 'kept':<10} peak "
                   f"{row['peak_rss_gb']:6.2f} GB, planned {row['planned_gb']:6.2f} GB ({row['plan_over_peak']:.2f}x)",
@@ -92,7 +105,7 @@ def main() -> None:
     base = json.loads((args.run / "03_tokenize" / "stats.json").read_text())["base_model"]
     record = {"device": cpu_host(), "torch": torch.__version__, "model": Path(base["path"]).name,
               "run": str(args.run), "rows": rows}  # fmt: skip
-    write_result(args.out, "cpu-memory", cpu_host(), record)
+    write_result(args.out, args.name, cpu_host(), record)
     print(f"\n{'allocator':<22} {'tokens':>9} {'layers':<11} {'peak GB':>8} {'plan GB':>8} {'plan/peak':>10} "
           f"{'s/step':>7}")  # fmt: skip
     for r in rows:

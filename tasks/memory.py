@@ -62,10 +62,15 @@ SMALL_BATCH_LAYER_PARAMS = 202_383_488  # a Llama-2-7B block (with its share of 
 # CPU"). The training process's own (Python, PyTorch's and transformers' code, the Trainer), and the share of the
 # activations computed in forward (each layer's, kept or recomputed later) whose memory the C allocator keeps once
 # they are freed (tasks/allocator.py): glibc's heap does not reuse it for tensors of the same size. Fitted to 26
-# peaks of SmolLM2 (512 to 4096 tokens, layers kept or recomputed): the plan lands at 1.01x to 1.21x of them;
-# 1.82x at 8192, where glibc maps the MLP's 50 MB activations on their own and unmaps them whole.
+# peaks of SmolLM2 (512 to 4096 tokens, layers kept or recomputed): the plan lands at 1.01x to 1.21x of them.
+# glibc serves an allocation larger than its mmap threshold from a mapping of its own, which a free unmaps whole:
+# the threshold starts at 128 KiB and rises to the size of each such block freed, up to 32 MiB (64-bit Linux), so
+# once training runs, tensors up to 32 MiB come from the heap and larger ones keep nothing when freed: counted so,
+# the plan is 0.98x to 1.06x of the peaks at 6144 and 8192 tokens, where the MLP's activations pass 32 MiB (1.17x
+# to 1.62x counting every tensor); recomputed, 6144 tokens peaked lower than 4096 (7.10 against 7.47 GB).
 CPU_PROCESS_GB = 0.67
 CPU_FREED_KEPT = {"system": 0.7, "tcmalloc": 0.12, "jemalloc": 0.12}
+GLIBC_MMAP_THRESHOLD_MAX = 32 * 2**20
 
 
 @dataclass(frozen=True)
@@ -92,9 +97,15 @@ _INPUT_OF = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "o_p
              "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "mlp_mid"}  # fmt: skip
 
 
-def lora_layer_bytes(shape: ModelShape, *, act_bytes: int, compiled: bool, lean: bool, dropout: float,
-                     mask_bytes: int = 1, matmul_bytes: int = 2, cast: bool = True) -> float | None:  # fmt: skip
-    """Bytes per token one Llama-style layer keeps for backward under LoRA with a frozen base in the compute dtype
+def lora_layer_bytes(shape: ModelShape, **kw) -> float | None:
+    """Bytes per token one Llama-style layer keeps for backward under LoRA (`lora_layer_tensors`, summed)."""
+    tensors = lora_layer_tensors(shape, **kw)
+    return None if tensors is None else sum(tensors)
+
+
+def lora_layer_tensors(shape: ModelShape, *, act_bytes: int, compiled: bool, lean: bool, dropout: float,
+                       mask_bytes: int = 1, matmul_bytes: int = 2, cast: bool = True) -> list[float] | None:  # fmt: skip
+    """Bytes per token of each tensor one Llama-style layer keeps for backward under LoRA with a frozen base in the compute dtype
     (None where the shape is not one). Frozen projections keep no input. Tensor by tensor:
 
     - each RMSNorm: its input (eager LlamaRMSNorm keeps the fp32 copy it normalizes; compiled or Triton-fused,
@@ -112,18 +123,18 @@ def lora_layer_bytes(shape: ModelShape, *, act_bytes: int, compiled: bool, lean:
     if not shape.intermediate or any(t not in _INPUT_OF for t in shape.lora_targets):
         return None
     h, inter = shape.hidden, shape.intermediate
-    norm = (act_bytes if compiled else 4) * h + 4
-    attention = act_bytes * (2 * h + 2 * shape.kv_hidden) + 4 * shape.heads
-    mlp = (2 if compiled else 3) * act_bytes * inter
+    norm = [(act_bytes if compiled else 4) * h, 4]
+    attention = [act_bytes * h, act_bytes * shape.kv_hidden, act_bytes * shape.kv_hidden, act_bytes * h,
+                 4 * shape.heads]  # fmt: skip
+    mlp = [act_bytes * inter] * (2 if compiled else 3)
     width = {"attn_in": h, "attn_out": h, "mlp_in": h, "mlp_mid": inter}
-    adapters = matmul_bytes * shape.lora_r * len(shape.lora_targets)
-    # the input itself, once per group of projections reading it (o_proj's is the attention output, kept already)
-    shared = sum(act_bytes * width[g] for g in {_INPUT_OF[t] for t in shape.lora_targets} - {"attn_out"})
+    adapters = [matmul_bytes * shape.lora_r] * len(shape.lora_targets)
     if lean or not (cast or dropout):  # peft without a cast or dropout keeps the input itself too
-        adapters += shared
+        # the input itself, once per group of projections reading it (o_proj's is the attention output, kept already)
+        adapters += [act_bytes * width[g] for g in sorted({_INPUT_OF[t] for t in shape.lora_targets} - {"attn_out"})]
     else:  # per projection: lora_A's own input (a cast copy or dropout's output), and the mask
-        per_value = matmul_bytes + (mask_bytes if dropout else 0)
-        adapters += sum(per_value * width[_INPUT_OF[t]] for t in shape.lora_targets)
+        adapters += [matmul_bytes * width[_INPUT_OF[t]] for t in shape.lora_targets]
+        adapters += [mask_bytes * width[_INPUT_OF[t]] for t in shape.lora_targets] if dropout else []
     return 2 * norm + attention + mlp + adapters
 
 
@@ -221,14 +232,15 @@ def estimate(shape: ModelShape, *, option: str, nproc: int, seq: int, batch: int
     tokens = batch * seq
     recomputed = sum(recomputed_layers(shape.layers, checkpoint_layers)) if gradient_checkpointing else 0
     whole = shape.layers - recomputed  # layers whose activations stay through backward
-    layer = None
+    tensors = None
     if mode == "lora" and half and not quantization:
         # the Trainer trains bf16/fp16 under autocast, adapters in fp32; DeepSpeed casts the adapters instead
-        layer = lora_layer_bytes(shape, act_bytes=act_bytes, compiled=compiled, lean=lean_lora, dropout=lora_dropout,
-                                 mask_bytes=4 if on_cpu else 1, matmul_bytes=act_bytes,
-                                 cast=mixed and not option.startswith("zero"))  # fmt: skip
-    if layer is None:
-        layer = 17 * shape.hidden * act_bytes
+        tensors = lora_layer_tensors(shape, act_bytes=act_bytes, compiled=compiled, lean=lean_lora,
+                                     dropout=lora_dropout, mask_bytes=4 if on_cpu else 1, matmul_bytes=act_bytes,
+                                     cast=mixed and not option.startswith("zero"))  # fmt: skip
+    if tensors is None:
+        tensors = [shape.hidden * act_bytes] * 17
+    layer = sum(tensors)
     # recomputed layers keep their input; one layer at a time is recomputed, or is backward's working space
     acts = tokens * (shape.hidden * act_bytes * recomputed + layer * (1 + whole))
     if fp8:
@@ -246,7 +258,9 @@ def estimate(shape: ModelShape, *, option: str, nproc: int, seq: int, batch: int
         logits = tokens * shape.vocab * (act_bytes + _LOGIT_EXTRA_BYTES)
     process = 0.0
     if on_cpu:  # forward computes every layer's activations once, whether kept or recomputed in backward
-        process = CPU_PROCESS_GB * GB + CPU_FREED_KEPT[allocator] * tokens * layer * shape.layers
+        if allocator == "system":  # glibc maps the larger ones on their own and unmaps them whole when freed
+            tensors = [b for b in tensors if tokens * b <= GLIBC_MMAP_THRESHOLD_MAX]
+        process = CPU_PROCESS_GB * GB + CPU_FREED_KEPT[allocator] * tokens * sum(tensors) * shape.layers
     total = weights + states + acts + logits + process
     return Estimate(option, weights / GB, states / GB, acts / GB, logits / GB, total / GB, host / GB,
                     process=process / GB)
