@@ -262,6 +262,8 @@ def estimate(shape: ModelShape, *, option: str, nproc: int, seq: int, batch: int
             tensors = [b for b in tensors if tokens * b <= GLIBC_MMAP_THRESHOLD_MAX]
         process = CPU_PROCESS_GB * GB + CPU_FREED_KEPT[allocator] * tokens * sum(tensors) * shape.layers
     total = weights + states + acts + logits + process
+    if on_cpu:  # offloading to the host moves nothing out of the CPU's RAM
+        total += host
     return Estimate(option, weights / GB, states / GB, acts / GB, logits / GB, total / GB, host / GB,
                     process=process / GB)
 
@@ -303,7 +305,7 @@ def format_plan(rows: list[Estimate], chosen: str, budget_gb: float, context: st
                      + f"{r.total:>9.2f}{r.host:>9.2f}  {'yes' if r.fits else 'NO'}{mark}")  # fmt: skip
     if process:
         lines.append("  process: the training process's code and what its C allocator keeps of freed tensors "
-                     "(train.cpu_allocator)")  # fmt: skip
+                     "(train.cpu_allocator); total: host included, the same RAM on the CPU")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -357,20 +359,38 @@ def device_budget_gb(nproc: int) -> tuple[float, str]:
 
 
 def suggestion(rows: list[Estimate], shape: ModelShape, **kw) -> str:
-    """The cheapest change that fits: another engine, then a smaller micro-batch with gradient accumulation."""
+    """The cheapest change that fits: another engine; then, one on top of the other, every layer recomputed, on
+    the CPU tcmalloc, and a smaller micro-batch with gradient accumulation; else what is left (on GPUs more of
+    them or a 4-bit base; shorter blocks). kw: `plan`'s keywords."""
     fitting = [r.option for r in rows if r.fits]
     if fitting:
         key = "train.deepspeed" if fitting[0] != "none" else "train.deepspeed (unset)"
         return f"{key}={fitting[0]}" if fitting[0] != "none" else key
+    steps: list[tuple[str, dict, str]] = []
+    if not kw["gradient_checkpointing"] or kw.get("checkpoint_layers", 1.0) < 1.0:
+        steps.append(("recompute", {"gradient_checkpointing": True, "checkpoint_layers": 1.0},
+                      "train.gradient_checkpointing=true" + (" with train.checkpoint_layers=1.0"
+                                                             if kw["gradient_checkpointing"] else "")))  # fmt: skip
+    if kw.get("on_cpu") and kw.get("allocator", "system") == "system":
+        from tasks.allocator import INSTALL
+
+        steps.append(("allocator", {"allocator": "tcmalloc"},
+                      f"train.cpu_allocator=tcmalloc ({INSTALL['tcmalloc']}, where it is not installed)"))  # fmt: skip
     batch = kw["batch"]
     while batch > 1:
         batch //= 2
-        smaller = plan(shape, **dict(kw, batch=batch))
-        ok = [r.option for r in smaller if r.fits]
+        steps.append(("batch", {"batch": batch}, f"train.per_device_train_batch_size={batch} with "
+                                                 f"train.gradient_accumulation_steps x{kw['batch'] // batch}"))  # fmt: skip
+    changes: dict = {}
+    said: dict[str, str] = {}  # one text per kind of change, the latest micro-batch replacing the one before
+    for kind, change, text in steps:
+        changes |= change
+        said[kind] = text
+        ok = [r.option for r in plan(shape, **dict(kw, **changes)) if r.fits]
         if ok:
-            accum = kw["batch"] // batch
-            return (f"train.per_device_train_batch_size={batch} with train.gradient_accumulation_steps x{accum}"
-                    + (f" and train.deepspeed={ok[0]}" if ok[0] != "none" else ""))  # fmt: skip
+            return " and ".join([*said.values()] + ([f"train.deepspeed={ok[0]}"] if ok[0] != "none" else []))
+    if kw.get("on_cpu"):
+        return "a shorter tokenize.max_input_length, or a machine with more RAM"
     return "more devices (train.nproc), train.int4_quantization=true, or a shorter tokenize.max_input_length"
 
 
