@@ -123,20 +123,57 @@ def cmd_plan(args: argparse.Namespace) -> int:
                           "(gated models need `hf auth login`), or give a local folder with its config.json"
                           ) from err  # fmt: skip
     quant = {"none": None, "int8": "int8", "int4": "nf4"}[args.quantization]
+    where = _plan_where(args)
     kw = dict(nproc=args.nproc, seq=args.seq, batch=args.batch, mode=args.mode, precision=args.precision,
               quantization=quant, gradient_checkpointing=not args.no_gradient_checkpointing,
               checkpoint_layers=args.checkpoint_layers, fused_loss=not args.materialized_logits,
               half_base=not args.fp32_base, compiled=args.compiled, lean_lora=args.lean_lora,
               lora_dropout=args.lora_dropout, dense_mask=args.document_mask, fp8_base=args.fp8_base)  # fmt: skip
+    if args.cpu:
+        kw |= {"on_cpu": True, "allocator": args.cpu_allocator}
     if args.fit:
-        return _print_fit(memory, shape, args, kw)
-    rows = memory.plan(shape, budget_gb=args.gpu_memory_gb, options=memory.OPTIONS + ("fsdp",), **kw)
+        return _print_fit(memory, shape, args, kw, where)
+    options = memory.OPTIONS + (() if args.cpu else ("fsdp",))  # FSDP needs CUDA GPUs
+    rows = memory.plan(shape, budget_gb=args.gpu_memory_gb, options=options, **kw)
     context = memory.describe(shape, mode=args.mode, lora_r=args.lora_r, batch=args.batch, seq=args.seq,
-                              precision=args.precision, nproc=args.nproc)  # fmt: skip
+                              precision=args.precision, nproc=args.nproc) + where  # fmt: skip
     print(memory.format_plan(rows, "", args.gpu_memory_gb, context))
     if not any(r.fits for r in rows):
         print("nothing fits; try " + memory.suggestion(rows, shape, budget_gb=args.gpu_memory_gb, **kw))
     return 0
+
+
+def _plan_where(args: argparse.Namespace) -> str:
+    """`plan --cpu`: a training on the CPU, in fp32 (half precision and bitsandbytes need a GPU), with the C
+    allocator's share (`--cpu-allocator`, auto: the one a training here would preload), in this host's RAM unless
+    --memory-gb says otherwise; else a GPU of --gpu-memory-gb (80 GB). Sets the defaults in `args`; returns what the
+    plan's heading adds.
+
+    Raises:
+        ConfigError: --cpu with half precision, quantization or FSDP's engine.
+    """
+    from edgar_tune.config import ConfigError
+    from tasks import memory
+
+    if not args.cpu:
+        args.precision = args.precision or "bf16"
+        args.gpu_memory_gb = args.gpu_memory_gb or 80.0
+        return ""
+    if args.precision in ("bf16", "fp16") or args.quantization != "none" or args.engine == "fsdp":
+        what = (f"--precision {args.precision}" if args.precision in ("bf16", "fp16") else
+                f"--quantization {args.quantization}" if args.quantization != "none" else "--engine fsdp")
+        raise ConfigError(f"plan --cpu: {what} needs a GPU (the CPU trains in fp32, unquantized, without FSDP); "
+                          f"drop it, or drop --cpu")  # fmt: skip
+    from tasks import allocator
+
+    args.precision = "fp32"
+    if args.cpu_allocator == "auto":  # what a training here would preload; one named is planned, installed or not
+        args.cpu_allocator = allocator.resolve("auto", on_gpu=False)[0]
+    where = f", cpu, {args.cpu_allocator} allocator"
+    if args.gpu_memory_gb:
+        return where
+    args.gpu_memory_gb = memory.host_ram_gb(args.nproc)
+    return where + ", this host's RAM"
 
 
 def _plan_model(name: str) -> str:
@@ -157,13 +194,14 @@ def _plan_model(name: str) -> str:
     return name
 
 
-def _print_fit(memory, shape, args: argparse.Namespace, kw: dict) -> int:
+def _print_fit(memory, shape, args: argparse.Namespace, kw: dict, where: str = "") -> int:
     """`plan --fit`: the micro-batch and recomputed layers that fit, fastest first, for engine option none
     (one process) or the ZeRO stage given."""
     budget = args.gpu_memory_gb * memory.HEADROOM
     option = args.engine
     rows = memory.fit(shape, budget_gb=budget, **dict(kw, option=option))
-    print(f"settings that fit {budget:.1f} GB ({args.gpu_memory_gb:.1f} GB, {memory.HEADROOM:.0%} usable), engine "
+    print(f"settings that fit {budget:.1f} GB ({args.gpu_memory_gb:.1f} GB{where}, {memory.HEADROOM:.0%} usable), "
+          f"engine "
           f"{option}, {args.batch} sequences per device per optimizer step; fastest first (time: work per token "
           "over the micro-batch's efficiency, tasks/memory.py)")  # fmt: skip
     print(f"  {'micro-batch':>11} {'accumulate':>10} {'recomputed':>11} {'work':>6} {'time':>6} {'planned GB':>11}")
@@ -468,12 +506,17 @@ def build_parser() -> argparse.ArgumentParser:
                       help="local folder, hub id (only its config.json is read), or smollm2-135m")
     plan.add_argument("--seq", type=int, default=2048)
     plan.add_argument("--batch", type=int, default=1, help="per-device micro-batch")
-    plan.add_argument("--nproc", type=int, default=1, help="GPUs in total")
+    plan.add_argument("--nproc", type=int, default=1, help="GPUs in total (with --cpu: training processes)")
     plan.add_argument("--mode", choices=["lora", "full"], default="lora")
     plan.add_argument("--lora-r", type=int, default=8)
-    plan.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16")
+    plan.add_argument("--precision", choices=["bf16", "fp16", "fp32"], help="default: bf16; fp32 with --cpu")
     plan.add_argument("--quantization", choices=["none", "int8", "int4"], default="none")
-    plan.add_argument("--gpu-memory-gb", type=float, default=80.0)
+    plan.add_argument("--gpu-memory-gb", "--memory-gb", type=float,
+                      help="memory per device (default: 80 GB; with --cpu, this host's RAM over --nproc)")
+    plan.add_argument("--cpu", action="store_true", help="a training on the CPU: fp32, with its process and C "
+                      "allocator counted (as train stages on the CPU plan it)")
+    plan.add_argument("--cpu-allocator", choices=["auto", "system", "tcmalloc", "jemalloc"], default="auto",
+                      help="with --cpu: train.cpu_allocator (auto: what this host has)")
     plan.add_argument("--no-gradient-checkpointing", action="store_true")
     plan.add_argument("--checkpoint-layers", type=float, default=1.0,
                       help="fraction of layers recomputed (train.checkpoint_layers)")

@@ -104,9 +104,9 @@ def lora_layer_bytes(shape: ModelShape, **kw) -> float | None:
 
 
 def lora_layer_tensors(shape: ModelShape, *, act_bytes: int, compiled: bool, lean: bool, dropout: float,
-                       mask_bytes: int = 1, matmul_bytes: int = 2, cast: bool = True) -> list[float] | None:  # fmt: skip
-    """Bytes per token of each tensor one Llama-style layer keeps for backward under LoRA with a frozen base in the compute dtype
-    (None where the shape is not one). Frozen projections keep no input. Tensor by tensor:
+                       mask_bytes: int = 1, matmul_bytes: int = 2, cast: bool = True) -> list[float] | None:
+    """Bytes per token of each tensor one Llama-style layer keeps for backward under LoRA with a frozen base in the
+    compute dtype (None where the shape is not one). Frozen projections keep no input. Tensor by tensor:
 
     - each RMSNorm: its input (eager LlamaRMSNorm keeps the fp32 copy it normalizes; compiled or Triton-fused,
       the input itself) and 1/rms per token;
@@ -354,8 +354,12 @@ def device_budget_gb(nproc: int) -> tuple[float, str]:
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         return props.total_memory / GB, props.name
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return ram / GB / max(1, nproc), "cpu"
+    return host_ram_gb(nproc), "cpu"
+
+
+def host_ram_gb(nproc: int = 1) -> float:
+    """This host's RAM, shared by `nproc` training processes."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GB / max(1, nproc)
 
 
 def suggestion(rows: list[Estimate], shape: ModelShape, **kw) -> str:
@@ -379,8 +383,8 @@ def suggestion(rows: list[Estimate], shape: ModelShape, **kw) -> str:
     batch = kw["batch"]
     while batch > 1:
         batch //= 2
-        steps.append(("batch", {"batch": batch}, f"train.per_device_train_batch_size={batch} with "
-                                                 f"train.gradient_accumulation_steps x{kw['batch'] // batch}"))  # fmt: skip
+        accumulate = f"train.gradient_accumulation_steps x{kw['batch'] // batch}"
+        steps.append(("batch", {"batch": batch}, f"train.per_device_train_batch_size={batch} with {accumulate}"))
     changes: dict = {}
     said: dict[str, str] = {}  # one text per kind of change, the latest micro-batch replacing the one before
     for kind, change, text in steps:
@@ -412,11 +416,13 @@ def fit(shape: ModelShape, *, budget_gb: float, batch: int, **kw) -> list[dict]:
     For each micro-batch that divides `batch` (the rest becomes gradient accumulation: the same optimizer steps),
     the fewest recomputed layers that fit. `work` per token is forward 2 + backward (2 with a frozen LoRA base, 4
     in full) + 2 for each recomputed share; `time` is the work over the micro-batch's efficiency (see
-    SMALL_BATCH_TOKENS; on a small model's layers, a larger micro-batch with more recomputed can come first):
-    ranked by time, then by the larger micro-batch. kw: `estimate`'s other keywords, engine option and `seq`
-    included."""
+    SMALL_BATCH_TOKENS; on a small model's layers, a larger micro-batch with more recomputed can come first; on
+    the CPU a micro-batch's size buys nothing, so time is the work): ranked by time, then by the larger micro-batch.
+    kw: `estimate`'s other keywords, engine option and `seq` included."""
     kw = {k: v for k, v in kw.items() if k not in ("gradient_checkpointing", "checkpoint_layers")}
-    small = small_batch_tokens(shape)
+    # On the CPU, SmolLM2 at 2 x 512 tokens took 7.7 to 8.2 s a step against 3.9 to 4.6 s at 1 x 512 (bench/results'
+    # cpu-memory rows): per token 0.89x to 1.07x of micro-batch 1's speed, where a GPU's kernel launches dominate.
+    small = 0.0 if kw.get("on_cpu") else small_batch_tokens(shape)
     rows = []
     for micro in (m for m in range(batch, 0, -1) if batch % m == 0):
         for k in range(shape.layers + 1):

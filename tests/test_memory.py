@@ -137,6 +137,39 @@ def test_plan_fit_prints_the_settings_to_train_with(tmp_path):
         f"train.checkpoint_layers={best['checkpoint_layers']:.4g}")  # fmt: skip
 
 
+def test_plan_cpu_plans_a_training_on_the_cpu_as_the_train_stage_does():
+    """`plan --cpu`: the train stage's CPU plan from the config alone (fp32, the process and the C allocator's
+    share, this host's RAM unless --memory-gb; no FSDP row), and what to change when nothing fits: SmolLM2 at 8192
+    tokens with every layer kept is told to recompute. --fit on the CPU ranks by work alone (a micro-batch's size
+    buys nothing there): micro-batch 1 with 5 layers recomputed before 2 with 13. Half precision is refused."""
+    from tasks.memory import HEADROOM, estimate, fit, host_ram_gb
+
+    def plan(*flags: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "edgar_tune.cli", "plan", "--model", "smollm2-135m", "--cpu",
+                               "--cpu-allocator", "system", "--seq", "8192", *flags], cwd=REPO, capture_output=True,
+                              text=True, timeout=120)  # fmt: skip
+
+    kept = plan("--no-gradient-checkpointing")
+    assert kept.returncode == 0, kept.stderr[-2000:]
+    head, columns, *rows = kept.stdout.splitlines()
+    assert f"fp32, 1 process(es), cpu, system allocator, this host's RAM; budget {host_ram_gb():.1f} GB" in head
+    assert columns.split() == ["engine", "frozen", "trained", "activations", "logits", "process", "total", "host",
+                               "fits"]  # fmt: skip
+    planned = estimate(SMOLLM2_LORA, option="none", nproc=1, seq=8192, batch=1, mode="lora", precision="fp32",
+                       gradient_checkpointing=False, fused_loss=True, lora_dropout=0.05, on_cpu=True)  # fmt: skip
+    none = next(r.split() for r in rows if r.startswith("  none"))
+    assert none[6] == f"{planned.total:.2f}" and "fsdp" not in kept.stdout
+    assert kept.stdout.splitlines()[-1] == "nothing fits; try train.gradient_checkpointing=true" or host_ram_gb() > 28.2
+    fitted = plan("--fit", "--batch", "2", "--memory-gb", "25.3")
+    assert fitted.returncode == 0, fitted.stderr[-2000:]
+    ranked = fit(SMOLLM2_LORA, budget_gb=25.3 * HEADROOM, batch=2, option="none", nproc=1, seq=8192, mode="lora",
+                 precision="fp32", fused_loss=True, lora_dropout=0.05, on_cpu=True, allocator="system")  # fmt: skip
+    assert [(r["per_device_train_batch_size"], r["recomputed_layers"]) for r in ranked] == [(1, 5), (2, 13)]
+    assert [r.split()[:3] for r in fitted.stdout.splitlines()[2:4]] == [["1", "2", "5/30"], ["2", "1", "13/30"]]
+    half = plan("--precision", "bf16")
+    assert half.returncode == 2 and "plan --cpu: --precision bf16 needs a GPU" in half.stderr, half.stderr[-2000:]
+
+
 def test_recomputing_fewer_layers_costs_their_activations():
     kw = dict(option="none", nproc=1, seq=2048, batch=4, mode="lora", precision="bf16")
     acts = [estimate(SHAPE, **kw, checkpoint_layers=f).activations for f in (1.0, 0.75, 0.5, 0.0)]
