@@ -13,11 +13,14 @@ later. Both processes are held by pidfds (Linux 5.3+), so a reused PID is never 
 on its own, Prefect has stopped the server already and this finds nothing to do.
 
 A flow called from Python (a notebook, a script: `edgar_tune_pipeline(RunParameters(...))`) starts the server
-itself; the flow's first line (`watch_embedded_server`) then starts the reaper for it, once per process.
+itself, through Prefect's code, in a session of its own too (`own_session_for_embedded_server`, on importing
+`flows`); the flow's first line (`watch_embedded_server`) then starts the reaper for it, once per process.
 """
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.util
 import os
 import select
 import signal
@@ -82,6 +85,46 @@ class _OwnSession:
         return subprocess.Popen(*args, start_new_session=True, **kwargs)
 
 
+SERVER_MODULE = "prefect.server.api.server"
+
+
+class _InOwnSession(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Prefect's server module, imported (where a flow run first needs the embedded server) with its `subprocess`
+    `_OwnSession`: the server it starts runs in a session of its own. One entry of `sys.meta_path`, which leaves
+    it at the module's import; every other import passes it by."""
+
+    def find_spec(self, name: str, path=None, target=None):
+        if name != SERVER_MODULE:
+            return None
+        sys.meta_path.remove(self)  # the module's own spec, found as if this were not here
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None:
+            return spec
+        self.loader = spec.loader
+        spec.loader = self
+        return spec
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        self.loader.exec_module(module)
+        module.subprocess = _OwnSession()
+
+
+def own_session_for_embedded_server() -> None:
+    """Have the embedded Prefect server start in a session of its own wherever a flow run starts it: a flow called
+    from Python (a script, a notebook) starts it through Prefect's own code, in the caller's process group, so a
+    Ctrl-C in the script's terminal ended the server at once, while the flow still had to stop its training at a
+    checkpoint and mark the run Crashed (see `embedded_prefect`). Called on importing `flows`; the server module
+    is not imported for it (3.6 s a worker's flow run would pay for nothing), but patched when it is."""
+    module = sys.modules.get(SERVER_MODULE)
+    if module is not None:
+        module.subprocess = _OwnSession()
+    elif not any(isinstance(f, _InOwnSession) for f in sys.meta_path):
+        sys.meta_path.insert(0, _InOwnSession())
+
+
 def embedded_prefect() -> int | None:
     """Start Prefect's embedded server now, where a flow run would start it (no PREFECT_API_URL), with a reaper
     that stops it when this process ends; returns the server's PID, or None where a server is configured.
@@ -92,18 +135,16 @@ def embedded_prefect() -> int | None:
     minutes (221 s after a Ctrl-C here), printed connection tracebacks, and left the flow run `Running` in
     Prefect's database. Now the server outlives the signal, the flow records the run `Crashed`, and the server
     stops when the command ends (Prefect's exit handler, or the reaper if the command is killed)."""
-    from prefect.server.api import server as server_module
     from prefect.settings import get_current_settings
 
     settings = get_current_settings()
     if settings.api.url or not settings.server.ephemeral.enabled:
         return None
+    own_session_for_embedded_server()
+    from prefect.server.api import server as server_module
+
     server = server_module.SubprocessASGIServer()  # the instance Prefect's client asks for: it finds it running
-    server_module.subprocess = _OwnSession()
-    try:
-        server.start()
-    finally:
-        server_module.subprocess = subprocess
+    server.start()
     start(server.server_process.pid)
     return server.server_process.pid
 
