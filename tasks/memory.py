@@ -417,11 +417,11 @@ def fit(shape: ModelShape, *, budget_gb: float, batch: int, **kw) -> list[dict]:
     the fewest recomputed layers that fit. `work` per token is forward 2 + backward (2 with a frozen LoRA base, 4
     in full) + 2 for each recomputed share; `time` is the work over the micro-batch's efficiency (see
     SMALL_BATCH_TOKENS; on a small model's layers, a larger micro-batch with more recomputed can come first; on
-    the CPU a micro-batch's size buys nothing, so time is the work): ranked by time, then by the larger micro-batch.
+    the CPU a micro-batch's size buys little, so time is the work): ranked by time, then by the larger micro-batch.
     kw: `estimate`'s other keywords, engine option and `seq` included."""
     kw = {k: v for k, v in kw.items() if k not in ("gradient_checkpointing", "checkpoint_layers")}
     # On the CPU, SmolLM2 at 2 x 512 tokens took 7.7 to 8.2 s a step against 3.9 to 4.6 s at 1 x 512 (bench/results'
-    # cpu-memory rows): per token 0.89x to 1.07x of micro-batch 1's speed, where a GPU's kernel launches dominate.
+    # cpu-memory rows): 0.97x to 1.12x the tokens/s of micro-batch 1, where a GPU's kernel launches dominate.
     small = 0.0 if kw.get("on_cpu") else small_batch_tokens(shape)
     rows = []
     for micro in (m for m in range(batch, 0, -1) if batch % m == 0):
