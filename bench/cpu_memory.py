@@ -3,12 +3,14 @@ gradient checkpointing.
 
     python bench/cpu_memory.py --run runs/latest                       # after `make demo`; about 45 min on 2 cores
     LD_LIBRARY_PATH=/path/to/libtcmalloc/folder python bench/cpu_memory.py --run runs/latest --allocators tcmalloc
-    python bench/cpu_memory.py --lengths 6144 8192 --allocators system --layers recomputed --no-pairs --name cpu-memory-long
+    python bench/cpu_memory.py --lengths 6144 8192 --allocators system --no-pairs --name cpu-memory-long
 
 Each case copies the run folder, packs it again at the length (`edgar-tune stage tokenize`) and trains 2 steps
 (`edgar-tune stage train --set train.max_steps=2`) with the allocator and checkpointing asked for; the peak is the
 largest resident set of the stage's processes (the training process's: wait4), the plan the one that stage printed
-and kept in its stats (`memory_plan.estimate_gb`). tests/test_memory.py checks the plan against these peaks.
+and kept in its stats (`memory_plan.estimate_gb`). tests/test_memory.py checks the plan against these peaks. A
+case the plan refuses is passed over; one that fails (the OOM killer: the plan let through what did not fit) is
+recorded with `failed`, and the sweep goes on.
 """
 
 from __future__ import annotations
@@ -54,9 +56,15 @@ def measure(work: Path, seq: int, batch: int, allocator: str, checkpointing: boo
               f"{text[text.index('this run needs about'):].splitlines()[0]}", flush=True)  # fmt: skip
         shutil.rmtree(case)
         return None  # the plan says it cannot fit this host's RAM: not run, not recorded
-    if code:
-        tail = "".join((case / "train.log").read_text().splitlines(keepends=True)[-15:])
-        raise SystemExit(f"{' '.join(cmd)} failed ({code}); its log ends:\n{tail}")
+    if code:  # recorded, not the end of the sweep: a run the plan let through that the OOM killer ended is a finding
+        tail = "".join(text.splitlines(keepends=True)[-15:])
+        print(f"{' '.join(cmd)} failed ({code}); its log ends:\n{tail}", flush=True)
+        planned = next((float(line.split()[-6]) for line in text.splitlines() if line.endswith("<- this run")), None)
+        shutil.rmtree(case)
+        why = next((line for line in text.splitlines() if "the training process was killed" in line), f"exit {code}")
+        return {"seq_len": seq, "batch": batch, "allocator": allocator, "gradient_checkpointing": checkpointing,
+                "peak_rss_gb": round(peak, 3), "planned_gb": planned, "seconds": round(seconds, 1),
+                "failed": why.strip()[:300]}  # fmt: skip
     stats = json.loads((case / "04_train" / "stats.json").read_text())
     plan = stats["memory_plan"]
     row = {"seq_len": seq, "batch": batch, "allocator": stats["cpu_allocator"], "gradient_checkpointing": checkpointing,
@@ -97,9 +105,10 @@ def main() -> None:
             if (row := measure(work, seq, batch, allocator, ckpt)) is None:
                 continue
             rows.append(row)
-            print(f"{allocator:<9} {seq:>5}x{batch} {'recomputed' if ckpt else 'kept':<10} peak "
-                  f"{row['peak_rss_gb']:6.2f} GB, planned {row['planned_gb']:6.2f} GB ({row['plan_over_peak']:.2f}x)",
-                  flush=True)  # fmt: skip
+            outcome = (f"FAILED at {row['peak_rss_gb']:.2f} GB, planned {row['planned_gb']} GB" if "failed" in row else
+                       f"peak {row['peak_rss_gb']:6.2f} GB, planned {row['planned_gb']:6.2f} GB "
+                       f"({row['plan_over_peak']:.2f}x)")  # fmt: skip
+            print(f"{allocator:<9} {seq:>5}x{batch} {'recomputed' if ckpt else 'kept':<10} {outcome}", flush=True)
     import torch
 
     base = json.loads((args.run / "03_tokenize" / "stats.json").read_text())["base_model"]
@@ -109,9 +118,10 @@ def main() -> None:
     print(f"\n{'allocator':<22} {'tokens':>9} {'layers':<11} {'peak GB':>8} {'plan GB':>8} {'plan/peak':>10} "
           f"{'s/step':>7}")  # fmt: skip
     for r in rows:
+        ratio = "FAILED" if "failed" in r else f"{r['plan_over_peak']:.2f}"
         print(f"{r['allocator']:<22} {r['seq_len']:>5}x{r['batch']:<3} "
               f"{'recomputed' if r['gradient_checkpointing'] else 'kept':<11} {r['peak_rss_gb']:>8.2f} "
-              f"{r['planned_gb']:>8.2f} {r['plan_over_peak']:>10.2f} {r['step_seconds'] or 0:>7.1f}")  # fmt: skip
+              f"{r['planned_gb'] or 0:>8.2f} {ratio:>10} {r.get('step_seconds') or 0:>7.1f}")  # fmt: skip
 
 
 if __name__ == "__main__":
