@@ -929,6 +929,25 @@ def _signal_group(proc, sig: int) -> None:
         os.killpg(proc.pid, sig)
 
 
+def _oom_advice(cfg: TrainConfig) -> str:
+    """What to change after the OOM killer ended a training: it guards the host's RAM, which on the CPU holds the
+    whole training and on a GPU machine what each process keeps on the host (a GPU's own memory running out raises
+    `CUDA out of memory` instead). Before, a CPU run was told to use a ZeRO offload engine (which keeps its states in
+    the same RAM) and never to recompute."""
+    if device() == "cuda":
+        return ("on a GPU machine that is the host's RAM (a GPU's memory running out raises `CUDA out of memory` "
+                "instead): train fewer processes per node (train.nproc), with fewer DataLoader workers "
+                "(train.dataloader_num_workers), or leave out the offload engine (train.deepspeed=zero3-offload keeps "
+                "the states in host RAM)")  # fmt: skip
+    fixes = [] if cfg.gradient_checkpointing is True and cfg.checkpoint_layers >= 1.0 else [
+        "set train.gradient_checkpointing=true" + (" with train.checkpoint_layers=1.0" if cfg.gradient_checkpointing
+                                                    is True else "")]  # fmt: skip
+    if cfg.cpu_allocator == allocator.SYSTEM:
+        fixes.append(f"preload tcmalloc (train.cpu_allocator=tcmalloc; {allocator.INSTALL['tcmalloc']})")
+    fixes.append("lower train.per_device_train_batch_size or tokenize.max_input_length")
+    return ", ".join(fixes[:-1]) + (", or " if len(fixes) > 1 else "") + fixes[-1]
+
+
 def crash_message(returncode: int, ckpts: Path, cfg: TrainConfig, plan: dict | None, tail: list[str]) -> str:
     """What happened to the training process, and what the next run will do about it."""
     from tasks.checkpoints import latest_checkpoint
@@ -938,8 +957,7 @@ def crash_message(returncode: int, ckpts: Path, cfg: TrainConfig, plan: dict | N
         how = f"the training process was killed by {name} (signal {-returncode})"
         if -returncode == signal.SIGKILL:
             estimate = f"; this run's memory plan estimated {plan['estimate_gb']} GB per device" if plan else ""
-            how += (" - on Linux usually the out-of-memory killer (see `dmesg`)" + estimate + "; lower "
-                    "train.per_device_train_batch_size or tokenize.max_input_length, or use a ZeRO offload engine")
+            how += " - on Linux usually the out-of-memory killer (see `dmesg`)" + estimate + "; " + _oom_advice(cfg)
     elif returncode == 128 + signal.SIGTERM:  # `Stopped`: asked by a signal to it, not to this run
         how = ("the training process stopped on a SIGTERM sent to it, not to this run (a spot machine's notice to "
                "its node, a `kill` of one rank): it stops after the step it is in, with a checkpoint of it")

@@ -78,3 +78,38 @@ def test_a_preloaded_allocator_runs_in_the_child_process():
     out = subprocess.run([sys.executable, "-c", "from tasks import allocator; print(allocator.check('tcmalloc'))"],
                          env=env, capture_output=True, text=True, check=True).stdout  # fmt: skip
     assert out.strip() == "tcmalloc"
+
+
+def test_an_oom_killed_training_is_told_what_frees_ram_on_its_device(tmp_path):
+    """The OOM killer guards the host's RAM. On the CPU that is the whole training: the message says to recompute
+    (when not every layer is), to preload tcmalloc (when the system's malloc ran) and to shrink the micro-batch or
+    blocks, with the plan's estimate; it told CPU runs to use a ZeRO offload engine, whose states live in the same
+    RAM. On a GPU machine it names what each process keeps on the host."""
+    import signal
+
+    import torch
+
+    from edgar_tune.config import TrainConfig
+    from tasks.finetune import crash_message
+
+    def message(**settings) -> str:
+        cfg = TrainConfig(**{"gradient_checkpointing": False, "cpu_allocator": "system"} | settings)
+        return crash_message(-signal.SIGKILL, tmp_path / "none", cfg, {"estimate_gb": 9.46}, ["step 1"])
+
+    first = message().splitlines()[0]
+    assert "killed by SIGKILL (signal 9) - on Linux usually the out-of-memory killer" in first
+    assert "this run's memory plan estimated 9.46 GB per device" in first
+    assert "No checkpoint was complete" in message()
+    if torch.cuda.is_available():
+        assert "the host's RAM" in first and "train.nproc" in first
+        return
+    assert "zero3-offload" not in first and "offload engine" not in first
+    assert first.endswith("; set train.gradient_checkpointing=true, preload tcmalloc (train.cpu_allocator=tcmalloc; "
+                          f"{allocator.INSTALL['tcmalloc']}), or lower train.per_device_train_batch_size or "
+                          "tokenize.max_input_length. No checkpoint was complete (train.save_steps=-1), so the next run "
+                          "starts over."), first  # fmt: skip
+    half = message(gradient_checkpointing=True, checkpoint_layers=0.5).splitlines()[0]
+    assert "set train.gradient_checkpointing=true with train.checkpoint_layers=1.0, preload tcmalloc" in half
+    done = message(gradient_checkpointing=True, cpu_allocator="tcmalloc").splitlines()[0]
+    assert "gradient_checkpointing" not in done and "tcmalloc" not in done
+    assert "estimated 9.46 GB per device; lower train.per_device_train_batch_size or tokenize.max_input_length" in done
