@@ -714,7 +714,7 @@ def resolve_allocator(cfg: TrainConfig) -> TrainConfig:
     name, path = allocator.resolve(cfg.cpu_allocator, device() == "cuda")
     if name == allocator.SYSTEM and device() == "cpu":
         how = (f"{allocator.in_this_process()}, whose heap keeps much of freed tensors' memory: the memory plan counts "
-               f"it. tcmalloc trains in 0.5x to 0.85x the memory (bench/RESULTS.md): {allocator.INSTALL['tcmalloc']}")
+               f"it. tcmalloc trains in 0.3x to 0.85x the memory (bench/RESULTS.md): {allocator.INSTALL['tcmalloc']}")
     elif name != allocator.SYSTEM:
         how = f"{name}, preloaded from {path}" if path else f"{name}, preloaded already (LD_PRELOAD)"
     else:

@@ -31,7 +31,7 @@ Measured against this on an H100 and an H200 (bench/RESULTS.md): from -4% to +14
 whose every row peaked 0.25 to 0.31 GB above the plan (small models' fixed costs, such as the CUDA libraries'
 workspaces, are not modelled). tests/test_memory.py checks the plan against bench/results' measured peaks.
 A training on the CPU also counts its process's own memory and what the C allocator keeps of freed activations
-(CPU_PROCESS_GB, CPU_FREED_KEPT), checked against the peaks bench/cpu_memory.py measured.
+(CPU_PROCESS_GB, CPU_FREED_KEPT, CPU_ALLOCATOR_GB), checked against the peaks bench/cpu_memory.py measured.
 """
 
 from __future__ import annotations
@@ -68,8 +68,12 @@ SMALL_BATCH_LAYER_PARAMS = 202_383_488  # a Llama-2-7B block (with its share of 
 # once training runs, tensors up to 32 MiB come from the heap and larger ones keep nothing when freed: counted so,
 # the plan is 0.98x to 1.06x of the peaks at 6144 and 8192 tokens, where the MLP's activations pass 32 MiB (1.17x
 # to 1.62x counting every tensor); recomputed, 6144 tokens peaked lower than 4096 (7.10 against 7.47 GB).
+# tcmalloc and jemalloc keep a few hundred MB however long the blocks: tcmalloc 0.09 GB at 512 tokens, 0.29 at 2048,
+# nothing measurable at 6144 and 8192 (a share of the activations, 0.12, planned it 1.58x and 1.76x of the peak
+# there, recomputed), jemalloc 0.02 to 0.12 GB.
 CPU_PROCESS_GB = 0.67
-CPU_FREED_KEPT = {"system": 0.7, "tcmalloc": 0.12, "jemalloc": 0.12}
+CPU_FREED_KEPT = {"system": 0.7}  # of the activations computed in forward, in tensors up to 32 MiB
+CPU_ALLOCATOR_GB = {"tcmalloc": 0.3, "jemalloc": 0.12}  # whatever the activations
 GLIBC_MMAP_THRESHOLD_MAX = 32 * 2**20
 
 
@@ -188,7 +192,8 @@ def estimate(shape: ModelShape, *, option: str, nproc: int, seq: int, batch: int
     the compute dtype, FSDP always in fp32); compiled: torch.compile or the Triton layers (`train.torch_compile`,
     `train.fused_layers`), whose norms and MLPs keep less; lean_lora and lora_dropout: see `lora_layer_bytes`
     (on_cpu: a training on the CPU, whose eager dropout keeps a 4-byte mask a value where CUDA's keeps 1, and
-    whose RAM also holds the process's code and what `allocator` keeps of freed tensors: CPU_FREED_KEPT);
+    whose RAM also holds the process's code and what `allocator` keeps of freed tensors: CPU_FREED_KEPT and
+    CPU_ALLOCATOR_GB);
     dense_mask: the document mask reaches sdpa as a dense b x 1 x s x s mask (`train.document_mask` with
     `train.attention=sdpa`): one additive mask in the compute dtype that every layer keeps (kernels/masks.py; left
     to PyTorch, each layer kept its own copy), and, with grouped-query attention, in every layer kept whole the keys
@@ -260,7 +265,8 @@ def estimate(shape: ModelShape, *, option: str, nproc: int, seq: int, batch: int
     if on_cpu:  # forward computes every layer's activations once, whether kept or recomputed in backward
         if allocator == "system":  # glibc maps the larger ones on their own and unmaps them whole when freed
             tensors = [b for b in tensors if tokens * b <= GLIBC_MMAP_THRESHOLD_MAX]
-        process = CPU_PROCESS_GB * GB + CPU_FREED_KEPT[allocator] * tokens * sum(tensors) * shape.layers
+        process = ((CPU_PROCESS_GB + CPU_ALLOCATOR_GB.get(allocator, 0.0)) * GB
+                   + CPU_FREED_KEPT.get(allocator, 0.0) * tokens * sum(tensors) * shape.layers)  # fmt: skip
     total = weights + states + acts + logits + process
     if on_cpu:  # offloading to the host moves nothing out of the CPU's RAM
         total += host

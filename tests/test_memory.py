@@ -343,7 +343,7 @@ def test_the_plan_is_close_to_the_peaks_measured_on_the_cpu(results):
     keeps of freed tensors, the plan was 0.29x to 0.87x of the peaks up to 2048 tokens; counting glibc's mapped
     tensors (over 32 MiB) as kept, it was 1.62x of the peaks at 6144 and 8192 tokens recomputed."""
     rows = json.loads((REPO / "bench" / "results" / f"{results}.json").read_text())["rows"]
-    assert {r["allocator"].split()[0] for r in rows} >= {"system"} and any(r["gradient_checkpointing"] for r in rows)
+    assert rows and {r["allocator"].split()[0] for r in rows} <= {"system", "tcmalloc", "jemalloc"}
     for row in rows:
         assert "failed" not in row, row  # a run the plan let through, ended (by the OOM killer, say) before its peak
         planned = estimate(SMOLLM2_LORA, option="none", nproc=1, seq=row["seq_len"], batch=row["batch"], mode="lora",
@@ -356,24 +356,28 @@ def test_glibc_keeps_nothing_of_the_tensors_it_maps_on_their_own():
     """With the system's malloc, the CPU plan counts what the heap keeps of freed tensors up to glibc's largest mmap
     threshold (32 MiB) only: larger ones are unmapped whole. SmolLM2 at 8192 tokens in fp32: the MLP's activations
     (gate, up, silu(gate)) and down_proj's input and dropout mask are 1536 x 4 bytes a token, 50 MB a tensor, so
-    30,720 of a layer's 69,388 bytes a token leave the count; at 4096 tokens (25 MB) every tensor stays in it, and
-    tcmalloc's share counts every tensor at any length."""
-    from tasks.memory import CPU_FREED_KEPT, lora_layer_bytes
+    30,720 of a layer's 69,388 bytes a token leave the count; at 4096 tokens (25 MB) every tensor stays in it.
+    tcmalloc and jemalloc keep a fixed few hundred MB at any length (their peaks at 512 to 8192 tokens)."""
+    from tasks.memory import CPU_ALLOCATOR_GB, CPU_FREED_KEPT, lora_layer_bytes
 
     layer = lora_layer_bytes(SMOLLM2_LORA, act_bytes=4, compiled=False, lean=False, dropout=0.05, mask_bytes=4,
                              matmul_bytes=4, cast=False)  # fmt: skip
     assert layer == 69_388
     kw = dict(option="none", nproc=1, batch=1, mode="lora", precision="fp32", fused_loss=True, lora_dropout=0.05,
               on_cpu=True)  # fmt: skip
-    for seq, allocator, kept in [(4096, "system", layer), (8192, "system", layer - 30_720), (8192, "tcmalloc", layer)]:
-        process = estimate(SMOLLM2_LORA, seq=seq, allocator=allocator, **kw).process
-        assert process * GB == pytest.approx(CPU_PROCESS_GB * GB + CPU_FREED_KEPT[allocator] * seq * kept * 30)
+    for seq, kept in [(4096, layer), (8192, layer - 30_720)]:
+        process = estimate(SMOLLM2_LORA, seq=seq, allocator="system", **kw).process
+        assert process * GB == pytest.approx(CPU_PROCESS_GB * GB + CPU_FREED_KEPT["system"] * seq * kept * 30)
+    for seq in (512, 8192):
+        for allocator in ("tcmalloc", "jemalloc"):
+            process = estimate(SMOLLM2_LORA, seq=seq, allocator=allocator, **kw).process
+            assert process == pytest.approx(CPU_PROCESS_GB + CPU_ALLOCATOR_GB[allocator])
 
 
 def test_the_advice_for_a_run_that_cannot_fit_tries_recompute_then_the_allocator_then_the_micro_batch():
     """What a refused run is told to try, each change on top of the one before, the first that fits: SmolLM2 at 8192
     tokens on the CPU with every layer kept (the plan says 25.9 GB) in 25.3 GB is told to recompute; in 9 GB, to
-    recompute and preload tcmalloc; at 4 x 2048 tokens in 3 GB, half the layers recomputed, to recompute them all
+    recompute and preload tcmalloc; at 4 x 2048 tokens in 2.6 GB, half the layers recomputed, to recompute them all
     with tcmalloc at micro-batch 1. The CPU's last resort is shorter
     blocks or more RAM (a 4-bit base and more devices are GPUs' remedies: before, the CPU was told those too)."""
     from tasks.memory import plan, suggestion
@@ -388,7 +392,7 @@ def test_the_advice_for_a_run_that_cannot_fit_tries_recompute_then_the_allocator
     assert advice(25.3) == "train.gradient_checkpointing=true"
     assert advice(9.0).startswith("train.gradient_checkpointing=true and train.cpu_allocator=tcmalloc (`apt install")
     assert advice(9.0, allocator="tcmalloc") == "train.gradient_checkpointing=true"
-    assert advice(3.0, seq=2048, batch=4, gradient_checkpointing=True, checkpoint_layers=0.5).endswith(
+    assert advice(2.6, seq=2048, batch=4, gradient_checkpointing=True, checkpoint_layers=0.5).endswith(
         "where it is not installed) and train.per_device_train_batch_size=1 with train.gradient_accumulation_steps x4")
     assert advice(1.0) == "a shorter tokenize.max_input_length, or a machine with more RAM"
     assert advice(1.0, on_cpu=False).startswith("more devices (train.nproc), train.int4_quantization=true")
