@@ -24,7 +24,7 @@ from tasks.blocks import base_model_path
 from tasks.checkpoints import ValidationStopped, checkpoint_step, log_stop, resume_settings, trainer_class
 from tasks.checkpoints import prepare as prepare_checkpoints
 from tasks.io import atomic_dir, atomic_write_json, read_json, write_jsonl
-from tasks.memory import recomputed_layers
+from tasks.memory import recompute_all, recomputed_layers
 from tasks.progress import EVENTS, Curves, OwnLine, Point, Progress, console_bars, whole_events
 from tasks.profile import step_profiler, sync
 from kernels.hf import causal_lm_of, fuse_layers, resolve_backend
@@ -939,9 +939,8 @@ def _oom_advice(cfg: TrainConfig) -> str:
                 "instead): train fewer processes per node (train.nproc), with fewer DataLoader workers "
                 "(train.dataloader_num_workers), or leave out the offload engine (train.deepspeed=zero3-offload keeps "
                 "the states in host RAM)")  # fmt: skip
-    fixes = [] if cfg.gradient_checkpointing is True and cfg.checkpoint_layers >= 1.0 else [
-        "set train.gradient_checkpointing=true" + (" with train.checkpoint_layers=1.0" if cfg.gradient_checkpointing
-                                                    is True else "")]  # fmt: skip
+    recompute = recompute_all(cfg.gradient_checkpointing, cfg.checkpoint_layers)
+    fixes = [f"set {recompute}"] if recompute else []
     if cfg.cpu_allocator == allocator.SYSTEM:
         fixes.append(f"preload tcmalloc (train.cpu_allocator=tcmalloc; {allocator.INSTALL['tcmalloc']})")
     fixes.append("lower train.per_device_train_batch_size or tokenize.max_input_length")

@@ -368,6 +368,14 @@ def host_ram_gb(nproc: int = 1) -> float:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GB / max(1, nproc)
 
 
+def recompute_all(gradient_checkpointing: bool | str, checkpoint_layers: float) -> str | None:
+    """The settings that recompute every layer, where not every layer is (None where every layer is)."""
+    if gradient_checkpointing is True and checkpoint_layers >= 1.0:
+        return None
+    return "train.gradient_checkpointing=true" + (" with train.checkpoint_layers=1.0"
+                                                   if gradient_checkpointing is True else "")  # fmt: skip
+
+
 def suggestion(rows: list[Estimate], shape: ModelShape, **kw) -> str:
     """The cheapest change that fits: another engine; then, one on top of the other, every layer recomputed, on
     the CPU tcmalloc, and a smaller micro-batch with gradient accumulation; else what is left (on GPUs more of
@@ -377,10 +385,8 @@ def suggestion(rows: list[Estimate], shape: ModelShape, **kw) -> str:
         key = "train.deepspeed" if fitting[0] != "none" else "train.deepspeed (unset)"
         return f"{key}={fitting[0]}" if fitting[0] != "none" else key
     steps: list[tuple[str, dict, str]] = []
-    if not kw["gradient_checkpointing"] or kw.get("checkpoint_layers", 1.0) < 1.0:
-        steps.append(("recompute", {"gradient_checkpointing": True, "checkpoint_layers": 1.0},
-                      "train.gradient_checkpointing=true" + (" with train.checkpoint_layers=1.0"
-                                                             if kw["gradient_checkpointing"] else "")))  # fmt: skip
+    if recompute := recompute_all(kw["gradient_checkpointing"], kw.get("checkpoint_layers", 1.0)):
+        steps.append(("recompute", {"gradient_checkpointing": True, "checkpoint_layers": 1.0}, recompute))
     if kw.get("on_cpu") and kw.get("allocator", "system") == "system":
         from tasks.allocator import INSTALL
 
