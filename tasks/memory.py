@@ -62,7 +62,8 @@ SMALL_BATCH_LAYER_PARAMS = 202_383_488  # a Llama-2-7B block (with its share of 
 # CPU"). The training process's own (Python, PyTorch's and transformers' code, the Trainer), and the share of the
 # activations computed in forward (each layer's, kept or recomputed later) whose memory the C allocator keeps once
 # they are freed (tasks/allocator.py): glibc's heap does not reuse it for tensors of the same size. Fitted to 26
-# peaks of SmolLM2 (512 to 4096 tokens, layers kept or recomputed): the plan lands at 1.01x to 1.21x of them.
+# peaks of SmolLM2 (512 to 4096 tokens, layers kept or recomputed); with the two rules below, the plan lands at
+# 0.98x to 1.13x of the 22 peaks bench/cpu_memory.py measured from 512 to 8192 tokens.
 # glibc serves an allocation larger than its mmap threshold from a mapping of its own, which a free unmaps whole:
 # the threshold starts at 128 KiB and rises to the size of each such block freed, up to 32 MiB (64-bit Linux), so
 # once training runs, tensors up to 32 MiB come from the heap and larger ones keep nothing when freed: counted so,
