@@ -372,13 +372,15 @@ def log_to_the_stage(events: Path) -> None:
         logging.getLogger(name).addHandler(handler)
 
 
-def follow_progress(path: Path, stop, poll_s: float = 2.0, metrics=None, open_line=None) -> None:
+def follow_progress(path: Path, stop, poll_s: float = 2.0, metrics=None, open_line=None,
+                    pace: dict | None = None) -> None:  # fmt: skip
     """The training process's events (`progress_events`, `EventLog`) as lines in the run's log and a progress bar
     in the Prefect UI, until `stop` (a threading.Event) is set, and, given `metrics` (tasks.registry.Metrics), as
     MLflow metrics. Runs in a thread of the train stage, in a copy of its context (Prefect's run context
     included). `open_line` (a threading.Event) says when the training process's console output ends mid-line.
 
-    Its points, and the tokens/s and time left of its lines, are `Curves`'."""
+    Its points, and the tokens/s and time left of its lines, are `Curves`'. `pace` (a dict) gets the seconds a
+    step has taken so far (`step_s`), which a stop waits for (`stop_grace_s`)."""
     open_line = open_line or threading.Event()
     log = OwnLine(logging.getLogger(__name__), {"open": open_line})
     bar: Progress | None = None
@@ -403,6 +405,8 @@ def follow_progress(path: Path, stop, poll_s: float = 2.0, metrics=None, open_li
                                                                                         event["time"])  # fmt: skip
                 continue
             points = curves.points(event)
+            if pace is not None and curves.rate:
+                pace["step_s"] = 1 / curves.rate
             if event.get("begin"):
                 bar = Progress("training", event["max_steps"], "steps", logger=log)
                 if event["step"]:
@@ -850,9 +854,9 @@ def _launch(tmp: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfi
                **{STAGE_PID: f"{os.getpid()}@{socket.gethostname()}", RANKS: str(ranks)},
                **allocator.preload_env(*allocator.resolve(cfg.cpu_allocator, device() == "cuda")))  # fmt: skip
     tail: collections.deque[bytes] = collections.deque(maxlen=400)
-    stop, open_line = threading.Event(), threading.Event()
+    stop, open_line, pace = threading.Event(), threading.Event(), {}
     follower = threading.Thread(target=contextvars.copy_context().run, name="training-progress", daemon=True,
-                                args=(follow_progress, tmp / EVENTS, stop, 2.0, metrics, open_line))  # fmt: skip
+                                args=(follow_progress, tmp / EVENTS, stop, 2.0, metrics, open_line, pace))  # fmt: skip
     follower.start()
 
     def relay(chunk: bytes) -> None:  # progress bars pass through as they are
@@ -871,7 +875,7 @@ def _launch(tmp: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfi
                 for chunk in iter(lambda: proc.stdout.read1(1 << 14), b""):
                     relay(chunk)
             except BaseException:  # the flow run is ending (SIGTERM, Ctrl-C): not while training runs on
-                _stop_training(proc, relay, [int(p.name) for p in ranks.iterdir()])
+                _stop_training(proc, relay, [int(p.name) for p in ranks.iterdir()], pace.get("step_s"))
                 raise
     finally:
         stop.set()
@@ -882,13 +886,20 @@ def _launch(tmp: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfi
         raise TrainingCrashed(crash_message(proc.returncode, ckpts, cfg, plan, [x for x in lines if x.strip()][-25:]))
 
 
-STOP_GRACE_S = 60.0  # how long a training process asked to stop may take to save its checkpoint
+STOP_GRACE_S = 60.0  # how long a training process asked to stop may take to save its checkpoint, at least
 
 
-def _stop_training(proc, relay, ranks: list[int]) -> None:
+def stop_grace_s(step_s: float | None) -> float:
+    """How long a stop waits for the training to finish the step it is in and checkpoint it: `STOP_GRACE_S`, or
+    one and a half steps (at the pace so far, `step_s`) and 30 s to save, where steps are longer. An 8192-token
+    step of SmolLM2 on 2 CPU cores takes 2.5 to 3 min: 60 s lost the step, and the checkpoint with it."""
+    return max(STOP_GRACE_S, 1.5 * step_s + 30.0) if step_s else STOP_GRACE_S
+
+
+def _stop_training(proc, relay, ranks: list[int], step_s: float | None = None) -> None:
     """The flow run is ending while its training processes work (a SIGTERM: a cancel in the Prefect UI, `kill`,
     `timeout`; Ctrl-C): SIGTERM them, and wait while they save a checkpoint of the step they are in
-    (`stop_on_sigterm`), relaying what they print, for `STOP_GRACE_S` at most; then SIGKILL what is left of the
+    (`stop_on_sigterm`), relaying what they print, for `stop_grace_s` at most; then SIGKILL what is left of the
     process group. Before, leaving the `with Popen` waited for the training to finish, however long that took,
     and threw it away.
 
@@ -902,15 +913,17 @@ def _stop_training(proc, relay, ranks: list[int]) -> None:
 
     if proc.poll() is not None:
         return
-    log.warning("stopping the training (pid %s): a checkpoint of the step it is in, then it ends (%.0f s at most)",
-                ", ".join(map(str, ranks)) if ranks else f"{proc.pid} and its group", STOP_GRACE_S)  # fmt: skip
+    grace = stop_grace_s(step_s)
+    log.warning("stopping the training (pid %s): a checkpoint of the step it is in, then it ends (%.0f s at most%s)",
+                ", ".join(map(str, ranks)) if ranks else f"{proc.pid} and its group", grace,
+                f": a step takes {step_s:.0f} s" if grace > STOP_GRACE_S else "")  # fmt: skip
     if ranks:
         for pid in ranks:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGTERM)
     else:
         _signal_group(proc, signal.SIGTERM)
-    deadline = time.monotonic() + STOP_GRACE_S
+    deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
         if select.select([proc.stdout], [], [], 0.5)[0]:
             if not (chunk := proc.stdout.read1(1 << 14)):
@@ -920,7 +933,7 @@ def _stop_training(proc, relay, ranks: list[int]) -> None:
         proc.wait(timeout=max(0.0, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
         log.warning("the training process (pid %d) did not end within %.0f s of SIGTERM: SIGKILL", proc.pid,
-                    STOP_GRACE_S)  # fmt: skip
+                    grace)  # fmt: skip
     _signal_group(proc, signal.SIGKILL)  # what is left of it: a launcher's ranks outlive it otherwise
 
 

@@ -368,3 +368,24 @@ def test_checkpoints_from_before_a_setting_existed_resume_at_its_default_only(tm
     with pytest.raises(ValueError, match=r"train.eval_blocks: -1 -> 8"):
         prepare(folder, later, resume=True, defaults=now)
     assert prepare(folder, now, resume=True, defaults=now) == folder / "checkpoint-5"
+
+
+def test_a_stop_waits_for_a_step_as_long_as_the_steps_take(tmp_path):
+    """A stop waits 60 s for the training to checkpoint the step it is in, or 1.5 steps and 30 s to save where steps
+    are longer, at the pace the train stage reads from the training's events: an 8192-token SmolLM2 step on 2 CPU
+    cores (2.5 to 3 min) was SIGKILLed with its checkpoint unwritten."""
+    import threading
+
+    from tasks.finetune import STOP_GRACE_S, follow_progress, stop_grace_s
+
+    events = [{"begin": True, "step": 0, "max_steps": 4, "time": 1000.0},
+              {"step": 1, "time": 1160.0, "loss": 2.0, "learning_rate": 1e-4, "tokens_per_step": 8192},
+              {"step": 2, "time": 1340.0, "loss": 1.9, "learning_rate": 1e-4, "tokens_per_step": 8192}]  # fmt: skip
+    path = tmp_path / "events.jsonl"
+    path.write_text("".join(json.dumps(e) + "\n" for e in events))
+    stop, pace = threading.Event(), {}
+    stop.set()  # one pass over the file
+    follow_progress(path, stop, 0.0, pace=pace)
+    assert pace == {"step_s": pytest.approx(170.0)}
+    assert stop_grace_s(pace["step_s"]) == pytest.approx(285.0)
+    assert stop_grace_s(None) == stop_grace_s(1.2) == STOP_GRACE_S == 60.0  # before the first step; a GPU's steps
