@@ -13,12 +13,14 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from datasets import load_from_disk
 
 from edgar_tune.config import DEEPSPEED_PRESETS, REPO_ROOT, ConfigError, EvalConfig, TrainConfig
+from edgar_tune.signals import signal_behind
 from tasks import allocator
 from tasks.blocks import base_model_path
 from tasks.checkpoints import ValidationStopped, checkpoint_step, log_stop, resume_settings, trainer_class
@@ -875,7 +877,8 @@ def _launch(tmp: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfi
                 for chunk in iter(lambda: proc.stdout.read1(1 << 14), b""):
                     relay(chunk)
             except BaseException:  # the flow run is ending (SIGTERM, Ctrl-C): not while training runs on
-                _stop_training(proc, relay, [int(p.name) for p in ranks.iterdir()], pace.get("step_s"))
+                _stop_training(proc, relay, [int(p.name) for p in ranks.iterdir()], pace.get("step_s"),
+                               lambda: next_run(ckpts, cfg))  # fmt: skip
                 raise
     finally:
         stop.set()
@@ -896,12 +899,18 @@ def stop_grace_s(step_s: float | None) -> float:
     return max(STOP_GRACE_S, 1.5 * step_s + 30.0) if step_s else STOP_GRACE_S
 
 
-def _stop_training(proc, relay, ranks: list[int], step_s: float | None = None) -> None:
+def _stop_training(proc, relay, ranks: list[int], step_s: float | None = None,
+                   then: Callable[[], str] = lambda: "") -> None:  # fmt: skip
     """The flow run is ending while its training processes work (a SIGTERM: a cancel in the Prefect UI, `kill`,
     `timeout`; Ctrl-C): SIGTERM them, and wait while they save a checkpoint of the step they are in
     (`stop_on_sigterm`), relaying what they print, for `stop_grace_s` at most; then SIGKILL what is left of the
     process group. Before, leaving the `with Popen` waited for the training to finish, however long that took,
     and threw it away.
+
+    A second Ctrl-C (or signal) during the wait kills them at once, without that checkpoint, and says what the next
+    run resumes from (`then`). Before, it left the wait with the training still at work, unannounced: the training
+    died with the CLI's process (PR_SET_PDEATHSIG) wherever it was, and in a notebook, which goes on, it saved its
+    checkpoint unwatched after the stage had ended.
 
     The signal goes to the training processes that said they run (`ranks`, their PIDs), not to a launcher between
     them and the stage: DeepSpeed's launch process would SIGKILL its ranks 30 s after passing the SIGTERM on,
@@ -914,7 +923,8 @@ def _stop_training(proc, relay, ranks: list[int], step_s: float | None = None) -
     if proc.poll() is not None:
         return
     grace = stop_grace_s(step_s)
-    log.warning("stopping the training (pid %s): a checkpoint of the step it is in, then it ends (%.0f s at most%s)",
+    log.warning("stopping the training (pid %s): a checkpoint of the step it is in, then it ends (%.0f s at most%s; "
+                "Ctrl-C again to kill it now, without that checkpoint)",
                 ", ".join(map(str, ranks)) if ranks else f"{proc.pid} and its group", grace,
                 f": a step takes {step_s:.0f} s" if grace > STOP_GRACE_S else "")  # fmt: skip
     if ranks:
@@ -924,16 +934,29 @@ def _stop_training(proc, relay, ranks: list[int], step_s: float | None = None) -
     else:
         _signal_group(proc, signal.SIGTERM)
     deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
-        if select.select([proc.stdout], [], [], 0.5)[0]:
-            if not (chunk := proc.stdout.read1(1 << 14)):
-                break
-            relay(chunk)
     try:
+        while time.monotonic() < deadline:
+            if select.select([proc.stdout], [], [], 0.5)[0]:
+                if not (chunk := proc.stdout.read1(1 << 14)):
+                    break
+                relay(chunk)
         proc.wait(timeout=max(0.0, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
         log.warning("the training process (pid %d) did not end within %.0f s of SIGTERM: SIGKILL", proc.pid,
                     grace)  # fmt: skip
+    except BaseException as err:  # a second Ctrl-C or signal: now
+        for pid in ranks:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        _signal_group(proc, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
+        again = "Ctrl-C" if isinstance(err, KeyboardInterrupt) else type(err).__name__
+        if (sig := signal_behind(err)) is not None:
+            again = signal.Signals(sig).name
+        log.warning("%s again: the training is killed (SIGKILL), without a checkpoint of the step it was in. %s",
+                    again, then())  # fmt: skip
+        raise
     _signal_group(proc, signal.SIGKILL)  # what is left of it: a launcher's ranks outlive it otherwise
 
 
@@ -962,8 +985,6 @@ def _oom_advice(cfg: TrainConfig) -> str:
 
 def crash_message(returncode: int, ckpts: Path, cfg: TrainConfig, plan: dict | None, tail: list[str]) -> str:
     """What happened to the training process, and what the next run will do about it."""
-    from tasks.checkpoints import latest_checkpoint
-
     if returncode < 0:
         name = signal.Signals(-returncode).name
         how = f"the training process was killed by {name} (signal {-returncode})"
@@ -975,12 +996,20 @@ def crash_message(returncode: int, ckpts: Path, cfg: TrainConfig, plan: dict | N
                "its node, a `kill` of one rank): it stops after the step it is in, with a checkpoint of it")
     else:
         how = f"the training process exited with status {returncode}"
+    return f"{how}. {next_run(ckpts, cfg)}\nIts last output lines:\n" + "\n".join(tail)
+
+
+def next_run(ckpts: Path, cfg: TrainConfig) -> str:
+    """What the next run of a training that ended unfinished resumes from."""
+    from tasks.checkpoints import latest_checkpoint
+
     last = latest_checkpoint(ckpts) if ckpts.exists() else None
     if last is not None:
-        nxt = f"The next run (or Retry in the Prefect UI) resumes from {last.name} in {ckpts}."
-    else:
-        nxt = (f"No checkpoint was complete (train.save_steps={cfg.save_steps}), so the next run starts over.")
-    return f"{how}. {nxt}\nIts last output lines:\n" + "\n".join(tail)
+        return f"The next run (or Retry in the Prefect UI) resumes from {last.name} in {ckpts}."
+    how, every = cfg.save_plan()
+    saves = {"steps": f"every {every} steps", "epoch": "at each epoch's end", "no": "none"}[how]
+    return (f"No checkpoint was complete (train.save_steps={cfg.save_steps}: {saves}, and one when stopped), so the "
+            "next run starts over.")  # fmt: skip
 
 
 def _die_with_parent() -> None:

@@ -13,12 +13,14 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from tasks.checkpoints import MARKER, VALIDATION_SET, complete_checkpoints, latest_checkpoint, publish_checkpoint
+from tasks.checkpoints import (MARKER, VALIDATION_SET, checkpoint_step, complete_checkpoints, latest_checkpoint,
+                               publish_checkpoint)  # fmt: skip
 
 REPO = Path(__file__).resolve().parent.parent
 # profile_step=0: the tiny run's config (tests/conftest.py) profiles step 30, past a 20-step run's end
@@ -125,7 +127,6 @@ def test_a_sigterm_stops_training_at_the_step_it_is_in_with_a_checkpoint_the_rer
     process's group, once; systemd's) killed them, and the training process failed mid-step on "DataLoader worker
     ... is killed by signal: Terminated" instead of saving its checkpoint."""
     import re
-    import threading
 
     run = _run_copy(tiny_run, tmp_path / "run")
     ckpts = run / "04_train.checkpoints"
@@ -179,6 +180,48 @@ def test_a_sigterm_stops_training_at_the_step_it_is_in_with_a_checkpoint_the_rer
     # what the rerun resumes from (resuming from a checkpoint: the tests above, and the Prefect crash + Retry test)
 
 
+
+def test_a_second_ctrl_c_kills_a_training_that_is_saving_its_stop_checkpoint(tiny_run, tmp_path):
+    """Ctrl-C makes the stage wait while its training finishes the step it is in and saves it (a minute, or 1.5
+    steps where steps are longer); a second Ctrl-C during that wait kills the training at once and says what the
+    next run resumes from. Before, it left the wait unannounced, and the training died only with the CLI's process
+    (in a notebook, which goes on, it saved unwatched after the stage had ended). The training here is frozen
+    (SIGSTOP) once checkpoint-20 is written, as one deep in a long step would be: the first Ctrl-C cannot end it."""
+    run = _run_copy(tiny_run, tmp_path / "run")
+    ckpts = run / "04_train.checkpoints"
+    proc = subprocess.Popen(_stage_cmd(run, []), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out: list[str] = []
+    reader = threading.Thread(target=lambda: out.extend(proc.stdout), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 300
+        while not (ckpts / "checkpoint-20" / MARKER).exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "".join(out)[-3000:]
+            time.sleep(0.02)
+        [trainer] = [int(c) for c in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+                     if b"tasks.train_worker" in Path(f"/proc/{c}/cmdline").read_bytes()]  # fmt: skip
+        os.kill(trainer, signal.SIGSTOP)
+        os.kill(proc.pid, signal.SIGINT)
+        while "Ctrl-C again to kill it now" not in "".join(out):
+            assert proc.poll() is None and time.monotonic() < deadline, "".join(out)[-3000:]
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGINT)
+        asked = time.monotonic()
+        assert proc.wait(timeout=30) == 128 + signal.SIGINT
+        took = time.monotonic() - asked
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    reader.join(timeout=30)
+    log = "".join(out)
+    assert took < 15, took  # not the first stop's 60 s
+    assert not Path(f"/proc/{trainer}").exists(), "the training process outlived the stage"
+    last = latest_checkpoint(ckpts)
+    assert f"Ctrl-C again: the training is killed (SIGKILL), without a checkpoint of the step it was in. The next " \
+           f"run (or Retry in the Prefect UI) resumes from {last.name} in {ckpts}." in log, log[-3000:]  # fmt: skip
+    assert checkpoint_step(last) % 20 == 0, last  # a save_steps checkpoint: the stop's was never written
+    assert not (run / "04_train").exists()
+
 def _descendants(pid: int) -> list[int]:
     children = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
     return children + [d for c in children for d in _descendants(c)]
@@ -200,7 +243,6 @@ def test_ranks_under_the_launcher_stop_together_with_a_checkpoint_or_die_with_a_
       trained on, for nobody. Now each rank ends with the stage's process (`end_with_the_stage`), by SIGKILL:
       no checkpoint is written while a rerun could be resuming."""
     import re
-    import threading
 
     run = _run_copy(tiny_run, tmp_path / "run")
     ckpts = run / "04_train.checkpoints"
@@ -259,7 +301,6 @@ def test_a_rank_on_another_host_does_not_watch_the_stage_pid(monkeypatch):
     """A hostfile's launcher could pass EDGAR_TUNE_STAGE_PID on to other nodes, where that PID is not the stage's
     (or is nobody's: the rank would stop at once). Only a rank on the stage's host watches it."""
     import socket
-    import threading
 
     from tasks.finetune import STAGE_PID, end_with_the_stage
 
@@ -374,7 +415,6 @@ def test_a_stop_waits_for_a_step_as_long_as_the_steps_take(tmp_path):
     """A stop waits 60 s for the training to checkpoint the step it is in, or 1.5 steps and 30 s to save where steps
     are longer, at the pace the train stage reads from the training's events: an 8192-token SmolLM2 step on 2 CPU
     cores (2.5 to 3 min) was SIGKILLed with its checkpoint unwritten."""
-    import threading
 
     from tasks.finetune import STOP_GRACE_S, follow_progress, stop_grace_s
 
