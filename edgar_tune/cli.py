@@ -132,7 +132,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.cpu:
         kw |= {"on_cpu": True, "allocator": args.cpu_allocator}
     if args.fit:
-        return _print_fit(memory, shape, args, kw, where)
+        fitted = _print_fit(memory, shape, args, kw, where)
+        _note_allocator(args)
+        return fitted
     options = memory.OPTIONS + (() if args.cpu else ("fsdp",))  # FSDP needs CUDA GPUs
     rows = memory.plan(shape, budget_gb=args.gpu_memory_gb, options=options, **kw)
     context = memory.describe(shape, mode=args.mode, lora_r=args.lora_r, batch=args.batch, seq=args.seq,
@@ -140,7 +142,24 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(memory.format_plan(rows, "", args.gpu_memory_gb, context))
     if not any(r.fits for r in rows):
         print("nothing fits; try " + memory.suggestion(rows, shape, budget_gb=args.gpu_memory_gb, **kw))
+    _note_allocator(args)
     return 0
+
+
+def _note_allocator(args: argparse.Namespace) -> None:
+    """`plan --cpu --cpu-allocator NAME` plans NAME whether or not it is installed here (the plan may be for another
+    host), and says so where it is not: a training here asking for it is refused."""
+    from edgar_tune.config import ConfigError
+    from tasks import allocator
+
+    if not args.cpu or args.cpu_allocator == allocator.SYSTEM:
+        return
+    try:
+        allocator.resolve(args.cpu_allocator, on_gpu=False)
+    except ConfigError:
+        print(f"note: {args.cpu_allocator} is not installed on this host, so this plan is for one that has it (a "
+              f"training here with train.cpu_allocator={args.cpu_allocator} is refused); install it: "
+              f"{allocator.INSTALL[args.cpu_allocator]}")  # fmt: skip
 
 
 def _plan_where(args: argparse.Namespace) -> str:

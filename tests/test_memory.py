@@ -170,6 +170,29 @@ def test_plan_cpu_plans_a_training_on_the_cpu_as_the_train_stage_does():
     assert half.returncode == 2 and "plan --cpu: --precision bf16 needs a GPU" in half.stderr, half.stderr[-2000:]
 
 
+def test_plan_cpu_says_when_the_allocator_it_plans_is_not_installed_here(monkeypatch):
+    """`plan --cpu --cpu-allocator jemalloc` plans jemalloc whether or not this host has it (the plan may be for
+    another), and where it has not, says that a training here asking for it is refused, and how to install it."""
+    from tasks import allocator
+
+    for name in ("LD_LIBRARY_PATH", "LD_PRELOAD"):
+        monkeypatch.delenv(name, raising=False)
+    installed = allocator.find("jemalloc")
+    for fit in ([], ["--fit"]):
+        out = subprocess.run([sys.executable, "-m", "edgar_tune.cli", "plan", "--model", "smollm2-135m", "--cpu",
+                              "--cpu-allocator", "jemalloc", "--seq", "1024", *fit], cwd=REPO, capture_output=True,
+                             text=True, timeout=120)  # fmt: skip
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert ", cpu, jemalloc allocator, this host's RAM" in out.stdout.splitlines()[0] or fit
+        last = out.stdout.splitlines()[-1]
+        if installed:
+            assert "not installed" not in out.stdout
+            continue
+        assert last == ("note: jemalloc is not installed on this host, so this plan is for one that has it (a "
+                        "training here with train.cpu_allocator=jemalloc is refused); install it: "
+                        f"{allocator.INSTALL['jemalloc']}"), out.stdout[-2000:]  # fmt: skip
+
+
 def test_recomputing_fewer_layers_costs_their_activations():
     kw = dict(option="none", nproc=1, seq=2048, batch=4, mode="lora", precision="bf16")
     acts = [estimate(SHAPE, **kw, checkpoint_layers=f).activations for f in (1.0, 0.75, 0.5, 0.0)]
