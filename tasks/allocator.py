@@ -30,6 +30,8 @@ INSTALL = {
     "jemalloc": "`apt install libjemalloc2` (Debian, Ubuntu), `dnf install jemalloc` (Fedora, RHEL) or "
                 "`conda install jemalloc`",
 }  # fmt: skip
+# what the memory plan's refusal and an OOM-killed training's message tell a run that ran the system's malloc
+TRY_TCMALLOC = f"train.cpu_allocator=tcmalloc ({INSTALL['tcmalloc']}, where it is not installed)"
 _DIRS = ("/usr/local/lib", "/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib",
          "/lib/x86_64-linux-gnu", "/lib/aarch64-linux-gnu", "/lib64")  # fmt: skip
 

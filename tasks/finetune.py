@@ -978,7 +978,7 @@ def _oom_advice(cfg: TrainConfig) -> str:
     recompute = recompute_all(cfg.gradient_checkpointing, cfg.checkpoint_layers)
     fixes = [f"set {recompute}"] if recompute else []
     if cfg.cpu_allocator == allocator.SYSTEM:
-        fixes.append(f"preload tcmalloc (train.cpu_allocator=tcmalloc; {allocator.INSTALL['tcmalloc']})")
+        fixes.append(f"set {allocator.TRY_TCMALLOC}")
     fixes.append("lower train.per_device_train_batch_size or tokenize.max_input_length")
     return ", ".join(fixes[:-1]) + (", or " if len(fixes) > 1 else "") + fixes[-1]
 

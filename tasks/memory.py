@@ -389,10 +389,9 @@ def suggestion(rows: list[Estimate], shape: ModelShape, **kw) -> str:
     if recompute := recompute_all(kw["gradient_checkpointing"], kw.get("checkpoint_layers", 1.0)):
         steps.append(("recompute", {"gradient_checkpointing": True, "checkpoint_layers": 1.0}, recompute))
     if kw.get("on_cpu") and kw.get("allocator", "system") == "system":
-        from tasks.allocator import INSTALL
+        from tasks.allocator import TRY_TCMALLOC
 
-        steps.append(("allocator", {"allocator": "tcmalloc"},
-                      f"train.cpu_allocator=tcmalloc ({INSTALL['tcmalloc']}, where it is not installed)"))  # fmt: skip
+        steps.append(("allocator", {"allocator": "tcmalloc"}, TRY_TCMALLOC))
     batch = kw["batch"]
     while batch > 1:
         batch //= 2

@@ -104,12 +104,14 @@ def test_an_oom_killed_training_is_told_what_frees_ram_on_its_device(tmp_path):
         assert "the host's RAM" in first and "train.nproc" in first
         return
     assert "zero3-offload" not in first and "offload engine" not in first
-    assert first.endswith("; set train.gradient_checkpointing=true, preload tcmalloc (train.cpu_allocator=tcmalloc; "
-                          f"{allocator.INSTALL['tcmalloc']}), or lower train.per_device_train_batch_size or "
-                          "tokenize.max_input_length. No checkpoint was complete (train.save_steps=-1: every 20 steps, and "
-                          "one when stopped), so the next run starts over."), first  # fmt: skip
+    assert first.endswith("; set train.gradient_checkpointing=true, set train.cpu_allocator=tcmalloc ("
+                          f"{allocator.INSTALL['tcmalloc']}, where it is not installed), or lower "
+                          "train.per_device_train_batch_size or tokenize.max_input_length. No checkpoint was complete "
+                          "(train.save_steps=-1: every 20 steps, and one when stopped), so the next run starts over."
+                          ), first  # fmt: skip
     half = message(gradient_checkpointing=True, checkpoint_layers=0.5).splitlines()[0]
-    assert "set train.gradient_checkpointing=true with train.checkpoint_layers=1.0, preload tcmalloc" in half
+    assert "set train.gradient_checkpointing=true with train.checkpoint_layers=1.0, set train.cpu_allocator=tcmalloc" \
+        in half
     done = message(gradient_checkpointing=True, cpu_allocator="tcmalloc").splitlines()[0]
     assert "gradient_checkpointing" not in done and "tcmalloc" not in done
     assert "estimated 9.46 GB per device; lower train.per_device_train_batch_size or tokenize.max_input_length" in done
