@@ -2,8 +2,10 @@
 
 A checkpoint is written whole into `tmp-checkpoint-N` beside the others, fsynced, renamed to `checkpoint-N`,
 and only then given its `COMPLETE` marker. A folder without the marker is what a killed process left: it is
-never resumed from, and is reported. Weights are uncompressed safetensors (the Trainer's `save_model`);
-optimizer, scheduler and RNG state are the Trainer's (or DeepSpeed's) own files next to them.
+never resumed from, and the next run removes it (`remove_unfinished`). A save that fails on a full disk removes its
+unfinished copy and says what takes the disk (`DiskFull`); after each save, a run whose disk will not hold the rest
+of its checkpoints and final model is warned, once (`room_needed`). Weights are uncompressed safetensors (the
+Trainer's `save_model`); optimizer, scheduler and RNG state are the Trainer's (or DeepSpeed's) own files next to them.
 
 The checkpoints folder of a stage (`04_train.checkpoints/`) also holds `run.json`, the settings the
 checkpoints were made with; resuming under different settings is refused, naming the keys that differ.
@@ -11,14 +13,16 @@ checkpoints were made with; resuming under different settings is refused, naming
 
 from __future__ import annotations
 
+import errno
 import logging
+import math
 import os
 import re
 import shutil
 import time
 from pathlib import Path
 
-from tasks.io import atomic_write_json, read_json, umask_modes
+from tasks.io import atomic_write_json, megabytes, read_json, umask_modes
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +58,20 @@ def complete_checkpoints(folder: Path) -> list[Path]:
     for tmp in Path(folder).glob("tmp-checkpoint-*"):
         log.warning("skipping %s: a checkpoint that was never finished", tmp)
     return complete
+
+
+def remove_unfinished(folder: Path) -> None:
+    """Remove what interrupted writers left (`tmp-checkpoint-N`, `checkpoint-N` without its marker): never resumed
+    from, each as large as a checkpoint (a full fine-tune's: weights and optimizer state). Before, they stayed until
+    a run saved that same step again; one left by a full disk kept the disk full for the rerun."""
+    for path in sorted(Path(folder).glob("*checkpoint-*")):
+        step = checkpoint_step(path) if path.name.startswith("checkpoint-") else None
+        staging = path.name.startswith("tmp-checkpoint-")
+        if path.is_dir() and (staging or (step is not None and not (path / MARKER).is_file())):
+            log.warning("removing %s (%s): %s, never resumed from", path, size(megabytes(path) * 1e6),
+                        "a checkpoint that was never finished" if staging else
+                        f"no {MARKER} marker (its writer was interrupted)")  # fmt: skip
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def latest_checkpoint(folder: Path) -> Path | None:
@@ -99,6 +117,8 @@ def prepare(folder: Path, settings: dict, resume: bool, defaults: dict | None = 
         aside = folder.with_name(f"{folder.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
         os.replace(folder, aside)  # nothing already written is lost
         log.warning("train.resume=false: earlier checkpoints moved to %s", aside)
+    if folder.exists():
+        remove_unfinished(folder)
     last = latest_checkpoint(folder) if folder.exists() else None
     if last is not None and meta.exists():
         # settings made neutral since those checkpoints were written do not count either
@@ -149,6 +169,69 @@ def log_stop(how: str, state, world_size: int) -> None:
         ranks = f" on all {world_size} ranks" if world_size > 1 else ""
         log.warning("%s training stops after step %d of %d%s, with a checkpoint of it, which the next run resumes "
                     "from", how, state.global_step, state.max_steps, ranks)  # fmt: skip
+
+
+class DiskFull(RuntimeError):
+    """A checkpoint could not be written: the disk holding the checkpoints is full."""
+
+
+NEARLY_FULL_BYTES = 64 << 20  # free space under which a failed write is put down to a full disk
+
+
+def disk_full(err: BaseException | None, folder: Path) -> bool:
+    """Whether a write to `folder` failed for want of space: ENOSPC or EDQUOT in the exception chain, a library's
+    text of them (safetensors' Rust I/O error), or next to nothing free there (torch's zip writer reports only
+    `unexpected pos` or `iostream error`)."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(err) or "Disk quota exceeded" in str(err):
+            return True
+        err = err.__cause__ or err.__context__
+    return shutil.disk_usage(folder).free < NEARLY_FULL_BYTES
+
+
+def size(nbytes: float) -> str:
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
+
+
+def disk_use(folder: Path) -> str:
+    """What the checkpoints take on their disk: the complete ones, and the folders `train.resume=false` set aside
+    beside them (kept, never deleted by a run)."""
+    done = complete_checkpoints(folder)
+    said = [f"the complete checkpoints take {size(megabytes(*done) * 1e6)} ({', '.join(p.name for p in done)})"
+            if done else "no checkpoint is complete yet"]  # fmt: skip
+    aside = sorted(folder.parent.glob(f"{folder.name}.old-*"))
+    if aside:
+        said.append(f"{len(aside)} folder(s) of checkpoints set aside by train.resume=false take "
+                    f"{size(megabytes(*aside) * 1e6)} ({', '.join(p.name for p in aside)}; delete what you no longer "
+                    "need)")  # fmt: skip
+    return "; ".join(said)
+
+
+def room_needed(latest: Path, complete: int, keep: int, saves_left: int) -> tuple[int, int, int, int]:
+    """(bytes, checkpoints, bytes of each, final model bytes) the rest of a training still writes on the
+    checkpoints' disk, from the size of the checkpoint just saved (`latest`), with `complete` checkpoints there now
+    and `saves_left` saves to come: up to `keep` complete ones kept (train.save_total_limit) and the one being
+    written beside them; then, with the last ones kept, the final model (the weights files of a checkpoint)."""
+    each = round(megabytes(latest) * 1e6)
+    weights = [f for f in latest.iterdir() if f.suffix in (".safetensors", ".bin") and f.name != "training_args.bin"]
+    model = round(megabytes(*weights) * 1e6)
+    peak = min(complete + saves_left - 1, keep) + 1 if saves_left else complete  # while the next is written
+    last = min(complete + saves_left, keep)  # once the last is saved and the oldest rotated out
+    need = max(peak * each, last * each + model) - complete * each
+    return max(0, need), max(0, peak - complete), each, model
+
+
+def saves_left(args, state) -> int:
+    """How many checkpoints the Trainer still saves: every save_steps and at the last step, or once per epoch."""
+    if args.save_strategy == "steps" and args.save_steps:
+        return math.ceil((state.max_steps - state.global_step) / args.save_steps)
+    if args.save_strategy == "epoch":
+        return math.ceil(args.num_train_epochs - (state.epoch or 0))
+    return 0
 
 
 class ValidationStopped(Exception):
@@ -219,6 +302,35 @@ def trainer_class():
             if self.args.should_save:
                 shutil.rmtree(staging, ignore_errors=True)
             self.accelerator.wait_for_everyone()
+            try:
+                self._write_checkpoint(model, trial, staging)
+            except Exception as err:
+                if not self.args.should_save:
+                    raise
+                full, usage = disk_full(err, run_dir), shutil.disk_usage(run_dir)
+                written = megabytes(staging) * 1e6 if staging.exists() else 0
+                shutil.rmtree(staging, ignore_errors=True)  # unfinished: never resumed from, and it holds the space
+                if not full:
+                    raise
+                raise DiskFull(
+                    f"checkpoint-{step} could not be written: the disk holding {run_dir} is full ({size(usage.free)} "
+                    f"free of {size(usage.total)}). Its unfinished copy{f' ({size(written)})' if written else ''} is removed; "
+                    f"{disk_use(run_dir)}. Free space on that disk, or keep fewer checkpoints "
+                    f"(train.save_total_limit={self.args.save_total_limit})") from err  # fmt: skip
+            self.accelerator.wait_for_everyone()  # every rank's shards are in staging
+            if self.args.should_save:
+                publish_checkpoint(staging, final, step)
+            self.accelerator.wait_for_everyone()
+            if self.state.best_global_step:
+                best = run_dir / f"checkpoint-{self.state.best_global_step}"
+                if best.exists():
+                    self.state.best_model_checkpoint = str(best)
+            if self.args.should_save:
+                rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
+                                   best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)  # fmt: skip
+                self._check_room(run_dir, final)
+
+        def _write_checkpoint(self, model, trial, staging: Path) -> None:
             if self.hp_search_backend is None and trial is None:
                 self.store_flos()
             self.save_model(str(staging), _internal_call=True)
@@ -235,16 +347,27 @@ def trainer_class():
                     else:
                         self.state.stateful_callbacks[name] = cb.state()
                 self.state.save_to_json(str(staging / TRAINER_STATE_NAME))
-            self.accelerator.wait_for_everyone()  # every rank's shards are in staging
-            if self.args.should_save:
-                publish_checkpoint(staging, final, step)
-            self.accelerator.wait_for_everyone()
-            if self.state.best_global_step:
-                best = run_dir / f"checkpoint-{self.state.best_global_step}"
-                if best.exists():
-                    self.state.best_model_checkpoint = str(best)
-            if self.args.should_save:
-                rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
-                                   best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)  # fmt: skip
+
+        def _check_room(self, run_dir: Path, latest: Path) -> None:
+            """Warn, once a run, when the checkpoints' disk has less room than the rest of the training will write
+            there, measured from the checkpoint just saved: the run fails when the disk fills, at a checkpoint, and
+            is better told now, while there is time to free space, than hours on."""
+            if getattr(self, "_warned_room", False):
+                return
+            keep = self.args.save_total_limit
+            if self.args.load_best_model_at_end and keep == 1:
+                keep = 2  # the best and the latest (the Trainer's rule)
+            need, more, each, model = room_needed(latest, len(complete_checkpoints(run_dir)), keep,
+                                            saves_left(self.args, self.state))  # fmt: skip
+            free = shutil.disk_usage(run_dir).free
+            if need <= free:
+                return
+            self._warned_room = True
+            log.warning("the disk holding %s has %s free, and the rest of this training needs about %s there: %d more "
+                        "checkpoint(s) of %s (train.save_total_limit=%d kept, and the one being written) and the final "
+                        "model (%s); %s. Free space on that disk, or lower train.save_total_limit: where it fills, the "
+                        "run fails at that checkpoint, and the next run resumes from the one before", run_dir,
+                        size(free), size(need), more, size(each),
+                        self.args.save_total_limit, size(model), disk_use(run_dir))  # fmt: skip
 
     return AtomicCheckpointTrainer

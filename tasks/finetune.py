@@ -886,7 +886,12 @@ def _launch(tmp: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfi
         shutil.rmtree(ranks, ignore_errors=True)
     if proc.returncode != 0 or not (tmp / "stats.json").exists():
         lines = b"".join(tail).decode("utf-8", "replace").replace("\r", "\n").splitlines()
-        raise TrainingCrashed(crash_message(proc.returncode, ckpts, cfg, plan, [x for x in lines if x.strip()][-25:]))
+        failed = (tmp / FAILURE).read_text() if (tmp / FAILURE).exists() else None
+        raise TrainingCrashed(crash_message(proc.returncode, ckpts, cfg, plan, [x for x in lines if x.strip()][-25:],
+                                            failed))  # fmt: skip
+
+
+FAILURE = "failure.txt"  # what a training process that failed for a reason it can name says of it (`DiskFull`)
 
 
 STOP_GRACE_S = 60.0  # how long a training process asked to stop may take to save its checkpoint, at least
@@ -983,9 +988,13 @@ def _oom_advice(cfg: TrainConfig) -> str:
     return ", ".join(fixes[:-1]) + (", or " if len(fixes) > 1 else "") + fixes[-1]
 
 
-def crash_message(returncode: int, ckpts: Path, cfg: TrainConfig, plan: dict | None, tail: list[str]) -> str:
-    """What happened to the training process, and what the next run will do about it."""
-    if returncode < 0:
+def crash_message(returncode: int, ckpts: Path, cfg: TrainConfig, plan: dict | None, tail: list[str],
+                  failed: str | None = None) -> str:  # fmt: skip
+    """What happened to the training process (`failed`: what it said of it, `FAILURE`), and what the next run will
+    do about it."""
+    if failed:
+        how = failed
+    elif returncode < 0:
         name = signal.Signals(-returncode).name
         how = f"the training process was killed by {name} (signal {-returncode})"
         if -returncode == signal.SIGKILL:

@@ -10,11 +10,13 @@ that the parent's stage publishes atomically once the launcher exits cleanly.
 from __future__ import annotations
 
 import argparse
+import contextlib
 from pathlib import Path
 
 from edgar_tune.config import EvalConfig, TrainConfig
 from edgar_tune.signals import keep_signals
-from tasks.finetune import EVENTS, end_with_the_stage, log_to_the_stage, train
+from tasks.checkpoints import DiskFull
+from tasks.finetune import EVENTS, FAILURE, end_with_the_stage, log_to_the_stage, train
 from tasks.progress import settle_console
 
 if __name__ == "__main__":
@@ -31,5 +33,10 @@ if __name__ == "__main__":
     log_to_the_stage(args.out / EVENTS)
     end_with_the_stage()
     keep_signals()  # a SIGTERM before the first step or after the last that lands in a finalizer still ends it
-    train(args.out, args.tokenize_dir, TrainConfig.model_validate_json(args.config),
-          EvalConfig.model_validate_json(args.eval_config), args.checkpoints, args.resume_from)  # fmt: skip
+    try:
+        train(args.out, args.tokenize_dir, TrainConfig.model_validate_json(args.config),
+              EvalConfig.model_validate_json(args.eval_config), args.checkpoints, args.resume_from)  # fmt: skip
+    except DiskFull as err:  # what the stage's message leads with
+        with contextlib.suppress(OSError):
+            (args.out / FAILURE).write_text(str(err))
+        raise

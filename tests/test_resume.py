@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -82,7 +83,8 @@ def test_sigkilled_training_resumes_on_the_same_trajectory(tiny_run, tmp_path, e
 
     resumed = _train(run, engine + on_resume)
     log = resumed.stdout + resumed.stderr
-    assert "skipping" in log and "checkpoint-60" in log
+    assert re.search(r"removing \S+/checkpoint-60 \([\d.]+ MB\): no COMPLETE marker", log), log[-3000:]
+    assert not (ckpts / "checkpoint-60").exists() or (ckpts / "checkpoint-60" / MARKER).exists()  # the rerun's own
     stats = json.loads((run / "04_train" / "stats.json").read_text())
     assert stats["resumed_from_step"] == 40 and stats["steps"] == 100
     if "deepspeed=zero2" in engine:
@@ -126,8 +128,6 @@ def test_a_sigterm_stops_training_at_the_step_it_is_in_with_a_checkpoint_the_rer
     With two DataLoader workers, as on GPUs by default: a SIGTERM that reached them (the stage's to its training
     process's group, once; systemd's) killed them, and the training process failed mid-step on "DataLoader worker
     ... is killed by signal: Terminated" instead of saving its checkpoint."""
-    import re
-
     run = _run_copy(tiny_run, tmp_path / "run")
     ckpts = run / "04_train.checkpoints"
     sets = ["dataloader_num_workers=2"]
@@ -242,8 +242,6 @@ def test_ranks_under_the_launcher_stop_together_with_a_checkpoint_or_die_with_a_
     - SIGKILL to the stage: it took the launcher only (PR_SET_PDEATHSIG), and its launch process and both ranks
       trained on, for nobody. Now each rank ends with the stage's process (`end_with_the_stage`), by SIGKILL:
       no checkpoint is written while a rerun could be resuming."""
-    import re
-
     run = _run_copy(tiny_run, tmp_path / "run")
     ckpts = run / "04_train.checkpoints"
     sets = ["deepspeed=zero3", "nproc=2", "max_steps=400", "dataloader_num_workers=1"]
@@ -315,6 +313,67 @@ def test_a_rank_on_another_host_does_not_watch_the_stage_pid(monkeypatch):
     assert watching()
 
 
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A tmpfs of its own, resized by `resize(bytes)`: a disk that fills (mounting needs root, as here and in CI)."""
+    where = tmp_path / "disk"
+    where.mkdir()
+
+    def resize(nbytes: int) -> None:
+        opts = f"size={nbytes}" + (",remount" if os.path.ismount(where) else "")
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(where)], capture_output=True,
+                              text=True)  # fmt: skip
+        if done.returncode:
+            pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}): it takes root")
+
+    yield where, resize
+    if os.path.ismount(where):
+        subprocess.run(["umount", "-l", str(where)], check=True)
+
+
+def test_a_full_disk_fails_at_a_checkpoint_with_what_takes_it_and_the_rerun_resumes(tiny_run, tmp_path, small_disk):
+    """The checkpoints' disk holds a checkpoint and a half: after the first, the run is warned that the rest needs
+    more than is free; the second fails to write, and the stage says the disk is full, what takes it, and what the
+    next run resumes from, having removed the unfinished copy. Before, the save died on torch's `unexpected pos
+    3246080 vs 3245972` or safetensors' `os error 28` under 280 lines of tracebacks, `exited with status 1`, and left
+    the unfinished copy holding the space for the rerun. Given room, the rerun resumes from the first checkpoint."""
+    from tasks.io import megabytes
+
+    measured = _run_copy(tiny_run, tmp_path / "measured")  # a checkpoint's size, on the usual disk
+    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")  # not on the small disk
+    done = subprocess.run(_stage_cmd(measured, ["max_steps=20"]), cwd=REPO, capture_output=True, text=True, env=env,
+                          timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    each = megabytes(measured / "04_train.checkpoints" / "checkpoint-20") * 1e6
+    disk, resize = small_disk
+    resize(1 << 30)
+    run = _run_copy(tiny_run, disk / "run")
+    resize(int(megabytes(disk) * 1e6 + 1.6 * each))  # a checkpoint and a half free, above what the run holds
+    ckpts = run / "04_train.checkpoints"
+    full = subprocess.run(_stage_cmd(run, ["max_steps=40"]), cwd=REPO, capture_output=True, text=True, env=env,
+                          timeout=600)  # fmt: skip
+    log = full.stdout + full.stderr
+    assert full.returncode == 1, log[-3000:]
+    mb = r"[\d.]+ MB"
+    assert re.search(rf"WARNING tasks.checkpoints: the disk holding {ckpts} has {mb} free, and the rest of this "
+                     rf"training needs about {mb} there: 1 more checkpoint\(s\) of {mb} \(train.save_total_limit=2 "
+                     r"kept, and the one being written\) and the final model", log), log[-3000:]  # fmt: skip
+    assert re.search(rf"TrainingCrashed: checkpoint-40 could not be written: the disk holding {ckpts} is full "
+                     rf"\({mb} free of {mb}\)\. Its unfinished copy( \({mb}\))? is removed; the complete checkpoints "
+                     rf"take {mb} \(checkpoint-20\)\. Free space on that disk, or keep fewer checkpoints "
+                     rf"\(train.save_total_limit=2\)\. The next run \(or Retry in the Prefect UI\) resumes from "
+                     rf"checkpoint-20 in {ckpts}\.", log), log[-3000:]  # fmt: skip
+    assert sorted(p.name for p in ckpts.iterdir()) == ["checkpoint-20", "run.json"]
+    assert not (run / "04_train").exists() and not list(run.glob(".04_train*"))
+    resize(int(megabytes(disk) * 1e6 + 10 * each))  # space freed
+    resumed = subprocess.run(_stage_cmd(run, ["max_steps=40"]), cwd=REPO, capture_output=True, text=True, env=env,
+                             timeout=600)  # fmt: skip
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
+    stats = json.loads((run / "04_train" / "stats.json").read_text())
+    assert stats["resumed_from_step"] == 20 and stats["steps"] == 40
+    assert "WARNING tasks.checkpoints: the disk" not in resumed.stderr
+
 def test_checkpoint_is_published_by_rename_then_marker(tmp_path):
     """Published by rename, then the marker; with the permissions the umask gives (safetensors 0.8 writes 0600)."""
     from tasks.io import umask
@@ -332,6 +391,30 @@ def test_checkpoint_is_published_by_rename_then_marker(tmp_path):
     (tmp_path / "tmp-checkpoint-12").mkdir()
     assert complete_checkpoints(tmp_path) == [final]
     assert latest_checkpoint(tmp_path) == final
+    # The next run removes them: each holds a checkpoint's space, and one left by a full disk kept it full.
+    from tasks.checkpoints import prepare
+
+    assert prepare(tmp_path, {"train.learning_rate": 0.003}, resume=True) == final
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-5", "run.json"]
+
+
+def test_the_room_a_training_still_needs_counts_the_checkpoints_it_keeps_and_its_final_model(tmp_path):
+    """From a checkpoint of 13 MB whose weights take 10: with 2 kept (train.save_total_limit) and 1 there, two more
+    saves peak at 3 checkpoints (the one being written beside the two kept): 26 MB more; one more save ends with 2
+    and the final model: 23 MB; none, the final model only; with 2 there and 5 to come, one more checkpoint."""
+    from tasks.checkpoints import room_needed
+
+    latest = tmp_path / "checkpoint-2"
+    latest.mkdir()
+    for name, nbytes in (("adapter_model.safetensors", 10_000_000), ("optimizer.pt", 3_000_000),
+                         ("training_args.bin", 5_000)):  # fmt: skip
+        (latest / name).write_bytes(b"x" * nbytes)
+    each, model = 13_005_000, 10_000_000
+    assert room_needed(latest, 1, 2, 2) == (2 * each, 2, each, model)
+    assert room_needed(latest, 1, 2, 1) == (each + model, 1, each, model)
+    assert room_needed(latest, 1, 2, 0) == (model, 0, each, model)
+    assert room_needed(latest, 2, 2, 5) == (each, 1, each, model)
+    assert room_needed(latest, 1, 1, 3) == (each, 1, each, model)
 
 
 def test_resume_allows_the_settings_that_leave_the_trajectory_alone(tmp_path):
