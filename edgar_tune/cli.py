@@ -617,7 +617,7 @@ def _main(argv: list[str] | None) -> int:
         logging.getLogger(name).setLevel(logging.WARNING)
     logging.getLogger("pyrate_limiter").setLevel(logging.WARNING)  # a line at import of sec-edgar-downloader
     args = build_parser().parse_args(argv)
-    from edgar_tune.config import ConfigError
+    from edgar_tune.config import ConfigError, StageFailed
     from tasks.download import EdgarError
 
     try:
@@ -626,10 +626,17 @@ def _main(argv: list[str] | None) -> int:
     except (ConfigError, EdgarError, FileNotFoundError) as err:
         print(f"edgar-tune: error: {err}", file=sys.stderr)
         return 2
-    except FloatingPointError as err:  # NaN/inf loss or perplexity: the run stops before registering
+    except (FloatingPointError, StageFailed) as err:  # NaN/inf loss or perplexity; a training that crashed
         print(f"edgar-tune: failed: {err}", file=sys.stderr)
         return 1
+    except OSError as err:  # outside a stage (one raises StageFailed): the flow's own writes, the MLflow store
+        from tasks.io import disk_full_message
 
+        where = getattr(args, "run", None) or getattr(args, "out", None) or "."
+        if "://" in str(where) or (full := disk_full_message(err, Path(where))) is None:
+            raise
+        print(f"edgar-tune: failed: {full}", file=sys.stderr)
+        return 1
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -42,6 +42,11 @@ class ConfigError(ValueError):
     """A configuration problem; the message names the key and what to change."""
 
 
+class StageFailed(RuntimeError):
+    """A stage failed for a reason its message gives in full (how, what to change, where the next run resumes): the
+    CLI prints it without a traceback."""
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 

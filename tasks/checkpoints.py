@@ -13,7 +13,6 @@ checkpoints were made with; resuming under different settings is refused, naming
 
 from __future__ import annotations
 
-import errno
 import logging
 import math
 import os
@@ -22,7 +21,7 @@ import shutil
 import time
 from pathlib import Path
 
-from tasks.io import atomic_write_json, megabytes, read_json, umask_modes
+from tasks.io import atomic_write_json, megabytes, out_of_space, read_json, size, umask_modes
 
 log = logging.getLogger(__name__)
 
@@ -178,23 +177,10 @@ class DiskFull(RuntimeError):
 NEARLY_FULL_BYTES = 64 << 20  # free space under which a failed write is put down to a full disk
 
 
-def disk_full(err: BaseException | None, folder: Path) -> bool:
-    """Whether a write to `folder` failed for want of space: ENOSPC or EDQUOT in the exception chain, a library's
-    text of them (safetensors' Rust I/O error), or next to nothing free there (torch's zip writer reports only
-    `unexpected pos` or `iostream error`)."""
-    seen: set[int] = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        if "No space left on device" in str(err) or "Disk quota exceeded" in str(err):
-            return True
-        err = err.__cause__ or err.__context__
-    return shutil.disk_usage(folder).free < NEARLY_FULL_BYTES
-
-
-def size(nbytes: float) -> str:
-    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
+def disk_full(err: BaseException, folder: Path) -> bool:
+    """Whether a write to `folder` failed for want of space: `out_of_space`, or next to nothing free there (torch's
+    zip writer reports only `unexpected pos` or `iostream error`)."""
+    return out_of_space(err) or shutil.disk_usage(folder).free < NEARLY_FULL_BYTES
 
 
 def disk_use(folder: Path) -> str:

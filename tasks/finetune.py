@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from datasets import load_from_disk
 
-from edgar_tune.config import DEEPSPEED_PRESETS, REPO_ROOT, ConfigError, EvalConfig, TrainConfig
+from edgar_tune.config import DEEPSPEED_PRESETS, REPO_ROOT, ConfigError, EvalConfig, StageFailed, TrainConfig
 from edgar_tune.signals import signal_behind
 from tasks import allocator
 from tasks.blocks import base_model_path
@@ -822,7 +822,7 @@ def write_train_stage(out: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg:
     return stats
 
 
-class TrainingCrashed(RuntimeError):
+class TrainingCrashed(StageFailed):
     """The training process died; the message says how, and where the next run resumes."""
 
 

@@ -40,6 +40,43 @@ def megabytes(*paths: Path) -> float:
     return sum(f.stat().st_size for f in files) / 1e6
 
 
+def size(nbytes: float) -> str:
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
+
+
+def out_of_space(err: BaseException | None) -> bool:
+    """Whether `err`'s exception chain says a write found no room: ENOSPC or EDQUOT, or a library's text of them
+    (safetensors' Rust I/O error: `No space left on device (os error 28)`)."""
+    import errno
+
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(err) or "Disk quota exceeded" in str(err):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def disk_full_message(err: BaseException, where: Path) -> str | None:
+    """What to say of a stage that stopped on a full disk (`out_of_space`), else None: the disk (the failed write's
+    file, else `where`), its free space, and that the stages done stay done (each publishes its folder whole, so the
+    one that failed left none half-written). Before, the CLI printed two tracebacks ending in `OSError: [Errno 28]
+    No space left on device`, with no path, and so did the flow run's state in the Prefect UI."""
+    if not out_of_space(err):
+        return None
+    named = next((e.filename for e in (err, err.__cause__, err.__context__) if getattr(e, "filename", None)), None)
+    place = Path(named or where).resolve()
+    while not place.exists() and place != place.parent:
+        place = place.parent
+    usage = shutil.disk_usage(place)
+    return (f"no space left on the disk holding {place}: {size(usage.free)} free of {size(usage.total)}. Free space "
+            "there and run it again: the stages already done are kept and not redone (each stage publishes its "
+            "folder whole, so the one that failed left none half-written)")  # fmt: skip
+
+
 def cache_dir() -> Path:
     """Where converted models and EDGAR downloads are kept across runs ($EDGAR_TUNE_CACHE)."""
     return Path(os.environ.get("EDGAR_TUNE_CACHE", Path.home() / ".cache" / "edgar-tune"))

@@ -8,22 +8,40 @@ finds them `Cached`; `cache_key=None` (a plain call) caches nothing.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from prefect import task
 
-from edgar_tune.config import DataConfig, EvalConfig, GenerateConfig, PipelineConfig, RegisterConfig, TrainConfig
+from edgar_tune.config import (DataConfig, EvalConfig, GenerateConfig, PipelineConfig, RegisterConfig, StageFailed,
+                               TrainConfig)  # fmt: skip
 from tasks.cache import StageKey
-from tasks.io import DOWNLOAD, EVALUATE, PARSE, REGISTER, TOKENIZE, TRAIN, atomic_dir, atomic_write_json, read_json
+from tasks.io import (DOWNLOAD, EVALUATE, PARSE, REGISTER, TOKENIZE, TRAIN, atomic_dir, atomic_write_json,
+                      disk_full_message, read_json)  # fmt: skip
 
 
 def stage_task(name: str):
-    """A pipeline stage: cached on the flow's `cache_key`, its result persisted (JSON) for later runs.
+    """A pipeline stage: cached on the flow's `cache_key`, its result persisted (JSON) for later runs. A stage that
+    stops on a full disk raises `StageFailed` saying which disk and how much is free (`disk_full_message`).
 
     Stages log through `logging`, never `print`. The flow's `log_prints` is off inside them because libraries
     print to a captured stdout: dill (under `datasets`' fingerprints) reads a function's globals from
     `dis.dis` output, which Prefect would otherwise send to the run's log as bytecode."""
-    return task(name=name, cache_policy=StageKey(), persist_result=True, result_serializer="json", log_prints=False)
+
+    def stage(fn):
+        @functools.wraps(fn)
+        def run(run_dir: Path, *args, **kwargs):
+            try:
+                return fn(run_dir, *args, **kwargs)
+            except OSError as err:
+                if (full := disk_full_message(err, run_dir)) is None:
+                    raise
+                raise StageFailed(f"{name}: {full}") from err
+
+        return task(name=name, cache_policy=StageKey(), persist_result=True, result_serializer="json",
+                    log_prints=False)(run)  # fmt: skip
+
+    return stage
 
 
 @stage_task("download_filings")

@@ -22,6 +22,7 @@ import pytest
 
 from tasks.checkpoints import (MARKER, VALIDATION_SET, checkpoint_step, complete_checkpoints, latest_checkpoint,
                                publish_checkpoint)  # fmt: skip
+from tasks.io import megabytes
 
 REPO = Path(__file__).resolve().parent.parent
 # profile_step=0: the tiny run's config (tests/conftest.py) profiles step 30, past a 20-step run's end
@@ -321,11 +322,13 @@ def small_disk(tmp_path):
     where.mkdir()
 
     def resize(nbytes: int) -> None:
-        opts = f"size={nbytes}" + (",remount" if os.path.ismount(where) else "")
+        mounted = os.path.ismount(where)
+        opts = f"size={nbytes}" + (",remount" if mounted else "")
         done = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(where)], capture_output=True,
                               text=True)  # fmt: skip
-        if done.returncode:
+        if done.returncode and not mounted:
             pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}): it takes root")
+        assert done.returncode == 0, done.stderr
 
     yield where, resize
     if os.path.ismount(where):
@@ -338,8 +341,6 @@ def test_a_full_disk_fails_at_a_checkpoint_with_what_takes_it_and_the_rerun_resu
     next run resumes from, having removed the unfinished copy. Before, the save died on torch's `unexpected pos
     3246080 vs 3245972` or safetensors' `os error 28` under 280 lines of tracebacks, `exited with status 1`, and left
     the unfinished copy holding the space for the rerun. Given room, the rerun resumes from the first checkpoint."""
-    from tasks.io import megabytes
-
     measured = _run_copy(tiny_run, tmp_path / "measured")  # a checkpoint's size, on the usual disk
     env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")  # not on the small disk
     done = subprocess.run(_stage_cmd(measured, ["max_steps=20"]), cwd=REPO, capture_output=True, text=True, env=env,
@@ -349,7 +350,7 @@ def test_a_full_disk_fails_at_a_checkpoint_with_what_takes_it_and_the_rerun_resu
     disk, resize = small_disk
     resize(1 << 30)
     run = _run_copy(tiny_run, disk / "run")
-    resize(int(megabytes(disk) * 1e6 + 1.6 * each))  # a checkpoint and a half free, above what the run holds
+    resize(int(shutil.disk_usage(disk).used + 1.6 * each))  # a checkpoint and a half free, above what it holds
     ckpts = run / "04_train.checkpoints"
     full = subprocess.run(_stage_cmd(run, ["max_steps=40"]), cwd=REPO, capture_output=True, text=True, env=env,
                           timeout=600)  # fmt: skip
@@ -359,20 +360,46 @@ def test_a_full_disk_fails_at_a_checkpoint_with_what_takes_it_and_the_rerun_resu
     assert re.search(rf"WARNING tasks.checkpoints: the disk holding {ckpts} has {mb} free, and the rest of this "
                      rf"training needs about {mb} there: 1 more checkpoint\(s\) of {mb} \(train.save_total_limit=2 "
                      r"kept, and the one being written\) and the final model", log), log[-3000:]  # fmt: skip
-    assert re.search(rf"TrainingCrashed: checkpoint-40 could not be written: the disk holding {ckpts} is full "
+    assert re.search(rf"\nedgar-tune: failed: checkpoint-40 could not be written: the disk holding {ckpts} is full "
                      rf"\({mb} free of {mb}\)\. Its unfinished copy( \({mb}\))? is removed; the complete checkpoints "
                      rf"take {mb} \(checkpoint-20\)\. Free space on that disk, or keep fewer checkpoints "
                      rf"\(train.save_total_limit=2\)\. The next run \(or Retry in the Prefect UI\) resumes from "
                      rf"checkpoint-20 in {ckpts}\.", log), log[-3000:]  # fmt: skip
+    assert "edgar_tune/cli.py" not in full.stderr  # the CLI's own traceback (the training's last lines stay)
     assert sorted(p.name for p in ckpts.iterdir()) == ["checkpoint-20", "run.json"]
     assert not (run / "04_train").exists() and not list(run.glob(".04_train*"))
-    resize(int(megabytes(disk) * 1e6 + 10 * each))  # space freed
+    resize(int(shutil.disk_usage(disk).used + 10 * each))  # space freed
     resumed = subprocess.run(_stage_cmd(run, ["max_steps=40"]), cwd=REPO, capture_output=True, text=True, env=env,
                              timeout=600)  # fmt: skip
     assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
     stats = json.loads((run / "04_train" / "stats.json").read_text())
     assert stats["resumed_from_step"] == 20 and stats["steps"] == 40
     assert "WARNING tasks.checkpoints: the disk" not in resumed.stderr
+
+
+def test_a_stage_that_fills_the_disk_says_which_and_its_rerun_needs_only_room(tiny_run, small_disk):
+    """The tokenize stage on a disk with no room for its blocks: before, two tracebacks ending in `OSError: [Errno 28]
+    No space left on device`, no path. Now one line naming the stage, the disk and its free space; nothing
+    half-written is left, and with room the same command runs."""
+    runs, _ = tiny_run
+    disk, resize = small_disk
+    resize(1 << 30)
+    run = disk / "run"
+    run.mkdir()
+    for name in ("config.yaml", "01_download", "02_parse"):
+        (shutil.copytree if (runs / "latest" / name).is_dir() else shutil.copy)(runs / "latest" / name, run / name)
+    resize(shutil.disk_usage(disk).used + (8 << 10))
+    cmd = [sys.executable, "-m", "edgar_tune.cli", "stage", "tokenize", "--run", str(run)]
+    full = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert full.returncode == 1, full.stderr[-3000:]
+    assert re.search(rf"(^|\n)edgar-tune: failed: pack_blocks: no space left on the disk holding {run}: [\d.]+ MB free "
+                     r"of [\d.]+ MB\. Free space there and run it again: the stages already done are kept and not "
+                     r"redone", full.stderr), full.stderr[-3000:]  # fmt: skip
+    assert "Traceback" not in full.stderr, full.stderr[-3000:]
+    assert sorted(p.name for p in run.iterdir()) == [".lock", "01_download", "02_parse", "config.yaml"]
+    resize(1 << 30)
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and (run / "03_tokenize" / "stats.json").exists(), done.stderr[-3000:]
 
 def test_checkpoint_is_published_by_rename_then_marker(tmp_path):
     """Published by rename, then the marker; with the permissions the umask gives (safetensors 0.8 writes 0600)."""
