@@ -298,11 +298,12 @@ def trainer_class():
                 shutil.rmtree(staging, ignore_errors=True)  # unfinished: never resumed from, and it holds the space
                 if not full:
                     raise
+                copy = f"Its unfinished copy ({size(written)})" if written else "Its unfinished copy"
                 raise DiskFull(
                     f"checkpoint-{step} could not be written: the disk holding {run_dir} is full ({size(usage.free)} "
-                    f"free of {size(usage.total)}). Its unfinished copy{f' ({size(written)})' if written else ''} is removed; "
-                    f"{disk_use(run_dir)}. Free space on that disk, or keep fewer checkpoints "
-                    f"(train.save_total_limit={self.args.save_total_limit})") from err  # fmt: skip
+                    f"free of {size(usage.total)}). {copy} is removed; {disk_use(run_dir)}. Free space on that disk, "
+                    f"or keep fewer checkpoints (train.save_total_limit={self.args.save_total_limit})"
+                ) from err  # fmt: skip
             self.accelerator.wait_for_everyone()  # every rank's shards are in staging
             if self.args.should_save:
                 publish_checkpoint(staging, final, step)

@@ -956,11 +956,11 @@ def _stop_training(proc, relay, ranks: list[int], step_s: float | None = None,
         _signal_group(proc, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=10)
-        again = "Ctrl-C" if isinstance(err, KeyboardInterrupt) else type(err).__name__
-        if (sig := signal_behind(err)) is not None:
-            again = signal.Signals(sig).name
-        log.warning("%s again: the training is killed (SIGKILL), without a checkpoint of the step it was in. %s",
-                    again, then())  # fmt: skip
+        sig = signal.SIGINT if isinstance(err, KeyboardInterrupt) else signal_behind(err)
+        why = {signal.SIGINT: "Ctrl-C again"}.get(sig, f"{signal.Signals(sig).name} again" if sig else
+                                                      f"{type(err).__name__} while stopping")  # fmt: skip
+        log.warning("%s: the training is killed (SIGKILL), without a checkpoint of the step it was in. %s", why,
+                    then())  # fmt: skip
         raise
     _signal_group(proc, signal.SIGKILL)  # what is left of it: a launcher's ranks outlive it otherwise
 
