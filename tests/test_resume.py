@@ -7,6 +7,7 @@ from step 40 and log the same loss at every step as an uninterrupted run (same s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -134,11 +135,6 @@ def test_a_sigterm_stops_training_at_the_step_it_is_in_with_a_checkpoint_the_rer
     sets = ["dataloader_num_workers=2"]
     if when == "during a validation":
         sets += ["max_val_samples=-1", "per_device_eval_batch_size=1"]
-    proc = subprocess.Popen(_stage_cmd(run, sets), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)  # fmt: skip
-    out: list[str] = []
-    reader = threading.Thread(target=lambda: out.extend(proc.stdout), daemon=True)
-    reader.start()
 
     def ready() -> bool:
         if when == "after a step":
@@ -146,23 +142,14 @@ def test_a_sigterm_stops_training_at_the_step_it_is_in_with_a_checkpoint_the_rer
         events = [json.loads(line) for f in run.glob(".04_train.*/events.jsonl") for line in f.read_text().splitlines()]
         return any(e.get("step") == 20 and "loss" in e for e in events)  # logged as its validation starts
 
-    try:
-        deadline = time.monotonic() + 300
-        while not ready():
-            assert proc.poll() is None, "".join(out)[-3000:]
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
-        [trainer] = [int(c) for c in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
-                     if b"tasks.train_worker" in Path(f"/proc/{c}/cmdline").read_bytes()]  # fmt: skip
+    with _stage(run, sets) as (proc, out):
+        _until(ready, proc, out)
+        trainer = _trainer_of(proc.pid)
         asked = time.monotonic()
         for pid in [proc.pid, *_descendants(proc.pid)] if when == "after a step" else [proc.pid]:
             os.kill(pid, signal.SIGTERM)
         assert proc.wait(timeout=120) == 128 + signal.SIGTERM
         took = time.monotonic() - asked
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    reader.join(timeout=30)
     log = "".join(out)
     assert not Path(f"/proc/{trainer}").exists(), "the training process outlived the stage"
     assert "killed by signal" not in log, log[-3000:]
@@ -190,30 +177,16 @@ def test_a_second_ctrl_c_kills_a_training_that_is_saving_its_stop_checkpoint(tin
     (SIGSTOP) once checkpoint-20 is written, as one deep in a long step would be: the first Ctrl-C cannot end it."""
     run = _run_copy(tiny_run, tmp_path / "run")
     ckpts = run / "04_train.checkpoints"
-    proc = subprocess.Popen(_stage_cmd(run, []), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    out: list[str] = []
-    reader = threading.Thread(target=lambda: out.extend(proc.stdout), daemon=True)
-    reader.start()
-    try:
-        deadline = time.monotonic() + 300
-        while not (ckpts / "checkpoint-20" / MARKER).exists():
-            assert proc.poll() is None and time.monotonic() < deadline, "".join(out)[-3000:]
-            time.sleep(0.02)
-        [trainer] = [int(c) for c in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
-                     if b"tasks.train_worker" in Path(f"/proc/{c}/cmdline").read_bytes()]  # fmt: skip
+    with _stage(run, []) as (proc, out):
+        _until((ckpts / "checkpoint-20" / MARKER).exists, proc, out)
+        trainer = _trainer_of(proc.pid)
         os.kill(trainer, signal.SIGSTOP)
         os.kill(proc.pid, signal.SIGINT)
-        while "Ctrl-C again to kill it now" not in "".join(out):
-            assert proc.poll() is None and time.monotonic() < deadline, "".join(out)[-3000:]
-            time.sleep(0.05)
+        _until(lambda: "Ctrl-C again to kill it now" in "".join(out), proc, out)
         os.kill(proc.pid, signal.SIGINT)
         asked = time.monotonic()
         assert proc.wait(timeout=30) == 128 + signal.SIGINT
         took = time.monotonic() - asked
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    reader.join(timeout=30)
     log = "".join(out)
     assert took < 15, took  # not the first stop's 60 s
     assert not Path(f"/proc/{trainer}").exists(), "the training process outlived the stage"
@@ -222,6 +195,38 @@ def test_a_second_ctrl_c_kills_a_training_that_is_saving_its_stop_checkpoint(tin
            f"run (or Retry in the Prefect UI) resumes from {last.name} in {ckpts}." in log, log[-3000:]  # fmt: skip
     assert checkpoint_step(last) % 20 == 0, last  # a save_steps checkpoint: the stop's was never written
     assert not (run / "04_train").exists()
+
+@contextlib.contextmanager
+def _stage(run: Path, extra: list[str]):
+    """`edgar-tune stage train` running, and the list its output lines go to as they come: (process, lines). Killed
+    at the end if it still runs."""
+    proc = subprocess.Popen(_stage_cmd(run, extra), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)  # fmt: skip
+    out: list[str] = []
+    reader = threading.Thread(target=lambda: out.extend(proc.stdout), daemon=True)
+    reader.start()
+    try:
+        yield proc, out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        reader.join(timeout=30)
+
+
+def _until(ready, proc, out: list[str], timeout: float = 300) -> None:
+    """Wait until `ready()`, failing with the stage's output (`out`) if it ends or `timeout` passes first."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert proc.poll() is None and time.monotonic() < deadline, "".join(out)[-3000:]
+        time.sleep(0.02)
+
+
+def _trainer_of(stage: int) -> int:
+    """The training process among the stage's children."""
+    [trainer] = [int(c) for c in Path(f"/proc/{stage}/task/{stage}/children").read_text().split()
+                 if b"tasks.train_worker" in Path(f"/proc/{c}/cmdline").read_bytes()]  # fmt: skip
+    return trainer
+
 
 def _descendants(pid: int) -> list[int]:
     children = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
