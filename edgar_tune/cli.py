@@ -629,7 +629,7 @@ def _main(argv: list[str] | None) -> int:
     except (FloatingPointError, StageFailed) as err:  # NaN/inf loss or perplexity; a training that crashed
         print(f"edgar-tune: failed: {err}", file=sys.stderr)
         return 1
-    except OSError as err:  # outside a stage (one raises StageFailed): the flow's own writes, the MLflow store
+    except Exception as err:  # outside a stage (one raises StageFailed): the flow's own writes, the MLflow store
         from tasks.io import disk_full_message
 
         where = getattr(args, "run", None) or getattr(args, "out", None) or "."

@@ -180,7 +180,7 @@ NEARLY_FULL_BYTES = 64 << 20  # free space under which a failed write is put dow
 def disk_full(err: BaseException, folder: Path) -> bool:
     """Whether a write to `folder` failed for want of space: `out_of_space`, or next to nothing free there (torch's
     zip writer reports only `unexpected pos` or `iostream error`)."""
-    return out_of_space(err) or shutil.disk_usage(folder).free < NEARLY_FULL_BYTES
+    return out_of_space(err) is not None or shutil.disk_usage(folder).free < NEARLY_FULL_BYTES
 
 
 def disk_use(folder: Path) -> str:

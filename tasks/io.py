@@ -44,36 +44,37 @@ def size(nbytes: float) -> str:
     return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
 
 
-def out_of_space(err: BaseException | None) -> bool:
-    """Whether `err`'s exception chain says a write found no room: ENOSPC or EDQUOT, or a library's text of them
-    (safetensors' Rust I/O error: `No space left on device (os error 28)`)."""
+FULL_TEXTS = ("No space left on device", "Disk quota exceeded", "database or disk is full")
+
+
+def out_of_space(err: BaseException | None) -> BaseException | None:
+    """The exception in `err`'s chain that says a write found no room, if one does: ENOSPC or EDQUOT, or a library's
+    text of them (safetensors' Rust I/O error: `No space left on device (os error 28)`; SQLite's `database or disk
+    is full`, under MLflow's store)."""
     import errno
 
-    seen: set[int] = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        if "No space left on device" in str(err) or "Disk quota exceeded" in str(err):
-            return True
+    chain: list[BaseException] = []
+    while err is not None and err not in chain:
+        chain.append(err)
         err = err.__cause__ or err.__context__
-    return False
+    found = [e for e in chain if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)]  # with its file
+    return (found or [e for e in chain if any(text in str(e) for text in FULL_TEXTS)] or [None])[0]
 
 
 def disk_full_message(err: BaseException, where: Path) -> str | None:
-    """What to say of a stage that stopped on a full disk (`out_of_space`), else None: the disk (the failed write's
-    file, else `where`), its free space, and that the stages done stay done (each publishes its folder whole, so the
-    one that failed left none half-written). Before, the CLI printed two tracebacks ending in `OSError: [Errno 28]
-    No space left on device`, with no path, and so did the flow run's state in the Prefect UI."""
-    if not out_of_space(err):
+    """What to say of a stage that stopped on a full disk (`out_of_space`), else None: the disk (the one the failed
+    write went to, else `where`'s), its free space, and that the stages done stay done (each publishes its run folder
+    whole, so the one that failed left none half-written). Before, the CLI printed tracebacks ending in `OSError:
+    [Errno 28] No space left on device` (a registration: 600 lines of MLflow's, ending in SQLite's `database or disk
+    is full`), and so did the flow run's state in the Prefect UI."""
+    if (full := out_of_space(err)) is None:
         return None
-    named = next((e.filename for e in (err, err.__cause__, err.__context__) if getattr(e, "filename", None)), None)
-    place = Path(named or where).resolve()
+    place = Path(getattr(full, "filename2", None) or getattr(full, "filename", None) or where).resolve()
     while not place.exists() and place != place.parent:
         place = place.parent
     usage = shutil.disk_usage(place)
     return (f"no space left on the disk holding {place}: {size(usage.free)} free of {size(usage.total)}. Free space "
-            "there and run it again: the stages already done are kept and not redone (each stage publishes its "
+            "there and run it again: the stages already done are kept and not redone (each stage publishes its run "
             "folder whole, so the one that failed left none half-written)")  # fmt: skip
 
 

@@ -33,8 +33,8 @@ def stage_task(name: str):
         def run(run_dir: Path, *args, **kwargs):
             try:
                 return fn(run_dir, *args, **kwargs)
-            except OSError as err:
-                if (full := disk_full_message(err, run_dir)) is None:
+            except Exception as err:  # an OSError, or a library's error over one (MLflow's store)
+                if isinstance(err, StageFailed) or (full := disk_full_message(err, run_dir)) is None:
                     raise
                 raise StageFailed(f"{name}: {full}") from err
 
