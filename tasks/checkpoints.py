@@ -21,12 +21,14 @@ import shutil
 import time
 from pathlib import Path
 
-from tasks.io import atomic_write_json, megabytes, out_of_space, read_json, size, umask_modes
+from edgar_tune.config import StageFailed
+from tasks.io import TRAIN, atomic_write_json, megabytes, out_of_space, read_json, size, umask_modes
 
 log = logging.getLogger(__name__)
 
 MARKER = "COMPLETE"
 RUN_META = "run.json"
+CHECKPOINTS = f"{TRAIN}.checkpoints"  # a run's, beside its 04_train
 _STEP = re.compile(r"^checkpoint-(\d+)$")
 # Settings a resumed run may change: they leave the trajectory as it was (recomputing activations gives the same
 # numbers, RNG state included, so a run that ran out of memory can resume with more of them recomputed).
@@ -170,8 +172,8 @@ def log_stop(how: str, state, world_size: int) -> None:
                     "from", how, state.global_step, state.max_steps, ranks)  # fmt: skip
 
 
-class DiskFull(RuntimeError):
-    """A checkpoint could not be written: the disk holding the checkpoints is full."""
+class DiskFull(StageFailed):
+    """A checkpoint cannot be written: the disk holding the checkpoints is full."""
 
 
 NEARLY_FULL_BYTES = 64 << 20  # free space under which a failed write is put down to a full disk
@@ -209,6 +211,28 @@ def room_needed(latest: Path, complete: int, keep: int, saves_left: int) -> tupl
     last = min(complete + saves_left, keep)  # once the last is saved and the oldest rotated out
     need = max(peak * each, last * each + model) - complete * each
     return max(0, need), max(0, peak - complete), each, model
+
+
+LEAST_BYTES = 2  # a trained parameter's weight and each of AdamW's two moments take this much at the least (bf16)
+
+
+def check_room_for_one(run_dir: Path, trained: int, checkpoints: bool) -> None:
+    """Refuse, before any model loads, a training whose disk cannot hold even one checkpoint (its weights and the
+    optimizer's two moments of each trained parameter, `LEAST_BYTES` each: a bound, not an estimate; a checkpoint
+    holds 2 to 6 times that) or, checkpointing nothing, its final weights: it would fail at its first save, after
+    train.save_steps of work. What a run will really need is measured from its first checkpoint (`room_needed`).
+
+    Raises:
+        DiskFull: the disk holding `run_dir` has less free than that bound.
+    """
+    least = trained * LEAST_BYTES * (3 if checkpoints else 1)
+    free = shutil.disk_usage(run_dir).free
+    if free < least:
+        what = "a checkpoint of this training" if checkpoints else "this training's final weights"
+        raise DiskFull(f"the disk holding {run_dir} has {size(free)} free, and {what} takes {size(least)} at the "
+                       f"least ({trained / 1e6:,.2f}M trained parameters{' and their optimizer state' * checkpoints}, "
+                       f"{LEAST_BYTES} bytes each at the least): free space on that disk; "
+                       f"{disk_use(run_dir / CHECKPOINTS) if (run_dir / CHECKPOINTS).exists() else ''}".rstrip("; "))
 
 
 def saves_left(args, state) -> int:

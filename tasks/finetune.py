@@ -23,7 +23,8 @@ from edgar_tune.config import DEEPSPEED_PRESETS, REPO_ROOT, ConfigError, EvalCon
 from edgar_tune.signals import signal_behind
 from tasks import allocator
 from tasks.blocks import base_model_path
-from tasks.checkpoints import ValidationStopped, checkpoint_step, log_stop, resume_settings, trainer_class
+from tasks.checkpoints import (ValidationStopped, check_room_for_one, checkpoint_step, log_stop, resume_settings,
+                               trainer_class)  # fmt: skip
 from tasks.checkpoints import prepare as prepare_checkpoints
 from tasks.io import atomic_dir, atomic_write_json, read_json, write_jsonl
 from tasks.memory import recompute_all, recomputed_layers
@@ -737,7 +738,11 @@ def plan_training(tokenize_dir: Path, cfg: TrainConfig, precision: str) -> tuple
     check_profile_step(min(blocks, cfg.max_train_samples) if cfg.max_train_samples > 0 else blocks, cfg, world_size(cfg))
     cfg = resolve_checkpointing(tokenize_dir, resolve_allocator(cfg), precision)
     cfg, fitted = fit_memory(tokenize_dir, cfg, precision)
-    return cfg, memory_plan(tokenize_dir, cfg, precision) | {"fit": fitted}
+    plan = memory_plan(tokenize_dir, cfg, precision) | {"fit": fitted}
+    shape = plan["shape"]
+    check_room_for_one(tokenize_dir.parent, shape["lora_params"] if cfg.mode == "lora" else shape["params"],
+                       cfg.save_plan()[0] != "no")  # fmt: skip
+    return cfg, plan
 
 
 def memory_plan(tokenize_dir: Path, cfg: TrainConfig, precision: str) -> dict:

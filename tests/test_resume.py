@@ -382,6 +382,23 @@ def test_a_full_disk_fails_at_a_checkpoint_with_what_takes_it_and_the_rerun_resu
     assert "WARNING tasks.checkpoints: the disk" not in resumed.stderr
 
 
+def test_a_training_whose_disk_cannot_hold_one_checkpoint_is_refused_before_its_model_loads(tiny_run, small_disk):
+    """Less room than one checkpoint's weights and optimizer moments at 2 bytes each (a bound: the run would surely
+    fail at its first save, after train.save_steps of work): refused while the run is planned, nothing written."""
+    disk, resize = small_disk
+    resize(1 << 30)
+    run = _run_copy(tiny_run, disk / "run")
+    trained = json.loads((tiny_run[0] / "latest" / "04_train" / "stats.json").read_text())["memory_plan"]["shape"]
+    resize(shutil.disk_usage(disk).used + 3 * trained["lora_params"])  # half the bound
+    done = subprocess.run(_stage_cmd(run, []), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert re.search(rf"\nedgar-tune: failed: the disk holding {run} has [\d.]+ MB free, and a checkpoint of this "
+                     rf"training takes [\d.]+ MB at the least \({trained['lora_params'] / 1e6:,.2f}M trained "
+                     r"parameters and their optimizer state, 2 bytes each at the least\): free space on that disk\n",
+                     done.stderr), done.stderr[-3000:]  # fmt: skip
+    assert "launching" not in done.stderr and not (run / "04_train.checkpoints").exists()
+
+
 @pytest.mark.parametrize("stage,task,has", [("tokenize", "pack_blocks", ["01_download", "02_parse"]),
                                             ("register", "register_model", ["04_train", "05_evaluate"])])
 def test_a_stage_that_fills_the_disk_says_which_and_its_rerun_needs_only_room(tiny_run, small_disk, stage, task, has):
