@@ -638,5 +638,6 @@ def _main(argv: list[str] | None) -> int:
         print(f"edgar-tune: failed: {full}", file=sys.stderr)
         return 1
 
+
 if __name__ == "__main__":
     sys.exit(main())
