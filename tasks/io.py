@@ -54,7 +54,7 @@ def out_of_space(err: BaseException | None) -> BaseException | None:
     import errno
 
     chain: list[BaseException] = []
-    while err is not None and err not in chain:
+    while err is not None and all(err is not e for e in chain):
         chain.append(err)
         err = err.__cause__ or err.__context__
     found = [e for e in chain if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)]  # with its file
