@@ -25,19 +25,25 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 
+def exception_chain(err: BaseException | None) -> list[BaseException]:
+    """`err` and the exceptions it was raised from or while handling (`__cause__`, else `__context__`), in turn."""
+    chain: list[BaseException] = []
+    while err is not None and all(err is not e for e in chain):
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    return chain
+
+
 def signal_behind(err: BaseException | None) -> int | None:
     """The signal that began the exception chain ending in `err`, if a signal did: Prefect raises
     TerminationSignal for a SIGTERM during a flow run, and the CLI's handler SystemExit(128 + signal)."""
     from prefect.exceptions import TerminationSignal
 
-    seen: set[int] = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        if isinstance(err, TerminationSignal):
-            return err.signal
-        if isinstance(err, SystemExit) and err.code in (128 + signal.SIGTERM, 128 + signal.SIGHUP):
-            return err.code - 128
-        err = err.__cause__ or err.__context__
+    for link in exception_chain(err):
+        if isinstance(link, TerminationSignal):
+            return link.signal
+        if isinstance(link, SystemExit) and link.code in (128 + signal.SIGTERM, 128 + signal.SIGHUP):
+            return link.code - 128
     return None
 
 

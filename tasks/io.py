@@ -53,10 +53,9 @@ def out_of_space(err: BaseException | None) -> BaseException | None:
     is full`, under MLflow's store)."""
     import errno
 
-    chain: list[BaseException] = []
-    while err is not None and all(err is not e for e in chain):
-        chain.append(err)
-        err = err.__cause__ or err.__context__
+    from edgar_tune.signals import exception_chain
+
+    chain = exception_chain(err)
     found = [e for e in chain if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)]  # with its file
     return (found or [e for e in chain if any(text in str(e) for text in FULL_TEXTS)] or [None])[0]
 
