@@ -9,6 +9,7 @@ finds them `Cached`; `cache_key=None` (a plain call) caches nothing.
 from __future__ import annotations
 
 import functools
+import inspect
 from pathlib import Path
 
 from prefect import task
@@ -20,15 +21,17 @@ from tasks.io import (DOWNLOAD, EVALUATE, PARSE, REGISTER, TOKENIZE, TRAIN, atom
                       disk_full_message, read_json)  # fmt: skip
 
 
-def stage_task(name: str):
+def stage_task(name: str, stage: str | None = None):
     """A pipeline stage: cached on the flow's `cache_key`, its result persisted (JSON) for later runs. A stage that
-    stops on a full disk raises `StageFailed` saying which disk and how much is free (`disk_full_message`).
+    stops on a full disk raises `StageFailed` saying which disk and how much is free (`disk_full_message`), under the
+    stage's name as the CLI and the Prefect UI's task runs give it (`stage`; None: evaluate_perplexity's, whose
+    `finetuned` says which of the two evaluations it is), the task's after it.
 
     Stages log through `logging`, never `print`. The flow's `log_prints` is off inside them because libraries
     print to a captured stdout: dill (under `datasets`' fingerprints) reads a function's globals from
     `dis.dis` output, which Prefect would otherwise send to the run's log as bytecode."""
 
-    def stage(fn):
+    def wrap(fn):
         @functools.wraps(fn)
         def run(run_dir: Path, *args, **kwargs):
             try:
@@ -36,15 +39,21 @@ def stage_task(name: str):
             except Exception as err:  # an OSError, or a library's error over one (MLflow's store)
                 if isinstance(err, StageFailed) or (full := disk_full_message(err, run_dir)) is None:
                     raise
-                raise StageFailed(f"{name}: {full}") from err
+                which = stage or _evaluation(fn, run_dir, *args, **kwargs)
+                raise StageFailed(f"stage {which} ({name}): {full}") from err
 
         return task(name=name, cache_policy=StageKey(), persist_result=True, result_serializer="json",
                     log_prints=False)(run)  # fmt: skip
 
-    return stage
+    return wrap
 
 
-@stage_task("download_filings")
+def _evaluation(fn, *args, **kwargs) -> str:
+    """Which evaluation a call of evaluate_perplexity is, in the CLI's stage names."""
+    return "evaluate" if inspect.signature(fn).bind(*args, **kwargs).arguments["finetuned"] else "evaluate-base"
+
+
+@stage_task("download_filings", "download")
 def download_filings(run_dir: Path, cfg: DataConfig, cache_key: str | None = None) -> dict:
     """Fetch (or locate) the 10-K filings and write the run's filing manifest."""
     if cfg.is_text:  # users' own TXT/CSV/JSON/JSONL: record what will be read, byte for byte (at every run)
@@ -66,7 +75,7 @@ def download_filings(run_dir: Path, cfg: DataConfig, cache_key: str | None = Non
     return {"filings": len(filings), "skipped": len(skipped)}
 
 
-@stage_task("extract_sections")
+@stage_task("extract_sections", "parse")
 def extract_sections(run_dir: Path, cfg: PipelineConfig, cache_key: str | None = None) -> dict:
     """Split each filing into Items (Item 7, the MD&A, validates; the rest trains), or split users' text rows."""
     from tasks.split import write_parse_stage, write_text_parse_stage
@@ -78,7 +87,7 @@ def extract_sections(run_dir: Path, cfg: PipelineConfig, cache_key: str | None =
     return {k: v for k, v in report.items() if k != "filings"}
 
 
-@stage_task("pack_blocks")
+@stage_task("pack_blocks", "tokenize")
 def pack_blocks(run_dir: Path, cfg: PipelineConfig, cache_key: str | None = None) -> dict:
     """Resolve the base model, tokenize the split and pack training text into blocks."""
     from tasks.blocks import write_tokenize_stage
@@ -86,7 +95,7 @@ def pack_blocks(run_dir: Path, cfg: PipelineConfig, cache_key: str | None = None
     return write_tokenize_stage(run_dir / TOKENIZE, run_dir / PARSE, cfg)
 
 
-@stage_task("finetune_model")
+@stage_task("finetune_model", "train")
 def finetune_model(run_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfig, registry: RegisterConfig | None = None,
                    preset: str = "", flow_run_id: str | None = None,
                    cache_key: str | None = None) -> dict:  # fmt: skip
@@ -122,7 +131,7 @@ def evaluate_perplexity(run_dir: Path, cfg: EvalConfig, finetuned: bool, gen: Ge
     return {k: result[k] for k in ("perplexity", "tokens", "seconds")}
 
 
-@stage_task("register_model")
+@stage_task("register_model", "register")
 def register_model(run_dir: Path, cfg: PipelineConfig, flow_run_id: str | None,
                    cache_key: str | None = None) -> dict:  # fmt: skip
     """Log the run to MLflow, register the model and set its alias."""

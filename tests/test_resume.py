@@ -421,7 +421,7 @@ def test_a_stage_that_fills_the_disk_says_which_and_its_rerun_needs_only_room(ti
     full = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert full.returncode == 1, full.stderr[-3000:]
     where = re.escape(str(run)) if stage == "tokenize" else re.escape(str(disk)) + r"/\S+"  # the store's, or the run's
-    assert re.search(rf"(^|\n)edgar-tune: failed: {task}: no space left on the disk holding {where}: [\d.]+ MB free "
+    assert re.search(rf"(^|\n)edgar-tune: failed: stage {stage} \({task}\): no space left on the disk holding {where}: [\d.]+ MB free "
                      r"of [\d.]+ MB\. Free space there and run it again: the stages already done are kept and not "
                      r"redone", full.stderr), full.stderr[-3000:]  # fmt: skip
     assert "edgar_tune/cli.py" not in full.stderr, full.stderr[-3000:]  # no traceback of the CLI's
@@ -429,6 +429,15 @@ def test_a_stage_that_fills_the_disk_says_which_and_its_rerun_needs_only_room(ti
     resize(1 << 30)
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_a_full_disk_names_each_evaluation_as_the_cli_does():
+    """evaluate_perplexity is two stages; a full disk's message names the one that ran (`stage evaluate-base`)."""
+    from tasks.stages import _evaluation, evaluate_perplexity
+
+    fn = evaluate_perplexity.fn.__wrapped__
+    assert _evaluation(fn, Path("run"), None, False) == "evaluate-base"
+    assert _evaluation(fn, Path("run"), None, finetuned=True, gen=None) == "evaluate"
 
 
 def test_checkpoint_is_published_by_rename_then_marker(tmp_path):
