@@ -421,9 +421,9 @@ def test_a_stage_that_fills_the_disk_says_which_and_its_rerun_needs_only_room(ti
     full = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert full.returncode == 1, full.stderr[-3000:]
     where = re.escape(str(run)) if stage == "tokenize" else re.escape(str(disk)) + r"/\S+"  # the store's, or the run's
-    assert re.search(rf"(^|\n)edgar-tune: failed: stage {stage} \({task}\): no space left on the disk holding {where}: [\d.]+ MB free "
-                     r"of [\d.]+ MB\. Free space there and run it again: the stages already done are kept and not "
-                     r"redone", full.stderr), full.stderr[-3000:]  # fmt: skip
+    assert re.search(rf"(^|\n)edgar-tune: failed: stage {stage} \({task}\): no space left on the disk holding "
+                     rf"{where}: [\d.]+ MB free of [\d.]+ MB\. Free space there and run it again: the stages already "
+                     r"done are kept and not redone", full.stderr), full.stderr[-3000:]  # fmt: skip
     assert "edgar_tune/cli.py" not in full.stderr, full.stderr[-3000:]  # no traceback of the CLI's
     assert sorted(p.name for p in run.iterdir()) == sorted(kept + [".lock"] * (".lock" not in kept))
     resize(1 << 30)
