@@ -32,7 +32,7 @@ import yaml
 
 from edgar_tune.config import REPO_ROOT, EvalConfig, PipelineConfig, RegisterConfig, flat_params
 from tasks.io import (
-    EVALUATE, PARSE, TOKENIZE, TRAIN, Busy, cache_dir, held, holder_info, megabytes, read_json, read_jsonl,
+    EVALUATE, PARSE, TOKENIZE, TRAIN, Busy, cache_dir, held, holder_info, megabytes, read_json, read_jsonl, size,
 )  # fmt: skip
 from tasks.progress import CURVES, Point, clock, training_points
 from tasks.storage import folder_identity
@@ -881,8 +881,9 @@ def _register(run_dir: Path, cfg: PipelineConfig, flow_run_id: str | None, runs_
         what = {"adapter": "LoRA adapter", "model": "full weights"}[train_stats["weights"]]
         log.info("uploading the model (%s%s and tokenizer, %.1f MB) to the artifact store of MLflow run %s", what,
                  " with its base" if "base" in artifacts else "", size, run.info.run_id)  # fmt: skip
-        with warnings.catch_warnings():  # an input example would make MLflow load the model and generate with it
-            warnings.filterwarnings("ignore", message=".*An input example was not provided")  # now, at every run
+        with warnings.catch_warnings(), unfinished_uploads_removed(client, exp_id, run.info.run_id):
+            # an input example would make MLflow load the model and generate with it now, at every run
+            warnings.filterwarnings("ignore", message=".*An input example was not provided")
             info = mlflow.pyfunc.log_model(
                 name="model",
                 python_model=str(MODEL_CODE),  # logged as source: loading a version unpickles nothing
@@ -896,6 +897,53 @@ def _register(run_dir: Path, cfg: PipelineConfig, flow_run_id: str | None, runs_
         version = str(info.registered_model_version)
         log.info("uploaded and registered it as %s v%s in %s", name, version, clock(time.monotonic() - start))
     return _finish(client, name, version, tags, after, uri, run.info.run_id, rescore)
+
+
+@contextmanager
+def unfinished_uploads_removed(client, exp_id: str, run_id: str) -> Iterator[None]:
+    """Around the model's upload into MLflow run `run_id`: remove the logged models of that run whose upload did not
+    finish, before it (a registration killed while it uploaded) and when it raises. Their files may be a model's
+    weights (GBs, and on a disk that has just filled, which the retry needs that room on), and the run's Models tab
+    would list them, FAILED or PENDING, beside the one that worked. Registrations into one store take turns
+    (`one_writer`), so no other upload is under way there."""
+    _remove_unfinished(client, exp_id, run_id)
+    try:
+        yield
+    except Exception:
+        _remove_unfinished(client, exp_id, run_id)
+        raise
+
+
+def _remove_unfinished(client, exp_id: str, run_id: str) -> None:
+    """Delete the FAILED and PENDING logged models of `run_id`: their files, then their entries. Where the store
+    refuses (unreachable, read-only), say what is left, and where, rather than fail over it."""
+    from mlflow.entities import LoggedModelStatus
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    try:
+        models = client.search_logged_models([exp_id], filter_string=f"source_run_id = '{run_id}'")
+    except Exception as err:  # noqa: BLE001 (the error that brought us here is the one to raise)
+        log.warning("could not look for unfinished model uploads in MLflow run %s: %s", run_id, err)
+        return
+    for model in models:
+        if model.status not in (LoggedModelStatus.FAILED, LoggedModelStatus.PENDING):
+            continue
+        try:
+            repo = get_artifact_repository(model.artifact_location)
+            held = _artifact_bytes(repo)
+            repo.delete_artifacts()
+            client.delete_logged_model(model.model_id)
+        except Exception as err:  # noqa: BLE001
+            log.warning("could not remove the unfinished upload of logged model %s (%s) at %s: %s; delete it "
+                        "there", model.model_id, model.status, model.artifact_location, err)  # fmt: skip
+            continue
+        log.warning("removed an unfinished upload of the model from MLflow run %s: logged model %s (%s, %s)", run_id,
+                    model.model_id, model.status, size(held))  # fmt: skip
+
+
+def _artifact_bytes(repo, path: str | None = None) -> int:
+    """What the files under `path` of an artifact repository take."""
+    return sum(_artifact_bytes(repo, f.path) if f.is_dir else f.file_size or 0 for f in repo.list_artifacts(path))
 
 
 def _against(compared: dict) -> str:

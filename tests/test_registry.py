@@ -427,6 +427,54 @@ def test_a_training_ends_the_runs_its_folder_left_running_when_their_process_die
         assert client.get_run(again).info.status == "FINISHED"
 
 
+def test_unfinished_model_uploads_leave_no_files_or_entries_in_the_run(tmp_path, caplog):
+    """A registration killed while it uploads the model leaves MLflow a PENDING logged model holding the files it
+    got; one whose upload raised (a full disk), a FAILED one. Each is removed, files and entry, before the next
+    upload into the run and once an upload raises; a finished one stays."""
+    import logging
+
+    from tasks.registry import tracking_at, unfinished_uploads_removed
+
+    caplog.set_level(logging.WARNING, logger="tasks.registry")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    exp = client.create_experiment("e", artifact_location=str(tmp_path / "artifacts"))
+    run_id = client.create_run(exp).info.run_id
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    (weights / "model.safetensors").write_bytes(b"w" * 300_000)
+
+    def upload(status: str | None, run: str = run_id):  # what mlflow.pyfunc.log_model did when killed, raised, ended
+        model = mlflow.initialize_logged_model(name="model", source_run_id=run, experiment_id=exp)
+        client.log_model_artifacts(model.model_id, str(weights))
+        if status:
+            mlflow.finalize_logged_model(model.model_id, status)
+        return model
+
+    def models(run: str = run_id) -> dict[str, str]:
+        found = client.search_logged_models([exp], filter_string=f"source_run_id = '{run}'")
+        return {m.model_id: str(m.status) for m in found}
+
+    with tracking_at(uri):
+        done, killed = upload("READY"), upload(None)
+        other_run = client.create_run(exp).info.run_id  # another run's upload, under way as far as we know
+        other = upload(None, other_run)
+        assert models() == {done.model_id: "READY", killed.model_id: "PENDING"}
+        with pytest.raises(OSError, match="No space left"):
+            with unfinished_uploads_removed(client, exp, run_id):
+                assert models() == {done.model_id: "READY"}  # the killed one's, before the upload
+                failed = upload("FAILED")
+                raise OSError(28, "No space left on device")
+    assert models() == {done.model_id: "READY"} and models(other_run) == {other.model_id: "PENDING"}
+    left = sorted(str(p) for p in (tmp_path / "artifacts").rglob("model.safetensors"))
+    held = {m.model_id for m in (done, other) if any(m.model_id in p for p in left)}
+    assert len(left) == 2 and held == {done.model_id, other.model_id}  # the failed and killed ones' files are gone
+    for model, status in ((killed, "PENDING"), (failed, "FAILED")):
+        assert (f"removed an unfinished upload of the model from MLflow run {run_id}: logged model {model.model_id} "
+                f"({status}, 0.3 MB)") in caplog.text  # fmt: skip
+    assert other_run not in caplog.text and other.model_id not in caplog.text
+
+
 def test_a_writer_without_a_prefect_server_says_it_takes_no_turn_on_a_tracking_server(tmp_path, monkeypatch, caplog):
     """Registrations into a tracking server take turns on a Prefect server's concurrency limit. A promotion from a
     machine with no Prefect server configured cannot take turns with other hosts, and says so rather than pass for

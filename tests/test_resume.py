@@ -405,7 +405,11 @@ def test_a_stage_that_fills_the_disk_says_which_and_its_rerun_needs_only_room(ti
     """A stage on a disk with no room for what it writes: before, tracebacks ending in `OSError: [Errno 28] No space
     left on device`, no path (the registration: 600 lines of MLflow's, ending in SQLite's `database or disk is
     full`). Now one line naming the stage, the disk (where the failed write went: the run's, the MLflow store's) and
-    its free space; nothing half-written is left in the run, and with room the same command runs."""
+    its free space; nothing half-written is left in the run, nor in the MLflow store by a model upload the disk cut
+    short (its files and its logged model, FAILED, or PENDING where the full disk kept MLflow from marking it), and
+    with room the same command runs."""
+    import mlflow
+
     runs, _ = tiny_run
     disk, resize = small_disk
     resize(1 << 30)
@@ -415,7 +419,10 @@ def test_a_stage_that_fills_the_disk_says_which_and_its_rerun_needs_only_room(ti
     for name in after + [".stages", "summary.json"]:  # what the stage and those after it wrote
         shutil.rmtree(run / name) if (run / name).is_dir() else (run / name).unlink(missing_ok=True)
     kept = sorted(p.name for p in run.iterdir())
-    resize(shutil.disk_usage(disk).used + (8 << 10))
+    store = f"sqlite:///{disk / 'mlflow.db'}"
+    if stage == "register":  # the store made, so that the disk fills during the model's upload (2.9 MB)
+        mlflow.MlflowClient(store).search_experiments()
+    resize(shutil.disk_usage(disk).used + ((1500 if stage == "register" else 8) << 10))
     cmd = [sys.executable, "-m", "edgar_tune.cli", "stage", stage, "--run", str(run)]
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # the store beside the run: this disk
     full = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
@@ -426,9 +433,19 @@ def test_a_stage_that_fills_the_disk_says_which_and_its_rerun_needs_only_room(ti
                      r"done are kept and not redone", full.stderr), full.stderr[-3000:]  # fmt: skip
     assert "edgar_tune/cli.py" not in full.stderr, full.stderr[-3000:]  # no traceback of the CLI's
     assert sorted(p.name for p in run.iterdir()) == sorted(kept + [".lock"] * (".lock" not in kept))
+    if stage == "register":
+        uploaded = [p for p in disk.glob("mlartifacts/*/models/*") if any(f.is_file() for f in p.rglob("*"))]
+        # PENDING where the full disk kept MLflow from marking it FAILED
+        assert re.search(r"removed an unfinished upload of the model from MLflow run \w+: logged model m-\w+ \("
+                         r"(FAILED|PENDING), [\d.]+ MB\)", full.stderr), full.stderr[-3000:]  # fmt: skip
+        assert uploaded == [], uploaded
     resize(1 << 30)
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
+    if stage == "register":  # one model in the store, the one registered
+        client = mlflow.MlflowClient(store)
+        models = client.search_logged_models([e.experiment_id for e in client.search_experiments()])
+        assert [str(m.status) for m in models] == ["READY"]
 
 
 def test_a_full_disk_names_each_evaluation_as_the_cli_does():
