@@ -8,7 +8,8 @@ it installs MLflow's webhook pointing at itself, checks each delivery's signatur
 `edgar-tune.model.promoted` for a version edgar-tune registered to the Prefect server in PREFECT_API_URL, recording
 the move in the version's `promoted_by_hand` tag as a promotion by hand is. A move edgar-tune made itself (tagged
 `edgar_tune.alias_moved`, naming the Prefect server it tells) is left to edgar-tune's own event, so one move makes one
-export.
+export. The relay records on each registered model the aliases as it last saw them (`edgar_tune.relay_held`), and a
+relay started again relays the moves made while none ran (MLflow gives up on a delivery after 3 retries).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ SECRET_ENV = "EDGAR_TUNE_WEBHOOK_SECRET"
 MAX_AGE_S = 300  # a delivery signed longer ago than this is refused (a replayed request)
 OWN_MOVE_S = 600  # how long after edgar-tune moved an alias its marker stands for the webhook of that move
 MAX_BODY = 1 << 20
+HELD = "edgar_tune.relay_held"  # registered model tag: {"aliases": {alias: version}, "time": when the relay wrote it}
 
 
 class RelayError(RuntimeError):
@@ -66,12 +68,41 @@ class Relay:
         self.client = mlflow.MlflowClient(tracking_uri)
         self.lock = threading.Lock()  # one delivery at a time: `held` is what the next one's `before` reads
         self.held: dict[tuple[str, str], str] = {}  # (model, alias) -> the version holding it, as last seen
-        token = None
+        self.recorded: dict[str, dict | None] = {}  # model -> its HELD tag: what a relay saw there last
+        self._read()
+
+    def _read(self) -> None:
+        """The aliases of every registered model now (`held`), and what a relay recorded of them (`recorded`)."""
+        self.held, self.recorded, token = {}, {}, None
         while True:  # in pages of 100
             page = self.client.search_registered_models(max_results=100, page_token=token)
-            self.held |= {(m.name, a): str(v) for m in page for a, v in m.aliases.items()}
+            for model in page:
+                self.held |= {(model.name, a): str(v) for a, v in model.aliases.items()}
+                self.recorded[model.name] = json.loads(model.tags.get(HELD) or "null")
             if not (token := page.token):
                 break
+
+    def catch_up(self) -> list[tuple[int, str]]:
+        """Relay the moves made while no relay ran: each registered model's aliases now against those it recorded
+        there last (`HELD`), then record them. A model with no record (the relay's first start) has none to
+        compare: its moves are relayed from now on. Returns (HTTP status as a delivery would get, what it did)."""
+        said = []
+        with self.lock:  # read again: a delivery may have come since, or a move that none will tell
+            self._read()
+            for name, record in self.recorded.items():
+                now = {a: v for (n, a), v in self.held.items() if n == name}
+                for alias, version in sorted(now.items()) if record else []:
+                    before = record["aliases"].get(alias)
+                    if version != before:
+                        status, what = self._moved(name, alias, version, before, since=record["time"])
+                        said.append((status, f"{what} (moved while no relay ran)"))
+                self._record(name)
+        return said
+
+    def _record(self, name: str) -> None:
+        """Write on registered model `name` the aliases it holds as the relay has seen them (`HELD`)."""
+        aliases = {a: v for (n, a), v in sorted(self.held.items()) if n == name}
+        self.client.set_registered_model_tag(name, HELD, json.dumps({"aliases": aliases, "time": time.time()}))
 
     def handle(self, payload: dict) -> tuple[int, str]:
         data = payload.get("data") or {}
@@ -79,16 +110,24 @@ class Relay:
         name, alias, version = (str(data.get(k, "")) for k in ("name", "alias", "version"))
         with self.lock:
             if event == ("model_version_alias", "created"):
-                status, said = self._moved(name, alias, version, self.held.get((name, alias)))
+                before = self.held.get((name, alias))
+                if before == version:  # set again where it was; or MLflow's retry of a delivery whose record failed
+                    return 200, f"not relayed: {name} v{version} @{alias}: it held that alias already"
+                status, said = self._moved(name, alias, version, before)
                 if status == 200:  # else MLflow delivers it again, with the same version before
                     self.held[name, alias] = version
+                    self._record(name)
                 return status, said
             if event == ("model_version_alias", "deleted"):  # no version holds it now: nothing to export
                 gone = self.held.pop((name, alias), None)
+                self._record(name)
                 return 200, f"not relayed: {name} @{alias} removed (from {f'v{gone}' if gone else 'a version'})"
         return 200, f"not relayed: {event[0]}.{event[1]} is not an alias moved"
 
-    def _moved(self, name: str, alias: str, version: str, before: str | None) -> tuple[int, str]:
+    def _moved(self, name: str, alias: str, version: str, before: str | None,
+               since: float | None = None) -> tuple[int, str]:  # fmt: skip
+        """Relay one move, as told by a delivery, or (`since`: when the relay last recorded the model's aliases)
+        found on starting again."""
         import mlflow
 
         from flows.artifacts import announce_promotion
@@ -102,8 +141,7 @@ class Relay:
         if COMPARISON not in tags:
             return 200, f"not relayed: {what}: a version edgar-tune did not register"
         mine = json.loads(tags.get(MOVED) or "{}")
-        if (mine.get("alias") == alias and (mine.get("told") or "").rstrip("/") == self.prefect_api
-                and abs(time.time() - mine.get("time", 0)) < OWN_MOVE_S):  # fmt: skip
+        if self._ours(name, alias, mine, since):
             self.client.delete_model_version_tag(name, version, MOVED)  # a later move back to it is someone's
             return 200, f"not relayed: {what}: moved by edgar-tune, which tells {self.prefect_api} itself"
         record = hand_record(alias, before, "the MLflow UI or API (through edgar-tune relay)", "")
@@ -114,6 +152,25 @@ class Relay:
             return 502, f"not relayed: {what}: {said[1]}"
         was = f"v{before}" if before else "on no version"
         return 200, f"relayed: {what} (was {was})" + (f"; {note}" if note else "")
+
+    def _ours(self, name: str, alias: str, moved: dict, since: float | None) -> bool:
+        """Whether edgar-tune made the move to the version tagged `moved` (its MOVED tag), telling this relay's
+        Prefect server itself. A delivery comes at once: the tag is fresh (`OWN_MOVE_S`). A move found on starting
+        again came after the relay's last record (`since`: a tag the relay saw is deleted), and no later move of
+        edgar-tune's gave the alias to another version (one by hand back to this version came after it)."""
+        from tasks.registry import MOVED
+
+        if moved.get("alias") != alias or (moved.get("told") or "").rstrip("/") != self.prefect_api:
+            return False
+        if since is None:
+            return abs(time.time() - moved.get("time", 0)) < OWN_MOVE_S
+        if moved.get("time", 0) <= since:
+            return False
+        for other in self.client.search_model_versions(f"name = '{name}'"):
+            later = json.loads(other.tags.get(MOVED) or "{}")
+            if later.get("alias") == alias and later.get("time", 0) > moved["time"]:
+                return False
+        return True
 
 
 def install(client, url: str, secret: str) -> str:
@@ -208,6 +265,12 @@ def serve(tracking_uri: str, host: str, port: int, url: str | None) -> None:
                           RelayError(f"installing MLflow's webhook failed: {type(err).__name__}: {err}"))  # fmt: skip
             server.shutdown()
             return
+        try:
+            for status, said in relay.catch_up():
+                (log.info if status == 200 else log.warning)("%s", said)
+        except Exception:  # noqa: BLE001 (the relay goes on with the moves to come)
+            log.exception("the moves made while no relay ran could not all be relayed: run the export-champion "
+                          "deployment by hand where one was")  # fmt: skip
         log.info("relaying alias moves in %s (MLflow webhook %s -> %s) to %s as edgar-tune.model.promoted",
                  tracking_uri, WEBHOOK, url, api)  # fmt: skip
 

@@ -259,12 +259,15 @@ def test_an_alias_moved_in_the_mlflow_ui_reaches_prefect_through_the_relay(prefe
     a real tracking server and turns each signed delivery into `edgar-tune.model.promoted` on a real Prefect server,
     with the version before and the perplexity note as `edgar-tune promote` sends them; the moves edgar-tune made
     itself (a registration's) are left to its own events, a version edgar-tune did not register is not relayed,
-    and a request MLflow did not sign is refused. A relay MLflow cannot reach, or without a secret, does not start."""
+    and a request MLflow did not sign is refused. A relay MLflow cannot reach, or without a secret, does not start.
+    Started again, the relay relays the moves made while none ran (MLflow gave up on their deliveries), a person's,
+    and leaves edgar-tune's own to its event."""
     import mlflow
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from edgar_tune.relay import SECRET_ENV, WEBHOOK, signed
-    from tasks.registry import MOVED, PROMOTED, promote
+    from edgar_tune.relay import HELD
+    from tasks.registry import MOVED, PROMOTED, move_alias, promote
     from tests.conftest import export_trigger_acts_on_a_new_champion_only, promoted_events
 
     secret = "relay-secret-of-the-test-0123456789"
@@ -334,10 +337,59 @@ def test_an_alias_moved_in_the_mlflow_ui_reaches_prefect_through_the_relay(prefe
         record = json.loads(client.get_model_version(name, "1").tags[PROMOTED])
         assert record["before"] == "2" and "MLflow UI" in record["by"]
         assert MOVED not in client.get_model_version(name, "1").tags  # spent: a later move back to v1 is relayed
-    ours = promoted_events(prefect_server["PREFECT_API_URL"], name, uri, 2)
-    moves = {e["resource"]["edgar-tune.version"]: e for e in ours}
-    assert {v: e["payload"]["before"] for v, e in moves.items()} == {"1": "2", "2": None}, ours
-    export_trigger_acts_on_a_new_champion_only(moves["1"])
+        assert json.loads(client.get_registered_model(name).tags[HELD])["aliases"] == {"champion": "2"}
+        # While no relay runs: edgar-tune's move (it tells Prefect itself), then a person's rollback.
+        with temporary_settings(updates={PREFECT_API_URL: prefect_server["PREFECT_API_URL"]}):
+            move_alias(client, name, "challenger", "1")
+        client.set_registered_model_alias(name, "champion", "1")
+        again = relay("--listen", f"127.0.0.1:{free_port()}", **{SECRET_ENV: secret})
+        try:
+            said = "".join(_lines_with(again, "relaying alias moves in", "edgar-tune: error"))
+        finally:
+            again.terminate()
+            again.communicate(timeout=60)
+        assert (f"not relayed: {name} v1 @challenger: moved by edgar-tune, which tells "
+                f"{prefect_server['PREFECT_API_URL']} itself (moved while no relay ran)") in said, said
+        assert f"relayed: {name} v1 @champion (was v2); v1's perplexity 9.0000 is higher than v2's" in said, said
+        assert said.index("(moved while no relay ran)") < said.index("relaying alias moves in"), said
+        held = json.loads(client.get_registered_model(name).tags[HELD])["aliases"]
+        assert held == {"champion": "1", "challenger": "1"}, held
+    ours = promoted_events(prefect_server["PREFECT_API_URL"], name, uri, 3)
+    moves = sorted((e["resource"]["edgar-tune.version"], e["payload"]["before"] or "") for e in ours)
+    assert moves == [("1", "2"), ("1", "2"), ("2", "")], ours
+    export_trigger_acts_on_a_new_champion_only(next(e for e in ours if e["resource"]["edgar-tune.version"] == "1"))
+
+
+def test_a_relay_started_again_tells_edgar_tunes_moves_from_a_persons_by_their_tags_times(tmp_path):
+    """Found on starting again, a move is edgar-tune's when the version's MOVED tag names the alias and the relay's
+    Prefect server, is newer than the relay's last record, and no later move of edgar-tune's gave the alias to
+    another version; else a person's (a rollback by hand to a version edgar-tune once moved it to)."""
+    import mlflow
+
+    from edgar_tune.relay import Relay
+    from tasks.registry import MOVED
+
+    api = "http://prefect-host:4200/api"
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    name = "m"
+    client.create_registered_model(name)
+    for _ in range(2):
+        client.create_model_version(name, source=str(tmp_path))
+    relay = Relay(client.tracking_uri, api)
+    since = 1000.0  # the relay's last record
+
+    def tag(version: str, at: float, alias: str = "champion", told: str = api) -> dict:
+        moved = {"alias": alias, "time": at, "told": told}
+        client.set_model_version_tag(name, version, MOVED, json.dumps(moved))
+        return moved
+
+    assert relay._ours(name, "champion", tag("1", 1100), since)
+    assert not relay._ours(name, "champion", tag("1", 900), since)  # before the record: seen (or none ran then)
+    assert not relay._ours(name, "challenger", tag("1", 1100), since)
+    assert not relay._ours(name, "champion", tag("1", 1100, told="http://other:4200/api"), since)
+    v1 = tag("1", 1100)
+    tag("2", 1200)  # edgar-tune moved it on to v2: v1 holding it now is a person's rollback
+    assert not relay._ours(name, "champion", v1, since) and relay._ours(name, "champion", tag("2", 1200), since)
 
 
 def _lines_with(proc: subprocess.Popen, *parts: str) -> list[str]:
