@@ -68,7 +68,7 @@ class Relay:
         self.client = mlflow.MlflowClient(tracking_uri)
         self.lock = threading.Lock()  # one delivery at a time: `held` is what the next one's `before` reads
         self.held: dict[tuple[str, str], str] = {}  # (model, alias) -> the version holding it, as last seen
-        self.recorded: dict[str, dict | None] = {}  # model -> its HELD tag: what a relay saw there last
+        self.recorded: dict[str, dict] = {}  # model -> its HELD tag: what a relay saw there last
         self._read()
 
     def _read(self) -> None:
@@ -78,18 +78,21 @@ class Relay:
             page = self.client.search_registered_models(max_results=100, page_token=token)
             for model in page:
                 self.held |= {(model.name, a): str(v) for a, v in model.aliases.items()}
-                self.recorded[model.name] = json.loads(model.tags.get(HELD) or "null")
+                if HELD in model.tags:
+                    self.recorded[model.name] = json.loads(model.tags[HELD])
             if not (token := page.token):
                 break
 
     def catch_up(self) -> list[tuple[int, str]]:
         """Relay the moves made while no relay ran: each registered model's aliases now against those it recorded
         there last (`HELD`), then record them. A model with no record (the relay's first start) has none to
-        compare: its moves are relayed from now on. Returns (HTTP status as a delivery would get, what it did)."""
+        compare: its moves are relayed from now on. Only edgar-tune's models are recorded (`_record`): a tracking
+        server holds other teams' too. Returns (HTTP status as a delivery would get, what it did)."""
         said = []
         with self.lock:  # read again: a delivery may have come since, or a move that none will tell
             self._read()
-            for name, record in self.recorded.items():
+            for name in sorted({n for n, _ in self.held} | set(self.recorded)):
+                record = self.recorded.get(name)
                 now = {a: v for (n, a), v in self.held.items() if n == name}
                 for alias, version in sorted(now.items()) if record else []:
                     before = record["aliases"].get(alias)
@@ -100,9 +103,16 @@ class Relay:
         return said
 
     def _record(self, name: str) -> None:
-        """Write on registered model `name` the aliases it holds as the relay has seen them (`HELD`)."""
+        """Write on registered model `name`, where it is edgar-tune's (recorded before, or a version holding one of
+        its aliases was registered by a run), the aliases it holds as the relay has seen them (`HELD`)."""
+        from tasks.registry import COMPARISON
+
         aliases = {a: v for (n, a), v in sorted(self.held.items()) if n == name}
-        self.client.set_registered_model_tag(name, HELD, json.dumps({"aliases": aliases, "time": time.time()}))
+        if name not in self.recorded and not any(COMPARISON in self.client.get_model_version(name, v).tags
+                                                 for v in set(aliases.values())):  # fmt: skip
+            return
+        self.recorded[name] = {"aliases": aliases, "time": time.time()}
+        self.client.set_registered_model_tag(name, HELD, json.dumps(self.recorded[name]))
 
     def handle(self, payload: dict) -> tuple[int, str]:
         data = payload.get("data") or {}

@@ -342,6 +342,9 @@ def test_an_alias_moved_in_the_mlflow_ui_reaches_prefect_through_the_relay(prefe
         with temporary_settings(updates={PREFECT_API_URL: prefect_server["PREFECT_API_URL"]}):
             move_alias(client, name, "challenger", "1")
         client.set_registered_model_alias(name, "champion", "1")
+        client.create_registered_model("other-team")  # not edgar-tune's: the relay writes nothing on it
+        client.create_model_version("other-team", source=source, run_id=run.run_id)
+        client.set_registered_model_alias("other-team", "prod", "1")
         again = relay("--listen", f"127.0.0.1:{free_port()}", **{SECRET_ENV: secret})
         try:
             said = "".join(_lines_with(again, "relaying alias moves in", "edgar-tune: error"))
@@ -354,6 +357,7 @@ def test_an_alias_moved_in_the_mlflow_ui_reaches_prefect_through_the_relay(prefe
         assert said.index("(moved while no relay ran)") < said.index("relaying alias moves in"), said
         held = json.loads(client.get_registered_model(name).tags[HELD])["aliases"]
         assert held == {"champion": "1", "challenger": "1"}, held
+        assert HELD not in client.get_registered_model("other-team").tags
     ours = promoted_events(prefect_server["PREFECT_API_URL"], name, uri, 3)
     moves = sorted((e["resource"]["edgar-tune.version"], e["payload"]["before"] or "") for e in ours)
     assert moves == [("1", "2"), ("1", "2"), ("2", "")], ours
