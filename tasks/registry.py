@@ -932,10 +932,15 @@ def _remove_unfinished(client, exp_id: str, run_id: str) -> None:
             repo = get_artifact_repository(model.artifact_location)
             held = _artifact_bytes(repo)
             repo.delete_artifacts()
-            client.delete_logged_model(model.model_id)
         except Exception as err:  # noqa: BLE001
             log.warning("could not remove the unfinished upload of logged model %s (%s) at %s: %s; delete it "
                         "there", model.model_id, model.status, model.artifact_location, err)  # fmt: skip
+            continue
+        try:
+            client.delete_logged_model(model.model_id)
+        except Exception as err:  # noqa: BLE001
+            log.warning("removed the files of an unfinished upload of the model (logged model %s, %s), but not its "
+                        "entry in MLflow run %s: %s", model.model_id, size(held), run_id, err)  # fmt: skip
             continue
         log.warning("removed an unfinished upload of the model from MLflow run %s: logged model %s (%s, %s)", run_id,
                     model.model_id, model.status, size(held))  # fmt: skip
