@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 WEBHOOK = "edgar-tune-relay"  # the MLflow webhook's name: a restarted relay updates it rather than adding another
 EVENTS = ["model_version_alias.created", "model_version_alias.deleted"]  # deleted: what `before` reads next
 SECRET_ENV = "EDGAR_TUNE_WEBHOOK_SECRET"
+RECONCILE_ENV = "EDGAR_TUNE_RELAY_RECONCILE_S"
 MAX_AGE_S = 300  # a delivery signed longer ago than this is refused (a replayed request)
 OWN_MOVE_S = 600  # how long after edgar-tune moved an alias its marker stands for the webhook of that move
 MAX_BODY = 1 << 20
@@ -83,31 +84,39 @@ class Relay:
             if not (token := page.token):
                 break
 
-    def catch_up(self) -> list[tuple[int, str]]:
-        """Relay the moves made while no relay ran: each registered model's aliases now against those it recorded
-        there last (`HELD`), then record them. A model with no record (the relay's first start) has none to
-        compare: its moves are relayed from now on. Only edgar-tune's models are recorded (`_record`): a tracking
-        server holds other teams' too. Returns (HTTP status as a delivery would get, what it did)."""
+    def catch_up(self, why: str) -> list[tuple[int, str]]:
+        """Relay the moves no delivery told (`why`: while no relay ran, or a delivery lost since): each registered
+        model's aliases now against those recorded on it (`HELD`), then record them. A model with no record (the
+        relay's first start) has none to compare: its moves are relayed from now on. Only edgar-tune's models are
+        recorded (`_record`): a tracking server holds other teams' too. A move Prefect did not take stays out of
+        the record, so the next catch-up tries it again. Returns (HTTP status as a delivery would get, what it
+        did)."""
         said = []
         with self.lock:  # read again: a delivery may have come since, or a move that none will tell
             self._read()
             for name in sorted({n for n, _ in self.held} | set(self.recorded)):
-                record = self.recorded.get(name)
+                record, untold = self.recorded.get(name), {}
                 now = {a: v for (n, a), v in self.held.items() if n == name}
                 for alias, version in sorted(now.items()) if record else []:
                     before = record["aliases"].get(alias)
                     if version != before:
                         status, what = self._moved(name, alias, version, before, since=record["time"])
-                        said.append((status, f"{what} (moved while no relay ran)"))
-                self._record(name)
+                        said.append((status, f"{what} ({why})"))
+                        if status != 200:
+                            untold[alias] = before
+                self._record(name, untold)
         return said
 
-    def _record(self, name: str) -> None:
+    def _record(self, name: str, untold: dict[str, str | None] | None = None) -> None:
         """Write on registered model `name`, where it is edgar-tune's (recorded before, or a version holding one of
-        its aliases was registered by a run), the aliases it holds as the relay has seen them (`HELD`)."""
+        its aliases was registered by a run), the aliases it holds as the relay has seen them (`HELD`), those of
+        moves not told (`untold`) as they were; where they changed."""
         from tasks.registry import COMPARISON
 
         aliases = {a: v for (n, a), v in sorted(self.held.items()) if n == name}
+        aliases = {a: v for a, v in (aliases | (untold or {})).items() if v is not None}
+        if name in self.recorded and self.recorded[name]["aliases"] == aliases:
+            return
         if name not in self.recorded and not any(COMPARISON in self.client.get_model_version(name, v).tags
                                                  for v in set(aliases.values())):  # fmt: skip
             return
@@ -183,6 +192,24 @@ class Relay:
         return True
 
 
+def reconcile_s() -> int:
+    """How often the relay compares the aliases with its record, for moves no delivery told (MLflow gives up on a
+    delivery after 3 retries; a network between them may lose one): $EDGAR_TUNE_RELAY_RECONCILE_S, 300 s by
+    default."""
+    return int(os.environ.get(RECONCILE_ENV) or 300)
+
+
+def catch_up(relay: Relay, why: str) -> None:
+    """`Relay.catch_up`, its lines logged; a store or Prefect server that fails it costs a warning, and the next
+    catch-up tries again."""
+    try:
+        for status, said in relay.catch_up(why):
+            (log.info if status == 200 else log.warning)("%s", said)
+    except Exception as err:  # noqa: BLE001 (the relay goes on with the moves to come)
+        log.warning("comparing the aliases with the relay's record failed (%s: %s); tried again in %d s",
+                    type(err).__name__, err, reconcile_s())  # fmt: skip
+
+
 def install(client, url: str, secret: str) -> str:
     """Point MLflow's `edgar-tune-relay` webhook at `url` (made, or updated where a relay ran before), have MLflow
     deliver a test event, and return the webhook's ID; RelayError when MLflow cannot reach the relay."""
@@ -221,6 +248,9 @@ def serve(tracking_uri: str, host: str, port: int, url: str | None) -> None:
     if not (api := prefect_api()):
         raise RelayError("set PREFECT_API_URL to the Prefect server whose automations run on edgar-tune's events "
                          "(an embedded one would stop with each event)")  # fmt: skip
+    if not (os.environ.get(RECONCILE_ENV) or "300").isdigit() or reconcile_s() < 1:
+        raise RelayError(f"{RECONCILE_ENV}={os.environ[RECONCILE_ENV]!r}: give the seconds between two comparisons "
+                         "of the aliases with the relay's record, a whole number of 1 or more")  # fmt: skip
     if not tracking_uri.startswith(("http://", "https://")):
         raise RelayError(f"--tracking-uri {tracking_uri}: webhooks come from an MLflow tracking server "
                          "(`mlflow server`, a SQL store), not from a store read directly")  # fmt: skip
@@ -275,14 +305,12 @@ def serve(tracking_uri: str, host: str, port: int, url: str | None) -> None:
                           RelayError(f"installing MLflow's webhook failed: {type(err).__name__}: {err}"))  # fmt: skip
             server.shutdown()
             return
-        try:
-            for status, said in relay.catch_up():
-                (log.info if status == 200 else log.warning)("%s", said)
-        except Exception:  # noqa: BLE001 (the relay goes on with the moves to come)
-            log.exception("the moves made while no relay ran could not all be relayed: run the export-champion "
-                          "deployment by hand where one was")  # fmt: skip
-        log.info("relaying alias moves in %s (MLflow webhook %s -> %s) to %s as edgar-tune.model.promoted",
-                 tracking_uri, WEBHOOK, url, api)  # fmt: skip
+        catch_up(relay, "moved while no relay ran")
+        log.info("relaying alias moves in %s (MLflow webhook %s -> %s) to %s as edgar-tune.model.promoted; those "
+                 "no delivery tells, within %d s", tracking_uri, WEBHOOK, url, api, reconcile_s())  # fmt: skip
+        while True:
+            time.sleep(reconcile_s())
+            catch_up(relay, "no delivery told it")
 
     threading.Thread(target=installing, daemon=True).start()
     try:  # in the main thread, where SIGTERM's SystemExit ends it (no handshake with another thread to wait on)

@@ -266,13 +266,14 @@ def test_an_alias_moved_in_the_mlflow_ui_reaches_prefect_through_the_relay(prefe
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from edgar_tune.relay import SECRET_ENV, WEBHOOK, signed
-    from edgar_tune.relay import HELD
+    from edgar_tune.relay import HELD, RECONCILE_ENV
     from tasks.registry import MOVED, PROMOTED, move_alias, promote
     from tests.conftest import export_trigger_acts_on_a_new_champion_only, promoted_events
 
     secret = "relay-secret-of-the-test-0123456789"
     env = dict(os.environ, **prefect_server, EDGAR_TUNE_BARS="0")
-    allow = {"MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https", "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true"}
+    allow = {"MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https", "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
+             "MLFLOW_WEBHOOK_CACHE_TTL": "1"}  # a webhook disabled (below) is so within a second, not a minute
     with mlflow_server(tmp_path, **allow) as uri:
 
         def relay(*args: str, **more: str) -> subprocess.Popen:
@@ -345,22 +346,29 @@ def test_an_alias_moved_in_the_mlflow_ui_reaches_prefect_through_the_relay(prefe
         client.create_registered_model("other-team")  # not edgar-tune's: the relay writes nothing on it
         client.create_model_version("other-team", source=source, run_id=run.run_id)
         client.set_registered_model_alias("other-team", "prod", "1")
-        again = relay("--listen", f"127.0.0.1:{free_port()}", **{SECRET_ENV: secret})
+        again = relay("--listen", f"127.0.0.1:{free_port()}", **{SECRET_ENV: secret, RECONCILE_ENV: "2"})
         try:
             said = "".join(_lines_with(again, "relaying alias moves in", "edgar-tune: error"))
+            # A delivery MLflow never makes (the webhook off): the relay's next comparison, 2 s on, tells the move.
+            hook = next(w for w in client.list_webhooks() if w.name == WEBHOOK)
+            client.update_webhook(hook.webhook_id, status="DISABLED")
+            time.sleep(1.5)  # MLFLOW_WEBHOOK_CACHE_TTL
+            client.set_registered_model_alias(name, "champion", "2")
+            lost = "".join(_lines_with(again, f"relayed: {name} v2 @champion", "Traceback"))
         finally:
             again.terminate()
             again.communicate(timeout=60)
+        assert lost.endswith(f"relayed: {name} v2 @champion (was v1) (no delivery told it)\n"), lost
         assert (f"not relayed: {name} v1 @challenger: moved by edgar-tune, which tells "
                 f"{prefect_server['PREFECT_API_URL']} itself (moved while no relay ran)") in said, said
         assert f"relayed: {name} v1 @champion (was v2); v1's perplexity 9.0000 is higher than v2's" in said, said
         assert said.index("(moved while no relay ran)") < said.index("relaying alias moves in"), said
         held = json.loads(client.get_registered_model(name).tags[HELD])["aliases"]
-        assert held == {"champion": "1", "challenger": "1"}, held
+        assert held == {"champion": "2", "challenger": "1"}, held
         assert HELD not in client.get_registered_model("other-team").tags
-    ours = promoted_events(prefect_server["PREFECT_API_URL"], name, uri, 3)
+    ours = promoted_events(prefect_server["PREFECT_API_URL"], name, uri, 4)
     moves = sorted((e["resource"]["edgar-tune.version"], e["payload"]["before"] or "") for e in ours)
-    assert moves == [("1", "2"), ("1", "2"), ("2", "")], ours
+    assert moves == [("1", "2"), ("1", "2"), ("2", ""), ("2", "1")], ours
     export_trigger_acts_on_a_new_champion_only(next(e for e in ours if e["resource"]["edgar-tune.version"] == "1"))
 
 
@@ -394,6 +402,37 @@ def test_a_relay_started_again_tells_edgar_tunes_moves_from_a_persons_by_their_t
     v1 = tag("1", 1100)
     tag("2", 1200)  # edgar-tune moved it on to v2: v1 holding it now is a person's rollback
     assert not relay._ours(name, "champion", v1, since) and relay._ours(name, "champion", tag("2", 1200), since)
+
+
+def test_a_move_prefect_did_not_take_is_told_at_the_relays_next_comparison(tmp_path, monkeypatch):
+    """A move found by the relay's comparison (no delivery told it) that the Prefect server did not take stays out
+    of the relay's record, so the next comparison tells it again; a model of another team's gets no record."""
+    import mlflow
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from edgar_tune.relay import HELD, Relay
+    from tasks.registry import COMPARISON
+
+    monkeypatch.setenv("EDGAR_TUNE_CACHE", str(tmp_path / "cache"))
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    for name, ours in (("m", True), ("theirs", False)):
+        client.create_registered_model(name)
+        for _ in range(2):
+            v = client.create_model_version(name, source=str(tmp_path)).version
+            if ours:
+                client.set_model_version_tag(name, v, COMPARISON, "{}")
+        client.set_registered_model_alias(name, "champion", "1")
+    api = f"http://127.0.0.1:{free_port()}/api"  # a Prefect server that does not answer
+    with temporary_settings(updates={PREFECT_API_URL: api}):
+        relay = Relay(client.tracking_uri, api)
+        assert relay.catch_up("x") == []  # the first start: recorded, nothing to compare
+        recorded = lambda name: json.loads(client.get_registered_model(name).tags[HELD])["aliases"]  # noqa: E731
+        assert recorded("m") == {"champion": "1"} and HELD not in client.get_registered_model("theirs").tags
+        client.set_registered_model_alias("m", "champion", "2")
+        for _ in range(2):
+            (status, said), = relay.catch_up("no delivery told it")
+            assert status == 502 and said.startswith("not relayed: m v2 @champion: "), said
+            assert recorded("m") == {"champion": "1"}
 
 
 def _lines_with(proc: subprocess.Popen, *parts: str) -> list[str]:
