@@ -298,6 +298,7 @@ def test_an_alias_moved_in_the_mlflow_ui_reaches_prefect_through_the_relay(prefe
             with tells:
                 started = _lines_with(proc, "relaying alias moves in", "edgar-tune: error")
                 assert "edgar-tune: error" not in started[-1], "".join(started)
+                assert "a delivery failed" not in "".join(started), "".join(started)  # MLflow's test delivery
                 name, client = "edgar-tune-10k", mlflow.MlflowClient(uri)
                 client.create_registered_model(name)
                 run = client.create_run("0").info  # a tracking server takes a version's files from a run's
@@ -335,6 +336,7 @@ def test_an_alias_moved_in_the_mlflow_ui_reaches_prefect_through_the_relay(prefe
             proc.terminate()
             out = proc.communicate(timeout=60)[0]
         assert proc.returncode == 143, out[-3000:]
+        assert "Traceback" not in out, out[-3000:]
         record = json.loads(client.get_model_version(name, "1").tags[PROMOTED])
         assert record["before"] == "2" and "MLflow UI" in record["by"]
         assert MOVED not in client.get_model_version(name, "1").tags  # spent: a later move back to v1 is relayed
@@ -359,6 +361,7 @@ def test_an_alias_moved_in_the_mlflow_ui_reaches_prefect_through_the_relay(prefe
             again.terminate()
             again.communicate(timeout=60)
         assert lost.endswith(f"relayed: {name} v2 @champion (was v1) (no delivery told it)\n"), lost
+        assert "a delivery failed" not in said + lost, said + lost
         assert (f"not relayed: {name} v1 @challenger: moved by edgar-tune, which tells "
                 f"{prefect_server['PREFECT_API_URL']} itself (moved while no relay ran)") in said, said
         assert f"relayed: {name} v1 @champion (was v2); v1's perplexity 9.0000 is higher than v2's" in said, said
