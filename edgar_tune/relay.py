@@ -8,8 +8,9 @@ it installs MLflow's webhook pointing at itself, checks each delivery's signatur
 `edgar-tune.model.promoted` for a version edgar-tune registered to the Prefect server in PREFECT_API_URL, recording
 the move in the version's `promoted_by_hand` tag as a promotion by hand is. A move edgar-tune made itself (tagged
 `edgar_tune.alias_moved`, naming the Prefect server it tells) is left to edgar-tune's own event, so one move makes one
-export. The relay records on each registered model the aliases as it last saw them (`edgar_tune.relay_held`), and a
-relay started again relays the moves made while none ran (MLflow gives up on a delivery after 3 retries).
+export. The relay records on each registered model the aliases as it last saw them (`edgar_tune.relay_held`) and
+compares them with the store's on starting and every `reconcile_s()`, relaying the moves no delivery told: those made
+while no relay ran (MLflow gives up on a delivery after 3 retries), or lost on the way.
 """
 
 from __future__ import annotations
@@ -154,7 +155,7 @@ class Relay:
     def _moved(self, name: str, alias: str, version: str, before: str | None,
                since: float | None = None) -> tuple[int, str]:  # fmt: skip
         """Relay one move, as told by a delivery, or (`since`: when the relay last recorded the model's aliases)
-        found on starting again."""
+        found by comparing them with that record."""
         import mlflow
 
         from flows.artifacts import announce_promotion
@@ -182,9 +183,9 @@ class Relay:
 
     def _ours(self, name: str, alias: str, moved: dict, since: float | None) -> bool:
         """Whether edgar-tune made the move to the version tagged `moved` (its MOVED tag), telling this relay's
-        Prefect server itself. A delivery comes at once: the tag is fresh (`OWN_MOVE_S`). A move found on starting
-        again came after the relay's last record (`since`: a tag the relay saw is deleted), and no later move of
-        edgar-tune's gave the alias to another version (one by hand back to this version came after it)."""
+        Prefect server itself. A delivery comes at once: the tag is fresh (`OWN_MOVE_S`). A move found by comparing
+        with the record came after the relay's last record (`since`: a tag the relay saw is deleted), and no later
+        move of edgar-tune's gave the alias to another version (one by hand back to this version came after it)."""
         from tasks.registry import MOVED
 
         if moved.get("alias") != alias or (moved.get("told") or "").rstrip("/") != self.prefect_api:

@@ -877,10 +877,10 @@ def _register(run_dir: Path, cfg: PipelineConfig, flow_run_id: str | None, runs_
 
             base_rows, tuned_rows = (read_json(p)["rows"] for p in samples)
             mlflow.log_table(side_by_side(base_rows, tuned_rows), artifact_file="eval/generations.json")
-        size, start = megabytes(*map(Path, artifacts.values())), time.monotonic()
+        upload_mb, start = megabytes(*map(Path, artifacts.values())), time.monotonic()
         what = {"adapter": "LoRA adapter", "model": "full weights"}[train_stats["weights"]]
         log.info("uploading the model (%s%s and tokenizer, %.1f MB) to the artifact store of MLflow run %s", what,
-                 " with its base" if "base" in artifacts else "", size, run.info.run_id)  # fmt: skip
+                 " with its base" if "base" in artifacts else "", upload_mb, run.info.run_id)  # fmt: skip
         with warnings.catch_warnings(), unfinished_uploads_removed(client, exp_id, run.info.run_id):
             # an input example would make MLflow load the model and generate with it now, at every run
             warnings.filterwarnings("ignore", message=".*An input example was not provided")
