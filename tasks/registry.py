@@ -881,7 +881,7 @@ def _register(run_dir: Path, cfg: PipelineConfig, flow_run_id: str | None, runs_
         what = {"adapter": "LoRA adapter", "model": "full weights"}[train_stats["weights"]]
         log.info("uploading the model (%s%s and tokenizer, %.1f MB) to the artifact store of MLflow run %s", what,
                  " with its base" if "base" in artifacts else "", upload_mb, run.info.run_id)  # fmt: skip
-        with warnings.catch_warnings(), unfinished_uploads_removed(client, exp_id, run.info.run_id):
+        with warnings.catch_warnings(), unfinished_uploads_removed(client, exp_id, run.info.run_id, key):
             # an input example would make MLflow load the model and generate with it now, at every run
             warnings.filterwarnings("ignore", message=".*An input example was not provided")
             info = mlflow.pyfunc.log_model(
@@ -900,13 +900,16 @@ def _register(run_dir: Path, cfg: PipelineConfig, flow_run_id: str | None, runs_
 
 
 @contextmanager
-def unfinished_uploads_removed(client, exp_id: str, run_id: str) -> Iterator[None]:
-    """Around the model's upload into MLflow run `run_id`: remove the logged models of that run whose upload did not
-    finish, before it (a registration killed while it uploaded) and when it raises. Their files may be a model's
-    weights (GBs, and on a disk that has just filled, which the retry needs that room on), and the run's Models tab
-    would list them, FAILED or PENDING, beside the one that worked. Registrations into one store take turns
-    (`one_writer`), so no other upload is under way there."""
-    _remove_unfinished(client, exp_id, run_id)
+def unfinished_uploads_removed(client, exp_id: str, run_id: str, key: str) -> Iterator[None]:
+    """Around the model's upload into MLflow run `run_id`: remove the logged models whose upload did not finish,
+    before it, in that run and in the others that registrations of the same run folder and weights opened (`key`,
+    the RUN_KEY tag: a registration killed while it uploaded, whose retry may log into a run of its own), and in that
+    run when it raises. Their files may be a model's weights (GBs, and on a disk that has just filled, which the
+    retry needs that room on), and the runs' Models tab would list them, FAILED or PENDING, beside the one that
+    worked. Registrations into one store take turns (`one_writer`), so no other upload is under way there."""
+    earlier = client.search_runs([exp_id], filter_string=f"tags.`{RUN_KEY}` = '{key}'")
+    for run in dict.fromkeys([run_id] + [r.info.run_id for r in earlier]):
+        _remove_unfinished(client, exp_id, run)
     try:
         yield
     except Exception:

@@ -430,10 +430,11 @@ def test_a_training_ends_the_runs_its_folder_left_running_when_their_process_die
 def test_unfinished_model_uploads_leave_no_files_or_entries_in_the_run(tmp_path, caplog):
     """A registration killed while it uploads the model leaves MLflow a PENDING logged model holding the files it
     got; one whose upload raised (a full disk), a FAILED one. Each is removed, files and entry, before the next
-    upload into the run and once an upload raises; a finished one stays."""
+    upload (in its run, and in another run an earlier registration of the same run folder opened) and once an
+    upload raises; a finished one stays, and another run folder's upload under way."""
     import logging
 
-    from tasks.registry import tracking_at, unfinished_uploads_removed
+    from tasks.registry import RUN_KEY, tracking_at, unfinished_uploads_removed
 
     caplog.set_level(logging.WARNING, logger="tasks.registry")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -457,20 +458,23 @@ def test_unfinished_model_uploads_leave_no_files_or_entries_in_the_run(tmp_path,
 
     with tracking_at(uri):
         done, killed = upload("READY"), upload(None)
-        other_run = client.create_run(exp).info.run_id  # another run's upload, under way as far as we know
+        other_run = client.create_run(exp, tags={RUN_KEY: "other folder"}).info.run_id  # its upload under way
         other = upload(None, other_run)
+        attempt = client.create_run(exp, tags={RUN_KEY: "this folder"}).info.run_id  # a killed registration's own run
+        killed_there = upload(None, attempt)
         assert models() == {done.model_id: "READY", killed.model_id: "PENDING"}
         with pytest.raises(OSError, match="No space left"):
-            with unfinished_uploads_removed(client, exp, run_id):
-                assert models() == {done.model_id: "READY"}  # the killed one's, before the upload
+            with unfinished_uploads_removed(client, exp, run_id, "this folder"):
+                assert models() == {done.model_id: "READY"} and models(attempt) == {}  # killed ones', before
                 failed = upload("FAILED")
                 raise OSError(28, "No space left on device")
     assert models() == {done.model_id: "READY"} and models(other_run) == {other.model_id: "PENDING"}
     left = sorted(str(p) for p in (tmp_path / "artifacts").rglob("model.safetensors"))
     held = {m.model_id for m in (done, other) if any(m.model_id in p for p in left)}
     assert len(left) == 2 and held == {done.model_id, other.model_id}  # the failed and killed ones' files are gone
-    for model, status in ((killed, "PENDING"), (failed, "FAILED")):
-        assert (f"removed an unfinished upload of the model from MLflow run {run_id}: logged model {model.model_id} "
+    for model, status, run in ((killed, "PENDING", run_id), (failed, "FAILED", run_id),
+                               (killed_there, "PENDING", attempt)):  # fmt: skip
+        assert (f"removed an unfinished upload of the model from MLflow run {run}: logged model {model.model_id} "
                 f"({status}, 0.3 MB)") in caplog.text  # fmt: skip
     assert other_run not in caplog.text and other.model_id not in caplog.text
 
