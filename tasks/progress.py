@@ -41,9 +41,21 @@ def settle_console() -> bool:
     process): decide the bars (`settle_bars`), and drop DeepSpeed's warning "Setting accelerator to CPU. If you have
     GPU or other accelerator, we were unable to detect it" where there is no GPU to detect. Every process that
     loads transformers' Trainer or saves a model imports DeepSpeed, and each printed it, outside the run's log.
-    Where CUDA sees a device it cannot use, the warning stays. Returns the bars' decision."""
+    Where CUDA sees a device it cannot use, the warning stays. MLflow's SQL store logs each database error it catches
+    with its traceback and raises it at once, which its caller reports: its line stays, the traceback goes
+    (`_raised_at_once`). Returns the bars' decision."""
     logging.getLogger("DeepSpeed").addFilter(_no_gpu_to_detect)
+    logging.getLogger("mlflow.store.db.utils").addFilter(_raised_at_once)
     return settle_bars()
+
+
+def _raised_at_once(record: logging.LogRecord) -> bool:
+    """Drop the traceback of MLflow's "SQLAlchemy database error. The following exception is caught." (with its SQL,
+    kept): MLflow raises the same error as an MlflowException on the next line, for the caller to say. A full disk
+    under a registration printed 100 lines of it before the stage's one."""
+    if record.getMessage().startswith("SQLAlchemy database error. The following exception is caught."):
+        record.exc_info, record.exc_text = None, None
+    return True
 
 
 def _no_gpu_to_detect(record: logging.LogRecord) -> bool:
