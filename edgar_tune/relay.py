@@ -71,6 +71,7 @@ class Relay:
         self.lock = threading.Lock()  # one delivery at a time: `held` is what the next one's `before` reads
         self.held: dict[tuple[str, str], str] = {}  # (model, alias) -> the version holding it, as last seen
         self.recorded: dict[str, dict] = {}  # model -> its HELD tag: what a relay saw there last
+        self.theirs: set[tuple[str, str]] = set()  # (model, version): holding an alias, not registered by a run
         self._read()
 
     def _read(self) -> None:
@@ -112,25 +113,33 @@ class Relay:
         """Write on registered model `name`, where it is edgar-tune's (recorded before, or a version holding one of
         its aliases was registered by a run), the aliases it holds as the relay has seen them (`HELD`), those of
         moves not told (`untold`) as they were; where they changed."""
-        from tasks.registry import COMPARISON
-
         aliases = {a: v for (n, a), v in sorted(self.held.items()) if n == name}
         aliases = {a: v for a, v in (aliases | (untold or {})).items() if v is not None}
         if name in self.recorded and self.recorded[name]["aliases"] == aliases:
             return
-        if name not in self.recorded and not any(COMPARISON in self._tags(name, v) for v in set(aliases.values())):
+        if name not in self.recorded and not any(self._registered_by_a_run(name, v) for v in set(aliases.values())):
             return
         self.recorded[name] = {"aliases": aliases, "time": time.time()}
         self.client.set_registered_model_tag(name, HELD, json.dumps(self.recorded[name]))
 
-    def _tags(self, name: str, version: str) -> dict[str, str]:
-        """A version's tags; none where there is no such version (MLflow's test delivery names an example model)."""
+    def _registered_by_a_run(self, name: str, version: str) -> bool:
+        """Whether a version holding an alias was registered by an edgar-tune run (it has the COMPARISON tag, which a
+        registration sets before it gives an alias). Those that were not (other teams' models; MLflow's test
+        delivery's example model, which does not exist) are remembered: the comparisons every `reconcile_s()` do
+        not ask again."""
         import mlflow
 
+        from tasks.registry import COMPARISON
+
+        if (name, version) in self.theirs:
+            return False
         try:
-            return self.client.get_model_version(name, version).tags
+            ours = COMPARISON in self.client.get_model_version(name, version).tags
         except mlflow.exceptions.MlflowException:
-            return {}
+            ours = False
+        if not ours:
+            self.theirs.add((name, version))
+        return ours
 
     def handle(self, payload: dict) -> tuple[int, str]:
         data = payload.get("data") or {}
