@@ -81,8 +81,8 @@ class Relay:
             page = self.client.search_registered_models(max_results=100, page_token=token)
             for model in page:
                 self.held |= {(model.name, a): str(v) for a, v in model.aliases.items()}
-                if HELD in model.tags:
-                    self.recorded[model.name] = json.loads(model.tags[HELD])
+                if HELD in model.tags and (record := _record_in(model.name, model.tags[HELD])):
+                    self.recorded[model.name] = record
             if not (token := page.token):
                 break
 
@@ -208,6 +208,20 @@ class Relay:
             if later.get("alias") == alias and later.get("time", 0) > moved["time"]:
                 return False
         return True
+
+
+def _record_in(name: str, tag: str) -> dict | None:
+    """The relay's record in registered model `name`'s HELD tag; None, said, where it is not one (edited by hand):
+    the model is then recorded afresh, and a move made meanwhile not told."""
+    try:
+        record = json.loads(tag)
+        if isinstance(record["aliases"], dict) and isinstance(record["time"], int | float):
+            return record
+    except (ValueError, TypeError, KeyError):
+        pass
+    log.warning("registered model %s: its tag %s is not the relay's record (%r); recording it afresh", name, HELD,
+                tag[:200])  # fmt: skip
+    return None
 
 
 def reconcile_s() -> int:

@@ -432,6 +432,8 @@ def test_a_move_prefect_did_not_take_is_told_at_the_relays_next_comparison(tmp_p
         recorded = lambda name: json.loads(client.get_registered_model(name).tags[HELD])["aliases"]  # noqa: E731
         assert recorded("m") == {"champion": "1"} and HELD not in client.get_registered_model("theirs").tags
         assert relay.theirs == {("theirs", "1")}  # not asked again at each comparison
+        client.set_registered_model_tag("m", HELD, "edited by hand")
+        assert relay.catch_up("x") == [] and recorded("m") == {"champion": "1"}  # recorded afresh
         client.set_registered_model_alias("m", "champion", "2")
         for _ in range(2):
             (status, said), = relay.catch_up("no delivery told it")
