@@ -541,3 +541,28 @@ def test_text_data_from_an_s3_prefix(s3, prefect_server, tmp_path, amzn_files, m
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     with pytest.raises(ConfigError, match="`data.source` = 's3://edgar-data/qa/': NoCredentialsError: .* AWS_PROFILE"):
         data_files("s3://edgar-data/qa/")
+
+
+def test_an_unfinished_model_upload_is_removed_from_an_s3_artifact_store(s3, tmp_path):
+    """The files of a model upload a killed registration left in an S3 artifact store (moto's server) are removed
+    with its logged model before the next upload, as from a local store (tests/test_registry.py)."""
+    import mlflow
+
+    from tasks.registry import RUN_KEY, tracking_at, unfinished_uploads_removed
+
+    fs, _ = s3
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    exp = client.create_experiment("e", artifact_location="s3://edgar-runs/mlflow")
+    run_id = client.create_run(exp, tags={RUN_KEY: "this folder"}).info.run_id
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "model.safetensors").write_bytes(b"w" * 300_000)
+    with tracking_at(uri):
+        killed = mlflow.initialize_logged_model(name="model", source_run_id=run_id, experiment_id=exp)
+        client.log_model_artifacts(killed.model_id, str(tmp_path / "weights"))
+        assert fs.find(f"edgar-runs/mlflow/models/{killed.model_id}")  # the files the killed upload got
+        with unfinished_uploads_removed(client, exp, run_id, "this folder"):
+            pass
+    fs.invalidate_cache()
+    assert fs.find(f"edgar-runs/mlflow/models/{killed.model_id}") == []
+    assert client.search_logged_models([exp]) == []
