@@ -67,7 +67,9 @@ AGAIN_S = 0.05  # the delay of a signal delivered again (where it lands in a fin
 def keep_signals() -> None:
     """Deliver again a termination signal (SIGTERM, SIGHUP, Ctrl-C's SIGINT) whose exception Python dropped because
     its handler ran inside a finalizer; its handler then runs again at the next bytecode outside it. Installs a
-    `sys.unraisablehook` once per process (the hook before it still prints what was dropped)."""
+    `sys.unraisablehook` once per process. What else a finalizer drops, the hook before it prints; for a signal it
+    printed Python's "Exception ignored in ..." and a traceback of the finalizer the signal landed in, which says
+    nothing to whoever pressed Ctrl-C: one line names the finalizer instead."""
     global _kept
     if _kept:
         return
@@ -75,12 +77,14 @@ def keep_signals() -> None:
     before = sys.unraisablehook
 
     def hook(unraisable) -> None:
-        before(unraisable)
         err = unraisable.exc_value
         sig = signal.SIGINT if isinstance(err, KeyboardInterrupt) else signal_behind(err)
-        if sig is not None:  # from another thread, once this hook has returned: here it would be dropped again
-            print(f"edgar-tune: {signal.Signals(sig).name} landed in a finalizer, which drops its exception: "
-                  "delivering it again", file=sys.stderr)  # fmt: skip
+        if sig is None:
+            before(unraisable)
+        else:  # from another thread, once this hook has returned: here it would be dropped again
+            where = getattr(unraisable.object, "__qualname__", None) or type(unraisable.object).__name__
+            print(f"edgar-tune: {signal.Signals(sig).name} landed in a finalizer ({where}), which drops its "
+                  "exception: delivering it again", file=sys.stderr)  # fmt: skip
             again = threading.Timer(AGAIN_S, os.kill, (os.getpid(), sig))
             again.daemon = True
             again.start()
