@@ -271,11 +271,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """Write a registered version into a folder that loads without edgar-tune or MLflow: merged, or its adapter."""
+    """Write a registered version into a folder that loads without edgar-tune or MLflow: merged, its adapter, or
+    one GGUF file."""
     import mlflow
 
     from edgar_tune.config import ConfigError
-    from tasks.export import export_alias, export_version
+    from tasks.export import export_alias, export_version, form
     from tasks.registry import registered_version
 
     uri = _store_uri(args.tracking_uri)
@@ -285,13 +286,14 @@ def cmd_export(args: argparse.Namespace) -> int:
             if not (alias := re.fullmatch(r"models:/([^/@]+)@([^/@]+)", args.model)):
                 raise ConfigError(f"--out {args.out}: an export to S3 follows an alias, --model models:/NAME@ALIAS "
                                   "(its pointer OUT.json names the version that holds it), not a version number")
-            done = export_alias(client, *alias.groups(), args.out, args.adapter, args.dtype)
+            done = export_alias(client, *alias.groups(), args.out, args.adapter, args.dtype, args.gguf)
         else:
             version = registered_version(client, args.model)
             if version is None:
                 raise ConfigError(f"--model {args.model}: export takes a registered version, models:/NAME@ALIAS or "
                                   "models:/NAME/N (`edgar-tune models` lists them)")  # fmt: skip
-            done = export_version(client, *version, args.out, args.adapter, args.dtype, args.replace)
+            done = export_version(client, *version, args.out, args.adapter, args.dtype, args.replace,
+                                  gguf=args.gguf)  # fmt: skip
     except (mlflow.exceptions.MlflowException, LookupError) as err:
         why = err.message if isinstance(err, mlflow.exceptions.MlflowException) else err.args[0]
         print(f"edgar-tune: error: cannot export {args.model} from {uri}: {why}", file=sys.stderr)
@@ -299,10 +301,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(done, indent=1))
     else:
-        what = "its adapter" if done["adapter"] else f"merged, {done['dtype']}"
         local = Path(args.out).expanduser().absolute()
+        if done.get("gguf") and "url" not in done:
+            local = local / done["gguf_file"]
         where = f"{done['url']} ({args.out}.json points at it)" if "url" in done else local
-        print(f"{done['registered_model']} v{done['version']} ({what}) -> {where}")
+        print(f"{done['registered_model']} v{done['version']} ({form(done)}) -> {where}")
     return 0
 
 
@@ -487,14 +490,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///runs/mlflow.db")
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt")
     gen.set_defaults(fn=cmd_generate)
-    exp = sub.add_parser("export", help="write a registered version into a folder that transformers, peft or vLLM "
-                         "load without edgar-tune or MLflow: merged (default) or its LoRA adapter")  # fmt: skip
+    exp = sub.add_parser("export", help="write a registered version into a folder that transformers, peft, vLLM "
+                         "or llama.cpp load without edgar-tune or MLflow: merged (default), its LoRA adapter, or "
+                         "one GGUF file")  # fmt: skip
     exp.add_argument("--model", required=True, help="models:/NAME@ALIAS or models:/NAME/N")
     exp.add_argument("--out", required=True, help="a new or empty folder (it appears whole at the end), or an s3:// "
                      "URL with --model models:/NAME@ALIAS (a prefix per version, OUT.json pointing at the alias's)")
     exp.add_argument("--adapter", action="store_true", help="the LoRA adapter, for peft (default: merged weights)")
     exp.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                      help="the merged weights' dtype (auto: the base model's)")  # fmt: skip
+    exp.add_argument("--gguf", choices=["f32", "f16", "bf16", "q8_0"],
+                     help="merged into one GGUF file of this type, for llama.cpp, Ollama, LM Studio")  # fmt: skip
     exp.add_argument("--replace", action="store_true", help="put it in place of an earlier export in --out")
     exp.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///runs/mlflow.db")
     exp.add_argument("--json", action="store_true", help="print what edgar_tune.json holds")

@@ -28,7 +28,8 @@ logs_into_the_flow_run()
 @flow(name="edgar-tune-export", log_prints=True)
 def edgar_tune_export(model: str = "edgar-tune-10k", alias: str = "champion", out: str = "exports/{model}/{alias}",
                       tracking_uri: str | None = None, adapter: bool = False,
-                      dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto") -> dict:  # fmt: skip
+                      dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
+                      gguf: Literal["f32", "f16", "bf16", "q8_0"] | None = None) -> dict:  # fmt: skip
     """Export the version of `model` that holds `alias` into the folder `out`, unless it holds it already.
 
     Args:
@@ -44,10 +45,12 @@ def edgar_tune_export(model: str = "edgar-tune-10k", alias: str = "champion", ou
         adapter: Write the LoRA adapter alone (for a server that applies adapters to a shared base) instead of the
             merged model.
         dtype: The merged weights' dtype: auto (the base's), float32, bfloat16 or float16.
+        gguf: Instead, the merged model as one GGUF file of this type (f32, f16, bf16, q8_0), for llama.cpp,
+            Ollama or LM Studio.
     """
     import mlflow
 
-    from tasks.export import export_alias
+    from tasks.export import export_alias, form
     from tasks.limits import in_prefect_run
     from tasks.registry import existing_store
 
@@ -55,10 +58,9 @@ def edgar_tune_export(model: str = "edgar-tune-10k", alias: str = "champion", ou
     keep_signals()
     uri = existing_store(tracking_uri, Path("runs"), "set tracking_uri to the store the runs registered in")
     target = out.format(model=model, alias=alias)
-    done = export_alias(mlflow.MlflowClient(uri), model, alias, target, adapter, dtype)
+    done = export_alias(mlflow.MlflowClient(uri), model, alias, target, adapter, dtype, gguf)
     where = f"{target}.json -> {done['url']}" if "url" in done else Path(target).absolute()
-    what = "its adapter" if done["adapter"] else f"merged, {done['dtype']}"
-    line = f"{where} holds {model} v{done['version']} ({what}), @{alias} in {uri}"
+    line = f"{where} holds {model} v{done['version']} ({form(done)}), @{alias} in {uri}"
     print(line + ("" if done["written"] else "; it did already"))
     if done["written"] and in_prefect_run():  # the UI's Artifacts page: a timeline of what the folder held, from when
         from prefect.artifacts import create_markdown_artifact

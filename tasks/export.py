@@ -56,7 +56,7 @@ def check_target(out: Path, replace: bool) -> None:
 def read_provenance(folder: Path) -> str:
     try:
         was = json.loads((folder / PROVENANCE).read_text())
-        return f"{was['registered_model']} v{was['version']}, {'adapter' if was['adapter'] else 'merged'}"
+        return f"{was['registered_model']} v{was['version']}, {form(was)}"
     except (OSError, ValueError, KeyError) as err:
         return f"its {PROVENANCE} unreadable: {err}"
 
@@ -73,15 +73,18 @@ def base_dtype(base: str) -> torch.dtype:
 
 
 def export_version(client, name: str, version: str, out: str | Path, adapter: bool = False, dtype: str = "auto",
-                   replace: bool = False, stored_at: str | None = None) -> dict:  # fmt: skip
+                   replace: bool = False, stored_at: str | None = None, gguf: str | None = None) -> dict:  # fmt: skip
     """Write version `version` of registered model `name` (on `client`'s tracking server) into the folder `out`,
-    merged or as its adapter, with a model card; returns the provenance written as `edgar_tune.json`. `stored_at`:
-    the URL the folder is uploaded to, for the card (which then loads it from a copy named as its last part).
+    merged, as its adapter, or merged into one GGUF file of type `gguf` (tasks/gguf.py), with a model card; returns
+    the provenance written as `edgar_tune.json`. `stored_at`: the URL the folder is uploaded to, for the card (which
+    then loads it from a copy named as its last part).
 
     Raises:
         ConfigError: `out` is a URL or holds files (see `check_target`), an adapter asked of a full fine-tune or
-            of a version whose base exists only inside it, a dtype with the adapter, or an unknown dtype.
+            of a version whose base exists only inside it, a dtype with the adapter or with GGUF, an unknown dtype
+            or GGUF type, or a model or tokenizer the GGUF writer does not know (checked before anything merges).
     """
+    from tasks import gguf as gguf_file
     from tasks.models import SMOLLM2, resolve_base_ref
 
     if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", str(out)):
@@ -92,6 +95,11 @@ def export_version(client, name: str, version: str, out: str | Path, adapter: bo
         raise ConfigError(f"--dtype {dtype}: one of auto, {', '.join(DTYPES)}")
     if adapter and dtype != "auto":
         raise ConfigError("--dtype is for a merged export; --adapter copies the adapter as it was trained")
+    if gguf is not None and gguf not in gguf_file.TYPES:
+        raise ConfigError(f"--gguf {gguf}: one of {', '.join(gguf_file.TYPES)}")
+    if gguf and (adapter or dtype != "auto"):
+        raise ConfigError(f"--gguf writes the merged model in its own type ({gguf}): drop "
+                          f"{'--adapter' if adapter else '--dtype'}")  # fmt: skip
     check_target(out, replace)
     mv = client.get_model_version(name, version)
     run = client.get_run(mv.run_id)
@@ -111,6 +119,12 @@ def export_version(client, name: str, version: str, out: str | Path, adapter: bo
             full = config["weights"] != "adapter"  # its weights are the whole model: no base to load
             base = None if full else artifacts["base"] if carried else resolve_base_ref(base_name)
             model = chosen = None
+            tokenizer = _tokenizer(artifacts["weights"])
+            if gguf:  # what the GGUF writer would refuse, before minutes of merging
+                from transformers import AutoConfig
+
+                gguf_file.check_model(AutoConfig.from_pretrained(artifacts["weights"] if full else base))
+                gguf_file.pre_tokenizer(tokenizer, Path(artifacts["weights"]))
             if adapter:
                 for file in ADAPTER_FILES:
                     shutil.copy2(Path(artifacts["weights"]) / file, tmp / file)
@@ -120,33 +134,71 @@ def export_version(client, name: str, version: str, out: str | Path, adapter: bo
                 stored = base_dtype(artifacts["weights"] if full else base)
                 chosen = DTYPES[dtype] if dtype != "auto" else stored
                 model = load_registered(artifacts, config, dtype=stored).to(chosen)
-            tokenizer = _tokenizer(artifacts["weights"])
-            provenance = _provenance(client, mv, run, base_name, base, adapter, chosen, config["weights"],
-                                     Path(artifacts["weights"]))  # fmt: skip
+            provenance = _provenance(client, mv, run, base_name, base, adapter, None if gguf else chosen,
+                                     config["weights"], Path(artifacts["weights"]), gguf)  # fmt: skip
         if adapter:
             adapter_config = json.loads((tmp / "adapter_config.json").read_text())
             adapter_config["base_model_name_or_path"] = base  # not the folder it was trained from
             atomic_write_json(tmp / "adapter_config.json", adapter_config)
+        elif gguf:
+            _check_room(out, model.num_parameters() * gguf_file.BYTES_PER_WEIGHT[gguf] / 1e9, "GGUF file",
+                        ", or --gguf q8_0" if gguf != "q8_0" else "")  # fmt: skip
+            tokenizer.save_pretrained(tmp / ".tokenizer")  # read by the writer, then dropped: the file holds it
+            file = tmp / gguf_name(name, version, gguf)
+            log.info("writing %s v%s as GGUF %s to %s", name, version, gguf, out / file.name)
+            written = gguf_file.write_gguf(model, tmp / ".tokenizer", file, gguf, _gguf_metadata(provenance))
+            shutil.rmtree(tmp / ".tokenizer")
+            provenance |= {"gguf_file": file.name, "gguf_pre_tokenizer": written["pre_tokenizer"]}
+            del model
         else:
             gb = model.num_parameters() * chosen.itemsize / 1e9
-            if (free := shutil.disk_usage(out.parent).free / 1e9) < gb * 1.05:
-                halve = ", or --dtype bfloat16" if chosen == torch.float32 else ""
-                raise ConfigError(f"{out.parent} has {free:.1f} GB free, and the merged weights take {gb:.1f} GB: "
-                                  f"free space there or export elsewhere{halve}. Nothing was written")  # fmt: skip
+            _check_room(out, gb, "merged weights", ", or --dtype bfloat16" if chosen == torch.float32 else "")
             log.info("writing the merged model (%.2f GB in %s) to %s", gb, str(chosen).removeprefix("torch."), out)
             model.save_pretrained(tmp)
             del model
-        tokenizer.save_pretrained(tmp)
+        if not gguf:
+            tokenizer.save_pretrained(tmp)
         atomic_write_json(tmp / PROVENANCE, provenance)
         card = model_card(provenance, run.data.params, base_name == SMOLLM2, out, stored_at)
         atomic_write_text(tmp / "README.md", card)
         size = megabytes(tmp)
-    log.info("exported %s v%s (%s, %.1f MB) to %s in %s", name, version, "adapter" if adapter else "merged", size,
-             out, clock(time.monotonic() - start))  # fmt: skip
+    log.info("exported %s v%s (%s, %.1f MB) to %s in %s", name, version, form(provenance), size, out,
+             clock(time.monotonic() - start))  # fmt: skip
     return provenance
 
 
-def export_alias(client, name: str, alias: str, out: str | Path, adapter: bool = False, dtype: str = "auto") -> dict:
+def form(p: dict) -> str:
+    """What an export holds, from its provenance: `its adapter`, `GGUF q8_0` or `merged, float32`."""
+    return "its adapter" if p.get("adapter") else f"GGUF {p['gguf']}" if p.get("gguf") else f"merged, {p.get('dtype')}"
+
+
+def gguf_name(name: str, version: str, gguf: str) -> str:
+    """The GGUF file's name: edgar-tune-10k-v3-q8_0.gguf."""
+    return f"{re.sub(r'[^A-Za-z0-9._-]+', '-', name)}-v{version}-{gguf}.gguf"
+
+
+def _check_room(out: Path, gb: float, what: str, smaller: str) -> None:
+    """Refuse an export whose weights would not fit beside `out` (where its temporary folder is made).
+
+    Raises:
+        ConfigError: less free than `gb` and 5%, saying what would fit (`smaller`).
+    """
+    if (free := shutil.disk_usage(out.parent).free / 1e9) < gb * 1.05:
+        raise ConfigError(f"{out.parent} has {free:.1f} GB free, and the {what} takes {gb:.1f} GB: free space there "
+                          f"or export elsewhere{smaller}. Nothing was written")  # fmt: skip
+
+
+def _gguf_metadata(p: dict) -> dict:
+    """What the GGUF file says of itself: its name and tags (general.*), and where it came from (edgar_tune.*)."""
+    return {"name": f"{p['registered_model']} v{p['version']}",
+            "tags": ["edgar-tune", "finance", *(["sec-10k"] if p["filings"] else []), "text-generation"],
+            "model_uri": p["model_uri"], "tracking_uri": p["tracking_uri"], "mlflow_run_id": p["mlflow_run_id"],
+            "base_model": p["base_model"], "git_commit": p["git_commit"],
+            "perplexity_before": p["perplexity_before"], "perplexity_after": p["perplexity_after"]}  # fmt: skip
+
+
+def export_alias(client, name: str, alias: str, out: str | Path, adapter: bool = False, dtype: str = "auto",
+                 gguf: str | None = None) -> dict:  # fmt: skip
     """Keep `out` holding the version of `name` that has `alias` now: export it there unless `out` holds it already,
     in that form. The alias is read once this process holds `out`'s lock, so exports started by two champions in
     a row, in either order, both end with the newer one there. Returns the provenance of what `out` holds, and
@@ -162,7 +214,7 @@ def export_alias(client, name: str, alias: str, out: str | Path, adapter: bool =
     if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", str(out)):
         if not str(out).startswith("s3://"):
             raise ConfigError(f"out={out}: an export goes to a local folder or an s3:// URL")
-        return _export_alias_s3(client, name, alias, str(out).rstrip("/"), adapter, dtype)
+        return _export_alias_s3(client, name, alias, str(out).rstrip("/"), adapter, dtype, gguf)
     out = Path(out).expanduser().absolute()
     with held(out.parent / f".{out.name}.lock", holder_info(export=f"{name}@{alias}"), wait=True):
         version = _alias_version(client, name, alias)
@@ -170,15 +222,16 @@ def export_alias(client, name: str, alias: str, out: str | Path, adapter: bool =
             was = json.loads((out / PROVENANCE).read_text())
         except (OSError, ValueError):
             was = {}
-        if _holds(was, client, name, version, adapter, dtype):
+        if _holds(was, client, name, version, adapter, dtype, gguf):
             log.info("%s holds %s v%s (@%s) already: nothing to export", out, name, version, alias)
             return was | {"written": False}
         log.info("exporting %s v%s (@%s) to %s%s", name, version, alias, out,
                  f", in place of {read_provenance(out)}" if was else "")  # fmt: skip
-        return export_version(client, name, version, out, adapter, dtype, replace=True) | {"written": True}
+        done = export_version(client, name, version, out, adapter, dtype, replace=True, gguf=gguf)
+        return done | {"written": True}
 
 
-def _export_alias_s3(client, name: str, alias: str, out: str, adapter: bool, dtype: str) -> dict:
+def _export_alias_s3(client, name: str, alias: str, out: str, adapter: bool, dtype: str, gguf: str | None) -> dict:
     """`export_alias` to S3, which has no folder to replace whole. Each export is uploaded under its own prefix,
     `OUT@v7-merged/` (the provenance last: a prefix with `edgar_tune.json` is whole), then the pointer `OUT.json`
     (one PUT: the provenance and `url`, the prefix) is switched to it; what reads the pointer finds a whole export.
@@ -197,17 +250,19 @@ def _export_alias_s3(client, name: str, alias: str, out: str, adapter: bool, dty
         version = _alias_version(client, name, alias)
         pointer = f"{out}.json"
         was = json.loads(fs.cat_file(pointer)) if fs.exists(pointer) else {}
-        if _holds(was, client, name, version, adapter, dtype):
+        if _holds(was, client, name, version, adapter, dtype, gguf):
             log.info("%s points at %s v%s (@%s) already: nothing to export", pointer, name, version, alias)
             return was | {"written": False}
-        prefix = f"{out}@v{version}-{'adapter' if adapter else 'merged' if dtype == 'auto' else dtype}"
+        prefix = (f"{out}@v{version}-"
+                  f"{'adapter' if adapter else f'gguf-{gguf}' if gguf else 'merged' if dtype == 'auto' else dtype}")
         if fs.exists(f"{prefix}/{PROVENANCE}"):  # uploaded whole before (the champion before the last one)
             done = json.loads(fs.cat_file(f"{prefix}/{PROVENANCE}"))
             log.info("%s holds %s v%s already: %s points at it again", prefix, name, version, pointer)
         else:
             staging = cache_dir() / "exports" / hashlib.sha256(prefix.encode()).hexdigest()[:16]
             try:
-                done = export_version(client, name, version, staging, adapter, dtype, replace=True, stored_at=prefix)
+                done = export_version(client, name, version, staging, adapter, dtype, replace=True, stored_at=prefix,
+                                      gguf=gguf)  # fmt: skip
                 files = sorted(p for p in staging.rglob("*") if p.is_file() and p.name != PROVENANCE)
                 start = time.monotonic()
                 for f in [*files, staging / PROVENANCE]:  # the provenance last: a prefix that has it is whole
@@ -237,10 +292,11 @@ def _alias_version(client, name: str, alias: str) -> str:
         raise LookupError(f"{name} has no version @{alias} in {client.tracking_uri}: {err.message}") from err
 
 
-def _holds(was: dict, client, name: str, version: str, adapter: bool, dtype: str) -> bool:
+def _holds(was: dict, client, name: str, version: str, adapter: bool, dtype: str, gguf: str | None = None) -> bool:
     """Whether an export's provenance `was` is `version` of `name` from this store, in the form asked for."""
-    same = ({k: was.get(k) for k in ("registered_model", "version", "adapter", "tracking_uri")}
-            == {"registered_model": name, "version": version, "adapter": adapter, "tracking_uri": client.tracking_uri})
+    same = ({k: was.get(k) for k in ("registered_model", "version", "adapter", "tracking_uri", "gguf")}
+            == {"registered_model": name, "version": version, "adapter": adapter, "tracking_uri": client.tracking_uri,
+                "gguf": gguf})  # fmt: skip
     return same and (adapter or dtype in ("auto", was.get("dtype")))
 
 
@@ -252,7 +308,7 @@ def _tokenizer(folder: str):
 
 
 def _provenance(client, mv, run, base_name: str, base: str | None, adapter: bool, dtype: torch.dtype | None,
-                weights: str, weights_dir: Path) -> dict:  # fmt: skip
+                weights: str, weights_dir: Path, gguf: str | None = None) -> dict:  # fmt: skip
     tags, metrics = mv.tags, run.data.metrics
     targets = None
     if weights == "adapter":
@@ -262,7 +318,7 @@ def _provenance(client, mv, run, base_name: str, base: str | None, adapter: bool
         "model_uri": f"models:/{mv.name}/{mv.version}", "tracking_uri": client.tracking_uri,
         "mlflow_run_id": mv.run_id, "adapter": adapter, "trained": "LoRA" if weights == "adapter" else "full",
         "lora_target_modules": targets,
-        "dtype": str(dtype).removeprefix("torch.") if dtype else None, "base_model": base_name,
+        "dtype": str(dtype).removeprefix("torch.") if dtype else None, "gguf": gguf, "base_model": base_name,
         "base_model_path": base if adapter else None,
         "perplexity_before": metrics.get("ppl_before"), "perplexity_after": metrics.get("ppl_after"),
         "val_tokens": int(metrics["val_tokens"]) if "val_tokens" in metrics else None,
@@ -278,15 +334,18 @@ def model_card(p: dict, params: dict[str, str], smollm2: bool, folder: Path | st
     if stored_at:
         folder = stored_at.rstrip("/").rsplit("/", 1)[-1]
     hub_base = "/" in p["base_model"] and not Path(p["base_model"]).expanduser().exists()  # a hub id
-    front = ["---", "library_name: " + ("peft" if p["adapter"] else "transformers"), "pipeline_tag: text-generation",
+    gguf = p.get("gguf")
+    library = "peft" if p["adapter"] else "gguf" if gguf else "transformers"
+    front = ["---", f"library_name: {library}", "pipeline_tag: text-generation",
              "tags: [" + ", ".join(["edgar-tune", "finance"] + ["sec-10k"] * bool(p["filings"])
-                                   + ["lora"] * p["adapter"]) + "]"]  # fmt: skip
+                                   + ["lora"] * p["adapter"] + ["gguf"] * bool(gguf)) + "]"]  # fmt: skip
     if hub_base:
         front.insert(1, f"base_model: {p['base_model']}")
     aliases = f" (@{', @'.join(p['aliases'])})" if p["aliases"] else ""
+    kind = f"GGUF {gguf} (`{p['gguf_file']}`)" if gguf else p["dtype"]
     what = ("the LoRA adapter" if p["adapter"] else
-            f"the LoRA adapter merged into the base's weights, {p['dtype']}" if p["trained"] == "LoRA" else
-            f"full fine-tune, {p['dtype']}")  # fmt: skip
+            f"the LoRA adapter merged into the base's weights, {kind}" if p["trained"] == "LoRA" else
+            f"full fine-tune, {kind}")  # fmt: skip
     how = ("instruction-tuned on prompt/completion pairs" if params.get("train.instruction_tuned") == "True" else
            "domain-adapted to SEC 10-K filings" if p["filings"] else "domain-adapted to its training text")  # fmt: skip
     lines = front + ["---", "", f"# {p['registered_model']} v{p['version']}{aliases}", "",
@@ -320,6 +379,9 @@ def model_card(p: dict, params: dict[str, str], smollm2: bool, folder: Path | st
               "", "## Load it", ""]
     if stored_at:
         lines += [f"Copy it from `{stored_at}` first: `aws s3 sync {stored_at} {folder}`.", ""]
+    if gguf:
+        lines += _gguf_usage(p["gguf_file"], folder, p["registered_model"])
+        return "\n".join(lines)
     lines += ["```python"]
     if p["adapter"]:
         lines += ["from peft import PeftModel", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
@@ -333,3 +395,16 @@ def model_card(p: dict, params: dict[str, str], smollm2: bool, folder: Path | st
         lines += [f"A plain transformers folder: the form `vllm serve {folder}` and llama.cpp's "
                   f"`convert_hf_to_gguf.py {folder}` read.", ""]  # fmt: skip
     return "\n".join(lines)
+
+
+def _gguf_usage(file: str, folder: Path | str, name: str) -> list[str]:
+    """The card's "Load it" for a GGUF export: llama.cpp, Ollama, transformers."""
+    path = f"{folder}/{file}"
+    return ["llama.cpp (its `llama-completion`, `llama-server` and `llama-perplexity` take the file as it is):", "",
+            "```bash", f'llama-completion -m {path} -no-cnv -p "This Form 10-K report shows that" -n 64',
+            f"llama-server -m {path} --port 8080", "```", "",
+            f"Ollama: a `Modelfile` holding `FROM ./{file}`, then `ollama create {name} -f Modelfile`.", "",
+            "transformers (dequantized into float32 as it loads):", "", "```python",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+            f'model = AutoModelForCausalLM.from_pretrained("{folder}", gguf_file="{file}")',
+            f'tokenizer = AutoTokenizer.from_pretrained("{folder}", gguf_file="{file}")', "```", ""]  # fmt: skip

@@ -681,6 +681,161 @@ def test_export_adapter_names_its_base_and_loads_with_peft(tiny_run, tmp_path, m
     assert from_hub.keys() == from_folder.keys() and all(torch.equal(from_hub[k], from_folder[k]) for k in from_hub)
 
 
+def test_export_gguf_writes_one_file_that_transformers_reads_back_to_the_registered_perplexity(tiny_run, tmp_path,
+                                                                                             monkeypatch):
+    """`edgar-tune export --gguf TYPE`: the champion merged into one GGUF file, its card and provenance, and no
+    transformers folder. Read back by transformers' own GGUF loader (another reader than the writer: it undoes the
+    query/key permutation and rebuilds the tokenizer from the file), the f32 file scores the registered perplexity
+    and tokenizes the held-out text as the run did; q8_0 rounds the weights and stays within 1%. What the writer does
+    not know is refused before anything is merged or written."""
+    import gguf
+    import mlflow
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from edgar_tune.config import ConfigError
+    from tasks.export import export_version
+
+    runs, s = tiny_run
+    run = runs / "latest"
+    out = tmp_path / "gguf"
+    proc = _export(s, out, "--gguf", "f32", cache=tmp_path / "cache")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    done = json.loads(proc.stdout[proc.stdout.index("{"):])
+    file = f"{s['registered_model']}-v{s['model_version']}-f32.gguf"
+    assert (done["gguf"], done["gguf_file"], done["gguf_pre_tokenizer"], done["dtype"]) == ("f32", file, "gpt-2", None)
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", file, "edgar_tune.json"]
+    card = (out / "README.md").read_text()
+    assert "library_name: gguf" in card and f"GGUF f32 (`{file}`)" in card and f"FROM ./{file}" in card
+    assert f'from_pretrained("{out}", gguf_file="{file}")' in card
+    fields = gguf.GGUFReader(out / file).fields
+    assert fields["general.architecture"].contents() == "llama" and fields["tokenizer.ggml.pre"].contents() == "gpt-2"
+    assert fields["edgar_tune.model_uri"].contents() == done["model_uri"]
+
+    model = AutoModelForCausalLM.from_pretrained(out, gguf_file=file)
+    assert _perplexity(model, run) == pytest.approx(s["ppl_after"], rel=1e-6)
+    text = "\n".join(json.loads(line)["text"] for line in (run / "02_parse" / "val.jsonl").open())
+    tokenizer = AutoTokenizer.from_pretrained(out, gguf_file=file)
+    assert tokenizer(text)["input_ids"] == AutoTokenizer.from_pretrained(run / "03_tokenize" / "tiny-llama")(text)[
+        "input_ids"]  # fmt: skip
+
+    monkeypatch.setenv("EDGAR_TUNE_CACHE", str(tmp_path / "cache"))
+    client = mlflow.MlflowClient(s["mlflow_tracking_uri"])
+    version = (s["registered_model"], s["model_version"])
+    done = export_version(client, *version, out, replace=True, gguf="q8_0")
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", done["gguf_file"], "edgar_tune.json"]
+    assert {t.tensor_type.name for t in gguf.GGUFReader(out / done["gguf_file"]).tensors} == {"Q8_0", "F32"}
+    q8 = AutoModelForCausalLM.from_pretrained(out, gguf_file=done["gguf_file"])
+    assert _perplexity(q8, run) == pytest.approx(s["ppl_after"], rel=1e-2)
+    for kw, said in (({"adapter": True}, "drop --adapter"), ({"dtype": "bfloat16"}, "drop --dtype"),
+                     ({"gguf": "q4_k_m"}, "one of f32, f16, bf16, q8_0")):  # fmt: skip
+        with pytest.raises(ConfigError, match=said):
+            export_version(client, *version, tmp_path / "refused", **({"gguf": "f16"} | kw))
+    assert not (tmp_path / "refused").exists()
+
+
+def test_gguf_refuses_what_it_would_write_wrong(tmp_path):
+    """Another architecture, rope scaling, a SentencePiece-style tokenizer (byte fallback, a normalizer: Llama-2's
+    and Mistral's) and a split llama.cpp has no name for are each refused, naming llama.cpp's converter as the way."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import GPT2Config, LlamaConfig, PreTrainedTokenizerFast
+
+    from edgar_tune.config import ConfigError
+    from tasks.gguf import check_model, pre_tokenizer
+
+    check_model(LlamaConfig())
+    for config, said in ((GPT2Config(), "this model is 'gpt2'"),
+                         (LlamaConfig(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+                          r"rope scaling \(llama3\)"),
+                         (LlamaConfig(attention_bias=True), "biases in its projections")):  # fmt: skip
+        with pytest.raises(ConfigError, match=said) as err:
+            check_model(config)
+        assert "convert_hf_to_gguf.py" in str(err.value)
+
+    vocab = {c: i for i, c in enumerate("abc\u2581")}
+    spm = Tokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True))
+    spm.normalizer = normalizers.Replace(" ", "\u2581")
+    split = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    split.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Punctuation(), pre_tokenizers.ByteLevel()])
+    for name, tok, said in (("spm", spm, "SentencePiece-style"), ("split", split, "would not know how to split")):
+        folder = tmp_path / name
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok)
+        fast.save_pretrained(folder)
+        with pytest.raises(ConfigError, match=said):
+            pre_tokenizer(fast, folder)
+    (tmp_path / "spm" / "tokenizer.json").unlink()
+    with pytest.raises(ConfigError, match="has none"):
+        pre_tokenizer(fast, tmp_path / "spm")
+
+
+LLAMA_CPP = os.environ.get("EDGAR_TUNE_LLAMA_CPP")  # a llama.cpp checkout, its tools built in build/bin
+
+
+@pytest.mark.skipif(not LLAMA_CPP, reason="set EDGAR_TUNE_LLAMA_CPP to a llama.cpp checkout with build/bin built")
+def test_llama_cpp_reads_the_gguf_export_as_its_own_converter_writes_it(tiny_run, tmp_path):
+    """Against llama.cpp itself (not in CI: it is built from source). For each type, the GGUF writer's tensors and
+    tokenizer for SmolLM2 are those llama.cpp's convert_hf_to_gguf.py writes, to the byte (its converter refuses
+    tiny-llama's tokenizer, whose hash it does not know: the writer names its split `gpt-2` from tokenizer.json).
+    The tiny run's `export --gguf f32`: llama-tokenize splits the held-out text into the ids the run's tokenizer
+    gives, and llama-perplexity scores it as transformers scores the merged model the same way (windows of 128,
+    the second half of each scored)."""
+    import math
+
+    import gguf
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tasks.gguf import write_gguf
+    from tasks.models import smollm2_dir
+
+    llama_cpp = Path(LLAMA_CPP)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(llama_cpp / "gguf-py"), os.environ.get("PYTHONPATH", "")]))
+    if subprocess.run([sys.executable, "-c", "import sentencepiece"], env=env).returncode:
+        pytest.skip("llama.cpp's converter imports sentencepiece: pip install sentencepiece")
+    smollm2 = smollm2_dir()
+    model = AutoModelForCausalLM.from_pretrained(smollm2)
+    for kind in ("f32", "f16", "bf16", "q8_0"):
+        ours, theirs = tmp_path / f"ours-{kind}.gguf", tmp_path / f"llama-cpp-{kind}.gguf"
+        write_gguf(model, smollm2, ours, kind, {"name": "SmolLM2"})
+        convert = subprocess.run([sys.executable, str(llama_cpp / "convert_hf_to_gguf.py"), str(smollm2), "--outtype",
+                                  kind, "--outfile", str(theirs)], env=env, capture_output=True, text=True)  # fmt: skip
+        assert convert.returncode == 0, convert.stderr[-3000:]
+        a, b = gguf.GGUFReader(ours), gguf.GGUFReader(theirs)
+        mine, its = {t.name: t for t in a.tensors}, {t.name: t for t in b.tensors}
+        assert mine.keys() == its.keys()
+        for name, t in mine.items():
+            assert (t.tensor_type, list(t.shape)) == (its[name].tensor_type, list(its[name].shape)), name
+            assert np.array_equal(np.asarray(t.data).view(np.uint8), np.asarray(its[name].data).view(np.uint8)), name
+        for key in [k for k in b.fields if k.startswith(("tokenizer.", "llama."))]:
+            assert a.fields[key].contents() == b.fields[key].contents(), key
+        ours.unlink()
+        theirs.unlink()
+
+    runs, s = tiny_run
+    merged, exported = tmp_path / "merged", tmp_path / "gguf"
+    assert _export(s, merged, cache=tmp_path / "cache").returncode == 0
+    assert _export(s, exported, "--gguf", "f32", cache=tmp_path / "cache").returncode == 0
+    text = tmp_path / "val.txt"
+    text.write_text("\n".join(json.loads(line)["text"] for line in (runs / "latest" / "02_parse" / "val.jsonl").open()))
+    f32, tools = next(exported.glob("*.gguf")), llama_cpp / "build" / "bin"
+    said = subprocess.run([str(tools / "llama-tokenize"), "-m", str(f32), "-f", str(text), "--ids", "--log-disable"],
+                          capture_output=True, text=True, check=True).stdout  # fmt: skip
+    ids = AutoTokenizer.from_pretrained(merged)(text.read_text())["input_ids"]
+    assert json.loads(said.strip().splitlines()[-1]) == ids
+    ppl = subprocess.run([str(tools / "llama-perplexity"), "-m", str(f32), "-f", str(text), "-c", "128", "-b", "128"],
+                         capture_output=True, text=True, check=True).stderr  # fmt: skip
+    theirs = float(re.search(r"Final estimate: PPL = ([\d.]+)", ppl)[1])
+    model, nll, n = AutoModelForCausalLM.from_pretrained(merged).eval(), 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(ids) // 128 * 128, 128):
+            window = torch.tensor([ids[start:start + 128]])
+            logp = torch.log_softmax(model(window).logits[0].double(), -1)
+            nll -= sum(logp[j, window[0, j + 1]].item() for j in range(64, 127))
+            n += 63
+    assert theirs == pytest.approx(math.exp(nll / n), rel=1e-3)
+
+
 def test_export_card_says_what_was_held_out_and_how_it_was_tuned():
     """The card names the held-out Items the run chose (parse.val_items), and does not speak of 10-Ks or MD&A for a
     run on one's own text or of domain adaptation for instruction tuning."""

@@ -1,0 +1,255 @@
+"""A merged model as one GGUF file, the format llama.cpp, Ollama and LM Studio run: `edgar-tune export --gguf TYPE`.
+
+It writes what llama.cpp's own converter (`convert_hf_to_gguf.py`) writes for the models edgar-tune trains, with
+the `gguf` package of the same project (a dependency already: transformers reads GGUF with it): the llama
+architecture's tensors under llama.cpp's names (the query and key projections permuted from transformers' rotate-half
+layout to llama.cpp's interleaved one), the hyperparameters llama.cpp reads, and the byte-level BPE tokenizer (its
+tokens, their types, the merges, the special tokens, the chat template, and the pre-tokenizer llama.cpp must split
+text with before the merges). On SmolLM2 the tensors and the tokenizer are those llama.cpp's converter writes, to the
+byte, for f32, f16, bf16 and q8_0 (README, "Export").
+
+What it does not know it refuses before writing anything, naming the way that works: another architecture, rope
+scaling, biases in the projections, or a tokenizer that is not byte-level BPE (Llama-2's and Mistral's
+SentencePiece-style ones) or whose pre-tokenizer it cannot name: export merged (without --gguf) and run llama.cpp's
+converter on that folder. Tensors are converted and written one at a time, so the file is never held in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from hashlib import sha256
+from pathlib import Path
+
+import numpy as np
+
+from edgar_tune.config import ConfigError
+
+log = logging.getLogger(__name__)
+logging.getLogger("gguf.gguf_writer").setLevel(logging.WARNING)  # "This GGUF file is for Little Endian only", ...
+
+TYPES = ("f32", "f16", "bf16", "q8_0")
+BYTES_PER_WEIGHT = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32}  # q8_0: 32 int8 and an f16 scale a block
+ARCHITECTURES = ("llama",)  # transformers' model_type: llama.cpp's LLM_ARCH_LLAMA (SmolLM2, tiny-llama, Llama-3)
+
+# llama.cpp names the pre-tokenizer of a BPE vocabulary by the sha256 of the ids its tokenizer gives this text
+# (convert_hf_to_gguf.py's get_vocab_base_pre, llama.cpp 0c1e570); these are its rows for llama-architecture models.
+CHECK_TEXT = ('\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis '
+              'concatenated) ✅ 🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 '
+              '?我想在apple工作1314151天～ '
+              '------======= нещо на Български \'\'\'\'\'\'```````""""......!!!!!!?????? I\'ve been \'told he\'s '
+              'there, \'RE you sure? \'M not sure I\'ll make it, \'D you like some tea? We\'Ve a\'lL')  # fmt: skip
+PRE_BY_HASH = {
+    "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",  # HuggingFaceTB/SmolLM-135M
+    "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",  # meta-llama/Meta-Llama-3-8B
+    "3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454": "gpt-2",  # openai-community/gpt2
+}
+
+
+def check_model(config) -> None:
+    """Refuse, before anything is merged or written, a model whose GGUF this writer would get wrong.
+
+    Raises:
+        ConfigError: another architecture, rope scaling, or biases in the attention or MLP projections.
+    """
+    way = "export it merged (without --gguf) and convert that folder with llama.cpp's convert_hf_to_gguf.py"
+    if config.model_type not in ARCHITECTURES:
+        raise ConfigError(f"--gguf writes the llama architecture (SmolLM2, Llama-3, tiny-llama); this model is "
+                          f"{config.model_type!r}: {way}")  # fmt: skip
+    rope = _rope(config)
+    if rope.get("rope_type", "default") != "default":
+        raise ConfigError(f"--gguf: this model's rope scaling ({rope['rope_type']}) needs tensors this writer does "
+                          f"not make: {way}")  # fmt: skip
+    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+        raise ConfigError(f"--gguf: this model has biases in its projections, which this writer does not map: {way}")
+
+
+def _rope(config) -> dict:
+    """The rope parameters, as transformers 5 holds them (`rope_parameters`) or as before (`rope_theta`, ...)."""
+    rope = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+    rope.setdefault("rope_theta", getattr(config, "rope_theta", None))
+    return rope
+
+
+def _permute(weights: np.ndarray, heads: int) -> np.ndarray:
+    """transformers' rotate-half query/key rows to llama.cpp's interleaved pairs (LlamaModel.permute)."""
+    return (weights.reshape(heads, 2, weights.shape[0] // heads // 2, *weights.shape[1:]).swapaxes(1, 2)
+            .reshape(weights.shape))  # fmt: skip
+
+
+def _looks_special(token: str) -> bool:
+    """llama.cpp's does_token_look_special: added tokens such as <|im_start|> are control tokens."""
+    return (token in ("<pad>", "<mask>", "<2mass>", "[@BOS@]") or (token.startswith("<|") and token.endswith("|>"))
+            or (token.startswith("<unused") and token.endswith(">")))  # fmt: skip
+
+
+def pre_tokenizer(tokenizer, folder: Path) -> str:
+    """llama.cpp's name for how `tokenizer` (saved in `folder`) splits text before its merges: by llama.cpp's hash
+    of its ids on CHECK_TEXT, else by its tokenizer.json (GPT-2's byte-level split alone is llama.cpp's `gpt-2`:
+    tiny-llama's).
+
+    Raises:
+        ConfigError: no tokenizer.json, not byte-level BPE, or a split this writer cannot name.
+    """
+    way = "export it merged (without --gguf) and convert that folder with llama.cpp's convert_hf_to_gguf.py"
+    if not (folder / "tokenizer.json").is_file():
+        raise ConfigError(f"--gguf reads the tokenizer's tokenizer.json, and {folder} has none (a slow tokenizer "
+                          f"only): {way}")  # fmt: skip
+    tokenizer_json = json.loads((folder / "tokenizer.json").read_text())
+    model = tokenizer_json.get("model", {})
+    pre = tokenizer_json.get("pre_tokenizer") or {}
+    if model.get("type") != "BPE" or model.get("byte_fallback") or tokenizer_json.get("normalizer"):
+        raise ConfigError(f"--gguf writes byte-level BPE tokenizers (SmolLM2's, Llama-3's, GPT-2's); this one is "
+                          f"{model.get('type')}{' with byte fallback' if model.get('byte_fallback') else ''}"
+                          f"{' with a normalizer' if tokenizer_json.get('normalizer') else ''} (SentencePiece-style, "
+                          f"as Llama-2's and Mistral's): {way}")  # fmt: skip
+    ids = tokenizer.encode(CHECK_TEXT)
+    if name := PRE_BY_HASH.get(sha256(str(ids).encode()).hexdigest()):
+        return name
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+        return "gpt-2"
+    raise ConfigError(f"--gguf: llama.cpp would not know how to split text for this tokenizer (its pre-tokenizer: "
+                      f"{json.dumps(pre)[:200]}): {way}")  # fmt: skip
+
+
+def vocabulary(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
+    """Every id's token and llama.cpp's type for it (convert_hf_to_gguf.py's get_vocab_base)."""
+    import gguf
+
+    reverse = {i: t for t, i in tokenizer.vocab.items()}
+    added, decoder = tokenizer.get_added_vocab(), tokenizer.added_tokens_decoder
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i not in reverse:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+            continue
+        token = reverse[i]
+        if token in added:
+            if not decoder[i].normalized:  # llama.cpp takes added tokens as normalized
+                token = tokenizer.decode(tokenizer.encode(token, add_special_tokens=False))
+            if decoder[i].special or _looks_special(token):
+                types.append(gguf.TokenType.CONTROL)
+            else:
+                token = token.replace("\u2581", " ")
+                types.append(gguf.TokenType.USER_DEFINED)
+        else:
+            types.append(gguf.TokenType.NORMAL)
+        tokens.append(token)
+    return tokens, types
+
+
+def _qtype(name: str, shape: tuple[int, ...], wanted):
+    """The GGML type a tensor is written in: norms and vectors in f32 (llama.cpp reads them so), a q8_0 matrix
+    whose rows are not whole blocks of 32 in f16, as llama.cpp's converter falls back."""
+    import gguf
+
+    if len(shape) <= 1 or name.endswith("_norm.weight"):
+        return gguf.GGMLQuantizationType.F32
+    if wanted == gguf.GGMLQuantizationType.Q8_0 and shape[-1] % gguf.GGML_QUANT_SIZES[wanted][0]:
+        return gguf.GGMLQuantizationType.F16
+    return wanted
+
+
+def write_gguf(model, tokenizer_dir: Path, path: Path, gguf_type: str, metadata: dict) -> dict:
+    """Write `model` (a merged transformers causal LM of the llama architecture) and the tokenizer saved in
+    `tokenizer_dir` into the GGUF file `path`, its matrices in `gguf_type` (f32, f16, bf16 or q8_0). `metadata`:
+    `name` and `tags` (general.*), then keys written as `edgar_tune.KEY` (provenance; llama.cpp passes over them).
+    Returns the file's tensor count, size and parameter count, and the pre-tokenizer it names.
+
+    Raises:
+        ConfigError: see `check_model` and `pre_tokenizer`.
+    """
+    import gguf
+    import torch
+    from transformers import AutoTokenizer
+
+    from tasks.progress import Progress
+
+    config = model.config
+    check_model(config)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    pre = pre_tokenizer(tokenizer, tokenizer_dir)
+    wanted = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
+              "bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0}[gguf_type]  # fmt: skip
+    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                 "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[gguf_type]  # fmt: skip
+
+    layers, heads = config.num_hidden_layers, config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, layers)
+    state = model.state_dict()
+    if getattr(config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)  # llama.cpp reads the token embedding for it, as save_pretrained drops it
+    plan = []  # (gguf name, hf name, shape, type): every tensor's header comes before any tensor's data
+    for hf_name, tensor in state.items():
+        if hf_name.endswith("rotary_emb.inv_freq"):
+            continue
+        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise ConfigError(f"--gguf: the tensor {hf_name} has no name in llama.cpp's llama architecture: export "
+                              "it merged (without --gguf) and convert that folder with llama.cpp's "
+                              "convert_hf_to_gguf.py")  # fmt: skip
+        plan.append((name, hf_name, tuple(tensor.shape), _qtype(name, tuple(tensor.shape), wanted)))
+
+    writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    params = sum(math.prod(shape) for _, _, shape, _ in plan)
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_name(str(metadata.get("name", path.stem)))
+    writer.add_size_label(gguf.size_label(params, 0, 0, 0))
+    writer.add_tags(list(metadata.get("tags", ["edgar-tune", "text-generation"])))
+    for key, value in metadata.items():
+        if key not in ("name", "tags") and value is not None:
+            (writer.add_float32 if isinstance(value, float) else writer.add_string)(f"edgar_tune.{key}", value)
+    writer.add_block_count(layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_freq_base(float(_rope(config)["rope_theta"]))
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_file_type(file_type)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+    tokens, types = vocabulary(tokenizer, config.vocab_size)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    special = gguf.SpecialVocab(tokenizer_dir, load_merges=True, n_vocab=config.vocab_size)
+    probe = tokenizer("a")["input_ids"]  # what the tokenizer adds around text, said outright: llama.cpp's defaults
+    special.add_special_token["bos"] = tokenizer.bos_token_id is not None and probe[0] == tokenizer.bos_token_id
+    special.add_special_token["eos"] = tokenizer.eos_token_id is not None and probe[-1] == tokenizer.eos_token_id
+    special.add_to_gguf(writer, quiet=True)
+
+    floats = {gguf.GGMLQuantizationType.F32: np.float32, gguf.GGMLQuantizationType.F16: np.float16}
+    for name, _, shape, qtype in plan:  # as gguf.quants.quantize returns them: floats, or the bytes of blocks
+        block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+        stored = shape if qtype in floats else gguf.quant_shape_to_byte_shape(shape, qtype)
+        nbytes = math.prod(shape) // block * type_size
+        writer.add_tensor_info(name, stored, np.dtype(floats.get(qtype, np.uint8)), nbytes, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    total = sum(math.prod(shape) * state[hf].element_size() for _, hf, shape, _ in plan)
+    bar, done = Progress(f"write GGUF ({gguf_type})", total >> 20, "MB", logger=log, quiet_s=10), 0
+    for name, hf_name, _, qtype in plan:
+        tensor = state[hf_name].detach()
+        data = tensor.to(torch.float32 if tensor.dtype != torch.float16 else torch.float16).cpu().numpy()
+        if name.endswith(("attn_q.weight", "attn_q.bias")):
+            data = _permute(data, heads)
+        elif name.endswith(("attn_k.weight", "attn_k.bias")):
+            data = _permute(data, kv_heads)
+        writer.write_tensor_data(gguf.quants.quantize(data, qtype))
+        done += tensor.numel() * tensor.element_size()
+        bar.update(done >> 20)
+    bar.close()
+    writer.close()
+    return {"tensors": len(plan), "bytes": path.stat().st_size, "pre_tokenizer": pre, "parameters": params}
