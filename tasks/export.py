@@ -403,6 +403,8 @@ def _gguf_usage(file: str, folder: Path | str, name: str) -> list[str]:
     return ["llama.cpp (its `llama-completion`, `llama-server` and `llama-perplexity` take the file as it is):", "",
             "```bash", f'llama-completion -m {path} -no-cnv -p "This Form 10-K report shows that" -n 64',
             f"llama-server -m {path} --port 8080", "```", "",
+            "Smaller files (Q4_K_M, Q5_K_M, ...) are llama.cpp's to make, from an f32, f16 or bf16 export: "
+            f"`llama-quantize {path} OUT.gguf Q4_K_M`.", "",
             f"Ollama: a `Modelfile` holding `FROM ./{file}`, then `ollama create {name} -f Modelfile`.", "",
             "transformers (dequantized into float32 as it loads):", "", "```python",
             "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
