@@ -138,6 +138,11 @@ def test_the_champion_exported_to_s3_is_whole_wherever_its_pointer_points(s3, ti
     assert bf16["url"] == f"{out}@v{first}-bfloat16" and bf16["dtype"] == "bfloat16"
     kept = sorted(fs.glob(f"{out}@*"))  # this pointer's and the last one's
     assert kept == [f"edgar-runs/exports/{name}/champion@v{first}-{f}" for f in ("bfloat16", "merged")], kept
+    gguf = export_alias(client, name, "champion", out, gguf="q8_0")  # one GGUF file, under a prefix of its own
+    assert (gguf["url"], gguf["previous"]) == (f"{out}@v{first}-gguf-q8_0", f"{out}@v{first}-bfloat16")
+    assert {f.rsplit("/", 1)[-1] for f in fs.find(gguf["url"])} == {gguf["gguf_file"], "README.md", "edgar_tune.json"}
+    assert f"champion@v{first}-gguf-q8_0/{gguf['gguf_file']}" in fs.cat_file(f"{gguf['url']}/README.md").decode()
+    assert export_alias(client, name, "champion", out, gguf="q8_0")["written"] is False
     assert not fs.exists(f"{out}/.lease.json")  # let go of
     # `edgar-tune export` to S3: an alias, with the same pointer; a version number is refused, naming what to give.
     env = dict(os.environ, EDGAR_TUNE_CACHE=str(tmp_path / "cache"))
