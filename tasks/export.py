@@ -362,6 +362,8 @@ def model_card(p: dict, params: dict[str, str], smollm2: bool, folder: Path | st
         if before is not None:
             lines.append(f"| `{p['base_model']}`, before fine-tuning | {before:.4f} |")
         lines += [f"| this model | {after:.4f} |", "", f"Scored as: {p['val_scoring'] or 'not recorded'}."]
+        if gguf and gguf != "f32":
+            lines[-1] += f" These are the registered model's scores: the file's {gguf} weights are rounded from it."
     if p["filings"]:
         years: dict[str, list[str]] = {}
         for f in p["filings"]:
