@@ -6,7 +6,8 @@ architecture's tensors under llama.cpp's names (the query and key projections pe
 layout to llama.cpp's interleaved one), the hyperparameters llama.cpp reads, and the byte-level BPE tokenizer (its
 tokens, their types, the merges, the special tokens, the chat template, and the pre-tokenizer llama.cpp must split
 text with before the merges). On SmolLM2 the tensors and the tokenizer are those llama.cpp's converter writes, to the
-byte, for f32, f16, bf16 and q8_0 (README, "Export").
+byte, for f32, f16, bf16 and q8_0 (tests/test_serving.py checks it where a llama.cpp checkout is built; the README's
+quick start has the figures).
 
 What it does not know it refuses before writing anything, naming the way that works: another architecture, rope
 scaling, biases in the projections, or a tokenizer that is not byte-level BPE (Llama-2's and Mistral's
