@@ -87,8 +87,7 @@ def _looks_special(token: str) -> bool:
 
 def pre_tokenizer(tokenizer, folder: Path) -> str:
     """llama.cpp's name for how `tokenizer` (saved in `folder`) splits text before its merges: by llama.cpp's hash
-    of its ids on CHECK_TEXT, else by its tokenizer.json (GPT-2's byte-level split alone is llama.cpp's `gpt-2`:
-    tiny-llama's).
+    of its ids on CHECK_TEXT, else by its tokenizer.json (`_split_named`).
 
     Raises:
         ConfigError: no tokenizer.json, not byte-level BPE, or a split this writer cannot name.
@@ -108,10 +107,31 @@ def pre_tokenizer(tokenizer, folder: Path) -> str:
     ids = tokenizer.encode(CHECK_TEXT)
     if name := PRE_BY_HASH.get(sha256(str(ids).encode()).hexdigest()):
         return name
-    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
-        return "gpt-2"
+    if name := _split_named(pre):
+        return name
     raise ConfigError(f"--gguf: llama.cpp would not know how to split text for this tokenizer (its pre-tokenizer: "
                       f"{json.dumps(pre)[:200]}): {way}")  # fmt: skip
+
+
+# Llama-3's split, as its tokenizer.json has it (llama.cpp's `llama-bpe` runs its own adaptation of it)
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")  # fmt: skip
+
+
+def _split_named(pre: dict) -> str | None:
+    """llama.cpp's name for a pre-tokenizer read off tokenizer.json, for a tokenizer whose hash it does not know (a
+    tokenizer trained for a run, or one rebuilt from a GGUF): GPT-2's byte-level split alone is `gpt-2`; Llama-3's
+    split before a byte-level mapping without its own split is `llama-bpe`."""
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+        return "gpt-2"
+    steps = pre.get("pretokenizers") or []
+    if pre.get("type") == "Sequence" and len(steps) == 2:
+        split, byte_level = steps
+        if (split.get("type") == "Split" and split.get("pattern", {}).get("Regex") == LLAMA3_SPLIT
+                and split.get("behavior") == "Isolated" and not split.get("invert")
+                and byte_level.get("type") == "ByteLevel" and not byte_level.get("use_regex", True)):  # fmt: skip
+            return "llama-bpe"
+    return None
 
 
 def vocabulary(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:

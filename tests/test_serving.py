@@ -733,6 +733,21 @@ def test_export_gguf_writes_one_file_that_transformers_reads_back_to_the_registe
     assert not (tmp_path / "refused").exists()
 
 
+def test_gguf_names_the_splits_llama_cpp_knows_from_tokenizer_json():
+    """A tokenizer whose hash llama.cpp's table lacks (trained for a run, or rebuilt from a GGUF) is named from its
+    tokenizer.json: GPT-2's byte-level split alone is `gpt-2`, Llama-3's split before a plain byte-level mapping
+    `llama-bpe`; another split, or Llama-3's with the mapping splitting again, has no name."""
+    from tasks.gguf import LLAMA3_SPLIT, _split_named
+
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    llama3 = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": LLAMA3_SPLIT}, "behavior": "Isolated", "invert": False},
+        byte_level | {"use_regex": False}]}  # fmt: skip
+    assert _split_named(byte_level) == "gpt-2" and _split_named(llama3) == "llama-bpe"
+    assert _split_named({"type": "Sequence", "pretokenizers": [llama3["pretokenizers"][0], byte_level]}) is None
+    assert _split_named({"type": "Metaspace", "replacement": "\u2581"}) is None
+
+
 def test_gguf_refuses_what_it_would_write_wrong(tmp_path):
     """Another architecture, rope scaling, a SentencePiece-style tokenizer (byte fallback, a normalizer: Llama-2's
     and Mistral's) and a split llama.cpp has no name for are each refused, naming llama.cpp's converter as the way."""
@@ -778,7 +793,8 @@ def test_llama_cpp_reads_the_gguf_export_as_its_own_converter_writes_it(tiny_run
     tiny-llama's tokenizer, whose hash it does not know: the writer names its split `gpt-2` from tokenizer.json).
     The tiny run's `export --gguf f32`: llama-tokenize splits the held-out text into the ids the run's tokenizer
     gives, and llama-perplexity scores it as transformers scores the merged model the same way (windows of 128,
-    the second half of each scored)."""
+    the second half of each scored). And llama.cpp's own tokenizer test vectors for Llama-3's and GPT-2's
+    vocabularies come out of the writer's files as llama.cpp says they must."""
     import math
 
     import gguf
@@ -834,6 +850,26 @@ def test_llama_cpp_reads_the_gguf_export_as_its_own_converter_writes_it(tiny_run
             nll -= sum(logp[j, window[0, j + 1]].item() for j in range(64, 127))
             n += 63
     assert theirs == pytest.approx(math.exp(nll / n), rel=1e-3)
+
+    # llama.cpp's own tokenizer test vectors (models/ggml-vocab-NAME.gguf.inp, .out) through a GGUF of the writer's:
+    # Llama-3's and GPT-2's vocabularies, rebuilt by transformers from llama.cpp's vocab files (so their hashes are
+    # not the hub tokenizers': the writer names their splits from tokenizer.json), on a one-layer llama.
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    for name, pre in (("llama-bpe", "llama-bpe"), ("gpt-2", "gpt-2")):
+        vocab = AutoTokenizer.from_pretrained(llama_cpp / "models", gguf_file=f"ggml-vocab-{name}.gguf")
+        vocab.save_pretrained(tmp_path / name)
+        tiny = LlamaForCausalLM(LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128,
+                                            num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4))
+        file = tmp_path / f"{name}.gguf"
+        assert write_gguf(tiny, tmp_path / name, file, "f32", {"name": name})["pre_tokenizer"] == pre
+        texts = (llama_cpp / "models" / f"ggml-vocab-{name}.gguf.inp").read_text().split("\n__ggml_vocab_test__\n")
+        wanted = (llama_cpp / "models" / f"ggml-vocab-{name}.gguf.out").read_text().split("\n")
+        for i, (text, ids) in enumerate(zip(texts, wanted, strict=False)):
+            (tmp_path / "text.txt").write_text(text)
+            said = subprocess.run([str(tools / "llama-tokenize"), "-m", str(file), "-f", str(tmp_path / "text.txt"),
+                                   "--ids", "--no-bos", "--log-disable"], capture_output=True, text=True).stdout
+            assert json.loads(said.strip().splitlines()[-1]) == [int(x) for x in ids.split()], (name, i, text)
 
 
 def test_export_card_says_what_was_held_out_and_how_it_was_tuned():
