@@ -148,7 +148,8 @@ def export_version(client, name: str, version: str, out: str | Path, adapter: bo
             log.info("writing %s v%s as GGUF %s to %s", name, version, gguf, out / file.name)
             written = gguf_file.write_gguf(model, tmp / ".tokenizer", file, gguf, _gguf_metadata(provenance))
             shutil.rmtree(tmp / ".tokenizer")
-            provenance |= {"gguf_file": file.name, "gguf_pre_tokenizer": written["pre_tokenizer"]}
+            provenance |= {"gguf_file": file.name, "gguf_tokenizer": written["tokenizer"],
+                           "gguf_pre_tokenizer": written["pre_tokenizer"]}
             del model
         else:
             gb = model.num_parameters() * chosen.itemsize / 1e9

@@ -3,16 +3,20 @@
 It writes what llama.cpp's own converter (`convert_hf_to_gguf.py`) writes for the models edgar-tune trains, with
 the `gguf` package of the same project (a dependency already: transformers reads GGUF with it): the llama
 architecture's tensors under llama.cpp's names (the query and key projections permuted from transformers' rotate-half
-layout to llama.cpp's interleaved one), the hyperparameters llama.cpp reads, and the byte-level BPE tokenizer (its
-tokens, their types, the merges, the special tokens, the chat template, and the pre-tokenizer llama.cpp must split
-text with before the merges). On SmolLM2 the tensors and the tokenizer are those llama.cpp's converter writes, to the
-byte, for f32, f16, bf16 and q8_0 (tests/test_serving.py checks it where a llama.cpp checkout is built; the README's
-quick start has the figures).
+layout to llama.cpp's interleaved one), the hyperparameters llama.cpp reads, and the tokenizer. A byte-level BPE
+tokenizer (SmolLM2's, Llama-3's, GPT-2's) goes in with its merges and the name of the pre-tokenizer llama.cpp must
+split text with before them; on SmolLM2 the tensors and the tokenizer are those llama.cpp's converter writes, to
+the byte, for f32, f16, bf16 and q8_0. A SentencePiece-style one (Llama-2's, Mistral's) goes in as llama.cpp's
+SentencePiece tokenizer: pieces, types and scores. llama.cpp's converter reads those scores from tokenizer.model,
+which transformers 5 does not save (nor does a run, nor an export), and without it writes -1000 for every piece, so
+llama.cpp splits 10-K text differently from the tokenizer the model was trained with; here the scores are read off
+the merges in tokenizer.json (`spm_scores`), and llama.cpp splits it as transformers does. tests/test_serving.py
+checks both against llama.cpp where a llama.cpp checkout is built; the README's quick start has the figures.
 
 What it does not know it refuses before writing anything, naming the way that works: another architecture, rope
-scaling, biases in the projections, or a tokenizer that is not byte-level BPE (Llama-2's and Mistral's
-SentencePiece-style ones) or whose pre-tokenizer it cannot name: export merged (without --gguf) and run llama.cpp's
-converter on that folder. Tensors are converted and written one at a time, so the file is never held in memory.
+scaling, biases in the projections, a tokenizer that is neither kind, a split it cannot name, or merges that are
+not a SentencePiece model's: export merged (without --gguf) and run llama.cpp's converter on that folder. Tensors
+are converted and written one at a time, so the file is never held in memory.
 """
 
 from __future__ import annotations
@@ -29,10 +33,14 @@ from edgar_tune.config import ConfigError
 
 log = logging.getLogger(__name__)
 logging.getLogger("gguf.gguf_writer").setLevel(logging.WARNING)  # "This GGUF file is for Little Endian only", ...
+# Llama-2's tokenizer.json puts <s> between the texts of a pair; gguf reads pairs for encoders' separators only
+logging.getLogger("gguf.vocab").addFilter(lambda record: "TemplateProcessing<pair>" not in record.getMessage())
 
 TYPES = ("f32", "f16", "bf16", "q8_0")
 BYTES_PER_WEIGHT = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32}  # q8_0: 32 int8 and an f16 scale a block
-ARCHITECTURES = ("llama",)  # transformers' model_type: llama.cpp's LLM_ARCH_LLAMA (SmolLM2, tiny-llama, Llama-3)
+# transformers' model_type: llama.cpp's LLM_ARCH_LLAMA (SmolLM2, tiny-llama, Llama-2, Llama-3; Mistral's tensors
+# are Llama's, and llama.cpp's converter writes them so)
+ARCHITECTURES = ("llama", "mistral")
 
 # llama.cpp names the pre-tokenizer of a BPE vocabulary by the sha256 of the ids its tokenizer gives this text
 # (convert_hf_to_gguf.py's get_vocab_base_pre, llama.cpp 0c1e570); these are its rows for llama-architecture models.
@@ -48,22 +56,25 @@ PRE_BY_HASH = {
 }
 
 
+WAY = "export it merged (without --gguf) and convert that folder with llama.cpp's convert_hf_to_gguf.py"
+SPACE = "\u2581"  # SentencePiece's stand-in for a space
+
+
 def check_model(config) -> None:
     """Refuse, before anything is merged or written, a model whose GGUF this writer would get wrong.
 
     Raises:
         ConfigError: another architecture, rope scaling, or biases in the attention or MLP projections.
     """
-    way = "export it merged (without --gguf) and convert that folder with llama.cpp's convert_hf_to_gguf.py"
     if config.model_type not in ARCHITECTURES:
-        raise ConfigError(f"--gguf writes the llama architecture (SmolLM2, Llama-3, tiny-llama); this model is "
-                          f"{config.model_type!r}: {way}")  # fmt: skip
+        raise ConfigError(f"--gguf writes the llama architecture (SmolLM2, Llama-2, Llama-3, Mistral, tiny-llama); "
+                          f"this model is {config.model_type!r}: {WAY}")  # fmt: skip
     rope = _rope(config)
     if rope.get("rope_type", "default") != "default":
         raise ConfigError(f"--gguf: this model's rope scaling ({rope['rope_type']}) needs tensors this writer does "
-                          f"not make: {way}")  # fmt: skip
+                          f"not make: {WAY}")  # fmt: skip
     if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
-        raise ConfigError(f"--gguf: this model has biases in its projections, which this writer does not map: {way}")
+        raise ConfigError(f"--gguf: this model has biases in its projections, which this writer does not map: {WAY}")
 
 
 def _rope(config) -> dict:
@@ -87,30 +98,92 @@ def _looks_special(token: str) -> bool:
 
 def pre_tokenizer(tokenizer, folder: Path) -> str:
     """llama.cpp's name for how `tokenizer` (saved in `folder`) splits text before its merges: by llama.cpp's hash
-    of its ids on CHECK_TEXT, else by its tokenizer.json (`_split_named`).
+    of its ids on CHECK_TEXT, else by its tokenizer.json (`_split_named`); `default` for a SentencePiece-style
+    tokenizer (Llama-2's, Mistral's), whose merges are checked to be SentencePiece's (`spm_scores`).
 
     Raises:
-        ConfigError: no tokenizer.json, not byte-level BPE, or a split this writer cannot name.
+        ConfigError: no tokenizer.json, neither byte-level BPE nor SentencePiece-style BPE, or a split or merges
+            this writer cannot carry over.
     """
-    way = "export it merged (without --gguf) and convert that folder with llama.cpp's convert_hf_to_gguf.py"
-    if not (folder / "tokenizer.json").is_file():
-        raise ConfigError(f"--gguf reads the tokenizer's tokenizer.json, and {folder} has none (a slow tokenizer "
-                          f"only): {way}")  # fmt: skip
-    tokenizer_json = json.loads((folder / "tokenizer.json").read_text())
+    tokenizer_json = _tokenizer_json(folder)
+    if space_prefix(tokenizer_json) is not None:
+        spm_scores(tokenizer_json["model"])
+        return "default"
     model = tokenizer_json.get("model", {})
     pre = tokenizer_json.get("pre_tokenizer") or {}
     if model.get("type") != "BPE" or model.get("byte_fallback") or tokenizer_json.get("normalizer"):
-        raise ConfigError(f"--gguf writes byte-level BPE tokenizers (SmolLM2's, Llama-3's, GPT-2's); this one is "
-                          f"{model.get('type')}{' with byte fallback' if model.get('byte_fallback') else ''}"
-                          f"{' with a normalizer' if tokenizer_json.get('normalizer') else ''} (SentencePiece-style, "
-                          f"as Llama-2's and Mistral's): {way}")  # fmt: skip
+        raise ConfigError(f"--gguf writes byte-level BPE tokenizers (SmolLM2's, Llama-3's, GPT-2's) and "
+                          f"SentencePiece-style BPE ones (Llama-2's, Mistral's); this one is {model.get('type')}"
+                          f"{' with byte fallback' if model.get('byte_fallback') else ''}"
+                          f"{' with a normalizer' if tokenizer_json.get('normalizer') else ''}"
+                          f" (pre-tokenizer {json.dumps(pre)[:120]}): {WAY}")  # fmt: skip
     ids = tokenizer.encode(CHECK_TEXT)
     if name := PRE_BY_HASH.get(sha256(str(ids).encode()).hexdigest()):
         return name
     if name := _split_named(pre):
         return name
     raise ConfigError(f"--gguf: llama.cpp would not know how to split text for this tokenizer (its pre-tokenizer: "
-                      f"{json.dumps(pre)[:200]}): {way}")  # fmt: skip
+                      f"{json.dumps(pre)[:200]}): {WAY}")  # fmt: skip
+
+
+def _tokenizer_json(folder: Path) -> dict:
+    if not (folder / "tokenizer.json").is_file():
+        raise ConfigError(f"--gguf reads the tokenizer's tokenizer.json, and {folder} has none (a slow tokenizer "
+                          f"only): {WAY}")  # fmt: skip
+    return json.loads((folder / "tokenizer.json").read_text())
+
+
+def space_prefix(tokenizer_json: dict) -> bool | None:
+    """Whether a SentencePiece-style tokenizer puts `▁` before the text (llama.cpp's `add_space_prefix`); None for
+    a tokenizer that is not one. SentencePiece-style: BPE over `▁`-for-space text with byte fallback, the spaces
+    replaced by transformers' Metaspace (transformers 5 saves Llama-2's and Mistral's so) or by the normalizer of
+    older tokenizer.json files (Prepend `▁`, Replace ` ` by `▁`), and no other split."""
+    model, pre, norm = tokenizer_json.get("model") or {}, tokenizer_json.get("pre_tokenizer"), tokenizer_json.get(
+        "normalizer")  # fmt: skip
+    if model.get("type") != "BPE" or not model.get("byte_fallback") or model.get("ignore_merges"):
+        return None
+    if (norm is None and pre and pre.get("type") == "Metaspace" and pre.get("replacement") == SPACE
+            and not pre.get("split", True)):  # fmt: skip
+        return pre.get("prepend_scheme", "always") != "never"
+    steps = (norm or {}).get("normalizers", [norm]) if (norm or {}).get("type") == "Sequence" else [norm]
+    replace = {"type": "Replace", "pattern": {"String": " "}, "content": SPACE}
+    if pre is None and steps and steps[-1] == replace:
+        if steps[:-1] == [{"type": "Prepend", "prepend": SPACE}]:
+            return True
+        if not steps[:-1]:
+            return False
+    return None
+
+
+def spm_scores(model: dict) -> dict[str, float]:
+    """A score for each piece a merge makes, for llama.cpp's SentencePiece tokenizer: minus the rank of the first
+    merge that makes it.
+
+    llama.cpp's SentencePiece tokenizer merges, of the adjacent pairs whose concatenation is a piece of the
+    vocabulary, the one whose piece scores highest (the leftmost of equals); transformers' BPE merges the pair its
+    merges rank first. They split text alike when every split of a piece into two pieces of the vocabulary is among
+    the merges, ranked as the pieces they make: transformers writes them so when it converts a SentencePiece model
+    (Llama-2's and Mistral's tokenizer.json files were made so), in the order of the pieces' scores or of their ids,
+    the same order in a SentencePiece BPE model but for Llama-2's runs of spaces, all scored -1e9. Those split alike
+    either way: 200 texts of 10-K words between runs of up to 40 spaces, tabs and newlines (the README has it).
+
+    Raises:
+        ConfigError: merges of another kind (learned by a BPE trainer, not converted from SentencePiece), naming the
+            first split of a piece that is not among them.
+    """
+    vocab = model["vocab"]
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
+    scores, known = {}, set(merges)
+    for rank, (a, b) in enumerate(merges):
+        scores.setdefault(a + b, float(-rank))
+    missing = next(((p[:i], p[i:]) for p in vocab for i in range(1, len(p))
+                    if p[:i] in vocab and p[i:] in vocab and (p[:i], p[i:]) not in known), None)  # fmt: skip
+    if missing:
+        piece = missing[0] + missing[1]
+        raise ConfigError(f"--gguf: this tokenizer's merges are not a SentencePiece model's ({piece!r} is in its "
+                          f"vocabulary, the merge {missing} is not), so llama.cpp's SentencePiece tokenizer would "
+                          f"split text differently: {WAY}")  # fmt: skip
+    return scores
 
 
 # Llama-3's split, as its tokenizer.json has it (llama.cpp's `llama-bpe` runs its own adaptation of it)
@@ -161,6 +234,36 @@ def vocabulary(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
     return tokens, types
 
 
+def spm_vocabulary(tokenizer_json: dict, vocab_size: int) -> tuple[list[str], list[float], list[int]]:
+    """Every id's piece, score and llama.cpp type for a SentencePiece-style tokenizer, as convert_hf_to_gguf.py's
+    _create_vocab_sentencepiece gives them from a tokenizer.model and tokenizer_config.json (byte pieces `<0xNN>`,
+    the unknown piece, added tokens as control or user-defined at -1000, ids past the vocabulary `[PADn]`), the
+    scores from the merges (`spm_scores`) where it reads tokenizer.model's."""
+    import gguf
+
+    scores = spm_scores(tokenizer_json["model"])
+    unknown = tokenizer_json["model"].get("unk_token")
+    reverse = {i: t for t, i in tokenizer_json["model"]["vocab"].items()}
+    added = {t["id"]: t for t in tokenizer_json.get("added_tokens", [])}
+    rows = []  # (piece, score, type)
+    for i in range(vocab_size):
+        if i in added:
+            token = added[i]["content"]
+            if added[i]["special"] or _looks_special(token):
+                rows.append((token, -1000.0, gguf.TokenType.CONTROL))
+            else:  # pre-normalized, as llama.cpp's converter writes it
+                rows.append((token.replace(SPACE, " "), -1000.0, gguf.TokenType.USER_DEFINED))
+        elif i not in reverse:
+            rows.append((f"[PAD{i}]", -10000.0, gguf.TokenType.UNUSED))
+        else:
+            token = reverse[i]
+            byte = len(token) == 6 and token.startswith("<0x") and token.endswith(">")
+            kind = gguf.TokenType.BYTE if byte else gguf.TokenType.NORMAL
+            rows.append((token, scores.get(token, 0.0), gguf.TokenType.UNKNOWN if token == unknown else kind))
+    tokens, scores, types = (list(column) for column in zip(*rows, strict=True))
+    return tokens, scores, types
+
+
 def _qtype(name: str, shape: tuple[int, ...], wanted):
     """The GGML type a tensor is written in: norms and vectors in f32 (llama.cpp reads them so), a q8_0 matrix
     whose rows are not whole blocks of 32 in f16, as llama.cpp's converter falls back."""
@@ -190,6 +293,11 @@ def write_gguf(model, tokenizer_dir: Path, path: Path, gguf_type: str, metadata:
 
     config = model.config
     check_model(config)
+    if (window := getattr(config, "sliding_window", None)) and window < config.max_position_embeddings:
+        log.warning("this model attends over the last %d tokens only (a sliding window, as Mistral-7B-v0.1's); a "
+                    "GGUF file has no place for it (llama.cpp's converter leaves it out too), so llama.cpp attends "
+                    "over the whole context: the same outputs up to %d tokens of context, not past them", window,
+                    window)  # fmt: skip
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     pre = pre_tokenizer(tokenizer, tokenizer_dir)
     wanted = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
@@ -239,12 +347,22 @@ def write_gguf(model, tokenizer_dir: Path, path: Path, gguf_type: str, metadata:
     writer.add_rope_dimension_count(head_dim)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
-    tokens, types = vocabulary(tokenizer, config.vocab_size)
-    writer.add_tokenizer_model("gpt2")
+    tokenizer_json = _tokenizer_json(tokenizer_dir)
+    prefix = space_prefix(tokenizer_json)
+    if prefix is None:  # byte-level BPE: the merges go in the file, the split is named
+        tokens, types = vocabulary(tokenizer, config.vocab_size)
+        writer.add_tokenizer_model("gpt2")
+    else:  # SentencePiece-style: llama.cpp's own tokenizer for it, pieces scored
+        tokens, scores, types = spm_vocabulary(tokenizer_json, config.vocab_size)
+        writer.add_tokenizer_model("llama")
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
+    if prefix is not None:
+        writer.add_token_scores(scores)
     writer.add_token_types(types)
-    special = gguf.SpecialVocab(tokenizer_dir, load_merges=True, n_vocab=config.vocab_size)
+    if prefix is not None:
+        writer.add_add_space_prefix(prefix)
+    special = gguf.SpecialVocab(tokenizer_dir, load_merges=prefix is None, n_vocab=config.vocab_size)
     probe = tokenizer("a")["input_ids"]  # what the tokenizer adds around text, said outright: llama.cpp's defaults
     special.add_special_token["bos"] = tokenizer.bos_token_id is not None and probe[0] == tokenizer.bos_token_id
     special.add_special_token["eos"] = tokenizer.eos_token_id is not None and probe[-1] == tokenizer.eos_token_id
@@ -273,4 +391,5 @@ def write_gguf(model, tokenizer_dir: Path, path: Path, gguf_type: str, metadata:
         bar.update(done >> 20)
     bar.close()
     writer.close()
-    return {"tensors": len(plan), "bytes": path.stat().st_size, "pre_tokenizer": pre, "parameters": params}
+    return {"tensors": len(plan), "bytes": path.stat().st_size, "pre_tokenizer": pre, "parameters": params,
+            "tokenizer": "gpt2" if prefix is None else "llama"}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -733,6 +734,94 @@ def test_export_gguf_writes_one_file_that_transformers_reads_back_to_the_registe
     assert not (tmp_path / "refused").exists()
 
 
+def _sentencepiece_model(run: Path, folder: Path, vocab_size: int = 1000):
+    """A SentencePiece BPE model trained as Llama-2's was (byte fallback, digits split, whitespace kept, no
+    normalization) on the run's training text, in `folder` as a hub repository holds one: tokenizer.model and a
+    tokenizer_config.json naming its special tokens. Returns the sentencepiece processor of it."""
+    import io
+
+    import sentencepiece
+
+    lines = [line for row in (run / "02_parse" / "train.jsonl").open() for line in json.loads(row)["text"].split("\n")]
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter([line for line in lines if line.strip()]), model_writer=model, model_type="bpe",
+        vocab_size=vocab_size, byte_fallback=True, split_digits=True, allow_whitespace_only_pieces=True,
+        remove_extra_whitespaces=False, normalization_rule_name="identity", unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        max_sentence_length=1 << 20, num_threads=2, minloglevel=2)  # fmt: skip
+    folder.mkdir(parents=True)
+    (folder / "tokenizer.model").write_bytes(model.getvalue())
+    special = {str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
+                        "special": True} for i, t in enumerate(["<unk>", "<s>", "</s>"])}  # fmt: skip
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "add_bos_token": True, "add_eos_token": False, "legacy": False, "added_tokens_decoder": special}))  # fmt: skip
+    return sentencepiece.SentencePieceProcessor(model_proto=model.getvalue())
+
+
+def test_gguf_writes_a_sentencepiece_tokenizer_saved_without_its_model_as_its_model_scores_it(tiny_run, tmp_path,
+                                                                                              caplog):
+    """Llama-2's and Mistral's tokenizers are SentencePiece models, and transformers 5 saves them without
+    tokenizer.model (so do a run and an export), where llama.cpp's converter reads their scores: the writer scores
+    the pieces from tokenizer.json's merges. A SentencePiece model trained as Llama-2's was, loaded and saved by
+    transformers: the file holds the pieces and types llama.cpp's converter reads from tokenizer.model with
+    sentencepiece (its _create_vocab_sentencepiece, here in four lines), and scores that rank the merged pieces as
+    the model's own scores do; transformers' GGUF reader rebuilds from the file's pieces and scores a tokenizer
+    that splits the held-out text into SentencePiece's ids, and from its tensors a Llama and a Mistral model whose
+    logits are the models'. And a Mistral with a sliding window says past what context llama.cpp differs."""
+    import gguf
+    import torch
+    from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, MistralConfig,
+                              MistralForCausalLM)  # fmt: skip
+
+    from tasks.gguf import write_gguf
+
+    runs, _ = tiny_run
+    run = runs / "latest"
+    sp = _sentencepiece_model(run, tmp_path / "hub")
+    saved = tmp_path / "saved"
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hub")
+    tokenizer.save_pretrained(saved)
+    assert not (saved / "tokenizer.model").exists()
+    text = "\n".join(json.loads(line)["text"] for line in (run / "02_parse" / "val.jsonl").open())
+    ids = sp.encode(text)
+    assert tokenizer(text, add_special_tokens=False)["input_ids"] == ids
+
+    small = {"vocab_size": sp.vocab_size(), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256}  # fmt: skip
+    for model_class, config in ((LlamaForCausalLM, LlamaConfig(**small)),
+                                (MistralForCausalLM, MistralConfig(**small, sliding_window=None))):  # fmt: skip
+        torch.manual_seed(0)
+        model = model_class(config).eval()
+        file = tmp_path / f"{config.model_type}.gguf"
+        written = write_gguf(model, saved, file, "f32", {"name": f"tiny-{config.model_type}"})
+        assert (written["tokenizer"], written["pre_tokenizer"]) == ("llama", "default")
+        fields = gguf.GGUFReader(file).fields
+        assert fields["tokenizer.ggml.model"].contents() == "llama"
+        assert fields["tokenizer.ggml.add_space_prefix"].contents() is True
+        tokens, scores = fields["tokenizer.ggml.tokens"].contents(), fields["tokenizer.ggml.scores"].contents()
+        types = fields["tokenizer.ggml.token_type"].contents()
+        kinds = [gguf.TokenType.UNKNOWN if sp.IsUnknown(i) else gguf.TokenType.CONTROL if sp.IsControl(i)
+                 else gguf.TokenType.BYTE if sp.IsByte(i) else gguf.TokenType.NORMAL for i in range(sp.vocab_size())]
+        kinds[:3] = [gguf.TokenType.CONTROL] * 3  # tokenizer_config.json's added_tokens_decoder: special, so control
+        assert tokens == [sp.IdToPiece(i) for i in range(sp.vocab_size())] and types == kinds
+        merged = [i for i in range(sp.vocab_size()) if kinds[i] == gguf.TokenType.NORMAL and len(tokens[i]) > 1]
+        assert len(merged) > 500
+        assert sorted(merged, key=lambda i: -scores[i]) == sorted(merged, key=lambda i: -sp.GetScore(i))
+
+        back = AutoTokenizer.from_pretrained(tmp_path, gguf_file=file.name)
+        assert back(text, add_special_tokens=False)["input_ids"] == ids
+        read = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=file.name).eval()
+        window = torch.tensor([ids[:256]])
+        with torch.no_grad():
+            assert torch.allclose(read(window).logits, model(window).logits, atol=1e-5)
+
+    caplog.set_level(logging.WARNING, "tasks.gguf")
+    write_gguf(MistralForCausalLM(MistralConfig(**small, sliding_window=128)), saved, tmp_path / "windowed.gguf",
+               "q8_0", {"name": "windowed"})  # fmt: skip
+    assert "attends over the last 128 tokens only" in caplog.text
+
+
 def test_gguf_names_the_splits_llama_cpp_knows_from_tokenizer_json():
     """A tokenizer whose hash llama.cpp's table lacks (trained for a run, or rebuilt from a GGUF) is named from its
     tokenizer.json: GPT-2's byte-level split alone is `gpt-2`, Llama-3's split before a plain byte-level mapping
@@ -749,15 +838,18 @@ def test_gguf_names_the_splits_llama_cpp_knows_from_tokenizer_json():
 
 
 def test_gguf_refuses_what_it_would_write_wrong(tmp_path):
-    """Another architecture, rope scaling, a SentencePiece-style tokenizer (byte fallback, a normalizer: Llama-2's
-    and Mistral's) and a split llama.cpp has no name for are each refused, naming llama.cpp's converter as the way."""
+    """Another architecture, rope scaling, a tokenizer of neither kind (byte fallback under a normalizer that is not
+    SentencePiece's), merges learned by a BPE trainer in a SentencePiece-style tokenizer (llama.cpp would split by
+    scores that cannot say them), and a split llama.cpp has no name for are each refused, naming llama.cpp's
+    converter as the way."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-    from transformers import GPT2Config, LlamaConfig, PreTrainedTokenizerFast
+    from transformers import GPT2Config, LlamaConfig, MistralConfig, PreTrainedTokenizerFast
 
     from edgar_tune.config import ConfigError
     from tasks.gguf import check_model, pre_tokenizer
 
     check_model(LlamaConfig())
+    check_model(MistralConfig())
     for config, said in ((GPT2Config(), "this model is 'gpt2'"),
                          (LlamaConfig(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
@@ -767,20 +859,29 @@ def test_gguf_refuses_what_it_would_write_wrong(tmp_path):
             check_model(config)
         assert "convert_hf_to_gguf.py" in str(err.value)
 
-    vocab = {c: i for i, c in enumerate("abc\u2581")}
-    spm = Tokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True))
-    spm.normalizer = normalizers.Replace(" ", "\u2581")
+    vocab = {c: i for i, c in enumerate(["a", "b", "c", "\u2581", "ab", "abc"])}
+    lower = Tokenizer(models.BPE(vocab=vocab, merges=[("a", "b"), ("ab", "c")], byte_fallback=True))
+    lower.normalizer = normalizers.Lowercase()
+    learned = Tokenizer(models.BPE(vocab=vocab, merges=[("a", "b"), ("ab", "c")], byte_fallback=True))
+    learned.pre_tokenizer = pre_tokenizers.Metaspace(split=False)  # abc: ab + c; a + bc no split, bc no piece
     split = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     split.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Punctuation(), pre_tokenizers.ByteLevel()])
-    for name, tok, said in (("spm", spm, "SentencePiece-style"), ("split", split, "would not know how to split")):
+    folder = tmp_path / "complete"
+    PreTrainedTokenizerFast(tokenizer_object=learned).save_pretrained(folder)
+    assert pre_tokenizer(None, folder) == "default"  # every split of every piece is a merge
+    learned.model = models.BPE(vocab=vocab | {"bc": 6}, merges=[("a", "b"), ("ab", "c"), ("b", "c")],
+                               byte_fallback=True)  # fmt: skip
+    for name, tok, said in (("lower", lower, "with byte fallback with a normalizer"),
+                            ("learned", learned, r"'abc' is in its vocabulary, the merge \('a', 'bc'\) is not"),
+                            ("split", split, "would not know how to split")):  # fmt: skip
         folder = tmp_path / name
         fast = PreTrainedTokenizerFast(tokenizer_object=tok)
         fast.save_pretrained(folder)
         with pytest.raises(ConfigError, match=said):
             pre_tokenizer(fast, folder)
-    (tmp_path / "spm" / "tokenizer.json").unlink()
+    (tmp_path / "lower" / "tokenizer.json").unlink()
     with pytest.raises(ConfigError, match="has none"):
-        pre_tokenizer(fast, tmp_path / "spm")
+        pre_tokenizer(fast, tmp_path / "lower")
 
 
 LLAMA_CPP = os.environ.get("EDGAR_TUNE_LLAMA_CPP")  # a llama.cpp checkout, its tools built in build/bin
@@ -793,14 +894,16 @@ def test_llama_cpp_reads_the_gguf_export_as_its_own_converter_writes_it(tiny_run
     tiny-llama's tokenizer, whose hash it does not know: the writer names its split `gpt-2` from tokenizer.json).
     The tiny run's `export --gguf f32`: llama-tokenize splits the held-out text into the ids the run's tokenizer
     gives, and llama-perplexity scores it as transformers scores the merged model the same way (windows of 128,
-    the second half of each scored). And llama.cpp's own tokenizer test vectors for Llama-3's and GPT-2's
-    vocabularies come out of the writer's files as llama.cpp says they must."""
+    the second half of each scored). A SentencePiece tokenizer (Llama-2's kind) in the writer's file and in the
+    converter's from tokenizer.model: llama.cpp splits the held-out text into SentencePiece's ids from both. And
+    llama.cpp's own tokenizer test vectors for Llama-3's, GPT-2's and Llama-2's vocabularies come out of the writer's
+    files as llama.cpp says they must."""
     import math
 
     import gguf
     import numpy as np
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from tasks.gguf import write_gguf
     from tasks.models import smollm2_dir
@@ -851,12 +954,36 @@ def test_llama_cpp_reads_the_gguf_export_as_its_own_converter_writes_it(tiny_run
             n += 63
     assert theirs == pytest.approx(math.exp(nll / n), rel=1e-3)
 
-    # llama.cpp's own tokenizer test vectors (models/ggml-vocab-NAME.gguf.inp, .out) through a GGUF of the writer's:
-    # Llama-3's and GPT-2's vocabularies, rebuilt by transformers from llama.cpp's vocab files (so their hashes are
-    # not the hub tokenizers': the writer names their splits from tokenizer.json), on a one-layer llama.
-    from transformers import LlamaConfig, LlamaForCausalLM
+    # A SentencePiece model trained as Llama-2's was: llama.cpp's converter reads the hub-style folder (with
+    # tokenizer.model), the writer the folder transformers saves (without it). The same tensors, pieces and types, and
+    # llama.cpp splits the held-out text into SentencePiece's ids from either file.
+    sp = _sentencepiece_model(runs / "latest", tmp_path / "spm-hub")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "spm-hub")
+    tokenizer.save_pretrained(tmp_path / "spm-saved")
+    torch.manual_seed(0)
+    tiny = LlamaForCausalLM(LlamaConfig(vocab_size=sp.vocab_size(), hidden_size=64, intermediate_size=128,
+                                        num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4))
+    tiny.save_pretrained(tmp_path / "spm-hub")
+    ours, theirs = tmp_path / "spm-ours.gguf", tmp_path / "spm-llama-cpp.gguf"
+    write_gguf(tiny, tmp_path / "spm-saved", ours, "f32", {"name": "spm"})
+    convert = subprocess.run([sys.executable, str(llama_cpp / "convert_hf_to_gguf.py"), str(tmp_path / "spm-hub"),
+                              "--outtype", "f32", "--outfile", str(theirs)], env=env, capture_output=True, text=True)
+    assert convert.returncode == 0, convert.stderr[-3000:]
+    a, b = gguf.GGUFReader(ours), gguf.GGUFReader(theirs)
+    assert {t.name: bytes(np.asarray(t.data).view(np.uint8)) for t in a.tensors} == {
+        t.name: bytes(np.asarray(t.data).view(np.uint8)) for t in b.tensors}  # fmt: skip
+    for key in [k for k in b.fields if k.startswith(("tokenizer.", "llama.")) and k != "tokenizer.ggml.scores"]:
+        assert a.fields[key].contents() == b.fields[key].contents(), key
+    for file in (ours, theirs):
+        said = subprocess.run([str(tools / "llama-tokenize"), "-m", str(file), "-f", str(text), "--ids", "--no-bos",
+                               "--log-disable"], capture_output=True, text=True, check=True).stdout  # fmt: skip
+        assert json.loads(said.strip().splitlines()[-1]) == sp.encode(text.read_text()), file.name
 
-    for name, pre in (("llama-bpe", "llama-bpe"), ("gpt-2", "gpt-2")):
+    # llama.cpp's own tokenizer test vectors (models/ggml-vocab-NAME.gguf.inp, .out) through a GGUF of the writer's:
+    # Llama-3's, GPT-2's and Llama-2's vocabularies, rebuilt by transformers from llama.cpp's vocab files (so their
+    # hashes are not the hub tokenizers': the writer names their splits from tokenizer.json, and reads Llama-2's
+    # scores off its merges), on a one-layer llama.
+    for name, pre in (("llama-bpe", "llama-bpe"), ("gpt-2", "gpt-2"), ("llama-spm", "default")):
         vocab = AutoTokenizer.from_pretrained(llama_cpp / "models", gguf_file=f"ggml-vocab-{name}.gguf")
         vocab.save_pretrained(tmp_path / name)
         tiny = LlamaForCausalLM(LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128,
