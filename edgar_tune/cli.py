@@ -500,7 +500,9 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                      help="the merged weights' dtype (auto: the base model's)")  # fmt: skip
     exp.add_argument("--gguf", choices=["f32", "f16", "bf16", "q8_0"],
-                     help="merged into one GGUF file of this type, for llama.cpp, Ollama, LM Studio")  # fmt: skip
+                     help="merged into one GGUF file of this type, for llama.cpp, Ollama, LM Studio; with "
+                     "--adapter, the adapter alone as a GGUF adapter (llama.cpp's --lora, Ollama's "
+                     "ADAPTER)")  # fmt: skip
     exp.add_argument("--replace", action="store_true", help="put it in place of an earlier export in --out")
     exp.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///runs/mlflow.db")
     exp.add_argument("--json", action="store_true", help="print what edgar_tune.json holds")

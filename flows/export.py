@@ -46,7 +46,8 @@ def edgar_tune_export(model: str = "edgar-tune-10k", alias: str = "champion", ou
             merged model.
         dtype: The merged weights' dtype: auto (the base's), float32, bfloat16 or float16.
         gguf: Instead, the merged model as one GGUF file of this type (f32, f16, bf16, q8_0), for llama.cpp,
-            Ollama or LM Studio.
+            Ollama or LM Studio; with `adapter`, the adapter alone as a GGUF adapter, which llama.cpp (`--lora`) and
+            Ollama (`ADAPTER`) apply to a GGUF of the base.
     """
     import mlflow
 

@@ -97,9 +97,8 @@ def export_version(client, name: str, version: str, out: str | Path, adapter: bo
         raise ConfigError("--dtype is for a merged export; --adapter copies the adapter as it was trained")
     if gguf is not None and gguf not in gguf_file.TYPES:
         raise ConfigError(f"--gguf {gguf}: one of {', '.join(gguf_file.TYPES)}")
-    if gguf and (adapter or dtype != "auto"):
-        raise ConfigError(f"--gguf writes the merged model in its own type ({gguf}): drop "
-                          f"{'--adapter' if adapter else '--dtype'}")  # fmt: skip
+    if gguf and dtype != "auto":
+        raise ConfigError(f"--gguf writes the model in its own type ({gguf}): drop --dtype")
     check_target(out, replace)
     mv = client.get_model_version(name, version)
     run = client.get_run(mv.run_id)
@@ -118,29 +117,38 @@ def export_version(client, name: str, version: str, out: str | Path, adapter: bo
                                   "--adapter)")  # fmt: skip
             full = config["weights"] != "adapter"  # its weights are the whole model: no base to load
             base = None if full else artifacts["base"] if carried else resolve_base_ref(base_name)
-            model = chosen = None
             tokenizer = _tokenizer(artifacts["weights"])
             if gguf:  # what the GGUF writer would refuse, before minutes of merging
                 from transformers import AutoConfig
 
-                gguf_file.check_model(AutoConfig.from_pretrained(artifacts["weights"] if full else base))
-                gguf_file.pre_tokenizer(tokenizer, Path(artifacts["weights"]))
-            if adapter:
-                for file in ADAPTER_FILES:
-                    shutil.copy2(Path(artifacts["weights"]) / file, tmp / file)
-            else:
+                base_config = AutoConfig.from_pretrained(artifacts["weights"] if full else base)
+                gguf_file.check_model(base_config)
+                if not adapter:
+                    gguf_file.pre_tokenizer(tokenizer, Path(artifacts["weights"]))
+            model = chosen = stored = None
+            if not adapter:
                 # Merged in the dtype the weights are stored in, then cast once: merging an fp32 base loaded as
                 # bf16 rounds twice (the demo's champion: perplexity 13.044 against 13.036 merged in fp32, then cast)
                 stored = base_dtype(artifacts["weights"] if full else base)
                 chosen = DTYPES[dtype] if dtype != "auto" else stored
-                model = load_registered(artifacts, config, dtype=stored).to(chosen)
             provenance = _provenance(client, mv, run, base_name, base, adapter, None if gguf else chosen,
                                      config["weights"], Path(artifacts["weights"]), gguf)  # fmt: skip
-        if adapter:
+            if adapter and gguf:  # the adapter alone, for llama.cpp to apply to a GGUF of the base
+                file = tmp / gguf_name(name, version, f"lora-{gguf}")
+                log.info("writing %s v%s's adapter as GGUF %s to %s", name, version, gguf, out / file.name)
+                written = gguf_file.write_lora_gguf(Path(artifacts["weights"]), base_config, file, gguf,
+                                                    _gguf_metadata(provenance))  # fmt: skip
+                provenance |= {"gguf_file": file.name, "lora_rank": written["rank"], "lora_alpha": written["alpha"]}
+            elif adapter:
+                for file in ADAPTER_FILES:
+                    shutil.copy2(Path(artifacts["weights"]) / file, tmp / file)
+            else:
+                model = load_registered(artifacts, config, dtype=stored).to(chosen)
+        if adapter and not gguf:
             adapter_config = json.loads((tmp / "adapter_config.json").read_text())
             adapter_config["base_model_name_or_path"] = base  # not the folder it was trained from
             atomic_write_json(tmp / "adapter_config.json", adapter_config)
-        elif gguf:
+        elif gguf and not adapter:
             _check_room(out, model.num_parameters() * gguf_file.BYTES_PER_WEIGHT[gguf] / 1e9, "GGUF file",
                         ", or --gguf q8_0" if gguf != "q8_0" else "")  # fmt: skip
             tokenizer.save_pretrained(tmp / ".tokenizer")  # read by the writer, then dropped: the file holds it
@@ -151,7 +159,7 @@ def export_version(client, name: str, version: str, out: str | Path, adapter: bo
             provenance |= {"gguf_file": file.name, "gguf_tokenizer": written["tokenizer"],
                            "gguf_pre_tokenizer": written["pre_tokenizer"]}
             del model
-        else:
+        elif not adapter:
             gb = model.num_parameters() * chosen.itemsize / 1e9
             _check_room(out, gb, "merged weights", ", or --dtype bfloat16" if chosen == torch.float32 else "")
             log.info("writing the merged model (%.2f GB in %s) to %s", gb, str(chosen).removeprefix("torch."), out)
@@ -169,8 +177,11 @@ def export_version(client, name: str, version: str, out: str | Path, adapter: bo
 
 
 def form(p: dict) -> str:
-    """What an export holds, from its provenance: `its adapter`, `GGUF q8_0` or `merged, float32`."""
-    return "its adapter" if p.get("adapter") else f"GGUF {p['gguf']}" if p.get("gguf") else f"merged, {p.get('dtype')}"
+    """What an export holds, from its provenance: `its adapter`, `its adapter, GGUF q8_0`, `GGUF q8_0` or
+    `merged, float32`."""
+    if p.get("adapter"):
+        return f"its adapter, GGUF {p['gguf']}" if p.get("gguf") else "its adapter"
+    return f"GGUF {p['gguf']}" if p.get("gguf") else f"merged, {p.get('dtype')}"
 
 
 def gguf_name(name: str, version: str, gguf: str) -> str:
@@ -255,7 +266,8 @@ def _export_alias_s3(client, name: str, alias: str, out: str, adapter: bool, dty
             log.info("%s points at %s v%s (@%s) already: nothing to export", pointer, name, version, alias)
             return was | {"written": False}
         prefix = (f"{out}@v{version}-"
-                  f"{'adapter' if adapter else f'gguf-{gguf}' if gguf else 'merged' if dtype == 'auto' else dtype}")
+                  f"{'adapter' if adapter else ''}{'-' if adapter and gguf else ''}{f'gguf-{gguf}' if gguf else ''}"
+                  f"{'' if adapter or gguf else 'merged' if dtype == 'auto' else dtype}")  # adapter-gguf-q8_0, ...
         if fs.exists(f"{prefix}/{PROVENANCE}"):  # uploaded whole before (the champion before the last one)
             done = json.loads(fs.cat_file(f"{prefix}/{PROVENANCE}"))
             log.info("%s holds %s v%s already: %s points at it again", prefix, name, version, pointer)
@@ -336,7 +348,7 @@ def model_card(p: dict, params: dict[str, str], smollm2: bool, folder: Path | st
         folder = stored_at.rstrip("/").rsplit("/", 1)[-1]
     hub_base = "/" in p["base_model"] and not Path(p["base_model"]).expanduser().exists()  # a hub id
     gguf = p.get("gguf")
-    library = "peft" if p["adapter"] else "gguf" if gguf else "transformers"
+    library = "gguf" if gguf else "peft" if p["adapter"] else "transformers"
     front = ["---", f"library_name: {library}", "pipeline_tag: text-generation",
              "tags: [" + ", ".join(["edgar-tune", "finance"] + ["sec-10k"] * bool(p["filings"])
                                    + ["lora"] * p["adapter"] + ["gguf"] * bool(gguf)) + "]"]  # fmt: skip
@@ -344,7 +356,8 @@ def model_card(p: dict, params: dict[str, str], smollm2: bool, folder: Path | st
         front.insert(1, f"base_model: {p['base_model']}")
     aliases = f" (@{', @'.join(p['aliases'])})" if p["aliases"] else ""
     kind = f"GGUF {gguf} (`{p['gguf_file']}`)" if gguf else p["dtype"]
-    what = ("the LoRA adapter" if p["adapter"] else
+    what = (f"the LoRA adapter as a GGUF adapter, {gguf} (`{p['gguf_file']}`), for llama.cpp to apply to a GGUF of "
+            "the base" if p["adapter"] and gguf else "the LoRA adapter" if p["adapter"] else
             f"the LoRA adapter merged into the base's weights, {kind}" if p["trained"] == "LoRA" else
             f"full fine-tune, {kind}")  # fmt: skip
     how = ("instruction-tuned on prompt/completion pairs" if params.get("train.instruction_tuned") == "True" else
@@ -382,6 +395,9 @@ def model_card(p: dict, params: dict[str, str], smollm2: bool, folder: Path | st
               "", "## Load it", ""]
     if stored_at:
         lines += [f"Copy it from `{stored_at}` first: `aws s3 sync {stored_at} {folder}`.", ""]
+    if gguf and p["adapter"]:
+        lines += _lora_gguf_usage(p, folder)
+        return "\n".join(lines)
     if gguf:
         lines += _gguf_usage(p["gguf_file"], folder, p["registered_model"])
         return "\n".join(lines)
@@ -398,6 +414,24 @@ def model_card(p: dict, params: dict[str, str], smollm2: bool, folder: Path | st
         lines += [f"A plain transformers folder: the form `vllm serve {folder}` and llama.cpp's "
                   f"`convert_hf_to_gguf.py {folder}` read.", ""]  # fmt: skip
     return "\n".join(lines)
+
+
+def _lora_gguf_usage(p: dict, folder: Path | str) -> list[str]:
+    """The card's "Load it" for a GGUF adapter: a GGUF of the base, then llama.cpp's --lora or Ollama's ADAPTER."""
+    path, base = f"{folder}/{p['gguf_file']}", p["base_model_path"] or p["base_model"]
+    fetch = (f"`hf download {p['base_model']} --local-dir base` first, then " if base == p["base_model"] and "/" in base
+             and not Path(base).expanduser().exists() else "")  # fmt: skip
+    return [f"llama.cpp applies it to a GGUF of the base it was trained on, `{p['base_model']}` (any of its types; "
+            f"{fetch}llama.cpp's converter makes one: `python convert_hf_to_gguf.py {base if not fetch else 'base'} "
+            "--outtype f16 --outfile base-f16.gguf`). llama.cpp scales the adapter by its alpha over its rank, "
+            f"{p['lora_alpha']:g} / {p['lora_rank']}, as peft did in training.", "",
+            "```bash", f'llama-completion -m base-f16.gguf --lora {path} -no-cnv -p "This Form 10-K report shows '
+            'that" -n 64', f"llama-server -m base-f16.gguf --lora {path} --port 8080  # several --lora: chosen per "
+            "request", "```", "",
+            f"Ollama: a `Modelfile` holding `FROM ./base-f16.gguf` and `ADAPTER ./{p['gguf_file']}`, then `ollama "
+            f"create {p['registered_model']} -f Modelfile`.", "",
+            "transformers and peft do not read GGUF adapters: `edgar-tune export --adapter` (without --gguf) writes "
+            "the adapter for them.", ""]  # fmt: skip
 
 
 def _gguf_usage(file: str, folder: Path | str, name: str) -> list[str]:

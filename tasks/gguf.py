@@ -289,8 +289,6 @@ def write_gguf(model, tokenizer_dir: Path, path: Path, gguf_type: str, metadata:
     import torch
     from transformers import AutoTokenizer
 
-    from tasks.progress import Progress
-
     config = model.config
     check_model(config)
     if (window := getattr(config, "sliding_window", None)) and window < config.max_position_embeddings:
@@ -325,12 +323,8 @@ def write_gguf(model, tokenizer_dir: Path, path: Path, gguf_type: str, metadata:
     writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
     params = sum(math.prod(shape) for _, _, shape, _ in plan)
     writer.add_type(gguf.GGUFType.MODEL)
-    writer.add_name(str(metadata.get("name", path.stem)))
+    _add_metadata(writer, metadata, path)
     writer.add_size_label(gguf.size_label(params, 0, 0, 0))
-    writer.add_tags(list(metadata.get("tags", ["edgar-tune", "text-generation"])))
-    for key, value in metadata.items():
-        if key not in ("name", "tags") and value is not None:
-            (writer.add_float32 if isinstance(value, float) else writer.add_string)(f"edgar_tune.{key}", value)
     writer.add_block_count(layers)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
@@ -368,8 +362,39 @@ def write_gguf(model, tokenizer_dir: Path, path: Path, gguf_type: str, metadata:
     special.add_special_token["eos"] = tokenizer.eos_token_id is not None and probe[-1] == tokenizer.eos_token_id
     special.add_to_gguf(writer, quiet=True)
 
+    def data(name: str, hf_name: str):
+        tensor = state[hf_name].detach()
+        array = tensor.to(torch.float32 if tensor.dtype != torch.float16 else torch.float16).cpu().numpy()
+        if name.endswith(("attn_q.weight", "attn_q.bias")):
+            return _permute(array, heads)
+        return _permute(array, kv_heads) if name.endswith(("attn_k.weight", "attn_k.bias")) else array
+
+    _write_tensors(writer, [(name, shape, qtype, lambda n=name, h=hf: data(n, h), state[hf].element_size())
+                            for name, hf, shape, qtype in plan], f"write GGUF ({gguf_type})")  # fmt: skip
+    return {"tensors": len(plan), "bytes": path.stat().st_size, "pre_tokenizer": pre, "parameters": params,
+            "tokenizer": "gpt2" if prefix is None else "llama"}
+
+
+def _add_metadata(writer, metadata: dict, path: Path) -> None:
+    """general.name and general.tags, then the other keys as `edgar_tune.KEY` (provenance; llama.cpp passes over
+    them)."""
+    writer.add_name(str(metadata.get("name", path.stem)))
+    writer.add_tags(list(metadata.get("tags", ["edgar-tune", "text-generation"])))
+    for key, value in metadata.items():
+        if key not in ("name", "tags") and value is not None:
+            (writer.add_float32 if isinstance(value, float) else writer.add_string)(f"edgar_tune.{key}", value)
+
+
+def _write_tensors(writer, tensors: list, what: str) -> None:
+    """Every tensor's header, then each tensor's data as `make()` returns it (float32 or float16, in llama.cpp's
+    layout), converted to its type one at a time, under a progress bar over the bytes read (`itemsize` each);
+    closes the file. `tensors`: (name, shape, GGML type, make, itemsize)."""
+    import gguf
+
+    from tasks.progress import Progress
+
     floats = {gguf.GGMLQuantizationType.F32: np.float32, gguf.GGMLQuantizationType.F16: np.float16}
-    for name, _, shape, qtype in plan:  # as gguf.quants.quantize returns them: floats, or the bytes of blocks
+    for name, shape, qtype, *_ in tensors:  # as gguf.quants.quantize returns them: floats, or the bytes of blocks
         block, type_size = gguf.GGML_QUANT_SIZES[qtype]
         stored = shape if qtype in floats else gguf.quant_shape_to_byte_shape(shape, qtype)
         nbytes = math.prod(shape) // block * type_size
@@ -377,19 +402,74 @@ def write_gguf(model, tokenizer_dir: Path, path: Path, gguf_type: str, metadata:
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    total = sum(math.prod(shape) * state[hf].element_size() for _, hf, shape, _ in plan)
-    bar, done = Progress(f"write GGUF ({gguf_type})", total >> 20, "MB", logger=log, quiet_s=10), 0
-    for name, hf_name, _, qtype in plan:
-        tensor = state[hf_name].detach()
-        data = tensor.to(torch.float32 if tensor.dtype != torch.float16 else torch.float16).cpu().numpy()
-        if name.endswith(("attn_q.weight", "attn_q.bias")):
-            data = _permute(data, heads)
-        elif name.endswith(("attn_k.weight", "attn_k.bias")):
-            data = _permute(data, kv_heads)
-        writer.write_tensor_data(gguf.quants.quantize(data, qtype))
-        done += tensor.numel() * tensor.element_size()
+    total = sum(math.prod(shape) * itemsize for _, shape, _, _, itemsize in tensors)
+    bar, done = Progress(what, total >> 20, "MB", logger=log, quiet_s=10), 0
+    for _, shape, qtype, make, itemsize in tensors:
+        writer.write_tensor_data(gguf.quants.quantize(make(), qtype))
+        done += math.prod(shape) * itemsize
         bar.update(done >> 20)
     bar.close()
     writer.close()
-    return {"tensors": len(plan), "bytes": path.stat().st_size, "pre_tokenizer": pre, "parameters": params,
-            "tokenizer": "gpt2" if prefix is None else "llama"}
+
+
+def write_lora_gguf(adapter_dir: Path, config, path: Path, gguf_type: str, metadata: dict) -> dict:
+    """Write the peft LoRA adapter saved in `adapter_dir` (of a base whose transformers config is `config`) as a
+    GGUF adapter, what llama.cpp's convert_lora_to_gguf.py writes: each adapted projection's A and B under the
+    base tensor's llama.cpp name (`blk.0.attn_q.weight.lora_a`, `.lora_b`), B of the query and key projections
+    permuted as their weights are, and the adapter's alpha (llama.cpp scales B·A by alpha / r, as peft does).
+    llama.cpp applies it to any GGUF of that base (`llama-server -m BASE.gguf --lora FILE`, Ollama's `ADAPTER`).
+    Returns the file's tensor count, size and the adapter's rank and alpha.
+
+    Raises:
+        ConfigError: see `check_model`; or an adapter llama.cpp cannot apply as trained: DoRA, per-module alphas,
+            biases, whole modules saved beside it, or a tensor that is not a projection's A or B.
+    """
+    import gguf
+    import torch
+    from safetensors import safe_open
+
+    check_model(config)
+    lora = json.loads((adapter_dir / "adapter_config.json").read_text())
+    refused = [why for why, bad in (
+        ("DoRA's magnitudes", lora.get("use_dora")), ("per-module alphas", lora.get("alpha_pattern")),
+        ("biases", lora.get("bias", "none") != "none" or lora.get("lora_bias")),
+        (f"whole modules saved beside it ({lora.get('modules_to_save')})", lora.get("modules_to_save")),
+        (f"a {lora.get('peft_type')} adapter, not LoRA", lora.get("peft_type", "LORA") != "LORA")) if bad]  # fmt: skip
+    if refused:
+        raise ConfigError(f"--gguf: llama.cpp applies plain LoRA; this adapter has {', '.join(refused)}: export it "
+                          f"merged (drop --adapter) for one GGUF file")  # fmt: skip
+    # rsLoRA scales by alpha / sqrt(r); llama.cpp by alpha / r: the alpha written makes the two the same
+    alpha = float(lora["lora_alpha"]) * (math.sqrt(lora["r"]) if lora.get("use_rslora") else 1.0)
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    wanted = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
+              "bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0}[gguf_type]  # fmt: skip
+    with safe_open(adapter_dir / "adapter_model.safetensors", framework="pt") as weights:
+        plan = []  # (gguf name, shape, type, make, itemsize)
+        for key in weights.keys():  # noqa: SIM118 (safe_open has no __iter__)
+            module, _, part = key.removeprefix("base_model.model.").rpartition(".lora_")
+            known = part in ("A.weight", "B.weight")
+            name = names.get_name(module + ".weight", try_suffixes=(".weight",)) if known else None
+            if name is None:
+                raise ConfigError(f"--gguf: the adapter's tensor {key} is not a LoRA A or B of a projection llama.cpp "
+                                  "knows: export it merged (drop --adapter) for one GGUF file")  # fmt: skip
+            suffix = ".lora_a" if part == "A.weight" else ".lora_b"
+            shape = tuple(weights.get_slice(key).get_shape())
+            rows = heads if name.endswith("attn_q.weight") else kv_heads if name.endswith("attn_k.weight") else None
+
+            def make(key=key, rows=rows if suffix == ".lora_b" else None):
+                array = weights.get_tensor(key).to(torch.float32).numpy()
+                return _permute(array, rows) if rows else array
+
+            itemsize = {"F32": 4, "F16": 2, "BF16": 2}.get(weights.get_slice(key).get_dtype(), 4)
+            plan.append((name + suffix, shape, _qtype(name + suffix, shape, wanted), make, itemsize))
+        ranks = {shape[0] for name, shape, *_ in plan if name.endswith(".lora_a")}
+        writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+        writer.add_type(gguf.GGUFType.ADAPTER)
+        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+        _add_metadata(writer, metadata, path)
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        _write_tensors(writer, plan, f"write GGUF adapter ({gguf_type})")
+    return {"tensors": len(plan), "bytes": path.stat().st_size, "rank": max(ranks), "alpha": alpha}

@@ -727,7 +727,7 @@ def test_export_gguf_writes_one_file_that_transformers_reads_back_to_the_registe
     assert {t.tensor_type.name for t in gguf.GGUFReader(out / done["gguf_file"]).tensors} == {"Q8_0", "F32"}
     q8 = AutoModelForCausalLM.from_pretrained(out, gguf_file=done["gguf_file"])
     assert _perplexity(q8, run) == pytest.approx(s["ppl_after"], rel=1e-2)
-    for kw, said in (({"adapter": True}, "drop --adapter"), ({"dtype": "bfloat16"}, "drop --dtype"),
+    for kw, said in (({"adapter": True}, "exists only in the version"), ({"dtype": "bfloat16"}, "drop --dtype"),
                      ({"gguf": "q4_k_m"}, "one of f32, f16, bf16, q8_0")):  # fmt: skip
         with pytest.raises(ConfigError, match=said):
             export_version(client, *version, tmp_path / "refused", **({"gguf": "f16"} | kw))
@@ -822,6 +822,57 @@ def test_gguf_writes_a_sentencepiece_tokenizer_saved_without_its_model_as_its_mo
     assert "attends over the last 128 tokens only" in caplog.text
 
 
+def test_gguf_adapter_applied_to_the_bases_gguf_is_the_merged_gguf(tiny_run, tmp_path):
+    """The adapter alone as a GGUF adapter: llama.cpp adds alpha / r x B.A to each adapted tensor of a GGUF of the
+    base. Done here with the files alone (the tiny run's base and adapter; the merge by peft), that sum is the merged
+    model's GGUF tensor, the query and key projections included (B permuted as their weights are). An adapter
+    llama.cpp cannot apply as trained (DoRA, per-module alphas) is refused; rsLoRA's scale is carried in its alpha."""
+    import gguf
+    import numpy as np
+    from peft import PeftModel
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from edgar_tune.config import ConfigError
+    from tasks.gguf import write_gguf, write_lora_gguf
+
+    runs, _ = tiny_run
+    run = runs / "latest"
+    base_dir, adapter_dir = run / "03_tokenize" / "tiny-llama", run / "04_train" / "adapter"
+    config = AutoConfig.from_pretrained(base_dir)
+    lora = json.loads((adapter_dir / "adapter_config.json").read_text())
+    written = write_lora_gguf(adapter_dir, config, tmp_path / "lora.gguf", "f32", {"name": "lora"})
+    assert (written["rank"], written["alpha"]) == (lora["r"], lora["lora_alpha"])
+    write_gguf(AutoModelForCausalLM.from_pretrained(base_dir), base_dir, tmp_path / "base.gguf", "f32", {"name": "b"})
+    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir).merge_and_unload()
+    write_gguf(merged, adapter_dir, tmp_path / "merged.gguf", "f32", {"name": "merged"})
+
+    adapter = gguf.GGUFReader(tmp_path / "lora.gguf")
+    assert (adapter.fields["general.type"].contents(), adapter.fields["adapter.type"].contents()) == ("adapter", "lora")
+    assert adapter.fields["adapter.lora.alpha"].contents() == lora["lora_alpha"]
+    pairs = {t.name: np.asarray(t.data) for t in adapter.tensors}
+    base = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(tmp_path / "base.gguf").tensors}
+    want = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(tmp_path / "merged.gguf").tensors}
+    adapted = sorted(name.removesuffix(".lora_a") for name in pairs if name.endswith(".lora_a"))
+    assert len(adapted) == 7 * config.num_hidden_layers and any("attn_q" in n for n in adapted)
+    for name in adapted:
+        a, b = pairs[name + ".lora_a"], pairs[name + ".lora_b"]  # [r, in] and [out, r], as llama.cpp reads them
+        applied = base[name] + lora["lora_alpha"] / a.shape[0] * (b @ a)
+        assert np.allclose(applied, want[name], atol=1e-5), name
+    for name in set(want) - set(adapted):
+        assert np.array_equal(want[name], base[name]), name
+    assert not np.allclose(want[adapted[0]], base[adapted[0]])  # trained: B is not zero
+
+    for change, said in (({"use_dora": True}, "DoRA's magnitudes"), ({"alpha_pattern": {"q_proj": 4}}, "per-module")):
+        folder = tmp_path / next(iter(change))
+        shutil.copytree(adapter_dir, folder)
+        (folder / "adapter_config.json").write_text(json.dumps(lora | change))
+        with pytest.raises(ConfigError, match=said):
+            write_lora_gguf(folder, config, tmp_path / "refused.gguf", "f32", {})
+    (folder / "adapter_config.json").write_text(json.dumps(lora | {"use_rslora": True}))
+    rs = write_lora_gguf(folder, config, tmp_path / "rs.gguf", "q8_0", {})
+    assert rs["alpha"] / rs["rank"] == pytest.approx(lora["lora_alpha"] / lora["r"] ** 0.5)
+
+
 def test_gguf_names_the_splits_llama_cpp_knows_from_tokenizer_json():
     """A tokenizer whose hash llama.cpp's table lacks (trained for a run, or rebuilt from a GGUF) is named from its
     tokenizer.json: GPT-2's byte-level split alone is `gpt-2`, Llama-3's split before a plain byte-level mapping
@@ -887,23 +938,33 @@ def test_gguf_refuses_what_it_would_write_wrong(tmp_path):
 LLAMA_CPP = os.environ.get("EDGAR_TUNE_LLAMA_CPP")  # a llama.cpp checkout, its tools built in build/bin
 
 
+def _llama_perplexity(tools: Path, *args: str) -> float:
+    """llama-perplexity's final estimate (once, in a run where another llama-perplexity ran beside it, the line was
+    not in its output: what it printed then is in the failure)."""
+    proc = subprocess.run([str(tools / "llama-perplexity"), *args], capture_output=True, text=True)
+    said = re.search(r"Final estimate: PPL = ([\d.]+)", proc.stderr + proc.stdout)
+    assert proc.returncode == 0 and said, (proc.returncode, proc.stdout[-2000:], proc.stderr[-3000:])
+    return float(said[1])
+
+
 @pytest.mark.skipif(not LLAMA_CPP, reason="set EDGAR_TUNE_LLAMA_CPP to a llama.cpp checkout with build/bin built")
 def test_llama_cpp_reads_the_gguf_export_as_its_own_converter_writes_it(tiny_run, tmp_path):
     """Against llama.cpp itself (not in CI: it is built from source). For each type, the GGUF writer's tensors and
     tokenizer for SmolLM2 are those llama.cpp's convert_hf_to_gguf.py writes, to the byte (its converter refuses
     tiny-llama's tokenizer, whose hash it does not know: the writer names its split `gpt-2` from tokenizer.json).
     The tiny run's `export --gguf f32`: llama-tokenize splits the held-out text into the ids the run's tokenizer
-    gives, and llama-perplexity scores it as transformers scores the merged model the same way (windows of 128,
-    the second half of each scored). A SentencePiece tokenizer (Llama-2's kind) in the writer's file and in the
-    converter's from tokenizer.model: llama.cpp splits the held-out text into SentencePiece's ids from both. And
-    llama.cpp's own tokenizer test vectors for Llama-3's, GPT-2's and Llama-2's vocabularies come out of the writer's
-    files as llama.cpp says they must."""
+    gives, and llama-perplexity scores it as transformers scores the merged model the same way (windows of 128, the
+    second half of each scored); its adapter alone as a GGUF adapter holds convert_lora_to_gguf.py's tensors, and
+    llama-perplexity scores the base's GGUF with it as the merged file. A SentencePiece tokenizer (Llama-2's kind)
+    in the writer's file and in the converter's from tokenizer.model: llama.cpp splits the held-out text into
+    SentencePiece's ids from both. And llama.cpp's own tokenizer test vectors for Llama-3's, GPT-2's and Llama-2's
+    vocabularies come out of the writer's files as llama.cpp says they must."""
     import math
 
     import gguf
     import numpy as np
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from tasks.gguf import write_gguf
     from tasks.models import smollm2_dir
@@ -942,9 +1003,7 @@ def test_llama_cpp_reads_the_gguf_export_as_its_own_converter_writes_it(tiny_run
                           capture_output=True, text=True, check=True).stdout  # fmt: skip
     ids = AutoTokenizer.from_pretrained(merged)(text.read_text())["input_ids"]
     assert json.loads(said.strip().splitlines()[-1]) == ids
-    ppl = subprocess.run([str(tools / "llama-perplexity"), "-m", str(f32), "-f", str(text), "-c", "128", "-b", "128"],
-                         capture_output=True, text=True, check=True).stderr  # fmt: skip
-    theirs = float(re.search(r"Final estimate: PPL = ([\d.]+)", ppl)[1])
+    theirs = _llama_perplexity(tools, "-m", str(f32), "-f", str(text), "-c", "128", "-b", "128")
     model, nll, n = AutoModelForCausalLM.from_pretrained(merged).eval(), 0.0, 0
     with torch.no_grad():
         for start in range(0, len(ids) // 128 * 128, 128):
@@ -953,6 +1012,27 @@ def test_llama_cpp_reads_the_gguf_export_as_its_own_converter_writes_it(tiny_run
             nll -= sum(logp[j, window[0, j + 1]].item() for j in range(64, 127))
             n += 63
     assert theirs == pytest.approx(math.exp(nll / n), rel=1e-3)
+
+    # The adapter alone as a GGUF adapter: convert_lora_to_gguf.py's tensors, and llama-perplexity scores a GGUF of
+    # the base with it (--lora) as it scores the merged file.
+    from tasks.gguf import write_lora_gguf
+
+    base_dir, adapter_dir = runs / "latest" / "03_tokenize" / "tiny-llama", runs / "latest" / "04_train" / "adapter"
+    for kind in ("f32", "q8_0"):
+        ours, theirs_lora = tmp_path / f"lora-{kind}.gguf", tmp_path / f"lora-llama-cpp-{kind}.gguf"
+        write_lora_gguf(adapter_dir, AutoConfig.from_pretrained(base_dir), ours, kind, {"name": "lora"})
+        convert = subprocess.run([sys.executable, str(llama_cpp / "convert_lora_to_gguf.py"), str(adapter_dir),
+                                  "--base", str(base_dir), "--outtype", kind, "--outfile", str(theirs_lora)], env=env,
+                                 capture_output=True, text=True)  # fmt: skip
+        assert convert.returncode == 0, convert.stderr[-3000:]
+        a, b = gguf.GGUFReader(ours), gguf.GGUFReader(theirs_lora)
+        assert {t.name: (t.tensor_type, bytes(np.asarray(t.data).view(np.uint8))) for t in a.tensors} == {
+            t.name: (t.tensor_type, bytes(np.asarray(t.data).view(np.uint8))) for t in b.tensors}  # fmt: skip
+        for key in ("general.architecture", "general.type", "adapter.type", "adapter.lora.alpha"):
+            assert a.fields[key].contents() == b.fields[key].contents(), key
+    write_gguf(AutoModelForCausalLM.from_pretrained(base_dir), base_dir, tmp_path / "base.gguf", "f32", {"name": "b"})
+    assert _llama_perplexity(tools, "-m", str(tmp_path / "base.gguf"), "--lora", str(tmp_path / "lora-f32.gguf"),
+                             "-f", str(text), "-c", "128", "-b", "128") == pytest.approx(theirs, rel=1e-4)
 
     # A SentencePiece model trained as Llama-2's was: llama.cpp's converter reads the hub-style folder (with
     # tokenizer.model), the writer the folder transformers saves (without it). The same tensors, pieces and types, and
