@@ -17,6 +17,10 @@ What it does not know it refuses before writing anything, naming the way that wo
 scaling, biases in the projections, a tokenizer that is neither kind, a split it cannot name, or merges that are
 not a SentencePiece model's: export merged (without --gguf) and run llama.cpp's converter on that folder. Tensors
 are converted and written one at a time, so the file is never held in memory.
+
+`write_lora_gguf` writes a peft LoRA adapter alone as a GGUF adapter (`export --adapter --gguf TYPE`), what
+llama.cpp's convert_lora_to_gguf.py writes, for llama.cpp (`--lora`) and Ollama (`ADAPTER`) to apply to a GGUF of the
+base.
 """
 
 from __future__ import annotations
