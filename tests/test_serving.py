@@ -939,12 +939,15 @@ LLAMA_CPP = os.environ.get("EDGAR_TUNE_LLAMA_CPP")  # a llama.cpp checkout, its 
 
 
 def _llama_perplexity(tools: Path, *args: str) -> float:
-    """llama-perplexity's final estimate (once, in a run where another llama-perplexity ran beside it, the line was
-    not in its output: what it printed then is in the failure)."""
-    proc = subprocess.run([str(tools / "llama-perplexity"), *args], capture_output=True, text=True)
-    said = re.search(r"Final estimate: PPL = ([\d.]+)", proc.stderr + proc.stdout)
-    assert proc.returncode == 0 and said, (proc.returncode, proc.stdout[-2000:], proc.stderr[-3000:])
-    return float(said[1])
+    """llama-perplexity's final estimate. In two of five runs of this test its log ended early, exit status 0 (one
+    mid-line, at chunk 76 of 203): llama.cpp writes its log from a thread of its own, and the tail was lost. Such a
+    run is run again, up to three times; what it printed is in the failure."""
+    for _ in range(3):
+        proc = subprocess.run([str(tools / "llama-perplexity"), *args], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        if said := re.search(r"Final estimate: PPL = ([\d.]+)", proc.stderr + proc.stdout):
+            return float(said[1])
+    raise AssertionError(f"no final estimate in three runs: {proc.stdout[-1000:]} {proc.stderr[-2000:]}")
 
 
 @pytest.mark.skipif(not LLAMA_CPP, reason="set EDGAR_TUNE_LLAMA_CPP to a llama.cpp checkout with build/bin built")
