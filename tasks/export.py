@@ -117,7 +117,7 @@ def export_version(client, name: str, version: str, out: str | Path, adapter: bo
                                   "--adapter)")  # fmt: skip
             full = config["weights"] != "adapter"  # its weights are the whole model: no base to load
             base = None if full else artifacts["base"] if carried else resolve_base_ref(base_name)
-            tokenizer = _tokenizer(artifacts["weights"])
+            tokenizer = None if adapter and gguf else _tokenizer(artifacts["weights"])  # a GGUF adapter has none
             if gguf:  # what the GGUF writer would refuse, before minutes of merging
                 from transformers import AutoConfig
 
@@ -265,9 +265,8 @@ def _export_alias_s3(client, name: str, alias: str, out: str, adapter: bool, dty
         if _holds(was, client, name, version, adapter, dtype, gguf):
             log.info("%s points at %s v%s (@%s) already: nothing to export", pointer, name, version, alias)
             return was | {"written": False}
-        prefix = (f"{out}@v{version}-"
-                  f"{'adapter' if adapter else ''}{'-' if adapter and gguf else ''}{f'gguf-{gguf}' if gguf else ''}"
-                  f"{'' if adapter or gguf else 'merged' if dtype == 'auto' else dtype}")  # adapter-gguf-q8_0, ...
+        kind = "-".join(["adapter"] * adapter + [f"gguf-{gguf}"] * bool(gguf))  # adapter-gguf-q8_0, gguf-q8_0, ...
+        prefix = f"{out}@v{version}-{kind or ('merged' if dtype == 'auto' else dtype)}"
         if fs.exists(f"{prefix}/{PROVENANCE}"):  # uploaded whole before (the champion before the last one)
             done = json.loads(fs.cat_file(f"{prefix}/{PROVENANCE}"))
             log.info("%s holds %s v%s already: %s points at it again", prefix, name, version, pointer)
