@@ -302,8 +302,7 @@ def write_gguf(model, tokenizer_dir: Path, path: Path, gguf_type: str, metadata:
                     window)  # fmt: skip
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     pre = pre_tokenizer(tokenizer, tokenizer_dir)
-    wanted = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
-              "bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0}[gguf_type]  # fmt: skip
+    wanted = gguf.GGMLQuantizationType[gguf_type.upper()]  # F32, F16, BF16, Q8_0
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[gguf_type]  # fmt: skip
 
@@ -426,7 +425,8 @@ def write_lora_gguf(adapter_dir: Path, config, path: Path, gguf_type: str, metad
 
     Raises:
         ConfigError: see `check_model`; or an adapter llama.cpp cannot apply as trained: DoRA, per-module alphas,
-            biases, whole modules saved beside it, or a tensor that is not a projection's A or B.
+            rsLoRA with per-module ranks, biases, whole modules saved beside it, or a tensor that is not a
+            projection's A or B.
     """
     import gguf
     import torch
@@ -438,7 +438,9 @@ def write_lora_gguf(adapter_dir: Path, config, path: Path, gguf_type: str, metad
         ("DoRA's magnitudes", lora.get("use_dora")), ("per-module alphas", lora.get("alpha_pattern")),
         ("biases", lora.get("bias", "none") != "none" or lora.get("lora_bias")),
         (f"whole modules saved beside it ({lora.get('modules_to_save')})", lora.get("modules_to_save")),
-        (f"a {lora.get('peft_type')} adapter, not LoRA", lora.get("peft_type", "LORA") != "LORA")) if bad]  # fmt: skip
+        (f"a {lora.get('peft_type')} adapter, not LoRA", lora.get("peft_type", "LORA") != "LORA"),
+        ("rsLoRA's scale with per-module ranks", lora.get("use_rslora") and lora.get("rank_pattern")),
+    ) if bad]  # fmt: skip
     if refused:
         raise ConfigError(f"--gguf: llama.cpp applies plain LoRA; this adapter has {', '.join(refused)}: export it "
                           f"merged (drop --adapter) for one GGUF file")  # fmt: skip
@@ -447,8 +449,7 @@ def write_lora_gguf(adapter_dir: Path, config, path: Path, gguf_type: str, metad
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
-    wanted = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
-              "bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0}[gguf_type]  # fmt: skip
+    wanted = gguf.GGMLQuantizationType[gguf_type.upper()]  # F32, F16, BF16, Q8_0
     with safe_open(adapter_dir / "adapter_model.safetensors", framework="pt") as weights:
         plan = []  # (gguf name, shape, type, make, itemsize)
         for key in weights.keys():  # noqa: SIM118 (safe_open has no __iter__)
