@@ -272,7 +272,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Write a registered version into a folder that loads without edgar-tune or MLflow: merged, its adapter, or
-    one GGUF file."""
+    one GGUF file; or the base it was trained on."""
     import mlflow
 
     from edgar_tune.config import ConfigError
@@ -286,14 +286,14 @@ def cmd_export(args: argparse.Namespace) -> int:
             if not (alias := re.fullmatch(r"models:/([^/@]+)@([^/@]+)", args.model)):
                 raise ConfigError(f"--out {args.out}: an export to S3 follows an alias, --model models:/NAME@ALIAS "
                                   "(its pointer OUT.json names the version that holds it), not a version number")
-            done = export_alias(client, *alias.groups(), args.out, args.adapter, args.dtype, args.gguf)
+            done = export_alias(client, *alias.groups(), args.out, args.adapter, args.dtype, args.gguf, args.base)
         else:
             version = registered_version(client, args.model)
             if version is None:
                 raise ConfigError(f"--model {args.model}: export takes a registered version, models:/NAME@ALIAS or "
                                   "models:/NAME/N (`edgar-tune models` lists them)")  # fmt: skip
             done = export_version(client, *version, args.out, args.adapter, args.dtype, args.replace,
-                                  gguf=args.gguf)  # fmt: skip
+                                  gguf=args.gguf, base=args.base)  # fmt: skip
     except (mlflow.exceptions.MlflowException, LookupError) as err:
         why = err.message if isinstance(err, mlflow.exceptions.MlflowException) else err.args[0]
         print(f"edgar-tune: error: cannot export {args.model} from {uri}: {why}", file=sys.stderr)
@@ -497,6 +497,9 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", required=True, help="a new or empty folder (it appears whole at the end), or an s3:// "
                      "URL with --model models:/NAME@ALIAS (a prefix per version, OUT.json pointing at the alias's)")
     exp.add_argument("--adapter", action="store_true", help="the LoRA adapter, for peft (default: merged weights)")
+    exp.add_argument("--base", action="store_true", help="the base the version was trained on, unchanged (with its "
+                     "tokenizer): for peft on hosts without the hub, or with --gguf for llama.cpp to apply GGUF "
+                     "adapters to")  # fmt: skip
     exp.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                      help="the merged weights' dtype (auto: the base model's)")  # fmt: skip
     exp.add_argument("--gguf", choices=["f32", "f16", "bf16", "q8_0"],

