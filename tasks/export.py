@@ -5,8 +5,11 @@
   without peft, and the form vLLM, TGI and llama.cpp's GGUF converter read. In the base's dtype unless told.
 - adapter: the LoRA adapter as peft saved it, its `base_model_name_or_path` the base the version names, for peft or
   for a server that applies adapters to one shared base (vLLM's `--lora-modules`).
+- GGUF (tasks/gguf.py): the merged model, or the adapter alone, as one file for llama.cpp and Ollama.
+- base: the base the version was trained on, unchanged (a transformers folder, or GGUF for llama.cpp to apply GGUF
+  adapters to), for hosts without the hub; one serves every version trained on it.
 
-Both get a model card (README.md: the version, its MLflow run, its filings, its held-out perplexity before and after,
+Each gets a model card (README.md: the version, its MLflow run, its filings, its held-out perplexity before and after,
 its hyperparameters, how to load it) and the same facts as `edgar_tune.json`. The folder appears whole or not at
 all; one that holds anything is not written over, except an earlier export with `replace`.
 """

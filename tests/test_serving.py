@@ -674,9 +674,14 @@ def test_export_adapter_names_its_base_and_loads_with_peft(tiny_run, tmp_path, m
     assert "`edgar-tune export --model models:/own-base/1 --base --out base`" in (tmp_path / "adapter" /
                                                                                   "README.md").read_text()
 
-    # Its base, for a host that has neither the folder nor the hub: the same weights, and peft loads the adapter
-    # onto it
-    done = export_version(client, "own-base", "1", tmp_path / "its-base", base=True)
+    # Its base, for a host that has neither the folder nor the hub (`edgar-tune export --base`): the same weights,
+    # and peft loads the adapter onto it
+    proc = subprocess.run([sys.executable, "-m", "edgar_tune.cli", "export", "--model", "models:/own-base/1", "--base",
+                           "--out", str(tmp_path / "its-base"), "--tracking-uri", uri, "--json"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, EDGAR_TUNE_CACHE=str(tmp_path / "cache")))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    done = json.loads(proc.stdout)
     assert (form(done), done["base_model_path"]) == ("its base, float32", str(base))
     saved = safetensors.torch.load_file(tmp_path / "its-base" / "model.safetensors")
     trained_on = safetensors.torch.load_file(base / "model.safetensors")
@@ -1013,9 +1018,9 @@ def test_llama_cpp_reads_the_gguf_export_as_its_own_converter_writes_it(tiny_run
     The tiny run's `export --gguf f32`: llama-tokenize splits the held-out text into the ids the run's tokenizer
     gives, and llama-perplexity scores it as transformers scores the merged model the same way (windows of 128, the
     second half of each scored); its adapter alone as a GGUF adapter holds convert_lora_to_gguf.py's tensors, and
-    llama-perplexity scores the base's GGUF with it as the merged file. A SentencePiece tokenizer (Llama-2's kind)
-    in the writer's file and in the converter's from tokenizer.model: llama.cpp splits the held-out text into
-    SentencePiece's ids from both. And llama.cpp's own tokenizer test vectors for Llama-3's, GPT-2's and Llama-2's
+    llama-perplexity scores the base's GGUF (`export --base --gguf f32`) with it as the merged file. A SentencePiece
+    tokenizer (Llama-2's kind) in the writer's file and in the converter's from tokenizer.model: llama.cpp splits the
+    held-out text into SentencePiece's ids from both. And llama.cpp's own tokenizer test vectors for Llama-3's, GPT-2's and Llama-2's
     vocabularies come out of the writer's files as llama.cpp says they must."""
     import math
 
@@ -1088,9 +1093,10 @@ def test_llama_cpp_reads_the_gguf_export_as_its_own_converter_writes_it(tiny_run
             t.name: (t.tensor_type, bytes(np.asarray(t.data).view(np.uint8))) for t in b.tensors}  # fmt: skip
         for key in ("general.architecture", "general.type", "adapter.type", "adapter.lora.alpha"):
             assert a.fields[key].contents() == b.fields[key].contents(), key
-    write_gguf(AutoModelForCausalLM.from_pretrained(base_dir), base_dir, tmp_path / "base.gguf", "f32", {"name": "b"})
-    assert _llama_perplexity(tools, "-m", str(tmp_path / "base.gguf"), "--lora", str(tmp_path / "lora-f32.gguf"),
-                             "-f", str(text), "-c", "128", "-b", "128") == pytest.approx(theirs, rel=1e-4)
+    assert _export(s, tmp_path / "base", "--base", "--gguf", "f32", cache=tmp_path / "cache").returncode == 0
+    assert _llama_perplexity(tools, "-m", str(tmp_path / "base" / "tiny-llama-f32.gguf"), "--lora",
+                             str(tmp_path / "lora-f32.gguf"), "-f", str(text), "-c", "128",
+                             "-b", "128") == pytest.approx(theirs, rel=1e-4)  # fmt: skip
 
     # A SentencePiece model trained as Llama-2's was: llama.cpp's converter reads the hub-style folder (with
     # tokenizer.model), the writer the folder transformers saves (without it). The same tensors, pieces and types, and

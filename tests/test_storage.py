@@ -102,7 +102,8 @@ def test_a_run_folder_has_one_name_on_every_worker(tmp_path, monkeypatch):
 def test_the_champion_exported_to_s3_is_whole_wherever_its_pointer_points(s3, tiny_run, tmp_path, monkeypatch):
     """export-champion with `out` an s3:// URL (workers on several hosts, serving from S3): each version under its
     own prefix, the provenance uploaded last; the pointer switched to it once it is whole; the same champion again
-    uploads nothing; a rollback to the version before is a pointer switch; older prefixes are deleted."""
+    uploads nothing; a rollback to the version before is a pointer switch; older prefixes are deleted. Each form
+    (dtype, GGUF, the base) has a prefix of its own."""
     from flows.export import edgar_tune_export
     from tasks.export import export_alias
     from tests.conftest import two_versions
@@ -143,6 +144,9 @@ def test_the_champion_exported_to_s3_is_whole_wherever_its_pointer_points(s3, ti
     assert {f.rsplit("/", 1)[-1] for f in fs.find(gguf["url"])} == {gguf["gguf_file"], "README.md", "edgar_tune.json"}
     assert f"champion@v{first}-gguf-q8_0/{gguf['gguf_file']}" in fs.cat_file(f"{gguf['url']}/README.md").decode()
     assert export_alias(client, name, "champion", out, gguf="q8_0")["written"] is False
+    base = export_alias(client, name, "champion", out, gguf="q8_0", base=True)  # its base, named after it
+    assert (base["url"], base["gguf_file"]) == (f"{out}@v{first}-base-gguf-q8_0", "tiny-llama-q8_0.gguf")
+    assert fs.exists(f"{base['url']}/tiny-llama-q8_0.gguf") and pointer()["base"] is True
     assert not fs.exists(f"{out}/.lease.json")  # let go of
     # `edgar-tune export` to S3: an alias, with the same pointer; a version number is refused, naming what to give.
     env = dict(os.environ, EDGAR_TUNE_CACHE=str(tmp_path / "cache"))
