@@ -51,7 +51,8 @@ def edgar_tune_export(model: str = "edgar-tune-10k", alias: str = "champion", ou
             Ollama (`ADAPTER`) apply to a GGUF of the base.
         base: Instead, the base the version was trained on, unchanged (a transformers folder, or with `gguf` the
             GGUF file llama.cpp applies GGUF adapters to). Exported again only when the alias moves to a version
-            trained on another base.
+            trained on another base. Give each form its own `out`: two deployments writing one folder in two forms
+            replace each other's export on every champion.
     """
     import mlflow
 
