@@ -168,7 +168,7 @@ def export_version(client, name: str, version: str, out: str | Path, adapter: bo
             _check_room(out, model.num_parameters() * gguf_file.BYTES_PER_WEIGHT[gguf] / 1e9, "GGUF file",
                         ", or --gguf q8_0" if gguf != "q8_0" else "")  # fmt: skip
             tokenizer.save_pretrained(tmp / ".tokenizer")  # read by the writer, then dropped: the file holds it
-            file = tmp / gguf_name(name, version, gguf, provenance)
+            file = tmp / (base_gguf_name(base_name, gguf) if base else gguf_name(name, version, gguf))
             log.info("writing %s as GGUF %s to %s", described(provenance), gguf, out / file.name)
             written = gguf_file.write_gguf(model, tmp / ".tokenizer", file, gguf, _gguf_metadata(provenance))
             shutil.rmtree(tmp / ".tokenizer")
@@ -210,12 +210,15 @@ def described(p: dict) -> str:
     return f"{p['registered_model']} v{p['version']}" + ("'s adapter" if p["adapter"] else ", merged")
 
 
-def gguf_name(name: str, version: str, gguf: str, p: dict | None = None) -> str:
-    """The GGUF file's name: edgar-tune-10k-v3-q8_0.gguf; a base's is named after it alone (one file serves every
-    version trained on it): smollm2-135m-q8_0.gguf, Llama-2-7b-hf-q8_0.gguf."""
-    if p and p.get("base"):
-        return f"{re.sub(r'[^A-Za-z0-9._-]+', '-', Path(p['base_model']).name)}-{gguf}.gguf"
+def gguf_name(name: str, version: str, gguf: str) -> str:
+    """The GGUF file's name: edgar-tune-10k-v3-q8_0.gguf."""
     return f"{re.sub(r'[^A-Za-z0-9._-]+', '-', name)}-v{version}-{gguf}.gguf"
+
+
+def base_gguf_name(base_model: str, gguf: str) -> str:
+    """A base's GGUF file's name, after the base alone (one file serves every version trained on it):
+    smollm2-135m-q8_0.gguf, Llama-2-7b-hf-q8_0.gguf."""
+    return f"{re.sub(r'[^A-Za-z0-9._-]+', '-', Path(base_model).name)}-{gguf}.gguf"
 
 
 def _check_room(out: Path, gb: float, what: str, smaller: str) -> None:
@@ -522,7 +525,7 @@ def _lora_gguf_usage(p: dict, folder: Path | str) -> list[str]:
     """The card's "Load it" for a GGUF adapter: the base's GGUF (`export --base`), then llama.cpp's --lora or
     Ollama's ADAPTER."""
     path, gguf = f"{folder}/{p['gguf_file']}", p["gguf"]
-    base = f"base/{gguf_name('', '', gguf, {'base': True, 'base_model': p['base_model']})}"
+    base = f"base/{base_gguf_name(p['base_model'], gguf)}"
     return [f"llama.cpp applies it to a GGUF of the base it was trained on, `{p['base_model']}`: `edgar-tune export "
             f"--model {p['model_uri']} --base --gguf {gguf} --out base` writes `{base}` (one file for every version "
             "trained on that base; any of the GGUF types). llama.cpp scales the adapter by its alpha over its rank, "
