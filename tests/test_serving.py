@@ -883,7 +883,7 @@ def test_gguf_adapter_applied_to_the_bases_gguf_export_is_the_merged_gguf(tiny_r
     client.set_registered_model_alias("own-base", "champion", "1")
     done = export_alias(client, "own-base", "champion", tmp_path / "base-gguf", gguf="f32", base=True)
     assert done["written"] and done["gguf_file"] == "base-f32.gguf" and form(done) == "its base, GGUF f32"
-    export_version(client, "own-base", "1", tmp_path / "lora", adapter=True, gguf="f32")
+    lora_done = export_version(client, "own-base", "1", tmp_path / "lora", adapter=True, gguf="f32")
     export_version(client, "own-base", "1", tmp_path / "merged", gguf="f32")
     card = (tmp_path / "lora" / "README.md").read_text()
     assert "`edgar-tune export --model models:/own-base/1 --base --gguf f32 --out base`" in card
@@ -893,6 +893,7 @@ def test_gguf_adapter_applied_to_the_bases_gguf_export_is_the_merged_gguf(tiny_r
     adapter_dir = run / "04_train" / "adapter"
     config = AutoConfig.from_pretrained(base_dir)
     lora = json.loads((adapter_dir / "adapter_config.json").read_text())
+    assert (lora_done["lora_rank"], lora_done["lora_alpha"]) == (lora["r"], lora["lora_alpha"])
     adapter = gguf.GGUFReader(tmp_path / "lora" / "own-base-v1-lora-f32.gguf")
     assert (adapter.fields["general.type"].contents(), adapter.fields["adapter.type"].contents()) == ("adapter", "lora")
     assert adapter.fields["adapter.lora.alpha"].contents() == lora["lora_alpha"]
@@ -914,7 +915,8 @@ def test_gguf_adapter_applied_to_the_bases_gguf_export_is_the_merged_gguf(tiny_r
         assert np.array_equal(want[name], base[name]), name
     assert not np.allclose(want[adapted[0]], base[adapted[0]])  # trained: B is not zero
 
-    # The champion moves to v2, trained on the same base: its base's file stays as it was; v2's own files would not
+    # The champion moves to v2, trained on the same base: the base's file stays as it was, while the adapter's
+    # folder takes v2's
     written = (tmp_path / "base-gguf" / "base-f32.gguf").stat().st_mtime_ns
     client.set_registered_model_alias("own-base", "champion", "2")
     again = export_alias(client, "own-base", "champion", tmp_path / "base-gguf", gguf="f32", base=True)
@@ -1020,8 +1022,8 @@ def test_llama_cpp_reads_the_gguf_export_as_its_own_converter_writes_it(tiny_run
     second half of each scored); its adapter alone as a GGUF adapter holds convert_lora_to_gguf.py's tensors, and
     llama-perplexity scores the base's GGUF (`export --base --gguf f32`) with it as the merged file. A SentencePiece
     tokenizer (Llama-2's kind) in the writer's file and in the converter's from tokenizer.model: llama.cpp splits the
-    held-out text into SentencePiece's ids from both. And llama.cpp's own tokenizer test vectors for Llama-3's, GPT-2's and Llama-2's
-    vocabularies come out of the writer's files as llama.cpp says they must."""
+    held-out text into SentencePiece's ids from both. And llama.cpp's own tokenizer test vectors for Llama-3's,
+    GPT-2's and Llama-2's vocabularies come out of the writer's files as llama.cpp says they must."""
     import math
 
     import gguf
