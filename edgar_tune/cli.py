@@ -54,7 +54,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from tasks.models import check_model_name
 
     preflight(cfg.train)  # and on an engine this machine cannot run
-    check_model_name(cfg.model.name)  # or a model that is not here
+    check_model_name(cfg.model.name, cfg.model.revision)  # or a model that is not here
     from edgar_tune.config import RunParameters
     from edgar_tune.reaper import embedded_prefect
     from flows.pipeline import edgar_tune_pipeline
@@ -319,6 +319,13 @@ def _filings_summary(filings: list[dict]) -> str:
     return f"{', '.join(tickers) if len(tickers) <= 3 else f'{len(tickers)} companies'} {span}"
 
 
+def _base_shown(row: dict) -> str:
+    """A version's base for `edgar-tune models`: its name, and a hub id's commit as git shows one (7 digits)."""
+    if not row["base_model"]:
+        return "-"
+    return row["base_model"] + (f"@{row['base_revision'][:7]}" if row.get("base_revision") else "")
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     """The versions of a registered model side by side: aliases, perplexity, on which validation data."""
     import time
@@ -350,7 +357,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["registered"] / 1000))
         table.append([f"v{r['version']}", ",".join(r["aliases"]) or "-",
                       sets[(r["validation"]["sha256"], r["validation"]["scoring"])],
-                      *[scores.get(key, "-") for key in sets], r["base_model"] or "-", _filings_summary(r["filings"]),
+                      *[scores.get(key, "-") for key in sets], _base_shown(r), _filings_summary(r["filings"]),
                       when])  # fmt: skip
     widths = [max(len(row[i]) for row in table) for i in range(len(head) + 3)]
     print(f"{args.name} at {uri}: {total} version(s); perplexity on held-out MD&A, lower is better")

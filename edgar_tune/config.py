@@ -153,6 +153,22 @@ class ModelConfig(_Section):
         "(a 2-layer Llama built locally in seconds, for tests), a local folder, or a hub id such as "
         "`EleutherAI/gpt-j-6b`.",
     )
+    revision: str | None = Field(
+        None,
+        description="A hub id's branch, tag or commit (default: `main`). A run resolves it to the commit it loads, "
+        "as it starts, and records that: its later stages, reruns, the registered version and its exports load "
+        "that commit after the repo moves on. A run left on a branch retokenizes and retrains when the branch "
+        "has moved since the run folder's last run.",
+    )
+
+    @field_validator("revision", mode="before")
+    @classmethod
+    def _revision(cls, v: Any) -> Any:
+        if v is not None and not (isinstance(v, str) and v.strip()):  # YAML reads 0123456 as a number
+            raise ValueError(f"a branch, tag or commit as a string, not {v!r}: quote it (revision: \"0123abc\" in "
+                             "YAML; --set 'model.revision=\"0123abc\"')")
+        return v
+
     tiny_hidden_size: int = Field(128, ge=16, description="tiny-llama only: hidden size.")
     tiny_layers: int = Field(2, ge=1, description="tiny-llama only: number of layers.")
     tiny_vocab_size: int = Field(2048, ge=300, description="tiny-llama only: BPE vocabulary trained on the data.")
@@ -572,8 +588,8 @@ def _parse_value(raw: str) -> Any:
         value = yaml.safe_load(raw)
     except yaml.YAMLError:
         return raw
-    if isinstance(value, str) and "e" in value.lower():
-        try:  # YAML 1.1 reads "1e-4" as a string; users mean a float.
+    if isinstance(value, str) and "e" in value.lower() and raw[:1] not in "\"'":
+        try:  # YAML 1.1 reads "1e-4" as a string; users mean a float (unless they quoted it).
             return float(value)
         except ValueError:
             pass
@@ -666,7 +682,7 @@ def flat_params(cfg: PipelineConfig) -> dict[str, Any]:
 
 _RUN_PARAMETER_KEYS = {
     "tickers": "data.tickers", "fiscal_years": "data.fiscal_years", "latest_years": "data.latest_years",
-    "source": "data.source", "model": "model.name",
+    "source": "data.source", "model": "model.name", "revision": "model.revision",
     "mode": "train.mode", "deepspeed": "train.deepspeed", "nproc": "train.nproc", "epoch": "train.epoch",
     "max_steps": "train.max_steps", "learning_rate": "train.learning_rate", "lora_r": "train.lora_r",
     "lora_alpha": "train.lora_alpha", "lora_dropout": "train.lora_dropout",
@@ -696,6 +712,9 @@ class RunParameters(BaseModel):
         None, description="bundled, edgar, a filings folder, or a TXT/CSV/JSON/JSONL file or folder (or s3:// URL)."
     )
     model: str | None = Field(None, description="smollm2-135m, tiny-llama, a local folder or a hub id.")
+    revision: str | None = Field(
+        None, description="The hub id's branch, tag or commit (model.revision); empty: the preset's, or main."
+    )
     mode: Literal["lora", "full"] | None = Field(None, description="LoRA adapters or full fine-tuning.")
     deepspeed: Literal["zero2", "zero3", "zero3-offload"] | None = Field(None, description="DeepSpeed ZeRO stage.")
     nproc: int | None = Field(None, ge=1, description="Training processes (GPUs) on the node.")

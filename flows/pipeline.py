@@ -136,8 +136,9 @@ def _run_stages(folder: RunFolder, cfg: PipelineConfig, todo: tuple[str, ...] | 
 
     run_dir = folder.local
     precision = preflight(cfg.train) if "train" in todo else None  # a GPU-only engine fails here, not after data
+    at = cfg
     if "tokenize" in todo:  # the one stage that reads `model.name`; the later ones load what it resolved
-        check_model_name(cfg.model.name)
+        at = at_commit(cfg, check_model_name(cfg.model.name, cfg.model.revision))
     skipped = [s for s in STAGES if s not in todo]
     folder.pull([OUTPUTS[s].split("/")[0] for s in skipped] + [f".stages/{s}.json" for s in skipped])
     for s in skipped:
@@ -158,7 +159,8 @@ def _run_stages(folder: RunFolder, cfg: PipelineConfig, todo: tuple[str, ...] | 
             if decided["train"][0]:
                 plan_training(run_dir / TOKENIZE, cfg.train, precision)
         start = time.perf_counter()
-        states[stage] = _run_stage(folder, cfg, stage, force, flow_run_id, decided.get(stage))
+        states[stage] = _run_stage(folder, at if stage == "tokenize" else cfg, stage, force, flow_run_id,
+                                   decided.get(stage))  # fmt: skip
         timings[stage] = round(time.perf_counter() - start, 1)
     summary = build_summary(run_dir, cfg.preset, timings, flow_run_id) | {"stages": states, "run": folder.ref}
     atomic_write_json(run_dir / "summary.json", summary)
@@ -171,6 +173,15 @@ def _run_stages(folder: RunFolder, cfg: PipelineConfig, todo: tuple[str, ...] | 
         if states.get("register") == "Completed":  # a version registered now, not one a cached run found
             announce_registration(summary)
     return summary
+
+
+def at_commit(cfg: PipelineConfig, commit: str | None) -> PipelineConfig:
+    """The config the tokenize stage runs with: a hub id's `model.revision` as the commit it names now. That
+    stage's key holds the commit, so a run whose branch has moved since the folder's last run tokenizes (and
+    trains) again, and one whose branch has not keeps every stage; config.yaml keeps what the user asked for."""
+    if commit is None or commit == cfg.model.revision:
+        return cfg
+    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"revision": commit})})
 
 
 def _run_stage(folder: RunFolder, cfg: PipelineConfig, stage: str, force: bool, flow_run_id: str | None,

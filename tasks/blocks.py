@@ -12,7 +12,7 @@ from datasets import Dataset
 
 from edgar_tune.config import ConfigError, PipelineConfig
 from tasks.io import atomic_dir, atomic_write_json, atomic_write_text, read_json, read_jsonl
-from tasks.models import TINY, load_tokenizer, resolve_base_model
+from tasks.models import TINY, load_config, load_tokenizer, pinned, resolve_base_model
 from tasks.progress import OwnLine, Progress
 
 log = logging.getLogger(__name__)
@@ -26,9 +26,7 @@ def block_length(requested: int, model_dir: str) -> int:
         ConfigError: a length past the model's context (`max_position_embeddings`): positions it was never trained
             on, which train and score without an error but not as the model was made to.
     """
-    from transformers import AutoConfig
-
-    max_pos = getattr(AutoConfig.from_pretrained(model_dir), "max_position_embeddings", None)
+    max_pos = getattr(load_config(model_dir), "max_position_embeddings", None)
     if requested == -1:
         return min(1024, max_pos or 1024)
     if max_pos and requested > max_pos:
@@ -120,9 +118,11 @@ def write_tokenize_stage(out: Path, parse_dir: Path, cfg: PipelineConfig) -> dic
     with atomic_dir(out) as tmp:
         # The tiny model's tokenizer is trained on this run's training text (never on the validation text).
         texts = (r["text"] if "text" in r else r["prompt"] + r["completion"] for r in train_rows)
-        base = resolve_base_model(cfg.model, tmp, texts, cfg.train.seed)
+        base, commit = resolve_base_model(cfg.model, tmp, texts, cfg.train.seed)
         if cfg.model.name == TINY:
             base_ref = {"kind": "run_local", "path": TINY}
+        elif commit:  # a hub id, at the commit every later stage loads
+            base_ref = {"kind": "path_or_hub", "path": cfg.model.name, "revision": commit}
         else:
             base_ref = {"kind": "path_or_hub", "path": base}
         tokenizer = load_tokenizer(base)
@@ -218,6 +218,7 @@ def write_tokenize_stage(out: Path, parse_dir: Path, cfg: PipelineConfig) -> dic
 
 
 def base_model_path(tokenize_dir: Path) -> str:
-    """Where the base model of a run lives, as recorded by its tokenize stage."""
+    """Where the base model of a run lives, as recorded by its tokenize stage: a folder, or a hub id at the commit
+    it loaded (`pinned`; runs from before revisions were recorded name the bare id)."""
     ref = json.loads((tokenize_dir / "stats.json").read_text())["base_model"]
-    return str(tokenize_dir / ref["path"]) if ref["kind"] == "run_local" else ref["path"]
+    return str(tokenize_dir / ref["path"]) if ref["kind"] == "run_local" else pinned(ref["path"], ref.get("revision"))

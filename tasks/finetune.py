@@ -34,7 +34,7 @@ from kernels.hf import causal_lm_of, fuse_layers, resolve_backend
 from kernels import fp8, varlen
 from kernels.lora import lean_lora
 from kernels.masks import shared_sdpa_mask
-from tasks.models import building, building_alone, device, from_hub, load_causal_lm, load_tokenizer
+from tasks.models import building, building_alone, device, from_hub, load_causal_lm, load_tokenizer, unpinned
 
 log = logging.getLogger(__name__)
 _PLANS_LOGGED: set[tuple[str | None, str]] = set()  # (flow run id, message): the flow's early check, then the stage
@@ -1061,8 +1061,8 @@ def _load_model(base: str, cfg: TrainConfig, precision: str):
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                    bnb_4bit_compute_dtype=half)  # fmt: skip
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    with building_alone(base), from_hub(base) as hub:
-        model = AutoModelForCausalLM.from_pretrained(base, quantization_config=quant, dtype=half,
+    with building_alone(base), from_hub(base) as (named, hub):
+        model = AutoModelForCausalLM.from_pretrained(named, quantization_config=quant, dtype=half,
                                                      device_map={"": local}, attn_implementation=cfg.attention, **hub)
     kinds = {type(m).__name__ for m in model.modules()}
     if not kinds & {"Linear8bitLt", "Linear4bit"}:
@@ -1170,7 +1170,8 @@ def train(tmp: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfig,
 
         targets = lora_targets(model.config.model_type, cfg.lora_target_modules)
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                          target_modules=targets, task_type="CAUSAL_LM")  # fmt: skip
+                          target_modules=targets, task_type="CAUSAL_LM",
+                          revision=unpinned(base)[1].get("revision"))  # peft's AutoPeftModel* loads that commit
         model = get_peft_model(model, lora)
         if cfg.lean_lora:
             log.info("train.lean_lora: %d LoRA projections keep their input once", lean_lora(model))

@@ -319,11 +319,11 @@ def format_plan(rows: list[Estimate], chosen: str, budget_gb: float, context: st
 def model_shape(model_dir: str, mode: str, lora_r: int, targets: list[str] | None) -> ModelShape:
     """Count parameters on the meta device (no memory, no weights read) and the adapters LoRA would add."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    from tasks.models import building
+    from tasks.models import building, load_config
 
-    config = AutoConfig.from_pretrained(model_dir)
+    config = load_config(model_dir)
     with torch.device("meta"), building:
         model = AutoModelForCausalLM.from_config(config)
     params = sum(p.numel() for p in model.parameters())

@@ -6,6 +6,7 @@ import contextlib
 import contextvars
 import importlib.util
 import logging
+import re
 import threading
 import time
 import warnings
@@ -46,6 +47,32 @@ SMOLLM2 = "smollm2-135m"
 TINY = "tiny-llama"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _COMPLETE = "_COMPLETE"
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+def pinned(name: str, revision: str | None) -> str:
+    """What loads hub id `name` at the commit `revision`: `org/model@COMMIT` (hub ids hold no `@`), or `name`
+    itself. The later stages, the registered version and its exports load a run's base through it, so the base
+    they load is the one the run trained on after the hub's repo moves on."""
+    return f"{name}@{revision}" if revision else name
+
+
+def unpinned(ref: str) -> tuple[str, dict]:
+    """`from_pretrained`'s name and keyword arguments for what `pinned` returned: `org/model@COMMIT` loads that
+    commit; a folder, built-in or bare hub id loads as named."""
+    name, at, commit = ref.rpartition("@")
+    if at and _COMMIT.fullmatch(commit) and not Path(ref).expanduser().exists():
+        return name, {"revision": commit}
+    return ref, {}
+
+
+def load_config(ref: str):
+    """The model config of a folder, hub id or pinned hub id (`pinned`)."""
+    with building:
+        from transformers import AutoConfig
+
+    name, at = unpinned(ref)
+    return AutoConfig.from_pretrained(name, **at)
 
 
 def smollm2_dir() -> Path:
@@ -133,48 +160,54 @@ def build_tiny_llama(out: Path, texts: Iterable[str], cfg: ModelConfig, seed: in
     return out
 
 
-def check_model_name(name: str, ask_hub: bool = True) -> None:
-    """Refuse a `model.name` that names no model here: a run checks it before its first stage, not at tokenize.
-    A hub id is asked of the hub too (`check_hub_model`), unless `ask_hub` is False: the tokenize stage, whose run
-    asked before its first stage, and whose load asks again.
+def check_model_name(name: str, revision: str | None = None) -> str | None:
+    """Refuse a `model.name` (and `model.revision`) that names no model here: a run checks it before its first
+    stage, not at tokenize. A hub id is asked of the hub (`check_hub_model`); returns the commit its revision
+    names now (None for a built-in or a folder).
 
     Raises:
-        ConfigError: a folder without config.json, a name that is no built-in, folder or hub id, or a hub id that
-            the run could not load (`check_hub_model`).
+        ConfigError: a folder without config.json, a name that is no built-in, folder or hub id, a revision of
+            anything but a hub id, or a hub id that the run could not load at that revision (`check_hub_model`).
     """
-    if name in (SMOLLM2, TINY):
-        return
     path = Path(name).expanduser()
+    if revision is not None and (name in (SMOLLM2, TINY) or path.exists()):
+        raise ConfigError(f"`model.revision` = {revision!r} is for a hub id; `model.name` = {name!r} is a "
+                          f"{'built-in model' if name in (SMOLLM2, TINY) else 'folder'}, with no revisions: drop "
+                          "`model.revision`")  # fmt: skip
+    if name in (SMOLLM2, TINY):
+        return None
     if path.exists():
         if not (path / "config.json").exists():
             raise ConfigError(f"`model.name` = {name!r} is a folder without config.json; point it at a folder "
                               "that `save_pretrained` wrote")  # fmt: skip
-        return
+        return None
     if name.count("/") != 1 or name.startswith(("/", ".", "~")):
         bare = "" if "/" in name else (" (hub ids name their organisation; the hub's old bare names have one now: "
                                        "`openai-community/gpt2` for `gpt2`)")  # fmt: skip
         raise ConfigError(f"`model.name` = {name!r} is neither `{SMOLLM2}`, `{TINY}`, an existing folder, nor a hub "
                           f"id like `EleutherAI/gpt-j-6b`{bare}")  # fmt: skip
-    if ask_hub:
-        check_hub_model(name)
+    return check_hub_model(name, revision)
 
 
-def check_hub_model(name: str) -> None:
-    """Refuse a hub id that the run could not load, before it downloads and parses filings for minutes: one request
-    to the Hugging Face Hub for its config.json's metadata, with this machine's token, as the load's first is. A
-    gated model whose terms the token's account has not accepted, a repo that is not there (or private), or one
-    without config.json is refused, saying what to do. Where the hub cannot be asked (HF_HUB_OFFLINE, no network,
-    an error of its own), the hub's cache must hold the model, as the load will need it to.
+def check_hub_model(name: str, revision: str | None = None) -> str:
+    """Refuse a hub id that the run could not load, before it downloads and parses filings for minutes, and return
+    the commit that `revision` (a branch, tag or commit; None: `main`) names now: one request to the Hugging Face
+    Hub for its config.json's metadata, with this machine's token, as the load's first is. A gated model whose
+    terms the token's account has not accepted, a repo that is not there (or private), a revision it does not
+    have, or a repo without config.json is refused, saying what to do. Where the hub cannot be asked
+    (HF_HUB_OFFLINE, no network, an error of its own), the hub's cache must hold the model at that revision, as
+    the load will need it to, and the commit is the one the cache holds.
 
     Raises:
         ConfigError: saying which of these it is, and what to change.
     """
     from huggingface_hub import get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
-    from huggingface_hub.errors import GatedRepoError, RemoteEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import (GatedRepoError, RemoteEntryNotFoundError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)  # fmt: skip
 
+    at = f" at revision {revision!r}" if revision else ""
     try:
-        get_hf_file_metadata(hf_hub_url(name, "config.json"))
-        return
+        return get_hf_file_metadata(hf_hub_url(name, "config.json", revision=revision)).commit_hash
     except GatedRepoError:
         raise ConfigError(f"`model.name` = {name!r} is gated on the Hugging Face Hub and this machine's token does not "
                           f"open it: accept its terms at https://huggingface.co/{name} while logged in, then give "
@@ -184,68 +217,88 @@ def check_hub_model(name: str) -> None:
         raise ConfigError(f"`model.name` = {name!r} is no model on the Hugging Face Hub: check its spelling at "
                           f"https://huggingface.co/{name} (a private one needs its account's token: `hf auth "
                           "login`, or HF_TOKEN)") from None  # fmt: skip
+    except RevisionNotFoundError:
+        raise ConfigError(f"`model.revision` = {revision!r}: {name} on the Hugging Face Hub has no such branch, tag "
+                          f"or commit; see https://huggingface.co/{name}/commits/main for its commits, or drop "
+                          "`model.revision` for its latest (`main`)") from None  # fmt: skip
     except RemoteEntryNotFoundError:
-        raise ConfigError(f"`model.name` = {name!r} on the Hugging Face Hub has no config.json: it is no transformers "
-                          "model (GGUF or adapter-only repos are not); name its base model instead") from None
+        raise ConfigError(f"`model.name` = {name!r} on the Hugging Face Hub has no config.json{at}: it is no "
+                          "transformers model (GGUF or adapter-only repos are not); name its base model instead"
+                          ) from None  # fmt: skip
     except Exception as err:  # noqa: BLE001 (offline, unreachable, the hub's own 5xx: the cache decides)
         unasked = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-    if isinstance(try_to_load_from_cache(name, "config.json"), str):
-        log.info("%s: the Hugging Face Hub could not be asked (%s); loading it from the hub's cache", name, unasked)
-        return
-    raise ConfigError(f"`model.name` = {name!r} is not in the Hugging Face Hub's cache (HF_HUB_CACHE), and the hub "
-                      f"could not be asked ({unasked}): download it once where the hub can be reached (`hf "
-                      f"download {name}`), or let this machine reach it (HF_HUB_OFFLINE unset, network to "
-                      "HF_ENDPOINT)")  # fmt: skip
+    cached = try_to_load_from_cache(name, "config.json", revision=revision)
+    if isinstance(cached, str):  # .../snapshots/COMMIT/config.json
+        commit = Path(cached).parent.name
+        log.info("%s: the Hugging Face Hub could not be asked (%s); loading it from the hub's cache, commit %s",
+                 name, unasked, commit)  # fmt: skip
+        return commit
+    revision_arg = f" --revision {revision}" if revision else ""
+    raise ConfigError(f"`model.name` = {name!r}{at} is not in the Hugging Face Hub's cache (HF_HUB_CACHE), and the "
+                      f"hub could not be asked ({unasked}): download it once where the hub can be reached (`hf "
+                      f"download {name}{revision_arg}`), or let this machine reach it (HF_HUB_OFFLINE unset, network "
+                      "to HF_ENDPOINT)")  # fmt: skip
 
 
-def resolve_base_model(cfg: ModelConfig, work_dir: Path, texts: Iterable[str], seed: int) -> str:
-    """Return what `from_pretrained` should load: a local folder, or a hub id (users have internet)."""
+def resolve_base_model(cfg: ModelConfig, work_dir: Path, texts: Iterable[str], seed: int) -> tuple[str, str | None]:
+    """Return what the run loads (a local folder, or a hub id pinned to a commit: users have internet), and the
+    commit. A `model.revision` that is a commit already (as a pipeline run resolves it before its first stage) is
+    not asked of the hub again."""
     if cfg.name == SMOLLM2:
-        return str(smollm2_dir())
+        return str(smollm2_dir()), None
     if cfg.name == TINY:
-        return str(build_tiny_llama(work_dir / TINY, texts, cfg, seed))
-    check_model_name(cfg.name, ask_hub=False)
+        return str(build_tiny_llama(work_dir / TINY, texts, cfg, seed)), None
     path = Path(cfg.name).expanduser()
-    return str(path.resolve()) if path.exists() else cfg.name
+    if cfg.revision and _COMMIT.fullmatch(cfg.revision) and not path.exists():
+        commit = cfg.revision
+    else:
+        commit = check_model_name(cfg.name, cfg.revision)
+    return (str(path.resolve()), None) if path.exists() else (pinned(cfg.name, commit), commit)
 
 
-def resolve_base_ref(name: str) -> str:
-    """A registered version's `base_model` (built-in name, local folder or hub id) -> what to load."""
+def resolve_base_ref(name: str, revision: str | None = None) -> str:
+    """A registered version's `base_model` (built-in name, local folder or hub id) and `base_revision` (the
+    commit of a hub id its run loaded) -> what to load."""
     if name == SMOLLM2:
         return str(smollm2_dir())
     if name == TINY:
         raise ValueError("a tiny-llama base lives in its run folder; its registered version carries it")
-    return name
+    return pinned(name, revision)
 
 
-def load_tokenizer(name: str):
+def load_tokenizer(ref: str):
+    """The tokenizer of a folder, hub id or pinned hub id (`pinned`), with a pad token (its EOS where it has none)."""
     with building:  # the first import of transformers' lazy names, on any thread
         from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(name)
+    name, at = unpinned(ref)
+    tokenizer = AutoTokenizer.from_pretrained(name, **at)
     if tokenizer.eos_token_id is None:
-        raise ValueError(f"tokenizer of {name} has no EOS token to separate documents; set one in its folder")
+        raise ValueError(f"tokenizer of {ref} has no EOS token to separate documents; set one in its folder")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
 @contextlib.contextmanager
-def from_hub(name: str) -> Iterator[dict]:
-    """The keyword arguments that make `from_pretrained(name, ...)` show its download's progress: a hub id's first
-    load downloads GBs (Llama-2-7B's weights are 13.5 GB), and a worker's log file has no bar. The log says what
-    waits, then, for a download that lasts over 10 s, how far it is every 30 s (in MB, with the rate and the time
-    left) and its end, and inside a Prefect run the UI shows a progress bar. A local folder or a load from the hub's
-    cache shows nothing more. Hugging Face Hub's own bar still draws on a terminal."""
+def from_hub(ref: str) -> Iterator[tuple[str, dict]]:
+    """The name and keyword arguments that make `from_pretrained(name, ...)` load `ref` (a pinned hub id at its
+    commit: `pinned`) and show its download's progress: a hub id's first load downloads GBs (Llama-2-7B's weights
+    are 13.5 GB), and a worker's log file has no bar. The log says what waits, then, for a download that lasts
+    over 10 s, how far it is every 30 s (in MB, with the rate and the time left) and its end, and inside a Prefect
+    run the UI shows a progress bar. A local folder or a load from the hub's cache shows nothing more. Hugging Face
+    Hub's own bar still draws on a terminal."""
+    name, at = unpinned(ref)
     if Path(name).expanduser().exists():
-        yield {}
+        yield name, at
         return
-    log.info("loading %s from the Hugging Face Hub (or its cache, HF_HOME)", name)
+    commit = f" at commit {at['revision']}" if at else ""
+    log.info("loading %s%s from the Hugging Face Hub (or its cache, HF_HOME)", name, commit)
     _sweep_killed_downloads(name)
     progress = Progress(f"download {name}", 1, "MB", logger=log, quiet_s=10.0)
     bars = _download_bars(progress)
     try:
-        yield {"tqdm_class": bars}
+        yield name, at | {"tqdm_class": bars}
     finally:
         progress.close()
 
@@ -330,10 +383,10 @@ def load_causal_lm(name: str, adapter: str | None = None, dtype: torch.dtype = t
     model's default), refused if the model comes back with another."""
     start = time.monotonic()
     chosen = {"attn_implementation": attention} if attention else {}
-    with building_alone(name), from_hub(name) as hub:
+    with building_alone(name), from_hub(name) as (named, hub):
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **chosen, **hub)
+        model = AutoModelForCausalLM.from_pretrained(named, dtype=dtype, **chosen, **hub)
     if attention and model.config._attn_implementation != attention:
         raise RuntimeError(f"asked for attention={attention} but {name} loaded {model.config._attn_implementation}")
     if adapter:

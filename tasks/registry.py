@@ -110,21 +110,23 @@ class EdgarTuneLM(mlflow.pyfunc.PythonModel):
 
 def version_artifacts(local: Path) -> tuple[dict[str, str], dict[str, str]]:
     """A downloaded version's artifacts (name -> local path: `weights`, and `base` where it carries its base) and
-    its model config (`base_model`, `weights`: adapter or model), from its MLmodel file."""
+    its model config (`base_model`, `weights`: adapter or model, `base_revision` for a hub base whose commit its
+    run recorded), from its MLmodel file."""
     flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
     return {k: str(local / v["path"]) for k, v in flavor["artifacts"].items()}, flavor["config"]
 
 
 def load_registered(artifacts: dict[str, str], config: dict[str, str], dtype=None):
     """A registered version's model from its artifacts' local paths and its model config: the base (carried, else
-    by its `base_model` name) plus the adapter, or the full weights; in `dtype` (default float32)."""
+    by its `base_model` name, at its `base_revision` where its run recorded the hub commit) plus the adapter, or
+    the full weights; in `dtype` (default float32)."""
     import torch
 
     from tasks.models import load_causal_lm, resolve_base_ref
 
     dtype = dtype or torch.float32
     if config["weights"] == "adapter":
-        base = artifacts.get("base") or resolve_base_ref(config["base_model"])
+        base = artifacts.get("base") or resolve_base_ref(config["base_model"], config.get("base_revision"))
         return load_causal_lm(base, adapter=artifacts["weights"], dtype=dtype)
     return load_causal_lm(artifacts["weights"], dtype=dtype)
 
@@ -349,7 +351,8 @@ def versions(client, name: str) -> list[dict]:
         rows.append({"version": str(v.version), "aliases": sorted(aliases.get(str(v.version), [])),
                      "validation": {"sha256": tags.get("val_sha256"), "scoring": tags.get("val_scoring")},
                      "perplexity": float(tags["val_perplexity"]) if "val_perplexity" in tags else None,
-                     "base_model": tags.get("base_model"), "filings": json.loads(tags.get("filings", "[]")),
+                     "base_model": tags.get("base_model"), "base_revision": tags.get("base_revision"),
+                     "filings": json.loads(tags.get("filings", "[]")),
                      "run_id": v.run_id, "registered": v.creation_timestamp,
                      "promoted_by_hand": json.loads(tags.get(PROMOTED, "null")), "tags": tags})  # fmt: skip
     rows.sort(key=lambda r: int(r["version"]), reverse=True)
@@ -823,14 +826,15 @@ def _register(run_dir: Path, cfg: PipelineConfig, flow_run_id: str | None, runs_
     filings = [{k: f[k] for k in ("ticker", "form", "fiscal_year", "accession")} for f in report.get("filings", [])]
     exp_id = _experiment_id(client, cfg.registry.experiment, runs_root, uri)
     weights_dir = run_dir / TRAIN / train_stats["weights"]
-    base_ref = cfg.model.name
+    base_ref, base_revision = cfg.model.name, tok_stats["base_model"].get("revision")
     artifacts = {"weights": str(weights_dir)}
     if tok_stats["base_model"]["kind"] == "run_local" and train_stats["weights"] == "adapter":
         artifacts["base"] = str(run_dir / TOKENIZE / tok_stats["base_model"]["path"])
     key = run_key(run_dir)
     # data_sha256 covers the training and the validation text; val_sha256 alone is what the promotion gate compares.
     data_sha = hashlib.sha256(f"{report['train_sha256']}:{report['val_sha256']}".encode()).hexdigest()
-    tags = {"base_model": base_ref, "data_sha256": data_sha, "train_sha256": report["train_sha256"],
+    tags = {"base_model": base_ref, **({"base_revision": base_revision} if base_revision else {}),
+            "data_sha256": data_sha, "train_sha256": report["train_sha256"],
             "val_sha256": report["val_sha256"],
             "git_commit": git_commit(), "filings": json.dumps(filings),
             "val_perplexity": repr(after["perplexity"]), "val_scoring": scoring(after),
@@ -888,7 +892,8 @@ def _register(run_dir: Path, cfg: PipelineConfig, flow_run_id: str | None, runs_
                 name="model",
                 python_model=str(MODEL_CODE),  # logged as source: loading a version unpickles nothing
                 artifacts=artifacts,
-                model_config={"base_model": base_ref, "weights": train_stats["weights"]},
+                model_config={"base_model": base_ref, "weights": train_stats["weights"],
+                              **({"base_revision": base_revision} if base_revision else {})},
                 code_paths=[str(REPO_ROOT / "tasks"), str(REPO_ROOT / "edgar_tune")],
                 pip_requirements=pip_requirements(),
                 registered_model_name=cfg.registry.model_name,

@@ -51,6 +51,8 @@ def test_overrides_dotted_and_bare_keys():
         ("train.mode=qlora", "`train.mode`"),
         ("tokenize.max_input_length=3", "`tokenize.max_input_length`"),
         ("noequals", "must look like key=value"),
+        # YAML 1.1 reads 0123456 as an octal number
+        ("model.revision=0123456", "`model.revision`: a branch, tag or commit as a string, not 42798: quote it"),
     ],
 )
 def test_bad_overrides_name_the_key(override, message):
@@ -171,6 +173,21 @@ def test_a_bare_hub_name_is_refused_naming_its_organisation():
         check_model_name("gpt2")
     with pytest.raises(ConfigError, match=r"openai-community/gpt2' is not in the Hugging Face Hub's cache .*Offline"):
         check_model_name("openai-community/gpt2")  # a hub id: asked of the hub (offline here) or found in its cache
+
+
+def test_a_revision_is_a_string_and_only_for_a_hub_id(tmp_path):
+    """A commit that YAML would read as a number is kept as written once quoted, even one that reads as a float
+    (`12e4567`); a revision of a built-in model or a folder is refused, saying to drop it."""
+    from tasks.models import check_model_name
+
+    assert load_config("tiny", ['model.revision="12e4567"', "model.name=org/model"]).model.revision == "12e4567"
+    assert load_config("tiny", ["train.learning_rate=1e-4"]).train.learning_rate == 1e-4  # unquoted: a float
+    with pytest.raises(ConfigError, match="`model.name` = 'tiny-llama' is a built-in model, with no revisions: drop "
+                       "`model.revision`"):  # fmt: skip
+        check_model_name("tiny-llama", "v1")
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match="is a folder, with no revisions"):
+        check_model_name(str(tmp_path), "main")
 
 
 _HUB_CHECKS = """

@@ -18,7 +18,7 @@ import pytest
 
 from tasks.cache import STAGES
 from tasks.io import umask
-from tests.conftest import migrated_prefect_home, run_held
+from tests.conftest import migrated_prefect_home, run_cli, run_held
 
 REPO = Path(__file__).resolve().parent.parent
 SUMMARY_KEYS = {
@@ -123,23 +123,102 @@ def test_tokenizing_a_large_corpus_shows_its_progress_and_writes_the_same_blocks
 def test_a_hub_id_loads_through_the_hubs_cache_and_the_log_says_what_waits(tiny_run, tmp_path):
     """A hub id (as users give `meta-llama/Llama-2-7b-hf`) loads through huggingface_hub, here from its cache laid
     out as a download leaves it (offline, as these machines are): the check before a run's first stage lets it by,
-    saying so. Its first load downloads GBs with no bar in a worker's log file: a line says what waits, and another
-    what loaded, in what time."""
+    saying so and naming the commit the cache holds, which the run's later stages load. Its first load downloads
+    GBs with no bar in a worker's log file: a line says what waits, and another what loaded, in what time."""
     runs, _ = tiny_run
-    snapshot = tmp_path / "hub" / "models--edgar-tune--tiny" / "snapshots" / "0123abc"
+    commit = "0123456789abcdef" * 2 + "01234567"
+    snapshot = tmp_path / "hub" / "models--edgar-tune--tiny" / "snapshots" / commit
     shutil.copytree(runs / "latest" / "03_tokenize" / "tiny-llama", snapshot)
     (snapshot.parents[1] / "refs").mkdir()
-    (snapshot.parents[1] / "refs" / "main").write_text("0123abc")
-    code = ("from tasks.models import check_model_name, load_causal_lm; check_model_name('edgar-tune/tiny'); "
-            "load_causal_lm('edgar-tune/tiny')")  # fmt: skip
+    (snapshot.parents[1] / "refs" / "main").write_text(commit)
+    code = ("from tasks.models import check_model_name, load_causal_lm, pinned; "
+            "at = check_model_name('edgar-tune/tiny'); print('COMMIT', at); load_causal_lm(pinned('edgar-tune/tiny', "
+            "at)); load_causal_lm('edgar-tune/tiny')")  # fmt: skip
     proc = subprocess.run([sys.executable, "-c", f"import logging; logging.basicConfig(level=logging.INFO); {code}"],
                           cwd=REPO, capture_output=True, text=True, timeout=120,
                           env=dict(os.environ, HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_OFFLINE="1"))  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"COMMIT {commit}" in proc.stdout
     assert ("edgar-tune/tiny: the Hugging Face Hub could not be asked (OfflineModeIsEnabled: Cannot reach "
-            in proc.stderr) and "; loading it from the hub's cache" in proc.stderr  # fmt: skip
+            in proc.stderr) and f"; loading it from the hub's cache, commit {commit}" in proc.stderr  # fmt: skip
+    assert f"loading edgar-tune/tiny at commit {commit} from the Hugging Face Hub (or its cache" in proc.stderr
     assert "loading edgar-tune/tiny from the Hugging Face Hub (or its cache, HF_HOME)" in proc.stderr
+    assert re.search(rf"loaded edgar-tune/tiny@{commit} \(0\.\dM parameters, float32\) in \d:\d\d:\d\d", proc.stderr)
     assert re.search(r"loaded edgar-tune/tiny \(0\.\dM parameters, float32\) in \d:\d\d:\d\d", proc.stderr), proc.stderr
+
+
+def test_a_hub_base_is_loaded_at_the_commit_its_run_resolved_after_the_hub_moves_on(tiny_run, prefect_server,
+                                                                                   tmp_path):  # fmt: skip
+    """A hub id's `main` moves (a repo's owner pushes new weights): a run resolves `main` to a commit as it starts,
+    and its later stages, its registered version (tag, adapter_config.json) and an export of its base load that
+    commit after the move. The next run in the folder, on `main`, sees the move: it tokenizes and trains again, on
+    the new commit. A revision the repo lacks is refused before anything runs."""
+    import mlflow
+    import safetensors.torch
+    import torch
+
+    from tests.hub_server import Hub, client_env, serve
+
+    runs = tmp_path / "runs"
+    old, new = tmp_path / "old", tmp_path / "new"
+    shutil.copytree(tiny_run[0] / "latest" / "03_tokenize" / "tiny-llama", old)
+    shutil.copytree(old, new)
+    weights = safetensors.torch.load_file(old / "model.safetensors")
+    torch.manual_seed(0)
+    safetensors.torch.save_file({k: v + 0.05 * torch.randn_like(v) for k, v in weights.items()},
+                                new / "model.safetensors", metadata={"format": "pt"})  # fmt: skip
+    hub = Hub({"edgar-tune/tiny": old})
+    server, url = serve(hub)
+    env = client_env(url, tmp_path / "hub-cache", HF_HUB_OFFLINE="0", **prefect_server)
+    on_hub = ("--set", "model.name=edgar-tune/tiny")
+    client = mlflow.MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
+    try:
+        first = run_cli(runs, *on_hub, env=env)
+        a = hub.commit("edgar-tune/tiny")
+        tok = runs / "latest" / "03_tokenize"
+        assert json.loads((tok / "stats.json").read_text())["base_model"] == {
+            "kind": "path_or_hub", "path": "edgar-tune/tiny", "revision": a}  # fmt: skip
+        adapter = json.loads((runs / "latest" / "04_train" / "adapter" / "adapter_config.json").read_text())
+        assert (adapter["base_model_name_or_path"], adapter["revision"]) == ("edgar-tune/tiny", a)
+        name = first["registered_model"]
+        assert client.get_model_version(name, first["model_version"]).tags["base_revision"] == a
+
+        b = hub.move("edgar-tune/tiny", new)
+        proc = subprocess.run([sys.executable, "-m", "edgar_tune.cli", "stage", "evaluate-base", "--run",
+                               str(runs / "latest")], cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=300)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert f"loading edgar-tune/tiny at commit {a} from the Hugging Face Hub" in proc.stderr
+        assert json.loads((runs / "latest" / "05_evaluate" / "base.json").read_text())["perplexity"] == \
+            pytest.approx(first["ppl_before"], rel=1e-6)  # fmt: skip
+        proc = subprocess.run([sys.executable, "-m", "edgar_tune.cli", "export", "--model",
+                               f"models:/{name}/{first['model_version']}", "--base", "--out", str(tmp_path / "base"),
+                               "--tracking-uri", client.tracking_uri, "--json"], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert json.loads(proc.stdout)["base_revision"] == a
+        saved = safetensors.torch.load_file(tmp_path / "base" / "model.safetensors")
+        assert all(torch.equal(saved[k], weights[k]) for k in weights)
+        assert f"(from `edgar-tune/tiny` at commit `{a}`)" in (tmp_path / "base" / "README.md").read_text()
+
+        second = run_cli(runs, *on_hub, env=env)  # on `main`, which has moved
+        assert second["stages"]["tokenize"] == "Completed" and second["ppl_before"] != first["ppl_before"]
+        assert json.loads((tok / "stats.json").read_text())["base_model"]["revision"] == b
+        assert client.get_model_version(name, second["model_version"]).tags["base_revision"] == b
+
+        proc = subprocess.run([sys.executable, "-m", "edgar_tune.cli", "run", "--preset", "tiny", "--out",
+                               str(tmp_path / "never"), *on_hub, "--set", "model.revision=v9"], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+    finally:
+        server.shutdown()
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "`model.revision` = 'v9': edgar-tune/tiny on the Hugging Face Hub has no such branch, tag or commit" in \
+        proc.stderr and not (tmp_path / "never").exists()  # fmt: skip
+    listed = subprocess.run([sys.executable, "-m", "edgar_tune.cli", "models", "--name", name, "--tracking-uri",
+                             client.tracking_uri], cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert listed.returncode == 0, listed.stderr[-3000:]
+    rows = {line.split()[0]: line for line in listed.stdout.splitlines() if line.strip().startswith("v")}
+    assert f"edgar-tune/tiny@{a[:7]}" in rows["v1"] and f"edgar-tune/tiny@{b[:7]}" in rows["v2"], listed.stdout
 
 
 _HUB_LOADS = """

@@ -52,11 +52,14 @@ def test_flow_parameters_are_one_typed_model_with_descriptions():
     schema = edgar_tune_pipeline.parameters.model_dump()
     assert list(schema["properties"]) == ["params"]
     fields = RunParameters.model_json_schema()["properties"]
-    for name in ("preset", "tickers", "fiscal_years", "model", "deepspeed", "lora_r", "epoch", "learning_rate"):
+    for name in ("preset", "tickers", "fiscal_years", "model", "revision", "deepspeed", "lora_r", "epoch",
+                 "learning_rate"):  # fmt: skip
         assert fields[name].get("description"), name
     assert set(fields["deepspeed"]["anyOf"][0]["enum"]) == {"zero2", "zero3", "zero3-offload"}
-    cfg = RunParameters(preset="tiny", tickers=["msft"], lora_r=4, overrides={"train.warmup": 0.1}).load()
+    cfg = RunParameters(preset="tiny", tickers=["msft"], lora_r=4, overrides={"train.warmup": 0.1},
+                        model="org/model", revision="v1.0").load()  # fmt: skip
     assert (cfg.data.tickers, cfg.train.lora_r, cfg.train.warmup, cfg.train.lora_alpha) == (["MSFT"], 4, 0.1, 32)
+    assert (cfg.model.name, cfg.model.revision) == ("org/model", "v1.0")
     import pytest
 
     with pytest.raises(ConfigError, match="train.learnin_rate"):

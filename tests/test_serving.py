@@ -616,8 +616,8 @@ def test_readers_of_a_downloaded_version_read_at_once_and_a_download_waits_for_t
 
 def _register_own_base(tiny_run, tmp_path, monkeypatch, versions) -> tuple[object, str, Path]:
     """The tiny run's adapter registered on a base model folder of one's own (`tmp_path/base`, the run's base),
-    as (name, base_model, weights) `versions` (weights "adapter", or a folder of full weights); returns the
-    MLflow client, its store's URI and the base folder."""
+    as (name, base_model, weights[, base_revision]) `versions` (weights "adapter", or a folder of full weights;
+    base_revision: the hub commit its run loaded); returns the MLflow client, its store's URI and the base folder."""
     import mlflow
 
     from tasks.registry import MODEL_CODE, tracking_at
@@ -632,13 +632,14 @@ def _register_own_base(tiny_run, tmp_path, monkeypatch, versions) -> tuple[objec
     with tracking_at(uri):
         exp = mlflow.get_experiment_by_name("own-base")
         exp = exp.experiment_id if exp else mlflow.create_experiment("own-base", (tmp_path / "artifacts").as_uri())
-    for name, base_model, weights in versions:
+    for name, base_model, weights, *revision in versions:
         folder = run / "04_train" / "adapter" if weights == "adapter" else weights
         with tracking_at(uri), mlflow.start_run(experiment_id=exp):  # its artifacts in tmp_path, not ./mlruns
             mlflow.pyfunc.log_model(name="model", python_model=str(MODEL_CODE),  # export never runs its code
                                     artifacts={"weights": str(folder)},
                                     model_config={"base_model": base_model,
-                                                  "weights": "adapter" if weights == "adapter" else "model"},
+                                                  "weights": "adapter" if weights == "adapter" else "model",
+                                                  **({"base_revision": revision[0]} if revision else {})},
                                     registered_model_name=name, pip_requirements=["mlflow"])  # fmt: skip
     assert list((tmp_path / "artifacts").rglob("MLmodel"))
     return mlflow.MlflowClient(uri), uri, base
@@ -646,7 +647,8 @@ def _register_own_base(tiny_run, tmp_path, monkeypatch, versions) -> tuple[objec
 
 def test_export_adapter_names_its_base_and_loads_with_peft(tiny_run, tmp_path, monkeypatch):
     """A version whose base is a folder or a hub id exports as its adapter alone; peft loads it on the base its
-    adapter_config.json names, and it computes what the merged export computes."""
+    adapter_config.json names (a hub id at the commit its run loaded), and it computes what the merged export
+    computes."""
     import safetensors.torch
     import torch
     from peft import AutoPeftModelForCausalLM, PeftModel
@@ -656,8 +658,11 @@ def test_export_adapter_names_its_base_and_loads_with_peft(tiny_run, tmp_path, m
     from tasks.export import export_version, form
     from tests.hub_server import Hub, client_env, serve
 
+    shutil.copytree(tiny_run[0] / "latest" / "03_tokenize" / "tiny-llama", tmp_path / "base")
+    hub = Hub({"edgar-tune/tiny": tmp_path / "base"})
     client, uri, base = _register_own_base(tiny_run, tmp_path, monkeypatch, [
-        ("own-base", str(tmp_path / "base"), "adapter"), ("hub-base", "edgar-tune/tiny", "adapter")])  # fmt: skip
+        ("own-base", str(tmp_path / "base"), "adapter"), ("hub-base", "edgar-tune/tiny", "adapter"),
+        ("hub-commit", "edgar-tune/tiny", "adapter", hub.commit("edgar-tune/tiny", tmp_path / "base"))])  # fmt: skip
     done = export_version(client, "own-base", "1", tmp_path / "adapter", adapter=True)
     assert done["base_model_path"] == str(base) and done["perplexity_after"] is None  # no run metrics: none shown
     adapter_config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
@@ -699,25 +704,53 @@ def test_export_adapter_names_its_base_and_loads_with_peft(tiny_run, tmp_path, m
         export_version(client, "own-base", "1", "s3://bucket/exports/10k")
     assert not (REPO / "s3:").exists() and not (tmp_path / "x").exists()
 
-    # The same adapter on a hub id (a loopback hub serving the base): the adapter names the id, and the merged
-    # export, which loads the base from the hub, holds the same weights as the one from the folder.
+    # The same adapter on a hub id (a loopback hub serving the base): the adapter names the id, and at the commit
+    # its run loaded where the version records it. The hub's `main` has moved on since: the merged export of the
+    # version with the commit loads the base the adapter was trained on (the weights of the one from the folder);
+    # one without (registered before commits were recorded) loads `main`.
     export_version(client, "hub-base", "1", tmp_path / "hub-adapter", adapter=True)
     assert json.loads((tmp_path / "hub-adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == \
         "edgar-tune/tiny"
     assert (tmp_path / "hub-adapter" / "README.md").read_text().startswith("---\nbase_model: edgar-tune/tiny\n")
-    server, url = serve(Hub({"edgar-tune/tiny": base}))
+    commit = hub.commit("edgar-tune/tiny")
+    export_version(client, "hub-commit", "1", tmp_path / "commit-adapter", adapter=True)
+    assert json.loads((tmp_path / "commit-adapter" / "adapter_config.json").read_text())["revision"] == commit
+    assert f'from_pretrained("edgar-tune/tiny", revision="{commit}")' in (tmp_path / "commit-adapter" /
+                                                                       "README.md").read_text()  # fmt: skip
+    moved = tmp_path / "moved"
+    shutil.copytree(base, moved)
+    weights = safetensors.torch.load_file(base / "model.safetensors")
+    safetensors.torch.save_file({k: v + 0.05 for k, v in weights.items()}, moved / "model.safetensors",
+                                metadata={"format": "pt"})  # fmt: skip
+    hub.move("edgar-tune/tiny", moved)
+    server, url = serve(hub)
+    code = ("from edgar_tune.cli import main; import sys; sys.exit(max(main(['export', '--model', f'models:/{m}/1', "
+            "'--out', f'{m}-merged', '--tracking-uri', sys.argv[1]]) for m in ('hub-base', 'hub-commit')))")
     try:
-        proc = subprocess.run([sys.executable, "-m", "edgar_tune.cli", "export", "--model", "models:/hub-base/1",
-                               "--out", str(tmp_path / "hub-merged"), "--tracking-uri", uri], cwd=REPO,
-                              capture_output=True, text=True, timeout=300,
-                              env=client_env(url, tmp_path / "hub-cache", EDGAR_TUNE_CACHE=str(tmp_path / "cache")))
+        proc = subprocess.run([sys.executable, "-c", code, uri], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=300, env=client_env(url, tmp_path / "hub-cache", PYTHONPATH=str(REPO),
+                                                          EDGAR_TUNE_CACHE=str(tmp_path / "cache")))  # fmt: skip
     finally:
         server.shutdown()
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "loading edgar-tune/tiny from the Hugging Face Hub" in proc.stderr
-    from_hub = safetensors.torch.load_file(tmp_path / "hub-merged" / "model.safetensors")
+    assert f"loading edgar-tune/tiny at commit {commit} from the Hugging Face Hub" in proc.stderr
+    on_main = safetensors.torch.load_file(tmp_path / "hub-base-merged" / "model.safetensors")
+    from_hub = safetensors.torch.load_file(tmp_path / "hub-commit-merged" / "model.safetensors")
     from_folder = safetensors.torch.load_file(tmp_path / "merged" / "model.safetensors")
+    assert not torch.equal(on_main["model.embed_tokens.weight"], from_folder["model.embed_tokens.weight"])
     assert from_hub.keys() == from_folder.keys() and all(torch.equal(from_hub[k], from_folder[k]) for k in from_hub)
+
+    # An export of the base that follows an alias is held by a version trained on the same commit, not another's
+    from tasks.export import _holds
+
+    _register_own_base(tiny_run, tmp_path, monkeypatch, [("hub-commit", "edgar-tune/tiny", "adapter", "f" * 40)] * 2)
+    for version, revision in (("1", commit), ("2", hub.commit("edgar-tune/tiny")), ("3", commit)):
+        client.set_model_version_tag("hub-commit", version, "base_model", "edgar-tune/tiny")
+        client.set_model_version_tag("hub-commit", version, "base_revision", revision)
+    was = {"registered_model": "hub-commit", "version": "1", "adapter": False, "tracking_uri": uri, "gguf": "q8_0",
+           "base": True, "base_model": "edgar-tune/tiny", "base_revision": commit}  # fmt: skip
+    assert [_holds(was, client, "hub-commit", v, False, "auto", "q8_0", True) for v in "123"] == [True, False, True]
 
 
 def test_export_gguf_writes_one_file_that_transformers_reads_back_to_the_registered_perplexity(tiny_run, tmp_path,
