@@ -156,9 +156,9 @@ class ModelConfig(_Section):
     revision: str | None = Field(
         None,
         description="A hub id's branch, tag or commit (default: `main`). A run resolves it to the commit it loads, "
-        "as it starts, and records that: its later stages, reruns, the registered version and its exports load "
-        "that commit after the repo moves on. A run left on a branch retokenizes and retrains when the branch "
-        "has moved since the run folder's last run.",
+        "as it starts, and records that: its later stages (reruns of them too), the registered version and its "
+        "exports load that commit after the repo moves on. A run left on a branch tokenizes and trains again when "
+        "the branch has moved since the run folder's last run.",
     )
 
     @field_validator("revision", mode="before")
