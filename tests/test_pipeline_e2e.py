@@ -152,7 +152,8 @@ def test_a_hub_base_is_loaded_at_the_commit_its_run_resolved_after_the_hub_moves
     """A hub id's `main` moves (a repo's owner pushes new weights): a run resolves `main` to a commit as it starts,
     and its later stages, its registered version (tag, adapter_config.json) and an export of its base load that
     commit after the move. The next run in the folder, on `main`, sees the move: it tokenizes and trains again, on
-    the new commit. A revision the repo lacks is refused before anything runs."""
+    the new commit; the one after it, with `main` where it was, has nothing to do. A revision the repo lacks is
+    refused before anything runs."""
     import mlflow
     import safetensors.torch
     import torch
@@ -202,9 +203,12 @@ def test_a_hub_base_is_loaded_at_the_commit_its_run_resolved_after_the_hub_moves
         assert f"(from `edgar-tune/tiny` at commit `{a}`)" in (tmp_path / "base" / "README.md").read_text()
 
         second = run_cli(runs, *on_hub, env=env)  # on `main`, which has moved
-        assert second["stages"]["tokenize"] == "Completed" and second["ppl_before"] != first["ppl_before"]
+        assert second["stages"]["tokenize"] == second["stages"]["train"] == "Completed"
+        assert second["ppl_before"] != first["ppl_before"]
         assert json.loads((tok / "stats.json").read_text())["base_model"]["revision"] == b
         assert client.get_model_version(name, second["model_version"]).tags["base_revision"] == b
+        third = run_cli(runs, *on_hub, env=env)  # `main` as the second run found it: nothing to do again
+        assert set(third["stages"].values()) == {"Cached"}, third["stages"]
 
         proc = subprocess.run([sys.executable, "-m", "edgar_tune.cli", "run", "--preset", "tiny", "--out",
                                str(tmp_path / "never"), *on_hub, "--set", "model.revision=v9"], cwd=REPO, env=env,
