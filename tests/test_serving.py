@@ -715,8 +715,8 @@ def test_export_adapter_names_its_base_and_loads_with_peft(tiny_run, tmp_path, m
     commit = hub.commit("edgar-tune/tiny")
     export_version(client, "hub-commit", "1", tmp_path / "commit-adapter", adapter=True)
     assert json.loads((tmp_path / "commit-adapter" / "adapter_config.json").read_text())["revision"] == commit
-    assert f'from_pretrained("edgar-tune/tiny", revision="{commit}")' in (tmp_path / "commit-adapter" /
-                                                                       "README.md").read_text()  # fmt: skip
+    card, repo = (tmp_path / "commit-adapter" / "README.md").read_text(), "edgar-tune/tiny"
+    assert f'base = AutoModelForCausalLM.from_pretrained("{repo}", revision="{commit}")' in card  # the card's code
     moved = tmp_path / "moved"
     shutil.copytree(base, moved)
     weights = safetensors.torch.load_file(base / "model.safetensors")
