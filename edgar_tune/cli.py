@@ -319,20 +319,13 @@ def _filings_summary(filings: list[dict]) -> str:
     return f"{', '.join(tickers) if len(tickers) <= 3 else f'{len(tickers)} companies'} {span}"
 
 
-def _base_shown(row: dict) -> str:
-    """A version's base for `edgar-tune models`: its name, and a hub id's commit as git shows one (7 digits)."""
-    if not row["base_model"]:
-        return "-"
-    return row["base_model"] + (f"@{row['base_revision'][:7]}" if row.get("base_revision") else "")
-
-
 def cmd_models(args: argparse.Namespace) -> int:
     """The versions of a registered model side by side: aliases, perplexity, on which validation data."""
     import time
 
     import mlflow
 
-    from tasks.registry import versions
+    from tasks.registry import base_shown, versions
 
     uri = _store_uri(args.tracking_uri)
     try:
@@ -357,8 +350,9 @@ def cmd_models(args: argparse.Namespace) -> int:
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["registered"] / 1000))
         table.append([f"v{r['version']}", ",".join(r["aliases"]) or "-",
                       sets[(r["validation"]["sha256"], r["validation"]["scoring"])],
-                      *[scores.get(key, "-") for key in sets], _base_shown(r), _filings_summary(r["filings"]),
-                      when])  # fmt: skip
+                      *[scores.get(key, "-") for key in sets],
+                      base_shown(r["base_model"], r["base_revision"]) if r["base_model"] else "-",
+                      _filings_summary(r["filings"]), when])  # fmt: skip
     widths = [max(len(row[i]) for row in table) for i in range(len(head) + 3)]
     print(f"{args.name} at {uri}: {total} version(s); perplexity on held-out MD&A, lower is better")
     for row in table:

@@ -327,6 +327,17 @@ def _compared(c: dict | None) -> str:
     return f" (champion v{c['version']}: {c['perplexity']:.3f}, {c['basis']})"
 
 
+def _base(ref: dict | None) -> str:
+    """The run's base for its summary: a hub id at its commit, a folder, or a model the run built."""
+    from tasks.registry import base_shown
+
+    if not ref:
+        return "-"
+    if ref["kind"] == "run_local":
+        return f"{ref['path']} (built by this run)"
+    return base_shown(ref["path"], ref.get("revision"))
+
+
 def summary_rows(s: dict) -> list[tuple[str, str]]:
     """The run summary as (label, text) rows: the lines the run prints, and the table of its Prefect artifact."""
     filings = ", ".join(f"{f['ticker']} {f['form']} FY{f['fiscal_year']}" for f in s["filings"]) or ", ".join(
@@ -338,6 +349,7 @@ def summary_rows(s: dict) -> list[tuple[str, str]]:
         ("filings" if s["filings"] else "data", filings),
         ("tokens", f"train {s['train_tokens']:,} (seen {s['train_tokens_seen']:,}), "
                    f"validation {s['val_tokens']:,}: {s.get('validation', 'held-out Item 7 (MD&A)')}"),
+        ("base model", _base(s.get("base_model"))),
         ("training", f"{s['mode']} on {s['device']}, {s['engine']}, {s['train_steps']} steps"
          + (f" of micro-batch {s['micro_batch']} x {s['gradient_accumulation_steps']}" if s["micro_batch"] else "")
          + f", gradient checkpointing {'on' if s['gradient_checkpointing'] else 'off'}"

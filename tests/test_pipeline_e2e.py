@@ -44,6 +44,7 @@ def test_summary_has_every_key_and_perplexity_fell(tiny_run):
     lines = format_summary(s).splitlines()
     assert lines[2].split() == ["filings", "AMZN", "10-K", "FY2020,", "AMZN", "10-K", "FY2021"]
     assert lines[3].endswith(f"validation {s['val_tokens']:,}: held-out Item 7 (MD&A)")
+    assert lines[4] == f"  {'base model':<18}tiny-llama (built by this run)"
 
 
 def test_a_prefect_server_that_takes_no_artifacts_costs_a_warning_not_the_run(tiny_run):
@@ -183,6 +184,7 @@ def test_a_hub_base_is_loaded_at_the_commit_its_run_resolved_after_the_hub_moves
         assert (adapter["base_model_name_or_path"], adapter["revision"]) == ("edgar-tune/tiny", a)
         name = first["registered_model"]
         assert client.get_model_version(name, first["model_version"]).tags["base_revision"] == a
+        assert f"  {'base model':<18}edgar-tune/tiny@{a[:7]}\n" in (runs / "run.log").read_text()  # the summary
 
         b = hub.move("edgar-tune/tiny", new)
         proc = subprocess.run([sys.executable, "-m", "edgar_tune.cli", "stage", "evaluate-base", "--run",
