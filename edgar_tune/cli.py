@@ -113,8 +113,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from tasks import memory
 
     targets = args.lora_targets.split(",") if args.lora_targets else None
+    model, shown = _plan_model(args.model, args.revision)
     try:
-        shape = memory.model_shape(_plan_model(args.model), args.mode, args.lora_r, targets)
+        shape = memory.model_shape(model, args.mode, args.lora_r, targets)
     except OSError as err:  # a hub id whose config.json cannot be fetched
         from edgar_tune.config import ConfigError
 
@@ -132,13 +133,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.cpu:
         kw |= {"on_cpu": True, "allocator": args.cpu_allocator}
     if args.fit:
-        fitted = _print_fit(memory, shape, args, kw, where)
+        fitted = _print_fit(memory, shape, args, kw, shown, where)
         _note_allocator(args)
         return fitted
     options = memory.OPTIONS + (() if args.cpu else ("fsdp",))  # FSDP needs CUDA GPUs
     rows = memory.plan(shape, budget_gb=args.gpu_memory_gb, options=options, **kw)
-    context = memory.describe(shape, mode=args.mode, lora_r=args.lora_r, batch=args.batch, seq=args.seq,
-                              precision=args.precision, nproc=args.nproc) + where  # fmt: skip
+    context = shown + ": " + memory.describe(shape, mode=args.mode, lora_r=args.lora_r, batch=args.batch,
+                                             seq=args.seq, precision=args.precision, nproc=args.nproc) + where
     print(memory.format_plan(rows, "", args.gpu_memory_gb, context))
     if not any(r.fits for r in rows):
         print("nothing fits; try " + memory.suggestion(rows, shape, budget_gb=args.gpu_memory_gb, **kw))
@@ -195,32 +196,36 @@ def _plan_where(args: argparse.Namespace) -> str:
     return where + ", this host's RAM"
 
 
-def _plan_model(name: str) -> str:
-    """`plan --model`: where its config.json is read from, with the built-in names resolved as a run resolves them.
+def _plan_model(name: str, revision: str | None = None) -> tuple[str, str]:
+    """`plan --model` (and `--revision`): where its config.json is read from, with the built-in names resolved as a
+    run resolves them and a hub id pinned to the commit its revision names now (as a run pins its base), and the
+    model as the plan's heading names it (`org/model@abc1234`).
 
     Raises:
-        ConfigError: tiny-llama (built from each run's text), or a name that is no model.
+        ConfigError: tiny-llama (built from each run's text), a name that is no model, or a revision of anything
+            but a hub id, or one the hub's repo lacks (`check_model_name`).
     """
     from edgar_tune.config import ConfigError
-    from tasks.models import SMOLLM2, TINY, check_model_name, smollm2_dir
+    from tasks.models import SMOLLM2, TINY, check_model_name, pinned, smollm2_dir
+    from tasks.registry import base_shown
 
-    if name == SMOLLM2:
-        return str(smollm2_dir())
     if name == TINY:
         raise ConfigError(f"`{TINY}` is built from each run's own text; plan a run's copy of it: "
                           f"--model RUN/03_tokenize/{TINY}")  # fmt: skip
-    check_model_name(name)
-    return name
+    if name == SMOLLM2 and revision is None:
+        return str(smollm2_dir()), name
+    commit = check_model_name(name, revision)  # refuses a revision of a built-in or a folder
+    return pinned(name, commit), base_shown(name, commit)
 
 
-def _print_fit(memory, shape, args: argparse.Namespace, kw: dict, where: str = "") -> int:
+def _print_fit(memory, shape, args: argparse.Namespace, kw: dict, shown: str, where: str = "") -> int:
     """`plan --fit`: the micro-batch and recomputed layers that fit, fastest first, for engine option none
     (one process) or the ZeRO stage given."""
     budget = args.gpu_memory_gb * memory.HEADROOM
     option = args.engine
     rows = memory.fit(shape, budget_gb=budget, **dict(kw, option=option))
     print(f"settings that fit {budget:.1f} GB ({args.gpu_memory_gb:.1f} GB{where}, {memory.HEADROOM:.0%} usable), "
-          f"engine {option}, {args.batch} sequences per device per optimizer step; fastest first (time: work per "
+          f"{shown}, engine {option}, {args.batch} sequences per device per optimizer step; fastest first (time: work per "
           "token over the micro-batch's efficiency, tasks/memory.py)")  # fmt: skip
     print(f"  {'micro-batch':>11} {'accumulate':>10} {'recomputed':>11} {'work':>6} {'time':>6} {'planned GB':>11}")
     for r in rows:
@@ -534,6 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan = sub.add_parser("plan", help="memory per GPU for each ZeRO stage, before renting the GPUs")
     plan.add_argument("--model", required=True,
                       help="local folder, hub id (only its config.json is read), or smollm2-135m")
+    plan.add_argument("--revision", help="a hub id's branch, tag or commit, as model.revision (default: main)")
     plan.add_argument("--seq", type=int, default=2048)
     plan.add_argument("--batch", type=int, default=1, help="per-device micro-batch")
     plan.add_argument("--nproc", type=int, default=1, help="GPUs in total (with --cpu: training processes)")

@@ -197,7 +197,9 @@ from edgar_tune.cli import main
 from edgar_tune.config import ConfigError
 from tasks.models import check_model_name
 
-assert main(["plan", "--model", "edgar-tune/tiny", "--seq", "256"]) == 0
+for revision in ([], ["--revision", "v1"]):  # the repo's main, then the tag of the commit before it
+    assert main(["plan", "--model", "edgar-tune/tiny", "--seq", "256", *revision]) == 0
+assert main(["plan", "--model", "edgar-tune/tiny", "--revision", "v2"]) == 2  # says why on stderr
 for name in sys.argv[1:]:
     try:
         check_model_name(name)
@@ -210,17 +212,22 @@ def test_a_hub_id_the_run_could_not_load_is_refused_before_its_first_stage(tmp_p
     """A hub id is asked of the hub (a loopback server playing the Hugging Face Hub here, HF_ENDPOINT the only thing
     patched) before the run downloads and parses filings: a gated model this machine's token does not open, a repo
     that is not there, and one without config.json are refused, each saying what to do; a model that is there
-    plans. The CLI's console has no line per HTTP request (huggingface_hub's httpx2 logs each at INFO)."""
+    plans, at the commit its `main` or a tag names (`plan --revision`), and a revision it lacks is refused. The
+    CLI's console has no line per HTTP request (huggingface_hub's httpx2 logs each at INFO)."""
     from transformers import LlamaConfig
 
     from tests.hub_server import Hub, client_env, serve
 
     LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                 vocab_size=2048).save_pretrained(tmp_path / "tiny")  # fmt: skip
+    LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+                vocab_size=2048).save_pretrained(tmp_path / "deeper")  # fmt: skip
     (tmp_path / "adapter").mkdir()
     (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
     hub = Hub({"edgar-tune/tiny": tmp_path / "tiny", "edgar-tune/gated": tmp_path / "tiny",
                "edgar-tune/adapter": tmp_path / "adapter"}, gated=("edgar-tune/gated",))  # fmt: skip
+    hub.tag("edgar-tune/tiny", "v1")
+    v1, now = hub.commit("edgar-tune/tiny"), hub.move("edgar-tune/tiny", tmp_path / "deeper")
     server, url = serve(hub)
     try:
         proc = subprocess.run([sys.executable, "-c", _HUB_CHECKS, "edgar-tune/gated", "edgar-tune/missing",
@@ -231,6 +238,11 @@ def test_a_hub_id_the_run_could_not_load_is_refused_before_its_first_stage(tmp_p
     assert proc.returncode == 0, proc.stderr[-3000:]
     refused = [line for line in proc.stdout.splitlines() if line.startswith("refused:")]
     assert len(refused) == 3, proc.stdout
+    assert "no such branch, tag or commit" in proc.stderr and "'v2'" in proc.stderr
+    plans = [line for line in proc.stdout.splitlines() if line.startswith("memory plan per device")]
+    assert [line.split(" (")[1].split(":")[0] for line in plans] == [f"edgar-tune/tiny@{now[:7]}",
+                                                                     f"edgar-tune/tiny@{v1[:7]}"]  # fmt: skip
+    assert plans[0].split(": ")[1].split("M params")[0] > plans[1].split(": ")[1].split("M params")[0]  # 4 layers, 2
     assert "'edgar-tune/gated' is gated on the Hugging Face Hub" in refused[0]
     assert "accept its terms at https://huggingface.co/edgar-tune/gated" in refused[0] and "hf auth login" in refused[0]
     assert "'edgar-tune/missing' is no model on the Hugging Face Hub: check its spelling" in refused[1]
