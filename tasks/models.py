@@ -195,19 +195,25 @@ def check_hub_model(name: str, revision: str | None = None) -> str:
     Hub for its config.json's metadata, with this machine's token, as the load's first is. A gated model whose
     terms the token's account has not accepted, a repo that is not there (or private), a revision it does not
     have, or a repo without config.json is refused, saying what to do. Where the hub cannot be asked
-    (HF_HUB_OFFLINE, no network, an error of its own), the hub's cache must hold the model at that revision, as
-    the load will need it to, and the commit is the one the cache holds.
+    (HF_HUB_OFFLINE, no network, an error of its own, an HF_ENDPOINT that names no commit), the hub's cache must
+    hold the model at that revision, as the load will need it to, and the commit is the one the cache holds.
 
     Raises:
         ConfigError: saying which of these it is, and what to change.
     """
-    from huggingface_hub import get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
     from huggingface_hub.errors import (GatedRepoError, RemoteEntryNotFoundError, RepositoryNotFoundError,
                                         RevisionNotFoundError)  # fmt: skip
 
     at = f" at revision {revision!r}" if revision else ""
     try:
-        return get_hf_file_metadata(hf_hub_url(name, "config.json", revision=revision)).commit_hash
+        commit = get_hf_file_metadata(hf_hub_url(name, "config.json", revision=revision)).commit_hash
+        if commit:
+            _remember_ref(name, revision or "main", commit)
+            return commit
+        # huggingface_hub downloads nothing from such an endpoint (FileMetadataError) but reads its cache instead
+        unasked = (f"{constants.ENDPOINT} answered without the X-Repo-Commit header the Hub sends: HF_ENDPOINT names "
+                   "no Hub endpoint but a proxy or file server, which huggingface_hub downloads nothing from")
     except GatedRepoError:
         raise ConfigError(f"`model.name` = {name!r} is gated on the Hugging Face Hub and this machine's token does not "
                           f"open it: accept its terms at https://huggingface.co/{name} while logged in, then give "
@@ -238,6 +244,20 @@ def check_hub_model(name: str, revision: str | None = None) -> str:
                       f"hub could not be asked ({unasked}): download it once where the hub can be reached (`hf "
                       f"download {name}{revision_arg}`), or let this machine reach it (HF_HUB_OFFLINE unset, network "
                       "to HF_ENDPOINT)")  # fmt: skip
+
+
+def _remember_ref(name: str, revision: str, commit: str) -> None:
+    """Record in the hub's cache that `revision` of `name` is `commit` now, as a download at that revision does
+    (`refs/main`): a run loads the commit itself, which records no ref, and without one a later run with
+    HF_HUB_OFFLINE could not find the snapshot that run left. A cache this process may not write is left as is."""
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import _cache_commit_hash_for_specific_revision, repo_folder_name
+
+    folder = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=name, repo_type="model")
+    try:
+        _cache_commit_hash_for_specific_revision(str(folder), revision, commit)
+    except OSError as err:
+        log.debug("the hub's cache keeps no ref %s of %s (%s)", revision, name, err)
 
 
 def resolve_base_model(cfg: ModelConfig, work_dir: Path, texts: Iterable[str], seed: int) -> tuple[str, str | None]:

@@ -30,12 +30,13 @@ SLOW_OVER = 1 << 20
 class Hub:
     """The repos served (`repo id -> folder` of its `main`), the requests seen, the pace of large files (`rates`:
     repo id -> bytes per second and connection), the gated repos, whose files this machine's token (none) does not
-    open, and each repo's tags and earlier commits (`revisions`)."""
+    open, the plain ones, served as a file server or proxy would, without the commit (X-Repo-Commit) the Hub sends,
+    and each repo's tags and earlier commits (`revisions`)."""
 
     def __init__(self, repos: dict[str, Path], rates: dict[str, float] | None = None,
-                 gated: tuple[str, ...] = ()) -> None:  # fmt: skip
+                 gated: tuple[str, ...] = (), plain: tuple[str, ...] = ()) -> None:  # fmt: skip
         self.repos = {repo: Path(folder) for repo, folder in repos.items()}
-        self.rates, self.gated = rates or {}, set(gated)
+        self.rates, self.gated, self.plain = rates or {}, set(gated), set(plain)
         self.requests: list[tuple[str, str]] = []
         self.lock = threading.Lock()
         self.revisions: dict[str, dict[str, Path]] = {}  # repo -> tag or earlier commit -> folder
@@ -111,7 +112,7 @@ def _handler(hub: Hub) -> type[BaseHTTPRequestHandler]:
             if folder is None:
                 return self._missing_revision(body)
             file = folder / resolve[3]
-            headers = {"X-Repo-Commit": hub.commit(repo, folder)}
+            headers = {} if repo in hub.plain else {"X-Repo-Commit": hub.commit(repo, folder)}
             if not file.is_file():
                 return self._send(404, b"Entry not found", {**headers, "X-Error-Code": "EntryNotFound"}, body)
             data = file.read_bytes()

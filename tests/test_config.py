@@ -207,13 +207,21 @@ for name in sys.argv[1:]:
         print("refused:", err)
 """
 
+_OFFLINE_CHECKS = """
+from tasks.models import check_model_name
+
+print(check_model_name("edgar-tune/tiny"), check_model_name("edgar-tune/tiny", "v1"))
+"""
+
 
 def test_a_hub_id_the_run_could_not_load_is_refused_before_its_first_stage(tmp_path):
     """A hub id is asked of the hub (a loopback server playing the Hugging Face Hub here, HF_ENDPOINT the only thing
     patched) before the run downloads and parses filings: a gated model this machine's token does not open, a repo
     that is not there, and one without config.json are refused, each saying what to do; a model that is there
-    plans, at the commit its `main` or a tag names (`plan --revision`), and a revision it lacks is refused. The
-    CLI's console has no line per HTTP request (huggingface_hub's httpx2 logs each at INFO)."""
+    plans, at the commit its `main` or a tag names (`plan --revision`), and a revision it lacks is refused; offline
+    after that, the hub's cache names the commits the plans read (loads of a commit record no ref). A server that
+    sends no commit (a proxy) is no hub to download from. The CLI's console has no line per HTTP request
+    (huggingface_hub's httpx2 logs each at INFO)."""
     from transformers import LlamaConfig
 
     from tests.hub_server import Hub, client_env, serve
@@ -225,19 +233,23 @@ def test_a_hub_id_the_run_could_not_load_is_refused_before_its_first_stage(tmp_p
     (tmp_path / "adapter").mkdir()
     (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
     hub = Hub({"edgar-tune/tiny": tmp_path / "tiny", "edgar-tune/gated": tmp_path / "tiny",
-               "edgar-tune/adapter": tmp_path / "adapter"}, gated=("edgar-tune/gated",))  # fmt: skip
+               "edgar-tune/adapter": tmp_path / "adapter", "edgar-tune/plain": tmp_path / "tiny"},
+              gated=("edgar-tune/gated",), plain=("edgar-tune/plain",))  # fmt: skip
     hub.tag("edgar-tune/tiny", "v1")
     v1, now = hub.commit("edgar-tune/tiny"), hub.move("edgar-tune/tiny", tmp_path / "deeper")
     server, url = serve(hub)
     try:
         proc = subprocess.run([sys.executable, "-c", _HUB_CHECKS, "edgar-tune/gated", "edgar-tune/missing",
-                               "edgar-tune/adapter"], cwd=REPO, capture_output=True, text=True, timeout=120,
-                              env=client_env(url, tmp_path / "cache"))  # fmt: skip
+                               "edgar-tune/adapter", "edgar-tune/plain"], cwd=REPO, capture_output=True, text=True,
+                              timeout=120, env=client_env(url, tmp_path / "cache"))  # fmt: skip
     finally:
         server.shutdown()
     assert proc.returncode == 0, proc.stderr[-3000:]
+    offline = subprocess.run([sys.executable, "-c", _OFFLINE_CHECKS], cwd=REPO, capture_output=True, text=True,
+                             timeout=120, env=client_env(url, tmp_path / "cache", HF_HUB_OFFLINE="1"))  # fmt: skip
+    assert offline.stdout.split() == [now, v1], offline.stderr[-3000:]  # the commits the plans read, from the cache
     refused = [line for line in proc.stdout.splitlines() if line.startswith("refused:")]
-    assert len(refused) == 3, proc.stdout
+    assert len(refused) == 4, proc.stdout
     assert "no such branch, tag or commit" in proc.stderr and "'v2'" in proc.stderr
     plans = [line for line in proc.stdout.splitlines() if line.startswith("memory plan per device")]
     assert [line.split(" (")[1].split(":")[0] for line in plans] == [f"edgar-tune/tiny@{now[:7]}",
@@ -247,6 +259,8 @@ def test_a_hub_id_the_run_could_not_load_is_refused_before_its_first_stage(tmp_p
     assert "accept its terms at https://huggingface.co/edgar-tune/gated" in refused[0] and "hf auth login" in refused[0]
     assert "'edgar-tune/missing' is no model on the Hugging Face Hub: check its spelling" in refused[1]
     assert "'edgar-tune/adapter' on the Hugging Face Hub has no config.json" in refused[2]
+    assert "'edgar-tune/plain' is not in the Hugging Face Hub's cache" in refused[3]  # it cannot be downloaded
+    assert f"{url} answered without the X-Repo-Commit header the Hub sends" in refused[3]
     assert "zero3" in proc.stdout  # the plan of the model that is there
     assert "HTTP Request" not in proc.stderr, proc.stderr[-3000:]
     assert ("HEAD", "/edgar-tune/gated/resolve/main/config.json") in hub.requests
