@@ -70,11 +70,13 @@ STAGES = ("download", "parse", "tokenize", "evaluate-base", "train", "evaluate",
 
 def cmd_rerun(args: argparse.Namespace) -> int:
     """Recompute one stage of a run (folder, s3:// URL or flow-run id) and what depends on it, as a flow run."""
-    from edgar_tune.config import flow_run_id, load_run_config, parse_overrides
+    from edgar_tune.config import flow_run_id, parse_overrides
 
     overrides = parse_overrides(args.set) or None
     if flow_run_id(args.run) is None and "://" not in args.run:  # a local folder: fails here, before Prefect starts
-        load_run_config(Path(args.run), overrides)
+        from tasks.cache import rerun_config
+
+        rerun_config(args.name, Path(args.run), overrides, args.run)
     from edgar_tune.reaper import embedded_prefect
     from flows.pipeline import edgar_tune_rerun
 

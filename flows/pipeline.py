@@ -25,7 +25,7 @@ from typing import Literal
 from prefect import flow
 from prefect.runtime import flow_run
 
-from edgar_tune.config import ConfigError, PipelineConfig, RunParameters, flow_run_id, load_run_config
+from edgar_tune.config import ConfigError, PipelineConfig, RunParameters, flow_run_id
 from edgar_tune.reaper import watch_embedded_server
 from edgar_tune.signals import as_signal, keep_signals
 from flows.logs import logs_into_the_flow_run
@@ -34,10 +34,11 @@ from tasks.cache import (
     STAGES,
     changed,
     config_view,
-    downstream,
     is_current,
     read_stamps,
     record,
+    rerun_config,
+    rerun_stages,
     stage_key,
 )
 from tasks.finetune import plan_training, preflight
@@ -79,20 +80,23 @@ def edgar_tune_rerun(stage: Stage, run: str, overrides: dict | None = None,
     """Recompute one stage of a run from its recorded config, then every stage that depends on it.
 
     Args:
-        stage: The stage to recompute; the stages after it that depend on it are recomputed too.
+        stage: The stage to recompute; the stages after it that depend on it are recomputed too, and the other
+            perplexity (before or after fine-tuning) where the change moves its key, so both are scored alike.
         run: The run folder, its s3:// URL, or the Prefect flow-run id of the edgar-tune run.
-        overrides: Config keys to change first, e.g. {"train.learning_rate": 1e-4}; recorded in config.yaml.
+        overrides: Config keys to change first, e.g. {"train.learning_rate": 1e-4}; recorded in config.yaml. A
+            key that only stages not rerun read (data.tickers for a rerun of train) is refused.
         if_busy: When another run works in the folder: fail at once, or wait for it to end.
     """
     watch_embedded_server()
     keep_signals()
     folder = RunFolder.open(resolve_run(run))
     folder.pull(["config.yaml"])
-    load_run_config(folder.local, overrides)  # a bad key fails now, not after a wait
+    rerun_config(stage, folder.local, overrides, folder.ref)  # a bad key fails now, not after a wait
     with _holding(folder, if_busy == "wait"):
         folder.pull(["config.yaml"])  # as the run that held the folder left it
-        cfg = load_run_config(folder.local, overrides)
-        return _run_stages(folder, cfg, downstream(stage), force=True)
+        cfg = rerun_config(stage, folder.local, overrides, folder.ref)
+        todo, forced = rerun_stages(stage)
+        return _run_stages(folder, cfg, todo, force=forced)
 
 
 def resolve_run(run: str) -> str:
@@ -114,13 +118,14 @@ def resolve_run(run: str) -> str:
     return out_dir
 
 
-def run_stages(folder: RunFolder, cfg: PipelineConfig, todo: tuple[str, ...] | list[str], force: bool = False,
-               wait: bool = False) -> dict:  # fmt: skip
+def run_stages(folder: RunFolder, cfg: PipelineConfig, todo: tuple[str, ...] | list[str],
+               force: bool | list[str] = False, wait: bool = False) -> dict:  # fmt: skip
     """Run the stages in `todo` (pipeline order) in `folder`; the others must have left their outputs.
 
-    `force` recomputes every stage in `todo`; otherwise a stage whose key is unchanged and whose outputs are
-    still in the folder is `Cached`. The folder is held for the whole run: a second run or rerun of the same folder
-    fails at once, naming the first, before it writes anything, or with `wait` waits for the first to end.
+    `force` recomputes every stage in `todo` (or those it names); otherwise a stage whose key is unchanged and
+    whose outputs are still in the folder is `Cached`. The folder is held for the whole run: a second run or rerun
+    of the same folder fails at once, naming the first, before it writes anything, or with `wait` waits for the
+    first to end.
     """
     with _holding(folder, wait):
         return _run_stages(folder, cfg, todo, force)
@@ -131,10 +136,12 @@ def _holding(folder: RunFolder, wait: bool):
     return folder.lock(wait=wait, flow_run=flow_run.name, flow_run_id=str(flow_run.id) if flow_run.id else None)
 
 
-def _run_stages(folder: RunFolder, cfg: PipelineConfig, todo: tuple[str, ...] | list[str], force: bool) -> dict:
+def _run_stages(folder: RunFolder, cfg: PipelineConfig, todo: tuple[str, ...] | list[str],
+                force: bool | list[str]) -> dict:  # fmt: skip
     import yaml
 
     run_dir = folder.local
+    forced = set(todo) if force is True else set(force or ())
     precision = preflight(cfg.train) if "train" in todo else None  # a GPU-only engine fails here, not after data
     at = cfg
     if "tokenize" in todo:  # the one stage that reads `model.name`; the later ones load what it resolved
@@ -155,11 +162,11 @@ def _run_stages(folder: RunFolder, cfg: PipelineConfig, todo: tuple[str, ...] | 
     for stage in [s for s in STAGES if s in todo]:
         # A run that cannot fit stops before any model runs; one whose training is cached has nothing to plan.
         if stage == "evaluate-base" and "train" in todo:
-            decided["train"] = _must_run(folder, cfg, "train", force)  # its one input, tokenize, is final
+            decided["train"] = _must_run(folder, cfg, "train", "train" in forced)  # its one input is final
             if decided["train"][0]:
                 plan_training(run_dir / TOKENIZE, cfg.train, precision)
         start = time.perf_counter()
-        states[stage] = _run_stage(folder, at if stage == "tokenize" else cfg, stage, force, flow_run_id,
+        states[stage] = _run_stage(folder, at if stage == "tokenize" else cfg, stage, stage in forced, flow_run_id,
                                    decided.get(stage))  # fmt: skip
         timings[stage] = round(time.perf_counter() - start, 1)
     summary = build_summary(run_dir, cfg.preset, timings, flow_run_id) | {"stages": states, "run": folder.ref}

@@ -23,7 +23,7 @@ from pathlib import Path
 from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
 
-from edgar_tune.config import REPO_ROOT, PipelineConfig
+from edgar_tune.config import REPO_ROOT, TINY, ConfigError, PipelineConfig, flat_params, load_run_config
 from tasks.io import DOWNLOAD, EVALUATE, PARSE, REGISTER, TOKENIZE, TRAIN, atomic_write_json, read_json, sha256_file
 
 # The stages in order, with the stages each one needs (its upstream).
@@ -99,9 +99,66 @@ def downstream(stage: str) -> list[str]:
     return [s for s in STAGES if s in out]
 
 
+# The stages that make the run's data: a key they read changes nothing later until they run again.
+DATA_STAGES = ("download", "parse", "tokenize")
+# The two perplexities, before and after: compared, so scored alike.
+EVALUATIONS = ("evaluate-base", "evaluate")
+
+
+def stage_reads(stage: str, cfg: PipelineConfig) -> tuple[str, ...]:
+    """The config `stage` reads (`STAGE_CONFIG`): tokenize reads `train.seed` only to build tiny-llama, so a
+    seed sweep of another model keeps its blocks and its base's perplexity."""
+    keep = STAGE_CONFIG[stage]
+    if stage == "tokenize" and cfg.model.name != TINY:
+        keep = tuple(k for k in keep if k != "train.seed")
+    return keep
+
+
+def rerun_stages(stage: str) -> tuple[list[str], list[str]]:
+    """What `edgar-tune rerun STAGE` runs: (every stage, in order; those forced): `stage` and its dependents,
+    forced, and where that holds one of the two evaluations the other one too, through the cache (Cached when
+    its key is unchanged), so that the perplexities before and after are always scored with the same settings."""
+    forced = downstream(stage)
+    todo = set(forced) | (set(EVALUATIONS) if set(forced) & set(EVALUATIONS) else set())
+    return [s for s in STAGES if s in todo], forced
+
+
+def rerun_refusal(stage: str, before: PipelineConfig, after: PipelineConfig, run: str) -> str | None:
+    """Why `edgar-tune rerun STAGE` with the changes from `before` (the run's config.yaml) to `after` would
+    record what it did not do, or None. A changed key that no stage of the rerun reads (register only records
+    it), or that a data stage it does not rerun reads, would stand in config.yaml and the registered version's
+    params beside outputs made without it."""
+    todo, _ = rerun_stages(stage)
+    old, new = flat_params(before), flat_params(after)
+    for key in [k for k in new if new[k] != old.get(k)]:
+        readers = [s for s in STAGES if s != "register"
+                   and any(key == k or key.startswith(f"{k}.") for c in (before, after) for k in stage_reads(s, c))]
+        missed = [s for s in readers if s not in todo]
+        if readers and (missed == readers or set(missed) & set(DATA_STAGES)):
+            named = ", ".join(missed[:-1]) + " and " * (len(missed) > 1) + missed[-1]
+            return (f"`{key}` is read by {named}, which `rerun {stage}` does not run: the run's "
+                    f"config.yaml and registered version would say {new[key]!r} of outputs made with "
+                    f"{old.get(key)!r}. Rerun from `{readers[0]}` with the same change (edgar-tune rerun "
+                    f"{readers[0]} --run {run} --set ...), or start a new run")  # fmt: skip
+    return None
+
+
+def rerun_config(stage: str, run_dir: Path, overrides: dict | list[str] | None, ref: str) -> PipelineConfig:
+    """The config `rerun STAGE` runs with: the run's, with `overrides`.
+
+    Raises:
+        ConfigError: a bad key or value, or a change that the rerun would record without making it
+            (`rerun_refusal`).
+    """
+    cfg = load_run_config(run_dir, overrides)
+    if overrides and (why := rerun_refusal(stage, load_run_config(run_dir), cfg, ref)):
+        raise ConfigError(why)
+    return cfg
+
+
 def config_view(cfg: PipelineConfig, stage: str) -> PipelineConfig:
     """The config with only what `stage` reads; everything else at its default (so it cannot leak in unkeyed)."""
-    keep = STAGE_CONFIG[stage]
+    keep = stage_reads(stage, cfg)
     parts = {}
     for name, field in PipelineConfig.model_fields.items():
         value = getattr(cfg, name)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from edgar_tune.config import ConfigError, ModelConfig
+from edgar_tune.config import SMOLLM2, TINY, ConfigError, ModelConfig
 from tasks.io import atomic_dir, cache_dir, held, holder_info, megabytes
 from tasks.progress import Progress, clock
 
@@ -43,8 +43,6 @@ def building_alone(name: str) -> Iterator[None]:
 # nothing a user of this pipeline can change (the Trainer side already passes `activation_checkpointing`).
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
-SMOLLM2 = "smollm2-135m"
-TINY = "tiny-llama"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _COMPLETE = "_COMPLETE"
 _COMMIT = re.compile(r"[0-9a-f]{40}")

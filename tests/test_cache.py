@@ -19,6 +19,8 @@ from tasks.cache import (
     is_current,
     read_stamps,
     record,
+    rerun_refusal,
+    rerun_stages,
     stage_key,
 )
 from tasks.io import DOWNLOAD, sha256_file
@@ -44,6 +46,39 @@ def test_the_task_sees_only_the_config_in_its_key():
     view = config_view(cfg, "tokenize")
     assert view.train.seed == 7 and view.train.learning_rate == type(cfg.train)().learning_rate
     assert view.data == cfg.data and view.eval == type(cfg.eval)()
+    # train.seed seeds tiny-llama's weights, which tokenize builds; another model's seed sweep keeps its blocks
+    other = load_config("tiny", {"model.name": "smollm2-135m", "train.seed": 7})
+    assert config_view(other, "tokenize").train.seed == 10
+
+
+def test_a_rerun_refuses_a_change_it_would_record_without_making_it():
+    """`rerun STAGE --set KEY=VALUE` writes the value into config.yaml and the registered version's params: a key
+    that only stages it does not rerun read, or that a data stage it does not rerun reads, is refused, saying where
+    to rerun from. The two perplexities run together, the one not asked for through the cache."""
+    assert rerun_stages("train") == (["evaluate-base", "train", "evaluate", "register"],
+                                     ["train", "evaluate", "register"])  # fmt: skip
+    assert rerun_stages("evaluate-base") == (["evaluate-base", "evaluate", "register"], ["evaluate-base", "register"])
+    assert rerun_stages("register") == (["register"], ["register"])
+    run = load_config("tiny")
+
+    def refusal(stage: str, preset: str = "tiny", **changes) -> str | None:
+        before = run if preset == "tiny" else load_config(preset)
+        return rerun_refusal(stage, before, load_config(preset, changes), "runs/x")
+
+    says = refusal("train", **{"data.tickers": ["MSFT"]})
+    assert says.startswith("`data.tickers` is read by download, parse and tokenize, which `rerun train` does not "
+                           "run: the run's config.yaml and registered version would say ['MSFT'] of outputs made "
+                           "with ['AMZN']. Rerun from `download` with the same change (edgar-tune rerun download "
+                           "--run runs/x --set ...)"), says  # fmt: skip
+    assert "read by tokenize, which `rerun evaluate` does not run" in refusal("evaluate", **{"model.revision": "v1"})
+    assert "Rerun from `train`" in refusal("evaluate", **{"train.learning_rate": 1e-4})
+    assert "Rerun from `evaluate-base`" in refusal("register", **{"generate.top_k": 5})
+    assert "Rerun from `parse`" in refusal("train", **{"train.train_data_split_seed": 3})  # the split is parse's
+    assert "Rerun from `tokenize`" in refusal("train", **{"train.seed": 3})  # tiny-llama's weights: tokenize's
+    assert refusal("train", "demo", **{"train.seed": 3}) is None  # a seed sweep of smollm2-135m
+    assert refusal("train", **{"train.learning_rate": 1e-4, "eval.stride": 32}) is None
+    assert refusal("evaluate", **{"eval.max_length": 64}) is None  # evaluate-base runs again with it
+    assert refusal("register", **{"registry.experiment": "other"}) is None  # register reads it
 
 
 def test_every_stage_module_is_in_some_stage_code_version():

@@ -282,16 +282,19 @@ def test_a_rerun_of_a_missing_folder_or_with_a_bad_key_is_refused_before_prefect
 
     run = tmp_path / "run"
     run.mkdir()
-    (run / "config.yaml").write_text(yaml.safe_dump(load_config("tiny").model_dump()))
+    recorded = yaml.safe_dump(load_config("tiny").model_dump())
+    (run / "config.yaml").write_text(recorded)
     for folder, setting, message in [(tmp_path / "nope", [], "config.yaml does not exist; give the folder of a run"),
                                      (run, ["--set", "nonsense.key=1"], "unknown config key `nonsense.key`"),
-                                     (run, ["--set", "train.epoch=0"], "`train.epoch`")]:  # fmt: skip
+                                     (run, ["--set", "train.epoch=0"], "`train.epoch`"),
+                                     (run, ["--set", "tickers=[MSFT]"], "`data.tickers` is read by download, parse "
+                                      "and tokenize, which `rerun train` does not run")]:  # fmt: skip
         proc = subprocess.run([sys.executable, "-m", "edgar_tune.cli", "rerun", "train", "--run", str(folder),
                                *setting], capture_output=True, text=True, cwd=REPO, timeout=120)  # fmt: skip
         assert proc.returncode == 2, proc.stderr[-2000:]
         assert message in proc.stderr
         assert "Starting temporary server" not in proc.stderr + proc.stdout
-    assert sorted(p.name for p in run.iterdir()) == ["config.yaml"]
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml"] and (run / "config.yaml").read_text() == recorded
 
 
 def test_a_flow_run_with_a_model_that_is_not_here_fails_before_it_downloads(tmp_path, prefect_server):

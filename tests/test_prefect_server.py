@@ -20,6 +20,7 @@ from zoneinfo import ZoneInfo
 
 import httpx
 import pytest
+import yaml
 
 from tests.conftest import REPO, export_trigger_acts_on_a_new_champion_only
 
@@ -304,17 +305,28 @@ def test_same_parameters_twice_is_all_cached_and_a_new_learning_rate_reuses_the_
     held = json.loads((home / "exports" / "edgar-tune-10k" / "champion" / "edgar_tune.json").read_text())
     assert held["version"] == other["model_version"]
 
-    # `edgar-tune rerun STAGE --run FLOW_RUN_ID`: that stage and its dependents, nothing upstream.
+    # `edgar-tune rerun STAGE --run FLOW_RUN_ID`: that stage and its dependents, nothing upstream; the other
+    # perplexity through the cache, scored again here since the change moves its key, so that both use the same
+    # windows. A change that no stage of the rerun makes is refused, by the flow (the UI's rerun deployment skips
+    # the CLI's check), and config.yaml keeps what the run was made with.
     env = dict(os.environ, PREFECT_API_URL=api.http.base_url.__str__().rstrip("/"))
-    proc = subprocess.run([sys.executable, "-m", "edgar_tune.cli", "rerun", "evaluate-base", "--run", third["id"]],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    recorded = (tmp_path / "run" / "config.yaml").read_text()
+    proc = subprocess.run([sys.executable, "-m", "edgar_tune.cli", "rerun", "train", "--run", third["id"], "--set",
+                           "model.tiny_layers=3"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "`model.tiny_layers` is read by tokenize, which `rerun train` does not run" in proc.stderr, proc.stderr
+    assert (tmp_path / "run" / "config.yaml").read_text() == recorded
+    proc = subprocess.run([sys.executable, "-m", "edgar_tune.cli", "rerun", "evaluate-base", "--run", third["id"],
+                           "--set", "eval.stride=32"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["stages"] == {"download": "skipped", "parse": "skipped", "tokenize": "skipped",
-                                 "evaluate-base": "Completed", "train": "skipped", "evaluate": "skipped",
+                                 "evaluate-base": "Completed", "train": "skipped", "evaluate": "Completed",
                                  "register": "Completed"}  # fmt: skip
-    rerun_states = api.stage_states(summary["prefect_flow_run_id"], ["evaluate-base", "register"])
-    assert rerun_states == {"evaluate-base": ["Completed"], "register": ["Completed"]}
+    rerun_states = api.stage_states(summary["prefect_flow_run_id"], ["evaluate-base", "evaluate", "register"])
+    assert rerun_states == {"evaluate-base": ["Completed"], "evaluate": ["Completed"], "register": ["Completed"]}
+    now = (tmp_path / "run" / "config.yaml").read_text()
+    assert [yaml.safe_load(text)["eval"]["stride"] for text in (recorded, now)] == [64, 32]
 
 
 def _result_artifacts(api: Api, run_id: str) -> tuple[str, list[dict], str]:
