@@ -459,6 +459,11 @@ class TrainConfig(_Section):
         return self
 
 
+# What training's validations read of `eval` (the blocks they score, and how many at once); the rest is the
+# final perplexity's.
+TRAINING_EVAL_KEYS = ("max_val_samples", "per_device_eval_batch_size")
+
+
 class EvalConfig(_Section):
     """Perplexity on the held-out MD&A."""
 

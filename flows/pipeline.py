@@ -84,7 +84,7 @@ def edgar_tune_rerun(stage: Stage, run: str, overrides: dict | None = None,
             perplexity (before or after fine-tuning) where the change moves its key, so both are scored alike.
         run: The run folder, its s3:// URL, or the Prefect flow-run id of the edgar-tune run.
         overrides: Config keys to change first, e.g. {"train.learning_rate": 1e-4}; recorded in config.yaml. A
-            key that only stages not rerun read (data.tickers for a rerun of train) is refused.
+            key that a stage the rerun does not run reads (data.tickers for a rerun of train) is refused.
         if_busy: When another run works in the folder: fail at once, or wait for it to end.
     """
     watch_embedded_server()

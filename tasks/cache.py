@@ -23,7 +23,8 @@ from pathlib import Path
 from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
 
-from edgar_tune.config import REPO_ROOT, TINY, ConfigError, PipelineConfig, flat_params, load_run_config
+from edgar_tune.config import (REPO_ROOT, TINY, TRAINING_EVAL_KEYS, ConfigError, PipelineConfig, flat_params,
+                               load_run_config)  # fmt: skip
 from tasks.io import DOWNLOAD, EVALUATE, PARSE, REGISTER, TOKENIZE, TRAIN, atomic_write_json, read_json, sha256_file
 
 # The stages in order, with the stages each one needs (its upstream).
@@ -64,7 +65,7 @@ STAGE_CONFIG = {
     "tokenize": ("data", "parse", "model", "tokenize", "train.seed", "train.instruction_tuned",
                  "train.train_data_split_seed"),  # fmt: skip
     "evaluate-base": ("eval", "generate"),
-    "train": ("train", "eval"),
+    "train": ("train", *(f"eval.{k}" for k in TRAINING_EVAL_KEYS)),  # its validations' share of eval
     "evaluate": ("eval", "generate"),
     "register": ("preset", "data", "parse", "model", "tokenize", "train", "eval", "generate", "registry"),
 }
@@ -99,8 +100,6 @@ def downstream(stage: str) -> list[str]:
     return [s for s in STAGES if s in out]
 
 
-# The stages that make the run's data: a key they read changes nothing later until they run again.
-DATA_STAGES = ("download", "parse", "tokenize")
 # The two perplexities, before and after: compared, so scored alike.
 EVALUATIONS = ("evaluate-base", "evaluate")
 
@@ -125,21 +124,22 @@ def rerun_stages(stage: str) -> tuple[list[str], list[str]]:
 
 def rerun_refusal(stage: str, before: PipelineConfig, after: PipelineConfig, run: str) -> str | None:
     """Why `edgar-tune rerun STAGE` with the changes from `before` (the run's config.yaml) to `after` would
-    record what it did not do, or None. A changed key that no stage of the rerun reads (register only records
-    it), or that a data stage it does not rerun reads, would stand in config.yaml and the registered version's
-    params beside outputs made without it."""
+    record what it did not do, or None: a changed key that a stage the rerun does not run reads (register only
+    records it) would stand in config.yaml and the registered version's params beside outputs made without it.
+    Says which rerun would make it: the last stage whose rerun runs every stage that reads it."""
     todo, _ = rerun_stages(stage)
     old, new = flat_params(before), flat_params(after)
     for key in [k for k in new if new[k] != old.get(k)]:
-        readers = [s for s in STAGES if s != "register"
-                   and any(key == k or key.startswith(f"{k}.") for c in (before, after) for k in stage_reads(s, c))]
-        missed = [s for s in readers if s not in todo]
-        if readers and (missed == readers or set(missed) & set(DATA_STAGES)):
+        readers = {s for s in STAGES if s != "register"
+                   and any(key == k or key.startswith(f"{k}.") for c in (before, after) for k in stage_reads(s, c))}
+        missed = [s for s in STAGES if s in readers - set(todo)]
+        if missed:
             named = ", ".join(missed[:-1]) + " and " * (len(missed) > 1) + missed[-1]
-            return (f"`{key}` is read by {named}, which `rerun {stage}` does not run: the run's "
-                    f"config.yaml and registered version would say {new[key]!r} of outputs made with "
-                    f"{old.get(key)!r}. Rerun from `{readers[0]}` with the same change (edgar-tune rerun "
-                    f"{readers[0]} --run {run} --set ...), or start a new run")  # fmt: skip
+            start = next(s for s in reversed(STAGES) if readers <= set(rerun_stages(s)[0]))
+            return (f"`{key}` is read by {named}, which `rerun {stage}` does not run: the run's config.yaml and "
+                    f"registered version would say {new[key]!r} of outputs made with {old.get(key)!r}. Rerun from "
+                    f"`{start}` with the same change (edgar-tune rerun {start} --run {run} --set ...), or start a "
+                    "new run")  # fmt: skip
     return None
 
 

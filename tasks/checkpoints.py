@@ -21,7 +21,7 @@ import shutil
 import time
 from pathlib import Path
 
-from edgar_tune.config import StageFailed
+from edgar_tune.config import TRAINING_EVAL_KEYS, StageFailed
 from tasks.io import TRAIN, atomic_write_json, megabytes, out_of_space, read_json, size, umask_modes
 
 log = logging.getLogger(__name__)
@@ -144,7 +144,7 @@ def resume_settings(train: dict, eval_: dict, tokenize_stats: dict, world_size: 
     """What must match for a resumed run to continue the same trajectory: the settings of what its validations score
     (`VALIDATION_SET`) only while their loss steers the training (early stopping, the best checkpoint published)."""
     settings = {f"train.{k}": v for k, v in train.items() if k not in RESUME_NEUTRAL}
-    settings |= {f"eval.{k}": v for k, v in eval_.items() if k in ("max_val_samples", "per_device_eval_batch_size")}
+    settings |= {f"eval.{k}": v for k, v in eval_.items() if k in TRAINING_EVAL_KEYS}
     settings |= {"data.train_blocks": tokenize_stats["train_blocks"], "data.block_length": tokenize_stats["block_length"],
                  "data.base_model": tokenize_stats["base_model"], "world_size": world_size}  # fmt: skip
     steers = train.get("eval_steps") and (train.get("early_stopping_patience") or train.get("load_best_model_at_end"))

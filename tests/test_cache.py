@@ -38,6 +38,10 @@ def test_a_training_hyperparameter_moves_only_the_training_keys(tmp_path):
     assert moved == ["train", "register"]
     assert [s for s in STAGES if base[s] != _keys(tmp_path, **{"parse.val_items": ["7", "7A"]})[s]] == [
         "parse", "tokenize", "register"]  # fmt: skip
+    # the perplexity's windows: both evaluations rescore, the training stands (its validations read two eval keys)
+    assert [s for s in STAGES if base[s] != _keys(tmp_path, **{"eval.max_length": 64})[s]] == [
+        "evaluate-base", "evaluate", "register"]  # fmt: skip
+    assert "train" in [s for s in STAGES if base[s] != _keys(tmp_path, **{"eval.max_val_samples": 9})[s]]
     assert _keys(tmp_path / "other")["download"] != base["download"]  # another run folder, another key
 
 
@@ -53,8 +57,9 @@ def test_the_task_sees_only_the_config_in_its_key():
 
 def test_a_rerun_refuses_a_change_it_would_record_without_making_it():
     """`rerun STAGE --set KEY=VALUE` writes the value into config.yaml and the registered version's params: a key
-    that only stages it does not rerun read, or that a data stage it does not rerun reads, is refused, saying where
-    to rerun from. The two perplexities run together, the one not asked for through the cache."""
+    that a stage the rerun does not run reads is refused, naming the rerun that would make it (the last stage whose
+    rerun runs every stage that reads it). The two perplexities run together, the one not asked for through the
+    cache."""
     assert rerun_stages("train") == (["evaluate-base", "train", "evaluate", "register"],
                                      ["train", "evaluate", "register"])  # fmt: skip
     assert rerun_stages("evaluate-base") == (["evaluate-base", "evaluate", "register"], ["evaluate-base", "register"])
@@ -72,9 +77,10 @@ def test_a_rerun_refuses_a_change_it_would_record_without_making_it():
                            "--run runs/x --set ...)"), says  # fmt: skip
     assert "read by tokenize, which `rerun evaluate` does not run" in refusal("evaluate", **{"model.revision": "v1"})
     assert "Rerun from `train`" in refusal("evaluate", **{"train.learning_rate": 1e-4})
-    assert "Rerun from `evaluate-base`" in refusal("register", **{"generate.top_k": 5})
+    assert "Rerun from `evaluate`" in refusal("register", **{"generate.top_k": 5})  # evaluate-base comes along
     assert "Rerun from `parse`" in refusal("train", **{"train.train_data_split_seed": 3})  # the split is parse's
     assert "Rerun from `tokenize`" in refusal("train", **{"train.seed": 3})  # tiny-llama's weights: tokenize's
+    assert "is read by train, which `rerun evaluate` does not" in refusal("evaluate", **{"eval.max_val_samples": 9})
     assert refusal("train", "demo", **{"train.seed": 3}) is None  # a seed sweep of smollm2-135m
     assert refusal("train", **{"train.learning_rate": 1e-4, "eval.stride": 32}) is None
     assert refusal("evaluate", **{"eval.max_length": 64}) is None  # evaluate-base runs again with it
