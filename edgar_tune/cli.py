@@ -227,8 +227,8 @@ def _print_fit(memory, shape, args: argparse.Namespace, kw: dict, shown: str, wh
     option = args.engine
     rows = memory.fit(shape, budget_gb=budget, **dict(kw, option=option))
     print(f"settings that fit {budget:.1f} GB ({args.gpu_memory_gb:.1f} GB{where}, {memory.HEADROOM:.0%} usable), "
-          f"{shown}, engine {option}, {args.batch} sequences per device per optimizer step; fastest first (time: work per "
-          "token over the micro-batch's efficiency, tasks/memory.py)")  # fmt: skip
+          f"{shown}, engine {option}, {args.batch} sequences per device per optimizer step; fastest first (time: "
+          "work per token over the micro-batch's efficiency, tasks/memory.py)")  # fmt: skip
     print(f"  {'micro-batch':>11} {'accumulate':>10} {'recomputed':>11} {'work':>6} {'time':>6} {'planned GB':>11}")
     for r in rows:
         print(f"  {r['per_device_train_batch_size']:>11} {r['gradient_accumulation_steps']:>10} "
