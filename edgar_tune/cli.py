@@ -74,9 +74,12 @@ def cmd_rerun(args: argparse.Namespace) -> int:
 
     overrides = parse_overrides(args.set) or None
     if flow_run_id(args.run) is None and "://" not in args.run:  # a local folder: fails here, before Prefect starts
-        from tasks.cache import rerun_config
+        from edgar_tune.config import RerunNeeded
+        from tasks.cache import kept_otherwise, rerun_config, rerun_stages
 
-        rerun_config(args.name, Path(args.run), overrides, args.run)
+        cfg = rerun_config(args.name, Path(args.run), overrides, args.run)
+        if why := kept_otherwise(Path(args.run), cfg, rerun_stages(args.name)[0]):
+            raise RerunNeeded(why).for_run(args.run)
     from edgar_tune.reaper import embedded_prefect
     from flows.pipeline import edgar_tune_rerun
 
@@ -87,9 +90,10 @@ def cmd_rerun(args: argparse.Namespace) -> int:
 
 def cmd_stage(args: argparse.Namespace) -> int:
     """Run one stage of a local run folder in this process, without Prefect and without its dependents."""
-    from edgar_tune.config import load_run_config
+    from edgar_tune.config import RerunNeeded, load_run_config
     from tasks import stages
-    from tasks.cache import forget
+    from tasks.cache import at_commit, config_view, forget, key_of, record, stage_inputs
+    from tasks.io import TOKENIZE, read_json
     from tasks.storage import RunFolder
 
     run_dir = Path(args.run).resolve()
@@ -103,9 +107,21 @@ def cmd_stage(args: argparse.Namespace) -> int:
         "evaluate": lambda: stages.evaluate_perplexity.fn(run_dir, cfg.eval, True, cfg.generate),
         "register": lambda: stages.register_model.fn(run_dir, cfg, None),
     }
-    with RunFolder.open(str(run_dir)).lock(stage=args.name):  # not while a run works in the folder
-        forget(run_dir, args.name)  # what it writes was not made under the recorded key: the next run redoes it
-        result = calls[args.name]()
+    folder = RunFolder.open(str(run_dir))
+    with folder.lock(stage=args.name):  # not while a run works in the folder
+        forget(run_dir, args.name)  # until it has written all it writes
+        try:
+            result = calls[args.name]()
+        except RerunNeeded as err:
+            raise err.for_run(args.run) from None
+        # Made as config.yaml says (no --set that it reads): stamped as the flow stamps it, with what it read, so a
+        # later registration vouches for it. With --set it stays unstamped: the next run makes it again.
+        view = config_view(cfg, args.name).model_dump(mode="json")
+        if view == config_view(load_run_config(run_dir), args.name).model_dump(mode="json"):
+            if args.name == "tokenize":  # keyed, as in the flow, on the commit it tokenized at
+                cfg = at_commit(cfg, read_json(run_dir / TOKENIZE / "stats.json")["base_model"].get("revision"))
+            inputs = stage_inputs(args.name, folder.ref, run_dir, cfg)
+            record(run_dir, args.name, key_of(inputs), inputs)
     print(json.dumps({k: v for k, v in result.items() if k != "memory_plan"}, indent=2, default=str))
     return 0
 
@@ -489,7 +505,8 @@ def build_parser() -> argparse.ArgumentParser:
     stage = sub.add_parser("stage", help="run one stage of a local run folder in-process: no Prefect, no dependents")
     stage.add_argument("name", choices=STAGES)
     stage.add_argument("--run", required=True, help="the run folder (has config.yaml)")
-    stage.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    stage.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key "
+                       "(not recorded: a stage it changes is left unstamped, and a registration refuses it)")
     stage.set_defaults(fn=cmd_stage)
     gen = sub.add_parser("generate", help="generate with a registered version: models:/NAME@ALIAS or models:/NAME/N")
     gen.add_argument("--model", required=True, help="e.g. models:/edgar-tune-10k@champion")

@@ -44,6 +44,14 @@ class ConfigError(ValueError):
     """A configuration problem; the message names the key and what to change."""
 
 
+class RerunNeeded(ConfigError):
+    """The run folder holds what a stage must not go on from; the message gives the rerun that mends it, naming the
+    run as `RUN` until `for_run` names it as the user gave it (the flow and the CLI know it; a stage does not)."""
+
+    def for_run(self, ref: str) -> RerunNeeded:
+        return type(self)(str(self).replace("--run RUN`", f"--run {ref}`"))
+
+
 class StageFailed(RuntimeError):
     """A stage failed for a reason its message gives in full (how, what to change, where the next run resumes): the
     CLI prints it without a traceback."""

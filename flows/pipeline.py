@@ -25,21 +25,24 @@ from typing import Literal
 from prefect import flow
 from prefect.runtime import flow_run
 
-from edgar_tune.config import ConfigError, PipelineConfig, RunParameters, flow_run_id
+from edgar_tune.config import ConfigError, PipelineConfig, RerunNeeded, RunParameters, flow_run_id
 from edgar_tune.reaper import watch_embedded_server
 from edgar_tune.signals import as_signal, keep_signals
 from flows.logs import logs_into_the_flow_run
 from tasks.cache import (
     OUTPUTS,
     STAGES,
+    at_commit,
     changed,
     config_view,
     is_current,
+    kept_otherwise,
+    key_of,
     read_stamps,
     record,
     rerun_config,
     rerun_stages,
-    stage_key,
+    stage_inputs,
 )
 from tasks.finetune import plan_training, preflight
 from tasks.io import (
@@ -55,7 +58,7 @@ from tasks.stages import (
     register_model,
 )
 from tasks.storage import RunFolder
-from tasks.textdata import SourceChanged, location
+from tasks.textdata import location
 
 log = logging.getLogger(__name__)
 
@@ -153,12 +156,14 @@ def _run_stages(folder: RunFolder, cfg: PipelineConfig, todo: tuple[str, ...] | 
             first = next(t for t in STAGES if t in todo)
             raise ConfigError(f"{folder.ref} has no {OUTPUTS[s]}, which `{first}` needs; rerun from `{s}` "
                               f"(edgar-tune rerun {s} --run {folder.ref})")  # fmt: skip
+    if why := kept_otherwise(run_dir, cfg, todo):
+        raise RerunNeeded(why).for_run(folder.ref)
     atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.model_dump(), sort_keys=False))
     folder.push(["config.yaml"])
     flow_run_id = str(flow_run.id) if flow_run.id else None
     timings: dict[str, float] = {}
     states: dict[str, str] = {s: "skipped" for s in skipped}
-    decided: dict[str, tuple[bool, str]] = {}
+    decided: dict[str, tuple[bool, str, dict]] = {}
     for stage in [s for s in STAGES if s in todo]:
         # A run that cannot fit stops before any model runs; one whose training is cached has nothing to plan.
         if stage == "evaluate-base" and "train" in todo:
@@ -182,21 +187,12 @@ def _run_stages(folder: RunFolder, cfg: PipelineConfig, todo: tuple[str, ...] | 
     return summary
 
 
-def at_commit(cfg: PipelineConfig, commit: str | None) -> PipelineConfig:
-    """The config the tokenize stage runs with: a hub id's `model.revision` as the commit it names now. That
-    stage's key holds the commit, so a run whose branch has moved since the folder's last run tokenizes (and
-    trains) again, and one whose branch has not keeps every stage; config.yaml keeps what the user asked for."""
-    if commit is None or commit == cfg.model.revision:
-        return cfg
-    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"revision": commit})})
-
-
 def _run_stage(folder: RunFolder, cfg: PipelineConfig, stage: str, force: bool, flow_run_id: str | None,
-               decided: tuple[bool, str] | None = None) -> str:  # fmt: skip
+               decided: tuple[bool, str, dict] | None = None) -> str:  # fmt: skip
     """Run (or find cached) one stage; return its Prefect state name (Completed or Cached). `decided`: what
     `_must_run` already said of it in this run."""
     run_dir = folder.local
-    fresh, key = decided or _must_run(folder, cfg, stage, force)
+    fresh, key, inputs = decided or _must_run(folder, cfg, stage, force)
     view = config_view(cfg, stage)
     task, args = {
         "download": (download_filings, (run_dir, view.data)),
@@ -208,30 +204,32 @@ def _run_stage(folder: RunFolder, cfg: PipelineConfig, stage: str, force: bool, 
         "register": (register_model, (run_dir, view, flow_run_id)),
     }[stage]
     options = {"refresh_cache": fresh, "task_run_name": stage} | folder.result_storage()
-    inputs = read_stamps(run_dir, stage)
+    stamps = read_stamps(run_dir, stage)
     with as_signal():  # a SIGTERM that Prefect's task engine turns into an error crashes the run, as any SIGTERM does
         state = task.with_options(**options)(*args, cache_key=key, return_state=True)
     try:
         state.result()  # raises the stage's error, so the flow run fails with it
-    except SourceChanged as err:  # the command it gives, for this run
+    except RerunNeeded as err:  # the command it gives, for this run
         raise err.for_run(folder.ref) from None
-    if touched := changed(inputs, read_stamps(run_dir, stage)):
+    if touched := changed(stamps, read_stamps(run_dir, stage)):
         shown = ", ".join(touched[:5]) + (f" and {len(touched) - 5} more" if len(touched) > 5 else "")
         log.error("stage %s changed files in the folders it only reads (%s): its cache key no longer describes "
                   "them, so the next run will redo it. This is a bug in edgar-tune; please report it.", stage, shown)
     if state.name != "Cached":
-        record(run_dir, stage, key)
+        record(run_dir, stage, key, inputs)
         folder.push([OUTPUTS[stage].split("/")[0], f".stages/{stage}.json"])
     return state.name
 
 
-def _must_run(folder: RunFolder, cfg: PipelineConfig, stage: str, force: bool) -> tuple[bool, str]:
-    """Whether `stage` must run rather than stand as cached (its inputs are final), and its cache key."""
+def _must_run(folder: RunFolder, cfg: PipelineConfig, stage: str, force: bool) -> tuple[bool, str, dict]:
+    """Whether `stage` must run rather than stand as cached (its inputs are final), its cache key and what it
+    reads (`stage_inputs`)."""
     run_dir = folder.local
     folder.pull([f".stages/{stage}.json", OUTPUTS[stage].split("/")[0]])
-    key = stage_key(stage, folder.ref, run_dir, cfg)
+    inputs = stage_inputs(stage, folder.ref, run_dir, cfg)
+    key = key_of(inputs)
     fresh = force or not is_current(run_dir, stage, key) or (stage == "download" and _ask_again(run_dir, cfg))
-    return fresh, key
+    return fresh, key, inputs
 
 
 def _ask_again(run_dir: Path, cfg: PipelineConfig) -> bool:

@@ -7,8 +7,10 @@ A stage's key is the sha256 of
 
 Prefect persists each stage's result under its key, so a second run with the same inputs is `Cached` without
 executing. A record alone is not enough to skip a stage: the run folder must still hold the outputs that the
-record describes. After a stage runs, its key is stamped into the run folder (`.stages/STAGE.json`); a stage
-whose stamp is missing, stale (another run wrote the folder since) or whose outputs are gone is recomputed.
+record describes. After a stage runs, its key is stamped into the run folder (`.stages/STAGE.json`), with the
+config and the folder digests it read; a stage whose stamp is missing, stale (another run wrote the folder since)
+or whose outputs are gone is recomputed, and a registration refuses outputs whose stamps no longer match the run's
+config.yaml and folders (`made_otherwise`).
 """
 
 from __future__ import annotations
@@ -113,6 +115,11 @@ def stage_reads(stage: str, cfg: PipelineConfig) -> tuple[str, ...]:
     return keep
 
 
+def reads_key(stage: str, cfg: PipelineConfig, key: str) -> bool:
+    """Whether `stage` reads the config key `key` (`section.name`), alone or with its whole section."""
+    return any(key == k or key.startswith(f"{k}.") for k in stage_reads(stage, cfg))
+
+
 def rerun_stages(stage: str) -> tuple[list[str], list[str]]:
     """What `edgar-tune rerun STAGE` runs: (every stage, in order; those forced): `stage` and its dependents,
     forced, and where that holds one of the two evaluations the other one too, through the cache (Cached when
@@ -130,8 +137,7 @@ def rerun_refusal(stage: str, before: PipelineConfig, after: PipelineConfig, run
     todo, _ = rerun_stages(stage)
     old, new = flat_params(before), flat_params(after)
     for key in [k for k in new if new[k] != old.get(k)]:
-        readers = {s for s in STAGES if s != "register"
-                   and any(key == k or key.startswith(f"{k}.") for c in (before, after) for k in stage_reads(s, c))}
+        readers = {s for s in STAGES if s != "register" and any(reads_key(s, c, key) for c in (before, after))}
         missed = [s for s in STAGES if s in readers - set(todo)]
         if missed:
             named = ", ".join(missed[:-1]) + " and " * (len(missed) > 1) + missed[-1]
@@ -154,6 +160,72 @@ def rerun_config(stage: str, run_dir: Path, overrides: dict | list[str] | None, 
     if overrides and (why := rerun_refusal(stage, load_run_config(run_dir), cfg, ref)):
         raise ConfigError(why)
     return cfg
+
+
+def at_commit(cfg: PipelineConfig, commit: str | None) -> PipelineConfig:
+    """The config the tokenize stage runs with: a hub id's `model.revision` as the commit it names now. That
+    stage's key holds the commit, so a run whose branch has moved since the folder's last run tokenizes (and
+    trains) again, and one whose branch has not keeps every stage; config.yaml keeps what the user asked for."""
+    if commit is None or commit == cfg.model.revision:
+        return cfg
+    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"revision": commit})})
+
+
+def _flat(view: dict) -> dict:
+    """A config view as `section.key` -> value (`preset` as itself)."""
+    return {f"{section}.{k}" if isinstance(keys, dict) else section: v
+            for section, keys in view.items() for k, v in (keys.items() if isinstance(keys, dict) else [(None, keys)])}
+
+
+def made_otherwise(run_dir: Path, cfg: PipelineConfig, stages: list[str] | tuple[str, ...] = STAGES[:-1],
+                   ) -> str | None:  # fmt: skip
+    """Why the run folder's outputs (those of `stages`; default: all a registration reads) are not what
+    registering them would say they are, or None.
+
+    A registration records the run's config (`cfg`, its config.yaml) beside the weights and the perplexities. Each
+    stage before it must have made its outputs with that config, from the stage folders as they are now: its stamp
+    (`record`) says what it read. `edgar-tune stage STAGE --set ...` leaves none (it ran with other settings),
+    an edit of config.yaml moves the config away from a stamp's, and a stage run again by hand moves the folders
+    that later stages read (a `stage train` after which `05_evaluate` still scores the weights before it). The code
+    version is not compared, nor a config key that one of the two sides lacks: a run made before an upgrade of
+    edgar-tune registers as it was made. A stamp written before stamps recorded their inputs is taken as it is."""
+    tok = Path(run_dir) / OUTPUTS["tokenize"]
+    pinned = at_commit(cfg, read_json(tok)["base_model"].get("revision")) if tok.exists() else cfg
+    files = run_digests(run_dir)
+    why: dict[str, str] = {}
+    for stage in stages:
+        if not _stamp(run_dir, stage).exists():
+            why[stage] = (f"`{stage}`'s outputs carry no record of what made them (`edgar-tune stage {stage} --set "
+                          "...` leaves none, as does a stage stopped part-way)")  # fmt: skip
+            continue
+        stamp = read_json(_stamp(run_dir, stage))
+        if "config" not in stamp:
+            continue
+        at = pinned if stage == "tokenize" else cfg
+        now, then = _flat(config_view(at, stage).model_dump(mode="json")), _flat(stamp["config"])
+        # A key new or gone since it ran (another edgar-tune) is taken as it was.
+        if moved := [k for k in now if k in then and now[k] != then[k] and reads_key(stage, at, k)]:
+            why[stage] = (f"`{stage}` ran with " + ", ".join(f"{k}={then[k]!r}" for k in moved) + ", where "
+                          "config.yaml says " + ", ".join(f"{k}={now[k]!r}" for k in moved))  # fmt: skip
+        elif moved := [n for n in READS[stage] if folder_digest(Path(run_dir) / n, files) != stamp["reads"].get(n)]:
+            why[stage] = f"`{stage}` read {' and '.join(moved)} as {'they were' if len(moved) > 1 else 'it was'} " \
+                         "before a later change (a stage run again by hand)"
+    files.save()
+    if not why:
+        return None
+    start = next(s for s in reversed(STAGES) if set(why) <= set(rerun_stages(s)[0]))
+    return (f"this run cannot be registered as it stands: {'; '.join(why.values())}. Its registered version would "
+            "name settings, data or perplexities its weights were not made with. Rerun from "
+            f"`{start}` (`edgar-tune rerun {start} --run RUN`), which makes it and the stages after it again")
+
+
+def kept_otherwise(run_dir: Path, cfg: PipelineConfig, todo: list[str] | tuple[str, ...]) -> str | None:
+    """Why running `todo` in the run folder would end in a registration refused (`made_otherwise`) for an output of
+    a stage it does not run (config.yaml edited by hand since, a stage run again by hand), or None: said before
+    any stage runs for nothing."""
+    if "register" not in todo:
+        return None
+    return made_otherwise(run_dir, cfg, [s for s in STAGES[:-1] if s not in todo])
 
 
 def config_view(cfg: PipelineConfig, stage: str) -> PipelineConfig:
@@ -269,8 +341,9 @@ def code_version(stage: str) -> str:
     return digest.hexdigest()[:16]
 
 
-def stage_key(stage: str, run_ref: str, run_dir: Path, cfg: PipelineConfig) -> str:
-    """The cache key of `stage` in the run `run_ref` (its folder or URL), read from `run_dir` as it is now."""
+def stage_inputs(stage: str, run_ref: str, run_dir: Path, cfg: PipelineConfig) -> dict:
+    """What `stage` of the run `run_ref` (its folder or URL) reads, from `run_dir` as it is now: the config it
+    reads, the digests of the stage folders it reads, and its code version (what `key_of` hashes)."""
     files = run_digests(run_dir)
     parts = {
         "stage": stage,
@@ -280,8 +353,18 @@ def stage_key(stage: str, run_ref: str, run_dir: Path, cfg: PipelineConfig) -> s
         "code": code_version(stage),
     }
     files.save()
-    blob = json.dumps(parts, sort_keys=True, default=str).encode()
-    return f"edgar-tune-{stage}-{hashlib.sha256(blob).hexdigest()}"
+    return parts
+
+
+def key_of(inputs: dict) -> str:
+    """The cache key of a stage's `stage_inputs`."""
+    blob = json.dumps(inputs, sort_keys=True, default=str).encode()
+    return f"edgar-tune-{inputs['stage']}-{hashlib.sha256(blob).hexdigest()}"
+
+
+def stage_key(stage: str, run_ref: str, run_dir: Path, cfg: PipelineConfig) -> str:
+    """The cache key of `stage` in the run `run_ref` (its folder or URL), read from `run_dir` as it is now."""
+    return key_of(stage_inputs(stage, run_ref, run_dir, cfg))
 
 
 def read_stamps(run_dir: Path, stage: str) -> dict[str, tuple[int, int, int, int]]:
@@ -314,8 +397,13 @@ def _filings_on_disk(manifest: Path) -> bool:
     return all(Path(f["root"], rel).exists() for f in read_json(manifest)["filings"] for rel in f["files"].values())
 
 
-def record(run_dir: Path, stage: str, key: str) -> None:
-    atomic_write_json(_stamp(run_dir, stage), {"stage": stage, "key": key})
+def record(run_dir: Path, stage: str, key: str, inputs: dict | None = None) -> None:
+    """Stamp `stage`'s outputs with the key they were made under, and what it read (`stage_inputs`): the config
+    and the stage folders' digests, which `made_otherwise` compares with the run as it stands."""
+    stamp = {"stage": stage, "key": key}
+    if inputs is not None:
+        stamp |= {"config": inputs["config"], "reads": inputs["reads"]}
+    atomic_write_json(_stamp(run_dir, stage), stamp)
 
 
 def forget(run_dir: Path, stage: str) -> None:

@@ -14,9 +14,9 @@ from pathlib import Path
 
 from prefect import task
 
-from edgar_tune.config import (DataConfig, EvalConfig, GenerateConfig, PipelineConfig, RegisterConfig, StageFailed,
-                               TrainConfig)  # fmt: skip
-from tasks.cache import StageKey
+from edgar_tune.config import (DataConfig, EvalConfig, GenerateConfig, PipelineConfig, RegisterConfig, RerunNeeded,
+                               StageFailed, TrainConfig)  # fmt: skip
+from tasks.cache import StageKey, made_otherwise
 from tasks.io import (DOWNLOAD, EVALUATE, PARSE, REGISTER, TOKENIZE, TRAIN, atomic_dir, atomic_write_json,
                       disk_full_message, read_json)  # fmt: skip
 
@@ -134,9 +134,12 @@ def evaluate_perplexity(run_dir: Path, cfg: EvalConfig, finetuned: bool, gen: Ge
 @stage_task("register_model", "register")
 def register_model(run_dir: Path, cfg: PipelineConfig, flow_run_id: str | None,
                    cache_key: str | None = None) -> dict:  # fmt: skip
-    """Log the run to MLflow, register the model and set its alias."""
+    """Log the run to MLflow, register the model and set its alias; refused (`RerunNeeded`) where a stage before it
+    made its outputs otherwise than the config and the folders say (`made_otherwise`)."""
     from tasks.registry import register_run
 
+    if why := made_otherwise(run_dir, cfg):
+        raise RerunNeeded(why)
     result = register_run(run_dir, run_dir.parent, cfg, flow_run_id)
     with atomic_dir(run_dir / REGISTER) as tmp:
         atomic_write_json(tmp / "registration.json", result)

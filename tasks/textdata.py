@@ -28,7 +28,7 @@ import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from edgar_tune.config import TEXT_SUFFIXES, ConfigError, DataConfig, PipelineConfig
+from edgar_tune.config import TEXT_SUFFIXES, ConfigError, DataConfig, PipelineConfig, RerunNeeded
 from tasks.io import atomic_write_bytes, cache_dir, held, holder_info, read_bytes, read_json, sha256_file
 
 log = logging.getLogger(__name__)
@@ -206,12 +206,8 @@ def log_changes(manifest: Path, files: list[dict]) -> None:
         log.info("%s is no longer read (it was at this run's last download)", path)
 
 
-class SourceChanged(ValueError):
-    """A file changed between the download stage that recorded it and the stage that reads it. Its message names
-    the run as `RUN` until `for_run` names it as the user gave it (the flow knows it; the stage does not)."""
-
-    def for_run(self, ref: str) -> SourceChanged:
-        return SourceChanged(str(self).replace("--run RUN`", f"--run {ref}`"))
+class SourceChanged(RerunNeeded):
+    """A file changed between the download stage that recorded it and the stage that reads it."""
 
 
 def recorded_bytes(entry: dict) -> bytes:

@@ -16,14 +16,19 @@ from tasks.cache import (
     changed,
     config_view,
     folder_digest,
+    forget,
     is_current,
+    kept_otherwise,
+    key_of,
+    made_otherwise,
     read_stamps,
     record,
     rerun_refusal,
     rerun_stages,
+    stage_inputs,
     stage_key,
 )
-from tasks.io import DOWNLOAD, sha256_file
+from tasks.io import DOWNLOAD, TRAIN, sha256_file
 
 
 def _keys(run_dir: Path, **overrides) -> dict[str, str]:
@@ -85,6 +90,49 @@ def test_a_rerun_refuses_a_change_it_would_record_without_making_it():
     assert refusal("train", **{"train.learning_rate": 1e-4, "eval.stride": 32}) is None
     assert refusal("evaluate", **{"eval.max_length": 64}) is None  # evaluate-base runs again with it
     assert refusal("register", **{"registry.experiment": "other"}) is None  # register reads it
+
+
+def test_a_registration_vouches_only_for_outputs_made_as_the_run_says(tmp_path):
+    """Each stage's stamp records the config and the folders it read; a registration (and a rerun that ends in one)
+    compares them with config.yaml and the folders as they stand, so that a registered version's params and
+    perplexities describe its weights: not after config.yaml was edited, a stage was run again by hand, or run
+    with `--set` (which leaves no stamp)."""
+    cfg = load_config("tiny")
+    (tmp_path / TRAIN).mkdir()
+    (tmp_path / TRAIN / "adapter.safetensors").write_bytes(b"before")
+    for stage in STAGES[:-1]:
+        inputs = stage_inputs(stage, str(tmp_path), tmp_path, cfg)
+        record(tmp_path, stage, key_of(inputs), inputs)
+    assert made_otherwise(tmp_path, cfg) is None
+    assert made_otherwise(tmp_path, load_config("tiny", {"registry.model_name": "other"})) is None  # register's own
+    edited = load_config("tiny", {"train.learning_rate": 0.01})  # config.yaml edited by hand
+    says = made_otherwise(tmp_path, edited)
+    assert says == ("this run cannot be registered as it stands: `train` ran with train.learning_rate=0.003, where "
+                    "config.yaml says train.learning_rate=0.01. Its registered version would name settings, data or "
+                    "perplexities its weights were not made with. Rerun from `train` (`edgar-tune rerun train --run "
+                    "RUN`), which makes it and the stages after it again")  # fmt: skip
+    # a rerun that remakes train registers; one that does not is refused before it runs anything
+    assert kept_otherwise(tmp_path, edited, rerun_stages("train")[0]) is None
+    assert kept_otherwise(tmp_path, edited, rerun_stages("evaluate")[0]) == says
+    assert kept_otherwise(tmp_path, edited, ["train"]) is None  # no registration: nothing to vouch for
+    stamp = json.loads((tmp_path / ".stages" / "train.json").read_text())
+    del stamp["config"]["train"]["learning_rate"]  # a key this edgar-tune has and the one that ran lacked
+    (tmp_path / ".stages" / "train.json").write_text(json.dumps(stamp))
+    assert made_otherwise(tmp_path, edited) is None
+
+    (tmp_path / TRAIN / "adapter.safetensors").write_bytes(b"after")  # `edgar-tune stage train` again
+    says = made_otherwise(tmp_path, cfg)
+    assert "`evaluate` read 04_train as it was before a later change (a stage run again by hand)" in says
+    assert "Rerun from `evaluate` (`edgar-tune rerun evaluate --run RUN`)" in says
+    forget(tmp_path, "evaluate-base")  # `stage evaluate-base --set eval.stride=32`: no stamp
+    says = made_otherwise(tmp_path, cfg)
+    assert says.startswith("this run cannot be registered as it stands: `evaluate-base`'s outputs carry no record of "
+                           "what made them (`edgar-tune stage evaluate-base --set ...` leaves none, as does a stage "
+                           "stopped part-way); `evaluate` read 04_train")  # fmt: skip
+    assert "Rerun from `evaluate` " in says  # which runs both evaluations
+    record(tmp_path, "evaluate-base", "key")  # a stamp from before stamps recorded what they read: as it is
+    record(tmp_path, "evaluate", "key")
+    assert made_otherwise(tmp_path, cfg) is None
 
 
 def test_every_stage_module_is_in_some_stage_code_version():

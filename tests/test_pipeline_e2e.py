@@ -699,6 +699,50 @@ def test_a_retried_registration_returns_the_same_version(tiny_run):
     assert len(client.search_model_versions(f"name = '{s['registered_model']}'")) == before
 
 
+def test_a_registration_vouches_only_for_stages_made_as_config_yaml_says(tiny_run, tmp_path):
+    """`edgar-tune stage` runs one stage without its dependents, and a registration used to register whatever the
+    folder held: a perplexity before from other windows than the one after, or settings config.yaml gained by
+    hand after the stages ran. It now vouches only for outputs made with the run's config.yaml (and from the
+    folders as they stand: tests/test_cache.py) and says which rerun remakes the rest; `stage` stamps what it
+    made as the flow does, so that stages run by hand, one by one, register."""
+    import mlflow
+
+    runs, _ = tiny_run
+    run = tmp_path / "run"
+    shutil.copytree(runs / "latest", run)  # another folder: a version of its own
+    config = run / "config.yaml"
+    config.write_text(config.read_text().replace("stride: 64", "stride: 32"))
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    store = ("--set", f"registry.tracking_uri={client.tracking_uri}")
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "edgar_tune.cli", *args, "--run", str(run)], cwd=REPO,
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+
+    def refused(args: tuple[str, ...], why: str) -> None:
+        proc = cli(*args)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert f"edgar-tune: error: this run cannot be registered as it stands: {why}. Its registered version would " \
+               f"name settings, data or perplexities its weights were not made with. Rerun from `evaluate` " \
+               f"(`edgar-tune rerun evaluate --run {run}`)" in proc.stderr, proc.stderr[-3000:]  # fmt: skip
+        assert "Starting temporary server" not in proc.stderr and not client.search_registered_models()
+
+    base = "`evaluate-base` ran with eval.stride=64, where config.yaml says eval.stride=32"
+    refused(("rerun", "register"), f"{base}; `evaluate` ran with eval.stride=64, where config.yaml says "
+            "eval.stride=32")  # before Prefect starts  # fmt: skip
+    assert cli("stage", "evaluate").returncode == 0
+    refused(("stage", "register", *store), base)  # the two perplexities, compared, from other windows
+    assert cli("stage", "evaluate-base").returncode == 0
+    proc = cli("stage", "register", *store)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    version = client.get_model_version("edgar-tune-10k", json.loads(proc.stdout)["model_version"])
+    run_data = client.get_run(version.run_id).data
+    before, after = (json.loads((run / "05_evaluate" / f"{n}.json").read_text()) for n in ("base", "finetuned"))
+    assert run_data.params["eval.stride"] == "32" and before["stride"] == after["stride"] == 32
+    assert (run_data.metrics["ppl_before"], version.tags["val_perplexity"]) == (before["perplexity"],
+                                                                                repr(after["perplexity"]))
+
+
 @pytest.mark.slow  # about 8 minutes on 2 cores (the GGUF conversion included): make test-slow
 def test_the_demo_moves_smollm2_as_the_readme_says(tmp_path):
     """What `make demo` runs, through the CLI with its embedded Prefect: the real SmolLM2-135M before and after LoRA
