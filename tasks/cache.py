@@ -177,6 +177,13 @@ def _flat(view: dict) -> dict:
             for section, keys in view.items() for k, v in (keys.items() if isinstance(keys, dict) else [(None, keys)])}
 
 
+def _moved(stage: str, cfg: PipelineConfig, recorded: dict) -> list[tuple[str, object, object]]:
+    """The config keys `stage` reads whose value in `cfg` is not the one its stamp `recorded`: (key, then, now). A
+    key new or gone since it ran (another edgar-tune) is taken as it was."""
+    now, then = _flat(config_view(cfg, stage).model_dump(mode="json")), _flat(recorded)
+    return [(k, then[k], now[k]) for k in now if k in then and now[k] != then[k] and reads_key(stage, cfg, k)]
+
+
 def made_otherwise(run_dir: Path, cfg: PipelineConfig, stages: list[str] | tuple[str, ...] = STAGES[:-1],
                    ) -> str | None:  # fmt: skip
     """Why the run folder's outputs (those of `stages`; default: all a registration reads) are not what
@@ -201,12 +208,12 @@ def made_otherwise(run_dir: Path, cfg: PipelineConfig, stages: list[str] | tuple
         stamp = read_json(_stamp(run_dir, stage))
         if "config" not in stamp:
             continue
-        at = pinned if stage == "tokenize" else cfg
-        now, then = _flat(config_view(at, stage).model_dump(mode="json")), _flat(stamp["config"])
-        # A key new or gone since it ran (another edgar-tune) is taken as it was.
-        if moved := [k for k in now if k in then and now[k] != then[k] and reads_key(stage, at, k)]:
-            why[stage] = (f"`{stage}` ran with " + ", ".join(f"{k}={then[k]!r}" for k in moved) + ", where "
-                          "config.yaml says " + ", ".join(f"{k}={now[k]!r}" for k in moved))  # fmt: skip
+        # tokenize ran at the commit it recorded, or as asked where the hub named none when the run began
+        moved = min((_moved(stage, at, stamp["config"]) for at in ([cfg, pinned] if stage == "tokenize" else [cfg])),
+                    key=len)  # fmt: skip
+        if moved:
+            why[stage] = (f"`{stage}` ran with " + ", ".join(f"{k}={then!r}" for k, then, _ in moved) + ", where "
+                          "config.yaml says " + ", ".join(f"{k}={now!r}" for k, _, now in moved))  # fmt: skip
         elif moved := [n for n in READS[stage] if folder_digest(Path(run_dir) / n, files) != stamp["reads"].get(n)]:
             why[stage] = f"`{stage}` read {' and '.join(moved)} as {'they were' if len(moved) > 1 else 'it was'} " \
                          "before a later change (a stage run again by hand)"

@@ -13,6 +13,7 @@ from tasks.cache import (
     CODE,
     STAGES,
     FileDigests,
+    at_commit,
     changed,
     config_view,
     folder_digest,
@@ -28,7 +29,7 @@ from tasks.cache import (
     stage_inputs,
     stage_key,
 )
-from tasks.io import DOWNLOAD, TRAIN, sha256_file
+from tasks.io import DOWNLOAD, TOKENIZE, TRAIN, sha256_file
 
 
 def _keys(run_dir: Path, **overrides) -> dict[str, str]:
@@ -133,6 +134,20 @@ def test_a_registration_vouches_only_for_outputs_made_as_the_run_says(tmp_path):
     record(tmp_path, "evaluate-base", "key")  # a stamp from before stamps recorded what they read: as it is
     record(tmp_path, "evaluate", "key")
     assert made_otherwise(tmp_path, cfg) is None
+
+
+def test_tokenize_is_compared_at_the_commit_it_recorded(tmp_path):
+    """A hub id's revision (`main`) is keyed as the commit the run resolved; config.yaml keeps what was asked."""
+    asked, commit = load_config("tiny", {"model.name": "org/model"}), "c" * 40
+    (tmp_path / TOKENIZE).mkdir()
+    (tmp_path / TOKENIZE / "stats.json").write_text(json.dumps({"base_model": {"revision": commit}}))
+    for cfg in (at_commit(asked, commit), asked):  # as the flow keys it; as asked, where the hub named no commit
+        inputs = stage_inputs("tokenize", str(tmp_path), tmp_path, cfg)
+        record(tmp_path, "tokenize", key_of(inputs), inputs)
+        assert made_otherwise(tmp_path, asked, ["tokenize"]) is None
+    says = made_otherwise(tmp_path, load_config("tiny", {"model.name": "org/model", "model.revision": "v2"}),
+                          ["tokenize"])  # fmt: skip
+    assert "`tokenize` ran with model.revision=None, where config.yaml says model.revision='v2'" in says
 
 
 def test_every_stage_module_is_in_some_stage_code_version():
