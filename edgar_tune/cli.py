@@ -92,12 +92,13 @@ def cmd_stage(args: argparse.Namespace) -> int:
     """Run one stage of a local run folder in this process, without Prefect and without its dependents."""
     from edgar_tune.config import RerunNeeded, load_run_config
     from tasks import stages
-    from tasks.cache import at_commit, config_view, forget, key_of, record, stage_inputs
+    from tasks.cache import at_commit, forget, key_of, record, stage_inputs, stage_overrides
     from tasks.io import TOKENIZE, read_json
     from tasks.storage import RunFolder
 
     run_dir = Path(args.run).resolve()
     cfg = load_run_config(run_dir, args.set)
+    changes = stage_overrides(args.name, load_run_config(run_dir), cfg)  # one it does not read is refused
     calls = {
         "download": lambda: stages.download_filings.fn(run_dir, cfg.data),
         "parse": lambda: stages.extract_sections.fn(run_dir, cfg),
@@ -114,14 +115,18 @@ def cmd_stage(args: argparse.Namespace) -> int:
             result = calls[args.name]()
         except RerunNeeded as err:
             raise err.for_run(args.run) from None
-        # Made as config.yaml says (no --set that it reads): stamped as the flow stamps it, with what it read, so a
-        # later registration vouches for it. With --set it stays unstamped: the next run makes it again.
-        view = config_view(cfg, args.name).model_dump(mode="json")
-        if view == config_view(load_run_config(run_dir), args.name).model_dump(mode="json"):
+        # Made as config.yaml says: stamped as the flow stamps it, with what it read, so that a registration
+        # vouches for it. Made with --set: unstamped, so that a registration refuses it and the next run remakes it.
+        if not changes:
             if args.name == "tokenize":  # keyed, as in the flow, on the commit it tokenized at
                 cfg = at_commit(cfg, read_json(run_dir / TOKENIZE / "stats.json")["base_model"].get("revision"))
             inputs = stage_inputs(args.name, folder.ref, run_dir, cfg)
             record(run_dir, args.name, key_of(inputs), inputs)
+        elif args.name != "register":
+            said = ", ".join(f"{k}={new!r} (config.yaml: {old!r})" for k, (old, new) in changes.items())
+            print(f"edgar-tune: {args.name} ran with {said}, which config.yaml does not hold: a registration refuses "
+                  f"its outputs until `edgar-tune rerun {args.name} --run {args.run}` makes them again (with the "
+                  "same --set, to keep the change)", file=sys.stderr)  # fmt: skip
     print(json.dumps({k: v for k, v in result.items() if k != "memory_plan"}, indent=2, default=str))
     return 0
 

@@ -120,6 +120,11 @@ def reads_key(stage: str, cfg: PipelineConfig, key: str) -> bool:
     return any(key == k or key.startswith(f"{k}.") for k in stage_reads(stage, cfg))
 
 
+def _and(names: list[str]) -> str:
+    """`a`, `a and b`, `a, b and c`."""
+    return ", ".join(names[:-1]) + " and " * (len(names) > 1) + names[-1]
+
+
 def rerun_stages(stage: str) -> tuple[list[str], list[str]]:
     """What `edgar-tune rerun STAGE` runs: (every stage, in order; those forced): `stage` and its dependents,
     forced, and where that holds one of the two evaluations the other one too, through the cache (Cached when
@@ -140,13 +145,34 @@ def rerun_refusal(stage: str, before: PipelineConfig, after: PipelineConfig, run
         readers = {s for s in STAGES if s != "register" and any(reads_key(s, c, key) for c in (before, after))}
         missed = [s for s in STAGES if s in readers - set(todo)]
         if missed:
-            named = ", ".join(missed[:-1]) + " and " * (len(missed) > 1) + missed[-1]
+            named = _and(missed)
             start = next(s for s in reversed(STAGES) if readers <= set(rerun_stages(s)[0]))
             return (f"`{key}` is read by {named}, which `rerun {stage}` does not run: the run's config.yaml and "
                     f"registered version would say {new[key]!r} of outputs made with {old.get(key)!r}. Rerun from "
                     f"`{start}` with the same change (edgar-tune rerun {start} --run {run} --set ...), or start a "
                     "new run")  # fmt: skip
     return None
+
+
+def stage_overrides(stage: str, before: PipelineConfig, after: PipelineConfig) -> dict[str, tuple]:
+    """What `edgar-tune stage STAGE --set ...` changes from `before` (the run's config.yaml) to `after` that the
+    stage's key reads: {key: (old, new)}. Outputs made so are left unstamped (config.yaml does not hold them).
+
+    Raises:
+        ConfigError: a changed key the stage does not read, which would change nothing it does (register reads only
+            `registry`: it records the rest as config.yaml has it; train reads it too, for its live curves).
+    """
+    old, new = flat_params(before), flat_params(after)
+    moved = {k: (old.get(k), new[k]) for k in new if new[k] != old.get(k)}
+    for key in moved:
+        logs = key.startswith("registry.") and stage in ("train", "register")  # train's live curves go to MLflow too
+        if logs or (stage != "register" and reads_key(stage, after, key)):
+            continue
+        readers = [s for s in STAGES[:-1] if reads_key(s, after, key)] or ["register"]
+        raise ConfigError(f"`{key}` is not read by `{stage}`, so --set would change nothing it does; {_and(readers)} "
+                          f"{'read' if len(readers) > 1 else 'reads'} it (`edgar-tune stage {readers[0]} --set "
+                          f"...`, or `edgar-tune rerun` to record the change in config.yaml)")  # fmt: skip
+    return {k: v for k, v in moved.items() if reads_key(stage, after, k)}
 
 
 def rerun_config(stage: str, run_dir: Path, overrides: dict | list[str] | None, ref: str) -> PipelineConfig:

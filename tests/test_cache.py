@@ -7,7 +7,9 @@ import os
 import time
 from pathlib import Path
 
-from edgar_tune.config import REPO_ROOT, load_config
+import pytest
+
+from edgar_tune.config import REPO_ROOT, ConfigError, load_config
 from tasks import cache
 from tasks.cache import (
     CODE,
@@ -28,6 +30,7 @@ from tasks.cache import (
     rerun_stages,
     stage_inputs,
     stage_key,
+    stage_overrides,
 )
 from tasks.io import DOWNLOAD, TOKENIZE, TRAIN, sha256_file
 
@@ -134,6 +137,28 @@ def test_a_registration_vouches_only_for_outputs_made_as_the_run_says(tmp_path):
     record(tmp_path, "evaluate-base", "key")  # a stamp from before stamps recorded what they read: as it is
     record(tmp_path, "evaluate", "key")
     assert made_otherwise(tmp_path, cfg) is None
+
+
+def test_a_stage_run_by_hand_takes_only_the_keys_it_reads():
+    """`edgar-tune stage STAGE --set KEY=VALUE` for a key the stage does not read changed nothing, silently; it is
+    refused, naming the stages that read it. One it reads is returned: the outputs it makes are left unstamped."""
+    run = load_config("tiny")
+
+    def stage(name: str, **changes) -> dict:
+        return stage_overrides(name, run, load_config("tiny", changes))
+
+    assert stage("train", **{"train.learning_rate": 0.01, "eval.max_val_samples": 16}) == {
+        "train.learning_rate": (0.003, 0.01), "eval.max_val_samples": (-1, 16)}  # fmt: skip
+    assert stage("train", **{"registry.tracking_uri": "http://mlflow:5000"}) == {}  # its live curves: not its key
+    assert stage("register", **{"registry.model_name": "other"}) == {"registry.model_name": ("edgar-tune-10k", "other")}
+    with pytest.raises(ConfigError, match=r"^`train.learning_rate` is not read by `evaluate`, so --set would change "
+                       r"nothing it does; train reads it \(`edgar-tune stage train --set \.\.\.`, or `edgar-tune "
+                       r"rerun` to record the change in config.yaml\)$"):  # fmt: skip
+        stage("evaluate", **{"train.learning_rate": 0.01})
+    with pytest.raises(ConfigError, match="`train.learning_rate` is not read by `register`"):  # it records config.yaml
+        stage("register", **{"train.learning_rate": 0.01})
+    with pytest.raises(ConfigError, match="download, parse and tokenize read it"):
+        stage("train", **{"data.tickers": ["MSFT"]})
 
 
 def test_tokenize_is_compared_at_the_commit_it_recorded(tmp_path):

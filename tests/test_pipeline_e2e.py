@@ -732,6 +732,8 @@ def test_a_registration_vouches_only_for_stages_made_as_config_yaml_says(tiny_ru
             "eval.stride=32")  # before Prefect starts  # fmt: skip
     assert cli("stage", "evaluate").returncode == 0
     refused(("stage", "register", *store), base)  # the two perplexities, compared, from other windows
+    proc = cli("stage", "evaluate-base", "--set", "train.learning_rate=0.01")  # changes nothing it does
+    assert proc.returncode == 2 and "`train.learning_rate` is not read by `evaluate-base`" in proc.stderr, proc.stderr
     assert cli("stage", "evaluate-base").returncode == 0
     proc = cli("stage", "register", *store)
     assert proc.returncode == 0, proc.stderr[-3000:]
