@@ -227,6 +227,8 @@ def made_otherwise(run_dir: Path, cfg: PipelineConfig, stages: list[str] | tuple
     files = run_digests(run_dir)
     why: dict[str, str] = {}
     for stage in stages:
+        if not (Path(run_dir) / OUTPUTS[stage]).exists():
+            continue  # nothing to vouch for: what reads it says it is missing (the flow before its first stage)
         if not _stamp(run_dir, stage).exists():
             why[stage] = (f"`{stage}`'s outputs carry no record of what made them (`edgar-tune stage {stage} --set "
                           "...` leaves none, as does a stage stopped part-way)")  # fmt: skip
@@ -242,7 +244,7 @@ def made_otherwise(run_dir: Path, cfg: PipelineConfig, stages: list[str] | tuple
                           "config.yaml says " + ", ".join(f"{k}={now!r}" for k, _, now in moved))  # fmt: skip
         elif moved := [n for n in READS[stage] if folder_digest(Path(run_dir) / n, files) != stamp["reads"].get(n)]:
             why[stage] = f"`{stage}` read {' and '.join(moved)} as {'they were' if len(moved) > 1 else 'it was'} " \
-                         "before a later change (a stage run again by hand)"
+                         "before a later change (a stage run again by hand, or a file written there since)"
     files.save()
     if not why:
         return None

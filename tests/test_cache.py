@@ -13,6 +13,7 @@ from edgar_tune.config import REPO_ROOT, ConfigError, load_config
 from tasks import cache
 from tasks.cache import (
     CODE,
+    OUTPUTS,
     STAGES,
     FileDigests,
     at_commit,
@@ -102,7 +103,9 @@ def test_a_registration_vouches_only_for_outputs_made_as_the_run_says(tmp_path):
     perplexities describe its weights: not after config.yaml was edited, a stage was run again by hand, or run
     with `--set` (which leaves no stamp)."""
     cfg = load_config("tiny")
-    (tmp_path / TRAIN).mkdir()
+    for stage in STAGES[:-1]:  # the outputs a registration reads
+        (tmp_path / OUTPUTS[stage]).parent.mkdir(exist_ok=True)
+        (tmp_path / OUTPUTS[stage]).write_text(json.dumps({"filings": [], "base_model": {}}))
     (tmp_path / TRAIN / "adapter.safetensors").write_bytes(b"before")
     for stage in STAGES[:-1]:
         inputs = stage_inputs(stage, str(tmp_path), tmp_path, cfg)
@@ -126,7 +129,8 @@ def test_a_registration_vouches_only_for_outputs_made_as_the_run_says(tmp_path):
 
     (tmp_path / TRAIN / "adapter.safetensors").write_bytes(b"after")  # `edgar-tune stage train` again
     says = made_otherwise(tmp_path, cfg)
-    assert "`evaluate` read 04_train as it was before a later change (a stage run again by hand)" in says
+    assert "`evaluate` read 04_train as it was before a later change (a stage run again by hand, or a file " \
+           "written there since)" in says  # fmt: skip
     assert "Rerun from `evaluate` (`edgar-tune rerun evaluate --run RUN`)" in says
     forget(tmp_path, "evaluate-base")  # `stage evaluate-base --set eval.stride=32`: no stamp
     says = made_otherwise(tmp_path, cfg)
@@ -136,6 +140,9 @@ def test_a_registration_vouches_only_for_outputs_made_as_the_run_says(tmp_path):
     assert "Rerun from `evaluate` " in says  # which runs both evaluations
     record(tmp_path, "evaluate-base", "key")  # a stamp from before stamps recorded what they read: as it is
     record(tmp_path, "evaluate", "key")
+    assert made_otherwise(tmp_path, cfg) is None
+    forget(tmp_path, "train")
+    (tmp_path / OUTPUTS["train"]).unlink()  # an output that is not there: the stage that reads it says so
     assert made_otherwise(tmp_path, cfg) is None
 
 
