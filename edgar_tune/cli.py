@@ -136,6 +136,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from tasks import memory
 
     targets = args.lora_targets.split(",") if args.lora_targets else None
+    where = _plan_where(args)  # flags that cannot go together are refused before the model's config is read
     model, shown = _plan_model(args.model, args.revision)
     try:
         shape = memory.model_shape(model, args.mode, args.lora_r, targets)
@@ -147,7 +148,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
                           "(gated models need `hf auth login`), or give a local folder with its config.json"
                           ) from err  # fmt: skip
     quant = {"none": None, "int8": "int8", "int4": "nf4"}[args.quantization]
-    where = _plan_where(args)
     kw = dict(nproc=args.nproc, seq=args.seq, batch=args.batch, mode=args.mode, precision=args.precision,
               quantization=quant, gradient_checkpointing=not args.no_gradient_checkpointing,
               checkpoint_layers=args.checkpoint_layers, fused_loss=not args.materialized_logits,
