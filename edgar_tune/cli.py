@@ -11,7 +11,7 @@ import signal
 import sys
 from pathlib import Path
 
-from edgar_tune.signals import keep_signals, signal_behind
+from edgar_tune.signals import keep_signals, release_leaked_locks, signal_behind
 
 # Offline-friendly defaults, set before Prefect or MLflow are imported (both read them at import).
 _ENV_DEFAULTS = {
@@ -644,6 +644,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)  # fmt: skip
         raise SystemExit(128 + sig) from err
     finally:
+        release_leaked_locks()  # an interrupt that cut a logging call short must not hang the exit (signals.py)
         for sig, handler in before.items():
             signal.signal(sig, handler)
 

@@ -13,10 +13,17 @@ run by the garbage collector in the middle of an `open()`), the handler's except
 in ..." and dropped, and the run goes on as if no signal had come. A fresh clone's suite once saw a run go on after
 its SIGTERM; 33 runs signalled in a loop here lost 1 so, in regex's `Group.__del__` during an import of
 transformers. `keep_signals` delivers such a signal again.
+
+A handler's exception raised between a lock's `acquire()` and the `try` that releases it leaves the lock held by
+the main thread for good. Logging's module lock, left so by Ctrl-C, hung a run at exit: Prefect's events worker
+waited for the lock to log a debug line, while the main thread, at interpreter shutdown, waited for that worker to
+drain (a fresh clone's suite: a CLI run that outlived its SIGINT by 60 s, its threads' stacks dumped). On the way
+out of a run, `release_leaked_locks` releases the logging locks the main thread still holds.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -90,3 +97,23 @@ def keep_signals() -> None:
             again.start()
 
     sys.unraisablehook = hook
+
+
+def release_leaked_locks() -> None:
+    """Release logging's module lock and its handlers' locks where this thread holds them: call it only where no
+    logging call is on this thread's stack, so that any hold is one an exception cut short (see above)."""
+    handlers = [ref() for ref in list(logging._handlerList)]  # weak references, as logging keeps them
+    for lock in [logging._lock, *(h.lock for h in handlers if h is not None)]:
+        while lock is not None and lock._is_owned():
+            lock.release()
+
+
+@contextmanager
+def leaked_locks_released() -> Iterator[None]:
+    """A run's body: an exception out of it (Ctrl-C's KeyboardInterrupt, a signal's SystemExit) releases the
+    logging locks it cut short, before the engine's handlers and the interpreter's exit need other threads."""
+    try:
+        yield
+    except BaseException:
+        release_leaked_locks()
+        raise

@@ -27,7 +27,7 @@ from prefect.runtime import flow_run
 
 from edgar_tune.config import ConfigError, PipelineConfig, RerunNeeded, RunParameters, flow_run_id
 from edgar_tune.reaper import watch_embedded_server
-from edgar_tune.signals import as_signal, keep_signals
+from edgar_tune.signals import as_signal, keep_signals, leaked_locks_released
 from flows.logs import logs_into_the_flow_run
 from tasks.cache import (
     OUTPUTS,
@@ -73,8 +73,9 @@ def edgar_tune_pipeline(params: RunParameters = RunParameters()) -> dict:  # noq
     """Domain-adapt a causal LM to 10-K filings and register it; returns the run summary."""
     watch_embedded_server()
     keep_signals()  # a SIGTERM (a cancelled run, `timeout`) that lands in a finalizer is not lost
-    cfg = params.load()
-    return run_stages(RunFolder.open(params.out_dir), cfg, STAGES, wait=params.if_busy == "wait")
+    with leaked_locks_released():  # nor does one that cuts a logging call short hang the exit
+        cfg = params.load()
+        return run_stages(RunFolder.open(params.out_dir), cfg, STAGES, wait=params.if_busy == "wait")
 
 
 @flow(name="edgar-tune-rerun", log_prints=True)
@@ -92,14 +93,15 @@ def edgar_tune_rerun(stage: Stage, run: str, overrides: dict | None = None,
     """
     watch_embedded_server()
     keep_signals()
-    folder = RunFolder.open(resolve_run(run))
-    folder.pull(["config.yaml"])
-    rerun_config(stage, folder.local, overrides, folder.ref)  # a bad key fails now, not after a wait
-    with _holding(folder, if_busy == "wait"):
-        folder.pull(["config.yaml"])  # as the run that held the folder left it
-        cfg = rerun_config(stage, folder.local, overrides, folder.ref)
-        todo, forced = rerun_stages(stage)
-        return _run_stages(folder, cfg, todo, force=forced)
+    with leaked_locks_released():
+        folder = RunFolder.open(resolve_run(run))
+        folder.pull(["config.yaml"])
+        rerun_config(stage, folder.local, overrides, folder.ref)  # a bad key fails now, not after a wait
+        with _holding(folder, if_busy == "wait"):
+            folder.pull(["config.yaml"])  # as the run that held the folder left it
+            cfg = rerun_config(stage, folder.local, overrides, folder.ref)
+            todo, forced = rerun_stages(stage)
+            return _run_stages(folder, cfg, todo, force=forced)
 
 
 def resolve_run(run: str) -> str:
