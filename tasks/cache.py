@@ -336,9 +336,30 @@ def run_digests(run_dir: Path) -> FileDigests:
     return FileDigests(Path(run_dir) / ".stages" / "digests.json")
 
 
+def stage_files(folder: Path) -> list[Path]:
+    """The files of a stage folder that its readers read, sorted: all of them but the cache files that datasets
+    writes beside a saved dataset (`cache-*.arrow`) when a notebook maps or filters it there, which
+    `load_from_disk` never reads (it reads what the folder's state.json names). Counted, such a file made the next
+    run train again on the same blocks (and register the same weights as a new version)."""
+    found = sorted(p for p in Path(folder).rglob("*") if p.is_file())
+    saved = {p.parent: names for p in found if p.name == "state.json" and (names := _saved_dataset(p)) is not None}
+    return [p for p in found if p.parent not in saved or p.name in saved[p.parent]]
+
+
+def _saved_dataset(state: Path) -> set[str] | None:
+    """The files `datasets.load_from_disk` reads in the folder of `state` (a saved dataset's state.json), or None
+    where `state` is not one."""
+    try:
+        named = {f["filename"] for f in read_json(state)["_data_files"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return named | {"state.json", "dataset_info.json"}
+
+
 def folder_digest(folder: Path, files: FileDigests | None = None) -> str:
-    """sha256 over every file of a folder (relative path and the sha256 of its bytes), in sorted order; "absent" if
-    the folder is missing. `files` hashes each file (a memo of earlier reads; none: read every byte).
+    """sha256 over every file of a folder that its readers read (`stage_files`: relative path and the sha256 of its
+    bytes), in sorted order; "absent" if the folder is missing. `files` hashes each file (a memo of earlier reads;
+    none: read every byte).
 
     The download manifest is hashed without the filings' `root` (where this machine keeps them): the filings
     are identified by their sha256, so another worker's copy of the same filings gives the same digest.
@@ -348,7 +369,7 @@ def folder_digest(folder: Path, files: FileDigests | None = None) -> str:
         return "absent"
     files = files or FileDigests()
     digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+    for path in stage_files(folder):
         digest.update(str(path.relative_to(folder)).encode() + b"\x00")
         if folder.name == DOWNLOAD and path.name == "manifest.json":
             manifest = read_json(path)
@@ -403,9 +424,9 @@ def stage_key(stage: str, run_ref: str, run_dir: Path, cfg: PipelineConfig) -> s
 
 
 def read_stamps(run_dir: Path, stage: str) -> dict[str, tuple[int, int, int, int]]:
-    """`file_stamp` of every file in the folders `stage` reads: taken before and after it runs, they show a stage
-    that changed its inputs (its recorded key would then never match again)."""
-    files = (p for name in READS[stage] for p in (Path(run_dir) / name).rglob("*") if p.is_file())
+    """`file_stamp` of every file read in the folders `stage` reads (`stage_files`): taken before and after it
+    runs, they show a stage that changed its inputs (its recorded key would then never match again)."""
+    files = (p for name in READS[stage] for p in stage_files(Path(run_dir) / name))
     return {str(p.relative_to(run_dir)): file_stamp(p) for p in files}
 
 

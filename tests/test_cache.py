@@ -200,6 +200,28 @@ def test_download_digest_ignores_where_this_machine_keeps_the_filings(tmp_path):
     assert folder_digest(manifest(tmp_path / "a", "/home/a/.cache")) == folder_digest(manifest(tmp_path / "b", "/b"))
 
 
+def test_a_notebooks_filter_on_the_tokenized_blocks_moves_no_key(tmp_path):
+    """`load_from_disk(RUN/03_tokenize/train).filter(...)` in a notebook writes datasets' cache file beside the
+    blocks; counted, it moved train's key, and the next run trained again on the same blocks and registered the same
+    weights as a new version (seen on a tiny run). Only what `load_from_disk` reads counts now; new blocks do."""
+    from datasets import Dataset, load_from_disk
+
+    train = tmp_path / "03_tokenize" / "train"
+    Dataset.from_dict({"input_ids": [[i] * 4 for i in range(50)]}).save_to_disk(str(train))
+    keys, stamps = _keys(tmp_path), read_stamps(tmp_path, "train")
+    assert len(load_from_disk(str(train)).filter(lambda row: row["input_ids"][0] % 2 == 0)) == 25
+    assert [p.name for p in train.glob("cache-*.arrow")]  # as a notebook leaves it
+    assert _keys(tmp_path) == keys and not changed(stamps, read_stamps(tmp_path, "train"))
+    Dataset.from_dict({"input_ids": [[i] * 4 for i in range(49)]}).save_to_disk(str(train))  # new blocks
+    assert _keys(tmp_path)["train"] != keys["train"]
+    # beside files that are not a saved dataset's (here a state.json of another kind), every file counts
+    (tmp_path / "04_train").mkdir()
+    (tmp_path / "04_train" / "state.json").write_text("{}")
+    before = folder_digest(tmp_path / "04_train")
+    (tmp_path / "04_train" / "cache-0.arrow").write_bytes(b"x")
+    assert folder_digest(tmp_path / "04_train") != before
+
+
 def test_a_stamp_stands_only_with_its_outputs_and_its_key(tmp_path):
     record(tmp_path, "train", "k1")
     assert not is_current(tmp_path, "train", "k1")  # no 04_train/stats.json

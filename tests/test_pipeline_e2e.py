@@ -739,10 +739,13 @@ def test_a_registration_vouches_only_for_stages_made_as_config_yaml_says(tiny_ru
     folders as they stand: tests/test_cache.py) and says which rerun remakes the rest; `stage` stamps what it
     made as the flow does, so that stages run by hand, one by one, register."""
     import mlflow
+    from datasets import load_from_disk
 
     runs, _ = tiny_run
     run = tmp_path / "run"
     shutil.copytree(runs / "latest", run)  # another folder: a version of its own
+    # a notebook's look at the blocks leaves datasets' cache file beside them, which changes nothing
+    assert load_from_disk(str(run / "03_tokenize" / "train")).filter(lambda row: row["input_ids"][0] > 0).cache_files
     config = run / "config.yaml"
     config.write_text(config.read_text().replace("stride: 64", "stride: 128"))  # windows apart: half the work
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
