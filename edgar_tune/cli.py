@@ -228,9 +228,8 @@ def _plan_model(name: str, revision: str | None = None) -> tuple[str, str]:
         ConfigError: tiny-llama (built from each run's text), a name that is no model, or a revision of anything
             but a hub id, or one the hub's repo lacks (`check_model_name`).
     """
-    from edgar_tune.config import ConfigError
+    from edgar_tune.config import ConfigError, base_shown
     from tasks.models import SMOLLM2, TINY, check_model_name, pinned, smollm2_dir
-    from tasks.registry import base_shown
 
     if name == TINY:
         raise ConfigError(f"`{TINY}` is built from each run's own text; plan a run's copy of it: "
@@ -353,7 +352,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 
     import mlflow
 
-    from tasks.registry import base_shown, versions
+    from edgar_tune.config import base_shown
+    from tasks.registry import versions
 
     uri = _store_uri(args.tracking_uri)
     try:

@@ -20,6 +20,13 @@ TINY = "tiny-llama"
 PRESETS_DIR = REPO_ROOT / "configs" / "presets"
 
 
+def base_shown(name: str, revision: str | None) -> str:
+    """A base model as people read it (`edgar-tune models` and `plan`, the run summary): a hub id with the commit
+    its run loaded, as git shows one (`org/model@abc1234`), else its name or folder. Here, not beside
+    `tasks.models.pinned`, so that `models` and `plan` import neither torch nor MLflow for it."""
+    return f"{name}@{revision[:7]}" if revision else name
+
+
 DEEPSPEED_PRESETS = ("zero2", "zero3", "zero3-offload")  # configs/deepspeed/NAME.json
 TEXT_SUFFIXES = (".txt", ".csv", ".json", ".jsonl")
 

@@ -336,7 +336,7 @@ def _compared(c: dict | None) -> str:
 
 def _base(ref: dict | None) -> str:
     """The run's base for its summary: a hub id at its commit, a folder, or a model the run built."""
-    from tasks.registry import base_shown
+    from edgar_tune.config import base_shown
 
     if not ref:
         return "-"

@@ -108,12 +108,6 @@ class EdgarTuneLM(mlflow.pyfunc.PythonModel):
         return out
 
 
-def base_shown(name: str, revision: str | None) -> str:
-    """A base as people read it (`edgar-tune models`, the run summary): a hub id with the commit its run loaded, as
-    git shows one (`org/model@abc1234`), else its name or folder."""
-    return f"{name}@{revision[:7]}" if revision else name
-
-
 def version_artifacts(local: Path) -> tuple[dict[str, str], dict[str, str]]:
     """A downloaded version's artifacts (name -> local path: `weights`, and `base` where it carries its base) and
     its model config (`base_model`, `weights`: adapter or model, `base_revision` for a hub base whose commit its
