@@ -48,8 +48,8 @@ if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-# Seconds each test file took on 2 cores (its tests' setup and calls; 2026-12-01, 28 minutes in all, less the tests
-# that moved to `make test-slow` on 2026-12-02), for
+# Seconds each test file took on 2 cores (its tests' setup and calls; the mean of two fresh-clone `make test` runs on
+# 2026-12-03, 2094 s and 2253 s in all), for
 # `make test`'s order: pytest-xdist's `--dist loadfile` hands each worker a whole file when it is almost done with
 # the one before, and by default takes the files with the most tests first. That left the 6 tests of
 # test_prefect_server.py (9 minutes) for last, on one worker, while the other had nothing left: pytest took 28
@@ -58,11 +58,11 @@ if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
 # (it may be long: a long file handed out last costs minutes, a short one handed out first nothing); the figures
 # need only be roughly right.
 FILE_SECONDS = {
-    "test_prefect_server": 315, "test_pipeline_e2e": 400, "test_storage": 300, "test_registry": 110,
-    "test_serving": 349, "test_resume": 170, "test_kernels": 178, "test_memory": 70, "test_config": 125,
-    "test_textdata": 101, "test_deepspeed": 92, "test_speed_options": 80, "test_download": 18, "test_io": 18,
-    "test_perplexity": 18, "test_sections": 9, "test_progress": 3, "test_makefile": 3, "test_lora_targets": 1,
-    "test_cache": 1, "test_prefect_yaml": 1, "test_blocks": 1,
+    "test_pipeline_e2e": 457, "test_prefect_server": 328, "test_serving": 319, "test_resume": 278, "test_storage": 228,
+    "test_memory": 113, "test_registry": 103, "test_speed_options": 66, "test_config": 66, "test_kernels": 61,
+    "test_textdata": 54, "test_deepspeed": 49, "test_download": 17, "test_sections": 10, "test_io": 8,
+    "test_perplexity": 8, "test_progress": 3, "test_prefect_yaml": 2, "test_makefile": 1, "test_lora_targets": 1,
+    "test_cache": 1, "test_blocks": 1, "test_allocator": 1,
 }  # fmt: skip
 
 
