@@ -33,8 +33,9 @@ def test_block_length_follows_jumpstart_rule(tmp_path):
 
 
 def test_max_train_samples_draws_blocks_without_writing_into_the_tokenize_folder(tmp_path):
-    # datasets writes a shuffle's index into the dataset's folder unless told not to: 03_tokenize would change
-    # under its own cache key, so every later run would see new inputs and train again.
+    # datasets writes a shuffle's index into the dataset's folder unless told not to: the train stage would write
+    # into 03_tokenize, which it only reads. (That folder's digest now leaves datasets' cache files out: counted,
+    # such a file moved train's key, and every later run trained again.)
     from datasets import Dataset
 
     from edgar_tune.config import TrainConfig
