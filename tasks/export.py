@@ -178,7 +178,8 @@ def export_version(client, name: str, version: str, out: str | Path, adapter: bo
             del model
         elif not adapter:
             gb = model.num_parameters() * chosen.itemsize / 1e9
-            _check_room(out, gb, "merged weights", ", or --dtype bfloat16" if chosen == torch.float32 else "")
+            what = "base model's weights" if base else "fine-tuned weights" if full else "merged weights"
+            _check_room(out, gb, what, ", or --dtype bfloat16" if chosen == torch.float32 else "")
             log.info("writing %s (%.2f GB in %s) to %s", described(provenance), gb, str(chosen).removeprefix("torch."),
                      out)  # fmt: skip
             model.save_pretrained(tmp)
@@ -229,8 +230,8 @@ def _check_room(out: Path, gb: float, what: str, smaller: str) -> None:
         ConfigError: less free than `gb` and 5%, saying what would fit (`smaller`).
     """
     if (free := shutil.disk_usage(out.parent).free / 1e9) < gb * 1.05:
-        raise ConfigError(f"{out.parent} has {free:.1f} GB free, and the {what} takes {gb:.1f} GB: free space there "
-                          f"or export elsewhere{smaller}. Nothing was written")  # fmt: skip
+        raise ConfigError(f"{out.parent} has {free:.1f} GB free, and writing the {what} takes {gb:.1f} GB: free "
+                          f"space there or export elsewhere{smaller}. Nothing was written")  # fmt: skip
 
 
 def _gguf_metadata(p: dict) -> dict:
