@@ -110,6 +110,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
     }
     folder = RunFolder.open(str(run_dir))
     with folder.lock(stage=args.name):  # not while a run works in the folder
+        folder.name_run()
         forget(run_dir, args.name)  # until it has written all it writes
         try:
             result = calls[args.name]()
@@ -120,7 +121,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
         if not changes:
             if args.name == "tokenize":  # keyed, as in the flow, on the commit it tokenized at
                 cfg = at_commit(cfg, read_json(run_dir / TOKENIZE / "stats.json")["base_model"].get("revision"))
-            inputs = stage_inputs(args.name, folder.ref, run_dir, cfg)
+            inputs = stage_inputs(args.name, folder.keyed_as, run_dir, cfg)
             record(run_dir, args.name, key_of(inputs), inputs)
         elif args.name != "register":
             said = ", ".join(f"{k}={new!r} (config.yaml: {old!r})" for k, (old, new) in changes.items())

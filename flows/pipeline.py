@@ -162,6 +162,7 @@ def _run_stages(folder: RunFolder, cfg: PipelineConfig, todo: tuple[str, ...] | 
         raise RerunNeeded(why).for_run(folder.ref)
     atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.model_dump(), sort_keys=False))
     folder.push(["config.yaml"])
+    folder.name_run()
     flow_run_id = str(flow_run.id) if flow_run.id else None
     timings: dict[str, float] = {}
     states: dict[str, str] = {s: "skipped" for s in skipped}
@@ -228,7 +229,7 @@ def _must_run(folder: RunFolder, cfg: PipelineConfig, stage: str, force: bool) -
     reads (`stage_inputs`)."""
     run_dir = folder.local
     folder.pull([f".stages/{stage}.json", OUTPUTS[stage].split("/")[0]])
-    inputs = stage_inputs(stage, folder.ref, run_dir, cfg)
+    inputs = stage_inputs(stage, folder.keyed_as, run_dir, cfg)
     key = key_of(inputs)
     fresh = force or not is_current(run_dir, stage, key) or (stage == "download" and _ask_again(run_dir, cfg))
     return fresh, key, inputs

@@ -296,21 +296,34 @@ class FileDigests:
     can set it back), an atomic rewrite moves the inode, and a file whose stamps are younger than `_SETTLED_NS` is
     hashed again every time (as git does with its index), so a remembered digest stands only for bytes that have
     not changed since they were read.
+
+    Files under `root` (the run folder) are remembered by their path in it, so that a run folder moved on its
+    disk (which keeps its files' stamps) does not read its weights again; others by their full path.
     """
 
-    def __init__(self, memo: Path | None = None):
+    def __init__(self, memo: Path | None = None, root: Path | None = None):
         self.memo = memo
+        self.root = Path(root).resolve() if root is not None else None
         self.entries: dict[str, dict] = {}
         if memo is not None and memo.exists():
             try:
-                self.entries = read_json(memo)
-            except (OSError, ValueError):
+                entries = read_json(memo)
+                self.entries = {self._name(Path(n)) if Path(n).is_absolute() else n: e for n, e in entries.items()}
+            except (OSError, ValueError, AttributeError):
                 self.entries = {}  # a damaged memo only costs a re-read
         self.changed = False
 
+    def _name(self, path: Path) -> str:
+        """A file's name in the memo (a memo written before names were relative to `root` reads the same)."""
+        path = path.resolve()
+        return str(path.relative_to(self.root)) if self.root and path.is_relative_to(self.root) else str(path)
+
+    def _path(self, name: str) -> Path:
+        return self.root / name if self.root and not Path(name).is_absolute() else Path(name)
+
     def __call__(self, path: Path) -> str:
         stamp = file_stamp(path)
-        name = str(path.resolve())
+        name = self._name(Path(path))
         if (entry := self.entries.get(name)) and entry["stat"] == list(stamp):
             return entry["sha256"]
         sha = sha256_file(path)
@@ -323,7 +336,7 @@ class FileDigests:
         """Write the memo if it gained entries or holds files that are gone (deleted checkpoints, a retrained run)."""
         if self.memo is None:
             return
-        kept = {name: entry for name, entry in self.entries.items() if Path(name).is_file()}
+        kept = {name: entry for name, entry in self.entries.items() if self._path(name).is_file()}
         if self.changed or len(kept) < len(self.entries):
             self.entries = kept
             atomic_write_json(self.memo, self.entries)
@@ -333,7 +346,7 @@ class FileDigests:
 def run_digests(run_dir: Path) -> FileDigests:
     """The run folder's memo of file digests (`.stages/digests.json`): the stage keys and the download stage's
     description of users' text files hash through it."""
-    return FileDigests(Path(run_dir) / ".stages" / "digests.json")
+    return FileDigests(Path(run_dir) / ".stages" / "digests.json", root=run_dir)
 
 
 def stage_files(folder: Path) -> list[Path]:
@@ -398,8 +411,9 @@ def code_version(stage: str) -> str:
 
 
 def stage_inputs(stage: str, run_ref: str, run_dir: Path, cfg: PipelineConfig) -> dict:
-    """What `stage` of the run `run_ref` (its folder or URL) reads, from `run_dir` as it is now: the config it
-    reads, the digests of the stage folders it reads, and its code version (what `key_of` hashes)."""
+    """What `stage` of the run named `run_ref` (`RunFolder.keyed_as`: its URL, or the path it first ran at) reads,
+    from `run_dir` as it is now: the config it reads, the digests of the stage folders it reads, and its code
+    version (what `key_of` hashes)."""
     files = run_digests(run_dir)
     parts = {
         "stage": stage,
@@ -419,7 +433,8 @@ def key_of(inputs: dict) -> str:
 
 
 def stage_key(stage: str, run_ref: str, run_dir: Path, cfg: PipelineConfig) -> str:
-    """The cache key of `stage` in the run `run_ref` (its folder or URL), read from `run_dir` as it is now."""
+    """The cache key of `stage` in the run named `run_ref` (`RunFolder.keyed_as`), read from `run_dir` as it is
+    now."""
     return key_of(stage_inputs(stage, run_ref, run_dir, cfg))
 
 

@@ -35,7 +35,7 @@ from tasks.io import (
     EVALUATE, PARSE, TOKENIZE, TRAIN, Busy, cache_dir, held, holder_info, megabytes, read_json, read_jsonl, size,
 )  # fmt: skip
 from tasks.progress import CURVES, Point, clock, training_points
-from tasks.storage import folder_identity
+from tasks.storage import folder_identity, run_identity
 
 log = logging.getLogger(__name__)
 
@@ -548,10 +548,11 @@ RUN_KEY = "edgar_tune.run_key"
 
 
 def run_key(run_dir: Path) -> str:
-    """What identifies one registration: the run folder and the training that published its weights (the train
-    stage's stats.json is written once per training, so a retrained stage gets a new key)."""
+    """What identifies one registration: the run (`run_identity`, which a moved folder keeps) and the training that
+    published its weights (the train stage's stats.json is written once per training, so a retrained stage gets a
+    new key)."""
     stats = (run_dir / TRAIN / "stats.json").read_bytes()
-    return hashlib.sha256(str(run_dir.resolve()).encode() + b"\0" + stats).hexdigest()
+    return hashlib.sha256(run_identity(run_dir).encode() + b"\0" + stats).hexdigest()
 
 
 def _registered_before(client, exp_id: str, name: str, key: str) -> tuple[str, str] | None:
@@ -566,7 +567,7 @@ def _registered_before(client, exp_id: str, name: str, key: str) -> tuple[str, s
 def register_run(run_dir: Path, runs_root: Path, cfg: PipelineConfig, flow_run_id: str | None) -> dict:
     """Log params, metrics, plots and the data report; register the model; set its alias.
 
-    Idempotent: a retry that finds a version registered from the same run folder and weights (the run key tag)
+    Idempotent: a retry that finds a version registered from the same run and weights (the run key tag)
     returns that version instead of creating a second one.
     """
     uri = tracking_uri(cfg.registry.tracking_uri, runs_root)

@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 
-from tasks.io import Busy, atomic_dir, atomic_write_bytes, cache_dir, describe_holder, held, holder_info, sha256_file
+from tasks.io import (Busy, atomic_dir, atomic_write_bytes, atomic_write_json, cache_dir, describe_holder, held,
+                      holder_info, sha256_file)  # fmt: skip
 
 RESULTS = ".prefect-results"
 LOCK = ".lock"  # in the run folder (an s3:// run's working copy): held while a run or rerun works in it
@@ -63,6 +64,23 @@ def folder_identity(local: Path) -> str:
     return f"{socket.gethostname()}:{local}"
 
 
+RUN_NAME = ".stages/run.json"  # what names a local run in its keys (`run_identity`)
+
+
+def run_identity(local: Path) -> str:
+    """What names a local run in its stages' cache keys and in its registration's run key: the folder's path when a
+    run first worked in it, recorded in `.stages/run.json` (`RunFolder.name_run`), or its path as it is now where
+    there is no record. Named by its path alone, a run folder moved or renamed (`mv runs/a runs/b`, a disk
+    mounted elsewhere) ran every stage again, training included, and registered the same weights as a new version;
+    now it keeps its keys. A copy (`cp -r`) is the same run until its config or data move its keys: its stages are
+    `Cached`, and a change trains and registers as in the folder it was copied from."""
+    local = Path(local).resolve()
+    record = local / RUN_NAME
+    if record.exists():
+        return json.loads(record.read_text())["name"]
+    return str(local)
+
+
 @dataclass
 class RunFolder:
     ref: str  # what the user gave: a folder, or an s3:// URL
@@ -85,6 +103,17 @@ class RunFolder:
         local = Path(ref).resolve()
         local.mkdir(parents=True, exist_ok=True)
         return cls(str(local), local)
+
+    @property
+    def keyed_as(self) -> str:
+        """The run's name in its stages' cache keys: an s3:// run's URL, a local run's `run_identity`."""
+        return self.ref if self.remote is not None else run_identity(self.local)
+
+    def name_run(self) -> None:
+        """Record a local run's name (`run_identity`) before its first stage runs, so that it keeps it when the
+        folder moves. A folder made before runs recorded one is named by its path now: its keys stay the same."""
+        if self.remote is None and not (self.local / RUN_NAME).exists():
+            atomic_write_json(self.local / RUN_NAME, {"name": str(self.local)})
 
     # -- one run at a time ---------------------------------------------------------------------------------------
     @contextlib.contextmanager

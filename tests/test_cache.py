@@ -36,9 +36,9 @@ from tasks.cache import (
 from tasks.io import DOWNLOAD, TOKENIZE, TRAIN, sha256_file
 
 
-def _keys(run_dir: Path, **overrides) -> dict[str, str]:
+def _keys(run_dir: Path, name: str | None = None, **overrides) -> dict[str, str]:
     cfg = load_config("tiny", overrides)
-    return {s: stage_key(s, str(run_dir), run_dir, cfg) for s in STAGES}
+    return {s: stage_key(s, name or str(run_dir), run_dir, cfg) for s in STAGES}
 
 
 def test_a_training_hyperparameter_moves_only_the_training_keys(tmp_path):
@@ -232,6 +232,7 @@ def test_a_stamp_stands_only_with_its_outputs_and_its_key(tmp_path):
 
 def test_the_digest_memo_rereads_a_file_that_changed_and_only_that(tmp_path, monkeypatch):
     run = tmp_path / "run"
+    label = str(run)  # the run's name in its keys, which a move keeps (the next test)
     (run / "04_train").mkdir(parents=True)
     weights = run / "04_train" / "model.safetensors"
     weights.write_bytes(b"a" * 4096)
@@ -239,32 +240,66 @@ def test_the_digest_memo_rereads_a_file_that_changed_and_only_that(tmp_path, mon
     memo = run / ".stages" / "digests.json"
     plain = folder_digest(run / "04_train")
     # a file written just now may still change within its timestamps' resolution: it is hashed but not remembered
-    assert _keys(run)["evaluate"] and not memo.exists()
+    assert _keys(run, label)["evaluate"] and not memo.exists()
     monkeypatch.setattr(cache, "_SETTLED_NS", 0)
-    first = _keys(run)
+    first = _keys(run, label)
     entries = json.loads(memo.read_text())
-    assert entries[str(weights.resolve())]["sha256"] == sha256_file(weights)
-    assert folder_digest(run / "04_train", FileDigests(memo)) == plain  # the memo gives what reading gives
+    name = "04_train/model.safetensors"  # by its path in the run: a folder moved keeps what it remembers
+    assert entries[name]["sha256"] == sha256_file(weights)
+    assert folder_digest(run / "04_train", FileDigests(memo, run)) == plain  # the memo gives what reading gives
     # a remembered file whose stamps are unchanged is not read again: its remembered digest is what counts
-    entries[str(weights.resolve())]["sha256"] = "0" * 64
+    entries[name]["sha256"] = "0" * 64
     memo.write_text(json.dumps(entries))
-    assert folder_digest(run / "04_train", FileDigests(memo)) != plain
+    assert folder_digest(run / "04_train", FileDigests(memo, run)) != plain
+    run = run.rename(tmp_path / "moved")  # nor after the run folder moved on its disk (a file's stamps stay)
+    weights, memo = run / "04_train" / "model.safetensors", run / ".stages" / "digests.json"
+    assert folder_digest(run / "04_train", FileDigests(memo, run)) != plain
+    # a memo from before names were relative to the run reads the same
+    memo.write_text(json.dumps({str(weights.resolve()): entries[name]}))
+    assert folder_digest(run / "04_train", FileDigests(memo, run)) != plain
     memo.unlink()
-    assert _keys(run) == first
+    assert _keys(run, label) == first
     # an edit in place, same size, with the old mtime put back, still moves the key (ctime moves)
     stat = weights.stat()
     time.sleep(0.05)  # past the file system's timestamp tick (the memo's settling time does this outside tests)
     with open(weights, "r+b") as f:
         f.write(b"b")
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    moved = _keys(run)
+    moved = _keys(run, label)
     assert moved["evaluate"] != first["evaluate"] and moved["register"] != first["register"]
     assert moved["train"] == first["train"]  # train reads 03_tokenize, not its own folder
-    assert folder_digest(run / "04_train") == folder_digest(run / "04_train", FileDigests(memo)) != plain
+    assert folder_digest(run / "04_train") == folder_digest(run / "04_train", FileDigests(memo, run)) != plain
     # a file that is gone leaves the memo at the next key, so it does not grow with every retrained run
+    assert name in json.loads(memo.read_text())
     weights.unlink()
-    _keys(run)
-    assert str(weights.resolve()) not in json.loads(memo.read_text())
+    _keys(run, label)
+    assert name not in json.loads(memo.read_text())
+
+
+def test_a_run_folder_moved_keeps_its_keys_and_its_registration_key(tmp_path):
+    """A run was named in its keys by its folder's path: `mv runs/a runs/b` and the next run in it redid every
+    stage, training included, and registered the same weights as a new version (seen on a tiny run: 43.6 s, v2).
+    Its name is now the path it first ran at, recorded in the folder; a folder from before the record keeps the
+    keys its path gave it."""
+    from tasks.registry import run_key
+    from tasks.storage import RUN_NAME, RunFolder
+
+    old = RunFolder.open(str(tmp_path / "a"))
+    (old.local / "04_train").mkdir()
+    (old.local / "04_train" / "stats.json").write_text('{"steps": 10}')
+    assert old.keyed_as == str(old.local)  # no record yet: its path, as before
+    before = _keys(old.local, name=old.keyed_as)
+    registered = run_key(old.local)
+    old.name_run()
+    assert json.loads((old.local / RUN_NAME).read_text()) == {"name": str(old.local)}
+    assert _keys(old.local, name=old.keyed_as) == before  # recorded, the keys stay
+    moved = RunFolder.open(str(old.local.rename(tmp_path / "b")))
+    assert moved.keyed_as == str(tmp_path / "a")
+    assert _keys(moved.local, name=moved.keyed_as) == before and run_key(moved.local) == registered
+    moved.name_run()  # a record stands once written
+    assert moved.keyed_as == str(tmp_path / "a")
+    (moved.local / RUN_NAME).unlink()  # without it, a folder is named by where it is
+    assert _keys(moved.local, name=moved.keyed_as) != before and run_key(moved.local) != registered
 
 
 def test_read_stamps_show_a_stage_that_changed_what_it_reads(tmp_path):

@@ -239,13 +239,16 @@ def test_same_parameters_twice_is_all_cached_and_a_new_learning_rate_reuses_the_
     assert "| AMZN | 2021 | 0001018724-22-000005 | 7 | ok |" in report
 
     edgar.reset()
-    second = api.wait(api.custom_run(_params(tmp_path / "run", **sample)))
+    # The folder moved (renamed, a disk mounted elsewhere) keeps its run: named by its path, it trained again.
+    run = (tmp_path / "run").rename(tmp_path / "moved")
+    second = api.wait(api.custom_run(_params(run, **sample)))
     assert second["state"]["type"] == "COMPLETED", _log_tail(home)
     assert api.stage_states(second["id"], ALL_STAGES) == {s: ["Cached"] for s in ALL_STAGES}
     assert edgar.requests == []  # not one HTTP call to EDGAR
-    assert (tmp_path / "run" / "04_train" / "stats.json").stat().st_mtime_ns == trained  # no training
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert (run / "04_train" / "stats.json").stat().st_mtime_ns == trained  # no training
+    summary = json.loads((run / "summary.json").read_text())
     assert summary["prefect_flow_run_id"] == second["id"] and set(summary["stages"].values()) == {"Cached"}
+    assert (summary["run"], summary["model_version"]) == (str(run.resolve()), first_summary["model_version"])
     # in the model's timeline of runs (the UI's Artifacts page), the cached run's card beside the first one's
     card = _result_artifacts(api, second["id"])[0]
     assert f"| cached | {', '.join(ALL_STAGES)} |" in card, card
@@ -254,14 +257,14 @@ def test_same_parameters_twice_is_all_cached_and_a_new_learning_rate_reuses_the_
                                                             "flow_run_id": runs}})  # fmt: skip
     assert len(timeline) == 2, timeline
 
-    third = api.wait(api.custom_run(_params(tmp_path / "run", learning_rate=0.001, **sample)))
+    third = api.wait(api.custom_run(_params(run, learning_rate=0.001, **sample)))
     assert third["state"]["type"] == "COMPLETED", _log_tail(home)
     states = api.stage_states(third["id"], ALL_STAGES)
     assert {s: states[s] for s in DATA_STAGES} == {s: ["Cached"] for s in DATA_STAGES}
     assert {s: states[s] for s in MODEL_STAGES} == {s: ["Completed"] for s in MODEL_STAGES}
     assert edgar.requests == []
     # An automation's event for each version registered (the first run's, the third's), none for the cached run's
-    third_summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    third_summary = json.loads((run / "summary.json").read_text())
     events = api.events("edgar-tune.model.registered", [first["id"], second["id"], third["id"]], expect=2)
     by_run = {next(r["prefect.resource.id"] for r in e["related"] if r["prefect.resource.role"] == "flow-run"): e
               for e in events}  # fmt: skip
@@ -310,22 +313,22 @@ def test_same_parameters_twice_is_all_cached_and_a_new_learning_rate_reuses_the_
     # windows. A change that no stage of the rerun makes is refused, by the flow (the UI's rerun deployment skips
     # the CLI's check), and config.yaml keeps what the run was made with.
     env = dict(os.environ, PREFECT_API_URL=api.http.base_url.__str__().rstrip("/"))
-    recorded = (tmp_path / "run" / "config.yaml").read_text()
+    recorded = (run / "config.yaml").read_text()
     proc = subprocess.run([sys.executable, "-m", "edgar_tune.cli", "rerun", "train", "--run", third["id"], "--set",
                            "model.tiny_layers=3"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "`model.tiny_layers` is read by tokenize, which `rerun train` does not run" in proc.stderr, proc.stderr
-    assert (tmp_path / "run" / "config.yaml").read_text() == recorded
+    assert (run / "config.yaml").read_text() == recorded
     proc = subprocess.run([sys.executable, "-m", "edgar_tune.cli", "rerun", "evaluate-base", "--run", third["id"],
                            "--set", "eval.stride=32"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    summary = json.loads((run / "summary.json").read_text())
     assert summary["stages"] == {"download": "skipped", "parse": "skipped", "tokenize": "skipped",
                                  "evaluate-base": "Completed", "train": "skipped", "evaluate": "Completed",
                                  "register": "Completed"}  # fmt: skip
     rerun_states = api.stage_states(summary["prefect_flow_run_id"], ["evaluate-base", "evaluate", "register"])
     assert rerun_states == {"evaluate-base": ["Completed"], "evaluate": ["Completed"], "register": ["Completed"]}
-    now = (tmp_path / "run" / "config.yaml").read_text()
+    now = (run / "config.yaml").read_text()
     assert [yaml.safe_load(text)["eval"]["stride"] for text in (recorded, now)] == [64, 32]
 
 

@@ -359,7 +359,9 @@ def test_two_runs_registering_into_a_new_sqlite_store_at_once_both_register(tiny
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     procs = []
     for name in ("a", "b"):
-        shutil.copytree(runs / "latest", tmp_path / name)  # another folder: another run key, another version
+        shutil.copytree(runs / "latest", tmp_path / name)
+        # a copy is its run, with the same run key, but without the name recorded in it: another key, another version
+        (tmp_path / name / ".stages" / "run.json").unlink()
         procs.append(subprocess.Popen([sys.executable, "-m", "edgar_tune.cli", "stage", "register", "--run",
                                        str(tmp_path / name), "--set", f"registry.tracking_uri={uri}"], cwd=REPO,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))  # fmt: skip
