@@ -27,7 +27,8 @@ from prefect.context import TaskRunContext
 
 from edgar_tune.config import (REPO_ROOT, TINY, TRAINING_EVAL_KEYS, ConfigError, PipelineConfig, flat_params,
                                load_run_config)  # fmt: skip
-from tasks.io import DOWNLOAD, EVALUATE, PARSE, REGISTER, TOKENIZE, TRAIN, atomic_write_json, read_json, sha256_file
+from tasks.io import (DOWNLOAD, EVALUATE, PARSE, REGISTER, TOKENIZE, TRAIN, atomic_write_json, litter, read_json,
+                      sha256_file)  # fmt: skip
 
 # The stages in order, with the stages each one needs (its upstream).
 STAGES = ("download", "parse", "tokenize", "evaluate-base", "train", "evaluate", "register")
@@ -350,11 +351,14 @@ def run_digests(run_dir: Path) -> FileDigests:
 
 
 def stage_files(folder: Path) -> list[Path]:
-    """The files of a stage folder that its readers read, sorted: all of them but the cache files that datasets
-    writes beside a saved dataset (`cache-*.arrow`) when a notebook maps or filters it there, which
-    `load_from_disk` never reads (it reads what the folder's state.json names). Counted, such a file made the next
-    run train again on the same blocks (and register the same weights as a new version)."""
-    found = sorted(p for p in Path(folder).rglob("*") if p.is_file())
+    """The files of a stage folder that its readers read, sorted: all of them but what is left there by looking:
+    - the cache files that datasets writes beside a saved dataset (`cache-*.arrow`) when a notebook maps or
+      filters it there, which `load_from_disk` never reads (it reads what the folder's state.json names);
+    - what other programs leave in a folder someone opens (`litter`).
+    Counted, such a file made the next run train again on the same blocks (and register the same weights as a new
+    version)."""
+    folder = Path(folder)
+    found = sorted(p for p in folder.rglob("*") if p.is_file() and not litter(p.relative_to(folder)))
     saved = {p.parent: names for p in found if p.name == "state.json" and (names := _saved_dataset(p)) is not None}
     return [p for p in found if p.parent not in saved or p.name in saved[p.parent]]
 

@@ -108,6 +108,18 @@ def umask() -> int:
     return mask
 
 
+_LITTER_NAMES = {"Thumbs.db", "desktop.ini"}  # Windows Explorer's
+
+
+def litter(relative: Path) -> bool:
+    """Whether a file (its path in a stage folder or a data folder) is one that programs leave in a folder someone
+    looks at, neither an output nor data: hidden files and folders (macOS Finder's `.DS_Store`, the `._NAME` files
+    a Mac writes beside each file on a disk of another kind, Jupyter's `.ipynb_checkpoints/`, editors' swap and lock
+    files) and Windows' `Thumbs.db` and `desktop.ini`. No stage writes one for another to read (a whole run is
+    checked for it in tests/test_pipeline_e2e.py)."""
+    return relative.name in _LITTER_NAMES or any(part.startswith(".") for part in relative.parts)
+
+
 def atomic_write_bytes(path: Path, data: bytes | Iterable[bytes]) -> None:
     """Write `data` (bytes, or chunks of them) to a temp sibling, fsync it, then rename it over `path`. The file
     gets the permissions the umask gives a new file (mkstemp's own are 0600: nobody else could read a run folder)."""

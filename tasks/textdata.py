@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from edgar_tune.config import TEXT_SUFFIXES, ConfigError, DataConfig, PipelineConfig, RerunNeeded
-from tasks.io import atomic_write_bytes, cache_dir, held, holder_info, read_bytes, read_json, sha256_file
+from tasks.io import atomic_write_bytes, cache_dir, held, holder_info, litter, read_bytes, read_json, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,7 @@ def data_files(source: str, key: str = "data.source") -> list[str]:
     if not files:
         raise FileNotFoundError(f"`{key}` = {source!r} has no .txt, .csv, .json or .jsonl files directly in it")
     _unread_folders(source, key, [p.name for p in path.iterdir() if p.is_dir()])
+    _unread_hidden(source, key, [p.name for p in path.iterdir() if p.is_file()])
     return [str(p) for p in files]
 
 
@@ -69,9 +70,24 @@ def _unread_folders(source: str, key: str, names: list[str]) -> None:
                     if len(shown) > 10 else ""))  # fmt: skip
 
 
-def _is_data(name: str) -> bool:
-    """Whether a file in a data folder (or under an S3 prefix) is data: TXT/CSV/JSON/JSONL, not the template."""
+def _unread_hidden(source: str, key: str, names: list[str]) -> None:
+    """Say which hidden files with a data suffix a source folder (or prefix) holds and are not read (`litter`)."""
+    if hidden := sorted(n for n in names if _is_text(n) and litter(Path(n))):
+        log.info("`%s` = %s: %s not read: hidden files, as a Mac (`._NAME`), Jupyter and editors leave beside data; "
+                 "rename one without its leading dot to train on it", key, source, ", ".join(hidden[:10]) +
+                 (f" and {len(hidden) - 10} more" if len(hidden) > 10 else ""))  # fmt: skip
+
+
+def _is_text(name: str) -> bool:
+    """Whether a file's name is a data file's: TXT/CSV/JSON/JSONL, not the template."""
     return Path(name).suffix.lower() in TEXT_SUFFIXES and Path(name).name != "template.json"
+
+
+def _is_data(name: str) -> bool:
+    """Whether a file in a data folder (or under an S3 prefix) is data: `_is_text`, and not one that programs leave
+    in a folder (`litter`: the `._train.csv` beside `train.csv` that a Mac writes on an exFAT or network disk,
+    binary, stopped the run as a CSV that is not UTF-8)."""
+    return _is_text(name) and not litter(Path(Path(name).name))
 
 
 def describe_source(cfg: DataConfig, digest: Callable[[Path], str] = sha256_file) -> list[dict]:
@@ -143,6 +159,7 @@ def _s3_files(source: str, key: str) -> list[str]:
             "your own text; 10-K filings come from `edgar`, `bundled` or a local folder)"
         )
     _unread_folders(source, key, [o["name"].rstrip("/").rsplit("/", 1)[-1] for o in listed if o["type"] == "directory"])
+    _unread_hidden(source, key, [o["name"].rsplit("/", 1)[-1] for o in listed if o["type"] == "file"])
     return files
 
 

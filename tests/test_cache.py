@@ -200,7 +200,7 @@ def test_download_digest_ignores_where_this_machine_keeps_the_filings(tmp_path):
     assert folder_digest(manifest(tmp_path / "a", "/home/a/.cache")) == folder_digest(manifest(tmp_path / "b", "/b"))
 
 
-def test_a_notebooks_filter_on_the_tokenized_blocks_moves_no_key(tmp_path):
+def test_a_look_at_the_tokenized_blocks_moves_no_key(tmp_path):
     """`load_from_disk(RUN/03_tokenize/train).filter(...)` in a notebook writes datasets' cache file beside the
     blocks; counted, it moved train's key, and the next run trained again on the same blocks and registered the same
     weights as a new version (seen on a tiny run). Only what `load_from_disk` reads counts now; new blocks do."""
@@ -211,6 +211,13 @@ def test_a_notebooks_filter_on_the_tokenized_blocks_moves_no_key(tmp_path):
     keys, stamps = _keys(tmp_path), read_stamps(tmp_path, "train")
     assert len(load_from_disk(str(train)).filter(lambda row: row["input_ids"][0] % 2 == 0)) == 25
     assert [p.name for p in train.glob("cache-*.arrow")]  # as a notebook leaves it
+    assert _keys(tmp_path) == keys and not changed(stamps, read_stamps(tmp_path, "train"))
+    # nor what a Mac's Finder, Jupyter or Windows' Explorer leave in a folder someone opens (a .DS_Store in
+    # 03_tokenize trained again and registered v3 of the same run's weights)
+    for rel in (".DS_Store", "train/._data-00000-of-00001.arrow", ".ipynb_checkpoints/stats-checkpoint.json",
+                "Thumbs.db"):  # fmt: skip
+        (tmp_path / "03_tokenize" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "03_tokenize" / rel).write_bytes(b"\x00\x00\x00\x01Bud1")
     assert _keys(tmp_path) == keys and not changed(stamps, read_stamps(tmp_path, "train"))
     Dataset.from_dict({"input_ids": [[i] * 4 for i in range(49)]}).save_to_disk(str(train))  # new blocks
     assert _keys(tmp_path)["train"] != keys["train"]

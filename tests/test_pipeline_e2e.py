@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.cache import STAGES
+from tasks.cache import STAGES, stage_files
 from tasks.io import umask
 from tests.conftest import migrated_prefect_home, run_cli, run_held
 
@@ -73,6 +73,8 @@ def test_every_stage_left_its_artifacts(tiny_run):
                 "06_register/registration.json", "config.yaml"]:  # fmt: skip
         assert (run / rel).exists(), rel
     assert not list(run.rglob(".*.tmp")), "a temp file or folder was left behind"
+    for stage in run.glob("0*"):  # no output that a key would leave out as what looking at a folder leaves (`litter`)
+        assert stage_files(stage) == sorted(p for p in stage.rglob("*") if p.is_file()), stage
     mask = umask()  # readable by whoever the umask lets read: not mkstemp's 0600 or mkdtemp's 0700
     for path in [run, *run.rglob("*")]:
         assert stat.S_IMODE(path.stat().st_mode) == (0o777 if path.is_dir() else 0o666) & ~mask, path

@@ -77,10 +77,14 @@ def test_a_folder_source_reads_its_own_files_and_names_the_subfolders_it_leaves(
     with pytest.raises(FileNotFoundError, match="has no .txt, .csv, .json or .jsonl files directly in it"):
         data_files(str(tmp_path))
     (tmp_path / "a.txt").write_text(paragraphs[0])
-    with caplog.at_level("WARNING", logger="tasks.textdata"):
+    # what a Mac writes beside a file on an exFAT or network disk (binary: read, it stopped the run as not UTF-8)
+    (tmp_path / "._a.txt").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        \x00\x02\xb0")
+    (tmp_path / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    with caplog.at_level("INFO", logger="tasks.textdata"):
         assert data_files(str(tmp_path)) == [str(tmp_path / "a.txt")]
     assert f"`data.source` = {tmp_path}: 2021/ not read (a source is the data files directly in it); give a " in caplog.text
-    assert ".cache/" not in caplog.text
+    assert f"`data.source` = {tmp_path}: ._a.txt not read: hidden files, as a Mac (`._NAME`), Jupyter" in caplog.text
+    assert ".cache/" not in caplog.text and ".DS_Store" not in caplog.text
 
 
 def test_split_holds_out_the_ratio_with_its_seed():
