@@ -105,9 +105,14 @@ def edgar_tune_rerun(stage: Stage, run: str, overrides: dict | None = None,
 
 
 def resolve_run(run: str) -> str:
-    """A run folder or URL as given, or the `out_dir` parameter of the edgar-tune flow run with that id."""
+    """A run folder or URL as given, or the `out_dir` parameter of the edgar-tune flow run with that id. A local
+    folder must be there: a rerun of one that is not (mistyped, or moved since the flow run) stops with where it
+    looked, and makes no empty folder in its place."""
     run_id = flow_run_id(run)
     if run_id is None:
+        if "://" not in run and not Path(run).expanduser().is_dir():
+            raise ConfigError(f"run folder {run} does not exist; give the folder of a run (`edgar-tune run --out "
+                              "DIR`), its s3:// URL or its flow run's id")  # fmt: skip
         return run
     from prefect.client.orchestration import get_client
 
@@ -120,6 +125,9 @@ def resolve_run(run: str) -> str:
     if "://" not in out_dir and not Path(out_dir).is_absolute() and not Path(out_dir).exists():
         raise ConfigError(f"flow run {run} wrote to {out_dir!r} relative to its worker's folder, which is not "
                           f"here ({Path.cwd()}); run from there or give the run folder")  # fmt: skip
+    if "://" not in out_dir and not Path(out_dir).expanduser().is_dir():
+        raise ConfigError(f"flow run {run} wrote to {out_dir}, which is not there now (moved or removed); give the "
+                          "run folder where it is (`--run FOLDER`): a run folder moved keeps its stages")  # fmt: skip
     return out_dir
 
 

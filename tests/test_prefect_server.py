@@ -313,6 +313,20 @@ def test_same_parameters_twice_is_all_cached_and_a_new_learning_rate_reuses_the_
     # windows. A change that no stage of the rerun makes is refused, by the flow (the UI's rerun deployment skips
     # the CLI's check), and config.yaml keeps what the run was made with.
     env = dict(os.environ, PREFECT_API_URL=api.http.base_url.__str__().rstrip("/"))
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from edgar_tune.config import ConfigError
+    from flows.pipeline import resolve_run
+
+    # The first run's folder has moved: a rerun by its flow run's id says so, and makes no empty folder there.
+    with temporary_settings(updates={PREFECT_API_URL: env["PREFECT_API_URL"]}):
+        with pytest.raises(ConfigError, match=f"flow run {first['id']} wrote to {tmp_path / 'run'}, which is not "
+                           r"there now \(moved or removed\); give the run folder where it is"):  # fmt: skip
+            resolve_run(first["id"])
+        assert resolve_run(third["id"]) == str(run)
+    with pytest.raises(ConfigError, match=f"run folder {tmp_path / 'nope'} does not exist; give the folder of a run"):
+        resolve_run(str(tmp_path / "nope"))  # as the UI's rerun deployment passes it
+    assert not (tmp_path / "run").exists() and not (tmp_path / "nope").exists()
     recorded = (run / "config.yaml").read_text()
     proc = subprocess.run([sys.executable, "-m", "edgar_tune.cli", "rerun", "train", "--run", third["id"], "--set",
                            "model.tiny_layers=3"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
