@@ -76,9 +76,16 @@ def run_identity(local: Path) -> str:
     `Cached`, and a change trains and registers as in the folder it was copied from."""
     local = Path(local).resolve()
     record = local / RUN_NAME
-    if record.exists():
-        return json.loads(record.read_text())["name"]
-    return str(local)
+    if not record.exists():
+        return str(local)
+    try:
+        return str(json.loads(record.read_text())["name"])
+    except (ValueError, KeyError, TypeError) as err:
+        from edgar_tune.config import ConfigError
+
+        raise ConfigError(f"{record} does not name the run ({type(err).__name__}: {err}); put back the folder's "
+                          f"first path as {{\"name\": \"...\"}} to keep its stages, or remove the file to name the run "
+                          "by where it is now (its stages run again)") from None  # fmt: skip
 
 
 @dataclass
