@@ -307,7 +307,7 @@ def test_a_run_folder_moved_keeps_its_keys_and_its_registration_key(tmp_path):
     assert moved.keyed_as == str(tmp_path / "a")
     (moved.local / RUN_NAME).write_text('{"nam')  # damaged by hand: said, not guessed
     with pytest.raises(ConfigError, match=r"run.json does not name the run \(JSONDecodeError: .*\); put back the "):
-        moved.keyed_as
+        _ = moved.keyed_as
     (moved.local / RUN_NAME).unlink()  # without it, a folder is named by where it is
     assert _keys(moved.local, name=moved.keyed_as) != before and run_key(moved.local) != registered
 
