@@ -3,7 +3,8 @@
 A stage's key is the sha256 of
 - the part of the config it reads (`STAGE_CONFIG`; the task receives exactly that view, nothing more),
 - the content of the stage folders it reads (`READS`; each file's sha256, remembered by `FileDigests`),
-- its code version: the source of its modules (`CODE`) and the versions of the libraries that compute it.
+- its code version: the source of its modules (`CODE`) and the versions of the libraries that compute it,
+- the run's name (`RunFolder.keyed_as`: an s3:// run's URL, a local run's first path, which a moved folder keeps).
 
 Prefect persists each stage's result under its key, so a second run with the same inputs is `Cached` without
 executing. A record alone is not enough to skip a stage: the run folder must still hold the outputs that the
