@@ -46,7 +46,8 @@ def peak_rss_gb(cmd: list[str], log: Path) -> tuple[int, float, float]:
 def measure(work: Path, seq: int, batch: int, allocator: str, checkpointing: bool) -> dict | None:
     case = work / f"{allocator}-{seq}x{batch}-{'ckpt' if checkpointing else 'whole'}"
     shutil.copytree(work / f"packed-{seq}", case)
-    sets = [f"tokenize.max_input_length={seq}", "train.max_steps=2", "train.resume=false", "train.profile_step=0",
+    # the blocks' length is the tokenize stage's (packed above): train reads it from there, not from a --set
+    sets = ["train.max_steps=2", "train.resume=false", "train.profile_step=0",
             f"train.per_device_train_batch_size={batch}", f"train.cpu_allocator={allocator}",
             f"train.gradient_checkpointing={str(checkpointing).lower()}"]  # fmt: skip
     cmd = [*CLI, "stage", "train", "--run", str(case)] + [a for s in sets for a in ("--set", s)]
