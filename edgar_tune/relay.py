@@ -10,12 +10,15 @@ the move in the version's `promoted_by_hand` tag as a promotion by hand is. A mo
 `edgar_tune.alias_moved`, naming the Prefect server it tells) is left to edgar-tune's own event, so one move makes one
 export. The relay records on each registered model the aliases as it last saw them (`edgar_tune.relay_held`) and
 compares them with the store's on starting and every `reconcile_s()`, relaying the moves no delivery told: those made
-while no relay ran (MLflow gives up on a delivery after 3 retries), or lost on the way.
+while no relay ran (MLflow gives up on a delivery after 3 retries), or lost on the way. MLflow delivers from a pool
+of threads, so a move's delivery can come after the next move's: each is checked against the alias's holder now, and
+a late one is not told (the delivery of the move to where the alias is tells that).
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
@@ -145,8 +148,24 @@ class Relay:
         data = payload.get("data") or {}
         event = (payload.get("entity"), payload.get("action"))
         name, alias, version = (str(data.get(k, "")) for k in ("name", "alias", "version"))
+        if event not in (("model_version_alias", "created"), ("model_version_alias", "deleted")):
+            return 200, f"not relayed: {event[0]}.{event[1]} is not an alias moved"
+        import mlflow
+
         with self.lock:
+            try:  # deliveries are concurrent (10 threads): one may come after the next move's
+                holder = self.client.get_registered_model(name).aliases.get(alias)
+            except mlflow.exceptions.MlflowException as err:
+                if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+                    raise  # a store that did not answer: MLflow delivers it again
+                return 200, f"not relayed: {name} @{alias}: {err.message}"  # MLflow's test delivery's example model
+            holder = None if holder is None else str(holder)
             if event == ("model_version_alias", "created"):
+                if holder != version:
+                    with contextlib.suppress(mlflow.exceptions.MlflowException):  # no such version: nothing to spend
+                        self._spent(name, version, alias, self.client.get_model_version(name, version).tags, None)
+                    now = f"the alias is on v{holder} now" if holder else "no version holds the alias now"
+                    return 200, f"not relayed: {name} v{version} @{alias}: a late delivery, {now}"
                 before = self.held.get((name, alias))
                 if before == version:  # set again where it was; or MLflow's retry of a delivery whose record failed
                     return 200, f"not relayed: {name} v{version} @{alias}: it held that alias already"
@@ -155,11 +174,22 @@ class Relay:
                     self.held[name, alias] = version
                     self._record(name)
                 return status, said
-            if event == ("model_version_alias", "deleted"):  # no version holds it now: nothing to export
-                gone = self.held.pop((name, alias), None)
-                self._record(name)
-                return 200, f"not relayed: {name} @{alias} removed (from {f'v{gone}' if gone else 'a version'})"
-        return 200, f"not relayed: {event[0]}.{event[1]} is not an alias moved"
+            if holder is not None:
+                return 200, f"not relayed: {name} @{alias} removed: a late delivery, the alias is on v{holder} now"
+            gone = self.held.pop((name, alias), None)  # no version holds it now: nothing to export
+            self._record(name)
+            return 200, f"not relayed: {name} @{alias} removed (from {f'v{gone}' if gone else 'a version'})"
+
+    def _spent(self, name: str, version: str, alias: str, tags: dict, since: float | None) -> bool:
+        """Whether the move of `alias` to `version` (its `tags`) was edgar-tune's own (`_ours`); its MOVED tag is then
+        deleted, spent on the delivery or comparison that told it (a late one's too): a later move back to the
+        version is someone's."""
+        from tasks.registry import MOVED
+
+        if not self._ours(name, alias, json.loads(tags.get(MOVED) or "{}"), since):
+            return False
+        self.client.delete_model_version_tag(name, version, MOVED)
+        return True
 
     def _moved(self, name: str, alias: str, version: str, before: str | None,
                since: float | None = None) -> tuple[int, str]:  # fmt: skip
@@ -168,7 +198,7 @@ class Relay:
         import mlflow
 
         from flows.artifacts import announce_promotion
-        from tasks.registry import COMPARISON, MOVED, PROMOTED, hand_record, promotion_note, versions
+        from tasks.registry import COMPARISON, PROMOTED, hand_record, promotion_note, versions
 
         what = f"{name} v{version} @{alias}"
         try:
@@ -177,9 +207,7 @@ class Relay:
             return 200, f"not relayed: {what}: {err.message}"
         if COMPARISON not in tags:
             return 200, f"not relayed: {what}: a version edgar-tune did not register"
-        mine = json.loads(tags.get(MOVED) or "{}")
-        if self._ours(name, alias, mine, since):
-            self.client.delete_model_version_tag(name, version, MOVED)  # a later move back to it is someone's
+        if self._spent(name, version, alias, tags, since):
             return 200, f"not relayed: {what}: moved by edgar-tune, which tells {self.prefect_api} itself"
         record = hand_record(alias, before, "the MLflow UI or API (through edgar-tune relay)", "")
         self.client.set_model_version_tag(name, version, PROMOTED, json.dumps(record))

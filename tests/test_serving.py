@@ -274,10 +274,7 @@ def test_an_alias_moved_in_the_mlflow_ui_reaches_prefect_through_the_relay(prefe
     secret = "relay-secret-of-the-test-0123456789"
     env = dict(os.environ, **prefect_server, EDGAR_TUNE_BARS="0")
     allow = {"MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https", "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
-             "MLFLOW_WEBHOOK_CACHE_TTL": "1",  # a webhook disabled (below) is so within a second, not a minute
-             # one delivery thread, not 10: the moves below, a moment apart, reach the relay in the order made (with
-             # 10, a fresh clone's run saw the removal told before the move to v3, and the test fail on the order)
-             "MLFLOW_WEBHOOK_DELIVERY_MAX_WORKERS": "1"}  # fmt: skip
+             "MLFLOW_WEBHOOK_CACHE_TTL": "1"}  # a webhook disabled (below) is so within a second, not a minute
     with mlflow_server(tmp_path, **allow) as uri:
 
         def relay(*args: str, **more: str) -> subprocess.Popen:
@@ -307,18 +304,26 @@ def test_an_alias_moved_in_the_mlflow_ui_reaches_prefect_through_the_relay(prefe
                 client.create_registered_model(name)
                 run = client.create_run("0").info  # a tracking server takes a version's files from a run's
                 source = f"{run.artifact_uri}/model"
+                # Each move told before the next is made, as a person's in the UI: one made a moment after another
+                # can have its delivery come first, and the other's is then a late one (the test below).
+                told = lambda line: "".join(_lines_with(proc, line))  # noqa: E731
+                said = ""
                 for ppl in (9.0, 8.0):  # registrations: v1 champion, then v2
                     v = client.create_model_version(name, source=source, run_id=run.run_id).version
                     tags = {"val_sha256": "mdna-a", "val_perplexity": repr(ppl), "val_scoring": "window 128"}
                     for key, value in tags.items():
                         client.set_model_version_tag(name, v, key, value)
                     promote(client, name, str(v), ppl, "mdna-a", "window 128")
+                    said += told(f"{name} v{v} @champion")
                 client.create_model_version(name, source=source, run_id=run.run_id)  # v3: not one a run registered
                 client.set_registered_model_alias(name, "champion", "1")  # the UI's rollback: the same REST call
+                said += told(f"{name} v1 @champion (was")
                 client.set_registered_model_alias(name, "champion", "3")
+                said += told(f"{name} v3 @champion")
                 client.delete_registered_model_alias(name, "champion")
+                said += told(f"{name} @champion removed")
                 client.set_registered_model_alias(name, "champion", "2")
-                said = "".join(_lines_with(proc, f" relayed: {name} v2 @champion (was"))
+                said += told(f" relayed: {name} v2 @champion (was")
                 assert f"not relayed: {name} v1 @champion: moved by edgar-tune, which tells" in said, said
                 assert f"not relayed: {name} v2 @champion: moved by edgar-tune" in said, said
                 assert f"relayed: {name} v1 @champion (was v2); v1's perplexity 9.0000 is higher than v2's" in said
@@ -443,6 +448,58 @@ def test_a_move_prefect_did_not_take_is_told_at_the_relays_next_comparison(tmp_p
             (status, said), = relay.catch_up("no delivery told it")
             assert status == 502 and said.startswith("not relayed: m v2 @champion: "), said
             assert recorded("m") == {"champion": "1"}
+
+
+def test_a_delivery_that_comes_after_the_next_moves_is_not_told(prefect_server, tmp_path, monkeypatch):
+    """MLflow delivers webhooks from 10 threads, so the delivery of one move can reach the relay after the next
+    move's. Each is checked against the alias's holder now: a late one is not told (no event for a champion that
+    is not one, nor the relay's record left on it), an edgar-tune move's late delivery spends its tag (a rollback to
+    that version later is a person's), and the move to where the alias is now is told once, from where the relay
+    last told it. The deliveries are MLflow's payloads, handed to the relay in the reverse of the moves' order."""
+    import mlflow
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from edgar_tune.relay import HELD, Relay
+    from tasks.registry import COMPARISON, MOVED, move_alias
+    from tests.conftest import promoted_events
+
+    monkeypatch.setenv("EDGAR_TUNE_CACHE", str(tmp_path / "cache"))
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    name = "late-deliveries"
+    client.create_registered_model(name)
+    for ppl in (9.0, 8.0, 7.0):
+        v = client.create_model_version(name, source=str(tmp_path)).version
+        for key, value in {COMPARISON: "{}", "val_sha256": "mdna-a", "val_perplexity": repr(ppl),
+                           "val_scoring": "window 128"}.items():  # fmt: skip
+            client.set_model_version_tag(name, v, key, value)
+    client.set_registered_model_alias(name, "champion", "1")
+
+    def delivery(action: str, version: str | None = None) -> dict:
+        data = {"name": name, "alias": "champion"} | ({"version": version} if version else {})
+        return {"entity": "model_version_alias", "action": action, "timestamp": "", "data": data}
+
+    api = prefect_server["PREFECT_API_URL"]
+    with temporary_settings(updates={PREFECT_API_URL: api}):
+        relay = Relay(client.tracking_uri, api)
+        assert relay.catch_up("started") == []  # recorded: champion on v1
+        move_alias(client, name, "champion", "2")  # a registration's
+        client.set_registered_model_alias(name, "champion", "3")  # then a person's, a moment apart
+        client.delete_registered_model_alias(name, "champion")
+        client.set_registered_model_alias(name, "champion", "3")
+        moves = [delivery("created", "2"), delivery("created", "3"), delivery("deleted"), delivery("created", "3")]
+        said = [relay.handle(payload) for payload in reversed(moves)]
+        assert said == [(200, f"relayed: {name} v3 @champion (was v1)"),
+                        (200, f"not relayed: {name} @champion removed: a late delivery, the alias is on v3 now"),
+                        (200, f"not relayed: {name} v3 @champion: it held that alias already"),
+                        (200, f"not relayed: {name} v2 @champion: a late delivery, the alias is on v3 now")], said
+        assert json.loads(client.get_registered_model(name).tags[HELD])["aliases"] == {"champion": "3"}
+        assert MOVED not in client.get_model_version(name, "2").tags  # spent: a rollback to v2 is a person's
+        assert relay.catch_up("no delivery told it") == []  # the record holds where the alias is
+        client.set_registered_model_alias(name, "champion", "2")
+        assert relay.handle(delivery("created", "2"))[1].startswith(f"relayed: {name} v2 @champion (was v3)")
+    events = promoted_events(api, name, client.tracking_uri, 2)
+    told = sorted((e["resource"]["edgar-tune.version"], e["payload"]["before"]) for e in events)
+    assert told == [("2", "3"), ("3", "1")], events
 
 
 def _lines_with(proc: subprocess.Popen, *parts: str) -> list[str]:
