@@ -848,7 +848,7 @@ def _register(run_dir: Path, cfg: PipelineConfig, flow_run_id: str | None, runs_
     if earlier is not None:
         run_id, version = earlier
         log.info("already registered as %s version %s (run %s); not registering again", name, version, run_id)
-        return _finish(client, name, version, tags, after, uri, run_id, rescore)
+        return _finish(client, name, version, tags, after, uri, run_id, rescore, again=True)
     continued = _continued_run(client, train_stats.get("mlflow_run_id"), exp_id)
     logged = {k: {m.step for m in client.get_metric_history(continued, k)} if continued else set() for k in CURVES}
     with mlflow.start_run(run_id=continued, experiment_id=exp_id, run_name=run_name(cfg.preset, run_dir)) as run:
@@ -969,14 +969,16 @@ def _against(compared: dict) -> str:
     return f"champion v{compared['version']}'s {compared['perplexity']:.4f}, {compared['basis']}"
 
 
-def _finish(client, name: str, version: str, tags: dict, after: dict, uri: str, run_id: str, rescore) -> dict:
+def _finish(client, name: str, version: str, tags: dict, after: dict, uri: str, run_id: str, rescore,
+            again: bool = False) -> dict:  # fmt: skip
+    """Tag the version, give it its alias against the champion, and say so (`again`: registered before)."""
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
     promoted = promote(client, name, version, after["perplexity"], tags["val_sha256"], tags["val_scoring"], rescore)
     compared = promoted["compared"]
     if compared.get("perplexity") is not None and CHAMPION_METRIC not in client.get_run(run_id).data.metrics:
         client.log_metric(run_id, CHAMPION_METRIC, compared["perplexity"])  # once: a retry finds it logged
-    log.info("registered %s v%s as %s (perplexity %.4f; %s)", name, version, promoted["alias"], after["perplexity"],
-             _against(compared))  # fmt: skip
+    said = f"{name} v{version} is" if again else f"registered {name} v{version} as"
+    log.info("%s %s (perplexity %.4f; %s)", said, promoted["alias"], after["perplexity"], _against(compared))
     return {"tracking_uri": uri, "registered_model": name, "model_version": version, "model_alias": promoted["alias"],
             "champion_comparison": compared, "mlflow_run_id": run_id, "model_uri": f"models:/{name}/{version}"}  # fmt: skip
