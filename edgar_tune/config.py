@@ -82,7 +82,8 @@ class DataConfig(_Section):
     source: str = Field(
         "bundled",
         description="`bundled` (Amazon's FY2020-21 10-Ks in data/), `edgar` (download from SEC EDGAR), "
-        "a folder in sec-edgar-downloader layout (`.../sec-edgar-filings/TICKER/10-K/ACCESSION/`), or your own "
+        "a folder in sec-edgar-downloader layout (`.../sec-edgar-filings/TICKER/10-K/ACCESSION/`: one edgar-tune "
+        "downloaded, or one sec-edgar-downloader wrote itself), or your own "
         "TXT/CSV/JSON/JSONL: a file, a folder of them, or an s3:// object or prefix.",
     )
     tickers: list[str] = Field(["AMZN"], description="Tickers or CIKs to take filings for.")

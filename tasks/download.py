@@ -210,22 +210,107 @@ def latest_fiscal_years(rows: Iterable[dict], n: int) -> set[int]:
 
 
 def collect_local(folder: Path, tickers: list[str], years: list[int], latest: int | None = None) -> list[dict]:
-    """Filings from a sec-edgar-downloader folder that carries a manifest (bundled data, earlier downloads);
-    `latest`: each ticker's `latest` most recent fiscal years in it, instead of `years`."""
-    folder = Path(folder)
+    """Filings from a sec-edgar-downloader folder: one with edgar-tune's manifest (bundled data, earlier downloads),
+    or one sec-edgar-downloader wrote itself (`scan_downloaded`); `latest`: each ticker's `latest` most recent
+    fiscal years in it, instead of `years`."""
+    given = folder = Path(folder).expanduser()
     if folder.name != sed_constants.ROOT_SAVE_FOLDER_NAME and (folder / sed_constants.ROOT_SAVE_FOLDER_NAME).is_dir():
         folder = folder / sed_constants.ROOT_SAVE_FOLDER_NAME
+    if not folder.is_dir():
+        raise FileNotFoundError(f"`data.source` = {str(given)!r} does not exist" if not folder.exists() else
+                                f"`data.source` = {str(given)!r} is a file but not TXT, CSV, JSON or JSONL; give "
+                                "one of those, or a folder of 10-K filings")  # fmt: skip
     if not (folder / MANIFEST).exists():
-        raise FileNotFoundError(
-            f"{folder} has no {MANIFEST}; point `data.source` at a folder written by `edgar-tune` (or the "
-            "bundled data), or use `data.source=edgar`"
-        )
+        chosen = _select(scan_downloaded(folder), tickers, years, latest)
+        return [dict(f, root=str(folder), sha256={k: sha256_file(folder / p) for k, p in f["files"].items()})
+                for f in chosen]  # fmt: skip
     chosen = _select(_read_manifest(folder), tickers, years, latest)
     for f in chosen:
         for rel in f["files"].values():
             if not (folder / rel).exists():
                 raise FileNotFoundError(f"{folder / rel} is listed in {folder / MANIFEST} but missing")
     return [dict(f, root=str(folder)) for f in chosen]
+
+
+SUBMISSION_FILES = (sed_constants.FILING_FULL_SUBMISSION_FILENAME, sed_constants.FILING_FULL_SUBMISSION_FILENAME
+                    + ".gz")  # fmt: skip
+_HEADER_KEYS = {"CONFORMED SUBMISSION TYPE": "form", "CONFORMED PERIOD OF REPORT": "period",
+                "FILED AS OF DATE": "filed", "CENTRAL INDEX KEY": "cik"}  # fmt: skip
+
+
+def scan_downloaded(root: Path) -> list[dict]:
+    """The 10-K filings in a folder sec-edgar-downloader wrote (`Downloader(...).get("10-K", "AMZN")`), which has
+    no manifest: each `TICKER/FORM/ACCESSION/` with its `full-submission.txt`, whose SEC header says the form, the
+    company's CIK, the period reported (its year is the fiscal year, as EDGAR's `reportDate` is for a download)
+    and the filing date; `primary-document.*` (`download_details=True`) is the document parsed where there is one.
+    Other forms (10-Q, 10-K/A) are left out and counted in a line of the log; an accession under two names (asked
+    for by ticker and by CIK) is read once.
+
+    Raises:
+        FileNotFoundError: the folder holds no filing in that layout, saying what it looked for.
+    """
+    filings, others, seen = [], {}, set()
+    for company in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for sub in sorted(q for name in SUBMISSION_FILES for q in company.glob(f"*/*/{name}")):
+            acc = sub.parent.name
+            head = _sec_header(sub)
+            form = head.get("form", "?")
+            if acc in seen:
+                continue
+            if form not in TEN_K_FORMS:
+                others[form] = others.get(form, 0) + 1
+                continue
+            if not (head.get("period") or head.get("filed")):
+                log.warning("%s: its SEC header names neither the period reported nor the filing date; left out",
+                            sub)  # fmt: skip
+                continue
+            seen.add(acc)
+            dates = {"filing_date": _day(head.get("filed")), "report_date": _day(head.get("period"))}
+            files = {"full_submission": str(sub.relative_to(root))}
+            if primary := next(iter(sorted(sub.parent.glob(f"{sed_constants.PRIMARY_DOC_FILENAME_STEM}.*"))), None):
+                files["primary_document"] = str(primary.relative_to(root))
+            cik = company.name.zfill(sed_constants.CIK_LENGTH) if company.name.isdigit() else head.get("cik", "")
+            filings.append({"ticker": company.name, "cik": cik, "form": TEN_K_FORMS[form], "filed_form": form,
+                            "fiscal_year": fiscal_year_of({"reportDate": dates["report_date"],
+                                                           "filingDate": dates["filing_date"]}),
+                            "accession": acc, **dates, "files": files})  # fmt: skip
+    if not filings:
+        raise FileNotFoundError(
+            f"`data.source` = {str(root)!r} holds no 10-K that edgar-tune can read: no {MANIFEST} (a folder "
+            "`edgar-tune` wrote) and no `TICKER/10-K/ACCESSION/full-submission.txt` (as sec-edgar-downloader "
+            f"writes){f', only other forms ({_counted(others)})' if others else ''}, and no TXT, CSV, JSON or JSONL "
+            "files directly in it. Point `data.source` at the folder that holds `sec-edgar-filings`, or use "
+            "`data.source=edgar` to download")  # fmt: skip
+    log.info("%s has no %s: read as sec-edgar-downloader wrote it, %d 10-K filing(s) of %s, each dated by its "
+             "full-submission.txt's SEC header%s", root, MANIFEST, len(filings),
+             ", ".join(sorted({f["ticker"] for f in filings})),
+             f"; left out {_counted(others)}" if others else "")  # fmt: skip
+    return filings
+
+
+def _counted(forms: dict[str, int]) -> str:
+    return ", ".join(f"{n} {form}" for form, n in sorted(forms.items()))
+
+
+def _day(header_date: str | None) -> str | None:
+    """An SEC header's YYYYMMDD as EDGAR's JSON writes dates (YYYY-MM-DD)."""
+    return f"{header_date[:4]}-{header_date[4:6]}-{header_date[6:8]}" if header_date else None
+
+
+def _sec_header(path: Path) -> dict[str, str]:
+    """The fields of a complete submission's SEC header (before its first document) named in `_HEADER_KEYS`, each
+    as it first appears (the filer's CIK before any other party's)."""
+    import gzip
+
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        text = f.read(1 << 16).decode("latin-1")
+    head: dict[str, str] = {}
+    for line in text.split("<DOCUMENT>", 1)[0].splitlines():
+        key, _, value = line.strip().partition(":")
+        if (field := _HEADER_KEYS.get(key.strip())) and field not in head and value.strip():
+            head[field] = value.strip()
+    return head
 
 
 def _cik_for(client: EdgarClient, ticker: str, mapping: dict[str, str] | None) -> tuple[str, dict[str, str] | None]:
@@ -424,7 +509,8 @@ def gather_filings(cfg: DataConfig) -> tuple[list[dict], list[dict]]:
             if cfg.latest_years:
                 _log_latest(t, years, cfg.latest_years)
             else:
-                skipped += [{"ticker": t, "fiscal_year": y, "form": "10-K", "reason": f"not in {cfg.source}"}
+                skipped += [{"ticker": t, "fiscal_year": y, "form": "10-K", "reason": f"not in {cfg.source}",
+                             "recheck": True}  # the next run looks again: a 10-K downloaded into the folder since
                             for y in cfg.fiscal_years if y not in years]  # fmt: skip
     if not filings:
         n = cfg.latest_years

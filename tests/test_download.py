@@ -117,6 +117,50 @@ def test_downloaded_folder_works_as_a_local_source(edgar, tmp_path):
     assert filings[0]["accession"] == "0001018724-21-000004"
 
 
+def test_a_folder_sec_edgar_downloader_wrote_is_read_without_a_manifest(edgar, tmp_path, caplog):
+    """A user's own sec-edgar-downloader folder (the library itself, run against the loopback EDGAR) is a source as
+    it is: each 10-K found by its full-submission.txt's SEC header (fiscal year, CIK, form), the primary document
+    parsed where it was downloaded and the complete submission where not, and nothing written into the folder. A
+    year not in it is recorded to be looked for again; a folder with no filings, or none at all, says what it
+    looked for."""
+    from sec_edgar_downloader import Downloader
+
+    from tasks.download import submission_file
+
+    mine = tmp_path / "mine"
+    downloader = Downloader("Edgar Tune Tests", "tests@example.com", mine)
+    assert downloader.get("10-K", "AMZN", download_details=True) == 2  # FY2019's documents are not served
+    assert downloader.get("10-K", "AAPL") == 1  # 1996; no primary document (the library's default, too)
+    assert downloader.get("10-K", "0000876134") == 1  # TGFIN, which has no ticker: its folder is its CIK
+    written = sorted((p, p.stat().st_mtime_ns) for p in mine.rglob("*"))
+    cfg = DataConfig(source=str(mine), tickers=["AMZN", "AAPL", "876134"],
+                     fiscal_years=[1996, 2009, 2020, 2021, 2022])  # fmt: skip
+    with caplog.at_level("INFO", logger="tasks.download"):
+        filings, skipped = gather_filings(cfg)
+    assert [(f["ticker"], f["cik"], f["fiscal_year"], f["report_date"], f["accession"]) for f in filings] == [
+        ("0000876134", "0000876134", 2009, "2009-12-31", "0001010412-10-000078"),
+        ("AAPL", "0000320193", 1996, "1996-09-27", "0000320193-96-000023"),
+        ("AMZN", "0001018724", 2020, "2020-12-31", "0001018724-21-000004"),
+        ("AMZN", "0001018724", 2021, "2021-12-31", "0001018724-22-000005")]  # fmt: skip
+    both = {"full_submission", "primary_document"}
+    assert [set(f["files"]) for f in filings] == [{"full_submission"}] * 2 + [both] * 2
+    assert [(s["fiscal_year"], s["recheck"]) for s in skipped if s["ticker"] == "AMZN"] == [
+        (1996, True), (2009, True), (2022, True)]  # a 10-K downloaded into the folder later is found by the next run
+    assert any("read as sec-edgar-downloader wrote it, 4 10-K filing(s) of 0000876134, AAPL, AMZN" in r.getMessage()
+               for r in caplog.records)  # fmt: skip
+    for f in filings:
+        assert all(len(digest) == 64 for digest in f["sha256"].values())
+        doc = parse_filing(primary_file(f), submission=submission_file(f))
+        assert doc.items["7"].status == "ok" and len(doc.items["7"].text) > 5_000, (f["ticker"], doc.warnings)
+    assert primary_file(filings[2]).name == "primary-document.html"
+    assert sorted((p, p.stat().st_mtime_ns) for p in mine.rglob("*")) == written  # no manifest written there
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"holds no 10-K .* no `TICKER/10-K/ACCESSION/full-submission.txt`"):
+        gather_filings(DataConfig(source=str(tmp_path / "empty"), tickers=["AMZN"], fiscal_years=[2020]))
+    with pytest.raises(FileNotFoundError, match=r"`data.source` = '.*/nowhere' does not exist"):
+        gather_filings(DataConfig(source=str(tmp_path / "nowhere"), tickers=["AMZN"], fiscal_years=[2020]))
+
+
 def test_a_company_asked_by_ticker_and_by_cik_is_downloaded_once(edgar, tmp_path):
     """A company is its CIK: `AMZN`, then `1018724` (in another run, then in the same run), fetch one filing once."""
     def archives() -> list[str]:
