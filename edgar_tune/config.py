@@ -127,6 +127,14 @@ class DataConfig(_Section):
         """TXT/CSV/JSON/JSONL files (domain adaptation or instruction tuning) rather than 10-K filings."""
         return text_source_kind(self.source) is not None
 
+    @field_validator("tickers", "fiscal_years", mode="before")
+    @classmethod
+    def _one_or_more(cls, v: Any) -> Any:
+        """One ticker or year, or several with commas (`--set data.tickers=AMZN,MSFT`), as the list it means."""
+        if isinstance(v, str):
+            return [part.strip() for part in v.split(",") if part.strip()]
+        return [v] if isinstance(v, int) and not isinstance(v, bool) else v
+
     @field_validator("tickers")
     @classmethod
     def _tickers(cls, v: list[str]) -> list[str]:

@@ -40,6 +40,20 @@ def test_overrides_dotted_and_bare_keys():
     assert flat_params(cfg)["train.lora_r"] == 4
 
 
+def test_one_ticker_or_year_or_several_with_commas_are_a_list():
+    """`--set data.tickers=AMZN` said "Input should be a valid list"; one value, or several with commas, is the list
+    it means (a ticker or a year never holds a comma)."""
+    for given, tickers, years in ((["data.tickers=msft", "data.fiscal_years=2021"], ["MSFT"], [2021]),
+                                  (["data.tickers=AMZN, msft", "data.fiscal_years=2020,2021"], ["AMZN", "MSFT"],
+                                   [2020, 2021])):  # fmt: skip
+        cfg = load_config("tiny", given)
+        assert (cfg.data.tickers, cfg.data.fiscal_years) == (tickers, years)
+    with pytest.raises(ConfigError, match="`data.fiscal_years`"):
+        load_config("tiny", ["data.fiscal_years=2021,last"])
+    with pytest.raises(ConfigError, match="give at least one ticker"):
+        load_config("tiny", ["data.tickers=,"])
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [
