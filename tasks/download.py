@@ -320,9 +320,20 @@ def _cik_for(client: EdgarClient, ticker: str, mapping: dict[str, str] | None) -
         data = client.get_json(edgar_urls()[0])
         cik_i, ticker_i = data["fields"].index("cik"), data["fields"].index("ticker")
         mapping = {str(row[ticker_i]).upper(): str(row[cik_i]).zfill(sed_constants.CIK_LENGTH) for row in data["data"]}
-    if ticker not in mapping:
-        raise EdgarError(f"ticker {ticker!r} is not in SEC's ticker list; give its CIK instead (data.tickers)")
-    return mapping[ticker], mapping
+    if ticker in mapping:
+        return mapping[ticker], mapping
+    if (dashed := re.sub(r"[./ ]", "-", ticker)) in mapping:  # a share class as quote screens write it: BRK.B
+        log.info("ticker %s is %s in SEC's ticker list (CIK %s)", ticker, dashed, mapping[dashed])
+        return mapping[dashed], mapping
+    import difflib
+
+    near = difflib.get_close_matches(ticker, mapping, n=3, cutoff=0.75)
+    raise EdgarError(f"ticker {ticker!r} is not in SEC's ticker list"
+                     f"{f' (did you mean {_or(near)}?)' if near else ''}; give its CIK instead (data.tickers)")
+
+
+def _or(names: list[str]) -> str:
+    return ", ".join(names[:-1]) + f" or {names[-1]}" if len(names) > 1 else names[0]
 
 
 def _submissions(client: EdgarClient, cik: str) -> Iterable[dict]:

@@ -185,6 +185,18 @@ def test_a_company_asked_by_ticker_and_by_cik_is_downloaded_once(edgar, tmp_path
 def test_unknown_ticker_names_the_fix(edgar, tmp_path):
     with pytest.raises(EdgarError, match="give its CIK"):
         download_edgar(DataConfig(source="edgar", tickers=["NOPE1"], fiscal_years=[2020]), tmp_path, _client())
+    with pytest.raises(EdgarError, match=r"ticker 'AMZM' is not in SEC's ticker list \(did you mean [^)]*AMZN"):
+        download_edgar(DataConfig(source="edgar", tickers=["amzm"], fiscal_years=[2020]), tmp_path, _client())
+
+
+def test_a_share_class_written_with_a_dot_is_the_dashed_ticker_sec_lists(edgar, tmp_path):
+    """Quote screens write Berkshire's class B as BRK.B (or BRK/B); SEC's ticker list has BRK-B."""
+    edgar.add_company("0001067983", "BERKSHIRE HATHAWAY INC", ["BRK-A", "BRK-B"], [])
+    for given in ("BRK.B", "brk/b"):
+        _, skipped = download_edgar(DataConfig(source="edgar", tickers=[given], fiscal_years=[2020]), tmp_path,
+                                    _client())  # fmt: skip
+        assert [s["reason"] for s in skipped] == ["no 10-K on EDGAR"], skipped
+    assert [p for _, p, _ in edgar.requests if "/submissions/" in p] == ["/submissions/CIK0001067983.json"] * 2
 
 
 def test_every_era_downloads_and_parses(edgar, tmp_path, caplog):
