@@ -322,7 +322,7 @@ def _cik_for(client: EdgarClient, ticker: str, mapping: dict[str, str] | None) -
         mapping = {str(row[ticker_i]).upper(): str(row[cik_i]).zfill(sed_constants.CIK_LENGTH) for row in data["data"]}
     if ticker in mapping:
         return mapping[ticker], mapping
-    if (dashed := re.sub(r"[./ ]", "-", ticker)) in mapping:  # a share class as quote screens write it: BRK.B
+    if (dashed := _dashed(ticker)) in mapping:  # a share class as quote screens write it: BRK.B
         log.info("ticker %s is %s in SEC's ticker list (CIK %s)", ticker, dashed, mapping[dashed])
         return mapping[dashed], mapping
     import difflib
@@ -459,7 +459,7 @@ def _cik_on_disk(ticker: str, filings: list[dict]) -> str | None:
     """The CIK of `ticker` without asking EDGAR: a CIK is its own; a ticker's is on its downloaded filings."""
     if ticker.isdigit():
         return ticker.zfill(sed_constants.CIK_LENGTH)
-    return next((f["cik"] for f in filings if f["ticker"] == ticker), None)
+    return next((f["cik"] for f in filings if _is_company(f, ticker)), None)
 
 
 def _fetch_filing(client: EdgarClient, root: Path, ticker: str, cik: str, row: dict, year: int) -> dict:
@@ -534,8 +534,16 @@ def gather_filings(cfg: DataConfig) -> tuple[list[dict], list[dict]]:
 
 
 def _is_company(filing: dict, ticker: str) -> bool:
-    """Whether `ticker` (a ticker or a CIK, with or without leading zeros) names the company of `filing`."""
-    return ticker == filing["ticker"] or ticker.isdigit() and ticker.lstrip("0") == filing["cik"].lstrip("0")
+    """Whether `ticker` (a ticker or a CIK, with or without leading zeros) names the company of `filing`; a share
+    class written with a dot or a slash (BRK.B) is the dashed one (BRK-B)."""
+    if ticker.isdigit():
+        return ticker.lstrip("0") == filing["cik"].lstrip("0")
+    return _dashed(ticker) == _dashed(filing["ticker"].upper())
+
+
+def _dashed(ticker: str) -> str:
+    """A ticker as SEC's list writes a share class: BRK.B, BRK/B and BRK B are BRK-B."""
+    return re.sub(r"[./ ]", "-", ticker)
 
 
 def _log_latest(ticker: str, years: Iterable[int], n: int) -> None:

@@ -197,6 +197,10 @@ def test_a_share_class_written_with_a_dot_is_the_dashed_ticker_sec_lists(edgar, 
                                     _client())  # fmt: skip
         assert [s["reason"] for s in skipped] == ["no 10-K on EDGAR"], skipped
     assert [p for _, p, _ in edgar.requests if "/submissions/" in p] == ["/submissions/CIK0001067983.json"] * 2
+    from tasks.download import _is_company
+
+    on_disk = {"ticker": "BRK-B", "cik": "0001067983"}  # a local folder's filing (sec-edgar-downloader's name)
+    assert _is_company(on_disk, "BRK.B") and _is_company(on_disk, "1067983") and not _is_company(on_disk, "BRK-A")
 
 
 def test_every_era_downloads_and_parses(edgar, tmp_path, caplog):
