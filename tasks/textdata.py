@@ -114,7 +114,24 @@ def _describe(where: str, role: str, digest: Callable[[Path], str]) -> dict:
     else:
         path = Path(where).expanduser().resolve()
         at = {"path": str(path)}
+    if role != "template" and _an_edgar_submission(path):
+        raise ConfigError(f"`{ROLE_KEY[role]}`: {where} is an EDGAR filing (a complete submission, as "
+                          "`full-submission.txt`), not text to train on as it is: give the folder that holds "
+                          "`sec-edgar-filings` as `data.source`, with `data.tickers` and `data.fiscal_years`, and "
+                          "each 10-K is split into its Items, Item 7 (the MD&A) held out")  # fmt: skip
     return at | {"bytes": path.stat().st_size, "sha256": digest(path), "role": role}
+
+
+def _an_edgar_submission(path: Path) -> bool:
+    """Whether a .txt file is an EDGAR complete submission (its SGML envelope and SEC header; a 1990s one whose
+    tags were stripped keeps the header's fields), which read as paragraphs would train on the envelope, every
+    exhibit and no held-out MD&A."""
+    if path.suffix.lower() != ".txt":
+        return False
+    with open(path, "rb") as f:
+        head = f.read(4096).decode("latin-1")
+    return "<SEC-DOCUMENT>" in head or "<SEC-HEADER>" in head or \
+        ("ACCESSION NUMBER:" in head and "CONFORMED SUBMISSION TYPE:" in head)  # fmt: skip
 
 
 def location(entry: dict) -> str:

@@ -87,6 +87,29 @@ def test_a_folder_source_reads_its_own_files_and_names_the_subfolders_it_leaves(
     assert ".cache/" not in caplog.text and ".DS_Store" not in caplog.text
 
 
+def test_a_10k_submission_given_as_text_is_refused_naming_the_10k_source(tmp_path):
+    """A `full-submission.txt` is a .txt file: given as `data.source` (the file, or its accession folder), it was
+    read as paragraphs, training on the SGML envelope and every exhibit with no MD&A held out. The download stage
+    refuses it, naming the 10-K source that parses it; real submissions of 2009 and of 1996 (its tags stripped)."""
+    import gzip
+
+    from edgar_tune.config import DataConfig
+    from tasks.textdata import describe_source
+
+    for name in ("TGFIN_10-K_2009.txt.gz", "AAPL_10-K_1996.txt.gz"):
+        folder = tmp_path / name.split("_")[0]
+        folder.mkdir()
+        submission = folder / "full-submission.txt"
+        submission.write_bytes(gzip.decompress((REPO / "data" / "edgar" / "filings" / name).read_bytes()))
+        for source in (submission, folder):
+            with pytest.raises(ConfigError, match=rf"`data.source`: {submission} is an EDGAR filing .* give the "
+                                                  "folder that holds `sec-edgar-filings` as `data.source`"):  # fmt: skip
+                describe_source(DataConfig(source=str(source)))
+    plain = tmp_path / "notes.txt"
+    plain.write_text("ACCESSION NUMBER: is what EDGAR calls a filing's id.\n")  # text about filings is text
+    assert [f["role"] for f in describe_source(DataConfig(source=str(plain)))] == ["train"]
+
+
 def test_split_holds_out_the_ratio_with_its_seed():
     rows = [{"text": str(i)} for i in range(50)]
     train, val = split_rows(rows, 0.2, seed=0)
