@@ -303,8 +303,10 @@ def _sec_header(path: Path) -> dict[str, str]:
     import gzip
 
     opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        text = f.read(1 << 16).decode("latin-1")
+    with opener(path, "rb") as f:  # a header is a few KB; a filing's documents, megabytes
+        text = f.read(8192).decode("latin-1")
+        if "</SEC-HEADER>" not in text and "<DOCUMENT>" not in text:  # many filers, or a 1990s one's stripped tags
+            text += f.read((1 << 16) - 8192).decode("latin-1")
     head: dict[str, str] = {}
     for line in text.split("<DOCUMENT>", 1)[0].splitlines():
         key, _, value = line.strip().partition(":")
