@@ -252,19 +252,17 @@ def scan_downloaded(root: Path) -> list[dict]:
     filings, others, seen = [], {}, set()
     for company in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         for sub in sorted(q for name in SUBMISSION_FILES for q in company.glob(f"*/*/{name}")):
-            acc = sub.parent.name
-            head = _sec_header(sub)
-            form = head.get("form", "?")
-            if acc in seen:
+            if (acc := sub.parent.name) in seen:
                 continue
-            if form not in TEN_K_FORMS:
+            seen.add(acc)
+            head = _sec_header(sub)
+            if (form := head.get("form", "?")) not in TEN_K_FORMS:
                 others[form] = others.get(form, 0) + 1
                 continue
             if not (head.get("period") or head.get("filed")):
                 log.warning("%s: its SEC header names neither the period reported nor the filing date; left out",
                             sub)  # fmt: skip
                 continue
-            seen.add(acc)
             dates = {"filing_date": _day(head.get("filed")), "report_date": _day(head.get("period"))}
             files = {"full_submission": str(sub.relative_to(root))}
             if primary := next(iter(sorted(sub.parent.glob(f"{sed_constants.PRIMARY_DOC_FILENAME_STEM}.*"))), None):
