@@ -101,9 +101,9 @@ def test_a_10k_submission_given_as_text_is_refused_naming_the_10k_source(tmp_pat
         folder.mkdir()
         submission = folder / "full-submission.txt"
         submission.write_bytes(gzip.decompress((REPO / "data" / "edgar" / "filings" / name).read_bytes()))
+        said = rf"`data.source`: {submission} is an EDGAR filing .* give the folder that holds `sec-edgar-filings`"
         for source in (submission, folder):
-            with pytest.raises(ConfigError, match=rf"`data.source`: {submission} is an EDGAR filing .* give the "
-                                                  "folder that holds `sec-edgar-filings` as `data.source`"):  # fmt: skip
+            with pytest.raises(ConfigError, match=said):
                 describe_source(DataConfig(source=str(source)))
     plain = tmp_path / "notes.txt"
     plain.write_text("ACCESSION NUMBER: is what EDGAR calls a filing's id.\n")  # text about filings is text
