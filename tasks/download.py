@@ -234,6 +234,8 @@ def collect_local(folder: Path, tickers: list[str], years: list[int], latest: in
 
 SUBMISSION_FILES = (sed_constants.FILING_FULL_SUBMISSION_FILENAME, sed_constants.FILING_FULL_SUBMISSION_FILENAME
                     + ".gz")  # fmt: skip
+# the primary document's name: sec-edgar-downloader 5's, then 4's (`filing-details.html`)
+PRIMARY_STEMS = (sed_constants.PRIMARY_DOC_FILENAME_STEM, "filing-details")
 _HEADER_KEYS = {"CONFORMED SUBMISSION TYPE": "form", "CONFORMED PERIOD OF REPORT": "period",
                 "FILED AS OF DATE": "filed", "CENTRAL INDEX KEY": "cik"}  # fmt: skip
 
@@ -242,7 +244,8 @@ def scan_downloaded(root: Path) -> list[dict]:
     """The 10-K filings in a folder sec-edgar-downloader wrote (`Downloader(...).get("10-K", "AMZN")`), which has
     no manifest: each `TICKER/FORM/ACCESSION/` with its `full-submission.txt`, whose SEC header says the form, the
     company's CIK, the period reported (its year is the fiscal year, as EDGAR's `reportDate` is for a download)
-    and the filing date; `primary-document.*` (`download_details=True`) is the document parsed where there is one.
+    and the filing date; `primary-document.*` (`download_details=True`; `filing-details.*` from
+    sec-edgar-downloader 4) is the document parsed where there is one.
     Other forms (10-Q, 10-K/A) are left out and counted in a line of the log; an accession under two names (asked
     for by ticker and by CIK) is read once.
 
@@ -265,7 +268,7 @@ def scan_downloaded(root: Path) -> list[dict]:
                 continue
             dates = {"filing_date": _day(head.get("filed")), "report_date": _day(head.get("period"))}
             files = {"full_submission": str(sub.relative_to(root))}
-            if primary := next(iter(sorted(sub.parent.glob(f"{sed_constants.PRIMARY_DOC_FILENAME_STEM}.*"))), None):
+            if primary := next((p for stem in PRIMARY_STEMS for p in sorted(sub.parent.glob(f"{stem}.*"))), None):
                 files["primary_document"] = str(primary.relative_to(root))
             cik = company.name.zfill(sed_constants.CIK_LENGTH) if company.name.isdigit() else head.get("cik", "")
             filings.append({"ticker": company.name, "cik": cik, "form": TEN_K_FORMS[form], "filed_form": form,

@@ -6,6 +6,7 @@ import gzip
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -154,6 +155,12 @@ def test_a_folder_sec_edgar_downloader_wrote_is_read_without_a_manifest(edgar, t
         assert doc.items["7"].status == "ok" and len(doc.items["7"].text) > 5_000, (f["ticker"], doc.warnings)
     assert primary_file(filings[2]).name == "primary-document.html"
     assert sorted((p, p.stat().st_mtime_ns) for p in mine.rglob("*")) == written  # no manifest written there
+    older = tmp_path / "v4" / "sec-edgar-filings"  # sec-edgar-downloader 4 named the primary document so
+    shutil.copytree(mine / "sec-edgar-filings" / "AMZN", older / "AMZN")
+    for doc in older.rglob("primary-document.html"):
+        doc.rename(doc.with_name("filing-details.html"))
+    v4, _ = gather_filings(DataConfig(source=str(older), tickers=["AMZN"], fiscal_years=[2021]))
+    assert primary_file(v4[0]).name == "filing-details.html"
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match=r"holds no 10-K .* no `TICKER/10-K/ACCESSION/full-submission.txt`"):
         gather_filings(DataConfig(source=str(tmp_path / "empty"), tickers=["AMZN"], fiscal_years=[2020]))
