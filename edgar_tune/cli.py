@@ -438,10 +438,12 @@ def cmd_relay(args: argparse.Namespace) -> int:
 
 
 def cmd_sections(args: argparse.Namespace) -> int:
+    from tasks.download import filing_documents
     from tasks.sections import parse_filing
 
-    for path in args.files:
-        doc = parse_filing(Path(path), args.tables).to_dict()
+    documents = [found for given in args.files for found in filing_documents(Path(given))]  # all there, or none
+    for path, submission in documents:
+        doc = parse_filing(path, args.tables, submission=submission).to_dict()
         if args.jsonl:
             print(json.dumps(doc, ensure_ascii=False))
         elif args.json:
@@ -596,7 +598,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="with --fit: the engine option to fit")  # fmt: skip
     plan.set_defaults(fn=cmd_plan)
     sections = sub.add_parser("sections", help="split 10-K files into Items and print them")
-    sections.add_argument("files", nargs="+")
+    sections.add_argument("files", nargs="+", help="filing files, or folders of them in sec-edgar-downloader's "
+                          "layout (sec-edgar-filings, a company's, an accession's)")  # fmt: skip
     fmt = sections.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="one indented JSON object per file")
     fmt.add_argument("--jsonl", action="store_true", help="one JSON object per line")

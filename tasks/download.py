@@ -267,9 +267,7 @@ def scan_downloaded(root: Path) -> list[dict]:
                             sub)  # fmt: skip
                 continue
             dates = {"filing_date": _day(head.get("filed")), "report_date": _day(head.get("period"))}
-            files = {"full_submission": str(sub.relative_to(root))}
-            if primary := next((p for stem in PRIMARY_STEMS for p in sorted(sub.parent.glob(f"{stem}.*"))), None):
-                files["primary_document"] = str(primary.relative_to(root))
+            files = {kind: str(path.relative_to(root)) for kind, path in accession_files(sub.parent).items()}
             cik = company.name.zfill(sed_constants.CIK_LENGTH) if company.name.isdigit() else head.get("cik", "")
             filings.append({"ticker": company.name, "cik": cik, "form": TEN_K_FORMS[form], "filed_form": form,
                             "fiscal_year": fiscal_year_of({"reportDate": dates["report_date"],
@@ -287,6 +285,41 @@ def scan_downloaded(root: Path) -> list[dict]:
              ", ".join(sorted({f["ticker"] for f in filings})),
              f"; left out {_counted(others)}" if others else "")  # fmt: skip
     return filings
+
+
+def accession_files(folder: Path) -> dict[str, Path]:
+    """The filing files in an accession folder of sec-edgar-downloader's layout: `full_submission` and
+    `primary_document`, those of them that are there."""
+    found = {"full_submission": next((folder / n for n in SUBMISSION_FILES if (folder / n).is_file()), None),
+             "primary_document": next((p for stem in PRIMARY_STEMS for p in sorted(folder.glob(f"{stem}.*"))),
+                                      None)}  # fmt: skip
+    return {kind: path for kind, path in found.items() if path is not None}
+
+
+def filing_documents(where: Path) -> list[tuple[Path, Path | None]]:
+    """What to parse for each filing at `where`: a file as it is (no submission beside it); a folder in
+    sec-edgar-downloader's layout, at any level (`sec-edgar-filings`, a company, a form, an accession), as each
+    accession's (primary document or else complete submission, the complete submission where both are there: its
+    exhibits hold what a 10-K incorporates by reference).
+
+    Raises:
+        FileNotFoundError: `where` is not there, or is a folder with no filing in that layout.
+    """
+    if where.is_file():
+        return [(where, None)]
+    if not where.is_dir():
+        raise FileNotFoundError(f"{where} does not exist")
+    names = [*SUBMISSION_FILES, *(f"{stem}.*" for stem in PRIMARY_STEMS)]
+    folders = sorted({p.parent for name in names for p in where.rglob(name)})
+    documents = []
+    for folder in folders:
+        files = accession_files(folder)
+        primary = files.get("primary_document", files.get("full_submission"))
+        documents.append((primary, files.get("full_submission") if "primary_document" in files else None))
+    if not documents:
+        raise FileNotFoundError(f"{where} holds no filing as sec-edgar-downloader lays them out "
+                                "(`ACCESSION/full-submission.txt` or `ACCESSION/primary-document.html`)")  # fmt: skip
+    return documents
 
 
 def _counted(forms: dict[str, int]) -> str:

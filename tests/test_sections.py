@@ -151,6 +151,28 @@ def test_sections_command_prints_json_per_file():
     assert set(docs[0]) == {"path", "form", "items", "warnings"}
 
 
+def test_sections_command_takes_a_folder_in_sec_edgar_downloaders_layout(tmp_path):
+    """A folder of filings (the bundled `sec-edgar-filings`, a company's, an accession's) is each accession's
+    document; a path that is not there, or a folder with no filing, is refused before any is parsed (it was an
+    IsADirectoryError traceback)."""
+    bundled = REPO / "data" / "sec-edgar-filings"
+
+    def sections(*paths) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "edgar_tune.cli", "sections", "--jsonl", *map(str, paths)],
+                              capture_output=True, text=True, cwd=REPO)  # fmt: skip
+
+    done = sections(bundled, bundled / "AMZN" / "10-K" / "0001018724-22-000005")
+    assert done.returncode == 0, done.stderr[-2000:]
+    docs = [json.loads(line) for line in done.stdout.splitlines()]
+    accessions = [Path(d["path"]).parent.name for d in docs]
+    assert accessions == ["0001018724-21-000004", "0001018724-22-000005", "0001018724-22-000005"]
+    assert all(d["items"]["7"]["status"] == "ok" for d in docs)
+    for given, said in ((tmp_path / "nowhere", "does not exist"), (tmp_path, "holds no filing as sec-edgar")):
+        refused = sections(bundled, given)
+        assert refused.returncode == 2 and refused.stdout == "", refused.stdout[-300:]
+        assert f"edgar-tune: error: {given} {said}" in refused.stderr, refused.stderr[-2000:]
+
+
 def test_sections_table_says_why_an_item_was_not_taken():
     files = [str(FILINGS / "CIGF5_10-K_2015.html.gz"), str(FILINGS / "AAPL_10-K_1996.txt.gz")]
     out = subprocess.run([sys.executable, "-m", "edgar_tune.cli", "sections", *files],
