@@ -247,12 +247,13 @@ def scan_downloaded(root: Path) -> list[dict]:
     and the filing date; `primary-document.*` (`download_details=True`; `filing-details.*` from
     sec-edgar-downloader 4) is the document parsed where there is one.
     Other forms (10-Q, 10-K/A) are left out and counted in a line of the log; an accession under two names (asked
-    for by ticker and by CIK) is read once.
+    for by ticker and by CIK) is read once; a complete submission cut off (sec-edgar-downloader writes in place, so
+    a download stopped part-way leaves one, and no primary document after it) is left out with a warning.
 
     Raises:
         FileNotFoundError: the folder holds no filing in that layout, saying what it looked for.
     """
-    filings, others, seen = [], {}, set()
+    filings, others, seen, cut = [], {}, set(), []
     for company in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         for sub in sorted(q for name in SUBMISSION_FILES for q in company.glob(f"*/*/{name}")):
             if (acc := sub.parent.name) in seen:
@@ -267,12 +268,22 @@ def scan_downloaded(root: Path) -> list[dict]:
                             sub)  # fmt: skip
                 continue
             dates = {"filing_date": _day(head.get("filed")), "report_date": _day(head.get("period"))}
-            files = {kind: str(path.relative_to(root)) for kind, path in accession_files(sub.parent).items()}
+            found = accession_files(sub.parent)
+            if "primary_document" not in found and _cut_off(sub):  # sec-edgar-downloader writes it second
+                cut.append(sub)
+                log.warning("%s is cut off (it opens an SGML envelope that it does not close): sec-edgar-downloader "
+                            "writes files in place, and a download stopped part-way leaves one; left out. Delete "
+                            "its folder and download it again", sub)  # fmt: skip
+                continue
+            files = {kind: str(path.relative_to(root)) for kind, path in found.items()}
             cik = company.name.zfill(sed_constants.CIK_LENGTH) if company.name.isdigit() else head.get("cik", "")
             filings.append({"ticker": company.name, "cik": cik, "form": TEN_K_FORMS[form], "filed_form": form,
                             "fiscal_year": fiscal_year_of({"reportDate": dates["report_date"],
                                                            "filingDate": dates["filing_date"]}),
                             "accession": acc, **dates, "files": files})  # fmt: skip
+    if not filings and cut:
+        raise FileNotFoundError(f"`data.source` = {str(root)!r}: every 10-K in it is cut off ({', '.join(map(str, cut))}"
+                                "): delete their folders and download them again")  # fmt: skip
     if not filings:
         raise FileNotFoundError(
             f"`data.source` = {str(root)!r} holds no 10-K that edgar-tune can read: no {MANIFEST} (a folder "
@@ -320,6 +331,25 @@ def filing_documents(where: Path) -> list[tuple[Path, Path | None]]:
         raise FileNotFoundError(f"{where} holds no filing as sec-edgar-downloader lays them out "
                                 "(`ACCESSION/full-submission.txt` or `ACCESSION/primary-document.html`)")  # fmt: skip
     return documents
+
+
+def _cut_off(submission: Path) -> bool:
+    """Whether a complete submission that opens with `<SEC-DOCUMENT>` lacks its closing tag at the end (a 1990s file
+    whose tags were stripped cannot tell)."""
+    import gzip
+
+    opener = gzip.open if submission.name.endswith(".gz") else open
+    with opener(submission, "rb") as f:
+        if b"<SEC-DOCUMENT>" not in f.read(4096):
+            return False
+        tail = b""
+        if submission.name.endswith(".gz"):  # a gzip stream is read to its end to know it
+            while chunk := f.read(1 << 20):
+                tail = (tail + chunk)[-512:]
+        else:
+            f.seek(max(0, submission.stat().st_size - 512))
+            tail = f.read()
+    return b"</SEC-DOCUMENT>" not in tail
 
 
 def _counted(forms: dict[str, int]) -> str:

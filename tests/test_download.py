@@ -161,6 +161,17 @@ def test_a_folder_sec_edgar_downloader_wrote_is_read_without_a_manifest(edgar, t
         doc.rename(doc.with_name("filing-details.html"))
     v4, _ = gather_filings(DataConfig(source=str(older), tickers=["AMZN"], fiscal_years=[2021]))
     assert primary_file(v4[0]).name == "filing-details.html"
+    cut = tmp_path / "cut" / "sec-edgar-filings"  # a download stopped part-way: sec-edgar-downloader writes in place
+    shutil.copytree(mine / "sec-edgar-filings" / "0000876134", cut / "0000876134")
+    half = next(cut.rglob("full-submission.txt"))
+    half.write_bytes(half.read_bytes()[: half.stat().st_size // 2])
+    with pytest.raises(FileNotFoundError, match=f"every 10-K in it is cut off \\({half}\\): delete their folders"):
+        gather_filings(DataConfig(source=str(cut), tickers=["876134"], fiscal_years=[2009]))
+    shutil.copytree(mine / "sec-edgar-filings" / "AAPL", cut / "AAPL")  # 1996: its stripped tags cannot tell
+    with caplog.at_level("WARNING", logger="tasks.download"):
+        kept, _ = gather_filings(DataConfig(source=str(cut), tickers=["876134", "AAPL"], fiscal_years=[1996, 2009]))
+    assert [f["ticker"] for f in kept] == ["AAPL"]
+    assert f"{half} is cut off (it opens an SGML envelope that it does not close)" in caplog.text
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match=r"holds no 10-K .* no `TICKER/10-K/ACCESSION/full-submission.txt`"):
         gather_filings(DataConfig(source=str(tmp_path / "empty"), tickers=["AMZN"], fiscal_years=[2020]))
