@@ -35,7 +35,9 @@ def text_source_kind(source: str) -> str | None:
     """`file` or `folder` when `data.source` names TXT/CSV/JSON/JSONL data, else None (10-K sources)."""
     if source in ("bundled", "edgar"):
         return None
-    if source.startswith("s3://"):  # your own text in a bucket, as JumpStart's training channel (10-Ks: `edgar`)
+    if source.startswith("s3://"):  # your own text in a bucket, as JumpStart's training channel
+        if source.rstrip("/").rsplit("/", 1)[-1] == "sec-edgar-filings":  # 10-K filings in a bucket
+            return None
         return "file" if Path(source).suffix.lower() in TEXT_SUFFIXES else "folder"
     path = Path(source).expanduser()
     if path.suffix.lower() in TEXT_SUFFIXES:
@@ -83,7 +85,8 @@ class DataConfig(_Section):
         "bundled",
         description="`bundled` (Amazon's FY2020-21 10-Ks in data/), `edgar` (download from SEC EDGAR), "
         "a folder in sec-edgar-downloader layout (`.../sec-edgar-filings/TICKER/10-K/ACCESSION/`: one edgar-tune "
-        "downloaded, or one sec-edgar-downloader wrote itself), or your own "
+        "downloaded, or one sec-edgar-downloader wrote itself; or such a `sec-edgar-filings` prefix in an s3:// "
+        "bucket), or your own "
         "TXT/CSV/JSON/JSONL: a file, a folder of them, or an s3:// object or prefix.",
     )
     tickers: list[str] = Field(["AMZN"], description="Tickers or CIKs to take filings for.")

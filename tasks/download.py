@@ -282,8 +282,9 @@ def scan_downloaded(root: Path) -> list[dict]:
                                                            "filingDate": dates["filing_date"]}),
                             "accession": acc, **dates, "files": files})  # fmt: skip
     if not filings and cut:
-        raise FileNotFoundError(f"`data.source` = {str(root)!r}: every 10-K in it is cut off ({', '.join(map(str, cut))}"
-                                "): delete their folders and download them again")  # fmt: skip
+        named = ", ".join(map(str, cut))
+        raise FileNotFoundError(f"`data.source` = {str(root)!r}: every 10-K in it is cut off ({named}): delete their "
+                                "folders and download them again")  # fmt: skip
     if not filings:
         raise FileNotFoundError(
             f"`data.source` = {str(root)!r} holds no 10-K that edgar-tune can read: no {MANIFEST} (a folder "
@@ -298,12 +299,15 @@ def scan_downloaded(root: Path) -> list[dict]:
     return filings
 
 
+_BESIDE = (".etag", ".lock", ".tmp")  # what a copy fetched from S3 (`fetch_s3`), or a write under way, has beside it
+
+
 def accession_files(folder: Path) -> dict[str, Path]:
     """The filing files in an accession folder of sec-edgar-downloader's layout: `full_submission` and
     `primary_document`, those of them that are there."""
     found = {"full_submission": next((folder / n for n in SUBMISSION_FILES if (folder / n).is_file()), None),
-             "primary_document": next((p for stem in PRIMARY_STEMS for p in sorted(folder.glob(f"{stem}.*"))),
-                                      None)}  # fmt: skip
+             "primary_document": next((p for stem in PRIMARY_STEMS for p in sorted(folder.glob(f"{stem}.*"))
+                                       if p.suffix not in _BESIDE), None)}  # fmt: skip
     return {kind: path for kind, path in found.items() if path is not None}
 
 
@@ -579,7 +583,12 @@ def gather_filings(cfg: DataConfig) -> tuple[list[dict], list[dict]]:
         dest = Path(cfg.download_dir) if cfg.download_dir else cache_dir() / "edgar"
         filings, skipped = download_edgar(cfg, dest)
     else:
-        folder = BUNDLED_DIR if cfg.source == "bundled" else Path(cfg.source)
+        if cfg.source == "bundled":
+            folder = BUNDLED_DIR
+        elif cfg.source.startswith("s3://"):
+            folder = fetch_s3_filings(cfg.source, cfg.tickers, cfg.fiscal_years, cfg.latest_years)
+        else:
+            folder = Path(cfg.source)
         filings, skipped = collect_local(folder, cfg.tickers, cfg.fiscal_years, cfg.latest_years), []
         for t in cfg.tickers:
             years = sorted(f["fiscal_year"] for f in filings if _is_company(f, t))
@@ -597,6 +606,49 @@ def gather_filings(cfg: DataConfig) -> tuple[list[dict], list[dict]]:
             "`data.tickers`, `data.fiscal_years`/`data.latest_years` or the source"
         )
     return filings, skipped
+
+
+def fetch_s3_filings(url: str, tickers: list[str], years: list[int], latest: int | None = None) -> Path:
+    """The filings of `tickers` under an s3:// `.../sec-edgar-filings` prefix (edgar-tune's download cache, or a
+    folder sec-edgar-downloader wrote, copied to a bucket that every worker of a pool reads), copied into this
+    machine's cache in the same layout (`tasks.textdata.fetch_s3`: an object is fetched again only when its ETag
+    changed), and the copy's folder, read then as a local one is. With edgar-tune's manifest.json, the files of the
+    filings it lists for those tickers (by ticker or CIK) and `years` (or `latest`); without, the company folders
+    named by them, every year (a CIK whose company's folder is named by its ticker fetches every company's: only
+    their SEC headers tell).
+
+    Raises:
+        FileNotFoundError: the prefix holds no object.
+        ConfigError: credentials that cannot read it.
+    """
+    from tasks.storage import s3_fs
+    from tasks.textdata import _s3_access, fetch_s3, s3_copy
+
+    prefix = url.rstrip("/")
+    fs = s3_fs()
+    with _s3_access(url, "data.source"):
+        keys = fs.find(prefix)  # bucket/key, each object under the prefix
+    rels = sorted(k[len(prefix) - len("s3://") + 1:] for k in keys)
+    if not rels:
+        raise FileNotFoundError(f"`data.source` = {url!r} holds no object (or these credentials cannot list it)")
+    if MANIFEST in rels:
+        filings = json.loads(fetch_s3(f"{prefix}/{MANIFEST}").read_text())["filings"]
+        wanted = {rel for f in _select(filings, tickers, years, latest) for rel in f["files"].values()}
+    else:
+        companies = {rel.split("/", 1)[0] for rel in rels if "/" in rel}
+        named = {c for c in companies if any(_is_company({"ticker": c, "cik": c if c.isdigit() else ""}, t)
+                                             for t in tickers)}  # fmt: skip
+        if any(t.isdigit() and not any(_is_company({"ticker": c, "cik": c}, t) for c in named) for t in tickers):
+            named = companies
+        if not named:
+            raise FileNotFoundError(f"`data.source` = {url!r} has no company folder named {', '.join(tickers)} "
+                                    f"(it has {', '.join(sorted(companies)[:20]) or 'none'}); change `data.tickers`")
+        wanted = {rel for rel in rels if rel.split("/", 1)[0] in named}
+    log.info("%s: fetching %d object(s) of %s into this machine's cache (fetched again only when changed)", url,
+             len(wanted), ", ".join(tickers))  # fmt: skip
+    for rel in sorted(wanted):
+        fetch_s3(f"{prefix}/{rel}")
+    return s3_copy(prefix)
 
 
 def _is_company(filing: dict, ticker: str) -> bool:

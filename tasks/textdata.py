@@ -172,8 +172,8 @@ def _s3_files(source: str, key: str) -> list[str]:
     files = sorted(f"s3://{o['name']}" for o in listed if o["type"] == "file" and _is_data(o["name"]))
     if not files:
         raise FileNotFoundError(
-            f"`{key}` = {source!r} has no .txt, .csv, .json or .jsonl objects directly under it (s3:// sources are "
-            "your own text; 10-K filings come from `edgar`, `bundled` or a local folder)"
+            f"`{key}` = {source!r} has no .txt, .csv, .json or .jsonl objects directly under it (10-K filings in "
+            "a bucket: give the prefix of their `sec-edgar-filings` folder, s3://BUCKET/.../sec-edgar-filings)"
         )
     _unread_folders(source, key, [o["name"].rstrip("/").rsplit("/", 1)[-1] for o in listed if o["type"] == "directory"])
     _unread_hidden(source, key, [o["name"].rsplit("/", 1)[-1] for o in listed if o["type"] == "file"])
@@ -181,6 +181,11 @@ def _s3_files(source: str, key: str) -> list[str]:
 
 
 ROLE_KEY = {"train": "data.source", "validation": "data.validation", "template": "data.template"}
+
+
+def s3_copy(url: str) -> Path:
+    """Where this machine keeps its copy of an s3:// object (or the objects under a prefix)."""
+    return cache_dir() / "data" / "s3" / url[len("s3://"):].rstrip("/")
 
 
 def fetch_s3(url: str, key: str = "data.source") -> Path:
@@ -195,7 +200,7 @@ def fetch_s3(url: str, key: str = "data.source") -> Path:
     from tasks.storage import s3_fs
 
     fs = s3_fs()
-    local = cache_dir() / "data" / "s3" / url[len("s3://"):]
+    local = s3_copy(url)
     stamp = local.with_name(local.name + ".etag")
     with held(local.with_name(local.name + ".lock"), holder_info(fetching=url), wait=True):
         with _s3_access(url, key):

@@ -552,6 +552,53 @@ def test_text_data_from_an_s3_prefix(s3, prefect_server, tmp_path, amzn_files, m
         data_files("s3://edgar-data/qa/")
 
 
+def test_10k_filings_under_an_s3_prefix_are_read_as_a_local_folder_is(s3, tmp_path, monkeypatch, caplog):
+    """A `sec-edgar-filings` folder copied to a bucket, which every worker of a pool reads (air-gapped GPU nodes
+    reach no EDGAR): with edgar-tune's manifest, only the chosen filings' files are fetched; without one (as
+    sec-edgar-downloader writes it), the company folders named by the tickers, each 10-K dated by its SEC header.
+    Each object is copied into the cache once, again only when its ETag changes."""
+    import gzip
+
+    from edgar_tune.config import DataConfig
+    from tasks.download import BUNDLED_DIR, gather_filings, primary_file, submission_file
+
+    fs, _ = s3
+    monkeypatch.setenv("EDGAR_TUNE_CACHE", str(tmp_path / "cache"))
+    fs.mkdir("edgar-filings")
+    for path in (p for p in BUNDLED_DIR.rglob("*") if p.is_file()):  # the bundled folder, its manifest included
+        fs.pipe_file(f"edgar-filings/team/sec-edgar-filings/{path.relative_to(BUNDLED_DIR)}", path.read_bytes())
+    mine = "edgar-filings/mine/sec-edgar-filings"  # sec-edgar-downloader's layout, no manifest: real submissions
+    for file, company, acc in (("TGFIN_10-K_2009.txt.gz", "0000876134", "0001010412-10-000078"),
+                               ("AAPL_10-K_1996.txt.gz", "AAPL", "0000320193-96-000023")):  # fmt: skip
+        raw = gzip.decompress((REPO / "data" / "edgar" / "filings" / file).read_bytes())
+        fs.pipe_file(f"{mine}/{company}/10-K/{acc}/full-submission.txt", raw)
+
+    team = DataConfig(source="s3://edgar-filings/team/sec-edgar-filings/", tickers=["AMZN"], fiscal_years=[2021])
+    assert not team.is_text  # filings, not text
+    with caplog.at_level("INFO", logger="tasks.textdata"):
+        filings, skipped = gather_filings(team)
+    assert [(f["fiscal_year"], f["accession"]) for f in filings] == [(2021, "0001018724-22-000005")] and not skipped
+    copy = tmp_path / "cache" / "data" / "s3" / "edgar-filings" / "team" / "sec-edgar-filings"
+    assert sorted(str(p.relative_to(copy)) for p in copy.rglob("*") if p.suffix not in (".etag", ".lock")) == [
+        "AMZN", "AMZN/10-K", "AMZN/10-K/0001018724-22-000005",
+        "AMZN/10-K/0001018724-22-000005/primary-document.html.gz", "manifest.json"]  # FY2020's not fetched
+    assert caplog.text.count("fetched s3://edgar-filings/") == 2
+    caplog.clear()
+    with caplog.at_level("INFO", logger="tasks.textdata"):
+        assert gather_filings(team)[0] == filings and "fetched s3://" not in caplog.text  # the copies stand
+
+    theirs = DataConfig(source=f"s3://{mine}", tickers=["AAPL", "876134"], fiscal_years=[1996, 2009])
+    filings, skipped = gather_filings(theirs)
+    assert [(f["ticker"], f["fiscal_year"]) for f in filings] == [("0000876134", 2009), ("AAPL", 1996)]
+    for f in filings:
+        doc = parse_filing(primary_file(f), submission=submission_file(f))
+        assert doc.items["7"].status == "ok", (f["ticker"], doc.warnings)
+    with pytest.raises(FileNotFoundError, match=r"has no company folder named MSFT \(it has 0000876134, AAPL\)"):
+        gather_filings(DataConfig(source=f"s3://{mine}", tickers=["MSFT"], fiscal_years=[2021]))
+    with pytest.raises(FileNotFoundError, match="holds no object"):
+        gather_filings(DataConfig(source="s3://edgar-filings/none/sec-edgar-filings", tickers=["AMZN"]))
+
+
 def test_an_unfinished_model_upload_is_removed_from_an_s3_artifact_store(s3, tmp_path):
     """The files of a model upload a killed registration left in an S3 artifact store (moto's server) are removed
     with its logged model before the next upload, as from a local store (tests/test_registry.py)."""
