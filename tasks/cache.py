@@ -28,8 +28,8 @@ from prefect.context import TaskRunContext
 
 from edgar_tune.config import (REPO_ROOT, TINY, TRAINING_EVAL_KEYS, ConfigError, PipelineConfig, flat_params,
                                load_run_config)  # fmt: skip
-from tasks.io import (DOWNLOAD, EVALUATE, PARSE, REGISTER, TOKENIZE, TRAIN, atomic_write_json, litter, read_json,
-                      sha256_file)  # fmt: skip
+from tasks.io import (DOWNLOAD, EVALUATE, PARSE, REGISTER, TOKENIZE, TRAIN, atomic_write_json, joined, litter,
+                      read_json, sha256_file)  # fmt: skip
 
 # The stages in order, with the stages each one needs (its upstream).
 STAGES = ("download", "parse", "tokenize", "evaluate-base", "train", "evaluate", "register")
@@ -122,11 +122,6 @@ def reads_key(stage: str, cfg: PipelineConfig, key: str) -> bool:
     return any(key == k or key.startswith(f"{k}.") for k in stage_reads(stage, cfg))
 
 
-def _and(names: list[str]) -> str:
-    """`a`, `a and b`, `a, b and c`."""
-    return ", ".join(names[:-1]) + " and " * (len(names) > 1) + names[-1]
-
-
 def rerun_stages(stage: str) -> tuple[list[str], list[str]]:
     """What `edgar-tune rerun STAGE` runs: (every stage, in order; those forced): `stage` and its dependents,
     forced, and where that holds one of the two evaluations the other one too, through the cache (Cached when
@@ -147,7 +142,7 @@ def rerun_refusal(stage: str, before: PipelineConfig, after: PipelineConfig, run
         readers = {s for s in STAGES if s != "register" and any(reads_key(s, c, key) for c in (before, after))}
         missed = [s for s in STAGES if s in readers - set(todo)]
         if missed:
-            named = _and(missed)
+            named = joined(missed)
             start = next(s for s in reversed(STAGES) if readers <= set(rerun_stages(s)[0]))
             return (f"`{key}` is read by {named}, which `rerun {stage}` does not run: the run's config.yaml and "
                     f"registered version would say {new[key]!r} of outputs made with {old.get(key)!r}. Rerun from "
@@ -171,7 +166,7 @@ def stage_overrides(stage: str, before: PipelineConfig, after: PipelineConfig) -
         if logs or (stage != "register" and reads_key(stage, after, key)):
             continue
         readers = [s for s in STAGES[:-1] if reads_key(s, after, key)] or ["register"]
-        raise ConfigError(f"`{key}` is not read by `{stage}`, so --set would change nothing it does; {_and(readers)} "
+        raise ConfigError(f"`{key}` is not read by `{stage}`, so --set would change nothing it does; {joined(readers)} "
                           f"{'read' if len(readers) > 1 else 'reads'} it (`edgar-tune stage {readers[0]} --set "
                           f"...`, or `edgar-tune rerun` to record the change in config.yaml)")  # fmt: skip
     return {k: v for k, v in moved.items() if reads_key(stage, after, k)}

@@ -26,7 +26,7 @@ from sec_edgar_downloader._types import DownloadMetadata
 
 from edgar_tune.config import REPO_ROOT, DataConfig
 from tasks.io import (
-    atomic_write_bytes, atomic_write_json, cache_dir, held, holder_info, remove_stale_temps, sha256_file,
+    atomic_write_bytes, atomic_write_json, cache_dir, held, holder_info, joined, remove_stale_temps, sha256_file,
 )  # fmt: skip
 from tasks.progress import Progress
 
@@ -269,7 +269,7 @@ def scan_downloaded(root: Path) -> list[dict]:
                 continue
             dates = {"filing_date": _day(head.get("filed")), "report_date": _day(head.get("period"))}
             found = accession_files(sub.parent)
-            if "primary_document" not in found and _cut_off(sub):  # sec-edgar-downloader writes it second
+            if "primary_document" not in found and head.get("envelope") and _cut_off(sub):  # the library writes it 2nd
                 cut.append(sub)
                 log.warning("%s is cut off (it opens an SGML envelope that it does not close): sec-edgar-downloader "
                             "writes files in place, and a download stopped part-way leaves one; left out. Delete "
@@ -338,14 +338,12 @@ def filing_documents(where: Path) -> list[tuple[Path, Path | None]]:
 
 
 def _cut_off(submission: Path) -> bool:
-    """Whether a complete submission that opens with `<SEC-DOCUMENT>` lacks its closing tag at the end (a 1990s file
-    whose tags were stripped cannot tell)."""
+    """Whether a complete submission that opens with `<SEC-DOCUMENT>` (its header says so: `envelope`; a 1990s file
+    whose tags were stripped cannot tell) lacks its closing tag at the end."""
     import gzip
 
     opener = gzip.open if submission.name.endswith(".gz") else open
     with opener(submission, "rb") as f:
-        if b"<SEC-DOCUMENT>" not in f.read(4096):
-            return False
         tail = b""
         if submission.name.endswith(".gz"):  # a gzip stream is read to its end to know it
             while chunk := f.read(1 << 20):
@@ -367,7 +365,8 @@ def _day(header_date: str | None) -> str | None:
 
 def _sec_header(path: Path) -> dict[str, str]:
     """The fields of a complete submission's SEC header (before its first document) named in `_HEADER_KEYS`, each
-    as it first appears (the filer's CIK before any other party's)."""
+    as it first appears (the filer's CIK before any other party's), and `envelope` where it opens `<SEC-DOCUMENT>`
+    (`_cut_off` can then tell a file cut short)."""
     import gzip
 
     opener = gzip.open if path.name.endswith(".gz") else open
@@ -375,7 +374,7 @@ def _sec_header(path: Path) -> dict[str, str]:
         text = f.read(8192).decode("latin-1")
         if "</SEC-HEADER>" not in text and "<DOCUMENT>" not in text:  # many filers, or a 1990s one's stripped tags
             text += f.read((1 << 16) - 8192).decode("latin-1")
-    head: dict[str, str] = {}
+    head: dict[str, str] = {"envelope": "<SEC-DOCUMENT>"} if "<SEC-DOCUMENT>" in text[:4096] else {}
     for line in text.split("<DOCUMENT>", 1)[0].splitlines():
         key, _, value = line.strip().partition(":")
         if (field := _HEADER_KEYS.get(key.strip())) and field not in head and value.strip():
@@ -398,12 +397,10 @@ def _cik_for(client: EdgarClient, ticker: str, mapping: dict[str, str] | None) -
     import difflib
 
     near = difflib.get_close_matches(ticker, mapping, n=3, cutoff=0.75)
-    raise EdgarError(f"ticker {ticker!r} is not in SEC's ticker list"
-                     f"{f' (did you mean {_or(near)}?)' if near else ''}; give its CIK instead (data.tickers)")
+    hint = f" (did you mean {joined(near, word='or')}?)" if near else ""
+    raise EdgarError(f"ticker {ticker!r} is not in SEC's ticker list{hint}; give its CIK instead (data.tickers)")
 
 
-def _or(names: list[str]) -> str:
-    return ", ".join(names[:-1]) + f" or {names[-1]}" if len(names) > 1 else names[0]
 
 
 def _submissions(client: EdgarClient, cik: str) -> Iterable[dict]:

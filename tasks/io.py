@@ -82,6 +82,11 @@ def cache_dir() -> Path:
     return Path(os.environ.get("EDGAR_TUNE_CACHE", Path.home() / ".cache" / "edgar-tune"))
 
 
+def joined(names: list[str], word: str = "and") -> str:
+    """`a`, `a and b`, `a, b and c` (or `word` for "and")."""
+    return ", ".join(names[:-1]) + f" {word} " * (len(names) > 1) + names[-1]
+
+
 def read_bytes(path: Path) -> bytes:
     """Read a file, transparently decompressing a `.gz` one."""
     data = Path(path).read_bytes()
