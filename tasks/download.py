@@ -26,7 +26,8 @@ from sec_edgar_downloader._types import DownloadMetadata
 
 from edgar_tune.config import REPO_ROOT, DataConfig
 from tasks.io import (
-    atomic_write_bytes, atomic_write_json, cache_dir, held, holder_info, joined, remove_stale_temps, sha256_file,
+    atomic_write_bytes, atomic_write_json, cache_dir, held, holder_info, joined, open_bytes, remove_stale_temps,
+    sha256_file,
 )  # fmt: skip
 from tasks.progress import Progress
 
@@ -324,8 +325,8 @@ def filing_documents(where: Path) -> list[tuple[Path, Path | None]]:
         return [(where, None)]
     if not where.is_dir():
         raise FileNotFoundError(f"{where} does not exist")
-    names = [*SUBMISSION_FILES, *(f"{stem}.*" for stem in PRIMARY_STEMS)]
-    folders = sorted({p.parent for name in names for p in where.rglob(name)})
+    filing = (*SUBMISSION_FILES, *(f"{stem}." for stem in PRIMARY_STEMS))  # one walk of the tree, not one a name
+    folders = sorted({p.parent for p in where.rglob("*") if p.name.startswith(filing)})
     documents = []
     for folder in folders:
         files = accession_files(folder)
@@ -340,10 +341,7 @@ def filing_documents(where: Path) -> list[tuple[Path, Path | None]]:
 def _cut_off(submission: Path) -> bool:
     """Whether a complete submission that opens with `<SEC-DOCUMENT>` (its header says so: `envelope`; a 1990s file
     whose tags were stripped cannot tell) lacks its closing tag at the end."""
-    import gzip
-
-    opener = gzip.open if submission.name.endswith(".gz") else open
-    with opener(submission, "rb") as f:
+    with open_bytes(submission) as f:
         tail = b""
         if submission.name.endswith(".gz"):  # a gzip stream is read to its end to know it
             while chunk := f.read(1 << 20):
@@ -367,10 +365,7 @@ def _sec_header(path: Path) -> dict[str, str]:
     """The fields of a complete submission's SEC header (before its first document) named in `_HEADER_KEYS`, each
     as it first appears (the filer's CIK before any other party's), and `envelope` where it opens `<SEC-DOCUMENT>`
     (`_cut_off` can then tell a file cut short)."""
-    import gzip
-
-    opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rb") as f:  # a header is a few KB; a filing's documents, megabytes
+    with open_bytes(path) as f:  # a header is a few KB; a filing's documents, megabytes
         text = f.read(8192).decode("latin-1")
         if "</SEC-HEADER>" not in text and "<DOCUMENT>" not in text:  # many filers, or a 1990s one's stripped tags
             text += f.read((1 << 16) - 8192).decode("latin-1")

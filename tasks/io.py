@@ -20,7 +20,7 @@ import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,11 @@ def read_bytes(path: Path) -> bytes:
     """Read a file, transparently decompressing a `.gz` one."""
     data = Path(path).read_bytes()
     return gzip.decompress(data) if str(path).endswith(".gz") else data
+
+
+def open_bytes(path: Path) -> IO[bytes]:
+    """Open a file to read part of it, as `read_bytes` reads it: a `.gz` one decompressed."""
+    return gzip.open(path, "rb") if str(path).endswith(".gz") else open(path, "rb")
 
 
 def sha256_file(path: Path) -> str:
