@@ -85,7 +85,7 @@ class DataConfig(_Section):
         "bundled",
         description="`bundled` (Amazon's FY2020-21 10-Ks in data/), `edgar` (download from SEC EDGAR), "
         "a folder in sec-edgar-downloader layout (`.../sec-edgar-filings/TICKER/10-K/ACCESSION/`: one edgar-tune "
-        "downloaded, or one sec-edgar-downloader wrote itself; or such a `sec-edgar-filings` prefix in an s3:// "
+        "downloaded, one sec-edgar-downloader wrote itself, or both; or such a `sec-edgar-filings` prefix in an s3:// "
         "bucket), or your own "
         "TXT/CSV/JSON/JSONL: a file, a folder of them, or an s3:// object or prefix.",
     )

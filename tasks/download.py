@@ -212,8 +212,9 @@ def latest_fiscal_years(rows: Iterable[dict], n: int) -> set[int]:
 
 def collect_local(folder: Path, tickers: list[str], years: list[int], latest: int | None = None) -> list[dict]:
     """Filings from a sec-edgar-downloader folder: one with edgar-tune's manifest (bundled data, earlier downloads),
-    or one sec-edgar-downloader wrote itself (`scan_downloaded`); `latest`: each ticker's `latest` most recent
-    fiscal years in it, instead of `years`."""
+    or one sec-edgar-downloader wrote itself (`scan_downloaded`), or both: a folder edgar-tune wrote that
+    sec-edgar-downloader downloaded into later; `latest`: each ticker's `latest` most recent fiscal years in it,
+    instead of `years`."""
     given = folder = Path(folder).expanduser()
     if folder.name != sed_constants.ROOT_SAVE_FOLDER_NAME and (folder / sed_constants.ROOT_SAVE_FOLDER_NAME).is_dir():
         folder = folder / sed_constants.ROOT_SAVE_FOLDER_NAME
@@ -221,16 +222,16 @@ def collect_local(folder: Path, tickers: list[str], years: list[int], latest: in
         raise FileNotFoundError(f"`data.source` = {str(given)!r} does not exist" if not folder.exists() else
                                 f"`data.source` = {str(given)!r} is a file but not TXT, CSV, JSON or JSONL; give "
                                 "one of those, or a folder of 10-K filings")  # fmt: skip
-    if not (folder / MANIFEST).exists():
-        chosen = _select(scan_downloaded(folder), tickers, years, latest)
-        return [dict(f, root=str(folder), sha256={k: sha256_file(folder / p) for k, p in f["files"].items()})
-                for f in chosen]  # fmt: skip
-    chosen = _select(_read_manifest(folder), tickers, years, latest)
+    listed = _read_manifest(folder) if (folder / MANIFEST).exists() else None
+    scanned = scan_downloaded(folder, listed)
+    chosen = _select([*(listed or []), *scanned], tickers, years, latest)
     for f in chosen:
+        if "sha256" not in f:  # found by scan_downloaded (a manifest lists each file's): digested now
+            f["sha256"] = {k: sha256_file(folder / p) for k, p in f["files"].items()}
         for rel in f["files"].values():
             if not (folder / rel).exists():
                 raise FileNotFoundError(f"{folder / rel} is listed in {folder / MANIFEST} but missing")
-    return [dict(f, root=str(folder)) for f in chosen]
+    return sorted((dict(f, root=str(folder)) for f in chosen), key=lambda f: (f["ticker"], f["fiscal_year"]))
 
 
 SUBMISSION_FILES = (sed_constants.FILING_FULL_SUBMISSION_FILENAME, sed_constants.FILING_FULL_SUBMISSION_FILENAME
@@ -241,20 +242,25 @@ _HEADER_KEYS = {"CONFORMED SUBMISSION TYPE": "form", "CONFORMED PERIOD OF REPORT
                 "FILED AS OF DATE": "filed", "CENTRAL INDEX KEY": "cik"}  # fmt: skip
 
 
-def scan_downloaded(root: Path) -> list[dict]:
+def scan_downloaded(root: Path, listed: list[dict] | None = None) -> list[dict]:
     """The 10-K filings in a folder sec-edgar-downloader wrote (`Downloader(...).get("10-K", "AMZN")`), which has
     no manifest: each `TICKER/FORM/ACCESSION/` with its `full-submission.txt`, whose SEC header says the form, the
     company's CIK, the period reported (its year is the fiscal year, as EDGAR's `reportDate` is for a download)
     and the filing date; `primary-document.*` (`download_details=True`; `filing-details.*` from
     sec-edgar-downloader 4) is the document parsed where there is one.
     Other forms (10-Q, 10-K/A) are left out and counted in a line of the log; an accession under two names (asked
-    for by ticker and by CIK) is read once; a complete submission cut off (sec-edgar-downloader writes in place, so
-    a download stopped part-way leaves one, and no primary document after it) is left out with a warning.
+    for by ticker and by CIK) is read once; of two 10-Ks a company filed for one fiscal year, the later (a
+    re-filing, as the EDGAR download takes it); a complete submission cut off (sec-edgar-downloader writes in
+    place, so a download stopped part-way leaves one, and no primary document after it) is left out with a warning.
+    `listed`: the filings of the folder's manifest.json, where edgar-tune wrote it and sec-edgar-downloader
+    downloaded into it later: only the accessions it does not list are read, and of them only fiscal years it has
+    none of for their company.
 
     Raises:
-        FileNotFoundError: the folder holds no filing in that layout, saying what it looked for.
+        FileNotFoundError: the folder (without a manifest) holds no filing in that layout, saying what it looked for.
     """
-    filings, others, seen, cut = [], {}, set(), []
+    filings, others, cut = [], {}, []
+    seen = {f["accession"] for f in listed or []}
     for company in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         for sub in sorted(q for name in SUBMISSION_FILES for q in company.glob(f"*/*/{name}")):
             if (acc := sub.parent.name) in seen:
@@ -282,6 +288,14 @@ def scan_downloaded(root: Path) -> list[dict]:
                             "fiscal_year": fiscal_year_of({"reportDate": dates["report_date"],
                                                            "filingDate": dates["filing_date"]}),
                             "accession": acc, **dates, "files": files})  # fmt: skip
+    filings = _one_a_year(filings, listed or [])
+    if listed is not None:
+        if filings:
+            log.info("%s: %d 10-K filing(s) its %s does not list (downloaded into it later), of %s, read as "
+                     "sec-edgar-downloader wrote them%s", root, len(filings), MANIFEST,
+                     ", ".join(sorted({f["ticker"] for f in filings})),
+                     f"; left out {_counted(others)}" if others else "")  # fmt: skip
+        return filings
     if not filings and cut:
         named = ", ".join(map(str, cut))
         raise FileNotFoundError(f"`data.source` = {str(root)!r}: every 10-K in it is cut off ({named}): delete their "
@@ -298,6 +312,24 @@ def scan_downloaded(root: Path) -> list[dict]:
              ", ".join(sorted({f["ticker"] for f in filings})),
              f"; left out {_counted(others)}" if others else "")  # fmt: skip
     return filings
+
+
+def _one_a_year(scanned: list[dict], listed: list[dict]) -> list[dict]:
+    """One 10-K a company and fiscal year among `scanned`: none where the manifest (`listed`) has that year for the
+    company, else the latest filed, as `_download` keeps the first of EDGAR's newest-first rows (a second 10-K for a
+    year is a re-filing). Each one left out is said in the log."""
+    held = {(f["cik"], f["fiscal_year"]): f for f in listed}
+    kept: dict[tuple[str, int], dict] = {}
+    for f in sorted(scanned, key=lambda f: f["filing_date"] or "", reverse=True):
+        key = (f["cik"] or f["ticker"], f["fiscal_year"])  # a header without a CIK: its folder's name
+        if (other := held.get(key) or kept.get(key)) is None:
+            kept[key] = f
+            continue
+        log.info("%s FY%d: %s (filed %s) left out; %s (filed %s) is read for that year%s", f["ticker"],
+                 f["fiscal_year"], f["accession"], f["filing_date"], other["accession"], other["filing_date"],
+                 f", as {MANIFEST} lists it" if key in held else ": the later 10-K of a fiscal year is its "
+                 "re-filing")  # fmt: skip
+    return [f for f in scanned if kept.get((f["cik"] or f["ticker"], f["fiscal_year"])) is f]
 
 
 _BESIDE = (".etag", ".lock", ".tmp")  # what a copy fetched from S3 (`fetch_s3`), or a write under way, has beside it
@@ -604,10 +636,12 @@ def fetch_s3_filings(url: str, tickers: list[str], years: list[int], latest: int
     """The filings of `tickers` under an s3:// `.../sec-edgar-filings` prefix (edgar-tune's download cache, or a
     folder sec-edgar-downloader wrote, copied to a bucket that every worker of a pool reads), copied into this
     machine's cache in the same layout (`tasks.textdata.fetch_s3`: an object is fetched again only when its ETag
-    changed), and the copy's folder, read then as a local one is. With edgar-tune's manifest.json, the files of the
-    filings it lists for those tickers (by ticker or CIK) and `years` (or `latest`); without, the company folders
-    named by them, every year (a CIK whose company's folder is named by its ticker fetches every company's: only
-    their SEC headers tell).
+    changed), and the copy's folder, read then as a local one is (`collect_local`). With edgar-tune's
+    manifest.json, the files of the filings it lists for those tickers (by ticker or CIK) and `years` (or
+    `latest`); beside them (without one, alone), the accessions it does not list in the company folders named by
+    the tickers, every year (a CIK whose company's folder is named by its ticker fetches every company's: only
+    their SEC headers tell). What the copy holds that the bucket no longer does is removed from it, so a filing
+    deleted there is not read here.
 
     Raises:
         FileNotFoundError: the prefix holds no object.
@@ -623,24 +657,43 @@ def fetch_s3_filings(url: str, tickers: list[str], years: list[int], latest: int
     rels = sorted(k[len(prefix) - len("s3://") + 1:] for k in keys)
     if not rels:
         raise FileNotFoundError(f"`data.source` = {url!r} holds no object (or these credentials cannot list it)")
-    if MANIFEST in rels:
-        filings = json.loads(fetch_s3(f"{prefix}/{MANIFEST}").read_text())["filings"]
-        wanted = {rel for f in _select(filings, tickers, years, latest) for rel in f["files"].values()}
-    else:
-        companies = {rel.split("/", 1)[0] for rel in rels if "/" in rel}
-        named = {c for c in companies if any(_is_company({"ticker": c, "cik": c if c.isdigit() else ""}, t)
-                                             for t in tickers)}  # fmt: skip
-        if any(t.isdigit() and not any(_is_company({"ticker": c, "cik": c}, t) for c in named) for t in tickers):
-            named = companies
-        if not named:
-            raise FileNotFoundError(f"`data.source` = {url!r} has no company folder named {', '.join(tickers)} "
-                                    f"(it has {', '.join(sorted(companies)[:20]) or 'none'}); change `data.tickers`")
-        wanted = {rel for rel in rels if rel.split("/", 1)[0] in named}
+    _prune(s3_copy(prefix), set(rels))
+    listed = json.loads(fetch_s3(f"{prefix}/{MANIFEST}").read_text())["filings"] if MANIFEST in rels else None
+    wanted = {rel for f in _select(listed or [], tickers, years, latest) for rel in f["files"].values()}
+    known = {f["accession"] for f in listed or []}
+    loose = [rel for rel in rels if "/" in rel and (rel.count("/") < 2 or rel.split("/")[2] not in known)]
+    companies = {rel.split("/", 1)[0] for rel in loose}
+    folder_of = {f["cik"]: next(iter(f["files"].values())).split("/", 1)[0] for f in listed or []}
+    named = set()
+    for t in tickers:  # the company folders a ticker names; a CIK, also its folder in the manifest
+        own = {c for c in companies if _is_company({"ticker": c, "cik": c if c.isdigit() else ""}, t)}
+        mine = {folder_of[f["cik"]] for f in listed or [] if _is_company(f, t)}
+        named |= own | (mine & companies) if own or mine or not t.isdigit() else companies
+    if not named and listed is None:
+        raise FileNotFoundError(f"`data.source` = {url!r} has no company folder named {', '.join(tickers)} "
+                                f"(it has {', '.join(sorted(companies)[:20]) or 'none'}); change `data.tickers`")
+    wanted |= {rel for rel in loose if rel.split("/", 1)[0] in named}
     log.info("%s: fetching %d object(s) of %s into this machine's cache (fetched again only when changed)", url,
              len(wanted), ", ".join(tickers))  # fmt: skip
     for rel in sorted(wanted):
         fetch_s3(f"{prefix}/{rel}")
     return s3_copy(prefix)
+
+
+def _prune(copy: Path, rels: set[str]) -> None:
+    """Remove from the local `copy` of an S3 prefix each file the prefix no longer holds (`rels`, relative to it),
+    with its ETag stamp: a filing, or a manifest.json, deleted from the bucket is then not read from the copy."""
+    if not copy.is_dir():
+        return
+    gone = [p for p in copy.rglob("*") if p.is_file() and p.suffix not in _BESIDE
+            and str(p.relative_to(copy)) not in rels]  # fmt: skip
+    for path in gone:
+        path.unlink(missing_ok=True)
+        path.with_name(path.name + ".etag").unlink(missing_ok=True)
+    if gone:
+        names = sorted(str(p.relative_to(copy)) for p in gone)
+        log.info("%s: removed %d file(s) the bucket no longer holds (%s%s)", copy, len(gone), ", ".join(names[:5]),
+                 ", ..." * (len(names) > 5))  # fmt: skip
 
 
 def _is_company(filing: dict, ticker: str) -> bool:

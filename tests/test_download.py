@@ -179,6 +179,43 @@ def test_a_folder_sec_edgar_downloader_wrote_is_read_without_a_manifest(edgar, t
         gather_filings(DataConfig(source=str(tmp_path / "nowhere"), tickers=["AMZN"], fiscal_years=[2020]))
 
 
+def test_a_folder_edgar_tune_wrote_that_sec_edgar_downloader_added_to_reads_both(edgar, tmp_path, caplog):
+    """A copy of the bundled folder (its manifest lists AMZN's FY2020 and FY2021) into which sec-edgar-downloader
+    later downloaded more: the companies it added are read from their SEC headers beside what the manifest lists; an
+    accession the manifest lists is read as it lists it, and a second 10-K of a year it has is left out, as is the
+    earlier of two a folder alone has for a year (a re-filing), each said in the log."""
+    from sec_edgar_downloader import Downloader
+
+    mine = tmp_path / "mine"
+    shutil.copytree(BUNDLED_DIR, mine / "sec-edgar-filings")
+    downloader = Downloader("Edgar Tune Tests", "tests@example.com", mine)
+    assert downloader.get("10-K", "AMZN") == 2  # full-submission.txt beside the listed primary documents
+    assert downloader.get("10-K", "AAPL") == downloader.get("10-K", "0000876134") == 1
+    root = mine / "sec-edgar-filings"
+    refiled = root / "AMZN" / "10-K" / "0001018724-22-000077"  # another 10-K of FY2021, as EDGAR would serve it
+    shutil.copytree(root / "AMZN" / "10-K" / "0001018724-22-000005", refiled)
+    tgfin = root / "0000876134" / "10-K"
+    later = tgfin / "0001010412-10-000099"
+    shutil.copytree(tgfin / "0001010412-10-000078", later)
+    sub = later / "full-submission.txt"
+    sub.write_bytes(sub.read_bytes().replace(b"FILED AS OF DATE:\t\t20100406", b"FILED AS OF DATE:\t\t20100520", 1))
+    cfg = DataConfig(source=str(mine), tickers=["AMZN", "AAPL", "876134"], fiscal_years=[1996, 2009, 2020, 2021])
+    with caplog.at_level("INFO", logger="tasks.download"):
+        filings, skipped = gather_filings(cfg)
+    assert [(f["ticker"], f["fiscal_year"], f["accession"], sorted(f["files"])) for f in filings] == [
+        ("0000876134", 2009, "0001010412-10-000099", ["full_submission"]),
+        ("AAPL", 1996, "0000320193-96-000023", ["full_submission"]),
+        ("AMZN", 2020, "0001018724-21-000004", ["primary_document"]),
+        ("AMZN", 2021, "0001018724-22-000005", ["primary_document"])]  # fmt: skip
+    assert len(skipped) == 12 - 4 and all(len(d) == 64 for f in filings for d in f["sha256"].values())
+    assert "2 10-K filing(s) its manifest.json does not list (downloaded into it later), of 0000876134, AAPL" in (
+        caplog.text)  # fmt: skip
+    assert ("AMZN FY2021: 0001018724-22-000077 (filed 2022-02-04) left out; 0001018724-22-000005 "
+            "(filed 2022-02-04) is read for that year, as manifest.json lists it") in caplog.text
+    assert ("0001010412-10-000078 (filed 2010-04-06) left out; 0001010412-10-000099 (filed 2010-05-20) is read "
+            "for that year: the later 10-K of a fiscal year is its re-filing") in caplog.text
+
+
 def test_a_company_asked_by_ticker_and_by_cik_is_downloaded_once(edgar, tmp_path):
     """A company is its CIK: `AMZN`, then `1018724` (in another run, then in the same run), fetch one filing once."""
     def archives() -> list[str]:

@@ -599,6 +599,41 @@ def test_10k_filings_under_an_s3_prefix_are_read_as_a_local_folder_is(s3, tmp_pa
         gather_filings(DataConfig(source="s3://edgar-filings/none/sec-edgar-filings", tickers=["AMZN"]))
 
 
+def test_an_s3_copy_of_filings_follows_the_bucket(s3, tmp_path, monkeypatch, caplog):
+    """Filings sec-edgar-downloader added beside edgar-tune's manifest in a bucket are fetched and read with what it
+    lists; a filing, or the manifest, deleted from the bucket is removed from this machine's copy and not read."""
+    import gzip
+
+    from edgar_tune.config import DataConfig
+    from tasks.download import BUNDLED_DIR, gather_filings
+
+    fs, _ = s3
+    monkeypatch.setenv("EDGAR_TUNE_CACHE", str(tmp_path / "cache"))
+    prefix = "edgar-mixed/team/sec-edgar-filings"
+    fs.mkdir("edgar-mixed")
+    for path in (p for p in BUNDLED_DIR.rglob("*") if p.is_file()):
+        fs.pipe_file(f"{prefix}/{path.relative_to(BUNDLED_DIR)}", path.read_bytes())
+    aapl = f"{prefix}/AAPL/10-K/0000320193-96-000023/full-submission.txt"
+    fs.pipe_file(aapl, gzip.decompress((REPO / "data" / "edgar" / "filings" / "AAPL_10-K_1996.txt.gz").read_bytes()))
+    cfg = DataConfig(source=f"s3://{prefix}", tickers=["AMZN", "AAPL"], fiscal_years=[1996, 2021])
+    filings, _ = gather_filings(cfg)
+    assert [(f["ticker"], f["fiscal_year"]) for f in filings] == [("AAPL", 1996), ("AMZN", 2021)]
+    copy = tmp_path / "cache" / "data" / "s3" / prefix
+    fs.rm(aapl)
+    with caplog.at_level("INFO", logger="tasks.download"):
+        filings, _ = gather_filings(cfg)
+    assert [(f["ticker"], f["fiscal_year"]) for f in filings] == [("AMZN", 2021)]
+    assert sorted(p.name for p in copy.glob("AAPL/10-K/*/*")) == ["full-submission.txt.lock"]  # no copy, no ETag
+    assert "removed 1 file(s) the bucket no longer holds (AAPL/10-K/0000320193-96-000023/full-submission.txt)" in (
+        caplog.text)  # fmt: skip
+    fs.pipe_file(aapl, gzip.decompress((REPO / "data" / "edgar" / "filings" / "AAPL_10-K_1996.txt.gz").read_bytes()))
+    fs.rm(f"{prefix}/manifest.json")  # the team's folder is sec-edgar-downloader's now: AMZN's has no submission
+    filings, skipped = gather_filings(cfg)
+    assert [(f["ticker"], f["fiscal_year"]) for f in filings] == [("AAPL", 1996)]
+    assert not (copy / "manifest.json").exists()
+    assert sorted((s["ticker"], s["fiscal_year"]) for s in skipped) == [("AAPL", 2021), ("AMZN", 1996), ("AMZN", 2021)]
+
+
 def test_an_unfinished_model_upload_is_removed_from_an_s3_artifact_store(s3, tmp_path):
     """The files of a model upload a killed registration left in an S3 artifact store (moto's server) are removed
     with its logged model before the next upload, as from a local store (tests/test_registry.py)."""
