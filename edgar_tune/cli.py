@@ -55,6 +55,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     preflight(cfg.train)  # and on an engine this machine cannot run
     check_model_name(cfg.model.name, cfg.model.revision)  # or a model that is not here
+    _check_data_here(cfg.data, args.out)  # or data that is not here
     from edgar_tune.config import RunParameters
     from edgar_tune.reaper import embedded_prefect
     from flows.pipeline import edgar_tune_pipeline
@@ -63,6 +64,31 @@ def cmd_run(args: argparse.Namespace) -> int:
     edgar_tune_pipeline(RunParameters(preset=args.preset, out_dir=args.out, overrides=overrides,
                                       if_busy="wait" if args.wait else "fail"))
     return 0
+
+
+def _check_data_here(data, out: str) -> None:
+    """Refuse a local `data.source` (`data.validation`, `data.template`) that is not there before Prefect starts,
+    not 15 s later in the download stage's traceback, unless `out` is a run that downloaded from that same source:
+    it stands on its recorded download where the files are gone (`flows.pipeline._text_source_here`), as an s3://
+    run resumed on a host that never had them does (which only the bucket tells: left to the flow).
+
+    Raises:
+        FileNotFoundError: what is missing, and where a relative path was looked for.
+    """
+    from tasks.io import DOWNLOAD, read_json
+
+    given = {"data.source": data.source, "data.validation": data.validation, "data.template": data.template}
+    local = {k: v for k, v in given.items() if v and v not in ("bundled", "edgar") and "://" not in v}
+    missing = {k: v for k, v in local.items() if not Path(v).expanduser().exists()}
+    if not missing or "://" in out:
+        return
+    recorded = Path(out) / DOWNLOAD / "manifest.json"
+    if recorded.is_file() and read_json(recorded).get("source") == data.source:
+        return
+    key, value = next(iter(missing.items()))
+    where = "" if Path(value).expanduser().is_absolute() else f" (a relative path, looked for in {Path.cwd()})"
+    other = ", `bundled` or `edgar`" if key == "data.source" else ""
+    raise FileNotFoundError(f"`{key}` = {value!r} does not exist{where}; give a file or folder that does{other}")
 
 
 STAGES = ("download", "parse", "tokenize", "evaluate-base", "train", "evaluate", "register")  # tasks.cache.STAGES

@@ -227,6 +227,25 @@ def test_instruction_tuning_from_jsonl_end_to_end(tmp_path, paragraphs, prefect_
                     "--set", "max_input_length=256", "--set", "per_device_train_batch_size=4",
                     env={**prefect_server, "PREFECT_HOME": str(tmp_path / "another-home")})  # fmt: skip
     assert again["stages"].pop("download") == "Completed" and set(again["stages"].values()) == {"Cached"}
+    # The data gone from this machine (as on a host that resumes an s3:// run): this run stands on its recorded
+    # download; a new run from it is refused at once, before Prefect starts, saying where a relative path was read.
+    gone = data.rename(tmp_path / "moved.jsonl")
+    stands = run_cli(tmp_path, "--set", f"data.source={data}", "--set", "instruction_tuned=true", "--set",
+                     "max_steps=30", "--set", "max_input_length=256", "--set", "per_device_train_batch_size=4",
+                     env=prefect_server)  # fmt: skip
+    assert set(stands["stages"].values()) == {"Cached"}
+    said = (tmp_path / "run.log").read_text()
+    assert f"{data} is not on this machine: the run's recorded download stage stands" in said
+    for given, where in ((str(data), ""), ("continue.jsonl", f" (a relative path, looked for in {REPO})")):
+        new = [sys.executable, "-m", "edgar_tune.cli", "run", "--preset", "tiny", "--out", str(tmp_path / "new"),
+               "--set", f"data.source={given}"]  # fmt: skip
+        proc = subprocess.run(new, cwd=REPO, env=dict(os.environ, **prefect_server), capture_output=True, text=True,
+                              timeout=300)  # fmt: skip
+        assert proc.returncode == 2 and "prefect" not in proc.stderr.lower(), proc.stderr[-3000:]
+        assert proc.stderr.strip().splitlines()[-1] == (f"edgar-tune: error: `data.source` = {given!r} does not "
+                                                        f"exist{where}; give a file or folder that does, `bundled` "
+                                                        "or `edgar`")  # fmt: skip
+    gone.rename(data)
     # Edited after the download stage recorded it: a rerun of the parse stage refuses to read it, and gives the
     # command for this run that reads it again.
     with data.open("a") as f:
