@@ -416,8 +416,9 @@ def cmd_models(args: argparse.Namespace) -> int:
         first = next(r for r in reversed(rows) if (r["validation"]["sha256"], r["validation"]["scoring"]) == (sha, how))
         print(f"validation {letter}: first held out by v{first['version']} ({_filings_summary(first['filings'])}); "
               f"sha256 {(sha or '-')[:12]}, {how or 'scoring not recorded'}")  # fmt: skip
-    print("* scored later, as the champion a newer version was compared with. Only scores in one column compare;\n"
-          "`edgar-tune promote VERSION` moves the champion alias.")
+    if any(s["rescored"] for r in rows for s in r["scores"]):
+        print("* scored later, as the champion a newer version was compared with.")
+    print("Only scores in one column compare; `edgar-tune promote VERSION` moves the champion alias.")
     if total > len(rows):
         print(f"{total - len(rows)} older version(s) without an alias not shown (--last {args.last}); --last 0 shows "
               "them all")  # fmt: skip

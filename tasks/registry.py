@@ -32,7 +32,8 @@ import yaml
 
 from edgar_tune.config import REPO_ROOT, EvalConfig, PipelineConfig, RegisterConfig, flat_params
 from tasks.io import (
-    EVALUATE, PARSE, TOKENIZE, TRAIN, Busy, cache_dir, held, holder_info, megabytes, read_json, read_jsonl, size,
+    EVALUATE, PARSE, TOKENIZE, TRAIN, Busy, cache_dir, held, holder_info, joined, megabytes, read_json, read_jsonl,
+    size,
 )  # fmt: skip
 from tasks.progress import CURVES, Point, clock, training_points
 from tasks.storage import folder_identity, run_identity
@@ -56,7 +57,10 @@ def existing_store(given: str | None, runs_root: Path, change: str) -> str:
     if (db := sqlite_file(uri)) is not None and not db.is_file():
         from edgar_tune.config import ConfigError
 
-        raise ConfigError(f"no MLflow store at {db}: {change}")
+        here = Path.cwd()  # a run with --out elsewhere keeps its store beside its folder: one level down, or here
+        near = [p for p in (here / "mlflow.db", *sorted(here.glob("*/mlflow.db"))) if p.is_file()]
+        found = f"; there is one at {joined([f'sqlite:///{p}' for p in near[:3]], 'and one at')}" if near else ""
+        raise ConfigError(f"no MLflow store at {db}: {change}{found}")
     return uri
 
 

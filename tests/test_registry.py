@@ -92,6 +92,7 @@ def test_a_person_promotes_a_version_by_hand_and_the_registry_records_who_and_wh
     newest = cli("models", "--last", "1")  # the newest, and the champion, whatever its age
     assert [line.split()[0] for line in newest.stdout.splitlines() if line.startswith("  v")] == ["version", "v3", "v2"]
     assert "1 older version(s) without an alias not shown (--last 1); --last 0 shows them all" in newest.stdout
+    assert "* scored later" in listed.stdout and "* scored later" not in newest.stdout  # said where a * is shown
     assert [r["version"] for r in json.loads(cli("models", "--last", "1", "--json").stdout)] == ["3", "2"]
     rolled = cli("promote", "1", "--reason", "v2 misreads segment tables")
     assert rolled.returncode == 0, rolled.stderr
@@ -117,6 +118,7 @@ def test_a_person_promotes_a_version_by_hand_and_the_registry_records_who_and_wh
     lost = subprocess.run([sys.executable, "-m", "edgar_tune.cli", "models"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert lost.returncode == 2 and f"no MLflow store at {tmp_path / 'runs' / 'mlflow.db'}: run this where" in lost.stderr
+    assert lost.stderr.strip().endswith(f"; there is one at {uri}")  # where a run with --out elsewhere keeps it
     assert not (tmp_path / "runs").exists()
 
     from edgar_tune.config import ConfigError
