@@ -306,6 +306,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from tasks.registry import registered_files, registered_version
 
+    if ":/" not in args.model and not Path(args.model).expanduser().exists():  # a name, as `models` prints it
+        print(f"edgar-tune: error: {_registered_uri_needed(args.model)}, or a model's folder or runs:/ URI",
+              file=sys.stderr)  # fmt: skip
+        return 2
     uri = _store_uri(args.tracking_uri)
     mlflow.set_tracking_uri(uri)
     try:
@@ -315,13 +319,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 model = mlflow.pyfunc.load_model(str(local))
         else:  # runs:/..., a folder, models:/NAME/latest: MLflow's own way, downloaded each time
             model = mlflow.pyfunc.load_model(args.model)
-    except mlflow.exceptions.MlflowException as err:
-        print(f"edgar-tune: error: cannot load {args.model} from {uri}: {err.message}", file=sys.stderr)
+    except (mlflow.exceptions.MlflowException, LookupError) as err:
+        why = err.message if isinstance(err, mlflow.exceptions.MlflowException) else err.args[0]
+        print(f"edgar-tune: error: cannot load {args.model} from {uri}: {why}", file=sys.stderr)
         return 2
     for prompt in args.prompt:
         text = model.predict({"prompt": [prompt]}, params={"max_new_tokens": args.max_new_tokens})[0]
         print(f"{prompt}{text}" if not args.json else json.dumps({"prompt": prompt, "generated": text}))
     return 0
+
+
+def _registered_uri_needed(given: str) -> str:
+    """What to give instead of `given` (`edgar-tune-10k`, as `edgar-tune models` names a model) for --model."""
+    return (f"--model {given}: give a registered version, models:/NAME@ALIAS or models:/NAME/N (e.g. "
+            f"models:/{given}@champion if {given} is the registered model; `edgar-tune models` lists them)")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -344,8 +355,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         else:
             version = registered_version(client, args.model)
             if version is None:
-                raise ConfigError(f"--model {args.model}: export takes a registered version, models:/NAME@ALIAS or "
-                                  "models:/NAME/N (`edgar-tune models` lists them)")  # fmt: skip
+                raise ConfigError(_registered_uri_needed(args.model))
             done = export_version(client, *version, args.out, args.adapter, args.dtype, args.replace,
                                   gguf=args.gguf, base=args.base)  # fmt: skip
     except (mlflow.exceptions.MlflowException, LookupError) as err:

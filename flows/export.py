@@ -64,7 +64,10 @@ def edgar_tune_export(model: str = "edgar-tune-10k", alias: str = "champion", ou
     keep_signals()
     uri = existing_store(tracking_uri, Path("runs"), "set tracking_uri to the store the runs registered in")
     target = out.format(model=model, alias=alias)
-    done = export_alias(mlflow.MlflowClient(uri), model, alias, target, adapter, dtype, gguf, base)
+    try:
+        done = export_alias(mlflow.MlflowClient(uri), model, alias, target, adapter, dtype, gguf, base)
+    except LookupError as err:  # no such model or alias: in which store
+        raise LookupError(f"{uri}: {err.args[0]}") from err
     where = f"{target}.json -> {done['url']}" if "url" in done else Path(target).absolute()
     line = f"{where} holds {model} v{done['version']} ({form(done)}), @{alias} in {uri}"
     print(line + ("" if done["written"] else "; it did already"))

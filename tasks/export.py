@@ -28,7 +28,7 @@ import torch
 from edgar_tune.config import ConfigError
 from tasks.io import atomic_dir, atomic_write_json, atomic_write_text, held, holder_info, megabytes
 from tasks.progress import clock
-from tasks.registry import load_registered, registered_files, version_artifacts
+from tasks.registry import load_registered, registered_files, resolve_version, version_artifacts
 
 log = logging.getLogger(__name__)
 
@@ -275,7 +275,7 @@ def export_alias(client, name: str, alias: str, out: str | Path, adapter: bool =
         return _export_alias_s3(client, name, alias, str(out).rstrip("/"), adapter, dtype, gguf, base)
     out = Path(out).expanduser().absolute()
     with held(out.parent / f".{out.name}.lock", holder_info(export=f"{name}@{alias}"), wait=True):
-        version = _alias_version(client, name, alias)
+        version = resolve_version(client, name, alias=alias)
         try:
             was = json.loads((out / PROVENANCE).read_text())
         except (OSError, ValueError):
@@ -307,7 +307,7 @@ def _export_alias_s3(client, name: str, alias: str, out: str, adapter: bool, dty
     fs = s3_fs()
     lease = BucketLease(fs, out, holder_info(export=f"{name}@{alias}"))
     with lease.held(wait=True):
-        version = _alias_version(client, name, alias)
+        version = resolve_version(client, name, alias=alias)
         pointer = f"{out}.json"
         was = json.loads(fs.cat_file(pointer)) if fs.exists(pointer) else {}
         if _holds(was, client, name, version, adapter, dtype, gguf, base):
@@ -343,15 +343,6 @@ def _export_alias_s3(client, name: str, alias: str, out: str, adapter: bool, dty
                 log.info("removing s3://%s, which the pointer names neither now nor before", old)
                 fs.rm(f"s3://{old}", recursive=True)
         return record | {"written": True}
-
-
-def _alias_version(client, name: str, alias: str) -> str:
-    import mlflow
-
-    try:
-        return str(client.get_model_version_by_alias(name, alias).version)
-    except mlflow.exceptions.MlflowException as err:
-        raise LookupError(f"{name} has no version @{alias} in {client.tracking_uri}: {err.message}") from err
 
 
 def _holds(was: dict, client, name: str, version: str, adapter: bool, dtype: str, gguf: str | None = None,

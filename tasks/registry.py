@@ -340,12 +340,7 @@ def versions(client, name: str) -> list[dict]:
     Raises:
         LookupError: no registered model `name` in the store.
     """
-    try:
-        model = client.get_registered_model(name)
-    except mlflow.exceptions.MlflowException as err:
-        known = sorted(m.name for m in client.search_registered_models())
-        raise LookupError(f"no registered model {name!r} (registry.model_name); this store has "
-                          f"{', '.join(known) or 'none'}") from err  # fmt: skip
+    model = registered_model(client, name)
     aliases: dict[str, list[str]] = {}
     for alias, version in model.aliases.items():
         aliases.setdefault(str(version), []).append(alias)
@@ -371,6 +366,40 @@ def versions(client, name: str) -> list[dict]:
     return rows
 
 
+def registered_model(client, name: str):
+    """`name`'s registered model in `client`'s store.
+
+    Raises:
+        LookupError: there is none, naming the models the store has.
+    """
+    try:
+        return client.get_registered_model(name)
+    except mlflow.exceptions.MlflowException as err:
+        known = sorted(m.name for m in client.search_registered_models())
+        raise LookupError(f"no registered model {name!r} (registry.model_name); this store has "
+                          f"{', '.join(known) or 'none'}") from err  # fmt: skip
+
+
+def resolve_version(client, name: str, version: str | None = None, alias: str | None = None) -> str:
+    """The version of `name` that `version` (a number) or `alias` names, checked against the registry.
+
+    Raises:
+        LookupError: no such model, version or alias, naming those there are.
+    """
+    model = registered_model(client, name)
+    if alias is not None:
+        if alias in model.aliases:
+            return str(model.aliases[alias])
+        held = [f"@{a} (v{v})" for a, v in sorted(model.aliases.items())]
+        raise LookupError(f"{name} has no version @{alias}; its aliases are {joined(held) if held else 'none'} "
+                          f"(`edgar-tune models --name {name}` lists its versions)")  # fmt: skip
+    have = sorted((str(v.version) for v in client.search_model_versions(f"name = '{name}'")), key=int)
+    if str(version) not in have:
+        raise LookupError(f"{name} has no version {version}; it has {', '.join(have) or 'none'} "
+                          f"(`edgar-tune models --name {name}` lists them)")  # fmt: skip
+    return str(version)
+
+
 def score_on(row: dict, validation: dict) -> float | None:
     """A version's perplexity (a row of `versions`) on `validation` ({sha256, scoring}), if known."""
     return next((s["perplexity"] for s in row["scores"]
@@ -390,11 +419,8 @@ def promote_by_hand(client, name: str, version: str, alias: str = CHAMPION, reas
     """
     import getpass
 
+    version = resolve_version(client, name, str(version))
     rows = {r["version"]: r for r in versions(client, name)}
-    version = str(version)
-    if version not in rows:
-        raise LookupError(f"{name} has no version {version}; it has {', '.join(sorted(rows, key=int)) or 'none'} "
-                          f"(`edgar-tune models --name {name}` lists them)")  # fmt: skip
     before = next((v for v, r in rows.items() if alias in r["aliases"]), None)
     note, record = promotion_note(rows, version, before), None
     if before != version:
@@ -479,11 +505,15 @@ def _score_version(name: str, version: str, tokenize_dir: Path, eval_cfg: EvalCo
 
 def registered_version(client, uri: str) -> tuple[str, str] | None:
     """(name, version) of `models:/NAME/N` or `models:/NAME@ALIAS` (the alias read from `client`'s registry);
-    None for any other model URI."""
+    None for any other model URI.
+
+    Raises:
+        LookupError: no such model, version or alias (`resolve_version`).
+    """
     if not (m := re.fullmatch(r"models:/([^/@]+)(?:/(\d+)|@([^/@]+))", uri)):
         return None
     name, version, alias = m.groups()
-    return name, version or str(client.get_model_version_by_alias(name, alias).version)
+    return name, resolve_version(client, name, version, alias)
 
 
 KEEP_DOWNLOADS = 2  # versions of a model kept downloaded: the champion, and the one before it (a rollback)

@@ -113,6 +113,16 @@ def test_a_person_promotes_a_version_by_hand_and_the_registry_records_who_and_wh
     nothing = subprocess.run([sys.executable, "-m", "edgar_tune.cli", "models", "--name", "n", "--tracking-uri", uri],
                              cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert nothing.returncode == 2 and "no registered model 'n' (registry.model_name); this store has m" in nothing.stderr
+    for command, model, said in (("generate", "models:/m@best", "m has no version @best; its aliases are @champion "
+                                                             "(v3) (`edgar-tune models --name m` lists its versions)"),
+                                 ("export", "models:/m/7", "m has no version 7; it has 1, 2, 3"),
+                                 ("generate", "m", "--model m: give a registered version, models:/NAME@ALIAS or "
+                                                   "models:/NAME/N (e.g. models:/m@champion if m is the registered "
+                                                   "model")):  # fmt: skip
+        asked = [sys.executable, "-m", "edgar_tune.cli", command, "--model", model, "--tracking-uri", uri,
+                 *(["--prompt", "x"] if command == "generate" else ["--out", str(tmp_path / "export")])]  # fmt: skip
+        wrong = subprocess.run(asked, cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert wrong.returncode == 2 and said in wrong.stderr, wrong.stderr[-2000:]
     # Where no store is, nothing is made: MLflow would create an empty one, which holds no models.
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {"PYTHONPATH": str(REPO)}
     lost = subprocess.run([sys.executable, "-m", "edgar_tune.cli", "models"], cwd=tmp_path, env=env,
