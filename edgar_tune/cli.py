@@ -50,12 +50,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         if getattr(args, key) is not None:
             overrides[f"train.{key}"] = getattr(args, key)
     cfg = load_config(args.preset, overrides)  # fail on bad keys before Prefect starts
+    _check_data_here(cfg.data, args.out)  # on data that is not here
     from tasks.finetune import preflight
     from tasks.models import check_model_name
 
-    preflight(cfg.train)  # and on an engine this machine cannot run
+    preflight(cfg.train)  # on an engine this machine cannot run
     check_model_name(cfg.model.name, cfg.model.revision)  # or a model that is not here
-    _check_data_here(cfg.data, args.out)  # or data that is not here
     from edgar_tune.config import RunParameters
     from edgar_tune.reaper import embedded_prefect
     from flows.pipeline import edgar_tune_pipeline
