@@ -50,7 +50,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if getattr(args, key) is not None:
             overrides[f"train.{key}"] = getattr(args, key)
     cfg = load_config(args.preset, overrides)  # fail on bad keys before Prefect starts
-    _check_data_here(cfg.data, args.out)  # on data that is not here
+    _check_data_here(cfg.data, args.out)  # on data it cannot read
     from tasks.finetune import preflight
     from tasks.models import check_model_name
 
@@ -67,28 +67,45 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _check_data_here(data, out: str) -> None:
-    """Refuse a local `data.source` (`data.validation`, `data.template`) that is not there before Prefect starts,
-    not 15 s later in the download stage's traceback, unless `out` is a run that downloaded from that same source:
-    it stands on its recorded download where the files are gone (`flows.pipeline._text_source_here`), as an s3://
+    """Refuse data this run cannot read before Prefect starts, not 15 s later in the download stage's traceback
+    (`_data_problem`), unless `out` is a run that downloaded from that same source: it stands on its recorded
+    download where the files are gone (`flows.pipeline._text_source_here`) or its download is cached, as an s3://
     run resumed on a host that never had them does (which only the bucket tells: left to the flow).
 
     Raises:
-        FileNotFoundError: what is missing, and where a relative path was looked for.
+        FileNotFoundError: a local file or folder that is not there, and where a relative path was looked for.
+        EdgarError: `data.source=edgar` without an identity SEC takes.
     """
     from tasks.io import DOWNLOAD, read_json
 
-    given = {"data.source": data.source, "data.validation": data.validation, "data.template": data.template}
-    local = {k: v for k, v in given.items() if v and v not in ("bundled", "edgar") and "://" not in v}
-    missing = {k: v for k, v in local.items() if not Path(v).expanduser().exists()}
-    if not missing or "://" in out:
+    if (problem := _data_problem(data)) is None or "://" in out:
         return
     recorded = Path(out) / DOWNLOAD / "manifest.json"
     if recorded.is_file() and read_json(recorded).get("source") == data.source:
         return
+    raise problem
+
+
+def _data_problem(data) -> Exception | None:
+    """What stops the download stage reading `data` on this machine: a local `data.source` (`data.validation`,
+    `data.template`) that is not there, or EDGAR's identity missing or malformed; None where nothing does."""
+    if data.source == "edgar":
+        from tasks.download import EdgarError, resolve_identity
+
+        try:
+            resolve_identity(data.edgar_identity)
+        except EdgarError as err:
+            return err
+        return None
+    given = {"data.source": data.source, "data.validation": data.validation, "data.template": data.template}
+    local = {k: v for k, v in given.items() if v and v != "bundled" and "://" not in v}
+    missing = {k: v for k, v in local.items() if not Path(v).expanduser().exists()}
+    if not missing:
+        return None
     key, value = next(iter(missing.items()))
     where = "" if Path(value).expanduser().is_absolute() else f" (a relative path, looked for in {Path.cwd()})"
     other = ", `bundled` or `edgar`" if key == "data.source" else ""
-    raise FileNotFoundError(f"`{key}` = {value!r} does not exist{where}; give a file or folder that does{other}")
+    return FileNotFoundError(f"`{key}` = {value!r} does not exist{where}; give a file or folder that does{other}")
 
 
 STAGES = ("download", "parse", "tokenize", "evaluate-base", "train", "evaluate", "register")  # tasks.cache.STAGES

@@ -53,6 +53,20 @@ def test_bad_identity_is_refused(monkeypatch, tmp_path):
         gather_filings(DataConfig(source="edgar", download_dir=str(tmp_path)))
 
 
+def test_a_run_without_an_identity_is_refused_before_prefect_starts(tmp_path):
+    """`edgar-tune run --set data.source=edgar` without EDGAR_IDENTITY, or with one SEC does not take, stops at once
+    with the download stage's own words, before a Prefect server starts (it used to, and fail 15 s in)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("EDGAR_IDENTITY", "PREFECT_API_URL")}
+    for identity, said in ((None, "set EDGAR_IDENTITY='Your Name you@example.com'"),
+                           ("just-a-name", "EDGAR_IDENTITY='just-a-name' must be 'Name email@domain'")):  # fmt: skip
+        run = [sys.executable, "-m", "edgar_tune.cli", "run", "--preset", "tiny", "--out", str(tmp_path / "run"),
+               "--set", "data.source=edgar"]  # fmt: skip
+        proc = subprocess.run(run, cwd=REPO, capture_output=True, text=True, timeout=120,
+                              env=env | ({"EDGAR_IDENTITY": identity} if identity else {}))  # fmt: skip
+        assert proc.returncode == 2 and said in proc.stderr, proc.stderr[-2000:]
+        assert "prefect" not in proc.stderr.lower() and not (tmp_path / "run").exists()
+
+
 def test_downloads_by_fiscal_year_into_downloader_layout(edgar, tmp_path):
     cfg = DataConfig(source="edgar", tickers=["AMZN"], fiscal_years=[2020, 2021])
     filings, skipped = download_edgar(cfg, tmp_path, _client())
