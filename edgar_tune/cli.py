@@ -121,6 +121,8 @@ def cmd_rerun(args: argparse.Namespace) -> int:
         from tasks.cache import kept_otherwise, rerun_config, rerun_stages
 
         cfg = rerun_config(args.name, Path(args.run), overrides, args.run)
+        if args.name == "download" and (problem := _data_problem(cfg.data)):  # what it would read again
+            raise problem
         if why := kept_otherwise(Path(args.run), cfg, rerun_stages(args.name)[0]):
             raise RerunNeeded(why).for_run(args.run)
     from edgar_tune.reaper import embedded_prefect

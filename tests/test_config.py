@@ -302,8 +302,13 @@ def test_a_rerun_of_a_missing_folder_or_with_a_bad_key_is_refused_before_prefect
                                      (run, ["--set", "nonsense.key=1"], "unknown config key `nonsense.key`"),
                                      (run, ["--set", "train.epoch=0"], "`train.epoch`"),
                                      (run, ["--set", "tickers=[MSFT]"], "`data.tickers` is read by download, parse "
-                                      "and tokenize, which `rerun train` does not run")]:  # fmt: skip
-        proc = subprocess.run([sys.executable, "-m", "edgar_tune.cli", "rerun", "train", "--run", str(folder),
+                                      "and tokenize, which `rerun train` does not run"),
+                                     # a download to do again, from data it cannot read
+                                     (run, ["--set", "data.source=edgar"], "set EDGAR_IDENTITY="),
+                                     (run, ["--set", f"data.source={tmp_path / 'gone'}"], "gone' does not exist; "
+                                      "give a file or folder that does")]:  # fmt: skip
+        stage = "download" if "data.source" in " ".join(setting) else "train"
+        proc = subprocess.run([sys.executable, "-m", "edgar_tune.cli", "rerun", stage, "--run", str(folder),
                                *setting], capture_output=True, text=True, cwd=REPO, timeout=120)  # fmt: skip
         assert proc.returncode == 2, proc.stderr[-2000:]
         assert message in proc.stderr
