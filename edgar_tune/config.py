@@ -133,7 +133,10 @@ class DataConfig(_Section):
     @field_validator("tickers", "fiscal_years", mode="before")
     @classmethod
     def _one_or_more(cls, v: Any) -> Any:
-        """One ticker or year, or several with commas (`--set data.tickers=AMZN,MSFT`), as the list it means."""
+        """One ticker or year, or several with commas (`--set data.tickers=AMZN,MSFT`), as the list it means; none
+        (`--set data.tickers=`) as an empty one, which the field's check refuses saying what to give."""
+        if v is None:
+            return []
         if isinstance(v, str):
             return [part.strip() for part in v.split(",") if part.strip()]
         return [v] if isinstance(v, int) and not isinstance(v, bool) else v
@@ -662,7 +665,8 @@ def _validation_message(err: ValidationError) -> str:
         elif not loc or isinstance(e.get("input"), dict):  # a combination of keys: the message names them
             lines.append(msg)
         else:
-            lines.append(f"`{loc}`: {msg} (got {e.get('input')!r})")
+            given = e.get("input")
+            lines.append(f"`{loc}`: {msg} (got {'nothing' if given in (None, '', []) else repr(given)})")
     return "invalid configuration: " + "; ".join(lines)
 
 
