@@ -388,7 +388,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         if done.get("gguf") and "url" not in done:
             local = local / done["gguf_file"]
         where = f"{done['url']} ({args.out}.json points at it)" if "url" in done else local
-        print(f"{done['registered_model']} v{done['version']} ({form(done)}) -> {where}")
+        print(f"{done['registered_model']} v{done['version']} ({form(done)}) -> {where}"
+              + ("; it was there already" if done.get("written") is False else ""))  # fmt: skip
     return 0
 
 

@@ -64,6 +64,14 @@ def read_provenance(folder: Path) -> str:
         return f"its {PROVENANCE} unreadable: {err}"
 
 
+def held_export(folder: Path) -> dict:
+    """What an export in `folder` says it is (its edgar_tune.json); {} where there is none, or none readable."""
+    try:
+        return json.loads((folder / PROVENANCE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def base_dtype(base: str) -> torch.dtype:
     """The dtype a base model's config.json names (`dtype`, or `torch_dtype` before transformers 5); float32 when
     it names none. `base`: a folder, or a hub id at a commit (`pinned`)."""
@@ -80,7 +88,8 @@ def export_version(client, name: str, version: str, out: str | Path, adapter: bo
                    base: bool = False) -> dict:  # fmt: skip
     """Write version `version` of registered model `name` (on `client`'s tracking server) into the folder `out`,
     merged, as its adapter, or merged into one GGUF file of type `gguf` (tasks/gguf.py), with a model card; returns
-    the provenance written as `edgar_tune.json`. `stored_at`: the URL the folder is uploaded to, for the card (which
+    the provenance written as `edgar_tune.json` (that of the export `out` holds, and `written: False`, where it is
+    this one already and `replace` is not set). `stored_at`: the URL the folder is uploaded to, for the card (which
     then loads it from a copy named as its last part). `base`: instead, the base the version was trained on, as it
     loaded it (a transformers folder, or one GGUF file), for hosts without the hub and for llama.cpp to apply GGUF
     adapters to; the tokenizer is the version's.
@@ -108,6 +117,9 @@ def export_version(client, name: str, version: str, out: str | Path, adapter: bo
         raise ConfigError(f"--gguf {gguf}: one of {', '.join(gguf_file.TYPES)}")
     if gguf and dtype != "auto":
         raise ConfigError(f"--gguf writes the model in its own type ({gguf}): drop --dtype")
+    if not replace and (was := held_export(out)) and _holds(was, client, name, version, adapter, dtype, gguf, base):
+        log.info("%s holds %s already: nothing to export (--replace writes it again)", out, read_provenance(out))
+        return was | {"written": False}  # the same command again (a script, a retry) does what it asked
     check_target(out, replace)
     mv = client.get_model_version(name, version)
     run = client.get_run(mv.run_id)
@@ -276,10 +288,7 @@ def export_alias(client, name: str, alias: str, out: str | Path, adapter: bool =
     out = Path(out).expanduser().absolute()
     with held(out.parent / f".{out.name}.lock", holder_info(export=f"{name}@{alias}"), wait=True):
         version = resolve_version(client, name, alias=alias)
-        try:
-            was = json.loads((out / PROVENANCE).read_text())
-        except (OSError, ValueError):
-            was = {}
+        was = held_export(out)
         if _holds(was, client, name, version, adapter, dtype, gguf, base):
             log.info("%s holds %s v%s (@%s)%s already: nothing to export", out, name, version, alias,
                      f"'s base ({was['base_model']}, from v{was['version']})" if base else "")  # fmt: skip

@@ -594,6 +594,10 @@ def test_export_writes_a_merged_model_that_plain_transformers_scores_as_the_regi
     bf16 = safetensors.torch.load_file(out / "model.safetensors")
     assert bf16.keys() == fp32.keys() and all(bf16[k].dtype == torch.bfloat16 for k in bf16)
     assert all(torch.equal(bf16[k], fp32[k].to(torch.bfloat16)) for k in bf16)  # merged in fp32, rounded once
+    written = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    same = export_version(client, *version, out, dtype="bfloat16")  # the same command again: done already
+    assert same["written"] is False and same["dtype"] == "bfloat16"
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == written
 
     other = tmp_path / "mine"
     other.mkdir()
