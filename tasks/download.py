@@ -409,25 +409,57 @@ def _sec_header(path: Path) -> dict[str, str]:
     return head
 
 
-def _cik_for(client: EdgarClient, ticker: str, mapping: dict[str, str] | None) -> tuple[str, dict[str, str] | None]:
-    if ticker.isdigit():
-        return ticker.zfill(sed_constants.CIK_LENGTH), mapping
-    if mapping is None:
-        data = client.get_json(edgar_urls()[0])
-        cik_i, ticker_i = data["fields"].index("cik"), data["fields"].index("ticker")
-        mapping = {str(row[ticker_i]).upper(): str(row[cik_i]).zfill(sed_constants.CIK_LENGTH) for row in data["data"]}
+def _sec_tickers(client: EdgarClient) -> dict[str, str]:
+    """SEC's ticker list (`company_tickers_exchange.json`): ticker -> CIK."""
+    data = client.get_json(edgar_urls()[0])
+    cik_i, ticker_i = data["fields"].index("cik"), data["fields"].index("ticker")
+    return {str(row[ticker_i]).upper(): str(row[cik_i]).zfill(sed_constants.CIK_LENGTH) for row in data["data"]}
+
+
+def _cik_of(ticker: str, mapping: dict[str, str]) -> str | None:
+    """`ticker`'s CIK in SEC's ticker list (a share class as quote screens write it, BRK.B, as SEC's BRK-B)."""
     if ticker in mapping:
-        return mapping[ticker], mapping
-    if (dashed := _dashed(ticker)) in mapping:  # a share class as quote screens write it: BRK.B
+        return mapping[ticker]
+    if (dashed := _dashed(ticker)) in mapping:
         log.info("ticker %s is %s in SEC's ticker list (CIK %s)", ticker, dashed, mapping[dashed])
-        return mapping[dashed], mapping
+        return mapping[dashed]
+    return None
+
+
+def _resolve_tickers(client: EdgarClient, tickers: list[str], on_disk: dict[str, str | None]) -> dict[str, str]:
+    """The CIK of each of `tickers` (those the download asks EDGAR about), all looked up before any filing is
+    fetched: SEC's ticker list is read once, and every ticker not in it is named in one error, not the first one
+    after the filings of the tickers before it. A CIK is its own. A ticker no longer in the list (its company
+    delisted, acquired or renamed) whose filings are on disk (`on_disk`) is the CIK they name, with a warning: a
+    schedule over `data.latest_years` keeps following that company's filings.
+
+    Raises:
+        EdgarError: tickers that are not in the list, with the closest ones in it.
+    """
     import difflib
 
-    near = difflib.get_close_matches(ticker, mapping, n=3, cutoff=0.75)
-    hint = f" (did you mean {joined(near, word='or')}?)" if near else ""
-    raise EdgarError(f"ticker {ticker!r} is not in SEC's ticker list{hint}; give its CIK instead (data.tickers)")
-
-
+    ciks: dict[str, str] = {}
+    mapping = None
+    unknown = []
+    for ticker in tickers:
+        if ticker.isdigit():
+            ciks[ticker] = ticker.zfill(sed_constants.CIK_LENGTH)
+            continue
+        mapping = mapping if mapping is not None else _sec_tickers(client)
+        if (cik := _cik_of(ticker, mapping)) is None and (cik := on_disk.get(ticker)) is not None:
+            log.warning("ticker %s is no longer in SEC's ticker list (delisted, acquired or renamed); its filings on "
+                        "disk are CIK %s's, whose are asked for", ticker, cik)  # fmt: skip
+        if cik is None:
+            near = difflib.get_close_matches(ticker, mapping, n=3, cutoff=0.75)
+            unknown.append(f"{ticker!r}" + (f" (did you mean {joined(near, word='or')}?)" if near else ""))
+            continue
+        ciks[ticker] = cik
+    if unknown:
+        one = len(unknown) == 1
+        raise EdgarError(f"ticker{'' if one else 's'} {joined(unknown)} {'is' if one else 'are'} not in SEC's ticker "
+                         f"list; give {'its CIK' if one else 'their CIKs'} instead (data.tickers). Nothing was "
+                         "downloaded")  # fmt: skip
+    return ciks
 
 
 def _submissions(client: EdgarClient, cik: str) -> Iterable[dict]:
@@ -491,16 +523,18 @@ def _download(cfg: DataConfig, root: Path, client: EdgarClient) -> tuple[list[di
     have = {(f["cik"], f["fiscal_year"]) for f in filings}
     skipped: list[dict] = []
     chosen: set[tuple[str, int]] = set()
-    mapping = None
     fetched, fetched_bytes, start = 0, 0, time.monotonic()
     bar = Progress("EDGAR download", len(cfg.tickers), "companies", logger=None)  # a bar in the UI; lines below
+    on_disk = {t: _cik_on_disk(t, filings) for t in cfg.tickers}
+    whole = {t for t, cik in on_disk.items()  # every year asked for is on disk: no request for it at all
+             if cfg.latest_years is None and cik and all((cik, y) in have for y in cfg.fiscal_years)}  # fmt: skip
+    ciks = _resolve_tickers(client, [t for t in cfg.tickers if t not in whole], on_disk)
     for i, ticker in enumerate(cfg.tickers, 1):
         bar.update(i - 1, f"{fetched} filing(s), {fetched_bytes / 1e6:.1f} MB downloaded")
-        cik = _cik_on_disk(ticker, filings)
-        if cfg.latest_years is None and cik and all((cik, y) in have for y in cfg.fiscal_years):
-            chosen |= {(cik, y) for y in cfg.fiscal_years}
+        if ticker in whole:
+            chosen |= {(on_disk[ticker], y) for y in cfg.fiscal_years}
             continue
-        cik, mapping = _cik_for(client, ticker, mapping)
+        cik = ciks[ticker]
         name = next((f["ticker"] for f in filings if f["cik"] == cik), ticker)  # one folder a company
         rows = _ten_k_rows(client, cik, cfg.latest_years)
         years = set(cfg.fiscal_years) if cfg.latest_years is None else latest_fiscal_years(rows, cfg.latest_years)

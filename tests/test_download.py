@@ -251,11 +251,30 @@ def test_a_company_asked_by_ticker_and_by_cik_is_downloaded_once(edgar, tmp_path
     assert [f["fiscal_year"] for f in local] == [2020, 2021] and skipped == []
 
 
-def test_unknown_ticker_names_the_fix(edgar, tmp_path):
-    with pytest.raises(EdgarError, match="give its CIK"):
+def test_unknown_ticker_names_the_fix(edgar, tmp_path, caplog):
+    """Every ticker is looked up before any filing is fetched: all those SEC's list lacks are named in one error,
+    with the closest ones in it. A ticker that has left the list (a company delisted, acquired or renamed) whose
+    filings are on disk is followed by the CIK they name, so a schedule over `latest_years` goes on."""
+    with pytest.raises(EdgarError, match="ticker 'NOPE1' is not in SEC's ticker list; give its CIK"):
         download_edgar(DataConfig(source="edgar", tickers=["NOPE1"], fiscal_years=[2020]), tmp_path, _client())
-    with pytest.raises(EdgarError, match=r"ticker 'AMZM' is not in SEC's ticker list \(did you mean [^)]*AMZN"):
-        download_edgar(DataConfig(source="edgar", tickers=["amzm"], fiscal_years=[2020]), tmp_path, _client())
+    several = DataConfig(source="edgar", tickers=["AMZN", "amzm", "EBAY", "QQQZX"], fiscal_years=[2020])
+    named = (r"^tickers 'AMZM' \(did you mean [^)]*AMZN[^)]*\) and 'QQQZX' \(did [^)]*\) are not in SEC's ticker list; "
+             r"give their CIKs instead \(data.tickers\). Nothing was downloaded")
+    with pytest.raises(EdgarError, match=named):
+        download_edgar(several, tmp_path, _client())
+    assert [p for _, p, _ in edgar.requests if "/files/" not in p] == []  # one request: the ticker list
+    latest = DataConfig(source="edgar", tickers=["AMZN"], latest_years=1)
+    assert [f["fiscal_year"] for f in download_edgar(latest, tmp_path, _client())[0]] == [2021]
+    listed = json.loads(edgar.routes["/files/company_tickers_exchange.json"])
+    ticker = listed["fields"].index("ticker")
+    listed["data"] = [row for row in listed["data"] if row[ticker] != "AMZN"]  # AMZN delisted
+    edgar.routes["/files/company_tickers_exchange.json"] = json.dumps(listed).encode()
+    with caplog.at_level("WARNING", logger="tasks.download"):
+        assert [f["fiscal_year"] for f in download_edgar(latest, tmp_path, _client())[0]] == [2021]
+    assert "ticker AMZN is no longer in SEC's ticker list (delisted, acquired or renamed); its filings on disk are " \
+           "CIK 0001018724's, whose are asked for" in caplog.text
+    with pytest.raises(EdgarError, match=r"ticker 'AMZN' \(did you mean [^)]*\) is not in SEC's ticker list"):
+        download_edgar(latest, tmp_path / "elsewhere", _client())  # nothing on disk there to name its company
 
 
 def test_a_share_class_written_with_a_dot_is_the_dashed_ticker_sec_lists(edgar, tmp_path):
