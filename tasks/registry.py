@@ -20,7 +20,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -386,18 +386,25 @@ def resolve_version(client, name: str, version: str | None = None, alias: str | 
     Raises:
         LookupError: no such model, version or alias, naming those there are.
     """
+    if alias is None:
+        try:
+            return str(client.get_model_version(name, str(version)).version)
+        except mlflow.exceptions.MlflowException:
+            registered_model(client, name)  # no such model, or no such version of it
+            have = [str(v.version) for v in client.search_model_versions(f"name = '{name}'")]
+            raise no_version(name, str(version), have) from None
     model = registered_model(client, name)
-    if alias is not None:
-        if alias in model.aliases:
-            return str(model.aliases[alias])
-        held = [f"@{a} (v{v})" for a, v in sorted(model.aliases.items())]
-        raise LookupError(f"{name} has no version @{alias}; its aliases are {joined(held) if held else 'none'} "
-                          f"(`edgar-tune models --name {name}` lists its versions)")  # fmt: skip
-    have = sorted((str(v.version) for v in client.search_model_versions(f"name = '{name}'")), key=int)
-    if str(version) not in have:
-        raise LookupError(f"{name} has no version {version}; it has {', '.join(have) or 'none'} "
-                          f"(`edgar-tune models --name {name}` lists them)")  # fmt: skip
-    return str(version)
+    if alias in model.aliases:
+        return str(model.aliases[alias])
+    held = [f"@{a} (v{v})" for a, v in sorted(model.aliases.items())]
+    raise LookupError(f"{name} has no version @{alias}; its aliases are {joined(held) if held else 'none'} "
+                      f"(`edgar-tune models --name {name}` lists its versions)")  # fmt: skip
+
+
+def no_version(name: str, version: str, have: Iterable[str]) -> LookupError:
+    """The error for a version of `name` that is not among those it has (`have`)."""
+    return LookupError(f"{name} has no version {version}; it has {', '.join(sorted(have, key=int)) or 'none'} "
+                       f"(`edgar-tune models --name {name}` lists them)")  # fmt: skip
 
 
 def score_on(row: dict, validation: dict) -> float | None:
@@ -419,8 +426,10 @@ def promote_by_hand(client, name: str, version: str, alias: str = CHAMPION, reas
     """
     import getpass
 
-    version = resolve_version(client, name, str(version))
     rows = {r["version"]: r for r in versions(client, name)}
+    version = str(version)
+    if version not in rows:
+        raise no_version(name, version, rows)
     before = next((v for v, r in rows.items() if alias in r["aliases"]), None)
     note, record = promotion_note(rows, version, before), None
     if before != version:
