@@ -393,10 +393,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_summary(row: dict) -> str:
+    """What a version (a row of `tasks.registry.versions`) trained on: its filings, else its own files."""
+    if row["filings"]:
+        return _filings_summary(row["filings"])
+    names = [Path(f).name for f in row["data_files"]]  # a path or an s3:// URL
+    return ", ".join(names) if 0 < len(names) <= 2 else f"{len(names)} files" if names else "-"
+
+
 def _filings_summary(filings: list[dict]) -> str:
     """AMZN FY2020-2021, or 14 companies FY2015-2024."""
-    if not filings:
-        return "-"
     tickers = sorted({f["ticker"] for f in filings})
     years = sorted({int(f["fiscal_year"]) for f in filings})
     span = f"FY{years[0]}" + (f"-{years[-1]}" if years[-1] != years[0] else "")
@@ -428,7 +434,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     for r in rows:
         sets.setdefault((r["validation"]["sha256"], r["validation"]["scoring"]), chr(ord("A") + len(sets)))
     head = ["version", "aliases", "validation"] + [f"perplexity on {letter}" for letter in sets.values()]
-    table = [head + ["base model", "filings", "registered"]]
+    table = [head + ["base model", "data", "registered"]]
     for r in rows:
         scores = {(s["sha256"], s["scoring"]): f"{s['perplexity']:.4f}" + ("*" if s["rescored"] else "")
                   for s in r["scores"]}  # fmt: skip
@@ -437,14 +443,14 @@ def cmd_models(args: argparse.Namespace) -> int:
                       sets[(r["validation"]["sha256"], r["validation"]["scoring"])],
                       *[scores.get(key, "-") for key in sets],
                       base_shown(r["base_model"], r["base_revision"]) if r["base_model"] else "-",
-                      _filings_summary(r["filings"]), when])  # fmt: skip
+                      _data_summary(r), when])  # fmt: skip
     widths = [max(len(row[i]) for row in table) for i in range(len(head) + 3)]
     print(f"{args.name} at {uri}: {total} version(s); perplexity on held-out MD&A, lower is better")
     for row in table:
         print("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
     for (sha, how), letter in sets.items():
         first = next(r for r in reversed(rows) if (r["validation"]["sha256"], r["validation"]["scoring"]) == (sha, how))
-        print(f"validation {letter}: first held out by v{first['version']} ({_filings_summary(first['filings'])}); "
+        print(f"validation {letter}: first held out by v{first['version']} ({_data_summary(first)}); "
               f"sha256 {(sha or '-')[:12]}, {how or 'scoring not recorded'}")  # fmt: skip
     if any(s["rescored"] for r in rows for s in r["scores"]):
         print("* scored later, as the champion a newer version was compared with.")

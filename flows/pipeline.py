@@ -58,7 +58,7 @@ from tasks.stages import (
     register_model,
 )
 from tasks.storage import RunFolder
-from tasks.textdata import location
+from tasks.textdata import data_locations
 
 log = logging.getLogger(__name__)
 
@@ -288,7 +288,7 @@ def build_summary(run_dir: Path, preset: str, timings: dict, flow_run_id: str | 
         "val_tokens": after["tokens"],
         "validation": validation_label(read_json(run_dir / PARSE / "report.json"), tok),
         "filings": filings,
-        "data_files": [location(f) for f in manifest.get("files", []) if f.get("role") != "template"],
+        "data_files": data_locations(manifest),
         "base_model": tok["base_model"],
         "mlflow_tracking_uri": reg["tracking_uri"],
         "mlflow_run_id": reg["mlflow_run_id"],

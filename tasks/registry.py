@@ -32,9 +32,10 @@ import yaml
 
 from edgar_tune.config import REPO_ROOT, EvalConfig, PipelineConfig, RegisterConfig, flat_params
 from tasks.io import (
-    EVALUATE, PARSE, TOKENIZE, TRAIN, Busy, cache_dir, held, holder_info, joined, megabytes, read_json, read_jsonl,
-    size,
+    DOWNLOAD, EVALUATE, PARSE, TOKENIZE, TRAIN, Busy, cache_dir, held, holder_info, joined, megabytes, read_json,
+    read_jsonl, size,
 )  # fmt: skip
+from tasks.textdata import data_locations
 from tasks.progress import CURVES, Point, clock, training_points
 from tasks.storage import folder_identity, run_identity
 
@@ -352,6 +353,7 @@ def versions(client, name: str) -> list[dict]:
                      "perplexity": float(tags["val_perplexity"]) if "val_perplexity" in tags else None,
                      "base_model": tags.get("base_model"), "base_revision": tags.get("base_revision"),
                      "filings": json.loads(tags.get("filings", "[]")),
+                     "data_files": json.loads(tags.get("data_files", "[]")),
                      "run_id": v.run_id, "registered": v.creation_timestamp,
                      "promoted_by_hand": json.loads(tags.get(PROMOTED, "null")), "tags": tags})  # fmt: skip
     rows.sort(key=lambda r: int(r["version"]), reverse=True)
@@ -868,6 +870,8 @@ def _register(run_dir: Path, cfg: PipelineConfig, flow_run_id: str | None, runs_
     after = read_json(run_dir / EVALUATE / "finetuned.json")
     losses = read_jsonl(run_dir / TRAIN / "loss.jsonl")
     filings = [{k: f[k] for k in ("ticker", "form", "fiscal_year", "accession")} for f in report.get("filings", [])]
+    # a text run's own files, for `edgar-tune models` to name
+    data_files = [] if filings else data_locations(read_json(run_dir / DOWNLOAD / "manifest.json"))
     exp_id = _experiment_id(client, cfg.registry.experiment, runs_root, uri)
     weights_dir = run_dir / TRAIN / train_stats["weights"]
     base_ref, base_revision = cfg.model.name, tok_stats["base_model"].get("revision")
@@ -881,6 +885,7 @@ def _register(run_dir: Path, cfg: PipelineConfig, flow_run_id: str | None, runs_
             "data_sha256": data_sha, "train_sha256": report["train_sha256"],
             "val_sha256": report["val_sha256"],
             "git_commit": git_commit(), "filings": json.dumps(filings),
+            **({"data_files": json.dumps(data_files)} if data_files else {}),
             "val_perplexity": repr(after["perplexity"]), "val_scoring": scoring(after),
             "prefect_flow_run_id": str(flow_run_id), RUN_KEY: key}  # fmt: skip
     name = cfg.registry.model_name

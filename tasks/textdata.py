@@ -139,6 +139,12 @@ def location(entry: dict) -> str:
     return entry.get("url") or entry["path"]
 
 
+def data_locations(manifest: dict) -> list[str]:
+    """The data files (training and validation, not the template) a download stage's manifest records, each where
+    it is (`location`); none for a 10-K run."""
+    return [location(f) for f in manifest.get("files", []) if f.get("role") != "template"]
+
+
 # -- s3:// sources: JumpStart's training channel ------------------------------------------------------------------
 def is_s3(where: str) -> bool:
     return str(where).startswith("s3://")

@@ -220,6 +220,14 @@ def test_instruction_tuning_from_jsonl_end_to_end(tmp_path, paragraphs, prefect_
                                "(validation_split_ratio=0.2, train_data_split_seed=0)")  # fmt: skip
     assert f"validation {s['val_tokens']:,}: completion tokens of" in format_summary(s)
     assert format_summary(s).splitlines()[2].split() == ["data", "continue.jsonl"]
+    import mlflow  # the registered version names its files, and `edgar-tune models` shows them (a 10-K run's filings)
+
+    from edgar_tune.cli import _data_summary
+    from tasks.registry import versions
+
+    row = next(r for r in versions(mlflow.MlflowClient(s["mlflow_tracking_uri"]), s["registered_model"])
+               if r["version"] == str(s["model_version"]))  # fmt: skip
+    assert row["filings"] == [] and row["data_files"] == [str(data)] and _data_summary(row) == "continue.jsonl"
     # The same data again: the download stage describes the file again (it could have been edited under the same
     # name); its manifest is the same, so everything after it stays cached. From another Prefect home (another
     # shell, a worker): Prefect's results are kept with the run, not in the home that ran it.
