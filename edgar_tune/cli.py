@@ -97,10 +97,7 @@ def _data_problem(data) -> Exception | None:
         except EdgarError as err:
             return err
         return None
-    given = {"data.source": data.source, "data.validation": data.validation, "data.template": data.template}
-    local = {k: v for k, v in given.items() if v and v != "bundled" and "://" not in v}
-    missing = {k: v for k, v in local.items() if not Path(v).expanduser().exists()}
-    if not missing:
+    if not (missing := data.not_here()):
         return None
     key, value = next(iter(missing.items()))
     where = "" if Path(value).expanduser().is_absolute() else f" (a relative path, looked for in {Path.cwd()})"
@@ -321,14 +318,14 @@ def _store_uri(given: str | None) -> str:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Load a registered version (base + adapter) from MLflow and generate from a prompt."""
-    import mlflow
-
-    from tasks.registry import registered_files, registered_version
-
     if ":/" not in args.model and not Path(args.model).expanduser().exists():  # a name, as `models` prints it
         print(f"edgar-tune: error: {_registered_uri_needed(args.model)}, or a model's folder or runs:/ URI",
               file=sys.stderr)  # fmt: skip
         return 2
+    import mlflow
+
+    from tasks.registry import registered_files, registered_version
+
     uri = _store_uri(args.tracking_uri)
     mlflow.set_tracking_uri(uri)
     try:

@@ -125,6 +125,12 @@ class DataConfig(_Section):
         "template.json next to the data, else JumpStart's default (instruction/context/response).",
     )
 
+    def not_here(self) -> dict[str, str]:
+        """The local paths among `source`, `validation` and `template` that this machine does not have, by key."""
+        given = {"data.source": self.source, "data.validation": self.validation, "data.template": self.template}
+        return {k: v for k, v in given.items()
+                if v and v not in ("bundled", "edgar") and "://" not in v and not Path(v).expanduser().exists()}
+
     @property
     def is_text(self) -> bool:
         """TXT/CSV/JSON/JSONL files (domain adaptation or instruction tuning) rather than 10-K filings."""

@@ -260,11 +260,9 @@ def _text_source_here(cfg: PipelineConfig) -> bool:
     """Whether this machine can read a text source to describe it again. A worker on another host that resumes an
     `s3://` run may not have a local `data.source`: the run's recorded download stands there, and a stage that
     must read the files stops with where they are."""
-    where = [w for w in (cfg.data.source, cfg.data.validation, cfg.data.template) if w and "://" not in w]
-    missing = [w for w in where if not Path(w).expanduser().exists()]
-    if missing:
+    if missing := cfg.data.not_here():
         log.warning("%s is not on this machine: the run's recorded download stage stands (the data cannot be "
-                    "checked for edits here)", " and ".join(missing))  # fmt: skip
+                    "checked for edits here)", " and ".join(missing.values()))  # fmt: skip
     return not missing
 
 

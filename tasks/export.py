@@ -118,7 +118,7 @@ def export_version(client, name: str, version: str, out: str | Path, adapter: bo
     if gguf and dtype != "auto":
         raise ConfigError(f"--gguf writes the model in its own type ({gguf}): drop --dtype")
     if not replace and (was := held_export(out)) and _holds(was, client, name, version, adapter, dtype, gguf, base):
-        log.info("%s holds %s already: nothing to export (--replace writes it again)", out, read_provenance(out))
+        log.info("%s holds %s already: nothing to export (--replace writes it again)", out, described(was))
         return was | {"written": False}  # the same command again (a script, a retry) does what it asked
     check_target(out, replace)
     mv = client.get_model_version(name, version)
