@@ -512,7 +512,7 @@ def cmd_sections(args: argparse.Namespace) -> int:
             print(f"{path}  form {doc['form']}")
             for key, item in doc["items"].items():
                 first = item["text"][:60].replace("\n", " ")
-                why = f"  [{item['reason']}]" if item["status"] != "ok" and item.get("reason") else ""
+                why = f"  [{item['reason']}]" if item.get("reason") else ""  # an ok Item's: taken from elsewhere
                 print(f"  Item {key:<3} {item['status']:<26} {len(item['text']):>8} chars  {first:<60}{why}".rstrip())
             for w in doc["warnings"]:
                 print(f"  warning: {w}")

@@ -64,6 +64,19 @@ _OMITTED = re.compile(
     re.I,
 )
 _OMITTED_CHARS = 300  # "Not applicable." or "As a smaller reporting company, we are not required to ..."
+# Financial statements filed after Part IV (the "F-pages"), to which a short Item 8 points: where they begin (a
+# heading line, not a contents line ending in its page) and where they end (the exhibit index or the signatures).
+_STATEMENTS_START = re.compile(
+    r"^(?:index\s+to\s+(?:consolidated\s+)?financial\s+statements(?:\s+and\s+(?:financial\s+statement\s+)?schedules?)?"
+    r"|report\s+of\s+(?:[^,]{1,60},\s+)?independent\s+(?:registered\s+public\s+accounting\s+firm|auditors?|"
+    r"accountants?)"
+    r"|independent\s+auditors?[\u2019']?s?[\u2019']?\s+report)\W*$",
+    re.I,
+)
+_STATEMENTS_END = re.compile(
+    r"^(?:signatures?|(?:index\s+to\s+)?exhibits?(?:\s+index)?|power\s+of\s+attorney)\W*$", re.I
+)
+_STATEMENTS_MIN_CHARS = 5000  # less is a list of the statements, not the statements
 _CONNECTOR_END = re.compile(r"(?:\b(?:and|of|the|for|on|in|to|or)|[,&\-])$", re.I)
 # MD&A inside an annual report to shareholders (EX-13): its heading, and the headings that follow it there.
 _MDNA_HEADING = re.compile(
@@ -268,21 +281,28 @@ def _item_body(lines: list[str], start: int, end: int) -> str:
         body = [heading.group(2)] + body
     while body and _PART_LINE.match(body[-1]):
         body.pop()
-    for k, line in enumerate(body):
-        if _SIGNATURES.match(line):
-            body = body[:k]
-            break
-    return "\n".join(body).strip()
+    return _before_signatures(body)
 
 
-def split_items(lines: list[str]) -> dict[str, Item]:
-    """Cut lines into Items at their body headings and classify each."""
+def _before_signatures(lines: list[str]) -> str:
+    k = next((k for k, line in enumerate(lines) if _SIGNATURES.match(line)), len(lines))
+    return "\n".join(lines[:k]).strip()
+
+
+def split_items(lines: list[str], warnings: list[str] | None = None) -> dict[str, Item]:
+    """Cut lines into Items at their body headings and classify each; what was moved between Items is told in
+    `warnings`."""
     headings = find_headings(lines)
     order = list(headings.items())
-    items: dict[str, Item] = {}
+    bodies: dict[str, str] = {}
     for n, (key, start) in enumerate(order):
         end = order[n + 1][1] if n + 1 < len(order) else len(lines)
-        text = _item_body(lines, start, end)
+        bodies[key] = _item_body(lines, start, end)
+    reasons = _statements_after_part_iv(lines, order, bodies)
+    if reasons and warnings is not None:
+        warnings.append("Item 8 taken from the financial statements after Part IV, to which it points")
+    items: dict[str, Item] = {}
+    for key, text in bodies.items():
         if not text:
             items[key] = Item("", "not_found", "heading found but no text under it")
         elif len(text) < _STUB_CHARS and _BY_REFERENCE.search(text):
@@ -290,10 +310,37 @@ def split_items(lines: list[str]) -> dict[str, Item]:
         elif len(text) < _OMITTED_CHARS and _OMITTED.search(text):
             items[key] = Item(text, "not_found", "the filing says this Item does not apply to it")
         else:
-            items[key] = Item(text, "ok")
+            items[key] = Item(text, "ok", reasons.get(key))
     for key in ITEM_ORDER:
         items.setdefault(key, Item("", "not_found", f"no 'Item {key}' heading found in the document body"))
     return {k: items[k] for k in ITEM_ORDER}
+
+
+def _statements_after_part_iv(lines: list[str], order: list[tuple[str, int]], bodies: dict[str, str]) -> dict:
+    """Where a short Item 8 points to financial statements filed after Part IV ("see page F-1", "listed in Item
+    15"), make them Item 8's text: else they sit inside the last Item (eBay's Item 16, "None.", held 160,000
+    characters of statements) or, after the signatures, in no Item at all. Changes `bodies` in place; returns the
+    reason for each Item it filled. What lay between the statements and the signatures (an exhibit index) stays
+    with the exhibits: Item 15, or the last Item of filings from before Item 15 and 16 existed."""
+    if "8" not in bodies or not bodies["8"] or len(bodies["8"]) >= _STUB_CHARS or order[-1][0] == "8":
+        return {}
+    last, last_start = order[-1]
+    best: tuple[int, int] | None = None
+    for start in range(last_start + 1, len(lines)):
+        if len(lines[start]) > 200 or not _STATEMENTS_START.match(lines[start]):
+            continue
+        end = next((j for j in range(start + 1, len(lines)) if _STATEMENTS_END.match(lines[j])), len(lines))
+        if best is None or end - start > best[1] - best[0]:
+            best = (start, end)
+    if best is None or sum(len(line) for line in lines[best[0]:best[1]]) < _STATEMENTS_MIN_CHARS:
+        return {}
+    start, end = best
+    bodies["8"] = "\n".join(lines[start:end])
+    rest = _before_signatures(lines[end:])
+    bodies[last] = _item_body(lines, last_start, start)
+    exhibits = "15" if last == "16" and "15" in bodies else last
+    bodies[exhibits] = "\n".join(filter(None, [bodies[exhibits], rest]))
+    return {"8": "it points to the financial statements after Part IV; taken from there"}
 
 
 def detect_form(text: str) -> str | None:
@@ -369,7 +416,7 @@ def parse_filing(path: Path, tables: TableMode = "rows", submission: Path | None
         warnings.append("form type not found in the document; assumed 10-K")
         form = "10-K"
     lines = to_lines(unwrap_fixed_width(body, warnings), tables)
-    items = split_items(lines)
+    items = split_items(lines, warnings)
     if items["7"].status == "incorporated_by_reference":
         if not exhibits and submission is not None and Path(submission) != Path(path):
             exhibits = select_documents(decode(read_bytes(submission), []))[2]

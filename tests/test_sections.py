@@ -40,9 +40,14 @@ EXPECTED = [
     (FILINGS / "CIGF5_10-K_2015.html.gz", "1", "ok", "GENERAL Commonwealth Income & Growth Fund V (the “Partnership” or “CIGF5”) was formed", (31_500, 37_000)),
     (FILINGS / "CIGF5_10-K_2015.html.gz", "1A", "not_found", "NOT APPLICABLE", (14, 14)),
     (FILINGS / "CIGF5_10-K_2015.html.gz", "7", "ok", "The following is a discussion of our current financial position and results of operations.", (26_500, 31_500)),
+    # CIGF5's statements come after the signatures, to the end of the document.
+    (FILINGS / "CIGF5_10-K_2015.html.gz", "8", "ok", "Report of Independent Registered Public Accounting Firm The Partners Commonwealth", (54_000, 64_000)),
     (FILINGS / "EBAY_10-K_2020.htm.gz", "1", "ok", "Overview eBay Inc. was formed as a sole proprietorship in September 1995", (27_000, 32_000)),
     (FILINGS / "EBAY_10-K_2020.htm.gz", "1A", "ok", "Risk Factors Summary: The summary of risks below provides an overview", (78_000, 92_000)),
     (FILINGS / "EBAY_10-K_2020.htm.gz", "7", "ok", "FORWARD-LOOKING STATEMENTS This Annual Report on Form 10-K contains forward-looking", (64_000, 75_000)),
+    # eBay's Item 8 points to the statements after Part IV; they follow Item 16 ("None."), up to the exhibit index.
+    (FILINGS / "EBAY_10-K_2020.htm.gz", "8", "ok", "Report of Independent Registered Public Accounting Firm To the Board of Directors", (137_000, 161_000)),
+    (FILINGS / "EBAY_10-K_2020.htm.gz", "16", "not_found", "None.", (5, 5)),
     (FILINGS / "META_10-K_2025.html.gz", "1", "ok", "Overview Our mission is to build the future of human connection", (37_000, 44_000)),
     (FILINGS / "META_10-K_2025.html.gz", "1A", "ok", "Certain factors may have a material adverse effect on our business", (174_000, 204_000)),
     (FILINGS / "META_10-K_2025.html.gz", "7", "ok", "You should read the following discussion of our financial condition", (56_500, 66_500)),
@@ -68,6 +73,22 @@ def test_items_of_every_real_filing(parsed, path, item, status, first, band):
     assert got.status == status, got.reason
     assert " ".join(got.text.split()).startswith(first)
     assert band[0] <= len(got.text) <= band[1]
+
+
+def test_statements_after_part_iv_are_item_8_and_nothing_of_the_tail_is_lost(parsed):
+    ebay, cigf5 = parsed[FILINGS / "EBAY_10-K_2020.htm.gz"], parsed[FILINGS / "CIGF5_10-K_2015.html.gz"]
+    for doc in (ebay, cigf5):
+        assert doc.items["8"].reason == "it points to the financial statements after Part IV; taken from there"
+        assert "Item 8 taken from the financial statements after Part IV, to which it points" in doc.warnings
+    # eBay's exhibit index (between the statements and the signatures) stays with the exhibits, Item 15.
+    assert ebay.items["15"].text.startswith("(a) The following documents are filed as part of this report")
+    assert "INDEX TO EXHIBITS\nNo. | Exhibit Description" in ebay.items["15"].text
+    assert ebay.items["15"].text.endswith("+ Indicates a management contract or compensatory plan or arrangement.")
+    assert "INDEX TO EXHIBITS" not in ebay.items["8"].text and "SIGNATURES" not in ebay.items["15"].text
+    assert cigf5.items["8"].text.endswith("due to longer useful lives for tax reporting purposes.")
+    assert cigf5.items["15"].status == "incorporated_by_reference"  # its list of statements, as before
+    # A filing whose Item 8 holds its statements is left as it is (Amazon's, Meta's, Apple's, TGFIN's).
+    assert all(not doc.items["8"].reason for path, doc in parsed.items() if doc not in (ebay, cigf5))
 
 
 @pytest.mark.parametrize("path", list(dict.fromkeys(row[0] for row in EXPECTED)), ids=lambda p: p.name)
