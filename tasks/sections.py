@@ -59,7 +59,7 @@ _BY_REFERENCE = re.compile(
 )
 _STUB_CHARS = 1500  # an Item this short that points elsewhere is a stub, not content
 _OMITTED = re.compile(
-    r"^(?:\(?not\s+applicable\)?|none|omitted|\[?reserved\]?|not\s+required)\b|\bnot\s+required\s+to\s+(?:provide|"
+    r"^(?:\(?not\s+applicable\)?|none|omitted|[\[(]?(?:removed\s+and\s+)?reserved[\])]?|not\s+required)\b|\bnot\s+required\s+to\s+(?:provide|"
     r"include|disclose)|\bis\s+not\s+applicable\b|\bnot\s+required\s+for\s+smaller\s+reporting",
     re.I,
 )
@@ -303,7 +303,9 @@ def split_items(lines: list[str], warnings: list[str] | None = None) -> dict[str
         warnings.append("Item 8 taken from the financial statements after Part IV, to which it points")
     items: dict[str, Item] = {}
     for key, text in bodies.items():
-        if not text:
+        if not text and _OMITTED.search(tail := _heading_tail(lines[headings[key]])):  # "Item 6. [Reserved]"
+            items[key] = Item(tail, "not_found", "the filing says this Item does not apply to it")
+        elif not text:
             items[key] = Item("", "not_found", "heading found but no text under it")
         elif len(text) < _STUB_CHARS and _BY_REFERENCE.search(text):
             items[key] = Item(text, "incorporated_by_reference", "short Item that points to another document")
@@ -314,6 +316,12 @@ def split_items(lines: list[str], warnings: list[str] | None = None) -> dict[str
     for key in ITEM_ORDER:
         items.setdefault(key, Item("", "not_found", f"no 'Item {key}' heading found in the document body"))
     return {k: items[k] for k in ITEM_ORDER}
+
+
+def _heading_tail(line: str) -> str:
+    """What a heading line says after "Item N" and its title's separator: "Item 6. | Reserved" -> "Reserved"."""
+    match = _HEADING.match(line[:300])
+    return match.group(2).strip(" |.:-\u2013\u2014") if match else ""
 
 
 def _statements_after_part_iv(lines: list[str], order: list[tuple[str, int]], bodies: dict[str, str]) -> dict:

@@ -15,7 +15,7 @@ import pytest
 
 from edgar_tune.config import ParseConfig
 from tasks.download import BUNDLED_DIR, collect_local, primary_file
-from tasks.sections import find_headings, parse_filing, to_lines, unwrap_fixed_width
+from tasks.sections import find_headings, parse_filing, split_items, to_lines, unwrap_fixed_width
 from tasks.split import build_split, parse_all
 
 REPO = Path(__file__).resolve().parent.parent
@@ -34,6 +34,7 @@ EXPECTED = [
     (AMZN_21, "1", "ok", "This Annual Report on Form 10-K and the documents incorporated herein", (10_500, 14_500)),
     (AMZN_21, "1A", "ok", "Please carefully consider the following discussion of significant", (46_000, 58_000)),
     (AMZN_21, "7", "ok", "Forward-Looking Statements This Annual Report on Form 10-K includes", (44_000, 55_000)),
+    (AMZN_21, "6", "not_found", "Reserved", (8, 8)),  # "Item 6. | Reserved": the heading says it, no text under it
     (FILINGS / "AAPL_10-K_1996.txt.gz", "1", "ok", 'General Apple Computer, Inc. ("Apple" or the "Company") was incorporated', (21_500, 25_500)),
     (FILINGS / "AAPL_10-K_1996.txt.gz", "1A", "not_found", "", (0, 0)),  # FY1996: Item 1A exists from FY2005
     (FILINGS / "AAPL_10-K_1996.txt.gz", "7", "ok", "The following discussion should be read in conjunction with the consolidated financial statements", (49_500, 58_500)),
@@ -50,6 +51,7 @@ EXPECTED = [
     (FILINGS / "EBAY_10-K_2020.htm.gz", "16", "not_found", "None.", (5, 5)),
     (FILINGS / "META_10-K_2025.html.gz", "1", "ok", "Overview Our mission is to build the future of human connection", (37_000, 44_000)),
     (FILINGS / "META_10-K_2025.html.gz", "1A", "ok", "Certain factors may have a material adverse effect on our business", (174_000, 204_000)),
+    (FILINGS / "META_10-K_2025.html.gz", "6", "not_found", "[Reserved]", (10, 10)),
     (FILINGS / "META_10-K_2025.html.gz", "7", "ok", "You should read the following discussion of our financial condition", (56_500, 66_500)),
     (FILINGS / "TGFIN_10-K_2009.txt.gz", "1", "ok", "Form and Year of Organization The Registrant consists of TGFIN Holdings", (3_900, 4_600)),
     (FILINGS / "TGFIN_10-K_2009.txt.gz", "1A", "not_found", "As a smaller reporting company, we are not required to provide risk factors.", (70, 80)),
@@ -73,6 +75,16 @@ def test_items_of_every_real_filing(parsed, path, item, status, first, band):
     assert got.status == status, got.reason
     assert " ".join(got.text.split()).startswith(first)
     assert band[0] <= len(got.text) <= band[1]
+
+
+def test_an_item_whose_heading_says_it_does_not_apply():
+    lines = ["Item 3. Legal Proceedings", "None.", "Item 4. (Removed and Reserved)", "Item 5. Market", "Text.",
+             "Item 6. Selected Financial Data", "Item 7. MD&A", "Discussion."]  # fmt: skip
+    items = split_items(lines)
+    assert (items["3"].text, items["3"].status) == ("None.", "not_found")
+    assert (items["4"].text, items["4"].status) == ("(Removed and Reserved)", "not_found")
+    assert items["4"].reason == items["3"].reason == "the filing says this Item does not apply to it"
+    assert (items["6"].text, items["6"].reason) == ("", "heading found but no text under it")  # a title, nothing else
 
 
 def test_statements_after_part_iv_are_item_8_and_nothing_of_the_tail_is_lost(parsed):
