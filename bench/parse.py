@@ -10,8 +10,9 @@ SGML submission (by our `select_documents`, inside its timing). Throughput is MB
 second over `--rounds` passes, on a warm process pool of each size in `--workers`; the ratio compares the
 two tools at the same number of workers.
 
-"Items right" checks Items 1, 1A and 7 of every filing against the pins in tests/test_sections.py, which were
-read off the documents themselves: the status, the first words of the body and the length band. For
+"Pins right" checks the Items pinned in tests/test_sections.py (1, 1A and 7 of every filing; 6 of Amazon FY2021
+and Meta; 8 of eBay and CIGF5, and eBay's 16), which were read off the documents themselves: the status, the
+first words of the body and the length band. For
 edgartools the "Table of Contents" page header and the heading line that start its section texts are skipped
 before comparing, so only the body counts.
 """
