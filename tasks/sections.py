@@ -57,7 +57,22 @@ _BY_REFERENCE = re.compile(
     r"(?:\d{4}\s+)?(?:annual\s+report|proxy\s+statement)|exhibit\s+13",
     re.I,
 )
+# A sentence that points within the filing: "See Item 8 of Part II", "is set forth in Part II, Item 8", "is
+# included in Item 1 of Part I", "set forth under Note 13".
+_POINTS_HERE = re.compile(
+    r"^\W{0,3}(?:see|refer\s+to)\b|\b(?:set\s+forth|included|contained|presented|described|discussed|found)\s+"
+    r"(?:in|under)\s+(?:[\u201c\"]?note\s+\d|part\s+[ivx]+|item\s+\d)",
+    re.I,
+)
+# What another document is: the proxy statement, the annual report to shareholders, a 10-Q, an exhibit.
+_ANOTHER_DOCUMENT = re.compile(
+    r"proxy\s+statement|information\s+statement|annual\s+report\s+to\s+(?:share|stock)holders|exhibit\s+\d|"
+    r"quarterly\s+reports?|form\s+(?:10-q|8-k|s-\d)|registration\s+statement",
+    re.I,
+)
+_SENTENCE_BREAK = re.compile(r"\n|(?<=[.!?])[\"\u201d\u2019)]?\s+(?=[A-Z(\u201c\"*])")
 _STUB_CHARS = 1500  # an Item this short that points elsewhere is a stub, not content
+_STUB_REST_CHARS = 200  # ... unless its sentences that point nowhere come to this much: then it is content
 _OMITTED = re.compile(
     r"^(?:\(?not\s+applicable\)?|none|omitted|[\[(]?(?:removed\s+and\s+)?reserved[\])]?|not\s+required)\b|\bnot\s+required\s+to\s+(?:provide|"
     r"include|disclose)|\bis\s+not\s+applicable\b|\bnot\s+required\s+for\s+smaller\s+reporting",
@@ -307,8 +322,8 @@ def split_items(lines: list[str], warnings: list[str] | None = None) -> dict[str
             items[key] = Item(tail, "not_found", "the filing says this Item does not apply to it")
         elif not text:
             items[key] = Item("", "not_found", "heading found but no text under it")
-        elif len(text) < _STUB_CHARS and _BY_REFERENCE.search(text):
-            items[key] = Item(text, "incorporated_by_reference", "short Item that points to another document")
+        elif why := _points_elsewhere(text):
+            items[key] = Item(text, "incorporated_by_reference", why)
         elif len(text) < _OMITTED_CHARS and _OMITTED.search(text):
             items[key] = Item(text, "not_found", "the filing says this Item does not apply to it")
         else:
@@ -316,6 +331,22 @@ def split_items(lines: list[str], warnings: list[str] | None = None) -> dict[str
     for key in ITEM_ORDER:
         items.setdefault(key, Item("", "not_found", f"no 'Item {key}' heading found in the document body"))
     return {k: items[k] for k in ITEM_ORDER}
+
+
+def _points_elsewhere(text: str) -> str | None:
+    """Why a short Item is a stub that points elsewhere (the proxy statement, another part of the filing), or None
+    where it is content: a sentence that points does not make a stub of the sentences beside it that do not (Meta's
+    Item 10 points to its proxy statement, then says where its code of conduct is posted; Apple's 1996 Item 5 says
+    where its stock trades, then points to Item 8 for the prices)."""
+    if len(text) >= _STUB_CHARS:
+        return None
+    sentences = [part for part in _SENTENCE_BREAK.split(text) if part.strip()]
+    pointers = [part for part in sentences if _BY_REFERENCE.search(part) or _POINTS_HERE.search(part)]
+    if not pointers or sum(len(part) for part in sentences) - sum(map(len, pointers)) >= _STUB_REST_CHARS:
+        return None
+    if any(_ANOTHER_DOCUMENT.search(part) for part in pointers):
+        return "short Item that points to another document"
+    return "short Item that points to another part of this filing"
 
 
 def _heading_tail(line: str) -> str:

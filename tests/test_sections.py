@@ -98,7 +98,7 @@ def test_statements_after_part_iv_are_item_8_and_nothing_of_the_tail_is_lost(par
     assert ebay.items["15"].text.endswith("+ Indicates a management contract or compensatory plan or arrangement.")
     assert "INDEX TO EXHIBITS" not in ebay.items["8"].text and "SIGNATURES" not in ebay.items["15"].text
     assert cigf5.items["8"].text.endswith("due to longer useful lives for tax reporting purposes.")
-    assert cigf5.items["15"].status == "incorporated_by_reference"  # its list of statements, as before
+    assert cigf5.items["15"].text.startswith("(a) (1) | Financial Statements")  # its list of them, as before
     # A filing whose Item 8 holds its statements is left as it is (Amazon's, Meta's, Apple's, TGFIN's).
     assert all(not doc.items["8"].reason for path, doc in parsed.items() if doc not in (ebay, cigf5))
 
@@ -118,7 +118,28 @@ def test_dropping_tables_keeps_every_item_boundary(parsed, path):
 def test_amazon_part_iii_items_are_stubs_pointing_to_the_proxy(amzn):
     for doc in amzn.values():
         assert doc.items["11"].status == "incorporated_by_reference"
+        assert doc.items["11"].reason == "short Item that points to another document"
         assert doc.form == "10-K" and doc.warnings == []
+
+
+def test_a_sentence_that_points_elsewhere_does_not_make_a_stub_of_the_text_beside_it(parsed, amzn):
+    # Each Item below was read in the filing: content beside a pointer (ok, so it trains), or a pointer alone.
+    meta, aapl = parsed[FILINGS / "META_10-K_2025.html.gz"], parsed[FILINGS / "AAPL_10-K_1996.txt.gz"]
+    ebay, amzn20 = parsed[FILINGS / "EBAY_10-K_2020.htm.gz"], amzn["0001018724-21-000004"]
+    content = [
+        (meta, "10", "Our board of directors has adopted a Code of Conduct"),  # after "incorporated by reference to
+        (ebay, "10", "We have adopted a Code of Business Conduct and Ethics"),  # our Proxy Statement ..."
+        (amzn20, "10", "we intend to disclose amendments to our Code of Business Conduct and Ethics"),
+        (amzn20, "9B", "we processed and delivered orders of consumer products"),  # then points to two 10-Qs
+        (aapl, "5", "on the Tokyo Stock Exchange under the symbol APPLE"),  # then points to Item 8 for the prices
+    ]
+    for doc, key, words in content:
+        assert (doc.items[key].status, doc.items[key].reason) == ("ok", None), (doc.path, key)
+        assert words in " ".join(doc.items[key].text.split())
+    within = "short Item that points to another part of this filing"
+    assert (amzn20.items["3"].status, amzn20.items["3"].reason) == ("incorporated_by_reference", within)  # "See Item 8"
+    assert (ebay.items["3"].reason, aapl.items["3"].reason) == (within, within)  # "under Note 13", "in Part II"
+    assert ebay.items["11"].reason == aapl.items["10"].reason == "short Item that points to another document"
 
 
 def test_table_of_contents_is_not_taken_for_the_body(amzn):
@@ -215,7 +236,9 @@ def test_sections_table_says_why_an_item_was_not_taken():
     assert " NOT APPLICABLE " in lines[files[0], "1A"]
     assert lines[files[0], "1A"].endswith("[the filing says this Item does not apply to it]")
     assert lines[files[1], "1A"].endswith("[no 'Item 1A' heading found in the document body]")
-    assert lines[files[1], "3"].endswith("[short Item that points to another document]")
+    assert lines[files[1], "3"].endswith("[short Item that points to another part of this filing]")  # Part II, Item 8
+    assert lines[files[1], "10"].endswith("[short Item that points to another document]")  # the proxy statement
+    assert lines[files[0], "8"].endswith("[it points to the financial statements after Part IV; taken from there]")
     assert "[" not in lines[files[0], "1"] and "[" not in lines[files[1], "7"]  # an `ok` Item has no reason
     assert len({line.index("[") for line in lines.values() if "[" in line}) == 1  # the reasons in one column
 
