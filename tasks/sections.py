@@ -47,9 +47,14 @@ _HEADING = re.compile(
 _CROSS_REF_TAIL = re.compile(r"^(?:of\b|in\b|and\b|to\b|,|\)|through\b|above\b|below\b|herein\b)", re.I)
 _PAGE_FURNITURE = re.compile(
     r"^(?:table of contents|index|\(?(?:page\s+)?[-\u2013\u2014]?\s*(?:\d{1,3}|[ivxlc]{1,6})\s*[-\u2013\u2014]?\)?"
-    r"|[a-z0-9.,&' ]{0,60}\|\s*\d{4} form 10-k\s*\|\s*\d{1,3})$",
+    r"|[a-z0-9.,&' ]{0,60}\|\s*\d{4} form 10-k\s*\|\s*\d{1,3}|\d{4}\s+form\s+10-k\s+\d{1,3})$",
     re.I,
 )
+_PAGE_NUMBER = re.compile(r"(\d{1,3})\s*[-\u2013\u2014)]?$")  # a page footer's printed number: "34", "- 34 -", "| 34"
+_PAGE_STEP = 3  # printed page numbers that follow each other go up by 1 (a few more where a page is a picture)
+# An index of Items that names pages, not headings in the body ("Item 1. | Business | 4-7, 9-10, 71-73", as GE's
+# "Form 10-K Cross Reference Index" does; Citigroup's and Intel's are alike, as other parsers' notes say).
+_PAGE_REFS = re.compile(r"\d{1,3}(?:\s*[-\u2013]\s*\d{1,3})?(?:\s*,\s*\d{1,3}(?:\s*[-\u2013]\s*\d{1,3})?)*")
 _PART_LINE = re.compile(r"^part\s+[ivx]+\b.{0,80}$", re.I)
 _SIGNATURES = re.compile(r"^signatures?$", re.I)
 _BY_REFERENCE = re.compile(
@@ -240,8 +245,10 @@ def _plain_paragraphs(body: str) -> list[str]:
     return paragraphs
 
 
-def to_lines(body: str, tables: TableMode = "rows") -> list[str]:
-    """Flatten an HTML or plain-text document into non-empty, whitespace-normalized lines."""
+def to_lines(body: str, tables: TableMode = "rows", pages: list[int | None] | None = None) -> list[str]:
+    """Flatten an HTML or plain-text document into non-empty, whitespace-normalized lines, without its page
+    furniture. `pages`, a list, gets the printed page number of each line (that of the footer after it; None
+    after the last one, or in a document that prints none)."""
     if _HTML_SNIFF.search(body[:200_000]):
         soup = BeautifulSoup(body, "lxml")
         parts: list[str] = []
@@ -249,12 +256,39 @@ def to_lines(body: str, tables: TableMode = "rows") -> list[str]:
         raw_lines = "".join(parts).split("\n")
     else:
         raw_lines = _plain_paragraphs(body)
-    lines = []
+    lines: list[str] = []
+    footers: list[tuple[int, int]] = []  # (lines kept before it, its page number)
     for line in raw_lines:
         line = " ".join(line.replace("\xa0", " ").split())
-        if line and not _PAGE_FURNITURE.match(line):
+        if not line:
+            continue
+        if not _PAGE_FURNITURE.match(line):
             lines.append(line)
+        elif pages is not None and (number := _PAGE_NUMBER.search(line)):
+            footers.append((len(lines), int(number.group(1))))
+    if pages is not None:
+        pages[:] = [None] * len(lines)
+        start = 0
+        for end, number in _page_sequence(footers):
+            pages[start:end] = [number] * (end - start)
+            start = end
     return lines
+
+
+def _page_sequence(footers: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Of the page numbers found (a number alone on a line may also be a contents page's or a table's), the
+    longest run in which each goes up by 1 to `_PAGE_STEP` from the one before."""
+    best: list[tuple[int, int]] = []  # (run length, previous footer) of the run that ends at each footer
+    for i, (_, number) in enumerate(footers):
+        best.append(max(((best[j][0] + 1, j) for j in range(max(0, i - 50), i)
+                         if 0 < number - footers[j][1] <= _PAGE_STEP), default=(1, -1)))  # fmt: skip
+    if not best:
+        return []
+    i, run = max(range(len(best)), key=lambda k: best[k][0]), []
+    while i >= 0:
+        run.append(footers[i])
+        i = best[i][1]
+    return run[::-1]
 
 
 def find_headings(lines: list[str]) -> dict[str, int]:
@@ -304,24 +338,32 @@ def _before_signatures(lines: list[str]) -> str:
     return "\n".join(lines[:k]).strip()
 
 
-def split_items(lines: list[str], warnings: list[str] | None = None) -> dict[str, Item]:
+def split_items(lines: list[str], warnings: list[str] | None = None,
+                pages: list[int | None] | None = None) -> dict[str, Item]:  # fmt: skip
     """Cut lines into Items at their body headings and classify each; what was moved between Items is told in
-    `warnings`."""
+    `warnings`. `pages` (the printed page of each line, `to_lines`) lets a filing without Item headings in its
+    body be cut by the pages its index of Items names."""
     headings = find_headings(lines)
     order = list(headings.items())
     bodies: dict[str, str] = {}
     for n, (key, start) in enumerate(order):
         end = order[n + 1][1] if n + 1 < len(order) else len(lines)
         bodies[key] = _item_body(lines, start, end)
-    reasons = _statements_after_part_iv(lines, order, bodies)
-    if reasons and warnings is not None:
-        warnings.append("Item 8 taken from the financial statements after Part IV, to which it points")
+    told: list[str] = []
+    if pages and (by_pages := _items_by_pages(lines, pages, order, bodies)):
+        bodies, reasons, shown = by_pages
+        told.append(f"no Item headings in its body: each Item is taken by the pages its index of Items names "
+                    f"({shown}), page by page: a page two Items name is Item 7's, else the first's")
+    elif reasons := _statements_after_part_iv(lines, order, bodies):
+        told.append("Item 8 taken from the financial statements after Part IV, to which it points")
+    if warnings is not None:
+        warnings.extend(told)
     items: dict[str, Item] = {}
     for key, text in bodies.items():
         if not text and _OMITTED.search(tail := _heading_tail(lines[headings[key]])):  # "Item 6. [Reserved]"
             items[key] = Item(tail, "not_found", "the filing says this Item does not apply to it")
         elif not text:
-            items[key] = Item("", "not_found", "heading found but no text under it")
+            items[key] = Item("", "not_found", reasons.get(key, "heading found but no text under it"))
         elif why := _points_elsewhere(text):
             items[key] = Item(text, "incorporated_by_reference", why)
         elif len(text) < _OMITTED_CHARS and _OMITTED.search(text):
@@ -347,6 +389,66 @@ def _points_elsewhere(text: str) -> str | None:
     if any(_ANOTHER_DOCUMENT.search(part) for part in pointers):
         return "short Item that points to another document"
     return "short Item that points to another part of this filing"
+
+
+def _items_by_pages(lines: list[str], pages: list[int | None], order: list[tuple[str, int]],
+                    bodies: dict[str, str]) -> tuple[dict[str, str], dict[str, str], str] | None:  # fmt: skip
+    """A filing laid out as its annual report, with an index of Items that names pages instead of Item headings in
+    the body (GE's "Form 10-K Cross Reference Index": "Item 1. | Business | 4-7, 9-10, 71-73"): the longest chain
+    of headings is that index, and every Item under it is empty. Then each Item is the lines printed on its pages:
+    the pages listed, or, where every entry is one number (a contents page), from its page up to the page the next
+    Item starts on. A page is one Item's, never two: Item 7's (held out) first, then the first listed of the others.
+    Returns (bodies, reasons, a few of the Items' pages for the warning), or None for any other filing."""
+    empty = [key for key, _ in order if len(bodies[key]) < 100]
+    if len(order) < 5 or len(empty) < 0.8 * len(order):
+        return None
+    cells = {key: lines[at].rsplit("|", 1)[-1].strip() if "|" in lines[at] else "" for key, at in order}
+    refs = {key: cell for key, cell in cells.items() if _PAGE_REFS.fullmatch(cell)}
+    if len(refs) < 0.5 * len(order):
+        return None
+    listed = any(re.search(r"[-\u2013,]", cell) for cell in refs.values())
+    last_page = max((n for n in pages if n is not None), default=0)
+    if not last_page:  # a document that prints no page numbers: its pages cannot be found
+        return None
+    starts = [(key, min(_page_set(refs[key]))) for key, _ in order if key in refs]
+    spans: dict[str, set[int]] = {}
+    for n, (key, first) in enumerate(starts):
+        if listed:
+            spans[key] = _page_set(refs[key])
+        else:
+            following = [page for _, page in starts[n + 1 :] if page > first]
+            spans[key] = set(range(first, following[0] if following else last_page + 1))
+    holder: dict[int, str] = {}
+    for key in sorted(spans, key=lambda k: k != "7"):  # stable: Item 7, then the index's order
+        for page in spans[key]:
+            holder.setdefault(page, key)
+    index = range(order[0][1], order[-1][1] + 1)
+    new, reasons = dict(bodies), {}
+    for key, span in spans.items():
+        held = [line for i, (line, page) in enumerate(zip(lines, pages, strict=True))
+                if page is not None and holder.get(page) == key and i not in index]  # fmt: skip
+        new[key] = _before_signatures(held)
+        shown = refs[key] if listed else f"{min(span)}-{max(span)}" if len(span) > 1 else str(min(span))
+        others = sorted({holder[page] for page in span} - {key}, key=_RANK.__getitem__)
+        reasons[key] = (f"taken from page(s) {shown}, as its index of Items names them" if new[key] else
+                        f"its page(s) {shown} are Item {', '.join(others)}'s, listed before it (page by page)"
+                        if others else f"no text is printed on its page(s) {shown}")
+        if new[key] and others:
+            reasons[key] += f" (less what Item {', '.join(others)} holds)"
+    for key, cell in cells.items():
+        if key not in spans and _OMITTED.search(cell):
+            new[key] = cell  # "Item 1B. | Unresolved Staff Comments | Not applicable"
+    shown = ", ".join(f"Item {key} p. {refs[key]}" for key in list(spans)[:3]) + (", ..." if len(spans) > 3 else "")
+    return new, reasons, shown
+
+
+def _page_set(cell: str) -> set[int]:
+    """The pages an index cell names: "4-7, 9-10, 71-73" -> {4, 5, 6, 7, 9, 10, 71, 72, 73}."""
+    wanted: set[int] = set()
+    for part in re.split(r"\s*,\s*", cell):
+        ends = [int(n) for n in re.split(r"\s*[-\u2013]\s*", part)]
+        wanted.update(range(ends[0], ends[-1] + 1))
+    return wanted
 
 
 def _heading_tail(line: str) -> str:
@@ -454,8 +556,9 @@ def parse_filing(path: Path, tables: TableMode = "rows", submission: Path | None
     if form is None:
         warnings.append("form type not found in the document; assumed 10-K")
         form = "10-K"
-    lines = to_lines(unwrap_fixed_width(body, warnings), tables)
-    items = split_items(lines, warnings)
+    pages: list[int | None] = []
+    lines = to_lines(unwrap_fixed_width(body, warnings), tables, pages)
+    items = split_items(lines, warnings, pages)
     if items["7"].status == "incorporated_by_reference":
         if not exhibits and submission is not None and Path(submission) != Path(path):
             exhibits = select_documents(decode(read_bytes(submission), []))[2]

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -298,3 +300,81 @@ def test_fixed_width_rewrap_is_undone():
     text = "\n".join([line.ljust(300, "y")[:300]] * 3 + ["lidated</p>"])
     warnings: list[str] = []
     assert "\n" not in unwrap_fixed_width(text, warnings).strip() and "300" in warnings[0]
+
+
+def _ebay_without_item_headings() -> str:
+    """eBay's real FY2020 10-K with the "ITEM 7:" of each body heading taken out (the titles stay), as filers that
+    lay their 10-K out as their annual report write it: the only "Item N" lines left are an index of Items with
+    pages, here eBay's own contents page ("Item 7. | Management's Discussion ... | 34"). The pages are eBay's
+    printed ones (a number at the foot of each). Assembled from the real filing: none here is laid out so."""
+    raw = gzip.decompress((FILINGS / "EBAY_10-K_2020.htm.gz").read_bytes()).decode()
+    assembled, n = re.subn(r">(?:ITEM|Item) \d{1,2}[A-C]?:\s*<", "><", raw)
+    assert n == 20  # every body heading, none of the contents page's rows
+    return assembled
+
+
+def _paragraphs(text: str) -> set[str]:
+    return {p for p in text.split("\n") if len(p) > 40}
+
+
+def test_a_10k_without_item_headings_is_cut_by_the_pages_its_index_names(parsed, tmp_path):
+    path = tmp_path / "ebay.htm"
+    path.write_text(_ebay_without_item_headings())
+    doc, whole = parse_filing(path), parsed[FILINGS / "EBAY_10-K_2020.htm.gz"]
+    assert any(w.startswith("no Item headings in its body: each Item is taken by the pages") for w in doc.warnings)
+    # A contents page names where each Item starts: Item 7 is pages 34 to 52 (Item 7A starts on 53), and holds
+    # every paragraph of the MD&A its headings mark, and less than 1% more.
+    mdna = doc.items["7"]
+    assert (mdna.status, mdna.reason) == ("ok", "taken from page(s) 34-52, as its index of Items names them")
+    assert _paragraphs(whole.items["7"].text) <= _paragraphs(mdna.text)
+    assert len(whole.items["7"].text) <= len(mdna.text) < 1.01 * len(whole.items["7"].text)
+    assert _paragraphs(whole.items["1A"].text) <= _paragraphs(doc.items["1A"].text)  # pages 11-28
+    # Items 1B to 4 all start on page 29: the page is the first's, and the others say so.
+    assert doc.items["1B"].status == "ok" and doc.items["2"].status == "not_found"
+    assert doc.items["2"].reason == "its page(s) 29 are Item 1B's, listed before it (page by page)"
+    # No page is in two Items (no line is in them more often than in the document), and the index's rows in none.
+    document = to_lines(path.read_text())
+    taken = Counter(line for item in doc.items.values() if item.text for line in item.text.split("\n"))
+    assert not taken - Counter(document)
+    assert sum(len(line) * n for line, n in taken.items()) > 0.95 * sum(map(len, document))  # the cover, contents
+    assert not any("Item 7. | Management" in item.text for item in doc.items.values())
+
+
+def test_an_index_that_lists_page_ranges_takes_each_items_pages(tmp_path):
+    # GE's "FORM 10-K CROSS REFERENCE INDEX" lists ranges and several of them ("4-7, 9-10, 71-73"), and "Not
+    # applicable"; its rows are laid out as here (its real markup: cells of spans). The body is eBay's, as above.
+    rows = [("1.", "Business", "4-10"), ("1A.", "Risk Factors", "11-28"), ("1B.", "Unresolved Staff Comments",
+            "Not applicable"), ("2.", "Properties", "29"), ("3.", "Legal Proceedings", "29, 96-97"),
+            ("5.", "Market for Registrant's Common Equity", "30-31"), ("7.", "Management's Discussion and Analysis "
+            "of Financial Condition and Results of Operations", "34-52"), ("7A.", "Quantitative and Qualitative "
+            "Disclosures About Market Risk", "53-55"), ("8.", "Financial Statements", "59-112")]  # fmt: skip
+    index = "".join(f"<tr><td><span>Item {n}</span></td><td><span>{title}</span></td><td><span>{pages}</span></td></tr>"
+                    for n, title, pages in rows)  # fmt: skip
+    html = _ebay_without_item_headings()
+    cut = html.rindex("<table", 0, html.index(">Page</span>"))  # eBay's contents table goes; GE's index comes last
+    end = html.index("</table>", cut) + len("</table>")
+    html = html[:cut] + html[end:].replace("</body>", "<div><span>FORM 10-K CROSS REFERENCE INDEX</span></div>"
+                                            f"<table>{index}</table></body>")  # fmt: skip
+    path = tmp_path / "ge_like.htm"
+    path.write_text(html)
+    doc = parse_filing(path)
+    assert doc.items["7"].reason == "taken from page(s) 34-52, as its index of Items names them"
+    assert doc.items["3"].reason == ("taken from page(s) 29, 96-97, as its index of Items names them (less what "
+                                     "Item 2 holds)")  # page 29, named by Item 2 first
+    assert (doc.items["1B"].text, doc.items["1B"].status) == ("Not applicable", "not_found")
+    assert doc.items["8"].text.startswith("Report of Independent Registered Public Accounting Firm")
+    assert doc.items["16"].reason == "no 'Item 16' heading found in the document body"  # not in the index
+
+
+def test_page_numbers_are_the_run_of_footers_not_a_contents_pages_numbers():
+    # GE's footer, as its 10-K writes it at the foot of each page: one line "2025 FORM 10-K 77", which is furniture.
+    footer = ('<div style="text-align:right"><span style="font-size:8pt">2025 FORM 10-K</span><span style="font-'
+              'weight:700"> {}</span></div><hr style="page-break-after:always"/>')
+    contents = "<p>Business</p><p>4</p><p>Risk Factors</p><p>11</p><p>Properties</p><p>29</p>"  # numbers alone
+    html = "<html><body>" + contents + footer.format(2) + "".join(f"<p>text of page {n}</p>" + footer.format(n)
+                                                                   for n in range(3, 8)) + "<p>after</p></body></html>"
+    pages: list = []
+    lines = to_lines(html, pages=pages)
+    assert "2025 FORM 10-K 3" not in lines and "text of page 3" in lines
+    assert dict(zip(lines, pages, strict=True)) == {"Business": 2, "Risk Factors": 2, "Properties": 2,
+                                                    **{f"text of page {n}": n for n in range(3, 8)}, "after": None}
