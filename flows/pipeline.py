@@ -35,14 +35,12 @@ from tasks.cache import (
     at_commit,
     changed,
     config_view,
-    is_current,
+    decide,
     kept_otherwise,
-    key_of,
     read_stamps,
     record,
     rerun_config,
     rerun_stages,
-    stage_inputs,
 )
 from tasks.finetune import plan_training, preflight
 from tasks.io import (
@@ -237,10 +235,8 @@ def _must_run(folder: RunFolder, cfg: PipelineConfig, stage: str, force: bool) -
     reads (`stage_inputs`)."""
     run_dir = folder.local
     folder.pull([f".stages/{stage}.json", OUTPUTS[stage].split("/")[0]])
-    inputs = stage_inputs(stage, folder.keyed_as, run_dir, cfg)
-    key = key_of(inputs)
-    fresh = force or not is_current(run_dir, stage, key) or (stage == "download" and _ask_again(run_dir, cfg))
-    return fresh, key, inputs
+    fresh, key, inputs = decide(stage, folder.keyed_as, run_dir, cfg, force)
+    return fresh or (stage == "download" and _ask_again(run_dir, cfg)), key, inputs
 
 
 def _ask_again(run_dir: Path, cfg: PipelineConfig) -> bool:

@@ -42,16 +42,23 @@ NEEDS = {
     "evaluate": ("tokenize", "train"),
     "register": ("parse", "tokenize", "train", "evaluate-base", "evaluate"),
 }
+# Tokenize's account of the data, which only the registration reads (it logs them): a rewording of a report (a
+# parse warning, a reason) leaves the blocks as they were, and must not train or score them again.
+REPORTS = ("data_report.json", "data_report.md")
+_BLOCKS = f"{TOKENIZE} less its reports"
+PARTS = {_BLOCKS: (TOKENIZE, REPORTS)}  # a name in READS that is a folder less some files: (folder, files left)
 # The stage folders whose content goes into the key.
 READS = {
     "download": (),
     "parse": (DOWNLOAD,),
     "tokenize": (PARSE,),
-    "evaluate-base": (DOWNLOAD, TOKENIZE),  # the manifest names the companies the samples ask about
-    "train": (TOKENIZE,),
-    "evaluate": (DOWNLOAD, TOKENIZE, TRAIN),
+    "evaluate-base": (DOWNLOAD, _BLOCKS),  # the manifest names the companies the samples ask about
+    "train": (_BLOCKS,),
+    "evaluate": (DOWNLOAD, _BLOCKS, TRAIN),
     "register": (PARSE, TOKENIZE, TRAIN, EVALUATE),
 }
+# What they read in keys made before 2026-12-04 (whole folders): a stage stamped then stands as it was (`decide`).
+READ_BEFORE = {"evaluate-base": (DOWNLOAD, TOKENIZE), "train": (TOKENIZE,), "evaluate": (DOWNLOAD, TOKENIZE, TRAIN)}
 # What must still be in the run folder for a cached result to stand.
 OUTPUTS = {
     "download": f"{DOWNLOAD}/manifest.json",
@@ -239,7 +246,7 @@ def made_otherwise(run_dir: Path, cfg: PipelineConfig, stages: list[str] | tuple
         if moved:
             why[stage] = (f"`{stage}` ran with " + ", ".join(f"{k}={then!r}" for k, then, _ in moved) + ", where "
                           "config.yaml says " + ", ".join(f"{k}={now!r}" for k, _, now in moved))  # fmt: skip
-        elif moved := [n for n in READS[stage] if folder_digest(Path(run_dir) / n, files) != stamp["reads"].get(n)]:
+        elif moved := [n for n, was in stamp["reads"].items() if read_digest(run_dir, n, files) != was]:
             why[stage] = f"`{stage}` read {' and '.join(moved)} as {'they were' if len(moved) > 1 else 'it was'} " \
                          "before a later change (a stage run again by hand, or a file written there since)"
     files.save()
@@ -346,15 +353,17 @@ def run_digests(run_dir: Path) -> FileDigests:
     return FileDigests(Path(run_dir) / ".stages" / "digests.json", root=run_dir)
 
 
-def stage_files(folder: Path) -> list[Path]:
+def stage_files(folder: Path, leave: tuple[str, ...] = ()) -> list[Path]:
     """The files of a stage folder that its readers read, sorted: all of them but what is left there by looking:
     - the cache files that datasets writes beside a saved dataset (`cache-*.arrow`) when a notebook maps or
       filters it there, which `load_from_disk` never reads (it reads what the folder's state.json names);
-    - what other programs leave in a folder someone opens (`litter`).
+    - what other programs leave in a folder someone opens (`litter`);
+    - the files named in `leave` (top-level names: a stage that does not read them, `PARTS`).
     Counted, such a file made the next run train again on the same blocks (and register the same weights as a new
     version)."""
     folder = Path(folder)
-    found = sorted(p for p in folder.rglob("*") if p.is_file() and not litter(p.relative_to(folder)))
+    found = sorted(p for p in folder.rglob("*") if p.is_file() and not litter(p.relative_to(folder))
+                   and p.relative_to(folder).parts[0] not in leave)  # fmt: skip
     saved = {p.parent: names for p in found if p.name == "state.json" and (names := _saved_dataset(p)) is not None}
     return [p for p in found if p.parent not in saved or p.name in saved[p.parent]]
 
@@ -369,7 +378,13 @@ def _saved_dataset(state: Path) -> set[str] | None:
     return named | {"state.json", "dataset_info.json"}
 
 
-def folder_digest(folder: Path, files: FileDigests | None = None) -> str:
+def read_digest(run_dir: Path, name: str, files: FileDigests | None = None) -> str:
+    """`folder_digest` of what a READS name stands for: a stage folder, or one less some files (`PARTS`)."""
+    folder, leave = PARTS.get(name, (name, ()))
+    return folder_digest(Path(run_dir) / folder, files, leave)
+
+
+def folder_digest(folder: Path, files: FileDigests | None = None, leave: tuple[str, ...] = ()) -> str:
     """sha256 over every file of a folder that its readers read (`stage_files`: relative path and the sha256 of its
     bytes), in sorted order; "absent" if the folder is missing. `files` hashes each file (a memo of earlier reads;
     none: read every byte).
@@ -382,7 +397,7 @@ def folder_digest(folder: Path, files: FileDigests | None = None) -> str:
         return "absent"
     files = files or FileDigests()
     digest = hashlib.sha256()
-    for path in stage_files(folder):
+    for path in stage_files(folder, leave):
         digest.update(str(path.relative_to(folder)).encode() + b"\x00")
         if folder.name == DOWNLOAD and path.name == "manifest.json":
             manifest = read_json(path)
@@ -410,20 +425,36 @@ def code_version(stage: str) -> str:
     return digest.hexdigest()[:16]
 
 
-def stage_inputs(stage: str, run_ref: str, run_dir: Path, cfg: PipelineConfig) -> dict:
+def stage_inputs(stage: str, run_ref: str, run_dir: Path, cfg: PipelineConfig,
+                 reads: tuple[str, ...] | None = None) -> dict:  # fmt: skip
     """What `stage` of the run named `run_ref` (`RunFolder.keyed_as`: its URL, or the path it first ran at) reads,
-    from `run_dir` as it is now: the config it reads, the digests of the stage folders it reads, and its code
-    version (what `key_of` hashes)."""
+    from `run_dir` as it is now: the config it reads, the digests of the stage folders it reads (`READS`, or
+    `reads`), and its code version (what `key_of` hashes)."""
     files = run_digests(run_dir)
     parts = {
         "stage": stage,
         "run": run_ref,
         "config": config_view(cfg, stage).model_dump(mode="json"),
-        "reads": {name: folder_digest(run_dir / name, files) for name in READS[stage]},
+        "reads": {name: read_digest(run_dir, name, files) for name in (reads or READS[stage])},
         "code": code_version(stage),
     }
     files.save()
     return parts
+
+
+def decide(stage: str, run_ref: str, run_dir: Path, cfg: PipelineConfig, force: bool) -> tuple[bool, str, dict]:
+    """Whether `stage` must run (rather than stand as cached), its cache key and what it reads (`stage_inputs`).
+    A stage stamped before its key left tokenize's reports out (`READ_BEFORE`) stands under the key it was
+    stamped with, where that key still describes the folders: an upgrade of edgar-tune does not train again for
+    it."""
+    inputs = stage_inputs(stage, run_ref, run_dir, cfg)
+    key = key_of(inputs)
+    if force or is_current(run_dir, stage, key):
+        return force, key, inputs
+    if stage in READ_BEFORE and is_current(run_dir, stage, before := key_of(
+            was := stage_inputs(stage, run_ref, run_dir, cfg, READ_BEFORE[stage]))):  # fmt: skip
+        return False, before, was
+    return True, key, inputs
 
 
 def key_of(inputs: dict) -> str:
@@ -441,7 +472,8 @@ def stage_key(stage: str, run_ref: str, run_dir: Path, cfg: PipelineConfig) -> s
 def read_stamps(run_dir: Path, stage: str) -> dict[str, tuple[int, int, int, int]]:
     """`file_stamp` of every file read in the folders `stage` reads (`stage_files`): taken before and after it
     runs, they show a stage that changed its inputs (its recorded key would then never match again)."""
-    files = (p for name in READS[stage] for p in stage_files(Path(run_dir) / name))
+    files = (p for name in READS[stage] for p in stage_files(Path(run_dir) / PARTS.get(name, (name,))[0],
+                                                             PARTS.get(name, (name, ()))[1]))  # fmt: skip
     return {str(p.relative_to(run_dir)): file_stamp(p) for p in files}
 
 

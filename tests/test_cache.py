@@ -19,6 +19,7 @@ from tasks.cache import (
     at_commit,
     changed,
     config_view,
+    decide,
     folder_digest,
     forget,
     is_current,
@@ -227,6 +228,43 @@ def test_a_look_at_the_tokenized_blocks_moves_no_key(tmp_path):
     before = folder_digest(tmp_path / "04_train")
     (tmp_path / "04_train" / "cache-0.arrow").write_bytes(b"x")
     assert folder_digest(tmp_path / "04_train") != before
+
+
+def test_a_reworded_data_report_trains_and_scores_nothing_again(tmp_path):
+    """Tokenize's data report (`data_report.json`/`.md`) says what each Item of each filing is and why; an upgrade
+    that words a parse warning or an Item's reason otherwise writes new reports beside the same blocks. Only the
+    registration reads them (it logs them): before, the train stage's key took the whole of 03_tokenize, so a
+    reworded report trained again and scored again on the same blocks. A stage stamped under that earlier key
+    stands under it (an upgrade is no reason to train again), until what it read moves."""
+    from datasets import Dataset
+
+    cfg = load_config("tiny")
+    tok = tmp_path / TOKENIZE
+    Dataset.from_dict({"input_ids": [[i] * 4 for i in range(50)]}).save_to_disk(str(tok / "train"))
+    (tok / "stats.json").write_text(json.dumps({"base_model": {}}))
+    (tok / "data_report.md").write_text("| AMZN | 2020 | 10 | incorporated_by_reference |\n")
+    keys = _keys(tmp_path)
+    (tok / "data_report.md").write_text("| AMZN | 2020 | 10 | ok |\n")  # a reason, a status: the same blocks
+    assert {s for s in STAGES if _keys(tmp_path)[s] != keys[s]} == {"register"}
+    Dataset.from_dict({"input_ids": [[i] * 4 for i in range(49)]}).save_to_disk(str(tok / "train"))
+    assert {"train", "evaluate", "register"} <= {s for s in STAGES if _keys(tmp_path)[s] != keys[s]}
+
+    # A training stamped before: its key took the whole folder, reports and all.
+    (tmp_path / OUTPUTS["train"]).parent.mkdir()
+    (tmp_path / OUTPUTS["train"]).write_text("{}")
+    before = stage_inputs("train", str(tmp_path), tmp_path, cfg, (TOKENIZE,))
+    record(tmp_path, "train", key_of(before), before)
+    fresh, key, inputs = decide("train", str(tmp_path), tmp_path, cfg, force=False)
+    assert (fresh, key, inputs["reads"]) == (False, key_of(before), before["reads"])  # Cached under its own key
+    assert made_otherwise(tmp_path, cfg, ["train"]) is None  # and a registration vouches for it
+    assert decide("train", str(tmp_path), tmp_path, cfg, force=True)[0] is True
+    (tok / "data_report.md").write_text("| AMZN | 2020 | 10 | ok, reworded again |\n")  # moves that whole folder
+    fresh, key, inputs = decide("train", str(tmp_path), tmp_path, cfg, force=False)
+    assert fresh and key == stage_key("train", str(tmp_path), tmp_path, cfg) != key_of(before)
+    record(tmp_path, "train", key, inputs)  # trained again, stamped under the key that leaves the reports out
+    (tok / "data_report.md").write_text("| AMZN | 2020 | 10 | ok |\n")
+    assert decide("train", str(tmp_path), tmp_path, cfg, force=False)[:2] == (False, key)
+    assert made_otherwise(tmp_path, cfg, ["train"]) is None
 
 
 def test_a_stamp_stands_only_with_its_outputs_and_its_key(tmp_path):
