@@ -378,9 +378,14 @@ def _saved_dataset(state: Path) -> set[str] | None:
     return named | {"state.json", "dataset_info.json"}
 
 
+def _part(name: str) -> tuple[str, tuple[str, ...]]:
+    """What a READS name stands for: (a stage folder, the files of it left out) (`PARTS`)."""
+    return PARTS.get(name, (name, ()))
+
+
 def read_digest(run_dir: Path, name: str, files: FileDigests | None = None) -> str:
-    """`folder_digest` of what a READS name stands for: a stage folder, or one less some files (`PARTS`)."""
-    folder, leave = PARTS.get(name, (name, ()))
+    """`folder_digest` of what a READS name stands for: a stage folder, or one less some files."""
+    folder, leave = _part(name)
     return folder_digest(Path(run_dir) / folder, files, leave)
 
 
@@ -451,9 +456,10 @@ def decide(stage: str, run_ref: str, run_dir: Path, cfg: PipelineConfig, force: 
     key = key_of(inputs)
     if force or is_current(run_dir, stage, key):
         return force, key, inputs
-    if stage in READ_BEFORE and is_current(run_dir, stage, before := key_of(
-            was := stage_inputs(stage, run_ref, run_dir, cfg, READ_BEFORE[stage]))):  # fmt: skip
-        return False, before, was
+    if stage in READ_BEFORE:
+        was = stage_inputs(stage, run_ref, run_dir, cfg, READ_BEFORE[stage])
+        if is_current(run_dir, stage, key_of(was)):
+            return False, key_of(was), was
     return True, key, inputs
 
 
@@ -472,8 +478,7 @@ def stage_key(stage: str, run_ref: str, run_dir: Path, cfg: PipelineConfig) -> s
 def read_stamps(run_dir: Path, stage: str) -> dict[str, tuple[int, int, int, int]]:
     """`file_stamp` of every file read in the folders `stage` reads (`stage_files`): taken before and after it
     runs, they show a stage that changed its inputs (its recorded key would then never match again)."""
-    files = (p for name in READS[stage] for p in stage_files(Path(run_dir) / PARTS.get(name, (name,))[0],
-                                                             PARTS.get(name, (name, ()))[1]))  # fmt: skip
+    files = (p for folder, leave in map(_part, READS[stage]) for p in stage_files(Path(run_dir) / folder, leave))
     return {str(p.relative_to(run_dir)): file_stamp(p) for p in files}
 
 

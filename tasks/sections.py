@@ -79,8 +79,9 @@ _SENTENCE_BREAK = re.compile(r"\n|(?<=[.!?])[\"\u201d\u2019)]?\s+(?=[A-Z(\u201c\
 _STUB_CHARS = 1500  # an Item this short that points elsewhere is a stub, not content
 _STUB_REST_CHARS = 200  # ... unless its sentences that point nowhere come to this much: then it is content
 _OMITTED = re.compile(
-    r"^(?:\(?not\s+applicable\)?|none|omitted|[\[(]?(?:removed\s+and\s+)?reserved[\])]?|not\s+required)\b|\bnot\s+required\s+to\s+(?:provide|"
-    r"include|disclose)|\bis\s+not\s+applicable\b|\bnot\s+required\s+for\s+smaller\s+reporting",
+    r"^(?:\(?not\s+applicable\)?|none|omitted|[\[(]?(?:removed\s+and\s+)?reserved[\])]?|not\s+required)\b"
+    r"|\bnot\s+required\s+to\s+(?:provide|include|disclose)|\bis\s+not\s+applicable\b"
+    r"|\bnot\s+required\s+for\s+smaller\s+reporting",
     re.I,
 )
 _OMITTED_CHARS = 300  # "Not applicable." or "As a smaller reporting company, we are not required to ..."
@@ -280,7 +281,7 @@ def _page_sequence(footers: list[tuple[int, int]]) -> list[tuple[int, int]]:
     longest run in which each goes up by 1 to `_PAGE_STEP` from the one before."""
     best: list[tuple[int, int]] = []  # (run length, previous footer) of the run that ends at each footer
     for i, (_, number) in enumerate(footers):
-        best.append(max(((best[j][0] + 1, j) for j in range(max(0, i - 50), i)
+        best.append(max(((best[j][0] + 1, j) for j in range(max(0, i - 50), i)  # a footer follows one of the 50 before
                          if 0 < number - footers[j][1] <= _PAGE_STEP), default=(1, -1)))  # fmt: skip
     if not best:
         return []
@@ -422,12 +423,14 @@ def _items_by_pages(lines: list[str], pages: list[int | None], order: list[tuple
     for key in sorted(spans, key=lambda k: k != "7"):  # stable: Item 7, then the index's order
         for page in spans[key]:
             holder.setdefault(page, key)
-    index = range(order[0][1], order[-1][1] + 1)
+    index = range(order[0][1], order[-1][1] + 1)  # the index's own rows are no Item's
+    held: dict[str, list[str]] = {key: [] for key in spans}
+    for i, (line, page) in enumerate(zip(lines, pages, strict=True)):
+        if page in holder and i not in index:
+            held[holder[page]].append(line)
     new, reasons = dict(bodies), {}
     for key, span in spans.items():
-        held = [line for i, (line, page) in enumerate(zip(lines, pages, strict=True))
-                if page is not None and holder.get(page) == key and i not in index]  # fmt: skip
-        new[key] = _before_signatures(held)
+        new[key] = _before_signatures(held[key])
         shown = refs[key] if listed else f"{min(span)}-{max(span)}" if len(span) > 1 else str(min(span))
         others = sorted({holder[page] for page in span} - {key}, key=_RANK.__getitem__)
         reasons[key] = (f"taken from page(s) {shown}, as its index of Items names them" if new[key] else
