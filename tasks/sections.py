@@ -55,6 +55,7 @@ _PAGE_STEP = 3  # printed page numbers that follow each other go up by 1 (a few 
 # An index of Items that names pages, not headings in the body ("Item 1. | Business | 4-7, 9-10, 71-73", as GE's
 # "Form 10-K Cross Reference Index" does; Citigroup's and Intel's are alike, as other parsers' notes say).
 _PAGE_REFS = re.compile(r"\d{1,3}(?:\s*[-\u2013]\s*\d{1,3})?(?:\s*,\s*\d{1,3}(?:\s*[-\u2013]\s*\d{1,3})?)*")
+_PAGE_CELL = re.compile(rf"(?:^|\|\s*|[^\W\d]\s+)({_PAGE_REFS.pattern})$")  # after a cell's bar, or a title's word
 _PART_LINE = re.compile(r"^part\s+[ivx]+\b.{0,80}$", re.I)
 _SIGNATURES = re.compile(r"^signatures?$", re.I)
 _BY_REFERENCE = re.compile(
@@ -404,7 +405,8 @@ def _items_by_pages(lines: list[str], pages: list[int | None], order: list[tuple
     if len(order) < 5 or len(empty) < 0.8 * len(order):
         return None
     cells = {key: lines[at].rsplit("|", 1)[-1].strip() if "|" in lines[at] else "" for key, at in order}
-    refs = {key: cell for key, cell in cells.items() if _PAGE_REFS.fullmatch(cell)}
+    refs = {key: match.group(1) for key, at in order  # the last cell; with `--tables drop`, the row's last words
+            if (match := _PAGE_CELL.search(_heading_tail(lines[at])))}  # fmt: skip
     if len(refs) < 0.5 * len(order):
         return None
     listed = any(re.search(r"[-\u2013,]", cell) for cell in refs.values())

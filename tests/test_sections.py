@@ -364,6 +364,10 @@ def test_an_index_that_lists_page_ranges_takes_each_items_pages(tmp_path):
     assert (doc.items["1B"].text, doc.items["1B"].status) == ("Not applicable", "not_found")
     assert doc.items["8"].text.startswith("Report of Independent Registered Public Accounting Firm")
     assert doc.items["16"].reason == "no 'Item 16' heading found in the document body"  # not in the index
+    # `--tables drop` keeps the index's rows, without the bars between cells: the pages are the row's last words
+    dropped = parse_filing(path, "drop")
+    assert dropped.items["7"].reason == doc.items["7"].reason
+    assert dropped.items["3"].reason == doc.items["3"].reason
 
 
 def test_page_numbers_are_the_run_of_footers_not_a_contents_pages_numbers():
