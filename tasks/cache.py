@@ -423,11 +423,24 @@ def code_version(stage: str) -> str:
             digest.update(str(f.relative_to(REPO_ROOT)).encode() + b"\x00")
             digest.update(sha256_file(f).encode())
     for lib in _LIBS[stage]:
-        try:
-            digest.update(f"{lib}=={metadata.version(lib)}".encode())
-        except metadata.PackageNotFoundError:
-            digest.update(f"{lib} absent".encode())
+        digest.update(_lib_line(lib).encode())
     return digest.hexdigest()[:16]
+
+
+def _lib_line(lib: str) -> str:
+    """What a code version holds of `lib`: its version, or that it is absent. Triton counts only under a torch
+    built for GPUs: a CPU torch runs none of its kernels (kernels/hf.py refuses them), so installing it there
+    (`make test` does, for the kernel tests under TRITON_INTERPRET) leaves every key as it was, and a demo run
+    before `make test` is not trained again after it."""
+    if lib == "triton":
+        import torch
+
+        if not (torch.version.cuda or torch.version.hip):
+            return "triton absent"
+    try:
+        return f"{lib}=={metadata.version(lib)}"
+    except metadata.PackageNotFoundError:
+        return f"{lib} absent"
 
 
 def stage_inputs(stage: str, run_ref: str, run_dir: Path, cfg: PipelineConfig,

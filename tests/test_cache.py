@@ -191,6 +191,24 @@ def test_every_stage_module_is_in_some_stage_code_version():
     assert modules <= listed, modules - listed
 
 
+def test_triton_on_a_cpu_torch_moves_no_key():
+    """`make test` installs Triton into the venv for the kernel tests; counted by version, it moved the keys of
+    evaluate-base, train and evaluate, and the next `make demo` trained again (312 s) for kernels a CPU torch never
+    runs. On such a torch the code version holds what it held before Triton came."""
+    from importlib import metadata
+
+    import torch
+
+    if torch.version.cuda or torch.version.hip:
+        pytest.skip("a torch built for GPUs runs Triton's kernels: its version counts there")
+    try:
+        metadata.version("triton")
+    except metadata.PackageNotFoundError:
+        pytest.skip("Triton is not installed here (make test installs it)")
+    assert cache._lib_line("triton") == "triton absent"
+    assert cache._lib_line("torch") == f"torch=={torch.__version__}"
+
+
 def test_download_digest_ignores_where_this_machine_keeps_the_filings(tmp_path):
     def manifest(folder: Path, root: str) -> Path:
         (folder / DOWNLOAD).mkdir(parents=True)
