@@ -220,7 +220,7 @@ def measure_train(tok: Path, settings: dict, steps: int, batch: int) -> dict:
 def measure_eval(tok: Path, kernel: str, seq: int) -> dict:
     from datasets import load_from_disk
 
-    from tasks.blocks import base_model_path
+    from tasks.models import base_model_path
     from tasks.models import device, load_causal_lm
     from tasks.perplexity import document_nll
 
@@ -262,7 +262,7 @@ def fit_budget(tok: Path, args: argparse.Namespace, batch: int, baseline_gb: flo
     """Ours's settings for `--fit`: `train.memory_fit` in `args.fit` x the baseline's peak (`baseline_gb`, measured
     on a GPU; on the CPU, whose figure is the whole process's, the plan of the baseline stands in)."""
     from tasks import allocator, memory
-    from tasks.blocks import base_model_path
+    from tasks.models import base_model_path
 
     if not torch.cuda.is_available():  # planned as ours is: on the CPU, with the allocator auto finds
         shape = memory.model_shape(str(base_model_path(tok)), "lora", 8, ["q_proj", "v_proj"])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from itertools import chain
 from pathlib import Path
@@ -12,7 +11,8 @@ from datasets import Dataset
 
 from edgar_tune.config import ConfigError, PipelineConfig
 from tasks.io import atomic_dir, atomic_write_json, atomic_write_text, read_json, read_jsonl
-from tasks.models import TINY, load_config, load_tokenizer, pinned, resolve_base_model
+from tasks.datareport import data_report, report_markdown
+from tasks.models import TINY, load_config, load_tokenizer, resolve_base_model
 from tasks.progress import OwnLine, Progress
 
 log = logging.getLogger(__name__)
@@ -48,37 +48,6 @@ def pack(token_lists: list[list[int]], length: int) -> tuple[list[list[int]], in
     flat = list(chain.from_iterable(token_lists))
     n = len(flat) // length
     return [flat[i * length : (i + 1) * length] for i in range(n)], len(flat) - n * length
-
-
-def data_report(parse_report: dict, rows: list[dict], token_lists: list[list[int]]) -> dict:
-    """The parse report with the tokens each Item of each filing contributes (after the train/val dedupe)."""
-    tokens: dict[tuple[str, str], int] = {}
-    for row, ids in zip(rows, token_lists, strict=True):
-        tokens[(row["accession"], row["item"])] = len(ids) - 1  # without the EOS appended per document
-    report = json.loads(json.dumps(parse_report))
-    for filing in report["filings"]:
-        for key, item in filing["items"].items():
-            item["tokens"] = tokens.get((filing["accession"], key), 0)
-        filing["train_tokens"] = sum(i["tokens"] for k, i in filing["items"].items() if k not in report["val_items"])
-        filing["val_tokens"] = sum(i["tokens"] for k, i in filing["items"].items() if k in report["val_items"])
-    return report
-
-
-def report_markdown(report: dict) -> str:
-    """A readable table: characters and tokens per Item per filing, with each Item's status and the warnings."""
-    lines = ["| ticker | FY | accession | item | status | chars | tokens | set |", "|---|---|---|---|---|---:|---:|---|"]
-    for f in report["filings"]:
-        for key, item in f["items"].items():
-            if item["status"] == "not_found" and not item["chars"]:
-                continue
-            role = "val" if key in report["val_items"] else "train"
-            role = role if item["status"] == "ok" else "-"
-            lines.append(f"| {f['ticker']} | {f['fiscal_year']} | {f['accession']} | {key} | {item['status']} "
-                         f"| {item['chars']:,} | {item['tokens']:,} | {role} |")  # fmt: skip
-    warnings = [f"- {f['ticker']} FY{f['fiscal_year']}: {w}" for f in report["filings"] for w in f["warnings"]]
-    removed = report["paragraphs_removed_from_train_as_in_val"]
-    tail = [f"\nParagraphs removed from training because they also appear in validation: {removed}"]
-    return "\n".join(lines + tail + (["\nWarnings:", *warnings] if warnings else [])) + "\n"
 
 
 def encode_instructions(rows: list[dict], tokenizer, length: int, done=None) -> tuple[dict, int]:
@@ -216,9 +185,3 @@ def write_tokenize_stage(out: Path, parse_dir: Path, cfg: PipelineConfig) -> dic
         atomic_write_text(tmp / "data_report.md", markdown)
     return stats
 
-
-def base_model_path(tokenize_dir: Path) -> str:
-    """Where the base model of a run lives, as recorded by its tokenize stage: a folder, or a hub id at the commit
-    it loaded (`pinned`; runs from before revisions were recorded name the bare id)."""
-    ref = json.loads((tokenize_dir / "stats.json").read_text())["base_model"]
-    return str(tokenize_dir / ref["path"]) if ref["kind"] == "run_local" else pinned(ref["path"], ref.get("revision"))

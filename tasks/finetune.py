@@ -22,7 +22,6 @@ from datasets import load_from_disk
 from edgar_tune.config import DEEPSPEED_PRESETS, REPO_ROOT, ConfigError, EvalConfig, StageFailed, TrainConfig
 from edgar_tune.signals import signal_behind
 from tasks import allocator
-from tasks.blocks import base_model_path
 from tasks.checkpoints import (ValidationStopped, check_room_for_one, checkpoint_step, log_stop, resume_settings,
                                trainer_class)  # fmt: skip
 from tasks.checkpoints import prepare as prepare_checkpoints
@@ -34,7 +33,8 @@ from kernels.hf import causal_lm_of, fuse_layers, resolve_backend
 from kernels import fp8, varlen
 from kernels.lora import lean_lora
 from kernels.masks import shared_sdpa_mask
-from tasks.models import building, building_alone, device, from_hub, load_causal_lm, load_tokenizer, unpinned
+from tasks.models import (base_model_path, building, building_alone, device, from_hub, load_causal_lm, load_tokenizer,
+                          unpinned)  # fmt: skip
 
 log = logging.getLogger(__name__)
 _PLANS_LOGGED: set[tuple[str | None, str]] = set()  # (flow run id, message): the flow's early check, then the stage

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from edgar_tune.config import SMOLLM2, TINY, ConfigError, ModelConfig
-from tasks.io import atomic_dir, cache_dir, held, holder_info, megabytes
+from tasks.io import atomic_dir, cache_dir, held, holder_info, megabytes, read_json
 from tasks.progress import Progress, clock
 
 log = logging.getLogger(__name__)
@@ -420,3 +420,10 @@ def load_causal_lm(name: str, adapter: str | None = None, dtype: torch.dtype = t
 
 def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def base_model_path(tokenize_dir: Path) -> str:
+    """Where the base model of a run lives, as recorded by its tokenize stage: a folder, or a hub id at the commit
+    it loaded (`pinned`; runs from before revisions were recorded name the bare id)."""
+    ref = read_json(tokenize_dir / "stats.json")["base_model"]
+    return str(tokenize_dir / ref["path"]) if ref["kind"] == "run_local" else pinned(ref["path"], ref.get("revision"))

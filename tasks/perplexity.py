@@ -21,9 +21,8 @@ from tqdm.auto import tqdm
 from edgar_tune.config import EvalConfig, GenerateConfig
 from kernels.fused_linear_ce import IGNORE_INDEX
 from kernels.hf import causal_lm_loss, resolve_backend
-from tasks.blocks import base_model_path
 from tasks.io import atomic_write_json
-from tasks.models import device, load_causal_lm
+from tasks.models import base_model_path, device, load_causal_lm
 from tasks.progress import OwnLine, Progress, console_bars
 
 log = logging.getLogger(__name__)

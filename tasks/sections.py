@@ -29,6 +29,24 @@ ITEM_ORDER = [
     "9", "9A", "9B", "9C", "10", "11", "12", "13", "14", "15", "16",
 ]  # fmt: skip
 _RANK = {key: i for i, key in enumerate(ITEM_ORDER)}
+# The first fiscal year (the year its period ends) whose 10-Ks can have the Item, by the SEC's rules: 1A and 1B for
+# fiscal years ending from December 2005, 1C from December 2023, 7A from June 1997, 9A from August 2003, 9B from
+# August 2004, 9C in the 10-Ks filed from January 2022, 15 from 2003 (Part IV's exhibits were Item 14 before), 16
+# from June 2016. A filing of an earlier year without the Item's heading lacks it by the form of its day.
+ITEM_SINCE = {"1A": 2005, "1B": 2005, "1C": 2023, "7A": 1997, "9A": 2003, "9B": 2004, "9C": 2021, "15": 2003,
+              "16": 2016}  # fmt: skip
+
+
+NO_HEADING = "no 'Item {}' heading found in the document body"
+
+
+def before_the_item(key: str, fiscal_year: int) -> str | None:
+    """Why a filing of `fiscal_year` has no heading for Item `key` where the form of its day had no such Item, else
+    None."""
+    since = ITEM_SINCE.get(key)
+    if since is None or fiscal_year >= since:
+        return None
+    return f"no 'Item {key}' heading, and the form had none before FY{since}"
 TableMode = Literal["rows", "drop"]
 
 _BLOCK_TAGS = frozenset(
@@ -373,7 +391,7 @@ def split_items(lines: list[str], warnings: list[str] | None = None,
         else:
             items[key] = Item(text, "ok", reasons.get(key))
     for key in ITEM_ORDER:
-        items.setdefault(key, Item("", "not_found", f"no 'Item {key}' heading found in the document body"))
+        items.setdefault(key, Item("", "not_found", NO_HEADING.format(key)))
     return {k: items[k] for k in ITEM_ORDER}
 
 

@@ -11,7 +11,7 @@ from edgar_tune.config import ParseConfig, PipelineConfig
 from tasks.download import primary_file, submission_file
 from tasks.io import atomic_dir, atomic_write_json, write_jsonl
 from tasks.progress import OwnLine, Progress, console_bars
-from tasks.sections import ParsedFiling, parse_filing
+from tasks.sections import NO_HEADING, ParsedFiling, before_the_item, parse_filing
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,10 @@ def build_split(filings: list[dict], parsed: list[ParsedFiling], cfg: ParseConfi
         meta["form"] = filing["form"]
         per_item = {}
         for key, item in doc.items.items():
-            per_item[key] = {"status": item.status, "chars": len(item.text)}
+            reason = item.reason
+            if reason == NO_HEADING.format(key):  # where the form of the filing's day had no such Item, that
+                reason = before_the_item(key, filing["fiscal_year"]) or reason
+            per_item[key] = {"status": item.status, "chars": len(item.text)} | ({"reason": reason} if reason else {})
             if item.status != "ok":  # stubs that point elsewhere and missing Items never enter either set
                 continue
             paragraphs = [p for p in item.text.split("\n") if len(p) >= cfg.min_paragraph_chars]

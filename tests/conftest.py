@@ -341,7 +341,7 @@ def _blocks_that_span_documents(src: Path, dst: Path) -> None:
     128-token blocks lie inside one Item), so that the document mask has something to mask."""
     from datasets import load_from_disk
 
-    from tasks.blocks import base_model_path
+    from tasks.models import base_model_path
     from tasks.models import load_tokenizer
 
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("train"))

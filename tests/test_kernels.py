@@ -142,7 +142,7 @@ def test_kernel_refuses_what_it_cannot_do():
 def test_kernel_perplexity_equals_materialized_logits(tiny_run):
     from datasets import load_from_disk
 
-    from tasks.blocks import base_model_path
+    from tasks.models import base_model_path
     from tasks.models import load_causal_lm
     from tasks.perplexity import document_nll, example_nll
 

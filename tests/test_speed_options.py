@@ -30,7 +30,7 @@ def test_document_positions_restart_after_each_end_of_document():
 def test_document_mask_keeps_each_packed_document_to_itself(tiny_run, attention):      # of compiling on the CPU
     """A block [doc A, eos, doc B]: with restarted position ids, doc B's logits are those of doc B alone, with
     PyTorch's sdpa (a dense mask) and with flex attention (a block mask)."""
-    from tasks.blocks import base_model_path
+    from tasks.models import base_model_path
     from tasks.models import load_causal_lm
 
     runs, _ = tiny_run
@@ -124,7 +124,7 @@ def _lora_grads(base: str, fraction: float | None, ids: torch.Tensor) -> tuple[d
 def test_checkpoint_layers_recomputes_only_the_chosen_layers(tiny_run):
     """checkpoint_layers=0.5: every other layer runs again in backward, the others once; the gradients (LoRA
     dropout included) are those of full checkpointing and of none."""
-    from tasks.blocks import base_model_path
+    from tasks.models import base_model_path
 
     runs, _ = tiny_run
     base = str(base_model_path(runs / "latest" / "03_tokenize"))
