@@ -10,7 +10,7 @@ from pathlib import Path
 from datasets import Dataset
 
 from edgar_tune.config import ConfigError, PipelineConfig
-from tasks.io import atomic_dir, atomic_write_json, atomic_write_text, read_json, read_jsonl
+from tasks.io import atomic_dir, atomic_write_json, atomic_write_text, read_json, read_jsonl, sha256_file
 from tasks.datareport import data_report, report_markdown
 from tasks.models import TINY, load_config, load_tokenizer, resolve_base_model
 from tasks.progress import OwnLine, Progress
@@ -112,8 +112,11 @@ def write_tokenize_stage(out: Path, parse_dir: Path, cfg: PipelineConfig) -> dic
             tokenized(len(ids))
             return {"input_ids": [x + [eos] for x in ids]}
 
-        # An explicit fingerprint: hashing the closure (and the tokenizer in it) is slow and prints bytecode.
-        key = f"{base}|{length}|{len(tokenizer)}"
+        # An explicit fingerprint: hashing the closure (and the tokenizer in it) is slow and prints bytecode. The tiny
+        # model is built in this stage's temporary folder: named by its tokenizer, not by where it was built (by that,
+        # the saved datasets' state.json differed on each tokenize, and the same blocks trained again).
+        named = f"{TINY}:{sha256_file(Path(base) / 'tokenizer.json')}" if cfg.model.name == TINY else base
+        key = f"{named}|{length}|{len(tokenizer)}"
         extra = {}
         if instruction:
             train_cols, cut = encode_instructions(train_rows, tokenizer, length, tokenized)

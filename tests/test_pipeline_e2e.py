@@ -103,13 +103,16 @@ def test_training_progress_reaches_the_log_with_loss_and_tokens_per_s(tiny_run):
 def test_tokenizing_a_large_corpus_shows_its_progress_and_writes_the_same_blocks(tiny_run, tmp_path, monkeypatch,
                                                                                    caplog):  # fmt: skip
     """Tokenizing longer than `blocks.QUIET_S` (30 s; 0 here) logs its progress by documents (and, in a run, keeps a
-    bar in the UI); the blocks are those of the run's own tokenize stage."""
+    bar in the UI); the blocks are those of the run's own tokenize stage, and so is every file training reads: the
+    tiny model, built in the stage's temporary folder, named its datasets' fingerprints by that folder, and a
+    tokenize again (a new edgar-tune's data report) trained again on the same blocks."""
     import logging
 
     from datasets import load_from_disk
 
     from edgar_tune.config import load_run_config
     from tasks import blocks
+    from tasks.cache import READS, read_digest
 
     runs, _ = tiny_run
     monkeypatch.setattr(blocks, "QUIET_S", 0.0)
@@ -121,6 +124,8 @@ def test_tokenizing_a_large_corpus_shows_its_progress_and_writes_the_same_blocks
     assert lines[0].startswith("tokenize: ") and lines[-1].startswith(f"tokenize: {n:,} of {n:,} documents (100%), ")
     ours, theirs = (load_from_disk(str(d / "03_tokenize" / "train"))["input_ids"] for d in (tmp_path, run))
     assert ours == theirs
+    made, ran = ([read_digest(d, name) for name in READS["train"]] for d in (tmp_path, run))
+    assert made == ran
 
 
 def test_a_hub_id_loads_through_the_hubs_cache_and_the_log_says_what_waits(tiny_run, tmp_path):
