@@ -509,7 +509,7 @@ def cmd_sections(args: argparse.Namespace) -> int:
         elif args.json:
             print(json.dumps(doc, ensure_ascii=False, indent=2))
         else:
-            print(f"{path}  form {doc['form']}")
+            print(f"{path}  form {doc['form']}" + (f", FY{doc['fiscal_year']}" if doc["fiscal_year"] else ""))
             for key, item in doc["items"].items():
                 first = item["text"][:60].replace("\n", " ")
                 why = f"  [{item['reason']}]" if item.get("reason") else ""  # an ok Item's: taken from elsewhere

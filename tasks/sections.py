@@ -40,11 +40,27 @@ ITEM_SINCE = {"1A": 2005, "1B": 2005, "1C": 2023, "7A": 1997, "9A": 2003, "9B": 
 NO_HEADING = "no 'Item {}' heading found in the document body"
 
 
-def before_the_item(key: str, fiscal_year: int) -> str | None:
+_PERIOD_OF_REPORT = re.compile(r"CONFORMED PERIOD OF REPORT:\s*(\d{4})\d{4}")
+_COVER_YEAR = re.compile(r"\bfor\s+the\s+fiscal\s+year\s+ended\s*:?\s*[a-z]+\.?\s+\d{1,2}\s*,?\s*(\d{4})\b", re.I)
+_COVER_LINES = 200
+
+
+def fiscal_year_in(text: str, lines: list[str]) -> int | None:
+    """The fiscal year a 10-K reports (the year its period ends), as the document says it: its SEC header's
+    CONFORMED PERIOD OF REPORT, else its cover's "For the fiscal year ended December 31, 2020"; None where it says
+    neither (a transition report's cover names a period instead)."""
+    if match := _PERIOD_OF_REPORT.search(text[:20_000]):
+        return int(match.group(1))
+    if match := _COVER_YEAR.search(" ".join(lines[:_COVER_LINES])):
+        return int(match.group(1))
+    return None
+
+
+def before_the_item(key: str, fiscal_year: int | None) -> str | None:
     """Why a filing of `fiscal_year` has no heading for Item `key` where the form of its day had no such Item, else
     None."""
     since = ITEM_SINCE.get(key)
-    if since is None or fiscal_year >= since:
+    if since is None or fiscal_year is None or fiscal_year >= since:
         return None
     return f"no 'Item {key}' heading, and the form had none before FY{since}"
 TableMode = Literal["rows", "drop"]
@@ -152,11 +168,13 @@ class ParsedFiling:
     form: str
     items: dict[str, Item]
     warnings: list[str] = field(default_factory=list)
+    fiscal_year: int | None = None
 
     def to_dict(self) -> dict:
         return {
             "path": self.path,
             "form": self.form,
+            "fiscal_year": self.fiscal_year,
             "items": {k: v.to_dict() for k, v in self.items.items()},
             "warnings": self.warnings,
         }
@@ -565,11 +583,13 @@ def _mdna_from_ex13(items: dict[str, Item], exhibits: list[tuple[str, str]], tab
     warnings.append("Item 7 is incorporated by reference, but no EX-13 with an MD&A section is in the submission")
 
 
-def parse_filing(path: Path, tables: TableMode = "rows", submission: Path | None = None) -> ParsedFiling:
+def parse_filing(path: Path, tables: TableMode = "rows", submission: Path | None = None,
+                 fiscal_year: int | None = None) -> ParsedFiling:  # fmt: skip
     """Parse one filing file (plain or .gz) into Items.
 
     `submission` is the filing's complete-submission `.txt`, read only for its EX-13 when `path` is a primary
-    document whose Item 7 is incorporated by reference.
+    document whose Item 7 is incorporated by reference. `fiscal_year` (EDGAR's, in a run) is the year an Item the
+    form of that year lacked is judged by (`before_the_item`); without it, the year the document says it reports.
     """
     warnings: list[str] = []
     text = decode(read_bytes(path), warnings)
@@ -586,7 +606,11 @@ def parse_filing(path: Path, tables: TableMode = "rows", submission: Path | None
         if not exhibits and submission is not None and Path(submission) != Path(path):
             exhibits = select_documents(decode(read_bytes(submission), []))[2]
         _mdna_from_ex13(items, exhibits, tables, warnings)
+    year = fiscal_year or fiscal_year_in(text, lines)
+    for key, item in items.items():
+        if item.reason == NO_HEADING.format(key) and (why := before_the_item(key, year)):
+            items[key] = Item("", "not_found", why)
     missing = [k for k in ("1", "7") if items[k].status == "not_found"]
     if missing:
         warnings.append(f"Items {', '.join(missing)} not found")
-    return ParsedFiling(str(path), form, items, warnings)
+    return ParsedFiling(str(path), form, items, warnings, year)

@@ -11,26 +11,27 @@ from edgar_tune.config import ParseConfig, PipelineConfig
 from tasks.download import primary_file, submission_file
 from tasks.io import atomic_dir, atomic_write_json, write_jsonl
 from tasks.progress import OwnLine, Progress, console_bars
-from tasks.sections import NO_HEADING, ParsedFiling, before_the_item, parse_filing
+from tasks.sections import ParsedFiling, parse_filing
 
 log = logging.getLogger(__name__)
 
 
-def _parse_one(args: tuple[str, str | None, str]) -> ParsedFiling:
-    path, submission, tables = args
-    return parse_filing(Path(path), tables, Path(submission) if submission else None)  # type: ignore[arg-type]
+def _parse_one(args: tuple[str, str | None, str, int | None]) -> ParsedFiling:
+    path, submission, tables, year = args
+    return parse_filing(Path(path), tables, Path(submission) if submission else None, year)  # type: ignore[arg-type]
 
 
-def parse_all(paths: list[Path], tables: str, workers: int | None = None,
-              submissions: list[Path | None] | None = None) -> list[ParsedFiling]:  # fmt: skip
+def parse_all(paths: list[Path], tables: str, workers: int | None = None, submissions: list[Path | None] | None = None,
+              years: list[int | None] | None = None) -> list[ParsedFiling]:  # fmt: skip
     """Parse filings, several at a time on a process pool when there are several.
 
-    `submissions` are the filings' complete-submission files, read for EX-13 when Item 7 points there.
+    `submissions` are the filings' complete-submission files, read for EX-13 when Item 7 points there; `years`
+    their fiscal years as EDGAR gives them (else each document's own word).
     """
     from tqdm.auto import tqdm
 
-    subs = submissions or [None] * len(paths)
-    jobs = [(str(p), str(s) if s else None, tables) for p, s in zip(paths, subs, strict=True)]
+    subs, years = submissions or [None] * len(paths), years or [None] * len(paths)
+    jobs = [(str(p), str(s) if s else None, tables, y) for p, s, y in zip(paths, subs, years, strict=True)]
     # Hundreds of filings take minutes: lines in the run's log (beside the console's bar after 30 s), a bar in the UI
     progress = Progress("parse", len(jobs), "filings", logger=OwnLine(log, {"open": None}), quiet_s=30)
     bar = {"total": len(jobs), "desc": "parse", "unit": "filing", "disable": len(jobs) < 2 or not console_bars()}
@@ -54,10 +55,9 @@ def build_split(filings: list[dict], parsed: list[ParsedFiling], cfg: ParseConfi
         meta["form"] = filing["form"]
         per_item = {}
         for key, item in doc.items.items():
-            reason = item.reason
-            if reason == NO_HEADING.format(key):  # where the form of the filing's day had no such Item, that
-                reason = before_the_item(key, filing["fiscal_year"]) or reason
-            per_item[key] = {"status": item.status, "chars": len(item.text)} | ({"reason": reason} if reason else {})
+            per_item[key] = {"status": item.status, "chars": len(item.text)}
+            if item.reason:
+                per_item[key]["reason"] = item.reason
             if item.status != "ok":  # stubs that point elsewhere and missing Items never enter either set
                 continue
             paragraphs = [p for p in item.text.split("\n") if len(p) >= cfg.min_paragraph_chars]
@@ -124,7 +124,8 @@ def write_text_parse_stage(out: Path, cfg: PipelineConfig, recorded: list[dict])
 
 def write_parse_stage(out: Path, filings: list[dict], cfg: ParseConfig) -> dict:
     """Parse, split and write `train.jsonl`, `val.jsonl`, `sections.jsonl` and `report.json` atomically."""
-    parsed = parse_all([primary_file(f) for f in filings], cfg.tables, submissions=[submission_file(f) for f in filings])
+    parsed = parse_all([primary_file(f) for f in filings], cfg.tables, submissions=[submission_file(f) for f in filings],
+                       years=[f["fiscal_year"] for f in filings])  # fmt: skip
     train, val, report = build_split(filings, parsed, cfg)
     if not val:
         raise ValueError(

@@ -17,7 +17,7 @@ import pytest
 
 from edgar_tune.config import ParseConfig
 from tasks.download import BUNDLED_DIR, collect_local, primary_file
-from tasks.sections import find_headings, parse_filing, split_items, to_lines, unwrap_fixed_width
+from tasks.sections import find_headings, fiscal_year_in, parse_filing, split_items, to_lines, unwrap_fixed_width
 from tasks.split import build_split, parse_all
 
 REPO = Path(__file__).resolve().parent.parent
@@ -197,6 +197,28 @@ def test_split_holds_out_mdna_and_dedupes_shared_paragraphs():
     assert "11" not in {r["item"] for r in train}
 
 
+def test_the_fiscal_year_is_the_documents_own_word_and_an_item_its_form_lacked_says_so(parsed):
+    """Each real filing's year, as its SEC header (CONFORMED PERIOD OF REPORT) or else its cover ("For the fiscal
+    year ended December 31, 2020"; "ended: December 31, 2009"; "December 31 , 2020") says it: `sections` judges by
+    it the Items the form of that year had none of, as a run does by EDGAR's year (tests/test_datareport.py)."""
+    years = {path.name.split("_")[0] if path.parent == FILINGS else path.parent.name: doc.fiscal_year
+             for path, doc in parsed.items()}  # fmt: skip
+    assert years == {"0001018724-21-000004": 2020, "0001018724-22-000005": 2021, "AAPL": 1996, "CIGF5": 2015,
+                     "EBAY": 2020, "META": 2024, "TGFIN": 2009}  # fmt: skip
+    for name, year in (("AAPL_10-K_1996.txt.gz", 1996), ("TGFIN_10-K_2009.txt.gz", 2009)):  # their covers alone
+        lines = gzip.decompress((FILINGS / name).read_bytes()).decode("latin-1").splitlines()
+        start = next(i for i, line in enumerate(lines) if "FORM 10-K" in line.upper())
+        assert fiscal_year_in("", [line for line in lines[start:] if "PERIOD OF REPORT" not in line]) == year
+    assert fiscal_year_in("", ["For the transition period from July 1, 2020 to December 31, 2020"]) is None
+    aapl = parsed[FILINGS / "AAPL_10-K_1996.txt.gz"].items
+    assert aapl["1A"].reason == "no 'Item 1A' heading, and the form had none before FY2005"
+    assert aapl["7A"].reason == "no 'Item 7A' heading, and the form had none before FY1997"
+    # Given its year (EDGAR's, in a run), the parser judges by that one
+    later = parse_filing(FILINGS / "AAPL_10-K_1996.txt.gz", fiscal_year=2010).items
+    assert later["1A"].reason == "no 'Item 1A' heading found in the document body" and later["1C"].reason.endswith(
+        "before FY2023")  # fmt: skip
+
+
 def test_sections_command_prints_json_per_file():
     files = [str(FILINGS / "TGFIN_10-K_2009.txt.gz"), str(FILINGS / "AAPL_10-K_1996.txt.gz")]
     out = subprocess.run([sys.executable, "-m", "edgar_tune.cli", "sections", "--jsonl", *files],
@@ -204,7 +226,7 @@ def test_sections_command_prints_json_per_file():
     docs = [json.loads(line) for line in out.splitlines()]
     assert [d["path"] for d in docs] == files
     assert docs[0]["items"]["7"]["status"] == "ok" and docs[1]["items"]["1A"]["status"] == "not_found"
-    assert set(docs[0]) == {"path", "form", "items", "warnings"}
+    assert set(docs[0]) == {"path", "form", "fiscal_year", "items", "warnings"} and docs[1]["fiscal_year"] == 1996
 
 
 def test_sections_command_takes_a_folder_in_sec_edgar_downloaders_layout(tmp_path):
@@ -237,7 +259,8 @@ def test_sections_table_says_why_an_item_was_not_taken():
              body.splitlines() if line.startswith("  Item ")}  # fmt: skip
     assert " NOT APPLICABLE " in lines[files[0], "1A"]
     assert lines[files[0], "1A"].endswith("[the filing says this Item does not apply to it]")
-    assert lines[files[1], "1A"].endswith("[no 'Item 1A' heading found in the document body]")
+    assert lines[files[1], "1A"].endswith("[no 'Item 1A' heading, and the form had none before FY2005]")
+    assert f"{files[1]}  form 10-K, FY1996\n" in out  # the year the document says, by which that is judged
     assert lines[files[1], "3"].endswith("[short Item that points to another part of this filing]")  # Part II, Item 8
     assert lines[files[1], "10"].endswith("[short Item that points to another document]")  # the proxy statement
     assert lines[files[0], "8"].endswith("[it points to the financial statements after Part IV; taken from there]")
