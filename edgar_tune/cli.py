@@ -701,6 +701,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C: the flow run is marked Crashed and the server stopped; no traceback
         print("edgar-tune: interrupted (Ctrl-C)", file=sys.stderr)
         raise SystemExit(128 + signal.SIGINT) from None
+    except BrokenPipeError:
+        if not _stdout_closed():  # a server's connection that broke: the error it is
+            raise
+        # `edgar-tune sections FILE | head`: the reader had what it wanted. As `cat` ends there: no traceback, and
+        # stdout pointed at /dev/null, so that Python's flush at exit does not complain again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(128 + signal.SIGPIPE) from None
     except Exception as err:
         if (sig := signal_behind(err)) is None:
             raise
@@ -711,6 +718,18 @@ def main(argv: list[str] | None = None) -> int:
         release_leaked_locks()  # an interrupt that cut a logging call short must not hang the exit (signals.py)
         for sig, handler in before.items():
             signal.signal(sig, handler)
+
+
+def _stdout_closed() -> bool:
+    """Whether whatever reads stdout has gone (a pipe whose reader ended): poll's POLLERR on it."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no poll (Windows), no stdout
+        return False
 
 
 def _main(argv: list[str] | None) -> int:

@@ -251,6 +251,19 @@ def test_sections_command_takes_a_folder_in_sec_edgar_downloaders_layout(tmp_pat
         assert f"edgar-tune: error: {given} {said}" in refused.stderr, refused.stderr[-2000:]
 
 
+def test_sections_piped_into_a_reader_that_stops_ends_quietly():
+    """`edgar-tune sections FILE --json | head` ended in a BrokenPipeError traceback once head had its lines. Now it
+    ends as `cat` does: no traceback, exit status 141 (128 + SIGPIPE). The output is larger than the pipe's buffer,
+    so the reader's leaving is met mid-write."""
+    proc = subprocess.Popen([sys.executable, "-m", "edgar_tune.cli", "sections", "--json",
+                             str(FILINGS / "AAPL_10-K_1996.txt.gz")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            cwd=REPO)  # fmt: skip
+    assert proc.stdout.readline() == b"{\n"
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and "Traceback" not in err, err[-3000:]
+
+
 def test_sections_table_says_why_an_item_was_not_taken():
     files = [str(FILINGS / "CIGF5_10-K_2015.html.gz"), str(FILINGS / "AAPL_10-K_1996.txt.gz")]
     out = subprocess.run([sys.executable, "-m", "edgar_tune.cli", "sections", *files],
