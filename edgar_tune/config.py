@@ -181,6 +181,23 @@ class ParseConfig(_Section):
     val_items: list[str] = Field(["7"], description="Items held out for validation (Item 7 is the MD&A).")
     min_paragraph_chars: int = Field(1, ge=1, description="Shorter paragraphs are dropped from both sets.")
 
+    @field_validator("val_items", mode="before")
+    @classmethod
+    def _items(cls, v: Any) -> Any:
+        from tasks.sections import ITEM_ORDER  # the parser's Items (bs4 comes with it: imported here only)
+
+        if isinstance(v, str | int):  # `--set parse.val_items=7`
+            v = [v]
+        if not isinstance(v, list) or not all(isinstance(key, str | int) for key in v):
+            return v  # pydantic says what is wrong with it
+        if not v:
+            raise ValueError("give at least one Item to hold out (Item 7 is the MD&A)")
+        items = [str(key).strip().upper() for key in v]
+        if wrong := [key for key in items if key not in ITEM_ORDER]:
+            named = f"{', '.join(map(repr, wrong))} {'is not an Item' if len(wrong) == 1 else 'are not Items'}"
+            raise ValueError(f"{named} of Form 10-K; the Items are {', '.join(ITEM_ORDER)}")
+        return list(dict.fromkeys(items))
+
 
 class ModelConfig(_Section):
     """The base model."""

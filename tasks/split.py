@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from edgar_tune.config import ParseConfig, PipelineConfig
+from edgar_tune.config import ConfigError, ParseConfig, PipelineConfig
 from tasks.download import primary_file, submission_file
 from tasks.io import atomic_dir, atomic_write_json, write_jsonl
 from tasks.progress import OwnLine, Progress, console_bars
@@ -79,6 +80,14 @@ def build_split(filings: list[dict], parsed: list[ParsedFiling], cfg: ParseConfi
     return train, val, report
 
 
+def _why_not(report: dict, keys: list[str]) -> str:
+    """What the filings' Items `keys` are instead of text, the most common first: "no 'Item 1C' heading, and the form
+    had none before FY2023: 2"."""
+    reasons = Counter(item.get("reason") or item["status"] for f in report["filings"]
+                      for key, item in f["items"].items() if key in keys and item["status"] != "ok")  # fmt: skip
+    return "; ".join(f"{reason}: {n}" for reason, n in reasons.most_common(3))
+
+
 def _drop_shared_paragraphs(train: list[dict], val: list[dict]) -> int:
     """Remove from training every paragraph that also appears verbatim in validation; return the count."""
     held_out = {p for row in val for p in row["paragraphs"]}
@@ -113,7 +122,7 @@ def write_text_parse_stage(out: Path, cfg: PipelineConfig, recorded: list[dict])
 
     train, val, report = build_text_split(cfg, recorded)
     if not val or not train:
-        raise ValueError(f"the split left {len(train)} training and {len(val)} validation rows; add data")
+        raise ConfigError(f"the split left {len(train)} training and {len(val)} validation rows; add data")
     report["train_sha256"], report["val_sha256"] = text_sha256(train), text_sha256(val)
     with atomic_dir(out) as tmp:
         write_jsonl(tmp / "train.jsonl", train)
@@ -128,12 +137,14 @@ def write_parse_stage(out: Path, filings: list[dict], cfg: ParseConfig) -> dict:
                        years=[f["fiscal_year"] for f in filings])  # fmt: skip
     train, val, report = build_split(filings, parsed, cfg)
     if not val:
-        raise ValueError(
-            f"no validation text: none of the filings has an Item {'/'.join(cfg.val_items)} with body text "
-            "(see the report's statuses); add filings or change `parse.val_items`"
-        )
+        items = "/".join(cfg.val_items)
+        raise ConfigError(f"no validation text: none of the {len(filings)} filings has Item {items} as text "
+                          f"({_why_not(report, cfg.val_items)}); hold out another Item (`parse.val_items`; Item 7 is "
+                          f"the MD&A) or add filings that have Item {items}")  # fmt: skip
     if not train:
-        raise ValueError("no training text: every Item was missing or held out; add filings")
+        raise ConfigError(f"no training text: every Item with text in the {len(filings)} filings is held out "
+                          f"(`parse.val_items`: {', '.join(cfg.val_items)}) or repeats held-out text; hold out fewer "
+                          "Items or add filings")  # fmt: skip
     report["train_sha256"], report["val_sha256"] = text_sha256(train), text_sha256(val)
     with atomic_dir(out) as tmp:
         write_jsonl(tmp / "train.jsonl", train)

@@ -97,6 +97,26 @@ def test_cli_rejects_a_bad_key_before_starting_anything():
     assert "unknown config key `lora_rank`" in proc.stderr
 
 
+def test_held_out_items_are_items_of_the_form_and_ones_no_filing_has_end_the_run_saying_why(tmp_path):
+    """`parse.val_items` names Items of Form 10-K: '7Z' (or none) is refused by name before anything starts, where it
+    ran to the parse stage and ended in a ValueError traceback. An Item none of the filings has as text (1C, from
+    FY2023, of the bundled FY2020-21 10-Ks) ends the run at parse, exit 2, saying what each filing has instead (the
+    message pointed to a report that the failed stage never wrote)."""
+    with pytest.raises(ConfigError, match="'7Z' is not an Item of Form 10-K; the Items are 1, 1A, 1B, 1C, 2, 3, "):
+        load_config("tiny", {"parse.val_items": ["7Z"]})
+    with pytest.raises(ConfigError, match="give at least one Item to hold out"):
+        load_config("tiny", {"parse.val_items": []})
+    assert load_config("tiny", ["parse.val_items=[7a, 7, 7A]"]).parse.val_items == ["7A", "7"]
+    proc = subprocess.run([sys.executable, "-m", "edgar_tune.cli", "run", "--preset", "tiny", "--out",
+                           str(tmp_path / "run"), "--set", "parse.val_items=[1C]"],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert ("edgar-tune: error: no validation text: none of the 2 filings has Item 1C as text (no 'Item 1C' heading, "
+            "and the form had none before FY2023: 2); hold out another Item (`parse.val_items`; Item 7 is the MD&A) "
+            "or add filings that have Item 1C\n") in proc.stderr, proc.stderr[-3000:]  # fmt: skip
+    assert not (tmp_path / "run" / "02_parse").exists()
+
+
 JUMPSTART_KEYS = [
     "epoch", "learning_rate", "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
     "weight_decay", "max_input_length", "max_train_samples", "max_val_samples", "validation_split_ratio",
