@@ -70,7 +70,7 @@ def encode_instructions(rows: list[dict], tokenizer, length: int, done=None) -> 
         ids.append(full[:length])
         labels.append(([-100] * len(p) + c + [tokenizer.eos_token_id])[:length])
     if all(all(x == -100 for x in lab) for lab in labels):
-        raise ValueError(f"every prompt fills the {length}-token window; raise `tokenize.max_input_length`")
+        raise ConfigError(f"every prompt fills the {length}-token window; raise `tokenize.max_input_length`")
     return {"input_ids": ids, "labels": labels}, cut
 
 

@@ -292,7 +292,7 @@ def load_tokenizer(ref: str):
     name, at = unpinned(ref)
     tokenizer = AutoTokenizer.from_pretrained(name, **at)
     if tokenizer.eos_token_id is None:
-        raise ValueError(f"tokenizer of {ref} has no EOS token to separate documents; set one in its folder")
+        raise ConfigError(f"tokenizer of {ref} has no EOS token to separate documents; set one in its folder")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

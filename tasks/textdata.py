@@ -276,7 +276,7 @@ def recorded_bytes(entry: dict) -> bytes:
 
 def _text_column(columns: list[str], where: Path) -> str:
     if not columns:
-        raise ValueError(f"{where}: no columns found; give a `text` column")
+        raise ConfigError(f"{where}: no columns found; give a `text` column")
     return "text" if "text" in columns else columns[0]
 
 
@@ -287,7 +287,7 @@ def _text(path: Path, data: bytes | None) -> str:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
         line = raw[: err.start].count(b"\n") + 1
-        raise ValueError(f"{path}, line {line}: not UTF-8 (byte 0x{raw[err.start]:02x} at offset {err.start}); save "
+        raise ConfigError(f"{path}, line {line}: not UTF-8 (byte 0x{raw[err.start]:02x} at offset {err.start}); save "
                          "the file as UTF-8") from None  # fmt: skip
 
 
@@ -307,10 +307,10 @@ def read_records(path: Path, data: bytes | None = None) -> list[dict]:
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}, line {n}: not valid JSON ({err.msg}); fix or remove the line") from None
+                    raise ConfigError(f"{path}, line {n}: not valid JSON ({err.msg}); fix or remove the line") from None
     bad = next((i for i, r in enumerate(rows, 1) if not isinstance(r, dict)), None)
     if bad:
-        raise ValueError(f"{path}: record {bad} is not a JSON object; every record needs named fields")
+        raise ConfigError(f"{path}: record {bad} is not a JSON object; every record needs named fields")
     return rows
 
 
@@ -367,7 +367,7 @@ def render(template: dict, record: dict, where: str) -> dict:
     try:
         return {"prompt": template["prompt"].format(**record), "completion": template["completion"].format(**record)}
     except KeyError as err:
-        raise ValueError(
+        raise ConfigError(
             f"{where}: the template uses field {{{err.args[0]}}} but the record has only {sorted(record)}; fix the "
             "record or give a template.json (`data.template`) that matches your fields"
         ) from None
@@ -388,7 +388,7 @@ def _rows(files: list[dict], instruction: bool, template: dict | None) -> list[d
 def split_rows(rows: list[dict], ratio: float, seed: int) -> tuple[list[dict], list[dict]]:
     """Hold out `ratio` of the rows (at least one), chosen by `seed`; both sets keep their file order."""
     if len(rows) < 2:
-        raise ValueError(f"{len(rows)} row(s) cannot be split into training and validation; add data or give "
+        raise ConfigError(f"{len(rows)} row(s) cannot be split into training and validation; add data or give "
                          "`data.validation`")  # fmt: skip
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
@@ -405,7 +405,7 @@ def build_text_split(cfg: PipelineConfig, recorded: list[dict]) -> tuple[list[di
     template, template_from = load_template(templates[0] if templates else None) if instruction else (None, None)
     rows = _rows(files, instruction, template)
     if not rows:
-        raise ValueError(f"`data.source` = {cfg.data.source!r} has no rows of text")
+        raise ConfigError(f"`data.source` = {cfg.data.source!r} has no rows of text")
     if cfg.data.validation:
         train, val = rows, _rows(val_files, instruction, template)
         how = f"data.validation ({len(val_files)} file(s))"

@@ -265,6 +265,19 @@ def test_instruction_tuning_from_jsonl_end_to_end(tmp_path, paragraphs, prefect_
     assert f"(`edgar-tune rerun download --run {run}`, or run the pipeline again)" in proc.stderr
 
 
+def test_text_that_cannot_be_split_ends_the_run_saying_what_to_change(tmp_path, prefect_server):
+    """A problem with the data that a stage finds (one row: no split can hold any out) ends the run with exit 2 and
+    its message last, as a config error does; it ended in a ValueError traceback, exit 1."""
+    one = tmp_path / "one.csv"
+    one.write_text("text\nRevenue grew on higher unit sales.\n")
+    proc = subprocess.run([sys.executable, "-m", "edgar_tune.cli", "run", "--preset", "tiny", "--out",
+                           str(tmp_path / "run"), "--set", f"data.source={one}"], cwd=REPO,
+                          env=dict(os.environ, **prefect_server), capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == ("edgar-tune: error: 1 row(s) cannot be split into training and "
+                                                    "validation; add data or give `data.validation`")  # fmt: skip
+
+
 def test_instruction_tuning_needs_jsonl():
     with pytest.raises(ConfigError, match="reads JSONL"):
         load_config("tiny", ["data.source=notes.csv", "instruction_tuned=true"])
