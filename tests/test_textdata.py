@@ -271,8 +271,8 @@ def test_text_that_cannot_be_split_ends_the_run_saying_what_to_change(tmp_path, 
     one = tmp_path / "one.csv"
     one.write_text("text\nRevenue grew on higher unit sales.\n")
     proc = subprocess.run([sys.executable, "-m", "edgar_tune.cli", "run", "--preset", "tiny", "--out",
-                           str(tmp_path / "run"), "--set", f"data.source={one}"], cwd=REPO,
-                          env=dict(os.environ, **prefect_server), capture_output=True, text=True, timeout=300)  # fmt: skip
+                           str(tmp_path / "run"), "--set", f"data.source={one}"], cwd=REPO, timeout=300,
+                          env=dict(os.environ, **prefect_server), capture_output=True, text=True)  # fmt: skip
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines()[-1] == ("edgar-tune: error: 1 row(s) cannot be split into training and "
                                                     "validation; add data or give `data.validation`")  # fmt: skip
