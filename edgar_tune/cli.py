@@ -611,7 +611,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--json", action="store_true", help="the versions as JSON")
     models.set_defaults(fn=cmd_models)
     prom = sub.add_parser("promote", help="give a version the champion alias (or --alias), e.g. to roll back")
-    prom.add_argument("version", help="the version number (`edgar-tune models` lists them)")
+    prom.add_argument("version", help="the version number, 3 or v3 (`edgar-tune models` lists them)")
     prom.add_argument("--name", default="edgar-tune-10k", help="registered model (registry.model_name)")
     prom.add_argument("--alias", default="champion", help="the alias to move (default champion)")
     prom.add_argument("--reason", default="", help="why, kept in the version's promoted_by_hand tag")

@@ -416,9 +416,9 @@ def score_on(row: dict, validation: dict) -> float | None:
 
 
 def promote_by_hand(client, name: str, version: str, alias: str = CHAMPION, reason: str = "", by: str = "") -> dict:
-    """Give `version` the alias `alias` (default champion), as a person decided: a rollback, or a challenger that
-    did better on a check of one's own. The version is tagged with who (`by`, else this process's user), when, why
-    and which version held the alias.
+    """Give `version` ("3", or "v3" as `edgar-tune models` shows it) the alias `alias` (default champion), as a
+    person decided: a rollback, or a challenger that did better on a check of one's own. The version is tagged with
+    who (`by`, else this process's user), when, why and which version held the alias.
     A version promoted to champion loses the challenger alias. Returns {"version", "alias", "before", "note",
     "record"}: the note says when the version scored worse than the one it replaces on the same validation data;
     the record (the `promoted_by_hand` tag's) is None when the version held the alias already.
@@ -430,6 +430,8 @@ def promote_by_hand(client, name: str, version: str, alias: str = CHAMPION, reas
 
     rows = {r["version"]: r for r in versions(client, name)}
     version = str(version)
+    if version[:1] in ("v", "V") and version[1:].isdigit():  # as `edgar-tune models` shows it
+        version = version[1:]
     if version not in rows:
         raise no_version(name, version, rows)
     before = next((v for v, r in rows.items() if alias in r["aliases"]), None)

@@ -106,7 +106,7 @@ def test_a_person_promotes_a_version_by_hand_and_the_registry_records_who_and_wh
     kept = cli("promote", "3")  # the challenger becomes champion and is no longer the challenger
     assert kept.returncode == 0 and "m v3 is now @champion (was v1)" in kept.stdout and "higher" not in kept.stdout
     assert client.get_registered_model("m").aliases == {CHAMPION: 3}, CHALLENGER
-    again = cli("promote", "3")
+    again = cli("promote", "v3")  # as `edgar-tune models` shows it
     assert "m v3 is already @champion" in again.stdout and "event" not in again.stdout  # nothing moved: no event
     missing = cli("promote", "7")
     assert missing.returncode == 2 and "m has no version 7; it has 1, 2, 3" in missing.stderr
