@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import requests
 from sec_edgar_downloader import _constants as sed_constants
@@ -125,6 +126,13 @@ def prefect_rate_limit() -> Callable[[], None] | None:
     return lambda: rate_limit(EDGAR_RATE_LIMIT, timeout_seconds=600, strict=True)
 
 
+def _cause(err: Exception) -> str:
+    """What went wrong under requests' wrapping: "Failed to resolve 'www.sec.gov' ([Errno -2] ...)" rather than
+    urllib3's whole retry record around it."""
+    inner = getattr(err.args[0], "reason", None) if err.args else None
+    return str(inner or err)
+
+
 @dataclass
 class EdgarClient:
     """GET with a User-Agent, a timeout, the shared rate limit and retries on answers worth retrying."""
@@ -150,7 +158,10 @@ class EdgarClient:
                 resp = self.session.get(url, timeout=self.timeout)
             except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as err:
                 # ChunkedEncodingError: the body stopped short of its Content-Length (a cut connection)
-                reason, wait = f"{type(err).__name__}: {err}", self.backoff * 2**attempt
+                reason, wait = f"{type(err).__name__}: {_cause(err)}", self.backoff * 2**attempt
+                advice = (f"This machine did not reach {urlsplit(url).netloc}: check its connection (a proxy is "
+                          "read from HTTPS_PROXY), or train on filings on disk (`data.source`: bundled, or a folder "
+                          "in sec-edgar-downloader's layout)")  # fmt: skip
             else:
                 if resp.status_code == 200:
                     return resp.content
@@ -166,12 +177,11 @@ class EdgarClient:
                     )
                 reason = f"HTTP {resp.status_code}"
                 wait = _retry_after(resp) or self.backoff * 2**attempt
+                advice = ("SEC is throttling this machine (its fair-access limit): wait 10 minutes and run again"
+                          if throttled else "EDGAR's servers are failing: run again later")  # fmt: skip
             if attempt == self.max_retries:
-                raise EdgarError(
-                    f"EDGAR request failed after {self.max_retries + 1} tries ({reason}) for {url}. If SEC is "
-                    "throttling you (403 'Request Rate Threshold Exceeded'), wait 10 minutes and run again; "
-                    "files already downloaded are kept."
-                )
+                raise EdgarError(f"EDGAR request failed after {self.max_retries + 1} tries ({reason}) for {url}. "
+                                 f"{advice}; files already downloaded are kept.")  # fmt: skip
             log.warning("EDGAR %s for %s; retrying in %.1fs", reason, url, wait)
             time.sleep(wait)
         raise AssertionError("unreachable")

@@ -104,6 +104,31 @@ def test_throttling_and_server_errors_are_retried_honouring_retry_after(edgar, t
     assert len(subs) == 2 and subs[1] - subs[0] >= 0.3
 
 
+def test_tries_used_up_say_what_to_do_by_their_cause(edgar):
+    """Every try failed: a host that cannot be reached says to check the connection or to train on filings on disk
+    (before, whatever the cause, it said to wait out SEC's throttling, and quoted urllib3's whole retry record);
+    throttling says to wait; failing servers, to come back later."""
+    from tasks.download import edgar_urls
+    from tests.conftest import free_port
+
+    port = free_port()  # nothing listens there
+    with pytest.raises(EdgarError) as refused:
+        _client(max_retries=1).get(f"http://127.0.0.1:{port}/files/company_tickers_exchange.json")
+    said = str(refused.value)
+    assert said.startswith("EDGAR request failed after 2 tries (ConnectionError: ") and "Max retries" not in said
+    assert said.endswith(f"This machine did not reach 127.0.0.1:{port}: check its connection (a proxy is read from "
+                         "HTTPS_PROXY), or train on filings on disk (`data.source`: bundled, or a folder in "
+                         "sec-edgar-downloader's layout); files already downloaded are kept."), said  # fmt: skip
+    url = edgar_urls()[1].format(submission="CIK0001018724.json")
+    edgar.fail("/submissions/", {"status": 403, "body": b"Request Rate Threshold Exceeded"}, {"status": 429})
+    with pytest.raises(EdgarError, match=r"\(HTTP 429\) for .*\. SEC is throttling this machine \(its fair-access "
+                       r"limit\): wait 10 minutes and run again; files already downloaded are kept\.$"):  # fmt: skip
+        _client(max_retries=1).get(url)
+    edgar.fail("/submissions/", {"status": 503}, {"status": 502})
+    with pytest.raises(EdgarError, match=r"\(HTTP 502\) for .*\. EDGAR's servers are failing: run again later; "):
+        _client(max_retries=1).get(url)
+
+
 def test_slow_answer_times_out_and_is_retried(edgar, tmp_path):
     edgar.fail("/submissions/", {"sleep": 1.5})
     cfg = DataConfig(source="edgar", tickers=["AMZN"], fiscal_years=[2021])
