@@ -211,6 +211,41 @@ def _plots(tmp: Path, losses: list[dict], before: dict, after: dict, val_losses:
     return [tmp / "loss_curve.png", tmp / "perplexity_before_after.png"]
 
 
+def data_plot(tmp: Path, report: dict) -> Path | None:
+    """`data_by_item.png`: the tokens each Item adds over all filings, coloured by its set, with how many filings
+    have it as text (the data report's table of Items, at a glance). None for users' own text, and for a report
+    from before that table."""
+    from tasks.datareport import ITEM_TITLES
+
+    rows = [row for row in report.get("items", []) if row["tokens"]]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    colours, filings = {"train": "tab:blue", "val": "tab:orange"}, len(report["filings"])
+    fig, ax = plt.subplots(figsize=(7.5, 1.2 + 0.3 * len(rows)))
+    ax.barh(range(len(rows)), [row["tokens"] for row in rows], color=[colours[row["set"]] for row in rows])
+    titles = [re.sub(r"; before [^,]+, ", " / ", ITEM_TITLES[row["item"]]) for row in rows]  # now / then
+    names = [f"{row['item']}  {t if len(t) <= 40 else t[:39] + '…'}" for row, t in zip(rows, titles, strict=True)]
+    ax.set_yticks(range(len(rows)), names, fontsize=8)
+    ax.invert_yaxis()  # Item 1 on top
+    for i, row in enumerate(rows):
+        ax.annotate(f" {row['ok']}/{filings}", (row["tokens"], i), va="center", fontsize=7)
+    totals = {s: sum(row["tokens"] for row in rows if row["set"] == s) for s in colours}
+    ax.legend(handles=[Patch(color=colours[s], label=f"{s}: {totals[s]:,} tokens") for s in colours],
+              loc="lower right")  # fmt: skip
+    ax.set_xlabel("tokens (at each bar: the filings that have the Item as text, of all)")
+    ax.set_title(f"Tokens per Item of Form 10-K, {filings} filing{'s' * (filings != 1)}")
+    fig.tight_layout()
+    fig.savefig(tmp / "data_by_item.png", dpi=110)
+    plt.close(fig)
+    return tmp / "data_by_item.png"
+
+
 def perplexity_groups(before: dict, after: dict, most: int = 24) -> tuple[str, list[str], list[float], list[float]]:
     """What the before/after plot compares, "overall" last: (kind, names, perplexity before, after).
 
@@ -917,10 +952,12 @@ def _register(run_dir: Path, cfg: PipelineConfig, flow_run_id: str | None, runs_
         log_points(client, run.info.run_id, [p for p in training_points(run_dir / TRAIN) if p[2] not in logged[p[0]]])
         val_file = run_dir / TRAIN / "val_loss.jsonl"
         val_losses = read_jsonl(val_file) if val_file.exists() else []
+        data_report = read_json(run_dir / TOKENIZE / "data_report.json")
         with tempfile.TemporaryDirectory() as tmp:
-            for png in _plots(Path(tmp), losses, before, after, val_losses):
-                mlflow.log_artifact(str(png), artifact_path="plots")
-        mlflow.log_dict(read_json(run_dir / TOKENIZE / "data_report.json"), "data/report.json")
+            for png in [*_plots(Path(tmp), losses, before, after, val_losses), data_plot(Path(tmp), data_report)]:
+                if png is not None:
+                    mlflow.log_artifact(str(png), artifact_path="plots")
+        mlflow.log_dict(data_report, "data/report.json")
         mlflow.log_text((run_dir / TOKENIZE / "data_report.md").read_text(), "data/report.md")
         mlflow.log_dict({"before": before, "after": after}, "eval/perplexity.json")
         if (run_dir / TRAIN / "profile").is_dir():  # train.profile_step's trace and summary

@@ -656,7 +656,7 @@ def test_mlflow_has_the_version_alias_metrics_and_plots(tiny_run):
     for live in ("learning_rate", "tokens_per_s"):
         assert len(client.get_metric_history(run.info.run_id, live)) == s["train_steps"], live
     plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
-    assert plots == {"plots/loss_curve.png", "plots/perplexity_before_after.png"}
+    assert plots == {"plots/loss_curve.png", "plots/perplexity_before_after.png", "plots/data_by_item.png"}
     data = {a.path for a in client.list_artifacts(run.info.run_id, "data")}
     assert data == {"data/report.json", "data/report.md"}
     profile = {a.path for a in client.list_artifacts(run.info.run_id, "profile")}  # train.profile_step=30
