@@ -10,8 +10,8 @@ from pathlib import Path
 from datasets import Dataset
 
 from edgar_tune.config import ConfigError, PipelineConfig
-from tasks.io import atomic_dir, atomic_write_json, atomic_write_text, read_json, read_jsonl, sha256_file
 from tasks.datareport import data_report, report_markdown
+from tasks.io import atomic_dir, atomic_write_json, atomic_write_text, read_json, read_jsonl, sha256_file
 from tasks.models import TINY, load_config, load_tokenizer, resolve_base_model
 from tasks.progress import OwnLine, Progress
 
@@ -176,7 +176,8 @@ def write_tokenize_stage(out: Path, parse_dir: Path, cfg: PipelineConfig) -> dic
         atomic_write_json(tmp / "stats.json", stats)
         parse_report = read_json(parse_dir / "report.json")
         if "filings" in parse_report:
-            report = data_report(parse_report, train_rows + val_rows, train_ids + val_ids)
+            packed = {"blocks": n_train, "block_length": length, "tokens": train_tokens, "dropped": dropped}
+            report = data_report(parse_report, train_rows + val_rows, train_ids + val_ids, packed)
             markdown = report_markdown(report)
         else:
             report = parse_report | {"train_tokens": train_tokens, "val_tokens": val_tokens}

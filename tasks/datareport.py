@@ -29,9 +29,10 @@ _STATUSES = ("ok", "incorporated_by_reference", "not_found")
 _REASONS_SHOWN = 3  # an Item's most common reasons for training nothing, in the table of Items
 
 
-def data_report(parse_report: dict, rows: list[dict], token_lists: list[list[int]]) -> dict:
-    """The parse report with the tokens each Item of each filing contributes (after the train/val dedupe), and
-    under `items` the same summed per Item over the filings (`item_summary`)."""
+def data_report(parse_report: dict, rows: list[dict], token_lists: list[list[int]], packed: dict | None = None) -> dict:
+    """The parse report with the tokens each Item of each filing contributes (after the train/val dedupe), under
+    `items` the same summed per Item over the filings (`item_summary`), and under `packed` what training gets of
+    them (tokenize's stats: blocks, their length, the tokens in them and those left over)."""
     tokens: dict[tuple[str, str], int] = {}
     for row, ids in zip(rows, token_lists, strict=True):
         tokens[(row["accession"], row["item"])] = len(ids) - 1  # without the EOS appended per document
@@ -42,6 +43,8 @@ def data_report(parse_report: dict, rows: list[dict], token_lists: list[list[int
         filing["train_tokens"] = sum(i["tokens"] for k, i in filing["items"].items() if k not in report["val_items"])
         filing["val_tokens"] = sum(i["tokens"] for k, i in filing["items"].items() if k in report["val_items"])
     report["items"] = item_summary(report)
+    if packed:
+        report["packed"] = packed
     return report
 
 
@@ -79,7 +82,7 @@ def report_markdown(report: dict) -> str:
         f"{len(filings)} filings of {companies} {'company' if companies == 1 else 'companies'}, FY{years[0]} to "
         f"FY{years[-1]}: {trained:,} tokens of training text, {held:,} of validation text (Item {val}). "
         f"{report['paragraphs_removed_from_train_as_in_val']:,} paragraphs left training because validation holds "
-        "them too.", "",
+        f"them too.{_packed(report.get('packed'))}", "",
         "## Items", "",
         "| item | title | ok | by reference | not found | chars | tokens | set | why not, in how many filings |",
         "|---|---|---:|---:|---:|---:|---:|---|---|",
@@ -103,3 +106,11 @@ def report_markdown(report: dict) -> str:
                        f"| {item['chars']:,} | {item['tokens']:,} | {role} | {item.get('reason') or ''} |")  # fmt: skip
     warnings = [f"- {f['ticker']} FY{f['fiscal_year']}: {w}" for f in filings for w in f["warnings"]]
     return "\n".join(out + (["", "## Warnings", "", *warnings] if warnings else [])) + "\n"
+
+
+def _packed(packed: dict | None) -> str:
+    """The totals line's account of the blocks, which the run's summary counts ("train 93,696")."""
+    if not packed:
+        return ""
+    return (f" Packed for training, with an end-of-text token after each document: {packed['tokens']:,} tokens in "
+            f"{packed['blocks']:,} blocks of {packed['block_length']:,}, the last {packed['dropped']:,} left over.")

@@ -535,8 +535,7 @@ def score_version(name: str, version: str, tokenize_dir: Path, eval_cfg: EvalCon
 def _score_version(name: str, version: str, tokenize_dir: Path, eval_cfg: EvalConfig) -> tuple[float | None, str]:
     from datasets import load_from_disk
 
-    from tasks.models import base_model_path
-    from tasks.models import load_tokenizer
+    from tasks.models import base_model_path, load_tokenizer
     from tasks.perplexity import evaluate_model
 
     with registered_files(mlflow.MlflowClient(), name, version, "champion") as local:

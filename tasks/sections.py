@@ -35,34 +35,7 @@ _RANK = {key: i for i, key in enumerate(ITEM_ORDER)}
 # from June 2016. A filing of an earlier year without the Item's heading lacks it by the form of its day.
 ITEM_SINCE = {"1A": 2005, "1B": 2005, "1C": 2023, "7A": 1997, "9A": 2003, "9B": 2004, "9C": 2021, "15": 2003,
               "16": 2016}  # fmt: skip
-
-
 NO_HEADING = "no 'Item {}' heading found in the document body"
-
-
-_PERIOD_OF_REPORT = re.compile(r"CONFORMED PERIOD OF REPORT:\s*(\d{4})\d{4}")
-_COVER_YEAR = re.compile(r"\bfor\s+the\s+fiscal\s+year\s+ended\s*:?\s*[a-z]+\.?\s+\d{1,2}\s*,?\s*(\d{4})\b", re.I)
-_COVER_LINES = 200
-
-
-def fiscal_year_in(text: str, lines: list[str]) -> int | None:
-    """The fiscal year a 10-K reports (the year its period ends), as the document says it: its SEC header's
-    CONFORMED PERIOD OF REPORT, else its cover's "For the fiscal year ended December 31, 2020"; None where it says
-    neither (a transition report's cover names a period instead)."""
-    if match := _PERIOD_OF_REPORT.search(text[:20_000]):
-        return int(match.group(1))
-    if match := _COVER_YEAR.search(" ".join(lines[:_COVER_LINES])):
-        return int(match.group(1))
-    return None
-
-
-def before_the_item(key: str, fiscal_year: int | None) -> str | None:
-    """Why a filing of `fiscal_year` has no heading for Item `key` where the form of its day had no such Item, else
-    None."""
-    since = ITEM_SINCE.get(key)
-    if since is None or fiscal_year is None or fiscal_year >= since:
-        return None
-    return f"no 'Item {key}' heading, and the form had none before FY{since}"
 TableMode = Literal["rows", "drop"]
 
 _BLOCK_TAGS = frozenset(
@@ -581,6 +554,31 @@ def _mdna_from_ex13(items: dict[str, Item], exhibits: list[tuple[str, str]], tab
             warnings.append(f"Item 7 taken from {doc_type} (annual report to shareholders)")
             return
     warnings.append("Item 7 is incorporated by reference, but no EX-13 with an MD&A section is in the submission")
+
+
+_PERIOD_OF_REPORT = re.compile(r"CONFORMED PERIOD OF REPORT:\s*(\d{4})\d{4}")
+_COVER_YEAR = re.compile(r"\bfor\s+the\s+fiscal\s+year\s+ended\s*:?\s*[a-z]+\.?\s+\d{1,2}\s*,?\s*(\d{4})\b", re.I)
+_COVER_LINES = 200
+
+
+def fiscal_year_in(text: str, lines: list[str]) -> int | None:
+    """The fiscal year a 10-K reports (the year its period ends), as the document says it: its SEC header's
+    CONFORMED PERIOD OF REPORT, else its cover's "For the fiscal year ended December 31, 2020"; None where it says
+    neither (a transition report's cover names a period instead)."""
+    if match := _PERIOD_OF_REPORT.search(text[:20_000]):
+        return int(match.group(1))
+    if match := _COVER_YEAR.search(" ".join(lines[:_COVER_LINES])):
+        return int(match.group(1))
+    return None
+
+
+def before_the_item(key: str, fiscal_year: int | None) -> str | None:
+    """Why a filing of `fiscal_year` has no heading for Item `key` where the form of its day had no such Item, else
+    None."""
+    since = ITEM_SINCE.get(key)
+    if since is None or fiscal_year is None or fiscal_year >= since:
+        return None
+    return f"no 'Item {key}' heading, and the form had none before FY{since}"
 
 
 def parse_filing(path: Path, tables: TableMode = "rows", submission: Path | None = None,

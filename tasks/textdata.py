@@ -288,7 +288,7 @@ def _text(path: Path, data: bytes | None) -> str:
     except UnicodeDecodeError as err:
         line = raw[: err.start].count(b"\n") + 1
         raise ConfigError(f"{path}, line {line}: not UTF-8 (byte 0x{raw[err.start]:02x} at offset {err.start}); save "
-                         "the file as UTF-8") from None  # fmt: skip
+                          "the file as UTF-8") from None  # fmt: skip
 
 
 def read_records(path: Path, data: bytes | None = None) -> list[dict]:
@@ -389,7 +389,7 @@ def split_rows(rows: list[dict], ratio: float, seed: int) -> tuple[list[dict], l
     """Hold out `ratio` of the rows (at least one), chosen by `seed`; both sets keep their file order."""
     if len(rows) < 2:
         raise ConfigError(f"{len(rows)} row(s) cannot be split into training and validation; add data or give "
-                         "`data.validation`")  # fmt: skip
+                          "`data.validation`")  # fmt: skip
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
     n_val = max(1, round(ratio * len(rows)))

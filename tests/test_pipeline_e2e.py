@@ -628,7 +628,17 @@ def test_data_report_counts_characters_and_tokens_per_item(tiny_run):
         assert filing["items"]["1A"]["chars"] > 40_000 and filing["items"]["1A"]["tokens"] > 5_000
         assert filing["items"]["11"]["tokens"] == 0  # a stub pointing to the proxy statement
     assert sum(f["val_tokens"] for f in report["filings"]) == s["val_tokens"]  # tokens scored = text tokens
-    assert "| AMZN | 2021 | 0001018724-22-000005 | 7 | ok |" in (runs / "latest" / "03_tokenize" / "data_report.md").read_text()
+    md = (runs / "latest" / "03_tokenize" / "data_report.md").read_text()
+    assert "| AMZN | 2021 | 0001018724-22-000005 | 7 | ok |" in md
+    # The summary's training tokens are the blocks': the report says how its own count of the text comes to them
+    stats = json.loads((runs / "latest" / "03_tokenize" / "stats.json").read_text())
+    packed = report["packed"]
+    text = sum(f["train_tokens"] for f in report["filings"])
+    assert packed["tokens"] == s["train_tokens"] == stats["train_tokens"] == packed["blocks"] * packed["block_length"]
+    assert text + report["train_documents"] - packed["dropped"] == packed["tokens"]  # an EOS after each document
+    said = (f"Packed for training, with an end-of-text token after each document: {packed['tokens']:,} tokens in "
+            f"{packed['blocks']:,} blocks of {packed['block_length']:,}, the last {packed['dropped']:,} left over.")
+    assert said in md
 
 
 def test_mlflow_has_the_version_alias_metrics_and_plots(tiny_run):
