@@ -413,9 +413,9 @@ def _items_by_pages(lines: list[str], pages: list[int | None], order: list[tuple
     empty = [key for key, _ in order if len(bodies[key]) < 100]
     if len(order) < 5 or len(empty) < 0.8 * len(order):
         return None
-    cells = {key: lines[at].rsplit("|", 1)[-1].strip() if "|" in lines[at] else "" for key, at in order}
-    refs = {key: match.group(1) for key, at in order  # the last cell; with `--tables drop`, the row's last words
-            if (match := _PAGE_CELL.search(_heading_tail(lines[at])))}  # fmt: skip
+    tails = {key: _heading_tail(lines[at]) for key, at in order}  # each row but its "Item N"
+    refs = {key: match.group(1) for key, tail in tails.items()  # the last cell; with `--tables drop`, the last words
+            if (match := _PAGE_CELL.search(tail))}  # fmt: skip
     if len(refs) < 0.5 * len(order):
         return None
     listed = any(re.search(r"[-\u2013,]", cell) for cell in refs.values())
@@ -449,7 +449,8 @@ def _items_by_pages(lines: list[str], pages: list[int | None], order: list[tuple
                         if others else f"no text is printed on its page(s) {shown}")
         if new[key] and others:
             reasons[key] += f" (less what Item {', '.join(others)} holds)"
-    for key, cell in cells.items():
+    for key, tail in tails.items():
+        cell = tail.rsplit("|", 1)[-1].strip()  # the last cell (with `--tables drop`, the row: its title is in it)
         if key not in spans and _OMITTED.search(cell):
             new[key] = cell  # "Item 1B. | Unresolved Staff Comments | Not applicable"
     shown = ", ".join(f"Item {key} p. {refs[key]}" for key in list(spans)[:3]) + (", ..." if len(spans) > 3 else "")
