@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from edgar_tune.config import ConfigError, load_config
@@ -273,9 +277,39 @@ def test_text_that_cannot_be_split_ends_the_run_saying_what_to_change(tmp_path, 
     proc = subprocess.run([sys.executable, "-m", "edgar_tune.cli", "run", "--preset", "tiny", "--out",
                            str(tmp_path / "run"), "--set", f"data.source={one}"], cwd=REPO, timeout=300,
                           env=dict(os.environ, **prefect_server), capture_output=True, text=True)  # fmt: skip
+    said = "1 row(s) cannot be split into training and validation; add data or give `data.validation`"
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert proc.stderr.strip().splitlines()[-1] == ("edgar-tune: error: 1 row(s) cannot be split into training and "
-                                                    "validation; add data or give `data.validation`")  # fmt: skip
+    assert proc.stderr.strip().splitlines()[-1] == f"edgar-tune: error: {said}"
+    # Prefect logs the error that ends the stage's task run and the flow run, without the traceback of its engine
+    # above it: on the console, and in the flow run's log in the UI.
+    assert "Traceback" not in proc.stderr and "task run 'parse' - Task run failed with exception: ConfigError" \
+        in proc.stderr, proc.stderr[-3000:]  # fmt: skip
+    name = re.search(r"Beginning flow run '([^']+)'", proc.stderr)[1]
+    api = httpx.Client(base_url=prefect_server["PREFECT_API_URL"], timeout=60)
+    run = api.post("/flow_runs/filter", json={"flow_runs": {"name": {"any_": [name]}}}).json()[0]
+    query = {"logs": {"flow_run_id": {"any_": [run["id"]]}}, "sort": "TIMESTAMP_ASC"}
+    for _ in range(60):  # the logs reach the server in batches, after the run's state
+        messages = [r["message"] for r in api.post("/logs/filter", json=query).json()]
+        if any(m.startswith("Encountered exception") for m in messages):
+            break
+        time.sleep(0.5)
+    ended = [m for m in messages if said in m]
+    assert len(ended) >= 2 and not any("Traceback" in m for m in messages), messages
+
+
+def test_the_run_log_keeps_a_bugs_traceback():
+    """The run's log drops the traceback of an error that explains itself (the test above); a bug's stays, for its
+    report."""
+    from flows.logs import logs_into_the_flow_run
+
+    logs_into_the_flow_run()
+    logger, kept = logging.getLogger("prefect.task_runs"), []
+    for err in (ConfigError("give `data.validation`"), KeyError("blocks")):
+        record = logger.makeRecord(logger.name, logging.ERROR, __file__, 0, "Task run failed with exception: %r",
+                                   (err,), (type(err), err, err.__traceback__))  # fmt: skip
+        assert logger.filter(record)  # as Logger.handle asks before any handler sees the record
+        kept.append(record.exc_info and record.exc_info[0])
+    assert kept == [None, KeyError]
 
 
 def test_instruction_tuning_needs_jsonl():
