@@ -685,7 +685,7 @@ def _validation_message(err: ValidationError) -> str:
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             lines.append(f"unknown config key `{loc}`")
-        elif not loc or isinstance(e.get("input"), dict):  # a combination of keys: the message names them
+        elif "." not in loc:  # a section's or the config's check of a combination of keys: the message names them
             lines.append(msg)
         else:
             given = e.get("input")
