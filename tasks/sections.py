@@ -92,6 +92,11 @@ _OMITTED = re.compile(
     r"|\bnot\s+required\s+for\s+smaller\s+reporting",
     re.I,
 )
+# An index row's last words that say its Item does not apply, after its title ("Unresolved Staff Comments Not
+# applicable": a row whose cells `--tables drop` ran together).
+_OMITTED_LAST = re.compile(
+    r"(?:^|\s)(\(?not\s+applicable\)?|none|omitted|[\[(]?(?:removed\s+and\s+)?reserved[\])]?)\.?$", re.I
+)
 _OMITTED_CHARS = 300  # "Not applicable." or "As a smaller reporting company, we are not required to ..."
 # Financial statements filed after Part IV (the "F-pages"), to which a short Item 8 points: where they begin (a
 # heading line, not a contents line ending in its page) and where they end (the exhibit index or the signatures).
@@ -451,8 +456,12 @@ def _items_by_pages(lines: list[str], pages: list[int | None], order: list[tuple
             reasons[key] += f" (less what Item {', '.join(others)} holds)"
     for key, tail in tails.items():
         cell = tail.rsplit("|", 1)[-1].strip()  # the last cell (with `--tables drop`, the row: its title is in it)
-        if key not in spans and _OMITTED.search(cell):
+        if key in spans:
+            continue
+        if _OMITTED.search(cell):
             new[key] = cell  # "Item 1B. | Unresolved Staff Comments | Not applicable"
+        elif "|" not in tail and (last := _OMITTED_LAST.search(cell)):
+            new[key] = last.group(1)  # `--tables drop`: "Item 1B. Unresolved Staff Comments Not applicable"
     shown = ", ".join(f"Item {key} p. {refs[key]}" for key in list(spans)[:3]) + (", ..." if len(spans) > 3 else "")
     return new, reasons, shown
 
@@ -558,14 +567,14 @@ def _mdna_from_ex13(items: dict[str, Item], exhibits: list[tuple[str, str]], tab
 
 
 _PERIOD_OF_REPORT = re.compile(r"CONFORMED PERIOD OF REPORT:\s*(\d{4})\d{4}")
-_COVER_YEAR = re.compile(r"\bfor\s+the\s+fiscal\s+year\s+ended\s*:?\s*[a-z]+\.?\s+\d{1,2}\s*,?\s*(\d{4})\b", re.I)
+_COVER_YEAR = re.compile(r"\bfor\s+the\s+(?:fiscal\s+)?year\s+ended\s*:?\s*[a-z]+\.?\s+\d{1,2}\s*,?\s*(\d{4})\b", re.I)
 _COVER_LINES = 200
 
 
 def fiscal_year_in(text: str, lines: list[str]) -> int | None:
     """The fiscal year a 10-K reports (the year its period ends), as the document says it: its SEC header's
-    CONFORMED PERIOD OF REPORT, else its cover's "For the fiscal year ended December 31, 2020"; None where it says
-    neither (a transition report's cover names a period instead)."""
+    CONFORMED PERIOD OF REPORT, else its cover's "For the fiscal year ended December 31, 2020" (or "For the year
+    ended"); None where it says neither (a transition report's cover names a period instead)."""
     if match := _PERIOD_OF_REPORT.search(text[:20_000]):
         return int(match.group(1))
     if match := _COVER_YEAR.search(" ".join(lines[:_COVER_LINES])):

@@ -210,6 +210,8 @@ def test_the_fiscal_year_is_the_documents_own_word_and_an_item_its_form_lacked_s
         start = next(i for i, line in enumerate(lines) if "FORM 10-K" in line.upper())
         assert fiscal_year_in("", [line for line in lines[start:] if "PERIOD OF REPORT" not in line]) == year
     assert fiscal_year_in("", ["For the transition period from July 1, 2020 to December 31, 2020"]) is None
+    cover = ["ANNUAL REPORT PURSUANT TO SECTION 13 OR 15(d)", "For the year ended June 30, 2004"]  # no "fiscal"
+    assert fiscal_year_in("", cover) == 2004
     aapl = parsed[FILINGS / "AAPL_10-K_1996.txt.gz"].items
     assert aapl["1A"].reason == "no 'Item 1A' heading, and the form had none before FY2005"
     assert aapl["7A"].reason == "no 'Item 7A' heading, and the form had none before FY1997"
@@ -404,6 +406,8 @@ def test_an_index_that_lists_page_ranges_takes_each_items_pages(tmp_path):
     dropped = parse_filing(path, "drop")
     assert dropped.items["7"].reason == doc.items["7"].reason
     assert dropped.items["3"].reason == doc.items["3"].reason
+    # ... and its last words say Item 1B does not apply (it was "heading found but no text under it")
+    assert (dropped.items["1B"].text, dropped.items["1B"].reason) == ("Not applicable", doc.items["1B"].reason)
 
 
 def test_page_numbers_are_the_run_of_footers_not_a_contents_pages_numbers():
