@@ -13,7 +13,8 @@ from tasks.sections import ITEM_ORDER
 ITEM_TITLES = {
     "1": "Business", "1A": "Risk Factors", "1B": "Unresolved Staff Comments", "1C": "Cybersecurity",
     "2": "Properties", "3": "Legal Proceedings",
-    "4": "Mine Safety Disclosures; before 2010, Submission of Matters to a Vote of Security Holders",
+    "4": "Mine Safety Disclosures; 2010-11, (Removed and Reserved); before 2010, Submission of Matters to a Vote of "
+         "Security Holders",
     "5": "Market for Common Equity", "6": "[Reserved]; before 2021, Selected Financial Data",
     "7": "Management's Discussion and Analysis (MD&A)",
     "7A": "Market Risk Disclosures", "8": "Financial Statements and Supplementary Data",
