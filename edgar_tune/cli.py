@@ -43,7 +43,7 @@ def _make_prefect_home() -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from edgar_tune.config import load_config, parse_overrides
+    from edgar_tune.config import load_config, parse_overrides, tracking_uri
 
     overrides = parse_overrides(args.set)
     for key in ("deepspeed", "nproc", "hostfile"):
@@ -51,6 +51,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             overrides[f"train.{key}"] = getattr(args, key)
     cfg = load_config(args.preset, overrides)  # fail on bad keys before Prefect starts
     _check_data_here(cfg.data, args.out)  # on data it cannot read
+    tracking_uri(cfg.registry.tracking_uri, Path(args.out).parent)  # on an MLflow store given as a path
     from tasks.finetune import preflight
     from tasks.models import check_model_name
 

@@ -7,6 +7,7 @@ bare (`learning_rate=1e-4`, the name SageMaker JumpStart uses). Every error name
 from __future__ import annotations
 
 import difflib
+import os
 import uuid
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -559,11 +560,40 @@ class GenerateConfig(_Section):
     sampling_seed: int = Field(0, description="Seed of the draws; the same for the base and the fine-tuned model.")
 
 
+def store_uri_problem(uri: str) -> str | None:
+    """What is wrong with `uri` as the MLflow store edgar-tune registers in or reads, saying what to give instead;
+    None when it is a store's URI (sqlite:///, a tracking server's http(s)://, a database's, Databricks). A path
+    is not one: MLflow reads it as its file store, which MLflow 3 refuses, and it did so after the training, at
+    the registration."""
+    scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
+    if scheme not in ("", "file") or uri.lower().startswith("databricks"):
+        return None
+    path = Path(uri.removeprefix("file://") if scheme else uri).expanduser().absolute()
+    if path.suffix == ".db" or path.is_file():
+        return f"a path, not a store's URI: give sqlite:///{path}"
+    return (f"MLflow's file store (a folder, as ./mlruns), which MLflow 3 refuses: give an sqlite store, such as "
+            f"sqlite:///{path / 'mlflow.db'} (`mlflow migrate-filestore` moves a file store's runs into one), or a "
+            f"tracking server's http(s):// URL")
+
+
+def tracking_uri(cfg_uri: str | None, runs_root: Path) -> str:
+    """Explicit config, else $MLFLOW_TRACKING_URI, else an sqlite store beside the run folders. A path given where a
+    store's URI goes is refused (`store_uri_problem`), saying what to give."""
+    uri = cfg_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        return f"sqlite:///{(runs_root / 'mlflow.db').resolve()}"
+    if problem := store_uri_problem(uri):
+        whence = "the MLflow store" if cfg_uri else "$MLFLOW_TRACKING_URI"
+        raise ConfigError(f"{whence} {uri!r} is {problem}")
+    return uri
+
+
 class RegisterConfig(_Section):
     """Where the model is registered."""
 
     tracking_uri: str | None = Field(
-        None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI, else sqlite next to the run folder."
+        None, description="MLflow tracking URI (sqlite:///PATH, or a tracking server's http(s):// URL); default "
+        "$MLFLOW_TRACKING_URI, else sqlite next to the run folder."
     )
     experiment: str = Field("edgar-tune", description="MLflow experiment name.")
     model_name: str = Field("edgar-tune-10k", description="Registered model name.")
@@ -573,6 +603,13 @@ class RegisterConfig(_Section):
         "this run's before deciding which is champion (models with another tokenizer are not compared). false: "
         "the new version is the challenger until someone promotes it.",
     )
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _store(cls, v: str | None) -> str | None:
+        if v is not None and (problem := store_uri_problem(v)):
+            raise ValueError(problem)
+        return v
 
 
 class PipelineConfig(_Section):

@@ -25,7 +25,7 @@ from typing import Literal
 from prefect import flow
 from prefect.runtime import flow_run
 
-from edgar_tune.config import ConfigError, PipelineConfig, RerunNeeded, RunParameters, flow_run_id
+from edgar_tune.config import ConfigError, PipelineConfig, RerunNeeded, RunParameters, flow_run_id, tracking_uri
 from edgar_tune.reaper import watch_embedded_server
 from edgar_tune.signals import as_signal, keep_signals, leaked_locks_released
 from flows.logs import logs_into_the_flow_run
@@ -154,6 +154,8 @@ def _run_stages(folder: RunFolder, cfg: PipelineConfig, todo: tuple[str, ...] | 
     run_dir = folder.local
     forced = set(todo) if force is True else set(force or ())
     precision = preflight(cfg.train) if "train" in todo else None  # a GPU-only engine fails here, not after data
+    if {"train", "register"} & set(todo):  # and a store MLflow cannot open ($MLFLOW_TRACKING_URI), not after training
+        tracking_uri(cfg.registry.tracking_uri, run_dir.parent)
     at = cfg
     if "tokenize" in todo:  # the one stage that reads `model.name`; the later ones load what it resolved
         at = at_commit(cfg, check_model_name(cfg.model.name, cfg.model.revision))

@@ -30,7 +30,7 @@ import mlflow.pyfunc
 import pandas as pd
 import yaml
 
-from edgar_tune.config import REPO_ROOT, EvalConfig, PipelineConfig, RegisterConfig, flat_params
+from edgar_tune.config import REPO_ROOT, EvalConfig, PipelineConfig, RegisterConfig, flat_params, tracking_uri
 from tasks.io import (
     DOWNLOAD, EVALUATE, PARSE, TOKENIZE, TRAIN, Busy, cache_dir, held, holder_info, joined, megabytes, read_json,
     read_jsonl, size,
@@ -44,11 +44,6 @@ log = logging.getLogger(__name__)
 CHAMPION, CHALLENGER = "champion", "challenger"
 # The registered model's code (MLflow models-from-code); its version carries `tasks/` and `edgar_tune/` beside it.
 MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
-
-
-def tracking_uri(cfg_uri: str | None, runs_root: Path) -> str:
-    """Explicit config, else $MLFLOW_TRACKING_URI, else an sqlite store beside the run folders."""
-    return cfg_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(runs_root / 'mlflow.db').resolve()}"
 
 
 def existing_store(given: str | None, runs_root: Path, change: str) -> str:

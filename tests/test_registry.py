@@ -130,6 +130,19 @@ def test_a_person_promotes_a_version_by_hand_and_the_registry_records_who_and_wh
     assert lost.returncode == 2 and f"no MLflow store at {tmp_path / 'runs' / 'mlflow.db'}: run this where" in lost.stderr
     assert lost.stderr.strip().endswith(f"; there is one at {uri}")  # where a run with --out elsewhere keeps it
     assert not (tmp_path / "runs").exists()
+    # The store's file given as a path, as $MLFLOW_TRACKING_URI, or a folder: MLflow 3 refused them in a traceback
+    # (its file store); they are refused saying the URI to give.
+    db = uri.removeprefix("sqlite:///")
+    for given, said in ((["--tracking-uri", db], f"the MLflow store '{db}' is a path, not a store's URI: give {uri}"),
+                        ([], f"$MLFLOW_TRACKING_URI '{db}' is a path, not a store's URI: give {uri}"),
+                        (["--tracking-uri", "mlruns"], f"is MLflow's file store (a folder, as ./mlruns), which MLflow "
+                                                       f"3 refuses: give an sqlite store, such as sqlite:///{tmp_path}"
+                                                       f"/mlruns/mlflow.db")):  # fmt: skip
+        path = subprocess.run([sys.executable, "-m", "edgar_tune.cli", "models", *given], cwd=tmp_path, timeout=120,
+                              env=env | ({} if given else {"MLFLOW_TRACKING_URI": db}), capture_output=True,
+                              text=True)  # fmt: skip
+        assert path.returncode == 2 and said in path.stderr and "Traceback" not in path.stderr, path.stderr[-2000:]
+    assert not (tmp_path / "mlruns").exists()
 
     from edgar_tune.config import ConfigError
     from flows.export import edgar_tune_export
