@@ -105,10 +105,16 @@ class RunFolder:
             local = _working_copies() / name
             local.mkdir(parents=True, exist_ok=True)
             return cls(ref, local, ref)
+        from edgar_tune.config import ConfigError
+
         if "://" in ref:
-            raise ValueError(f"run folder {ref!r}: only local folders and s3:// URLs are supported")
-        local = Path(ref).resolve()
-        local.mkdir(parents=True, exist_ok=True)
+            raise ConfigError(f"run folder {ref!r}: give a local folder or an s3:// URL")
+        local = Path(ref).expanduser().resolve()
+        try:
+            local.mkdir(parents=True, exist_ok=True)
+        except OSError as err:  # a file on the way ("Not a directory"), a folder this user cannot write
+            raise ConfigError(f"run folder {local} cannot be made ({err.strerror}: {err.filename}); give --out (the "
+                              "flow's out_dir) a folder this user can write") from None  # fmt: skip
         return cls(str(local), local)
 
     @property

@@ -99,6 +99,20 @@ def test_a_run_folder_has_one_name_on_every_worker(tmp_path, monkeypatch):
     assert folder_identity(tmp_path / "run") == f"{socket.gethostname()}:{tmp_path / 'run'}"
 
 
+def test_a_run_folder_that_cannot_be_made_says_what_to_give(tmp_path):
+    """`--out` under a file, or a URL edgar-tune cannot write to: a one-line error naming it (they ended the run in
+    a NotADirectoryError's or ValueError's traceback), and nothing made."""
+    from tasks.storage import RunFolder
+
+    (tmp_path / "notes.txt").write_text("not a folder")
+    with pytest.raises(ConfigError, match=re.escape(f"run folder {tmp_path}/notes.txt/run cannot be made (Not a "
+                                                    "directory: ") + r".*\); give --out \(the flow's out_dir\)"):
+        RunFolder.open(str(tmp_path / "notes.txt" / "run"))
+    with pytest.raises(ConfigError, match="run folder 'http://host/runs/a': give a local folder or an s3:// URL"):
+        RunFolder.open("http://host/runs/a")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
 def test_the_champion_exported_to_s3_is_whole_wherever_its_pointer_points(s3, tiny_run, tmp_path, monkeypatch):
     """export-champion with `out` an s3:// URL (workers on several hosts, serving from S3): each version under its
     own prefix, the provenance uploaded last; the pointer switched to it once it is whole; the same champion again
