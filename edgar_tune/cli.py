@@ -100,10 +100,12 @@ def _data_problem(data) -> Exception | None:
         return None
     if not (missing := data.not_here()):
         return None
+    from edgar_tune.config import DataNotFound
+
     key, value = next(iter(missing.items()))
     where = "" if Path(value).expanduser().is_absolute() else f" (a relative path, looked for in {Path.cwd()})"
     other = ", `bundled` or `edgar`" if key == "data.source" else ""
-    return FileNotFoundError(f"`{key}` = {value!r} does not exist{where}; give a file or folder that does{other}")
+    return DataNotFound(f"`{key}` = {value!r} does not exist{where}; give a file or folder that does{other}")
 
 
 STAGES = ("download", "parse", "tokenize", "evaluate-base", "train", "evaluate", "register")  # tasks.cache.STAGES

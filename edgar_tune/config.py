@@ -62,6 +62,11 @@ class RerunNeeded(ConfigError):
         return type(self)(str(self).replace("--run RUN`", f"--run {ref}`"))
 
 
+class DataNotFound(FileNotFoundError):
+    """The data the config names is not there, or holds nothing edgar-tune reads; the message names the key and
+    what to give."""
+
+
 class StageFailed(RuntimeError):
     """A stage failed for a reason its message gives in full (how, what to change, where the next run resumes): the
     CLI prints it without a traceback."""

@@ -8,13 +8,14 @@ import sys
 from prefect.exceptions import MissingContextError
 from prefect.logging.handlers import APILogHandler
 
-from edgar_tune.config import ConfigError, StageFailed
+from edgar_tune.config import ConfigError, DataNotFound, StageFailed
 from tasks.download import EdgarError
 
-# Errors whose message says in full what went wrong and what to change: a config or data problem, EDGAR's refusal, a
-# stage that failed for a reason it gives (a full disk, a training that crashed, with its last lines), a loss or
-# perplexity gone NaN. The CLI prints them in one line; so do the run's logs (`_ExplainedErrors`).
-EXPLAINED = (ConfigError, EdgarError, StageFailed, FloatingPointError)
+# Errors whose message says in full what went wrong and what to change: a config or data problem (data that is not
+# there), EDGAR's refusal, a stage that failed for a reason it gives (a full disk, a training that crashed, with its
+# last lines), a loss or perplexity gone NaN. The CLI prints them in one line; so do the run's logs
+# (`_ExplainedErrors`).
+EXPLAINED = (ConfigError, DataNotFound, EdgarError, StageFailed, FloatingPointError)
 
 
 class _RunLogHandler(APILogHandler):

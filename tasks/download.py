@@ -25,7 +25,7 @@ from sec_edgar_downloader import _orchestrator as sed_orchestrator
 from sec_edgar_downloader import _sec_gateway as sed_gateway
 from sec_edgar_downloader._types import DownloadMetadata
 
-from edgar_tune.config import REPO_ROOT, DataConfig
+from edgar_tune.config import REPO_ROOT, DataConfig, DataNotFound
 from tasks.io import (
     atomic_write_bytes, atomic_write_json, cache_dir, held, holder_info, joined, open_bytes, remove_stale_temps,
     sha256_file,
@@ -229,9 +229,9 @@ def collect_local(folder: Path, tickers: list[str], years: list[int], latest: in
     if folder.name != sed_constants.ROOT_SAVE_FOLDER_NAME and (folder / sed_constants.ROOT_SAVE_FOLDER_NAME).is_dir():
         folder = folder / sed_constants.ROOT_SAVE_FOLDER_NAME
     if not folder.is_dir():
-        raise FileNotFoundError(f"`data.source` = {str(given)!r} does not exist" if not folder.exists() else
-                                f"`data.source` = {str(given)!r} is a file but not TXT, CSV, JSON or JSONL; give "
-                                "one of those, or a folder of 10-K filings")  # fmt: skip
+        raise DataNotFound(f"`data.source` = {str(given)!r} does not exist" if not folder.exists() else
+                           f"`data.source` = {str(given)!r} is a file but not TXT, CSV, JSON or JSONL; give "
+                           "one of those, or a folder of 10-K filings")  # fmt: skip
     listed = _read_manifest(folder) if (folder / MANIFEST).exists() else None
     scanned = scan_downloaded(folder, listed)
     chosen = _select([*(listed or []), *scanned], tickers, years, latest)
@@ -240,7 +240,7 @@ def collect_local(folder: Path, tickers: list[str], years: list[int], latest: in
             f["sha256"] = {k: sha256_file(folder / p) for k, p in f["files"].items()}
         for rel in f["files"].values():
             if not (folder / rel).exists():
-                raise FileNotFoundError(f"{folder / rel} is listed in {folder / MANIFEST} but missing")
+                raise DataNotFound(f"{folder / rel} is listed in {folder / MANIFEST} but missing")
     return sorted((dict(f, root=str(folder)) for f in chosen), key=lambda f: (f["ticker"], f["fiscal_year"]))
 
 
@@ -308,10 +308,10 @@ def scan_downloaded(root: Path, listed: list[dict] | None = None) -> list[dict]:
         return filings
     if not filings and cut:
         named = ", ".join(map(str, cut))
-        raise FileNotFoundError(f"`data.source` = {str(root)!r}: every 10-K in it is cut off ({named}): delete their "
-                                "folders and download them again")  # fmt: skip
+        raise DataNotFound(f"`data.source` = {str(root)!r}: every 10-K in it is cut off ({named}): delete their "
+                           "folders and download them again")  # fmt: skip
     if not filings:
-        raise FileNotFoundError(
+        raise DataNotFound(
             f"`data.source` = {str(root)!r} holds no 10-K that edgar-tune can read: no {MANIFEST} (a folder "
             "`edgar-tune` wrote) and no `TICKER/10-K/ACCESSION/full-submission.txt` (as sec-edgar-downloader "
             f"writes){f', only other forms ({_counted(others)})' if others else ''}, and no TXT, CSV, JSON or JSONL "
@@ -366,7 +366,7 @@ def filing_documents(where: Path) -> list[tuple[Path, Path | None]]:
     if where.is_file():
         return [(where, None)]
     if not where.is_dir():
-        raise FileNotFoundError(f"{where} does not exist")
+        raise DataNotFound(f"{where} does not exist")
     filing = (*SUBMISSION_FILES, *(f"{stem}." for stem in PRIMARY_STEMS))  # one walk of the tree, not one a name
     folders = sorted({p.parent for p in where.rglob("*") if p.name.startswith(filing)})
     documents = []
@@ -375,8 +375,8 @@ def filing_documents(where: Path) -> list[tuple[Path, Path | None]]:
         primary = files.get("primary_document", files.get("full_submission"))
         documents.append((primary, files.get("full_submission") if "primary_document" in files else None))
     if not documents:
-        raise FileNotFoundError(f"{where} holds no filing as sec-edgar-downloader lays them out "
-                                "(`ACCESSION/full-submission.txt` or `ACCESSION/primary-document.html`)")  # fmt: skip
+        raise DataNotFound(f"{where} holds no filing as sec-edgar-downloader lays them out "
+                           "(`ACCESSION/full-submission.txt` or `ACCESSION/primary-document.html`)")  # fmt: skip
     return documents
 
 
@@ -669,7 +669,7 @@ def gather_filings(cfg: DataConfig) -> tuple[list[dict], list[dict]]:
     if not filings:
         n = cfg.latest_years
         wanted = f"the latest {n} fiscal year(s)" if n else f"fiscal years {cfg.fiscal_years}"
-        raise FileNotFoundError(
+        raise DataNotFound(
             f"no 10-K found for tickers {cfg.tickers} and {wanted} in `data.source` = {cfg.source!r}; change "
             "`data.tickers`, `data.fiscal_years`/`data.latest_years` or the source"
         )
@@ -700,7 +700,7 @@ def fetch_s3_filings(url: str, tickers: list[str], years: list[int], latest: int
         keys = fs.find(prefix)  # bucket/key, each object under the prefix
     rels = sorted(k[len(prefix) - len("s3://") + 1:] for k in keys)
     if not rels:
-        raise FileNotFoundError(f"`data.source` = {url!r} holds no object (or these credentials cannot list it)")
+        raise DataNotFound(f"`data.source` = {url!r} holds no object (or these credentials cannot list it)")
     _prune(s3_copy(prefix), set(rels))
     listed = json.loads(fetch_s3(f"{prefix}/{MANIFEST}").read_text())["filings"] if MANIFEST in rels else None
     wanted = {rel for f in _select(listed or [], tickers, years, latest) for rel in f["files"].values()}
@@ -714,8 +714,8 @@ def fetch_s3_filings(url: str, tickers: list[str], years: list[int], latest: int
         mine = {folder_of[f["cik"]] for f in listed or [] if _is_company(f, t)}
         named |= own | (mine & companies) if own or mine or not t.isdigit() else companies
     if not named and listed is None:
-        raise FileNotFoundError(f"`data.source` = {url!r} has no company folder named {', '.join(tickers)} "
-                                f"(it has {', '.join(sorted(companies)[:20]) or 'none'}); change `data.tickers`")
+        raise DataNotFound(f"`data.source` = {url!r} has no company folder named {', '.join(tickers)} "
+                           f"(it has {', '.join(sorted(companies)[:20]) or 'none'}); change `data.tickers`")
     wanted |= {rel for rel in loose if rel.split("/", 1)[0] in named}
     log.info("%s: fetching %d object(s) of %s into this machine's cache (fetched again only when changed)", url,
              len(wanted), ", ".join(tickers))  # fmt: skip

@@ -28,7 +28,7 @@ import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from edgar_tune.config import TEXT_SUFFIXES, ConfigError, DataConfig, PipelineConfig, RerunNeeded
+from edgar_tune.config import TEXT_SUFFIXES, ConfigError, DataConfig, DataNotFound, PipelineConfig, RerunNeeded
 from tasks.io import atomic_write_bytes, cache_dir, held, holder_info, litter, read_bytes, read_json, sha256_file
 
 log = logging.getLogger(__name__)
@@ -51,10 +51,10 @@ def data_files(source: str, key: str = "data.source") -> list[str]:
     if path.is_file():
         return [str(path)]
     if not path.exists():
-        raise FileNotFoundError(f"`{key}` = {source!r} does not exist")
+        raise DataNotFound(f"`{key}` = {source!r} does not exist")
     files = sorted(p for p in path.iterdir() if _is_data(p.name))
     if not files:
-        raise FileNotFoundError(f"`{key}` = {source!r} has no .txt, .csv, .json or .jsonl files directly in it")
+        raise DataNotFound(f"`{key}` = {source!r} has no .txt, .csv, .json or .jsonl files directly in it")
     _unread_folders(source, key, [p.name for p in path.iterdir() if p.is_dir()])
     _unread_hidden(source, key, [p.name for p in path.iterdir() if p.is_file()])
     return [str(p) for p in files]
@@ -170,14 +170,14 @@ def _s3_files(source: str, key: str) -> list[str]:
     with _s3_access(source, key):
         if Path(source).suffix.lower() in TEXT_SUFFIXES:
             if not fs.isfile(source):
-                raise FileNotFoundError(f"`{key}` = {source!r} is not an object in that bucket (or these "
-                                        "credentials cannot read it)")  # fmt: skip
+                raise DataNotFound(f"`{key}` = {source!r} is not an object in that bucket (or these "
+                                   "credentials cannot read it)")  # fmt: skip
             return [source]
         prefix = source.rstrip("/")
         listed = fs.ls(prefix, detail=True) if fs.isdir(prefix) else []
     files = sorted(f"s3://{o['name']}" for o in listed if o["type"] == "file" and _is_data(o["name"]))
     if not files:
-        raise FileNotFoundError(
+        raise DataNotFound(
             f"`{key}` = {source!r} has no .txt, .csv, .json or .jsonl objects directly under it (10-K filings in "
             "a bucket: give the prefix of their `sec-edgar-filings` folder, s3://BUCKET/.../sec-edgar-filings)"
         )
@@ -331,7 +331,7 @@ def template_file(cfg: DataConfig, first: str) -> str | None:
     """`data.template`, else a template.json next to the first data file (a path or an s3:// URL), if there is one."""
     if cfg.template:
         if not (_s3_exists(cfg.template) if is_s3(cfg.template) else Path(cfg.template).expanduser().is_file()):
-            raise FileNotFoundError(f"`data.template` = {cfg.template!r} does not exist")
+            raise DataNotFound(f"`data.template` = {cfg.template!r} does not exist")
         return cfg.template
     if is_s3(first):
         beside = first.rsplit("/", 1)[0] + "/template.json"

@@ -304,12 +304,15 @@ def test_the_run_log_keeps_a_bugs_traceback():
 
     logs_into_the_flow_run()
     logger, kept = logging.getLogger("prefect.task_runs"), []
-    for err in (ConfigError("give `data.validation`"), KeyError("blocks")):
+    from edgar_tune.config import DataNotFound
+
+    for err in (ConfigError("give `data.validation`"), DataNotFound("`data.source` = 'x' does not exist"),
+                KeyError("blocks")):  # fmt: skip
         record = logger.makeRecord(logger.name, logging.ERROR, __file__, 0, "Task run failed with exception: %r",
                                    (err,), (type(err), err, err.__traceback__))  # fmt: skip
         assert logger.filter(record)  # as Logger.handle asks before any handler sees the record
         kept.append(record.exc_info and record.exc_info[0])
-    assert kept == [None, KeyError]
+    assert kept == [None, None, KeyError]
 
 
 def test_instruction_tuning_needs_jsonl():
