@@ -555,7 +555,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the whole pipeline as a Prefect flow")
     run.add_argument("--preset", default="demo", help="preset name (configs/presets/NAME.yaml) or YAML path")
-    run.add_argument("--out", default="runs/latest", help="run folder; summary.json is written there")
+    run.add_argument("--out", default="runs/latest", help="run folder (default: runs/latest), or an s3:// URL; "
+                     "summary.json is written there")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config key, e.g. --set train.learning_rate=1e-4 (see `edgar-tune keys`)")  # fmt: skip
     run.add_argument("--deepspeed", metavar="zero2|zero3|zero3-offload|PATH.json",
