@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 import time
@@ -46,6 +47,12 @@ def check_target(out: Path, replace: bool) -> None:
     was there before is lost to an export."""
     if out.is_file() or out.is_symlink():
         raise ConfigError(f"--out {out} is a file; name a new or empty folder")
+    above = next(p for p in out.parents if p.exists())  # where the export's folders would start to be made
+    if not out.exists() and not above.is_dir():
+        raise ConfigError(f"--out {out} is under {above}, which is a file; name a new or empty folder")
+    if not os.access(out if out.is_dir() else above, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out}: this user cannot write in {out if out.is_dir() else above}; name a folder "
+                          "it can")  # fmt: skip
     if not out.is_dir() or not any(out.iterdir()):
         return
     if not (out / PROVENANCE).is_file():

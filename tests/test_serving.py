@@ -605,6 +605,8 @@ def test_export_writes_a_merged_model_that_plain_transformers_scores_as_the_regi
     with pytest.raises(ConfigError, match="is not an earlier export"):
         export_version(client, *version, other, replace=True)
     assert [p.name for p in other.iterdir()] == ["notes.txt"]
+    with pytest.raises(ConfigError, match=f"is under {other / 'notes.txt'}, which is a file; name a new"):
+        export_version(client, *version, other / "notes.txt" / "export")  # was a FileExistsError's traceback
     with pytest.raises(ConfigError, match="built inside its run"):  # tiny-llama's base is in the version
         export_version(client, *version, tmp_path / "adapter", adapter=True)
     assert not (tmp_path / "adapter").exists()
