@@ -115,6 +115,9 @@ class RunFolder:
         except OSError as err:  # a file on the way ("Not a directory"), a folder this user cannot write
             raise ConfigError(f"run folder {local} cannot be made ({err.strerror}: {err.filename}); give --out (the "
                               "flow's out_dir) a folder this user can write") from None  # fmt: skip
+        if not os.access(local, os.W_OK | os.X_OK):  # there, but the first write in it would fail
+            raise ConfigError(f"run folder {local}: this user cannot write in it; give --out (the flow's out_dir) a "
+                              "folder this user can write")  # fmt: skip
         return cls(str(local), local)
 
     @property
