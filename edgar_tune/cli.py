@@ -51,7 +51,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             overrides[f"train.{key}"] = getattr(args, key)
     cfg = load_config(args.preset, overrides)  # fail on bad keys before Prefect starts
     _check_data_here(cfg.data, args.out)  # on data it cannot read
-    tracking_uri(cfg.registry.tracking_uri, Path(args.out).parent)  # on an MLflow store given as a path
+    tracking_uri(cfg.registry.tracking_uri, Path(args.out).parent, "`registry.tracking_uri` =")  # a path as the store
     from tasks.finetune import preflight
     from tasks.models import check_model_name
 
@@ -113,7 +113,7 @@ STAGES = ("download", "parse", "tokenize", "evaluate-base", "train", "evaluate",
 
 def cmd_rerun(args: argparse.Namespace) -> int:
     """Recompute one stage of a run (folder, s3:// URL or flow-run id) and what depends on it, as a flow run."""
-    from edgar_tune.config import flow_run_id, parse_overrides
+    from edgar_tune.config import flow_run_id, parse_overrides, tracking_uri
 
     overrides = parse_overrides(args.set) or None
     if flow_run_id(args.run) is None and "://" not in args.run:  # a local folder: fails here, before Prefect starts
@@ -123,6 +123,7 @@ def cmd_rerun(args: argparse.Namespace) -> int:
         cfg = rerun_config(args.name, Path(args.run), overrides, args.run)
         if args.name == "download" and (problem := _data_problem(cfg.data)):  # what it would read again
             raise problem
+        tracking_uri(cfg.registry.tracking_uri, Path(args.run).parent, "`registry.tracking_uri` =")  # register reruns
         if why := kept_otherwise(Path(args.run), cfg, rerun_stages(args.name)[0]):
             raise RerunNeeded(why).for_run(args.run)
     from edgar_tune.reaper import embedded_prefect

@@ -581,15 +581,16 @@ def store_uri_problem(uri: str) -> str | None:
             f"tracking server's http(s):// URL")
 
 
-def tracking_uri(cfg_uri: str | None, runs_root: Path) -> str:
+def tracking_uri(cfg_uri: str | None, runs_root: Path, given_as: str = "the MLflow store") -> str:
     """Explicit config, else $MLFLOW_TRACKING_URI, else an sqlite store beside the run folders. A path given where a
-    store's URI goes is refused (`store_uri_problem`), saying what to give."""
+    store's URI goes is refused (`store_uri_problem`), saying what to give, and naming `cfg_uri` `given_as`. Checked
+    where a run starts and where a command reads the store, not in the config's validation: a run folder whose
+    config.yaml holds such a path (made before 2026-12-04) is rerun with `--set registry.tracking_uri=...`."""
     uri = cfg_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
         return f"sqlite:///{(runs_root / 'mlflow.db').resolve()}"
     if problem := store_uri_problem(uri):
-        whence = "the MLflow store" if cfg_uri else "$MLFLOW_TRACKING_URI"
-        raise ConfigError(f"{whence} {uri!r} is {problem}")
+        raise ConfigError(f"{given_as if cfg_uri else '$MLFLOW_TRACKING_URI'} {uri!r} is {problem}")
     return uri
 
 
@@ -608,13 +609,6 @@ class RegisterConfig(_Section):
         "this run's before deciding which is champion (models with another tokenizer are not compared). false: "
         "the new version is the challenger until someone promotes it.",
     )
-
-    @field_validator("tracking_uri")
-    @classmethod
-    def _store(cls, v: str | None) -> str | None:
-        if v is not None and (problem := store_uri_problem(v)):
-            raise ValueError(problem)
-        return v
 
 
 class PipelineConfig(_Section):

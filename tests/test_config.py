@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from edgar_tune.config import PRESETS_DIR, ConfigError, flat_params, load_config
 
@@ -74,9 +75,6 @@ def test_one_ticker_or_year_or_several_with_commas_are_a_list():
         ("model.revision=0123456", "`model.revision`: a branch, tag or commit as a string, not 42798: quote it"),
         # a mapping where a value goes: it said "Input should be a valid list", naming no key
         ("parse.val_items={a: 1}", "`parse.val_items`: Input should be a valid list (got {'a': 1})"),
-        # a path where a store's URI goes: MLflow took it as its file store and refused it at the registration
-        ("registry.tracking_uri=/srv/mlflow.db", "`registry.tracking_uri`: a path, not a store's URI: give "
-                                                 "sqlite:////srv/mlflow.db (got '/srv/mlflow.db')"),
     ],
 )
 def test_bad_overrides_name_the_key(override, message):
@@ -378,12 +376,26 @@ def test_gpu_only_engines_fail_on_the_cpu_before_anything_runs(overrides, messag
 
 
 def test_an_mlflow_store_given_as_a_path_is_refused_before_the_run_starts(tmp_path):
-    """$MLFLOW_TRACKING_URI=mlruns (MLflow 2's default folder): MLflow 3 refuses its file store, which it did at the
-    registration, after the training; the run is refused before Prefect starts, saying the URI to give."""
-    proc = subprocess.run([sys.executable, "-m", "edgar_tune.cli", "run", "--preset", "tiny", "--out",
-                           str(tmp_path / "run")], capture_output=True, text=True, cwd=tmp_path, timeout=120,
-                          env=dict(os.environ, MLFLOW_TRACKING_URI="mlruns", PYTHONPATH=str(REPO)))  # fmt: skip
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert ("edgar-tune: error: $MLFLOW_TRACKING_URI 'mlruns' is MLflow's file store (a folder, as ./mlruns), which "
-            f"MLflow 3 refuses: give an sqlite store, such as sqlite:///{tmp_path}/mlruns/mlflow.db") in proc.stderr
-    assert "Starting temporary server" not in proc.stderr + proc.stdout and not list(tmp_path.iterdir())
+    """$MLFLOW_TRACKING_URI=mlruns (MLflow 2's default folder), or `registry.tracking_uri` a database's path: MLflow
+    3 refuses its file store, which it did at the registration, after the training; the run is refused before
+    Prefect starts, saying the URI to give. A run folder made with such a path before is rerun with the URI set."""
+    run = [sys.executable, "-m", "edgar_tune.cli", "run", "--preset", "tiny", "--out", str(tmp_path / "run")]
+    for more, env, said in (
+        ([], {"MLFLOW_TRACKING_URI": "mlruns"}, "$MLFLOW_TRACKING_URI 'mlruns' is MLflow's file store (a folder, as "
+                                                f"./mlruns), which MLflow 3 refuses: give an sqlite store, such as "
+                                                f"sqlite:///{tmp_path}/mlruns/mlflow.db"),
+        (["--set", "registry.tracking_uri=/srv/mlflow.db"], {}, "`registry.tracking_uri` = '/srv/mlflow.db' is a "
+                                                                "path, not a store's URI: give sqlite:////srv/mlflow.db"),
+    ):  # fmt: skip
+        proc = subprocess.run(run + more, capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                              env=dict(os.environ, PYTHONPATH=str(REPO), **env))  # fmt: skip
+        assert proc.returncode == 2 and f"edgar-tune: error: {said}" in proc.stderr, proc.stderr[-2000:]
+        assert "Starting temporary server" not in proc.stderr + proc.stdout and not list(tmp_path.iterdir())
+    made = tmp_path / "old"
+    made.mkdir()
+    made.joinpath("config.yaml").write_text(yaml.safe_dump(load_config("tiny").model_dump() | {
+        "registry": {"tracking_uri": "/srv/mlruns"}}))  # fmt: skip
+    from tasks.cache import rerun_config
+
+    fixed = rerun_config("register", made, ["registry.tracking_uri=sqlite:////srv/mlflow.db"], str(made))
+    assert fixed.registry.tracking_uri == "sqlite:////srv/mlflow.db"
