@@ -81,7 +81,7 @@ def _check_data_here(data, out: str) -> None:
 
     if (problem := _data_problem(data)) is None or "://" in out:
         return
-    recorded = Path(out) / DOWNLOAD / "manifest.json"
+    recorded = Path(out).expanduser() / DOWNLOAD / "manifest.json"  # as RunFolder.open reads `out`
     if recorded.is_file() and read_json(recorded).get("source") == data.source:
         return
     raise problem
