@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from edgar_tune.config import ConfigError, load_config
+from edgar_tune.config import ConfigError, DataNotFound, load_config
 from flows.pipeline import _ask_again
 from tasks.stages import download_filings, extract_sections  # imports Prefect, which sets up logging, before caplog
 from tasks.textdata import JUMPSTART_TEMPLATE, SourceChanged, read_texts, render, split_rows
@@ -286,7 +286,8 @@ def test_text_that_cannot_be_split_ends_the_run_saying_what_to_change(tmp_path, 
         in proc.stderr, proc.stderr[-3000:]  # fmt: skip
     name = re.search(r"Beginning flow run '([^']+)'", proc.stderr)[1]
     api = httpx.Client(base_url=prefect_server["PREFECT_API_URL"], timeout=60)
-    run = api.post("/flow_runs/filter", json={"flow_runs": {"name": {"any_": [name]}}}).json()[0]
+    run = api.post("/flow_runs/filter", json={"flow_runs": {"name": {"any_": [name]}},
+                                              "sort": "EXPECTED_START_TIME_DESC"}).json()[0]  # fmt: skip
     query = {"logs": {"flow_run_id": {"any_": [run["id"]]}}, "sort": "TIMESTAMP_ASC"}
     for _ in range(60):  # the logs reach the server in batches, after the run's state
         messages = [r["message"] for r in api.post("/logs/filter", json=query).json()]
@@ -304,8 +305,6 @@ def test_the_run_log_keeps_a_bugs_traceback():
 
     logs_into_the_flow_run()
     logger, kept = logging.getLogger("prefect.task_runs"), []
-    from edgar_tune.config import DataNotFound
-
     for err in (ConfigError("give `data.validation`"), DataNotFound("`data.source` = 'x' does not exist"),
                 KeyError("blocks")):  # fmt: skip
         record = logger.makeRecord(logger.name, logging.ERROR, __file__, 0, "Task run failed with exception: %r",
