@@ -25,6 +25,7 @@ import io
 import json
 import logging
 import random
+import string
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -359,7 +360,25 @@ def load_template(entry: dict | None) -> tuple[dict, str]:
     missing = {"prompt", "completion"} - set(template) if isinstance(template, dict) else {"prompt", "completion"}
     if missing:
         raise ConfigError(f"{path} needs `prompt` and `completion` format strings; missing {sorted(missing)}")
+    for key in ("prompt", "completion"):
+        _check_format(template[key], f"{path}: `{key}`")
     return template, path
+
+
+def _check_format(value, where: str) -> None:
+    """Refuse a template string that `str.format` cannot fill from a record's fields by name: a format error
+    ("{instruction" ends in a ValueError's traceback at the first record), a field without a name ({} or {0}, which
+    no record fills), or something other than a string."""
+    if not isinstance(value, str):
+        raise ConfigError(f"{where} is {type(value).__name__} {value!r}; give a format string, as \"{{instruction}}\"")
+    try:
+        fields = [field for _, field, _, _ in string.Formatter().parse(value) if field is not None]
+    except ValueError as err:
+        raise ConfigError(f"{where} {value!r} is not a format string ({err}); write each record field as {{name}}, "
+                          "and a brace that is text as {{ or }}") from None  # fmt: skip
+    if unnamed := [field for field in fields if field == "" or field.isdigit()]:
+        raise ConfigError(f"{where} {value!r} has a field without a name ({{{unnamed[0]}}}); name the record's "
+                          "field, as {instruction}")  # fmt: skip
 
 
 def render(template: dict, record: dict, where: str) -> dict:
@@ -371,6 +390,9 @@ def render(template: dict, record: dict, where: str) -> dict:
             f"{where}: the template uses field {{{err.args[0]}}} but the record has only {sorted(record)}; fix the "
             "record or give a template.json (`data.template`) that matches your fields"
         ) from None
+    except (ValueError, AttributeError, IndexError) as err:  # "{amount:d}" of a string field, "{a.b}", "{a[3]}"
+        raise ConfigError(f"{where}: the template cannot format this record ({err}); fix the template "
+                          "(`data.template`) or the record") from None  # fmt: skip
 
 
 def _rows(files: list[dict], instruction: bool, template: dict | None) -> list[dict]:

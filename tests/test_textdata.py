@@ -129,6 +129,29 @@ def test_jumpstart_default_template_and_a_missing_field():
         render(JUMPSTART_TEMPLATE, {"instruction": "a", "context": "b"}, "data.jsonl, record 3")
 
 
+@pytest.mark.parametrize(("prompt", "said"), [
+    ("{instruction", "`prompt` '{instruction' is not a format string (expected '}' before end of string); write each "
+                     "record field as {name}, and a brace that is text as {{ or }}"),
+    ("{} and {instruction}", "`prompt` '{} and {instruction}' has a field without a name ({}); name the record's field"),
+    (3, '`prompt` is int 3; give a format string, as "{instruction}"'),
+])  # fmt: skip
+def test_a_template_that_cannot_format_records_is_refused_as_it_is_read(tmp_path, prompt, said):
+    """A template.json whose format string is malformed ended the parse stage in a ValueError's traceback at the
+    first record; it is refused where the template is read, naming the file and the key."""
+    import hashlib
+
+    from tasks.textdata import load_template
+
+    path = tmp_path / "template.json"
+    path.write_text(json.dumps({"prompt": prompt, "completion": " {response}"}))
+    entry = {"path": str(path), "role": "template", "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: {said}")):
+        load_template(entry)
+    spec = {"prompt": "{amount:d}", "completion": " {response}"}  # a format the record's field cannot take
+    with pytest.raises(ConfigError, match=r"record 2: the template cannot format this record \(Unknown format code"):
+        render(spec, {"amount": "12", "response": "up"}, "data.jsonl, record 2")
+
+
 def test_prompt_tokens_are_masked_out_of_the_loss(tiny_run):
     from tasks.blocks import encode_instructions
     from tasks.models import load_tokenizer
