@@ -30,7 +30,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from edgar_tune.config import TEXT_SUFFIXES, ConfigError, DataConfig, DataNotFound, PipelineConfig, RerunNeeded
-from tasks.io import atomic_write_bytes, cache_dir, held, holder_info, litter, read_bytes, read_json, sha256_file
+from tasks.io import (atomic_write_bytes, cache_dir, held, holder_info, joined, litter, read_bytes, read_json,
+                      sha256_file)  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -382,7 +383,9 @@ def _check_format(value, where: str) -> None:
 
 
 def render(template: dict, record: dict, where: str) -> dict:
-    """{"prompt", "completion"} of one record; a field the template needs and the record lacks is an error."""
+    """{"prompt", "completion"} of one record; a field the template needs and the record lacks is an error, and a
+    null one (JSON's null) is empty text, not "None"."""
+    record = {k: "" if v is None else v for k, v in record.items()}
     try:
         return {"prompt": template["prompt"].format(**record), "completion": template["completion"].format(**record)}
     except KeyError as err:
@@ -400,8 +403,16 @@ def _rows(files: list[dict], instruction: bool, template: dict | None) -> list[d
     for entry in files:
         path, data = Path(location(entry)), recorded_bytes(entry)
         if instruction:
+            used = {field.split(".")[0].split("[")[0] for key in ("prompt", "completion")
+                    for _, field, _, _ in string.Formatter().parse(template[key]) if field}  # fmt: skip
+            nulls: dict[str, int] = {}
             for n, record in enumerate(read_records(path, data), 1):
                 rows.append({"source": path.name, "row": n} | render(template, record, f"{path}, record {n}"))
+                for field in [k for k in used if k in record and record[k] is None]:
+                    nulls[field] = nulls.get(field, 0) + 1
+            if nulls:
+                log.warning("%s: %s null; the template renders null as empty text", path,
+                            joined([f"`{k}` in {n} record(s)" for k, n in sorted(nulls.items())]))  # fmt: skip
         else:
             rows.extend({"source": path.name, "row": n, "text": t} for n, t in enumerate(read_texts(path, data), 1))
     return rows

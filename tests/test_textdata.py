@@ -129,6 +129,24 @@ def test_jumpstart_default_template_and_a_missing_field():
         render(JUMPSTART_TEMPLATE, {"instruction": "a", "context": "b"}, "data.jsonl, record 3")
 
 
+def test_a_null_field_renders_as_empty_text_and_is_counted(tmp_path, caplog):
+    """JSON's null in a field the template uses rendered as "None" in the prompt, silently; it is empty text, and
+    the parse stage's log counts the records per field."""
+    import hashlib
+
+    from tasks.textdata import _rows
+
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"q{i}", "context": None if i % 2 else "c", "response": "r",
+                                        "note": None}) + "\n" for i in range(4)))  # fmt: skip
+    entry = {"path": str(data), "sha256": hashlib.sha256(data.read_bytes()).hexdigest()}
+    with caplog.at_level(logging.WARNING, logger="tasks.textdata"):
+        rows = _rows([entry], True, JUMPSTART_TEMPLATE)
+    assert "None" not in "".join(r["prompt"] for r in rows) and rows[1]["prompt"].endswith("### Input:\n\n\n")
+    assert f"{data}: `context` in 2 record(s) null; the template renders null as empty text" in caplog.text
+    assert "note" not in caplog.text  # a field the template does not use
+
+
 @pytest.mark.parametrize(("prompt", "said"), [
     ("{instruction", "`prompt` '{instruction' is not a format string (expected '}' before end of string); write each "
                      "record field as {name}, and a brace that is text as {{ or }}"),
