@@ -427,6 +427,9 @@ def test_training_crash_fails_the_run_and_the_ui_retry_resumes_only_what_failed(
     assert failed["state"]["type"] == "FAILED", failed["state"]
     message = failed["state"]["message"]
     assert "killed by SIGKILL" in message and "out-of-memory" in message and "resumes from checkpoint-" in message
+    # The run's log in the UI says it once per record, without the traceback of Prefect's engine (a worker's run)
+    logs = [r["message"] for r in api.logs(run_id, "Encountered exception")]
+    assert any("killed by SIGKILL" in m for m in logs) and not any("Traceback" in m for m in logs), logs[-4:]
 
     # The UI's Retry: the same flow run back to Scheduled/AwaitingRetry; the worker runs it again.
     api.post(f"/flow_runs/{run_id}/set_state", {"state": {"type": "SCHEDULED", "name": "AwaitingRetry"}, "force": True})
