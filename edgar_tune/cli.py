@@ -51,7 +51,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             overrides[f"train.{key}"] = getattr(args, key)
     cfg = load_config(args.preset, overrides)  # fail on bad keys before Prefect starts
     _check_data_here(cfg.data, args.out)  # on data it cannot read
-    tracking_uri(cfg.registry.tracking_uri, Path(args.out).parent, "`registry.tracking_uri` =")  # a path as the store
+    tracking_uri(cfg.registry.tracking_uri, Path(args.out).parent)  # or on an MLflow store given as a path
     from tasks.finetune import preflight
     from tasks.models import check_model_name
 
@@ -123,7 +123,7 @@ def cmd_rerun(args: argparse.Namespace) -> int:
         cfg = rerun_config(args.name, Path(args.run), overrides, args.run)
         if args.name == "download" and (problem := _data_problem(cfg.data)):  # what it would read again
             raise problem
-        tracking_uri(cfg.registry.tracking_uri, Path(args.run).parent, "`registry.tracking_uri` =")  # register reruns
+        tracking_uri(cfg.registry.tracking_uri, Path(args.run).parent)  # register reruns: a store given as a path
         if why := kept_otherwise(Path(args.run), cfg, rerun_stages(args.name)[0]):
             raise RerunNeeded(why).for_run(args.run)
     from edgar_tune.reaper import embedded_prefect

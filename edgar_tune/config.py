@@ -581,7 +581,7 @@ def store_uri_problem(uri: str) -> str | None:
             f"tracking server's http(s):// URL")
 
 
-def tracking_uri(cfg_uri: str | None, runs_root: Path, given_as: str = "the MLflow store") -> str:
+def tracking_uri(cfg_uri: str | None, runs_root: Path, given_as: str = "`registry.tracking_uri` =") -> str:
     """Explicit config, else $MLFLOW_TRACKING_URI, else an sqlite store beside the run folders. A path given where a
     store's URI goes is refused (`store_uri_problem`), saying what to give, and naming `cfg_uri` `given_as`. Checked
     where a run starts and where a command reads the store, not in the config's validation: a run folder whose

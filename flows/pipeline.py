@@ -155,7 +155,7 @@ def _run_stages(folder: RunFolder, cfg: PipelineConfig, todo: tuple[str, ...] | 
     forced = set(todo) if force is True else set(force or ())
     precision = preflight(cfg.train) if "train" in todo else None  # a GPU-only engine fails here, not after data
     if {"train", "register"} & set(todo):  # and a store MLflow cannot open ($MLFLOW_TRACKING_URI), not after training
-        tracking_uri(cfg.registry.tracking_uri, run_dir.parent, "`registry.tracking_uri` =")
+        tracking_uri(cfg.registry.tracking_uri, run_dir.parent)
     at = cfg
     if "tokenize" in todo:  # the one stage that reads `model.name`; the later ones load what it resolved
         at = at_commit(cfg, check_model_name(cfg.model.name, cfg.model.revision))

@@ -49,7 +49,7 @@ MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
 def existing_store(given: str | None, runs_root: Path, change: str) -> str:
     """`tracking_uri`, for a command that reads what runs registered: a sqlite store that does not exist is refused
     (MLflow would make an empty one, and report no models), `change` saying how to name the right one."""
-    uri = tracking_uri(given, runs_root)
+    uri = tracking_uri(given, runs_root, "the MLflow store")
     if (db := sqlite_file(uri)) is not None and not db.is_file():
         from edgar_tune.config import ConfigError
 
@@ -646,7 +646,7 @@ def register_run(run_dir: Path, runs_root: Path, cfg: PipelineConfig, flow_run_i
     Idempotent: a retry that finds a version registered from the same run and weights (the run key tag)
     returns that version instead of creating a second one.
     """
-    uri = tracking_uri(cfg.registry.tracking_uri, runs_root, "`registry.tracking_uri` =")
+    uri = tracking_uri(cfg.registry.tracking_uri, runs_root)
     with one_writer(uri, run_dir), tracking_at(uri):
         return _register(run_dir, cfg, flow_run_id, runs_root, uri)
 
@@ -671,7 +671,7 @@ def live_training_run(run_dir: Path, registry: RegisterConfig, preset: str,
 
     MLflow out of reach does not stop training: it yields (None, None) after a warning, and the curves are logged
     at registration instead; one that stops answering later holds the points until it is back (`LiveMetrics`)."""
-    uri = tracking_uri(registry.tracking_uri, run_dir.parent, "`registry.tracking_uri` =")
+    uri = tracking_uri(registry.tracking_uri, run_dir.parent)
     try:
         _answers(uri)
         with _creating_store(uri, run_dir):
