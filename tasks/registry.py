@@ -455,6 +455,7 @@ def promote_by_hand(client, name: str, version: str, alias: str = CHAMPION, reas
 
     Raises:
         LookupError: no such registered model or version.
+        ConfigError: an alias MLflow refuses, or one that differs from the model's only in case (`check_alias`).
     """
     import getpass
 
@@ -464,6 +465,7 @@ def promote_by_hand(client, name: str, version: str, alias: str = CHAMPION, reas
         version = version[1:]
     if version not in rows:
         raise no_version(name, version, rows)
+    check_alias(alias, {a for r in rows.values() for a in r["aliases"]})  # before the version's tag is written
     before = next((v for v, r in rows.items() if alias in r["aliases"]), None)
     note, record = promotion_note(rows, version, before), None
     if before != version:
@@ -473,6 +475,25 @@ def promote_by_hand(client, name: str, version: str, alias: str = CHAMPION, reas
     if alias == CHAMPION and CHALLENGER in rows[version]["aliases"]:
         client.delete_registered_model_alias(name, CHALLENGER)
     return {"version": version, "alias": alias, "before": before, "note": note, "record": record}
+
+
+def check_alias(alias: str, held: set[str]) -> None:
+    """Refuse an alias MLflow refuses (letters, digits, _ and - only; not `latest`, not a version's name as v3),
+    which it did after `promote_by_hand` had tagged the version as promoted, in its traceback; and one that differs
+    only in case from an alias the model holds (`held`) or from champion and challenger: MLflow's aliases are
+    case-sensitive, and a `Champion` stood beside the champion that registrations decide by.
+
+    Raises:
+        ConfigError: saying which alias to give.
+    """
+    from edgar_tune.config import ConfigError
+
+    if not re.fullmatch(r"[\w-]{1,255}", alias) or alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", alias):
+        raise ConfigError(f"--alias {alias!r}: an alias is letters, digits, _ and - (up to 255), and neither `latest` "
+                          "nor a version's name such as v3")  # fmt: skip
+    if twins := [a for a in sorted({CHAMPION, CHALLENGER} | held) if a.lower() == alias.lower() and a != alias]:
+        raise ConfigError(f"--alias {alias!r}: aliases are case-sensitive, and the model's is `{twins[0]}`; give "
+                          f"--alias {twins[0]}")  # fmt: skip
 
 
 def hand_record(alias: str, before: str | None, by: str, reason: str) -> dict:

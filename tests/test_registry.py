@@ -110,6 +110,16 @@ def test_a_person_promotes_a_version_by_hand_and_the_registry_records_who_and_wh
     assert "m v3 is already @champion" in again.stdout and "event" not in again.stdout  # nothing moved: no event
     missing = cli("promote", "7")
     assert missing.returncode == 2 and "m has no version 7; it has 1, 2, 3" in missing.stderr
+    # An alias MLflow refuses, or the champion's in other case (MLflow's aliases are case-sensitive): refused before
+    # the version is tagged as promoted (MLflow refused the first after the tag, in a traceback; took the second).
+    for alias, said in (("bad alias", "--alias 'bad alias': an alias is letters, digits, _ and -"),
+                        ("v2", "nor a version's name such as v3"),
+                        ("Champion", "--alias 'Champion': aliases are case-sensitive, and the model's is `champion`; "
+                                     "give --alias champion")):  # fmt: skip
+        odd = cli("promote", "2", "--alias", alias)
+        assert odd.returncode == 2 and said in odd.stderr and "Traceback" not in odd.stderr, odd.stderr[-2000:]
+    assert PROMOTED not in client.get_model_version("m", "2").tags
+    assert client.get_registered_model("m").aliases == {CHAMPION: 3}
     nothing = subprocess.run([sys.executable, "-m", "edgar_tune.cli", "models", "--name", "n", "--tracking-uri", uri],
                              cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert nothing.returncode == 2 and "no registered model 'n' (registry.model_name); this store has m" in nothing.stderr
