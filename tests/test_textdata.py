@@ -150,7 +150,8 @@ def test_a_null_field_renders_as_empty_text_and_is_counted(tmp_path, caplog):
 @pytest.mark.parametrize(("prompt", "said"), [
     ("{instruction", "`prompt` '{instruction' is not a format string (expected '}' before end of string); write each "
                      "record field as {name}, and a brace that is text as {{ or }}"),
-    ("{} and {instruction}", "`prompt` '{} and {instruction}' has a field without a name ({}); name the record's field"),
+    ("{} and {instruction}", "`prompt` '{} and {instruction}' has a field without a name ({}); name the record's "
+                             "field"),
     (3, '`prompt` is int 3; give a format string, as "{instruction}"'),
 ])  # fmt: skip
 def test_a_template_that_cannot_format_records_is_refused_as_it_is_read(tmp_path, prompt, said):
