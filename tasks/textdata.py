@@ -373,13 +373,18 @@ def _check_format(value, where: str) -> None:
     if not isinstance(value, str):
         raise ConfigError(f"{where} is {type(value).__name__} {value!r}; give a format string, as \"{{instruction}}\"")
     try:
-        fields = [field for _, field, _, _ in string.Formatter().parse(value) if field is not None]
+        fields = _fields(value)
     except ValueError as err:
         raise ConfigError(f"{where} {value!r} is not a format string ({err}); write each record field as {{name}}, "
                           "and a brace that is text as {{ or }}") from None  # fmt: skip
     if unnamed := [field for field in fields if field == "" or field.isdigit()]:
         raise ConfigError(f"{where} {value!r} has a field without a name ({{{unnamed[0]}}}); name the record's "
                           "field, as {instruction}")  # fmt: skip
+
+
+def _fields(value: str) -> list[str]:
+    """The fields a format string fills, as written ("instruction", "a.b", ""); ValueError where it is malformed."""
+    return [field for _, field, _, _ in string.Formatter().parse(value) if field is not None]
 
 
 def render(template: dict, record: dict, where: str) -> dict:
@@ -403,8 +408,8 @@ def _rows(files: list[dict], instruction: bool, template: dict | None) -> list[d
     for entry in files:
         path, data = Path(location(entry)), recorded_bytes(entry)
         if instruction:
-            used = {field.split(".")[0].split("[")[0] for key in ("prompt", "completion")
-                    for _, field, _, _ in string.Formatter().parse(template[key]) if field}  # fmt: skip
+            used = {field.split(".")[0].split("[")[0] for key in ("prompt", "completion") for field in
+                    _fields(template[key])}  # fmt: skip
             nulls: dict[str, int] = {}
             for n, record in enumerate(read_records(path, data), 1):
                 rows.append({"source": path.name, "row": n} | render(template, record, f"{path}, record {n}"))
