@@ -182,11 +182,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     """Print the memory plan for a model and settings without running anything (no GPU needed)."""
     from tasks import memory
 
-    targets = args.lora_targets.split(",") if args.lora_targets else None
+    targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()] if args.lora_targets else None
+    _check_plan_numbers(args)
     where = _plan_where(args)  # flags that cannot go together are refused before the model's config is read
     model, shown = _plan_model(args.model, args.revision)
     try:
-        shape = memory.model_shape(model, args.mode, args.lora_r, targets)
+        shape = memory.model_shape(model, args.mode, args.lora_r, targets, key="plan --lora-targets")
+        args.seq = _plan_seq(args.seq, model)
     except OSError as err:  # a hub id whose config.json cannot be fetched
         from edgar_tune.config import ConfigError
 
@@ -215,6 +217,51 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print("nothing fits; try " + memory.suggestion(rows, shape, budget_gb=args.gpu_memory_gb, **kw))
     _note_allocator(args)
     return 0
+
+
+PLAN_SEQ = 2048  # plan's block length when --seq is not given
+# plan's numbers and the config keys whose bounds they share
+_PLAN_NUMBERS = {"seq": ("tokenize", "max_input_length"), "batch": ("train", "per_device_train_batch_size"),
+                 "nproc": ("train", "nproc"), "lora_r": ("train", "lora_r"), "lora_dropout": ("train", "lora_dropout"),
+                 "checkpoint_layers": ("train", "checkpoint_layers"), "gpu_memory_gb": ("train", "memory_budget_gb")}
+
+
+def _plan_seq(seq: int | None, model: str) -> int:
+    """`plan --seq` as a run's tokenize stage takes max_input_length: -1 is min(1024, the model's context), and one
+    past the context is refused; not given, 2048 or the model's context where that is shorter."""
+    from edgar_tune.config import ConfigError
+    from tasks.blocks import block_length
+    from tasks.models import load_config
+
+    if seq is None:
+        return min(PLAN_SEQ, getattr(load_config(model), "max_position_embeddings", None) or PLAN_SEQ)
+    try:
+        return block_length(seq, model)
+    except ConfigError as err:
+        raise ConfigError(f"plan --seq {seq}: {err}") from None
+
+
+def _check_plan_numbers(args: argparse.Namespace) -> None:
+    """Refuse a number `plan` is given that its config key would refuse in a run (`--batch 0`, `--lora-dropout 2`):
+    the plan of a run that cannot start is a wrong answer, not an estimate.
+
+    Raises:
+        ConfigError: naming the flag, the key and its bound.
+    """
+    from pydantic import ValidationError
+
+    from edgar_tune.config import ConfigError, TokenizeConfig, TrainConfig
+
+    sections = {"tokenize": TokenizeConfig, "train": TrainConfig}
+    for flag, (section, key) in _PLAN_NUMBERS.items():
+        if (value := getattr(args, flag)) is None:
+            continue
+        try:
+            sections[section].model_validate({key: value})
+        except ValidationError as err:  # the key's own bound; a check of the section's combinations is not plan's
+            if mine := [e for e in err.errors() if e["loc"][:1] == (key,)]:
+                said = mine[0]["msg"].removeprefix("Value error, ")
+                raise ConfigError(f"plan --{flag.replace('_', '-')} {value}: {said} (as {section}.{key})") from None
 
 
 def _note_allocator(args: argparse.Namespace) -> None:
@@ -632,7 +679,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--model", required=True,
                       help="local folder, hub id (only its config.json is read), or smollm2-135m")
     plan.add_argument("--revision", help="a hub id's branch, tag or commit, as model.revision (default: main)")
-    plan.add_argument("--seq", type=int, default=2048)
+    plan.add_argument("--seq", type=int, help=f"block length, as tokenize.max_input_length (-1: min(1024, the "
+                      f"model's context)); default: {PLAN_SEQ}, or the model's context where shorter")
     plan.add_argument("--batch", type=int, default=1, help="per-device micro-batch")
     plan.add_argument("--nproc", type=int, default=1, help="GPUs in total (with --cpu: training processes)")
     plan.add_argument("--mode", choices=["lora", "full"], default="lora")

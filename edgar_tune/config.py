@@ -272,7 +272,8 @@ class TrainConfig(_Section):
     lora_alpha: int = Field(32, ge=1, description="LoRA scaling numerator (scale = alpha / r).")
     lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA path.")
     lora_target_modules: list[str] | None = Field(
-        None, description="Module names to adapt; default chosen per architecture."
+        None, description="Module names to adapt, as peft matches them (a name or its last dotted parts); default: "
+        "every linear layer of the transformer blocks. A name that adapts nothing is refused before the model loads."
     )
     int8_quantization: bool = Field(
         False, description="Load the frozen base in 8-bit (bitsandbytes, CUDA only) and train LoRA on it."

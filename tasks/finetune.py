@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import signal
 import sys
@@ -40,7 +41,7 @@ log = logging.getLogger(__name__)
 _PLANS_LOGGED: set[tuple[str | None, str]] = set()  # (flow run id, message): the flow's early check, then the stage
 
 # LoRA targets per architecture (config.model_type): attention and MLP projections, as JumpStart's scripts
-# and the QLoRA paper adapt every linear layer of the blocks.
+# and the QLoRA paper adapt every linear layer of the blocks. Other architectures get that rule (`block_linears`).
 LORA_TARGETS = {
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
@@ -48,17 +49,58 @@ LORA_TARGETS = {
     "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
     "gpt2": ["c_attn", "c_proj", "c_fc"],
 }
+_BLOCK = re.compile(r"\.\d+\.")  # a module inside one of the numbered transformer blocks: model.layers.3.mlp.up_proj
 
 
-def lora_targets(model_type: str, override: list[str] | None) -> list[str]:
+def _linear(module: torch.nn.Module) -> bool:
+    from transformers.pytorch_utils import Conv1D  # GPT-2's linear layers
+
+    return isinstance(module, (torch.nn.Linear, Conv1D))  # bitsandbytes' 8- and 4-bit layers are nn.Linear too
+
+
+def _adaptable(module: torch.nn.Module) -> bool:
+    """A module type peft's LoRA adapts (by type, so ZeRO-3's partitioned weights, which are empty here, pass)."""
+    nn = torch.nn
+    return _linear(module) or isinstance(module, (nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention))
+
+
+def targeted(name: str, target: str) -> bool:
+    """peft's rule for a list of target modules: a module's full name, or its last dotted parts."""
+    return name == target or name.endswith("." + target)
+
+
+def block_linears(model: torch.nn.Module) -> list[str]:
+    """The names of the linear layers inside the transformer blocks, in the model's order: `LORA_TARGETS`' rule."""
+    names = [n.rsplit(".", 1)[-1] for n, m in model.named_modules() if _BLOCK.search(f".{n}") and _linear(m)]
+    return list(dict.fromkeys(names))
+
+
+def lora_targets(model: torch.nn.Module, override: list[str] | None, key: str = "train.lora_target_modules"
+                 ) -> list[str]:  # fmt: skip
+    """The modules LoRA adapts in `model` (loaded, or built on the meta device): `override`, each name checked, or
+    the architecture's in `LORA_TARGETS`, or every linear layer of its transformer blocks.
+
+    Raises:
+        ConfigError: a name in `override` that names no layer LoRA adapts (a typo adapts fewer layers than asked,
+            or fails in peft once the base has loaded), saying the model's linear layers; a model without numbered
+            blocks of linear layers and no `override`.
+    """
+    model_type = model.config.model_type
+    default = LORA_TARGETS.get(model_type) or block_linears(model)
+    linears = list(dict.fromkeys(n.rsplit(".", 1)[-1] for n, m in model.named_modules() if _linear(m)))
+    for target in override or ():
+        hits = [m for n, m in model.named_modules() if targeted(n, target)]
+        if not any(_adaptable(m) for m in hits):
+            what = (f"names {type(hits[0]).__name__} modules, which LoRA does not adapt" if hits else
+                    f"names no module of this {model_type} model")  # fmt: skip
+            unset = f"; unset, it adapts {', '.join(default)}" if default else ""
+            raise ConfigError(f"{key}: {target!r} {what}; its linear layers are {', '.join(linears)}{unset}")
     if override:
-        return override
-    if model_type not in LORA_TARGETS:
-        raise ValueError(
-            f"no default LoRA targets for architecture `{model_type}`; set `train.lora_target_modules` "
-            f"(known: {', '.join(sorted(LORA_TARGETS))})"
-        )
-    return LORA_TARGETS[model_type]
+        return list(override)
+    if not default:
+        raise ConfigError(f"no LoRA targets for this {model_type} model: it has no numbered blocks of linear layers; "
+                          f"set {key} (its linear layers are {', '.join(linears) or 'none'})")  # fmt: skip
+    return default
 
 
 def total_steps(n_blocks: int, cfg: TrainConfig, world_size: int = 1) -> int:
@@ -1168,7 +1210,7 @@ def train(tmp: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfig,
     if cfg.mode == "lora":
         from peft import LoraConfig, get_peft_model
 
-        targets = lora_targets(model.config.model_type, cfg.lora_target_modules)
+        targets = lora_targets(model, cfg.lora_target_modules)
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                           target_modules=targets, task_type="CAUSAL_LM",
                           revision=unpinned(base)[1].get("revision"))  # peft's AutoPeftModel* loads that commit

@@ -316,8 +316,13 @@ def format_plan(rows: list[Estimate], chosen: str, budget_gb: float, context: st
     return "\n".join(lines)
 
 
-def model_shape(model_dir: str, mode: str, lora_r: int, targets: list[str] | None) -> ModelShape:
-    """Count parameters on the meta device (no memory, no weights read) and the adapters LoRA would add."""
+def model_shape(model_dir: str, mode: str, lora_r: int, targets: list[str] | None,
+                key: str = "train.lora_target_modules") -> ModelShape:  # fmt: skip
+    """Count parameters on the meta device (no memory, no weights read) and the adapters LoRA would add.
+
+    Raises:
+        ConfigError: LoRA `targets` (`key`) that name no layer of the model LoRA adapts (`tasks.finetune.lora_targets`).
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -327,15 +332,17 @@ def model_shape(model_dir: str, mode: str, lora_r: int, targets: list[str] | Non
     with torch.device("meta"), building:
         model = AutoModelForCausalLM.from_config(config)
     params = sum(p.numel() for p in model.parameters())
-    lora, wanted = 0, set()
+    lora, adapted = 0, set()
     if mode == "lora":
-        from tasks.finetune import lora_targets
+        from tasks.finetune import lora_targets, targeted
 
-        wanted = set(lora_targets(config.model_type, targets))
+        wanted = set(lora_targets(model, targets, key))
         for name, module in model.named_modules():
             weight = getattr(module, "weight", None)
-            if name.rsplit(".", 1)[-1] in wanted and weight is not None and weight.dim() == 2:
+            if any(targeted(name, t) for t in wanted) and weight is not None and weight.dim() == 2:
                 lora += lora_r * (weight.shape[0] + weight.shape[1])
+                if ".layers.0." in name:
+                    adapted.add(name.rsplit(".", 1)[-1])
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     layers = getattr(text, "num_hidden_layers", None) or getattr(text, "n_layer")
     hidden = getattr(text, "hidden_size", None) or getattr(text, "n_embd")
@@ -346,12 +353,10 @@ def model_shape(model_dir: str, mode: str, lora_r: int, targets: list[str] | Non
     per_layer = (params - embeddings) // max(1, layers)
     heads = getattr(text, "num_attention_heads", 0) or 0
     head_dim = getattr(text, "head_dim", None) or (hidden // heads if heads else 0)
-    in_layer_0 = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if ".layers.0." in name}
-    adapted = tuple(sorted(in_layer_0 & wanted))
     return ModelShape(params, lora, layers, hidden, config.vocab_size, per_layer, embeddings,
                       intermediate=getattr(text, "intermediate_size", 0) or 0,
                       kv_hidden=(getattr(text, "num_key_value_heads", None) or heads) * head_dim, heads=heads,
-                      lora_r=lora_r if mode == "lora" else 0, lora_targets=adapted)  # fmt: skip
+                      lora_r=lora_r if mode == "lora" else 0, lora_targets=tuple(sorted(adapted)))  # fmt: skip
 
 
 def device_budget_gb(nproc: int) -> tuple[float, str]:

@@ -86,6 +86,12 @@ def test_a_run_that_cannot_fit_is_refused_before_loading_anything(tiny_run, tmp_
     assert "memory plan per device" in proc.stderr and "train.memory_check=warn" in proc.stderr
     assert "Try a shorter tokenize.max_input_length, or a machine with more RAM" in proc.stderr  # not a GPU's remedy
     assert not (run / "04_train").exists() and not (run / "04_train.checkpoints").exists()
+    cmd[-1] = "train.lora_target_modules=[q_proj,v_porj]"  # a typo: refused from the config, before the model loads
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.splitlines()[-1].startswith(
+        "edgar-tune: error: train.lora_target_modules: 'v_porj' names no module of this llama model; its linear "
+        "layers are q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, lm_head"), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and not (run / "04_train").exists()
     stats = json.loads((runs / "latest" / "04_train" / "stats.json").read_text())
     plan = stats["memory_plan"]
     assert plan["engine"] == "none" and plan["estimate_gb"] > 0 and plan["budget_from"] == "cpu"
@@ -110,6 +116,45 @@ def test_plan_names_a_model_it_cannot_read_in_one_line(model, says):
     proc = subprocess.run([sys.executable, "-m", "edgar_tune.cli", "plan", "--model", model],
                           cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 2 and says in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+_PLAN_CASES = """
+import sys
+
+from edgar_tune.cli import main
+
+for flags in sys.argv[1:]:
+    print("== " + flags, file=sys.stderr, flush=True)
+    print("rc", main(["plan", "--model", "smollm2-135m", *flags.split()]), file=sys.stderr, flush=True)
+"""
+
+
+def test_plan_refuses_what_a_run_would_refuse():
+    """`plan` takes its numbers and LoRA targets as the run's config keys take them: a value the key refuses is
+    refused naming the flag and the key (a plan for a run that cannot start is a wrong answer: --batch -1 planned
+    negative memory, --gpu-memory-gb 0 planned 80 GB, a misspelt target planned no adapter); --seq -1 is the
+    tokenize stage's min(1024, the context), and targets are matched as peft matches them."""
+    cases = {
+        "--batch 0": "plan --batch 0: Input should be greater than or equal to 1 (as train.per_device_train_batch_",
+        "--nproc 0": "plan --nproc 0: Input should be greater than or equal to 1 (as train.nproc)",
+        "--lora-dropout 1": "plan --lora-dropout 1.0: Input should be less than 1 (as train.lora_dropout)",
+        "--gpu-memory-gb 0": "plan --gpu-memory-gb 0.0: Input should be greater than 0 (as train.memory_budget_gb)",
+        "--checkpoint-layers 2": "plan --checkpoint-layers 2.0: Input should be less than or equal to 1",
+        "--seq 4": "plan --seq 4: must be -1 or at least 8 tokens (as tokenize.max_input_length)",
+        "--seq 9000": "plan --seq 9000: tokenize.max_input_length=9000 is longer than the model's context (8192",
+        "--lora-targets q_proj,v_porj": "plan --lora-targets: 'v_porj' names no module of this llama model; its linear "
+                                        "layers are q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj",
+        "--seq -1 --lora-targets self_attn.q_proj,v_proj": "rc 0",
+    }  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", _PLAN_CASES, *cases], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    said = dict(part.split("\n", 1) for part in proc.stderr.split("== ")[1:])
+    for flags, says in cases.items():
+        assert says in said[flags], (flags, said[flags])
+        assert said[flags].endswith("rc 0\n" if says == "rc 0" else "rc 2\n") and "Traceback" not in said[flags]
+    # 30 layers of q (576 -> 576) and v (576 -> 192) at r=8, 1024 tokens
+    assert "lora r=8 (0.46M trained), 1x1024 tokens" in proc.stdout, proc.stdout
 
 
 def test_plan_fit_prints_the_settings_to_train_with(tmp_path):
