@@ -9,6 +9,7 @@ import os
 import re
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from edgar_tune.signals import keep_signals, release_leaked_locks, signal_behind
@@ -396,6 +397,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _whole(least: int) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least `least`, refused before anything loads otherwise."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be at least {least} (got {value})")
+        return value
+
+    return parse
+
+
 def _registered_uri_needed(given: str) -> str:
     """What to give instead of `given` (`edgar-tune-10k`, as `edgar-tune models` names a model) for --model."""
     return (f"--model {given}: give a registered version, models:/NAME@ALIAS or models:/NAME/N (e.g. "
@@ -631,7 +647,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate with a registered version: models:/NAME@ALIAS or models:/NAME/N")
     gen.add_argument("--model", required=True, help="e.g. models:/edgar-tune-10k@champion")
     gen.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
-    gen.add_argument("--max-new-tokens", type=int, default=60)
+    gen.add_argument("--max-new-tokens", type=_whole(1), default=60)
     gen.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///runs/mlflow.db")
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt")
     gen.set_defaults(fn=cmd_generate)
@@ -658,7 +674,7 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="a registered model's versions side by side: aliases, perplexity, data")
     models.add_argument("--name", default="edgar-tune-10k", help="registered model (registry.model_name)")
     models.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///runs/mlflow.db")
-    models.add_argument("--last", type=int, default=20, metavar="N", help="the N newest versions and any with an "
+    models.add_argument("--last", type=_whole(0), default=20, metavar="N", help="the N newest versions and any with an "
                         "alias (default 20; 0: all)")  # fmt: skip
     models.add_argument("--json", action="store_true", help="the versions as JSON")
     models.set_defaults(fn=cmd_models)

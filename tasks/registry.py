@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import math
+import numbers
 import os
 import re
 import shutil
@@ -97,12 +98,16 @@ class EdgarTuneLM(mlflow.pyfunc.PythonModel):
             prompts = [str(p) for p in model_input["prompt"]]
         else:
             prompts = [str(p) for p in model_input]
-        params = params or {}
+        new_tokens = (params or {}).get("max_new_tokens", 40)
+        if isinstance(new_tokens, bool) or not isinstance(new_tokens, numbers.Integral) or new_tokens < 1:
+            # a served request's mistake: MLflow answers it with 400 and this message, not 500 and a traceback
+            raise mlflow.exceptions.MlflowException.invalid_parameter_value(
+                f"max_new_tokens must be a whole number of at least 1, got {new_tokens!r}")
         out = []
         for prompt in prompts:
             ids = self.tokenizer(prompt, return_tensors="pt")
             with torch.no_grad():
-                gen = self.model.generate(**ids, max_new_tokens=int(params.get("max_new_tokens", 40)),
+                gen = self.model.generate(**ids, max_new_tokens=int(new_tokens),
                                           do_sample=False, pad_token_id=self.tokenizer.pad_token_id)  # fmt: skip
             out.append(self.tokenizer.decode(gen[0][ids["input_ids"].shape[1] :], skip_special_tokens=True))
         return out

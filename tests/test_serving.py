@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,6 +42,10 @@ def test_generate_command_loads_base_and_adapter_from_the_registry(tiny_run, tmp
                               "--prompt", "x", "--tracking-uri", s["mlflow_tracking_uri"]],
                              cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert missing.returncode == 2 and "cannot load models:/nope@champion" in missing.stderr
+    none = subprocess.run([sys.executable, "-m", "edgar_tune.cli", "generate", "--model", uri, "--prompt", "x",
+                           "--max-new-tokens", "0"], cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert none.returncode == 2 and none.stderr.splitlines()[-1] == (
+        "edgar-tune generate: error: argument --max-new-tokens: must be at least 1 (got 0)")  # before loading
 
 
 def test_a_version_holds_source_not_a_pickle_and_pickled_older_versions_still_load(tiny_run, tmp_path):
@@ -85,10 +90,17 @@ def test_mlflow_models_serve_answers_a_prompt(tiny_run, tmp_path):
                                      headers={"Content-Type": "application/json"})  # fmt: skip
         with urllib.request.urlopen(req, timeout=120) as resp:
             answer = json.loads(resp.read())
+        body["params"]["max_new_tokens"] = 0  # the request's mistake: 400 saying so, not the model's 500
+        req = urllib.request.Request(req.full_url, data=json.dumps(body).encode(), headers=req.headers)
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(req, timeout=120)
+        said = json.loads(refused.value.read())
     finally:
         proc.terminate()
         proc.wait(timeout=30)
     assert len(answer["predictions"]) == 1 and isinstance(answer["predictions"][0], str)
+    assert refused.value.code == 400 and said["error_code"] == "INVALID_PARAMETER_VALUE", said
+    assert "max_new_tokens must be a whole number of at least 1, got 0" in said["message"], said
 
 
 @contextlib.contextmanager
