@@ -554,11 +554,34 @@ def steady_step_seconds(seconds: list[float], warmup: int = 3) -> float | None:
 
 
 def deepspeed_config_path(name: str) -> Path:
-    """`zero2`, `zero3`, `zero3-offload` (shipped in configs/deepspeed/) or a user's JSON file."""
+    """`zero2`, `zero3`, `zero3-offload` (shipped in configs/deepspeed/) or a user's JSON file.
+
+    Raises:
+        ConfigError: a file that is not there.
+    """
     path = REPO_ROOT / "configs" / "deepspeed" / f"{name}.json" if name in DEEPSPEED_PRESETS else Path(name)
     if not path.is_file():
-        raise FileNotFoundError(f"train.deepspeed={name!r}: no such DeepSpeed config file ({path})")
+        raise ConfigError(f"train.deepspeed={name!r}: no such DeepSpeed config file ({path}); give zero2, zero3, "
+                          "zero3-offload or the path of a DeepSpeed JSON config")  # fmt: skip
     return path
+
+
+def deepspeed_config(name: str) -> dict:
+    """The DeepSpeed config `train.deepspeed` names (`deepspeed_config_path`), read.
+
+    Raises:
+        ConfigError: a file that is not there, or not a JSON object (DeepSpeed would say so once the model loaded).
+    """
+    path = deepspeed_config_path(name)
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"train.deepspeed={name!r}: {path} is not a JSON file ({err}); give a DeepSpeed config "
+                          "(configs/deepspeed/zero2.json is one)") from None  # fmt: skip
+    if not isinstance(config, dict):
+        raise ConfigError(f"train.deepspeed={name!r}: {path} holds a JSON {type(config).__name__}, not the object "
+                          "of a DeepSpeed config (configs/deepspeed/zero2.json is one)")  # fmt: skip
+    return config
 
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -641,6 +664,10 @@ def preflight(cfg: TrainConfig) -> str:
                               "train.precision=auto (or bf16/fp16), or train.attention=sdpa")  # fmt: skip
     if cfg.deepspeed and importlib.util.find_spec("deepspeed") is None:
         raise ConfigError(f"train.deepspeed={cfg.deepspeed} needs DeepSpeed: `pip install deepspeed` (see README)")
+    if cfg.deepspeed:
+        deepspeed_config(cfg.deepspeed)
+    if cfg.hostfile:
+        hostfile_slots(cfg.hostfile)
     if on_gpu and not cfg.hostfile and cfg.nproc > torch.cuda.device_count():
         raise ConfigError(f"train.nproc={cfg.nproc} but this node has {torch.cuda.device_count()} GPU(s); lower it")
     try:
@@ -663,7 +690,7 @@ def engine_option(cfg: TrainConfig) -> str:
         return "none"
     if cfg.deepspeed in DEEPSPEED_PRESETS:
         return cfg.deepspeed
-    zero = read_json(deepspeed_config_path(cfg.deepspeed)).get("zero_optimization", {})
+    zero = deepspeed_config(cfg.deepspeed).get("zero_optimization", {})
     if zero.get("stage", 0) >= 3:
         return "zero3-offload" if zero.get("offload_param") else "zero3"
     return "zero2"
@@ -673,9 +700,40 @@ def world_size(cfg: TrainConfig) -> int:
     """Processes over all nodes: `nproc`, or the slots of the hostfile's hosts."""
     if not cfg.hostfile:
         return cfg.nproc
-    slots = [int(part.split("=")[1]) for line in Path(cfg.hostfile).read_text().splitlines()
-             for part in line.split() if part.startswith("slots=")]  # fmt: skip
-    return sum(slots) or cfg.nproc
+    return sum(hostfile_slots(cfg.hostfile).values())
+
+
+_HOST = re.compile(r"^(\S+)\s+slots=(\d+)")  # DeepSpeed's launcher's rule (deepspeed/launcher/runner.py)
+
+
+def hostfile_slots(path: str) -> dict[str, int]:
+    """A DeepSpeed hostfile's hosts and their slots (`HOST slots=N` a line; `#` lines and empty ones skipped), read
+    as DeepSpeed's launcher reads it.
+
+    Raises:
+        ConfigError: a file that cannot be read (the launcher would train on this node alone, with a warning, under
+            the hostfile's name), a line it would refuse, a host twice, or no host, saying where.
+    """
+    example = "a line `HOST slots=GPUS` per node, e.g. `worker-1 slots=8`"
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        why = err.strerror if isinstance(err, OSError) else "not text"
+        raise ConfigError(f"train.hostfile={path}: cannot read it ({why}); give DeepSpeed's hostfile, {example}"
+                          ) from None  # fmt: skip
+    hosts: dict[str, int] = {}
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if not (match := _HOST.search(line)):
+            raise ConfigError(f"train.hostfile={path}, line {number}: {line!r} is not `HOST slots=N`; {example}")
+        if match[1] in hosts:
+            raise ConfigError(f"train.hostfile={path}, line {number}: {match[1]} is there twice; give each node once")
+        hosts[match[1]] = int(match[2])
+    if not sum(hosts.values()):
+        raise ConfigError(f"train.hostfile={path} names no slots; {example}")
+    return hosts
 
 
 def plan_inputs(tokenize_dir: Path, cfg: TrainConfig, precision: str) -> tuple:
