@@ -397,9 +397,9 @@ class TrainConfig(_Section):
         "on first use; GPUs only), flash_attention_2 (needs the flash-attn package and a CUDA GPU; packed documents "
         "run as variable-length sequences), eager.",
     )
-    seed: int = Field(10, description="Seed for weights init, dropout and data order.")
+    seed: int = Field(10, ge=0, lt=2**32, description="Seed for weights init, dropout and data order.")
     train_data_split_seed: int = Field(
-        0, description="Seed for the train/validation split of text data and the choice of `max_train_samples`."
+        0, ge=0, lt=2**32, description="Seed for the train/validation split of text data and the choice of `max_train_samples`."
     )
     logging_steps: int = Field(1, ge=1, description="Log training loss every N steps.")
     profile_step: int = Field(
@@ -581,7 +581,9 @@ class GenerateConfig(_Section):
     top_p: float = Field(0.8, gt=0, le=1, description="Nucleus sampling mass.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
     num_return_sequences: int = Field(1, ge=1, description="Samples per prompt.")
-    sampling_seed: int = Field(0, description="Seed of the draws; the same for the base and the fine-tuned model.")
+    sampling_seed: int = Field(
+        0, ge=0, lt=2**32, description="Seed of the draws; the same for the base and the fine-tuned model."
+    )
 
 
 def store_uri_problem(uri: str) -> str | None:

