@@ -469,6 +469,9 @@ class TrainConfig(_Section):
         if self.lean_lora and self.mode != "lora":
             refuse.append("train.lean_lora changes LoRA adapters, and train.mode=full trains none: set "
                           "train.lean_lora=false or train.mode=lora")
+        if self.lora_target_modules and self.mode != "lora":
+            refuse.append("train.lora_target_modules names LoRA's adapters, and train.mode=full trains every weight: "
+                          "unset it or set train.mode=lora")  # fmt: skip
         if self.fp8_base and self.mode != "lora":
             refuse.append("train.fp8_base quantizes LoRA's frozen base, and train.mode=full trains every weight: set "
                           "train.fp8_base=false or train.mode=lora")

@@ -230,6 +230,12 @@ def test_counts_whose_minus_one_means_all_refuse_zero_and_other_negatives(key):
         load_config("tiny", ["eval.max_length=64", "eval.stride=65"])
 
 
+def test_lora_targets_with_full_finetuning_are_refused():
+    with pytest.raises(ConfigError, match="train.lora_target_modules names LoRA's adapters, and train.mode=full"):
+        load_config("tiny", ["train.mode=full", "train.lora_target_modules=[q_proj]"])
+    assert load_config("tiny", ["train.mode=full"]).train.lora_target_modules is None
+
+
 def test_seeds_are_what_numpy_takes():
     """transformers' set_seed seeds numpy, which takes 0 to 2**32 - 1: -1 ended the train stage in a ValueError's
     traceback, after the data stages and the base's evaluation. Refused with the config now."""
