@@ -569,6 +569,11 @@ def cmd_sections(args: argparse.Namespace) -> int:
     from tasks.sections import parse_filing
 
     documents = [found for given in args.files for found in filing_documents(Path(given))]  # all there, or none
+    for path, _ in documents:  # all readable, or none: a PDF or an empty file parsed into "Items not found"
+        if why := _not_a_filing(path):
+            print(f"edgar-tune: error: {path} {why}; give a filing's HTML or text (EDGAR's primary document or its "
+                  "complete submission, .txt), or their folder", file=sys.stderr)  # fmt: skip
+            return 2
     for path, submission in documents:
         doc = parse_filing(path, args.tables, submission=submission).to_dict()
         if args.jsonl:
@@ -584,6 +589,22 @@ def cmd_sections(args: argparse.Namespace) -> int:
             for w in doc["warnings"]:
                 print(f"  warning: {w}")
     return 0
+
+
+def _not_a_filing(path: Path) -> str | None:
+    """What `path` is instead of a filing's HTML or text, by its first 4 KB (a `.gz` one decompressed)."""
+    from tasks.io import open_bytes
+
+    try:
+        with open_bytes(path) as f:
+            head = f.read(4096)
+    except (OSError, EOFError) as err:  # gzip's errors are OSErrors, a cut stream's an EOFError
+        return f"cannot be read ({err})"
+    if not head.strip():
+        return "is empty"
+    if head.startswith(b"%PDF"):
+        return "is a PDF"
+    return "is binary, not text" if b"\0" in head else None
 
 
 def cmd_keys(_: argparse.Namespace) -> int:

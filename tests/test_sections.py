@@ -233,8 +233,8 @@ def test_sections_command_prints_json_per_file():
 
 def test_sections_command_takes_a_folder_in_sec_edgar_downloaders_layout(tmp_path):
     """A folder of filings (the bundled `sec-edgar-filings`, a company's, an accession's) is each accession's
-    document; a path that is not there, or a folder with no filing, is refused before any is parsed (it was an
-    IsADirectoryError traceback)."""
+    document; a path that is not there, a folder with no filing, or a file that is no filing's text (a PDF, an empty
+    file) is refused before any is parsed (they were an IsADirectoryError's traceback, and "Items not found")."""
     bundled = REPO / "data" / "sec-edgar-filings"
 
     def sections(*paths) -> subprocess.CompletedProcess:
@@ -247,7 +247,12 @@ def test_sections_command_takes_a_folder_in_sec_edgar_downloaders_layout(tmp_pat
     accessions = [Path(d["path"]).parent.name for d in docs]
     assert accessions == ["0001018724-21-000004", "0001018724-22-000005", "0001018724-22-000005"]
     assert all(d["items"]["7"]["status"] == "ok" for d in docs)
-    for given, said in ((tmp_path / "nowhere", "does not exist"), (tmp_path, "holds no filing as sec-edgar")):
+    (tmp_path / "report.pdf").write_bytes(b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n1 0 obj")  # parsed into "Items not found"
+    (tmp_path / "empty.htm").write_text(" \n")
+    (tmp_path / "utf16.txt").write_text("ITEM 7. MD&A", encoding="utf-16")
+    for given, said in ((tmp_path / "nowhere", "does not exist"), (tmp_path, "holds no filing as sec-edgar"),
+                        (tmp_path / "report.pdf", "is a PDF; give a filing's HTML or text"),
+                        (tmp_path / "empty.htm", "is empty"), (tmp_path / "utf16.txt", "is binary, not text")):
         refused = sections(bundled, given)
         assert refused.returncode == 2 and refused.stdout == "", refused.stdout[-300:]
         assert f"edgar-tune: error: {given} {said}" in refused.stderr, refused.stderr[-2000:]
