@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from edgar_tune.config import GenerateConfig
+from edgar_tune.config import ConfigError, GenerateConfig
 from tasks.io import atomic_write_json
 from tasks.models import device, load_tokenizer
 from tasks.progress import OwnLine, Progress, clock, console_bars
@@ -27,9 +27,19 @@ def prompts_for(cfg: GenerateConfig, companies: list[str]) -> list[str]:
     return list(dict.fromkeys(cfg.prompts + asked))
 
 
+def check_length(cfg: GenerateConfig, model) -> None:
+    """Raises ConfigError for a `generate.max_length` past the model's context: positions it never saw, generated
+    without an error on RoPE models, for minutes."""
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context and cfg.max_length > context:
+        raise ConfigError(f"generate.max_length={cfg.max_length} is longer than the model's context ({context} "
+                          f"positions); set it to {context} or less")  # fmt: skip
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], cfg: GenerateConfig, label: str) -> list[dict]:
     """One row per prompt and returned sequence: the prompt and the text generated after it."""
+    check_length(cfg, model)
     dev = device()
     model.to(dev).eval()
     rows = []

@@ -177,6 +177,10 @@ def write_eval(out_file: Path, tokenize_dir: Path, cfg: EvalConfig, adapter_or_m
         model, label = load_causal_lm(base, adapter=str(adapter_or_model)), "fine-tuned"
     else:
         model, label = load_causal_lm(str(adapter_or_model)), "fine-tuned"
+    if gen is not None and gen.enabled:  # before the scoring, which takes longer
+        from tasks.generate import check_length
+
+        check_length(gen, model)
     result = evaluate_model(model, load_from_disk(str(tokenize_dir / "val")), cfg, stats["block_length"], label)
     atomic_write_json(out_file, result)
     if gen is not None and gen.enabled:

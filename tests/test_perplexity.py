@@ -142,3 +142,12 @@ def test_windows_the_model_cannot_score_are_refused_naming_the_key(tiny):
     with pytest.raises(ConfigError, match=r"^eval.stride=100 is longer than the window \(64 tokens, the block length"):
         evaluate_model(tiny, val, EvalConfig(stride=100), 64, "base")
     assert evaluate_model(tiny, val, EvalConfig(stride=64), 64, "base")["tokens"] == 56
+
+
+def test_generation_past_the_context_is_refused(tiny):
+    from edgar_tune.config import ConfigError, GenerateConfig
+    from tasks.generate import check_length
+
+    with pytest.raises(ConfigError, match=r"^generate.max_length=4096 is longer than the model's context \(2048"):
+        check_length(GenerateConfig(max_length=4096), tiny)
+    check_length(GenerateConfig(max_length=2048), tiny)
