@@ -167,9 +167,10 @@ class DataConfig(_Section):
     @field_validator("tickers")
     @classmethod
     def _tickers(cls, v: list[str]) -> list[str]:
+        v = list(dict.fromkeys(t.strip().upper() for t in v if t.strip()))  # each once, in the order given
         if not v:
             raise ValueError("give at least one ticker or CIK")
-        return [t.strip().upper() for t in v]
+        return v
 
     @model_validator(mode="after")
     def _latest_needs_filings(self) -> DataConfig:

@@ -54,6 +54,9 @@ def test_one_ticker_or_year_or_several_with_commas_are_a_list():
         load_config("tiny", ["data.fiscal_years=2021,last"])
     with pytest.raises(ConfigError, match="give at least one ticker"):
         load_config("tiny", ["data.tickers=,"])
+    with pytest.raises(ConfigError, match="give at least one ticker"):
+        load_config("tiny", ['data.tickers=["", " "]'])
+    assert load_config("tiny", ['data.tickers=[msft, AMZN, "", amzn]']).data.tickers == ["MSFT", "AMZN"]  # each once
     for key, said in (("data.tickers", "give at least one ticker or CIK"), ("data.fiscal_years", "give at least one "
                                                                            "fiscal year")):  # fmt: skip
         with pytest.raises(ConfigError, match=f"`{key}`: {said} \\(got nothing\\)$"):  # `--set KEY=`: not a list
