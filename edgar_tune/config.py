@@ -400,7 +400,8 @@ class TrainConfig(_Section):
     )
     seed: int = Field(10, ge=0, lt=2**32, description="Seed for weights init, dropout and data order.")
     train_data_split_seed: int = Field(
-        0, ge=0, lt=2**32, description="Seed for the train/validation split of text data and the choice of `max_train_samples`."
+        0, ge=0, lt=2**32,
+        description="Seed for the train/validation split of text data and the choice of `max_train_samples`.",
     )
     logging_steps: int = Field(1, ge=1, description="Log training loss every N steps.")
     profile_step: int = Field(
@@ -728,6 +729,24 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return pairs
 
 
+class _UniqueKeys(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last: a second `train:`
+    section drops every key of the first without a word)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: keys given again override it, as meant
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"`{key}` is given twice (lines {seen[key]} and {key_node.start_mark.line + 1}), and "
+                    "YAML would keep the second alone: give it once", key_node.start_mark)  # fmt: skip
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
 def preset_path(name: str) -> Path:
     path = Path(name)
     if path.suffix in {".yaml", ".yml"} and path.exists():
@@ -746,7 +765,7 @@ def _validation_message(err: ValidationError) -> str:
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             lines.append(f"unknown config key `{loc}`")
-        elif "." not in loc:  # a section's or the config's check of a combination of keys: the message names them
+        elif "." not in loc and e["type"] == "value_error":  # a section's check of a combination: it names them
             lines.append(msg)
         else:
             given = e.get("input")
@@ -760,7 +779,21 @@ def load_config(preset: str = "demo", overrides: dict[str, Any] | list[str] | No
     Raises:
         ConfigError: naming the key, for unknown keys, bad values and bad combinations.
     """
-    raw = yaml.safe_load(preset_path(preset).read_text()) or {}
+    path = preset_path(preset)
+    try:
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeys) or {}  # noqa: S506 (a SafeLoader)
+    except yaml.YAMLError as err:  # a tab for indentation, an unclosed quote: where, as YAML says it
+        where = getattr(err, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        problem = getattr(err, "problem", None) or str(err)
+        if context := getattr(err, "context", None):  # "while scanning a quoted scalar", where it began
+            began = getattr(err, "context_mark", None)
+            problem = f"{problem} {context}" + (f" begun at line {began.line + 1}" if began else "")
+        hint = "; indent with spaces (YAML takes no tabs)" if "\\t" in problem else ""
+        raise ConfigError(f"preset {path} is not valid YAML{at}: {problem}{hint}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"preset {path} holds a YAML {type(raw).__name__}, not sections of keys: write `train:`, "
+                          "then its keys indented under it (`  epoch: 2`); `edgar-tune keys` lists them")  # fmt: skip
     raw["preset"] = Path(preset).stem
     return config_from_dict(raw, overrides)
 

@@ -233,6 +233,33 @@ def test_counts_whose_minus_one_means_all_refuse_zero_and_other_negatives(key):
         load_config("tiny", ["eval.max_length=64", "eval.stride=65"])
 
 
+@pytest.mark.parametrize(("text", "says"), [
+    ("train:\n\tepoch: 2\n", "is not valid YAML at line 2, column 1: found character '\\t' that cannot start any "
+                            "token while scanning for the next token; indent with spaces (YAML takes no tabs)"),
+    ('train:\n  epoch: "2\n', "is not valid YAML at line 3, column 1: found unexpected end of stream while scanning a "
+                             "quoted scalar begun at line 2"),
+    ("train:\n  epoch: 2\nmodel:\n  name: tiny-llama\ntrain:\n  learning_rate: 0.001\n",
+     "is not valid YAML at line 5, column 1: `train` is given twice (lines 1 and 5), and YAML would keep the second "
+     "alone: give it once"),  # the first section's keys were dropped without a word
+    ("- train\n- model\n", "holds a YAML list, not sections of keys"),
+])  # fmt: skip
+def test_a_preset_file_that_is_not_sections_of_keys_says_where(tmp_path, text, says):
+    """A tab, an unclosed quote or a list ended in PyYAML's or a TypeError's traceback; a key given twice kept the
+    second silently. Each is refused naming the file and where; a section given a value names the section."""
+    preset = tmp_path / "mine.yaml"
+    preset.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(str(preset))
+    assert str(err.value).startswith(f"preset {preset} {says}"), str(err.value)
+    preset.write_text("train: 5\n")
+    with pytest.raises(ConfigError, match=re.escape("`train`: Input should be a valid dictionary or instance of "
+                                                    "TrainConfig (got 5)")):  # fmt: skip
+        load_config(str(preset))
+    preset.write_text("base: &b\n  epoch: 2\ntrain:\n  <<: *b\n  epoch: 3\n")  # a merge, then a key over it: fine
+    with pytest.raises(ConfigError, match="unknown config key `base`"):
+        load_config(str(preset))
+
+
 def test_lora_targets_with_full_finetuning_are_refused():
     with pytest.raises(ConfigError, match="train.lora_target_modules names LoRA's adapters, and train.mode=full"):
         load_config("tiny", ["train.mode=full", "train.lora_target_modules=[q_proj]"])
