@@ -73,6 +73,14 @@ class StageFailed(RuntimeError):
     CLI prints it without a traceback."""
 
 
+def listed(v: Any) -> Any:
+    """One name or number, or several with commas (`--set data.tickers=AMZN,MSFT`, `train.lora_target_modules=
+    q_proj,v_proj`), as the list it means; anything else as it is, for the field's own check."""
+    if isinstance(v, str):
+        return [part.strip() for part in v.split(",") if part.strip()]
+    return [v] if isinstance(v, int) and not isinstance(v, bool) else v
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -156,13 +164,8 @@ class DataConfig(_Section):
     @field_validator("tickers", "fiscal_years", mode="before")
     @classmethod
     def _one_or_more(cls, v: Any) -> Any:
-        """One ticker or year, or several with commas (`--set data.tickers=AMZN,MSFT`), as the list it means; none
-        (`--set data.tickers=`) as an empty one, which the field's check refuses saying what to give."""
-        if v is None:
-            return []
-        if isinstance(v, str):
-            return [part.strip() for part in v.split(",") if part.strip()]
-        return [v] if isinstance(v, int) and not isinstance(v, bool) else v
+        """None (`--set data.tickers=`) as an empty list, which the field's check refuses saying what to give."""
+        return [] if v is None else listed(v)
 
     @field_validator("tickers")
     @classmethod
@@ -204,8 +207,7 @@ class ParseConfig(_Section):
     def _items(cls, v: Any) -> Any:
         from tasks.sections import ITEM_ORDER  # the parser's Items (bs4 comes with it: imported here only)
 
-        if isinstance(v, str | int):  # `--set parse.val_items=7`
-            v = [v]
+        v = listed(v)  # `--set parse.val_items=7` or `7,7A`
         if not isinstance(v, list) or not all(isinstance(key, str | int) for key in v):
             return v  # pydantic says what is wrong with it
         if not v:
@@ -457,6 +459,12 @@ class TrainConfig(_Section):
         if self.compile_scope == "auto":
             return "model" if self.deepspeed or self.enable_fsdp else "layers"
         return self.compile_scope
+
+    @field_validator("lora_target_modules", mode="before")
+    @classmethod
+    def _targets(cls, v: Any) -> Any:
+        v = listed(v)
+        return list(dict.fromkeys(v)) if isinstance(v, list) and all(isinstance(t, str) for t in v) else v
 
     @model_validator(mode="after")
     def _combinations(self) -> TrainConfig:

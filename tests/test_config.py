@@ -57,6 +57,9 @@ def test_one_ticker_or_year_or_several_with_commas_are_a_list():
     with pytest.raises(ConfigError, match="give at least one ticker"):
         load_config("tiny", ['data.tickers=["", " "]'])
     assert load_config("tiny", ['data.tickers=[msft, AMZN, "", amzn]']).data.tickers == ["MSFT", "AMZN"]  # each once
+    # the other lists of names take commas too (they said "Input should be a valid list"), as plan's --lora-targets
+    cfg = load_config("tiny", ["train.lora_target_modules=q_proj, v_proj,q_proj", "parse.val_items=7,7a"])
+    assert (cfg.train.lora_target_modules, cfg.parse.val_items) == (["q_proj", "v_proj"], ["7", "7A"])
     for key, said in (("data.tickers", "give at least one ticker or CIK"), ("data.fiscal_years", "give at least one "
                                                                            "fiscal year")):  # fmt: skip
         with pytest.raises(ConfigError, match=f"`{key}`: {said} \\(got nothing\\)$"):  # `--set KEY=`: not a list
