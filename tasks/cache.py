@@ -458,8 +458,22 @@ def stage_inputs(stage: str, run_ref: str, run_dir: Path, cfg: PipelineConfig,
         "reads": {name: read_digest(run_dir, name, files) for name in (reads or READS[stage])},
         "code": code_version(stage),
     }
+    if stage == "train" and (engine := engine_files(cfg)):
+        parts["engine"] = engine
     files.save()
     return parts
+
+
+def engine_files(cfg: PipelineConfig) -> dict:
+    """What the files `train.deepspeed` and `train.hostfile` name hold (the DeepSpeed config, the hosts' slots): the
+    config holds their names only, so an edited ZeRO config or a node more would stand as cached. Nothing when
+    neither is set, so those runs' keys are as they were."""
+    if not (cfg.train.deepspeed or cfg.train.hostfile):
+        return {}
+    from tasks.finetune import deepspeed_config, hostfile_slots
+
+    engine = {"deepspeed": deepspeed_config(cfg.train.deepspeed)} if cfg.train.deepspeed else {}
+    return engine | ({"hostfile": hostfile_slots(cfg.train.hostfile)} if cfg.train.hostfile else {})
 
 
 def decide(stage: str, run_ref: str, run_dir: Path, cfg: PipelineConfig, force: bool) -> tuple[bool, str, dict]:

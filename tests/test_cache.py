@@ -56,6 +56,26 @@ def test_a_training_hyperparameter_moves_only_the_training_keys(tmp_path):
     assert _keys(tmp_path / "other")["download"] != base["download"]  # another run folder, another key
 
 
+def test_an_edited_deepspeed_config_or_hostfile_trains_again(tmp_path):
+    """The config holds the names of the DeepSpeed JSON and the hostfile: an edit of either (offload on, a node more)
+    left the training standing as cached. What they hold is in the train key; without either, the key has no such
+    part, so the keys of runs without DeepSpeed are as they were."""
+    ds, hosts = tmp_path / "ds.json", tmp_path / "hostfile"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    hosts.write_text("worker-1 slots=8\n")
+    files = {"train.deepspeed": str(ds), "train.hostfile": str(hosts)}
+    first = _keys(tmp_path, **files)
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}))
+    second = _keys(tmp_path, **files)
+    hosts.write_text("worker-1 slots=8\n# worker-2 is back\nworker-2 slots=8\n")
+    third = _keys(tmp_path, **files)
+    assert [s for s in STAGES if first[s] != second[s]] == ["train"] == [s for s in STAGES if second[s] != third[s]]
+    assert "engine" not in stage_inputs("train", str(tmp_path), tmp_path, load_config("tiny"))
+    shipped = json.loads((REPO_ROOT / "configs" / "deepspeed" / "zero2.json").read_text())
+    zero2 = load_config("tiny", {"train.deepspeed": "zero2"})
+    assert stage_inputs("train", str(tmp_path), tmp_path, zero2)["engine"] == {"deepspeed": shipped}
+
+
 def test_the_task_sees_only_the_config_in_its_key():
     cfg = load_config("tiny", {"train.learning_rate": 1e-4, "train.seed": 7})
     view = config_view(cfg, "tokenize")
