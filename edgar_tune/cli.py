@@ -553,8 +553,9 @@ def cmd_relay(args: argparse.Namespace) -> int:
     from edgar_tune.relay import RelayError, serve
 
     host, _, port = args.listen.rpartition(":")
-    if not port.isdigit():
-        print(f"edgar-tune: error: --listen {args.listen}: give HOST:PORT, e.g. 0.0.0.0:8790", file=sys.stderr)
+    if not port.isdigit() or int(port) > 65535:
+        print(f"edgar-tune: error: --listen {args.listen}: give HOST:PORT (a port up to 65535), e.g. 0.0.0.0:8790",
+              file=sys.stderr)  # fmt: skip
         return 2
     try:
         serve(args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", ""), host or "0.0.0.0", int(port), args.url)

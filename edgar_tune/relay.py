@@ -314,8 +314,21 @@ def serve(tracking_uri: str, host: str, port: int, url: str | None) -> None:
     if not tracking_uri.startswith(("http://", "https://")):
         raise RelayError(f"--tracking-uri {tracking_uri}: webhooks come from an MLflow tracking server "
                          "(`mlflow server`, a SQL store), not from a store read directly")  # fmt: skip
+    if url and not url.startswith(("http://", "https://")):
+        raise RelayError(f"--url {url}: MLflow posts its deliveries over HTTP; give http(s)://HOST:PORT/")
     import mlflow
+    import requests
 
+    from tasks.registry import answers
+
+    # a server that is not there: a quick no, not MLflow's four minutes of retries, nor Prefect's at the first move
+    for what, where, fix in (("the MLflow tracking server", tracking_uri, "--tracking-uri or $MLFLOW_TRACKING_URI"),
+                             ("the Prefect server", api, "PREFECT_API_URL")):  # fmt: skip
+        try:
+            answers(where, timeout=5)
+        except requests.RequestException as err:
+            raise RelayError(f"{what} at {where} does not answer ({type(err).__name__}); start it, or give its "
+                             f"address in {fix}") from None  # fmt: skip
     try:
         relay = Relay(tracking_uri, api)
     except mlflow.exceptions.MlflowException as err:
@@ -353,7 +366,10 @@ def serve(tracking_uri: str, host: str, port: int, url: str | None) -> None:
         def log_message(self, format: str, *args) -> None:  # noqa: A002 (http.server's name); the lines above say it
             pass
 
-    server = ThreadingHTTPServer((host, port), Handler)
+    try:
+        server = ThreadingHTTPServer((host, port), Handler)
+    except OSError as err:  # the port taken, the address not this host's
+        raise RelayError(f"cannot listen on {host}:{port} ({err.strerror}); give another --listen") from None
     url = url or f"http://{host}:{server.server_port}/"
     failed: list[RelayError] = []
 

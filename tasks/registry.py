@@ -699,7 +699,7 @@ def live_training_run(run_dir: Path, registry: RegisterConfig, preset: str,
     at registration instead; one that stops answering later holds the points until it is back (`LiveMetrics`)."""
     uri = tracking_uri(registry.tracking_uri, run_dir.parent)
     try:
-        _answers(uri)
+        answers(uri)
         with _creating_store(uri, run_dir):
             client = mlflow.MlflowClient(uri)
             exp_id = _experiment_id(client, registry.experiment, run_dir.parent, uri)
@@ -794,7 +794,7 @@ class LiveMetrics:
         sending = bool(rows)
         try:
             if sending:
-                _answers(self.uri, timeout=5)  # a server gone: a quick no, not MLflow's four minutes of retries
+                answers(self.uri, timeout=5)  # a server gone: a quick no, not MLflow's four minutes of retries
             log_points(self.client, self.run_id, rows)
         except Exception as err:  # noqa: BLE001 (training goes on; the points wait for the server)
             with self.lock:
@@ -823,7 +823,7 @@ def log_points(client, run_id: str, points: list[Point]) -> None:
         del points[: len(batch)]
 
 
-def _answers(uri: str, timeout: float = 10.0) -> None:
+def answers(uri: str, timeout: float = 10.0) -> None:
     """Raise at once if a tracking server does not answer at all. MLflow's own client retries a refused connection
     with backoff for about four minutes (MLFLOW_HTTP_REQUEST_MAX_RETRIES), which training would wait through. Any
     HTTP answer will do (a proxy's 401 too); the calls that follow say what is wrong with it."""

@@ -298,6 +298,19 @@ def test_an_alias_moved_in_the_mlflow_ui_reaches_prefect_through_the_relay(prefe
         assert unsigned.wait(timeout=120) == 2 and f"set {SECRET_ENV} to a secret" in unsigned.stdout.read()
         portless = relay("--listen", "relay-host", **{SECRET_ENV: secret})
         assert portless.wait(timeout=120) == 2 and "--listen relay-host: give HOST:PORT" in portless.stdout.read()
+        # Servers that are not there: said at once (MLflow's client retried for four minutes); a port taken, in a line
+        dead = f"http://127.0.0.1:{free_port()}"
+        taken = f"127.0.0.1:{uri.rsplit(':', 1)[1]}"  # the MLflow server's
+        for args, more, says in (
+                (["--tracking-uri", dead], {}, f"the MLflow tracking server at {dead} does not answer (Connection"),
+                ([], {"PREFECT_API_URL": f"{dead}/api"}, f"the Prefect server at {dead}/api does not answer"),
+                (["--url", "ftp://relay"], {}, "--url ftp://relay: MLflow posts its deliveries over HTTP"),
+                (["--listen", taken], {}, f"cannot listen on {taken} (Address already in use); give another --listen"),
+        ):  # fmt: skip
+            refused = relay("--listen", f"127.0.0.1:{free_port()}", *args, **{SECRET_ENV: secret}, **more)
+            assert refused.wait(timeout=60) == 2, refused.stdout.read()
+            said = refused.stdout.read()
+            assert says in said and "Traceback" not in said, said
         astray = relay("--listen", f"127.0.0.1:{free_port()}", "--url", f"http://127.0.0.1:{free_port()}/",
                        **{SECRET_ENV: secret})  # fmt: skip
         assert astray.wait(timeout=120) == 2, astray.stdout.read()
