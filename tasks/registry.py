@@ -49,8 +49,19 @@ MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
 
 def existing_store(given: str | None, runs_root: Path, change: str) -> str:
     """`tracking_uri`, for a command that reads what runs registered: a sqlite store that does not exist is refused
-    (MLflow would make an empty one, and report no models), `change` saying how to name the right one."""
+    (MLflow would make an empty one, and report no models), `change` saying how to name the right one, as is a
+    tracking server that does not answer (MLflow's client would retry for four minutes: a port mistyped)."""
     uri = tracking_uri(given, runs_root, "the MLflow store")
+    if uri.startswith(("http://", "https://")):
+        import requests
+
+        from edgar_tune.config import ConfigError
+
+        try:
+            answers(uri, timeout=5)
+        except requests.RequestException as err:
+            raise ConfigError(f"the MLflow tracking server at {uri} does not answer ({type(err).__name__}): start "
+                              f"it, or {change}") from None  # fmt: skip
     if (db := sqlite_file(uri)) is not None and not db.is_file():
         from edgar_tune.config import ConfigError
 

@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 
 import mlflow
 import pytest
@@ -153,6 +154,16 @@ def test_a_person_promotes_a_version_by_hand_and_the_registry_records_who_and_wh
                               text=True)  # fmt: skip
         assert path.returncode == 2 and said in path.stderr and "Traceback" not in path.stderr, path.stderr[-2000:]
     assert not (tmp_path / "mlruns").exists()
+    # A tracking server that does not answer (a port mistyped): said at once; MLflow's client retried four minutes.
+    dead = f"http://127.0.0.1:{free_port()}"
+    for command in (["models"], ["promote", "1"], ["generate", "--model", "models:/m@champion", "--prompt", "x"]):
+        start = time.monotonic()
+        gone = subprocess.run([sys.executable, "-m", "edgar_tune.cli", *command, "--tracking-uri", dead], cwd=tmp_path,
+                              env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert gone.returncode == 2 and gone.stderr.splitlines()[-1].startswith(
+            f"edgar-tune: error: the MLflow tracking server at {dead} does not answer (ConnectionError): start it, "
+            "or run this where `runs/` is"), gone.stderr[-2000:]
+        assert time.monotonic() - start < 60
 
     from edgar_tune.config import ConfigError
     from flows.export import edgar_tune_export
