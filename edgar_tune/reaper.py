@@ -134,11 +134,18 @@ def embedded_prefect() -> int | None:
     its training at a checkpoint and record how the run ended: the command then retried the dead server for
     minutes (221 s after a Ctrl-C here), printed connection tracebacks, and left the flow run `Running` in
     Prefect's database. Now the server outlives the signal, the flow records the run `Crashed`, and the server
-    stops when the command ends (Prefect's exit handler, or the reaper if the command is killed)."""
+    stops when the command ends (Prefect's exit handler, or the reaper if the command is killed).
+
+    Raises:
+        ConfigError: a configured server that does not answer.
+    """
     from prefect.settings import get_current_settings
 
     settings = get_current_settings()
-    if settings.api.url or not settings.server.ephemeral.enabled:
+    if settings.api.url:
+        _check_answers(settings.api.url)
+        return None
+    if not settings.server.ephemeral.enabled:
         return None
     own_session_for_embedded_server()
     from prefect.server.api import server as server_module
@@ -147,6 +154,22 @@ def embedded_prefect() -> int | None:
     server.start()
     start(server.server_process.pid)
     return server.server_process.pid
+
+
+def _check_answers(api: str) -> None:
+    """Raises ConfigError at once for a configured Prefect server that does not answer (a port mistyped, a server
+    not started): the flow run ended in 80 lines of httpx's and Prefect's traceback."""
+    import requests
+
+    from edgar_tune.config import ConfigError
+    from tasks.io import answers
+
+    try:
+        answers(api, timeout=5)
+    except requests.RequestException as err:
+        raise ConfigError(f"PREFECT_API_URL={api}: the Prefect server does not answer ({type(err).__name__}); start "
+                          "it (`prefect server start`), or unset PREFECT_API_URL to run on a temporary embedded one"
+                          ) from None  # fmt: skip
 
 
 def watch_embedded_server() -> int | None:

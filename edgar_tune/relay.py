@@ -319,7 +319,7 @@ def serve(tracking_uri: str, host: str, port: int, url: str | None) -> None:
     import mlflow
     import requests
 
-    from tasks.registry import answers
+    from tasks.io import answers
 
     # a server that is not there: a quick no, not MLflow's four minutes of retries, nor Prefect's at the first move
     for what, where, fix in (("the MLflow tracking server", tracking_uri, "--tracking-uri or $MLFLOW_TRACKING_URI"),

@@ -93,6 +93,17 @@ def read_bytes(path: Path) -> bytes:
     return gzip.decompress(data) if str(path).endswith(".gz") else data
 
 
+def answers(uri: str, timeout: float = 10.0) -> None:
+    """Raise (a requests.RequestException) at once if an HTTP server does not answer at all: MLflow's client
+    retries a refused connection with backoff for about four minutes (MLFLOW_HTTP_REQUEST_MAX_RETRIES), Prefect's
+    ends in a traceback. Any HTTP answer will do (a proxy's 401 too); the calls that follow say what is wrong with
+    it. A URI that is not http(s) is not asked."""
+    if uri.startswith(("http://", "https://")):
+        import requests
+
+        requests.head(uri, timeout=timeout, allow_redirects=False)
+
+
 def open_bytes(path: Path) -> IO[bytes]:
     """Open a file to read part of it, as `read_bytes` reads it: a `.gz` one decompressed."""
     return gzip.open(path, "rb") if str(path).endswith(".gz") else open(path, "rb")

@@ -33,8 +33,8 @@ import yaml
 
 from edgar_tune.config import REPO_ROOT, EvalConfig, PipelineConfig, RegisterConfig, flat_params, tracking_uri
 from tasks.io import (
-    DOWNLOAD, EVALUATE, PARSE, TOKENIZE, TRAIN, Busy, cache_dir, held, holder_info, joined, megabytes, read_json,
-    read_jsonl, size,
+    DOWNLOAD, EVALUATE, PARSE, TOKENIZE, TRAIN, Busy, answers, cache_dir, held, holder_info, joined, megabytes,
+    read_json, read_jsonl, size,
 )  # fmt: skip
 from tasks.textdata import data_locations
 from tasks.progress import CURVES, Point, clock, training_points
@@ -832,16 +832,6 @@ def log_points(client, run_id: str, points: list[Point]) -> None:
         batch = points[:1000]
         client.log_batch(run_id, metrics=[Metric(k, float(v), int(t * 1000), int(step)) for k, v, step, t in batch])
         del points[: len(batch)]
-
-
-def answers(uri: str, timeout: float = 10.0) -> None:
-    """Raise at once if a tracking server does not answer at all. MLflow's own client retries a refused connection
-    with backoff for about four minutes (MLFLOW_HTTP_REQUEST_MAX_RETRIES), which training would wait through. Any
-    HTTP answer will do (a proxy's 401 too); the calls that follow say what is wrong with it."""
-    if uri.startswith(("http://", "https://")):
-        import requests
-
-        requests.head(uri, timeout=timeout, allow_redirects=False)
 
 
 def _creating_store(uri: str, run_dir: Path):

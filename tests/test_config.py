@@ -421,6 +421,26 @@ def test_a_rerun_of_a_missing_folder_or_with_a_bad_key_is_refused_before_prefect
     assert sorted(p.name for p in run.iterdir()) == ["config.yaml"] and (run / "config.yaml").read_text() == recorded
 
 
+def test_a_prefect_server_that_does_not_answer_is_said_in_one_line(tmp_path):
+    """PREFECT_API_URL pointing where no server answers (a port mistyped, a server not started) ended `run` and
+    `rerun` in 80 lines of httpx's and Prefect's traceback: it is said in a line, saying what to do, and nothing is
+    written."""
+    from tests.conftest import free_port
+
+    api = f"http://127.0.0.1:{free_port()}/api"
+    run = tmp_path / "run"
+    for command in (["run", "--preset", "tiny", "--out", str(run)], ["rerun", "train", "--run", str(run)]):
+        proc = subprocess.run([sys.executable, "-m", "edgar_tune.cli", *command], capture_output=True, text=True,
+                              cwd=REPO, timeout=120, env=dict(os.environ, PREFECT_API_URL=api))  # fmt: skip
+        assert proc.returncode == 2 and proc.stderr.splitlines() == [
+            f"edgar-tune: error: PREFECT_API_URL={api}: the Prefect server does not answer (ConnectionError); start it "
+            "(`prefect server start`), or unset PREFECT_API_URL to run on a temporary embedded one"], proc.stderr
+        if command[0] == "run":
+            assert not run.exists()
+            run.mkdir()
+            (run / "config.yaml").write_text(yaml.safe_dump(load_config("tiny").model_dump()))
+
+
 def test_a_flow_run_with_a_model_that_is_not_here_fails_before_it_downloads(tmp_path, prefect_server):
     """A run triggered from the Prefect UI skips the CLI's checks: the flow makes the same one before its first
     stage, not at tokenize after the download and parse."""
