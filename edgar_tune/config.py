@@ -93,6 +93,12 @@ def _kernel_choice(value: Any) -> Any:
 KernelChoice = Annotated[Literal["off", "auto", "torch", "triton"], BeforeValidator(_kernel_choice)]
 
 
+def _absolute(path: str) -> str:
+    """A file's path as the run records it: `~` expanded, made absolute where it was given, so a rerun from another
+    folder (or a worker's) reads the same file."""
+    return os.path.abspath(os.path.expanduser(path))
+
+
 def _all_or_count(value: int) -> int:
     """-1 (all, or the default) or a count: 0 and other negatives meant -1 in some places and nothing in others."""
     if value != -1 and value < 1:
@@ -438,9 +444,16 @@ class TrainConfig(_Section):
     @field_validator("deepspeed")
     @classmethod
     def _known_deepspeed(cls, value: str | None) -> str | None:
-        if value is None or value in DEEPSPEED_PRESETS or value.endswith(".json"):
+        if value is None or value in DEEPSPEED_PRESETS:
             return value
+        if value.endswith(".json"):
+            return _absolute(value)
         raise ValueError(f"must be one of {', '.join(DEEPSPEED_PRESETS)} or a path to a DeepSpeed JSON config")
+
+    @field_validator("hostfile")
+    @classmethod
+    def _hostfile(cls, value: str | None) -> str | None:
+        return _absolute(value) if value else value
 
     @property
     def quantization(self) -> str | None:

@@ -263,6 +263,15 @@ def test_a_preset_file_that_is_not_sections_of_keys_says_where(tmp_path, text, s
         load_config(str(preset))
 
 
+def test_engine_files_are_recorded_as_absolute_paths(tmp_path, monkeypatch):
+    """A DeepSpeed JSON or hostfile given relative to the folder the run started in (or with ~) is recorded as the
+    file's absolute path: a rerun from another folder, or a worker's, read another file or none (and `~` none)."""
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("tiny", ["train.deepspeed=ds/mine.json", "train.hostfile=~/hosts"])
+    assert (cfg.train.deepspeed, cfg.train.hostfile) == (str(tmp_path / "ds" / "mine.json"), str(Path.home() / "hosts"))
+    assert load_config("tiny", ["train.deepspeed=zero3"]).train.deepspeed == "zero3"  # a shipped one, by name
+
+
 def test_lora_targets_with_full_finetuning_are_refused():
     with pytest.raises(ConfigError, match="train.lora_target_modules names LoRA's adapters, and train.mode=full"):
         load_config("tiny", ["train.mode=full", "train.lora_target_modules=[q_proj]"])
