@@ -794,13 +794,13 @@ def _validation_message(err: ValidationError) -> str:
     return "invalid configuration: " + "; ".join(lines)
 
 
-def load_config(preset: str = "demo", overrides: dict[str, Any] | list[str] | None = None) -> PipelineConfig:
-    """Build the config from a preset plus overrides (`{"train.lr": 1e-4}` or `["train.lr=1e-4"]`).
+def read_config_file(path: Path, what: str = "") -> dict:
+    """A config YAML's sections (a preset, or a run's config.yaml; `what` names it in errors).
 
     Raises:
-        ConfigError: naming the key, for unknown keys, bad values and bad combinations.
+        ConfigError: YAML that does not parse (a tab, an unclosed quote) or gives a key twice, saying where; YAML
+            that is not sections of keys.
     """
-    path = preset_path(preset)
     try:
         raw = yaml.load(path.read_text(), Loader=_UniqueKeys) or {}  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as err:  # a tab for indentation, an unclosed quote: where, as YAML says it
@@ -811,10 +811,20 @@ def load_config(preset: str = "demo", overrides: dict[str, Any] | list[str] | No
             began = getattr(err, "context_mark", None)
             problem = f"{problem} {context}" + (f" begun at line {began.line + 1}" if began else "")
         hint = "; indent with spaces (YAML takes no tabs)" if "\\t" in problem else ""
-        raise ConfigError(f"preset {path} is not valid YAML{at}: {problem}{hint}") from None
+        raise ConfigError(f"{what}{path} is not valid YAML{at}: {problem}{hint}") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"preset {path} holds a YAML {type(raw).__name__}, not sections of keys: write `train:`, "
+        raise ConfigError(f"{what}{path} holds a YAML {type(raw).__name__}, not sections of keys: write `train:`, "
                           "then its keys indented under it (`  epoch: 2`); `edgar-tune keys` lists them")  # fmt: skip
+    return raw
+
+
+def load_config(preset: str = "demo", overrides: dict[str, Any] | list[str] | None = None) -> PipelineConfig:
+    """Build the config from a preset plus overrides (`{"train.lr": 1e-4}` or `["train.lr=1e-4"]`).
+
+    Raises:
+        ConfigError: naming the key, for unknown keys, bad values and bad combinations.
+    """
+    raw = read_config_file(preset_path(preset), "preset ")
     raw["preset"] = Path(preset).stem
     return config_from_dict(raw, overrides)
 
@@ -832,7 +842,7 @@ def load_run_config(run_dir: Path, overrides: dict[str, Any] | list[str] | None 
     path = Path(run_dir) / "config.yaml"
     if not path.exists():
         raise ConfigError(f"{path} does not exist; give the folder of a run (`edgar-tune run --out DIR`)")
-    return config_from_dict(yaml.safe_load(path.read_text()) or {}, overrides)
+    return config_from_dict(read_config_file(path), overrides)
 
 
 def config_from_dict(raw: dict, overrides: dict[str, Any] | list[str] | None = None) -> PipelineConfig:

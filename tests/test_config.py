@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from edgar_tune.config import PRESETS_DIR, ConfigError, flat_params, load_config
+from edgar_tune.config import PRESETS_DIR, ConfigError, flat_params, load_config, load_run_config
 
 REPO = Path(__file__).resolve().parent.parent
 PRESETS = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
@@ -254,6 +254,10 @@ def test_a_preset_file_that_is_not_sections_of_keys_says_where(tmp_path, text, s
     with pytest.raises(ConfigError) as err:
         load_config(str(preset))
     assert str(err.value).startswith(f"preset {preset} {says}"), str(err.value)
+    (tmp_path / "config.yaml").write_text(text)  # a run's, edited by hand: `rerun` and `stage` read it
+    with pytest.raises(ConfigError) as err:
+        load_run_config(tmp_path)
+    assert str(err.value).startswith(f"{tmp_path / 'config.yaml'} {says}"), str(err.value)
     preset.write_text("train: 5\n")
     with pytest.raises(ConfigError, match=re.escape("`train`: Input should be a valid dictionary or instance of "
                                                     "TrainConfig (got 5)")):  # fmt: skip
