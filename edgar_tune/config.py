@@ -716,13 +716,37 @@ def all_keys() -> dict[str, str]:
     return keys
 
 
+# Names other fine-tuning tools (transformers' TrainingArguments, peft, Axolotl, LLaMA-Factory, torchtune) give
+# keys that edgar-tune has: suggested when given, never taken in their place (a key means one thing here).
+OTHER_NAMES = {
+    "lr": "train.learning_rate", "epochs": "train.epoch", "num_epochs": "train.epoch",
+    "num_train_epochs": "train.epoch", "batch_size": "train.per_device_train_batch_size",
+    "micro_batch_size": "train.per_device_train_batch_size", "train_batch_size": "train.per_device_train_batch_size",
+    "gradient_accumulation": "train.gradient_accumulation_steps", "warmup_ratio": "train.warmup",
+    "lr_scheduler_type": "train.lr_scheduler", "lora_rank": "train.lora_r", "rank": "train.lora_r",
+    "lora_target": "train.lora_target_modules", "target_modules": "train.lora_target_modules",
+    "load_in_8bit": "train.int8_quantization", "load_in_4bit": "train.int4_quantization",
+    "gradient_checkpointing_enable": "train.gradient_checkpointing", "bf16": "train.precision",
+    "fp16": "train.precision", "sequence_len": "tokenize.max_input_length", "cutoff_len": "tokenize.max_input_length",
+    "max_seq_length": "tokenize.max_input_length", "max_seq_len": "tokenize.max_input_length",
+    "base_model": "model.name", "model_name_or_path": "model.name", "model_name": "model.name",
+}  # fmt: skip
+
+
 def _resolve_key(key: str) -> str:
     keys = all_keys()
     if key in keys:
         return keys[key]
+    raise ConfigError(f"{_unknown(key, keys)} Run `edgar-tune keys` to list every key.")
+
+
+def _unknown(key: str, keys: dict[str, str] | None = None) -> str:
+    """`unknown config key`, with the keys it may mean: close in spelling, or whose name another tool uses."""
+    keys = keys or all_keys()
     close = difflib.get_close_matches(key, list(keys), n=3)
-    hint = f" Did you mean {', '.join(f'`{c}`' for c in close)}?" if close else ""
-    raise ConfigError(f"unknown config key `{key}`.{hint} Run `edgar-tune keys` to list every key.")
+    if theirs := OTHER_NAMES.get(key.rsplit(".", 1)[-1].lower()):  # `lr`, `train.lr`: another tool's name
+        close = [theirs] + [c for c in close if keys[c] != theirs][:2]
+    return f"unknown config key `{key}`." + (f" Did you mean {', '.join(f'`{c}`' for c in close)}?" if close else "")
 
 
 def _parse_value(raw: str) -> Any:
@@ -785,7 +809,7 @@ def _validation_message(err: ValidationError) -> str:
         loc = ".".join(str(p) for p in e["loc"] if not isinstance(p, int))
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            lines.append(f"unknown config key `{loc}`")
+            lines.append(_unknown(loc).removesuffix("."))
         elif "." not in loc and e["type"] == "value_error":  # a section's check of a combination: it names them
             lines.append(msg)
         else:

@@ -71,6 +71,10 @@ def test_one_ticker_or_year_or_several_with_commas_are_a_list():
     [
         ("train.learnin_rate=1e-4", "unknown config key `train.learnin_rate`. Did you mean `train.learning_rate`"),
         ("bogus=1", "unknown config key `bogus`"),
+        # another tool's name for a key (transformers', Axolotl's, LLaMA-Factory's): suggested, never taken for it
+        ("lr=1e-4", "unknown config key `lr`. Did you mean `train.learning_rate`?"),
+        ("num_train_epochs=2", "unknown config key `num_train_epochs`. Did you mean `train.epoch`?"),
+        ("cutoff_len=1024", "unknown config key `cutoff_len`. Did you mean `tokenize.max_input_length`?"),
         ("train.lora_r=0", "`train.lora_r`"),
         ("train.learning_rate=abc", "`train.learning_rate`"),
         ("data.fiscal_years=[1850]", "`data.fiscal_years`"),
@@ -92,6 +96,10 @@ def test_unknown_key_in_a_preset_file_is_named(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("# edgar-tune run --preset bad.yaml\ntrain:\n  learning_rat: 0.1\n")
     with pytest.raises(ConfigError, match="unknown config key `train.learning_rat`"):
+        load_config(str(bad))
+    bad.write_text("train:\n  micro_batch_size: 4\n")  # Axolotl's name, suggested here too
+    with pytest.raises(ConfigError, match=re.escape("unknown config key `train.micro_batch_size`. Did you mean "
+                                                    "`train.per_device_train_batch_size`")):  # fmt: skip
         load_config(str(bad))
 
 
