@@ -159,17 +159,12 @@ def embedded_prefect() -> int | None:
 def _check_answers(api: str) -> None:
     """Raises ConfigError at once for a configured Prefect server that does not answer (a port mistyped, a server
     not started): the flow run ended in 80 lines of httpx's and Prefect's traceback."""
-    import requests
-
     from edgar_tune.config import ConfigError
-    from tasks.io import answers
+    from tasks.io import not_answering
 
-    try:
-        answers(api, timeout=5)
-    except requests.RequestException as err:
-        raise ConfigError(f"PREFECT_API_URL={api}: the Prefect server does not answer ({type(err).__name__}); start "
-                          "it (`prefect server start`), or unset PREFECT_API_URL to run on a temporary embedded one"
-                          ) from None  # fmt: skip
+    if gone := not_answering(api, "the Prefect server"):
+        raise ConfigError(f"PREFECT_API_URL: {gone}; start it (`prefect server start`), or unset PREFECT_API_URL to "
+                          "run on a temporary embedded one")  # fmt: skip
 
 
 def watch_embedded_server() -> int | None:

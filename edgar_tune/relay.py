@@ -317,18 +317,14 @@ def serve(tracking_uri: str, host: str, port: int, url: str | None) -> None:
     if url and not url.startswith(("http://", "https://")):
         raise RelayError(f"--url {url}: MLflow posts its deliveries over HTTP; give http(s)://HOST:PORT/")
     import mlflow
-    import requests
 
-    from tasks.io import answers
+    from tasks.io import not_answering
 
     # a server that is not there: a quick no, not MLflow's four minutes of retries, nor Prefect's at the first move
     for what, where, fix in (("the MLflow tracking server", tracking_uri, "--tracking-uri or $MLFLOW_TRACKING_URI"),
                              ("the Prefect server", api, "PREFECT_API_URL")):  # fmt: skip
-        try:
-            answers(where, timeout=5)
-        except requests.RequestException as err:
-            raise RelayError(f"{what} at {where} does not answer ({type(err).__name__}); start it, or give its "
-                             f"address in {fix}") from None  # fmt: skip
+        if gone := not_answering(where, what):
+            raise RelayError(f"{gone}; start it, or give its address in {fix}")
     try:
         relay = Relay(tracking_uri, api)
     except mlflow.exceptions.MlflowException as err:

@@ -104,6 +104,21 @@ def answers(uri: str, timeout: float = 10.0) -> None:
         requests.head(uri, timeout=timeout, allow_redirects=False)
 
 
+def not_answering(uri: str, what: str, timeout: float = 5.0) -> str | None:
+    """`{what} at {uri} does not answer (ConnectionError)` where nothing answers there (`answers`, `timeout` s to
+    connect), else None. A server that connects but is slow to answer (ReadTimeout) counts as answering: a busy
+    server is not refused for it."""
+    import requests
+
+    try:
+        answers(uri, timeout=timeout)
+    except requests.ConnectionError as err:  # refused, no such host, TLS, or no connection within the timeout
+        return f"{what} at {uri} does not answer ({type(err).__name__})"
+    except requests.Timeout:
+        return None
+    return None
+
+
 def open_bytes(path: Path) -> IO[bytes]:
     """Open a file to read part of it, as `read_bytes` reads it: a `.gz` one decompressed."""
     return gzip.open(path, "rb") if str(path).endswith(".gz") else open(path, "rb")

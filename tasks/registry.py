@@ -34,7 +34,7 @@ import yaml
 from edgar_tune.config import REPO_ROOT, EvalConfig, PipelineConfig, RegisterConfig, flat_params, tracking_uri
 from tasks.io import (
     DOWNLOAD, EVALUATE, PARSE, TOKENIZE, TRAIN, Busy, answers, cache_dir, held, holder_info, joined, megabytes,
-    read_json, read_jsonl, size,
+    not_answering, read_json, read_jsonl, size,
 )  # fmt: skip
 from tasks.textdata import data_locations
 from tasks.progress import CURVES, Point, clock, training_points
@@ -52,16 +52,10 @@ def existing_store(given: str | None, runs_root: Path, change: str) -> str:
     (MLflow would make an empty one, and report no models), `change` saying how to name the right one, as is a
     tracking server that does not answer (MLflow's client would retry for four minutes: a port mistyped)."""
     uri = tracking_uri(given, runs_root, "the MLflow store")
-    if uri.startswith(("http://", "https://")):
-        import requests
-
+    if gone := not_answering(uri, "the MLflow tracking server"):
         from edgar_tune.config import ConfigError
 
-        try:
-            answers(uri, timeout=5)
-        except requests.RequestException as err:
-            raise ConfigError(f"the MLflow tracking server at {uri} does not answer ({type(err).__name__}): start "
-                              f"it, or {change}") from None  # fmt: skip
+        raise ConfigError(f"{gone}: start it, or {change}")
     if (db := sqlite_file(uri)) is not None and not db.is_file():
         from edgar_tune.config import ConfigError
 

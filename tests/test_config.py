@@ -454,8 +454,8 @@ def test_a_prefect_server_that_does_not_answer_is_said_in_one_line(tmp_path):
         proc = subprocess.run([sys.executable, "-m", "edgar_tune.cli", *command], capture_output=True, text=True,
                               cwd=REPO, timeout=120, env=dict(os.environ, PREFECT_API_URL=api))  # fmt: skip
         assert proc.returncode == 2 and proc.stderr.splitlines() == [
-            f"edgar-tune: error: PREFECT_API_URL={api}: the Prefect server does not answer (ConnectionError); start it "
-            "(`prefect server start`), or unset PREFECT_API_URL to run on a temporary embedded one"], proc.stderr
+            f"edgar-tune: error: PREFECT_API_URL: the Prefect server at {api} does not answer (ConnectionError); start "
+            "it (`prefect server start`), or unset PREFECT_API_URL to run on a temporary embedded one"], proc.stderr
         if command[0] == "run":
             assert not run.exists()
             run.mkdir()

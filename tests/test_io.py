@@ -60,3 +60,20 @@ def test_a_waiting_taker_gets_the_lock_when_its_holder_lets_go(tmp_path):
         start = time.monotonic()
         with held(tmp_path / ".lock", holder_info(), wait=True):
             assert time.monotonic() - start >= 0.9
+
+
+def test_a_server_is_not_answering_only_when_nothing_takes_the_connection():
+    """Nothing listening: said (the CLI refuses at once rather than wait out MLflow's retries). A server that takes
+    the connection and is slow to answer counts as answering: a busy server is not refused for it."""
+    import socket
+
+    from tasks.io import not_answering
+    from tests.conftest import free_port
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    assert not_answering(dead, "the server") == f"the server at {dead} does not answer (ConnectionError)"
+    with socket.socket() as slow:  # takes connections (the backlog), never answers them
+        slow.bind(("127.0.0.1", 0))
+        slow.listen(4)
+        assert not_answering(f"http://127.0.0.1:{slow.getsockname()[1]}", "the server", timeout=0.5) is None
+    assert not_answering("sqlite:///runs/mlflow.db", "the store") is None  # not a server: not asked
