@@ -225,6 +225,24 @@ def collect_local(folder: Path, tickers: list[str], years: list[int], latest: in
     or one sec-edgar-downloader wrote itself (`scan_downloaded`), or both: a folder edgar-tune wrote that
     sec-edgar-downloader downloaded into later; `latest`: each ticker's `latest` most recent fiscal years in it,
     instead of `years`."""
+    folder, held = local_filings(folder)
+    chosen = _select(held, tickers, years, latest)
+    for f in chosen:
+        if "sha256" not in f:  # found by scan_downloaded (a manifest lists each file's): digested now
+            f["sha256"] = {k: sha256_file(folder / p) for k, p in f["files"].items()}
+        for rel in f["files"].values():
+            if not (folder / rel).exists():
+                raise DataNotFound(f"{folder / rel} is listed in {folder / MANIFEST} but missing")
+    return sorted((dict(f, root=str(folder)) for f in chosen), key=lambda f: (f["ticker"], f["fiscal_year"]))
+
+
+def local_filings(folder: Path) -> tuple[Path, list[dict]]:
+    """A local source's filings folder (`sec-edgar-filings`, or the folder given) and every 10-K in it: listed in
+    its manifest, then found as sec-edgar-downloader lays them out.
+
+    Raises:
+        DataNotFound: the folder is not there, or is a file that is no text source.
+    """
     given = folder = Path(folder).expanduser()
     if folder.name != sed_constants.ROOT_SAVE_FOLDER_NAME and (folder / sed_constants.ROOT_SAVE_FOLDER_NAME).is_dir():
         folder = folder / sed_constants.ROOT_SAVE_FOLDER_NAME
@@ -233,15 +251,15 @@ def collect_local(folder: Path, tickers: list[str], years: list[int], latest: in
                            f"`data.source` = {str(given)!r} is a file but not TXT, CSV, JSON or JSONL; give "
                            "one of those, or a folder of 10-K filings")  # fmt: skip
     listed = _read_manifest(folder) if (folder / MANIFEST).exists() else None
-    scanned = scan_downloaded(folder, listed)
-    chosen = _select([*(listed or []), *scanned], tickers, years, latest)
-    for f in chosen:
-        if "sha256" not in f:  # found by scan_downloaded (a manifest lists each file's): digested now
-            f["sha256"] = {k: sha256_file(folder / p) for k, p in f["files"].items()}
-        for rel in f["files"].values():
-            if not (folder / rel).exists():
-                raise DataNotFound(f"{folder / rel} is listed in {folder / MANIFEST} but missing")
-    return sorted((dict(f, root=str(folder)) for f in chosen), key=lambda f: (f["ticker"], f["fiscal_year"]))
+    return folder, [*(listed or []), *scan_downloaded(folder, listed)]
+
+
+def holdings(filings: list[dict]) -> str:
+    """`AMZN FY2020, FY2021; MSFT FY2019`: the companies and fiscal years of `filings`, or `no 10-K`."""
+    years: dict[str, set[int]] = {}
+    for f in filings:
+        years.setdefault(f["ticker"], set()).add(f["fiscal_year"])
+    return "; ".join(f"{t} " + ", ".join(f"FY{y}" for y in sorted(ys)) for t, ys in sorted(years.items())) or "no 10-K"
 
 
 SUBMISSION_FILES = (sed_constants.FILING_FULL_SUBMISSION_FILENAME, sed_constants.FILING_FULL_SUBMISSION_FILENAME
@@ -669,8 +687,12 @@ def gather_filings(cfg: DataConfig) -> tuple[list[dict], list[dict]]:
     if not filings:
         n = cfg.latest_years
         wanted = f"the latest {n} fiscal year(s)" if n else f"fiscal years {cfg.fiscal_years}"
+        local = cfg.source != "edgar" and not cfg.source.startswith("s3://")  # the copy of s3 holds those asked
+        held = f"; it holds {holdings(local_filings(folder)[1])}" if local else ""
+        if cfg.source == "bundled":  # Amazon's two: the demo's. Other companies come from EDGAR.
+            held += " (for other companies or years, set `data.source=edgar` and EDGAR_IDENTITY)"
         raise DataNotFound(
-            f"no 10-K found for tickers {cfg.tickers} and {wanted} in `data.source` = {cfg.source!r}; change "
+            f"no 10-K found for tickers {cfg.tickers} and {wanted} in `data.source` = {cfg.source!r}{held}; change "
             "`data.tickers`, `data.fiscal_years`/`data.latest_years` or the source"
         )
     return filings, skipped

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from edgar_tune.config import DataConfig
+from edgar_tune.config import DataConfig, DataNotFound
 from tasks.download import (
     BUNDLED_DIR,
     EdgarClient,
@@ -149,6 +149,16 @@ def test_bundled_data_reads_through_the_same_layout():
     filings = collect_local(BUNDLED_DIR, ["AMZN"], [2020, 2021])
     assert [f["fiscal_year"] for f in filings] == [2020, 2021]
     assert all(f["files"]["primary_document"].startswith("AMZN/10-K/") for f in filings)
+
+
+def test_a_local_source_without_the_filings_asked_says_what_it_holds():
+    """The bundle holds Amazon's FY2020 and FY2021: asked for MSFT (or 2019), the refusal says so, and where other
+    companies come from; it said only "change the tickers, the years or the source"."""
+    for tickers, years in ((["MSFT"], [2020, 2021]), (["AMZN"], [2019])):
+        with pytest.raises(DataNotFound) as err:
+            gather_filings(DataConfig(source="bundled", tickers=tickers, fiscal_years=years))
+        assert ("in `data.source` = 'bundled'; it holds AMZN FY2020, FY2021 (for other companies or years, set "
+                "`data.source=edgar` and EDGAR_IDENTITY); change `data.tickers`") in str(err.value)
 
 
 def test_downloaded_folder_works_as_a_local_source(edgar, tmp_path):
