@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import os
 import uuid
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -784,6 +785,8 @@ class _UniqueKeys(yaml.SafeLoader):
             if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: keys given again override it, as meant
                 continue
             key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, Hashable):  # a list as a key: the safe loader says so itself
+                continue
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"`{key}` is given twice (lines {seen[key]} and {key_node.start_mark.line + 1}), and "
