@@ -27,8 +27,8 @@ from sec_edgar_downloader._types import DownloadMetadata
 
 from edgar_tune.config import REPO_ROOT, DataConfig, DataNotFound
 from tasks.io import (
-    atomic_write_bytes, atomic_write_json, cache_dir, held, holder_info, joined, open_bytes, remove_stale_temps,
-    sha256_file,
+    atomic_write_bytes, atomic_write_json, cache_dir, held, holder_info, holdings, joined, open_bytes,
+    remove_stale_temps, sha256_file,
 )  # fmt: skip
 from tasks.progress import Progress
 
@@ -252,14 +252,6 @@ def local_filings(folder: Path) -> tuple[Path, list[dict]]:
                            "one of those, or a folder of 10-K filings")  # fmt: skip
     listed = _read_manifest(folder) if (folder / MANIFEST).exists() else None
     return folder, [*(listed or []), *scan_downloaded(folder, listed)]
-
-
-def holdings(filings: list[dict]) -> str:
-    """`AMZN FY2020, FY2021; MSFT FY2019`: the companies and fiscal years of `filings`, or `no 10-K`."""
-    years: dict[str, set[int]] = {}
-    for f in filings:
-        years.setdefault(f["ticker"], set()).add(f["fiscal_year"])
-    return "; ".join(f"{t} " + ", ".join(f"FY{y}" for y in sorted(ys)) for t, ys in sorted(years.items())) or "no 10-K"
 
 
 SUBMISSION_FILES = (sed_constants.FILING_FULL_SUBMISSION_FILENAME, sed_constants.FILING_FULL_SUBMISSION_FILENAME
@@ -688,7 +680,7 @@ def gather_filings(cfg: DataConfig) -> tuple[list[dict], list[dict]]:
         n = cfg.latest_years
         wanted = f"the latest {n} fiscal year(s)" if n else f"fiscal years {cfg.fiscal_years}"
         local = cfg.source != "edgar" and not cfg.source.startswith("s3://")  # the copy of s3 holds those asked
-        held = f"; it holds {holdings(local_filings(folder)[1])}" if local else ""
+        held = f"; it holds {holdings(local_filings(folder)[1]) or 'no 10-K'}" if local else ""
         if cfg.source == "bundled":  # Amazon's two: the demo's. Other companies come from EDGAR.
             held += " (for other companies or years, set `data.source=edgar` and EDGAR_IDENTITY)"
         raise DataNotFound(

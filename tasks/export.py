@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from edgar_tune.config import ConfigError
-from tasks.io import atomic_dir, atomic_write_json, atomic_write_text, held, holder_info, megabytes
+from tasks.io import atomic_dir, atomic_write_json, atomic_write_text, held, holder_info, holdings, megabytes
 from tasks.progress import clock
 from tasks.registry import load_registered, registered_files, resolve_version, version_artifacts
 
@@ -450,11 +450,8 @@ def model_card(p: dict, params: dict[str, str], smollm2: bool, folder: Path | st
         if gguf and gguf != "f32":
             lines[-1] += f" These are the registered model's scores: the file's {gguf} weights are rounded from it."
     if p["filings"]:
-        years: dict[str, list[str]] = {}
-        for f in p["filings"]:
-            years.setdefault(f["ticker"], []).append(f"FY{f['fiscal_year']}")
         lines += ["", f"Trained on the other Items of these 10-Ks, validated on their {held_out}: "
-                  + "; ".join(f"{t} {', '.join(sorted(y))}" for t, y in sorted(years.items())) + "."]  # fmt: skip
+                  f"{holdings(p['filings'])}."]  # fmt: skip
     if p["lora_target_modules"]:  # the modules it adapted, also where the run left the choice to the model family
         params = params | {"train.lora_target_modules": ", ".join(p["lora_target_modules"])}
     shown = [(k, params[k]) for k in CARD_PARAMS if k in params]

@@ -38,8 +38,8 @@ def check_length(cfg: GenerateConfig, model) -> None:
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], cfg: GenerateConfig, label: str) -> list[dict]:
-    """One row per prompt and returned sequence: the prompt and the text generated after it."""
-    check_length(cfg, model)
+    """One row per prompt and returned sequence: the prompt and the text generated after it (`write_eval` has
+    checked `cfg.max_length` against the model's context, `check_length`, before its scoring)."""
     dev = device()
     model.to(dev).eval()
     rows = []

@@ -82,6 +82,14 @@ def cache_dir() -> Path:
     return Path(os.environ.get("EDGAR_TUNE_CACHE", Path.home() / ".cache" / "edgar-tune"))
 
 
+def holdings(filings: list[dict]) -> str:
+    """`AMZN FY2020, FY2021; MSFT FY2019`: the companies (tickers) and fiscal years of `filings`."""
+    years: dict[str, set[int]] = {}
+    for f in filings:
+        years.setdefault(f["ticker"], set()).add(f["fiscal_year"])
+    return "; ".join(f"{t} " + ", ".join(f"FY{y}" for y in sorted(ys)) for t, ys in sorted(years.items()))
+
+
 def joined(names: list[str], word: str = "and") -> str:
     """`a`, `a and b`, `a, b and c` (or `word` for "and")."""
     return ", ".join(names[:-1]) + f" {word} " * (len(names) > 1) + names[-1]
