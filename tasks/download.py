@@ -27,7 +27,7 @@ from sec_edgar_downloader._types import DownloadMetadata
 
 from edgar_tune.config import REPO_ROOT, DataConfig, DataNotFound
 from tasks.io import (
-    atomic_write_bytes, atomic_write_json, cache_dir, held, holder_info, holdings, joined, open_bytes,
+    atomic_write_bytes, atomic_write_json, cache_dir, fiscal_years, held, holder_info, holdings, joined, open_bytes,
     remove_stale_temps, sha256_file,
 )  # fmt: skip
 from tasks.progress import Progress
@@ -564,9 +564,9 @@ def _download(cfg: DataConfig, root: Path, client: EdgarClient) -> tuple[list[di
             form, year = row["form"], fiscal_year_of(row)
             if year not in years:
                 continue
-            if form not in TEN_K_FORMS:  # 10-K/A and friends: amendments never overwrite the original
+            if form not in TEN_K_FORMS:  # 10-K/A and friends (never overwriting the original), 10-KSB, 10-KT
                 skipped.append({"ticker": ticker, "fiscal_year": year, "form": form,
-                                "accession": row["accessionNumber"], "reason": "amendment; skipped by policy"})
+                                "accession": row["accessionNumber"], "reason": not_taken(form)})  # fmt: skip
                 continue
             if year in found:  # rows are newest first; a second 10-K for a year is a re-filing
                 continue
@@ -591,6 +591,9 @@ def _download(cfg: DataConfig, root: Path, client: EdgarClient) -> tuple[list[di
         for year in sorted(years - found - recorded - held):
             skipped.append({"ticker": ticker, "fiscal_year": year, "form": "10-K", "reason": "no 10-K on EDGAR",
                             "recheck": True})  # fmt: skip
+        ten_ks = {fiscal_year_of(r) for r in rows if r["form"] in TEN_K_FORMS}
+        left_out(ticker, [s for s in skipped if s["ticker"] == ticker and s["fiscal_year"] not in found | held],
+                 "on EDGAR", ten_ks)  # fmt: skip
         if cfg.latest_years:
             _log_latest(ticker, years & held, cfg.latest_years)
     _write_manifest(root, filings)
@@ -601,6 +604,33 @@ def _download(cfg: DataConfig, root: Path, client: EdgarClient) -> tuple[list[di
     picked = sorted((f for f in filings if (f["cik"], f["fiscal_year"]) in chosen),
                     key=lambda f: (f["ticker"], f["fiscal_year"]))  # fmt: skip
     return [dict(f, root=str(root)) for f in picked], skipped
+
+
+def not_taken(form: str) -> str:
+    """Why a filing of the 10-K family on EDGAR (`10-K/A`, `10-KSB`, `10-KT`, ...) is not downloaded."""
+    if form.endswith("/A"):
+        return f"an amendment ({form}): only original 10-Ks are taken"
+    if form.startswith("10-KSB"):  # Item 6 is the MD&A (Plan of Operation), Item 7 the financial statements
+        return f"a {form}: the small-business annual report, whose Items are numbered otherwise, is not read as a 10-K"
+    if form.startswith("10-KT"):
+        return f"a {form}: a transition period's report, not a fiscal year's, is not taken"
+    return f"a {form}, not a 10-K"
+
+
+def left_out(ticker: str, skipped: list[dict], where: str, has: Iterable[int]) -> None:
+    """Warn, in one line, of the fiscal years asked for that a company has no 10-K taken for `where` (`on EDGAR`,
+    `in bundled`), and why, and the years it has there: the run goes on with the others (the download manifest
+    lists them under `skipped`)."""
+    why: dict[int, list[str]] = {}
+    for s in skipped:
+        reasons = why.setdefault(s["fiscal_year"], [])
+        if s.get("accession") and s["reason"] not in reasons:  # a filing of that year that was not taken
+            reasons.append(s["reason"])
+    if why:
+        said = [f"FY{y}" + (f" ({'; '.join(r)})" if r else "") for y, r in sorted(why.items())]
+        has = f"its 10-Ks {where} are for {fiscal_years(has)}" if has else f"it has no 10-K {where}"
+        log.warning("%s: no 10-K for %s %s, so the run goes on without %s; %s (data.fiscal_years)", ticker,
+                    joined(said, "or"), where, "it" if len(said) == 1 else "them", has)  # fmt: skip
 
 
 def _cik_on_disk(ticker: str, filings: list[dict]) -> str | None:
@@ -673,9 +703,14 @@ def gather_filings(cfg: DataConfig) -> tuple[list[dict], list[dict]]:
             if cfg.latest_years:
                 _log_latest(t, years, cfg.latest_years)
             else:
-                skipped += [{"ticker": t, "fiscal_year": y, "form": "10-K", "reason": f"not in {cfg.source}",
-                             "recheck": True}  # the next run looks again: a 10-K downloaded into the folder since
-                            for y in cfg.fiscal_years if y not in years]  # fmt: skip
+                missing = [{"ticker": t, "fiscal_year": y, "form": "10-K", "reason": f"not in {cfg.source}",
+                            "recheck": True}  # the next run looks again: a 10-K downloaded into the folder since
+                           for y in cfg.fiscal_years if y not in years]  # fmt: skip
+                if missing:
+                    has = {f["fiscal_year"] for f in local_filings(folder)[1] if _is_company(f, t)}
+                    left_out(t, missing, "in the bundled filings" if cfg.source == "bundled" else f"in {cfg.source}",
+                             has)  # fmt: skip
+                skipped += missing
     if not filings:
         n = cfg.latest_years
         wanted = f"the latest {n} fiscal year(s)" if n else f"fiscal years {cfg.fiscal_years}"

@@ -83,11 +83,22 @@ def cache_dir() -> Path:
 
 
 def holdings(filings: list[dict]) -> str:
-    """`AMZN FY2020, FY2021; MSFT FY2019`: the companies (tickers) and fiscal years of `filings`."""
+    """`AMZN FY2020, FY2021; MSFT FY2012-FY2019`: the companies (tickers) and fiscal years of `filings`."""
     years: dict[str, set[int]] = {}
     for f in filings:
         years.setdefault(f["ticker"], set()).add(f["fiscal_year"])
-    return "; ".join(f"{t} " + ", ".join(f"FY{y}" for y in sorted(ys)) for t, ys in sorted(years.items()))
+    return "; ".join(f"{t} {fiscal_years(ys)}" for t, ys in sorted(years.items()))
+
+
+def fiscal_years(years: Iterable[int]) -> str:
+    """`FY2009, FY2012-FY2015`: years in order, three or more in a row as a range."""
+    runs: list[list[int]] = []
+    for y in sorted(set(years)):
+        if runs and y == runs[-1][-1] + 1:
+            runs[-1].append(y)
+        else:
+            runs.append([y])
+    return ", ".join(f"FY{r[0]}-FY{r[-1]}" if len(r) > 2 else ", ".join(f"FY{y}" for y in r) for r in runs)
 
 
 def joined(names: list[str], word: str = "and") -> str:

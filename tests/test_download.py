@@ -136,13 +136,45 @@ def test_slow_answer_times_out_and_is_retried(edgar, tmp_path):
     assert len(filings) == 1
 
 
-def test_missing_fiscal_year_and_404_are_recorded(edgar, tmp_path):
-    # FY2019's documents are not on the loopback EDGAR: its 404 is recorded, and the run goes on.
+def test_missing_fiscal_year_and_404_are_recorded(edgar, tmp_path, caplog):
+    # FY2019's documents are not on the loopback EDGAR: its 404 is recorded, and the run goes on, saying so (the
+    # years asked for were only in the manifest: a run of five years could train on two without a word).
     cfg = DataConfig(source="edgar", tickers=["AMZN"], fiscal_years=[2015, 2019, 2021])
-    filings, skipped = download_edgar(cfg, tmp_path, _client())
+    with caplog.at_level("WARNING", logger="tasks.download"):
+        filings, skipped = download_edgar(cfg, tmp_path, _client())
     assert [f["fiscal_year"] for f in filings] == [2021]
     reasons = {s["fiscal_year"]: s["reason"] for s in skipped if s["form"] != "10-K/A"}
     assert "404" in reasons[2019] and reasons[2015] == "no 10-K on EDGAR"
+    [line] = [r.getMessage() for r in caplog.records if "goes on without" in r.getMessage()]
+    assert line.startswith("AMZN: no 10-K for FY2015 or FY2019 (") and line.endswith(
+        ") on EDGAR, so the run goes on without them; its 10-Ks on EDGAR are for FY2019-FY2021 (data.fiscal_years)")
+
+
+def test_a_10ksb_or_a_10kt_is_not_taken_and_the_run_says_why(edgar, tmp_path, caplog):
+    """EDGAR's index lists a small business's 10-KSB (until 2009; MD&A is its Item 6, Item 7 its financial
+    statements) and a transition period's 10-KT among the 10-K family: neither is read as a fiscal year's 10-K, and
+    they were recorded as amendments. The rows before the real 10-K are invented; their documents are not asked."""
+    from tests.edgar_server import OTHERS
+
+    cik, name, _, acc, form, primary, filed, period, _ = OTHERS[3]  # TGFIN's FY2009 10-K
+    edgar.add_company(cik, name, [], [(acc, form, primary, filed, period),
+                                      ("0001010412-07-000001", "10-KT", "kt.htm", "2007-03-30", "2006-06-30"),
+                                      ("0001010412-06-000002", "10-KSB/A", "ksba.htm", "2006-05-01", "2005-12-31"),
+                                      ("0001010412-06-000001", "10-KSB", "ksb.htm", "2006-03-30", "2005-12-31")])  # fmt: skip
+    cfg = DataConfig(source="edgar", tickers=[cik], fiscal_years=[2005, 2006, 2009])
+    with caplog.at_level("WARNING", logger="tasks.download"):
+        filings, skipped = download_edgar(cfg, tmp_path, _client())
+    assert [f["fiscal_year"] for f in filings] == [2009]
+    assert {s["form"]: s["reason"] for s in skipped if "accession" in s} == {
+        "10-KT": "a 10-KT: a transition period's report, not a fiscal year's, is not taken",
+        "10-KSB/A": "an amendment (10-KSB/A): only original 10-Ks are taken",
+        "10-KSB": "a 10-KSB: the small-business annual report, whose Items are numbered otherwise, is not read as a "
+                  "10-K"}  # fmt: skip
+    assert not any(ksb in p for _, p, _ in edgar.requests for ksb in ("kt.htm", "ksb"))
+    assert (f"{cik}: no 10-K for FY2005 (an amendment (10-KSB/A): only original 10-Ks are taken; a 10-KSB: the "
+            "small-business annual report, whose Items are numbered otherwise, is not read as a 10-K) or FY2006 (a "
+            "10-KT: a transition period's report, not a fiscal year's, is not taken) on EDGAR, so the run goes on "
+            "without them; its 10-Ks on EDGAR are for FY2009 (data.fiscal_years)") in caplog.text
 
 
 def test_bundled_data_reads_through_the_same_layout():
@@ -159,6 +191,14 @@ def test_a_local_source_without_the_filings_asked_says_what_it_holds():
             gather_filings(DataConfig(source="bundled", tickers=tickers, fiscal_years=years))
         assert ("in `data.source` = 'bundled'; it holds AMZN FY2020, FY2021 (for other companies or years, set "
                 "`data.source=edgar` and EDGAR_IDENTITY); change `data.tickers`") in str(err.value)
+
+
+def test_a_year_a_local_source_lacks_is_said_and_the_run_goes_on(caplog):
+    with caplog.at_level("WARNING", logger="tasks.download"):
+        filings, skipped = gather_filings(DataConfig(source="bundled", tickers=["AMZN"], fiscal_years=[2019, 2020]))
+    assert [f["fiscal_year"] for f in filings] == [2020] and [s["fiscal_year"] for s in skipped] == [2019]
+    assert ("AMZN: no 10-K for FY2019 in the bundled filings, so the run goes on without it; its 10-Ks in the "
+            "bundled filings are for FY2020, FY2021 (data.fiscal_years)") in caplog.text
 
 
 def test_downloaded_folder_works_as_a_local_source(edgar, tmp_path):
