@@ -113,9 +113,18 @@ def resolve_run(run: str) -> str:
                               "DIR`), its s3:// URL or its flow run's id")  # fmt: skip
         return run
     from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
 
     with get_client(sync_client=True) as client:
-        fr = client.read_flow_run(run_id)
+        try:
+            fr = client.read_flow_run(run_id)
+        except ObjectNotFound:
+            from prefect.settings import get_current_settings
+
+            url = get_current_settings().api.url
+            server = f"the Prefect server at {url}" if url else "the embedded Prefect server (PREFECT_API_URL unset)"
+            raise ConfigError(f"{server} has no flow run {run}; give the run folder (`--run DIR`), or set "
+                              "PREFECT_API_URL to the server that ran it") from None  # fmt: skip
     params = fr.parameters.get("params")
     if params is None:
         raise ConfigError(f"flow run {run} is not an edgar-tune pipeline run (it has no `params`); give the run folder")

@@ -324,6 +324,10 @@ def test_same_parameters_twice_is_all_cached_and_a_new_learning_rate_reuses_the_
                            r"there now \(moved or removed\); give the run folder where it is"):  # fmt: skip
             resolve_run(first["id"])
         assert resolve_run(third["id"]) == str(run)
+        unknown = "01234567-89ab-cdef-0123-456789abcdef"  # a mistyped id, or one from another server
+        with pytest.raises(ConfigError, match=f"the Prefect server at {env['PREFECT_API_URL']} has no flow run "
+                           f"{unknown}; give the run folder"):  # fmt: skip
+            resolve_run(unknown)
     with pytest.raises(ConfigError, match=f"run folder {tmp_path / 'nope'} does not exist; give the folder of a run"):
         resolve_run(str(tmp_path / "nope"))  # as the UI's rerun deployment passes it
     assert not (tmp_path / "run").exists() and not (tmp_path / "nope").exists()
