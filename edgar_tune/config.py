@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import uuid
 from collections.abc import Hashable
 from pathlib import Path
@@ -123,7 +124,9 @@ class DataConfig(_Section):
     )
     tickers: list[str] = Field(["AMZN"], description="Tickers or CIKs to take filings for.")
     fiscal_years: list[int] = Field(
-        [2020, 2021], description="Fiscal years (of the period the 10-K reports); not used with `latest_years`."
+        [2020, 2021],
+        description="Fiscal years (of the period the 10-K reports), as a list or `2012,2015-2024`; not used with "
+        "`latest_years`.",
     )
     latest_years: int | None = Field(
         None,
@@ -188,6 +191,26 @@ class DataConfig(_Section):
             raise ValueError(f"`latest_years` picks 10-K filings by fiscal year; {self.source!r} is a text source: "
                              "unset `data.latest_years`")  # fmt: skip
         return self
+
+    @field_validator("fiscal_years", mode="before")
+    @classmethod
+    def _year_ranges(cls, v: Any) -> Any:
+        """`2015-2024` (or `2015..2024`) as the years from 2015 to 2024, beside single years: `2012,2015-2017`."""
+        v = listed(v)  # before `_one_or_more`, which pydantic runs after this one
+        if not isinstance(v, list):
+            return v
+        years: list[Any] = []
+        for part in v:
+            if not isinstance(part, str) or part.strip().isdigit():
+                years.append(part)
+            elif m := re.fullmatch(r"\s*(\d{4})\s*(?:-|\.\.)\s*(\d{4})\s*", part):
+                first, last = int(m[1]), int(m[2])
+                if first > last:
+                    raise ValueError(f"{part!r} runs backwards; write the earlier year first ({last}-{first})")
+                years += range(first, last + 1)
+            else:
+                raise ValueError(f"{part!r} is not a fiscal year; give years as 2020,2021, or a range as 2015-2024")
+        return years
 
     @field_validator("fiscal_years")
     @classmethod

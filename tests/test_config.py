@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from edgar_tune.config import PRESETS_DIR, ConfigError, flat_params, load_config, load_run_config
+from edgar_tune.config import PRESETS_DIR, ConfigError, config_from_dict, flat_params, load_config, load_run_config
 
 REPO = Path(__file__).resolve().parent.parent
 PRESETS = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
@@ -52,6 +52,15 @@ def test_one_ticker_or_year_or_several_with_commas_are_a_list():
         assert (cfg.data.tickers, cfg.data.fiscal_years) == (tickers, years)
     with pytest.raises(ConfigError, match="`data.fiscal_years`"):
         load_config("tiny", ["data.fiscal_years=2021,last"])
+    # a span of years is a range (ten years were ten numbers to type), in --set and in a preset's YAML alike
+    assert load_config("tiny", ["data.fiscal_years=2012, 2015-2017,2016..2018"]).data.fiscal_years == [
+        2012, 2015, 2016, 2017, 2018]  # fmt: skip
+    assert config_from_dict({"data": {"fiscal_years": ["2019-2021"]}}).data.fiscal_years == [2019, 2020, 2021]
+    for given, said in (("2021-2019", "'2021-2019' runs backwards; write the earlier year first (2019-2021)"),
+                        ("FY2020", "'FY2020' is not a fiscal year; give years as 2020,2021, or a range as 2015-2024"),
+                        ("1990-1994", "1990 is not a fiscal year EDGAR has 10-Ks for")):  # fmt: skip
+        with pytest.raises(ConfigError, match=re.escape(f"`data.fiscal_years`: {said}")):
+            load_config("tiny", [f"data.fiscal_years={given}"])
     with pytest.raises(ConfigError, match="give at least one ticker"):
         load_config("tiny", ["data.tickers=,"])
     with pytest.raises(ConfigError, match="give at least one ticker"):
