@@ -629,8 +629,8 @@ def left_out(ticker: str, skipped: list[dict], where: str, has: Iterable[int]) -
     if why:
         said = [f"FY{y}" + (f" ({'; '.join(r)})" if r else "") for y, r in sorted(why.items())]
         has = f"its 10-Ks {where} are for {fiscal_years(has)}" if has else f"it has no 10-K {where}"
-        log.warning("%s: no 10-K for %s %s, so the run goes on without %s; %s (data.fiscal_years)", ticker,
-                    joined(said, "or"), where, "it" if len(said) == 1 else "them", has)  # fmt: skip
+        log.warning("%s: no 10-K for %s %s, left out of the run; %s (data.fiscal_years)", ticker, joined(said, "or"),
+                    where, has)  # fmt: skip
 
 
 def _cik_on_disk(ticker: str, filings: list[dict]) -> str | None:

@@ -145,9 +145,9 @@ def test_missing_fiscal_year_and_404_are_recorded(edgar, tmp_path, caplog):
     assert [f["fiscal_year"] for f in filings] == [2021]
     reasons = {s["fiscal_year"]: s["reason"] for s in skipped if s["form"] != "10-K/A"}
     assert "404" in reasons[2019] and reasons[2015] == "no 10-K on EDGAR"
-    [line] = [r.getMessage() for r in caplog.records if "goes on without" in r.getMessage()]
+    [line] = [r.getMessage() for r in caplog.records if "left out of the run" in r.getMessage()]
     assert line.startswith("AMZN: no 10-K for FY2015 or FY2019 (") and line.endswith(
-        ") on EDGAR, so the run goes on without them; its 10-Ks on EDGAR are for FY2019-FY2021 (data.fiscal_years)")
+        ") on EDGAR, left out of the run; its 10-Ks on EDGAR are for FY2019-FY2021 (data.fiscal_years)")
 
 
 def test_a_10ksb_or_a_10kt_is_not_taken_and_the_run_says_why(edgar, tmp_path, caplog):
@@ -173,8 +173,8 @@ def test_a_10ksb_or_a_10kt_is_not_taken_and_the_run_says_why(edgar, tmp_path, ca
     assert not any(ksb in p for _, p, _ in edgar.requests for ksb in ("kt.htm", "ksb"))
     assert (f"{cik}: no 10-K for FY2005 (an amendment (10-KSB/A): only original 10-Ks are taken; a 10-KSB: the "
             "small-business annual report, whose Items are numbered otherwise, is not read as a 10-K) or FY2006 (a "
-            "10-KT: a transition period's report, not a fiscal year's, is not taken) on EDGAR, so the run goes on "
-            "without them; its 10-Ks on EDGAR are for FY2009 (data.fiscal_years)") in caplog.text
+            "10-KT: a transition period's report, not a fiscal year's, is not taken) on EDGAR, left out of the "
+            "run; its 10-Ks on EDGAR are for FY2009 (data.fiscal_years)") in caplog.text
 
 
 def test_bundled_data_reads_through_the_same_layout():
@@ -197,7 +197,7 @@ def test_a_year_a_local_source_lacks_is_said_and_the_run_goes_on(caplog):
     with caplog.at_level("WARNING", logger="tasks.download"):
         filings, skipped = gather_filings(DataConfig(source="bundled", tickers=["AMZN"], fiscal_years=[2019, 2020]))
     assert [f["fiscal_year"] for f in filings] == [2020] and [s["fiscal_year"] for s in skipped] == [2019]
-    assert ("AMZN: no 10-K for FY2019 in the bundled filings, so the run goes on without it; its 10-Ks in the "
+    assert ("AMZN: no 10-K for FY2019 in the bundled filings, left out of the run; its 10-Ks in the "
             "bundled filings are for FY2020, FY2021 (data.fiscal_years)") in caplog.text
 
 
