@@ -775,6 +775,25 @@ class _Lines(logging.Formatter):
         return super().formatMessage(record)
 
 
+class _Once(logging.Filter):
+    """The console's filter: Prefect says the error that ends a run four times (the stage's task run fails, then
+    finishes Failed; the flow run meets it, then finishes Failed), each with its whole message, before the CLI's own
+    `edgar-tune: error:` line says it again. Of an error whose message explains it (`flows.logs.EXPLAINED`, marked
+    on the record as `explained`), the first line, which names the stage, is kept; Prefect's others are dropped
+    here (the flow run's log in the UI keeps them all)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.said: list[str] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("prefect.") and any(said in record.getMessage() for said in self.said):
+            return False
+        if explained := getattr(record, "explained", None):
+            self.said.append(explained)
+        return True
+
+
 def _exit_on(signum: int, frame) -> None:
     raise SystemExit(128 + signum)
 
@@ -829,6 +848,7 @@ def _main(argv: list[str] | None) -> int:
     settle_console()  # before the libraries are imported: they read their bars' switches then
     handler = logging.StreamHandler()
     handler.setFormatter(_Lines("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(_Once())
     logging.basicConfig(level=logging.INFO, handlers=[handler])
     for name in ("httpx", "httpx2"):  # a line per Prefect API call, per Hugging Face Hub request otherwise
         logging.getLogger(name).setLevel(logging.WARNING)

@@ -35,6 +35,7 @@ class _ExplainedErrors(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.exc_info and isinstance(record.exc_info[1], EXPLAINED):
+            record.explained = str(record.exc_info[1])  # for the CLI's console, which says it once (cli._Once)
             record.exc_info = record.exc_text = None
         return True
 

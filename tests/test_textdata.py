@@ -326,6 +326,9 @@ def test_text_that_cannot_be_split_ends_the_run_saying_what_to_change(tmp_path, 
     # above it: on the console, and in the flow run's log in the UI.
     assert "Traceback" not in proc.stderr and "task run 'parse' - Task run failed with exception: ConfigError" \
         in proc.stderr, proc.stderr[-3000:]  # fmt: skip
+    # ...once there, naming the stage, then the CLI's line: Prefect's three other lines with the whole message (the
+    # task run and the flow run finishing Failed, the flow run meeting it) stay in the UI's log (below)
+    assert proc.stderr.count(said) == 2, proc.stderr[-3000:]
     name = re.search(r"Beginning flow run '([^']+)'", proc.stderr)[1]
     api = httpx.Client(base_url=prefect_server["PREFECT_API_URL"], timeout=60)
     run = api.post("/flow_runs/filter", json={"flow_runs": {"name": {"any_": [name]}},
