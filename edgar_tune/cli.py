@@ -51,6 +51,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         if getattr(args, key) is not None:
             overrides[f"train.{key}"] = getattr(args, key)
     cfg = load_config(args.preset, overrides)  # fail on bad keys before Prefect starts
+    from tasks.storage import check_run_folder
+
+    check_run_folder(args.out)  # on a folder of the user's files
     _check_data_here(cfg.data, args.out)  # on data it cannot read
     tracking_uri(cfg.registry.tracking_uri, Path(args.out).parent)  # or on an MLflow store given as a path
     from tasks.finetune import preflight

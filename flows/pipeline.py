@@ -55,7 +55,7 @@ from tasks.stages import (
     pack_blocks,
     register_model,
 )
-from tasks.storage import RunFolder
+from tasks.storage import RunFolder, check_run_folder
 from tasks.textdata import data_locations
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,7 @@ def edgar_tune_pipeline(params: RunParameters = RunParameters()) -> dict:  # noq
     keep_signals()  # a SIGTERM (a cancelled run, `timeout`) that lands in a finalizer is not lost
     with leaked_locks_released():  # nor does one that cuts a logging call short hang the exit
         cfg = params.load()
+        check_run_folder(params.out_dir)
         return run_stages(RunFolder.open(params.out_dir), cfg, STAGES, wait=params.if_busy == "wait")
 
 

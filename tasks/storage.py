@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 
-from tasks.io import (Busy, atomic_dir, atomic_write_bytes, atomic_write_json, cache_dir, describe_holder, held,
-                      holder_info, sha256_file)  # fmt: skip
+from tasks.io import (DOWNLOAD, EVALUATE, PARSE, REGISTER, TOKENIZE, TRAIN, Busy, atomic_dir, atomic_write_bytes,
+                      atomic_write_json, cache_dir, describe_holder, held, holder_info, sha256_file)  # fmt: skip
 
 RESULTS = ".prefect-results"
 LOCK = ".lock"  # in the run folder (an s3:// run's working copy): held while a run or rerun works in it
@@ -86,6 +86,31 @@ def run_identity(local: Path) -> str:
         raise ConfigError(f"{record} does not name the run ({type(err).__name__}: {err}); put back the folder's "
                           f"first path as {{\"name\": \"...\"}} to keep its stages, or remove the file to name the run "
                           "by where it is now (its stages run again)") from None  # fmt: skip
+
+
+def check_run_folder(out: str) -> None:
+    """Refuse `out` (`run --out`, the flow's `out_dir`) where it is a local folder that holds files but no run: a run
+    writes config.yaml, summary.json and a folder a stage there, and would overwrite a config.yaml of the user's
+    (`--out .` in a project folder; `--out ""`, an unset variable, is the current folder too). An empty folder, one
+    a run worked in (its `.stages`, `.lock`, stage folders or summary.json), or one not there yet, is taken.
+
+    Raises:
+        ConfigError: saying what the folder holds, and what to give instead.
+    """
+    from edgar_tune.config import ConfigError
+
+    if not out.strip():
+        raise ConfigError("--out (the flow's out_dir) is empty, which is the current folder; give the run a folder, "
+                          "as runs/NAME (`.` for the current folder)")  # fmt: skip
+    if "://" in out or not (local := Path(out).expanduser()).is_dir():
+        return
+    names = sorted(p.name for p in local.iterdir())
+    if not names or {".stages", LOCK, "summary.json", DOWNLOAD, PARSE, TOKENIZE, TRAIN, EVALUATE, REGISTER} & set(names):
+        return
+    shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+    raise ConfigError(f"run folder {local.resolve()} holds files of no run ({shown}), which a run's config.yaml and "
+                      "stage folders would land among; give --out (the flow's out_dir) a new or empty folder, or a "
+                      "run's, as runs/NAME")  # fmt: skip
 
 
 @dataclass

@@ -113,6 +113,31 @@ def test_a_run_folder_that_cannot_be_made_says_what_to_give(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
+def test_a_folder_of_the_users_files_is_not_made_a_run_folder(tmp_path):
+    """`--out .` in a project folder, or `--out ""` (an unset variable: the current folder), wrote config.yaml
+    (over the user's own), summary.json and six stage folders among the files there: refused before Prefect starts,
+    saying what the folder holds, with nothing written. The UI's out_dir is checked by the flow alike."""
+    from tasks.storage import check_run_folder
+
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "config.yaml").write_text("mine: true\n")
+    for out, said in ((".", f"run folder {project} holds files of no run (config.yaml), which a run's config.yaml "
+                            "and stage folders would land among; give --out (the flow's out_dir) a new or empty "
+                            "folder, or a run's, as runs/NAME"),
+                      ("", "--out (the flow's out_dir) is empty, which is the current folder; give the run a folder")):
+        proc = subprocess.run([sys.executable, "-m", "edgar_tune.cli", "run", "--preset", "tiny", "--out", out],
+                              cwd=project, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True,
+                              text=True, timeout=120)  # fmt: skip
+        assert proc.returncode == 2 and f"edgar-tune: error: {said}" in proc.stderr, proc.stderr[-2000:]
+        assert "prefect" not in proc.stderr.lower()
+    assert [p.name for p in project.iterdir()] == ["config.yaml"] and (project / "config.yaml").read_text() == (
+        "mine: true\n")  # fmt: skip
+    (tmp_path / "empty").mkdir()
+    for taken in (tmp_path / "empty", tmp_path / "new", "s3://bucket/runs/a"):  # as a run folder's: test_resume
+        check_run_folder(str(taken))
+
+
 def test_the_champion_exported_to_s3_is_whole_wherever_its_pointer_points(s3, tiny_run, tmp_path, monkeypatch):
     """export-champion with `out` an s3:// URL (workers on several hosts, serving from S3): each version under its
     own prefix, the provenance uploaded last; the pointer switched to it once it is whole; the same champion again
