@@ -105,7 +105,8 @@ def check_run_folder(out: str) -> None:
     if "://" in out or not (local := Path(out).expanduser()).is_dir():
         return
     names = sorted(p.name for p in local.iterdir())
-    if not names or {".stages", LOCK, "summary.json", DOWNLOAD, PARSE, TOKENIZE, TRAIN, EVALUATE, REGISTER} & set(names):
+    if not names or set(names) & {".stages", LOCK, "summary.json", DOWNLOAD, PARSE, TOKENIZE, TRAIN, EVALUATE,
+                                  REGISTER}:  # fmt: skip
         return
     shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
     raise ConfigError(f"run folder {local.resolve()} holds files of no run ({shown}), which a run's config.yaml and "

@@ -157,10 +157,12 @@ def test_a_10ksb_or_a_10kt_is_not_taken_and_the_run_says_why(edgar, tmp_path, ca
     from tests.edgar_server import OTHERS
 
     cik, name, _, acc, form, primary, filed, period, _ = OTHERS[3]  # TGFIN's FY2009 10-K
-    edgar.add_company(cik, name, [], [(acc, form, primary, filed, period),
-                                      ("0001010412-07-000001", "10-KT", "kt.htm", "2007-03-30", "2006-06-30"),
-                                      ("0001010412-06-000002", "10-KSB/A", "ksba.htm", "2006-05-01", "2005-12-31"),
-                                      ("0001010412-06-000001", "10-KSB", "ksb.htm", "2006-03-30", "2005-12-31")])  # fmt: skip
+    edgar.add_company(cik, name, [], [
+        (acc, form, primary, filed, period),
+        ("0001010412-07-000001", "10-KT", "kt.htm", "2007-03-30", "2006-06-30"),
+        ("0001010412-06-000002", "10-KSB/A", "ksba.htm", "2006-05-01", "2005-12-31"),
+        ("0001010412-06-000001", "10-KSB", "ksb.htm", "2006-03-30", "2005-12-31"),
+    ])  # fmt: skip
     cfg = DataConfig(source="edgar", tickers=[cik], fiscal_years=[2005, 2006, 2009])
     with caplog.at_level("WARNING", logger="tasks.download"):
         filings, skipped = download_edgar(cfg, tmp_path, _client())
