@@ -499,11 +499,19 @@ def _submissions(client: EdgarClient, cik: str) -> Iterable[dict]:
             pages.append(client.get_json(submissions_url.format(submission=pages_left.pop(0))))
 
 
-def _ten_k_rows(client: EdgarClient, cik: str, latest: int | None) -> list[dict]:
-    """A company's 10-K rows (amendments too), newest first. With `latest`, they stop at the first row older than
-    its `latest` most recent fiscal years with a 10-K, so older pages of its filings are not fetched."""
+# The annual reports of companies that file no 10-K: a foreign private issuer's, a Canadian one's (MJDS)
+FOREIGN_ANNUAL = {"20-F": "a foreign private issuer's annual report", "40-F": "a Canadian issuer's annual report"}
+
+
+def _ten_k_rows(client: EdgarClient, cik: str, latest: int | None) -> tuple[list[dict], set[str]]:
+    """A company's 10-K rows (amendments too), newest first, and the `FOREIGN_ANNUAL` forms among the rows read.
+    With `latest`, they stop at the first row older than its `latest` most recent fiscal years with a 10-K, so older
+    pages of its filings are not fetched."""
     rows: list[dict] = []
+    foreign: set[str] = set()
     for row in _submissions(client, cik):
+        if row["form"] in FOREIGN_ANNUAL:
+            foreign.add(row["form"])
         if not row["form"].startswith("10-K"):
             continue
         if latest is not None:
@@ -511,7 +519,7 @@ def _ten_k_rows(client: EdgarClient, cik: str, latest: int | None) -> list[dict]
             if len(years) == latest and fiscal_year_of(row) < min(years):
                 break
         rows.append(row)
-    return rows
+    return rows, foreign
 
 
 def fiscal_year_of(row: dict) -> int:
@@ -556,7 +564,7 @@ def _download(cfg: DataConfig, root: Path, client: EdgarClient) -> tuple[list[di
             continue
         cik = ciks[ticker]
         name = next((f["ticker"] for f in filings if f["cik"] == cik), ticker)  # one folder a company
-        rows = _ten_k_rows(client, cik, cfg.latest_years)
+        rows, foreign = _ten_k_rows(client, cik, cfg.latest_years)
         years = set(cfg.fiscal_years) if cfg.latest_years is None else latest_fiscal_years(rows, cfg.latest_years)
         chosen |= {(cik, y) for y in years}
         found: set[int] = set()
@@ -592,8 +600,10 @@ def _download(cfg: DataConfig, root: Path, client: EdgarClient) -> tuple[list[di
             skipped.append({"ticker": ticker, "fiscal_year": year, "form": "10-K", "reason": "no 10-K on EDGAR",
                             "recheck": True})  # fmt: skip
         ten_ks = {fiscal_year_of(r) for r in rows if r["form"] in TEN_K_FORMS}
+        files = [f"it files {form}s ({FOREIGN_ANNUAL[form]}), which edgar-tune does not read" for form in
+                 sorted(foreign) if not ten_ks]  # fmt: skip
         left_out(ticker, [s for s in skipped if s["ticker"] == ticker and s["fiscal_year"] not in found | held],
-                 "on EDGAR", ten_ks)  # fmt: skip
+                 "on EDGAR", ten_ks, *files)  # fmt: skip
         if cfg.latest_years:
             _log_latest(ticker, years & held, cfg.latest_years)
     _write_manifest(root, filings)
@@ -617,10 +627,10 @@ def not_taken(form: str) -> str:
     return f"a {form}, not a 10-K"
 
 
-def left_out(ticker: str, skipped: list[dict], where: str, has: Iterable[int]) -> None:
+def left_out(ticker: str, skipped: list[dict], where: str, has: Iterable[int], *files: str) -> None:
     """Warn, in one line, of the fiscal years asked for that a company has no 10-K taken for `where` (`on EDGAR`,
-    `in bundled`), and why, and the years it has there: the run goes on with the others (the download manifest
-    lists them under `skipped`)."""
+    `in bundled`), and why, and the years it has there (or what it `files` instead): the run goes on with the others
+    (the download manifest lists them under `skipped`)."""
     why: dict[int, list[str]] = {}
     for s in skipped:
         reasons = why.setdefault(s["fiscal_year"], [])
@@ -628,9 +638,9 @@ def left_out(ticker: str, skipped: list[dict], where: str, has: Iterable[int]) -
             reasons.append(s["reason"])
     if why:
         said = [f"FY{y}" + (f" ({'; '.join(r)})" if r else "") for y, r in sorted(why.items())]
-        has = f"its 10-Ks {where} are for {fiscal_years(has)}" if has else f"it has no 10-K {where}"
-        log.warning("%s: no 10-K for %s %s, left out of the run; %s (data.fiscal_years)", ticker, joined(said, "or"),
-                    where, has)  # fmt: skip
+        has = (f"its 10-Ks {where} are for {fiscal_years(has)} (data.fiscal_years)" if has else
+               f"it has no 10-K {where}{': ' if files else ''}{joined(list(files)) if files else ''} (data.tickers)")
+        log.warning("%s: no 10-K for %s %s, left out of the run; %s", ticker, joined(said, "or"), where, has)
 
 
 def _cik_on_disk(ticker: str, filings: list[dict]) -> str | None:

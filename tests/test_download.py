@@ -195,6 +195,22 @@ def test_a_local_source_without_the_filings_asked_says_what_it_holds():
                 "`data.source=edgar` and EDGAR_IDENTITY); change `data.tickers`") in str(err.value)
 
 
+def test_a_company_that_files_20fs_is_said_to(edgar, tmp_path, caplog):
+    """A foreign private issuer (Taiwan Semiconductor's CIK; the rows are invented) files 20-Fs, not 10-Ks: asked
+    for, it was a year "not found" in the manifest; now the warning says what it files, and which key to change."""
+    edgar.add_company("0001046179", "TAIWAN SEMICONDUCTOR MANUFACTURING CO LTD", ["TSM"], [
+        ("0001046179-24-000010", "6-K", "tsm-6k.htm", "2024-05-10", "2024-05-10"),
+        ("0001046179-24-000001", "20-F", "tsm-20f.htm", "2024-04-18", "2023-12-31"),
+    ])  # fmt: skip
+    cfg = DataConfig(source="edgar", tickers=["AMZN", "1046179"], fiscal_years=[2021, 2023])
+    with caplog.at_level("WARNING", logger="tasks.download"):
+        filings, _ = download_edgar(cfg, tmp_path, _client())
+    assert [(f["ticker"], f["fiscal_year"]) for f in filings] == [("AMZN", 2021)]
+    assert ("1046179: no 10-K for FY2021 or FY2023 on EDGAR, left out of the run; it has no 10-K on EDGAR: it files "
+            "20-Fs (a foreign private issuer's annual report), which edgar-tune does not read (data.tickers)"
+            ) in caplog.text  # fmt: skip
+
+
 def test_a_year_a_local_source_lacks_is_said_and_the_run_goes_on(caplog):
     with caplog.at_level("WARNING", logger="tasks.download"):
         filings, skipped = gather_filings(DataConfig(source="bundled", tickers=["AMZN"], fiscal_years=[2019, 2020]))
