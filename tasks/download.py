@@ -604,7 +604,10 @@ def _download(cfg: DataConfig, root: Path, client: EdgarClient) -> tuple[list[di
                  sorted(foreign) if not ten_ks]  # fmt: skip
         left_out(ticker, [s for s in skipped if s["ticker"] == ticker and s["fiscal_year"] not in found | held],
                  "on EDGAR", ten_ks, *files)  # fmt: skip
-        if cfg.latest_years:
+        if cfg.latest_years and not ten_ks:  # no year to take: what it files instead, if it is one we know
+            log.warning("%s: no 10-K on EDGAR, left out of the run%s (data.tickers)", ticker,
+                        f"; {joined(files)}" if files else "")  # fmt: skip
+        elif cfg.latest_years:
             _log_latest(ticker, years & held, cfg.latest_years)
     _write_manifest(root, filings)
     bar.update(len(cfg.tickers), f"{fetched} filing(s), {fetched_bytes / 1e6:.1f} MB downloaded")

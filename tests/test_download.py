@@ -209,6 +209,12 @@ def test_a_company_that_files_20fs_is_said_to(edgar, tmp_path, caplog):
     assert ("1046179: no 10-K for FY2021 or FY2023 on EDGAR, left out of the run; it has no 10-K on EDGAR: it files "
             "20-Fs (a foreign private issuer's annual report), which edgar-tune does not read (data.tickers)"
             ) in caplog.text  # fmt: skip
+    caplog.clear()
+    with caplog.at_level("INFO", logger="tasks.download"):  # its latest years: it said "FY none"
+        download_edgar(DataConfig(source="edgar", tickers=["1046179"], latest_years=2), tmp_path, _client())
+    assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("1046179")] == [
+        "1046179: no 10-K on EDGAR, left out of the run; it files 20-Fs (a foreign private issuer's annual report), "
+        "which edgar-tune does not read (data.tickers)"]  # fmt: skip
 
 
 def test_a_year_a_local_source_lacks_is_said_and_the_run_goes_on(caplog):
