@@ -711,18 +711,21 @@ def gather_filings(cfg: DataConfig) -> tuple[list[dict], list[dict]]:
         else:
             folder = Path(cfg.source)
         filings, skipped = collect_local(folder, cfg.tickers, cfg.fiscal_years, cfg.latest_years), []
+        where = "in the bundled filings" if cfg.source == "bundled" else f"in {cfg.source}"
         for t in cfg.tickers:
             years = sorted(f["fiscal_year"] for f in filings if _is_company(f, t))
-            if cfg.latest_years:
+            if cfg.latest_years and not years:  # it said "the latest 2 fiscal year(s) are FY none"
+                log.warning("%s: no 10-K %s, left out of the run; it holds %s (data.tickers)", t, where,
+                            holdings(local_filings(folder)[1]) or "no 10-K")  # fmt: skip
+            elif cfg.latest_years:
                 _log_latest(t, years, cfg.latest_years)
             else:
                 missing = [{"ticker": t, "fiscal_year": y, "form": "10-K", "reason": f"not in {cfg.source}",
                             "recheck": True}  # the next run looks again: a 10-K downloaded into the folder since
                            for y in cfg.fiscal_years if y not in years]  # fmt: skip
                 if missing:
-                    has = {f["fiscal_year"] for f in local_filings(folder)[1] if _is_company(f, t)}
-                    left_out(t, missing, "in the bundled filings" if cfg.source == "bundled" else f"in {cfg.source}",
-                             has)  # fmt: skip
+                    left_out(t, missing, where, {f["fiscal_year"] for f in local_filings(folder)[1]
+                                                 if _is_company(f, t)})  # fmt: skip
                 skipped += missing
     if not filings:
         n = cfg.latest_years

@@ -223,6 +223,10 @@ def test_a_year_a_local_source_lacks_is_said_and_the_run_goes_on(caplog):
     assert [f["fiscal_year"] for f in filings] == [2020] and [s["fiscal_year"] for s in skipped] == [2019]
     assert ("AMZN: no 10-K for FY2019 in the bundled filings, left out of the run; its 10-Ks in the "
             "bundled filings are for FY2020, FY2021 (data.fiscal_years)") in caplog.text
+    with caplog.at_level("WARNING", logger="tasks.download"):  # it said "the latest 1 fiscal year(s) are FY none"
+        gather_filings(DataConfig(source="bundled", tickers=["AMZN", "MSFT"], latest_years=1))
+    assert ("MSFT: no 10-K in the bundled filings, left out of the run; it holds AMZN FY2020, FY2021 (data.tickers)"
+            in caplog.text)  # fmt: skip
 
 
 def test_downloaded_folder_works_as_a_local_source(edgar, tmp_path):
