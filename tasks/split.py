@@ -10,7 +10,7 @@ from pathlib import Path
 
 from edgar_tune.config import ConfigError, ParseConfig, PipelineConfig
 from tasks.download import primary_file, submission_file
-from tasks.io import atomic_dir, atomic_write_json, write_jsonl
+from tasks.io import atomic_dir, atomic_write_json, holdings, write_jsonl
 from tasks.progress import OwnLine, Progress, console_bars
 from tasks.sections import ParsedFiling, parse_filing
 
@@ -88,6 +88,27 @@ def _why_not(report: dict, keys: list[str]) -> str:
     return "; ".join(f"{reason}: {n}" for reason, n in reasons.most_common(3))
 
 
+def _warn_gaps(report: dict, val_items: list[str]) -> None:
+    """Warn of the filings that give the run no text (no Item found as text: a layout the parser does not split)
+    and of those that give no validation text (no held-out Item as text), naming them and the commonest reasons: a
+    run of many filings lost them without a word (the data report, logged to MLflow, lists each Item)."""
+    empty, no_val = [], []
+    for f in report["filings"]:
+        ok = {key for key, item in f["items"].items() if item["status"] == "ok"}
+        if not ok:
+            empty.append(f)
+        elif not ok & set(val_items):
+            no_val.append(f)
+    n, items = len(report["filings"]), "/".join(val_items)
+    if empty:
+        log.warning("%d of %d filings have no Item as text, so they add nothing to the run: %s (%s; `edgar-tune "
+                    "sections FILE` shows how a file splits)", len(empty), n, holdings(empty),
+                    _why_not({"filings": empty}, ["1"]))  # fmt: skip
+    if no_val:
+        log.warning("%d of %d filings have no Item %s as text, so they add training text only: %s (%s)", len(no_val),
+                    n, items, holdings(no_val), _why_not({"filings": no_val}, val_items))  # fmt: skip
+
+
 def _drop_shared_paragraphs(train: list[dict], val: list[dict]) -> int:
     """Remove from training every paragraph that also appears verbatim in validation; return the count."""
     held_out = {p for row in val for p in row["paragraphs"]}
@@ -145,6 +166,7 @@ def write_parse_stage(out: Path, filings: list[dict], cfg: ParseConfig) -> dict:
         raise ConfigError(f"no training text: every Item with text in the {len(filings)} filings is held out "
                           f"(`parse.val_items`: {', '.join(cfg.val_items)}) or repeats held-out text; hold out fewer "
                           "Items or add filings")  # fmt: skip
+    _warn_gaps(report, cfg.val_items)
     report["train_sha256"], report["val_sha256"] = text_sha256(train), text_sha256(val)
     with atomic_dir(out) as tmp:
         write_jsonl(tmp / "train.jsonl", train)

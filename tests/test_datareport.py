@@ -67,3 +67,28 @@ def test_a_reworded_report_is_tokenizes_code_alone():
     assert "tasks/datareport.py" in CODE["tokenize"]
     assert not any(p in CODE[s] for s in ("evaluate-base", "train", "evaluate")
                    for p in ("tasks/datareport.py", "tasks/blocks.py"))  # fmt: skip
+
+
+def test_filings_that_add_no_text_or_no_validation_text_are_warned_of(tmp_path, caplog):
+    """A filing with no Item as text (a layout the parser does not split) added nothing to the run, and one without
+    the held-out Item added no validation text, each only in the data report: a run of many filings lost them
+    without a word. Here TGFIN's real FY2009 10-K says Item 7A does not apply to it (a smaller reporting company)."""
+    from tasks.split import write_parse_stage
+
+    filings_dir = REPO / "data" / "edgar" / "filings"
+    (tmp_path / "odd.htm").write_text("<html><body><p>Annual report. Sales grew ten percent.</p></body></html>")
+    filings = [*collect_local(BUNDLED_DIR, ["AMZN"], [2020]),
+               {"ticker": "876134", "fiscal_year": 2009, "accession": "0001010412-10-000078", "form": "10-K",
+                "root": str(filings_dir), "files": {"primary_document": "TGFIN_10-K_2009.txt.gz"}},
+               {"ticker": "ODD", "fiscal_year": 2024, "accession": "0000000000-24-000001", "form": "10-K",
+                "root": str(tmp_path), "files": {"primary_document": "odd.htm"}}]  # fmt: skip
+    with caplog.at_level("WARNING", logger="tasks.split"):
+        write_parse_stage(tmp_path / "parse", filings, ParseConfig(val_items=["7", "7A"]))
+    assert ("1 of 3 filings have no Item as text, so they add nothing to the run: ODD FY2024 (no 'Item 1' heading "
+            "found in the document body: 1; `edgar-tune sections FILE` shows how a file splits)") in caplog.text
+    assert "have no Item 7/7A as text" not in caplog.text  # TGFIN's Item 7 validates
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="tasks.split"):
+        write_parse_stage(tmp_path / "parse", filings[:2], ParseConfig(val_items=["7A"]))
+    assert ("1 of 2 filings have no Item 7A as text, so they add training text only: 876134 FY2009 (the filing says "
+            "this Item does not apply to it: 1)") in caplog.text
