@@ -611,13 +611,27 @@ def _not_a_filing(path: Path) -> str | None:
     return "is binary, not text" if b"\0" in head else None
 
 
-def cmd_keys(_: argparse.Namespace) -> int:
-    from edgar_tune.config import key_fields
+def cmd_keys(args: argparse.Namespace) -> int:
+    """Every config key with its default (or a preset's value) and description; with words, the keys whose name,
+    description or another tool's name for them (`lr`, `cutoff_len`: `OTHER_NAMES`) holds each word."""
+    from edgar_tune.config import OTHER_NAMES, flat_params, key_fields, load_config
 
     fields = key_fields()
-    width = max(map(len, fields))
-    for key, field in fields.items():
-        print(f"{key:<{width}}  default {field.default!r:<22} {field.description or ''}")
+    theirs: dict[str, list[str]] = {}
+    for name, key in OTHER_NAMES.items():
+        theirs.setdefault(key, []).append(name)
+    words = [w.lower() for w in args.words]
+    shown = {key: field for key, field in fields.items()
+             if all(w in " ".join([key, field.description or "", *theirs.get(key, [])]).lower() for w in words)}
+    if not shown:
+        print(f"edgar-tune: no config key has {' and '.join(map(repr, args.words))} in its name or description; "
+              "`edgar-tune keys` lists them all", file=sys.stderr)  # fmt: skip
+        return 1
+    values = flat_params(load_config(args.preset)) if args.preset else {}
+    width = max(map(len, shown))
+    for key, field in shown.items():
+        value = f"{args.preset} {values[key]!r}" if args.preset else f"default {field.default!r}"
+        print(f"{key:<{width}}  {value:<30} {field.description or ''}")
     return 0
 
 
@@ -762,7 +776,11 @@ def build_parser() -> argparse.ArgumentParser:
     prep = sub.add_parser("prepare-model", help="convert SmolLM2-135M from its wheel once and cache it")
     prep.add_argument("name", nargs="?", default="smollm2-135m")
     prep.set_defaults(fn=cmd_prepare_model)
-    sub.add_parser("keys", help="list every config key with its default").set_defaults(fn=cmd_keys)
+    keys = sub.add_parser("keys", help="list every config key with its default, or those about WORDS")
+    keys.add_argument("words", nargs="*", metavar="WORD",
+                      help="only the keys whose name or description has each word (`keys lora`, `keys batch`)")
+    keys.add_argument("--preset", help="the preset's values (demo, tiny, or a YAML path) instead of the defaults")
+    keys.set_defaults(fn=cmd_keys)
     sub.add_parser("presets", help="list presets").set_defaults(fn=cmd_presets)
     return parser
 

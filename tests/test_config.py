@@ -184,6 +184,13 @@ def test_keys_lists_every_key_with_its_default_in_one_column(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in lines] == [k for k, dotted in all_keys().items() if k == dotted]
     assert len({line.index("  default ") for line in lines}) == 1  # every section's keys in one column
+    # `keys WORD...`: the keys about it (by name, description, or another tool's name for them), and a preset's values
+    assert main(["keys", "lora", "rank"]) == 0
+    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()] == ["train.lora_r"]
+    assert main(["keys", "cutoff_len", "--preset", "demo"]) == 0  # Axolotl's name
+    assert capsys.readouterr().out.split()[:3] == ["tokenize.max_input_length", "demo", "512"]
+    assert main(["keys", "zzz"]) == 1
+    assert "no config key has 'zzz' in its name or description" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
