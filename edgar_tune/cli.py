@@ -142,7 +142,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
     """Run one stage of a local run folder in this process, without Prefect and without its dependents."""
     from edgar_tune.config import RerunNeeded, load_run_config
     from tasks import stages
-    from tasks.cache import at_commit, forget, key_of, record, stage_inputs, stage_overrides
+    from tasks.cache import at_commit, forget, key_of, lacking, record, stage_inputs, stage_overrides
     from tasks.io import TOKENIZE, read_json
     from tasks.storage import RunFolder
 
@@ -158,6 +158,8 @@ def cmd_stage(args: argparse.Namespace) -> int:
         "evaluate": lambda: stages.evaluate_perplexity.fn(run_dir, cfg.eval, True, cfg.generate),
         "register": lambda: stages.register_model.fn(run_dir, cfg, None),
     }
+    if why := lacking(run_dir, [args.name], args.run, alone=True):  # it ended in a FileNotFoundError
+        raise RerunNeeded(why)
     folder = RunFolder.open(str(run_dir))
     with folder.lock(stage=args.name):  # not while a run works in the folder
         folder.name_run()

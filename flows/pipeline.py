@@ -37,6 +37,7 @@ from tasks.cache import (
     config_view,
     decide,
     kept_otherwise,
+    lacking,
     read_stamps,
     record,
     rerun_config,
@@ -171,11 +172,8 @@ def _run_stages(folder: RunFolder, cfg: PipelineConfig, todo: tuple[str, ...] | 
         at = at_commit(cfg, check_model_name(cfg.model.name, cfg.model.revision))
     skipped = [s for s in STAGES if s not in todo]
     folder.pull([OUTPUTS[s].split("/")[0] for s in skipped] + [f".stages/{s}.json" for s in skipped])
-    for s in skipped:
-        if not (run_dir / OUTPUTS[s]).exists():
-            first = next(t for t in STAGES if t in todo)
-            raise ConfigError(f"{folder.ref} has no {OUTPUTS[s]}, which `{first}` needs; rerun from `{s}` "
-                              f"(edgar-tune rerun {s} --run {folder.ref})")  # fmt: skip
+    if why := lacking(run_dir, todo, folder.ref):
+        raise ConfigError(why)
     if why := kept_otherwise(run_dir, cfg, todo):
         raise RerunNeeded(why).for_run(folder.ref)
     atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.model_dump(), sort_keys=False))

@@ -113,6 +113,29 @@ def downstream(stage: str) -> list[str]:
     return [s for s in STAGES if s in out]
 
 
+def needing(stage: str, todo: list[str] | tuple[str, ...]) -> str | None:
+    """The first stage of `todo` that reads the outputs of `stage` (`NEEDS`, or a folder of it in `READS`)."""
+    folder = OUTPUTS[stage].split("/")[0]
+    return next((t for t in STAGES if t in todo and (stage in NEEDS[t] or folder in {_part(r)[0] for r in READS[t]})),
+                None)  # fmt: skip
+
+
+def lacking(run_dir: Path, todo: list[str] | tuple[str, ...], ref: str, alone: bool = False) -> str | None:
+    """Why the stages `todo` cannot run in `run_dir` (named `ref`), or None: a stage they read that has not left
+    its outputs there (never run, or its folder removed), which the message says to run first. A run of some
+    stages needs every other one's outputs (registration reads them all); `alone`, for `edgar-tune stage`, only
+    those the stage reads."""
+    for stage in STAGES:
+        if stage not in todo and not (Path(run_dir) / OUTPUTS[stage]).exists():
+            if (by := needing(stage, todo)) is None and alone:
+                continue
+            by = by or next(t for t in STAGES if t in todo)
+            first = f"`edgar-tune stage {stage} --run {ref}` runs it alone, " if alone else ""
+            return (f"{ref} has no {OUTPUTS[stage]}, which `{by}` reads; run `{stage}` first: {first}`edgar-tune "
+                    f"rerun {stage} --run {ref}` runs it and what depends on it")  # fmt: skip
+    return None
+
+
 # The two perplexities, before and after: compared, so scored alike.
 EVALUATIONS = ("evaluate-base", "evaluate")
 

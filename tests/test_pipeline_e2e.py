@@ -749,6 +749,27 @@ def test_a_retried_registration_returns_the_same_version(tiny_run):
     assert len(client.search_model_versions(f"name = '{s['registered_model']}'")) == before
 
 
+def test_a_stage_whose_inputs_are_not_there_says_which_to_run_first(tiny_run, tmp_path):
+    """`edgar-tune stage evaluate` in a folder without training's outputs (never trained, or 04_train removed)
+    ended in a FileNotFoundError naming 04_train/stats.json; now it says which stage to run first, and how. A rerun
+    named the first stage it runs as the one that needed it (`evaluate-base`), not the one that reads it."""
+    from tasks.cache import lacking
+
+    runs, _ = tiny_run
+    run = tmp_path / "run"
+    shutil.copytree(runs / "latest", run)
+    shutil.rmtree(run / "04_train")
+    proc = subprocess.run([sys.executable, "-m", "edgar_tune.cli", "stage", "evaluate", "--run", str(run)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+        f"edgar-tune: error: {run} has no 04_train/stats.json, which `evaluate` reads; run `train` first: `edgar-tune "
+        f"stage train --run {run}` runs it alone, `edgar-tune rerun train --run {run}` runs it and what depends on "
+        "it"), proc.stderr[-3000:]  # fmt: skip
+    assert lacking(run, ["evaluate-base"], "R", alone=True) is None  # the base's evaluation reads no training
+    assert lacking(run, ["evaluate-base", "evaluate", "register"], "R").startswith(  # `rerun evaluate`
+        "R has no 04_train/stats.json, which `evaluate` reads; run `train` first: `edgar-tune rerun train --run R`")
+
+
 def test_a_registration_vouches_only_for_stages_made_as_config_yaml_says(tiny_run, tmp_path):
     """`edgar-tune stage` runs one stage without its dependents, and a registration used to register whatever the
     folder held: a perplexity before from other windows than the one after, or settings config.yaml gained by
