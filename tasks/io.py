@@ -31,7 +31,17 @@ DOWNLOAD, PARSE, TOKENIZE, TRAIN, EVALUATE, REGISTER = (
 
 
 def read_json(path: Path) -> Any:
-    return json.loads(Path(path).read_text())
+    """A JSON file this project wrote (whole, `atomic_write_json`). One that does not parse was edited or damaged
+    since: a ConfigError (a ValueError) names it and what to do, where JSON's error was a traceback."""
+    text = Path(path).read_text()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        from edgar_tune.config import ConfigError
+
+        where = f"{err.msg.removesuffix(' at')}: line {err.lineno}, column {err.colno}"
+        raise ConfigError(f"{path} is not whole JSON ({where}); edgar-tune writes it whole, so it was edited or "
+                          "damaged since: put it back, or remove it and run again the stage that makes it") from None
 
 
 def megabytes(*paths: Path) -> float:

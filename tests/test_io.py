@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tasks.io import Busy, atomic_dir, atomic_write_json, held, holder_info, umask
+from tasks.io import Busy, atomic_dir, atomic_write_json, held, holder_info, read_json, umask
 from tests.conftest import run_held
 
 
@@ -77,3 +77,19 @@ def test_a_server_is_not_answering_only_when_nothing_takes_the_connection():
         slow.listen(4)
         assert not_answering(f"http://127.0.0.1:{slow.getsockname()[1]}", "the server", timeout=0.5) is None
     assert not_answering("sqlite:///runs/mlflow.db", "the store") is None  # not a server: not asked
+
+
+def test_a_json_file_edited_or_damaged_since_is_named_with_what_to_do(tmp_path):
+    """A stage's stats.json or stamp that no longer parses (edited by hand, a damaged disk) ended `edgar-tune stage`
+    or a rerun in JSONDecodeError's traceback; it is a ConfigError (a ValueError, as callers that forgive a damaged
+    memo catch) naming the file."""
+    from edgar_tune.config import ConfigError
+
+    path = tmp_path / "stats.json"
+    atomic_write_json(path, {"blocks": 3})
+    assert read_json(path) == {"blocks": 3}
+    path.write_text('{"blocks": 3,')
+    with pytest.raises(ConfigError, match=f"^{path} is not whole JSON \\(Expecting property name enclosed in double "
+                       "quotes: line 1, column 14\\); edgar-tune writes it whole, so it was edited or damaged since: put "
+                       "it back, or remove it and run again the stage that makes it$"):  # fmt: skip
+        read_json(path)
