@@ -276,10 +276,30 @@ def recorded_bytes(entry: dict) -> bytes:
     return raw
 
 
-def _text_column(columns: list[str], where: Path) -> str:
+def _text_column(records: list[dict], where: Path) -> str:
+    """The `text` column, else the first (JumpStart's rule), said in the log; a first column of numbers alone (an
+    `id` before the text) is refused: it trained on the numbers, or ended in "fewer than one block" at tokenize."""
+    columns = list(records[0])
     if not columns:
         raise ConfigError(f"{where}: no columns found; give a `text` column")
-    return "text" if "text" in columns else columns[0]
+    if "text" in columns:
+        return "text"
+    first = columns[0]
+    values = [v for r in records if (v := str(r.get(first) or "").strip())]
+    if values and all(map(_number, values)):
+        raise ConfigError(f"{where} has no `text` column, and its first column, `{first}`, which is read then, holds "
+                          f"numbers only; name the column of your text `text` (its columns: {', '.join(columns)})")
+    log.info("%s has no `text` column: its first column, `%s`, is the text (JumpStart's rule; columns: %s)", where,
+             first, ", ".join(columns))  # fmt: skip
+    return first
+
+
+def _number(value: str) -> bool:
+    try:
+        float(value.replace(",", ""))
+    except ValueError:
+        return False
+    return True
 
 
 def _text(path: Path, data: bytes | None) -> str:
@@ -325,7 +345,7 @@ def read_texts(path: Path, data: bytes | None = None) -> list[str]:
     records = read_records(path, data)
     if not records:
         return []
-    column = _text_column(list(records[0]), path)
+    column = _text_column(records, path)
     return [str(r.get(column) or "").strip() for r in records if str(r.get(column) or "").strip()]
 
 

@@ -46,11 +46,20 @@ def _write_csv(path: Path, header: list[str], rows: list[list]) -> Path:
     return path
 
 
-def test_csv_uses_the_text_column_else_the_first(tmp_path, paragraphs):
+def test_csv_uses_the_text_column_else_the_first(tmp_path, paragraphs, caplog):
     with_text = _write_csv(tmp_path / "a.csv", ["id", "text"], [[i, p] for i, p in enumerate(paragraphs[:5])])
     assert read_texts(with_text) == paragraphs[:5]
     first = _write_csv(tmp_path / "b.csv", ["body", "id"], [[p, i] for i, p in enumerate(paragraphs[:5])])
-    assert read_texts(first) == paragraphs[:5]
+    with caplog.at_level("INFO", logger="tasks.textdata"):
+        assert read_texts(first) == paragraphs[:5]
+    assert f"{first} has no `text` column: its first column, `body`, is the text (JumpStart's rule; columns: body, " \
+           "id)" in caplog.text  # fmt: skip
+    # an id before the text: the ids were the training text, or "fewer than one block" at tokenize
+    ids = _write_csv(tmp_path / "c.csv", ["id", "body"], [[f"{i:,}", p] for i, p in enumerate(paragraphs[:5], 999)])
+    with pytest.raises(ConfigError, match=re.escape(f"{ids} has no `text` column, and its first column, `id`, which "
+                                                    "is read then, holds numbers only; name the column of your text "
+                                                    "`text` (its columns: id, body)")):  # fmt: skip
+        read_texts(ids)
 
 
 def test_json_lines_json_array_and_txt_paragraphs(tmp_path, paragraphs):
