@@ -632,8 +632,8 @@ def not_taken(form: str) -> str:
 
 def left_out(ticker: str, skipped: list[dict], where: str, has: Iterable[int], *files: str) -> None:
     """Warn, in one line, of the fiscal years asked for that a company has no 10-K taken for `where` (`on EDGAR`,
-    `in bundled`), and why, and the years it has there (or what it `files` instead): the run goes on with the others
-    (the download manifest lists them under `skipped`)."""
+    `in the bundled filings`), and why, and the years it has there (or what it `files` instead): the run goes on
+    with the others (the download manifest lists them under `skipped`)."""
     why: dict[int, list[str]] = {}
     for s in skipped:
         reasons = why.setdefault(s["fiscal_year"], [])
@@ -641,8 +641,9 @@ def left_out(ticker: str, skipped: list[dict], where: str, has: Iterable[int], *
             reasons.append(s["reason"])
     if why:
         said = [f"FY{y}" + (f" ({'; '.join(r)})" if r else "") for y, r in sorted(why.items())]
+        instead = f": {joined(list(files))}" if files else ""
         has = (f"its 10-Ks {where} are for {fiscal_years(has)} (data.fiscal_years)" if has else
-               f"it has no 10-K {where}{': ' if files else ''}{joined(list(files)) if files else ''} (data.tickers)")
+               f"it has no 10-K {where}{instead} (data.tickers)")  # fmt: skip
         log.warning("%s: no 10-K for %s %s, left out of the run; %s", ticker, joined(said, "or"), where, has)
 
 
