@@ -381,25 +381,62 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return 2
     import mlflow
 
+    from edgar_tune.config import ConfigError
     from tasks.registry import registered_files, registered_version
 
+    if not args.prompt and not args.field:
+        print("edgar-tune generate: error: give --prompt TEXT, or an instruction-tuned version's --field NAME=VALUE",
+              file=sys.stderr)  # fmt: skip
+        return 2
     uri = _store_uri(args.tracking_uri)
     mlflow.set_tracking_uri(uri)
     try:
         client = mlflow.MlflowClient(uri)
         if version := registered_version(client, args.model):  # downloaded once, then cached
+            prompts = args.prompt + _templated(args.field, client.get_model_version(*version), args.model)
             with registered_files(client, *version) as local:
                 model = mlflow.pyfunc.load_model(str(local))
         else:  # runs:/..., a folder, models:/NAME/latest: MLflow's own way, downloaded each time
+            if args.field:
+                raise ConfigError(f"--field needs a registered version (models:/NAME/N or models:/NAME@ALIAS), whose "
+                                  f"prompt template it fills; {args.model} is not one")  # fmt: skip
+            prompts = args.prompt
             model = mlflow.pyfunc.load_model(args.model)
     except (mlflow.exceptions.MlflowException, LookupError) as err:
         why = err.message if isinstance(err, mlflow.exceptions.MlflowException) else err.args[0]
         print(f"edgar-tune: error: cannot load {args.model} from {uri}: {why}", file=sys.stderr)
         return 2
-    for prompt in args.prompt:
+    for prompt in prompts:
         text = model.predict({"prompt": [prompt]}, params={"max_new_tokens": args.max_new_tokens})[0]
         print(f"{prompt}{text}" if not args.json else json.dumps({"prompt": prompt, "generated": text}))
     return 0
+
+
+def _templated(fields: list[str], mv, model: str) -> list[str]:
+    """The prompt `--field NAME=VALUE`s make in the template version `mv` was instruction-tuned with (its
+    `prompt_template` tag), a field not given as empty text (as a null one trained); none without fields.
+
+    Raises:
+        ConfigError: fields for a version without a template, a field the template does not have, one not NAME=VALUE.
+    """
+    if not fields:
+        return []
+    from edgar_tune.config import ConfigError
+    from tasks.textdata import format_fields
+
+    if "prompt_template" not in mv.tags:
+        raise ConfigError(f"{model} (v{mv.version}) was not instruction-tuned, or was registered before versions kept "
+                          "their prompt template: give the prompt itself (--prompt TEXT)")  # fmt: skip
+    template = json.loads(mv.tags["prompt_template"])["prompt"]
+    names = list(dict.fromkeys(format_fields(template)))
+    given = {}
+    for item in fields:
+        name, eq, value = item.partition("=")
+        if not eq or name not in names:
+            raise ConfigError(f"--field {item!r}: give NAME=VALUE, NAME one of the template's fields: "
+                              f"{', '.join(names)}")  # fmt: skip
+        given[name] = value
+    return [template.format(**{n: given.get(n, "") for n in names})]
 
 
 def _whole(least: int) -> Callable[[str], int]:
@@ -687,7 +724,10 @@ def build_parser() -> argparse.ArgumentParser:
     stage.set_defaults(fn=cmd_stage)
     gen = sub.add_parser("generate", help="generate with a registered version: models:/NAME@ALIAS or models:/NAME/N")
     gen.add_argument("--model", required=True, help="e.g. models:/edgar-tune-10k@champion")
-    gen.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
+    gen.add_argument("--prompt", action="append", default=[], help="repeat for several prompts")
+    gen.add_argument("--field", action="append", default=[], metavar="NAME=VALUE",
+                     help="an instruction-tuned version: one prompt written in the template it was trained with, "
+                     "from these fields (--field instruction='...' --field context='...')")  # fmt: skip
     gen.add_argument("--max-new-tokens", type=_whole(1), default=60)
     gen.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///runs/mlflow.db")
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt")

@@ -407,6 +407,7 @@ def _provenance(client, mv, run, base_name: str, base_path: str | None, adapter:
         "val_tokens": int(metrics["val_tokens"]) if "val_tokens" in metrics else None,
         "val_scoring": tags.get("val_scoring"), "filings": json.loads(tags.get("filings", "[]")),
         "train_sha256": tags.get("train_sha256"), "val_sha256": tags.get("val_sha256"),
+        "prompt_template": json.loads(tags["prompt_template"]) if "prompt_template" in tags else None,
         "git_commit": tags.get("git_commit"), "exported": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }  # fmt: skip
 
@@ -457,6 +458,7 @@ def model_card(p: dict, params: dict[str, str], smollm2: bool, folder: Path | st
     shown = [(k, params[k]) for k in CARD_PARAMS if k in params]
     if shown:
         lines += ["", "| hyperparameter | value |", "|---|---|", *[f"| `{k}` | {v} |" for k, v in shown]]
+    lines += _prompt_lines(p.get("prompt_template"))
     lines += ["", "Provenance (also in `edgar_tune.json`): " + f"`{p['model_uri']}` in `{p['tracking_uri']}`, MLflow "
               f"run `{p['mlflow_run_id']}`, edgar-tune commit `{p['git_commit']}`, training text sha256 "
               f"`{(p['train_sha256'] or '-')[:16]}`, validation text sha256 `{(p['val_sha256'] or '-')[:16]}`.",
@@ -485,6 +487,24 @@ def model_card(p: dict, params: dict[str, str], smollm2: bool, folder: Path | st
         lines += [f"Where `{p['base_model_path']}` cannot be read (another host, no hub): `edgar-tune export --model "
                   f"{p['model_uri']} --base --out base` writes the base, to load from `base` instead.", ""]
     return "\n".join(lines)
+
+
+def _prompt_lines(template: dict | None) -> list[str]:
+    """An instruction-tuned version's card section on its prompts: the template its training formatted each example
+    with (`template.json`, or JumpStart's default), which a prompt must follow for the model to answer as it
+    learnt to. Without it, whoever loads the export cannot know."""
+    if not template:
+        return []
+    from tasks.textdata import format_fields
+
+    fields = list(dict.fromkeys(format_fields(template["prompt"])))
+    example = ", ".join(f'{f}="..."' for f in fields)
+    return ["", "## Prompt it", "",
+            "It was trained on examples written as a prompt (below) followed by its completion "
+            f"(`{template['completion']}`), each filled from an example's fields: give it a prompt written so, and it "
+            "writes the completion.", "",
+            "```text", template["prompt"], "```", "", "```python",
+            f"prompt = {template['prompt']!r}.format({example})", "```"]  # fmt: skip
 
 
 def _at(p: dict) -> str:

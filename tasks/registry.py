@@ -938,6 +938,7 @@ def _register(run_dir: Path, cfg: PipelineConfig, flow_run_id: str | None, runs_
             "val_sha256": report["val_sha256"],
             "git_commit": git_commit(), "filings": json.dumps(filings),
             **({"data_files": json.dumps(data_files)} if data_files else {}),
+            **({"prompt_template": json.dumps(report["prompt_template"])} if "prompt_template" in report else {}),
             "val_perplexity": repr(after["perplexity"]), "val_scoring": scoring(after),
             "prefect_flow_run_id": str(flow_run_id), RUN_KEY: key}  # fmt: skip
     name = cfg.registry.model_name

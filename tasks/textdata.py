@@ -393,7 +393,7 @@ def _check_format(value, where: str) -> None:
     if not isinstance(value, str):
         raise ConfigError(f"{where} is {type(value).__name__} {value!r}; give a format string, as \"{{instruction}}\"")
     try:
-        fields = _fields(value)
+        fields = format_fields(value)
     except ValueError as err:
         raise ConfigError(f"{where} {value!r} is not a format string ({err}); write each record field as {{name}}, "
                           "and a brace that is text as {{ or }}") from None  # fmt: skip
@@ -402,7 +402,7 @@ def _check_format(value, where: str) -> None:
                           "field, as {instruction}")  # fmt: skip
 
 
-def _fields(value: str) -> list[str]:
+def format_fields(value: str) -> list[str]:
     """The fields a format string fills, as written ("instruction", "a.b", ""); ValueError where it is malformed."""
     return [field for _, field, _, _ in string.Formatter().parse(value) if field is not None]
 
@@ -429,7 +429,7 @@ def _rows(files: list[dict], instruction: bool, template: dict | None) -> list[d
         path, data = Path(location(entry)), recorded_bytes(entry)
         if instruction:
             used = {field.split(".")[0].split("[")[0] for key in ("prompt", "completion") for field in
-                    _fields(template[key])}  # fmt: skip
+                    format_fields(template[key])}  # fmt: skip
             nulls: dict[str, int] = {}
             for n, record in enumerate(read_records(path, data), 1):
                 rows.append({"source": path.name, "row": n} | render(template, record, f"{path}, record {n}"))
@@ -478,6 +478,7 @@ def build_text_split(cfg: PipelineConfig, recorded: list[dict]) -> tuple[list[di
         "files": [location(f) for f in files],
         "validation": how,
         "template": template_from,
+        **({"prompt_template": template} if instruction else {}),  # for the registered version and its export's card
         "train_documents": len(train),
         "val_documents": len(val),
         "train_chars": chars(train),

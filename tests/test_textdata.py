@@ -252,7 +252,7 @@ def test_domain_adaptation_from_a_csv_end_to_end(tmp_path, paragraphs, prefect_s
     assert report["kind"] == "text" and report["val_documents"] == round(0.25 * len(paragraphs))
 
 
-def test_instruction_tuning_from_jsonl_end_to_end(tmp_path, paragraphs, prefect_server):
+def test_instruction_tuning_from_jsonl_end_to_end(tmp_path, paragraphs, prefect_server, capsys):
     from flows.pipeline import format_summary
 
     data = tmp_path / "continue.jsonl"
@@ -283,6 +283,23 @@ def test_instruction_tuning_from_jsonl_end_to_end(tmp_path, paragraphs, prefect_
     row = next(r for r in versions(mlflow.MlflowClient(s["mlflow_tracking_uri"]), s["registered_model"])
                if r["version"] == str(s["model_version"]))  # fmt: skip
     assert row["filings"] == [] and row["data_files"] == [str(data)] and _data_summary(row) == "continue.jsonl"
+    # The version keeps the template it was trained in: `generate --field` writes a prompt in it, and an export's
+    # card shows it (whoever loaded the export could not know how to prompt it).
+    from edgar_tune.cli import main
+
+    client = mlflow.MlflowClient(s["mlflow_tracking_uri"])
+    mv = client.get_model_version(s["registered_model"], str(s["model_version"]))
+    assert json.loads(mv.tags["prompt_template"]) == JUMPSTART_TEMPLATE
+    model = f"models:/{s['registered_model']}/{s['model_version']}"
+    store = ["--tracking-uri", s["mlflow_tracking_uri"]]
+    capsys.readouterr()
+    assert main(["generate", "--model", model, *store, "--field", "instruction=Continue.", "--field",
+                 "context=Net sales grew.", "--max-new-tokens", "2", "--json"]) == 0  # fmt: skip
+    said = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert said["prompt"] == JUMPSTART_TEMPLATE["prompt"].format(instruction="Continue.", context="Net sales grew.")
+    assert main(["export", "--model", model, *store, "--out", str(tmp_path / "export")]) == 0
+    card = (tmp_path / "export" / "README.md").read_text()
+    assert "## Prompt it" in card and "### Instruction:\n{instruction}\n\n### Input:\n{context}" in card
     # The same data again: the download stage describes the file again (it could have been edited under the same
     # name); its manifest is the same, so everything after it stays cached. From another Prefect home (another
     # shell, a worker): Prefect's results are kept with the run, not in the home that ran it.
