@@ -328,9 +328,15 @@ def _plan_model(name: str, revision: str | None = None) -> tuple[str, str]:
         ConfigError: tiny-llama (built from each run's text), a name that is no model, or a revision of anything
             but a hub id, or one the hub's repo lacks (`check_model_name`).
     """
-    from edgar_tune.config import ConfigError, base_shown
+    from pydantic import ValidationError
+
+    from edgar_tune.config import ConfigError, ModelConfig, base_shown
     from tasks.models import SMOLLM2, TINY, check_model_name, pinned, smollm2_dir
 
+    try:
+        ModelConfig(name=name)  # a file (a GGUF, a config.json): what a run's config says of it
+    except ValidationError as err:
+        raise ConfigError(f"plan --model: {err.errors()[0]['msg'].removeprefix('Value error, ')}") from None
     if name == TINY:
         raise ConfigError(f"`{TINY}` is built from each run's own text; plan a run's copy of it: "
                           f"--model RUN/03_tokenize/{TINY}")  # fmt: skip

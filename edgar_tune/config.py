@@ -266,6 +266,23 @@ class ModelConfig(_Section):
         "the branch has moved since the run folder's last run.",
     )
 
+    @field_validator("name")
+    @classmethod
+    def _not_a_file(cls, v: str) -> str:
+        """A file here is no model: the folder that holds it may be (a config.json's); a GGUF file (Ollama's, LM
+        Studio's) is not one edgar-tune trains. It said "a folder without config.json" of either."""
+        path = Path(v).expanduser()
+        if not path.is_file():
+            return v
+        with open(path, "rb") as f:
+            gguf = f.read(4) == b"GGUF"  # Ollama's blobs have no suffix
+        if gguf:
+            raise ValueError(f"{v!r} is a GGUF file (llama.cpp's, as Ollama and LM Studio keep models), which "
+                             "edgar-tune does not train: give the hub id or the transformers folder it was made from")
+        folder = f" ({str(path.parent)!r} here)" if path.name == "config.json" else ""
+        raise ValueError(f"{v!r} is a file; give the folder that `save_pretrained` wrote, its config.json beside the "
+                         f"weights{folder}")
+
     @field_validator("revision", mode="before")
     @classmethod
     def _revision(cls, v: Any) -> Any:
@@ -840,7 +857,10 @@ def _validation_message(err: ValidationError) -> str:
             lines.append(msg)
         else:
             given = e.get("input")
-            lines.append(f"`{loc}`: {msg} (got {'nothing' if given in (None, '', []) else repr(given)})")
+            if isinstance(given, str) and given and repr(given) in msg:  # the message quotes it already
+                lines.append(f"`{loc}`: {msg}")
+            else:
+                lines.append(f"`{loc}`: {msg} (got {'nothing' if given in (None, '', []) else repr(given)})")
     return "invalid configuration: " + "; ".join(lines)
 
 

@@ -533,3 +533,25 @@ def test_an_mlflow_store_given_as_a_path_is_refused_before_the_run_starts(tmp_pa
 
     fixed = rerun_config("register", made, ["registry.tracking_uri=sqlite:////srv/mlflow.db"], str(made))
     assert fixed.registry.tracking_uri == "sqlite:////srv/mlflow.db"
+
+
+def test_a_model_name_that_is_a_file_says_what_to_give(tmp_path, capsys):
+    """`model.name` a GGUF file (Ollama keeps them as blobs without a suffix) or a model's config.json was refused as
+    "a folder without config.json"; it says what it is and what to give, in a run's config and in `plan`."""
+    from edgar_tune.cli import main
+
+    blob = tmp_path / "sha256-6a0746a1ec1a"  # as in ~/.ollama/models/blobs
+    blob.write_bytes(b"GGUF\x03\x00\x00\x00" + bytes(64))
+    folder = tmp_path / "llama"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    for name, said in ((blob, f"{str(blob)!r} is a GGUF file (llama.cpp's, as Ollama and LM Studio keep models), "
+                               "which edgar-tune does not train: give the hub id or the transformers folder it was "
+                               "made from"),
+                       (folder / "config.json", f"{str(folder / 'config.json')!r} is a file; give the folder that "
+                        f"`save_pretrained` wrote, its config.json beside the weights ({str(folder)!r} here)")):
+        with pytest.raises(ConfigError) as err:
+            load_config("tiny", [f"model.name={name}"])
+        assert str(err.value) == f"invalid configuration: `model.name`: {said}"  # no "(got ...)": it quotes the name
+        assert main(["plan", "--model", str(name)]) == 2
+        assert capsys.readouterr().err.strip() == f"edgar-tune: error: plan --model: {said}"
