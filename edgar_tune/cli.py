@@ -61,6 +61,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     preflight(cfg.train)  # on an engine this machine cannot run
     check_model_name(cfg.model.name, cfg.model.revision)  # or a model that is not here
+    if args.dry_run:
+        return _dry_run(args.out, cfg)
     from edgar_tune.config import RunParameters
     from edgar_tune.reaper import embedded_prefect
     from flows.pipeline import edgar_tune_pipeline
@@ -68,6 +70,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     embedded_prefect()
     edgar_tune_pipeline(RunParameters(preset=args.preset, out_dir=args.out, overrides=overrides,
                                       if_busy="wait" if args.wait else "fail"))
+    return 0
+
+
+def _dry_run(out: str, cfg) -> int:
+    """`run --dry-run`: each stage's fate in `out` (cached, or why it runs), with nothing run: no Prefect, no model."""
+    from edgar_tune.config import ConfigError
+
+    if "://" in out:
+        raise ConfigError(f"--dry-run reads a local run folder; {out} is a URL (a worker's working copy of it can be "
+                          "given as --out)")  # fmt: skip
+    from flows.pipeline import dry_run
+
+    print(f"edgar-tune run --dry-run: what a run would do in {out} (nothing ran)")
+    rows = dry_run(out, cfg)
+    width = max(len(stage) for stage, _ in rows)
+    for stage, fate in rows:
+        print(f"  {stage:<{width}}  {fate}")
     return 0
 
 
@@ -711,6 +730,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="train with DeepSpeed ZeRO (same as --set train.deepspeed=...)")  # fmt: skip
     run.add_argument("--nproc", type=int, help="training processes through the DeepSpeed launcher (train.nproc)")
     run.add_argument("--hostfile", help="DeepSpeed hostfile for multi-node training (train.hostfile)")
+    run.add_argument("--dry-run", action="store_true", help="say which stages would run and why (the keys that "
+                     "changed) and which are cached, running nothing")  # fmt: skip
     run.add_argument("--wait", action="store_true", help="if another run works in --out, wait for it to end "
                      "instead of failing at once (its finished stages are then Cached)")
     run.set_defaults(fn=cmd_run)

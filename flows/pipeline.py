@@ -30,6 +30,7 @@ from edgar_tune.reaper import watch_embedded_server
 from edgar_tune.signals import as_signal, keep_signals, leaked_locks_released
 from flows.logs import logs_into_the_flow_run
 from tasks.cache import (
+    NEEDS,
     OUTPUTS,
     STAGES,
     at_commit,
@@ -38,14 +39,17 @@ from tasks.cache import (
     decide,
     kept_otherwise,
     lacking,
+    needing,
     read_stamps,
     record,
     rerun_config,
     rerun_stages,
+    why_it_runs,
 )
 from tasks.finetune import plan_training, preflight
 from tasks.io import (
-    DOWNLOAD, EVALUATE, PARSE, REGISTER, TOKENIZE, TRAIN, atomic_write_json, atomic_write_text, read_json,
+    DOWNLOAD, EVALUATE, PARSE, REGISTER, TOKENIZE, TRAIN, atomic_write_json, atomic_write_text, joined,
+    read_json,
 )  # fmt: skip
 from tasks.models import check_model_name
 from tasks.stages import (
@@ -247,6 +251,42 @@ def _must_run(folder: RunFolder, cfg: PipelineConfig, stage: str, force: bool) -
     folder.pull([f".stages/{stage}.json", OUTPUTS[stage].split("/")[0]])
     fresh, key, inputs = decide(stage, folder.keyed_as, run_dir, cfg, force)
     return fresh or (stage == "download" and _ask_again(run_dir, cfg)), key, inputs
+
+
+def dry_run(out_dir: str, cfg: PipelineConfig) -> list[tuple[str, str]]:
+    """What `edgar-tune run` with `cfg` would do in the local run folder `out_dir`, stage by stage, and why, as the
+    flow decides it (`_must_run`), running nothing: `cached`; `runs: WHY` (`why_it_runs`: the keys that moved, the
+    inputs, the code); `asks its source again` (the download, `_ask_again`); or, after a stage that runs or asks,
+    that it runs if what that stage makes is new (its key then moves, which cannot be known before)."""
+    run_dir = Path(out_dir).expanduser().resolve()
+    if not (run_dir / ".stages").is_dir():
+        return [(stage, "runs: the folder holds no run yet") for stage in STAGES]
+    keyed_as = RunFolder(str(run_dir), run_dir).keyed_as
+    at = at_commit(cfg, check_model_name(cfg.model.name, cfg.model.revision))
+    rows: list[tuple[str, str]] = []
+    moving: list[str] = []  # stages that run, or may make something new
+    runs: set[str] = set()  # stages that run
+    for stage in STAGES:
+        view = at if stage == "tokenize" else cfg
+        fresh, _, inputs = decide(stage, keyed_as, run_dir, view, False)  # on the folders as they are now
+        upstream = [s for s in moving if s in NEEDS[stage] or needing(s, [stage]) == stage]
+        # a training's weights are new, an evaluation's record its time: what reads them runs after them
+        after = [f"`{s}`" for s in upstream if s in runs & {"evaluate-base", "train", "evaluate"}]
+        if fresh:
+            rows.append((stage, f"runs: {why_it_runs(run_dir, stage, view, inputs)}"))
+            runs.add(stage)
+        elif after:
+            rows.append((stage, f"runs after {joined(after)}, whose outputs it reads"))
+        elif stage == "download" and _ask_again(run_dir, cfg):
+            rows.append((stage, "asks its source again (data.latest_years, a filing missing last time, or your own "
+                                "files); what follows stands if it finds what it has"))  # fmt: skip
+        elif upstream:
+            rows.append((stage, f"cached, unless {joined([f'`{s}`' for s in upstream], 'or')} makes something new"))
+        else:
+            rows.append((stage, "cached"))
+            continue
+        moving.append(stage)
+    return rows
 
 
 def _ask_again(run_dir: Path, cfg: PipelineConfig) -> bool:

@@ -283,6 +283,23 @@ def made_otherwise(run_dir: Path, cfg: PipelineConfig, stages: list[str] | tuple
             f"`{start}` (`edgar-tune rerun {start} --run RUN`), which makes it and the stages after it again")
 
 
+def why_it_runs(run_dir: Path, stage: str, cfg: PipelineConfig, inputs: dict) -> str:
+    """Why `stage`, whose key (of `inputs`, `stage_inputs`) is not the one its stamp holds, would run: no outputs,
+    no stamp, the config keys it reads that moved since it ran (then -> now), the stage folders it reads that
+    changed, or else its code or a library it runs on."""
+    if not (Path(run_dir) / OUTPUTS[stage]).exists():
+        return "it has not run in this folder (or its outputs are gone)"
+    if not _stamp(run_dir, stage).exists():
+        return "its outputs carry no record of what made them"
+    stamp = read_json(_stamp(run_dir, stage))
+    if "config" in stamp:
+        if moved := _moved(stage, cfg, stamp["config"]):
+            return ", ".join(f"{k} {then!r} -> {now!r}" for k, then, now in moved)
+        if moved := [n for n, was in stamp["reads"].items() if inputs["reads"].get(n) != was]:
+            return f"what it reads changed ({', '.join(moved)})"
+    return "edgar-tune's code for it, or a library it runs on, changed since it ran"
+
+
 def kept_otherwise(run_dir: Path, cfg: PipelineConfig, todo: list[str] | tuple[str, ...]) -> str | None:
     """Why running `todo` in the run folder would end in a registration refused (`made_otherwise`) for an output of
     a stage it does not run (config.yaml edited by hand since, a stage run again by hand), or None: said before

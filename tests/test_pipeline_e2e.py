@@ -749,6 +749,35 @@ def test_a_retried_registration_returns_the_same_version(tiny_run):
     assert len(client.search_model_versions(f"name = '{s['registered_model']}'")) == before
 
 
+def test_a_dry_run_says_which_stages_would_run_and_why_running_nothing(tiny_run, tmp_path):
+    """`run --dry-run`: before a run on rented GPUs, which stages a change trains or scores again, and why (the keys
+    that moved), as the flow would decide it; nothing runs, and the folder's stages stay as they were."""
+    runs, _ = tiny_run
+    run = tmp_path / "run"
+    shutil.copytree(runs / "latest", run)  # a copy is the same run: its keys stand
+
+    def dry(*sets: str) -> list[str]:
+        args = ["--set", "train.profile_step=30", *(a for s in sets for a in ("--set", s))]  # as tiny_run was made
+        proc = subprocess.run([sys.executable, "-m", "edgar_tune.cli", "run", "--preset", "tiny", "--out", str(run),
+                               "--dry-run", *args], cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert proc.returncode == 0 and "prefect" not in proc.stderr.lower(), proc.stderr[-3000:]
+        return [" ".join(line.split()) for line in proc.stdout.splitlines()[1:]]
+
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and p.name != "digests.json"}
+    assert dry() == [f"{stage} cached" for stage in STAGES]
+    assert dry("train.learning_rate=0.01") == [
+        "download cached", "parse cached", "tokenize cached", "evaluate-base cached",
+        "train runs: train.learning_rate 0.003 -> 0.01", "evaluate runs after `train`, whose outputs it reads",
+        "register runs: train.learning_rate 0.003 -> 0.01"]  # fmt: skip
+    assert dry("eval.stride=32")[3:] == ["evaluate-base runs: eval.stride 64 -> 32", "train cached",
+                                         "evaluate runs: eval.stride 64 -> 32", "register runs: eval.stride 64 -> 32"]
+    assert dry("tokenize.max_input_length=64")[2:5] == [
+        "tokenize runs: tokenize.max_input_length 128 -> 64",
+        "evaluate-base cached, unless `tokenize` makes something new",
+        "train cached, unless `tokenize` makes something new"]  # fmt: skip
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and p.name != "digests.json"} == before
+
+
 def test_a_stage_whose_inputs_are_not_there_says_which_to_run_first(tiny_run, tmp_path):
     """`edgar-tune stage evaluate` in a folder without training's outputs (never trained, or 04_train removed)
     ended in a FileNotFoundError naming 04_train/stats.json; now it says which stage to run first, and how. A rerun
