@@ -73,8 +73,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _dry_run(out: str, cfg) -> int:
-    """`run --dry-run`: each stage's fate in `out` (cached, or why it runs), with nothing run: no Prefect, no model."""
+def _dry_run(out: str, cfg, command: str = "run", *how) -> int:
+    """`run --dry-run` (`rerun STAGE --dry-run`: `how`, its stages and why it forces some): each stage's fate in
+    `out` (cached, or why it runs), with nothing run: no Prefect, no model."""
     from edgar_tune.config import ConfigError
 
     if "://" in out:
@@ -82,8 +83,8 @@ def _dry_run(out: str, cfg) -> int:
                           "given as --out)")  # fmt: skip
     from flows.pipeline import dry_run
 
-    print(f"edgar-tune run --dry-run: what a run would do in {out} (nothing ran)")
-    rows = dry_run(out, cfg)
+    print(f"edgar-tune {command} --dry-run: what it would do in {out} (nothing ran)")
+    rows = dry_run(out, cfg, *how)
     width = max(len(stage) for stage, _ in rows)
     for stage, fate in rows:
         print(f"  {stage:<{width}}  {fate}")
@@ -149,6 +150,14 @@ def cmd_rerun(args: argparse.Namespace) -> int:
         tracking_uri(cfg.registry.tracking_uri, Path(args.run).parent)  # register reruns: a store given as a path
         if why := kept_otherwise(Path(args.run), cfg, rerun_stages(args.name)[0]):
             raise RerunNeeded(why).for_run(args.run)
+        if args.dry_run:
+            todo, forced = rerun_stages(args.name)
+            return _dry_run(args.run, cfg, f"rerun {args.name}", todo, forced, f"`rerun {args.name}` makes it again")
+    elif args.dry_run:
+        from edgar_tune.config import ConfigError
+
+        raise ConfigError(f"--dry-run reads a local run folder; {args.run} is not one (give the folder, or a "
+                          "worker's working copy of an s3:// run)")  # fmt: skip
     from edgar_tune.reaper import embedded_prefect
     from flows.pipeline import edgar_tune_rerun
 
@@ -740,6 +749,8 @@ def build_parser() -> argparse.ArgumentParser:
     rerun.add_argument("--run", required=True, help="run folder, s3:// run URL, or the run's Prefect flow-run id")
     rerun.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="change a config key first (recorded in the run's config.yaml)")  # fmt: skip
+    rerun.add_argument("--dry-run", action="store_true", help="say which stages it would run and why, and which "
+                       "stand cached, running nothing (a local run folder)")  # fmt: skip
     rerun.add_argument("--wait", action="store_true", help="if another run works in the run's folder, wait for it "
                        "to end instead of failing at once (the stage is then recomputed from the config it left)")
     rerun.set_defaults(fn=cmd_rerun)

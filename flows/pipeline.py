@@ -253,11 +253,13 @@ def _must_run(folder: RunFolder, cfg: PipelineConfig, stage: str, force: bool) -
     return fresh or (stage == "download" and _ask_again(run_dir, cfg)), key, inputs
 
 
-def dry_run(out_dir: str, cfg: PipelineConfig) -> list[tuple[str, str]]:
-    """What `edgar-tune run` with `cfg` would do in the local run folder `out_dir`, stage by stage, and why, as the
-    flow decides it (`_must_run`), running nothing: `cached`; `runs: WHY` (`why_it_runs`: the keys that moved, the
-    inputs, the code); `asks its source again` (the download, `_ask_again`); or, after a stage that runs or asks,
-    that it runs if what that stage makes is new (its key then moves, which cannot be known before)."""
+def dry_run(out_dir: str, cfg: PipelineConfig, todo: tuple[str, ...] | list[str] = STAGES,
+            forced: tuple[str, ...] | list[str] = (), why_forced: str = "") -> list[tuple[str, str]]:  # fmt: skip
+    """What `edgar-tune run` with `cfg` (or a rerun: its `todo` and `forced` stages, `rerun_stages`) would do in the
+    local run folder `out_dir`, stage by stage, and why, as the flow decides it (`_must_run`), running nothing:
+    `cached`; `runs: WHY` (`why_it_runs`: the keys that moved, the inputs, the code; or `why_forced`); `asks its
+    source again` (the download, `_ask_again`); or, after a stage that runs or asks, that it runs if what that
+    stage makes is new (its key then moves, which cannot be known before)."""
     run_dir = Path(out_dir).expanduser().resolve()
     if not (run_dir / ".stages").is_dir():
         return [(stage, "runs: the folder holds no run yet") for stage in STAGES]
@@ -267,6 +269,14 @@ def dry_run(out_dir: str, cfg: PipelineConfig) -> list[tuple[str, str]]:
     moving: list[str] = []  # stages that run, or may make something new
     runs: set[str] = set()  # stages that run
     for stage in STAGES:
+        if stage not in todo:
+            rows.append((stage, "kept as it is (not rerun)"))
+            continue
+        if stage in forced:
+            rows.append((stage, f"runs: {why_forced}"))
+            runs.add(stage)
+            moving.append(stage)
+            continue
         view = at if stage == "tokenize" else cfg
         fresh, _, inputs = decide(stage, keyed_as, run_dir, view, False)  # on the folders as they are now
         upstream = [s for s in moving if s in NEEDS[stage] or needing(s, [stage]) == stage]
