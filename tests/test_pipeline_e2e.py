@@ -775,8 +775,9 @@ def test_a_dry_run_says_which_stages_would_run_and_why_running_nothing(tiny_run,
         "tokenize runs: tokenize.max_input_length 128 -> 64",
         "evaluate-base cached, unless `tokenize` makes something new",
         "train cached, unless `tokenize` makes something new"]  # fmt: skip
-    proc = subprocess.run([sys.executable, "-m", "edgar_tune.cli", "rerun", "evaluate", "--run", str(run), "--set",
-                           "eval.stride=32", "--dry-run"], cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
+    rerun = ["rerun", "evaluate", "--run", str(run), "--set", "eval.stride=32", "--dry-run"]
+    proc = subprocess.run([sys.executable, "-m", "edgar_tune.cli", *rerun], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
     assert proc.returncode == 0 and "prefect" not in proc.stderr.lower(), proc.stderr[-3000:]
     assert [" ".join(line.split()) for line in proc.stdout.splitlines()[1:]] == [
         *(f"{s} kept as it is (not rerun)" for s in ("download", "parse", "tokenize")),
