@@ -186,10 +186,10 @@ def cmd_stage(args: argparse.Namespace) -> int:
         "evaluate": lambda: stages.evaluate_perplexity.fn(run_dir, cfg.eval, True, cfg.generate),
         "register": lambda: stages.register_model.fn(run_dir, cfg, None),
     }
-    if why := lacking(run_dir, [args.name], args.run, alone=True):  # it ended in a FileNotFoundError
-        raise RerunNeeded(why)
     folder = RunFolder.open(str(run_dir))
-    with folder.lock(stage=args.name):  # not while a run works in the folder
+    with folder.lock(stage=args.name):  # not while a run works in the folder (which may be making the inputs)
+        if why := lacking(run_dir, [args.name], args.run, alone=True):  # it ended in a FileNotFoundError
+            raise RerunNeeded(why)
         folder.name_run()
         forget(run_dir, args.name)  # until it has written all it writes
         try:
