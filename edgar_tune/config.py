@@ -274,8 +274,11 @@ class ModelConfig(_Section):
         path = Path(v).expanduser()
         if not path.is_file():
             return v
-        with open(path, "rb") as f:
-            gguf = f.read(4) == b"GGUF"  # Ollama's blobs have no suffix
+        try:
+            with open(path, "rb") as f:
+                gguf = f.read(4) == b"GGUF"  # Ollama's blobs have no suffix
+        except OSError:  # unreadable here: a file all the same
+            gguf = path.suffix.lower() == ".gguf"
         if gguf:
             raise ValueError(f"{v!r} is a GGUF file (llama.cpp's, as Ollama and LM Studio keep models), which "
                              "edgar-tune does not train: give the hub id or the transformers folder it was made from")
