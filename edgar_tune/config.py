@@ -171,7 +171,7 @@ class DataConfig(_Section):
         """TXT/CSV/JSON/JSONL files (domain adaptation or instruction tuning) rather than 10-K filings."""
         return text_source_kind(self.source) is not None
 
-    @field_validator("tickers", "fiscal_years", mode="before")
+    @field_validator("tickers", mode="before")
     @classmethod
     def _one_or_more(cls, v: Any) -> Any:
         """None (`--set data.tickers=`) as an empty list, which the field's check refuses saying what to give."""
@@ -195,8 +195,9 @@ class DataConfig(_Section):
     @field_validator("fiscal_years", mode="before")
     @classmethod
     def _year_ranges(cls, v: Any) -> Any:
-        """`2015-2024` (or `2015..2024`) as the years from 2015 to 2024, beside single years: `2012,2015-2017`."""
-        v = listed(v)  # before `_one_or_more`, which pydantic runs after this one
+        """`2015-2024` (or `2015..2024`) as the years from 2015 to 2024, beside single years: `2012,2015-2017`; None
+        (`--set data.fiscal_years=`) as an empty list, which the field's check refuses saying what to give."""
+        v = [] if v is None else listed(v)
         if not isinstance(v, list):
             return v
         years: list[Any] = []
