@@ -414,6 +414,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
               file=sys.stderr)  # fmt: skip
         return 2
     import mlflow
+    import pandas as pd
 
     from edgar_tune.config import ConfigError
     from tasks.registry import registered_files, registered_version
@@ -440,8 +441,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         why = err.message if isinstance(err, mlflow.exceptions.MlflowException) else err.args[0]
         print(f"edgar-tune: error: cannot load {args.model} from {uri}: {why}", file=sys.stderr)
         return 2
-    for prompt in prompts:
-        text = model.predict({"prompt": [prompt]}, params={"max_new_tokens": args.max_new_tokens})[0]
+    try:  # all prompts at once: each is checked against the model's context before any is generated
+        texts = model.predict(pd.DataFrame({"prompt": prompts}), params={"max_new_tokens": args.max_new_tokens})
+    except mlflow.exceptions.MlflowException as err:  # the request's mistake (a prompt too long), said as served
+        print(f"edgar-tune generate: error: {err.message}", file=sys.stderr)
+        return 2
+    for prompt, text in zip(prompts, texts, strict=True):
         print(f"{prompt}{text}" if not args.json else json.dumps({"prompt": prompt, "generated": text}))
     return 0
 

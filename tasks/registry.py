@@ -28,6 +28,7 @@ from typing import Any
 
 import mlflow
 import mlflow.pyfunc
+import numpy as np
 import pandas as pd
 import yaml
 
@@ -97,25 +98,50 @@ class EdgarTuneLM(mlflow.pyfunc.PythonModel):
         it); a plain string or list of strings also works when called directly."""
         import torch
 
-        if isinstance(model_input, str):
-            prompts = [model_input]
-        elif hasattr(model_input, "columns") or isinstance(model_input, dict):  # DataFrame or {"prompt": [...]}
-            prompts = [str(p) for p in model_input["prompt"]]
-        else:
-            prompts = [str(p) for p in model_input]
+        prompts = _prompts(model_input)
         new_tokens = (params or {}).get("max_new_tokens", 40)
         if isinstance(new_tokens, bool) or not isinstance(new_tokens, numbers.Integral) or new_tokens < 1:
             # a served request's mistake: MLflow answers it with 400 and this message, not 500 and a traceback
             raise mlflow.exceptions.MlflowException.invalid_parameter_value(
                 f"max_new_tokens must be a whole number of at least 1, got {new_tokens!r}")
+        encoded = [self.tokenizer(prompt, return_tensors="pt") for prompt in prompts]
+        self._check_context(encoded, int(new_tokens))  # all before any is generated
         out = []
-        for prompt in prompts:
-            ids = self.tokenizer(prompt, return_tensors="pt")
+        for ids in encoded:
             with torch.no_grad():
                 gen = self.model.generate(**ids, max_new_tokens=int(new_tokens),
                                           do_sample=False, pad_token_id=self.tokenizer.pad_token_id)  # fmt: skip
             out.append(self.tokenizer.decode(gen[0][ids["input_ids"].shape[1] :], skip_special_tokens=True))
         return out
+
+    def _check_context(self, encoded: list, new_tokens: int) -> None:
+        """Refuses a prompt that, with `new_tokens` generated after it, runs past the model's context: positions it
+        never saw, which a RoPE model fills with text it was not made to give, and GPT-2's learned positions with an
+        IndexError. A served request's mistake, so MLflow answers 400 with this message."""
+        context = getattr(self.model.config, "max_position_embeddings", None)
+        for i, ids in enumerate(encoded):
+            n = ids["input_ids"].shape[1]
+            if context and n + new_tokens > context:
+                which = f"prompt {i + 1} of {len(encoded)}" if len(encoded) > 1 else "the prompt"
+                fix = (f"shorten it, or lower max_new_tokens to {context - n} or less" if n < context
+                       else f"shorten it to fewer than {context} tokens")  # fmt: skip
+                raise mlflow.exceptions.MlflowException.invalid_parameter_value(
+                    f"{which} is {n} tokens, and {new_tokens} more (max_new_tokens) make {n + new_tokens}, past the "
+                    f"model's context of {context} positions: {fix}")  # fmt: skip
+
+
+def _prompts(model_input) -> list[str]:
+    """The prompts of a predict call's input: a DataFrame's `prompt` column, a dict's `prompt`, a string, or a list.
+
+    MLflow's schema turns `{"prompt": ["a", "b"]}` (and a served `{"inputs": {"prompt": [...]}}`) into one row
+    whose cell is the list: its prompts are taken one by one, not as the text of the list."""
+    if isinstance(model_input, str):
+        return [model_input]
+    cells = model_input["prompt"] if hasattr(model_input, "columns") or isinstance(model_input, dict) else model_input
+    if isinstance(cells, str):
+        return [cells]
+    listed = (list, tuple, np.ndarray)
+    return [str(p) for cell in cells for p in (cell if isinstance(cell, listed) else [cell])]
 
 
 def version_artifacts(local: Path) -> tuple[dict[str, str], dict[str, str]]:

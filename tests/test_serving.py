@@ -46,10 +46,19 @@ def test_generate_command_loads_base_and_adapter_from_the_registry(tiny_run, tmp
                            "--max-new-tokens", "0"], cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert none.returncode == 2 and none.stderr.splitlines()[-1] == (
         "edgar-tune generate: error: argument --max-new-tokens: must be at least 1 (got 0)")  # before loading
+    long = subprocess.run([sys.executable, "-m", "edgar_tune.cli", "generate", "--model", uri, "--prompt", "Net sales",
+                           "--prompt", "Net sales increased. " * 1000, "--tracking-uri", s["mlflow_tracking_uri"]],
+                          cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, EDGAR_TUNE_CACHE=str(tmp_path)))  # fmt: skip
+    said = long.stderr.splitlines()[-1]  # both checked before either is generated: no output, no minutes lost
+    assert long.returncode == 2 and not long.stdout and re.fullmatch(
+        r"edgar-tune generate: error: prompt 2 of 2 is \d+ tokens, and 60 more \(max_new_tokens\) make \d+, past the "
+        r"model's context of 2048 positions: shorten it to fewer than 2048 tokens", said), said
 
 
 def test_a_version_holds_source_not_a_pickle_and_pickled_older_versions_still_load(tiny_run, tmp_path):
     import mlflow
+    import pandas as pd
     import yaml
 
     from tasks.registry import EdgarTuneLM
@@ -70,9 +79,14 @@ def test_a_version_holds_source_not_a_pickle_and_pickled_older_versions_still_lo
                                       model_config={"base_model": "tiny-llama", "weights": "adapter"},
                                       pip_requirements=["mlflow"])  # fmt: skip
     assert list(Path(mlflow.artifacts.download_artifacts(old.model_uri, dst_path=str(tmp_path / "o"))).rglob("*.pkl"))
+    prompts = ["Net sales increased", "We serve consumers through"]
     for model_uri in (uri, old.model_uri):
-        out = mlflow.pyfunc.load_model(model_uri).predict({"prompt": ["Net sales increased"]}, {"max_new_tokens": 4})
-        assert len(out) == 1 and isinstance(out[0], str)
+        model = mlflow.pyfunc.load_model(model_uri)
+        one_by_one = [model.predict(pd.DataFrame({"prompt": [p]}), {"max_new_tokens": 4})[0] for p in prompts]
+        assert all(isinstance(text, str) and text for text in one_by_one)
+        # MLflow makes a dict of lists one row holding the list: each prompt is still generated from, as itself
+        assert model.predict({"prompt": prompts}, {"max_new_tokens": 4}) == one_by_one
+        assert model.predict([{"prompt": p} for p in prompts], {"max_new_tokens": 4}) == one_by_one
 
 
 def test_mlflow_models_serve_answers_a_prompt(tiny_run, tmp_path):
@@ -85,22 +99,35 @@ def test_mlflow_models_serve_answers_a_prompt(tiny_run, tmp_path):
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_http(f"http://127.0.0.1:{port}/ping", proc)
+        url = f"http://127.0.0.1:{port}/invocations"
         body = {"dataframe_records": [{"prompt": "Net sales increased"}], "params": {"max_new_tokens": 5}}
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})  # fmt: skip
-        with urllib.request.urlopen(req, timeout=120) as resp:
-            answer = json.loads(resp.read())
-        body["params"]["max_new_tokens"] = 0  # the request's mistake: 400 saying so, not the model's 500
-        req = urllib.request.Request(req.full_url, data=json.dumps(body).encode(), headers=req.headers)
-        with pytest.raises(urllib.error.HTTPError) as refused:
-            urllib.request.urlopen(req, timeout=120)
-        said = json.loads(refused.value.read())
+        answer = _post(url, body)
+        inputs = _post(url, {"inputs": {"prompt": ["Net sales increased", "We serve"]}, "params": body["params"]})
+        # the request's mistakes: 400 saying so, not the model's 500 (or text from positions it never saw)
+        refused = [_refused(url, {**body, "params": {"max_new_tokens": 0}}),
+                   _refused(url, {**body, "params": {"max_new_tokens": 2100}})]  # fmt: skip
     finally:
         proc.terminate()
         proc.wait(timeout=30)
     assert len(answer["predictions"]) == 1 and isinstance(answer["predictions"][0], str)
-    assert refused.value.code == 400 and said["error_code"] == "INVALID_PARAMETER_VALUE", said
-    assert "max_new_tokens must be a whole number of at least 1, got 0" in said["message"], said
+    assert inputs["predictions"][0] == answer["predictions"][0] and len(inputs["predictions"]) == 2, inputs
+    assert all(code == 400 and said["error_code"] == "INVALID_PARAMETER_VALUE" for code, said in refused), refused
+    assert "max_new_tokens must be a whole number of at least 1, got 0" in refused[0][1]["message"], refused
+    assert re.search(r"the prompt is \d+ tokens, and 2100 more \(max_new_tokens\) make \d+, past the model's context "
+                     r"of 2048 positions: shorten it, or lower max_new_tokens to \d+ or less", refused[1][1]["message"])
+
+
+def _post(url: str, body: dict) -> dict:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as resp:
+        return json.loads(resp.read())
+
+
+def _refused(url: str, body: dict) -> tuple[int, dict]:
+    """The status and JSON of a request the server refuses."""
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        _post(url, body)
+    return refused.value.code, json.loads(refused.value.read())
 
 
 @contextlib.contextmanager
