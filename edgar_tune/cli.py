@@ -461,13 +461,13 @@ def _templated(fields: list[str], mv, model: str) -> list[str]:
     if not fields:
         return []
     from edgar_tune.config import ConfigError
-    from tasks.textdata import format_fields
+    from tasks.registry import filled_prompt, template_fields
 
     if "prompt_template" not in mv.tags:
         raise ConfigError(f"{model} (v{mv.version}) was not instruction-tuned, or was registered before versions kept "
                           "their prompt template: give the prompt itself (--prompt TEXT)")  # fmt: skip
     template = json.loads(mv.tags["prompt_template"])["prompt"]
-    names = list(dict.fromkeys(format_fields(template)))
+    names = template_fields(template)
     given = {}
     for item in fields:
         name, eq, value = item.partition("=")
@@ -475,7 +475,7 @@ def _templated(fields: list[str], mv, model: str) -> list[str]:
             raise ConfigError(f"--field {item!r}: give NAME=VALUE, NAME one of the template's fields: "
                               f"{', '.join(names)}")  # fmt: skip
         given[name] = value
-    return [template.format(**{n: given.get(n, "") for n in names})]
+    return [filled_prompt(template, given)]
 
 
 def _whole(least: int) -> Callable[[str], int]:

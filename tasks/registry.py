@@ -81,7 +81,8 @@ def git_commit() -> str:
 
 
 class EdgarTuneLM(mlflow.pyfunc.PythonModel):
-    """pyfunc: base model + adapter (or full weights); input a DataFrame with a `prompt` column.
+    """pyfunc: base model + adapter (or full weights); input a DataFrame with a `prompt` column, or for a version
+    instruction-tuned since its model config holds `prompt_template`, the template's fields as columns.
 
     Registered as source through `MODEL_CODE`. Versions registered before that hold a pickle of this class by
     its name here, so it stays in this module."""
@@ -91,19 +92,26 @@ class EdgarTuneLM(mlflow.pyfunc.PythonModel):
 
         self.model = load_registered(context.artifacts, context.model_config)
         self.tokenizer = load_tokenizer(context.artifacts["weights"])
+        self.template = (context.model_config or {}).get("prompt_template")
         self.model.eval()
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> list[str]:
-        """Generate a completion for each prompt: the `prompt` column (the signature turns a dict or records into
-        it); a plain string or list of strings also works when called directly."""
+        """Generate a completion for each request: a row's `prompt`, or the prompt the template makes of its
+        fields (`request_prompt`); a plain string, a list of strings or a dict also works when called directly."""
         import torch
 
-        prompts = _prompts(model_input)
         new_tokens = (params or {}).get("max_new_tokens", 40)
         if isinstance(new_tokens, bool) or not isinstance(new_tokens, numbers.Integral) or new_tokens < 1:
             # a served request's mistake: MLflow answers it with 400 and this message, not 500 and a traceback
             raise mlflow.exceptions.MlflowException.invalid_parameter_value(
                 f"max_new_tokens must be a whole number of at least 1, got {new_tokens!r}")
+        rows = _requests(model_input)
+        if self.template and hasattr(model_input, "columns") and not len(model_input.columns):  # MLflow dropped them
+            columns = ", ".join(template_fields(self.template))
+            raise mlflow.exceptions.MlflowException.invalid_parameter_value(
+                f"the input has no column the model reads: give each request a `prompt`, or the fields of the prompt "
+                f"template it was instruction-tuned with ({columns})")  # fmt: skip
+        prompts = [request_prompt(row, self.template, _which(n, len(rows))) for n, row in enumerate(rows, 1)]
         encoded = [self.tokenizer(prompt, return_tensors="pt") for prompt in prompts]
         self._check_context(encoded, int(new_tokens))  # all before any is generated
         out = []
@@ -130,18 +138,75 @@ class EdgarTuneLM(mlflow.pyfunc.PythonModel):
                     f"model's context of {context} positions: {fix}")  # fmt: skip
 
 
-def _prompts(model_input) -> list[str]:
-    """The prompts of a predict call's input: a DataFrame's `prompt` column, a dict's `prompt`, a string, or a list.
+def _which(n: int, count: int) -> str:
+    return f"request {n} of {count}" if count > 1 else "the request"
 
-    MLflow's schema turns `{"prompt": ["a", "b"]}` (and a served `{"inputs": {"prompt": [...]}}`) into one row
-    whose cell is the list: its prompts are taken one by one, not as the text of the list."""
+
+def _requests(model_input) -> list[dict]:
+    """The requests of a predict call's input, a dict of column -> value each: a DataFrame's rows, a dict's, a
+    string's or a list of strings' (as `prompt`).
+
+    MLflow's schema makes `{"prompt": ["a", "b"]}` (and a served `{"inputs": {"prompt": [...]}}`) one row whose
+    cells are lists: its requests are taken one by one (a cell that is not a list goes with each), not as the text
+    of the list."""
     if isinstance(model_input, str):
-        return [model_input]
-    cells = model_input["prompt"] if hasattr(model_input, "columns") or isinstance(model_input, dict) else model_input
-    if isinstance(cells, str):
-        return [cells]
+        model_input = [model_input]
+    if isinstance(model_input, dict):
+        model_input = pd.DataFrame([model_input])
+    elif not hasattr(model_input, "columns"):
+        items = list(model_input)
+        model_input = pd.DataFrame(items if all(isinstance(x, dict) for x in items) else {"prompt": items})
     listed = (list, tuple, np.ndarray)
-    return [str(p) for cell in cells for p in (cell if isinstance(cell, listed) else [cell])]
+    rows = []
+    for record in model_input.to_dict("records"):
+        lengths = {len(v) for v in record.values() if isinstance(v, listed)}
+        if len(lengths) > 1:
+            raise mlflow.exceptions.MlflowException.invalid_parameter_value(
+                f"the columns' lists are of different lengths ({', '.join(map(str, sorted(lengths)))}); give one "
+                "value a column for each request")  # fmt: skip
+        count = lengths.pop() if lengths else None
+        if count is None:
+            rows.append(record)
+        else:
+            rows += [{k: v[i] if isinstance(v, listed) else v for k, v in record.items()} for i in range(count)]
+    return rows
+
+
+def template_fields(template: str) -> list[str]:
+    """The record fields a prompt template fills, in order, once each (`{company.name}` fills `company`)."""
+    from tasks.textdata import format_fields
+
+    return list(dict.fromkeys(f.split(".")[0].split("[")[0] for f in format_fields(template)))
+
+
+def filled_prompt(template: str, given: dict[str, str]) -> str:
+    """The prompt `template` makes of the fields `given`, a field not given as empty text (as a null one trained)."""
+    return template.format(**{name: given.get(name, "") for name in template_fields(template)})
+
+
+def request_prompt(row: dict, template: str | None, which: str) -> str:
+    """The prompt of one request: its `prompt`, or for an instruction-tuned version (`template`, the prompt
+    template it trained with) the prompt the template makes of the request's fields. A template with a field
+    named `prompt` takes that column as the field.
+
+    Raises:
+        MlflowException (INVALID_PARAMETER_VALUE, 400 when served): a request with neither, or with both.
+    """
+    given = {k: str(v) for k, v in row.items() if v is not None and not (isinstance(v, float) and math.isnan(v))}
+    fields = template_fields(template) if template else []
+    filled = {k: v for k, v in given.items() if k in fields}
+    raw = given.get("prompt") if "prompt" not in fields else None
+    if filled and raw is not None:
+        raise mlflow.exceptions.MlflowException.invalid_parameter_value(
+            f"{which} has both a prompt and the template's fields ({', '.join(filled)}); give one: the prompt as "
+            "the model is to see it, or the fields the template makes it of")  # fmt: skip
+    if filled:
+        return filled_prompt(template, filled)
+    if raw is None:
+        said = f"neither a prompt nor any of the template's fields ({', '.join(fields)})" if fields else "no prompt"
+        raise mlflow.exceptions.MlflowException.invalid_parameter_value(
+            f"{which} has {said}; it gives {', '.join(map(str, given)) or 'nothing'}")
+    return raw
 
 
 def version_artifacts(local: Path) -> tuple[dict[str, str], dict[str, str]]:
@@ -179,13 +244,18 @@ def pip_requirements() -> list[str]:
     return [f"{name}=={version(name).split('+')[0]}" for name in SERVING_PACKAGES]
 
 
-def _signature():
-    """A `prompt` column in, generated text out, `max_new_tokens` as a request parameter (also when served)."""
-    import pandas as pd
+def _signature(template: str | None = None):
+    """A `prompt` column in, generated text out, `max_new_tokens` as a request parameter (also when served); for a
+    version instruction-tuned with the prompt `template`, its fields too, each column optional (`request_prompt`)."""
     from mlflow.models import infer_signature
+    from mlflow.types.schema import ColSpec, Schema
 
-    return infer_signature(pd.DataFrame({"prompt": ["This Form 10-K report shows that"]}), ["text"],
-                           params={"max_new_tokens": 40})  # fmt: skip
+    signature = infer_signature(pd.DataFrame({"prompt": ["This Form 10-K report shows that"]}), ["text"],
+                                params={"max_new_tokens": 40})  # fmt: skip
+    if template:
+        columns = list(dict.fromkeys(["prompt", *template_fields(template)]))
+        signature.inputs = Schema([ColSpec("string", name, required=False) for name in columns])
+    return signature
 
 
 def _plots(tmp: Path, losses: list[dict], before: dict, after: dict, val_losses: list[dict]) -> list[Path]:
@@ -957,6 +1027,7 @@ def _register(run_dir: Path, cfg: PipelineConfig, flow_run_id: str | None, runs_
     if tok_stats["base_model"]["kind"] == "run_local" and train_stats["weights"] == "adapter":
         artifacts["base"] = str(run_dir / TOKENIZE / tok_stats["base_model"]["path"])
     key = run_key(run_dir)
+    template = report.get("prompt_template", {}).get("prompt")  # an instruction-tuned run's: served from its fields
     # data_sha256 covers the training and the validation text; val_sha256 alone is what the promotion gate compares.
     data_sha = hashlib.sha256(f"{report['train_sha256']}:{report['val_sha256']}".encode()).hexdigest()
     tags = {"base_model": base_ref, **({"base_revision": base_revision} if base_revision else {}),
@@ -1023,11 +1094,12 @@ def _register(run_dir: Path, cfg: PipelineConfig, flow_run_id: str | None, runs_
                 python_model=str(MODEL_CODE),  # logged as source: loading a version unpickles nothing
                 artifacts=artifacts,
                 model_config={"base_model": base_ref, "weights": train_stats["weights"],
-                              **({"base_revision": base_revision} if base_revision else {})},
+                              **({"base_revision": base_revision} if base_revision else {}),
+                              **({"prompt_template": template} if template else {})},
                 code_paths=[str(REPO_ROOT / "tasks"), str(REPO_ROOT / "edgar_tune")],
                 pip_requirements=pip_requirements(),
                 registered_model_name=cfg.registry.model_name,
-                signature=_signature(),
+                signature=_signature(template),
             )
         version = str(info.registered_model_version)
         log.info("uploaded and registered it as %s v%s in %s", name, version, clock(time.monotonic() - start))

@@ -297,6 +297,17 @@ def test_instruction_tuning_from_jsonl_end_to_end(tmp_path, paragraphs, prefect_
                  "context=Net sales grew.", "--max-new-tokens", "2", "--json"]) == 0  # fmt: skip
     said = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert said["prompt"] == JUMPSTART_TEMPLATE["prompt"].format(instruction="Continue.", context="Net sales grew.")
+    # Loaded (or served), it takes the template's fields as columns too: the same prompt, the same text.
+    import pandas as pd
+
+    loaded = mlflow.pyfunc.load_model(model)
+    assert [c.name for c in loaded.metadata.get_input_schema().inputs] == ["prompt", "instruction", "context"]
+    fields = {"instruction": ["Continue."], "context": ["Net sales grew."]}
+    assert loaded.predict(fields, {"max_new_tokens": 2}) == [said["generated"]]
+    assert loaded.predict(pd.DataFrame({"prompt": [said["prompt"]]}), {"max_new_tokens": 2}) == [said["generated"]]
+    with pytest.raises(mlflow.exceptions.MlflowException, match=r"the request has both a prompt and the template's "
+                       r"fields \(instruction\); give one"):  # fmt: skip
+        loaded.predict({"prompt": "x", "instruction": "y"})
     assert main(["export", "--model", model, *store, "--out", str(tmp_path / "export")]) == 0
     card = (tmp_path / "export" / "README.md").read_text()
     assert "## Prompt it" in card and "### Instruction:\n{instruction}\n\n### Input:\n{context}" in card
