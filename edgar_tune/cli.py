@@ -417,11 +417,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from edgar_tune.config import ConfigError
-    from tasks.registry import registered_files, registered_version
+    from tasks.registry import generation_settings, registered_files, registered_version
 
     if not args.prompt and not args.field:
         print("edgar-tune generate: error: give --prompt TEXT, or an instruction-tuned version's --field NAME=VALUE",
               file=sys.stderr)  # fmt: skip
+        return 2
+    sampling = {k: getattr(args, k) for k in ("do_sample", "temperature", "top_k", "top_p", "seed")}
+    params = {"max_new_tokens": args.max_new_tokens} | {k: v for k, v in sampling.items() if v not in (None, False)}
+    try:
+        generation_settings(params)  # before the model loads
+    except mlflow.exceptions.MlflowException as err:
+        print(f"edgar-tune generate: error: {err.message}", file=sys.stderr)
         return 2
     uri = _store_uri(args.tracking_uri)
     mlflow.set_tracking_uri(uri)
@@ -441,8 +448,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
         why = err.message if isinstance(err, mlflow.exceptions.MlflowException) else err.args[0]
         print(f"edgar-tune: error: cannot load {args.model} from {uri}: {why}", file=sys.stderr)
         return 2
+    known = {p.name for p in model.metadata.get_params_schema().params} if model.metadata.get_params_schema() else set()
+    if unknown := [k for k in sampling if k in params and k not in known]:  # MLflow would drop them: greedy text
+        print(f"edgar-tune generate: error: {args.model} was registered before versions took {', '.join(unknown)} "
+              f"(it takes {', '.join(sorted(known)) or 'no settings'}): it generates greedily; leave out "
+              f"{', '.join('--' + k.replace('_', '-') for k in unknown)}, or generate with a version registered "
+              "since 2026-12-04", file=sys.stderr)  # fmt: skip
+        return 2
     try:  # all prompts at once: each is checked against the model's context before any is generated
-        texts = model.predict(pd.DataFrame({"prompt": prompts}), params={"max_new_tokens": args.max_new_tokens})
+        texts = model.predict(pd.DataFrame({"prompt": prompts}), params=params)
     except mlflow.exceptions.MlflowException as err:  # the request's mistake (a prompt too long), said as served
         print(f"edgar-tune generate: error: {err.message}", file=sys.stderr)
         return 2
@@ -772,6 +786,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="an instruction-tuned version: one prompt written in the template it was trained with, "
                      "from these fields (--field instruction='...' --field context='...')")  # fmt: skip
     gen.add_argument("--max-new-tokens", type=_whole(1), default=60)
+    gen.add_argument("--do-sample", action="store_true", help="sample (default: greedy, the likeliest token each step)")
+    gen.add_argument("--temperature", type=float, help="with --do-sample (default 1.0)")
+    gen.add_argument("--top-k", type=int, help="with --do-sample: among the k likeliest tokens (default 50; 0: all)")
+    gen.add_argument("--top-p", type=float, help="with --do-sample: nucleus sampling mass (default 1.0)")
+    gen.add_argument("--seed", type=int, help="the first prompt's seed, the next's one more (default 0): the same "
+                     "command draws the same text")  # fmt: skip
     gen.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///runs/mlflow.db")
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt")
     gen.set_defaults(fn=cmd_generate)

@@ -100,11 +100,7 @@ class EdgarTuneLM(mlflow.pyfunc.PythonModel):
         fields (`request_prompt`); a plain string, a list of strings or a dict also works when called directly."""
         import torch
 
-        new_tokens = (params or {}).get("max_new_tokens", 40)
-        if isinstance(new_tokens, bool) or not isinstance(new_tokens, numbers.Integral) or new_tokens < 1:
-            # a served request's mistake: MLflow answers it with 400 and this message, not 500 and a traceback
-            raise mlflow.exceptions.MlflowException.invalid_parameter_value(
-                f"max_new_tokens must be a whole number of at least 1, got {new_tokens!r}")
+        settings = generation_settings(params)
         rows = _requests(model_input)
         if self.template and hasattr(model_input, "columns") and not len(model_input.columns):  # MLflow dropped them
             columns = ", ".join(template_fields(self.template))
@@ -113,12 +109,15 @@ class EdgarTuneLM(mlflow.pyfunc.PythonModel):
                 f"template it was instruction-tuned with ({columns})")  # fmt: skip
         prompts = [request_prompt(row, self.template, _which(n, len(rows))) for n, row in enumerate(rows, 1)]
         encoded = [self.tokenizer(prompt, return_tensors="pt") for prompt in prompts]
-        self._check_context(encoded, int(new_tokens))  # all before any is generated
+        self._check_context(encoded, settings["max_new_tokens"])  # all before any is generated
+        drawn = {k: settings[k] for k in ("temperature", "top_k", "top_p")} if settings["do_sample"] else {}
         out = []
-        for ids in encoded:
+        for i, ids in enumerate(encoded):
+            torch.manual_seed(settings["seed"] + i)  # a request sampled again draws the same text
             with torch.no_grad():
-                gen = self.model.generate(**ids, max_new_tokens=int(new_tokens),
-                                          do_sample=False, pad_token_id=self.tokenizer.pad_token_id)  # fmt: skip
+                gen = self.model.generate(**ids, max_new_tokens=settings["max_new_tokens"],
+                                          do_sample=settings["do_sample"], **drawn,
+                                          pad_token_id=self.tokenizer.pad_token_id)  # fmt: skip
             out.append(self.tokenizer.decode(gen[0][ids["input_ids"].shape[1] :], skip_special_tokens=True))
         return out
 
@@ -136,6 +135,42 @@ class EdgarTuneLM(mlflow.pyfunc.PythonModel):
                 raise mlflow.exceptions.MlflowException.invalid_parameter_value(
                     f"{which} is {n} tokens, and {new_tokens} more (max_new_tokens) make {n + new_tokens}, past the "
                     f"model's context of {context} positions: {fix}")  # fmt: skip
+
+
+# A request's generation settings (its `params`) and their defaults: greedy decoding unless `do_sample`.
+GENERATION = {"max_new_tokens": 40, "do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "seed": 0}
+
+
+def generation_settings(params: dict | None) -> dict:
+    """The settings a predict call generates with: its `params` over `GENERATION`, each checked.
+
+    Raises:
+        MlflowException (INVALID_PARAMETER_VALUE: a served request's mistake, answered 400 with this message, not
+            500 and a traceback): a value out of its range, or a sampling setting given without `do_sample`.
+    """
+    given = {k: v for k, v in (params or {}).items() if k in GENERATION}
+    settings = GENERATION | given
+    whole = lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool | np.bool_)  # noqa: E731
+    number = lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool | np.bool_)  # noqa: E731
+    checks = {
+        "max_new_tokens": (lambda v: whole(v) and v >= 1, "a whole number of at least 1"),
+        "do_sample": (lambda v: isinstance(v, bool | np.bool_), "true or false"),
+        "temperature": (lambda v: number(v) and v > 0, "a number above 0"),
+        "top_k": (lambda v: whole(v) and v >= 0, "a whole number (0: no limit)"),
+        "top_p": (lambda v: number(v) and 0 < v <= 1, "a number above 0 and at most 1"),
+        "seed": (lambda v: whole(v) and 0 <= v < 2**32, "a whole number from 0 to 2**32 - 1"),
+    }
+    for name, (ok, what) in checks.items():
+        if not ok(settings[name]):
+            raise mlflow.exceptions.MlflowException.invalid_parameter_value(
+                f"{name} must be {what}, got {settings[name]!r}")
+    # MLflow fills in a served request's defaults: a setting that differs from its default was asked for
+    unused = [f"{k}={settings[k]!r}" for k in ("temperature", "top_k", "top_p") if settings[k] != GENERATION[k]]
+    if unused and not settings["do_sample"]:
+        raise mlflow.exceptions.MlflowException.invalid_parameter_value(
+            f"{', '.join(unused)} only {'shapes' if len(unused) == 1 else 'shape'} sampling, and do_sample is false (greedy decoding takes the likeliest "
+            "token each step): set do_sample to true, or leave them out")  # fmt: skip
+    return {k: type(GENERATION[k])(v) for k, v in settings.items()}
 
 
 def _which(n: int, count: int) -> str:
@@ -245,13 +280,13 @@ def pip_requirements() -> list[str]:
 
 
 def _signature(template: str | None = None):
-    """A `prompt` column in, generated text out, `max_new_tokens` as a request parameter (also when served); for a
+    """A `prompt` column in, generated text out, `GENERATION`'s settings as request parameters (also when served); for a
     version instruction-tuned with the prompt `template`, its fields too, each column optional (`request_prompt`)."""
     from mlflow.models import infer_signature
     from mlflow.types.schema import ColSpec, Schema
 
     signature = infer_signature(pd.DataFrame({"prompt": ["This Form 10-K report shows that"]}), ["text"],
-                                params={"max_new_tokens": 40})  # fmt: skip
+                                params=GENERATION)  # fmt: skip
     if template:
         columns = list(dict.fromkeys(["prompt", *template_fields(template)]))
         signature.inputs = Schema([ColSpec("string", name, required=False) for name in columns])

@@ -46,6 +46,11 @@ def test_generate_command_loads_base_and_adapter_from_the_registry(tiny_run, tmp
                            "--max-new-tokens", "0"], cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert none.returncode == 2 and none.stderr.splitlines()[-1] == (
         "edgar-tune generate: error: argument --max-new-tokens: must be at least 1 (got 0)")  # before loading
+    greedy = subprocess.run([sys.executable, "-m", "edgar_tune.cli", "generate", "--model", uri, "--prompt", "x",
+                             "--temperature", "0.5"], cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert greedy.returncode == 2 and greedy.stderr.splitlines()[-1] == (
+        "edgar-tune generate: error: temperature=0.5 only shapes sampling, and do_sample is false (greedy decoding "
+        "takes the likeliest token each step): set do_sample to true, or leave them out")  # before loading too
     long = subprocess.run([sys.executable, "-m", "edgar_tune.cli", "generate", "--model", uri, "--prompt", "Net sales",
                            "--prompt", "Net sales increased. " * 1000, "--tracking-uri", s["mlflow_tracking_uri"]],
                           cwd=REPO, capture_output=True, text=True, timeout=300,
@@ -56,7 +61,7 @@ def test_generate_command_loads_base_and_adapter_from_the_registry(tiny_run, tmp
         r"model's context of 2048 positions: shorten it to fewer than 2048 tokens", said), said
 
 
-def test_a_version_holds_source_not_a_pickle_and_pickled_older_versions_still_load(tiny_run, tmp_path):
+def test_a_version_holds_source_not_a_pickle_and_pickled_older_versions_still_load(tiny_run, tmp_path, capsys):
     import mlflow
     import pandas as pd
     import yaml
@@ -87,6 +92,17 @@ def test_a_version_holds_source_not_a_pickle_and_pickled_older_versions_still_lo
         # MLflow makes a dict of lists one row holding the list: each prompt is still generated from, as itself
         assert model.predict({"prompt": prompts}, {"max_new_tokens": 4}) == one_by_one
         assert model.predict([{"prompt": p} for p in prompts], {"max_new_tokens": 4}) == one_by_one
+    # Sampling, when asked for: the same seed draws the same text. A version from before sampling settings is
+    # refused them by `generate` (MLflow would drop them with a warning, and the text would be greedy's).
+    sampled = [model.predict({"prompt": prompts}, {"max_new_tokens": 4, "do_sample": True, "temperature": 1.5,
+                                                   "top_k": 0, "seed": 7}) for model in [mlflow.pyfunc.load_model(uri)] * 2]  # fmt: skip
+    assert sampled[0] == sampled[1] and len(sampled[0]) == 2
+    from edgar_tune.cli import main
+
+    assert main(["generate", "--model", old.model_uri, "--prompt", "x", "--do-sample", "--tracking-uri",
+                 s["mlflow_tracking_uri"]]) == 2  # fmt: skip
+    assert (f"edgar-tune generate: error: {old.model_uri} was registered before versions took do_sample (it takes no "
+            "settings): it generates greedily; leave out --do-sample") in capsys.readouterr().err
 
 
 def test_mlflow_models_serve_answers_a_prompt(tiny_run, tmp_path):
@@ -105,7 +121,10 @@ def test_mlflow_models_serve_answers_a_prompt(tiny_run, tmp_path):
         inputs = _post(url, {"inputs": {"prompt": ["Net sales increased", "We serve"]}, "params": body["params"]})
         # the request's mistakes: 400 saying so, not the model's 500 (or text from positions it never saw)
         refused = [_refused(url, {**body, "params": {"max_new_tokens": 0}}),
-                   _refused(url, {**body, "params": {"max_new_tokens": 2100}})]  # fmt: skip
+                   _refused(url, {**body, "params": {"max_new_tokens": 2100}}),
+                   _refused(url, {**body, "params": {"temperature": 0.7}})]  # fmt: skip
+        sampling = {"max_new_tokens": 5, "do_sample": True, "temperature": 2, "top_p": 0.9, "seed": 11}
+        sampled = [_post(url, {**body, "params": sampling}) for _ in range(2)]
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -115,6 +134,8 @@ def test_mlflow_models_serve_answers_a_prompt(tiny_run, tmp_path):
     assert "max_new_tokens must be a whole number of at least 1, got 0" in refused[0][1]["message"], refused
     assert re.search(r"the prompt is \d+ tokens, and 2100 more \(max_new_tokens\) make \d+, past the model's context "
                      r"of 2048 positions: shorten it, or lower max_new_tokens to \d+ or less", refused[1][1]["message"])
+    assert "temperature=0.7 only shapes sampling, and do_sample is false" in refused[2][1]["message"], refused
+    assert sampled[0] == sampled[1] and len(sampled[0]["predictions"]) == 1, sampled  # the same seed, the same text
 
 
 def _post(url: str, body: dict) -> dict:
