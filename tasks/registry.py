@@ -167,8 +167,9 @@ def generation_settings(params: dict | None) -> dict:
     # MLflow fills in a served request's defaults: a setting that differs from its default was asked for
     unused = [f"{k}={settings[k]!r}" for k in ("temperature", "top_k", "top_p") if settings[k] != GENERATION[k]]
     if unused and not settings["do_sample"]:
+        shape = "shapes" if len(unused) == 1 else "shape"
         raise mlflow.exceptions.MlflowException.invalid_parameter_value(
-            f"{', '.join(unused)} only {'shapes' if len(unused) == 1 else 'shape'} sampling, and do_sample is false (greedy decoding takes the likeliest "
+            f"{', '.join(unused)} only {shape} sampling, and do_sample is false (greedy decoding takes the likeliest "
             "token each step): set do_sample to true, or leave them out")  # fmt: skip
     return {k: type(GENERATION[k])(v) for k, v in settings.items()}
 

@@ -47,7 +47,8 @@ def test_generate_command_loads_base_and_adapter_from_the_registry(tiny_run, tmp
     assert none.returncode == 2 and none.stderr.splitlines()[-1] == (
         "edgar-tune generate: error: argument --max-new-tokens: must be at least 1 (got 0)")  # before loading
     greedy = subprocess.run([sys.executable, "-m", "edgar_tune.cli", "generate", "--model", uri, "--prompt", "x",
-                             "--temperature", "0.5"], cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
+                             "--temperature", "0.5"], cwd=REPO, capture_output=True, text=True,
+                            timeout=300)  # fmt: skip
     assert greedy.returncode == 2 and greedy.stderr.splitlines()[-1] == (
         "edgar-tune generate: error: temperature=0.5 only shapes sampling, and do_sample is false (greedy decoding "
         "takes the likeliest token each step): set do_sample to true, or leave them out")  # before loading too
@@ -94,8 +95,9 @@ def test_a_version_holds_source_not_a_pickle_and_pickled_older_versions_still_lo
         assert model.predict([{"prompt": p} for p in prompts], {"max_new_tokens": 4}) == one_by_one
     # Sampling, when asked for: the same seed draws the same text. A version from before sampling settings is
     # refused them by `generate` (MLflow would drop them with a warning, and the text would be greedy's).
-    sampled = [model.predict({"prompt": prompts}, {"max_new_tokens": 4, "do_sample": True, "temperature": 1.5,
-                                                   "top_k": 0, "seed": 7}) for model in [mlflow.pyfunc.load_model(uri)] * 2]  # fmt: skip
+    model = mlflow.pyfunc.load_model(uri)
+    asked = {"max_new_tokens": 4, "do_sample": True, "temperature": 1.5, "top_k": 0, "seed": 7}
+    sampled = [model.predict({"prompt": prompts}, asked) for _ in range(2)]
     assert sampled[0] == sampled[1] and len(sampled[0]) == 2
     from edgar_tune.cli import main
 
