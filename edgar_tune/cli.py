@@ -419,9 +419,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from edgar_tune.config import ConfigError
     from tasks.registry import generation_settings, registered_files, registered_version
 
-    if not args.prompt and not args.field:
-        print("edgar-tune generate: error: give --prompt TEXT, or an instruction-tuned version's --field NAME=VALUE",
-              file=sys.stderr)  # fmt: skip
+    if not args.prompt and not args.field and not args.message:
+        print("edgar-tune generate: error: give --prompt TEXT, an instruction-tuned version's --field NAME=VALUE, or "
+              "a chat-tuned version's --message TEXT", file=sys.stderr)  # fmt: skip
         return 2
     sampling = {k: getattr(args, k) for k in ("do_sample", "temperature", "top_k", "top_p", "seed")}
     params = {"max_new_tokens": args.max_new_tokens} | {k: v for k, v in sampling.items() if v not in (None, False)}
@@ -455,13 +455,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
               f"{', '.join('--' + k.replace('_', '-') for k in unknown)}, or generate with a version registered "
               "since 2026-12-04", file=sys.stderr)  # fmt: skip
         return 2
+    columns = [c.name for c in model.metadata.get_input_schema().inputs] if model.metadata.get_input_schema() else []
+    if args.message and "messages" not in columns:
+        print(f"edgar-tune generate: error: {args.model} was not tuned on conversations (it takes "
+              f"{', '.join(columns) or 'a prompt'}): give --prompt TEXT", file=sys.stderr)  # fmt: skip
+        return 2
+    requests = [{"prompt": p} for p in prompts] + [{"messages": m} for m in args.message]
     try:  # all prompts at once: each is checked against the model's context before any is generated
-        texts = model.predict(pd.DataFrame({"prompt": prompts}), params=params)
+        texts = model.predict(pd.DataFrame(requests), params=params)
     except mlflow.exceptions.MlflowException as err:  # the request's mistake (a prompt too long), said as served
         print(f"edgar-tune generate: error: {err.message}", file=sys.stderr)
         return 2
-    for prompt, text in zip(prompts, texts, strict=True):
-        print(f"{prompt}{text}" if not args.json else json.dumps({"prompt": prompt, "generated": text}))
+    for request, text in zip(requests, texts, strict=True):
+        if args.json:
+            print(json.dumps({"prompt" if "prompt" in request else "message": next(iter(request.values())),
+                              "generated": text}))  # fmt: skip
+        else:
+            print(f"{request['prompt']}{text}" if "prompt" in request else f"> {request['messages']}\n{text}")
     return 0
 
 
@@ -785,6 +795,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--field", action="append", default=[], metavar="NAME=VALUE",
                      help="an instruction-tuned version: one prompt written in the template it was trained with, "
                      "from these fields (--field instruction='...' --field context='...')")  # fmt: skip
+    gen.add_argument("--message", action="append", default=[], metavar="TEXT",
+                     help="a version tuned on conversations: a user message, written in the model's chat template "
+                     "(or a JSON list of {\"role\", \"content\"} turns); repeat for several")  # fmt: skip
     gen.add_argument("--max-new-tokens", type=_whole(1), default=60)
     gen.add_argument("--do-sample", action="store_true", help="sample (default: greedy, the likeliest token each step)")
     gen.add_argument("--temperature", type=float, help="with --do-sample (default 1.0)")

@@ -14,6 +14,7 @@ from tasks.datareport import data_report, report_markdown
 from tasks.io import atomic_dir, atomic_write_json, atomic_write_text, read_json, read_jsonl, sha256_file
 from tasks.models import TINY, load_config, load_tokenizer, resolve_base_model
 from tasks.progress import OwnLine, Progress
+from tasks.textdata import row_text
 
 log = logging.getLogger(__name__)
 QUIET_S = 30.0  # tokenizing shorter than this keeps datasets' tqdm bars only
@@ -50,33 +51,82 @@ def pack(token_lists: list[list[int]], length: int) -> tuple[list[list[int]], in
     return [flat[i * length : (i + 1) * length] for i in range(n)], len(flat) - n * length
 
 
+def chat_segments(messages: list[dict], tokenizer, where: str) -> list[tuple[str, bool]]:
+    """A conversation in the tokenizer's chat template, as (text, trained) pieces in order: each assistant turn,
+    from its content to the template's end of turn, trains; the rest (system, user, the template's markup and the
+    header that opens each assistant turn, which generation is prompted with) does not.
+
+    Each assistant turn is found as the text between the conversation before it, rendered with the generation
+    prompt, and the conversation up to it: a template must render a conversation as a continuation of its start.
+
+    Raises:
+        ConfigError: a tokenizer without a chat template, or a template that renders a turn differently once
+            later turns follow it (one that drops earlier turns' reasoning, say).
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(f"{tokenizer.name_or_path} has no chat template, which conversations (`messages`) are "
+                          "written in: use a chat model (its tokenizer_config.json or chat_template.jinja has one), "
+                          "or give records fields and a template.json")  # fmt: skip
+    render = lambda turns, **kw: tokenizer.apply_chat_template(turns, tokenize=False, **kw)  # noqa: E731
+    full, pieces, at = render(messages), [], 0
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start, end = render(messages[:i], add_generation_prompt=True) if i else None, render(messages[: i + 1])
+        if start is None or not full.startswith(end) or not end.startswith(start) or len(start) < at:
+            raise ConfigError(f"{where}: {tokenizer.name_or_path}'s chat template does not write the conversation "
+                              f"as a continuation of its start (at assistant message {i + 1}), so its assistant turns "
+                              "cannot be told from the rest; start each conversation with a system or user message, "
+                              "or give records fields and a template.json")  # fmt: skip
+        pieces += [(full[at : len(start)], False), (full[len(start) : len(end)], True)]
+        at = len(end)
+    return [(text, trained) for text, trained in [*pieces, (full[at:], False)] if text]
+
+
+def _example_pieces(row: dict, tokenizer) -> list[tuple[str, bool]]:
+    if "messages" in row:
+        return chat_segments(row["messages"], tokenizer, f"{row['source']}, record {row['row']}")
+    return [(row["prompt"], False), (row["completion"], True)]
+
+
 def encode_instructions(rows: list[dict], tokenizer, length: int, done=None) -> tuple[dict, int]:
-    """Prompt + completion + EOS per example, the prompt's labels -100 (no loss); cut to `length` tokens. `done`
-    (a function) hears the number of examples just tokenized, a thousand at a time (the last part fewer).
+    """Prompt + completion + EOS per example, the prompt's labels -100 (no loss); a conversation (`messages`) in
+    the model's chat template, its assistant turns trained (`chat_segments`, no EOS: the template ends each turn);
+    cut to `length` tokens. `done` (a function) hears the number of examples just tokenized, a thousand at a time
+    (the last part fewer).
 
     Returns the columns and the number of examples whose completion was cut.
     """
-    prompts, completions = [], []
+    ids, labels, cut = [], [], 0
+    eos = [tokenizer.eos_token_id]
     for i in range(0, len(rows), 1000):
-        part = rows[i : i + 1000]
-        prompts += tokenizer([r["prompt"] for r in part], add_special_tokens=False)["input_ids"]
-        completions += tokenizer([r["completion"] for r in part], add_special_tokens=False)["input_ids"]
+        part = [_example_pieces(r, tokenizer) for r in rows[i : i + 1000]]
+        texts = [text for pieces in part for text, _ in pieces]
+        encoded = iter(tokenizer(texts, add_special_tokens=False)["input_ids"]) if texts else iter([])
+        for row, pieces in zip(rows[i : i + 1000], part, strict=True):
+            full, label = [], []
+            for _, trained in pieces:
+                piece = next(encoded)
+                full += piece
+                label += piece if trained else [-100] * len(piece)
+            if "messages" not in row:
+                full, label = full + eos, label + eos
+            cut += len(full) > length
+            ids.append(full[:length])
+            labels.append(label[:length])
         if done:
             done(len(part))
-    ids, labels, cut = [], [], 0
-    for p, c in zip(prompts, completions, strict=True):
-        full = p + c + [tokenizer.eos_token_id]
-        cut += len(full) > length
-        ids.append(full[:length])
-        labels.append(([-100] * len(p) + c + [tokenizer.eos_token_id])[:length])
     if all(all(x == -100 for x in lab) for lab in labels):
         raise ConfigError(f"every prompt fills the {length}-token window; raise `tokenize.max_input_length`")
     return {"input_ids": ids, "labels": labels}, cut
 
 
+_CONTENT = ("text", "prompt", "completion", "messages", "input_ids", "labels")  # a row's content, not its identity
+
+
 def row_meta(row: dict) -> dict:
     """What identifies a document or example in reports (ticker/FY/accession/Item, or file/row)."""
-    return {k: v for k, v in row.items() if k not in ("text", "prompt", "completion", "input_ids", "labels")}
+    return {k: v for k, v in row.items() if k not in _CONTENT}
 
 
 def write_tokenize_stage(out: Path, parse_dir: Path, cfg: PipelineConfig) -> dict:
@@ -86,7 +136,7 @@ def write_tokenize_stage(out: Path, parse_dir: Path, cfg: PipelineConfig) -> dic
     instruction = cfg.train.instruction_tuned
     with atomic_dir(out) as tmp:
         # The tiny model's tokenizer is trained on this run's training text (never on the validation text).
-        texts = (r["text"] if "text" in r else r["prompt"] + r["completion"] for r in train_rows)
+        texts = (row_text(r) for r in train_rows)
         base, commit = resolve_base_model(cfg.model, tmp, texts, cfg.train.seed)
         if cfg.model.name == TINY:
             base_ref = {"kind": "run_local", "path": TINY}

@@ -408,6 +408,7 @@ def _provenance(client, mv, run, base_name: str, base_path: str | None, adapter:
         "val_scoring": tags.get("val_scoring"), "filings": json.loads(tags.get("filings", "[]")),
         "train_sha256": tags.get("train_sha256"), "val_sha256": tags.get("val_sha256"),
         "prompt_template": json.loads(tags["prompt_template"]) if "prompt_template" in tags else None,
+        "chat": tags.get("chat") == "true",
         "git_commit": tags.get("git_commit"), "exported": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }  # fmt: skip
 
@@ -458,7 +459,7 @@ def model_card(p: dict, params: dict[str, str], smollm2: bool, folder: Path | st
     shown = [(k, params[k]) for k in CARD_PARAMS if k in params]
     if shown:
         lines += ["", "| hyperparameter | value |", "|---|---|", *[f"| `{k}` | {v} |" for k, v in shown]]
-    lines += _prompt_lines(p.get("prompt_template"))
+    lines += _prompt_lines(p.get("prompt_template"), p.get("chat", False))
     lines += ["", "Provenance (also in `edgar_tune.json`): " + f"`{p['model_uri']}` in `{p['tracking_uri']}`, MLflow "
               f"run `{p['mlflow_run_id']}`, edgar-tune commit `{p['git_commit']}`, training text sha256 "
               f"`{(p['train_sha256'] or '-')[:16]}`, validation text sha256 `{(p['val_sha256'] or '-')[:16]}`.",
@@ -489,10 +490,19 @@ def model_card(p: dict, params: dict[str, str], smollm2: bool, folder: Path | st
     return "\n".join(lines)
 
 
-def _prompt_lines(template: dict | None) -> list[str]:
+def _prompt_lines(template: dict | None, chat: bool = False) -> list[str]:
     """An instruction-tuned version's card section on its prompts: the template its training formatted each example
-    with (`template.json`, or JumpStart's default), which a prompt must follow for the model to answer as it
-    learnt to. Without it, whoever loads the export cannot know."""
+    with (`template.json`, or JumpStart's default), or for one tuned on conversations the tokenizer's chat template,
+    which a prompt must follow for the model to answer as it learnt to. Without it, whoever loads the export cannot
+    know."""
+    if chat:
+        return ["", "## Prompt it", "",
+                "It was trained on conversations written in its tokenizer's chat template, on the assistant's turns: "
+                "give it a conversation written so, with the header that opens the assistant's turn, and it writes "
+                "that turn.", "", "```python",
+                'messages = [{"role": "user", "content": "What drives sales growth?"}]',
+                "prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)",
+                "```"]  # fmt: skip
     if not template:
         return []
     from tasks.textdata import format_fields

@@ -93,6 +93,7 @@ class EdgarTuneLM(mlflow.pyfunc.PythonModel):
         self.model = load_registered(context.artifacts, context.model_config)
         self.tokenizer = load_tokenizer(context.artifacts["weights"])
         self.template = (context.model_config or {}).get("prompt_template")
+        self.chat = bool((context.model_config or {}).get("chat"))  # tuned on conversations: served from `messages`
         self.model.eval()
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> list[str]:
@@ -102,12 +103,14 @@ class EdgarTuneLM(mlflow.pyfunc.PythonModel):
 
         settings = generation_settings(params)
         rows = _requests(model_input)
-        if self.template and hasattr(model_input, "columns") and not len(model_input.columns):  # MLflow dropped them
-            columns = ", ".join(template_fields(self.template))
+        if (self.template or self.chat) and hasattr(model_input, "columns") and not len(model_input.columns):
+            # MLflow dropped the columns the signature does not name
+            other = (f"the fields of the prompt template it was instruction-tuned with "
+                     f"({', '.join(template_fields(self.template))})" if self.template else "`messages`")  # fmt: skip
             raise mlflow.exceptions.MlflowException.invalid_parameter_value(
-                f"the input has no column the model reads: give each request a `prompt`, or the fields of the prompt "
-                f"template it was instruction-tuned with ({columns})")  # fmt: skip
-        prompts = [request_prompt(row, self.template, _which(n, len(rows))) for n, row in enumerate(rows, 1)]
+                f"the input has no column the model reads: give each request a `prompt`, or {other}")
+        chat = (lambda value, which: chat_prompt(self.tokenizer, value, which)) if self.chat else None
+        prompts = [request_prompt(row, self.template, _which(n, len(rows)), chat) for n, row in enumerate(rows, 1)]
         encoded = [self.tokenizer(prompt, return_tensors="pt") for prompt in prompts]
         self._check_context(encoded, settings["max_new_tokens"])  # all before any is generated
         drawn = {k: settings[k] for k in ("temperature", "top_k", "top_p")} if settings["do_sample"] else {}
@@ -220,29 +223,62 @@ def filled_prompt(template: str, given: dict[str, str]) -> str:
     return template.format(**{name: given.get(name, "") for name in template_fields(template)})
 
 
-def request_prompt(row: dict, template: str | None, which: str) -> str:
-    """The prompt of one request: its `prompt`, or for an instruction-tuned version (`template`, the prompt
-    template it trained with) the prompt the template makes of the request's fields. A template with a field
-    named `prompt` takes that column as the field.
+def request_prompt(row: dict, template: str | None, which: str, chat: Callable[[str, str], str] | None = None) -> str:
+    """The prompt of one request: its `prompt`; for an instruction-tuned version (`template`, the prompt template
+    it trained with) the prompt the template makes of the request's fields (a template with a field named
+    `prompt` takes that column as the field); for one tuned on conversations, the prompt `chat` makes of its
+    `messages` (`chat_prompt`).
 
     Raises:
-        MlflowException (INVALID_PARAMETER_VALUE, 400 when served): a request with neither, or with both.
+        MlflowException (INVALID_PARAMETER_VALUE, 400 when served): a request with none of these, or with two.
     """
     given = {k: str(v) for k, v in row.items() if v is not None and not (isinstance(v, float) and math.isnan(v))}
     fields = template_fields(template) if template else []
     filled = {k: v for k, v in given.items() if k in fields}
     raw = given.get("prompt") if "prompt" not in fields else None
-    if filled and raw is not None:
+    messages = given.get("messages") if chat else None
+    if raw is not None and (filled or messages is not None):
+        made = f"the template's fields ({', '.join(filled)})" if filled else "messages"
         raise mlflow.exceptions.MlflowException.invalid_parameter_value(
-            f"{which} has both a prompt and the template's fields ({', '.join(filled)}); give one: the prompt as "
-            "the model is to see it, or the fields the template makes it of")  # fmt: skip
+            f"{which} has both a prompt and {made}; give one: the prompt as the model is to see it, or the "
+            f"{'fields the template' if filled else 'messages the chat template'} makes it of")  # fmt: skip
     if filled:
         return filled_prompt(template, filled)
+    if messages is not None:
+        return chat(messages, which)
     if raw is None:
-        said = f"neither a prompt nor any of the template's fields ({', '.join(fields)})" if fields else "no prompt"
+        said = (f"neither a prompt nor any of the template's fields ({', '.join(fields)})" if fields else
+                "neither a prompt nor messages" if chat else "no prompt")  # fmt: skip
         raise mlflow.exceptions.MlflowException.invalid_parameter_value(
             f"{which} has {said}; it gives {', '.join(map(str, given)) or 'nothing'}")
     return raw
+
+
+def chat_prompt(tokenizer, value: str, which: str) -> str:
+    """The prompt a request's `messages` make in the model's chat template, with the header that opens the
+    assistant's turn: a JSON list of {"role", "content"} objects (system, user and assistant turns), or plain text,
+    one user message.
+
+    Raises:
+        MlflowException (INVALID_PARAMETER_VALUE): messages that are not such a list.
+    """
+    from tasks.textdata import CHAT_ROLES
+
+    messages: Any = [{"role": "user", "content": value}]
+    if value.lstrip().startswith("["):
+        try:
+            messages = json.loads(value)
+        except json.JSONDecodeError as err:
+            raise mlflow.exceptions.MlflowException.invalid_parameter_value(
+                f"{which}: messages is not valid JSON ({err.msg}); give a JSON list of {{\"role\", \"content\"}} "
+                "objects, or plain text for one user message") from None  # fmt: skip
+    if not (isinstance(messages, list) and messages and all(
+            isinstance(m, dict) and m.get("role") in CHAT_ROLES and isinstance(m.get("content"), str)
+            for m in messages)):  # fmt: skip
+        raise mlflow.exceptions.MlflowException.invalid_parameter_value(
+            f"{which}: messages must be a list of {{\"role\": ROLE, \"content\": TEXT}} with ROLE one of "
+            f"{', '.join(CHAT_ROLES)}; got {value[:80]!r}")  # fmt: skip
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 def version_artifacts(local: Path) -> tuple[dict[str, str], dict[str, str]]:
@@ -280,16 +316,17 @@ def pip_requirements() -> list[str]:
     return [f"{name}=={version(name).split('+')[0]}" for name in SERVING_PACKAGES]
 
 
-def _signature(template: str | None = None):
-    """A `prompt` column in, generated text out, `GENERATION`'s settings as request parameters (also when served); for a
-    version instruction-tuned with the prompt `template`, its fields too, each column optional (`request_prompt`)."""
+def _signature(template: str | None = None, chat: bool = False):
+    """A `prompt` column in, generated text out, `GENERATION`'s settings as request parameters (also when served);
+    for a version instruction-tuned with the prompt `template`, its fields too, and for one tuned on conversations
+    (`chat`), `messages`; each column then optional (`request_prompt`)."""
     from mlflow.models import infer_signature
     from mlflow.types.schema import ColSpec, Schema
 
     signature = infer_signature(pd.DataFrame({"prompt": ["This Form 10-K report shows that"]}), ["text"],
                                 params=GENERATION)  # fmt: skip
-    if template:
-        columns = list(dict.fromkeys(["prompt", *template_fields(template)]))
+    if template or chat:
+        columns = list(dict.fromkeys(["prompt", *(template_fields(template) if template else ["messages"])]))
         signature.inputs = Schema([ColSpec("string", name, required=False) for name in columns])
     return signature
 
@@ -1064,6 +1101,7 @@ def _register(run_dir: Path, cfg: PipelineConfig, flow_run_id: str | None, runs_
         artifacts["base"] = str(run_dir / TOKENIZE / tok_stats["base_model"]["path"])
     key = run_key(run_dir)
     template = report.get("prompt_template", {}).get("prompt")  # an instruction-tuned run's: served from its fields
+    chat = bool(report.get("chat"))  # a run on conversations: served from messages, in the model's chat template
     # data_sha256 covers the training and the validation text; val_sha256 alone is what the promotion gate compares.
     data_sha = hashlib.sha256(f"{report['train_sha256']}:{report['val_sha256']}".encode()).hexdigest()
     tags = {"base_model": base_ref, **({"base_revision": base_revision} if base_revision else {}),
@@ -1072,6 +1110,7 @@ def _register(run_dir: Path, cfg: PipelineConfig, flow_run_id: str | None, runs_
             "git_commit": git_commit(), "filings": json.dumps(filings),
             **({"data_files": json.dumps(data_files)} if data_files else {}),
             **({"prompt_template": json.dumps(report["prompt_template"])} if "prompt_template" in report else {}),
+            **({"chat": "true"} if chat else {}),
             "val_perplexity": repr(after["perplexity"]), "val_scoring": scoring(after),
             "prefect_flow_run_id": str(flow_run_id), RUN_KEY: key}  # fmt: skip
     name = cfg.registry.model_name
@@ -1131,11 +1170,12 @@ def _register(run_dir: Path, cfg: PipelineConfig, flow_run_id: str | None, runs_
                 artifacts=artifacts,
                 model_config={"base_model": base_ref, "weights": train_stats["weights"],
                               **({"base_revision": base_revision} if base_revision else {}),
-                              **({"prompt_template": template} if template else {})},
+                              **({"prompt_template": template} if template else {}),
+                              **({"chat": True} if chat else {})},
                 code_paths=[str(REPO_ROOT / "tasks"), str(REPO_ROOT / "edgar_tune")],
                 pip_requirements=pip_requirements(),
                 registered_model_name=cfg.registry.model_name,
-                signature=_signature(template),
+                signature=_signature(template, chat),
             )
         version = str(info.registered_model_version)
         log.info("uploaded and registered it as %s v%s in %s", name, version, clock(time.monotonic() - start))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
@@ -126,13 +127,17 @@ def _finish(row: dict) -> dict:
 
 
 def text_sha256(rows: list[dict]) -> str:
-    """Hash of the text of the rows (10-K Items, text rows, or instruction prompt + completion)."""
+    """Hash of the text of the rows (10-K Items, text rows, instruction prompt + completion, or a conversation's
+    turns with their roles)."""
     digest = hashlib.sha256()
     for r in rows:
         for key in ("text", "prompt", "completion"):
             if key in r:
                 digest.update(r[key].encode("utf-8"))
                 digest.update(b"\x00")
+        if "messages" in r:  # without it, every chat data set hashed alike: "the same validation data" to the gate
+            digest.update(json.dumps(r["messages"], ensure_ascii=False).encode("utf-8"))
+            digest.update(b"\x00")
     return digest.hexdigest()
 
 

@@ -5,7 +5,9 @@ file gives one row per paragraph (blank-line separated). JSON is JSON Lines or o
 
 Instruction tuning reads JSONL records and a `template.json` whose `prompt` and `completion` are Python format
 strings over the record's fields. Without a template.json next to the data (or `data.template`), JumpStart's
-default is used: the instruction/context/response fields of the Dolly format.
+default is used: the instruction/context/response fields of the Dolly format. Records that are conversations
+(`messages`, a list of role/content objects, as OpenAI's chat format) are chat data instead: the tokenize stage
+writes them in the model's own chat template and trains on the assistant's turns (`tasks.blocks.chat_segments`).
 
 Without `data.validation`, `data.validation_split_ratio` (default 0.2) of the rows is held out, chosen with
 `train.train_data_split_seed`.
@@ -423,11 +425,48 @@ def render(template: dict, record: dict, where: str) -> dict:
                           "(`data.template`) or the record") from None  # fmt: skip
 
 
-def _rows(files: list[dict], instruction: bool, template: dict | None) -> list[dict]:
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+def is_chat(files: list[dict]) -> bool:
+    """Whether instruction data is chat data: the first record of the first file has `messages`."""
+    for entry in files[:1]:
+        records = read_records(Path(location(entry)), recorded_bytes(entry))
+        return bool(records) and "messages" in records[0]
+    return False
+
+
+def chat_messages(record: dict, where: str) -> list[dict]:
+    """A chat record's conversation: its `messages`, each a role (system, user or assistant) and its text, with
+    at least one assistant turn (what trains).
+
+    Raises:
+        ConfigError: a record without `messages`, a message that is not {"role", "content"}, no assistant turn.
+    """
+    messages = record.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ConfigError(f"{where}: `messages` is {'missing' if messages is None else repr(messages)[:80]}; a chat "
+                          "file's every record is a conversation, {\"messages\": [{\"role\": \"user\", \"content\": "
+                          "\"...\"}, {\"role\": \"assistant\", \"content\": \"...\"}]}")  # fmt: skip
+    for i, message in enumerate(messages, 1):
+        if not (isinstance(message, dict) and message.get("role") in CHAT_ROLES
+                and isinstance(message.get("content"), str)):  # fmt: skip
+            raise ConfigError(f"{where}, message {i}: {repr(message)[:80]} is not {{\"role\": ROLE, \"content\": "
+                              f"TEXT}} with ROLE one of {', '.join(CHAT_ROLES)}")  # fmt: skip
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ConfigError(f"{where}: no assistant message, and the assistant's turns are what trains; give each "
+                          "conversation one or more")  # fmt: skip
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def _rows(files: list[dict], instruction: bool, template: dict | None, chat: bool = False) -> list[dict]:
     rows = []
     for entry in files:
         path, data = Path(location(entry)), recorded_bytes(entry)
-        if instruction:
+        if chat:
+            rows.extend({"source": path.name, "row": n, "messages": chat_messages(record, f"{path}, record {n}")}
+                        for n, record in enumerate(read_records(path, data), 1))  # fmt: skip
+        elif instruction:
             used = {field.split(".")[0].split("[")[0] for key in ("prompt", "completion") for field in
                     format_fields(template[key])}  # fmt: skip
             nulls: dict[str, int] = {}
@@ -441,6 +480,13 @@ def _rows(files: list[dict], instruction: bool, template: dict | None) -> list[d
         else:
             rows.extend({"source": path.name, "row": n, "text": t} for n, t in enumerate(read_texts(path, data), 1))
     return rows
+
+
+def row_text(row: dict) -> str:
+    """A row's text, without markup: a document's, an example's prompt and completion, a conversation's turns."""
+    if "messages" in row:
+        return "\n".join(m["content"] for m in row["messages"])
+    return row["text"] if "text" in row else row["prompt"] + row["completion"]
 
 
 def split_rows(rows: list[dict], ratio: float, seed: int) -> tuple[list[dict], list[dict]]:
@@ -460,25 +506,33 @@ def build_text_split(cfg: PipelineConfig, recorded: list[dict]) -> tuple[list[di
     instruction = cfg.train.instruction_tuned
     role = lambda r: [f for f in recorded if f.get("role", "train") == r]  # noqa: E731
     files, val_files, templates = role("train"), role("validation"), role("template")
-    template, template_from = load_template(templates[0] if templates else None) if instruction else (None, None)
-    rows = _rows(files, instruction, template)
+    chat = instruction and is_chat(files)
+    if chat and templates:
+        raise ConfigError(f"{location(files[0])} holds conversations (`messages`), which are written in the model's "
+                          f"own chat template, and {location(templates[0])} is a template for records' fields: "
+                          "remove the template (or `data.template`), or give records fields")  # fmt: skip
+    if chat:
+        template, template_from = None, "the model's chat template"
+    else:
+        template, template_from = load_template(templates[0] if templates else None) if instruction else (None, None)
+    rows = _rows(files, instruction, template, chat)
     if not rows:
         raise ConfigError(f"`data.source` = {cfg.data.source!r} has no rows of text")
     if cfg.data.validation:
-        train, val = rows, _rows(val_files, instruction, template)
+        train, val = rows, _rows(val_files, instruction, template, chat)
         how = f"data.validation ({len(val_files)} file(s))"
     else:
         ratio = cfg.data.validation_split_ratio or DEFAULT_VALIDATION_SPLIT_RATIO
         train, val = split_rows(rows, ratio, cfg.train.train_data_split_seed)
         how = f"validation_split_ratio={ratio}, train_data_split_seed={cfg.train.train_data_split_seed}"
-    chars = (lambda rs: sum(len(r["prompt"]) + len(r["completion"]) for r in rs)) if instruction else (
-        lambda rs: sum(len(r["text"]) for r in rs))  # fmt: skip
+    chars = lambda rs: sum(map(len, (row_text(r) for r in rs)))  # noqa: E731
     report = {
         "kind": "instruction" if instruction else "text",
         "files": [location(f) for f in files],
         "validation": how,
         "template": template_from,
-        **({"prompt_template": template} if instruction else {}),  # for the registered version and its export's card
+        **({"chat": True} if chat else {}),  # served from messages in the model's chat template
+        **({"prompt_template": template} if instruction and not chat else {}),  # for the registered version, its card
         "train_documents": len(train),
         "val_documents": len(val),
         "train_chars": chars(train),

@@ -399,3 +399,111 @@ def test_the_run_log_keeps_a_bugs_traceback():
 def test_instruction_tuning_needs_jsonl():
     with pytest.raises(ConfigError, match="reads JSONL"):
         load_config("tiny", ["data.source=notes.csv", "instruction_tuned=true"])
+
+
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_chat_model(tmp_path_factory, paragraphs) -> Path:
+    """A tiny Llama (as the tiny preset builds) whose tokenizer has a ChatML chat template: a chat model's folder."""
+    from edgar_tune.config import ModelConfig
+    from tasks.models import build_tiny_llama, load_tokenizer
+
+    folder = build_tiny_llama(tmp_path_factory.mktemp("chat") / "tiny-chat", paragraphs, ModelConfig(), 0)
+    tok = load_tokenizer(str(folder))
+    tok.chat_template = CHATML
+    tok.save_pretrained(folder)
+    return folder
+
+
+def _conversation(a: str, b: str) -> list[dict]:
+    return [{"role": "system", "content": "You read 10-Ks."}, {"role": "user", "content": a},
+            {"role": "assistant", "content": b[:120]}, {"role": "user", "content": "And then?"},
+            {"role": "assistant", "content": b[120:200]}]  # fmt: skip
+
+
+def test_a_conversation_trains_on_the_assistants_turns_in_the_models_chat_template(tiny_chat_model, paragraphs):
+    from tasks.blocks import chat_segments, encode_instructions
+    from tasks.models import load_tokenizer
+    from tasks.textdata import chat_messages
+
+    tok = load_tokenizer(str(tiny_chat_model))
+    messages = _conversation(paragraphs[0][:200], paragraphs[1])
+    pieces = chat_segments(messages, tok, "chat.jsonl, record 1")
+    assert "".join(text for text, _ in pieces) == tok.apply_chat_template(messages, tokenize=False)
+    turns = [m["content"] + "<|im_end|>\n" for m in messages if m["role"] == "assistant"]
+    assert [text for text, trained in pieces if trained] == turns  # each turn to its end marker; the header not
+    assert pieces[-2][0].endswith("<|im_start|>user\nAnd then?<|im_end|>\n<|im_start|>assistant\n")
+    rows = [{"source": "chat.jsonl", "row": 1, "messages": messages}]
+    cols, cut = encode_instructions(rows, tok, 1024)
+    labels = cols["labels"][0]
+    assert cut == 0 and tok.decode([t for t in labels if t != -100]) == "".join(turns)  # no EOS after the template's
+    assert tok.decode(cols["input_ids"][0]) == tok.apply_chat_template(messages, tokenize=False)
+    from tasks.split import text_sha256  # what the promotion gate compares: the conversations, not their absence
+
+    assert text_sha256(rows) != text_sha256([{**rows[0], "messages": messages[:3]}]) != text_sha256([])
+    # What cannot train says why and what to change.
+    plain = load_tokenizer(str(tiny_chat_model))
+    plain.chat_template = None
+    with pytest.raises(ConfigError, match="has no chat template, which conversations .* use a chat model"):
+        chat_segments(messages, plain, "chat.jsonl, record 1")
+    with pytest.raises(ConfigError, match=r"chat.jsonl, record 1: .* \(at assistant message 1\), .* start each "):
+        chat_segments(messages[2:3], tok, "chat.jsonl, record 1")
+    for record, said in (({"instruction": "q"}, "`messages` is missing; a chat file's every record is a conversation"),
+                         ({"messages": [{"role": "bot", "content": "x"}]}, "message 1: {'role': 'bot'"),
+                         ({"messages": messages[:2]}, "no assistant message, and the assistant's turns are what")):
+        with pytest.raises(ConfigError, match=re.escape(said)):
+            chat_messages(record, "chat.jsonl, record 3")
+
+
+def test_chat_tuning_end_to_end_serves_messages_in_the_chat_template(tmp_path, paragraphs, tiny_chat_model,
+                                                                      prefect_server, capsys):  # fmt: skip
+    """Records that are conversations train in the model's own chat template (not a template.json), and the
+    registered version takes `messages` (a user's text, or a JSON conversation) and writes the prompt itself."""
+    import mlflow
+    import pandas as pd
+
+    from edgar_tune.cli import main
+    from tasks.models import load_tokenizer
+
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": _conversation(a[:200], b)}) + "\n"
+                            for a, b in zip(paragraphs, paragraphs[1:], strict=False)))  # fmt: skip
+    s = run_cli(tmp_path, "--set", f"data.source={data}", "--set", "instruction_tuned=true", "--set", "max_steps=20",
+                "--set", f"model.name={tiny_chat_model}", "--set", "max_input_length=512",
+                "--set", "per_device_train_batch_size=4", env=prefect_server)  # fmt: skip
+    run = tmp_path / "latest"
+    report = json.loads((run / "02_parse" / "report.json").read_text())
+    assert report["template"] == "the model's chat template" and report["chat"] and "prompt_template" not in report
+    after = json.loads((run / "05_evaluate" / "finetuned.json").read_text())
+    assert after["scored"] == "completion tokens" and s["ppl_after"] < s["ppl_before"]
+    model = f"models:/{s['registered_model']}/{s['model_version']}"
+    mlflow.set_tracking_uri(s["mlflow_tracking_uri"])
+    loaded = mlflow.pyfunc.load_model(model)
+    assert [c.name for c in loaded.metadata.get_input_schema().inputs] == ["prompt", "messages"]
+    tok = load_tokenizer(str(tiny_chat_model))
+    asked = [{"role": "user", "content": "Net sales grew."}]
+    prompt = tok.apply_chat_template(asked, tokenize=False, add_generation_prompt=True)
+    said = loaded.predict(pd.DataFrame({"prompt": [prompt]}), {"max_new_tokens": 3})
+    assert loaded.predict({"messages": ["Net sales grew."]}, {"max_new_tokens": 3}) == said
+    assert loaded.predict({"messages": json.dumps(asked)}, {"max_new_tokens": 3}) == said
+    with pytest.raises(mlflow.exceptions.MlflowException, match="messages must be a list of"):
+        loaded.predict({"messages": '[{"role": "me", "content": "x"}]'})
+    capsys.readouterr()
+    assert main(["generate", "--model", model, "--tracking-uri", s["mlflow_tracking_uri"], "--message",
+                 "Net sales grew.", "--max-new-tokens", "3", "--json"]) == 0  # fmt: skip
+    assert json.loads(capsys.readouterr().out.splitlines()[-1]) == {"message": "Net sales grew.", "generated": said[0]}
+    assert main(["export", "--model", model, "--tracking-uri", s["mlflow_tracking_uri"], "--out",
+                 str(tmp_path / "export")]) == 0  # fmt: skip
+    card = (tmp_path / "export" / "README.md").read_text()
+    assert "trained on conversations written in its tokenizer's chat template" in card and "apply_chat_template" in card
+    # A template.json beside conversations is refused: which of the two writes the prompt?
+    (tmp_path / "template.json").write_text(json.dumps(JUMPSTART_TEMPLATE))
+    proc = subprocess.run([sys.executable, "-m", "edgar_tune.cli", "run", "--preset", "tiny", "--out",
+                           str(tmp_path / "both"), "--set", f"data.source={data}", "--set", "instruction_tuned=true",
+                           "--set", f"model.name={tiny_chat_model}"], cwd=REPO, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, **prefect_server})  # fmt: skip
+    assert proc.returncode != 0 and (f"edgar-tune: error: {data} holds conversations (`messages`), which are written "
+                                     "in the model's own chat template, and") in proc.stderr, proc.stderr[-2000:]
