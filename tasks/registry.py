@@ -82,7 +82,8 @@ def git_commit() -> str:
 
 class EdgarTuneLM(mlflow.pyfunc.PythonModel):
     """pyfunc: base model + adapter (or full weights); input a DataFrame with a `prompt` column, or for a version
-    instruction-tuned since its model config holds `prompt_template`, the template's fields as columns.
+    instruction-tuned since its model config holds `prompt_template`, the template's fields as columns, and for one
+    tuned on conversations (`chat`), `messages`.
 
     Registered as source through `MODEL_CODE`. Versions registered before that hold a pickle of this class by
     its name here, so it stays in this module."""
@@ -98,7 +99,8 @@ class EdgarTuneLM(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> list[str]:
         """Generate a completion for each request: a row's `prompt`, or the prompt the template makes of its
-        fields (`request_prompt`); a plain string, a list of strings or a dict also works when called directly."""
+        fields or the chat template of its `messages` (`request_prompt`); a plain string, a list of strings or a
+        dict also works when called directly."""
         import torch
 
         settings = generation_settings(params)
@@ -111,7 +113,8 @@ class EdgarTuneLM(mlflow.pyfunc.PythonModel):
                 f"the input has no column the model reads: give each request a `prompt`, or {other}")
         chat = (lambda value, which: chat_prompt(self.tokenizer, value, which)) if self.chat else None
         prompts = [request_prompt(row, self.template, _which(n, len(rows)), chat) for n, row in enumerate(rows, 1)]
-        encoded = [self.tokenizer(prompt, return_tensors="pt") for prompt in prompts]
+        # a chat template writes the special tokens it wants (a BOS): the tokenizer adds none, as in training
+        encoded = [self.tokenizer(text, return_tensors="pt", add_special_tokens=not whole) for text, whole in prompts]
         self._check_context(encoded, settings["max_new_tokens"])  # all before any is generated
         drawn = {k: settings[k] for k in ("temperature", "top_k", "top_p")} if settings["do_sample"] else {}
         out = []
@@ -223,11 +226,12 @@ def filled_prompt(template: str, given: dict[str, str]) -> str:
     return template.format(**{name: given.get(name, "") for name in template_fields(template)})
 
 
-def request_prompt(row: dict, template: str | None, which: str, chat: Callable[[str, str], str] | None = None) -> str:
+def request_prompt(row: dict, template: str | None, which: str,
+                   chat: Callable[[str, str], str] | None = None) -> tuple[str, bool]:  # fmt: skip
     """The prompt of one request: its `prompt`; for an instruction-tuned version (`template`, the prompt template
     it trained with) the prompt the template makes of the request's fields (a template with a field named
     `prompt` takes that column as the field); for one tuned on conversations, the prompt `chat` makes of its
-    `messages` (`chat_prompt`).
+    `messages` (`chat_prompt`). With whether it is whole: written in a chat template, with its special tokens.
 
     Raises:
         MlflowException (INVALID_PARAMETER_VALUE, 400 when served): a request with none of these, or with two.
@@ -243,15 +247,15 @@ def request_prompt(row: dict, template: str | None, which: str, chat: Callable[[
             f"{which} has both a prompt and {made}; give one: the prompt as the model is to see it, or the "
             f"{'fields the template' if filled else 'messages the chat template'} makes it of")  # fmt: skip
     if filled:
-        return filled_prompt(template, filled)
+        return filled_prompt(template, filled), False
     if messages is not None:
-        return chat(messages, which)
+        return chat(messages, which), True
     if raw is None:
         said = (f"neither a prompt nor any of the template's fields ({', '.join(fields)})" if fields else
                 "neither a prompt nor messages" if chat else "no prompt")  # fmt: skip
         raise mlflow.exceptions.MlflowException.invalid_parameter_value(
             f"{which} has {said}; it gives {', '.join(map(str, given)) or 'nothing'}")
-    return raw
+    return raw, False
 
 
 def chat_prompt(tokenizer, value: str, which: str) -> str:

@@ -62,6 +62,32 @@ def test_generate_command_loads_base_and_adapter_from_the_registry(tiny_run, tmp
         r"model's context of 2048 positions: shorten it to fewer than 2048 tokens", said), said
 
 
+def test_a_request_is_a_prompt_a_templates_fields_or_messages_and_never_two():
+    """What each request of a loaded or served version generates from (no model needed): its prompt as given
+    (the tokenizer adds its special tokens), the template filled (a field not given is empty text, as a null one
+    trained), or its messages in the chat template (whole: the tokenizer adds none, as in training)."""
+    import mlflow
+
+    from tasks.registry import request_prompt
+    from tasks.textdata import JUMPSTART_TEMPLATE
+
+    template = JUMPSTART_TEMPLATE["prompt"]
+    chat = lambda value, which: f"<|im_start|>user\n{value}<|im_end|>\n<|im_start|>assistant\n"  # noqa: E731
+    assert request_prompt({"prompt": "Net sales"}, None, "the request") == ("Net sales", False)
+    assert request_prompt({"instruction": "Sum up.", "context": float("nan")}, template, "the request") == (
+        template.format(instruction="Sum up.", context=""), False)
+    assert request_prompt({"prompt": None, "messages": "Hi"}, None, "the request", chat) == (chat("Hi", ""), True)
+    for row, kw, said in (({"prompt": "x", "instruction": "y"}, {"template": template}, "both a prompt and the "
+                           "template's fields (instruction); give one"),
+                          ({"prompt": "x", "messages": "y"}, {"template": None, "chat": chat}, "both a prompt and "
+                           "messages; give one: the prompt as the model is to see it, or the messages the chat"),
+                          ({"other": "x"}, {"template": None, "chat": chat}, "request 2 of 3 has neither a prompt "
+                           "nor messages; it gives other"),
+                          ({}, {"template": None}, "request 2 of 3 has no prompt; it gives nothing")):  # fmt: skip
+        with pytest.raises(mlflow.exceptions.MlflowException, match=re.escape(said)):
+            request_prompt(row, which="request 2 of 3" if "gives" in said else "the request", **kw)
+
+
 def test_a_version_holds_source_not_a_pickle_and_pickled_older_versions_still_load(tiny_run, tmp_path, capsys):
     import mlflow
     import pandas as pd
