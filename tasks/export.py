@@ -502,6 +502,7 @@ def _prompt_lines(template: dict | None, chat: bool = False) -> list[str]:
                 "that turn.", "", "```python",
                 'messages = [{"role": "user", "content": "What drives sales growth?"}]',
                 "prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)",
+                "ids = tokenizer(prompt, return_tensors=\"pt\", add_special_tokens=False)  # the template has them",
                 "```"]  # fmt: skip
     if not template:
         return []
