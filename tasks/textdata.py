@@ -428,14 +428,6 @@ def render(template: dict, record: dict, where: str) -> dict:
 CHAT_ROLES = ("system", "user", "assistant")
 
 
-def is_chat(files: list[dict]) -> bool:
-    """Whether instruction data is chat data: the first record of the first file has `messages`."""
-    for entry in files[:1]:
-        records = read_records(Path(location(entry)), recorded_bytes(entry))
-        return bool(records) and "messages" in records[0]
-    return False
-
-
 def chat_messages(record: dict, where: str) -> list[dict]:
     """A chat record's conversation: its `messages`, each a role (system, user or assistant) and its text, with
     at least one assistant turn (what trains).
@@ -459,18 +451,23 @@ def chat_messages(record: dict, where: str) -> list[dict]:
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
-def _rows(files: list[dict], instruction: bool, template: dict | None, chat: bool = False) -> list[dict]:
+def _rows(files: list[dict], instruction: bool, template: dict | None, chat: bool | None = None) -> list[dict]:
+    """The rows of `files`: documents, examples the template renders, or conversations (`chat`; None: those where
+    the first record has `messages`)."""
     rows = []
     for entry in files:
         path, data = Path(location(entry)), recorded_bytes(entry)
-        if chat:
+        records = read_records(path, data) if instruction else []
+        if chat is None and instruction:
+            chat = bool(records) and "messages" in records[0]
+        if instruction and chat:
             rows.extend({"source": path.name, "row": n, "messages": chat_messages(record, f"{path}, record {n}")}
-                        for n, record in enumerate(read_records(path, data), 1))  # fmt: skip
+                        for n, record in enumerate(records, 1))  # fmt: skip
         elif instruction:
             used = {field.split(".")[0].split("[")[0] for key in ("prompt", "completion") for field in
                     format_fields(template[key])}  # fmt: skip
             nulls: dict[str, int] = {}
-            for n, record in enumerate(read_records(path, data), 1):
+            for n, record in enumerate(records, 1):
                 rows.append({"source": path.name, "row": n} | render(template, record, f"{path}, record {n}"))
                 for field in [k for k in used if k in record and record[k] is None]:
                     nulls[field] = nulls.get(field, 0) + 1
@@ -506,18 +503,17 @@ def build_text_split(cfg: PipelineConfig, recorded: list[dict]) -> tuple[list[di
     instruction = cfg.train.instruction_tuned
     role = lambda r: [f for f in recorded if f.get("role", "train") == r]  # noqa: E731
     files, val_files, templates = role("train"), role("validation"), role("template")
-    chat = instruction and is_chat(files)
+    template, template_from = load_template(templates[0] if templates else None) if instruction else (None, None)
+    rows = _rows(files, instruction, template)
+    if not rows:
+        raise ConfigError(f"`data.source` = {cfg.data.source!r} has no rows of text")
+    chat = "messages" in rows[0]  # conversations, written in the model's chat template
     if chat and templates:
         raise ConfigError(f"{location(files[0])} holds conversations (`messages`), which are written in the model's "
                           f"own chat template, and {location(templates[0])} is a template for records' fields: "
                           "remove the template (or `data.template`), or give records fields")  # fmt: skip
     if chat:
         template, template_from = None, "the model's chat template"
-    else:
-        template, template_from = load_template(templates[0] if templates else None) if instruction else (None, None)
-    rows = _rows(files, instruction, template, chat)
-    if not rows:
-        raise ConfigError(f"`data.source` = {cfg.data.source!r} has no rows of text")
     if cfg.data.validation:
         train, val = rows, _rows(val_files, instruction, template, chat)
         how = f"data.validation ({len(val_files)} file(s))"
