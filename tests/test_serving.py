@@ -77,15 +77,15 @@ def test_a_request_is_a_prompt_a_templates_fields_or_messages_and_never_two():
     assert request_prompt({"instruction": "Sum up.", "context": float("nan")}, template, "the request") == (
         template.format(instruction="Sum up.", context=""), False)
     assert request_prompt({"prompt": None, "messages": "Hi"}, None, "the request", chat) == (chat("Hi", ""), True)
-    for row, kw, said in (({"prompt": "x", "instruction": "y"}, {"template": template}, "both a prompt and the "
-                           "template's fields (instruction); give one"),
-                          ({"prompt": "x", "messages": "y"}, {"template": None, "chat": chat}, "both a prompt and "
+    for row, kw, said in (({"prompt": "x", "instruction": "y"}, {"template": template}, "request 2 of 3 has both a "
+                           "prompt and the template's fields (instruction); give one"),
+                          ({"prompt": "x", "messages": "y"}, {"template": None, "chat": chat}, "has both a prompt and "
                            "messages; give one: the prompt as the model is to see it, or the messages the chat"),
                           ({"other": "x"}, {"template": None, "chat": chat}, "request 2 of 3 has neither a prompt "
                            "nor messages; it gives other"),
                           ({}, {"template": None}, "request 2 of 3 has no prompt; it gives nothing")):  # fmt: skip
         with pytest.raises(mlflow.exceptions.MlflowException, match=re.escape(said)):
-            request_prompt(row, which="request 2 of 3" if "gives" in said else "the request", **kw)
+            request_prompt(row, which="request 2 of 3", **kw)
 
 
 def test_a_version_holds_source_not_a_pickle_and_pickled_older_versions_still_load(tiny_run, tmp_path, capsys):
