@@ -320,7 +320,8 @@ class TrainConfig(_Section):
 
     mode: Literal["lora", "full"] = Field("lora", description="LoRA adapters or full fine-tuning.")
     instruction_tuned: bool = Field(
-        False, description="Train on prompt/completion pairs (JSONL + template.json), loss on completions only."
+        False, description="Train on prompt/completion pairs (JSONL + template.json), or on conversations (JSONL "
+        "records of `messages`, written in the model's chat template), loss on completions (assistant turns) only."
     )
     epoch: float = Field(1.0, gt=0, description="Passes over the training blocks.")
     max_steps: AllOrCount = Field(-1, description="Stop after this many optimizer steps (-1: run all epochs).")
@@ -732,7 +733,7 @@ class PipelineConfig(_Section):
             if kind is None:
                 raise ValueError(
                     "`train.instruction_tuned` needs `data.source` to be a JSONL file (or a folder of them) of "
-                    "prompt/completion records, with a template.json"
+                    "prompt/completion records, with a template.json, or of conversations (`messages`)"
                 )
             if kind == "file" and not self.data.source.lower().endswith(".jsonl"):
                 raise ValueError(f"`train.instruction_tuned` reads JSONL; `data.source` is {self.data.source!r}")
