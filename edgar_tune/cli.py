@@ -457,8 +457,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return 2
     columns = [c.name for c in model.metadata.get_input_schema().inputs] if model.metadata.get_input_schema() else []
     if args.message and "messages" not in columns:
+        fields = "--prompt TEXT, or --field NAME=VALUE" if len(columns) > 1 else "--prompt TEXT"
         print(f"edgar-tune generate: error: {args.model} was not tuned on conversations (it takes "
-              f"{', '.join(columns) or 'a prompt'}): give --prompt TEXT", file=sys.stderr)  # fmt: skip
+              f"{', '.join(columns) or 'a prompt'}): give {fields}", file=sys.stderr)  # fmt: skip
         return 2
     requests = [{"prompt": p} for p in prompts] + [{"messages": m} for m in args.message]
     try:  # all prompts at once: each is checked against the model's context before any is generated

@@ -131,6 +131,9 @@ def test_a_version_holds_source_not_a_pickle_and_pickled_older_versions_still_lo
                  s["mlflow_tracking_uri"]]) == 2  # fmt: skip
     assert (f"edgar-tune generate: error: {old.model_uri} was registered before versions took do_sample (it takes no "
             "settings): it generates greedily; leave out --do-sample") in capsys.readouterr().err
+    assert main(["generate", "--model", uri, "--message", "Hi", "--tracking-uri", s["mlflow_tracking_uri"]]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (f"edgar-tune generate: error: {uri} was not tuned on "
+                                                        "conversations (it takes prompt): give --prompt TEXT")
 
 
 def test_mlflow_models_serve_answers_a_prompt(tiny_run, tmp_path):
