@@ -459,7 +459,7 @@ def model_card(p: dict, params: dict[str, str], smollm2: bool, folder: Path | st
     shown = [(k, params[k]) for k in CARD_PARAMS if k in params]
     if shown:
         lines += ["", "| hyperparameter | value |", "|---|---|", *[f"| `{k}` | {v} |" for k, v in shown]]
-    lines += _prompt_lines(p.get("prompt_template"), p.get("chat", False))
+    lines += _prompt_lines(p.get("prompt_template"), p.get("chat", False), bool(gguf))
     lines += ["", "Provenance (also in `edgar_tune.json`): " + f"`{p['model_uri']}` in `{p['tracking_uri']}`, MLflow "
               f"run `{p['mlflow_run_id']}`, edgar-tune commit `{p['git_commit']}`, training text sha256 "
               f"`{(p['train_sha256'] or '-')[:16]}`, validation text sha256 `{(p['val_sha256'] or '-')[:16]}`.",
@@ -490,11 +490,17 @@ def model_card(p: dict, params: dict[str, str], smollm2: bool, folder: Path | st
     return "\n".join(lines)
 
 
-def _prompt_lines(template: dict | None, chat: bool = False) -> list[str]:
+def _prompt_lines(template: dict | None, chat: bool = False, gguf: bool = False) -> list[str]:
     """An instruction-tuned version's card section on its prompts: the template its training formatted each example
     with (`template.json`, or JumpStart's default), or for one tuned on conversations the tokenizer's chat template,
     which a prompt must follow for the model to answer as it learnt to. Without it, whoever loads the export cannot
     know."""
+    if chat and gguf:
+        return ["", "## Prompt it", "",
+                "It was trained on conversations written in its tokenizer's chat template, on the assistant's turns. "
+                "A model's GGUF file carries that template (`tokenizer.chat_template`; an adapter's does not, its "
+                "base's does): llama.cpp applies it to a conversation (`llama-cli -cnv`, `llama-server`'s "
+                "`/v1/chat/completions`)."]  # fmt: skip
     if chat:
         return ["", "## Prompt it", "",
                 "It was trained on conversations written in its tokenizer's chat template, on the assistant's turns: "

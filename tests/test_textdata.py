@@ -499,6 +499,9 @@ def test_chat_tuning_end_to_end_serves_messages_in_the_chat_template(tmp_path, p
                  str(tmp_path / "export")]) == 0  # fmt: skip
     card = (tmp_path / "export" / "README.md").read_text()
     assert "trained on conversations written in its tokenizer's chat template" in card and "apply_chat_template" in card
+    from tasks.export import _prompt_lines  # a GGUF's card: the file carries the template, llama.cpp applies it
+
+    assert "llama.cpp applies it to a conversation" in "\n".join(_prompt_lines(None, chat=True, gguf=True))
     # A template.json beside conversations is refused: which of the two writes the prompt?
     (tmp_path / "template.json").write_text(json.dumps(JUMPSTART_TEMPLATE))
     proc = subprocess.run([sys.executable, "-m", "edgar_tune.cli", "run", "--preset", "tiny", "--out",
