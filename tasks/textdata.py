@@ -6,8 +6,9 @@ file gives one row per paragraph (blank-line separated). JSON is JSON Lines or o
 Instruction tuning reads JSONL records and a `template.json` whose `prompt` and `completion` are Python format
 strings over the record's fields. Without a template.json next to the data (or `data.template`), JumpStart's
 default is used: the instruction/context/response fields of the Dolly format. Records that are conversations
-(`messages`, a list of role/content objects, as OpenAI's chat format) are chat data instead: the tokenize stage
-writes them in the model's own chat template and trains on the assistant's turns (`tasks.blocks.chat_segments`).
+(`messages`, a list of role/content objects, as OpenAI's chat format, or ShareGPT's `conversations`) are chat data
+instead: the tokenize stage writes them in the model's own chat template and trains on the assistant's turns
+(`tasks.blocks.chat_segments`).
 
 Without `data.validation`, `data.validation_split_ratio` (default 0.2) of the rows is held out, chosen with
 `train.train_data_split_seed`.
@@ -426,40 +427,51 @@ def render(template: dict, record: dict, where: str) -> dict:
 
 
 CHAT_ROLES = ("system", "user", "assistant")
+# ShareGPT's speakers (`conversations` of {"from", "value"}, as Axolotl and LLaMA-Factory read them) -> roles
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+CHAT_KEYS = ("messages", "conversations")  # a record holding either is a conversation
 
 
 def chat_messages(record: dict, where: str) -> list[dict]:
-    """A chat record's conversation: its `messages`, each a role (system, user or assistant) and its text, with
-    at least one assistant turn (what trains).
+    """A chat record's conversation: its `messages` (OpenAI's {"role", "content"}), or its `conversations`
+    (ShareGPT's {"from", "value"}, speakers human and gpt as user and assistant), as role (system, user or
+    assistant) and text, with at least one assistant turn (what trains).
 
     Raises:
-        ConfigError: a record without `messages`, a message that is not {"role", "content"}, no assistant turn.
+        ConfigError: a record with neither, a turn that is not such an object, no assistant turn.
     """
-    messages = record.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise ConfigError(f"{where}: `messages` is {'missing' if messages is None else repr(messages)[:80]}; a chat "
-                          "file's every record is a conversation, {\"messages\": [{\"role\": \"user\", \"content\": "
-                          "\"...\"}, {\"role\": \"assistant\", \"content\": \"...\"}]}")  # fmt: skip
-    for i, message in enumerate(messages, 1):
-        if not (isinstance(message, dict) and message.get("role") in CHAT_ROLES
-                and isinstance(message.get("content"), str)):  # fmt: skip
-            raise ConfigError(f"{where}, message {i}: {repr(message)[:80]} is not {{\"role\": ROLE, \"content\": "
-                              f"TEXT}} with ROLE one of {', '.join(CHAT_ROLES)}")  # fmt: skip
+    key = "messages" if "messages" in record or "conversations" not in record else "conversations"
+    turns = record.get(key)
+    if not isinstance(turns, list) or not turns:
+        raise ConfigError(f"{where}: `{key}` is {'missing' if turns is None else repr(turns)[:80]}; a chat file's "
+                          "every record is a conversation, {\"messages\": [{\"role\": \"user\", \"content\": "
+                          "\"...\"}, {\"role\": \"assistant\", \"content\": \"...\"}]} (or ShareGPT's "
+                          "\"conversations\" of {\"from\", \"value\"})")  # fmt: skip
+    sharegpt = key == "conversations"
+    names, roles = (("from", "value"), SHAREGPT_ROLES) if sharegpt else (("role", "content"), dict.fromkeys(
+        CHAT_ROLES))  # fmt: skip
+    messages = []
+    for i, turn in enumerate(turns, 1):
+        if not (isinstance(turn, dict) and turn.get(names[0]) in roles and isinstance(turn.get(names[1]), str)):
+            raise ConfigError(f"{where}, turn {i}: {repr(turn)[:80]} is not {{\"{names[0]}\": ROLE, \"{names[1]}\": "
+                              f"TEXT}} with ROLE one of {', '.join(roles)}")  # fmt: skip
+        role = roles[turn[names[0]]] if sharegpt else turn[names[0]]
+        messages.append({"role": role, "content": turn[names[1]]})
     if not any(m["role"] == "assistant" for m in messages):
-        raise ConfigError(f"{where}: no assistant message, and the assistant's turns are what trains; give each "
+        raise ConfigError(f"{where}: no assistant turn, and the assistant's turns are what trains; give each "
                           "conversation one or more")  # fmt: skip
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
+    return messages
 
 
 def _rows(files: list[dict], instruction: bool, template: dict | None, chat: bool | None = None) -> list[dict]:
     """The rows of `files`: documents, examples the template renders, or conversations (`chat`; None: those where
-    the first record has `messages`)."""
+    the first record has `messages` or `conversations`)."""
     rows = []
     for entry in files:
         path, data = Path(location(entry)), recorded_bytes(entry)
         records = read_records(path, data) if instruction else []
         if chat is None and instruction:
-            chat = bool(records) and "messages" in records[0]
+            chat = bool(records) and any(key in records[0] for key in CHAT_KEYS)
         if instruction and chat:
             rows.extend({"source": path.name, "row": n, "messages": chat_messages(record, f"{path}, record {n}")}
                         for n, record in enumerate(records, 1))  # fmt: skip

@@ -424,7 +424,8 @@ def _conversation(a: str, b: str) -> list[dict]:
             {"role": "assistant", "content": b[120:200]}]  # fmt: skip
 
 
-def test_a_conversation_trains_on_the_assistants_turns_in_the_models_chat_template(tiny_chat_model, paragraphs):
+def test_a_conversation_trains_on_the_assistants_turns_in_the_models_chat_template(tiny_chat_model, paragraphs,
+                                                                                 tmp_path):
     from tasks.blocks import chat_segments, encode_instructions
     from tasks.models import load_tokenizer
     from tasks.textdata import chat_messages
@@ -452,10 +453,25 @@ def test_a_conversation_trains_on_the_assistants_turns_in_the_models_chat_templa
     with pytest.raises(ConfigError, match=r"chat.jsonl, record 1: .* \(at assistant message 1\), .* start each "):
         chat_segments(messages[2:3], tok, "chat.jsonl, record 1")
     for record, said in (({"instruction": "q"}, "`messages` is missing; a chat file's every record is a conversation"),
-                         ({"messages": [{"role": "bot", "content": "x"}]}, "message 1: {'role': 'bot'"),
-                         ({"messages": messages[:2]}, "no assistant message, and the assistant's turns are what")):
+                         ({"messages": [{"role": "bot", "content": "x"}]}, "turn 1: {'role': 'bot', 'content': 'x'} "
+                          "is not {\"role\": ROLE, \"content\": TEXT} with ROLE one of system, user, assistant"),
+                         ({"conversations": [{"from": "human", "value": 3}]}, "turn 1: {'from': 'human', 'value': 3} "
+                          "is not {\"from\": ROLE, \"value\": TEXT} with ROLE one of system, human, user, gpt"),
+                         ({"messages": messages[:2]}, "no assistant turn, and the assistant's turns are what")):
         with pytest.raises(ConfigError, match=re.escape(said)):
             chat_messages(record, "chat.jsonl, record 3")
+    # ShareGPT's conversations (Axolotl's and LLaMA-Factory's other chat format) are the same conversation.
+    speakers = {"system": "system", "user": "human", "assistant": "gpt"}
+    sharegpt = {"conversations": [{"from": speakers[m["role"]], "value": m["content"]} for m in messages]}
+    assert chat_messages(sharegpt, "chat.jsonl, record 1") == messages
+    import hashlib
+
+    from tasks.textdata import _rows
+
+    data = tmp_path / "sharegpt.jsonl"
+    data.write_text(json.dumps(sharegpt) + "\n")  # told from its first record, as `messages` would be
+    entry = {"path": str(data), "sha256": hashlib.sha256(data.read_bytes()).hexdigest()}
+    assert _rows([entry], True, JUMPSTART_TEMPLATE) == [{"source": "sharegpt.jsonl", "row": 1, "messages": messages}]
 
 
 def test_chat_tuning_end_to_end_serves_messages_in_the_chat_template(tmp_path, paragraphs, tiny_chat_model,
