@@ -60,14 +60,23 @@ def chat_segments(messages: list[dict], tokenizer, where: str) -> list[tuple[str
     prompt, and the conversation up to it: a template must render a conversation as a continuation of its start.
 
     Raises:
-        ConfigError: a tokenizer without a chat template, or a template that renders a turn differently once
-            later turns follow it (one that drops earlier turns' reasoning, say).
+        ConfigError: a tokenizer without a chat template, a conversation its template refuses (a system turn,
+            for Gemma's), or a template that renders a turn differently once later turns follow it (one that
+            drops earlier turns' reasoning, say).
     """
     if not getattr(tokenizer, "chat_template", None):
         raise ConfigError(f"{tokenizer.name_or_path} has no chat template, which conversations (`messages`) are "
                           "written in: use a chat model (its tokenizer_config.json or chat_template.jinja has one), "
                           "or give records fields and a template.json")  # fmt: skip
-    render = lambda turns, **kw: tokenizer.apply_chat_template(turns, tokenize=False, **kw)  # noqa: E731
+    from jinja2 import TemplateError
+
+    def render(turns: list[dict], **kw) -> str:
+        try:
+            return tokenizer.apply_chat_template(turns, tokenize=False, **kw)
+        except TemplateError as err:  # the template's own refusal (Gemma's: no system role), or a mistake in it
+            raise ConfigError(f"{where}: {tokenizer.name_or_path}'s chat template refuses the conversation: {err}; "
+                              "change the conversation to what the template takes") from None  # fmt: skip
+
     full, pieces, at = render(messages), [], 0
     for i, message in enumerate(messages):
         if message["role"] != "assistant":

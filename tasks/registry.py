@@ -264,7 +264,7 @@ def chat_prompt(tokenizer, value: str, which: str) -> str:
     one user message.
 
     Raises:
-        MlflowException (INVALID_PARAMETER_VALUE): messages that are not such a list.
+        MlflowException (INVALID_PARAMETER_VALUE): messages that are not such a list, or that the template refuses.
     """
     from tasks.textdata import CHAT_ROLES
 
@@ -282,7 +282,13 @@ def chat_prompt(tokenizer, value: str, which: str) -> str:
         raise mlflow.exceptions.MlflowException.invalid_parameter_value(
             f"{which}: messages must be a list of {{\"role\": ROLE, \"content\": TEXT}} with ROLE one of "
             f"{', '.join(CHAT_ROLES)}; got {value[:80]!r}")  # fmt: skip
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except TemplateError as err:  # the template's own refusal (Gemma's: no system role)
+        raise mlflow.exceptions.MlflowException.invalid_parameter_value(
+            f"{which}: the model's chat template refuses these messages: {err}") from None
 
 
 def version_artifacts(local: Path) -> tuple[dict[str, str], dict[str, str]]:

@@ -452,6 +452,18 @@ def test_a_conversation_trains_on_the_assistants_turns_in_the_models_chat_templa
         chat_segments(messages, plain, "chat.jsonl, record 1")
     with pytest.raises(ConfigError, match=r"chat.jsonl, record 1: .* \(at assistant message 1\), .* start each "):
         chat_segments(messages[2:3], tok, "chat.jsonl, record 1")
+    gemma = load_tokenizer(str(tiny_chat_model))  # a template that refuses a system turn, as Gemma's does
+    gemma.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') "
+                           "}}{% endif %}" + CHATML)  # fmt: skip
+    with pytest.raises(ConfigError, match="chat.jsonl, record 1: .*'s chat template refuses the conversation: System "
+                       "role not supported; change the conversation"):  # fmt: skip
+        chat_segments(messages, gemma, "chat.jsonl, record 1")
+    from mlflow.exceptions import MlflowException
+
+    from tasks.registry import chat_prompt
+
+    with pytest.raises(MlflowException, match="the request: the model's chat template refuses these messages: System"):
+        chat_prompt(gemma, json.dumps(messages[:2]), "the request")  # served: a 400 saying so
     for record, said in (({"instruction": "q"}, "`messages` is missing; a chat file's every record is a conversation"),
                          ({"messages": [{"role": "bot", "content": "x"}]}, "turn 1: {'role': 'bot', 'content': 'x'} "
                           "is not {\"role\": ROLE, \"content\": TEXT} with ROLE one of system, user, assistant"),
