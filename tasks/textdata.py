@@ -288,6 +288,13 @@ def _text_column(records: list[dict], where: Path) -> str:
     if "text" in columns:
         return "text"
     first = columns[0]
+    if any(isinstance(r.get(first), list | dict) for r in records):  # JSON's lists or objects: str() of them is no text
+        if first in CHAT_KEYS:
+            raise ConfigError(f"{where} holds conversations (`{first}`): set `train.instruction_tuned=true` to train "
+                              "on them, written in the model's chat template")  # fmt: skip
+        raise ConfigError(f"{where} has no `text` column, and its first column, `{first}`, which is read then, holds "
+                          f"lists or objects, not text; name the column of your text `text` (its columns: "
+                          f"{', '.join(columns)})")  # fmt: skip
     values = [v for r in records if (v := str(r.get(first) or "").strip())]
     if values and all(map(_number, values)):
         raise ConfigError(f"{where} has no `text` column, and its first column, `{first}`, which is read then, holds "

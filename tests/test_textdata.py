@@ -80,6 +80,22 @@ def test_json_lines_json_array_and_txt_paragraphs(tmp_path, paragraphs):
         read_texts(latin1)
 
 
+def test_records_whose_first_column_is_no_text_are_refused_saying_what_to_set(tmp_path):
+    """Without a `text` column the first is read (JumpStart's rule); a first column of JSON lists or objects
+    trained on their Python repr. Conversations say to set instruction_tuned."""
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(json.dumps({"messages": [{"role": "user", "content": "Hi"}]}) + "\n")
+    with pytest.raises(ConfigError, match=re.escape(f"{chat} holds conversations (`messages`): set "
+                                                    "`train.instruction_tuned=true` to train on them")):  # fmt: skip
+        read_texts(chat)
+    tagged = tmp_path / "tagged.jsonl"
+    tagged.write_text(json.dumps({"tags": ["10-K"], "body": "Net sales grew."}) + "\n")
+    with pytest.raises(ConfigError, match=re.escape("its first column, `tags`, which is read then, holds lists or "
+                                                    "objects, not text; name the column of your text `text` (its "
+                                                    "columns: tags, body)")):  # fmt: skip
+        read_texts(tagged)
+
+
 def test_a_folder_source_reads_its_own_files_and_names_the_subfolders_it_leaves(tmp_path, paragraphs, caplog):
     from tasks.textdata import data_files
 
