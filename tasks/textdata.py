@@ -299,6 +299,11 @@ def _text_column(records: list[dict], where: Path) -> str:
     if values and all(map(_number, values)):
         raise ConfigError(f"{where} has no `text` column, and its first column, `{first}`, which is read then, holds "
                           f"numbers only; name the column of your text `text` (its columns: {', '.join(columns)})")
+    if {"instruction", "response"} <= set(columns) or {"prompt", "completion"} <= set(columns):
+        log.warning("%s has no `text` column, so its first column, `%s`, alone is the training text (JumpStart's "
+                    "rule); its columns (%s) are an instruction data set's: set `train.instruction_tuned=true` to "
+                    "train on them as prompt and completion", where, first, ", ".join(columns))  # fmt: skip
+        return first
     log.info("%s has no `text` column: its first column, `%s`, is the text (JumpStart's rule; columns: %s)", where,
              first, ", ".join(columns))  # fmt: skip
     return first

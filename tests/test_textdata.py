@@ -80,7 +80,7 @@ def test_json_lines_json_array_and_txt_paragraphs(tmp_path, paragraphs):
         read_texts(latin1)
 
 
-def test_records_whose_first_column_is_no_text_are_refused_saying_what_to_set(tmp_path):
+def test_records_whose_first_column_is_no_text_are_refused_saying_what_to_set(tmp_path, caplog):
     """Without a `text` column the first is read (JumpStart's rule); a first column of JSON lists or objects
     trained on their Python repr. Conversations say to set instruction_tuned."""
     chat = tmp_path / "chat.jsonl"
@@ -94,6 +94,13 @@ def test_records_whose_first_column_is_no_text_are_refused_saying_what_to_set(tm
                                                     "objects, not text; name the column of your text `text` (its "
                                                     "columns: tags, body)")):  # fmt: skip
         read_texts(tagged)
+    dolly = tmp_path / "dolly.jsonl"  # instruction records read as text: the JumpStart rule stands, said loudly
+    dolly.write_text(json.dumps({"instruction": "Sum up.", "context": "Net sales grew.", "response": "Up."}) + "\n")
+    with caplog.at_level(logging.WARNING, logger="tasks.textdata"):
+        assert read_texts(dolly) == ["Sum up."]
+    assert (f"{dolly} has no `text` column, so its first column, `instruction`, alone is the training text "
+            "(JumpStart's rule); its columns (instruction, context, response) are an instruction data set's: set "
+            "`train.instruction_tuned=true`") in caplog.text
 
 
 def test_a_folder_source_reads_its_own_files_and_names_the_subfolders_it_leaves(tmp_path, paragraphs, caplog):
