@@ -303,9 +303,9 @@ def _text_column(records: list[dict], where: Path) -> str:
         log.warning("%s has no `text` column, so its first column, `%s`, alone is the training text (JumpStart's "
                     "rule); its columns (%s) are an instruction data set's: set `train.instruction_tuned=true` to "
                     "train on them as prompt and completion", where, first, ", ".join(columns))  # fmt: skip
-        return first
-    log.info("%s has no `text` column: its first column, `%s`, is the text (JumpStart's rule; columns: %s)", where,
-             first, ", ".join(columns))  # fmt: skip
+    else:
+        log.info("%s has no `text` column: its first column, `%s`, is the text (JumpStart's rule; columns: %s)",
+                 where, first, ", ".join(columns))  # fmt: skip
     return first
 
 
@@ -460,15 +460,13 @@ def chat_messages(record: dict, where: str) -> list[dict]:
                           "\"...\"}, {\"role\": \"assistant\", \"content\": \"...\"}]} (or ShareGPT's "
                           "\"conversations\" of {\"from\", \"value\"})")  # fmt: skip
     sharegpt = key == "conversations"
-    names, roles = (("from", "value"), SHAREGPT_ROLES) if sharegpt else (("role", "content"), dict.fromkeys(
-        CHAT_ROLES))  # fmt: skip
+    names, roles = (("from", "value"), SHAREGPT_ROLES) if sharegpt else (("role", "content"), {r: r for r in CHAT_ROLES})
     messages = []
     for i, turn in enumerate(turns, 1):
         if not (isinstance(turn, dict) and turn.get(names[0]) in roles and isinstance(turn.get(names[1]), str)):
             raise ConfigError(f"{where}, turn {i}: {repr(turn)[:80]} is not {{\"{names[0]}\": ROLE, \"{names[1]}\": "
                               f"TEXT}} with ROLE one of {', '.join(roles)}")  # fmt: skip
-        role = roles[turn[names[0]]] if sharegpt else turn[names[0]]
-        messages.append({"role": role, "content": turn[names[1]]})
+        messages.append({"role": roles[turn[names[0]]], "content": turn[names[1]]})
     if not any(m["role"] == "assistant" for m in messages):
         raise ConfigError(f"{where}: no assistant turn, and the assistant's turns are what trains; give each "
                           "conversation one or more")  # fmt: skip
