@@ -460,7 +460,8 @@ def chat_messages(record: dict, where: str) -> list[dict]:
                           "\"...\"}, {\"role\": \"assistant\", \"content\": \"...\"}]} (or ShareGPT's "
                           "\"conversations\" of {\"from\", \"value\"})")  # fmt: skip
     sharegpt = key == "conversations"
-    names, roles = (("from", "value"), SHAREGPT_ROLES) if sharegpt else (("role", "content"), {r: r for r in CHAT_ROLES})
+    roles = SHAREGPT_ROLES if sharegpt else {role: role for role in CHAT_ROLES}
+    names = ("from", "value") if sharegpt else ("role", "content")
     messages = []
     for i, turn in enumerate(turns, 1):
         if not (isinstance(turn, dict) and turn.get(names[0]) in roles and isinstance(turn.get(names[1]), str)):
