@@ -266,7 +266,8 @@ def chat_prompt(tokenizer, value: str, which: str) -> str:
     Raises:
         MlflowException (INVALID_PARAMETER_VALUE): messages that are not such a list, or that the template refuses.
     """
-    from tasks.textdata import CHAT_ROLES
+    from edgar_tune.config import ConfigError
+    from tasks.textdata import chat_messages
 
     messages: Any = [{"role": "user", "content": value}]
     if value.lstrip().startswith("["):
@@ -276,12 +277,10 @@ def chat_prompt(tokenizer, value: str, which: str) -> str:
             raise mlflow.exceptions.MlflowException.invalid_parameter_value(
                 f"{which}: messages is not valid JSON ({err.msg}); give a JSON list of {{\"role\", \"content\"}} "
                 "objects, or plain text for one user message") from None  # fmt: skip
-    if not (isinstance(messages, list) and messages and all(
-            isinstance(m, dict) and m.get("role") in CHAT_ROLES and isinstance(m.get("content"), str)
-            for m in messages)):  # fmt: skip
-        raise mlflow.exceptions.MlflowException.invalid_parameter_value(
-            f"{which}: messages must be a list of {{\"role\": ROLE, \"content\": TEXT}} with ROLE one of "
-            f"{', '.join(CHAT_ROLES)}; got {value[:80]!r}")  # fmt: skip
+    try:  # each turn checked as a training record's are
+        messages = chat_messages({"messages": messages}, which, to_train=False)
+    except ConfigError as err:
+        raise mlflow.exceptions.MlflowException.invalid_parameter_value(str(err)) from None
     from jinja2 import TemplateError
 
     try:

@@ -444,13 +444,13 @@ SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "a
 CHAT_KEYS = ("messages", "conversations")  # a record holding either is a conversation
 
 
-def chat_messages(record: dict, where: str) -> list[dict]:
+def chat_messages(record: dict, where: str, to_train: bool = True) -> list[dict]:
     """A chat record's conversation: its `messages` (OpenAI's {"role", "content"}), or its `conversations`
     (ShareGPT's {"from", "value"}, speakers human and gpt as user and assistant), as role (system, user or
-    assistant) and text, with at least one assistant turn (what trains).
+    assistant) and text, with at least one assistant turn (what trains) when it is `to_train`.
 
     Raises:
-        ConfigError: a record with neither, a turn that is not such an object, no assistant turn.
+        ConfigError: a record with neither, a turn that is not such an object, no assistant turn to train.
     """
     key = "messages" if "messages" in record or "conversations" not in record else "conversations"
     turns = record.get(key)
@@ -468,7 +468,7 @@ def chat_messages(record: dict, where: str) -> list[dict]:
             raise ConfigError(f"{where}, turn {i}: {repr(turn)[:80]} is not {{\"{names[0]}\": ROLE, \"{names[1]}\": "
                               f"TEXT}} with ROLE one of {', '.join(roles)}")  # fmt: skip
         messages.append({"role": roles[turn[names[0]]], "content": turn[names[1]]})
-    if not any(m["role"] == "assistant" for m in messages):
+    if to_train and not any(m["role"] == "assistant" for m in messages):
         raise ConfigError(f"{where}: no assistant turn, and the assistant's turns are what trains; give each "
                           "conversation one or more")  # fmt: skip
     return messages

@@ -540,7 +540,9 @@ def test_chat_tuning_end_to_end_serves_messages_in_the_chat_template(tmp_path, p
     said = loaded.predict(pd.DataFrame({"prompt": [prompt]}), {"max_new_tokens": 3})
     assert loaded.predict({"messages": ["Net sales grew."]}, {"max_new_tokens": 3}) == said
     assert loaded.predict({"messages": json.dumps(asked)}, {"max_new_tokens": 3}) == said
-    with pytest.raises(mlflow.exceptions.MlflowException, match="messages must be a list of"):
+    with pytest.raises(mlflow.exceptions.MlflowException, match=re.escape(
+            "the request, turn 1: {'role': 'me', 'content': 'x'} is not {\"role\": ROLE, \"content\": TEXT} with "
+            "ROLE one of system, user, assistant")):  # checked as a training record's turns are
         loaded.predict({"messages": '[{"role": "me", "content": "x"}]'})
     capsys.readouterr()
     assert main(["generate", "--model", model, "--tracking-uri", s["mlflow_tracking_uri"], "--message",
