@@ -464,10 +464,11 @@ def chat_messages(record: dict, where: str, to_train: bool = True) -> list[dict]
     names = ("from", "value") if sharegpt else ("role", "content")
     messages = []
     for i, turn in enumerate(turns, 1):
-        if not (isinstance(turn, dict) and turn.get(names[0]) in roles and isinstance(turn.get(names[1]), str)):
+        role, text = (turn.get(names[0]), turn.get(names[1])) if isinstance(turn, dict) else (None, None)
+        if not (isinstance(role, str) and role in roles and isinstance(text, str)):  # a list's role: no TypeError
             raise ConfigError(f"{where}, turn {i}: {repr(turn)[:80]} is not {{\"{names[0]}\": ROLE, \"{names[1]}\": "
                               f"TEXT}} with ROLE one of {', '.join(roles)}")  # fmt: skip
-        messages.append({"role": roles[turn[names[0]]], "content": turn[names[1]]})
+        messages.append({"role": roles[role], "content": text})
     if to_train and not any(m["role"] == "assistant" for m in messages):
         raise ConfigError(f"{where}: no assistant turn, and the assistant's turns are what trains; give each "
                           "conversation one or more")  # fmt: skip

@@ -492,6 +492,8 @@ def test_a_conversation_trains_on_the_assistants_turns_in_the_models_chat_templa
                           "is not {\"role\": ROLE, \"content\": TEXT} with ROLE one of system, user, assistant"),
                          ({"conversations": [{"from": "human", "value": 3}]}, "turn 1: {'from': 'human', 'value': 3} "
                           "is not {\"from\": ROLE, \"value\": TEXT} with ROLE one of system, human, user, gpt"),
+                         ({"messages": [{"role": ["user"], "content": "x"}]}, "turn 1: {'role': ['user'], "),
+                         ({"messages": ["Hi"]}, "turn 1: 'Hi' is not {\"role\": ROLE"),
                          ({"messages": messages[:2]}, "no assistant turn, and the assistant's turns are what")):
         with pytest.raises(ConfigError, match=re.escape(said)):
             chat_messages(record, "chat.jsonl, record 3")
