@@ -486,7 +486,8 @@ def _templated(fields: list[str], mv, model: str) -> list[str]:
     if not fields:
         return []
     from edgar_tune.config import ConfigError
-    from tasks.registry import filled_prompt, template_fields
+    from tasks.registry import filled_prompt
+    from tasks.textdata import template_fields
 
     if "prompt_template" not in mv.tags:
         raise ConfigError(f"{model} (v{mv.version}) was not instruction-tuned, or was registered before versions kept "

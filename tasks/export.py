@@ -512,9 +512,9 @@ def _prompt_lines(template: dict | None, chat: bool = False, gguf: bool = False)
                 "```"]  # fmt: skip
     if not template:
         return []
-    from tasks.textdata import format_fields
+    from tasks.textdata import template_fields
 
-    fields = list(dict.fromkeys(format_fields(template["prompt"])))
+    fields = template_fields(template["prompt"])
     example = ", ".join(f'{f}="..."' for f in fields)
     return ["", "## Prompt it", "",
             "It was trained on examples written as a prompt (below) followed by its completion "

@@ -37,7 +37,7 @@ from tasks.io import (
     DOWNLOAD, EVALUATE, PARSE, TOKENIZE, TRAIN, Busy, answers, cache_dir, held, holder_info, joined, megabytes,
     not_answering, read_json, read_jsonl, size,
 )  # fmt: skip
-from tasks.textdata import data_locations
+from tasks.textdata import data_locations, template_fields
 from tasks.progress import CURVES, Point, clock, training_points
 from tasks.storage import folder_identity, run_identity
 
@@ -212,13 +212,6 @@ def _requests(model_input) -> list[dict]:
         else:
             rows += [{k: v[i] if isinstance(v, listed) else v for k, v in record.items()} for i in range(count)]
     return rows
-
-
-def template_fields(template: str) -> list[str]:
-    """The record fields a prompt template fills, in order, once each (`{company.name}` fills `company`)."""
-    from tasks.textdata import format_fields
-
-    return list(dict.fromkeys(f.split(".")[0].split("[")[0] for f in format_fields(template)))
 
 
 def filled_prompt(template: str, given: dict[str, str]) -> str:

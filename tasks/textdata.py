@@ -422,6 +422,11 @@ def format_fields(value: str) -> list[str]:
     return [field for _, field, _, _ in string.Formatter().parse(value) if field is not None]
 
 
+def template_fields(template: str) -> list[str]:
+    """The record fields a prompt template fills, in order, once each (`{company.name}` fills `company`)."""
+    return list(dict.fromkeys(f.split(".")[0].split("[")[0] for f in format_fields(template)))
+
+
 def render(template: dict, record: dict, where: str) -> dict:
     """{"prompt", "completion"} of one record; a field the template needs and the record lacks is an error, and a
     null one (JSON's null) is empty text, not "None"."""
@@ -488,8 +493,7 @@ def _rows(files: list[dict], instruction: bool, template: dict | None, chat: boo
             rows.extend({"source": path.name, "row": n, "messages": chat_messages(record, f"{path}, record {n}")}
                         for n, record in enumerate(records, 1))  # fmt: skip
         elif instruction:
-            used = {field.split(".")[0].split("[")[0] for key in ("prompt", "completion") for field in
-                    format_fields(template[key])}  # fmt: skip
+            used = {field for key in ("prompt", "completion") for field in template_fields(template[key])}
             nulls: dict[str, int] = {}
             for n, record in enumerate(records, 1):
                 rows.append({"source": path.name, "row": n} | render(template, record, f"{path}, record {n}"))
