@@ -640,7 +640,8 @@ class GenerateConfig(_Section):
     prompts: list[str] = Field(
         ["This Form 10-K report shows that", "We serve consumers through", "Our vision is",
          "This year we particularly focus on"],
-        description="Prompts run through both models (JumpStart's 10-K examples).",
+        description="Text both models continue (JumpStart's 10-K examples); not for an instruction-tuned run "
+                    "(`held_out`).",
     )  # fmt: skip
     company_questions: list[str] = Field(
         ["What drives sales growth at {company}?"],
@@ -648,6 +649,16 @@ class GenerateConfig(_Section):
     )
     company_names: dict[str, str] = Field({"AMZN": "Amazon"}, description="Ticker -> name used in the questions.")
     max_length: int = Field(400, ge=2, description="Total tokens, prompt included (JumpStart's max_length).")
+    held_out: int = Field(
+        4, ge=0,
+        description="An instruction-tuned run's samples: its first n held-out examples, prompted as the model is "
+                    "served (its template, or its chat template), beside the answer held out (JumpStart's "
+                    "instruction-tuning table). Such a run takes these instead of `prompts` and "
+                    "`company_questions`, text to continue that it was not tuned to answer.",
+    )  # fmt: skip
+    max_new_tokens: int = Field(
+        100, ge=1, description="Tokens generated after each held-out example's prompt (JumpStart's: 100)."
+    )
     do_sample: bool = Field(True, description="Sample (true) or greedy decoding.")
     top_k: int = Field(250, ge=0, description="Sample among the k most likely tokens (0: no limit).")
     top_p: float = Field(0.8, gt=0, le=1, description="Nucleus sampling mass.")

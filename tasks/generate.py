@@ -1,4 +1,5 @@
-"""Generation samples: JumpStart's prompts (and questions about the run's own companies), before and after.
+"""Generation samples, before and after: JumpStart's prompts (and questions about the run's own companies) for a
+domain-adaptation run; for an instruction-tuned one, held-out examples beside the answers held out.
 
 The same prompts, seed and sampling settings go through the base and the fine-tuned model, so the two columns of
 the MLflow table differ only by the fine-tuning.
@@ -14,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from edgar_tune.config import ConfigError, GenerateConfig
+from kernels.fused_linear_ce import IGNORE_INDEX
 from tasks.io import atomic_write_json
 from tasks.models import device, load_tokenizer
 from tasks.progress import OwnLine, Progress, clock, console_bars
@@ -21,10 +23,28 @@ from tasks.progress import OwnLine, Progress, clock, console_bars
 log = logging.getLogger(__name__)
 
 
-def prompts_for(cfg: GenerateConfig, companies: list[str]) -> list[str]:
-    """The fixed prompts, then each ticker-aware question once per company of the run."""
+def prompts_for(cfg: GenerateConfig, companies: list[str]) -> list[dict]:
+    """The fixed prompts, then each ticker-aware question once per company of the run: text to continue, each
+    generated up to `cfg.max_length` tokens with the prompt."""
     asked = [q.format(company=c) for q in cfg.company_questions for c in companies]
-    return list(dict.fromkeys(cfg.prompts + asked))
+    return [{"prompt": p} for p in dict.fromkeys(cfg.prompts + asked)]
+
+
+def held_out_prompts(val, count: int) -> list[dict]:
+    """An instruction-tuned run's first `count` held-out examples as the model is prompted when served: the tokens
+    before its first trained one (the template filled without its completion, or the conversation up to the
+    assistant's first turn, with the header that opens it), and the answer held out (that completion or turn).
+    An example cut to nothing trained is passed over."""
+    out = []
+    for row in val:
+        if len(out) == count:
+            break
+        labels = row["labels"]
+        start = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), 0)
+        end = next((i for i in range(start, len(labels)) if labels[i] == IGNORE_INDEX), len(labels))
+        if start:
+            out.append({"ids": row["input_ids"][:start], "reference_ids": row["input_ids"][start:end]})
+    return out
 
 
 def check_length(cfg: GenerateConfig, model) -> None:
@@ -37,46 +57,51 @@ def check_length(cfg: GenerateConfig, model) -> None:
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], cfg: GenerateConfig, label: str) -> list[dict]:
-    """One row per prompt and returned sequence: the prompt and the text generated after it (`write_eval` has
-    checked `cfg.max_length` against the model's context, `check_length`, before its scoring)."""
+def generate(model, tokenizer, prompts: list[dict], cfg: GenerateConfig, label: str) -> list[dict]:
+    """One row per prompt and returned sequence: the prompt, the text generated after it, and for a held-out
+    example (`held_out_prompts`) the answer held out as `reference`. Text to continue (`prompts_for`) is generated
+    up to `cfg.max_length` tokens with the prompt (`write_eval` has checked it against the model's context,
+    `check_length`, before its scoring); a held-out example `cfg.max_new_tokens` after its prompt, fewer where
+    the context ends first."""
     dev = device()
     model.to(dev).eval()
+    context = getattr(model.config, "max_position_embeddings", None) or float("inf")
     rows = []
+    held = bool(prompts) and "ids" in prompts[0]
     beside_tqdm = OwnLine(log, {"open": None})
-    beside_tqdm.info("generation samples (%s): %d prompt(s), %d sample(s) each, up to %d tokens with the prompt",
-                     label, len(prompts), cfg.num_return_sequences, cfg.max_length)  # fmt: skip
+    beside_tqdm.info("generation samples (%s): %d %s, %d sample(s) each, %s", label, len(prompts),
+                     "held-out example(s)" if held else "prompt(s)", cfg.num_return_sequences,
+                     f"up to {cfg.max_new_tokens} tokens after the prompt" if held
+                     else f"up to {cfg.max_length} tokens with the prompt")  # fmt: skip
     bar = Progress(f"generation samples ({label})", len(prompts), "prompts", logger=beside_tqdm, quiet_s=30)
-    for i, prompt in enumerate(tqdm(prompts, desc=f"generate ({label})", unit="prompt", disable=not console_bars())):
+    for i, item in enumerate(tqdm(prompts, desc=f"generate ({label})", unit="prompt", disable=not console_bars())):
         torch.manual_seed(cfg.sampling_seed + i)  # the same draws for the base and the fine-tuned model
-        ids = tokenizer(prompt, return_tensors="pt").to(dev)
-        out = model.generate(**ids, max_length=max(cfg.max_length, ids["input_ids"].shape[1] + 1),
+        if "ids" in item:  # as tokenized for training: the template's or chat template's special tokens included
+            ids = torch.tensor([item["ids"]], device=dev)
+            new = max(1, min(cfg.max_new_tokens, context - ids.shape[1]))
+        else:
+            ids = tokenizer(item["prompt"], return_tensors="pt").to(dev)["input_ids"]
+            new = max(1, cfg.max_length - ids.shape[1])
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
                              do_sample=cfg.do_sample, top_k=cfg.top_k, top_p=cfg.top_p,
                              temperature=cfg.temperature, num_return_sequences=cfg.num_return_sequences,
                              pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+        prompt = item.get("prompt") or tokenizer.decode(item["ids"])
+        held_back = item.get("reference_ids")
+        shown = {"reference": tokenizer.decode(held_back, skip_special_tokens=True)} if held_back is not None else {}
         for n, seq in enumerate(out):
-            text = tokenizer.decode(seq[ids["input_ids"].shape[1] :], skip_special_tokens=True)
-            rows.append({"prompt": prompt, "sample": n, "text": text})
+            text = tokenizer.decode(seq[ids.shape[1] :], skip_special_tokens=True)
+            rows.append({"prompt": prompt, "sample": n, "text": text} | shown)
         bar.update(i + 1)
     bar.close()
     return rows
 
 
-def write_samples(out_file: Path, model, tokenizer_dir: str, prompts: list[str], cfg: GenerateConfig, label: str) -> list[dict]:
+def write_samples(out_file: Path, model, tokenizer_dir: str, prompts: list[dict], cfg: GenerateConfig,
+                  label: str) -> list[dict]:  # fmt: skip
     start = time.perf_counter()
     rows = generate(model, load_tokenizer(tokenizer_dir), prompts, cfg, label)
     seconds = time.perf_counter() - start
     atomic_write_json(out_file, {"settings": cfg.model_dump(), "seconds": seconds, "rows": rows})
     log.info("generation samples (%s): %d sample(s) in %s, written to %s", label, len(rows), clock(seconds), out_file)
     return rows
-
-
-def side_by_side(base: list[dict], tuned: list[dict]) -> dict[str, list]:
-    """Columns for `mlflow.log_table`: prompt, sample, base model, fine-tuned model."""
-    keyed = {(r["prompt"], r["sample"]): r["text"] for r in tuned}
-    return {
-        "prompt": [r["prompt"] for r in base],
-        "sample": [r["sample"] for r in base],
-        "base_model": [r["text"] for r in base],
-        "fine_tuned": [keyed.get((r["prompt"], r["sample"]), "") for r in base],
-    }

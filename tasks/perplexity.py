@@ -167,7 +167,8 @@ def write_eval(out_file: Path, tokenize_dir: Path, cfg: EvalConfig, adapter_or_m
                gen: GenerateConfig | None = None, companies: list[str] | None = None) -> dict:  # fmt: skip
     """Score the base model (no weights given) or the fine-tuned one, and write the result atomically.
 
-    With `gen`, the same model then generates the samples, written beside as `*.samples.json`.
+    With `gen`, the same model then generates the samples, written beside as `*.samples.json`: for text to
+    continue (`prompts_for`), or for an instruction-tuned run, held-out examples (`held_out_prompts`).
     """
     stats = json.loads((tokenize_dir / "stats.json").read_text())
     base = base_model_path(tokenize_dir)
@@ -181,11 +182,15 @@ def write_eval(out_file: Path, tokenize_dir: Path, cfg: EvalConfig, adapter_or_m
         from tasks.generate import check_length
 
         check_length(gen, model)
-    result = evaluate_model(model, load_from_disk(str(tokenize_dir / "val")), cfg, stats["block_length"], label)
+    val = load_from_disk(str(tokenize_dir / "val"))
+    result = evaluate_model(model, val, cfg, stats["block_length"], label)
     atomic_write_json(out_file, result)
     if gen is not None and gen.enabled:
-        from tasks.generate import prompts_for, write_samples
+        from tasks.generate import held_out_prompts, prompts_for, write_samples
 
-        prompts = prompts_for(gen, companies or [])
-        write_samples(out_file.with_suffix(".samples.json"), model, base, prompts, gen, label)
+        # an instruction-tuned model answers prompts in its template: held-out ones, not text to continue
+        instruction = "labels" in val.column_names
+        prompts = held_out_prompts(val, gen.held_out) if instruction else prompts_for(gen, companies or [])
+        if prompts:
+            write_samples(out_file.with_suffix(".samples.json"), model, base, prompts, gen, label)
     return result

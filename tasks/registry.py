@@ -446,6 +446,21 @@ def perplexity_groups(before: dict, after: dict, most: int = 24) -> tuple[str, l
     return ("companies" if len(names) <= most else "spread", names + overall[0], b + overall[1], a + overall[2])
 
 
+def side_by_side(base: list[dict], tuned: list[dict]) -> dict[str, list]:
+    """Columns for `mlflow.log_table`: prompt, sample, base model, fine-tuned model, and the answer held out
+    (`reference`) for held-out examples."""
+    keyed = {(r["prompt"], r["sample"]): r["text"] for r in tuned}
+    columns = {
+        "prompt": [r["prompt"] for r in base],
+        "sample": [r["sample"] for r in base],
+        "base_model": [r["text"] for r in base],
+        "fine_tuned": [keyed.get((r["prompt"], r["sample"]), "") for r in base],
+    }
+    if any("reference" in r for r in base):
+        columns["reference"] = [r.get("reference", "") for r in base]
+    return columns
+
+
 def per_document_table(before: dict, after: dict) -> dict[str, list]:
     """Columns for `mlflow.log_table`: each held-out document (a filing's MD&A, or a file's row), its tokens, and
     its perplexity before and after fine-tuning, to sort in the MLflow UI."""
@@ -1155,8 +1170,6 @@ def _register(run_dir: Path, cfg: PipelineConfig, flow_run_id: str | None, runs_
         mlflow.log_table(per_document_table(before, after), artifact_file="eval/per_document.json")
         samples = [run_dir / EVALUATE / f"{n}.samples.json" for n in ("base", "finetuned")]
         if all(p.exists() for p in samples):
-            from tasks.generate import side_by_side
-
             base_rows, tuned_rows = (read_json(p)["rows"] for p in samples)
             mlflow.log_table(side_by_side(base_rows, tuned_rows), artifact_file="eval/generations.json")
         upload_mb, start = megabytes(*map(Path, artifacts.values())), time.monotonic()

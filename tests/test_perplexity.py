@@ -151,3 +151,33 @@ def test_generation_past_the_context_is_refused(tiny):
     with pytest.raises(ConfigError, match=r"^generate.max_length=4096 is longer than the model's context \(2048"):
         check_length(GenerateConfig(max_length=4096), tiny)
     check_length(GenerateConfig(max_length=2048), tiny)
+
+
+def test_an_instruction_tuned_runs_samples_are_held_out_examples_beside_the_answers_held_out(tiny):
+    """A model tuned to answer in a template is sampled on held-out prompts as it will be served them (not on text
+    to continue, which it was not tuned for), and the table shows the answer held out beside the two models'."""
+    from datasets import Dataset
+
+    from edgar_tune.config import GenerateConfig
+    from tasks.generate import generate, held_out_prompts
+    from tasks.registry import side_by_side
+    from tasks.models import load_tokenizer
+
+    tok = load_tokenizer(tiny.name_or_path)
+    prompt = tok("Question: Net sales?\nAnswer:")["input_ids"]
+    answer = tok(" up 22%.")["input_ids"] + [tok.eos_token_id]
+    ids = [prompt + answer] * 3
+    labels = [[-100] * (len(prompt) + len(answer)), [-100] * len(prompt) + answer, [-100] * len(prompt) + answer]
+    val = Dataset.from_dict({"input_ids": ids, "labels": labels})
+    held = held_out_prompts(val, 1)  # the first example, cut to nothing trained, is passed over
+    assert held == [{"ids": prompt, "reference_ids": answer}] and len(held_out_prompts(val, 5)) == 2
+    cfg = GenerateConfig(max_new_tokens=5, do_sample=False)
+    rows = generate(tiny, tok, held, cfg, "base")
+    assert [r["prompt"] for r in rows] == [tok.decode(prompt)] and rows[0]["reference"] == " up 22%."
+    assert len(tok(rows[0]["text"], add_special_tokens=False)["input_ids"]) <= 5
+    long = [{"ids": (prompt * 2048)[:2046], "reference_ids": answer}]  # 2 positions left of the model's 2048
+    assert len(tok(generate(tiny, tok, long, cfg, "base")[0]["text"], add_special_tokens=False)["input_ids"]) <= 2
+    table = side_by_side(rows, rows)
+    assert list(table) == ["prompt", "sample", "base_model", "fine_tuned", "reference"]
+    assert table["reference"] == [" up 22%."]
+    assert "reference" not in side_by_side([{"prompt": "p", "sample": 0, "text": "t"}], [])

@@ -298,6 +298,14 @@ def test_instruction_tuning_from_jsonl_end_to_end(tmp_path, paragraphs, prefect_
                                "(validation_split_ratio=0.2, train_data_split_seed=0)")  # fmt: skip
     assert f"validation {s['val_tokens']:,}: completion tokens of" in format_summary(s)
     assert format_summary(s).splitlines()[2].split() == ["data", "continue.jsonl"]
+    # Its samples are the first held-out examples, prompted in the template, beside the responses held out (not
+    # JumpStart's 10-K text to continue, which it was not tuned to answer)
+    held = [json.loads(line) for line in (run / "02_parse" / "val.jsonl").read_text().splitlines()][:4]
+    rows = json.loads((run / "05_evaluate" / "finetuned.samples.json").read_text())["rows"]
+    assert [r["prompt"] for r in rows] == [h["prompt"] for h in held]
+    assert all(h["completion"].startswith(r["reference"]) and r["reference"] for r, h in zip(rows, held, strict=True))
+    assert ("generation samples (fine-tuned): 4 held-out example(s), 1 sample(s) each, up to 100 tokens after the "
+            "prompt") in (tmp_path / "run.log").read_text()  # fmt: skip
     import mlflow  # the registered version names its files, and `edgar-tune models` shows them (a 10-K run's filings)
 
     from edgar_tune.cli import _data_summary
@@ -532,6 +540,16 @@ def test_chat_tuning_end_to_end_serves_messages_in_the_chat_template(tmp_path, p
     assert report["template"] == "the model's chat template" and report["chat"] and "prompt_template" not in report
     after = json.loads((run / "05_evaluate" / "finetuned.json").read_text())
     assert after["scored"] == "completion tokens" and s["ppl_after"] < s["ppl_before"]
+    # Sampled on held-out conversations up to the assistant's first turn, in the chat template, beside that turn
+    held = [json.loads(line)["messages"] for line in (run / "02_parse" / "val.jsonl").read_text().splitlines()][:4]
+    rows = json.loads((run / "05_evaluate" / "base.samples.json").read_text())["rows"]
+    assert [r["prompt"] for r in rows] == [f"<|im_start|>system\nYou read 10-Ks.<|im_end|>\n<|im_start|>user\n"
+                                           f"{h[1]['content']}<|im_end|>\n<|im_start|>assistant\n" for h in held]
+    assert [r["reference"] for r in rows] == [h[2]["content"] + "<|im_end|>\n" for h in held]
+    table = json.loads(Path(mlflow.MlflowClient(s["mlflow_tracking_uri"]).download_artifacts(
+        s["mlflow_run_id"], "eval/generations.json", str(tmp_path / "dl"))).read_text())  # fmt: skip
+    assert table["columns"] == ["prompt", "sample", "base_model", "fine_tuned", "reference"]
+    assert [row[4] for row in table["data"]] == [r["reference"] for r in rows]
     model = f"models:/{s['registered_model']}/{s['model_version']}"
     mlflow.set_tracking_uri(s["mlflow_tracking_uri"])
     loaded = mlflow.pyfunc.load_model(model)
