@@ -155,9 +155,18 @@ def generation_settings(params: dict | None) -> dict:
             500 and a traceback): a value out of its range, or a sampling setting given without `do_sample`.
     """
     given = {k: v for k, v in (params or {}).items() if k in GENERATION}
-    settings = GENERATION | given
     whole = lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool | np.bool_)  # noqa: E731
     number = lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool | np.bool_)  # noqa: E731
+    if (openai := (params or {}).get("max_tokens")) is not None:  # OpenAI's name for it
+        if not (whole(openai) and openai >= 1):
+            raise mlflow.exceptions.MlflowException.invalid_parameter_value(
+                f"max_tokens must be a whole number of at least 1, got {openai!r}")
+        if given.get("max_new_tokens", GENERATION["max_new_tokens"]) not in (GENERATION["max_new_tokens"], openai):
+            raise mlflow.exceptions.MlflowException.invalid_parameter_value(
+                f"max_tokens={openai!r} and max_new_tokens={given['max_new_tokens']!r} are two names for the tokens "
+                "to generate: give one")  # fmt: skip
+        given["max_new_tokens"] = openai
+    settings = GENERATION | given
     checks = {
         "max_new_tokens": (lambda v: whole(v) and v >= 1, "a whole number of at least 1"),
         "do_sample": (lambda v: isinstance(v, bool | np.bool_), "true or false"),
@@ -190,7 +199,8 @@ def _requests(model_input) -> list[dict]:
 
     MLflow's schema makes `{"prompt": ["a", "b"]}` (and a served `{"inputs": {"prompt": [...]}}`) one row whose
     cells are lists: its requests are taken one by one (a cell that is not a list goes with each), not as the text
-    of the list."""
+    of the list. A `messages` list of turns ({"role", "content"} objects) is one conversation, and so are rows that
+    each hold one turn: MLflow makes a row of each turn of OpenAI's chat request, `{"messages": [...]}`."""
     if isinstance(model_input, str):
         model_input = [model_input]
     if isinstance(model_input, dict):
@@ -198,10 +208,16 @@ def _requests(model_input) -> list[dict]:
     elif not hasattr(model_input, "columns"):
         items = list(model_input)
         model_input = pd.DataFrame(items if all(isinstance(x, dict) for x in items) else {"prompt": items})
-    listed = (list, tuple, np.ndarray)
+    records = model_input.to_dict("records")
+    turns = [r.get("messages") for r in records]
+    if len(records) > 1 and all(isinstance(t, dict) for t in turns):
+        # MLflow makes a row of each turn of `{"messages": [turn, ...]}`, OpenAI's chat request: one conversation
+        records = [{**records[0], "messages": turns}]
     rows = []
-    for record in model_input.to_dict("records"):
-        lengths = {len(v) for v in record.values() if isinstance(v, listed)}
+    for record in records:
+        # a list of turns is one conversation's `messages`, not a list of requests
+        listed = {k for k, v in record.items() if isinstance(v, _LISTED) and not (k == "messages" and _turns(v))}
+        lengths = {len(record[k]) for k in listed}
         if len(lengths) > 1:
             raise mlflow.exceptions.MlflowException.invalid_parameter_value(
                 f"the columns' lists are of different lengths ({', '.join(map(str, sorted(lengths)))}); give one "
@@ -210,8 +226,16 @@ def _requests(model_input) -> list[dict]:
         if count is None:
             rows.append(record)
         else:
-            rows += [{k: v[i] if isinstance(v, listed) else v for k, v in record.items()} for i in range(count)]
+            rows += [{k: v[i] if k in listed else v for k, v in record.items()} for i in range(count)]
     return rows
+
+
+_LISTED = (list, tuple, np.ndarray)
+
+
+def _turns(value) -> bool:
+    """Whether `value` is a conversation's turns: a non-empty list of {"role", "content"} objects."""
+    return isinstance(value, _LISTED) and len(value) > 0 and all(isinstance(t, dict) for t in value)
 
 
 def filled_prompt(template: str, given: dict[str, str]) -> str:
@@ -229,7 +253,8 @@ def request_prompt(row: dict, template: str | None, which: str,
     Raises:
         MlflowException (INVALID_PARAMETER_VALUE, 400 when served): a request with none of these, or with two.
     """
-    given = {k: str(v) for k, v in row.items() if v is not None and not (isinstance(v, float) and math.isnan(v))}
+    given = {k: v if k == "messages" and not isinstance(v, str) else str(v) for k, v in row.items()
+             if v is not None and not (isinstance(v, float) and math.isnan(v))}  # fmt: skip
     fields = template_fields(template) if template else []
     filled = {k: v for k, v in given.items() if k in fields}
     raw = given.get("prompt") if "prompt" not in fields else None
@@ -251,10 +276,10 @@ def request_prompt(row: dict, template: str | None, which: str,
     return raw, False
 
 
-def chat_prompt(tokenizer, value: str, which: str) -> str:
+def chat_prompt(tokenizer, value: str | dict | list, which: str) -> str:
     """The prompt a request's `messages` make in the model's chat template, with the header that opens the
-    assistant's turn: a JSON list of {"role", "content"} objects (system, user and assistant turns), or plain text,
-    one user message.
+    assistant's turn: a list of {"role", "content"} objects (system, user and assistant turns), as OpenAI's chat
+    requests send it or as JSON text; one such object; or plain text, one user message.
 
     Raises:
         MlflowException (INVALID_PARAMETER_VALUE): messages that are not such a list, or that the template refuses.
@@ -263,7 +288,9 @@ def chat_prompt(tokenizer, value: str, which: str) -> str:
     from tasks.textdata import chat_messages
 
     messages: Any = [{"role": "user", "content": value}]
-    if value.lstrip().startswith("["):
+    if not isinstance(value, str):
+        messages = [value] if isinstance(value, dict) else [dict(t) if isinstance(t, dict) else t for t in value]
+    elif value.lstrip().startswith("["):
         try:
             messages = json.loads(value)
         except json.JSONDecodeError as err:
@@ -319,17 +346,23 @@ def pip_requirements() -> list[str]:
 
 
 def _signature(template: str | None = None, chat: bool = False):
-    """A `prompt` column in, generated text out, `GENERATION`'s settings as request parameters (also when served);
-    for a version instruction-tuned with the prompt `template`, its fields too, and for one tuned on conversations
-    (`chat`), `messages`; each column then optional (`request_prompt`)."""
+    """A `prompt` column in, generated text out, `GENERATION`'s settings as request parameters (also when served),
+    and OpenAI's `max_tokens` for `max_new_tokens`; for a version instruction-tuned with the prompt `template`, its
+    fields too, and for one tuned on conversations (`chat`), `messages` (any type: a list of turns, or text); each
+    column then optional (`request_prompt`)."""
     from mlflow.models import infer_signature
-    from mlflow.types.schema import ColSpec, Schema
+    from mlflow.types.schema import AnyType, ColSpec, ParamSchema, ParamSpec, Schema
 
     signature = infer_signature(pd.DataFrame({"prompt": ["This Form 10-K report shows that"]}), ["text"],
                                 params=GENERATION)  # fmt: skip
+    # OpenAI's name for max_new_tokens, which its clients send: unset unless given
+    signature.params = ParamSchema([*signature.params.params, ParamSpec("max_tokens", "long", None)])
     if template or chat:
         columns = list(dict.fromkeys(["prompt", *(template_fields(template) if template else ["messages"])]))
-        signature.inputs = Schema([ColSpec("string", name, required=False) for name in columns])
+        # `messages` as OpenAI's chat requests send it (a list of turns) or as text: a string column would have
+        # MLflow write each turn of `{"inputs": {"messages": [...]}}` as the text of a Python dict
+        signature.inputs = Schema([ColSpec(AnyType() if name == "messages" and chat else "string", name,
+                                           required=False) for name in columns])  # fmt: skip
     return signature
 
 

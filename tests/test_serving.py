@@ -88,6 +88,36 @@ def test_a_request_is_a_prompt_a_templates_fields_or_messages_and_never_two():
             request_prompt(row, which="request 2 of 3", **kw)
 
 
+def test_an_openai_chat_request_is_one_conversation_and_its_max_tokens_is_max_new_tokens():
+    """MLflow hands OpenAI's chat request, `{"messages": [turn, ...], "max_tokens": N}`, to predict as a row per
+    turn. Before, each turn was a request of its own whose text was the Python dict's (a system and a user turn
+    were answered `["'Be brief.'", "Revenue grew 2% in 2000"]`), and max_tokens was dropped with a warning in the
+    server's log only."""
+    import mlflow
+    import pandas as pd
+
+    from tasks.registry import _requests, generation_settings
+
+    system, user = {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Net sales?"}
+    other = {"role": "user", "content": "Costs?"}
+    assert _requests(pd.DataFrame({"messages": [system, user]})) == [{"messages": [system, user]}]
+    assert _requests({"messages": [system, user]}) == [{"messages": [system, user]}]  # called without a schema
+    both = [{"messages": [system, user]}, {"messages": [other]}]  # conversations, a list of turns each
+    assert _requests(pd.DataFrame({"messages": [[system, user], [other]]})) == both
+    assert _requests(pd.DataFrame([{"messages": [[system, user], [other]]}])) == both
+    assert _requests(pd.DataFrame([{"messages": ["Net sales?", "Costs?"]}])) == [{"messages": "Net sales?"},
+                                                                                 {"messages": "Costs?"}]  # fmt: skip
+    assert generation_settings({"max_tokens": 7})["max_new_tokens"] == 7
+    served = {"max_new_tokens": 40, "max_tokens": 7}  # MLflow fills in the defaults a served request leaves out
+    assert generation_settings(served)["max_new_tokens"] == 7
+    assert generation_settings({"max_tokens": None, "max_new_tokens": 9})["max_new_tokens"] == 9
+    for params, said in (({"max_tokens": 7, "max_new_tokens": 5}, "max_tokens=7 and max_new_tokens=5 are two names "
+                          "for the tokens to generate: give one"),
+                         ({"max_tokens": 0}, "max_tokens must be a whole number of at least 1, got 0")):  # fmt: skip
+        with pytest.raises(mlflow.exceptions.MlflowException, match=re.escape(said)):
+            generation_settings(params)
+
+
 def test_a_version_holds_source_not_a_pickle_and_pickled_older_versions_still_load(tiny_run, tmp_path, capsys):
     import mlflow
     import pandas as pd

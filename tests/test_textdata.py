@@ -22,7 +22,7 @@ from edgar_tune.config import ConfigError, DataNotFound, load_config
 from flows.pipeline import _ask_again
 from tasks.stages import download_filings, extract_sections  # imports Prefect, which sets up logging, before caplog
 from tasks.textdata import JUMPSTART_TEMPLATE, SourceChanged, read_texts, render, split_rows
-from tests.conftest import run_cli
+from tests.conftest import free_port, run_cli, wait_http
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -553,13 +553,37 @@ def test_chat_tuning_end_to_end_serves_messages_in_the_chat_template(tmp_path, p
     model = f"models:/{s['registered_model']}/{s['model_version']}"
     mlflow.set_tracking_uri(s["mlflow_tracking_uri"])
     loaded = mlflow.pyfunc.load_model(model)
-    assert [c.name for c in loaded.metadata.get_input_schema().inputs] == ["prompt", "messages"]
+    inputs = loaded.metadata.get_input_schema().inputs  # `messages` a list of turns, or text
+    assert [(c.name, type(c.type).__name__) for c in inputs] == [("prompt", "DataType"), ("messages", "AnyType")]
     tok = load_tokenizer(str(tiny_chat_model))
     asked = [{"role": "user", "content": "Net sales grew."}]
     prompt = tok.apply_chat_template(asked, tokenize=False, add_generation_prompt=True)
     said = loaded.predict(pd.DataFrame({"prompt": [prompt]}), {"max_new_tokens": 3})
     assert loaded.predict({"messages": ["Net sales grew."]}, {"max_new_tokens": 3}) == said
     assert loaded.predict({"messages": json.dumps(asked)}, {"max_new_tokens": 3}) == said
+    assert loaded.predict({"messages": asked}, {"max_tokens": 3}) == said  # as OpenAI's chat requests give them
+    # Served: OpenAI's chat request is one conversation, and the `inputs` of several are one request each
+    system = [{"role": "system", "content": "Be brief."}, *asked]
+    alone = loaded.predict({"messages": json.dumps(system)}, {"max_new_tokens": 3})
+    port = free_port()
+    env = dict(os.environ, MLFLOW_TRACKING_URI=s["mlflow_tracking_uri"],
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")  # fmt: skip
+    serve = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", model,
+                              "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"], cwd=tmp_path,
+                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        wait_http(f"http://127.0.0.1:{port}/ping", serve)
+        url = f"http://127.0.0.1:{port}/invocations"
+        openai = httpx.post(url, json={"messages": system, "max_tokens": 3}, timeout=120)
+        batch = httpx.post(url, json={"inputs": {"messages": [system, asked]}, "params": {"max_new_tokens": 3}},
+                           timeout=120)  # fmt: skip
+        two = httpx.post(url, json={"messages": system, "max_tokens": 3, "max_new_tokens": 5}, timeout=120)
+    finally:
+        serve.terminate()
+        serve.wait(timeout=30)
+    assert openai.json() == alone, openai.text  # unwrapped, as MLflow answers a request in that form
+    assert batch.json() == {"predictions": alone + said}, batch.text
+    assert two.status_code == 400 and "are two names for the tokens to generate" in two.json()["message"], two.text
     with pytest.raises(mlflow.exceptions.MlflowException, match=re.escape(
             "the request, turn 1: {'role': 'me', 'content': 'x'} is not {\"role\": ROLE, \"content\": TEXT} with "
             "ROLE one of system, user, assistant")):  # checked as a training record's turns are
