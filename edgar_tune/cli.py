@@ -605,7 +605,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     for r in rows:
         sets.setdefault((r["validation"]["sha256"], r["validation"]["scoring"]), chr(ord("A") + len(sets)))
     head = ["version", "aliases", "validation"] + [f"perplexity on {letter}" for letter in sets.values()]
-    table = [head + ["base model", "data", "registered"]]
+    table = [head + ["base model", "data", "takes", "registered"]]
     for r in rows:
         scores = {(s["sha256"], s["scoring"]): f"{s['perplexity']:.4f}" + ("*" if s["rescored"] else "")
                   for s in r["scores"]}  # fmt: skip
@@ -614,9 +614,10 @@ def cmd_models(args: argparse.Namespace) -> int:
                       sets[(r["validation"]["sha256"], r["validation"]["scoring"])],
                       *[scores.get(key, "-") for key in sets],
                       base_shown(r["base_model"], r["base_revision"]) if r["base_model"] else "-",
-                      _data_summary(r), when])  # fmt: skip
-    widths = [max(len(row[i]) for row in table) for i in range(len(head) + 3)]
-    print(f"{args.name} at {uri}: {total} version(s); perplexity on held-out MD&A, lower is better")
+                      _data_summary(r), ", ".join(r["takes"]), when])  # fmt: skip
+    widths = [max(len(row[i]) for row in table) for i in range(len(head) + 4)]
+    held = "held-out MD&A" if all(r["filings"] for r in rows) else "held-out validation data"
+    print(f"{args.name} at {uri}: {total} version(s); perplexity on {held}, lower is better")
     for row in table:
         print("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
     for (sha, how), letter in sets.items():
@@ -626,6 +627,9 @@ def cmd_models(args: argparse.Namespace) -> int:
     if any(s["rescored"] for r in rows for s in r["scores"]):
         print("* scored later, as the champion a newer version was compared with.")
     print("Only scores in one column compare; `edgar-tune promote VERSION` moves the champion alias.")
+    if len({tuple(r["takes"]) for r in rows}) > 1:  # a champion moved between them changes what its clients send
+        print("takes: the request columns a version is prompted with, loaded or served; the versions differ, so "
+              "moving an alias between two that differ changes what its clients must send.")  # fmt: skip
     if total > len(rows):
         print(f"{total - len(rows)} older version(s) without an alias not shown (--last {args.last}); --last 0 shows "
               "them all")  # fmt: skip

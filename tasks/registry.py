@@ -614,7 +614,8 @@ def versions(client, name: str) -> list[dict]:
                      "filings": json.loads(tags.get("filings", "[]")),
                      "data_files": json.loads(tags.get("data_files", "[]")),
                      "run_id": v.run_id, "registered": v.creation_timestamp,
-                     "promoted_by_hand": json.loads(tags.get(PROMOTED, "null")), "tags": tags})  # fmt: skip
+                     "promoted_by_hand": json.loads(tags.get(PROMOTED, "null")), "takes": takes(tags),
+                     "tags": tags})  # fmt: skip
     rows.sort(key=lambda r: int(r["version"]), reverse=True)
     known = {(r["validation"]["sha256"], r["validation"]["scoring"]) for r in rows if r["validation"]["sha256"]}
     known = sorted(known, key=lambda k: (k[0], k[1] or ""))  # a version being registered may lack its scoring yet
@@ -625,6 +626,16 @@ def versions(client, name: str) -> list[dict]:
         if row["perplexity"] is not None:
             row["scores"].insert(0, row["validation"] | {"perplexity": row["perplexity"], "rescored": False})
     return rows
+
+
+def takes(tags: dict) -> list[str]:
+    """What a version (its tags) is prompted with, loaded or served: `messages` for one tuned on conversations, its
+    template's fields for one instruction-tuned (a written-out `prompt` also works), else a `prompt`."""
+    if tags.get("chat") == "true":
+        return ["messages"]
+    if "prompt_template" in tags:
+        return template_fields(json.loads(tags["prompt_template"])["prompt"])
+    return ["prompt"]
 
 
 def registered_model(client, name: str):
@@ -733,13 +744,20 @@ def hand_record(alias: str, before: str | None, by: str, reason: str) -> dict:
 
 def promotion_note(rows: dict[str, dict], version: str, before: str | None) -> str:
     """A line when `version` scored worse than `before`, the version that held the alias, on before's validation
-    data (`rows`: `versions` by version number); else ""."""
+    data, or is prompted with other columns (`takes`: the alias's clients must send others); else "". `rows`:
+    `versions` by version number."""
     if not before or before == version or version not in rows or before not in rows:
         return ""
+    notes = []
     mine, theirs = score_on(rows[version], rows[before]["validation"]), rows[before]["perplexity"]
-    if mine is None or theirs is None or mine <= theirs:
-        return ""
-    return f"v{version}'s perplexity {mine:.4f} is higher than v{before}'s {theirs:.4f} on v{before}'s validation data"
+    if mine is not None and theirs is not None and mine > theirs:
+        notes.append(f"v{version}'s perplexity {mine:.4f} is higher than v{before}'s {theirs:.4f} on v{before}'s "
+                     "validation data")  # fmt: skip
+    now, was = rows[version].get("takes"), rows[before].get("takes")
+    if now and was and now != was:
+        notes.append(f"v{version} is prompted with {', '.join(now)} where v{before} was with {', '.join(was)}: the "
+                     "alias's clients must send those instead")  # fmt: skip
+    return "; ".join(notes)
 
 
 def promotion_lines(name: str, done: dict) -> list[str]:

@@ -76,6 +76,8 @@ def test_a_person_promotes_a_version_by_hand_and_the_registry_records_who_and_wh
         v = client.create_model_version("m", source=(tmp_path / "weights").as_uri()).version
         for key, value in {"val_sha256": val, "val_perplexity": repr(ppl), "val_scoring": "window 128"}.items():
             client.set_model_version_tag("m", v, key, value)
+        if str(v) == "3":  # tuned on conversations: served from `messages`, not a `prompt`
+            client.set_model_version_tag("m", v, "chat", "true")
         promote(client, "m", str(v), ppl, val, "window 128", lambda champion: (9.5, "rescored"))
     assert client.get_model_version("m", "1").tags[rescored_key("mdna-b", "window 128")] == "9.5"
 
@@ -90,6 +92,12 @@ def test_a_person_promotes_a_version_by_hand_and_the_registry_records_who_and_wh
                     "v2": ["champion", "A", "8.0000", "-"],
                     "v1": ["-", "B", "9.5000*", "9.0000"]}, listed.stdout  # fmt: skip
     assert "validation A: first held out by v2 (-); sha256 mdna-b, window 128" in listed.stdout
+    assert "3 version(s); perplexity on held-out validation data" in listed.stdout  # none trained on 10-Ks
+    lines = [line.split() for line in listed.stdout.splitlines() if line.startswith("  v")]
+    assert lines[0][-2:] == ["takes", "registered"]  # before the date and time the version was registered
+    assert {row[0]: row[-3] for row in lines[1:]} == {"v3": "messages", "v2": "prompt", "v1": "prompt"}
+    assert "the versions differ, so moving an alias between two that differ changes what its clients must send" in (
+        listed.stdout)
     newest = cli("models", "--last", "1")  # the newest, and the champion, whatever its age
     assert [line.split()[0] for line in newest.stdout.splitlines() if line.startswith("  v")] == ["version", "v3", "v2"]
     assert "1 older version(s) without an alias not shown (--last 1); --last 0 shows them all" in newest.stdout
@@ -106,6 +114,8 @@ def test_a_person_promotes_a_version_by_hand_and_the_registry_records_who_and_wh
     assert record["alias"] == CHAMPION and record["before"] == "2" and record["reason"] == "v2 misreads segment tables"
     kept = cli("promote", "3")  # the challenger becomes champion and is no longer the challenger
     assert kept.returncode == 0 and "m v3 is now @champion (was v1)" in kept.stdout and "higher" not in kept.stdout
+    assert ("note: v3 is prompted with messages where v1 was with prompt: the alias's clients must send those "
+            "instead") in kept.stdout  # fmt: skip
     assert client.get_registered_model("m").aliases == {CHAMPION: 3}, CHALLENGER
     again = cli("promote", "v3")  # as `edgar-tune models` shows it
     assert "m v3 is already @champion" in again.stdout and "event" not in again.stdout  # nothing moved: no event
