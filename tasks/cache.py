@@ -232,11 +232,15 @@ def _flat(view: dict) -> dict:
             for section, keys in view.items() for k, v in (keys.items() if isinstance(keys, dict) else [(None, keys)])}
 
 
-def _moved(stage: str, cfg: PipelineConfig, recorded: dict) -> list[tuple[str, object, object]]:
+def _moved(stage: str, cfg: PipelineConfig, recorded: dict, lacking_at_default: bool = True,
+           ) -> list[tuple[str, object, object]]:  # fmt: skip
     """The config keys `stage` reads whose value in `cfg` is not the one its stamp `recorded`: (key, then, now). A
-    key new or gone since it ran (another edgar-tune) is taken as it was."""
-    now, then = _flat(config_view(cfg, stage).model_dump(mode="json")), _flat(recorded)
-    return [(k, then[k], now[k]) for k in now if k in then and now[k] != then[k] and reads_key(stage, cfg, k)]
+    key gone since it ran (another edgar-tune) is not compared; one new since, that it ran without, was at its
+    default (`lacking_at_default`; else it is not compared either)."""
+    now, then = _flat(stage_config(cfg, stage)), _flat(recorded)
+    if lacking_at_default:
+        then = _flat(PipelineConfig.model_construct().model_dump(mode="json")) | then
+    return [(k, then[k], now[k]) for k in now if k in then and now[k] != then[k]]
 
 
 def made_otherwise(run_dir: Path, cfg: PipelineConfig, stages: list[str] | tuple[str, ...] = STAGES[:-1],
@@ -266,8 +270,8 @@ def made_otherwise(run_dir: Path, cfg: PipelineConfig, stages: list[str] | tuple
         if "config" not in stamp:
             continue
         # tokenize ran at the commit it recorded, or as asked where the hub named none when the run began
-        moved = min((_moved(stage, at, stamp["config"]) for at in ([cfg, pinned] if stage == "tokenize" else [cfg])),
-                    key=len)  # fmt: skip
+        moved = min((_moved(stage, at, stamp["config"], lacking_at_default=False)
+                     for at in ([cfg, pinned] if stage == "tokenize" else [cfg])), key=len)  # fmt: skip
         if moved:
             why[stage] = (f"`{stage}` ran with " + ", ".join(f"{k}={then!r}" for k, then, _ in moved) + ", where "
                           "config.yaml says " + ", ".join(f"{k}={now!r}" for k, _, now in moved))  # fmt: skip
@@ -307,6 +311,21 @@ def kept_otherwise(run_dir: Path, cfg: PipelineConfig, todo: list[str] | tuple[s
     if "register" not in todo:
         return None
     return made_otherwise(run_dir, cfg, [s for s in STAGES[:-1] if s not in todo])
+
+
+def stage_config(cfg: PipelineConfig, stage: str) -> dict:
+    """What `stage`'s key holds of the config: the keys it reads (`stage_reads`), by section, and nothing of the
+    other sections. Before 2026-12-04 it held `config_view`'s whole dump, the other sections at their defaults, so a
+    key added to any section (another edgar-tune) moved every stage's key: the first run after an upgrade trained
+    and scored again (`decide` keeps stages stamped so)."""
+    out: dict = {}
+    for section, keys in config_view(cfg, stage).model_dump(mode="json").items():
+        if not isinstance(keys, dict):
+            if reads_key(stage, cfg, section):
+                out[section] = keys
+        elif picked := {k: v for k, v in keys.items() if reads_key(stage, cfg, f"{section}.{k}")}:
+            out[section] = picked
+    return out
 
 
 def config_view(cfg: PipelineConfig, stage: str) -> PipelineConfig:
@@ -494,7 +513,7 @@ def stage_inputs(stage: str, run_ref: str, run_dir: Path, cfg: PipelineConfig,
     parts = {
         "stage": stage,
         "run": run_ref,
-        "config": config_view(cfg, stage).model_dump(mode="json"),
+        "config": stage_config(cfg, stage),
         "reads": {name: read_digest(run_dir, name, files) for name in (reads or READS[stage])},
         "code": code_version(stage),
     }
@@ -518,18 +537,36 @@ def engine_files(cfg: PipelineConfig) -> dict:
 
 def decide(stage: str, run_ref: str, run_dir: Path, cfg: PipelineConfig, force: bool) -> tuple[bool, str, dict]:
     """Whether `stage` must run (rather than stand as cached), its cache key and what it reads (`stage_inputs`).
-    A stage stamped before its key left tokenize's reports out (`READ_BEFORE`) stands under the key it was
-    stamped with, where that key still describes the folders: an upgrade of edgar-tune does not train again for
-    it."""
+    A stage stamped by an earlier edgar-tune, whose key held other parts of the config (`stage_config`) or the
+    whole tokenize folder (`READ_BEFORE`), stands under the key it was stamped with where that key still describes
+    what it reads (`_as_stamped`): an upgrade of edgar-tune does not train again for it."""
     inputs = stage_inputs(stage, run_ref, run_dir, cfg)
     key = key_of(inputs)
     if force or is_current(run_dir, stage, key):
         return force, key, inputs
-    if stage in READ_BEFORE:
-        was = stage_inputs(stage, run_ref, run_dir, cfg, READ_BEFORE[stage])
-        if is_current(run_dir, stage, key_of(was)):
-            return False, key_of(was), was
+    if stood := _as_stamped(stage, run_ref, run_dir, cfg):
+        return False, *stood
     return True, key, inputs
+
+
+def _as_stamped(stage: str, run_ref: str, run_dir: Path, cfg: PipelineConfig) -> tuple[str, dict] | None:
+    """The key and inputs `stage` was stamped with by an earlier edgar-tune, where they still describe what it
+    reads: its recorded config holds the keys it reads as they are now (one it ran without, at its default), and
+    its key is that of the recorded config with the folders (as read now, or as read before, `READ_BEFORE`), the
+    code and the libraries as they are now. A stamp that recorded no config is tried with the config as
+    `config_view` dumped it whole. None otherwise."""
+    if not _stamp(run_dir, stage).exists():
+        return None
+    stamp = read_json(_stamp(run_dir, stage))
+    if "config" in stamp and _moved(stage, cfg, stamp["config"]):
+        return None
+    recorded = stamp.get("config", config_view(cfg, stage).model_dump(mode="json"))
+    for reads in (READS[stage], READ_BEFORE.get(stage)):
+        if reads is not None:
+            was = stage_inputs(stage, run_ref, run_dir, cfg, reads) | {"config": recorded}
+            if is_current(run_dir, stage, key_of(was)):
+                return key_of(was), was
+    return None
 
 
 def key_of(inputs: dict) -> str:

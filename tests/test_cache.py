@@ -305,6 +305,53 @@ def test_a_reworded_data_report_trains_and_scores_nothing_again(tmp_path):
     assert made_otherwise(tmp_path, cfg, ["train"]) is None
 
 
+def test_an_upgrade_that_adds_a_config_key_runs_no_stage_again(tmp_path):
+    """A stage's key held the whole config, the sections it does not read at their defaults: a key added to any
+    section (`generate.held_out`, 2026-12-04) moved every stage's key, and the demo's next run downloaded, parsed,
+    tokenized, trained, scored and registered again (a version more, the same perplexity). Now the key holds only
+    what the stage reads, and a stage stamped the old way stands under its key while the keys it reads are as it
+    recorded them (one it ran without, at its default)."""
+    from tasks.cache import why_it_runs
+
+    cfg = load_config("tiny")
+    for stage in STAGES:
+        (tmp_path / OUTPUTS[stage]).parent.mkdir(exist_ok=True)
+        (tmp_path / OUTPUTS[stage]).write_text(json.dumps({"filings": [], "base_model": {}}))
+
+    def stamp_as_before(stage: str, without: tuple[str, ...] = ("generate.held_out", "generate.max_new_tokens"),
+                        ) -> str:  # fmt: skip
+        """Stamp `stage` as an edgar-tune before `without` did: its whole config view, lacking those keys."""
+        inputs = stage_inputs(stage, str(tmp_path), tmp_path, cfg)
+        inputs["config"] = config_view(cfg, stage).model_dump(mode="json")
+        for key in without:
+            section, name = key.split(".")
+            del inputs["config"][section][name]
+        record(tmp_path, stage, key_of(inputs), inputs)
+        return key_of(inputs)
+
+    stamped = {stage: stamp_as_before(stage) for stage in STAGES}
+    for stage in STAGES:
+        fresh, key, _ = decide(stage, str(tmp_path), tmp_path, cfg, force=False)
+        assert (fresh, key) == (False, stamped[stage]), stage  # cached under the key it was stamped with
+        assert stage_key(stage, str(tmp_path), tmp_path, cfg) != stamped[stage]
+    # What it reads moved since: it runs, and says why
+    faster = load_config("tiny", {"train.learning_rate": 0.01})
+    assert decide("train", str(tmp_path), tmp_path, faster, force=False)[0] is True
+    assert decide("evaluate", str(tmp_path), tmp_path, faster, force=False)[0] is False  # it reads 04_train only
+    assert decide("train", str(tmp_path), tmp_path, cfg, force=True)[0] is True
+    # A key it reads that the edgar-tune which ran it lacked: it ran as at the key's default
+    stamp_as_before("train", ("train.learning_rate",))
+    default = load_config("tiny", {"train.learning_rate": cache.PipelineConfig().train.learning_rate})
+    assert decide("train", str(tmp_path), tmp_path, default, force=False)[0] is False
+    fresh, _, inputs = decide("train", str(tmp_path), tmp_path, cfg, force=False)
+    assert fresh and why_it_runs(tmp_path, "train", cfg, inputs) == (
+        f"train.learning_rate {cache.PipelineConfig().train.learning_rate!r} -> {cfg.train.learning_rate!r}")
+    # Stamped now: the key holds what the stage reads, so a key added elsewhere leaves it as it is
+    inputs = stage_inputs("train", str(tmp_path), tmp_path, cfg)
+    assert set(inputs["config"]) == {"train", "eval"} and set(inputs["config"]["eval"]) == set(
+        cache.TRAINING_EVAL_KEYS)  # fmt: skip
+
+
 def test_a_stamp_stands_only_with_its_outputs_and_its_key(tmp_path):
     record(tmp_path, "train", "k1")
     assert not is_current(tmp_path, "train", "k1")  # no 04_train/stats.json
