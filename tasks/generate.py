@@ -86,7 +86,7 @@ def generate(model, tokenizer, prompts: list[dict], cfg: GenerateConfig, label: 
                              do_sample=cfg.do_sample, top_k=cfg.top_k, top_p=cfg.top_p,
                              temperature=cfg.temperature, num_return_sequences=cfg.num_return_sequences,
                              pad_token_id=tokenizer.pad_token_id)  # fmt: skip
-        prompt = item.get("prompt") or tokenizer.decode(item["ids"])
+        prompt = item["prompt"] if "prompt" in item else tokenizer.decode(item["ids"])
         held_back = item.get("reference_ids")
         shown = {"reference": tokenizer.decode(held_back, skip_special_tokens=True)} if held_back is not None else {}
         for n, seq in enumerate(out):
