@@ -95,6 +95,9 @@ class EdgarTuneLM(mlflow.pyfunc.PythonModel):
         self.tokenizer = load_tokenizer(context.artifacts["weights"])
         self.template = (context.model_config or {}).get("prompt_template")
         self.chat = bool((context.model_config or {}).get("chat"))  # tuned on conversations: served from `messages`
+        from tasks.generate import turn_end
+
+        self.closing = turn_end(self.tokenizer) if self.chat else None  # its answers end there, as at EOS
         self.model.eval()
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> list[str]:
@@ -102,6 +105,8 @@ class EdgarTuneLM(mlflow.pyfunc.PythonModel):
         fields or the chat template of its `messages` (`request_prompt`); a plain string, a list of strings or a
         dict also works when called directly."""
         import torch
+
+        from tasks.generate import answer, stop_at
 
         settings = generation_settings(params)
         rows = _requests(model_input)
@@ -123,8 +128,10 @@ class EdgarTuneLM(mlflow.pyfunc.PythonModel):
             with torch.no_grad():
                 gen = self.model.generate(**ids, max_new_tokens=settings["max_new_tokens"],
                                           do_sample=settings["do_sample"], **drawn,
-                                          pad_token_id=self.tokenizer.pad_token_id)  # fmt: skip
-            out.append(self.tokenizer.decode(gen[0][ids["input_ids"].shape[1] :], skip_special_tokens=True))
+                                          pad_token_id=self.tokenizer.pad_token_id,
+                                          **stop_at(self.closing, self.tokenizer, self.model))  # fmt: skip
+            out.append(answer(self.tokenizer.decode(gen[0][ids["input_ids"].shape[1] :], skip_special_tokens=True),
+                              self.closing))  # fmt: skip
         return out
 
     def _check_context(self, encoded: list, new_tokens: int) -> None:

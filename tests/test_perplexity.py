@@ -181,3 +181,41 @@ def test_an_instruction_tuned_runs_samples_are_held_out_examples_beside_the_answ
     assert list(table) == ["prompt", "sample", "base_model", "fine_tuned", "reference"]
     assert table["reference"] == [" up 22%."]
     assert "reference" not in side_by_side([{"prompt": "p", "sample": 0, "text": "t"}], [])
+
+
+def test_held_out_samples_and_chat_answers_stop_where_the_templates_assistant_turn_ends(tiny):
+    """A model tuned on conversations ends its answer with its chat template's end of turn (`<|im_end|>`), which
+    need not be its EOS (a base model's is often `<|endoftext|>`): before, generation went on past it and the model
+    wrote the next turn itself (the SmolLM2 chat version with its base's EOS answered `... driven by North
+    America.\\nsystem\\n\\nuser\\nI'm planning to launch a new product, a smart`). It stops there now, whether the
+    turn's end is one token (one more EOS id) or several (a stop string)."""
+    import torch
+
+    from edgar_tune.config import GenerateConfig
+    from tasks.generate import generate, stop_at, turn_end
+    from tasks.models import load_tokenizer
+    from tests.test_textdata import CHATML
+
+    tok = load_tokenizer(tiny.name_or_path)
+    assert turn_end(tok) is None  # no chat template: nothing more to stop at
+    tok.chat_template = CHATML
+    assert turn_end(tok) == "<|im_end|>"
+    tok.chat_template = ("{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' + "
+                         "m['content'] + '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}"
+                         "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")  # Llama 3's
+    assert turn_end(tok) == "<|eot_id|>"
+    prompt = tok("Net sales increased")["input_ids"]
+    with torch.no_grad():
+        free = tiny.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, min_new_tokens=12,
+                             pad_token_id=tok.pad_token_id)[0][len(prompt) :].tolist()  # fmt: skip
+    text = tok.decode(free, skip_special_tokens=True)
+    pieces = {n: tok.decode(free[4 : 4 + n]).strip() for n in (1, 2)}  # a turn that ends in one token, or two
+    cfg = GenerateConfig(max_new_tokens=12, do_sample=False)
+    for n, closing in pieces.items():
+        assert closing and len(tok.encode(closing, add_special_tokens=False)) == n, (n, closing)
+        tok.chat_template = ("{% for m in messages %}{{ m['content'] }}{% if m['role'] == 'assistant' %}" + closing
+                             + "{% endif %}{% endfor %}")  # fmt: skip
+        assert turn_end(tok) == closing
+        assert set(stop_at(closing, tok, tiny)) == ({"eos_token_id"} if n == 1 else {"stop_strings", "tokenizer"})
+        said = generate(tiny, tok, [{"ids": prompt, "reference_ids": prompt[:1]}], cfg, "base")[0]["text"]
+        assert said == text.split(closing, 1)[0] and len(said) < len(text), (closing, said, text)
