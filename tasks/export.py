@@ -201,10 +201,16 @@ def export_version(client, name: str, version: str, out: str | Path, adapter: bo
             _check_room(out, gb, what, ", or --dtype bfloat16" if chosen == torch.float32 else "")
             log.info("writing %s (%.2f GB in %s) to %s", described(provenance), gb, str(chosen).removeprefix("torch."),
                      out)  # fmt: skip
+            if provenance["chat"]:  # transformers and vLLM stop where its answers end, as edgar-tune's serving does
+                provenance["turn_end_is_eos"] = stop_at_turn_end(model, tokenizer)
             model.save_pretrained(tmp)
             del model
         if not gguf:
             tokenizer.save_pretrained(tmp)
+            if provenance["chat"]:
+                from tasks.generate import turn_end
+
+                provenance["turn_end"] = turn_end(tokenizer)  # where its answers end, for the card to say
         atomic_write_json(tmp / PROVENANCE, provenance)
         card = model_card(provenance, run.data.params, base_name == SMOLLM2, out, stored_at)
         atomic_write_text(tmp / "README.md", card)
@@ -212,6 +218,18 @@ def export_version(client, name: str, version: str, out: str | Path, adapter: bo
     log.info("exported %s v%s (%s, %.1f MB) to %s in %s", name, version, form(provenance), size, out,
              clock(time.monotonic() - start))  # fmt: skip
     return provenance
+
+
+def stop_at_turn_end(model, tokenizer) -> bool:
+    """Make the end of the chat template's assistant turn (`<|im_end|>`) one of `model`'s EOS ids, in the
+    generation_config.json it is saved with, where it is one token: a chat-tuned model ends its answers there, and
+    a base whose EOS is another token went on to write the next turn itself. Whether it did."""
+    from tasks.generate import stop_at, turn_end
+
+    eos = stop_at(turn_end(tokenizer), tokenizer, model).get("eos_token_id")
+    if eos:
+        model.generation_config.eos_token_id = eos
+    return bool(eos)
 
 
 def form(p: dict) -> str:
@@ -459,7 +477,8 @@ def model_card(p: dict, params: dict[str, str], smollm2: bool, folder: Path | st
     shown = [(k, params[k]) for k in CARD_PARAMS if k in params]
     if shown:
         lines += ["", "| hyperparameter | value |", "|---|---|", *[f"| `{k}` | {v} |" for k, v in shown]]
-    lines += _prompt_lines(p.get("prompt_template"), p.get("chat", False), bool(gguf))
+    lines += _prompt_lines(p.get("prompt_template"), p.get("chat", False), bool(gguf), p.get("turn_end"),
+                           p.get("turn_end_is_eos", False))  # fmt: skip
     lines += ["", "Provenance (also in `edgar_tune.json`): " + f"`{p['model_uri']}` in `{p['tracking_uri']}`, MLflow "
               f"run `{p['mlflow_run_id']}`, edgar-tune commit `{p['git_commit']}`, training text sha256 "
               f"`{(p['train_sha256'] or '-')[:16]}`, validation text sha256 `{(p['val_sha256'] or '-')[:16]}`.",
@@ -490,11 +509,13 @@ def model_card(p: dict, params: dict[str, str], smollm2: bool, folder: Path | st
     return "\n".join(lines)
 
 
-def _prompt_lines(template: dict | None, chat: bool = False, gguf: bool = False) -> list[str]:
+def _prompt_lines(template: dict | None, chat: bool = False, gguf: bool = False, turn_end: str | None = None,
+                  turn_end_is_eos: bool = False) -> list[str]:  # fmt: skip
     """An instruction-tuned version's card section on its prompts: the template its training formatted each example
     with (`template.json`, or JumpStart's default), or for one tuned on conversations the tokenizer's chat template,
-    which a prompt must follow for the model to answer as it learnt to. Without it, whoever loads the export cannot
-    know."""
+    which a prompt must follow for the model to answer as it learnt to, and where its answers end (`turn_end`;
+    `turn_end_is_eos`: a merged export's generation_config.json stops there). Without it, whoever loads the export
+    cannot know."""
     if chat and gguf:
         return ["", "## Prompt it", "",
                 "It was trained on conversations written in its tokenizer's chat template, on the assistant's turns. "
@@ -509,7 +530,11 @@ def _prompt_lines(template: dict | None, chat: bool = False, gguf: bool = False)
                 'messages = [{"role": "user", "content": "What drives sales growth?"}]',
                 "prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)",
                 "ids = tokenizer(prompt, return_tensors=\"pt\", add_special_tokens=False)  # the template has them",
-                "```"]  # fmt: skip
+                "```", *([] if not turn_end else ["", f"It ends its answer with `{turn_end}`, where the template "
+                "ends the assistant's turn, " + ("which this folder's generation_config.json makes one of its EOS "
+                "ids, so `generate` stops there." if turn_end_is_eos else "which may not be its EOS: stop there too "
+                f"(`generate(..., stop_strings=[{turn_end!r}], tokenizer=tokenizer)`), or it goes on to write the "
+                "next turn itself.")])]  # fmt: skip
     if not template:
         return []
     from tasks.textdata import template_fields

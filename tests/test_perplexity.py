@@ -219,3 +219,14 @@ def test_held_out_samples_and_chat_answers_stop_where_the_templates_assistant_tu
         assert set(stop_at(closing, tok, tiny)) == ({"eos_token_id"} if n == 1 else {"stop_strings", "tokenizer"})
         said = generate(tiny, tok, [{"ids": prompt, "reference_ids": prompt[:1]}], cfg, "base")[0]["text"]
         assert said == text.split(closing, 1)[0] and len(said) < len(text), (closing, said, text)
+        # A merged export's generation_config.json stops there too, where the turn ends in one token
+        from tasks.export import stop_at_turn_end
+
+        eos = tiny.generation_config.eos_token_id
+        try:
+            assert stop_at_turn_end(tiny, tok) is (n == 1)
+            assert tiny.generation_config.eos_token_id == (
+                [*([eos] if isinstance(eos, int) else eos), *tok.encode(closing, add_special_tokens=False)]
+                if n == 1 else eos)  # fmt: skip
+        finally:
+            tiny.generation_config.eos_token_id = eos

@@ -596,6 +596,8 @@ def test_chat_tuning_end_to_end_serves_messages_in_the_chat_template(tmp_path, p
                  str(tmp_path / "export")]) == 0  # fmt: skip
     card = (tmp_path / "export" / "README.md").read_text()
     assert "trained on conversations written in its tokenizer's chat template" in card and "apply_chat_template" in card
+    assert ("It ends its answer with `<|im_end|>`, where the template ends the assistant's turn, which may not be its "
+            "EOS: stop there too (`generate(..., stop_strings=['<|im_end|>'], tokenizer=tokenizer)`)") in card
     from tasks.export import _prompt_lines  # a GGUF's card: the file carries the template, llama.cpp applies it
 
     assert "llama.cpp applies it to a conversation" in "\n".join(_prompt_lines(None, chat=True, gguf=True))
