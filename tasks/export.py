@@ -164,6 +164,10 @@ def export_version(client, name: str, version: str, out: str | Path, adapter: bo
             provenance = _provenance(client, mv, run, base_name, base_path, adapter, None if gguf else chosen,
                                      config["weights"], Path(artifacts["weights"]), gguf, base,
                                      base_revision)  # fmt: skip
+            if provenance["chat"] and not gguf:
+                from tasks.generate import turn_end
+
+                provenance["turn_end"] = turn_end(tokenizer)  # where its answers end, for the card to say
             if adapter and gguf:  # the adapter alone, for llama.cpp to apply to a GGUF of the base
                 file = tmp / gguf_name(name, version, f"lora-{gguf}")
                 log.info("writing %s as GGUF %s to %s", described(provenance), gguf, out / file.name)
@@ -201,16 +205,12 @@ def export_version(client, name: str, version: str, out: str | Path, adapter: bo
             _check_room(out, gb, what, ", or --dtype bfloat16" if chosen == torch.float32 else "")
             log.info("writing %s (%.2f GB in %s) to %s", described(provenance), gb, str(chosen).removeprefix("torch."),
                      out)  # fmt: skip
-            if provenance["chat"]:  # transformers and vLLM stop where its answers end, as edgar-tune's serving does
-                provenance["turn_end_is_eos"] = stop_at_turn_end(model, tokenizer)
+            if provenance.get("turn_end") and not base:  # transformers and vLLM stop where its answers end
+                provenance["turn_end_is_eos"] = stop_at_turn_end(model, tokenizer, provenance["turn_end"])
             model.save_pretrained(tmp)
             del model
         if not gguf:
             tokenizer.save_pretrained(tmp)
-            if provenance["chat"]:
-                from tasks.generate import turn_end
-
-                provenance["turn_end"] = turn_end(tokenizer)  # where its answers end, for the card to say
         atomic_write_json(tmp / PROVENANCE, provenance)
         card = model_card(provenance, run.data.params, base_name == SMOLLM2, out, stored_at)
         atomic_write_text(tmp / "README.md", card)
@@ -220,13 +220,13 @@ def export_version(client, name: str, version: str, out: str | Path, adapter: bo
     return provenance
 
 
-def stop_at_turn_end(model, tokenizer) -> bool:
-    """Make the end of the chat template's assistant turn (`<|im_end|>`) one of `model`'s EOS ids, in the
-    generation_config.json it is saved with, where it is one token: a chat-tuned model ends its answers there, and
-    a base whose EOS is another token went on to write the next turn itself. Whether it did."""
-    from tasks.generate import stop_at, turn_end
+def stop_at_turn_end(model, tokenizer, closing: str | None) -> bool:
+    """Make `closing`, the end of the chat template's assistant turn (`turn_end`: `<|im_end|>`), one of `model`'s
+    EOS ids, in the generation_config.json it is saved with, where it is one token: a chat-tuned model ends its
+    answers there, and a base whose EOS is another token went on to write the next turn itself. Whether it did."""
+    from tasks.generate import stop_at
 
-    eos = stop_at(turn_end(tokenizer), tokenizer, model).get("eos_token_id")
+    eos = stop_at(closing, tokenizer, model).get("eos_token_id")
     if eos:
         model.generation_config.eos_token_id = eos
     return bool(eos)

@@ -122,14 +122,14 @@ class EdgarTuneLM(mlflow.pyfunc.PythonModel):
         encoded = [self.tokenizer(text, return_tensors="pt", add_special_tokens=not whole) for text, whole in prompts]
         self._check_context(encoded, settings["max_new_tokens"])  # all before any is generated
         drawn = {k: settings[k] for k in ("temperature", "top_k", "top_p")} if settings["do_sample"] else {}
+        stop = stop_at(self.closing, self.tokenizer, self.model)
         out = []
         for i, ids in enumerate(encoded):
             torch.manual_seed(settings["seed"] + i)  # a request sampled again draws the same text
             with torch.no_grad():
                 gen = self.model.generate(**ids, max_new_tokens=settings["max_new_tokens"],
                                           do_sample=settings["do_sample"], **drawn,
-                                          pad_token_id=self.tokenizer.pad_token_id,
-                                          **stop_at(self.closing, self.tokenizer, self.model))  # fmt: skip
+                                          pad_token_id=self.tokenizer.pad_token_id, **stop)  # fmt: skip
             out.append(answer(self.tokenizer.decode(gen[0][ids["input_ids"].shape[1] :], skip_special_tokens=True),
                               self.closing))  # fmt: skip
         return out

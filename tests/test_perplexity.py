@@ -224,7 +224,7 @@ def test_held_out_samples_and_chat_answers_stop_where_the_templates_assistant_tu
 
         eos = tiny.generation_config.eos_token_id
         try:
-            assert stop_at_turn_end(tiny, tok) is (n == 1)
+            assert stop_at_turn_end(tiny, tok, turn_end(tok)) is (n == 1)
             assert tiny.generation_config.eos_token_id == (
                 [*([eos] if isinstance(eos, int) else eos), *tok.encode(closing, add_special_tokens=False)]
                 if n == 1 else eos)  # fmt: skip
