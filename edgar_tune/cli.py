@@ -423,8 +423,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print("edgar-tune generate: error: give --prompt TEXT, an instruction-tuned version's --field NAME=VALUE, or "
               "a chat-tuned version's --message TEXT", file=sys.stderr)  # fmt: skip
         return 2
-    sampling = {k: getattr(args, k) for k in ("do_sample", "temperature", "top_k", "top_p", "seed")}
-    params = {"max_new_tokens": args.max_new_tokens} | {k: v for k, v in sampling.items() if v not in (None, False)}
+    sampling = {k: getattr(args, k) for k in ("do_sample", "temperature", "top_k", "top_p", "seed", "stop")}
+    params = {"max_new_tokens": args.max_new_tokens} | {k: v for k, v in sampling.items() if v not in (None, False, [])}
     try:
         generation_settings(params)  # before the model loads
     except mlflow.exceptions.MlflowException as err:
@@ -450,8 +450,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return 2
     known = {p.name for p in model.metadata.get_params_schema().params} if model.metadata.get_params_schema() else set()
     if unknown := [k for k in sampling if k in params and k not in known]:  # MLflow would drop them: greedy text
+        dropped = " and ".join([*(["it generates greedily"] if set(unknown) - {"stop"} else []),
+                                *(["it would not stop there"] if "stop" in unknown else [])])  # fmt: skip
         print(f"edgar-tune generate: error: {args.model} was registered before versions took {', '.join(unknown)} "
-              f"(it takes {', '.join(sorted(known)) or 'no settings'}): it generates greedily; leave out "
+              f"(it takes {', '.join(sorted(known)) or 'no settings'}): {dropped}; leave out "
               f"{', '.join('--' + k.replace('_', '-') for k in unknown)}, or generate with a version registered "
               "since 2026-12-04", file=sys.stderr)  # fmt: skip
         return 2
@@ -811,6 +813,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, help="with --do-sample: nucleus sampling mass (default 1.0)")
     gen.add_argument("--seed", type=int, help="the first prompt's seed, the next's one more (default 0): the same "
                      "command draws the same text")  # fmt: skip
+    gen.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                     help="end each answer before this text (left out); repeat for several")
     gen.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///runs/mlflow.db")
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt")
     gen.set_defaults(fn=cmd_generate)

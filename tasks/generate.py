@@ -68,23 +68,28 @@ def turn_end(tokenizer) -> str | None:
     return end[len(start) + 1 :].strip() or None
 
 
-def stop_at(closing: str | None, tokenizer, model) -> dict:
-    """`generate`'s arguments that stop it where the turn ends (`turn_end`) as well as at the model's EOS: one more
-    EOS id where the turn ends in one token (a special one, as `<|im_end|>`), else a stop string (which costs about
-    0.35 s a call to set up, for a 49k vocabulary); none without one."""
-    if not closing:
-        return {}
-    ids = tokenizer.encode(closing, add_special_tokens=False)
+def stop_at(closing: str | None, tokenizer, model, stop: list[str] | tuple[str, ...] = ()) -> dict:
+    """`generate`'s arguments that stop it where the turn ends (`turn_end`) as well as at the model's EOS, and at
+    any of the texts `stop` (a request's own): one more EOS id where the turn ends in one token (a special one, as
+    `<|im_end|>`), else stop strings (which cost about 0.35 s a call to set up, for a 49k vocabulary)."""
+    strings, ids = list(stop), tokenizer.encode(closing, add_special_tokens=False) if closing else []
+    args = {}
     if len(ids) == 1:
         eos = model.generation_config.eos_token_id
         eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-        return {"eos_token_id": list(dict.fromkeys([*eos, ids[0]]))}
-    return {"stop_strings": [closing], "tokenizer": tokenizer}
+        args["eos_token_id"] = list(dict.fromkeys([*eos, ids[0]]))
+    elif closing:
+        strings.insert(0, closing)
+    return args | ({"stop_strings": strings, "tokenizer": tokenizer} if strings else {})
 
 
-def answer(text: str, closing: str | None) -> str:
-    """Generated text up to the end of the turn (`turn_end`), which decoding keeps where it is not a special token."""
-    return text.split(closing, 1)[0] if closing else text
+def answer(text: str, closing: str | None, stop: list[str] | tuple[str, ...] = ()) -> str:
+    """Generated text up to the end of the turn (`turn_end`), which decoding keeps where it is not a special token,
+    or up to the first of the texts `stop`, whichever comes first (OpenAI's `stop`: the text it ends at is left
+    out)."""
+    for end in [closing, *stop] if closing else stop:
+        text = text.split(end, 1)[0]
+    return text
 
 
 def check_length(cfg: GenerateConfig, model) -> None:

@@ -122,7 +122,7 @@ class EdgarTuneLM(mlflow.pyfunc.PythonModel):
         encoded = [self.tokenizer(text, return_tensors="pt", add_special_tokens=not whole) for text, whole in prompts]
         self._check_context(encoded, settings["max_new_tokens"])  # all before any is generated
         drawn = {k: settings[k] for k in ("temperature", "top_k", "top_p")} if settings["do_sample"] else {}
-        stop = stop_at(self.closing, self.tokenizer, self.model)
+        stop = stop_at(self.closing, self.tokenizer, self.model, settings["stop"])
         out = []
         for i, ids in enumerate(encoded):
             torch.manual_seed(settings["seed"] + i)  # a request sampled again draws the same text
@@ -131,7 +131,7 @@ class EdgarTuneLM(mlflow.pyfunc.PythonModel):
                                           do_sample=settings["do_sample"], **drawn,
                                           pad_token_id=self.tokenizer.pad_token_id, **stop)  # fmt: skip
             out.append(answer(self.tokenizer.decode(gen[0][ids["input_ids"].shape[1] :], skip_special_tokens=True),
-                              self.closing))  # fmt: skip
+                              self.closing, settings["stop"]))  # fmt: skip
         return out
 
     def _check_context(self, encoded: list, new_tokens: int) -> None:
@@ -155,7 +155,8 @@ GENERATION = {"max_new_tokens": 40, "do_sample": False, "temperature": 1.0, "top
 
 
 def generation_settings(params: dict | None) -> dict:
-    """The settings a predict call generates with: its `params` over `GENERATION`, each checked.
+    """The settings a predict call generates with: its `params` over `GENERATION`, each checked, OpenAI's
+    `max_tokens` as `max_new_tokens`, and `stop`, the texts to end each answer at (a list; none by default).
 
     Raises:
         MlflowException (INVALID_PARAMETER_VALUE: a served request's mistake, answered 400 with this message, not
@@ -173,6 +174,11 @@ def generation_settings(params: dict | None) -> dict:
                 f"max_tokens={openai!r} and max_new_tokens={given['max_new_tokens']!r} are two names for the tokens "
                 "to generate: give one")  # fmt: skip
         given["max_new_tokens"] = openai
+    stop = (params or {}).get("stop")
+    stop = [] if stop is None else [stop] if isinstance(stop, str) else list(stop)
+    if not all(isinstance(text, str) and text for text in stop):  # OpenAI's: texts to end the answer at
+        raise mlflow.exceptions.MlflowException.invalid_parameter_value(
+            f"stop must be a list of texts, none empty, got {stop!r}")
     settings = GENERATION | given
     checks = {
         "max_new_tokens": (lambda v: whole(v) and v >= 1, "a whole number of at least 1"),
@@ -193,7 +199,7 @@ def generation_settings(params: dict | None) -> dict:
         raise mlflow.exceptions.MlflowException.invalid_parameter_value(
             f"{', '.join(unused)} only {shape} sampling, and do_sample is false (greedy decoding takes the likeliest "
             "token each step): set do_sample to true, or leave them out")  # fmt: skip
-    return {k: type(GENERATION[k])(v) for k, v in settings.items()}
+    return {k: type(GENERATION[k])(v) for k, v in settings.items()} | {"stop": stop}
 
 
 def _which(n: int, count: int) -> str:
@@ -354,16 +360,17 @@ def pip_requirements() -> list[str]:
 
 def _signature(template: str | None = None, chat: bool = False):
     """A `prompt` column in, generated text out, `GENERATION`'s settings as request parameters (also when served),
-    and OpenAI's `max_tokens` for `max_new_tokens`; for a version instruction-tuned with the prompt `template`, its
-    fields too, and for one tuned on conversations (`chat`), `messages` (any type: a list of turns, or text); each
-    column then optional (`request_prompt`)."""
+    OpenAI's `max_tokens` for `max_new_tokens`, and its `stop` texts; for a version instruction-tuned with the
+    prompt `template`, its fields too, and for one tuned on conversations (`chat`), `messages` (any type: a list of
+    turns, or text); each column then optional (`request_prompt`)."""
     from mlflow.models import infer_signature
     from mlflow.types.schema import AnyType, ColSpec, ParamSchema, ParamSpec, Schema
 
     signature = infer_signature(pd.DataFrame({"prompt": ["This Form 10-K report shows that"]}), ["text"],
                                 params=GENERATION)  # fmt: skip
-    # OpenAI's name for max_new_tokens, which its clients send: unset unless given
-    signature.params = ParamSchema([*signature.params.params, ParamSpec("max_tokens", "long", None)])
+    # OpenAI's name for max_new_tokens, which its clients send, unset unless given; and its texts to stop at
+    signature.params = ParamSchema([*signature.params.params, ParamSpec("max_tokens", "long", None),
+                                    ParamSpec("stop", "string", [], shape=(-1,))])  # fmt: skip
     if template or chat:
         columns = list(dict.fromkeys(["prompt", *(template_fields(template) if template else ["messages"])]))
         # `messages` as OpenAI's chat requests send it (a list of turns) or as text: a string column would have

@@ -217,6 +217,7 @@ def test_held_out_samples_and_chat_answers_stop_where_the_templates_assistant_tu
                              + "{% endif %}{% endfor %}")  # fmt: skip
         assert turn_end(tok) == closing
         assert set(stop_at(closing, tok, tiny)) == ({"eos_token_id"} if n == 1 else {"stop_strings", "tokenizer"})
+        assert stop_at(closing, tok, tiny, ["Q:"])["stop_strings"] == (["Q:"] if n == 1 else [closing, "Q:"])
         said = generate(tiny, tok, [{"ids": prompt, "reference_ids": prompt[:1]}], cfg, "base")[0]["text"]
         assert said == text.split(closing, 1)[0] and len(said) < len(text), (closing, said, text)
         # A merged export's generation_config.json stops there too, where the turn ends in one token

@@ -38,6 +38,13 @@ def test_generate_command_loads_base_and_adapter_from_the_registry(tiny_run, tmp
     assert [r["prompt"] for r in rows] == ["Net sales increased", "We serve consumers through"]
     assert all(isinstance(r["generated"], str) and r["generated"] for r in rows)
     assert f"downloaded {s['registered_model']} v{s['model_version']} (" in proc.stderr  # into the cache: once
+    end = rows[0]["generated"].strip().split()[-1]  # OpenAI's `stop`: the answer ends before the text
+    stopped = subprocess.run([sys.executable, "-m", "edgar_tune.cli", "generate", "--model", uri, "--prompt",
+                              "Net sales increased", "--max-new-tokens", "6", "--stop", end, "--json",
+                              "--tracking-uri", s["mlflow_tracking_uri"]], cwd=REPO, capture_output=True, text=True,
+                             timeout=300, env=dict(os.environ, EDGAR_TUNE_CACHE=str(tmp_path)))  # fmt: skip
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    assert json.loads(stopped.stdout.splitlines()[-1])["generated"] == rows[0]["generated"].split(end, 1)[0]
     missing = subprocess.run([sys.executable, "-m", "edgar_tune.cli", "generate", "--model", "models:/nope@champion",
                               "--prompt", "x", "--tracking-uri", s["mlflow_tracking_uri"]],
                              cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
@@ -111,9 +118,18 @@ def test_an_openai_chat_request_is_one_conversation_and_its_max_tokens_is_max_ne
     served = {"max_new_tokens": 40, "max_tokens": 7}  # MLflow fills in the defaults a served request leaves out
     assert generation_settings(served)["max_new_tokens"] == 7
     assert generation_settings({"max_tokens": None, "max_new_tokens": 9})["max_new_tokens"] == 9
+    assert generation_settings({})["stop"] == [] and generation_settings({"stop": ["\n\n", "Q:"]})["stop"] == [
+        "\n\n", "Q:"]  # fmt: skip
+    assert generation_settings({"stop": "Q:"})["stop"] == ["Q:"]  # OpenAI's takes one text too
+    from tasks.generate import answer
+
+    assert answer("Net sales grew.\n\nQ: and", None, ["\n\n", "Q:"]) == "Net sales grew."
+    assert answer("Net sales<|im_end|> grew", "<|im_end|>", ["grew"]) == "Net sales"
     for params, said in (({"max_tokens": 7, "max_new_tokens": 5}, "max_tokens=7 and max_new_tokens=5 are two names "
                           "for the tokens to generate: give one"),
-                         ({"max_tokens": 0}, "max_tokens must be a whole number of at least 1, got 0")):  # fmt: skip
+                         ({"max_tokens": 0}, "max_tokens must be a whole number of at least 1, got 0"),
+                         ({"stop": ["Q:", ""]}, "stop must be a list of texts, none empty, got ['Q:', '']"),
+                         ):  # fmt: skip
         with pytest.raises(mlflow.exceptions.MlflowException, match=re.escape(said)):
             generation_settings(params)
 
@@ -186,6 +202,8 @@ def test_mlflow_models_serve_answers_a_prompt(tiny_run, tmp_path):
                    _refused(url, {**body, "params": {"temperature": 0.7}})]  # fmt: skip
         sampling = {"max_new_tokens": 5, "do_sample": True, "temperature": 2, "top_p": 0.9, "seed": 11}
         sampled = [_post(url, {**body, "params": sampling}) for _ in range(2)]
+        end = answer["predictions"][0].strip().split()[-1]  # OpenAI's `stop`, in its unwrapped form too
+        stopped = _post(url, {"prompt": "Net sales increased", "max_tokens": 5, "stop": [end]})
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -197,6 +215,7 @@ def test_mlflow_models_serve_answers_a_prompt(tiny_run, tmp_path):
                      r"of 2048 positions: shorten it, or lower max_new_tokens to \d+ or less", refused[1][1]["message"])
     assert "temperature=0.7 only shapes sampling, and do_sample is false" in refused[2][1]["message"], refused
     assert sampled[0] == sampled[1] and len(sampled[0]["predictions"]) == 1, sampled  # the same seed, the same text
+    assert stopped == [answer["predictions"][0].split(end, 1)[0]], (stopped, answer)
 
 
 def _post(url: str, body: dict) -> dict:
