@@ -527,6 +527,60 @@ def _registered_uri_needed(given: str) -> str:
             f"models:/{given}@champion if {given} is the registered model; `edgar-tune models` lists them)")
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve a version behind OpenAI's API (edgar_tune/serve.py) until interrupted."""
+    import socket
+    import tempfile
+
+    if ":/" not in args.model and not Path(args.model).expanduser().is_dir():
+        print(f"edgar-tune: error: {_registered_uri_needed(args.model)}, or a model's folder or runs:/ URI",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    with socket.socket() as probe:  # before the model loads: a port taken is known at once
+        try:
+            probe.bind((args.host, args.port))
+        except OSError as err:
+            print(f"edgar-tune serve: error: cannot listen on {args.host}:{args.port} ({err.strerror}): pass another "
+                  "--port, or stop what listens there", file=sys.stderr)  # fmt: skip
+            return 2
+    import mlflow
+    import uvicorn
+
+    from edgar_tune.serve import Server, app
+    from tasks.registry import loaded_version, registered_files, registered_version
+    from tasks.textdata import template_fields
+
+    version = None
+    try:
+        if ":/" not in args.model:
+            name, lm = Path(args.model).expanduser().resolve().name, loaded_version(Path(args.model).expanduser())
+        else:
+            uri = _store_uri(args.tracking_uri)
+            mlflow.set_tracking_uri(uri)
+            client = mlflow.MlflowClient(uri)
+            if found := registered_version(client, args.model):  # downloaded once, then cached
+                name, version = found
+                with registered_files(client, name, version) as local:  # not held while serving: read once
+                    lm = loaded_version(local)
+            else:  # runs:/..., models:/NAME/latest: MLflow's own way
+                with tempfile.TemporaryDirectory() as tmp:
+                    lm = loaded_version(Path(mlflow.artifacts.download_artifacts(args.model, dst_path=tmp)))
+                name = args.model
+    except (mlflow.exceptions.MlflowException, LookupError, OSError) as err:
+        why = err.message if isinstance(err, mlflow.exceptions.MlflowException) else str(err.args[-1])
+        print(f"edgar-tune serve: error: cannot load {args.model}: {why}", file=sys.stderr)
+        return 2
+    server = Server(lm, args.name or name, args.model, version, args.max_new_tokens)
+    kinds = ("conversations" if lm.chat else "text" if not lm.template
+             else f"a prompt template ({', '.join(template_fields(lm.template))})")  # fmt: skip
+    print(f"edgar-tune serve: {args.model}{f' (v{version})' if version else ''}, tuned on {kinds}, as `{server.name}` "
+          f"at http://{args.host}:{args.port}/v1 (OpenAI's API: POST /v1/chat/completions, /v1/completions; GET "
+          f"/v1/models); up to {args.max_new_tokens} new tokens unless a request says max_tokens",
+          file=sys.stderr, flush=True)  # fmt: skip
+    uvicorn.run(app(server), host=args.host, port=args.port, log_level="info")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     """Write a registered version into a folder that loads without edgar-tune or MLflow: merged, its adapter, or
     one GGUF file; or the base it was trained on."""
@@ -818,6 +872,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///runs/mlflow.db")
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt")
     gen.set_defaults(fn=cmd_generate)
+    srv = sub.add_parser("serve", help="serve a version behind OpenAI's API (/v1/chat/completions, /v1/completions, "
+                         "/v1/models), for the openai SDK and the clients that speak it")  # fmt: skip
+    srv.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/N, runs:/ID/model, or a "
+                     "version's folder (its MLmodel inside)")  # fmt: skip
+    srv.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only); 0.0.0.0 for all")
+    srv.add_argument("--port", type=_whole(1), default=8000)
+    srv.add_argument("--name", help="the model's id in requests and answers (default: the registered model's name)")
+    srv.add_argument("--max-new-tokens", type=_whole(1), default=256,
+                     help="a request's answer length unless it says max_tokens (default 256)")
+    srv.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///runs/mlflow.db")
+    srv.set_defaults(fn=cmd_serve)
     exp = sub.add_parser("export", help="write a registered version into a folder that transformers, peft, vLLM "
                          "or llama.cpp load without edgar-tune or MLflow: merged (default), its LoRA adapter, or "
                          "one GGUF file")  # fmt: skip

@@ -104,10 +104,6 @@ class EdgarTuneLM(mlflow.pyfunc.PythonModel):
         """Generate a completion for each request: a row's `prompt`, or the prompt the template makes of its
         fields or the chat template of its `messages` (`request_prompt`); a plain string, a list of strings or a
         dict also works when called directly."""
-        import torch
-
-        from tasks.generate import answer, stop_at
-
         settings = generation_settings(params)
         rows = _requests(model_input)
         if (self.template or self.chat) and hasattr(model_input, "columns") and not len(model_input.columns):
@@ -118,20 +114,43 @@ class EdgarTuneLM(mlflow.pyfunc.PythonModel):
                 f"the input has no column the model reads: give each request a `prompt`, or {other}")
         chat = (lambda value, which: chat_prompt(self.tokenizer, value, which)) if self.chat else None
         prompts = [request_prompt(row, self.template, _which(n, len(rows)), chat) for n, row in enumerate(rows, 1)]
-        # a chat template writes the special tokens it wants (a BOS): the tokenizer adds none, as in training
+        return [done["choices"][0]["text"] for done in self.complete(prompts, settings, closing=self.closing)]
+
+    def complete(self, prompts: list[tuple[str, bool]], settings: dict, n: int = 1, *,
+                 closing: str | None) -> list[dict]:  # fmt: skip
+        """Answer each prompt (its text, and whether it is whole: written in a chat template, with its special
+        tokens, to which the tokenizer adds none, as in training) `n` times with `settings` (`generation_settings`),
+        each answer ending at EOS, at `closing` (the chat template's end of turn, `turn_end`) and at the `stop`
+        texts: per prompt, its `prompt_tokens` and its `choices`, each the `text`, its `completion_tokens` and why
+        it ended (`finish_reason`: "stop" there, "length" at max_new_tokens), as OpenAI's API reports them. The
+        answers of one prompt are drawn one after another from one seed (`settings["seed"]` plus the prompt's
+        place), so the first is the one `n=1` gives."""
+        import torch
+
+        from tasks.generate import answer, stop_at
+
         encoded = [self.tokenizer(text, return_tensors="pt", add_special_tokens=not whole) for text, whole in prompts]
         self._check_context(encoded, settings["max_new_tokens"])  # all before any is generated
         drawn = {k: settings[k] for k in ("temperature", "top_k", "top_p")} if settings["do_sample"] else {}
-        stop = stop_at(self.closing, self.tokenizer, self.model, settings["stop"])
+        stop = stop_at(closing, self.tokenizer, self.model, settings["stop"])
+        eos = stop.get("eos_token_id", self.model.generation_config.eos_token_id)
+        eos = set([] if eos is None else [eos] if isinstance(eos, int) else eos)
         out = []
         for i, ids in enumerate(encoded):
             torch.manual_seed(settings["seed"] + i)  # a request sampled again draws the same text
-            with torch.no_grad():
-                gen = self.model.generate(**ids, max_new_tokens=settings["max_new_tokens"],
-                                          do_sample=settings["do_sample"], **drawn,
-                                          pad_token_id=self.tokenizer.pad_token_id, **stop)  # fmt: skip
-            out.append(answer(self.tokenizer.decode(gen[0][ids["input_ids"].shape[1] :], skip_special_tokens=True),
-                              self.closing, settings["stop"]))  # fmt: skip
+            choices = []
+            for _ in range(n):
+                with torch.no_grad():
+                    gen = self.model.generate(**ids, max_new_tokens=settings["max_new_tokens"],
+                                              do_sample=settings["do_sample"], **drawn,
+                                              pad_token_id=self.tokenizer.pad_token_id, **stop)  # fmt: skip
+                new = gen[0][ids["input_ids"].shape[1] :].tolist()
+                said = self.tokenizer.decode(new, skip_special_tokens=True)
+                text = answer(said, closing, settings["stop"])
+                ended = len(new) < settings["max_new_tokens"] or bool(new) and new[-1] in eos or text != said
+                choices.append({"text": text, "completion_tokens": len(new),
+                                "finish_reason": "stop" if ended else "length"})
+            out.append({"prompt_tokens": ids["input_ids"].shape[1], "choices": choices})
         return out
 
     def _check_context(self, encoded: list, new_tokens: int) -> None:
@@ -329,6 +348,17 @@ def version_artifacts(local: Path) -> tuple[dict[str, str], dict[str, str]]:
     run recorded), from its MLmodel file."""
     flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
     return {k: str(local / v["path"]) for k, v in flavor["artifacts"].items()}, flavor["config"]
+
+
+def loaded_version(local: Path) -> EdgarTuneLM:
+    """A version (its folder: MLmodel beside its artifacts) loaded with this checkout's `EdgarTuneLM`, not the
+    copy of the code it was registered with: what it generates with, whenever it was registered."""
+    from types import SimpleNamespace
+
+    artifacts, config = version_artifacts(local)
+    lm = EdgarTuneLM()
+    lm.load_context(SimpleNamespace(artifacts=artifacts, model_config=config))
+    return lm
 
 
 def load_registered(artifacts: dict[str, str], config: dict[str, str], dtype=None):

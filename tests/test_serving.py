@@ -218,6 +218,124 @@ def test_mlflow_models_serve_answers_a_prompt(tiny_run, tmp_path):
     assert stopped == [answer["predictions"][0].split(end, 1)[0]], (stopped, answer)
 
 
+@contextlib.contextmanager
+def edgar_tune_serve(model: str, tmp_path: Path, *args: str) -> Iterator[str]:
+    """`edgar-tune serve --model MODEL ARGS` on loopback: yields its OpenAI base URL (`.../v1`)."""
+    port = free_port()
+    log = open(tmp_path / f"serve-{port}.log", "w")  # noqa: SIM115 (read when it fails)
+    proc = subprocess.Popen([str(BIN / "edgar-tune"), "serve", "--model", model, "--port", str(port), *args],
+                            cwd=tmp_path, env=dict(os.environ, EDGAR_TUNE_CACHE=str(tmp_path / "cache")), stdout=log,
+                            stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", proc, timeout=300)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+
+
+def test_edgar_tune_serve_answers_openais_sdk_as_the_versions_predict_does(tiny_run, tmp_path):
+    """The `openai` SDK, pointed at `edgar-tune serve`, gets the text the version's own `predict` generates, with
+    OpenAI's usage and finish_reason; a chat version's `messages` are written in its chat template; what the server
+    does not do (streaming, log probabilities, greedy n > 1) and a model it does not serve are refused, not
+    dropped."""
+    import mlflow
+    import openai
+    import pandas as pd
+    import yaml
+
+    from tasks.registry import _signature, version_artifacts
+    from tests.test_textdata import CHATML
+
+    _, s = tiny_run
+    name, uri = s["registered_model"], f"models:/{s['registered_model']}@champion"
+    mlflow.set_tracking_uri(s["mlflow_tracking_uri"])
+    prompts = ["Net sales increased", "We serve consumers through"]
+    loaded = mlflow.pyfunc.load_model(uri)
+    said = loaded.predict(pd.DataFrame({"prompt": prompts}), {"max_new_tokens": 6})
+    drawn = loaded.predict(pd.DataFrame({"prompt": prompts[:1]}),
+                           {"max_new_tokens": 6, "do_sample": True, "temperature": 0.9, "top_k": 0, "seed": 7})
+    tokenizer = loaded.unwrap_python_model().tokenizer
+    with edgar_tune_serve(uri, tmp_path, "--tracking-uri", s["mlflow_tracking_uri"]) as base_url:
+        client = openai.OpenAI(base_url=base_url, api_key="none", max_retries=0)
+        listed = [m.id for m in client.models.list().data]
+        done = client.completions.create(model=name, prompt=prompts, max_tokens=6)
+        sampled = [client.completions.create(model=name, prompt=prompts[0], max_tokens=6, temperature=0.9, n=2,
+                                             seed=7) for _ in range(2)]  # fmt: skip
+        refused = {}
+        for why, kw in {"stream": {"stream": True}, "logprobs": {"logprobs": 2}, "greedy n": {"n": 2},
+                        "model": {"model": "gpt-4o"}, "unknown": {"extra_body": {"beam_width": 4}},
+                        "too long": {"prompt": "Net sales increased. " * 1000}}.items():  # fmt: skip
+            with pytest.raises(openai.APIStatusError) as err:
+                client.completions.create(**{"model": name, "prompt": prompts[0], "max_tokens": 6, **kw})
+            refused[why] = (err.value.status_code, err.value.body["message"])
+        with pytest.raises(openai.BadRequestError) as no_template:  # a text version, its tokenizer without one
+            client.chat.completions.create(model=name, messages=[{"role": "user", "content": "Hi"}], max_tokens=3)
+    assert listed == [name]
+    assert [c.text for c in done.choices] == said and [c.index for c in done.choices] == [0, 1]
+    assert [c.finish_reason for c in done.choices] == ["length", "length"] and done.model == name
+    assert done.usage.prompt_tokens == sum(len(tokenizer(p)["input_ids"]) for p in prompts)
+    assert done.usage.completion_tokens == 12 and done.usage.total_tokens == done.usage.prompt_tokens + 12
+    # sampled as OpenAI samples (the whole vocabulary at the temperature), from the seed: drawn again the same
+    assert sampled[0].choices[0].text == drawn[0] and [c.text for c in sampled[0].choices] == [
+        c.text for c in sampled[1].choices]  # fmt: skip
+    assert refused["stream"] == (400, "stream=true is not served: answers are sent whole (stream: false); leave it out")
+    assert refused["logprobs"] == (400, "logprobs=2 is not served: this server does not do it; leave it out")
+    assert refused["greedy n"] == (400, "n=2 answers of greedy decoding (temperature 0 or left out) are one answer 2 "
+                                   "times: set temperature above 0 to sample them")  # fmt: skip
+    assert refused["model"] == (404, f"the model `gpt-4o` does not exist: this server serves `{name}` ({uri})")
+    unknown = "unrecognized request argument supplied: beam_width (/v1/completions takes max_tokens, model, n, prompt"
+    assert refused["unknown"][0] == 400 and unknown in refused["unknown"][1], refused["unknown"]
+    assert refused["too long"][0] == 400 and "past the model's context of 2048 positions" in refused["too long"][1]
+    assert "has no chat template to write messages in: send a prompt to /v1/completions" in no_template.value.message
+    # A version tuned on conversations (its folder, as MLflow downloads it): messages in its chat template
+    folder = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{s['model_version']}",
+                                                      dst_path=str(tmp_path / "chat")))  # fmt: skip
+    mlmodel = yaml.safe_load((folder / "MLmodel").read_text())
+    mlmodel["flavors"]["python_function"]["config"]["chat"] = True
+    mlmodel["signature"] = _signature(chat=True).to_dict()
+    (folder / "MLmodel").write_text(yaml.safe_dump(mlmodel))
+    tokenizer.chat_template = CHATML
+    tokenizer.save_pretrained(version_artifacts(folder)[0]["weights"])
+    chat = mlflow.pyfunc.load_model(str(folder))
+    asked = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Net sales grew."}]
+    answered = chat.predict({"messages": asked}, {"max_new_tokens": 4})
+    with edgar_tune_serve(str(folder), tmp_path) as base_url:
+        client = openai.OpenAI(base_url=base_url, api_key="none", max_retries=0)
+        reply = client.chat.completions.create(model=folder.name, messages=asked, max_tokens=4)
+        parts = client.chat.completions.create(model=folder.name, max_tokens=4, messages=[  # OpenAI's newer forms
+            {"role": "developer", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "text", "text": "Net sales "}, {"type": "text", "text": "grew."}]}])
+        with pytest.raises(openai.BadRequestError) as tool:
+            client.chat.completions.create(model=folder.name, messages=[*asked, {"role": "tool", "content": "1"}])
+    assert reply.choices[0].message.content == answered[0] and reply.object == "chat.completion"
+    assert reply.choices[0].message.role == "assistant" and reply.model == folder.name
+    prompt = tokenizer.apply_chat_template(asked, tokenize=False, add_generation_prompt=True)
+    assert reply.usage.prompt_tokens == len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    assert parts.choices[0].message.content == answered[0]
+    assert "turn 3: {'role': 'tool', 'content': '1'} is not" in tool.value.message, tool.value.message
+
+
+def test_openais_sampling_fields_mean_what_they_mean_to_openai():
+    """temperature 0 is greedy whatever top_p says; left out, greedy; top_p alone samples at 1.0 over its nucleus;
+    max_tokens and max_completion_tokens are one setting."""
+    from edgar_tune.serve import Refused, request_settings
+
+    greedy, n = request_settings({"temperature": 0, "top_p": 0.5}, 256)
+    assert (greedy["do_sample"], greedy["max_new_tokens"], n) == (False, 256, 1)
+    assert request_settings({}, 256)[0]["do_sample"] is False
+    nucleus, _ = request_settings({"top_p": 0.5, "max_completion_tokens": 9, "stop": "\n"}, 256)
+    assert (nucleus["do_sample"], nucleus["temperature"], nucleus["top_p"], nucleus["top_k"]) == (True, 1.0, 0.5, 0)
+    assert nucleus["max_new_tokens"] == 9 and nucleus["stop"] == ["\n"]
+    with pytest.raises(Refused, match="max_tokens=5 and max_completion_tokens=9 are two names"):
+        request_settings({"max_tokens": 5, "max_completion_tokens": 9}, 256)
+    with pytest.raises(Refused, match="n must be a whole number of at least 1, got True"):
+        request_settings({"n": True, "temperature": 1}, 256)
+    with pytest.raises(Refused, match="temperature must be a number above 0, got -1"):
+        request_settings({"temperature": -1}, 256)
+
+
 def _post(url: str, body: dict) -> dict:
     req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=120) as resp:

@@ -1,0 +1,247 @@
+"""`edgar-tune serve`: a version behind OpenAI's API, for the clients that speak it (the `openai` SDK, LangChain's
+ChatOpenAI, chat UIs): `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models`.
+
+MLflow's own server (`mlflow models serve`) answers `/invocations` with a list of texts, which is what MLflow's AI
+Gateway reads; OpenAI's clients send to other paths and read `choices`, `usage` and `finish_reason`. This one
+generates with `EdgarTuneLM.complete`, as the version's `predict` does: the same prompts, stops and checks.
+
+Where OpenAI's API and `generate` differ, a request means what it would mean to OpenAI: `temperature` 0 is greedy
+(top_p and top_k then change nothing), above 0 samples over the whole vocabulary unless `top_p` or `top_k` narrow
+it; left out, greedy (OpenAI's default samples at 1.0: here the same request gives the same answer). A field this
+server does not do (`stream`, `logprobs`, `tools`, penalties, ...) is refused with a 400 that says so, never
+dropped; so is a field OpenAI does not know.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+
+log = logging.getLogger(__name__)
+
+# Request fields read, by endpoint; `top_k` is not OpenAI's, and vLLM's and others' servers take it too.
+COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "n", "stop", "seed", "user"}
+CHAT = COMMON | {"messages", "max_completion_tokens", "metadata", "store"}
+COMPLETIONS = COMMON | {"prompt"}
+# What this server does not do, each with the values that ask for nothing (an SDK may send them as they are).
+NOT_DONE = {
+    "stream": (None, False), "stream_options": (None,), "logprobs": (None, False), "top_logprobs": (None, 0),
+    "echo": (None, False), "suffix": (None, ""), "best_of": (None, 1), "logit_bias": (None, {}),
+    "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "tools": (None, []), "tool_choice": (None, "none"),
+    "functions": (None, []), "function_call": (None, "none"), "parallel_tool_calls": (None,),
+    "response_format": (None, {"type": "text"}), "modalities": (None, ["text"]), "audio": (None,),
+    "prediction": (None,), "reasoning_effort": (None,), "web_search_options": (None,), "service_tier": (None, "auto"),
+}  # fmt: skip
+WHY_NOT = {"stream": "answers are sent whole (stream: false)", "tools": "the version was not tuned to call tools"}
+
+
+class Refused(Exception):
+    """A request's mistake: answered with OpenAI's error object and `status`."""
+
+    def __init__(self, message: str, status: int = 400, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message, self.status, self.param, self.code = message, status, param, code
+
+
+def check_fields(body: Any, read: set[str], endpoint: str) -> None:
+    """Refuses a body that is not an object, a field this server does not do (set to more than nothing), and a
+    field OpenAI's `endpoint` does not have (OpenAI's own answer to one: "Unrecognized request argument")."""
+    if not isinstance(body, dict):
+        raise Refused(f"the request body is {type(body).__name__}, not a JSON object of {endpoint}'s fields")
+    for name, value in body.items():
+        if name in NOT_DONE and value not in NOT_DONE[name]:
+            why = WHY_NOT.get(name, "this server does not do it")
+            raise Refused(f"{name}={json.dumps(value)[:60]} is not served: {why}; leave it out", param=name)
+        if name not in read and name not in NOT_DONE:
+            raise Refused(f"unrecognized request argument supplied: {name} ({endpoint} takes "
+                          f"{', '.join(sorted(read))})", param=name)  # fmt: skip
+
+
+def request_settings(body: dict, default_max_new_tokens: int) -> tuple[dict, int]:
+    """The `generation_settings` of a request, from OpenAI's fields as OpenAI means them, and its `n`.
+
+    Raises:
+        Refused: a value out of its range, `max_tokens` and `max_completion_tokens` that differ, `n` above 1
+            with greedy decoding (n copies of one answer).
+    """
+    import mlflow
+
+    from tasks.registry import generation_settings
+
+    given = {k: body.get(k) for k in ("max_tokens", "max_completion_tokens") if body.get(k) is not None}
+    if len(set(map(str, given.values()))) > 1:
+        raise Refused(f"max_tokens={given['max_tokens']} and max_completion_tokens={given['max_completion_tokens']} "
+                      "are two names for the tokens to generate: give one", param="max_tokens")  # fmt: skip
+    temperature, top_p, top_k = body.get("temperature"), body.get("top_p"), body.get("top_k")
+    sampled = temperature != 0 and (temperature is not None or top_p is not None or top_k is not None)
+    n = 1 if body.get("n") is None else body["n"]
+    if not (isinstance(n, int) and not isinstance(n, bool) and n >= 1):
+        raise Refused(f"n must be a whole number of at least 1, got {n!r}", param="n")
+    if n > 1 and not sampled:
+        raise Refused(f"n={n} answers of greedy decoding (temperature 0 or left out) are one answer {n} times: set "
+                      "temperature above 0 to sample them", param="n")  # fmt: skip
+    stop = body.get("stop")
+    params = {"max_new_tokens": next(iter(given.values()), default_max_new_tokens), "do_sample": sampled,
+              "seed": body.get("seed") if body.get("seed") is not None else 0,
+              "stop": [] if stop is None else stop}  # fmt: skip
+    if sampled:  # OpenAI samples over the whole vocabulary unless top_p (or top_k) narrows it
+        params |= {"temperature": 1.0 if temperature is None else temperature,
+                   "top_p": 1.0 if top_p is None else top_p, "top_k": 0 if top_k is None else top_k}  # fmt: skip
+    try:
+        return generation_settings(params), n
+    except mlflow.exceptions.MlflowException as err:
+        raise Refused(err.message) from None
+
+
+def chat_turns(messages: Any) -> list[dict]:
+    """OpenAI's `messages` as {"role", "content"} turns `chat_prompt` takes: a content given as parts
+    ([{"type": "text", "text": ...}]) joined, the `developer` role (OpenAI's newer name for it) as system.
+
+    Raises:
+        Refused: no list of messages, a part that is not text (an image)."""
+    if not isinstance(messages, list) or not messages:
+        raise Refused("messages must be a non-empty list of {\"role\", \"content\"} objects", param="messages")
+    turns = []
+    for i, message in enumerate(messages, 1):
+        if not isinstance(message, dict):
+            turns.append(message)  # chat_prompt says what is wrong with it
+            continue
+        content = message.get("content")
+        if isinstance(content, list):
+            kinds = [p.get("type") if isinstance(p, dict) else type(p).__name__ for p in content]
+            if any(kind != "text" for kind in kinds):
+                raise Refused(f"message {i} has a part of type {next(k for k in kinds if k != 'text')}; the "
+                              "version reads text only", param="messages")  # fmt: skip
+            content = "".join(p.get("text", "") for p in content)
+        role = "system" if message.get("role") == "developer" else message.get("role")
+        turns.append({"role": role, "content": content})
+    return turns
+
+
+class Server:
+    """The loaded version and what its requests are answered with. One generation runs at a time: torch uses
+    every core for one, and two at once would each take twice as long."""
+
+    def __init__(self, lm, name: str, uri: str, version: str | None, default_max_new_tokens: int) -> None:
+        from tasks.generate import turn_end
+
+        self.lm, self.name, self.uri, self.version = lm, name, uri, version
+        self.default_max_new_tokens = default_max_new_tokens
+        self.created = int(time.time())
+        self.chat_end = turn_end(lm.tokenizer)  # where a chat answer ends, in the tokenizer's chat template
+        self.lock = threading.Lock()
+
+    def check_model(self, body: dict) -> None:
+        asked = body.get("model")
+        if asked is not None and asked not in (self.name, self.uri):
+            raise Refused(f"the model `{asked}` does not exist: this server serves `{self.name}` ({self.uri})",
+                          status=404, param="model", code="model_not_found")  # fmt: skip
+
+    def chat(self, body: Any) -> dict:
+        from tasks.registry import chat_prompt
+
+        check_fields(body, CHAT, "/v1/chat/completions")
+        self.check_model(body)
+        if self.lm.template:
+            raise Refused(f"{self.name} was instruction-tuned with a prompt template (fields: "
+                          f"{', '.join(_fields(self.lm.template))}), not on conversations: send the prompt its "
+                          "template makes to /v1/completions", param="messages")  # fmt: skip
+        if not getattr(self.lm.tokenizer, "chat_template", None):
+            raise Refused(f"{self.name}'s tokenizer has no chat template to write messages in: send a prompt to "
+                          "/v1/completions", param="messages")  # fmt: skip
+        settings, n = request_settings(body, self.default_max_new_tokens)
+        prompt = _said(lambda: chat_prompt(self.lm.tokenizer, chat_turns(body.get("messages")), "messages"))
+        done = self._complete([(prompt, True)], settings, n, self.chat_end)
+        choices = [{"index": k, "message": {"role": "assistant", "content": c["text"]}, "logprobs": None,
+                    "finish_reason": c["finish_reason"]} for k, c in enumerate(done[0]["choices"])]  # fmt: skip
+        return self._answer("chatcmpl", "chat.completion", choices, done)
+
+    def completions(self, body: Any) -> dict:
+        check_fields(body, COMPLETIONS, "/v1/completions")
+        self.check_model(body)
+        prompt = body.get("prompt")
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        if not (isinstance(prompts, list) and prompts and all(isinstance(p, str) for p in prompts)):
+            raise Refused(f"prompt must be text or a list of texts, got {json.dumps(prompt)[:60]} (token ids are not "
+                          "taken)", param="prompt")  # fmt: skip
+        settings, n = request_settings(body, self.default_max_new_tokens)
+        done = self._complete([(p, False) for p in prompts], settings, n, self.lm.closing)
+        choices = [{"index": i * n + k, "text": c["text"], "logprobs": None, "finish_reason": c["finish_reason"]}
+                   for i, d in enumerate(done) for k, c in enumerate(d["choices"])]  # fmt: skip
+        return self._answer("cmpl", "text_completion", choices, done)
+
+    def models(self) -> dict:
+        return {"object": "list", "data": [{"id": self.name, "object": "model", "created": self.created,
+                                            "owned_by": "edgar-tune", "root": self.uri,
+                                            **({"version": self.version} if self.version else {})}]}  # fmt: skip
+
+    def _complete(self, prompts: list[tuple[str, bool]], settings: dict, n: int, closing: str | None) -> list[dict]:
+        with self.lock:
+            return _said(lambda: self.lm.complete(prompts, settings, n, closing=closing))
+
+    def _answer(self, prefix: str, kind: str, choices: list[dict], done: list[dict]) -> dict:
+        prompt_tokens = sum(d["prompt_tokens"] for d in done)
+        completion_tokens = sum(c["completion_tokens"] for d in done for c in d["choices"])
+        return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()), "model": self.name,
+                "choices": choices, "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                                              "total_tokens": prompt_tokens + completion_tokens}}  # fmt: skip
+
+
+def _fields(template: str) -> list[str]:
+    from tasks.textdata import template_fields
+
+    return template_fields(template)
+
+
+def _said(make):
+    """`make()`, an MlflowException it raises for the request's mistake (a prompt past the context, messages the
+    chat template refuses) as Refused."""
+    import mlflow
+
+    try:
+        return make()
+    except mlflow.exceptions.MlflowException as err:
+        raise Refused(err.message) from None
+
+
+def app(server: Server):
+    """The FastAPI app of `server`: OpenAI's three paths, its errors as OpenAI writes them."""
+    api = FastAPI(title=f"edgar-tune: {server.name}")
+
+    @api.exception_handler(Refused)
+    async def refused(_: Request, err: Refused) -> JSONResponse:
+        kind = "invalid_request_error"
+        return JSONResponse({"error": {"message": err.message, "type": kind, "param": err.param, "code": err.code}},
+                            status_code=err.status)  # fmt: skip
+
+    async def body(request: Request) -> Any:
+        try:
+            return json.loads(await request.body())
+        except ValueError as err:
+            raise Refused(f"the request body is not JSON: {err}") from None
+
+    @api.post("/v1/chat/completions")
+    async def chat(request: Request) -> dict:
+        return await run_in_threadpool(server.chat, await body(request))
+
+    @api.post("/v1/completions")
+    async def completions(request: Request) -> dict:
+        return await run_in_threadpool(server.completions, await body(request))
+
+    @api.get("/v1/models")
+    async def models() -> dict:
+        return server.models()
+
+    @api.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "model": server.name}
+
+    return api
