@@ -7,40 +7,44 @@ generates with `EdgarTuneLM.complete`, as the version's `predict` does: the same
 
 Where OpenAI's API and `generate` differ, a request means what it would mean to OpenAI: `temperature` 0 is greedy
 (top_p and top_k then change nothing), above 0 samples over the whole vocabulary unless `top_p` or `top_k` narrow
-it; left out, greedy (OpenAI's default samples at 1.0: here the same request gives the same answer). A field this
-server does not do (`stream`, `logprobs`, `tools`, penalties, ...) is refused with a 400 that says so, never
-dropped; so is a field OpenAI does not know.
+it; left out, greedy (OpenAI's default samples at 1.0: here the same request gives the same answer). `stream`
+sends the answer as OpenAI's server-sent events, piece by piece as it is generated. A field this server does not
+do (`logprobs`, `tools`, penalties, ...) is refused with a 400 that says so, never dropped; so is a field OpenAI
+does not know.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import queue
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 log = logging.getLogger(__name__)
 
 # Request fields read, by endpoint; `top_k` is not OpenAI's, and vLLM's and others' servers take it too.
-COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "n", "stop", "seed", "user"}
+COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "n", "stop", "seed", "user", "stream",
+          "stream_options"}
 CHAT = COMMON | {"messages", "max_completion_tokens", "metadata", "store"}
 COMPLETIONS = COMMON | {"prompt"}
 # What this server does not do, each with the values that ask for nothing (an SDK may send them as they are).
 NOT_DONE = {
-    "stream": (None, False), "stream_options": (None,), "logprobs": (None, False), "top_logprobs": (None, 0),
+    "logprobs": (None, False), "top_logprobs": (None, 0),
     "echo": (None, False), "suffix": (None, ""), "best_of": (None, 1), "logit_bias": (None, {}),
     "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "tools": (None, []), "tool_choice": (None, "none"),
     "functions": (None, []), "function_call": (None, "none"), "parallel_tool_calls": (None,),
     "response_format": (None, {"type": "text"}), "modalities": (None, ["text"]), "audio": (None,),
     "prediction": (None,), "reasoning_effort": (None,), "web_search_options": (None,), "service_tier": (None, "auto"),
 }  # fmt: skip
-WHY_NOT = {"stream": "answers are sent whole (stream: false)", "tools": "the version was not tuned to call tools"}
+WHY_NOT = {"tools": "the version was not tuned to call tools"}
 
 
 class Refused(Exception):
@@ -88,6 +92,12 @@ def request_settings(body: dict, default_max_new_tokens: int) -> tuple[dict, int
     if n > 1 and not sampled:
         raise Refused(f"n={n} answers of greedy decoding (temperature 0 or left out) are one answer {n} times: set "
                       "temperature above 0 to sample them", param="n")  # fmt: skip
+    if body.get("stream") not in (None, True, False):
+        raise Refused(f"stream must be true or false, got {json.dumps(body['stream'])[:40]}", param="stream")
+    options = body.get("stream_options")
+    if options is not None and (not body.get("stream") or not isinstance(options, dict)
+                                or set(options) - {"include_usage"}):  # fmt: skip
+        raise Refused("stream_options is {\"include_usage\": true} or false, with stream: true", param="stream_options")
     stop = body.get("stop")
     params = {"max_new_tokens": next(iter(given.values()), default_max_new_tokens), "do_sample": sampled,
               "seed": body.get("seed") if body.get("seed") is not None else 0,
@@ -159,6 +169,8 @@ class Server:
                           "/v1/completions", param="messages")  # fmt: skip
         settings, n = request_settings(body, self.default_max_new_tokens)
         prompt = _said(lambda: chat_prompt(self.lm.tokenizer, chat_turns(body.get("messages")), "messages"))
+        if body.get("stream"):
+            return self._stream(body, "chatcmpl", "chat.completion.chunk", [(prompt, True)], settings, n, self.chat_end)
         done = self._complete([(prompt, True)], settings, n, self.chat_end)
         choices = [{"index": k, "message": {"role": "assistant", "content": c["text"]}, "logprobs": None,
                     "finish_reason": c["finish_reason"]} for k, c in enumerate(done[0]["choices"])]  # fmt: skip
@@ -173,6 +185,9 @@ class Server:
             raise Refused(f"prompt must be text or a list of texts, got {json.dumps(prompt)[:60]} (token ids are not "
                           "taken)", param="prompt")  # fmt: skip
         settings, n = request_settings(body, self.default_max_new_tokens)
+        if body.get("stream"):
+            return self._stream(body, "cmpl", "text_completion", [(p, False) for p in prompts], settings, n,
+                                self.lm.closing)  # fmt: skip
         done = self._complete([(p, False) for p in prompts], settings, n, self.lm.closing)
         choices = [{"index": i * n + k, "text": c["text"], "logprobs": None, "finish_reason": c["finish_reason"]}
                    for i, d in enumerate(done) for k, c in enumerate(d["choices"])]  # fmt: skip
@@ -187,12 +202,74 @@ class Server:
         with self.lock:
             return _said(lambda: self.lm.complete(prompts, settings, n, closing=closing))
 
-    def _answer(self, prefix: str, kind: str, choices: list[dict], done: list[dict]) -> dict:
+    def _stream(self, body: dict, prefix: str, kind: str, prompts: list[tuple[str, bool]], settings: dict, n: int,
+                closing: str | None) -> Iterator[str]:
+        """OpenAI's server-sent events of the answers, as they are generated: a chunk per piece of text (a chat
+        answer's first says its role), one with each answer's finish_reason, then, where `stream_options` asks
+        for it, one with the usage, and `[DONE]`. The prompts are checked against the context before the response
+        starts (a 400, not an error inside a 200). The client gone, generation stops at the next token."""
+        _said(lambda: self.lm.encode(prompts, settings["max_new_tokens"]))
+        chat, usage = kind.startswith("chat"), bool((body.get("stream_options") or {}).get("include_usage"))
+        ident, created = f"{prefix}-{uuid.uuid4().hex}", int(time.time())
+        heard, cancelled = queue.Queue(), threading.Event()
+
+        def work() -> None:
+            try:
+                with self.lock:
+                    heard.put(("done", self.lm.complete(prompts, settings, n, closing=closing, cancelled=cancelled,
+                                                        heard=lambda *said: heard.put(said))))  # fmt: skip
+            except Exception as err:  # noqa: BLE001 (said in the log, and the stream ends)
+                log.exception("generation failed")
+                heard.put(("failed", err))
+
+        def event(choices: list[dict], **more) -> str:
+            return "data: " + json.dumps({"id": ident, "object": kind, "created": created, "model": self.name,
+                                          "choices": choices, **more}) + "\n\n"  # fmt: skip
+
+        def events() -> Iterator[str]:
+            threading.Thread(target=work, name="generate", daemon=True).start()
+            started = set()
+            try:
+                while True:
+                    said = heard.get()
+                    if said[0] == "done":
+                        break
+                    if said[0] == "failed":
+                        yield "data: " + json.dumps({"error": {"message": f"generation failed: {said[1]}",
+                                                               "type": "server_error"}}) + "\n\n"  # fmt: skip
+                        return
+                    i, k, text, choice = said
+                    index = i * n + k
+                    if chat and index not in started:
+                        started.add(index)
+                        yield event([{"index": index, "delta": {"role": "assistant", "content": ""},
+                                      "logprobs": None, "finish_reason": None}])  # fmt: skip
+                    if choice is None:
+                        part = {"content": text} if chat else {"text": text}
+                        yield event([{"index": index, **({"delta": part} if chat else part), "logprobs": None,
+                                      "finish_reason": None}])  # fmt: skip
+                    else:
+                        end = {"delta": {}} if chat else {"text": ""}
+                        yield event([{"index": index, **end, "logprobs": None,
+                                      "finish_reason": choice["finish_reason"]}])  # fmt: skip
+                if usage:
+                    done = said[1]
+                    yield event([], usage=self._usage(done))
+                yield "data: [DONE]\n\n"
+            finally:
+                cancelled.set()
+
+        return events()
+
+    def _usage(self, done: list[dict]) -> dict:
         prompt_tokens = sum(d["prompt_tokens"] for d in done)
         completion_tokens = sum(c["completion_tokens"] for d in done for c in d["choices"])
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
+
+    def _answer(self, prefix: str, kind: str, choices: list[dict], done: list[dict]) -> dict:
         return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()), "model": self.name,
-                "choices": choices, "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                                              "total_tokens": prompt_tokens + completion_tokens}}  # fmt: skip
+                "choices": choices, "usage": self._usage(done)}
 
 
 def _fields(template: str) -> list[str]:
@@ -228,13 +305,16 @@ def app(server: Server):
         except ValueError as err:
             raise Refused(f"the request body is not JSON: {err}") from None
 
+    def answered(said: dict | Iterator[str]):
+        return said if isinstance(said, dict) else StreamingResponse(said, media_type="text/event-stream")
+
     @api.post("/v1/chat/completions")
-    async def chat(request: Request) -> dict:
-        return await run_in_threadpool(server.chat, await body(request))
+    async def chat(request: Request):
+        return answered(await run_in_threadpool(server.chat, await body(request)))
 
     @api.post("/v1/completions")
-    async def completions(request: Request) -> dict:
-        return await run_in_threadpool(server.completions, await body(request))
+    async def completions(request: Request):
+        return answered(await run_in_threadpool(server.completions, await body(request)))
 
     @api.get("/v1/models")
     async def models() -> dict:

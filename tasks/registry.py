@@ -116,33 +116,47 @@ class EdgarTuneLM(mlflow.pyfunc.PythonModel):
         prompts = [request_prompt(row, self.template, _which(n, len(rows)), chat) for n, row in enumerate(rows, 1)]
         return [done["choices"][0]["text"] for done in self.complete(prompts, settings, closing=self.closing)]
 
-    def complete(self, prompts: list[tuple[str, bool]], settings: dict, n: int = 1, *,
-                 closing: str | None) -> list[dict]:  # fmt: skip
-        """Answer each prompt (its text, and whether it is whole: written in a chat template, with its special
-        tokens, to which the tokenizer adds none, as in training) `n` times with `settings` (`generation_settings`),
-        each answer ending at EOS, at `closing` (the chat template's end of turn, `turn_end`) and at the `stop`
-        texts: per prompt, its `prompt_tokens` and its `choices`, each the `text`, its `completion_tokens` and why
-        it ended (`finish_reason`: "stop" there, "length" at max_new_tokens), as OpenAI's API reports them. The
-        answers of one prompt are drawn one after another from one seed (`settings["seed"]` plus the prompt's
-        place), so the first is the one `n=1` gives."""
+    def encode(self, prompts: list[tuple[str, bool]], max_new_tokens: int) -> list:
+        """Each prompt (its text, and whether it is whole: written in a chat template, with its special tokens, to
+        which the tokenizer adds none, as in training) tokenized, all checked against the context before any is
+        generated (`_check_context`)."""
+        encoded = [self.tokenizer(text, return_tensors="pt", add_special_tokens=not whole) for text, whole in prompts]
+        self._check_context(encoded, max_new_tokens)
+        return encoded
+
+    def complete(self, prompts: list[tuple[str, bool]], settings: dict, n: int = 1, *, closing: str | None,
+                 heard: Callable | None = None, cancelled: threading.Event | None = None) -> list[dict]:  # fmt: skip
+        """Answer each prompt (`encode`) `n` times with `settings` (`generation_settings`), each answer ending at
+        EOS, at `closing` (the chat template's end of turn, `turn_end`) and at the `stop` texts: per prompt, its
+        `prompt_tokens` and its `choices`, each the `text`, its `completion_tokens` and why it ended
+        (`finish_reason`: "stop" there, "length" at max_new_tokens), as OpenAI's API reports them. The answers of
+        one prompt are drawn one after another from one seed (`settings["seed"]` plus the prompt's place), so the
+        first is the one `n=1` gives.
+
+        `heard(i, k, text, choice)`, where given, hears answer k of prompt i as it is generated: its text piece by
+        piece (`choice` None; the pieces make the answer's text), then its choice (`text` None). Generation stops
+        at the next token once `cancelled` is set (a streaming client gone)."""
         import torch
 
         from tasks.generate import answer, stop_at
 
-        encoded = [self.tokenizer(text, return_tensors="pt", add_special_tokens=not whole) for text, whole in prompts]
-        self._check_context(encoded, settings["max_new_tokens"])  # all before any is generated
+        encoded = self.encode(prompts, settings["max_new_tokens"])
         drawn = {k: settings[k] for k in ("temperature", "top_k", "top_p")} if settings["do_sample"] else {}
         stop = stop_at(closing, self.tokenizer, self.model, settings["stop"])
         eos = stop.get("eos_token_id", self.model.generation_config.eos_token_id)
         eos = set([] if eos is None else [eos] if isinstance(eos, int) else eos)
+        ends = [closing, *settings["stop"]] if closing else settings["stop"]
+        halt = {"stopping_criteria": _cancelled_at(cancelled)} if cancelled else {}
         out = []
         for i, ids in enumerate(encoded):
             torch.manual_seed(settings["seed"] + i)  # a request sampled again draws the same text
             choices = []
-            for _ in range(n):
+            for k in range(n):
+                piece = lambda text, i=i, k=k: heard(i, k, text, None)  # noqa: E731
+                streamer = _Pieces(self.tokenizer, ends, piece) if heard else None
                 with torch.no_grad():
                     gen = self.model.generate(**ids, max_new_tokens=settings["max_new_tokens"],
-                                              do_sample=settings["do_sample"], **drawn,
+                                              do_sample=settings["do_sample"], **drawn, **halt, streamer=streamer,
                                               pad_token_id=self.tokenizer.pad_token_id, **stop)  # fmt: skip
                 new = gen[0][ids["input_ids"].shape[1] :].tolist()
                 said = self.tokenizer.decode(new, skip_special_tokens=True)
@@ -150,6 +164,8 @@ class EdgarTuneLM(mlflow.pyfunc.PythonModel):
                 ended = len(new) < settings["max_new_tokens"] or bool(new) and new[-1] in eos or text != said
                 choices.append({"text": text, "completion_tokens": len(new),
                                 "finish_reason": "stop" if ended else "length"})
+                if heard:
+                    heard(i, k, None, choices[-1])
             out.append({"prompt_tokens": ids["input_ids"].shape[1], "choices": choices})
         return out
 
@@ -167,6 +183,52 @@ class EdgarTuneLM(mlflow.pyfunc.PythonModel):
                 raise mlflow.exceptions.MlflowException.invalid_parameter_value(
                     f"{which} is {n} tokens, and {new_tokens} more (max_new_tokens) make {n + new_tokens}, past the "
                     f"model's context of {context} positions: {fix}")  # fmt: skip
+
+
+class _Pieces:
+    """A `generate` streamer handing `heard` an answer's text as it is generated, decoded from its tokens so far:
+    up to where one of the texts it ends at (`ends`: the turn's end, the request's `stop`) could begin, held back
+    until the next tokens show it does not, and never past where one does (as `answer` cuts it)."""
+
+    def __init__(self, tokenizer, ends: list[str], heard: Callable[[str], None]) -> None:
+        self.tokenizer, self.ends, self.heard = tokenizer, ends, heard
+        self.ids, self.sent, self.prompt = [], 0, True
+
+    def put(self, value) -> None:
+        if self.prompt:  # generate hands the prompt first
+            self.prompt = False
+            return
+        self.ids += value.flatten().tolist()
+        self._send(last=False)
+
+    def end(self) -> None:
+        self._send(last=True)
+
+    def _send(self, last: bool) -> None:
+        from tasks.generate import answer
+
+        said = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if not last and said.endswith("\ufffd"):  # a character whose bytes are not all generated yet
+            return
+        text = answer(said, None, self.ends)
+        if text == said and not last:  # hold back what may be the start of an end
+            text = said[: len(said) - max((n for e in self.ends for n in range(1, len(e)) if said.endswith(e[:n])),
+                                          default=0)]  # fmt: skip
+        if len(text) > self.sent:
+            self.heard(text[self.sent :])
+            self.sent = len(text)
+
+
+def _cancelled_at(event: threading.Event):
+    """`generate`'s stopping criteria that end every sequence once `event` is set."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class Cancelled(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([Cancelled()])
 
 
 # A request's generation settings (its `params`) and their defaults: greedy decoding unless `do_sample`.

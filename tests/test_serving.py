@@ -238,8 +238,8 @@ def edgar_tune_serve(model: str, tmp_path: Path, *args: str) -> Iterator[str]:
 def test_edgar_tune_serve_answers_openais_sdk_as_the_versions_predict_does(tiny_run, tmp_path):
     """The `openai` SDK, pointed at `edgar-tune serve`, gets the text the version's own `predict` generates, with
     OpenAI's usage and finish_reason; a chat version's `messages` are written in its chat template; what the server
-    does not do (streaming, log probabilities, greedy n > 1) and a model it does not serve are refused, not
-    dropped."""
+    does not do (log probabilities, greedy n > 1) and a model it does not serve are refused, not dropped; a streamed
+    answer is the same text, in OpenAI's server-sent events."""
     import mlflow
     import openai
     import pandas as pd
@@ -263,8 +263,10 @@ def test_edgar_tune_serve_answers_openais_sdk_as_the_versions_predict_does(tiny_
         done = client.completions.create(model=name, prompt=prompts, max_tokens=6)
         sampled = [client.completions.create(model=name, prompt=prompts[0], max_tokens=6, temperature=0.9, n=2,
                                              seed=7) for _ in range(2)]  # fmt: skip
+        streamed = list(client.completions.create(model=name, prompt=prompts, max_tokens=6, stream=True,
+                                                  stream_options={"include_usage": True}))  # fmt: skip
         refused = {}
-        for why, kw in {"stream": {"stream": True}, "logprobs": {"logprobs": 2}, "greedy n": {"n": 2},
+        for why, kw in {"logprobs": {"logprobs": 2}, "greedy n": {"n": 2}, "options": {"stream_options": {}},
                         "model": {"model": "gpt-4o"}, "unknown": {"extra_body": {"beam_width": 4}},
                         "too long": {"prompt": "Net sales increased. " * 1000}}.items():  # fmt: skip
             with pytest.raises(openai.APIStatusError) as err:
@@ -280,7 +282,13 @@ def test_edgar_tune_serve_answers_openais_sdk_as_the_versions_predict_does(tiny_
     # sampled as OpenAI samples (the whole vocabulary at the temperature), from the seed: drawn again the same
     assert sampled[0].choices[0].text == drawn[0] and [c.text for c in sampled[0].choices] == [
         c.text for c in sampled[1].choices]  # fmt: skip
-    assert refused["stream"] == (400, "stream=true is not served: answers are sent whole (stream: false); leave it out")
+    # streamed, piece by piece: the same texts, each answer's end, then the usage
+    pieces = {0: "", 1: ""}
+    for chunk in streamed[:-1]:
+        pieces[chunk.choices[0].index] += chunk.choices[0].text
+    assert [pieces[0], pieces[1]] == said and streamed[-1].usage == done.usage and not streamed[-1].choices
+    assert [c.choices[0].finish_reason for c in streamed[:-1] if c.choices[0].finish_reason] == ["length", "length"]
+    assert refused["options"] == (400, 'stream_options is {"include_usage": true} or false, with stream: true')
     assert refused["logprobs"] == (400, "logprobs=2 is not served: this server does not do it; leave it out")
     assert refused["greedy n"] == (400, "n=2 answers of greedy decoding (temperature 0 or left out) are one answer 2 "
                                    "times: set temperature above 0 to sample them")  # fmt: skip
@@ -307,6 +315,7 @@ def test_edgar_tune_serve_answers_openais_sdk_as_the_versions_predict_does(tiny_
         parts = client.chat.completions.create(model=folder.name, max_tokens=4, messages=[  # OpenAI's newer forms
             {"role": "developer", "content": "Be brief."},
             {"role": "user", "content": [{"type": "text", "text": "Net sales "}, {"type": "text", "text": "grew."}]}])
+        chunks = list(client.chat.completions.create(model=folder.name, messages=asked, max_tokens=4, stream=True))
         with pytest.raises(openai.BadRequestError) as tool:
             client.chat.completions.create(model=folder.name, messages=[*asked, {"role": "tool", "content": "1"}])
     assert reply.choices[0].message.content == answered[0] and reply.object == "chat.completion"
@@ -314,6 +323,8 @@ def test_edgar_tune_serve_answers_openais_sdk_as_the_versions_predict_does(tiny_
     prompt = tokenizer.apply_chat_template(asked, tokenize=False, add_generation_prompt=True)
     assert reply.usage.prompt_tokens == len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
     assert parts.choices[0].message.content == answered[0]
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].choices[0].finish_reason == "length"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == answered[0]
     assert "turn 3: {'role': 'tool', 'content': '1'} is not" in tool.value.message, tool.value.message
 
 
