@@ -546,11 +546,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import mlflow
     import uvicorn
 
-    from edgar_tune.serve import Server, app
-    from tasks.registry import loaded_version, registered_files, registered_version
+    from edgar_tune.serve import Served, Server, app
+    from tasks.registry import loaded_version, registered_files, registered_version, resolve_version
     from tasks.textdata import template_fields
 
-    version = None
+    version, follow = None, None
     try:
         if ":/" not in args.model:
             name, lm = Path(args.model).expanduser().resolve().name, loaded_version(Path(args.model).expanduser())
@@ -560,8 +560,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
             client = mlflow.MlflowClient(uri)
             if found := registered_version(client, args.model):  # downloaded once, then cached
                 name, version = found
-                with registered_files(client, name, version) as local:  # not held while serving: read once
-                    lm = loaded_version(local)
+
+                def load(version: str):
+                    with registered_files(client, name, version) as local:  # not held while serving: read once
+                        return loaded_version(local)
+
+                lm = load(version)
+                if alias := re.fullmatch(r"models:/[^/@]+@([^/@]+)", args.model):
+                    follow = (lambda: resolve_version(client, name, None, alias[1])), load
             else:  # runs:/..., models:/NAME/latest: MLflow's own way
                 with tempfile.TemporaryDirectory() as tmp:
                     lm = loaded_version(Path(mlflow.artifacts.download_artifacts(args.model, dst_path=tmp)))
@@ -570,14 +576,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
         why = err.message if isinstance(err, mlflow.exceptions.MlflowException) else str(err.args[-1])
         print(f"edgar-tune serve: error: cannot load {args.model}: {why}", file=sys.stderr)
         return 2
-    server = Server(lm, args.name or name, args.model, version, args.max_new_tokens)
+    server = Server(Served.of(lm, version), args.name or name, args.model, args.max_new_tokens, follow,
+                    args.check_every)  # fmt: skip
     kinds = ("conversations" if lm.chat else "text" if not lm.template
              else f"a prompt template ({', '.join(template_fields(lm.template))})")  # fmt: skip
+    following = (f"; which version the alias points at is asked every {args.check_every:g} s" if follow and
+                 args.check_every > 0 else "")  # fmt: skip
     print(f"edgar-tune serve: {args.model}{f' (v{version})' if version else ''}, tuned on {kinds}, as `{server.name}` "
           f"at http://{args.host}:{args.port}/v1 (OpenAI's API: POST /v1/chat/completions, /v1/completions; GET "
-          f"/v1/models); up to {args.max_new_tokens} new tokens unless a request says max_tokens",
+          f"/v1/models); up to {args.max_new_tokens} new tokens unless a request says max_tokens{following}",
           file=sys.stderr, flush=True)  # fmt: skip
-    uvicorn.run(app(server), host=args.host, port=args.port, log_level="info")
+    try:
+        uvicorn.run(app(server), host=args.host, port=args.port, log_level="info")
+    finally:
+        server.stopped.set()
     return 0
 
 
@@ -881,6 +893,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--name", help="the model's id in requests and answers (default: the registered model's name)")
     srv.add_argument("--max-new-tokens", type=_whole(1), default=256,
                      help="a request's answer length unless it says max_tokens (default 256)")
+    srv.add_argument("--check-every", type=float, default=60, metavar="SECONDS",
+                     help="with models:/NAME@ALIAS: ask which version the alias points at this often, and once it has "
+                     "moved (a promotion, a rollback) serve that version, loaded beside the one served (default 60; "
+                     "0: never)")  # fmt: skip
     srv.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///runs/mlflow.db")
     srv.set_defaults(fn=cmd_serve)
     exp = sub.add_parser("export", help="write a registered version into a folder that transformers, peft, vLLM "

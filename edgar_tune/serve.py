@@ -21,7 +21,8 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -95,9 +96,10 @@ def request_settings(body: dict, default_max_new_tokens: int) -> tuple[dict, int
     if body.get("stream") not in (None, True, False):
         raise Refused(f"stream must be true or false, got {json.dumps(body['stream'])[:40]}", param="stream")
     options = body.get("stream_options")
-    if options is not None and (not body.get("stream") or not isinstance(options, dict)
-                                or set(options) - {"include_usage"}):  # fmt: skip
-        raise Refused("stream_options is {\"include_usage\": true} or false, with stream: true", param="stream_options")
+    if options is not None and (not body.get("stream") or not isinstance(options, dict) or set(options) - {
+            "include_usage"} or not isinstance(options.get("include_usage", False), bool)):  # fmt: skip
+        raise Refused(f"stream_options={json.dumps(options)[:60]}: it is {{\"include_usage\": true}} (or false), "
+                      "with \"stream\": true", param="stream_options")  # fmt: skip
     stop = body.get("stop")
     params = {"max_new_tokens": next(iter(given.values()), default_max_new_tokens), "do_sample": sampled,
               "seed": body.get("seed") if body.get("seed") is not None else 0,
@@ -136,18 +138,57 @@ def chat_turns(messages: Any) -> list[dict]:
     return turns
 
 
-class Server:
-    """The loaded version and what its requests are answered with. One generation runs at a time: torch uses
-    every core for one, and two at once would each take twice as long."""
+@dataclass(frozen=True)
+class Served:
+    """A loaded version: its model (`EdgarTuneLM`), its number in the registry (None for a folder or a run's
+    model), and where a chat answer ends in its tokenizer's chat template."""
 
-    def __init__(self, lm, name: str, uri: str, version: str | None, default_max_new_tokens: int) -> None:
+    lm: Any
+    version: str | None
+    chat_end: str | None
+
+    @classmethod
+    def of(cls, lm, version: str | None) -> Served:
         from tasks.generate import turn_end
 
-        self.lm, self.name, self.uri, self.version = lm, name, uri, version
+        return cls(lm, version, turn_end(lm.tokenizer))
+
+
+class Server:
+    """The loaded version and what its requests are answered with. One generation runs at a time: torch uses
+    every core for one, and two at once would each take twice as long.
+
+    Serving an alias (`models:/NAME@champion`), `follow` (a function returning the version the alias points at,
+    and one loading a version) is asked every `every` seconds; when the alias has moved, the version it points at
+    is loaded beside the one served, then served from the next request on (one being answered finishes on the
+    version it began with). Each answer names the version that gave it (`system_fingerprint`)."""
+
+    def __init__(self, served: Served, name: str, uri: str, default_max_new_tokens: int,
+                 follow: tuple[Callable[[], str], Callable[[str], Any]] | None = None,
+                 every: float = 60) -> None:  # fmt: skip
+        self.served, self.name, self.uri = served, name, uri
         self.default_max_new_tokens = default_max_new_tokens
         self.created = int(time.time())
-        self.chat_end = turn_end(lm.tokenizer)  # where a chat answer ends, in the tokenizer's chat template
         self.lock = threading.Lock()
+        self.stopped = threading.Event()
+        if follow and every > 0:
+            threading.Thread(target=self._follow, args=(*follow, every), name="follow-alias", daemon=True).start()
+
+    def _follow(self, points_at: Callable[[], str], load: Callable[[str], Any], every: float) -> None:
+        while not self.stopped.wait(every):
+            try:
+                version = points_at()
+                if version == self.served.version:
+                    continue
+                start = time.monotonic()
+                log.info("%s now points at v%s (serving v%s): loading it", self.uri, version, self.served.version)
+                served, before = Served.of(load(version), version), self.served.version
+                self.served = served
+                log.info("serving %s v%s (was v%s), loaded in %.1f s", self.name, version, before,
+                         time.monotonic() - start)  # fmt: skip
+            except Exception:  # noqa: BLE001 (the tracking server down, a download failed: asked again next time)
+                log.exception("could not follow %s; still serving v%s, asking again in %g s", self.uri,
+                              self.served.version, every)  # fmt: skip
 
     def check_model(self, body: dict) -> None:
         asked = body.get("model")
@@ -155,30 +196,34 @@ class Server:
             raise Refused(f"the model `{asked}` does not exist: this server serves `{self.name}` ({self.uri})",
                           status=404, param="model", code="model_not_found")  # fmt: skip
 
-    def chat(self, body: Any) -> dict:
+    def chat(self, body: Any) -> dict | Iterator[str]:
         from tasks.registry import chat_prompt
 
         check_fields(body, CHAT, "/v1/chat/completions")
         self.check_model(body)
-        if self.lm.template:
+        served = self.served  # the version this request is answered by, whatever the alias does meanwhile
+        lm = served.lm
+        if lm.template:
             raise Refused(f"{self.name} was instruction-tuned with a prompt template (fields: "
-                          f"{', '.join(_fields(self.lm.template))}), not on conversations: send the prompt its "
+                          f"{', '.join(_fields(lm.template))}), not on conversations: send the prompt its "
                           "template makes to /v1/completions", param="messages")  # fmt: skip
-        if not getattr(self.lm.tokenizer, "chat_template", None):
+        if not getattr(lm.tokenizer, "chat_template", None):
             raise Refused(f"{self.name}'s tokenizer has no chat template to write messages in: send a prompt to "
                           "/v1/completions", param="messages")  # fmt: skip
         settings, n = request_settings(body, self.default_max_new_tokens)
-        prompt = _said(lambda: chat_prompt(self.lm.tokenizer, chat_turns(body.get("messages")), "messages"))
+        prompt = _said(lambda: chat_prompt(lm.tokenizer, chat_turns(body.get("messages")), "messages"))
         if body.get("stream"):
-            return self._stream(body, "chatcmpl", "chat.completion.chunk", [(prompt, True)], settings, n, self.chat_end)
-        done = self._complete([(prompt, True)], settings, n, self.chat_end)
+            return self._stream(served, body, "chatcmpl", "chat.completion.chunk", [(prompt, True)], settings, n,
+                                served.chat_end)  # fmt: skip
+        done = self._complete(served, [(prompt, True)], settings, n, served.chat_end)
         choices = [{"index": k, "message": {"role": "assistant", "content": c["text"]}, "logprobs": None,
                     "finish_reason": c["finish_reason"]} for k, c in enumerate(done[0]["choices"])]  # fmt: skip
-        return self._answer("chatcmpl", "chat.completion", choices, done)
+        return self._answer(served, "chatcmpl", "chat.completion", choices, done)
 
-    def completions(self, body: Any) -> dict:
+    def completions(self, body: Any) -> dict | Iterator[str]:
         check_fields(body, COMPLETIONS, "/v1/completions")
         self.check_model(body)
+        served = self.served
         prompt = body.get("prompt")
         prompts = [prompt] if isinstance(prompt, str) else prompt
         if not (isinstance(prompts, list) and prompts and all(isinstance(p, str) for p in prompts)):
@@ -186,29 +231,31 @@ class Server:
                           "taken)", param="prompt")  # fmt: skip
         settings, n = request_settings(body, self.default_max_new_tokens)
         if body.get("stream"):
-            return self._stream(body, "cmpl", "text_completion", [(p, False) for p in prompts], settings, n,
-                                self.lm.closing)  # fmt: skip
-        done = self._complete([(p, False) for p in prompts], settings, n, self.lm.closing)
+            return self._stream(served, body, "cmpl", "text_completion", [(p, False) for p in prompts], settings, n,
+                                served.lm.closing)  # fmt: skip
+        done = self._complete(served, [(p, False) for p in prompts], settings, n, served.lm.closing)
         choices = [{"index": i * n + k, "text": c["text"], "logprobs": None, "finish_reason": c["finish_reason"]}
                    for i, d in enumerate(done) for k, c in enumerate(d["choices"])]  # fmt: skip
-        return self._answer("cmpl", "text_completion", choices, done)
+        return self._answer(served, "cmpl", "text_completion", choices, done)
 
     def models(self) -> dict:
+        version = self.served.version
         return {"object": "list", "data": [{"id": self.name, "object": "model", "created": self.created,
                                             "owned_by": "edgar-tune", "root": self.uri,
-                                            **({"version": self.version} if self.version else {})}]}  # fmt: skip
+                                            **({"version": version} if version else {})}]}  # fmt: skip
 
-    def _complete(self, prompts: list[tuple[str, bool]], settings: dict, n: int, closing: str | None) -> list[dict]:
+    def _complete(self, served: Served, prompts: list[tuple[str, bool]], settings: dict, n: int,
+                  closing: str | None) -> list[dict]:  # fmt: skip
         with self.lock:
-            return _said(lambda: self.lm.complete(prompts, settings, n, closing=closing))
+            return _said(lambda: served.lm.complete(prompts, settings, n, closing=closing))
 
-    def _stream(self, body: dict, prefix: str, kind: str, prompts: list[tuple[str, bool]], settings: dict, n: int,
-                closing: str | None) -> Iterator[str]:
+    def _stream(self, served: Served, body: dict, prefix: str, kind: str, prompts: list[tuple[str, bool]],
+                settings: dict, n: int, closing: str | None) -> Iterator[str]:
         """OpenAI's server-sent events of the answers, as they are generated: a chunk per piece of text (a chat
         answer's first says its role), one with each answer's finish_reason, then, where `stream_options` asks
         for it, one with the usage, and `[DONE]`. The prompts are checked against the context before the response
         starts (a 400, not an error inside a 200). The client gone, generation stops at the next token."""
-        _said(lambda: self.lm.encode(prompts, settings["max_new_tokens"]))
+        _said(lambda: served.lm.encode(prompts, settings["max_new_tokens"]))
         chat, usage = kind.startswith("chat"), bool((body.get("stream_options") or {}).get("include_usage"))
         ident, created = f"{prefix}-{uuid.uuid4().hex}", int(time.time())
         heard, cancelled = queue.Queue(), threading.Event()
@@ -216,15 +263,16 @@ class Server:
         def work() -> None:
             try:
                 with self.lock:
-                    heard.put(("done", self.lm.complete(prompts, settings, n, closing=closing, cancelled=cancelled,
-                                                        heard=lambda *said: heard.put(said))))  # fmt: skip
+                    heard.put(("done", served.lm.complete(prompts, settings, n, closing=closing, cancelled=cancelled,
+                                                          heard=lambda *said: heard.put(said))))  # fmt: skip
             except Exception as err:  # noqa: BLE001 (said in the log, and the stream ends)
                 log.exception("generation failed")
                 heard.put(("failed", err))
 
         def event(choices: list[dict], **more) -> str:
             return "data: " + json.dumps({"id": ident, "object": kind, "created": created, "model": self.name,
-                                          "choices": choices, **more}) + "\n\n"  # fmt: skip
+                                          "system_fingerprint": _fingerprint(served), "choices": choices,
+                                          **more}) + "\n\n"  # fmt: skip
 
         def events() -> Iterator[str]:
             threading.Thread(target=work, name="generate", daemon=True).start()
@@ -267,9 +315,14 @@ class Server:
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                 "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
 
-    def _answer(self, prefix: str, kind: str, choices: list[dict], done: list[dict]) -> dict:
+    def _answer(self, served: Served, prefix: str, kind: str, choices: list[dict], done: list[dict]) -> dict:
         return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()), "model": self.name,
-                "choices": choices, "usage": self._usage(done)}
+                "system_fingerprint": _fingerprint(served), "choices": choices, "usage": self._usage(done)}
+
+
+def _fingerprint(served: Served) -> str | None:
+    """OpenAI's name for what changes its answers behind one model name: here, the version (`v3`)."""
+    return f"v{served.version}" if served.version else None
 
 
 def _fields(template: str) -> list[str]:

@@ -288,7 +288,8 @@ def test_edgar_tune_serve_answers_openais_sdk_as_the_versions_predict_does(tiny_
         pieces[chunk.choices[0].index] += chunk.choices[0].text
     assert [pieces[0], pieces[1]] == said and streamed[-1].usage == done.usage and not streamed[-1].choices
     assert [c.choices[0].finish_reason for c in streamed[:-1] if c.choices[0].finish_reason] == ["length", "length"]
-    assert refused["options"] == (400, 'stream_options is {"include_usage": true} or false, with stream: true')
+    assert refused["options"] == (400, 'stream_options={}: it is {"include_usage": true} (or false), with "stream": '
+                                  'true')  # fmt: skip
     assert refused["logprobs"] == (400, "logprobs=2 is not served: this server does not do it; leave it out")
     assert refused["greedy n"] == (400, "n=2 answers of greedy decoding (temperature 0 or left out) are one answer 2 "
                                    "times: set temperature above 0 to sample them")  # fmt: skip
@@ -326,6 +327,36 @@ def test_edgar_tune_serve_answers_openais_sdk_as_the_versions_predict_does(tiny_
     assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].choices[0].finish_reason == "length"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == answered[0]
     assert "turn 3: {'role': 'tool', 'content': '1'} is not" in tool.value.message, tool.value.message
+
+
+def test_edgar_tune_serve_follows_its_alias_to_the_version_promoted(tiny_run, tmp_path):
+    """Served as `models:/NAME@champion`, the server asks where the alias points; a promotion (here, a version
+    made from the same run's model) is served from the next request on, and each answer names its version."""
+    import mlflow
+    import openai
+
+    _, s = tiny_run
+    mlflow.set_tracking_uri(s["mlflow_tracking_uri"])  # where the registry finds the logged model of a new version
+    client = mlflow.MlflowClient(s["mlflow_tracking_uri"])
+    made = client.get_model_version(s["registered_model"], s["model_version"])
+    client.create_registered_model("serve-follow")
+    for _ in range(2):
+        client.create_model_version("serve-follow", made.source, run_id=made.run_id)
+    client.set_registered_model_alias("serve-follow", "champion", "1")
+    with edgar_tune_serve("models:/serve-follow@champion", tmp_path, "--tracking-uri", s["mlflow_tracking_uri"],
+                          "--check-every", "0.5") as base_url:  # fmt: skip
+        openai_client = openai.OpenAI(base_url=base_url, api_key="none", max_retries=0)
+        first = openai_client.completions.create(model="serve-follow", prompt="Net sales", max_tokens=3)
+        client.set_registered_model_alias("serve-follow", "champion", "2")
+        deadline = time.monotonic() + 120
+        while openai_client.models.list().data[0].version != "2" and time.monotonic() < deadline:
+            time.sleep(0.5)
+        second = openai_client.completions.create(model="serve-follow", prompt="Net sales", max_tokens=3)
+    assert (first.system_fingerprint, second.system_fingerprint) == ("v1", "v2")
+    assert second.choices[0].text == first.choices[0].text  # the same weights, another version
+    log = next(tmp_path.glob("serve-*.log")).read_text()
+    assert "models:/serve-follow@champion now points at v2 (serving v1): loading it" in log, log[-3000:]
+    assert "serving serve-follow v2 (was v1), loaded in" in log, log[-3000:]
 
 
 def test_openais_sampling_fields_mean_what_they_mean_to_openai():
