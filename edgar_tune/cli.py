@@ -586,8 +586,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
           f"at http://{args.host}:{args.port}/v1 (OpenAI's API: POST /v1/chat/completions, /v1/completions; GET "
           f"/v1/models); up to {args.max_new_tokens} new tokens unless a request says max_tokens{following}",
           file=sys.stderr, flush=True)  # fmt: skip
+    key = os.environ.get("EDGAR_TUNE_API_KEY") or None
+    if not key and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"edgar-tune serve: warning: listening on {args.host} without a key, whoever reaches port {args.port} "
+              "generates with it: set EDGAR_TUNE_API_KEY to one its clients send", file=sys.stderr)  # fmt: skip
     try:
-        uvicorn.run(app(server), host=args.host, port=args.port, log_level="info")
+        uvicorn.run(app(server, key), host=args.host, port=args.port, log_level="info")
     finally:
         server.stopped.set()
     return 0
@@ -885,7 +889,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt")
     gen.set_defaults(fn=cmd_generate)
     srv = sub.add_parser("serve", help="serve a version behind OpenAI's API (/v1/chat/completions, /v1/completions, "
-                         "/v1/models), for the openai SDK and the clients that speak it")  # fmt: skip
+                         "/v1/models), for the openai SDK and the clients that speak it; with EDGAR_TUNE_API_KEY set, "
+                         "only to clients that send it")  # fmt: skip
     srv.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/N, runs:/ID/model, or a "
                      "version's folder (its MLmodel inside)")  # fmt: skip
     srv.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only); 0.0.0.0 for all")

@@ -342,9 +342,24 @@ def _said(make):
         raise Refused(err.message) from None
 
 
-def app(server: Server):
-    """The FastAPI app of `server`: OpenAI's three paths, its errors as OpenAI writes them."""
+def app(server: Server, api_key: str | None = None):
+    """The FastAPI app of `server`: OpenAI's three paths, its errors as OpenAI writes them; with `api_key`, a
+    request to them without it (`Authorization: Bearer KEY`, as OpenAI's clients send their key) is a 401."""
+    import hmac
+
     api = FastAPI(title=f"edgar-tune: {server.name}")
+
+    @api.middleware("http")
+    async def keyed(request: Request, call_next):
+        if api_key and request.url.path.startswith("/v1/"):
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                said = "no API key given" if not given else "the API key given is not this server's"
+                return JSONResponse({"error": {"message": f"{said}: send the key `edgar-tune serve` was started with "
+                                               "(EDGAR_TUNE_API_KEY) as `Authorization: Bearer KEY`, the openai "
+                                               "client's api_key", "type": "invalid_request_error", "param": None,
+                                               "code": "invalid_api_key"}}, status_code=401)  # fmt: skip
+        return await call_next(request)
 
     @api.exception_handler(Refused)
     async def refused(_: Request, err: Refused) -> JSONResponse:

@@ -219,13 +219,13 @@ def test_mlflow_models_serve_answers_a_prompt(tiny_run, tmp_path):
 
 
 @contextlib.contextmanager
-def edgar_tune_serve(model: str, tmp_path: Path, *args: str) -> Iterator[str]:
-    """`edgar-tune serve --model MODEL ARGS` on loopback: yields its OpenAI base URL (`.../v1`)."""
+def edgar_tune_serve(model: str, tmp_path: Path, *args: str, **env: str) -> Iterator[str]:
+    """`edgar-tune serve --model MODEL ARGS` on loopback, with `env` set: yields its OpenAI base URL (`.../v1`)."""
     port = free_port()
     log = open(tmp_path / f"serve-{port}.log", "w")  # noqa: SIM115 (read when it fails)
     proc = subprocess.Popen([str(BIN / "edgar-tune"), "serve", "--model", model, "--port", str(port), *args],
-                            cwd=tmp_path, env=dict(os.environ, EDGAR_TUNE_CACHE=str(tmp_path / "cache")), stdout=log,
-                            stderr=subprocess.STDOUT)  # fmt: skip
+                            cwd=tmp_path, env=dict(os.environ, EDGAR_TUNE_CACHE=str(tmp_path / "cache"), **env),
+                            stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
     try:
         wait_http(f"http://127.0.0.1:{port}/health", proc, timeout=300)
         yield f"http://127.0.0.1:{port}/v1"
@@ -331,7 +331,8 @@ def test_edgar_tune_serve_answers_openais_sdk_as_the_versions_predict_does(tiny_
 
 def test_edgar_tune_serve_follows_its_alias_to_the_version_promoted(tiny_run, tmp_path):
     """Served as `models:/NAME@champion`, the server asks where the alias points; a promotion (here, a version
-    made from the same run's model) is served from the next request on, and each answer names its version."""
+    made from the same run's model) is served from the next request on, and each answer names its version. Started
+    with a key (EDGAR_TUNE_API_KEY), it answers only clients that send it."""
     import mlflow
     import openai
 
@@ -344,15 +345,19 @@ def test_edgar_tune_serve_follows_its_alias_to_the_version_promoted(tiny_run, tm
         client.create_model_version("serve-follow", made.source, run_id=made.run_id)
     client.set_registered_model_alias("serve-follow", "champion", "1")
     with edgar_tune_serve("models:/serve-follow@champion", tmp_path, "--tracking-uri", s["mlflow_tracking_uri"],
-                          "--check-every", "0.5") as base_url:  # fmt: skip
-        openai_client = openai.OpenAI(base_url=base_url, api_key="none", max_retries=0)
+                          "--check-every", "0.5", EDGAR_TUNE_API_KEY="sk-edgar") as base_url:  # fmt: skip
+        openai_client = openai.OpenAI(base_url=base_url, api_key="sk-edgar", max_retries=0)
         first = openai_client.completions.create(model="serve-follow", prompt="Net sales", max_tokens=3)
+        with pytest.raises(openai.AuthenticationError) as keyless:  # started with a key: only with it
+            openai.OpenAI(base_url=base_url, api_key="sk-other", max_retries=0).models.list()
         client.set_registered_model_alias("serve-follow", "champion", "2")
         deadline = time.monotonic() + 120
         while openai_client.models.list().data[0].version != "2" and time.monotonic() < deadline:
             time.sleep(0.5)
         second = openai_client.completions.create(model="serve-follow", prompt="Net sales", max_tokens=3)
     assert (first.system_fingerprint, second.system_fingerprint) == ("v1", "v2")
+    assert keyless.value.status_code == 401 and keyless.value.body["code"] == "invalid_api_key"
+    assert keyless.value.body["message"].startswith("the API key given is not this server's: send the key")
     assert second.choices[0].text == first.choices[0].text  # the same weights, another version
     log = next(tmp_path.glob("serve-*.log")).read_text()
     assert "models:/serve-follow@champion now points at v2 (serving v1): loading it" in log, log[-3000:]
