@@ -247,7 +247,19 @@ class Server:
     def _complete(self, served: Served, prompts: list[tuple[str, bool]], settings: dict, n: int,
                   closing: str | None) -> list[dict]:  # fmt: skip
         with self.lock:
-            return _said(lambda: served.lm.complete(prompts, settings, n, closing=closing))
+            start = time.monotonic()
+            done = _said(lambda: served.lm.complete(prompts, settings, n, closing=closing))
+        self._generated(served, done, time.monotonic() - start)
+        return done
+
+    def _generated(self, served: Served, done: list[dict], seconds: float, how: str = "") -> None:
+        """A line in the server's log per request: what it cost, for whoever sizes the machine."""
+        usage = self._usage(done)
+        ends = sorted({c["finish_reason"] for d in done for c in d["choices"]})
+        log.info("%s%s: %d prompt and %d generated tokens in %.2f s (%.1f tokens/s), %d answer(s) ending at %s%s",
+                 self.name, f" v{served.version}" if served.version else "", usage["prompt_tokens"],
+                 usage["completion_tokens"], seconds, usage["completion_tokens"] / max(seconds, 1e-9),
+                 sum(len(d["choices"]) for d in done), "/".join(ends), how)  # fmt: skip
 
     def _stream(self, served: Served, body: dict, prefix: str, kind: str, prompts: list[tuple[str, bool]],
                 settings: dict, n: int, closing: str | None) -> Iterator[str]:
@@ -263,8 +275,12 @@ class Server:
         def work() -> None:
             try:
                 with self.lock:
-                    heard.put(("done", served.lm.complete(prompts, settings, n, closing=closing, cancelled=cancelled,
-                                                          heard=lambda *said: heard.put(said))))  # fmt: skip
+                    start = time.monotonic()
+                    done = served.lm.complete(prompts, settings, n, closing=closing, cancelled=cancelled,
+                                              heard=lambda *said: heard.put(said))  # fmt: skip
+                self._generated(served, done, time.monotonic() - start,
+                                ", streamed" + (" (the client left: stopped early)" if cancelled.is_set() else ""))
+                heard.put(("done", done))
             except Exception as err:  # noqa: BLE001 (said in the log, and the stream ends)
                 log.exception("generation failed")
                 heard.put(("failed", err))

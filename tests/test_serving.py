@@ -362,6 +362,8 @@ def test_edgar_tune_serve_follows_its_alias_to_the_version_promoted(tiny_run, tm
     log = next(tmp_path.glob("serve-*.log")).read_text()
     assert "models:/serve-follow@champion now points at v2 (serving v1): loading it" in log, log[-3000:]
     assert "serving serve-follow v2 (was v1), loaded in" in log, log[-3000:]
+    assert re.search(r"serve-follow v2: \d+ prompt and 3 generated tokens in [\d.]+ s \([\d.]+ tokens/s\), 1 "
+                     r"answer\(s\) ending at length", log), log[-3000:]  # fmt: skip
 
 
 def test_openais_sampling_fields_mean_what_they_mean_to_openai():
