@@ -317,6 +317,11 @@ def _requests(model_input) -> list[dict]:
                 f"the columns' lists are of different lengths ({', '.join(map(str, sorted(lengths)))}); give one "
                 "value a column for each request")  # fmt: skip
         count = lengths.pop() if lengths else None
+        if count == 0:  # `{"messages": []}`: answered `[]` before, as if nothing were asked
+            empty = ", ".join(f"`{k}`" for k in sorted(listed))
+            raise mlflow.exceptions.MlflowException.invalid_parameter_value(
+                f"{empty} {'is an empty list' if len(listed) == 1 else 'are empty lists'}: give a conversation (a list "
+                "of {\"role\", \"content\"} turns) as `messages`, or a prompt (or a list of prompts)")  # fmt: skip
         if count is None:
             rows.append(record)
         else:

@@ -114,6 +114,12 @@ def test_an_openai_chat_request_is_one_conversation_and_its_max_tokens_is_max_ne
     assert _requests(pd.DataFrame([{"messages": [[system, user], [other]]}])) == both
     assert _requests(pd.DataFrame([{"messages": ["Net sales?", "Costs?"]}])) == [{"messages": "Net sales?"},
                                                                                  {"messages": "Costs?"}]  # fmt: skip
+    import mlflow
+
+    with pytest.raises(mlflow.exceptions.MlflowException, match=re.escape(  # answered `[]` before: nothing asked
+            '`messages` is an empty list: give a conversation (a list of {"role", "content"} turns)')):
+        _requests(pd.DataFrame([{"messages": []}]))  # as MLflow makes `{"messages": []}`
+    assert _requests(pd.DataFrame({"prompt": []})) == []  # no rows (an empty batch): no answers
     assert generation_settings({"max_tokens": 7})["max_new_tokens"] == 7
     served = {"max_new_tokens": 40, "max_tokens": 7}  # MLflow fills in the defaults a served request leaves out
     assert generation_settings(served)["max_new_tokens"] == 7
