@@ -547,13 +547,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from edgar_tune.serve import Served, Server, app
-    from tasks.registry import loaded_version, registered_files, registered_version, resolve_version
+    from tasks.registry import loaded_version, placement, registered_files, registered_version, resolve_version
     from tasks.textdata import template_fields
 
+    placed = {"device": args.device, "dtype": args.dtype}
+    try:
+        placement(placed)  # before anything loads
+    except ValueError as err:
+        print(f"edgar-tune serve: error: {err}", file=sys.stderr)
+        return 2
     version, follow = None, None
     try:
         if ":/" not in args.model:
-            name, lm = Path(args.model).expanduser().resolve().name, loaded_version(Path(args.model).expanduser())
+            name, lm = Path(args.model).expanduser().resolve().name, loaded_version(Path(args.model).expanduser(),
+                                                                                    **placed)  # fmt: skip
         else:
             uri = _store_uri(args.tracking_uri)
             mlflow.set_tracking_uri(uri)
@@ -563,16 +570,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
                 def load(version: str):
                     with registered_files(client, name, version) as local:  # not held while serving: read once
-                        return loaded_version(local)
+                        return loaded_version(local, **placed)
 
                 lm = load(version)
                 if alias := re.fullmatch(r"models:/[^/@]+@([^/@]+)", args.model):
                     follow = (lambda: resolve_version(client, name, None, alias[1])), load
             else:  # runs:/..., models:/NAME/latest: MLflow's own way
                 with tempfile.TemporaryDirectory() as tmp:
-                    lm = loaded_version(Path(mlflow.artifacts.download_artifacts(args.model, dst_path=tmp)))
+                    lm = loaded_version(Path(mlflow.artifacts.download_artifacts(args.model, dst_path=tmp)), **placed)
                 name = args.model
-    except (mlflow.exceptions.MlflowException, LookupError, OSError) as err:
+    except (mlflow.exceptions.MlflowException, LookupError, OSError, ValueError) as err:
         why = err.message if isinstance(err, mlflow.exceptions.MlflowException) else str(err.args[-1])
         print(f"edgar-tune serve: error: cannot load {args.model}: {why}", file=sys.stderr)
         return 2
@@ -582,7 +589,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
              else f"a prompt template ({', '.join(template_fields(lm.template))})")  # fmt: skip
     following = (f"; which version the alias points at is asked every {args.check_every:g} s" if follow and
                  args.check_every > 0 else "")  # fmt: skip
-    print(f"edgar-tune serve: {args.model}{f' (v{version})' if version else ''}, tuned on {kinds}, as `{server.name}` "
+    where = f"{lm.model.device.type}, {str(lm.model.dtype).removeprefix('torch.')}"
+    print(f"edgar-tune serve: {args.model}{f' (v{version})' if version else ''}, tuned on {kinds}, on {where}, as "
+          f"`{server.name}` "
           f"at http://{args.host}:{args.port}/v1 (OpenAI's API: POST /v1/chat/completions, /v1/completions; GET "
           f"/v1/models); up to {args.max_new_tokens} new tokens unless a request says max_tokens{following}",
           file=sys.stderr, flush=True)  # fmt: skip
@@ -902,6 +911,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with models:/NAME@ALIAS: ask which version the alias points at this often, and once it has "
                      "moved (a promotion, a rollback) serve that version, loaded beside the one served (default 60; "
                      "0: never)")  # fmt: skip
+    srv.add_argument("--device", help="auto (default: the GPU where CUDA is, else the CPU), cpu, cuda or cuda:N")
+    srv.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
+                     help="auto (default: bfloat16 on a GPU, float32 on the CPU)")
     srv.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///runs/mlflow.db")
     srv.set_defaults(fn=cmd_serve)
     exp = sub.add_parser("export", help="write a registered version into a folder that transformers, peft, vLLM "

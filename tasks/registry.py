@@ -91,7 +91,9 @@ class EdgarTuneLM(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         from tasks.models import load_tokenizer
 
-        self.model = load_registered(context.artifacts, context.model_config)
+        device, dtype = placement(context.model_config or {})
+        # merged in float32 (an adapter's product added to the base's weights), then rounded once to `dtype`
+        self.model = load_registered(context.artifacts, context.model_config).to(device=device, dtype=dtype)
         self.tokenizer = load_tokenizer(context.artifacts["weights"])
         self.template = (context.model_config or {}).get("prompt_template")
         self.chat = bool((context.model_config or {}).get("chat"))  # tuned on conversations: served from `messages`
@@ -120,7 +122,8 @@ class EdgarTuneLM(mlflow.pyfunc.PythonModel):
         """Each prompt (its text, and whether it is whole: written in a chat template, with its special tokens, to
         which the tokenizer adds none, as in training) tokenized, all checked against the context before any is
         generated (`_check_context`)."""
-        encoded = [self.tokenizer(text, return_tensors="pt", add_special_tokens=not whole) for text, whole in prompts]
+        encoded = [self.tokenizer(text, return_tensors="pt", add_special_tokens=not whole).to(self.model.device)
+                   for text, whole in prompts]  # fmt: skip
         self._check_context(encoded, max_new_tokens)
         return encoded
 
@@ -417,14 +420,46 @@ def version_artifacts(local: Path) -> tuple[dict[str, str], dict[str, str]]:
     return {k: str(local / v["path"]) for k, v in flavor["artifacts"].items()}, flavor["config"]
 
 
-def loaded_version(local: Path) -> EdgarTuneLM:
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def placement(config: dict) -> tuple[str, Any]:
+    """Where a loaded version generates, and in what dtype: `config`'s `device` and `dtype` (a load's model_config,
+    `mlflow.pyfunc.load_model(uri, model_config={"device": "cpu"})`), else $EDGAR_TUNE_SERVE_DEVICE and
+    $EDGAR_TUNE_SERVE_DTYPE (for `mlflow models serve`), else auto: the GPU in bfloat16 where CUDA is (float16 on
+    one without bfloat16), the CPU in float32 elsewhere. Every version before 2026-12-05 generated on the CPU in
+    float32, a GPU beside it or not (a 7B one: 28 GB of weights, at the CPU's speed).
+
+    Raises:
+        ValueError: a device or dtype it does not know, or `cuda` where torch has no CUDA: never the CPU instead.
+    """
+    import torch
+
+    device = config.get("device") or os.environ.get("EDGAR_TUNE_SERVE_DEVICE") or "auto"
+    dtype = config.get("dtype") or os.environ.get("EDGAR_TUNE_SERVE_DTYPE") or "auto"
+    if device not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", device):
+        raise ValueError(f"device {device!r}: give auto, cpu, cuda or cuda:N")
+    if dtype not in ("auto", *DTYPES):
+        raise ValueError(f"dtype {dtype!r}: give auto, {', '.join(DTYPES)}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}, and this torch ({torch.__version__}) sees no CUDA GPU: give cpu (or "
+                         "auto), or serve where a GPU is")  # fmt: skip
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        dtype = "float32" if device == "cpu" else "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return device, getattr(torch, dtype)
+
+
+def loaded_version(local: Path, **placed: str | None) -> EdgarTuneLM:
     """A version (its folder: MLmodel beside its artifacts) loaded with this checkout's `EdgarTuneLM`, not the
-    copy of the code it was registered with: what it generates with, whenever it was registered."""
+    copy of the code it was registered with: what it generates with, whenever it was registered; `placed`: its
+    `device` and `dtype` where given (`placement`)."""
     from types import SimpleNamespace
 
     artifacts, config = version_artifacts(local)
     lm = EdgarTuneLM()
-    lm.load_context(SimpleNamespace(artifacts=artifacts, model_config=config))
+    lm.load_context(SimpleNamespace(artifacts=artifacts, model_config=config | {k: v for k, v in placed.items() if v}))
     return lm
 
 

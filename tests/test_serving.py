@@ -114,8 +114,6 @@ def test_an_openai_chat_request_is_one_conversation_and_its_max_tokens_is_max_ne
     assert _requests(pd.DataFrame([{"messages": [[system, user], [other]]}])) == both
     assert _requests(pd.DataFrame([{"messages": ["Net sales?", "Costs?"]}])) == [{"messages": "Net sales?"},
                                                                                  {"messages": "Costs?"}]  # fmt: skip
-    import mlflow
-
     with pytest.raises(mlflow.exceptions.MlflowException, match=re.escape(  # answered `[]` before: nothing asked
             '`messages` is an empty list: give a conversation (a list of {"role", "content"} turns)')):
         _requests(pd.DataFrame([{"messages": []}]))  # as MLflow makes `{"messages": []}`
@@ -370,6 +368,65 @@ def test_edgar_tune_serve_follows_its_alias_to_the_version_promoted(tiny_run, tm
     assert "serving serve-follow v2 (was v1), loaded in" in log, log[-3000:]
     assert re.search(r"serve-follow v2: \d+ prompt and 3 generated tokens in [\d.]+ s \([\d.]+ tokens/s\), 1 "
                      r"answer\(s\) ending at length", log), log[-3000:]  # fmt: skip
+
+
+def _version_folder(s: dict, into: Path) -> Path:
+    """The tiny run's registered version, downloaded as MLflow lays it out (MLmodel beside its artifacts)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(s["mlflow_tracking_uri"])  # and its registry, which models:/ URIs are read from
+    return Path(mlflow.artifacts.download_artifacts(f"models:/{s['registered_model']}/{s['model_version']}",
+                                                    dst_path=str(into)))
+
+
+def test_a_version_generates_on_the_gpu_where_cuda_is_and_never_elsewhere_by_surprise(tiny_run, tmp_path, monkeypatch,
+                                                                                       capsys):  # fmt: skip
+    """A loaded version goes where it is asked (model_config, else EDGAR_TUNE_SERVE_DEVICE/_DTYPE), else to the GPU
+    in bfloat16 where CUDA is and the CPU in float32 elsewhere; a GPU asked for where there is none is refused
+    before anything loads, not served from the CPU. Before 2026-12-05 every version generated on the CPU."""
+    import torch
+
+    from edgar_tune.cli import main
+    from tasks.registry import loaded_version, placement
+
+    gpu = torch.cuda.is_available()
+    assert placement({}) == (("cuda", torch.bfloat16) if gpu else ("cpu", torch.float32))
+    assert placement({"device": "cpu", "dtype": "bfloat16"}) == ("cpu", torch.bfloat16)
+    monkeypatch.setenv("EDGAR_TUNE_SERVE_DTYPE", "float16")
+    assert placement({"device": "cpu"}) == ("cpu", torch.float16)
+    assert placement({"device": "cpu", "dtype": "float32"}) == ("cpu", torch.float32)  # a load's own config first
+    with pytest.raises(ValueError, match="device 'tpu': give auto, cpu, cuda or cuda:N"):
+        placement({"device": "tpu"})
+    _, s = tiny_run
+    folder = _version_folder(s, tmp_path / "v")
+    lm = loaded_version(folder, device="cpu", dtype="bfloat16")
+    assert lm.model.dtype == torch.bfloat16 and lm.model.device.type == "cpu"
+    settings = {"max_new_tokens": 3, "do_sample": False, "seed": 0, "stop": []}
+    done = lm.complete([("Net sales increased", False)], settings, closing=None)
+    assert done[0]["choices"][0]["completion_tokens"] == 3
+    if not gpu:
+        capsys.readouterr()
+        assert main(["serve", "--model", str(folder), "--device", "cuda"]) == 2
+        said = capsys.readouterr().err.strip()
+        assert said.endswith(f"device 'cuda', and this torch ({torch.__version__}) sees no CUDA GPU: give cpu (or "
+                             "auto), or serve where a GPU is"), said  # fmt: skip
+
+
+@pytest.mark.gpu
+def test_a_version_is_served_from_the_gpu_in_bfloat16_and_answers_as_on_the_cpu(tiny_run, tmp_path):
+    """On a GPU machine a loaded version goes to the GPU in bfloat16 by itself, and greedy answers begin as the
+    CPU's in float32 do (bfloat16 rounds the logits: the first tokens, not every token, are compared)."""
+    import torch
+
+    from tasks.registry import loaded_version
+
+    _, s = tiny_run
+    folder = _version_folder(s, tmp_path / "v")
+    settings = {"max_new_tokens": 8, "do_sample": False, "seed": 0, "stop": []}
+    gpu, cpu = loaded_version(folder), loaded_version(folder, device="cpu")
+    assert (gpu.model.device.type, gpu.model.dtype) == ("cuda", torch.bfloat16)
+    on_gpu, on_cpu = (lm.complete([("Net sales increased", False)], settings, closing=None) for lm in (gpu, cpu))
+    assert on_gpu[0]["choices"][0]["text"][:8] == on_cpu[0]["choices"][0]["text"][:8]
 
 
 def test_openais_sampling_fields_mean_what_they_mean_to_openai():
