@@ -528,13 +528,20 @@ def _registered_uri_needed(given: str) -> str:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """Serve a version behind OpenAI's API (edgar_tune/serve.py) until interrupted."""
+    """Serve versions behind OpenAI's API (edgar_tune/serve.py) until interrupted."""
     import socket
-    import tempfile
+    import threading
 
-    if ":/" not in args.model and not Path(args.model).expanduser().is_dir():
-        print(f"edgar-tune: error: {_registered_uri_needed(args.model)}, or a model's folder or runs:/ URI",
-              file=sys.stderr)  # fmt: skip
+    for given in args.model:
+        if ":/" not in given and not Path(given).expanduser().is_dir():
+            print(f"edgar-tune: error: {_registered_uri_needed(given)}, or a model's folder or runs:/ URI",
+                  file=sys.stderr)  # fmt: skip
+            return 2
+    names = args.name or [_served_name(given, len(args.model)) for given in args.model]
+    if len(names) != len(args.model) or len(set(names)) < len(names):
+        said = (f"{len(names)} --name for {len(args.model)} --model" if len(names) != len(args.model) else
+                f"two models would both be `{next(n for n in names if names.count(n) > 1)}`")  # fmt: skip
+        print(f"edgar-tune serve: error: {said}: give one --name per --model, each its own", file=sys.stderr)
         return 2
     with socket.socket() as probe:  # before the model loads: a port taken is known at once
         try:
@@ -546,8 +553,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import mlflow
     import uvicorn
 
-    from edgar_tune.serve import Served, Server, app
-    from tasks.registry import loaded_version, placement, registered_files, registered_version, resolve_version
+    from edgar_tune.serve import Model, Server, app
+    from tasks.registry import placement
     from tasks.textdata import template_fields
 
     placed = {"device": args.device, "dtype": args.dtype}
@@ -556,44 +563,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"edgar-tune serve: error: {err}", file=sys.stderr)
         return 2
-    version, follow = None, None
-    try:
-        if ":/" not in args.model:
-            name, lm = Path(args.model).expanduser().resolve().name, loaded_version(Path(args.model).expanduser(),
-                                                                                    **placed)  # fmt: skip
-        else:
-            uri = _store_uri(args.tracking_uri)
-            mlflow.set_tracking_uri(uri)
-            client = mlflow.MlflowClient(uri)
-            if found := registered_version(client, args.model):  # downloaded once, then cached
-                name, version = found
-
-                def load(version: str):
-                    with registered_files(client, name, version) as local:  # not held while serving: read once
-                        return loaded_version(local, **placed)
-
-                lm = load(version)
-                if alias := re.fullmatch(r"models:/[^/@]+@([^/@]+)", args.model):
-                    follow = (lambda: resolve_version(client, name, None, alias[1])), load
-            else:  # runs:/..., models:/NAME/latest: MLflow's own way
-                with tempfile.TemporaryDirectory() as tmp:
-                    lm = loaded_version(Path(mlflow.artifacts.download_artifacts(args.model, dst_path=tmp)), **placed)
-                name = args.model
-    except (mlflow.exceptions.MlflowException, LookupError, OSError, ValueError) as err:
-        why = err.message if isinstance(err, mlflow.exceptions.MlflowException) else str(err.args[-1])
-        print(f"edgar-tune serve: error: cannot load {args.model}: {why}", file=sys.stderr)
-        return 2
-    server = Server(Served.of(lm, version), args.name or name, args.model, args.max_new_tokens, follow,
-                    args.check_every)  # fmt: skip
-    kinds = ("conversations" if lm.chat else "text" if not lm.template
-             else f"a prompt template ({', '.join(template_fields(lm.template))})")  # fmt: skip
-    following = (f"; which version the alias points at is asked every {args.check_every:g} s" if follow and
-                 args.check_every > 0 else "")  # fmt: skip
-    where = f"{lm.model.device.type}, {str(lm.model.dtype).removeprefix('torch.')}"
-    print(f"edgar-tune serve: {args.model}{f' (v{version})' if version else ''}, tuned on {kinds}, on {where}, as "
-          f"`{server.name}` "
-          f"at http://{args.host}:{args.port}/v1 (OpenAI's API: POST /v1/chat/completions, /v1/completions; GET "
-          f"/v1/models); up to {args.max_new_tokens} new tokens unless a request says max_tokens{following}",
+    stopped, models = threading.Event(), []
+    for given, name in zip(args.model, names, strict=True):
+        try:
+            served, follow = _serve_loaded(given, args.tracking_uri, placed)
+        except (mlflow.exceptions.MlflowException, LookupError, OSError, ValueError) as err:
+            why = err.message if isinstance(err, mlflow.exceptions.MlflowException) else str(err.args[-1])
+            print(f"edgar-tune serve: error: cannot load {given}: {why}", file=sys.stderr)
+            return 2
+        models.append(Model(name, given, served, follow, args.check_every, stopped))
+        lm, version = served.lm, served.version
+        kinds = ("conversations" if lm.chat else "text" if not lm.template
+                 else f"a prompt template ({', '.join(template_fields(lm.template))})")  # fmt: skip
+        following = ("; which version the alias points at is asked every "
+                     f"{args.check_every:g} s" if follow and args.check_every > 0 else "")  # fmt: skip
+        print(f"edgar-tune serve: {given}{f' (v{version})' if version else ''}, tuned on {kinds}, on "
+              f"{lm.model.device.type}, {str(lm.model.dtype).removeprefix('torch.')}, as `{name}`{following}",
+              file=sys.stderr, flush=True)  # fmt: skip
+    server = Server(models, args.max_new_tokens)
+    print(f"edgar-tune serve: at http://{args.host}:{args.port}/v1 (OpenAI's API: POST /v1/chat/completions, "
+          f"/v1/completions; GET /v1/models); up to {args.max_new_tokens} new tokens unless a request says max_tokens",
           file=sys.stderr, flush=True)  # fmt: skip
     key = os.environ.get("EDGAR_TUNE_API_KEY") or None
     if not key and args.host not in ("127.0.0.1", "localhost", "::1"):
@@ -602,8 +591,46 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         uvicorn.run(app(server, key), host=args.host, port=args.port, log_level="info")
     finally:
-        server.stopped.set()
+        stopped.set()
     return 0
+
+
+def _served_name(given: str, count: int) -> str:
+    """A served model's id unless --name says: the registered model's name (`models:/NAME@ALIAS`), and with
+    several models its alias or version too (`NAME@champion`, `NAME/3`); a folder's name; another URI as it is."""
+    if m := re.fullmatch(r"models:/([^/@]+)((?:/\d+|@[^/@]+))", given):
+        return m[1] if count == 1 else m[1] + m[2]
+    return given if ":/" in given else Path(given).expanduser().resolve().name
+
+
+def _serve_loaded(given: str, tracking_uri: str | None, placed: dict):
+    """The version `given` names, loaded (`Served`), and for an alias how to follow it (where it points, and how
+    to load another version), else None."""
+    import tempfile
+
+    import mlflow
+
+    from edgar_tune.serve import Served
+    from tasks.registry import loaded_version, registered_files, registered_version, resolve_version
+
+    if ":/" not in given:
+        return Served.of(loaded_version(Path(given).expanduser(), **placed), None), None
+    uri = _store_uri(tracking_uri)
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient(uri)
+    if not (found := registered_version(client, given)):  # runs:/..., models:/NAME/latest: MLflow's own way
+        with tempfile.TemporaryDirectory() as tmp:
+            return Served.of(loaded_version(Path(mlflow.artifacts.download_artifacts(given, dst_path=tmp)), **placed),
+                             None), None  # fmt: skip
+    name, version = found
+
+    def load(version: str):
+        with registered_files(client, name, version) as local:  # downloaded once, then cached; not held while served
+            return loaded_version(local, **placed)
+
+    alias = re.fullmatch(r"models:/[^/@]+@([^/@]+)", given)
+    follow = ((lambda: resolve_version(client, name, None, alias[1])), load) if alias else None
+    return Served.of(load(version), version), follow
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -900,11 +927,13 @@ def build_parser() -> argparse.ArgumentParser:
     srv = sub.add_parser("serve", help="serve a version behind OpenAI's API (/v1/chat/completions, /v1/completions, "
                          "/v1/models), for the openai SDK and the clients that speak it; with EDGAR_TUNE_API_KEY set, "
                          "only to clients that send it")  # fmt: skip
-    srv.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/N, runs:/ID/model, or a "
-                     "version's folder (its MLmodel inside)")  # fmt: skip
+    srv.add_argument("--model", required=True, action="append", help="models:/NAME@ALIAS, models:/NAME/N, "
+                     "runs:/ID/model, or a version's folder (its MLmodel inside); repeat to serve several (a champion "
+                     "and a challenger), each named by a request's `model`")  # fmt: skip
     srv.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only); 0.0.0.0 for all")
     srv.add_argument("--port", type=_whole(1), default=8000)
-    srv.add_argument("--name", help="the model's id in requests and answers (default: the registered model's name)")
+    srv.add_argument("--name", action="append", help="the model's id in requests and answers, one per --model "
+                     "(default: the registered model's name; with several, NAME@ALIAS or NAME/N)")  # fmt: skip
     srv.add_argument("--max-new-tokens", type=_whole(1), default=256,
                      help="a request's answer length unless it says max_tokens (default 256)")
     srv.add_argument("--check-every", type=float, default=60, metavar="SECONDS",

@@ -154,28 +154,27 @@ class Served:
         return cls(lm, version, turn_end(lm.tokenizer))
 
 
-class Server:
-    """The loaded version and what its requests are answered with. One generation runs at a time: torch uses
-    every core for one, and two at once would each take twice as long.
+class Model:
+    """One model a server serves: its id in requests (`name`), the URI it was given, and the version it serves
+    now (`served`).
 
     Serving an alias (`models:/NAME@champion`), `follow` (a function returning the version the alias points at,
-    and one loading a version) is asked every `every` seconds; when the alias has moved, the version it points at
-    is loaded beside the one served, then served from the next request on (one being answered finishes on the
-    version it began with). Each answer names the version that gave it (`system_fingerprint`)."""
+    and one loading a version) is asked every `every` seconds until `stopped` is set; when the alias has moved,
+    the version it points at is loaded beside the one served, then served from the next request on (one being
+    answered finishes on the version it began with). Each answer names the version that gave it
+    (`system_fingerprint`)."""
 
-    def __init__(self, served: Served, name: str, uri: str, default_max_new_tokens: int,
-                 follow: tuple[Callable[[], str], Callable[[str], Any]] | None = None,
-                 every: float = 60) -> None:  # fmt: skip
-        self.served, self.name, self.uri = served, name, uri
-        self.default_max_new_tokens = default_max_new_tokens
-        self.created = int(time.time())
-        self.lock = threading.Lock()
-        self.stopped = threading.Event()
+    def __init__(self, name: str, uri: str, served: Served,
+                 follow: tuple[Callable[[], str], Callable[[str], Any]] | None = None, every: float = 60,
+                 stopped: threading.Event | None = None) -> None:  # fmt: skip
+        self.name, self.uri, self.served = name, uri, served
         if follow and every > 0:
-            threading.Thread(target=self._follow, args=(*follow, every), name="follow-alias", daemon=True).start()
+            threading.Thread(target=self._follow, args=(*follow, every, stopped or threading.Event()),
+                             name=f"follow {uri}", daemon=True).start()  # fmt: skip
 
-    def _follow(self, points_at: Callable[[], str], load: Callable[[str], Any], every: float) -> None:
-        while not self.stopped.wait(every):
+    def _follow(self, points_at: Callable[[], str], load: Callable[[str], Any], every: float,
+                stopped: threading.Event) -> None:  # fmt: skip
+        while not stopped.wait(every):
             try:
                 version = points_at()
                 if version == self.served.version:
@@ -190,40 +189,60 @@ class Server:
                 log.exception("could not follow %s; still serving v%s, asking again in %g s", self.uri,
                               self.served.version, every)  # fmt: skip
 
-    def check_model(self, body: dict) -> None:
+
+class Server:
+    """The models served (`Model`: a champion and a challenger, say, each named by its request's `model`) and what
+    their requests are answered with. One generation runs at a time, whichever model it is of: torch uses every
+    core (or the GPU) for one, and two at once would each take twice as long."""
+
+    def __init__(self, models: list[Model], default_max_new_tokens: int) -> None:
+        self.models, self.default_max_new_tokens = models, default_max_new_tokens
+        self.created = int(time.time())
+        self.lock = threading.Lock()
+
+    def pick(self, body: dict) -> Model:
+        """The model a request names (by its id or the URI it was served from); the one served, unnamed."""
         asked = body.get("model")
-        if asked is not None and asked not in (self.name, self.uri):
-            raise Refused(f"the model `{asked}` does not exist: this server serves `{self.name}` ({self.uri})",
-                          status=404, param="model", code="model_not_found")  # fmt: skip
+        ids = ", ".join(f"`{m.name}`" for m in self.models)
+        if asked is None:
+            if len(self.models) == 1:
+                return self.models[0]
+            raise Refused(f"name the model to answer with: this server serves {ids}", param="model")
+        for model in self.models:
+            if asked in (model.name, model.uri):
+                return model
+        served = f"`{self.models[0].name}` ({self.models[0].uri})" if len(self.models) == 1 else ids
+        raise Refused(f"the model `{asked}` does not exist: this server serves {served}", status=404, param="model",
+                      code="model_not_found")  # fmt: skip
 
     def chat(self, body: Any) -> dict | Iterator[str]:
         from tasks.registry import chat_prompt
 
         check_fields(body, CHAT, "/v1/chat/completions")
-        self.check_model(body)
-        served = self.served  # the version this request is answered by, whatever the alias does meanwhile
+        model = self.pick(body)
+        served = model.served  # the version this request is answered by, whatever the alias does meanwhile
         lm = served.lm
         if lm.template:
-            raise Refused(f"{self.name} was instruction-tuned with a prompt template (fields: "
+            raise Refused(f"{model.name} was instruction-tuned with a prompt template (fields: "
                           f"{', '.join(_fields(lm.template))}), not on conversations: send the prompt its "
                           "template makes to /v1/completions", param="messages")  # fmt: skip
         if not getattr(lm.tokenizer, "chat_template", None):
-            raise Refused(f"{self.name}'s tokenizer has no chat template to write messages in: send a prompt to "
+            raise Refused(f"{model.name}'s tokenizer has no chat template to write messages in: send a prompt to "
                           "/v1/completions", param="messages")  # fmt: skip
         settings, n = request_settings(body, self.default_max_new_tokens)
         prompt = _said(lambda: chat_prompt(lm.tokenizer, chat_turns(body.get("messages")), "messages"))
         if body.get("stream"):
-            return self._stream(served, body, "chatcmpl", "chat.completion.chunk", [(prompt, True)], settings, n,
-                                served.chat_end)  # fmt: skip
-        done = self._complete(served, [(prompt, True)], settings, n, served.chat_end)
+            return self._stream(model, served, body, "chatcmpl", "chat.completion.chunk", [(prompt, True)], settings,
+                                n, served.chat_end)  # fmt: skip
+        done = self._complete(model, served, [(prompt, True)], settings, n, served.chat_end)
         choices = [{"index": k, "message": {"role": "assistant", "content": c["text"]}, "logprobs": None,
                     "finish_reason": c["finish_reason"]} for k, c in enumerate(done[0]["choices"])]  # fmt: skip
-        return self._answer(served, "chatcmpl", "chat.completion", choices, done)
+        return self._answer(model, served, "chatcmpl", "chat.completion", choices, done)
 
     def completions(self, body: Any) -> dict | Iterator[str]:
         check_fields(body, COMPLETIONS, "/v1/completions")
-        self.check_model(body)
-        served = self.served
+        model = self.pick(body)
+        served = model.served
         prompt = body.get("prompt")
         prompts = [prompt] if isinstance(prompt, str) else prompt
         if not (isinstance(prompts, list) and prompts and all(isinstance(p, str) for p in prompts)):
@@ -231,37 +250,38 @@ class Server:
                           "taken)", param="prompt")  # fmt: skip
         settings, n = request_settings(body, self.default_max_new_tokens)
         if body.get("stream"):
-            return self._stream(served, body, "cmpl", "text_completion", [(p, False) for p in prompts], settings, n,
-                                served.lm.closing)  # fmt: skip
-        done = self._complete(served, [(p, False) for p in prompts], settings, n, served.lm.closing)
+            return self._stream(model, served, body, "cmpl", "text_completion", [(p, False) for p in prompts],
+                                settings, n, served.lm.closing)  # fmt: skip
+        done = self._complete(model, served, [(p, False) for p in prompts], settings, n, served.lm.closing)
         choices = [{"index": i * n + k, "text": c["text"], "logprobs": None, "finish_reason": c["finish_reason"]}
                    for i, d in enumerate(done) for k, c in enumerate(d["choices"])]  # fmt: skip
-        return self._answer(served, "cmpl", "text_completion", choices, done)
+        return self._answer(model, served, "cmpl", "text_completion", choices, done)
 
-    def models(self) -> dict:
-        version = self.served.version
-        return {"object": "list", "data": [{"id": self.name, "object": "model", "created": self.created,
-                                            "owned_by": "edgar-tune", "root": self.uri,
-                                            **({"version": version} if version else {})}]}  # fmt: skip
+    def listed(self) -> dict:
+        """OpenAI's list of models: each served, with the version it serves now."""
+        return {"object": "list", "data": [{"id": m.name, "object": "model", "created": self.created,
+                                            "owned_by": "edgar-tune", "root": m.uri,
+                                            **({"version": m.served.version} if m.served.version else {})}
+                                           for m in self.models]}  # fmt: skip
 
-    def _complete(self, served: Served, prompts: list[tuple[str, bool]], settings: dict, n: int,
+    def _complete(self, model: Model, served: Served, prompts: list[tuple[str, bool]], settings: dict, n: int,
                   closing: str | None) -> list[dict]:  # fmt: skip
         with self.lock:
             start = time.monotonic()
             done = _said(lambda: served.lm.complete(prompts, settings, n, closing=closing))
-        self._generated(served, done, time.monotonic() - start)
+        self._generated(model, served, done, time.monotonic() - start)
         return done
 
-    def _generated(self, served: Served, done: list[dict], seconds: float, how: str = "") -> None:
+    def _generated(self, model: Model, served: Served, done: list[dict], seconds: float, how: str = "") -> None:
         """A line in the server's log per request: what it cost, for whoever sizes the machine."""
         usage = self._usage(done)
         ends = sorted({c["finish_reason"] for d in done for c in d["choices"]})
         log.info("%s%s: %d prompt and %d generated tokens in %.2f s (%.1f tokens/s), %d answer(s) ending at %s%s",
-                 self.name, f" v{served.version}" if served.version else "", usage["prompt_tokens"],
+                 model.name, f" v{served.version}" if served.version else "", usage["prompt_tokens"],
                  usage["completion_tokens"], seconds, usage["completion_tokens"] / max(seconds, 1e-9),
                  sum(len(d["choices"]) for d in done), "/".join(ends), how)  # fmt: skip
 
-    def _stream(self, served: Served, body: dict, prefix: str, kind: str, prompts: list[tuple[str, bool]],
+    def _stream(self, model: Model, served: Served, body: dict, prefix: str, kind: str, prompts: list[tuple[str, bool]],
                 settings: dict, n: int, closing: str | None) -> Iterator[str]:
         """OpenAI's server-sent events of the answers, as they are generated: a chunk per piece of text (a chat
         answer's first says its role), one with each answer's finish_reason, then, where `stream_options` asks
@@ -278,7 +298,7 @@ class Server:
                     start = time.monotonic()
                     done = served.lm.complete(prompts, settings, n, closing=closing, cancelled=cancelled,
                                               heard=lambda *said: heard.put(said))  # fmt: skip
-                self._generated(served, done, time.monotonic() - start,
+                self._generated(model, served, done, time.monotonic() - start,
                                 ", streamed" + (" (the client left: stopped early)" if cancelled.is_set() else ""))
                 heard.put(("done", done))
             except Exception as err:  # noqa: BLE001 (said in the log, and the stream ends)
@@ -286,7 +306,7 @@ class Server:
                 heard.put(("failed", err))
 
         def event(choices: list[dict], **more) -> str:
-            return "data: " + json.dumps({"id": ident, "object": kind, "created": created, "model": self.name,
+            return "data: " + json.dumps({"id": ident, "object": kind, "created": created, "model": model.name,
                                           "system_fingerprint": _fingerprint(served), "choices": choices,
                                           **more}) + "\n\n"  # fmt: skip
 
@@ -331,8 +351,9 @@ class Server:
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                 "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
 
-    def _answer(self, served: Served, prefix: str, kind: str, choices: list[dict], done: list[dict]) -> dict:
-        return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()), "model": self.name,
+    def _answer(self, model: Model, served: Served, prefix: str, kind: str, choices: list[dict],
+                done: list[dict]) -> dict:  # fmt: skip
+        return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()), "model": model.name,
                 "system_fingerprint": _fingerprint(served), "choices": choices, "usage": self._usage(done)}
 
 
@@ -363,7 +384,7 @@ def app(server: Server, api_key: str | None = None):
     request to them without it (`Authorization: Bearer KEY`, as OpenAI's clients send their key) is a 401."""
     import hmac
 
-    api = FastAPI(title=f"edgar-tune: {server.name}")
+    api = FastAPI(title=f"edgar-tune: {', '.join(m.name for m in server.models)}")
 
     @api.middleware("http")
     async def keyed(request: Request, call_next):
@@ -402,10 +423,10 @@ def app(server: Server, api_key: str | None = None):
 
     @api.get("/v1/models")
     async def models() -> dict:
-        return server.models()
+        return server.listed()
 
     @api.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "model": server.name}
+        return {"status": "ok", "models": [m.name for m in server.models]}
 
     return api

@@ -335,8 +335,9 @@ def test_edgar_tune_serve_answers_openais_sdk_as_the_versions_predict_does(tiny_
 
 def test_edgar_tune_serve_follows_its_alias_to_the_version_promoted(tiny_run, tmp_path):
     """Served as `models:/NAME@champion`, the server asks where the alias points; a promotion (here, a version
-    made from the same run's model) is served from the next request on, and each answer names its version. Started
-    with a key (EDGAR_TUNE_API_KEY), it answers only clients that send it."""
+    made from the same run's model) is served from the next request on, and each answer names its version; a
+    version served beside it by number stays. Started with a key (EDGAR_TUNE_API_KEY), it answers only clients that
+    send it."""
     import mlflow
     import openai
 
@@ -348,25 +349,34 @@ def test_edgar_tune_serve_follows_its_alias_to_the_version_promoted(tiny_run, tm
     for _ in range(2):
         client.create_model_version("serve-follow", made.source, run_id=made.run_id)
     client.set_registered_model_alias("serve-follow", "champion", "1")
-    with edgar_tune_serve("models:/serve-follow@champion", tmp_path, "--tracking-uri", s["mlflow_tracking_uri"],
-                          "--check-every", "0.5", EDGAR_TUNE_API_KEY="sk-edgar") as base_url:  # fmt: skip
+    with edgar_tune_serve("models:/serve-follow@champion", tmp_path, "--model", "models:/serve-follow/1",
+                          "--tracking-uri", s["mlflow_tracking_uri"], "--check-every", "0.5",
+                          EDGAR_TUNE_API_KEY="sk-edgar") as base_url:  # fmt: skip
         openai_client = openai.OpenAI(base_url=base_url, api_key="sk-edgar", max_retries=0)
-        first = openai_client.completions.create(model="serve-follow", prompt="Net sales", max_tokens=3)
+        listed = [m.id for m in openai_client.models.list().data]
+        first = openai_client.completions.create(model="serve-follow@champion", prompt="Net sales", max_tokens=3)
+        with pytest.raises(openai.BadRequestError) as unnamed:  # two served: which?
+            openai_client.completions.create(model=None, prompt="Net sales", max_tokens=3)
         with pytest.raises(openai.AuthenticationError) as keyless:  # started with a key: only with it
             openai.OpenAI(base_url=base_url, api_key="sk-other", max_retries=0).models.list()
         client.set_registered_model_alias("serve-follow", "champion", "2")
         deadline = time.monotonic() + 120
         while openai_client.models.list().data[0].version != "2" and time.monotonic() < deadline:
             time.sleep(0.5)
-        second = openai_client.completions.create(model="serve-follow", prompt="Net sales", max_tokens=3)
-    assert (first.system_fingerprint, second.system_fingerprint) == ("v1", "v2")
+        second = openai_client.completions.create(model="serve-follow@champion", prompt="Net sales", max_tokens=3)
+        pinned = openai_client.completions.create(model="models:/serve-follow/1", prompt="Net sales", max_tokens=3)
+    assert listed == ["serve-follow@champion", "serve-follow/1"]
+    assert (first.system_fingerprint, second.system_fingerprint, pinned.system_fingerprint) == ("v1", "v2", "v1")
+    assert pinned.model == "serve-follow/1"  # named by the URI it was served from too
+    assert unnamed.value.body["message"] == ("name the model to answer with: this server serves "
+                                             "`serve-follow@champion`, `serve-follow/1`"), unnamed.value.body  # fmt: skip
     assert keyless.value.status_code == 401 and keyless.value.body["code"] == "invalid_api_key"
     assert keyless.value.body["message"].startswith("the API key given is not this server's: send the key")
     assert second.choices[0].text == first.choices[0].text  # the same weights, another version
     log = next(tmp_path.glob("serve-*.log")).read_text()
     assert "models:/serve-follow@champion now points at v2 (serving v1): loading it" in log, log[-3000:]
-    assert "serving serve-follow v2 (was v1), loaded in" in log, log[-3000:]
-    assert re.search(r"serve-follow v2: \d+ prompt and 3 generated tokens in [\d.]+ s \([\d.]+ tokens/s\), 1 "
+    assert "serving serve-follow@champion v2 (was v1), loaded in" in log, log[-3000:]
+    assert re.search(r"serve-follow@champion v2: \d+ prompt and 3 generated tokens in [\d.]+ s \([\d.]+ tokens/s\), 1 "
                      r"answer\(s\) ending at length", log), log[-3000:]  # fmt: skip
 
 
