@@ -368,8 +368,8 @@ def test_edgar_tune_serve_follows_its_alias_to_the_version_promoted(tiny_run, tm
     assert listed == ["serve-follow@champion", "serve-follow/1"]
     assert (first.system_fingerprint, second.system_fingerprint, pinned.system_fingerprint) == ("v1", "v2", "v1")
     assert pinned.model == "serve-follow/1"  # named by the URI it was served from too
-    assert unnamed.value.body["message"] == ("name the model to answer with: this server serves "
-                                             "`serve-follow@champion`, `serve-follow/1`"), unnamed.value.body  # fmt: skip
+    said = unnamed.value.body["message"]
+    assert said == "name the model to answer with: this server serves `serve-follow@champion`, `serve-follow/1`", said
     assert keyless.value.status_code == 401 and keyless.value.body["code"] == "invalid_api_key"
     assert keyless.value.body["message"].startswith("the API key given is not this server's: send the key")
     assert second.choices[0].text == first.choices[0].text  # the same weights, another version
