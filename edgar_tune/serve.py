@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 # Request fields read, by endpoint; `top_k` is not OpenAI's, and vLLM's and others' servers take it too.
 COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "n", "stop", "seed", "user", "stream",
           "stream_options"}
-CHAT = COMMON | {"messages", "max_completion_tokens", "metadata", "store"}
+CHAT = COMMON | {"messages", "max_completion_tokens"}
 COMPLETIONS = COMMON | {"prompt"}
 # What this server does not do, each with the values that ask for nothing (an SDK may send them as they are).
 NOT_DONE = {
@@ -44,8 +44,10 @@ NOT_DONE = {
     "functions": (None, []), "function_call": (None, "none"), "parallel_tool_calls": (None,),
     "response_format": (None, {"type": "text"}), "modalities": (None, ["text"]), "audio": (None,),
     "prediction": (None,), "reasoning_effort": (None,), "web_search_options": (None,), "service_tier": (None, "auto"),
+    "store": (None, False), "metadata": (None, {}),
 }  # fmt: skip
-WHY_NOT = {"tools": "the version was not tuned to call tools"}
+WHY_NOT = {"tools": "the version was not tuned to call tools", "store": "answers are not stored",
+           "metadata": "it goes with store, and answers are not stored"}
 
 
 class Refused(Exception):
@@ -424,6 +426,11 @@ def app(server: Server, api_key: str | None = None):
     @api.get("/v1/models")
     async def models() -> dict:
         return server.listed()
+
+    @api.api_route("/v1/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"])
+    async def elsewhere(request: Request, path: str):  # OpenAI's newer /v1/responses, /v1/embeddings, ...
+        raise Refused(f"{request.method} /v1/{path} is not served: this server answers POST /v1/chat/completions, "
+                      "POST /v1/completions and GET /v1/models", status=404, code="not_found")  # fmt: skip
 
     @api.get("/health")
     async def health() -> dict:

@@ -276,6 +276,10 @@ def test_edgar_tune_serve_answers_openais_sdk_as_the_versions_predict_does(tiny_
             with pytest.raises(openai.APIStatusError) as err:
                 client.completions.create(**{"model": name, "prompt": prompts[0], "max_tokens": 6, **kw})
             refused[why] = (err.value.status_code, err.value.body["message"])
+        with pytest.raises(openai.NotFoundError) as responses:  # OpenAI's newer API: not served, and said so
+            client.responses.create(model=name, input="Net sales increased")
+        with pytest.raises(openai.BadRequestError) as stored:
+            client.completions.create(model=name, prompt=prompts[0], max_tokens=2, extra_body={"store": True})
         with pytest.raises(openai.BadRequestError) as no_template:  # a text version, its tokenizer without one
             client.chat.completions.create(model=name, messages=[{"role": "user", "content": "Hi"}], max_tokens=3)
     assert listed == [name]
@@ -302,6 +306,9 @@ def test_edgar_tune_serve_answers_openais_sdk_as_the_versions_predict_does(tiny_
     assert refused["unknown"][0] == 400 and unknown in refused["unknown"][1], refused["unknown"]
     assert refused["too long"][0] == 400 and "past the model's context of 2048 positions" in refused["too long"][1]
     assert "has no chat template to write messages in: send a prompt to /v1/completions" in no_template.value.message
+    assert responses.value.body["message"] == ("POST /v1/responses is not served: this server answers POST "
+                                               "/v1/chat/completions, POST /v1/completions and GET /v1/models")
+    assert stored.value.body["message"] == "store=true is not served: answers are not stored; leave it out"
     # A version tuned on conversations (its folder, as MLflow downloads it): messages in its chat template
     folder = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{s['model_version']}",
                                                       dst_path=str(tmp_path / "chat")))  # fmt: skip
