@@ -421,6 +421,14 @@ def test_a_version_generates_on_the_gpu_where_cuda_is_and_never_elsewhere_by_sur
     settings = {"max_new_tokens": 3, "do_sample": False, "seed": 0, "stop": []}
     done = lm.complete([("Net sales increased", False)], settings, closing=None)
     assert done[0]["choices"][0]["completion_tokens"] == 3
+    for a, b in [("a", "b"), ("a/v", "b/v")]:  # several models, each to be named once: said before any loads
+        (tmp_path / a).mkdir(parents=True), (tmp_path / b).mkdir(parents=True)
+    capsys.readouterr()
+    assert main(["serve", "--model", str(tmp_path / "a"), "--model", str(tmp_path / "b"), "--name", "x"]) == 2
+    assert capsys.readouterr().err.strip() == ("edgar-tune serve: error: 1 --name for 2 --model: give one --name per "
+                                               "--model, each its own")  # fmt: skip
+    assert main(["serve", "--model", str(tmp_path / "a/v"), "--model", str(tmp_path / "b/v")]) == 2
+    assert "error: two models would both be `v`: give one --name per --model" in capsys.readouterr().err
     if not gpu:
         capsys.readouterr()
         assert main(["serve", "--model", str(folder), "--device", "cuda"]) == 2
