@@ -91,9 +91,13 @@ class EdgarTuneLM(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         from tasks.models import load_tokenizer
 
+        import torch
+
         device, dtype = placement(context.model_config or {})
-        # merged in float32 (an adapter's product added to the base's weights), then rounded once to `dtype`
-        self.model = load_registered(context.artifacts, context.model_config).to(device=device, dtype=dtype)
+        # an adapter merged in float32 (its product added to the base's weights), then rounded once to `dtype`;
+        # full weights read in `dtype` at once (a 7B one in float32 first would take 28 GB more)
+        merged = torch.float32 if context.model_config["weights"] == "adapter" else dtype
+        self.model = load_registered(context.artifacts, context.model_config, merged).to(device=device, dtype=dtype)
         self.tokenizer = load_tokenizer(context.artifacts["weights"])
         self.template = (context.model_config or {}).get("prompt_template")
         self.chat = bool((context.model_config or {}).get("chat"))  # tuned on conversations: served from `messages`
