@@ -409,6 +409,11 @@ def _store_uri(given: str | None) -> str:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Load a registered version (base + adapter) from MLflow and generate from a prompt."""
+    try:
+        args.model, args.tracking_uri = _run_version(args.model, args.tracking_uri)
+    except LookupError as err:
+        print(f"edgar-tune generate: error: {err.args[0]}", file=sys.stderr)
+        return 2
     if ":/" not in args.model and not Path(args.model).expanduser().exists():  # a name, as `models` prints it
         print(f"edgar-tune: error: {_registered_uri_needed(args.model)}, or a model's folder or runs:/ URI",
               file=sys.stderr)  # fmt: skip
@@ -521,6 +526,26 @@ def _whole(least: int) -> Callable[[str], int]:
     return parse
 
 
+def _run_version(given: str, tracking_uri: str | None) -> tuple[str, str | None]:
+    """A run folder (`runs/latest`: its summary.json, no MLmodel) as the version its run registered,
+    `models:/NAME/N`, with the store it registered in unless --tracking-uri says; anything else as it is. Before,
+    `generate` and `serve` looked for an MLmodel file in it.
+
+    Raises:
+        LookupError: a run folder whose run registered nothing (a run stopped before its register stage).
+    """
+    folder = Path(given).expanduser()
+    if ":/" in given or (folder / "MLmodel").exists() or not (folder / "summary.json").is_file():
+        return given, tracking_uri
+    summary = json.loads((folder / "summary.json").read_text())
+    if not (summary.get("registered_model") and summary.get("model_version")):
+        raise LookupError(f"{given} is a run folder whose run registered no version (its summary.json names none): "
+                          "give a registered version, models:/NAME@ALIAS or models:/NAME/N")  # fmt: skip
+    version = f"models:/{summary['registered_model']}/{summary['model_version']}"
+    print(f"edgar-tune: {given} is a run: {version}, the version it registered", file=sys.stderr)
+    return version, tracking_uri or summary.get("mlflow_tracking_uri")
+
+
 def _registered_uri_needed(given: str) -> str:
     """What to give instead of `given` (`edgar-tune-10k`, as `edgar-tune models` names a model) for --model."""
     return (f"--model {given}: give a registered version, models:/NAME@ALIAS or models:/NAME/N (e.g. "
@@ -532,6 +557,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import socket
     import threading
 
+    try:
+        found = [_run_version(given, args.tracking_uri) for given in args.model]
+    except LookupError as err:
+        print(f"edgar-tune serve: error: {err.args[0]}", file=sys.stderr)
+        return 2
+    args.model, stores = [uri for uri, _ in found], [store for _, store in found]
     for given in args.model:
         if ":/" not in given and not Path(given).expanduser().is_dir():
             print(f"edgar-tune: error: {_registered_uri_needed(given)}, or a model's folder or runs:/ URI",
@@ -564,9 +595,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"edgar-tune serve: error: {err}", file=sys.stderr)
         return 2
     stopped, models = threading.Event(), []
-    for given, name in zip(args.model, names, strict=True):
+    for given, name, store in zip(args.model, names, stores, strict=True):
         try:
-            served, follow = _serve_loaded(given, args.tracking_uri, placed)
+            served, follow = _serve_loaded(given, store, placed)
         except (mlflow.exceptions.MlflowException, LookupError, OSError, ValueError) as err:
             why = err.message if isinstance(err, mlflow.exceptions.MlflowException) else str(err.args[-1])
             print(f"edgar-tune serve: error: cannot load {given}: {why}", file=sys.stderr)

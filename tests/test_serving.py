@@ -400,7 +400,8 @@ def test_a_version_generates_on_the_gpu_where_cuda_is_and_never_elsewhere_by_sur
                                                                                        capsys):  # fmt: skip
     """A loaded version goes where it is asked (model_config, else EDGAR_TUNE_SERVE_DEVICE/_DTYPE), else to the GPU
     in bfloat16 where CUDA is and the CPU in float32 elsewhere; a GPU asked for where there is none is refused
-    before anything loads, not served from the CPU. Before 2026-12-05 every version generated on the CPU."""
+    before anything loads, not served from the CPU. Before 2026-12-05 every version generated on the CPU. A run
+    folder given as the model is the version its run registered (`generate` and `serve` looked for an MLmodel in it)."""
     import torch
 
     from edgar_tune.cli import main
@@ -429,6 +430,19 @@ def test_a_version_generates_on_the_gpu_where_cuda_is_and_never_elsewhere_by_sur
                                                "--model, each its own")  # fmt: skip
     assert main(["serve", "--model", str(tmp_path / "a/v"), "--model", str(tmp_path / "b/v")]) == 2
     assert "error: two models would both be `v`: give one --name per --model" in capsys.readouterr().err
+    # A run folder (`runs/latest`) is the version its run registered, in the store it registered in
+    run, version = s["run_dir"], f"models:/{s['registered_model']}/{s['model_version']}"
+    assert main(["serve", "--model", run, "--model", run]) == 2
+    said = capsys.readouterr().err
+    assert f"edgar-tune: {run} is a run: {version}, the version it registered" in said, said
+    assert f"two models would both be `{s['registered_model']}/{s['model_version']}`" in said, said
+    monkeypatch.setenv("EDGAR_TUNE_CACHE", str(tmp_path / "cache"))
+    assert main(["generate", "--model", run, "--prompt", "Net sales", "--max-new-tokens", "3", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["prompt"] == "Net sales"
+    (tmp_path / "unregistered" / "summary.json").parent.mkdir()
+    (tmp_path / "unregistered" / "summary.json").write_text(json.dumps({"preset": "tiny"}))
+    assert main(["serve", "--model", str(tmp_path / "unregistered")]) == 2
+    assert "is a run folder whose run registered no version (its summary.json names none)" in capsys.readouterr().err
     if not gpu:
         capsys.readouterr()
         assert main(["serve", "--model", str(folder), "--device", "cuda"]) == 2
