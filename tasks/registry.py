@@ -23,6 +23,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -132,49 +133,62 @@ class EdgarTuneLM(mlflow.pyfunc.PythonModel):
         return encoded
 
     def complete(self, prompts: list[tuple[str, bool]], settings: dict, n: int = 1, *, closing: str | None,
-                 heard: Callable | None = None, cancelled: threading.Event | None = None) -> list[dict]:  # fmt: skip
+                 heard: Callable | None = None, cancelled: threading.Event | None = None,
+                 run: Callable[[list[Answer]], None] | None = None) -> list[dict]:  # fmt: skip
         """Answer each prompt (`encode`) `n` times with `settings` (`generation_settings`), each answer ending at
         EOS, at `closing` (the chat template's end of turn, `turn_end`) and at the `stop` texts: per prompt, its
         `prompt_tokens` and its `choices`, each the `text`, its `completion_tokens` and why it ended
-        (`finish_reason`: "stop" there, "length" at max_new_tokens), as OpenAI's API reports them. The answers of
-        one prompt are drawn one after another from one seed (`settings["seed"]` plus the prompt's place), so the
-        first is the one `n=1` gives.
+        (`finish_reason`: "stop" there, "length" at max_new_tokens), as OpenAI's API reports them.
+
+        The answers are generated together, a batch at a time (`run`: `generate_batches`, or a server's, which
+        batches them with other requests'). Each draws from its own generator, seeded from `settings["seed"]`, the
+        prompt's place and the answer's (`Answer.seed`), so what it samples does not depend on what it was batched
+        with, and the first answer is the one `n=1` gives.
 
         `heard(i, k, text, choice)`, where given, hears answer k of prompt i as it is generated: its text piece by
-        piece (`choice` None; the pieces make the answer's text), then its choice (`text` None). Generation stops
-        at the next token once `cancelled` is set (a streaming client gone)."""
-        import torch
-
-        from tasks.generate import answer, stop_at
-
+        piece (`choice` None; the pieces make the answer's text), then its choice (`text` None). Generation of an
+        answer stops at its next token once `cancelled` is set (a streaming client gone)."""
         encoded = self.encode(prompts, settings["max_new_tokens"])
-        drawn = {k: settings[k] for k in ("temperature", "top_k", "top_p")} if settings["do_sample"] else {}
-        stop = stop_at(closing, self.tokenizer, self.model, settings["stop"])
-        eos = stop.get("eos_token_id", self.model.generation_config.eos_token_id)
-        eos = set([] if eos is None else [eos] if isinstance(eos, int) else eos)
-        ends = [closing, *settings["stop"]] if closing else settings["stop"]
-        halt = {"stopping_criteria": _cancelled_at(cancelled)} if cancelled else {}
-        out = []
-        for i, ids in enumerate(encoded):
-            torch.manual_seed(settings["seed"] + i)  # a request sampled again draws the same text
-            choices = []
-            for k in range(n):
-                piece = lambda text, i=i, k=k: heard(i, k, text, None)  # noqa: E731
-                streamer = _Pieces(self.tokenizer, ends, piece) if heard else None
-                with torch.no_grad():
-                    gen = self.model.generate(**ids, max_new_tokens=settings["max_new_tokens"],
-                                              do_sample=settings["do_sample"], **drawn, **halt, streamer=streamer,
-                                              pad_token_id=self.tokenizer.pad_token_id, **stop)  # fmt: skip
-                new = gen[0][ids["input_ids"].shape[1] :].tolist()
-                said = self.tokenizer.decode(new, skip_special_tokens=True)
-                text = answer(said, closing, settings["stop"])
-                ended = len(new) < settings["max_new_tokens"] or bool(new) and new[-1] in eos or text != said
-                choices.append({"text": text, "completion_tokens": len(new),
-                                "finish_reason": "stop" if ended else "length"})
-                if heard:
-                    heard(i, k, None, choices[-1])
-            out.append({"prompt_tokens": ids["input_ids"].shape[1], "choices": choices})
-        return out
+        asked = [Answer(ids, settings, Answer.seed_of(settings["seed"], i, k), closing, cancelled=cancelled,
+                        heard=(lambda text, choice, i=i, k=k: heard(i, k, text, choice)) if heard else None)
+                 for i, ids in enumerate(encoded) for k in range(n)]  # fmt: skip
+        (run or self.generate_batches)(asked)
+        return [{"prompt_tokens": ids["input_ids"].shape[1], "choices": [a.choice for a in asked[i * n : (i + 1) * n]]}
+                for i, ids in enumerate(encoded)]  # fmt: skip
+
+    def generate_batches(self, asked: list[Answer], batch: int | None = None) -> None:
+        """Generates `asked`, `batch` at a time (`BATCH`), those of like prompt length together (less padding)."""
+        batch = batch or BATCH
+        ordered = sorted(asked, key=lambda a: a.ids["input_ids"].shape[1])
+        for start in range(0, len(ordered), batch):
+            self.generate_batch(ordered[start : start + batch])
+
+    def generate_batch(self, asked: list[Answer]) -> None:
+        """Generates each of `asked` (prompts of one model) in one `generate` call: the prompts left-padded, each
+        answer sampled or chosen greedily by its own settings (`_Rows.pick`), ending by its own max_new_tokens,
+        EOS, turn end and `stop` texts (`_Rows.__call__`), and handed on (`Answer.heard`, `Answer.ended`) as it
+        ends, while the others go on. Greedy answers are those one-at-a-time generation gives, up to float
+        rounding, which can differ between batch shapes where two tokens are almost tied."""
+        import torch
+        from transformers import LogitsProcessorList, StoppingCriteriaList
+
+        eos = self.model.generation_config.eos_token_id
+        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        pad = next((t for t in (self.tokenizer.pad_token_id, *eos) if t is not None), 0)
+        longest = max(a.ids["input_ids"].shape[1] for a in asked)
+        device = self.model.device
+        ids = torch.full((len(asked), longest), pad, dtype=torch.long, device=device)
+        mask = torch.zeros((len(asked), longest), dtype=torch.long, device=device)
+        for row, a in enumerate(asked):
+            prompt = a.ids["input_ids"][0]
+            ids[row, longest - len(prompt) :], mask[row, longest - len(prompt) :] = prompt, 1
+        rows = _Rows(self, asked, eos)
+        with torch.no_grad():
+            self.model.generate(input_ids=ids, attention_mask=mask, do_sample=False, pad_token_id=pad,
+                                max_new_tokens=max(a.settings["max_new_tokens"] for a in asked),
+                                logits_processor=LogitsProcessorList([rows.pick]),
+                                stopping_criteria=StoppingCriteriaList([rows]))  # fmt: skip
+        rows.close()
 
     def _check_context(self, encoded: list, new_tokens: int) -> None:
         """Refuses a prompt that, with `new_tokens` generated after it, runs past the model's context: positions it
@@ -192,50 +206,135 @@ class EdgarTuneLM(mlflow.pyfunc.PythonModel):
                     f"model's context of {context} positions: {fix}")  # fmt: skip
 
 
-class _Pieces:
-    """A `generate` streamer handing `heard` an answer's text as it is generated, decoded from its tokens so far:
-    up to where one of the texts it ends at (`ends`: the turn's end, the request's `stop`) could begin, held back
-    until the next tokens show it does not, and never past where one does (as `answer` cuts it)."""
+# Answers generated together at most (`EdgarTuneLM.generate_batches`), where the caller does not batch them itself.
+BATCH = 8
 
-    def __init__(self, tokenizer, ends: list[str], heard: Callable[[str], None]) -> None:
-        self.tokenizer, self.ends, self.heard = tokenizer, ends, heard
-        self.ids, self.sent, self.prompt = [], 0, True
 
-    def put(self, value) -> None:
-        if self.prompt:  # generate hands the prompt first
-            self.prompt = False
-            return
-        self.ids += value.flatten().tolist()
-        self._send(last=False)
+@dataclass(eq=False)
+class Answer:
+    """One answer to generate: its prompt's token ids (`encode`), its request's `settings`, the `seed` it draws
+    from, the `closing` it ends at besides EOS and `stop`, who hears it (`heard(text, None)` piece by piece, then
+    `heard(None, choice)`; `ended(answer)`), and what stops it early (`cancelled`). Once it has ended, its
+    `choice` (OpenAI's: `text`, `completion_tokens`, `finish_reason`), or the `error` generating it raised."""
 
-    def end(self) -> None:
-        self._send(last=True)
+    ids: Any
+    settings: dict
+    seed: int
+    closing: str | None
+    heard: Callable[[str | None, dict | None], None] | None = None
+    cancelled: threading.Event | None = None
+    ended: Callable[[Answer], None] | None = None
+    choice: dict | None = None
+    error: BaseException | None = None
 
-    def _send(self, last: bool) -> None:
+    @staticmethod
+    def seed_of(seed: int, prompt: int, answer: int) -> int:
+        """Answer `answer` of prompt `prompt`'s seed: the first's is `seed` plus the prompt's place, as one-at-a-time
+        generation seeded it; the others' a hash of the three, within the 32 bits torch's CPU generator reads."""
+        if answer == 0:
+            return seed + prompt
+        return int.from_bytes(hashlib.sha256(f"{seed}/{prompt}/{answer}".encode()).digest()[:4], "big")
+
+
+class _Rows:
+    """The answers of one `generate` call (`EdgarTuneLM.generate_batch`), row by row: `pick` (a logits processor)
+    chooses each sampled row's next token from its own generator, leaving greedy rows to `generate`'s argmax, and
+    the call itself (stopping criteria) takes each row's new token, hands its text on and says which rows have
+    ended."""
+
+    def __init__(self, lm: EdgarTuneLM, asked: list[Answer], eos: list[int]) -> None:
+        from tasks.generate import stop_at
+
+        self.lm, self.asked = lm, asked
+        self.tokens: list[list[int]] = [[] for _ in asked]
+        self.sent, self.done = [0] * len(asked), [False] * len(asked)
+        self.eos, self.ends, self.warpers, self.generators = [], [], [], [None] * len(asked)
+        for a in asked:
+            stop = stop_at(a.closing, lm.tokenizer, lm.model, a.settings["stop"])  # a turn end of one token: an EOS
+            self.eos.append(set(stop.get("eos_token_id", eos)))
+            self.ends.append(stop.get("stop_strings", []))
+            self.warpers.append(_warpers(a.settings) if a.settings["do_sample"] else None)
+
+    def pick(self, input_ids, scores):
+        """Each sampled row's scores made the token drawn (its settings' warpers, softmax, a draw from its own
+        generator) and nothing else, which `generate`'s greedy argmax then takes: what one-at-a-time generation
+        with `do_sample` drew, from the same seed, whatever the row is batched with."""
+        import torch
+
+        for row, warpers in enumerate(self.warpers):
+            if warpers is None or self.done[row]:
+                continue
+            if self.generators[row] is None:
+                self.generators[row] = torch.Generator(device=scores.device).manual_seed(self.asked[row].seed)
+            warped = scores[row : row + 1]
+            for warp in warpers:
+                warped = warp(input_ids[row : row + 1], warped)
+            token = torch.multinomial(torch.softmax(warped, dim=-1), 1, generator=self.generators[row]).item()
+            scores[row] = float("-inf")
+            scores[row, token] = 0.0
+        return scores
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        for row, token in enumerate(input_ids[:, -1].tolist()):
+            if not self.done[row]:
+                self._take(row, token)
+        return torch.tensor(self.done, dtype=torch.bool, device=input_ids.device)
+
+    def close(self) -> None:
+        """Ends the rows `generate` stopped without this hearing it (none, where it calls every step)."""
+        for row, done in enumerate(self.done):
+            if not done:
+                self._end(row)
+
+    def _take(self, row: int, token: int) -> None:
+        a, tokens = self.asked[row], self.tokens[row]
+        tokens.append(token)
+        ended = (token in self.eos[row] or len(tokens) >= a.settings["max_new_tokens"]
+                 or a.cancelled is not None and a.cancelled.is_set())  # fmt: skip
+        if self.ends[row] or a.heard:
+            from tasks.generate import answer
+
+            said = self.lm.tokenizer.decode(tokens, skip_special_tokens=True)
+            text = answer(said, None, self.ends[row])
+            ended = ended or text != said
+            if a.heard and not (not ended and said.endswith("\ufffd")):  # a character whose bytes are not all in
+                if text == said and not ended:  # hold back what may be the start of an end
+                    text = said[: len(said) - max((n for e in self.ends[row] for n in range(1, len(e))
+                                                   if said.endswith(e[:n])), default=0)]  # fmt: skip
+                if len(text) > self.sent[row]:
+                    a.heard(text[self.sent[row] :], None)
+                    self.sent[row] = len(text)
+        if ended:
+            self._end(row)
+
+    def _end(self, row: int) -> None:
         from tasks.generate import answer
 
-        said = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if not last and said.endswith("\ufffd"):  # a character whose bytes are not all generated yet
-            return
-        text = answer(said, None, self.ends)
-        if text == said and not last:  # hold back what may be the start of an end
-            text = said[: len(said) - max((n for e in self.ends for n in range(1, len(e)) if said.endswith(e[:n])),
-                                          default=0)]  # fmt: skip
-        if len(text) > self.sent:
-            self.heard(text[self.sent :])
-            self.sent = len(text)
+        a, tokens = self.asked[row], self.tokens[row]
+        self.done[row] = True
+        said = self.lm.tokenizer.decode(tokens, skip_special_tokens=True)
+        text = answer(said, a.closing, a.settings["stop"])
+        ended = len(tokens) < a.settings["max_new_tokens"] or bool(tokens) and tokens[-1] in self.eos[row]
+        a.choice = {"text": text, "completion_tokens": len(tokens),
+                    "finish_reason": "stop" if ended or text != said else "length"}  # fmt: skip
+        if a.heard:
+            if len(text) > self.sent[row]:  # what was held back, where no end came
+                a.heard(text[self.sent[row] :], None)
+                self.sent[row] = len(text)
+            a.heard(None, a.choice)
+        if a.ended:
+            a.ended(a)
 
 
-def _cancelled_at(event: threading.Event):
-    """`generate`'s stopping criteria that end every sequence once `event` is set."""
-    import torch
-    from transformers import StoppingCriteria, StoppingCriteriaList
+def _warpers(settings: dict) -> list:
+    """transformers' warpers for a sampled answer's settings, as `generate` builds them with `do_sample`."""
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-    class Cancelled(StoppingCriteria):
-        def __call__(self, input_ids, scores, **kwargs):
-            return torch.full((input_ids.shape[0],), event.is_set(), dtype=torch.bool, device=input_ids.device)
-
-    return StoppingCriteriaList([Cancelled()])
+    return [*([TemperatureLogitsWarper(settings["temperature"])] if settings["temperature"] != 1.0 else []),
+            *([TopKLogitsWarper(settings["top_k"])] if settings["top_k"] != 0 else []),
+            *([TopPLogitsWarper(settings["top_p"])] if settings["top_p"] < 1.0 else [])]  # fmt: skip
 
 
 # A request's generation settings (its `params`) and their defaults: greedy decoding unless `do_sample`.

@@ -451,6 +451,90 @@ def test_a_version_generates_on_the_gpu_where_cuda_is_and_never_elsewhere_by_sur
                              "auto), or serve where a GPU is"), said  # fmt: skip
 
 
+def test_answers_generated_together_are_the_answers_generated_alone(tiny_run, tmp_path):
+    """A request's answers are generated in one batch, the prompts left-padded, each answer ending by its own
+    length, stop texts and EOS, and handed on as it ends while the others go on: greedy, they are what one at a
+    time gives; sampled, what transformers' own `generate(do_sample=True)` draws from the answer's seed, batched
+    or not; streamed, pieces that make its text."""
+    import torch
+
+    from tasks.registry import Answer, loaded_version
+
+    _, s = tiny_run
+    lm = loaded_version(_version_folder(s, tmp_path / "v"), device="cpu")
+    prompts = [("Net sales increased", False), ("We", False), ("Operating income in the fourth quarter was", False)]
+    greedy = {"max_new_tokens": 10, "do_sample": False, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "seed": 3,
+              "stop": []}  # fmt: skip
+    alone = lambda asked: lm.generate_batches(asked, batch=1)  # noqa: E731
+    said = lm.complete(prompts, greedy, closing=None)
+    assert said == lm.complete(prompts, greedy, closing=None, run=alone)
+    assert len({len(lm.tokenizer(p)["input_ids"]) for p, _ in prompts}) == 3  # padded: the prompts' lengths differ
+    first = said[0]["choices"][0]["text"]
+    stop = first[len(first) // 2 :][:3]
+    stopped = lm.complete(prompts, greedy | {"stop": [stop]}, closing=None)
+    assert stopped == lm.complete(prompts, greedy | {"stop": [stop]}, closing=None, run=alone)
+    assert stopped[0]["choices"][0] == {"text": first.split(stop)[0], "finish_reason": "stop",
+                                        "completion_tokens": stopped[0]["choices"][0]["completion_tokens"]}
+    assert stopped[0]["choices"][0]["completion_tokens"] < 10
+    sampled = greedy | {"do_sample": True, "temperature": 0.8, "top_p": 0.9}
+    drawn = lm.complete(prompts, sampled, 2, closing=None)
+    assert drawn == lm.complete(prompts, sampled, 2, closing=None, run=alone)
+    assert any(d["choices"][0] != d["choices"][1] for d in drawn)  # each of n answers from a seed of its own
+    assert [d["choices"][0] for d in drawn] == [d["choices"][0] for d in lm.complete(prompts, sampled, closing=None)]
+    for i, (text, _) in enumerate(prompts):
+        ids = lm.tokenizer(text, return_tensors="pt")
+        torch.manual_seed(sampled["seed"] + i)
+        out = lm.model.generate(**ids, do_sample=True, temperature=0.8, top_k=0, top_p=0.9, max_new_tokens=10,
+                                pad_token_id=lm.tokenizer.pad_token_id)  # fmt: skip
+        new = out[0][ids["input_ids"].shape[1] :]
+        assert drawn[i]["choices"][0]["text"] == lm.tokenizer.decode(new, skip_special_tokens=True)
+        assert drawn[i]["choices"][0]["completion_tokens"] == len(new)
+    # each answer is handed on as it ends, the shorter while the longer goes on, its pieces its text
+    pieces, order = {3: [], 9: []}, []
+    short, long = (Answer(lm.encode([prompts[0]], n)[0], greedy | {"max_new_tokens": n}, 0, None,
+                          heard=lambda text, choice, n=n: pieces[n].append(text if choice is None else choice),
+                          ended=order.append) for n in (3, 9))  # fmt: skip
+    lm.generate_batch([long, short])
+    assert order == [short, long]
+    assert [short.choice["completion_tokens"], long.choice["completion_tokens"]] == [3, 9]
+    assert long.choice["text"].startswith(short.choice["text"])
+    assert long.choice["text"] == first[: len(long.choice["text"])]
+    for n, answer in ((3, short), (9, long)):
+        assert pieces[n][-1] == answer.choice and "".join(pieces[n][:-1]) == answer.choice["text"]
+
+
+def test_requests_that_come_together_are_generated_together_each_answered_as_alone(tiny_run, tmp_path):
+    """Requests sent at once to `edgar-tune serve` are generated in batches (its log says so), and each gets the
+    answer it gets sent alone; with `--max-batch 1`, one at a time."""
+    import threading
+
+    _, s = tiny_run
+    uri = f"models:/{s['registered_model']}/{s['model_version']}"
+    prompts = ["Net sales increased", "We", "Operating income in the fourth quarter was", "Our segments",
+               "Cash provided by operating activities"]  # fmt: skip
+    for batch in ("4", "1"):
+        with edgar_tune_serve(uri, tmp_path, "--tracking-uri", s["mlflow_tracking_uri"], "--max-batch", batch) as url:
+            alone = [_post(f"{url}/completions", {"prompt": p, "max_tokens": 200}) for p in prompts]
+            together, start = {}, threading.Barrier(len(prompts))
+
+            def send(i: int, url=url, start=start, together=together) -> None:
+                start.wait()
+                together[i] = _post(f"{url}/completions", {"prompt": prompts[i], "max_tokens": 200})
+
+            threads = [threading.Thread(target=send, args=(i,)) for i in range(len(prompts))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        log = max(tmp_path.glob("serve-*.log"), key=lambda p: p.stat().st_mtime).read_text()
+        assert [together[i]["choices"] for i in range(len(prompts))] == [a["choices"] for a in alone]
+        batched = [int(n) for n in re.findall(r"a batch of (\d+) answers: \d+ tokens in", log)]
+        if batch == "4":
+            assert batched and max(batched) <= 4 and sum(batched) >= 2, log[-3000:]
+        else:
+            assert not batched, log[-3000:]
+
+
 @pytest.mark.gpu
 def test_a_version_is_served_from_the_gpu_in_bfloat16_and_answers_as_on_the_cpu(tiny_run, tmp_path):
     """On a GPU machine a loaded version goes to the GPU in bfloat16 by itself, and greedy answers begin as the
