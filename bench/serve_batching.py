@@ -5,7 +5,8 @@ one generation at a time (`--max-batch 1`, as it served before 2026-12-05), same
 
 Each setting gets its own server (`edgar-tune serve --model M --max-batch B`, a process of its own). `--clients`
 threads then send the same `--requests` greedy `POST /v1/completions` between them, each a request at a time:
-prompts cut from the held-out MD&A of the run (the first words of its paragraphs, of 8 to 60 words). Throughput is
+prompts cut from the held-out MD&A of the run (the first words of its paragraphs, of 8 to 60 words), asking for a
+quarter, half, three quarters or all of `--max-tokens` in turn (answers of different lengths). Throughput is
 the completion tokens of all requests over the wall time from the first sent to the last answered; latency is each
 request's, sent to answered. "same answers" counts the answers equal to the one-at-a-time server's for the same
 prompt (greedy: equal, up to float rounding where two tokens are almost tied).
@@ -79,7 +80,8 @@ def load(url: str, prompts: list[str], clients: int, max_tokens: int) -> dict:
                 return
             i, prompt = item
             sent = time.monotonic()
-            got = post(url, {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
+            asked = max(1, max_tokens * (1 + i % 4) // 4)
+            got = post(url, {"prompt": prompt, "max_tokens": asked, "temperature": 0})
             said[i] = (got["choices"][0]["text"], got["usage"]["completion_tokens"], time.monotonic() - sent)
 
     start = time.monotonic()
@@ -121,7 +123,7 @@ def main() -> None:
             proc.terminate()
             proc.wait(30)
     base = {r["clients"]: r for r in rows if r["max_batch"] == args.batches[0]}
-    print(f"\n{args.requests} requests of up to {args.max_tokens} tokens, greedy, {args.model}, "
+    print(f"\n{args.requests} requests of {args.max_tokens // 4} to {args.max_tokens} tokens, greedy, {args.model}, "
           f"{platform.machine()} {os.cpu_count()} CPU(s)\n")
     print("| clients | --max-batch | tokens | wall s | tokens/s | vs one at a time | p50 s | p90 s | same answers |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -135,8 +137,11 @@ def main() -> None:
     import torch
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else cpu_host()
+    from tasks.registry import git_commit
+
     write_result(args.out, "serve-batching", device, {
-        "device": device, "torch": torch.__version__, "model": args.model, "requests": args.requests,
+        "device": device, "torch": torch.__version__, "commit": git_commit(), "model": args.model,
+        "requests": args.requests,
         "max_tokens": args.max_tokens, "rows": rows, "command": " ".join(sys.argv)})  # fmt: skip
 
 

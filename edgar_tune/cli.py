@@ -968,8 +968,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-new-tokens", type=_whole(1), default=256,
                      help="a request's answer length unless it says max_tokens (default 256)")
     srv.add_argument("--max-batch", type=_whole(1), default=8, metavar="N",
-                     help="answers generated together at most, of the requests that come together (default 8; 1: one "
-                     "at a time, each answer generated as if alone)")  # fmt: skip
+                     help="answers generated together at most: a request that comes while others are generated joins "
+                     "them at their next token (default 8; 1: one answer at a time)")  # fmt: skip
     srv.add_argument("--check-every", type=float, default=60, metavar="SECONDS",
                      help="with models:/NAME@ALIAS: ask which version the alias points at this often, and once it has "
                      "moved (a promotion, a rollback) serve that version, loaded beside the one served (default 60; "

@@ -198,9 +198,10 @@ class Model:
 
 class Engine:
     """Generates every request's answers, one batch at a time (one generation at once, whichever model: torch
-    uses every core, or the GPU, for one): when free, the answers waiting for the version the longest-waiting one
-    is of, up to `max_batch`, together (`EdgarTuneLM.generate_batch`). A request arriving meanwhile waits for the
-    batch; one in a batch is answered as soon as its own answers end, the others going on."""
+    uses every core, or the GPU, for one). An answer that comes while a batch of its version runs joins it at
+    the next token (`EdgarTuneLM.join`: its prompt read, its cache set beside the others'), up to `max_batch`
+    answers; one of another version waits for the batch to end, and none joins past it (first come, first
+    served). A request is answered as soon as its own answers end, the others going on."""
 
     def __init__(self, max_batch: int) -> None:
         self.max_batch = max_batch
@@ -231,31 +232,40 @@ class Engine:
             raise failed
 
     def _loop(self) -> None:
+        lm, batch = None, None
         while True:
             with self.more:
-                while not self.waiting:
+                while batch is None and not self.waiting:
                     self.more.wait()
-                lm, batch, rest = self.waiting[0][0], [], deque()
-                for item in self.waiting:
-                    if item[0] is lm and len(batch) < self.max_batch:
-                        batch.append(item[1])
-                    else:
-                        rest.append(item)
-                self.waiting = rest
-            start = time.monotonic()
+                lm = lm if batch is not None else self.waiting[0][0]
+                joining = []
+                while (self.waiting and self.waiting[0][0] is lm
+                       and len(joining) < self.max_batch - (len(batch.asked) if batch else 0)):  # fmt: skip
+                    joining.append(self.waiting.popleft()[1])
+            start, rows = time.monotonic(), (len(batch.asked) if batch else 0) + len(joining)
             try:
-                lm.generate_batch(batch)
+                if joining:
+                    batch = lm.join(batch, joining)
+                went = [len(a.tokens) for a in batch.asked]
+                asked = batch.asked
+                batch = lm.advance(batch, self._joinable(lm) if lm.joins_midway else None)
             except Exception as err:  # noqa: BLE001 (each request waiting on it raises it)
-                for a in batch:
-                    if a.choice is None:
+                for a in [*(batch.asked if batch else []), *joining]:
+                    if a.choice is None and a.error is None:
                         a.error = err
                         a.ended(a)
+                batch = None
                 continue
-            if len(batch) > 1:
-                made = sum(a.choice["completion_tokens"] for a in batch)
+            if rows > 1:
+                made = sum(len(a.tokens) - n for a, n in zip(asked, went, strict=True))
                 seconds = time.monotonic() - start
-                log.info("a batch of %d answers: %d tokens in %.2f s (%.1f tokens/s)", len(batch), made, seconds,
+                log.info("%d answers together%s: %d tokens in %.2f s (%.1f tokens/s)", rows,
+                         f" ({len(joining)} joining)" if joining and rows > len(joining) else "", made, seconds,
                          made / max(seconds, 1e-9))  # fmt: skip
+
+    def _joinable(self, lm) -> Callable[[int], bool]:
+        """`advance`'s pause: an answer of `lm`'s is next in line, and there is room for it."""
+        return lambda going: bool(self.waiting) and self.waiting[0][0] is lm and going < self.max_batch
 
 
 class Server:

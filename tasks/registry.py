@@ -23,7 +23,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -164,31 +164,105 @@ class EdgarTuneLM(mlflow.pyfunc.PythonModel):
             self.generate_batch(ordered[start : start + batch])
 
     def generate_batch(self, asked: list[Answer]) -> None:
-        """Generates each of `asked` (prompts of one model) in one `generate` call: the prompts left-padded, each
-        answer sampled or chosen greedily by its own settings (`_Rows.pick`), ending by its own max_new_tokens,
-        EOS, turn end and `stop` texts (`_Rows.__call__`), and handed on (`Answer.heard`, `Answer.ended`) as it
-        ends, while the others go on. Greedy answers are those one-at-a-time generation gives, up to float
-        rounding, which can differ between batch shapes where two tokens are almost tied."""
+        """Generates each of `asked` (prompts of one model) together until each has ended: the prompts left-padded
+        (`join`), each answer sampled or chosen greedily by its own settings, ending by its own max_new_tokens, EOS,
+        turn end and `stop` texts, and handed on (`Answer.heard`, `Answer.ended`) as it ends while the others go on
+        (`advance`). Greedy answers are those one-at-a-time generation gives, up to float rounding, which can
+        differ between batch shapes where two tokens are almost tied."""
+        batch = self.join(None, asked)
+        while batch is not None:
+            batch = self.advance(batch)
+
+    @property
+    def joins_midway(self) -> bool:
+        """Whether answers can join a batch between two of its tokens (`join`): the model's cache is plain key and
+        value tensors, row by row, that can be cut and set side by side (a sliding-window or recurrent layer's
+        cannot: its answers join between batches)."""
+        if getattr(self, "_joins", None) is None:
+            from transformers import DynamicCache
+
+            implementation = getattr(self.model.generation_config, "cache_implementation", None)
+            self._joins = implementation in (None, "dynamic") and _plain(DynamicCache(config=self.model.config))
+        return self._joins
+
+    def join(self, batch: Batch | None, asked: list[Answer]) -> Batch:
+        """`batch` (None: a new one) with `asked` added, each row's tokens so far right-aligned. A new answer's
+        prompt is read on its own, all but its last token (which the next step reads with the other rows' last
+        tokens), and what the model made of it set beside the batch's cache, both left-padded to one length; where
+        the batch has no cache, `advance` reads every row whole."""
+        import torch
+
+        old = batch.asked if batch is not None else []
+        seqs = [batch.ids[r][batch.mask[r].bool()] for r in range(len(old))] if batch is not None else []
+        seqs += [a.ids["input_ids"][0] for a in asked]
+        width = max(len(s) for s in seqs)
+        cache = None
+        if batch is not None and batch.cache is not None and asked:
+            read = [self._read(a.ids["input_ids"][:, :-1], batch.cache) for a in asked]
+            width = max(width, batch.ids.shape[1])
+            layers = zip(batch.cache.layers, *read, strict=True)
+            cache = _cache([(torch.cat([_left(k, width - 1) for k in (old_layer.keys, *(r[0] for r in new))]),
+                             torch.cat([_left(v, width - 1) for v in (old_layer.values, *(r[1] for r in new))]))
+                            for old_layer, *new in layers])  # fmt: skip
+        elif batch is not None and not asked:
+            cache = batch.cache
+        ids = torch.full((len(seqs), width), self._pad, dtype=torch.long, device=self.model.device)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long, device=self.model.device)
+        for row, seq in enumerate(seqs):
+            ids[row, width - len(seq) :], mask[row, width - len(seq) :] = seq, 1
+        return Batch([*old, *asked], ids, mask, cache)
+
+    def advance(self, batch: Batch, pause: Callable[[int], bool] | None = None) -> Batch | None:
+        """Generates `batch` until each of its answers has ended, or `pause(going)` (asked after each token, with
+        how many answers are still going) says to stop: the answers still going then, with what the model has read
+        of them (their all-padding columns cut), to go on with or `join`; None once every answer has ended."""
         import torch
         from transformers import LogitsProcessorList, StoppingCriteriaList
 
-        eos = self.model.generation_config.eos_token_id
-        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-        pad = next((t for t in (self.tokenizer.pad_token_id, *eos) if t is not None), 0)
-        longest = max(a.ids["input_ids"].shape[1] for a in asked)
-        device = self.model.device
-        ids = torch.full((len(asked), longest), pad, dtype=torch.long, device=device)
-        mask = torch.zeros((len(asked), longest), dtype=torch.long, device=device)
-        for row, a in enumerate(asked):
-            prompt = a.ids["input_ids"][0]
-            ids[row, longest - len(prompt) :], mask[row, longest - len(prompt) :] = prompt, 1
-        rows = _Rows(self, asked, eos)
+        rows = _Rows(self, batch.asked, self._eos, pause)
+        left = max(a.settings["max_new_tokens"] - len(a.tokens) for a in batch.asked)
         with torch.no_grad():
-            self.model.generate(input_ids=ids, attention_mask=mask, do_sample=False, pad_token_id=pad,
-                                max_new_tokens=max(a.settings["max_new_tokens"] for a in asked),
-                                logits_processor=LogitsProcessorList([rows.pick]),
-                                stopping_criteria=StoppingCriteriaList([rows]))  # fmt: skip
-        rows.close()
+            out = self.model.generate(input_ids=batch.ids, attention_mask=batch.mask, past_key_values=batch.cache,
+                                      do_sample=False, pad_token_id=self._pad, max_new_tokens=left,
+                                      logits_processor=LogitsProcessorList([rows.pick]),
+                                      stopping_criteria=StoppingCriteriaList([rows]),
+                                      return_dict_in_generate=True)  # fmt: skip
+        going = [row for row, done in enumerate(rows.done) if not done]
+        if not rows.paused:
+            rows.close()
+            return None
+        steps = out.sequences.shape[1] - batch.ids.shape[1]
+        mask = torch.cat([batch.mask, batch.mask.new_ones((len(batch.asked), steps))], dim=1)[going]
+        first = int(mask.any(dim=0).nonzero()[0])  # columns before it are padding in every row still going
+        cache = out.past_key_values
+        if _plain(cache):
+            cache = _cache([(layer.keys[going][:, :, first:], layer.values[going][:, :, first:])
+                            for layer in cache.layers])  # fmt: skip
+        else:  # not to be cut: read again whole
+            self._joins, cache = False, None
+        return Batch([batch.asked[r] for r in going], out.sequences[going][:, first:], mask[:, first:], cache)
+
+    @property
+    def _eos(self) -> list[int]:
+        eos = self.model.generation_config.eos_token_id
+        return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+    @property
+    def _pad(self) -> int:
+        return next((t for t in (self.tokenizer.pad_token_id, *self._eos) if t is not None), 0)
+
+    def _read(self, ids, like) -> list[tuple]:
+        """What the model makes of `ids` (one prompt but its last token), layer by layer: keys and values shaped as
+        the cache `like`'s, of no columns for a one-token prompt."""
+        import torch
+        from transformers import DynamicCache
+
+        if not ids.shape[1]:
+            return [(layer.keys[:1, :, :0], layer.values[:1, :, :0]) for layer in like.layers]
+        with torch.no_grad():
+            cache = self.model(input_ids=ids, past_key_values=DynamicCache(config=self.model.config),
+                               use_cache=True).past_key_values  # fmt: skip
+        return [(layer.keys, layer.values) for layer in cache.layers]
 
     def _check_context(self, encoded: list, new_tokens: int) -> None:
         """Refuses a prompt that, with `new_tokens` generated after it, runs past the model's context: positions it
@@ -226,6 +300,9 @@ class Answer:
     ended: Callable[[Answer], None] | None = None
     choice: dict | None = None
     error: BaseException | None = None
+    tokens: list[int] = field(default_factory=list)  # generated so far
+    sent: int = 0  # characters of its text `heard` has heard
+    generator: Any = None  # what it samples from, seeded at its first sampled token
 
     @staticmethod
     def seed_of(seed: int, prompt: int, answer: int) -> int:
@@ -237,18 +314,18 @@ class Answer:
 
 
 class _Rows:
-    """The answers of one `generate` call (`EdgarTuneLM.generate_batch`), row by row: `pick` (a logits processor)
-    chooses each sampled row's next token from its own generator, leaving greedy rows to `generate`'s argmax, and
+    """The answers of one `generate` call (`EdgarTuneLM.advance`), row by row: `pick` (a logits processor) chooses
+    each sampled row's next token from its answer's own generator, leaving greedy rows to `generate`'s argmax, and
     the call itself (stopping criteria) takes each row's new token, hands its text on and says which rows have
-    ended."""
+    ended, or that all stop for now (`paused`: `pause(going)` said so)."""
 
-    def __init__(self, lm: EdgarTuneLM, asked: list[Answer], eos: list[int]) -> None:
+    def __init__(self, lm: EdgarTuneLM, asked: list[Answer], eos: list[int],
+                 pause: Callable[[int], bool] | None = None) -> None:  # fmt: skip
         from tasks.generate import stop_at
 
-        self.lm, self.asked = lm, asked
-        self.tokens: list[list[int]] = [[] for _ in asked]
-        self.sent, self.done = [0] * len(asked), [False] * len(asked)
-        self.eos, self.ends, self.warpers, self.generators = [], [], [], [None] * len(asked)
+        self.lm, self.asked, self.pause, self.paused = lm, asked, pause, False
+        self.done = [False] * len(asked)
+        self.eos, self.ends, self.warpers = [], [], []
         for a in asked:
             stop = stop_at(a.closing, lm.tokenizer, lm.model, a.settings["stop"])  # a turn end of one token: an EOS
             self.eos.append(set(stop.get("eos_token_id", eos)))
@@ -264,12 +341,13 @@ class _Rows:
         for row, warpers in enumerate(self.warpers):
             if warpers is None or self.done[row]:
                 continue
-            if self.generators[row] is None:
-                self.generators[row] = torch.Generator(device=scores.device).manual_seed(self.asked[row].seed)
+            a = self.asked[row]
+            if a.generator is None:
+                a.generator = torch.Generator(device=scores.device).manual_seed(a.seed)
             warped = scores[row : row + 1]
             for warp in warpers:
                 warped = warp(input_ids[row : row + 1], warped)
-            token = torch.multinomial(torch.softmax(warped, dim=-1), 1, generator=self.generators[row]).item()
+            token = torch.multinomial(torch.softmax(warped, dim=-1), 1, generator=a.generator).item()
             scores[row] = float("-inf")
             scores[row, token] = 0.0
         return scores
@@ -280,7 +358,9 @@ class _Rows:
         for row, token in enumerate(input_ids[:, -1].tolist()):
             if not self.done[row]:
                 self._take(row, token)
-        return torch.tensor(self.done, dtype=torch.bool, device=input_ids.device)
+        going = self.done.count(False)
+        self.paused = bool(going and self.pause and self.pause(going))
+        return torch.tensor([True] * len(self.done) if self.paused else self.done, device=input_ids.device)
 
     def close(self) -> None:
         """Ends the rows `generate` stopped without this hearing it (none, where it calls every step)."""
@@ -289,40 +369,40 @@ class _Rows:
                 self._end(row)
 
     def _take(self, row: int, token: int) -> None:
-        a, tokens = self.asked[row], self.tokens[row]
-        tokens.append(token)
-        ended = (token in self.eos[row] or len(tokens) >= a.settings["max_new_tokens"]
+        a = self.asked[row]
+        a.tokens.append(token)
+        ended = (token in self.eos[row] or len(a.tokens) >= a.settings["max_new_tokens"]
                  or a.cancelled is not None and a.cancelled.is_set())  # fmt: skip
         if self.ends[row] or a.heard:
             from tasks.generate import answer
 
-            said = self.lm.tokenizer.decode(tokens, skip_special_tokens=True)
+            said = self.lm.tokenizer.decode(a.tokens, skip_special_tokens=True)
             text = answer(said, None, self.ends[row])
             ended = ended or text != said
             if a.heard and not (not ended and said.endswith("\ufffd")):  # a character whose bytes are not all in
                 if text == said and not ended:  # hold back what may be the start of an end
                     text = said[: len(said) - max((n for e in self.ends[row] for n in range(1, len(e))
                                                    if said.endswith(e[:n])), default=0)]  # fmt: skip
-                if len(text) > self.sent[row]:
-                    a.heard(text[self.sent[row] :], None)
-                    self.sent[row] = len(text)
+                if len(text) > a.sent:
+                    a.heard(text[a.sent :], None)
+                    a.sent = len(text)
         if ended:
             self._end(row)
 
     def _end(self, row: int) -> None:
         from tasks.generate import answer
 
-        a, tokens = self.asked[row], self.tokens[row]
+        a = self.asked[row]
         self.done[row] = True
-        said = self.lm.tokenizer.decode(tokens, skip_special_tokens=True)
+        said = self.lm.tokenizer.decode(a.tokens, skip_special_tokens=True)
         text = answer(said, a.closing, a.settings["stop"])
-        ended = len(tokens) < a.settings["max_new_tokens"] or bool(tokens) and tokens[-1] in self.eos[row]
-        a.choice = {"text": text, "completion_tokens": len(tokens),
+        ended = len(a.tokens) < a.settings["max_new_tokens"] or bool(a.tokens) and a.tokens[-1] in self.eos[row]
+        a.choice = {"text": text, "completion_tokens": len(a.tokens),
                     "finish_reason": "stop" if ended or text != said else "length"}  # fmt: skip
         if a.heard:
-            if len(text) > self.sent[row]:  # what was held back, where no end came
-                a.heard(text[self.sent[row] :], None)
-                self.sent[row] = len(text)
+            if len(text) > a.sent:  # what was held back, where no end came
+                a.heard(text[a.sent :], None)
+                a.sent = len(text)
             a.heard(None, a.choice)
         if a.ended:
             a.ended(a)
@@ -335,6 +415,39 @@ def _warpers(settings: dict) -> list:
     return [*([TemperatureLogitsWarper(settings["temperature"])] if settings["temperature"] != 1.0 else []),
             *([TopKLogitsWarper(settings["top_k"])] if settings["top_k"] != 0 else []),
             *([TopPLogitsWarper(settings["top_p"])] if settings["top_p"] < 1.0 else [])]  # fmt: skip
+
+@dataclass(eq=False)
+class Batch:
+    """Answers being generated together (`EdgarTuneLM.join`, `EdgarTuneLM.advance`): each one's tokens so far (its
+    prompt, then what it generated) right-aligned in a row of `ids`, `mask` 1 where a token is, and `cache`, what
+    the model has read of every column but the last (None: nothing yet)."""
+
+    asked: list[Answer]
+    ids: Any
+    mask: Any
+    cache: Any = None
+
+
+def _plain(cache) -> bool:
+    """A cache of key and value tensors only, layer by layer, whose rows and columns can be cut and set side by
+    side (transformers' DynamicCache of full-attention layers)."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    return type(cache) is DynamicCache and bool(cache.layers) and all(type(x) is DynamicLayer for x in cache.layers)
+
+
+def _cache(layers: list[tuple]):
+    from transformers import DynamicCache
+
+    return DynamicCache(ddp_cache_data=layers)
+
+
+def _left(tensor, width: int):
+    """Keys or values (batch, heads, columns, head size) padded on the left to `width` columns."""
+    import torch
+
+    return torch.nn.functional.pad(tensor, (0, 0, width - tensor.shape[2], 0))
 
 
 # A request's generation settings (its `params`) and their defaults: greedy decoding unless `do_sample`.

@@ -503,9 +503,58 @@ def test_answers_generated_together_are_the_answers_generated_alone(tiny_run, tm
         assert pieces[n][-1] == answer.choice and "".join(pieces[n][:-1]) == answer.choice["text"]
 
 
+def test_an_answer_joins_a_batch_between_two_of_its_tokens_and_is_the_answer_it_is_alone(tiny_run, tmp_path):
+    """An answer that joins a batch midway (`join`: its prompt read on its own, what the model made of it set
+    beside the batch's cache, both left-padded to one length) is the answer it is generated alone, and so are the
+    answers it joins, greedy and sampled, a one-token prompt's too, in GPT-2's, Llama's and Qwen2's layouts. A
+    model whose cache keeps a sliding window (Mistral's, Gemma 2's layers) is never joined midway: its answers
+    join between batches, and are what they are alone."""
+    import torch
+    from transformers import AutoModelForCausalLM, GPT2Config, Gemma2Config, LlamaConfig, MistralConfig, Qwen2Config
+
+    from tasks.registry import Answer, EdgarTuneLM, loaded_version
+
+    _, s = tiny_run
+    tokenizer = loaded_version(_version_folder(s, tmp_path / "v"), device="cpu").tokenizer
+    vocab = len(tokenizer)
+    small = {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "vocab_size": vocab}  # fmt: skip
+    layouts = {"gpt2": GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=vocab), "llama": LlamaConfig(**small),
+               "qwen2": Qwen2Config(**small), "mistral": MistralConfig(**small, sliding_window=8),
+               "gemma2": Gemma2Config(**small, head_dim=16, sliding_window=8)}  # fmt: skip
+    prompts = [tokenizer(p, return_tensors="pt") for p in ("Net sales increased", "Operating income in the fourth "
+               "quarter of the year was", "We")] + [{"input_ids": torch.tensor([[tokenizer("Cash")["input_ids"][0]]])}]
+    greedy = {"max_new_tokens": 12, "do_sample": False, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "seed": 5,
+              "stop": []}  # fmt: skip
+    sampled = greedy | {"do_sample": True, "temperature": 0.9}
+    for name, config in layouts.items():
+        torch.manual_seed(0)
+        lm = EdgarTuneLM()
+        lm.model, lm.tokenizer = AutoModelForCausalLM.from_config(config).eval(), tokenizer
+        assert lm.joins_midway == (name not in ("mistral", "gemma2")), name
+        for settings in (greedy, sampled):
+            alone = [Answer(ids, settings, settings["seed"] + i, None) for i, ids in enumerate(prompts)]
+            for a in alone:
+                lm.generate_batch([a])
+            together = [Answer(ids, settings, settings["seed"] + i, None) for i, ids in enumerate(prompts)]
+            first, third = together[0], together[2]
+            if not lm.joins_midway:
+                lm.generate_batch(together)
+            else:
+                batch = lm.advance(lm.join(None, together[:2]), lambda going, first=first: len(first.tokens) >= 4)
+                assert [len(a.tokens) for a in together] == [4, 4, 0, 0] and batch.cache.get_seq_length() > 0
+                batch = lm.advance(lm.join(batch, together[2:3]), lambda going, third=third: len(third.tokens) >= 3)
+                batch = lm.join(batch, together[3:])
+                while batch is not None:
+                    batch = lm.advance(batch)
+            assert [a.choice for a in together] == [a.choice for a in alone], (name, settings["do_sample"])
+            assert all(a.choice["completion_tokens"] for a in together)
+
+
 def test_requests_that_come_together_are_generated_together_each_answered_as_alone(tiny_run, tmp_path):
-    """Requests sent at once to `edgar-tune serve` are generated in batches (its log says so), and each gets the
-    answer it gets sent alone; with `--max-batch 1`, one at a time."""
+    """Requests sent at once to `edgar-tune serve` are generated together, those that come while a batch runs
+    joining it (its log says so), and each gets the answer it gets sent alone; with `--max-batch 1`, one at a
+    time."""
     import threading
 
     _, s = tiny_run
@@ -528,9 +577,10 @@ def test_requests_that_come_together_are_generated_together_each_answered_as_alo
                 t.join()
         log = max(tmp_path.glob("serve-*.log"), key=lambda p: p.stat().st_mtime).read_text()
         assert [together[i]["choices"] for i in range(len(prompts))] == [a["choices"] for a in alone]
-        batched = [int(n) for n in re.findall(r"a batch of (\d+) answers: \d+ tokens in", log)]
+        batched = re.findall(r"(\d+) answers together( \(\d+ joining\))?: \d+ tokens in", log)
         if batch == "4":
-            assert batched and max(batched) <= 4 and sum(batched) >= 2, log[-3000:]
+            assert batched and max(int(n) for n, _ in batched) <= 4, log[-3000:]
+            assert any(joined for _, joined in batched), log[-3000:]
         else:
             assert not batched, log[-3000:]
 
