@@ -536,7 +536,10 @@ def test_an_answer_joins_a_batch_between_two_of_its_tokens_and_is_the_answer_it_
             alone = [Answer(ids, settings, settings["seed"] + i, None) for i, ids in enumerate(prompts)]
             for a in alone:
                 lm.generate_batch([a])
-            together = [Answer(ids, settings, settings["seed"] + i, None) for i, ids in enumerate(prompts)]
+            pieces = {i: [] for i in range(len(prompts))}
+            together = [Answer(ids, settings, settings["seed"] + i, None,
+                               heard=lambda text, _, i=i, pieces=pieces: text is not None and pieces[i].append(text))
+                        for i, ids in enumerate(prompts)]  # fmt: skip
             first, third = together[0], together[2]
             if not lm.joins_midway:
                 lm.generate_batch(together)
@@ -548,6 +551,7 @@ def test_an_answer_joins_a_batch_between_two_of_its_tokens_and_is_the_answer_it_
                 while batch is not None:
                     batch = lm.advance(batch)
             assert [a.choice for a in together] == [a.choice for a in alone], (name, settings["do_sample"])
+            assert ["".join(pieces[i]) for i in range(len(prompts))] == [a.choice["text"] for a in together]
             assert all(a.choice["completion_tokens"] for a in together)
 
 
