@@ -611,10 +611,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"edgar-tune serve: {given}{f' (v{version})' if version else ''}, tuned on {kinds}, on "
               f"{lm.model.device.type}, {str(lm.model.dtype).removeprefix('torch.')}, as `{name}`{following}",
               file=sys.stderr, flush=True)  # fmt: skip
-    server = Server(models, args.max_new_tokens, args.max_batch)
+    server = Server(models, args.max_new_tokens, args.max_batch, args.max_batch_tokens)
     print(f"edgar-tune serve: at http://{args.host}:{args.port}/v1 (OpenAI's API: POST /v1/chat/completions, "
           f"/v1/completions; GET /v1/models); up to {args.max_new_tokens} new tokens unless a request says "
-          f"max_tokens; up to {args.max_batch} answers generated together", file=sys.stderr, flush=True)  # fmt: skip
+          f"max_tokens; up to {args.max_batch} answers ({args.max_batch_tokens} tokens) generated together",
+          file=sys.stderr, flush=True)  # fmt: skip
     key = os.environ.get("EDGAR_TUNE_API_KEY") or None
     if not key and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"edgar-tune serve: warning: listening on {args.host} without a key, whoever reaches port {args.port} "
@@ -970,6 +971,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-batch", type=_whole(1), default=8, metavar="N",
                      help="answers generated together at most: a request that comes while others are generated joins "
                      "them at their next token (default 8; 1: one answer at a time)")  # fmt: skip
+    srv.add_argument("--max-batch-tokens", type=_whole(1), default=8192, metavar="N",
+                     help="and while the answers times the longest's prompt and max_tokens are at most N "
+                     "(default 8192; what the model keeps of them grows with it: 4.3 GB for Llama-2-7B)")  # fmt: skip
     srv.add_argument("--check-every", type=float, default=60, metavar="SECONDS",
                      help="with models:/NAME@ALIAS: ask which version the alias points at this often, and once it has "
                      "moved (a promotion, a rollback) serve that version, loaded beside the one served (default 60; "

@@ -87,11 +87,11 @@ CODE = {
     "download": ("tasks/download.py", "tasks/textdata.py"),
     "parse": ("tasks/split.py", "tasks/sections.py", "tasks/textdata.py"),
     "tokenize": ("tasks/textdata.py", "tasks/models.py", "tasks/blocks.py", "tasks/datareport.py"),
-    "evaluate-base": ("tasks/perplexity.py", "tasks/generate.py", "kernels", "tasks/models.py"),
+    "evaluate-base": ("tasks/perplexity.py", "tasks/generate.py", "tasks/batching.py", "kernels", "tasks/models.py"),
     "train": ("tasks/finetune.py", "tasks/train_worker.py", "tasks/checkpoints.py", "tasks/memory.py",
               "tasks/allocator.py", "tasks/profile.py", "kernels", "tasks/models.py"),  # fmt: skip
-    "evaluate": ("tasks/perplexity.py", "tasks/generate.py", "kernels", "tasks/models.py"),
-    "register": ("tasks/registry.py", "tasks/pyfunc_model.py"),
+    "evaluate": ("tasks/perplexity.py", "tasks/generate.py", "tasks/batching.py", "kernels", "tasks/models.py"),
+    "register": ("tasks/registry.py", "tasks/batching.py", "tasks/pyfunc_model.py"),
 }
 _LIBS = {
     "download": ("sec-edgar-downloader", "requests"),

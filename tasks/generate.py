@@ -108,11 +108,14 @@ def generate(model, tokenizer, prompts: list[dict], cfg: GenerateConfig, label: 
     up to `cfg.max_length` tokens with the prompt (`write_eval` has checked it against the model's context,
     `check_length`, before its scoring); a held-out example `cfg.max_new_tokens` after its prompt, fewer where
     the context ends first, and up to the end of the chat template's assistant turn too (`turn_end`; where the
-    model was tuned in another template, it never writes it)."""
+    model was tuned in another template, it never writes it). The samples are generated together, as a served
+    version generates (`tasks.batching`): sample k of prompt i draws from its own seed, `cfg.sampling_seed + i` for
+    the first, so the base and the fine-tuned model draw alike."""
+    from tasks.batching import Answer, Generating
+
     dev = device()
     model.to(dev).eval()
     context = getattr(model.config, "max_position_embeddings", None) or float("inf")
-    rows = []
     held = bool(prompts) and "ids" in prompts[0]
     closing = turn_end(tokenizer) if held else None
     beside_tqdm = OwnLine(log, {"open": None})
@@ -120,27 +123,40 @@ def generate(model, tokenizer, prompts: list[dict], cfg: GenerateConfig, label: 
                      "held-out example(s)" if held else "prompt(s)", cfg.num_return_sequences,
                      f"up to {cfg.max_new_tokens} tokens after the prompt" if held
                      else f"up to {cfg.max_length} tokens with the prompt")  # fmt: skip
-    bar = Progress(f"generation samples ({label})", len(prompts), "prompts", logger=beside_tqdm, quiet_s=30)
-    for i, item in enumerate(tqdm(prompts, desc=f"generate ({label})", unit="prompt", disable=not console_bars())):
-        torch.manual_seed(cfg.sampling_seed + i)  # the same draws for the base and the fine-tuned model
+    settings = {"do_sample": cfg.do_sample, "temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p,
+                "seed": cfg.sampling_seed, "stop": []}  # fmt: skip
+    count = len(prompts) * cfg.num_return_sequences
+    bar = Progress(f"generation samples ({label})", count, "samples", logger=beside_tqdm, quiet_s=30)
+    shown = tqdm(total=count, desc=f"generate ({label})", unit="sample", disable=not console_bars())
+    made = []
+
+    def ended(_) -> None:
+        made.append(1)
+        shown.update(1)
+        bar.update(len(made))
+
+    asked = []
+    for i, item in enumerate(prompts):
         if "ids" in item:  # as tokenized for training: the template's or chat template's special tokens included
             ids = torch.tensor([item["ids"]], device=dev)
             new = max(1, min(cfg.max_new_tokens, context - ids.shape[1]))
         else:
             ids = tokenizer(item["prompt"], return_tensors="pt").to(dev)["input_ids"]
             new = max(1, cfg.max_length - ids.shape[1])
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
-                             do_sample=cfg.do_sample, top_k=cfg.top_k, top_p=cfg.top_p,
-                             temperature=cfg.temperature, num_return_sequences=cfg.num_return_sequences,
-                             pad_token_id=tokenizer.pad_token_id, **stop_at(closing, tokenizer, model))  # fmt: skip
+        asked += [Answer({"input_ids": ids}, settings | {"max_new_tokens": new},
+                         Answer.seed_of(cfg.sampling_seed, i, k), closing, ended=ended)
+                  for k in range(cfg.num_return_sequences)]  # fmt: skip
+    Generating(model, tokenizer).generate_batches(asked)
+    shown.close()
+    bar.close()
+    rows = []
+    for i, item in enumerate(prompts):
         prompt = item["prompt"] if "prompt" in item else tokenizer.decode(item["ids"])
         held_back = item.get("reference_ids")
-        shown = {"reference": tokenizer.decode(held_back, skip_special_tokens=True)} if held_back is not None else {}
-        for n, seq in enumerate(out):
-            text = answer(tokenizer.decode(seq[ids.shape[1] :], skip_special_tokens=True), closing)
-            rows.append({"prompt": prompt, "sample": n, "text": text} | shown)
-        bar.update(i + 1)
-    bar.close()
+        reference = {} if held_back is None else {"reference": tokenizer.decode(held_back, skip_special_tokens=True)}
+        for n in range(cfg.num_return_sequences):
+            rows.append({"prompt": prompt, "sample": n,
+                         "text": asked[i * cfg.num_return_sequences + n].choice["text"]} | reference)  # fmt: skip
     return rows
 
 

@@ -183,6 +183,29 @@ def test_an_instruction_tuned_runs_samples_are_held_out_examples_beside_the_answ
     assert "reference" not in side_by_side([{"prompt": "p", "sample": 0, "text": "t"}], [])
 
 
+
+def test_samples_are_generated_together_and_draw_what_one_at_a_time_drew(tiny):
+    """The evaluate stage generates its samples together (`tasks.batching`, as a served version generates), prompts
+    of different lengths side by side, and each prompt's first sample draws from `sampling_seed` plus its place as
+    one-at-a-time generation did: the texts transformers' own `generate` draws, seeded so."""
+    import torch
+
+    from edgar_tune.config import GenerateConfig
+    from tasks.generate import generate
+    from tasks.models import load_tokenizer
+
+    tok = load_tokenizer(tiny.name_or_path)
+    prompts = [{"prompt": p} for p in ("Net sales", "Operating income was $24.9 billion in", "In 2021")]
+    cfg = GenerateConfig(max_length=24, do_sample=True, top_k=250, top_p=0.8, sampling_seed=3, num_return_sequences=2)
+    rows = generate(tiny, tok, prompts, cfg, "base")
+    assert [(r["prompt"], r["sample"]) for r in rows] == [(p["prompt"], n) for p in prompts for n in (0, 1)]
+    for i, item in enumerate(prompts):
+        ids = tok(item["prompt"], return_tensors="pt")["input_ids"]
+        torch.manual_seed(3 + i)
+        out = tiny.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=24 - ids.shape[1],
+                            do_sample=True, top_k=250, top_p=0.8, pad_token_id=tok.pad_token_id)  # fmt: skip
+        assert rows[2 * i]["text"] == tok.decode(out[0][ids.shape[1] :], skip_special_tokens=True), item
+
 def test_held_out_samples_and_chat_answers_stop_where_the_templates_assistant_turn_ends(tiny):
     """A model tuned on conversations ends its answer with its chat template's end of turn (`<|im_end|>`), which
     need not be its EOS (a base model's is often `<|endoftext|>`): before, generation went on past it and the model

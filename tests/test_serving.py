@@ -458,7 +458,8 @@ def test_answers_generated_together_are_the_answers_generated_alone(tiny_run, tm
     or not; streamed, pieces that make its text."""
     import torch
 
-    from tasks.registry import Answer, loaded_version
+    from tasks.batching import Answer, fit
+    from tasks.registry import loaded_version
 
     _, s = tiny_run
     lm = loaded_version(_version_folder(s, tmp_path / "v"), device="cpu")
@@ -501,6 +502,10 @@ def test_answers_generated_together_are_the_answers_generated_alone(tiny_run, tm
     assert long.choice["text"] == first[: len(long.choice["text"])]
     for n, answer in ((3, short), (9, long)):
         assert pieces[n][-1] == answer.choice and "".join(pieces[n][:-1]) == answer.choice["text"]
+    # a batch holds answers while their count times the longest's prompt and max_new_tokens fits its tokens
+    span = short.ids["input_ids"].shape[1] + 9
+    assert fit([long]) and fit([long], tokens=1) and fit([short, long], tokens=2 * span)
+    assert not fit([short, long], tokens=2 * span - 1)
 
 
 def test_an_answer_joins_a_batch_between_two_of_its_tokens_and_is_the_answer_it_is_alone(tiny_run, tmp_path):
@@ -512,7 +517,8 @@ def test_an_answer_joins_a_batch_between_two_of_its_tokens_and_is_the_answer_it_
     import torch
     from transformers import AutoModelForCausalLM, GPT2Config, Gemma2Config, LlamaConfig, MistralConfig, Qwen2Config
 
-    from tasks.registry import Answer, EdgarTuneLM, loaded_version
+    from tasks.batching import Answer
+    from tasks.registry import EdgarTuneLM, loaded_version
 
     _, s = tiny_run
     tokenizer = loaded_version(_version_folder(s, tmp_path / "v"), device="cpu").tokenizer

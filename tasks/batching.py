@@ -1,0 +1,319 @@
+"""Generating answers together: a batch of prompts of one model, each answer with its own settings, seed, length
+and ends, handed on as it ends while the others go on, and answers joining a batch between two of its tokens.
+
+`EdgarTuneLM` (a registered version: `predict`, `edgar-tune serve`) and the evaluate stage's generation samples
+generate through `Generation`, so what a version is shown to say in MLflow is what it says served.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+# Answers generated together at most (`Generation.generate_batches`), where the caller does not batch them itself,
+# and the tokens of a batch at most (its answers times the longest's prompt and max_new_tokens): what the model
+# keeps of them grows with it (a 7B model without grouped keys and values: 0.5 MB a token, 4.3 GB at 8,192).
+BATCH, BATCH_TOKENS = 8, 8192
+
+
+@dataclass(eq=False)
+class Answer:
+    """One answer to generate: its prompt's token ids (`encode`), its request's `settings`, the `seed` it draws
+    from, the `closing` it ends at besides EOS and `stop`, who hears it (`heard(text, None)` piece by piece, then
+    `heard(None, choice)`; `ended(answer)`), and what stops it early (`cancelled`). Once it has ended, its
+    `choice` (OpenAI's: `text`, `completion_tokens`, `finish_reason`), or the `error` generating it raised."""
+
+    ids: Any
+    settings: dict
+    seed: int
+    closing: str | None
+    heard: Callable[[str | None, dict | None], None] | None = None
+    cancelled: threading.Event | None = None
+    ended: Callable[[Answer], None] | None = None
+    choice: dict | None = None
+    error: BaseException | None = None
+    tokens: list[int] = field(default_factory=list)  # generated so far
+    sent: int = 0  # characters of its text `heard` has heard
+    generator: Any = None  # what it samples from, seeded at its first sampled token
+
+    @staticmethod
+    def seed_of(seed: int, prompt: int, answer: int) -> int:
+        """Answer `answer` of prompt `prompt`'s seed: the first's is `seed` plus the prompt's place, as one-at-a-time
+        generation seeded it; the others' a hash of the three, within the 32 bits torch's CPU generator reads."""
+        if answer == 0:
+            return seed + prompt
+        return int.from_bytes(hashlib.sha256(f"{seed}/{prompt}/{answer}".encode()).digest()[:4], "big")
+
+
+class Generation:
+    """Generating with `self.model` and `self.tokenizer`, answers together (a mixin: `EdgarTuneLM` is one, and
+    `Generating` holds a model and tokenizer at hand)."""
+
+    model: Any
+    tokenizer: Any
+
+    def generate_batches(self, asked: list[Answer], batch: int | None = None) -> None:
+        """Generates `asked`, up to `batch` (`BATCH`) that `fit` at a time, those of like prompt length together
+        (less padding)."""
+        batch, taken = batch or BATCH, []
+        for a in sorted(asked, key=lambda a: a.ids["input_ids"].shape[1]):
+            if taken and (len(taken) == batch or not fit([*taken, a])):
+                self.generate_batch(taken)
+                taken = []
+            taken.append(a)
+        if taken:
+            self.generate_batch(taken)
+
+    def generate_batch(self, asked: list[Answer]) -> None:
+        """Generates each of `asked` (prompts of one model) together until each has ended: the prompts left-padded
+        (`join`), each answer sampled or chosen greedily by its own settings, ending by its own max_new_tokens, EOS,
+        turn end and `stop` texts, and handed on (`Answer.heard`, `Answer.ended`) as it ends while the others go on
+        (`advance`). Greedy answers are those one-at-a-time generation gives, up to float rounding, which can
+        differ between batch shapes where two tokens are almost tied."""
+        batch = self.join(None, asked)
+        while batch is not None:
+            batch = self.advance(batch)
+
+    @property
+    def joins_midway(self) -> bool:
+        """Whether answers can join a batch between two of its tokens (`join`): the model's cache is plain key and
+        value tensors, row by row, that can be cut and set side by side (a sliding-window or recurrent layer's
+        cannot: its answers join between batches)."""
+        if getattr(self, "_joins", None) is None:
+            from transformers import DynamicCache
+
+            implementation = getattr(self.model.generation_config, "cache_implementation", None)
+            self._joins = implementation in (None, "dynamic") and _plain(DynamicCache(config=self.model.config))
+        return self._joins
+
+    def join(self, batch: Batch | None, asked: list[Answer]) -> Batch:
+        """`batch` (None: a new one) with `asked` added, each row's tokens so far right-aligned. A new answer's
+        prompt is read on its own, all but its last token (which the next step reads with the other rows' last
+        tokens), and what the model made of it set beside the batch's cache, both left-padded to one length; where
+        the batch has no cache, `advance` reads every row whole."""
+        import torch
+
+        old = batch.asked if batch is not None else []
+        seqs = [batch.ids[r][batch.mask[r].bool()] for r in range(len(old))] if batch is not None else []
+        seqs += [a.ids["input_ids"][0] for a in asked]
+        width = max(len(s) for s in seqs)
+        cache = None
+        if batch is not None and batch.cache is not None and asked:
+            read = [self._read(a.ids["input_ids"][:, :-1], batch.cache) for a in asked]
+            width = max(width, batch.ids.shape[1])
+            layers = zip(batch.cache.layers, *read, strict=True)
+            cache = _cache([(torch.cat([_left(k, width - 1) for k in (old_layer.keys, *(r[0] for r in new))]),
+                             torch.cat([_left(v, width - 1) for v in (old_layer.values, *(r[1] for r in new))]))
+                            for old_layer, *new in layers])  # fmt: skip
+        elif batch is not None and not asked:
+            cache = batch.cache
+        ids = torch.full((len(seqs), width), self._pad, dtype=torch.long, device=self.model.device)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long, device=self.model.device)
+        for row, seq in enumerate(seqs):
+            ids[row, width - len(seq) :], mask[row, width - len(seq) :] = seq, 1
+        return Batch([*old, *asked], ids, mask, cache)
+
+    def advance(self, batch: Batch, pause: Callable[[list[Answer]], bool] | None = None) -> Batch | None:
+        """Generates `batch` until each of its answers has ended, or `pause(going)` (asked after each token, with
+        the answers still going) says to stop: the answers still going then, with what the model has read of them
+        (their all-padding columns cut), to go on with or `join`; None once every answer has ended."""
+        import torch
+        from transformers import LogitsProcessorList, StoppingCriteriaList
+
+        rows = _Rows(self, batch.asked, self._eos, pause)
+        left = max(a.settings["max_new_tokens"] - len(a.tokens) for a in batch.asked)
+        with torch.no_grad():
+            out = self.model.generate(input_ids=batch.ids, attention_mask=batch.mask, past_key_values=batch.cache,
+                                      do_sample=False, pad_token_id=self._pad, max_new_tokens=left,
+                                      logits_processor=LogitsProcessorList([rows.pick]),
+                                      stopping_criteria=StoppingCriteriaList([rows]),
+                                      return_dict_in_generate=True)  # fmt: skip
+        going = [row for row, done in enumerate(rows.done) if not done]
+        if not rows.paused:
+            rows.close()
+            return None
+        steps = out.sequences.shape[1] - batch.ids.shape[1]
+        mask = torch.cat([batch.mask, batch.mask.new_ones((len(batch.asked), steps))], dim=1)[going]
+        first = int(mask.any(dim=0).nonzero()[0])  # columns before it are padding in every row still going
+        cache = out.past_key_values
+        if _plain(cache):
+            cache = _cache([(layer.keys[going][:, :, first:], layer.values[going][:, :, first:])
+                            for layer in cache.layers])  # fmt: skip
+        else:  # not to be cut: read again whole
+            self._joins, cache = False, None
+        return Batch([batch.asked[r] for r in going], out.sequences[going][:, first:], mask[:, first:], cache)
+
+    @property
+    def _eos(self) -> list[int]:
+        eos = self.model.generation_config.eos_token_id
+        return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+    @property
+    def _pad(self) -> int:
+        return next((t for t in (self.tokenizer.pad_token_id, *self._eos) if t is not None), 0)
+
+    def _read(self, ids, like) -> list[tuple]:
+        """What the model makes of `ids` (one prompt but its last token), layer by layer: keys and values shaped as
+        the cache `like`'s, of no columns for a one-token prompt."""
+        import torch
+        from transformers import DynamicCache
+
+        if not ids.shape[1]:
+            return [(layer.keys[:1, :, :0], layer.values[:1, :, :0]) for layer in like.layers]
+        with torch.no_grad():
+            cache = self.model(input_ids=ids, past_key_values=DynamicCache(config=self.model.config),
+                               use_cache=True).past_key_values  # fmt: skip
+        return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+class Generating(Generation):
+    def __init__(self, model, tokenizer) -> None:
+        self.model, self.tokenizer = model, tokenizer
+
+
+class _Rows:
+    """The answers of one `generate` call (`Generation.advance`), row by row: `pick` (a logits processor) chooses
+    each sampled row's next token from its answer's own generator, leaving greedy rows to `generate`'s argmax, and
+    the call itself (stopping criteria) takes each row's new token, hands its text on and says which rows have
+    ended, or that all stop for now (`paused`: `pause(going)` said so)."""
+
+    def __init__(self, lm: Generation, asked: list[Answer], eos: list[int],
+                 pause: Callable[[list[Answer]], bool] | None = None) -> None:  # fmt: skip
+        from tasks.generate import stop_at
+
+        self.lm, self.asked, self.pause, self.paused = lm, asked, pause, False
+        self.done = [False] * len(asked)
+        self.eos, self.ends, self.warpers = [], [], []
+        for a in asked:
+            stop = stop_at(a.closing, lm.tokenizer, lm.model, a.settings["stop"])  # a turn end of one token: an EOS
+            self.eos.append(set(stop.get("eos_token_id", eos)))
+            self.ends.append(stop.get("stop_strings", []))
+            self.warpers.append(_warpers(a.settings) if a.settings["do_sample"] else None)
+
+    def pick(self, input_ids, scores):
+        """Each sampled row's scores made the token drawn (its settings' warpers, softmax, a draw from its own
+        generator) and nothing else, which `generate`'s greedy argmax then takes: what one-at-a-time generation
+        with `do_sample` drew, from the same seed, whatever the row is batched with."""
+        import torch
+
+        for row, warpers in enumerate(self.warpers):
+            if warpers is None or self.done[row]:
+                continue
+            a = self.asked[row]
+            if a.generator is None:
+                a.generator = torch.Generator(device=scores.device).manual_seed(a.seed)
+            warped = scores[row : row + 1]
+            for warp in warpers:
+                warped = warp(input_ids[row : row + 1], warped)
+            token = torch.multinomial(torch.softmax(warped, dim=-1), 1, generator=a.generator).item()
+            scores[row] = float("-inf")
+            scores[row, token] = 0.0
+        return scores
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        for row, token in enumerate(input_ids[:, -1].tolist()):
+            if not self.done[row]:
+                self._take(row, token)
+        going = [a for a, done in zip(self.asked, self.done, strict=True) if not done]
+        self.paused = bool(going and self.pause and self.pause(going))
+        return torch.tensor([True] * len(self.done) if self.paused else self.done, device=input_ids.device)
+
+    def close(self) -> None:
+        """Ends the rows `generate` stopped without this hearing it (none, where it calls every step)."""
+        for row, done in enumerate(self.done):
+            if not done:
+                self._end(row)
+
+    def _take(self, row: int, token: int) -> None:
+        a = self.asked[row]
+        a.tokens.append(token)
+        ended = (token in self.eos[row] or len(a.tokens) >= a.settings["max_new_tokens"]
+                 or a.cancelled is not None and a.cancelled.is_set())  # fmt: skip
+        if self.ends[row] or a.heard:
+            from tasks.generate import answer
+
+            said = self.lm.tokenizer.decode(a.tokens, skip_special_tokens=True)
+            text = answer(said, None, self.ends[row])
+            ended = ended or text != said
+            if a.heard and not (not ended and said.endswith("\ufffd")):  # a character whose bytes are not all in
+                if text == said and not ended:  # hold back what may be the start of an end
+                    text = said[: len(said) - max((n for e in self.ends[row] for n in range(1, len(e))
+                                                   if said.endswith(e[:n])), default=0)]  # fmt: skip
+                if len(text) > a.sent:
+                    a.heard(text[a.sent :], None)
+                    a.sent = len(text)
+        if ended:
+            self._end(row)
+
+    def _end(self, row: int) -> None:
+        from tasks.generate import answer
+
+        a = self.asked[row]
+        self.done[row] = True
+        said = self.lm.tokenizer.decode(a.tokens, skip_special_tokens=True)
+        text = answer(said, a.closing, a.settings["stop"])
+        ended = len(a.tokens) < a.settings["max_new_tokens"] or bool(a.tokens) and a.tokens[-1] in self.eos[row]
+        a.choice = {"text": text, "completion_tokens": len(a.tokens),
+                    "finish_reason": "stop" if ended or text != said else "length"}  # fmt: skip
+        if a.heard:
+            if len(text) > a.sent:  # what was held back, where no end came
+                a.heard(text[a.sent :], None)
+                a.sent = len(text)
+            a.heard(None, a.choice)
+        if a.ended:
+            a.ended(a)
+
+
+def fit(asked: list[Answer], tokens: int = BATCH_TOKENS) -> bool:
+    """Whether `asked` may be generated together: one answer always; more while their count times the longest's
+    prompt and max_new_tokens is at most `tokens`."""
+    return len(asked) <= 1 or len(asked) * max(a.ids["input_ids"].shape[1] + a.settings["max_new_tokens"]
+                                               for a in asked) <= tokens  # fmt: skip
+
+
+def _warpers(settings: dict) -> list:
+    """transformers' warpers for a sampled answer's settings, as `generate` builds them with `do_sample`."""
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    return [*([TemperatureLogitsWarper(settings["temperature"])] if settings["temperature"] != 1.0 else []),
+            *([TopKLogitsWarper(settings["top_k"])] if settings["top_k"] != 0 else []),
+            *([TopPLogitsWarper(settings["top_p"])] if settings["top_p"] < 1.0 else [])]  # fmt: skip
+
+
+@dataclass(eq=False)
+class Batch:
+    """Answers being generated together (`Generation.join`, `Generation.advance`): each one's tokens so far (its
+    prompt, then what it generated) right-aligned in a row of `ids`, `mask` 1 where a token is, and `cache`, what
+    the model has read of every column but the last (None: nothing yet)."""
+
+    asked: list[Answer]
+    ids: Any
+    mask: Any
+    cache: Any = None
+
+
+def _plain(cache) -> bool:
+    """A cache of key and value tensors only, layer by layer, whose rows and columns can be cut and set side by
+    side (transformers' DynamicCache of full-attention layers)."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    return type(cache) is DynamicCache and bool(cache.layers) and all(type(x) is DynamicLayer for x in cache.layers)
+
+
+def _cache(layers: list[tuple]):
+    from transformers import DynamicCache
+
+    return DynamicCache(ddp_cache_data=layers)
+
+
+def _left(tensor, width: int):
+    """Keys or values (batch, heads, columns, head size) padded on the left to `width` columns."""
+    import torch
+
+    return torch.nn.functional.pad(tensor, (0, 0, width - tensor.shape[2], 0))
