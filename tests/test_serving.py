@@ -512,8 +512,9 @@ def test_an_answer_joins_a_batch_between_two_of_its_tokens_and_is_the_answer_it_
     """An answer that joins a batch midway (`join`: its prompt read on its own, what the model made of it set
     beside the batch's cache, both left-padded to one length) is the answer it is generated alone, and so are the
     answers it joins, greedy and sampled, a one-token prompt's too, in GPT-2's, Llama's and Qwen2's layouts. A
-    model whose cache keeps a sliding window (Mistral's, Gemma 2's layers) is never joined midway: its answers
-    join between batches, and are what they are alone."""
+    model whose cache keeps a sliding window (Mistral's, Gemma 2's layers) is not joined midway by the server (its
+    answers join between batches); paused and joined all the same, its rows are read again whole, and are what
+    they are alone."""
     import torch
     from transformers import AutoModelForCausalLM, GPT2Config, Gemma2Config, LlamaConfig, MistralConfig, Qwen2Config
 
@@ -547,15 +548,15 @@ def test_an_answer_joins_a_batch_between_two_of_its_tokens_and_is_the_answer_it_
                                heard=lambda text, _, i=i, pieces=pieces: text is not None and pieces[i].append(text))
                         for i, ids in enumerate(prompts)]  # fmt: skip
             first, third = together[0], together[2]
-            if not lm.joins_midway:
-                lm.generate_batch(together)
-            else:
-                batch = lm.advance(lm.join(None, together[:2]), lambda going, first=first: len(first.tokens) >= 4)
-                assert [len(a.tokens) for a in together] == [4, 4, 0, 0] and batch.cache.get_seq_length() > 0
-                batch = lm.advance(lm.join(batch, together[2:3]), lambda going, third=third: len(third.tokens) >= 3)
-                batch = lm.join(batch, together[3:])
-                while batch is not None:
-                    batch = lm.advance(batch)
+            sliding = not lm.joins_midway
+            batch = lm.advance(lm.join(None, together[:2]), lambda going, first=first: len(first.tokens) >= 4)
+            assert [len(a.tokens) for a in together] == [4, 4, 0, 0]
+            # paused all the same (the server never pauses it), a sliding window's cache is not cut: read again
+            assert batch.cache is None if sliding else batch.cache.get_seq_length() > 0, name
+            batch = lm.advance(lm.join(batch, together[2:3]), lambda going, third=third: len(third.tokens) >= 3)
+            batch = lm.join(batch, together[3:])
+            while batch is not None:
+                batch = lm.advance(batch)
             assert [a.choice for a in together] == [a.choice for a in alone], (name, settings["do_sample"])
             assert ["".join(pieces[i]) for i in range(len(prompts))] == [a.choice["text"] for a in together]
             assert all(a.choice["completion_tokens"] for a in together)
