@@ -620,10 +620,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not key and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"edgar-tune serve: warning: listening on {args.host} without a key, whoever reaches port {args.port} "
               "generates with it: set EDGAR_TUNE_API_KEY to one its clients send", file=sys.stderr)  # fmt: skip
-    try:
-        uvicorn.run(app(server, key), host=args.host, port=args.port, log_level="info")
+    try:  # stopped (SIGTERM, Ctrl-C), it takes no more requests, and gives those it answers --shutdown-grace
+        uvicorn.run(app(server, key), host=args.host, port=args.port, log_level="info",
+                    timeout_graceful_shutdown=args.shutdown_grace)  # fmt: skip
     finally:
         stopped.set()
+        server.engine.stop()  # their answers end at the next token: nothing holds the process past the grace
     return 0
 
 
@@ -974,6 +976,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-batch-tokens", type=_whole(1), default=8192, metavar="N",
                      help="and while the answers times the longest's prompt and max_tokens are at most N "
                      "(default 8192; what the model keeps of them grows with it: 4.3 GB for Llama-2-7B)")  # fmt: skip
+    srv.add_argument("--shutdown-grace", type=_whole(0), default=30, metavar="SECONDS",
+                     help="stopped (SIGTERM, Ctrl-C), how long the requests being answered get to finish before they "
+                     "are cut (default 30)")  # fmt: skip
     srv.add_argument("--check-every", type=float, default=60, metavar="SECONDS",
                      help="with models:/NAME@ALIAS: ask which version the alias points at this often, and once it has "
                      "moved (a promotion, a rollback) serve that version, loaded beside the one served (default 60; "

@@ -206,8 +206,19 @@ class Engine:
     def __init__(self, max_batch: int, max_tokens: int) -> None:
         self.max_batch, self.max_tokens = max_batch, max_tokens
         self.waiting: deque[tuple[Any, Answer]] = deque()
-        self.more = threading.Condition()
+        self.more, self.halted, self.idle = threading.Condition(), threading.Event(), threading.Event()
         threading.Thread(target=self._loop, name="generate", daemon=True).start()
+
+    def stop(self) -> None:
+        """Ends every answer being generated at its next token, and every one waiting at once (a server stopping:
+        the requests they answer have had their time)."""
+        with self.more:
+            self.halted.set()
+            waiting, self.waiting = list(self.waiting), deque()
+        for _, a in waiting:
+            a.error = RuntimeError("the server is stopping")
+            a.ended(a)
+        self.idle.wait(60)  # the batch being generated ends at its next token (torch torn down mid-step aborts)
 
     def run(self, lm, asked: list[Answer]) -> None:
         """Generates `asked` with `lm` (a loaded version), beside what else waits; returns once each has ended, or
@@ -225,6 +236,8 @@ class Engine:
         for a in asked:
             a.ended = ended
         with self.more:
+            if self.halted.is_set():
+                raise RuntimeError("the server is stopping")
             self.waiting.extend((lm, a) for a in asked)
             self.more.notify()
         done.wait()
@@ -236,7 +249,9 @@ class Engine:
         while True:
             with self.more:
                 while batch is None and not self.waiting:
+                    self.idle.set()
                     self.more.wait()
+                self.idle.clear()
                 lm = lm if batch is not None else self.waiting[0][0]
                 joining, going = [], batch.asked if batch else []
                 while self.waiting and self.waiting[0][0] is lm and self._room([*going, *joining]):
@@ -247,7 +262,7 @@ class Engine:
                     batch = lm.join(batch, joining)
                 went = [len(a.tokens) for a in batch.asked]
                 asked = batch.asked
-                batch = lm.advance(batch, self._joinable(lm) if lm.joins_midway else None)
+                batch = lm.advance(batch, self._joinable(lm) if lm.joins_midway else None, self.halted)
             except Exception as err:  # noqa: BLE001 (each request waiting on it raises it)
                 for a in [*(batch.asked if batch else []), *joining]:
                     if a.choice is None and a.error is None:
@@ -355,7 +370,8 @@ class Server:
         start = time.monotonic()
         done = _said(lambda: served.lm.complete(prompts, settings, n, closing=closing,
                                                 run=lambda asked: self.engine.run(served.lm, asked)))
-        self._generated(model, served, done, time.monotonic() - start)
+        self._generated(model, served, done, time.monotonic() - start,
+                        " (cut: the server is stopping)" if self.engine.halted.is_set() else "")
         return done
 
     def _generated(self, model: Model, served: Served, done: list[dict], seconds: float, how: str = "") -> None:

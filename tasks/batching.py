@@ -116,14 +116,16 @@ class Generation:
             ids[row, width - len(seq) :], mask[row, width - len(seq) :] = seq, 1
         return Batch([*old, *asked], ids, mask, cache)
 
-    def advance(self, batch: Batch, pause: Callable[[list[Answer]], bool] | None = None) -> Batch | None:
+    def advance(self, batch: Batch, pause: Callable[[list[Answer]], bool] | None = None,
+                halt: threading.Event | None = None) -> Batch | None:  # fmt: skip
         """Generates `batch` until each of its answers has ended, or `pause(going)` (asked after each token, with
         the answers still going) says to stop: the answers still going then, with what the model has read of them
-        (their all-padding columns cut), to go on with or `join`; None once every answer has ended."""
+        (their all-padding columns cut), to go on with or `join`; None once every answer has ended. Once `halt` is
+        set (a server stopping), every answer ends at its next token."""
         import torch
         from transformers import LogitsProcessorList, StoppingCriteriaList
 
-        rows = _Rows(self, batch.asked, self._eos, pause)
+        rows = _Rows(self, batch.asked, self._eos, pause, halt)
         left = max(a.settings["max_new_tokens"] - len(a.tokens) for a in batch.asked)
         with torch.no_grad():
             out = self.model.generate(input_ids=batch.ids, attention_mask=batch.mask, past_key_values=batch.cache,
@@ -181,10 +183,10 @@ class _Rows:
     ended, or that all stop for now (`paused`: `pause(going)` said so)."""
 
     def __init__(self, lm: Generation, asked: list[Answer], eos: list[int],
-                 pause: Callable[[list[Answer]], bool] | None = None) -> None:  # fmt: skip
+                 pause: Callable[[list[Answer]], bool] | None = None, halt: threading.Event | None = None) -> None:
         from tasks.generate import stop_at
 
-        self.lm, self.asked, self.pause, self.paused = lm, asked, pause, False
+        self.lm, self.asked, self.pause, self.halt, self.paused = lm, asked, pause, halt, False
         self.done = [False] * len(asked)
         self.eos, self.ends, self.warpers = [], [], []
         for a in asked:
@@ -233,7 +235,7 @@ class _Rows:
         a = self.asked[row]
         a.tokens.append(token)
         ended = (token in self.eos[row] or len(a.tokens) >= a.settings["max_new_tokens"]
-                 or a.cancelled is not None and a.cancelled.is_set())  # fmt: skip
+                 or any(e is not None and e.is_set() for e in (a.cancelled, self.halt)))  # fmt: skip
         if self.ends[row] or a.heard:
             from tasks.generate import answer
 

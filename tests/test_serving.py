@@ -596,6 +596,49 @@ def test_requests_that_come_together_are_generated_together_each_answered_as_alo
             assert not batched, log[-3000:]
 
 
+def test_a_stopped_server_gives_the_requests_it_answers_its_grace_then_cuts_them(tiny_run, tmp_path):
+    """SIGTERM (or Ctrl-C) stops `edgar-tune serve` taking requests; those being answered get `--shutdown-grace`
+    seconds, then their generation ends at the next token and the process exits with the signal's code. Before,
+    it waited for every answer being generated to end (98 s for a 1,500-token SmolLM2 answer), and for ever for
+    one that never did."""
+    import threading
+
+    _, s = tiny_run
+    port = free_port()
+    log = tmp_path / "serve.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([str(BIN / "edgar-tune"), "serve", "--model", f"models:/{s['registered_model']}/"
+                                 f"{s['model_version']}", "--tracking-uri", s["mlflow_tracking_uri"], "--port",
+                                 str(port), "--shutdown-grace", "1"], cwd=tmp_path, stdout=out,
+                                stderr=subprocess.STDOUT, env=dict(os.environ, EDGAR_TUNE_CACHE=str(tmp_path / "c")))
+        try:
+            wait_http(f"http://127.0.0.1:{port}/health", proc, timeout=300)
+            said = {}
+
+            def ask() -> None:
+                try:
+                    _post(f"http://127.0.0.1:{port}/v1/completions", {"prompt": "Net sales", "max_tokens": 2000,
+                                                                      "temperature": 1, "n": 8, "seed": 1})
+                    said["answered"] = True
+                except OSError as err:  # cut: a 500, or the connection closed
+                    said["cut"] = err
+
+            asking = threading.Thread(target=ask, daemon=True)
+            asking.start()
+            time.sleep(2)
+            start = time.monotonic()
+            proc.terminate()
+            proc.wait(timeout=60)
+            stopped = time.monotonic() - start
+            asking.join(10)
+        finally:
+            proc.kill()
+    text = log.read_text()
+    assert proc.returncode in (-15, 143) and stopped < 10, (proc.returncode, stopped, text[-3000:])
+    assert "cut" in said, (said, text[-3000:])  # 8 x 2,000 tokens take this model about 30 s
+    assert "timeout graceful shutdown exceeded" in text and "terminate called" not in text, text[-3000:]
+
+
 @pytest.mark.gpu
 def test_a_version_is_served_from_the_gpu_in_bfloat16_and_answers_as_on_the_cpu(tiny_run, tmp_path):
     """On a GPU machine a loaded version goes to the GPU in bfloat16 by itself, and greedy answers begin as the
