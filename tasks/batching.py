@@ -17,6 +17,19 @@ from typing import Any
 # and the tokens of a batch at most (its answers times the longest's prompt and max_new_tokens): what the model
 # keeps of them grows with it (a 7B model without grouped keys and values: 0.5 MB a token, 4.3 GB at 8,192).
 BATCH, BATCH_TOKENS = 8, 8192
+# The likeliest tokens an answer's `logprobs` may ask for at each place (vLLM's default bound; OpenAI's is 20 for
+# chat and 5 for completions).
+TOP_LOGPROBS = 20
+
+
+@dataclass(frozen=True)
+class Scored:
+    """A token's log probability under the model where it stands (None for a prompt's first), and the likeliest
+    tokens' there, most likely first (as many as the answer's `logprobs` asks; the token itself may be among them)."""
+
+    token: int
+    logprob: float | None
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(eq=False)
@@ -24,7 +37,12 @@ class Answer:
     """One answer to generate: its prompt's token ids (`encode`), its request's `settings`, the `seed` it draws
     from, the `closing` it ends at besides EOS and `stop`, who hears it (`heard(text, None)` piece by piece, then
     `heard(None, choice)`; `ended(answer)`), and what stops it early (`cancelled`). Once it has ended, its
-    `choice` (OpenAI's: `text`, `completion_tokens`, `finish_reason`), or the `error` generating it raised."""
+    `choice` (OpenAI's: `text`, `completion_tokens`, `finish_reason`), or the `error` generating it raised.
+
+    With `logprobs` (a count, 0 to `TOP_LOGPROBS`), each token generated is `scored` as it is taken: its log
+    probability under the model (the raw distribution, before temperature, top-k and top-p shape a draw from it)
+    and the `logprobs` likeliest tokens' (`Scored`); with `echo` too, the prompt's tokens are (`prompt_scored`,
+    the first token, which nothing precedes, without one). An answer of `max_new_tokens` 0 is its prompt scored."""
 
     ids: Any
     settings: dict
@@ -38,6 +56,16 @@ class Answer:
     tokens: list[int] = field(default_factory=list)  # generated so far
     sent: int = 0  # characters of its text `heard` has heard
     generator: Any = None  # what it samples from, seeded at its first sampled token
+    logprobs: int | None = None
+    echo: bool = False
+    scored: list[Scored] = field(default_factory=list)  # a token generated's each, as it is taken
+    prompt_scored: list[Scored] | None = None
+    unsent: int = 0  # of `scored`, the first not yet handed on (`fresh`)
+
+    def fresh(self) -> list[Scored]:
+        """What of `scored` has not been handed on yet: a streamed answer's pieces carry their tokens' scores."""
+        new, self.unsent = self.scored[self.unsent :], len(self.scored)
+        return new
 
     @staticmethod
     def seed_of(seed: int, prompt: int, answer: int) -> int:
@@ -93,23 +121,40 @@ class Generation:
         """`batch` (None: a new one) with `asked` added, each row's tokens so far right-aligned. A new answer's
         prompt is read on its own, all but its last token (which the next step reads with the other rows' last
         tokens), and what the model made of it set beside the batch's cache, both left-padded to one length; where
-        the batch has no cache, `advance` reads every row whole."""
+        the batch has no cache, `advance` reads every row whole. A prompt to be scored (`Answer.echo`) is scored from
+        what reading it gave, and a new batch with one such is read so from the start: one pass over each prompt
+        (lm-evaluation-harness's requests, scored and one token generated), not a pass to score it and another to
+        generate."""
         import torch
 
+        for a in (scored := [a for a in asked if a.settings["max_new_tokens"] == 0]):
+            if _echoed(a):
+                a.prompt_scored = self.score(a.ids["input_ids"], a.logprobs)
+            a.choice = {"text": "", "completion_tokens": 0, "finish_reason": "length"}
+            if a.heard:
+                a.heard(None, a.choice)
+            if a.ended:
+                a.ended(a)
+        asked = [a for a in asked if a not in scored]
         old = batch.asked if batch is not None else []
+        if not old and not asked:
+            return Batch([], None, None)
         seqs = [batch.ids[r][batch.mask[r].bool()] for r in range(len(old))] if batch is not None else []
         seqs += [a.ids["input_ids"][0] for a in asked]
         width = max(len(s) for s in seqs)
-        cache = None
-        if batch is not None and batch.cache is not None and asked:
-            read = [self._read(a.ids["input_ids"][:, :-1], batch.cache) for a in asked]
-            width = max(width, batch.ids.shape[1])
-            layers = zip(batch.cache.layers, *read, strict=True)
-            cache = _cache([(torch.cat([_left(k, width - 1) for k in (old_layer.keys, *(r[0] for r in new))]),
-                             torch.cat([_left(v, width - 1) for v in (old_layer.values, *(r[1] for r in new))]))
-                            for old_layer, *new in layers])  # fmt: skip
-        elif batch is not None and not asked:
-            cache = batch.cache
+        cached = batch is not None and batch.cache is not None
+        cache = batch.cache if batch is not None and not asked else None
+        if asked and (cached or batch is None and any(map(_echoed, asked)) and self.joins_midway
+                      and all(a.ids["input_ids"].shape[1] > 1 for a in asked)):  # fmt: skip
+            read = [[(layer.keys, layer.values) for layer in batch.cache.layers]] if cached else []
+            read += [self._read(a, batch.cache if cached else None) for a in asked]
+            width = max(width, batch.ids.shape[1]) if cached else width
+            cache = _cache([(torch.cat([_left(layers[i][0], width - 1) for layers in read]),
+                             torch.cat([_left(layers[i][1], width - 1) for layers in read]))
+                            for i in range(len(read[0]))])  # fmt: skip
+        else:
+            for a in filter(_echoed, asked):
+                a.prompt_scored = self.score(a.ids["input_ids"], a.logprobs)
         ids = torch.full((len(seqs), width), self._pad, dtype=torch.long, device=self.model.device)
         mask = torch.zeros((len(seqs), width), dtype=torch.long, device=self.model.device)
         for row, seq in enumerate(seqs):
@@ -125,6 +170,8 @@ class Generation:
         import torch
         from transformers import LogitsProcessorList, StoppingCriteriaList
 
+        if not batch.asked:
+            return None
         rows = _Rows(self, batch.asked, self._eos, pause, halt)
         left = max(a.settings["max_new_tokens"] - len(a.tokens) for a in batch.asked)
         with torch.no_grad():
@@ -157,18 +204,34 @@ class Generation:
     def _pad(self) -> int:
         return next((t for t in (self.tokenizer.pad_token_id, *self._eos) if t is not None), 0)
 
-    def _read(self, ids, like) -> list[tuple]:
-        """What the model makes of `ids` (one prompt but its last token), layer by layer: keys and values shaped as
-        the cache `like`'s, of no columns for a one-token prompt."""
+    def _read(self, a: Answer, like) -> list[tuple]:
+        """What the model makes of `a`'s prompt but its last token, layer by layer: keys and values (shaped as the
+        cache `like`'s, of no columns for a one-token prompt); its prompt scored from the same pass, where asked."""
+        import inspect
+
         import torch
         from transformers import DynamicCache
 
-        if not ids.shape[1]:
+        ids = a.ids["input_ids"]
+        if ids.shape[1] == 1:
+            a.prompt_scored = [Scored(int(ids[0, 0]), None)] if _echoed(a) else None
             return [(layer.keys[:1, :, :0], layer.values[:1, :, :0]) for layer in like.layers]
+        last = {} if _echoed(a) or "logits_to_keep" not in inspect.signature(self.model.forward).parameters else {
+            "logits_to_keep": 1}  # what is not scored needs no place's logits
         with torch.no_grad():
-            cache = self.model(input_ids=ids, past_key_values=DynamicCache(config=self.model.config),
-                               use_cache=True).past_key_values  # fmt: skip
-        return [(layer.keys, layer.values) for layer in cache.layers]
+            out = self.model(input_ids=ids[:, :-1], past_key_values=DynamicCache(config=self.model.config),
+                             use_cache=True, **last)  # fmt: skip
+        if _echoed(a):
+            a.prompt_scored = _prompt_scored(ids, out.logits[0], a.logprobs)
+        return [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+
+    def score(self, ids, top: int) -> list[Scored]:
+        """Each token of `ids` (one prompt) but the first scored by what the model makes of those before it: its
+        log probability and the `top` likeliest tokens' there."""
+        import torch
+
+        with torch.no_grad():
+            return _prompt_scored(ids, self.model(input_ids=ids[:, :-1]).logits[0], top)
 
 
 class Generating(Generation):
@@ -188,6 +251,7 @@ class _Rows:
 
         self.lm, self.asked, self.pause, self.halt, self.paused = lm, asked, pause, halt, False
         self.done = [False] * len(asked)
+        self.logprobs: dict[int, Any] = {}  # row -> this step's log-softmax, for the rows whose answers score
         self.eos, self.ends, self.warpers = [], [], []
         for a in asked:
             stop = stop_at(a.closing, lm.tokenizer, lm.model, a.settings["stop"])  # a turn end of one token: an EOS
@@ -201,6 +265,9 @@ class _Rows:
         with `do_sample` drew, from the same seed, whatever the row is batched with."""
         import torch
 
+        scoring = [r for r, a in enumerate(self.asked) if a.logprobs is not None and not self.done[r]]
+        if scoring:  # before any row's draw is made its scores
+            self.logprobs = dict(zip(scoring, torch.log_softmax(scores[scoring].float(), dim=-1), strict=True))
         for row, warpers in enumerate(self.warpers):
             if warpers is None or self.done[row]:
                 continue
@@ -234,6 +301,8 @@ class _Rows:
     def _take(self, row: int, token: int) -> None:
         a = self.asked[row]
         a.tokens.append(token)
+        if (logprobs := self.logprobs.pop(row, None)) is not None:
+            a.scored += _scored([token], [float(logprobs[token])], logprobs[None], a.logprobs)
         ended = (token in self.eos[row] or len(a.tokens) >= a.settings["max_new_tokens"]
                  or any(e is not None and e.is_set() for e in (a.cancelled, self.halt)))  # fmt: skip
         if self.ends[row] or a.heard:
@@ -276,6 +345,33 @@ def fit(asked: list[Answer], tokens: int = BATCH_TOKENS) -> bool:
     prompt and max_new_tokens is at most `tokens`."""
     return len(asked) <= 1 or len(asked) * max(a.ids["input_ids"].shape[1] + a.settings["max_new_tokens"]
                                                for a in asked) <= tokens  # fmt: skip
+
+
+def _echoed(a: Answer) -> bool:
+    """Whether `a`'s prompt is to be scored."""
+    return a.echo and a.logprobs is not None
+
+
+def _prompt_scored(ids, logits, top: int, chunk: int = 512) -> list[Scored]:
+    """A prompt's tokens (`ids`, one row) scored by `logits`, what the model made of each but the last: the first
+    token without a score, `chunk` places' log-softmax over the vocabulary at a time."""
+    import torch
+
+    out = [Scored(int(ids[0, 0]), None)]
+    for begin in range(0, logits.shape[0], chunk):
+        logprobs = torch.log_softmax(logits[begin : begin + chunk].float(), dim=-1)
+        tokens = ids[0, begin + 1 : begin + 1 + chunk]
+        out += _scored(tokens.tolist(), logprobs.gather(1, tokens[:, None])[:, 0].tolist(), logprobs, top)
+    return out
+
+
+def _scored(tokens: list[int], logprobs: list[float], rows, top: int) -> list[Scored]:
+    """`tokens` with their `logprobs` and the `top` likeliest of each of `rows` (log-softmax over the vocabulary)."""
+    if not top:
+        return [Scored(t, lp) for t, lp in zip(tokens, logprobs, strict=True)]
+    values, ids = rows.topk(top, dim=-1)
+    return [Scored(t, lp, tuple(zip(i, v, strict=True)))
+            for t, lp, i, v in zip(tokens, logprobs, ids.tolist(), values.tolist(), strict=True)]  # fmt: skip
 
 
 def _warpers(settings: dict) -> list:

@@ -123,18 +123,22 @@ class EdgarTuneLM(mlflow.pyfunc.PythonModel, Generation):
         prompts = [request_prompt(row, self.template, _which(n, len(rows)), chat) for n, row in enumerate(rows, 1)]
         return [done["choices"][0]["text"] for done in self.complete(prompts, settings, closing=self.closing)]
 
-    def encode(self, prompts: list[tuple[str, bool]], max_new_tokens: int) -> list:
+    def encode(self, prompts: list[tuple[str | list[int], bool]], max_new_tokens: int) -> list:
         """Each prompt (its text, and whether it is whole: written in a chat template, with its special tokens, to
-        which the tokenizer adds none, as in training) tokenized, all checked against the context before any is
-        generated (`_check_context`)."""
-        encoded = [self.tokenizer(text, return_tensors="pt", add_special_tokens=not whole).to(self.model.device)
+        which the tokenizer adds none, as in training; or its token ids, taken as they are) tokenized, all checked
+        against the context before any is generated (`_check_context`)."""
+        import torch
+
+        encoded = [{"input_ids": torch.tensor([text], device=self.model.device)} if isinstance(text, list) else
+                   self.tokenizer(text, return_tensors="pt", add_special_tokens=not whole).to(self.model.device)
                    for text, whole in prompts]  # fmt: skip
         self._check_context(encoded, max_new_tokens)
         return encoded
 
-    def complete(self, prompts: list[tuple[str, bool]], settings: dict, n: int = 1, *, closing: str | None,
-                 heard: Callable | None = None, cancelled: threading.Event | None = None,
-                 run: Callable[[list[Answer]], None] | None = None) -> list[dict]:  # fmt: skip
+    def complete(self, prompts: list[tuple[str | list[int], bool]], settings: dict, n: int = 1, *,
+                 closing: str | None, heard: Callable | None = None, cancelled: threading.Event | None = None,
+                 run: Callable[[list[Answer]], None] | None = None, logprobs: int | None = None,
+                 echo: bool = False) -> list[dict]:  # fmt: skip
         """Answer each prompt (`encode`) `n` times with `settings` (`generation_settings`), each answer ending at
         EOS, at `closing` (the chat template's end of turn, `turn_end`) and at the `stop` texts: per prompt, its
         `prompt_tokens` and its `choices`, each the `text`, its `completion_tokens` and why it ended
@@ -145,15 +149,21 @@ class EdgarTuneLM(mlflow.pyfunc.PythonModel, Generation):
         prompt's place and the answer's (`Answer.seed`), so what it samples does not depend on what it was batched
         with, and the first answer is the one `n=1` gives.
 
-        `heard(i, k, text, choice)`, where given, hears answer k of prompt i as it is generated: its text piece by
-        piece (`choice` None; the pieces make the answer's text), then its choice (`text` None). Generation of an
-        answer stops at its next token once `cancelled` is set (a streaming client gone)."""
+        With `logprobs` (`Answer.logprobs`), each choice's `scored` are its tokens' scores (`Scored`), and with
+        `echo`, its `prompt_scored` its prompt's. `heard(i, k, text, choice, scored)`, where given, hears answer k of
+        prompt i as it is generated: its text piece by piece (`choice` None; the pieces make the answer's text) with
+        the scores of the tokens taken since the last piece, then its choice (`text` None). Generation of an answer
+        stops at its next token once `cancelled` is set (a streaming client gone)."""
         encoded = self.encode(prompts, settings["max_new_tokens"])
         asked = [Answer(ids, settings, Answer.seed_of(settings["seed"], i, k), closing, cancelled=cancelled,
-                        heard=(lambda text, choice, i=i, k=k: heard(i, k, text, choice)) if heard else None)
-                 for i, ids in enumerate(encoded) for k in range(n)]  # fmt: skip
+                        logprobs=logprobs, echo=echo) for i, ids in enumerate(encoded) for k in range(n)]  # fmt: skip
+        if heard:
+            for j, a in enumerate(asked):
+                a.heard = lambda text, choice, i=j // n, k=j % n, a=a: heard(i, k, text, choice, a.fresh())
         (run or self.generate_batches)(asked)
-        return [{"prompt_tokens": ids["input_ids"].shape[1], "choices": [a.choice for a in asked[i * n : (i + 1) * n]]}
+        scores = lambda a: {"scored": a.scored, "prompt_scored": a.prompt_scored} if logprobs is not None else {}  # noqa: E731
+        return [{"prompt_tokens": ids["input_ids"].shape[1],
+                 "choices": [a.choice | scores(a) for a in asked[i * n : (i + 1) * n]]}
                 for i, ids in enumerate(encoded)]  # fmt: skip
 
     def _check_context(self, encoded: list, new_tokens: int) -> None:

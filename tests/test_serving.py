@@ -241,9 +241,9 @@ def edgar_tune_serve(model: str, tmp_path: Path, *args: str, **env: str) -> Iter
 
 def test_edgar_tune_serve_answers_openais_sdk_as_the_versions_predict_does(tiny_run, tmp_path):
     """The `openai` SDK, pointed at `edgar-tune serve`, gets the text the version's own `predict` generates, with
-    OpenAI's usage and finish_reason; a chat version's `messages` are written in its chat template; what the server
-    does not do (log probabilities, greedy n > 1) and a model it does not serve are refused, not dropped; a streamed
-    answer is the same text, in OpenAI's server-sent events."""
+    OpenAI's usage and finish_reason; a chat version's `messages` are written in its chat template, its answer's
+    log probabilities in OpenAI's chat shape; what the server does not do (logit_bias, greedy n > 1) and a model it
+    does not serve are refused, not dropped; a streamed answer is the same text, in OpenAI's server-sent events."""
     import mlflow
     import openai
     import pandas as pd
@@ -270,7 +270,8 @@ def test_edgar_tune_serve_answers_openais_sdk_as_the_versions_predict_does(tiny_
         streamed = list(client.completions.create(model=name, prompt=prompts, max_tokens=6, stream=True,
                                                   stream_options={"include_usage": True}))  # fmt: skip
         refused = {}
-        for why, kw in {"logprobs": {"logprobs": 2}, "greedy n": {"n": 2}, "options": {"stream_options": {}},
+        for why, kw in {"logit_bias": {"logit_bias": {"50": 5}}, "greedy n": {"n": 2},
+                        "options": {"stream_options": {}},
                         "model": {"model": "gpt-4o"}, "unknown": {"extra_body": {"beam_width": 4}},
                         "too long": {"prompt": "Net sales increased. " * 1000}}.items():  # fmt: skip
             with pytest.raises(openai.APIStatusError) as err:
@@ -298,11 +299,12 @@ def test_edgar_tune_serve_answers_openais_sdk_as_the_versions_predict_does(tiny_
     assert [c.choices[0].finish_reason for c in streamed[:-1] if c.choices[0].finish_reason] == ["length", "length"]
     assert refused["options"] == (400, 'stream_options={}: it is {"include_usage": true} (or false), with "stream": '
                                   'true')  # fmt: skip
-    assert refused["logprobs"] == (400, "logprobs=2 is not served: this server does not do it; leave it out")
+    assert refused["logit_bias"] == (400, 'logit_bias={"50": 5} is not served: this server does not do it; leave '
+                                     'it out')  # fmt: skip
     assert refused["greedy n"] == (400, "n=2 answers of greedy decoding (temperature 0 or left out) are one answer 2 "
                                    "times: set temperature above 0 to sample them")  # fmt: skip
     assert refused["model"] == (404, f"the model `gpt-4o` does not exist: this server serves `{name}` ({uri})")
-    unknown = "unrecognized request argument supplied: beam_width (/v1/completions takes max_tokens, model, n, prompt"
+    unknown = "unrecognized request argument supplied: beam_width (/v1/completions takes echo, logprobs, max_tokens, "
     assert refused["unknown"][0] == 400 and unknown in refused["unknown"][1], refused["unknown"]
     assert refused["too long"][0] == 400 and "past the model's context of 2048 positions" in refused["too long"][1]
     assert "has no chat template to write messages in: send a prompt to /v1/completions" in no_template.value.message
@@ -328,6 +330,8 @@ def test_edgar_tune_serve_answers_openais_sdk_as_the_versions_predict_does(tiny_
             {"role": "developer", "content": "Be brief."},
             {"role": "user", "content": [{"type": "text", "text": "Net sales "}, {"type": "text", "text": "grew."}]}])
         chunks = list(client.chat.completions.create(model=folder.name, messages=asked, max_tokens=4, stream=True))
+        scored = client.chat.completions.create(model=folder.name, messages=asked, max_tokens=4, logprobs=True,
+                                                top_logprobs=2)  # fmt: skip
         with pytest.raises(openai.BadRequestError) as tool:
             client.chat.completions.create(model=folder.name, messages=[*asked, {"role": "tool", "content": "1"}])
     assert reply.choices[0].message.content == answered[0] and reply.object == "chat.completion"
@@ -338,6 +342,11 @@ def test_edgar_tune_serve_answers_openais_sdk_as_the_versions_predict_does(tiny_
     assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].choices[0].finish_reason == "length"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == answered[0]
     assert "turn 3: {'role': 'tool', 'content': '1'} is not" in tool.value.message, tool.value.message
+    content = scored.choices[0].logprobs.content  # each token's text, bytes and logprob, the two likeliest beside
+    assert scored.choices[0].message.content == answered[0] and len(content) == scored.usage.completion_tokens
+    assert bytes(b for t in content for b in t.bytes).decode().startswith(answered[0])
+    assert all(len(t.top_logprobs) == 2 and t.top_logprobs[0].logprob >= max(t.logprob, t.top_logprobs[1].logprob)
+               for t in content)  # fmt: skip
 
 
 def test_edgar_tune_serve_follows_its_alias_to_the_version_promoted(tiny_run, tmp_path):
@@ -594,6 +603,105 @@ def test_requests_that_come_together_are_generated_together_each_answered_as_alo
             assert any(joined for _, joined in batched), log[-3000:]
         else:
             assert not batched, log[-3000:]
+
+
+def test_logprobs_are_the_models_own_and_echo_scores_a_prompt_as_lm_eval_reads_it(tiny_run, tmp_path):
+    """`logprobs` on `edgar-tune serve` are the model's own: each generated token's is its log-softmax where it
+    stands, read again by one forward pass over prompt and answer, greedy or sampled (the raw distribution, before
+    temperature), batched or alone, streamed or not; `echo` with `max_tokens` 0 scores the prompt, its sum the
+    negative of the cross-entropy a plain forward pass gives; prompts of token ids, as lm-evaluation-harness sends
+    them, with `/tokenize`, `/detokenize` and `/tokenizer_info` as vLLM answers them."""
+    import openai
+    import torch
+
+    from edgar_tune.serve import Refused, scoring
+    from tasks.registry import loaded_version
+
+    _, s = tiny_run
+    folder = _version_folder(s, tmp_path / "v")
+    lm = loaded_version(folder, device="cpu")
+    tok = lm.tokenizer
+    text = "Net sales increased 9% to $574.8 billion in 2023, compared with $514.0 billion in 2022."
+    prompts = ["Net sales increased", "Operating income in the fourth quarter was"]
+
+    def generated(i: int, **sampling) -> tuple[list[int], torch.Tensor]:  # transformers' own, alone
+        ids = tok(prompts[i], return_tensors="pt")
+        torch.manual_seed(5 + i)
+        out = lm.model.generate(**ids, max_new_tokens=8, pad_token_id=tok.pad_token_id, output_logits=True,
+                                return_dict_in_generate=True, **sampling)  # fmt: skip
+        new = out.sequences[0, ids["input_ids"].shape[1] :].tolist()
+        return new, torch.log_softmax(torch.cat(out.logits).float(), dim=-1)  # the raw logits' (no temperature)
+
+    with edgar_tune_serve(str(folder), tmp_path, "--max-batch", "4") as url:
+        client = openai.OpenAI(base_url=url, api_key="none", max_retries=0)
+        scored = client.completions.create(model=folder.name, prompt=text, max_tokens=0, echo=True, logprobs=2)
+        greedy = client.completions.create(model=folder.name, prompt=prompts, max_tokens=8, logprobs=3)
+        sampled = client.completions.create(model=folder.name, prompt=prompts, max_tokens=8, logprobs=1,
+                                            temperature=0.7, seed=5)  # fmt: skip
+        streamed = list(client.completions.create(model=folder.name, prompt=prompts[1], max_tokens=8, logprobs=3,
+                                                  stream=True))  # fmt: skip
+        ids = [tok(p)["input_ids"] for p in (text, prompts[0])]
+        harness = client.completions.create(model=folder.name, prompt=ids, max_tokens=1, echo=True, logprobs=1,
+                                            temperature=0, seed=1234)  # lm-evaluation-harness's loglikelihood
+        base = url.removesuffix("/v1")
+        tokenized = _post(f"{base}/tokenize", {"prompt": text, "add_special_tokens": False})
+        detokenized = _post(f"{base}/detokenize", {"tokens": tokenized["tokens"]})
+        info = json.loads(urllib.request.urlopen(f"{base}/tokenizer_info", timeout=30).read())
+        refused = {why: _refused(f"{url}/completions", {"prompt": p, **body}) for why, (p, body) in {
+            "count": (text, {"logprobs": 21}), "scored, not generated": (text, {"max_tokens": 0}),
+            "echo streamed": (text, {"echo": True, "stream": True}), "no such id": ([[5, 10**9]], {})}.items()}
+    # echo, nothing generated: the prompt's tokens, the first unscored, summing to a forward pass's
+    lp = scored.choices[0].logprobs
+    ids_text = tok(text)["input_ids"]
+    assert scored.choices[0].text == text and scored.usage.completion_tokens == 0
+    assert lp.tokens == tok.batch_decode([[i] for i in ids_text]) and lp.token_logprobs[0] is None
+    nll = torch.nn.functional.cross_entropy(lm.model(input_ids=torch.tensor([ids_text])).logits[0, :-1].float(),
+                                            torch.tensor(ids_text[1:]), reduction="sum").item()  # fmt: skip
+    assert sum(lp.token_logprobs[1:]) == pytest.approx(-nll, rel=1e-5)
+    assert lp.text_offset == [len("".join(lp.tokens[:k])) for k in range(len(lp.tokens))]
+    assert lp.top_logprobs[0] is None and all(2 <= len(top) <= 3 for top in lp.top_logprobs[1:])
+    # generated, greedy and sampled: each token's log probability where it stands, as the model gives it
+    for answer, sampling in ((greedy, {"do_sample": False}), (sampled, {"do_sample": True, "temperature": 0.7,
+                                                                       "top_k": 0})):  # fmt: skip
+        for i, choice in enumerate(answer.choices):
+            new, logprobs = generated(i, **sampling)
+            assert choice.logprobs.tokens == tok.batch_decode([[t] for t in new])
+            assert choice.logprobs.token_logprobs == pytest.approx(
+                [float(logprobs[k, t]) for k, t in enumerate(new)], abs=1e-4)  # fmt: skip
+            if answer is greedy:  # the likeliest each time, the likeliest first
+                pairs = zip(choice.logprobs.top_logprobs, choice.logprobs.token_logprobs, strict=True)
+                assert all(max(top.values()) == chosen for top, chosen in pairs)
+                assert all(list(top.values()) == sorted(top.values(), reverse=True)
+                           for top in choice.logprobs.top_logprobs)  # fmt: skip
+    assert any(a.text != b.text for a, b in zip(greedy.choices, sampled.choices, strict=True))  # sampled, scored too
+    # streamed: the pieces' scores are the answer's
+    chunks = [c.choices[0] for c in streamed if c.choices[0].logprobs]
+    assert sum((c.logprobs.token_logprobs for c in chunks), []) == pytest.approx(
+        greedy.choices[1].logprobs.token_logprobs, abs=1e-5)  # fmt: skip
+    assert sum((c.logprobs.text_offset for c in chunks), []) == greedy.choices[1].logprobs.text_offset
+    # lm-evaluation-harness's request: token ids, echo, one token generated; its slice [ctxlen:-1] is the prompt's
+    assert [len(c.logprobs.token_logprobs) for c in harness.choices] == [len(i) + 1 for i in ids]
+    prompt_scores = harness.choices[0].logprobs.token_logprobs[:-1]
+    assert prompt_scores[0] is None and prompt_scores[1:] == pytest.approx(lp.token_logprobs[1:], abs=1e-5)
+    assert harness.choices[1].text.startswith(prompts[0]) and harness.choices[1].text[len(prompts[0]) :] == (
+        greedy.choices[0].text[: len(harness.choices[1].text) - len(prompts[0])])  # fmt: skip
+    assert tokenized == {"count": len(tokenized["tokens"]), "max_model_len": lm.model.config.max_position_embeddings,
+                         "tokens": tok(text, add_special_tokens=False)["input_ids"], "token_strs": None}  # fmt: skip
+    assert detokenized == {"prompt": text} and info["eos_token"] == tok.eos_token
+    assert info["model_max_length"] == lm.model.config.max_position_embeddings
+    assert refused["count"] == (400, {"error": {"message": "logprobs must be a whole number from 0 to 20, got 21",
+                                                "type": "invalid_request_error", "param": "logprobs", "code": None}})
+    assert "max_tokens=0 generates nothing: it is taken with echo=true" in refused["scored, not generated"][1][
+        "error"]["message"]  # fmt: skip
+    assert refused["echo streamed"][1]["error"]["message"].startswith("echo is not streamed")
+    assert "has token id 1000000000, not one of the model's (0 to" in refused["no such id"][1]["error"]["message"]
+    # chat's fields: logprobs true or false, top_logprobs only beside it
+    assert scoring({"logprobs": True, "top_logprobs": 3}, chat=True) == (3, False)
+    assert scoring({"logprobs": True}, chat=True) == (0, False) and scoring({}, chat=True) == (None, False)
+    with pytest.raises(Refused, match="top_logprobs is the likeliest tokens beside each token's logprob: set"):
+        scoring({"top_logprobs": 2}, chat=True)
+    with pytest.raises(Refused, match="logprobs must be true or false, got 2"):
+        scoring({"logprobs": 2}, chat=True)
 
 
 def test_a_stopped_server_gives_the_requests_it_answers_its_grace_then_cuts_them(tiny_run, tmp_path):
