@@ -375,6 +375,7 @@ def test_edgar_tune_serve_follows_its_alias_to_the_version_promoted(tiny_run, tm
             openai_client.completions.create(model=None, prompt="Net sales", max_tokens=3)
         with pytest.raises(openai.AuthenticationError) as keyless:  # started with a key: only with it
             openai.OpenAI(base_url=base_url, api_key="sk-other", max_retries=0).models.list()
+        tokenizer_keyless = _refused(base_url.removesuffix("/v1") + "/tokenize", {"prompt": "Net sales"})[0]
         client.set_registered_model_alias("serve-follow", "champion", "2")
         deadline = time.monotonic() + 120
         while openai_client.models.list().data[0].version != "2" and time.monotonic() < deadline:
@@ -388,6 +389,7 @@ def test_edgar_tune_serve_follows_its_alias_to_the_version_promoted(tiny_run, tm
     assert said == "name the model to answer with: this server serves `serve-follow@champion`, `serve-follow/1`", said
     assert keyless.value.status_code == 401 and keyless.value.body["code"] == "invalid_api_key"
     assert keyless.value.body["message"].startswith("the API key given is not this server's: send the key")
+    assert tokenizer_keyless == 401  # vLLM's tokenizer paths too
     assert second.choices[0].text == first.choices[0].text  # the same weights, another version
     log = next(tmp_path.glob("serve-*.log")).read_text()
     assert "models:/serve-follow@champion now points at v2 (serving v1): loading it" in log, log[-3000:]
