@@ -611,10 +611,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"edgar-tune serve: {given}{f' (v{version})' if version else ''}, tuned on {kinds}, on "
               f"{lm.model.device.type}, {str(lm.model.dtype).removeprefix('torch.')}, as `{name}`{following}",
               file=sys.stderr, flush=True)  # fmt: skip
-    server = Server(models, args.max_new_tokens, args.max_batch, args.max_batch_tokens)
+    server = Server(models, args.max_new_tokens, args.max_batch, args.max_batch_tokens, args.prefix_cache_tokens)
+    kept = (f"; the last {args.prefix_cache_tokens} prompt tokens read kept for prompts that begin as theirs did"
+            if args.prefix_cache_tokens else "")  # fmt: skip
     print(f"edgar-tune serve: at http://{args.host}:{args.port}/v1 (OpenAI's API: POST /v1/chat/completions, "
           f"/v1/completions; GET /v1/models); up to {args.max_new_tokens} new tokens unless a request says "
-          f"max_tokens; up to {args.max_batch} answers ({args.max_batch_tokens} tokens) generated together",
+          f"max_tokens; up to {args.max_batch} answers ({args.max_batch_tokens} tokens) generated together{kept}",
           file=sys.stderr, flush=True)  # fmt: skip
     key = os.environ.get("EDGAR_TUNE_API_KEY") or None
     if not key and args.host not in ("127.0.0.1", "localhost", "::1"):
@@ -904,6 +906,8 @@ def cmd_prepare_model(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from tasks.batching import PREFIX_TOKENS  # stdlib only, as this module's own imports
+
     parser = argparse.ArgumentParser(prog="edgar-tune", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the whole pipeline as a Prefect flow")
@@ -976,6 +980,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-batch-tokens", type=_whole(1), default=8192, metavar="N",
                      help="and while the answers times the longest's prompt and max_tokens are at most N "
                      "(default 8192; what the model keeps of them grows with it: 4.3 GB for Llama-2-7B)")  # fmt: skip
+    srv.add_argument("--prefix-cache-tokens", type=_whole(0), default=PREFIX_TOKENS, metavar="N",
+                     help="prompt tokens whose keys and values are kept, so a prompt that begins as one read lately "
+                     "(lm-eval's choices after one question, a system prompt sent again) is read from where they part "
+                     f"(default {PREFIX_TOKENS}: 2.1 GB for Llama-2-7B; 0: none kept)")  # fmt: skip
     srv.add_argument("--shutdown-grace", type=_whole(0), default=30, metavar="SECONDS",
                      help="stopped (SIGTERM, Ctrl-C), how long the requests being answered get to finish before they "
                      "are cut (default 30)")  # fmt: skip

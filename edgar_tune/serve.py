@@ -241,8 +241,8 @@ class Engine:
     answers and `max_tokens` (`fit`); one of another version waits for the batch to end, and none joins past it
     (first come, first served). A request is answered as soon as its own answers end, the others going on."""
 
-    def __init__(self, max_batch: int, max_tokens: int) -> None:
-        self.max_batch, self.max_tokens = max_batch, max_tokens
+    def __init__(self, max_batch: int, max_tokens: int, prefix_tokens: int = 0) -> None:
+        self.max_batch, self.max_tokens, self.prefix_tokens = max_batch, max_tokens, prefix_tokens
         self.waiting: deque[tuple[Any, Answer]] = deque()
         self.more, self.halted, self.idle = threading.Condition(), threading.Event(), threading.Event()
         threading.Thread(target=self._loop, name="generate", daemon=True).start()
@@ -295,6 +295,10 @@ class Engine:
                 while self.waiting and self.waiting[0][0] is lm and self._room([*going, *joining]):
                     joining.append(self.waiting.popleft()[1])
             start, rows = time.monotonic(), (len(batch.asked) if batch else 0) + len(joining)
+            if self.prefix_tokens and lm.prefixes is None:  # each version its own, kept while it is served
+                from tasks.batching import Prefixes
+
+                lm.prefixes = Prefixes(self.prefix_tokens)
             try:
                 if joining:
                     batch = lm.join(batch, joining)
@@ -332,12 +336,13 @@ class Server:
     together."""
 
     def __init__(self, models: list[Model], default_max_new_tokens: int, max_batch: int | None = None,
-                 max_batch_tokens: int | None = None) -> None:  # fmt: skip
-        from tasks.batching import BATCH, BATCH_TOKENS
+                 max_batch_tokens: int | None = None, prefix_tokens: int | None = None) -> None:  # fmt: skip
+        from tasks.batching import BATCH, BATCH_TOKENS, PREFIX_TOKENS
 
         self.models, self.default_max_new_tokens = models, default_max_new_tokens
         self.created = int(time.time())
-        self.engine = Engine(max_batch or BATCH, max_batch_tokens or BATCH_TOKENS)
+        self.engine = Engine(max_batch or BATCH, max_batch_tokens or BATCH_TOKENS,
+                             PREFIX_TOKENS if prefix_tokens is None else prefix_tokens)
 
     def pick(self, body: dict) -> Model:
         """The model a request names (by its id or the URI it was served from); the one served, unnamed."""

@@ -8,7 +8,9 @@ generate through `Generation`, so what a version is shown to say in MLflow is wh
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +22,9 @@ BATCH, BATCH_TOKENS = 8, 8192
 # The likeliest tokens an answer's `logprobs` may ask for at each place (vLLM's default bound; OpenAI's is 20 for
 # chat and 5 for completions).
 TOP_LOGPROBS = 20
+# The prompt tokens whose keys and values a server keeps for later prompts that begin with them (`Prefixes`): a
+# 7B model without grouped keys and values keeps 0.5 MB a token, 2.1 GB at 4,096.
+PREFIX_TOKENS = 4096
 
 
 @dataclass(frozen=True)
@@ -82,6 +87,7 @@ class Generation:
 
     model: Any
     tokenizer: Any
+    prefixes: Prefixes | None = None  # what was read of recent prompts, for those that begin as they did
 
     def generate_batches(self, asked: list[Answer], batch: int | None = None) -> None:
         """Generates `asked`, up to `batch` (`BATCH`) that `fit` at a time, those of like prompt length together
@@ -144,8 +150,9 @@ class Generation:
         width = max(len(s) for s in seqs)
         cached = batch is not None and batch.cache is not None
         cache = batch.cache if batch is not None and not asked else None
-        if asked and (cached or batch is None and any(map(_echoed, asked)) and self.joins_midway
-                      and all(a.ids["input_ids"].shape[1] > 1 for a in asked)):  # fmt: skip
+        if asked and (cached or batch is None and self.joins_midway
+                      and all(a.ids["input_ids"].shape[1] > 1 for a in asked)
+                      and any(_echoed(a) or self.prefixes and self.prefixes.find(a) for a in asked)):  # fmt: skip
             read = [[(layer.keys, layer.values) for layer in batch.cache.layers]] if cached else []
             read += [self._read(a, batch.cache if cached else None) for a in asked]
             width = max(width, batch.ids.shape[1]) if cached else width
@@ -206,7 +213,9 @@ class Generation:
 
     def _read(self, a: Answer, like) -> list[tuple]:
         """What the model makes of `a`'s prompt but its last token, layer by layer: keys and values (shaped as the
-        cache `like`'s, of no columns for a one-token prompt); its prompt scored from the same pass, where asked."""
+        cache `like`'s, of no columns for a one-token prompt); its prompt scored from the same pass, where asked.
+        Where a prompt read lately began as this one does (`prefixes`), what was read of the tokens they share is
+        taken, and only the rest read."""
         import inspect
 
         import torch
@@ -218,12 +227,21 @@ class Generation:
             return [(layer.keys[:1, :, :0], layer.values[:1, :, :0]) for layer in like.layers]
         last = {} if _echoed(a) or "logits_to_keep" not in inspect.signature(self.model.forward).parameters else {
             "logits_to_keep": 1}  # what is not scored needs no place's logits
+        start, cache, before = 0, DynamicCache(config=self.model.config), []
+        if self.prefixes and (kept := self.prefixes.find(a)):
+            start, layers, scored = kept
+            cache = _cache([(k[:, :, :start], v[:, :, :start]) for k, v in layers])
+            before = scored[: start + 1] if _echoed(a) else []
         with torch.no_grad():
-            out = self.model(input_ids=ids[:, :-1], past_key_values=DynamicCache(config=self.model.config),
-                             use_cache=True, **last)  # fmt: skip
+            out = self.model(input_ids=ids[:, start:-1], past_key_values=cache, use_cache=True, **last)
+        read = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
         if _echoed(a):
-            a.prompt_scored = _prompt_scored(ids, out.logits[0], a.logprobs)
-        return [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+            top = a.logprobs
+            a.prompt_scored = [Scored(x.token, x.logprob, x.top[:top]) for x in before] + _prompt_scored(
+                ids[:, start:], out.logits[0], top)[1 if before else 0 :]  # fmt: skip
+        if self.prefixes:
+            self.prefixes.keep(a, read)
+        return read
 
     def score(self, ids, top: int) -> list[Scored]:
         """Each token of `ids` (one prompt) but the first scored by what the model makes of those before it: its
@@ -345,6 +363,44 @@ def fit(asked: list[Answer], tokens: int = BATCH_TOKENS) -> bool:
     prompt and max_new_tokens is at most `tokens`."""
     return len(asked) <= 1 or len(asked) * max(a.ids["input_ids"].shape[1] + a.settings["max_new_tokens"]
                                                for a in asked) <= tokens  # fmt: skip
+
+
+class Prefixes:
+    """What the model made of the prompts read lately (`Generation._read`), up to `tokens` of them, the least
+    lately used given up first: a prompt that begins as one of them (lm-evaluation-harness's choices after one
+    question, a long system prompt or few-shot examples sent again) is read from where they part. Scores of a
+    prompt (`echo`) are kept with it, to be taken by one asking for as many likeliest tokens or fewer."""
+
+    def __init__(self, tokens: int = PREFIX_TOKENS) -> None:
+        self.tokens, self.kept = tokens, OrderedDict()  # prompt read (token ids) -> (layers, scored or None)
+
+    def find(self, a: Answer) -> tuple[int, list, list] | None:
+        """The places of `a`'s prompt to take from a prompt kept (the tokens they share but the last, which is
+        read again: its place's scores, and a token to read), with that prompt's layers and scores; None where
+        none shares two tokens or more (or none scored as `a`'s prompt is to be)."""
+        read = tuple(a.ids["input_ids"][0, :-1].tolist())
+        top = a.logprobs if _echoed(a) else None
+        best, shared = None, 1
+        for key, (_, scored) in self.kept.items():
+            if top is not None and (scored is None or len(scored[-1].top) < top):
+                continue
+            if (n := len(os.path.commonprefix([key, read]))) > shared:
+                best, shared = key, n
+        if best is None:
+            return None
+        self.kept.move_to_end(best)
+        return shared - 1, *self.kept[best]
+
+    def keep(self, a: Answer, layers: list) -> None:
+        """Keeps what was read of `a`'s prompt (all but its last token), and its scores where it was scored."""
+        read = tuple(a.ids["input_ids"][0, :-1].tolist())
+        if len(read) > self.tokens or (read in self.kept and self.kept[read][1] is not None and
+                                       a.prompt_scored is None):  # fmt: skip
+            return
+        self.kept[read] = (layers, a.prompt_scored)
+        self.kept.move_to_end(read)
+        while sum(map(len, self.kept)) > self.tokens:
+            self.kept.popitem(last=False)
 
 
 def _echoed(a: Answer) -> bool:

@@ -706,6 +706,61 @@ def test_logprobs_are_the_models_own_and_echo_scores_a_prompt_as_lm_eval_reads_i
         scoring({"logprobs": 2}, chat=True)
 
 
+def test_a_prompt_that_begins_as_one_read_lately_is_read_from_where_they_part(tiny_run, tmp_path):
+    """With `Prefixes` (the server's `--prefix-cache-tokens`), a prompt that begins as one read lately takes what
+    was read of the tokens they share and reads the rest: lm-evaluation-harness's choices after one question read a
+    token or two each, not the question again, and answer and score as read whole (up to float rounding). Scores
+    are taken only from a prompt scored with as many likeliest tokens; the least lately used is given up first."""
+    import torch
+
+    from tasks.batching import Answer, Prefixes
+    from tasks.registry import loaded_version
+
+    _, s = tiny_run
+    lm = loaded_version(_version_folder(s, tmp_path / "v"), device="cpu")
+    reads: list[int] = []
+    lm.model.model.register_forward_pre_hook(lambda _, __, kw: reads.append(kw["input_ids"].shape[1]),
+                                             with_kwargs=True)  # fmt: skip
+    question = lm.tokenizer("Net sales increased 9% to $574.8 billion in 2023. The passage is from the section:")[
+        "input_ids"]  # fmt: skip
+    choices = [lm.tokenizer(c, add_special_tokens=False)["input_ids"] for c in (" Risk Factors", " Legal Proceedings",
+                                                                                 " Properties of the company")]
+    greedy = {"max_new_tokens": 3, "do_sample": False, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "seed": 0,
+              "stop": []}  # fmt: skip
+
+    def asked(prefixes: Prefixes | None, top: int | None = 2, ids: list[list[int]] | None = None) -> list[Answer]:
+        lm.prefixes, said = prefixes, []
+        for prompt in ids or [question + c for c in choices]:  # one request at a time, as lm-eval's come
+            said.append(Answer({"input_ids": torch.tensor([prompt])}, greedy, 0, None, logprobs=top, echo=True))
+            lm.generate_batch(said[-1:])
+        return said
+
+    reads.clear()
+    whole = asked(None)
+    assert reads[::4] == [len(question) + len(c) - 1 for c in choices]  # all but its last token, then 3 steps
+    reads.clear()
+    kept = Prefixes()
+    shared = asked(kept)
+    assert reads[0] == len(question) + len(choices[0]) - 1 and reads[4::4] == [len(c) for c in choices[1:]]
+    for a, b in zip(whole, shared, strict=True):
+        assert a.tokens == b.tokens and [x.token for x in a.prompt_scored] == [x.token for x in b.prompt_scored]
+        assert [x.logprob for x in a.prompt_scored[1:]] == pytest.approx([x.logprob for x in b.prompt_scored[1:]],
+                                                                         abs=1e-4)  # fmt: skip
+        assert [[t for t, _ in x.top] for x in a.prompt_scored] == [[t for t, _ in x.top] for x in b.prompt_scored]
+        assert [x.logprob for x in a.scored] == pytest.approx([x.logprob for x in b.scored], abs=1e-4)
+    # scores asked of more likeliest tokens than were kept: the prompt is read whole
+    reads.clear()
+    more = asked(kept, top=5, ids=[question + choices[1]])
+    assert reads[0] == len(question) + len(choices[1]) - 1 and len(more[0].prompt_scored[-1].top) == 5
+    # kept up to its tokens, the least lately used given up: another prompt read, the question is read whole again
+    small = Prefixes(tokens=len(question) + 4)
+    asked(small, ids=[question + choices[0]])
+    asked(small, ids=[lm.tokenizer("Operating income was")["input_ids"] * 3])
+    reads.clear()
+    asked(small, ids=[question + choices[2]])
+    assert reads[0] == len(question) + len(choices[2]) - 1
+
+
 def test_a_stopped_server_gives_the_requests_it_answers_its_grace_then_cuts_them(tiny_run, tmp_path):
     """SIGTERM (or Ctrl-C) stops `edgar-tune serve` taking requests; those being answered get `--shutdown-grace`
     seconds, then their generation ends at the next token and the process exits with the signal's code. Before,
