@@ -11,6 +11,9 @@ Two tasks made from the run's own filings (nothing from a hub):
 - `edgar_items`: which Item of the 10-K a passage of the training text comes from (multiple choice over the Items'
   titles, three passages from each Item of each filing): accuracy, and against the chance of a guess.
 
+Each task runs against a server that keeps no prompt's keys and values (`--prefix-cache-tokens 0`), the baseline,
+then against one that keeps 4,096 tokens' (the default): lm-eval's wall time, each, and whether the figures agree.
+
 lm-eval is not one of edgar-tune's dependencies: install it anywhere (`python -m venv /tmp/lm-eval &&
 /tmp/lm-eval/bin/pip install "lm-eval[api]"`) and name its command with --lm-eval. Prints a table and writes
 bench/results/<date>-lm-eval-served-<host>.json.
@@ -73,6 +76,32 @@ def tasks(run: Path, into: Path) -> dict:
             "items": titles, "questions": len(questions)}
 
 
+def harness(args: argparse.Namespace, work: Path, max_length: int, prefix_tokens: int) -> dict:
+    """Each task run by lm-eval against a server of its own keeping `prefix_tokens` (`--prefix-cache-tokens`):
+    the served model's name, each task's results and lm-eval's wall time."""
+    proc, url = serve(args.model, 8, work / f"serve-{prefix_tokens}.log", "--prefix-cache-tokens", str(prefix_tokens))
+    said = {"prefix_cache_tokens": prefix_tokens, "results": {}, "seconds": {}}
+    try:
+        with urllib.request.urlopen(f"{url}/v1/models", timeout=60) as listed:
+            said["name"] = json.load(listed)["data"][0]["id"]
+        for task in ("edgar_mdna", "edgar_items"):
+            out = work / f"out-{prefix_tokens}-{task}"
+            cmd = [args.lm_eval, "run", "--model", "local-completions", "--tasks", task, "--include_path", str(work),
+                   "--output_path", str(out), "--model_args",
+                   f"model={said['name']},base_url={url}/v1/completions,num_concurrent={args.concurrent},"
+                   f"max_length={max_length},tokenized_requests=True,max_retries=1"]  # fmt: skip
+            start = time.monotonic()
+            subprocess.run(cmd, check=True, env=dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"))
+            said["seconds"][task] = time.monotonic() - start
+            found = max(out.rglob("results_*.json"), key=lambda p: p.stat().st_mtime)
+            results = json.loads(found.read_text())
+            said["results"][task], said["lm_eval"] = results["results"][task], results.get("lm_eval_version")
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    return said
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="runs/latest", help="what `edgar-tune serve --model` takes (default "
@@ -82,44 +111,41 @@ def main() -> None:
     ap.add_argument("--lm-eval", default=shutil.which("lm-eval") or "lm-eval", help="lm-eval's command")
     ap.add_argument("--concurrent", type=int, default=4, help="requests the harness keeps in flight (the server "
                     "batches them)")  # fmt: skip
+    ap.add_argument("--prefix-cache-tokens", type=int, nargs="+", default=[0, 4096], help="the servers' "
+                    "--prefix-cache-tokens, one run each; the first is the baseline (default 0 4096)")  # fmt: skip
     ap.add_argument("--out", type=Path, default=REPO / "bench/results")
     args = ap.parse_args()
     evaluated = json.loads((args.run / "05_evaluate" / "finetuned.json").read_text())
     work = Path(tempfile.mkdtemp(prefix="lm-eval-served-"))
     held = tasks(args.run, work)
-    proc, url = serve(args.model, 8, work / "serve.log")
-    try:
-        with urllib.request.urlopen(f"{url}/v1/models", timeout=60) as listed:
-            name = json.load(listed)["data"][0]["id"]
-        cmd = [args.lm_eval, "run", "--model", "local-completions", "--tasks", "edgar_mdna", "edgar_items",
-               "--include_path", str(work), "--output_path", str(work / "out"), "--model_args",
-               f"model={name},base_url={url}/v1/completions,num_concurrent={args.concurrent},"
-               f"max_length={evaluated['max_length']},tokenized_requests=True,max_retries=1"]  # fmt: skip
-        start = time.monotonic()
-        subprocess.run(cmd, check=True, env=dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"))
-        seconds = time.monotonic() - start
-    finally:
-        proc.terminate()
-        proc.wait(30)
-    results = json.loads(max((work / "out").rglob("results_*.json"), key=lambda p: p.stat().st_mtime).read_text())
-    mdna, items = results["results"]["edgar_mdna"], results["results"]["edgar_items"]
+    runs = [harness(args, work, evaluated["max_length"], n) for n in args.prefix_cache_tokens]
     ours = evaluated["nll"] / math.log(2) / held["mdna_bytes"]
+    last, base = runs[-1], runs[0]
+    mdna, items = last["results"]["edgar_mdna"], last["results"]["edgar_items"]
     served = mdna["bits_per_byte,none"]
     chance = 1 / len(held["items"])
-    print(f"\nlm-eval {results.get('lm_eval_version', '?')} against `edgar-tune serve --model {args.model}` "
-          f"({name}), {args.concurrent} requests at once, {seconds:.0f} s\n")
+    print(f"\nlm-eval {last['lm_eval']} against `edgar-tune serve --model {args.model}` ({last['name']}), "
+          f"{args.concurrent} requests at once\n")
     print("| task | what | lm-eval through the server | beside it |")
     print("|---|---|---|---|")
     print(f"| edgar_mdna ({held['mdna_documents']} held-out MD&A, windows of {evaluated['max_length']}) | bits per "
           f"byte | {served:.4f} | evaluate stage {ours:.4f} ({served / ours - 1:+.2%}) |")
     print(f"| edgar_mdna | word perplexity | {mdna['word_perplexity,none']:.2f} | |")
+    print(f"| edgar_mdna | byte perplexity | {mdna['byte_perplexity,none']:.4f} | |")
     print(f"| edgar_items ({held['questions']} passages, {len(held['items'])} Items) | accuracy | "
           f"{items['acc,none']:.3f} ± {items['acc_stderr,none']:.3f} | a guess {chance:.3f} |")
     print(f"| edgar_items | accuracy, length-normalized | {items['acc_norm,none']:.3f} | |")
+    print("\n| task | --prefix-cache-tokens | lm-eval's wall s | vs the first | same figures |")
+    print("|---|---|---|---|---|")
+    for run in runs:
+        for task in ("edgar_mdna", "edgar_items"):
+            figures = lambda said: {k: round(v, 4) for k, v in said.items() if isinstance(v, float)}  # noqa: E731
+            same = figures(run["results"][task]) == figures(base["results"][task])  # to the 4th decimal
+            print(f"| {task} | {run['prefix_cache_tokens']} | {run['seconds'][task]:.0f} | "
+                  f"**{base['seconds'][task] / run['seconds'][task]:.2f}x** | {'yes' if same else 'no'} |")
     write_result(args.out, "lm-eval-served", cpu_host(), {
-        "device": cpu_host(), "model": args.model, "served_as": name, "lm_eval": results.get("lm_eval_version"),
-        "seconds": seconds, "held": held, "evaluate_bits_per_byte": ours, "results": {
-            "edgar_mdna": mdna, "edgar_items": items}, "command": " ".join(sys.argv)})  # fmt: skip
+        "device": cpu_host(), "model": args.model, "served_as": last["name"], "lm_eval": last["lm_eval"],
+        "held": held, "evaluate_bits_per_byte": ours, "runs": runs, "command": " ".join(sys.argv)})  # fmt: skip
 
 
 if __name__ == "__main__":

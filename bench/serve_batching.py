@@ -51,10 +51,11 @@ def prompts_of(run: Path, count: int) -> list[str]:
     raise SystemExit(f"{val} has {len(said)} paragraphs of 8 words or more, fewer than --requests {count}")
 
 
-def serve(model: str, max_batch: int, log: Path) -> tuple[subprocess.Popen, str]:
+def serve(model: str, max_batch: int, log: Path, *more: str) -> tuple[subprocess.Popen, str]:
+    """`edgar-tune serve --model MODEL --max-batch MAX_BATCH MORE...` on loopback, its output in `log`."""
     port = free_port()
     cmd = [str(REPO / ".venv/bin/edgar-tune"), "serve", "--model", model, "--port", str(port),
-           "--max-batch", str(max_batch), "--check-every", "0"]  # fmt: skip
+           "--max-batch", str(max_batch), "--check-every", "0", *more]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     wait_http(f"{url}/health", timeout=300, proc=proc)
