@@ -134,7 +134,9 @@ class Generation:
         import torch
 
         for a in (scored := [a for a in asked if a.settings["max_new_tokens"] == 0]):
-            if _echoed(a):
+            if _echoed(a) and self.joins_midway and a.ids["input_ids"].shape[1] > 1:
+                self._read(a, None)  # what it shares with a prompt kept taken, and it kept in turn
+            elif _echoed(a):
                 a.prompt_scored = self.score(a.ids["input_ids"], a.logprobs)
             a.choice = {"text": "", "completion_tokens": 0, "finish_reason": "length"}
             if a.heard:

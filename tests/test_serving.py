@@ -748,6 +748,14 @@ def test_a_prompt_that_begins_as_one_read_lately_is_read_from_where_they_part(ti
                                                                          abs=1e-4)  # fmt: skip
         assert [[t for t, _ in x.top] for x in a.prompt_scored] == [[t for t, _ in x.top] for x in b.prompt_scored]
         assert [x.logprob for x in a.scored] == pytest.approx([x.logprob for x in b.scored], abs=1e-4)
+    # a prompt scored, nothing generated (`max_tokens` 0), read before: one token read again, scored as read whole
+    reads.clear()
+    lm.prefixes, alone = kept, Answer({"input_ids": torch.tensor([question + choices[2]])}, greedy | {
+        "max_new_tokens": 0}, 0, None, logprobs=2, echo=True)  # fmt: skip
+    lm.generate_batch([alone])
+    assert reads == [1] and alone.tokens == [] and alone.choice["completion_tokens"] == 0
+    assert [x.logprob for x in alone.prompt_scored[1:]] == pytest.approx(
+        [x.logprob for x in whole[2].prompt_scored[1:]], abs=1e-4)  # fmt: skip
     # scores asked of more likeliest tokens than were kept: the prompt is read whole
     reads.clear()
     more = asked(kept, top=5, ids=[question + choices[1]])
