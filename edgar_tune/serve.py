@@ -145,7 +145,7 @@ def scoring(body: dict, chat: bool) -> tuple[int | None, bool]:
         if body.get("logprobs") not in (None, True, False):
             raise Refused(f"logprobs must be true or false, got {json.dumps(body['logprobs'])[:40]}", param="logprobs")
         top = count("top_logprobs")
-        if top is not None and not body.get("logprobs"):
+        if top and not body.get("logprobs"):  # 0 asks for nothing, as an SDK may send it
             raise Refused("top_logprobs is the likeliest tokens beside each token's logprob: set logprobs to true",
                           param="top_logprobs")  # fmt: skip
         return (top or 0) if body.get("logprobs") else None, False

@@ -250,6 +250,8 @@ class Generation:
         log probability and the `top` likeliest tokens' there."""
         import torch
 
+        if ids.shape[1] == 1:  # nothing before it to score it by
+            return [Scored(int(ids[0, 0]), None)]
         with torch.no_grad():
             return _prompt_scored(ids, self.model(input_ids=ids[:, :-1]).logits[0], top)
 

@@ -700,6 +700,7 @@ def test_logprobs_are_the_models_own_and_echo_scores_a_prompt_as_lm_eval_reads_i
     # chat's fields: logprobs true or false, top_logprobs only beside it
     assert scoring({"logprobs": True, "top_logprobs": 3}, chat=True) == (3, False)
     assert scoring({"logprobs": True}, chat=True) == (0, False) and scoring({}, chat=True) == (None, False)
+    assert scoring({"logprobs": False, "top_logprobs": 0}, chat=True) == (None, False)  # nothing asked, as SDKs send
     with pytest.raises(Refused, match="top_logprobs is the likeliest tokens beside each token's logprob: set"):
         scoring({"top_logprobs": 2}, chat=True)
     with pytest.raises(Refused, match="logprobs must be true or false, got 2"):
@@ -713,7 +714,7 @@ def test_a_prompt_that_begins_as_one_read_lately_is_read_from_where_they_part(ti
     are taken only from a prompt scored with as many likeliest tokens; the least lately used is given up first."""
     import torch
 
-    from tasks.batching import Answer, Prefixes
+    from tasks.batching import Answer, Prefixes, Scored
     from tasks.registry import loaded_version
 
     _, s = tiny_run
@@ -756,6 +757,10 @@ def test_a_prompt_that_begins_as_one_read_lately_is_read_from_where_they_part(ti
     assert reads == [1] and alone.tokens == [] and alone.choice["completion_tokens"] == 0
     assert [x.logprob for x in alone.prompt_scored[1:]] == pytest.approx(
         [x.logprob for x in whole[2].prompt_scored[1:]], abs=1e-4)  # fmt: skip
+    one = Answer({"input_ids": torch.tensor([question[:1]])}, greedy | {"max_new_tokens": 0}, 0, None, logprobs=2,
+                 echo=True)  # a prompt of one token: nothing to score it by
+    lm.generate_batch([one])
+    assert one.prompt_scored == [Scored(question[0], None)] and one.choice["completion_tokens"] == 0
     # scores asked of more likeliest tokens than were kept: the prompt is read whole
     reads.clear()
     more = asked(kept, top=5, ids=[question + choices[1]])
