@@ -19,6 +19,13 @@ the main thread for good. Logging's module lock, left so by Ctrl-C, hung a run a
 waited for the lock to log a debug line, while the main thread, at interpreter shutdown, waited for that worker to
 drain (a fresh clone's suite: a CLI run that outlived its SIGINT by 60 s, its threads' stacks dumped). On the way
 out of a run, `release_leaked_locks` releases the logging locks the main thread still holds.
+
+A library's bare `except:` (or `except BaseException`) that a signal's handler runs inside catches its exception
+and goes on; such code runs everywhere in a run, imports included, and a fresh clone's suite saw a flow called from
+Python go on through every stage and return after Ctrl-C, the only trace of the signal lost. Inside a flow's body
+(`run_body`), the SIGINT and SIGTERM handlers' exceptions carry a canary whose finalizer runs when the exception is
+freed: freed while the body is still the one watched, nobody raised it on, so it is said in one line (where it was
+dropped) and the signal delivered again.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import os
 import signal
 import sys
 import threading
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -89,6 +97,8 @@ def keep_signals() -> None:
         if sig is None:
             before(unraisable)
         else:  # from another thread, once this hook has returned: here it would be dropped again
+            if (canary := getattr(err, _CANARY, None)) is not None:
+                canary.said[0] = True  # said and delivered again here, not by its finalizer too
             where = getattr(unraisable.object, "__qualname__", None) or type(unraisable.object).__name__
             print(f"edgar-tune: {signal.Signals(sig).name} landed in a finalizer ({where}), which drops its "
                   "exception: delivering it again", file=sys.stderr)  # fmt: skip
@@ -117,3 +127,96 @@ def leaked_locks_released() -> Iterator[None]:
     except BaseException:
         release_leaked_locks()
         raise
+
+
+WATCHED = (signal.SIGINT, signal.SIGTERM)
+_CANARY = "_edgar_tune_canary"
+_live: set[int] = set()  # the bodies being watched; a signal's exception dropped after its body ended is let be
+_bodies = 0
+
+
+class _Canary:
+    """Rides on a signal's exception, as an attribute, and is freed with it."""
+
+    __slots__ = ("__weakref__", "said")
+
+    def __init__(self, said: list[bool]):
+        self.said = said
+
+
+def _watching(handler, body: int):
+    """`handler` (a Python handler that raises: Python's KeyboardInterrupt, Prefect's TerminationSignal, the CLI's
+    SystemExit), its exception given a canary."""
+
+    def on(signum, frame):
+        try:
+            handler(signum, frame)
+        except BaseException as err:
+            said = [False]
+            canary = _Canary(said)
+            setattr(err, _CANARY, canary)
+            weakref.finalize(canary, _dropped, signum, body, said).atexit = False
+            raise
+
+    on.watching = True
+    return on
+
+
+def _dropped(signum: int, body: int, said: list[bool]) -> None:
+    """A canary's finalizer: its signal's exception was freed. Where its body still runs, something caught the
+    exception and went on: deliver the signal again, from another thread (a signal raised here, in a finalizer,
+    would be dropped)."""
+    if said[0] or body not in _live:
+        return
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename in (weakref.__file__, __file__):
+        frame = frame.f_back
+    where = "" if frame is None else f" in {frame.f_code.co_name} ({_short(frame.f_code.co_filename)}:{frame.f_lineno})"
+    print(f"edgar-tune: {signal.Signals(signum).name}'s exception was caught and dropped{where}: delivering it "
+          "again", file=sys.stderr)  # fmt: skip
+    again = threading.Timer(AGAIN_S, os.kill, (os.getpid(), signum))
+    again.daemon = True
+    again.start()
+
+
+def _short(path: str) -> str:
+    """A source file's path from its package on: after site-packages, or after the repository's root."""
+    for root in ("site-packages/", os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + "/"):
+        if root in path:
+            return path.split(root, 1)[1]
+    return path
+
+
+@contextmanager
+def dropped_signals_delivered_again() -> Iterator[None]:
+    """Inside: a SIGINT's or SIGTERM's exception that code catches and drops is delivered again (see above). The
+    handlers are wrapped where they are Python's that raise (never SIG_IGN or the default action), from the main
+    thread only (only there can they be set, and run), and put back on the way out."""
+    global _bodies
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _bodies += 1
+    body = _bodies
+    before = {}
+    for sig in WATCHED:
+        handler = signal.getsignal(sig)
+        if callable(handler) and not getattr(handler, "watching", False):
+            before[sig] = handler
+            signal.signal(sig, _watching(handler, body))
+    _live.add(body)
+    try:
+        yield
+    finally:
+        _live.discard(body)
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
+@contextmanager
+def run_body() -> Iterator[None]:
+    """A flow's body: a signal whose exception code in it drops is delivered again, and an exception out of it
+    releases the logging locks it cut short."""
+    keep_signals()
+    with dropped_signals_delivered_again(), leaked_locks_released():
+        yield

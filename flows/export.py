@@ -19,7 +19,7 @@ from typing import Literal
 from prefect import flow
 
 from edgar_tune.reaper import watch_embedded_server
-from edgar_tune.signals import keep_signals
+from edgar_tune.signals import run_body
 from flows.logs import logs_into_the_flow_run
 
 logs_into_the_flow_run()
@@ -61,24 +61,24 @@ def edgar_tune_export(model: str = "edgar-tune-10k", alias: str = "champion", ou
     from tasks.registry import existing_store
 
     watch_embedded_server()
-    keep_signals()
-    uri = existing_store(tracking_uri, Path("runs"), "set tracking_uri to the store the runs registered in")
-    target = out.format(model=model, alias=alias)
-    try:
-        done = export_alias(mlflow.MlflowClient(uri), model, alias, target, adapter, dtype, gguf, base)
-    except LookupError as err:  # no such model or alias: in which store
-        raise LookupError(f"{uri}: {err.args[0]}") from err
-    where = f"{target}.json -> {done['url']}" if "url" in done else Path(target).absolute()
-    line = f"{where} holds {model} v{done['version']} ({form(done)}), @{alias} in {uri}"
-    print(line + ("" if done["written"] else "; it did already"))
-    if done["written"] and in_prefect_run():  # the UI's Artifacts page: a timeline of what the folder held, from when
-        from prefect.artifacts import create_markdown_artifact
-
-        from flows.artifacts import artifact_key
-
+    with run_body():  # a signal is not lost (edgar_tune/signals.py)
+        uri = existing_store(tracking_uri, Path("runs"), "set tracking_uri to the store the runs registered in")
+        target = out.format(model=model, alias=alias)
         try:
-            create_markdown_artifact(f"`{line}`, exported {done['exported']}", key=artifact_key(model, "export"),
-                                     description=f"what {target} holds")  # fmt: skip
-        except Exception as err:  # noqa: BLE001 (the folder is written all the same)
-            print(f"Prefect did not take the export's artifact: {type(err).__name__}: {err}")
-    return done
+            done = export_alias(mlflow.MlflowClient(uri), model, alias, target, adapter, dtype, gguf, base)
+        except LookupError as err:  # no such model or alias: in which store
+            raise LookupError(f"{uri}: {err.args[0]}") from err
+        where = f"{target}.json -> {done['url']}" if "url" in done else Path(target).absolute()
+        line = f"{where} holds {model} v{done['version']} ({form(done)}), @{alias} in {uri}"
+        print(line + ("" if done["written"] else "; it did already"))
+        if done["written"] and in_prefect_run():  # the UI's Artifacts page: a timeline of what the folder held, when
+            from prefect.artifacts import create_markdown_artifact
+
+            from flows.artifacts import artifact_key
+
+            try:
+                create_markdown_artifact(f"`{line}`, exported {done['exported']}", key=artifact_key(model, "export"),
+                                         description=f"what {target} holds")  # fmt: skip
+            except Exception as err:  # noqa: BLE001 (the folder is written all the same)
+                print(f"Prefect did not take the export's artifact: {type(err).__name__}: {err}")
+        return done

@@ -27,7 +27,7 @@ from prefect.runtime import flow_run
 
 from edgar_tune.config import ConfigError, PipelineConfig, RerunNeeded, RunParameters, flow_run_id, tracking_uri
 from edgar_tune.reaper import watch_embedded_server
-from edgar_tune.signals import as_signal, keep_signals, leaked_locks_released
+from edgar_tune.signals import as_signal, run_body
 from flows.logs import logs_into_the_flow_run
 from tasks.cache import (
     NEEDS,
@@ -75,8 +75,8 @@ Stage = Literal["download", "parse", "tokenize", "evaluate-base", "train", "eval
 def edgar_tune_pipeline(params: RunParameters = RunParameters()) -> dict:  # noqa: B008 (never mutated)
     """Domain-adapt a causal LM to 10-K filings and register it; returns the run summary."""
     watch_embedded_server()
-    keep_signals()  # a SIGTERM (a cancelled run, `timeout`) that lands in a finalizer is not lost
-    with leaked_locks_released():  # nor does one that cuts a logging call short hang the exit
+    with run_body():  # a signal that lands in a finalizer or a library's bare `except:` is not lost, nor does one
+        # that cuts a logging call short hang the exit (edgar_tune/signals.py)
         cfg = params.load()
         check_run_folder(params.out_dir)
         return run_stages(RunFolder.open(params.out_dir), cfg, STAGES, wait=params.if_busy == "wait")
@@ -96,8 +96,7 @@ def edgar_tune_rerun(stage: Stage, run: str, overrides: dict | None = None,
         if_busy: When another run works in the folder: fail at once, or wait for it to end.
     """
     watch_embedded_server()
-    keep_signals()
-    with leaked_locks_released():
+    with run_body():
         folder = RunFolder.open(resolve_run(run))
         folder.pull(["config.yaml"])
         rerun_config(stage, folder.local, overrides, folder.ref)  # a bad key fails now, not after a wait
