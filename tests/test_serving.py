@@ -607,6 +607,63 @@ def test_requests_that_come_together_are_generated_together_each_answered_as_alo
             assert not batched, log[-3000:]
 
 
+def test_an_answer_read_as_it_grows_is_decoded_a_token_at_a_time_into_the_text_decoding_it_whole_gives(
+        tiny_run, tmp_path, caplog):  # fmt: skip
+    """A streamed answer, or one with `stop` texts, has its text read at every step; decoding it whole each time
+    cost a step 0.9 ms at an answer's 4,096th token (SmolLM2's tokenizer), 29 ms for 32 such rows. It is decoded a
+    token at a time now (tokenizers' DecodeStream), which must give the text decoding it whole gives: after every
+    token of the held-out MD&A and of characters that take several bytes and tokens, what is read is what decoding
+    whole gives but for a last character whose bytes are not all in, with tiny-llama's byte-level BPE (SmolLM2's
+    and GPT-2's kind) and a SentencePiece model trained as Llama-2's (byte fallback, its leading space); at the
+    end, the same text. A tokenizer whose decode cleans up spaces after the backend's (a WordPiece one) is
+    decoded whole; and where the two ever differ, the answer ends with the whole decoding, says so, and the
+    tokenizer's later answers are decoded whole."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from tasks.batching import Answer, Generating, streams
+
+    runs, _ = tiny_run
+    run = runs / "latest"
+    text = "\n".join(json.loads(line)["text"] for line in (run / "02_parse" / "val.jsonl").open())[:20000]
+    text += "\nnaïve café — 10–K ‘quoted’ 日本語 😀 ½ \u00a0 two  spaces\n\n\ttab"
+    _sentencepiece_model(run, tmp_path / "sp")
+    for tok in (AutoTokenizer.from_pretrained(run / "03_tokenize" / "tiny-llama"),
+                AutoTokenizer.from_pretrained(tmp_path / "sp")):  # fmt: skip
+        assert streams(tok), type(tok)
+        ids = [*tok(text, add_special_tokens=False)["input_ids"], tok.eos_token_id]
+        assert len(ids) > 4000
+        lm, a = Generating(None, tok), Answer(ids=None, settings={}, seed=0, closing=None)
+        for i, token in enumerate(ids):
+            a.tokens.append(token)
+            said = lm.said(a)
+            if i % 50 == 0 or i == len(ids) - 1:
+                whole = tok.decode(a.tokens, skip_special_tokens=True)
+                pending = whole[len(said) :]  # a last character's bytes not all in (with a space its token holds)
+                assert whole.startswith(said) and set(pending) <= {" ", "\ufffd"}, (i, said[-20:], whole[-20:])
+        assert said == lm.ended(a) == tok.decode(ids, skip_special_tokens=True)
+        assert "日本語 😀 ½" in said
+
+    vocab = {"[UNK]": 0, "[PAD]": 1, "a": 2, ",": 3, "b": 4}
+    wordpiece = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    wordpiece.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    cleaned = PreTrainedTokenizerFast(tokenizer_object=wordpiece, clean_up_tokenization_spaces=True)
+    assert not streams(cleaned)  # "a , b" decoded whole is "a, b"; token at a time it would keep the space
+    lm, a = Generating(None, cleaned), Answer(ids=None, settings={}, seed=0, closing=None)
+    a.tokens += [2, 3, 4]
+    assert lm.said(a) == "a, b" and a.stream is False
+
+    tok = AutoTokenizer.from_pretrained(run / "03_tokenize" / "tiny-llama")
+    lm, a = Generating(None, tok), Answer(ids=None, settings={}, seed=0, closing=None)
+    a.tokens += tok("Net sales increased", add_special_tokens=False)["input_ids"]
+    lm.said(a)
+    a.text = "Net sales decreased"  # as a decoder that gives otherwise token by token would have it
+    with caplog.at_level("WARNING", logger="tasks.batching"):
+        assert lm.ended(a) == "Net sales increased"
+    assert "decoding a token at a time gave 'Net sales decreased' where decoding the answer whole gives" in caplog.text
+    assert not streams(tok)
+
+
 def test_logprobs_are_the_models_own_and_echo_scores_a_prompt_as_lm_eval_reads_it(tiny_run, tmp_path):
     """`logprobs` on `edgar-tune serve` are the model's own: each generated token's is its log-softmax where it
     stands, read again by one forward pass over prompt and answer, greedy or sampled (the raw distribution, before
