@@ -28,7 +28,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -286,9 +286,11 @@ class Engine:
         lm, batch = None, None
         while True:
             with self.more:
+                self._drop_gone()
                 while batch is None and not self.waiting:
                     self.idle.set()
                     self.more.wait()
+                    self._drop_gone()
                 self.idle.clear()
                 lm = lm if batch is not None else self.waiting[0][0]
                 joining, going = [], batch.asked if batch else []
@@ -320,14 +322,47 @@ class Engine:
                          made / max(seconds, 1e-9))  # fmt: skip
 
     def _joinable(self, lm) -> Callable[[list[Answer]], bool]:
-        """`advance`'s pause: an answer of `lm`'s is next in line, and there is room for it."""
-        return lambda going: bool(self.waiting) and self.waiting[0][0] is lm and self._room(going)
+        """`advance`'s pause: an answer of `lm`'s is next in line, and there is room for it (or its client has
+        gone, for those behind it)."""
+        return lambda going: (bool(self.waiting) and self.waiting[0][0] is lm
+                              and (_gone(self.waiting[0][1]) or self._room(going)))  # fmt: skip
+
+    def _drop_gone(self) -> None:
+        """Ends, unread, the answers waiting whose client has gone (a stream closed while they waited in line).
+        Before, each was read and generated a token or more when its turn came, for nobody."""
+        if not any(_gone(a) for _, a in self.waiting):
+            return
+        gone = [a for _, a in self.waiting if _gone(a)]
+        self.waiting = deque(w for w in self.waiting if not _gone(w[1]))
+        for a in gone:
+            a.choice = {"text": "", "completion_tokens": 0, "finish_reason": "stop"}
+            if a.heard:
+                a.heard(None, a.choice)
+            a.ended(a)
 
     def _room(self, going: list[Answer]) -> bool:
         """Whether the answer next in line fits beside `going`: fewer than `max_batch`, and within `max_tokens`."""
         from tasks.batching import fit
 
         return len(going) < self.max_batch and fit([*going, self.waiting[0][1]], self.max_tokens)
+
+
+def _gone(a: Answer) -> bool:
+    return a.cancelled is not None and a.cancelled.is_set()
+
+
+@dataclass(frozen=True)
+class Stream:
+    """A streamed answer's server-sent events, and what stops its generation: `cancel` (its client gone)."""
+
+    events: Iterator[str]
+    cancelled: threading.Event
+
+    def __iter__(self) -> Iterator[str]:
+        return self.events
+
+    def cancel(self) -> None:
+        self.cancelled.set()
 
 
 class Server:
@@ -359,7 +394,7 @@ class Server:
         raise Refused(f"the model `{asked}` does not exist: this server serves {served}", status=404, param="model",
                       code="model_not_found")  # fmt: skip
 
-    def chat(self, body: Any) -> dict | Iterator[str]:
+    def chat(self, body: Any) -> dict | Stream:
         from tasks.registry import chat_prompt
 
         check_fields(body, CHAT, "/v1/chat/completions")
@@ -385,7 +420,7 @@ class Server:
                     "finish_reason": c["finish_reason"]} for k, c in enumerate(done[0]["choices"])]  # fmt: skip
         return self._answer(model, served, "chatcmpl", "chat.completion", choices, done)
 
-    def completions(self, body: Any) -> dict | Iterator[str]:
+    def completions(self, body: Any) -> dict | Stream:
         check_fields(body, COMPLETIONS, "/v1/completions")
         model = self.pick(body)
         served = model.served
@@ -479,7 +514,7 @@ class Server:
 
     def _stream(self, model: Model, served: Served, body: dict, prefix: str, kind: str,
                 prompts: list[tuple[str | list[int], bool]], settings: dict, n: int, closing: str | None,
-                logprobs: int | None = None) -> Iterator[str]:  # fmt: skip
+                logprobs: int | None = None) -> Stream:  # fmt: skip
         """OpenAI's server-sent events of the answers, as they are generated: a chunk per piece of text (a chat
         answer's first says its role), one with each answer's finish_reason, then, where `stream_options` asks
         for it, one with the usage, and `[DONE]`. With `logprobs`, a chunk carries the scores of the tokens taken
@@ -552,7 +587,7 @@ class Server:
             finally:
                 cancelled.set()
 
-        return events()
+        return Stream(events(), cancelled)
 
     def _usage(self, done: list[dict]) -> dict:
         prompt_tokens = sum(d["prompt_tokens"] for d in done)
@@ -701,8 +736,22 @@ def app(server: Server, api_key: str | None = None):
         except ValueError as err:
             raise Refused(f"the request body is not JSON: {err}") from None
 
-    def answered(said: dict | Iterator[str]):
-        return said if isinstance(said, dict) else StreamingResponse(said, media_type="text/event-stream")
+    def answered(said: dict | Stream):
+        if isinstance(said, dict):
+            return said
+
+        async def relayed() -> AsyncIterator[str]:
+            import anyio
+
+            events = iter(said)
+            try:  # the client gone cancels the wait for the next event at once (starlette's iterate_in_threadpool
+                # waits for it first: for an answer waiting in line, until its turn came and it was read)
+                while (event := await anyio.to_thread.run_sync(next, events, None, abandon_on_cancel=True)) is not None:
+                    yield event
+            finally:
+                said.cancel()
+
+        return StreamingResponse(relayed(), media_type="text/event-stream")
 
     @api.post("/v1/chat/completions")
     async def chat(request: Request):

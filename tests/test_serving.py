@@ -576,8 +576,11 @@ def test_an_answer_joins_a_batch_between_two_of_its_tokens_and_is_the_answer_it_
 def test_requests_that_come_together_are_generated_together_each_answered_as_alone(tiny_run, tmp_path):
     """Requests sent at once to `edgar-tune serve` are generated together, those that come while a batch runs
     joining it (its log says so), and each gets the answer it gets sent alone; with `--max-batch 1`, one at a
-    time."""
+    time. A streamed request whose client leaves while it waits in line is dropped unread: before, it was read
+    and generated for nobody when its turn came (its log line said 1 or more tokens generated, not 0)."""
     import threading
+
+    import httpx
 
     _, s = tiny_run
     uri = f"models:/{s['registered_model']}/{s['model_version']}"
@@ -597,7 +600,19 @@ def test_requests_that_come_together_are_generated_together_each_answered_as_alo
                 t.start()
             for t in threads:
                 t.join()
-        log = max(tmp_path.glob("serve-*.log"), key=lambda p: p.stat().st_mtime).read_text()
+            if batch == "1":  # one at a time: a stream sent behind five answers, its client gone before its turn
+                first = threading.Thread(target=_post, args=(f"{url}/completions", {"prompt": prompts,
+                                                                                    "max_tokens": 200}))  # fmt: skip
+                first.start()
+                time.sleep(1)
+                with httpx.stream("POST", f"{url}/completions", json={"prompt": "Our segments", "max_tokens": 50,
+                                                                      "stream": True}, timeout=30) as left:  # fmt: skip
+                    assert left.status_code == 200
+                first.join()
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline and "client left" not in _newest_log(tmp_path):
+                    time.sleep(0.2)
+        log = _newest_log(tmp_path)
         assert [together[i]["choices"] for i in range(len(prompts))] == [a["choices"] for a in alone]
         batched = re.findall(r"(\d+) answers together( \(\d+ joining\))?: \d+ tokens in", log)
         if batch == "4":
@@ -605,6 +620,13 @@ def test_requests_that_come_together_are_generated_together_each_answered_as_alo
             assert any(joined for _, joined in batched), log[-3000:]
         else:
             assert not batched, log[-3000:]
+            gone = [line for line in log.splitlines() if "client left" in line]
+            assert len(gone) == 1 and re.search(r": \d+ prompt and 0 generated tokens in", gone[0]), log[-3000:]
+
+
+def _newest_log(folder: Path) -> str:
+    """The log of the server `edgar_tune_serve` started last in `folder`."""
+    return max(folder.glob("serve-*.log"), key=lambda p: p.stat().st_mtime).read_text()
 
 
 def test_an_answer_read_as_it_grows_is_decoded_a_token_at_a_time_into_the_text_decoding_it_whole_gives(
