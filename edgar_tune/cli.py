@@ -584,7 +584,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import mlflow
     import uvicorn
 
-    from edgar_tune.serve import Model, Server, app
+    from edgar_tune.serve import ANSWER_CUT_S, Halting, Model, Server, app
     from tasks.registry import placement
     from tasks.textdata import template_fields
 
@@ -623,8 +623,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"edgar-tune serve: warning: listening on {args.host} without a key, whoever reaches port {args.port} "
               "generates with it: set EDGAR_TUNE_API_KEY to one its clients send", file=sys.stderr)  # fmt: skip
     try:  # stopped (SIGTERM, Ctrl-C), it takes no more requests, and gives those it answers --shutdown-grace
-        uvicorn.run(app(server, key), host=args.host, port=args.port, log_level="info",
-                    timeout_graceful_shutdown=args.shutdown_grace)  # fmt: skip
+        config = uvicorn.Config(app(server, key), host=args.host, port=args.port, log_level="info",
+                                timeout_graceful_shutdown=args.shutdown_grace + ANSWER_CUT_S)  # fmt: skip
+        Halting(config, args.shutdown_grace, server.engine.stop).run()
     finally:
         stopped.set()
         server.engine.stop()  # their answers end at the next token: nothing holds the process past the grace

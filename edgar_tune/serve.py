@@ -32,6 +32,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -66,6 +67,11 @@ class Refused(Exception):
     def __init__(self, message: str, status: int = 400, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.message, self.status, self.param, self.code = message, status, param, code
+
+
+class Stopping(Exception):
+    """The server is stopping, and a request's answers were cut or never begun: answered 503 (`server_stopping`),
+    which OpenAI's clients send again (to another replica, behind a load balancer)."""
 
 
 def check_fields(body: Any, read: set[str], endpoint: str) -> None:
@@ -254,7 +260,7 @@ class Engine:
             self.halted.set()
             waiting, self.waiting = list(self.waiting), deque()
         for _, a in waiting:
-            a.error = RuntimeError("the server is stopping")
+            a.error = Stopping("waiting in line")
             a.ended(a)
         self.idle.wait(60)  # the batch being generated ends at its next token (torch torn down mid-step aborts)
 
@@ -275,12 +281,19 @@ class Engine:
             a.ended = ended
         with self.more:
             if self.halted.is_set():
-                raise RuntimeError("the server is stopping")
+                raise Stopping("the server is stopping; send the request again")
             self.waiting.extend((lm, a) for a in asked)
             self.more.notify()
         done.wait()
-        if failed := next((a.error for a in asked if a.error is not None), None):
+        if failed := next((a.error for a in asked if a.error is not None and not isinstance(a.error, Stopping)),
+                          None):  # fmt: skip
             raise failed
+        waited, cut = sum(isinstance(a.error, Stopping) for a in asked), sum(a.halted for a in asked)
+        if waited or cut:
+            counts = ((len(asked) - cut - waited, "ended"), (cut, "being generated"), (waited, "waiting in line"))
+            how = ", ".join(f"{k} {what}" for k, what in counts if k)
+            raise Stopping(f"the server is stopping: this request's answers were cut at the end of its "
+                           f"--shutdown-grace ({len(asked)}: {how}); send it again")  # fmt: skip
 
     def _loop(self) -> None:
         lm, batch = None, None
@@ -345,6 +358,30 @@ class Engine:
         from tasks.batching import fit
 
         return len(going) < self.max_batch and fit([*going, self.waiting[0][1]], self.max_tokens)
+
+
+ANSWER_CUT_S = 10  # after --shutdown-grace, the time for the requests whose answers it cut to be answered so (503)
+
+
+class Halting(uvicorn.Server):
+    """uvicorn's server that, stopped, halts the generation `grace` seconds in (`halt`: the answers being generated
+    end at their next token, those waiting at once, and their requests are answered 503), before its own graceful
+    shutdown gives up and closes their connections unanswered, `ANSWER_CUT_S` later. Before, a request cut at
+    shutdown had its connection closed, or, once halted, its answers cut short as if they had ended."""
+
+    def __init__(self, config: uvicorn.Config, grace: float, halt: Callable[[], None]) -> None:
+        super().__init__(config)
+        self.grace, self.halt = grace, halt
+
+    async def shutdown(self, sockets=None) -> None:
+        import asyncio
+
+        later = asyncio.get_running_loop().call_later(
+            self.grace, lambda: threading.Thread(target=self.halt, name="halt", daemon=True).start())
+        try:
+            await super().shutdown(sockets)
+        finally:
+            later.cancel()
 
 
 def _gone(a: Answer) -> bool:
@@ -545,6 +582,9 @@ class Server:
                 self._generated(model, served, done, time.monotonic() - start,
                                 ", streamed" + (" (the client left: stopped early)" if cancelled.is_set() else ""))
                 heard.put(("done", done))
+            except Stopping as err:
+                log.info("a streamed request cut: %s", err)
+                heard.put(("failed", err))
             except Exception as err:  # noqa: BLE001 (said in the log, and the stream ends)
                 log.exception("generation failed")
                 heard.put(("failed", err))
@@ -563,8 +603,11 @@ class Server:
                     if said[0] == "done":
                         break
                     if said[0] == "failed":
-                        yield "data: " + json.dumps({"error": {"message": f"generation failed: {said[1]}",
-                                                               "type": "server_error"}}) + "\n\n"  # fmt: skip
+                        stopping = isinstance(said[1], Stopping)
+                        yield "data: " + json.dumps({"error": {
+                            "message": str(said[1]) if stopping else f"generation failed: {said[1]}",
+                            "type": "server_error", "param": None,
+                            "code": "server_stopping" if stopping else None}}) + "\n\n"  # fmt: skip
                         return
                     i, k, text, choice, scored = said
                     index = i * n + k
@@ -723,6 +766,11 @@ def app(server: Server, api_key: str | None = None):
                                                "client's api_key", "type": "invalid_request_error", "param": None,
                                                "code": "invalid_api_key"}}, status_code=401)  # fmt: skip
         return await call_next(request)
+
+    @api.exception_handler(Stopping)
+    async def stopping(_: Request, err: Stopping) -> JSONResponse:
+        return JSONResponse({"error": {"message": str(err), "type": "server_error", "param": None,
+                                       "code": "server_stopping"}}, status_code=503)  # fmt: skip
 
     @api.exception_handler(Refused)
     async def refused(_: Request, err: Refused) -> JSONResponse:

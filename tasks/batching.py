@@ -69,6 +69,7 @@ class Answer:
     text: str = ""  # its tokens' text so far, decoded a token at a time (`Generation.said`)
     decoded: int = 0  # of `tokens`, those `text` holds
     stream: Any = None  # the decoder that made `text` (tokenizers' DecodeStream); False: decoded whole
+    halted: bool = False  # ended by the generation's `halt` (a server stopping), not by one of its own ends
 
     def fresh(self) -> list[Scored]:
         """What of `scored` has not been handed on yet: a streamed answer's pieces carry their tokens' scores."""
@@ -363,8 +364,9 @@ class _Rows:
         a.tokens.append(token)
         if (logprobs := self.logprobs.pop(row, None)) is not None:
             a.scored += _scored([token], [float(logprobs[token])], logprobs[None], a.logprobs)
-        ended = (token in self.eos[row] or len(a.tokens) >= a.settings["max_new_tokens"]
-                 or any(e is not None and e.is_set() for e in (a.cancelled, self.halt)))  # fmt: skip
+        own = token in self.eos[row] or len(a.tokens) >= a.settings["max_new_tokens"]
+        halted = not own and self.halt is not None and self.halt.is_set()
+        ended = own or halted or (a.cancelled is not None and a.cancelled.is_set())
         if self.ends[row] or a.heard:
             from tasks.generate import answer
 
@@ -378,7 +380,9 @@ class _Rows:
                 if len(text) > a.sent:
                     a.heard(text[a.sent :], None)
                     a.sent = len(text)
+            halted = halted and text == said  # a `stop` text ended it too
         if ended:
+            a.halted = halted
             self._end(row)
 
     def _end(self, row: int) -> None:

@@ -855,14 +855,18 @@ def test_a_prompt_that_begins_as_one_read_lately_is_read_from_where_they_part(ti
 
 def test_a_stopped_server_gives_the_requests_it_answers_its_grace_then_cuts_them(tiny_run, tmp_path):
     """SIGTERM (or Ctrl-C) stops `edgar-tune serve` taking requests; those being answered get `--shutdown-grace`
-    seconds, then their generation ends at the next token and the process exits with the signal's code. Before,
-    it waited for every answer being generated to end (98 s for a 1,500-token SmolLM2 answer), and for ever for
-    one that never did."""
+    seconds, then their generation ends at the next token, each is answered 503 (`server_stopping`, which OpenAI's
+    clients send again), a stream with that error as its last event, and the process exits with the signal's code.
+    Before, it waited for every answer being generated to end (98 s for a 1,500-token SmolLM2 answer), and for ever
+    for one that never did; then, cut at the grace's end, a request had its connection closed unanswered."""
     import threading
+
+    import httpx
 
     _, s = tiny_run
     port = free_port()
     log = tmp_path / "serve.log"
+    url = f"http://127.0.0.1:{port}/v1/completions"
     with log.open("w") as out:
         proc = subprocess.Popen([str(BIN / "edgar-tune"), "serve", "--model", f"models:/{s['registered_model']}/"
                                  f"{s['model_version']}", "--tracking-uri", s["mlflow_tracking_uri"], "--port",
@@ -872,28 +876,41 @@ def test_a_stopped_server_gives_the_requests_it_answers_its_grace_then_cuts_them
             wait_http(f"http://127.0.0.1:{port}/health", proc, timeout=300)
             said = {}
 
-            def ask() -> None:
-                try:
-                    _post(f"http://127.0.0.1:{port}/v1/completions", {"prompt": "Net sales", "max_tokens": 2000,
-                                                                      "temperature": 1, "n": 8, "seed": 1})
-                    said["answered"] = True
-                except OSError as err:  # cut: a 500, or the connection closed
-                    said["cut"] = err
+            def ask() -> None:  # 8 answers, a full batch (--max-batch 8)
+                said["generated"] = _refused(url, {"prompt": "Net sales", "max_tokens": 2000, "temperature": 1,
+                                                   "n": 8, "seed": 1})  # fmt: skip
 
-            asking = threading.Thread(target=ask, daemon=True)
-            asking.start()
-            time.sleep(2)
+            def stream() -> None:  # behind them, in line
+                with httpx.stream("POST", url, json={"prompt": "Our segments", "max_tokens": 50, "stream": True},
+                                  timeout=60) as r:  # fmt: skip
+                    said["streamed"] = (r.status_code, [line for line in r.iter_lines() if line])
+
+            asking = [threading.Thread(target=ask, daemon=True), threading.Thread(target=stream, daemon=True)]
+            asking[0].start()
+            time.sleep(1)
+            asking[1].start()
+            time.sleep(1)
             start = time.monotonic()
             proc.terminate()
             proc.wait(timeout=60)
             stopped = time.monotonic() - start
-            asking.join(10)
+            for t in asking:
+                t.join(10)
         finally:
             proc.kill()
     text = log.read_text()
     assert proc.returncode in (-15, 143) and stopped < 10, (proc.returncode, stopped, text[-3000:])
-    assert "cut" in said, (said, text[-3000:])  # 8 x 2,000 tokens take this model about 30 s
-    assert "timeout graceful shutdown exceeded" in text and "terminate called" not in text, text[-3000:]
+    status, error = said["generated"]  # 8 x 2,000 tokens take this model about 30 s
+    assert status == 503 and error["error"]["code"] == "server_stopping", (said, text[-3000:])
+    cut = re.fullmatch(r"the server is stopping: this request's answers were cut at the end of its --shutdown-grace "
+                       r"\(8: (?:(\d) ended, )?(\d) being generated, (\d) waiting in line\); send it again",
+                       error["error"]["message"])  # fmt: skip
+    assert cut and int(cut[1] or 0) + int(cut[2]) + int(cut[3]) == 8 and int(cut[3]) > 0, error  # not 8 of 2,000
+    # tokens fit --max-batch-tokens; an answer may end by itself first
+    status, events = said["streamed"]  # behind them
+    last = json.loads(events[-1].removeprefix("data: "))["error"]
+    assert status == 200 and last["code"] == "server_stopping" and "(1: 1 waiting in line)" in last["message"], events
+    assert "timeout graceful shutdown exceeded" not in text and "terminate called" not in text, text[-3000:]
 
 
 @pytest.mark.gpu
