@@ -366,8 +366,8 @@ ANSWER_CUT_S = 10  # after --shutdown-grace, the time for the requests whose ans
 class Halting(uvicorn.Server):
     """uvicorn's server that, stopped, halts the generation `grace` seconds in (`halt`: the answers being generated
     end at their next token, those waiting at once, and their requests are answered 503), before its own graceful
-    shutdown gives up and closes their connections unanswered, `ANSWER_CUT_S` later. Before, a request cut at
-    shutdown had its connection closed, or, once halted, its answers cut short as if they had ended."""
+    shutdown gives up and closes their connections unanswered, `ANSWER_CUT_S` later. Before, the generation was
+    halted only after that, and a request cut at shutdown had its connection closed unanswered."""
 
     def __init__(self, config: uvicorn.Config, grace: float, halt: Callable[[], None]) -> None:
         super().__init__(config)
