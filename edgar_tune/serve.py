@@ -431,7 +431,9 @@ class Server:
         raise Refused(f"the model `{asked}` does not exist: this server serves {served}", status=404, param="model",
                       code="model_not_found")  # fmt: skip
 
-    def chat(self, body: Any) -> dict | Stream:
+    def chat(self, body: Any, gone: threading.Event | None = None) -> dict | Stream:
+        """A /v1/chat/completions request's answer; `gone` set (its client has left), its generation stops: those
+        of its answers waiting in line are dropped, those being generated end at their next token."""
         from tasks.registry import chat_prompt
 
         check_fields(body, CHAT, "/v1/chat/completions")
@@ -450,14 +452,15 @@ class Server:
         prompt = _said(lambda: chat_prompt(lm.tokenizer, chat_turns(body.get("messages")), "messages"))
         if body.get("stream"):
             return self._stream(model, served, body, "chatcmpl", "chat.completion.chunk", [(prompt, True)], settings,
-                                n, served.chat_end, logprobs)  # fmt: skip
-        done = self._complete(model, served, [(prompt, True)], settings, n, served.chat_end, logprobs)
+                                n, served.chat_end, logprobs, gone)  # fmt: skip
+        done = self._complete(model, served, [(prompt, True)], settings, n, served.chat_end, logprobs, gone=gone)
         choices = [{"index": k, "message": {"role": "assistant", "content": c["text"]},
                     "logprobs": chat_logprobs(lm.tokenizer, c["scored"], logprobs) if logprobs is not None else None,
                     "finish_reason": c["finish_reason"]} for k, c in enumerate(done[0]["choices"])]  # fmt: skip
         return self._answer(model, served, "chatcmpl", "chat.completion", choices, done)
 
-    def completions(self, body: Any) -> dict | Stream:
+    def completions(self, body: Any, gone: threading.Event | None = None) -> dict | Stream:
+        """A /v1/completions request's answer; `gone` as for `chat`."""
         check_fields(body, COMPLETIONS, "/v1/completions")
         model = self.pick(body)
         served = model.served
@@ -471,9 +474,9 @@ class Server:
         settings["max_new_tokens"] = 0 if scored_only else settings["max_new_tokens"]
         if body.get("stream"):
             return self._stream(model, served, body, "cmpl", "text_completion", [(p, False) for p in prompts],
-                                settings, n, served.lm.closing, logprobs)  # fmt: skip
+                                settings, n, served.lm.closing, logprobs, gone)  # fmt: skip
         done = self._complete(model, served, [(p, False) for p in prompts], settings, n, served.lm.closing, logprobs,
-                              echo)  # fmt: skip
+                              echo, gone)  # fmt: skip
         tok = served.lm.tokenizer
         said = [p if isinstance(p, str) else tok.decode(p) for p in prompts] if echo else [""] * len(prompts)
         choices = [{"index": i * n + k, "text": said[i] + c["text"],
@@ -531,13 +534,15 @@ class Server:
                                            for m in self.models]}  # fmt: skip
 
     def _complete(self, model: Model, served: Served, prompts: list[tuple[str | list[int], bool]], settings: dict,
-                  n: int, closing: str | None, logprobs: int | None = None,
-                  echo: bool = False) -> list[dict]:  # fmt: skip
+                  n: int, closing: str | None, logprobs: int | None = None, echo: bool = False,
+                  gone: threading.Event | None = None) -> list[dict]:  # fmt: skip
         start = time.monotonic()
         done = _said(lambda: served.lm.complete(prompts, settings, n, closing=closing, logprobs=logprobs, echo=echo,
+                                                cancelled=gone,
                                                 run=lambda asked: self.engine.run(served.lm, asked)))  # fmt: skip
         self._generated(model, served, done, time.monotonic() - start,
-                        " (cut: the server is stopping)" if self.engine.halted.is_set() else "")
+                        " (cut: the server is stopping)" if self.engine.halted.is_set() else
+                        " (the client left: stopped early)" if gone is not None and gone.is_set() else "")  # fmt: skip
         return done
 
     def _generated(self, model: Model, served: Served, done: list[dict], seconds: float, how: str = "") -> None:
@@ -551,7 +556,7 @@ class Server:
 
     def _stream(self, model: Model, served: Served, body: dict, prefix: str, kind: str,
                 prompts: list[tuple[str | list[int], bool]], settings: dict, n: int, closing: str | None,
-                logprobs: int | None = None) -> Stream:  # fmt: skip
+                logprobs: int | None = None, cancelled: threading.Event | None = None) -> Stream:  # fmt: skip
         """OpenAI's server-sent events of the answers, as they are generated: a chunk per piece of text (a chat
         answer's first says its role), one with each answer's finish_reason, then, where `stream_options` asks
         for it, one with the usage, and `[DONE]`. With `logprobs`, a chunk carries the scores of the tokens taken
@@ -561,7 +566,7 @@ class Server:
         _said(lambda: served.lm.encode(prompts, settings["max_new_tokens"]))
         chat, usage = kind.startswith("chat"), bool((body.get("stream_options") or {}).get("include_usage"))
         ident, created = f"{prefix}-{uuid.uuid4().hex}", int(time.time())
-        heard, cancelled, offsets = queue.Queue(), threading.Event(), {}
+        heard, cancelled, offsets = queue.Queue(), cancelled or threading.Event(), {}
         tok = served.lm.tokenizer
 
         def scores(index: int, scored: list) -> dict | None:
@@ -801,13 +806,35 @@ def app(server: Server, api_key: str | None = None):
 
         return StreamingResponse(relayed(), media_type="text/event-stream")
 
+    async def answer(request: Request, handle: Callable[[Any, threading.Event], dict | Stream]):
+        """`handle(body, gone)` in a worker thread, `gone` set once the client has left (an SDK's timeout, a
+        script stopped): its answers are dropped from the line, or end at their next token. Before, a request
+        whose client had gone was generated to its end, for nobody (a client that timed out and sent it again
+        had it generated twice)."""
+        import asyncio
+
+        given, gone = await body(request), threading.Event()
+
+        async def watch() -> None:  # the body read, the next message is the disconnect (is_disconnected() never
+            while (await request.receive())["type"] != "http.disconnect":  # sees it under the key's middleware)
+                pass
+            gone.set()
+
+        if isinstance(given, dict) and given.get("stream"):  # its response watches (`answered`): a watch here, cut
+            return answered(await run_in_threadpool(handle, given, gone))  # short, kept the disconnect from it
+        watching = asyncio.create_task(watch())
+        try:
+            return answered(await run_in_threadpool(handle, given, gone))
+        finally:
+            watching.cancel()
+
     @api.post("/v1/chat/completions")
     async def chat(request: Request):
-        return answered(await run_in_threadpool(server.chat, await body(request)))
+        return await answer(request, server.chat)
 
     @api.post("/v1/completions")
     async def completions(request: Request):
-        return answered(await run_in_threadpool(server.completions, await body(request)))
+        return await answer(request, server.completions)
 
     @api.get("/v1/models")
     async def models() -> dict:

@@ -576,8 +576,9 @@ def test_an_answer_joins_a_batch_between_two_of_its_tokens_and_is_the_answer_it_
 def test_requests_that_come_together_are_generated_together_each_answered_as_alone(tiny_run, tmp_path):
     """Requests sent at once to `edgar-tune serve` are generated together, those that come while a batch runs
     joining it (its log says so), and each gets the answer it gets sent alone; with `--max-batch 1`, one at a
-    time. A streamed request whose client leaves while it waits in line is dropped unread: before, it was read
-    and generated for nobody when its turn came (its log line said 1 or more tokens generated, not 0)."""
+    time. A request whose client leaves while it waits in line, streamed or not (an SDK's timeout), is dropped
+    unread: before, it was read and generated for nobody when its turn came (its log line said 35 tokens generated
+    for the stream, not 0; the plain request was generated whole)."""
     import threading
 
     import httpx
@@ -602,15 +603,17 @@ def test_requests_that_come_together_are_generated_together_each_answered_as_alo
                 t.join()
             if batch == "1":  # one at a time: a stream sent behind five answers, its client gone before its turn
                 first = threading.Thread(target=_post, args=(f"{url}/completions", {"prompt": prompts,
-                                                                                    "max_tokens": 200}))  # fmt: skip
+                                                                                    "max_tokens": 1000}))  # fmt: skip
                 first.start()
                 time.sleep(1)
                 with httpx.stream("POST", f"{url}/completions", json={"prompt": "Our segments", "max_tokens": 50,
                                                                       "stream": True}, timeout=30) as left:  # fmt: skip
                     assert left.status_code == 200
+                with pytest.raises(httpx.ReadTimeout):  # a client that gives up waiting, as an SDK's timeout does
+                    httpx.post(f"{url}/completions", json={"prompt": "We", "max_tokens": 50}, timeout=0.5)
                 first.join()
                 deadline = time.monotonic() + 30
-                while time.monotonic() < deadline and "client left" not in _newest_log(tmp_path):
+                while time.monotonic() < deadline and "stopped early)\n" not in _newest_log(tmp_path):
                     time.sleep(0.2)
         log = _newest_log(tmp_path)
         assert [together[i]["choices"] for i in range(len(prompts))] == [a["choices"] for a in alone]
@@ -620,8 +623,11 @@ def test_requests_that_come_together_are_generated_together_each_answered_as_alo
             assert any(joined for _, joined in batched), log[-3000:]
         else:
             assert not batched, log[-3000:]
-            gone = [line for line in log.splitlines() if "client left" in line]
-            assert len(gone) == 1 and re.search(r": \d+ prompt and 0 generated tokens in", gone[0]), log[-3000:]
+            # the stream: dropped from the line (its log line says 0 tokens), or, closed before its response began,
+            # never sent to generation (no line); the plain request: dropped from the line
+            gone = [line for line in log.splitlines() if "client left" in line or ", streamed" in line]
+            assert gone and all(re.search(r": \d+ prompt and 0 generated tokens in", x) for x in gone), log[-3000:]
+            assert gone[-1].endswith("ending at stop (the client left: stopped early)"), log[-3000:]
 
 
 def _newest_log(folder: Path) -> str:
