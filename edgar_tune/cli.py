@@ -428,7 +428,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print("edgar-tune generate: error: give --prompt TEXT, an instruction-tuned version's --field NAME=VALUE, or "
               "a chat-tuned version's --message TEXT", file=sys.stderr)  # fmt: skip
         return 2
-    sampling = {k: getattr(args, k) for k in ("do_sample", "temperature", "top_k", "top_p", "seed", "stop")}
+    penalties = ("repetition_penalty", "presence_penalty", "frequency_penalty")
+    sampling = {k: getattr(args, k) for k in ("do_sample", "temperature", "top_k", "top_p", "seed", "stop", *penalties)}
     params = {"max_new_tokens": args.max_new_tokens} | {k: v for k, v in sampling.items() if v not in (None, False, [])}
     try:
         generation_settings(params)  # before the model loads
@@ -455,12 +456,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return 2
     known = {p.name for p in model.metadata.get_params_schema().params} if model.metadata.get_params_schema() else set()
     if unknown := [k for k in sampling if k in params and k not in known]:  # MLflow would drop them: greedy text
-        dropped = " and ".join([*(["it generates greedily"] if set(unknown) - {"stop"} else []),
-                                *(["it would not stop there"] if "stop" in unknown else [])])  # fmt: skip
+        dropped = " and ".join([*(["it generates greedily"] if set(unknown) - {"stop", *penalties} else []),
+                                *(["it would not stop there"] if "stop" in unknown else []),
+                                *(["it would not be penalized"] if set(unknown) & set(penalties) else [])])  # fmt: skip
         print(f"edgar-tune generate: error: {args.model} was registered before versions took {', '.join(unknown)} "
               f"(it takes {', '.join(sorted(known)) or 'no settings'}): {dropped}; leave out "
               f"{', '.join('--' + k.replace('_', '-') for k in unknown)}, or generate with a version registered "
-              "since 2026-12-04", file=sys.stderr)  # fmt: skip
+              f"since {'2026-12-05' if set(unknown) & set(penalties) else '2026-12-04'}", file=sys.stderr)  # fmt: skip
         return 2
     columns = [c.name for c in model.metadata.get_input_schema().inputs] if model.metadata.get_input_schema() else []
     if args.message and "messages" not in columns:
@@ -960,6 +962,12 @@ def build_parser() -> argparse.ArgumentParser:
                      "command draws the same text")  # fmt: skip
     gen.add_argument("--stop", action="append", default=[], metavar="TEXT",
                      help="end each answer before this text (left out); repeat for several")
+    gen.add_argument("--repetition-penalty", type=float, help="above 1, a token already in the prompt or the answer "
+                     "is less likely again (transformers' and vLLM's; default 1.0: none); greedy or sampled")
+    gen.add_argument("--presence-penalty", type=float, help="-2 to 2: subtracted from a token's logit once the "
+                     "answer has taken it (OpenAI's; default 0)")
+    gen.add_argument("--frequency-penalty", type=float, help="-2 to 2: subtracted from a token's logit for each time "
+                     "the answer has taken it (OpenAI's; default 0)")
     gen.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///runs/mlflow.db")
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt")
     gen.set_defaults(fn=cmd_generate)

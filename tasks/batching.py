@@ -151,6 +151,12 @@ class Generation:
             batch = self.advance(batch)
 
     @property
+    def vocabulary(self) -> int:
+        """The tokens the model scores at each place (its output layer's width; a token id is below it)."""
+        head = self.model.get_output_embeddings()
+        return head.weight.shape[0] if head is not None else self.model.config.vocab_size
+
+    @property
     def joins_midway(self) -> bool:
         """Whether answers can join a batch between two of its tokens (`join`): the model's cache is plain key and
         value tensors, row by row, that can be cut and set side by side (a sliding-window or recurrent layer's
@@ -319,16 +325,25 @@ class _Rows:
             self.eos.append(set(stop.get("eos_token_id", eos)))
             self.ends.append(stop.get("stop_strings", []))
             self.warpers.append(_warpers(a.settings) if a.settings["do_sample"] else None)
+        self.shaped = [r for r, a in enumerate(asked) if _Shaping.asked(a.settings)]
+        self.shaping: _Shaping | None = None  # built at the first step, for the rows in `shaped`
 
     def pick(self, input_ids, scores):
-        """Each sampled row's scores made the token drawn (its settings' warpers, softmax, a draw from its own
-        generator) and nothing else, which `generate`'s greedy argmax then takes: what one-at-a-time generation
-        with `do_sample` drew, from the same seed, whatever the row is batched with."""
+        """Each row's scores shaped by its answer's logit bias and penalties (`_Shaping`), greedy or sampled; then
+        each sampled row's made the token drawn (its settings' warpers, softmax, a draw from its own generator) and
+        nothing else, which `generate`'s greedy argmax then takes: what one-at-a-time generation with `do_sample`
+        drew, from the same seed, whatever the row is batched with."""
         import torch
 
         scoring = [r for r, a in enumerate(self.asked) if a.logprobs is not None and not self.done[r]]
-        if scoring:  # before any row's draw is made its scores
+        if scoring:  # before any row's draw is made its scores: the model's own, before bias and penalties
             self.logprobs = dict(zip(scoring, torch.log_softmax(scores[scoring].float(), dim=-1), strict=True))
+        if self.shaped:  # every shaped row at once (a row that has ended: its token is padding, whatever it is)
+            if self.shaping is None:
+                self.shaping = _Shaping(self.asked, self.shaped, scores.shape[-1], scores.device)
+            else:  # the token each row took at the last step
+                self.shaping.took(input_ids[self.shaped, -1])
+            self.shaping(scores)
         for row, warpers in enumerate(self.warpers):
             if warpers is None or self.done[row]:
                 continue
@@ -488,6 +503,68 @@ def _scored(tokens: list[int], logprobs: list[float], rows, top: int) -> list[Sc
     values, ids = rows.topk(top, dim=-1)
     return [Scored(t, lp, tuple(zip(i, v, strict=True)))
             for t, lp, i, v in zip(tokens, logprobs, ids.tolist(), values.tolist(), strict=True)]  # fmt: skip
+
+
+class _Shaping:
+    """What the logits of answers generated together (the `rows` of `_Rows` that ask for it) are shaped by before
+    their next tokens are taken, in vLLM's order: OpenAI's `logit_bias` added; the repetition penalty
+    (transformers' and vLLM's: a token of the answer's prompt or of what it has generated has a positive logit
+    divided by it, a negative one multiplied); then OpenAI's frequency penalty times the times the answer has
+    generated the token and its presence penalty once it has, subtracted. Counted from each answer's own tokens
+    (`Answer.tokens`) when a `generate` call begins, then a token a step: the answer it is alone, whatever it joins.
+    All rows at once, and only at the places a penalty touches (the tokens seen): a step's cost is a scan of a
+    (rows, vocabulary) mask, not the dozen passes over (rows, vocabulary) floats that shaping every logit takes."""
+
+    def __init__(self, asked: list[Answer], rows: list[int], vocab: int, device) -> None:
+        import torch
+
+        shaped = [asked[r] for r in rows]
+        get = lambda key, none: torch.tensor([a.settings.get(key, none) for a in shaped], device=device)  # noqa: E731
+        self.repetition, self.presence, self.frequency = (get("repetition_penalty", 1.0),
+                                                          get("presence_penalty", 0.0), get("frequency_penalty", 0.0))
+        self.rows = torch.tensor(rows, device=device)
+        self.counts = torch.zeros(len(rows), vocab, device=device)  # of each token each answer has generated
+        self.seen = torch.zeros(len(rows), vocab, dtype=torch.bool, device=device)  # where a penalty may touch
+        bias = []  # (row of the batch, token, bias)
+        for i, (row, a) in enumerate(zip(rows, shaped, strict=True)):
+            if a.tokens:
+                self.counts[i].index_add_(0, torch.tensor(a.tokens, device=device), torch.ones(
+                    len(a.tokens), device=device))  # fmt: skip
+            if a.settings.get("repetition_penalty", 1.0) != 1.0:
+                ids = a.ids["input_ids"][0].to(device)
+                self.seen[i, ids[ids < vocab]] = True
+            bias += [(row, token, value) for token, value in (a.settings.get("logit_bias") or {}).items()]
+        self.seen |= self.counts > 0
+        self.bias = None
+        if bias:
+            r, t, v = zip(*bias, strict=True)
+            self.bias = (torch.tensor(r, device=device), torch.tensor(t, device=device), torch.tensor(v, device=device))
+
+    @staticmethod
+    def asked(settings: dict) -> bool:
+        """Whether `settings` shape the logits at all."""
+        return bool(settings.get("logit_bias")) or settings.get("repetition_penalty", 1.0) != 1.0 or any(
+            settings.get(k, 0.0) != 0.0 for k in ("presence_penalty", "frequency_penalty"))  # fmt: skip
+
+    def took(self, tokens) -> None:
+        """Counts the token each row took at the last step (`tokens`, one a row)."""
+        tokens = tokens[:, None].to(self.counts.device)
+        self.counts.scatter_add_(1, tokens, self.counts.new_ones(len(tokens), 1))
+        self.seen.scatter_(1, tokens, True)
+
+    def __call__(self, scores) -> None:
+        """Shapes `scores`, the batch's logits over the vocabulary (a row each), in place for the rows' next tokens."""
+        import torch
+
+        if self.bias is not None:
+            rows, tokens, values = self.bias
+            scores.index_put_((rows, tokens), values.to(scores.dtype), accumulate=True)
+        i, tokens = self.seen.nonzero(as_tuple=True)
+        rows = self.rows[i]
+        x = scores[rows, tokens].float()
+        x = torch.where(x > 0, x / self.repetition[i], x * self.repetition[i])
+        n = self.counts[i, tokens]
+        scores[rows, tokens] = (x - self.frequency[i] * n - self.presence[i] * (n > 0)).to(scores.dtype)
 
 
 def _warpers(settings: dict) -> list:

@@ -154,6 +154,10 @@ class EdgarTuneLM(mlflow.pyfunc.PythonModel, Generation):
         prompt i as it is generated: its text piece by piece (`choice` None; the pieces make the answer's text) with
         the scores of the tokens taken since the last piece, then its choice (`text` None). Generation of an answer
         stops at its next token once `cancelled` is set (a streaming client gone)."""
+        if (bias := settings.get("logit_bias")) and max(bias) >= (vocab := self.vocabulary):
+            raise mlflow.exceptions.MlflowException.invalid_parameter_value(
+                f"logit_bias names token {max(bias)}, past the model's vocabulary of {vocab} tokens (ids 0 to "
+                f"{vocab - 1})")  # fmt: skip
         encoded = self.encode(prompts, settings["max_new_tokens"])
         asked = [Answer(ids, settings, Answer.seed_of(settings["seed"], i, k), closing, cancelled=cancelled,
                         logprobs=logprobs, echo=echo) for i, ids in enumerate(encoded) for k in range(n)]  # fmt: skip
@@ -183,12 +187,18 @@ class EdgarTuneLM(mlflow.pyfunc.PythonModel, Generation):
 
 
 # A request's generation settings (its `params`) and their defaults: greedy decoding unless `do_sample`.
-GENERATION = {"max_new_tokens": 40, "do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "seed": 0}
+# The penalties (OpenAI's presence and frequency, vLLM's and transformers' repetition) shape greedy decoding too.
+GENERATION = {"max_new_tokens": 40, "do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "seed": 0,
+              "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0}  # fmt: skip
 
 
 def generation_settings(params: dict | None) -> dict:
     """The settings a predict call generates with: its `params` over `GENERATION`, each checked, OpenAI's
-    `max_tokens` as `max_new_tokens`, and `stop`, the texts to end each answer at (a list; none by default).
+    `max_tokens` as `max_new_tokens`, `stop`, the texts to end each answer at (a list; none by default), and
+    OpenAI's `logit_bias` (token id -> a number from -100 to 100 added to its logit; {} by default), whose ids the
+    model's vocabulary is checked for when it generates (`EdgarTuneLM.complete`). An MLflow signature's parameters
+    hold no mapping, so a version's signature takes `logit_bias` as its JSON text too (`mlflow models serve`,
+    `pyfunc.load_model(...).predict`: '{"50256": -100}'); a mapping there is refused by MLflow, not dropped.
 
     Raises:
         MlflowException (INVALID_PARAMETER_VALUE: a served request's mistake, answered 400 with this message, not
@@ -211,6 +221,18 @@ def generation_settings(params: dict | None) -> dict:
     if not all(isinstance(text, str) and text for text in stop):  # OpenAI's: texts to end the answer at
         raise mlflow.exceptions.MlflowException.invalid_parameter_value(
             f"stop must be a list of texts, none empty, got {stop!r}")
+    bias = (params or {}).get("logit_bias")
+    try:
+        bias = {} if bias is None or bias == "" else json.loads(bias) if isinstance(bias, str) else bias
+    except json.JSONDecodeError:
+        pass  # refused below, as it was sent
+    ids = {k: int(k) if whole(k) else int(k) if isinstance(k, str) and k.isascii() and k.isdigit() else None
+           for k in bias} if isinstance(bias, dict) else {}  # fmt: skip
+    if not isinstance(bias, dict) or any(i is None or i < 0 for i in ids.values()) or not all(
+            number(v) and -100 <= v <= 100 for v in bias.values()):  # fmt: skip
+        raise mlflow.exceptions.MlflowException.invalid_parameter_value(
+            f"logit_bias must map token ids to numbers from -100 (never that token) to 100 (only it), as "
+            f'{{"50256": -100}}, got {str(bias)[:80]}')  # fmt: skip
     settings = GENERATION | given
     checks = {
         "max_new_tokens": (lambda v: whole(v) and v >= 1, "a whole number of at least 1"),
@@ -219,6 +241,12 @@ def generation_settings(params: dict | None) -> dict:
         "top_k": (lambda v: whole(v) and v >= 0, "a whole number (0: no limit)"),
         "top_p": (lambda v: number(v) and 0 < v <= 1, "a number above 0 and at most 1"),
         "seed": (lambda v: whole(v) and 0 <= v < 2**32, "a whole number from 0 to 2**32 - 1"),
+        "repetition_penalty": (lambda v: number(v) and v > 0, "a number above 0 (1: none; above 1, a token of the "
+                               "prompt or the answer so far is less likely again)"),
+        "presence_penalty": (lambda v: number(v) and -2 <= v <= 2, "a number from -2 to 2 (0: none; above 0, a token "
+                             "the answer has taken is less likely again)"),
+        "frequency_penalty": (lambda v: number(v) and -2 <= v <= 2, "a number from -2 to 2 (0: none; above 0, a "
+                              "token is less likely the more often the answer has taken it)"),
     }
     for name, (ok, what) in checks.items():
         if not ok(settings[name]):
@@ -231,7 +259,8 @@ def generation_settings(params: dict | None) -> dict:
         raise mlflow.exceptions.MlflowException.invalid_parameter_value(
             f"{', '.join(unused)} only {shape} sampling, and do_sample is false (greedy decoding takes the likeliest "
             "token each step): set do_sample to true, or leave them out")  # fmt: skip
-    return {k: type(GENERATION[k])(v) for k, v in settings.items()} | {"stop": stop}
+    return {k: type(GENERATION[k])(v) for k, v in settings.items()} | {"stop": stop, "logit_bias": {
+        ids[k]: float(v) for k, v in bias.items()}}
 
 
 def _which(n: int, count: int) -> str:
@@ -440,17 +469,19 @@ def pip_requirements() -> list[str]:
 
 def _signature(template: str | None = None, chat: bool = False):
     """A `prompt` column in, generated text out, `GENERATION`'s settings as request parameters (also when served),
-    OpenAI's `max_tokens` for `max_new_tokens`, and its `stop` texts; for a version instruction-tuned with the
-    prompt `template`, its fields too, and for one tuned on conversations (`chat`), `messages` (any type: a list of
-    turns, or text); each column then optional (`request_prompt`)."""
+    OpenAI's `max_tokens` for `max_new_tokens`, its `stop` texts, and its `logit_bias` as JSON text; for a version
+    instruction-tuned with the prompt `template`, its fields too, and for one tuned on conversations (`chat`),
+    `messages` (any type: a list of turns, or text); each column then optional (`request_prompt`)."""
     from mlflow.models import infer_signature
     from mlflow.types.schema import AnyType, ColSpec, ParamSchema, ParamSpec, Schema
 
     signature = infer_signature(pd.DataFrame({"prompt": ["This Form 10-K report shows that"]}), ["text"],
                                 params=GENERATION)  # fmt: skip
-    # OpenAI's name for max_new_tokens, which its clients send, unset unless given; and its texts to stop at
+    # OpenAI's name for max_new_tokens, which its clients send, unset unless given; its texts to stop at; and its
+    # logit_bias, as JSON text (a signature's parameters hold no mapping)
     signature.params = ParamSchema([*signature.params.params, ParamSpec("max_tokens", "long", None),
-                                    ParamSpec("stop", "string", [], shape=(-1,))])  # fmt: skip
+                                    ParamSpec("stop", "string", [], shape=(-1,)),
+                                    ParamSpec("logit_bias", "string", "")])  # fmt: skip
     if template or chat:
         columns = list(dict.fromkeys(["prompt", *(template_fields(template) if template else ["messages"])]))
         # `messages` as OpenAI's chat requests send it (a list of turns) or as text: a string column would have

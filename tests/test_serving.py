@@ -125,6 +125,9 @@ def test_an_openai_chat_request_is_one_conversation_and_its_max_tokens_is_max_ne
     assert generation_settings({})["stop"] == [] and generation_settings({"stop": ["\n\n", "Q:"]})["stop"] == [
         "\n\n", "Q:"]  # fmt: skip
     assert generation_settings({"stop": "Q:"})["stop"] == ["Q:"]  # OpenAI's takes one text too
+    # OpenAI's logit_bias, its keys token ids as JSON's texts (or whole numbers, called from Python)
+    assert generation_settings({"logit_bias": {"50256": -100, 7: 2.5}})["logit_bias"] == {50256: -100.0, 7: 2.5}
+    assert generation_settings({})["logit_bias"] == {} and generation_settings({})["repetition_penalty"] == 1.0
     from tasks.generate import answer
 
     assert answer("Net sales grew.\n\nQ: and", None, ["\n\n", "Q:"]) == "Net sales grew."
@@ -133,6 +136,11 @@ def test_an_openai_chat_request_is_one_conversation_and_its_max_tokens_is_max_ne
                           "for the tokens to generate: give one"),
                          ({"max_tokens": 0}, "max_tokens must be a whole number of at least 1, got 0"),
                          ({"stop": ["Q:", ""]}, "stop must be a list of texts, none empty, got ['Q:', '']"),
+                         ({"logit_bias": {"-5": 1}}, "logit_bias must map token ids to numbers from -100"),
+                         ({"logit_bias": {"5": 101}}, "logit_bias must map token ids to numbers from -100"),
+                         ({"logit_bias": [5]}, "logit_bias must map token ids to numbers from -100"),
+                         ({"repetition_penalty": 0}, "repetition_penalty must be a number above 0 (1: none"),
+                         ({"frequency_penalty": -2.5}, "frequency_penalty must be a number from -2 to 2"),
                          ):  # fmt: skip
         with pytest.raises(mlflow.exceptions.MlflowException, match=re.escape(said)):
             generation_settings(params)
@@ -176,6 +184,19 @@ def test_a_version_holds_source_not_a_pickle_and_pickled_older_versions_still_lo
     sampled = [model.predict({"prompt": prompts}, asked) for _ in range(2)]
     assert sampled[0] == sampled[1] and len(sampled[0]) == 2
     from edgar_tune.cli import main
+
+    penalized = {"max_new_tokens": 4, "repetition_penalty": 1.5, "frequency_penalty": 1.0}  # in the signature
+    assert model.predict({"prompt": prompts[:1]}, penalized) != model.predict({"prompt": prompts[:1]}, {
+        "max_new_tokens": 4})  # fmt: skip
+    assert main(["generate", "--model", uri, "--prompt", prompts[0], "--max-new-tokens", "4", "--repetition-penalty",
+                 "1.5", "--frequency-penalty", "1", "--json", "--tracking-uri", s["mlflow_tracking_uri"]]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["generated"] == model.predict(
+        {"prompt": prompts[:1]}, penalized)[0]  # fmt: skip
+    assert main(["generate", "--model", old.model_uri, "--prompt", "x", "--presence-penalty", "1", "--tracking-uri",
+                 s["mlflow_tracking_uri"]]) == 2  # fmt: skip
+    assert (f"{old.model_uri} was registered before versions took presence_penalty (it takes no settings): it would "
+            "not be penalized; leave out --presence-penalty, or generate with a version registered since "
+            "2026-12-05") in capsys.readouterr().err
 
     assert main(["generate", "--model", old.model_uri, "--prompt", "x", "--do-sample", "--tracking-uri",
                  s["mlflow_tracking_uri"]]) == 2  # fmt: skip
@@ -269,9 +290,14 @@ def test_edgar_tune_serve_answers_openais_sdk_as_the_versions_predict_does(tiny_
                                              seed=7) for _ in range(2)]  # fmt: skip
         streamed = list(client.completions.create(model=name, prompt=prompts, max_tokens=6, stream=True,
                                                   stream_options={"include_usage": True}))  # fmt: skip
+        banned = str(tokenizer(said[0])["input_ids"][0])  # the first token greedy decoding says after prompt 1
+        penalized = client.completions.create(model=name, prompt=prompts, max_tokens=6, logit_bias={banned: -100},
+                                              frequency_penalty=1.5, presence_penalty=0.5,
+                                              extra_body={"repetition_penalty": 1.3})  # fmt: skip
         refused = {}
-        for why, kw in {"logit_bias": {"logit_bias": {"50": 5}}, "greedy n": {"n": 2},
-                        "options": {"stream_options": {}},
+        for why, kw in {"best_of": {"best_of": 2}, "greedy n": {"n": 2}, "options": {"stream_options": {}},
+                        "presence": {"presence_penalty": 3}, "bias": {"logit_bias": {"x": 1}},
+                        "bias past": {"logit_bias": {"99999999": 1}},
                         "model": {"model": "gpt-4o"}, "unknown": {"extra_body": {"beam_width": 4}},
                         "too long": {"prompt": "Net sales increased. " * 1000}}.items():  # fmt: skip
             with pytest.raises(openai.APIStatusError) as err:
@@ -299,12 +325,26 @@ def test_edgar_tune_serve_answers_openais_sdk_as_the_versions_predict_does(tiny_
     assert [c.choices[0].finish_reason for c in streamed[:-1] if c.choices[0].finish_reason] == ["length", "length"]
     assert refused["options"] == (400, 'stream_options={}: it is {"include_usage": true} (or false), with "stream": '
                                   'true')  # fmt: skip
-    assert refused["logit_bias"] == (400, 'logit_bias={"50": 5} is not served: this server does not do it; leave '
-                                     'it out')  # fmt: skip
+    assert refused["best_of"] == (400, "best_of=2 is not served: this server does not do it; leave it out")
+    # logit_bias and the penalties shape the answer as the version's own predict does with them (through MLflow's
+    # schema, whose parameters hold no mapping: logit_bias as its JSON text there, a mapping refused, not dropped)
+    shaped = {"max_new_tokens": 6, "frequency_penalty": 1.5, "presence_penalty": 0.5, "repetition_penalty": 1.3}
+    assert [c.text for c in penalized.choices] == loaded.predict(pd.DataFrame({"prompt": prompts}), shaped | {
+        "logit_bias": json.dumps({banned: -100})})  # fmt: skip
+    assert penalized.choices[0].text != said[0]
+    with pytest.raises(mlflow.exceptions.MlflowException, match="Failed to validate type and shape for 'logit_bias'"):
+        loaded.predict(pd.DataFrame({"prompt": prompts}), {"logit_bias": {banned: -100}})
+    assert refused["presence"] == (400, "presence_penalty must be a number from -2 to 2 (0: none; above 0, a token "
+                                   "the answer has taken is less likely again), got 3")  # fmt: skip
+    assert refused["bias"] == (400, "logit_bias must map token ids to numbers from -100 (never that token) to 100 "
+                               "(only it), as {\"50256\": -100}, got {'x': 1}")  # fmt: skip
+    assert refused["bias past"] == (400, f"logit_bias names token 99999999, past the model's vocabulary of "
+                                    f"{len(tokenizer)} tokens (ids 0 to {len(tokenizer) - 1})")  # fmt: skip
     assert refused["greedy n"] == (400, "n=2 answers of greedy decoding (temperature 0 or left out) are one answer 2 "
                                    "times: set temperature above 0 to sample them")  # fmt: skip
     assert refused["model"] == (404, f"the model `gpt-4o` does not exist: this server serves `{name}` ({uri})")
-    unknown = "unrecognized request argument supplied: beam_width (/v1/completions takes echo, logprobs, max_tokens, "
+    unknown = ("unrecognized request argument supplied: beam_width (/v1/completions takes echo, frequency_penalty, "
+               "logit_bias, logprobs, max_tokens, ")  # fmt: skip
     assert refused["unknown"][0] == 400 and unknown in refused["unknown"][1], refused["unknown"]
     assert refused["too long"][0] == 400 and "past the model's context of 2048 positions" in refused["too long"][1]
     assert "has no chat template to write messages in: send a prompt to /v1/completions" in no_template.value.message
@@ -571,6 +611,91 @@ def test_an_answer_joins_a_batch_between_two_of_its_tokens_and_is_the_answer_it_
             assert [a.choice for a in together] == [a.choice for a in alone], (name, settings["do_sample"])
             assert ["".join(pieces[i]) for i in range(len(prompts))] == [a.choice["text"] for a in together]
             assert all(a.choice["completion_tokens"] for a in together)
+
+
+def test_logit_bias_and_penalties_shape_each_step_as_openai_vllm_and_transformers_define_them(tiny_run, tmp_path):
+    """OpenAI's `logit_bias`, `presence_penalty` and `frequency_penalty`, and the repetition penalty, shape each
+    step's logits, greedy decoding's too: the tokens are a plain loop's over the model that adds the bias, applies
+    the repetition penalty (over the prompt's and the answer's tokens) and subtracts OpenAI's frequency x count +
+    presence x [count > 0] (over the answer's), in vLLM's order; the repetition penalty alone gives what
+    transformers' own `generate(repetition_penalty=...)` does. Generated together with answers of other settings,
+    or joining a batch midway, each is the answer it is alone, and its log probabilities stay the model's own."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from tasks.batching import Answer
+    from tasks.registry import EdgarTuneLM, generation_settings, loaded_version
+
+    _, s = tiny_run
+    tok = loaded_version(_version_folder(s, tmp_path / "v"), device="cpu").tokenizer
+    torch.manual_seed(0)  # random weights: the tuned tiny model says one token over and over, whatever shapes it
+    model = AutoModelForCausalLM.from_config(LlamaConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128,
+                                                         num_attention_heads=4, num_key_value_heads=2,
+                                                         vocab_size=len(tok))).eval()  # fmt: skip
+    lm, n = EdgarTuneLM(), 12
+    lm.model, lm.tokenizer = model, tok
+    eos = set(lm._eos)
+    prompts = [tok(p, return_tensors="pt") for p in ("Net sales increased", "Our segments", "We")]
+
+    def loop(ids, st: dict) -> tuple[list[int], list[float]]:  # a token at a time, nothing batched or cached
+        prompt, out, raw = ids["input_ids"][0].tolist(), [], []
+        while len(out) < n and not (out and out[-1] in eos):
+            with torch.no_grad():
+                x = model(input_ids=torch.tensor([prompt + out])).logits[0, -1].float()
+            logprobs = torch.log_softmax(x, dim=-1)
+            for t, b in st["logit_bias"].items():
+                x[t] += b
+            r = st["repetition_penalty"]
+            for t in set(prompt + out):
+                x[t] = x[t] / r if x[t] > 0 else x[t] * r
+            for t in set(out):
+                x[t] -= st["frequency_penalty"] * out.count(t) + st["presence_penalty"]
+            out.append(int(x.argmax()))
+            raw.append(float(logprobs[out[-1]]))
+        return out, raw
+
+    plain = [loop(ids, generation_settings({"max_new_tokens": n}))[0] for ids in prompts]
+    cases = {"bias": {"logit_bias": {str(plain[0][0]): -100, str(plain[1][1]): 4}},
+             "frequency": {"frequency_penalty": 2}, "presence": {"presence_penalty": 2},
+             "repetition": {"repetition_penalty": 1.5},
+             "all": {"logit_bias": {plain[2][0]: -3}, "repetition_penalty": 1.2, "presence_penalty": -1,
+                     "frequency_penalty": 1.5}}  # fmt: skip
+    settings = {name: generation_settings({"max_new_tokens": n} | kw) for name, kw in cases.items()}
+    settings["sampled"] = generation_settings({"max_new_tokens": n, "do_sample": True, "temperature": 0.8,
+                                               "top_k": 0, "frequency_penalty": 1.0, "seed": 3})  # fmt: skip
+    settings["plain"] = generation_settings({"max_new_tokens": n})
+
+    def asked() -> list[Answer]:
+        return [Answer(ids, st, st["seed"] + i, None, logprobs=0) for st in settings.values()
+                for i, ids in enumerate(prompts)]  # fmt: skip
+
+    alone = asked()
+    for a in alone:
+        lm.generate_batch([a])
+    by = {(name, i): a for (name, i), a in zip([(k, i) for k in settings for i in range(len(prompts))], alone,
+                                               strict=True)}  # fmt: skip
+    for name in cases:
+        expected = [loop(ids, settings[name]) for ids in prompts]
+        got = [by[name, i] for i in range(len(prompts))]
+        assert [a.tokens for a in got] == [tokens for tokens, _ in expected], name
+        assert [a.tokens for a in got] != plain, name  # each shapes what is said
+        for a, (_, raw) in zip(got, expected, strict=True):  # the model's own log probabilities, unshaped
+            assert [x.logprob for x in a.scored] == pytest.approx(raw, abs=1e-4), name
+    hf = [model.generate(**ids, do_sample=False, max_new_tokens=n, repetition_penalty=1.5,
+                         pad_token_id=tok.pad_token_id or next(iter(eos)))[0, ids["input_ids"].shape[1] :].tolist()
+          for ids in prompts]  # fmt: skip
+    assert [by["repetition", i].tokens for i in range(len(prompts))] == hf
+    # together, all settings in one batch; and joining one midway, the first answers paused after 4 tokens
+    together = asked()
+    lm.generate_batch(together)
+    assert [a.tokens for a in together] == [a.tokens for a in alone]
+    joined = asked()
+    half = len(joined) // 2
+    batch = lm.advance(lm.join(None, joined[:half]), lambda going, first=joined[0]: len(first.tokens) >= 4)
+    batch = lm.join(batch, joined[half:])
+    while batch is not None:
+        batch = lm.advance(batch)
+    assert [a.tokens for a in joined] == [a.tokens for a in alone]
 
 
 def test_requests_that_come_together_are_generated_together_each_answered_as_alone(tiny_run, tmp_path):
