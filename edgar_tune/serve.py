@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import re
 import threading
 import time
 import uuid
@@ -227,20 +228,32 @@ class Model:
 
     def _follow(self, points_at: Callable[[], str], load: Callable[[str], Any], every: float,
                 stopped: threading.Event) -> None:  # fmt: skip
+        """Asks where the alias points every `every` seconds. A check that fails (the tracking server down, a
+        download that fails) is logged with its traceback once; the same failure again is counted, not logged (a
+        server down for an hour, asked every minute, made sixty tracebacks), and the first check that works after
+        says how many failed."""
+        failing, failed = None, 0  # the failure of the checks failing since the last that worked, and their count
         while not stopped.wait(every):
             try:
                 version = points_at()
-                if version == self.served.version:
-                    continue
-                start = time.monotonic()
-                log.info("%s now points at v%s (serving v%s): loading it", self.uri, version, self.served.version)
-                served, before = Served.of(load(version), version), self.served.version
-                self.served = served
-                log.info("serving %s v%s (was v%s), loaded in %.1f s", self.name, version, before,
-                         time.monotonic() - start)  # fmt: skip
-            except Exception:  # noqa: BLE001 (the tracking server down, a download failed: asked again next time)
-                log.exception("could not follow %s; still serving v%s, asking again in %g s", self.uri,
-                              self.served.version, every)  # fmt: skip
+                if version != self.served.version:
+                    start = time.monotonic()
+                    log.info("%s now points at v%s (serving v%s): loading it", self.uri, version, self.served.version)
+                    served, before = Served.of(load(version), version), self.served.version
+                    self.served = served
+                    log.info("serving %s v%s (was v%s), loaded in %.1f s", self.name, version, before,
+                             time.monotonic() - start)  # fmt: skip
+            except Exception as err:  # noqa: BLE001 (asked again next time)
+                said = re.sub(r" at 0x[0-9a-f]+", "", f"{type(err).__name__}: {err}")  # one failure, whichever object
+                if said != failing:
+                    log.exception("could not follow %s; still serving v%s, asking again every %g s (the same "
+                                  "failure again is counted, not logged)", self.uri, self.served.version, every)
+                failing, failed = said, failed + 1
+                continue
+            if failing is not None:
+                log.info("following %s again after %d failed check(s) (%s); serving v%s", self.uri, failed,
+                         failing[:200], self.served.version)  # fmt: skip
+                failing, failed = None, 0
 
 
 class Engine:

@@ -438,6 +438,45 @@ def test_edgar_tune_serve_follows_its_alias_to_the_version_promoted(tiny_run, tm
                      r"answer\(s\) ending at length", log), log[-3000:]  # fmt: skip
 
 
+def test_a_follower_whose_tracking_server_is_down_logs_it_once_and_says_when_it_is_back(tiny_run, caplog,
+                                                                                         monkeypatch):  # fmt: skip
+    """Following an alias, a check that fails (here MLflow's client asking a tracking server that is down) is
+    logged with its traceback once; the same failure again is counted, not logged, and the first check that works
+    again says how many failed. Before, every check logged a traceback: a server down for an hour, asked every
+    minute, made sixty."""
+    import threading
+
+    import mlflow
+
+    from edgar_tune.serve import Model, Served
+    from tasks.registry import resolve_version
+
+    _, s = tiny_run
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    down = mlflow.MlflowClient(f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    up = mlflow.MlflowClient(s["mlflow_tracking_uri"])
+    checks, stopped = [], threading.Event()
+
+    def points_at() -> str:
+        checks.append(1)
+        client = down if len(checks) <= 5 else up
+        return resolve_version(client, s["registered_model"], None, s["model_alias"])  # as `edgar-tune serve` asks
+
+    with caplog.at_level(logging.INFO, logger="edgar_tune.serve"):
+        served = Served(None, resolve_version(up, s["registered_model"], None, s["model_alias"]), None)
+        Model("m", "models:/m@champion", served, (points_at, None), 0.05, stopped)
+        deadline = time.monotonic() + 60
+        while len(checks) < 8 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        stopped.set()
+    said = [r for r in caplog.records if r.name == "edgar_tune.serve"]
+    failed = [r for r in said if r.getMessage().startswith("could not follow models:/m@champion")]
+    assert len(failed) == 1 and failed[0].exc_info, [r.getMessage() for r in said]
+    back = [r.getMessage() for r in said if " again after " in r.getMessage()]
+    assert len(back) == 1 and re.fullmatch(rf"following models:/m@champion again after 5 failed check\(s\) \(Mlflow"
+                                           rf"Exception: .+\); serving v{s['model_version']}", back[0]), back
+
+
 def _version_folder(s: dict, into: Path) -> Path:
     """The tiny run's registered version, downloaded as MLflow lays it out (MLmodel beside its artifacts)."""
     import mlflow
