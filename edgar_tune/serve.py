@@ -1,6 +1,7 @@
 """`edgar-tune serve`: a version behind OpenAI's API, for the clients that speak it (the `openai` SDK, LangChain's
-ChatOpenAI, chat UIs, lm-evaluation-harness): `POST /v1/chat/completions`, `POST /v1/completions`,
-`GET /v1/models`, and vLLM's `POST /tokenize`, `POST /detokenize` and `GET /tokenizer_info`.
+ChatOpenAI, chat UIs, lm-evaluation-harness, the Agents SDK): `POST /v1/chat/completions`, `POST /v1/completions`,
+`POST /v1/responses` (OpenAI's Responses API, text in and out, nothing stored), `GET /v1/models`, and vLLM's
+`POST /tokenize`, `POST /detokenize` and `GET /tokenizer_info`.
 
 MLflow's own server (`mlflow models serve`) answers `/invocations` with a list of texts, which is what MLflow's AI
 Gateway reads; OpenAI's clients send to other paths and read `choices`, `usage` and `finish_reason`. This one
@@ -60,9 +61,22 @@ NOT_DONE = {
     "prediction": (None,), "reasoning_effort": (None,), "web_search_options": (None,), "service_tier": (None, "auto"),
     "store": (None, False), "metadata": (None, {}),
 }  # fmt: skip
+# OpenAI's Responses API (/v1/responses): its fields read, and those it has that this server does not do, each with
+# the values that ask for nothing; nothing is stored, so a response cannot be fetched or continued later by its id.
+RESPONSES = {"model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "stream", "user",
+             "top_k", "seed", *SHAPING}  # fmt: skip
+RESPONSES_NOT_DONE = {
+    "store": (None, False), "metadata": (None, {}), "tools": (None, []), "tool_choice": (None, "none", "auto"),
+    "parallel_tool_calls": (None, True, False), "text": (None, {}, {"format": {"type": "text"}}),
+    "truncation": (None, "disabled"), "include": (None, []), "reasoning": (None, {}), "background": (None, False),
+    "service_tier": (None, "auto", "default"), "previous_response_id": (None,), "conversation": (None,),
+    "prompt": (None,), "max_tool_calls": (None,), "top_logprobs": (None, 0), "stream_options": (None,),
+}  # fmt: skip
 TOKENIZER_PATHS = ("/tokenize", "/detokenize", "/tokenizer_info")  # vLLM's, which lm-evaluation-harness reads
 WHY_NOT = {"tools": "the version was not tuned to call tools", "store": "answers are not stored",
-           "metadata": "it goes with store, and answers are not stored"}
+           "metadata": "it goes with store, and answers are not stored",
+           "previous_response_id": "responses are not stored: send the conversation whole as `input`",
+           "conversation": "conversations are not stored: send the conversation whole as `input`"}
 
 
 class Refused(Exception):
@@ -78,16 +92,18 @@ class Stopping(Exception):
     which OpenAI's clients send again (to another replica, behind a load balancer)."""
 
 
-def check_fields(body: Any, read: set[str], endpoint: str) -> None:
-    """Refuses a body that is not an object, a field this server does not do (set to more than nothing), and a
-    field OpenAI's `endpoint` does not have (OpenAI's own answer to one: "Unrecognized request argument")."""
+def check_fields(body: Any, read: set[str], endpoint: str, not_done: dict | None = None) -> None:
+    """Refuses a body that is not an object, a field this server does not do (set to more than nothing; `not_done`,
+    `NOT_DONE` by default), and a field OpenAI's `endpoint` does not have (OpenAI's own answer to one:
+    "Unrecognized request argument")."""
+    not_done = NOT_DONE if not_done is None else not_done
     if not isinstance(body, dict):
         raise Refused(f"the request body is {type(body).__name__}, not a JSON object of {endpoint}'s fields")
     for name, value in body.items():
-        if name in NOT_DONE and value not in NOT_DONE[name]:
+        if name in not_done and value not in not_done[name]:
             why = WHY_NOT.get(name, "this server does not do it")
             raise Refused(f"{name}={json.dumps(value)[:60]} is not served: {why}; leave it out", param=name)
-        if name not in read and name not in NOT_DONE:
+        if name not in read and name not in not_done:
             raise Refused(f"unrecognized request argument supplied: {name} ({endpoint} takes "
                           f"{', '.join(sorted(read))})", param=name)  # fmt: skip
 
@@ -190,6 +206,43 @@ def chat_turns(messages: Any) -> list[dict]:
         role = "system" if message.get("role") == "developer" else message.get("role")
         turns.append({"role": role, "content": content})
     return turns
+
+
+def response_messages(body: dict) -> list[dict]:
+    """OpenAI's Responses API `input` (a text, or a list of messages: `{"role", "content"}` with or without
+    `"type": "message"`, content a text or `input_text`/`output_text` parts) and its `instructions` (a system
+    message before them), as chat's `messages`.
+
+    Raises:
+        Refused: input of another shape, an item that is not a message (a function call or its output, an item
+            reference, a reasoning item), a part that is not text (an image, a file)."""
+    given, instructions = body.get("input"), body.get("instructions")
+    if instructions is not None and not isinstance(instructions, str):
+        raise Refused(f"instructions must be a text, got {json.dumps(instructions)[:60]}", param="instructions")
+    if isinstance(given, str):
+        items = [{"role": "user", "content": given}]
+    elif isinstance(given, list) and given:
+        items = given
+    else:
+        raise Refused(f"input must be a text or a non-empty list of messages, got {json.dumps(given)[:60]}",
+                      param="input")  # fmt: skip
+    messages = [{"role": "system", "content": instructions}] if instructions else []
+    for i, item in enumerate(items, 1):
+        kind = item.get("type", "message") if isinstance(item, dict) else type(item).__name__
+        if kind != "message":
+            why = ("the version was not tuned to call tools" if "call" in str(kind) else "responses are not stored"
+                   if kind == "item_reference" else "the version reads messages of text only")  # fmt: skip
+            raise Refused(f"input item {i} is of type {kind}: {why}", param="input")
+        content = item.get("content")
+        if isinstance(content, list):
+            kinds = [p.get("type") if isinstance(p, dict) else type(p).__name__ for p in content]
+            if any(k not in ("input_text", "output_text") for k in kinds):
+                raise Refused(f"input item {i} has a part of type "
+                              f"{next(k for k in kinds if k not in ('input_text', 'output_text'))}; the version reads "
+                              "text only", param="input")  # fmt: skip
+            content = [{"type": "text", "text": p.get("text", "")} for p in content]
+        messages.append({"role": item.get("role"), "content": content})
+    return messages
 
 
 @dataclass(frozen=True)
@@ -453,16 +506,8 @@ class Server:
         from tasks.registry import chat_prompt
 
         check_fields(body, CHAT, "/v1/chat/completions")
-        model = self.pick(body)
-        served = model.served  # the version this request is answered by, whatever the alias does meanwhile
+        model, served = self._conversing(body, "messages")
         lm = served.lm
-        if lm.template:
-            raise Refused(f"{model.name} was instruction-tuned with a prompt template (fields: "
-                          f"{', '.join(_fields(lm.template))}), not on conversations: send the prompt its "
-                          "template makes to /v1/completions", param="messages")  # fmt: skip
-        if not getattr(lm.tokenizer, "chat_template", None):
-            raise Refused(f"{model.name}'s tokenizer has no chat template to write messages in: send a prompt to "
-                          "/v1/completions", param="messages")  # fmt: skip
         settings, n = request_settings(body, self.default_max_new_tokens)
         logprobs, _ = scoring(body, chat=True)
         prompt = _said(lambda: chat_prompt(lm.tokenizer, chat_turns(body.get("messages")), "messages"))
@@ -474,6 +519,46 @@ class Server:
                     "logprobs": chat_logprobs(lm.tokenizer, c["scored"], logprobs) if logprobs is not None else None,
                     "finish_reason": c["finish_reason"]} for k, c in enumerate(done[0]["choices"])]  # fmt: skip
         return self._answer(model, served, "chatcmpl", "chat.completion", choices, done)
+
+    def responses(self, body: Any, gone: threading.Event | None = None) -> dict | Stream:
+        """A /v1/responses request's answer (OpenAI's Responses API, text in and out): its `input` and
+        `instructions` written in the chat template as chat's messages are, one answer, as a response object or
+        its stream of typed events; `gone` as for `chat`. Nothing is stored (`store` false)."""
+        from tasks.registry import chat_prompt
+
+        check_fields(body, RESPONSES, "/v1/responses", RESPONSES_NOT_DONE)
+        model, served = self._conversing(body, "input")
+        if (most := body.get("max_output_tokens")) is not None and not (isinstance(most, int) and most >= 1):
+            raise Refused(f"max_output_tokens must be a whole number of at least 1, got {json.dumps(most)[:40]}",
+                          param="max_output_tokens")  # fmt: skip
+        asked = {k: v for k, v in body.items() if k in COMMON} | ({"max_tokens": most} if most is not None else {})
+        settings, _ = request_settings(asked, self.default_max_new_tokens)
+        messages = response_messages(body)
+        prompt = _said(lambda: chat_prompt(served.lm.tokenizer, chat_turns(messages), "input"))
+        said = Response(model, served, body, settings)
+        if body.get("stream"):
+            _said(lambda: served.lm.encode([(prompt, True)], settings["max_new_tokens"]))  # a 400, not an event
+            cancelled = gone or threading.Event()  # the client gone (`Stream.cancel`), generation stops
+            heard = self._heard(model, served, [(prompt, True)], settings, 1, served.chat_end, None, cancelled,
+                                ", streamed")  # fmt: skip
+            return Stream(said.events(heard), cancelled)
+        done = self._complete(model, served, [(prompt, True)], settings, 1, served.chat_end, gone=gone)
+        return said.whole(done[0])
+
+    def _conversing(self, body: dict, param: str) -> tuple[Model, Served]:
+        """The model a conversation (chat's `messages`, the Responses API's `input`) is for, and the version that
+        answers it, whatever its alias does meanwhile; refused where the version reads no conversations."""
+        model = self.pick(body)
+        served = model.served
+        lm = served.lm
+        if lm.template:
+            raise Refused(f"{model.name} was instruction-tuned with a prompt template (fields: "
+                          f"{', '.join(_fields(lm.template))}), not on conversations: send the prompt its "
+                          "template makes to /v1/completions", param=param)  # fmt: skip
+        if not getattr(lm.tokenizer, "chat_template", None):
+            raise Refused(f"{model.name}'s tokenizer has no chat template to write messages in: send a prompt to "
+                          "/v1/completions", param=param)  # fmt: skip
+        return model, served
 
     def completions(self, body: Any, gone: threading.Event | None = None) -> dict | Stream:
         """A /v1/completions request's answer; `gone` as for `chat`."""
@@ -582,7 +667,7 @@ class Server:
         _said(lambda: served.lm.encode(prompts, settings["max_new_tokens"]))
         chat, usage = kind.startswith("chat"), bool((body.get("stream_options") or {}).get("include_usage"))
         ident, created = f"{prefix}-{uuid.uuid4().hex}", int(time.time())
-        heard, cancelled, offsets = queue.Queue(), cancelled or threading.Event(), {}
+        cancelled, offsets = cancelled or threading.Event(), {}
         tok = served.lm.tokenizer
 
         def scores(index: int, scored: list) -> dict | None:
@@ -594,41 +679,20 @@ class Server:
             offsets[index] = offsets.get(index, 0) + sum(map(len, said["tokens"]))
             return said
 
-        def work() -> None:
-            try:
-                start = time.monotonic()
-                done = served.lm.complete(prompts, settings, n, closing=closing, cancelled=cancelled, logprobs=logprobs,
-                                          heard=lambda *said: heard.put(said),
-                                          run=lambda asked: self.engine.run(served.lm, asked))  # fmt: skip
-                self._generated(model, served, done, time.monotonic() - start,
-                                ", streamed" + (" (the client left: stopped early)" if cancelled.is_set() else ""))
-                heard.put(("done", done))
-            except Stopping as err:
-                log.info("a streamed request cut: %s", err)
-                heard.put(("failed", err))
-            except Exception as err:  # noqa: BLE001 (said in the log, and the stream ends)
-                log.exception("generation failed")
-                heard.put(("failed", err))
-
         def event(choices: list[dict], **more) -> str:
             return "data: " + json.dumps({"id": ident, "object": kind, "created": created, "model": model.name,
                                           "system_fingerprint": _fingerprint(served), "choices": choices,
                                           **more}) + "\n\n"  # fmt: skip
 
         def events() -> Iterator[str]:
-            threading.Thread(target=work, name="generate", daemon=True).start()
             started = set()
             try:
-                while True:
-                    said = heard.get()
+                for said in self._heard(model, served, prompts, settings, n, closing, logprobs, cancelled,
+                                        ", streamed"):  # fmt: skip
                     if said[0] == "done":
                         break
                     if said[0] == "failed":
-                        stopping = isinstance(said[1], Stopping)
-                        yield "data: " + json.dumps({"error": {
-                            "message": str(said[1]) if stopping else f"generation failed: {said[1]}",
-                            "type": "server_error", "param": None,
-                            "code": "server_stopping" if stopping else None}}) + "\n\n"  # fmt: skip
+                        yield "data: " + json.dumps({"error": _failed(said[1])}) + "\n\n"
                         return
                     i, k, text, choice, scored = said
                     index = i * n + k
@@ -653,6 +717,38 @@ class Server:
 
         return Stream(events(), cancelled)
 
+    def _heard(self, model: Model, served: Served, prompts: list[tuple[str | list[int], bool]], settings: dict,
+               n: int, closing: str | None, logprobs: int | None, cancelled: threading.Event | None,
+               how: str) -> Iterator[tuple]:  # fmt: skip
+        """The answers of a streamed request as they are generated, on a thread of their own: `(i, k, text,
+        choice, scored)` as `EdgarTuneLM.complete` hears them, then `("done", done)`, or `("failed", error)`
+        (the server stopping, or generation failing: said in the log). Its log line says `how` it was asked."""
+        heard = queue.Queue()
+
+        def work() -> None:
+            try:
+                start = time.monotonic()
+                done = served.lm.complete(prompts, settings, n, closing=closing, cancelled=cancelled, logprobs=logprobs,
+                                          heard=lambda *said: heard.put(said),
+                                          run=lambda asked: self.engine.run(served.lm, asked))  # fmt: skip
+                gone = cancelled is not None and cancelled.is_set()
+                self._generated(model, served, done, time.monotonic() - start,
+                                how + (" (the client left: stopped early)" if gone else ""))
+                heard.put(("done", done))
+            except Stopping as err:
+                log.info("a streamed request cut: %s", err)
+                heard.put(("failed", err))
+            except Exception as err:  # noqa: BLE001 (said in the log, and the stream ends)
+                log.exception("generation failed")
+                heard.put(("failed", err))
+
+        threading.Thread(target=work, name="generate", daemon=True).start()
+        while True:
+            said = heard.get()
+            yield said
+            if said[0] in ("done", "failed"):
+                return
+
     def _usage(self, done: list[dict]) -> dict:
         prompt_tokens = sum(d["prompt_tokens"] for d in done)
         completion_tokens = sum(c["completion_tokens"] for d in done for c in d["choices"])
@@ -663,6 +759,88 @@ class Server:
                 done: list[dict]) -> dict:  # fmt: skip
         return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()), "model": model.name,
                 "system_fingerprint": _fingerprint(served), "choices": choices, "usage": self._usage(done)}
+
+
+def _failed(err: BaseException) -> dict:
+    """OpenAI's error object for a stream that ends failed: the server stopping (`Stopping`), or generation."""
+    stopping = isinstance(err, Stopping)
+    return {"message": str(err) if stopping else f"generation failed: {err}", "type": "server_error", "param": None,
+            "code": "server_stopping" if stopping else None}
+
+
+class Response:
+    """One answer of OpenAI's Responses API (`Server.responses`): the response object, whole (`whole`) or as its
+    stream of typed server-sent events (`events`), each with its `sequence_number`, as OpenAI's clients read them:
+    `response.created`, `response.in_progress`, the message's `response.output_item.added` and
+    `response.content_part.added`, a `response.output_text.delta` per piece of text, its `.done` events, then
+    `response.completed` (or `response.incomplete`, cut at max_output_tokens) with the usage."""
+
+    def __init__(self, model: Model, served: Served, body: dict, settings: dict) -> None:
+        self.model, self.served, self.body, self.settings = model, served, body, settings
+        self.id, self.message = f"resp_{uuid.uuid4().hex}", f"msg_{uuid.uuid4().hex}"
+        self.created, self.sequence = int(time.time()), 0
+
+    def whole(self, done: dict | None) -> dict:
+        """The response object: in progress (`done` None), or ended (`done`, its prompt's answers as `complete`
+        gives them)."""
+        choice = done["choices"][0] if done else None
+        status = "in_progress" if choice is None else "incomplete" if choice["finish_reason"] == "length" \
+            else "completed"
+        content = [self._part(choice["text"])] if choice else []
+        said = {"id": self.id, "object": "response", "created_at": self.created, "status": status,
+                "error": None, "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete"
+                else None, "instructions": self.body.get("instructions"),
+                "max_output_tokens": self.body.get("max_output_tokens"), "model": self.model.name,
+                "output": [self._item(status, content)] if choice else [], "parallel_tool_calls": False,
+                "previous_response_id": None, "reasoning": {"effort": None, "summary": None}, "store": False,
+                "temperature": self.settings["temperature"] if self.settings["do_sample"] else 0.0,
+                "text": {"format": {"type": "text"}}, "tool_choice": "none", "tools": [],
+                "top_p": self.settings["top_p"] if self.settings["do_sample"] else 1.0, "truncation": "disabled",
+                "usage": None, "user": self.body.get("user"), "metadata": {},
+                "system_fingerprint": _fingerprint(self.served)}  # fmt: skip
+        if done:
+            prompt, output = done["prompt_tokens"], choice["completion_tokens"]
+            said["usage"] = {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": 0},
+                             "output_tokens": output, "output_tokens_details": {"reasoning_tokens": 0},
+                             "total_tokens": prompt + output}  # fmt: skip
+        return said
+
+    def events(self, heard: Iterator[tuple]) -> Iterator[str]:
+        """The response's server-sent events from what `Server._heard` hears of its one answer."""
+        yield self._event("response.created", response=self.whole(None))
+        yield self._event("response.in_progress", response=self.whole(None))
+        yield self._event("response.output_item.added", output_index=0, item=self._item("in_progress", []))
+        at = {"item_id": self.message, "output_index": 0, "content_index": 0}
+        yield self._event("response.content_part.added", **at, part=self._part(""))
+        for said in heard:
+            if said[0] == "failed":
+                error = _failed(said[1])
+                yield self._event("error", code=error["code"] or "server_error", message=error["message"], param=None)
+                return
+            if said[0] == "done":
+                done = said[1][0]
+                final = done["choices"][0]
+                yield self._event("response.output_text.done", **at, text=final["text"], logprobs=[])
+                yield self._event("response.content_part.done", **at, part=self._part(final["text"]))
+                ended = self.whole(done)
+                yield self._event("response.output_item.done", output_index=0, item=ended["output"][0])
+                yield self._event(f"response.{'incomplete' if ended['status'] == 'incomplete' else 'completed'}",
+                                  response=ended)  # fmt: skip
+                return
+            if piece := said[2]:  # its choice (`text` None) comes whole at "done"
+                yield self._event("response.output_text.delta", **at, delta=piece, logprobs=[])
+
+    def _item(self, status: str, content: list[dict]) -> dict:
+        return {"type": "message", "id": self.message, "status": status, "role": "assistant", "content": content}
+
+    @staticmethod
+    def _part(text: str) -> dict:
+        return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+    def _event(self, kind: str, **fields) -> str:
+        said = {"type": kind, "sequence_number": self.sequence, **fields}
+        self.sequence += 1
+        return f"event: {kind}\ndata: {json.dumps(said)}\n\n"
 
 
 def completion_prompts(prompt: Any, lm) -> list[str | list[int]]:
@@ -852,6 +1030,10 @@ def app(server: Server, api_key: str | None = None):
     async def completions(request: Request):
         return await answer(request, server.completions)
 
+    @api.post("/v1/responses")
+    async def responses(request: Request):
+        return await answer(request, server.responses)
+
     @api.get("/v1/models")
     async def models() -> dict:
         return server.listed()
@@ -869,9 +1051,10 @@ def app(server: Server, api_key: str | None = None):
         return server.tokenizer_info(model)
 
     @api.api_route("/v1/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"])
-    async def elsewhere(request: Request, path: str):  # OpenAI's newer /v1/responses, /v1/embeddings, ...
+    async def elsewhere(request: Request, path: str):  # OpenAI's /v1/embeddings, a stored response's id, ...
         raise Refused(f"{request.method} /v1/{path} is not served: this server answers POST /v1/chat/completions, "
-                      "POST /v1/completions and GET /v1/models", status=404, code="not_found")  # fmt: skip
+                      "POST /v1/completions, POST /v1/responses (nothing stored: no response is fetched again by "
+                      "its id) and GET /v1/models", status=404, code="not_found")  # fmt: skip
 
     @api.get("/health")
     async def health() -> dict:

@@ -303,8 +303,10 @@ def test_edgar_tune_serve_answers_openais_sdk_as_the_versions_predict_does(tiny_
             with pytest.raises(openai.APIStatusError) as err:
                 client.completions.create(**{"model": name, "prompt": prompts[0], "max_tokens": 6, **kw})
             refused[why] = (err.value.status_code, err.value.body["message"])
-        with pytest.raises(openai.NotFoundError) as responses:  # OpenAI's newer API: not served, and said so
+        with pytest.raises(openai.BadRequestError) as responses:  # a text version: no conversations
             client.responses.create(model=name, input="Net sales increased")
+        with pytest.raises(openai.NotFoundError) as fetched:  # nothing stored: a response is not fetched again
+            client.responses.retrieve("resp_1")
         with pytest.raises(openai.BadRequestError) as stored:
             client.completions.create(model=name, prompt=prompts[0], max_tokens=2, extra_body={"store": True})
         with pytest.raises(openai.BadRequestError) as no_template:  # a text version, its tokenizer without one
@@ -348,8 +350,11 @@ def test_edgar_tune_serve_answers_openais_sdk_as_the_versions_predict_does(tiny_
     assert refused["unknown"][0] == 400 and unknown in refused["unknown"][1], refused["unknown"]
     assert refused["too long"][0] == 400 and "past the model's context of 2048 positions" in refused["too long"][1]
     assert "has no chat template to write messages in: send a prompt to /v1/completions" in no_template.value.message
-    assert responses.value.body["message"] == ("POST /v1/responses is not served: this server answers POST "
-                                               "/v1/chat/completions, POST /v1/completions and GET /v1/models")
+    assert responses.value.body["message"] == (f"{name}'s tokenizer has no chat template to write messages in: send "
+                                               "a prompt to /v1/completions")  # fmt: skip
+    assert fetched.value.body["message"] == ("GET /v1/responses/resp_1 is not served: this server answers POST "
+                                             "/v1/chat/completions, POST /v1/completions, POST /v1/responses (nothing "
+                                             "stored: no response is fetched again by its id) and GET /v1/models")
     assert stored.value.body["message"] == "store=true is not served: answers are not stored; leave it out"
     # A version tuned on conversations (its folder, as MLflow downloads it): messages in its chat template
     folder = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{s['model_version']}",
@@ -374,6 +379,24 @@ def test_edgar_tune_serve_answers_openais_sdk_as_the_versions_predict_does(tiny_
                                                 top_logprobs=2)  # fmt: skip
         with pytest.raises(openai.BadRequestError) as tool:
             client.chat.completions.create(model=folder.name, messages=[*asked, {"role": "tool", "content": "1"}])
+        # OpenAI's Responses API: the same conversation as instructions and input, whole and streamed
+        response = client.responses.create(model=folder.name, instructions="Be brief.", input="Net sales grew.",
+                                           max_output_tokens=4)  # fmt: skip
+        as_items = client.responses.create(model=folder.name, max_output_tokens=4, input=[
+            {"role": "developer", "content": "Be brief."},
+            {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Net sales grew."}]}])
+        events = list(client.responses.create(model=folder.name, instructions="Be brief.", input="Net sales grew.",
+                                              max_output_tokens=4, stream=True))  # fmt: skip
+        not_served = {}
+        for why, kw in {"previous": {"previous_response_id": "resp_1"},
+                        "tools": {"tools": [{"type": "function", "name": "f", "parameters": {}}]},
+                        "call output": {"input": [{"type": "function_call_output", "call_id": "c", "output": "1"}]},
+                        "image": {"input": [{"role": "user", "content": [{"type": "input_image",
+                                                                          "image_url": "http://x/y.png"}]}]},
+                        "stored": {"store": True}}.items():  # fmt: skip
+            with pytest.raises(openai.BadRequestError) as err:
+                client.responses.create(**{"model": folder.name, "input": "Net sales grew.", **kw})
+            not_served[why] = err.value.body["message"]
     assert reply.choices[0].message.content == answered[0] and reply.object == "chat.completion"
     assert reply.choices[0].message.role == "assistant" and reply.model == folder.name
     prompt = tokenizer.apply_chat_template(asked, tokenize=False, add_generation_prompt=True)
@@ -382,6 +405,26 @@ def test_edgar_tune_serve_answers_openais_sdk_as_the_versions_predict_does(tiny_
     assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].choices[0].finish_reason == "length"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == answered[0]
     assert "turn 3: {'role': 'tool', 'content': '1'} is not" in tool.value.message, tool.value.message
+    for said in (response, as_items):
+        assert said.output_text == answered[0] and said.object == "response" and said.model == folder.name
+        assert (said.status, said.incomplete_details.reason) == ("incomplete", "max_output_tokens")  # cut at 4
+        assert (said.usage.input_tokens, said.usage.output_tokens) == (reply.usage.prompt_tokens, 4)
+    kinds = [e.type for e in events]
+    assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added"] and kinds[-4:] == [
+        "response.output_text.done", "response.content_part.done", "response.output_item.done",
+        "response.incomplete"]  # fmt: skip
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == answered[0]
+    assert events[-1].response.output_text == answered[0] and events[-1].response.usage == response.usage
+    assert not_served == {
+        "previous": 'previous_response_id="resp_1" is not served: responses are not stored: send the conversation '
+                    "whole as `input`; leave it out",
+        "tools": 'tools=[{"type": "function", "name": "f", "parameters": {}}] is not served: the version was not '
+                 "tuned to call tools; leave it out",
+        "call output": "input item 1 is of type function_call_output: the version was not tuned to call tools",
+        "image": "input item 1 has a part of type input_image; the version reads text only",
+        "stored": "store=true is not served: answers are not stored; leave it out"}  # fmt: skip
     content = scored.choices[0].logprobs.content  # each token's text, bytes and logprob, the two likeliest beside
     assert scored.choices[0].message.content == answered[0] and len(content) == scored.usage.completion_tokens
     assert bytes(b for t in content for b in t.bytes).decode().startswith(answered[0])
