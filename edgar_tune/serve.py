@@ -64,13 +64,14 @@ NOT_DONE = {
 # OpenAI's Responses API (/v1/responses): its fields read, and those it has that this server does not do, each with
 # the values that ask for nothing; nothing is stored, so a response cannot be fetched or continued later by its id.
 RESPONSES = {"model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "stream", "user",
-             "top_k", "seed", *SHAPING}  # fmt: skip
+             "include", "top_logprobs", "top_k", "seed", *SHAPING}  # fmt: skip
+RESPONSE_LOGPROBS = "message.output_text.logprobs"  # what `include` may ask for: each output token's log probability
 RESPONSES_NOT_DONE = {
     "store": (None, False), "metadata": (None, {}), "tools": (None, []), "tool_choice": (None, "none", "auto"),
     "parallel_tool_calls": (None, True, False), "text": (None, {}, {"format": {"type": "text"}}),
-    "truncation": (None, "disabled"), "include": (None, []), "reasoning": (None, {}), "background": (None, False),
+    "truncation": (None, "disabled"), "reasoning": (None, {}), "background": (None, False),
     "service_tier": (None, "auto", "default"), "previous_response_id": (None,), "conversation": (None,),
-    "prompt": (None,), "max_tool_calls": (None,), "top_logprobs": (None, 0), "stream_options": (None,),
+    "prompt": (None,), "max_tool_calls": (None,), "stream_options": (None,),
 }  # fmt: skip
 TOKENIZER_PATHS = ("/tokenize", "/detokenize", "/tokenizer_info")  # vLLM's, which lm-evaluation-harness reads
 WHY_NOT = {"tools": "the version was not tuned to call tools", "store": "answers are not stored",
@@ -533,16 +534,25 @@ class Server:
                           param="max_output_tokens")  # fmt: skip
         asked = {k: v for k, v in body.items() if k in COMMON} | ({"max_tokens": most} if most is not None else {})
         settings, _ = request_settings(asked, self.default_max_new_tokens)
+        include = body.get("include")
+        if include is not None and (not isinstance(include, list) or set(include) - {RESPONSE_LOGPROBS}):
+            raise Refused(f"include={json.dumps(include)[:80]}: this server includes \"{RESPONSE_LOGPROBS}\" only "
+                          "(nothing is stored, and no tool runs)", param="include")  # fmt: skip
+        if body.get("top_logprobs") and RESPONSE_LOGPROBS not in (include or []):  # 0 asks for nothing
+            raise Refused(f"top_logprobs is the likeliest tokens beside each token's logprob: add \"{RESPONSE_LOGPROBS}"
+                          "\" to include", param="top_logprobs")  # fmt: skip
+        logprobs, _ = scoring({"logprobs": RESPONSE_LOGPROBS in (include or []),
+                               "top_logprobs": body.get("top_logprobs")}, chat=True)  # fmt: skip
         messages = response_messages(body)
         prompt = _said(lambda: chat_prompt(served.lm.tokenizer, chat_turns(messages), "input"))
-        said = Response(model, served, body, settings)
+        said = Response(model, served, body, settings, logprobs)
         if body.get("stream"):
             _said(lambda: served.lm.encode([(prompt, True)], settings["max_new_tokens"]))  # a 400, not an event
             cancelled = gone or threading.Event()  # the client gone (`Stream.cancel`), generation stops
-            heard = self._heard(model, served, [(prompt, True)], settings, 1, served.chat_end, None, cancelled,
+            heard = self._heard(model, served, [(prompt, True)], settings, 1, served.chat_end, logprobs, cancelled,
                                 ", streamed")  # fmt: skip
             return Stream(said.events(heard), cancelled)
-        done = self._complete(model, served, [(prompt, True)], settings, 1, served.chat_end, gone=gone)
+        done = self._complete(model, served, [(prompt, True)], settings, 1, served.chat_end, logprobs, gone=gone)
         return said.whole(done[0])
 
     def _conversing(self, body: dict, param: str) -> tuple[Model, Served]:
@@ -773,10 +783,11 @@ class Response:
     stream of typed server-sent events (`events`), each with its `sequence_number`, as OpenAI's clients read them:
     `response.created`, `response.in_progress`, the message's `response.output_item.added` and
     `response.content_part.added`, a `response.output_text.delta` per piece of text, its `.done` events, then
-    `response.completed` (or `response.incomplete`, cut at max_output_tokens) with the usage."""
+    `response.completed` (or `response.incomplete`, cut at max_output_tokens) with the usage. With `logprobs` (a
+    count of likeliest tokens, as `include` asks), each text carries its tokens' log probabilities, as chat's."""
 
-    def __init__(self, model: Model, served: Served, body: dict, settings: dict) -> None:
-        self.model, self.served, self.body, self.settings = model, served, body, settings
+    def __init__(self, model: Model, served: Served, body: dict, settings: dict, logprobs: int | None = None) -> None:
+        self.model, self.served, self.body, self.settings, self.logprobs = model, served, body, settings, logprobs
         self.id, self.message = f"resp_{uuid.uuid4().hex}", f"msg_{uuid.uuid4().hex}"
         self.created, self.sequence = int(time.time()), 0
 
@@ -786,7 +797,7 @@ class Response:
         choice = done["choices"][0] if done else None
         status = "in_progress" if choice is None else "incomplete" if choice["finish_reason"] == "length" \
             else "completed"
-        content = [self._part(choice["text"])] if choice else []
+        content = [self._part(choice["text"], choice.get("scored", []))] if choice else []
         said = {"id": self.id, "object": "response", "created_at": self.created, "status": status,
                 "error": None, "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete"
                 else None, "instructions": self.body.get("instructions"),
@@ -795,6 +806,7 @@ class Response:
                 "previous_response_id": None, "reasoning": {"effort": None, "summary": None}, "store": False,
                 "temperature": self.settings["temperature"] if self.settings["do_sample"] else 0.0,
                 "text": {"format": {"type": "text"}}, "tool_choice": "none", "tools": [],
+                "top_logprobs": self.logprobs,
                 "top_p": self.settings["top_p"] if self.settings["do_sample"] else 1.0, "truncation": "disabled",
                 "usage": None, "user": self.body.get("user"), "metadata": {},
                 "system_fingerprint": _fingerprint(self.served)}  # fmt: skip
@@ -818,24 +830,28 @@ class Response:
                 yield self._event("error", code=error["code"] or "server_error", message=error["message"], param=None)
                 return
             if said[0] == "done":
-                done = said[1][0]
-                final = done["choices"][0]
-                yield self._event("response.output_text.done", **at, text=final["text"], logprobs=[])
-                yield self._event("response.content_part.done", **at, part=self._part(final["text"]))
-                ended = self.whole(done)
+                ended = self.whole(said[1][0])
+                part = ended["output"][0]["content"][0]
+                yield self._event("response.output_text.done", **at, text=part["text"], logprobs=part["logprobs"])
+                yield self._event("response.content_part.done", **at, part=part)
                 yield self._event("response.output_item.done", output_index=0, item=ended["output"][0])
                 yield self._event(f"response.{'incomplete' if ended['status'] == 'incomplete' else 'completed'}",
                                   response=ended)  # fmt: skip
                 return
             if piece := said[2]:  # its choice (`text` None) comes whole at "done"
-                yield self._event("response.output_text.delta", **at, delta=piece, logprobs=[])
+                yield self._event("response.output_text.delta", **at, delta=piece, logprobs=self._scores(said[4]))
 
     def _item(self, status: str, content: list[dict]) -> dict:
         return {"type": "message", "id": self.message, "status": status, "role": "assistant", "content": content}
 
-    @staticmethod
-    def _part(text: str) -> dict:
-        return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+    def _part(self, text: str, scored: list | None = None) -> dict:
+        return {"type": "output_text", "text": text, "annotations": [], "logprobs": self._scores(scored or [])}
+
+    def _scores(self, scored: list) -> list[dict]:
+        """`scored` tokens' log probabilities, as chat's (each token's text, bytes, and the likeliest tokens')."""
+        if self.logprobs is None:
+            return []
+        return chat_logprobs(self.served.lm.tokenizer, scored, self.logprobs)["content"]
 
     def _event(self, kind: str, **fields) -> str:
         said = {"type": kind, "sequence_number": self.sequence, **fields}

@@ -387,13 +387,18 @@ def test_edgar_tune_serve_answers_openais_sdk_as_the_versions_predict_does(tiny_
             {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Net sales grew."}]}])
         events = list(client.responses.create(model=folder.name, instructions="Be brief.", input="Net sales grew.",
                                               max_output_tokens=4, stream=True))  # fmt: skip
+        included = {"model": folder.name, "instructions": "Be brief.", "input": "Net sales grew.",
+                    "max_output_tokens": 4, "include": ["message.output_text.logprobs"], "top_logprobs": 2}
+        scored_response = client.responses.create(**included)
+        scored_events = list(client.responses.create(**included, stream=True))
         not_served = {}
         for why, kw in {"previous": {"previous_response_id": "resp_1"},
                         "tools": {"tools": [{"type": "function", "name": "f", "parameters": {}}]},
                         "call output": {"input": [{"type": "function_call_output", "call_id": "c", "output": "1"}]},
                         "image": {"input": [{"role": "user", "content": [{"type": "input_image",
                                                                           "image_url": "http://x/y.png"}]}]},
-                        "stored": {"store": True}}.items():  # fmt: skip
+                        "stored": {"store": True}, "top without include": {"top_logprobs": 2},
+                        "include": {"include": ["file_search_call.results"]}}.items():  # fmt: skip
             with pytest.raises(openai.BadRequestError) as err:
                 client.responses.create(**{"model": folder.name, "input": "Net sales grew.", **kw})
             not_served[why] = err.value.body["message"]
@@ -405,6 +410,11 @@ def test_edgar_tune_serve_answers_openais_sdk_as_the_versions_predict_does(tiny_
     assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].choices[0].finish_reason == "length"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == answered[0]
     assert "turn 3: {'role': 'tool', 'content': '1'} is not" in tool.value.message, tool.value.message
+    content = scored.choices[0].logprobs.content  # each token's text, bytes and logprob, the two likeliest beside
+    assert scored.choices[0].message.content == answered[0] and len(content) == scored.usage.completion_tokens
+    assert bytes(b for t in content for b in t.bytes).decode().startswith(answered[0])
+    assert all(len(t.top_logprobs) == 2 and t.top_logprobs[0].logprob >= max(t.logprob, t.top_logprobs[1].logprob)
+               for t in content)  # fmt: skip
     for said in (response, as_items):
         assert said.output_text == answered[0] and said.object == "response" and said.model == folder.name
         assert (said.status, said.incomplete_details.reason) == ("incomplete", "max_output_tokens")  # cut at 4
@@ -424,12 +434,19 @@ def test_edgar_tune_serve_answers_openais_sdk_as_the_versions_predict_does(tiny_
                  "tuned to call tools; leave it out",
         "call output": "input item 1 is of type function_call_output: the version was not tuned to call tools",
         "image": "input item 1 has a part of type input_image; the version reads text only",
-        "stored": "store=true is not served: answers are not stored; leave it out"}  # fmt: skip
-    content = scored.choices[0].logprobs.content  # each token's text, bytes and logprob, the two likeliest beside
-    assert scored.choices[0].message.content == answered[0] and len(content) == scored.usage.completion_tokens
-    assert bytes(b for t in content for b in t.bytes).decode().startswith(answered[0])
-    assert all(len(t.top_logprobs) == 2 and t.top_logprobs[0].logprob >= max(t.logprob, t.top_logprobs[1].logprob)
-               for t in content)  # fmt: skip
+        "stored": "store=true is not served: answers are not stored; leave it out",
+        "top without include": "top_logprobs is the likeliest tokens beside each token's logprob: add "
+                               '"message.output_text.logprobs" to include',
+        "include": 'include=["file_search_call.results"]: this server includes "message.output_text.logprobs" only '
+                   "(nothing is stored, and no tool runs)"}  # fmt: skip
+    # log probabilities, as include asks: chat's for the same conversation, whole and at the stream's end
+    chat_scored = [(t.token, t.logprob, [x.logprob for x in t.top_logprobs]) for t in content]
+    text = scored_response.output[0].content[0]
+    assert [(t.token, t.logprob, [x.logprob for x in t.top_logprobs]) for t in text.logprobs] == chat_scored
+    streamed_done = next(e for e in scored_events if e.type == "response.output_text.done")
+    assert [(t.token, t.logprob) for t in streamed_done.logprobs] == [(t, lp) for t, lp, _ in chat_scored]
+    deltas = [t.token for e in scored_events if e.type == "response.output_text.delta" for t in e.logprobs]
+    assert deltas == [t for t, _, _ in chat_scored][: len(deltas)] and deltas  # a delta's tokens with its text
 
 
 def test_edgar_tune_serve_follows_its_alias_to_the_version_promoted(tiny_run, tmp_path):
