@@ -970,17 +970,25 @@ def app(server: Server, api_key: str | None = None):
 
     api = FastAPI(title=f"edgar-tune: {', '.join(m.name for m in server.models)}")
 
-    @api.middleware("http")
-    async def keyed(request: Request, call_next):
-        if api_key and (request.url.path.startswith("/v1/") or request.url.path in TOKENIZER_PATHS):
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                said = "no API key given" if not given else "the API key given is not this server's"
-                return JSONResponse({"error": {"message": f"{said}: send the key `edgar-tune serve` was started with "
-                                               "(EDGAR_TUNE_API_KEY) as `Authorization: Bearer KEY`, the openai "
-                                               "client's api_key", "type": "invalid_request_error", "param": None,
-                                               "code": "invalid_api_key"}}, status_code=401)  # fmt: skip
-        return await call_next(request)
+    def keyed(inner):
+        """The key's check, as plain ASGI around the app: starlette's `@app.middleware("http")` relays every
+        response through a stream of its own (each event of a streamed answer one more hop between tasks) and
+        hides the client's disconnect from the request (`is_disconnected()` said False for a client long gone)."""
+        async def checked(scope, receive, send) -> None:
+            path = scope.get("path", "")
+            if api_key and scope["type"] == "http" and (path.startswith("/v1/") or path in TOKENIZER_PATHS):
+                given = dict(scope["headers"]).get(b"authorization", b"")
+                if not hmac.compare_digest(given, f"Bearer {api_key}".encode()):
+                    said = "no API key given" if not given else "the API key given is not this server's"
+                    refused = JSONResponse({"error": {"message": f"{said}: send the key `edgar-tune serve` was started "
+                                                      "with (EDGAR_TUNE_API_KEY) as `Authorization: Bearer KEY`, the "
+                                                      "openai client's api_key", "type": "invalid_request_error",
+                                                      "param": None, "code": "invalid_api_key"}},
+                                           status_code=401)  # fmt: skip
+                    return await refused(scope, receive, send)
+            await inner(scope, receive, send)
+
+        return checked
 
     @api.exception_handler(Stopping)
     async def stopping(_: Request, err: Stopping) -> JSONResponse:
@@ -1025,8 +1033,8 @@ def app(server: Server, api_key: str | None = None):
 
         given, gone = await body(request), threading.Event()
 
-        async def watch() -> None:  # the body read, the next message is the disconnect (is_disconnected() never
-            while (await request.receive())["type"] != "http.disconnect":  # sees it under the key's middleware)
+        async def watch() -> None:  # the body read, the next message is the disconnect
+            while (await request.receive())["type"] != "http.disconnect":
                 pass
             gone.set()
 
@@ -1076,4 +1084,5 @@ def app(server: Server, api_key: str | None = None):
     async def health() -> dict:
         return {"status": "ok", "models": [m.name for m in server.models]}
 
+    api.add_middleware(keyed)
     return api
