@@ -320,6 +320,7 @@ class Engine:
     def __init__(self, max_batch: int, max_tokens: int, prefix_tokens: int = 0) -> None:
         self.max_batch, self.max_tokens, self.prefix_tokens = max_batch, max_tokens, prefix_tokens
         self.waiting: deque[tuple[Any, Answer]] = deque()
+        self.began: dict[Answer, float] = {}  # when each answer joined a batch, till its request reads it (`run`)
         self.more, self.halted, self.idle = threading.Condition(), threading.Event(), threading.Event()
         threading.Thread(target=self._loop, name="generate", daemon=True).start()
 
@@ -334,12 +335,13 @@ class Engine:
             a.ended(a)
         self.idle.wait(60)  # the batch being generated ends at its next token (torch torn down mid-step aborts)
 
-    def run(self, lm, asked: list[Answer]) -> None:
+    def run(self, lm, asked: list[Answer], waited: list[float] | None = None) -> None:
         """Generates `asked` with `lm` (a loaded version), beside what else waits; returns once each has ended, or
-        raises what generating it raised."""
+        raises what generating it raised. `waited`, where given, is told the seconds until the first of them
+        began (joined a batch), or, none begun, until they ended (dropped unread, cut)."""
         if not asked:
             return
-        left, done, lock = [len(asked)], threading.Event(), threading.Lock()
+        left, done, lock, queued = [len(asked)], threading.Event(), threading.Lock(), time.monotonic()
 
         def ended(_: Answer) -> None:
             with lock:
@@ -355,6 +357,11 @@ class Engine:
             self.waiting.extend((lm, a) for a in asked)
             self.more.notify()
         done.wait()
+        now = time.monotonic()
+        with self.more:
+            began = [self.began.pop(a) for a in asked if a in self.began]
+        if waited is not None:
+            waited.append((min(began) if began else now) - queued)
         if failed := next((a.error for a in asked if a.error is not None and not isinstance(a.error, Stopping)),
                           None):  # fmt: skip
             raise failed
@@ -379,6 +386,7 @@ class Engine:
                 joining, going = [], batch.asked if batch else []
                 while self.waiting and self.waiting[0][0] is lm and self._room([*going, *joining]):
                     joining.append(self.waiting.popleft()[1])
+                    self.began[joining[-1]] = time.monotonic()
             start, rows = time.monotonic(), (len(batch.asked) if batch else 0) + len(joining)
             if self.prefix_tokens and lm.prefixes is None:  # each version its own, kept while it is served
                 from tasks.batching import Prefixes
@@ -647,23 +655,27 @@ class Server:
     def _complete(self, model: Model, served: Served, prompts: list[tuple[str | list[int], bool]], settings: dict,
                   n: int, closing: str | None, logprobs: int | None = None, echo: bool = False,
                   gone: threading.Event | None = None) -> list[dict]:  # fmt: skip
-        start = time.monotonic()
+        start, waited = time.monotonic(), []
         done = _said(lambda: served.lm.complete(prompts, settings, n, closing=closing, logprobs=logprobs, echo=echo,
                                                 cancelled=gone,
-                                                run=lambda asked: self.engine.run(served.lm, asked)))  # fmt: skip
-        self._generated(model, served, done, time.monotonic() - start,
+                                                run=lambda asked: self.engine.run(served.lm, asked, waited)))
+        self._generated(model, served, done, time.monotonic() - start, sum(waited),
                         " (cut: the server is stopping)" if self.engine.halted.is_set() else
                         " (the client left: stopped early)" if gone is not None and gone.is_set() else "")  # fmt: skip
         return done
 
-    def _generated(self, model: Model, served: Served, done: list[dict], seconds: float, how: str = "") -> None:
-        """A line in the server's log per request: what it cost, for whoever sizes the machine."""
+    def _generated(self, model: Model, served: Served, done: list[dict], seconds: float, waited: float,
+                   how: str = "") -> None:  # fmt: skip
+        """A line in the server's log per request: what it cost, for whoever sizes the machine, its time in line
+        (`waited`, till its first answer joined a batch) apart from its time generating, which its tokens/s is of
+        (before, of both: a request behind a long one read as slow)."""
         usage = self._usage(done)
         ends = sorted({c["finish_reason"] for d in done for c in d["choices"]})
-        log.info("%s%s: %d prompt and %d generated tokens in %.2f s (%.1f tokens/s), %d answer(s) ending at %s%s",
-                 model.name, f" v{served.version}" if served.version else "", usage["prompt_tokens"],
-                 usage["completion_tokens"], seconds, usage["completion_tokens"] / max(seconds, 1e-9),
-                 sum(len(d["choices"]) for d in done), "/".join(ends), how)  # fmt: skip
+        log.info("%s%s: %d prompt and %d generated tokens in %.2f s (%.2f s in line, then %.1f tokens/s), %d "
+                 "answer(s) ending at %s%s", model.name, f" v{served.version}" if served.version else "",
+                 usage["prompt_tokens"], usage["completion_tokens"], seconds, waited,
+                 usage["completion_tokens"] / max(seconds - waited, 1e-9), sum(len(d["choices"]) for d in done),
+                 "/".join(ends), how)  # fmt: skip
 
     def _stream(self, model: Model, served: Served, body: dict, prefix: str, kind: str,
                 prompts: list[tuple[str | list[int], bool]], settings: dict, n: int, closing: str | None,
@@ -737,12 +749,12 @@ class Server:
 
         def work() -> None:
             try:
-                start = time.monotonic()
+                start, waited = time.monotonic(), []
                 done = served.lm.complete(prompts, settings, n, closing=closing, cancelled=cancelled, logprobs=logprobs,
                                           heard=lambda *said: heard.put(said),
-                                          run=lambda asked: self.engine.run(served.lm, asked))  # fmt: skip
+                                          run=lambda asked: self.engine.run(served.lm, asked, waited))  # fmt: skip
                 gone = cancelled is not None and cancelled.is_set()
-                self._generated(model, served, done, time.monotonic() - start,
+                self._generated(model, served, done, time.monotonic() - start, sum(waited),
                                 how + (" (the client left: stopped early)" if gone else ""))
                 heard.put(("done", done))
             except Stopping as err:

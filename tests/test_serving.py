@@ -494,8 +494,8 @@ def test_edgar_tune_serve_follows_its_alias_to_the_version_promoted(tiny_run, tm
     log = next(tmp_path.glob("serve-*.log")).read_text()
     assert "models:/serve-follow@champion now points at v2 (serving v1): loading it" in log, log[-3000:]
     assert "serving serve-follow@champion v2 (was v1), loaded in" in log, log[-3000:]
-    assert re.search(r"serve-follow@champion v2: \d+ prompt and 3 generated tokens in [\d.]+ s \([\d.]+ tokens/s\), 1 "
-                     r"answer\(s\) ending at length", log), log[-3000:]  # fmt: skip
+    assert re.search(r"serve-follow@champion v2: \d+ prompt and 3 generated tokens in [\d.]+ s \([\d.]+ s in line, "
+                     r"then [\d.]+ tokens/s\), 1 answer\(s\) ending at length", log), log[-3000:]  # fmt: skip
 
 
 def test_a_follower_whose_tracking_server_is_down_logs_it_once_and_says_when_it_is_back(tiny_run, caplog,
@@ -847,6 +847,13 @@ def test_requests_that_come_together_are_generated_together_each_answered_as_alo
             assert any(joined for _, joined in batched), log[-3000:]
         else:
             assert not batched, log[-3000:]
+            # one at a time: the last of the five sent together waited in line for the four before it, and its
+            # line says so apart from its time generating (before, its tokens/s was of both)
+            timed = [(float(total), float(wait)) for total, wait in re.findall(
+                r": \d+ prompt and 200 generated tokens in ([\d.]+) s \(([\d.]+) s in line, then", log)]  # fmt: skip
+            assert len(timed) >= 2 * len(prompts) and all(wait <= total for total, wait in timed), log[-3000:]
+            together_timed = timed[len(prompts) : 2 * len(prompts)]  # the first five: each sent alone, in turn
+            assert max(w for _, w in together_timed) >= min(t - w for t, w in together_timed), together_timed
             # the stream: dropped from the line (its log line says 0 tokens), or, closed before its response began,
             # never sent to generation (no line); the plain request: dropped from the line
             gone = [line for line in log.splitlines() if "client left" in line or ", streamed" in line]
