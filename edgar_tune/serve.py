@@ -537,7 +537,8 @@ class Server:
 
         check_fields(body, RESPONSES, "/v1/responses", RESPONSES_NOT_DONE)
         model, served = self._conversing(body, "input")
-        if (most := body.get("max_output_tokens")) is not None and not (isinstance(most, int) and most >= 1):
+        if (most := body.get("max_output_tokens")) is not None and not (isinstance(most, int) and not isinstance(
+                most, bool) and most >= 1):  # fmt: skip
             raise Refused(f"max_output_tokens must be a whole number of at least 1, got {json.dumps(most)[:40]}",
                           param="max_output_tokens")  # fmt: skip
         asked = {k: v for k, v in body.items() if k in COMMON} | ({"max_tokens": most} if most is not None else {})

@@ -353,9 +353,9 @@ class _Rows:
             warped = scores[row : row + 1]
             for warp in warpers:
                 warped = warp(input_ids[row : row + 1], warped)
-            token = torch.multinomial(torch.softmax(warped, dim=-1), 1, generator=a.generator).item()
+            token = torch.multinomial(torch.softmax(warped, dim=-1), 1, generator=a.generator)
             scores[row] = float("-inf")
-            scores[row, token] = 0.0
+            scores[row].index_fill_(0, token.view(-1), 0.0)  # the draw stays on the device: no wait on it per row
         return scores
 
     def __call__(self, input_ids, scores, **kwargs):
