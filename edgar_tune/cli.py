@@ -429,7 +429,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
               "a chat-tuned version's --message TEXT", file=sys.stderr)  # fmt: skip
         return 2
     penalties = ("repetition_penalty", "presence_penalty", "frequency_penalty")
-    sampling = {k: getattr(args, k) for k in ("do_sample", "temperature", "top_k", "top_p", "seed", "stop", *penalties)}
+    sampling = {k: getattr(args, k) for k in ("do_sample", "temperature", "top_k", "top_p", "min_p", "seed", "stop",
+                                              *penalties)}  # fmt: skip
     params = {"max_new_tokens": args.max_new_tokens} | {k: v for k, v in sampling.items() if v not in (None, False, [])}
     try:
         generation_settings(params)  # before the model loads
@@ -958,6 +959,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, help="with --do-sample (default 1.0)")
     gen.add_argument("--top-k", type=int, help="with --do-sample: among the k likeliest tokens (default 50; 0: all)")
     gen.add_argument("--top-p", type=float, help="with --do-sample: nucleus sampling mass (default 1.0)")
+    gen.add_argument("--min-p", type=float, help="with --do-sample: leave out tokens less likely than this times the "
+                     "likeliest's (default 0: none)")
     gen.add_argument("--seed", type=int, help="the first prompt's seed, the next's one more (default 0): the same "
                      "command draws the same text")  # fmt: skip
     gen.add_argument("--stop", action="append", default=[], metavar="TEXT",

@@ -9,8 +9,8 @@ generates with `EdgarTuneLM.complete`, as the version's `predict` does: the same
 
 Where OpenAI's API and `generate` differ, a request means what it would mean to OpenAI: `temperature` 0 is greedy
 (top_p and top_k then change nothing), above 0 samples over the whole vocabulary unless `top_p` or `top_k` narrow
-it; left out, greedy (OpenAI's default samples at 1.0: here the same request gives the same answer). `stream`
-sends the answer as OpenAI's server-sent events, piece by piece as it is generated. A field this server does not
+it (or vLLM's `min_p`); left out, greedy (OpenAI's default samples at 1.0: here the same request gives the same
+answer). `stream` sends the answer as OpenAI's server-sent events, piece by piece as it is generated. A field this server does not
 do (`tools`, `response_format`, ...) is refused with a 400 that says so, never dropped; so is a field OpenAI does
 not know. `logit_bias`, `presence_penalty` and `frequency_penalty` shape each step's logits as OpenAI's do, greedy
 decoding's too, and vLLM's `repetition_penalty` is taken beside them (`tasks.batching._Shaping`).
@@ -46,10 +46,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Request fields read, by endpoint; `top_k` and `repetition_penalty` are not OpenAI's, and vLLM's and others'
-# servers take them too.
+# Request fields read, by endpoint; `top_k`, `min_p` and `repetition_penalty` are not OpenAI's, and vLLM's and
+# others' servers take them too.
 SHAPING = ("logit_bias", "presence_penalty", "frequency_penalty", "repetition_penalty")
-COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "n", "stop", "seed", "user", "stream",
+COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "min_p", "n", "stop", "seed", "user", "stream",
           "stream_options", *SHAPING}
 CHAT = COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"}
 COMPLETIONS = COMMON | {"prompt", "logprobs", "echo"}
@@ -64,7 +64,7 @@ NOT_DONE = {
 # OpenAI's Responses API (/v1/responses): its fields read, and those it has that this server does not do, each with
 # the values that ask for nothing; nothing is stored, so a response cannot be fetched or continued later by its id.
 RESPONSES = {"model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "stream", "user",
-             "include", "top_logprobs", "top_k", "seed", *SHAPING}  # fmt: skip
+             "include", "top_logprobs", "top_k", "min_p", "seed", *SHAPING}  # fmt: skip
 RESPONSE_LOGPROBS = "message.output_text.logprobs"  # what `include` may ask for: each output token's log probability
 RESPONSES_NOT_DONE = {
     "store": (None, False), "metadata": (None, {}), "tools": (None, []), "tool_choice": (None, "none", "auto"),
@@ -124,8 +124,8 @@ def request_settings(body: dict, default_max_new_tokens: int) -> tuple[dict, int
     if len(set(map(str, given.values()))) > 1:
         raise Refused(f"max_tokens={given['max_tokens']} and max_completion_tokens={given['max_completion_tokens']} "
                       "are two names for the tokens to generate: give one", param="max_tokens")  # fmt: skip
-    temperature, top_p, top_k = body.get("temperature"), body.get("top_p"), body.get("top_k")
-    sampled = temperature != 0 and (temperature is not None or top_p is not None or top_k is not None)
+    temperature, top_p, top_k, min_p = (body.get(k) for k in ("temperature", "top_p", "top_k", "min_p"))
+    sampled = temperature != 0 and any(v is not None for v in (temperature, top_p, top_k, min_p))
     n = 1 if body.get("n") is None else body["n"]
     if not (isinstance(n, int) and not isinstance(n, bool) and n >= 1):
         raise Refused(f"n must be a whole number of at least 1, got {n!r}", param="n")
@@ -145,7 +145,8 @@ def request_settings(body: dict, default_max_new_tokens: int) -> tuple[dict, int
               "stop": [] if stop is None else stop} | {k: body[k] for k in SHAPING if body.get(k) is not None}
     if sampled:  # OpenAI samples over the whole vocabulary unless top_p (or top_k) narrows it
         params |= {"temperature": 1.0 if temperature is None else temperature,
-                   "top_p": 1.0 if top_p is None else top_p, "top_k": 0 if top_k is None else top_k}  # fmt: skip
+                   "top_p": 1.0 if top_p is None else top_p, "top_k": 0 if top_k is None else top_k,
+                   "min_p": 0.0 if min_p is None else min_p}  # fmt: skip
     try:
         return generation_settings(params), n
     except mlflow.exceptions.MlflowException as err:

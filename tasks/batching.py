@@ -568,12 +568,14 @@ class _Shaping:
 
 
 def _warpers(settings: dict) -> list:
-    """transformers' warpers for a sampled answer's settings, as `generate` builds them with `do_sample`."""
-    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+    """transformers' warpers for a sampled answer's settings, as `generate` builds them with `do_sample`, in its
+    order."""
+    from transformers import MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
     return [*([TemperatureLogitsWarper(settings["temperature"])] if settings["temperature"] != 1.0 else []),
             *([TopKLogitsWarper(settings["top_k"])] if settings["top_k"] != 0 else []),
-            *([TopPLogitsWarper(settings["top_p"])] if settings["top_p"] < 1.0 else [])]  # fmt: skip
+            *([TopPLogitsWarper(settings["top_p"])] if settings["top_p"] < 1.0 else []),
+            *([MinPLogitsWarper(settings["min_p"])] if settings.get("min_p", 0.0) > 0 else [])]  # fmt: skip
 
 
 @dataclass(eq=False)

@@ -188,8 +188,8 @@ class EdgarTuneLM(mlflow.pyfunc.PythonModel, Generation):
 
 # A request's generation settings (its `params`) and their defaults: greedy decoding unless `do_sample`.
 # The penalties (OpenAI's presence and frequency, vLLM's and transformers' repetition) shape greedy decoding too.
-GENERATION = {"max_new_tokens": 40, "do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "seed": 0,
-              "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0}  # fmt: skip
+GENERATION = {"max_new_tokens": 40, "do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "min_p": 0.0,
+              "seed": 0, "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0}  # fmt: skip
 
 
 def generation_settings(params: dict | None) -> dict:
@@ -240,6 +240,8 @@ def generation_settings(params: dict | None) -> dict:
         "temperature": (lambda v: number(v) and v > 0, "a number above 0"),
         "top_k": (lambda v: whole(v) and v >= 0, "a whole number (0: no limit)"),
         "top_p": (lambda v: number(v) and 0 < v <= 1, "a number above 0 and at most 1"),
+        "min_p": (lambda v: number(v) and 0 <= v <= 1, "a number from 0 to 1 (0: none; a token less likely than it "
+                  "times the likeliest's is not drawn)"),
         "seed": (lambda v: whole(v) and 0 <= v < 2**32, "a whole number from 0 to 2**32 - 1"),
         "repetition_penalty": (lambda v: number(v) and v > 0, "a number above 0 (1: none; above 1, a token of the "
                                "prompt or the answer so far is less likely again)"),
@@ -253,7 +255,8 @@ def generation_settings(params: dict | None) -> dict:
             raise mlflow.exceptions.MlflowException.invalid_parameter_value(
                 f"{name} must be {what}, got {settings[name]!r}")
     # MLflow fills in a served request's defaults: a setting that differs from its default was asked for
-    unused = [f"{k}={settings[k]!r}" for k in ("temperature", "top_k", "top_p") if settings[k] != GENERATION[k]]
+    unused = [f"{k}={settings[k]!r}" for k in ("temperature", "top_k", "top_p", "min_p")
+              if settings[k] != GENERATION[k]]  # fmt: skip
     if unused and not settings["do_sample"]:
         shape = "shapes" if len(unused) == 1 else "shape"
         raise mlflow.exceptions.MlflowException.invalid_parameter_value(

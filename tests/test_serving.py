@@ -141,6 +141,7 @@ def test_an_openai_chat_request_is_one_conversation_and_its_max_tokens_is_max_ne
                          ({"logit_bias": [5]}, "logit_bias must map token ids to numbers from -100"),
                          ({"repetition_penalty": 0}, "repetition_penalty must be a number above 0 (1: none"),
                          ({"frequency_penalty": -2.5}, "frequency_penalty must be a number from -2 to 2"),
+                         ({"min_p": 0.1}, "min_p=0.1 only shapes sampling, and do_sample is false"),
                          ):  # fmt: skip
         with pytest.raises(mlflow.exceptions.MlflowException, match=re.escape(said)):
             generation_settings(params)
@@ -784,6 +785,19 @@ def test_logit_bias_and_penalties_shape_each_step_as_openai_vllm_and_transformer
                          pad_token_id=tok.pad_token_id or next(iter(eos)))[0, ids["input_ids"].shape[1] :].tolist()
           for ids in prompts]  # fmt: skip
     assert [by["repetition", i].tokens for i in range(len(prompts))] == hf
+    # vLLM's min_p draws as transformers' own generate(min_p=...) does from the answer's seed
+    min_p = generation_settings({"max_new_tokens": n, "do_sample": True, "temperature": 0.9, "top_k": 0, "min_p": 0.5,
+                                 "seed": 11})  # fmt: skip
+    drawn, unnarrowed = ([Answer(ids, st, st["seed"] + i, None) for i, ids in enumerate(prompts)]
+                         for st in (min_p, min_p | {"min_p": 0.0}))  # fmt: skip
+    lm.generate_batch(drawn)
+    lm.generate_batch(unnarrowed)
+    for i, ids in enumerate(prompts):
+        torch.manual_seed(min_p["seed"] + i)
+        out = model.generate(**ids, do_sample=True, temperature=0.9, top_k=0, min_p=0.5, max_new_tokens=n,
+                             pad_token_id=tok.pad_token_id or next(iter(eos)))  # fmt: skip
+        assert drawn[i].tokens == out[0, ids["input_ids"].shape[1] :].tolist()
+    assert [a.tokens for a in drawn] != [a.tokens for a in unnarrowed]
     # together, all settings in one batch; and joining one midway, the first answers paused after 4 tokens
     together = asked()
     lm.generate_batch(together)
@@ -1189,6 +1203,9 @@ def test_openais_sampling_fields_mean_what_they_mean_to_openai():
         request_settings({"n": True, "temperature": 1}, 256)
     with pytest.raises(Refused, match="temperature must be a number above 0, got -1"):
         request_settings({"temperature": -1}, 256)
+    narrowed, _ = request_settings({"min_p": 0.1}, 256)  # vLLM's min_p alone samples at 1.0 too, as top_p does
+    assert (narrowed["do_sample"], narrowed["temperature"], narrowed["min_p"]) == (True, 1.0, 0.1)
+    assert request_settings({"min_p": 0.1, "temperature": 0}, 256)[0]["do_sample"] is False
 
 
 def _post(url: str, body: dict) -> dict:
