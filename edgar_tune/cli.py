@@ -457,13 +457,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return 2
     known = {p.name for p in model.metadata.get_params_schema().params} if model.metadata.get_params_schema() else set()
     if unknown := [k for k in sampling if k in params and k not in known]:  # MLflow would drop them: greedy text
-        dropped = " and ".join([*(["it generates greedily"] if set(unknown) - {"stop", *penalties} else []),
+        newer = {"min_p", *penalties}  # taken since 2026-12-05; the others since 2026-12-04
+        dropped = " and ".join([*(["it generates greedily"] if set(unknown) - {"stop", *newer} else []),
+                                *(["it would draw without min_p"] if "min_p" in unknown and "do_sample" in known
+                                  else []),
                                 *(["it would not stop there"] if "stop" in unknown else []),
                                 *(["it would not be penalized"] if set(unknown) & set(penalties) else [])])  # fmt: skip
         print(f"edgar-tune generate: error: {args.model} was registered before versions took {', '.join(unknown)} "
               f"(it takes {', '.join(sorted(known)) or 'no settings'}): {dropped}; leave out "
               f"{', '.join('--' + k.replace('_', '-') for k in unknown)}, or generate with a version registered "
-              f"since {'2026-12-05' if set(unknown) & set(penalties) else '2026-12-04'}", file=sys.stderr)  # fmt: skip
+              f"since {'2026-12-05' if set(unknown) & newer else '2026-12-04'}", file=sys.stderr)  # fmt: skip
         return 2
     columns = [c.name for c in model.metadata.get_input_schema().inputs] if model.metadata.get_input_schema() else []
     if args.message and "messages" not in columns:

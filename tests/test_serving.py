@@ -198,6 +198,13 @@ def test_a_version_holds_source_not_a_pickle_and_pickled_older_versions_still_lo
     assert (f"{old.model_uri} was registered before versions took presence_penalty (it takes no settings): it would "
             "not be penalized; leave out --presence-penalty, or generate with a version registered since "
             "2026-12-05") in capsys.readouterr().err
+    mlmodel = yaml.safe_load((local / "MLmodel").read_text())  # as a version registered before min_p was taken
+    mlmodel["signature"]["params"] = json.dumps([p for p in json.loads(mlmodel["signature"]["params"])
+                                                 if p["name"] != "min_p"])  # fmt: skip
+    (local / "MLmodel").write_text(yaml.safe_dump(mlmodel))
+    assert main(["generate", "--model", str(local), "--prompt", "x", "--do-sample", "--min-p", "0.1"]) == 2
+    assert "min_p (it takes do_sample, " in (said := capsys.readouterr().err) and said.endswith(
+        "it would draw without min_p; leave out --min-p, or generate with a version registered since 2026-12-05\n")
 
     assert main(["generate", "--model", old.model_uri, "--prompt", "x", "--do-sample", "--tracking-uri",
                  s["mlflow_tracking_uri"]]) == 2  # fmt: skip
