@@ -827,7 +827,8 @@ class Response:
                 "system_fingerprint": _fingerprint(self.served)}  # fmt: skip
         if done:
             prompt, output = done["prompt_tokens"], choice["completion_tokens"]
-            said["usage"] = {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": 0},
+            said["usage"] = {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": 0,
+                                                                              "cache_write_tokens": 0},
                              "output_tokens": output, "output_tokens_details": {"reasoning_tokens": 0},
                              "total_tokens": prompt + output}  # fmt: skip
         return said

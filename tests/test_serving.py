@@ -399,6 +399,9 @@ def test_edgar_tune_serve_answers_openais_sdk_as_the_versions_predict_does(tiny_
                     "max_output_tokens": 4, "include": ["message.output_text.logprobs"], "top_logprobs": 2}
         scored_response = client.responses.create(**included)
         scored_events = list(client.responses.create(**included, stream=True))
+        with client.responses.stream(model=folder.name, instructions="Be brief.", input="Net sales grew.",
+                                     max_output_tokens=4) as helped:  # the SDK's helper, which checks each event
+            helped = list(helped)  # (its get_final_response wants response.completed, as with OpenAI's own cut)
         not_served = {}
         for why, kw in {"previous": {"previous_response_id": "resp_1"},
                         "tools": {"tools": [{"type": "function", "name": "f", "parameters": {}}]},
@@ -435,6 +438,9 @@ def test_edgar_tune_serve_answers_openais_sdk_as_the_versions_predict_does(tiny_
     assert [e.sequence_number for e in events] == list(range(len(events)))
     assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == answered[0]
     assert events[-1].response.output_text == answered[0] and events[-1].response.usage == response.usage
+    assert "".join(e.delta for e in helped if e.type == "response.output_text.delta") == answered[0]
+    assert helped[-1].type == "response.incomplete" and helped[-1].response.output_text == answered[0]
+    assert [type(e).__name__ for e in events[:2]] == ["ResponseCreatedEvent", "ResponseInProgressEvent"]
     assert not_served == {
         "previous": 'previous_response_id="resp_1" is not served: responses are not stored: send the conversation '
                     "whole as `input`; leave it out",
