@@ -289,12 +289,16 @@ class Model:
         server down for an hour, asked every minute, made sixty tracebacks), and the first check that works after
         says how many failed."""
         failing, failed = None, 0  # the failure of the checks failing since the last that worked, and their count
+        tried = None  # the version a check last began to load
         while not stopped.wait(every):
             try:
                 version = points_at()
                 if version != self.served.version:
                     start = time.monotonic()
-                    log.info("%s now points at v%s (serving v%s): loading it", self.uri, version, self.served.version)
+                    if not (failing and tried == version):  # once, not again at each failed try
+                        log.info("%s now points at v%s (serving v%s): loading it", self.uri, version,
+                                 self.served.version)  # fmt: skip
+                    tried = version
                     served, before = Served.of(load(version), version), self.served.version
                     self.served = served
                     log.info("serving %s v%s (was v%s), loaded in %.1f s", self.name, version, before,

@@ -512,18 +512,18 @@ def test_edgar_tune_serve_follows_its_alias_to_the_version_promoted(tiny_run, tm
                      r"then [\d.]+ tokens/s\), 1 answer\(s\) ending at length", log), log[-3000:]  # fmt: skip
 
 
-def test_a_follower_whose_tracking_server_is_down_logs_it_once_and_says_when_it_is_back(tiny_run, caplog,
+def test_a_follower_whose_tracking_server_is_down_logs_it_once_and_says_when_it_is_back(tiny_run, tmp_path, caplog,
                                                                                          monkeypatch):  # fmt: skip
-    """Following an alias, a check that fails (here MLflow's client asking a tracking server that is down) is
-    logged with its traceback once; the same failure again is counted, not logged, and the first check that works
-    again says how many failed. Before, every check logged a traceback: a server down for an hour, asked every
-    minute, made sixty."""
+    """Following an alias, a check that fails (here MLflow's client asking a tracking server that is down, then a
+    version whose load fails) is logged with its traceback once; the same failure again is counted, not logged, and
+    the first check that works again says how many failed. Before, every check logged a traceback: a server down
+    for an hour, asked every minute, made sixty."""
     import threading
 
     import mlflow
 
     from edgar_tune.serve import Model, Served
-    from tasks.registry import resolve_version
+    from tasks.registry import loaded_version, resolve_version
 
     _, s = tiny_run
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -549,6 +549,28 @@ def test_a_follower_whose_tracking_server_is_down_logs_it_once_and_says_when_it_
     back = [r.getMessage() for r in said if " again after " in r.getMessage()]
     assert len(back) == 1 and re.fullmatch(rf"following models:/m@champion again after 5 failed check\(s\) \(Mlflow"
                                            rf"Exception: .+\); serving v{s['model_version']}", back[0]), back
+    # a version that fails to load (its download cut, say) is tried again each check, and said once
+    tries, stopped = [], threading.Event()
+
+    def load(version: str):
+        tries.append(version)
+        if len(tries) <= 3:
+            raise OSError(f"the download of v{version} was cut")
+        return loaded_version(_version_folder(s, tmp_path / "again"), device="cpu")
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="edgar_tune.serve"):
+        moving = Model("m", "models:/m@champion", Served(None, "0", None), (lambda: "7", load), 0.05, stopped)
+        deadline = time.monotonic() + 120
+        while moving.served.version != "7" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        stopped.set()
+    said = [r.getMessage() for r in caplog.records if r.name == "edgar_tune.serve"]
+    assert moving.served.version == "7" and len(tries) == 4, said
+    assert [m for m in said if "loading it" in m] == ["models:/m@champion now points at v7 (serving v0): loading it"]
+    assert sum(m.startswith("could not follow") for m in said) == 1, said
+    assert "following models:/m@champion again after 3 failed check(s) (OSError: the download of v7 was cut); " \
+           "serving v7" in said, said
 
 
 def _version_folder(s: dict, into: Path) -> Path:
