@@ -621,8 +621,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     kept = (f"; the last {args.prefix_cache_tokens} prompt tokens read kept for prompts that begin as theirs did"
             if args.prefix_cache_tokens else "")  # fmt: skip
     print(f"edgar-tune serve: at http://{args.host}:{args.port}/v1 (OpenAI's API: POST /v1/chat/completions, "
-          f"/v1/completions; GET /v1/models); up to {args.max_new_tokens} new tokens unless a request says "
-          f"max_tokens; up to {args.max_batch} answers ({args.max_batch_tokens} tokens) generated together{kept}",
+          f"/v1/completions, /v1/responses; GET /v1/models); up to {args.max_new_tokens} new tokens unless a "
+          f"request says max_tokens; up to {args.max_batch} answers ({args.max_batch_tokens} tokens) generated "
+          f"together{kept}",
           file=sys.stderr, flush=True)  # fmt: skip
     key = os.environ.get("EDGAR_TUNE_API_KEY") or None
     if not key and args.host not in ("127.0.0.1", "localhost", "::1"):
@@ -978,8 +979,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt")
     gen.set_defaults(fn=cmd_generate)
     srv = sub.add_parser("serve", help="serve a version behind OpenAI's API (/v1/chat/completions, /v1/completions, "
-                         "/v1/models), for the openai SDK and the clients that speak it; with EDGAR_TUNE_API_KEY set, "
-                         "only to clients that send it")  # fmt: skip
+                         "/v1/responses, /v1/models), for the openai SDK and the clients that speak it; with "
+                         "EDGAR_TUNE_API_KEY set, only to clients that send it")  # fmt: skip
     srv.add_argument("--model", required=True, action="append", help="models:/NAME@ALIAS, models:/NAME/N, "
                      "runs:/ID/model, or a version's folder (its MLmodel inside); repeat to serve several (a champion "
                      "and a challenger), each named by a request's `model`")  # fmt: skip
