@@ -562,10 +562,10 @@ class Server:
         prompt = _said(lambda: chat_prompt(served.lm.tokenizer, chat_turns(messages), "input"))
         said = Response(model, served, body, settings, logprobs)
         if body.get("stream"):
-            _said(lambda: served.lm.encode([(prompt, True)], settings["max_new_tokens"]))  # a 400, not an event
+            encoded = _said(lambda: served.lm.encode([(prompt, True)], settings["max_new_tokens"]))  # a 400 here
             cancelled = gone or threading.Event()  # the client gone (`Stream.cancel`), generation stops
             heard = self._heard(model, served, [(prompt, True)], settings, 1, served.chat_end, logprobs, cancelled,
-                                ", streamed")  # fmt: skip
+                                ", streamed", encoded)  # fmt: skip
             return Stream(said.events(heard), cancelled)
         done = self._complete(model, served, [(prompt, True)], settings, 1, served.chat_end, logprobs, gone=gone)
         return said.whole(done[0])
@@ -693,7 +693,7 @@ class Server:
         since the last (one whose text is held back, the start of a `stop` text maybe, scored a chunk before its
         text comes). The prompts are checked against the context before the response starts (a 400, not an error
         inside a 200). The client gone, generation stops at the next token."""
-        _said(lambda: served.lm.encode(prompts, settings["max_new_tokens"]))
+        encoded = _said(lambda: served.lm.encode(prompts, settings["max_new_tokens"]))  # a 400, not an event
         chat, usage = kind.startswith("chat"), bool((body.get("stream_options") or {}).get("include_usage"))
         ident, created = f"{prefix}-{uuid.uuid4().hex}", int(time.time())
         cancelled, offsets = cancelled or threading.Event(), {}
@@ -717,7 +717,7 @@ class Server:
             started = set()
             try:
                 for said in self._heard(model, served, prompts, settings, n, closing, logprobs, cancelled,
-                                        ", streamed"):  # fmt: skip
+                                        ", streamed", encoded):  # fmt: skip
                     if said[0] == "done":
                         break
                     if said[0] == "failed":
@@ -748,17 +748,18 @@ class Server:
 
     def _heard(self, model: Model, served: Served, prompts: list[tuple[str | list[int], bool]], settings: dict,
                n: int, closing: str | None, logprobs: int | None, cancelled: threading.Event | None,
-               how: str) -> Iterator[tuple]:  # fmt: skip
-        """The answers of a streamed request as they are generated, on a thread of their own: `(i, k, text,
-        choice, scored)` as `EdgarTuneLM.complete` hears them, then `("done", done)`, or `("failed", error)`
-        (the server stopping, or generation failing: said in the log). Its log line says `how` it was asked."""
+               how: str, encoded: list) -> Iterator[tuple]:  # fmt: skip
+        """The answers of a streamed request (its `prompts` as `encode` gave them: `encoded`) as they are
+        generated, on a thread of their own: `(i, k, text, choice, scored)` as `EdgarTuneLM.complete` hears them,
+        then `("done", done)`, or `("failed", error)` (the server stopping, or generation failing: said in the
+        log). Its log line says `how` it was asked."""
         heard = queue.Queue()
 
         def work() -> None:
             try:
                 start, waited = time.monotonic(), []
                 done = served.lm.complete(prompts, settings, n, closing=closing, cancelled=cancelled, logprobs=logprobs,
-                                          heard=lambda *said: heard.put(said),
+                                          heard=lambda *said: heard.put(said), encoded=encoded,
                                           run=lambda asked: self.engine.run(served.lm, asked, waited))  # fmt: skip
                 gone = cancelled is not None and cancelled.is_set()
                 self._generated(model, served, done, time.monotonic() - start, sum(waited),

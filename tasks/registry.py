@@ -138,7 +138,7 @@ class EdgarTuneLM(mlflow.pyfunc.PythonModel, Generation):
     def complete(self, prompts: list[tuple[str | list[int], bool]], settings: dict, n: int = 1, *,
                  closing: str | None, heard: Callable | None = None, cancelled: threading.Event | None = None,
                  run: Callable[[list[Answer]], None] | None = None, logprobs: int | None = None,
-                 echo: bool = False) -> list[dict]:  # fmt: skip
+                 echo: bool = False, encoded: list | None = None) -> list[dict]:  # fmt: skip
         """Answer each prompt (`encode`) `n` times with `settings` (`generation_settings`), each answer ending at
         EOS, at `closing` (the chat template's end of turn, `turn_end`) and at the `stop` texts: per prompt, its
         `prompt_tokens` and its `choices`, each the `text`, its `completion_tokens` and why it ended
@@ -153,12 +153,13 @@ class EdgarTuneLM(mlflow.pyfunc.PythonModel, Generation):
         `echo`, its `prompt_scored` its prompt's. `heard(i, k, text, choice, scored)`, where given, hears answer k of
         prompt i as it is generated: its text piece by piece (`choice` None; the pieces make the answer's text) with
         the scores of the tokens taken since the last piece, then its choice (`text` None). Generation of an answer
-        stops at its next token once `cancelled` is set (a streaming client gone)."""
+        stops at its next token once `cancelled` is set (a streaming client gone). `encoded`: the prompts as `encode`
+        gave them already (a server checks them before its stream begins), not tokenized again."""
         if (bias := settings.get("logit_bias")) and max(bias) >= (vocab := self.vocabulary):
             raise mlflow.exceptions.MlflowException.invalid_parameter_value(
                 f"logit_bias names token {max(bias)}, past the model's vocabulary of {vocab} tokens (ids 0 to "
                 f"{vocab - 1})")  # fmt: skip
-        encoded = self.encode(prompts, settings["max_new_tokens"])
+        encoded = self.encode(prompts, settings["max_new_tokens"]) if encoded is None else encoded
         asked = [Answer(ids, settings, Answer.seed_of(settings["seed"], i, k), closing, cancelled=cancelled,
                         logprobs=logprobs, echo=echo) for i, ids in enumerate(encoded) for k in range(n)]  # fmt: skip
         if heard:
