@@ -432,6 +432,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     sampling = {k: getattr(args, k) for k in ("do_sample", "temperature", "top_k", "top_p", "min_p", "seed", "stop",
                                               *penalties)}  # fmt: skip
     params = {"max_new_tokens": args.max_new_tokens} | {k: v for k, v in sampling.items() if v not in (None, False, [])}
+    if args.json_schema:
+        try:
+            schema = json.loads(Path(args.json_schema).read_text())
+        except (OSError, ValueError) as err:
+            print(f"edgar-tune generate: error: --json-schema {args.json_schema}: {err}: give a file of one JSON "
+                  "schema", file=sys.stderr)  # fmt: skip
+            return 2
+        sampling["response_format"] = params["response_format"] = json.dumps({"type": "json_schema", "json_schema": {
+            "name": Path(args.json_schema).stem, "schema": schema}})  # fmt: skip
     try:
         generation_settings(params)  # before the model loads
     except mlflow.exceptions.MlflowException as err:
@@ -457,15 +466,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return 2
     known = {p.name for p in model.metadata.get_params_schema().params} if model.metadata.get_params_schema() else set()
     if unknown := [k for k in sampling if k in params and k not in known]:  # MLflow would drop them: greedy text
-        newer = {"min_p", *penalties}  # taken since 2026-12-05; the others since 2026-12-04
+        newer = {"min_p", "response_format", *penalties}  # taken since 2026-12-05; the others since 2026-12-04
         dropped = " and ".join([*(["it generates greedily"] if set(unknown) - {"stop", *newer} else []),
                                 *(["it would draw without min_p"] if "min_p" in unknown and "do_sample" in known
                                   else []),
                                 *(["it would not stop there"] if "stop" in unknown else []),
-                                *(["it would not be penalized"] if set(unknown) & set(penalties) else [])])  # fmt: skip
+                                *(["it would not be penalized"] if set(unknown) & set(penalties) else []),
+                                *(["it would not keep to the schema"] if "response_format" in unknown else [])])
+        flags = ["--json-schema" if k == "response_format" else "--" + k.replace("_", "-") for k in unknown]
         print(f"edgar-tune generate: error: {args.model} was registered before versions took {', '.join(unknown)} "
               f"(it takes {', '.join(sorted(known)) or 'no settings'}): {dropped}; leave out "
-              f"{', '.join('--' + k.replace('_', '-') for k in unknown)}, or generate with a version registered "
+              f"{', '.join(flags)}, or generate with a version registered "
               f"since {'2026-12-05' if set(unknown) & newer else '2026-12-04'}", file=sys.stderr)  # fmt: skip
         return 2
     columns = [c.name for c in model.metadata.get_input_schema().inputs] if model.metadata.get_input_schema() else []
@@ -975,6 +986,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "answer has taken it (OpenAI's; default 0)")
     gen.add_argument("--frequency-penalty", type=float, help="-2 to 2: subtracted from a token's logit for each time "
                      "the answer has taken it (OpenAI's; default 0)")
+    gen.add_argument("--json-schema", metavar="FILE", help="a JSON schema: each answer is JSON of it, each token kept "
+                     "to those the schema allows next (OpenAI's response_format; an answer cut by --max-new-tokens "
+                     "is not whole)")  # fmt: skip
     gen.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///runs/mlflow.db")
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt")
     gen.set_defaults(fn=cmd_generate)

@@ -70,6 +70,7 @@ class Answer:
     decoded: int = 0  # of `tokens`, those `text` holds
     stream: Any = None  # the decoder that made `text` (tokenizers' DecodeStream); False: decoded whole
     halted: bool = False  # ended by the generation's `halt` (a server stopping), not by one of its own ends
+    matcher: Any = None  # where its `response_format`'s grammar stands (`Generation.matcher`), from call to call
 
     def fresh(self) -> list[Scored]:
         """What of `scored` has not been handed on yet: a streamed answer's pieces carry their tokens' scores."""
@@ -155,6 +156,30 @@ class Generation:
         """The tokens the model scores at each place (its output layer's width; a token id is below it)."""
         head = self.model.get_output_embeddings()
         return head.weight.shape[0] if head is not None else self.model.config.vocab_size
+
+    def matcher(self, a: Answer):
+        """llguidance's matcher of `a`'s `response_format` (`grammar`), its tokens so far taken (made once, kept on
+        the answer from one `generate` call to the next): the tokens it allows next, each step. Over this
+        tokenizer, read once (`llguidance.hf.from_tokenizer`, 0.3 s for SmolLM2's 49,152 tokens)."""
+        if a.matcher is None:
+            import llguidance
+
+            a.matcher = llguidance.LLMatcher(self.grammar_tokens, grammar(a.settings["response_format"]))
+            for token in a.tokens:
+                a.matcher.consume_token(token)
+            if a.matcher.is_error():
+                raise ValueError(f"response_format's grammar: {a.matcher.get_error()}")
+        return a.matcher
+
+    @property
+    def grammar_tokens(self):
+        """This tokenizer as llguidance reads it, over the model's vocabulary (made once).
+
+        Raises:
+            ValueError: a tokenizer llguidance cannot read (not tokenizers-backed)."""
+        if getattr(self, "_grammar_tokens", None) is None:
+            self._grammar_tokens = grammar_tokenizer(self.tokenizer, self.vocabulary)
+        return self._grammar_tokens
 
     @property
     def joins_midway(self) -> bool:
@@ -327,6 +352,8 @@ class _Rows:
             self.warpers.append(_warpers(a.settings) if a.settings["do_sample"] else None)
         self.shaped = [r for r, a in enumerate(asked) if _Shaping.asked(a.settings)]
         self.shaping: _Shaping | None = None  # built at the first step, for the rows in `shaped`
+        self.formed = {r: lm.matcher(a) for r, a in enumerate(asked) if a.settings.get("response_format")}
+        self.bitmask = None  # the tokens each formed row's grammar allows next, 32 to an int32 (llguidance's)
 
     def pick(self, input_ids, scores):
         """Each row's scores shaped by its answer's logit bias and penalties (`_Shaping`), greedy or sampled; then
@@ -344,6 +371,8 @@ class _Rows:
             else:  # the token each row took at the last step
                 self.shaping.took(input_ids[self.shaped, -1])
             self.shaping(scores)
+        if self.formed:
+            self._form(scores)
         for row, warpers in enumerate(self.warpers):
             if warpers is None or self.done[row]:
                 continue
@@ -368,6 +397,32 @@ class _Rows:
         self.paused = bool(going and self.pause and self.pause(going))
         return torch.tensor([True] * len(self.done) if self.paused else self.done, device=input_ids.device)
 
+    def _form(self, scores) -> None:
+        """Each formed row's scores kept to the tokens its grammar allows next (the others -inf), and to its ends
+        (EOS, the turn's end) once the grammar may end there: what it generates is in `response_format`, as vLLM's
+        and OpenAI's structured outputs are (cut only by max_tokens or a `stop` text)."""
+        import llguidance.torch as lt
+        import torch
+
+        rows = [r for r in self.formed if not self.done[r]]
+        if not rows:
+            return
+        if self.bitmask is None:
+            self.bitmask = lt.allocate_token_bitmask(len(self.formed), scores.shape[-1])
+            self.bits = torch.tensor([1 << i for i in range(31)] + [-(1 << 31)], dtype=torch.int32,
+                                     device=scores.device)  # an int32's bits, the last its sign  # fmt: skip
+        mask = self.bitmask[: len(rows)]
+        for i, row in enumerate(rows):  # 10 us a row for a JSON schema
+            lt.fill_next_token_bitmask(self.formed[row], mask, i)
+        # unpacked here, not by llguidance's torch.compile'd kernel: compiling it takes seconds, and a C compiler
+        allowed = ((mask.to(scores.device, non_blocking=True)[:, :, None] & self.bits) != 0).view(len(rows), -1)
+        allowed = allowed[:, : scores.shape[-1]]
+        for i, row in enumerate(rows):
+            if self.formed[row].is_accepting():  # its ends too, whichever the grammar's own EOS is
+                allowed[i, sorted(self.eos[row])] = True
+        which = torch.tensor(rows, device=scores.device)
+        scores[which] = scores[which].masked_fill_(~allowed, float("-inf"))
+
     def close(self) -> None:
         """Ends the rows `generate` stopped without this hearing it (none, where it calls every step)."""
         for row, done in enumerate(self.done):
@@ -379,7 +434,10 @@ class _Rows:
         a.tokens.append(token)
         if (logprobs := self.logprobs.pop(row, None)) is not None:
             a.scored += _scored([token], [float(logprobs[token])], logprobs[None], a.logprobs)
-        own = token in self.eos[row] or len(a.tokens) >= a.settings["max_new_tokens"]
+        if a.matcher is not None and token not in self.eos[row] and not a.matcher.consume_token(token):
+            raise RuntimeError(f"token {token} is not one response_format's grammar allows: {a.matcher.get_error()}")
+        formed = a.matcher is not None and a.matcher.is_stopped()  # nothing more the grammar allows
+        own = token in self.eos[row] or formed or len(a.tokens) >= a.settings["max_new_tokens"]
         halted = not own and self.halt is not None and self.halt.is_set()
         ended = own or halted or (a.cancelled is not None and a.cancelled.is_set())
         if self.ends[row] or a.heard:
@@ -407,7 +465,8 @@ class _Rows:
         self.done[row] = True
         said = self.lm.ended(a)
         text = answer(said, a.closing, a.settings["stop"])
-        ended = len(a.tokens) < a.settings["max_new_tokens"] or bool(a.tokens) and a.tokens[-1] in self.eos[row]
+        ended = len(a.tokens) < a.settings["max_new_tokens"] or bool(a.tokens) and a.tokens[-1] in self.eos[row] or (
+            a.matcher is not None and a.matcher.is_stopped())  # fmt: skip
         a.choice = {"text": text, "completion_tokens": len(a.tokens),
                     "finish_reason": "stop" if ended or text != said else "length"}  # fmt: skip
         if a.heard:
@@ -431,6 +490,28 @@ def streams(tokenizer) -> bool:
     bpe = type(tokenizer.backend_tokenizer.model).__name__ == "BPE"
     forced = getattr(tokenizer, "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output", False)
     return not tokenizer.clean_up_tokenization_spaces or (bpe and not forced)
+
+
+def grammar(response_format: dict) -> str:
+    """llguidance's grammar of OpenAI's `response_format` (as `tasks.registry.generation_settings` checks it):
+    `{"type": "json_object"}`, any JSON object; `{"type": "json_schema", "json_schema": {"schema": ...}}`, a JSON
+    value of that schema."""
+    import llguidance
+
+    schema = response_format["json_schema"].get("schema", {}) if response_format["type"] == "json_schema" else {
+        "type": "object"}  # fmt: skip
+    return llguidance.LLMatcher.grammar_from_json_schema(schema)
+
+
+def grammar_tokenizer(tokenizer, vocabulary: int):
+    """`tokenizer` as llguidance reads it, over the model's `vocabulary` (its output layer's width)."""
+    import llguidance.hf
+    from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+    if not isinstance(tokenizer, TokenizersBackend):
+        raise ValueError(f"response_format needs a tokenizers-backed tokenizer (tokenizer.json); this version's is "
+                         f"{type(tokenizer).__name__}: leave response_format out")  # fmt: skip
+    return llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocabulary)
 
 
 def fit(asked: list[Answer], tokens: int = BATCH_TOKENS) -> bool:

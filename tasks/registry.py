@@ -159,6 +159,11 @@ class EdgarTuneLM(mlflow.pyfunc.PythonModel, Generation):
             raise mlflow.exceptions.MlflowException.invalid_parameter_value(
                 f"logit_bias names token {max(bias)}, past the model's vocabulary of {vocab} tokens (ids 0 to "
                 f"{vocab - 1})")  # fmt: skip
+        if settings.get("response_format"):
+            try:
+                self.grammar_tokens  # noqa: B018 (made here, to refuse the request before any answer begins)
+            except ValueError as err:
+                raise mlflow.exceptions.MlflowException.invalid_parameter_value(str(err)) from None
         encoded = self.encode(prompts, settings["max_new_tokens"]) if encoded is None else encoded
         asked = [Answer(ids, settings, Answer.seed_of(settings["seed"], i, k), closing, cancelled=cancelled,
                         logprobs=logprobs, echo=echo) for i, ids in enumerate(encoded) for k in range(n)]  # fmt: skip
@@ -234,6 +239,7 @@ def generation_settings(params: dict | None) -> dict:
         raise mlflow.exceptions.MlflowException.invalid_parameter_value(
             f"logit_bias must map token ids to numbers from -100 (never that token) to 100 (only it), as "
             f'{{"50256": -100}}, got {str(bias)[:80]}')  # fmt: skip
+    fmt = response_format((params or {}).get("response_format"))
     settings = GENERATION | given
     checks = {
         "max_new_tokens": (lambda v: whole(v) and v >= 1, "a whole number of at least 1"),
@@ -264,7 +270,46 @@ def generation_settings(params: dict | None) -> dict:
             f"{', '.join(unused)} only {shape} sampling, and do_sample is false (greedy decoding takes the likeliest "
             "token each step): set do_sample to true, or leave them out")  # fmt: skip
     return {k: type(GENERATION[k])(v) for k, v in settings.items()} | {"stop": stop, "logit_bias": {
-        ids[k]: float(v) for k, v in bias.items()}}
+        ids[k]: float(v) for k, v in bias.items()}, "response_format": fmt}
+
+
+def response_format(given: Any) -> dict | None:
+    """OpenAI's `response_format` (a mapping, or its JSON text, as a version's signature takes it), checked: None
+    for text (`{"type": "text"}`, or none given); `{"type": "json_object"}`, an answer that is a JSON object; or
+    `{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}`, a JSON value of that schema. Each
+    step's tokens are kept to those the format allows next (llguidance's grammar of it: `tasks.batching`).
+
+    Raises:
+        MlflowException (INVALID_PARAMETER_VALUE): another shape, or a schema llguidance cannot follow.
+    """
+    from tasks.batching import grammar
+
+    try:
+        fmt = None if given is None or given == "" else json.loads(given) if isinstance(given, str) else given
+    except json.JSONDecodeError:
+        fmt = given  # refused below, as it was sent
+    kinds = ("text", "json_object", "json_schema")
+    example = '{"type": "json_schema", "json_schema": {"name": "figures", "schema": {"type": "object", ...}}}'
+    if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") not in kinds):
+        raise mlflow.exceptions.MlflowException.invalid_parameter_value(
+            f"response_format must be {{\"type\": \"text\"}}, {{\"type\": \"json_object\"}} or {example}, got "
+            f"{str(given)[:80]}")  # fmt: skip
+    if fmt is None or fmt["type"] == "text":
+        return None
+    inner = fmt.get("json_schema")
+    if fmt["type"] == "json_schema" and not (isinstance(inner, dict) and isinstance(inner.get("schema", {}), dict)):
+        raise mlflow.exceptions.MlflowException.invalid_parameter_value(
+            f"response_format's json_schema must be an object whose `schema` is a JSON schema, as {example}, got "
+            f"{str(inner)[:80]}")  # fmt: skip
+    try:
+        import llguidance
+    except ImportError:
+        raise mlflow.exceptions.MlflowException.invalid_parameter_value(
+            "response_format needs llguidance where the model is served (pip install llguidance)") from None
+    if problem := llguidance.LLMatcher.validate_grammar(grammar(fmt)):
+        raise mlflow.exceptions.MlflowException.invalid_parameter_value(
+            f"response_format's schema is not one this server can follow: {problem}")
+    return fmt
 
 
 def _which(n: int, count: int) -> str:
@@ -460,7 +505,7 @@ def load_registered(artifacts: dict[str, str], config: dict[str, str], dtype=Non
 
 
 # What the pyfunc imports when it loads and generates; pinned to the versions that trained and registered it.
-SERVING_PACKAGES = ("torch", "transformers", "peft", "safetensors", "mlflow", "pyyaml", "pydantic")
+SERVING_PACKAGES = ("torch", "transformers", "peft", "safetensors", "mlflow", "pyyaml", "pydantic", "llguidance")
 
 
 def pip_requirements() -> list[str]:
@@ -473,19 +518,21 @@ def pip_requirements() -> list[str]:
 
 def _signature(template: str | None = None, chat: bool = False):
     """A `prompt` column in, generated text out, `GENERATION`'s settings as request parameters (also when served),
-    OpenAI's `max_tokens` for `max_new_tokens`, its `stop` texts, and its `logit_bias` as JSON text; for a version
-    instruction-tuned with the prompt `template`, its fields too, and for one tuned on conversations (`chat`),
-    `messages` (any type: a list of turns, or text); each column then optional (`request_prompt`)."""
+    OpenAI's `max_tokens` for `max_new_tokens`, its `stop` texts, and its `logit_bias` and `response_format` as JSON
+    text; for a version instruction-tuned with the prompt `template`, its fields too, and for one tuned on
+    conversations (`chat`), `messages` (any type: a list of turns, or text); each column then optional
+    (`request_prompt`)."""
     from mlflow.models import infer_signature
     from mlflow.types.schema import AnyType, ColSpec, ParamSchema, ParamSpec, Schema
 
     signature = infer_signature(pd.DataFrame({"prompt": ["This Form 10-K report shows that"]}), ["text"],
                                 params=GENERATION)  # fmt: skip
     # OpenAI's name for max_new_tokens, which its clients send, unset unless given; its texts to stop at; and its
-    # logit_bias, as JSON text (a signature's parameters hold no mapping)
+    # logit_bias and response_format, as JSON text (a signature's parameters hold no mapping)
     signature.params = ParamSchema([*signature.params.params, ParamSpec("max_tokens", "long", None),
                                     ParamSpec("stop", "string", [], shape=(-1,)),
-                                    ParamSpec("logit_bias", "string", "")])  # fmt: skip
+                                    ParamSpec("logit_bias", "string", ""),
+                                    ParamSpec("response_format", "string", "")])  # fmt: skip
     if template or chat:
         columns = list(dict.fromkeys(["prompt", *(template_fields(template) if template else ["messages"])]))
         # `messages` as OpenAI's chat requests send it (a list of turns) or as text: a string column would have

@@ -198,6 +198,21 @@ def test_a_version_holds_source_not_a_pickle_and_pickled_older_versions_still_lo
     assert (f"{old.model_uri} was registered before versions took presence_penalty (it takes no settings): it would "
             "not be penalized; leave out --presence-penalty, or generate with a version registered since "
             "2026-12-05") in capsys.readouterr().err
+    (schema := tmp_path / "segment.json").write_text(json.dumps(SEGMENTS))  # each answer JSON of it
+    assert main(["generate", "--model", uri, "--prompt", prompts[0], "--max-new-tokens", "40", "--json-schema",
+                 str(schema), "--json", "--tracking-uri", s["mlflow_tracking_uri"]]) == 0  # fmt: skip
+    generated = json.loads(capsys.readouterr().out.splitlines()[-1])["generated"]
+    assert generated == model.predict({"prompt": prompts[:1]}, {"max_new_tokens": 40, "response_format": json.dumps(
+        {"type": "json_schema", "json_schema": {"name": "segment", "schema": SEGMENTS}})})[0]  # fmt: skip
+    assert set(json.loads(generated)) == {"segment", "year", "grew"}, generated
+    assert main(["generate", "--model", old.model_uri, "--prompt", "x", "--json-schema", str(schema),
+                 "--tracking-uri", s["mlflow_tracking_uri"]]) == 2  # fmt: skip
+    assert ("it would not keep to the schema; leave out --json-schema, or generate with a version registered since "
+            "2026-12-05") in capsys.readouterr().err
+    (schema := tmp_path / "bad.json").write_text('{"type": "objectx"}')
+    assert main(["generate", "--model", uri, "--prompt", "x", "--json-schema", str(schema)]) == 2  # before loading
+    assert capsys.readouterr().err.startswith("edgar-tune generate: error: response_format's schema is not one this "
+                                              "server can follow: ")  # fmt: skip
     mlmodel = yaml.safe_load((local / "MLmodel").read_text())  # as a version registered before min_p was taken
     mlmodel["signature"]["params"] = json.dumps([p for p in json.loads(mlmodel["signature"]["params"])
                                                  if p["name"] != "min_p"])  # fmt: skip
@@ -844,6 +859,169 @@ def test_logit_bias_and_penalties_shape_each_step_as_openai_vllm_and_transformer
     while batch is not None:
         batch = lm.advance(batch)
     assert [a.tokens for a in joined] == [a.tokens for a in alone]
+
+
+SEGMENTS = {"type": "object", "properties": {"segment": {"enum": ["AWS", "North America", "International"]},
+                                            "year": {"type": "integer", "minimum": 2000, "maximum": 2030},
+                                            "grew": {"type": "boolean"}},
+            "required": ["segment", "year", "grew"], "additionalProperties": False,
+            "x-guidance": {"whitespace_flexible": False}}  # llguidance's: no whitespace between tokens  # fmt: skip
+
+
+def test_response_format_keeps_each_step_to_what_its_json_schema_allows_next(tiny_run, tmp_path):
+    """`response_format` (OpenAI's JSON mode and JSON schema) keeps each step's tokens to those llguidance's grammar
+    of it allows next, and to the answer's ends once the JSON may end: greedy answers are a plain loop's that takes
+    the likeliest token the grammar allows (nothing batched or cached), each answer ends once its JSON is whole
+    (finish_reason "stop"), and parses. Generated together with unformatted and sampled answers, or joining a batch
+    midway, each is the answer it is alone, and its log probabilities stay the model's own."""
+    import llguidance
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from tasks.batching import Answer
+    from tasks.registry import EdgarTuneLM, generation_settings, loaded_version
+
+    _, s = tiny_run
+    tok = loaded_version(_version_folder(s, tmp_path / "v"), device="cpu").tokenizer
+    torch.manual_seed(0)  # random weights; EOS the tokenizer's (LlamaConfig's 2 is a quote here)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128,
+                                                         num_attention_heads=4, num_key_value_heads=2,
+                                                         vocab_size=len(tok), eos_token_id=tok.eos_token_id,
+                                                         bos_token_id=tok.bos_token_id)).eval()  # fmt: skip
+    lm, n = EdgarTuneLM(), 40
+    lm.model, lm.tokenizer = model, tok
+    eos = set(lm._eos)
+    prompts = [tok(p, return_tensors="pt") for p in ("Net sales increased", "Our segments", "We")]
+    schema = {"type": "json_schema", "json_schema": {"name": "segment", "schema": SEGMENTS}}
+
+    def loop(ids, fmt: dict) -> tuple[list[int], list[float]]:  # a token at a time, nothing batched or cached
+        from tasks.batching import grammar
+
+        matcher = llguidance.LLMatcher(lm.grammar_tokens, grammar(fmt))
+        prompt, out, raw = ids["input_ids"][0].tolist(), [], []
+        while len(out) < n and not (out and out[-1] in eos) and not matcher.is_stopped():
+            with torch.no_grad():
+                x = model(input_ids=torch.tensor([prompt + out])).logits[0, -1].float()
+            allowed = torch.frombuffer(bytearray(matcher.compute_logit_bias()), dtype=torch.uint8) > 0
+            allowed[sorted(eos)] |= matcher.is_accepting()
+            out.append(int(x.masked_fill(~allowed[: len(x)], float("-inf")).argmax()))
+            raw.append(float(torch.log_softmax(x, dim=-1)[out[-1]]))
+            if out[-1] not in eos:
+                assert matcher.consume_token(out[-1])
+        return out, raw
+
+    settings = {"schema": generation_settings({"max_new_tokens": n, "response_format": json.dumps(schema)}),
+                "object": generation_settings({"max_new_tokens": n, "response_format": {"type": "json_object"}}),
+                "sampled": generation_settings({"max_new_tokens": n, "do_sample": True, "temperature": 0.8,
+                                                "top_k": 0, "seed": 3, "response_format": schema}),
+                "plain": generation_settings({"max_new_tokens": n})}  # fmt: skip
+
+    def asked() -> list[Answer]:
+        return [Answer(ids, st, st["seed"] + i, None, logprobs=0) for st in settings.values()
+                for i, ids in enumerate(prompts)]  # fmt: skip
+
+    alone = asked()
+    for a in alone:
+        lm.generate_batch([a])
+    by = {(name, i): a for (name, i), a in zip([(k, i) for k in settings for i in range(len(prompts))], alone,
+                                               strict=True)}  # fmt: skip
+    for i, ids in enumerate(prompts):
+        for name in ("schema", "object"):
+            tokens, raw = loop(ids, settings[name]["response_format"])
+            a = by[name, i]
+            assert a.tokens == tokens, (name, i)
+            assert [x.logprob for x in a.scored] == pytest.approx(raw, abs=1e-4), name
+        said = [json.loads(by[name, i].choice["text"]) for name in ("schema", "sampled")]
+        assert all(set(x) == {"segment", "year", "grew"} and x["segment"] in SEGMENTS["properties"]["segment"]["enum"]
+                   and 2000 <= x["year"] <= 2030 and isinstance(x["grew"], bool) for x in said), said  # fmt: skip
+        assert by["schema", i].choice["finish_reason"] == "stop" and by["sampled", i].choice["finish_reason"] == "stop"
+        assert by["object", i].choice["text"].startswith("{")
+        with contextlib.suppress(json.JSONDecodeError):  # cut at max_tokens, or whole
+            assert isinstance(json.loads(by["object", i].choice["text"]), dict)
+    assert [by["plain", i].choice["text"][:1] for i in range(3)] != ["{"] * 3  # unformatted, it says other things
+    # together, all settings in one batch; and joining one midway, the first answers paused after 4 tokens
+    together = asked()
+    lm.generate_batch(together)
+    assert [a.tokens for a in together] == [a.tokens for a in alone]
+    joined = asked()
+    half = len(joined) // 2
+    batch = lm.advance(lm.join(None, joined[:half]), lambda going, first=joined[0]: len(first.tokens) >= 4)
+    batch = lm.join(batch, joined[half:])
+    while batch is not None:
+        batch = lm.advance(batch)
+    assert [a.tokens for a in joined] == [a.tokens for a in alone]
+
+
+def test_openais_sdk_parses_structured_outputs_of_a_served_chat_version(tiny_run, tmp_path):
+    """OpenAI's SDK asks for structured outputs with a Pydantic model (`chat.completions.parse`, its stream, and
+    the Responses API's `responses.parse`): `edgar-tune serve` answers JSON of its schema, which the SDK parses into
+    the model, and the version's own `predict` says the same with the same `response_format` (JSON text, through
+    MLflow's schema). `/v1/completions` takes it too (as vLLM does); a format or schema it cannot follow is refused
+    with what to send. Before, `response_format` was refused with a 400 (and dropped by `predict`)."""
+    from typing import Annotated, Literal
+
+    import mlflow
+    import openai
+    import yaml
+    from openai.lib._parsing._completions import type_to_response_format_param
+    from pydantic import BaseModel, ConfigDict, Field
+    from transformers import AutoTokenizer
+
+    from tasks.registry import _signature, version_artifacts
+    from tests.test_textdata import CHATML
+
+    class Segment(BaseModel):
+        model_config = ConfigDict(json_schema_extra={"x-guidance": {"whitespace_flexible": False}})
+        segment: Literal["AWS", "North America", "International"]
+        year: Annotated[int, Field(ge=2000, le=2030)]
+        grew: bool
+
+    _, s = tiny_run
+    mlflow.set_tracking_uri(s["mlflow_tracking_uri"])
+    folder = Path(mlflow.artifacts.download_artifacts(f"models:/{s['registered_model']}/{s['model_version']}",
+                                                      dst_path=str(tmp_path / "chat")))  # fmt: skip
+    mlmodel = yaml.safe_load((folder / "MLmodel").read_text())
+    mlmodel["flavors"]["python_function"]["config"]["chat"] = True
+    mlmodel["signature"] = _signature(chat=True).to_dict()
+    (folder / "MLmodel").write_text(yaml.safe_dump(mlmodel))
+    weights = version_artifacts(folder)[0]["weights"]
+    tokenizer = AutoTokenizer.from_pretrained(weights)
+    tokenizer.chat_template = CHATML
+    tokenizer.save_pretrained(weights)
+    asked = [{"role": "system", "content": "Answer in JSON."}, {"role": "user", "content": "Which segment grew?"}]
+    fmt = type_to_response_format_param(Segment)  # what the SDK sends for it
+    chat = mlflow.pyfunc.load_model(str(folder))
+    answered = chat.predict({"messages": asked}, {"max_new_tokens": 60, "response_format": json.dumps(fmt)})
+    with edgar_tune_serve(str(folder), tmp_path) as base_url:
+        client = openai.OpenAI(base_url=base_url, api_key="none", max_retries=0)
+        parsed = client.chat.completions.parse(model=folder.name, messages=asked, response_format=Segment,
+                                               max_tokens=60)  # fmt: skip
+        with client.chat.completions.stream(model=folder.name, messages=asked, response_format=Segment,
+                                            max_tokens=60) as stream:  # fmt: skip
+            streamed = stream.get_final_completion()
+        response = client.responses.parse(model=folder.name, instructions="Answer in JSON.",
+                                          input="Which segment grew?", text_format=Segment, max_output_tokens=60)
+        completed = client.completions.create(model=folder.name, prompt="Net sales", max_tokens=60,
+                                              extra_body={"response_format": fmt})  # fmt: skip
+        refused = {}
+        for why, kw in {"xml": {"response_format": {"type": "xml"}},
+                        "schema": {"response_format": {"type": "json_schema", "json_schema": {
+                            "name": "x", "schema": {"type": "objectx"}}}}}.items():  # fmt: skip
+            with pytest.raises(openai.BadRequestError) as err:
+                client.chat.completions.create(model=folder.name, messages=asked, max_tokens=4, **kw)
+            refused[why] = err.value.body["message"]
+        with pytest.raises(openai.BadRequestError) as verbose:
+            client.responses.create(model=folder.name, input="Hi", text={"verbosity": "low"})
+    said = parsed.choices[0].message
+    assert said.content == answered[0] and isinstance(said.parsed, Segment), said
+    assert parsed.choices[0].finish_reason == "stop" and said.parsed == Segment.model_validate_json(answered[0])
+    assert streamed.choices[0].message.parsed == said.parsed
+    assert response.output_parsed == said.parsed and response.output_text == answered[0]
+    assert response.text.format.type == "json_schema" and response.text.format.name == "Segment"
+    assert Segment.model_validate_json(completed.choices[0].text) and completed.choices[0].finish_reason == "stop"
+    assert refused["xml"].startswith('response_format must be {"type": "text"}, {"type": "json_object"} or '), refused
+    assert refused["schema"].startswith("response_format's schema is not one this server can follow: "), refused
+    assert verbose.value.body["message"].startswith('text={"verbosity": "low"}: this server reads its `format` only')
 
 
 def test_requests_that_come_together_are_generated_together_each_answered_as_alone(tiny_run, tmp_path):
