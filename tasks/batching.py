@@ -493,13 +493,26 @@ def streams(tokenizer) -> bool:
 
 
 def grammar(response_format: dict) -> str:
-    """llguidance's grammar of OpenAI's `response_format` (as `tasks.registry.generation_settings` checks it):
-    `{"type": "json_object"}`, any JSON object; `{"type": "json_schema", "json_schema": {"schema": ...}}`, a JSON
-    value of that schema."""
-    import llguidance
+    """llguidance's grammar of a `response_format` (as `tasks.registry.response_format` checks it): OpenAI's
+    `{"type": "json_object"}`, any JSON object, and `{"type": "json_schema", "json_schema": {"schema": ...}}`, a
+    JSON value of that schema; and vLLM's structured outputs' other kinds: `{"type": "regex", "regex": ...}`, text
+    the regular expression matches whole; `{"type": "choice", "choice": [...]}`, one of those texts; `{"type":
+    "grammar", "grammar": ...}`, text of a context-free grammar, in Lark's syntax or GBNF (llama.cpp's and
+    xgrammar's, converted)."""
+    import json
 
-    schema = response_format["json_schema"].get("schema", {}) if response_format["type"] == "json_schema" else {
-        "type": "object"}  # fmt: skip
+    import llguidance
+    from llguidance.gbnf_to_lark import any_to_lark
+
+    kind = response_format["type"]
+    if kind == "regex":
+        return llguidance.LLMatcher.grammar_from_regex(response_format["regex"])
+    if kind == "choice":
+        return llguidance.LLMatcher.grammar_from_lark("start: " + " | ".join(map(json.dumps,
+                                                                               response_format["choice"])))
+    if kind == "grammar":
+        return llguidance.LLMatcher.grammar_from_lark(any_to_lark(response_format["grammar"]))
+    schema = response_format["json_schema"].get("schema", {}) if kind == "json_schema" else {"type": "object"}
     return llguidance.LLMatcher.grammar_from_json_schema(schema)
 
 

@@ -273,11 +273,18 @@ def generation_settings(params: dict | None) -> dict:
         ids[k]: float(v) for k, v in bias.items()}, "response_format": fmt}
 
 
+# vLLM's structured outputs besides JSON, as a `response_format` type (`edgar-tune serve` takes them as vLLM's
+# `structured_outputs`), and what each holds.
+VLLM_KINDS = {"regex": "a regular expression the answer matches whole", "choice": "a list of texts, none empty, the "
+              "answer one of them", "grammar": "a context-free grammar, in Lark's syntax or GBNF"}
+
+
 def response_format(given: Any) -> dict | None:
     """OpenAI's `response_format` (a mapping, or its JSON text, as a version's signature takes it), checked: None
     for text (`{"type": "text"}`, or none given); `{"type": "json_object"}`, an answer that is a JSON object; or
-    `{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}`, a JSON value of that schema. Each
-    step's tokens are kept to those the format allows next (llguidance's grammar of it: `tasks.batching`).
+    `{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}`, a JSON value of that schema; or one
+    of vLLM's other structured outputs (`VLLM_KINDS`: `{"type": "choice", "choice": ["up", "down"]}`). Each step's
+    tokens are kept to those the format allows next (llguidance's grammar of it: `tasks.batching.grammar`).
 
     Raises:
         MlflowException (INVALID_PARAMETER_VALUE): another shape, or a schema llguidance cannot follow.
@@ -288,12 +295,13 @@ def response_format(given: Any) -> dict | None:
         fmt = None if given is None or given == "" else json.loads(given) if isinstance(given, str) else given
     except json.JSONDecodeError:
         fmt = given  # refused below, as it was sent
-    kinds = ("text", "json_object", "json_schema")
+    kinds = ("text", "json_object", "json_schema", *VLLM_KINDS)
     example = '{"type": "json_schema", "json_schema": {"name": "figures", "schema": {"type": "object", ...}}}'
     if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") not in kinds):
         raise mlflow.exceptions.MlflowException.invalid_parameter_value(
-            f"response_format must be {{\"type\": \"text\"}}, {{\"type\": \"json_object\"}} or {example}, got "
-            f"{str(given)[:80]}")  # fmt: skip
+            f"response_format must be {{\"type\": \"text\"}}, {{\"type\": \"json_object\"}} or {example} (or "
+            f"vLLM's structured outputs: {{\"type\": \"regex\", \"regex\": ...}}, \"choice\" or \"grammar\" "
+            f"likewise), got {str(given)[:80]}")  # fmt: skip
     if fmt is None or fmt["type"] == "text":
         return None
     inner = fmt.get("json_schema")
@@ -301,14 +309,24 @@ def response_format(given: Any) -> dict | None:
         raise mlflow.exceptions.MlflowException.invalid_parameter_value(
             f"response_format's json_schema must be an object whose `schema` is a JSON schema, as {example}, got "
             f"{str(inner)[:80]}")  # fmt: skip
+    kind, value = fmt["type"], fmt.get(fmt["type"])
+    if kind in VLLM_KINDS and not (isinstance(value, str) and value if kind != "choice" else isinstance(
+            value, list) and value and all(isinstance(c, str) and c for c in value)):  # fmt: skip
+        raise mlflow.exceptions.MlflowException.invalid_parameter_value(
+            f"response_format's {kind} must be {VLLM_KINDS[kind]}, got {str(value)[:80]}")
     try:
         import llguidance
     except ImportError:
         raise mlflow.exceptions.MlflowException.invalid_parameter_value(
             "response_format needs llguidance where the model is served (pip install llguidance)") from None
-    if problem := llguidance.LLMatcher.validate_grammar(grammar(fmt)):
+    try:
+        problem = llguidance.LLMatcher.validate_grammar(grammar(fmt))
+    except Exception as err:  # noqa: BLE001 (a GBNF grammar llguidance's converter cannot read, said as it says it)
+        problem = f"{type(err).__name__}: {err}"
+    if problem:
+        what = "schema" if kind.startswith("json") else kind
         raise mlflow.exceptions.MlflowException.invalid_parameter_value(
-            f"response_format's schema is not one this server can follow: {problem}")
+            f"response_format's {what} is not one this server can follow: {problem.strip()}")
     return fmt
 
 

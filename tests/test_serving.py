@@ -956,8 +956,10 @@ def test_openais_sdk_parses_structured_outputs_of_a_served_chat_version(tiny_run
     """OpenAI's SDK asks for structured outputs with a Pydantic model (`chat.completions.parse`, its stream, and
     the Responses API's `responses.parse`): `edgar-tune serve` answers JSON of its schema, which the SDK parses into
     the model, and the version's own `predict` says the same with the same `response_format` (JSON text, through
-    MLflow's schema). `/v1/completions` takes it too (as vLLM does); a format or schema it cannot follow is refused
-    with what to send. Before, `response_format` was refused with a 400 (and dropped by `predict`)."""
+    MLflow's schema). `/v1/completions` takes it too, and vLLM's `structured_outputs` (a choice of texts, a regular
+    expression, a grammar in GBNF or Lark's syntax, JSON without whitespace), as vLLM does; a format or schema it
+    cannot follow is refused with what to send. Before, `response_format` was refused with a 400 (and dropped by
+    `predict`), and `structured_outputs` as a field OpenAI does not have."""
     from typing import Annotated, Literal
 
     import mlflow
@@ -1003,10 +1005,20 @@ def test_openais_sdk_parses_structured_outputs_of_a_served_chat_version(tiny_run
                                           input="Which segment grew?", text_format=Segment, max_output_tokens=60)
         completed = client.completions.create(model=folder.name, prompt="Net sales", max_tokens=60,
                                               extra_body={"response_format": fmt})  # fmt: skip
+        flexible = {k: v for k, v in fmt["json_schema"]["schema"].items() if k != "x-guidance"}
+        vllm = {kind: client.completions.create(model=folder.name, prompt="Net sales", max_tokens=60, extra_body={
+            "structured_outputs": asked}).choices[0] for kind, asked in {  # vLLM's kinds  # fmt: skip
+                "choice": {"choice": ["increased", "decreased", "was flat"]}, "regex": {"regex": r"FY20[0-9]{2}"},
+                "gbnf": {"grammar": 'root ::= "Q" [1-4] " " ("up" | "down")'},
+                "lark": {"grammar": 'start: "Item " /[0-9]{1,2}[A-C]?/'},
+                "json": {"json": json.dumps(flexible), "disable_any_whitespace": True}}.items()}  # fmt: skip
         refused = {}
         for why, kw in {"xml": {"response_format": {"type": "xml"}},
                         "schema": {"response_format": {"type": "json_schema", "json_schema": {
-                            "name": "x", "schema": {"type": "objectx"}}}}}.items():  # fmt: skip
+                            "name": "x", "schema": {"type": "objectx"}}}},
+                        "both": {"response_format": fmt, "extra_body": {"structured_outputs": {"regex": "a"}}},
+                        "two kinds": {"extra_body": {"structured_outputs": {"regex": "a", "choice": ["b"]}}},
+                        "grammar": {"extra_body": {"structured_outputs": {"grammar": "start: yes"}}}}.items():
             with pytest.raises(openai.BadRequestError) as err:
                 client.chat.completions.create(model=folder.name, messages=asked, max_tokens=4, **kw)
             refused[why] = err.value.body["message"]
@@ -1021,6 +1033,14 @@ def test_openais_sdk_parses_structured_outputs_of_a_served_chat_version(tiny_run
     assert Segment.model_validate_json(completed.choices[0].text) and completed.choices[0].finish_reason == "stop"
     assert refused["xml"].startswith('response_format must be {"type": "text"}, {"type": "json_object"} or '), refused
     assert refused["schema"].startswith("response_format's schema is not one this server can follow: "), refused
+    assert vllm["choice"].text in ("increased", "decreased", "was flat") and vllm["choice"].finish_reason == "stop"
+    assert re.fullmatch(r"FY20[0-9]{2}", vllm["regex"].text) and vllm["regex"].finish_reason == "stop", vllm
+    assert re.fullmatch(r"Q[1-4] (up|down)", vllm["gbnf"].text), vllm
+    assert re.fullmatch(r"Item [0-9]{1,2}[A-C]?", vllm["lark"].text), vllm
+    assert " " not in vllm["json"].text.replace("North America", "") and Segment.model_validate_json(vllm["json"].text)
+    assert refused["both"] == "response_format and structured_outputs each say what the answer's form is: give one"
+    assert refused["two kinds"].startswith('structured_outputs={"regex": "a", "choice": ["b"]}: give one of json, ')
+    assert refused["grammar"].startswith("response_format's grammar is not one this server can follow: "), refused
     assert verbose.value.body["message"].startswith('text={"verbosity": "low"}: this server reads its `format` only')
 
 
