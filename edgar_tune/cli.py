@@ -439,8 +439,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
             print(f"edgar-tune generate: error: --json-schema {args.json_schema}: {err}: give a file of one JSON "
                   "schema", file=sys.stderr)  # fmt: skip
             return 2
-        sampling["response_format"] = params["response_format"] = json.dumps({"type": "json_schema", "json_schema": {
+        sampling["response_format"] = json.dumps({"type": "json_schema", "json_schema": {
             "name": Path(args.json_schema).stem, "schema": schema}})  # fmt: skip
+    elif args.choice or args.regex:
+        kind = "choice" if args.choice else "regex"
+        sampling["response_format"] = json.dumps({"type": kind, kind: args.choice or args.regex})
+    if sampling.get("response_format"):
+        params["response_format"] = sampling["response_format"]
     try:
         generation_settings(params)  # before the model loads
     except mlflow.exceptions.MlflowException as err:
@@ -472,8 +477,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                   else []),
                                 *(["it would not stop there"] if "stop" in unknown else []),
                                 *(["it would not be penalized"] if set(unknown) & set(penalties) else []),
-                                *(["it would not keep to the schema"] if "response_format" in unknown else [])])
-        flags = ["--json-schema" if k == "response_format" else "--" + k.replace("_", "-") for k in unknown]
+                                *([f"it would not keep to the {'schema' if args.json_schema else 'form'}"]
+                                  if "response_format" in unknown else [])])  # fmt: skip
+        form = "--json-schema" if args.json_schema else "--choice" if args.choice else "--regex"
+        flags = [form if k == "response_format" else "--" + k.replace("_", "-") for k in unknown]
         print(f"edgar-tune generate: error: {args.model} was registered before versions took {', '.join(unknown)} "
               f"(it takes {', '.join(sorted(known)) or 'no settings'}): {dropped}; leave out "
               f"{', '.join(flags)}, or generate with a version registered "
@@ -986,9 +993,13 @@ def build_parser() -> argparse.ArgumentParser:
                      "answer has taken it (OpenAI's; default 0)")
     gen.add_argument("--frequency-penalty", type=float, help="-2 to 2: subtracted from a token's logit for each time "
                      "the answer has taken it (OpenAI's; default 0)")
-    gen.add_argument("--json-schema", metavar="FILE", help="a JSON schema: each answer is JSON of it, each token kept "
-                     "to those the schema allows next (OpenAI's response_format; an answer cut by --max-new-tokens "
-                     "is not whole)")  # fmt: skip
+    form = gen.add_mutually_exclusive_group()
+    form.add_argument("--json-schema", metavar="FILE", help="a JSON schema: each answer is JSON of it, each token kept "
+                      "to those the schema allows next (OpenAI's response_format; an answer cut by --max-new-tokens "
+                      "is not whole)")  # fmt: skip
+    form.add_argument("--choice", action="append", default=[], metavar="TEXT", help="each answer is one of these "
+                      "texts (repeat for each; vLLM's structured outputs' choice)")  # fmt: skip
+    form.add_argument("--regex", metavar="PATTERN", help="each answer is text this regular expression matches whole")
     gen.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///runs/mlflow.db")
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt")
     gen.set_defaults(fn=cmd_generate)

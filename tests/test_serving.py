@@ -205,6 +205,9 @@ def test_a_version_holds_source_not_a_pickle_and_pickled_older_versions_still_lo
     assert generated == model.predict({"prompt": prompts[:1]}, {"max_new_tokens": 40, "response_format": json.dumps(
         {"type": "json_schema", "json_schema": {"name": "segment", "schema": SEGMENTS}})})[0]  # fmt: skip
     assert set(json.loads(generated)) == {"segment", "year", "grew"}, generated
+    assert main(["generate", "--model", uri, "--prompt", prompts[0], "--choice", "rose", "--choice", "fell", "--json",
+                 "--tracking-uri", s["mlflow_tracking_uri"]]) == 0  # fmt: skip
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["generated"] in ("rose", "fell")
     assert main(["generate", "--model", old.model_uri, "--prompt", "x", "--json-schema", str(schema),
                  "--tracking-uri", s["mlflow_tracking_uri"]]) == 2  # fmt: skip
     assert ("it would not keep to the schema; leave out --json-schema, or generate with a version registered since "
