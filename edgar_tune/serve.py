@@ -55,7 +55,8 @@ log = logging.getLogger(__name__)
 SHAPING = ("logit_bias", "presence_penalty", "frequency_penalty", "repetition_penalty")
 COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "min_p", "n", "stop", "seed", "user", "stream",
           "stream_options", "response_format", "structured_outputs", *SHAPING}  # both on completions too, as vLLM
-CHAT = COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"}
+CHAT = COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "tools", "tool_choice",
+                 "parallel_tool_calls"}
 COMPLETIONS = COMMON | {"prompt", "logprobs", "echo"}
 # What this server does not do, each with the values that ask for nothing (an SDK may send them as they are).
 NOT_DONE = {
@@ -65,6 +66,7 @@ NOT_DONE = {
     "prediction": (None,), "reasoning_effort": (None,), "web_search_options": (None,), "service_tier": (None, "auto"),
     "store": (None, False), "metadata": (None, {}),
 }  # fmt: skip
+CHAT_NOT_DONE = {k: v for k, v in NOT_DONE.items() if k not in ("tools", "tool_choice", "parallel_tool_calls")}
 # OpenAI's Responses API (/v1/responses): its fields read, and those it has that this server does not do, each with
 # the values that ask for nothing; nothing is stored, so a response cannot be fetched or continued later by its id.
 RESPONSES = {"model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "stream", "user",
@@ -78,7 +80,8 @@ RESPONSES_NOT_DONE = {
     "prompt": (None,), "max_tool_calls": (None,), "stream_options": (None,),
 }  # fmt: skip
 TOKENIZER_PATHS = ("/tokenize", "/detokenize", "/tokenizer_info")  # vLLM's, which lm-evaluation-harness reads
-WHY_NOT = {"tools": "the version was not tuned to call tools", "store": "answers are not stored",
+WHY_NOT = {"tools": "the version was not tuned to call tools (/v1/chat/completions calls one where tool_choice names "
+                    "it, or is \"required\")", "store": "answers are not stored",
            "metadata": "it goes with store, and answers are not stored",
            "previous_response_id": "responses are not stored: send the conversation whole as `input`",
            "conversation": "conversations are not stored: send the conversation whole as `input`"}
@@ -161,6 +164,77 @@ def request_settings(body: dict, default_max_new_tokens: int) -> tuple[dict, int
         return generation_settings(params), n
     except mlflow.exceptions.MlflowException as err:
         raise Refused(err.message) from None
+
+
+class ToolCall:
+    """What a chat request's `tools` and `tool_choice` ask: the answer a call of a named function (`tool_choice`
+    {"type": "function", "function": {"name": ...}}), its arguments kept to the function's `parameters`; or, with
+    "required", one or more calls (`parallel_tool_calls` false: one), each of one of `tools`, kept to a JSON list of
+    {"name", "parameters"} (as vLLM asks for them). Either way the calls are the grammar's, not parsed out of free
+    text: "auto" (a version's own choice whether and how to call) needs a version tuned to call tools, and is
+    refused; "none" answers in text."""
+
+    def __init__(self, tools: list[dict], name: str | None, single: bool) -> None:
+        self.tools, self.name = tools, name
+        parameters = {t["function"]["name"]: t["function"].get("parameters") or {"type": "object", "properties": {}}
+                      for t in tools}  # fmt: skip
+        if name is not None:
+            schema = parameters[name]
+        else:
+            schema = {"type": "array", "minItems": 1, **({"maxItems": 1} if single else {}), "items": {"anyOf": [
+                {"type": "object", "properties": {"name": {"const": n}, "parameters": p},
+                 "required": ["name", "parameters"], "additionalProperties": False}
+                for n, p in parameters.items()]}}  # fmt: skip
+            compact = [p.get("x-guidance", {}).get("whitespace_flexible") is False for p in parameters.values()]
+            if all(compact):  # llguidance reads its options at the top: the list's, where every function's asks
+                schema["x-guidance"] = {"whitespace_flexible": False}
+        self.format = {"type": "json_schema", "json_schema": {"name": name or "tool_calls", "schema": schema}}
+
+    @classmethod
+    def asked(cls, body: dict) -> ToolCall | None:
+        """The call `body` asks for, None where it asks for none (no tools, or `tool_choice` "none").
+
+        Raises:
+            Refused: tools that are not function tools, a choice of none of them, "auto", or a `response_format`
+                beside a call."""
+        tools, choice = body.get("tools"), body.get("tool_choice")
+        if not tools or choice == "none":
+            return None
+        if not isinstance(tools, list) or not all(isinstance(t, dict) and t.get("type") == "function" and isinstance(
+                t.get("function"), dict) and isinstance(t["function"].get("name"), str) and isinstance(
+                t["function"].get("parameters", {}), dict) for t in tools):  # fmt: skip
+            raise Refused(f"tools={json.dumps(tools)[:80]}: each is {{\"type\": \"function\", \"function\": "
+                          "{\"name\": ..., \"parameters\": {a JSON schema}}}", param="tools")  # fmt: skip
+        names = [t["function"]["name"] for t in tools]
+        named = choice.get("function", {}).get("name") if isinstance(choice, dict) and choice.get(
+            "type") == "function" and isinstance(choice.get("function"), dict) else None  # fmt: skip
+        if choice in (None, "auto") or not (choice == "required" or named in names):
+            said = " left out (\"auto\")" if choice is None else f"={json.dumps(choice)[:60]}"
+            raise Refused(f"tool_choice{said}: this server calls a tool where the request says to, its arguments "
+                          "kept to the function's parameters; choosing whether to call one needs a version tuned to "
+                          "call tools. Name one (tool_choice={\"type\": \"function\", \"function\": {\"name\": "
+                          f"...}}}}, one of {', '.join(names)}), or send \"required\" or \"none\"",
+                          param="tool_choice")  # fmt: skip
+        if body.get("response_format") not in (None, {"type": "text"}) or body.get("structured_outputs") is not None:
+            raise Refused("a tool call's form is its function's parameters: leave out response_format (and "
+                          "structured_outputs), or tool_choice", param="response_format")  # fmt: skip
+        return cls(tools, named, body.get("parallel_tool_calls") is False)
+
+    def said(self, choice: dict) -> dict:
+        """A chat choice's `message` and `finish_reason` for `choice` (`complete`'s): its calls, each with an id
+        (OpenAI's: content null, finish_reason "stop" for a named call, "tool_calls" for those it required). An
+        answer cut by max_tokens is a named call with its arguments as far as they got; calls it required, its
+        text (their JSON not whole), finish_reason "length"."""
+        text, cut = choice["text"], choice["finish_reason"] == "length"
+        if self.name is not None:
+            calls = [(self.name, text)]
+        elif cut:
+            return {"message": {"role": "assistant", "content": text}, "finish_reason": "length"}
+        else:
+            calls = [(c["name"], json.dumps(c["parameters"])) for c in json.loads(text)]
+        return {"message": {"role": "assistant", "content": None, "tool_calls": [
+            {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": {"name": n, "arguments": a}}
+            for n, a in calls]}, "finish_reason": "length" if cut else "stop" if self.name else "tool_calls"}
 
 
 def structured_outputs(asked: Any) -> dict:
@@ -567,19 +641,23 @@ class Server:
         of its answers waiting in line are dropped, those being generated end at their next token."""
         from tasks.registry import chat_prompt
 
-        check_fields(body, CHAT, "/v1/chat/completions")
+        check_fields(body, CHAT, "/v1/chat/completions", CHAT_NOT_DONE)
         model, served = self._conversing(body, "messages")
         lm = served.lm
-        settings, n = request_settings(body, self.default_max_new_tokens)
+        call = ToolCall.asked(body)
+        settings, n = request_settings(body | ({"response_format": call.format} if call else {}),
+                                       self.default_max_new_tokens)  # fmt: skip
         logprobs, _ = scoring(body, chat=True)
-        prompt = _said(lambda: chat_prompt(lm.tokenizer, chat_turns(body.get("messages")), "messages"))
+        tools = call.tools if call else None
+        prompt = _said(lambda: chat_prompt(lm.tokenizer, chat_turns(body.get("messages")), "messages", tools))
         if body.get("stream"):
             return self._stream(model, served, body, "chatcmpl", "chat.completion.chunk", [(prompt, True)], settings,
-                                n, served.chat_end, logprobs, gone)  # fmt: skip
+                                n, served.chat_end, logprobs, gone, call)  # fmt: skip
         done = self._complete(model, served, [(prompt, True)], settings, n, served.chat_end, logprobs, gone=gone)
         choices = [{"index": k, "message": {"role": "assistant", "content": c["text"]},
                     "logprobs": chat_logprobs(lm.tokenizer, c["scored"], logprobs) if logprobs is not None else None,
-                    "finish_reason": c["finish_reason"]} for k, c in enumerate(done[0]["choices"])]  # fmt: skip
+                    "finish_reason": c["finish_reason"]} | (call.said(c) if call else {})
+                   for k, c in enumerate(done[0]["choices"])]  # fmt: skip
         return self._answer(model, served, "chatcmpl", "chat.completion", choices, done)
 
     def responses(self, body: Any, gone: threading.Event | None = None) -> dict | Stream:
@@ -734,13 +812,15 @@ class Server:
 
     def _stream(self, model: Model, served: Served, body: dict, prefix: str, kind: str,
                 prompts: list[tuple[str | list[int], bool]], settings: dict, n: int, closing: str | None,
-                logprobs: int | None = None, cancelled: threading.Event | None = None) -> Stream:  # fmt: skip
+                logprobs: int | None = None, cancelled: threading.Event | None = None,
+                call: ToolCall | None = None) -> Stream:  # fmt: skip
         """OpenAI's server-sent events of the answers, as they are generated: a chunk per piece of text (a chat
         answer's first says its role), one with each answer's finish_reason, then, where `stream_options` asks
         for it, one with the usage, and `[DONE]`. With `logprobs`, a chunk carries the scores of the tokens taken
         since the last (one whose text is held back, the start of a `stop` text maybe, scored a chunk before its
         text comes). The prompts are checked against the context before the response starts (a 400, not an error
-        inside a 200). The client gone, generation stops at the next token."""
+        inside a 200). The client gone, generation stops at the next token. An answer that is a tool `call` comes
+        whole, as one delta of its `tool_calls`, once it has ended (its arguments' JSON read then)."""
         encoded = _said(lambda: served.lm.encode(prompts, settings["max_new_tokens"]))  # a 400, not an event
         chat, usage = kind.startswith("chat"), bool((body.get("stream_options") or {}).get("include_usage"))
         ident, created = f"{prefix}-{uuid.uuid4().hex}", int(time.time())
@@ -775,9 +855,20 @@ class Server:
                     index = i * n + k
                     if chat and index not in started:
                         started.add(index)
-                        yield event([{"index": index, "delta": {"role": "assistant", "content": ""},
+                        yield event([{"index": index, "delta": {"role": "assistant", "content": None if call else ""},
                                       "logprobs": None, "finish_reason": None}])  # fmt: skip
-                    if choice is None:
+                    if call and choice is None:  # held till the call is whole; its tokens' scores as they come
+                        if scored and logprobs is not None:
+                            yield event([{"index": index, "delta": {}, "logprobs": scores(index, scored),
+                                          "finish_reason": None}])  # fmt: skip
+                    elif call:
+                        said = call.said(choice)
+                        delta = {k: v for k, v in said["message"].items() if k != "role"}
+                        delta["tool_calls"] = [{"index": j, **c} for j, c in enumerate(delta.get("tool_calls") or [])]
+                        yield event([{"index": index, "delta": delta if delta["tool_calls"] or delta.get("content")
+                                      else {}, "logprobs": scores(index, scored) if scored else None,
+                                      "finish_reason": said["finish_reason"]}])  # fmt: skip
+                    elif choice is None:
                         part = {"content": text} if chat else {"text": text}
                         yield event([{"index": index, **({"delta": part} if chat else part),
                                       "logprobs": scores(index, scored), "finish_reason": None}])  # fmt: skip

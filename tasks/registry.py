@@ -422,10 +422,12 @@ def request_prompt(row: dict, template: str | None, which: str,
     return raw, False
 
 
-def chat_prompt(tokenizer, value: str | dict | list, which: str) -> str:
+def chat_prompt(tokenizer, value: str | dict | list, which: str, tools: list[dict] | None = None) -> str:
     """The prompt a request's `messages` make in the model's chat template, with the header that opens the
     assistant's turn: a list of {"role", "content"} objects (system, user and assistant turns), as OpenAI's chat
-    requests send it or as JSON text; one such object; or plain text, one user message.
+    requests send it or as JSON text; one such object; or plain text, one user message. `tools` (OpenAI's function
+    tools) go to the template as transformers passes them, for a template that writes them (one that does not
+    leaves them out).
 
     Raises:
         MlflowException (INVALID_PARAMETER_VALUE): messages that are not such a list, or that the template refuses.
@@ -450,7 +452,8 @@ def chat_prompt(tokenizer, value: str | dict | list, which: str) -> str:
     from jinja2 import TemplateError
 
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                             **({"tools": tools} if tools else {}))  # fmt: skip
     except TemplateError as err:  # the template's own refusal (Gemma's: no system role)
         raise mlflow.exceptions.MlflowException.invalid_parameter_value(
             f"{which}: the model's chat template refuses these messages: {err}") from None

@@ -463,7 +463,8 @@ def test_edgar_tune_serve_answers_openais_sdk_as_the_versions_predict_does(tiny_
         "previous": 'previous_response_id="resp_1" is not served: responses are not stored: send the conversation '
                     "whole as `input`; leave it out",
         "tools": 'tools=[{"type": "function", "name": "f", "parameters": {}}] is not served: the version was not '
-                 "tuned to call tools; leave it out",
+                 'tuned to call tools (/v1/chat/completions calls one where tool_choice names it, or is "required"); '
+                 "leave it out",
         "call output": "input item 1 is of type function_call_output: the version was not tuned to call tools",
         "image": "input item 1 has a part of type input_image; the version reads text only",
         "stored": "store=true is not served: answers are not stored; leave it out",
@@ -961,8 +962,10 @@ def test_openais_sdk_parses_structured_outputs_of_a_served_chat_version(tiny_run
     the model, and the version's own `predict` says the same with the same `response_format` (JSON text, through
     MLflow's schema). `/v1/completions` takes it too, and vLLM's `structured_outputs` (a choice of texts, a regular
     expression, a grammar in GBNF or Lark's syntax, JSON without whitespace), as vLLM does; a format or schema it
-    cannot follow is refused with what to send. Before, `response_format` was refused with a 400 (and dropped by
-    `predict`), and `structured_outputs` as a field OpenAI does not have."""
+    cannot follow is refused with what to send. Chat's `tools` with a named `tool_choice`, or "required", answer
+    with calls whose arguments are kept to the function's parameters (the SDK's `pydantic_function_tool`, parsed;
+    "auto" is refused: the version was not tuned to choose). Before, `response_format` and `tools` were refused with
+    a 400 (`response_format` dropped by `predict`), and `structured_outputs` as a field OpenAI does not have."""
     from typing import Annotated, Literal
 
     import mlflow
@@ -1015,8 +1018,23 @@ def test_openais_sdk_parses_structured_outputs_of_a_served_chat_version(tiny_run
                 "gbnf": {"grammar": 'root ::= "Q" [1-4] " " ("up" | "down")'},
                 "lark": {"grammar": 'start: "Item " /[0-9]{1,2}[A-C]?/'},
                 "json": {"json": json.dumps(flexible), "disable_any_whitespace": True}}.items()}  # fmt: skip
+        # a tool call, named or required: its arguments kept to the function's parameters (the SDK parses them)
+        named = {"type": "function", "function": {"name": "Segment"}}
+        called = client.chat.completions.parse(model=folder.name, messages=asked, max_tokens=60, tool_choice=named,
+                                               tools=[openai.pydantic_function_tool(Segment)])  # fmt: skip
+        with client.chat.completions.stream(model=folder.name, messages=asked, max_tokens=60, tool_choice=named,
+                                            tools=[openai.pydantic_function_tool(Segment)]) as stream:  # fmt: skip
+            called_streamed = stream.get_final_completion()
+        other = {"type": "function", "function": {"name": "lookup", "parameters": {
+            "type": "object", "properties": {"item": {"enum": ["7", "7A", "8"]}}, "required": ["item"],
+            "additionalProperties": False, "x-guidance": {"whitespace_flexible": False}}}}  # fmt: skip
+        required = client.chat.completions.create(model=folder.name, messages=asked, max_tokens=80,
+                                                  tools=[openai.pydantic_function_tool(Segment), other],
+                                                  tool_choice="required", parallel_tool_calls=False)  # fmt: skip
         refused = {}
-        for why, kw in {"xml": {"response_format": {"type": "xml"}},
+        for why, kw in {"auto": {"tools": [other]},
+                        "unknown tool": {"tools": [other], "tool_choice": named},
+                        "xml": {"response_format": {"type": "xml"}},
                         "schema": {"response_format": {"type": "json_schema", "json_schema": {
                             "name": "x", "schema": {"type": "objectx"}}}},
                         "both": {"response_format": fmt, "extra_body": {"structured_outputs": {"regex": "a"}}},
@@ -1035,6 +1053,18 @@ def test_openais_sdk_parses_structured_outputs_of_a_served_chat_version(tiny_run
     assert response.text.format.type == "json_schema" and response.text.format.name == "Segment"
     assert Segment.model_validate_json(completed.choices[0].text) and completed.choices[0].finish_reason == "stop"
     assert refused["xml"].startswith('response_format must be {"type": "text"}, {"type": "json_object"} or '), refused
+    call = called.choices[0].message.tool_calls[0]
+    assert called.choices[0].message.content is None and called.choices[0].finish_reason == "stop"
+    assert call.function.name == "Segment" and isinstance(call.function.parsed_arguments, Segment), call
+    assert called_streamed.choices[0].message.tool_calls[0].function.parsed_arguments == call.function.parsed_arguments
+    assert called_streamed.choices[0].message.tool_calls[0].id.startswith("call_")
+    calls = required.choices[0].message.tool_calls
+    assert required.choices[0].finish_reason == "tool_calls" and len(calls) == 1, required
+    assert (calls[0].function.name, set(json.loads(calls[0].function.arguments))) in (
+        ("Segment", {"segment", "year", "grew"}), ("lookup", {"item"})), calls  # fmt: skip
+    assert refused["auto"].startswith('tool_choice left out ("auto"): this server calls a tool where the request '
+                                      "says to"), refused  # fmt: skip
+    assert refused["unknown tool"].endswith("one of lookup), or send \"required\" or \"none\""), refused
     assert refused["schema"].startswith("response_format's schema is not one this server can follow: "), refused
     assert vllm["choice"].text in ("increased", "decreased", "was flat") and vllm["choice"].finish_reason == "stop"
     assert re.fullmatch(r"FY20[0-9]{2}", vllm["regex"].text) and vllm["regex"].finish_reason == "stop", vllm
