@@ -14,8 +14,9 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -294,10 +295,6 @@ def test_edgar_tune_serve_answers_openais_sdk_as_the_versions_predict_does(tiny_
     import mlflow
     import openai
     import pandas as pd
-    import yaml
-
-    from tasks.registry import _signature, version_artifacts
-    from tests.test_textdata import CHATML
 
     _, s = tiny_run
     name, uri = s["registered_model"], f"models:/{s['registered_model']}@champion"
@@ -383,14 +380,7 @@ def test_edgar_tune_serve_answers_openais_sdk_as_the_versions_predict_does(tiny_
                                              "stored: no response is fetched again by its id) and GET /v1/models")
     assert stored.value.body["message"] == "store=true is not served: answers are not stored; leave it out"
     # A version tuned on conversations (its folder, as MLflow downloads it): messages in its chat template
-    folder = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{s['model_version']}",
-                                                      dst_path=str(tmp_path / "chat")))  # fmt: skip
-    mlmodel = yaml.safe_load((folder / "MLmodel").read_text())
-    mlmodel["flavors"]["python_function"]["config"]["chat"] = True
-    mlmodel["signature"] = _signature(chat=True).to_dict()
-    (folder / "MLmodel").write_text(yaml.safe_dump(mlmodel))
-    tokenizer.chat_template = CHATML
-    tokenizer.save_pretrained(version_artifacts(folder)[0]["weights"])
+    folder, tokenizer = _chat_version(s, tmp_path / "chat", tokenizer)
     chat = mlflow.pyfunc.load_model(str(folder))
     asked = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Net sales grew."}]
     answered = chat.predict({"messages": asked}, {"max_new_tokens": 4})
@@ -775,17 +765,13 @@ def test_logit_bias_and_penalties_shape_each_step_as_openai_vllm_and_transformer
     transformers' own `generate(repetition_penalty=...)` does. Generated together with answers of other settings,
     or joining a batch midway, each is the answer it is alone, and its log probabilities stay the model's own."""
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
 
     from tasks.batching import Answer
     from tasks.registry import EdgarTuneLM, generation_settings, loaded_version
 
     _, s = tiny_run
     tok = loaded_version(_version_folder(s, tmp_path / "v"), device="cpu").tokenizer
-    torch.manual_seed(0)  # random weights: the tuned tiny model says one token over and over, whatever shapes it
-    model = AutoModelForCausalLM.from_config(LlamaConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128,
-                                                         num_attention_heads=4, num_key_value_heads=2,
-                                                         vocab_size=len(tok))).eval()  # fmt: skip
+    model = _random_llama(len(tok))  # the tuned tiny model says one token over and over, whatever shapes it
     lm, n = EdgarTuneLM(), 12
     lm.model, lm.tokenizer = model, tok
     eos = set(lm._eos)
@@ -818,16 +804,7 @@ def test_logit_bias_and_penalties_shape_each_step_as_openai_vllm_and_transformer
     settings["sampled"] = generation_settings({"max_new_tokens": n, "do_sample": True, "temperature": 0.8,
                                                "top_k": 0, "frequency_penalty": 1.0, "seed": 3})  # fmt: skip
     settings["plain"] = generation_settings({"max_new_tokens": n})
-
-    def asked() -> list[Answer]:
-        return [Answer(ids, st, st["seed"] + i, None, logprobs=0) for st in settings.values()
-                for i, ids in enumerate(prompts)]  # fmt: skip
-
-    alone = asked()
-    for a in alone:
-        lm.generate_batch([a])
-    by = {(name, i): a for (name, i), a in zip([(k, i) for k in settings for i in range(len(prompts))], alone,
-                                               strict=True)}  # fmt: skip
+    asked, alone, by = _alone(lm, settings, prompts)
     for name in cases:
         expected = [loop(ids, settings[name]) for ids in prompts]
         got = [by[name, i] for i in range(len(prompts))]
@@ -852,17 +829,7 @@ def test_logit_bias_and_penalties_shape_each_step_as_openai_vllm_and_transformer
                              pad_token_id=tok.pad_token_id or next(iter(eos)))  # fmt: skip
         assert drawn[i].tokens == out[0, ids["input_ids"].shape[1] :].tolist()
     assert [a.tokens for a in drawn] != [a.tokens for a in unnarrowed]
-    # together, all settings in one batch; and joining one midway, the first answers paused after 4 tokens
-    together = asked()
-    lm.generate_batch(together)
-    assert [a.tokens for a in together] == [a.tokens for a in alone]
-    joined = asked()
-    half = len(joined) // 2
-    batch = lm.advance(lm.join(None, joined[:half]), lambda going, first=joined[0]: len(first.tokens) >= 4)
-    batch = lm.join(batch, joined[half:])
-    while batch is not None:
-        batch = lm.advance(batch)
-    assert [a.tokens for a in joined] == [a.tokens for a in alone]
+    _each_as_alone(lm, asked, alone)
 
 
 SEGMENTS = {"type": "object", "properties": {"segment": {"enum": ["AWS", "North America", "International"]},
@@ -880,18 +847,12 @@ def test_response_format_keeps_each_step_to_what_its_json_schema_allows_next(tin
     midway, each is the answer it is alone, and its log probabilities stay the model's own."""
     import llguidance
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from tasks.batching import Answer
     from tasks.registry import EdgarTuneLM, generation_settings, loaded_version
 
     _, s = tiny_run
     tok = loaded_version(_version_folder(s, tmp_path / "v"), device="cpu").tokenizer
-    torch.manual_seed(0)  # random weights; EOS the tokenizer's (LlamaConfig's 2 is a quote here)
-    model = AutoModelForCausalLM.from_config(LlamaConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128,
-                                                         num_attention_heads=4, num_key_value_heads=2,
-                                                         vocab_size=len(tok), eos_token_id=tok.eos_token_id,
-                                                         bos_token_id=tok.bos_token_id)).eval()  # fmt: skip
+    model = _random_llama(len(tok), eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)  # (2 is a quote)
     lm, n = EdgarTuneLM(), 40
     lm.model, lm.tokenizer = model, tok
     eos = set(lm._eos)
@@ -919,16 +880,7 @@ def test_response_format_keeps_each_step_to_what_its_json_schema_allows_next(tin
                 "sampled": generation_settings({"max_new_tokens": n, "do_sample": True, "temperature": 0.8,
                                                 "top_k": 0, "seed": 3, "response_format": schema}),
                 "plain": generation_settings({"max_new_tokens": n})}  # fmt: skip
-
-    def asked() -> list[Answer]:
-        return [Answer(ids, st, st["seed"] + i, None, logprobs=0) for st in settings.values()
-                for i, ids in enumerate(prompts)]  # fmt: skip
-
-    alone = asked()
-    for a in alone:
-        lm.generate_batch([a])
-    by = {(name, i): a for (name, i), a in zip([(k, i) for k in settings for i in range(len(prompts))], alone,
-                                               strict=True)}  # fmt: skip
+    asked, alone, by = _alone(lm, settings, prompts)
     for i, ids in enumerate(prompts):
         for name in ("schema", "object"):
             tokens, raw = loop(ids, settings[name]["response_format"])
@@ -943,17 +895,7 @@ def test_response_format_keeps_each_step_to_what_its_json_schema_allows_next(tin
         with contextlib.suppress(json.JSONDecodeError):  # cut at max_tokens, or whole
             assert isinstance(json.loads(by["object", i].choice["text"]), dict)
     assert [by["plain", i].choice["text"][:1] for i in range(3)] != ["{"] * 3  # unformatted, it says other things
-    # together, all settings in one batch; and joining one midway, the first answers paused after 4 tokens
-    together = asked()
-    lm.generate_batch(together)
-    assert [a.tokens for a in together] == [a.tokens for a in alone]
-    joined = asked()
-    half = len(joined) // 2
-    batch = lm.advance(lm.join(None, joined[:half]), lambda going, first=joined[0]: len(first.tokens) >= 4)
-    batch = lm.join(batch, joined[half:])
-    while batch is not None:
-        batch = lm.advance(batch)
-    assert [a.tokens for a in joined] == [a.tokens for a in alone]
+    _each_as_alone(lm, asked, alone)
 
 
 def test_openais_sdk_parses_structured_outputs_of_a_served_chat_version(tiny_run, tmp_path):
@@ -970,13 +912,8 @@ def test_openais_sdk_parses_structured_outputs_of_a_served_chat_version(tiny_run
 
     import mlflow
     import openai
-    import yaml
     from openai.lib._parsing._completions import type_to_response_format_param
     from pydantic import BaseModel, ConfigDict, Field
-    from transformers import AutoTokenizer
-
-    from tasks.registry import _signature, version_artifacts
-    from tests.test_textdata import CHATML
 
     class Segment(BaseModel):
         model_config = ConfigDict(json_schema_extra={"x-guidance": {"whitespace_flexible": False}})
@@ -985,17 +922,7 @@ def test_openais_sdk_parses_structured_outputs_of_a_served_chat_version(tiny_run
         grew: bool
 
     _, s = tiny_run
-    mlflow.set_tracking_uri(s["mlflow_tracking_uri"])
-    folder = Path(mlflow.artifacts.download_artifacts(f"models:/{s['registered_model']}/{s['model_version']}",
-                                                      dst_path=str(tmp_path / "chat")))  # fmt: skip
-    mlmodel = yaml.safe_load((folder / "MLmodel").read_text())
-    mlmodel["flavors"]["python_function"]["config"]["chat"] = True
-    mlmodel["signature"] = _signature(chat=True).to_dict()
-    (folder / "MLmodel").write_text(yaml.safe_dump(mlmodel))
-    weights = version_artifacts(folder)[0]["weights"]
-    tokenizer = AutoTokenizer.from_pretrained(weights)
-    tokenizer.chat_template = CHATML
-    tokenizer.save_pretrained(weights)
+    folder, _ = _chat_version(s, tmp_path / "chat")
     asked = [{"role": "system", "content": "Answer in JSON."}, {"role": "user", "content": "Which segment grew?"}]
     fmt = type_to_response_format_param(Segment)  # what the SDK sends for it
     chat = mlflow.pyfunc.load_model(str(folder))
@@ -1075,6 +1002,72 @@ def test_openais_sdk_parses_structured_outputs_of_a_served_chat_version(tiny_run
     assert refused["two kinds"].startswith('structured_outputs={"regex": "a", "choice": ["b"]}: give one of json, ')
     assert refused["grammar"].startswith("response_format's grammar is not one this server can follow: "), refused
     assert verbose.value.body["message"].startswith('text={"verbosity": "low"}: this server reads its `format` only')
+
+
+def _chat_version(s: dict, into: Path, tokenizer=None) -> tuple[Path, Any]:
+    """The tiny run's version (its folder, as MLflow downloads it into `into`) made a version tuned on
+    conversations: its MLmodel says so, with a chat signature, and its tokenizer (`tokenizer`, else its own) has
+    ChatML's template. The folder, and the tokenizer."""
+    import mlflow
+    import yaml
+    from transformers import AutoTokenizer
+
+    from tasks.registry import _signature, version_artifacts
+    from tests.test_textdata import CHATML
+
+    mlflow.set_tracking_uri(s["mlflow_tracking_uri"])
+    folder = Path(mlflow.artifacts.download_artifacts(f"models:/{s['registered_model']}/{s['model_version']}",
+                                                      dst_path=str(into)))  # fmt: skip
+    mlmodel = yaml.safe_load((folder / "MLmodel").read_text())
+    mlmodel["flavors"]["python_function"]["config"]["chat"] = True
+    mlmodel["signature"] = _signature(chat=True).to_dict()
+    (folder / "MLmodel").write_text(yaml.safe_dump(mlmodel))
+    weights = version_artifacts(folder)[0]["weights"]
+    tokenizer = tokenizer or AutoTokenizer.from_pretrained(weights)
+    tokenizer.chat_template = CHATML
+    tokenizer.save_pretrained(weights)
+    return folder, tokenizer
+
+
+def _random_llama(vocab: int, **config):
+    """A two-layer Llama of random weights (seed 0) over `vocab` tokens, `config` over LlamaConfig's."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(LlamaConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128,
+                                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
+                                                        **config)).eval()  # fmt: skip
+
+
+def _alone(lm, settings: dict[str, dict], prompts: list) -> tuple[Callable[[], list], list, dict]:
+    """An answer to each prompt with each of `settings` (scored: `logprobs` 0): a function that makes them afresh,
+    them generated one at a time, and those by (settings' name, prompt's place)."""
+    from tasks.batching import Answer
+
+    def asked() -> list[Answer]:
+        return [Answer(ids, st, st["seed"] + i, None, logprobs=0) for st in settings.values()
+                for i, ids in enumerate(prompts)]  # fmt: skip
+
+    alone = asked()
+    for a in alone:
+        lm.generate_batch([a])
+    return asked, alone, dict(zip([(k, i) for k in settings for i in range(len(prompts))], alone, strict=True))
+
+
+def _each_as_alone(lm, asked: Callable[[], list], alone: list) -> None:
+    """`asked()`'s answers generated all in one batch, then half of them joining a batch of the other half midway
+    (paused after the first's 4th token), are each the answer it is `alone`."""
+    together = asked()
+    lm.generate_batch(together)
+    assert [a.tokens for a in together] == [a.tokens for a in alone]
+    joined = asked()
+    half = len(joined) // 2
+    batch = lm.advance(lm.join(None, joined[:half]), lambda going, first=joined[0]: len(first.tokens) >= 4)
+    batch = lm.join(batch, joined[half:])
+    while batch is not None:
+        batch = lm.advance(batch)
+    assert [a.tokens for a in joined] == [a.tokens for a in alone]
 
 
 def test_requests_that_come_together_are_generated_together_each_answered_as_alone(tiny_run, tmp_path):
