@@ -233,8 +233,13 @@ class ToolCall:
         else:
             calls = [(c["name"], json.dumps(c["parameters"])) for c in json.loads(text)]
         return {"message": {"role": "assistant", "content": None, "tool_calls": [
-            {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": {"name": n, "arguments": a}}
-            for n, a in calls]}, "finish_reason": "length" if cut else "stop" if self.name else "tool_calls"}
+            {"id": self.ident(), "type": "function", "function": {"name": n, "arguments": a}} for n, a in calls]},
+            "finish_reason": "length" if cut else "stop" if self.name else "tool_calls"}
+
+    @staticmethod
+    def ident() -> str:
+        """A call's id, as OpenAI's look."""
+        return f"call_{uuid.uuid4().hex[:24]}"
 
 
 def structured_outputs(asked: Any) -> dict:
@@ -819,8 +824,9 @@ class Server:
         for it, one with the usage, and `[DONE]`. With `logprobs`, a chunk carries the scores of the tokens taken
         since the last (one whose text is held back, the start of a `stop` text maybe, scored a chunk before its
         text comes). The prompts are checked against the context before the response starts (a 400, not an error
-        inside a 200). The client gone, generation stops at the next token. An answer that is a tool `call` comes
-        whole, as one delta of its `tool_calls`, once it has ended (its arguments' JSON read then)."""
+        inside a 200). The client gone, generation stops at the next token. An answer that is a named tool `call`
+        streams its arguments as OpenAI's do (the first chunk names the call); calls "required" come whole, as one
+        delta of `tool_calls`, once the answer has ended (their JSON read then)."""
         encoded = _said(lambda: served.lm.encode(prompts, settings["max_new_tokens"]))  # a 400, not an event
         chat, usage = kind.startswith("chat"), bool((body.get("stream_options") or {}).get("include_usage"))
         ident, created = f"{prefix}-{uuid.uuid4().hex}", int(time.time())
@@ -855,9 +861,17 @@ class Server:
                     index = i * n + k
                     if chat and index not in started:
                         started.add(index)
-                        yield event([{"index": index, "delta": {"role": "assistant", "content": None if call else ""},
-                                      "logprobs": None, "finish_reason": None}])  # fmt: skip
-                    if call and choice is None:  # held till the call is whole; its tokens' scores as they come
+                        opening = {"role": "assistant", "content": None if call else ""}
+                        if call and call.name is not None:  # the named call's id and name, its arguments to come
+                            opening["tool_calls"] = [{"index": 0, "id": ToolCall.ident(), "type": "function",
+                                                      "function": {"name": call.name, "arguments": ""}}]  # fmt: skip
+                        yield event([{"index": index, "delta": opening, "logprobs": None, "finish_reason": None}])
+                    if call and call.name is not None:  # a named call's arguments as they come, as OpenAI's
+                        part = {"tool_calls": [{"index": 0, "function": {"arguments": text}}]} if text else {}
+                        if part or scored or choice is not None:
+                            yield event([{"index": index, "delta": part, "logprobs": scores(index, scored) if scored
+                                          else None, "finish_reason": choice and choice["finish_reason"]}])  # fmt: skip
+                    elif call and choice is None:  # required: held till the calls are whole, to read them
                         if scored and logprobs is not None:
                             yield event([{"index": index, "delta": {}, "logprobs": scores(index, scored),
                                           "finish_reason": None}])  # fmt: skip

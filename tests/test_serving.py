@@ -952,6 +952,8 @@ def test_openais_sdk_parses_structured_outputs_of_a_served_chat_version(tiny_run
         with client.chat.completions.stream(model=folder.name, messages=asked, max_tokens=60, tool_choice=named,
                                             tools=[openai.pydantic_function_tool(Segment)]) as stream:  # fmt: skip
             called_streamed = stream.get_final_completion()
+        chunks = list(client.chat.completions.create(model=folder.name, messages=asked, max_tokens=60, stream=True,
+                                                     tool_choice=named, tools=[openai.pydantic_function_tool(Segment)]))
         other = {"type": "function", "function": {"name": "lookup", "parameters": {
             "type": "object", "properties": {"item": {"enum": ["7", "7A", "8"]}}, "required": ["item"],
             "additionalProperties": False, "x-guidance": {"whitespace_flexible": False}}}}  # fmt: skip
@@ -985,6 +987,10 @@ def test_openais_sdk_parses_structured_outputs_of_a_served_chat_version(tiny_run
     assert call.function.name == "Segment" and isinstance(call.function.parsed_arguments, Segment), call
     assert called_streamed.choices[0].message.tool_calls[0].function.parsed_arguments == call.function.parsed_arguments
     assert called_streamed.choices[0].message.tool_calls[0].id.startswith("call_")
+    pieces = [c.choices[0].delta.tool_calls[0].function.arguments for c in chunks if c.choices[0].delta.tool_calls]
+    assert chunks[0].choices[0].delta.tool_calls[0].function.name == "Segment" and pieces[0] == ""  # named first
+    assert len(pieces) > 3 and "".join(pieces) == call.function.arguments  # then its arguments as they come
+    assert chunks[-1].choices[0].finish_reason == "stop"
     calls = required.choices[0].message.tool_calls
     assert required.choices[0].finish_reason == "tool_calls" and len(calls) == 1, required
     assert (calls[0].function.name, set(json.loads(calls[0].function.arguments))) in (
