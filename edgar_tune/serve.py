@@ -390,6 +390,10 @@ class Served:
         return cls(lm, version, turn_end(lm.tokenizer))
 
 
+# The longest wait before a version whose load failed is loaded again (`Model._follow`), in seconds.
+RELOAD_WAIT_MOST = 3600
+
+
 class Model:
     """One model a server serves: its id in requests (`name`), the URI it was given, and the version it serves
     now (`served`).
@@ -413,27 +417,37 @@ class Model:
         """Asks where the alias points every `every` seconds. A check that fails (the tracking server down, a
         download that fails) is logged with its traceback once; the same failure again is counted, not logged (a
         server down for an hour, asked every minute, made sixty tracebacks), and the first check that works after
-        says how many failed."""
+        says how many failed. A version whose load failed is loaded again only after a wait that doubles with
+        each failure (`every` first, up to `RELOAD_WAIT_MOST`), or at once if the alias moves to another: each
+        load of a 7B version is gigabytes downloaded or read, which a version that cannot load made every minute."""
         failing, failed = None, 0  # the failure of the checks failing since the last that worked, and their count
         tried = None  # the version a check last began to load
+        wait, again = every, 0.0  # after a failed load: the wait before it is loaded again, and when that is
         while not stopped.wait(every):
+            loading = False
             try:
                 version = points_at()
                 if version != self.served.version:
                     start = time.monotonic()
+                    if failing and tried == version and start < again:
+                        continue  # a failed load: not again yet (the alias asked, the failure still counted)
                     if not (failing and tried == version):  # once, not again at each failed try
                         log.info("%s now points at v%s (serving v%s): loading it", self.uri, version,
                                  self.served.version)  # fmt: skip
-                    tried = version
+                    tried, loading = version, True
                     served, before = Served.of(load(version), version), self.served.version
-                    self.served = served
+                    self.served, wait = served, every
                     log.info("serving %s v%s (was v%s), loaded in %.1f s", self.name, version, before,
                              time.monotonic() - start)  # fmt: skip
             except Exception as err:  # noqa: BLE001 (asked again next time)
                 said = re.sub(r" at 0x[0-9a-f]+", "", f"{type(err).__name__}: {err}")  # one failure, whichever object
+                if loading:
+                    again, wait = time.monotonic() + wait, min(2 * wait, max(every, RELOAD_WAIT_MOST))
                 if said != failing:
                     log.exception("could not follow %s; still serving v%s, asking again every %g s (the same "
-                                  "failure again is counted, not logged)", self.uri, self.served.version, every)
+                                  "failure again is counted, not logged)%s", self.uri, self.served.version, every,
+                                  f"; v{tried} loaded again after a wait that doubles with each failure, up to "
+                                  f"{RELOAD_WAIT_MOST:g} s, or at once if the alias moves" if loading else "")
                 failing, failed = said, failed + 1
                 continue
             if failing is not None:

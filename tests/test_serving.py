@@ -555,11 +555,12 @@ def test_a_follower_whose_tracking_server_is_down_logs_it_once_and_says_when_it_
     said = [r for r in caplog.records if r.name == "edgar_tune.serve"]
     failed = [r for r in said if r.getMessage().startswith("could not follow models:/m@champion")]
     assert len(failed) == 1 and failed[0].exc_info, [r.getMessage() for r in said]
-    back = [r.getMessage() for r in said if " again after " in r.getMessage()]
+    back = [r.getMessage() for r in said if r.getMessage().startswith("following models:/m@champion again")]
     assert len(back) == 1 and re.fullmatch(rf"following models:/m@champion again after 5 failed check\(s\) \(Mlflow"
                                            rf"Exception: .+\); serving v{s['model_version']}", back[0]), back
-    # a version that fails to load (its download cut, say) is tried again each check, and said once
-    tries, stopped = [], threading.Event()
+    # a version that fails to load (its download cut, say) is loaded again after waits that double (0.05, 0.1, then
+    # 0.2 s here), the alias still asked each check; said once
+    tries, asked, stopped = [], [], threading.Event()
 
     def load(version: str):
         tries.append(version)
@@ -569,15 +570,21 @@ def test_a_follower_whose_tracking_server_is_down_logs_it_once_and_says_when_it_
 
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="edgar_tune.serve"):
-        moving = Model("m", "models:/m@champion", Served(None, "0", None), (lambda: "7", load), 0.05, stopped)
+        moving = Model("m", "models:/m@champion", Served(None, "0", None), (lambda: asked.append(1) or "7", load),
+                       0.05, stopped)  # fmt: skip
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not any(" again after " in r.getMessage() for r in caplog.records):
+        while time.monotonic() < deadline and not any(r.getMessage().startswith("following models:/m@champion again")
+                                                      for r in caplog.records):  # fmt: skip
             time.sleep(0.05)  # the line that says so comes just after v7 is served: wait for it, not for v7
         stopped.set()
     said = [r.getMessage() for r in caplog.records if r.name == "edgar_tune.serve"]
     assert moving.served.version == "7" and len(tries) == 4, said
+    assert len(asked) >= 7, asked  # 4 loads, and at least 3 checks between them that did not load (0.05 + 0.15 s)
     assert [m for m in said if "loading it" in m] == ["models:/m@champion now points at v7 (serving v0): loading it"]
-    assert sum(m.startswith("could not follow") for m in said) == 1, said
+    assert [m for m in said if m.startswith("could not follow")] == [
+        "could not follow models:/m@champion; still serving v0, asking again every 0.05 s (the same failure again is "
+        "counted, not logged); v7 loaded again after a wait that doubles with each failure, up to 3600 s, or at once "
+        "if the alias moves"], said  # fmt: skip
     assert "following models:/m@champion again after 3 failed check(s) (OSError: the download of v7 was cut); " \
            "serving v7" in said, said
 
