@@ -50,9 +50,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Request fields read, by endpoint; `top_k`, `min_p` and `repetition_penalty` are not OpenAI's, and vLLM's and
-# others' servers take them too.
-SHAPING = ("logit_bias", "presence_penalty", "frequency_penalty", "repetition_penalty")
+# Request fields read, by endpoint; `top_k`, `min_p`, `repetition_penalty`, `min_tokens`, `ignore_eos` and
+# `stop_token_ids` are not OpenAI's, and vLLM's and others' servers take them too (fixed-length benchmarks, as
+# `vllm bench serve --ignore-eos`, send the last three).
+SHAPING = ("logit_bias", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_tokens", "ignore_eos",
+           "stop_token_ids")
 COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "min_p", "n", "stop", "seed", "user", "stream",
           "stream_options", "response_format", "structured_outputs", *SHAPING}  # both on completions too, as vLLM
 CHAT = COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "tools", "tool_choice",

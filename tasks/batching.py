@@ -253,9 +253,12 @@ class Generation:
             return None
         rows = _Rows(self, batch.asked, self._eos, pause, halt)
         left = max(a.settings["max_new_tokens"] - len(a.tokens) for a in batch.asked)
+        # each row's ends are its own (`_Rows`); generate's own EOS would end a row that ignores it (vLLM's
+        # ignore_eos), so it is left out where one does
+        unended = {"eos_token_id": None} if any(a.settings.get("ignore_eos") for a in batch.asked) else {}
         with torch.no_grad():
             out = self.model.generate(input_ids=batch.ids, attention_mask=batch.mask, past_key_values=batch.cache,
-                                      do_sample=False, pad_token_id=self._pad, max_new_tokens=left,
+                                      do_sample=False, pad_token_id=self._pad, max_new_tokens=left, **unended,
                                       logits_processor=LogitsProcessorList([rows.pick]),
                                       stopping_criteria=StoppingCriteriaList([rows]),
                                       return_dict_in_generate=True)  # fmt: skip
@@ -347,16 +350,19 @@ class _Rows:
         self.eos, self.ends, self.warpers = [], [], []
         for a in asked:
             stop = stop_at(a.closing, lm.tokenizer, lm.model, a.settings["stop"])  # a turn end of one token: an EOS
-            self.eos.append(set(stop.get("eos_token_id", eos)))
+            own = set() if a.settings.get("ignore_eos") else set(stop.get("eos_token_id", eos))
+            self.eos.append(own | set(a.settings.get("stop_token_ids") or ()))  # vLLM's: ends of the answer's own
             self.ends.append(stop.get("stop_strings", []))
             self.warpers.append(_warpers(a.settings) if a.settings["do_sample"] else None)
         self.shaped = [r for r, a in enumerate(asked) if _Shaping.asked(a.settings)]
         self.shaping: _Shaping | None = None  # built at the first step, for the rows in `shaped`
         self.formed = {r: lm.matcher(a) for r, a in enumerate(asked) if a.settings.get("response_format")}
+        self.least = {r: a.settings["min_tokens"] for r, a in enumerate(asked) if a.settings.get("min_tokens")}
         self.bitmask = None  # the tokens each formed row's grammar allows next, 32 to an int32 (llguidance's)
 
     def pick(self, input_ids, scores):
-        """Each row's scores shaped by its answer's logit bias and penalties (`_Shaping`), greedy or sampled; then
+        """Each row's scores shaped by its answer's logit bias and penalties (`_Shaping`), greedy or sampled, kept
+        to what its `response_format` allows next (`_form`), and its ends held back before its `min_tokens`; then
         each sampled row's made the token drawn (its settings' warpers, softmax, a draw from its own generator) and
         nothing else, which `generate`'s greedy argmax then takes: what one-at-a-time generation with `do_sample`
         drew, from the same seed, whatever the row is batched with."""
@@ -373,6 +379,9 @@ class _Rows:
             self.shaping(scores)
         if self.formed:
             self._form(scores)
+        for row, least in self.least.items():  # vLLM's min_tokens: no end of the row's before that many
+            if not self.done[row] and len(self.asked[row].tokens) < least and self.eos[row]:
+                scores[row, sorted(self.eos[row])] = float("-inf")
         for row, warpers in enumerate(self.warpers):
             if warpers is None or self.done[row]:
                 continue

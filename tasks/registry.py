@@ -155,10 +155,11 @@ class EdgarTuneLM(mlflow.pyfunc.PythonModel, Generation):
         the scores of the tokens taken since the last piece, then its choice (`text` None). Generation of an answer
         stops at its next token once `cancelled` is set (a streaming client gone). `encoded`: the prompts as `encode`
         gave them already (a server checks them before its stream begins), not tokenized again."""
-        if (bias := settings.get("logit_bias")) and max(bias) >= (vocab := self.vocabulary):
-            raise mlflow.exceptions.MlflowException.invalid_parameter_value(
-                f"logit_bias names token {max(bias)}, past the model's vocabulary of {vocab} tokens (ids 0 to "
-                f"{vocab - 1})")  # fmt: skip
+        for name in ("logit_bias", "stop_token_ids"):
+            if (ids := settings.get(name)) and max(ids) >= (vocab := self.vocabulary):
+                raise mlflow.exceptions.MlflowException.invalid_parameter_value(
+                    f"{name} names token {max(ids)}, past the model's vocabulary of {vocab} tokens (ids 0 to "
+                    f"{vocab - 1})")  # fmt: skip
         if settings.get("response_format"):
             try:
                 self.grammar_tokens  # noqa: B018 (made here, to refuse the request before any answer begins)
@@ -194,8 +195,11 @@ class EdgarTuneLM(mlflow.pyfunc.PythonModel, Generation):
 
 # A request's generation settings (its `params`) and their defaults: greedy decoding unless `do_sample`.
 # The penalties (OpenAI's presence and frequency, vLLM's and transformers' repetition) shape greedy decoding too.
+# vLLM's `min_tokens` (EOS and `stop_token_ids` held back until that many are generated) and `ignore_eos` (the
+# answer runs to max_new_tokens whatever EOS it generates), which fixed-length benchmarks send.
 GENERATION = {"max_new_tokens": 40, "do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "min_p": 0.0,
-              "seed": 0, "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0}  # fmt: skip
+              "seed": 0, "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
+              "min_tokens": 0, "ignore_eos": False}  # fmt: skip
 
 
 def generation_settings(params: dict | None) -> dict:
@@ -222,6 +226,11 @@ def generation_settings(params: dict | None) -> dict:
                 f"max_tokens={openai!r} and max_new_tokens={given['max_new_tokens']!r} are two names for the tokens "
                 "to generate: give one")  # fmt: skip
         given["max_new_tokens"] = openai
+    enders = (params or {}).get("stop_token_ids")
+    enders = [] if enders is None else list(enders) if isinstance(enders, list | tuple | np.ndarray) else enders
+    if not isinstance(enders, list) or not all(whole(t) and t >= 0 for t in enders):
+        raise mlflow.exceptions.MlflowException.invalid_parameter_value(
+            f"stop_token_ids must be a list of token ids (vLLM's: the answer ends at any of them), got {enders!r}")
     stop = (params or {}).get("stop")
     stop = [] if stop is None else [stop] if isinstance(stop, str) else list(stop)
     if not all(isinstance(text, str) and text for text in stop):  # OpenAI's: texts to end the answer at
@@ -256,6 +265,9 @@ def generation_settings(params: dict | None) -> dict:
                              "the answer has taken is less likely again)"),
         "frequency_penalty": (lambda v: number(v) and -2 <= v <= 2, "a number from -2 to 2 (0: none; above 0, a "
                               "token is less likely the more often the answer has taken it)"),
+        "min_tokens": (lambda v: whole(v) and 0 <= v <= settings["max_new_tokens"], "a whole number from 0 to "
+                       f"max_new_tokens ({settings['max_new_tokens']}): the tokens before EOS may end the answer"),
+        "ignore_eos": (lambda v: isinstance(v, bool | np.bool_), "true or false"),
     }
     for name, (ok, what) in checks.items():
         if not ok(settings[name]):
@@ -270,7 +282,7 @@ def generation_settings(params: dict | None) -> dict:
             f"{', '.join(unused)} only {shape} sampling, and do_sample is false (greedy decoding takes the likeliest "
             "token each step): set do_sample to true, or leave them out")  # fmt: skip
     return {k: type(GENERATION[k])(v) for k, v in settings.items()} | {"stop": stop, "logit_bias": {
-        ids[k]: float(v) for k, v in bias.items()}, "response_format": fmt}
+        ids[k]: float(v) for k, v in bias.items()}, "response_format": fmt, "stop_token_ids": [int(t) for t in enders]}
 
 
 # vLLM's structured outputs besides JSON, as a `response_format` type (`edgar-tune serve` takes them as vLLM's
@@ -553,7 +565,8 @@ def _signature(template: str | None = None, chat: bool = False):
     signature.params = ParamSchema([*signature.params.params, ParamSpec("max_tokens", "long", None),
                                     ParamSpec("stop", "string", [], shape=(-1,)),
                                     ParamSpec("logit_bias", "string", ""),
-                                    ParamSpec("response_format", "string", "")])  # fmt: skip
+                                    ParamSpec("response_format", "string", ""),
+                                    ParamSpec("stop_token_ids", "long", [], shape=(-1,))])  # fmt: skip
     if template or chat:
         columns = list(dict.fromkeys(["prompt", *(template_fields(template) if template else ["messages"])]))
         # `messages` as OpenAI's chat requests send it (a list of turns) or as text: a string column would have

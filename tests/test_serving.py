@@ -317,6 +317,9 @@ def test_edgar_tune_serve_answers_openais_sdk_as_the_versions_predict_does(tiny_
         penalized = client.completions.create(model=name, prompt=prompts, max_tokens=6, logit_bias={banned: -100},
                                               frequency_penalty=1.5, presence_penalty=0.5,
                                               extra_body={"repetition_penalty": 1.3})  # fmt: skip
+        ending = {str(tokenizer.eos_token_id): 100}  # EOS the likeliest: vLLM's fixed-length fields hold it off
+        fixed = [client.completions.create(model=name, prompt=prompts[0], max_tokens=8, logit_bias=ending,
+                                           extra_body=kw) for kw in ({"ignore_eos": True}, {"min_tokens": 3})]
         refused = {}
         for why, kw in {"best_of": {"best_of": 2}, "greedy n": {"n": 2}, "options": {"stream_options": {}},
                         "presence": {"presence_penalty": 3}, "bias": {"logit_bias": {"x": 1}},
@@ -357,6 +360,7 @@ def test_edgar_tune_serve_answers_openais_sdk_as_the_versions_predict_does(tiny_
     assert [c.text for c in penalized.choices] == loaded.predict(pd.DataFrame({"prompt": prompts}), shaped | {
         "logit_bias": json.dumps({banned: -100})})  # fmt: skip
     assert penalized.choices[0].text != said[0]
+    assert [(f.usage.completion_tokens, f.choices[0].finish_reason) for f in fixed] == [(8, "length"), (4, "stop")]
     with pytest.raises(mlflow.exceptions.MlflowException, match="Failed to validate type and shape for 'logit_bias'"):
         loaded.predict(pd.DataFrame({"prompt": prompts}), {"logit_bias": {banned: -100}})
     assert refused["presence"] == (400, "presence_penalty must be a number from -2 to 2 (0: none; above 0, a token "
@@ -369,7 +373,7 @@ def test_edgar_tune_serve_answers_openais_sdk_as_the_versions_predict_does(tiny_
                                    "times: set temperature above 0 to sample them")  # fmt: skip
     assert refused["model"] == (404, f"the model `gpt-4o` does not exist: this server serves `{name}` ({uri})")
     unknown = ("unrecognized request argument supplied: beam_width (/v1/completions takes echo, frequency_penalty, "
-               "logit_bias, logprobs, max_tokens, ")  # fmt: skip
+               "ignore_eos, logit_bias, logprobs, max_tokens, ")  # fmt: skip
     assert refused["unknown"][0] == 400 and unknown in refused["unknown"][1], refused["unknown"]
     assert refused["too long"][0] == 400 and "past the model's context of 2048 positions" in refused["too long"][1]
     assert "has no chat template to write messages in: send a prompt to /v1/completions" in no_template.value.message
@@ -837,6 +841,46 @@ def test_logit_bias_and_penalties_shape_each_step_as_openai_vllm_and_transformer
         assert drawn[i].tokens == out[0, ids["input_ids"].shape[1] :].tolist()
     assert [a.tokens for a in drawn] != [a.tokens for a in unnarrowed]
     _each_as_alone(lm, asked, alone)
+
+
+def test_vllms_min_tokens_ignore_eos_and_stop_token_ids_end_answers_as_vllm_defines_them(tiny_run, tmp_path):
+    """vLLM's `min_tokens` holds the answer's ends (EOS, the turn's end, `stop_token_ids`) back until that many
+    tokens are generated, `ignore_eos` runs it to max_tokens whatever EOS it generates (what fixed-length
+    benchmarks send: `vllm bench serve --ignore-eos`), and `stop_token_ids` end it at any of those ids, beside
+    EOS. Here EOS is made the likeliest token (logit_bias), so that every answer would end at once: greedy, sampled,
+    batched together with a plain one, or joining a batch midway, each is the answer it is alone."""
+    from tasks.registry import EdgarTuneLM, generation_settings, loaded_version
+
+    _, s = tiny_run
+    tok = loaded_version(_version_folder(s, tmp_path / "v"), device="cpu").tokenizer
+    model = _random_llama(len(tok), eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+    lm, n, eos = EdgarTuneLM(), 12, tok.eos_token_id
+    lm.model, lm.tokenizer = model, tok
+    prompts = [tok(p, return_tensors="pt") for p in ("Net sales increased", "Our segments")]
+    plain = generation_settings({"max_new_tokens": n})
+    other = next(t for t in range(3, 100) if t != eos)  # a token the model would not say
+    ending = {"max_new_tokens": n, "logit_bias": {str(eos): 100}}
+    settings = {"ends": generation_settings(ending), "least": generation_settings(ending | {"min_tokens": 5}),
+                "ignored": generation_settings(ending | {"ignore_eos": True}),
+                "sampled": generation_settings(ending | {"ignore_eos": True, "do_sample": True, "seed": 4}),
+                "own": generation_settings({"max_new_tokens": n, "stop_token_ids": [other],
+                                            "logit_bias": {str(other): 100}, "ignore_eos": True}),
+                "plain": plain}  # fmt: skip
+    asked, alone, by = _alone(lm, settings, prompts)
+    for i in range(len(prompts)):
+        assert by["ends", i].tokens == [eos] and by["ends", i].choice["finish_reason"] == "stop"
+        least = by["least", i].tokens
+        assert len(least) == 6 and least[-1] == eos and eos not in least[:-1], least  # 5, then EOS
+        assert by["least", i].choice["finish_reason"] == "stop"
+        assert by["ignored", i].tokens == [eos] * n and by["ignored", i].choice["finish_reason"] == "length"
+        assert len(by["sampled", i].tokens) == n and by["sampled", i].choice["finish_reason"] == "length"
+        assert by["own", i].tokens == [other] and by["own", i].choice["finish_reason"] == "stop"
+        assert len(by["plain", i].tokens) == n  # the random model says no EOS by itself
+    _each_as_alone(lm, asked, alone)
+    with pytest.raises(Exception, match=r"min_tokens must be a whole number from 0 to max_new_tokens \(12\)"):
+        generation_settings({"max_new_tokens": n, "min_tokens": 13})
+    with pytest.raises(Exception, match=r"stop_token_ids must be a list of token ids"):
+        generation_settings({"stop_token_ids": ["x"]})
 
 
 SEGMENTS = {"type": "object", "properties": {"segment": {"enum": ["AWS", "North America", "International"]},
