@@ -225,15 +225,16 @@ class ToolCall:
     def said(self, choice: dict) -> dict:
         """A chat choice's `message` and `finish_reason` for `choice` (`complete`'s): its calls, each with an id
         (OpenAI's: content null, finish_reason "stop" for a named call, "tool_calls" for those it required). An
-        answer cut by max_tokens is a named call with its arguments as far as they got; calls it required, its
-        text (their JSON not whole), finish_reason "length"."""
+        answer cut by max_tokens (or a `stop` text) is a named call with its arguments as far as they got; calls it
+        required, its text (their JSON not whole), with the finish_reason it had."""
         text, cut = choice["text"], choice["finish_reason"] == "length"
         if self.name is not None:
             calls = [(self.name, text)]
-        elif cut:
-            return {"message": {"role": "assistant", "content": text}, "finish_reason": "length"}
         else:
-            calls = [(c["name"], json.dumps(c["parameters"])) for c in json.loads(text)]
+            try:  # whole, unless max_tokens or a `stop` text cut it
+                calls = [(c["name"], json.dumps(c["parameters"])) for c in json.loads(text)]
+            except ValueError:
+                return {"message": {"role": "assistant", "content": text}, "finish_reason": choice["finish_reason"]}
         return {"message": {"role": "assistant", "content": None, "tool_calls": [
             {"id": self.ident(), "type": "function", "function": {"name": n, "arguments": a}} for n, a in calls]},
             "finish_reason": "length" if cut else "stop" if self.name else "tool_calls"}
