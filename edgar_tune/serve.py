@@ -336,7 +336,8 @@ def chat_turns(messages: Any) -> list[dict]:
                               "version reads text only", param="messages")  # fmt: skip
             content = "".join(p.get("text", "") for p in content)
         role = "system" if message.get("role") == "developer" else message.get("role")
-        turns.append({"role": role, "content": content})
+        turns.append({"role": role, "content": content} | {k: message[k] for k in ("tool_calls", "tool_call_id")
+                                                           if message.get(k) is not None})  # fmt: skip
     return turns
 
 

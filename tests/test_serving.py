@@ -432,7 +432,8 @@ def test_edgar_tune_serve_answers_openais_sdk_as_the_versions_predict_does(tiny_
     assert parts.choices[0].message.content == answered[0]
     assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].choices[0].finish_reason == "length"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == answered[0]
-    assert "turn 3: {'role': 'tool', 'content': '1'} is not" in tool.value.message, tool.value.message
+    assert ("turn 3: a tool call or its result, which the model's chat template does not write (it has no "
+            "`tool_calls`)") in tool.value.message, tool.value.message  # ChatML's writes none  # fmt: skip
     content = scored.choices[0].logprobs.content  # each token's text, bytes and logprob, the two likeliest beside
     assert scored.choices[0].message.content == answered[0] and len(content) == scored.usage.completion_tokens
     assert bytes(b for t in content for b in t.bytes).decode().startswith(answered[0])
@@ -841,6 +842,47 @@ def test_logit_bias_and_penalties_shape_each_step_as_openai_vllm_and_transformer
         assert drawn[i].tokens == out[0, ids["input_ids"].shape[1] :].tolist()
     assert [a.tokens for a in drawn] != [a.tokens for a in unnarrowed]
     _each_as_alone(lm, asked, alone)
+
+
+# A chat template that writes tool calls and their results (as Qwen's and Llama 3's do, shortened)
+TOOL_CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m.get('tool_calls') %}{% for c in m['tool_calls'] %}"
+    "<tool_call>{{ {'name': c['function']['name'], 'arguments': c['function']['arguments']} | tojson }}</tool_call>"
+    "{% endfor %}{% else %}{{ m['content'] }}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")  # fmt: skip
+
+
+def test_a_conversations_tool_calls_and_results_go_to_a_template_that_writes_them(tiny_run, tmp_path):
+    """An agent's next request holds the call it was answered with (an assistant's `tool_calls`, OpenAI's form:
+    arguments as JSON text) and the tool's result (a `tool` turn): a chat template that writes tool calls gets
+    them as transformers' templates take them (arguments a mapping), so the model reads what it called and what
+    came back; one that does not (ChatML's, which would leave the call out) refuses them, as does a turn not of
+    that form. Before, every tool turn was refused."""
+    import mlflow
+    from transformers import AutoTokenizer
+
+    from tasks.registry import chat_prompt
+
+    _, s = tiny_run
+    folder, _ = _chat_version(s, tmp_path / "chat")
+    tok = AutoTokenizer.from_pretrained(next(folder.rglob("tokenizer.json")).parent)
+    arguments = '{"segment": "AWS", "year": 2023, "grew": true}'
+    asked = [{"role": "user", "content": "Which segment grew?"},
+             {"role": "assistant", "content": None, "tool_calls": [
+                 {"id": "call_1", "type": "function", "function": {"name": "Segment", "arguments": arguments}}]},
+             {"role": "tool", "tool_call_id": "call_1", "content": "AWS sales grew 13%."}]  # fmt: skip
+    with pytest.raises(mlflow.exceptions.MlflowException, match="turn 2: a tool call or its result, which the "
+                       "model's chat template does not write"):  # fmt: skip
+        chat_prompt(tok, asked, "messages")  # ChatML's
+    tok.chat_template = TOOL_CHATML
+    prompt = chat_prompt(tok, asked, "messages")
+    assert prompt == ("<|im_start|>user\nWhich segment grew?<|im_end|>\n<|im_start|>assistant\n<tool_call>"
+                      '{"name": "Segment", "arguments": {"segment": "AWS", "year": 2023, "grew": true}}</tool_call>'
+                      "<|im_end|>\n<|im_start|>tool\nAWS sales grew 13%.<|im_end|>\n<|im_start|>assistant\n"), prompt
+    for wrong in ({"role": "assistant", "tool_calls": [{"function": {"name": "Segment", "arguments": "{"}}]},
+                  {"role": "tool", "content": None}, {"role": "user", "tool_calls": [{}]}):  # fmt: skip
+        with pytest.raises(mlflow.exceptions.MlflowException, match="turn 2: .* is not an assistant's"):
+            chat_prompt(tok, [asked[0], wrong], "messages")
 
 
 def test_vllms_min_tokens_ignore_eos_and_stop_token_ids_end_answers_as_vllm_defines_them(tiny_run, tmp_path):
