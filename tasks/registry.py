@@ -236,11 +236,7 @@ def generation_settings(params: dict | None) -> dict:
     if not all(isinstance(text, str) and text for text in stop):  # OpenAI's: texts to end the answer at
         raise mlflow.exceptions.MlflowException.invalid_parameter_value(
             f"stop must be a list of texts, none empty, got {stop!r}")
-    bias = (params or {}).get("logit_bias")
-    try:
-        bias = {} if bias is None or bias == "" else json.loads(bias) if isinstance(bias, str) else bias
-    except json.JSONDecodeError:
-        pass  # refused below, as it was sent
+    bias = _mapping_param((params or {}).get("logit_bias"), {})
     ids = {k: int(k) if whole(k) else int(k) if isinstance(k, str) and k.isascii() and k.isdigit() else None
            for k in bias} if isinstance(bias, dict) else {}  # fmt: skip
     if not isinstance(bias, dict) or any(i is None or i < 0 for i in ids.values()) or not all(
@@ -303,10 +299,7 @@ def response_format(given: Any) -> dict | None:
     """
     from tasks.batching import grammar
 
-    try:
-        fmt = None if given is None or given == "" else json.loads(given) if isinstance(given, str) else given
-    except json.JSONDecodeError:
-        fmt = given  # refused below, as it was sent
+    fmt = _mapping_param(given, None)
     kinds = ("text", "json_object", "json_schema", *VLLM_KINDS)
     example = '{"type": "json_schema", "json_schema": {"name": "figures", "schema": {"type": "object", ...}}}'
     if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") not in kinds):
@@ -340,6 +333,18 @@ def response_format(given: Any) -> dict | None:
         raise mlflow.exceptions.MlflowException.invalid_parameter_value(
             f"response_format's {what} is not one this server can follow: {problem.strip()}")
     return fmt
+
+
+def _mapping_param(value: Any, empty: Any) -> Any:
+    """A request parameter that is a mapping, given as one or as its JSON text (an MLflow signature's parameters
+    hold no mapping): the mapping, `empty` where none is given, or the value as sent where it is not JSON (for its
+    check to refuse as it was sent)."""
+    if value is None or value == "":
+        return empty
+    try:
+        return json.loads(value) if isinstance(value, str) else value
+    except json.JSONDecodeError:
+        return value
 
 
 def _which(n: int, count: int) -> str:
