@@ -11,8 +11,9 @@ Where OpenAI's API and `generate` differ, a request means what it would mean to 
 (top_p and top_k then change nothing), above 0 samples over the whole vocabulary unless `top_p` or `top_k` narrow
 it (or vLLM's `min_p`); left out, greedy (OpenAI's default samples at 1.0: here the same request gives the same
 answer). `stream` sends the answer as OpenAI's server-sent events, piece by piece as it is generated. A field
-this server does not do (`tools`, `audio`, ...) is refused with a 400 that says so, never dropped; so is
-a field OpenAI does not know. `logit_bias`, `presence_penalty` and `frequency_penalty` shape each step's logits
+this server does not do (`audio`, `best_of`, ...) is refused with a 400 that says so, never dropped; so is
+a field OpenAI does not know. Chat's `tools` are called as `tool_choice` says (`ToolCall`): a named function, one
+or more ("required"), or the version's own choice ("auto": text, or calls as its chat template writes them). `logit_bias`, `presence_penalty` and `frequency_penalty` shape each step's logits
 as OpenAI's do, greedy decoding's too, and vLLM's `repetition_penalty` is taken beside them
 (`tasks.batching._Shaping`). `response_format` (the Responses API's `text.format`), a JSON object or a JSON schema,
 keeps each step's tokens to those the format allows next (llguidance's grammar of it, as vLLM's structured
@@ -38,6 +39,7 @@ import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 import uvicorn
@@ -95,6 +97,31 @@ class Refused(Exception):
     def __init__(self, message: str, status: int = 400, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.message, self.status, self.param, self.code = message, status, param, code
+
+
+class _Held:
+    """A streamed answer to "auto" (`ToolCall`), sent as content as it comes, less what may be the start of its
+    calls (the start of the call form's `trigger`, and whitespace before it), held back; nothing once they begin."""
+
+    def __init__(self, trigger: str) -> None:
+        self.trigger, self.text, self.sent, self.calling = trigger, "", 0, False
+
+    def heard(self, piece: str) -> str:
+        """What of the answer so far, `piece` added, to send now."""
+        self.text += piece
+        if self.calling:
+            return ""
+        at = self.text.find(self.trigger)
+        self.calling = at >= 0
+        upto = at if self.calling else len(self.text) - max((n for n in range(1, len(self.trigger))
+                                                             if self.text.endswith(self.trigger[:n])), default=0)
+        upto = len(self.text[:upto].rstrip())
+        new, self.sent = self.text[self.sent : upto], max(self.sent, upto)
+        return new
+
+    def rest(self, content: str | None) -> str:
+        """What of the answer's `content` (`ToolCall.said`, once it has ended) was held back."""
+        return (content or "")[self.sent :]
 
 
 class Stopping(Exception):
@@ -170,16 +197,20 @@ def request_settings(body: dict, default_max_new_tokens: int) -> tuple[dict, int
 
 class ToolCall:
     """What a chat request's `tools` and `tool_choice` ask: the answer a call of a named function (`tool_choice`
-    {"type": "function", "function": {"name": ...}}), its arguments kept to the function's `parameters`; or, with
+    {"type": "function", "function": {"name": ...}}), its arguments kept to the function's `parameters`; with
     "required", one or more calls (`parallel_tool_calls` false: one), each of one of `tools`, kept to a JSON list of
-    {"name", "parameters"} (as vLLM asks for them). Either way the calls are the grammar's, not parsed out of free
-    text: "auto" (a version's own choice whether and how to call) needs a version tuned to call tools, and is
-    refused; "none" answers in text."""
+    {"name", "parameters"} (as vLLM asks for them); with "auto" (or left out, OpenAI's default), the version's own
+    choice: text, or calls as its chat template writes them (`CallForm`), which once begun are kept to the tools'
+    parameters and read back out of its text. A template that writes no calls refuses "auto" (the version was not
+    tuned to call tools); "none" answers in text."""
 
-    def __init__(self, tools: list[dict], name: str | None, single: bool) -> None:
-        self.tools, self.name = tools, name
+    def __init__(self, tools: list[dict], name: str | None, single: bool, form: CallForm | None = None) -> None:
+        self.tools, self.name, self.form = tools, name, form
         parameters = {t["function"]["name"]: t["function"].get("parameters") or {"type": "object", "properties": {}}
                       for t in tools}  # fmt: skip
+        if form is not None:
+            self.format = {"type": "grammar", "grammar": form.grammar(parameters, parallel=not single)}
+            return
         if name is not None:
             schema = parameters[name]
         else:
@@ -193,12 +224,12 @@ class ToolCall:
         self.format = {"type": "json_schema", "json_schema": {"name": name or "tool_calls", "schema": schema}}
 
     @classmethod
-    def asked(cls, body: dict) -> ToolCall | None:
-        """The call `body` asks for, None where it asks for none (no tools, or `tool_choice` "none").
+    def asked(cls, body: dict, served: Served) -> ToolCall | None:
+        """The call `body` asks of `served`, None where it asks for none (no tools, or `tool_choice` "none").
 
         Raises:
-            Refused: tools that are not function tools, a choice of none of them, "auto", or a `response_format`
-                beside a call."""
+            Refused: tools that are not function tools, a choice of none of them, "auto" of a version whose chat
+                template writes no calls (`CallForm.of`), or a `response_format` beside a call."""
         tools, choice = body.get("tools"), body.get("tool_choice")
         if not tools or choice == "none":
             return None
@@ -210,32 +241,48 @@ class ToolCall:
         names = [t["function"]["name"] for t in tools]
         named = choice.get("function", {}).get("name") if isinstance(choice, dict) and choice.get(
             "type") == "function" and isinstance(choice.get("function"), dict) else None  # fmt: skip
-        if choice in (None, "auto") or not (choice == "required" or named in names):
-            said = " left out (\"auto\")" if choice is None else f"={json.dumps(choice)[:60]}"
-            raise Refused(f"tool_choice{said}: this server calls a tool where the request says to, its arguments "
-                          "kept to the function's parameters; choosing whether to call one needs a version tuned to "
-                          "call tools. Name one (tool_choice={\"type\": \"function\", \"function\": {\"name\": "
-                          f"...}}}}, one of {', '.join(names)}), or send \"required\" or \"none\"",
-                          param="tool_choice")  # fmt: skip
+        if choice not in (None, "auto", "required") and named not in names:
+            raise Refused(f"tool_choice={json.dumps(choice)[:60]}: name one of the tools ({{\"type\": \"function\", "
+                          f"\"function\": {{\"name\": ...}}}}, one of {', '.join(names)}), or send \"auto\", "
+                          "\"required\" or \"none\"", param="tool_choice")  # fmt: skip
         if body.get("response_format") not in (None, {"type": "text"}) or body.get("structured_outputs") is not None:
             raise Refused("a tool call's form is its function's parameters: leave out response_format (and "
                           "structured_outputs), or tool_choice", param="response_format")  # fmt: skip
-        return cls(tools, named, body.get("parallel_tool_calls") is False)
+        form = None
+        if choice in (None, "auto"):
+            form = served.call_form
+            if isinstance(form, str):
+                said = " left out (\"auto\")" if choice is None else "=\"auto\""
+                raise Refused(f"tool_choice{said}: {form}. Name one (tool_choice={{\"type\": \"function\", "
+                              f"\"function\": {{\"name\": ...}}}}, one of {', '.join(names)}) for a call of it, its "
+                              "arguments kept to its parameters, or send \"required\" or \"none\"",
+                              param="tool_choice")  # fmt: skip
+        return cls(tools, named, body.get("parallel_tool_calls") is False, form)
 
     def said(self, choice: dict) -> dict:
         """A chat choice's `message` and `finish_reason` for `choice` (`complete`'s): its calls, each with an id
-        (OpenAI's: content null, finish_reason "stop" for a named call, "tool_calls" for those it required). An
-        answer cut by max_tokens (or a `stop` text) is a named call with its arguments as far as they got; calls it
-        required, its text (their JSON not whole), with the finish_reason it had."""
+        (OpenAI's: content null, finish_reason "stop" for a named call, "tool_calls" for those it required or
+        chose, with the text it wrote before them as content). An answer cut by max_tokens (or a `stop` text) is a
+        named call with its arguments as far as they got; otherwise its text (the calls' JSON not whole), with the
+        finish_reason it had."""
         text, cut = choice["text"], choice["finish_reason"] == "length"
-        if self.name is not None:
+        content = None
+        if self.form is not None:
+            read = self.form.read(text, [t["function"]["name"] for t in self.tools])
+            calls = read[1] if read else None
+            if read and not calls:
+                return {"message": {"role": "assistant", "content": text}, "finish_reason": choice["finish_reason"]}
+            content = read[0] if read else None
+        elif self.name is not None:
             calls = [(self.name, text)]
         else:
             try:  # whole, unless max_tokens or a `stop` text cut it
                 calls = [(c["name"], json.dumps(c["parameters"])) for c in json.loads(text)]
             except ValueError:
-                return {"message": {"role": "assistant", "content": text}, "finish_reason": choice["finish_reason"]}
-        return {"message": {"role": "assistant", "content": None, "tool_calls": [
+                calls = None
+        if calls is None:
+            return {"message": {"role": "assistant", "content": text}, "finish_reason": choice["finish_reason"]}
+        return {"message": {"role": "assistant", "content": content, "tool_calls": [
             {"id": self.ident(), "type": "function", "function": {"name": n, "arguments": a}} for n, a in calls]},
             "finish_reason": "length" if cut else "stop" if self.name else "tool_calls"}
 
@@ -243,6 +290,156 @@ class ToolCall:
     def ident() -> str:
         """A call's id, as OpenAI's look."""
         return f"call_{uuid.uuid4().hex[:24]}"
+
+
+@dataclass(frozen=True)
+class CallForm:
+    """How a chat template writes an assistant's tool calls, read from the template itself (a call of a made-up
+    function rendered, and two where it writes more than one a turn): the text before the first call's name
+    (`start`: what leads to it, then its `trigger`, then the rest), between a name and its arguments (`between`,
+    which may close a JSON string and open a key), between one call's arguments and the next's name (`apart`;
+    None where the template writes one call a turn), and after the last (`end`, up to the turn's end), the
+    arguments JSON with `separators`. A version tuned on conversations in that template calls a tool as it writes
+    one: Qwen's and Hermes' `<tool_call>\\n{"name": "...", "arguments": {...}}\\n</tool_call>`, Llama 3.1's bare
+    `{"name": "...", "parameters": {...}}`."""
+
+    lead: str  # of `start`, before the trigger: left to the answer's own text (a thinking block, a newline)
+    trigger: str
+    rest: str
+    between: str
+    apart: str | None
+    end: str
+    separators: tuple[str, str]
+    added: tuple[tuple[str, int, bool], ...]  # the tokenizer's added tokens in these texts: text, id, special
+
+    NAMES = ("edgar_tune_call_one", "edgar_tune_call_two")  # made up: a template holds neither
+    ARGUMENTS = {"edgar_tune_argument": "value"}
+
+    @classmethod
+    def of(cls, tokenizer, closing: str | None) -> CallForm:
+        """The form `tokenizer`'s chat template writes calls in; `closing` ends the assistant's turn (`turn_end`).
+
+        Raises:
+            Refused: a template that writes no tool calls, or writes them in a form an answer's text cannot be
+                read back from (arguments that are not JSON, a call opened by a special token, which an answer's
+                text leaves out)."""
+        from jinja2 import TemplateError
+
+        def turn(names: tuple[str, ...]) -> str:
+            asked = [{"role": "user", "content": "edgar_tune_question"}]
+            calls = [{"id": f"call_{i}", "type": "function", "function": {"name": n, "arguments": cls.ARGUMENTS}}
+                     for i, n in enumerate(names)]  # fmt: skip
+            opened = tokenizer.apply_chat_template(asked, tokenize=False, add_generation_prompt=True)
+            whole = tokenizer.apply_chat_template([*asked, {"role": "assistant", "content": "", "tool_calls": calls}],
+                                                  tokenize=False)  # fmt: skip
+            return whole[len(opened) :] if whole.startswith(opened) else ""
+
+        def refused(why: str) -> Refused:
+            return Refused(f"the version's chat template {why}", param="tool_choice")
+
+        if "tool_calls" not in str(getattr(tokenizer, "chat_template", None) or ""):
+            raise refused("does not write tool calls (it has no `tool_calls`), so how the version would call one "
+                          "is not known")  # fmt: skip
+        try:
+            one = turn(cls.NAMES[:1])
+        except TemplateError as err:
+            raise refused(f"refuses an assistant's tool call ({err})") from None
+        name = one.find(cls.NAMES[0])
+        found = [(one.find(json.dumps(cls.ARGUMENTS, separators=s), name), s) for s in ((", ", ": "), (",", ":"))]
+        at, separators = max(found)
+        if name < 0 or at < 0:
+            raise refused(f"writes a call as {one[:80]!r}: not its name and then its arguments as JSON, which an "
+                          "answer's text can be read back from")  # fmt: skip
+        start, between = one[:name], one[name + len(cls.NAMES[0]) : at]
+        end = one[at + len(json.dumps(cls.ARGUMENTS, separators=separators)) :]
+        for close in (closing, tokenizer.eos_token):
+            if close and close in end:
+                end = end[: end.index(close)]
+                break
+        else:
+            end = end.rstrip()
+        arguments = json.dumps(cls.ARGUMENTS, separators=separators)
+        apart = None
+        try:  # two calls: where the template writes them both, what comes between
+            two = turn(cls.NAMES)
+            second = two.find(cls.NAMES[1])
+            apart = two[len(start + cls.NAMES[0] + between + arguments) : second]
+            if two != start + cls.NAMES[0] + between + arguments + apart + cls.NAMES[1] + between + arguments + one[
+                    len(start + cls.NAMES[0] + between + arguments) :]:  # fmt: skip
+                apart = None
+        except TemplateError:  # Llama 3.1's: one call a turn
+            pass
+        added = {t.content: (i, t.special) for i, t in tokenizer.added_tokens_decoder.items()}
+        tags = [(m.start(), m.group()) for m in re.finditer("|".join(map(re.escape, sorted(added, key=len,
+                                                                                         reverse=True))) or "(?!)",
+                                                           start)]  # fmt: skip
+        tags += [(m.start(), m.group()) for m in re.finditer(r"<[^<>\s]+>|\[[A-Z_]+\]", start)]
+        at, trigger = max(tags) if tags else (len(start) - len(start.lstrip()), start.strip())
+        if not trigger:
+            raise refused("writes nothing before a call's name, so a call cannot be told from text")
+        if added.get(trigger, (0, False))[1]:
+            raise refused(f"opens a call with {trigger}, a special token an answer's text leaves out")
+        return cls(start[:at], trigger, start[at + len(trigger) :], between, apart, end, separators,
+                   tuple((t, i, s) for t, (i, s) in added.items() if any(t in p for p in (start, between, apart or "",
+                                                                                            end))))  # fmt: skip
+
+    def grammar(self, parameters: dict[str, dict], parallel: bool) -> str:
+        """llguidance's grammar (Lark's syntax) of an answer that is text, or text and then calls in this form,
+        each of a function of `parameters` (name -> JSON schema), its arguments kept to it, written with the
+        template's separators unless its schema says otherwise; more than one where `parallel` and the template
+        writes more. The calls begin where the trigger is first written (a lazy lexeme; an added token, which
+        llguidance reads as itself, not its text)."""
+        ids = {text: i for text, i, _ in self.added}
+        split = re.compile("(" + "|".join(map(re.escape, sorted(ids, key=len, reverse=True))) + ")" if ids else "(?!)")
+
+        def lit(text: str) -> str:
+            return " ".join(f"<[{ids[p]}]>" if p in ids else json.dumps(p, ensure_ascii=False)
+                            for p in split.split(text) if p)  # fmt: skip
+
+        style = {"whitespace_flexible": False, "item_separator": self.separators[0],
+                 "key_separator": self.separators[1]}  # fmt: skip
+        calls = [f"{lit(name + self.between)} %json "
+                 + json.dumps(schema | {"x-guidance": style | schema.get("x-guidance", {})})
+                 for name, schema in parameters.items()]  # fmt: skip
+        more = f" ({lit(self.apart)} call)*" if parallel and self.apart is not None else ""
+        lead = (f"lead: TEXT <[{ids[self.trigger]}]>" if self.trigger in ids
+                else f"lead[lazy]: TEXT {json.dumps(self.trigger, ensure_ascii=False)}")  # fmt: skip
+        return "\n".join(["%llguidance {}", "start: TEXT | calls", f"calls: lead {lit(self.rest)} call{more} "
+                          f"{lit(self.end)}", lead, "call: " + " | ".join(calls), "TEXT: /(.|\\n)*/"])  # fmt: skip
+
+    def read(self, text: str, names: list[str]) -> tuple[str | None, list[tuple[str, str]]] | None:
+        """An answer's text (`grammar`'s) as the text before its calls (None for none) and its calls (name and
+        arguments, JSON text as written): no calls where it never wrote the trigger; None where its calls are not
+        whole (cut by max_tokens or a `stop` text)."""
+        hidden = [t for t, _, special in self.added if special]  # left out of an answer's text
+
+        def seen(part: str) -> str:
+            for t in hidden:
+                part = part.replace(t, "")
+            return part
+
+        at = text.find(self.trigger)
+        if at < 0:
+            return text, []
+        content, pos, calls = text[:at].rstrip() or None, at + len(self.trigger), []
+        if not text.startswith(seen(self.rest), pos):
+            return None
+        pos += len(seen(self.rest))
+        while True:
+            name = next((n for n in sorted(names, key=len, reverse=True) if text.startswith(n + seen(self.between),
+                                                                                            pos)), None)  # fmt: skip
+            if name is None:
+                return None
+            pos += len(name + seen(self.between))
+            try:
+                _, end = json.JSONDecoder().raw_decode(text, pos)
+            except ValueError:
+                return None
+            calls.append((name, text[pos:end]))
+            pos = end
+            if self.apart is None or not text.startswith(seen(self.apart), pos):
+                return content, calls
+            pos += len(seen(self.apart))
 
 
 def structured_outputs(asked: Any) -> dict:
@@ -392,6 +589,14 @@ class Served:
         from tasks.generate import turn_end
 
         return cls(lm, version, turn_end(lm.tokenizer))
+
+    @cached_property
+    def call_form(self) -> CallForm | str:
+        """How its chat template writes tool calls (`CallForm`), or why a call cannot be read from an answer."""
+        try:
+            return CallForm.of(self.lm.tokenizer, self.chat_end)
+        except Refused as err:
+            return err.message
 
 
 # The longest wait before a version whose load failed is loaded again (`Model._follow`), in seconds.
@@ -667,7 +872,7 @@ class Server:
         check_fields(body, CHAT, "/v1/chat/completions", CHAT_NOT_DONE)
         model, served = self._conversing(body, "messages")
         lm = served.lm
-        call = ToolCall.asked(body)
+        call = ToolCall.asked(body, served)
         settings, n = request_settings(body | ({"response_format": call.format} if call else {}),
                                        self.default_max_new_tokens)  # fmt: skip
         logprobs, _ = scoring(body, chat=True)
@@ -866,7 +1071,7 @@ class Server:
                                           **more}) + "\n\n"  # fmt: skip
 
         def events() -> Iterator[str]:
-            started = set()
+            started, held = set(), {}
             try:
                 for said in self._heard(model, served, prompts, settings, n, closing, logprobs, cancelled,
                                         ", streamed", encoded):  # fmt: skip
@@ -884,7 +1089,22 @@ class Server:
                             opening["tool_calls"] = [{"index": 0, "id": ToolCall.ident(), "type": "function",
                                                       "function": {"name": call.name, "arguments": ""}}]  # fmt: skip
                         yield event([{"index": index, "delta": opening, "logprobs": None, "finish_reason": None}])
-                    if call and call.name is not None:  # a named call's arguments as they come, as OpenAI's
+                    if call and call.form is not None:  # "auto": text till a call may begin, then the calls whole
+                        hold = held.setdefault(index, _Held(call.form.trigger))
+                        if choice is None:
+                            piece = hold.heard(text)
+                            if piece or (scored and logprobs is not None):
+                                yield event([{"index": index, "delta": {"content": piece} if piece else {},
+                                              "logprobs": scores(index, scored), "finish_reason": None}])  # fmt: skip
+                        else:
+                            said = call.said(choice)
+                            delta = {"content": hold.rest(said["message"]["content"])}
+                            delta = {k: v for k, v in delta.items() if v} | ({"tool_calls": [
+                                {"index": j, **c} for j, c in enumerate(said["message"]["tool_calls"])]}
+                                if "tool_calls" in said["message"] else {})  # fmt: skip
+                            yield event([{"index": index, "delta": delta, "logprobs": scores(index, scored) if scored
+                                          else None, "finish_reason": said["finish_reason"]}])  # fmt: skip
+                    elif call and call.name is not None:  # a named call's arguments as they come, as OpenAI's
                         part = {"tool_calls": [{"index": 0, "function": {"arguments": text}}]} if text else {}
                         if part or scored or choice is not None:
                             yield event([{"index": index, "delta": part, "logprobs": scores(index, scored) if scored

@@ -885,6 +885,126 @@ def test_a_conversations_tool_calls_and_results_go_to_a_template_that_writes_the
             chat_prompt(tok, [asked[0], wrong], "messages")
 
 
+# Qwen2.5's way of writing tools and calls (its template, shortened): the tools in the system turn, each call
+# between <tool_call> and </tool_call>, which its tokenizer holds as tokens of their own
+TOOL_QWEN = (
+    "{% if tools %}<|im_start|>system\n<tools>{% for t in tools %}{{ '\\n' + t | tojson }}{% endfor %}\n</tools>"
+    "<|im_end|>\n{% endif %}{% for m in messages %}{% if m.role == 'assistant' %}<|im_start|>assistant"
+    "{% if m.content %}{{ '\\n' + m.content }}{% endif %}{% for c in m.tool_calls %}{% set c = c.function %}"
+    "{{ '\\n<tool_call>\\n{\"name\": \"' + c.name + '\", \"arguments\": ' }}{{ c.arguments | tojson }}"
+    "{{ '}\\n</tool_call>' }}{% endfor %}<|im_end|>\n{% else %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")  # fmt: skip
+# Llama 3.1's: a call as bare JSON, one a turn (its template refuses two)
+TOOL_LLAMA = (
+    "{% for m in messages %}<|start_header_id|>{{ m.role }}<|end_header_id|>\n\n{% if m.tool_calls %}"
+    "{% if m.tool_calls | length != 1 %}{{ raise_exception('This model only supports single tool-calls at once!') }}"
+    "{% endif %}{% set c = m.tool_calls[0].function %}{{ '{\"name\": \"' + c.name + '\", \"parameters\": ' }}"
+    "{{ c.arguments | tojson }}}<|eot_id|>{% else %}{{ m.content }}<|eot_id|>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")  # fmt: skip
+
+
+def test_auto_tool_choice_answers_text_or_calls_as_the_chat_template_writes_them(tiny_run, tmp_path):
+    """With `tools` and `tool_choice` "auto" (or left out: OpenAI's default, and what LangChain's `bind_tools` and
+    the Agents SDK send), the version chooses: text, or calls written as its chat template writes an assistant's
+    `tool_calls` (`CallForm`, read from the template: Qwen's and Hermes' `<tool_call>` tags, tokens of their own
+    or text, Llama 3.1's bare JSON, one a turn), which once begun are kept to the tools' parameters and read back
+    as OpenAI's `tool_calls` (finish_reason "tool_calls", the text before them as content). Here a random model
+    calls where `<tool_call>` is made its likeliest token (logit_bias), and answers text where not; streamed, its
+    text comes as it is generated and its calls whole at the end. Before, "auto" was refused with a 400."""
+    from typing import Literal
+
+    import llguidance
+    import openai
+    import yaml
+    from pydantic import BaseModel
+
+    from edgar_tune.serve import CallForm, Refused
+    from tasks.batching import grammar_tokenizer
+    from tasks.generate import turn_end
+    from tasks.registry import version_artifacts
+
+    class Segment(BaseModel):
+        segment: Literal["AWS", "North America", "International"]
+        grew: bool
+
+    class Lookup(BaseModel):
+        item: Literal["7", "7A", "8"]
+
+    _, s = tiny_run
+    folder, tok = _chat_version(s, tmp_path / "chat")
+    parameters = {m.__name__: openai.pydantic_function_tool(m)["function"]["parameters"] for m in (Segment, Lookup)}
+    calls = [{"type": "function", "function": {"name": "Segment", "arguments": {"segment": "AWS", "grew": True}}},
+             {"type": "function", "function": {"name": "Lookup", "arguments": {"item": "7A"}}}]  # fmt: skip
+    with pytest.raises(Refused, match=r"does not write tool calls \(it has no `tool_calls`\)"):
+        CallForm.of(tok, turn_end(tok))  # ChatML's
+    tags = tok.__class__.from_pretrained(version_artifacts(folder)[0]["weights"])
+    tags.add_tokens(["<tool_call>", "</tool_call>"])  # as Qwen's tokenizer holds them
+    for template, tokenizer, most in ((TOOL_QWEN, tags, 2), (TOOL_CHATML, tok, 2), (TOOL_LLAMA, tok, 1)):
+        tokenizer.chat_template = template
+        form = CallForm.of(tokenizer, turn_end(tokenizer))
+        asked = [{"role": "user", "content": "Which segment grew?"}]
+        opened = tokenizer.apply_chat_template(asked, tokenize=False, add_generation_prompt=True)
+        written = tokenizer.apply_chat_template([*asked, {"role": "assistant", "content": "",
+                                                          "tool_calls": calls[:most]}], tokenize=False)  # fmt: skip
+        written = written[len(opened) :].removesuffix("\n").removesuffix(turn_end(tokenizer))
+        answer = "Let me look.\n" + written  # some text, then the calls as the template writes them
+        matcher = llguidance.LLMatcher(grammar_tokenizer(tokenizer, len(tokenizer)),
+                                       llguidance.LLMatcher.grammar_from_lark(form.grammar(parameters, True)))
+        ids = tokenizer.encode(answer, add_special_tokens=False)
+        assert matcher.try_consume_tokens(ids) == len(ids) and matcher.is_accepting(), (template[:20], answer)
+        said = tokenizer.decode(ids, skip_special_tokens=True)
+        assert form.read(said, list(parameters)) == ("Let me look.", [(c["function"]["name"], json.dumps(
+            c["function"]["arguments"])) for c in calls[:most]]), said  # fmt: skip
+        assert form.read(said[: said.index("{", said.index(form.trigger) + len(form.trigger) + 2) + 3],
+                         list(parameters)) is None  # a call cut short
+        assert form.read("No call: " + said[: said.index(form.trigger)], list(parameters))[1] == []
+        for wrong in (f"Text, then {form.trigger} and not a call", answer.replace("Segment", "Segments", 1)):
+            matcher.reset()
+            ids = tokenizer.encode(wrong, add_special_tokens=False)
+            assert matcher.try_consume_tokens(ids) < len(ids), wrong
+    assert (form.apart, form.trigger) == (None, '{"name": "')  # Llama 3.1's: one call a turn, opened by its JSON
+
+    # a version whose template writes calls in Qwen's tags, served: a random model over the tagged tokenizer
+    weights = Path(version_artifacts(folder)[0]["weights"])
+    shutil.rmtree(weights)
+    tags.chat_template = TOOL_QWEN
+    _random_llama(len(tags), eos_token_id=tags.eos_token_id, bos_token_id=tags.bos_token_id).save_pretrained(weights)
+    tags.save_pretrained(weights)
+    mlmodel = yaml.safe_load((folder / "MLmodel").read_text())
+    mlmodel["flavors"]["python_function"]["config"]["weights"] = "model"
+    mlmodel["flavors"]["python_function"]["artifacts"].pop("base", None)
+    (folder / "MLmodel").write_text(yaml.safe_dump(mlmodel))
+    tools = [openai.pydantic_function_tool(Segment), openai.pydantic_function_tool(Lookup)]
+    asked = [{"role": "user", "content": "Which segment grew?"}]
+    call = {"logit_bias": {str(tags.convert_tokens_to_ids("<tool_call>")): 100}, "parallel_tool_calls": False}
+    with edgar_tune_serve(str(folder), tmp_path) as base_url:
+        client = openai.OpenAI(base_url=base_url, api_key="none", max_retries=0)
+        text = client.chat.completions.create(model=folder.name, messages=asked, max_tokens=12, tools=tools)
+        pieces = list(client.chat.completions.create(model=folder.name, messages=asked, max_tokens=12, tools=tools,
+                                                     tool_choice="auto", stream=True))  # fmt: skip
+        called = client.chat.completions.parse(model=folder.name, messages=asked, max_tokens=60, tools=tools, **call)
+        with client.chat.completions.stream(model=folder.name, messages=asked, max_tokens=60, tools=tools,
+                                            **call) as stream:  # fmt: skip
+            streamed = stream.get_final_completion()
+        chunks = list(client.chat.completions.create(model=folder.name, messages=asked, max_tokens=60, tools=tools,
+                                                     stream=True, **call))  # fmt: skip
+    said = text.choices[0].message
+    assert said.tool_calls is None and said.content and text.choices[0].finish_reason == "length", text
+    assert "".join(c.choices[0].delta.content or "" for c in pieces if c.choices) == said.content
+    assert pieces[-1].choices[0].finish_reason == "length"
+    said = called.choices[0].message
+    assert called.choices[0].finish_reason == "tool_calls" and said.content is None and len(said.tool_calls) == 1
+    function = said.tool_calls[0].function
+    assert isinstance(function.parsed_arguments, Segment | Lookup) and function.name == type(
+        function.parsed_arguments).__name__, said  # fmt: skip
+    again = streamed.choices[0].message.tool_calls[0].function
+    assert (again.name, again.arguments, again.parsed_arguments) == (function.name, function.arguments,
+                                                                     function.parsed_arguments)  # fmt: skip
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[0].choices[0].delta.content is None
+    assert [c.choices[0].finish_reason for c in chunks[1:]] == ["tool_calls"]  # the call whole, at the end
+    assert chunks[1].choices[0].delta.tool_calls[0].id.startswith("call_")
+
+
 def test_vllms_min_tokens_ignore_eos_and_stop_token_ids_end_answers_as_vllm_defines_them(tiny_run, tmp_path):
     """vLLM's `min_tokens` holds the answer's ends (EOS, the turn's end, `stop_token_ids`) back until that many
     tokens are generated, `ignore_eos` runs it to max_tokens whatever EOS it generates (what fixed-length
@@ -999,8 +1119,9 @@ def test_openais_sdk_parses_structured_outputs_of_a_served_chat_version(tiny_run
     expression, a grammar in GBNF or Lark's syntax, JSON without whitespace), as vLLM does; a format or schema it
     cannot follow is refused with what to send. Chat's `tools` with a named `tool_choice`, or "required", answer
     with calls whose arguments are kept to the function's parameters (the SDK's `pydantic_function_tool`, parsed;
-    "auto" is refused: the version was not tuned to choose). Before, `response_format` and `tools` were refused with
-    a 400 (`response_format` dropped by `predict`), and `structured_outputs` as a field OpenAI does not have."""
+    "auto" is refused where the chat template writes no calls: the version was not tuned to choose). Before,
+    `response_format` and `tools` were refused with a 400 (`response_format` dropped by `predict`), and
+    `structured_outputs` as a field OpenAI does not have."""
     from typing import Annotated, Literal
 
     import mlflow
@@ -1088,9 +1209,9 @@ def test_openais_sdk_parses_structured_outputs_of_a_served_chat_version(tiny_run
     assert required.choices[0].finish_reason == "tool_calls" and len(calls) == 1, required
     assert (calls[0].function.name, set(json.loads(calls[0].function.arguments))) in (
         ("Segment", {"segment", "year", "grew"}), ("lookup", {"item"})), calls  # fmt: skip
-    assert refused["auto"].startswith('tool_choice left out ("auto"): this server calls a tool where the request '
-                                      "says to"), refused  # fmt: skip
-    assert refused["unknown tool"].endswith("one of lookup), or send \"required\" or \"none\""), refused
+    assert refused["auto"].startswith('tool_choice left out ("auto"): the version\'s chat template does not write '
+                                      "tool calls (it has no `tool_calls`)"), refused  # fmt: skip
+    assert refused["unknown tool"].endswith("one of lookup), or send \"auto\", \"required\" or \"none\""), refused
     assert refused["schema"].startswith("response_format's schema is not one this server can follow: "), refused
     assert vllm["choice"].text in ("increased", "decreased", "was flat") and vllm["choice"].finish_reason == "stop"
     assert re.fullmatch(r"FY20[0-9]{2}", vllm["regex"].text) and vllm["regex"].finish_reason == "stop", vllm
