@@ -12,8 +12,9 @@ Where OpenAI's API and `generate` differ, a request means what it would mean to 
 it (or vLLM's `min_p`); left out, greedy (OpenAI's default samples at 1.0: here the same request gives the same
 answer). `stream` sends the answer as OpenAI's server-sent events, piece by piece as it is generated. A field
 this server does not do (`audio`, `best_of`, ...) is refused with a 400 that says so, never dropped; so is
-a field OpenAI does not know. Chat's `tools` are called as `tool_choice` says (`ToolCall`): a named function, one
-or more ("required"), or the version's own choice ("auto": text, or calls as its chat template writes them). `logit_bias`, `presence_penalty` and `frequency_penalty` shape each step's logits
+a field OpenAI does not know. Chat's and the Responses API's function `tools` are called as `tool_choice` says
+(`ToolCall`): a named function, one or more ("required"), or the version's own choice ("auto": text, or calls as
+its chat template writes them). `logit_bias`, `presence_penalty` and `frequency_penalty` shape each step's logits
 as OpenAI's do, greedy decoding's too, and vLLM's `repetition_penalty` is taken beside them
 (`tasks.batching._Shaping`). `response_format` (the Responses API's `text.format`), a JSON object or a JSON schema,
 keeps each step's tokens to those the format allows next (llguidance's grammar of it, as vLLM's structured
@@ -74,18 +75,18 @@ CHAT_NOT_DONE = {k: v for k, v in NOT_DONE.items() if k not in ("tools", "tool_c
 # OpenAI's Responses API (/v1/responses): its fields read, and those it has that this server does not do, each with
 # the values that ask for nothing; nothing is stored, so a response cannot be fetched or continued later by its id.
 RESPONSES = {"model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "stream", "user",
-             "include", "top_logprobs", "top_k", "min_p", "seed", "text", *SHAPING}  # fmt: skip
+             "include", "top_logprobs", "top_k", "min_p", "seed", "text", "tools", "tool_choice",
+             "parallel_tool_calls", *SHAPING}  # fmt: skip
 RESPONSE_LOGPROBS = "message.output_text.logprobs"  # what `include` may ask for: each output token's log probability
 RESPONSES_NOT_DONE = {
-    "store": (None, False), "metadata": (None, {}), "tools": (None, []), "tool_choice": (None, "none", "auto"),
-    "parallel_tool_calls": (None, True, False),
+    "store": (None, False), "metadata": (None, {}),
     "truncation": (None, "disabled"), "reasoning": (None, {}), "background": (None, False),
     "service_tier": (None, "auto", "default"), "previous_response_id": (None,), "conversation": (None,),
     "prompt": (None,), "max_tool_calls": (None,), "stream_options": (None,),
 }  # fmt: skip
 TOKENIZER_PATHS = ("/tokenize", "/detokenize", "/tokenizer_info")  # vLLM's, which lm-evaluation-harness reads
-WHY_NOT = {"tools": "the version was not tuned to call tools (/v1/chat/completions calls one where tool_choice names "
-                    "it, or is \"required\")", "store": "answers are not stored",
+WHY_NOT = {"tools": "a completion continues text: /v1/chat/completions and /v1/responses call tools",
+           "store": "answers are not stored",
            "metadata": "it goes with store, and answers are not stored",
            "previous_response_id": "responses are not stored: send the conversation whole as `input`",
            "conversation": "conversations are not stored: send the conversation whole as `input`"}
@@ -224,8 +225,9 @@ class ToolCall:
         self.format = {"type": "json_schema", "json_schema": {"name": name or "tool_calls", "schema": schema}}
 
     @classmethod
-    def asked(cls, body: dict, served: Served) -> ToolCall | None:
-        """The call `body` asks of `served`, None where it asks for none (no tools, or `tool_choice` "none").
+    def asked(cls, body: dict, served: Served, flat: bool = False) -> ToolCall | None:
+        """The call `body` asks of `served`, None where it asks for none (no tools, or `tool_choice` "none");
+        `flat`: a Responses API request's, whose `tool_choice` names a function as {"type": "function", "name"}.
 
         Raises:
             Refused: tools that are not function tools, a choice of none of them, "auto" of a version whose chat
@@ -241,22 +243,23 @@ class ToolCall:
         names = [t["function"]["name"] for t in tools]
         named = choice.get("function", {}).get("name") if isinstance(choice, dict) and choice.get(
             "type") == "function" and isinstance(choice.get("function"), dict) else None  # fmt: skip
+        naming = "{\"type\": \"function\", " + ("\"name\": ...}" if flat else "\"function\": {\"name\": ...}}")
         if choice not in (None, "auto", "required") and named not in names:
-            raise Refused(f"tool_choice={json.dumps(choice)[:60]}: name one of the tools ({{\"type\": \"function\", "
-                          f"\"function\": {{\"name\": ...}}}}, one of {', '.join(names)}), or send \"auto\", "
-                          "\"required\" or \"none\"", param="tool_choice")  # fmt: skip
+            raise Refused(f"tool_choice={json.dumps(body.get('tool_choice'))[:60]}: name one of the tools ({naming}, "
+                          f"one of {', '.join(names)}), or send \"auto\", \"required\" or \"none\"",
+                          param="tool_choice")  # fmt: skip
         if body.get("response_format") not in (None, {"type": "text"}) or body.get("structured_outputs") is not None:
-            raise Refused("a tool call's form is its function's parameters: leave out response_format (and "
-                          "structured_outputs), or tool_choice", param="response_format")  # fmt: skip
+            which = "text.format" if flat else "response_format (and structured_outputs)"
+            raise Refused(f"a tool call's form is its function's parameters: leave out {which}, or tool_choice",
+                          param="text" if flat else "response_format")  # fmt: skip
         form = None
         if choice in (None, "auto"):
             form = served.call_form
             if isinstance(form, str):
                 said = " left out (\"auto\")" if choice is None else "=\"auto\""
-                raise Refused(f"tool_choice{said}: {form}. Name one (tool_choice={{\"type\": \"function\", "
-                              f"\"function\": {{\"name\": ...}}}}, one of {', '.join(names)}) for a call of it, its "
-                              "arguments kept to its parameters, or send \"required\" or \"none\"",
-                              param="tool_choice")  # fmt: skip
+                raise Refused(f"tool_choice{said}: {form}. Name one (tool_choice={naming}, one of "
+                              f"{', '.join(names)}) for a call of it, its arguments kept to its parameters, or send "
+                              "\"required\" or \"none\"", param="tool_choice")  # fmt: skip
         return cls(tools, named, body.get("parallel_tool_calls") is False, form)
 
     def said(self, choice: dict) -> dict:
@@ -538,14 +541,39 @@ def chat_turns(messages: Any) -> list[dict]:
     return turns
 
 
+def response_tools(body: dict) -> dict:
+    """The Responses API's `tools` (function tools, {"type": "function", "name", "parameters", ...}),
+    `tool_choice` and `parallel_tool_calls` as chat's, which `ToolCall.asked` reads.
+
+    Raises:
+        Refused: a tool of another type (a hosted one: web search, file search, ...), which no one here runs."""
+    tools, choice = body.get("tools"), body.get("tool_choice")
+    if isinstance(tools, list):
+        for i, tool in enumerate(tools):
+            if not isinstance(tool, dict) or tool.get("type") != "function":
+                kind = tool.get("type") if isinstance(tool, dict) else type(tool).__name__
+                raise Refused(f"tools[{i}] is of type {kind}: this server calls function tools only ({{\"type\": "
+                              "\"function\", \"name\", \"parameters\"}), which the client runs", param="tools")
+            if "function" in tool:
+                raise Refused(f"tools[{i}] is chat's form of a function tool ({{\"type\": \"function\", \"function\": "
+                              "{...}}); the Responses API's is flat: {\"type\": \"function\", \"name\", "
+                              "\"parameters\"}", param="tools")  # fmt: skip
+        tools = [{"type": "function", "function": {k: v for k, v in t.items() if k != "type"}} for t in tools]
+    if isinstance(choice, dict) and choice.get("type") == "function" and "function" not in choice:
+        choice = {"type": "function", "function": {"name": choice.get("name")}}
+    return {"tools": tools, "tool_choice": choice, "parallel_tool_calls": body.get("parallel_tool_calls")}
+
+
 def response_messages(body: dict) -> list[dict]:
     """OpenAI's Responses API `input` (a text, or a list of messages: `{"role", "content"}` with or without
     `"type": "message"`, content a text or `input_text`/`output_text` parts) and its `instructions` (a system
-    message before them), as chat's `messages`.
+    message before them), as chat's `messages`; a `function_call` item (a call the version answered with, as the
+    client sends it back) as an assistant's `tool_calls` (calls in a row, and the text before them, one turn), and
+    a `function_call_output` as the `tool` turn of its `call_id`.
 
     Raises:
-        Refused: input of another shape, an item that is not a message (a function call or its output, an item
-            reference, a reasoning item), a part that is not text (an image, a file)."""
+        Refused: input of another shape, an item of another type (an item reference, a reasoning item, a hosted
+            tool's call), a part that is not text (an image, a file)."""
     given, instructions = body.get("input"), body.get("instructions")
     if instructions is not None and not isinstance(instructions, str):
         raise Refused(f"instructions must be a text, got {json.dumps(instructions)[:60]}", param="instructions")
@@ -559,9 +587,24 @@ def response_messages(body: dict) -> list[dict]:
     messages = [{"role": "system", "content": instructions}] if instructions else []
     for i, item in enumerate(items, 1):
         kind = item.get("type", "message") if isinstance(item, dict) else type(item).__name__
+        if kind == "function_call":
+            call = {"id": item.get("call_id"), "type": "function",
+                    "function": {"name": item.get("name"), "arguments": item.get("arguments")}}  # fmt: skip
+            if messages and messages[-1]["role"] == "assistant":  # the text it wrote before, or another call
+                messages[-1]["tool_calls"] = [*messages[-1].get("tool_calls", []), call]
+            else:
+                messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+            continue
+        if kind == "function_call_output":
+            output = item.get("output")
+            if isinstance(output, list) and all(isinstance(p, dict) and p.get("type") == "input_text" for p in output):
+                output = "".join(p.get("text", "") for p in output)
+            messages.append({"role": "tool", "content": output, "tool_call_id": item.get("call_id")})
+            continue
         if kind != "message":
-            why = ("the version was not tuned to call tools" if "call" in str(kind) else "responses are not stored"
-                   if kind == "item_reference" else "the version reads messages of text only")  # fmt: skip
+            why = ("responses are not stored" if kind == "item_reference" else "this server calls function tools "
+                   "only, and writes no reasoning" if kind.endswith(("_call", "reasoning")) else
+                   "the version reads messages of text only")  # fmt: skip
             raise Refused(f"input item {i} is of type {kind}: {why}", param="input")
         content = item.get("content")
         if isinstance(content, list):
@@ -902,6 +945,9 @@ class Server:
                           param="max_output_tokens")  # fmt: skip
         asked = {k: v for k, v in body.items() if k in COMMON} | ({"max_tokens": most} if most is not None else {})
         asked["response_format"] = response_format(body.get("text"))
+        call = ToolCall.asked(response_tools(body) | {"response_format": asked["response_format"]}, served, flat=True)
+        if call is not None:
+            asked["response_format"] = call.format
         settings, _ = request_settings(asked, self.default_max_new_tokens)
         include = body.get("include")
         if include is not None and (not isinstance(include, list) or set(include) - {RESPONSE_LOGPROBS}):
@@ -913,8 +959,9 @@ class Server:
         logprobs, _ = scoring({"logprobs": RESPONSE_LOGPROBS in (include or []),
                                "top_logprobs": body.get("top_logprobs")}, chat=True)  # fmt: skip
         messages = response_messages(body)
-        prompt = _said(lambda: chat_prompt(served.lm.tokenizer, chat_turns(messages), "input"))
-        said = Response(model, served, body, settings, logprobs)
+        tools = call.tools if call else None
+        prompt = _said(lambda: chat_prompt(served.lm.tokenizer, chat_turns(messages), "input", tools))
+        said = Response(model, served, body, settings, logprobs, call)
         if body.get("stream"):
             encoded = _said(lambda: served.lm.encode([(prompt, True)], settings["max_new_tokens"]))  # a 400 here
             cancelled = gone or threading.Event()  # the client gone (`Stream.cancel`), generation stops
@@ -1195,12 +1242,16 @@ class Response:
     `response.created`, `response.in_progress`, the message's `response.output_item.added` and
     `response.content_part.added`, a `response.output_text.delta` per piece of text, its `.done` events, then
     `response.completed` (or `response.incomplete`, cut at max_output_tokens) with the usage. With `logprobs` (a
-    count of likeliest tokens, as `include` asks), each text carries its tokens' log probabilities, as chat's."""
+    count of likeliest tokens, as `include` asks), each text carries its tokens' log probabilities, as chat's.
+    With a tool `call` (`ToolCall`), each call is a `function_call` item after the message (none where the answer
+    is calls alone): a named call's arguments streamed as they come (`response.function_call_arguments.delta`),
+    other calls whole once the answer has ended, the text before them as it comes."""
 
-    def __init__(self, model: Model, served: Served, body: dict, settings: dict, logprobs: int | None = None) -> None:
+    def __init__(self, model: Model, served: Served, body: dict, settings: dict, logprobs: int | None = None,
+                 call: ToolCall | None = None) -> None:  # fmt: skip
         self.model, self.served, self.body, self.settings, self.logprobs = model, served, body, settings, logprobs
-        self.id, self.message = f"resp_{uuid.uuid4().hex}", f"msg_{uuid.uuid4().hex}"
-        self.created, self.sequence = int(time.time()), 0
+        self.id, self.message, self.call = f"resp_{uuid.uuid4().hex}", f"msg_{uuid.uuid4().hex}", call
+        self.created, self.sequence, self.calls = int(time.time()), 0, []
 
     def whole(self, done: dict | None) -> dict:
         """The response object: in progress (`done` None), or ended (`done`, its prompt's answers as `complete`
@@ -1208,17 +1259,17 @@ class Response:
         choice = done["choices"][0] if done else None
         status = "in_progress" if choice is None else "incomplete" if choice["finish_reason"] == "length" \
             else "completed"
-        content = [self._part(choice["text"], choice.get("scored", []))] if choice else []
         said = {"id": self.id, "object": "response", "created_at": self.created, "status": status,
                 "error": None, "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete"
                 else None, "instructions": self.body.get("instructions"),
                 "max_output_tokens": self.body.get("max_output_tokens"), "model": self.model.name,
-                "output": [self._item(status, content)] if choice else [], "parallel_tool_calls": False,
+                "output": self._output(choice, status) if choice else [],
+                "parallel_tool_calls": self.body.get("parallel_tool_calls") is not False,
                 "previous_response_id": None, "reasoning": {"effort": None, "summary": None}, "store": False,
                 "temperature": self.settings["temperature"] if self.settings["do_sample"] else 0.0,
                 "text": {"format": (self.body.get("text") or {}).get("format") or {"type": "text"}},
-                "tool_choice": "none", "tools": [],
-                "top_logprobs": self.logprobs,
+                "tool_choice": self.body.get("tool_choice") or ("auto" if self.body.get("tools") else "none"),
+                "tools": self.body.get("tools") or [], "top_logprobs": self.logprobs,
                 "top_p": self.settings["top_p"] if self.settings["do_sample"] else 1.0, "truncation": "disabled",
                 "usage": None, "user": self.body.get("user"), "metadata": {},
                 "system_fingerprint": _fingerprint(self.served)}  # fmt: skip
@@ -1230,13 +1281,39 @@ class Response:
                              "total_tokens": prompt + output}  # fmt: skip
         return said
 
+    def _output(self, choice: dict, status: str) -> list[dict]:
+        """The output items of an ended answer: its message (the text before its calls, where it has calls), then
+        each call a `function_call` item."""
+        if self.call is None:
+            return [self._item(status, [self._part(choice["text"], choice.get("scored", []))])]
+        message = self.call.said(choice)["message"]
+        calls = message.get("tool_calls") or []
+        text = [self._item(status, [self._part(message["content"], [] if calls else choice.get("scored", []))])]
+        return (text if message["content"] else []) + [self._function(k, c["function"]["name"], c["function"][
+            "arguments"], "completed") for k, c in enumerate(calls)]  # fmt: skip
+
+    def _function(self, k: int, name: str, arguments: str, status: str) -> dict:
+        """Call `k`'s `function_call` item, its ids kept from the stream's first event to the response."""
+        while len(self.calls) <= k:
+            self.calls.append((f"fc_{uuid.uuid4().hex}", ToolCall.ident()))
+        return {"type": "function_call", "id": self.calls[k][0], "call_id": self.calls[k][1], "name": name,
+                "arguments": arguments, "status": status}  # fmt: skip
+
     def events(self, heard: Iterator[tuple]) -> Iterator[str]:
         """The response's server-sent events from what `Server._heard` hears of its one answer."""
+        call = self.call
+        named = call is not None and call.name is not None
+        hold = _Held(call.form.trigger) if call is not None and call.form is not None else None
+        at = {"item_id": self.message, "output_index": 0, "content_index": 0}
+        opened = False
         yield self._event("response.created", response=self.whole(None))
         yield self._event("response.in_progress", response=self.whole(None))
-        yield self._event("response.output_item.added", output_index=0, item=self._item("in_progress", []))
-        at = {"item_id": self.message, "output_index": 0, "content_index": 0}
-        yield self._event("response.content_part.added", **at, part=self._part(""))
+        if call is None:
+            yield from self._open()
+            opened = True
+        elif named:  # the call's item first, its arguments to come
+            yield self._event("response.output_item.added", output_index=0,
+                              item=self._function(0, call.name, "", "in_progress"))  # fmt: skip
         for said in heard:
             if said[0] == "failed":
                 error = _failed(said[1])
@@ -1244,15 +1321,47 @@ class Response:
                 return
             if said[0] == "done":
                 ended = self.whole(said[1][0])
-                part = ended["output"][0]["content"][0]
-                yield self._event("response.output_text.done", **at, text=part["text"], logprobs=part["logprobs"])
-                yield self._event("response.content_part.done", **at, part=part)
-                yield self._event("response.output_item.done", output_index=0, item=ended["output"][0])
+                for k, item in enumerate(ended["output"]):
+                    if item["type"] == "message":
+                        part = item["content"][0]
+                        if not opened:
+                            yield from self._open()
+                        # what was held back ("auto"), or the text of calls "required" that are not whole
+                        rest = hold.rest(part["text"]) if hold else part["text"] if call is not None else ""
+                        if rest:
+                            yield self._event("response.output_text.delta", **at, delta=rest, logprobs=[])
+                        yield self._event("response.output_text.done", **at, text=part["text"],
+                                          logprobs=part["logprobs"])  # fmt: skip
+                        yield self._event("response.content_part.done", **at, part=part)
+                    elif not named:
+                        yield self._event("response.output_item.added", output_index=k,
+                                          item=item | {"arguments": "", "status": "in_progress"})  # fmt: skip
+                        yield self._event("response.function_call_arguments.delta", item_id=item["id"],
+                                          output_index=k, delta=item["arguments"])  # fmt: skip
+                    if item["type"] == "function_call":
+                        yield self._event("response.function_call_arguments.done", item_id=item["id"],
+                                          output_index=k, name=item["name"], arguments=item["arguments"])  # fmt: skip
+                    yield self._event("response.output_item.done", output_index=k, item=item)
                 yield self._event(f"response.{'incomplete' if ended['status'] == 'incomplete' else 'completed'}",
                                   response=ended)  # fmt: skip
                 return
-            if piece := said[2]:  # its choice (`text` None) comes whole at "done"
+            piece = said[2]  # its choice (`text` None) comes whole at "done"
+            if named and piece:
+                yield self._event("response.function_call_arguments.delta", item_id=self.calls[0][0],
+                                  output_index=0, delta=piece)  # fmt: skip
+            elif hold and (piece := hold.heard(piece or "")):
+                if not opened:
+                    yield from self._open()
+                    opened = True
+                yield self._event("response.output_text.delta", **at, delta=piece, logprobs=[])
+            elif call is None and piece:
                 yield self._event("response.output_text.delta", **at, delta=piece, logprobs=self._scores(said[4]))
+
+    def _open(self) -> Iterator[str]:
+        """The message's first events: its item, and its text's part."""
+        yield self._event("response.output_item.added", output_index=0, item=self._item("in_progress", []))
+        yield self._event("response.content_part.added", item_id=self.message, output_index=0, content_index=0,
+                          part=self._part(""))  # fmt: skip
 
     def _item(self, status: str, content: list[dict]) -> dict:
         return {"type": "message", "id": self.message, "status": status, "role": "assistant", "content": content}

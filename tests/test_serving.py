@@ -457,10 +457,12 @@ def test_edgar_tune_serve_answers_openais_sdk_as_the_versions_predict_does(tiny_
     assert not_served == {
         "previous": 'previous_response_id="resp_1" is not served: responses are not stored: send the conversation '
                     "whole as `input`; leave it out",
-        "tools": 'tools=[{"type": "function", "name": "f", "parameters": {}}] is not served: the version was not '
-                 'tuned to call tools (/v1/chat/completions calls one where tool_choice names it, or is "required"); '
-                 "leave it out",
-        "call output": "input item 1 is of type function_call_output: the version was not tuned to call tools",
+        "tools": 'tool_choice left out ("auto"): the version\'s chat template does not write tool calls (it has no '
+                 "`tool_calls`), so how the version would call one is not known. Name one (tool_choice={\"type\": "
+                 '"function", "name": ...}, one of f) for a call of it, its arguments kept to its parameters, or send '
+                 '"required" or "none"',
+        "call output": "input, turn 1: a tool call or its result, which the model's chat template does not write (it "
+                       "has no `tool_calls`): send the conversation without tool turns",
         "image": "input item 1 has a part of type input_image; the version reads text only",
         "stored": "store=true is not served: answers are not stored; leave it out",
         "top without include": "top_logprobs is the likeliest tokens beside each token's logprob: add "
@@ -910,7 +912,10 @@ def test_auto_tool_choice_answers_text_or_calls_as_the_chat_template_writes_them
     or text, Llama 3.1's bare JSON, one a turn), which once begun are kept to the tools' parameters and read back
     as OpenAI's `tool_calls` (finish_reason "tool_calls", the text before them as content). Here a random model
     calls where `<tool_call>` is made its likeliest token (logit_bias), and answers text where not; streamed, its
-    text comes as it is generated and its calls whole at the end. Before, "auto" was refused with a 400."""
+    text comes as it is generated and its calls whole at the end. The Responses API calls the same tools (its flat
+    form): each call a `function_call` item, a named one's arguments streamed as they come, and the call and its
+    output sent back as input items make the prompt chat's turns make. Before, "auto" was refused with a 400, and
+    the Responses API refused tools and function calls' items."""
     from typing import Literal
 
     import llguidance
@@ -988,6 +993,30 @@ def test_auto_tool_choice_answers_text_or_calls_as_the_chat_template_writes_them
             streamed = stream.get_final_completion()
         chunks = list(client.chat.completions.create(model=folder.name, messages=asked, max_tokens=60, tools=tools,
                                                      stream=True, **call))  # fmt: skip
+        # the Responses API: its function tools (flat), a call as a function_call item, and the call and its
+        # output sent back as input items (what the Agents SDK sends), as chat's assistant and tool turns
+        bias = {"extra_body": {"logit_bias": call["logit_bias"]}, "parallel_tool_calls": False}
+        response = client.responses.parse(model=folder.name, input="Which segment grew?", tools=tools,
+                                          max_output_tokens=60, **bias)  # fmt: skip
+        with client.responses.stream(model=folder.name, input="Which segment grew?", tools=tools,
+                                     max_output_tokens=60, **bias) as stream:  # fmt: skip
+            events = list(stream)
+        flat = [{"type": "function", **t["function"]} for t in tools]  # the Responses API's form (parse makes it)
+        named = list(client.responses.create(model=folder.name, input="Which item?", tools=flat, stream=True,
+                                             tool_choice={"type": "function", "name": "Lookup"}))  # fmt: skip
+        item = response.output[0]
+        back = [{"role": "user", "content": "Which segment grew?"}, item.model_dump(exclude={"parsed_arguments"}),
+                {"type": "function_call_output", "call_id": item.call_id, "output": "AWS sales grew 13%."}]
+        answered = client.responses.create(model=folder.name, input=back, tools=flat, max_output_tokens=4)
+        called_back = {"id": item.call_id, "type": "function", "function": {"name": item.name,
+                                                                            "arguments": item.arguments}}
+        as_chat = client.chat.completions.create(model=folder.name, max_tokens=4, tools=tools, messages=[
+            back[0], {"role": "assistant", "content": None, "tool_calls": [called_back]},
+            {"role": "tool", "tool_call_id": item.call_id, "content": "AWS sales grew 13%."}])  # fmt: skip
+        with pytest.raises(openai.BadRequestError) as hosted:
+            client.responses.create(model=folder.name, input="Hi", tools=[{"type": "web_search"}])
+        with pytest.raises(openai.BadRequestError) as nested:
+            client.responses.create(model=folder.name, input="Hi", tools=tools)
     said = text.choices[0].message
     assert said.tool_calls is None and said.content and text.choices[0].finish_reason == "length", text
     assert "".join(c.choices[0].delta.content or "" for c in pieces if c.choices) == said.content
@@ -1003,6 +1032,25 @@ def test_auto_tool_choice_answers_text_or_calls_as_the_chat_template_writes_them
     assert chunks[0].choices[0].delta.role == "assistant" and chunks[0].choices[0].delta.content is None
     assert [c.choices[0].finish_reason for c in chunks[1:]] == ["tool_calls"]  # the call whole, at the end
     assert chunks[1].choices[0].delta.tool_calls[0].id.startswith("call_")
+    assert [i.type for i in response.output] == ["function_call"] and response.status == "completed"
+    assert (item.name, item.arguments) == (function.name, function.arguments) and item.parsed_arguments == (
+        function.parsed_arguments) and item.call_id.startswith("call_") and item.id.startswith("fc_")  # fmt: skip
+    assert [e.type for e in events] == ["response.created", "response.in_progress", "response.output_item.added",
+                                        "response.function_call_arguments.delta",
+                                        "response.function_call_arguments.done", "response.output_item.done",
+                                        "response.completed"]  # fmt: skip
+    assert events[-1].response.output[0].arguments == item.arguments
+    assert events[2].item.id == events[-1].response.output[0].id  # one item, from its first event to the response
+    kinds = [e.type for e in named]
+    pieces = [e.delta for e in named if e.type == "response.function_call_arguments.delta"]
+    assert kinds[2] == "response.output_item.added" and named[2].item.name == "Lookup" and len(pieces) > 3
+    assert Lookup.model_validate_json("".join(pieces)) and named[-1].response.output[0].arguments == "".join(pieces)
+    assert answered.usage.input_tokens == as_chat.usage.prompt_tokens  # the same prompt: the call, and its output
+    assert answered.output_text == as_chat.choices[0].message.content and answered.tool_choice == "auto"
+    assert nested.value.body["message"].startswith('tools[0] is chat\'s form of a function tool ({"type": "function", '
+                                                   '"function": {...}}); the Responses API\'s is flat'), nested
+    assert hosted.value.body["message"].startswith("tools[0] is of type web_search: this server calls function "
+                                                   "tools only")  # fmt: skip
 
 
 def test_vllms_min_tokens_ignore_eos_and_stop_token_ids_end_answers_as_vllm_defines_them(tiny_run, tmp_path):
