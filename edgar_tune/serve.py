@@ -203,7 +203,7 @@ class ToolCall:
     {"name", "parameters"} (as vLLM asks for them); with "auto" (or left out, OpenAI's default), the version's own
     choice: text, or calls as its chat template writes them (`CallForm`), which once begun are kept to the tools'
     parameters and read back out of its text. A template that writes no calls refuses "auto" (the version was not
-    tuned to call tools); "none" answers in text."""
+    tuned to call tools); "none" answers in text, the tools shown in the prompt all the same."""
 
     def __init__(self, tools: list[dict], name: str | None, single: bool, form: CallForm | None = None) -> None:
         self.tools, self.name, self.form = tools, name, form
@@ -233,13 +233,15 @@ class ToolCall:
             Refused: tools that are not function tools, a choice of none of them, "auto" of a version whose chat
                 template writes no calls (`CallForm.of`), or a `response_format` beside a call."""
         tools, choice = body.get("tools"), body.get("tool_choice")
-        if not tools or choice == "none":
+        if not tools:
             return None
         if not isinstance(tools, list) or not all(isinstance(t, dict) and t.get("type") == "function" and isinstance(
                 t.get("function"), dict) and isinstance(t["function"].get("name"), str) and isinstance(
                 t["function"].get("parameters", {}), dict) for t in tools):  # fmt: skip
             raise Refused(f"tools={json.dumps(tools)[:80]}: each is {{\"type\": \"function\", \"function\": "
                           "{\"name\": ..., \"parameters\": {a JSON schema}}}", param="tools")  # fmt: skip
+        if choice == "none":  # the tools shown in the prompt (`shown`), none called
+            return None
         names = [t["function"]["name"] for t in tools]
         named = choice.get("function", {}).get("name") if isinstance(choice, dict) and choice.get(
             "type") == "function" and isinstance(choice.get("function"), dict) else None  # fmt: skip
@@ -288,6 +290,12 @@ class ToolCall:
         return {"message": {"role": "assistant", "content": content, "tool_calls": [
             {"id": self.ident(), "type": "function", "function": {"name": n, "arguments": a}} for n, a in calls]},
             "finish_reason": "length" if cut else "stop" if self.name else "tool_calls"}
+
+    @staticmethod
+    def shown(body: dict, call: ToolCall | None) -> list[dict] | None:
+        """The tools the chat template writes into the prompt: those given, called or not ("none": the version
+        sees them, as OpenAI's and vLLM's do, and answers in text)."""
+        return call.tools if call else body.get("tools") or None
 
     @staticmethod
     def ident() -> str:
@@ -919,7 +927,7 @@ class Server:
         settings, n = request_settings(body | ({"response_format": call.format} if call else {}),
                                        self.default_max_new_tokens)  # fmt: skip
         logprobs, _ = scoring(body, chat=True)
-        tools = call.tools if call else None
+        tools = ToolCall.shown(body, call)
         prompt = _said(lambda: chat_prompt(lm.tokenizer, chat_turns(body.get("messages")), "messages", tools))
         if body.get("stream"):
             return self._stream(model, served, body, "chatcmpl", "chat.completion.chunk", [(prompt, True)], settings,
@@ -945,7 +953,8 @@ class Server:
                           param="max_output_tokens")  # fmt: skip
         asked = {k: v for k, v in body.items() if k in COMMON} | ({"max_tokens": most} if most is not None else {})
         asked["response_format"] = response_format(body.get("text"))
-        call = ToolCall.asked(response_tools(body) | {"response_format": asked["response_format"]}, served, flat=True)
+        calling = response_tools(body)
+        call = ToolCall.asked(calling | {"response_format": asked["response_format"]}, served, flat=True)
         if call is not None:
             asked["response_format"] = call.format
         settings, _ = request_settings(asked, self.default_max_new_tokens)
@@ -959,7 +968,7 @@ class Server:
         logprobs, _ = scoring({"logprobs": RESPONSE_LOGPROBS in (include or []),
                                "top_logprobs": body.get("top_logprobs")}, chat=True)  # fmt: skip
         messages = response_messages(body)
-        tools = call.tools if call else None
+        tools = ToolCall.shown(calling, call)
         prompt = _said(lambda: chat_prompt(served.lm.tokenizer, chat_turns(messages), "input", tools))
         said = Response(model, served, body, settings, logprobs, call)
         if body.get("stream"):

@@ -912,7 +912,8 @@ def test_auto_tool_choice_answers_text_or_calls_as_the_chat_template_writes_them
     or text, Llama 3.1's bare JSON, one a turn), which once begun are kept to the tools' parameters and read back
     as OpenAI's `tool_calls` (finish_reason "tool_calls", the text before them as content). Here a random model
     calls where `<tool_call>` is made its likeliest token (logit_bias), and answers text where not; streamed, its
-    text comes as it is generated and its calls whole at the end. The Responses API calls the same tools (its flat
+    text comes as it is generated and its calls whole at the end; "none" shows the tools in the prompt all the same
+    and answers text, whatever the model would call. The Responses API calls the same tools (its flat
     form): each call a `function_call` item, a named one's arguments streamed as they come, and the call and its
     output sent back as input items make the prompt chat's turns make. Before, "auto" was refused with a 400, and
     the Responses API refused tools and function calls' items."""
@@ -988,6 +989,9 @@ def test_auto_tool_choice_answers_text_or_calls_as_the_chat_template_writes_them
         pieces = list(client.chat.completions.create(model=folder.name, messages=asked, max_tokens=12, tools=tools,
                                                      tool_choice="auto", stream=True))  # fmt: skip
         called = client.chat.completions.parse(model=folder.name, messages=asked, max_tokens=60, tools=tools, **call)
+        shown = client.chat.completions.create(model=folder.name, messages=asked, max_tokens=4, tools=tools,
+                                               tool_choice="none", logit_bias=call["logit_bias"])  # fmt: skip
+        plain = client.chat.completions.create(model=folder.name, messages=asked, max_tokens=4)
         with client.chat.completions.stream(model=folder.name, messages=asked, max_tokens=60, tools=tools,
                                             **call) as stream:  # fmt: skip
             streamed = stream.get_final_completion()
@@ -1021,6 +1025,9 @@ def test_auto_tool_choice_answers_text_or_calls_as_the_chat_template_writes_them
     assert said.tool_calls is None and said.content and text.choices[0].finish_reason == "length", text
     assert "".join(c.choices[0].delta.content or "" for c in pieces if c.choices) == said.content
     assert pieces[-1].choices[0].finish_reason == "length"
+    said = shown.choices[0].message  # "none": the tools in the prompt, and text, whatever the model would call
+    assert said.tool_calls is None and said.content.startswith("<tool_call>"), shown
+    assert shown.usage.prompt_tokens == text.usage.prompt_tokens > plain.usage.prompt_tokens
     said = called.choices[0].message
     assert called.choices[0].finish_reason == "tool_calls" and said.content is None and len(said.tool_calls) == 1
     function = said.tool_calls[0].function
