@@ -322,6 +322,7 @@ class CallForm:
     end: str
     separators: tuple[str, str]
     added: tuple[tuple[str, int, bool], ...]  # the tokenizer's added tokens in these texts: text, id, special
+    free: tuple[int, ...] = ()  # its other added tokens an answer's text may hold (Qwen3's <think>), not special
 
     NAMES = ("edgar_tune_call_one", "edgar_tune_call_two")  # made up: a template holds neither
     ARGUMENTS = {"edgar_tune_argument": "value"}
@@ -392,14 +393,16 @@ class CallForm:
             raise refused(f"opens a call with {trigger}, a special token an answer's text leaves out")
         return cls(start[:at], trigger, start[at + len(trigger) :], between, apart, end, separators,
                    tuple((t, i, s) for t, (i, s) in added.items() if any(t in p for p in (start, between, apart or "",
-                                                                                            end))))  # fmt: skip
+                                                                                            end))),
+                   tuple(sorted(i for t, (i, s) in added.items() if not s and t != trigger)))  # fmt: skip
 
     def grammar(self, parameters: dict[str, dict], parallel: bool) -> str:
         """llguidance's grammar (Lark's syntax) of an answer that is text, or text and then calls in this form,
         each of a function of `parameters` (name -> JSON schema), its arguments kept to it, written with the
         template's separators unless its schema says otherwise; more than one where `parallel` and the template
         writes more. The calls begin where the trigger is first written (a lazy lexeme; an added token, which
-        llguidance reads as itself, not its text)."""
+        llguidance reads as itself, not its text, and then the text before may hold the tokenizer's other added
+        tokens that are not special: a thinking block's tags)."""
         ids = {text: i for text, i, _ in self.added}
         split = re.compile("(" + "|".join(map(re.escape, sorted(ids, key=len, reverse=True))) + ")" if ids else "(?!)")
 
@@ -413,10 +416,14 @@ class CallForm:
                  + json.dumps(schema | {"x-guidance": style | schema.get("x-guidance", {})})
                  for name, schema in parameters.items()]  # fmt: skip
         more = f" ({lit(self.apart)} call)*" if parallel and self.apart is not None else ""
-        lead = (f"lead: TEXT <[{ids[self.trigger]}]>" if self.trigger in ids
-                else f"lead[lazy]: TEXT {json.dumps(self.trigger, ensure_ascii=False)}")  # fmt: skip
-        return "\n".join(["%llguidance {}", "start: TEXT | calls", f"calls: lead {lit(self.rest)} call{more} "
-                          f"{lit(self.end)}", lead, "call: " + " | ".join(calls), "TEXT: /(.|\\n)*/"])  # fmt: skip
+        if self.trigger in ids:
+            tokens = f" | <[{','.join(map(str, self.free))}]>" if self.free else ""
+            text = [f"free: (TEXT{tokens})*", f"lead: free <[{ids[self.trigger]}]>", "TEXT: /(.|\\n)+/"]
+        else:  # a lazy lexeme is a terminal's: the text before it holds no added token
+            text = ["free: TEXT", f"lead[lazy]: TEXT {json.dumps(self.trigger, ensure_ascii=False)}",
+                    "TEXT: /(.|\\n)*/"]  # fmt: skip
+        return "\n".join(["%llguidance {}", "start: free | calls", f"calls: lead {lit(self.rest)} call{more} "
+                          f"{lit(self.end)}", "call: " + " | ".join(calls), *text])  # fmt: skip
 
     def read(self, text: str, names: list[str]) -> tuple[str | None, list[tuple[str, str]]] | None:
         """An answer's text (`grammar`'s) as the text before its calls (None for none) and its calls (name and

@@ -922,7 +922,7 @@ def test_auto_tool_choice_answers_text_or_calls_as_the_chat_template_writes_them
     import llguidance
     import openai
     import yaml
-    from pydantic import BaseModel
+    from pydantic import BaseModel, ConfigDict
 
     from edgar_tune.serve import CallForm, Refused
     from tasks.batching import grammar_tokenizer
@@ -933,7 +933,8 @@ def test_auto_tool_choice_answers_text_or_calls_as_the_chat_template_writes_them
         segment: Literal["AWS", "North America", "International"]
         grew: bool
 
-    class Lookup(BaseModel):
+    class Lookup(BaseModel):  # JSON without free whitespace, where a random model could loop in it
+        model_config = ConfigDict(json_schema_extra={"x-guidance": {"whitespace_flexible": False}})
         item: Literal["7", "7A", "8"]
 
     _, s = tiny_run
@@ -944,7 +945,7 @@ def test_auto_tool_choice_answers_text_or_calls_as_the_chat_template_writes_them
     with pytest.raises(Refused, match=r"does not write tool calls \(it has no `tool_calls`\)"):
         CallForm.of(tok, turn_end(tok))  # ChatML's
     tags = tok.__class__.from_pretrained(version_artifacts(folder)[0]["weights"])
-    tags.add_tokens(["<tool_call>", "</tool_call>"])  # as Qwen's tokenizer holds them
+    tags.add_tokens(["<tool_call>", "</tool_call>", "<think>", "</think>"])  # as Qwen3's tokenizer holds them
     for template, tokenizer, most in ((TOOL_QWEN, tags, 2), (TOOL_CHATML, tok, 2), (TOOL_LLAMA, tok, 1)):
         tokenizer.chat_template = template
         form = CallForm.of(tokenizer, turn_end(tokenizer))
@@ -953,13 +954,14 @@ def test_auto_tool_choice_answers_text_or_calls_as_the_chat_template_writes_them
         written = tokenizer.apply_chat_template([*asked, {"role": "assistant", "content": "",
                                                           "tool_calls": calls[:most]}], tokenize=False)  # fmt: skip
         written = written[len(opened) :].removesuffix("\n").removesuffix(turn_end(tokenizer))
-        answer = "Let me look.\n" + written  # some text, then the calls as the template writes them
+        before = "<think>\nA segment.\n</think>\n\nLet me look." if tokenizer is tags else "Let me look."
+        answer = before + "\n" + written  # some text (a thinking block's tags too), then calls as the template writes
         matcher = llguidance.LLMatcher(grammar_tokenizer(tokenizer, len(tokenizer)),
                                        llguidance.LLMatcher.grammar_from_lark(form.grammar(parameters, True)))
         ids = tokenizer.encode(answer, add_special_tokens=False)
         assert matcher.try_consume_tokens(ids) == len(ids) and matcher.is_accepting(), (template[:20], answer)
         said = tokenizer.decode(ids, skip_special_tokens=True)
-        assert form.read(said, list(parameters)) == ("Let me look.", [(c["function"]["name"], json.dumps(
+        assert form.read(said, list(parameters)) == (before, [(c["function"]["name"], json.dumps(
             c["function"]["arguments"])) for c in calls[:most]]), said  # fmt: skip
         assert form.read(said[: said.index("{", said.index(form.trigger) + len(form.trigger) + 2) + 3],
                          list(parameters)) is None  # a call cut short
