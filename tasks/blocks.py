@@ -51,28 +51,38 @@ def pack(token_lists: list[list[int]], length: int) -> tuple[list[list[int]], in
     return [flat[i * length : (i + 1) * length] for i in range(n)], len(flat) - n * length
 
 
-def chat_segments(messages: list[dict], tokenizer, where: str) -> list[tuple[str, bool]]:
+def chat_segments(messages: list[dict], tokenizer, where: str, tools: list[dict] | None = None
+                  ) -> list[tuple[str, bool]]:  # fmt: skip
     """A conversation in the tokenizer's chat template, as (text, trained) pieces in order: each assistant turn,
     from its content to the template's end of turn, trains; the rest (system, user, the template's markup and the
     header that opens each assistant turn, which generation is prompted with) does not.
 
     Each assistant turn is found as the text between the conversation before it, rendered with the generation
     prompt, and the conversation up to it: a template must render a conversation as a continuation of its start.
+    `tools` (the record's) go to the template as transformers passes them; an assistant's tool calls train as the
+    template writes them, the tool's results do not.
 
     Raises:
         ConfigError: a tokenizer without a chat template, a conversation its template refuses (a system turn,
-            for Gemma's), or a template that renders a turn differently once later turns follow it (one that
-            drops earlier turns' reasoning, say).
+            for Gemma's), a template that renders a turn differently once later turns follow it (one that drops
+            earlier turns' reasoning, say), or tool calls to a template that does not write them (it would train
+            the call's turn empty).
     """
     if not getattr(tokenizer, "chat_template", None):
         raise ConfigError(f"{tokenizer.name_or_path} has no chat template, which conversations (`messages`) are "
                           "written in: use a chat model (its tokenizer_config.json or chat_template.jinja has one), "
                           "or give records fields and a template.json")  # fmt: skip
+    called = next((i for i, m in enumerate(messages, 1) if m.get("tool_calls") or m["role"] == "tool"), None)
+    if called and "tool_calls" not in str(tokenizer.chat_template):
+        raise ConfigError(f"{where}, turn {called}: a tool call or its result, which {tokenizer.name_or_path}'s "
+                          "chat template does not write (it has no `tool_calls`): the call's turn would train empty. "
+                          "Tune a base whose template writes tool calls (Qwen2.5's, Llama 3.1's, Hermes'), or leave "
+                          "the tool turns out")  # fmt: skip
     from jinja2 import TemplateError
 
     def render(turns: list[dict], **kw) -> str:
         try:
-            return tokenizer.apply_chat_template(turns, tokenize=False, **kw)
+            return tokenizer.apply_chat_template(turns, tokenize=False, **kw, **({"tools": tools} if tools else {}))
         except TemplateError as err:  # the template's own refusal (Gemma's: no system role), or a mistake in it
             raise ConfigError(f"{where}: {tokenizer.name_or_path}'s chat template refuses the conversation: {err}; "
                               "change the conversation to what the template takes") from None  # fmt: skip
@@ -94,7 +104,7 @@ def chat_segments(messages: list[dict], tokenizer, where: str) -> list[tuple[str
 
 def _example_pieces(row: dict, tokenizer) -> list[tuple[str, bool]]:
     if "messages" in row:
-        return chat_segments(row["messages"], tokenizer, f"{row['source']}, record {row['row']}")
+        return chat_segments(row["messages"], tokenizer, f"{row['source']}, record {row['row']}", row.get("tools"))
     return [(row["prompt"], False), (row["completion"], True)]
 
 
@@ -130,7 +140,8 @@ def encode_instructions(rows: list[dict], tokenizer, length: int, done=None) -> 
     return {"input_ids": ids, "labels": labels}, cut
 
 
-_CONTENT = ("text", "prompt", "completion", "messages", "input_ids", "labels")  # a row's content, not its identity
+# a row's content, not its identity
+_CONTENT = ("text", "prompt", "completion", "messages", "tools", "input_ids", "labels")
 
 
 def row_meta(row: dict) -> dict:

@@ -463,14 +463,16 @@ def chat_prompt(tokenizer, value: str | dict | list, which: str, tools: list[dic
                 f"{which}: messages is not valid JSON ({err.msg}); give a JSON list of {{\"role\", \"content\"}} "
                 "objects, or plain text for one user message") from None  # fmt: skip
     # a tool call (an assistant's `tool_calls`) and its result (a `tool` turn), for a template that writes them
-    calls = {i: _tool_turn(t, which, i + 1, tokenizer) for i, t in enumerate(messages)
-             if isinstance(t, dict) and (t.get("role") == "tool" or t.get("tool_calls"))}  # fmt: skip
-    try:  # each other turn checked as a training record's are
-        messages = chat_messages({"messages": [{"role": "user", "content": ""} if i in calls else t
-                                               for i, t in enumerate(messages)]}, which, to_train=False)  # fmt: skip
+    called = next((i for i, t in enumerate(messages, 1) if isinstance(t, dict) and (t.get("role") == "tool" or
+                                                                                   t.get("tool_calls"))), None)
+    if called and "tool_calls" not in str(tokenizer.chat_template or ""):
+        raise mlflow.exceptions.MlflowException.invalid_parameter_value(
+            f"{which}, turn {called}: a tool call or its result, which the model's chat template does not write (it "
+            "has no `tool_calls`): send the conversation without tool turns")  # fmt: skip
+    try:  # each turn checked as a training record's are
+        messages = chat_messages({"messages": messages}, which, to_train=False)
     except ConfigError as err:
         raise mlflow.exceptions.MlflowException.invalid_parameter_value(str(err)) from None
-    messages = [calls.get(i, t) for i, t in enumerate(messages)]
     from jinja2 import TemplateError
 
     try:
@@ -479,41 +481,6 @@ def chat_prompt(tokenizer, value: str | dict | list, which: str, tools: list[dic
     except TemplateError as err:  # the template's own refusal (Gemma's: no system role)
         raise mlflow.exceptions.MlflowException.invalid_parameter_value(
             f"{which}: the model's chat template refuses these messages: {err}") from None
-
-
-def _tool_turn(turn: dict, which: str, n: int, tokenizer) -> dict:
-    """Turn `n`, a tool call or its result in OpenAI's form (an assistant's `tool_calls`, each {"id", "type":
-    "function", "function": {"name", "arguments": JSON text}}; a `tool` turn's `content` and `tool_call_id`), as
-    transformers' chat templates take it (a call's arguments a mapping).
-
-    Raises:
-        MlflowException (INVALID_PARAMETER_VALUE): a template that does not write tool calls (it would leave them
-            out of the prompt, the model not seeing what it called), or a turn not of that form."""
-    if "tool_calls" not in str(tokenizer.chat_template or ""):
-        raise mlflow.exceptions.MlflowException.invalid_parameter_value(
-            f"{which}, turn {n}: a tool call or its result, which the model's chat template does not write (it has "
-            "no `tool_calls`): send the conversation without tool turns")  # fmt: skip
-    wrong = mlflow.exceptions.MlflowException.invalid_parameter_value(
-        f"{which}, turn {n}: {str(turn)[:80]} is not an assistant's {{\"tool_calls\": [{{\"id\", \"type\": "
-        f"\"function\", \"function\": {{\"name\", \"arguments\": JSON text}}}}]}} nor a {{\"role\": \"tool\", "
-        f"\"content\": TEXT, \"tool_call_id\"}}")  # fmt: skip
-    if turn.get("role") == "tool":
-        if not isinstance(turn.get("content"), str):
-            raise wrong
-        return {"role": "tool", "content": turn["content"], **({"tool_call_id": turn["tool_call_id"]}
-                                                                 if turn.get("tool_call_id") else {})}  # fmt: skip
-    calls, given = [], turn["tool_calls"] if turn.get("role") == "assistant" else None
-    for call in given if isinstance(given, list) else [None]:
-        function = call["function"] if isinstance(call, dict) and isinstance(call.get("function"), dict) else {}
-        try:
-            arguments = json.loads(function.get("arguments"))
-        except (TypeError, json.JSONDecodeError):
-            arguments = None
-        if not (isinstance(function.get("name"), str) and isinstance(arguments, dict)):
-            raise wrong
-        calls.append({"type": "function", **({"id": call["id"]} if call.get("id") else {}),
-                      "function": {"name": function["name"], "arguments": arguments}})  # fmt: skip
-    return {"role": "assistant", "content": turn.get("content") or "", "tool_calls": calls}
 
 
 def version_artifacts(local: Path) -> tuple[dict[str, str], dict[str, str]]:

@@ -138,6 +138,8 @@ def text_sha256(rows: list[dict]) -> str:
         if "messages" in r:  # without it, every chat data set hashed alike: "the same validation data" to the gate
             digest.update(json.dumps(r["messages"], ensure_ascii=False).encode("utf-8"))
             digest.update(b"\x00")
+            if r.get("tools"):  # the tools a conversation was shown
+                digest.update(json.dumps(r["tools"], ensure_ascii=False).encode("utf-8"))
     return digest.hexdigest()
 
 

@@ -8,7 +8,10 @@ strings over the record's fields. Without a template.json next to the data (or `
 default is used: the instruction/context/response fields of the Dolly format. Records that are conversations
 (`messages`, a list of role/content objects, as OpenAI's chat format, or ShareGPT's `conversations`) are chat data
 instead: the tokenize stage writes them in the model's own chat template and trains on the assistant's turns
-(`tasks.blocks.chat_segments`).
+(`tasks.blocks.chat_segments`). A conversation may call tools, as OpenAI's fine-tuning format writes it (an
+assistant's `tool_calls`, a `tool` turn with the result, the record's `tools`) or LLaMA-Factory's ShareGPT one
+(`function_call` and `observation` turns, `tools` as JSON text): the calls train as the assistant's turns, written
+as the chat template writes them, so that the version calls tools as `edgar-tune serve` reads them back.
 
 Without `data.validation`, `data.validation_split_ratio` (default 0.2) of the rows is held out, chosen with
 `train.train_data_split_seed`.
@@ -443,16 +446,20 @@ def render(template: dict, record: dict, where: str) -> dict:
                           "(`data.template`) or the record") from None  # fmt: skip
 
 
-CHAT_ROLES = ("system", "user", "assistant")
-# ShareGPT's speakers (`conversations` of {"from", "value"}, as Axolotl and LLaMA-Factory read them) -> roles
-SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+# ShareGPT's speakers (`conversations` of {"from", "value"}, as Axolotl and LLaMA-Factory read them) -> roles; a
+# `function_call` turn's value is a call's JSON ({"name", "arguments"}, or a list of them), LLaMA-Factory's
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "function_call": "assistant", "observation": "tool"}  # fmt: skip
 CHAT_KEYS = ("messages", "conversations")  # a record holding either is a conversation
 
 
 def chat_messages(record: dict, where: str, to_train: bool = True) -> list[dict]:
     """A chat record's conversation: its `messages` (OpenAI's {"role", "content"}), or its `conversations`
-    (ShareGPT's {"from", "value"}, speakers human and gpt as user and assistant), as role (system, user or
-    assistant) and text, with at least one assistant turn (what trains) when it is `to_train`.
+    (ShareGPT's {"from", "value"}, speakers human and gpt as user and assistant), as role (system, user,
+    assistant or tool) and text, with at least one assistant turn (what trains) when it is `to_train`. A tool call
+    (an assistant's `tool_calls`, ShareGPT's `function_call`) and its result (a `tool` turn, ShareGPT's
+    `observation`) as transformers' chat templates take them (`tool_turn`).
 
     Raises:
         ConfigError: a record with neither, a turn that is not such an object, no assistant turn to train.
@@ -470,14 +477,88 @@ def chat_messages(record: dict, where: str, to_train: bool = True) -> list[dict]
     messages = []
     for i, turn in enumerate(turns, 1):
         role, text = (turn.get(names[0]), turn.get(names[1])) if isinstance(turn, dict) else (None, None)
+        if not sharegpt and isinstance(turn, dict) and (turn.get("tool_calls") or role == "tool"):
+            messages.append(tool_turn(turn, f"{where}, turn {i}"))
+            continue
         if not (isinstance(role, str) and role in roles and isinstance(text, str)):  # a list's role: no TypeError
             raise ConfigError(f"{where}, turn {i}: {repr(turn)[:80]} is not {{\"{names[0]}\": ROLE, \"{names[1]}\": "
                               f"TEXT}} with ROLE one of {', '.join(roles)}")  # fmt: skip
-        messages.append({"role": roles[role], "content": text})
+        if sharegpt and role == "function_call":  # LLaMA-Factory's: the call's (or calls') JSON
+            messages.append(tool_turn({"role": "assistant", "tool_calls": _sharegpt_calls(text)}, f"{where}, turn {i}"))
+        else:
+            messages.append({"role": roles[role], "content": text})
     if to_train and not any(m["role"] == "assistant" for m in messages):
         raise ConfigError(f"{where}: no assistant turn, and the assistant's turns are what trains; give each "
                           "conversation one or more")  # fmt: skip
     return messages
+
+
+def tool_turn(turn: dict, where: str) -> dict:
+    """A tool call or its result in OpenAI's form (an assistant's `tool_calls`, each {"id", "type": "function",
+    "function": {"name", "arguments": JSON text}}; a `tool` turn's `content` and `tool_call_id`), as transformers'
+    chat templates take it (a call's arguments a mapping).
+
+    Raises:
+        ConfigError: a turn not of that form."""
+    wrong = ConfigError(f"{where}: {str(turn)[:80]} is not an assistant's {{\"tool_calls\": [{{\"id\", \"type\": "
+                        f"\"function\", \"function\": {{\"name\", \"arguments\": JSON text}}}}]}} nor a {{\"role\": "
+                        f"\"tool\", \"content\": TEXT, \"tool_call_id\"}}")  # fmt: skip
+    if turn.get("role") == "tool":
+        if not isinstance(turn.get("content"), str):
+            raise wrong
+        return {"role": "tool", "content": turn["content"], **({"tool_call_id": turn["tool_call_id"]}
+                                                                 if turn.get("tool_call_id") else {})}  # fmt: skip
+    calls, given = [], turn["tool_calls"] if turn.get("role") == "assistant" else None
+    for call in given if isinstance(given, list) else [None]:
+        function = call["function"] if isinstance(call, dict) and isinstance(call.get("function"), dict) else {}
+        arguments = function.get("arguments")
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except json.JSONDecodeError:
+                arguments = None
+        if not (isinstance(function.get("name"), str) and isinstance(arguments, dict)):
+            raise wrong
+        calls.append({"type": "function", **({"id": call["id"]} if call.get("id") else {}),
+                      "function": {"name": function["name"], "arguments": arguments}})  # fmt: skip
+    return {"role": "assistant", "content": turn.get("content") or "", "tool_calls": calls}
+
+
+def _sharegpt_calls(text: str) -> list | None:
+    """A ShareGPT `function_call` turn's value (LLaMA-Factory's: {"name", "arguments"}, or a list of them) as
+    OpenAI's `tool_calls`; None where it is not that JSON."""
+    try:
+        said = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    said = said if isinstance(said, list) else [said]
+    if not all(isinstance(c, dict) for c in said):
+        return None
+    return [{"type": "function", "function": {"name": c.get("name"), "arguments": c.get("arguments")}} for c in said]
+
+
+def chat_tools(record: dict, where: str) -> list[dict] | None:
+    """A chat record's `tools` (OpenAI's fine-tuning format: function tools, {"type": "function", "function":
+    {"name", "parameters"}}; LLaMA-Factory's: JSON text of {"name", "parameters"}), as chat templates take them;
+    None for none.
+
+    Raises:
+        ConfigError: tools of another shape."""
+    tools = record.get("tools")
+    if isinstance(tools, str) and tools.strip():
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{where}: `tools` is not JSON ({err.msg})") from None
+    if not tools:
+        return None
+    tools = [t if isinstance(t, dict) and "function" in t else {"type": "function", "function": t}
+             for t in tools] if isinstance(tools, list) else None  # fmt: skip
+    if tools is None or not all(isinstance(t["function"], dict) and isinstance(t["function"].get("name"), str)
+                                for t in tools):  # fmt: skip
+        raise ConfigError(f"{where}: `tools` is {str(record.get('tools'))[:80]}, not a list of function tools "
+                          "({\"type\": \"function\", \"function\": {\"name\", \"parameters\"}})")  # fmt: skip
+    return tools
 
 
 def _rows(files: list[dict], instruction: bool, template: dict | None, chat: bool | None = None) -> list[dict]:
@@ -490,8 +571,11 @@ def _rows(files: list[dict], instruction: bool, template: dict | None, chat: boo
         if chat is None and instruction:
             chat = bool(records) and any(key in records[0] for key in CHAT_KEYS)
         if instruction and chat:
-            rows.extend({"source": path.name, "row": n, "messages": chat_messages(record, f"{path}, record {n}")}
-                        for n, record in enumerate(records, 1))  # fmt: skip
+            for n, record in enumerate(records, 1):
+                where = f"{path}, record {n}"
+                tools = chat_tools(record, where)
+                rows.append({"source": path.name, "row": n, "messages": chat_messages(record, where)}
+                            | ({"tools": tools} if tools else {}))  # fmt: skip
         elif instruction:
             used = {field for key in ("prompt", "completion") for field in template_fields(template[key])}
             nulls: dict[str, int] = {}
@@ -510,7 +594,8 @@ def _rows(files: list[dict], instruction: bool, template: dict | None, chat: boo
 def row_text(row: dict) -> str:
     """A row's text, without markup: a document's, an example's prompt and completion, a conversation's turns."""
     if "messages" in row:
-        return "\n".join(m["content"] for m in row["messages"])
+        return "\n".join((m["content"] or "") + (json.dumps(m["tool_calls"]) if m.get("tool_calls") else "")
+                         for m in row["messages"])  # fmt: skip
     return row["text"] if "text" in row else row["prompt"] + row["completion"]
 
 

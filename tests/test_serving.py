@@ -887,15 +887,6 @@ def test_a_conversations_tool_calls_and_results_go_to_a_template_that_writes_the
             chat_prompt(tok, [asked[0], wrong], "messages")
 
 
-# Qwen2.5's way of writing tools and calls (its template, shortened): the tools in the system turn, each call
-# between <tool_call> and </tool_call>, which its tokenizer holds as tokens of their own
-TOOL_QWEN = (
-    "{% if tools %}<|im_start|>system\n<tools>{% for t in tools %}{{ '\\n' + t | tojson }}{% endfor %}\n</tools>"
-    "<|im_end|>\n{% endif %}{% for m in messages %}{% if m.role == 'assistant' %}<|im_start|>assistant"
-    "{% if m.content %}{{ '\\n' + m.content }}{% endif %}{% for c in m.tool_calls %}{% set c = c.function %}"
-    "{{ '\\n<tool_call>\\n{\"name\": \"' + c.name + '\", \"arguments\": ' }}{{ c.arguments | tojson }}"
-    "{{ '}\\n</tool_call>' }}{% endfor %}<|im_end|>\n{% else %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n"
-    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")  # fmt: skip
 # Llama 3.1's: a call as bare JSON, one a turn (its template refuses two)
 TOOL_LLAMA = (
     "{% for m in messages %}<|start_header_id|>{{ m.role }}<|end_header_id|>\n\n{% if m.tool_calls %}"
@@ -928,6 +919,7 @@ def test_auto_tool_choice_answers_text_or_calls_as_the_chat_template_writes_them
     from tasks.batching import grammar_tokenizer
     from tasks.generate import turn_end
     from tasks.registry import version_artifacts
+    from tests.test_textdata import TOOL_QWEN
 
     class Segment(BaseModel):
         segment: Literal["AWS", "North America", "International"]

@@ -435,6 +435,16 @@ def test_instruction_tuning_needs_jsonl():
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
           "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")  # fmt: skip
 
+# Qwen2.5's way of writing tools and calls (its template, shortened): the tools in the system turn, each call
+# between <tool_call> and </tool_call>, which its tokenizer holds as tokens of their own
+TOOL_QWEN = (
+    "{% if tools %}<|im_start|>system\n<tools>{% for t in tools %}{{ '\\n' + t | tojson }}{% endfor %}\n</tools>"
+    "<|im_end|>\n{% endif %}{% for m in messages %}{% if m.role == 'assistant' %}<|im_start|>assistant"
+    "{% if m.content %}{{ '\\n' + m.content }}{% endif %}{% for c in m.tool_calls %}{% set c = c.function %}"
+    "{{ '\\n<tool_call>\\n{\"name\": \"' + c.name + '\", \"arguments\": ' }}{{ c.arguments | tojson }}"
+    "{{ '}\\n</tool_call>' }}{% endfor %}<|im_end|>\n{% else %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")  # fmt: skip
+
 
 @pytest.fixture(scope="module")
 def tiny_chat_model(tmp_path_factory, paragraphs) -> Path:
@@ -517,6 +527,72 @@ def test_a_conversation_trains_on_the_assistants_turns_in_the_models_chat_templa
     data.write_text(json.dumps(sharegpt) + "\n")  # told from its first record, as `messages` would be
     entry = {"path": str(data), "sha256": hashlib.sha256(data.read_bytes()).hexdigest()}
     assert _rows([entry], True, JUMPSTART_TEMPLATE) == [{"source": "sharegpt.jsonl", "row": 1, "messages": messages}]
+
+
+def test_conversations_that_call_tools_train_the_calls_as_the_chat_template_writes_them(tiny_chat_model):
+    """A conversation that calls a tool, in OpenAI's fine-tuning format (the record's `tools`, an assistant's
+    `tool_calls` with arguments as JSON text, a `tool` turn with the result) or LLaMA-Factory's ShareGPT one
+    (`function_call` and `observation` turns, `tools` as JSON text), trains the call as the chat template writes it
+    (the tools shown in the prompt, the result not trained), and `edgar-tune serve` reads such a call back
+    (`CallForm`): what tuning a version to call tools takes. A template that writes no calls refuses them, since
+    the call's turn would train empty; so do tools and calls of another shape. Before, every tool turn was refused
+    ("is not {"role": ROLE, "content": TEXT}")."""
+    from edgar_tune.serve import CallForm
+    from tasks.blocks import chat_segments, encode_instructions
+    from tasks.generate import turn_end
+    from tasks.models import load_tokenizer
+    from tasks.split import text_sha256
+    from tasks.textdata import chat_messages, chat_tools
+
+    tool = {"name": "lookup", "description": "An Item of the 10-K.", "parameters": {
+        "type": "object", "properties": {"item": {"type": "string"}}, "required": ["item"]}}  # fmt: skip
+    openai_form = {"tools": [{"type": "function", "function": tool}], "messages": [
+        {"role": "user", "content": "What does Item 7 say?"},
+        {"role": "assistant", "tool_calls": [{"id": "call_1", "type": "function", "function": {
+            "name": "lookup", "arguments": '{"item": "7"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "Net sales increased 22%."},
+        {"role": "assistant", "content": "Net sales grew 22%."}]}  # fmt: skip
+    sharegpt = {"tools": json.dumps([tool]), "conversations": [
+        {"from": "human", "value": "What does Item 7 say?"},
+        {"from": "function_call", "value": '{"name": "lookup", "arguments": {"item": "7"}}'},
+        {"from": "observation", "value": "Net sales increased 22%."},
+        {"from": "gpt", "value": "Net sales grew 22%."}]}  # fmt: skip
+    tok = load_tokenizer(str(tiny_chat_model))
+    tok.chat_template = TOOL_QWEN
+    rows = []
+    for n, record in enumerate((openai_form, sharegpt), 1):
+        where = f"chat.jsonl, record {n}"
+        rows.append({"source": "chat.jsonl", "row": n, "messages": chat_messages(record, where),
+                     "tools": chat_tools(record, where)})  # fmt: skip
+    pieces = [chat_segments(r["messages"], tok, "chat.jsonl", r["tools"]) for r in rows]
+    call = '<tool_call>\n{"name": "lookup", "arguments": {"item": "7"}}\n</tool_call><|im_end|>\n'
+    assert [t for t, trained in pieces[0] if trained] == [call, "Net sales grew 22%.<|im_end|>\n"], pieces[0]
+    assert pieces[1] == pieces[0]  # the same conversation, in either format
+    shown = pieces[0][0][0]
+    assert shown.startswith("<|im_start|>system\n<tools>\n") and '"name": "lookup"' in shown  # the tools, untrained
+    assert any("<|im_start|>tool\nNet sales increased 22%.<|im_end|>" in t for t, trained in pieces[0] if not trained)
+    cols, _ = encode_instructions(rows[:1], tok, 1024)
+    trained = tok.decode([t for t in cols["labels"][0] if t != -100])
+    assert trained == call + "Net sales grew 22%.<|im_end|>\n"
+    form = CallForm.of(tok, turn_end(tok))  # what the server reads back from an answer the version writes so
+    assert form.read(call.removesuffix("<|im_end|>\n"), ["lookup"]) == (None, [("lookup", '{"item": "7"}')])
+    assert text_sha256(rows[:1]) != text_sha256([{**rows[0], "tools": None}])  # the tools shown count
+    # what cannot train says why and what to change
+    tok.chat_template = CHATML
+    with pytest.raises(ConfigError, match=r"chat.jsonl, turn 2: a tool call or its result, which .*'s chat template "
+                       r"does not write \(it has no `tool_calls`\): the call's turn would train empty"):  # fmt: skip
+        chat_segments(rows[0]["messages"], tok, "chat.jsonl")
+    wrong = [({"tools": [{"type": "function", "function": {"description": "no name"}}], "messages": []},
+              r"record 1: `tools` is .* not a list of function tools"),
+             ({"messages": [{"role": "assistant", "tool_calls": [{"function": {"name": "lookup",
+                                                                              "arguments": "{"}}]}]},
+              r"record 1, turn 1: .* is not an assistant's \{\"tool_calls\""),
+             ({"conversations": [{"from": "function_call", "value": "lookup(7)"}]},
+              r"record 1, turn 1: .* is not an assistant's \{\"tool_calls\"")]  # fmt: skip
+    for record, why in wrong:
+        with pytest.raises(ConfigError, match=why):
+            chat_tools(record, "chat.jsonl, record 1")
+            chat_messages(record, "chat.jsonl, record 1")
 
 
 def test_chat_tuning_end_to_end_serves_messages_in_the_chat_template(tmp_path, paragraphs, tiny_chat_model,
