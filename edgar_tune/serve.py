@@ -323,6 +323,7 @@ class CallForm:
     separators: tuple[str, str]
     added: tuple[tuple[str, int, bool], ...]  # the tokenizer's added tokens in these texts: text, id, special
     free: tuple[int, ...] = ()  # its other added tokens an answer's text may hold (Qwen3's <think>), not special
+    closing: str = ""  # what ends the turn (`turn_end`), which may follow the calls
 
     NAMES = ("edgar_tune_call_one", "edgar_tune_call_two")  # made up: a template holds neither
     ARGUMENTS = {"edgar_tune_argument": "value"}
@@ -391,10 +392,11 @@ class CallForm:
             raise refused("writes nothing before a call's name, so a call cannot be told from text")
         if added.get(trigger, (0, False))[1]:
             raise refused(f"opens a call with {trigger}, a special token an answer's text leaves out")
+        texts = (start, between, apart or "", end, closing or "")
         return cls(start[:at], trigger, start[at + len(trigger) :], between, apart, end, separators,
-                   tuple((t, i, s) for t, (i, s) in added.items() if any(t in p for p in (start, between, apart or "",
-                                                                                            end))),
-                   tuple(sorted(i for t, (i, s) in added.items() if not s and t != trigger)))  # fmt: skip
+                   tuple((t, i, s) for t, (i, s) in added.items() if any(t in p for p in texts)),
+                   tuple(sorted(i for t, (i, s) in added.items() if not s and t != trigger)),
+                   closing or "")  # fmt: skip
 
     def grammar(self, parameters: dict[str, dict], parallel: bool) -> str:
         """llguidance's grammar (Lark's syntax) of an answer that is text, or text and then calls in this form,
@@ -416,6 +418,9 @@ class CallForm:
                  + json.dumps(schema | {"x-guidance": style | schema.get("x-guidance", {})})
                  for name, schema in parameters.items()]  # fmt: skip
         more = f" ({lit(self.apart)} call)*" if parallel and self.apart is not None else ""
+        # the turn's end after the calls: a token of its own is an end `_Rows._form` allows; one written as text (a
+        # template's markup that is no token) is the grammar's to allow, and the answer's `stop` then
+        close = f" ({lit(self.closing)})?" if self.closing else ""
         if self.trigger in ids:
             tokens = f" | <[{','.join(map(str, self.free))}]>" if self.free else ""
             text = [f"free: (TEXT{tokens})*", f"lead: free <[{ids[self.trigger]}]>", "TEXT: /(.|\\n)+/"]
@@ -423,7 +428,7 @@ class CallForm:
             text = ["free: TEXT", f"lead[lazy]: TEXT {json.dumps(self.trigger, ensure_ascii=False)}",
                     "TEXT: /(.|\\n)*/"]  # fmt: skip
         return "\n".join(["%llguidance {}", "start: free | calls", f"calls: lead {lit(self.rest)} call{more} "
-                          f"{lit(self.end)}", "call: " + " | ".join(calls), *text])  # fmt: skip
+                          f"{lit(self.end)}{close}", "call: " + " | ".join(calls), *text])  # fmt: skip
 
     def read(self, text: str, names: list[str]) -> tuple[str | None, list[tuple[str, str]]] | None:
         """An answer's text (`grammar`'s) as the text before its calls (None for none) and its calls (name and

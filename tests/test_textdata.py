@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -593,6 +594,56 @@ def test_conversations_that_call_tools_train_the_calls_as_the_chat_template_writ
         with pytest.raises(ConfigError, match=why):
             chat_tools(record, "chat.jsonl, record 1")
             chat_messages(record, "chat.jsonl, record 1")
+
+
+def test_a_version_tuned_on_tool_calls_calls_a_tool_of_its_own_choice_when_served(tmp_path, paragraphs,
+                                                                                    tiny_chat_model, prefect_server):
+    """The loop a user runs to have a version call tools: conversations whose assistant calls a tool (OpenAI's
+    fine-tuning format) tune a base whose chat template writes tool calls, the run registers the version, and
+    `edgar-tune serve` asked with `tools` (and no `tool_choice`: "auto") answers with the call, of the version's
+    own choice (no logit_bias), its arguments kept to the tool's parameters, the turn ending as trained
+    (finish_reason "tool_calls", not "length": the template's turn end, text here, is the grammar's to allow after
+    the calls). Before, such records were refused, and "auto" with them."""
+    import openai
+
+    from tasks.models import load_tokenizer
+    from tests.test_serving import edgar_tune_serve
+
+    from transformers import AutoModelForCausalLM
+
+    base = tmp_path / "tiny-tools"  # the tiny chat model, its tokenizer holding the call's tags as Qwen's does
+    shutil.copytree(tiny_chat_model, base)
+    tok = load_tokenizer(str(base))
+    tok.add_tokens(["<tool_call>", "</tool_call>"])
+    tok.chat_template = TOOL_QWEN
+    model = AutoModelForCausalLM.from_pretrained(base)
+    model.resize_token_embeddings(len(tok))
+    model.save_pretrained(base)
+    tok.save_pretrained(base)
+    tool = {"type": "function", "function": {"name": "lookup", "description": "An Item of the 10-K.", "parameters": {
+        "type": "object", "properties": {"item": {"enum": ["7", "7A", "8"]}}, "required": ["item"]}}}  # fmt: skip
+    records = [{"tools": [tool], "messages": [
+        {"role": "user", "content": a[:150]},
+        {"role": "assistant", "tool_calls": [{"id": f"call_{n}", "type": "function", "function": {
+            "name": "lookup", "arguments": json.dumps({"item": ["7", "7A", "8"][n % 3]})}}]},
+        {"role": "tool", "tool_call_id": f"call_{n}", "content": a[150:300]},
+        {"role": "assistant", "content": b[:100]}]}
+        for n, (a, b) in enumerate(zip(paragraphs, paragraphs[1:], strict=False)) if len(a) > 300]  # fmt: skip
+    data = tmp_path / "tools.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    s = run_cli(tmp_path, "--set", f"data.source={data}", "--set", "instruction_tuned=true", "--set", "max_steps=60",
+                "--set", f"model.name={base}", "--set", "max_input_length=512", "--set", "train.mode=full",
+                "--set", "per_device_train_batch_size=4", env=prefect_server)  # the tags' new rows train too  # fmt: skip
+    assert s["ppl_after"] < s["ppl_before"]
+    with edgar_tune_serve(f"models:/{s['registered_model']}/{s['model_version']}", tmp_path,
+                          MLFLOW_TRACKING_URI=s["mlflow_tracking_uri"]) as base_url:  # fmt: skip
+        client = openai.OpenAI(base_url=base_url, api_key="none", max_retries=0)
+        answered = client.chat.completions.create(model=s["registered_model"], max_tokens=120, tools=[tool],
+                                                  messages=[{"role": "user", "content": "Which Item is MD&A?"}])
+    said = answered.choices[0]
+    assert said.finish_reason == "tool_calls" and said.message.tool_calls, said
+    call = said.message.tool_calls[0].function
+    assert call.name == "lookup" and json.loads(call.arguments)["item"] in ("7", "7A", "8"), call
 
 
 def test_chat_tuning_end_to_end_serves_messages_in_the_chat_template(tmp_path, paragraphs, tiny_chat_model,
