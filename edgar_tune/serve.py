@@ -100,29 +100,114 @@ class Refused(Exception):
         self.message, self.status, self.param, self.code = message, status, param, code
 
 
-class _Held:
-    """A streamed answer to "auto" (`ToolCall`), sent as content as it comes, less what may be the start of its
-    calls (the start of the call form's `trigger`, and whitespace before it), held back; nothing once they begin."""
+class _Streamed:
+    """A streamed answer to "auto" (`ToolCall` with a `CallForm`), read as it comes (`heard`): its text, sent as
+    content less what may be the start of its calls (the start of the form's trigger, and whitespace before it),
+    held back; then each call as it is written, as OpenAI streams one: its id and name once the name is whole, its
+    arguments piece by piece (their JSON's end found by counting brackets outside strings). `ended` says what the
+    answer's end (`ToolCall.said`) adds: held text, arguments not yet sent, calls not yet begun."""
 
-    def __init__(self, trigger: str) -> None:
-        self.trigger, self.text, self.sent, self.calling = trigger, "", 0, False
+    def __init__(self, form: CallForm, names: list[str]) -> None:
+        self.form, self.names = form, sorted(names, key=len, reverse=True)
+        self.text, self.sent, self.at = "", 0, None  # `at`: where the calls' reading stands, once they begin
+        self.step, self.calls = "rest", []  # [id, name, arguments sent]
+        self.depth, self.quoted, self.escaped = 0, False, False
 
-    def heard(self, piece: str) -> str:
-        """What of the answer so far, `piece` added, to send now."""
+    def heard(self, piece: str) -> list[tuple]:
+        """What `piece` adds to send: ("content", text), ("call", k, id, name), ("arguments", k, text)."""
         self.text += piece
-        if self.calling:
-            return ""
-        at = self.text.find(self.trigger)
-        self.calling = at >= 0
-        upto = at if self.calling else len(self.text) - max((n for n in range(1, len(self.trigger))
-                                                             if self.text.endswith(self.trigger[:n])), default=0)
-        upto = len(self.text[:upto].rstrip())
-        new, self.sent = self.text[self.sent : upto], max(self.sent, upto)
-        return new
+        if self.at is None:
+            trigger = self.form.trigger
+            at = self.text.find(trigger)
+            upto = at if at >= 0 else len(self.text) - max((n for n in range(1, len(trigger))
+                                                            if self.text.endswith(trigger[:n])), default=0)
+            upto = len(self.text[:upto].rstrip())
+            new, self.sent = self.text[self.sent : upto], max(self.sent, upto)
+            said = [("content", new)] if new else []
+            if at < 0:
+                return said
+            self.at = at + len(trigger)
+        else:
+            said = []
+        return said + self._calls()
 
-    def rest(self, content: str | None) -> str:
-        """What of the answer's `content` (`ToolCall.said`, once it has ended) was held back."""
-        return (content or "")[self.sent :]
+    def _calls(self) -> list[tuple]:
+        said, text, seen = [], self.text, self.form.seen
+        while True:
+            if self.step in ("rest", "apart"):  # the form's text before a name: the grammar writes it whole
+                need = seen(self.form.rest if self.step == "rest" else self.form.apart)
+                if not text.startswith(need, self.at):
+                    return said
+                self.at, self.step = self.at + len(need), "name"
+            if self.step == "name":
+                between = seen(self.form.between)
+                name = next((n for n in self.names if text.startswith(n + between, self.at)), None)
+                if name is None:
+                    return said
+                self.at += len(name + between)
+                self.calls.append([ToolCall.ident(), name, ""])
+                said.append(("call", len(self.calls) - 1, self.calls[-1][0], name))
+                self.step, self.depth, self.quoted, self.escaped = "arguments", 0, False, False
+            if self.step == "arguments":
+                start, whole = self.at, False
+                for i in range(start, len(text)):
+                    c = text[i]
+                    if self.quoted:
+                        self.escaped, self.quoted = (False, True) if self.escaped else (c == "\\", c != '"')
+                    elif c == '"':
+                        self.quoted = True
+                    elif c in "{[":
+                        self.depth += 1
+                    elif c in "}]":
+                        self.depth -= 1
+                        whole = self.depth == 0
+                    if whole:
+                        self.at = i + 1
+                        break
+                else:
+                    self.at = len(text)
+                if self.at > start:
+                    self.calls[-1][2] += text[start : self.at]
+                    said.append(("arguments", len(self.calls) - 1, text[start : self.at]))
+                if not whole:
+                    return said
+                self.step = "after"
+            if self.step == "after":  # another call, or the end
+                apart = seen(self.form.apart) if self.form.apart is not None else None
+                if apart is None or not apart.startswith(text[self.at : self.at + len(apart)]):
+                    self.step = "end"
+                    return said
+                if not text.startswith(apart, self.at):
+                    return said
+                self.step = "apart"
+                continue
+            return said
+
+    def ended(self, said: dict) -> list[tuple]:
+        """What the answer's end (`ToolCall.said`'s message) adds to what was sent: the rest of its content, the
+        rest of each call's arguments, and calls not begun; calls already begun keep their ids."""
+        message, out = said["message"], []
+        if message.get("content") and len(message["content"]) > self.sent and not self.calls:
+            out.append(("content", message["content"][self.sent :]))
+        for k, call in enumerate(message.get("tool_calls") or []):
+            name, arguments = call["function"]["name"], call["function"]["arguments"]
+            if k >= len(self.calls):
+                self.calls.append([call["id"], name, ""])
+                out.append(("call", k, call["id"], name))
+            if arguments.startswith(self.calls[k][2]) and len(arguments) > len(self.calls[k][2]):
+                out.append(("arguments", k, arguments[len(self.calls[k][2]) :]))
+                self.calls[k][2] = arguments
+        return out
+
+
+def _delta(part: tuple) -> dict:
+    """A chat chunk's delta for a part of an answer `_Streamed` reads: its text, a call begun, or its arguments."""
+    if part[0] == "content":
+        return {"content": part[1]}
+    if part[0] == "call":
+        return {"tool_calls": [{"index": part[1], "id": part[2], "type": "function",
+                                "function": {"name": part[3], "arguments": ""}}]}  # fmt: skip
+    return {"tool_calls": [{"index": part[1], "function": {"arguments": part[2]}}]}
 
 
 class Stopping(Exception):
@@ -428,16 +513,17 @@ class CallForm:
         return "\n".join(["%llguidance {}", "start: free | calls", f"calls: lead {lit(self.rest)} call{more} "
                           f"{lit(self.end)}{close}", "call: " + " | ".join(calls), *text])  # fmt: skip
 
+    def seen(self, part: str) -> str:
+        """`part` of the form as an answer's text has it: its special tokens left out."""
+        for t, _, special in self.added:
+            part = part.replace(t, "") if special else part
+        return part
+
     def read(self, text: str, names: list[str]) -> tuple[str | None, list[tuple[str, str]]] | None:
         """An answer's text (`grammar`'s) as the text before its calls (None for none) and its calls (name and
         arguments, JSON text as written): no calls where it never wrote the trigger; None where its calls are not
         whole (cut by max_tokens or a `stop` text)."""
-        hidden = [t for t, _, special in self.added if special]  # left out of an answer's text
-
-        def seen(part: str) -> str:
-            for t in hidden:
-                part = part.replace(t, "")
-            return part
+        seen = self.seen
 
         at = text.find(self.trigger)
         if at < 0:
@@ -1155,21 +1241,19 @@ class Server:
                             opening["tool_calls"] = [{"index": 0, "id": ToolCall.ident(), "type": "function",
                                                       "function": {"name": call.name, "arguments": ""}}]  # fmt: skip
                         yield event([{"index": index, "delta": opening, "logprobs": None, "finish_reason": None}])
-                    if call and call.form is not None:  # "auto": text till a call may begin, then the calls whole
-                        hold = held.setdefault(index, _Held(call.form.trigger))
-                        if choice is None:
-                            piece = hold.heard(text)
-                            if piece or (scored and logprobs is not None):
-                                yield event([{"index": index, "delta": {"content": piece} if piece else {},
-                                              "logprobs": scores(index, scored), "finish_reason": None}])  # fmt: skip
-                        else:
-                            said = call.said(choice)
-                            delta = {"content": hold.rest(said["message"]["content"])}
-                            delta = {k: v for k, v in delta.items() if v} | ({"tool_calls": [
-                                {"index": j, **c} for j, c in enumerate(said["message"]["tool_calls"])]}
-                                if "tool_calls" in said["message"] else {})  # fmt: skip
-                            yield event([{"index": index, "delta": delta, "logprobs": scores(index, scored) if scored
-                                          else None, "finish_reason": said["finish_reason"]}])  # fmt: skip
+                    if call and call.form is not None:  # "auto": text till a call may begin, then each call
+                        reading = held.setdefault(index, _Streamed(call.form, [t["function"]["name"]
+                                                                               for t in call.tools]))  # fmt: skip
+                        said = call.said(choice) if choice is not None else None
+                        parts = reading.heard(text or "") if said is None else reading.ended(said)
+                        for k, part in enumerate(parts):
+                            last = k == len(parts) - 1
+                            yield event([{"index": index, "delta": _delta(part), "logprobs": scores(
+                                index, scored) if last and scored else None, "finish_reason": said[
+                                "finish_reason"] if said and last else None}])  # fmt: skip
+                        if not parts and (said or (scored and logprobs is not None)):
+                            yield event([{"index": index, "delta": {}, "logprobs": scores(index, scored) if scored
+                                          else None, "finish_reason": said and said["finish_reason"]}])  # fmt: skip
                     elif call and call.name is not None:  # a named call's arguments as they come, as OpenAI's
                         part = {"tool_calls": [{"index": 0, "function": {"arguments": text}}]} if text else {}
                         if part or scored or choice is not None:
@@ -1264,7 +1348,8 @@ class Response:
     count of likeliest tokens, as `include` asks), each text carries its tokens' log probabilities, as chat's.
     With a tool `call` (`ToolCall`), each call is a `function_call` item after the message (none where the answer
     is calls alone): a named call's arguments streamed as they come (`response.function_call_arguments.delta`),
-    other calls whole once the answer has ended, the text before them as it comes."""
+    and those chosen ("auto") as each is written (`_Streamed`), after the text before them; calls "required"
+    whole once the answer has ended."""
 
     def __init__(self, model: Model, served: Served, body: dict, settings: dict, logprobs: int | None = None,
                  call: ToolCall | None = None) -> None:  # fmt: skip
@@ -1313,24 +1398,27 @@ class Response:
 
     def _function(self, k: int, name: str, arguments: str, status: str) -> dict:
         """Call `k`'s `function_call` item, its ids kept from the stream's first event to the response."""
+        return {"type": "function_call", "id": self._ids(k)[0], "call_id": self._ids(k)[1], "name": name,
+                "arguments": arguments, "status": status}  # fmt: skip
+
+    def _ids(self, k: int) -> tuple[str, str]:
+        """Call `k`'s item id and call id, made at its first mention."""
         while len(self.calls) <= k:
             self.calls.append((f"fc_{uuid.uuid4().hex}", ToolCall.ident()))
-        return {"type": "function_call", "id": self.calls[k][0], "call_id": self.calls[k][1], "name": name,
-                "arguments": arguments, "status": status}  # fmt: skip
+        return self.calls[k]
 
     def events(self, heard: Iterator[tuple]) -> Iterator[str]:
         """The response's server-sent events from what `Server._heard` hears of its one answer."""
         call = self.call
         named = call is not None and call.name is not None
-        hold = _Held(call.form.trigger) if call is not None and call.form is not None else None
-        at = {"item_id": self.message, "output_index": 0, "content_index": 0}
-        opened = False
+        reading = _Streamed(call.form, [t["function"]["name"] for t in call.tools]) if call and call.form else None
+        self.shown = {"message": None, "calls": set()}  # the message's state (None, "open", "done"); calls begun
         yield self._event("response.created", response=self.whole(None))
         yield self._event("response.in_progress", response=self.whole(None))
         if call is None:
             yield from self._open()
-            opened = True
         elif named:  # the call's item first, its arguments to come
+            self.shown["calls"].add(0)
             yield self._event("response.output_item.added", output_index=0,
                               item=self._function(0, call.name, "", "in_progress"))  # fmt: skip
         for said in heard:
@@ -1339,45 +1427,76 @@ class Response:
                 yield self._event("error", code=error["code"] or "server_error", message=error["message"], param=None)
                 return
             if said[0] == "done":
+                choice = said[1][0]["choices"][0]
                 ended = self.whole(said[1][0])
+                for part in reading.ended(call.said(choice)) if reading else []:
+                    yield from self._shown(part, reading)
+                offset = int(ended["output"][0]["type"] == "message") if ended["output"] else 0
                 for k, item in enumerate(ended["output"]):
                     if item["type"] == "message":
-                        part = item["content"][0]
-                        if not opened:
+                        if self.shown["message"] is None:  # a text answer to calls asked for, not streamed
                             yield from self._open()
-                        # what was held back ("auto"), or the text of calls "required" that are not whole
-                        rest = hold.rest(part["text"]) if hold else part["text"] if call is not None else ""
-                        if rest:
-                            yield self._event("response.output_text.delta", **at, delta=rest, logprobs=[])
-                        yield self._event("response.output_text.done", **at, text=part["text"],
-                                          logprobs=part["logprobs"])  # fmt: skip
-                        yield self._event("response.content_part.done", **at, part=part)
-                    elif not named:
+                            if call is not None and item["content"][0]["text"]:
+                                yield self._event("response.output_text.delta", **self._at(), logprobs=[],
+                                                  delta=item["content"][0]["text"])  # fmt: skip
+                        if self.shown["message"] == "open":
+                            yield from self._close(item)
+                        continue
+                    if k - offset not in self.shown["calls"]:  # calls "required": whole, at the end
                         yield self._event("response.output_item.added", output_index=k,
                                           item=item | {"arguments": "", "status": "in_progress"})  # fmt: skip
                         yield self._event("response.function_call_arguments.delta", item_id=item["id"],
                                           output_index=k, delta=item["arguments"])  # fmt: skip
-                    if item["type"] == "function_call":
-                        yield self._event("response.function_call_arguments.done", item_id=item["id"],
-                                          output_index=k, name=item["name"], arguments=item["arguments"])  # fmt: skip
+                    yield self._event("response.function_call_arguments.done", item_id=item["id"], output_index=k,
+                                      name=item["name"], arguments=item["arguments"])  # fmt: skip
                     yield self._event("response.output_item.done", output_index=k, item=item)
                 yield self._event(f"response.{'incomplete' if ended['status'] == 'incomplete' else 'completed'}",
                                   response=ended)  # fmt: skip
                 return
             piece = said[2]  # its choice (`text` None) comes whole at "done"
             if named and piece:
-                yield self._event("response.function_call_arguments.delta", item_id=self.calls[0][0],
+                yield self._event("response.function_call_arguments.delta", item_id=self._ids(0)[0],
                                   output_index=0, delta=piece)  # fmt: skip
-            elif hold and (piece := hold.heard(piece or "")):
-                if not opened:
-                    yield from self._open()
-                    opened = True
-                yield self._event("response.output_text.delta", **at, delta=piece, logprobs=[])
+            elif reading is not None:
+                for part in reading.heard(piece or ""):
+                    yield from self._shown(part, reading)
             elif call is None and piece:
-                yield self._event("response.output_text.delta", **at, delta=piece, logprobs=self._scores(said[4]))
+                yield self._event("response.output_text.delta", **self._at(), delta=piece,
+                                  logprobs=self._scores(said[4]))  # fmt: skip
+
+    def _shown(self, part: tuple, reading: _Streamed) -> Iterator[str]:
+        """The events of a part of an "auto" answer (`_Streamed`): its text, in the message (opened at its first);
+        a call begun (the message done first, with the text it has), its item added; the call's arguments."""
+        offset = int(self.shown["message"] is not None)
+        if part[0] == "content":
+            if self.shown["message"] is None:
+                yield from self._open()
+            yield self._event("response.output_text.delta", **self._at(), delta=part[1], logprobs=[])
+        elif part[0] == "call":
+            if self.shown["message"] == "open":
+                text = reading.text[: reading.sent]
+                yield from self._close(self._item("completed", [self._part(text)]))
+            self.shown["calls"].add(part[1])
+            yield self._event("response.output_item.added", output_index=offset + part[1],
+                              item=self._function(part[1], part[3], "", "in_progress"))  # fmt: skip
+        else:
+            yield self._event("response.function_call_arguments.delta", item_id=self._ids(part[1])[0],
+                              output_index=offset + part[1], delta=part[2])  # fmt: skip
+
+    def _at(self) -> dict:
+        return {"item_id": self.message, "output_index": 0, "content_index": 0}
+
+    def _close(self, item: dict) -> Iterator[str]:
+        """The message's last events: its text, its part, its item."""
+        part = item["content"][0]
+        yield self._event("response.output_text.done", **self._at(), text=part["text"], logprobs=part["logprobs"])
+        yield self._event("response.content_part.done", **self._at(), part=part)
+        yield self._event("response.output_item.done", output_index=0, item=item)
+        self.shown["message"] = "done"
 
     def _open(self) -> Iterator[str]:
         """The message's first events: its item, and its text's part."""
+        self.shown["message"] = "open"
         yield self._event("response.output_item.added", output_index=0, item=self._item("in_progress", []))
         yield self._event("response.content_part.added", item_id=self.message, output_index=0, content_index=0,
                           part=self._part(""))  # fmt: skip

@@ -903,7 +903,8 @@ def test_auto_tool_choice_answers_text_or_calls_as_the_chat_template_writes_them
     or text, Llama 3.1's bare JSON, one a turn), which once begun are kept to the tools' parameters and read back
     as OpenAI's `tool_calls` (finish_reason "tool_calls", the text before them as content). Here a random model
     calls where `<tool_call>` is made its likeliest token (logit_bias), and answers text where not; streamed, its
-    text comes as it is generated and its calls whole at the end; "none" shows the tools in the prompt all the same
+    text comes as it is generated, then each call as OpenAI streams one (its id and name, then its arguments piece
+    by piece); "none" shows the tools in the prompt all the same
     and answers text, whatever the model would call. The Responses API calls the same tools (its flat
     form): each call a `function_call` item, a named one's arguments streamed as they come, and the call and its
     output sent back as input items make the prompt chat's turns make. Before, "auto" was refused with a 400, and
@@ -1031,15 +1032,19 @@ def test_auto_tool_choice_answers_text_or_calls_as_the_chat_template_writes_them
     assert (again.name, again.arguments, again.parsed_arguments) == (function.name, function.arguments,
                                                                      function.parsed_arguments)  # fmt: skip
     assert chunks[0].choices[0].delta.role == "assistant" and chunks[0].choices[0].delta.content is None
-    assert [c.choices[0].finish_reason for c in chunks[1:]] == ["tool_calls"]  # the call whole, at the end
-    assert chunks[1].choices[0].delta.tool_calls[0].id.startswith("call_")
+    opened = chunks[1].choices[0].delta.tool_calls[0]  # the call's id and name once its name is whole
+    assert opened.id.startswith("call_") and (opened.function.name, opened.function.arguments) == (function.name, "")
+    pieces = [c.choices[0].delta.tool_calls[0].function.arguments for c in chunks[2:] if c.choices[0].delta.tool_calls]
+    assert len(pieces) > 3 and "".join(pieces) == function.arguments  # then its arguments as they are written
+    assert [c.choices[0].finish_reason for c in chunks] == [None] * (len(chunks) - 1) + ["tool_calls"]
     assert [i.type for i in response.output] == ["function_call"] and response.status == "completed"
     assert (item.name, item.arguments) == (function.name, function.arguments) and item.parsed_arguments == (
         function.parsed_arguments) and item.call_id.startswith("call_") and item.id.startswith("fc_")  # fmt: skip
-    assert [e.type for e in events] == ["response.created", "response.in_progress", "response.output_item.added",
-                                        "response.function_call_arguments.delta",
-                                        "response.function_call_arguments.done", "response.output_item.done",
-                                        "response.completed"]  # fmt: skip
+    kinds = [e.type for e in events]
+    assert kinds[:3] == ["response.created", "response.in_progress", "response.output_item.added"] and kinds[-3:] == [
+        "response.function_call_arguments.done", "response.output_item.done", "response.completed"]  # fmt: skip
+    assert set(kinds[3:-3]) == {"response.function_call_arguments.delta"} and len(kinds) > 9  # as they come
+    assert "".join(e.delta for e in events[3:-3]) == item.arguments
     assert events[-1].response.output[0].arguments == item.arguments
     assert events[2].item.id == events[-1].response.output[0].id  # one item, from its first event to the response
     kinds = [e.type for e in named]
