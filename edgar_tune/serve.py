@@ -290,12 +290,13 @@ class ToolCall:
     parameters and read back out of its text. A template that writes no calls refuses "auto" (the version was not
     tuned to call tools); "none" answers in text, the tools shown in the prompt all the same."""
 
-    def __init__(self, tools: list[dict], name: str | None, single: bool, form: CallForm | None = None) -> None:
+    def __init__(self, tools: list[dict], name: str | None, single: bool, form: CallForm | None = None,
+                 answer: dict | None = None) -> None:  # fmt: skip
         self.tools, self.name, self.form = tools, name, form
         parameters = {t["function"]["name"]: t["function"].get("parameters") or {"type": "object", "properties": {}}
                       for t in tools}  # fmt: skip
-        if form is not None:
-            self.format = {"type": "grammar", "grammar": form.grammar(parameters, parallel=not single)}
+        if form is not None:  # "auto": text (or JSON of `answer`, a response_format's schema), or calls
+            self.format = {"type": "grammar", "grammar": form.grammar(parameters, parallel=not single, answer=answer)}
             return
         if name is not None:
             schema = parameters[name]
@@ -335,10 +336,17 @@ class ToolCall:
             raise Refused(f"tool_choice={json.dumps(body.get('tool_choice'))[:60]}: name one of the tools ({naming}, "
                           f"one of {', '.join(names)}), or send \"auto\", \"required\" or \"none\"",
                           param="tool_choice")  # fmt: skip
-        if body.get("response_format") not in (None, {"type": "text"}) or body.get("structured_outputs") is not None:
-            which = "text.format" if flat else "response_format (and structured_outputs)"
-            raise Refused(f"a tool call's form is its function's parameters: leave out {which}, or tool_choice",
-                          param="text" if flat else "response_format")  # fmt: skip
+        fmt, answer = body.get("response_format"), None
+        if fmt not in (None, {"type": "text"}) or body.get("structured_outputs") is not None:
+            which = "text.format" if flat else "response_format"
+            if choice not in (None, "auto") or body.get("structured_outputs") is not None or not isinstance(
+                    fmt, dict) or fmt.get("type") not in ("json_object", "json_schema"):  # fmt: skip
+                raise Refused(f"a tool call's form is its function's parameters, and an answer besides one can be "
+                              f"kept to JSON (a {which} of type json_schema or json_object) under tool_choice "
+                              f"\"auto\": leave out {which} (or structured_outputs), or tool_choice",
+                              param="text" if flat else "response_format")  # fmt: skip
+            given = fmt.get("json_schema") if fmt["type"] == "json_schema" else {"schema": {"type": "object"}}
+            answer = given.get("schema", {}) if isinstance(given, dict) else {}
         form = None
         if choice in (None, "auto"):
             form = served.call_form
@@ -347,7 +355,11 @@ class ToolCall:
                 raise Refused(f"tool_choice{said}: {form}. Name one (tool_choice={naming}, one of "
                               f"{', '.join(names)}) for a call of it, its arguments kept to its parameters, or send "
                               "\"required\" or \"none\"", param="tool_choice")  # fmt: skip
-        return cls(tools, named, body.get("parallel_tool_calls") is False, form)
+            if answer is not None and form.trigger.startswith(("{", "[")):
+                raise Refused(f"the version's chat template writes a call as bare JSON ({form.trigger}...), which an "
+                              f"answer's JSON could not be told from: leave out {which}, or tool_choice",
+                              param="text" if flat else "response_format")  # fmt: skip
+        return cls(tools, named, body.get("parallel_tool_calls") is False, form, answer)
 
     def said(self, choice: dict) -> dict:
         """A chat choice's `message` and `finish_reason` for `choice` (`complete`'s): its calls, each with an id
@@ -481,13 +493,14 @@ class CallForm:
                    tuple(sorted(i for t, (i, s) in added.items() if not s and t != trigger)),
                    closing or "")  # fmt: skip
 
-    def grammar(self, parameters: dict[str, dict], parallel: bool) -> str:
+    def grammar(self, parameters: dict[str, dict], parallel: bool, answer: dict | None = None) -> str:
         """llguidance's grammar (Lark's syntax) of an answer that is text, or text and then calls in this form,
         each of a function of `parameters` (name -> JSON schema), its arguments kept to it, written with the
         template's separators unless its schema says otherwise; more than one where `parallel` and the template
         writes more. The calls begin where the trigger is first written (a lazy lexeme; an added token, which
         llguidance reads as itself, not its text, and then the text before may hold the tokenizer's other added
-        tokens that are not special: a thinking block's tags)."""
+        tokens that are not special: a thinking block's tags). With `answer` (a JSON schema: the request's
+        response_format), the answer is JSON of it, or calls alone."""
         ids = {text: i for text, i, _ in self.added}
         split = re.compile("(" + "|".join(map(re.escape, sorted(ids, key=len, reverse=True))) + ")" if ids else "(?!)")
 
@@ -504,7 +517,9 @@ class CallForm:
         # the turn's end after the calls: a token of its own is an end `_Rows._form` allows; one written as text (a
         # template's markup that is no token) is the grammar's to allow, and the answer's `stop` then
         close = f" ({lit(self.closing)})?" if self.closing else ""
-        if self.trigger in ids:
+        if answer is not None:  # JSON, or calls from the answer's start
+            text = [f"free: %json {json.dumps(answer)}", f"lead: {lit(self.trigger)}"]
+        elif self.trigger in ids:
             tokens = f" | <[{','.join(map(str, self.free))}]>" if self.free else ""
             text = [f"free: (TEXT{tokens})*", f"lead: free <[{ids[self.trigger]}]>", "TEXT: /(.|\\n)+/"]
         else:  # a lazy lexeme is a terminal's: the text before it holds no added token

@@ -904,7 +904,7 @@ def test_auto_tool_choice_answers_text_or_calls_as_the_chat_template_writes_them
     as OpenAI's `tool_calls` (finish_reason "tool_calls", the text before them as content). Here a random model
     calls where `<tool_call>` is made its likeliest token (logit_bias), and answers text where not; streamed, its
     text comes as it is generated, then each call as OpenAI streams one (its id and name, then its arguments piece
-    by piece); "none" shows the tools in the prompt all the same
+    by piece); with a response_format, the answer is its JSON or calls; "none" shows the tools in the prompt all the same
     and answers text, whatever the model would call. The Responses API calls the same tools (its flat
     form): each call a `function_call` item, a named one's arguments streamed as they come, and the call and its
     output sent back as input items make the prompt chat's turns make. Before, "auto" was refused with a 400, and
@@ -963,6 +963,13 @@ def test_auto_tool_choice_answers_text_or_calls_as_the_chat_template_writes_them
             matcher.reset()
             ids = tokenizer.encode(wrong, add_special_tokens=False)
             assert matcher.try_consume_tokens(ids) < len(ids), wrong
+        if form.trigger.startswith("<"):  # with a response_format: its JSON, or calls alone; no free text
+            matcher = llguidance.LLMatcher(grammar_tokenizer(tokenizer, len(tokenizer)), llguidance.LLMatcher.
+                                           grammar_from_lark(form.grammar(parameters, True, parameters["Lookup"])))
+            for text, whole in (('{"item":"7A"}', True), (written, True), (answer, False)):  # (compact: its x-guidance)
+                matcher.reset()
+                ids = tokenizer.encode(text, add_special_tokens=False)
+                assert (matcher.try_consume_tokens(ids) == len(ids) and matcher.is_accepting()) == whole, text
     assert (form.apart, form.trigger) == (None, '{"name": "')  # Llama 3.1's: one call a turn, opened by its JSON
 
     # a version whose template writes calls in Qwen's tags, served: a random model over the tagged tokenizer
@@ -1012,10 +1019,26 @@ def test_auto_tool_choice_answers_text_or_calls_as_the_chat_template_writes_them
         as_chat = client.chat.completions.create(model=folder.name, max_tokens=4, tools=tools, messages=[
             back[0], {"role": "assistant", "content": None, "tool_calls": [called_back]},
             {"role": "tool", "tool_call_id": item.call_id, "content": "AWS sales grew 13%."}])  # fmt: skip
+        # "auto" with a response format (an Agents SDK agent with an output_type and tools): its JSON, or calls
+        formatted = client.chat.completions.parse(model=folder.name, messages=asked, max_tokens=60, tools=tools,
+                                                  response_format=Lookup)  # fmt: skip
+        formatted_call = client.chat.completions.parse(model=folder.name, messages=asked, max_tokens=60, tools=tools,
+                                                       response_format=Lookup, **call)  # fmt: skip
+        output = client.responses.parse(model=folder.name, input="Which item?", tools=tools, text_format=Lookup,
+                                        max_output_tokens=60)  # fmt: skip
+        with pytest.raises(openai.BadRequestError) as forced:
+            client.chat.completions.create(model=folder.name, messages=asked, max_tokens=4, tools=tools,
+                                           tool_choice="required", response_format={"type": "json_object"})
         with pytest.raises(openai.BadRequestError) as hosted:
             client.responses.create(model=folder.name, input="Hi", tools=[{"type": "web_search"}])
         with pytest.raises(openai.BadRequestError) as nested:
             client.responses.create(model=folder.name, input="Hi", tools=tools)
+    said = formatted.choices[0].message
+    assert isinstance(said.parsed, Lookup) and said.tool_calls is None, formatted  # the format's JSON
+    assert formatted_call.choices[0].message.tool_calls and formatted_call.choices[0].finish_reason == "tool_calls"
+    assert isinstance(output.output_parsed, Lookup), output
+    assert forced.value.body["message"].startswith("a tool call's form is its function's parameters, and an answer "
+                                                   "besides one can be kept to JSON"), forced  # fmt: skip
     said = text.choices[0].message
     assert said.tool_calls is None and said.content and text.choices[0].finish_reason == "length", text
     assert "".join(c.choices[0].delta.content or "" for c in pieces if c.choices) == said.content
