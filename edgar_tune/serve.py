@@ -317,7 +317,9 @@ class ToolCall:
 
         Raises:
             Refused: tools that are not function tools, a choice of none of them, "auto" of a version whose chat
-                template writes no calls (`CallForm.of`), or a `response_format` beside a call."""
+                template writes no calls (`CallForm.of`), a `response_format` beside a call asked for, or one
+                beside "auto" that is not JSON (or whose calls are bare JSON, which its JSON could not be told
+                from)."""
         tools, choice = body.get("tools"), body.get("tool_choice")
         if not tools:
             return None
@@ -336,9 +338,8 @@ class ToolCall:
             raise Refused(f"tool_choice={json.dumps(body.get('tool_choice'))[:60]}: name one of the tools ({naming}, "
                           f"one of {', '.join(names)}), or send \"auto\", \"required\" or \"none\"",
                           param="tool_choice")  # fmt: skip
-        fmt, answer = body.get("response_format"), None
+        fmt, answer, which = body.get("response_format"), None, "text.format" if flat else "response_format"
         if fmt not in (None, {"type": "text"}) or body.get("structured_outputs") is not None:
-            which = "text.format" if flat else "response_format"
             if choice not in (None, "auto") or body.get("structured_outputs") is not None or not isinstance(
                     fmt, dict) or fmt.get("type") not in ("json_object", "json_schema"):  # fmt: skip
                 raise Refused(f"a tool call's form is its function's parameters, and an answer besides one can be "
