@@ -1254,8 +1254,7 @@ class Server:
                         started.add(index)
                         opening = {"role": "assistant", "content": None if call else ""}
                         if call and call.name is not None:  # the named call's id and name, its arguments to come
-                            opening["tool_calls"] = [{"index": 0, "id": ToolCall.ident(), "type": "function",
-                                                      "function": {"name": call.name, "arguments": ""}}]  # fmt: skip
+                            opening |= _delta(("call", 0, ToolCall.ident(), call.name))
                         yield event([{"index": index, "delta": opening, "logprobs": None, "finish_reason": None}])
                     if call and call.form is not None:  # "auto": text till a call may begin, then each call
                         reading = held.setdefault(index, _Streamed(call.form, [t["function"]["name"]
@@ -1271,7 +1270,7 @@ class Server:
                             yield event([{"index": index, "delta": {}, "logprobs": scores(index, scored) if scored
                                           else None, "finish_reason": said and said["finish_reason"]}])  # fmt: skip
                     elif call and call.name is not None:  # a named call's arguments as they come, as OpenAI's
-                        part = {"tool_calls": [{"index": 0, "function": {"arguments": text}}]} if text else {}
+                        part = _delta(("arguments", 0, text)) if text else {}
                         if part or scored or choice is not None:
                             yield event([{"index": index, "delta": part, "logprobs": scores(index, scored) if scored
                                           else None, "finish_reason": choice and choice["finish_reason"]}])  # fmt: skip
