@@ -446,7 +446,9 @@ class CallForm:
         def refused(why: str) -> Refused:
             return Refused(f"the version's chat template {why}", param="tool_choice")
 
-        if "tool_calls" not in str(getattr(tokenizer, "chat_template", None) or ""):
+        from tasks.textdata import writes_tool_calls
+
+        if not writes_tool_calls(tokenizer):
             raise refused("does not write tool calls (it has no `tool_calls`), so how the version would call one "
                           "is not known")  # fmt: skip
         try:

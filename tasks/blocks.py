@@ -72,8 +72,9 @@ def chat_segments(messages: list[dict], tokenizer, where: str, tools: list[dict]
         raise ConfigError(f"{tokenizer.name_or_path} has no chat template, which conversations (`messages`) are "
                           "written in: use a chat model (its tokenizer_config.json or chat_template.jinja has one), "
                           "or give records fields and a template.json")  # fmt: skip
-    called = next((i for i, m in enumerate(messages, 1) if m.get("tool_calls") or m["role"] == "tool"), None)
-    if called and "tool_calls" not in str(tokenizer.chat_template):
+    from tasks.textdata import unwritten_tool_turn
+
+    if called := unwritten_tool_turn(messages, tokenizer):
         raise ConfigError(f"{where}, turn {called}: a tool call or its result, which {tokenizer.name_or_path}'s "
                           "chat template does not write (it has no `tool_calls`): the call's turn would train empty. "
                           "Tune a base whose template writes tool calls (Qwen2.5's, Llama 3.1's, Hermes'), or leave "

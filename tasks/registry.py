@@ -450,7 +450,7 @@ def chat_prompt(tokenizer, value: str | dict | list, which: str, tools: list[dic
         MlflowException (INVALID_PARAMETER_VALUE): messages that are not such a list, or that the template refuses.
     """
     from edgar_tune.config import ConfigError
-    from tasks.textdata import chat_messages
+    from tasks.textdata import chat_messages, unwritten_tool_turn
 
     messages: Any = [{"role": "user", "content": value}]
     if not isinstance(value, str):
@@ -463,9 +463,7 @@ def chat_prompt(tokenizer, value: str | dict | list, which: str, tools: list[dic
                 f"{which}: messages is not valid JSON ({err.msg}); give a JSON list of {{\"role\", \"content\"}} "
                 "objects, or plain text for one user message") from None  # fmt: skip
     # a tool call (an assistant's `tool_calls`) and its result (a `tool` turn), for a template that writes them
-    called = next((i for i, t in enumerate(messages, 1) if isinstance(t, dict) and (t.get("role") == "tool" or
-                                                                                   t.get("tool_calls"))), None)
-    if called and "tool_calls" not in str(tokenizer.chat_template or ""):
+    if called := unwritten_tool_turn(messages, tokenizer):
         raise mlflow.exceptions.MlflowException.invalid_parameter_value(
             f"{which}, turn {called}: a tool call or its result, which the model's chat template does not write (it "
             "has no `tool_calls`): send the conversation without tool turns")  # fmt: skip

@@ -493,6 +493,20 @@ def chat_messages(record: dict, where: str, to_train: bool = True) -> list[dict]
     return messages
 
 
+def unwritten_tool_turn(messages: list, tokenizer) -> int | None:
+    """The first turn (from 1) of `messages` that is a tool call or its result, where `tokenizer`'s chat template
+    does not write tool calls (it has no `tool_calls`, and would leave them out); None where there is none."""
+    if writes_tool_calls(tokenizer):
+        return None
+    return next((i for i, t in enumerate(messages, 1) if isinstance(t, dict) and (t.get("role") == "tool" or
+                                                                                 t.get("tool_calls"))), None)
+
+
+def writes_tool_calls(tokenizer) -> bool:
+    """Whether `tokenizer`'s chat template writes an assistant's tool calls (it reads `tool_calls`)."""
+    return "tool_calls" in str(getattr(tokenizer, "chat_template", None) or "")
+
+
 def tool_turn(turn: dict, where: str) -> dict:
     """A tool call or its result in OpenAI's form (an assistant's `tool_calls`, each {"id", "type": "function",
     "function": {"name", "arguments": JSON text}}; a `tool` turn's `content` and `tool_call_id`), as transformers'
