@@ -54,8 +54,9 @@ def pack(token_lists: list[list[int]], length: int) -> tuple[list[list[int]], in
 def chat_segments(messages: list[dict], tokenizer, where: str, tools: list[dict] | None = None
                   ) -> list[tuple[str, bool]]:  # fmt: skip
     """A conversation in the tokenizer's chat template, as (text, trained) pieces in order: each assistant turn,
-    from its content to the template's end of turn, trains; the rest (system, user, the template's markup and the
-    header that opens each assistant turn, which generation is prompted with) does not.
+    from its content to the template's end of turn, trains (unless its `weight` is 0, OpenAI's); the rest (system,
+    user, the template's markup and the header that opens each assistant turn, which generation is prompted with)
+    does not.
 
     Each assistant turn is found as the text between the conversation before it, rendered with the generation
     prompt, and the conversation up to it: a template must render a conversation as a continuation of its start.
@@ -98,7 +99,7 @@ def chat_segments(messages: list[dict], tokenizer, where: str, tools: list[dict]
                               f"as a continuation of its start (at assistant message {i + 1}), so its assistant turns "
                               "cannot be told from the rest; start each conversation with a system or user message, "
                               "or give records fields and a template.json")  # fmt: skip
-        pieces += [(full[at : len(start)], False), (full[len(start) : len(end)], True)]
+        pieces += [(full[at : len(start)], False), (full[len(start) : len(end)], message.get("weight", 1) != 0)]
         at = len(end)
     return [(text, trained) for text, trained in [*pieces, (full[at:], False)] if text]
 

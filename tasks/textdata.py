@@ -459,10 +459,12 @@ def chat_messages(record: dict, where: str, to_train: bool = True) -> list[dict]
     (ShareGPT's {"from", "value"}, speakers human and gpt as user and assistant), as role (system, user,
     assistant or tool) and text, with at least one assistant turn (what trains) when it is `to_train`. A tool call
     (an assistant's `tool_calls`, ShareGPT's `function_call`) and its result (a `tool` turn, ShareGPT's
-    `observation`) as transformers' chat templates take them (`tool_turn`).
+    `observation`) as transformers' chat templates take them (`tool_turn`). An assistant turn of `weight` 0 (OpenAI's)
+    keeps it, and does not train (`_weight`); a record's `parallel_tool_calls` false holds each turn to one call.
 
     Raises:
-        ConfigError: a record with neither, a turn that is not such an object, no assistant turn to train.
+        ConfigError: a record with neither, a turn that is not such an object, no assistant turn to train, a weight
+            or `parallel_tool_calls` that is wrong.
     """
     key = "messages" if "messages" in record or "conversations" not in record else "conversations"
     turns = record.get(key)
@@ -478,7 +480,7 @@ def chat_messages(record: dict, where: str, to_train: bool = True) -> list[dict]
     for i, turn in enumerate(turns, 1):
         role, text = (turn.get(names[0]), turn.get(names[1])) if isinstance(turn, dict) else (None, None)
         if not sharegpt and isinstance(turn, dict) and (turn.get("tool_calls") or role == "tool"):
-            messages.append(tool_turn(turn, f"{where}, turn {i}"))
+            messages.append(tool_turn(turn, f"{where}, turn {i}") | _weight(turn, f"{where}, turn {i}"))
             continue
         if not (isinstance(role, str) and role in roles and isinstance(text, str)):  # a list's role: no TypeError
             raise ConfigError(f"{where}, turn {i}: {repr(turn)[:80]} is not {{\"{names[0]}\": ROLE, \"{names[1]}\": "
@@ -486,11 +488,47 @@ def chat_messages(record: dict, where: str, to_train: bool = True) -> list[dict]
         if sharegpt and role == "function_call":  # LLaMA-Factory's: the call's (or calls') JSON
             messages.append(tool_turn({"role": "assistant", "tool_calls": _sharegpt_calls(text)}, f"{where}, turn {i}"))
         else:
-            messages.append({"role": roles[role], "content": text})
-    if to_train and not any(m["role"] == "assistant" for m in messages):
-        raise ConfigError(f"{where}: no assistant turn, and the assistant's turns are what trains; give each "
-                          "conversation one or more")  # fmt: skip
+            messages.append({"role": roles[role], "content": text}
+                            | (_weight(turn, f"{where}, turn {i}") if not sharegpt else {}))  # fmt: skip
+    _single_calls(record, messages, where)
+    if to_train and not any(m["role"] == "assistant" and m.get("weight", 1) for m in messages):
+        weighed = any(m["role"] == "assistant" for m in messages)  # each of weight 0
+        raise ConfigError(f"{where}: no assistant turn{' to train (each has weight 0)' if weighed else ''}, and the "
+                          "assistant's turns are what trains; give each conversation one or more"
+                          + (" of weight 1 (or none)" if weighed else ""))  # fmt: skip
     return messages
+
+
+def _weight(turn: dict, where: str) -> dict:
+    """An assistant turn's `weight` in OpenAI's fine-tuning format: 0, the turn does not train (it is kept in the
+    conversation as context); 1 (or none), it does. As {"weight": 0} to add to the turn, else {}.
+
+    Raises:
+        ConfigError: a weight that is not 0 or 1, or one on a turn that is not the assistant's."""
+    if "weight" not in turn:
+        return {}
+    if turn.get("role") != "assistant" or turn["weight"] not in (0, 1) or isinstance(turn["weight"], bool):
+        raise ConfigError(f"{where}: weight={json.dumps(turn['weight'])[:40]} on a {turn.get('role')} turn; a weight "
+                          "is OpenAI's, on an assistant turn: 0 (it does not train) or 1 (it does)")  # fmt: skip
+    return {} if turn["weight"] else {"weight": 0}
+
+
+def _single_calls(record: dict, messages: list[dict], where: str) -> None:
+    """A record's `parallel_tool_calls` (OpenAI's fine-tuning format: false, each assistant turn calls one tool at
+    most), checked against its turns.
+
+    Raises:
+        ConfigError: a value that is not true or false, a turn of more than one call where it is false."""
+    single = record.get("parallel_tool_calls")
+    if single is None:
+        return
+    if not isinstance(single, bool):
+        raise ConfigError(f"{where}: parallel_tool_calls={json.dumps(single)[:40]}; it is true or false")
+    many = next((i for i, m in enumerate(messages, 1) if len(m.get("tool_calls") or ()) > 1), None)
+    if single is False and many:
+        raise ConfigError(f"{where}, turn {many}: {len(messages[many - 1]['tool_calls'])} tool calls in one turn, "
+                          "and the record's parallel_tool_calls is false (one a turn): make it true (or leave it "
+                          "out), or split the calls into turns of their own")  # fmt: skip
 
 
 def unwritten_tool_turn(messages: list, tokenizer) -> int | None:

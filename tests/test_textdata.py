@@ -596,6 +596,53 @@ def test_conversations_that_call_tools_train_the_calls_as_the_chat_template_writ
             chat_messages(record, "chat.jsonl, record 1")
 
 
+def test_a_turn_of_weight_0_stays_in_the_conversation_untrained_as_openai_fine_tuning_reads_it(tiny_chat_model):
+    """OpenAI's fine-tuning format marks an assistant turn that should not train with `"weight": 0` (a worse answer
+    kept as context for the turns that follow); 1, or none, trains. Such a turn is written in the prompt and left
+    out of the labels, a tool call's as a text answer's; a record's `parallel_tool_calls: false` holds each turn to
+    one call. A weight that is not 0 or 1, one on a turn that is not the assistant's, a conversation whose every
+    assistant turn has weight 0, and calls in one turn against parallel_tool_calls false are refused, naming the
+    record and turn. Before, `weight` was ignored: every assistant turn trained, the ones marked 0 too."""
+    from tasks.blocks import chat_segments, encode_instructions
+    from tasks.models import load_tokenizer
+    from tasks.textdata import chat_messages
+
+    tok = load_tokenizer(str(tiny_chat_model))
+    tok.chat_template = TOOL_QWEN
+    call = {"id": "call_1", "type": "function", "function": {"name": "lookup", "arguments": '{"item": "7"}'}}
+    record = {"messages": [
+        {"role": "user", "content": "Net sales?"},
+        {"role": "assistant", "content": "Sales were fine.", "weight": 0},
+        {"role": "user", "content": "In figures?"},
+        {"role": "assistant", "tool_calls": [call], "weight": 0},
+        {"role": "tool", "tool_call_id": "call_1", "content": "Net sales increased 22%."},
+        {"role": "assistant", "content": "Net sales grew 22%.", "weight": 1}]}  # fmt: skip
+    messages = chat_messages(record, "chat.jsonl, record 1")
+    assert [m.get("weight") for m in messages] == [None, 0, None, 0, None, None]
+    pieces = chat_segments(messages, tok, "chat.jsonl, record 1")
+    assert [t for t, trained in pieces if trained] == ["Net sales grew 22%.<|im_end|>\n"]
+    untrained = "".join(t for t, trained in pieces if not trained)
+    assert "Sales were fine.<|im_end|>" in untrained and '"name": "lookup"' in untrained  # context, not labels
+    assert "".join(t for t, _ in pieces) == tok.apply_chat_template(messages, tokenize=False)
+    cols, _ = encode_instructions([{"source": "chat.jsonl", "row": 1, "messages": messages}], tok, 1024)
+    assert tok.decode([t for t in cols["labels"][0] if t != -100]) == "Net sales grew 22%.<|im_end|>\n"
+    two = {"parallel_tool_calls": False, "messages": [{"role": "user", "content": "Both?"},
+                                                       {"role": "assistant", "tool_calls": [call, call]}]}  # fmt: skip
+    assert len(chat_messages(two | {"parallel_tool_calls": True}, "r")[1]["tool_calls"]) == 2
+    wrong = [(record["messages"][:1] + [{"role": "assistant", "content": "x", "weight": 2}],
+              r"record 1, turn 2: weight=2 on a assistant turn; a weight is OpenAI's, on an assistant turn: 0 .* or 1"),
+             ([{"role": "user", "content": "x", "weight": 0}, *record["messages"][1:]], "turn 1: weight=0 on a user"),
+             (record["messages"][:1] + [{"role": "assistant", "content": "x", "weight": True}], "turn 2: weight=true"),
+             (record["messages"][:2], r"record 1: no assistant turn to train \(each has weight 0\), and the "),
+             (two, r"record 1, turn 2: 2 tool calls in one turn, and the record's parallel_tool_calls is false \(one "
+                   r"a turn\): make it true \(or leave it out\), or split the calls")]  # fmt: skip
+    for given, why in wrong:
+        with pytest.raises(ConfigError, match=why):
+            chat_messages(given if isinstance(given, dict) else {"messages": given}, "chat.jsonl, record 1")
+    with pytest.raises(ConfigError, match=r"parallel_tool_calls=\"no\"; it is true or false"):
+        chat_messages(two | {"parallel_tool_calls": "no"}, "chat.jsonl, record 1")
+
+
 def test_a_version_tuned_on_tool_calls_calls_a_tool_of_its_own_choice_when_served(tmp_path, paragraphs,
                                                                                     tiny_chat_model, prefect_server):
     """The loop a user runs to have a version call tools: conversations whose assistant calls a tool (OpenAI's
