@@ -101,11 +101,12 @@ class Refused(Exception):
 
 
 class _Streamed:
-    """A streamed answer to "auto" (`ToolCall` with a `CallForm`), read as it comes (`heard`): its text, sent as
-    content less what may be the start of its calls (the start of the form's trigger, and whitespace before it),
-    held back; then each call as it is written, as OpenAI streams one: its id and name once the name is whole, its
-    arguments piece by piece (their JSON's end found by counting brackets outside strings). `ended` says what the
-    answer's end (`ToolCall.said`) adds: held text, arguments not yet sent, calls not yet begun."""
+    """A streamed answer whose calls are in the version's form (`ToolCall` with a `CallForm`: "auto", or a call
+    asked for), read as it comes (`heard`): its text, sent as content less what may be the start of its calls (the
+    start of the form's trigger, and whitespace before it), held back; then each call as it is written, as OpenAI
+    streams one: its id and name once the name is whole, its arguments piece by piece (their JSON's end found by
+    counting brackets outside strings). `ended` says what the answer's end (`ToolCall.said`) adds: held text,
+    arguments not yet sent, calls not yet begun."""
 
     def __init__(self, form: CallForm, names: list[str]) -> None:
         self.form, self.names = form, sorted(names, key=len, reverse=True)
@@ -284,19 +285,23 @@ def request_settings(body: dict, default_max_new_tokens: int) -> tuple[dict, int
 class ToolCall:
     """What a chat request's `tools` and `tool_choice` ask: the answer a call of a named function (`tool_choice`
     {"type": "function", "function": {"name": ...}}), its arguments kept to the function's `parameters`; with
-    "required", one or more calls (`parallel_tool_calls` false: one), each of one of `tools`, kept to a JSON list of
-    {"name", "parameters"} (as vLLM asks for them); with "auto" (or left out, OpenAI's default), the version's own
-    choice: text, or calls as its chat template writes them (`CallForm`), which once begun are kept to the tools'
-    parameters and read back out of its text. A template that writes no calls refuses "auto" (the version was not
-    tuned to call tools); "none" answers in text, the tools shown in the prompt all the same."""
+    "required", one or more calls (`parallel_tool_calls` false: one), each of one of `tools`; with "auto" (or left
+    out, OpenAI's default), the version's own choice: text, or calls. Calls are written as the version's chat
+    template writes them (`CallForm`: what a version tuned on tool calls was taught), kept to the tools' parameters
+    and read back out of its text; where the template writes none (a version not tuned to call tools), a named
+    call is its arguments' JSON alone and "required" a JSON list of {"name", "parameters"} (vLLM's forms), and
+    "auto" is refused. "none" answers in text, the tools shown in the prompt all the same."""
 
     def __init__(self, tools: list[dict], name: str | None, single: bool, form: CallForm | None = None,
-                 answer: dict | None = None) -> None:  # fmt: skip
-        self.tools, self.name, self.form = tools, name, form
+                 answer: dict | None = None, forced: bool = False) -> None:  # fmt: skip
+        self.tools, self.name, self.form, self.forced = tools, name, form, forced or name is not None
         parameters = {t["function"]["name"]: t["function"].get("parameters") or {"type": "object", "properties": {}}
                       for t in tools}  # fmt: skip
-        if form is not None:  # "auto": text (or JSON of `answer`, a response_format's schema), or calls
-            self.format = {"type": "grammar", "grammar": form.grammar(parameters, parallel=not single, answer=answer)}
+        if form is not None:  # "auto": text (or JSON of `answer`, a response_format's schema), or calls; named or
+            # required: calls alone, from the answer's start
+            chosen = {name: parameters[name]} if name is not None else parameters
+            self.format = {"type": "grammar", "grammar": form.grammar(chosen, parallel=not single and name is None,
+                                                                      answer=answer, forced=self.forced)}  # fmt: skip
             return
         if name is not None:
             schema = parameters[name]
@@ -348,9 +353,10 @@ class ToolCall:
                               param="text" if flat else "response_format")  # fmt: skip
             given = fmt.get("json_schema") if fmt["type"] == "json_schema" else {"schema": {"type": "object"}}
             answer = given.get("schema", {}) if isinstance(given, dict) else {}
-        form = None
-        if choice in (None, "auto"):
-            form = served.call_form
+        form = served.call_form
+        if choice not in (None, "auto"):  # a call asked for: in vLLM's forms where the template writes none
+            form = form if isinstance(form, CallForm) else None
+        else:
             if isinstance(form, str):
                 said = " left out (\"auto\")" if choice is None else "=\"auto\""
                 raise Refused(f"tool_choice{said}: {form}. Name one (tool_choice={naming}, one of "
@@ -360,7 +366,8 @@ class ToolCall:
                 raise Refused(f"the version's chat template writes a call as bare JSON ({form.trigger}...), which an "
                               f"answer's JSON could not be told from: leave out {which}, or tool_choice",
                               param="text" if flat else "response_format")  # fmt: skip
-        return cls(tools, named, body.get("parallel_tool_calls") is False, form, answer)
+        return cls(tools, named, body.get("parallel_tool_calls") is False, form, answer,
+                   forced=choice not in (None, "auto"))
 
     def said(self, choice: dict) -> dict:
         """A chat choice's `message` and `finish_reason` for `choice` (`complete`'s): its calls, each with an id
@@ -375,7 +382,11 @@ class ToolCall:
             calls = read[1] if read else None
             if read and not calls:
                 return {"message": {"role": "assistant", "content": text}, "finish_reason": choice["finish_reason"]}
-            content = read[0] if read else None
+            if calls is None and self.name is not None:  # cut: the arguments as far as they got
+                head = self.form.trigger + self.form.seen(self.form.rest) + self.name + self.form.seen(
+                    self.form.between)  # fmt: skip
+                calls = [(self.name, text[text.index(head) + len(head) :] if head in text else "")]
+            content = read[0] if read and not self.forced else None
         elif self.name is not None:
             calls = [(self.name, text)]
         else:
@@ -496,14 +507,16 @@ class CallForm:
                    tuple(sorted(i for t, (i, s) in added.items() if not s and t != trigger)),
                    closing or "")  # fmt: skip
 
-    def grammar(self, parameters: dict[str, dict], parallel: bool, answer: dict | None = None) -> str:
+    def grammar(self, parameters: dict[str, dict], parallel: bool, answer: dict | None = None,
+                forced: bool = False) -> str:  # fmt: skip
         """llguidance's grammar (Lark's syntax) of an answer that is text, or text and then calls in this form,
         each of a function of `parameters` (name -> JSON schema), its arguments kept to it, written with the
         template's separators unless its schema says otherwise; more than one where `parallel` and the template
         writes more. The calls begin where the trigger is first written (a lazy lexeme; an added token, which
         llguidance reads as itself, not its text, and then the text before may hold the tokenizer's other added
         tokens that are not special: a thinking block's tags). With `answer` (a JSON schema: the request's
-        response_format), the answer is JSON of it, or calls alone."""
+        response_format), the answer is JSON of it, or calls alone; `forced` (a call asked for), calls alone,
+        the trigger first."""
         ids = {text: i for text, i, _ in self.added}
         split = re.compile("(" + "|".join(map(re.escape, sorted(ids, key=len, reverse=True))) + ")" if ids else "(?!)")
 
@@ -520,7 +533,9 @@ class CallForm:
         # the turn's end after the calls: a token of its own is an end `_Rows._form` allows; one written as text (a
         # template's markup that is no token) is the grammar's to allow, and the answer's `stop` then
         close = f" ({lit(self.closing)})?" if self.closing else ""
-        if answer is not None:  # JSON, or calls from the answer's start
+        if forced:  # calls alone, from the answer's start
+            text = [f"lead: {lit(self.trigger)}"]
+        elif answer is not None:  # JSON, or calls from the answer's start
             text = [f"free: %json {json.dumps(answer)}", f"lead: {lit(self.trigger)}"]
         elif self.trigger in ids:
             tokens = f" | <[{','.join(map(str, self.free))}]>" if self.free else ""
@@ -528,8 +543,9 @@ class CallForm:
         else:  # a lazy lexeme is a terminal's: the text before it holds no added token
             text = ["free: TEXT", f"lead[lazy]: TEXT {json.dumps(self.trigger, ensure_ascii=False)}",
                     "TEXT: /(.|\\n)*/"]  # fmt: skip
-        return "\n".join(["%llguidance {}", "start: free | calls", f"calls: lead {lit(self.rest)} call{more} "
-                          f"{lit(self.end)}{close}", "call: " + " | ".join(calls), *text])  # fmt: skip
+        return "\n".join(["%llguidance {}", f"start: {'calls' if forced else 'free | calls'}",
+                          f"calls: lead {lit(self.rest)} call{more} {lit(self.end)}{close}",
+                          "call: " + " | ".join(calls), *text])  # fmt: skip
 
     def seen(self, part: str) -> str:
         """`part` of the form as an answer's text has it: its special tokens left out."""
@@ -1255,10 +1271,10 @@ class Server:
                     if chat and index not in started:
                         started.add(index)
                         opening = {"role": "assistant", "content": None if call else ""}
-                        if call and call.name is not None:  # the named call's id and name, its arguments to come
+                        if call and call.name is not None and call.form is None:  # the named call's id and name
                             opening |= _delta(("call", 0, ToolCall.ident(), call.name))
                         yield event([{"index": index, "delta": opening, "logprobs": None, "finish_reason": None}])
-                    if call and call.form is not None:  # "auto": text till a call may begin, then each call
+                    if call and call.form is not None:  # text till a call may begin ("auto"), then each call
                         reading = held.setdefault(index, _Streamed(call.form, [t["function"]["name"]
                                                                                for t in call.tools]))  # fmt: skip
                         said = call.said(choice) if choice is not None else None
@@ -1427,7 +1443,7 @@ class Response:
     def events(self, heard: Iterator[tuple]) -> Iterator[str]:
         """The response's server-sent events from what `Server._heard` hears of its one answer."""
         call = self.call
-        named = call is not None and call.name is not None
+        named = call is not None and call.name is not None and call.form is None  # its arguments alone
         reading = _Streamed(call.form, [t["function"]["name"] for t in call.tools]) if call and call.form else None
         self.shown = {"message": None, "calls": set()}  # the message's state (None, "open", "done"); calls begun
         yield self._event("response.created", response=self.whole(None))

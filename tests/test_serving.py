@@ -899,16 +899,18 @@ TOOL_LLAMA = (
 def test_auto_tool_choice_answers_text_or_calls_as_the_chat_template_writes_them(tiny_run, tmp_path):
     """With `tools` and `tool_choice` "auto" (or left out: OpenAI's default, and what LangChain's `bind_tools` and
     the Agents SDK send), the version chooses: text, or calls written as its chat template writes an assistant's
-    `tool_calls` (`CallForm`, read from the template: Qwen's and Hermes' `<tool_call>` tags, tokens of their own
-    or text, Llama 3.1's bare JSON, one a turn), which once begun are kept to the tools' parameters and read back
-    as OpenAI's `tool_calls` (finish_reason "tool_calls", the text before them as content). Here a random model
-    calls where `<tool_call>` is made its likeliest token (logit_bias), and answers text where not; streamed, its
-    text comes as it is generated, then each call as OpenAI streams one (its id and name, then its arguments piece
-    by piece); with a response_format, the answer is its JSON or calls; "none" shows the tools in the prompt all the same
-    and answers text, whatever the model would call. The Responses API calls the same tools (its flat
-    form): each call a `function_call` item, a named one's arguments streamed as they come, and the call and its
-    output sent back as input items make the prompt chat's turns make. Before, "auto" was refused with a 400, and
-    the Responses API refused tools and function calls' items."""
+    `tool_calls` (`CallForm`, read from the template: Qwen's and Hermes' `<tool_call>` tags, tokens of their own or
+    text, Llama 3.1's bare JSON, one a turn), which once begun are kept to the tools' parameters and read back as
+    OpenAI's `tool_calls` (finish_reason "tool_calls", the text before them as content). Here a random model calls
+    where `<tool_call>` is made its likeliest token (logit_bias), and answers text where not; streamed, its text
+    comes as it is generated, then each call as OpenAI streams one (its id and name, then its arguments piece by
+    piece); with a response_format, the answer is its JSON or calls; "none" shows the tools in the prompt all the
+    same and answers text, whatever the model would call. The Responses API calls the same tools (its flat form):
+    each call a `function_call` item, a named one's arguments streamed as they come, and the call and its output
+    sent back as input items make the prompt chat's turns make. A call asked for (named, "required") is written in
+    the same form, its trigger first, as a version tuned on calls was taught: streamed as "auto"'s, cut by
+    max_tokens a named call's arguments as far as they got. Before, "auto" was refused with a 400, the Responses API
+    refused tools and function calls' items, and a call asked for was vLLM's bare JSON whatever the template."""
     from typing import Literal
 
     import llguidance
@@ -970,6 +972,15 @@ def test_auto_tool_choice_answers_text_or_calls_as_the_chat_template_writes_them
                 matcher.reset()
                 ids = tokenizer.encode(text, add_special_tokens=False)
                 assert (matcher.try_consume_tokens(ids) == len(ids) and matcher.is_accepting()) == whole, text
+        # a call asked for ("required", or named): calls alone, in the form, from the answer's start
+        for chosen, text, whole in ((parameters, written, True), (parameters, answer, False),
+                                    ({"Segment": parameters["Segment"]}, written, most == 1),
+                                    ({"Lookup": parameters["Lookup"]}, written, False)):  # fmt: skip
+            grammar = form.grammar(chosen, len(chosen) > 1, forced=True)
+            matcher = llguidance.LLMatcher(grammar_tokenizer(tokenizer, len(tokenizer)),
+                                           llguidance.LLMatcher.grammar_from_lark(grammar))  # fmt: skip
+            ids = tokenizer.encode(text, add_special_tokens=False)
+            assert (matcher.try_consume_tokens(ids) == len(ids) and matcher.is_accepting()) == whole, (chosen, text)
     assert (form.apart, form.trigger) == (None, '{"name": "')  # Llama 3.1's: one call a turn, opened by its JSON
 
     # a version whose template writes calls in Qwen's tags, served: a random model over the tagged tokenizer
@@ -1026,6 +1037,19 @@ def test_auto_tool_choice_answers_text_or_calls_as_the_chat_template_writes_them
                                                        response_format=Lookup, **call)  # fmt: skip
         output = client.responses.parse(model=folder.name, input="Which item?", tools=tools, text_format=Lookup,
                                         max_output_tokens=60)  # fmt: skip
+        # a call asked for, named or "required": written in the version's own form (its trigger first), as tuned
+        lookup = {"type": "function", "function": {"name": "Lookup"}}
+        named_call = client.chat.completions.create(model=folder.name, messages=asked, max_tokens=60, tools=tools,
+                                                    tool_choice=lookup, logprobs=True)  # fmt: skip
+        required = client.chat.completions.create(model=folder.name, messages=asked, max_tokens=60, tools=tools,
+                                                  tool_choice="required", parallel_tool_calls=False, logprobs=True)
+        named_chunks = list(client.chat.completions.create(model=folder.name, messages=asked, max_tokens=60,
+                                                           tools=tools, tool_choice=lookup, stream=True))  # fmt: skip
+        whole = named_call.choices[0].message.tool_calls[0].function.arguments  # cut a token before its end
+        tokens = [t.token for t in named_call.choices[0].logprobs.content]
+        upto = next(k for k in range(len(tokens)) if whole in "".join(tokens[: k + 1]))
+        named_cut = client.chat.completions.create(model=folder.name, messages=asked, tools=tools, tool_choice=lookup,
+                                                   max_tokens=upto)  # fmt: skip
         with pytest.raises(openai.BadRequestError) as forced:
             client.chat.completions.create(model=folder.name, messages=asked, max_tokens=4, tools=tools,
                                            tool_choice="required", response_format={"type": "json_object"})
@@ -1039,6 +1063,22 @@ def test_auto_tool_choice_answers_text_or_calls_as_the_chat_template_writes_them
     assert isinstance(output.output_parsed, Lookup), output
     assert forced.value.body["message"].startswith("a tool call's form is its function's parameters, and an answer "
                                                    "besides one can be kept to JSON"), forced  # fmt: skip
+    for answer, finish in ((named_call, "stop"), (required, "tool_calls")):
+        said = answer.choices[0].message
+        assert answer.choices[0].finish_reason == finish and said.content is None and len(said.tool_calls) == 1
+        assert answer.choices[0].logprobs.content[0].token == "<tool_call>", answer  # the form's, not bare JSON
+        function = said.tool_calls[0].function
+        assert {"Lookup": Lookup, "Segment": Segment}[function.name].model_validate_json(function.arguments)
+    assert named_call.choices[0].message.tool_calls[0].function.name == "Lookup"
+    opened = named_chunks[1].choices[0].delta.tool_calls[0]  # streamed: its id and name once whole, as "auto"'s
+    assert named_chunks[0].choices[0].delta.content is None and opened.function.name == "Lookup" and opened.id
+    argued = "".join(c.choices[0].delta.tool_calls[0].function.arguments for c in named_chunks[2:]
+                     if c.choices[0].delta.tool_calls)  # fmt: skip
+    assert Lookup.model_validate_json(argued) and named_chunks[-1].choices[0].finish_reason == "stop"
+    said = named_cut.choices[0].message  # cut by max_tokens: the call, its arguments as far as they got
+    assert named_cut.choices[0].finish_reason == "length" and said.tool_calls[0].function.name == "Lookup", named_cut
+    assert whole.startswith(said.tool_calls[0].function.arguments) and '{"item' in said.tool_calls[0].function.arguments
+    assert said.tool_calls[0].function.arguments != whole
     said = text.choices[0].message
     assert said.tool_calls is None and said.content and text.choices[0].finish_reason == "length", text
     assert "".join(c.choices[0].delta.content or "" for c in pieces if c.choices) == said.content
