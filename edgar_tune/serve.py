@@ -119,10 +119,10 @@ class _Streamed:
         self.text += piece
         if self.at is None:
             trigger = self.form.trigger
-            at = self.text.find(trigger)
+            at = self.text.find(trigger, self.sent)  # not before what was sent: that held no trigger's start
             upto = at if at >= 0 else len(self.text) - max((n for n in range(1, len(trigger))
                                                             if self.text.endswith(trigger[:n])), default=0)
-            upto = len(self.text[:upto].rstrip())
+            upto = self.sent + len(self.text[self.sent : upto].rstrip())
             new, self.sent = self.text[self.sent : upto], max(self.sent, upto)
             said = [("content", new)] if new else []
             if at < 0:
@@ -373,20 +373,18 @@ class ToolCall:
         """A chat choice's `message` and `finish_reason` for `choice` (`complete`'s): its calls, each with an id
         (OpenAI's: content null, finish_reason "stop" for a named call, "tool_calls" for those it required or
         chose, with the text it wrote before them as content). An answer cut by max_tokens (or a `stop` text) is a
-        named call with its arguments as far as they got; otherwise its text (the calls' JSON not whole), with the
+        named call with its arguments as far as they got, and so are calls in the version's form cut by max_tokens
+        (OpenAI's, as the stream has sent them); otherwise its text (the calls' JSON not whole), with the
         finish_reason it had."""
         text, cut = choice["text"], choice["finish_reason"] == "length"
         content = None
         if self.form is not None:
-            read = self.form.read(text, [t["function"]["name"] for t in self.tools])
-            calls = read[1] if read else None
-            if read and not calls:
+            content, calls, whole = self.form.read(text, [t["function"]["name"] for t in self.tools])
+            if self.name is not None and not calls:  # cut before its name
+                calls, whole = [(self.name, "")], False
+            if not calls or not (whole or cut or self.name is not None):
                 return {"message": {"role": "assistant", "content": text}, "finish_reason": choice["finish_reason"]}
-            if calls is None and self.name is not None:  # cut: the arguments as far as they got
-                head = self.form.trigger + self.form.seen(self.form.rest) + self.name + self.form.seen(
-                    self.form.between)  # fmt: skip
-                calls = [(self.name, text[text.index(head) + len(head) :] if head in text else "")]
-            content = read[0] if read and not self.forced else None
+            content = None if self.forced else content
         elif self.name is not None:
             calls = [(self.name, text)]
         else:
@@ -553,33 +551,34 @@ class CallForm:
             part = part.replace(t, "") if special else part
         return part
 
-    def read(self, text: str, names: list[str]) -> tuple[str | None, list[tuple[str, str]]] | None:
-        """An answer's text (`grammar`'s) as the text before its calls (None for none) and its calls (name and
-        arguments, JSON text as written): no calls where it never wrote the trigger; None where its calls are not
-        whole (cut by max_tokens or a `stop` text)."""
+    def read(self, text: str, names: list[str]) -> tuple[str | None, list[tuple[str, str]], bool]:
+        """An answer's text (`grammar`'s) as the text before its calls (None for none), its calls (name and
+        arguments, JSON text as written), and whether they are whole: no calls where it never wrote the trigger;
+        calls cut short (by max_tokens or a `stop` text) as far as they got, the last one's arguments not whole
+        (a call whose name is not whole left out)."""
         seen = self.seen
 
         at = text.find(self.trigger)
         if at < 0:
-            return text, []
+            return text, [], True
         content, pos, calls = text[:at].rstrip() or None, at + len(self.trigger), []
         if not text.startswith(seen(self.rest), pos):
-            return None
+            return content, calls, False
         pos += len(seen(self.rest))
         while True:
             name = next((n for n in sorted(names, key=len, reverse=True) if text.startswith(n + seen(self.between),
                                                                                             pos)), None)  # fmt: skip
             if name is None:
-                return None
+                return content, calls, False
             pos += len(name + seen(self.between))
             try:
                 _, end = json.JSONDecoder().raw_decode(text, pos)
             except ValueError:
-                return None
+                return content, [*calls, (name, text[pos:])], False
             calls.append((name, text[pos:end]))
             pos = end
             if self.apart is None or not text.startswith(seen(self.apart), pos):
-                return content, calls
+                return content, calls, True
             pos += len(seen(self.apart))
 
 
@@ -1420,14 +1419,14 @@ class Response:
 
     def _output(self, choice: dict, status: str) -> list[dict]:
         """The output items of an ended answer: its message (the text before its calls, where it has calls), then
-        each call a `function_call` item."""
+        each call a `function_call` item, the last one "incomplete" where the answer was cut (`status`)."""
         if self.call is None:
             return [self._item(status, [self._part(choice["text"], choice.get("scored", []))])]
         message = self.call.said(choice)["message"]
         calls = message.get("tool_calls") or []
         text = [self._item(status, [self._part(message["content"], [] if calls else choice.get("scored", []))])]
         return (text if message["content"] else []) + [self._function(k, c["function"]["name"], c["function"][
-            "arguments"], "completed") for k, c in enumerate(calls)]  # fmt: skip
+            "arguments"], status if k == len(calls) - 1 else "completed") for k, c in enumerate(calls)]  # fmt: skip
 
     def _function(self, k: int, name: str, arguments: str, status: str) -> dict:
         """Call `k`'s `function_call` item, its ids kept from the stream's first event to the response."""

@@ -957,10 +957,12 @@ def test_auto_tool_choice_answers_text_or_calls_as_the_chat_template_writes_them
         assert matcher.try_consume_tokens(ids) == len(ids) and matcher.is_accepting(), (template[:20], answer)
         said = tokenizer.decode(ids, skip_special_tokens=True)
         assert form.read(said, list(parameters)) == (before, [(c["function"]["name"], json.dumps(
-            c["function"]["arguments"])) for c in calls[:most]]), said  # fmt: skip
-        assert form.read(said[: said.index("{", said.index(form.trigger) + len(form.trigger) + 2) + 3],
-                         list(parameters)) is None  # a call cut short
-        assert form.read("No call: " + said[: said.index(form.trigger)], list(parameters))[1] == []
+            c["function"]["arguments"])) for c in calls[:most]], True), said  # fmt: skip
+        cut = form.read(said[: said.index("{", said.index(form.trigger) + len(form.trigger) + 2) + 3],
+                        list(parameters))  # a call cut short: as far as it got  # fmt: skip
+        assert cut[0] == before and cut[2] is False and [name for name, _ in cut[1]] == ["Segment"], cut
+        assert json.dumps(calls[0]["function"]["arguments"]).startswith(cut[1][0][1]) and len(cut[1][0][1]) == 3
+        assert form.read("No call: " + said[: said.index(form.trigger)], list(parameters))[1:] == ([], True)
         for wrong in (f"Text, then {form.trigger} and not a call", answer.replace("Segment", "Segments", 1)):
             matcher.reset()
             ids = tokenizer.encode(wrong, add_special_tokens=False)
@@ -1050,6 +1052,18 @@ def test_auto_tool_choice_answers_text_or_calls_as_the_chat_template_writes_them
         upto = next(k for k in range(len(tokens)) if whole in "".join(tokens[: k + 1]))
         named_cut = client.chat.completions.create(model=folder.name, messages=asked, tools=tools, tool_choice=lookup,
                                                    max_tokens=upto)  # fmt: skip
+        # "auto" cut inside its call: the call as far as it got (OpenAI's), whole or streamed, finish_reason "length"
+        chosen = client.chat.completions.create(model=folder.name, messages=asked, max_tokens=60, tools=tools,
+                                                logprobs=True, **call)  # fmt: skip
+        whole = chosen.choices[0].message.tool_calls[0].function.arguments
+        tokens = [t.token for t in chosen.choices[0].logprobs.content]
+        upto = next(k for k in range(len(tokens)) if whole in "".join(tokens[: k + 1]))
+        chosen_cut = client.chat.completions.create(model=folder.name, messages=asked, max_tokens=upto, tools=tools,
+                                                    **call)  # fmt: skip
+        cut_chunks = list(client.chat.completions.create(model=folder.name, messages=asked, max_tokens=upto,
+                                                         tools=tools, stream=True, **call))  # fmt: skip
+        cut_response = client.responses.create(model=folder.name, input="Which segment grew?", tools=flat,
+                                               max_output_tokens=upto, **bias)  # fmt: skip
         with pytest.raises(openai.BadRequestError) as forced:
             client.chat.completions.create(model=folder.name, messages=asked, max_tokens=4, tools=tools,
                                            tool_choice="required", response_format={"type": "json_object"})
@@ -1079,6 +1093,16 @@ def test_auto_tool_choice_answers_text_or_calls_as_the_chat_template_writes_them
     assert named_cut.choices[0].finish_reason == "length" and said.tool_calls[0].function.name == "Lookup", named_cut
     assert whole.startswith(said.tool_calls[0].function.arguments) and '{"item' in said.tool_calls[0].function.arguments
     assert said.tool_calls[0].function.arguments != whole
+    said, whole = chosen_cut.choices[0].message, chosen.choices[0].message.tool_calls[0].function
+    cut = said.tool_calls[0].function
+    assert chosen_cut.choices[0].finish_reason == "length" and said.content is None and len(said.tool_calls) == 1
+    assert cut.name == whole.name and whole.arguments.startswith(cut.arguments) and cut.arguments != whole.arguments
+    streamed_cut = "".join(c.choices[0].delta.tool_calls[0].function.arguments for c in cut_chunks
+                           if c.choices and c.choices[0].delta.tool_calls)  # fmt: skip
+    assert streamed_cut == cut.arguments and cut_chunks[-1].choices[0].finish_reason == "length"  # as the stream's
+    cut_item = cut_response.output[-1]
+    assert cut_response.status == "incomplete" and (cut_item.type, cut_item.status, cut_item.arguments) == (
+        "function_call", "incomplete", cut.arguments), cut_response  # fmt: skip
     said = text.choices[0].message
     assert said.tool_calls is None and said.content and text.choices[0].finish_reason == "length", text
     assert "".join(c.choices[0].delta.content or "" for c in pieces if c.choices) == said.content

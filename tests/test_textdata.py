@@ -576,7 +576,7 @@ def test_conversations_that_call_tools_train_the_calls_as_the_chat_template_writ
     trained = tok.decode([t for t in cols["labels"][0] if t != -100])
     assert trained == call + "Net sales grew 22%.<|im_end|>\n"
     form = CallForm.of(tok, turn_end(tok))  # what the server reads back from an answer the version writes so
-    assert form.read(call.removesuffix("<|im_end|>\n"), ["lookup"]) == (None, [("lookup", '{"item": "7"}')])
+    assert form.read(call.removesuffix("<|im_end|>\n"), ["lookup"]) == (None, [("lookup", '{"item": "7"}')], True)
     assert text_sha256(rows[:1]) != text_sha256([{**rows[0], "tools": None}])  # the tools shown count
     # what cannot train says why and what to change
     tok.chat_template = CHATML
