@@ -61,7 +61,7 @@ SHAPING = ("logit_bias", "presence_penalty", "frequency_penalty", "repetition_pe
 COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "min_p", "n", "stop", "seed", "user", "stream",
           "stream_options", "response_format", "structured_outputs", *SHAPING}  # both on completions too, as vLLM
 CHAT = COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "tools", "tool_choice",
-                 "parallel_tool_calls"}
+                 "parallel_tool_calls", "chat_template_kwargs", "include_reasoning"}  # the last two vLLM's
 COMPLETIONS = COMMON | {"prompt", "logprobs", "echo"}
 # What this server does not do, each with the values that ask for nothing (an SDK may send them as they are).
 NOT_DONE = {
@@ -201,10 +201,125 @@ class _Streamed:
         return out
 
 
+# The tags a chat template's reasoning block is written between (Qwen3's, QwQ's, DeepSeek-R1's); a template that
+# holds the closing one writes reasoning (or strips it from the turns it is given)
+THINKING_TAGS = (("<think>", "</think>"),)
+
+
+@dataclass(frozen=True)
+class Thinking:
+    """How a version's chat template writes an assistant's reasoning: a block between `opening` and `closing` before
+    the answer (Qwen3's `<think>\n...\n</think>\n\n`), read from the template (it holds the closing tag). A chat
+    answer's text is split into its reasoning and its content (`split`), as vLLM's reasoning parsers do (its
+    `reasoning` field); where the prompt itself opened the block (DeepSeek-R1's generation prompt ends with
+    `<think>\n`) the answer begins inside it, and where it closed one (Qwen3's with `enable_thinking` false), after."""
+
+    opening: str
+    closing: str
+
+    @classmethod
+    def of(cls, tokenizer) -> Thinking | None:
+        """The tags `tokenizer`'s chat template writes reasoning between; None for a template that writes none."""
+        template = str(getattr(tokenizer, "chat_template", None) or "")
+        return next((cls(o, c) for o, c in THINKING_TAGS if c in template), None)
+
+    def state(self, prompt: str) -> str:
+        """Where an answer to `prompt` begins: "inside" a block the prompt opened, "after" one it closed, else
+        "before" (its reasoning, if any, a block it writes first)."""
+        tail = prompt.rstrip()
+        return "inside" if tail.endswith(self.opening) else "after" if tail.endswith(self.closing) else "before"
+
+    def split(self, text: str | None, state: str, whole: bool = True) -> tuple[str | None, str | None]:
+        """An answer's `text` as its reasoning (the block's text, newlines at its edges left out) and its content
+        (the text after the block, newlines before it left out; all of it where the answer writes no block); None
+        for either that is empty. A block never closed (cut by max_tokens) is reasoning alone. Not `whole` (a
+        stream's text so far): what of each cannot change as the text goes on (a tag's start, newlines that may
+        end the block, held back)."""
+        if not text or state == "after":
+            return None, text or None
+        body = text
+        if state == "before":
+            lead = text.lstrip()
+            if not lead.startswith(self.opening):
+                return (None, None) if not whole and self.opening.startswith(lead) else (None, text)
+            body = lead[len(self.opening) :]
+        at = body.find(self.closing)
+        if at < 0:
+            if not whole:  # what may be the closing tag's start, and the newlines before it, held back
+                body = body[: len(body) - max((n for n in range(1, len(self.closing))
+                                               if body.endswith(self.closing[:n])), default=0)].rstrip("\n")
+            return body.strip("\n") or None, None
+        return body[:at].strip("\n") or None, body[at + len(self.closing) :].lstrip("\n") or None
+
+
+class Reasoning:
+    """A chat request's answers split into reasoning and content (`Thinking`), where the version's template writes
+    reasoning and the answer is free text (not kept to a response_format, nor a call asked for, whose grammar
+    holds from the answer's start); `include` false (vLLM's `include_reasoning`), the reasoning left out."""
+
+    def __init__(self, thinking: Thinking, state: str, include: bool) -> None:
+        self.thinking, self.state, self.include = thinking, state, include
+
+    @classmethod
+    def asked(cls, body: dict, served: Served, call: ToolCall | None, prompt: str) -> Reasoning | None:
+        """What `body` (with its `call`, and its `prompt` as written) asks of `served`'s reasoning; None for none.
+
+        Raises:
+            Refused: `include_reasoning` that is not true or false."""
+        include = body.get("include_reasoning", True)
+        if not isinstance(include, bool):
+            raise Refused(f"include_reasoning must be true or false, got {json.dumps(include)[:40]}",
+                          param="include_reasoning")  # fmt: skip
+        free = body.get("response_format") in (None, {"type": "text"}) and body.get("structured_outputs") is None
+        if served.thinking is None or not free or (call is not None and (call.form is None or call.forced)):
+            return None
+        return cls(served.thinking, served.thinking.state(prompt), include)
+
+    def said(self, message: dict) -> dict:
+        """A chat answer's `message` with its content split: its `reasoning` (vLLM's field), and the rest."""
+        reasoning, content = self.thinking.split(message.get("content"), self.state)
+        return message | {"content": content} | ({"reasoning": reasoning} if self.include else {})
+
+    def reader(self) -> _Thought:
+        """A streamed answer's reader."""
+        return _Thought(self)
+
+
+class _Thought:
+    """A chat answer's text as it comes (`heard`), split as `Reasoning.said` splits the whole: ("reasoning", text)
+    and ("content", text) parts, each once it can no longer change; `heard(..., last=True)`, the rest."""
+
+    def __init__(self, reasoning: Reasoning) -> None:
+        self.reasoning, self.text, self.sent = reasoning, "", {"reasoning": 0, "content": 0}
+
+    def heard(self, piece: str, last: bool = False) -> list[tuple[str, str]]:
+        self.text += piece
+        said, split = [], self.reasoning.thinking.split(self.text, self.reasoning.state, whole=last)
+        for kind, value in zip(("reasoning", "content"), split, strict=True):
+            if value and len(value) > self.sent[kind]:
+                if kind == "content" or self.reasoning.include:
+                    said.append((kind, value[self.sent[kind] :]))
+                self.sent[kind] = len(value)
+        return said
+
+
+def _thought(reader: _Thought, parts: list[tuple], last: bool) -> list[tuple]:
+    """`parts` of a streamed answer (`_Streamed`'s, or its text) with its text split into reasoning and content by
+    `reader`: the text before a call whole once the call begins; all of it, where the answer is `last`."""
+    said = []
+    for part in parts:
+        if part[0] == "content":
+            said += reader.heard(part[1])
+        else:
+            said += [*reader.heard("", last=True), part]
+    return said + (reader.heard("", last=True) if last else [])
+
+
 def _delta(part: tuple) -> dict:
-    """A chat chunk's delta for a part of an answer `_Streamed` reads: its text, a call begun, or its arguments."""
-    if part[0] == "content":
-        return {"content": part[1]}
+    """A chat chunk's delta for a part of an answer `_Streamed` or `_Thought` reads: its text (content or
+    reasoning), a call begun, or its arguments."""
+    if part[0] in ("content", "reasoning"):
+        return {part[0]: part[1]}
     if part[0] == "call":
         return {"tool_calls": [{"index": part[1], "id": part[2], "type": "function",
                                 "function": {"name": part[3], "arguments": ""}}]}  # fmt: skip
@@ -652,6 +767,30 @@ def scoring(body: dict, chat: bool) -> tuple[int | None, bool]:
     return count("logprobs"), bool(body.get("echo"))
 
 
+def template_options(body: dict) -> dict:
+    """vLLM's `chat_template_kwargs`: variables the chat template reads beside the conversation (Qwen3's
+    `enable_thinking`), as transformers passes them to it.
+
+    Raises:
+        Refused: not an object of names, or a name of `apply_chat_template`'s own parameters (the conversation,
+            `tools`, `add_generation_prompt`, ...), which the request sets otherwise."""
+    import inspect
+
+    from transformers import PreTrainedTokenizerBase
+
+    options = body.get("chat_template_kwargs")
+    if options is None:
+        return {}
+    own = set(inspect.signature(PreTrainedTokenizerBase.apply_chat_template).parameters) - {"self", "kwargs"}
+    if not isinstance(options, dict) or own & set(options) or "messages" in options:
+        taken = sorted(own & set(options) | {"messages"} & set(options)) if isinstance(options, dict) else []
+        raise Refused(f"chat_template_kwargs={json.dumps(options)[:80]}: an object of the variables the chat template "
+                      f"reads besides the conversation ({{\"enable_thinking\": false}})" + (
+                          f"; {', '.join(taken)} the request gives otherwise (messages, tools)" if taken else ""),
+                      param="chat_template_kwargs")  # fmt: skip
+    return options
+
+
 def chat_turns(messages: Any) -> list[dict]:
     """OpenAI's `messages` as {"role", "content"} turns `chat_prompt` takes: a content given as parts
     ([{"type": "text", "text": ...}]) joined, the `developer` role (OpenAI's newer name for it) as system.
@@ -769,6 +908,11 @@ class Served:
         from tasks.generate import turn_end
 
         return cls(lm, version, turn_end(lm.tokenizer))
+
+    @cached_property
+    def thinking(self) -> Thinking | None:
+        """How its chat template writes reasoning (`Thinking`); None where it writes none."""
+        return Thinking.of(self.lm.tokenizer)
 
     @cached_property
     def call_form(self) -> CallForm | str:
@@ -1057,15 +1201,21 @@ class Server:
                                        self.default_max_new_tokens)  # fmt: skip
         logprobs, _ = scoring(body, chat=True)
         tools = ToolCall.shown(body, call)
-        prompt = _said(lambda: chat_prompt(lm.tokenizer, chat_turns(body.get("messages")), "messages", tools))
+        options = template_options(body)
+        prompt = _said(lambda: chat_prompt(lm.tokenizer, chat_turns(body.get("messages")), "messages", tools,
+                                           options))  # fmt: skip
+        reasoning = Reasoning.asked(body, served, call, prompt)
         if body.get("stream"):
             return self._stream(model, served, body, "chatcmpl", "chat.completion.chunk", [(prompt, True)], settings,
-                                n, served.chat_end, logprobs, gone, call)  # fmt: skip
+                                n, served.chat_end, logprobs, gone, call, reasoning)  # fmt: skip
         done = self._complete(model, served, [(prompt, True)], settings, n, served.chat_end, logprobs, gone=gone)
         choices = [{"index": k, "message": {"role": "assistant", "content": c["text"]},
                     "logprobs": chat_logprobs(lm.tokenizer, c["scored"], logprobs) if logprobs is not None else None,
                     "finish_reason": c["finish_reason"]} | (call.said(c) if call else {})
                    for k, c in enumerate(done[0]["choices"])]  # fmt: skip
+        if reasoning is not None:
+            for choice in choices:
+                choice["message"] = reasoning.said(choice["message"])
         return self._answer(model, served, "chatcmpl", "chat.completion", choices, done)
 
     def responses(self, body: Any, gone: threading.Event | None = None) -> dict | Stream:
@@ -1226,7 +1376,7 @@ class Server:
     def _stream(self, model: Model, served: Served, body: dict, prefix: str, kind: str,
                 prompts: list[tuple[str | list[int], bool]], settings: dict, n: int, closing: str | None,
                 logprobs: int | None = None, cancelled: threading.Event | None = None,
-                call: ToolCall | None = None) -> Stream:  # fmt: skip
+                call: ToolCall | None = None, reasoning: Reasoning | None = None) -> Stream:  # fmt: skip
         """OpenAI's server-sent events of the answers, as they are generated: a chunk per piece of text (a chat
         answer's first says its role), one with each answer's finish_reason, then, where `stream_options` asks
         for it, one with the usage, and `[DONE]`. With `logprobs`, a chunk carries the scores of the tokens taken
@@ -1234,7 +1384,8 @@ class Server:
         text comes). The prompts are checked against the context before the response starts (a 400, not an error
         inside a 200). The client gone, generation stops at the next token. An answer that is a named tool `call`
         streams its arguments as OpenAI's do (the first chunk names the call); calls "required" come whole, as one
-        delta of `tool_calls`, once the answer has ended (their JSON read then)."""
+        delta of `tool_calls`, once the answer has ended (their JSON read then). With `reasoning`, an answer's
+        reasoning comes as `reasoning` deltas, then its content (`_Thought`)."""
         encoded = _said(lambda: served.lm.encode(prompts, settings["max_new_tokens"]))  # a 400, not an event
         chat, usage = kind.startswith("chat"), bool((body.get("stream_options") or {}).get("include_usage"))
         ident, created = f"{prefix}-{uuid.uuid4().hex}", int(time.time())
@@ -1256,7 +1407,7 @@ class Server:
                                           **more}) + "\n\n"  # fmt: skip
 
         def events() -> Iterator[str]:
-            started, held = set(), {}
+            started, held, thoughts = set(), {}, {}
             try:
                 for said in self._heard(model, served, prompts, settings, n, closing, logprobs, cancelled,
                                         ", streamed", encoded):  # fmt: skip
@@ -1273,11 +1424,16 @@ class Server:
                         if call and call.name is not None and call.form is None:  # the named call's id and name
                             opening |= _delta(("call", 0, ToolCall.ident(), call.name))
                         yield event([{"index": index, "delta": opening, "logprobs": None, "finish_reason": None}])
-                    if call and call.form is not None:  # text till a call may begin ("auto"), then each call
-                        reading = held.setdefault(index, _Streamed(call.form, [t["function"]["name"]
-                                                                               for t in call.tools]))  # fmt: skip
-                        said = call.said(choice) if choice is not None else None
-                        parts = reading.heard(text or "") if said is None else reading.ended(said)
+                    if call and call.form is not None or chat and reasoning is not None and call is None:
+                        said = None if choice is None else call.said(choice) if call else choice
+                        if call:  # text till a call may begin ("auto"), then each call
+                            reading = held.setdefault(index, _Streamed(call.form, [t["function"]["name"]
+                                                                                   for t in call.tools]))  # fmt: skip
+                            parts = reading.heard(text or "") if said is None else reading.ended(said)
+                        else:
+                            parts = [("content", text)] if text and said is None else []
+                        if reasoning is not None:  # the text's reasoning, then its content
+                            parts = _thought(thoughts.setdefault(index, reasoning.reader()), parts, said is not None)
                         for k, part in enumerate(parts):
                             last = k == len(parts) - 1
                             yield event([{"index": index, "delta": _delta(part), "logprobs": scores(

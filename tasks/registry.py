@@ -439,12 +439,13 @@ def request_prompt(row: dict, template: str | None, which: str,
     return raw, False
 
 
-def chat_prompt(tokenizer, value: str | dict | list, which: str, tools: list[dict] | None = None) -> str:
+def chat_prompt(tokenizer, value: str | dict | list, which: str, tools: list[dict] | None = None,
+                options: dict | None = None) -> str:  # fmt: skip
     """The prompt a request's `messages` make in the model's chat template, with the header that opens the
     assistant's turn: a list of {"role", "content"} objects (system, user and assistant turns), as OpenAI's chat
     requests send it or as JSON text; one such object; or plain text, one user message. `tools` (OpenAI's function
     tools) go to the template as transformers passes them, for a template that writes them (one that does not
-    leaves them out).
+    leaves them out); so do `options`, variables the template reads (Qwen3's `enable_thinking`).
 
     Raises:
         MlflowException (INVALID_PARAMETER_VALUE): messages that are not such a list, or that the template refuses.
@@ -475,7 +476,7 @@ def chat_prompt(tokenizer, value: str | dict | list, which: str, tools: list[dic
 
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
-                                             **({"tools": tools} if tools else {}))  # fmt: skip
+                                             **({"tools": tools} if tools else {}), **(options or {}))  # fmt: skip
     except TemplateError as err:  # the template's own refusal (Gemma's: no system role)
         raise mlflow.exceptions.MlflowException.invalid_parameter_value(
             f"{which}: the model's chat template refuses these messages: {err}") from None

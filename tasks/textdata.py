@@ -460,7 +460,8 @@ def chat_messages(record: dict, where: str, to_train: bool = True) -> list[dict]
     assistant or tool) and text, with at least one assistant turn (what trains) when it is `to_train`. A tool call
     (an assistant's `tool_calls`, ShareGPT's `function_call`) and its result (a `tool` turn, ShareGPT's
     `observation`) as transformers' chat templates take them (`tool_turn`). An assistant turn of `weight` 0 (OpenAI's)
-    keeps it, and does not train (`_weight`); a record's `parallel_tool_calls` false holds each turn to one call.
+    keeps it, and does not train (`_weight`); a record's `parallel_tool_calls` false holds each turn to one call. An
+    assistant turn's `reasoning_content` goes to the template, which writes it where it writes reasoning.
 
     Raises:
         ConfigError: a record with neither, a turn that is not such an object, no assistant turn to train, a weight
@@ -489,7 +490,8 @@ def chat_messages(record: dict, where: str, to_train: bool = True) -> list[dict]
             messages.append(tool_turn({"role": "assistant", "tool_calls": _sharegpt_calls(text)}, f"{where}, turn {i}"))
         else:
             messages.append({"role": roles[role], "content": text}
-                            | (_weight(turn, f"{where}, turn {i}") if not sharegpt else {}))  # fmt: skip
+                            | (_weight(turn, f"{where}, turn {i}") if not sharegpt else {})
+                            | _reasoning(turn, f"{where}, turn {i}"))  # fmt: skip
     _single_calls(record, messages, where)
     if to_train and not any(m["role"] == "assistant" and m.get("weight", 1) for m in messages):
         weighed = any(m["role"] == "assistant" for m in messages)  # each of weight 0
@@ -497,6 +499,21 @@ def chat_messages(record: dict, where: str, to_train: bool = True) -> list[dict]
                           "assistant's turns are what trains; give each conversation one or more"
                           + (" of weight 1 (or none)" if weighed else ""))  # fmt: skip
     return messages
+
+
+def _reasoning(turn: dict, where: str) -> dict:
+    """An assistant turn's `reasoning_content` (Qwen3's templates read it; Axolotl's and vLLM's name), as
+    {"reasoning_content": text} to add to the turn for its template to write (a template that writes no reasoning
+    leaves it out), else {}.
+
+    Raises:
+        ConfigError: reasoning that is not text, or on a turn that is not the assistant's."""
+    if turn.get("reasoning_content") is None:
+        return {}
+    if turn.get("role", turn.get("from")) not in ("assistant", "gpt") or not isinstance(turn["reasoning_content"], str):
+        raise ConfigError(f"{where}: reasoning_content={json.dumps(turn['reasoning_content'])[:40]}; it is an "
+                          "assistant turn's reasoning, as text")  # fmt: skip
+    return {"reasoning_content": turn["reasoning_content"]}
 
 
 def _weight(turn: dict, where: str) -> dict:

@@ -1146,6 +1146,49 @@ def test_auto_tool_choice_answers_text_or_calls_as_the_chat_template_writes_them
                                                    "tools only")  # fmt: skip
 
 
+def test_reasoning_is_split_from_an_answer_as_it_comes_as_from_the_whole():
+    """`Thinking` reads the tags a chat template writes reasoning between (Qwen3's `<think>`; none in ChatML's),
+    where an answer begins from its prompt (before a block, inside one the prompt opened as DeepSeek-R1's does,
+    after one it closed as Qwen3's does with `enable_thinking` false), and splits the answer into reasoning and
+    content, newlines at the block's edges left out, a block never closed (cut) all reasoning. Streamed a few
+    characters at a time, the parts sent (`_Thought`) join into what the whole answer's split gives: a tag's start
+    and the newlines that may end the block are held back till they can no longer change."""
+    from edgar_tune.serve import Reasoning, Thinking
+    from tasks.models import load_tokenizer, smollm2_dir
+    from tests.test_textdata import CHATML, THINK_QWEN
+
+    tok = load_tokenizer(str(smollm2_dir()))
+    tok.chat_template = CHATML
+    assert Thinking.of(tok) is None
+    tok.chat_template = THINK_QWEN
+    thinking = Thinking.of(tok)
+    assert thinking == Thinking("<think>", "</think>")
+    asked = [{"role": "user", "content": "Which segment grew?"}]
+    prompts = {k: tok.apply_chat_template(asked, tokenize=False, add_generation_prompt=True, **kw)
+               for k, kw in (("before", {}), ("after", {"enable_thinking": False}))}  # fmt: skip
+    prompts["inside"] = prompts["before"] + "<think>\n"  # DeepSeek-R1's generation prompt opens the block
+    assert {k: thinking.state(p) for k, p in prompts.items()} == {k: k for k in prompts}
+    answers = [("<think>\nAWS grew.\n</think>\n\nAWS, by 13%.", "before", ("AWS grew.", "AWS, by 13%.")),
+               ("\n<think>AWS</think>AWS.", "before", ("AWS", "AWS.")),
+               ("AWS, by 13%.\n", "before", (None, "AWS, by 13%.\n")),
+               ("<thin", "before", (None, "<thin")),
+               ("<think>\nAWS grew, and then\n\n", "before", ("AWS grew, and then", None)),
+               ("<think>\n\n</think>\n\nAWS.", "before", (None, "AWS.")),
+               ("AWS grew.\n</think>\n\nAWS.", "inside", ("AWS grew.", "AWS.")),
+               ("AWS grew.", "inside", ("AWS grew.", None)),
+               ("<think>AWS.", "after", (None, "<think>AWS."))]  # fmt: skip
+    for text, state, split in answers:
+        assert thinking.split(text, state) == split, (text, state)
+        for size in (1, 2, 3, 7):
+            reader = Reasoning(thinking, state, include=True).reader()
+            parts = [p for i in range(0, len(text), size) for p in reader.heard(text[i : i + size])]
+            parts += reader.heard("", last=True)
+            joined = tuple("".join(t for k, t in parts if k == kind) or None for kind in ("reasoning", "content"))
+            assert joined == split, (text, state, size, parts)
+    reader = Reasoning(thinking, "before", include=False).reader()  # vLLM's include_reasoning false
+    assert reader.heard(answers[0][0], last=True) == [("content", "AWS, by 13%.")]
+
+
 def test_vllms_min_tokens_ignore_eos_and_stop_token_ids_end_answers_as_vllm_defines_them(tiny_run, tmp_path):
     """vLLM's `min_tokens` holds the answer's ends (EOS, the turn's end, `stop_token_ids`) back until that many
     tokens are generated, `ignore_eos` runs it to max_tokens whatever EOS it generates (what fixed-length

@@ -447,6 +447,21 @@ TOOL_QWEN = (
     "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")  # fmt: skip
 
 
+# Qwen3's chat template, shortened: the reasoning of an assistant turn after the last user turn written in a
+# <think> block (its `reasoning_content`, or a block its content begins with), earlier turns' left out; the
+# generation prompt closes an empty block where `enable_thinking` is false
+THINK_QWEN = (
+    "{% set ns = namespace(last=0) %}{% for m in messages %}{% if m.role == 'user' %}{% set ns.last = loop.index0 %}"
+    "{% endif %}{% endfor %}{% for m in messages %}{% if m.role == 'assistant' %}{% set content = m.content %}"
+    "{% set reasoning = m.reasoning_content or '' %}{% if not reasoning and '</think>' in content %}"
+    "{% set reasoning = content.split('</think>')[0].split('<think>')[-1] %}"
+    "{% set content = content.split('</think>')[-1].lstrip('\n') %}{% endif %}<|im_start|>assistant\n"
+    "{% if loop.index0 > ns.last %}{{ '<think>\n' + reasoning.strip('\n') + '\n</think>\n\n' }}{% endif %}"
+    "{{ content }}<|im_end|>\n{% else %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is defined and not enable_thinking %}"
+    "{{ '<think>\n\n</think>\n\n' }}{% endif %}{% endif %}")  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def tiny_chat_model(tmp_path_factory, paragraphs) -> Path:
     """A tiny Llama (as the tiny preset builds) whose tokenizer has a ChatML chat template: a chat model's folder."""
@@ -691,6 +706,72 @@ def test_a_version_tuned_on_tool_calls_calls_a_tool_of_its_own_choice_when_serve
     assert said.finish_reason == "tool_calls" and said.message.tool_calls, said
     call = said.message.tool_calls[0].function
     assert call.name == "lookup" and json.loads(call.arguments)["item"] in ("7", "7A", "8"), call
+
+
+def test_a_version_tuned_to_reason_is_served_its_reasoning_apart_from_its_answer(tmp_path, paragraphs,
+                                                                                 tiny_chat_model, prefect_server):
+    """A base whose chat template writes reasoning (Qwen3's `<think>` block, its tokenizer holding the tags), tuned
+    on conversations whose assistant turns give their `reasoning_content`, writes a block before each answer; served,
+    `edgar-tune serve` answers the block's text as `reasoning` and the rest as content, as vLLM's reasoning parsers
+    do, whole or streamed (reasoning deltas, then content), `chat_template_kwargs` going to the template (Qwen3's
+    `enable_thinking` false: the prompt closes an empty block, so all is content) and `include_reasoning` false
+    leaving it out. Before, `reasoning_content` was dropped from training records, and the block came back inside
+    content; a request's `chat_template_kwargs` was refused."""
+    import openai
+
+    from tasks.models import load_tokenizer
+    from tests.test_serving import edgar_tune_serve
+
+    from transformers import AutoModelForCausalLM
+
+    base = tmp_path / "tiny-think"  # the tiny chat model, its tokenizer holding Qwen3's tags
+    shutil.copytree(tiny_chat_model, base)
+    tok = load_tokenizer(str(base))
+    tok.add_tokens(["<think>", "</think>"])
+    tok.chat_template = THINK_QWEN
+    model = AutoModelForCausalLM.from_pretrained(base)
+    model.resize_token_embeddings(len(tok))
+    model.save_pretrained(base)
+    tok.save_pretrained(base)
+    records = [{"messages": [{"role": "user", "content": a[:150]},
+                             {"role": "assistant", "reasoning_content": "Item 7 says so.", "content": b[:60]}]}
+               for a, b in zip(paragraphs, paragraphs[1:], strict=False)]  # fmt: skip
+    data = tmp_path / "think.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    s = run_cli(tmp_path, "--set", f"data.source={data}", "--set", "instruction_tuned=true", "--set", "max_steps=60",
+                "--set", f"model.name={base}", "--set", "max_input_length=256", "--set", "train.mode=full",
+                "--set", "per_device_train_batch_size=4", env=prefect_server)  # fmt: skip
+    assert s["ppl_after"] < s["ppl_before"]
+    trained = json.loads((tmp_path / "latest" / "02_parse" / "train.jsonl").read_text().splitlines()[0])
+    assert trained["messages"][1]["reasoning_content"] == "Item 7 says so."  # kept, for the template to write
+    asked = [{"role": "user", "content": paragraphs[0][:150]}]
+    with edgar_tune_serve(f"models:/{s['registered_model']}/{s['model_version']}", tmp_path,
+                          MLFLOW_TRACKING_URI=s["mlflow_tracking_uri"]) as base_url:  # fmt: skip
+        client = openai.OpenAI(base_url=base_url, api_key="none", max_retries=0)
+        ask = {"model": s["registered_model"], "messages": asked, "max_tokens": 40}
+        whole = client.chat.completions.create(**ask)
+        chunks = list(client.chat.completions.create(**ask, stream=True))
+        plain = client.chat.completions.create(**ask, extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+        left_out = client.chat.completions.create(**ask, extra_body={"include_reasoning": False})
+        refused = {}
+        for name, value in (("chat_template_kwargs", {"tools": []}), ("chat_template_kwargs", ["x"]),
+                            ("include_reasoning", "yes")):  # fmt: skip
+            with pytest.raises(openai.BadRequestError) as err:
+                client.chat.completions.create(**ask | {"max_tokens": 4}, extra_body={name: value})
+            refused[name, json.dumps(value)] = err.value.body["message"]
+    said = whole.choices[0].message
+    assert said.reasoning == "Item 7 says so." and said.content and "<think>" not in said.content, said  # learned
+    streamed = {kind: "".join(getattr(c.choices[0].delta, kind, None) or "" for c in chunks if c.choices)
+                for kind in ("reasoning", "content")}  # fmt: skip
+    assert streamed == {"reasoning": said.reasoning, "content": said.content}, chunks
+    said = plain.choices[0].message  # the prompt closed an empty block: no reasoning, all content
+    assert said.reasoning is None and said.content and plain.usage.prompt_tokens > whole.usage.prompt_tokens
+    said = left_out.choices[0].message
+    assert "reasoning" not in (said.model_extra or {}) and said.content == whole.choices[0].message.content
+    assert refused["chat_template_kwargs", '{"tools": []}'].endswith("tools the request gives otherwise (messages, "
+                                                                      "tools)")  # fmt: skip
+    assert refused["chat_template_kwargs", '["x"]'].startswith('chat_template_kwargs=["x"]: an object of the variab')
+    assert refused["include_reasoning", '"yes"'] == 'include_reasoning must be true or false, got "yes"'
 
 
 def test_chat_tuning_end_to_end_serves_messages_in_the_chat_template(tmp_path, paragraphs, tiny_chat_model,
