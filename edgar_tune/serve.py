@@ -793,7 +793,8 @@ def template_options(body: dict) -> dict:
 
 def chat_turns(messages: Any) -> list[dict]:
     """OpenAI's `messages` as {"role", "content"} turns `chat_prompt` takes: a content given as parts
-    ([{"type": "text", "text": ...}]) joined, the `developer` role (OpenAI's newer name for it) as system.
+    ([{"type": "text", "text": ...}]) joined, the `developer` role (OpenAI's newer name for it) as system, an
+    assistant's reasoning (`reasoning`, vLLM's answer; or `reasoning_content`) as the template reads it.
 
     Raises:
         Refused: no list of messages, a part that is not text (an image)."""
@@ -813,7 +814,9 @@ def chat_turns(messages: Any) -> list[dict]:
             content = "".join(p.get("text", "") for p in content)
         role = "system" if message.get("role") == "developer" else message.get("role")
         turns.append({"role": role, "content": content} | {k: message[k] for k in ("tool_calls", "tool_call_id")
-                                                           if message.get(k) is not None})  # fmt: skip
+                                                           if message.get(k) is not None}
+                     | ({"reasoning_content": message.get("reasoning_content", message.get("reasoning"))}
+                        if message.get("reasoning_content", message.get("reasoning")) is not None else {}))
     return turns
 
 
@@ -844,12 +847,13 @@ def response_messages(body: dict) -> list[dict]:
     """OpenAI's Responses API `input` (a text, or a list of messages: `{"role", "content"}` with or without
     `"type": "message"`, content a text or `input_text`/`output_text` parts) and its `instructions` (a system
     message before them), as chat's `messages`; a `function_call` item (a call the version answered with, as the
-    client sends it back) as an assistant's `tool_calls` (calls in a row, and the text before them, one turn), and
-    a `function_call_output` as the `tool` turn of its `call_id`.
+    client sends it back) as an assistant's `tool_calls` (calls in a row, and the text before them, one turn), a
+    `function_call_output` as the `tool` turn of its `call_id`, and a `reasoning` item (one the version answered
+    with) as the `reasoning_content` of the assistant turn it came before, for a template that writes it.
 
     Raises:
-        Refused: input of another shape, an item of another type (an item reference, a reasoning item, a hosted
-            tool's call), a part that is not text (an image, a file)."""
+        Refused: input of another shape, an item of another type (an item reference, a hosted tool's call), a
+            part that is not text (an image, a file)."""
     given, instructions = body.get("input"), body.get("instructions")
     if instructions is not None and not isinstance(instructions, str):
         raise Refused(f"instructions must be a text, got {json.dumps(instructions)[:60]}", param="instructions")
@@ -861,15 +865,26 @@ def response_messages(body: dict) -> list[dict]:
         raise Refused(f"input must be a text or a non-empty list of messages, got {json.dumps(given)[:60]}",
                       param="input")  # fmt: skip
     messages = [{"role": "system", "content": instructions}] if instructions else []
+    thought = None  # a reasoning item's text, for the assistant turn after it
     for i, item in enumerate(items, 1):
         kind = item.get("type", "message") if isinstance(item, dict) else type(item).__name__
+        if kind == "reasoning":
+            parts = item.get("content") or []
+            if not isinstance(parts, list) or not all(isinstance(p, dict) and isinstance(p.get("text"), str)
+                                                      for p in parts):  # fmt: skip
+                raise Refused(f"input item {i} is a reasoning item whose content is not a list of "
+                              "{\"type\": \"reasoning_text\", \"text\"} parts", param="input")  # fmt: skip
+            thought = "".join(p["text"] for p in parts)
+            continue
+        reasoned = {"reasoning_content": thought} if thought is not None else {}
+        thought = None if kind in ("function_call", "message") else thought
         if kind == "function_call":
             call = {"id": item.get("call_id"), "type": "function",
                     "function": {"name": item.get("name"), "arguments": item.get("arguments")}}  # fmt: skip
-            if messages and messages[-1]["role"] == "assistant":  # the text it wrote before, or another call
+            if messages and messages[-1]["role"] == "assistant" and not reasoned:  # its text before, or a call
                 messages[-1]["tool_calls"] = [*messages[-1].get("tool_calls", []), call]
             else:
-                messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+                messages.append({"role": "assistant", "content": None, "tool_calls": [call]} | reasoned)
             continue
         if kind == "function_call_output":
             output = item.get("output")
@@ -879,8 +894,7 @@ def response_messages(body: dict) -> list[dict]:
             continue
         if kind != "message":
             why = ("responses are not stored" if kind == "item_reference" else "this server calls function tools "
-                   "only, and writes no reasoning" if kind.endswith(("_call", "reasoning")) else
-                   "the version reads messages of text only")  # fmt: skip
+                   "only" if kind.endswith("_call") else "the version reads messages of text only")  # fmt: skip
             raise Refused(f"input item {i} is of type {kind}: {why}", param="input")
         content = item.get("content")
         if isinstance(content, list):
@@ -890,7 +904,8 @@ def response_messages(body: dict) -> list[dict]:
                               f"{next(k for k in kinds if k not in ('input_text', 'output_text'))}; the version reads "
                               "text only", param="input")  # fmt: skip
             content = [{"type": "text", "text": p.get("text", "")} for p in content]
-        messages.append({"role": item.get("role"), "content": content})
+        messages.append({"role": item.get("role"), "content": content}
+                        | (reasoned if item.get("role") == "assistant" else {}))  # fmt: skip
     return messages
 
 
@@ -1249,7 +1264,8 @@ class Server:
         messages = response_messages(body)
         tools = ToolCall.shown(calling, call)
         prompt = _said(lambda: chat_prompt(served.lm.tokenizer, chat_turns(messages), "input", tools))
-        said = Response(model, served, body, settings, logprobs, call)
+        reasoning = Reasoning.asked({"response_format": response_format(body.get("text"))}, served, call, prompt)
+        said = Response(model, served, body, settings, logprobs, call, reasoning)
         if body.get("stream"):
             encoded = _said(lambda: served.lm.encode([(prompt, True)], settings["max_new_tokens"]))  # a 400 here
             cancelled = gone or threading.Event()  # the client gone (`Stream.cancel`), generation stops
@@ -1537,13 +1553,18 @@ class Response:
     With a tool `call` (`ToolCall`), each call is a `function_call` item after the message (none where the answer
     is calls alone): a named call's arguments streamed as they come (`response.function_call_arguments.delta`),
     and those chosen ("auto") as each is written (`_Streamed`), after the text before them; calls "required"
-    whole once the answer has ended."""
+    whole once the answer has ended. With `reasoning` (`Reasoning`: the version's template writes it), the
+    answer's reasoning is a `reasoning` item before the rest (its text a `reasoning_text` part, streamed as
+    `response.reasoning_text.delta` events), the message its content alone."""
 
     def __init__(self, model: Model, served: Served, body: dict, settings: dict, logprobs: int | None = None,
-                 call: ToolCall | None = None) -> None:  # fmt: skip
+                 call: ToolCall | None = None, reasoning: Reasoning | None = None) -> None:  # fmt: skip
         self.model, self.served, self.body, self.settings, self.logprobs = model, served, body, settings, logprobs
         self.id, self.message, self.call = f"resp_{uuid.uuid4().hex}", f"msg_{uuid.uuid4().hex}", call
         self.created, self.sequence, self.calls = int(time.time()), 0, []
+        self.reasoning, self.thought = reasoning, f"rs_{uuid.uuid4().hex}"
+        self.said_reasoning, self.said_text = "", ""  # what the stream has sent of each
+        self.order: list = []  # the output's items as they were first shown: "reasoning", "message", ("call", k)
 
     def whole(self, done: dict | None) -> dict:
         """The response object: in progress (`done` None), or ended (`done`, its prompt's answers as `complete`
@@ -1569,20 +1590,48 @@ class Response:
             prompt, output = done["prompt_tokens"], choice["completion_tokens"]
             said["usage"] = {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": 0,
                                                                               "cache_write_tokens": 0},
-                             "output_tokens": output, "output_tokens_details": {"reasoning_tokens": 0},
+                             "output_tokens": output, "output_tokens_details": {
+                                 "reasoning_tokens": self._reasoning_tokens(choice["text"])},
                              "total_tokens": prompt + output}  # fmt: skip
         return said
 
+    def _reasoning_tokens(self, text: str) -> int:
+        """The tokens of an answer's reasoning block (its text to the closing tag, encoded again: the answer's own
+        tokens are not kept), 0 where it has none."""
+        if self.reasoning is None or self.reasoning.thinking.split(text, self.reasoning.state)[0] is None:
+            return 0
+        closing = self.reasoning.thinking.closing
+        block = text[: text.index(closing) + len(closing)] if closing in text else text
+        return len(self.served.lm.tokenizer(block, add_special_tokens=False)["input_ids"])
+
     def _output(self, choice: dict, status: str) -> list[dict]:
-        """The output items of an ended answer: its message (the text before its calls, where it has calls), then
-        each call a `function_call` item, the last one "incomplete" where the answer was cut (`status`)."""
-        if self.call is None:
-            return [self._item(status, [self._part(choice["text"], choice.get("scored", []))])]
-        message = self.call.said(choice)["message"]
+        """The output items of an ended answer: its reasoning (`reasoning`), its message (the text before its
+        calls, where it has calls), then each call a `function_call` item, the last item "incomplete" where the
+        answer was cut (`status`)."""
+        message = self.call.said(choice)["message"] if self.call else {"content": choice["text"]}
         calls = message.get("tool_calls") or []
-        text = [self._item(status, [self._part(message["content"], [] if calls else choice.get("scored", []))])]
-        return (text if message["content"] else []) + [self._function(k, c["function"]["name"], c["function"][
-            "arguments"], status if k == len(calls) - 1 else "completed") for k, c in enumerate(calls)]  # fmt: skip
+        scored = [] if calls else choice.get("scored", [])
+        if self.reasoning is None:
+            thought, shown = None, self.call is None or message["content"]  # a text answer: its message, always
+        else:
+            thought, message["content"] = self.reasoning.thinking.split(message["content"], self.reasoning.state)
+            thought, shown = thought if self.reasoning.include else None, message["content"] is not None
+        items = [self._reasoned(thought, status if not shown and not calls else "completed")] if thought else []
+        items += [self._item(status if not calls else "completed", [self._part(message["content"] or "", scored)])
+                  ] if shown else []  # fmt: skip
+        return items + [self._function(k, c["function"]["name"], c["function"]["arguments"], status if k == len(
+            calls) - 1 else "completed") for k, c in enumerate(calls)]  # fmt: skip
+
+    def _reasoned(self, text: str | None, status: str) -> dict:
+        """The reasoning item, its text so far (None: none yet)."""
+        return {"type": "reasoning", "id": self.thought, "summary": [], "status": status,
+                "content": [] if text is None else [{"type": "reasoning_text", "text": text}]}  # fmt: skip
+
+    def _index(self, key) -> int:
+        """The output index of an item ("reasoning", "message", ("call", k)): where it was first shown."""
+        if key not in self.order:
+            self.order.append(key)
+        return self.order.index(key)
 
     def _function(self, k: int, name: str, arguments: str, status: str) -> dict:
         """Call `k`'s `function_call` item, its ids kept from the stream's first event to the response."""
@@ -1600,14 +1649,16 @@ class Response:
         call = self.call
         named = call is not None and call.name is not None and call.form is None  # its arguments alone
         reading = _Streamed(call.form, [t["function"]["name"] for t in call.tools]) if call and call.form else None
-        self.shown = {"message": None, "calls": set()}  # the message's state (None, "open", "done"); calls begun
+        thought = self.reasoning.reader() if self.reasoning else None
+        # each item's state: None (not shown), "open", "done"; calls begun
+        self.shown = {"reasoning": None, "message": None, "calls": set()}
         yield self._event("response.created", response=self.whole(None))
         yield self._event("response.in_progress", response=self.whole(None))
-        if call is None:
+        if call is None and thought is None:
             yield from self._open()
         elif named:  # the call's item first, its arguments to come
             self.shown["calls"].add(0)
-            yield self._event("response.output_item.added", output_index=0,
+            yield self._event("response.output_item.added", output_index=self._index(("call", 0)),
                               item=self._function(0, call.name, "", "in_progress"))  # fmt: skip
         for said in heard:
             if said[0] == "failed":
@@ -1617,10 +1668,17 @@ class Response:
             if said[0] == "done":
                 choice = said[1][0]["choices"][0]
                 ended = self.whole(said[1][0])
-                for part in reading.ended(call.said(choice)) if reading else []:
-                    yield from self._shown(part, reading)
-                offset = int(ended["output"][0]["type"] == "message") if ended["output"] else 0
-                for k, item in enumerate(ended["output"]):
+                parts = reading.ended(call.said(choice)) if reading else []
+                for part in _thought(thought, parts, last=True) if thought else parts:
+                    yield from self._shown(part)
+                calls = 0
+                for item in ended["output"]:
+                    key = item["type"] if item["type"] != "function_call" else ("call", calls)
+                    k, calls = self._index(key), calls + (item["type"] == "function_call")
+                    if item["type"] == "reasoning":
+                        if self.shown["reasoning"] == "open":
+                            yield from self._think_done(item)
+                        continue
                     if item["type"] == "message":
                         if self.shown["message"] is None:  # a text answer to calls asked for, not streamed
                             yield from self._open()
@@ -1630,7 +1688,7 @@ class Response:
                         if self.shown["message"] == "open":
                             yield from self._close(item)
                         continue
-                    if k - offset not in self.shown["calls"]:  # calls "required": whole, at the end
+                    if key[1] not in self.shown["calls"]:  # calls "required": whole, at the end
                         yield self._event("response.output_item.added", output_index=k,
                                           item=item | {"arguments": "", "status": "in_progress"})  # fmt: skip
                         yield self._event("response.function_call_arguments.delta", item_id=item["id"],
@@ -1644,50 +1702,73 @@ class Response:
             piece = said[2]  # its choice (`text` None) comes whole at "done"
             if named and piece:
                 yield self._event("response.function_call_arguments.delta", item_id=self._ids(0)[0],
-                                  output_index=0, delta=piece)  # fmt: skip
-            elif reading is not None:
-                for part in reading.heard(piece or ""):
-                    yield from self._shown(part, reading)
+                                  output_index=self._index(("call", 0)), delta=piece)  # fmt: skip
+            elif reading is not None or thought is not None:
+                parts = reading.heard(piece or "") if reading else [("content", piece)] if piece else []
+                for part in _thought(thought, parts, last=False) if thought else parts:
+                    yield from self._shown(part)
             elif call is None and piece:
                 yield self._event("response.output_text.delta", **self._at(), delta=piece,
                                   logprobs=self._scores(said[4]))  # fmt: skip
 
-    def _shown(self, part: tuple, reading: _Streamed) -> Iterator[str]:
-        """The events of a part of an "auto" answer (`_Streamed`): its text, in the message (opened at its first);
-        a call begun (the message done first, with the text it has), its item added; the call's arguments."""
-        offset = int(self.shown["message"] is not None)
+    def _shown(self, part: tuple) -> Iterator[str]:
+        """The events of a part of an answer read as it comes (`_Streamed`, `_Thought`): its reasoning, in the
+        reasoning item (added at its first); its text, in the message (opened at its first, the reasoning done
+        first); a call begun (the reasoning and message done first, with the text they have), its item added;
+        the call's arguments."""
+        if part[0] == "reasoning":
+            if self.shown["reasoning"] is None:
+                self.shown["reasoning"] = "open"
+                yield self._event("response.output_item.added", output_index=self._index("reasoning"),
+                                  item=self._reasoned(None, "in_progress"))  # fmt: skip
+                yield self._event("response.content_part.added", **self._at("reasoning"),
+                                  part={"type": "reasoning_text", "text": ""})  # fmt: skip
+            self.said_reasoning += part[1]
+            yield self._event("response.reasoning_text.delta", **self._at("reasoning"), delta=part[1])
+            return
+        if self.shown["reasoning"] == "open":
+            yield from self._think_done(self._reasoned(self.said_reasoning, "completed"))
         if part[0] == "content":
             if self.shown["message"] is None:
                 yield from self._open()
+            self.said_text += part[1]
             yield self._event("response.output_text.delta", **self._at(), delta=part[1], logprobs=[])
         elif part[0] == "call":
             if self.shown["message"] == "open":
-                text = reading.text[: reading.sent]
-                yield from self._close(self._item("completed", [self._part(text)]))
+                yield from self._close(self._item("completed", [self._part(self.said_text)]))
             self.shown["calls"].add(part[1])
-            yield self._event("response.output_item.added", output_index=offset + part[1],
+            yield self._event("response.output_item.added", output_index=self._index(("call", part[1])),
                               item=self._function(part[1], part[3], "", "in_progress"))  # fmt: skip
         else:
             yield self._event("response.function_call_arguments.delta", item_id=self._ids(part[1])[0],
-                              output_index=offset + part[1], delta=part[2])  # fmt: skip
+                              output_index=self._index(("call", part[1])), delta=part[2])  # fmt: skip
 
-    def _at(self) -> dict:
-        return {"item_id": self.message, "output_index": 0, "content_index": 0}
+    def _think_done(self, item: dict) -> Iterator[str]:
+        """The reasoning item's last events: its text, its part, its item."""
+        part = item["content"][0] if item["content"] else {"type": "reasoning_text", "text": ""}
+        yield self._event("response.reasoning_text.done", **self._at("reasoning"), text=part["text"])
+        yield self._event("response.content_part.done", **self._at("reasoning"), part=part)
+        yield self._event("response.output_item.done", output_index=self._index("reasoning"), item=item)
+        self.shown["reasoning"] = "done"
+
+    def _at(self, key: str = "message") -> dict:
+        return {"item_id": self.message if key == "message" else self.thought, "output_index": self._index(key),
+                "content_index": 0}
 
     def _close(self, item: dict) -> Iterator[str]:
         """The message's last events: its text, its part, its item."""
         part = item["content"][0]
         yield self._event("response.output_text.done", **self._at(), text=part["text"], logprobs=part["logprobs"])
         yield self._event("response.content_part.done", **self._at(), part=part)
-        yield self._event("response.output_item.done", output_index=0, item=item)
+        yield self._event("response.output_item.done", output_index=self._index("message"), item=item)
         self.shown["message"] = "done"
 
     def _open(self) -> Iterator[str]:
         """The message's first events: its item, and its text's part."""
         self.shown["message"] = "open"
-        yield self._event("response.output_item.added", output_index=0, item=self._item("in_progress", []))
-        yield self._event("response.content_part.added", item_id=self.message, output_index=0, content_index=0,
-                          part=self._part(""))  # fmt: skip
+        yield self._event("response.output_item.added", output_index=self._index("message"),
+                          item=self._item("in_progress", []))  # fmt: skip
+        yield self._event("response.content_part.added", **self._at(), part=self._part(""))
 
     def _item(self, status: str, content: list[dict]) -> dict:
         return {"type": "message", "id": self.message, "status": status, "role": "assistant", "content": content}

@@ -481,7 +481,8 @@ def chat_messages(record: dict, where: str, to_train: bool = True) -> list[dict]
     for i, turn in enumerate(turns, 1):
         role, text = (turn.get(names[0]), turn.get(names[1])) if isinstance(turn, dict) else (None, None)
         if not sharegpt and isinstance(turn, dict) and (turn.get("tool_calls") or role == "tool"):
-            messages.append(tool_turn(turn, f"{where}, turn {i}") | _weight(turn, f"{where}, turn {i}"))
+            messages.append(tool_turn(turn, f"{where}, turn {i}") | _weight(turn, f"{where}, turn {i}")
+                            | _reasoning(turn, f"{where}, turn {i}"))  # fmt: skip
             continue
         if not (isinstance(role, str) and role in roles and isinstance(text, str)):  # a list's role: no TypeError
             raise ConfigError(f"{where}, turn {i}: {repr(turn)[:80]} is not {{\"{names[0]}\": ROLE, \"{names[1]}\": "

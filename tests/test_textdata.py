@@ -715,8 +715,10 @@ def test_a_version_tuned_to_reason_is_served_its_reasoning_apart_from_its_answer
     `edgar-tune serve` answers the block's text as `reasoning` and the rest as content, as vLLM's reasoning parsers
     do, whole or streamed (reasoning deltas, then content), `chat_template_kwargs` going to the template (Qwen3's
     `enable_thinking` false: the prompt closes an empty block, so all is content) and `include_reasoning` false
-    leaving it out. Before, `reasoning_content` was dropped from training records, and the block came back inside
-    content; a request's `chat_template_kwargs` was refused."""
+    leaving it out; the Responses API answers a `reasoning` item before the message (streamed as
+    `response.reasoning_text.delta` events), and takes it back as input. Before, `reasoning_content` was dropped from
+    training records, the block came back inside content, a request's `chat_template_kwargs` was refused, and a
+    reasoning item in a Responses API input too."""
     import openai
 
     from tasks.models import load_tokenizer
@@ -753,6 +755,16 @@ def test_a_version_tuned_to_reason_is_served_its_reasoning_apart_from_its_answer
         chunks = list(client.chat.completions.create(**ask, stream=True))
         plain = client.chat.completions.create(**ask, extra_body={"chat_template_kwargs": {"enable_thinking": False}})
         left_out = client.chat.completions.create(**ask, extra_body={"include_reasoning": False})
+        # the Responses API: a reasoning item, then the message; streamed, reasoning_text events
+        response = client.responses.create(model=s["registered_model"], input=asked[0]["content"], max_output_tokens=40)
+        with client.responses.stream(model=s["registered_model"], input=asked[0]["content"],
+                                     max_output_tokens=40) as stream:  # fmt: skip
+            events = list(stream)
+        back = [asked[0], *[o.model_dump(exclude_none=True) for o in response.output],
+                {"role": "user", "content": "And then?"}]  # the items sent back, as the Agents SDK does
+        answered = client.responses.create(model=s["registered_model"], input=back, max_output_tokens=4)
+        as_chat = client.chat.completions.create(**ask | {"max_tokens": 4, "messages": [
+            asked[0], whole.choices[0].message.model_dump(exclude_none=True), back[-1]]})  # fmt: skip
         refused = {}
         for name, value in (("chat_template_kwargs", {"tools": []}), ("chat_template_kwargs", ["x"]),
                             ("include_reasoning", "yes")):  # fmt: skip
@@ -764,6 +776,17 @@ def test_a_version_tuned_to_reason_is_served_its_reasoning_apart_from_its_answer
     streamed = {kind: "".join(getattr(c.choices[0].delta, kind, None) or "" for c in chunks if c.choices)
                 for kind in ("reasoning", "content")}  # fmt: skip
     assert streamed == {"reasoning": said.reasoning, "content": said.content}, chunks
+    thought, message = response.output
+    assert (thought.type, thought.content[0].text, message.type) == ("reasoning", said.reasoning, "message")
+    assert response.output_text == said.content and thought.id.startswith("rs_")
+    assert 0 < response.usage.output_tokens_details.reasoning_tokens < response.usage.output_tokens
+    kinds = [e.type for e in events]
+    assert kinds[2:5] == ["response.output_item.added", "response.content_part.added", "response.reasoning_text.delta"]
+    assert "".join(e.delta for e in events if e.type == "response.reasoning_text.delta") == said.reasoning
+    assert kinds.index("response.reasoning_text.done") < kinds.index("response.output_text.delta")
+    assert events[-1].response.output[0].model_dump(exclude={"id"}) == thought.model_dump(exclude={"id"})
+    assert events[-1].response.output[0].id == events[2].item.id  # one item, from its first event to the response
+    assert answered.usage.input_tokens == as_chat.usage.prompt_tokens  # the reasoning item back, as chat's turn
     said = plain.choices[0].message  # the prompt closed an empty block: no reasoning, all content
     assert said.reasoning is None and said.content and plain.usage.prompt_tokens > whole.usage.prompt_tokens
     said = left_out.choices[0].message
