@@ -66,9 +66,67 @@ def chat_segments(messages: list[dict], tokenizer, where: str, tools: list[dict]
     Raises:
         ConfigError: a tokenizer without a chat template, a conversation its template refuses (a system turn,
             for Gemma's), a template that renders a turn differently once later turns follow it (one that drops
-            earlier turns' reasoning, say), or tool calls to a template that does not write them (it would train
-            the call's turn empty).
+            earlier turns' reasoning, Qwen3's: `chat_examples` trains such a conversation a turn at a time), or
+            tool calls to a template that does not write them (it would train the call's turn empty).
     """
+    pieces = _chat_pieces(messages, tokenizer, where, tools)
+    if pieces is None:
+        raise ConfigError(f"{where}: {tokenizer.name_or_path}'s chat template writes an assistant turn differently "
+                          "once later turns follow it, so its assistant turns cannot be told apart in the "
+                          "conversation as written; train it a turn at a time (`chat_examples`)")  # fmt: skip
+    return pieces
+
+
+def chat_examples(messages: list[dict], tokenizer, where: str, tools: list[dict] | None = None
+                  ) -> list[list[tuple[str, bool]]]:  # fmt: skip
+    """A conversation's training examples, as (text, trained) pieces each: one (`chat_segments`) where the chat
+    template writes the conversation as a continuation of its start; where it writes an assistant turn differently
+    once later turns follow it (Qwen3's leaves out the reasoning of the turns before the last user message), one
+    per assistant turn that trains, each the conversation before it as the template writes it (the prompt the
+    version is given at that turn), then the turn. The second is what the version sees when served; it costs each
+    turn's history again.
+
+    Raises:
+        ConfigError: as `chat_segments`; a template that does not write an assistant turn as a continuation of its
+            own prompt (its generation prompt), even alone.
+    """
+    pieces = _chat_pieces(messages, tokenizer, where, tools)
+    if pieces is not None:
+        return [pieces]
+    examples = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant" or message.get("weight", 1) == 0:
+            continue
+        start, end = _render(messages[:i], tokenizer, where, tools, True), _render(messages[: i + 1], tokenizer,
+                                                                                   where, tools)  # fmt: skip
+        if not i or not end.startswith(start):
+            raise ConfigError(f"{where}: {tokenizer.name_or_path}'s chat template does not write assistant message "
+                              f"{i + 1} as a continuation of its prompt, so what it trains cannot be told from the "
+                              "prompt; start each conversation with a system or user message, or give records fields "
+                              "and a template.json")  # fmt: skip
+        examples.append([(start, False), (end[len(start) :], True)])
+    return examples
+
+
+def _render(turns: list[dict], tokenizer, where: str, tools: list[dict] | None, prompt: bool = False) -> str:
+    """`turns` in `tokenizer`'s chat template (`prompt`: with the header that opens the assistant's turn).
+
+    Raises:
+        ConfigError: the template's own refusal (Gemma's: no system role), or a mistake in it."""
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=prompt,
+                                             **({"tools": tools} if tools else {}))  # fmt: skip
+    except TemplateError as err:
+        raise ConfigError(f"{where}: {tokenizer.name_or_path}'s chat template refuses the conversation: {err}; "
+                          "change the conversation to what the template takes") from None
+
+
+def _chat_pieces(messages: list[dict], tokenizer, where: str, tools: list[dict] | None
+                 ) -> list[tuple[str, bool]] | None:  # fmt: skip
+    """`chat_segments`' pieces; None where the template writes an assistant turn differently once later turns
+    follow it."""
     if not getattr(tokenizer, "chat_template", None):
         raise ConfigError(f"{tokenizer.name_or_path} has no chat template, which conversations (`messages`) are "
                           "written in: use a chat model (its tokenizer_config.json or chat_template.jinja has one), "
@@ -80,21 +138,15 @@ def chat_segments(messages: list[dict], tokenizer, where: str, tools: list[dict]
                           "chat template does not write (it has no `tool_calls`): the call's turn would train empty. "
                           "Tune a base whose template writes tool calls (Qwen2.5's, Llama 3.1's, Hermes'), or leave "
                           "the tool turns out")  # fmt: skip
-    from jinja2 import TemplateError
-
-    def render(turns: list[dict], **kw) -> str:
-        try:
-            return tokenizer.apply_chat_template(turns, tokenize=False, **kw, **({"tools": tools} if tools else {}))
-        except TemplateError as err:  # the template's own refusal (Gemma's: no system role), or a mistake in it
-            raise ConfigError(f"{where}: {tokenizer.name_or_path}'s chat template refuses the conversation: {err}; "
-                              "change the conversation to what the template takes") from None  # fmt: skip
-
-    full, pieces, at = render(messages), [], 0
+    full, pieces, at = _render(messages, tokenizer, where, tools), [], 0
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        start, end = render(messages[:i], add_generation_prompt=True) if i else None, render(messages[: i + 1])
-        if start is None or not full.startswith(end) or not end.startswith(start) or len(start) < at:
+        start = _render(messages[:i], tokenizer, where, tools, True) if i else None
+        end = _render(messages[: i + 1], tokenizer, where, tools)
+        if start is not None and end.startswith(start) and len(start) >= at and not full.startswith(end):
+            return None  # the turn written otherwise once later turns follow it
+        if start is None or not end.startswith(start) or len(start) < at:
             raise ConfigError(f"{where}: {tokenizer.name_or_path}'s chat template does not write the conversation "
                               f"as a continuation of its start (at assistant message {i + 1}), so its assistant turns "
                               "cannot be told from the rest; start each conversation with a system or user message, "
@@ -104,39 +156,50 @@ def chat_segments(messages: list[dict], tokenizer, where: str, tools: list[dict]
     return [(text, trained) for text, trained in [*pieces, (full[at:], False)] if text]
 
 
-def _example_pieces(row: dict, tokenizer) -> list[tuple[str, bool]]:
+def _examples(row: dict, tokenizer) -> list[list[tuple[str, bool]]]:
     if "messages" in row:
-        return chat_segments(row["messages"], tokenizer, f"{row['source']}, record {row['row']}", row.get("tools"))
-    return [(row["prompt"], False), (row["completion"], True)]
+        return chat_examples(row["messages"], tokenizer, f"{row['source']}, record {row['row']}", row.get("tools"))
+    return [[(row["prompt"], False), (row["completion"], True)]]
 
 
-def encode_instructions(rows: list[dict], tokenizer, length: int, done=None) -> tuple[dict, int]:
+def encode_instructions(rows: list[dict], tokenizer, length: int, done=None,
+                        origin: list[int] | None = None) -> tuple[dict, int]:  # fmt: skip
     """Prompt + completion + EOS per example, the prompt's labels -100 (no loss); a conversation (`messages`) in
-    the model's chat template, its assistant turns trained (`chat_segments`, no EOS: the template ends each turn);
-    cut to `length` tokens. `done` (a function) hears the number of examples just tokenized, a thousand at a time
-    (the last part fewer).
+    the model's chat template, its assistant turns trained (`chat_examples`, no EOS: the template ends each turn;
+    a turn at a time, an example each, where the template writes a turn otherwise once later ones follow); cut to
+    `length` tokens. `done` (a function) hears the number of rows just tokenized, a thousand at a time (the last
+    part fewer); `origin`, where given, is filled with each example's row (its index in `rows`).
 
     Returns the columns and the number of examples whose completion was cut.
     """
-    ids, labels, cut = [], [], 0
+    ids, labels, cut, split = [], [], 0, [0, 0]
     eos = [tokenizer.eos_token_id]
     for i in range(0, len(rows), 1000):
-        part = [_example_pieces(r, tokenizer) for r in rows[i : i + 1000]]
-        texts = [text for pieces in part for text, _ in pieces]
+        part = [_examples(r, tokenizer) for r in rows[i : i + 1000]]
+        texts = [text for examples in part for pieces in examples for text, _ in pieces]
         encoded = iter(tokenizer(texts, add_special_tokens=False)["input_ids"]) if texts else iter([])
-        for row, pieces in zip(rows[i : i + 1000], part, strict=True):
-            full, label = [], []
-            for _, trained in pieces:
-                piece = next(encoded)
-                full += piece
-                label += piece if trained else [-100] * len(piece)
-            if "messages" not in row:
-                full, label = full + eos, label + eos
-            cut += len(full) > length
-            ids.append(full[:length])
-            labels.append(label[:length])
+        for j, (row, examples) in enumerate(zip(rows[i : i + 1000], part, strict=True), i):
+            if len(examples) > 1:  # a conversation a turn at a time
+                split[0], split[1] = split[0] + 1, split[1] + len(examples)
+            for pieces in examples:
+                full, label = [], []
+                for _, trained in pieces:
+                    piece = next(encoded)
+                    full += piece
+                    label += piece if trained else [-100] * len(piece)
+                if "messages" not in row:
+                    full, label = full + eos, label + eos
+                cut += len(full) > length
+                ids.append(full[:length])
+                labels.append(label[:length])
+                if origin is not None:
+                    origin.append(j)
         if done:
             done(len(part))
+    if split[0]:
+        log.info("%d conversation(s) trained a turn at a time (%d examples): the chat template writes a turn "
+                 "otherwise once later turns follow it (it leaves out their reasoning), so each assistant turn is "
+                 "an example of its own, after the conversation before it as the template writes it", *split)
     if all(all(x == -100 for x in lab) for lab in labels):
         raise ConfigError(f"every prompt fills the {length}-token window; raise `tokenize.max_input_length`")
     return {"input_ids": ids, "labels": labels}, cut
@@ -192,10 +255,13 @@ def write_tokenize_stage(out: Path, parse_dir: Path, cfg: PipelineConfig) -> dic
         extra = {}
         if instruction:
             train_cols, cut = encode_instructions(train_rows, tokenizer, length, tokenized)
-            val_cols, val_cut = encode_instructions(val_rows, tokenizer, length, tokenized)
+            origin: list[int] = []  # each held-out example's row (a conversation may be several)
+            val_cols, val_cut = encode_instructions(val_rows, tokenizer, length, tokenized, origin)
             bar.close()
             Dataset.from_dict(train_cols).save_to_disk(tmp / "train")
-            val_tok = Dataset.from_list([row_meta(r) for r in val_rows]).add_column("input_ids", val_cols["input_ids"])
+            scored_rows = [val_rows[j] for j in origin]
+            val_tok = Dataset.from_list([row_meta(r) for r in scored_rows]).add_column("input_ids",
+                                                                                      val_cols["input_ids"])
             val_tok = val_tok.add_column("labels", val_cols["labels"])
             val_tok.save_to_disk(tmp / "val")
             val_tok.select_columns(["input_ids", "labels"]).save_to_disk(tmp / "val_blocks")
@@ -224,7 +290,7 @@ def write_tokenize_stage(out: Path, parse_dir: Path, cfg: PipelineConfig) -> dic
             n_train, train_tokens = len(blocks), len(blocks) * length
             val_tokens = sum(len(x) for x in val_tok["input_ids"])
             train_ids, val_ids = list(train_tok["input_ids"]), list(val_tok["input_ids"])
-            val_scored = [{}] * len(val_ids)  # every token is scored
+            val_scored, scored_rows = [{}] * len(val_ids), val_rows  # every token is scored
         stats = {
             "base_model": base_ref,
             "block_length": length,
@@ -236,7 +302,7 @@ def write_tokenize_stage(out: Path, parse_dir: Path, cfg: PipelineConfig) -> dic
             "val_tokens": val_tokens,
             "val_tokens_per_document": [
                 row_meta(r) | {"tokens": len(ids)} | scored
-                for r, ids, scored in zip(val_rows, val_ids, val_scored, strict=True)
+                for r, ids, scored in zip(scored_rows, val_ids, val_scored, strict=True)
             ],
             "tokenizer_vocab": len(tokenizer),
         } | extra

@@ -658,6 +658,45 @@ def test_a_turn_of_weight_0_stays_in_the_conversation_untrained_as_openai_fine_t
         chat_messages(two | {"parallel_tool_calls": "no"}, "chat.jsonl, record 1")
 
 
+def test_a_template_that_drops_earlier_turns_reasoning_trains_a_conversation_a_turn_at_a_time(tiny_chat_model,
+                                                                                                caplog):
+    """Qwen3's chat template writes an assistant turn's reasoning only after the last user message, so a turn is
+    written otherwise once later turns follow it, and the conversation as written cannot be cut into its turns.
+    Each assistant turn then trains as an example of its own: the conversation before it as the template writes it
+    (earlier turns without their reasoning: the prompt the version is given at that turn), then the turn, its
+    reasoning block and all. Held-out examples keep their row. Before, such a conversation was refused ("does not
+    write the conversation as a continuation of its start"), so multi-turn data could not tune a Qwen3 base."""
+    from tasks.blocks import chat_examples, chat_segments, encode_instructions
+    from tasks.models import load_tokenizer
+    from tasks.textdata import chat_messages
+
+    tok = load_tokenizer(str(tiny_chat_model))
+    tok.chat_template = THINK_QWEN
+    record = {"messages": [
+        {"role": "user", "content": "Net sales?"},
+        {"role": "assistant", "reasoning_content": "Item 7 has them.", "content": "Up 22%."},
+        {"role": "user", "content": "Why?"},
+        {"role": "assistant", "reasoning_content": "Item 7 says why.", "content": "AWS grew."}]}  # fmt: skip
+    messages = chat_messages(record, "chat.jsonl, record 1")
+    with pytest.raises(ConfigError, match=r"record 1: .* writes an assistant turn differently once later turns follow"):
+        chat_segments(messages, tok, "chat.jsonl, record 1")
+    examples = chat_examples(messages, tok, "chat.jsonl, record 1")
+    assert [[t for t, trained in e if trained] for e in examples] == [
+        ["<think>\nItem 7 has them.\n</think>\n\nUp 22%.<|im_end|>\n"],
+        ["<think>\nItem 7 says why.\n</think>\n\nAWS grew.<|im_end|>\n"]]  # fmt: skip
+    assert examples[1][0][0] == ("<|im_start|>user\nNet sales?<|im_end|>\n<|im_start|>assistant\nUp 22%.<|im_end|>\n"
+                                 "<|im_start|>user\nWhy?<|im_end|>\n<|im_start|>assistant\n")  # as prompted then
+    assert chat_examples(messages[:2], tok, "r") == [chat_segments(messages[:2], tok, "r")]  # one turn: one example
+    rows = [{"source": "chat.jsonl", "row": n, "messages": m} for n, m in ((1, messages), (2, messages[:2]))]
+    origin: list[int] = []
+    with caplog.at_level("INFO", logger="tasks.blocks"):
+        cols, _ = encode_instructions(rows, tok, 1024, origin=origin)
+    assert origin == [0, 0, 1] and len(cols["input_ids"]) == 3
+    assert [tok.decode([t for t in lab if t != -100]) for lab in cols["labels"]] == [
+        "".join(t for t, trained in e if trained) for e in [*examples, examples[0]]]  # fmt: skip
+    assert "1 conversation(s) trained a turn at a time (2 examples)" in caplog.text
+
+
 def test_a_version_tuned_on_tool_calls_calls_a_tool_of_its_own_choice_when_served(tmp_path, paragraphs,
                                                                                     tiny_chat_model, prefect_server):
     """The loop a user runs to have a version call tools: conversations whose assistant calls a tool (OpenAI's
@@ -736,8 +775,10 @@ def test_a_version_tuned_to_reason_is_served_its_reasoning_apart_from_its_answer
     model.save_pretrained(base)
     tok.save_pretrained(base)
     records = [{"messages": [{"role": "user", "content": a[:150]},
-                             {"role": "assistant", "reasoning_content": "Item 7 says so.", "content": b[:60]}]}
-               for a, b in zip(paragraphs, paragraphs[1:], strict=False)]  # fmt: skip
+                             {"role": "assistant", "reasoning_content": "Item 7 says so.", "content": b[:60]}]
+                + ([{"role": "user", "content": "And then?"}, {"role": "assistant", "reasoning_content": "Item 7 says "
+                    "so.", "content": b[60:120]}] if n % 2 else [])}  # every other one two turns, a turn at a time
+               for n, (a, b) in enumerate(zip(paragraphs, paragraphs[1:], strict=False))]  # fmt: skip
     data = tmp_path / "think.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
     s = run_cli(tmp_path, "--set", f"data.source={data}", "--set", "instruction_tuned=true", "--set", "max_steps=60",
@@ -746,6 +787,8 @@ def test_a_version_tuned_to_reason_is_served_its_reasoning_apart_from_its_answer
     assert s["ppl_after"] < s["ppl_before"]
     trained = json.loads((tmp_path / "latest" / "02_parse" / "train.jsonl").read_text().splitlines()[0])
     assert trained["messages"][1]["reasoning_content"] == "Item 7 says so."  # kept, for the template to write
+    stats = json.loads((tmp_path / "latest" / "03_tokenize" / "stats.json").read_text())
+    assert len(stats["val_tokens_per_document"]) > stats["val_documents"]  # the two-turn ones: two examples
     asked = [{"role": "user", "content": paragraphs[0][:150]}]
     with edgar_tune_serve(f"models:/{s['registered_model']}/{s['model_version']}", tmp_path,
                           MLFLOW_TRACKING_URI=s["mlflow_tracking_uri"]) as base_url:  # fmt: skip
