@@ -216,12 +216,29 @@ class Thinking:
 
     opening: str
     closing: str
+    ids: tuple[int | None, int | None] = (None, None)  # each tag's id where the tokenizer holds it as a token
 
     @classmethod
     def of(cls, tokenizer) -> Thinking | None:
         """The tags `tokenizer`'s chat template writes reasoning between; None for a template that writes none."""
         template = str(getattr(tokenizer, "chat_template", None) or "")
-        return next((cls(o, c) for o, c in THINKING_TAGS if c in template), None)
+        added = {t.content: i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items()}
+        return next((cls(o, c, (added.get(o), added.get(c))) for o, c in THINKING_TAGS if c in template), None)
+
+    def lark(self, state: str) -> str:
+        """llguidance's grammar (Lark's syntax) of an answer that begins with a reasoning block ("before": it may;
+        "inside", the prompt opened it: it does) and then is what `@edgar_tune_answer` (a response format's
+        grammar, `tasks.batching.grammar`) allows, as vLLM's reasoning models think before their structured
+        output. The block ends at the first closing tag: a tag that is a token is one the text cannot hold (a token
+        llguidance reads as itself), one that is text ends a lazy lexeme; one or two newlines may follow (Qwen3's
+        template writes two; a small model let write any number may write them till max_tokens)."""
+        opening, closing = (f"<[{i}]>" if i is not None else json.dumps(t)
+                            for i, t in zip(self.ids, (self.opening, self.closing), strict=True))  # fmt: skip
+        block = f"{opening + ' ' if state == 'before' else ''}TEXT {closing}"
+        lazy = "[lazy]" if self.ids[1] is None else ""
+        return "\n".join(["%llguidance {}", f"start: think{'?' if state == 'before' else ''} @edgar_tune_answer",
+                          "think: thinking NEWLINES?", f"thinking{lazy}: {block}", "TEXT: /(.|\\n)*/",
+                          "NEWLINES: /\\n\\n?/"])  # fmt: skip
 
     def state(self, prompt: str) -> str:
         """Where an answer to `prompt` begins: "inside" a block the prompt opened, "after" one it closed, else
@@ -253,16 +270,17 @@ class Thinking:
 
 
 class Reasoning:
-    """A chat request's answers split into reasoning and content (`Thinking`), where the version's template writes
-    reasoning and the answer is free text (not kept to a response_format, nor a call asked for, whose grammar
-    holds from the answer's start); `include` false (vLLM's `include_reasoning`), the reasoning left out."""
+    """A chat request's answers split into reasoning and the rest (`Thinking`), where the version's template writes
+    reasoning: the rest is the answer's content, its tool calls read from it; an answer kept to a format (a
+    response_format, a tool call's) may begin with a reasoning block, the format holding after it (`formed`).
+    `include` false (vLLM's `include_reasoning`), the reasoning is left out."""
 
     def __init__(self, thinking: Thinking, state: str, include: bool) -> None:
         self.thinking, self.state, self.include = thinking, state, include
 
     @classmethod
-    def asked(cls, body: dict, served: Served, call: ToolCall | None, prompt: str) -> Reasoning | None:
-        """What `body` (with its `call`, and its `prompt` as written) asks of `served`'s reasoning; None for none.
+    def asked(cls, body: dict, served: Served, prompt: str) -> Reasoning | None:
+        """What `body` (its `prompt` as written) asks of `served`'s reasoning; None where it writes none.
 
         Raises:
             Refused: `include_reasoning` that is not true or false."""
@@ -270,15 +288,20 @@ class Reasoning:
         if not isinstance(include, bool):
             raise Refused(f"include_reasoning must be true or false, got {json.dumps(include)[:40]}",
                           param="include_reasoning")  # fmt: skip
-        free = body.get("response_format") in (None, {"type": "text"}) and body.get("structured_outputs") is None
-        if served.thinking is None or not free or (call is not None and (call.form is None or call.forced)):
-            return None
-        return cls(served.thinking, served.thinking.state(prompt), include)
+        return None if served.thinking is None else cls(served.thinking, served.thinking.state(prompt), include)
 
-    def said(self, message: dict) -> dict:
-        """A chat answer's `message` with its content split: its `reasoning` (vLLM's field), and the rest."""
-        reasoning, content = self.thinking.split(message.get("content"), self.state)
-        return message | {"content": content} | ({"reasoning": reasoning} if self.include else {})
+    def formed(self, settings: dict) -> dict:
+        """`settings` whose response format (its grammar) lets a reasoning block come first, where the answer may
+        begin with one."""
+        fmt = settings.get("response_format")
+        if fmt is None or self.state == "after":
+            return settings
+        return settings | {"response_format": fmt | {"before": self.thinking.lark(self.state)}}
+
+    def take(self, choice: dict) -> tuple[str | None, dict]:
+        """An ended answer's reasoning (None for none, or left out), and `choice` with the rest as its text."""
+        reasoning, rest = self.thinking.split(choice["text"], self.state)
+        return reasoning if self.include else None, choice | {"text": rest or ""}
 
     def reader(self) -> _Thought:
         """A streamed answer's reader."""
@@ -286,7 +309,7 @@ class Reasoning:
 
 
 class _Thought:
-    """A chat answer's text as it comes (`heard`), split as `Reasoning.said` splits the whole: ("reasoning", text)
+    """A chat answer's text as it comes (`heard`), split as `Reasoning.take` splits the whole: ("reasoning", text)
     and ("content", text) parts, each once it can no longer change; `heard(..., last=True)`, the rest."""
 
     def __init__(self, reasoning: Reasoning) -> None:
@@ -301,18 +324,6 @@ class _Thought:
                     said.append((kind, value[self.sent[kind] :]))
                 self.sent[kind] = len(value)
         return said
-
-
-def _thought(reader: _Thought, parts: list[tuple], last: bool) -> list[tuple]:
-    """`parts` of a streamed answer (`_Streamed`'s, or its text) with its text split into reasoning and content by
-    `reader`: the text before a call whole once the call begins; all of it, where the answer is `last`."""
-    said = []
-    for part in parts:
-        if part[0] == "content":
-            said += reader.heard(part[1])
-        else:
-            said += [*reader.heard("", last=True), part]
-    return said + (reader.heard("", last=True) if last else [])
 
 
 def _delta(part: tuple) -> dict:
@@ -1219,18 +1230,22 @@ class Server:
         options = template_options(body)
         prompt = _said(lambda: chat_prompt(lm.tokenizer, chat_turns(body.get("messages")), "messages", tools,
                                            options))  # fmt: skip
-        reasoning = Reasoning.asked(body, served, call, prompt)
+        reasoning = Reasoning.asked(body, served, prompt)
+        if reasoning is not None:
+            settings = reasoning.formed(settings)
         if body.get("stream"):
             return self._stream(model, served, body, "chatcmpl", "chat.completion.chunk", [(prompt, True)], settings,
                                 n, served.chat_end, logprobs, gone, call, reasoning)  # fmt: skip
         done = self._complete(model, served, [(prompt, True)], settings, n, served.chat_end, logprobs, gone=gone)
-        choices = [{"index": k, "message": {"role": "assistant", "content": c["text"]},
-                    "logprobs": chat_logprobs(lm.tokenizer, c["scored"], logprobs) if logprobs is not None else None,
-                    "finish_reason": c["finish_reason"]} | (call.said(c) if call else {})
-                   for k, c in enumerate(done[0]["choices"])]  # fmt: skip
-        if reasoning is not None:
-            for choice in choices:
-                choice["message"] = reasoning.said(choice["message"])
+        choices = []
+        for k, c in enumerate(done[0]["choices"]):
+            thought, c = reasoning.take(c) if reasoning else (None, c)  # the reasoning, and the rest
+            choices.append({"index": k, "message": {"role": "assistant", "content": c["text"] or (
+                None if thought else c["text"])}, "logprobs": chat_logprobs(lm.tokenizer, c["scored"], logprobs)
+                if logprobs is not None else None, "finish_reason": c["finish_reason"]} | (
+                call.said(c) if call else {}))  # fmt: skip
+            if reasoning and reasoning.include:
+                choices[-1]["message"]["reasoning"] = thought
         return self._answer(model, served, "chatcmpl", "chat.completion", choices, done)
 
     def responses(self, body: Any, gone: threading.Event | None = None) -> dict | Stream:
@@ -1264,7 +1279,9 @@ class Server:
         messages = response_messages(body)
         tools = ToolCall.shown(calling, call)
         prompt = _said(lambda: chat_prompt(served.lm.tokenizer, chat_turns(messages), "input", tools))
-        reasoning = Reasoning.asked({"response_format": response_format(body.get("text"))}, served, call, prompt)
+        reasoning = Reasoning.asked({}, served, prompt)
+        if reasoning is not None:
+            settings = reasoning.formed(settings)
         said = Response(model, served, body, settings, logprobs, call, reasoning)
         if body.get("stream"):
             encoded = _said(lambda: served.lm.encode([(prompt, True)], settings["max_new_tokens"]))  # a 400 here
@@ -1440,16 +1457,21 @@ class Server:
                         if call and call.name is not None and call.form is None:  # the named call's id and name
                             opening |= _delta(("call", 0, ToolCall.ident(), call.name))
                         yield event([{"index": index, "delta": opening, "logprobs": None, "finish_reason": None}])
-                    if call and call.form is not None or chat and reasoning is not None and call is None:
-                        said = None if choice is None else call.said(choice) if call else choice
-                        if call:  # text till a call may begin ("auto"), then each call
-                            reading = held.setdefault(index, _Streamed(call.form, [t["function"]["name"]
-                                                                                   for t in call.tools]))  # fmt: skip
-                            parts = reading.heard(text or "") if said is None else reading.ended(said)
-                        else:
-                            parts = [("content", text)] if text and said is None else []
-                        if reasoning is not None:  # the text's reasoning, then its content
-                            parts = _thought(thoughts.setdefault(index, reasoning.reader()), parts, said is not None)
+                    if reasoning is not None:  # its reasoning sent as it comes; the rest read on as its text
+                        parts = thoughts.setdefault(index, reasoning.reader()).heard(text or "", choice is not None)
+                        thought, text = [p for p in parts if p[0] == "reasoning"], "".join(
+                            t for kind, t in parts if kind == "content")  # fmt: skip
+                        for k, part in enumerate(thought):  # the tokens' scores with it, where it is all there is
+                            alone = k == len(thought) - 1 and not text and choice is None and scored
+                            yield event([{"index": index, "delta": _delta(part), "logprobs": scores(index, scored)
+                                          if alone else None, "finish_reason": None}])  # fmt: skip
+                        scored = [] if thought and not text and choice is None else scored
+                        choice = reasoning.take(choice)[1] if choice is not None else None
+                    if call and call.form is not None:  # text till a call may begin ("auto"), then each call
+                        said = call.said(choice) if choice is not None else None
+                        reading = held.setdefault(index, _Streamed(call.form, [t["function"]["name"]
+                                                                               for t in call.tools]))  # fmt: skip
+                        parts = reading.heard(text or "") if said is None else reading.ended(said)
                         for k, part in enumerate(parts):
                             last = k == len(parts) - 1
                             yield event([{"index": index, "delta": _delta(part), "logprobs": scores(
@@ -1476,6 +1498,8 @@ class Server:
                                       "finish_reason": said["finish_reason"]}])  # fmt: skip
                     elif choice is None:
                         part = {"content": text} if chat else {"text": text}
+                        if reasoning is not None and not text and not scored:  # all of it reasoning, sent
+                            continue
                         yield event([{"index": index, **({"delta": part} if chat else part),
                                       "logprobs": scores(index, scored), "finish_reason": None}])  # fmt: skip
                     else:
@@ -1608,14 +1632,11 @@ class Response:
         """The output items of an ended answer: its reasoning (`reasoning`), its message (the text before its
         calls, where it has calls), then each call a `function_call` item, the last item "incomplete" where the
         answer was cut (`status`)."""
+        thought, choice = self.reasoning.take(choice) if self.reasoning else (None, choice)
         message = self.call.said(choice)["message"] if self.call else {"content": choice["text"]}
         calls = message.get("tool_calls") or []
         scored = [] if calls else choice.get("scored", [])
-        if self.reasoning is None:
-            thought, shown = None, self.call is None or message["content"]  # a text answer: its message, always
-        else:
-            thought, message["content"] = self.reasoning.thinking.split(message["content"], self.reasoning.state)
-            thought, shown = thought if self.reasoning.include else None, message["content"] is not None
+        shown = bool(message["content"]) or (self.call is None and thought is None)  # a text answer's, always
         items = [self._reasoned(thought, status if not shown and not calls else "completed")] if thought else []
         items += [self._item(status if not calls else "completed", [self._part(message["content"] or "", scored)])
                   ] if shown else []  # fmt: skip
@@ -1668,8 +1689,10 @@ class Response:
             if said[0] == "done":
                 choice = said[1][0]["choices"][0]
                 ended = self.whole(said[1][0])
-                parts = reading.ended(call.said(choice)) if reading else []
-                for part in _thought(thought, parts, last=True) if thought else parts:
+                if thought is not None:  # the reasoning's rest, and the text after it
+                    yield from self._piece(thought.heard("", last=True), [], named, reading)
+                    choice = self.reasoning.take(choice)[1]
+                for part in reading.ended(call.said(choice)) if reading else []:
                     yield from self._shown(part)
                 calls = 0
                 for item in ended["output"]:
@@ -1700,22 +1723,29 @@ class Response:
                                   response=ended)  # fmt: skip
                 return
             piece = said[2]  # its choice (`text` None) comes whole at "done"
-            if named and piece:
-                yield self._event("response.function_call_arguments.delta", item_id=self._ids(0)[0],
-                                  output_index=self._index(("call", 0)), delta=piece)  # fmt: skip
-            elif reading is not None or thought is not None:
-                parts = reading.heard(piece or "") if reading else [("content", piece)] if piece else []
-                for part in _thought(thought, parts, last=False) if thought else parts:
-                    yield from self._shown(part)
-            elif call is None and piece:
-                yield self._event("response.output_text.delta", **self._at(), delta=piece,
-                                  logprobs=self._scores(said[4]))  # fmt: skip
+            yield from self._piece(thought.heard(piece or "") if thought else [("content", piece or "")], said[4],
+                                   named, reading)  # fmt: skip
 
-    def _shown(self, part: tuple) -> Iterator[str]:
+    def _piece(self, parts: list[tuple], scored: list, named: bool, reading: _Streamed | None) -> Iterator[str]:
+        """The events of a piece of the answer (its reasoning and text, `_Thought`'s parts; its tokens `scored`):
+        its reasoning; its text, a named call's arguments, read for calls ("auto"), or the message's."""
+        for part in [p for p in parts if p[0] == "reasoning"]:
+            yield from self._shown(part)
+        text = "".join(t for kind, t in parts if kind == "content")
+        if named and text:
+            yield self._event("response.function_call_arguments.delta", item_id=self._ids(0)[0],
+                              output_index=self._index(("call", 0)), delta=text)  # fmt: skip
+        elif reading is not None:
+            for part in reading.heard(text):
+                yield from self._shown(part)
+        elif self.call is None and text:
+            yield from self._shown(("content", text), scored)
+
+    def _shown(self, part: tuple, scored: list | None = None) -> Iterator[str]:
         """The events of a part of an answer read as it comes (`_Streamed`, `_Thought`): its reasoning, in the
         reasoning item (added at its first); its text, in the message (opened at its first, the reasoning done
-        first); a call begun (the reasoning and message done first, with the text they have), its item added;
-        the call's arguments."""
+        first; its tokens' log probabilities, `scored`, with it); a call begun (the reasoning and message done
+        first, with the text they have), its item added; the call's arguments."""
         if part[0] == "reasoning":
             if self.shown["reasoning"] is None:
                 self.shown["reasoning"] = "open"
@@ -1732,7 +1762,8 @@ class Response:
             if self.shown["message"] is None:
                 yield from self._open()
             self.said_text += part[1]
-            yield self._event("response.output_text.delta", **self._at(), delta=part[1], logprobs=[])
+            yield self._event("response.output_text.delta", **self._at(), delta=part[1],
+                              logprobs=self._scores(scored or []))  # fmt: skip
         elif part[0] == "call":
             if self.shown["message"] == "open":
                 yield from self._close(self._item("completed", [self._part(self.said_text)]))

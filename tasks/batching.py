@@ -507,12 +507,17 @@ def grammar(response_format: dict) -> str:
     JSON value of that schema; and vLLM's structured outputs' other kinds: `{"type": "regex", "regex": ...}`, text
     the regular expression matches whole; `{"type": "choice", "choice": [...]}`, one of those texts; `{"type":
     "grammar", "grammar": ...}`, text of a context-free grammar, in Lark's syntax or GBNF (llama.cpp's and
-    xgrammar's, converted)."""
+    xgrammar's, converted). With `before` (a Lark grammar whose `@edgar_tune_answer` is the format's: a reasoning
+    block the answer may begin with), that grammar."""
     import json
 
     import llguidance
     from llguidance.gbnf_to_lark import any_to_lark
 
+    if "before" in response_format:  # a reasoning block first (`edgar_tune.serve.Thinking.lark`), then the format
+        inner = json.loads(grammar({k: v for k, v in response_format.items() if k != "before"}))["grammars"]
+        inner[0] = inner[0] | {"name": "edgar_tune_answer"}  # the answer's grammar, which the block's refers to
+        return json.dumps({"grammars": [{"lark_grammar": response_format["before"]}, *inner]})
     kind = response_format["type"]
     if kind == "regex":
         return llguidance.LLMatcher.grammar_from_regex(response_format["regex"])

@@ -1152,7 +1152,8 @@ def test_reasoning_is_split_from_an_answer_as_it_comes_as_from_the_whole():
     after one it closed as Qwen3's does with `enable_thinking` false), and splits the answer into reasoning and
     content, newlines at the block's edges left out, a block never closed (cut) all reasoning. Streamed a few
     characters at a time, the parts sent (`_Thought`) join into what the whole answer's split gives: a tag's start
-    and the newlines that may end the block are held back till they can no longer change."""
+    and the newlines that may end the block are held back till they can no longer change. An answer kept to a
+    format may begin with a block (`Reasoning.formed`), the format holding after it."""
     from edgar_tune.serve import Reasoning, Thinking
     from tasks.models import load_tokenizer, smollm2_dir
     from tests.test_textdata import CHATML, THINK_QWEN
@@ -1187,6 +1188,32 @@ def test_reasoning_is_split_from_an_answer_as_it_comes_as_from_the_whole():
             assert joined == split, (text, state, size, parts)
     reader = Reasoning(thinking, "before", include=False).reader()  # vLLM's include_reasoning false
     assert reader.heard(answers[0][0], last=True) == [("content", "AWS, by 13%.")]
+    # an answer kept to a format may think first (a block, a newline or two), the format holding after it; the
+    # tags text (a lazy lexeme) or tokens of their own (Qwen3's tokenizer holds them)
+    import llguidance
+
+    from tasks.batching import grammar, grammar_tokenizer
+
+    schema = {"type": "object", "properties": {"item": {"enum": ["7", "8"]}}, "required": ["item"]}
+    for tokens in (False, True):
+        if tokens:
+            tok.add_tokens(["<think>", "</think>"])
+        thinking = Thinking.of(tok)
+        assert (thinking.ids != (None, None)) == tokens
+        cases = {"before": [('<think>\nItem 7, {"item": "8"}.\n</think>\n\n{"item": "7"}', True),
+                            ('{"item": "7"}', True), ('Item 7: {"item": "7"}', False),
+                            ('<think>\nItem 7.\n</think>\n\n\n{"item": "7"}', False)],
+                 "inside": [('Item 7.\n</think>\n\n{"item": "7"}', True), ('{"item": "7"}', False)]}  # fmt: skip
+        for state, texts in cases.items():
+            fmt = Reasoning(thinking, state, True).formed({"response_format": {
+                "type": "json_schema", "json_schema": {"schema": schema}}})["response_format"]  # fmt: skip
+            matcher = llguidance.LLMatcher(grammar_tokenizer(tok, len(tok)), grammar(fmt))
+            for text, whole in texts:
+                matcher.reset()
+                ids = tok.encode(text, add_special_tokens=False)
+                assert (matcher.try_consume_tokens(ids) == len(ids) and matcher.is_accepting()) == whole, (text, state)
+        assert Reasoning(thinking, "after", True).formed({"response_format": {"type": "json_object"}}) == {
+            "response_format": {"type": "json_object"}}  # the prompt closed the block: the format from the start
 
 
 def test_vllms_min_tokens_ignore_eos_and_stop_token_ids_end_answers_as_vllm_defines_them(tiny_run, tmp_path):

@@ -798,6 +798,15 @@ def test_a_version_tuned_to_reason_is_served_its_reasoning_apart_from_its_answer
         chunks = list(client.chat.completions.create(**ask, stream=True))
         plain = client.chat.completions.create(**ask, extra_body={"chat_template_kwargs": {"enable_thinking": False}})
         left_out = client.chat.completions.create(**ask, extra_body={"include_reasoning": False})
+        # kept to a format: the reasoning block first, as trained, then the format (vLLM's reasoning models' way)
+        item = {"type": "object", "properties": {"item": {"enum": ["7", "7A", "8"]}}, "required": ["item"],
+                "additionalProperties": False, "x-guidance": {"whitespace_flexible": False}}  # fmt: skip
+        formatted = client.chat.completions.create(**ask | {"max_tokens": 80}, response_format={
+            "type": "json_schema", "json_schema": {"name": "item", "schema": item}})  # fmt: skip
+        formatted_chunks = list(client.chat.completions.create(**ask | {"max_tokens": 80}, stream=True, response_format={
+            "type": "json_schema", "json_schema": {"name": "item", "schema": item}}))  # fmt: skip
+        called = client.chat.completions.create(**ask | {"max_tokens": 80}, tools=[{"type": "function", "function": {
+            "name": "lookup", "parameters": item}}], tool_choice={"type": "function", "function": {"name": "lookup"}})
         # the Responses API: a reasoning item, then the message; streamed, reasoning_text events
         response = client.responses.create(model=s["registered_model"], input=asked[0]["content"], max_output_tokens=40)
         with client.responses.stream(model=s["registered_model"], input=asked[0]["content"],
@@ -819,6 +828,14 @@ def test_a_version_tuned_to_reason_is_served_its_reasoning_apart_from_its_answer
     streamed = {kind: "".join(getattr(c.choices[0].delta, kind, None) or "" for c in chunks if c.choices)
                 for kind in ("reasoning", "content")}  # fmt: skip
     assert streamed == {"reasoning": said.reasoning, "content": said.content}, chunks
+    for answer in (formatted, called):
+        said = answer.choices[0].message
+        given = said.tool_calls[0].function.arguments if said.tool_calls else said.content
+        assert said.reasoning == "Item 7 says so." and json.loads(given)["item"] in ("7", "7A", "8"), answer
+    streamed = {kind: "".join(getattr(c.choices[0].delta, kind, None) or "" for c in formatted_chunks if c.choices)
+                for kind in ("reasoning", "content")}  # fmt: skip
+    assert streamed == {"reasoning": "Item 7 says so.", "content": formatted.choices[0].message.content}
+    said = whole.choices[0].message
     thought, message = response.output
     assert (thought.type, thought.content[0].text, message.type) == ("reasoning", said.reasoning, "message")
     assert response.output_text == said.content and thought.id.startswith("rs_")
