@@ -697,6 +697,24 @@ def test_a_template_that_drops_earlier_turns_reasoning_trains_a_conversation_a_t
     assert "1 conversation(s) trained a turn at a time (2 examples)" in caplog.text
 
 
+def _tagged_chat_model(chat_model: Path, folder: Path, tags: list[str], template: str) -> Path:
+    """A copy of `chat_model` in `folder`, its tokenizer holding `tags` as tokens of their own (their embedding rows
+    new) and writing `template`: a base as Qwen's are."""
+    from transformers import AutoModelForCausalLM
+
+    from tasks.models import load_tokenizer
+
+    shutil.copytree(chat_model, folder)
+    tok = load_tokenizer(str(folder))
+    tok.add_tokens(tags)
+    tok.chat_template = template
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    model.resize_token_embeddings(len(tok))
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
 def test_a_version_tuned_on_tool_calls_calls_a_tool_of_its_own_choice_when_served(tmp_path, paragraphs,
                                                                                     tiny_chat_model, prefect_server):
     """The loop a user runs to have a version call tools: conversations whose assistant calls a tool (OpenAI's
@@ -707,20 +725,10 @@ def test_a_version_tuned_on_tool_calls_calls_a_tool_of_its_own_choice_when_serve
     the calls). Before, such records were refused, and "auto" with them."""
     import openai
 
-    from tasks.models import load_tokenizer
     from tests.test_serving import edgar_tune_serve
 
-    from transformers import AutoModelForCausalLM
-
-    base = tmp_path / "tiny-tools"  # the tiny chat model, its tokenizer holding the call's tags as Qwen's does
-    shutil.copytree(tiny_chat_model, base)
-    tok = load_tokenizer(str(base))
-    tok.add_tokens(["<tool_call>", "</tool_call>"])
-    tok.chat_template = TOOL_QWEN
-    model = AutoModelForCausalLM.from_pretrained(base)
-    model.resize_token_embeddings(len(tok))
-    model.save_pretrained(base)
-    tok.save_pretrained(base)
+    # the tiny chat model, its tokenizer holding the call's tags as Qwen's does
+    base = _tagged_chat_model(tiny_chat_model, tmp_path / "tiny-tools", ["<tool_call>", "</tool_call>"], TOOL_QWEN)
     tool = {"type": "function", "function": {"name": "lookup", "description": "An Item of the 10-K.", "parameters": {
         "type": "object", "properties": {"item": {"enum": ["7", "7A", "8"]}}, "required": ["item"]}}}  # fmt: skip
     records = [{"tools": [tool], "messages": [
@@ -760,20 +768,10 @@ def test_a_version_tuned_to_reason_is_served_its_reasoning_apart_from_its_answer
     reasoning item in a Responses API input too."""
     import openai
 
-    from tasks.models import load_tokenizer
     from tests.test_serving import edgar_tune_serve
 
-    from transformers import AutoModelForCausalLM
-
-    base = tmp_path / "tiny-think"  # the tiny chat model, its tokenizer holding Qwen3's tags
-    shutil.copytree(tiny_chat_model, base)
-    tok = load_tokenizer(str(base))
-    tok.add_tokens(["<think>", "</think>"])
-    tok.chat_template = THINK_QWEN
-    model = AutoModelForCausalLM.from_pretrained(base)
-    model.resize_token_embeddings(len(tok))
-    model.save_pretrained(base)
-    tok.save_pretrained(base)
+    # the tiny chat model, its tokenizer holding Qwen3's tags
+    base = _tagged_chat_model(tiny_chat_model, tmp_path / "tiny-think", ["<think>", "</think>"], THINK_QWEN)
     records = [{"messages": [{"role": "user", "content": a[:150]},
                              {"role": "assistant", "reasoning_content": "Item 7 says so.", "content": b[:60]}]
                 + ([{"role": "user", "content": "And then?"}, {"role": "assistant", "reasoning_content": "Item 7 says "
