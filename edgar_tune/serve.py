@@ -824,10 +824,10 @@ def chat_turns(messages: Any) -> list[dict]:
                               "version reads text only", param="messages")  # fmt: skip
             content = "".join(p.get("text", "") for p in content)
         role = "system" if message.get("role") == "developer" else message.get("role")
+        thought = message.get("reasoning_content", message.get("reasoning"))
         turns.append({"role": role, "content": content} | {k: message[k] for k in ("tool_calls", "tool_call_id")
                                                            if message.get(k) is not None}
-                     | ({"reasoning_content": message.get("reasoning_content", message.get("reasoning"))}
-                        if message.get("reasoning_content", message.get("reasoning")) is not None else {}))
+                     | ({"reasoning_content": thought} if thought is not None else {}))
     return turns
 
 
@@ -1677,7 +1677,7 @@ class Response:
         yield self._event("response.in_progress", response=self.whole(None))
         if call is None and thought is None:
             yield from self._open()
-        elif named:  # the call's item first, its arguments to come
+        elif named and thought is None:  # the call's item first, its arguments to come (after any reasoning)
             self.shown["calls"].add(0)
             yield self._event("response.output_item.added", output_index=self._index(("call", 0)),
                               item=self._function(0, call.name, "", "in_progress"))  # fmt: skip
@@ -1733,6 +1733,8 @@ class Response:
             yield from self._shown(part)
         text = "".join(t for kind, t in parts if kind == "content")
         if named and text:
+            if 0 not in self.shown["calls"]:  # after its reasoning
+                yield from self._shown(("call", 0, None, self.call.name))
             yield self._event("response.function_call_arguments.delta", item_id=self._ids(0)[0],
                               output_index=self._index(("call", 0)), delta=text)  # fmt: skip
         elif reading is not None:

@@ -198,7 +198,7 @@ def encode_instructions(rows: list[dict], tokenizer, length: int, done=None,
             done(len(part))
     if split[0]:
         log.info("%d conversation(s) trained a turn at a time (%d examples): the chat template writes a turn "
-                 "otherwise once later turns follow it (it leaves out their reasoning), so each assistant turn is "
+                 "otherwise once later turns follow it (Qwen3's leaves out their reasoning), so each assistant turn is "
                  "an example of its own, after the conversation before it as the template writes it", *split)
     if all(all(x == -100 for x in lab) for lab in labels):
         raise ConfigError(f"every prompt fills the {length}-token window; raise `tokenize.max_input_length`")

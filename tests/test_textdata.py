@@ -805,6 +805,10 @@ def test_a_version_tuned_to_reason_is_served_its_reasoning_apart_from_its_answer
             "type": "json_schema", "json_schema": {"name": "item", "schema": item}}))  # fmt: skip
         called = client.chat.completions.create(**ask | {"max_tokens": 80}, tools=[{"type": "function", "function": {
             "name": "lookup", "parameters": item}}], tool_choice={"type": "function", "function": {"name": "lookup"}})
+        with client.responses.stream(model=s["registered_model"], input=asked[0]["content"], max_output_tokens=80,
+                                     tools=[{"type": "function", "name": "lookup", "parameters": item}],
+                                     tool_choice={"type": "function", "name": "lookup"}) as stream:  # fmt: skip
+            named_events = list(stream)  # the SDK checks each item keeps its index from its first event
         # the Responses API: a reasoning item, then the message; streamed, reasoning_text events
         response = client.responses.create(model=s["registered_model"], input=asked[0]["content"], max_output_tokens=40)
         with client.responses.stream(model=s["registered_model"], input=asked[0]["content"],
@@ -832,6 +836,9 @@ def test_a_version_tuned_to_reason_is_served_its_reasoning_apart_from_its_answer
         assert said.reasoning == "Item 7 says so." and json.loads(given)["item"] in ("7", "7A", "8"), answer
     streamed = {kind: "".join(getattr(c.choices[0].delta, kind, None) or "" for c in formatted_chunks if c.choices)
                 for kind in ("reasoning", "content")}  # fmt: skip
+    thought, function = named_events[-1].response.output  # the reasoning, then the call, in the order streamed
+    assert (thought.content[0].text, function.name) == ("Item 7 says so.", "lookup"), named_events[-1]
+    assert [e.output_index for e in named_events if e.type == "response.output_item.added"] == [0, 1]
     assert streamed == {"reasoning": "Item 7 says so.", "content": formatted.choices[0].message.content}
     said = whole.choices[0].message
     thought, message = response.output
