@@ -515,7 +515,8 @@ def grammar(response_format: dict) -> str:
     from llguidance.gbnf_to_lark import any_to_lark
 
     if "before" in response_format:  # a reasoning block first (`edgar_tune.serve.Thinking.lark`), then the format
-        inner = json.loads(grammar({k: v for k, v in response_format.items() if k != "before"}))["grammars"]
+        given = grammar({k: v for k, v in response_format.items() if k != "before"})  # Lark's text, or a list's JSON
+        inner = json.loads(given)["grammars"] if given.lstrip().startswith("{") else [{"lark_grammar": given}]
         inner[0] = inner[0] | {"name": "edgar_tune_answer"}  # the answer's grammar, which the block's refers to
         return json.dumps({"grammars": [{"lark_grammar": response_format["before"]}, *inner]})
     kind = response_format["type"]

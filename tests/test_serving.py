@@ -1214,6 +1214,16 @@ def test_reasoning_is_split_from_an_answer_as_it_comes_as_from_the_whole():
                 assert (matcher.try_consume_tokens(ids) == len(ids) and matcher.is_accepting()) == whole, (text, state)
         assert Reasoning(thinking, "after", True).formed({"response_format": {"type": "json_object"}}) == {
             "response_format": {"type": "json_object"}}  # the prompt closed the block: the format from the start
+        # every kind of format, a Lark grammar (a tool call's form is one) as a JSON schema
+        for fmt, text in (({"type": "regex", "regex": "AWS|AMZN"}, "AMZN"), ({"type": "choice", "choice": ["up",
+                          "down"]}, "down"), ({"type": "grammar", "grammar": '%llguidance {}\nstart: "yes" | "no"'},
+                          "no")):  # fmt: skip
+            wrapped = Reasoning(thinking, "before", True).formed({"response_format": fmt})["response_format"]
+            matcher = llguidance.LLMatcher(grammar_tokenizer(tok, len(tok)), grammar(wrapped))
+            for given, whole in ((f"<think>\nAWS.\n</think>\n\n{text}", True), (text, True), (f"x{text}", False)):
+                matcher.reset()
+                ids = tok.encode(given, add_special_tokens=False)
+                assert (matcher.try_consume_tokens(ids) == len(ids) and matcher.is_accepting()) == whole, (fmt, given)
 
 
 def test_vllms_min_tokens_ignore_eos_and_stop_token_ids_end_answers_as_vllm_defines_them(tiny_run, tmp_path):
