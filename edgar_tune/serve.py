@@ -100,6 +100,12 @@ class Refused(Exception):
         self.message, self.status, self.param, self.code = message, status, param, code
 
 
+def _unheld(text: str, tag: str) -> str:
+    """`text` less what it ends with that may be the start of `tag` (held back from a stream till the next piece
+    says whether it is)."""
+    return text[: len(text) - max((n for n in range(1, len(tag)) if text.endswith(tag[:n])), default=0)]
+
+
 class _Streamed:
     """A streamed answer whose calls are in the version's form (`ToolCall` with a `CallForm`: "auto", or a call
     asked for), read as it comes (`heard`): its text, sent as content less what may be the start of its calls (the
@@ -120,8 +126,7 @@ class _Streamed:
         if self.at is None:
             trigger = self.form.trigger
             at = self.text.find(trigger, self.sent)  # not before what was sent: that held no trigger's start
-            upto = at if at >= 0 else len(self.text) - max((n for n in range(1, len(trigger))
-                                                            if self.text.endswith(trigger[:n])), default=0)
+            upto = at if at >= 0 else len(_unheld(self.text, trigger))
             upto = self.sent + len(self.text[self.sent : upto].rstrip())
             new, self.sent = self.text[self.sent : upto], max(self.sent, upto)
             said = [("content", new)] if new else []
@@ -263,8 +268,7 @@ class Thinking:
         at = body.find(self.closing)
         if at < 0:
             if not whole:  # what may be the closing tag's start, and the newlines before it, held back
-                body = body[: len(body) - max((n for n in range(1, len(self.closing))
-                                               if body.endswith(self.closing[:n])), default=0)].rstrip("\n")
+                body = _unheld(body, self.closing).rstrip("\n")
             return body.strip("\n") or None, None
         return body[:at].strip("\n") or None, body[at + len(self.closing) :].lstrip("\n") or None
 
