@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from edgar_tune.signals import keep_signals, release_leaked_locks, signal_behind
+from edgar_tune.signals import keep_signals, keyboard_interrupt_handled, release_leaked_locks, signal_behind
 
 # Offline-friendly defaults, set before Prefect or MLflow are imported (both read them at import).
 _ENV_DEFAULTS = {
@@ -1178,6 +1178,7 @@ def main(argv: list[str] | None = None) -> int:
         return _main(argv)
     except KeyboardInterrupt:  # Ctrl-C: the flow run is marked Crashed and the server stopped; no traceback
         print("edgar-tune: interrupted (Ctrl-C)", file=sys.stderr)
+        keyboard_interrupt_handled()  # exit status 130, however deep Python met the interrupt
         raise SystemExit(128 + signal.SIGINT) from None
     except BrokenPipeError:
         if not _stdout_closed():  # a server's connection that broke: the error it is

@@ -109,6 +109,16 @@ def keep_signals() -> None:
     sys.unraisablehook = hook
 
 
+def keyboard_interrupt_handled() -> None:
+    """Say to Python that a KeyboardInterrupt was handled, so that the exit status asked for is the one the process
+    ends with. A KeyboardInterrupt out of an `exec()` or `eval()` of a string (dataclasses and namedtuple build
+    their methods so, at import) sets a flag in CPython (3.11) that is never cleared however the exception is
+    handled: a process started with `python -m` then ends by SIGINT once it has shut down, whatever `SystemExit` it
+    raised. The CLI's Ctrl-C ended `-2` for its parent in place of its 130 so (CI's suite, 2026-12-05). The next
+    such `exec` clears the flag; an `exec` of nothing does only that."""
+    exec("")
+
+
 def release_leaked_locks() -> None:
     """Release logging's module lock and its handlers' locks where this thread holds them: call it only where no
     logging call is on this thread's stack, so that any hold is one an exception cut short (see above)."""

@@ -520,6 +520,44 @@ def test_a_signal_that_cuts_a_logging_call_short_leaves_no_lock_held():
     assert proc.stdout.splitlines() == ["the worker waits True", "the worker logged", "the worker ended True"]
 
 
+_EXECD = """
+import sys
+from edgar_tune import cli
+
+
+def body(argv):  # Ctrl-C lands inside an exec() of a string, as dataclasses build a class's methods at import
+    exec("import os, signal, time\\nos.kill(os.getpid(), signal.SIGINT)\\ntime.sleep(5)")
+
+
+if sys.argv[1] == "cli":
+    cli._main = body
+    cli.main([])
+try:
+    body([])
+except KeyboardInterrupt:
+    raise SystemExit(130)
+"""
+
+
+@pytest.mark.parametrize("how", ["cli", "plain"])
+def test_a_ctrl_c_that_lands_in_an_exec_still_exits_130(tmp_path, how):
+    """CI's suite saw the CLI say `edgar-tune: interrupted (Ctrl-C)` and end by SIGINT (-2 to its parent) in place
+    of its exit status 130 (the cli-SIGINT killed-run test): CPython (3.11) marks a KeyboardInterrupt out of an
+    `exec()` of a string as unhandled for good, and a process started with `python -m` then ends by SIGINT at exit
+    whatever it asked. The CLI clears the mark where it handles Ctrl-C."""
+    import signal
+
+    (tmp_path / "ctrlc.py").write_text(_EXECD)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(REPO)]))
+    proc = subprocess.run([sys.executable, "-m", "ctrlc", how], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+    if how == "plain":  # Python's own behavior
+        assert proc.returncode == -signal.SIGINT, proc.stdout + proc.stderr
+    else:
+        assert proc.returncode == 130, proc.stdout + proc.stderr
+        assert proc.stderr == "edgar-tune: interrupted (Ctrl-C)\n", proc.stderr
+
+
 def test_a_signal_an_error_took_the_place_of_still_sets_the_exit_status():
     """A SIGTERM that lands while Prefect makes a task run: its crash handler raises ValueError("Task run is not
     set") in place of the TerminationSignal, and the CLI ended with status 1, as if the run had failed by itself.
