@@ -1244,9 +1244,10 @@ class Server:
         choices = []
         for k, c in enumerate(done[0]["choices"]):
             thought, c = reasoning.take(c) if reasoning else (None, c)  # the reasoning, and the rest
-            choices.append({"index": k, "message": {"role": "assistant", "content": c["text"] or (
-                None if thought else c["text"])}, "logprobs": chat_logprobs(lm.tokenizer, c["scored"], logprobs)
-                if logprobs is not None else None, "finish_reason": c["finish_reason"]} | (
+            content = None if thought and not c["text"] else c["text"]  # an answer that only reasoned: null
+            choices.append({"index": k, "message": {"role": "assistant", "content": content},
+                            "logprobs": chat_logprobs(lm.tokenizer, c["scored"], logprobs)
+                            if logprobs is not None else None, "finish_reason": c["finish_reason"]} | (
                 call.said(c) if call else {}))  # fmt: skip
             if reasoning and reasoning.include:
                 choices[-1]["message"]["reasoning"] = thought
