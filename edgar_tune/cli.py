@@ -635,11 +635,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"edgar-tune serve: {given}{f' (v{version})' if version else ''}, tuned on {kinds}, on "
               f"{lm.model.device.type}, {str(lm.model.dtype).removeprefix('torch.')}, as `{name}`{following}",
               file=sys.stderr, flush=True)  # fmt: skip
-    server = Server(models, args.max_new_tokens, args.max_batch, args.max_batch_tokens, args.prefix_cache_tokens)
+    server = Server(models, args.max_new_tokens, args.max_batch, args.max_batch_tokens, args.prefix_cache_tokens,
+                    keep_responses=args.keep_responses)  # fmt: skip
     kept = (f"; the last {args.prefix_cache_tokens} prompt tokens read kept for prompts that begin as theirs did"
             if args.prefix_cache_tokens else "")  # fmt: skip
     print(f"edgar-tune serve: at http://{args.host}:{args.port}/v1 (OpenAI's API: POST /v1/chat/completions, "
-          f"/v1/completions, /v1/responses; GET /v1/models); up to {args.max_new_tokens} new tokens unless a "
+          f"/v1/completions, /v1/responses, the last {args.keep_responses} responses kept to be continued; GET "
+          f"/v1/models); up to {args.max_new_tokens} new tokens unless a "
           f"request says max_tokens; up to {args.max_batch} answers ({args.max_batch_tokens} tokens) generated "
           f"together{kept}",
           file=sys.stderr, flush=True)  # fmt: skip
@@ -931,6 +933,9 @@ def cmd_prepare_model(args: argparse.Namespace) -> int:
     return 0
 
 
+KEEP_RESPONSES = 1000  # `edgar-tune serve`'s responses kept (edgar_tune.serve.Kept), the last used
+
+
 def build_parser() -> argparse.ArgumentParser:
     from tasks.batching import PREFIX_TOKENS  # stdlib only, as this module's own imports
 
@@ -1025,6 +1030,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="prompt tokens whose keys and values are kept, so a prompt that begins as one read lately "
                      "(lm-eval's choices after one question, a system prompt sent again) is read from where they part "
                      f"(default {PREFIX_TOKENS}: 2.1 GB for Llama-2-7B; 0: none kept)")  # fmt: skip
+    srv.add_argument("--keep-responses", type=_whole(0), default=KEEP_RESPONSES, metavar="N",
+                     help="responses of /v1/responses kept in memory, the last N used, to be continued by "
+                     "`previous_response_id` and fetched by their ids; lost when the server stops (default "
+                     f"{KEEP_RESPONSES}; 0: none, and store=true refused)")  # fmt: skip
     srv.add_argument("--shutdown-grace", type=_whole(0), default=30, metavar="SECONDS",
                      help="stopped (SIGTERM, Ctrl-C), how long the requests being answered get to finish before they "
                      "are cut (default 30)")  # fmt: skip

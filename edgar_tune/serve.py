@@ -1,7 +1,8 @@
 """`edgar-tune serve`: a version behind OpenAI's API, for the clients that speak it (the `openai` SDK, LangChain's
 ChatOpenAI, chat UIs, lm-evaluation-harness, the Agents SDK): `POST /v1/chat/completions`, `POST /v1/completions`,
-`POST /v1/responses` (OpenAI's Responses API, text in and out, nothing stored), `GET /v1/models`, and vLLM's
-`POST /tokenize`, `POST /detokenize` and `GET /tokenizer_info`.
+`POST /v1/responses` (OpenAI's Responses API, text in and out, its last responses kept in memory to be continued
+by `previous_response_id` and fetched by their ids), `GET /v1/models`, and vLLM's `POST /tokenize`, `POST
+/detokenize` and `GET /tokenizer_info`.
 
 MLflow's own server (`mlflow models serve`) answers `/invocations` with a list of texts, which is what MLflow's AI
 Gateway reads; OpenAI's clients send to other paths and read `choices`, `usage` and `finish_reason`. This one
@@ -37,7 +38,7 @@ import re
 import threading
 import time
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
@@ -73,23 +74,22 @@ NOT_DONE = {
 }  # fmt: skip
 CHAT_NOT_DONE = {k: v for k, v in NOT_DONE.items() if k not in ("tools", "tool_choice", "parallel_tool_calls")}
 # OpenAI's Responses API (/v1/responses): its fields read, and those it has that this server does not do, each with
-# the values that ask for nothing; nothing is stored, so a response cannot be fetched or continued later by its id.
+# the values that ask for nothing.
 RESPONSES = {"model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "stream", "user",
              "include", "top_logprobs", "top_k", "min_p", "seed", "text", "tools", "tool_choice",
-             "parallel_tool_calls", *SHAPING}  # fmt: skip
+             "parallel_tool_calls", "store", "metadata", "previous_response_id", *SHAPING}  # fmt: skip
 RESPONSE_LOGPROBS = "message.output_text.logprobs"  # what `include` may ask for: each output token's log probability
 RESPONSES_NOT_DONE = {
-    "store": (None, False), "metadata": (None, {}),
     "truncation": (None, "disabled"), "reasoning": (None, {}), "background": (None, False),
-    "service_tier": (None, "auto", "default"), "previous_response_id": (None,), "conversation": (None,),
+    "service_tier": (None, "auto", "default"), "conversation": (None,),
     "prompt": (None,), "max_tool_calls": (None,), "stream_options": (None,),
 }  # fmt: skip
 TOKENIZER_PATHS = ("/tokenize", "/detokenize", "/tokenizer_info")  # vLLM's, which lm-evaluation-harness reads
 WHY_NOT = {"tools": "a completion continues text: /v1/chat/completions and /v1/responses call tools",
-           "store": "answers are not stored",
-           "metadata": "it goes with store, and answers are not stored",
-           "previous_response_id": "responses are not stored: send the conversation whole as `input`",
-           "conversation": "conversations are not stored: send the conversation whole as `input`"}
+           "store": "completions are not kept (the Responses API's responses are)",
+           "metadata": "it goes with store, and completions are not kept (the Responses API's responses are)",
+           "conversation": "conversations are not kept: continue a response by its `previous_response_id`, or send "
+                           "the conversation whole as `input`"}
 
 
 class Refused(Exception):
@@ -858,13 +858,15 @@ def response_tools(body: dict) -> dict:
     return {"tools": tools, "tool_choice": choice, "parallel_tool_calls": body.get("parallel_tool_calls")}
 
 
-def response_messages(body: dict) -> list[dict]:
+def response_messages(body: dict, earlier: list[dict] = ()) -> list[dict]:
     """OpenAI's Responses API `input` (a text, or a list of messages: `{"role", "content"}` with or without
     `"type": "message"`, content a text or `input_text`/`output_text` parts) and its `instructions` (a system
     message before them), as chat's `messages`; a `function_call` item (a call the version answered with, as the
     client sends it back) as an assistant's `tool_calls` (calls in a row, and the text before them, one turn), a
     `function_call_output` as the `tool` turn of its `call_id`, and a `reasoning` item (one the version answered
-    with) as the `reasoning_content` of the assistant turn it came before, for a template that writes it.
+    with) as the `reasoning_content` of the assistant turn it came before, for a template that writes it. The
+    `earlier` items (those of the responses `previous_response_id` continues, `Kept.conversation`) come before
+    the input, after the instructions.
 
     Raises:
         Refused: input of another shape, an item of another type (an item reference, a hosted tool's call), a
@@ -881,7 +883,7 @@ def response_messages(body: dict) -> list[dict]:
                       param="input")  # fmt: skip
     messages = [{"role": "system", "content": instructions}] if instructions else []
     thought = None  # a reasoning item's text, for the assistant turn after it
-    for i, item in enumerate(items, 1):
+    for i, item in enumerate([*earlier, *items], 1 - len(earlier)):  # the input's items numbered from 1
         kind = item.get("type", "message") if isinstance(item, dict) else type(item).__name__
         if kind == "reasoning":
             parts = item.get("content") or []
@@ -908,7 +910,7 @@ def response_messages(body: dict) -> list[dict]:
             messages.append({"role": "tool", "content": output, "tool_call_id": item.get("call_id")})
             continue
         if kind != "message":
-            why = ("responses are not stored" if kind == "item_reference" else "this server calls function tools "
+            why = ("send the item itself" if kind == "item_reference" else "this server calls function tools "
                    "only" if kind.endswith("_call") else "the version reads messages of text only")  # fmt: skip
             raise Refused(f"input item {i} is of type {kind}: {why}", param="input")
         content = item.get("content")
@@ -922,6 +924,107 @@ def response_messages(body: dict) -> list[dict]:
         messages.append({"role": item.get("role"), "content": content}
                         | (reasoned if item.get("role") == "assistant" else {}))  # fmt: skip
     return messages
+
+
+class Kept:
+    """The responses of /v1/responses this server keeps (`store`, true unless a request says false, as OpenAI's
+    default), in its memory: the `most` used last, each with its own input and the response it continued, so that
+    a request continues one by its id (`previous_response_id`: the conversation so far is that response's, and
+    those before it, inputs and outputs in turn) and a client fetches or deletes one by its id (GET and DELETE
+    /v1/responses/{id}) or lists its input (GET /v1/responses/{id}/input_items). Those of a server that stopped
+    are gone, and so are those another replica answered: behind a load balancer, route a conversation to one
+    replica or send it whole."""
+
+    def __init__(self, most: int) -> None:
+        self.most, self.held, self.lock = most, OrderedDict(), threading.Lock()
+
+    def keep(self, response: dict, given: Any, previous: str | None) -> None:
+        """Keep `response`, answered to the input `given` (a text, or its items) after the response `previous`;
+        its input items get ids, as OpenAI's input_items lists them."""
+        items = [{"role": "user", "content": given}] if isinstance(given, str) else list(given)
+        items = [(item.get("id") or f"{'msg' if item.get('type', 'message') == 'message' else 'item'}_"
+                  f"{uuid.uuid4().hex}", item) for item in items]  # fmt: skip
+        with self.lock:
+            self.held[response["id"]] = {"response": response, "input": items, "previous": previous}
+            while len(self.held) > self.most:
+                self.held.popitem(last=False)
+
+    def _held(self, rid: Any, param: str | None = None) -> dict:
+        """Response `rid`'s record, now the last used; refused (404) where it is not kept."""
+        with self.lock:
+            if isinstance(rid, str) and rid in self.held:
+                self.held.move_to_end(rid)
+                return self.held[rid]
+        what = "Previous response" if param else "Response"
+        raise Refused(f"{what} with id {json.dumps(rid)[:80]} not found: this server keeps the last {self.most} "
+                      "responses of its own, in its memory, none from before it started or from another replica, "
+                      "and none answered with store=false", status=404, param=param,
+                      code="previous_response_not_found" if param else "not_found")  # fmt: skip
+
+    def response(self, rid: str) -> dict:
+        return self._held(rid)["response"]
+
+    def conversation(self, rid: Any) -> list[dict]:
+        """The items of the conversation response `rid` ended: each response's input then output, from the first
+        it continued on (every one of them now the last used, so that a conversation's first is not the first
+        dropped)."""
+        chain, at = [], rid
+        while at is not None:
+            try:
+                chain.append(self._held(at, "previous_response_id"))
+            except Refused as err:
+                if at == rid:
+                    raise
+                err.message = (f"previous_response_id={json.dumps(rid)} continues {at}, which this server no longer "
+                               f"keeps (it keeps the last {self.most} responses used): send the conversation whole "
+                               "as `input`, or raise `edgar-tune serve --keep-responses`")  # fmt: skip
+                raise
+            at = chain[-1]["previous"]
+        with self.lock:  # the conversation's responses the last used, in its order
+            for held in reversed(chain):
+                if held["response"]["id"] in self.held:
+                    self.held.move_to_end(held["response"]["id"])
+        return [item for held in reversed(chain) for item in [*(i for _, i in held["input"]),
+                                                              *held["response"]["output"]]]  # fmt: skip
+
+    def input_items(self, rid: str, query: dict) -> dict:
+        """GET /v1/responses/{rid}/input_items: the input of response `rid` as OpenAI lists it (`order` desc by
+        default, `limit` 20 of at most 100 from the item after `after`), each item with its id, a message's text
+        as an `input_text` part."""
+        items = [_listed(iid, item) for iid, item in self._held(rid)["input"]]
+        order, limit = query.get("order", "desc"), query.get("limit", "20")
+        if order not in ("asc", "desc"):
+            raise Refused(f"order={order!r} is asc or desc", param="order")
+        if not limit.isdigit() or not 1 <= int(limit) <= 100:
+            raise Refused(f"limit={limit!r} is a whole number from 1 to 100", param="limit")
+        items = items[::-1] if order == "desc" else items
+        if (after := query.get("after")) is not None:
+            ids = [i["id"] for i in items]
+            if after not in ids:
+                raise Refused(f"after={after!r} is not an input item of {rid}", param="after")
+            items = items[ids.index(after) + 1 :]
+        page = items[: int(limit)]
+        return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+                "last_id": page[-1]["id"] if page else None, "has_more": len(items) > len(page)}  # fmt: skip
+
+    def delete(self, rid: str) -> dict:
+        self._held(rid)
+        with self.lock:
+            self.held.pop(rid, None)
+        return {"id": rid, "object": "response", "deleted": True}
+
+
+def _listed(iid: str, item: dict) -> dict:
+    """An input item as OpenAI's input_items lists it: with its id; a message as a `message` item, its text an
+    `input_text` part (`output_text`, an assistant's)."""
+    if item.get("type", "message") != "message":
+        return {"id": iid, **item}
+    content = item.get("content")
+    if isinstance(content, str):
+        content = [{"type": "output_text", "text": content, "annotations": []} if item.get("role") == "assistant"
+                   else {"type": "input_text", "text": content}]  # fmt: skip
+    return {"id": iid, "type": "message", "role": item.get("role"), "content": content,
+            "status": item.get("status", "completed")}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -1195,11 +1298,12 @@ class Server:
     together."""
 
     def __init__(self, models: list[Model], default_max_new_tokens: int, max_batch: int | None = None,
-                 max_batch_tokens: int | None = None, prefix_tokens: int | None = None) -> None:  # fmt: skip
+                 max_batch_tokens: int | None = None, prefix_tokens: int | None = None, *,
+                 keep_responses: int) -> None:  # fmt: skip
         from tasks.batching import BATCH, BATCH_TOKENS, PREFIX_TOKENS
 
         self.models, self.default_max_new_tokens = models, default_max_new_tokens
-        self.created = int(time.time())
+        self.created, self.kept = int(time.time()), Kept(keep_responses)
         self.engine = Engine(max_batch or BATCH, max_batch_tokens or BATCH_TOKENS,
                              PREFIX_TOKENS if prefix_tokens is None else prefix_tokens)
 
@@ -1255,8 +1359,9 @@ class Server:
 
     def responses(self, body: Any, gone: threading.Event | None = None) -> dict | Stream:
         """A /v1/responses request's answer (OpenAI's Responses API, text in and out): its `input` and
-        `instructions` written in the chat template as chat's messages are, one answer, as a response object or
-        its stream of typed events; `gone` as for `chat`. Nothing is stored (`store` false)."""
+        `instructions` written in the chat template as chat's messages are, after the conversation of the response
+        it continues (`previous_response_id`; not its instructions, as OpenAI's), one answer, as a response object
+        or its stream of typed events, kept (`Kept`) unless `store` is false; `gone` as for `chat`."""
         from tasks.registry import chat_prompt
 
         check_fields(body, RESPONSES, "/v1/responses", RESPONSES_NOT_DONE)
@@ -1275,19 +1380,22 @@ class Server:
         include = body.get("include")
         if include is not None and (not isinstance(include, list) or set(include) - {RESPONSE_LOGPROBS}):
             raise Refused(f"include={json.dumps(include)[:80]}: this server includes \"{RESPONSE_LOGPROBS}\" only "
-                          "(nothing is stored, and no tool runs)", param="include")  # fmt: skip
+                          "(no tool runs here, and nothing is encrypted)", param="include")  # fmt: skip
         if body.get("top_logprobs") and RESPONSE_LOGPROBS not in (include or []):  # 0 asks for nothing
             raise Refused(f"top_logprobs is the likeliest tokens beside each token's logprob: add \"{RESPONSE_LOGPROBS}"
                           "\" to include", param="top_logprobs")  # fmt: skip
         logprobs, _ = scoring({"logprobs": RESPONSE_LOGPROBS in (include or []),
                                "top_logprobs": body.get("top_logprobs")}, chat=True)  # fmt: skip
-        messages = response_messages(body)
+        store = self._stored(body)
+        previous = body.get("previous_response_id")
+        messages = response_messages(body, self.kept.conversation(previous) if previous is not None else [])
         tools = ToolCall.shown(calling, call)
         prompt = _said(lambda: chat_prompt(served.lm.tokenizer, chat_turns(messages), "input", tools))
         reasoning = Reasoning.asked({}, served, prompt)
         if reasoning is not None:
             settings = reasoning.formed(settings)
-        said = Response(model, served, body, settings, logprobs, call, reasoning)
+        keep = (lambda said: self.kept.keep(said, body["input"], previous)) if store else None
+        said = Response(model, served, body, settings, logprobs, call, reasoning, keep)
         if body.get("stream"):
             encoded = _said(lambda: served.lm.encode([(prompt, True)], settings["max_new_tokens"]))  # a 400 here
             cancelled = gone or threading.Event()  # the client gone (`Stream.cancel`), generation stops
@@ -1295,7 +1403,26 @@ class Server:
                                 ", streamed", encoded)  # fmt: skip
             return Stream(said.events(heard), cancelled)
         done = self._complete(model, served, [(prompt, True)], settings, 1, served.chat_end, logprobs, gone=gone)
-        return said.whole(done[0])
+        return said.ended(done[0])
+
+    def _stored(self, body: dict) -> bool:
+        """Whether a response is kept: `store` (OpenAI's default: true), where this server keeps any; its
+        `metadata` (kept with it) as OpenAI takes it.
+
+        Raises:
+            Refused: store=true where the server keeps none, metadata that is not up to 16 texts by name."""
+        store, metadata = body.get("store"), body.get("metadata")
+        if store is not None and not isinstance(store, bool):
+            raise Refused(f"store must be true or false, got {json.dumps(store)[:40]}", param="store")
+        if store and not self.kept.most:
+            raise Refused("store=true: this server keeps no responses (`edgar-tune serve --keep-responses 0`); leave "
+                          "it out, or start the server with --keep-responses N", param="store")  # fmt: skip
+        if metadata is not None and not (isinstance(metadata, dict) and len(metadata) <= 16 and all(
+                isinstance(k, str) and len(k) <= 64 and isinstance(v, str) and len(v) <= 512
+                for k, v in metadata.items())):  # fmt: skip
+            raise Refused(f"metadata is up to 16 texts (values of up to 512 characters) by names of up to 64, got "
+                          f"{json.dumps(metadata)[:80]}", param="metadata")  # fmt: skip
+        return store is not False and self.kept.most > 0
 
     def _conversing(self, body: dict, param: str) -> tuple[Model, Served]:
         """The model a conversation (chat's `messages`, the Responses API's `input`) is for, and the version that
@@ -1587,8 +1714,10 @@ class Response:
     `response.reasoning_text.delta` events), the message its content alone."""
 
     def __init__(self, model: Model, served: Served, body: dict, settings: dict, logprobs: int | None = None,
-                 call: ToolCall | None = None, reasoning: Reasoning | None = None) -> None:  # fmt: skip
+                 call: ToolCall | None = None, reasoning: Reasoning | None = None,
+                 keep: Callable[[dict], None] | None = None) -> None:  # fmt: skip
         self.model, self.served, self.body, self.settings, self.logprobs = model, served, body, settings, logprobs
+        self.keep = keep  # the response ended, kept (`Kept.keep`) before it is answered
         self.id, self.message, self.call = f"resp_{uuid.uuid4().hex}", f"msg_{uuid.uuid4().hex}", call
         self.created, self.sequence, self.calls = int(time.time()), 0, []
         self.reasoning, self.thought = reasoning, f"rs_{uuid.uuid4().hex}"
@@ -1607,13 +1736,14 @@ class Response:
                 "max_output_tokens": self.body.get("max_output_tokens"), "model": self.model.name,
                 "output": self._output(choice, status) if choice else [],
                 "parallel_tool_calls": self.body.get("parallel_tool_calls") is not False,
-                "previous_response_id": None, "reasoning": {"effort": None, "summary": None}, "store": False,
+                "previous_response_id": self.body.get("previous_response_id"),
+                "reasoning": {"effort": None, "summary": None}, "store": self.keep is not None,
                 "temperature": self.settings["temperature"] if self.settings["do_sample"] else 0.0,
                 "text": {"format": (self.body.get("text") or {}).get("format") or {"type": "text"}},
                 "tool_choice": self.body.get("tool_choice") or ("auto" if self.body.get("tools") else "none"),
                 "tools": self.body.get("tools") or [], "top_logprobs": self.logprobs,
                 "top_p": self.settings["top_p"] if self.settings["do_sample"] else 1.0, "truncation": "disabled",
-                "usage": None, "user": self.body.get("user"), "metadata": {},
+                "usage": None, "user": self.body.get("user"), "metadata": self.body.get("metadata") or {},
                 "system_fingerprint": _fingerprint(self.served)}  # fmt: skip
         if done:
             prompt, output = done["prompt_tokens"], choice["completion_tokens"]
@@ -1622,6 +1752,14 @@ class Response:
                              "output_tokens": output, "output_tokens_details": {
                                  "reasoning_tokens": self._reasoning_tokens(choice["text"])},
                              "total_tokens": prompt + output}  # fmt: skip
+        return said
+
+    def ended(self, done: dict) -> dict:
+        """The ended response object (`whole`), kept first where it is kept: a client continues it as soon as it
+        has it."""
+        said = self.whole(done)
+        if self.keep is not None:
+            self.keep(said)
         return said
 
     def _reasoning_tokens(self, text: str) -> int:
@@ -1693,7 +1831,7 @@ class Response:
                 return
             if said[0] == "done":
                 choice = said[1][0]["choices"][0]
-                ended = self.whole(said[1][0])
+                ended = self.ended(said[1][0])
                 if thought is not None:  # the reasoning's rest, and the text after it
                     yield from self._piece(thought.heard("", last=True), [], named, reading)
                     choice = self.reasoning.take(choice)[1]
@@ -1930,9 +2068,9 @@ def _said(make):
 
 
 def app(server: Server, api_key: str | None = None):
-    """The FastAPI app of `server`: OpenAI's three paths and vLLM's three of the tokenizer, its errors as OpenAI
-    writes them; with `api_key`, a request to them without it (`Authorization: Bearer KEY`, as OpenAI's clients
-    send their key) is a 401."""
+    """The FastAPI app of `server`: OpenAI's three paths (and the Responses API's kept responses by their ids) and
+    vLLM's three of the tokenizer, its errors as OpenAI writes them; with `api_key`, a request to them without it
+    (`Authorization: Bearer KEY`, as OpenAI's clients send their key) is a 401."""
     import hmac
 
     api = FastAPI(title=f"edgar-tune: {', '.join(m.name for m in server.models)}")
@@ -2025,6 +2163,21 @@ def app(server: Server, api_key: str | None = None):
     async def responses(request: Request):
         return await answer(request, server.responses)
 
+    @api.get("/v1/responses/{rid}")
+    async def kept_response(rid: str, request: Request) -> dict:
+        if request.query_params.get("stream") not in (None, "false"):
+            raise Refused("stream=true: a kept response is fetched whole here (its events are not kept)",
+                          param="stream")  # fmt: skip
+        return server.kept.response(rid)
+
+    @api.delete("/v1/responses/{rid}")
+    async def delete_response(rid: str) -> dict:
+        return server.kept.delete(rid)
+
+    @api.get("/v1/responses/{rid}/input_items")
+    async def input_items(rid: str, request: Request) -> dict:
+        return server.kept.input_items(rid, dict(request.query_params))
+
     @api.get("/v1/models")
     async def models() -> dict:
         return server.listed()
@@ -2042,10 +2195,11 @@ def app(server: Server, api_key: str | None = None):
         return server.tokenizer_info(model)
 
     @api.api_route("/v1/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"])
-    async def elsewhere(request: Request, path: str):  # OpenAI's /v1/embeddings, a stored response's id, ...
+    async def elsewhere(request: Request, path: str):  # OpenAI's /v1/embeddings, a stored chat completion, ...
         raise Refused(f"{request.method} /v1/{path} is not served: this server answers POST /v1/chat/completions, "
-                      "POST /v1/completions, POST /v1/responses (nothing stored: no response is fetched again by "
-                      "its id) and GET /v1/models", status=404, code="not_found")  # fmt: skip
+                      "POST /v1/completions, POST /v1/responses (GET and DELETE /v1/responses/{id}, GET "
+                      "/v1/responses/{id}/input_items for those it keeps) and GET /v1/models", status=404,
+                      code="not_found")  # fmt: skip
 
     @api.get("/health")
     async def health() -> dict:

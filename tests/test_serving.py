@@ -331,8 +331,10 @@ def test_edgar_tune_serve_answers_openais_sdk_as_the_versions_predict_does(tiny_
             refused[why] = (err.value.status_code, err.value.body["message"])
         with pytest.raises(openai.BadRequestError) as responses:  # a text version: no conversations
             client.responses.create(model=name, input="Net sales increased")
-        with pytest.raises(openai.NotFoundError) as fetched:  # nothing stored: a response is not fetched again
+        with pytest.raises(openai.NotFoundError) as fetched:  # a response this server never answered
             client.responses.retrieve("resp_1")
+        with pytest.raises(openai.NotFoundError) as elsewhere:  # a path not served
+            client.embeddings.create(model=name, input="Net sales")
         with pytest.raises(openai.BadRequestError) as stored:
             client.completions.create(model=name, prompt=prompts[0], max_tokens=2, extra_body={"store": True})
         with pytest.raises(openai.BadRequestError) as no_template:  # a text version, its tokenizer without one
@@ -379,10 +381,15 @@ def test_edgar_tune_serve_answers_openais_sdk_as_the_versions_predict_does(tiny_
     assert "has no chat template to write messages in: send a prompt to /v1/completions" in no_template.value.message
     assert responses.value.body["message"] == (f"{name}'s tokenizer has no chat template to write messages in: send "
                                                "a prompt to /v1/completions")  # fmt: skip
-    assert fetched.value.body["message"] == ("GET /v1/responses/resp_1 is not served: this server answers POST "
-                                             "/v1/chat/completions, POST /v1/completions, POST /v1/responses (nothing "
-                                             "stored: no response is fetched again by its id) and GET /v1/models")
-    assert stored.value.body["message"] == "store=true is not served: answers are not stored; leave it out"
+    assert fetched.value.body["message"] == ('Response with id "resp_1" not found: this server keeps the last 1000 '
+                                             "responses of its own, in its memory, none from before it started or "
+                                             "from another replica, and none answered with store=false")
+    assert elsewhere.value.body["message"] == (
+        "POST /v1/embeddings is not served: this server answers POST /v1/chat/completions, POST /v1/completions, POST "
+        "/v1/responses (GET and DELETE /v1/responses/{id}, GET /v1/responses/{id}/input_items for those it keeps) "
+        "and GET /v1/models")  # fmt: skip
+    assert stored.value.body["message"] == ("store=true is not served: completions are not kept (the Responses API's "
+                                            "responses are); leave it out")
     # A version tuned on conversations (its folder, as MLflow downloads it): messages in its chat template
     folder, tokenizer = _chat_version(s, tmp_path / "chat", tokenizer)
     chat = mlflow.pyfunc.load_model(str(folder))
@@ -415,12 +422,11 @@ def test_edgar_tune_serve_answers_openais_sdk_as_the_versions_predict_does(tiny_
                                      max_output_tokens=4) as helped:  # the SDK's helper, which checks each event
             helped = list(helped)  # (its get_final_response wants response.completed, as with OpenAI's own cut)
         not_served = {}
-        for why, kw in {"previous": {"previous_response_id": "resp_1"},
-                        "tools": {"tools": [{"type": "function", "name": "f", "parameters": {}}]},
+        for why, kw in {"tools": {"tools": [{"type": "function", "name": "f", "parameters": {}}]},
                         "call output": {"input": [{"type": "function_call_output", "call_id": "c", "output": "1"}]},
                         "image": {"input": [{"role": "user", "content": [{"type": "input_image",
                                                                           "image_url": "http://x/y.png"}]}]},
-                        "stored": {"store": True}, "top without include": {"top_logprobs": 2},
+                        "top without include": {"top_logprobs": 2},
                         "include": {"include": ["file_search_call.results"]}}.items():  # fmt: skip
             with pytest.raises(openai.BadRequestError) as err:
                 client.responses.create(**{"model": folder.name, "input": "Net sales grew.", **kw})
@@ -455,8 +461,6 @@ def test_edgar_tune_serve_answers_openais_sdk_as_the_versions_predict_does(tiny_
     assert helped[-1].type == "response.incomplete" and helped[-1].response.output_text == answered[0]
     assert [type(e).__name__ for e in events[:2]] == ["ResponseCreatedEvent", "ResponseInProgressEvent"]
     assert not_served == {
-        "previous": 'previous_response_id="resp_1" is not served: responses are not stored: send the conversation '
-                    "whole as `input`; leave it out",
         "tools": 'tool_choice left out ("auto"): the version\'s chat template does not write tool calls (it has no '
                  "`tool_calls`), so how the version would call one is not known. Name one (tool_choice={\"type\": "
                  '"function", "name": ...}, one of f) for a call of it, its arguments kept to its parameters, or send '
@@ -464,11 +468,10 @@ def test_edgar_tune_serve_answers_openais_sdk_as_the_versions_predict_does(tiny_
         "call output": "input, turn 1: a tool call or its result, which the model's chat template does not write (it "
                        "has no `tool_calls`): send the conversation without tool turns",
         "image": "input item 1 has a part of type input_image; the version reads text only",
-        "stored": "store=true is not served: answers are not stored; leave it out",
         "top without include": "top_logprobs is the likeliest tokens beside each token's logprob: add "
                                '"message.output_text.logprobs" to include',
         "include": 'include=["file_search_call.results"]: this server includes "message.output_text.logprobs" only '
-                   "(nothing is stored, and no tool runs)"}  # fmt: skip
+                   "(no tool runs here, and nothing is encrypted)"}  # fmt: skip
     # log probabilities, as include asks: chat's for the same conversation, whole and at the stream's end
     chat_scored = [(t.token, t.logprob, [x.logprob for x in t.top_logprobs]) for t in content]
     text = scored_response.output[0].content[0]
@@ -477,6 +480,107 @@ def test_edgar_tune_serve_answers_openais_sdk_as_the_versions_predict_does(tiny_
     assert [(t.token, t.logprob) for t in streamed_done.logprobs] == [(t, lp) for t, lp, _ in chat_scored]
     deltas = [t.token for e in scored_events if e.type == "response.output_text.delta" for t in e.logprobs]
     assert deltas == [t for t, _, _ in chat_scored][: len(deltas)] and deltas  # a delta's tokens with its text
+
+
+def test_a_kept_response_is_continued_by_its_id_as_the_conversation_sent_whole(tiny_run, tmp_path):
+    """OpenAI's Responses API keeps a response unless `store` is false, and a client continues it by its id
+    (`previous_response_id`), sending only what is new, as OpenAI's own examples and the Agents SDK's
+    `previous_response_id` do: `edgar-tune serve` keeps its last responses in memory (`--keep-responses`), and
+    a continuation is answered as the conversation sent whole (instructions not carried over, as OpenAI's), whole
+    or streamed; a kept response is fetched, its input listed, and deleted by its id. Before, `store: true` and
+    `previous_response_id` were refused, and such a client could not hold a conversation with the server."""
+    import openai
+
+    _, s = tiny_run
+    folder, _ = _chat_version(s, tmp_path / "chat")
+    asked = {"model": folder.name, "instructions": "Be brief.", "max_output_tokens": 4}
+    with edgar_tune_serve(str(folder), tmp_path) as base_url:
+        client = openai.OpenAI(base_url=base_url, api_key="none", max_retries=0)
+        first = client.responses.create(**asked, input="Net sales grew.", metadata={"desk": "credit"})
+        then = client.responses.create(**asked, input="Why?", previous_response_id=first.id)
+        whole = client.responses.create(**asked, store=False, input=[
+            {"role": "user", "content": "Net sales grew."}, {"role": "assistant", "content": first.output_text},
+            {"role": "user", "content": "Why?"}])  # fmt: skip
+        events = list(client.responses.create(**asked, input="Why?", previous_response_id=first.id, stream=True))
+        streamed = events[-1].response
+        fetched = [client.responses.retrieve(r.id) for r in (first, then, streamed)]
+        listed = list(client.responses.input_items.list(then.id))
+        paged = client.responses.input_items.list(first.id, order="asc", limit=1)
+        third = client.responses.create(**{**asked, "instructions": None}, input="And costs?",
+                                        previous_response_id=then.id)  # fmt: skip
+        third_whole = client.responses.create(**{**asked, "instructions": None}, store=False, input=[
+            {"role": "user", "content": "Net sales grew."}, {"role": "assistant", "content": first.output_text},
+            {"role": "user", "content": "Why?"}, {"role": "assistant", "content": then.output_text},
+            {"role": "user", "content": "And costs?"}])  # fmt: skip
+        missing = {}
+        for why, rid in {"never kept": whole.id, "unknown": "resp_0"}.items():
+            with pytest.raises(openai.NotFoundError) as err:
+                client.responses.create(**asked, input="Why?", previous_response_id=rid)
+            missing[why] = err.value.body
+        with pytest.raises(openai.NotFoundError):
+            client.responses.retrieve(whole.id)
+        client.responses.delete(first.id)
+        with pytest.raises(openai.NotFoundError) as gone:
+            client.responses.retrieve(first.id)
+        with pytest.raises(openai.NotFoundError) as broken:  # `then` continued the response deleted
+            client.responses.create(**asked, input="Why?", previous_response_id=then.id)
+        with pytest.raises(openai.BadRequestError) as metadata:
+            client.responses.create(**asked, input="Hi", metadata={"desk": 1})
+    assert (first.store, then.store, whole.store, streamed.store) == (True, True, False, True)
+    assert (first.previous_response_id, then.previous_response_id) == (None, first.id)
+    assert first.metadata == {"desk": "credit"} and fetched[0].metadata == {"desk": "credit"}
+    # the continuation is the conversation sent whole: the same prompt, the same (greedy) answer
+    assert then.output_text == whole.output_text == streamed.output_text and then.output_text
+    assert then.usage.input_tokens == whole.usage.input_tokens == streamed.usage.input_tokens
+    assert then.usage.input_tokens > first.usage.input_tokens
+    assert (third.output_text, third.usage.input_tokens) == (third_whole.output_text, third_whole.usage.input_tokens)
+    assert [f.model_dump() for f in fetched] == [r.model_dump() for r in (first, then, streamed)]
+    assert [(i.role, i.content[0].text) for i in listed] == [("user", "Why?")] and listed[0].id.startswith("msg_")
+    assert [(i.role, i.content[0].type, i.content[0].text) for i in paged.data] == [
+        ("user", "input_text", "Net sales grew.")] and paged.has_more is False  # fmt: skip
+    kept = ("this server keeps the last 1000 responses of its own, in its memory, none from before it started or "
+            "from another replica, and none answered with store=false")
+    assert missing["never kept"] == {"message": f'Previous response with id "{whole.id}" not found: {kept}',
+                                     "type": "invalid_request_error", "param": "previous_response_id",
+                                     "code": "previous_response_not_found"}  # fmt: skip
+    assert missing["unknown"]["message"] == f'Previous response with id "resp_0" not found: {kept}'
+    assert gone.value.body["message"] == f'Response with id "{first.id}" not found: {kept}'
+    assert broken.value.body["message"] == (f'previous_response_id="{then.id}" continues {first.id}, which this '
+                                            "server no longer keeps (it keeps the last 1000 responses used): send the "
+                                            "conversation whole as `input`, or raise `edgar-tune serve "
+                                            "--keep-responses`")  # fmt: skip
+    assert metadata.value.body["param"] == "metadata"
+
+
+def test_the_responses_kept_are_the_last_used_and_a_conversation_keeps_its_first():
+    """`Kept` holds the `most` responses used last: keeping one more drops the one used longest ago, and a
+    continuation uses each response it continues, so the first of a long conversation is not the first dropped.
+    A server that keeps none refuses `store: true` rather than answer as if it had kept it."""
+    from edgar_tune.serve import Kept, Refused, Server
+
+    def said(rid: str, text: str) -> dict:
+        return {"id": rid, "output": [{"type": "message", "role": "assistant",
+                                       "content": [{"type": "output_text", "text": text}]}]}  # fmt: skip
+
+    kept = Kept(3)
+    kept.keep(said("r1", "one"), "first?", None)
+    kept.keep(said("r2", "two"), [{"role": "user", "content": "second?"}], "r1")
+    kept.keep(said("other", "x"), "other?", None)
+    assert [i.get("content") for i in kept.conversation("r2")] == [
+        "first?", [{"type": "output_text", "text": "one"}], "second?", [{"type": "output_text", "text": "two"}]]
+    kept.keep(said("r3", "three"), "third?", "r2")  # drops `other`, used before r1 and r2 were
+    assert list(kept.held) == ["r1", "r2", "r3"]
+    with pytest.raises(Refused) as err:
+        kept.response("other")
+    assert err.value.status == 404 and err.value.code == "not_found"
+    server = Server([], 16, keep_responses=0)
+    try:
+        assert server._stored({}) is False  # OpenAI's default, where none is kept: not kept, not refused
+        with pytest.raises(Refused, match=r"store=true: this server keeps no responses \(`edgar-tune serve "
+                                          r"--keep-responses 0`\)"):  # fmt: skip
+            server._stored({"store": True})
+    finally:
+        server.engine.stop()
 
 
 def test_edgar_tune_serve_follows_its_alias_to_the_version_promoted(tiny_run, tmp_path):
