@@ -637,14 +637,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
               file=sys.stderr, flush=True)  # fmt: skip
     server = Server(models, args.max_new_tokens, args.max_batch, args.max_batch_tokens, args.prefix_cache_tokens,
                     keep_responses=args.keep_responses)  # fmt: skip
+    responses = f", the last {args.keep_responses} kept to be continued" if args.keep_responses else ""
     kept = (f"; the last {args.prefix_cache_tokens} prompt tokens read kept for prompts that begin as theirs did"
             if args.prefix_cache_tokens else "")  # fmt: skip
     print(f"edgar-tune serve: at http://{args.host}:{args.port}/v1 (OpenAI's API: POST /v1/chat/completions, "
-          f"/v1/completions, /v1/responses, the last {args.keep_responses} responses kept to be continued; GET "
-          f"/v1/models); up to {args.max_new_tokens} new tokens unless a "
-          f"request says max_tokens; up to {args.max_batch} answers ({args.max_batch_tokens} tokens) generated "
-          f"together{kept}",
-          file=sys.stderr, flush=True)  # fmt: skip
+          f"/v1/completions, /v1/responses{responses}; GET /v1/models); up to {args.max_new_tokens} new tokens "
+          f"unless a request says max_tokens; up to {args.max_batch} answers ({args.max_batch_tokens} tokens) "
+          f"generated together{kept}", file=sys.stderr, flush=True)  # fmt: skip
     key = os.environ.get("EDGAR_TUNE_API_KEY") or None
     if not key and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"edgar-tune serve: warning: listening on {args.host} without a key, whoever reaches port {args.port} "
