@@ -77,10 +77,10 @@ CHAT_NOT_DONE = {k: v for k, v in NOT_DONE.items() if k not in ("tools", "tool_c
 # the values that ask for nothing.
 RESPONSES = {"model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "stream", "user",
              "include", "top_logprobs", "top_k", "min_p", "seed", "text", "tools", "tool_choice",
-             "parallel_tool_calls", "store", "metadata", "previous_response_id", *SHAPING}  # fmt: skip
+             "parallel_tool_calls", "store", "metadata", "previous_response_id", "truncation", *SHAPING}  # fmt: skip
 RESPONSE_LOGPROBS = "message.output_text.logprobs"  # what `include` may ask for: each output token's log probability
 RESPONSES_NOT_DONE = {
-    "truncation": (None, "disabled"), "reasoning": (None, {}), "background": (None, False),
+    "reasoning": (None, {}), "background": (None, False),
     "service_tier": (None, "auto", "default"), "conversation": (None,),
     "prompt": (None,), "max_tool_calls": (None,), "stream_options": (None,),
 }  # fmt: skip
@@ -926,6 +926,39 @@ def response_messages(body: dict, earlier: list[dict] = ()) -> list[dict]:
     return messages
 
 
+def fitted(turns: list[dict], render: Callable[[list[dict]], str], lm, new_tokens: int, name: str) -> str:
+    """The prompt of a conversation's `turns` (`render`ed in the chat template) with as few of its earliest
+    exchanges dropped as make it fit the context with `new_tokens` after it: the Responses API's `truncation:
+    "auto"`, which drops items from the beginning of the conversation. An exchange is a user's message and what
+    follows it up to the next (the assistant's answer, its calls and their results), so the conversation still
+    begins with the instructions (the system messages before it, kept) and a user's message. Where even the last
+    exchange does not fit, its prompt (which the context check refuses, with its length)."""
+    context = _context(lm)
+    head = next((i for i, t in enumerate(turns) if t.get("role") != "system"), len(turns))
+    cuts = [head, *(i for i in range(head + 1, len(turns)) if turns[i].get("role") == "user")]
+
+    def at(k: int) -> str:
+        return render(turns[:head] + turns[cuts[k] :])
+
+    def fits(prompt: str) -> bool:
+        return len(lm.tokenizer(prompt, add_special_tokens=False)["input_ids"]) + new_tokens <= context
+
+    whole = at(0)
+    if context is None or fits(whole):
+        return whole
+    low, high = 1, len(cuts) - 1  # the fewest exchanges dropped that fit, where any does: the last cut's
+    while low < high:
+        middle = (low + high) // 2
+        low, high = (low, middle) if fits(at(middle)) else (middle + 1, high)
+    if high < 1:
+        return whole
+    prompt = at(high)
+    if fits(prompt):
+        log.info("%s: the conversation's first %d message(s) dropped to fit its %d-position context with %d new tokens "
+                 "(truncation auto)", name, cuts[high] - head, context, new_tokens)  # fmt: skip
+    return prompt
+
+
 class Kept:
     """The responses of /v1/responses this server keeps (`store`, true unless a request says false, as OpenAI's
     default), in its memory: the `most` used last, each with its own input and the response it continued, so that
@@ -1361,7 +1394,8 @@ class Server:
         """A /v1/responses request's answer (OpenAI's Responses API, text in and out): its `input` and
         `instructions` written in the chat template as chat's messages are, after the conversation of the response
         it continues (`previous_response_id`; not its instructions, as OpenAI's), one answer, as a response object
-        or its stream of typed events, kept (`Kept`) unless `store` is false; `gone` as for `chat`."""
+        or its stream of typed events, kept (`Kept`) unless `store` is false; with `truncation` "auto", the
+        conversation's earliest exchanges dropped where it runs past the context (`fitted`); `gone` as for `chat`."""
         from tasks.registry import chat_prompt
 
         check_fields(body, RESPONSES, "/v1/responses", RESPONSES_NOT_DONE)
@@ -1390,7 +1424,16 @@ class Server:
         previous = body.get("previous_response_id")
         messages = response_messages(body, self.kept.conversation(previous) if previous is not None else [])
         tools = ToolCall.shown(calling, call)
-        prompt = _said(lambda: chat_prompt(served.lm.tokenizer, chat_turns(messages), "input", tools))
+        if (truncation := body.get("truncation")) not in (None, "disabled", "auto"):
+            raise Refused(f"truncation={json.dumps(truncation)[:40]} is \"auto\" (the conversation's earliest "
+                          "exchanges dropped to fit the context) or \"disabled\"", param="truncation")  # fmt: skip
+
+        def render(turns: list[dict]) -> str:
+            return _said(lambda: chat_prompt(served.lm.tokenizer, turns, "input", tools))
+
+        turns = chat_turns(messages)
+        prompt = (fitted(turns, render, served.lm, settings["max_new_tokens"], model.name) if truncation == "auto"
+                  else render(turns))  # fmt: skip
         reasoning = Reasoning.asked({}, served, prompt)
         if reasoning is not None:
             settings = reasoning.formed(settings)
@@ -1742,7 +1785,8 @@ class Response:
                 "text": {"format": (self.body.get("text") or {}).get("format") or {"type": "text"}},
                 "tool_choice": self.body.get("tool_choice") or ("auto" if self.body.get("tools") else "none"),
                 "tools": self.body.get("tools") or [], "top_logprobs": self.logprobs,
-                "top_p": self.settings["top_p"] if self.settings["do_sample"] else 1.0, "truncation": "disabled",
+                "top_p": self.settings["top_p"] if self.settings["do_sample"] else 1.0,
+                "truncation": self.body.get("truncation") or "disabled",
                 "usage": None, "user": self.body.get("user"), "metadata": self.body.get("metadata") or {},
                 "system_fingerprint": _fingerprint(self.served)}  # fmt: skip
         if done:

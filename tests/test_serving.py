@@ -552,6 +552,43 @@ def test_a_kept_response_is_continued_by_its_id_as_the_conversation_sent_whole(t
     assert metadata.value.body["param"] == "metadata"
 
 
+def test_a_conversation_past_the_context_drops_its_earliest_exchanges_with_truncation_auto(tiny_run, tmp_path):
+    """A conversation continued by `previous_response_id` grows until it no longer fits the context. The Responses
+    API's `truncation: "auto"` (the Agents SDK's `ModelSettings(truncation="auto")`) drops its earliest exchanges
+    until it fits, keeping the instructions: the answer is the one the conversation without them gets; left out
+    ("disabled", OpenAI's default), such a request is refused with its length, as before, and so is one whose last
+    exchange alone is too long. Before, `truncation` was refused."""
+    import openai
+
+    _, s = tiny_run
+    folder, _ = _chat_version(s, tmp_path / "chat")
+    long = "Net sales increased. " * 300  # its exchange about 1,500 of the context's 2,048 positions
+    asked = {"model": folder.name, "instructions": "Be brief.", "max_output_tokens": 600}
+    with edgar_tune_serve(str(folder), tmp_path) as base_url:
+        client = openai.OpenAI(base_url=base_url, api_key="none", max_retries=0)
+        first = client.responses.create(**{**asked, "max_output_tokens": 4}, input=long)
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.responses.create(**asked, input="Why?", previous_response_id=first.id)
+        dropped = client.responses.create(**asked, input="Why?", previous_response_id=first.id, truncation="auto")
+        streamed = list(client.responses.create(**asked, input="Why?", previous_response_id=first.id,
+                                                truncation="auto", stream=True))[-1].response  # fmt: skip
+        alone = client.responses.create(**asked, input="Why?", store=False)
+        with pytest.raises(openai.BadRequestError) as too_long:
+            client.responses.create(**asked, input=long * 2, truncation="auto")
+        with pytest.raises(openai.BadRequestError) as bad:
+            client.responses.create(**asked, input="Why?", extra_body={"truncation": "middle"})
+    log = _newest_log(tmp_path)
+    assert "past the model's context of 2048 positions" in refused.value.body["message"]
+    assert (dropped.output_text, dropped.usage.input_tokens) == (alone.output_text, alone.usage.input_tokens)
+    assert (streamed.output_text, streamed.usage.input_tokens) == (alone.output_text, alone.usage.input_tokens)
+    assert dropped.truncation == "auto" and first.truncation == "disabled"
+    assert log.count("the conversation's first 2 message(s) dropped to fit its 2048-position context with 600 new "
+                     "tokens (truncation auto)") == 2, log[-3000:]  # fmt: skip
+    assert "past the model's context of 2048 positions" in too_long.value.body["message"]
+    assert bad.value.body["message"] == ('truncation="middle" is "auto" (the conversation\'s earliest exchanges '
+                                         'dropped to fit the context) or "disabled"')  # fmt: skip
+
+
 def test_the_responses_kept_are_the_last_used_and_a_conversation_keeps_its_first():
     """`Kept` holds the `most` responses used last: keeping one more drops the one used longest ago, and a
     continuation uses each response it continues, so the first of a long conversation is not the first dropped.
