@@ -41,7 +41,7 @@ import uuid
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cache, cached_property
 from typing import TYPE_CHECKING, Any
 
 import uvicorn
@@ -937,26 +937,24 @@ def fitted(turns: list[dict], render: Callable[[list[dict]], str], lm, new_token
     head = next((i for i, t in enumerate(turns) if t.get("role") != "system"), len(turns))
     cuts = [head, *(i for i in range(head + 1, len(turns)) if turns[i].get("role") == "user")]
 
-    def at(k: int) -> str:
+    @cache
+    def at(k: int) -> str:  # the prompt without the first k exchanges
         return render(turns[:head] + turns[cuts[k] :])
 
-    def fits(prompt: str) -> bool:
-        return len(lm.tokenizer(prompt, add_special_tokens=False)["input_ids"]) + new_tokens <= context
+    @cache
+    def fits(k: int) -> bool:
+        return len(lm.tokenizer(at(k), add_special_tokens=False)["input_ids"]) + new_tokens <= context
 
-    whole = at(0)
-    if context is None or fits(whole):
-        return whole
+    if context is None or fits(0):
+        return at(0)
     low, high = 1, len(cuts) - 1  # the fewest exchanges dropped that fit, where any does: the last cut's
     while low < high:
         middle = (low + high) // 2
-        low, high = (low, middle) if fits(at(middle)) else (middle + 1, high)
-    if high < 1:
-        return whole
-    prompt = at(high)
-    if fits(prompt):
+        low, high = (low, middle) if fits(middle) else (middle + 1, high)
+    if high >= 1 and fits(high):
         log.info("%s: the conversation's first %d message(s) dropped to fit its %d-position context with %d new tokens "
                  "(truncation auto)", name, cuts[high] - head, context, new_tokens)  # fmt: skip
-    return prompt
+    return at(max(high, 0))
 
 
 class Kept:

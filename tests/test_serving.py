@@ -589,6 +589,38 @@ def test_a_conversation_past_the_context_drops_its_earliest_exchanges_with_trunc
                                          'dropped to fit the context) or "disabled"')  # fmt: skip
 
 
+def test_truncation_drops_the_fewest_exchanges_that_fit_and_keeps_the_instructions():
+    """`fitted` searches the exchanges to drop (a user's message up to the next): the fewest that make the prompt
+    fit the context with the answer's tokens after it, whatever the conversation's length; the system messages
+    stay; where none fits, the last exchange alone (which the context check then refuses)."""
+    from types import SimpleNamespace
+
+    from edgar_tune.serve import fitted
+
+    def words(text, add_special_tokens):  # a token a word
+        return {"input_ids": text.split()}
+
+    lm = SimpleNamespace(tokenizer=words, model=SimpleNamespace(config=SimpleNamespace(max_position_embeddings=100)))
+    turns = [{"role": "system", "content": "be brief"}]
+    for k in range(9):  # exchange k: a user's message and an answer, 12 words, the third with a call's result
+        turns += [{"role": "user", "content": f"q{k} " * 5}, {"role": "assistant", "content": f"a{k} " * 5}]
+        turns += [{"role": "tool", "content": "r"}, {"role": "assistant", "content": "a"}] if k == 2 else []
+    rendered = []
+
+    def render(kept: list[dict]) -> str:
+        rendered.append(len(kept))
+        return " ".join(t["content"] for t in kept)
+
+    for new_tokens, first in ((10, "q1"), (40, "q4"), (77, "q7"), (87, "q8"), (90, None)):  # of 94 words
+        rendered.clear()
+        prompt = fitted(turns, render, lm, new_tokens, "v")
+        assert prompt.startswith("be brief "), prompt
+        said = prompt.split()[2] if first else None
+        assert said == first or (first is None and prompt.split()[2:7] == ["q8"] * 5), (new_tokens, prompt)
+        assert len(rendered) <= 5, rendered  # a binary search: not a render for each exchange dropped
+    assert fitted(turns[:3], render, lm, 10, "v") == render(turns[:3])  # it fits: as it is
+
+
 def test_the_responses_kept_are_the_last_used_and_a_conversation_keeps_its_first():
     """`Kept` holds the `most` responses used last: keeping one more drops the one used longest ago, and a
     continuation uses each response it continues, so the first of a long conversation is not the first dropped.
