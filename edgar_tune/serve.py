@@ -986,11 +986,14 @@ class Kept:
             if isinstance(rid, str) and rid in self.held:
                 self.held.move_to_end(rid)
                 return self.held[rid]
+        raise self._missing(rid, param)
+
+    def _missing(self, rid: Any, param: str | None) -> Refused:
         what = "Previous response" if param else "Response"
-        raise Refused(f"{what} with id {json.dumps(rid)[:80]} not found: this server keeps the last {self.most} "
-                      "responses of its own, in its memory, none from before it started or from another replica, "
-                      "and none answered with store=false", status=404, param=param,
-                      code="previous_response_not_found" if param else "not_found")  # fmt: skip
+        return Refused(f"{what} with id {json.dumps(rid)[:80]} not found: this server keeps the last {self.most} "
+                       "responses of its own, in its memory, none from before it started or from another replica, "
+                       "and none answered with store=false", status=404, param=param,
+                       code="previous_response_not_found" if param else "not_found")  # fmt: skip
 
     def response(self, rid: str) -> dict:
         return self._held(rid)["response"]
@@ -1000,21 +1003,19 @@ class Kept:
         it continued on (every one of them now the last used, so that a conversation's first is not the first
         dropped)."""
         chain, at = [], rid
-        while at is not None:
-            try:
-                chain.append(self._held(at, "previous_response_id"))
-            except Refused as err:
-                if at == rid:
-                    raise
+        with self.lock:
+            while isinstance(at, str) and at in self.held:
+                chain.append(self.held[at])
+                at = chain[-1]["previous"]
+            for held in reversed(chain):  # the conversation's responses the last used, in its order
+                self.held.move_to_end(held["response"]["id"])
+        if at is not None:
+            err = self._missing(rid, "previous_response_id")
+            if chain:
                 err.message = (f"previous_response_id={json.dumps(rid)} continues {at}, which this server no longer "
                                f"keeps (it keeps the last {self.most} responses used): send the conversation whole "
                                "as `input`, or raise `edgar-tune serve --keep-responses`")  # fmt: skip
-                raise
-            at = chain[-1]["previous"]
-        with self.lock:  # the conversation's responses the last used, in its order
-            for held in reversed(chain):
-                if held["response"]["id"] in self.held:
-                    self.held.move_to_end(held["response"]["id"])
+            raise err
         return [item for held in reversed(chain) for item in [*(i for _, i in held["input"]),
                                                               *held["response"]["output"]]]  # fmt: skip
 
