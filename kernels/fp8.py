@@ -147,8 +147,10 @@ def fp8_base(model: nn.Module, device: torch.device | str | None = None) -> int:
             none at all.
     """
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head_parts = {id(m) for m in head.modules()} if head is not None else set()  # peft's trainable tokens wrap it
     found = [(name, module) for name, module in model.named_modules()
-             if type(module) is nn.Linear and module is not head and not module.weight.requires_grad]  # fmt: skip
+             if type(module) is nn.Linear and id(module) not in head_parts
+             and not module.weight.requires_grad]  # fmt: skip
     odd = [f"{name} ({m.in_features} -> {m.out_features})" for name, m in found
            if m.in_features % 16 or m.out_features % 16]  # fmt: skip
     if odd:

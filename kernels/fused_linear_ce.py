@@ -7,6 +7,11 @@ grad) are computed in the same pass, chunk by chunk, so neither the forward nor 
 chunk_size x V logits: for 8 x 2048 tokens and a 128k vocabulary, 8.6 GB of fp32 logits (and as much again for
 their gradient) become one chunk of about the size of the hidden states.
 
+`replaced=(index, values)` computes the loss of a head whose rows at `index` are `values` (peft's trainable
+tokens: a frozen head but for the rows of a few tokens) without a merged copy of the head: those logits come from
+their own small matmul, and the gradient reaches `values` alone, k x hidden for k rows, where the merged head's
+would be a dense V x hidden gradient and a matmul as large as the logits' for it.
+
 Per chunk: the logits come from one matmul (fp32 accumulation, fp32 result); the loss rows and the gradient
 (softmax - onehot, written over the logits in place) come from `rows`: the Triton kernel on GPUs
 (kernels/triton_ce.py), or the plain-PyTorch `torch_rows` here, which is the CPU path and the reference.
@@ -62,7 +67,8 @@ def default_chunk_size(n_tokens: int, vocab: int, hidden_size: int, cuda: bool =
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, ignore_index, reduction, chunk_size, rows, grad):  # noqa: ANN001
+    def forward(ctx, hidden, weight, bias, labels, ignore_index, reduction, chunk_size, rows, grad, index,  # noqa: ANN001
+                values):  # noqa: ANN001
         n = hidden.shape[0]
         valid = int((labels != ignore_index).sum())
         scale = 1.0 / max(valid, 1) if reduction == "mean" else 1.0
@@ -70,6 +76,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # model's head still has requires_grad, and its gradient would cost two more matmuls per chunk.
         want_h, want_w = grad and hidden.requires_grad, grad and weight.requires_grad
         want_b = grad and bias is not None and bias.requires_grad
+        want_v = grad and values is not None and values.requires_grad
+        if values is not None:  # as the matmul sees them, and what they change in the hidden states' gradient
+            values_ = values.detach().to(weight.dtype)
+            change = values_.float() - weight.detach()[index].float() if want_h else None
+        grad_v = torch.zeros(values.shape, dtype=torch.float32, device=values.device) if want_v else None
         grad_h = torch.empty_like(hidden) if want_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if want_b else None
@@ -77,34 +88,49 @@ class _LinearCrossEntropy(torch.autograd.Function):
         chunk = chunk_size or default_chunk_size(n, weight.shape[0], weight.shape[1], hidden.is_cuda)
         for start in range(0, n, chunk):
             h = hidden[start : start + chunk]
-            logits = torch.mm(h, weight.T).float() if h.dtype == torch.float32 else _mm_fp32(h, weight)
+            logits = _logits(h, weight)
+            if values is not None:
+                logits[:, index] = _logits(h, values_)
             if bias is not None:
                 logits += bias.float()
             # The reduction's scale (1 / tokens for a mean) is applied after the matmuls: softmax - onehot,
             # scaled first, underflows in fp16 (1e-5 probabilities / 3000 tokens).
-            loss += rows(logits, labels[start : start + chunk], ignore_index, 1.0, want_h or want_w or want_b)
+            loss += rows(logits, labels[start : start + chunk], ignore_index, 1.0, want_h or want_w or want_b or want_v)
             g = logits  # now d sum / d logits
             if want_h:  # on GPUs in the weights' dtype (tensor cores), on the CPU in fp32
                 gw_ = (g.to(weight.dtype), weight) if g.is_cuda else (g, weight.float())
-                grad_h[start : start + chunk] = (torch.mm(*gw_).float() * scale).to(hidden.dtype)
+                gh = torch.mm(*gw_).float()
+                if values is not None:  # the replaced rows' part: g[:, index] @ (values - weight[index])
+                    gh += torch.mm(g[:, index], change)
+                grad_h[start : start + chunk] = (gh * scale).to(hidden.dtype)
             if want_w:
                 grad_w.add_(torch.mm(g.T, h.float()), alpha=scale)
+            if want_v:
+                grad_v.add_(torch.mm(g[:, index].T, h.float()), alpha=scale)
             if want_b:
                 grad_b.add_(g.sum(0), alpha=scale)
-        saved = [t if t is not None else torch.empty(0) for t in (grad_h, grad_w, grad_b)]
+        if want_w and values is not None:
+            grad_w[index] = 0.0  # the head's own rows there are not in the loss
+        saved = [t if t is not None else torch.empty(0) for t in (grad_h, grad_w, grad_b, grad_v)]
         ctx.save_for_backward(*saved)
-        ctx.wanted = (want_h, want_w, want_b)
-        ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
+        ctx.wanted = (want_h, want_w, want_b, want_v)
+        ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None, values.dtype if want_v else None)
         return loss * scale
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: ANN001
-        grad_h, grad_w, grad_b = ctx.saved_tensors
-        want_h, want_w, want_b = ctx.wanted
+        grad_h, grad_w, grad_b, grad_v = ctx.saved_tensors
+        want_h, want_w, want_b, want_v = ctx.wanted
         gh = grad_h * grad_out.to(grad_h.dtype) if want_h else None
         gw = (grad_w * grad_out).to(ctx.dtypes[0]) if want_w else None
         gb = (grad_b * grad_out).to(ctx.dtypes[1]) if want_b else None
-        return gh, gw, gb, None, None, None, None, None, None
+        gv = (grad_v * grad_out).to(ctx.dtypes[2]) if want_v else None
+        return gh, gw, gb, None, None, None, None, None, None, None, gv
+
+
+def _logits(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """fp32 logits of the chunk `h` against `weight`'s rows."""
+    return torch.mm(h, weight.T).float() if h.dtype == torch.float32 else _mm_fp32(h, weight)
 
 
 def _mm_fp32(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -127,8 +153,12 @@ def _has_out_dtype() -> bool:  # asked once per chunk: cached
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                                bias: torch.Tensor | None = None, *, ignore_index: int = IGNORE_INDEX,
                                reduction: str = "mean", shift: bool = False, chunk_size: int | None = None,
-                               backend: str = "auto") -> torch.Tensor:  # fmt: skip
+                               backend: str = "auto", replaced: tuple[torch.Tensor, torch.Tensor] | None = None
+                               ) -> torch.Tensor:  # fmt: skip
     """Cross-entropy of `hidden @ weight.T (+ bias)` against `labels`, chunk by chunk (see the module doc).
+
+    replaced: (index, values), the head's rows at `index` (a 1-D integer tensor of distinct ids) taken as `values`
+    (k x hidden), which alone get a gradient for those rows.
 
     backend: "triton" (CUDA tensors, or any under TRITON_INTERPRET=1), "torch" (the chunked PyTorch rows), or
     "auto" (Triton on CUDA when it is installed, else torch). Asking for Triton where it cannot run raises; it
@@ -143,9 +173,13 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     h, y = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
     if h.shape[0] != y.shape[0]:
         raise ValueError(f"{h.shape[0]} hidden states but {y.shape[0]} labels")
+    index, values = replaced if replaced is not None else (None, None)
+    if values is not None and (index.dim() != 1 or values.shape != (len(index), weight.shape[1])):
+        raise ValueError(f"replaced rows: {tuple(values.shape)} values for {tuple(index.shape)} indices of a head "
+                         f"of {tuple(weight.shape)}; give k indices and k x {weight.shape[1]} values")  # fmt: skip
     rows = resolve_rows(backend, h)
     return _LinearCrossEntropy.apply(h, weight, bias, y, ignore_index, reduction, chunk_size, rows,
-                                     torch.is_grad_enabled())  # fmt: skip
+                                     torch.is_grad_enabled(), index, values)  # fmt: skip
 
 
 def resolve_rows(backend: str, sample: torch.Tensor) -> Rows:

@@ -114,10 +114,28 @@ def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tens
     hidden, record.hidden = record.hidden, None
     if hidden is None:
         raise RuntimeError(f"{type(lm).__name__}'s forward never called its LM head ({name})")
+    head, replaced = head_rows(head)
     with _gathered(head.weight):
         return fused_linear_cross_entropy(hidden, head.weight, labels, getattr(head, "bias", None),
                                           ignore_index=ignore_index, reduction=reduction, shift=True,
-                                          backend=backend)  # fmt: skip
+                                          backend=backend, replaced=replaced)  # fmt: skip
+
+
+def head_rows(head: nn.Module) -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor] | None]:
+    """The LM head's linear layer, and the rows peft's trainable tokens replace in it (index, values: the
+    `train.trainable_tokens` rows, on the head itself or tied to the input embedding's), or None. peft's wrapper
+    reads `.weight` as a merged copy of the whole head, whose gradient the loss would compute whole."""
+    adapter = getattr(head, "token_adapter", None)
+    if adapter is None:
+        return head, None
+    active = [] if adapter.disable_adapters or adapter.merged else adapter.active_adapters
+    if len(active) > 1:
+        raise ValueError(f"the fused cross-entropy takes one trainable-tokens adapter at a time, not {active}")
+    if not active:
+        return adapter.base_layer, None
+    values = adapter.trainable_tokens_delta[active[0]]
+    index = torch.tensor(adapter.token_indices[active[0]], device=values.device)
+    return adapter.base_layer, (index, values)
 
 
 _SILU = ("SiLU", "SiLUActivation")  # torch's, and transformers' ACT2FN["silu"]

@@ -94,6 +94,36 @@ def test_kernel_with_an_lm_head_bias(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_kernel_replaced_rows_are_the_merged_heads_rows_and_alone_get_a_gradient(reduction, dtype, backend):
+    """peft's trainable tokens: a frozen head but for a few rows, given as (index, values). The loss and the hidden
+    states' gradient are the merged head's (`weight.index_copy(0, index, values)`, what peft computes), the values'
+    gradient is that head's at those rows, and no V x hidden gradient is made: the frozen head gets none. Rows at
+    the first and last id and in the middle, on a vocabulary no block divides."""
+    if backend == "triton" and dtype != torch.float32 and not torch.cuda.is_available() and reduction == "sum":
+        pytest.skip("the interpreter is slow: half-precision inputs once on the CPU; all on a GPU")
+    hidden, weight, labels = _inputs((2, 23, 301), dtype, seed=3)
+    weight = weight.detach()
+    index = torch.tensor([300, 0, 17], device=DEVICE)
+    values = (torch.randn(3, weight.shape[1], generator=torch.Generator().manual_seed(4)) * 0.5).to(DEVICE, dtype)
+    values.requires_grad_()
+    labels[0, :6] = torch.tensor([300, 0, 17, 17, 300, 5])  # the replaced rows are targets too
+    ours = fused_linear_cross_entropy(hidden, weight, labels, reduction=reduction, shift=True, chunk_size=16,
+                                      backend=backend, replaced=(index, values))  # fmt: skip
+    got = torch.autograd.grad(ours, (hidden, values))
+    ref = _reference(hidden, weight.index_copy(0, index, values), labels, reduction, True)
+    want = torch.autograd.grad(ref, (hidden, values))
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(ours, ref.float(), atol=atol * (46 if reduction == "sum" else 1), rtol=rtol)
+    for g, w, p in zip(got, want, (hidden, values), strict=True):
+        assert g.dtype == p.dtype
+        torch.testing.assert_close(g.float(), w.float(), atol=atol * 10, rtol=rtol)
+    with pytest.raises(ValueError, match="give k indices and k x 64 values"):
+        fused_linear_cross_entropy(hidden, weight, labels, replaced=(index, values[:2]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_kernel_all_ignored_gives_zero_not_nan(backend):
     hidden, weight, labels = _inputs((2, 9, 50), torch.float32)
     labels[:] = IGNORE_INDEX
@@ -673,7 +703,8 @@ def test_kernel_fp8_linear_is_the_e4m3_matmul_of_its_scaled_rows(shape, dtype):
 
 def test_kernel_fp8_base_swaps_the_frozen_layers_of_a_peft_llama():
     """fp8_base on a LoRA Llama: every frozen projection of every block (peft's base layers too) becomes FP8 and
-    its high-precision weight is gone; the LM head, the embeddings and the adapters stay; the loss is within e4m3's
+    its high-precision weight is gone; the LM head (wrapped by peft's trainable tokens, `train.trainable_tokens`,
+    its linear layer inside), the embeddings and the adapters stay; the loss is within e4m3's
     precision of the original's and the adapters' gradients point the same way. Odd widths and a model with
     nothing frozen are refused, saying what to change."""
     from peft import LoraConfig, get_peft_model
@@ -688,7 +719,8 @@ def test_kernel_fp8_base_swaps_the_frozen_layers_of_a_peft_llama():
     runs = []
     for fp8 in (False, True):
         torch.manual_seed(0)
-        lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
+                          trainable_token_indices={"model.embed_tokens": [5, 299], "lm_head": [5, 299]})
         model = get_peft_model(AutoModelForCausalLM.from_config(config).to(DEVICE, torch.bfloat16), lora)
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         if fp8:
@@ -697,9 +729,10 @@ def test_kernel_fp8_base_swaps_the_frozen_layers_of_a_peft_llama():
             layers = [m for m in model.modules() if isinstance(m, Fp8Linear)]
             assert sum(m.weight_fp8.numel() for m in layers) == before - sum(p.numel() for p in model.parameters())
             assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
-            head = model.get_output_embeddings()
-            assert not any(type(m) is nn.Linear and not m.weight.requires_grad and m is not head
+            head = set(model.get_output_embeddings().modules())
+            assert not any(type(m) is nn.Linear and not m.weight.requires_grad and m not in head
                            for m in model.modules())  # fmt: skip
+            assert any(type(m) is nn.Linear for m in head)
         with torch.autocast(DEVICE, dtype=torch.bfloat16):
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
@@ -771,6 +804,24 @@ def test_kernel_fp8_linear_compiles_into_one_graph_with_the_eager_values():
     tol = 1e-2  # inductor may round a scale differently by an ulp, and one e4m3 value with it
     torch.testing.assert_close(got, want, rtol=tol, atol=tol * want.abs().max().item())
     torch.testing.assert_close(got_dx, want_dx, rtol=tol, atol=tol * want_dx.abs().max().item())
+
+
+def test_kernel_token_rows_bench_runs_on_the_cpu(tmp_path):
+    """bench/token_rows.py at 64 tokens of SmolLM2's head: every kind runs, and the replaced rows allocate less than
+    the merged head peft hands the kernel (no V x hidden copy, no dense gradient of it)."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    proc = subprocess.run([sys.executable, "bench/token_rows.py", "--tokens", "64", "--models", "smollm2-135m",
+                           "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    [path] = tmp_path.glob("*-token-rows-*.json")
+    rows = {r["kind"]: r for r in json.loads(path.read_text())["results"]}
+    assert list(rows) == ["frozen head", "merged head", "replaced rows", "materialized"]
+    assert rows["replaced rows"]["memory_mb"] < rows["merged head"]["memory_mb"] / 2, rows
 
 
 def test_kernel_fp8_bench_runs_on_the_cpu(tmp_path):
