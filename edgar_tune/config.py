@@ -341,6 +341,13 @@ class TrainConfig(_Section):
         None, description="Module names to adapt, as peft matches them (a name or its last dotted parts); default: "
         "every linear layer of the transformer blocks. A name that adapts nothing is refused before the model loads."
     )
+    trainable_tokens: list[str] | Literal["auto"] = Field(
+        "auto", description="LoRA: tokens whose embedding rows (and LM head rows) train beside the adapters, as peft's "
+        "trainable tokens: those rows alone, not the whole matrices. auto = the tokenizer's added tokens that are not "
+        "special (Qwen's <tool_call> and <think>, tags a user added) and that the training examples hold: a base may "
+        "never have trained their rows, and LoRA alone leaves them as they are; none = no rows. Or name tokens "
+        "(`train.trainable_tokens=<tool_call>,</tool_call>`), each one token of the tokenizer's vocabulary.",
+    )
     int8_quantization: bool = Field(
         False, description="Load the frozen base in 8-bit (bitsandbytes, CUDA only) and train LoRA on it."
     )
@@ -525,6 +532,13 @@ class TrainConfig(_Section):
         v = listed(v)
         return list(dict.fromkeys(v)) if isinstance(v, list) and all(isinstance(t, str) for t in v) else v
 
+    @field_validator("trainable_tokens", mode="before")
+    @classmethod
+    def _tokens(cls, v: Any) -> Any:
+        if v in ("auto", "none", None):
+            return [] if v != "auto" else v
+        return cls._targets(v)
+
     @model_validator(mode="after")
     def _combinations(self) -> TrainConfig:
         refuse = []
@@ -541,6 +555,9 @@ class TrainConfig(_Section):
         if self.lora_target_modules and self.mode != "lora":
             refuse.append("train.lora_target_modules names LoRA's adapters, and train.mode=full trains every weight: "
                           "unset it or set train.mode=lora")  # fmt: skip
+        if self.trainable_tokens not in ("auto", []) and self.mode != "lora":
+            refuse.append("train.trainable_tokens names rows to train beside LoRA, and train.mode=full trains every "
+                          "row: unset it or set train.mode=lora")  # fmt: skip
         if self.fp8_base and self.mode != "lora":
             refuse.append("train.fp8_base quantizes LoRA's frozen base, and train.mode=full trains every weight: set "
                           "train.fp8_base=false or train.mode=lora")

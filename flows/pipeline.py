@@ -358,6 +358,7 @@ def build_summary(run_dir: Path, preset: str, timings: dict, flow_run_id: str | 
         "gradient_accumulation_steps": train.get("gradient_accumulation_steps"),
         "memory_fit": train.get("memory_plan", {}).get("fit"),
         "mode": train["mode"],
+        "trainable_tokens": train.get("trainable_tokens"),
         "dtype": train["dtype"],
         "device": train["device"],
         "train_steps": train["steps"],

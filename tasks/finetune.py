@@ -103,6 +103,70 @@ def lora_targets(model: torch.nn.Module, override: list[str] | None, key: str = 
     return default
 
 
+def trainable_tokens(tokenize_dir: Path, cfg: TrainConfig, tokenizer=None) -> dict[str, int]:  # noqa: ANN001
+    """`train.trainable_tokens` as the tokens whose rows this run trains beside LoRA, each with its id: the named
+    ones, or under "auto" the tokenizer's added tokens that are not special and that the training split holds
+    (none under full fine-tuning, which trains every row).
+
+    Raises:
+        ConfigError: a named token that is not one token of the tokenizer's vocabulary (saying its added tokens);
+            rows to train under ZeRO-3 or FSDP, which shard the embedding matrix peft's trainable tokens read whole.
+    """
+    if cfg.mode != "lora" or cfg.trainable_tokens == []:
+        return {}
+    tokenizer = tokenizer or load_tokenizer(base_model_path(tokenize_dir))
+    if cfg.trainable_tokens == "auto":
+        added = {i: t.content for i, t in tokenizer.added_tokens_decoder.items() if not t.special}
+        chosen = {added[i]: i for i in sorted(_held(tokenize_dir / "train", set(added)))}
+    else:
+        vocab = tokenizer.get_vocab()
+        for token in cfg.trainable_tokens:
+            if token not in vocab:
+                pieces = tokenizer.tokenize(token)
+                added = ", ".join(t.content for t in tokenizer.added_tokens_decoder.values()) or "none"
+                raise ConfigError(f"train.trainable_tokens: {token!r} is not one token of this tokenizer (it reads "
+                                  f"as {len(pieces)}: {pieces[:6]}); name tokens of its vocabulary, such as its "
+                                  f"added tokens ({added}); quote one that YAML reads as a list")  # fmt: skip
+        chosen = {token: vocab[token] for token in cfg.trainable_tokens}
+    if chosen and (option := engine_option(cfg)) in ("zero3", "zero3-offload", "fsdp"):
+        engine = "train.enable_fsdp" if option == "fsdp" else f"train.deepspeed={cfg.deepspeed}"
+        named = "auto" if cfg.trainable_tokens == "auto" else ",".join(cfg.trainable_tokens)
+        raise ConfigError(f"train.trainable_tokens={named} trains the rows of {', '.join(chosen)} beside LoRA, and "
+                          f"{engine} shards the embedding matrix whose rows peft reads whole (not tried): set "
+                          "train.trainable_tokens=none (the rows stay as the base has them), train.deepspeed=zero2, or "
+                          "train.mode=full")  # fmt: skip
+    return chosen
+
+
+def token_rows(model: torch.nn.Module, ids: list[int]) -> dict[str, list[int]] | None:
+    """peft's `trainable_token_indices` for `ids`: the input embedding's rows, and the LM head's (its own when the
+    head is not tied to the embedding; peft ties a tied one's to the embedding's rows itself). None for no ids."""
+    if not ids:
+        return None
+    names = {id(m): n for n, m in model.named_modules()}
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    rows = {names[id(embedding)]: ids}
+    if head is not None and head.weight is not embedding.weight:
+        rows[names[id(head)]] = ids
+    return rows
+
+
+def _held(split: Path, ids: set[int]) -> set[int]:
+    """Which of `ids` the `input_ids` of the dataset saved at `split` hold (read a chunk of its column at a time)."""
+    import numpy as np
+
+    found: set[int] = set()
+    if not ids:
+        return found
+    wanted = np.array(sorted(ids))
+    for chunk in load_from_disk(str(split)).data.column("input_ids").chunks:
+        values = chunk.flatten().to_numpy()
+        found.update(int(i) for i in np.unique(values[np.isin(values, wanted)]))
+        if found == ids:
+            break
+    return found
+
+
 def total_steps(n_blocks: int, cfg: TrainConfig, world_size: int = 1) -> int:
     if cfg.max_steps > 0:
         return cfg.max_steps
@@ -750,7 +814,7 @@ def plan_inputs(tokenize_dir: Path, cfg: TrainConfig, precision: str) -> tuple:
               compiled=cfg.torch_compile or resolve_backend(cfg.fused_layers, "train.fused_layers") == "triton",
               lean_lora=cfg.lean_lora, lora_dropout=cfg.lora_dropout,
               dense_mask=cfg.document_mask and cfg.attention == "sdpa", fp8_base=cfg.fp8_base,
-              on_cpu=device() == "cpu",
+              token_rows=cfg.trainable_tokens not in ("auto", []), on_cpu=device() == "cpu",
               allocator=allocator.resolve(cfg.cpu_allocator, device() == "cuda")[0])  # fmt: skip
     return shape, budget, where, kw
 
@@ -836,6 +900,13 @@ def plan_training(tokenize_dir: Path, cfg: TrainConfig, precision: str) -> tuple
     the config they return: the config to train, and the plan (what memory_fit chose under "fit")."""
     blocks = read_json(tokenize_dir / "stats.json")["train_blocks"]
     check_profile_step(min(blocks, cfg.max_train_samples) if cfg.max_train_samples > 0 else blocks, cfg, world_size(cfg))
+    if tokens := trainable_tokens(tokenize_dir, cfg):
+        why = (" (the tokenizer's added tokens, not special, that the training split holds: their rows may never have "
+               "trained, and LoRA alone leaves them as they are)" if cfg.trainable_tokens == "auto" else "")
+        _log_once(f"train.trainable_tokens={'auto' if cfg.trainable_tokens == 'auto' else ','.join(tokens)}: the "
+                  f"embedding and LM head rows of {', '.join(f'{t} ({i})' for t, i in tokens.items())} train beside "
+                  f"LoRA{why}")  # fmt: skip
+    cfg = cfg.model_copy(update={"trainable_tokens": list(tokens)})
     cfg = resolve_checkpointing(tokenize_dir, resolve_allocator(cfg), precision)
     cfg, fitted = fit_memory(tokenize_dir, cfg, precision)
     plan = memory_plan(tokenize_dir, cfg, precision) | {"fit": fitted}
@@ -1256,6 +1327,8 @@ def train(tmp: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfig,
         disable_tqdm=not console_bars(),  # a file or a pipe: the train stage's log lines say it (follow_progress)
     )
     torch.manual_seed(cfg.seed)
+    tokenizer = load_tokenizer(base)
+    tokens = trainable_tokens(tokenize_dir, cfg, tokenizer)  # the train stage resolved them; a direct call may not
     model = _load_model(base, cfg, precision)
     # Training never reads a KV cache; building one costs memory and stops transformers from masking packed
     # documents (it reads position ids as packing only without a cache).
@@ -1269,8 +1342,9 @@ def train(tmp: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfig,
         from peft import LoraConfig, get_peft_model
 
         targets = lora_targets(model, cfg.lora_target_modules)
+        rows = token_rows(model, list(tokens.values()))
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                          target_modules=targets, task_type="CAUSAL_LM",
+                          target_modules=targets, task_type="CAUSAL_LM", trainable_token_indices=rows,
                           revision=unpinned(base)[1].get("revision"))  # peft's AutoPeftModel* loads that commit
         model = get_peft_model(model, lora)
         if cfg.lean_lora:
@@ -1286,7 +1360,6 @@ def train(tmp: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfig,
         log.info("train.torch_compile: %d transformer layers compiled in place, sharing their compiled code",
                  compile_layers(model))  # fmt: skip
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    tokenizer = load_tokenizer(base)
     timer, callbacks = step_timer(), []
     early_stopping = bool(evaluate and cfg.early_stopping_patience)
     if early_stopping:
@@ -1357,6 +1430,7 @@ def train(tmp: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfig,
         "step_seconds": steady,
         "tokens_per_s": tokens_per_step / steady if steady else None,
         "trainable_parameters": trainable,
+        "trainable_tokens": list(tokens),  # their embedding and LM head rows, trained beside LoRA
         "final_loss": losses[-1],
         # The Trainer's own average divides a resumed run's loss by all steps; the logged history is whole.
         "train_loss": sum(losses) / len(losses) if resume_from else result.training_loss,

@@ -431,7 +431,7 @@ def write_lora_gguf(adapter_dir: Path, config, path: Path, gguf_type: str, metad
 
     Raises:
         ConfigError: see `check_model`; or an adapter llama.cpp cannot apply as trained: DoRA, per-module alphas,
-            rsLoRA with per-module ranks, biases, whole modules saved beside it, or a tensor that is not a
+            rsLoRA with per-module ranks, biases, whole modules or token rows saved beside it, or a tensor that is not a
             projection's A or B.
     """
     import gguf
@@ -444,6 +444,7 @@ def write_lora_gguf(adapter_dir: Path, config, path: Path, gguf_type: str, metad
         ("DoRA's magnitudes", lora.get("use_dora")), ("per-module alphas", lora.get("alpha_pattern")),
         ("biases", lora.get("bias", "none") != "none" or lora.get("lora_bias")),
         (f"whole modules saved beside it ({lora.get('modules_to_save')})", lora.get("modules_to_save")),
+        ("token rows trained beside it (train.trainable_tokens)", lora.get("trainable_token_indices")),
         (f"a {lora.get('peft_type')} adapter, not LoRA", lora.get("peft_type", "LORA") != "LORA"),
         ("rsLoRA's scale with per-module ranks", lora.get("use_rslora") and lora.get("rank_pattern")),
     ) if bad]  # fmt: skip

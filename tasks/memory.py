@@ -183,7 +183,7 @@ class Estimate:
 def estimate(shape: ModelShape, *, option: str, nproc: int, seq: int, batch: int, mode: str, precision: str,
              quantization: str | None = None, gradient_checkpointing: bool = True, checkpoint_layers: float = 1.0,
              fused_loss: bool = False, half_base: bool = True, compiled: bool = False, lean_lora: bool = False,
-             lora_dropout: float = 0.0, dense_mask: bool = False, fp8_base: bool = False,
+             lora_dropout: float = 0.0, dense_mask: bool = False, fp8_base: bool = False, token_rows: bool = False,
              on_cpu: bool = False, allocator: str = "system") -> Estimate:  # fmt: skip
     """Peak memory per device for one engine option: `none`, `zero2`, `zero3`, `zero3-offload` or `fsdp`.
 
@@ -205,7 +205,11 @@ def estimate(shape: ModelShape, *, option: str, nproc: int, seq: int, batch: int
     scales, 4 bytes per output row, and the norms' weights are rounding), the embeddings and LM head as before; a
     layer keeps for backward what a frozen bf16 layer keeps. Backward's transient: one projection's output gradient
     in e4m3 (on GPUs one Triton pass or inductor's fused code writes nothing else; the CPU's PyTorch ops take fp32
-    copies on the way, RAM the CPU is rarely short of), and one weight transposed."""
+    copies on the way, RAM the CPU is rarely short of), and one weight transposed.
+    token_rows: LoRA trains some tokens' embedding and head rows (`train.trainable_tokens`, peft's trainable
+    tokens). Under the model's own loss, peft's merged copy of the head is kept for backward and gets a dense
+    gradient: two head matrices more. The fused loss reads the rows apart (kernels/hf.py `head_rows`), and the input
+    embedding's merged copy and dense gradient come and go outside the peak (at forward's start, backward's end)."""
     mixed = precision in ("bf16", "fp16")
     # peft's prepare_model_for_kbit_training upcasts every unquantized weight (norms, embeddings) to fp32, so
     # a quantized model's hidden states and logits are fp32 whatever the training precision.
@@ -262,6 +266,8 @@ def estimate(shape: ModelShape, *, option: str, nproc: int, seq: int, batch: int
         logits = tokens * shape.hidden * act_bytes + chunk * shape.vocab * (4 + act_bytes)
     else:
         logits = tokens * shape.vocab * (act_bytes + _LOGIT_EXTRA_BYTES)
+        if token_rows and mode == "lora":
+            logits += 2 * shape.vocab * shape.hidden * base_bytes
     process = 0.0
     if on_cpu:  # forward computes every layer's activations once, whether kept or recomputed in backward
         if allocator == "system":  # glibc maps the larger ones on their own and unmaps them whole when freed

@@ -1421,6 +1421,8 @@ def _register(run_dir: Path, cfg: PipelineConfig, flow_run_id: str | None, runs_
             keys = ("per_device_train_batch_size", "gradient_accumulation_steps", "recomputed_layers", "planned_gb",
                     "budget_gb")  # fmt: skip
             mlflow.log_params({f"memory_fit.{k}": fitted[k] for k in keys})
+        if train_stats.get("trainable_tokens"):  # what train.trainable_tokens (auto, say) trained in this run
+            mlflow.log_param("trainable_tokens.trained", json.dumps(train_stats["trainable_tokens"]))
         mlflow.log_metrics({"ppl_before": before["perplexity"], "ppl_after": after["perplexity"],
                             "train_tokens": tok_stats["train_tokens"], "val_tokens": after["tokens"],
                             "train_seconds": train_stats["seconds"]})  # fmt: skip

@@ -5,6 +5,8 @@ with the model's linear layers."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -97,3 +99,58 @@ def test_targets_match_as_peft_matches_them(tmp_path):
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=given, task_type="CAUSAL_LM"))
     assert planned.lora_params == sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     assert planned.lora_targets == ("o_proj",)
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied-head", "own-head"])
+def test_token_rows_train_beside_lora_through_the_fused_loss_as_through_peft(tied):
+    """`train.trainable_tokens`: peft's trainable tokens on the input embedding's rows and, where the LM head is
+    not tied to it, on the head's own. The fused loss reads the head's rows apart (kernels/hf.py `head_rows`) and
+    gives every trainable tensor the gradient peft's own loss gives it, the rows' included (a tied head's rows get
+    both uses'), without the dense head gradient peft's merged copy of the head would cost (a matmul as large as
+    the logits'); merged, the version holds the trained rows and the base's everywhere else."""
+    from peft import LoraConfig, get_peft_model
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from kernels.hf import causal_lm_loss
+    from tasks.finetune import token_rows
+
+    _, model = _model("LlamaConfig", dict(CONFIGS["llama"][1], tie_word_embeddings=tied))
+    base_embedding = model.get_input_embeddings().weight.detach().clone()
+    base_head = model.get_output_embeddings().weight.detach().clone()
+    plain = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    ids = [299, 3, 150]
+    rows = token_rows(model, ids)
+    assert rows == ({"model.embed_tokens": ids} if tied else {"model.embed_tokens": ids, "lm_head": ids})
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], trainable_token_indices=rows))
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    deltas = [n for n in params if "trainable_tokens_delta" in n]
+    assert len(deltas) == (1 if tied else 2) and all("lora_" in n for n in params if n not in deltas), list(params)
+    g = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(0, 300, (2, 24), generator=g)
+    input_ids[:, ::5] = 299  # the rows' tokens as inputs and as targets
+    labels = input_ids.clone()
+    labels[:, 7] = 3
+    labels[0, :4] = -100
+    want = torch.autograd.grad(model(input_ids=input_ids, labels=labels).loss, list(params.values()))
+    got = torch.autograd.grad(causal_lm_loss(model, input_ids, labels, backend="torch"), list(params.values()))
+    for name, w, o in zip(params, want, got, strict=True):
+        torch.testing.assert_close(o, w, atol=1e-6, rtol=1e-4, msg=name)
+    assert all(want[list(params).index(n)].abs().sum() > 0 for n in deltas)
+    flops = []
+    for m in (plain, model):
+        with FlopCounterMode(display=False) as counter:
+            causal_lm_loss(m, input_ids, labels, backend="torch")  # the loss's gradients are computed with it
+        flops.append(counter.get_total_flops())
+    head_gradient = 2 * 2 * 23 * 300 * 64  # tokens x vocab x hidden, a multiply and an add
+    assert 0 < flops[1] - flops[0] < head_gradient / 10, flops
+    with torch.no_grad():
+        for n in deltas:
+            params[n].add_(1.0)
+    merged = model.merge_and_unload()
+    embedding = merged.get_input_embeddings().weight
+    torch.testing.assert_close(embedding[ids], base_embedding[ids] + 1.0)
+    others = [i for i in range(300) if i not in ids]
+    assert torch.equal(embedding[others], base_embedding[others])
+    head = merged.get_output_embeddings().weight
+    assert head is embedding if tied else torch.equal(head[ids], base_head[ids] + 1.0) and torch.equal(
+        head[others], base_head[others])  # fmt: skip

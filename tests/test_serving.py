@@ -3039,7 +3039,8 @@ def test_gguf_adapter_applied_to_the_bases_gguf_export_is_the_merged_gguf(tiny_r
     assert (tmp_path / "base-gguf" / "base-f32.gguf").stat().st_mtime_ns == written
     assert export_alias(client, "own-base", "champion", tmp_path / "lora", adapter=True, gguf="f32")["written"]
 
-    for change, said in (({"use_dora": True}, "DoRA's magnitudes"), ({"alpha_pattern": {"q_proj": 4}}, "per-module")):
+    for change, said in (({"use_dora": True}, "DoRA's magnitudes"), ({"alpha_pattern": {"q_proj": 4}}, "per-module"),
+                         ({"trainable_token_indices": [5]}, r"token rows trained beside it \(train.trainable_tokens\)")):
         folder = tmp_path / next(iter(change))
         shutil.copytree(adapter_dir, folder)
         (folder / "adapter_config.json").write_text(json.dumps(lora | change))

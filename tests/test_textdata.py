@@ -715,6 +715,43 @@ def _tagged_chat_model(chat_model: Path, folder: Path, tags: list[str], template
     return folder
 
 
+def test_trainable_tokens_are_the_added_tokens_the_examples_hold_or_those_named(tiny_chat_model, tmp_path):
+    """`train.trainable_tokens`: under auto, the tokenizer's added tokens that are not special and that the training
+    split holds (the call's tags here; not <think>, which no example holds, nor <|endoftext|>, special); or the
+    tokens named, each one of the vocabulary's (a word piece too); none under full fine-tuning or `none`. A name
+    that is not one token is refused saying what it reads as and the added tokens, and rows to train under ZeRO-3
+    are refused saying what to set."""
+    from datasets import Dataset
+
+    from edgar_tune.config import TrainConfig
+    from tasks.finetune import trainable_tokens
+    from tasks.models import load_tokenizer
+
+    tags = ["<tool_call>", "</tool_call>", "<think>"]
+    tok = load_tokenizer(str(_tagged_chat_model(tiny_chat_model, tmp_path / "tagged", tags, TOOL_QWEN)))
+    ids = dict(zip(tags, tok.convert_tokens_to_ids(tags), strict=True))
+    split = tmp_path / "03_tokenize"
+    texts = ['<tool_call>{"name": "lookup"}</tool_call>', "Net sales increased.<|endoftext|>"]
+    Dataset.from_dict({"input_ids": [tok.encode(t) for t in texts]}).save_to_disk(split / "train")
+    auto = TrainConfig()
+    assert trainable_tokens(split, auto, tok) == {t: ids[t] for t in tags[:2]}
+    word = tok.convert_ids_to_tokens(tok.encode(" sales"))[0]
+    named = auto.model_copy(update={"trainable_tokens": ["<think>", word]})
+    assert trainable_tokens(split, named, tok) == {"<think>": ids["<think>"], word: tok.convert_tokens_to_ids(word)}
+    assert trainable_tokens(split, auto.model_copy(update={"mode": "full"}), tok) == {}
+    assert trainable_tokens(split, TrainConfig(trainable_tokens="none"), tok) == {}
+    with pytest.raises(ConfigError, match=re.escape(
+            "train.trainable_tokens: '<tool>' is not one token of this tokenizer (it reads as 4: ['<', 'to', 'ol', "
+            "'>']); name tokens of its vocabulary, such as its added tokens (<|endoftext|>, <tool_call>, </tool_call>, "
+            "<think>)")):  # fmt: skip
+        trainable_tokens(split, TrainConfig(trainable_tokens=["<tool>"]), tok)
+    with pytest.raises(ConfigError, match=re.escape(
+            "train.trainable_tokens=auto trains the rows of <tool_call>, </tool_call> beside LoRA, and "
+            "train.deepspeed=zero3 shards the embedding matrix whose rows peft reads whole (not tried): set "
+            "train.trainable_tokens=none")):  # fmt: skip
+        trainable_tokens(split, TrainConfig(deepspeed="zero3"), tok)
+
+
 def test_a_version_tuned_on_tool_calls_calls_a_tool_of_its_own_choice_when_served(tmp_path, paragraphs,
                                                                                     tiny_chat_model, prefect_server):
     """The loop a user runs to have a version call tools: conversations whose assistant calls a tool (OpenAI's
@@ -722,7 +759,9 @@ def test_a_version_tuned_on_tool_calls_calls_a_tool_of_its_own_choice_when_serve
     `edgar-tune serve` asked with `tools` (and no `tool_choice`: "auto") answers with the call, of the version's
     own choice (no logit_bias), its arguments kept to the tool's parameters, the turn ending as trained
     (finish_reason "tool_calls", not "length": the template's turn end, text here, is the grammar's to allow after
-    the calls). Before, such records were refused, and "auto" with them."""
+    the calls). Before, such records were refused, and "auto" with them. Tuned with LoRA, the default: the tags'
+    embedding rows train beside it (`train.trainable_tokens=auto`); with `train.trainable_tokens=none` this version
+    never wrote the tag (finish_reason "length", a run of `": "`), as LoRA alone leaves the rows as resized."""
     import openai
 
     from tests.test_serving import edgar_tune_serve
@@ -741,9 +780,10 @@ def test_a_version_tuned_on_tool_calls_calls_a_tool_of_its_own_choice_when_serve
     data = tmp_path / "tools.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
     s = run_cli(tmp_path, "--set", f"data.source={data}", "--set", "instruction_tuned=true", "--set", "max_steps=60",
-                "--set", f"model.name={base}", "--set", "max_input_length=512", "--set", "train.mode=full",
-                "--set", "per_device_train_batch_size=4", env=prefect_server)  # the tags' new rows train too  # fmt: skip
+                "--set", f"model.name={base}", "--set", "max_input_length=512",
+                "--set", "per_device_train_batch_size=4", env=prefect_server)  # fmt: skip
     assert s["ppl_after"] < s["ppl_before"]
+    assert s["mode"] == "lora" and s["trainable_tokens"] == ["<tool_call>", "</tool_call>"]
     with edgar_tune_serve(f"models:/{s['registered_model']}/{s['model_version']}", tmp_path,
                           MLFLOW_TRACKING_URI=s["mlflow_tracking_uri"]) as base_url:  # fmt: skip
         client = openai.OpenAI(base_url=base_url, api_key="none", max_retries=0)
