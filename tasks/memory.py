@@ -207,9 +207,11 @@ def estimate(shape: ModelShape, *, option: str, nproc: int, seq: int, batch: int
     in e4m3 (on GPUs one Triton pass or inductor's fused code writes nothing else; the CPU's PyTorch ops take fp32
     copies on the way, RAM the CPU is rarely short of), and one weight transposed.
     token_rows: LoRA trains some tokens' embedding and head rows (`train.trainable_tokens`, peft's trainable
-    tokens). Under the model's own loss, peft's merged copy of the head is kept for backward and gets a dense
-    gradient: two head matrices more. The fused loss reads the rows apart (kernels/hf.py `head_rows`), and the input
-    embedding's merged copy and dense gradient come and go outside the peak (at forward's start, backward's end)."""
+    tokens). Under the model's own loss, peft's merged copy of the head is kept for backward with the final hidden
+    states (a frozen head keeps neither), and gets a dense gradient: two head matrices and the hidden states more
+    (counted against saved-tensor hooks in tests/test_memory.py). The fused loss reads the rows apart (kernels/hf.py
+    `head_rows`), and the input embedding's merged copy and dense gradient come and go outside the peak (at
+    forward's start, backward's end)."""
     mixed = precision in ("bf16", "fp16")
     # peft's prepare_model_for_kbit_training upcasts every unquantized weight (norms, embeddings) to fp32, so
     # a quantized model's hidden states and logits are fp32 whatever the training precision.
@@ -267,7 +269,7 @@ def estimate(shape: ModelShape, *, option: str, nproc: int, seq: int, batch: int
     else:
         logits = tokens * shape.vocab * (act_bytes + _LOGIT_EXTRA_BYTES)
         if token_rows and mode == "lora":
-            logits += 2 * shape.vocab * shape.hidden * base_bytes
+            logits += 2 * shape.vocab * shape.hidden * base_bytes + tokens * shape.hidden * act_bytes
     process = 0.0
     if on_cpu:  # forward computes every layer's activations once, whether kept or recomputed in backward
         if allocator == "system":  # glibc maps the larger ones on their own and unmaps them whole when freed

@@ -377,6 +377,52 @@ def test_the_plan_counts_the_one_mask_all_layers_keep_with_a_document_mask_on_sd
     assert measured == pytest.approx(planned, rel=1e-6) and measured > 0
 
 
+def test_the_plan_counts_the_merged_head_that_trainable_token_rows_keep_under_the_models_own_loss():
+    """`train.trainable_tokens` under the model's own loss: peft's merged copy of the LM head is what its matmul
+    keeps for backward with the final hidden states (for the head's gradient; a frozen head keeps neither), beside
+    what the same rows on the input embedding alone keep (by saved-tensor hooks, parameters aside: held anyway), and
+    backward makes its dense gradient: what the plan adds. Through the fused loss the rows are read apart
+    (kernels/hf.py `head_rows`) and the head keeps a few rows' worth."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kernels.hf import causal_lm_loss
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=300, tie_word_embeddings=False)  # fmt: skip
+    ids = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(0))
+    rows = [7, 150, 299]
+
+    def kept(head_rows: bool, fused: bool) -> int:
+        torch.manual_seed(0)
+        indices = {"model.embed_tokens": rows} | ({"lm_head": rows} if head_rows else {})
+        model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                                    trainable_token_indices=indices))  # fmt: skip
+        held = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        storages = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            if t.untyped_storage().data_ptr() not in held:
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = causal_lm_loss(model, ids, ids, backend="torch") if fused else model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return sum(storages.values())
+
+    head, hidden = config.vocab_size * config.hidden_size * 4, ids.numel() * config.hidden_size * 4  # fp32
+    assert kept(True, fused=False) - kept(False, fused=False) == head + hidden + 8 * len(rows)  # and the rows' ids
+    assert abs(kept(True, fused=True) - kept(False, fused=True)) < head / 10
+    shape = ModelShape(params=0, lora_params=0, layers=2, hidden=64, vocab=300, largest_layer_params=0)
+    kw = dict(option="none", nproc=1, seq=32, batch=2, mode="lora", precision="fp32")
+    added = (estimate(shape, **kw, token_rows=True).logits - estimate(shape, **kw).logits) * GB
+    assert added == pytest.approx(2 * head + hidden)
+    fused = dict(kw, fused_loss=True)
+    assert estimate(shape, **fused, token_rows=True).logits == estimate(shape, **fused).logits
+
+
 @pytest.mark.parametrize(("lean", "dropout"), [(False, 0.0), (True, 0.0), (True, 0.1), (False, 0.1)])
 def test_the_plan_counts_what_a_lora_layer_keeps(lean, dropout):
     """`lora_layer_bytes` against what autograd really keeps (saved-tensor hooks), tensor for tensor, for peft's
