@@ -1421,6 +1421,9 @@ class Server:
                                "top_logprobs": body.get("top_logprobs")}, chat=True)  # fmt: skip
         store = self._stored(body)
         previous = body.get("previous_response_id")
+        if previous is not None and not isinstance(previous, str):
+            raise Refused(f"previous_response_id={json.dumps(previous)[:40]} is a response's id, a string (resp_...)",
+                          param="previous_response_id")  # fmt: skip
         messages = response_messages(body, self.kept.conversation(previous) if previous is not None else [])
         tools = ToolCall.shown(calling, call)
         if (truncation := body.get("truncation")) not in (None, "disabled", "auto"):

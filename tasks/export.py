@@ -475,6 +475,8 @@ def model_card(p: dict, params: dict[str, str], smollm2: bool, folder: Path | st
     if p["lora_target_modules"]:  # the modules it adapted, also where the run left the choice to the model family
         params = params | {"train.lora_target_modules": ", ".join(p["lora_target_modules"])}
     shown = [(k, params[k]) for k in CARD_PARAMS if k in params]
+    if "trainable_tokens.trained" in params:  # the tokens whose rows trained beside LoRA (what auto chose)
+        shown.append(("train.trainable_tokens", ", ".join(json.loads(params["trainable_tokens.trained"]))))
     if shown:
         lines += ["", "| hyperparameter | value |", "|---|---|", *[f"| `{k}` | {v} |" for k, v in shown]]
     lines += _prompt_lines(p.get("prompt_template"), p.get("chat", False), bool(gguf), p.get("turn_end"),

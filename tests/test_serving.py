@@ -526,6 +526,9 @@ def test_a_kept_response_is_continued_by_its_id_as_the_conversation_sent_whole(t
             client.responses.create(**asked, input="Why?", previous_response_id=then.id)
         with pytest.raises(openai.BadRequestError) as metadata:
             client.responses.create(**asked, input="Hi", metadata={"desk": 1})
+        with pytest.raises(openai.BadRequestError) as numbered:  # not an id: OpenAI's 400, not a 404
+            client.responses.create(**asked, input="Hi", previous_response_id=7)
+    assert numbered.value.body["message"] == 'previous_response_id=7 is a response\'s id, a string (resp_...)'
     assert (first.store, then.store, whole.store, streamed.store) == (True, True, False, True)
     assert (first.previous_response_id, then.previous_response_id) == (None, first.id)
     assert first.metadata == {"desk": "credit"} and fetched[0].metadata == {"desk": "credit"}
@@ -3040,7 +3043,7 @@ def test_gguf_adapter_applied_to_the_bases_gguf_export_is_the_merged_gguf(tiny_r
     assert export_alias(client, "own-base", "champion", tmp_path / "lora", adapter=True, gguf="f32")["written"]
 
     for change, said in (({"use_dora": True}, "DoRA's magnitudes"), ({"alpha_pattern": {"q_proj": 4}}, "per-module"),
-                         ({"trainable_token_indices": [5]}, r"token rows trained beside it \(train.trainable_tokens\)")):
+                         ({"trainable_token_indices": [5]}, r"token rows trained beside it \(train\.trainable_")):
         folder = tmp_path / next(iter(change))
         shutil.copytree(adapter_dir, folder)
         (folder / "adapter_config.json").write_text(json.dumps(lora | change))

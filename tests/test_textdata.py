@@ -793,6 +793,17 @@ def test_a_version_tuned_on_tool_calls_calls_a_tool_of_its_own_choice_when_serve
     assert said.finish_reason == "tool_calls" and said.message.tool_calls, said
     call = said.message.tool_calls[0].function
     assert call.name == "lookup" and json.loads(call.arguments)["item"] in ("7", "7A", "8"), call
+    from edgar_tune.cli import main  # the adapter, the rows in it, as peft loads it; its card names them
+
+    assert main(["export", "--model", f"models:/{s['registered_model']}/{s['model_version']}", "--tracking-uri",
+                 s["mlflow_tracking_uri"], "--adapter", "--out", str(tmp_path / "adapter")]) == 0  # fmt: skip
+    from tasks.models import load_tokenizer
+
+    ids = load_tokenizer(str(base)).convert_tokens_to_ids(["<tool_call>", "</tool_call>"])
+    rows = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["trainable_token_indices"]
+    assert rows == {"model.embed_tokens": ids}, rows  # the tiny Llama's head is tied: peft ties its rows to these
+    card = (tmp_path / "adapter" / "README.md").read_text()
+    assert "| `train.trainable_tokens` | <tool_call>, </tool_call> |" in card
 
 
 def test_a_version_tuned_to_reason_is_served_its_reasoning_apart_from_its_answer(tmp_path, paragraphs,
