@@ -337,6 +337,10 @@ class TrainConfig(_Section):
     lora_r: int = Field(8, ge=1, description="LoRA rank.")
     lora_alpha: int = Field(32, ge=1, description="LoRA scaling numerator (scale = alpha / r).")
     lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA path.")
+    use_rslora: bool = Field(
+        False, description="Rank-stabilized LoRA (peft's use_rslora): scale the adapters by lora_alpha / sqrt(lora_r) "
+        "instead of lora_alpha / lora_r, so that a higher rank does not shrink the update (Kalajdzievski, 2023).",
+    )
     lora_target_modules: list[str] | None = Field(
         None, description="Module names to adapt, as peft matches them (a name or its last dotted parts); default: "
         "every linear layer of the transformer blocks. A name that adapts nothing is refused before the model loads."
@@ -555,6 +559,9 @@ class TrainConfig(_Section):
         if self.lora_target_modules and self.mode != "lora":
             refuse.append("train.lora_target_modules names LoRA's adapters, and train.mode=full trains every weight: "
                           "unset it or set train.mode=lora")  # fmt: skip
+        if self.use_rslora and self.mode != "lora":
+            refuse.append("train.use_rslora scales LoRA's adapters, and train.mode=full trains none: set "
+                          "train.use_rslora=false or train.mode=lora")
         if self.trainable_tokens not in ("auto", []) and self.mode != "lora":
             refuse.append("train.trainable_tokens names rows to train beside LoRA, and train.mode=full trains every "
                           "row: unset it or set train.mode=lora")  # fmt: skip

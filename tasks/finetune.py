@@ -1344,7 +1344,8 @@ def train(tmp: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfig,
         targets = lora_targets(model, cfg.lora_target_modules)
         rows = token_rows(model, list(tokens.values()))
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                          target_modules=targets, task_type="CAUSAL_LM", trainable_token_indices=rows,
+                          use_rslora=cfg.use_rslora, target_modules=targets, task_type="CAUSAL_LM",
+                          trainable_token_indices=rows,
                           revision=unpinned(base)[1].get("revision"))  # peft's AutoPeftModel* loads that commit
         model = get_peft_model(model, lora)
         if cfg.lean_lora:

@@ -101,6 +101,25 @@ def test_targets_match_as_peft_matches_them(tmp_path):
     assert planned.lora_targets == ("o_proj",)
 
 
+def test_rslora_scales_the_adapters_by_the_square_root_of_the_rank(tiny_run, tmp_path):
+    """`train.use_rslora`: the train stage's adapters scaled by lora_alpha / sqrt(lora_r), so rsLoRA at r=4 and
+    alpha 16 trains the losses plain LoRA does at alpha 32 (both scale by 8; no dropout, the same seed), and the
+    adapter saved says rsLoRA, for peft to load it so. Full fine-tuning refuses it."""
+    import json
+
+    from edgar_tune.config import load_config
+    from tests.conftest import train_variants
+
+    variants = {"rs": {"use_rslora": True, "lora_r": 4, "lora_alpha": 16, "lora_dropout": 0.0},
+                "plain": {"lora_r": 4, "lora_alpha": 32, "lora_dropout": 0.0}}  # fmt: skip
+    out = train_variants(tiny_run, tmp_path, variants, steps=4)
+    assert out["rs"][1] == out["plain"][1], (out["rs"][1], out["plain"][1])
+    saved = {name: json.loads((tmp_path / name / "adapter" / "adapter_config.json").read_text()) for name in variants}
+    assert (saved["rs"]["use_rslora"], saved["plain"]["use_rslora"]) == (True, False)
+    with pytest.raises(ConfigError, match="train.use_rslora scales LoRA's adapters, and train.mode=full trains none"):
+        load_config("tiny", ["train.mode=full", "train.use_rslora=true"])
+
+
 @pytest.mark.parametrize("tied", [True, False], ids=["tied-head", "own-head"])
 def test_token_rows_train_beside_lora_through_the_fused_loss_as_through_peft(tied):
     """`train.trainable_tokens`: peft's trainable tokens on the input embedding's rows and, where the LM head is
