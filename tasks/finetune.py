@@ -151,6 +151,29 @@ def token_rows(model: torch.nn.Module, ids: list[int]) -> dict[str, list[int]] |
     return rows
 
 
+def untrained_special(model: torch.nn.Module, tokenizer, split: Path,  # noqa: ANN001
+                      trained: dict[str, int]) -> dict[str, int]:  # fmt: skip
+    """The tokenizer's special added tokens that the training split at `split` holds, but for those `trained`,
+    whose input embedding or LM head row in `model` (the base, before training) is zero, or within a millionth of
+    the matrix's largest value: tokens its pretraining never trained (as Llama-3 8B base's chat tokens are reported
+    to be), which `train.trainable_tokens=auto` does not choose (it takes the non-special ones). Rows sharded away
+    (ZeRO-3) are not read."""
+    special = {i: t.content for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    held = _held(split, set(special) - set(trained.values()))
+    weights = [model.get_input_embeddings().weight]
+    head = model.get_output_embeddings()
+    if head is not None and head.weight is not weights[0]:
+        weights.append(head.weight)
+    zero = set()
+    for w in (w.detach() for w in weights if not hasattr(w, "ds_id")):
+        rows = [i for i in held if i < w.shape[0]]
+        if rows:
+            low, high = torch.aminmax(w)  # no copy of the matrix
+            small = w[rows].float().abs().amax(dim=1) <= 1e-6 * max(-float(low), float(high))
+            zero.update(i for i, z in zip(rows, small.tolist(), strict=True) if z)
+    return {special[i]: i for i in sorted(zero)}
+
+
 def _held(split: Path, ids: set[int]) -> set[int]:
     """Which of `ids` the `input_ids` of the dataset saved at `split` hold (read a chunk of its column at a time)."""
     import numpy as np
@@ -1330,6 +1353,12 @@ def train(tmp: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfig,
     tokenizer = load_tokenizer(base)
     tokens = trainable_tokens(tokenize_dir, cfg, tokenizer)  # the train stage resolved them; a direct call may not
     model = _load_model(base, cfg, precision)
+    if cfg.mode == "lora" and os.environ.get("RANK", "0") == "0" and (
+            zero := untrained_special(model, tokenizer, tokenize_dir / "train", tokens)):  # fmt: skip
+        log.warning("the training examples hold %s: special tokens whose embedding or LM head rows are zero in the "
+                    "base, never trained; LoRA leaves those rows so. To train them beside it: "
+                    "train.trainable_tokens=%s", ", ".join(f"{t} ({i})" for t, i in zero.items()),
+                    ",".join([*tokens, *zero]))  # fmt: skip
     # Training never reads a KV cache; building one costs memory and stops transformers from masking packed
     # documents (it reads position ids as packing only without a cache).
     model.config.use_cache = False

@@ -173,3 +173,38 @@ def test_token_rows_train_beside_lora_through_the_fused_loss_as_through_peft(tie
     head = merged.get_output_embeddings().weight
     assert head is embedding if tied else torch.equal(head[ids], base_head[ids] + 1.0) and torch.equal(
         head[others], base_head[others])  # fmt: skip
+
+
+def test_special_tokens_the_base_never_trained_are_named_with_the_setting_that_trains_them(tiny_run, tmp_path,
+                                                                                            caplog):  # fmt: skip
+    """A special token the training examples hold whose embedding row the base never trained (zero: Llama-3 8B
+    base's chat tokens, as reported), which `train.trainable_tokens=auto` does not take (auto takes non-special
+    tokens): the training says so with the setting that trains it; named, its row trains and nothing is said."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from edgar_tune.config import EvalConfig, TrainConfig
+    from tasks.finetune import train
+    from tasks.models import base_model_path
+
+    runs, _ = tiny_run
+    tok = tmp_path / "03_tokenize"
+    shutil.copytree(runs / "latest" / "03_tokenize", tok)
+    file = f"{base_model_path(tok)}/model.safetensors"
+    weights = load_file(file)
+    weights["model.embed_tokens.weight"][0] = 0.0  # <|endoftext|>, between the packed documents
+    save_file(weights, file, metadata={"format": "pt"})
+    cfg = TrainConfig(max_steps=1, eval_steps=0, early_stopping_patience=0, save_steps=0,
+                      load_best_model_at_end=False, memory_check="off")  # fmt: skip
+    said = []
+    for name, setting in (("auto", "auto"), ("named", ["<|endoftext|>"])):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="tasks.finetune"):
+            stats = train(tmp_path / name, tok, cfg.model_copy(update={"trainable_tokens": setting}),
+                          EvalConfig(max_val_samples=4), tmp_path / f"{name}.ckpt")  # fmt: skip
+        said.append((stats["trainable_tokens"], caplog.text))
+    assert said[0][0] == [] and ("the training examples hold <|endoftext|> (0): special tokens whose embedding or LM "
+                                 "head rows are zero in the base, never trained; LoRA leaves those rows so. To train "
+                                 "them beside it: train.trainable_tokens=<|endoftext|>") in said[0][1]  # fmt: skip
+    assert said[1][0] == ["<|endoftext|>"] and "never trained" not in said[1][1]
