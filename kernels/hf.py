@@ -134,8 +134,10 @@ def head_rows(head: nn.Module) -> tuple[nn.Module, tuple[torch.Tensor, torch.Ten
     if not active:
         return adapter.base_layer, None
     values = adapter.trainable_tokens_delta[active[0]]
-    index = torch.tensor(adapter.token_indices[active[0]], device=values.device)
-    return adapter.base_layer, (index, values)
+    made = adapter.__dict__.setdefault("_edgar_row_index", {})  # made once: a copy to the GPU each step may wait on it
+    if (key := (active[0], values.device)) not in made:
+        made[key] = torch.tensor(adapter.token_indices[active[0]], device=values.device)
+    return adapter.base_layer, (made[key], values)
 
 
 _SILU = ("SiLU", "SiLUActivation")  # torch's, and transformers' ACT2FN["silu"]
