@@ -29,11 +29,11 @@ from bench.gpu_engine import SHAPES  # noqa: E402
 
 
 def saved_bytes_per_token(config, targets: list[str], *, r: int, dropout: float, lean: bool, tokens: int,
-                          compile: bool = False) -> tuple[float, object]:  # fmt: skip
+                          compile: bool = False, dora: bool = False) -> tuple[float, object]:  # fmt: skip
     """Bytes per token that autograd keeps for layer 1 of a bf16 LoRA Llama with fp32 adapters under bf16 autocast
     (as the Trainer trains it), and the model's `tasks.memory.ModelShape` for the plan. Measured at `tokens` and
     twice as many: the difference leaves out what does not grow with the tokens (autocast's bf16 copies of the
-    adapters' weights, lean_lora's seeds)."""
+    adapters' weights, lean_lora's seeds, DoRA's weights). `dora`: DoRA's adapters (peft's use_dora)."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
 
@@ -42,7 +42,7 @@ def saved_bytes_per_token(config, targets: list[str], *, r: int, dropout: float,
 
     torch.manual_seed(0)
     model = get_peft_model(LlamaForCausalLM(config).to(torch.bfloat16),
-                           LoraConfig(r=r, lora_dropout=dropout, target_modules=targets))  # fmt: skip
+                           LoraConfig(r=r, lora_dropout=dropout, target_modules=targets, use_dora=dora))  # fmt: skip
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()  # fp32 adapters on a bf16 base, as train.lora_half_base loads them
@@ -59,24 +59,26 @@ def saved_bytes_per_token(config, targets: list[str], *, r: int, dropout: float,
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()  # `before` and `kept`: the current count's, below
+        # Both hold the tensor: a storage freed within forward (DoRA's weight's graph) would otherwise be reused by
+        # a later tensor, which the count then takes for the freed one.
         if where[0] == "layer" and storage.data_ptr() not in before:
-            kept[storage.data_ptr()] = storage.nbytes()
+            kept[storage.data_ptr()] = storage.nbytes(), t
         elif where[0] == "outside":
-            before.add(storage.data_ptr())
+            before[storage.data_ptr()] = t
         return t
 
     totals = []
     for n in (tokens, 2 * tokens):
-        before = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        before = {p.untyped_storage().data_ptr(): p for p in model.parameters()}
         where[0], kept = "outside", {}
         ids = torch.randint(0, config.vocab_size, (1, n))
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
             loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-        totals.append(sum(kept.values()))
+        totals.append(sum(nbytes for nbytes, _ in kept.values()))
         del loss  # frees what was kept before the next count
     with tempfile.TemporaryDirectory() as folder:
         config.save_pretrained(folder)
-        shape = model_shape(folder, "lora", r, targets)
+        shape = model_shape(folder, "lora", r, targets, dora=dora)
     return (totals[1] - totals[0]) / tokens, shape
 
 

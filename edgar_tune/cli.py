@@ -218,10 +218,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()] if args.lora_targets else None
     _check_plan_numbers(args)
+    _check_plan_settings(args)
     where = _plan_where(args)  # flags that cannot go together are refused before the model's config is read
     model, shown = _plan_model(args.model, args.revision)
     try:
-        shape = memory.model_shape(model, args.mode, args.lora_r, targets, key="plan --lora-targets")
+        shape = memory.model_shape(model, args.mode, args.lora_r, targets, key="plan --lora-targets", dora=args.dora)
         args.seq = _plan_seq(args.seq, model)
     except OSError as err:  # a hub id whose config.json cannot be fetched
         from edgar_tune.config import ConfigError
@@ -296,6 +297,30 @@ def _check_plan_numbers(args: argparse.Namespace) -> None:
             if mine := [e for e in err.errors() if e["loc"][:1] == (key,)]:
                 said = mine[0]["msg"].removeprefix("Value error, ")
                 raise ConfigError(f"plan --{flag.replace('_', '-')} {value}: {said} (as {section}.{key})") from None
+
+
+_PLAN_SETTINGS = {"mode": "mode", "dora": "use_dora", "lean_lora": "lean_lora", "fp8_base": "fp8_base"}
+
+
+def _check_plan_settings(args: argparse.Namespace) -> None:
+    """Refuse flags that a run's config refuses together (`--mode full --dora`, `--fp8-base --quantization int8`),
+    in the config's words, naming each flag's key.
+
+    Raises:
+        ConfigError: what the run would say.
+    """
+    from pydantic import ValidationError
+
+    from edgar_tune.config import ConfigError, TrainConfig
+
+    given = {key: getattr(args, flag) for flag, key in _PLAN_SETTINGS.items()}
+    given |= {"int8_quantization": args.quantization == "int8", "int4_quantization": args.quantization == "int4"}
+    try:
+        TrainConfig.model_validate(given)
+    except ValidationError as err:
+        said = "; ".join(e["msg"].removeprefix("Value error, ") for e in err.errors())
+        keys = ", ".join(f"--{f.replace('_', '-')} is train.{k}" for f, k in _PLAN_SETTINGS.items() if f != "mode")
+        raise ConfigError(f"plan: a run refuses these settings together: {said} ({keys})") from None
 
 
 def _note_allocator(args: argparse.Namespace) -> None:
@@ -1111,6 +1136,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--lora-targets", help="comma-separated (default: the model family's, as train uses)")
     plan.add_argument("--lora-dropout", type=float, default=0.05)
     plan.add_argument("--lean-lora", action="store_true", help="train.lean_lora=true")
+    plan.add_argument("--dora", action="store_true", help="train.use_dora=true: DoRA's magnitudes beside the adapters")
     plan.add_argument("--fp8-base", action="store_true", help="train.fp8_base=true: LoRA's frozen block layers in FP8")
     plan.add_argument("--compiled", action="store_true", help="train.torch_compile=true or train.fused_layers")
     plan.add_argument("--document-mask", action="store_true", help="train.document_mask=true with "

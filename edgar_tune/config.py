@@ -341,6 +341,13 @@ class TrainConfig(_Section):
         False, description="Rank-stabilized LoRA (peft's use_rslora): scale the adapters by lora_alpha / sqrt(lora_r) "
         "instead of lora_alpha / lora_r, so that a higher rank does not shrink the update (Kalajdzievski, 2023).",
     )
+    use_dora: bool = Field(
+        False, description="Weight-decomposed LoRA (peft's DoRA; Liu et al., 2024): each adapted weight as a "
+        "magnitude per output row times the direction of W + BA, the magnitudes trained beside the adapters. Closer "
+        "to full fine-tuning at the same rank, for more time and memory per step: each adapted projection keeps two "
+        "more outputs per token for backward and builds its whole weight each step (the memory plan counts both). "
+        "Not with train.lean_lora or train.fp8_base; llama.cpp's GGUF adapters do not take it (export it merged).",
+    )
     lora_target_modules: list[str] | None = Field(
         None, description="Module names to adapt, as peft matches them (a name or its last dotted parts); default: "
         "every linear layer of the transformer blocks. A name that adapts nothing is refused before the model loads."
@@ -562,6 +569,15 @@ class TrainConfig(_Section):
         if self.use_rslora and self.mode != "lora":
             refuse.append("train.use_rslora scales LoRA's adapters, and train.mode=full trains none: set "
                           "train.use_rslora=false or train.mode=lora")
+        if self.use_dora and self.mode != "lora":
+            refuse.append("train.use_dora decomposes LoRA's adapted weights, and train.mode=full trains them whole: "
+                          "set train.use_dora=false or train.mode=lora")
+        if self.use_dora and self.lean_lora:
+            refuse.append("train.use_dora with train.lean_lora: lean_lora's one-op down projection is plain LoRA's, "
+                          "and DoRA's magnitudes read the base weight and output besides: set one of them false")
+        if self.use_dora and self.fp8_base:
+            refuse.append("train.use_dora with train.fp8_base: DoRA normalizes each adapted weight W + BA every step, "
+                          "and the FP8 layers keep W as e4m3 rows that peft cannot read: set one of them false")
         if self.trainable_tokens not in ("auto", []) and self.mode != "lora":
             refuse.append("train.trainable_tokens names rows to train beside LoRA, and train.mode=full trains every "
                           "row: unset it or set train.mode=lora")  # fmt: skip
@@ -811,6 +827,7 @@ OTHER_NAMES = {
     "fp16": "train.precision", "sequence_len": "tokenize.max_input_length", "cutoff_len": "tokenize.max_input_length",
     "max_seq_length": "tokenize.max_input_length", "max_seq_len": "tokenize.max_input_length",
     "base_model": "model.name", "model_name_or_path": "model.name", "model_name": "model.name",
+    "peft_use_dora": "train.use_dora", "peft_use_rslora": "train.use_rslora",  # Axolotl's
 }  # fmt: skip
 
 

@@ -477,6 +477,7 @@ def model_card(p: dict, params: dict[str, str], smollm2: bool, folder: Path | st
     shown = [(k, params[k]) for k in CARD_PARAMS if k in params]
     if "trainable_tokens.trained" in params:  # the tokens whose rows trained beside LoRA (what auto chose)
         shown.append(("train.trainable_tokens", ", ".join(json.loads(params["trainable_tokens.trained"]))))
+    shown += [(k, "true") for k in ("train.use_rslora", "train.use_dora") if params.get(k) == "True"]  # not plain LoRA
     if shown:
         lines += ["", "| hyperparameter | value |", "|---|---|", *[f"| `{k}` | {v} |" for k, v in shown]]
     lines += _prompt_lines(p.get("prompt_template"), p.get("chat", False), bool(gguf), p.get("turn_end"),
@@ -508,6 +509,10 @@ def model_card(p: dict, params: dict[str, str], smollm2: bool, folder: Path | st
     else:
         lines += [f"Where `{p['base_model_path']}` cannot be read (another host, no hub): `edgar-tune export --model "
                   f"{p['model_uri']} --base --out base` writes the base, to load from `base` instead.", ""]
+        if params.get("train.use_dora") == "True":
+            lines += ["A DoRA adapter (`use_dora`: a magnitude per output row of each adapted weight): peft loads it, "
+                      "and vLLM's `--lora-modules` refuses it (\"vLLM does not yet support DoRA\"): for vLLM, "
+                      f"`edgar-tune export --model {p['model_uri']}` writes it merged.", ""]
     return "\n".join(lines)
 
 

@@ -828,7 +828,8 @@ def plan_inputs(tokenize_dir: Path, cfg: TrainConfig, precision: str) -> tuple:
     from tasks import memory
 
     stats = read_json(tokenize_dir / "stats.json")
-    shape = memory.model_shape(base_model_path(tokenize_dir), cfg.mode, cfg.lora_r, cfg.lora_target_modules)
+    shape = memory.model_shape(base_model_path(tokenize_dir), cfg.mode, cfg.lora_r, cfg.lora_target_modules,
+                               dora=cfg.use_dora)  # fmt: skip
     budget, where = (cfg.memory_budget_gb, "train.memory_budget_gb") if cfg.memory_budget_gb else memory.device_budget_gb(cfg.nproc)
     fused = resolve_backend(cfg.fused_linear_ce, "train.fused_linear_ce", cfg.enable_fsdp) != "off"
     kw = dict(nproc=world_size(cfg), seq=stats["block_length"], batch=cfg.per_device_train_batch_size, mode=cfg.mode,
@@ -1373,8 +1374,8 @@ def train(tmp: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfig,
         targets = lora_targets(model, cfg.lora_target_modules)
         rows = token_rows(model, list(tokens.values()))
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                          use_rslora=cfg.use_rslora, target_modules=targets, task_type="CAUSAL_LM",
-                          trainable_token_indices=rows,
+                          use_rslora=cfg.use_rslora, use_dora=cfg.use_dora, target_modules=targets,
+                          task_type="CAUSAL_LM", trainable_token_indices=rows,
                           revision=unpinned(base)[1].get("revision"))  # peft's AutoPeftModel* loads that commit
         model = get_peft_model(model, lora)
         if cfg.lean_lora:

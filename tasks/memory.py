@@ -37,6 +37,7 @@ A training on the CPU also counts its process's own memory and what the C alloca
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import asdict, dataclass
 
 GB = 1e9
@@ -95,6 +96,7 @@ class ModelShape:
     heads: int = 0
     lora_r: int = 0
     lora_targets: tuple[str, ...] = ()  # the adapted projections of one layer
+    dora_widths: tuple[tuple[int, int], ...] = ()  # DoRA (`train.use_dora`): (in, out) of each adapted projection
 
 
 # Which tensor each Llama-style projection reads: projections that read the same one share what they keep of it.
@@ -117,6 +119,7 @@ def lora_layer_tensors(shape: ModelShape, *, act_bytes: int, compiled: bool, lea
       the input itself) and 1/rms per token;
     - attention: q, k, v and the output, and the log-sum-exp per head;
     - the MLP: gate and up (and eagerly silu(gate) too);
+    - with DoRA (the shape's `dora_widths`), each adapted projection's outputs: `dora_outputs`;
     - each adapter: lora_A's output (r values). With `lean` (kernels/lora.py), each input once per group of
       projections reading it, in the compute dtype (o_proj's is the attention output, kept already). With peft,
       per projection lora_A's input in its matmul's dtype (`matmul_bytes`: the compute dtype under the Trainer's
@@ -140,7 +143,24 @@ def lora_layer_tensors(shape: ModelShape, *, act_bytes: int, compiled: bool, lea
     else:  # per projection: lora_A's own input (a cast copy or dropout's output), and the mask
         adapters += [matmul_bytes * width[_INPUT_OF[t]] for t in shape.lora_targets]
         adapters += [mask_bytes * width[_INPUT_OF[t]] for t in shape.lora_targets] if dropout else []
-    return 2 * norm + attention + mlp + adapters
+    return 2 * norm + attention + mlp + adapters + dora_outputs(shape, act_bytes)
+
+
+def dora_outputs(shape: ModelShape, act_bytes: int) -> list[float]:
+    """Bytes per token DoRA's adapted projections keep beyond LoRA's (`train.use_dora`): each one's base output
+    and LoRA output, which its magnitude's gradient reads."""
+    return [act_bytes * out for _, out in shape.dora_widths] * 2
+
+
+def dora_weight_bytes(shape: ModelShape, *, act_bytes: float, adapter_bytes: int, cast_base: bool) -> float:
+    """The most that peft's DoRA holds at once, beyond what is kept for backward, while one projection builds its
+    weight to normalize it (`train.use_dora`): the identity matrix through lora_A (in x in, in the compute dtype,
+    kept by lora_A's graph while the weight exists), and in the adapters' dtype BA, its scaled copy and W + sBA,
+    and W itself cast to that dtype where the base is another (a half or quantized base under fp32 adapters), all
+    in x out. The largest projection's; measured on the CPU's PyTorch (tests/test_memory.py): at 4096 x 4096, fp32,
+    256 MiB; a bf16 base under autocast, 288 MiB."""
+    copies = 4 if cast_base else 3
+    return max((act_bytes * i * i + adapter_bytes * copies * i * o for i, o in shape.dora_widths), default=0)
 
 
 def zero_model_states(psi: float, n: int, stage: int, k: int = 12, weight_bytes: float = 2, grad_bytes: float = 2) -> float:
@@ -211,7 +231,10 @@ def estimate(shape: ModelShape, *, option: str, nproc: int, seq: int, batch: int
     states (a frozen head keeps neither), and gets a dense gradient: two head matrices and the hidden states more
     (counted against saved-tensor hooks in tests/test_memory.py). The fused loss reads the rows apart (kernels/hf.py
     `head_rows`), and the input embedding's merged copy and dense gradient come and go outside the peak (at
-    forward's start, backward's end)."""
+    forward's start, backward's end).
+    DoRA (`train.use_dora`, the shape's `dora_widths`): each adapted projection keeps its base output and its LoRA
+    output for its magnitude's gradient (counted against saved-tensor hooks in tests/test_memory.py), and one
+    projection at a time builds its whole weight (`dora_weight_bytes`)."""
     mixed = precision in ("bf16", "fp16")
     # peft's prepare_model_for_kbit_training upcasts every unquantized weight (norms, embeddings) to fp32, so
     # a quantized model's hidden states and logits are fp32 whatever the training precision.
@@ -245,19 +268,24 @@ def estimate(shape: ModelShape, *, option: str, nproc: int, seq: int, batch: int
     recomputed = sum(recomputed_layers(shape.layers, checkpoint_layers)) if gradient_checkpointing else 0
     whole = shape.layers - recomputed  # layers whose activations stay through backward
     tensors = None
+    dora = bool(shape.dora_widths) and mode == "lora"
     if mode == "lora" and half and not quantization:
         # the Trainer trains bf16/fp16 under autocast, adapters in fp32; DeepSpeed casts the adapters instead
         tensors = lora_layer_tensors(shape, act_bytes=act_bytes, compiled=compiled, lean=lean_lora,
                                      dropout=lora_dropout, mask_bytes=4 if on_cpu else 1, matmul_bytes=act_bytes,
                                      cast=mixed and not option.startswith("zero"))  # fmt: skip
     if tensors is None:
-        tensors = [shape.hidden * act_bytes] * 17
+        tensors = [shape.hidden * act_bytes] * 17 + dora_outputs(shape, act_bytes)
     layer = sum(tensors)
     # recomputed layers keep their input; one layer at a time is recomputed, or is backward's working space
     acts = tokens * (shape.hidden * act_bytes * recomputed + layer * (1 + whole))
     if fp8:
         widest = max(shape.intermediate, shape.hidden)
         acts += tokens * widest + widest * shape.hidden
+    if dora:  # in forward (and in each recompute) one projection at a time builds its whole weight
+        adapter_bytes = 2 if mixed and option.startswith("zero") else 4  # DeepSpeed casts the adapters too
+        acts += dora_weight_bytes(shape, act_bytes=act_bytes, adapter_bytes=adapter_bytes,
+                                  cast_base=quantization is not None or base_bytes != adapter_bytes)  # fmt: skip
     if dense_mask:  # the one mask; GQA's repeated heads in each layer kept whole, and in the one being recomputed
         repeated_kv = 2 * max(shape.hidden - shape.kv_hidden, 0) if shape.kv_hidden else 0
         acts += tokens * act_bytes * (seq + repeated_kv * (whole + (1 if recomputed else 0)))
@@ -302,7 +330,8 @@ def plan(shape: ModelShape, *, nproc: int, seq: int, batch: int, mode: str, prec
 
 def describe(shape: ModelShape, *, mode: str, lora_r: int, batch: int, seq: int, precision: str, nproc: int) -> str:
     """The plan's heading: what is being planned for."""
-    lora = f" r={lora_r} ({shape.lora_params / 1e6:.2f}M trained)" if mode == "lora" else ""
+    lora = (f" r={lora_r}{' DoRA' if shape.dora_widths else ''} ({shape.lora_params / 1e6:.2f}M trained)"
+            if mode == "lora" else "")  # fmt: skip
     return f"{shape.params / 1e6:,.1f}M params, {mode}{lora}, {batch}x{seq} tokens, {precision}, {nproc} process(es)"
 
 
@@ -325,8 +354,9 @@ def format_plan(rows: list[Estimate], chosen: str, budget_gb: float, context: st
 
 
 def model_shape(model_dir: str, mode: str, lora_r: int, targets: list[str] | None,
-                key: str = "train.lora_target_modules") -> ModelShape:  # fmt: skip
-    """Count parameters on the meta device (no memory, no weights read) and the adapters LoRA would add.
+                key: str = "train.lora_target_modules", dora: bool = False) -> ModelShape:  # fmt: skip
+    """Count parameters on the meta device (no memory, no weights read) and the adapters LoRA would add (with
+    `dora`, DoRA's magnitudes too: one per output of each adapted projection).
 
     Raises:
         ConfigError: LoRA `targets` (`key`) that name no layer of the model LoRA adapts (`tasks.finetune.lora_targets`).
@@ -340,7 +370,7 @@ def model_shape(model_dir: str, mode: str, lora_r: int, targets: list[str] | Non
     with torch.device("meta"), building:
         model = AutoModelForCausalLM.from_config(config)
     params = sum(p.numel() for p in model.parameters())
-    lora, adapted = 0, set()
+    lora, adapted, widths = 0, set(), []
     if mode == "lora":
         from tasks.finetune import lora_targets, targeted
 
@@ -348,9 +378,12 @@ def model_shape(model_dir: str, mode: str, lora_r: int, targets: list[str] | Non
         for name, module in model.named_modules():
             weight = getattr(module, "weight", None)
             if any(targeted(name, t) for t in wanted) and weight is not None and weight.dim() == 2:
-                lora += lora_r * (weight.shape[0] + weight.shape[1])
+                out, width_in = weight.shape[::-1] if type(module).__name__ == "Conv1D" else weight.shape  # GPT-2's
+                lora += lora_r * (width_in + out) + (out if dora else 0)
                 if ".layers.0." in name:
                     adapted.add(name.rsplit(".", 1)[-1])
+                if re.search(r"\.(layers|h|blocks)\.0\.", name):  # the first block (GPT-2's and GPT-J's are h)
+                    widths.append((width_in, out))
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     layers = getattr(text, "num_hidden_layers", None) or getattr(text, "n_layer")
     hidden = getattr(text, "hidden_size", None) or getattr(text, "n_embd")
@@ -364,7 +397,8 @@ def model_shape(model_dir: str, mode: str, lora_r: int, targets: list[str] | Non
     return ModelShape(params, lora, layers, hidden, config.vocab_size, per_layer, embeddings,
                       intermediate=getattr(text, "intermediate_size", 0) or 0,
                       kv_hidden=(getattr(text, "num_key_value_heads", None) or heads) * head_dim, heads=heads,
-                      lora_r=lora_r if mode == "lora" else 0, lora_targets=tuple(sorted(adapted)))  # fmt: skip
+                      lora_r=lora_r if mode == "lora" else 0, lora_targets=tuple(sorted(adapted)),
+                      dora_widths=tuple(widths) if dora and mode == "lora" else ())  # fmt: skip
 
 
 def device_budget_gb(nproc: int) -> tuple[float, str]:

@@ -186,7 +186,8 @@ def test_keys_lists_every_key_with_its_default_in_one_column(capsys):
     assert len({line.index("  default ") for line in lines}) == 1  # every section's keys in one column
     # `keys WORD...`: the keys about it (by name, description, or another tool's name for them), and a preset's values
     assert main(["keys", "lora", "rank"]) == 0
-    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()] == ["train.lora_r", "train.use_rslora"]
+    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()] == ["train.lora_r", "train.use_rslora",
+                                                                                   "train.use_dora"]
     assert main(["keys", "cutoff_len", "--preset", "demo"]) == 0  # Axolotl's name
     assert capsys.readouterr().out.split()[:3] == ["tokenize.max_input_length", "demo", "512"]
     assert main(["keys", "zzz"]) == 1

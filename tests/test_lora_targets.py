@@ -6,6 +6,7 @@ with the model's linear layers."""
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -118,6 +119,55 @@ def test_rslora_scales_the_adapters_by_the_square_root_of_the_rank(tiny_run, tmp
     assert (saved["rs"]["use_rslora"], saved["plain"]["use_rslora"]) == (True, False)
     with pytest.raises(ConfigError, match="train.use_rslora scales LoRA's adapters, and train.mode=full trains none"):
         load_config("tiny", ["train.mode=full", "train.use_rslora=true"])
+
+
+def test_dora_trains_a_magnitude_per_output_beside_the_adapters(tiny_run, tmp_path):
+    """`train.use_dora`: the train stage's adapters are DoRA's, a magnitude per output row of each adapted weight
+    trained beside them. Both start as the base (B = 0, each magnitude its row's norm), so the first losses are plain
+    LoRA's, and then part; the adapter saved says DoRA and holds the trained magnitudes, with the parameters the
+    memory plan counts; merged as the evaluate stage loads it, it computes what peft's unmerged adapter does."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from tasks.memory import model_shape
+    from tasks.models import base_model_path, load_causal_lm
+    from tests.conftest import train_variants
+
+    variants = {"dora": {"use_dora": True, "lora_dropout": 0.0}, "plain": {"lora_dropout": 0.0}}
+    out = train_variants(tiny_run, tmp_path, variants, steps=4)
+    (dora, dora_losses), (plain, plain_losses) = out["dora"], out["plain"]
+    assert dora_losses[0] == pytest.approx(plain_losses[0], rel=1e-6) and dora_losses[1:] != plain_losses[1:]
+    adapter = tmp_path / "dora" / "adapter"
+    assert json.loads((adapter / "adapter_config.json").read_text())["use_dora"] is True
+    magnitudes = {k: v for k, v in load_file(adapter / "adapter_model.safetensors").items() if "magnitude" in k}
+    base = str(base_model_path(tmp_path / "03_tokenize"))
+    norms = {n: m.weight.norm(dim=1) for n, m in load_causal_lm(base).named_modules() if n.endswith("_proj")}
+    assert len(magnitudes) == len(norms) == 14  # seven projections in each of two layers
+    assert all(not torch.allclose(v, norms[k.split(".lora_magnitude")[0].removeprefix("base_model.model.")])
+               for k, v in magnitudes.items())  # fmt: skip
+    shape = model_shape(base, "lora", 8, None, dora=True)
+    assert dora["trainable_parameters"] == shape.lora_params == plain["trainable_parameters"] + sum(
+        out for _, out in shape.dora_widths) * 2  # fmt: skip
+    from peft import PeftModel
+
+    ids = torch.randint(0, 300, (1, 24), generator=torch.Generator().manual_seed(0))
+    unmerged = PeftModel.from_pretrained(load_causal_lm(base), str(adapter)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(load_causal_lm(base, str(adapter))(ids).logits, unmerged(ids).logits,
+                                   rtol=1e-4, atol=1e-4)  # fmt: skip
+
+
+@pytest.mark.parametrize(("settings", "says"), [
+    (["train.mode=full"], "train.use_dora decomposes LoRA's adapted weights, and train.mode=full trains them whole"),
+    (["train.lean_lora=true"], "train.use_dora with train.lean_lora: lean_lora's one-op down projection is plain"),
+    (["train.fp8_base=true"], "train.use_dora with train.fp8_base: DoRA normalizes each adapted weight W + BA"),
+])  # fmt: skip
+def test_dora_is_refused_where_it_cannot_run(settings, says):
+    from edgar_tune.config import load_config
+
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        load_config("tiny", ["train.use_dora=true", *settings])
 
 
 @pytest.mark.parametrize("tied", [True, False], ids=["tied-head", "own-head"])

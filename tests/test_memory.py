@@ -145,6 +145,7 @@ def test_plan_refuses_what_a_run_would_refuse():
         "--lora-targets q_proj,v_porj": "plan --lora-targets: 'v_porj' names no module of this llama model; its linear "
                                         "layers are q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj",
         "--seq -1 --lora-targets self_attn.q_proj,v_proj": "rc 0",
+        "--mode full --dora": "plan: a run refuses these settings together: train.use_dora decomposes LoRA's adapted",
     }  # fmt: skip
     proc = subprocess.run([sys.executable, "-c", _PLAN_CASES, *cases], cwd=REPO, capture_output=True, text=True,
                           timeout=300)  # fmt: skip
@@ -423,10 +424,12 @@ def test_the_plan_counts_the_merged_head_that_trainable_token_rows_keep_under_th
     assert estimate(shape, **fused, token_rows=True).logits == estimate(shape, **fused).logits
 
 
-@pytest.mark.parametrize(("lean", "dropout"), [(False, 0.0), (True, 0.0), (True, 0.1), (False, 0.1)])
-def test_the_plan_counts_what_a_lora_layer_keeps(lean, dropout):
+@pytest.mark.parametrize(("lean", "dropout", "dora"), [(False, 0.0, False), (True, 0.0, False), (True, 0.1, False),
+                                                      (False, 0.1, False), (False, 0.0, True), (False, 0.1, True)])
+def test_the_plan_counts_what_a_lora_layer_keeps(lean, dropout, dora):
     """`lora_layer_bytes` against what autograd really keeps (saved-tensor hooks), tensor for tensor, for peft's
-    adapters and for train.lean_lora, on every kind of projection input (q/v share one; o, down their own)."""
+    adapters, for train.lean_lora and for DoRA (train.use_dora: each projection's base and LoRA outputs more), on
+    every kind of projection input (q/v share one; o, down their own) and output (v's is narrower)."""
     from transformers import LlamaConfig
 
     from bench.saved_activations import saved_bytes_per_token
@@ -435,18 +438,82 @@ def test_the_plan_counts_what_a_lora_layer_keeps(lean, dropout):
     config = LlamaConfig(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=300, attn_implementation="sdpa")  # fmt: skip
     measured, shape = saved_bytes_per_token(config, ["q_proj", "v_proj", "o_proj", "down_proj"], r=4,
-                                            dropout=dropout, lean=lean, tokens=48)  # fmt: skip
+                                            dropout=dropout, lean=lean, tokens=48, dora=dora)  # fmt: skip
     assert shape.lora_targets == ("down_proj", "o_proj", "q_proj", "v_proj") and shape.kv_hidden == 32
+    assert sorted(shape.dora_widths) == ([(64, 32), (64, 64), (64, 64), (176, 64)] if dora else [])
     # under the Trainer's bf16 autocast; eager PyTorch's dropout on the CPU keeps an fp32 mask, CUDA's bools
     planned = lora_layer_bytes(shape, act_bytes=2, compiled=False, lean=lean, dropout=dropout, mask_bytes=4,
                                matmul_bytes=2, cast=True)  # fmt: skip
     assert planned == measured
 
 
+_DORA_WEIGHT = """
+import sys, torch
+from peft import LoraConfig, get_peft_model
+width_in, width_out, half = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "half"
+model = torch.nn.Sequential(torch.nn.Linear(width_in, width_out, bias=False))
+if half:
+    model.to(torch.bfloat16)
+model = get_peft_model(model, LoraConfig(r=8, use_dora=True, target_modules=["0"], lora_dropout=0.05))
+for p in model.parameters():
+    p.data = p.data.float() if p.requires_grad else p.data  # fp32 adapters, as the Trainer's
+x = torch.randn(16, width_in, requires_grad=True)
+def rss(field):
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(field))
+with torch.autocast("cpu", torch.bfloat16, enabled=half):
+    model(x)  # once before: what a first call allocates for good
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # the peak resident size starts again from the current
+    start = rss("VmRSS:")
+    model(x)
+print(rss("VmHWM:") - start)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux's peak resident size is what it reads")
+@pytest.mark.parametrize(("width_in", "width_out", "half"), [(4096, 4096, False), (4096, 8192, True),
+                                                             (8192, 4096, True)])  # fmt: skip
+def test_the_plan_counts_the_weight_dora_builds_in_forward(width_in, width_out, half):
+    """train.use_dora: peft's DoRA builds each adapted projection's whole weight in forward (and again in a
+    recompute) to normalize it, the identity through lora_A beside it. `dora_weight_bytes` against the peak
+    resident memory of one DoRA projection's forward in a process of its own, fp32 (the CPU's training) and a
+    bf16 base with fp32 adapters under autocast (the Trainer's on GPUs): tensors this large are mapped on their own
+    and unmapped when freed, so the peak is theirs."""
+    from tasks.memory import dora_weight_bytes
+
+    proc = subprocess.run([sys.executable, "-c", _DORA_WEIGHT, str(width_in), str(width_out), "half" if half else
+                           "fp32"], cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    shape = ModelShape(0, 0, 1, width_in, 0, 0, dora_widths=((width_in, width_out), (64, 64)))
+    planned = dora_weight_bytes(shape, act_bytes=2 if half else 4, adapter_bytes=4, cast_base=half)
+    assert int(proc.stdout) == pytest.approx(planned, rel=0.05)
+
+
 # SmolLM2-135M with LoRA r=8 on its seven projections, as model_shape counts it (the demo's)
 SMOLLM2_LORA = ModelShape(134_515_008, 2_442_240, 30, 576, 49152, 3_540_115, 28_311_552, intermediate=1536,
                           kv_hidden=192, heads=9, lora_r=8, lora_targets=("down_proj", "gate_proj", "k_proj", "o_proj",
                                                                            "q_proj", "up_proj", "v_proj"))  # fmt: skip
+
+
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_the_plan_adds_doras_outputs_to_each_layer_kept_and_its_weight_once(checkpointing):
+    """train.use_dora on SmolLM2's seven projections: each layer kept whole (and the one recomputed or worked on)
+    keeps each projection's two outputs more, and one projection's weight is built at a time (the MLP's down
+    projection, whose input is widest); the magnitudes train with the adapters."""
+    import dataclasses
+
+    from tasks.memory import dora_outputs, dora_weight_bytes
+
+    widths = ((576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536), (1536, 576))
+    dora = dataclasses.replace(SMOLLM2_LORA, dora_widths=widths)
+    kw = dict(option="none", nproc=1, seq=2048, batch=2, mode="lora", precision="bf16", lora_dropout=0.05,
+              gradient_checkpointing=checkpointing)  # fmt: skip
+    added = (estimate(dora, **kw).activations - estimate(SMOLLM2_LORA, **kw).activations) * GB
+    kept = 1 if checkpointing else 1 + SMOLLM2_LORA.layers
+    outputs = sum(dora_outputs(dora, 2)) * 2 * 2048
+    assert outputs == 2 * 2 * (576 * 3 + 192 * 2 + 1536 * 2) * 4096
+    assert added == pytest.approx(outputs * kept + 2 * 1536**2 + 16 * 1536 * 576)
+    assert dora_weight_bytes(dora, act_bytes=2, adapter_bytes=4, cast_base=True) == 2 * 1536**2 + 16 * 1536 * 576
 
 
 @pytest.mark.parametrize("results", sorted(p.stem for p in (REPO / "bench" / "results").glob("*-cpu-memory-*.json")))
