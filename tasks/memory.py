@@ -234,7 +234,10 @@ def estimate(shape: ModelShape, *, option: str, nproc: int, seq: int, batch: int
     forward's start, backward's end).
     DoRA (`train.use_dora`, the shape's `dora_widths`): each adapted projection keeps its base output and its LoRA
     output for its magnitude's gradient (counted against saved-tensor hooks in tests/test_memory.py), and one
-    projection at a time builds its whole weight (`dora_weight_bytes`)."""
+    projection at a time builds its whole weight (`dora_weight_bytes`). With LoRA dropout, peft's DoRA multiplies
+    the dropped input by the base weight cast to the adapters' dtype, which autocast casts again to its own and
+    keeps for backward: where the base is in another dtype than the adapters (the Trainer's bf16 on a half base),
+    each layer kept holds a compute-dtype copy of every adapted weight."""
     mixed = precision in ("bf16", "fp16")
     # peft's prepare_model_for_kbit_training upcasts every unquantized weight (norms, embeddings) to fp32, so
     # a quantized model's hidden states and logits are fp32 whatever the training precision.
@@ -284,8 +287,10 @@ def estimate(shape: ModelShape, *, option: str, nproc: int, seq: int, batch: int
         acts += tokens * widest + widest * shape.hidden
     if dora:  # in forward (and in each recompute) one projection at a time builds its whole weight
         adapter_bytes = 2 if mixed and option.startswith("zero") else 4  # DeepSpeed casts the adapters too
-        acts += dora_weight_bytes(shape, act_bytes=act_bytes, adapter_bytes=adapter_bytes,
-                                  cast_base=quantization is not None or base_bytes != adapter_bytes)  # fmt: skip
+        cast_base = quantization is not None or base_bytes != adapter_bytes
+        acts += dora_weight_bytes(shape, act_bytes=act_bytes, adapter_bytes=adapter_bytes, cast_base=cast_base)
+        if lora_dropout and cast_base:  # its base matmul on the dropped input: autocast's copy of W, kept
+            acts += (1 + whole) * act_bytes * sum(i * o for i, o in shape.dora_widths)
     if dense_mask:  # the one mask; GQA's repeated heads in each layer kept whole, and in the one being recomputed
         repeated_kv = 2 * max(shape.hidden - shape.kv_hidden, 0) if shape.kv_hidden else 0
         acts += tokens * act_bytes * (seq + repeated_kv * (whole + (1 if recomputed else 0)))

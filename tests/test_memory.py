@@ -512,9 +512,39 @@ def test_the_plan_adds_doras_outputs_to_each_layer_kept_and_its_weight_once(chec
     kept = 1 if checkpointing else 1 + SMOLLM2_LORA.layers
     outputs = sum(dora_outputs(dora, 2)) * 2 * 2048
     assert outputs == 2 * 2 * (576 * 3 + 192 * 2 + 1536 * 2) * 4096
-    assert added == pytest.approx(outputs * kept + 2 * 1536**2 + 16 * 1536 * 576)
+    copies = kept * 2 * sum(i * o for i, o in widths)  # with dropout: autocast's copy of each adapted weight
+    assert added == pytest.approx(outputs * kept + 2 * 1536**2 + 16 * 1536 * 576 + copies)
     assert dora_weight_bytes(dora, act_bytes=2, adapter_bytes=4, cast_base=True) == 2 * 1536**2 + 16 * 1536 * 576
+    no_dropout = dict(kw, lora_dropout=0.0)
+    assert (estimate(dora, **no_dropout).activations - estimate(SMOLLM2_LORA, **no_dropout).activations) * GB == (
+        pytest.approx(added - copies))  # fmt: skip
 
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_doras_base_matmul_on_the_dropped_input_keeps_a_copy_of_the_weight(dropout):
+    """peft's DoRA with LoRA dropout under the Trainer's autocast, a bf16 base and fp32 adapters: its second base
+    matmul (on the dropped input) reads the weight cast to fp32, which autocast casts back to bf16 and keeps for the
+    input's gradient, one weight-sized copy per projection until backward; without dropout, none."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(64, 96, bias=False)).to(torch.bfloat16),
+                           LoraConfig(r=4, use_dora=True, target_modules=["0"], lora_dropout=dropout))  # fmt: skip
+    for p in model.parameters():
+        p.data = p.data.float() if p.requires_grad else p.data
+    held = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept = {}  # storage -> its tensor, held: none is freed and its memory taken for another's
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in held:
+            kept[t.untyped_storage().data_ptr()] = t
+        return t
+
+    x = torch.randn(8, 64, dtype=torch.bfloat16, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", torch.bfloat16):
+        model.train()(x)
+    weights = [t for t in kept.values() if t.numel() == 96 * 64 and t.dtype == torch.bfloat16]
+    assert len(weights) == (1 if dropout else 0)
 
 @pytest.mark.parametrize("results", sorted(p.stem for p in (REPO / "bench" / "results").glob("*-cpu-memory-*.json")))
 def test_the_plan_is_close_to_the_peaks_measured_on_the_cpu(results):
