@@ -27,7 +27,9 @@
 # 5. bench/lora_down.py: train.lean_lora's down projection against peft's at the 7B's and SmolLM2's widths, with
 #    dropout 0.05 and 0 (about 10 s): whether redrawing the mask in backward costs time on a GPU;
 # 6. bench/token_rows.py: the LM head's loss with train.trainable_tokens' rows, the fused kernel's replaced rows
-#    against peft's merged head, at both heads and 4 x 2048 tokens in bf16 (seconds).
+#    against peft's merged head, at both heads and 4 x 2048 tokens in bf16 (seconds);
+# 7. bench/dora.py: a SmolLM2 training step with plain LoRA, peft's DoRA and lean_lora's DoRA, dropout 0.05 and 0,
+#    at 2048 tokens in bf16 autocast: DoRA's cost in time and peak memory on a GPU (seconds).
 # Every training run profiles its step 6 (train.profile_step): the GPU's busy share of the step, its kernel launches,
 # its time in matmul, attention, loss and other kernels and idle, and the top kernels go into the JSON, to say why
 # micro-batch 1 lost a fifth of the throughput per FLOP on the 7B.
@@ -88,7 +90,7 @@ step() {
 step kernel_tests 150 python3 -m pytest -v -rfE --noconftest -p no:cacheprovider tests/test_kernels.py \
   -k "matches or vocabulary or bias or ignored or frozen or refuses or rms_norm or swiglu or rope or fused_layers \
 or lean_lora_down or under_autocast or no_grad or mfu or varlen or fp8_linear or fp8_base_swaps or fp8_base_is \
-or row_quantizer or one_mask or replaced" \
+or row_quantizer or one_mask or replaced or lean_dora_is or lean_dora_under" \
   tests/test_speed_options.py::test_varlen_attention_under_torch_compile_compiles_the_model_once \
   tests/test_memory.py::test_the_plan_counts_the_one_mask_all_layers_keep_with_a_document_mask_on_sdpa
 EAGER=fused_linear_ce,lora_half_base,document_mask,dataloader_num_workers,lean_lora
@@ -134,12 +136,14 @@ step smollm2-compile 170 python3 bench/train_throughput.py --only smollm2-135m -
   --steps 10 --ours "$EAGER,torch_compile" --variants compile_model --no-eval --out "$OUT/smollm2-compile"
 step lora_down 60 python3 bench/lora_down.py --out "$OUT"  # lean_lora's down projection against peft's
 step token_rows 60 python3 bench/token_rows.py --tokens 8192 --out "$OUT"  # trainable token rows' loss
+step dora 90 python3 bench/dora.py --config .benchdata/tt --tokens 2048 --out "$OUT"  # DoRA, peft's and lean_lora's, against LoRA
 
 echo; cat "$OUT/fallback.txt" 2>/dev/null; tail -n 1 "$LOGS/device.txt"; cat "$OUT/steps.txt"
 grep -E "^(FAILED|ERROR) " "$STATE/kernel_tests.log" | cut -c1-200 | head -n 20; tail -n 1 "$STATE/kernel_tests.log"
 [ -f "$LOGS/fp8_linear.log" ] && { echo "== fp8_linear"; tail -n 12 "$LOGS/fp8_linear.log" | cut -c1-200; }
 [ -f "$LOGS/lora_down.log" ] && { echo "== lora_down"; tail -n 11 "$LOGS/lora_down.log" | cut -c1-200; }
 [ -f "$LOGS/token_rows.log" ] && { echo "== token_rows"; tail -n 11 "$LOGS/token_rows.log" | cut -c1-200; }
+[ -f "$LOGS/dora.log" ] && { echo "== dora"; tail -n 9 "$LOGS/dora.log" | cut -c1-200; }
 for m in llama-2-7b llama-2-7b-without-new smollm2-135m smollm2-compile; do
   [ -f "$LOGS/$m.log" ] && { echo "== $m"; grep -v -e "^\s*$" "$LOGS/$m.log" | tail -n 16 | cut -c1-300; }
 done

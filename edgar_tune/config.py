@@ -344,9 +344,10 @@ class TrainConfig(_Section):
     use_dora: bool = Field(
         False, description="Weight-decomposed LoRA (peft's DoRA; Liu et al., 2024): each adapted weight as a "
         "magnitude per output row times the direction of W + BA, the magnitudes trained beside the adapters. Closer "
-        "to full fine-tuning at the same rank, for more time and memory per step: each adapted projection keeps two "
-        "more outputs per token for backward and builds its whole weight each step (the memory plan counts both). "
-        "Not with train.lean_lora or train.fp8_base; llama.cpp's GGUF adapters do not take it (export it merged).",
+        "to full fine-tuning at the same rank, for more time and memory per step: peft's keeps each adapted "
+        "projection's base and LoRA outputs for backward and builds its whole weight in forward, and with dropout "
+        "keeps a copy of each adapted weight per layer; with train.lean_lora, one output and no weight (the memory "
+        "plan counts each). Not with train.fp8_base; llama.cpp's GGUF adapters do not take it (export it merged).",
     )
     lora_target_modules: list[str] | None = Field(
         None, description="Module names to adapt, as peft matches them (a name or its last dotted parts); default: "
@@ -422,7 +423,9 @@ class TrainConfig(_Section):
         False, description="LoRA's down projection as one op (kernels/lora.py) that keeps its input once, in the "
         "compute dtype, and draws the dropout mask again in backward: peft keeps a copy of the input and a mask "
         "per adapted projection (under bf16 autocast, compiled, with LoRA on q_proj and v_proj: 24.79 bytes per "
-        "token per hidden unit of a Llama layer instead of 28.79). peft's values and gradients; other random masks.",
+        "token per hidden unit of a Llama layer instead of 28.79). peft's values and gradients; other random masks. "
+        "With train.use_dora, DoRA's norms without building the weights, and one output kept instead of two "
+        "(kernels/lora.py).",
     )
     fp8_base: bool = Field(
         False, description="LoRA: run the frozen base's linear layers as FP8 matmuls (kernels/fp8.py): each weight "
@@ -572,9 +575,6 @@ class TrainConfig(_Section):
         if self.use_dora and self.mode != "lora":
             refuse.append("train.use_dora decomposes LoRA's adapted weights, and train.mode=full trains them whole: "
                           "set train.use_dora=false or train.mode=lora")
-        if self.use_dora and self.lean_lora:
-            refuse.append("train.use_dora with train.lean_lora: lean_lora's one-op down projection is plain LoRA's, "
-                          "and DoRA's magnitudes read the base weight and output besides: set one of them false")
         if self.use_dora and self.fp8_base:
             refuse.append("train.use_dora with train.fp8_base: DoRA normalizes each adapted weight W + BA every step, "
                           "and the FP8 layers keep W as e4m3 rows that peft cannot read: set one of them false")

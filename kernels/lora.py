@@ -15,6 +15,19 @@ autocast, with no fp32 copy of the input. The masks differ from peft's only in w
 
 Forward and backward are custom ops (`edgar_tune::lora_down_forward`, `..._backward`), opaque to torch.compile, so
 a compiled layer stays one graph (the compiler cannot trace a seeded generator) and keeps what this keeps.
+
+DoRA (`train.use_dora` with `train.lean_lora`): peft's DoRA scales each adapted projection's output rows by
+m / ||W + sBA|| (the norm detached, as the paper has it). To normalize, peft builds the whole weight in forward:
+the identity through lora_A (in x in), BA, its scaled copy, W + sBA and, where the base is in another dtype than the
+adapters, W cast to theirs (2 in^2 + 16 in out bytes at once under the Trainer's bf16 autocast); it keeps for backward
+the base output and the LoRA output; and with dropout it multiplies the dropped input by W cast to fp32, which
+autocast casts back to bf16 and keeps, a copy of every adapted weight in each layer kept. `dora_norm` computes the
+norm without the weight: ||W_i||^2 (once: the base is frozen) + 2s B_i (W A^T)_i + s^2 B_i (A A^T) B_i^T, in fp32,
+reading W a block of rows at a time (`NORM_BLOCK` values). `_DoraScale` and `_DoraMix` combine the outputs keeping
+one output-wide tensor, y = base + s LoRA, from which the magnitude's gradient comes (in the output's dtype: the one
+difference from peft's gradients, which read the two in that dtype before adding them in fp32). With dropout,
+`dora_down` is `lora_down` with the base weight beside lora_A: the dropped input's two matmuls from one mask, x and a
+seed kept, W as it is. The same values as peft's, to fp32's rounding (the norm's sum runs in another order).
 """
 
 from __future__ import annotations
@@ -114,8 +127,151 @@ def lora_down(x: torch.Tensor, a: torch.Tensor, p: float = 0.0) -> torch.Tensor:
     return _LoraDown.apply(x, a, p)
 
 
+@torch.library.custom_op("edgar_tune::dora_down_forward", mutates_args=())
+def dora_down_forward(x: torch.Tensor, a: torch.Tensor, w: torch.Tensor, p: float, seed: torch.Tensor,
+                      dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    with torch.autocast(x.device.type, enabled=False):
+        xd = _dropout(x, _dropped(x, p, seed), p, a.dtype, dtype)
+        return xd @ a.to(dtype).t(), xd @ w.to(dtype).t()
+
+
+@dora_down_forward.register_fake
+def _(x, a, w, p, seed, dtype):
+    return (x.new_empty((*x.shape[:-1], a.shape[0]), dtype=dtype),
+            x.new_empty((*x.shape[:-1], w.shape[0]), dtype=dtype))  # fmt: skip
+
+
+@torch.library.custom_op("edgar_tune::dora_down_backward", mutates_args=())
+def dora_down_backward(grad_a: torch.Tensor, grad_w: torch.Tensor, x: torch.Tensor, a: torch.Tensor, w: torch.Tensor,
+                       p: float, seed: torch.Tensor, need_x: bool, dtype: torch.dtype
+                       ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """peft's: the dropped input's gradient from both matmuls (run in `dtype`), summed in the adapter's dtype,
+    through dropout's backward, cast to the input's."""
+    with torch.autocast(x.device.type, enabled=False):
+        dropped = _dropped(x, p, seed)
+        grad_a, grad_x = grad_a.to(dtype), x.new_empty(0)
+        if need_x:
+            grad_x = (grad_a @ a.to(dtype)).to(a.dtype) + (grad_w.to(dtype) @ w.to(dtype)).to(a.dtype)
+            grad_x = _dropout(grad_x, dropped, p, a.dtype, x.dtype, True)
+        xd = _dropout(x, dropped, p, a.dtype, dtype)
+        return grad_x, (grad_a.reshape(-1, grad_a.shape[-1]).t() @ xd.reshape(-1, xd.shape[-1])).to(a.dtype)
+
+
+@dora_down_backward.register_fake
+def _(grad_a, grad_w, x, a, w, p, seed, need_x, dtype):
+    return (torch.empty_like(x) if need_x else x.new_empty(0)), torch.empty_like(a)
+
+
+class _DoraDown(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, a: torch.Tensor, w: torch.Tensor, p: float):
+        seed = torch.randint(0, 2**62, (1,))
+        ctx.save_for_backward(x, a, w, seed)
+        device = x.device.type
+        ctx.p = p
+        ctx.dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else a.dtype
+        return dora_down_forward(x, a, w, p, seed, ctx.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_a: torch.Tensor, grad_w: torch.Tensor):
+        x, a, w, seed = ctx.saved_tensors
+        grad_x, grad_a = dora_down_backward(grad_a, grad_w, x, a, w, ctx.p, seed, ctx.needs_input_grad[0], ctx.dtype)
+        return (grad_x if ctx.needs_input_grad[0] else None), grad_a, None, None
+
+
+def dora_down(x: torch.Tensor, a: torch.Tensor, w: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(`dropout(x) @ a.T`, `dropout(x) @ w.T`) with one dropout mask (0 < p < 1; `w`: the frozen base weight, out x
+    in), keeping `x`, a seed, and `a` and `w` as they are."""
+    if not 0 < p < 1:
+        raise ValueError(f"dora_down's dropout probability must be in (0, 1), not {p}")
+    return _DoraDown.apply(x, a, w, p)
+
+
+NORM_BLOCK = 2**24  # values of W cast to fp32 at a time (64 MB) by dora_norm
+
+
+@torch.no_grad()
+def dora_norm(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float,
+              row_sq: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """||W + scaling BA|| per output row in fp32 (`w`: out x in, `a`: r x in, `b`: out x r, `row_sq`: ||W_i||^2 in
+    fp32), without forming W + sBA: ||W_i||^2 + 2s B_i (W A^T)_i + s^2 B_i (A A^T) B_i^T, W read NORM_BLOCK values
+    at a time in fp32."""
+    with torch.autocast(w.device.type, enabled=False):  # fp32 matmuls, not autocast's bf16 copies
+        a32, b32 = a.float(), b.float()
+        rows = max(1, NORM_BLOCK // w.shape[1])
+        wa = torch.cat([block.float() @ a32.t() for block in w.split(rows)])  # out x r
+        squared = row_sq + 2 * scaling * (b32 * wa).sum(1) + scaling**2 * ((b32 @ (a32 @ a32.t())) * b32).sum(1)
+        return squared.clamp_min_(0).sqrt_()
+
+
+class _DoraScale(torch.autograd.Function):
+    """DoRA without dropout: `(m / norm) * (result - bias + s * lora) + bias`, peft's `result + (m / norm - 1) *
+    (result - bias) + (m / norm) * s * lora` in fp32, keeping y = result - bias + s * lora in result's dtype."""
+
+    @staticmethod
+    def forward(ctx, result, lora, magnitude, norm, scaling: float, bias):
+        y = result.float() + scaling * lora.float() - (0 if bias is None else bias.float())
+        scale = magnitude.float() / norm
+        out = scale * y + (0 if bias is None else bias.float())
+        ctx.save_for_backward(y.to(result.dtype), scale, norm)
+        ctx.scaling, ctx.dtypes = scaling, (result.dtype, lora.dtype, magnitude.dtype)
+        return out.to(result.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        y, scale, norm = ctx.saved_tensors
+        g = grad.float()
+        grad_result = (scale * g).to(ctx.dtypes[0])
+        grad_lora = (ctx.scaling * scale * g).to(ctx.dtypes[1])
+        grad_m = ((g * y.float()).reshape(-1, y.shape[-1]).sum(0) / norm).to(ctx.dtypes[2])
+        return grad_result, grad_lora, grad_m, None, None, None
+
+
+class _DoraMix(torch.autograd.Function):
+    """DoRA with dropout: peft's `result + (m / norm - 1) * base + (m / norm) * s * lora` (`base`, `lora`: the
+    dropped input's base and LoRA outputs) in fp32, keeping y = base + s * lora in result's dtype."""
+
+    @staticmethod
+    def forward(ctx, result, base, lora, magnitude, norm, scaling: float):
+        y = base.float() + scaling * lora.float()
+        scale = magnitude.float() / norm
+        out = result.float() - base.float() + scale * y
+        ctx.save_for_backward(y.to(result.dtype), scale, norm)
+        ctx.scaling, ctx.dtypes = scaling, (base.dtype, lora.dtype, magnitude.dtype)
+        return out.to(result.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        y, scale, norm = ctx.saved_tensors
+        g = grad.float()
+        grad_base = ((scale - 1) * g).to(ctx.dtypes[0])
+        grad_lora = (ctx.scaling * scale * g).to(ctx.dtypes[1])
+        grad_m = ((g * y.float()).reshape(-1, y.shape[-1]).sum(0) / norm).to(ctx.dtypes[2])
+        return grad, grad_base, grad_lora, grad_m, None, None
+
+
+def _lean_dora(self, name: str, x: torch.Tensor, result: torch.Tensor, p: float) -> torch.Tensor:
+    """One DoRA adapter's output added to `result` (the base layer's output, and the adapters' before it)."""
+    lora_A, lora_B, base = self.lora_A[name], self.lora_B[name], self.get_base_layer()
+    weight = base.weight.t() if self.fan_in_fan_out else base.weight  # out x in (GPT-2's Conv1D keeps in x out)
+    squares = self.__dict__.setdefault("_edgar_row_sq", {})  # W is frozen: its rows' squared norms, once per device
+    if (row_sq := squares.get(name)) is None or row_sq.device != weight.device:
+        with torch.no_grad():
+            row_sq = squares[name] = torch.cat([b.float().square().sum(1) for b in
+                                                weight.split(max(1, NORM_BLOCK // weight.shape[1]))])  # fmt: skip
+    scaling = self.scaling[name]
+    norm = dora_norm(weight, lora_A.weight, lora_B.weight, scaling, row_sq)
+    magnitude = self.lora_magnitude_vector[name].weight
+    if not p:
+        return _DoraScale.apply(result, lora_B(lora_down(x, lora_A.weight, 0.0)), magnitude, norm, scaling,
+                                base.bias)  # fmt: skip
+    down, base_out = dora_down(x, lora_A.weight, weight, p)
+    return _DoraMix.apply(result, base_out, lora_B(down), magnitude, norm, scaling)
+
+
 def _lean_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """peft's `lora.Linear.forward` for plain LoRA adapters, with the down projection from `lora_down`."""
+    """peft's `lora.Linear.forward` for plain LoRA and DoRA adapters, with the down projection from `lora_down`
+    (DoRA's from `_lean_dora`)."""
     if self.disable_adapters or self.merged or kwargs.get("adapter_names") is not None:
         return self._edgar_peft_forward(x, *args, **kwargs)  # no adapter math to change: peft's own path
     result = self.base_layer(x, *args, **kwargs)
@@ -125,7 +281,10 @@ def _lean_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
             continue
         lora_A, lora_B, dropout = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
         p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
-        result = result + lora_B(lora_down(x, lora_A.weight, p)) * self.scaling[name]
+        if name in getattr(self, "lora_variant", {}):  # DoRA: lean_lora takes no other variant
+            result = _lean_dora(self, name, x, result, p)
+        else:
+            result = result + lora_B(lora_down(x, lora_A.weight, p)) * self.scaling[name]
     return result.to(dtype)
 
 
@@ -133,16 +292,18 @@ def lean_lora(model: nn.Module) -> int:
     """Route every plain LoRA linear layer of a peft `model` through `lora_down`; returns how many.
 
     Raises:
-        ValueError: a LoRA variant (DoRA), a bias on lora_A, or a dropout other than nn.Dropout, whose math this
-            does not reproduce; or no LoRA linear layer at all.
+        ValueError: a LoRA variant other than DoRA, a bias on lora_A, or a dropout other than nn.Dropout, whose math
+            this does not reproduce; or no LoRA linear layer at all.
     """
     from peft.tuners.lora import Linear
+    from peft.tuners.lora.variants import DoraLinearVariant
 
     count = 0
     for name, module in model.named_modules():
         if not isinstance(module, Linear):
             continue
-        problems = [f"a LoRA variant ({type(v).__name__})" for v in getattr(module, "lora_variant", {}).values()]
+        problems = [f"a LoRA variant ({type(v).__name__})" for v in getattr(module, "lora_variant", {}).values()
+                    if not isinstance(v, DoraLinearVariant)]  # fmt: skip
         problems += [f"lora_A with a bias ({k})" for k, a in module.lora_A.items() if a.bias is not None]
         problems += [f"dropout {type(d).__name__}" for d in module.lora_dropout.values()
                      if not isinstance(d, (nn.Dropout, nn.Identity))]  # fmt: skip

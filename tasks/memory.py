@@ -143,22 +143,28 @@ def lora_layer_tensors(shape: ModelShape, *, act_bytes: int, compiled: bool, lea
     else:  # per projection: lora_A's own input (a cast copy or dropout's output), and the mask
         adapters += [matmul_bytes * width[_INPUT_OF[t]] for t in shape.lora_targets]
         adapters += [mask_bytes * width[_INPUT_OF[t]] for t in shape.lora_targets] if dropout else []
-    return 2 * norm + attention + mlp + adapters + dora_outputs(shape, act_bytes)
+    return 2 * norm + attention + mlp + adapters + dora_outputs(shape, act_bytes, lean)
 
 
-def dora_outputs(shape: ModelShape, act_bytes: int) -> list[float]:
+def dora_outputs(shape: ModelShape, act_bytes: int, lean: bool = False) -> list[float]:
     """Bytes per token DoRA's adapted projections keep beyond LoRA's (`train.use_dora`): each one's base output
-    and LoRA output, which its magnitude's gradient reads."""
-    return [act_bytes * out for _, out in shape.dora_widths] * 2
+    and LoRA output, which its magnitude's gradient reads; with `lean` (kernels/lora.py) their sum alone."""
+    return [act_bytes * out for _, out in shape.dora_widths] * (1 if lean else 2)
 
 
-def dora_weight_bytes(shape: ModelShape, *, act_bytes: float, adapter_bytes: int, cast_base: bool) -> float:
+def dora_weight_bytes(shape: ModelShape, *, act_bytes: float, adapter_bytes: int, cast_base: bool,
+                      lean: bool = False) -> float:  # fmt: skip
     """The most that peft's DoRA holds at once, beyond what is kept for backward, while one projection builds its
     weight to normalize it (`train.use_dora`): the identity matrix through lora_A (in x in, in the compute dtype,
     kept by lora_A's graph while the weight exists), and in the adapters' dtype BA, its scaled copy and W + sBA,
     and W itself cast to that dtype where the base is another (a half or quantized base under fp32 adapters), all
     in x out. The largest projection's; measured on the CPU's PyTorch (tests/test_memory.py): at 4096 x 4096, fp32,
-    256 MiB; a bf16 base under autocast, 288 MiB."""
+    256 MiB; a bf16 base under autocast, 288 MiB. `lean` (train.lean_lora, kernels/lora.py `dora_norm`): a block of
+    W's rows in fp32 at a time, NORM_BLOCK values."""
+    if lean:
+        from kernels.lora import NORM_BLOCK
+
+        return max((4 * min(i * o, max(1, NORM_BLOCK // i) * i) for i, o in shape.dora_widths), default=0)
     copies = 4 if cast_base else 3
     return max((act_bytes * i * i + adapter_bytes * copies * i * o for i, o in shape.dora_widths), default=0)
 
@@ -278,7 +284,7 @@ def estimate(shape: ModelShape, *, option: str, nproc: int, seq: int, batch: int
                                      dropout=lora_dropout, mask_bytes=4 if on_cpu else 1, matmul_bytes=act_bytes,
                                      cast=mixed and not option.startswith("zero"))  # fmt: skip
     if tensors is None:
-        tensors = [shape.hidden * act_bytes] * 17 + dora_outputs(shape, act_bytes)
+        tensors = [shape.hidden * act_bytes] * 17 + dora_outputs(shape, act_bytes, lean_lora)
     layer = sum(tensors)
     # recomputed layers keep their input; one layer at a time is recomputed, or is backward's working space
     acts = tokens * (shape.hidden * act_bytes * recomputed + layer * (1 + whole))
@@ -288,8 +294,9 @@ def estimate(shape: ModelShape, *, option: str, nproc: int, seq: int, batch: int
     if dora:  # in forward (and in each recompute) one projection at a time builds its whole weight
         adapter_bytes = 2 if mixed and option.startswith("zero") else 4  # DeepSpeed casts the adapters too
         cast_base = quantization is not None or base_bytes != adapter_bytes
-        acts += dora_weight_bytes(shape, act_bytes=act_bytes, adapter_bytes=adapter_bytes, cast_base=cast_base)
-        if lora_dropout and cast_base:  # its base matmul on the dropped input: autocast's copy of W, kept
+        acts += dora_weight_bytes(shape, act_bytes=act_bytes, adapter_bytes=adapter_bytes, cast_base=cast_base,
+                                  lean=lean_lora)  # fmt: skip
+        if lora_dropout and cast_base and not lean_lora:  # peft's base matmul on the dropped input: autocast's W
             acts += (1 + whole) * act_bytes * sum(i * o for i, o in shape.dora_widths)
     if dense_mask:  # the one mask; GQA's repeated heads in each layer kept whole, and in the one being recomputed
         repeated_kv = 2 * max(shape.hidden - shape.kv_hidden, 0) if shape.kv_hidden else 0

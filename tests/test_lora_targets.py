@@ -160,7 +160,6 @@ def test_dora_trains_a_magnitude_per_output_beside_the_adapters(tiny_run, tmp_pa
 
 @pytest.mark.parametrize(("settings", "says"), [
     (["train.mode=full"], "train.use_dora decomposes LoRA's adapted weights, and train.mode=full trains them whole"),
-    (["train.lean_lora=true"], "train.use_dora with train.lean_lora: lean_lora's one-op down projection is plain"),
     (["train.fp8_base=true"], "train.use_dora with train.fp8_base: DoRA normalizes each adapted weight W + BA"),
 ])  # fmt: skip
 def test_dora_is_refused_where_it_cannot_run(settings, says):

@@ -425,7 +425,8 @@ def test_the_plan_counts_the_merged_head_that_trainable_token_rows_keep_under_th
 
 
 @pytest.mark.parametrize(("lean", "dropout", "dora"), [(False, 0.0, False), (True, 0.0, False), (True, 0.1, False),
-                                                      (False, 0.1, False), (False, 0.0, True), (False, 0.1, True)])
+                                                      (False, 0.1, False), (False, 0.0, True), (False, 0.1, True),
+                                                      (True, 0.0, True), (True, 0.1, True)])
 def test_the_plan_counts_what_a_lora_layer_keeps(lean, dropout, dora):
     """`lora_layer_bytes` against what autograd really keeps (saved-tensor hooks), tensor for tensor, for peft's
     adapters, for train.lean_lora and for DoRA (train.use_dora: each projection's base and LoRA outputs more), on
@@ -450,13 +451,17 @@ def test_the_plan_counts_what_a_lora_layer_keeps(lean, dropout, dora):
 _DORA_WEIGHT = """
 import sys, torch
 from peft import LoraConfig, get_peft_model
-width_in, width_out, half = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "half"
+width_in, width_out, half, lean = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "half", sys.argv[4] == "lean"
 model = torch.nn.Sequential(torch.nn.Linear(width_in, width_out, bias=False))
 if half:
     model.to(torch.bfloat16)
 model = get_peft_model(model, LoraConfig(r=8, use_dora=True, target_modules=["0"], lora_dropout=0.05))
 for p in model.parameters():
     p.data = p.data.float() if p.requires_grad else p.data  # fp32 adapters, as the Trainer's
+if lean:
+    from kernels.lora import lean_lora
+
+    lean_lora(model)
 x = torch.randn(16, width_in, requires_grad=True)
 def rss(field):
     return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(field))
@@ -471,22 +476,28 @@ print(rss("VmHWM:") - start)
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux's peak resident size is what it reads")
-@pytest.mark.parametrize(("width_in", "width_out", "half"), [(4096, 4096, False), (4096, 8192, True),
-                                                             (8192, 4096, True)])  # fmt: skip
-def test_the_plan_counts_the_weight_dora_builds_in_forward(width_in, width_out, half):
+@pytest.mark.parametrize(("width_in", "width_out", "half", "lean"), [
+    (4096, 4096, False, False), (4096, 8192, True, False), (8192, 4096, True, False), (4096, 8192, False, True),
+    (8192, 4096, True, True)])  # fmt: skip
+def test_the_plan_counts_the_weight_dora_builds_in_forward(width_in, width_out, half, lean):
     """train.use_dora: peft's DoRA builds each adapted projection's whole weight in forward (and again in a
-    recompute) to normalize it, the identity through lora_A beside it. `dora_weight_bytes` against the peak
-    resident memory of one DoRA projection's forward in a process of its own, fp32 (the CPU's training) and a
-    bf16 base with fp32 adapters under autocast (the Trainer's on GPUs): tensors this large are mapped on their own
-    and unmapped when freed, so the peak is theirs."""
+    recompute) to normalize it, the identity through lora_A beside it; with train.lean_lora (kernels/lora.py
+    `dora_norm`) a block of the weight's rows in fp32 at a time, nothing on an fp32 base. `dora_weight_bytes`
+    against the peak resident memory of one DoRA projection's forward in a process of its own, fp32 (the CPU's
+    training) and a bf16 base with fp32 adapters under autocast (the Trainer's on GPUs): tensors this large are
+    mapped on their own and unmapped when freed, so the peak is theirs."""
     from tasks.memory import dora_weight_bytes
 
     proc = subprocess.run([sys.executable, "-c", _DORA_WEIGHT, str(width_in), str(width_out), "half" if half else
-                           "fp32"], cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
+                           "fp32", "lean" if lean else "peft"], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     shape = ModelShape(0, 0, 1, width_in, 0, 0, dora_widths=((width_in, width_out), (64, 64)))
-    planned = dora_weight_bytes(shape, act_bytes=2 if half else 4, adapter_bytes=4, cast_base=half)
-    assert int(proc.stdout) == pytest.approx(planned, rel=0.05)
+    planned = dora_weight_bytes(shape, act_bytes=2 if half else 4, adapter_bytes=4, cast_base=half, lean=lean)
+    if lean and not half:  # an fp32 base is read where it lies
+        assert int(proc.stdout) < planned / 8
+    else:
+        assert int(proc.stdout) == pytest.approx(planned, rel=0.05)
 
 
 # SmolLM2-135M with LoRA r=8 on its seven projections, as model_shape counts it (the demo's)
