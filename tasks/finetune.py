@@ -1379,7 +1379,8 @@ def train(tmp: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfig,
                           revision=unpinned(base)[1].get("revision"))  # peft's AutoPeftModel* loads that commit
         model = get_peft_model(model, lora)
         if cfg.lean_lora:
-            log.info("train.lean_lora: %d LoRA projections keep their input once", lean_lora(model))
+            log.info("train.lean_lora: %d LoRA projections keep their input once%s", lean_lora(model),
+                     "; DoRA's norms come without building the weights" if cfg.use_dora else "")  # fmt: skip
     fp8_layers = 0
     if cfg.fp8_base:  # on the GPU it trains on: quantizing a 7B base on the CPU takes minutes
         try:
