@@ -204,6 +204,26 @@ def dora_norm(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float,
         return squared.clamp_min_(0).sqrt_()
 
 
+def _dora_keep(ctx, y: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor, scaling: float,
+               dtypes: tuple) -> torch.Tensor:  # fmt: skip
+    """What `_DoraScale` and `_DoraMix` keep for backward: y in the dtype of the gradient it meets (`dtypes`: the
+    base output's, the LoRA output's, the magnitude's), the scale m / norm and the norm. Returns the scale."""
+    scale = magnitude.float() / norm
+    ctx.save_for_backward(y.to(dtypes[0]), scale, norm)
+    ctx.scaling, ctx.dtypes = scaling, dtypes
+    return scale
+
+
+def _dora_grads(ctx, grad: torch.Tensor) -> tuple:
+    """What `_DoraScale` and `_DoraMix` share in backward: the output's gradient in fp32, the scale m / norm, and
+    the LoRA output's and the magnitude's gradients (from the kept y = base + s * lora)."""
+    y, scale, norm = ctx.saved_tensors
+    g = grad.float()
+    grad_lora = (ctx.scaling * scale * g).to(ctx.dtypes[1])
+    grad_m = ((g * y.float()).reshape(-1, y.shape[-1]).sum(0) / norm).to(ctx.dtypes[2])
+    return g, scale, grad_lora, grad_m
+
+
 class _DoraScale(torch.autograd.Function):
     """DoRA without dropout: `(m / norm) * (result - bias + s * lora) + bias`, peft's `result + (m / norm - 1) *
     (result - bias) + (m / norm) * s * lora` in fp32, keeping y = result - bias + s * lora in result's dtype."""
@@ -211,20 +231,13 @@ class _DoraScale(torch.autograd.Function):
     @staticmethod
     def forward(ctx, result, lora, magnitude, norm, scaling: float, bias):
         y = result.float() + scaling * lora.float() - (0 if bias is None else bias.float())
-        scale = magnitude.float() / norm
-        out = scale * y + (0 if bias is None else bias.float())
-        ctx.save_for_backward(y.to(result.dtype), scale, norm)
-        ctx.scaling, ctx.dtypes = scaling, (result.dtype, lora.dtype, magnitude.dtype)
-        return out.to(result.dtype)
+        scale = _dora_keep(ctx, y, magnitude, norm, scaling, (result.dtype, lora.dtype, magnitude.dtype))
+        return (scale * y + (0 if bias is None else bias.float())).to(result.dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        y, scale, norm = ctx.saved_tensors
-        g = grad.float()
-        grad_result = (scale * g).to(ctx.dtypes[0])
-        grad_lora = (ctx.scaling * scale * g).to(ctx.dtypes[1])
-        grad_m = ((g * y.float()).reshape(-1, y.shape[-1]).sum(0) / norm).to(ctx.dtypes[2])
-        return grad_result, grad_lora, grad_m, None, None, None
+        g, scale, grad_lora, grad_m = _dora_grads(ctx, grad)
+        return (scale * g).to(ctx.dtypes[0]), grad_lora, grad_m, None, None, None
 
 
 class _DoraMix(torch.autograd.Function):
@@ -234,20 +247,13 @@ class _DoraMix(torch.autograd.Function):
     @staticmethod
     def forward(ctx, result, base, lora, magnitude, norm, scaling: float):
         y = base.float() + scaling * lora.float()
-        scale = magnitude.float() / norm
-        out = result.float() - base.float() + scale * y
-        ctx.save_for_backward(y.to(result.dtype), scale, norm)
-        ctx.scaling, ctx.dtypes = scaling, (base.dtype, lora.dtype, magnitude.dtype)
-        return out.to(result.dtype)
+        scale = _dora_keep(ctx, y, magnitude, norm, scaling, (base.dtype, lora.dtype, magnitude.dtype))
+        return (result.float() - base.float() + scale * y).to(result.dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        y, scale, norm = ctx.saved_tensors
-        g = grad.float()
-        grad_base = ((scale - 1) * g).to(ctx.dtypes[0])
-        grad_lora = (ctx.scaling * scale * g).to(ctx.dtypes[1])
-        grad_m = ((g * y.float()).reshape(-1, y.shape[-1]).sum(0) / norm).to(ctx.dtypes[2])
-        return grad, grad_base, grad_lora, grad_m, None, None
+        g, scale, grad_lora, grad_m = _dora_grads(ctx, grad)
+        return grad, ((scale - 1) * g).to(ctx.dtypes[0]), grad_lora, grad_m, None, None
 
 
 def _lean_dora(self, name: str, x: torch.Tensor, result: torch.Tensor, p: float) -> torch.Tensor:
