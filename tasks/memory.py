@@ -437,14 +437,17 @@ def recompute_all(gradient_checkpointing: bool | str, checkpoint_layers: float) 
 
 
 def suggestion(rows: list[Estimate], shape: ModelShape, **kw) -> str:
-    """The cheapest change that fits: another engine; then, one on top of the other, every layer recomputed, on
-    the CPU tcmalloc, and a smaller micro-batch with gradient accumulation; else what is left (on GPUs more of
+    """The cheapest change that fits: another engine; then, one on top of the other, for DoRA lean_lora's (which
+    neither builds the weights nor keeps two outputs, and runs on one process or ZeRO-2), every layer recomputed,
+    on the CPU tcmalloc, and a smaller micro-batch with gradient accumulation; else what is left (on GPUs more of
     them or a 4-bit base; shorter blocks). kw: `plan`'s keywords."""
     fitting = [r.option for r in rows if r.fits]
     if fitting:
         key = "train.deepspeed" if fitting[0] != "none" else "train.deepspeed (unset)"
         return f"{key}={fitting[0]}" if fitting[0] != "none" else key
     steps: list[tuple[str, dict, str]] = []
+    if shape.dora_widths and not kw.get("lean_lora") and not kw.get("quantization"):
+        steps.append(("lean", {"lean_lora": True}, "train.lean_lora=true (DoRA's norms without building the weights)"))
     if recompute := recompute_all(kw["gradient_checkpointing"], kw.get("checkpoint_layers", 1.0)):
         steps.append(("recompute", {"gradient_checkpointing": True, "checkpoint_layers": 1.0}, recompute))
     if kw.get("on_cpu") and kw.get("allocator", "system") == "system":
@@ -461,7 +464,8 @@ def suggestion(rows: list[Estimate], shape: ModelShape, **kw) -> str:
     for kind, change, text in steps:
         changes |= change
         said[kind] = text
-        ok = [r.option for r in plan(shape, **dict(kw, **changes)) if r.fits]
+        ok = [r.option for r in plan(shape, **dict(kw, **changes)) if r.fits
+              and not (changes.get("lean_lora") and r.option.startswith(("zero3", "fsdp")))]  # lean_lora refuses them
         if ok:
             return " and ".join([*said.values()] + ([f"train.deepspeed={ok[0]}"] if ok[0] != "none" else []))
     if kw.get("on_cpu"):

@@ -620,6 +620,29 @@ def test_the_advice_for_a_run_that_cannot_fit_tries_recompute_then_the_allocator
     assert advice(1.0, on_cpu=False).startswith("more devices (train.nproc), train.int4_quantization=true")
 
 
+def test_the_advice_for_a_dora_run_that_cannot_fit_tries_lean_lora_first():
+    """train.use_dora: lean_lora's DoRA keeps one output per projection and no weight copies, so a DoRA run that does
+    not fit is told to try it before recomputing layers: SmolLM2 at 4 x 2048 tokens in bf16 with every layer kept
+    plans 14.3 GB with peft's DoRA and 9.0 with lean_lora's. lean_lora runs on one process or ZeRO-2, so a ZeRO-3
+    row is never the engine advised beside it."""
+    import dataclasses
+
+    from tasks.memory import plan, suggestion
+
+    widths = ((576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536), (1536, 576))
+    dora = dataclasses.replace(SMOLLM2_LORA, dora_widths=widths)
+    kw = dict(nproc=1, seq=2048, batch=4, mode="lora", precision="bf16", quantization=None, fused_loss=True,
+              lora_dropout=0.05, gradient_checkpointing=False)  # fmt: skip
+    peft, lean = (plan(dora, budget_gb=80, lean_lora=lean, **kw)[0].total for lean in (False, True))
+    assert (round(peft, 1), round(lean, 1)) == (14.3, 9.0)
+    assert suggestion(plan(dora, budget_gb=10, **kw), dora, budget_gb=10, **kw) == (
+        "train.lean_lora=true (DoRA's norms without building the weights)")  # fmt: skip
+    assert suggestion(plan(dora, budget_gb=6, **kw), dora, budget_gb=6, **kw).startswith(
+        "train.lean_lora=true (DoRA's norms without building the weights) and train.gradient_checkpointing=true")
+    plain = dict(kw, gradient_checkpointing=True)  # plain LoRA is not told of lean_lora here
+    assert "lean_lora" not in suggestion(plan(SMOLLM2_LORA, budget_gb=1, **plain), SMOLLM2_LORA, budget_gb=1, **plain)
+
+
 def test_a_training_on_the_cpu_counts_eager_dropouts_4_byte_mask():
     """The CPU keeps dropout's mask as fp32 (the test above measures it), CUDA as bools: a plan for a training on
     the CPU counts 3 bytes more per value of each adapted projection's input, in every layer kept whole and in the
