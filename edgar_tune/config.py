@@ -349,6 +349,11 @@ class TrainConfig(_Section):
         "keeps a copy of each adapted weight per layer; with train.lean_lora, one output and no weight (the memory "
         "plan counts each). Not with train.fp8_base; llama.cpp's GGUF adapters do not take it (export it merged).",
     )
+    loraplus_lr_ratio: float | None = Field(
+        None, ge=1, description="LoRA+ (Hayou et al., 2024; Axolotl's and LLaMA-Factory's loraplus_lr_ratio): the "
+        "adapters' B matrices (and DoRA's magnitudes, and any trained bias: peft's rule) learn at this many times "
+        "train.learning_rate, their A matrices at it; the paper suggests 16. None: one rate for all.",
+    )
     lora_target_modules: list[str] | None = Field(
         None, description="Module names to adapt, as peft matches them (a name or its last dotted parts); default: "
         "every linear layer of the transformer blocks. A name that adapts nothing is refused before the model loads."
@@ -575,6 +580,9 @@ class TrainConfig(_Section):
         if self.use_dora and self.mode != "lora":
             refuse.append("train.use_dora decomposes LoRA's adapted weights, and train.mode=full trains them whole: "
                           "set train.use_dora=false or train.mode=lora")
+        if self.loraplus_lr_ratio and self.mode != "lora":
+            refuse.append("train.loraplus_lr_ratio sets LoRA's B matrices' learning rate, and train.mode=full trains "
+                          "none: unset it or set train.mode=lora")  # fmt: skip
         if self.use_dora and self.fp8_base:
             refuse.append("train.use_dora with train.fp8_base: DoRA normalizes each adapted weight W + BA every step, "
                           "and the FP8 layers keep W as e4m3 rows that peft cannot read: set one of them false")

@@ -260,6 +260,27 @@ def trainer_class():
 
     class AtomicCheckpointTrainer(Trainer):
         fused_linear_ce = "off"  # set per run from train.fused_linear_ce
+        loraplus_lr_ratio = None  # set per run from train.loraplus_lr_ratio
+
+        def create_optimizer(self, model=None):
+            """The Trainer's optimizer; with LoRA+ its parameter groups split again, by peft's rule: LoRA's B
+            matrices and every 1-D trained tensor (DoRA's magnitudes, biases) at loraplus_lr_ratio times the
+            learning rate, the rest at it, each with the Trainer's weight decay or none as it decides."""
+            if self.optimizer is None and self.loraplus_lr_ratio:
+                opt_model = self.model if model is None else model
+                decay = set(self.get_decay_parameter_names(opt_model))
+                groups: dict[tuple[bool, bool], list] = {}
+                for name, param in opt_model.named_parameters():
+                    if param.requires_grad:
+                        fast = "lora_B" in name or param.ndim == 1
+                        groups.setdefault((fast, name in decay), []).append(param)
+                cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+                lr = kwargs.pop("lr", self.args.learning_rate)
+                self.optimizer = cls([{"params": params, "lr": lr * (self.loraplus_lr_ratio if fast else 1.0),
+                                       "weight_decay": self.args.weight_decay if decayed else 0.0}
+                                      for (fast, decayed), params in sorted(groups.items())],
+                                     lr=lr, **kwargs)  # fmt: skip
+            return super().create_optimizer(model)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             """With the fused kernel: the Trainer's causal-LM loss, same normalisation, without the logits. The

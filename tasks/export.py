@@ -478,6 +478,8 @@ def model_card(p: dict, params: dict[str, str], smollm2: bool, folder: Path | st
     if "trainable_tokens.trained" in params:  # the tokens whose rows trained beside LoRA (what auto chose)
         shown.append(("train.trainable_tokens", ", ".join(json.loads(params["trainable_tokens.trained"]))))
     shown += [(k, "true") for k in ("train.use_rslora", "train.use_dora") if params.get(k) == "True"]  # not plain LoRA
+    if params.get("train.loraplus_lr_ratio") not in (None, "None"):
+        shown.append(("train.loraplus_lr_ratio", params["train.loraplus_lr_ratio"]))
     if shown:
         lines += ["", "| hyperparameter | value |", "|---|---|", *[f"| `{k}` | {v} |" for k, v in shown]]
     lines += _prompt_lines(p.get("prompt_template"), p.get("chat", False), bool(gguf), p.get("turn_end"),

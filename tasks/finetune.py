@@ -1417,6 +1417,7 @@ def train(tmp: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfig,
 
         trainer.remove_callback(PrinterCallback)
     trainer.fused_linear_ce = resolve_backend(cfg.fused_linear_ce, "train.fused_linear_ce", cfg.enable_fsdp)
+    trainer.loraplus_lr_ratio = cfg.loraplus_lr_ratio
     _check_engine(trainer, cfg)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()

@@ -158,6 +158,41 @@ def test_dora_trains_a_magnitude_per_output_beside_the_adapters(tiny_run, tmp_pa
                                    rtol=1e-4, atol=1e-4)  # fmt: skip
 
 
+def test_loraplus_trains_b_at_its_ratio_of_the_learning_rate(tiny_run, tmp_path):
+    """`train.loraplus_lr_ratio` (LoRA+): the optimizer's groups put every lora_B matrix and every 1-D trained tensor
+    (DoRA's magnitudes) at the ratio times the learning rate and every lora_A at it, each with the weight decay the
+    Trainer gives it; the train stage's first step is plain LoRA's (B starts at zero) and then they part. Full
+    fine-tuning refuses it."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, LlamaConfig, TrainingArguments
+
+    from edgar_tune.config import load_config
+    from tasks.checkpoints import trainer_class
+    from tests.conftest import train_variants
+
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                         vocab_size=100)  # fmt: skip
+    model = get_peft_model(AutoModelForCausalLM.from_config(config), LoraConfig(r=2, use_dora=True,
+                                                                                target_modules=["q_proj", "v_proj"]))
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), learning_rate=1e-4, weight_decay=0.01, use_cpu=True,
+                             report_to=[])  # fmt: skip
+    trainer = trainer_class()(model=model, args=args)
+    trainer.loraplus_lr_ratio = 16.0
+    groups = trainer.create_optimizer().param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    placed = {names[id(p)].split("self_attn.")[1].removesuffix(".default.weight"): (g["lr"], g["weight_decay"])
+              for g in groups for p in g["params"]}  # fmt: skip
+    assert placed == {"q_proj.lora_A": (1e-4, 0.01), "v_proj.lora_A": (1e-4, 0.01), "q_proj.lora_B": (1.6e-3, 0.01),
+                      "v_proj.lora_B": (1.6e-3, 0.01), "q_proj.lora_magnitude_vector": (1.6e-3, 0.01),
+                      "v_proj.lora_magnitude_vector": (1.6e-3, 0.01)}  # fmt: skip
+    variants = {"plus": {"loraplus_lr_ratio": 16, "lora_dropout": 0.0}, "plain": {"lora_dropout": 0.0}}
+    out = train_variants(tiny_run, tmp_path, variants, steps=3)
+    plus_losses, plain_losses = out["plus"][1], out["plain"][1]
+    assert plus_losses[0] == pytest.approx(plain_losses[0], rel=1e-6) and plus_losses[1:] != plain_losses[1:]
+    with pytest.raises(ConfigError, match="train.loraplus_lr_ratio sets LoRA's B matrices' learning rate"):
+        load_config("tiny", ["train.mode=full", "train.loraplus_lr_ratio=16"])
+
+
 @pytest.mark.parametrize(("settings", "says"), [
     (["train.mode=full"], "train.use_dora decomposes LoRA's adapted weights, and train.mode=full trains them whole"),
     (["train.fp8_base=true"], "train.use_dora with train.fp8_base: DoRA normalizes each adapted weight W + BA"),

@@ -3284,8 +3284,10 @@ def test_export_card_says_what_was_held_out_and_how_it_was_tuned():
     own = model_card(p | {"filings": []}, {"train.instruction_tuned": "True"}, False, Path("/srv/m"))
     assert "instruction-tuned on prompt/completion pairs" in own and "held-out text, 1,000 tokens" in own
     assert "10-K" not in own and "Item" not in own and "tags: [edgar-tune, finance]" in own
-    assert "use_dora" not in card and "use_rslora" not in card  # plain LoRA says nothing of either
+    assert "use_dora" not in card and "use_rslora" not in card and "loraplus" not in card  # plain LoRA says nothing
     adapter = p | {"adapter": True, "base_model_path": "/srv/base", "base_revision": None}
-    dora = model_card(adapter, {"train.use_dora": "True", "train.use_rslora": "False"}, False, Path("/srv/m"))
+    said = {"train.use_dora": "True", "train.use_rslora": "False", "train.loraplus_lr_ratio": "16.0"}
+    dora = model_card(adapter, said, False, Path("/srv/m"))
     assert "| `train.use_dora` | true |" in dora and "use_rslora" not in dora
+    assert "| `train.loraplus_lr_ratio` | 16.0 |" in dora
     assert "vLLM's `--lora-modules` refuses it" in dora and "`edgar-tune export --model models:/m/3` writes it" in dora
