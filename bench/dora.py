@@ -8,8 +8,8 @@ SmolLM2-135M (the real model, from its wheel) with LoRA r=8 on its seven project
 and backward) on `--tokens` tokens, as the train stage runs it: fp32 on the CPU, a bf16 base with fp32 adapters under
 bf16 autocast on a GPU. Dropout 0.05 (JumpStart's default, the demo's) and 0. Kinds: plain LoRA (peft), DoRA
 (peft), DoRA through lean_lora. `ms`: the median step of `--steps` after one to warm up; `x LoRA`: over plain LoRA's
-at the same dropout. `kept MB`: what autograd keeps for backward (saved-tensor hooks, tensors held so that none is
-counted twice, parameters aside); `weight MB`: the most DoRA holds at once to normalize a projection's weight, as
+at the same dropout. `kept MB`: what autograd keeps for backward (the saved tensors still alive when forward ends,
+each storage once, parameters aside); `weight MB`: the most DoRA holds at once to normalize a projection's weight, as
 the memory plan counts it (`tasks.memory.dora_weight_bytes`, checked against measured peaks in
 tests/test_memory.py); on a GPU `peak MB`, the step's peak over the weights.
 """

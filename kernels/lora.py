@@ -190,6 +190,11 @@ def dora_down(x: torch.Tensor, a: torch.Tensor, w: torch.Tensor, p: float) -> tu
 NORM_BLOCK = 2**24  # values of W cast to fp32 at a time (64 MB) by dora_norm
 
 
+def _row_blocks(w: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """`w`'s rows in blocks of at most NORM_BLOCK values (one row at least)."""
+    return w.split(max(1, NORM_BLOCK // w.shape[1]))
+
+
 @torch.no_grad()
 def dora_norm(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float,
               row_sq: torch.Tensor) -> torch.Tensor:  # fmt: skip
@@ -198,8 +203,7 @@ def dora_norm(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float,
     at a time in fp32."""
     with torch.autocast(w.device.type, enabled=False):  # fp32 matmuls, not autocast's bf16 copies
         a32, b32 = a.float(), b.float()
-        rows = max(1, NORM_BLOCK // w.shape[1])
-        wa = torch.cat([block.float() @ a32.t() for block in w.split(rows)])  # out x r
+        wa = torch.cat([block.float() @ a32.t() for block in _row_blocks(w)])  # out x r
         squared = row_sq + 2 * scaling * (b32 * wa).sum(1) + scaling**2 * ((b32 @ (a32 @ a32.t())) * b32).sum(1)
         return squared.clamp_min_(0).sqrt_()
 
@@ -263,8 +267,7 @@ def _lean_dora(self, name: str, x: torch.Tensor, result: torch.Tensor, p: float)
     squares = self.__dict__.setdefault("_edgar_row_sq", {})  # W is frozen: its rows' squared norms, once per device
     if (row_sq := squares.get(name)) is None or row_sq.device != weight.device:
         with torch.no_grad():
-            row_sq = squares[name] = torch.cat([b.float().square().sum(1) for b in
-                                                weight.split(max(1, NORM_BLOCK // weight.shape[1]))])  # fmt: skip
+            row_sq = squares[name] = torch.cat([b.float().square().sum(1) for b in _row_blocks(weight)])
     scaling = self.scaling[name]
     norm = dora_norm(weight, lora_A.weight, lora_B.weight, scaling, row_sq)
     magnitude = self.lora_magnitude_vector[name].weight
