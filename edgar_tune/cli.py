@@ -166,6 +166,42 @@ def cmd_rerun(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """Train a finished run's data under each point of a grid of settings, each in a run folder beside it."""
+    from edgar_tune.config import flow_run_id
+    from flows.sweep import check_grid, parse_grid, prepare
+
+    grid = check_grid(parse_grid(args.grid))
+    if flow_run_id(args.run) is None:  # a local folder: refusals come here, before Prefect starts
+        if "://" not in args.run and not (Path(args.run).expanduser() / "config.yaml").is_file():
+            from edgar_tune.config import ConfigError
+
+            raise ConfigError(f"{args.run} is not a run folder (it has no config.yaml); give the folder of a finished "
+                              "run (`edgar-tune run --out DIR`)")  # fmt: skip
+        base_dir, grid, points = prepare(args.run, grid)
+        if args.dry_run:
+            from flows.pipeline import dry_run
+
+            print(f"edgar-tune sweep --dry-run: {len(points)} point(s) beside {args.run} (nothing ran)")
+            for point in points:
+                there = point["folder"] if point["folder"].exists() else base_dir  # a new one is the base's copy
+                made = "the base run" if point["folder"] == base_dir else ("there" if there != base_dir else "new")
+                print(f"  {point['name']} ({made})")
+                for stage, fate in dry_run(str(there), point["config"], STAGES[1:]):
+                    print(f"    {stage:<13}  {fate}")
+            return 0
+    elif args.dry_run:
+        from edgar_tune.config import ConfigError
+
+        raise ConfigError("--dry-run reads a local run folder; give the base run's folder")
+    from edgar_tune.reaper import embedded_prefect
+    from flows.sweep import edgar_tune_sweep
+
+    embedded_prefect()
+    edgar_tune_sweep(args.run, grid, "wait" if args.wait else "fail")
+    return 0
+
+
 def cmd_stage(args: argparse.Namespace) -> int:
     """Run one stage of a local run folder in this process, without Prefect and without its dependents."""
     from edgar_tune.config import RerunNeeded, load_run_config
@@ -990,6 +1026,17 @@ def build_parser() -> argparse.ArgumentParser:
     rerun.add_argument("--wait", action="store_true", help="if another run works in the run's folder, wait for it "
                        "to end instead of failing at once (the stage is then recomputed from the config it left)")
     rerun.set_defaults(fn=cmd_rerun)
+    sweep = sub.add_parser("sweep", help="train a finished run's data under each combination of some settings, each "
+                           "in a run folder beside it, and compare them (one MLflow run holds the comparison)")
+    sweep.add_argument("--run", required=True, help="the base run: a finished local run folder, or its flow-run id")
+    sweep.add_argument("--grid", action="append", default=[], metavar="KEY=VALUE,VALUE",
+                       help="a key and the values to try, e.g. --grid train.learning_rate=1e-4,3e-4 --grid "
+                       "lora_r=8,16 (every combination); a list-valued key takes a YAML list of lists")  # fmt: skip
+    sweep.add_argument("--dry-run", action="store_true", help="list the points and what each would run, running "
+                       "nothing")  # fmt: skip
+    sweep.add_argument("--wait", action="store_true", help="if another run works in a folder the sweep uses, wait "
+                       "for it to end instead of failing at once")  # fmt: skip
+    sweep.set_defaults(fn=cmd_sweep)
     stage = sub.add_parser("stage", help="run one stage of a local run folder in-process: no Prefect, no dependents")
     stage.add_argument("name", choices=STAGES)
     stage.add_argument("--run", required=True, help="the run folder (has config.yaml)")

@@ -869,6 +869,10 @@ def _parse_value(raw: str) -> Any:
     return value
 
 
+resolve_key = _resolve_key  # `lr_r` -> error; `lora_r` -> `train.lora_r`
+parse_value = _parse_value  # one value as `--set` reads it
+
+
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """`["train.learning_rate=1e-4", ...]` -> `{"train.learning_rate": 0.0001, ...}`."""
     pairs = {}

@@ -1,0 +1,455 @@
+"""`edgar-tune-sweep`: one finished run's data trained under a grid of settings, and the results side by side.
+
+Each point of the grid is a run folder beside the base run, `BASE+learning_rate=0.0003+lora_r=16` (the keys whose
+value differs from the base's; the point that differs in none is the base itself). A new one starts as a copy of the
+base (a copy is the same run: tasks/cache.py), less the folders of the stages the point's settings make again, so
+the download, the parse, the blocks and the base model's perplexity are not made again, and EDGAR is not asked
+again. Each then runs as the pipeline does, stage by stage through the cache, as a flow run of its own: a sweep run
+again, or resumed after a failure, finds the points that finished `Cached`.
+
+Every point registers its version as any run does (the champion alias goes to one only if it beats the champion on
+the same held-out text), and its MLflow run is nested under the sweep's own run, which holds the comparison: a table
+(`sweep.json`, `sweep.md`) and a plot of the perplexity after fine-tuning of each point. The MLflow UI's Compare on
+the nested runs gives the parallel-coordinates plot of the swept keys against `val_perplexity`.
+
+Only keys that leave the data and what scores it alone can be swept (`FIXED`): another ticker or year, another
+parse, another base model or another registry would compare perplexities on other text or in other units.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import itertools
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+from prefect import flow
+from prefect.runtime import flow_run
+
+from edgar_tune.config import (ConfigError, PipelineConfig, StageFailed, flat_params, load_run_config, parse_value,
+                               resolve_key, tracking_uri)  # fmt: skip
+from edgar_tune.reaper import watch_embedded_server
+from edgar_tune.signals import run_body
+from tasks.cache import OUTPUTS, STAGES, downstream, reads_key
+from tasks.io import TOKENIZE, atomic_write_json, atomic_write_text, read_json
+from tasks.storage import LOCK, RUN_NAME, RunFolder
+
+log = logging.getLogger(__name__)
+
+# Sections (and keys) a sweep does not vary, and why: the points must score the same held-out text, in the same units.
+FIXED = {
+    "preset": "the preset is the base run's",
+    "data": "the filings (or files) are the base run's; other data holds out other text",
+    "parse": "the parse decides the held-out text (Item 7) and the training text",
+    "model": "another base model's perplexity is in other units (its own tokens)",
+    "registry": "every point registers where the base run does",
+}
+SWEEP_TAG = "edgar_tune.sweep"  # on the sweep's MLflow run and on each point's: the sweep's key (`sweep_key`)
+NAME_LIMIT = 200  # characters of a point's folder name; a longer one ends in a digest
+
+
+def parse_grid(items: list[str]) -> dict[str, list]:
+    """`["train.learning_rate=1e-4,3e-4", "lora_r=8,16"]` -> `{"train.learning_rate": [0.0001, 0.0003], ...}`. The
+    values are split at commas; a key whose value is a list takes a YAML list of its values
+    (`train.lora_target_modules=[[q_proj,v_proj],[q_proj,k_proj,v_proj,o_proj]]`)."""
+    grid: dict[str, list] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--grid `{item}` must look like key=value,value,..., e.g. "
+                              "train.learning_rate=1e-4,3e-4")  # fmt: skip
+        key, text = (part.strip() for part in item.split("=", 1))
+        values = parse_value(text) if text.startswith("[") else [parse_value(v.strip()) for v in text.split(",")]
+        if key in grid or resolve_key(key) in grid:
+            raise ConfigError(f"--grid gives `{key}` twice: give its values once, with commas ({key}=a,b)")
+        grid[key] = values if isinstance(values, list) else [values]
+    return grid
+
+
+def check_grid(grid: dict[str, Any]) -> dict[str, list]:
+    """The grid with its keys in their dotted form, each a non-empty list of values.
+
+    Raises:
+        ConfigError: an unknown key, a key a sweep does not vary (`FIXED`), or no values."""
+    if not grid:
+        raise ConfigError("a sweep needs at least one key to vary: --grid KEY=VALUE,VALUE (e.g. "
+                          "train.learning_rate=1e-4,3e-4)")  # fmt: skip
+    out: dict[str, list] = {}
+    for key, values in grid.items():
+        dotted = resolve_key(key)
+        section = dotted.split(".", 1)[0]
+        if why := FIXED.get(section) or FIXED.get(dotted):
+            raise ConfigError(f"`{dotted}` cannot be swept: {why}. A sweep trains one run's data under other "
+                              f"settings; start a run for each value instead (edgar-tune run --set {dotted}=...)")
+        if dotted in out:
+            raise ConfigError(f"the grid gives `{dotted}` twice (as `{key}` too): give its values once")
+        values = values if isinstance(values, list) else [values]
+        if not values:
+            raise ConfigError(f"`{dotted}` has no values in the grid: give one or more ({dotted}=a,b)")
+        out[dotted] = values
+    return out
+
+
+def _shown(value: Any) -> str:
+    """A value as a point's folder name shows it (`0.0003`, `q_proj,v_proj`, `none`)."""
+    if isinstance(value, list | tuple):
+        return ",".join(_shown(v) for v in value)
+    if value is None or isinstance(value, bool):
+        text = str(value).lower()
+    else:
+        text = repr(value) if isinstance(value, float) else str(value)
+    return "".join(c if c.isalnum() or c in "._-," else "_" for c in text)
+
+
+def point_name(base: str, moved: dict[str, Any]) -> str:
+    """The folder name of the grid point that differs from the base run `base` in `moved` (key: value)."""
+    if not moved:
+        return base
+    last = [k.rsplit(".", 1)[-1] for k in moved]
+    parts = [f"{k if last.count(k.rsplit('.', 1)[-1]) > 1 else k.rsplit('.', 1)[-1]}={_shown(v)}"
+             for k, v in moved.items()]  # fmt: skip
+    name = "+".join([base, *parts])
+    if len(name) > NAME_LIMIT:
+        name = f"{name[: NAME_LIMIT - 13]}+{hashlib.sha256(name.encode()).hexdigest()[:12]}"
+    return name
+
+
+def sweep_points(base_dir: Path, grid: dict[str, list]) -> list[dict]:
+    """Every point of the grid, in order: {name, folder, overrides (the grid's keys), moved (those that differ from
+    the base's value), remade (the stages its settings make again)}. Each point's config is checked as a run's.
+
+    Raises:
+        ConfigError: a value the key does not take (as `--set` says it), or two values the config reads alike."""
+    base_cfg = load_run_config(base_dir)
+    base = flat_params(base_cfg)
+    points, names = [], {}
+    for values in itertools.product(*grid.values()):
+        given = dict(zip(grid, values, strict=True))
+        try:
+            cfg = load_run_config(base_dir, given)
+        except ConfigError as err:
+            raise ConfigError(f"grid point {_settings(given)}: {err}") from None
+        flat = flat_params(cfg)
+        overrides = {k: flat[k] for k in grid}  # as the config reads them (1e-4 and 0.0001 alike)
+        moved = {k: v for k, v in overrides.items() if v != base[k]}
+        name = point_name(base_dir.name, moved)
+        if name in names:
+            raise ConfigError(f"grid points {_settings(names[name])} and {_settings(given)} are the same settings "
+                              f"({_settings(overrides)}): give each value once")  # fmt: skip
+        names[name] = given
+        points.append({"name": name, "folder": base_dir.parent / name, "overrides": overrides, "moved": moved,
+                       "remade": remade(base_cfg, cfg), "config": cfg})  # fmt: skip
+    return points
+
+
+def remade(before: PipelineConfig, after: PipelineConfig) -> list[str]:
+    """The stages that the change from `before` to `after` makes again (those that read a changed key, and what
+    depends on them), and the registration."""
+    old, new = flat_params(before), flat_params(after)
+    moved = [k for k in new if new[k] != old.get(k)]
+    out = {"register"}
+    for stage in STAGES[:-1]:
+        if any(reads_key(stage, cfg, k) for k in moved for cfg in (before, after)):
+            out |= set(downstream(stage))
+    return [s for s in STAGES if s in out]
+
+
+def _settings(point: dict) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in point.items()) or "the base run's settings"
+
+
+def sweep_key(base_ref: str, grid: dict[str, list]) -> str:
+    """What names a sweep: its base run and its grid, so a sweep run again finds its MLflow run."""
+    return hashlib.sha256(json.dumps([base_ref, grid], sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def check_base(base_dir: Path, ref: str) -> None:
+    """A sweep starts from a run whose every stage finished here.
+
+    Raises:
+        ConfigError: an s3:// run, or a folder that lacks a stage's outputs (the run to finish first)."""
+    if "://" in ref:
+        raise ConfigError(f"a sweep copies a local run folder beside it; {ref} is a URL. Sweep from a local run "
+                          "(`edgar-tune run --out runs/NAME`)")  # fmt: skip
+    for stage in STAGES:
+        if not (base_dir / OUTPUTS[stage]).exists():
+            raise ConfigError(f"{ref} has no {OUTPUTS[stage]}: a sweep starts from a finished run; finish it first "
+                              f"(`edgar-tune run --out {ref}` with its settings, or `edgar-tune rerun {stage} --run "
+                              f"{ref}`)")  # fmt: skip
+
+
+def check_point_folder(point: dict, base_dir: Path) -> None:
+    """A point's folder, where it is there already, must be this base's copy, made for the point's settings (an
+    earlier sweep that stopped): anything else there is refused, and left as it is."""
+    folder: Path = point["folder"]
+    if folder == base_dir or not folder.exists():
+        return
+    problem = None
+    if not (folder / "config.yaml").is_file() or not (folder / RUN_NAME).is_file():
+        problem = "is not a run folder"
+    elif read_json(folder / RUN_NAME) != read_json(base_dir / RUN_NAME):
+        problem = f"holds another run ({read_json(folder / RUN_NAME).get('name')})"
+    else:
+        there, want = flat_params(load_run_config(folder)), flat_params(point["config"])
+        if differ := [k for k in want if there.get(k) != want[k]]:
+            problem = "holds the run with other settings (" + ", ".join(
+                f"{k}={there.get(k)!r}" for k in differ[:3]) + ")"  # fmt: skip
+    if problem:
+        raise ConfigError(f"{folder} {problem}, where the sweep would put the point {_settings(point['moved'])}; "
+                          "move it away, or sweep from another base")  # fmt: skip
+
+
+def copy_base(base_dir: Path, point: dict) -> None:
+    """The point's folder, as a copy of the base run less the folders of the stages it makes again; written under a
+    hidden name and renamed, so a copy cut short leaves no run folder behind."""
+    folder: Path = point["folder"]
+    if folder.exists():
+        return
+    owners: dict[str, list[str]] = {}
+    for stage in STAGES:
+        owners.setdefault(OUTPUTS[stage].split("/")[0], []).append(stage)
+    left = {f for f, stages in owners.items() if set(stages) <= set(point["remade"])} | {LOCK, "summary.json"}
+    partial = folder.with_name(f".{folder.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(base_dir, partial, symlinks=True,
+                    ignore=lambda where, names: [n for n in names if Path(where) == base_dir and n in left])
+    os.replace(partial, folder)
+    log.info("sweep: %s made from %s (left out, made again: %s)", folder.name, base_dir.name,
+             ", ".join(sorted(left - {LOCK, "summary.json"})) or "nothing")  # fmt: skip
+
+
+def prepare(ref: str, grid: dict[str, Any]) -> tuple[Path, dict[str, list], list[dict]]:
+    """The base run's folder, the grid (`check_grid`) and its points (`sweep_points`), every point checked before the
+    first trains, so that a refusal comes now and not hours in: its folder (`check_point_folder`), its engine on this
+    machine (`preflight`) and, where it trains on the base's blocks, its memory plan and profile step."""
+    from tasks.finetune import plan_training, preflight
+
+    base_dir = Path(ref).expanduser().resolve()
+    check_base(base_dir, ref)
+    grid = check_grid(grid)
+    points = sweep_points(base_dir, grid)
+    for point in points:
+        check_point_folder(point, base_dir)
+        try:
+            precision = preflight(point["config"].train)
+            if "tokenize" not in point["remade"] and "train" in point["remade"]:
+                with _quiet("tasks.finetune"):  # each point's plan is logged when it trains; a warning now
+                    plan_training(base_dir / TOKENIZE, point["config"].train, precision)
+        except ConfigError as err:
+            raise ConfigError(f"grid point {_settings(point['moved'])}: {err}") from None
+    return base_dir, grid, points
+
+
+@contextlib.contextmanager
+def _quiet(name: str) -> Iterator[None]:
+    """The logger `name` at WARNING for a while."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+@flow(name="edgar-tune-sweep-point", log_prints=True)
+def sweep_point(out_dir: str, overrides: dict, if_busy: Literal["fail", "wait"] = "fail") -> dict:
+    """One point of a sweep: its run folder's stages (all but the download), each `Cached` where its key stands."""
+    from flows.pipeline import run_stages
+
+    folder = RunFolder.open(out_dir)
+    cfg = load_run_config(folder.local, overrides)
+    return run_stages(folder, cfg, STAGES[1:], wait=if_busy == "wait")
+
+
+@flow(name="edgar-tune-sweep", log_prints=True)
+def edgar_tune_sweep(run: str, grid: dict[str, list], if_busy: Literal["fail", "wait"] = "fail") -> dict:
+    """Train a finished run's data under every combination of the grid's values, then compare the results.
+
+    Args:
+        run: The base run: a local run folder, or the Prefect flow-run id of an edgar-tune run.
+        grid: Config keys and the values to try, e.g. {"train.learning_rate": [1e-4, 3e-4], "train.lora_r": [8, 16]}.
+            Not data, parse, model or registry keys: the points must score the same held-out text.
+        if_busy: When another run works in a folder the sweep uses: fail at once, or wait for it to end.
+    """
+    from flows.pipeline import resolve_run
+
+    watch_embedded_server()
+    with run_body():
+        ref = resolve_run(run)
+        base_dir, grid, points = prepare(ref, grid)
+        uri = tracking_uri(points[0]["config"].registry.tracking_uri, base_dir.parent)
+        log.info("sweep of %s: %d point(s) over %s", ref, len(points), ", ".join(grid))
+        rows = []
+        for i, point in enumerate(points, 1):
+            log.info("sweep point %d of %d: %s", i, len(points), _settings(point["moved"]))
+            try:
+                with RunFolder.open(str(base_dir)).lock(wait=if_busy == "wait", flow_run=flow_run.name):
+                    copy_base(base_dir, point)
+                summary = sweep_point.with_options(flow_run_name=point["name"])(
+                    str(point["folder"]), point["overrides"], if_busy)  # fmt: skip
+                rows.append(_row(point, summary))
+            except Exception as err:  # noqa: BLE001 (one point's failure leaves the others to run; raised below)
+                log.error("sweep point %s failed: %s: %s", point["name"], type(err).__name__, err)
+                rows.append(_row(point, None, f"{type(err).__name__}: {err}"))
+        result = {"base": ref, "grid": grid, "key": sweep_key(str(base_dir), grid), "points": rank(rows),
+                  "mlflow_tracking_uri": uri}  # fmt: skip
+        aliases_now(result["points"], uri)
+        result["mlflow_run_id"] = log_sweep(result, points[0]["config"].registry.experiment)
+        print(format_sweep(result))
+        if flow_run.id:
+            _publish(result)
+        if failed := [r for r in rows if r.get("error")]:
+            raise StageFailed(f"{len(failed)} of {len(rows)} sweep point(s) failed: " + "; ".join(
+                f"{r['name']}: {r['error'].splitlines()[0]}" for r in failed) + ". Run the sweep again to retry them "
+                "(the points that finished are Cached)")  # fmt: skip
+        return result
+
+
+def _row(point: dict, summary: dict | None, error: str | None = None) -> dict:
+    row = {"name": point["name"], "folder": str(point["folder"]), "settings": point["overrides"],
+           "moved": point["moved"]}  # fmt: skip
+    if summary is None:
+        return row | {"error": error}
+    keep = ("ppl_before", "ppl_after", "ppl_change_pct", "registered_model", "model_version", "model_alias",
+            "mlflow_tracking_uri", "mlflow_run_id", "train_steps", "train_tokens_seen", "seconds", "stages",
+            "champion_comparison")  # fmt: skip
+    return row | {k: summary.get(k) for k in keep}
+
+
+def aliases_now(rows: list[dict], uri: str) -> None:
+    """Each point's version's aliases as the registry holds them once the sweep is over (`model_alias`: a point that
+    took the champion alias may have lost it to a later one, and the base's was decided before the sweep). A point
+    registered in another store (a base run copied from elsewhere) keeps what its registration decided."""
+    import mlflow
+
+    try:
+        client = mlflow.MlflowClient(uri)
+        for r in rows:
+            if not r.get("error") and r["mlflow_tracking_uri"] == uri:
+                version = client.get_model_version(r["registered_model"], str(r["model_version"]))
+                r["model_alias"] = ",".join(sorted(version.aliases)) or None
+    except Exception as err:  # noqa: BLE001 (the table says what each registration decided)
+        log.warning("sweep: the aliases now could not be read from %s (%s: %s); shown as registered", uri,
+                    type(err).__name__, err)  # fmt: skip
+
+
+def rank(rows: list[dict]) -> list[dict]:
+    """Lowest perplexity after fine-tuning first; failed points last, in grid order."""
+    return sorted(rows, key=lambda r: (r.get("error") is not None, r.get("ppl_after") or 0.0))
+
+
+def format_sweep(result: dict) -> str:
+    """The sweep as printed: a row per point, best first."""
+    keys = list(result["grid"])
+    short = [k.rsplit(".", 1)[-1] for k in keys]
+    head = ["", *short, "before", "after", "change", "version", "train", "made"]
+    lines = []
+    for i, r in enumerate(result["points"]):
+        cells = [("*" if i == 0 and not r.get("error") else " "), *(_shown(r["settings"][k]) for k in keys)]
+        if r.get("error"):
+            lines.append([*cells, "failed:", r["error"].splitlines()[0][:80], "", "", "", ""])
+            continue
+        ran = [s for s, state in (r["stages"] or {}).items() if state == "Completed"]
+        cells += [f"{r['ppl_before']:.3f}", f"{r['ppl_after']:.3f}", f"{r['ppl_change_pct']:+.1f}%",
+                  f"v{r['model_version']}" + (f" @{r['model_alias']}" if r["model_alias"] else "")
+                  + ("" if r["mlflow_tracking_uri"] == result["mlflow_tracking_uri"] else " (another store)"),
+                  f"{(r['seconds'] or {}).get('train', 0):.0f}s" if "train" in ran else "cached",
+                  "base run" if not r["moved"] else ("all cached" if not ran else ", ".join(ran))]  # fmt: skip
+        lines.append(cells)
+    widths = [max(len(str(row[c])) for row in [head, *lines]) for c in range(len(head))]
+    out = [f"edgar-tune sweep of {result['base']}: {len(result['points'])} point(s), perplexity on held-out "
+           "validation text, lowest first"]  # fmt: skip
+    out += ["  " + "  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip()
+            for row in [head, *lines]]  # fmt: skip
+    if result.get("mlflow_run_id"):
+        out.append(f"MLflow: run {result['mlflow_run_id']} at {result['mlflow_tracking_uri']}, the points' runs "
+                   "nested under it")  # fmt: skip
+    return "\n".join(out)
+
+
+def log_sweep(result: dict, experiment: str) -> str | None:
+    """The sweep's MLflow run (found again by its key when the sweep runs again): its grid, the table and a plot;
+    each point's run nested under it. None, after a warning, where MLflow cannot be written (the table is
+    printed)."""
+    import tempfile
+
+    import mlflow
+
+    uri = result["mlflow_tracking_uri"]
+    try:
+        client = mlflow.MlflowClient(uri)
+        exp = client.get_experiment_by_name(experiment)
+        exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+        found = client.search_runs([exp_id], f"tags.`{SWEEP_TAG}` = '{result['key']}' and tags.`{SWEEP_TAG}.role` "
+                                   "= 'sweep'", max_results=1)  # fmt: skip
+        tags = {SWEEP_TAG: result["key"], f"{SWEEP_TAG}.role": "sweep", "edgar_tune.base_run": result["base"]}
+        run_id = found[0].info.run_id if found else client.create_run(
+            exp_id, run_name=f"sweep-{Path(result['base']).name}", tags=tags).info.run_id  # fmt: skip
+        if not found:
+            client.log_param(run_id, "grid", json.dumps(result["grid"], default=str)[:6000])
+        done = [r for r in result["points"] if not r.get("error")]
+        if done:
+            client.log_metric(run_id, "best_val_perplexity", done[0]["ppl_after"])
+        with tempfile.TemporaryDirectory() as tmp:
+            atomic_write_json(Path(tmp) / "sweep.json", result)
+            atomic_write_text(Path(tmp) / "sweep.md", format_sweep(result) + "\n")
+            if done:
+                _plot(Path(tmp) / "sweep_perplexity.png", result, done)
+            client.log_artifacts(run_id, tmp)
+        for r in done:
+            if r["mlflow_tracking_uri"] != uri:  # a base run copied from elsewhere, registered there
+                log.info("sweep: %s registered in %s, not in %s: its run is not nested", r["name"],
+                         r["mlflow_tracking_uri"], uri)  # fmt: skip
+                continue
+            client.set_tag(r["mlflow_run_id"], "mlflow.parentRunId", run_id)
+            client.set_tag(r["mlflow_run_id"], SWEEP_TAG, result["key"])
+        client.set_terminated(run_id, "FAILED" if len(done) < len(result["points"]) else "FINISHED")
+        return run_id
+    except Exception as err:  # noqa: BLE001 (the points are registered; the comparison is printed)
+        log.warning("sweep: MLflow at %s took no run for the comparison (%s: %s)", uri, type(err).__name__, err)
+        return None
+
+
+def _plot(path: Path, result: dict, done: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [", ".join(f"{k.rsplit('.', 1)[-1]}={_shown(r['settings'][k])}" for k in result["grid"]) for r in done]
+    after = [r["ppl_after"] for r in done]
+    fig, ax = plt.subplots(figsize=(7.5, 1.4 + 0.35 * len(done)))
+    # dots, not bars: the points differ by a little of perplexity's whole, which bars from zero would hide
+    ax.plot(after, range(len(done)), "o", color="tab:blue")
+    ax.plot(after[:1], [0], "o", color="tab:green", markersize=9)
+    pad = max((max(after) - min(after)) * 0.25, max(after) * 0.002)
+    ax.set_xlim(min(after) - pad, max(after) + 2.5 * pad)  # room for the labels on the right
+    ax.set_ylim(len(done) - 0.5, -0.5)  # best on top
+    ax.set_yticks(range(len(done)), names, fontsize=8)
+    for i, r in enumerate(done):
+        ax.annotate(f"  {r['ppl_after']:.3f} ({r['ppl_change_pct']:+.1f}%)", (r["ppl_after"], i), va="center",
+                    fontsize=7)  # fmt: skip
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_xlabel("perplexity on held-out validation text after fine-tuning (lower is better)")
+    ax.set_title(f"Sweep of {Path(result['base']).name}: {len(done)} point(s); before fine-tuning "
+                 f"{done[0]['ppl_before']:.3f}", fontsize=10)  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _publish(result: dict) -> None:
+    """The comparison on the sweep's flow run page in the Prefect UI (Artifacts)."""
+    from prefect.artifacts import create_markdown_artifact
+
+    try:
+        create_markdown_artifact(markdown="```\n" + format_sweep(result) + "\n```", key="edgar-tune-sweep",
+                                 description=f"sweep of {result['base']}")  # fmt: skip
+    except Exception as err:  # noqa: BLE001 (the table is printed and in MLflow)
+        log.warning("sweep: the Prefect server took no artifact (%s: %s)", type(err).__name__, err)
