@@ -285,7 +285,10 @@ def edgar_tune_sweep(run: str, grid: dict[str, list], if_busy: Literal["fail", "
         base_dir, grid, points = prepare(ref, grid)
         uri = tracking_uri(points[0]["config"].registry.tracking_uri, base_dir.parent)
         log.info("sweep of %s: %d point(s) over %s", ref, len(points), ", ".join(grid))
-        rows = []
+        rows: list[dict] = []
+        result = {"base": ref, "grid": grid, "key": sweep_key(str(base_dir), grid), "points": rows,
+                  "mlflow_tracking_uri": uri}  # fmt: skip
+        experiment = points[0]["config"].registry.experiment
         for i, point in enumerate(points, 1):
             log.info("sweep point %d of %d: %s", i, len(points), _settings(point["moved"]))
             try:
@@ -297,10 +300,10 @@ def edgar_tune_sweep(run: str, grid: dict[str, list], if_busy: Literal["fail", "
             except Exception as err:  # noqa: BLE001 (one point's failure leaves the others to run; raised below)
                 log.error("sweep point %s failed: %s: %s", point["name"], type(err).__name__, err)
                 rows.append(_row(point, None, f"{type(err).__name__}: {err}"))
-        result = {"base": ref, "grid": grid, "key": sweep_key(str(base_dir), grid), "points": rank(rows),
-                  "mlflow_tracking_uri": uri}  # fmt: skip
-        aliases_now(result["points"], uri)
-        result["mlflow_run_id"] = log_sweep(result, points[0]["config"].registry.experiment)
+            result["points"] = rank(rows)
+            aliases_now(result["points"], uri)
+            # in MLflow as it goes: the points so far, nested as each finishes (a sweep of 7B trainings takes days)
+            result["mlflow_run_id"] = log_sweep(result, experiment, over=i == len(points))
         print(format_sweep(result))
         if flow_run.id:
             _publish(result)
@@ -360,7 +363,8 @@ def format_sweep(result: dict) -> str:
                   f"v{r['model_version']}" + (f" @{r['model_alias']}" if r["model_alias"] else "")
                   + ("" if r["mlflow_tracking_uri"] == result["mlflow_tracking_uri"] else " (another store)"),
                   f"{(r['seconds'] or {}).get('train', 0):.0f}s" if "train" in ran else "cached",
-                  "base run" if not r["moved"] else ("all cached" if not ran else ", ".join(ran))]  # fmt: skip
+                  ("base run" + (f": {', '.join(ran)}" if ran else "")) if not r["moved"] else
+                  ("all cached" if not ran else ", ".join(ran))]  # fmt: skip
         lines.append(cells)
     widths = [max(len(str(row[c])) for row in [head, *lines]) for c in range(len(head))]
     out = [f"edgar-tune sweep of {result['base']}: {len(result['points'])} point(s), perplexity on held-out "
@@ -373,10 +377,10 @@ def format_sweep(result: dict) -> str:
     return "\n".join(out)
 
 
-def log_sweep(result: dict, experiment: str) -> str | None:
-    """The sweep's MLflow run (found again by its key when the sweep runs again): its grid, the table and a plot;
-    each point's run nested under it. None, after a warning, where MLflow cannot be written (the table is
-    printed)."""
+def log_sweep(result: dict, experiment: str, over: bool = True) -> str | None:
+    """The sweep's MLflow run (found again by its key when the sweep runs again): its grid, the table and a plot of
+    the points so far, each finished point's run nested under it; ended when the sweep is `over`. None, after a
+    warning, where MLflow cannot be written (the table is printed)."""
     import tempfile
 
     import mlflow
@@ -409,7 +413,10 @@ def log_sweep(result: dict, experiment: str) -> str | None:
                 continue
             client.set_tag(r["mlflow_run_id"], "mlflow.parentRunId", run_id)
             client.set_tag(r["mlflow_run_id"], SWEEP_TAG, result["key"])
-        client.set_terminated(run_id, "FAILED" if len(done) < len(result["points"]) else "FINISHED")
+        if over:
+            client.set_terminated(run_id, "FAILED" if len(done) < len(result["points"]) else "FINISHED")
+        else:
+            client.update_run(run_id, "RUNNING")  # a sweep run again reopens its run until it is over
         return run_id
     except Exception as err:  # noqa: BLE001 (the points are registered; the comparison is printed)
         log.warning("sweep: MLflow at %s took no run for the comparison (%s: %s)", uri, type(err).__name__, err)
