@@ -65,7 +65,7 @@ def parse_grid(items: list[str]) -> dict[str, list]:
                               "train.learning_rate=1e-4,3e-4")  # fmt: skip
         key, text = (part.strip() for part in item.split("=", 1))
         values = parse_value(text) if text.startswith("[") else [parse_value(v.strip()) for v in text.split(",")]
-        if key in grid or resolve_key(key) in grid:
+        if key in grid:  # given once as `lora_r` and once as `train.lora_r`: check_grid says so
             raise ConfigError(f"--grid gives `{key}` twice: give its values once, with commas ({key}=a,b)")
         grid[key] = values if isinstance(values, list) else [values]
     return grid
@@ -106,11 +106,12 @@ def _shown(value: Any) -> str:
     return "".join(c if c.isalnum() or c in "._-," else "_" for c in text)
 
 
-def point_name(base: str, moved: dict[str, Any]) -> str:
-    """The folder name of the grid point that differs from the base run `base` in `moved` (key: value)."""
+def point_name(base: str, moved: dict[str, Any], keys: list[str] | None = None) -> str:
+    """The folder name of the grid point that differs from the base run `base` in `moved` (key: value): each key by
+    its last part, unless two of the grid's `keys` share it (`train.x` and `eval.x`)."""
     if not moved:
         return base
-    last = [k.rsplit(".", 1)[-1] for k in moved]
+    last = [k.rsplit(".", 1)[-1] for k in (keys or moved)]
     parts = [f"{k if last.count(k.rsplit('.', 1)[-1]) > 1 else k.rsplit('.', 1)[-1]}={_shown(v)}"
              for k, v in moved.items()]  # fmt: skip
     name = "+".join([base, *parts])
@@ -137,11 +138,14 @@ def sweep_points(base_dir: Path, grid: dict[str, list]) -> list[dict]:
         flat = flat_params(cfg)
         overrides = {k: flat[k] for k in grid}  # as the config reads them (1e-4 and 0.0001 alike)
         moved = {k: v for k, v in overrides.items() if v != base[k]}
-        name = point_name(base_dir.name, moved)
-        if name in names:
-            raise ConfigError(f"grid points {_settings(names[name])} and {_settings(given)} are the same settings "
+        name = point_name(base_dir.name, moved, list(grid))
+        if name in names and names[name][1] == overrides:
+            raise ConfigError(f"grid points {_settings(names[name][0])} and {_settings(given)} are the same settings "
                               f"({_settings(overrides)}): give each value once")  # fmt: skip
-        names[name] = given
+        if name in names:  # values that differ only in what a folder name cannot hold
+            raise ConfigError(f"grid points {_settings(names[name][0])} and {_settings(given)} would share the folder "
+                              f"{name}: give values that differ in letters or digits")  # fmt: skip
+        names[name] = (given, overrides)
         points.append({"name": name, "folder": base_dir.parent / name, "overrides": overrides, "moved": moved,
                        "remade": remade(base_cfg, cfg), "config": cfg})  # fmt: skip
     return points

@@ -77,12 +77,15 @@ def test_each_grid_point_is_named_by_what_it_changes_and_makes_again_only_that(t
     assert tokens["remade"] == ["tokenize", "evaluate-base", "train", "evaluate", "register"]
     # two keys with one last name are named in full; a name past the limit ends in a digest
     assert point_name("b", {"train.x": 1, "eval.x": 2}) == "b+train.x=1+eval.x=2"
+    assert point_name("b", {"eval.x": 2}, ["train.x", "eval.x"]) == "b+eval.x=2"  # not `b+x=2`, train.x's too
     long = point_name("b", {"train.lora_target_modules": ["q_proj"] * 60})
     assert len(long) == 200 and long.startswith("b+lora_target_modules=q_proj,q_proj")
     with pytest.raises(ConfigError, match=r"grid point train.lora_r=0: .*lora_r"):
         sweep_points(base, check_grid({"lora_r": [8, 0]}))
     with pytest.raises(ConfigError, match="are the same settings"):
         sweep_points(base, check_grid({"learning_rate": [1e-3, 0.001]}))
+    with pytest.raises(ConfigError, match=r"would share the folder latest\+deepspeed=\S*a_b.json: give"):
+        sweep_points(base, check_grid({"train.deepspeed": ["a/b.json", "a b.json"]}))
 
 
 def test_a_point_folder_that_holds_something_else_is_refused_and_left_alone(tmp_path):
