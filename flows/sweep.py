@@ -12,8 +12,9 @@ the same held-out text), and its MLflow run is nested under the sweep's own run,
 (`sweep.json`, `sweep.md`) and a plot of the perplexity after fine-tuning of each point. The MLflow UI's Compare on
 the nested runs gives the parallel-coordinates plot of the swept keys against `val_perplexity`.
 
-Only keys that leave the data and what scores it alone can be swept (`FIXED`): another ticker or year, another
-parse, another base model or another registry would compare perplexities on other text or in other units.
+Only keys that leave the data and what scores it alone can be swept (`FIXED`, and the keys the parse reads): another
+ticker or year, another parse or split, another base model or another registry would compare perplexities on other
+text or in other units.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from edgar_tune.config import (ConfigError, PipelineConfig, StageFailed, flat_pa
                                resolve_key, tracking_uri)  # fmt: skip
 from edgar_tune.reaper import watch_embedded_server
 from edgar_tune.signals import run_body
-from tasks.cache import OUTPUTS, STAGES, downstream, reads_key
+from tasks.cache import OUTPUTS, STAGE_CONFIG, STAGES, downstream, reads_key
 from tasks.io import TOKENIZE, atomic_write_json, atomic_write_text, read_json
 from tasks.storage import LOCK, RUN_NAME, RunFolder
 
@@ -81,9 +82,11 @@ def check_grid(grid: dict[str, Any]) -> dict[str, list]:
                           "train.learning_rate=1e-4,3e-4)")  # fmt: skip
     out: dict[str, list] = {}
     for key, values in grid.items():
-        dotted = resolve_key(key)
+        dotted, why = resolve_key(key), None
         section = dotted.split(".", 1)[0]
-        if why := FIXED.get(section) or FIXED.get(dotted):
+        if dotted in STAGE_CONFIG["parse"]:  # train.instruction_tuned, train.train_data_split_seed
+            why = "the parse reads it, and the parse decides the held-out text and the training text"
+        if why := FIXED.get(section) or FIXED.get(dotted) or why:
             raise ConfigError(f"`{dotted}` cannot be swept: {why}. A sweep trains one run's data under other "
                               f"settings; start a run for each value instead (edgar-tune run --set {dotted}=...)")
         if dotted in out:

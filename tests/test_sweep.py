@@ -42,6 +42,7 @@ def test_a_grid_is_read_as_its_keys_values_and_refuses_what_would_not_compare(tm
     for items, said in [
         (["data.tickers=AMZN,MSFT"], "`data.tickers` cannot be swept: the filings"),
         (["parse.val_items=7"], "`parse.val_items` cannot be swept: the parse decides the held-out text"),
+        (["train_data_split_seed=1,2"], "`train.train_data_split_seed` cannot be swept: the parse reads it"),
         (["model.name=gpt2"], "`model.name` cannot be swept: another base model's perplexity is in other units"),
         (["registry.model_name=a,b"], "`registry.model_name` cannot be swept"),
         (["lr=1e-4,3e-4"], "unknown config key `lr`. Did you mean `train.learning_rate`?"),
