@@ -185,7 +185,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             print(f"edgar-tune sweep --dry-run: {len(points)} point(s) beside {args.run} (nothing ran)")
             for point in points:
                 there = point["folder"] if point["folder"].exists() else base_dir  # a new one is the base's copy
-                made = "the base run" if point["folder"] == base_dir else ("there" if there != base_dir else "new")
+                made = ("the base run" if point["folder"] == base_dir else
+                        "from an earlier sweep" if there != base_dir else "new")  # fmt: skip
                 print(f"  {point['name']} ({made})")
                 for stage, fate in dry_run(str(there), point["config"], STAGES[1:]):
                     print(f"    {stage:<13}  {fate}")

@@ -869,7 +869,7 @@ def _parse_value(raw: str) -> Any:
     return value
 
 
-resolve_key = _resolve_key  # `lr_r` -> error; `lora_r` -> `train.lora_r`
+resolve_key = _resolve_key  # `lora_r` -> `train.lora_r`; an unknown key: ConfigError with the keys it may mean
 parse_value = _parse_value  # one value as `--set` reads it
 
 

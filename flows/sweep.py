@@ -299,8 +299,9 @@ def edgar_tune_sweep(run: str, grid: dict[str, list], if_busy: Literal["fail", "
         for i, point in enumerate(points, 1):
             log.info("sweep point %d of %d: %s", i, len(points), _settings(point["moved"]))
             try:
-                with RunFolder.open(str(base_dir)).lock(wait=if_busy == "wait", flow_run=flow_run.name):
-                    copy_base(base_dir, point)
+                if not point["folder"].exists():  # made under the base's lock: not while a run writes in it
+                    with RunFolder.open(str(base_dir)).lock(wait=if_busy == "wait", flow_run=flow_run.name):
+                        copy_base(base_dir, point)
                 summary = sweep_point.with_options(flow_run_name=point["name"])(
                     str(point["folder"]), point["overrides"], if_busy)  # fmt: skip
                 rows.append(_row(point, summary))
@@ -308,7 +309,8 @@ def edgar_tune_sweep(run: str, grid: dict[str, list], if_busy: Literal["fail", "
                 log.error("sweep point %s failed: %s: %s", point["name"], type(err).__name__, err)
                 rows.append(_row(point, None, f"{type(err).__name__}: {err}"))
             result["points"] = rank(rows)
-            aliases_now(result["points"], uri)
+            if i == len(points):  # what each registration decided, until then
+                aliases_now(result["points"], uri)
             # in MLflow as it goes: the points so far, nested as each finishes (a sweep of 7B trainings takes days)
             result["mlflow_run_id"] = log_sweep(result, experiment, over=i == len(points))
         print(format_sweep(result))
@@ -395,15 +397,17 @@ def log_sweep(result: dict, experiment: str, over: bool = True) -> str | None:
     uri = result["mlflow_tracking_uri"]
     try:
         client = mlflow.MlflowClient(uri)
-        exp = client.get_experiment_by_name(experiment)
-        exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
-        found = client.search_runs([exp_id], f"tags.`{SWEEP_TAG}` = '{result['key']}' and tags.`{SWEEP_TAG}.role` "
-                                   "= 'sweep'", max_results=1)  # fmt: skip
-        tags = {SWEEP_TAG: result["key"], f"{SWEEP_TAG}.role": "sweep", "edgar_tune.base_run": result["base"]}
-        run_id = found[0].info.run_id if found else client.create_run(
-            exp_id, run_name=f"sweep-{Path(result['base']).name}", tags=tags).info.run_id  # fmt: skip
-        if not found:
-            client.log_param(run_id, "grid", json.dumps(result["grid"], default=str)[:6000])
+        run_id = result.get("mlflow_run_id")  # written after an earlier point of this sweep
+        if run_id is None:
+            exp = client.get_experiment_by_name(experiment)
+            exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+            found = client.search_runs([exp_id], f"tags.`{SWEEP_TAG}` = '{result['key']}' and "
+                                       f"tags.`{SWEEP_TAG}.role` = 'sweep'", max_results=1)  # fmt: skip
+            tags = {SWEEP_TAG: result["key"], f"{SWEEP_TAG}.role": "sweep", "edgar_tune.base_run": result["base"]}
+            run_id = found[0].info.run_id if found else client.create_run(
+                exp_id, run_name=f"sweep-{Path(result['base']).name}", tags=tags).info.run_id  # fmt: skip
+            if not found:
+                client.log_param(run_id, "grid", json.dumps(result["grid"], default=str)[:6000])
         done = [r for r in result["points"] if not r.get("error")]
         if done:
             client.log_metric(run_id, "best_val_perplexity", done[0]["ppl_after"])
