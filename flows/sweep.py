@@ -312,7 +312,8 @@ def edgar_tune_sweep(run: str, grid: dict[str, list], if_busy: Literal["fail", "
             if i == len(points):  # what each registration decided, until then
                 aliases_now(result["points"], uri)
             # in MLflow as it goes: the points so far, nested as each finishes (a sweep of 7B trainings takes days)
-            result["mlflow_run_id"] = log_sweep(result, experiment, over=i == len(points))
+            result["mlflow_run_id"] = log_sweep(result, experiment, over=i == len(points),
+                                                nest=None if result.get("mlflow_run_id") is None else rows[-1:])
         print(format_sweep(result))
         if flow_run.id:
             _publish(result)
@@ -386,10 +387,10 @@ def format_sweep(result: dict) -> str:
     return "\n".join(out)
 
 
-def log_sweep(result: dict, experiment: str, over: bool = True) -> str | None:
+def log_sweep(result: dict, experiment: str, over: bool = True, nest: list[dict] | None = None) -> str | None:
     """The sweep's MLflow run (found again by its key when the sweep runs again): its grid, the table and a plot of
-    the points so far, each finished point's run nested under it; ended when the sweep is `over`. None, after a
-    warning, where MLflow cannot be written (the table is printed)."""
+    the points so far, the runs of the points in `nest` (default: every finished one) nested under it; ended when the
+    sweep is `over`. None, after a warning, where MLflow cannot be written (the table is printed)."""
     import tempfile
 
     import mlflow
@@ -417,7 +418,7 @@ def log_sweep(result: dict, experiment: str, over: bool = True) -> str | None:
             if done:
                 _plot(Path(tmp) / "sweep_perplexity.png", result, done)
             client.log_artifacts(run_id, tmp)
-        for r in done:
+        for r in done if nest is None else [r for r in nest if not r.get("error")]:
             if r["mlflow_tracking_uri"] != uri:  # a base run copied from elsewhere, registered there
                 log.info("sweep: %s registered in %s, not in %s: its run is not nested", r["name"],
                          r["mlflow_tracking_uri"], uri)  # fmt: skip
