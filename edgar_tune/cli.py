@@ -133,6 +133,7 @@ def _data_problem(data) -> Exception | None:
 
 
 STAGES = ("download", "parse", "tokenize", "evaluate-base", "train", "evaluate", "register")  # tasks.cache.STAGES
+POINT_DEPLOYMENT = "edgar-tune-sweep-point/sweep-point"  # flows.sweep.POINT_DEPLOYMENT, without importing Prefect
 
 
 def cmd_rerun(args: argparse.Namespace) -> int:
@@ -169,16 +170,17 @@ def cmd_rerun(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     """Train a finished run's data under each point of a grid of settings, each in a run folder beside it."""
     from edgar_tune.config import flow_run_id
-    from flows.sweep import check_grid, parse_grid, prepare
+    from flows.sweep import check_grid, check_spread, parse_grid, prepare
 
     grid = check_grid(parse_grid(args.grid))
+    spread = check_spread(args.spread, args.at_once)  # the server and its deployment, before anything is copied
     if flow_run_id(args.run) is None:  # a local folder: refusals come here, before Prefect starts
         if "://" not in args.run and not (Path(args.run).expanduser() / "config.yaml").is_file():
             from edgar_tune.config import ConfigError
 
             raise ConfigError(f"{args.run} is not a run folder (it has no config.yaml); give the folder of a finished "
                               "run (`edgar-tune run --out DIR`)")  # fmt: skip
-        base_dir, grid, points = prepare(args.run, grid)
+        base_dir, grid, points = prepare(args.run, grid, here=spread is None)
         if args.dry_run:
             from flows.pipeline import dry_run
 
@@ -199,7 +201,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from flows.sweep import edgar_tune_sweep
 
     embedded_prefect()
-    edgar_tune_sweep(args.run, grid, "wait" if args.wait else "fail")
+    edgar_tune_sweep(args.run, grid, "wait" if args.wait else "fail", spread, args.at_once)
     return 0
 
 
@@ -1037,6 +1039,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "nothing")  # fmt: skip
     sweep.add_argument("--wait", action="store_true", help="if another run works in a folder the sweep uses, wait "
                        "for it to end instead of failing at once")  # fmt: skip
+    sweep.add_argument("--spread", nargs="?", const=POINT_DEPLOYMENT, metavar="DEPLOYMENT",
+                       help="run each point as a flow run of this deployment of the sweep-point flow (default "
+                       f"{POINT_DEPLOYMENT}, from prefect.yaml), on its work pool's workers, at the same time as far "
+                       "as they take them; needs PREFECT_API_URL")  # fmt: skip
+    sweep.add_argument("--at-once", type=int, metavar="N", help="with --spread: at most N points queued or running "
+                       "at a time (default: all)")  # fmt: skip
     sweep.set_defaults(fn=cmd_sweep)
     stage = sub.add_parser("stage", help="run one stage of a local run folder in-process: no Prefect, no dependents")
     stage.add_argument("name", choices=STAGES)

@@ -26,7 +26,8 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -51,6 +52,10 @@ FIXED = {
     "model": "another base model's perplexity is in other units (its own tokens)",
     "registry": "every point registers where the base run does",
 }
+POINT_FLOW = "edgar-tune-sweep-point"  # the flow of `sweep_point`, whose deployment `spread` names
+POINT_DEPLOYMENT = f"{POINT_FLOW}/sweep-point"  # prefect.yaml's
+POLL_SECONDS = 5.0  # how often a spread sweep reads its points' flow runs
+STATUS_SECONDS = 600.0  # and how often it logs where they stand, between their changes of state
 SWEEP_TAG = "edgar_tune.sweep"  # on the sweep's MLflow run and on each point's: the sweep's key (`sweep_key`)
 NAME_LIMIT = 200  # characters of a point's folder name; a longer one ends in a digest
 
@@ -230,10 +235,11 @@ def copy_base(base_dir: Path, point: dict) -> None:
              ", ".join(sorted(left - {LOCK, "summary.json"})) or "nothing")  # fmt: skip
 
 
-def prepare(ref: str, grid: dict[str, Any]) -> tuple[Path, dict[str, list], list[dict]]:
+def prepare(ref: str, grid: dict[str, Any], here: bool = True) -> tuple[Path, dict[str, list], list[dict]]:
     """The base run's folder, the grid (`check_grid`) and its points (`sweep_points`), every point checked before the
-    first trains, so that a refusal comes now and not hours in: its folder (`check_point_folder`), its engine on this
-    machine (`preflight`) and, where it trains on the base's blocks, its memory plan and profile step."""
+    first trains, so that a refusal comes now and not hours in: its folder (`check_point_folder`) and, where the
+    points train `here` (not on a work pool's workers, which check them as each starts), its engine on this machine
+    (`preflight`) and, where it trains on the base's blocks, its memory plan and profile step."""
     from tasks.finetune import plan_training, preflight
 
     base_dir = Path(ref).expanduser().resolve()
@@ -242,6 +248,8 @@ def prepare(ref: str, grid: dict[str, Any]) -> tuple[Path, dict[str, list], list
     points = sweep_points(base_dir, grid)
     for point in points:
         check_point_folder(point, base_dir)
+        if not here:
+            continue
         try:
             precision = preflight(point["config"].train)
             if "tokenize" not in point["remade"] and "train" in point["remade"]:
@@ -275,7 +283,8 @@ def sweep_point(out_dir: str, overrides: dict, if_busy: Literal["fail", "wait"] 
 
 
 @flow(name="edgar-tune-sweep", log_prints=True)
-def edgar_tune_sweep(run: str, grid: dict[str, list], if_busy: Literal["fail", "wait"] = "fail") -> dict:
+def edgar_tune_sweep(run: str, grid: dict[str, list], if_busy: Literal["fail", "wait"] = "fail",
+                     spread: str | None = None, at_once: int | None = None) -> dict:  # fmt: skip
     """Train a finished run's data under every combination of the grid's values, then compare the results.
 
     Args:
@@ -283,37 +292,57 @@ def edgar_tune_sweep(run: str, grid: dict[str, list], if_busy: Literal["fail", "
         grid: Config keys and the values to try, e.g. {"train.learning_rate": [1e-4, 3e-4], "train.lora_r": [8, 16]}.
             Not data, parse, model or registry keys: the points must score the same held-out text.
         if_busy: When another run works in a folder the sweep uses: fail at once, or wait for it to end.
+        spread: Run each point as a flow run of this deployment of the sweep-point flow (prefect.yaml's
+            `edgar-tune-sweep-point/sweep-point`, or another of its deployments, e.g. on a GPU pool), on its work
+            pool's workers, at the same time as far as they take them. Empty: one after another, in this flow run.
+        at_once: With `spread`, how many points may be queued or running at once (empty: all of them; the pool's
+            workers and concurrency limits decide how many run).
     """
     from flows.pipeline import resolve_run
 
     watch_embedded_server()
     with run_body():
         ref = resolve_run(run)
-        base_dir, grid, points = prepare(ref, grid)
+        deployment = check_spread(spread, at_once)
+        base_dir, grid, points = prepare(ref, grid, here=deployment is None)
         uri = tracking_uri(points[0]["config"].registry.tracking_uri, base_dir.parent)
-        log.info("sweep of %s: %d point(s) over %s", ref, len(points), ", ".join(grid))
+        log.info("sweep of %s: %d point(s) over %s%s", ref, len(points), ", ".join(grid),
+                 f", each a flow run of {deployment} on its pool's workers" if deployment else "")  # fmt: skip
         rows: list[dict] = []
         result = {"base": ref, "grid": grid, "key": sweep_key(str(base_dir), grid), "points": rows,
                   "mlflow_tracking_uri": uri}  # fmt: skip
         experiment = points[0]["config"].registry.experiment
-        for i, point in enumerate(points, 1):
-            log.info("sweep point %d of %d: %s", i, len(points), _settings(point["moved"]))
-            try:
-                if not point["folder"].exists():  # made under the base's lock: not while a run writes in it
-                    with RunFolder.open(str(base_dir)).lock(wait=if_busy == "wait", flow_run=flow_run.name):
-                        copy_base(base_dir, point)
-                summary = sweep_point.with_options(flow_run_name=point["name"])(
-                    str(point["folder"]), point["overrides"], if_busy)  # fmt: skip
-                rows.append(_row(point, summary))
-            except Exception as err:  # noqa: BLE001 (one point's failure leaves the others to run; raised below)
-                log.error("sweep point %s failed: %s: %s", point["name"], type(err).__name__, err)
-                rows.append(_row(point, None, f"{type(err).__name__}: {err}"))
+
+        def made(point: dict) -> None:
+            """The point's folder, from the base's, where it is not there yet."""
+            if not point["folder"].exists():  # made under the base's lock: not while a run writes in it
+                with RunFolder.open(str(base_dir)).lock(wait=if_busy == "wait", flow_run=flow_run.name):
+                    copy_base(base_dir, point)
+
+        def finished(point: dict, summary: dict | None, error: str | None) -> None:
+            if error is not None:
+                log.error("sweep point %s failed: %s", point["name"], error)
+            rows.append(_row(point, summary, error))
             result["points"] = rank(rows)
-            if i == len(points):  # what each registration decided, until then
+            if len(rows) == len(points):  # what each registration decided, until then
                 aliases_now(result["points"], uri)
             # in MLflow as it goes: the points so far, nested as each finishes (a sweep of 7B trainings takes days)
-            result["mlflow_run_id"] = log_sweep(result, experiment, over=i == len(points),
+            result["mlflow_run_id"] = log_sweep(result, experiment, over=len(rows) == len(points),
                                                 nest=None if result.get("mlflow_run_id") is None else rows[-1:])
+
+        if deployment:
+            on_pool(points, deployment, at_once, if_busy, made, finished)
+        else:
+            for i, point in enumerate(points, 1):
+                log.info("sweep point %d of %d: %s", i, len(points), _settings(point["moved"]))
+                try:
+                    made(point)
+                    summary = sweep_point.with_options(flow_run_name=point["name"])(
+                        str(point["folder"]), point["overrides"], if_busy)  # fmt: skip
+                except Exception as err:  # noqa: BLE001 (one point's failure leaves the others to run; raised below)
+                    finished(point, None, f"{type(err).__name__}: {err}")
+                else:
+                    finished(point, summary, None)
         print(format_sweep(result))
         if flow_run.id:
             _publish(result)
@@ -322,6 +351,157 @@ def edgar_tune_sweep(run: str, grid: dict[str, list], if_busy: Literal["fail", "
                 f"{r['name']}: {r['error'].splitlines()[0]}" for r in failed) + ". Run the sweep again to retry them "
                 "(the points that finished are Cached)")  # fmt: skip
         return result
+
+
+def check_spread(spread: str | None, at_once: int | None) -> str | None:
+    """The full name of the sweep-point deployment that `spread` names (`NAME` alone is a deployment of the
+    sweep-point flow), checked on the Prefect server; None where the points run in this process.
+
+    Raises:
+        ConfigError: no server configured, no such deployment, one of another flow, an `at_once` below 1, or a pool
+            whose one slot this sweep's own flow run holds (its points would wait for ever)."""
+    if at_once is not None and (spread is None or at_once < 1):
+        raise ConfigError(f"at_once={at_once}: " + ("give 1 or more points at once" if spread else
+                          "at_once is for points spread over a work pool (spread); without it they run one after "
+                          "another"))  # fmt: skip
+    if not spread:
+        return None
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+    from prefect.settings import get_current_settings
+
+    from tasks.io import not_answering
+
+    name = spread if "/" in spread else f"{POINT_FLOW}/{spread}"
+    if name.split("/", 1)[0] != POINT_FLOW:
+        raise ConfigError(f"spread={spread!r} is a deployment of the flow {name.split('/', 1)[0]!r}; the points run "
+                          f"as flow runs of the sweep-point flow: give a deployment of {POINT_FLOW} (prefect.yaml's "
+                          f"{POINT_DEPLOYMENT})")  # fmt: skip
+    url = get_current_settings().api.url
+    if not url:
+        raise ConfigError("spreading a sweep over a work pool needs a Prefect server that its workers poll, and "
+                          "PREFECT_API_URL is unset (a temporary embedded server has no deployment and no worker): "
+                          "`make server`, `make deploy`, `make worker`, then PREFECT_API_URL=http://HOST:4200/api; or "
+                          "sweep without spreading")  # fmt: skip
+    if gone := not_answering(url, "the Prefect server"):
+        raise ConfigError(f"PREFECT_API_URL: {gone}; start it (`make server`), or sweep without spreading")
+    with get_client(sync_client=True) as client:
+        try:
+            dep = client.read_deployment_by_name(name)
+        except ObjectNotFound:
+            raise ConfigError(f"the Prefect server at {url} has no deployment {name}: deploy prefect.yaml's "
+                              f"(`make deploy`), or give another with spread") from None  # fmt: skip
+        if not dep.work_pool_name:
+            raise ConfigError(f"deployment {name} has no work pool, so no worker would run its points; give it one "
+                              "(prefect.yaml's work_pool)")  # fmt: skip
+        pool = client.read_work_pool(dep.work_pool_name)
+        here = client.read_flow_run(flow_run.id).work_pool_name if flow_run.id else None
+        if pool.concurrency_limit is not None and pool.concurrency_limit <= 1 and here == pool.name:
+            raise ConfigError(f"work pool {pool.name} runs {pool.concurrency_limit} flow run at a time, and this "
+                              f"sweep's run holds it: its points would wait for ever. Run the sweep on another pool "
+                              f"(or from the CLI), or raise the pool's limit (prefect work-pool set-concurrency-limit "
+                              f"{pool.name} N)")  # fmt: skip
+        status = getattr(pool.status, "value", pool.status)
+        if status in ("NOT_READY", "PAUSED"):
+            log.warning("sweep: work pool %s is %s: the points wait until %s", pool.name,
+                        "paused" if status == "PAUSED" else "polled by no worker now",
+                        f"it is resumed (prefect work-pool resume {pool.name})" if status == "PAUSED" else
+                        f"a worker starts (prefect worker start --pool {pool.name})")  # fmt: skip
+    return name
+
+
+def on_pool(points: list[dict], deployment: str, at_once: int | None, if_busy: str, made: Callable[[dict], None],
+            finished: Callable[[dict, dict | None, str | None], None]) -> None:
+    """Each point as a flow run of `deployment` (on its work pool's workers), `at_once` of them queued or running
+    at a time (all, where None), `finished` called for each as it ends. Where this stops before they all ended (a
+    cancel, a crash), those still queued or running are cancelled."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelled, Cancelling
+    from prefect.utilities.engine import capture_sigterm
+
+    waiting, running, seen = list(enumerate(points, 1)), {}, {}
+    last_status = time.monotonic()
+    # Prefect's own SIGTERM handler while this waits (run_body wraps it): the worker asks a flow run's process
+    # whether it may cancel it only where that one is installed, and otherwise stops it as a crash (the UI's Cancel
+    # ended the sweep Crashed).
+    with get_client(sync_client=True) as client, capture_sigterm():
+        try:
+            while waiting or running:
+                while waiting and (at_once is None or len(running) < at_once):
+                    i, point = waiting.pop(0)
+                    try:
+                        made(point)
+                        fr = _queue(deployment, point, if_busy, f"{flow_run.id}/{flow_run.run_count}/{point['name']}")
+                    except Exception as err:  # noqa: BLE001 (the others run; the sweep fails at the end)
+                        finished(point, None, f"{type(err).__name__}: {err}")
+                        continue
+                    log.info("sweep point %d of %d: %s: flow run %s (%s), queued", i, len(points),
+                             _settings(point["moved"]), fr.name, fr.id)  # fmt: skip
+                    running[fr.id], seen[fr.id] = point, "SCHEDULED"
+                time.sleep(POLL_SECONDS)
+                for run_id, point in list(running.items()):
+                    try:
+                        fr = client.read_flow_run(run_id)
+                    except Exception as err:  # noqa: BLE001 (a server busy for a while: the points run on; read again)
+                        log.warning("sweep: point %s's flow run could not be read (%s: %s); reading it again",
+                                    point["name"], type(err).__name__, err)  # fmt: skip
+                        continue
+                    kind = fr.state.type.value if fr.state else "SCHEDULED"
+                    if kind != seen[run_id]:
+                        seen[run_id] = kind
+                        if kind == "RUNNING":
+                            log.info("sweep point %s: running", point["name"])
+                    if fr.state is not None and fr.state.is_final():
+                        del running[run_id]
+                        finished(point, *_pool_result(point, fr))
+                if running and time.monotonic() - last_status > STATUS_SECONDS:
+                    last_status = time.monotonic()
+                    states = [f"{p['name']}: {seen[r].lower()}" for r, p in running.items()]
+                    log.info("sweep: %d of %d point(s) ended; %s%s", len(points) - len(running) - len(waiting),
+                             len(points), "; ".join(states), f"; {len(waiting)} not queued yet" if waiting else "")
+        finally:
+            for run_id, point in running.items():  # only where this stopped early
+                with contextlib.suppress(Exception):
+                    fr = client.read_flow_run(run_id)
+                    if fr.state is None or not fr.state.is_final():
+                        started = fr.state is not None and fr.state.type.value in ("RUNNING", "CANCELLING")
+                        message = "the sweep that queued it stopped"
+                        client.set_flow_run_state(run_id, Cancelling(message=message) if started else
+                                                  Cancelled(message=message), force=True)  # fmt: skip
+                        log.warning("sweep: point %s's flow run %s cancelled (the sweep stopped)", point["name"],
+                                    fr.name)  # fmt: skip
+
+
+def _queue(deployment: str, point: dict, if_busy: str, key: str, tries: int = 3) -> Any:
+    """The point's flow run of `deployment`, made once: `key` (the sweep's flow run, its attempt and the point)
+    makes the server answer a request made again with the run it made. Prefect's client makes a request again when
+    the server has not answered in its timeout (a SQLite server waits up to 60 s for its lock), which had made the
+    point twice, the second run waiting for the first's folder and then finding it all `Cached`."""
+    from prefect.deployments import run_deployment
+
+    for attempt in range(1, tries + 1):
+        try:
+            return run_deployment(deployment, parameters={"out_dir": str(point["folder"]), "overrides":
+                                  point["overrides"], "if_busy": if_busy}, flow_run_name=point["name"], timeout=0,
+                                  idempotency_key=key)  # fmt: skip
+        except Exception as err:  # noqa: BLE001 (asked again with the same key; the last failure is the point's)
+            if attempt == tries:
+                raise
+            log.warning("sweep: queueing %s failed (%s: %s); asking again", point["name"], type(err).__name__, err)
+    raise AssertionError("unreachable")
+
+
+def _pool_result(point: dict, fr: Any) -> tuple[dict | None, str | None]:
+    """(summary, None) of a point's flow run that completed, or (None, why it did not)."""
+    if not fr.state.is_completed():
+        message = (fr.state.message or "").strip()
+        return None, f"flow run {fr.name} {fr.state.name}" + (f": {message}" if message else "")
+    path = point["folder"] / "summary.json"
+    summary = read_json(path) if path.is_file() else {}
+    if summary.get("prefect_flow_run_id") != str(fr.id):  # another file system than the worker's
+        return None, (f"flow run {fr.name} completed, but {path} is not its summary (the worker wrote it where this "
+                      "sweep does not see it: give the workers and the sweep the same file system)")
+    return summary, None
 
 
 def _row(point: dict, summary: dict | None, error: str | None = None) -> dict:

@@ -512,3 +512,76 @@ def test_a_cancel_in_the_ui_stops_the_training_with_a_checkpoint_the_retry_resum
     assert stopped and 20 < int(stopped[1]) < 400, logs[-3000:]
     assert (run / "04_train.checkpoints" / f"checkpoint-{stopped[1]}" / "COMPLETE").exists()
     assert took < 60, took
+
+
+def _point_runs(api: Api, sweep_id: str) -> list[dict]:
+    """The flow runs of the sweep-point deployment that the sweep's flow run `sweep_id` queued (its subflows)."""
+    dep = api.deployment("sweep-point")
+    runs = api.post("/flow_runs/filter", {"deployments": {"id": {"any_": [dep["id"]]}}, "sort": "START_TIME_ASC"})
+    parents = {tr["id"] for tr in api.post("/task_runs/filter", {"flow_runs": {"id": {"any_": [sweep_id]}}})}
+    return [r for r in runs if r["parent_task_run_id"] in parents]
+
+
+def test_a_sweep_spread_over_the_pool_runs_its_points_at_once_and_a_cancel_stops_them(deployed, tiny_run, tmp_path):
+    """The sweep deployment run from the UI with `spread`: each point is a flow run of the sweep-point deployment,
+    queued by the sweep's run (its subflow in the UI) and run by the pool's worker, side by side, or `at_once` of
+    them at a time; the comparison is the one a sweep in one process makes. The UI's Cancel on a spread sweep
+    cancels the points it queued: nothing trains on for a sweep that is gone."""
+    import shutil
+
+    import mlflow
+
+    api, _, home = deployed
+    runs, made = tiny_run
+    base = tmp_path / "latest"
+    shutil.copytree(runs / "latest", base)  # its registration stays in the tiny run's store
+    sweep = api.deployment("sweep")
+
+    def start(grid: dict, **params) -> str:
+        return api.post(f"/deployments/{sweep['id']}/create_flow_run",
+                        {"parameters": {"run": str(base), "grid": grid, "spread": "sweep-point"} | params})["id"]
+
+    # 12 steps each, not the base's 60 (nor its profile of step 30): what they train does not matter here
+    sweep_id = start({"train.learning_rate": [0.01, 0.03, 0.1], "train.max_steps": [12], "train.profile_step": [0]})
+    ended = api.wait(sweep_id)
+    assert ended["state"]["type"] == "COMPLETED", (ended["state"], _log_tail(home))
+    runs = _point_runs(api, sweep_id)
+    points = {r["name"]: r for r in runs}
+    new = [f"latest+learning_rate={lr}+max_steps=12+profile_step=0" for lr in ("0.01", "0.03", "0.1")]
+    assert sorted(r["name"] for r in runs) == new, runs  # each once (a request made again makes no second run)
+    assert {r["state"]["type"] for r in runs} == {"COMPLETED"}
+    assert all(r["work_pool_name"] == "edgar-tune" for r in points.values())
+    # side by side: each started before any ended
+    assert max(r["start_time"] for r in points.values()) < min(r["end_time"] for r in points.values()), points
+    for name in new:
+        stages = json.loads((tmp_path / name / "summary.json").read_text())["stages"]
+        assert stages == {"download": "skipped", "parse": "Cached", "tokenize": "Cached", "evaluate-base": "Cached",
+                          "train": "Completed", "evaluate": "Completed", "register": "Completed"}, (name, stages)
+    table = _artifact(api, sweep_id, "edgar-tune-sweep")
+    assert table.count("train, evaluate, register") == 3, table
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name("edgar-tune")
+    (found,) = client.search_runs([exp.experiment_id], "tags.`edgar_tune.sweep.role` = 'sweep'")
+    nested = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{found.info.run_id}'")
+    assert sorted(r.data.params["train.learning_rate"] for r in nested) == ["0.01", "0.03", "0.1"]
+
+    # at_once=1: one point at a time. The UI's Cancel while the first trains (a long training): its flow run is
+    # cancelled too, the sweep ends Cancelled, and the second point is never queued nor its folder made.
+    sweep_id = start({"train.learning_rate": [0.05, 0.07], "train.max_steps": [5000]}, at_once=1)
+    deadline = time.monotonic() + 240
+    while not (running := [r for r in _point_runs(api, sweep_id) if r["state"]["type"] == "RUNNING"]):
+        assert time.monotonic() < deadline, _log_tail(home)
+        time.sleep(0.5)
+    api.post(f"/flow_runs/{sweep_id}/set_state", {"state": {"type": "CANCELLING"}, "force": True})
+    assert api.wait(sweep_id, timeout=120)["state"]["type"] == "CANCELLED", _log_tail(home)
+    point = api.wait(running[0]["id"], timeout=120)
+    assert point["state"]["type"] == "CANCELLED", (point["state"], _log_tail(home))
+    assert [r["name"] for r in _point_runs(api, sweep_id)] == ["latest+learning_rate=0.05+max_steps=5000"]
+    assert not (tmp_path / "latest+learning_rate=0.07+max_steps=5000").exists()
+
+
+def _artifact(api: Api, run_id: str, key: str) -> str:
+    found = api.post("/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run_id]}, "key": {"any_": [key]}}})
+    assert len(found) == 1, found
+    return found[0]["data"]

@@ -16,7 +16,7 @@ def test_deployments_point_at_the_flow_with_its_parameters():
 
     spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
     names = {d["name"] for d in spec["deployments"]}
-    assert {"after-10k-season", "on-demand", "rerun", "export-champion"} <= names
+    assert {"after-10k-season", "on-demand", "rerun", "sweep", "sweep-point", "export-champion"} <= names
     for dep in spec["deployments"]:
         path, func = dep["entrypoint"].split(":")
         flow = getattr(importlib.import_module(path.removesuffix(".py").replace("/", ".")), func)
@@ -26,6 +26,12 @@ def test_deployments_point_at_the_flow_with_its_parameters():
         if "params" in dep.get("parameters", {}):
             RunParameters.model_validate(dep["parameters"]["params"]).load()  # typed, and every key is valid
         assert dep["work_pool"]["name"] == "edgar-tune"
+    # the deployment a sweep's `spread` (and `edgar-tune sweep --spread`) names by default
+    from edgar_tune.cli import POINT_DEPLOYMENT
+    from flows.sweep import POINT_DEPLOYMENT as point_deployment, sweep_point
+
+    flow_name, dep_name = POINT_DEPLOYMENT.split("/")
+    assert POINT_DEPLOYMENT == point_deployment and flow_name == sweep_point.name and dep_name in names
 
 
 def test_cron_schedule_is_valid_and_has_a_timezone():

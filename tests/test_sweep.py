@@ -55,6 +55,37 @@ def test_a_grid_is_read_as_its_keys_values_and_refuses_what_would_not_compare(tm
         assert said in str(err.value), (items, str(err.value))
 
 
+def test_spreading_points_over_a_work_pool_is_refused_where_no_worker_could_run_them(prefect_server):
+    """`--spread` queues each point as a flow run of a sweep-point deployment: refused at once, before a point's
+    folder is made, where there is no server to queue them on (none configured, or one that does not answer), no
+    such deployment there, or a deployment of another flow; `--at-once` only with it, and 1 or more."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.sweep import check_spread
+
+    grid = ["sweep", "--run", "nowhere", "--grid", "learning_rate=1e-4,3e-4"]
+    for argv, said in [
+        ([*grid, "--spread"], "spreading a sweep over a work pool needs a Prefect server that its workers poll, and "
+                              "PREFECT_API_URL is unset"),
+        ([*grid, "--at-once", "2"], "at_once=2: at_once is for points spread over a work pool (spread)"),
+        ([*grid, "--spread", "--at-once", "0"], "at_once=0: give 1 or more points at once"),
+        ([*grid, "--spread", "edgar-tune/on-demand"], "spread='edgar-tune/on-demand' is a deployment of the flow "
+                                                      "'edgar-tune'; the points run as flow runs of the sweep-point"),
+    ]:  # fmt: skip
+        with pytest.raises(ConfigError) as err:
+            _in_process(*argv)
+        assert str(err.value).startswith(said), (argv, str(err.value))
+    with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:9/api"}):  # the discard port: nothing answers
+        with pytest.raises(ConfigError, match=r"^PREFECT_API_URL: the Prefect server at http://127.0.0.1:9/api does "
+                           r"not answer"):  # fmt: skip
+            check_spread("sweep-point", None)
+    url = prefect_server["PREFECT_API_URL"]
+    with temporary_settings({PREFECT_API_URL: url}):  # a server with no deployment of it (make deploy not run)
+        with pytest.raises(ConfigError, match=rf"^the Prefect server at {url} has no deployment "
+                           r"edgar-tune-sweep-point/sweep-point-gpu: deploy"):  # fmt: skip
+            check_spread("sweep-point-gpu", 4)
+
+
 def test_each_grid_point_is_named_by_what_it_changes_and_makes_again_only_that(tmp_path):
     """A point is named by the keys whose value differs from the base's (the point that differs in none is the base
     itself); it makes again the stages that read those keys and what follows them, and a copy of the base leaves
