@@ -26,6 +26,13 @@ Python go on through every stage and return after Ctrl-C, the only trace of the 
 (`run_body`), the SIGINT and SIGTERM handlers' exceptions carry a canary whose finalizer runs when the exception is
 freed: freed while the body is still the one watched, nobody raised it on, so it is said in one line (where it was
 dropped) and the signal delivered again.
+
+Not SIGTERM's in a flow run that a Prefect worker runs: the worker asks the flow run's process, through a channel of
+its own, before it cancels it with a SIGTERM, and the process says yes only where Prefect's own SIGTERM handler is
+the one installed (the very function, not one that calls it). Wrapped, the UI's Cancel of a run ended it `Crashed`
+("Execution was aborted by a termination signal"), not `Cancelled`, wherever it landed outside the training (which
+stops at a checkpoint by a handler of its own): during a download, tokenizing, an evaluation, a sweep waiting for its
+points. There, a SIGTERM whose exception is dropped is not delivered again.
 """
 
 from __future__ import annotations
@@ -197,6 +204,17 @@ def _short(path: str) -> str:
     return path
 
 
+def _worker_cancels() -> bool:
+    """Whether a Prefect worker (its runner) supervises this process through its control channel, and Prefect's own
+    SIGTERM handler is the one installed, which that channel needs in place to cancel the run (see above)."""
+    try:
+        from prefect._internal import control_listener
+        from prefect.utilities.engine import is_prefect_sigterm_handler_installed
+    except ImportError:  # another Prefect: wrapped, as a CLI run's is
+        return False
+    return bool(getattr(control_listener, "_started", False)) and is_prefect_sigterm_handler_installed()
+
+
 @contextmanager
 def dropped_signals_delivered_again() -> Iterator[None]:
     """Inside: a SIGINT's or SIGTERM's exception that code catches and drops is delivered again (see above). The
@@ -211,6 +229,8 @@ def dropped_signals_delivered_again() -> Iterator[None]:
     before = {}
     for sig in WATCHED:
         handler = signal.getsignal(sig)
+        if sig == signal.SIGTERM and _worker_cancels():
+            continue
         if callable(handler) and not getattr(handler, "watching", False):
             before[sig] = handler
             signal.signal(sig, _watching(handler, body))

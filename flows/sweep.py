@@ -417,14 +417,10 @@ def on_pool(points: list[dict], deployment: str, at_once: int | None, if_busy: s
     cancel, a crash), those still queued or running are cancelled."""
     from prefect.client.orchestration import get_client
     from prefect.states import Cancelled, Cancelling
-    from prefect.utilities.engine import capture_sigterm
 
     waiting, running, seen = list(enumerate(points, 1)), {}, {}
     last_status = time.monotonic()
-    # Prefect's own SIGTERM handler while this waits (run_body wraps it): the worker asks a flow run's process
-    # whether it may cancel it only where that one is installed, and otherwise stops it as a crash (the UI's Cancel
-    # ended the sweep Crashed).
-    with get_client(sync_client=True) as client, capture_sigterm():
+    with get_client(sync_client=True) as client:
         try:
             while waiting or running:
                 while waiting and (at_once is None or len(running) < at_once):

@@ -517,6 +517,25 @@ def test_a_cancel_in_the_ui_stops_the_training_with_a_checkpoint_the_retry_resum
     assert took < 60, took
 
 
+def test_the_uis_cancel_outside_the_training_ends_the_run_cancelled_not_crashed(deployed, tmp_path):
+    """The UI's Cancel of a run while it parses or tokenizes: `Cancelled`. The worker asks the flow run's process
+    before it sends the SIGTERM, and the process says yes only where Prefect's own SIGTERM handler is installed;
+    edgar-tune's flows wrapped it (edgar_tune/signals.py), and such a run ended `Crashed`."""
+    api, _, home = deployed
+    run_id = api.custom_run(_params(tmp_path / "run", source="bundled"))
+    deadline = time.monotonic() + 240
+    while True:
+        states = {t["name"]: (t["state"] or {}).get("type")
+                  for t in api.post("/task_runs/filter", {"flow_runs": {"id": {"any_": [run_id]}}})}  # fmt: skip
+        if "RUNNING" in (states.get("parse"), states.get("tokenize")):
+            break
+        assert time.monotonic() < deadline and "train" not in states, (states, _log_tail(home))
+        time.sleep(0.1)
+    api.post(f"/flow_runs/{run_id}/set_state", {"state": {"type": "CANCELLING"}, "force": True})
+    ended = api.wait(run_id, timeout=120)
+    assert ended["state"]["type"] == "CANCELLED", (states, ended["state"], _log_tail(home))
+
+
 def _point_runs(api: Api, sweep_id: str) -> list[dict]:
     """The flow runs of the sweep-point deployment that the sweep's flow run `sweep_id` queued (its subflows)."""
     dep = api.deployment("sweep-point")
