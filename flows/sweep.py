@@ -360,7 +360,7 @@ def check_spread(spread: str | None, at_once: int | None) -> str | None:
     Raises:
         ConfigError: no server configured, no such deployment, one of another flow, an `at_once` below 1, or a pool
             whose one slot this sweep's own flow run holds (its points would wait for ever)."""
-    if at_once is not None and (spread is None or at_once < 1):
+    if at_once is not None and (not spread or at_once < 1):
         raise ConfigError(f"at_once={at_once}: " + ("give 1 or more points at once" if spread else
                           "at_once is for points spread over a work pool (spread); without it they run one after "
                           "another"))  # fmt: skip
