@@ -22,7 +22,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -1163,7 +1163,7 @@ def live_training_run(run_dir: Path, registry: RegisterConfig, preset: str,
     uri = tracking_uri(registry.tracking_uri, run_dir.parent)
     try:
         answers(uri)
-        with _creating_store(uri, run_dir):
+        with store_made(uri, run_dir):
             client = mlflow.MlflowClient(uri)
             exp_id = _experiment_id(client, registry.experiment, run_dir.parent, uri)
         folder = folder_identity(run_dir)
@@ -1286,13 +1286,24 @@ def log_points(client, run_id: str, points: list[Point]) -> None:
         del points[: len(batch)]
 
 
-def _creating_store(uri: str, run_dir: Path):
-    """The sqlite store's lock while this process may be the one that creates it (two creating one at once both
-    run its migrations, and one fails)."""
+@contextmanager
+def store_made(uri: str, run_dir: Path) -> Iterator[None]:
+    """A sqlite store made and migrated by one process at a time, and inside, what is done first with it (its
+    experiment made): a lock file of its own beside the database, held for as long as that takes (under a second),
+    never for a registration's length. MLflow makes a new database's tables, then migrates them, on the first call
+    of each process; two processes at once both migrated and left it broken for good (`table _alembic_tmp_experiments
+    already exists` on every later call: two points of a sweep, spread over a pool, training at once into a new
+    store, 2026-12-06). Before, the lock was taken only where the database file was not there yet, and the second
+    process found the file the first had just made, and migrated beside it."""
     db = sqlite_file(uri)
-    if db is not None and not db.exists():
-        return _sqlite_lock(uri, run_dir)
-    return nullcontext()
+    if db is None:
+        yield
+        return
+    with held(db.with_name(db.name + ".init.lock"), holder_info(run=str(run_dir)), wait=True):
+        client = mlflow.MlflowClient(uri)
+        client.search_experiments(max_results=1)  # the tracking store's tables, made or migrated now
+        client.search_registered_models(max_results=1)  # the registry's (a store of its own)
+        yield
 
 
 def _sqlite_lock(uri: str, run_dir: Path):
@@ -1333,6 +1344,8 @@ def one_writer(uri: str, run_dir: Path) -> Iterator[None]:
     most for a Prefect slot)."""
     if sqlite_file(uri) is not None:
         with _sqlite_lock(uri, run_dir):
+            with store_made(uri, run_dir):  # a training starting at once into a new store makes it after, not beside
+                pass
             yield
         return
     from tasks.limits import in_prefect_run, shared_server, slot, slot_name

@@ -433,6 +433,56 @@ def test_two_runs_registering_into_a_new_sqlite_store_at_once_both_register(tiny
     assert re.fullmatch(r"champion v1's [\d.]+, same validation data", said[1][1]) and said[1][0] == "v2", said
 
 
+_OPEN_AS_TRAINING = """
+import sys, time
+from pathlib import Path
+
+from edgar_tune.config import load_config
+from tasks.registry import live_training_run
+
+run_dir, uri, go, after = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), float(sys.argv[4])
+registry = load_config("tiny", {"registry.tracking_uri": uri}).registry
+(run_dir / "ready").touch()
+while not go.exists():  # imported: now, each `after` s later
+    time.sleep(0.005)
+time.sleep(after)
+with live_training_run(run_dir, registry, "tiny", None) as (run_id, _):
+    print(run_id)
+"""
+
+
+def test_trainings_opening_a_new_sqlite_store_at_once_all_open_it_and_leave_it_whole(tmp_path):
+    """Three train stages starting at once into a new sqlite store (the points of a spread sweep): MLflow makes and
+    migrates its tables on each process's first call, and two at once left it broken for good (`table
+    _alembic_tmp_experiments already exists` for every later call, the registrations failing). They take turns on
+    a lock file while the store is made: each opens its run for the curves, and no migration is left half done.
+    The later two start while the first makes the store (the file there, its tables not yet), which the lock taken
+    only where the file was missing let through."""
+    import sqlite3
+
+    uri, go = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "go"
+    procs = []
+    for name, after in (("a", 0), ("b", 0.3), ("c", 0.6)):
+        (tmp_path / name).mkdir()
+        procs.append(subprocess.Popen([sys.executable, "-c", _OPEN_AS_TRAINING, str(tmp_path / name), uri, str(go),
+                                       str(after)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not all((tmp_path / name / "ready").exists() for name in "abc"):  # each has imported MLflow, and waits
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), [p.poll() for p in procs]
+        time.sleep(0.05)
+    go.touch()
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], "\n".join(err[-3000:] for _, err in outs)
+    assert all(len(out.strip()) == 32 for out, _ in outs), outs  # a run id each, not None after a warning
+    assert not any("opened no run" in err for _, err in outs), [err[-2000:] for _, err in outs]
+    with sqlite3.connect(tmp_path / "mlflow.db") as db:
+        tables = [t for (t,) in db.execute("select name from sqlite_master where type = 'table'")]
+    assert not [t for t in tables if t.startswith("_alembic_tmp")], tables
+    assert len(mlflow.MlflowClient(uri).search_runs([mlflow.MlflowClient(uri).get_experiment_by_name(
+        "edgar-tune").experiment_id])) == 3  # fmt: skip
+
+
 def test_training_starts_at_once_when_the_tracking_server_does_not_answer(tmp_path, caplog):
     """MLflow's client retries a refused connection for about four minutes; the train stage's run for the live
     curves asks once, says so, and trains (the registration later logs the curves, or says what is wrong)."""
