@@ -48,8 +48,8 @@ if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-# Seconds each test file took on 2 cores (its tests' setup and calls; the mean of two fresh-clone `make test` runs on
-# 2026-12-03, 2094 s and 2253 s in all), for
+# Seconds each test file took on 2 cores (its tests' setup and calls, from a fresh clone's `make test` with
+# --junitxml on 2026-12-06, 2206 s in all, the spread sweep's test and those added after it estimated), for
 # `make test`'s order: pytest-xdist's `--dist loadfile` hands each worker a whole file when it is almost done with
 # the one before, and by default takes the files with the most tests first. That left the 6 tests of
 # test_prefect_server.py (9 minutes) for last, on one worker, while the other had nothing left: pytest took 28
@@ -58,11 +58,11 @@ if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
 # (it may be long: a long file handed out last costs minutes, a short one handed out first nothing); the figures
 # need only be roughly right.
 FILE_SECONDS = {
-    "test_pipeline_e2e": 457, "test_prefect_server": 425, "test_serving": 319, "test_resume": 278, "test_storage": 228,
-    "test_memory": 113, "test_registry": 103, "test_speed_options": 66, "test_config": 66, "test_kernels": 61,
-    "test_sweep": 72, "test_textdata": 54, "test_deepspeed": 49, "test_download": 17, "test_sections": 10, "test_io": 8,
-    "test_perplexity": 8, "test_progress": 3, "test_prefect_yaml": 2, "test_makefile": 1, "test_lora_targets": 1,
-    "test_cache": 1, "test_blocks": 1, "test_allocator": 1,
+    "test_serving": 442, "test_pipeline_e2e": 400, "test_prefect_server": 345, "test_resume": 190, "test_textdata": 168,
+    "test_storage": 156, "test_registry": 112, "test_memory": 86, "test_speed_options": 86, "test_config": 78,
+    "test_kernels": 60, "test_sweep": 47, "test_deepspeed": 38, "test_download": 21, "test_sections": 15,
+    "test_lora_targets": 9, "test_io": 6, "test_perplexity": 6, "test_progress": 2, "test_datareport": 2,
+    "test_makefile": 2, "test_prefect_yaml": 1, "test_cache": 1, "test_blocks": 1, "test_allocator": 1,
 }  # fmt: skip
 
 

@@ -465,7 +465,7 @@ print("went on")
 """
 
 
-@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("sig", ["SIGINT", pytest.param("SIGTERM", marks=pytest.mark.slow)])
 def test_a_signal_that_a_library_catches_and_drops_still_ends_the_run(sig):
     """A flow called from Python went on through every stage after its Ctrl-C and returned (a fresh clone's suite,
     the python-SIGINT killed-run test; 60 runs signalled in a loop here did not do it again): some code the

@@ -401,7 +401,8 @@ def test_a_training_whose_disk_cannot_hold_one_checkpoint_is_refused_before_its_
 
 
 @pytest.mark.parametrize("stage,task,has", [("tokenize", "pack_blocks", ["01_download", "02_parse"]),
-                                            ("register", "register_model", ["04_train", "05_evaluate"])])
+                                            pytest.param("register", "register_model", ["04_train", "05_evaluate"],
+                                                         marks=pytest.mark.slow)])  # fmt: skip
 def test_a_stage_that_fills_the_disk_says_which_and_its_rerun_needs_only_room(tiny_run, small_disk, stage, task, has):
     """A stage on a disk with no room for what it writes: before, tracebacks ending in `OSError: [Errno 28] No space
     left on device`, no path (the registration: 600 lines of MLflow's, ending in SQLite's `database or disk is
