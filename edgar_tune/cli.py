@@ -134,6 +134,7 @@ def _data_problem(data) -> Exception | None:
 
 STAGES = ("download", "parse", "tokenize", "evaluate-base", "train", "evaluate", "register")  # tasks.cache.STAGES
 POINT_DEPLOYMENT = "edgar-tune-sweep-point/sweep-point"  # flows.sweep.POINT_DEPLOYMENT, without importing Prefect
+PRUNE_MIN_POINTS, PRUNE_WARMUP = 2, 0.25  # tasks.pruning's MIN_POINTS and WARMUP, without importing torch's peers
 
 
 def cmd_rerun(args: argparse.Namespace) -> int:
@@ -170,21 +171,29 @@ def cmd_rerun(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     """Train a finished run's data under each point of a grid of settings, each in a run folder beside it."""
     from edgar_tune.config import flow_run_id
-    from flows.sweep import check_grid, check_spread, parse_grid, prepare
+    from edgar_tune.config import ConfigError
+    from flows.sweep import check_grid, check_prune, check_spread, parse_grid, prepare
 
     grid = check_grid(parse_grid(args.grid))
+    given = [f for f, v in (("--prune-min-points", args.prune_min_points), ("--prune-warmup", args.prune_warmup))
+             if v is not None]  # fmt: skip
+    if given and not args.prune:
+        raise ConfigError(f"{given[0]} sets how --prune prunes: add --prune, or leave it out")
+    min_points = PRUNE_MIN_POINTS if args.prune_min_points is None else args.prune_min_points
+    warmup = PRUNE_WARMUP if args.prune_warmup is None else args.prune_warmup
     spread = check_spread(args.spread, args.at_once)  # the server and its deployment, before anything is copied
     if flow_run_id(args.run) is None:  # a local folder: refusals come here, before Prefect starts
         if "://" not in args.run and not (Path(args.run).expanduser() / "config.yaml").is_file():
-            from edgar_tune.config import ConfigError
-
             raise ConfigError(f"{args.run} is not a run folder (it has no config.yaml); give the folder of a finished "
                               "run (`edgar-tune run --out DIR`)")  # fmt: skip
         base_dir, grid, points = prepare(args.run, grid, here=spread is None)
+        rule = check_prune(args.prune, min_points, warmup, points)
         if args.dry_run:
             from flows.pipeline import dry_run
 
-            print(f"edgar-tune sweep --dry-run: {len(points)} point(s) beside {args.run} (nothing ran)")
+            print(f"edgar-tune sweep --dry-run: {len(points)} point(s) beside {args.run} (nothing ran)" + (
+                f"; pruned where weak, once {rule['min_points']} have finished, after {rule['warmup']:.0%} of "
+                "their steps" if rule else ""))  # fmt: skip
             for point in points:
                 there = point["folder"] if point["folder"].exists() else base_dir  # a new one is the base's copy
                 made = ("the base run" if point["folder"] == base_dir else
@@ -194,14 +203,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                     print(f"    {stage:<13}  {fate}")
             return 0
     elif args.dry_run:
-        from edgar_tune.config import ConfigError
-
         raise ConfigError("--dry-run reads a local run folder; give the base run's folder")
     from edgar_tune.reaper import embedded_prefect
     from flows.sweep import edgar_tune_sweep
 
     embedded_prefect()
-    edgar_tune_sweep(args.run, grid, "wait" if args.wait else "fail", spread, args.at_once)
+    edgar_tune_sweep(args.run, grid, "wait" if args.wait else "fail", spread, args.at_once, args.prune, min_points,
+                     warmup)  # fmt: skip
     return 0
 
 
@@ -1045,6 +1053,13 @@ def build_parser() -> argparse.ArgumentParser:
                        "as they take them; needs PREFECT_API_URL")  # fmt: skip
     sweep.add_argument("--at-once", type=int, metavar="N", help="with --spread: at most N points queued or running "
                        "at a time (default: all)")  # fmt: skip
+    sweep.add_argument("--prune", action="store_true", help="stop a point's training at a validation where its best "
+                       "validation loss is above the median of the finished points' by the same training tokens, "
+                       "keeping its checkpoint (a sweep without --prune finishes it); needs train.eval_steps > 0")
+    sweep.add_argument("--prune-min-points", type=int, metavar="N", help="with --prune: the points that must have "
+                       f"finished before any is pruned (default {PRUNE_MIN_POINTS})")  # fmt: skip
+    sweep.add_argument("--prune-warmup", type=float, metavar="FRACTION", help="with --prune: the fraction of its "
+                       f"steps a point trains before it may be pruned (default {PRUNE_WARMUP})")  # fmt: skip
     sweep.set_defaults(fn=cmd_sweep)
     stage = sub.add_parser("stage", help="run one stage of a local run folder in-process: no Prefect, no dependents")
     stage.add_argument("name", choices=STAGES)

@@ -144,16 +144,16 @@ def resolve_run(run: str) -> str:
 
 
 def run_stages(folder: RunFolder, cfg: PipelineConfig, todo: tuple[str, ...] | list[str],
-               force: bool | list[str] = False, wait: bool = False) -> dict:  # fmt: skip
+               force: bool | list[str] = False, wait: bool = False, prune: dict | None = None) -> dict:  # fmt: skip
     """Run the stages in `todo` (pipeline order) in `folder`; the others must have left their outputs.
 
     `force` recomputes every stage in `todo` (or those it names); otherwise a stage whose key is unchanged and
     whose outputs are still in the folder is `Cached`. The folder is held for the whole run: a second run or rerun
     of the same folder fails at once, naming the first, before it writes anything, or with `wait` waits for the
-    first to end.
+    first to end. `prune`: a sweep's rule for its training (tasks/pruning.py).
     """
     with _holding(folder, wait):
-        return _run_stages(folder, cfg, todo, force)
+        return _run_stages(folder, cfg, todo, force, prune)
 
 
 def _holding(folder: RunFolder, wait: bool):
@@ -162,7 +162,7 @@ def _holding(folder: RunFolder, wait: bool):
 
 
 def _run_stages(folder: RunFolder, cfg: PipelineConfig, todo: tuple[str, ...] | list[str],
-                force: bool | list[str]) -> dict:  # fmt: skip
+                force: bool | list[str], prune: dict | None = None) -> dict:  # fmt: skip
     import yaml
 
     run_dir = folder.local
@@ -194,7 +194,7 @@ def _run_stages(folder: RunFolder, cfg: PipelineConfig, todo: tuple[str, ...] | 
                 plan_training(run_dir / TOKENIZE, cfg.train, precision)
         start = time.perf_counter()
         states[stage] = _run_stage(folder, at if stage == "tokenize" else cfg, stage, stage in forced, flow_run_id,
-                                   decided.get(stage))  # fmt: skip
+                                   decided.get(stage), prune)  # fmt: skip
         timings[stage] = round(time.perf_counter() - start, 1)
     summary = build_summary(run_dir, cfg.preset, timings, flow_run_id) | {"stages": states, "run": folder.ref}
     atomic_write_json(run_dir / "summary.json", summary)
@@ -210,9 +210,9 @@ def _run_stages(folder: RunFolder, cfg: PipelineConfig, todo: tuple[str, ...] | 
 
 
 def _run_stage(folder: RunFolder, cfg: PipelineConfig, stage: str, force: bool, flow_run_id: str | None,
-               decided: tuple[bool, str, dict] | None = None) -> str:  # fmt: skip
+               decided: tuple[bool, str, dict] | None = None, prune: dict | None = None) -> str:  # fmt: skip
     """Run (or find cached) one stage; return its Prefect state name (Completed or Cached). `decided`: what
-    `_must_run` already said of it in this run."""
+    `_must_run` already said of it in this run; `prune`, a sweep's rule for training."""
     run_dir = folder.local
     fresh, key, inputs = decided or _must_run(folder, cfg, stage, force)
     view = config_view(cfg, stage)
@@ -221,7 +221,7 @@ def _run_stage(folder: RunFolder, cfg: PipelineConfig, stage: str, force: bool, 
         "parse": (extract_sections, (run_dir, view)),
         "tokenize": (pack_blocks, (run_dir, view)),
         "evaluate-base": (evaluate_perplexity, (run_dir, view.eval, False, view.generate)),
-        "train": (finetune_model, (run_dir, view.train, view.eval, cfg.registry, cfg.preset, flow_run_id)),
+        "train": (finetune_model, (run_dir, view.train, view.eval, cfg.registry, cfg.preset, flow_run_id, prune)),
         "evaluate": (evaluate_perplexity, (run_dir, view.eval, True, view.generate)),
         "register": (register_model, (run_dir, view, flow_run_id)),
     }[stage]

@@ -33,6 +33,7 @@ from typing import Any, Literal
 
 from prefect import flow
 from prefect.runtime import flow_run
+from prefect.states import Completed
 
 from edgar_tune.config import (ConfigError, PipelineConfig, StageFailed, flat_params, load_run_config, parse_value,
                                resolve_key, tracking_uri)  # fmt: skip
@@ -40,6 +41,7 @@ from edgar_tune.reaper import watch_embedded_server
 from edgar_tune.signals import run_body
 from tasks.cache import OUTPUTS, STAGE_CONFIG, STAGES, downstream, reads_key
 from tasks.io import TOKENIZE, atomic_write_json, atomic_write_text, read_json
+from tasks.pruning import MIN_POINTS, PRUNED, WARMUP, PointPruned, describe
 from tasks.storage import LOCK, RUN_NAME, RunFolder
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,9 @@ POLL_SECONDS = 5.0  # how often a spread sweep reads its points' flow runs
 STATUS_SECONDS = 600.0  # and how often it logs where they stand, between their changes of state
 SWEEP_TAG = "edgar_tune.sweep"  # on the sweep's MLflow run and on each point's: the sweep's key (`sweep_key`)
 NAME_LIMIT = 200  # characters of a point's folder name; a longer one ends in a digest
+# Keys that change which held-out blocks a validation inside training scores: under them no two points' validation
+# losses compare, which pruning ranks them by (as does a point that makes its blocks again: `remade`).
+VALIDATION_KEYS = ("train.eval_blocks", "eval.max_val_samples")
 
 
 def parse_grid(items: list[str]) -> dict[str, list]:
@@ -273,18 +278,31 @@ def _quiet(name: str) -> Iterator[None]:
 
 
 @flow(name="edgar-tune-sweep-point", log_prints=True)
-def sweep_point(out_dir: str, overrides: dict, if_busy: Literal["fail", "wait"] = "fail") -> dict:
-    """One point of a sweep: its run folder's stages (all but the download), each `Cached` where its key stands."""
+def sweep_point(out_dir: str, overrides: dict, if_busy: Literal["fail", "wait"] = "fail",
+                prune: dict | None = None) -> Any:  # fmt: skip
+    """One point of a sweep: its run folder's stages (all but the download), each `Cached` where its key stands.
+    Under `prune` (the sweep's rule and the other points' folders: tasks/pruning.py) a weak training stops at a
+    validation: the flow run then ends `Pruned` (a kind of Completed), and `pruned.json` in the folder says why."""
     from flows.pipeline import run_stages
 
     folder = RunFolder.open(out_dir)
     cfg = load_run_config(folder.local, overrides)
-    return run_stages(folder, cfg, STAGES[1:], wait=if_busy == "wait")
+    try:
+        summary = run_stages(folder, cfg, STAGES[1:], wait=if_busy == "wait", prune=prune)
+    except PointPruned as err:
+        record = err.decision | {"prefect_flow_run_id": str(flow_run.id) if flow_run.id else None,
+                                 "time": time.time()}  # fmt: skip
+        atomic_write_json(folder.local / PRUNED, record)
+        log.warning("sweep point %s pruned at %s", folder.local.name, describe(record))
+        return Completed(name="Pruned", message=describe(record), data={"pruned": record})
+    (folder.local / PRUNED).unlink(missing_ok=True)  # pruned by an earlier sweep, finished now
+    return summary
 
 
 @flow(name="edgar-tune-sweep", log_prints=True)
 def edgar_tune_sweep(run: str, grid: dict[str, list], if_busy: Literal["fail", "wait"] = "fail",
-                     spread: str | None = None, at_once: int | None = None) -> dict:  # fmt: skip
+                     spread: str | None = None, at_once: int | None = None, prune: bool = False,
+                     prune_min_points: int = MIN_POINTS, prune_warmup: float = WARMUP) -> dict:  # fmt: skip
     """Train a finished run's data under every combination of the grid's values, then compare the results.
 
     Args:
@@ -297,6 +315,11 @@ def edgar_tune_sweep(run: str, grid: dict[str, list], if_busy: Literal["fail", "
             pool's workers, at the same time as far as they take them. Empty: one after another, in this flow run.
         at_once: With `spread`, how many points may be queued or running at once (empty: all of them; the pool's
             workers and concurrency limits decide how many run).
+        prune: Stop a point's training at a validation where its best validation loss so far is above the median of
+            the finished points' by the same training tokens (the median stopping rule), keeping a checkpoint that a
+            sweep without it resumes; its row says so. Needs validation during training (train.eval_steps > 0).
+        prune_min_points: With `prune`: how many points must have finished before any is pruned.
+        prune_warmup: With `prune`: the fraction of its steps a point trains before it may be pruned.
     """
     from flows.pipeline import resolve_run
 
@@ -305,12 +328,13 @@ def edgar_tune_sweep(run: str, grid: dict[str, list], if_busy: Literal["fail", "
         ref = resolve_run(run)
         deployment = check_spread(spread, at_once)
         base_dir, grid, points = prepare(ref, grid, here=deployment is None)
+        rule = check_prune(prune, prune_min_points, prune_warmup, points)
         uri = tracking_uri(points[0]["config"].registry.tracking_uri, base_dir.parent)
         log.info("sweep of %s: %d point(s) over %s%s", ref, len(points), ", ".join(grid),
                  f", each a flow run of {deployment} on its pool's workers" if deployment else "")  # fmt: skip
         rows: list[dict] = []
         result = {"base": ref, "grid": grid, "key": sweep_key(str(base_dir), grid), "points": rows,
-                  "mlflow_tracking_uri": uri}  # fmt: skip
+                  "mlflow_tracking_uri": uri, "prune": rule}  # fmt: skip
         experiment = points[0]["config"].registry.experiment
 
         def made(point: dict) -> None:
@@ -322,7 +346,7 @@ def edgar_tune_sweep(run: str, grid: dict[str, list], if_busy: Literal["fail", "
         def finished(point: dict, summary: dict | None, error: str | None) -> None:
             if error is not None:
                 log.error("sweep point %s failed: %s", point["name"], error)
-            rows.append(_row(point, summary, error))
+            rows.append(_row(point, summary, error, uri))
             result["points"] = rank(rows)
             if len(rows) == len(points):  # what each registration decided, until then
                 aliases_now(result["points"], uri)
@@ -330,15 +354,26 @@ def edgar_tune_sweep(run: str, grid: dict[str, list], if_busy: Literal["fail", "
             result["mlflow_run_id"] = log_sweep(result, experiment, over=len(rows) == len(points),
                                                 nest=None if result.get("mlflow_run_id") is None else rows[-1:])
 
+        for point in points:
+            point["prune"] = None if rule is None else rule | {"peers": [str(p["folder"]) for p in points
+                                                                         if p is not point]}  # fmt: skip
+        todo = []
+        for point in points:
+            if earlier := pruned_before(point, rule):  # stands under the same rule; without one, the point finishes
+                log.info("sweep point %s: pruned in an earlier run of this sweep (%s)", point["name"],
+                         describe(earlier))  # fmt: skip
+                finished(point, {"pruned": earlier}, None)
+            else:
+                todo.append(point)
         if deployment:
-            on_pool(points, deployment, at_once, if_busy, made, finished)
+            on_pool(todo, deployment, at_once, if_busy, made, finished)
         else:
-            for i, point in enumerate(points, 1):
-                log.info("sweep point %d of %d: %s", i, len(points), _settings(point["moved"]))
+            for i, point in enumerate(todo, 1):
+                log.info("sweep point %d of %d: %s", i, len(todo), _settings(point["moved"]))
                 try:
                     made(point)
                     summary = sweep_point.with_options(flow_run_name=point["name"])(
-                        str(point["folder"]), point["overrides"], if_busy)  # fmt: skip
+                        str(point["folder"]), point["overrides"], if_busy, point["prune"])  # fmt: skip
                 except Exception as err:  # noqa: BLE001 (one point's failure leaves the others to run; raised below)
                     finished(point, None, f"{type(err).__name__}: {err}")
                 else:
@@ -351,6 +386,45 @@ def edgar_tune_sweep(run: str, grid: dict[str, list], if_busy: Literal["fail", "
                 f"{r['name']}: {r['error'].splitlines()[0]}" for r in failed) + ". Run the sweep again to retry them "
                 "(the points that finished are Cached)")  # fmt: skip
         return result
+
+
+def check_prune(prune: bool, min_points: int, warmup: float, points: list[dict]) -> dict | None:
+    """The rule that prunes weak points ({"min_points", "warmup"}: tasks/pruning.py), or None without `prune`.
+
+    Raises:
+        ConfigError: a rule out of range, or points whose validation losses would not compare: one that validates
+            not at all during training, or points that validate on other held-out blocks."""
+    if not prune:
+        return None
+    if min_points < 1:
+        raise ConfigError(f"prune_min_points={min_points}: give 1 or more (how many points must have finished "
+                          "before one is pruned)")  # fmt: skip
+    if not 0 <= warmup < 1:
+        raise ConfigError(f"prune_warmup={warmup}: give a fraction from 0 to below 1 (of a point's steps, before "
+                          "which it is not pruned)")  # fmt: skip
+    if silent := [p for p in points if not p["config"].train.eval_steps]:
+        raise ConfigError(f"pruning judges points by their validation loss during training, and grid point "
+                          f"{_settings(silent[0]['moved'])} runs none (train.eval_steps=0): add --grid "
+                          "train.eval_steps=N (every point validating every N steps), or sweep without pruning")
+    if moved := [k for k in VALIDATION_KEYS if len({str(p["overrides"].get(k)) for p in points}) > 1]:
+        raise ConfigError(f"the grid varies {moved[0]}, so its points validate on other held-out blocks and their "
+                          "validation losses do not compare: sweep it without pruning")  # fmt: skip
+    if remake := [p for p in points if "tokenize" in p["remade"]]:
+        raise ConfigError(f"grid point {_settings(remake[0]['moved'])} makes its blocks again, so it validates on "
+                          "other held-out blocks than the others and their validation losses do not compare: sweep "
+                          "it without pruning")  # fmt: skip
+    return {"min_points": min_points, "warmup": warmup}
+
+
+def pruned_before(point: dict, rule: dict | None) -> dict | None:
+    """What pruned `point` in an earlier run of the sweep (its folder's `pruned.json`), where it stands: under the
+    same rule, its training still unfinished. Without a rule, or under another, the point trains on from its
+    checkpoint."""
+    path = point["folder"] / PRUNED
+    if rule is None or not path.is_file() or (point["folder"] / OUTPUTS["train"]).exists():
+        return None
+    record = read_json(path)
+    return record if record.get("rule") == rule else None
 
 
 def check_spread(spread: str | None, at_once: int | None) -> str | None:
@@ -478,8 +552,8 @@ def _queue(deployment: str, point: dict, if_busy: str, key: str, tries: int = 3)
     for attempt in range(1, tries + 1):
         try:
             return run_deployment(deployment, parameters={"out_dir": str(point["folder"]), "overrides":
-                                  point["overrides"], "if_busy": if_busy}, flow_run_name=point["name"], timeout=0,
-                                  idempotency_key=key)  # fmt: skip
+                                  point["overrides"], "if_busy": if_busy, "prune": point.get("prune")},
+                                  flow_run_name=point["name"], timeout=0, idempotency_key=key)  # fmt: skip
         except Exception as err:  # noqa: BLE001 (asked again with the same key; the last failure is the point's)
             if attempt == tries:
                 raise
@@ -488,10 +562,16 @@ def _queue(deployment: str, point: dict, if_busy: str, key: str, tries: int = 3)
 
 
 def _pool_result(point: dict, fr: Any) -> tuple[dict | None, str | None]:
-    """(summary, None) of a point's flow run that completed, or (None, why it did not)."""
+    """(summary, None) of a point's flow run that completed ({"pruned": why} where it was pruned), or (None, why
+    it did not)."""
     if not fr.state.is_completed():
         message = (fr.state.message or "").strip()
         return None, f"flow run {fr.name} {fr.state.name}" + (f": {message}" if message else "")
+    if fr.state.name == "Pruned":
+        path = point["folder"] / PRUNED
+        record = read_json(path) if path.is_file() else {}
+        if record.get("prefect_flow_run_id") == str(fr.id):
+            return {"pruned": record}, None
     path = point["folder"] / "summary.json"
     summary = read_json(path) if path.is_file() else {}
     if summary.get("prefect_flow_run_id") != str(fr.id):  # another file system than the worker's
@@ -500,11 +580,14 @@ def _pool_result(point: dict, fr: Any) -> tuple[dict | None, str | None]:
     return summary, None
 
 
-def _row(point: dict, summary: dict | None, error: str | None = None) -> dict:
+def _row(point: dict, summary: dict | None, error: str | None = None, uri: str | None = None) -> dict:
     row = {"name": point["name"], "folder": str(point["folder"]), "settings": point["overrides"],
            "moved": point["moved"]}  # fmt: skip
     if summary is None:
         return row | {"error": error}
+    if "pruned" in summary:  # its training's MLflow run (curves so far, KILLED) is in the sweep's store
+        return row | {"pruned": summary["pruned"], "mlflow_run_id": summary["pruned"].get("mlflow_run_id"),
+                      "mlflow_tracking_uri": uri}  # fmt: skip
     keep = ("ppl_before", "ppl_after", "ppl_change_pct", "registered_model", "model_version", "model_alias",
             "mlflow_tracking_uri", "mlflow_run_id", "train_steps", "train_tokens_seen", "seconds", "stages",
             "champion_comparison")  # fmt: skip
@@ -520,7 +603,7 @@ def aliases_now(rows: list[dict], uri: str) -> None:
     try:
         client = mlflow.MlflowClient(uri)
         for r in rows:
-            if not r.get("error") and r["mlflow_tracking_uri"] == uri:
+            if _scored(r) and r["mlflow_tracking_uri"] == uri:
                 version = client.get_model_version(r["registered_model"], str(r["model_version"]))
                 r["model_alias"] = ",".join(sorted(version.aliases)) or None
     except Exception as err:  # noqa: BLE001 (the table says what each registration decided)
@@ -528,9 +611,16 @@ def aliases_now(rows: list[dict], uri: str) -> None:
                     type(err).__name__, err)  # fmt: skip
 
 
+def _scored(row: dict) -> bool:
+    """Whether the point finished, with its perplexity after fine-tuning (not failed, not pruned)."""
+    return not row.get("error") and not row.get("pruned")
+
+
 def rank(rows: list[dict]) -> list[dict]:
-    """Lowest perplexity after fine-tuning first; failed points last, in grid order."""
-    return sorted(rows, key=lambda r: (r.get("error") is not None, r.get("ppl_after") or 0.0))
+    """Lowest perplexity after fine-tuning first; then the pruned points, lowest validation loss first; failed
+    points last, in grid order."""
+    return sorted(rows, key=lambda r: (1 if r.get("pruned") else 2 if r.get("error") else 0,
+                                       r["pruned"]["best_val_loss"] if r.get("pruned") else r.get("ppl_after") or 0.0))
 
 
 def format_sweep(result: dict) -> str:
@@ -540,9 +630,15 @@ def format_sweep(result: dict) -> str:
     head = ["", *short, "before", "after", "change", "version", "train", "made"]
     lines = []
     for i, r in enumerate(result["points"]):
-        cells = [("*" if i == 0 and not r.get("error") else " "), *(_shown(r["settings"][k]) for k in keys)]
+        cells = [("*" if i == 0 and _scored(r) else " "), *(_shown(r["settings"][k]) for k in keys)]
         if r.get("error"):
             lines.append([*cells, "failed:", r["error"].splitlines()[0][:80], "", "", "", ""])
+            continue
+        if r.get("pruned"):
+            d = r["pruned"]
+            lines.append([*cells, "pruned:", f"step {d['step']}/{d['planned_steps']}, validation loss "
+                          f"{d['best_val_loss']:.4f} > median {d['median']:.4f} of {len(d['peers'])}", "", "", "",
+                          ""])  # fmt: skip
             continue
         ran = [s for s, state in (r["stages"] or {}).items() if state == "Completed"]
         cells += [f"{r['ppl_before']:.3f}", f"{r['ppl_after']:.3f}", f"{r['ppl_change_pct']:+.1f}%",
@@ -557,6 +653,9 @@ def format_sweep(result: dict) -> str:
            "validation text, lowest first"]  # fmt: skip
     out += ["  " + "  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip()
             for row in [head, *lines]]  # fmt: skip
+    if rule := result.get("prune"):
+        out.append(f"Pruned: a point whose best validation loss was above the median of {rule['min_points']} or "
+                   f"more finished points' by the same training tokens, after {rule['warmup']:.0%} of its steps")
     if result.get("mlflow_run_id"):
         out.append(f"MLflow: run {result['mlflow_run_id']} at {result['mlflow_tracking_uri']}, the points' runs "
                    "nested under it")  # fmt: skip
@@ -585,16 +684,20 @@ def log_sweep(result: dict, experiment: str, over: bool = True, nest: list[dict]
                 exp_id, run_name=f"sweep-{Path(result['base']).name}", tags=tags).info.run_id  # fmt: skip
             if not found:
                 client.log_param(run_id, "grid", json.dumps(result["grid"], default=str)[:6000])
-        done = [r for r in result["points"] if not r.get("error")]
+        done = [r for r in result["points"] if _scored(r)]
         if done:
             client.log_metric(run_id, "best_val_perplexity", done[0]["ppl_after"])
+        client.set_tag(run_id, f"{SWEEP_TAG}.prune", json.dumps(result.get("prune")))
+        client.log_metric(run_id, "pruned_points", sum(1 for r in result["points"] if r.get("pruned")))
         with tempfile.TemporaryDirectory() as tmp:
             atomic_write_json(Path(tmp) / "sweep.json", result)
             atomic_write_text(Path(tmp) / "sweep.md", format_sweep(result) + "\n")
             if done:
                 _plot(Path(tmp) / "sweep_perplexity.png", result, done)
             client.log_artifacts(run_id, tmp)
-        for r in done if nest is None else [r for r in nest if not r.get("error")]:
+        for r in [r for r in (result["points"] if nest is None else nest) if not r.get("error")]:
+            if not r.get("mlflow_run_id"):  # a pruned point whose training MLflow did not take
+                continue
             if r["mlflow_tracking_uri"] != uri:  # a base run copied from elsewhere, registered there
                 log.info("sweep: %s registered in %s, not in %s: its run is not nested", r["name"],
                          r["mlflow_tracking_uri"], uri)  # fmt: skip
@@ -602,7 +705,7 @@ def log_sweep(result: dict, experiment: str, over: bool = True, nest: list[dict]
             client.set_tag(r["mlflow_run_id"], "mlflow.parentRunId", run_id)
             client.set_tag(r["mlflow_run_id"], SWEEP_TAG, result["key"])
         if over:
-            client.set_terminated(run_id, "FAILED" if len(done) < len(result["points"]) else "FINISHED")
+            client.set_terminated(run_id, "FAILED" if any(r.get("error") for r in result["points"]) else "FINISHED")
         else:
             client.update_run(run_id, "RUNNING")  # a sweep run again reopens its run until it is over
         return run_id

@@ -22,7 +22,7 @@ from datasets import load_from_disk
 
 from edgar_tune.config import DEEPSPEED_PRESETS, REPO_ROOT, ConfigError, EvalConfig, StageFailed, TrainConfig
 from edgar_tune.signals import signal_behind
-from tasks import allocator
+from tasks import allocator, pruning
 from tasks.checkpoints import (ValidationStopped, check_room_for_one, checkpoint_step, log_stop, resume_settings,
                                trainer_class)  # fmt: skip
 from tasks.checkpoints import prepare as prepare_checkpoints
@@ -989,13 +989,14 @@ def checkpoints_dir(out: Path) -> Path:
 
 
 def write_train_stage(out: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfig,
-                      live=None) -> dict:  # fmt: skip
+                      live=None, prune: dict | None = None) -> dict:  # fmt: skip
     """Train and publish the adapter (or full weights), tokenizer, loss history and stats atomically.
 
     Checkpoints go to `04_train.checkpoints/`; a rerun after a crash resumes from the last complete one. One
     process trains here; `train.nproc` > 1 or a hostfile runs `tasks.train_worker` under the DeepSpeed launcher
     (torchrun for FSDP), writing into the same temp folder. `live`, called once the run is checked and planned,
-    gives a context of (MLflow run id, metrics logger) for the curves as they come (tasks.registry).
+    gives a context of (MLflow run id, metrics logger) for the curves as they come (tasks.registry). `prune`, a
+    sweep's rule (tasks/pruning.py), may stop a weak training at a validation: `PointPruned`, its checkpoint kept.
     """
     precision = preflight(cfg)
     asked = cfg  # resuming compares what was asked for: memory_fit may split the batch otherwise on another device
@@ -1009,7 +1010,11 @@ def write_train_stage(out: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg:
     except ValueError as err:
         raise ConfigError(str(err)) from None
     with atomic_dir(out) as tmp, (live() if live else contextlib.nullcontext((None, None))) as (run_id, metrics):
-        _launch(tmp, tokenize_dir, cfg, eval_cfg, ckpts, resume_from, plan, metrics)
+        try:
+            _launch(tmp, tokenize_dir, cfg, eval_cfg, ckpts, resume_from, plan, metrics, prune)
+        except pruning.PointPruned as err:
+            err.decision["mlflow_run_id"] = run_id  # its curves so far, which the sweep nests under its own run
+            raise
         stats = read_json(tmp / "stats.json")
         stats["memory_plan"] = plan
         if device() == "cpu" and stats.get("peak_rss_gb"):
@@ -1027,7 +1032,8 @@ class TrainingCrashed(StageFailed):
 
 
 def _launch(tmp: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfig, ckpts: Path,
-            resume_from: Path | None, plan: dict | None = None, metrics=None) -> None:  # fmt: skip
+            resume_from: Path | None, plan: dict | None = None, metrics=None,
+            prune: dict | None = None) -> None:  # fmt: skip
     """Train in child processes: one plain process, or `train.nproc` under the DeepSpeed launcher (torchrun
     for FSDP). A child of its own, so that a crash (the OOM killer's SIGKILL, a segfault in a kernel) fails
     this stage with a message instead of taking the flow run down with it."""
@@ -1049,6 +1055,8 @@ def _launch(tmp: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfi
            str(ckpts), "--config", cfg.model_dump_json(), "--eval-config", eval_cfg.model_dump_json()]  # fmt: skip
     if resume_from:
         cmd += ["--resume-from", str(resume_from)]
+    if prune is not None:
+        cmd += ["--prune", json.dumps(prune)]
     log.info("launching %d training process(es): %s", cfg.nproc, " ".join(cmd[: cmd.index("--out")]))
     ranks = tmp / ".ranks"  # each training process leaves its PID there (gone before the stage publishes `tmp`)
     ranks.mkdir()
@@ -1084,6 +1092,8 @@ def _launch(tmp: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfi
         stop.set()
         follower.join(timeout=60)
         shutil.rmtree(ranks, ignore_errors=True)
+    if proc.returncode == 0 and (tmp / pruning.PRUNED).exists():
+        raise pruning.PointPruned(read_json(tmp / pruning.PRUNED))
     if proc.returncode != 0 or not (tmp / "stats.json").exists():
         lines = b"".join(tail).decode("utf-8", "replace").replace("\r", "\n").splitlines()
         failed = (tmp / FAILURE).read_text() if (tmp / FAILURE).exists() else None
@@ -1289,8 +1299,10 @@ def _check_engine(trainer, cfg: TrainConfig) -> None:
 
 
 def train(tmp: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfig, ckpts: Path,
-          resume_from: Path | None = None) -> dict:  # fmt: skip
-    """Train in this process (one of `WORLD_SIZE` under a launcher); rank 0 writes the results into `tmp`."""
+          resume_from: Path | None = None, prune: dict | None = None) -> dict:  # fmt: skip
+    """Train in this process (one of `WORLD_SIZE` under a launcher); rank 0 writes the results into `tmp`. Under a
+    sweep's `prune` rule (tasks/pruning.py) a weak training stops at a validation, and rank 0 writes only why
+    (`PRUNED`)."""
     from transformers import EarlyStoppingCallback, TrainingArguments
 
     precision = resolve_precision(cfg.precision)
@@ -1412,6 +1424,9 @@ def train(tmp: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfig,
     tokens_per_step = (cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * trainer.args.world_size
                        * len(blocks[0]["input_ids"]))  # fmt: skip
     trainer.add_callback(progress_events(tmp / EVENTS, tokens_per_step))
+    pruner = None
+    if prune is not None and evaluate:
+        trainer.add_callback(pruner := pruning.prune_weak(prune, tokens_per_step))
     if args.disable_tqdm:  # instead of the bar, transformers prints each loss dict: the log lines have them
         from transformers import PrinterCallback
 
@@ -1428,6 +1443,10 @@ def train(tmp: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfig,
         result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     if stopper is not None and stopper.asked:  # stopped early, with a checkpoint: nothing here is the stage's output
         raise Stopped(128 + signal.SIGTERM)
+    if pruner is not None and pruner.decision is not None:  # likewise: the stage fails, saying why
+        if trainer.is_world_process_zero():
+            atomic_write_json(tmp / pruning.PRUNED, pruner.decision)
+        return {}
     seconds = time.perf_counter() - start
     zero_stage = trainer.model_wrapped.zero_optimization_stage() if cfg.deepspeed else None
     history = [h for h in trainer.state.log_history if "loss" in h]

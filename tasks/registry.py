@@ -22,7 +22,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ from tasks.io import (
 from tasks.batching import Answer, Generation
 from tasks.textdata import data_locations, template_fields
 from tasks.progress import CURVES, Point, clock, training_points
+from tasks.pruning import PointPruned, describe
 from tasks.storage import folder_identity, run_identity
 
 log = logging.getLogger(__name__)
@@ -1147,6 +1148,7 @@ def run_name(preset: str, run_dir: Path) -> str:
 
 TRAINING_TAG = "edgar_tune.training"  # on the MLflow run that the train stage opened for its curves
 FOLDER_TAG = "edgar_tune.run_folder"  # on it too: the run folder it trained in (tasks.storage.folder_identity)
+PRUNED_TAG = "edgar_tune.pruned"  # on it, where a sweep's rule stopped the training: why (tasks/pruning.py)
 Metrics = Callable[[list[Point]], None]
 
 
@@ -1155,8 +1157,9 @@ def live_training_run(run_dir: Path, registry: RegisterConfig, preset: str,
                       flow_run_id: str | None) -> Iterator[tuple[str | None, Metrics | None]]:  # fmt: skip
     """The MLflow run that the train stage opens for training's curves as they come (`train_loss`, `val_loss`,
     `learning_rate`, `tokens_per_s` by step), so that the MLflow UI draws a run that is still training, or one that
-    crashed. Yields (run id, a function that logs metrics). The run ends FINISHED or FAILED with the training; the
-    register stage then logs the rest into it (`_continued_run`).
+    crashed. Yields (run id, a function that logs metrics). The run ends FINISHED or FAILED with the training
+    (KILLED, tagged `edgar_tune.pruned`, where a sweep's rule pruned it: tasks/pruning.py); the register stage then
+    logs the rest into it (`_continued_run`).
 
     MLflow out of reach does not stop training: it yields (None, None) after a warning, and the curves are logged
     at registration instead; one that stops answering later holds the points until it is back (`LiveMetrics`)."""
@@ -1184,6 +1187,11 @@ def live_training_run(run_dir: Path, registry: RegisterConfig, preset: str,
     try:
         yield run_id, sender
         status = "FINISHED"
+    except PointPruned as err:  # stopped by a sweep's rule: not a failure; the tag says why
+        status = "KILLED"
+        with suppress(Exception):
+            client.set_tag(run_id, PRUNED_TAG, describe(err.decision))
+        raise
     finally:
         if sender.close():  # else the registration, if it can, ends the run (a call now would wait on retries)
             try:

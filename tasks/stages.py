@@ -97,11 +97,12 @@ def pack_blocks(run_dir: Path, cfg: PipelineConfig, cache_key: str | None = None
 
 @stage_task("finetune_model", "train")
 def finetune_model(run_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfig, registry: RegisterConfig | None = None,
-                   preset: str = "", flow_run_id: str | None = None,
+                   preset: str = "", flow_run_id: str | None = None, prune: dict | None = None,
                    cache_key: str | None = None) -> dict:  # fmt: skip
     """Fine-tune with LoRA or in full; resumes from the last complete checkpoint of an interrupted run. With
     `registry`, training's curves go to the run's MLflow run as they come (the key leaves it out: it
-    changes where the curves are shown, not what is trained)."""
+    changes where the curves are shown, not what is trained). `prune`: a sweep's rule that may stop a weak point at
+    a validation (tasks/pruning.py); the key leaves it out too, as a training it lets finish is the same."""
     from tasks.finetune import write_train_stage
 
     live = None
@@ -109,7 +110,7 @@ def finetune_model(run_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfig, regist
         from tasks.registry import live_training_run
 
         live = lambda: live_training_run(run_dir, registry, preset, flow_run_id)  # noqa: E731
-    return write_train_stage(run_dir / TRAIN, run_dir / TOKENIZE, cfg, eval_cfg, live)
+    return write_train_stage(run_dir / TRAIN, run_dir / TOKENIZE, cfg, eval_cfg, live, prune)
 
 
 @stage_task("evaluate_perplexity")

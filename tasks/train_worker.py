@@ -1,7 +1,7 @@
 """One training process under a launcher (`train.nproc` > 1 or a hostfile): DeepSpeed's, or torchrun for FSDP.
 
     deepspeed --num_gpus N --module tasks.train_worker --out TMP --tokenize-dir DIR --checkpoints DIR \
-        --config JSON --eval-config JSON [--resume-from CHECKPOINT]
+        --config JSON --eval-config JSON [--resume-from CHECKPOINT] [--prune RULE]
 
 Every rank trains; rank 0 writes the weights, tokenizer, loss history and stats into `--out`, the temp folder
 that the parent's stage publishes atomically once the launcher exits cleanly.
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 from pathlib import Path
 
 from edgar_tune.config import EvalConfig, TrainConfig
@@ -27,6 +28,7 @@ if __name__ == "__main__":
     ap.add_argument("--config", required=True, help="TrainConfig as JSON")
     ap.add_argument("--eval-config", required=True, help="EvalConfig as JSON")
     ap.add_argument("--resume-from", type=Path)
+    ap.add_argument("--prune", type=json.loads, help="a sweep's rule for weak points, as JSON (tasks/pruning.py)")
     ap.add_argument("--local_rank", type=int, default=-1, help="set by the launcher; LOCAL_RANK is read instead")
     args = ap.parse_args()
     settle_console()  # the bars as its flow decided them (EDGAR_TUNE_BARS), DeepSpeed's CPU notice dropped
@@ -35,7 +37,8 @@ if __name__ == "__main__":
     keep_signals()  # a SIGTERM before the first step or after the last that lands in a finalizer still ends it
     try:
         train(args.out, args.tokenize_dir, TrainConfig.model_validate_json(args.config),
-              EvalConfig.model_validate_json(args.eval_config), args.checkpoints, args.resume_from)  # fmt: skip
+              EvalConfig.model_validate_json(args.eval_config), args.checkpoints, args.resume_from,
+              args.prune)  # fmt: skip
     except DiskFull as err:  # what the stage's message leads with
         with contextlib.suppress(OSError):
             (args.out / FAILURE).write_text(str(err))

@@ -561,8 +561,8 @@ def sweep_base(deployed, request, tmp_path) -> Path:
 def test_a_sweep_spread_over_the_pool_runs_its_points_at_once_and_a_cancel_stops_them(deployed, sweep_base, tmp_path):
     """The sweep deployment run from the UI with `spread`: each point is a flow run of the sweep-point deployment,
     queued by the sweep's run (its subflow in the UI) and run by the pool's worker, side by side, or `at_once` of
-    them at a time; the comparison is the one a sweep in one process makes. The UI's Cancel on a spread sweep
-    cancels the points it queued: nothing trains on for a sweep that is gone."""
+    them at a time; the comparison is the one a sweep in one process makes, pruned points too. The UI's Cancel on a
+    spread sweep cancels the points it queued: nothing trains on for a sweep that is gone."""
     import mlflow
 
     api, _, home = deployed
@@ -596,6 +596,16 @@ def test_a_sweep_spread_over_the_pool_runs_its_points_at_once_and_a_cancel_stops
     (found,) = client.search_runs([exp.experiment_id], "tags.`edgar_tune.sweep.role` = 'sweep'")
     nested = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{found.info.run_id}'")
     assert sorted(r.data.params["train.learning_rate"] for r in nested) == ["0.01", "0.03"]
+
+    # prune: with a point above finished, one far too low stops at its first validation, its flow run `Pruned` on
+    # the worker, read back by the sweep, which ends Completed
+    sweep_id = start({"train.learning_rate": [0.01, 1e-5]}, prune=True, prune_min_points=1)
+    assert api.wait(sweep_id)["state"]["type"] == "COMPLETED", _log_tail(home)
+    weak = next(r for r in _point_runs(api, sweep_id) if r["name"] == "latest+learning_rate=1e-05")
+    assert (weak["state"]["type"], weak["state"]["name"]) == ("COMPLETED", "Pruned"), weak["state"]
+    pruned = json.loads((tmp_path / weak["name"] / "pruned.json").read_text())
+    assert pruned["prefect_flow_run_id"] == weak["id"] and pruned["step"] == 20
+    assert "pruned: step 20/60" in " ".join(_artifact(api, sweep_id, "edgar-tune-sweep").split())
 
     # at_once=1: one point at a time. The UI's Cancel while the first trains (a long training): its flow run is
     # cancelled too, the sweep ends Cancelled, and the second point is never queued nor its folder made.

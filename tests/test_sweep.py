@@ -174,7 +174,8 @@ def test_a_sweep_trains_each_point_beside_the_base_and_compares_them(tiny_run, p
     """A sweep over the learning rate from a finished tiny run: the point at the base's value is the base itself;
     the other is a copy of it that parses, tokenizes and scores the base model no more (`Cached`) and trains,
     scores and registers; the table ranks them, one MLflow run holds it with the points' runs nested under it, and
-    the base's stage folders are as they were. Run again, the sweep trains nothing and finds its MLflow run."""
+    the base's stage folders are as they were. Run again, the sweep trains nothing and finds its MLflow run. Then
+    the same data, pruned (`_a_weak_point_is_pruned_and_finished_later`)."""
     import mlflow
 
     runs, made = tiny_run
@@ -238,3 +239,128 @@ def test_a_sweep_trains_each_point_beside_the_base_and_compares_them(tiny_run, p
                        "run trains 60 steps"):  # fmt: skip
         _in_process("sweep", "--run", "latest", "--grid", "profile_step=30,1000")
     assert not (tmp_path / "latest+profile_step=1000").exists()
+    _a_weak_point_is_pruned_and_finished_later(tmp_path, prefect_server, client, point)
+
+
+def _a_weak_point_is_pruned_and_finished_later(tmp_path: Path, env: dict, client, strong: Path) -> None:
+    """`--prune` (after the sweep above, whose base and point finished): a point at a learning rate far too low
+    validates at step 20 above their median and stops there: no weights published, no evaluation, no version
+    registered; its checkpoint of step 20 kept, its flow run `Pruned`, its training's MLflow run KILLED and nested
+    under the sweep's, which ends FINISHED (a pruned point is not a failure). The decision stands for a sweep under
+    the same rule; a sweep without pruning resumes the point at step 20 and finishes it."""
+    from flows.sweep import check_grid, pruned_before, sweep_points
+
+    grid = ["--run", "latest", "--grid", "learning_rate=0.003,0.01,1e-5"]
+    proc = _sweep(tmp_path, env, *grid, "--prune")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-5000:]
+    weak = tmp_path / "latest+learning_rate=1e-05"
+    pruned = json.loads((weak / "pruned.json").read_text())
+    assert pruned["step"] == 20 and pruned["planned_steps"] == 60 and pruned["rule"] == {"min_points": 2,
+                                                                                         "warmup": 0.25}  # fmt: skip
+    assert set(pruned["peers"]) == {"latest", strong.name} and pruned["best_val_loss"] > pruned["median"]
+    assert not (weak / "04_train").exists() and not (weak / "summary.json").exists()
+    assert (weak / "04_train.checkpoints" / "checkpoint-20").is_dir()
+    assert "Finished in state Pruned(" in out
+    row = next(" ".join(line.split()) for line in out.splitlines() if line.lstrip().startswith("1e-05 "))
+    assert f"pruned: step 20/60, validation loss {pruned['best_val_loss']:.4f} > median" in row, row
+    exp = client.get_experiment_by_name("edgar-tune")
+    sweep = next(r for r in client.search_runs([exp.experiment_id], "tags.`edgar_tune.sweep.role` = 'sweep'")
+                 if json.loads(r.data.tags["edgar_tune.sweep.prune"] or "null"))  # fmt: skip
+    assert sweep.info.status == "FINISHED" and sweep.data.metrics["pruned_points"] == 1
+    killed = client.get_run(pruned["mlflow_run_id"])
+    assert killed.info.status == "KILLED" and killed.data.tags["mlflow.parentRunId"] == sweep.info.run_id
+    assert killed.data.tags["edgar_tune.pruned"].startswith("step 20 of 60: best validation loss")
+    assert [h.step for h in client.get_metric_history(killed.info.run_id, "val_loss")] == [20]
+    assert len(client.search_model_versions("name='edgar-tune-10k'")) == 1  # the 0.01 point's; none for the pruned
+    point = next(p for p in sweep_points(tmp_path / "latest", check_grid({"learning_rate": [1e-5]})))
+    assert pruned_before(point, pruned["rule"]) == pruned  # the sweep run again with --prune: no training
+    assert pruned_before(point, pruned["rule"] | {"warmup": 0.5}) is None  # under another rule it trains on
+    assert pruned_before(point, None) is None
+
+    finish = _sweep(tmp_path, env, *grid)
+    out = finish.stdout + finish.stderr
+    assert finish.returncode == 0, out[-5000:]
+    assert "training resumes at step 20 of 60" in out
+    assert not (weak / "pruned.json").exists()
+    summary = json.loads((weak / "summary.json").read_text())
+    assert summary["stages"]["train"] == "Completed" and summary["ppl_after"] > 0
+    assert "pruned:" not in out[out.index("edgar-tune sweep of latest"):]
+    assert len(client.search_model_versions("name='edgar-tune-10k'")) == 2
+
+
+def _trained(folder: Path, tokens_per_step: int, curve: list[tuple[int, float]]) -> Path:
+    """`folder` as a run folder whose training finished, as the train stage leaves it: its stats and its
+    validation losses by step (`curve`)."""
+    (folder / "04_train").mkdir(parents=True)
+    steps = curve[-1][0]
+    (folder / "04_train" / "stats.json").write_text(json.dumps({"steps": steps,
+                                                                "train_tokens_seen": steps * tokens_per_step}))
+    (folder / "04_train" / "val_loss.jsonl").write_text("".join(json.dumps({"step": s, "val_loss": v}) + "\n"
+                                                                for s, v in curve))  # fmt: skip
+    return folder
+
+
+def test_the_median_rule_prunes_a_point_whose_best_is_above_the_finished_points_median_by_the_same_tokens(tmp_path):
+    """The rule a pruned sweep's trainings run under (tasks/pruning.py): at a validation, a point whose best
+    validation loss so far is above the median of the finished points' best by the same training tokens stops;
+    not before `warmup` of its steps, not with fewer than `min_points` finished, never at its last step. Tokens line
+    the curves up: a point of twice the batch has read at its step 10 what the others read by step 20."""
+    from tasks.pruning import judge
+
+    a = _trained(tmp_path / "a", 1000, [(20, 3.0), (40, 2.5), (60, 2.4)])
+    b = _trained(tmp_path / "b", 1000, [(20, 3.4), (40, 3.2), (60, 2.6)])
+    c = _trained(tmp_path / "c", 2000, [(10, 3.1), (20, 2.2), (30, 2.0)])  # twice the tokens a step
+    running = tmp_path / "d"  # its training has not finished: not a reference
+    (running / "04_train.checkpoints").mkdir(parents=True)
+    rule = {"peers": [str(p) for p in (a, b, c, running)], "min_points": 2, "warmup": 0.25}
+    by_20k = judge(3.2, 20, 60, 20_000, rule)  # by 20k tokens: a 3.0, b 3.4, c 3.1 (its step 10): median 3.1
+    assert by_20k == {"step": 20, "planned_steps": 60, "tokens": 20_000, "best_val_loss": 3.2, "median": 3.1,
+                      "peers": {"a": 3.0, "b": 3.4, "c": 3.1}, "rule": {"min_points": 2, "warmup": 0.25}}  # fmt: skip
+    assert judge(3.1, 20, 60, 20_000, rule) is None  # at the median: goes on
+    assert judge(2.6, 40, 60, 40_000, rule)["median"] == 2.5  # a 2.5, b 3.2, c 2.2 (its step 20)
+    assert judge(float("inf"), 20, 60, 20_000, rule)["best_val_loss"] == float("inf")  # never finite: pruned
+    assert judge(9.9, 10, 60, 10_000, rule) is None  # before a quarter of its steps
+    assert judge(9.9, 60, 60, 60_000, rule) is None  # its last step: it has finished
+    assert judge(9.9, 20, 60, 9_000, rule) is None  # no point had validated by 9k tokens
+    assert judge(9.9, 20, 60, 20_000, rule | {"min_points": 4}) is None  # three have finished
+    assert judge(9.9, 20, 60, 20_000, rule | {"warmup": 0.5}) is None
+
+
+def test_pruning_is_refused_where_the_points_validation_losses_would_not_compare(tmp_path):
+    """`--prune` ranks points by their validation loss during training: refused where a point runs no validation,
+    where the grid changes which held-out blocks are validated, and for a rule out of range; its settings alone,
+    without --prune, are refused too."""
+    from flows.sweep import check_grid, check_prune, sweep_points
+
+    base = _config_folder(tmp_path / "latest")
+    quiet = {"train.early_stopping_patience": 0, "train.eval_blocks": -1}  # what watches validations, off
+    silent = _config_folder(tmp_path / "silent", **quiet, **{"train.eval_steps": 0})
+    watched = _config_folder(tmp_path / "watched", **quiet)
+    for folder, grid, said in [
+        (silent, {"learning_rate": [1e-4, 3e-4]}, "pruning judges points by their validation loss during training, "
+                                                  "and grid point train.learning_rate=0.0001 runs none"),
+        (watched, {"eval_steps": [0, 20]}, "pruning judges points by their validation loss during training, and grid "
+                                        "point train.eval_steps=0 runs none"),
+        (base, {"eval_blocks": [16, 48]}, "the grid varies train.eval_blocks, so its points validate on other"),
+        (base, {"eval.max_val_samples": [10, 20]}, "the grid varies eval.max_val_samples, so its points validate"),
+        (base, {"tokenize.max_input_length": [64, 128]}, "grid point tokenize.max_input_length=64 makes its blocks "
+                                                         "again, so it validates on other held-out blocks"),
+    ]:  # fmt: skip
+        with pytest.raises(ConfigError) as err:
+            check_prune(True, 2, 0.25, sweep_points(folder, check_grid(grid)))
+        assert str(err.value).startswith(said), str(err.value)
+    points = sweep_points(base, check_grid({"learning_rate": [1e-4, 3e-4], "eval_steps": [10, 20]}))
+    assert check_prune(True, 2, 0.25, points) == {"min_points": 2, "warmup": 0.25}  # steps differ: tokens compare
+    assert check_prune(False, 0, 7.0, points) is None
+    with pytest.raises(ConfigError, match=r"^prune_min_points=0: give 1 or more"):
+        check_prune(True, 0, 0.25, points)
+    with pytest.raises(ConfigError, match=r"^prune_warmup=1.0: give a fraction from 0 to below 1"):
+        check_prune(True, 2, 1.0, points)
+    from edgar_tune.cli import PRUNE_MIN_POINTS, PRUNE_WARMUP
+    from tasks.pruning import MIN_POINTS, WARMUP
+
+    assert (PRUNE_MIN_POINTS, PRUNE_WARMUP) == (MIN_POINTS, WARMUP)  # the CLI's defaults are the flow's
+    with pytest.raises(ConfigError, match=r"^--prune-warmup sets how --prune prunes: add --prune"):
+        _in_process("sweep", "--run", str(base), "--grid", "learning_rate=1e-4,3e-4", "--prune-warmup", "0.5")
+

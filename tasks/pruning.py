@@ -1,0 +1,123 @@
+"""Pruning a sweep's weak points: the median stopping rule, judged at each validation inside training.
+
+A point of a sweep (flows/sweep.py) that trains under a rule stops at a validation where its best validation loss so
+far is higher than the median of the other points' best validation loss by the same number of training tokens,
+counting the points whose training has finished (their whole curves, `04_train/val_loss.jsonl`), once `min_points`
+of them have finished and once it has trained `warmup` of its steps. Tokens, not steps, line the curves up, so points
+that differ in batch size or accumulation compare at the same amount of text read. (Golovin et al., "Google Vizier",
+2017, and Optuna's MedianPruner judge the same way.)
+
+The training stops after that validation with a checkpoint of its step: a sweep run again without the rule
+resumes the point there and finishes it. Nothing else of it is published, and its stage fails with `PointPruned`,
+which the sweep's point flow turns into a `Pruned` state and a `pruned.json` in the point's folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+from pathlib import Path
+
+from edgar_tune.config import StageFailed
+from tasks.io import TRAIN, read_json, read_jsonl
+
+log = logging.getLogger(__name__)
+
+PRUNED = "pruned.json"  # what the rule decided: in the training's temp folder, then in the point's run folder
+MIN_POINTS = 2  # finished points before any is pruned: one alone is one training's noise
+WARMUP = 0.25  # of a point's steps before it may be pruned: a lower learning rate is behind early, and may end ahead
+RULE_KEYS = ("min_points", "warmup")  # what a rule is, less the peers it reads; a decision stands under the same
+
+
+class PointPruned(StageFailed):
+    """The training stopped at a validation where the sweep's rule judged it weak (`judge`); `decision` says why."""
+
+    def __init__(self, decision: dict) -> None:
+        self.decision = decision
+        super().__init__(f"pruned by the sweep's median rule: {describe(decision)}; a checkpoint of step "
+                         f"{decision['step']} is kept, from which a sweep without --prune finishes it")  # fmt: skip
+
+
+def describe(decision: dict) -> str:
+    """`step 20 of 60: best validation loss 5.123 > 4.871, the median of 2 finished points`."""
+    return (f"step {decision['step']} of {decision['planned_steps']}: best validation loss "
+            f"{decision['best_val_loss']:.4f} > {decision['median']:.4f}, the median of {len(decision['peers'])} "
+            "finished point(s) by the same tokens")  # fmt: skip
+
+
+def curve_of(folder: Path) -> list[tuple[int, float]] | None:
+    """A finished training's validations in `folder` (a run folder) as (training tokens seen, loss), or None where
+    its training has not finished there or ran no validation."""
+    stats, losses = folder / TRAIN / "stats.json", folder / TRAIN / "val_loss.jsonl"
+    if not stats.is_file() or not losses.is_file():
+        return None
+    try:
+        done = read_json(stats)
+        per_step = done["train_tokens_seen"] / done["steps"]
+        return [(round(row["step"] * per_step), float(row["val_loss"])) for row in read_jsonl(losses)] or None
+    except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):  # one being written, or of an old layout
+        return None
+
+
+def best_by(curve: list[tuple[int, float]], tokens: int) -> float | None:
+    """The lowest finite loss of `curve` by `tokens` (inf where all were not finite), or None where it has no
+    validation that early."""
+    seen = [loss for at, loss in curve if at <= tokens]
+    return min((x for x in seen if math.isfinite(x)), default=math.inf) if seen else None
+
+
+def judge(best: float, step: int, planned: int, tokens: int, rule: dict) -> dict | None:
+    """The decision to prune a point whose best validation loss so far is `best`, at `step` of `planned`, having
+    read `tokens`, under `rule` ({"peers": other points' run folders, "min_points", "warmup"}); None to go on."""
+    if step >= planned or step < rule["warmup"] * planned:
+        return None
+    peers = {}
+    for folder in map(Path, rule["peers"]):
+        if (curve := curve_of(folder)) is not None and (theirs := best_by(curve, tokens)) is not None:
+            peers[folder.name] = theirs
+    if len(peers) < rule["min_points"]:
+        return None
+    median = statistics.median(peers.values())
+    if best <= median:  # a NaN loss is no better than any median: a diverging point is pruned
+        return None
+    return {"step": step, "planned_steps": planned, "tokens": tokens, "best_val_loss": best, "median": median,
+            "peers": peers, "rule": {k: rule[k] for k in RULE_KEYS}}  # fmt: skip
+
+
+def prune_weak(rule: dict, tokens_per_step: int):
+    """A Trainer callback that judges the training at each validation under `rule` (`judge`) and, where it is
+    weak, stops it after that step with a checkpoint of it. Rank 0 reads the other points' curves; under a launcher
+    the ranks agree by one all-reduce, as they do for a SIGTERM. `decision` is then set on every rank (rank 0's
+    says why)."""
+    from transformers import TrainerCallback
+
+    from tasks.finetune import _any_rank
+
+    class PruneWeak(TrainerCallback):
+        def __init__(self) -> None:
+            self.best = math.inf
+            self.decision: dict | None = None
+
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            loss = (metrics or {}).get("eval_loss")
+            if loss is None or self.decision is not None:
+                return
+            self.best = min(self.best, loss) if math.isfinite(loss) else self.best
+            decision = None
+            if state.is_world_process_zero:
+                decision = judge(self.best if math.isfinite(loss) or self.best < math.inf else math.nan,
+                                 state.global_step, state.max_steps, state.global_step * tokens_per_step, rule)
+            if (_any_rank(decision is not None, args.device) if args.world_size > 1 else decision is not None):
+                self.decision = decision or {}
+                if decision:
+                    log.warning("pruned: %s; training stops after this step, with a checkpoint of it",
+                                describe(decision))  # fmt: skip
+                control.should_training_stop = True
+                control.should_save = args.save_strategy != "no"
+
+        def on_save(self, args, state, control, **kwargs):
+            if self.decision is not None:  # nothing is published: load_best_model_at_end's reload would be waste
+                state.best_model_checkpoint = None
+
+    return PruneWeak()
