@@ -624,7 +624,8 @@ def rank(rows: list[dict]) -> list[dict]:
 
 
 def format_sweep(result: dict) -> str:
-    """The sweep as printed: a row per point, best first."""
+    """The sweep as printed: a row per point, best first; a failed or pruned point's row says so across the
+    columns of the scores."""
     keys = list(result["grid"])
     short = [k.rsplit(".", 1)[-1] for k in keys]
     head = ["", *short, "before", "after", "change", "version", "train", "made"]
@@ -632,13 +633,12 @@ def format_sweep(result: dict) -> str:
     for i, r in enumerate(result["points"]):
         cells = [("*" if i == 0 and _scored(r) else " "), *(_shown(r["settings"][k]) for k in keys)]
         if r.get("error"):
-            lines.append([*cells, "failed:", r["error"].splitlines()[0][:80], "", "", "", ""])
+            lines.append([*cells, "failed: " + r["error"].splitlines()[0][:80]])
             continue
         if r.get("pruned"):
             d = r["pruned"]
-            lines.append([*cells, "pruned:", f"step {d['step']}/{d['planned_steps']}, validation loss "
-                          f"{d['best_val_loss']:.4f} > median {d['median']:.4f} of {len(d['peers'])}", "", "", "",
-                          ""])  # fmt: skip
+            lines.append([*cells, f"pruned at step {d['step']}/{d['planned_steps']}: validation loss "
+                          f"{d['best_val_loss']:.4f} > median {d['median']:.4f} of {len(d['peers'])} finished"])
             continue
         ran = [s for s, state in (r["stages"] or {}).items() if state == "Completed"]
         cells += [f"{r['ppl_before']:.3f}", f"{r['ppl_after']:.3f}", f"{r['ppl_change_pct']:+.1f}%",
@@ -648,10 +648,11 @@ def format_sweep(result: dict) -> str:
                   ("base run" + (f": {', '.join(ran)}" if ran else "")) if not r["moved"] else
                   ("all cached" if not ran else ", ".join(ran))]  # fmt: skip
         lines.append(cells)
-    widths = [max(len(str(row[c])) for row in [head, *lines]) for c in range(len(head))]
+    whole = [head, *(row for row in lines if len(row) == len(head))]  # the others' last cell spans the scores
+    widths = [max(len(str(row[c])) for row in whole) for c in range(len(head))]
     out = [f"edgar-tune sweep of {result['base']}: {len(result['points'])} point(s), perplexity on held-out "
            "validation text, lowest first"]  # fmt: skip
-    out += ["  " + "  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip()
+    out += ["  " + "  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=False)).rstrip()
             for row in [head, *lines]]  # fmt: skip
     if rule := result.get("prune"):
         out.append(f"Pruned: a point whose best validation loss was above the median of {rule['min_points']} or "

@@ -605,7 +605,7 @@ def test_a_sweep_spread_over_the_pool_runs_its_points_at_once_and_a_cancel_stops
     assert (weak["state"]["type"], weak["state"]["name"]) == ("COMPLETED", "Pruned"), weak["state"]
     pruned = json.loads((tmp_path / weak["name"] / "pruned.json").read_text())
     assert pruned["prefect_flow_run_id"] == weak["id"] and pruned["step"] == 20
-    assert "pruned: step 20/60" in " ".join(_artifact(api, sweep_id, "edgar-tune-sweep").split())
+    assert "pruned at step 20/60:" in " ".join(_artifact(api, sweep_id, "edgar-tune-sweep").split())
 
     # at_once=1: one point at a time. The UI's Cancel while the first trains (a long training): its flow run is
     # cancelled too, the sweep ends Cancelled, and the second point is never queued nor its folder made.

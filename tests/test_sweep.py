@@ -263,7 +263,7 @@ def _a_weak_point_is_pruned_and_finished_later(tmp_path: Path, env: dict, client
     assert (weak / "04_train.checkpoints" / "checkpoint-20").is_dir()
     assert "Finished in state Pruned(" in out
     row = next(" ".join(line.split()) for line in out.splitlines() if line.lstrip().startswith("1e-05 "))
-    assert f"pruned: step 20/60, validation loss {pruned['best_val_loss']:.4f} > median" in row, row
+    assert f"pruned at step 20/60: validation loss {pruned['best_val_loss']:.4f} > median" in row, row
     exp = client.get_experiment_by_name("edgar-tune")
     sweep = next(r for r in client.search_runs([exp.experiment_id], "tags.`edgar_tune.sweep.role` = 'sweep'")
                  if json.loads(r.data.tags["edgar_tune.sweep.prune"] or "null"))  # fmt: skip
@@ -285,7 +285,7 @@ def _a_weak_point_is_pruned_and_finished_later(tmp_path: Path, env: dict, client
     assert not (weak / "pruned.json").exists()
     summary = json.loads((weak / "summary.json").read_text())
     assert summary["stages"]["train"] == "Completed" and summary["ppl_after"] > 0
-    assert "pruned:" not in out[out.index("edgar-tune sweep of latest"):]
+    assert "pruned at" not in out[out.index("edgar-tune sweep of latest"):]
     assert len(client.search_model_versions("name='edgar-tune-10k'")) == 2
 
 
