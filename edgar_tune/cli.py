@@ -170,8 +170,7 @@ def cmd_rerun(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     """Train a finished run's data under each point of a grid of settings, each in a run folder beside it."""
-    from edgar_tune.config import flow_run_id
-    from edgar_tune.config import ConfigError
+    from edgar_tune.config import ConfigError, flow_run_id
     from flows.sweep import check_grid, check_prune, check_spread, parse_grid, prepare
 
     grid = check_grid(parse_grid(args.grid))
@@ -179,6 +178,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
              if v is not None]  # fmt: skip
     if given and not args.prune:
         raise ConfigError(f"{given[0]} sets how --prune prunes: add --prune, or leave it out")
+    if args.sample_seed is not None and args.sample is None:
+        raise ConfigError("--sample-seed seeds the draw of --sample: add --sample N, or leave it out")
+    seed = args.sample_seed or 0
     min_points = PRUNE_MIN_POINTS if args.prune_min_points is None else args.prune_min_points
     warmup = PRUNE_WARMUP if args.prune_warmup is None else args.prune_warmup
     spread = check_spread(args.spread, args.at_once)  # the server and its deployment, before anything is copied
@@ -186,12 +188,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         if "://" not in args.run and not (Path(args.run).expanduser() / "config.yaml").is_file():
             raise ConfigError(f"{args.run} is not a run folder (it has no config.yaml); give the folder of a finished "
                               "run (`edgar-tune run --out DIR`)")  # fmt: skip
-        base_dir, grid, points = prepare(args.run, grid, here=spread is None)
+        base_dir, grid, points = prepare(args.run, grid, spread is None, args.sample, seed)
         rule = check_prune(args.prune, min_points, warmup, points)
         if args.dry_run:
             from flows.pipeline import dry_run
 
-            print(f"edgar-tune sweep --dry-run: {len(points)} point(s) beside {args.run} (nothing ran)" + (
+            print(f"edgar-tune sweep --dry-run: {len(points)} point(s)" + (
+                f" drawn at random (seed {seed})" if args.sample else "") + f" beside {args.run} (nothing ran)" + (
                 f"; pruned where weak, once {rule['min_points']} have finished, after {rule['warmup']:.0%} of "
                 "their steps" if rule else ""))  # fmt: skip
             for point in points:
@@ -209,7 +212,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     embedded_prefect()
     edgar_tune_sweep(args.run, grid, "wait" if args.wait else "fail", spread, args.at_once, args.prune, min_points,
-                     warmup)  # fmt: skip
+                     warmup, args.sample, seed)  # fmt: skip
     return 0
 
 
@@ -1053,6 +1056,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "as they take them; needs PREFECT_API_URL")  # fmt: skip
     sweep.add_argument("--at-once", type=int, metavar="N", help="with --spread: at most N points queued or running "
                        "at a time (default: all)")  # fmt: skip
+    sweep.add_argument("--sample", type=int, metavar="N", help="draw N different points from the grid at random "
+                       "instead of running every combination; a --grid key may then range: "
+                       "learning_rate=log:1e-5..1e-3 (log-uniform), lora_dropout=0..0.1 (uniform)")  # fmt: skip
+    sweep.add_argument("--sample-seed", type=int, metavar="S", help="with --sample: the draw's seed (default 0; the "
+                       "same seed draws the same points)")  # fmt: skip
     sweep.add_argument("--prune", action="store_true", help="stop a point's training at a validation where its best "
                        "validation loss is above the median of the finished points' by the same training tokens, "
                        "keeping its checkpoint (a sweep without --prune finishes it); needs train.eval_steps > 0")

@@ -12,6 +12,10 @@ the same held-out text), and its MLflow run is nested under the sweep's own run,
 (`sweep.json`, `sweep.md`) and a plot of the perplexity after fine-tuning of each point. The MLflow UI's Compare on
 the nested runs gives the parallel-coordinates plot of the swept keys against `val_perplexity`.
 
+Under `prune`, a point whose validation loss during training falls behind the finished points' median by the same
+training tokens stops at that validation (tasks/pruning.py); its row says so, and a sweep without `prune` finishes it
+from its checkpoint.
+
 Only keys that leave the data and what scores it alone can be swept (`FIXED`, and the keys the parse reads): another
 ticker or year, another parse or split, another base model or another registry would compare perplexities on other
 text or in other units.
@@ -24,7 +28,10 @@ import hashlib
 import itertools
 import json
 import logging
+import math
 import os
+import random
+import re
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -63,30 +70,42 @@ NAME_LIMIT = 200  # characters of a point's folder name; a longer one ends in a 
 # Keys that change which held-out blocks a validation inside training scores: under them no two points' validation
 # losses compare, which pruning ranks them by (as does a point that makes its blocks again: `remade`).
 VALIDATION_KEYS = ("train.eval_blocks", "eval.max_val_samples")
+# A range to draw values from (`--sample`): `1e-5..1e-3` uniform, `log:1e-5..1e-3` log-uniform.
+_NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
+RANGE = re.compile(rf"^(log:)?({_NUMBER})\.\.({_NUMBER})$")
+DRAWS_PER_POINT = 100  # draws tried for each point of a sample before its space is taken to be too small
 
 
-def parse_grid(items: list[str]) -> dict[str, list]:
+def parse_grid(items: list[str]) -> dict[str, list | str]:
     """`["train.learning_rate=1e-4,3e-4", "lora_r=8,16"]` -> `{"train.learning_rate": [0.0001, 0.0003], ...}`. The
     values are split at commas; a key whose value is a list takes a YAML list of its values
-    (`train.lora_target_modules=[[q_proj,v_proj],[q_proj,k_proj,v_proj,o_proj]]`)."""
-    grid: dict[str, list] = {}
+    (`train.lora_target_modules=[[q_proj,v_proj],[q_proj,k_proj,v_proj,o_proj]]`); a range to draw from with
+    `--sample` stays as its text (`learning_rate=log:1e-5..1e-3`)."""
+    grid: dict[str, list | str] = {}
     for item in items:
         if "=" not in item:
             raise ConfigError(f"--grid `{item}` must look like key=value,value,..., e.g. "
                               "train.learning_rate=1e-4,3e-4")  # fmt: skip
         key, text = (part.strip() for part in item.split("=", 1))
-        values = parse_value(text) if text.startswith("[") else [parse_value(v.strip()) for v in text.split(",")]
+        if RANGE.match(text):  # drawn from with --sample (check_grid)
+            values = text
+        elif text.startswith("["):
+            values = parse_value(text)
+        else:
+            values = [parse_value(v.strip()) for v in text.split(",")]
         if key in grid:  # given once as `lora_r` and once as `train.lora_r`: check_grid says so
             raise ConfigError(f"--grid gives `{key}` twice: give its values once, with commas ({key}=a,b)")
-        grid[key] = values if isinstance(values, list) else [values]
+        grid[key] = values if isinstance(values, list | str) else [values]
     return grid
 
 
-def check_grid(grid: dict[str, Any]) -> dict[str, list]:
-    """The grid with its keys in their dotted form, each a non-empty list of values.
+def check_grid(grid: dict[str, Any]) -> dict[str, list | str]:
+    """The grid with its keys in their dotted form, each a non-empty list of values or a range to draw from
+    (`RANGE`'s text: `LOW..HIGH`, `log:LOW..HIGH`).
 
     Raises:
-        ConfigError: an unknown key, a key a sweep does not vary (`FIXED`), or no values."""
+        ConfigError: an unknown key, a key a sweep does not vary (`FIXED`), no values, or a range whose ends are out
+            of order (or not above 0, for a log range)."""
     if not grid:
         raise ConfigError("a sweep needs at least one key to vary: --grid KEY=VALUE,VALUE (e.g. "
                           "train.learning_rate=1e-4,3e-4)")  # fmt: skip
@@ -101,6 +120,13 @@ def check_grid(grid: dict[str, Any]) -> dict[str, list]:
                               f"settings; start a run for each value instead (edgar-tune run --set {dotted}=...)")
         if dotted in out:
             raise ConfigError(f"the grid gives `{dotted}` twice (as `{key}` too): give its values once")
+        if isinstance(values, str) and (match := RANGE.match(values.strip())):
+            log_scale, low, high = match.group(1), float(match.group(2)), float(match.group(3))
+            if not low < high or (log_scale and low <= 0):
+                raise ConfigError(f"`{dotted}` ranges over {values}: give LOW..HIGH with LOW below HIGH" + (
+                                  " and above 0 (a log range)" if log_scale else ""))  # fmt: skip
+            out[dotted] = values.strip()
+            continue
         values = values if isinstance(values, list) else [values]
         if not values:
             raise ConfigError(f"`{dotted}` has no values in the grid: give one or more ({dotted}=a,b)")
@@ -133,16 +159,23 @@ def point_name(base: str, moved: dict[str, Any], keys: list[str] | None = None) 
     return name
 
 
-def sweep_points(base_dir: Path, grid: dict[str, list]) -> list[dict]:
-    """Every point of the grid, in order: {name, folder, overrides (the grid's keys), moved (those that differ from
-    the base's value), remade (the stages its settings make again)}. Each point's config is checked as a run's.
+def sweep_points(base_dir: Path, grid: dict[str, list | str], sample: int | None = None,
+                 seed: int = 0) -> list[dict]:  # fmt: skip
+    """Every point of the grid, in order, or `sample` points drawn from it at random (`draw`): {name, folder,
+    overrides (the grid's keys), moved (those that differ from the base's value), remade (the stages its settings
+    make again)}. Each point's config is checked as a run's.
 
     Raises:
-        ConfigError: a value the key does not take (as `--set` says it), or two values the config reads alike."""
+        ConfigError: a value the key does not take (as `--set` says it), two values the config reads alike, or a
+            range without `sample`."""
     base_cfg = load_run_config(base_dir)
     base = flat_params(base_cfg)
     points, names = [], {}
-    for values in itertools.product(*grid.values()):
+    if sample is None and (ranged := [k for k, v in grid.items() if isinstance(v, str)]):
+        raise ConfigError(f"`{ranged[0]}` ranges over {grid[ranged[0]]}: draw points from it with --sample N (the "
+                          "sweep deployment's `sample`), or list its values (key=a,b,c)")  # fmt: skip
+    whole = {k for k in grid if isinstance(base[k], int) and not isinstance(base[k], bool)}  # draws whole numbers
+    for values in itertools.product(*grid.values()) if sample is None else draw(grid, sample, seed, whole):
         given = dict(zip(grid, values, strict=True))
         try:
             cfg = load_run_config(base_dir, given)
@@ -164,6 +197,39 @@ def sweep_points(base_dir: Path, grid: dict[str, list]) -> list[dict]:
     return points
 
 
+def draw(grid: dict[str, list | str], sample: int, seed: int, whole: set[str] = frozenset()) -> list[tuple]:
+    """`sample` different points drawn at random from `grid` with `seed` (the same each time): each listed key's
+    value uniformly from its list, each range's uniformly, or log-uniformly (`log:`), whole numbers for the keys in
+    `whole` (those that hold them), others to 3 significant digits (a folder name a person reads, a value a config
+    file holds as it is).
+
+    Raises:
+        ConfigError: a `sample` below 1, or more points than the grid holds."""
+    if sample < 1:
+        raise ConfigError(f"sample={sample}: draw 1 or more points")
+    rng = random.Random(seed)
+    drawers = []
+    for key, values in grid.items():
+        if isinstance(values, list):
+            drawers.append(lambda values=values: values[rng.randrange(len(values))])
+            continue
+        log_scale, low, high = RANGE.match(values).groups()
+
+        def one(low=float(low), high=float(high), log_scale=log_scale, whole=key in whole):
+            x = math.exp(rng.uniform(math.log(low), math.log(high))) if log_scale else rng.uniform(low, high)
+            return round(x) if whole else float(f"{x:.3g}")
+
+        drawers.append(one)
+    seen: dict[str, tuple] = {}
+    for _ in range(DRAWS_PER_POINT * sample):
+        values = tuple(d() for d in drawers)
+        seen.setdefault(json.dumps(values, default=str), values)
+        if len(seen) == sample:
+            return list(seen.values())
+    raise ConfigError(f"sample={sample}, but {DRAWS_PER_POINT * sample} draws from the grid gave {len(seen)} different "
+                      "points: sample fewer, widen its ranges, or sweep the whole grid (no --sample)")  # fmt: skip
+
+
 def remade(before: PipelineConfig, after: PipelineConfig) -> list[str]:
     """The stages that the change from `before` to `after` makes again (those that read a changed key, and what
     depends on them), and the registration."""
@@ -180,9 +246,11 @@ def _settings(point: dict) -> str:
     return ", ".join(f"{k}={v!r}" for k, v in point.items()) or "the base run's settings"
 
 
-def sweep_key(base_ref: str, grid: dict[str, list]) -> str:
-    """What names a sweep: its base run and its grid, so a sweep run again finds its MLflow run."""
-    return hashlib.sha256(json.dumps([base_ref, grid], sort_keys=True, default=str).encode()).hexdigest()[:16]
+def sweep_key(base_ref: str, grid: dict[str, list | str], sample: int | None = None, seed: int = 0) -> str:
+    """What names a sweep: its base run and its grid (and what it drew from it), so a sweep run again finds its
+    MLflow run."""
+    named = [base_ref, grid] if sample is None else [base_ref, grid, sample, seed]
+    return hashlib.sha256(json.dumps(named, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def check_base(base_dir: Path, ref: str) -> None:
@@ -240,17 +308,19 @@ def copy_base(base_dir: Path, point: dict) -> None:
              ", ".join(sorted(left - {LOCK, "summary.json"})) or "nothing")  # fmt: skip
 
 
-def prepare(ref: str, grid: dict[str, Any], here: bool = True) -> tuple[Path, dict[str, list], list[dict]]:
+def prepare(ref: str, grid: dict[str, Any], here: bool = True, sample: int | None = None,
+            seed: int = 0) -> tuple[Path, dict[str, list | str], list[dict]]:  # fmt: skip
     """The base run's folder, the grid (`check_grid`) and its points (`sweep_points`), every point checked before the
     first trains, so that a refusal comes now and not hours in: its folder (`check_point_folder`) and, where the
     points train `here` (not on a work pool's workers, which check them as each starts), its engine on this machine
-    (`preflight`) and, where it trains on the base's blocks, its memory plan and profile step."""
+    (`preflight`) and, where it trains on the base's blocks, its memory plan and profile step. With `sample`, the
+    points are that many drawn from the grid with `seed` (`draw`)."""
     from tasks.finetune import plan_training, preflight
 
     base_dir = Path(ref).expanduser().resolve()
     check_base(base_dir, ref)
     grid = check_grid(grid)
-    points = sweep_points(base_dir, grid)
+    points = sweep_points(base_dir, grid, sample, seed)
     for point in points:
         check_point_folder(point, base_dir)
         if not here:
@@ -300,15 +370,17 @@ def sweep_point(out_dir: str, overrides: dict, if_busy: Literal["fail", "wait"] 
 
 
 @flow(name="edgar-tune-sweep", log_prints=True)
-def edgar_tune_sweep(run: str, grid: dict[str, list], if_busy: Literal["fail", "wait"] = "fail",
+def edgar_tune_sweep(run: str, grid: dict[str, list | str], if_busy: Literal["fail", "wait"] = "fail",
                      spread: str | None = None, at_once: int | None = None, prune: bool = False,
-                     prune_min_points: int = MIN_POINTS, prune_warmup: float = WARMUP) -> dict:  # fmt: skip
+                     prune_min_points: int = MIN_POINTS, prune_warmup: float = WARMUP, sample: int | None = None,
+                     sample_seed: int = 0) -> dict:  # fmt: skip
     """Train a finished run's data under every combination of the grid's values, then compare the results.
 
     Args:
         run: The base run: a local run folder, or the Prefect flow-run id of an edgar-tune run.
-        grid: Config keys and the values to try, e.g. {"train.learning_rate": [1e-4, 3e-4], "train.lora_r": [8, 16]}.
-            Not data, parse, model or registry keys: the points must score the same held-out text.
+        grid: Config keys and the values to try, e.g. {"train.learning_rate": [1e-4, 3e-4], "train.lora_r": [8, 16]},
+            or, with `sample`, a range to draw from ("log:1e-5..1e-3" log-uniform, "0..0.1" uniform). Not data,
+            parse, model or registry keys: the points must score the same held-out text.
         if_busy: When another run works in a folder the sweep uses: fail at once, or wait for it to end.
         spread: Run each point as a flow run of this deployment of the sweep-point flow (prefect.yaml's
             `edgar-tune-sweep-point/sweep-point`, or another of its deployments, e.g. on a GPU pool), on its work
@@ -320,6 +392,10 @@ def edgar_tune_sweep(run: str, grid: dict[str, list], if_busy: Literal["fail", "
             sweep without it resumes; its row says so. Needs validation during training (train.eval_steps > 0).
         prune_min_points: With `prune`: how many points must have finished before any is pruned.
         prune_warmup: With `prune`: the fraction of its steps a point trains before it may be pruned.
+        sample: Draw this many different points from the grid at random (its ranges, and its lists), instead of
+            running every combination of its lists.
+        sample_seed: With `sample`: the seed of the draw (the same seed draws the same points, so a sweep run
+            again finds them).
     """
     from flows.pipeline import resolve_run
 
@@ -327,14 +403,15 @@ def edgar_tune_sweep(run: str, grid: dict[str, list], if_busy: Literal["fail", "
     with run_body():
         ref = resolve_run(run)
         deployment = check_spread(spread, at_once)
-        base_dir, grid, points = prepare(ref, grid, here=deployment is None)
+        base_dir, grid, points = prepare(ref, grid, deployment is None, sample, sample_seed)
         rule = check_prune(prune, prune_min_points, prune_warmup, points)
         uri = tracking_uri(points[0]["config"].registry.tracking_uri, base_dir.parent)
         log.info("sweep of %s: %d point(s) over %s%s", ref, len(points), ", ".join(grid),
                  f", each a flow run of {deployment} on its pool's workers" if deployment else "")  # fmt: skip
         rows: list[dict] = []
-        result = {"base": ref, "grid": grid, "key": sweep_key(str(base_dir), grid), "points": rows,
-                  "mlflow_tracking_uri": uri, "prune": rule}  # fmt: skip
+        result = {"base": ref, "grid": grid, "key": sweep_key(str(base_dir), grid, sample, sample_seed),
+                  "points": rows, "mlflow_tracking_uri": uri, "prune": rule,
+                  "sample": None if sample is None else {"points": sample, "seed": sample_seed}}  # fmt: skip
         experiment = points[0]["config"].registry.experiment
 
         def made(point: dict) -> None:
@@ -650,7 +727,9 @@ def format_sweep(result: dict) -> str:
         lines.append(cells)
     whole = [head, *(row for row in lines if len(row) == len(head))]  # the others' last cell spans the scores
     widths = [max(len(str(row[c])) for row in whole) for c in range(len(head))]
-    out = [f"edgar-tune sweep of {result['base']}: {len(result['points'])} point(s), perplexity on held-out "
+    drawn = result.get("sample")
+    out = [f"edgar-tune sweep of {result['base']}: {len(result['points'])} point(s)" + (
+           f" drawn at random from the grid (seed {drawn['seed']})" if drawn else "") + ", perplexity on held-out "
            "validation text, lowest first"]  # fmt: skip
     out += ["  " + "  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=False)).rstrip()
             for row in [head, *lines]]  # fmt: skip
@@ -685,6 +764,8 @@ def log_sweep(result: dict, experiment: str, over: bool = True, nest: list[dict]
                 exp_id, run_name=f"sweep-{Path(result['base']).name}", tags=tags).info.run_id  # fmt: skip
             if not found:
                 client.log_param(run_id, "grid", json.dumps(result["grid"], default=str)[:6000])
+                if result.get("sample"):
+                    client.log_param(run_id, "sample", json.dumps(result["sample"]))
         done = [r for r in result["points"] if _scored(r)]
         if done:
             client.log_metric(run_id, "best_val_perplexity", done[0]["ppl_after"])

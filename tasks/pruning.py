@@ -96,18 +96,16 @@ def prune_weak(rule: dict, tokens_per_step: int):
 
     class PruneWeak(TrainerCallback):
         def __init__(self) -> None:
-            self.best = math.inf
             self.decision: dict | None = None
 
         def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-            loss = (metrics or {}).get("eval_loss")
-            if loss is None or self.decision is not None:
+            if "eval_loss" not in (metrics or {}) or self.decision is not None:
                 return
-            self.best = min(self.best, loss) if math.isfinite(loss) else self.best
             decision = None
-            if state.is_world_process_zero:
-                decision = judge(self.best if math.isfinite(loss) or self.best < math.inf else math.nan,
-                                 state.global_step, state.max_steps, state.global_step * tokens_per_step, rule)
+            if state.is_world_process_zero:  # its validations so far, those before a resume too (the checkpoint's)
+                losses = [h["eval_loss"] for h in state.log_history if "eval_loss" in h] + [metrics["eval_loss"]]
+                best = min((x for x in losses if math.isfinite(x)), default=math.inf)  # none finite: worse than any
+                decision = judge(best, state.global_step, state.max_steps, state.global_step * tokens_per_step, rule)
             if (_any_rank(decision is not None, args.device) if args.world_size > 1 else decision is not None):
                 self.decision = decision or {}
                 if decision:

@@ -573,12 +573,13 @@ def test_a_sweep_spread_over_the_pool_runs_its_points_at_once_and_a_cancel_stops
         return api.post(f"/deployments/{sweep['id']}/create_flow_run",
                         {"parameters": {"run": str(base), "grid": grid, "spread": "sweep-point"} | params})["id"]
 
-    sweep_id = start({"train.learning_rate": [0.01, 0.03]})
+    # validating every 5 steps: the first run made through the worker trains 10, past no validation at 20
+    sweep_id = start({"train.learning_rate": [0.01, 0.03], "train.eval_steps": [5]})
     ended = api.wait(sweep_id)
     assert ended["state"]["type"] == "COMPLETED", (ended["state"], _log_tail(home))
     runs = _point_runs(api, sweep_id)
     points = {r["name"]: r for r in runs}
-    new = ["latest+learning_rate=0.01", "latest+learning_rate=0.03"]
+    new = ["latest+learning_rate=0.01+eval_steps=5", "latest+learning_rate=0.03+eval_steps=5"]
     assert sorted(r["name"] for r in runs) == new, runs  # each once (a request made again makes no second run)
     assert {r["state"]["type"] for r in runs} == {"COMPLETED"}
     assert all(r["work_pool_name"] == "edgar-tune" for r in points.values())
@@ -599,13 +600,15 @@ def test_a_sweep_spread_over_the_pool_runs_its_points_at_once_and_a_cancel_stops
 
     # prune: with a point above finished, one far too low stops at its first validation, its flow run `Pruned` on
     # the worker, read back by the sweep, which ends Completed
-    sweep_id = start({"train.learning_rate": [0.01, 1e-5]}, prune=True, prune_min_points=1)
+    sweep_id = start({"train.learning_rate": [0.01, 1e-5], "train.eval_steps": [5]}, prune=True, prune_min_points=1,
+                     prune_warmup=0)
     assert api.wait(sweep_id)["state"]["type"] == "COMPLETED", _log_tail(home)
-    weak = next(r for r in _point_runs(api, sweep_id) if r["name"] == "latest+learning_rate=1e-05")
-    assert (weak["state"]["type"], weak["state"]["name"]) == ("COMPLETED", "Pruned"), weak["state"]
+    weak = next(r for r in _point_runs(api, sweep_id) if r["name"] == "latest+learning_rate=1e-05+eval_steps=5")
+    assert (weak["state"]["type"], weak["state"]["name"]) == ("COMPLETED", "Pruned"), (weak["state"], _log_tail(home))
     pruned = json.loads((tmp_path / weak["name"] / "pruned.json").read_text())
-    assert pruned["prefect_flow_run_id"] == weak["id"] and pruned["step"] == 20
-    assert "pruned at step 20/60:" in " ".join(_artifact(api, sweep_id, "edgar-tune-sweep").split())
+    assert pruned["prefect_flow_run_id"] == weak["id"] and pruned["step"] == 5
+    table = " ".join(_artifact(api, sweep_id, "edgar-tune-sweep").split())
+    assert f"pruned at step 5/{pruned['planned_steps']}:" in table, table
 
     # at_once=1: one point at a time. The UI's Cancel while the first trains (a long training): its flow run is
     # cancelled too, the sweep ends Cancelled, and the second point is never queued nor its folder made.

@@ -55,6 +55,51 @@ def test_a_grid_is_read_as_its_keys_values_and_refuses_what_would_not_compare(tm
         assert said in str(err.value), (items, str(err.value))
 
 
+def test_a_sample_draws_the_same_different_points_for_a_seed_from_ranges_and_lists(tmp_path):
+    """`--sample N`: N different points drawn from the grid, the same ones for the same `--sample-seed` (so a sweep
+    run again finds them), others for another; a list's values uniformly, `LOW..HIGH` uniformly within its ends,
+    `log:LOW..HIGH` log-uniformly, whole numbers for a key that holds them, others to 3 significant digits. A range
+    without --sample, ends out of order, and more points than the grid holds are refused."""
+    from flows.sweep import check_grid, parse_grid, sweep_key, sweep_points
+
+    base = _config_folder(tmp_path / "latest")
+    grid = check_grid(parse_grid(["learning_rate=log:1e-5..1e-2", "lora_r=4..64", "lora_dropout=0,0.1",
+                                  "max_grad_norm=0..2"]))  # fmt: skip
+    assert grid == {"train.learning_rate": "log:1e-5..1e-2", "train.lora_r": "4..64", "train.lora_dropout": [0, 0.1],
+                    "train.max_grad_norm": "0..2"}  # fmt: skip
+    points = sweep_points(base, grid, 100, seed=7)
+    drawn = [p["overrides"] for p in points]
+    assert len({json.dumps(d, sort_keys=True) for d in drawn}) == 100
+    assert drawn == [p["overrides"] for p in sweep_points(base, grid, 100, seed=7)]
+    assert drawn != [p["overrides"] for p in sweep_points(base, grid, 100, seed=8)]
+    rates = [d["train.learning_rate"] for d in drawn]
+    assert all(1e-5 <= r <= 1e-2 and float(f"{r:.3g}") == r for r in rates)
+    assert 25 < sum(r < 3.2e-4 for r in rates) < 75  # log-uniform: half below the ends' geometric mean
+    assert {type(d["train.lora_r"]) for d in drawn} == {int} and {d["train.lora_dropout"] for d in drawn} == {0, 0.1}
+    assert all(4 <= d["train.lora_r"] <= 64 for d in drawn)
+    assert len({d["train.max_grad_norm"] for d in drawn}) > 50  # a float key: fractions, though its ends are whole
+    assert all(p["name"].startswith(f"latest+learning_rate={p['overrides']['train.learning_rate']!r}")
+               for p in points)  # fmt: skip
+    assert sweep_key("b", grid, 100, 7) != sweep_key("b", grid, 100, 8) != sweep_key("b", grid)
+    for items, sample, said in [
+        (["learning_rate=log:1e-5..1e-2"], None, "`train.learning_rate` ranges over log:1e-5..1e-2: draw points from "
+                                                 "it with --sample N"),
+        (["learning_rate=1e-2..1e-5"], 2, "`train.learning_rate` ranges over 1e-2..1e-5: give LOW..HIGH with LOW "
+                                          "below HIGH"),
+        (["learning_rate=log:0..1e-5"], 2, "with LOW below HIGH and above 0 (a log range)"),
+        (["lora_r=8,16"], 3, "sample=3, but 300 draws from the grid gave 2 different points"),
+        (["lora_r=8,16"], 0, "sample=0: draw 1 or more points"),
+    ]:  # fmt: skip
+        with pytest.raises(ConfigError) as err:
+            sweep_points(base, check_grid(parse_grid(items)), sample)
+        assert said in str(err.value), (items, str(err.value))
+    from flows.sweep import edgar_tune_sweep
+
+    ui = {"run": "latest", "grid": {"train.learning_rate": "log:1e-5..1e-2", "train.lora_r": [8, 16]}, "sample": 4}
+    assert edgar_tune_sweep.validate_parameters(ui)["grid"] == ui["grid"]  # as the UI's form gives them to Prefect
+    with pytest.raises(ConfigError, match=r"^--sample-seed seeds the draw of --sample: add --sample N"):
+        _in_process("sweep", "--run", str(base), "--grid", "lora_r=8,16", "--sample-seed", "3")
+
 def test_spreading_points_over_a_work_pool_is_refused_where_no_worker_could_run_them(prefect_server):
     """`--spread` queues each point as a flow run of a sweep-point deployment: refused at once, before a point's
     folder is made, where there is no server to queue them on (none configured, or one that does not answer), no
@@ -191,6 +236,12 @@ def test_a_sweep_trains_each_point_beside_the_base_and_compares_them(tiny_run, p
                             "evaluate runs after `train`, whose outputs it reads",
                             "register runs: train.learning_rate 0.003 -> 0.01"]  # fmt: skip
     assert not (tmp_path / "latest+learning_rate=0.01").exists()
+    assert _in_process("sweep", "--run", "latest", "--grid", "learning_rate=log:1e-4..1e-2", "--sample", "3",
+                       "--sample-seed", "7", "--dry-run") == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert out.startswith("edgar-tune sweep --dry-run: 3 point(s) drawn at random (seed 7) beside latest")
+    assert out.count("latest+learning_rate=") == 3
+    assert " ".join(out.split()).count("train runs: train.learning_rate 0.003 ->") == 3, out
 
     proc = _sweep(tmp_path, prefect_server, "--run", "latest", "--grid", "learning_rate=0.003,0.01")
     out = proc.stdout + proc.stderr
