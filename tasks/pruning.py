@@ -35,8 +35,10 @@ class PointPruned(StageFailed):
 
     def __init__(self, decision: dict) -> None:
         self.decision = decision
-        super().__init__(f"pruned by the sweep's median rule: {describe(decision)}; a checkpoint of step "
-                         f"{decision['step']} is kept, from which a sweep without --prune finishes it")  # fmt: skip
+        kept = (f"a checkpoint of step {decision['step']} is kept, from which a sweep without --prune finishes it"
+                if decision.get("checkpoint", True) else "no checkpoint is kept (train.save_steps=0): a sweep "
+                "without --prune trains it from the start")  # fmt: skip
+        super().__init__(f"pruned by the sweep's median rule: {describe(decision)}; {kept}")
 
 
 def describe(decision: dict) -> str:
@@ -108,11 +110,11 @@ def prune_weak(rule: dict, tokens_per_step: int):
                 decision = judge(best, state.global_step, state.max_steps, state.global_step * tokens_per_step, rule)
             if (_any_rank(decision is not None, args.device) if args.world_size > 1 else decision is not None):
                 self.decision = decision or {}
-                if decision:
-                    log.warning("pruned: %s; training stops after this step, with a checkpoint of it",
-                                describe(decision))  # fmt: skip
                 control.should_training_stop = True
-                control.should_save = args.save_strategy != "no"
+                control.should_save = self.decision["checkpoint"] = args.save_strategy != "no"
+                if decision:
+                    log.warning("pruned: %s; training stops after this step%s", describe(decision),
+                                ", with a checkpoint of it" if control.should_save else "")  # fmt: skip
 
         def on_save(self, args, state, control, **kwargs):
             if self.decision is not None:  # nothing is published: load_best_model_at_end's reload would be waste
