@@ -32,6 +32,7 @@ def base_shown(name: str, revision: str | None) -> str:
 
 
 DEEPSPEED_PRESETS = ("zero2", "zero3", "zero3-offload")  # configs/deepspeed/NAME.json
+LORA_INITS = ("default", "gaussian", "pissa", "olora")  # train.lora_init, besides pissa_niter_N
 TEXT_SUFFIXES = (".txt", ".csv", ".json", ".jsonl")
 
 
@@ -354,6 +355,16 @@ class TrainConfig(_Section):
         "adapters' B matrices (and DoRA's magnitudes, and any trained bias: peft's rule) learn at this many times "
         "train.learning_rate, their A matrices at it; the paper suggests 16. None: one rate for all.",
     )
+    lora_init: str = Field(
+        "default", description="How LoRA's adapters start (peft's init_lora_weights): default (A random, B zero, so "
+        "the adapted model starts as the base), gaussian (A Gaussian), pissa (PiSSA; Meng et al., 2024: A and B the "
+        "principal singular vectors and values of each adapted weight, the frozen base the rest; faster to converge "
+        "than LoRA in the paper; the README has the demo's figures), pissa_niter_N (PiSSA through a randomized SVD of N subspace "
+        "iterations: much faster to start on a 7B base), or olora (OLoRA; Buyukakyuz, 2024: a QR decomposition of "
+        "each weight). PiSSA and OLoRA take their start out of the base while training; the adapter is published as "
+        "a plain LoRA with twice lora_r on the unchanged base (peft's conversion), which evaluation, the registry, "
+        "serving and exports read as any other. Not with ZeRO-3 (which builds the base sharded) or a quantized base.",
+    )
     lora_target_modules: list[str] | None = Field(
         None, description="Module names to adapt, as peft matches them (a name or its last dotted parts); default: "
         "every linear layer of the transformer blocks. A name that adapts nothing is refused before the model loads."
@@ -551,6 +562,18 @@ class TrainConfig(_Section):
         v = listed(v)
         return list(dict.fromkeys(v)) if isinstance(v, list) and all(isinstance(t, str) for t in v) else v
 
+    @field_validator("lora_init")
+    @classmethod
+    def _lora_init(cls, v: str) -> str:
+        if v in LORA_INITS or re.fullmatch(r"pissa_niter_\d+", v):
+            return v
+        raise ValueError(f"must be one of {', '.join(LORA_INITS)} or pissa_niter_N (N subspace iterations, as "
+                         "pissa_niter_4)")  # fmt: skip
+
+    def lora_start_moves_base(self) -> bool:
+        """PiSSA and OLoRA take the adapters' start out of the base weights (published converted to plain LoRA)."""
+        return self.lora_init.startswith("pissa") or self.lora_init == "olora"
+
     @field_validator("trainable_tokens", mode="before")
     @classmethod
     def _tokens(cls, v: Any) -> Any:
@@ -580,6 +603,14 @@ class TrainConfig(_Section):
         if self.use_dora and self.mode != "lora":
             refuse.append("train.use_dora decomposes LoRA's adapted weights, and train.mode=full trains them whole: "
                           "set train.use_dora=false or train.mode=lora")
+        if self.lora_init != "default" and self.mode != "lora":
+            refuse.append(f"train.lora_init={self.lora_init} starts LoRA's adapters, and train.mode=full trains none: "
+                          "leave it at default or set train.mode=lora")  # fmt: skip
+        if self.lora_start_moves_base() and self.quantization:
+            refuse.append(f"train.lora_init={self.lora_init} with train.{self.quantization.replace('nf4', 'int4')}"
+                          "_quantization: PiSSA and OLoRA take the adapters' start out of the base's weights, which "
+                          "bitsandbytes holds quantized (peft's PiSSA refuses them): set train.lora_init=default or "
+                          "gaussian, or the quantization off")  # fmt: skip
         if self.loraplus_lr_ratio and self.mode != "lora":
             refuse.append("train.loraplus_lr_ratio sets LoRA's B matrices' learning rate, and train.mode=full trains "
                           "none: unset it or set train.mode=lora")  # fmt: skip
@@ -836,6 +867,7 @@ OTHER_NAMES = {
     "max_seq_length": "tokenize.max_input_length", "max_seq_len": "tokenize.max_input_length",
     "base_model": "model.name", "model_name_or_path": "model.name", "model_name": "model.name",
     "peft_use_dora": "train.use_dora", "peft_use_rslora": "train.use_rslora",  # Axolotl's
+    "init_lora_weights": "train.lora_init", "pissa_init": "train.lora_init",  # peft's, LLaMA-Factory's
 }  # fmt: skip
 
 

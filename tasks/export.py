@@ -480,6 +480,8 @@ def model_card(p: dict, params: dict[str, str], smollm2: bool, folder: Path | st
     shown += [(k, "true") for k in ("train.use_rslora", "train.use_dora") if params.get(k) == "True"]  # not plain LoRA
     if params.get("train.loraplus_lr_ratio") not in (None, "None"):
         shown.append(("train.loraplus_lr_ratio", params["train.loraplus_lr_ratio"]))
+    if params.get("train.lora_init", "default") != "default":
+        shown.append(("train.lora_init", params["train.lora_init"]))
     if shown:
         lines += ["", "| hyperparameter | value |", "|---|---|", *[f"| `{k}` | {v} |" for k, v in shown]]
     lines += _prompt_lines(p.get("prompt_template"), p.get("chat", False), bool(gguf), p.get("turn_end"),
@@ -511,6 +513,10 @@ def model_card(p: dict, params: dict[str, str], smollm2: bool, folder: Path | st
     else:
         lines += [f"Where `{p['base_model_path']}` cannot be read (another host, no hub): `edgar-tune export --model "
                   f"{p['model_uri']} --base --out base` writes the base, to load from `base` instead.", ""]
+        if params.get("train.lora_init", "").startswith(("pissa", "olora")):
+            lines += [f"Trained from {params['train.lora_init']}'s start, which takes the adapters' first values out "
+                      "of the base's weights; published as a plain LoRA of twice `lora_r` on the unchanged base "
+                      "(peft's conversion), so it loads as any LoRA.", ""]  # fmt: skip
         if params.get("train.use_dora") == "True":
             lines += ["A DoRA adapter (`use_dora`: a magnitude per output row of each adapted weight): peft loads it, "
                       "and vLLM's `--lora-modules` refuses it (\"vLLM does not yet support DoRA\"): for vLLM, "

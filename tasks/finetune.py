@@ -26,7 +26,7 @@ from tasks import allocator, pruning
 from tasks.checkpoints import (ValidationStopped, check_room_for_one, checkpoint_step, log_stop, resume_settings,
                                trainer_class)  # fmt: skip
 from tasks.checkpoints import prepare as prepare_checkpoints
-from tasks.io import atomic_dir, atomic_write_json, read_json, write_jsonl
+from tasks.io import atomic_dir, atomic_write_bytes, atomic_write_json, read_json, write_jsonl
 from tasks.memory import recompute_all, recomputed_layers
 from tasks.progress import EVENTS, Curves, OwnLine, Point, Progress, console_bars, whole_events
 from tasks.profile import step_profiler, sync
@@ -722,6 +722,11 @@ def preflight(cfg: TrainConfig) -> str:
             what = sharded or "a quantized base (peft's 8-bit/4-bit LoRA layers)"  # which lean_lora does not make
             raise ConfigError(f"train.lean_lora is not supported with {what}; set train.lean_lora=false "
                               "(ZeRO-2 and a single process work)")  # fmt: skip
+    if cfg.mode == "lora" and cfg.lora_start_moves_base() and engine_option(cfg).startswith("zero3"):
+        raise ConfigError(f"train.lora_init={cfg.lora_init} decomposes each adapted weight of the base as it is "
+                          f"built, and train.deepspeed={cfg.deepspeed} (ZeRO-3) builds it sharded, each process "
+                          "holding a slice: set train.deepspeed=zero2 (or train.enable_fsdp=true on GPUs), or "
+                          "train.lora_init=default")  # fmt: skip
     if cfg.quantization:
         key = "train.int8_quantization" if cfg.int8_quantization else "train.int4_quantization"
         if not on_gpu:
@@ -1276,6 +1281,40 @@ def _load_model(base: str, cfg: TrainConfig, precision: str):
                                            gradient_checkpointing_kwargs={"use_reentrant": False})  # fmt: skip
 
 
+def lora_start(model) -> dict[str, torch.Tensor]:  # noqa: ANN001
+    """The adapters' A and B as peft started them, keyed as peft saves them (on the CPU, in fp32)."""
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in get_peft_model_state_dict(model).items()
+            if ".lora_A." in k or ".lora_B." in k}  # fmt: skip
+
+
+def as_plain_lora(adapter: Path, start: dict[str, torch.Tensor]) -> None:
+    """Rewrite the adapter folder of a training that started from PiSSA or OLoRA (`train.lora_init`) as a plain LoRA
+    on the unchanged base, as peft's `path_initial_model_for_weight_conversion` does: the base trained as W - s B0 A0,
+    so the trained W - s B0 A0 + s B A is W + s [B, -B0] [A; A0], a LoRA of twice the rank at the same scale s
+    (lora_alpha doubled; times sqrt 2 under rsLoRA). Unlike peft's, DoRA's magnitudes and trained token rows are
+    kept as they are (peft's drops every other tensor): DoRA normalizes the same W + s B A."""
+    from safetensors.torch import load_file, save
+
+    weights = load_file(adapter / "adapter_model.safetensors")
+    if missing := sorted(set(start) - set(weights)):
+        raise RuntimeError(f"the saved adapter lacks {len(missing)} of the tensors it started with ({missing[0]}, ...)")
+    for key, first in start.items():
+        trained = weights[key]
+        if ".lora_A." in key:
+            weights[key] = torch.cat([trained, first.to(trained.dtype)], dim=0)
+        else:
+            weights[key] = torch.cat([trained, -first.to(trained.dtype)], dim=1)
+    config = read_json(adapter / "adapter_config.json")
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        raise RuntimeError("a PiSSA/OLoRA adapter with per-module ranks or alphas: edgar-tune writes none")
+    config |= {"init_lora_weights": True, "r": 2 * config["r"],
+               "lora_alpha": config["lora_alpha"] * (math.sqrt(2) if config.get("use_rslora") else 2)}  # fmt: skip
+    atomic_write_bytes(adapter / "adapter_model.safetensors", save(weights, metadata={"format": "pt"}))
+    atomic_write_json(adapter / "adapter_config.json", config)
+
+
 def _checkpointing_args(on: bool) -> dict:
     """Gradient checkpointing under its name in this transformers (`activation_checkpointing` from 5.2x)."""
     from dataclasses import fields
@@ -1366,6 +1405,7 @@ def train(tmp: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfig,
     tokenizer = load_tokenizer(base)
     tokens = trainable_tokens(tokenize_dir, cfg, tokenizer)  # the train stage resolved them; a direct call may not
     model = _load_model(base, cfg, precision)
+    first = None  # PiSSA's or OLoRA's adapters as they started (rank 0), to publish the training as plain LoRA
     if cfg.mode == "lora" and os.environ.get("RANK", "0") == "0" and (
             zero := untrained_special(model, tokenizer, tokenize_dir / "train", tokens)):  # fmt: skip
         log.warning("the training examples hold %s: special tokens whose embedding or LM head rows are zero in the "
@@ -1387,9 +1427,12 @@ def train(tmp: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfig,
         rows = token_rows(model, list(tokens.values()))
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                           use_rslora=cfg.use_rslora, use_dora=cfg.use_dora, target_modules=targets,
+                          init_lora_weights=True if cfg.lora_init == "default" else cfg.lora_init,
                           task_type="CAUSAL_LM", trainable_token_indices=rows,
                           revision=unpinned(base)[1].get("revision"))  # peft's AutoPeftModel* loads that commit
-        model = get_peft_model(model, lora)
+        model = get_peft_model(model, lora)  # PiSSA's and OLoRA's decompositions run here, the same on a resume
+        if cfg.lora_start_moves_base() and os.environ.get("RANK", "0") == "0":
+            first = lora_start(model)
         if cfg.lean_lora:
             log.info("train.lean_lora: %d LoRA projections keep their input once%s", lean_lora(model),
                      "; DoRA's norms come without building the weights" if cfg.use_dora else "")  # fmt: skip
@@ -1458,6 +1501,8 @@ def train(tmp: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfig,
     if not trainer.is_world_process_zero():
         return {}
     (tmp / weights / "training_args.bin").unlink(missing_ok=True)
+    if first is not None:
+        as_plain_lora(tmp / weights, first)
     tokenizer.save_pretrained(tmp / weights)
     write_jsonl(tmp / "loss.jsonl", [{"step": h["step"], "loss": h["loss"], "learning_rate": h.get(
         "learning_rate"), "epoch": h.get("epoch")} for h in history])  # fmt: skip
@@ -1501,6 +1546,7 @@ def train(tmp: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfig,
         "compile_scope": cfg.compiled_scope(),
         "fused_layers": fused_layers,
         "lean_lora": cfg.lean_lora and cfg.mode == "lora",
+        "lora_init": cfg.lora_init if cfg.mode == "lora" else None,  # PiSSA's and OLoRA's published at twice the rank
         "fp8_base_layers": fp8_layers,
         # the frozen blocks' weights: FP8 buffers under fp8_base (the embeddings and norms stay in the base's dtype)
         "base_dtype": None if cfg.mode != "lora" else "float8_e4m3fn" if fp8_layers else

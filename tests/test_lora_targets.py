@@ -292,3 +292,63 @@ def test_special_tokens_the_base_never_trained_are_named_with_the_setting_that_t
                                  "head rows are zero in the base, never trained; LoRA leaves those rows so. To train "
                                  "them beside it: train.trainable_tokens=<|endoftext|>") in said[0][1]  # fmt: skip
     assert said[1][0] == ["<|endoftext|>"] and "never trained" not in said[1][1]
+
+
+def test_a_start_taken_from_the_base_is_published_as_a_plain_lora_on_the_unchanged_base(tiny_run, tmp_path):
+    """`train.lora_init=pissa` (PiSSA) and `olora` (OLoRA): the adapters start as a decomposition of each adapted
+    weight, taken out of the base, so the first loss is the base's (plain LoRA's) and the trainings then part. The
+    adapter published is a plain LoRA with twice lora_r that, on the unchanged base (merged, as the evaluate stage
+    loads it, and through peft), computes what the training's model did: its last checkpoint, reloaded as peft
+    reloads a PiSSA or OLoRA adapter (decomposing the base again, as a resume does). DoRA's magnitudes come through
+    the conversion too."""
+    import json
+
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from tasks.models import base_model_path, load_causal_lm
+    from tests.conftest import train_variants
+
+    pissa = {"lora_init": "pissa", "lora_dropout": 0.0, "save_steps": 4}
+    variants = {"pissa": pissa, "pissa_dora": pissa | {"use_dora": True}, "olora": pissa | {"lora_init": "olora"},
+                "plain": {"lora_dropout": 0.0}}  # fmt: skip
+    out = train_variants(tiny_run, tmp_path, variants, steps=4)
+    plain_stats, plain = out.pop("plain")
+    base = str(base_model_path(tmp_path / "03_tokenize"))
+    ids = torch.randint(0, 300, (1, 24), generator=torch.Generator().manual_seed(0))
+    for name, (stats, losses) in out.items():
+        assert losses[0] == pytest.approx(plain[0], rel=1e-5) and losses[1:] != plain[1:], (name, losses, plain)
+        assert stats["lora_init"] == variants[name]["lora_init"]
+        assert (stats["trainable_parameters"] == plain_stats["trainable_parameters"]) == (name != "pissa_dora")
+        adapter = tmp_path / name / "adapter"
+        config = json.loads((adapter / "adapter_config.json").read_text())
+        assert (config["r"], config["lora_alpha"], config["init_lora_weights"]) == (16, 64, True)
+        weights = load_file(adapter / "adapter_model.safetensors")
+        assert {v.shape[0] for k, v in weights.items() if ".lora_A." in k} == {16}
+        assert any("magnitude" in k for k in weights) == (name == "pissa_dora")
+        trained = PeftModel.from_pretrained(load_causal_lm(base), str(tmp_path / f"{name}.ckpt" / "checkpoint-4"))
+        assert trained.peft_config["default"].init_lora_weights == variants[name]["lora_init"]  # decomposed again
+        published = PeftModel.from_pretrained(load_causal_lm(base), str(adapter))
+        with torch.no_grad():
+            want = trained.eval()(ids).logits
+            torch.testing.assert_close(published.eval()(ids).logits, want, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(load_causal_lm(base, str(adapter))(ids).logits, want, rtol=1e-4, atol=1e-4)
+
+
+def test_a_start_taken_from_the_base_is_refused_where_it_cannot_be():
+    """PiSSA and OLoRA decompose the base's weights: not with full fine-tuning (no adapters), a quantized base or
+    ZeRO-3's sharded build; a start peft does not have is refused with those it has."""
+    from edgar_tune.config import load_config
+    from tasks.finetune import preflight
+
+    with pytest.raises(ConfigError, match="train.lora_init=gaussian starts LoRA's adapters, and train.mode=full"):
+        load_config("tiny", ["train.mode=full", "train.lora_init=gaussian"])
+    with pytest.raises(ConfigError, match="train.lora_init=pissa with train.int8_quantization: PiSSA and OLoRA"):
+        load_config("tiny", ["train.lora_init=pissa", "train.int8_quantization=true"])
+    with pytest.raises(ConfigError, match="must be one of default, gaussian, pissa, olora or pissa_niter_N"):
+        load_config("tiny", ["train.lora_init=pisa"])
+    assert load_config("tiny", ["train.lora_init=pissa_niter_4"]).train.lora_init == "pissa_niter_4"
+    with pytest.raises(ConfigError, match=r"train.lora_init=olora decomposes .* train.deepspeed=zero3 \(ZeRO-3\)"):
+        preflight(load_config("tiny", ["train.lora_init=olora", "train.deepspeed=zero3"]).train)
+    with pytest.raises(ConfigError, match="Did you mean `train.lora_init`"):
+        load_config("tiny", ["train.init_lora_weights=pissa"])

@@ -600,11 +600,13 @@ def test_a_stop_waits_for_a_step_as_long_as_the_steps_take(tmp_path):
     assert stop_grace_s(None) == stop_grace_s(1.2) == STOP_GRACE_S == 60.0  # before the first step; a GPU's steps
 
 
-@pytest.mark.parametrize("trained", ["token rows", "dora"])
+@pytest.mark.parametrize("trained", ["token rows", "dora", "pissa"])
 def test_what_trains_beside_lora_resumes_from_a_checkpoint_on_the_same_trajectory(tiny_run, tmp_path, trained):
     """`train.trainable_tokens`: the rows train beside LoRA into the checkpoints, and a training resumed from one
     goes on as the uninterrupted one did, its losses and the rows it saves the same (no dropout: the same numbers).
-    So do DoRA's magnitudes (`train.use_dora`, through lean_lora, whose weights' row norms are computed once)."""
+    So do DoRA's magnitudes (`train.use_dora`, through lean_lora, whose weights' row norms are computed once), and
+    adapters that started from PiSSA through a randomized SVD (`train.lora_init=pissa_niter_2`): the resumed training
+    decomposes the base again, to the same start, and publishes the same plain LoRA."""
     import torch
     from safetensors.torch import load_file
 
@@ -615,7 +617,9 @@ def test_what_trains_beside_lora_resumes_from_a_checkpoint_on_the_same_trajector
     runs, _ = tiny_run
     tok = runs / "latest" / "03_tokenize"
     token = load_tokenizer(base_model_path(tok)).convert_ids_to_tokens(100)
-    extra = {"trainable_tokens": [token]} if trained == "token rows" else {"use_dora": True, "lean_lora": True}
+    extra = {"token rows": {"trainable_tokens": [token]}, "dora": {"use_dora": True, "lean_lora": True},
+             "pissa": {"lora_init": "pissa_niter_2"}}[trained]
+    kept = {"token rows": "trainable_tokens_delta", "dora": "magnitude", "pissa": "lora_"}[trained]
     cfg = TrainConfig(max_steps=6, logging_steps=1, eval_steps=0, early_stopping_patience=0, save_steps=3,
                       load_best_model_at_end=False, lora_dropout=0.0, memory_check="off", **extra)  # fmt: skip
     done = {}
@@ -624,15 +628,16 @@ def test_what_trains_beside_lora_resumes_from_a_checkpoint_on_the_same_trajector
                       resume_from)  # fmt: skip
         losses = [json.loads(x) for x in (tmp_path / name / "loss.jsonl").read_text().splitlines()]
         rows = {k: v for k, v in load_file(tmp_path / name / "adapter" / "adapter_model.safetensors").items()
-                if ("trainable_tokens_delta" if trained == "token rows" else "magnitude") in k}  # fmt: skip
+                if kept in k}  # fmt: skip
         done[name] = stats, {x["step"]: x["loss"] for x in losses}, rows
     (whole, whole_losses, whole_rows), (resumed, resumed_losses, resumed_rows) = done["whole"], done["resumed"]
     assert resumed["resumed_from_step"] == 3
     assert [resumed_losses[s] for s in (4, 5, 6)] == pytest.approx([whole_losses[s] for s in (4, 5, 6)], rel=1e-6)
-    assert list(whole_rows) == list(resumed_rows) and len(whole_rows) == (1 if trained == "token rows" else 14)
+    assert list(whole_rows) == list(resumed_rows) and len(whole_rows) == {"token rows": 1, "dora": 14,
+                                                                             "pissa": 28}[trained]
     for key, value in whole_rows.items():
         torch.testing.assert_close(resumed_rows[key], value)
-    if trained == "dora":
+    if trained != "token rows":
         return
     assert whole["trainable_tokens"] == resumed["trainable_tokens"] == [token]
     base = load_file(Path(base_model_path(tok)) / "model.safetensors")["model.embed_tokens.weight"][100]

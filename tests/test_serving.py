@@ -3291,3 +3291,8 @@ def test_export_card_says_what_was_held_out_and_how_it_was_tuned():
     assert "| `train.use_dora` | true |" in dora and "use_rslora" not in dora
     assert "| `train.loraplus_lr_ratio` | 16.0 |" in dora
     assert "vLLM's `--lora-modules` refuses it" in dora and "`edgar-tune export --model models:/m/3` writes it" in dora
+    assert "lora_init" not in dora and "lora_init" not in model_card(adapter, {"train.lora_init": "default"}, False,
+                                                                  Path("/srv/m"))  # fmt: skip
+    pissa = model_card(adapter, {"train.lora_init": "pissa_niter_4", "train.lora_r": "8"}, False, Path("/srv/m"))
+    assert "| `train.lora_init` | pissa_niter_4 |" in pissa and "| `train.lora_r` | 8 |" in pissa
+    assert "published as a plain LoRA of twice `lora_r` on the unchanged base" in pissa
