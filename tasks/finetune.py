@@ -1430,9 +1430,13 @@ def train(tmp: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfig,
                           init_lora_weights=True if cfg.lora_init == "default" else cfg.lora_init,
                           task_type="CAUSAL_LM", trainable_token_indices=rows,
                           revision=unpinned(base)[1].get("revision"))  # peft's AutoPeftModel* loads that commit
+        decomposing = time.perf_counter()
         model = get_peft_model(model, lora)  # PiSSA's and OLoRA's decompositions run here, the same on a resume
         if cfg.lora_start_moves_base() and os.environ.get("RANK", "0") == "0":
             first = lora_start(model)
+            log.info("train.lora_init=%s: %d adapted weights decomposed in %.1f s; the adapter is published as a "
+                     "plain LoRA of r=%d on the unchanged base", cfg.lora_init, len(first) // 2,
+                     time.perf_counter() - decomposing, 2 * cfg.lora_r)  # fmt: skip
         if cfg.lean_lora:
             log.info("train.lean_lora: %d LoRA projections keep their input once%s", lean_lora(model),
                      "; DoRA's norms come without building the weights" if cfg.use_dora else "")  # fmt: skip

@@ -294,14 +294,15 @@ def test_special_tokens_the_base_never_trained_are_named_with_the_setting_that_t
     assert said[1][0] == ["<|endoftext|>"] and "never trained" not in said[1][1]
 
 
-def test_a_start_taken_from_the_base_is_published_as_a_plain_lora_on_the_unchanged_base(tiny_run, tmp_path):
+def test_a_start_taken_from_the_base_is_published_as_a_plain_lora_on_the_unchanged_base(tiny_run, tmp_path, caplog):
     """`train.lora_init=pissa` (PiSSA) and `olora` (OLoRA): the adapters start as a decomposition of each adapted
     weight, taken out of the base, so the first loss is the base's (plain LoRA's) and the trainings then part. The
     adapter published is a plain LoRA with twice lora_r that, on the unchanged base (merged, as the evaluate stage
     loads it, and through peft), computes what the training's model did: its last checkpoint, reloaded as peft
     reloads a PiSSA or OLoRA adapter (decomposing the base again, as a resume does). DoRA's magnitudes come through
-    the conversion too."""
+    the conversion too. The log says what was decomposed, in how long (a full SVD of a 7B base's weights is slow)."""
     import json
+    import logging
 
     from peft import PeftModel
     from safetensors.torch import load_file
@@ -312,7 +313,11 @@ def test_a_start_taken_from_the_base_is_published_as_a_plain_lora_on_the_unchang
     pissa = {"lora_init": "pissa", "lora_dropout": 0.0, "save_steps": 4}
     variants = {"pissa": pissa, "pissa_dora": pissa | {"use_dora": True}, "olora": pissa | {"lora_init": "olora"},
                 "plain": {"lora_dropout": 0.0}}  # fmt: skip
-    out = train_variants(tiny_run, tmp_path, variants, steps=4)
+    with caplog.at_level(logging.INFO, logger="tasks.finetune"):
+        out = train_variants(tiny_run, tmp_path, variants, steps=4)
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("train.lora_init=")]
+    assert len(said) == 3 and said[0].startswith("train.lora_init=pissa: 14 adapted weights decomposed in "), said
+    assert said[0].endswith(" s; the adapter is published as a plain LoRA of r=16 on the unchanged base")
     plain_stats, plain = out.pop("plain")
     base = str(base_model_path(tmp_path / "03_tokenize"))
     ids = torch.randint(0, 300, (1, 24), generator=torch.Generator().manual_seed(0))
