@@ -359,11 +359,12 @@ class TrainConfig(_Section):
         "default", description="How LoRA's adapters start (peft's init_lora_weights): default (A random, B zero, so "
         "the adapted model starts as the base), gaussian (A Gaussian), pissa (PiSSA; Meng et al., 2024: A and B the "
         "principal singular vectors and values of each adapted weight, the frozen base the rest; faster to converge "
-        "than LoRA in the paper; the README has the demo's figures), pissa_niter_N (PiSSA through a randomized SVD of N subspace "
-        "iterations: much faster to start on a 7B base), or olora (OLoRA; Buyukakyuz, 2024: a QR decomposition of "
-        "each weight). PiSSA and OLoRA take their start out of the base while training; the adapter is published as "
-        "a plain LoRA with twice lora_r on the unchanged base (peft's conversion), which evaluation, the registry, "
-        "serving and exports read as any other. Not with ZeRO-3 (which builds the base sharded) or a quantized base.",
+        "than LoRA in the paper and on the demo's data: README), pissa_niter_N (PiSSA through a randomized SVD of N "
+        "subspace iterations: much faster to start on a large base), or olora (OLoRA; Buyukakyuz, 2024: a QR "
+        "decomposition of each weight). PiSSA and OLoRA take their start out of the base while training; the adapter "
+        "is published as a plain LoRA with twice lora_r on the unchanged base (peft's conversion), which evaluation, "
+        "the registry, serving and exports read as any other. Not with ZeRO-3 (which builds the base sharded) or a "
+        "quantized base.",
     )
     lora_target_modules: list[str] | None = Field(
         None, description="Module names to adapt, as peft matches them (a name or its last dotted parts); default: "

@@ -514,9 +514,9 @@ def model_card(p: dict, params: dict[str, str], smollm2: bool, folder: Path | st
         lines += [f"Where `{p['base_model_path']}` cannot be read (another host, no hub): `edgar-tune export --model "
                   f"{p['model_uri']} --base --out base` writes the base, to load from `base` instead.", ""]
         if params.get("train.lora_init", "").startswith(("pissa", "olora")):
-            lines += [f"Trained from {params['train.lora_init']}'s start, which takes the adapters' first values out "
-                      "of the base's weights; published as a plain LoRA of twice `lora_r` on the unchanged base "
-                      "(peft's conversion), so it loads as any LoRA.", ""]  # fmt: skip
+            lines += [f"Its training started from `train.lora_init={params['train.lora_init']}`, which takes the "
+                      "adapters' first values out of the base's weights; published as a plain LoRA of twice `lora_r` "
+                      "on the unchanged base (peft's conversion), so it loads as any LoRA.", ""]  # fmt: skip
         if params.get("train.use_dora") == "True":
             lines += ["A DoRA adapter (`use_dora`: a magnitude per output row of each adapted weight): peft loads it, "
                       "and vLLM's `--lora-modules` refuses it (\"vLLM does not yet support DoRA\"): for vLLM, "
