@@ -219,8 +219,9 @@ def test_a_sweep_trains_each_point_beside_the_base_and_compares_them(tiny_run, p
     """A sweep over the learning rate from a finished tiny run: the point at the base's value is the base itself;
     the other is a copy of it that parses, tokenizes and scores the base model no more (`Cached`) and trains,
     scores and registers; the table ranks them, one MLflow run holds it with the points' runs nested under it, and
-    the base's stage folders are as they were. Run again, the sweep trains nothing and finds its MLflow run. Then
-    the same data, pruned (`_a_weak_point_is_pruned_and_finished_later`)."""
+    the base's stage folders are as they were. Then the same data, pruned, with a third point
+    (`_a_weak_point_is_pruned_and_finished_later`): the point trained here trains nothing again, and the sweep run
+    once more finds its MLflow run."""
     import mlflow
 
     runs, made = tiny_run
@@ -278,13 +279,6 @@ def test_a_sweep_trains_each_point_beside_the_base_and_compares_them(tiny_run, p
         [(summary["ppl_after"], point.name), (made["ppl_after"], "latest")])]  # fmt: skip
     assert len(client.search_model_versions("name='edgar-tune-10k'")) == 1
 
-    again = _sweep(tmp_path, prefect_server, "--run", "latest", "--grid", "learning_rate=0.003,0.01")
-    assert again.returncode == 0, (again.stdout + again.stderr)[-5000:]
-    assert json.loads((point / "summary.json").read_text())["stages"]["train"] == "Cached"
-    assert "all cached" in again.stdout + again.stderr
-    assert len(client.search_model_versions("name='edgar-tune-10k'")) == 1
-    assert [r.info.run_id for r in client.search_runs([exp.experiment_id],
-                                                      "tags.`edgar_tune.sweep.role` = 'sweep'")] == [sweep_id]
 
     with pytest.raises(ConfigError, match=r"^grid point train.profile_step=1000: train.profile_step=1000 but this "
                        "run trains 60 steps"):  # fmt: skip
@@ -306,6 +300,10 @@ def _a_weak_point_is_pruned_and_finished_later(tmp_path: Path, env: dict, client
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-5000:]
     weak = tmp_path / "latest+learning_rate=1e-05"
+    # the point the sweep above trained trains nothing again: its row says so, and no version is added for it
+    assert json.loads((strong / "summary.json").read_text())["stages"]["train"] == "Cached"
+    rows = [" ".join(line.split()).lstrip("* ") for line in out[out.index("edgar-tune sweep of latest"):].splitlines()]
+    assert next(r for r in rows if r.startswith("0.01 ")).endswith(" cached all cached"), rows
     pruned = json.loads((weak / "pruned.json").read_text())
     assert pruned["step"] == 20 and pruned["planned_steps"] == 60 and pruned["rule"] == {"min_points": 2,
                                                                                          "warmup": 0.25}  # fmt: skip
@@ -338,6 +336,10 @@ def _a_weak_point_is_pruned_and_finished_later(tmp_path: Path, env: dict, client
     assert summary["stages"]["train"] == "Completed" and summary["ppl_after"] > 0
     assert "pruned at" not in out[out.index("edgar-tune sweep of latest"):]
     assert len(client.search_model_versions("name='edgar-tune-10k'")) == 2
+    # the same grid again (pruned or not: the same sweep) finds its MLflow run, no other
+    sweeps = client.search_runs([exp.experiment_id], "tags.`edgar_tune.sweep.role` = 'sweep'")
+    assert len(sweeps) == 2 and sweep.info.run_id in {r.info.run_id for r in sweeps}, sweeps
+    assert client.get_run(sweep.info.run_id).data.tags["edgar_tune.sweep.prune"] == "null"
 
 
 def _trained(folder: Path, tokens_per_step: int, curve: list[tuple[int, float]]) -> Path:
