@@ -200,10 +200,12 @@ def _process_as_it_was():
 
 
 @pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory) -> tuple[Path, dict]:
-    """The plain (no DeepSpeed) tiny run, shared by the end-to-end and DeepSpeed tests; it profiles its step 30."""
+def tiny_run(tmp_path_factory, prefect_server) -> tuple[Path, dict]:
+    """The plain (no DeepSpeed) tiny run, shared by the end-to-end and DeepSpeed tests; it profiles its step 30.
+    On the session's Prefect server (which its worker starts anyway): an embedded one costs about 10 s more, and
+    the tests that start one say what they check of it."""
     runs = tmp_path_factory.mktemp("runs")
-    return runs, run_cli(runs, "--set", "train.profile_step=30")
+    return runs, run_cli(runs, "--set", "train.profile_step=30", env=prefect_server)
 
 
 @contextlib.contextmanager
