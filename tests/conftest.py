@@ -37,6 +37,14 @@ os.environ.update(
 # cores, or two workers training at once would run twice as many threads as there are cores.
 if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+# SmolLM2 converted from its wheel's GGUF (25 to 35 s of CPU) once for the whole suite, not once per xdist worker:
+# each worker's cache keeps it in a folder of the first process's session (the controller's, which the workers'
+# environment comes from), where the conversion's own lock has a second taker wait for the first. Nothing else of
+# the cache is shared.
+_SHARED = Path(os.environ.setdefault("EDGAR_TUNE_TEST_SHARED", str(_SESSION_TMP / "shared")))
+(_SHARED / "models").mkdir(parents=True, exist_ok=True)
+(_SESSION_TMP / "cache").mkdir()
+(_SESSION_TMP / "cache" / "models").symlink_to(_SHARED / "models")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("PREFECT_API_URL", None)
 os.environ.pop("EDGAR_IDENTITY", None)
