@@ -256,6 +256,7 @@ loads()
 """
 
 
+@pytest.mark.slow  # about 40 s, mostly downloads throttled past the first progress line (10 s): make test-slow
 def test_a_hub_download_shows_its_progress_in_the_log_and_the_ui(prefect_server, tmp_path):
     """A hub id's first load downloads GBs (Llama-2-7B: 13.5 GB), with no bar in a worker's log file. Downloaded from
     a loopback server playing the Hugging Face Hub (HF_ENDPOINT, the only thing patched), a 46 MB model in one file
