@@ -913,6 +913,8 @@ def test_a_version_tuned_to_reason_is_served_its_reasoning_apart_from_its_answer
     assert refused["include_reasoning", '"yes"'] == 'include_reasoning must be true or false, got "yes"'
 
 
+@pytest.mark.slow  # about 45 s: make test-slow. make test trains conversations in the chat template end to end in the
+# tool-call and reasoning tests above, serves `messages` (test_serving.py), and MLflow's server a version.
 def test_chat_tuning_end_to_end_serves_messages_in_the_chat_template(tmp_path, paragraphs, tiny_chat_model,
                                                                       prefect_server, capsys):  # fmt: skip
     """Records that are conversations train in the model's own chat template (not a template.json), and the
