@@ -170,6 +170,7 @@ def test_a_sigterm_stops_training_at_the_step_it_is_in_with_a_checkpoint_the_rer
 
 
 
+@pytest.mark.slow  # about 23 s: make test-slow (make test stops a training with SIGTERM, and under the launcher)
 def test_a_second_ctrl_c_kills_a_training_that_is_saving_its_stop_checkpoint(tiny_run, tmp_path):
     """Ctrl-C makes the stage wait while its training finishes the step it is in and saves it (a minute, or 1.5
     steps where steps are longer); a second Ctrl-C during that wait kills the training at once and says what the

@@ -806,6 +806,8 @@ def test_a_version_tuned_on_tool_calls_calls_a_tool_of_its_own_choice_when_serve
     assert "| `train.trainable_tokens` | <tool_call>, </tool_call> |" in card
 
 
+@pytest.mark.slow  # about 42 s: make test-slow. make test splits reasoning as it streams (test_serving.py) and serves a
+# version tuned on conversations end to end (the tool-call test above).
 def test_a_version_tuned_to_reason_is_served_its_reasoning_apart_from_its_answer(tmp_path, paragraphs,
                                                                                  tiny_chat_model, prefect_server):
     """A base whose chat template writes reasoning (Qwen3's `<think>` block, its tokenizer holding the tags), tuned
@@ -914,7 +916,7 @@ def test_a_version_tuned_to_reason_is_served_its_reasoning_apart_from_its_answer
 
 
 @pytest.mark.slow  # about 45 s: make test-slow. make test trains conversations in the chat template end to end in the
-# tool-call and reasoning tests above, serves `messages` (test_serving.py), and MLflow's server a version.
+# tool-call test above, serves `messages` (test_serving.py), and MLflow's server a version.
 def test_chat_tuning_end_to_end_serves_messages_in_the_chat_template(tmp_path, paragraphs, tiny_chat_model,
                                                                       prefect_server, capsys):  # fmt: skip
     """Records that are conversations train in the model's own chat template (not a template.json), and the
