@@ -344,8 +344,10 @@ def test_same_parameters_twice_is_all_cached_and_a_new_learning_rate_reuses_the_
     assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "`model.tiny_layers` is read by tokenize, which `rerun train` does not run" in proc.stderr, proc.stderr
     assert (run / "config.yaml").read_text() == recorded
-    if not rerun_by_id:  # a rerun by a folder runs in make test (test_pipeline_e2e.py, test_storage.py): the same after
-        return  # resolve_run, above
+    # A rerun by the flow run's id is one by its folder once resolve_run (above) found it; make test reruns by a
+    # folder in test_pipeline_e2e.py and test_storage.py.
+    if not rerun_by_id:
+        return
     proc = subprocess.run([sys.executable, "-m", "edgar_tune.cli", "rerun", "evaluate-base", "--run", third["id"],
                            "--set", "eval.stride=32"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -279,7 +279,6 @@ def test_a_sweep_trains_each_point_beside_the_base_and_compares_them(tiny_run, p
         [(summary["ppl_after"], point.name), (made["ppl_after"], "latest")])]  # fmt: skip
     assert len(client.search_model_versions("name='edgar-tune-10k'")) == 1
 
-
     with pytest.raises(ConfigError, match=r"^grid point train.profile_step=1000: train.profile_step=1000 but this "
                        "run trains 60 steps"):  # fmt: skip
         _in_process("sweep", "--run", "latest", "--grid", "profile_step=30,1000")
