@@ -566,12 +566,11 @@ def sweep_base(deployed, request, tmp_path) -> Path:
     return tmp_path / "latest"
 
 
-def test_a_sweep_spread_over_the_pool_runs_its_points_at_once_and_a_cancel_stops_them(deployed, sweep_base, tmp_path):
+def test_a_sweep_spread_over_the_pool_runs_its_points_at_once(deployed, sweep_base, tmp_path):
     """The sweep deployment run from the UI with `spread`: each point is a flow run of the sweep-point deployment,
-    queued by the sweep's run (its subflow in the UI) and run by the pool's worker, side by side, or `at_once` of
-    them at a time; the comparison is the one a sweep in one process makes (pruned points too: the slow test
-    below). The UI's Cancel on a spread sweep cancels the points it queued: nothing trains on for a sweep that is
-    gone."""
+    queued by the sweep's run (its subflow in the UI) and run by the pool's worker, side by side; the comparison is
+    the one a sweep in one process makes. Pruned points, `at_once` and the UI's Cancel of a spread sweep: the slow
+    test below."""
     import mlflow
 
     api, _, home = deployed
@@ -602,6 +601,36 @@ def test_a_sweep_spread_over_the_pool_runs_its_points_at_once_and_a_cancel_stops
     nested = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{found.info.run_id}'")
     assert sorted(r.data.params["train.learning_rate"] for r in nested) == ["0.01", "0.03"]
 
+
+def _spread_sweep(api: Api, base: Path):
+    """`start(grid, **params)`: the sweep deployment's flow run over `base`, spread over the pool; its id."""
+    sweep = api.deployment("sweep")
+
+    def start(grid: dict, **params) -> str:
+        return api.post(f"/deployments/{sweep['id']}/create_flow_run",
+                        {"parameters": {"run": str(base), "grid": grid, "spread": "sweep-point"} | params})["id"]
+
+    return start
+
+
+@pytest.mark.slow  # about 100 s: make test-slow (make test prunes a sweep, and cancels a run from the UI)
+def test_a_spread_sweep_prunes_a_weak_point_on_the_pool_and_a_cancel_stops_its_points(deployed, sweep_base, tmp_path):
+    """A spread sweep pruned: with a point above finished, one far too low stops at its first validation, its flow
+    run `Pruned` on the worker, read back by the sweep, which ends Completed. The UI's Cancel on a spread sweep
+    cancels the points it queued: nothing trains on for a sweep that is gone."""
+    api, _, home = deployed
+    start = _spread_sweep(api, sweep_base)
+    assert api.wait(start({"train.learning_rate": [0.01], "train.eval_steps": [5]}))["state"]["type"] == "COMPLETED"
+    sweep_id = start({"train.learning_rate": [0.01, 1e-5], "train.eval_steps": [5]}, prune=True, prune_min_points=1,
+                     prune_warmup=0)
+    assert api.wait(sweep_id)["state"]["type"] == "COMPLETED", _log_tail(home)
+    weak = next(r for r in _point_runs(api, sweep_id) if r["name"] == "latest+learning_rate=1e-05+eval_steps=5")
+    assert (weak["state"]["type"], weak["state"]["name"]) == ("COMPLETED", "Pruned"), (weak["state"], _log_tail(home))
+    pruned = json.loads((tmp_path / weak["name"] / "pruned.json").read_text())
+    assert pruned["prefect_flow_run_id"] == weak["id"] and pruned["step"] == 5
+    table = " ".join(_artifact(api, sweep_id, "edgar-tune-sweep").split())
+    assert f"pruned at step 5/{pruned['planned_steps']}:" in table, table
+
     # at_once=1: one point at a time. The UI's Cancel while the first trains (a long training): its flow run is
     # cancelled too, the sweep ends Cancelled, and the second point is never queued nor its folder made.
     sweep_id = start({"train.learning_rate": [0.05, 0.07], "train.max_steps": [5000]}, at_once=1)
@@ -615,35 +644,6 @@ def test_a_sweep_spread_over_the_pool_runs_its_points_at_once_and_a_cancel_stops
     assert point["state"]["type"] == "CANCELLED", (point["state"], _log_tail(home))
     assert [r["name"] for r in _point_runs(api, sweep_id)] == ["latest+learning_rate=0.05+max_steps=5000"]
     assert not (tmp_path / "latest+learning_rate=0.07+max_steps=5000").exists()
-
-
-def _spread_sweep(api: Api, base: Path):
-    """`start(grid, **params)`: the sweep deployment's flow run over `base`, spread over the pool; its id."""
-    sweep = api.deployment("sweep")
-
-    def start(grid: dict, **params) -> str:
-        return api.post(f"/deployments/{sweep['id']}/create_flow_run",
-                        {"parameters": {"run": str(base), "grid": grid, "spread": "sweep-point"} | params})["id"]
-
-    return start
-
-
-@pytest.mark.slow  # about 70 s: make test-slow (test_sweep.py prunes a sweep in one process in make test)
-def test_a_spread_sweep_prunes_a_weak_point_on_the_pool(deployed, sweep_base, tmp_path):
-    """A spread sweep pruned: with a point above finished, one far too low stops at its first validation, its flow
-    run `Pruned` on the worker, read back by the sweep, which ends Completed."""
-    api, _, home = deployed
-    start = _spread_sweep(api, sweep_base)
-    assert api.wait(start({"train.learning_rate": [0.01], "train.eval_steps": [5]}))["state"]["type"] == "COMPLETED"
-    sweep_id = start({"train.learning_rate": [0.01, 1e-5], "train.eval_steps": [5]}, prune=True, prune_min_points=1,
-                     prune_warmup=0)
-    assert api.wait(sweep_id)["state"]["type"] == "COMPLETED", _log_tail(home)
-    weak = next(r for r in _point_runs(api, sweep_id) if r["name"] == "latest+learning_rate=1e-05+eval_steps=5")
-    assert (weak["state"]["type"], weak["state"]["name"]) == ("COMPLETED", "Pruned"), (weak["state"], _log_tail(home))
-    pruned = json.loads((tmp_path / weak["name"] / "pruned.json").read_text())
-    assert pruned["prefect_flow_run_id"] == weak["id"] and pruned["step"] == 5
-    table = " ".join(_artifact(api, sweep_id, "edgar-tune-sweep").split())
-    assert f"pruned at step 5/{pruned['planned_steps']}:" in table, table
 
 
 def _artifact(api: Api, run_id: str, key: str) -> str:
