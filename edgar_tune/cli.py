@@ -195,8 +195,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
             print(f"edgar-tune sweep --dry-run: {len(points)} point(s)" + (
                 f" drawn at random (seed {seed})" if args.sample else "") + f" beside {args.run} (nothing ran)" + (
-                f"; pruned where weak, once {rule['min_points']} have finished, after {rule['warmup']:.0%} of "
-                "their steps" if rule else ""))  # fmt: skip
+                f"; pruned where weak, against {rule['min_points']} or more others as far, after "
+                f"{rule['warmup']:.0%} of their steps" if rule else ""))  # fmt: skip
             for point in points:
                 there = point["folder"] if point["folder"].exists() else base_dir  # a new one is the base's copy
                 made = ("the base run" if point["folder"] == base_dir else
@@ -1062,10 +1062,12 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--sample-seed", type=int, metavar="S", help="with --sample: the draw's seed (default 0; the "
                        "same seed draws the same points)")  # fmt: skip
     sweep.add_argument("--prune", action="store_true", help="stop a point's training at a validation where its best "
-                       "validation loss is above the median of the finished points' by the same training tokens, "
-                       "keeping its checkpoint (a sweep without --prune finishes it); needs train.eval_steps > 0")
-    sweep.add_argument("--prune-min-points", type=int, metavar="N", help="with --prune: the points that must have "
-                       f"finished before any is pruned (default {PRUNE_MIN_POINTS})")  # fmt: skip
+                       "validation loss is above the median of the other points' by the same training tokens (those "
+                       "finished, and those training that have validated as far), keeping its checkpoint (a sweep "
+                       "without --prune finishes it); needs train.eval_steps > 0")  # fmt: skip
+    sweep.add_argument("--prune-min-points", type=int, metavar="N", help="with --prune: how many other points must "
+                       f"have validated as far (finished, or training) before a point is pruned (default "
+                       f"{PRUNE_MIN_POINTS})")  # fmt: skip
     sweep.add_argument("--prune-warmup", type=float, metavar="FRACTION", help="with --prune: the fraction of its "
                        f"steps a point trains before it may be pruned (default {PRUNE_WARMUP})")  # fmt: skip
     sweep.set_defaults(fn=cmd_sweep)

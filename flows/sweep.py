@@ -12,9 +12,9 @@ the same held-out text), and its MLflow run is nested under the sweep's own run,
 (`sweep.json`, `sweep.md`) and a plot of the perplexity after fine-tuning of each point. The MLflow UI's Compare on
 the nested runs gives the parallel-coordinates plot of the swept keys against `val_perplexity`.
 
-Under `prune`, a point whose validation loss during training falls behind the finished points' median by the same
-training tokens stops at that validation (tasks/pruning.py); its row says so, and a sweep without `prune` finishes it
-from its checkpoint.
+Under `prune`, a point whose validation loss during training falls behind the other points' median by the same
+training tokens (those finished, and those training beside it that have validated as far) stops at that validation
+(tasks/pruning.py); its row says so, and a sweep without `prune` finishes it from its checkpoint.
 
 Only keys that leave the data and what scores it alone can be swept (`FIXED`, and the keys the parse reads): another
 ticker or year, another parse or split, another base model or another registry would compare perplexities on other
@@ -48,7 +48,7 @@ from edgar_tune.reaper import watch_embedded_server
 from edgar_tune.signals import run_body
 from tasks.cache import OUTPUTS, STAGE_CONFIG, STAGES, downstream, reads_key
 from tasks.io import TOKENIZE, atomic_write_json, atomic_write_text, read_json
-from tasks.pruning import MIN_POINTS, PRUNED, WARMUP, PointPruned, describe
+from tasks.pruning import LIVE, MIN_POINTS, PRUNED, WARMUP, PointPruned, describe, peers_said
 from tasks.storage import LOCK, RUN_NAME, RunFolder
 
 log = logging.getLogger(__name__)
@@ -298,14 +298,14 @@ def copy_base(base_dir: Path, point: dict) -> None:
     owners: dict[str, list[str]] = {}
     for stage in STAGES:
         owners.setdefault(OUTPUTS[stage].split("/")[0], []).append(stage)
-    left = {f for f, stages in owners.items() if set(stages) <= set(point["remade"])} | {LOCK, "summary.json"}
+    left = {f for f, stages in owners.items() if set(stages) <= set(point["remade"])} | {LOCK, "summary.json", LIVE}
     partial = folder.with_name(f".{folder.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     shutil.copytree(base_dir, partial, symlinks=True,
                     ignore=lambda where, names: [n for n in names if Path(where) == base_dir and n in left])
     os.replace(partial, folder)
     log.info("sweep: %s made from %s (left out, made again: %s)", folder.name, base_dir.name,
-             ", ".join(sorted(left - {LOCK, "summary.json"})) or "nothing")  # fmt: skip
+             ", ".join(sorted(left - {LOCK, "summary.json", LIVE})) or "nothing")  # fmt: skip
 
 
 def prepare(ref: str, grid: dict[str, Any], here: bool = True, sample: int | None = None,
@@ -388,9 +388,11 @@ def edgar_tune_sweep(run: str, grid: dict[str, list | str], if_busy: Literal["fa
         at_once: With `spread`, how many points may be queued or running at once (empty: all of them; the pool's
             workers and concurrency limits decide how many run).
         prune: Stop a point's training at a validation where its best validation loss so far is above the median of
-            the finished points' by the same training tokens (the median stopping rule), keeping a checkpoint that a
-            sweep without it resumes; its row says so. Needs validation during training (train.eval_steps > 0).
-        prune_min_points: With `prune`: how many points must have finished before any is pruned.
+            the other points' by the same training tokens (the median stopping rule: the points that finished, and
+            those still training that have validated as far), keeping a checkpoint that a sweep without it resumes;
+            its row says so. Needs validation during training (train.eval_steps > 0).
+        prune_min_points: With `prune`: how many other points must have validated as far (finished, or still
+            training) before a point is pruned.
         prune_warmup: With `prune`: the fraction of its steps a point trains before it may be pruned.
         sample: Draw this many different points from the grid at random (its ranges, and its lists), instead of
             running every combination of its lists.
@@ -474,8 +476,8 @@ def check_prune(prune: bool, min_points: int, warmup: float, points: list[dict])
     if not prune:
         return None
     if min_points < 1:
-        raise ConfigError(f"prune_min_points={min_points}: give 1 or more (how many points must have finished "
-                          "before one is pruned)")  # fmt: skip
+        raise ConfigError(f"prune_min_points={min_points}: give 1 or more (how many other points must have "
+                          "validated as far before one is pruned)")  # fmt: skip
     if not 0 <= warmup < 1:
         raise ConfigError(f"prune_warmup={warmup}: give a fraction from 0 to below 1 (of a point's steps, before "
                           "which it is not pruned)")  # fmt: skip
@@ -715,7 +717,7 @@ def format_sweep(result: dict) -> str:
         if r.get("pruned"):
             d = r["pruned"]
             lines.append([*cells, f"pruned at step {d['step']}/{d['planned_steps']}: validation loss "
-                          f"{d['best_val_loss']:.4f} > median {d['median']:.4f} of {len(d['peers'])} finished"])
+                          f"{d['best_val_loss']:.4f} > median {d['median']:.4f} of {peers_said(d, short=True)}"])
             continue
         ran = [s for s, state in (r["stages"] or {}).items() if state == "Completed"]
         cells += [f"{r['ppl_before']:.3f}", f"{r['ppl_after']:.3f}", f"{r['ppl_change_pct']:+.1f}%",
@@ -735,7 +737,8 @@ def format_sweep(result: dict) -> str:
             for row in [head, *lines]]  # fmt: skip
     if rule := result.get("prune"):
         out.append(f"Pruned: a point whose best validation loss was above the median of {rule['min_points']} or "
-                   f"more finished points' by the same training tokens, after {rule['warmup']:.0%} of its steps")
+                   f"more other points' by the same training tokens (finished, or training and as far), after "
+                   f"{rule['warmup']:.0%} of its steps")  # fmt: skip
     if result.get("mlflow_run_id"):
         out.append(f"MLflow: run {result['mlflow_run_id']} at {result['mlflow_tracking_uri']}, the points' runs "
                    "nested under it")  # fmt: skip

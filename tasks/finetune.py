@@ -1027,6 +1027,7 @@ def write_train_stage(out: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg:
                      stats["peak_rss_gb"], stats["cpu_allocator"], plan["estimate_gb"])  # fmt: skip
         stats["mlflow_run_id"] = run_id  # the register stage logs the rest into it
         atomic_write_json(tmp / "stats.json", stats)
+    (out.parent / pruning.LIVE).unlink(missing_ok=True)  # a sweep's points read its whole curve in `out` now
     if not cfg.keep_checkpoints:
         shutil.rmtree(ckpts, ignore_errors=True)
     return stats
@@ -1473,7 +1474,7 @@ def train(tmp: Path, tokenize_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfig,
     trainer.add_callback(progress_events(tmp / EVENTS, tokens_per_step))
     pruner = None
     if prune is not None and evaluate:
-        trainer.add_callback(pruner := pruning.prune_weak(prune, tokens_per_step))
+        trainer.add_callback(pruner := pruning.prune_weak(prune, tokens_per_step, tmp.parent / pruning.LIVE))
     if args.disable_tqdm:  # instead of the bar, transformers prints each loss dict: the log lines have them
         from transformers import PrinterCallback
 

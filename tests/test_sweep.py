@@ -289,10 +289,12 @@ def test_a_sweep_trains_each_point_beside_the_base_and_compares_them(tiny_run, p
 def _a_weak_point_is_pruned_and_finished_later(tmp_path: Path, env: dict, client, strong: Path) -> None:
     """`--prune` (after the sweep above, whose base and point finished): a point at a learning rate far too low
     validates at step 20 above their median and stops there: no weights published, no evaluation, no version
-    registered; its checkpoint of step 20 kept, its flow run `Pruned`, its training's MLflow run KILLED and nested
-    under the sweep's, which ends FINISHED (a pruned point is not a failure). The decision stands for a sweep under
-    the same rule; a sweep without pruning resumes the point at step 20 and finishes it."""
+    registered; its checkpoint of step 20 kept and its curve so far beside it, its flow run `Pruned`, its training's
+    MLflow run KILLED and nested under the sweep's, which ends FINISHED (a pruned point is not a failure). The
+    decision stands for a sweep under the same rule; a sweep without pruning resumes the point at step 20 and
+    finishes it."""
     from flows.sweep import check_grid, pruned_before, sweep_points
+    from tasks.pruning import LIVE
 
     grid = ["--run", "latest", "--grid", "learning_rate=0.003,0.01,1e-5"]
     proc = _sweep(tmp_path, env, *grid, "--prune")
@@ -309,6 +311,8 @@ def _a_weak_point_is_pruned_and_finished_later(tmp_path: Path, env: dict, client
     assert set(pruned["peers"]) == {"latest", strong.name} and pruned["best_val_loss"] > pruned["median"]
     assert not (weak / "04_train").exists() and not (weak / "summary.json").exists()
     assert (weak / "04_train.checkpoints" / "checkpoint-20").is_dir()
+    live = [json.loads(line) for line in (weak / LIVE).read_text().splitlines()]  # what points beside it judge by
+    assert [(r["step"], r["tokens"], r["val_loss"]) for r in live] == [(20, pruned["tokens"], pruned["best_val_loss"])]
     assert "Finished in state Pruned(" in out
     row = next(" ".join(line.split()) for line in out.splitlines() if line.lstrip().startswith("1e-05 "))
     assert f"pruned at step 20/60: validation loss {pruned['best_val_loss']:.4f} > median" in row, row
@@ -331,6 +335,7 @@ def _a_weak_point_is_pruned_and_finished_later(tmp_path: Path, env: dict, client
     assert finish.returncode == 0, out[-5000:]
     assert "training resumes at step 20 of 60" in out
     assert not (weak / "pruned.json").exists()
+    assert not (weak / LIVE).exists()  # its whole curve is in 04_train now
     summary = json.loads((weak / "summary.json").read_text())
     assert summary["stages"]["train"] == "Completed" and summary["ppl_after"] > 0
     assert "pruned at" not in out[out.index("edgar-tune sweep of latest"):]
@@ -353,22 +358,25 @@ def _trained(folder: Path, tokens_per_step: int, curve: list[tuple[int, float]])
     return folder
 
 
-def test_the_median_rule_prunes_a_point_whose_best_is_above_the_finished_points_median_by_the_same_tokens(tmp_path):
+def test_the_median_rule_prunes_a_point_whose_best_is_above_the_other_points_median_by_the_same_tokens(tmp_path):
     """The rule a pruned sweep's trainings run under (tasks/pruning.py): at a validation, a point whose best
-    validation loss so far is above the median of the finished points' best by the same training tokens stops;
-    not before `warmup` of its steps, not with fewer than `min_points` finished, never at its last step. Tokens line
-    the curves up: a point of twice the batch has read at its step 10 what the others read by step 20."""
-    from tasks.pruning import judge
+    validation loss so far is above the median of the other points' best by the same training tokens stops;
+    not before `warmup` of its steps, not with fewer than `min_points` others, never at its last step. Tokens line
+    the curves up: a point of twice the batch has read at its step 10 what the others read by step 20. The others
+    are the points that finished and, by their curves so far, those still training that have validated as far (a
+    spread sweep's points train at once); not one that was pruned."""
+    from tasks.pruning import LIVE, PRUNED, describe, judge, live_curve, write_live
 
     a = _trained(tmp_path / "a", 1000, [(20, 3.0), (40, 2.5), (60, 2.4)])
     b = _trained(tmp_path / "b", 1000, [(20, 3.4), (40, 3.2), (60, 2.6)])
     c = _trained(tmp_path / "c", 2000, [(10, 3.1), (20, 2.2), (30, 2.0)])  # twice the tokens a step
-    running = tmp_path / "d"  # its training has not finished: not a reference
+    running = tmp_path / "d"  # its training has not finished, nor validated yet: not a reference
     (running / "04_train.checkpoints").mkdir(parents=True)
     rule = {"peers": [str(p) for p in (a, b, c, running)], "min_points": 2, "warmup": 0.25}
     by_20k = judge(3.2, 20, 60, 20_000, rule)  # by 20k tokens: a 3.0, b 3.4, c 3.1 (its step 10): median 3.1
     assert by_20k == {"step": 20, "planned_steps": 60, "tokens": 20_000, "best_val_loss": 3.2, "median": 3.1,
-                      "peers": {"a": 3.0, "b": 3.4, "c": 3.1}, "rule": {"min_points": 2, "warmup": 0.25}}  # fmt: skip
+                      "peers": {"a": 3.0, "b": 3.4, "c": 3.1}, "training": [],
+                      "rule": {"min_points": 2, "warmup": 0.25}}  # fmt: skip
     assert judge(3.1, 20, 60, 20_000, rule) is None  # at the median: goes on
     assert judge(2.6, 40, 60, 40_000, rule)["median"] == 2.5  # a 2.5, b 3.2, c 2.2 (its step 20)
     assert judge(float("inf"), 20, 60, 20_000, rule)["best_val_loss"] == float("inf")  # never finite: pruned
@@ -377,6 +385,27 @@ def test_the_median_rule_prunes_a_point_whose_best_is_above_the_finished_points_
     assert judge(9.9, 20, 60, 9_000, rule) is None  # no point had validated by 9k tokens
     assert judge(9.9, 20, 60, 20_000, rule | {"min_points": 4}) is None  # three have finished
     assert judge(9.9, 20, 60, 20_000, rule | {"warmup": 0.5}) is None
+
+    # d trains on: its validations so far (as its training writes them, from its Trainer's log history) count by as
+    # many tokens as they reach; e was pruned at 20k tokens, and f's curve is not one: neither counts
+    history = [{"step": 5, "loss": 3.9}, {"step": 10, "eval_loss": 3.5}, {"step": 20, "eval_loss": 3.3}]
+    write_live(running / LIVE, history, 1000)
+    assert live_curve(running) == [(10_000, 3.5), (20_000, 3.3)]
+    pruned, odd = tmp_path / "e", tmp_path / "f"
+    for folder in (pruned, odd):
+        folder.mkdir()
+    write_live(pruned / LIVE, [{"step": 20, "eval_loss": 3.9}], 1000)
+    (pruned / PRUNED).write_text("{}")
+    (odd / LIVE).write_text('{"step": 20, "val_loss": 2.0}\n')  # no tokens
+    rule["peers"] += [str(pruned), str(odd)]
+    by_20k = judge(3.25, 20, 60, 20_000, rule)  # a 3.0, b 3.4, c 3.1, d 3.3: median 3.2
+    assert (by_20k["median"], by_20k["peers"]["d"], by_20k["training"]) == (3.2, 3.3, ["d"]), by_20k
+    assert describe(by_20k).endswith("> 3.2000, the median of 4 point(s) (1 still training) by the same tokens")
+    assert judge(3.2, 20, 60, 20_000, rule) is None
+    assert judge(9.9, 20, 60, 20_000, rule | {"min_points": 4})["peers"].keys() == {"a", "b", "c", "d"}
+    by_40k = judge(2.6, 40, 60, 40_000, rule)  # d has not validated that far: it may yet do better by then
+    assert (by_40k["median"], set(by_40k["peers"]), by_40k["training"]) == (2.5, {"a", "b", "c"}, [])
+    assert describe(by_40k).endswith("the median of 3 finished point(s) by the same tokens")
 
 
 def test_pruning_is_refused_where_the_points_validation_losses_would_not_compare(tmp_path):
