@@ -613,11 +613,14 @@ def _spread_sweep(api: Api, base: Path):
     return start
 
 
-@pytest.mark.slow  # about 100 s: make test-slow (make test prunes a sweep, and cancels a run from the UI)
+@pytest.mark.slow  # about 150 s: make test-slow (make test prunes a sweep, and cancels a run from the UI)
 def test_a_spread_sweep_prunes_a_weak_point_on_the_pool_and_a_cancel_stops_its_points(deployed, sweep_base, tmp_path):
     """A spread sweep pruned: with a point above finished, one far too low stops at its first validation, its flow
-    run `Pruned` on the worker, read back by the sweep, which ends Completed. The UI's Cancel on a spread sweep
-    cancels the points it queued: nothing trains on for a sweep that is gone."""
+    run `Pruned` on the worker, read back by the sweep, which ends Completed. A point still training counts too, by
+    its curve so far: a weak point is pruned against one that trains on the pool beside it. The UI's Cancel on a
+    spread sweep cancels the points it queued: nothing trains on for a sweep that is gone."""
+    from tasks.pruning import LIVE
+
     api, _, home = deployed
     start = _spread_sweep(api, sweep_base)
     assert api.wait(start({"train.learning_rate": [0.01], "train.eval_steps": [5]}))["state"]["type"] == "COMPLETED"
@@ -631,19 +634,35 @@ def test_a_spread_sweep_prunes_a_weak_point_on_the_pool_and_a_cancel_stops_its_p
     table = " ".join(_artifact(api, sweep_id, "edgar-tune-sweep").split())
     assert f"pruned at step 5/{pruned['planned_steps']}:" in table, table
 
-    # at_once=1: one point at a time. The UI's Cancel while the first trains (a long training): its flow run is
-    # cancelled too, the sweep ends Cancelled, and the second point is never queued nor its folder made.
-    sweep_id = start({"train.learning_rate": [0.05, 0.07], "train.max_steps": [5000]}, at_once=1)
+    # at_once=1: one point at a time, its first a long training under the rule, which keeps its curve so far.
+    long = {"train.eval_steps": [5], "train.max_steps": [5000], "train.early_stopping_patience": [0]}
+    sweep_id = start({"train.learning_rate": [0.01, 0.07]} | long, at_once=1, prune=True)
+    name = "latest+learning_rate={}+eval_steps=5+max_steps=5000+early_stopping_patience=0"
+    strong, slow, weak = (tmp_path / name.format(lr) for lr in ("0.01", "0.07", "1e-05"))
     deadline = time.monotonic() + 240
-    while not (running := [r for r in _point_runs(api, sweep_id) if r["state"]["type"] == "RUNNING"]):
+    while not (strong / LIVE).is_file() or not (strong / LIVE).read_text():
         assert time.monotonic() < deadline, _log_tail(home)
         time.sleep(0.5)
+    # Another sweep over that point and a weak one, while it trains: the weak one, at its first validation, stands
+    # behind the strong one's curve so far by the same tokens, and stops (its point there waits for the folder).
+    beside = start({"train.learning_rate": [1e-5, 0.01]} | long, prune=True, prune_min_points=1, prune_warmup=0)
+    while not (weak / "pruned.json").is_file():
+        assert time.monotonic() < deadline + 240, _log_tail(home)
+        time.sleep(0.5)
+    pruned = json.loads((weak / "pruned.json").read_text())
+    assert (pruned["step"], list(pruned["peers"]), pruned["training"]) == (5, [strong.name], [strong.name]), pruned
+    api.post(f"/flow_runs/{beside}/set_state", {"state": {"type": "CANCELLING"}, "force": True})
+    assert api.wait(beside, timeout=120)["state"]["type"] == "CANCELLED", _log_tail(home)
+
+    # The UI's Cancel of the first sweep while its first point trains: that point's flow run is cancelled too, the
+    # sweep ends Cancelled, and its second point is never queued nor its folder made.
+    (running,) = [r for r in _point_runs(api, sweep_id) if r["state"]["type"] == "RUNNING"]
     api.post(f"/flow_runs/{sweep_id}/set_state", {"state": {"type": "CANCELLING"}, "force": True})
     assert api.wait(sweep_id, timeout=120)["state"]["type"] == "CANCELLED", _log_tail(home)
-    point = api.wait(running[0]["id"], timeout=120)
+    point = api.wait(running["id"], timeout=120)
     assert point["state"]["type"] == "CANCELLED", (point["state"], _log_tail(home))
-    assert [r["name"] for r in _point_runs(api, sweep_id)] == ["latest+learning_rate=0.05+max_steps=5000"]
-    assert not (tmp_path / "latest+learning_rate=0.07+max_steps=5000").exists()
+    assert [r["name"] for r in _point_runs(api, sweep_id)] == [strong.name]
+    assert not slow.exists()
 
 
 def _artifact(api: Api, run_id: str, key: str) -> str:
