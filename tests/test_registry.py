@@ -398,7 +398,8 @@ def test_a_new_10k_rescores_the_champion_on_the_new_mdna(tiny_run, prefect_serve
     v1, v2 = f"v{first['model_version']}", f"v{second['model_version']}"
     assert rows[v2][1:5] == ["champion", "A", f"{second['ppl_after']:.4f}", "-"]
     assert rows[v1][1:5] == ["-", "B", f"{compared['perplexity']:.4f}*", f"{first['ppl_after']:.4f}"]
-    assert rows[v1][-4:-2] == ["AMZN", "FY2020"] and rows[v2][-4:-2] == ["AMZN", "FY2021"]
+    # data, what it takes, registered (a date and a time)
+    assert rows[v1][-5:-2] == ["AMZN", "FY2020", "prompt"] and rows[v2][-5:-2] == ["AMZN", "FY2021", "prompt"]
 
 
 def test_a_registration_leaves_mlflow_tracking_uri_as_it_was(tiny_run, monkeypatch):
