@@ -613,7 +613,7 @@ def _spread_sweep(api: Api, base: Path):
     return start
 
 
-@pytest.mark.slow  # about 150 s: make test-slow (make test prunes a sweep, and cancels a run from the UI)
+@pytest.mark.slow  # about 130 s: make test-slow (make test prunes a sweep, and cancels a run from the UI)
 def test_a_spread_sweep_prunes_a_weak_point_on_the_pool_and_a_cancel_stops_its_points(deployed, sweep_base, tmp_path):
     """A spread sweep pruned: with a point above finished, one far too low stops at its first validation, its flow
     run `Pruned` on the worker, read back by the sweep, which ends Completed. A point still training counts too, by
