@@ -83,11 +83,8 @@ def live_curve(folder: Path) -> list[tuple[int, float]] | None:
     one still training, or one that stopped (killed, or pruned: `judge` leaves those out); None where there are
     none."""
     try:
-        rows = read_jsonl(folder / LIVE)
-        return sorted((int(row["tokens"]), float(row["val_loss"])) for row in rows) or None
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError, KeyError, TypeError):  # of another layout: not counted
+        return sorted((int(row["tokens"]), float(row["val_loss"])) for row in read_jsonl(folder / LIVE)) or None
+    except (OSError, ValueError, KeyError, TypeError):  # none there, or of another layout: not counted
         return None
 
 
@@ -128,8 +125,7 @@ def judge(best: float, step: int, planned: int, tokens: int, rule: dict) -> dict
     if best <= median:  # a NaN loss is no better than any median: a diverging point is pruned
         return None
     return {"step": step, "planned_steps": planned, "tokens": tokens, "best_val_loss": best, "median": median,
-            "peers": peers, "training": training,
-            "rule": {k: rule[k] for k in RULE_KEYS}}  # fmt: skip
+            "peers": peers, "training": training, "rule": {k: rule[k] for k in RULE_KEYS}}  # fmt: skip
 
 
 def prune_weak(rule: dict, tokens_per_step: int, live: Path):
